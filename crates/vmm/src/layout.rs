@@ -1,0 +1,124 @@
+//! Guest physical memory map (x86_64). One place, so ACPI, e820, boot loaders and PCI agree.
+//!
+//! ```text
+//! 0x0000_0000 .. 0x0009_fc00   RAM (low; holds boot structures below)
+//! 0x0009_fc00 .. 0x000a_0000   reserved (EBDA)
+//! 0x000e_0000 .. 0x0010_0000   reserved: ACPI tables (RSDP found by legacy scan here)
+//! 0x0010_0000 .. RAM_32BIT_END RAM
+//! 0xc000_0000 .. 0xe000_0000   32-bit PCI MMIO window (BARs)
+//! 0xe000_0000 .. 0xf000_0000   PCI ECAM (MMCONFIG), buses 0..=255
+//! 0xfec0_0000                  IOAPIC        0xfee0_0000  LAPIC
+//! 4 GiB .. 4 GiB + rest        RAM above the hole
+//! align_up(ram top, 1 GiB) ..  64-bit PCI MMIO window (MMIO64_SIZE)
+//! ```
+
+/// Boot GDT (PVH/Linux 64-bit entry).
+pub const BOOT_GDT_START: u64 = 0x500;
+/// Boot IDT (empty; the guest installs its own).
+pub const BOOT_IDT_START: u64 = 0x520;
+/// PVH `hvm_start_info`, followed by its memory map.
+pub const PVH_INFO_START: u64 = 0x6000;
+/// Linux zero page (boot_params).
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Identity page tables for 64-bit Linux entry (PML4, PDPTE, PDE).
+pub const PML4_START: u64 = 0x9000;
+pub const PDPTE_START: u64 = 0xa000;
+pub const PDE_START: u64 = 0xb000;
+/// Kernel command line.
+pub const CMDLINE_START: u64 = 0x20000;
+/// Longest command line accepted (Linux COMMAND_LINE_SIZE on x86_64).
+pub const CMDLINE_MAX_SIZE: usize = 2048;
+/// Initial stack pointer for the boot vCPU.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// End of low RAM (start of the EBDA hole).
+pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables live in the BIOS area so a legacy RSDP scan also finds them.
+pub const ACPI_START: u64 = 0xe0000;
+pub const ACPI_SIZE: u64 = 0x20000;
+/// Start of high RAM; kernels load here.
+pub const HIGH_RAM_START: u64 = 0x10_0000;
+
+/// RAM below 4 GiB stops here; above it starts the 32-bit device hole.
+pub const RAM_32BIT_END: u64 = 0xc000_0000;
+/// 32-bit PCI MMIO window for BARs.
+pub const MMIO32_START: u64 = 0xc000_0000;
+pub const MMIO32_SIZE: u64 = 0x2000_0000;
+/// PCI Express enhanced configuration access (ECAM), segment 0, buses 0..=255.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
+pub const PCI_ECAM_LAST_BUS: u8 = 255;
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+pub const IOAPIC_SIZE: u64 = 0x1000;
+pub const LAPIC_START: u64 = 0xfee0_0000;
+/// First address above the 32-bit hole.
+pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
+/// 64-bit PCI MMIO window size; its base is `mmio64_start(ram_size)`.
+pub const MMIO64_SIZE: u64 = 0x4_0000_0000;
+
+/// ISA IRQ of COM1.
+pub const COM1_IRQ: u32 = 4;
+/// Port of the debug-exit device: the value written becomes sluice's exit status.
+/// Same port as the conventional QEMU `isa-debug-exit,iobase=0xf4`.
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// ACPI PM1a event block (status + enable) and control block ports.
+pub const PM1A_EVT_PORT: u16 = 0x600;
+pub const PM1A_CNT_PORT: u16 = 0x604;
+/// ACPI reset register (FADT RESET_REG), value 0x6 resets.
+pub const ACPI_RESET_PORT: u16 = 0xcf9;
+pub const ACPI_RESET_VALUE: u8 = 0x6;
+/// SCI interrupt.
+pub const SCI_IRQ: u32 = 9;
+
+const GIB: u64 = 1 << 30;
+
+/// The guest RAM regions `(start, size)` for `ram_size` bytes of memory, split around the hole.
+pub fn ram_regions(ram_size: u64) -> Vec<(u64, u64)> {
+    if ram_size <= RAM_32BIT_END {
+        vec![(0, ram_size)]
+    } else {
+        vec![
+            (0, RAM_32BIT_END),
+            (RAM_64BIT_START, ram_size - RAM_32BIT_END),
+        ]
+    }
+}
+
+/// End (exclusive) of the highest RAM region.
+pub fn ram_top(ram_size: u64) -> u64 {
+    ram_regions(ram_size)
+        .last()
+        .map(|(s, l)| s + l)
+        .unwrap_or(0)
+}
+
+/// Base of the 64-bit PCI MMIO window: the first GiB boundary above RAM and above 4 GiB.
+pub fn mmio64_start(ram_size: u64) -> u64 {
+    ram_top(ram_size).max(RAM_64BIT_START).div_ceil(GIB) * GIB
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_ram_is_one_region() {
+        assert_eq!(ram_regions(128 << 20), vec![(0, 128 << 20)]);
+        assert_eq!(mmio64_start(128 << 20), RAM_64BIT_START);
+    }
+
+    #[test]
+    fn large_ram_splits_around_the_hole() {
+        let regions = ram_regions(4 * GIB);
+        assert_eq!(regions, vec![(0, RAM_32BIT_END), (RAM_64BIT_START, GIB)]);
+        assert_eq!(ram_top(4 * GIB), 5 * GIB);
+        assert_eq!(mmio64_start(4 * GIB), 5 * GIB);
+    }
+
+    #[test]
+    fn windows_do_not_overlap() {
+        assert!(MMIO32_START + MMIO32_SIZE <= PCI_ECAM_START);
+        assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+        assert!(ACPI_START + ACPI_SIZE <= HIGH_RAM_START);
+        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    }
+}
