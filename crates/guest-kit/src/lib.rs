@@ -1,0 +1,1 @@
+//! Host side of the sluice guest kit (work in progress).
