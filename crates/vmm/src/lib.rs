@@ -1,1 +1,4 @@
 pub mod layout;
+pub mod interrupts;
+pub mod memory;
+pub mod vcpu;

@@ -1,0 +1,389 @@
+//! vCPU threads: one per vCPU, each running KVM_RUN and dispatching exits to the PIO and MMIO
+//! buses. Fatal exits end the VM with a register dump instead of a panic.
+
+pub mod setup;
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use sluice_bus::Bus;
+use sluice_devices::{ExitSink, GuestExit};
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// ACPI S5 or a KVM shutdown event.
+    PowerOff,
+    /// The guest asked for a reset (i8042, ACPI reset register, KVM reset event).
+    Reset,
+    /// The guest wrote this value to the debug-exit port.
+    DebugExit(u8),
+    /// The VM cannot continue (triple fault, emulation failure, failed entry); the text says why
+    /// and includes a register dump.
+    Crash(String),
+}
+
+/// Shared stop state: the first outcome wins, every vCPU thread then stops.
+#[derive(Default)]
+pub struct RunControl {
+    outcome: Mutex<Option<VmOutcome>>,
+    done: Condvar,
+    stopping: AtomicBool,
+}
+
+impl RunControl {
+    pub fn finish(&self, outcome: VmOutcome) {
+        let mut slot = self.outcome.lock().unwrap();
+        if slot.is_none() {
+            *slot = Some(outcome);
+        }
+        self.stopping.store(true, Ordering::SeqCst);
+        self.done.notify_all();
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Blocks until some vCPU or device decided how the VM ends.
+    pub fn wait(&self) -> VmOutcome {
+        let mut slot = self.outcome.lock().unwrap();
+        loop {
+            if let Some(outcome) = slot.clone() {
+                return outcome;
+            }
+            slot = self.done.wait(slot).unwrap();
+        }
+    }
+}
+
+impl ExitSink for RunControl {
+    fn request_exit(&self, why: GuestExit) {
+        self.finish(match why {
+            GuestExit::PowerOff => VmOutcome::PowerOff,
+            GuestExit::Reset => VmOutcome::Reset,
+            GuestExit::DebugExit(v) => VmOutcome::DebugExit(v),
+        });
+    }
+}
+
+/// Userspace exits of the whole VM, by kind.
+#[derive(Default, Debug)]
+pub struct ExitStats {
+    pub pio: AtomicU64,
+    pub mmio: AtomicU64,
+    pub interrupted: AtomicU64,
+    pub other: AtomicU64,
+}
+
+impl ExitStats {
+    pub fn total(&self) -> u64 {
+        [&self.pio, &self.mmio, &self.interrupted, &self.other]
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// What a vCPU thread needs to dispatch exits.
+#[derive(Clone)]
+pub struct ExitDispatch {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub control: Arc<RunControl>,
+    pub stats: Arc<ExitStats>,
+}
+
+/// Signal used to knock a vCPU out of KVM_RUN when the VM stops.
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn ignore_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // The handler does nothing: its only job is to make KVM_RUN return EINTR.
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), ignore_kick)
+        {
+            tracing::warn!("cannot install the vCPU kick handler: {e}; stopping may be slow");
+        }
+    });
+}
+
+/// A running vCPU thread.
+pub struct VcpuThread {
+    handle: JoinHandle<()>,
+}
+
+impl VcpuThread {
+    pub fn spawn(index: u8, vcpu: VcpuFd, dispatch: ExitDispatch) -> std::io::Result<Self> {
+        install_kick_handler();
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || run_vcpu(index, vcpu, &dispatch))?;
+        Ok(Self { handle })
+    }
+
+    /// Knocks the thread out of KVM_RUN until it exits, then joins it.
+    pub fn stop(self) {
+        use std::os::unix::thread::JoinHandleExt;
+        while !self.handle.is_finished() {
+            // SAFETY: the pthread id belongs to a thread we own and have not joined yet.
+            unsafe { libc::pthread_kill(self.handle.as_pthread_t(), kick_signal()) };
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = self.handle.join();
+    }
+}
+
+fn run_vcpu(index: u8, mut vcpu: VcpuFd, dispatch: &ExitDispatch) {
+    while !dispatch.control.is_stopping() {
+        if let Some(outcome) = run_once(index, &mut vcpu, dispatch) {
+            dispatch.control.finish(outcome);
+        }
+    }
+}
+
+/// Runs the vCPU until one exit; returns how the VM ends if this exit ends it.
+fn run_once(index: u8, vcpu: &mut VcpuFd, d: &ExitDispatch) -> Option<VmOutcome> {
+    let exit = match vcpu.run() {
+        Ok(exit) => exit,
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            d.stats.interrupted.fetch_add(1, Ordering::Relaxed);
+            vcpu.set_kvm_immediate_exit(0);
+            return None;
+        }
+        Err(e) => return Some(crash(vcpu, index, &format!("KVM_RUN failed: {e}"))),
+    };
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            d.stats.pio.fetch_add(1, Ordering::Relaxed);
+            d.pio.read(u64::from(port), data);
+            None
+        }
+        VcpuExit::IoOut(port, data) => {
+            d.stats.pio.fetch_add(1, Ordering::Relaxed);
+            d.pio.write(u64::from(port), data);
+            None
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            d.stats.mmio.fetch_add(1, Ordering::Relaxed);
+            d.mmio.read(addr, data);
+            None
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            d.stats.mmio.fetch_add(1, Ordering::Relaxed);
+            d.mmio.write(addr, data);
+            None
+        }
+        VcpuExit::Intr => {
+            d.stats.interrupted.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+        VcpuExit::SystemEvent(kind, _) => Some(system_event(vcpu, index, kind)),
+        VcpuExit::Shutdown => Some(crash(vcpu, index, "triple fault (KVM_EXIT_SHUTDOWN)")),
+        VcpuExit::FailEntry(reason, cpu) => Some(crash(
+            vcpu,
+            index,
+            &format!("VM entry failed (KVM_EXIT_FAIL_ENTRY, reason {reason:#x}, cpu {cpu})"),
+        )),
+        VcpuExit::InternalError => {
+            let detail = internal_error_detail(vcpu);
+            Some(crash(vcpu, index, &format!("KVM_EXIT_INTERNAL_ERROR: {detail}")))
+        }
+        VcpuExit::Hlt => {
+            // With the in-kernel LAPIC, HLT waits in the kernel; a HLT exit means the guest
+            // halted with nothing left that could wake it.
+            Some(crash(vcpu, index, "halted with interrupts off (KVM_EXIT_HLT)"))
+        }
+        other => {
+            d.stats.other.fetch_add(1, Ordering::Relaxed);
+            let what = format!("unexpected exit {other:?}");
+            Some(crash(vcpu, index, &what))
+        }
+    }
+}
+
+fn system_event(vcpu: &VcpuFd, index: u8, kind: u32) -> VmOutcome {
+    match kind {
+        KVM_SYSTEM_EVENT_SHUTDOWN => VmOutcome::PowerOff,
+        KVM_SYSTEM_EVENT_RESET => VmOutcome::Reset,
+        KVM_SYSTEM_EVENT_CRASH => crash(vcpu, index, "guest crash event"),
+        other => crash(vcpu, index, &format!("unexpected system event {other}")),
+    }
+}
+
+const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+
+fn internal_error_detail(vcpu: &mut VcpuFd) -> String {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let data: Vec<String> = internal
+        .data
+        .iter()
+        .take((internal.ndata as usize).min(internal.data.len()))
+        .map(|d| format!("{d:#x}"))
+        .collect();
+    let what = if internal.suberror == KVM_INTERNAL_ERROR_EMULATION {
+        "instruction emulation failed (on kvm_pvm: INT n/int3, XSAVE/XGETBV and CMPXCHG16B are not supported)"
+    } else {
+        "internal error"
+    };
+    format!("{what}, suberror {}, data [{}]", internal.suberror, data.join(", "))
+}
+
+fn crash(vcpu: &VcpuFd, index: u8, why: &str) -> VmOutcome {
+    VmOutcome::Crash(format!("vcpu{index}: {why}\n{}", register_dump(vcpu)))
+}
+
+/// A readable dump of the general, control and segment registers.
+pub fn register_dump(vcpu: &VcpuFd) -> String {
+    let mut out = String::new();
+    match vcpu.get_regs() {
+        Ok(r) => {
+            let _ = writeln!(
+                out,
+                "  rip={:#018x} rsp={:#018x} rflags={:#x}\n  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}\n  rsi={:#018x} rdi={:#018x} rbp={:#018x}\n  r8={:#018x} r9={:#018x} r10={:#018x} r11={:#018x}\n  r12={:#018x} r13={:#018x} r14={:#018x} r15={:#018x}",
+                r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp,
+                r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(out, "  (registers unavailable: {e})");
+        }
+    }
+    match vcpu.get_sregs() {
+        Ok(s) => {
+            let _ = writeln!(
+                out,
+                "  cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}\n  cs={:#x} (base {:#x}, l={}, db={}) ss={:#x} ds={:#x}\n  gdt={:#x}/{:#x} idt={:#x}/{:#x}",
+                s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector, s.cs.base, s.cs.l, s.cs.db,
+                s.ss.selector, s.ds.selector, s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(out, "  (system registers unavailable: {e})");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::GuestRam;
+    use kvm_ioctls::Kvm;
+    use sluice_bus::{read_le, BusDevice};
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// Ends the VM with the byte written, like the debug-exit port.
+    struct ExitPort(Arc<RunControl>);
+
+    impl BusDevice for ExitPort {
+        fn read(&mut self, _: u64, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write(&mut self, _: u64, _: u64, data: &[u8]) {
+            self.0
+                .request_exit(GuestExit::DebugExit(read_le(data) as u8));
+        }
+    }
+
+    fn kvm() -> Option<Kvm> {
+        match Kvm::new() {
+            Ok(kvm) => Some(kvm),
+            Err(e) => {
+                println!("SKIP vcpu tests: /dev/kvm unusable: {e}");
+                None
+            }
+        }
+    }
+
+    /// Real-mode code at 0x1000: the given bytes, with CS:IP = 0:0x1000.
+    fn boot_real_mode(kvm: &Kvm, code: &[u8]) -> (kvm_ioctls::VmFd, VcpuFd, GuestRam) {
+        let vm = kvm.create_vm().unwrap();
+        let ram = GuestRam::new(16 << 20).unwrap();
+        ram.register(&vm).unwrap();
+        ram.memory.write_slice(code, GuestAddress(0x1000)).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rip = 0x1000;
+        regs.rflags = 2;
+        vcpu.set_regs(&regs).unwrap();
+        (vm, vcpu, ram)
+    }
+
+    fn dispatch() -> ExitDispatch {
+        ExitDispatch {
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+            control: Arc::new(RunControl::default()),
+            stats: Arc::new(ExitStats::default()),
+        }
+    }
+
+    #[test]
+    fn port_write_reaches_device_and_ends_vm() {
+        let Some(kvm) = kvm() else { return };
+        // mov al, 42; out 0xf4, al; hlt
+        let (_vm, vcpu, _ram) = boot_real_mode(&kvm, &[0xb0, 42, 0xe6, 0xf4, 0xf4]);
+        let d = dispatch();
+        d.pio
+            .insert("exit", Arc::new(Mutex::new(ExitPort(d.control.clone()))), 0xf4, 1)
+            .unwrap();
+
+        let thread = VcpuThread::spawn(0, vcpu, d.clone()).unwrap();
+        let outcome = d.control.wait();
+        thread.stop();
+
+        assert_eq!(outcome, VmOutcome::DebugExit(42));
+        assert_eq!(d.stats.pio.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn emulation_failure_is_a_crash_with_register_dump_not_a_panic() {
+        let Some(kvm) = kvm() else { return };
+        // hlt with interrupts disabled: cli; hlt — without an in-kernel irqchip KVM exits HLT.
+        let (_vm, vcpu, _ram) = boot_real_mode(&kvm, &[0xfa, 0xf4]);
+        let d = dispatch();
+
+        let thread = VcpuThread::spawn(0, vcpu, d.clone()).unwrap();
+        let outcome = d.control.wait();
+        thread.stop();
+
+        let VmOutcome::Crash(text) = outcome else {
+            panic!("expected a crash, got {outcome:?}")
+        };
+        assert!(text.contains("KVM_EXIT_HLT"), "{text}");
+        assert!(text.contains("rip=0x0000000000001002"), "{text}");
+    }
+
+    #[test]
+    fn stop_interrupts_a_spinning_vcpu() {
+        let Some(kvm) = kvm() else { return };
+        // jmp $ — spins forever in the guest.
+        let (_vm, vcpu, _ram) = boot_real_mode(&kvm, &[0xeb, 0xfe]);
+        let d = dispatch();
+        let thread = VcpuThread::spawn(0, vcpu, d.clone()).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+
+        d.control.finish(VmOutcome::PowerOff);
+        thread.stop();
+
+        assert!(d.stats.interrupted.load(Ordering::Relaxed) >= 1);
+    }
+}
