@@ -13,3 +13,5 @@ pub enum GuestExit {
 pub trait ExitSink: Send + Sync {
     fn request_exit(&self, why: GuestExit);
 }
+
+pub mod platform;
