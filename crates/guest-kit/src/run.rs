@@ -1,0 +1,495 @@
+//! Runs the guest kit under a VMM (QEMU or sluice) with a hard timeout and returns a
+//! [`GuestKitReport`].
+//!
+//! Hand-written on `std::process` because the job is small: spawn, drain stdout/stderr on
+//! threads, poll for exit until a deadline, kill on expiry. The console is the VMM's stdout
+//! (`-serial stdio` for QEMU; sluice writes COM1 to stdout).
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::host::find_qemu;
+use crate::report::{ExitKind, GuestKitReport};
+use crate::{Error, GUEST_KIT_ELF};
+
+/// How often the runner checks whether the VMM has exited.
+const POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// How long to wait for the console pipes to drain after the VMM is gone (a grandchild holding
+/// the pipe must not hang the runner).
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
+/// QEMU accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Tcg,
+    Kvm,
+}
+
+/// QEMU machine type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Machine {
+    Q35,
+    Pc,
+}
+
+impl Machine {
+    fn qemu_name(self) -> &'static str {
+        match self {
+            Machine::Q35 => "q35",
+            Machine::Pc => "pc",
+        }
+    }
+}
+
+/// Which VMM runs the guest kit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Vmm {
+    Qemu {
+        accel: Accel,
+        machine: Machine,
+    },
+    /// `binary run --kernel K --cmdline C --cpus N --memory <M>M <extra_args...>`.
+    Sluice {
+        binary: PathBuf,
+        extra_args: Vec<String>,
+    },
+}
+
+/// A device attached to the guest (QEMU only for now; sluice devices go in `extra_args`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Device {
+    /// virtio-blk-pci backed by a raw image file.
+    VirtioBlk {
+        image: PathBuf,
+        queues: u16,
+        read_only: bool,
+    },
+    /// virtio-rng-pci fed by the host's /dev/urandom.
+    VirtioRng,
+    /// virtio-net-pci whose frames travel as UDP datagrams on 127.0.0.1: QEMU sends each frame
+    /// to `host_port` and receives frames sent to `vmm_port`.
+    VirtioNet { host_port: u16, vmm_port: u16 },
+}
+
+/// One run of the guest kit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestKitRun {
+    pub vmm: Vmm,
+    pub cmdline: String,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub devices: Vec<Device>,
+    /// Hard limit on the whole run; the VMM is killed when it expires.
+    pub timeout: Duration,
+}
+
+impl GuestKitRun {
+    /// A QEMU run with 64 MiB, one CPU, no devices and a 30 s hard timeout.
+    pub fn qemu(accel: Accel, machine: Machine, cmdline: &str) -> GuestKitRun {
+        GuestKitRun {
+            vmm: Vmm::Qemu { accel, machine },
+            cmdline: cmdline.to_owned(),
+            memory_mib: 64,
+            cpus: 1,
+            devices: Vec::new(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Adds a device.
+    pub fn with_device(mut self, device: Device) -> GuestKitRun {
+        self.devices.push(device);
+        self
+    }
+
+    /// Sets the hard timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> GuestKitRun {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Runs the embedded guest kit.
+    pub fn run(&self) -> Result<GuestKitReport, Error> {
+        self.run_kernel(GUEST_KIT_ELF)
+    }
+
+    /// Runs another kernel image the same way (tests of the runner itself use this).
+    pub fn run_kernel(&self, kernel: &[u8]) -> Result<GuestKitReport, Error> {
+        let kernel_file = TempKernel::write(kernel)?;
+        let command = self.command(kernel_file.path())?;
+        run_with_timeout(command, self.timeout, |status| self.exit_kind(status))
+    }
+
+    /// The VMM command line for a kernel at `kernel`.
+    pub fn command(&self, kernel: &Path) -> Result<Command, Error> {
+        match &self.vmm {
+            Vmm::Qemu { accel, machine } => {
+                let mut command = Command::new(find_qemu()?);
+                command.args(self.qemu_args(*accel, *machine, kernel));
+                Ok(command)
+            }
+            Vmm::Sluice { binary, extra_args } => {
+                if !self.devices.is_empty() {
+                    return Err(Error::DevicesNeedQemu);
+                }
+                let mut command = Command::new(binary);
+                command
+                    .arg("run")
+                    .arg("--kernel")
+                    .arg(kernel)
+                    .args(["--cmdline", &self.cmdline])
+                    .args(["--cpus", &self.cpus.to_string()])
+                    .args(["--memory", &format!("{}M", self.memory_mib)])
+                    .args(extra_args);
+                Ok(command)
+            }
+        }
+    }
+
+    /// Arguments for qemu-system-x86_64: no default devices, console on stdio, the contract's
+    /// exit port, and no reboot (a triple fault ends the run instead of looping).
+    pub fn qemu_args(&self, accel: Accel, machine: Machine, kernel: &Path) -> Vec<String> {
+        let accel = match accel {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        };
+        let mut args: Vec<String> = vec![
+            "-machine".into(),
+            machine.qemu_name().into(),
+            "-accel".into(),
+            accel.into(),
+            "-cpu".into(),
+            "max".into(),
+            "-m".into(),
+            self.memory_mib.to_string(),
+            "-smp".into(),
+            self.cpus.to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-serial".into(),
+            "stdio".into(),
+            "-no-reboot".into(),
+            "-device".into(),
+            "isa-debug-exit,iobase=0xf4,iosize=0x04".into(),
+            "-kernel".into(),
+            kernel.display().to_string(),
+            "-append".into(),
+            self.cmdline.clone(),
+        ];
+        for (index, device) in self.devices.iter().enumerate() {
+            args.extend(qemu_device_args(index, device));
+        }
+        args
+    }
+
+    fn exit_kind(&self, status: ExitStatus) -> ExitKind {
+        match (status.code(), &self.vmm) {
+            (Some(code), Vmm::Qemu { .. }) => ExitKind::from_qemu_status(code),
+            (Some(code), Vmm::Sluice { .. }) => ExitKind::from_sluice_status(code),
+            (None, _) => ExitKind::Killed,
+        }
+    }
+}
+
+fn qemu_device_args(index: usize, device: &Device) -> Vec<String> {
+    match device {
+        Device::VirtioBlk {
+            image,
+            queues,
+            read_only,
+        } => {
+            let read_only = if *read_only { ",readonly=on" } else { "" };
+            vec![
+                "-drive".into(),
+                format!(
+                    "file={},format=raw,if=none,id=blk{index},cache=writeback{read_only}",
+                    qemu_escape(&image.display().to_string())
+                ),
+                "-device".into(),
+                format!("virtio-blk-pci,drive=blk{index},num-queues={queues}"),
+            ]
+        }
+        Device::VirtioRng => vec![
+            "-object".into(),
+            format!("rng-random,id=rng{index},filename=/dev/urandom"),
+            "-device".into(),
+            format!("virtio-rng-pci,rng=rng{index}"),
+        ],
+        Device::VirtioNet {
+            host_port,
+            vmm_port,
+        } => vec![
+            "-netdev".into(),
+            format!(
+                "socket,id=net{index},udp=127.0.0.1:{host_port},localaddr=127.0.0.1:{vmm_port}"
+            ),
+            "-device".into(),
+            // romfile= : no option ROM; the guest kit boots by -kernel and the ROM package may
+            // not be installed.
+            format!("virtio-net-pci,netdev=net{index},romfile="),
+        ],
+    }
+}
+
+/// QEMU option values escape a comma by doubling it.
+fn qemu_escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+/// The kernel image written to a unique temporary file, removed on drop.
+struct TempKernel {
+    path: PathBuf,
+}
+
+impl TempKernel {
+    fn write(bytes: &[u8]) -> Result<TempKernel, Error> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "sluice-guest-kit-{}-{unique}.elf",
+            std::process::id()
+        ));
+        fs::write(&path, bytes).map_err(|source| Error::WriteKernel {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(TempKernel { path })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempKernel {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Kills the child if the runner unwinds or returns early, so no VMM outlives its run.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Bytes read from a pipe so far, and whether the pipe reached end of file.
+#[derive(Default)]
+struct Drained {
+    bytes: Vec<u8>,
+    finished: bool,
+}
+
+fn drain<R: Read + Send + 'static>(mut pipe: R) -> Arc<Mutex<Drained>> {
+    let shared = Arc::new(Mutex::new(Drained::default()));
+    let writer = Arc::clone(&shared);
+    thread::spawn(move || {
+        let mut buffer = [0u8; 4096];
+        loop {
+            let read = pipe.read(&mut buffer);
+            let Ok(mut drained) = writer.lock() else {
+                return;
+            };
+            match read {
+                Ok(0) | Err(_) => {
+                    drained.finished = true;
+                    return;
+                }
+                Ok(n) => drained
+                    .bytes
+                    .extend_from_slice(buffer.get(..n).unwrap_or_default()),
+            }
+        }
+    });
+    shared
+}
+
+/// Waits for both pipes to finish (bounded by [`DRAIN_GRACE`]) and returns their text.
+fn collect(pipes: [&Arc<Mutex<Drained>>; 2]) -> [String; 2] {
+    let deadline = Instant::now() + DRAIN_GRACE;
+    while Instant::now() < deadline
+        && !pipes
+            .iter()
+            .all(|p| p.lock().map(|d| d.finished).unwrap_or(true))
+    {
+        thread::sleep(POLL_INTERVAL);
+    }
+    pipes.map(|p| {
+        p.lock()
+            .map(|d| String::from_utf8_lossy(&d.bytes).into_owned())
+            .unwrap_or_default()
+    })
+}
+
+fn run_with_timeout(
+    mut command: Command,
+    timeout: Duration,
+    exit_kind: impl Fn(ExitStatus) -> ExitKind,
+) -> Result<GuestKitReport, Error> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let program = command.get_program().to_string_lossy().into_owned();
+    let mut child = ChildGuard(
+        command
+            .spawn()
+            .map_err(|source| Error::Spawn { program, source })?,
+    );
+    let stdout: Option<ChildStdout> = child.0.stdout.take();
+    let stderr: Option<ChildStderr> = child.0.stderr.take();
+    let console = stdout.map(drain).unwrap_or_default();
+    let vmm_stderr = stderr.map(drain).unwrap_or_default();
+
+    let deadline = Instant::now() + timeout;
+    let (status, host_timed_out) = loop {
+        if let Some(status) = child.0.try_wait().map_err(Error::Wait)? {
+            break (status, false);
+        }
+        if Instant::now() >= deadline {
+            // The child may exit between the check and the kill; the wait below reaps either way.
+            let _ = child.0.kill();
+            break (child.0.wait().map_err(Error::Wait)?, true);
+        }
+        thread::sleep(POLL_INTERVAL);
+    };
+
+    let [console, vmm_stderr] = collect([&console, &vmm_stderr]);
+    let exit = if host_timed_out {
+        ExitKind::Timeout
+    } else {
+        exit_kind(status)
+    };
+    let mut report = GuestKitReport::parse(&console, exit);
+    report.host_timed_out = host_timed_out;
+    report.vmm_stderr = vmm_stderr;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_args_put_console_on_stdio_and_exit_port_at_f4() {
+        let run = GuestKitRun::qemu(Accel::Tcg, Machine::Q35, "w=info quiet");
+
+        let args = run.qemu_args(Accel::Tcg, Machine::Q35, Path::new("/k.elf"));
+
+        let joined = args.join(" ");
+        assert!(joined.contains("-machine q35 -accel tcg"), "{joined}");
+        assert!(joined.contains("-serial stdio"), "{joined}");
+        assert!(
+            joined.contains("isa-debug-exit,iobase=0xf4,iosize=0x04"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("-kernel /k.elf -append w=info quiet"),
+            "{joined}"
+        );
+    }
+
+    #[test]
+    fn qemu_args_describe_each_device() {
+        let run = GuestKitRun::qemu(Accel::Kvm, Machine::Pc, "")
+            .with_device(Device::VirtioBlk {
+                image: PathBuf::from("/tmp/a,b.img"),
+                queues: 2,
+                read_only: true,
+            })
+            .with_device(Device::VirtioNet {
+                host_port: 4000,
+                vmm_port: 4001,
+            });
+
+        let args = run.qemu_args(Accel::Kvm, Machine::Pc, Path::new("/k"));
+
+        let joined = args.join(" ");
+        assert!(joined.contains("-accel kvm"), "{joined}");
+        assert!(
+            joined.contains(
+                "file=/tmp/a,,b.img,format=raw,if=none,id=blk0,cache=writeback,readonly=on"
+            ),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("virtio-blk-pci,drive=blk0,num-queues=2"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("socket,id=net1,udp=127.0.0.1:4000,localaddr=127.0.0.1:4001"),
+            "{joined}"
+        );
+    }
+
+    #[test]
+    fn sluice_command_uses_megabyte_memory_flag_and_passes_extra_args() {
+        let run = GuestKitRun {
+            vmm: Vmm::Sluice {
+                binary: PathBuf::from("/bin/sluice"),
+                extra_args: vec!["--disk".into(), "path=x".into()],
+            },
+            cmdline: "w=info".into(),
+            memory_mib: 256,
+            cpus: 2,
+            devices: Vec::new(),
+            timeout: Duration::from_secs(1),
+        };
+
+        let command = run.command(Path::new("/k")).expect("sluice command");
+
+        let args: Vec<_> = command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "run",
+                "--kernel",
+                "/k",
+                "--cmdline",
+                "w=info",
+                "--cpus",
+                "2",
+                "--memory",
+                "256M",
+                "--disk",
+                "path=x"
+            ]
+        );
+    }
+
+    #[test]
+    fn sluice_rejects_runner_devices() {
+        let run = GuestKitRun {
+            vmm: Vmm::Sluice {
+                binary: PathBuf::from("/bin/sluice"),
+                extra_args: Vec::new(),
+            },
+            cmdline: String::new(),
+            memory_mib: 64,
+            cpus: 1,
+            devices: vec![Device::VirtioRng],
+            timeout: Duration::from_secs(1),
+        };
+
+        let result = run.command(Path::new("/k"));
+
+        assert!(matches!(result, Err(Error::DevicesNeedQemu)));
+    }
+}
