@@ -8,6 +8,7 @@
 
 pub mod clock;
 pub mod debug_exit;
+pub mod i8042;
 pub mod serial;
 
 #[cfg(test)]
@@ -15,6 +16,7 @@ mod testing;
 
 pub use clock::{ManualClock, MonotonicClock, SystemMonotonicClock, SystemWallClock, WallClock};
 pub use debug_exit::DebugExit;
+pub use i8042::I8042;
 pub use serial::{CaptureBuffer, Serial, SerialOutput};
 
 /// The byte of a one-byte access, or `None` for any other width. The ISA registers modelled here
