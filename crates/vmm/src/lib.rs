@@ -2,3 +2,4 @@ pub mod layout;
 pub mod interrupts;
 pub mod memory;
 pub mod vcpu;
+pub mod acpi;
