@@ -280,8 +280,15 @@ fn dsdt_declares_host_bridge_devices_and_s5() {
         assert!(contains(aml, &eisa_id_aml(id)), "{id} missing");
     }
     assert!(contains(aml, b"_S5_"));
-    // Name(_S5_, Package(4) { S5_SLEEP_TYPE, 0, 0, 0 }): PackageOp, len, count, BytePrefix value.
-    let s5 = [0x12, 0x07, 0x04, 0x0a, layout::S5_SLEEP_TYPE, 0, 0, 0];
+    // Name(_S5_, Package(4) { S5_SLEEP_TYPE, 0, 0, 0 }): PackageOp, PkgLength, count, elements.
+    let sleep_type = match layout::S5_SLEEP_TYPE {
+        value @ (0 | 1) => vec![value],
+        value => vec![0x0a, value],
+    };
+    let pkg_length = u8::try_from(1 + 1 + sleep_type.len() + 3).unwrap();
+    let mut s5 = vec![0x12, pkg_length, 0x04];
+    s5.extend_from_slice(&sleep_type);
+    s5.extend_from_slice(&[0, 0, 0]);
     assert!(contains(aml, &s5));
 }
 
