@@ -1,9 +1,8 @@
 //! i8042 keyboard controller: just enough for Linux's i8042/atkbd probe to pass quietly, and the
 //! classic reboot path (command 0xFE pulses the CPU reset line).
 //!
-//! Written by hand: `vm_superio::I8042Device` models only the reset command and a key-press
-//! helper, not the controller commands Linux's probe sends (command byte, self-tests, port
-//! enable/disable, AUX loopback).
+//! Written by hand: `vm_superio::I8042Device` models only the reset command, not the controller
+//! commands Linux's probe sends (command byte, self-tests, port enable/disable, AUX loopback).
 //!
 //! Modelled: the status register, the 32-byte controller RAM (byte 0 is the command byte),
 //! controller commands (read/write RAM 0x20..0x3f/0x60..0x7f, self-test 0xaa → 0x55, interface

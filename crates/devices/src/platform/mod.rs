@@ -9,6 +9,7 @@
 pub mod clock;
 pub mod debug_exit;
 pub mod i8042;
+pub mod rtc;
 pub mod serial;
 
 #[cfg(test)]
@@ -17,6 +18,7 @@ mod testing;
 pub use clock::{ManualClock, MonotonicClock, SystemMonotonicClock, SystemWallClock, WallClock};
 pub use debug_exit::DebugExit;
 pub use i8042::I8042;
+pub use rtc::Rtc;
 pub use serial::{CaptureBuffer, Serial, SerialOutput};
 
 /// The byte of a one-byte access, or `None` for any other width. The ISA registers modelled here
