@@ -6,6 +6,7 @@
 //! port numbers it conventionally lives at as local constants that mirror
 //! `crates/vmm/src/layout.rs`; the VMM chooses where to map them.
 
+pub mod acpi_pm;
 pub mod clock;
 pub mod debug_exit;
 pub mod i8042;
@@ -15,6 +16,7 @@ pub mod serial;
 #[cfg(test)]
 mod testing;
 
+pub use acpi_pm::AcpiPmBlock;
 pub use clock::{ManualClock, MonotonicClock, SystemMonotonicClock, SystemWallClock, WallClock};
 pub use debug_exit::DebugExit;
 pub use i8042::I8042;
