@@ -3,3 +3,4 @@ pub mod interrupts;
 pub mod memory;
 pub mod vcpu;
 pub mod acpi;
+pub mod boot;
