@@ -35,6 +35,9 @@ const RFLAGS_RESERVED: u64 = 1 << 1;
 // read/write for data, both marked accessed.
 const ACCESS_CODE: u8 = 0x9b;
 const ACCESS_DATA: u8 = 0x93;
+// System segment type of a busy 32/64-bit TSS and the minimal TSS limit.
+const TSS_TYPE_BUSY: u8 = 0xb;
+const TSS_LIMIT: u32 = 0x67;
 // Descriptor flags nibble: G (4 KiB granularity), D/B (32-bit), L (64-bit code).
 const FLAG_G: u8 = 1 << 3;
 const FLAG_DB: u8 = 1 << 2;
@@ -197,6 +200,7 @@ fn configure_sregs(sregs: &mut kvm_sregs, gdt: &[u64; GDT_ENTRIES], mode: CodeMo
     sregs.gdt.limit = (GDT_ENTRIES * 8 - 1) as u16;
     sregs.idt.base = layout::BOOT_IDT_START;
     sregs.idt.limit = 0;
+    sregs.tr = boot_task_register();
 
     match mode {
         CodeMode::Protected32 => {
@@ -211,6 +215,18 @@ fn configure_sregs(sregs: &mut kvm_sregs, gdt: &[u64; GDT_ENTRIES], mode: CodeMo
             sregs.cr4 = CR4_PAE;
             sregs.efer = EFER_LME | EFER_LMA;
         }
+    }
+}
+
+/// The PVH spec asks for an active 32-bit TSS with base 0 and limit 0x67; the same busy-TSS type
+/// is valid in long mode. The guest loads its own TSS before it ever switches tasks.
+fn boot_task_register() -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: TSS_LIMIT,
+        type_: TSS_TYPE_BUSY,
+        present: 1,
+        ..Default::default()
     }
 }
 
@@ -414,6 +430,10 @@ mod tests {
                 (0x18, 0, 0xffff_ffff)
             );
         }
+        assert_eq!(
+            (sregs.tr.type_, sregs.tr.limit, sregs.tr.present),
+            (0xb, 0x67, 1)
+        );
         let regs = vcpu.get_regs().unwrap();
         assert_eq!(regs.rip, TEST_ENTRY);
         assert_eq!(regs.rbx, layout::PVH_INFO_START);
