@@ -1,1 +1,139 @@
-fn main() {}
+//! `sluice`: the command-line front end. Parses flags, runs the VM, maps how it ended to an
+//! exit status (see `exit_status`).
+
+mod size;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use sluice_vmm::machine::{self, SerialTarget, VmConfig};
+use sluice_vmm::vcpu::VmOutcome;
+
+/// Exit status when the guest asked for a reset (sluice does not reboot guests).
+const EXIT_GUEST_RESET: u8 = 120;
+/// Exit status when the VM crashed (triple fault, emulation failure, failed entry).
+const EXIT_GUEST_CRASH: u8 = 121;
+/// Exit status when sluice itself could not start or run the VM (bad input, no KVM, ...).
+const EXIT_VMM_ERROR: u8 = 125;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "A KVM virtual machine monitor built around its I/O layer"
+)]
+struct Cli {
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `sluice_vmm=debug`.
+    #[arg(long, global = true, env = "SLUICE_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM. Without --kernel, boots the embedded guest kit.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Kernel: a Linux bzImage, or an ELF (PVH entry note, or a 64-bit vmlinux).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk loaded for the kernel.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Number of vCPUs (1..=254).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
+    cpus: u8,
+    /// Guest RAM, e.g. `128M`, `2G`; a bare number means MiB.
+    #[arg(long, default_value = "128M", value_parser = size::parse_memory_size)]
+    memory: u64,
+    /// Where COM1 output goes: `stdout`, `file=PATH` or `off`.
+    #[arg(long, default_value = "stdout", value_parser = parse_serial)]
+    serial: SerialTarget,
+    /// Add the PCI test device (MSI-X doorbell) used by sluice's own tests.
+    #[arg(long, hide = true)]
+    test_device: bool,
+}
+
+fn parse_serial(s: &str) -> Result<SerialTarget, String> {
+    match s {
+        "stdout" => Ok(SerialTarget::Stdout),
+        "off" => Ok(SerialTarget::Off),
+        _ => match s.strip_prefix("file=") {
+            Some(path) if !path.is_empty() => Ok(SerialTarget::File(path.into())),
+            _ => Err(format!("expected stdout, off or file=PATH, got `{s}`")),
+        },
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(status) => ExitCode::from(status),
+        Err(e) => {
+            eprintln!("sluice: error: {e:#}");
+            ExitCode::from(EXIT_VMM_ERROR)
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(args: RunArgs) -> anyhow::Result<u8> {
+    let kernel = args.kernel.context(
+        "--kernel is required (the embedded guest kit is not built into this binary yet)",
+    )?;
+    let config = VmConfig {
+        kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        cpus: args.cpus,
+        memory: args.memory,
+        serial: args.serial,
+        test_device: args.test_device,
+    };
+    let report = machine::run(config)?;
+    tracing::info!(
+        "exits: total {} (pio {}, mmio {}); per device: {:?}",
+        report.exits_total,
+        report.exits_pio,
+        report.exits_mmio,
+        report.device_exits
+    );
+    Ok(exit_status(&report.outcome))
+}
+
+/// Maps how the VM ended to sluice's exit status; resets and crashes are also explained on stderr.
+fn exit_status(outcome: &VmOutcome) -> u8 {
+    match outcome {
+        VmOutcome::PowerOff => 0,
+        VmOutcome::DebugExit(v) => *v,
+        VmOutcome::Reset => {
+            eprintln!("sluice: the guest requested a reset; the VM was stopped");
+            EXIT_GUEST_RESET
+        }
+        VmOutcome::Crash(why) => {
+            eprintln!("sluice: the VM crashed: {why}");
+            EXIT_GUEST_CRASH
+        }
+    }
+}

@@ -1,6 +1,8 @@
-pub mod layout;
-pub mod interrupts;
-pub mod memory;
-pub mod vcpu;
 pub mod acpi;
 pub mod boot;
+pub mod interrupts;
+pub mod layout;
+pub mod machine;
+pub mod memory;
+pub mod platform;
+pub mod vcpu;

@@ -1,0 +1,235 @@
+//! A whole VM: KVM setup, guest RAM, platform devices, PCI, ACPI, kernel loading and vCPU
+//! threads. `run` builds it from a [`VmConfig`], runs it until the guest stops and reports how
+//! it ended with exit counts.
+
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use sluice_bus::{Bus, DeviceExits};
+use sluice_devices::platform::{CaptureBuffer, SerialOutput};
+
+use crate::memory::{GuestRam, MemoryError};
+use crate::vcpu::setup::{self, HostKvm, SetupError};
+use crate::vcpu::{ExitDispatch, ExitStats, RunControl, VcpuThread, VmOutcome};
+
+/// Where the COM1 console goes.
+#[derive(Clone)]
+pub enum SerialTarget {
+    Stdout,
+    File(PathBuf),
+    /// In-memory capture (tests, the benchmark harness).
+    Buffer(CaptureBuffer),
+    Off,
+}
+
+impl std::fmt::Debug for SerialTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SerialTarget::Stdout => write!(f, "stdout"),
+            SerialTarget::File(p) => write!(f, "file={}", p.display()),
+            SerialTarget::Buffer(_) => write!(f, "buffer"),
+            SerialTarget::Off => write!(f, "off"),
+        }
+    }
+}
+
+/// Everything needed to build a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    pub serial: SerialTarget,
+    /// Adds the PCI test device (MSI-X doorbell) used by sluice's own tests.
+    pub test_device: bool,
+}
+
+/// How a run ended, with what it cost.
+#[derive(Debug)]
+pub struct VmReport {
+    pub outcome: VmOutcome,
+    pub exits_total: u64,
+    pub exits_pio: u64,
+    pub exits_mmio: u64,
+    /// Exit counts per device on the PIO and MMIO buses.
+    pub device_exits: Vec<DeviceExits>,
+    /// Time from `run` being called to the vCPUs starting.
+    pub setup_time: std::time::Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot use /dev/kvm: {0} (is KVM available and are you allowed to open /dev/kvm?)")]
+    Kvm(kvm_ioctls::Error),
+    #[error("KVM setup failed ({what}): {source}")]
+    KvmSetup {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    VcpuSetup(#[from] SetupError),
+    #[error("--cpus must be between 1 and 254, got {0}")]
+    Cpus(u8),
+    #[error("cannot open the serial output file {path}: {source}")]
+    SerialFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot set up device {what}: {reason}")]
+    Device { what: &'static str, reason: String },
+    #[error(transparent)]
+    Boot(#[from] crate::boot::BootError),
+    #[error(transparent)]
+    Acpi(#[from] crate::acpi::AcpiError),
+    #[error("cannot start vCPU thread: {0}")]
+    Thread(std::io::Error),
+}
+
+fn kvm_step<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
+    r.map_err(|source| VmError::KvmSetup { what, source })
+}
+
+pub(crate) fn device_err(what: &'static str, reason: impl ToString) -> VmError {
+    VmError::Device {
+        what,
+        reason: reason.to_string(),
+    }
+}
+
+/// Builds the VM described by `config`, runs it to the end and reports.
+pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
+    let started = Instant::now();
+    if config.cpus == 0 || config.cpus > 254 {
+        return Err(VmError::Cpus(config.cpus));
+    }
+    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    let vm = Arc::new(create_vm(&kvm)?);
+    let ram = GuestRam::new(config.memory)?;
+    ram.register(&vm)?;
+
+    let dispatch = ExitDispatch {
+        pio: Arc::new(Bus::new()),
+        mmio: Arc::new(Bus::new()),
+        control: Arc::new(RunControl::default()),
+        stats: Arc::new(ExitStats::default()),
+    };
+    crate::platform::attach_platform_devices(&vm, &dispatch, &config, &ram)?;
+    crate::platform::attach_pci(&vm, &dispatch, &config)?;
+
+    let rsdp = crate::acpi::create_acpi_tables(
+        &ram.memory,
+        &crate::acpi::AcpiConfig {
+            num_cpus: config.cpus,
+            ram_size: config.memory,
+        },
+    )?;
+    let boot_info = crate::boot::load_kernel(
+        &ram.memory,
+        &crate::boot::BootParams {
+            kernel: config.kernel.clone(),
+            initrd: config.initrd.clone(),
+            cmdline: config.cmdline.clone(),
+            ram_size: config.memory,
+            rsdp,
+        },
+    )?;
+
+    let threads = start_vcpus(&kvm, &vm, &ram, &config, &boot_info, &dispatch)?;
+    let setup_time = started.elapsed();
+    tracing::info!("VM set up in {setup_time:?}; running");
+    let outcome = dispatch.control.wait();
+    for thread in threads {
+        thread.stop();
+    }
+    Ok(report(outcome, &dispatch, setup_time))
+}
+
+fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
+    let vm = kvm_step("create VM", kvm.create_vm())?;
+    // Addresses just below the BIOS area at 4 GiB, as every x86 VMM uses: outside our RAM and
+    // outside the 32-bit PCI hole's windows.
+    kvm_step("set TSS address", vm.set_tss_address(0xfffb_d000))?;
+    kvm_step(
+        "set identity map address",
+        vm.set_identity_map_address(0xfffb_c000),
+    )?;
+    kvm_step("create in-kernel irqchip", vm.create_irq_chip())?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    kvm_step("create PIT", vm.create_pit2(pit))?;
+    Ok(vm)
+}
+
+fn start_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    ram: &GuestRam,
+    config: &VmConfig,
+    boot: &crate::boot::BootInfo,
+    dispatch: &ExitDispatch,
+) -> Result<Vec<VcpuThread>, VmError> {
+    let host = HostKvm::detect();
+    let base_cpuid = setup::base_cpuid(kvm, host)?;
+    let mut threads = Vec::with_capacity(config.cpus as usize);
+    for index in 0..config.cpus {
+        let vcpu = kvm_step("create vCPU", vm.create_vcpu(u64::from(index)))?;
+        let tsc_khz = vcpu.get_tsc_khz().ok();
+        let cpuid = setup::vcpu_cpuid(&base_cpuid, index, config.cpus, tsc_khz);
+        setup::configure_vcpu(&vcpu, &cpuid)?;
+        // Application processors wait for INIT/SIPI in the in-kernel LAPIC.
+        if index == 0 {
+            crate::boot::setup_boot_vcpu(&vcpu, &ram.memory, boot)?;
+        }
+        threads.push(VcpuThread::spawn(index, vcpu, dispatch.clone()).map_err(VmError::Thread)?);
+    }
+    Ok(threads)
+}
+
+fn report(
+    outcome: VmOutcome,
+    dispatch: &ExitDispatch,
+    setup_time: std::time::Duration,
+) -> VmReport {
+    let mut device_exits = dispatch.pio.exit_counts();
+    device_exits.extend(dispatch.mmio.exit_counts());
+    device_exits.retain(|d| d.reads + d.writes > 0);
+    VmReport {
+        outcome,
+        exits_total: dispatch.stats.total(),
+        exits_pio: dispatch.stats.pio.load(Ordering::Relaxed),
+        exits_mmio: dispatch.stats.mmio.load(Ordering::Relaxed),
+        device_exits,
+        setup_time,
+    }
+}
+
+/// Opens the serial output chosen on the command line.
+pub(crate) fn serial_output(target: &SerialTarget) -> Result<SerialOutput, VmError> {
+    Ok(match target {
+        SerialTarget::Stdout => SerialOutput::stdout(),
+        SerialTarget::File(path) => SerialOutput::new(Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmError::SerialFile {
+                    path: path.clone(),
+                    source,
+                })?,
+        )),
+        SerialTarget::Buffer(capture) => SerialOutput::capture_only(capture.clone()),
+        SerialTarget::Off => SerialOutput::new(Box::new(std::io::sink())),
+    })
+}

