@@ -91,6 +91,14 @@ pub const SCI_IRQ: u32 = 9;
 
 const GIB: u64 = 1 << 30;
 
+// The windows must not overlap; checked at compile time.
+const _: () = {
+    assert!(MMIO32_START + MMIO32_SIZE <= PCI_ECAM_START);
+    assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+    assert!(ACPI_START + ACPI_SIZE <= HIGH_RAM_START);
+    assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+};
+
 /// The guest RAM regions `(start, size)` for `ram_size` bytes of memory, split around the hole.
 pub fn ram_regions(ram_size: u64) -> Vec<(u64, u64)> {
     if ram_size <= RAM_32BIT_END {
@@ -132,13 +140,5 @@ mod tests {
         assert_eq!(regions, vec![(0, RAM_32BIT_END), (RAM_64BIT_START, GIB)]);
         assert_eq!(ram_top(4 * GIB), 5 * GIB);
         assert_eq!(mmio64_start(4 * GIB), 5 * GIB);
-    }
-
-    #[test]
-    fn windows_do_not_overlap() {
-        assert!(MMIO32_START + MMIO32_SIZE <= PCI_ECAM_START);
-        assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
-        assert!(ACPI_START + ACPI_SIZE <= HIGH_RAM_START);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
     }
 }

@@ -46,7 +46,7 @@ impl GuestRam {
         if size < MIN_RAM_SIZE {
             return Err(MemoryError::TooSmall(size >> 20));
         }
-        if size % 4096 != 0 {
+        if !size.is_multiple_of(4096) {
             return Err(MemoryError::Unaligned);
         }
         let file = Arc::new(create_memfd("sluice-guest-ram")?);
@@ -118,7 +118,10 @@ mod tests {
 
     #[test]
     fn rejects_tiny_and_unaligned_sizes() {
-        assert!(matches!(GuestRam::new(1 << 20), Err(MemoryError::TooSmall(1))));
+        assert!(matches!(
+            GuestRam::new(1 << 20),
+            Err(MemoryError::TooSmall(1))
+        ));
         assert!(matches!(
             GuestRam::new((32 << 20) + 1),
             Err(MemoryError::Unaligned)
