@@ -115,7 +115,7 @@ impl PciConfigMmio {
     pub fn new(root: Arc<PciRoot>, bus_count: u16) -> Self {
         Self {
             root,
-            bus_count: bus_count.min(256),
+            bus_count: bus_count.clamp(1, 256),
         }
     }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use sluice_bus::irq::{MsiMessage, MsiSink};
 
-use crate::config::{ConfigSpace, NUM_BARS};
+use crate::config::ConfigSpace;
 use crate::PciError;
 
 pub const MSIX_CAPABILITY_ID: u8 = 0x11;
@@ -118,9 +118,8 @@ impl MsixCapability {
         offset: u32,
         len: u64,
     ) -> Result<(u8, u64, u64), PciError> {
-        let spec = (usize::from(bar) < NUM_BARS)
-            .then(|| config.bar(bar.into()))
-            .flatten()
+        let spec = config
+            .bar(bar.into())
             .filter(|spec| !spec.is_io())
             .ok_or(PciError::InvalidMsix("structure BAR is not a memory BAR"))?;
         let start = u64::from(offset);

@@ -7,6 +7,12 @@
 //! only the device lock, and devices never call back into the root, so there is no lock cycle.
 //! Bus changes (`insert`/`remove`/`relocate`) are safe from inside a config access because
 //! `sluice_bus::Bus` drops its range lock before calling a device.
+//!
+//! BAR policy: after every config write each BAR's mapping is brought to the programmed address
+//! if its decode bit is on, and removed if it is off. A BAR holding the all-ones sizing probe is
+//! left where it is. A target the bus refuses (overlap, outside the port space) is logged and the
+//! old mapping kept; the move is retried on later config writes. A 64-bit BAR written one dword
+//! at a time with decode on passes through the mixed address in between, as on hardware.
 
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -95,6 +101,8 @@ struct BarMapping {
     mapped_at: Option<u64>,
     /// The address the allocator gave it at add time.
     assigned: u64,
+    /// The last target the bus refused, so a guest retrying it does not flood the log.
+    refused: Option<Option<u64>>,
 }
 
 /// A function on the root bus.
@@ -216,6 +224,7 @@ impl PciRoot {
                 window,
                 mapped_at: None,
                 assigned: base,
+                refused: None,
             });
         }
         config.set_u16(COMMAND, command);
@@ -321,12 +330,18 @@ impl PciRoot {
             match self.apply(&function.name, mapping, new) {
                 Ok(()) => {
                     mapping.mapped_at = new;
+                    mapping.refused = None;
                     moves.push(BarMove { bar, old, new });
                 }
-                Err(e) => tracing::warn!(
-                    "pci {}: BAR {bar} cannot move from {old:x?} to {new:x?}: {e}; kept",
-                    function.address
-                ),
+                Err(e) => {
+                    if mapping.refused != Some(new) {
+                        tracing::warn!(
+                            "pci {}: BAR {bar} cannot move from {old:x?} to {new:x?}: {e}; kept",
+                            function.address
+                        );
+                    }
+                    mapping.refused = Some(new);
+                }
             }
         }
         moves

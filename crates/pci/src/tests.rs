@@ -568,3 +568,46 @@ fn random_config_writes_never_change_identity_or_panic() {
     assert_eq!(rig.cf8_read(first, 0x08, 4) >> 8, 0xff_0000);
     assert_eq!(rig.cf8_read(first, 0x34, 1), 0x40);
 }
+
+#[test]
+fn bar_moves_from_config_writes_race_bar_accesses_without_deadlock() {
+    let rig = rig();
+    let (address, _) = rig.add_test_device();
+    let home = rig.root.bar_mapping(address, 0).unwrap();
+    let away = 0xd000_0000u64;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = Arc::new(std::sync::Barrier::new(2));
+    let accessor = {
+        let (mmio, stop, started) = (rig.mmio.clone(), stop.clone(), started.clone());
+        std::thread::spawn(move || {
+            started.wait();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for base in [home, away] {
+                    let mut data = [0u8; 4];
+                    mmio.read(base + 8, &mut data);
+                    mmio.write(base, &[1, 2, 3, 4]);
+                }
+            }
+        })
+    };
+    started.wait();
+
+    for i in 0..2_000u64 {
+        let target = if i % 2 == 0 { away } else { home };
+        rig.ecam_write(address, 0x10, &(target as u32).to_le_bytes());
+        let command = if i % 3 == 0 {
+            0u16
+        } else {
+            COMMAND_MEMORY_SPACE
+        };
+        rig.cf8_write(address, 0x04, &command.to_le_bytes());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    accessor.join().unwrap();
+
+    rig.cf8_write(address, 0x04, &COMMAND_MEMORY_SPACE.to_le_bytes());
+    let final_bar = rig.cf8_read(address, 0x10, 4);
+    assert_eq!(rig.root.bar_mapping(address, 0), Some(final_bar));
+    rig.mmio_write_u32(final_bar, 0x0403_0201);
+    assert_eq!(rig.mmio_read_u32(final_bar), (true, 0x0403_0201));
+}
