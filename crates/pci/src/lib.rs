@@ -38,7 +38,7 @@ pub use msix::{
     MSIX_FUNCTION_MASK, MSIX_MAX_VECTORS, MSIX_TABLE_ENTRY_SIZE,
 };
 pub use root::{PciRoot, HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE_VENDOR_ID};
-pub use test_device::PciTestDevice;
+pub use test_device::{PciTestDevice, TEST_DEVICE_DEVICE_ID, TEST_DEVICE_VENDOR_ID};
 
 use sluice_bus::BusError;
 
