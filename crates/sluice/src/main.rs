@@ -113,6 +113,13 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
     };
     let report = machine::run(config)?;
     tracing::info!(
+        setup_us = report.setup_time.as_micros() as u64,
+        rss_overhead_kib = report.rss.overhead(),
+        guest_ram_resident_kib = report.rss.shmem,
+        "VM stopped: {:?}",
+        report.outcome
+    );
+    tracing::info!(
         "exits: total {} (pio {}, mmio {}); per device: {:?}",
         report.exits_total,
         report.exits_pio,

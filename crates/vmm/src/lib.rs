@@ -5,4 +5,5 @@ pub mod layout;
 pub mod machine;
 pub mod memory;
 pub mod platform;
+pub mod rss;
 pub mod vcpu;

@@ -14,6 +14,7 @@ use sluice_bus::{Bus, DeviceExits};
 use sluice_devices::platform::{CaptureBuffer, SerialOutput};
 
 use crate::memory::{GuestRam, MemoryError};
+use crate::rss::RssKib;
 use crate::vcpu::setup::{self, HostKvm, SetupError};
 use crate::vcpu::{ExitDispatch, ExitStats, RunControl, VcpuThread, VmOutcome};
 
@@ -63,6 +64,8 @@ pub struct VmReport {
     pub device_exits: Vec<DeviceExits>,
     /// Time from `run` being called to the vCPUs starting.
     pub setup_time: std::time::Duration,
+    /// The VMM's resident memory when the VM stopped (guest RAM is `shmem`).
+    pub rss: RssKib,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +215,7 @@ fn report(
         exits_mmio: dispatch.stats.mmio.load(Ordering::Relaxed),
         device_exits,
         setup_time,
+        rss: RssKib::current(),
     }
 }
 
