@@ -127,7 +127,7 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
         stats: Arc::new(ExitStats::default()),
     };
     crate::platform::attach_platform_devices(&vm, &dispatch, &config, &ram)?;
-    crate::platform::attach_pci(&vm, &dispatch, &config)?;
+    let _pci_root = crate::platform::attach_pci(&vm, &dispatch, &config)?;
 
     let rsdp = crate::acpi::create_acpi_tables(
         &ram.memory,

@@ -10,8 +10,12 @@ use sluice_devices::platform::{
     AcpiPmBlock, DebugExit, Rtc, Serial, SystemMonotonicClock, SystemWallClock, I8042,
 };
 use sluice_devices::ExitSink;
+use sluice_pci::{
+    AddressWindow, BarAllocator, PciConfigIo, PciConfigMmio, PciRoot, PciTestDevice,
+    DEFAULT_IO_WINDOW,
+};
 
-use crate::interrupts::IrqfdLine;
+use crate::interrupts::{IrqfdLine, KvmMsi};
 use crate::layout;
 use crate::machine::{device_err, serial_output, VmConfig, VmError};
 use crate::memory::GuestRam;
@@ -102,9 +106,50 @@ pub fn attach_platform_devices(
 
 /// The PCI root complex: host bridge, config access through CF8/CFC and ECAM, and devices.
 pub fn attach_pci(
-    _vm: &Arc<VmFd>,
-    _dispatch: &ExitDispatch,
-    _config: &VmConfig,
-) -> Result<(), VmError> {
-    Ok(())
+    vm: &Arc<VmFd>,
+    dispatch: &ExitDispatch,
+    config: &VmConfig,
+) -> Result<Arc<PciRoot>, VmError> {
+    let root = Arc::new(PciRoot::new(
+        dispatch.mmio.clone(),
+        dispatch.pio.clone(),
+        bar_allocator(config.memory)?,
+    ));
+    let config_io = PciConfigIo::new(root.clone());
+    map(
+        &dispatch.pio,
+        "pci-config-io",
+        Arc::new(Mutex::new(config_io)),
+        layout::PCI_CONFIG_ADDRESS_PORT.into(),
+        layout::PCI_CONFIG_PORT_LEN.into(),
+    )?;
+    let ecam = PciConfigMmio::new(root.clone(), u16::from(layout::PCI_ECAM_LAST_BUS) + 1);
+    let ecam_len = ecam.window_len();
+    map(
+        &dispatch.mmio,
+        "pci-ecam",
+        Arc::new(Mutex::new(ecam)),
+        layout::PCI_ECAM_START,
+        ecam_len,
+    )?;
+    if config.test_device {
+        let msi = Arc::new(KvmMsi::new(vm.clone()));
+        let dev = PciTestDevice::new(msi).map_err(|e| device_err("pci-test", e))?;
+        let address = root
+            .add_device(Arc::new(Mutex::new(dev)))
+            .map_err(|e| device_err("pci-test", e))?;
+        tracing::info!("PCI test device at {address:?}");
+    }
+    Ok(root)
+}
+
+fn bar_allocator(ram_size: u64) -> Result<BarAllocator, VmError> {
+    let window =
+        |start, size| AddressWindow::new(start, size).map_err(|e| device_err("pci windows", e));
+    BarAllocator::new(
+        window(layout::MMIO32_START, layout::MMIO32_SIZE)?,
+        window(layout::mmio64_start(ram_size), layout::MMIO64_SIZE)?,
+        window(DEFAULT_IO_WINDOW.0, DEFAULT_IO_WINDOW.1)?,
+    )
+    .map_err(|e| device_err("pci windows", e))
 }
