@@ -37,7 +37,7 @@ pub fn build_fadt(dsdt_addr: u64, facs_addr: u32) -> FADT {
         // No fixed-feature sleep button; the fixed power button stays (PWRBTN in PM1).
         .flag(Flags::SlpButton)
         .flag(Flags::ResetRegSup);
-    // The DSDT sits below 4 GiB: both pointers name it, as ACPI 1.0 readers want DSDT.
+    // Both pointers name the DSDT (old readers use DSDT); above 4 GiB only X_DSDT can.
     fadt.dsdt = u32::try_from(dsdt_addr).unwrap_or(0).into();
     fadt.x_dsdt = dsdt_addr.into();
     fadt.sci_int = u16::try_from(layout::SCI_IRQ).unwrap_or(0).into();
