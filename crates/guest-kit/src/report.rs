@@ -37,8 +37,11 @@ pub enum ExitKind {
     /// The VMM exited with a status that maps to no contract byte (for example QEMU's own
     /// errors, or a guest that powered off without writing the exit port). Holds the raw status.
     Other(i32),
-    /// The VMM was ended by a signal the runner did not send.
+    /// The VMM was ended by a signal the runner did not send (QEMU aborting, for example).
     Killed,
+    /// The VMM reported a fatal error of its own (e.g. QEMU's "KVM internal error", after which
+    /// it pauses forever) and the runner stopped it; see [`GuestKitReport::vmm_stderr`].
+    VmmFailed,
 }
 
 impl ExitKind {

@@ -20,6 +20,12 @@ use crate::{Error, GUEST_KIT_ELF};
 
 /// How often the runner checks whether the VMM has exited.
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// QEMU stderr text after which the VM is paused for good (QEMU stops the vCPUs and waits for a
+/// monitor that this runner does not attach); the runner stops the VMM instead of waiting for
+/// the hard timeout.
+const VMM_FATAL_MARKERS: &[&str] = &["KVM internal error"];
+/// Time allowed after a fatal marker for the register dump that follows it to be printed.
+const FATAL_DUMP_GRACE: Duration = Duration::from_millis(200);
 /// How long to wait for the console pipes to drain after the VMM is gone (a grandchild holding
 /// the pipe must not hang the runner).
 const DRAIN_GRACE: Duration = Duration::from_secs(1);
@@ -155,9 +161,11 @@ impl GuestKitRun {
     /// Arguments for qemu-system-x86_64: no default devices, console on stdio, the contract's
     /// exit port, and no reboot (a triple fault ends the run instead of looping).
     pub fn qemu_args(&self, accel: Accel, machine: Machine, kernel: &Path) -> Vec<String> {
-        let accel = match accel {
-            Accel::Tcg => "tcg",
-            Accel::Kvm => "kvm",
+        // Under KVM: `host` minus arch-capabilities, because kvm_pvm refuses MSR 0x10a and
+        // QEMU 7.2 aborts on that (as it does with `max`).
+        let (accel, cpu) = match accel {
+            Accel::Tcg => ("tcg", "max"),
+            Accel::Kvm => ("kvm", "host,-arch-capabilities"),
         };
         let mut args: Vec<String> = vec![
             "-machine".into(),
@@ -165,7 +173,7 @@ impl GuestKitRun {
             "-accel".into(),
             accel.into(),
             "-cpu".into(),
-            "max".into(),
+            cpu.into(),
             "-m".into(),
             self.memory_mib.to_string(),
             "-smp".into(),
@@ -335,6 +343,21 @@ fn collect(pipes: [&Arc<Mutex<Drained>>; 2]) -> [String; 2] {
     })
 }
 
+/// Why the wait for the VMM ended.
+#[derive(PartialEq, Eq)]
+enum Ending {
+    Exited,
+    TimedOut,
+    VmmFailed,
+}
+
+fn has_fatal_marker(stderr: &Mutex<Drained>) -> bool {
+    stderr.lock().is_ok_and(|drained| {
+        let text = String::from_utf8_lossy(&drained.bytes);
+        VMM_FATAL_MARKERS.iter().any(|marker| text.contains(marker))
+    })
+}
+
 fn run_with_timeout(
     mut command: Command,
     timeout: Duration,
@@ -356,23 +379,36 @@ fn run_with_timeout(
     let vmm_stderr = stderr.map(drain).unwrap_or_default();
 
     let deadline = Instant::now() + timeout;
-    let (status, host_timed_out) = loop {
+    let (status, ending) = loop {
         if let Some(status) = child.0.try_wait().map_err(Error::Wait)? {
-            break (status, false);
+            break (status, Ending::Exited);
         }
-        if Instant::now() >= deadline {
+        let fatal = has_fatal_marker(&vmm_stderr);
+        if fatal || Instant::now() >= deadline {
+            if fatal {
+                thread::sleep(FATAL_DUMP_GRACE);
+            }
             // The child may exit between the check and the kill; the wait below reaps either way.
             let _ = child.0.kill();
-            break (child.0.wait().map_err(Error::Wait)?, true);
+            let status = child.0.wait().map_err(Error::Wait)?;
+            break (
+                status,
+                if fatal {
+                    Ending::VmmFailed
+                } else {
+                    Ending::TimedOut
+                },
+            );
         }
         thread::sleep(POLL_INTERVAL);
     };
 
     let [console, vmm_stderr] = collect([&console, &vmm_stderr]);
-    let exit = if host_timed_out {
-        ExitKind::Timeout
-    } else {
-        exit_kind(status)
+    let host_timed_out = ending == Ending::TimedOut;
+    let exit = match ending {
+        Ending::Exited => exit_kind(status),
+        Ending::TimedOut => ExitKind::Timeout,
+        Ending::VmmFailed => ExitKind::VmmFailed,
     };
     let mut report = GuestKitReport::parse(&console, exit);
     report.host_timed_out = host_timed_out;

@@ -34,6 +34,33 @@ macro_rules! tcg_and_kvm {
     };
 }
 
+// ---- boot -------------------------------------------------------------------------------------
+
+/// The guest kit boots and ends the run itself with a verdict and a matching exit byte, whatever
+/// the workloads do; this catches boot, SSE and exit-path problems separately from drivers.
+fn boots_to_a_verdict(accel: Accel, _test: &str) {
+    let report = qemu(accel, Machine::Q35, "w=info").run().expect("run QEMU");
+
+    assert!(
+        report.verdict.is_some(),
+        "no verdict: {}",
+        report.describe()
+    );
+    assert!(
+        matches!(report.exit, ExitKind::Pass | ExitKind::WorkloadFailed),
+        "{}",
+        report.describe()
+    );
+    assert_eq!(
+        report.exit == ExitKind::Pass,
+        report.verdict == Some(Verdict::Pass),
+        "exit byte and verdict disagree: {}",
+        report.describe()
+    );
+}
+
+tcg_and_kvm!(guest_kit_boots_to_a_verdict, boots_to_a_verdict);
+
 // ---- info -------------------------------------------------------------------------------------
 
 fn info_on(accel: Accel, machine: Machine, _test: &str) -> GuestKitReport {
@@ -229,4 +256,25 @@ tcg_and_kvm!(
     blk_workload_without_device_fails_cleanly,
     blk_without_device,
     ignore = "waiting for guest driver virtio-blk"
+);
+
+/// An unknown workload is a bad command line: exit 5 and a FAIL line, before touching devices.
+fn unknown_workload(accel: Accel, _test: &str) {
+    let report = qemu(accel, Machine::Q35, "w=teleport:speed=9")
+        .run()
+        .expect("run QEMU");
+
+    assert!(!report.host_timed_out, "guest hung: {}", report.describe());
+    assert_eq!(report.exit, ExitKind::BadCmdline, "{}", report.describe());
+    assert!(
+        matches!(report.verdict, Some(Verdict::Fail(_))),
+        "{}",
+        report.describe()
+    );
+}
+
+tcg_and_kvm!(
+    unknown_workload_is_a_bad_command_line,
+    unknown_workload,
+    ignore = "waiting for guest command-line parser"
 );

@@ -118,3 +118,24 @@ fn missing_vmm_binary_is_a_runner_error() {
     let error = result.expect_err("spawn must fail").to_string();
     assert!(error.contains("/nonexistent/sluice"), "{error}");
 }
+
+#[test]
+fn vmm_that_reports_a_fatal_kvm_error_is_stopped_without_waiting_for_the_timeout() {
+    // QEMU prints this and then pauses the VM forever.
+    let vmm = FakeVmm::new(
+        "kvmerror",
+        "echo 'KVM internal error. Suberror: 1' >&2\necho 'RIP=0000000000102624' >&2\nexec sleep 60",
+    );
+    let started = Instant::now();
+
+    let report = vmm.run(Duration::from_secs(30)).run().expect("run");
+
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(report.exit, ExitKind::VmmFailed, "{}", report.describe());
+    assert!(!report.host_timed_out);
+    assert!(report.vmm_stderr.contains("RIP="), "{}", report.vmm_stderr);
+}
