@@ -116,6 +116,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         setup_us = report.setup_time.as_micros() as u64,
         rss_overhead_kib = report.rss.overhead(),
         guest_ram_resident_kib = report.rss.shmem,
+        first_exit_unix_ns = report.first_exit_unix_ns.unwrap_or(0),
         "VM stopped: {:?}",
         report.outcome
     );

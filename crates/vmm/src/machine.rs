@@ -64,6 +64,8 @@ pub struct VmReport {
     pub device_exits: Vec<DeviceExits>,
     /// Time from `run` being called to the vCPUs starting.
     pub setup_time: std::time::Duration,
+    /// Wall-clock time of the first userspace exit (ns since the Unix epoch), if any.
+    pub first_exit_unix_ns: Option<u64>,
     /// The VMM's resident memory when the VM stopped (guest RAM is `shmem`).
     pub rss: RssKib,
 }
@@ -216,6 +218,8 @@ fn report(
         device_exits,
         setup_time,
         rss: RssKib::current(),
+        first_exit_unix_ns: Some(dispatch.stats.first_exit_unix_ns.load(Ordering::Relaxed))
+            .filter(|&ns| ns != 0),
     }
 }
 

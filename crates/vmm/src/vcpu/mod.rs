@@ -9,9 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{
-    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
-};
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use sluice_bus::Bus;
 use sluice_devices::{ExitSink, GuestExit};
@@ -77,6 +75,9 @@ impl ExitSink for RunControl {
 /// Userspace exits of the whole VM, by kind.
 #[derive(Default, Debug)]
 pub struct ExitStats {
+    /// Wall-clock time (ns since the Unix epoch) of the VM's first userspace exit; 0 until then.
+    /// Startup benchmarks use a guest whose first instruction exits.
+    pub first_exit_unix_ns: AtomicU64,
     pub pio: AtomicU64,
     pub mmio: AtomicU64,
     pub interrupted: AtomicU64,
@@ -112,8 +113,7 @@ fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // The handler does nothing: its only job is to make KVM_RUN return EINTR.
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), ignore_kick)
-        {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), ignore_kick) {
             tracing::warn!("cannot install the vCPU kick handler: {e}; stopping may be slow");
         }
     });
@@ -156,7 +156,10 @@ fn run_vcpu(index: u8, mut vcpu: VcpuFd, dispatch: &ExitDispatch) {
 /// Runs the vCPU until one exit; returns how the VM ends if this exit ends it.
 fn run_once(index: u8, vcpu: &mut VcpuFd, d: &ExitDispatch) -> Option<VmOutcome> {
     let exit = match vcpu.run() {
-        Ok(exit) => exit,
+        Ok(exit) => {
+            note_first_exit(&d.stats);
+            exit
+        }
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
             d.stats.interrupted.fetch_add(1, Ordering::Relaxed);
             vcpu.set_kvm_immediate_exit(0);
@@ -198,18 +201,38 @@ fn run_once(index: u8, vcpu: &mut VcpuFd, d: &ExitDispatch) -> Option<VmOutcome>
         )),
         VcpuExit::InternalError => {
             let detail = internal_error_detail(vcpu);
-            Some(crash(vcpu, index, &format!("KVM_EXIT_INTERNAL_ERROR: {detail}")))
+            Some(crash(
+                vcpu,
+                index,
+                &format!("KVM_EXIT_INTERNAL_ERROR: {detail}"),
+            ))
         }
         VcpuExit::Hlt => {
             // With the in-kernel LAPIC, HLT waits in the kernel; a HLT exit means the guest
             // halted with nothing left that could wake it.
-            Some(crash(vcpu, index, "halted with interrupts off (KVM_EXIT_HLT)"))
+            Some(crash(
+                vcpu,
+                index,
+                "halted with interrupts off (KVM_EXIT_HLT)",
+            ))
         }
         other => {
             d.stats.other.fetch_add(1, Ordering::Relaxed);
             let what = format!("unexpected exit {other:?}");
             Some(crash(vcpu, index, &what))
         }
+    }
+}
+
+fn note_first_exit(stats: &ExitStats) {
+    if stats.first_exit_unix_ns.load(Ordering::Relaxed) == 0 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        let _ =
+            stats
+                .first_exit_unix_ns
+                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
     }
 }
 
@@ -239,7 +262,11 @@ fn internal_error_detail(vcpu: &mut VcpuFd) -> String {
     } else {
         "internal error"
     };
-    format!("{what}, suberror {}, data [{}]", internal.suberror, data.join(", "))
+    format!(
+        "{what}, suberror {}, data [{}]",
+        internal.suberror,
+        data.join(", ")
+    )
 }
 
 fn crash(vcpu: &VcpuFd, index: u8, why: &str) -> VmOutcome {
@@ -343,7 +370,12 @@ mod tests {
         let (_vm, vcpu, _ram) = boot_real_mode(&kvm, &[0xb0, 42, 0xe6, 0xf4, 0xf4]);
         let d = dispatch();
         d.pio
-            .insert("exit", Arc::new(Mutex::new(ExitPort(d.control.clone()))), 0xf4, 1)
+            .insert(
+                "exit",
+                Arc::new(Mutex::new(ExitPort(d.control.clone()))),
+                0xf4,
+                1,
+            )
             .unwrap();
 
         let thread = VcpuThread::spawn(0, vcpu, d.clone()).unwrap();
