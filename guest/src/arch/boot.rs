@@ -1,0 +1,135 @@
+//! PVH boot: the Xen ELF note that names the 32-bit entry point, and the entry code that builds
+//! a GDT and identity page tables (first 4 GiB in 2 MiB pages), turns on long mode and SSE
+//! (CR0/CR4 only: no XSAVE, which kvm_pvm cannot run), and calls `rust_main(start_info)`.
+//!
+//! Written by hand because no crate offers a PVH entry for a freestanding ELF.
+
+core::arch::global_asm!(
+    r#"
+    .section .note.Xen, "a", @note
+    .balign 4
+    .long 4                 /* namesz */
+    .long 8                 /* descsz: QEMU reads a pointer-sized value, linux-loader a u32 */
+    .long 18                /* XEN_ELFNOTE_PHYS32_ENTRY */
+    .asciz "Xen"
+    .balign 4
+    .quad pvh_start32
+    .balign 4
+
+    .section .text.boot, "ax"
+    .code32
+    .global pvh_start32
+pvh_start32:
+    cli
+    cld
+    mov %ebx, %esi          /* hvm_start_info physical address; kept in esi */
+    lgdt boot_gdt_ptr
+    mov $0x10, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %ss
+    mov %eax, %fs
+    mov %eax, %gs
+
+    /* Zero .bss (page tables and stacks live there). */
+    mov $__bss_start, %edi
+    mov $__bss_end, %ecx
+    sub %edi, %ecx
+    xor %eax, %eax
+    rep stosb
+    mov $boot_stack_top, %esp
+
+    /* PML4[0] -> PDPT; PDPT[0..4] -> 4 page directories. */
+    mov $boot_pdpt, %eax
+    or $0x3, %eax
+    mov %eax, boot_pml4
+    mov $boot_pd, %eax
+    or $0x3, %eax
+    mov %eax, boot_pdpt
+    add $0x1000, %eax
+    mov %eax, boot_pdpt + 8
+    add $0x1000, %eax
+    mov %eax, boot_pdpt + 16
+    add $0x1000, %eax
+    mov %eax, boot_pdpt + 24
+
+    /* 2048 2 MiB pages; 3..4 GiB (MMIO, ECAM, APICs) uncached. */
+    xor %ecx, %ecx
+1:
+    mov %ecx, %eax
+    shl $21, %eax
+    or $0x83, %eax
+    cmp $1536, %ecx
+    jb 2f
+    or $0x18, %eax
+2:
+    mov %eax, boot_pd(,%ecx,8)
+    inc %ecx
+    cmp $2048, %ecx
+    jb 1b
+
+    mov $boot_pml4, %eax
+    mov %eax, %cr3
+    mov %cr4, %eax
+    or $0x620, %eax         /* PAE | OSFXSR | OSXMMEXCPT */
+    mov %eax, %cr4
+    mov $0xC0000080, %ecx   /* EFER */
+    rdmsr
+    or $0x100, %eax         /* LME */
+    wrmsr
+    mov %cr0, %eax
+    and $0x9ffffffb, %eax   /* clear EM, CD, NW */
+    or $0x80000023, %eax    /* PG | NE | MP | PE */
+    mov %eax, %cr0
+    ljmp $0x08, $long_mode_entry
+
+    .code64
+long_mode_entry:
+    mov $0x10, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %ss
+    mov %eax, %fs
+    mov %eax, %gs
+    clts
+    mov $boot_stack_top, %rsp
+    xor %ebp, %ebp
+    mov %esi, %edi
+    call rust_main
+3:
+    cli
+    hlt
+    jmp 3b
+
+    .section .data.boot_gdt, "aw"
+    .balign 16
+    .global boot_gdt
+boot_gdt:
+    .quad 0
+    .quad 0x00af9a000000ffff    /* 0x08: 64-bit code */
+    .quad 0x00cf92000000ffff    /* 0x10: data */
+    .quad 0                     /* 0x18: TSS (low), filled in by idt::init */
+    .quad 0                     /* 0x20: TSS (high) */
+boot_gdt_end:
+    .balign 4
+boot_gdt_ptr:
+    .word boot_gdt_end - boot_gdt - 1
+    .long boot_gdt
+
+    .section .bss.boot, "aw", @nobits
+    .balign 4096
+    .global boot_pml4
+boot_pml4:
+    .skip 4096
+boot_pdpt:
+    .skip 4096
+boot_pd:
+    .skip 4096 * 4
+boot_stack:
+    .skip 262144
+boot_stack_top:
+    .code64
+    .text
+"#,
+    options(att_syntax)
+);

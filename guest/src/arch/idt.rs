@@ -1,0 +1,216 @@
+//! IDT with all 256 vectors, a TSS whose IST stacks every gate uses (the prebuilt `core` uses
+//! the red zone, so the CPU must never push a frame onto the interrupted stack), and the common
+//! assembly stub that saves the scratch registers and calls Rust. The kernel is built without
+//! SSE (see .cargo/config.toml), so there is no vector state to save.
+//!
+//! CPU exceptions (vectors 0..32) print vector, RIP and error code and exit with status 3;
+//! every other vector goes to `crate::interrupts::on_interrupt`.
+
+use core::ptr::{addr_of, addr_of_mut};
+
+/// Stack for exceptions (IST1), double fault/NMI/MCE (IST2) and device interrupts (IST3).
+const IST_STACK_SIZE: usize = 32 * 1024;
+const TSS_SELECTOR: u16 = 0x18;
+const CODE_SELECTOR: u16 = 0x08;
+
+#[repr(C, align(16))]
+struct Stack([u8; IST_STACK_SIZE]);
+
+#[repr(C, packed)]
+struct Tss {
+    reserved0: u32,
+    rsp: [u64; 3],
+    reserved1: u64,
+    ist: [u64; 7],
+    reserved2: u64,
+    reserved3: u16,
+    iomap_base: u16,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Gate {
+    offset_low: u16,
+    selector: u16,
+    ist: u8,
+    type_attr: u8,
+    offset_mid: u16,
+    offset_high: u32,
+    reserved: u32,
+}
+
+#[repr(C, packed)]
+struct DescriptorPointer {
+    limit: u16,
+    base: u64,
+}
+
+/// What the assembly stub hands to Rust: saved scratch registers, then vector, error code and
+/// the CPU-pushed interrupt frame.
+#[repr(C)]
+pub struct TrapFrame {
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rax: u64,
+    pub vector: u64,
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+static mut IST_STACKS: [Stack; 3] = [const { Stack([0; IST_STACK_SIZE]) }; 3];
+static mut TSS: Tss = Tss {
+    reserved0: 0,
+    rsp: [0; 3],
+    reserved1: 0,
+    ist: [0; 7],
+    reserved2: 0,
+    reserved3: 0,
+    iomap_base: core::mem::size_of::<Tss>() as u16,
+};
+static mut IDT: [Gate; 256] = [Gate {
+    offset_low: 0,
+    selector: 0,
+    ist: 0,
+    type_attr: 0,
+    offset_mid: 0,
+    offset_high: 0,
+    reserved: 0,
+}; 256];
+
+extern "C" {
+    static mut boot_gdt: [u64; 5];
+    static isr_stubs: u8;
+}
+
+core::arch::global_asm!(
+    r#"
+    .text
+    .balign 16, 0x90
+    .global isr_stubs
+isr_stubs:
+    .set vec, 0
+    .rept 256
+    .balign 16, 0x90
+    .if (vec == 8) || (vec == 10) || (vec == 11) || (vec == 12) || (vec == 13) || (vec == 14) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
+    .else
+    pushq $0
+    .endif
+    pushq $vec
+    jmp isr_common
+    .set vec, vec + 1
+    .endr
+
+isr_common:
+    cld
+    push %rax
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    mov %rsp, %rdi
+    call isr_dispatch
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rax
+    add $16, %rsp
+    iretq
+"#,
+    options(att_syntax)
+);
+
+#[no_mangle]
+extern "C" fn isr_dispatch(frame: *mut TrapFrame) {
+    // SAFETY: the stub passes a pointer to the frame it just built on the IST stack.
+    let frame = unsafe { &mut *frame };
+    if frame.vector < 32 {
+        crate::exit::cpu_exception(frame);
+    }
+    crate::interrupts::on_interrupt(frame.vector as u8);
+}
+
+fn stack_top(index: usize) -> u64 {
+    // SAFETY: only the address is taken; the stacks are used by the CPU alone.
+    let base = unsafe { addr_of!(IST_STACKS[index]) } as u64;
+    base + IST_STACK_SIZE as u64
+}
+
+fn install_tss() {
+    // SAFETY: single CPU, called once during boot before interrupts are enabled.
+    unsafe {
+        let tss = &mut *addr_of_mut!(TSS);
+        tss.ist[0] = stack_top(0);
+        tss.ist[1] = stack_top(1);
+        tss.ist[2] = stack_top(2);
+        let base = addr_of!(TSS) as u64;
+        let limit = (core::mem::size_of::<Tss>() - 1) as u64;
+        let low = (limit & 0xffff)
+            | ((base & 0xff_ffff) << 16)
+            | (0x89 << 40)
+            | (((limit >> 16) & 0xf) << 48)
+            | (((base >> 24) & 0xff) << 56);
+        let gdt = &mut *addr_of_mut!(boot_gdt);
+        gdt[3] = low;
+        gdt[4] = base >> 32;
+        core::arch::asm!("ltr {0:x}", in(reg) TSS_SELECTOR, options(nostack));
+    }
+}
+
+fn ist_for(vector: usize) -> u8 {
+    match vector {
+        2 | 8 | 18 => 2,
+        0..=31 => 1,
+        _ => 3,
+    }
+}
+
+fn install_idt() {
+    // SAFETY: `isr_stubs` is the start of 256 16-byte stubs emitted above.
+    let stubs = unsafe { addr_of!(isr_stubs) } as u64;
+    // SAFETY: single CPU, boot time, interrupts off.
+    unsafe {
+        let idt = &mut *addr_of_mut!(IDT);
+        for (vector, gate) in idt.iter_mut().enumerate() {
+            let handler = stubs + 16 * vector as u64;
+            *gate = Gate {
+                offset_low: handler as u16,
+                selector: CODE_SELECTOR,
+                ist: ist_for(vector),
+                type_attr: 0x8e,
+                offset_mid: (handler >> 16) as u16,
+                offset_high: (handler >> 32) as u32,
+                reserved: 0,
+            };
+        }
+        let pointer = DescriptorPointer {
+            limit: (core::mem::size_of::<[Gate; 256]>() - 1) as u16,
+            base: addr_of!(IDT) as u64,
+        };
+        core::arch::asm!("lidt [{}]", in(reg) &pointer, options(nostack, readonly));
+    }
+}
+
+/// Installs the TSS and the IDT. Interrupts stay disabled.
+pub fn init() {
+    install_tss();
+    install_idt();
+}

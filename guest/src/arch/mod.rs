@@ -1,0 +1,129 @@
+//! x86_64 CPU primitives: port I/O, MSRs, CPUID, control registers, boot entry, IDT/GDT/TSS and
+//! page tables. Everything that needs inline assembly lives here so the rest of the kernel is
+//! plain Rust.
+
+pub mod boot;
+pub mod idt;
+pub mod paging;
+
+use core::arch::asm;
+
+/// Writes one byte to an I/O port.
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: port I/O has no memory effects visible to Rust; callers pick ports of devices they own.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+}
+
+/// Reads one byte from an I/O port.
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: see `outb`.
+    unsafe { asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+/// Writes a 16-bit word to an I/O port.
+pub fn outw(port: u16, value: u16) {
+    // SAFETY: see `outb`.
+    unsafe { asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags)) }
+}
+
+/// Writes a 32-bit word to an I/O port.
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: see `outb`.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
+}
+
+/// Reads a 32-bit word from an I/O port.
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: see `outb`.
+    unsafe { asm!("in eax, dx", out("eax") value, in("dx") port, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+/// CPUID leaf/subleaf result (eax, ebx, ecx, edx).
+pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    // SAFETY: CPUID is always available in long mode and only reads CPU state.
+    let r = unsafe { core::arch::x86_64::__cpuid_count(leaf, subleaf) };
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+/// Reads a model-specific register.
+pub fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: callers only read architectural MSRs whose presence CPUID reported.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Writes a model-specific register.
+pub fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: callers only write architectural MSRs (APIC base, x2APIC registers) they own.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32,
+             options(nostack, preserves_flags))
+    }
+}
+
+/// Time-stamp counter.
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC only reads the counter (CR4.TSD is clear: we run at CPL0).
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Enables interrupts.
+pub fn enable_interrupts() {
+    // SAFETY: the IDT is installed before anyone calls this.
+    unsafe { asm!("sti", options(nomem, nostack)) }
+}
+
+/// Disables interrupts.
+pub fn disable_interrupts() {
+    // SAFETY: masking interrupts cannot break memory safety.
+    unsafe { asm!("cli", options(nomem, nostack)) }
+}
+
+/// Atomically enables interrupts and halts until the next one; returns with interrupts disabled.
+/// `sti` delays interrupt delivery by one instruction, so an interrupt pending at this point
+/// still wakes the `hlt` instead of being lost.
+pub fn wait_for_interrupt() {
+    // SAFETY: as `enable_interrupts`; HLT resumes after any interrupt.
+    unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) }
+}
+
+/// Hints the CPU that we are spinning.
+pub fn pause() {
+    core::hint::spin_loop();
+}
+
+/// Halts forever with interrupts off.
+pub fn halt_forever() -> ! {
+    loop {
+        // SAFETY: CLI/HLT stop the CPU; nothing else runs afterwards.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) }
+    }
+}
+
+/// Reads CR2 (faulting address of the last #PF).
+pub fn read_cr2() -> u64 {
+    let value: u64;
+    // SAFETY: reading CR2 has no side effects.
+    unsafe { asm!("mov {}, cr2", out(reg) value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+/// Reads CR3.
+pub fn read_cr3() -> u64 {
+    let value: u64;
+    // SAFETY: reading CR3 has no side effects.
+    unsafe { asm!("mov {}, cr3", out(reg) value, options(nomem, nostack, preserves_flags)) }
+    value
+}
+
+/// Flushes the whole TLB by reloading CR3 (no global pages are used).
+pub fn flush_tlb() {
+    let cr3 = read_cr3();
+    // SAFETY: writing back the current CR3 only flushes non-global TLB entries.
+    unsafe { asm!("mov cr3, {}", in(reg) cr3, options(nostack, preserves_flags)) }
+}

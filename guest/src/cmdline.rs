@@ -1,0 +1,271 @@
+//! Command-line parsing (contract: `w=<kind>[:key=value]...`, `timeout_ms=N`, `quiet`).
+//! Unknown top-level tokens are ignored (loaders add their own); a malformed `w=` is an error
+//! that ends the run with status 5.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+/// How completions are noticed (and, for `Batch`, how submissions are grouped).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    /// Notify per request; wait for MSI-X interrupts (HLT).
+    Irq,
+    /// Notify per request; poll the used ring, no interrupts.
+    Poll,
+    /// Submit `batch` requests per notify; wait for interrupts.
+    Batch,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Irq => "irq",
+            Mode::Poll => "poll",
+            Mode::Batch => "batch",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum BlkOp {
+    Read,
+    Write,
+    RandRead,
+    RandWrite,
+    Verify,
+}
+
+impl BlkOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            BlkOp::Read => "read",
+            BlkOp::Write => "write",
+            BlkOp::RandRead => "randread",
+            BlkOp::RandWrite => "randwrite",
+            BlkOp::Verify => "verify",
+        }
+    }
+
+    pub fn writes(self) -> bool {
+        matches!(self, BlkOp::Write | BlkOp::RandWrite)
+    }
+
+    pub fn random(self) -> bool {
+        matches!(self, BlkOp::RandRead | BlkOp::RandWrite)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BlkParams {
+    pub op: BlkOp,
+    pub bs: u32,
+    pub qd: u32,
+    pub queues: u32,
+    pub ops: u64,
+    pub dur_ms: Option<u64>,
+    pub mode: Mode,
+    pub batch: u32,
+    pub event_idx: bool,
+    pub seed: u64,
+    pub span_mb: Option<u64>,
+    pub dev: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum NetDir {
+    Tx,
+    Rx,
+    Echo,
+}
+
+impl NetDir {
+    pub fn name(self) -> &'static str {
+        match self {
+            NetDir::Tx => "tx",
+            NetDir::Rx => "rx",
+            NetDir::Echo => "echo",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NetParams {
+    pub dir: NetDir,
+    pub size: u32,
+    pub frames: u64,
+    pub mode: Mode,
+    pub dev: usize,
+}
+
+#[derive(Clone, Debug)]
+pub enum Workload {
+    Info,
+    Blk(BlkParams),
+    Rng { bytes: u64, dev: usize },
+    Net(NetParams),
+}
+
+pub struct Config {
+    pub workloads: Vec<Workload>,
+    pub timeout_ms: u64,
+    pub quiet: bool,
+}
+
+fn number(key: &str, value: &str) -> Result<u64, String> {
+    let parsed = match value.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => value.parse(),
+    };
+    parsed.map_err(|_| alloc::format!("{key}={value} is not a number"))
+}
+
+fn bounded(key: &str, value: &str, min: u64, max: u64) -> Result<u64, String> {
+    let n = number(key, value)?;
+    if n < min || n > max {
+        return Err(alloc::format!("{key}={n} out of range {min}..={max}"));
+    }
+    Ok(n)
+}
+
+fn mode(value: &str) -> Result<Mode, String> {
+    match value {
+        "irq" => Ok(Mode::Irq),
+        "poll" => Ok(Mode::Poll),
+        "batch" => Ok(Mode::Batch),
+        _ => Err(alloc::format!("mode={value} unknown")),
+    }
+}
+
+fn on_off(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "1" | "true" => Ok(true),
+        "off" | "0" | "false" => Ok(false),
+        _ => Err(alloc::format!("{key}={value}: expected on|off")),
+    }
+}
+
+fn key_values(rest: &str) -> Result<Vec<(&str, &str)>, String> {
+    rest.split(':')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| kv.split_once('=').ok_or_else(|| alloc::format!("'{kv}' is not key=value")))
+        .collect()
+}
+
+fn parse_blk(rest: &str) -> Result<Workload, String> {
+    let mut p = BlkParams {
+        op: BlkOp::Read,
+        bs: 4096,
+        qd: 1,
+        queues: 1,
+        ops: 1000,
+        dur_ms: None,
+        mode: Mode::Irq,
+        batch: 0,
+        event_idx: true,
+        seed: 1,
+        span_mb: None,
+        dev: 0,
+    };
+    for (key, value) in key_values(rest)? {
+        match key {
+            "op" => {
+                p.op = match value {
+                    "read" => BlkOp::Read,
+                    "write" => BlkOp::Write,
+                    "randread" => BlkOp::RandRead,
+                    "randwrite" => BlkOp::RandWrite,
+                    "verify" => BlkOp::Verify,
+                    _ => return Err(alloc::format!("op={value} unknown")),
+                }
+            }
+            "bs" => {
+                let bs = bounded(key, value, 512, 1 << 20)?;
+                if bs % 512 != 0 {
+                    return Err(alloc::format!("bs={bs} is not a multiple of 512"));
+                }
+                p.bs = bs as u32;
+            }
+            "qd" => p.qd = bounded(key, value, 1, 256)? as u32,
+            "queues" => p.queues = bounded(key, value, 1, 16)? as u32,
+            "ops" => p.ops = bounded(key, value, 1, u64::MAX)?,
+            "dur_ms" => p.dur_ms = Some(bounded(key, value, 1, 3_600_000)?),
+            "mode" => p.mode = mode(value)?,
+            "batch" => p.batch = bounded(key, value, 1, 256)? as u32,
+            "event_idx" => p.event_idx = on_off(key, value)?,
+            "seed" => p.seed = number(key, value)?,
+            "span_mb" => p.span_mb = Some(bounded(key, value, 1, 1 << 24)?),
+            "dev" => p.dev = bounded(key, value, 0, 63)? as usize,
+            _ => return Err(alloc::format!("blk: unknown key {key}")),
+        }
+    }
+    if p.batch == 0 {
+        p.batch = p.qd;
+    }
+    Ok(Workload::Blk(p))
+}
+
+fn parse_rng(rest: &str) -> Result<Workload, String> {
+    let mut bytes = 4096;
+    let mut dev = 0;
+    for (key, value) in key_values(rest)? {
+        match key {
+            "bytes" => bytes = bounded(key, value, 1, 64 << 20)?,
+            "dev" => dev = bounded(key, value, 0, 63)? as usize,
+            _ => return Err(alloc::format!("rng: unknown key {key}")),
+        }
+    }
+    Ok(Workload::Rng { bytes, dev })
+}
+
+fn parse_net(rest: &str) -> Result<Workload, String> {
+    let mut p = NetParams { dir: NetDir::Echo, size: 1500, frames: 100, mode: Mode::Irq, dev: 0 };
+    for (key, value) in key_values(rest)? {
+        match key {
+            "dir" => {
+                p.dir = match value {
+                    "tx" => NetDir::Tx,
+                    "rx" => NetDir::Rx,
+                    "echo" => NetDir::Echo,
+                    _ => return Err(alloc::format!("dir={value} unknown")),
+                }
+            }
+            "size" => p.size = bounded(key, value, 46, 1500)? as u32,
+            "frames" => p.frames = bounded(key, value, 1, u64::MAX)?,
+            "mode" => p.mode = mode(value)?,
+            "dev" => p.dev = bounded(key, value, 0, 63)? as usize,
+            _ => return Err(alloc::format!("net: unknown key {key}")),
+        }
+    }
+    Ok(Workload::Net(p))
+}
+
+fn parse_workload(spec: &str) -> Result<Workload, String> {
+    let (kind, rest) = spec.split_once(':').unwrap_or((spec, ""));
+    match kind {
+        "info" => Ok(Workload::Info),
+        "blk" => parse_blk(rest),
+        "rng" => parse_rng(rest),
+        "net" => parse_net(rest),
+        _ => Err(alloc::format!("unknown workload kind '{kind}'")),
+    }
+}
+
+/// Parses the whole command line.
+pub fn parse(cmdline: &str) -> Result<Config, String> {
+    let mut config = Config { workloads: Vec::new(), timeout_ms: 5000, quiet: false };
+    for token in cmdline.split_ascii_whitespace() {
+        if let Some(spec) = token.strip_prefix("w=") {
+            config.workloads.push(parse_workload(spec)?);
+        } else if let Some(value) = token.strip_prefix("timeout_ms=") {
+            config.timeout_ms = bounded("timeout_ms", value, 1, 3_600_000)?;
+        } else if token == "quiet" {
+            config.quiet = true;
+        } else {
+            crate::say!("ignoring command-line token {}", token.to_string());
+        }
+    }
+    if config.workloads.is_empty() {
+        config.workloads.push(Workload::Info);
+    }
+    Ok(config)
+}

@@ -1,0 +1,3 @@
+//! Device drivers. One folder per device family (virtio today; nvme, e1000, vtd can sit beside).
+
+pub mod virtio;

@@ -1,0 +1,64 @@
+//! Ending the run: the exit byte goes to the debug-exit port 0xf4 (sluice: process status;
+//! QEMU isa-debug-exit: (byte << 1) | 1). If that port does nothing, ACPI S5 power-off via the
+//! FADT's PM1a control block with SLP_TYP from the DSDT's `\_S5` package (see `acpi::S5`), and
+//! failing that a HLT loop with interrupts off.
+
+use crate::arch::{self, idt::TrapFrame};
+
+const DEBUG_EXIT_PORT: u16 = 0xf4;
+const SLP_EN: u16 = 1 << 13;
+
+/// Exit statuses of the contract.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum Status {
+    Pass = 0,
+    WorkloadFailed = 1,
+    Panic = 2,
+    CpuException = 3,
+    Timeout = 4,
+    BadCommandLine = 5,
+}
+
+/// Ends the run with `status`; never returns.
+pub fn exit(status: Status) -> ! {
+    arch::disable_interrupts();
+    arch::outb(DEBUG_EXIT_PORT, status as u8);
+    if let Some((port, sleep_type)) = crate::acpi::s5_control() {
+        arch::outw(port, (u16::from(sleep_type) << 10) | SLP_EN);
+    }
+    arch::halt_forever()
+}
+
+/// Prints the final FAIL line and exits with `status`.
+pub fn fail(status: Status, reason: core::fmt::Arguments) -> ! {
+    crate::println!("GUEST-KIT FAIL {}", reason);
+    exit(status)
+}
+
+/// Reports a CPU exception and exits with status 3.
+pub fn cpu_exception(frame: &TrapFrame) -> ! {
+    crate::say!(
+        "CPU exception vector={} rip={:#x} error={:#x} rsp={:#x} cr2={:#x}",
+        frame.vector,
+        frame.rip,
+        frame.error_code,
+        frame.rsp,
+        arch::read_cr2()
+    );
+    fail(Status::CpuException, format_args!("cpu exception {}", frame.vector))
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    match info.location() {
+        Some(location) => crate::say!(
+            "panic at {}:{}: {}",
+            location.file(),
+            location.line(),
+            info.message()
+        ),
+        None => crate::say!("panic: {}", info.message()),
+    }
+    fail(Status::Panic, format_args!("panic"))
+}

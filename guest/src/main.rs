@@ -1,0 +1,62 @@
+//! sluice guest kit: a freestanding x86_64 kernel booted via PVH that enumerates ACPI and PCI,
+//! drives virtio devices and runs the workloads named on its command line, reporting `RESULT`
+//! lines and a final `GUEST-KIT PASS|FAIL` on COM1 and its status on the debug-exit port.
+//! See the guest kit contract (helpers/guest-kit-contract.md) for the command line and output.
+//!
+//! Built without SSE (guest/.cargo/config.toml): under kvm_pvm the guest runs inside KVM's
+//! instruction emulator, which has no SSE arithmetic. Also never emitted: int n/int3, XSAVE
+//! family, XGETBV, cmpxchg16b.
+
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod acpi;
+mod arch;
+mod cmdline;
+mod console;
+mod drivers;
+mod exit;
+mod global;
+mod interrupts;
+mod mem;
+mod pci;
+mod phys;
+mod pvh;
+mod rt;
+mod time;
+mod workloads;
+
+use exit::Status;
+
+/// Wake-up timer period: bounds every HLT so deadlines are checked.
+const WAKEUP_PERIOD_US: u32 = 10_000;
+
+#[no_mangle]
+extern "C" fn rust_main(start_info: u32) -> ! {
+    console::init();
+    arch::idt::init();
+    let Some(boot) = pvh::parse(u64::from(start_info)) else {
+        exit::fail(Status::BadCommandLine, format_args!("no PVH start info"));
+    };
+    mem::init(boot.ram_regions());
+    say!("guest kit booting, cmdline \"{}\"", boot.cmdline());
+    let config = match cmdline::parse(boot.cmdline()) {
+        Ok(config) => config,
+        Err(error) => exit::fail(Status::BadCommandLine, format_args!("bad command line: {}", error)),
+    };
+    console::set_quiet(config.quiet);
+    chatter!("{} KiB free for heap and DMA", mem::free_bytes() / 1024);
+    acpi::init(boot.rsdp);
+    time::init();
+    interrupts::init();
+    interrupts::start_wakeup_timer(WAKEUP_PERIOD_US);
+    pci::init(acpi::info().and_then(|info| info.ecam.first().copied()), true);
+    let status = workloads::run_all(&config);
+    match status {
+        Status::Pass => println!("GUEST-KIT PASS"),
+        other => println!("GUEST-KIT FAIL workload status {}", other as u8),
+    }
+    exit::exit(status)
+}

@@ -1,0 +1,38 @@
+//! Runs the command line's workloads in order and turns their outcomes into the exit status.
+//! Each workload prints one `RESULT {json}` line.
+
+mod info;
+pub mod stats;
+
+use crate::cmdline::{Config, Workload};
+use crate::exit::Status;
+
+/// How a workload ended.
+pub enum Outcome {
+    Pass,
+    Fail,
+    /// A device did not answer in time: the run ends with status 4.
+    Timeout,
+}
+
+fn run_one(workload: &Workload, config: &Config) -> Outcome {
+    match workload {
+        Workload::Info => info::run(),
+        Workload::Blk(params) => crate::drivers::virtio::blk::run_workload(params, config.timeout_ms),
+        Workload::Rng { bytes, dev } => crate::drivers::virtio::rng::run_workload(*bytes, *dev, config.timeout_ms),
+        Workload::Net(params) => crate::drivers::virtio::net::run_workload(params, config.timeout_ms),
+    }
+}
+
+/// Runs everything; the first timeout stops the run.
+pub fn run_all(config: &Config) -> Status {
+    let mut status = Status::Pass;
+    for workload in &config.workloads {
+        match run_one(workload, config) {
+            Outcome::Pass => {}
+            Outcome::Fail => status = Status::WorkloadFailed,
+            Outcome::Timeout => return Status::Timeout,
+        }
+    }
+    status
+}
