@@ -106,7 +106,7 @@ main:
     mov $EXIT_BAD_VALUE, %eax
     ret
 
-2:  PRINT "rtc status_b="
+2:  PRINT "rtc: status B="
     movzbl status_b, %eax
     call put_hex8
     PRINT "\nrtc "
