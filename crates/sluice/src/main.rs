@@ -1,12 +1,12 @@
 //! `sluice`: the command-line front end. Parses flags, runs the VM, maps how it ended to an
 //! exit status (see `exit_status`).
 
+mod guest_kit;
 mod size;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sluice_vmm::machine::{self, SerialTarget, VmConfig};
 use sluice_vmm::vcpu::VmOutcome;
@@ -99,9 +99,14 @@ fn init_logging(filter: &str) {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<u8> {
-    let kernel = args.kernel.context(
-        "--kernel is required (the embedded guest kit is not built into this binary yet)",
-    )?;
+    // Without --kernel, boot the embedded guest kit; the memfd must outlive the kernel load.
+    let (kernel, _embedded) = match args.kernel {
+        Some(path) => (path, None),
+        None => {
+            let embedded = guest_kit::embedded_guest_kit()?;
+            (embedded.path.clone(), Some(embedded))
+        }
+    };
     let config = VmConfig {
         kernel,
         initrd: args.initrd,

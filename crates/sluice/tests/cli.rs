@@ -1,0 +1,178 @@
+//! Bad input to `sluice run`: each case must end with one clear error line on stderr (never a
+//! panic or a backtrace) and a non-zero status: 125 for errors sluice reports, 2 for flags clap
+//! rejects. The messages name the offending input when KVM is usable; without KVM, sluice stops
+//! earlier at /dev/kvm, and the tests then check only the shape of the error.
+
+mod common;
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{build_guest, kvm_unusable_reason, run_sluice, Run, EXIT_VMM_ERROR};
+
+/// clap's status for a rejected command line.
+const EXIT_USAGE: i32 = 2;
+const CLI_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A scratch file path unique to this test process.
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli");
+    fs::create_dir_all(&dir).expect("create the scratch directory");
+    dir.join(format!("{}.{name}", std::process::id()))
+}
+
+fn run(args: &[&str]) -> Run {
+    let mut full = vec!["run"];
+    full.extend_from_slice(args);
+    run_sluice(&full, CLI_TIMEOUT)
+}
+
+/// Asserts the run failed with `status` and exactly one error line that mentions each of
+/// `mentions` (case-insensitive; only checked when KVM is usable, or always for usage errors,
+/// which clap reports before anything else runs).
+fn assert_one_clear_error(run: &Run, status: i32, mentions: &[&str]) {
+    let transcript = run.transcript();
+    assert_eq!(run.status, Some(status), "{transcript}");
+    assert!(!run.stderr.contains("panicked"), "{transcript}");
+    assert!(!run.stderr.contains("backtrace"), "{transcript}");
+    let error_lines: Vec<&str> = run
+        .stderr_lines()
+        .into_iter()
+        .filter(|l| l.contains("error"))
+        .collect();
+    assert_eq!(error_lines.len(), 1, "want one error line\n{transcript}");
+    let line = error_lines[0];
+    if status == EXIT_VMM_ERROR {
+        assert_eq!(run.stderr_lines().len(), 1, "want nothing but the error line\n{transcript}");
+        assert!(line.starts_with("sluice: error: "), "{transcript}");
+    }
+    assert_no_repeated_cause(line);
+    if status == EXIT_USAGE || kvm_unusable_reason().is_none() {
+        let lower = line.to_lowercase();
+        for mention in mentions {
+            assert!(
+                lower.contains(&mention.to_lowercase()),
+                "error line should mention {mention:?}: {line}"
+            );
+        }
+    }
+}
+
+/// A cause chain printed twice ("x: No such file: No such file") reads as a bug.
+fn assert_no_repeated_cause(line: &str) {
+    let parts: Vec<&str> = line.split(": ").collect();
+    for pair in parts.windows(2) {
+        assert_ne!(pair[0], pair[1], "cause repeated in: {line}");
+    }
+}
+
+/// Deterministic noise (xorshift), so a failure can be reproduced byte for byte.
+fn noise(len: usize) -> Vec<u8> {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+#[test]
+fn missing_kernel_file() {
+    let kernel = scratch("no-such-kernel");
+    let run = run(&["--kernel", kernel.to_str().unwrap()]);
+    assert_one_clear_error(&run, EXIT_VMM_ERROR, &["no-such-kernel"]);
+}
+
+#[test]
+fn corrupt_kernel() {
+    let kernel = scratch("noise-kernel");
+    fs::write(&kernel, noise(64 * 1024)).unwrap();
+    let run = run(&["--kernel", kernel.to_str().unwrap()]);
+    let _ = fs::remove_file(&kernel);
+    assert_one_clear_error(&run, EXIT_VMM_ERROR, &["noise-kernel", "kernel"]);
+}
+
+#[test]
+fn missing_initrd_file() {
+    let kernel = build_guest("hello");
+    let initrd = scratch("no-such-initrd");
+    let run = run(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+    ]);
+    assert_one_clear_error(&run, EXIT_VMM_ERROR, &["no-such-initrd"]);
+}
+
+#[test]
+fn initrd_larger_than_ram() {
+    let kernel = build_guest("hello");
+    let initrd = scratch("huge-initrd");
+    // Sparse: 200 MiB of apparent size costs no disk.
+    fs::File::create(&initrd)
+        .and_then(|f| f.set_len(200 << 20))
+        .unwrap();
+    let run = run(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--memory",
+        "128M",
+    ]);
+    let _ = fs::remove_file(&initrd);
+    assert_one_clear_error(&run, EXIT_VMM_ERROR, &["initrd"]);
+}
+
+#[test]
+fn cmdline_longer_than_2048_bytes() {
+    let kernel = build_guest("hello");
+    let cmdline = "x".repeat(2049);
+    let run = run(&["--kernel", kernel.to_str().unwrap(), "--cmdline", &cmdline]);
+    assert_one_clear_error(&run, EXIT_VMM_ERROR, &["command line"]);
+}
+
+#[test]
+fn longest_accepted_cmdline_still_boots() {
+    if common::skip_without_kvm("longest_accepted_cmdline_still_boots") {
+        return;
+    }
+    let kernel = build_guest("hello");
+    // 2048 bytes including the terminating NUL.
+    let cmdline = "x".repeat(2047);
+    let run = run(&["--kernel", kernel.to_str().unwrap(), "--cmdline", &cmdline]);
+    assert_eq!(run.status, Some(0), "{}", run.transcript());
+}
+
+#[test]
+fn memory_of_one_mib() {
+    let kernel = build_guest("hello");
+    let run = run(&["--kernel", kernel.to_str().unwrap(), "--memory", "1M"]);
+    assert_one_clear_error(&run, EXIT_VMM_ERROR, &["memory"]);
+}
+
+#[test]
+fn zero_cpus() {
+    let kernel = build_guest("hello");
+    let run = run(&["--kernel", kernel.to_str().unwrap(), "--cpus", "0"]);
+    assert_one_clear_error(&run, EXIT_USAGE, &["--cpus"]);
+}
+
+#[test]
+fn unknown_serial_target() {
+    let kernel = build_guest("hello");
+    let run = run(&["--kernel", kernel.to_str().unwrap(), "--serial", "ttyS9"]);
+    assert_one_clear_error(&run, EXIT_USAGE, &["--serial", "ttyS9"]);
+}
+
+#[test]
+fn unparsable_memory_size() {
+    let kernel = build_guest("hello");
+    let run = run(&["--kernel", kernel.to_str().unwrap(), "--memory", "lots"]);
+    assert_one_clear_error(&run, EXIT_USAGE, &["--memory", "lots"]);
+}
