@@ -127,3 +127,11 @@ pub fn flush_tlb() {
     // SAFETY: writing back the current CR3 only flushes non-global TLB entries.
     unsafe { asm!("mov cr3, {}", in(reg) cr3, options(nostack, preserves_flags)) }
 }
+
+/// Full memory barrier (store→load ordering) without MFENCE, which KVM's instruction
+/// emulator (all guest code runs there under kvm_pvm) does not implement. A locked
+/// read-modify-write of the stack top orders like MFENCE for ordinary memory.
+pub fn full_barrier() {
+    // SAFETY: OR-ing zero into the qword at [rsp] leaves it unchanged; the stack top is mapped.
+    unsafe { asm!("lock or qword ptr [rsp], 0", options(nostack)) }
+}

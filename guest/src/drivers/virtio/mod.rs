@@ -1,4 +1,42 @@
-//! virtio 1.x over PCI (modern interface only).
+//! virtio 1.x over PCI (modern interface only): transport, split virtqueues, and the block,
+//! network and entropy drivers with their workloads.
+
 pub mod blk;
 pub mod net;
+pub mod pci;
+pub mod queue;
 pub mod rng;
+
+use crate::cmdline::Mode;
+use crate::workloads::Outcome;
+use pci::VirtioError;
+
+/// Prints the failure and maps it to an outcome (timeouts end the run with status 4).
+pub fn report_error(workload: &str, error: &VirtioError) -> Outcome {
+    crate::say!("{}: device error {:?}", workload, error);
+    crate::println!(
+        "RESULT {{\"workload\":\"{}\",\"error\":\"{:?}\",\"pass\":false}}",
+        workload,
+        error
+    );
+    match error {
+        VirtioError::Timeout(_) => Outcome::Timeout,
+        _ => Outcome::Fail,
+    }
+}
+
+/// Sleeps until an interrupt (irq/batch modes) or spins briefly (poll mode).
+pub fn idle(mode: Mode) {
+    match mode {
+        Mode::Poll => crate::arch::pause(),
+        Mode::Irq | Mode::Batch => crate::arch::wait_for_interrupt(),
+    }
+}
+
+/// SplitMix64: fast, good enough for LBAs and data patterns.
+pub fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
