@@ -18,3 +18,17 @@ pub trait MsiSink: Send + Sync {
 pub trait IrqLine: Send + Sync {
     fn trigger(&self) -> io::Result<()>;
 }
+
+/// One MSI vector routed to the guest without a userspace exit per interrupt (a KVM GSI route
+/// plus an irqfd). The transport reprograms it when the guest rewrites the MSI-X entry.
+pub trait MsiRoute: Send + Sync {
+    /// Points the route at `msg` (what the guest programmed in the MSI-X table).
+    fn update(&self, msg: MsiMessage) -> io::Result<()>;
+    /// Injects the interrupt (one eventfd write when backed by an irqfd).
+    fn trigger(&self) -> io::Result<()>;
+}
+
+/// Hands out [`MsiRoute`]s (the VMM owns the GSI routing table).
+pub trait MsiRouter: Send + Sync {
+    fn allocate(&self) -> io::Result<std::sync::Arc<dyn MsiRoute>>;
+}

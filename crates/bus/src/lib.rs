@@ -9,6 +9,9 @@
 
 pub mod irq;
 
+mod ioevent;
+pub use ioevent::IoEventRegistrar;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -141,7 +144,9 @@ impl Bus {
     /// Moves the range at `old_base` to `new_base` (a guest reprogramming a BAR).
     pub fn relocate(&self, old_base: u64, new_base: u64) -> Result<(), BusError> {
         let mut ranges = self.ranges.write().unwrap();
-        let entry = ranges.remove(&old_base).ok_or(BusError::NotFound(old_base))?;
+        let entry = ranges
+            .remove(&old_base)
+            .ok_or(BusError::NotFound(old_base))?;
         let len = entry.len;
         let fits = new_base.checked_add(len - 1).is_some();
         if !fits || Self::overlaps(&ranges, new_base, len) {
