@@ -1,0 +1,177 @@
+//! Per-device and per-queue counters. Updated with relaxed atomics from the queue workers; read
+//! at any time for JSON and Prometheus export.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Log2 latency buckets in nanoseconds: bucket i counts latencies in [2^i, 2^(i+1)).
+const BUCKETS: usize = 40;
+
+/// A lock-free latency histogram with log2 buckets.
+#[derive(Debug)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; BUCKETS],
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl LatencyHistogram {
+    pub fn record(&self, nanos: u64) {
+        let bucket = (63 - nanos.max(1).leading_zeros() as usize).min(BUCKETS - 1);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts per bucket.
+    pub fn counts(&self) -> Vec<u64> {
+        self.buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Upper bound (ns) of the bucket holding the `q` quantile (0.0..=1.0), or 0 if empty.
+    pub fn quantile(&self, q: f64) -> u64 {
+        let counts = self.counts();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        let target = ((total as f64) * q.clamp(0.0, 1.0)).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= target {
+                return 1u64 << (i + 1);
+            }
+        }
+        1u64 << BUCKETS
+    }
+}
+
+/// Counters of one queue.
+#[derive(Debug, Default)]
+pub struct QueueMetrics {
+    /// Driver notifications received (kick eventfd wakeups).
+    pub kicks: AtomicU64,
+    /// Interrupts sent to the driver.
+    pub interrupts: AtomicU64,
+    /// Interrupts not sent because EVENT_IDX / flags said the driver did not want them, or
+    /// because batching coalesced them.
+    pub notifications_suppressed: AtomicU64,
+    /// Requests (descriptor chains) completed.
+    pub requests: AtomicU64,
+    /// Payload bytes moved.
+    pub bytes: AtomicU64,
+    /// Requests completed with an error status (malformed, backend I/O error).
+    pub errors: AtomicU64,
+    /// Time from popping a chain to adding it to the used ring.
+    pub latency: LatencyHistogram,
+}
+
+impl QueueMetrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Counters of one device.
+#[derive(Debug)]
+pub struct DeviceMetrics {
+    pub name: String,
+    pub queues: Vec<QueueMetrics>,
+}
+
+impl DeviceMetrics {
+    pub fn new(name: impl Into<String>, queues: usize) -> Self {
+        Self {
+            name: name.into(),
+            queues: (0..queues).map(|_| QueueMetrics::default()).collect(),
+        }
+    }
+
+    /// JSON object: {"device": name, "queues": [{"kicks":..,"latency_ns":{"p50":..}}]}.
+    pub fn to_json(&self) -> serde_json::Value {
+        let queues: Vec<serde_json::Value> = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+                serde_json::json!({
+                    "queue": i,
+                    "kicks": load(&q.kicks),
+                    "interrupts": load(&q.interrupts),
+                    "notifications_suppressed": load(&q.notifications_suppressed),
+                    "requests": load(&q.requests),
+                    "bytes": load(&q.bytes),
+                    "errors": load(&q.errors),
+                    "latency_ns": {
+                        "p50": q.latency.quantile(0.5),
+                        "p90": q.latency.quantile(0.9),
+                        "p99": q.latency.quantile(0.99),
+                    },
+                })
+            })
+            .collect();
+        serde_json::json!({ "device": self.name, "queues": queues })
+    }
+
+    /// Prometheus text exposition lines (counters labelled by device and queue).
+    pub fn to_prometheus(&self) -> String {
+        let mut out = String::new();
+        for (i, q) in self.queues.iter().enumerate() {
+            for (metric, counter) in [
+                ("kicks", &q.kicks),
+                ("interrupts", &q.interrupts),
+                ("notifications_suppressed", &q.notifications_suppressed),
+                ("requests", &q.requests),
+                ("bytes", &q.bytes),
+                ("errors", &q.errors),
+            ] {
+                out.push_str(&format!(
+                    "sluice_virtio_{metric}_total{{device=\"{}\",queue=\"{i}\"}} {}\n",
+                    self.name,
+                    counter.load(Ordering::Relaxed)
+                ));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_follow_recorded_latencies() {
+        let h = LatencyHistogram::default();
+        for _ in 0..90 {
+            h.record(1_000); // bucket [512, 1024) .. 1000 is in [512,1024)
+        }
+        for _ in 0..10 {
+            h.record(1_000_000);
+        }
+
+        assert_eq!(h.quantile(0.5), 1024);
+        assert_eq!(h.quantile(0.99), 1 << 20);
+        assert_eq!(LatencyHistogram::default().quantile(0.5), 0);
+    }
+
+    #[test]
+    fn exports_json_and_prometheus() {
+        let m = DeviceMetrics::new("blk0", 2);
+        QueueMetrics::add(&m.queues[1].requests, 3);
+
+        let json = m.to_json();
+        let prom = m.to_prometheus();
+
+        assert_eq!(json["queues"][1]["requests"], 3);
+        assert!(prom.contains("sluice_virtio_requests_total{device=\"blk0\",queue=\"1\"} 3"));
+    }
+}
