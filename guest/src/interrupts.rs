@@ -4,7 +4,7 @@
 
 use crate::arch::{self, cpuid, rdmsr, wrmsr};
 use crate::phys;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 const APIC_BASE_MSR: u32 = 0x1b;
 const APIC_ENABLE: u64 = 1 << 11;
@@ -96,13 +96,25 @@ pub fn count(vector: u8) -> u64 {
     COUNTS[usize::from(vector)].load(Ordering::Relaxed)
 }
 
-/// A fresh device vector, `None` when all are taken.
-pub fn alloc_vector() -> Option<u8> {
+/// Owner tag (+1, 0 = free) of each device vector.
+static OWNERS: [AtomicU32; 256] = [const { AtomicU32::new(0) }; 256];
+
+/// The vector of `owner` (e.g. PCI function and MSI-X entry), allocating one the first time.
+/// Reopening a device therefore reprograms the same MSI message: QEMU with KVM irqfd routes
+/// was seen to keep delivering a changed entry's old message.
+pub fn vector_for(owner: u32) -> Option<u8> {
+    let tag = owner.wrapping_add(1);
+    let known = (FIRST_DEVICE_VECTOR..NEXT_VECTOR.load(Ordering::Relaxed))
+        .find(|&v| OWNERS[usize::from(v)].load(Ordering::Relaxed) == tag);
+    if known.is_some() {
+        return known;
+    }
     let vector = NEXT_VECTOR.load(Ordering::Relaxed);
     if vector > LAST_DEVICE_VECTOR {
         return None;
     }
     NEXT_VECTOR.store(vector + 1, Ordering::Relaxed);
+    OWNERS[usize::from(vector)].store(tag, Ordering::Relaxed);
     Some(vector)
 }
 

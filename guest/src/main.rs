@@ -52,6 +52,8 @@ extern "C" fn rust_main(start_info: u32) -> ! {
     time::init();
     interrupts::init();
     interrupts::start_wakeup_timer(WAKEUP_PERIOD_US);
+    // Interrupts stay enabled from here on: handlers only count and EOI.
+    arch::enable_interrupts();
     pci::init(acpi::info().and_then(|info| info.ecam.first().copied()), true);
     let status = workloads::run_all(&config);
     match status {

@@ -84,12 +84,19 @@ pub fn disable_interrupts() {
     unsafe { asm!("cli", options(nomem, nostack)) }
 }
 
-/// Atomically enables interrupts and halts until the next one; returns with interrupts disabled.
-/// `sti` delays interrupt delivery by one instruction, so an interrupt pending at this point
-/// still wakes the `hlt` instead of being lost.
-pub fn wait_for_interrupt() {
+/// Halts until the next interrupt unless `ready()` (checked with interrupts off) says there is
+/// no need. `sti; hlt` is atomic (STI delays delivery by one instruction), so an event arriving
+/// after the check still wakes the HLT. Returns with interrupts enabled: under kvm_pvm the
+/// instruction emulator runs on past HLT in one batch, and a `cli` right after it would keep
+/// the interrupt from ever being delivered.
+pub fn wait_for_interrupt_unless(ready: impl FnOnce() -> bool) {
+    disable_interrupts();
+    if ready() {
+        enable_interrupts();
+        return;
+    }
     // SAFETY: as `enable_interrupts`; HLT resumes after any interrupt.
-    unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) }
+    unsafe { asm!("sti", "hlt", options(nomem, nostack)) }
 }
 
 /// Hints the CPU that we are spinning.

@@ -24,6 +24,17 @@ fn run_one(workload: &Workload, config: &Config) -> Outcome {
     }
 }
 
+fn print_interrupt_counts() {
+    crate::console::write_fmt(format_args!("sluice-guest: interrupts by vector:"));
+    for vector in 32..=255u8 {
+        let count = crate::interrupts::count(vector);
+        if count != 0 {
+            crate::console::write_fmt(format_args!(" {:#x}={}", vector, count));
+        }
+    }
+    crate::println!("");
+}
+
 /// Runs everything; the first timeout stops the run.
 pub fn run_all(config: &Config) -> Status {
     let mut status = Status::Pass;
@@ -34,5 +45,6 @@ pub fn run_all(config: &Config) -> Status {
             Outcome::Timeout => return Status::Timeout,
         }
     }
+    print_interrupt_counts();
     status
 }

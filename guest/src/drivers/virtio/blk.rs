@@ -230,7 +230,8 @@ impl Engine<'_> {
             if deadline.expired() {
                 return Err(if self.device.needs_reset() { VirtioError::NeedsReset } else { VirtioError::Timeout("blk request") });
             }
-            idle(self.params.mode);
+            let queues = &self.queues;
+            idle(self.params.mode, || queues.iter().any(|q| q.queue.has_used()));
         }
     }
 
@@ -259,7 +260,8 @@ impl Engine<'_> {
             } else if deadline.expired() {
                 return Err(VirtioError::Timeout("blk flush"));
             } else {
-                idle(self.params.mode);
+                let queue = &bq.queue;
+                idle(self.params.mode, || queue.has_used());
             }
         }
     }

@@ -25,11 +25,11 @@ pub fn report_error(workload: &str, error: &VirtioError) -> Outcome {
     }
 }
 
-/// Sleeps until an interrupt (irq/batch modes) or spins briefly (poll mode).
-pub fn idle(mode: Mode) {
+/// Sleeps until an interrupt (irq/batch modes) unless `ready()`, or spins briefly (poll mode).
+pub fn idle(mode: Mode, ready: impl FnOnce() -> bool) {
     match mode {
         Mode::Poll => crate::arch::pause(),
-        Mode::Irq | Mode::Batch => crate::arch::wait_for_interrupt(),
+        Mode::Irq | Mode::Batch => crate::arch::wait_for_interrupt_unless(ready),
     }
 }
 

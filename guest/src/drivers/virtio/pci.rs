@@ -285,9 +285,14 @@ impl VirtioPci {
             return Err(VirtioError::NoVector);
         }
         let entry = self.next_msix_entry;
-        let vector = interrupts::alloc_vector().ok_or(VirtioError::NoVector)?;
+        let bdf = self.pci.bdf;
+        let owner = (u32::from(bdf.bus) << 24) | (u32::from(bdf.device) << 19) | (u32::from(bdf.function) << 16) | u32::from(entry);
+        let vector = interrupts::vector_for(owner).ok_or(VirtioError::NoVector)?;
         let (address, data) = interrupts::msi_message(vector);
         let base = msix.table + 16 * u64::from(entry);
+        // Mask while reprogramming: hypervisors (QEMU with irqfd routes) pick up a new
+        // message on the mask -> unmask transition.
+        phys::mmio_write32(base + 12, 1);
         phys::mmio_write32(base, address as u32);
         phys::mmio_write32(base + 4, (address >> 32) as u32);
         phys::mmio_write32(base + 8, data);

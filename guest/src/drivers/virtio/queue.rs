@@ -160,6 +160,11 @@ impl Queue {
         }
     }
 
+    /// Whether the device has returned chains not yet taken.
+    pub fn has_used(&self) -> bool {
+        phys::mmio_read16(self.used + 2) != self.last_used
+    }
+
     /// Takes one completed chain: `(head id, bytes written by the device)`.
     pub fn pop_used(&mut self) -> Result<Option<(u16, u32)>, BadUsedEntry> {
         let used_idx = phys::mmio_read16(self.used + 2);

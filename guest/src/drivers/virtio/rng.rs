@@ -38,7 +38,7 @@ fn run(bytes: u64, dev: usize, timeout_ms: u64) -> Result<Outcome, VirtioError> 
             if deadline.expired() {
                 return Err(VirtioError::Timeout("rng request"));
             }
-            idle(Mode::Irq);
+            idle(Mode::Irq, || queue.has_used());
         };
         received += u64::from(written).min(len);
     }
