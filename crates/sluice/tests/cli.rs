@@ -44,7 +44,11 @@ fn assert_one_clear_error(run: &Run, status: i32, mentions: &[&str]) {
     assert_eq!(error_lines.len(), 1, "want one error line\n{transcript}");
     let line = error_lines[0];
     if status == EXIT_VMM_ERROR {
-        assert_eq!(run.stderr_lines().len(), 1, "want nothing but the error line\n{transcript}");
+        assert_eq!(
+            run.stderr_lines().len(),
+            1,
+            "want nothing but the error line\n{transcript}"
+        );
         assert!(line.starts_with("sluice: error: "), "{transcript}");
     }
     assert_no_repeated_cause(line);
