@@ -180,3 +180,12 @@ fn unparsable_memory_size() {
     let run = run(&["--kernel", kernel.to_str().unwrap(), "--memory", "lots"]);
     assert_one_clear_error(&run, EXIT_USAGE, &["--memory", "lots"]);
 }
+
+#[test]
+fn serial_file_in_a_missing_directory() {
+    let kernel = build_guest("hello");
+    let console = scratch("no-such-dir").join("console.txt");
+    let serial = format!("file={}", console.display());
+    let run = run(&["--kernel", kernel.to_str().unwrap(), "--serial", &serial]);
+    assert_one_clear_error(&run, EXIT_VMM_ERROR, &["no-such-dir", "serial"]);
+}
