@@ -58,7 +58,8 @@ extern "C" fn rust_main(start_info: u32) -> ! {
     let status = workloads::run_all(&config);
     match status {
         Status::Pass => println!("GUEST-KIT PASS"),
-        other => println!("GUEST-KIT FAIL workload status {}", other as u8),
+        Status::Timeout => println!("GUEST-KIT FAIL timeout"),
+        _ => println!("GUEST-KIT FAIL workload failed"),
     }
     exit::exit(status)
 }

@@ -84,19 +84,18 @@ pub fn disable_interrupts() {
     unsafe { asm!("cli", options(nomem, nostack)) }
 }
 
-/// Halts until the next interrupt unless `ready()` (checked with interrupts off) says there is
-/// no need. `sti; hlt` is atomic (STI delays delivery by one instruction), so an event arriving
-/// after the check still wakes the HLT. Returns with interrupts enabled: under kvm_pvm the
-/// instruction emulator runs on past HLT in one batch, and a `cli` right after it would keep
-/// the interrupt from ever being delivered.
+/// Halts until the next interrupt unless `ready()` says there is no need. Interrupts stay
+/// enabled throughout. The classic `cli; check; sti; hlt` is not used on purpose: under
+/// kvm_pvm the emulated HLT in an STI shadow was seen to sleep through an already pending
+/// interrupt until the next timer tick. The remaining race (an interrupt between the check and
+/// HLT) costs at most one wake-up timer period.
 pub fn wait_for_interrupt_unless(ready: impl FnOnce() -> bool) {
-    disable_interrupts();
+    enable_interrupts();
     if ready() {
-        enable_interrupts();
         return;
     }
-    // SAFETY: as `enable_interrupts`; HLT resumes after any interrupt.
-    unsafe { asm!("sti", "hlt", options(nomem, nostack)) }
+    // SAFETY: HLT resumes after any interrupt; the wake-up timer bounds the sleep.
+    unsafe { asm!("hlt", options(nomem, nostack)) }
 }
 
 /// Hints the CPU that we are spinning.

@@ -13,12 +13,9 @@ use pci::VirtioError;
 
 /// Prints the failure and maps it to an outcome (timeouts end the run with status 4).
 pub fn report_error(workload: &str, error: &VirtioError) -> Outcome {
-    crate::say!("{}: device error {:?}", workload, error);
-    crate::println!(
-        "RESULT {{\"workload\":\"{}\",\"error\":\"{:?}\",\"pass\":false}}",
-        workload,
-        error
-    );
+    let text = alloc::format!("{:?}", error).replace('"', "'");
+    crate::say!("{}: device error {}", workload, text);
+    crate::println!("RESULT {{\"workload\":\"{}\",\"error\":\"{}\",\"pass\":false}}", workload, text);
     match error {
         VirtioError::Timeout(_) => Outcome::Timeout,
         _ => Outcome::Fail,
