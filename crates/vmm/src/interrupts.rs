@@ -1,12 +1,22 @@
-//! KVM implementations of the device interrupt traits in `sluice_bus::irq`.
+//! KVM implementations of the traits devices use to reach the guest and be reached without
+//! exits: irqfd pin lines, MSI (KVM_SIGNAL_MSI or GSI route + irqfd) and ioeventfd doorbells.
 
+use std::collections::BTreeMap;
 use std::io;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
-use kvm_bindings::kvm_msi;
-use kvm_ioctls::VmFd;
-use sluice_bus::irq::{IrqLine, MsiMessage, MsiSink};
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_irq_routing_msi, kvm_msi, KvmIrqRouting,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_IRQ_ROUTING_MSI,
+};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use sluice_bus::irq::{IrqLine, MsiMessage, MsiRoute, MsiRouter, MsiSink};
+use sluice_bus::IoEventRegistrar;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::layout;
 
 /// An IOAPIC/PIC pin driven through an irqfd: a trigger is one eventfd write, no ioctl.
 pub struct IrqfdLine {
@@ -51,5 +61,301 @@ impl MsiSink for KvmMsi {
             Ok(_) => Ok(()),
             Err(e) => Err(io::Error::from(e)),
         }
+    }
+}
+
+/// ioeventfd registration on the VM: guest writes to a doorbell become eventfd signals in the
+/// kernel, with no exit to sluice.
+pub struct KvmIoEvents {
+    vm: Arc<VmFd>,
+}
+
+impl KvmIoEvents {
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        Self { vm }
+    }
+}
+
+fn ioevent_result(r: Result<(), kvm_ioctls::Error>) -> io::Result<()> {
+    r.map_err(io::Error::from)
+}
+
+impl IoEventRegistrar for KvmIoEvents {
+    fn register(
+        &self,
+        event: &EventFd,
+        addr: u64,
+        len: u32,
+        datamatch: Option<u64>,
+    ) -> io::Result<()> {
+        let at = IoEventAddress::Mmio(addr);
+        ioevent_result(match (datamatch, len) {
+            (None, _) => self.vm.register_ioevent(event, &at, NoDatamatch),
+            (Some(v), 1) => self.vm.register_ioevent(event, &at, v as u8),
+            (Some(v), 2) => self.vm.register_ioevent(event, &at, v as u16),
+            (Some(v), 4) => self.vm.register_ioevent(event, &at, v as u32),
+            (Some(v), 8) => self.vm.register_ioevent(event, &at, v),
+            (Some(_), _) => return Err(io::Error::from(io::ErrorKind::InvalidInput)),
+        })
+    }
+
+    fn unregister(
+        &self,
+        event: &EventFd,
+        addr: u64,
+        len: u32,
+        datamatch: Option<u64>,
+    ) -> io::Result<()> {
+        let at = IoEventAddress::Mmio(addr);
+        ioevent_result(match (datamatch, len) {
+            (None, _) => self.vm.unregister_ioevent(event, &at, NoDatamatch),
+            (Some(v), 1) => self.vm.unregister_ioevent(event, &at, v as u8),
+            (Some(v), 2) => self.vm.unregister_ioevent(event, &at, v as u16),
+            (Some(v), 4) => self.vm.unregister_ioevent(event, &at, v as u32),
+            (Some(v), 8) => self.vm.unregister_ioevent(event, &at, v),
+            (Some(_), _) => return Err(io::Error::from(io::ErrorKind::InvalidInput)),
+        })
+    }
+}
+
+/// First GSI handed to MSI routes; 0..24 stay routed to the PIC/IOAPIC pins.
+const FIRST_MSI_GSI: u32 = layout::IOAPIC_PINS;
+
+/// Hands out MSI routes backed by irqfds on GSIs above the IOAPIC pins.
+pub struct KvmMsiRouter {
+    table: Arc<GsiTable>,
+}
+
+impl KvmMsiRouter {
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        Self {
+            table: Arc::new(GsiTable {
+                vm,
+                msi_routes: Mutex::new(BTreeMap::new()),
+                next_gsi: AtomicU32::new(FIRST_MSI_GSI),
+            }),
+        }
+    }
+}
+
+/// The VM's GSI routing table: KVM's default pin routes plus one MSI route per programmed vector.
+/// KVM_SET_GSI_ROUTING replaces the whole table, so every update rewrites all of it.
+struct GsiTable {
+    vm: Arc<VmFd>,
+    msi_routes: Mutex<BTreeMap<u32, MsiMessage>>,
+    next_gsi: AtomicU32,
+}
+
+impl GsiTable {
+    fn set_route(&self, gsi: u32, msg: MsiMessage) -> io::Result<()> {
+        let mut routes = self.msi_routes.lock().unwrap();
+        routes.insert(gsi, msg);
+        let mut entries = default_pin_routes();
+        entries.extend(routes.iter().map(|(gsi, msg)| msi_route_entry(*gsi, *msg)));
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| io::Error::other("too many GSI routes"))?;
+        self.vm.set_gsi_routing(&table).map_err(io::Error::from)
+    }
+}
+
+/// KVM's default routing with an in-kernel irqchip: GSI n → IOAPIC pin n, and GSIs 0..16 also to
+/// the PIC pins.
+fn default_pin_routes() -> Vec<kvm_irq_routing_entry> {
+    let mut entries = Vec::new();
+    for gsi in 0..layout::IOAPIC_PINS {
+        if gsi < 16 {
+            let (chip, pin) = if gsi < 8 {
+                (KVM_IRQCHIP_PIC_MASTER, gsi)
+            } else {
+                (KVM_IRQCHIP_PIC_SLAVE, gsi - 8)
+            };
+            entries.push(irqchip_route_entry(gsi, chip, pin));
+        }
+        entries.push(irqchip_route_entry(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+    }
+    entries
+}
+
+fn irqchip_route_entry(gsi: u32, irqchip: u32, pin: u32) -> kvm_irq_routing_entry {
+    let mut entry = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        ..Default::default()
+    };
+    entry.u.irqchip = kvm_irq_routing_irqchip { irqchip, pin };
+    entry
+}
+
+fn msi_route_entry(gsi: u32, msg: MsiMessage) -> kvm_irq_routing_entry {
+    let mut entry = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_MSI,
+        ..Default::default()
+    };
+    entry.u.msi = kvm_irq_routing_msi {
+        address_lo: msg.address as u32,
+        address_hi: (msg.address >> 32) as u32,
+        data: msg.data,
+        ..Default::default()
+    };
+    entry
+}
+
+impl MsiRouter for KvmMsiRouter {
+    fn allocate(&self) -> io::Result<Arc<dyn MsiRoute>> {
+        let gsi = self.table.next_gsi.fetch_add(1, Ordering::Relaxed);
+        let event = EventFd::new(libc::EFD_NONBLOCK)?;
+        self.table
+            .vm
+            .register_irqfd(&event, gsi)
+            .map_err(io::Error::from)?;
+        Ok(Arc::new(KvmMsiRoute {
+            table: self.table.clone(),
+            gsi,
+            event,
+        }))
+    }
+}
+
+/// One vector: a GSI whose MSI route follows the guest's MSI-X entry, injected through an irqfd.
+struct KvmMsiRoute {
+    table: Arc<GsiTable>,
+    gsi: u32,
+    event: EventFd,
+}
+
+impl MsiRoute for KvmMsiRoute {
+    fn update(&self, msg: MsiMessage) -> io::Result<()> {
+        self.table.set_route(self.gsi, msg)
+    }
+
+    fn trigger(&self) -> io::Result<()> {
+        self.event.write(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vcpu::{ExitDispatch, ExitStats, RunControl, VcpuThread, VmOutcome};
+    use kvm_bindings::kvm_userspace_memory_region;
+    use kvm_ioctls::Kvm;
+    use sluice_bus::Bus;
+    use sluice_devices::{ExitSink, GuestExit};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+    struct ExitPort(Arc<RunControl>);
+
+    impl sluice_bus::BusDevice for ExitPort {
+        fn read(&mut self, _: u64, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write(&mut self, _: u64, _: u64, data: &[u8]) {
+            self.0.request_exit(GuestExit::DebugExit(data[0]));
+        }
+    }
+
+    fn vm_with_low_ram(kvm: &Kvm, code: &[u8]) -> (Arc<VmFd>, GuestMemoryMmap) {
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let region = mem.iter().next().unwrap();
+        // SAFETY: the mapping lives in `mem`, returned to the caller and kept for the VM's life.
+        unsafe {
+            vm.set_user_memory_region(kvm_userspace_memory_region {
+                slot: 0,
+                flags: 0,
+                guest_phys_addr: 0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            })
+            .unwrap()
+        };
+        mem.write_slice(code, GuestAddress(0x1000)).unwrap();
+        (vm, mem)
+    }
+
+    #[test]
+    fn ioeventfd_doorbell_signals_without_a_userspace_exit() {
+        let Ok(kvm) = Kvm::new() else {
+            println!("SKIP ioeventfd test: /dev/kvm unusable");
+            return;
+        };
+        // mov ax, 0xb000; mov ds, ax; mov word [0], 1; mov al, 0; out 0xf4, al
+        let code = [
+            0xb8, 0x00, 0xb0, 0x8e, 0xd8, 0xc7, 0x06, 0x00, 0x00, 0x01, 0x00, 0xb0, 0x00, 0xe6,
+            0xf4,
+        ];
+        let (vm, _mem) = vm_with_low_ram(&kvm, &code);
+        let doorbell = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        KvmIoEvents::new(vm.clone())
+            .register(&doorbell, 0xb0000, 2, None)
+            .unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rip = 0x1000;
+        regs.rflags = 2;
+        vcpu.set_regs(&regs).unwrap();
+        let dispatch = ExitDispatch {
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+            control: Arc::new(RunControl::default()),
+            stats: Arc::new(ExitStats::default()),
+        };
+        let port = ExitPort(dispatch.control.clone());
+        dispatch
+            .pio
+            .insert("exit", Arc::new(std::sync::Mutex::new(port)), 0xf4, 1)
+            .unwrap();
+
+        let thread = VcpuThread::spawn(0, vcpu, dispatch.clone()).unwrap();
+        let outcome = dispatch.control.wait();
+        thread.stop();
+
+        assert_eq!(outcome, VmOutcome::DebugExit(0));
+        assert_eq!(
+            doorbell.read().unwrap(),
+            1,
+            "the doorbell write reached the eventfd"
+        );
+        assert_eq!(
+            dispatch.stats.mmio.load(Ordering::Relaxed),
+            0,
+            "no MMIO exit"
+        );
+    }
+
+    #[test]
+    fn msi_routes_coexist_with_default_pin_routes() {
+        let Ok(kvm) = Kvm::new() else {
+            println!("SKIP msi route test: /dev/kvm unusable");
+            return;
+        };
+        let (vm, _mem) = vm_with_low_ram(&kvm, &[0xf4]);
+        let router = KvmMsiRouter::new(vm.clone());
+
+        let a = router.allocate().unwrap();
+        let b = router.allocate().unwrap();
+        a.update(MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x41,
+        })
+        .unwrap();
+        b.update(MsiMessage {
+            address: 0xfee0_1000,
+            data: 0x42,
+        })
+        .unwrap();
+        a.trigger().unwrap();
+
+        let table = router.table.msi_routes.lock().unwrap();
+        assert_eq!(table.len(), 2);
+        assert_eq!(table.keys().copied().collect::<Vec<_>>(), vec![24, 25]);
+        // A pin line still works after the table was replaced.
+        IrqfdLine::new(&vm, 4).unwrap().trigger().unwrap();
     }
 }
