@@ -19,7 +19,7 @@ pub use report::{
     AcpiLine, ExitKind, GuestKitReport, Latency, MalformedLine, PciBar, PciLine, Verdict,
     WorkloadResult,
 };
-pub use run::{Accel, Device, GuestKitRun, Machine, Vmm};
+pub use run::{Accel, Device, Firmware, GuestKitRun, Machine, Vmm};
 
 /// The guest kit ELF (PVH entry), built from `<repo>/guest` by this crate's build script.
 pub static GUEST_KIT_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sluice-guest.elf"));

@@ -93,25 +93,48 @@ fn info_pc(accel: Accel, test: &str) {
     info_on(accel, Machine::Pc, test);
 }
 
-tcg_and_kvm!(
-    info_q35_passes_with_acpi_and_pci,
-    info_q35,
-    ignore = "waiting for guest workload info"
-);
-tcg_and_kvm!(
-    info_pc_passes_with_acpi_and_pci,
-    info_pc,
-    ignore = "waiting for guest workload info"
-);
+tcg_and_kvm!(info_q35_passes_with_acpi_and_pci, info_q35);
+tcg_and_kvm!(info_pc_passes_with_acpi_and_pci, info_pc);
 
 // ---- blk --------------------------------------------------------------------------------------
 
 const IMAGE_BYTES: u64 = 2 << 20;
+const SPAN_BYTES: u64 = 1 << 20;
+const BLOCK_BYTES: u64 = 4096;
+const SEED: u64 = 7;
+
+/// The guest's SplitMix64 (guest/src/drivers/virtio/mod.rs).
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The 64-bit little-endian word `op=verify` writes at byte `position` of the disk
+/// (guest/src/drivers/virtio/blk.rs: word `i` of the block at `offset` is
+/// `splitmix64(seed ^ (offset / 8 + i) * 0x2545_f491_4f6c_dd1d)`).
+fn verify_pattern_word(seed: u64, position: u64) -> u64 {
+    splitmix64(seed ^ (position / 8).wrapping_mul(0x2545_f491_4f6c_dd1d))
+}
+
+/// Checks on the host that block `lba_block` of the image holds the guest's verify pattern.
+fn assert_block_has_pattern(image: &TempImage, block: u64) {
+    let offset = block * BLOCK_BYTES;
+    let bytes = image.read_at(offset, BLOCK_BYTES as usize);
+    for (index, word) in bytes.chunks_exact(8).enumerate() {
+        let position = offset + 8 * index as u64;
+        let expected = verify_pattern_word(SEED, position);
+        let found = u64::from_le_bytes(word.try_into().expect("8-byte chunk"));
+        assert_eq!(found, expected, "image word at byte {position:#x}");
+    }
+}
 
 fn blk_verify(accel: Accel, queues: u16, mode: &str) {
     let image = TempImage::new("verify", IMAGE_BYTES);
     let cmdline = format!(
-        "quiet w=blk:op=verify:bs=4096:qd=4:queues={queues}:ops=64:span_mb=1:mode={mode}:seed=7"
+        "quiet w=blk:op=verify:bs={BLOCK_BYTES}:qd=4:queues={queues}:span_mb={}:mode={mode}:seed={SEED}",
+        SPAN_BYTES >> 20
     );
     let run = qemu(accel, Machine::Q35, &cmdline).with_device(Device::VirtioBlk {
         image: image.path.clone(),
@@ -128,9 +151,31 @@ fn blk_verify(accel: Accel, queues: u16, mode: &str) {
         .unwrap_or_else(|| panic!("no blk RESULT: {}", report.describe()));
     assert_eq!(blk.verify.as_deref(), Some("ok"), "{}", report.describe());
     assert_eq!(blk.errors, Some(0), "{}", report.describe());
+    assert_eq!(
+        blk.raw["queues"],
+        queues,
+        "queues used: {}",
+        report.describe()
+    );
+    assert_eq!(blk.raw["mode"], mode, "{}", report.describe());
+    if mode == "irq" {
+        let interrupts = blk.raw["interrupts"].as_u64().unwrap_or(0);
+        assert!(
+            interrupts > 0,
+            "irq mode took no interrupts: {}",
+            report.describe()
+        );
+    }
+    let last_block = SPAN_BYTES / BLOCK_BYTES - 1;
+    for block in [0, 17, last_block] {
+        assert_block_has_pattern(&image, block);
+    }
     assert!(
-        image.read_at(0, 1 << 20).iter().any(|b| *b != 0),
-        "the guest's writes did not reach the image"
+        image
+            .read_at(SPAN_BYTES, BLOCK_BYTES as usize)
+            .iter()
+            .all(|b| *b == 0),
+        "the guest wrote beyond span_mb"
     );
 }
 
@@ -147,26 +192,10 @@ fn blk_verify_2q_poll(accel: Accel, _test: &str) {
     blk_verify(accel, 2, "poll");
 }
 
-tcg_and_kvm!(
-    blk_verify_one_queue_irq,
-    blk_verify_1q_irq,
-    ignore = "waiting for guest driver virtio-blk"
-);
-tcg_and_kvm!(
-    blk_verify_two_queues_irq,
-    blk_verify_2q_irq,
-    ignore = "waiting for guest driver virtio-blk"
-);
-tcg_and_kvm!(
-    blk_verify_one_queue_poll,
-    blk_verify_1q_poll,
-    ignore = "waiting for guest driver virtio-blk"
-);
-tcg_and_kvm!(
-    blk_verify_two_queues_poll,
-    blk_verify_2q_poll,
-    ignore = "waiting for guest driver virtio-blk"
-);
+tcg_and_kvm!(blk_verify_one_queue_irq, blk_verify_1q_irq);
+tcg_and_kvm!(blk_verify_two_queues_irq, blk_verify_2q_irq);
+tcg_and_kvm!(blk_verify_one_queue_poll, blk_verify_1q_poll);
+tcg_and_kvm!(blk_verify_two_queues_poll, blk_verify_2q_poll);
 
 // ---- rng --------------------------------------------------------------------------------------
 
@@ -183,11 +212,7 @@ fn rng(accel: Accel, _test: &str) {
     assert_eq!(rng.bytes, Some(4096), "{}", report.describe());
 }
 
-tcg_and_kvm!(
-    rng_reads_entropy,
-    rng,
-    ignore = "waiting for guest driver virtio-rng"
-);
+tcg_and_kvm!(rng_reads_entropy, rng);
 
 // ---- net --------------------------------------------------------------------------------------
 
@@ -233,7 +258,7 @@ tcg_and_kvm!(
 fn blk_without_device(accel: Accel, _test: &str) {
     let started = Instant::now();
 
-    let report = qemu(accel, Machine::Q35, "w=blk:op=read:ops=8:timeout_ms=1000")
+    let report = qemu(accel, Machine::Q35, "w=blk:op=read:ops=8 timeout_ms=1000")
         .run()
         .expect("run QEMU");
 
@@ -254,8 +279,7 @@ fn blk_without_device(accel: Accel, _test: &str) {
 
 tcg_and_kvm!(
     blk_workload_without_device_fails_cleanly,
-    blk_without_device,
-    ignore = "waiting for guest driver virtio-blk"
+    blk_without_device
 );
 
 /// An unknown workload is a bad command line: exit 5 and a FAIL line, before touching devices.
@@ -273,8 +297,4 @@ fn unknown_workload(accel: Accel, _test: &str) {
     );
 }
 
-tcg_and_kvm!(
-    unknown_workload_is_a_bad_command_line,
-    unknown_workload,
-    ignore = "waiting for guest command-line parser"
-);
+tcg_and_kvm!(unknown_workload_is_a_bad_command_line, unknown_workload);

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use sluice_guest_kit::{ExitKind, GuestKitRun, Verdict, Vmm};
+use sluice_guest_kit::{ExitKind, Firmware, GuestKitRun, Verdict, Vmm};
 
 /// A stand-in VMM script in a unique temp file, removed on drop.
 struct FakeVmm(PathBuf);
@@ -33,6 +33,7 @@ impl FakeVmm {
             cpus: 1,
             devices: Vec::new(),
             timeout,
+            firmware: Firmware::SeaBios,
         }
     }
 }
