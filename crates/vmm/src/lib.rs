@@ -1,5 +1,6 @@
 pub mod acpi;
 pub mod boot;
+pub mod config;
 pub mod interrupts;
 pub mod layout;
 pub mod machine;

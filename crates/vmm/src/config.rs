@@ -1,0 +1,228 @@
+//! Device configuration as the user states it (`--disk`, `--net`, `--rng`), independent of the
+//! device models' own config types.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use sluice_virtio::NotifyPolicy;
+
+/// A virtio-blk disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// O_DIRECT instead of the host page cache.
+    pub direct: bool,
+    pub queues: u16,
+    pub queue_size: u16,
+    pub serial: Option<String>,
+    pub notify: NotifyPolicy,
+}
+
+/// A virtio-net device on a tap.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetSpec {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+    /// Queue pairs.
+    pub queues: u16,
+    pub notify: NotifyPolicy,
+}
+
+/// Parses `key=value,key=value` into pairs; values may not contain commas.
+fn pairs(s: &str) -> Result<Vec<(&str, &str)>, String> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.split_once('=')
+                .ok_or_else(|| format!("`{p}` is not key=value"))
+        })
+        .collect()
+}
+
+fn on_off(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err(format!("{key}={v}: expected on or off")),
+    }
+}
+
+fn number<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, String> {
+    v.parse()
+        .map_err(|_| format!("{key}={v}: expected a number"))
+}
+
+/// `irq`, `poll[:MICROS]`, `batch[:N[:MICROS]]`.
+pub fn parse_notify(v: &str) -> Result<NotifyPolicy, String> {
+    let mut parts = v.split(':');
+    let kind = parts.next().unwrap_or("");
+    let mut arg = |default: u64| -> Result<u64, String> {
+        parts.next().map_or(Ok(default), |p| number("notify", p))
+    };
+    let policy = match kind {
+        "irq" => NotifyPolicy::Interrupt,
+        "poll" => NotifyPolicy::Poll {
+            budget: Duration::from_micros(arg(50)?),
+        },
+        "batch" => NotifyPolicy::Batch {
+            max_requests: u32::try_from(arg(16)?).map_err(|_| "notify batch size too large")?,
+            max_delay: Duration::from_micros(arg(50)?),
+        },
+        _ => {
+            return Err(format!(
+                "notify={v}: expected irq, poll[:us] or batch[:n[:us]]"
+            ))
+        }
+    };
+    if parts.next().is_some() {
+        return Err(format!("notify={v}: too many fields"));
+    }
+    Ok(policy)
+}
+
+fn queue_count(key: &str, v: &str) -> Result<u16, String> {
+    match number::<u16>(key, v)? {
+        n @ 1..=64 => Ok(n),
+        _ => Err(format!("{key}={v}: expected 1..=64")),
+    }
+}
+
+fn queue_size(v: &str) -> Result<u16, String> {
+    match number::<u16>("queue_size", v)? {
+        n if n.is_power_of_two() && n <= 32768 => Ok(n),
+        _ => Err(format!(
+            "queue_size={v}: expected a power of two up to 32768"
+        )),
+    }
+}
+
+impl DiskSpec {
+    /// `path=FILE[,readonly=on][,direct=on][,queues=N][,queue_size=N][,serial=S][,notify=..]`
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut disk = DiskSpec {
+            path: PathBuf::new(),
+            read_only: false,
+            direct: false,
+            queues: 1,
+            queue_size: 256,
+            serial: None,
+            notify: NotifyPolicy::Interrupt,
+        };
+        for (k, v) in pairs(s)? {
+            match k {
+                "path" => disk.path = PathBuf::from(v),
+                "readonly" => disk.read_only = on_off(k, v)?,
+                "direct" => disk.direct = on_off(k, v)?,
+                "queues" => disk.queues = queue_count(k, v)?,
+                "queue_size" => disk.queue_size = queue_size(v)?,
+                "serial" if v.len() <= 20 => disk.serial = Some(v.to_string()),
+                "serial" => return Err("serial: at most 20 bytes".into()),
+                "notify" => disk.notify = parse_notify(v)?,
+                _ => return Err(format!("--disk: unknown key `{k}`")),
+            }
+        }
+        if disk.path.as_os_str().is_empty() {
+            return Err("--disk needs path=FILE".into());
+        }
+        Ok(disk)
+    }
+}
+
+fn parse_mac(v: &str) -> Result<[u8; 6], String> {
+    let bytes: Vec<u8> = v
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("mac={v}: expected xx:xx:xx:xx:xx:xx"))?;
+    let mac: [u8; 6] = bytes
+        .try_into()
+        .map_err(|_| format!("mac={v}: expected six bytes"))?;
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "mac={v}: a multicast address cannot be a NIC's address"
+        ));
+    }
+    Ok(mac)
+}
+
+impl NetSpec {
+    /// `tap=NAME[,mac=xx:..][,queues=N][,notify=..]`
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut net = NetSpec {
+            tap: String::new(),
+            mac: None,
+            queues: 1,
+            notify: NotifyPolicy::Interrupt,
+        };
+        for (k, v) in pairs(s)? {
+            match k {
+                "tap" if !v.is_empty() && v.len() < 16 => net.tap = v.to_string(),
+                "tap" => return Err(format!("tap={v}: interface names are 1..=15 bytes")),
+                "mac" => net.mac = Some(parse_mac(v)?),
+                "queues" => net.queues = queue_count(k, v)?,
+                "notify" => net.notify = parse_notify(v)?,
+                _ => return Err(format!("--net: unknown key `{k}`")),
+            }
+        }
+        if net.tap.is_empty() {
+            return Err("--net needs tap=NAME".into());
+        }
+        Ok(net)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_disk_spec() {
+        let disk = DiskSpec::parse(
+            "path=/tmp/d.img,readonly=on,direct=on,queues=4,queue_size=128,serial=abc,notify=batch:8:100",
+        )
+        .unwrap();
+
+        assert_eq!(disk.path, PathBuf::from("/tmp/d.img"));
+        assert!(disk.read_only && disk.direct);
+        assert_eq!((disk.queues, disk.queue_size), (4, 128));
+        assert_eq!(disk.serial.as_deref(), Some("abc"));
+        assert_eq!(
+            disk.notify,
+            NotifyPolicy::Batch {
+                max_requests: 8,
+                max_delay: Duration::from_micros(100)
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_bad_disk_specs() {
+        for bad in [
+            "readonly=on",
+            "path=x,queues=0",
+            "path=x,queue_size=100",
+            "path=x,color=red",
+            "path=x,notify=sometimes",
+            "path=x,serial=123456789012345678901",
+            "path",
+        ] {
+            assert!(DiskSpec::parse(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn parses_net_and_notify_defaults() {
+        let net = NetSpec::parse("tap=tap0,mac=52:54:00:12:34:56,queues=2,notify=poll").unwrap();
+
+        assert_eq!(net.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        assert_eq!(
+            net.notify,
+            NotifyPolicy::Poll {
+                budget: Duration::from_micros(50)
+            }
+        );
+        assert!(NetSpec::parse("tap=tap0,mac=01:00:00:00:00:01").is_err());
+        assert!(NetSpec::parse("tap=averyveryverylongname").is_err());
+    }
+}
