@@ -179,7 +179,6 @@ impl GuestKitRun {
 
     /// Arguments for qemu-system-x86_64: no default devices, console on stdio, the contract's
     /// exit port, and no reboot (a triple fault ends the run instead of looping).
-
     pub fn qemu_args(&self, accel: Accel, machine: Machine, kernel: &Path) -> Vec<String> {
         // Under KVM: `host` minus arch-capabilities, because kvm_pvm refuses MSR 0x10a and
         // QEMU 7.2 aborts on that (as it does with `max`).
