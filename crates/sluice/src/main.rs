@@ -83,10 +83,26 @@ fn main() -> ExitCode {
     match result {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
-            eprintln!("sluice: error: {e:#}");
+            eprintln!("sluice: error: {}", error_line(&e));
             ExitCode::from(EXIT_VMM_ERROR)
         }
     }
+}
+
+/// One line: the error and each cause not already quoted in the text before it (error types
+/// that embed their source in the message would otherwise repeat it).
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 fn init_logging(filter: &str) {
