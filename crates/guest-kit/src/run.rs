@@ -86,6 +86,13 @@ pub enum Device {
         queues: u16,
         read_only: bool,
     },
+    /// virtio-blk-pci whose every read fails with EIO (QEMU blkdebug over a null disk of
+    /// `size_bytes`): the guest must fail the workload cleanly.
+    VirtioBlkReadErrors { size_bytes: u64 },
+    /// virtio-blk-pci that completes each request only after `latency` (QEMU null-co disk): with
+    /// a latency above the guest's `timeout_ms` it stands in for a device that never answers.
+    /// Keep it a few seconds at most: QEMU drains in-flight requests on device reset and exit.
+    VirtioBlkSlow { size_bytes: u64, latency: Duration },
     /// virtio-rng-pci fed by the host's /dev/urandom.
     VirtioRng,
     /// virtio-net-pci whose frames travel as UDP datagrams on 127.0.0.1: QEMU sends each frame
@@ -247,6 +254,35 @@ fn qemu_device_args(index: usize, device: &Device) -> Vec<String> {
                 format!("virtio-blk-pci,drive=blk{index},num-queues={queues}"),
             ]
         }
+        Device::VirtioBlkReadErrors { size_bytes } => {
+            let blockdev = serde_json::json!({
+                "driver": "raw",
+                "node-name": format!("blk{index}"),
+                "file": {
+                    "driver": "blkdebug",
+                    "inject-error": [{ "event": "read_aio", "errno": libc::EIO }],
+                    "image": { "driver": "null-co", "size": size_bytes },
+                },
+            });
+            vec![
+                "-blockdev".into(),
+                blockdev.to_string(),
+                "-device".into(),
+                format!("virtio-blk-pci,drive=blk{index}"),
+            ]
+        }
+        Device::VirtioBlkSlow {
+            size_bytes,
+            latency,
+        } => vec![
+            "-blockdev".into(),
+            format!(
+                "driver=null-co,node-name=blk{index},size={size_bytes},latency-ns={}",
+                latency.as_nanos()
+            ),
+            "-device".into(),
+            format!("virtio-blk-pci,drive=blk{index}"),
+        ],
         Device::VirtioRng => vec![
             "-object".into(),
             format!("rng-random,id=rng{index},filename=/dev/urandom"),

@@ -282,6 +282,69 @@ tcg_and_kvm!(
     blk_without_device
 );
 
+/// A disk whose every read fails: the guest counts the errors and fails the workload (exit 1).
+fn blk_read_errors(accel: Accel, _test: &str) {
+    let run =
+        qemu(accel, Machine::Q35, "w=blk:op=read:ops=8").with_device(Device::VirtioBlkReadErrors {
+            size_bytes: IMAGE_BYTES,
+        });
+
+    let report = run.run().expect("run QEMU");
+
+    assert_eq!(
+        report.exit,
+        ExitKind::WorkloadFailed,
+        "{}",
+        report.describe()
+    );
+    assert!(
+        matches!(report.verdict, Some(Verdict::Fail(_))),
+        "{}",
+        report.describe()
+    );
+    let blk = report
+        .results_for("blk")
+        .next()
+        .unwrap_or_else(|| panic!("no blk RESULT: {}", report.describe()));
+    assert!(!blk.pass);
+    assert_eq!(
+        blk.errors,
+        Some(8),
+        "every read must count: {}",
+        report.describe()
+    );
+}
+
+tcg_and_kvm!(blk_read_errors_fail_the_workload, blk_read_errors);
+
+/// A disk that answers far later than the guest's `timeout_ms`: the guest gives up on its own
+/// (exit 4, a FAIL line) and the host never has to kill it.
+fn blk_no_answer(accel: Accel, _test: &str) {
+    let run = qemu(accel, Machine::Q35, "w=blk:op=read:ops=4 timeout_ms=300").with_device(
+        Device::VirtioBlkSlow {
+            size_bytes: IMAGE_BYTES,
+            latency: Duration::from_secs(2),
+        },
+    );
+
+    let report = run.run().expect("run QEMU");
+
+    assert!(!report.host_timed_out, "guest hung: {}", report.describe());
+    assert_eq!(report.exit, ExitKind::Timeout, "{}", report.describe());
+    assert!(
+        matches!(report.verdict, Some(Verdict::Fail(_))),
+        "{}",
+        report.describe()
+    );
+    assert!(
+        report.results_for("blk").all(|r| !r.pass),
+        "{}",
+        report.describe()
+    );
+}
+
+tcg_and_kvm!(blk_device_that_does_not_answer_times_out, blk_no_answer);
+
 /// An unknown workload is a bad command line: exit 5 and a FAIL line, before touching devices.
 fn unknown_workload(accel: Accel, _test: &str) {
     let report = qemu(accel, Machine::Q35, "w=teleport:speed=9")
