@@ -345,6 +345,84 @@ fn blk_no_answer(accel: Accel, _test: &str) {
 
 tcg_and_kvm!(blk_device_that_does_not_answer_times_out, blk_no_answer);
 
+/// A guest told to wait ten minutes for a disk that never answers: the runner's hard timeout
+/// must kill QEMU and say so, rather than hang the test.
+fn hung_guest(accel: Accel, _test: &str) {
+    let hard_timeout = Duration::from_secs(8);
+    let run = qemu(accel, Machine::Q35, "w=blk:op=read:ops=1 timeout_ms=600000")
+        .with_device(Device::VirtioBlkSlow {
+            size_bytes: IMAGE_BYTES,
+            latency: Duration::from_secs(3600),
+        })
+        .with_timeout(hard_timeout);
+    let started = Instant::now();
+
+    let report = run.run().expect("run QEMU");
+
+    assert!(started.elapsed() < hard_timeout + Duration::from_secs(3));
+    assert!(report.host_timed_out, "{}", report.describe());
+    assert_eq!(report.exit, ExitKind::Timeout);
+    assert_eq!(report.verdict, None, "{}", report.describe());
+}
+
+tcg_and_kvm!(hung_guest_is_killed_at_the_hard_timeout, hung_guest);
+
+/// Writes the guest's verify pattern for `SEED` over the first `SPAN_BYTES` of `image`.
+fn prefill_verify_pattern(image: &TempImage) {
+    let bytes: Vec<u8> = (0..SPAN_BYTES / 8)
+        .flat_map(|word| verify_pattern_word(SEED, word * 8).to_le_bytes())
+        .collect();
+    image.write_at(0, &bytes);
+}
+
+/// A read-only check of data the host prepared: the guest must accept the intact pattern and
+/// report `verify=fail` once the host flips one word. The guest kit has no read-only verify
+/// yet (`op=verify` always writes the span first, and refuses read-only disks), so this runs
+/// the proposed `op=check` (read the span, compare with the verify pattern, write nothing).
+fn blk_corrupted_read(accel: Accel, _test: &str) {
+    let image = TempImage::new("corrupt", IMAGE_BYTES);
+    prefill_verify_pattern(&image);
+    let cmdline = format!(
+        "quiet w=blk:op=check:bs={BLOCK_BYTES}:qd=4:span_mb={}:seed={SEED}",
+        SPAN_BYTES >> 20
+    );
+    let run = qemu(accel, Machine::Q35, &cmdline).with_device(Device::VirtioBlk {
+        image: image.path.clone(),
+        queues: 1,
+        read_only: true,
+    });
+    let intact = run.run().expect("run QEMU");
+    assert_passed(&intact);
+
+    image.write_at(5 * BLOCK_BYTES + 64, &[0xa5; 8]);
+    let corrupted = run.run().expect("run QEMU");
+
+    assert_eq!(
+        corrupted.exit,
+        ExitKind::WorkloadFailed,
+        "{}",
+        corrupted.describe()
+    );
+    let blk = corrupted
+        .results_for("blk")
+        .next()
+        .unwrap_or_else(|| panic!("no blk RESULT: {}", corrupted.describe()));
+    assert_eq!(
+        blk.verify.as_deref(),
+        Some("fail"),
+        "{}",
+        corrupted.describe()
+    );
+    assert!(!blk.pass);
+}
+
+tcg_and_kvm!(
+    blk_corrupted_read_is_detected,
+    blk_corrupted_read,
+    ignore =
+        "waiting for guest blk read-only verify (proposed op=check; op=verify always writes first)"
+);
+
 /// An unknown workload is a bad command line: exit 5 and a FAIL line, before touching devices.
 fn unknown_workload(accel: Accel, _test: &str) {
     let report = qemu(accel, Machine::Q35, "w=teleport:speed=9")
