@@ -8,7 +8,7 @@ use std::net::UdpSocket;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -97,11 +97,12 @@ pub fn free_udp_port() -> u16 {
     socket.local_addr().expect("probe address").port()
 }
 
-/// Echoes every datagram back to its sender (QEMU's `-netdev socket,udp=` endpoint) and counts
-/// them.
+/// Echoes every datagram back to its sender (QEMU's `-netdev socket,udp=` endpoint), counts
+/// them and keeps the first one.
 pub struct EchoPeer {
     pub port: u16,
     pub echoed: Arc<AtomicU64>,
+    pub first_frame: Arc<Mutex<Option<Vec<u8>>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -115,14 +116,19 @@ impl EchoPeer {
         let port = socket.local_addr().expect("echo address").port();
         let echoed = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let first_frame = Arc::new(Mutex::new(None));
         let thread = {
             let (echoed, stop) = (Arc::clone(&echoed), Arc::clone(&stop));
+            let first = Arc::clone(&first_frame);
             thread::spawn(move || {
                 let mut buffer = vec![0u8; 65536];
                 while !stop.load(Ordering::Relaxed) {
                     let Ok((len, from)) = socket.recv_from(&mut buffer) else {
                         continue;
                     };
+                    if let Ok(mut first) = first.lock() {
+                        first.get_or_insert_with(|| buffer[..len].to_vec());
+                    }
                     if socket.send_to(&buffer[..len], from).is_ok() {
                         echoed.fetch_add(1, Ordering::Relaxed);
                     }
@@ -132,6 +138,7 @@ impl EchoPeer {
         EchoPeer {
             port,
             echoed,
+            first_frame,
             stop,
             thread: Some(thread),
         }
