@@ -16,9 +16,11 @@
 
 pub mod device;
 pub mod metrics;
+pub mod worker;
 
 pub use device::{
     ActivateError, NotifyPolicy, QueueBinding, QueueContext, QueueError, QueueHandler,
     VirtioDevice, VirtioInterrupt, DEVICE_TYPE_BLOCK, DEVICE_TYPE_NET, DEVICE_TYPE_RNG,
 };
 pub use metrics::{DeviceMetrics, LatencyHistogram, QueueMetrics};
+pub use worker::QueueWorker;

@@ -1,0 +1,550 @@
+//! [`QueueWorker`]: one virtqueue served by one thread.
+//!
+//! The thread sleeps in epoll on three (or four) file descriptors: the queue's kick eventfd (an
+//! ioeventfd in the VMM, the kick fd in vhost-user), the handler's optional completion fd (an
+//! io_uring eventfd, a tap fd), a stop eventfd, and — for [`NotifyPolicy::Batch`] — a timerfd
+//! for the coalescing deadline (a timerfd rather than an epoll timeout because epoll timeouts
+//! have millisecond granularity and useful batching delays are tens of microseconds).
+//!
+//! Per policy:
+//! * `Interrupt`: driver notifications are suppressed while the worker drains the ring and
+//!   re-enabled before it sleeps; `enable_notification` re-reads the avail index after
+//!   re-enabling, so a request published in between is processed rather than lost. After each
+//!   pass that added used entries, `needs_notification` (EVENT_IDX aware) decides whether the
+//!   guest gets an interrupt or the notification is counted as suppressed.
+//! * `Poll { budget }`: after a kick the worker keeps notifications off and spins on the avail
+//!   index until `budget` passes without a new request, then re-enables them and sleeps.
+//! * `Batch { max_requests, max_delay }`: completions accumulate until `max_requests` of them
+//!   are unsignalled or `max_delay` passed since the first one; then one interrupt goes out.
+//!   Each deferred signal counts as a suppressed notification.
+//!
+//! A handler error, an error from the ring itself, or a ring that does not fit the DMA space
+//! marks the device DEVICE_NEEDS_RESET through [`VirtioInterrupt::needs_reset`] (once); the
+//! thread then ignores the queue until [`QueueWorker::stop`], which hands the [`Queue`] back so
+//! its indices can be reported (reset, vhost-user GET_VRING_BASE).
+//!
+//! Written here rather than taken from `vhost-user-backend`'s epoll handler because that one is
+//! tied to the vhost-user frontend protocol and has no notion of notification policies.
+
+use std::io;
+use std::num::Wrapping;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use sluice_dma::DmaSpace;
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::device::{
+    NotifyPolicy, QueueBinding, QueueContext, QueueError, QueueHandler, VirtioInterrupt,
+};
+use crate::metrics::{DeviceMetrics, QueueMetrics};
+
+/// epoll tokens.
+const TOKEN_STOP: u64 = 0;
+const TOKEN_KICK: u64 = 1;
+const TOKEN_COMPLETION: u64 = 2;
+const TOKEN_TIMER: u64 = 3;
+/// Events handled per epoll wakeup.
+const EVENTS_PER_WAIT: usize = 8;
+/// Spin iterations between two non-blocking epoll checks (completions, stop) while polling.
+const POLL_EPOLL_INTERVAL: u32 = 64;
+
+/// A running queue; dropping it stops the thread too.
+pub struct QueueWorker {
+    stop_event: EventFd,
+    stop_flag: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Queue>>,
+    /// Where the queue started, to hand back something sane if the thread panicked.
+    initial: virtio_queue::QueueState,
+    name: String,
+}
+
+impl std::fmt::Debug for QueueWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueWorker")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QueueWorker {
+    /// Starts a thread named `name` serving `binding.queue` with `handler`.
+    ///
+    /// `event_idx` says whether VIRTIO_RING_F_EVENT_IDX was negotiated.
+    pub fn spawn(
+        name: String,
+        binding: QueueBinding,
+        mem: DmaSpace,
+        handler: Box<dyn QueueHandler>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        metrics: Arc<DeviceMetrics>,
+        event_idx: bool,
+    ) -> io::Result<QueueWorker> {
+        let stop_event = EventFd::new(EFD_NONBLOCK)?;
+        let stop_flag = Arc::new(AtomicBool::new(false));
+        let initial = binding.queue.state();
+        let worker = Worker::new(
+            name.clone(),
+            binding,
+            mem,
+            handler,
+            interrupt,
+            metrics,
+            event_idx,
+            stop_event.try_clone()?,
+            stop_flag.clone(),
+        )?;
+        let thread = thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || worker.run())?;
+        Ok(QueueWorker {
+            stop_event,
+            stop_flag,
+            thread: Some(thread),
+            initial,
+            name,
+        })
+    }
+
+    /// Stops the thread, waits for it and returns the queue with its current indices.
+    pub fn stop(mut self) -> Queue {
+        self.stop_and_join()
+            .unwrap_or_else(|| Queue::try_from(self.initial).unwrap_or_default())
+    }
+
+    fn stop_and_join(&mut self) -> Option<Queue> {
+        let thread = self.thread.take()?;
+        self.stop_flag.store(true, Ordering::Release);
+        if let Err(e) = self.stop_event.write(1) {
+            // The flag alone still stops a polling thread; a sleeping one needs the event.
+            tracing::error!("{}: cannot signal the queue worker to stop: {e}", self.name);
+        }
+        match thread.join() {
+            Ok(queue) => Some(queue),
+            Err(_) => {
+                tracing::error!("{}: queue worker panicked", self.name);
+                None
+            }
+        }
+    }
+}
+
+impl Drop for QueueWorker {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// What the event loop does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// Completions not yet signalled under [`NotifyPolicy::Batch`].
+#[derive(Debug, Default)]
+struct Batch {
+    unsignalled: u32,
+    first: Option<Instant>,
+}
+
+/// The state owned by the worker thread.
+struct Worker {
+    name: String,
+    index: u16,
+    queue: Queue,
+    mem: DmaSpace,
+    handler: Box<dyn QueueHandler>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    metrics: Arc<DeviceMetrics>,
+    /// Counters used when `metrics` has no entry for this queue (a device model bug).
+    fallback_metrics: QueueMetrics,
+    policy: NotifyPolicy,
+    epoll: Epoll,
+    kick: EventFd,
+    completion_fd: Option<RawFd>,
+    _stop_event: EventFd,
+    stop_flag: Arc<AtomicBool>,
+    timer: Option<TimerFd>,
+    batch: Batch,
+    broken: bool,
+}
+
+impl Worker {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        name: String,
+        binding: QueueBinding,
+        mem: DmaSpace,
+        handler: Box<dyn QueueHandler>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        metrics: Arc<DeviceMetrics>,
+        event_idx: bool,
+        stop_event: EventFd,
+        stop_flag: Arc<AtomicBool>,
+    ) -> io::Result<Self> {
+        let QueueBinding {
+            index,
+            mut queue,
+            kick,
+            policy,
+        } = binding;
+        queue.set_event_idx(event_idx);
+        let epoll = Epoll::new()?;
+        add_to_epoll(&epoll, stop_event.as_raw_fd(), TOKEN_STOP)?;
+        add_to_epoll(&epoll, kick.as_raw_fd(), TOKEN_KICK)?;
+        let completion_fd = handler.completion_fd();
+        if let Some(fd) = completion_fd {
+            add_to_epoll(&epoll, fd, TOKEN_COMPLETION)?;
+        }
+        let timer = match policy {
+            NotifyPolicy::Batch { .. } => {
+                let timer = TimerFd::new()?;
+                add_to_epoll(&epoll, timer.as_raw_fd(), TOKEN_TIMER)?;
+                Some(timer)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            name,
+            index,
+            queue,
+            mem,
+            handler,
+            interrupt,
+            metrics,
+            fallback_metrics: QueueMetrics::default(),
+            policy,
+            epoll,
+            kick,
+            completion_fd,
+            _stop_event: stop_event,
+            stop_flag,
+            timer,
+            batch: Batch::default(),
+            broken: false,
+        })
+    }
+
+    fn run(mut self) -> Queue {
+        if !self.queue.is_valid(&self.mem) {
+            self.fail("the ring does not fit guest memory");
+        }
+        let mut events = [EpollEvent::default(); EVENTS_PER_WAIT];
+        while !self.stop_flag.load(Ordering::Acquire) {
+            let ready = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("{}: epoll failed: {e}; worker exits", self.name);
+                    break;
+                }
+            };
+            let tokens: Vec<u64> = events.iter().take(ready).map(EpollEvent::data).collect();
+            if self.dispatch(&tokens, false) == Flow::Stop {
+                break;
+            }
+        }
+        if !self.broken {
+            // Completions must not be left unsignalled when the queue changes hands.
+            self.flush_batch();
+        }
+        self.queue
+    }
+
+    /// Handles ready tokens. While `polling`, kicks are only counted (the spin loop is already
+    /// watching the ring).
+    fn dispatch(&mut self, tokens: &[u64], polling: bool) -> Flow {
+        for &token in tokens {
+            let flow = match token {
+                TOKEN_STOP => Flow::Stop,
+                TOKEN_KICK => self.on_kick(polling),
+                TOKEN_COMPLETION => self.on_completion(),
+                TOKEN_TIMER => {
+                    self.flush_batch();
+                    Flow::Continue
+                }
+                _ => Flow::Continue,
+            };
+            if flow == Flow::Stop || self.stop_flag.load(Ordering::Acquire) {
+                return Flow::Stop;
+            }
+        }
+        Flow::Continue
+    }
+
+    fn queue_metrics(&self) -> &QueueMetrics {
+        self.metrics
+            .queues
+            .get(usize::from(self.index))
+            .unwrap_or(&self.fallback_metrics)
+    }
+
+    fn on_kick(&mut self, polling: bool) -> Flow {
+        // Readiness was reported, so the read does not block; it clears the counter.
+        if let Err(e) = self.kick.read() {
+            if e.kind() != io::ErrorKind::WouldBlock {
+                tracing::warn!("{}: reading the kick eventfd failed: {e}", self.name);
+            }
+        }
+        QueueMetrics::add(&self.queue_metrics().kicks, 1);
+        if self.broken || polling {
+            return Flow::Continue;
+        }
+        match self.policy {
+            NotifyPolicy::Poll { budget } => self.poll(budget),
+            _ => {
+                self.drain_ring();
+                Flow::Continue
+            }
+        }
+    }
+
+    fn on_completion(&mut self) -> Flow {
+        if self.broken {
+            self.forget_completion_fd();
+            return Flow::Continue;
+        }
+        let before = self.queue.next_used();
+        match self.call_handler(true) {
+            Ok(added) => self.after_pass(before, added),
+            Err(e) => self.fail(&format!("completion failed: {e}")),
+        }
+        Flow::Continue
+    }
+
+    /// Runs `process` (or `complete`) with the context borrowed from disjoint fields.
+    fn call_handler(&mut self, completion: bool) -> Result<bool, QueueError> {
+        let metrics = self
+            .metrics
+            .queues
+            .get(usize::from(self.index))
+            .unwrap_or(&self.fallback_metrics);
+        let mut ctx = QueueContext {
+            queue: &mut self.queue,
+            mem: &self.mem,
+            metrics,
+        };
+        if completion {
+            self.handler.complete(&mut ctx)
+        } else {
+            self.handler.process(&mut ctx)
+        }
+    }
+
+    /// One `process` pass followed by the policy's signalling. False if the queue broke.
+    fn process_pass(&mut self) -> bool {
+        let before = self.queue.next_used();
+        match self.call_handler(false) {
+            Ok(added) => {
+                self.after_pass(before, added);
+                !self.broken
+            }
+            Err(e) => {
+                self.fail(&format!("request processing failed: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Interrupt / Batch: drain with driver notifications off, re-enable, recheck.
+    fn drain_ring(&mut self) {
+        loop {
+            if let Err(e) = self.queue.disable_notification(&self.mem) {
+                return self.fail(&format!("cannot suppress notifications: {e}"));
+            }
+            if !self.process_pass() {
+                return;
+            }
+            match self.queue.enable_notification(&self.mem) {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => return self.fail(&format!("cannot re-enable notifications: {e}")),
+            }
+        }
+    }
+
+    /// Poll: spin on the avail index until `budget` passes with no new request.
+    fn poll(&mut self, budget: Duration) -> Flow {
+        if let Err(e) = self.queue.disable_notification(&self.mem) {
+            self.fail(&format!("cannot suppress notifications: {e}"));
+            return Flow::Continue;
+        }
+        let mut idle_since = Instant::now();
+        let mut spins: u32 = 0;
+        let mut events = [EpollEvent::default(); EVENTS_PER_WAIT];
+        loop {
+            if self.stop_flag.load(Ordering::Acquire) {
+                return Flow::Stop;
+            }
+            match self.has_available() {
+                Ok(true) => {
+                    if !self.process_pass() {
+                        return Flow::Continue;
+                    }
+                    idle_since = Instant::now();
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    self.fail(&format!("cannot read the avail index: {e}"));
+                    return Flow::Continue;
+                }
+            }
+            if idle_since.elapsed() >= budget {
+                match self.queue.enable_notification(&self.mem) {
+                    Ok(false) => return Flow::Continue,
+                    Ok(true) => {
+                        // A request slipped in while re-enabling: keep polling.
+                        if let Err(e) = self.queue.disable_notification(&self.mem) {
+                            self.fail(&format!("cannot suppress notifications: {e}"));
+                            return Flow::Continue;
+                        }
+                        idle_since = Instant::now();
+                    }
+                    Err(e) => {
+                        self.fail(&format!("cannot re-enable notifications: {e}"));
+                        return Flow::Continue;
+                    }
+                }
+            }
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(POLL_EPOLL_INTERVAL) {
+                let ready = self.epoll.wait(0, &mut events).unwrap_or(0);
+                let tokens: Vec<u64> = events.iter().take(ready).map(EpollEvent::data).collect();
+                if self.dispatch(&tokens, true) == Flow::Stop {
+                    return Flow::Stop;
+                }
+                if self.broken {
+                    return Flow::Continue;
+                }
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn has_available(&self) -> Result<bool, virtio_queue::Error> {
+        let avail = self.queue.avail_idx(&self.mem, Ordering::Acquire)?;
+        Ok(avail != Wrapping(self.queue.next_avail()))
+    }
+
+    /// Applies the notify policy after a pass that may have added used entries.
+    fn after_pass(&mut self, used_before: u16, handler_added: bool) {
+        let delta = self.queue.next_used().wrapping_sub(used_before);
+        let added = if delta == 0 && handler_added {
+            1
+        } else {
+            u32::from(delta)
+        };
+        if added == 0 {
+            return;
+        }
+        match self.policy {
+            NotifyPolicy::Batch {
+                max_requests,
+                max_delay,
+            } => self.batch_completions(added, max_requests, max_delay),
+            _ => self.signal_used(),
+        }
+    }
+
+    fn batch_completions(&mut self, added: u32, max_requests: u32, max_delay: Duration) {
+        self.batch.unsignalled = self.batch.unsignalled.saturating_add(added);
+        if self.batch.unsignalled >= max_requests || max_delay.is_zero() {
+            self.flush_batch();
+            return;
+        }
+        if self.batch.first.is_none() {
+            self.batch.first = Some(Instant::now());
+            self.arm_timer(max_delay);
+        }
+        QueueMetrics::add(&self.queue_metrics().notifications_suppressed, 1);
+    }
+
+    fn arm_timer(&mut self, delay: Duration) {
+        let Some(timer) = self.timer.as_mut() else {
+            return;
+        };
+        if let Err(e) = timer.reset(delay, None) {
+            tracing::warn!("{}: cannot arm the batching timer: {e}", self.name);
+        }
+    }
+
+    /// Sends the interrupt for the batched completions, if any.
+    fn flush_batch(&mut self) {
+        if let Some(timer) = self.timer.as_mut() {
+            // Disarming also resets the expiry count, so the timerfd stops being readable.
+            if let Err(e) = timer.clear() {
+                tracing::warn!("{}: cannot disarm the batching timer: {e}", self.name);
+            }
+        }
+        if self.batch.unsignalled == 0 {
+            return;
+        }
+        self.batch = Batch::default();
+        self.signal_used();
+    }
+
+    /// Interrupts the driver unless EVENT_IDX / flags say it does not want it now.
+    fn signal_used(&mut self) {
+        match self.queue.needs_notification(&self.mem) {
+            Ok(true) => {
+                if let Err(e) = self.interrupt.notify_queue(self.index) {
+                    tracing::warn!("{}: queue interrupt failed: {e}", self.name);
+                }
+                QueueMetrics::add(&self.queue_metrics().interrupts, 1);
+            }
+            Ok(false) => QueueMetrics::add(&self.queue_metrics().notifications_suppressed, 1),
+            Err(e) => self.fail(&format!("cannot read used_event: {e}")),
+        }
+    }
+
+    /// Marks the device broken (once) and stops serving the queue.
+    fn fail(&mut self, reason: &str) {
+        if self.broken {
+            return;
+        }
+        self.broken = true;
+        tracing::error!(
+            "{}: queue {}: {reason}; device needs reset",
+            self.name,
+            self.index
+        );
+        self.interrupt.needs_reset();
+        self.forget_completion_fd();
+        if let Some(timer) = self.timer.as_mut() {
+            let _ = timer.clear();
+        }
+        self.batch = Batch::default();
+    }
+
+    /// A level-triggered completion fd nobody services would wake epoll forever.
+    fn forget_completion_fd(&mut self) {
+        if let Some(fd) = self.completion_fd.take() {
+            let removed = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            if let Err(e) = removed {
+                tracing::warn!("{}: cannot stop watching the completion fd: {e}", self.name);
+            }
+        }
+    }
+}
+
+fn add_to_epoll(epoll: &Epoll, fd: RawFd, token: u64) -> io::Result<()> {
+    epoll.ctl(
+        ControlOperation::Add,
+        fd,
+        EpollEvent::new(EventSet::IN, token),
+    )
+}
+
+#[cfg(test)]
+mod tests;

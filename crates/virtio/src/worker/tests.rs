@@ -1,0 +1,481 @@
+//! Queue worker tests: a driver-side mock ring (virtio-queue's `MockSplitQueue`) in shared guest
+//! memory, a kick eventfd, and a tiny echo handler.
+
+use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::Mutex;
+
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::QueueOwnedT;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::*;
+use crate::device::NotifyPolicy;
+
+const RAM_SIZE: u64 = 0x10_0000;
+const RING_BASE: u64 = 0x1_0000;
+const QUEUE_SIZE: u16 = 16;
+/// Every mock descriptor covers 0x1000 bytes.
+const CHAIN_BYTES: u32 = 0x1000;
+const WAIT: Duration = Duration::from_secs(5);
+const VRING_USED_F_NO_NOTIFY: u16 = 1;
+
+fn memory() -> DmaSpace {
+    let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM_SIZE as usize)]).unwrap();
+    sluice_dma::identity(ram)
+}
+
+/// Completes every chain with its total length (what a device that "wrote" it all would say).
+struct EchoHandler;
+
+impl QueueHandler for EchoHandler {
+    fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        let chains: Vec<_> = ctx.queue.iter(ctx.mem)?.collect();
+        for chain in &chains {
+            let len = chain.clone().fold(0u32, |n, d| n.saturating_add(d.len()));
+            ctx.queue.add_used(ctx.mem, chain.head_index(), len)?;
+            QueueMetrics::add(&ctx.metrics.requests, 1);
+        }
+        Ok(!chains.is_empty())
+    }
+}
+
+/// Fails every pass, counting how often it was asked.
+struct FailingHandler {
+    calls: Arc<AtomicU32>,
+}
+
+impl QueueHandler for FailingHandler {
+    fn process(&mut self, _ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Err(QueueError::Backend("disk on fire".into()))
+    }
+}
+
+/// Pops chains in `process`, completes them only when its completion eventfd fires.
+struct AsyncHandler {
+    done: EventFd,
+    in_flight: Vec<u16>,
+}
+
+impl QueueHandler for AsyncHandler {
+    fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        let heads: Vec<u16> = ctx.queue.iter(ctx.mem)?.map(|c| c.head_index()).collect();
+        self.in_flight.extend(heads);
+        Ok(false)
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.done.as_raw_fd())
+    }
+
+    fn complete(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        let _ = self.done.read();
+        let added = !self.in_flight.is_empty();
+        for head in self.in_flight.drain(..) {
+            ctx.queue.add_used(ctx.mem, head, 7)?;
+        }
+        Ok(added)
+    }
+}
+
+#[derive(Default)]
+struct RecordingInterrupt {
+    queues: Mutex<Vec<u16>>,
+    resets: AtomicU32,
+    configs: AtomicU32,
+}
+
+impl VirtioInterrupt for RecordingInterrupt {
+    fn notify_queue(&self, queue: u16) -> io::Result<()> {
+        self.queues.lock().unwrap().push(queue);
+        Ok(())
+    }
+
+    fn notify_config(&self) -> io::Result<()> {
+        self.configs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn needs_reset(&self) {
+        self.resets.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl RecordingInterrupt {
+    fn queue_interrupts(&self) -> Vec<u16> {
+        self.queues.lock().unwrap().clone()
+    }
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn load(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::SeqCst)
+}
+
+/// The driver side and the handles a test inspects.
+struct Harness<'a> {
+    driver: MockSplitQueue<'a, DmaSpace>,
+    kick: EventFd,
+    interrupt: Arc<RecordingInterrupt>,
+    metrics: Arc<DeviceMetrics>,
+    mem: &'a DmaSpace,
+}
+
+impl<'a> Harness<'a> {
+    fn new(mem: &'a DmaSpace) -> Self {
+        Self {
+            driver: MockSplitQueue::create(mem, GuestAddress(RING_BASE), QUEUE_SIZE),
+            kick: EventFd::new(EFD_NONBLOCK).unwrap(),
+            interrupt: Arc::new(RecordingInterrupt::default()),
+            metrics: Arc::new(DeviceMetrics::new("test", 2)),
+            mem,
+        }
+    }
+
+    fn spawn_with(
+        &self,
+        queue: Queue,
+        policy: NotifyPolicy,
+        handler: Box<dyn QueueHandler>,
+        event_idx: bool,
+    ) -> QueueWorker {
+        let binding = QueueBinding {
+            index: 1,
+            queue,
+            kick: self.kick.try_clone().unwrap(),
+            policy,
+        };
+        QueueWorker::spawn(
+            "test-q1".into(),
+            binding,
+            self.mem.clone(),
+            handler,
+            self.interrupt.clone(),
+            self.metrics.clone(),
+            event_idx,
+        )
+        .unwrap()
+    }
+
+    fn spawn(&self, policy: NotifyPolicy, event_idx: bool) -> QueueWorker {
+        let queue = self.driver.create_queue::<Queue>().unwrap();
+        self.spawn_with(queue, policy, Box::new(EchoHandler), event_idx)
+    }
+
+    fn submit(&mut self, kick: bool) {
+        self.driver.add_chain(1).unwrap();
+        if kick {
+            self.kick.write(1).unwrap();
+        }
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.driver.used().idx().load()
+    }
+
+    fn used_flags(&self) -> u16 {
+        let addr = self.driver.used_addr();
+        self.mem.read_obj::<u16>(addr).unwrap()
+    }
+
+    /// The driver's `used_event` (after the avail ring entries).
+    fn set_used_event(&self, value: u16) {
+        let offset = 4 + 2 * u64::from(QUEUE_SIZE);
+        let addr = GuestAddress(self.driver.avail_addr().0 + offset);
+        self.mem.write_obj(value, addr).unwrap();
+    }
+
+    fn queue_metrics(&self) -> &QueueMetrics {
+        &self.metrics.queues[1]
+    }
+
+    fn signals(&self) -> u64 {
+        load(&self.queue_metrics().interrupts)
+            + load(&self.queue_metrics().notifications_suppressed)
+    }
+}
+
+#[test]
+fn kick_processes_chains_and_interrupts() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let worker = h.spawn(NotifyPolicy::Interrupt, false);
+
+    for _ in 0..3 {
+        h.submit(false);
+    }
+    h.kick.write(1).unwrap();
+    wait_until("three used entries", || h.used_idx() == 3);
+    wait_until("an interrupt", || load(&h.queue_metrics().interrupts) >= 1);
+    let queue = worker.stop();
+
+    for i in 0..3 {
+        let elem = h.driver.used().ring().ref_at(i).unwrap().load();
+        assert_eq!(elem.len(), CHAIN_BYTES);
+    }
+    assert!(h.interrupt.queue_interrupts().iter().all(|&q| q == 1));
+    assert_eq!(load(&h.queue_metrics().kicks), 1);
+    assert_eq!(load(&h.queue_metrics().requests), 3);
+    assert_eq!(queue.next_used(), 3);
+    assert_eq!(queue.next_avail(), 3);
+    assert_eq!(
+        h.used_flags(),
+        0,
+        "notifications re-enabled before sleeping"
+    );
+    assert_eq!(h.interrupt.resets.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    h.set_used_event(0);
+    let worker = h.spawn(NotifyPolicy::Interrupt, true);
+
+    for expected in 1..=3 {
+        h.submit(true);
+        wait_until("the completion", || h.used_idx() == expected);
+        wait_until("the signal decision", || h.signals() == u64::from(expected));
+    }
+    worker.stop();
+
+    // used_event = 0 asks for an interrupt only when entry 0 is used.
+    assert_eq!(load(&h.queue_metrics().interrupts), 1);
+    assert_eq!(load(&h.queue_metrics().notifications_suppressed), 2);
+    assert_eq!(h.interrupt.queue_interrupts(), vec![1]);
+}
+
+#[test]
+fn without_event_idx_every_pass_interrupts() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    h.set_used_event(0);
+    let worker = h.spawn(NotifyPolicy::Interrupt, false);
+
+    for expected in 1..=3 {
+        h.submit(true);
+        wait_until("the completion", || h.used_idx() == expected);
+        wait_until("the signal decision", || h.signals() == u64::from(expected));
+    }
+    worker.stop();
+
+    assert_eq!(load(&h.queue_metrics().interrupts), 3);
+    assert_eq!(load(&h.queue_metrics().notifications_suppressed), 0);
+}
+
+#[test]
+fn poll_mode_processes_without_kicks_and_suppresses_notifications() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let budget = Duration::from_secs(30);
+    let worker = h.spawn(NotifyPolicy::Poll { budget }, false);
+
+    h.submit(true);
+    wait_until("the kicked request", || h.used_idx() == 1);
+    let flags_while_polling = h.used_flags();
+    h.submit(false);
+    h.submit(false);
+    wait_until("the unkicked requests", || h.used_idx() == 3);
+    let started = Instant::now();
+    worker.stop();
+
+    assert_eq!(flags_while_polling, VRING_USED_F_NO_NOTIFY);
+    assert_eq!(load(&h.queue_metrics().kicks), 1);
+    assert_eq!(load(&h.queue_metrics().requests), 3);
+    assert!(started.elapsed() < budget, "stop interrupts polling");
+}
+
+#[test]
+fn poll_mode_reenables_notifications_after_the_budget() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let worker = h.spawn(
+        NotifyPolicy::Poll {
+            budget: Duration::from_millis(20),
+        },
+        false,
+    );
+
+    h.submit(true);
+    wait_until("the request", || h.used_idx() == 1);
+    wait_until("notifications back on", || h.used_flags() == 0);
+    h.submit(true);
+    wait_until("the next kicked request", || h.used_idx() == 2);
+    worker.stop();
+
+    assert_eq!(load(&h.queue_metrics().kicks), 2);
+}
+
+#[test]
+fn batch_mode_coalesces_completions_into_one_interrupt() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let policy = NotifyPolicy::Batch {
+        max_requests: 4,
+        max_delay: Duration::from_secs(30),
+    };
+    let worker = h.spawn(policy, false);
+
+    for expected in 1..=3 {
+        h.submit(true);
+        wait_until("the completion", || h.used_idx() == expected);
+        wait_until("the deferral", || h.signals() == u64::from(expected));
+    }
+    let interrupts_before_limit = load(&h.queue_metrics().interrupts);
+    h.submit(true);
+    wait_until("the batch interrupt", || {
+        load(&h.queue_metrics().interrupts) == 1
+    });
+    worker.stop();
+
+    assert_eq!(interrupts_before_limit, 0);
+    assert_eq!(load(&h.queue_metrics().notifications_suppressed), 3);
+    assert_eq!(h.interrupt.queue_interrupts(), vec![1]);
+}
+
+#[test]
+fn batch_mode_signals_after_max_delay() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let max_delay = Duration::from_millis(300);
+    let policy = NotifyPolicy::Batch {
+        max_requests: 100,
+        max_delay,
+    };
+    let worker = h.spawn(policy, false);
+
+    let submitted = Instant::now();
+    h.submit(true);
+    wait_until("the completion", || h.used_idx() == 1);
+    wait_until("the delayed interrupt", || {
+        load(&h.queue_metrics().interrupts) == 1
+    });
+    let waited = submitted.elapsed();
+    worker.stop();
+
+    assert!(waited >= max_delay, "interrupt came after {waited:?}");
+    assert_eq!(load(&h.queue_metrics().notifications_suppressed), 1);
+}
+
+#[test]
+fn completion_fd_drives_asynchronous_completions() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let done = EventFd::new(EFD_NONBLOCK).unwrap();
+    let handler = AsyncHandler {
+        done: done.try_clone().unwrap(),
+        in_flight: Vec::new(),
+    };
+    let queue = h.driver.create_queue::<Queue>().unwrap();
+    let worker = h.spawn_with(queue, NotifyPolicy::Interrupt, Box::new(handler), false);
+
+    h.submit(true);
+    wait_until("the kick", || load(&h.queue_metrics().kicks) == 1);
+    thread::sleep(Duration::from_millis(20));
+    let used_before_completion = h.used_idx();
+    done.write(1).unwrap();
+    wait_until("the completion", || h.used_idx() == 1);
+    wait_until("the interrupt", || load(&h.queue_metrics().interrupts) == 1);
+    worker.stop();
+
+    assert_eq!(used_before_completion, 0);
+    assert_eq!(h.driver.used().ring().ref_at(0).unwrap().load().len(), 7);
+}
+
+#[test]
+fn ring_outside_memory_needs_reset_without_touching_it() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let mut queue = h.driver.create_queue::<Queue>().unwrap();
+    queue
+        .try_set_desc_table_address(GuestAddress(RAM_SIZE * 16))
+        .unwrap();
+    let worker = h.spawn_with(queue, NotifyPolicy::Interrupt, Box::new(EchoHandler), false);
+
+    wait_until("needs_reset", || {
+        h.interrupt.resets.load(Ordering::SeqCst) == 1
+    });
+    h.submit(true);
+    wait_until("the first kick", || load(&h.queue_metrics().kicks) == 1);
+    h.submit(true);
+    wait_until("the second kick", || load(&h.queue_metrics().kicks) == 2);
+    let queue = worker.stop();
+
+    assert_eq!(
+        h.interrupt.resets.load(Ordering::SeqCst),
+        1,
+        "reported once"
+    );
+    assert_eq!(h.used_idx(), 0);
+    assert_eq!(queue.next_avail(), 0);
+    assert_eq!(queue.desc_table(), RAM_SIZE * 16);
+}
+
+#[test]
+fn handler_error_needs_reset_once_and_stops_processing() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let calls = Arc::new(AtomicU32::new(0));
+    let handler = FailingHandler {
+        calls: calls.clone(),
+    };
+    let queue = h.driver.create_queue::<Queue>().unwrap();
+    let worker = h.spawn_with(queue, NotifyPolicy::Interrupt, Box::new(handler), false);
+
+    h.submit(true);
+    wait_until("needs_reset", || {
+        h.interrupt.resets.load(Ordering::SeqCst) == 1
+    });
+    h.submit(true);
+    wait_until("the second kick", || load(&h.queue_metrics().kicks) == 2);
+    worker.stop();
+
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(h.interrupt.resets.load(Ordering::SeqCst), 1);
+    assert!(h.interrupt.queue_interrupts().is_empty());
+}
+
+#[test]
+fn stop_hands_back_the_queue_for_a_restart() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let worker = h.spawn(NotifyPolicy::Interrupt, false);
+    h.submit(true);
+    wait_until("the first request", || h.used_idx() == 1);
+    let queue = worker.stop();
+
+    let restarted = h.spawn_with(queue, NotifyPolicy::Interrupt, Box::new(EchoHandler), false);
+    h.submit(true);
+    wait_until("the request after restart", || h.used_idx() == 2);
+    let queue = restarted.stop();
+
+    assert_eq!(queue.next_used(), 2);
+    assert_eq!(load(&h.queue_metrics().requests), 2);
+}
+
+#[test]
+fn dropping_a_worker_joins_its_thread() {
+    let mem = memory();
+    let h = Harness::new(&mem);
+    let worker = h.spawn(
+        NotifyPolicy::Poll {
+            budget: Duration::from_secs(30),
+        },
+        false,
+    );
+    h.kick.write(1).unwrap();
+    wait_until("the kick", || load(&h.queue_metrics().kicks) == 1);
+
+    let started = Instant::now();
+    drop(worker);
+
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
