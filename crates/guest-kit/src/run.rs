@@ -128,6 +128,17 @@ impl GuestKitRun {
         }
     }
 
+    /// A sluice run (`binary run ...`) with 64 MiB, one CPU and a 30 s hard timeout.
+    pub fn sluice(binary: &Path, cmdline: &str) -> GuestKitRun {
+        GuestKitRun {
+            vmm: Vmm::Sluice {
+                binary: binary.to_path_buf(),
+                extra_args: Vec::new(),
+            },
+            ..GuestKitRun::qemu(Accel::Kvm, Machine::Q35, cmdline)
+        }
+    }
+
     /// Adds a device.
     pub fn with_device(mut self, device: Device) -> GuestKitRun {
         self.devices.push(device);
