@@ -15,3 +15,6 @@ pub trait ExitSink: Send + Sync {
 }
 
 pub mod platform;
+pub mod rng;
+pub mod net;
+pub mod block;
