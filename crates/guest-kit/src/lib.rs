@@ -14,7 +14,7 @@ pub mod run;
 use std::io;
 use std::path::PathBuf;
 
-pub use host::{find_qemu, kvm_unavailable_reason, skip_without_kvm};
+pub use host::{find_qemu, find_qemu_in, kvm_unavailable_reason, skip_without_kvm};
 pub use report::{
     AcpiLine, ExitKind, GuestKitReport, Latency, MalformedLine, PciBar, PciLine, Verdict,
     WorkloadResult,
