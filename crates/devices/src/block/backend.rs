@@ -47,7 +47,7 @@ impl DiskImage {
             path: path.to_path_buf(),
             source,
         })?;
-        if size % SECTOR_SIZE != 0 {
+        if !size.is_multiple_of(SECTOR_SIZE) {
             return Err(BlockError::UnalignedSize {
                 path: path.to_path_buf(),
                 size,
@@ -180,7 +180,7 @@ impl HostIovecs {
     pub fn is_aligned(&self, align: usize) -> bool {
         self.iovecs
             .iter()
-            .all(|v| (v.iov_base as usize) % align == 0 && v.iov_len % align == 0)
+            .all(|v| (v.iov_base as usize).is_multiple_of(align) && v.iov_len.is_multiple_of(align))
     }
 
     /// The iovecs left after the first `skip` bytes.

@@ -202,7 +202,8 @@ impl Block {
 
     fn stop_workers(&mut self) {
         for worker in self.workers.drain(..) {
-            drop(worker.stop());
+            // The queue's indices are not needed: a reset starts the ring afresh.
+            let _queue = worker.stop();
         }
     }
 }

@@ -19,8 +19,8 @@ use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Permissions};
 
 use super::backend::{
-    self, discard_result, write_zeroes_mode, Direction, DiskImage, HostIovecs, Uring,
-    DISCARD_MODE, MAX_IOVECS,
+    self, discard_result, write_zeroes_mode, Direction, DiskImage, HostIovecs, Uring, DISCARD_MODE,
+    MAX_IOVECS,
 };
 use super::request::{
     parse_request, DiskLimits, GuestBuffer, Rejection, Request, RequestKind, Segment, Status,
@@ -275,9 +275,7 @@ impl BlockQueueHandler {
         let entries = self.entries_for(slot, &op);
         let in_flight = InFlight {
             head,
-            status_addr: completion
-                .status_addr
-                .unwrap_or(GuestAddress(u64::MAX)),
+            status_addr: completion.status_addr.unwrap_or(GuestAddress(u64::MAX)),
             started: completion.started,
             pending: entries.len() as u32,
             failed: false,
@@ -372,10 +370,7 @@ impl BlockQueueHandler {
         let in_flight = self.slots.get_mut(slot)?.as_mut()?;
         let outcome = cqe_outcome(&image, &in_flight.op, segment, result);
         if let Err(e) = outcome {
-            tracing::warn!(
-                "virtio-blk {}: I/O error: {e}",
-                image.path().display()
-            );
+            tracing::warn!("virtio-blk {}: I/O error: {e}", image.path().display());
             in_flight.failed = true;
         }
         in_flight.pending = in_flight.pending.saturating_sub(1);

@@ -25,6 +25,6 @@ mod tests;
 pub use device::{Block, BlockConfig, BlockError};
 pub use handler::{BlockQueueHandler, IoEngine};
 pub use request::{
-    parse_request, parse_request_for_fuzz, DiskLimits, FuzzOutcome, ParseError, Rejection,
-    Request, RequestKind, Status,
+    parse_request, parse_request_for_fuzz, DiskLimits, FuzzOutcome, ParseError, Rejection, Request,
+    RequestKind, Status,
 };

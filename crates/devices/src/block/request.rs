@@ -116,7 +116,10 @@ pub enum RequestKind {
     },
     Flush,
     /// Write up to 20 serial bytes into `buffers` (`len` bytes in total).
-    GetId { buffers: Vec<GuestBuffer>, len: u64 },
+    GetId {
+        buffers: Vec<GuestBuffer>,
+        len: u64,
+    },
     Discard(Vec<Segment>),
     WriteZeroes(Vec<Segment>),
 }
@@ -340,7 +343,7 @@ fn check_data_length(
     buffers: &[GuestBuffer],
     len: u64,
 ) -> Result<(), ParseError> {
-    if len == 0 || len % SECTOR_SIZE != 0 {
+    if len == 0 || !len.is_multiple_of(SECTOR_SIZE) {
         return Err(ParseError::BadDataLength(len));
     }
     if len > limits.max_request_bytes {
@@ -459,7 +462,7 @@ fn read_segments(
     let bad_list = ParseError::BadSegmentList(payload_len as usize);
     let count = payload_len / SEGMENT_SIZE as u64;
     if payload_len == 0
-        || payload_len % SEGMENT_SIZE as u64 != 0
+        || !payload_len.is_multiple_of(SEGMENT_SIZE as u64)
         || count > u64::from(max_seg)
     {
         return Err(bad_list);

@@ -1,0 +1,1041 @@
+//! virtio-blk tests without a VMM: a driver-side mock queue (virtio-queue's `MockSplitQueue`)
+//! over real guest memory, a temporary image file, and the queue handler called directly.
+
+use std::os::fd::RawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use sluice_dma::DmaSpace;
+use sluice_virtio::{QueueContext, QueueHandler, QueueMetrics, VirtioDevice};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::tempfile::TempFile;
+
+use super::backend::io_uring_available;
+use super::*;
+
+const QUEUE_SIZE: u16 = 64;
+const RAM_SIZE: usize = 4 << 20;
+/// Request buffers are allocated from here up (the rings sit below 0x1000).
+const BUFFER_BASE: u64 = 0x1_0000;
+const IMAGE_SIZE: u64 = 1 << 20;
+const SECTORS: u64 = IMAGE_SIZE / 512;
+
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+fn ram() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM_SIZE)]).unwrap()
+}
+
+fn image(size: u64) -> TempFile {
+    let file = TempFile::new_with_prefix("/tmp/sluice-blk-test-").unwrap();
+    file.as_file().set_len(size).unwrap();
+    file
+}
+
+fn open(path: &Path, engine: IoEngine, read_only: bool) -> Block {
+    let mut config = BlockConfig::new(path);
+    config.io_engine = engine;
+    config.read_only = read_only;
+    config.queue_size = QUEUE_SIZE;
+    config.serial = "sluice-disk-0001".to_string();
+    Block::new(config).unwrap()
+}
+
+/// The engines to run data-path tests on (io_uring only where the host allows it).
+fn engines() -> Vec<IoEngine> {
+    if io_uring_available() {
+        vec![IoEngine::IoUring, IoEngine::Sync]
+    } else {
+        eprintln!("io_uring unavailable here: testing the synchronous path only");
+        vec![IoEngine::Sync]
+    }
+}
+
+/// One descriptor as the driver writes it.
+#[derive(Clone, Copy)]
+struct Desc {
+    addr: u64,
+    len: u32,
+    writable: bool,
+}
+
+fn readable(addr: u64, len: u32) -> Desc {
+    Desc {
+        addr,
+        len,
+        writable: false,
+    }
+}
+
+fn writable(addr: u64, len: u32) -> Desc {
+    Desc {
+        addr,
+        len,
+        writable: true,
+    }
+}
+
+/// The driver side: a mock split queue, a buffer allocator, and the device's queue.
+struct Driver<'a> {
+    mem: &'a GuestMemoryMmap,
+    mock: MockSplitQueue<'a, GuestMemoryMmap>,
+    space: DmaSpace,
+    queue: Queue,
+    metrics: QueueMetrics,
+    next_desc: u16,
+    chains: u16,
+    next_buffer: u64,
+}
+
+impl<'a> Driver<'a> {
+    fn new(mem: &'a GuestMemoryMmap) -> Self {
+        let mock = MockSplitQueue::create(mem, GuestAddress(0), QUEUE_SIZE);
+        let queue = mock.create_queue::<Queue>().unwrap();
+        Driver {
+            mem,
+            mock,
+            space: sluice_dma::identity(mem.clone()),
+            queue,
+            metrics: QueueMetrics::default(),
+            next_desc: 0,
+            chains: 0,
+            next_buffer: BUFFER_BASE,
+        }
+    }
+
+    /// A fresh buffer of `len` bytes, 512-aligned, filled with 0xee.
+    fn alloc(&mut self, len: u32) -> u64 {
+        let addr = self.next_buffer;
+        self.next_buffer = (addr + u64::from(len.max(1)) + 511) & !511;
+        assert!(self.next_buffer < RAM_SIZE as u64, "test RAM exhausted");
+        self.mem
+            .write_slice(&vec![0xee; len as usize], GuestAddress(addr))
+            .unwrap();
+        addr
+    }
+
+    fn header(&mut self, request_type: u32, sector: u64) -> u64 {
+        let addr = self.alloc(16);
+        let mut bytes = [0u8; 16];
+        bytes[..4].copy_from_slice(&request_type.to_le_bytes());
+        bytes[8..].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write_slice(&bytes, GuestAddress(addr)).unwrap();
+        addr
+    }
+
+    /// A one-byte status buffer preset to 0xff.
+    fn status(&mut self) -> u64 {
+        let addr = self.alloc(1);
+        self.mem.write_obj(0xffu8, GuestAddress(addr)).unwrap();
+        addr
+    }
+
+    /// Publishes a chain; returns its head index.
+    fn add_chain(&mut self, descs: &[Desc]) -> u16 {
+        let count = descs.len() as u16;
+        if self.next_desc + count > QUEUE_SIZE {
+            self.next_desc = 0; // earlier chains are all completed by then
+        }
+        let first = self.next_desc;
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let last = i + 1 == descs.len();
+                let mut flags = if d.writable { VRING_DESC_F_WRITE } else { 0 } as u16;
+                if !last {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                let next = if last { 0 } else { first + i as u16 + 1 };
+                RawDescriptor::from(Descriptor::new(d.addr, d.len, flags, next))
+            })
+            .collect();
+        self.mock.add_desc_chains(&raw, first).unwrap();
+        self.next_desc += count;
+        self.chains += 1;
+        first
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.mem
+            .read_obj::<u16>(self.mock.used_addr().unchecked_add(2))
+            .unwrap()
+    }
+
+    /// (head, len) of used entry `i`.
+    fn used(&self, i: u16) -> (u32, u32) {
+        let at = self
+            .mock
+            .used_addr()
+            .unchecked_add(4 + 8 * u64::from(i % QUEUE_SIZE));
+        let id = self.mem.read_obj::<u32>(at).unwrap();
+        let len = self.mem.read_obj::<u32>(at.unchecked_add(4)).unwrap();
+        (id, len)
+    }
+
+    /// Runs the handler (process, then complete until done) until every published chain is
+    /// in the used ring.
+    fn run(&mut self, handler: &mut BlockQueueHandler) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut ctx = QueueContext {
+            queue: &mut self.queue,
+            mem: &self.space,
+            metrics: &self.metrics,
+        };
+        handler.process(&mut ctx).unwrap();
+        loop {
+            let used = self
+                .mem
+                .read_obj::<u16>(self.mock.used_addr().unchecked_add(2))
+                .unwrap();
+            if used == self.chains {
+                break;
+            }
+            assert!(Instant::now() < deadline, "requests did not complete");
+            let fd = handler
+                .completion_fd()
+                .expect("requests pending on a synchronous handler");
+            wait_readable(fd);
+            handler.complete(&mut ctx).unwrap();
+        }
+        assert_eq!(handler.in_flight(), 0);
+    }
+
+    fn read_bytes(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        self.mem.read_slice(&mut out, GuestAddress(addr)).unwrap();
+        out
+    }
+
+    fn status_at(&self, addr: u64) -> u8 {
+        self.mem.read_obj(GuestAddress(addr)).unwrap()
+    }
+
+    fn errors(&self) -> u64 {
+        self.metrics.errors.load(Ordering::Relaxed)
+    }
+
+    /// Writes `data` at `sector` spread over `pieces` descriptors; returns the status.
+    fn write(
+        &mut self,
+        handler: &mut BlockQueueHandler,
+        sector: u64,
+        data: &[u8],
+        pieces: usize,
+    ) -> u8 {
+        let mut descs = vec![readable(self.header(VIRTIO_BLK_T_OUT, sector), 16)];
+        for chunk in data.chunks(data.len().div_ceil(pieces)) {
+            let addr = self.alloc(chunk.len() as u32);
+            self.mem.write_slice(chunk, GuestAddress(addr)).unwrap();
+            descs.push(readable(addr, chunk.len() as u32));
+        }
+        let status = self.status();
+        descs.push(writable(status, 1));
+        self.add_chain(&descs);
+        self.run(handler);
+        self.status_at(status)
+    }
+
+    /// Reads `len` bytes at `sector` into `pieces` descriptors; returns (status, data, used len).
+    fn read(
+        &mut self,
+        handler: &mut BlockQueueHandler,
+        sector: u64,
+        len: usize,
+        pieces: usize,
+    ) -> (u8, Vec<u8>, u32) {
+        let mut descs = vec![readable(self.header(VIRTIO_BLK_T_IN, sector), 16)];
+        let mut buffers = Vec::new();
+        let piece = len.div_ceil(pieces);
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(piece);
+            let addr = self.alloc(n as u32);
+            buffers.push((addr, n));
+            descs.push(writable(addr, n as u32));
+            left -= n;
+        }
+        let status = self.status();
+        descs.push(writable(status, 1));
+        self.add_chain(&descs);
+        self.run(handler);
+        let data = buffers
+            .iter()
+            .flat_map(|&(addr, n)| self.read_bytes(addr, n))
+            .collect();
+        let (_, used_len) = self.used(self.used_idx() - 1);
+        (self.status_at(status), data, used_len)
+    }
+
+    /// Publishes `descs` (already laid out by the test) and runs them; returns the used entry.
+    fn submit(&mut self, handler: &mut BlockQueueHandler, descs: &[Desc]) -> (u32, u32) {
+        let head = self.add_chain(descs);
+        self.run(handler);
+        let entry = self.used(self.used_idx() - 1);
+        assert_eq!(entry.0, u32::from(head));
+        entry
+    }
+
+    fn segments(&mut self, segments: &[(u64, u32, u32)]) -> Desc {
+        let mut bytes = Vec::new();
+        for &(sector, num, flags) in segments {
+            bytes.extend_from_slice(&sector.to_le_bytes());
+            bytes.extend_from_slice(&num.to_le_bytes());
+            bytes.extend_from_slice(&flags.to_le_bytes());
+        }
+        let addr = self.alloc(bytes.len() as u32);
+        self.mem.write_slice(&bytes, GuestAddress(addr)).unwrap();
+        readable(addr, bytes.len() as u32)
+    }
+}
+
+/// Whether a test descriptor lies wholly inside the test RAM.
+fn in_ram(d: &Desc) -> bool {
+    d.addr
+        .checked_add(u64::from(d.len))
+        .is_some_and(|end| end <= RAM_SIZE as u64)
+}
+
+fn wait_readable(fd: RawFd) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on the stack.
+    unsafe { libc::poll(&mut pfd, 1, 1000) };
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn file_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let file = std::fs::File::open(path).unwrap();
+    let mut out = vec![0u8; len];
+    file.read_exact_at(&mut out, offset).unwrap();
+    out
+}
+
+#[test]
+fn write_then_read_back_on_every_engine() {
+    for engine in engines() {
+        let img = image(IMAGE_SIZE);
+        let block = open(img.as_path(), engine, false);
+        let mut handler = block.queue_handler(QUEUE_SIZE);
+        assert_eq!(handler.uses_io_uring(), engine == IoEngine::IoUring);
+        let mem = ram();
+        let mut driver = Driver::new(&mem);
+
+        for (i, &(sector, len, pieces)) in [(0u64, 512usize, 1usize), (8, 4096, 3), (100, 65536, 7)]
+            .iter()
+            .enumerate()
+        {
+            let data = pattern(len, i as u8);
+            assert_eq!(driver.write(&mut handler, sector, &data, pieces), S_OK);
+            let (status, back, used_len) = driver.read(&mut handler, sector, len, pieces + 1);
+
+            assert_eq!(status, S_OK, "{engine:?}");
+            assert_eq!(back, data, "{engine:?} sector {sector}");
+            assert_eq!(used_len, len as u32 + 1);
+            assert_eq!(file_bytes(img.as_path(), sector * 512, len), data);
+        }
+        assert_eq!(driver.errors(), 0);
+        assert_eq!(driver.metrics.requests.load(Ordering::Relaxed), 6);
+        assert_eq!(
+            driver.metrics.bytes.load(Ordering::Relaxed),
+            2 * (512 + 4096 + 65536)
+        );
+        assert!(driver.metrics.latency.quantile(1.0) > 0);
+    }
+}
+
+#[test]
+fn batched_requests_complete_together() {
+    for engine in engines() {
+        let img = image(IMAGE_SIZE);
+        let block = open(img.as_path(), engine, false);
+        let mut handler = block.queue_handler(QUEUE_SIZE);
+        let mem = ram();
+        let mut driver = Driver::new(&mem);
+        let mut statuses = Vec::new();
+        for i in 0..8u64 {
+            let data = pattern(1024, i as u8);
+            let header = driver.header(VIRTIO_BLK_T_OUT, i * 2);
+            let buf = driver.alloc(1024);
+            mem.write_slice(&data, GuestAddress(buf)).unwrap();
+            let status = driver.status();
+            driver.add_chain(&[
+                readable(header, 16),
+                readable(buf, 1024),
+                writable(status, 1),
+            ]);
+            statuses.push(status);
+        }
+
+        driver.run(&mut handler);
+
+        assert!(statuses.iter().all(|&s| driver.status_at(s) == S_OK));
+        for i in 0..8u64 {
+            assert_eq!(
+                file_bytes(img.as_path(), i * 1024, 1024),
+                pattern(1024, i as u8)
+            );
+        }
+    }
+}
+
+#[test]
+fn direct_io_handles_aligned_and_unaligned_guest_buffers() {
+    let img = image(IMAGE_SIZE);
+    let mut config = BlockConfig::new(img.as_path());
+    config.direct = true;
+    config.queue_size = QUEUE_SIZE;
+    let Ok(block) = Block::new(config) else {
+        eprintln!("O_DIRECT unsupported on /tmp here: skipped");
+        return;
+    };
+    let mut handler = block.queue_handler(QUEUE_SIZE);
+    let mem = ram();
+    let mut driver = Driver::new(&mem);
+    let data = pattern(4096, 7);
+    assert_eq!(driver.write(&mut handler, 16, &data, 1), S_OK);
+
+    // A buffer starting 8 bytes into a sector forces the bounce path.
+    let header = driver.header(VIRTIO_BLK_T_IN, 16);
+    let buf = driver.alloc(4096 + 8) + 8;
+    let status = driver.status();
+    let (_, used_len) = driver.submit(
+        &mut handler,
+        &[
+            readable(header, 16),
+            writable(buf, 4096),
+            writable(status, 1),
+        ],
+    );
+
+    assert_eq!(driver.status_at(status), S_OK);
+    assert_eq!(used_len, 4097);
+    assert_eq!(driver.read_bytes(buf, 4096), data);
+}
+
+#[test]
+fn indirect_chain_is_served() {
+    let img = image(IMAGE_SIZE);
+    let block = open(img.as_path(), IoEngine::Sync, false);
+    let mut handler = block.queue_handler(QUEUE_SIZE);
+    let mem = ram();
+    let mut driver = Driver::new(&mem);
+    let data = pattern(1024, 3);
+    img.as_file().write_all_at(&data, 4 * 512).unwrap();
+    // Indirect table: header, 2 data buffers, status.
+    let header = driver.header(VIRTIO_BLK_T_IN, 4);
+    let a = driver.alloc(512);
+    let b = driver.alloc(512);
+    let status = driver.status();
+    let table = driver.alloc(64);
+    let entries = [
+        Descriptor::new(header, 16, VRING_DESC_F_NEXT as u16, 1),
+        Descriptor::new(a, 512, (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16, 2),
+        Descriptor::new(b, 512, (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16, 3),
+        Descriptor::new(status, 1, VRING_DESC_F_WRITE as u16, 0),
+    ];
+    for (i, e) in entries.iter().enumerate() {
+        mem.write_obj(RawDescriptor::from(*e), GuestAddress(table + 16 * i as u64))
+            .unwrap();
+    }
+    let head = RawDescriptor::from(Descriptor::new(
+        table,
+        64,
+        virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16,
+        0,
+    ));
+    driver.mock.add_desc_chains(&[head], 0).unwrap();
+    driver.chains += 1;
+
+    driver.run(&mut handler);
+
+    assert_eq!(driver.status_at(status), S_OK);
+    assert_eq!(driver.used(0), (0, 1025));
+    assert_eq!(
+        [driver.read_bytes(a, 512), driver.read_bytes(b, 512)].concat(),
+        data
+    );
+}
+
+#[test]
+fn flush_and_get_id() {
+    for engine in engines() {
+        let img = image(IMAGE_SIZE);
+        let block = open(img.as_path(), engine, false);
+        let mut handler = block.queue_handler(QUEUE_SIZE);
+        let mem = ram();
+        let mut driver = Driver::new(&mem);
+
+        let header = driver.header(VIRTIO_BLK_T_FLUSH, 0);
+        let status = driver.status();
+        let (_, flush_len) =
+            driver.submit(&mut handler, &[readable(header, 16), writable(status, 1)]);
+        assert_eq!(driver.status_at(status), S_OK);
+        assert_eq!(flush_len, 1);
+
+        let header = driver.header(VIRTIO_BLK_T_GET_ID, 0);
+        let id = driver.alloc(20);
+        let status = driver.status();
+        let (_, id_len) = driver.submit(
+            &mut handler,
+            &[readable(header, 16), writable(id, 20), writable(status, 1)],
+        );
+        assert_eq!(driver.status_at(status), S_OK);
+        assert_eq!(id_len, 21);
+        let mut expected = b"sluice-disk-0001".to_vec();
+        expected.resize(20, 0);
+        assert_eq!(driver.read_bytes(id, 20), expected);
+    }
+}
+
+#[test]
+fn write_zeroes_and_discard_reach_the_file() {
+    for engine in engines() {
+        let img = image(IMAGE_SIZE);
+        let block = open(img.as_path(), engine, false);
+        let mut handler = block.queue_handler(QUEUE_SIZE);
+        let mem = ram();
+        let mut driver = Driver::new(&mem);
+        let data = vec![0x5a; 256 * 1024];
+        img.as_file().write_all_at(&data, 0).unwrap();
+        img.as_file().sync_all().unwrap();
+        let blocks_before = img.as_file().metadata().unwrap().blocks();
+
+        // Write zeroes on sectors 8..16 (no unmap) and 16..24 (unmap allowed).
+        let header = driver.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        let segs = driver.segments(&[(8, 8, 0), (16, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)]);
+        let status = driver.status();
+        driver.submit(
+            &mut handler,
+            &[readable(header, 16), segs, writable(status, 1)],
+        );
+        assert_eq!(driver.status_at(status), S_OK, "{engine:?}");
+        assert_eq!(file_bytes(img.as_path(), 8 * 512, 8192), vec![0; 8192]);
+        assert_eq!(file_bytes(img.as_path(), 0, 4096), vec![0x5a; 4096]);
+        assert_eq!(file_bytes(img.as_path(), 24 * 512, 512), vec![0x5a; 512]);
+
+        // Discard the last 128 KiB: the blocks go away and the range reads zero.
+        let header = driver.header(VIRTIO_BLK_T_DISCARD, 0);
+        let segs = driver.segments(&[(256, 256, 0)]);
+        let status = driver.status();
+        driver.submit(
+            &mut handler,
+            &[readable(header, 16), segs, writable(status, 1)],
+        );
+        assert_eq!(driver.status_at(status), S_OK);
+        let blocks_after = img.as_file().metadata().unwrap().blocks();
+        assert!(
+            blocks_after < blocks_before,
+            "{engine:?}: st_blocks {blocks_before} -> {blocks_after}"
+        );
+        assert_eq!(file_bytes(img.as_path(), 256 * 512, 4096), vec![0; 4096]);
+        assert_eq!(img.as_file().metadata().unwrap().len(), IMAGE_SIZE);
+    }
+}
+
+#[test]
+fn read_only_device_refuses_writes_and_leaves_the_file_alone() {
+    let img = image(IMAGE_SIZE);
+    img.as_file().write_all_at(&[0x11; 512], 0).unwrap();
+    let block = open(img.as_path(), IoEngine::Auto, true);
+    assert_ne!(block.device_features() & (1 << VIRTIO_BLK_F_RO), 0);
+    let mut handler = block.queue_handler(QUEUE_SIZE);
+    let mem = ram();
+    let mut driver = Driver::new(&mem);
+
+    let status = driver.write(&mut handler, 0, &[0x22; 512], 1);
+
+    assert_eq!(status, S_IOERR);
+    assert_eq!(file_bytes(img.as_path(), 0, 512), vec![0x11; 512]);
+    assert_eq!(driver.errors(), 1);
+    let (status, data, _) = driver.read(&mut handler, 0, 512, 1);
+    assert_eq!((status, data), (S_OK, vec![0x11; 512]));
+}
+
+#[test]
+fn second_open_of_a_locked_image_fails_cleanly() {
+    let img = image(IMAGE_SIZE);
+    let _first = open(img.as_path(), IoEngine::Sync, false);
+
+    let second = Block::new(BlockConfig::new(img.as_path()));
+
+    let err = second.unwrap_err();
+    assert!(matches!(err, BlockError::Locked { .. }), "{err}");
+    assert!(err
+        .to_string()
+        .contains(&img.as_path().display().to_string()));
+}
+
+#[test]
+fn bad_configs_are_refused() {
+    let img = image(IMAGE_SIZE);
+    let mut serial = BlockConfig::new(img.as_path());
+    serial.serial = "x".repeat(21);
+    let mut block_size = BlockConfig::new(img.as_path());
+    block_size.logical_block_size = 1000;
+    let odd = image(1000);
+
+    assert!(matches!(
+        Block::new(serial),
+        Err(BlockError::SerialTooLong(21))
+    ));
+    assert!(matches!(
+        Block::new(block_size),
+        Err(BlockError::BlockSize(1000))
+    ));
+    assert!(matches!(
+        Block::new(BlockConfig::new(odd.as_path())),
+        Err(BlockError::UnalignedSize { size: 1000, .. })
+    ));
+    assert!(matches!(
+        Block::new(BlockConfig::new("/nonexistent/disk.img")),
+        Err(BlockError::Open { .. })
+    ));
+}
+
+#[test]
+fn config_space_and_features() {
+    let img = image(IMAGE_SIZE);
+    let mut config = BlockConfig::new(img.as_path());
+    config.queues = 4;
+    config.logical_block_size = 4096;
+    let block = Block::new(config).unwrap();
+    let mut space = [0u8; 64];
+
+    block.read_config(0, &mut space);
+
+    assert_eq!(u64::from_le_bytes(space[0..8].try_into().unwrap()), SECTORS);
+    assert_eq!(u32::from_le_bytes(space[20..24].try_into().unwrap()), 4096);
+    assert_eq!(u16::from_le_bytes(space[34..36].try_into().unwrap()), 4);
+    assert_eq!(u32::from_le_bytes(space[40..44].try_into().unwrap()), 16);
+    assert_eq!(space[56], 1);
+    assert_eq!(&space[60..], &[0; 4]);
+    let mut tail = [0xffu8; 4];
+    block.read_config(u64::MAX - 1, &mut tail);
+    assert_eq!(tail, [0; 4]);
+    let features = block.device_features();
+    assert_ne!(features & (1 << VIRTIO_BLK_F_MQ), 0);
+    assert_eq!(features & (1 << VIRTIO_BLK_F_RO), 0);
+    assert_ne!(features & (1 << 32), 0, "VERSION_1");
+    assert_eq!(block.queue_max_sizes(), vec![256; 4]);
+}
+
+/// A hostile chain and what the device must answer.
+struct Hostile {
+    name: &'static str,
+    build: fn(&mut Driver<'_>) -> (Vec<Desc>, Option<u64>),
+    /// Expected status byte, or None for a zero-length used entry.
+    expect: Option<u8>,
+}
+
+fn header_plus(
+    d: &mut Driver<'_>,
+    request_type: u32,
+    sector: u64,
+    data: Desc,
+) -> (Vec<Desc>, Option<u64>) {
+    let header = d.header(request_type, sector);
+    let status = d.status();
+    (
+        vec![readable(header, 16), data, writable(status, 1)],
+        Some(status),
+    )
+}
+
+fn hostile_chains() -> Vec<Hostile> {
+    vec![
+        Hostile {
+            name: "header too short",
+            build: |d| {
+                let header = d.header(VIRTIO_BLK_T_IN, 0);
+                let data = d.alloc(512);
+                let status = d.status();
+                (
+                    vec![
+                        readable(header, 8),
+                        writable(data, 512),
+                        writable(status, 1),
+                    ],
+                    Some(status),
+                )
+            },
+            expect: Some(S_IOERR),
+        },
+        Hostile {
+            name: "missing status",
+            build: |d| {
+                let header = d.header(VIRTIO_BLK_T_FLUSH, 0);
+                (vec![readable(header, 16)], None)
+            },
+            expect: None,
+        },
+        Hostile {
+            name: "status not writable",
+            build: |d| {
+                let header = d.header(VIRTIO_BLK_T_FLUSH, 0);
+                let status = d.status();
+                (vec![readable(header, 16), readable(status, 1)], None)
+            },
+            expect: None,
+        },
+        Hostile {
+            name: "status outside RAM",
+            build: |d| {
+                let header = d.header(VIRTIO_BLK_T_FLUSH, 0);
+                (
+                    vec![readable(header, 16), writable(0xdead_0000_0000, 1)],
+                    None,
+                )
+            },
+            expect: None,
+        },
+        Hostile {
+            name: "readable after writable",
+            build: |d| {
+                let header = d.header(VIRTIO_BLK_T_IN, 0);
+                let data = d.alloc(512);
+                let extra = d.alloc(512);
+                let status = d.status();
+                (
+                    vec![
+                        readable(header, 16),
+                        writable(data, 512),
+                        readable(extra, 512),
+                        writable(status, 1),
+                    ],
+                    Some(status),
+                )
+            },
+            expect: Some(S_IOERR),
+        },
+        Hostile {
+            name: "data not a multiple of 512",
+            build: |d| {
+                let data = d.alloc(100);
+                header_plus(d, VIRTIO_BLK_T_IN, 0, writable(data, 100))
+            },
+            expect: Some(S_IOERR),
+        },
+        Hostile {
+            name: "sector past capacity",
+            build: |d| {
+                let data = d.alloc(512);
+                header_plus(d, VIRTIO_BLK_T_IN, SECTORS, writable(data, 512))
+            },
+            expect: Some(S_IOERR),
+        },
+        Hostile {
+            name: "last sector straddles the end",
+            build: |d| {
+                let data = d.alloc(1024);
+                header_plus(d, VIRTIO_BLK_T_OUT, SECTORS - 1, readable(data, 1024))
+            },
+            expect: Some(S_IOERR),
+        },
+        Hostile {
+            name: "sector + len overflows u64",
+            build: |d| {
+                let data = d.alloc(512);
+                header_plus(d, VIRTIO_BLK_T_IN, u64::MAX / 512, writable(data, 512))
+            },
+            expect: Some(S_IOERR),
+        },
+        Hostile {
+            name: "sector * 512 overflows u64",
+            build: |d| {
+                let data = d.alloc(512);
+                header_plus(d, VIRTIO_BLK_T_OUT, u64::MAX, readable(data, 512))
+            },
+            expect: Some(S_IOERR),
+        },
+        Hostile {
+            name: "data buffer outside RAM",
+            build: |d| header_plus(d, VIRTIO_BLK_T_IN, 0, writable(0xdead_0000_0000, 512)),
+            expect: Some(S_IOERR),
+        },
+        Hostile {
+            name: "data buffer wraps the address space",
+            build: |d| header_plus(d, VIRTIO_BLK_T_OUT, 0, readable(u64::MAX - 255, 512)),
+            expect: Some(S_IOERR),
+        },
+        Hostile {
+            name: "data buffer runs off the end of RAM",
+            build: |d| header_plus(d, VIRTIO_BLK_T_IN, 0, writable(RAM_SIZE as u64 - 512, 1024)),
+            expect: Some(S_IOERR),
+        },
+        Hostile {
+            name: "zero-length data buffer",
+            build: |d| {
+                let data = d.alloc(512);
+                header_plus(d, VIRTIO_BLK_T_IN, 0, writable(data, 0))
+            },
+            expect: Some(S_IOERR),
+        },
+        Hostile {
+            name: "read into a device-readable buffer",
+            build: |d| {
+                let data = d.alloc(512);
+                header_plus(d, VIRTIO_BLK_T_IN, 0, readable(data, 512))
+            },
+            expect: Some(S_IOERR),
+        },
+        Hostile {
+            name: "write data in a device-writable buffer",
+            build: |d| {
+                let data = d.alloc(512);
+                header_plus(d, VIRTIO_BLK_T_OUT, 0, writable(data, 512))
+            },
+            expect: Some(S_IOERR),
+        },
+        Hostile {
+            name: "unknown request type",
+            build: |d| {
+                let header = d.header(0x7777, 0);
+                let status = d.status();
+                (
+                    vec![readable(header, 16), writable(status, 1)],
+                    Some(status),
+                )
+            },
+            expect: Some(S_UNSUPP),
+        },
+        Hostile {
+            name: "discard with reserved flags",
+            build: |d| {
+                let segs = d.segments(&[(0, 8, 1)]);
+                header_plus(d, VIRTIO_BLK_T_DISCARD, 0, segs)
+            },
+            expect: Some(S_UNSUPP),
+        },
+        Hostile {
+            name: "write zeroes past capacity",
+            build: |d| {
+                let segs = d.segments(&[(SECTORS - 4, 8, 0)]);
+                header_plus(d, VIRTIO_BLK_T_WRITE_ZEROES, 0, segs)
+            },
+            expect: Some(S_IOERR),
+        },
+        Hostile {
+            name: "truncated discard segment",
+            build: |d| {
+                let segs = d.segments(&[(0, 8, 0)]);
+                let short = Desc { len: 10, ..segs };
+                header_plus(d, VIRTIO_BLK_T_DISCARD, 0, short)
+            },
+            expect: Some(S_IOERR),
+        },
+        Hostile {
+            name: "too many discard segments",
+            build: |d| {
+                let segs = d.segments(&[(0, 1, 0); 17]);
+                header_plus(d, VIRTIO_BLK_T_DISCARD, 0, segs)
+            },
+            expect: Some(S_IOERR),
+        },
+    ]
+}
+
+#[test]
+fn hostile_chains_complete_with_errors() {
+    for engine in engines() {
+        let img = image(IMAGE_SIZE);
+        img.as_file().write_all_at(&[0x33; 4096], 0).unwrap();
+        let block = open(img.as_path(), engine, false);
+        let mut handler = block.queue_handler(QUEUE_SIZE);
+        let mem = ram();
+        let mut driver = Driver::new(&mem);
+
+        for (i, case) in hostile_chains().iter().enumerate() {
+            let (descs, status) = (case.build)(&mut driver);
+            let buffers_before: Vec<Vec<u8>> = descs
+                .iter()
+                .filter(|d| in_ram(d))
+                .map(|d| driver.read_bytes(d.addr, d.len as usize))
+                .collect();
+
+            let (_, used_len) = driver.submit(&mut handler, &descs);
+
+            match (case.expect, status) {
+                (Some(code), Some(addr)) => {
+                    assert_eq!(driver.status_at(addr), code, "{engine:?}: {}", case.name);
+                    assert_eq!(used_len, 1, "{}", case.name);
+                }
+                _ => assert_eq!(used_len, 0, "{}", case.name),
+            }
+            assert_eq!(driver.errors(), i as u64 + 1, "{}", case.name);
+            // No data buffer was written: only status bytes may change.
+            let buffers_after: Vec<Vec<u8>> = descs
+                .iter()
+                .filter(|d| in_ram(d))
+                .map(|d| driver.read_bytes(d.addr, d.len as usize))
+                .collect();
+            for (before, after) in buffers_before.iter().zip(&buffers_after) {
+                if before.len() > 1 {
+                    assert_eq!(before, after, "{}: guest buffer modified", case.name);
+                }
+            }
+        }
+        assert_eq!(file_bytes(img.as_path(), 0, 4096), vec![0x33; 4096]);
+        assert_eq!(
+            file_bytes(img.as_path(), IMAGE_SIZE - 4096, 4096),
+            vec![0; 4096]
+        );
+    }
+}
+
+#[test]
+fn fuzz_entry_survives_random_inputs() {
+    let mut state = 0x1234_5678_9abc_def0_u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut parsed = 0;
+    for round in 0..3000 {
+        let len = (next() % 4096) as usize;
+        let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        // Bias half the inputs toward plausible chains: a real header first, then random
+        // buffers at small addresses, the avail ring pointing at descriptor 0.
+        if round % 2 == 0 && bytes.len() >= 0x410 {
+            for d in 0..4usize {
+                let at = d * 16;
+                let (addr, len) = if d == 0 {
+                    (0x400, 16)
+                } else {
+                    (0x800 + (next() % 0x800), (next() % 1100) as u32)
+                };
+                bytes[at..at + 8].copy_from_slice(&addr.to_le_bytes());
+                bytes[at + 8..at + 12].copy_from_slice(&len.to_le_bytes());
+                bytes[at + 12] = if d == 0 { 1 } else { bytes[at + 12] & 0x3 };
+                bytes[at + 13] = 0;
+                bytes[at + 14..at + 16].copy_from_slice(&(d as u16 + 1).to_le_bytes());
+            }
+            let types = [0u32, 1, 4, 8, 11, 13];
+            let request_type = types[(next() % types.len() as u64) as usize];
+            bytes[0x400..0x404].copy_from_slice(&request_type.to_le_bytes());
+            bytes[0x408..0x410].copy_from_slice(&(next() % 4096).to_le_bytes());
+            bytes[0x104] = 0;
+            bytes[0x105] = 0;
+        }
+
+        if let FuzzOutcome::Parsed(_) = parse_request_for_fuzz(&bytes, round % 3 == 0) {
+            parsed += 1;
+        }
+    }
+    assert!(parsed > 0, "the fuzz harness never reached a valid request");
+}
+
+#[test]
+fn fuzz_entry_parses_a_well_formed_read() {
+    let mut bytes = vec![0u8; 0x1000];
+    let descs = [
+        Descriptor::new(0x400, 16, VRING_DESC_F_NEXT as u16, 1),
+        Descriptor::new(
+            0x800,
+            512,
+            (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+            2,
+        ),
+        Descriptor::new(0xa00, 1, VRING_DESC_F_WRITE as u16, 0),
+    ];
+    for (i, d) in descs.iter().enumerate() {
+        let raw = RawDescriptor::from(*d);
+        bytes[i * 16..i * 16 + 16].copy_from_slice(vm_memory::ByteValued::as_slice(&raw));
+    }
+    bytes[0x400..0x404].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    bytes[0x408..0x410].copy_from_slice(&3u64.to_le_bytes());
+
+    let outcome = parse_request_for_fuzz(&bytes, true);
+
+    let FuzzOutcome::Parsed(request) = outcome else {
+        panic!("not parsed: {outcome:?}");
+    };
+    assert_eq!(request.status_addr, GuestAddress(0xa00));
+    assert!(matches!(
+        request.kind,
+        RequestKind::Read {
+            sector: 3,
+            len: 512,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn dropping_a_handler_waits_for_in_flight_io() {
+    if !io_uring_available() {
+        return;
+    }
+    let img = image(IMAGE_SIZE);
+    let block = open(img.as_path(), IoEngine::IoUring, false);
+    let mut handler = block.queue_handler(QUEUE_SIZE);
+    let mem = ram();
+    let mut driver = Driver::new(&mem);
+    let header = driver.header(VIRTIO_BLK_T_OUT, 0);
+    let buf = driver.alloc(65536);
+    let status = driver.status();
+    driver.add_chain(&[
+        readable(header, 16),
+        readable(buf, 65536),
+        writable(status, 1),
+    ]);
+    let mut ctx = QueueContext {
+        queue: &mut driver.queue,
+        mem: &driver.space,
+        metrics: &driver.metrics,
+    };
+    handler.process(&mut ctx).unwrap();
+    let submitted = handler.in_flight();
+
+    drop(handler);
+
+    assert_eq!(submitted, 1);
+    assert_eq!(file_bytes(img.as_path(), 0, 65536), vec![0xee; 65536]);
+}
+
+#[test]
+fn short_reads_from_a_shrunken_image_are_errors_not_success() {
+    for engine in engines() {
+        let img = image(IMAGE_SIZE);
+        img.as_file()
+            .write_all_at(&[0x44; 4096], IMAGE_SIZE / 2 - 2048)
+            .unwrap();
+        let block = open(img.as_path(), engine, false);
+        let mut handler = block.queue_handler(QUEUE_SIZE);
+        let mem = ram();
+        let mut driver = Driver::new(&mem);
+        // Someone truncates the image behind the device's back.
+        img.as_file().set_len(IMAGE_SIZE / 2).unwrap();
+
+        let straddling = driver.read(&mut handler, IMAGE_SIZE / 2 / 512 - 4, 4096, 2);
+        let beyond = driver.read(&mut handler, IMAGE_SIZE / 2 / 512 + 8, 512, 1);
+
+        assert_eq!(straddling.0, S_IOERR, "{engine:?}");
+        assert_eq!(straddling.2, 1, "no data claimed on error");
+        assert_eq!(beyond.0, S_IOERR, "{engine:?}");
+        assert_eq!(driver.errors(), 2);
+    }
+}
