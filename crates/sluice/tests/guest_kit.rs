@@ -1,0 +1,67 @@
+//! The embedded guest kit on sluice (KVM): it boots, finds sluice's ACPI tables and PCI devices,
+//! takes timer interrupts on every vCPU setup, and exits cleanly through the debug-exit port.
+
+use std::path::Path;
+
+use sluice_guest_kit::{skip_without_kvm, GuestKitRun, Vmm};
+
+fn sluice_run(cmdline: &str, extra_args: &[&str]) -> GuestKitRun {
+    let mut run = GuestKitRun::sluice(Path::new(env!("CARGO_BIN_EXE_sluice")), cmdline);
+    run.cpus = 2;
+    if let Vmm::Sluice {
+        extra_args: args, ..
+    } = &mut run.vmm
+    {
+        args.extend(extra_args.iter().map(|s| s.to_string()));
+    }
+    run
+}
+
+#[test]
+fn guest_kit_reports_sluice_acpi_tables_and_pci_devices() {
+    if skip_without_kvm("guest_kit_reports_sluice_acpi_tables_and_pci_devices") {
+        return;
+    }
+
+    let report = sluice_run("w=info", &["--test-device"]).run().unwrap();
+
+    assert!(report.passed(), "{}", report.describe());
+    for table in ["RSDP", "XSDT", "FACP", "DSDT", "APIC", "MCFG"] {
+        assert!(
+            report.acpi_table(table).is_some(),
+            "{table} missing:\n{}",
+            report.console
+        );
+    }
+    let host_bridge = report.pci.iter().find(|p| p.is_host_bridge()).unwrap();
+    assert_eq!(
+        (host_bridge.vendor_id, host_bridge.device_id),
+        (0x1b36, 0x0008)
+    );
+    let test_dev = report.pci.iter().find(|p| p.vendor_id == 0x1234).unwrap();
+    assert_eq!(test_dev.device_id, 0x5c1e);
+    assert!(
+        test_dev
+            .bars
+            .iter()
+            .all(|b| (0xc000_0000..0xe000_0000).contains(&b.address)),
+        "BARs must sit in the 32-bit PCI window: {:?}",
+        test_dev.bars
+    );
+}
+
+#[test]
+fn embedded_guest_kit_is_the_default_kernel() {
+    if skip_without_kvm("embedded_guest_kit_is_the_default_kernel") {
+        return;
+    }
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--cpus", "2"])
+        .output()
+        .unwrap();
+
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{console}");
+    assert!(console.contains("GUEST-KIT PASS"), "{console}");
+}
