@@ -14,7 +14,7 @@ pub trait ExitSink: Send + Sync {
     fn request_exit(&self, why: GuestExit);
 }
 
+pub mod block;
+pub mod net;
 pub mod platform;
 pub mod rng;
-pub mod net;
-pub mod block;

@@ -1,0 +1,509 @@
+//! The queue handlers: TX (guest → tap), RX (tap → guest) and the control queue.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use sluice_dma::DmaSpace;
+use sluice_virtio::{QueueContext, QueueError, QueueHandler, QueueMetrics};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET,
+    VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_RX,
+    VIRTIO_NET_CTRL_RX_ALLMULTI, VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_ERR, VIRTIO_NET_OK,
+};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Writer};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use super::header::{parse_tx_packet, HeaderError, TxOffloads, MAX_PACKET_LEN, NET_HDR_LEN};
+
+/// Frames moved per `process`/`complete` call, so the worker gets to interrupt the guest.
+const RX_BUDGET: usize = 256;
+/// Largest control command accepted (a MAC table with a few hundred entries).
+const MAX_CTRL_LEN: usize = 8 * 1024;
+/// Offset of `num_buffers` in the header.
+const NUM_BUFFERS_OFFSET: usize = 10;
+
+/// What the handlers need from the host side of the link (a [`super::Tap`], or a fake in tests).
+pub trait NetBackend: Send + Sync {
+    /// Reads one packet (header + frame) from queue pair `pair`; `None` if none is waiting.
+    fn read_packet(&self, pair: usize, buf: &mut [u8]) -> io::Result<Option<usize>>;
+    /// Writes one packet (header + frame) to queue pair `pair`.
+    fn write_packet(&self, pair: usize, packet: &[u8]) -> io::Result<()>;
+    /// Readable when `pair` has packets waiting.
+    fn queue_fd(&self, pair: usize) -> Option<RawFd>;
+    /// The guest now serves queue pairs `0..pairs`.
+    fn set_active_pairs(&self, pairs: u16) -> io::Result<()>;
+    /// Offloads the guest accepts on receive (`TUN_F_*`).
+    fn set_offload(&self, tun_flags: u32) -> io::Result<()>;
+}
+
+impl NetBackend for super::Tap {
+    fn read_packet(&self, pair: usize, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        super::Tap::read_packet(self, pair, buf)
+    }
+    fn write_packet(&self, pair: usize, packet: &[u8]) -> io::Result<()> {
+        super::Tap::write_packet(self, pair, packet)
+    }
+    fn queue_fd(&self, pair: usize) -> Option<RawFd> {
+        super::Tap::queue_fd(self, pair)
+    }
+    fn set_active_pairs(&self, pairs: u16) -> io::Result<()> {
+        self.set_active_queues(usize::from(pairs))
+    }
+    fn set_offload(&self, tun_flags: u32) -> io::Result<()> {
+        super::Tap::set_offload(self, tun_flags)
+    }
+}
+
+/// Why one chain or packet was dropped (counted in `metrics.errors`).
+#[derive(Debug, thiserror::Error)]
+enum DropReason {
+    #[error("malformed chain: {0}")]
+    Chain(#[from] virtio_queue::Error),
+    #[error("chain too long: {0} bytes")]
+    TooLong(usize),
+    #[error("bad header: {0}")]
+    Header(#[from] HeaderError),
+    #[error("guest memory: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Pops the next available chain; `Err` only for a broken ring.
+fn next_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m DmaSpace,
+) -> Result<Option<DescriptorChain<&'m DmaSpace>>, QueueError> {
+    Ok(queue.iter(mem)?.next())
+}
+
+fn record(metrics: &QueueMetrics, outcome: Result<usize, ()>, popped: Instant) {
+    QueueMetrics::add(&metrics.requests, 1);
+    match outcome {
+        Ok(bytes) => QueueMetrics::add(&metrics.bytes, bytes as u64),
+        Err(()) => QueueMetrics::add(&metrics.errors, 1),
+    }
+    let nanos = u64::try_from(popped.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    metrics.latency.record(nanos);
+}
+
+/// Transmit queue of one pair: each chain is header + frame, written to the tap as is.
+pub struct TxHandler {
+    backend: Arc<dyn NetBackend>,
+    pair: usize,
+    offloads: TxOffloads,
+    packet: Vec<u8>,
+}
+
+impl TxHandler {
+    pub fn new(backend: Arc<dyn NetBackend>, pair: usize, offloads: TxOffloads) -> Self {
+        Self {
+            backend,
+            pair,
+            offloads,
+            packet: vec![0; MAX_PACKET_LEN],
+        }
+    }
+
+    /// Sends one chain's packet; returns the frame length.
+    fn transmit(
+        &mut self,
+        mem: &DmaSpace,
+        chain: DescriptorChain<&DmaSpace>,
+    ) -> Result<usize, DropReason> {
+        let mut reader = chain.reader(mem)?;
+        let len = reader.available_bytes();
+        let packet = self.packet.get_mut(..len).ok_or(DropReason::TooLong(len))?;
+        reader.read_exact(packet)?;
+        // Validate the copy, so what was checked is what the kernel sees.
+        let header = parse_tx_packet(packet, self.offloads)?;
+        packet[..NET_HDR_LEN].copy_from_slice(&header.to_bytes());
+        self.backend.write_packet(self.pair, packet)?;
+        Ok(len - NET_HDR_LEN)
+    }
+}
+
+impl QueueHandler for TxHandler {
+    fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        let mut used = false;
+        while let Some(chain) = next_chain(ctx.queue, ctx.mem)? {
+            let popped = Instant::now();
+            let head = chain.head_index();
+            let outcome = self.transmit(ctx.mem, chain).map_err(|e| {
+                tracing::debug!("virtio-net tx{}: dropped: {e}", self.pair);
+            });
+            // The device writes nothing into TX buffers.
+            ctx.queue.add_used(ctx.mem, head, 0)?;
+            record(ctx.metrics, outcome, popped);
+            used = true;
+        }
+        Ok(used)
+    }
+}
+
+/// What became of one received packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Written into `buffers` chains.
+    Delivered { buffers: u16 },
+    /// Not enough buffers posted; nothing consumed, try again after the next kick.
+    NoBuffers,
+    /// The buffers were unusable (too small, outside memory): the chains were returned with
+    /// length 0 and the packet dropped.
+    Dropped,
+}
+
+/// Copies `packet` (header + frame) into the next available chains and sets `num_buffers`.
+///
+/// Without `mergeable` the packet must fit in one chain. Used entries are only added once the
+/// whole packet is placed, so a shortage of buffers rolls back cleanly.
+pub fn deliver_packet(
+    queue: &mut Queue,
+    mem: &DmaSpace,
+    metrics: &QueueMetrics,
+    packet: &[u8],
+    mergeable: bool,
+) -> Result<Delivery, QueueError> {
+    let max_chains = if mergeable {
+        usize::from(queue.size())
+    } else {
+        1
+    };
+    let mut heads: Vec<(u16, u32)> = Vec::new();
+    let mut header_writer: Option<Writer<'_>> = None;
+    let mut offset = 0;
+    let mut broken = false;
+    while offset < packet.len() && !broken {
+        if heads.len() >= max_chains {
+            broken = true;
+            break;
+        }
+        let Some(chain) = next_chain(queue, mem)? else {
+            for _ in 0..heads.len() {
+                queue.go_to_previous_position();
+            }
+            return Ok(Delivery::NoBuffers);
+        };
+        let head = chain.head_index();
+        let placed = chain.writer(mem).ok().and_then(|mut writer| {
+            if heads.is_empty() {
+                if writer.available_bytes() < NET_HDR_LEN {
+                    return None;
+                }
+                header_writer = Some(writer.clone());
+            }
+            let rest = packet.get(offset..)?;
+            let n = writer.available_bytes().min(rest.len());
+            writer.write_all(rest.get(..n)?).ok()?;
+            (n > 0).then_some(n)
+        });
+        match placed {
+            Some(n) => {
+                heads.push((head, n as u32));
+                offset += n;
+            }
+            None => {
+                heads.push((head, 0));
+                broken = true;
+            }
+        }
+    }
+    let count = u16::try_from(heads.len()).unwrap_or(u16::MAX);
+    if !broken {
+        broken = header_writer
+            .and_then(|mut w| w.split_at(NUM_BUFFERS_OFFSET).ok())
+            .and_then(|mut tail| tail.write_all(&count.to_le_bytes()).ok())
+            .is_none();
+    }
+    for &(head, len) in &heads {
+        queue.add_used(mem, head, if broken { 0 } else { len })?;
+        QueueMetrics::add(&metrics.requests, 1);
+    }
+    if broken {
+        QueueMetrics::add(&metrics.errors, 1);
+        return Ok(Delivery::Dropped);
+    }
+    let frame_bytes = packet.len().saturating_sub(NET_HDR_LEN) as u64;
+    QueueMetrics::add(&metrics.bytes, frame_bytes);
+    Ok(Delivery::Delivered { buffers: count })
+}
+
+/// Why an RX pass stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RxStop {
+    /// The tap has no more packets.
+    Drained,
+    /// The budget ran out with packets left.
+    Budget,
+    /// No (or not enough) buffers posted, or the tap failed: wait for the next kick.
+    Stalled,
+}
+
+/// Makes the tap's readability visible to the worker only while the handler wants packets.
+///
+/// The worker watches completion fds level-triggered; handing it the tap fd itself would spin
+/// the worker while packets wait and the guest has posted no buffers. Instead the tap fd sits
+/// in a private epoll instance with `EPOLLONESHOT`, and that epoll fd is the completion fd: it
+/// turns readable once per arming, and the handler re-arms only when it can take more packets.
+struct RxWaker {
+    epoll: Epoll,
+    tap_fd: RawFd,
+}
+
+impl RxWaker {
+    fn new(tap_fd: RawFd) -> io::Result<Self> {
+        let epoll = Epoll::new()?;
+        epoll.ctl(ControlOperation::Add, tap_fd, Self::event())?;
+        Ok(Self { epoll, tap_fd })
+    }
+
+    fn event() -> EpollEvent {
+        EpollEvent::new(EventSet::IN | EventSet::ONE_SHOT, 0)
+    }
+
+    /// Takes the pending wakeup (the one-shot registration is now disarmed).
+    fn consume(&self) {
+        let mut events = [EpollEvent::default(); 1];
+        if let Err(e) = self.epoll.wait(0, &mut events) {
+            tracing::warn!("virtio-net rx: epoll_wait: {e}");
+        }
+    }
+
+    /// Wakes the worker (again) when the tap is, or becomes, readable.
+    fn arm(&self) {
+        if let Err(e) = self
+            .epoll
+            .ctl(ControlOperation::Modify, self.tap_fd, Self::event())
+        {
+            tracing::warn!("virtio-net rx: re-arming the tap wakeup: {e}");
+        }
+    }
+}
+
+/// Receive queue of one pair: moves packets from the tap into posted buffers.
+pub struct RxHandler {
+    backend: Arc<dyn NetBackend>,
+    pair: usize,
+    mergeable: bool,
+    packet: Vec<u8>,
+    /// Length of a packet read from the tap but not yet delivered (no buffers were posted).
+    pending: Option<usize>,
+    waker: Option<RxWaker>,
+}
+
+impl RxHandler {
+    /// Fails only if the wakeup epoll instance cannot be created.
+    pub fn new(backend: Arc<dyn NetBackend>, pair: usize, mergeable: bool) -> io::Result<Self> {
+        let waker = backend.queue_fd(pair).map(RxWaker::new).transpose()?;
+        Ok(Self {
+            backend,
+            pair,
+            mergeable,
+            packet: vec![0; MAX_PACKET_LEN],
+            pending: None,
+            waker,
+        })
+    }
+
+    /// Delivers packets until the tap is empty, buffers run out, or the budget is spent; then
+    /// re-arms the tap wakeup unless it has to wait for buffers.
+    fn pump(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        let (used, stop) = self.deliver_pending(ctx)?;
+        if stop != RxStop::Stalled {
+            if let Some(waker) = &self.waker {
+                waker.arm();
+            }
+        }
+        Ok(used)
+    }
+
+    fn deliver_pending(
+        &mut self,
+        ctx: &mut QueueContext<'_>,
+    ) -> Result<(bool, RxStop), QueueError> {
+        let mut used = false;
+        for _ in 0..RX_BUDGET {
+            // Without a posted buffer, packets stay queued in the tap rather than here.
+            if self.pending.is_none() && !has_available(ctx.queue, ctx.mem)? {
+                return Ok((used, RxStop::Stalled));
+            }
+            let len = match self.next_packet(ctx.metrics) {
+                Ok(Some(len)) => len,
+                Ok(None) => return Ok((used, RxStop::Drained)),
+                Err(()) => return Ok((used, RxStop::Stalled)),
+            };
+            let Some(packet) = self.packet.get(..len).filter(|p| p.len() >= NET_HDR_LEN) else {
+                self.pending = None;
+                QueueMetrics::add(&ctx.metrics.errors, 1);
+                continue;
+            };
+            match deliver_packet(ctx.queue, ctx.mem, ctx.metrics, packet, self.mergeable)? {
+                Delivery::NoBuffers => return Ok((used, RxStop::Stalled)),
+                Delivery::Delivered { .. } | Delivery::Dropped => {
+                    self.pending = None;
+                    used = true;
+                }
+            }
+        }
+        Ok((used, RxStop::Budget))
+    }
+
+    /// The pending packet, or a fresh one from the tap; `Err` if the tap failed.
+    fn next_packet(&mut self, metrics: &QueueMetrics) -> Result<Option<usize>, ()> {
+        if self.pending.is_none() {
+            self.pending = self
+                .backend
+                .read_packet(self.pair, &mut self.packet)
+                .map_err(|e| {
+                    tracing::warn!("virtio-net rx{}: tap read: {e}", self.pair);
+                    QueueMetrics::add(&metrics.errors, 1);
+                })?;
+        }
+        Ok(self.pending)
+    }
+}
+
+/// Whether the driver has published chains not yet taken.
+fn has_available(queue: &Queue, mem: &DmaSpace) -> Result<bool, QueueError> {
+    let avail = queue.avail_idx(mem, Ordering::Acquire)?;
+    Ok(avail.0 != queue.next_avail())
+}
+
+impl QueueHandler for RxHandler {
+    /// A kick means new buffers: deliver what waits.
+    fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        self.pump(ctx)
+    }
+
+    /// Readable when the tap has packets and the handler is waiting for them.
+    fn completion_fd(&self) -> Option<RawFd> {
+        self.waker.as_ref().map(|w| w.epoll.as_raw_fd())
+    }
+
+    fn complete(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        if let Some(waker) = &self.waker {
+            waker.consume();
+        }
+        self.pump(ctx)
+    }
+}
+
+/// The control queue (present with `VIRTIO_NET_F_CTRL_VQ`).
+pub struct CtrlHandler {
+    backend: Arc<dyn NetBackend>,
+    max_pairs: u16,
+}
+
+impl CtrlHandler {
+    pub fn new(backend: Arc<dyn NetBackend>, max_pairs: u16) -> Self {
+        Self { backend, max_pairs }
+    }
+
+    /// Runs one command chain; returns the ack (`VIRTIO_NET_OK`/`ERR`) and the writer for it.
+    fn handle<'m>(
+        &self,
+        mem: &'m DmaSpace,
+        chain: DescriptorChain<&'m DmaSpace>,
+    ) -> Result<(u8, Writer<'m>), DropReason> {
+        let mut reader = chain.clone().reader(mem)?;
+        let writer = chain.writer(mem)?;
+        let len = reader.available_bytes();
+        if len > MAX_CTRL_LEN {
+            return Err(DropReason::TooLong(len));
+        }
+        if writer.available_bytes() == 0 {
+            return Err(DropReason::Io(io::ErrorKind::WriteZero.into()));
+        }
+        let mut command = vec![0; len];
+        reader.read_exact(&mut command)?;
+        let ack = match command.as_slice() {
+            [class, cmd, data @ ..] => self.execute(*class, *cmd, data),
+            _ => VIRTIO_NET_ERR as u8,
+        };
+        Ok((ack, writer))
+    }
+
+    fn execute(&self, class: u8, cmd: u8, data: &[u8]) -> u8 {
+        let ok = match (u32::from(class), u32::from(cmd)) {
+            (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) => self.set_pairs(data),
+            (VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC | VIRTIO_NET_CTRL_RX_ALLMULTI) => {
+                // The tap already hands every frame to the guest: the modes need no action.
+                data.len() == 1
+            }
+            (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET) => valid_mac_tables(data),
+            (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET) => data.len() == 6,
+            _ => false,
+        };
+        if ok {
+            VIRTIO_NET_OK as u8
+        } else {
+            VIRTIO_NET_ERR as u8
+        }
+    }
+
+    fn set_pairs(&self, data: &[u8]) -> bool {
+        let Ok(bytes) = <[u8; 2]>::try_from(data) else {
+            return false;
+        };
+        let pairs = u16::from_le_bytes(bytes);
+        if pairs == 0 || pairs > self.max_pairs {
+            return false;
+        }
+        match self.backend.set_active_pairs(pairs) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("virtio-net: activating {pairs} queue pairs: {e}");
+                false
+            }
+        }
+    }
+}
+
+/// Two `virtio_net_ctrl_mac` tables (unicast, multicast): `entries: le32`, `entries * 6` bytes
+/// each, filling the command exactly.
+fn valid_mac_tables(data: &[u8]) -> bool {
+    let mut rest = data;
+    for _ in 0..2 {
+        let Some((count, tail)) = rest.split_first_chunk::<4>() else {
+            return false;
+        };
+        let Some(table_len) = usize::try_from(u32::from_le_bytes(*count))
+            .ok()
+            .and_then(|n| n.checked_mul(6))
+        else {
+            return false;
+        };
+        let Some(after) = tail.get(table_len..) else {
+            return false;
+        };
+        rest = after;
+    }
+    rest.is_empty()
+}
+
+impl QueueHandler for CtrlHandler {
+    fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        let mut used = false;
+        while let Some(chain) = next_chain(ctx.queue, ctx.mem)? {
+            let popped = Instant::now();
+            let head = chain.head_index();
+            let outcome = self
+                .handle(ctx.mem, chain)
+                .and_then(|(ack, mut writer)| {
+                    writer.write_all(&[ack])?;
+                    Ok(ack)
+                })
+                .map_err(|e| tracing::debug!("virtio-net ctrl: dropped: {e}"));
+            let written = u32::from(outcome.is_ok());
+            ctx.queue.add_used(ctx.mem, head, written)?;
+            let outcome = match outcome {
+                Ok(ack) if ack == VIRTIO_NET_OK as u8 => Ok(0),
+                _ => Err(()),
+            };
+            record(ctx.metrics, outcome, popped);
+            used = true;
+        }
+        Ok(used)
+    }
+}

@@ -1,0 +1,31 @@
+//! virtio-net (virtio 1.2 §5.1, device type 1) over a Linux tap device.
+//!
+//! Queue order is the spec's: `rx0, tx0, rx1, tx1, ..., ctrl` (ctrl only with multiqueue).
+//! Each queue pair owns one tap queue file descriptor (`IFF_MULTI_QUEUE`).
+//!
+//! * [`header`] parses and serialises `virtio_net_hdr_v1`. It is the guest-facing parser: every
+//!   TX header is validated against the negotiated offloads before the kernel sees it; it is a
+//!   pure function ([`header::parse_tx_packet`]) so a fuzz target can call it on arbitrary bytes.
+//! * [`backend`] opens the tap (`/dev/net/tun`, `IFF_VNET_HDR` so the header passes through to
+//!   the kernel unchanged, non-blocking) — a handful of ioctls, written with libc directly.
+//! * [`handlers`] has the TX, RX and control queue handlers: TX copies header + frame out of the
+//!   chain and writes it to the tap; RX reads frames from the tap into posted buffers (spread over
+//!   several chains with `MRG_RXBUF`) and leaves frames in the tap while no buffers are posted;
+//!   the control queue answers `MQ_VQ_PAIRS_SET`, `RX` mode and `MAC` table commands.
+//! * [`device`] is the [`sluice_virtio::VirtioDevice`]: features, config space, activation.
+//!
+//! Frames are copied once in each direction (chain ↔ a per-handler buffer) because virtio-queue's
+//! `Reader`/`Writer` expose bounds-checked copies, not iovecs; a frame is at most 64 KiB.
+
+pub mod backend;
+pub mod device;
+pub mod handlers;
+pub mod header;
+
+#[cfg(test)]
+mod tests;
+
+pub use backend::{Tap, TapError};
+pub use device::{sanitize_features, tun_offload_flags, Net, NetConfig, QueueRole, NET_QUEUE_SIZE};
+pub use handlers::{deliver_packet, CtrlHandler, Delivery, NetBackend, RxHandler, TxHandler};
+pub use header::{parse_tx_packet, HeaderError, NetHeader, TxOffloads, NET_HDR_LEN};
