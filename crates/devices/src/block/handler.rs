@@ -51,7 +51,7 @@ pub struct BlockQueueHandler {
 /// A request submitted to io_uring and not yet completed.
 struct InFlight {
     head: u16,
-    status_addr: GuestAddress,
+    status_addr: Option<GuestAddress>,
     started: Instant,
     op: Op,
     /// SQEs whose CQE has not arrived.
@@ -108,6 +108,12 @@ enum Started {
     Completed,
     /// Its SQEs are queued in the ring.
     Submitted,
+}
+
+/// Free submission queue slots.
+fn sq_room(uring: &mut Uring) -> usize {
+    let sq = uring.ring.submission();
+    sq.capacity() - sq.len()
 }
 
 /// `user_data` of an SQE: the slot in the low 32 bits, the segment index above.
@@ -246,22 +252,31 @@ impl BlockQueueHandler {
         Ok(Started::Completed)
     }
 
-    /// Whether `op` can go to the ring as is (room for its CQEs, iovec count within the
-    /// kernel's limit, O_DIRECT-compatible buffers).
+    /// Whether `op` can go to the ring as is: iovec count within the kernel's limit,
+    /// O_DIRECT-compatible buffers, room for its CQEs and (after submitting what is queued)
+    /// for its SQEs. Anything else runs synchronously.
     fn can_submit(&mut self, op: &Op) -> bool {
+        let direct = self.image.is_direct();
         let Some(uring) = self.uring.as_mut() else {
             return false;
         };
-        if self.sqes_in_flight + op.sqe_count() > uring.max_in_flight() {
-            return false;
-        }
-        match op {
+        let ring_friendly = match op {
             Op::Transfer { iov, .. } => {
                 iov.as_slice().len() <= MAX_IOVECS
-                    && (!self.image.is_direct() || iov.is_aligned(SECTOR_SIZE as usize))
+                    && (!direct || iov.is_aligned(SECTOR_SIZE as usize))
             }
             _ => true,
+        };
+        let needed = op.sqe_count();
+        if !ring_friendly || self.sqes_in_flight + needed > uring.max_in_flight() {
+            return false;
         }
+        if sq_room(uring) < needed {
+            if let Err(e) = uring.ring.submit() {
+                tracing::warn!("virtio-blk: io_uring submit failed: {e}");
+            }
+        }
+        sq_room(uring) >= needed
     }
 
     fn submit(&mut self, ctx: &QueueContext<'_>, head: u16, completion: Completion, op: Op) {
@@ -275,7 +290,7 @@ impl BlockQueueHandler {
         let entries = self.entries_for(slot, &op);
         let in_flight = InFlight {
             head,
-            status_addr: completion.status_addr.unwrap_or(GuestAddress(u64::MAX)),
+            status_addr: completion.status_addr,
             started: completion.started,
             pending: entries.len() as u32,
             failed: false,
@@ -333,22 +348,15 @@ impl BlockQueueHandler {
         }
     }
 
+    /// Queues one SQE; `can_submit` made room for all of a request's entries.
     fn push(&mut self, entry: squeue::Entry) {
         let Some(uring) = self.uring.as_mut() else {
             return;
         };
-        loop {
-            // SAFETY: the entry's iovecs (if any) live in `self.slots` until its CQE is reaped,
-            // and the guest memory they point into is pinned by `memory_pin`.
-            if unsafe { uring.ring.submission().push(&entry) }.is_ok() {
-                return;
-            }
-            // Submission queue full: hand what is queued to the kernel and retry.
-            if let Err(e) = uring.ring.submit() {
-                tracing::warn!("virtio-blk: io_uring submit failed: {e}");
-                std::thread::yield_now();
-            }
-        }
+        // SAFETY: the entry's iovecs (if any) live in `self.slots` until its CQE is reaped,
+        // and the guest memory they point into is pinned by `memory_pin`.
+        let pushed = unsafe { uring.ring.submission().push(&entry) };
+        debug_assert!(pushed.is_ok(), "can_submit reserved submission queue room");
     }
 
     fn submit_queued(&mut self) {
@@ -385,7 +393,7 @@ impl BlockQueueHandler {
         let ok = !in_flight.failed;
         let completion = Completion {
             head: in_flight.head,
-            status_addr: Some(in_flight.status_addr),
+            status_addr: in_flight.status_addr,
             status: if ok { Status::Ok } else { Status::IoErr },
             guest_written: if ok { in_flight.op.guest_written() } else { 0 },
             payload_bytes: if ok { in_flight.op.payload_bytes() } else { 0 },

@@ -1039,3 +1039,104 @@ fn short_reads_from_a_shrunken_image_are_errors_not_success() {
         assert_eq!(driver.errors(), 2);
     }
 }
+
+#[derive(Default)]
+struct RecordingInterrupt {
+    queues: std::sync::Mutex<Vec<u16>>,
+    resets: std::sync::atomic::AtomicU32,
+}
+
+impl sluice_virtio::VirtioInterrupt for RecordingInterrupt {
+    fn notify_queue(&self, queue: u16) -> std::io::Result<()> {
+        self.queues.lock().unwrap().push(queue);
+        Ok(())
+    }
+
+    fn notify_config(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn needs_reset(&self) {
+        self.resets.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn activated_device_serves_kicks_through_a_queue_worker_until_reset() {
+    let img = image(IMAGE_SIZE);
+    let mut block = open(img.as_path(), IoEngine::Auto, false);
+    let mem = ram();
+    let mut driver = Driver::new(&mem);
+    let data = pattern(2048, 9);
+    let header = driver.header(VIRTIO_BLK_T_OUT, 10);
+    let buf = driver.alloc(2048);
+    mem.write_slice(&data, GuestAddress(buf)).unwrap();
+    let status = driver.status();
+    driver.add_chain(&[
+        readable(header, 16),
+        readable(buf, 2048),
+        writable(status, 1),
+    ]);
+    let kick = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    let interrupt = std::sync::Arc::new(RecordingInterrupt::default());
+    let binding = sluice_virtio::QueueBinding {
+        index: 0,
+        queue: driver.mock.create_queue::<Queue>().unwrap(),
+        kick: kick.try_clone().unwrap(),
+        policy: sluice_virtio::NotifyPolicy::Interrupt,
+    };
+    let features = block.device_features();
+
+    block
+        .activate(
+            features,
+            driver.space.clone(),
+            vec![binding],
+            interrupt.clone(),
+        )
+        .unwrap();
+    kick.write(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while driver.used_idx() != 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    while interrupt.queues.lock().unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    block.reset();
+
+    assert_eq!(driver.used_idx(), 1);
+    assert_eq!(driver.status_at(status), S_OK);
+    assert_eq!(file_bytes(img.as_path(), 10 * 512, 2048), data);
+    assert_eq!(*interrupt.queues.lock().unwrap(), vec![0]);
+    assert_eq!(interrupt.resets.load(Ordering::SeqCst), 0);
+    let metrics = block.metrics();
+    assert_eq!(metrics.queues[0].requests.load(Ordering::Relaxed), 1);
+    assert_eq!(metrics.queues[0].bytes.load(Ordering::Relaxed), 2048);
+}
+
+#[test]
+fn activate_refuses_more_queues_than_offered() {
+    let img = image(IMAGE_SIZE);
+    let mut block = open(img.as_path(), IoEngine::Sync, false);
+    let mem = ram();
+    let driver = Driver::new(&mem);
+    let binding = |index| sluice_virtio::QueueBinding {
+        index,
+        queue: driver.mock.create_queue::<Queue>().unwrap(),
+        kick: vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
+        policy: sluice_virtio::NotifyPolicy::Interrupt,
+    };
+
+    let result = block.activate(
+        block.device_features(),
+        driver.space.clone(),
+        vec![binding(0), binding(1)],
+        std::sync::Arc::new(RecordingInterrupt::default()),
+    );
+
+    assert!(matches!(
+        result,
+        Err(sluice_virtio::ActivateError::QueueCount { got: 2, need: 1 })
+    ));
+}
