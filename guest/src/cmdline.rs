@@ -33,6 +33,8 @@ pub enum BlkOp {
     RandRead,
     RandWrite,
     Verify,
+    /// Read the span and compare it with the verify pattern; writes nothing.
+    Check,
 }
 
 impl BlkOp {
@@ -43,7 +45,13 @@ impl BlkOp {
             BlkOp::RandRead => "randread",
             BlkOp::RandWrite => "randwrite",
             BlkOp::Verify => "verify",
+            BlkOp::Check => "check",
         }
+    }
+
+    /// Verify and check both read the pattern back over the whole span.
+    pub fn compares(self) -> bool {
+        matches!(self, BlkOp::Verify | BlkOp::Check)
     }
 
     pub fn writes(self) -> bool {
@@ -175,6 +183,7 @@ fn parse_blk(rest: &str) -> Result<Workload, String> {
                     "randread" => BlkOp::RandRead,
                     "randwrite" => BlkOp::RandWrite,
                     "verify" => BlkOp::Verify,
+                    "check" => BlkOp::Check,
                     _ => return Err(alloc::format!("op={value} unknown")),
                 }
             }

@@ -432,12 +432,7 @@ fn blk_corrupted_read(accel: Accel, _test: &str) {
     assert!(!blk.pass);
 }
 
-tcg_and_kvm!(
-    blk_corrupted_read_is_detected,
-    blk_corrupted_read,
-    ignore =
-        "waiting for guest blk read-only verify (proposed op=check; op=verify always writes first)"
-);
+tcg_and_kvm!(blk_corrupted_read_is_detected, blk_corrupted_read);
 
 /// An unknown workload is a bad command line: exit 5 and a FAIL line, before touching devices.
 fn unknown_workload(accel: Accel, _test: &str) {

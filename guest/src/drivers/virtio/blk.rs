@@ -354,13 +354,17 @@ fn run(p: &BlkParams, timeout_ms: u64) -> Result<Outcome, VirtioError> {
     device.driver_ok()?;
     let depth = queues[0].slots.len();
     let mut engine = Engine { device: &device, queues, params: p, hist: Histogram::new(), totals: Totals::default(), timeout_ms };
-    let limit = if p.op == BlkOp::Verify { blocks } else { p.ops };
-    let end_ns = if p.op == BlkOp::Verify { None } else { p.dur_ms.map(|ms| now_ns() + ms * 1_000_000) };
-    let new_plan = || Plan { op: p.op, blocks, bs, issued: 0, limit, end_ns, rng: p.seed, seed: p.seed };
+    let limit = if p.op.compares() { blocks } else { p.ops };
+    let end_ns = if p.op.compares() { None } else { p.dur_ms.map(|ms| now_ns() + ms * 1_000_000) };
+    // Check walks the span exactly like verify's read-back phase.
+    let plan_op = if p.op == BlkOp::Check { BlkOp::Verify } else { p.op };
+    let new_plan = || Plan { op: plan_op, blocks, bs, issued: 0, limit, end_ns, rng: p.seed, seed: p.seed };
     let interrupts_before = device.interrupt_count();
     let start = now_ns();
-    let verify = if p.op == BlkOp::Verify {
-        engine.run_phase(&mut new_plan(), Some(true), None)?;
+    let verify = if p.op.compares() {
+        if p.op == BlkOp::Verify {
+            engine.run_phase(&mut new_plan(), Some(true), None)?;
+        }
         engine.run_phase(&mut new_plan(), Some(false), Some(p.seed))?;
         if engine.totals.mismatches == 0 { "ok" } else { "fail" }
     } else {
