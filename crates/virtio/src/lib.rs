@@ -9,13 +9,14 @@
 //!   interrupting the guest through [`VirtioInterrupt`].
 //! * [`metrics`] counts kicks, interrupts, suppressed notifications, requests, bytes and latency
 //!   per queue; exported as JSON and Prometheus text.
-//! * `pci` is the virtio-pci modern transport (a `sluice_pci::PciDevice`).
+//! * [`pci`] is the virtio-pci modern transport ([`VirtioPciDevice`], a `sluice_pci::PciDevice`).
 //!
 //! Device models only reach guest memory through the [`sluice_dma::DmaSpace`] they are given,
 //! so the same model runs inside the VMM or behind vhost-user.
 
 pub mod device;
 pub mod metrics;
+pub mod pci;
 pub mod worker;
 
 pub use device::{
@@ -23,4 +24,5 @@ pub use device::{
     VirtioDevice, VirtioInterrupt, DEVICE_TYPE_BLOCK, DEVICE_TYPE_NET, DEVICE_TYPE_RNG,
 };
 pub use metrics::{DeviceMetrics, LatencyHistogram, QueueMetrics};
+pub use pci::{VirtioPciDevice, VirtioPciError, VirtioPciOptions};
 pub use worker::QueueWorker;
