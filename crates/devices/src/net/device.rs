@@ -66,6 +66,16 @@ impl QueueRole {
     }
 }
 
+impl std::fmt::Display for QueueRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Rx(pair) => write!(f, "rx{pair}"),
+            Self::Tx(pair) => write!(f, "tx{pair}"),
+            Self::Ctrl => write!(f, "ctrl"),
+        }
+    }
+}
+
 /// virtio-net over a tap (or any [`NetBackend`]).
 pub struct Net {
     backend: Arc<dyn NetBackend>,
@@ -120,14 +130,22 @@ impl Net {
             QueueRole::Rx(pair) => Box::new(RxHandler::new(
                 self.backend.clone(),
                 usize::from(pair),
-                features & bit(VIRTIO_NET_F_MRG_RXBUF) != 0,
+                features,
             )?),
             QueueRole::Tx(pair) => Box::new(TxHandler::new(
                 self.backend.clone(),
                 usize::from(pair),
                 TxOffloads::from_features(features),
             )),
-            QueueRole::Ctrl => Box::new(CtrlHandler::new(self.backend.clone(), self.pairs)),
+            QueueRole::Ctrl => {
+                // Without MQ the driver may still use the control queue, but only one pair.
+                let max_pairs = if features & bit(VIRTIO_NET_F_MQ) != 0 {
+                    self.pairs
+                } else {
+                    1
+                };
+                Box::new(CtrlHandler::new(self.backend.clone(), max_pairs))
+            }
         })
     }
 }
@@ -234,7 +252,7 @@ impl VirtioDevice for Net {
                 tracing::warn!("virtio-net: ignoring unknown queue {}", binding.index);
                 continue;
             };
-            let name = format!("virtio-net-{role:?}").to_lowercase();
+            let name = format!("net-{role}");
             let spawned = self.handler(role, features).and_then(|handler| {
                 QueueWorker::spawn(
                     name,

@@ -11,7 +11,8 @@ use sluice_virtio::{QueueContext, QueueError, QueueHandler, QueueMetrics};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET,
     VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_RX,
-    VIRTIO_NET_CTRL_RX_ALLMULTI, VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_ERR, VIRTIO_NET_OK,
+    VIRTIO_NET_CTRL_RX_ALLMULTI, VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_ERR,
+    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_OK,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Writer};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -286,6 +287,9 @@ pub struct RxHandler {
     backend: Arc<dyn NetBackend>,
     pair: usize,
     mergeable: bool,
+    /// Without GUEST_CSUM the header flags must be zero (virtio 1.2 §5.1.6.4.1); the kernel
+    /// still marks packets DATA_VALID, so the flags are cleared here.
+    guest_csum: bool,
     packet: Vec<u8>,
     /// Length of a packet read from the tap but not yet delivered (no buffers were posted).
     pending: Option<usize>,
@@ -294,12 +298,15 @@ pub struct RxHandler {
 
 impl RxHandler {
     /// Fails only if the wakeup epoll instance cannot be created.
-    pub fn new(backend: Arc<dyn NetBackend>, pair: usize, mergeable: bool) -> io::Result<Self> {
+    /// `features` are the negotiated ones (`MRG_RXBUF`, `GUEST_CSUM` matter here).
+    pub fn new(backend: Arc<dyn NetBackend>, pair: usize, features: u64) -> io::Result<Self> {
         let waker = backend.queue_fd(pair).map(RxWaker::new).transpose()?;
+        let has = |bit: u32| features & (1u64 << bit) != 0;
         Ok(Self {
             backend,
             pair,
-            mergeable,
+            mergeable: has(VIRTIO_NET_F_MRG_RXBUF),
+            guest_csum: has(VIRTIO_NET_F_GUEST_CSUM),
             packet: vec![0; MAX_PACKET_LEN],
             pending: None,
             waker,
@@ -333,11 +340,18 @@ impl RxHandler {
                 Ok(None) => return Ok((used, RxStop::Drained)),
                 Err(()) => return Ok((used, RxStop::Stalled)),
             };
-            let Some(packet) = self.packet.get(..len).filter(|p| p.len() >= NET_HDR_LEN) else {
+            let Some(packet) = self
+                .packet
+                .get_mut(..len)
+                .filter(|p| p.len() >= NET_HDR_LEN)
+            else {
                 self.pending = None;
                 QueueMetrics::add(&ctx.metrics.errors, 1);
                 continue;
             };
+            if !self.guest_csum {
+                packet[0] = 0;
+            }
             match deliver_packet(ctx.queue, ctx.mem, ctx.metrics, packet, self.mergeable)? {
                 Delivery::NoBuffers => return Ok((used, RxStop::Stalled)),
                 Delivery::Delivered { .. } | Delivery::Dropped => {

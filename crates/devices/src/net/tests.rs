@@ -447,7 +447,7 @@ fn rx_fills_one_buffer_without_mergeable() {
     let packet = packet(header, 200);
     let backend = Arc::new(FakeBackend::default());
     backend.inbound.lock().unwrap().push_back(packet.clone());
-    let mut rx = RxHandler::new(backend, 0, false).unwrap();
+    let mut rx = RxHandler::new(backend, 0, 1 << VIRTIO_NET_F_GUEST_CSUM).unwrap();
 
     let (used_any, _) = run(&mut rx, &mut queue, &mem, true);
 
@@ -461,6 +461,31 @@ fn rx_fills_one_buffer_without_mergeable() {
 }
 
 #[test]
+fn rx_clears_header_flags_without_guest_csum() {
+    let mem = guest_memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    let mut queue: Queue = vq.create_queue().unwrap();
+    add_chain(&vq, 0, &[(0x10_0000, 2048, true)]);
+    let header = NetHeader {
+        flags: VIRTIO_NET_HDR_F_DATA_VALID as u8,
+        ..NetHeader::default()
+    };
+    let backend = Arc::new(FakeBackend::default());
+    backend
+        .inbound
+        .lock()
+        .unwrap()
+        .push_back(packet(header, 60));
+    let mut rx = RxHandler::new(backend, 0, 0).unwrap();
+
+    run(&mut rx, &mut queue, &mem, true);
+
+    let got = NetHeader::from_bytes(&read(&mem, 0x10_0000, 12)).unwrap();
+    assert_eq!(got.flags, 0);
+    assert_eq!(got.num_buffers, 1);
+}
+
+#[test]
 fn rx_spreads_packet_over_mergeable_buffers() {
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
@@ -471,7 +496,7 @@ fn rx_spreads_packet_over_mergeable_buffers() {
     let packet = packet(NetHeader::default(), 1000);
     let backend = Arc::new(FakeBackend::default());
     backend.inbound.lock().unwrap().push_back(packet.clone());
-    let mut rx = RxHandler::new(backend, 0, true).unwrap();
+    let mut rx = RxHandler::new(backend, 0, 1 << VIRTIO_NET_F_MRG_RXBUF).unwrap();
 
     run(&mut rx, &mut queue, &mem, true);
 
@@ -502,7 +527,7 @@ fn rx_without_buffers_keeps_packet_until_kick() {
         .lock()
         .unwrap()
         .push_back(packet(NetHeader::default(), 60));
-    let mut rx = RxHandler::new(backend, 0, true).unwrap();
+    let mut rx = RxHandler::new(backend, 0, 1 << VIRTIO_NET_F_MRG_RXBUF).unwrap();
 
     let (first, _) = run(&mut rx, &mut queue, &mem, true);
     add_chain(&vq, 0, &[(0x10_0000, 2048, true)]);
@@ -525,7 +550,7 @@ fn rx_partial_mergeable_buffers_roll_back() {
         .lock()
         .unwrap()
         .push_back(packet(NetHeader::default(), 400));
-    let mut rx = RxHandler::new(backend, 0, true).unwrap();
+    let mut rx = RxHandler::new(backend, 0, 1 << VIRTIO_NET_F_MRG_RXBUF).unwrap();
 
     let (first, _) = run(&mut rx, &mut queue, &mem, true);
     add_chain(&vq, 1, &[(0x11_0000, 256, true)]);
@@ -554,7 +579,7 @@ fn rx_too_small_buffer_drops_packet() {
             .unwrap()
             .push_back(packet(NetHeader::default(), len));
     }
-    let mut rx = RxHandler::new(backend, 0, false).unwrap();
+    let mut rx = RxHandler::new(backend, 0, 0).unwrap();
 
     let (_, metrics) = run(&mut rx, &mut queue, &mem, true);
 
@@ -797,7 +822,7 @@ fn tap_rx_frame_lands_in_buffer_with_header() {
     let vq = MockSplitQueue::new(&mem, 16);
     let mut queue: Queue = vq.create_queue().unwrap();
     add_chain(&vq, 0, &[(0x10_0000, 2048, true)]);
-    let mut rx = RxHandler::new(tap.clone(), 0, true).unwrap();
+    let mut rx = RxHandler::new(tap.clone(), 0, 1 << VIRTIO_NET_F_MRG_RXBUF).unwrap();
     let frame = test_frame(120, 0x33);
 
     sender.send(&frame);
@@ -829,7 +854,7 @@ fn tap_rx_without_buffers_leaves_frames_in_tap() {
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
     let mut queue: Queue = vq.create_queue().unwrap();
-    let mut rx = RxHandler::new(tap.clone(), 0, false).unwrap();
+    let mut rx = RxHandler::new(tap.clone(), 0, 0).unwrap();
     let wakeup = rx.completion_fd().unwrap();
     let frame = test_frame(80, 0x11);
 

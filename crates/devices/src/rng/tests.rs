@@ -167,3 +167,67 @@ fn device_identity_and_features() {
     assert_eq!(rng.queue_max_sizes(), vec![RNG_QUEUE_SIZE]);
     assert_eq!(rng.device_features(), (1 << 32) | (1 << 29));
 }
+
+struct NoInterrupt;
+
+impl sluice_virtio::VirtioInterrupt for NoInterrupt {
+    fn notify_queue(&self, _queue: u16) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn notify_config(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn needs_reset(&self) {}
+}
+
+#[test]
+fn activated_device_serves_requests_on_kick() {
+    use sluice_virtio::{NotifyPolicy, QueueBinding};
+    use vmm_sys_util::eventfd::EventFd;
+    let mem = guest_memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    add_chain(&vq, 0, &[(0x10_0000, 256, true)]);
+    let kick = EventFd::new(0).unwrap();
+    let binding = QueueBinding {
+        index: 0,
+        queue: vq.create_queue().unwrap(),
+        kick: kick.try_clone().unwrap(),
+        policy: NotifyPolicy::Interrupt,
+    };
+    let mut rng = Rng::new();
+
+    rng.activate(
+        rng.device_features(),
+        sluice_dma::identity(mem.clone()),
+        vec![binding],
+        std::sync::Arc::new(NoInterrupt),
+    )
+    .unwrap();
+    kick.write(1).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while vq.used().idx().load() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    rng.reset();
+
+    assert_eq!(used(&vq, 0), (0, 256));
+    assert_eq!(rng.metrics().queues[0].bytes.load(Ordering::Relaxed), 256);
+}
+
+#[test]
+fn activation_needs_exactly_one_queue() {
+    let mem = guest_memory();
+    let mut rng = Rng::new();
+
+    let result = rng.activate(
+        0,
+        sluice_dma::identity(mem),
+        Vec::new(),
+        std::sync::Arc::new(NoInterrupt),
+    );
+
+    assert!(matches!(
+        result,
+        Err(sluice_virtio::ActivateError::QueueCount { got: 0, need: 1 })
+    ));
+}
