@@ -547,4 +547,4 @@ fn add_to_epoll(epoll: &Epoll, fd: RawFd, token: u64) -> io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

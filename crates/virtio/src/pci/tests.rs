@@ -976,3 +976,108 @@ fn a_scripted_driver_activates_the_null_device() {
     assert!(dev.is_active());
     assert_eq!(dev.negotiated_features(), FEATURE_VERSION_1);
 }
+
+/// A device that serves each enabled queue with a real [`crate::worker::QueueWorker`] running the
+/// worker tests' echo handler.
+struct EchoDevice {
+    workers: Vec<crate::worker::QueueWorker>,
+    metrics: Arc<DeviceMetrics>,
+}
+
+impl VirtioDevice for EchoDevice {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE_RNG
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![8]
+    }
+
+    fn device_features(&self) -> u64 {
+        FEATURE_VERSION_1 | FEATURE_EVENT_IDX
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(
+        &mut self,
+        features: u64,
+        mem: DmaSpace,
+        queues: Vec<QueueBinding>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        for binding in queues {
+            let worker = crate::worker::QueueWorker::spawn(
+                format!("echo-q{}", binding.index),
+                binding,
+                mem.clone(),
+                Box::new(crate::worker::tests::EchoHandler),
+                interrupt.clone(),
+                self.metrics.clone(),
+                features & FEATURE_EVENT_IDX != 0,
+            )
+            .map_err(ActivateError::Worker)?;
+            self.workers.push(worker);
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        for worker in self.workers.drain(..) {
+            worker.stop();
+        }
+    }
+
+    fn metrics(&self) -> Arc<DeviceMetrics> {
+        self.metrics.clone()
+    }
+}
+
+#[test]
+fn a_kick_through_the_bar_comes_back_as_an_msix_message() {
+    use virtio_queue::mock::MockSplitQueue;
+
+    let mem = memory();
+    let sink = Arc::new(RecordingSink::default());
+    let metrics = Arc::new(DeviceMetrics::new("echo", 1));
+    let device = EchoDevice {
+        workers: Vec::new(),
+        metrics: metrics.clone(),
+    };
+    let options = VirtioPciOptions::new(sink.clone());
+    let mut dev = VirtioPciDevice::new(Box::new(device), mem.clone(), options).unwrap();
+    let mut driver = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 8);
+    let message = MsiMessage {
+        address: 0xfee0_0000,
+        data: 0x31,
+    };
+    enable_msix(&mut dev);
+    program_vector(&mut dev, 0, message);
+    negotiate(&mut dev, FEATURE_VERSION_1);
+    write(&mut dev, QUEUE_SELECT, 2, 0);
+    write(&mut dev, QUEUE_SIZE, 2, 8);
+    write(&mut dev, QUEUE_DESC, 8, driver.desc_table_addr().0);
+    write(&mut dev, QUEUE_DRIVER, 8, driver.avail_addr().0);
+    write(&mut dev, QUEUE_DEVICE, 8, driver.used_addr().0);
+    write(&mut dev, QUEUE_MSIX_VECTOR, 2, 0);
+    write(&mut dev, QUEUE_ENABLE, 2, 1);
+    driver_ok(&mut dev);
+
+    driver.add_chain(2).unwrap();
+    write(&mut dev, NOTIFY_OFFSET, 2, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while sink.sent().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    set_status(&mut dev, 0);
+
+    assert_eq!(driver.used().idx().load(), 1);
+    assert_eq!(driver.used().ring().ref_at(0).unwrap().load().len(), 0x2000);
+    assert_eq!(sink.sent(), vec![message]);
+    assert_eq!(metrics.queues[0].kicks.load(Ordering::SeqCst), 1);
+    assert_eq!(metrics.queues[0].interrupts.load(Ordering::SeqCst), 1);
+}

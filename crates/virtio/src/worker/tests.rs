@@ -25,7 +25,7 @@ fn memory() -> DmaSpace {
 }
 
 /// Completes every chain with its total length (what a device that "wrote" it all would say).
-struct EchoHandler;
+pub(crate) struct EchoHandler;
 
 impl QueueHandler for EchoHandler {
     fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
