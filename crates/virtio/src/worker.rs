@@ -356,7 +356,8 @@ impl Worker {
 
     /// Interrupt / Batch: drain with driver notifications off, re-enable, recheck.
     fn drain_ring(&mut self) {
-        loop {
+        // A driver that keeps the ring full must not keep the worker from stopping.
+        while !self.stop_flag.load(Ordering::Acquire) {
             if let Err(e) = self.queue.disable_notification(&self.mem) {
                 return self.fail(&format!("cannot suppress notifications: {e}"));
             }
