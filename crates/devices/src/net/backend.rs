@@ -7,6 +7,8 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
 use super::header::NET_HDR_LEN;
 
 const TUN_PATH: &str = "/dev/net/tun";
@@ -48,6 +50,9 @@ pub struct Tap {
     multi_queue: bool,
     /// Which queues are attached (multiqueue taps only deliver to attached queues).
     attached: Mutex<Vec<bool>>,
+    /// Per queue: signalled when the queue is attached again, so an RX handler that stopped
+    /// on a detached queue starts reading (the guest may not kick it again).
+    attach_events: Vec<EventFd>,
 }
 
 impl Tap {
@@ -73,9 +78,18 @@ impl Tap {
             set_vnet_hdr_size(&fd)?;
             fds.push(fd);
         }
+        let attach_events = fds
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|err| TapError::Io {
+                op: "eventfd".into(),
+                err,
+            })?;
         Ok(Tap {
             name,
             attached: Mutex::new(vec![true; fds.len()]),
+            attach_events,
             queues: fds,
             multi_queue,
         })
@@ -94,6 +108,11 @@ impl Tap {
     /// The file descriptor of queue pair `index`.
     pub fn queue_fd(&self, index: usize) -> Option<RawFd> {
         self.queues.get(index).map(AsRawFd::as_raw_fd)
+    }
+
+    /// Readable after queue `index` was attached again (see [`Tap::set_active_queues`]).
+    pub fn attach_event_fd(&self, index: usize) -> Option<RawFd> {
+        self.attach_events.get(index).map(AsRawFd::as_raw_fd)
     }
 
     /// Tells the kernel which offloads the reader (the guest) handles (`TUN_F_*`).
@@ -132,6 +151,9 @@ impl Tap {
             if *state != want {
                 set_queue_attached(fd, want)?;
                 *state = want;
+                if let Some(event) = self.attach_events.get(index).filter(|_| want) {
+                    event.write(1)?;
+                }
             }
         }
         Ok(())

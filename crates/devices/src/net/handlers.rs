@@ -34,6 +34,10 @@ pub trait NetBackend: Send + Sync {
     fn write_packet(&self, pair: usize, packet: &[u8]) -> io::Result<()>;
     /// Readable when `pair` has packets waiting.
     fn queue_fd(&self, pair: usize) -> Option<RawFd>;
+    /// An eventfd signalled when `pair` starts receiving again after `set_active_pairs`.
+    fn resume_fd(&self, _pair: usize) -> Option<RawFd> {
+        None
+    }
     /// The guest now serves queue pairs `0..pairs`.
     fn set_active_pairs(&self, pairs: u16) -> io::Result<()>;
     /// Offloads the guest accepts on receive (`TUN_F_*`).
@@ -49,6 +53,9 @@ impl NetBackend for super::Tap {
     }
     fn queue_fd(&self, pair: usize) -> Option<RawFd> {
         super::Tap::queue_fd(self, pair)
+    }
+    fn resume_fd(&self, pair: usize) -> Option<RawFd> {
+        self.attach_event_fd(pair)
     }
     fn set_active_pairs(&self, pairs: u16) -> io::Result<()> {
         self.set_active_queues(usize::from(pairs))
@@ -244,30 +251,46 @@ enum RxStop {
 /// Makes the tap's readability visible to the worker only while the handler wants packets.
 ///
 /// The worker watches completion fds level-triggered; handing it the tap fd itself would spin
-/// the worker while packets wait and the guest has posted no buffers. Instead the tap fd sits
-/// in a private epoll instance with `EPOLLONESHOT`, and that epoll fd is the completion fd: it
-/// turns readable once per arming, and the handler re-arms only when it can take more packets.
+/// the worker while packets wait and the guest has posted no buffers (or while the tap queue is
+/// detached, which polls as an error). Instead the tap fd sits in a private epoll instance with
+/// `EPOLLONESHOT`, and that epoll fd is the completion fd: it turns readable once per arming,
+/// and the handler re-arms only when it can take more packets. The backend's resume eventfd
+/// (queue attached again) is in the same epoll instance, level-triggered.
 struct RxWaker {
     epoll: Epoll,
     tap_fd: RawFd,
+    resume_fd: Option<RawFd>,
 }
 
 impl RxWaker {
-    fn new(tap_fd: RawFd) -> io::Result<Self> {
+    fn new(tap_fd: RawFd, resume_fd: Option<RawFd>) -> io::Result<Self> {
         let epoll = Epoll::new()?;
         epoll.ctl(ControlOperation::Add, tap_fd, Self::event())?;
-        Ok(Self { epoll, tap_fd })
+        if let Some(fd) = resume_fd {
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 1))?;
+        }
+        Ok(Self {
+            epoll,
+            tap_fd,
+            resume_fd,
+        })
     }
 
     fn event() -> EpollEvent {
         EpollEvent::new(EventSet::IN | EventSet::ONE_SHOT, 0)
     }
 
-    /// Takes the pending wakeup (the one-shot registration is now disarmed).
+    /// Takes the pending wakeups (the one-shot registration is now disarmed).
     fn consume(&self) {
-        let mut events = [EpollEvent::default(); 1];
+        let mut events = [EpollEvent::default(); 2];
         if let Err(e) = self.epoll.wait(0, &mut events) {
             tracing::warn!("virtio-net rx: epoll_wait: {e}");
+        }
+        if let Some(fd) = self.resume_fd {
+            let mut counter = [0u8; 8];
+            // SAFETY: reads at most 8 bytes into `counter`, valid for the call; the eventfd is
+            // non-blocking, so an unsignalled one just returns EAGAIN.
+            unsafe { libc::read(fd, counter.as_mut_ptr().cast(), counter.len()) };
         }
     }
 
@@ -300,7 +323,10 @@ impl RxHandler {
     /// Fails only if the wakeup epoll instance cannot be created.
     /// `features` are the negotiated ones (`MRG_RXBUF`, `GUEST_CSUM` matter here).
     pub fn new(backend: Arc<dyn NetBackend>, pair: usize, features: u64) -> io::Result<Self> {
-        let waker = backend.queue_fd(pair).map(RxWaker::new).transpose()?;
+        let waker = backend
+            .queue_fd(pair)
+            .map(|fd| RxWaker::new(fd, backend.resume_fd(pair)))
+            .transpose()?;
         let has = |bit: u32| features & (1u64 << bit) != 0;
         Ok(Self {
             backend,

@@ -888,6 +888,38 @@ fn tap_multiqueue_attaches_and_detaches_queues() {
     assert!(tap.queue_fd(1).is_some() && tap.queue_fd(2).is_none());
 }
 
+#[test]
+fn tap_rx_on_detached_queue_stays_quiet_until_attached() {
+    let test = "tap_rx_on_detached_queue_stays_quiet_until_attached";
+    let Some(tap) = test_tap(test, "d", 2) else {
+        return;
+    };
+    let tap = Arc::new(tap);
+    tap.set_active_queues(1).unwrap();
+    let mem = guest_memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    let mut queue: Queue = vq.create_queue().unwrap();
+    add_chain(&vq, 0, &[(0x10_0000, 2048, true)]);
+    let mut rx = RxHandler::new(tap.clone(), 1, 0).unwrap();
+    let wakeup = rx.completion_fd().unwrap();
+
+    let (kicked, _) = run(&mut rx, &mut queue, &mem, false);
+    run(&mut rx, &mut queue, &mem, true);
+    let quiet_while_detached = !readable(wakeup, 50);
+    tap.set_active_queues(2).unwrap();
+    let woken_by_attach = readable(wakeup, 1000);
+    run(&mut rx, &mut queue, &mem, true);
+    let quiet_when_empty = !readable(wakeup, 50);
+
+    assert!(!kicked);
+    assert!(
+        quiet_while_detached,
+        "a detached queue would spin the worker"
+    );
+    assert!(woken_by_attach);
+    assert!(quiet_when_empty);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Activation through the real queue worker
 
