@@ -7,8 +7,10 @@ mod size;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use sluice_vmm::machine::{self, SerialTarget, VmConfig};
+use sluice_vmm::config::DiskSpec;
+use sluice_vmm::machine::{self, SerialTarget, VmConfig, VmReport};
 use sluice_vmm::vcpu::VmOutcome;
 
 /// Exit status when the guest asked for a reset (sluice does not reboot guests).
@@ -61,6 +63,14 @@ struct RunArgs {
     /// Add the PCI test device (MSI-X doorbell) used by sluice's own tests.
     #[arg(long, hide = true)]
     test_device: bool,
+    /// A virtio-blk disk (repeatable): `path=FILE[,readonly=on][,direct=on][,queues=N]
+    /// [,queue_size=N][,serial=S][,notify=irq|poll[:us]|batch[:n[:us]]]`.
+    #[arg(long, value_parser = DiskSpec::parse)]
+    disk: Vec<DiskSpec>,
+    /// Write exit counts and per-queue device metrics here when the VM stops: JSON, or
+    /// Prometheus text if the name ends in `.prom`.
+    #[arg(long)]
+    metrics: Option<PathBuf>,
 }
 
 fn parse_serial(s: &str) -> Result<SerialTarget, String> {
@@ -131,6 +141,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         memory: args.memory,
         serial: args.serial,
         test_device: args.test_device,
+        disks: args.disk,
     };
     let report = machine::run(config)?;
     tracing::info!(
@@ -148,7 +159,40 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         report.exits_mmio,
         report.device_exits
     );
+    if let Some(path) = &args.metrics {
+        write_metrics(path, &report)?;
+    }
     Ok(exit_status(&report.outcome))
+}
+
+fn write_metrics(path: &std::path::Path, report: &VmReport) -> anyhow::Result<()> {
+    let text = if path.extension().is_some_and(|e| e == "prom") {
+        let mut text = format!(
+            "sluice_exits_total{{kind=\"pio\"}} {}\nsluice_exits_total{{kind=\"mmio\"}} {}\n",
+            report.exits_pio, report.exits_mmio
+        );
+        for device in &report.device_metrics {
+            text.push_str(&device.to_prometheus());
+        }
+        text
+    } else {
+        let devices: Vec<_> = report.device_metrics.iter().map(|d| d.to_json()).collect();
+        let exits: Vec<_> = report
+            .device_exits
+            .iter()
+            .map(|d| serde_json::json!({"device": d.name, "reads": d.reads, "writes": d.writes}))
+            .collect();
+        serde_json::to_string_pretty(&serde_json::json!({
+            "outcome": format!("{:?}", report.outcome),
+            "exits": {"total": report.exits_total, "pio": report.exits_pio, "mmio": report.exits_mmio,
+                      "per_device": exits},
+            "setup_us": report.setup_time.as_micros() as u64,
+            "rss_overhead_kib": report.rss.overhead(),
+            "devices": devices,
+        }))?
+    };
+    std::fs::write(path, text)
+        .with_context(|| format!("cannot write metrics to {}", path.display()))
 }
 
 /// Maps how the VM ended to sluice's exit status; resets and crashes are also explained on stderr.

@@ -8,3 +8,4 @@ pub mod memory;
 pub mod platform;
 pub mod rss;
 pub mod vcpu;
+pub mod virtio;

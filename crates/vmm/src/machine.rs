@@ -12,6 +12,7 @@ use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use sluice_bus::{Bus, DeviceExits};
 use sluice_devices::platform::{CaptureBuffer, SerialOutput};
+use sluice_virtio::DeviceMetrics;
 
 use crate::memory::{GuestRam, MemoryError};
 use crate::rss::RssKib;
@@ -51,6 +52,8 @@ pub struct VmConfig {
     pub serial: SerialTarget,
     /// Adds the PCI test device (MSI-X doorbell) used by sluice's own tests.
     pub test_device: bool,
+    /// virtio-blk disks.
+    pub disks: Vec<crate::config::DiskSpec>,
 }
 
 /// How a run ended, with what it cost.
@@ -64,6 +67,8 @@ pub struct VmReport {
     pub device_exits: Vec<DeviceExits>,
     /// Time from `run` being called to the vCPUs starting.
     pub setup_time: std::time::Duration,
+    /// Per-device, per-queue virtio counters.
+    pub device_metrics: Vec<Arc<DeviceMetrics>>,
     /// Wall-clock time of the first userspace exit (ns since the Unix epoch), if any.
     pub first_exit_unix_ns: Option<u64>,
     /// The VMM's resident memory when the VM stopped (guest RAM is `shmem`).
@@ -129,7 +134,8 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
         stats: Arc::new(ExitStats::default()),
     };
     crate::platform::attach_platform_devices(&vm, &dispatch, &config, &ram)?;
-    let _pci_root = crate::platform::attach_pci(&vm, &dispatch, &config)?;
+    let pci_root = crate::platform::attach_pci(&vm, &dispatch, &config)?;
+    let device_metrics = crate::virtio::attach_virtio_devices(&vm, &pci_root, &config, &ram)?;
 
     let rsdp = crate::acpi::create_acpi_tables(
         &ram.memory,
@@ -156,7 +162,7 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
     for thread in threads {
         thread.stop();
     }
-    Ok(report(outcome, &dispatch, setup_time))
+    Ok(report(outcome, &dispatch, setup_time, device_metrics))
 }
 
 fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
@@ -206,6 +212,7 @@ fn report(
     outcome: VmOutcome,
     dispatch: &ExitDispatch,
     setup_time: std::time::Duration,
+    device_metrics: Vec<Arc<DeviceMetrics>>,
 ) -> VmReport {
     let mut device_exits = dispatch.pio.exit_counts();
     device_exits.extend(dispatch.mmio.exit_counts());
@@ -218,6 +225,7 @@ fn report(
         device_exits,
         setup_time,
         rss: RssKib::current(),
+        device_metrics,
         first_exit_unix_ns: Some(dispatch.stats.first_exit_unix_ns.load(Ordering::Relaxed))
             .filter(|&ns| ns != 0),
     }

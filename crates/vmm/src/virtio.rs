@@ -1,0 +1,89 @@
+//! Wiring of paravirtual devices: each `--disk` (and later `--net`, `--rng`) becomes a device
+//! model behind the virtio-pci transport, on the PCI root, with exitless doorbells (ioeventfd)
+//! and interrupts (GSI route + irqfd per MSI-X vector).
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::VmFd;
+use sluice_devices::block::{Block, BlockConfig};
+use sluice_pci::PciRoot;
+use sluice_virtio::{DeviceMetrics, VirtioDevice, VirtioPciDevice, VirtioPciOptions};
+
+use crate::config::{DiskSpec, NotifyPolicy};
+use crate::interrupts::{KvmIoEvents, KvmMsi, KvmMsiRouter};
+use crate::machine::{device_err, VmConfig, VmError};
+use crate::memory::GuestRam;
+
+/// What every virtio-pci device of one VM shares.
+struct Plumbing {
+    msi_sink: Arc<KvmMsi>,
+    msi_router: Arc<KvmMsiRouter>,
+    ioevents: Arc<KvmIoEvents>,
+}
+
+impl Plumbing {
+    fn options(&self, name: String, policy: NotifyPolicy) -> VirtioPciOptions {
+        let mut options = VirtioPciOptions::new(self.msi_sink.clone());
+        options.name = Some(name);
+        options.policy = policy;
+        options.msi_router = Some(self.msi_router.clone());
+        options.ioevents = Some(self.ioevents.clone());
+        options
+    }
+}
+
+/// Adds every configured virtio device to `root`; returns their metrics handles.
+pub fn attach_virtio_devices(
+    vm: &Arc<VmFd>,
+    root: &PciRoot,
+    config: &VmConfig,
+    ram: &GuestRam,
+) -> Result<Vec<Arc<DeviceMetrics>>, VmError> {
+    let plumbing = Plumbing {
+        msi_sink: Arc::new(KvmMsi::new(vm.clone())),
+        msi_router: Arc::new(KvmMsiRouter::new(vm.clone())),
+        ioevents: Arc::new(KvmIoEvents::new(vm.clone())),
+    };
+    let mut metrics = Vec::new();
+    for (i, disk) in config.disks.iter().enumerate() {
+        let block = Block::new(block_config(disk)).map_err(|e| device_err("virtio-blk", e))?;
+        let name = format!("virtio-blk{i}");
+        metrics.push(attach(
+            root,
+            ram,
+            Box::new(block),
+            plumbing.options(name, disk.notify),
+        )?);
+    }
+    Ok(metrics)
+}
+
+fn block_config(disk: &DiskSpec) -> BlockConfig {
+    let mut config = BlockConfig::new(&disk.path);
+    config.read_only = disk.read_only;
+    config.direct = disk.direct;
+    config.queues = disk.queues;
+    config.queue_size = disk.queue_size;
+    if let Some(serial) = &disk.serial {
+        config.serial = serial.clone();
+    }
+    config
+}
+
+fn attach(
+    root: &PciRoot,
+    ram: &GuestRam,
+    device: Box<dyn VirtioDevice>,
+    options: VirtioPciOptions,
+) -> Result<Arc<DeviceMetrics>, VmError> {
+    let metrics = device.metrics();
+    let name = options.name.clone().unwrap_or_default();
+    let dma = sluice_dma::identity(ram.memory.clone());
+    let pci =
+        VirtioPciDevice::new(device, dma, options).map_err(|e| device_err("virtio-pci", e))?;
+    let address = root
+        .add_device(Arc::new(Mutex::new(pci)))
+        .map_err(|e| device_err("virtio-pci", e))?;
+    tracing::info!("{name} at PCI {address}");
+    Ok(metrics)
+}
