@@ -11,7 +11,10 @@
 //! * [`handlers`] has the TX, RX and control queue handlers: TX copies header + frame out of the
 //!   chain and writes it to the tap; RX reads frames from the tap into posted buffers (spread over
 //!   several chains with `MRG_RXBUF`) and leaves frames in the tap while no buffers are posted;
-//!   the control queue answers `MQ_VQ_PAIRS_SET`, `RX` mode and `MAC` table commands.
+//!   its completion fd is a private one-shot epoll over the tap fd (re-armed only while it can
+//!   take packets) so the level-triggered worker never spins on a tap it cannot drain. The
+//!   control queue answers `MQ_VQ_PAIRS_SET` (attaching/detaching tap queues), `RX` mode and
+//!   `MAC` table commands.
 //! * [`device`] is the [`sluice_virtio::VirtioDevice`]: features, config space, activation.
 //!
 //! Frames are copied once in each direction (chain ↔ a per-handler buffer) because virtio-queue's

@@ -179,6 +179,23 @@ fn bad_headers_are_rejected() {
 }
 
 #[test]
+fn parser_survives_arbitrary_bytes() {
+    let mut noise = vec![0u8; 4096];
+    crate::rng::fill_random(&mut noise).unwrap();
+
+    for start in 0..noise.len() - 200 {
+        let len = usize::from(noise[start]) % 200;
+        let packet = &noise[start..start + len];
+        if let Ok(header) = parse_tx_packet(packet, TxOffloads::ALL) {
+            let frame_len = packet.len() - 12;
+            let csum_end = usize::from(header.csum_start) + usize::from(header.csum_offset) + 2;
+            assert!(header.flags == 0 || csum_end <= frame_len);
+            assert!(usize::from(header.hdr_len) <= frame_len);
+        }
+    }
+}
+
+#[test]
 fn packet_length_limits() {
     let short = packet(NetHeader::default(), ETH_HLEN - 1);
     let long = vec![0u8; MAX_PACKET_LEN + 1];
