@@ -8,6 +8,7 @@
 //! - parses the console into a [`GuestKitReport`].
 
 pub mod host;
+pub mod pattern;
 pub mod report;
 pub mod run;
 

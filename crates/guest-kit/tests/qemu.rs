@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{assert_passed, free_udp_port, qemu, skip, EchoPeer, TempImage};
+use sluice_guest_kit::pattern::{check_pattern, verify_pattern_word};
 use sluice_guest_kit::{Accel, Device, ExitKind, GuestKitReport, Machine, Verdict};
 
 /// One `#[test]` per accelerator for a scenario `fn(Accel, &str)`; the `&str` is the test name
@@ -103,30 +104,12 @@ const SPAN_BYTES: u64 = 1 << 20;
 const BLOCK_BYTES: u64 = 4096;
 const SEED: u64 = 7;
 
-/// The guest's SplitMix64 (guest/src/drivers/virtio/mod.rs).
-fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// The 64-bit little-endian word `op=verify` writes at byte `position` of the disk
-/// (guest/src/drivers/virtio/blk.rs: word `i` of the block at `offset` is
-/// `splitmix64(seed ^ (offset / 8 + i) * 0x2545_f491_4f6c_dd1d)`).
-fn verify_pattern_word(seed: u64, position: u64) -> u64 {
-    splitmix64(seed ^ (position / 8).wrapping_mul(0x2545_f491_4f6c_dd1d))
-}
-
 /// Checks on the host that block `lba_block` of the image holds the guest's verify pattern.
 fn assert_block_has_pattern(image: &TempImage, block: u64) {
     let offset = block * BLOCK_BYTES;
     let bytes = image.read_at(offset, BLOCK_BYTES as usize);
-    for (index, word) in bytes.chunks_exact(8).enumerate() {
-        let position = offset + 8 * index as u64;
-        let expected = verify_pattern_word(SEED, position);
-        let found = u64::from_le_bytes(word.try_into().expect("8-byte chunk"));
-        assert_eq!(found, expected, "image word at byte {position:#x}");
+    if let Err(position) = check_pattern(SEED, offset, &bytes) {
+        panic!("image word at byte {position:#x} does not hold the verify pattern");
     }
 }
 
