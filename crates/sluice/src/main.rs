@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use sluice_vmm::config::DiskSpec;
+use sluice_vmm::config::{DiskSpec, NetSpec};
 use sluice_vmm::machine::{self, SerialTarget, VmConfig, VmReport};
 use sluice_vmm::vcpu::VmOutcome;
 
@@ -67,6 +67,13 @@ struct RunArgs {
     /// [,queue_size=N][,serial=S][,notify=irq|poll[:us]|batch[:n[:us]]]`.
     #[arg(long, value_parser = DiskSpec::parse)]
     disk: Vec<DiskSpec>,
+    /// A virtio-net device on a tap (repeatable; created if missing, needs CAP_NET_ADMIN):
+    /// `tap=NAME[,mac=52:54:00:..][,queues=N][,notify=..]`.
+    #[arg(long, value_parser = NetSpec::parse)]
+    net: Vec<NetSpec>,
+    /// A virtio-rng device fed by getrandom(2).
+    #[arg(long)]
+    rng: bool,
     /// Write exit counts and per-queue device metrics here when the VM stops: JSON, or
     /// Prometheus text if the name ends in `.prom`.
     #[arg(long)]
@@ -142,6 +149,8 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         serial: args.serial,
         test_device: args.test_device,
         disks: args.disk,
+        nets: args.net,
+        rng: args.rng,
     };
     let report = machine::run(config)?;
     tracing::info!(

@@ -155,3 +155,155 @@ fn read_only_disk_refuses_writes_and_keeps_the_image() {
     assert!(!report.passed(), "{}", report.describe());
     assert!(image.read(0, 65536).iter().all(|&b| b == 0));
 }
+
+#[test]
+fn rng_fills_guest_buffers() {
+    if skip_without_kvm("rng_fills_guest_buffers") {
+        return;
+    }
+
+    let (report, metrics) = run_on_sluice("quiet w=rng:bytes=8192", vec!["--rng".into()]);
+
+    assert!(report.passed(), "{}", report.describe());
+    let bytes = metrics["devices"][0]["queues"][0]["bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(bytes >= 8192, "{metrics}");
+}
+
+/// Echoes every frame of EtherType 0x88b5 that arrives on `ifname` back out of it, until the
+/// returned flag is set. The interface appears when sluice creates the tap.
+fn spawn_echo_peer(
+    ifname: String,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<u64>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let stop_peer = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let name = std::ffi::CString::new(ifname).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let ifindex = loop {
+            // SAFETY: `name` is a valid NUL-terminated string.
+            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            if index != 0
+                || stop_peer.load(Ordering::Relaxed)
+                || std::time::Instant::now() > deadline
+            {
+                break index;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        if ifindex == 0 {
+            return 0;
+        }
+        let proto = 0x88b5u16.to_be();
+        // SAFETY: plain socket creation; the fd is closed below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: an all-zero sockaddr_ll is valid; the fields set below make it a bind address.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = proto;
+        addr.sll_ifindex = ifindex as i32;
+        let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+        // SAFETY: `addr` is a valid sockaddr_ll of `len` bytes.
+        let rc = unsafe { libc::bind(fd, &addr as *const _ as *const libc::sockaddr, len) };
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        // SAFETY: setting a receive timeout with a valid timeval.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &timeout as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        let mut echoed = 0;
+        let mut frame = [0u8; 2048];
+        while !stop_peer.load(Ordering::Relaxed) {
+            // SAFETY: an all-zero sockaddr_ll is valid as an out-parameter.
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut from_len = len;
+            // SAFETY: `frame` and `from` are valid for the lengths passed.
+            let n = unsafe {
+                libc::recvfrom(
+                    fd,
+                    frame.as_mut_ptr() as *mut libc::c_void,
+                    frame.len(),
+                    0,
+                    &mut from as *mut _ as *mut libc::sockaddr,
+                    &mut from_len,
+                )
+            };
+            if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+                continue;
+            }
+            // SAFETY: sends `n` bytes of `frame` to the interface bound in `addr`.
+            unsafe {
+                libc::sendto(
+                    fd,
+                    frame.as_ptr() as *const libc::c_void,
+                    n as usize,
+                    0,
+                    &addr as *const _ as *const libc::sockaddr,
+                    len,
+                )
+            };
+            echoed += 1;
+        }
+        // SAFETY: `fd` is ours and closed once.
+        unsafe { libc::close(fd) };
+        echoed
+    });
+    (stop, handle)
+}
+
+#[test]
+fn net_echo_through_a_tap_with_a_host_peer() {
+    let name = "net_echo_through_a_tap_with_a_host_peer";
+    if skip_without_kvm(name) {
+        return;
+    }
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+    {
+        println!("SKIP {name}: /dev/net/tun unusable ({e})");
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIP {name}: creating a tap needs CAP_NET_ADMIN (not root)");
+        return;
+    }
+    let tap = format!("slt{}", std::process::id() % 100_000);
+    let (stop, peer) = spawn_echo_peer(tap.clone());
+
+    let (report, metrics) = run_on_sluice(
+        "quiet w=net:dir=echo:size=1000:frames=20",
+        vec![format!("--net=tap={tap}")],
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let echoed = peer.join().unwrap();
+
+    assert!(report.passed(), "{}", report.describe());
+    assert!(echoed >= 20, "the host peer echoed {echoed} frames");
+    let net = report.results_for("net").next().unwrap();
+    assert_eq!(net.errors, Some(0), "{}", report.describe());
+    let queues = metrics["devices"][0]["queues"].as_array().unwrap();
+    let requests: u64 = queues.iter().map(|q| q["requests"].as_u64().unwrap()).sum();
+    assert!(requests >= 40, "20 frames out and 20 in: {metrics}");
+}

@@ -54,6 +54,10 @@ pub struct VmConfig {
     pub test_device: bool,
     /// virtio-blk disks.
     pub disks: Vec<crate::config::DiskSpec>,
+    /// virtio-net devices on taps.
+    pub nets: Vec<crate::config::NetSpec>,
+    /// A virtio-rng device.
+    pub rng: bool,
 }
 
 /// How a run ended, with what it cost.

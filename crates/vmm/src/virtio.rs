@@ -1,4 +1,4 @@
-//! Wiring of paravirtual devices: each `--disk` (and later `--net`, `--rng`) becomes a device
+//! Wiring of paravirtual devices: each `--disk`, `--net` and `--rng` becomes a device
 //! model behind the virtio-pci transport, on the PCI root, with exitless doorbells (ioeventfd)
 //! and interrupts (GSI route + irqfd per MSI-X vector).
 
@@ -6,10 +6,12 @@ use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
 use sluice_devices::block::{Block, BlockConfig};
+use sluice_devices::net::{Net, NetConfig, Tap};
+use sluice_devices::rng::{fill_random, Rng};
 use sluice_pci::PciRoot;
 use sluice_virtio::{DeviceMetrics, VirtioDevice, VirtioPciDevice, VirtioPciOptions};
 
-use crate::config::{DiskSpec, NotifyPolicy};
+use crate::config::{DiskSpec, NetSpec, NotifyPolicy};
 use crate::interrupts::{KvmIoEvents, KvmMsi, KvmMsiRouter};
 use crate::machine::{device_err, VmConfig, VmError};
 use crate::memory::GuestRam;
@@ -55,7 +57,39 @@ pub fn attach_virtio_devices(
             plumbing.options(name, disk.notify),
         )?);
     }
+    for (i, net) in config.nets.iter().enumerate() {
+        let device = net_device(net)?;
+        let name = format!("virtio-net{i}");
+        metrics.push(attach(
+            root,
+            ram,
+            Box::new(device),
+            plumbing.options(name, net.notify),
+        )?);
+    }
+    if config.rng {
+        let options = plumbing.options("virtio-rng".into(), NotifyPolicy::Interrupt);
+        metrics.push(attach(root, ram, Box::new(Rng::new()), options)?);
+    }
     Ok(metrics)
+}
+
+fn net_device(net: &NetSpec) -> Result<Net, VmError> {
+    let tap = Tap::open(Some(&net.tap), net.queues).map_err(|e| device_err("virtio-net", e))?;
+    tap.set_up()
+        .map_err(|e| device_err("virtio-net", format!("cannot bring {} up: {e}", net.tap)))?;
+    let mac = match net.mac {
+        Some(mac) => mac,
+        None => random_local_mac().map_err(|e| device_err("virtio-net", e))?,
+    };
+    Ok(Net::new(tap, NetConfig { mac, mtu: None }))
+}
+
+/// A locally administered unicast MAC in QEMU's 52:54:00 range.
+fn random_local_mac() -> std::io::Result<[u8; 6]> {
+    let mut tail = [0u8; 3];
+    fill_random(&mut tail)?;
+    Ok([0x52, 0x54, 0x00, tail[0], tail[1], tail[2]])
 }
 
 fn block_config(disk: &DiskSpec) -> BlockConfig {
