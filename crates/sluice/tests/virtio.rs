@@ -247,7 +247,7 @@ fn spawn_echo_peer(
                     &mut from_len,
                 )
             };
-            if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             // SAFETY: sends `n` bytes of `frame` to the interface bound in `addr`.
