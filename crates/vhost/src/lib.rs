@@ -1,0 +1,1 @@
+//! vhost-user backend for sluice's virtio device models.
