@@ -1,0 +1,408 @@
+//! A hostile virtio driver against sluice's real virtio-pci transport and virtio-blk model,
+//! reached exactly as a guest reaches them: config space through the PCI root, registers through
+//! the MMIO bus, rings and buffers in guest memory. Every malformed input must end in an error
+//! status, a zero-length used entry or DEVICE_NEEDS_RESET — never a panic — and a second device
+//! must keep working throughout.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sluice_bus::irq::{MsiMessage, MsiSink};
+use sluice_bus::{read_le, write_le, Bus};
+use sluice_devices::block::{Block, BlockConfig};
+use sluice_pci::{
+    AddressWindow, BarAllocator, PciAddress, PciRoot, COMMAND, COMMAND_BUS_MASTER,
+    COMMAND_MEMORY_SPACE, DEFAULT_IO_WINDOW,
+};
+use sluice_virtio::{VirtioPciDevice, VirtioPciOptions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+const RAM: u64 = 16 << 20;
+const STATUS_ACK: u8 = 1;
+const STATUS_DRIVER: u8 = 2;
+const STATUS_DRIVER_OK: u8 = 4;
+const STATUS_FEATURES_OK: u8 = 8;
+const STATUS_NEEDS_RESET: u8 = 0x40;
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+const BLK_T_IN: u32 = 0;
+const BLK_T_OUT: u32 = 1;
+const BLK_S_OK: u8 = 0;
+
+struct NullMsi;
+
+impl MsiSink for NullMsi {
+    fn send(&self, _: MsiMessage) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Disk {
+    path: PathBuf,
+}
+
+impl Disk {
+    fn new(tag: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("sluice-hostile-{tag}-{}-{n}", std::process::id());
+        let path = std::env::temp_dir().join(name);
+        File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        Self { path }
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A minimal virtio-pci driver with no manners.
+struct Driver {
+    mmio: Arc<Bus>,
+    bar0: u64,
+    mem: GuestMemoryMmap,
+    /// Guest-physical base of this driver's rings and buffers.
+    base: u64,
+    size: u16,
+    avail_idx: u16,
+}
+
+impl Driver {
+    fn new(
+        mmio: Arc<Bus>,
+        root: &PciRoot,
+        pci: PciAddress,
+        mem: GuestMemoryMmap,
+        base: u64,
+    ) -> Self {
+        let bar0 = root.bar_mapping(pci, 0).expect("BAR0 mapped");
+        root.config_write(
+            pci,
+            COMMAND,
+            &(COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER).to_le_bytes(),
+        );
+        Self {
+            mmio,
+            bar0,
+            mem,
+            base,
+            size: 0,
+            avail_idx: 0,
+        }
+    }
+
+    fn write(&self, offset: u64, value: u64, width: usize) {
+        let mut data = vec![0u8; width];
+        write_le(&mut data, value);
+        self.mmio.write(self.bar0 + offset, &data);
+    }
+
+    fn read(&self, offset: u64, width: usize) -> u64 {
+        let mut data = vec![0u8; width];
+        self.mmio.read(self.bar0 + offset, &mut data);
+        read_le(&data)
+    }
+
+    fn status(&self) -> u8 {
+        self.read(0x14, 1) as u8
+    }
+
+    fn desc_addr(&self) -> u64 {
+        self.base
+    }
+    fn avail_addr(&self) -> u64 {
+        self.base + 0x1000
+    }
+    fn used_addr(&self) -> u64 {
+        self.base + 0x2000
+    }
+    /// Scratch area for request headers, data and status bytes.
+    fn buf(&self, n: u64) -> u64 {
+        self.base + 0x4000 + n * 0x1000
+    }
+
+    /// Negotiates VERSION_1 only and sets up queue 0 with `size`; returns whether it was enabled.
+    fn setup(&mut self, size: u16) -> bool {
+        self.write(0x14, 0, 1);
+        self.write(0x14, u64::from(STATUS_ACK | STATUS_DRIVER), 1);
+        self.write(0x08, 1, 4); // driver_feature_select = 1 (bits 32..63)
+        self.write(0x0c, 1, 4); // VERSION_1
+        self.write(
+            0x14,
+            u64::from(STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK),
+            1,
+        );
+        assert_ne!(
+            self.status() & STATUS_FEATURES_OK,
+            0,
+            "FEATURES_OK accepted"
+        );
+        self.write(0x16, 0, 2);
+        self.write(0x18, u64::from(size), 2);
+        self.write(0x20, self.desc_addr(), 8);
+        self.write(0x28, self.avail_addr(), 8);
+        self.write(0x30, self.used_addr(), 8);
+        self.write(0x1c, 1, 2);
+        self.size = size;
+        self.avail_idx = 0;
+        self.read(0x1c, 2) == 1
+    }
+
+    fn driver_ok(&self) {
+        self.write(
+            0x14,
+            u64::from(STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK),
+            1,
+        );
+    }
+
+    fn set_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = GuestAddress(self.desc_addr() + 16 * u64::from(index));
+        self.mem.write_obj(addr, at).unwrap();
+        self.mem.write_obj(len, at.unchecked_add(8)).unwrap();
+        self.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+        self.mem.write_obj(next, at.unchecked_add(14)).unwrap();
+    }
+
+    /// Publishes `head` in the avail ring and kicks queue 0.
+    fn submit(&mut self, head: u16) {
+        let slot = u64::from(self.avail_idx % self.size);
+        self.mem
+            .write_obj(head, GuestAddress(self.avail_addr() + 4 + 2 * slot))
+            .unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem
+            .write_obj(self.avail_idx, GuestAddress(self.avail_addr() + 2))
+            .unwrap();
+        self.write(0x3000, 0, 2);
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.mem
+            .read_obj(GuestAddress(self.used_addr() + 2))
+            .unwrap()
+    }
+
+    /// Waits until the used ring reaches `idx` (or the device gives up with NEEDS_RESET).
+    fn wait_used(&self, idx: u16) -> Option<(u32, u32)> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.used_idx() == idx {
+                let slot = u64::from(idx.wrapping_sub(1) % self.size);
+                let at = GuestAddress(self.used_addr() + 4 + 8 * slot);
+                let id: u32 = self.mem.read_obj(at).unwrap();
+                let len: u32 = self.mem.read_obj(at.unchecked_add(4)).unwrap();
+                return Some((id, len));
+            }
+            if self.status() & STATUS_NEEDS_RESET != 0 {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("device neither completed nor asked for reset");
+    }
+
+    /// A well-formed 3-descriptor block request at descriptors 0..3 using scratch buffer `n`.
+    fn block_request(&self, kind: u32, sector: u64, data: &[u8], n: u64) -> u16 {
+        let (hdr, payload, status) = (self.buf(n), self.buf(n) + 0x100, self.buf(n) + 0x800);
+        self.mem.write_obj(kind, GuestAddress(hdr)).unwrap();
+        self.mem.write_obj(sector, GuestAddress(hdr + 8)).unwrap();
+        self.mem.write_slice(data, GuestAddress(payload)).unwrap();
+        self.mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+        let data_flags = if kind == BLK_T_IN { DESC_F_WRITE } else { 0 };
+        self.set_desc(0, hdr, 16, DESC_F_NEXT, 1);
+        self.set_desc(1, payload, data.len() as u32, DESC_F_NEXT | data_flags, 2);
+        self.set_desc(2, status, 1, DESC_F_WRITE, 0);
+        0
+    }
+
+    fn status_byte(&self, n: u64) -> u8 {
+        self.mem
+            .read_obj(GuestAddress(self.buf(n) + 0x800))
+            .unwrap()
+    }
+}
+
+struct Machine {
+    mmio: Arc<Bus>,
+    root: Arc<PciRoot>,
+    mem: GuestMemoryMmap,
+    devices: Vec<PciAddress>,
+    _disks: Vec<Disk>,
+}
+
+fn machine() -> Machine {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+    let mmio = Arc::new(Bus::new());
+    let pio = Arc::new(Bus::new());
+    let allocator = BarAllocator::new(
+        AddressWindow::new(0xc000_0000, 0x2000_0000).unwrap(),
+        AddressWindow::new(1 << 32, 1 << 32).unwrap(),
+        AddressWindow::new(DEFAULT_IO_WINDOW.0, DEFAULT_IO_WINDOW.1).unwrap(),
+    )
+    .unwrap();
+    let root = Arc::new(PciRoot::new(mmio.clone(), pio, allocator));
+    let mut devices = Vec::new();
+    let mut disks = Vec::new();
+    for tag in ["victim", "bystander"] {
+        let disk = Disk::new(tag);
+        let block = Block::new(BlockConfig::new(&disk.path)).unwrap();
+        let options = VirtioPciOptions::new(Arc::new(NullMsi));
+        let pci = VirtioPciDevice::new(Box::new(block), sluice_dma::identity(mem.clone()), options)
+            .unwrap();
+        devices.push(root.add_device(Arc::new(Mutex::new(pci))).unwrap());
+        disks.push(disk);
+    }
+    Machine {
+        mmio,
+        root,
+        mem,
+        devices,
+        _disks: disks,
+    }
+}
+
+fn driver(m: &Machine, which: usize, base: u64) -> Driver {
+    Driver::new(
+        m.mmio.clone(),
+        &m.root,
+        m.devices[which],
+        m.mem.clone(),
+        base,
+    )
+}
+
+/// The bystander disk still writes and reads back correctly.
+fn assert_bystander_works(m: &Machine) {
+    let mut d = driver(m, 1, 0x80_0000);
+    assert!(d.setup(16));
+    d.driver_ok();
+    let data = [0x5au8; 512];
+    d.submit(d.block_request(BLK_T_OUT, 3, &data, 0));
+    d.wait_used(1).unwrap();
+    assert_eq!(d.status_byte(0), BLK_S_OK);
+    d.submit(d.block_request(BLK_T_IN, 3, &[0u8; 512], 1));
+    d.wait_used(2).unwrap();
+    let mut back = [0u8; 512];
+    m.mem
+        .read_slice(&mut back, GuestAddress(d.buf(1) + 0x100))
+        .unwrap();
+    assert_eq!(back, data);
+}
+
+#[test]
+fn queue_size_not_a_power_of_two_is_refused() {
+    let m = machine();
+    let mut d = driver(&m, 0, 0x40_0000);
+
+    assert!(!d.setup(100), "queue of 100 entries must not enable");
+
+    assert!(d.setup(64));
+    assert_bystander_works(&m);
+}
+
+#[test]
+fn notify_before_driver_ok_is_harmless() {
+    let m = machine();
+    let mut d = driver(&m, 0, 0x40_0000);
+    assert!(d.setup(16));
+    let head = d.block_request(BLK_T_OUT, 0, &[1u8; 512], 0);
+
+    d.submit(head);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(d.used_idx(), 0, "nothing processed before DRIVER_OK");
+    d.driver_ok();
+
+    assert_eq!(d.wait_used(1).map(|(id, _)| id), Some(0));
+    assert_eq!(d.status_byte(0), BLK_S_OK);
+}
+
+#[test]
+fn malformed_chains_fail_the_request_not_the_vmm() {
+    let m = machine();
+    let mut d = driver(&m, 0, 0x40_0000);
+    assert!(d.setup(16));
+    d.driver_ok();
+    let mut completed = 0;
+    let mut expect_error = |d: &mut Driver, what: &str| {
+        d.submit(0);
+        completed += 1;
+        match d.wait_used(completed) {
+            Some((0, len)) => {
+                let status = d.status_byte(0);
+                assert!(
+                    len <= 1 && (len == 0 || status != BLK_S_OK),
+                    "{what}: len {len} status {status}"
+                );
+            }
+            Some((id, _)) => panic!("{what}: wrong head {id}"),
+            None => panic!("{what}: a bad request must not break the whole device"),
+        }
+    };
+
+    // Data buffer outside guest RAM.
+    d.block_request(BLK_T_OUT, 0, &[1u8; 512], 0);
+    d.set_desc(1, RAM + 0x1000, 512, DESC_F_NEXT, 2);
+    expect_error(&mut d, "data outside RAM");
+    // Zero-length data buffer.
+    d.block_request(BLK_T_OUT, 0, &[1u8; 512], 0);
+    d.set_desc(1, d.buf(0) + 0x100, 0, DESC_F_NEXT, 2);
+    expect_error(&mut d, "zero-length buffer");
+    // Oversized buffer (4 GiB - 1 bytes).
+    d.block_request(BLK_T_OUT, 0, &[1u8; 512], 0);
+    d.set_desc(1, d.buf(0) + 0x100, u32::MAX, DESC_F_NEXT, 2);
+    expect_error(&mut d, "oversized buffer");
+    // Read into a device-readable (guest read-only) buffer.
+    d.block_request(BLK_T_IN, 0, &[0u8; 512], 0);
+    d.set_desc(1, d.buf(0) + 0x100, 512, DESC_F_NEXT, 2);
+    expect_error(&mut d, "write into a read-only buffer");
+    // Status byte not writable.
+    d.block_request(BLK_T_OUT, 0, &[1u8; 512], 0);
+    d.set_desc(2, d.buf(0) + 0x800, 1, 0, 0);
+    expect_error(&mut d, "read-only status");
+
+    assert_eq!(
+        d.status() & STATUS_NEEDS_RESET,
+        0,
+        "per-request errors keep the device up"
+    );
+    assert_bystander_works(&m);
+}
+
+#[test]
+fn looping_chain_and_ring_outside_ram_end_in_needs_reset_or_error() {
+    let m = machine();
+    let mut d = driver(&m, 0, 0x40_0000);
+    assert!(d.setup(16));
+    d.driver_ok();
+
+    // A chain whose descriptors point at each other forever.
+    d.block_request(BLK_T_OUT, 0, &[1u8; 512], 0);
+    d.set_desc(1, d.buf(0) + 0x100, 512, DESC_F_NEXT, 0);
+    d.submit(0);
+    let looped = d.wait_used(1);
+    assert!(
+        looped.is_none() || looped.is_some_and(|(_, len)| len <= 1),
+        "a looping chain is refused: {looped:?}"
+    );
+    assert_bystander_works(&m);
+
+    // Rings outside guest RAM.
+    let mut far = driver(&m, 0, RAM + 0x10_0000);
+    far.setup(16);
+    far.driver_ok();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while far.status() & STATUS_NEEDS_RESET == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_ne!(
+        far.status() & STATUS_NEEDS_RESET,
+        0,
+        "rings outside RAM need a reset"
+    );
+    assert_bystander_works(&m);
+}
