@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Writes the committed seed corpora under corpus/<target>/ (deterministic; rerun after
+changing an input format). Each seed is a small, well-formed input that reaches deep into
+its parser, so the campaigns start past the trivial rejections."""
+
+import pathlib
+import struct
+
+ROOT = pathlib.Path(__file__).resolve().parent / "corpus"
+
+# --- blk_request: guest memory image (descriptor table 0x0, avail ring 0x100) ---------------
+NEXT, WRITE, INDIRECT = 1, 2, 4
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+
+
+def desc(addr, length, flags, nxt=0):
+    return struct.pack("<QIHH", addr, length, flags, nxt)
+
+
+def chain(*descs):
+    """A descriptor list linked 0 -> 1 -> ... (NEXT set on all but the last)."""
+    out = b""
+    for i, (addr, length, flags) in enumerate(descs):
+        last = i == len(descs) - 1
+        out += desc(addr, length, flags | (0 if last else NEXT), 0 if last else i + 1)
+    return out
+
+
+def memory(table, fills, size):
+    image = bytearray(size)
+    image[: len(table)] = table
+    struct.pack_into("<HHH", image, 0x100, 0, 1, 0)  # avail: flags, idx 1, ring[0] = head 0
+    for at, data in fills:
+        image[at : at + len(data)] = data
+    return bytes(image)
+
+
+def header(kind, sector=0):
+    return struct.pack("<IIQ", kind, 0, sector)
+
+
+def segment(sector, count, flags):
+    return struct.pack("<QII", sector, count, flags)
+
+
+def blk_seeds():
+    hdr, data, status = 0x300, 0x400, 0x800
+    yield "in_read", memory(
+        chain((hdr, 16, 0), (data, 512, WRITE), (status, 1, WRITE)),
+        [(hdr, header(T_IN, 3))], status + 1)
+    yield "in_read_three_buffers", memory(
+        chain((hdr, 16, 0), (data, 512, WRITE), (data + 0x200, 0x200, WRITE),
+              (data + 0x400, 0x1ff, WRITE), (status + 0x1ff, 1 + 1, WRITE)),
+        [(hdr, header(T_IN, 2040))], status + 0x201)
+    yield "out_write", memory(
+        chain((hdr, 16, 0), (data, 1024, 0), (status, 1, WRITE)),
+        [(hdr, header(T_OUT, 7)), (data, bytes(range(256)) * 4)], status + 1)
+    yield "out_write_header_and_data_in_one", memory(
+        chain((hdr, 16 + 512, 0), (status, 1, WRITE)),
+        [(hdr, header(T_OUT, 0))], status + 1)
+    # desc 0's address 0x301 makes the first input byte 1: a read-only disk.
+    yield "out_write_read_only", memory(
+        chain((hdr + 1, 16, 0), (data, 512, 0), (status, 1, WRITE)),
+        [(hdr + 1, header(T_OUT, 1))], status + 1)
+    yield "flush", memory(
+        chain((hdr, 16, 0), (status, 1, WRITE)), [(hdr, header(T_FLUSH))], status + 1)
+    yield "get_id", memory(
+        chain((hdr, 16, 0), (data, 20, WRITE), (status, 1, WRITE)),
+        [(hdr, header(T_GET_ID))], status + 1)
+    yield "discard_two_segments", memory(
+        chain((hdr, 16, 0), (hdr + 0x20, 32, 0), (status, 1, WRITE)),
+        [(hdr, header(T_DISCARD)),
+         (hdr + 0x20, segment(8, 8, 0) + segment(100, 900, 0))], status + 1)
+    yield "write_zeroes_unmap", memory(
+        chain((hdr, 16 + 16, 0), (status, 1, WRITE)),
+        [(hdr, header(T_WRITE_ZEROES) + segment(2000, 48, 1))], status + 1)
+    indirect = 0x380
+    yield "in_read_indirect", memory(
+        desc(indirect, 48, INDIRECT),
+        [(indirect, chain((hdr, 16, 0), (data, 1024, WRITE), (status, 1, WRITE))),
+         (hdr, header(T_IN, 1))], status + 1)
+
+
+# --- net_header: virtio_net_hdr_v1 + Ethernet frame -------------------------------------------
+def net_hdr(flags=0, gso_type=0, hdr_len=0, gso_size=0, csum_start=0, csum_offset=0):
+    return struct.pack("<BBHHHHH", flags, gso_type, hdr_len, gso_size, csum_start,
+                       csum_offset, 0)
+
+
+ETH_V4 = bytes(6) + bytes([2, 0, 0, 0, 0, 1]) + b"\x08\x00"
+ETH_V6 = bytes(6) + bytes([2, 0, 0, 0, 0, 1]) + b"\x86\xdd"
+IPV4_TCP = bytes([0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2])
+IPV6_TCP = bytes([0x60, 0, 0, 0, 0, 20, 6, 64]) + bytes(15) + b"\x01" + bytes(15) + b"\x02"
+TCP = struct.pack(">HHIIBBHHH", 1234, 80, 1, 0, 0x50, 0x18, 65535, 0, 0)
+
+
+def net_seeds():
+    v4 = ETH_V4 + IPV4_TCP + TCP + b"payload!" * 8
+    v6 = ETH_V6 + IPV6_TCP + TCP + b"payload!" * 8
+    yield "plain_ipv4", net_hdr() + v4
+    yield "csum_ipv4_tcp", net_hdr(1, 0, 0, 0, 34, 16) + v4
+    yield "tso4", net_hdr(1, 1, 54, 1448, 34, 16) + v4
+    yield "tso6", net_hdr(1, 4, 74, 1428, 54, 16) + v6
+    # Leading selector byte: the second check sees the rest with only CSUM + TSO4.
+    yield "selector_csum_tso4", bytes([3]) + net_hdr(1, 1, 54, 1448, 34, 16) + v4
+    yield "selector_none_plain", bytes([0]) + net_hdr() + v4
+
+
+# --- virtio_pci_registers: op script (format in crates/virtio/src/pci/fuzz.rs) ----------------
+COMMON, ISR, DEVCFG, NOTIFY, MSIX_TABLE, MSIX_PBA, CONFIG = range(7)
+WIDTH_LOG2 = {1: 0, 2: 1, 4: 2, 8: 3}
+(FEAT_SEL, FEAT, DRV_FEAT_SEL, DRV_FEAT, CFG_VEC, NUM_QUEUES, STATUS, GENERATION, Q_SELECT,
+ Q_SIZE, Q_VECTOR, Q_ENABLE, Q_NOTIFY_OFF, Q_DESC, Q_DRIVER, Q_DEVICE) = (
+    0x00, 0x04, 0x08, 0x0c, 0x10, 0x12, 0x14, 0x15, 0x16, 0x18, 0x1a, 0x1c, 0x1e, 0x20, 0x28,
+    0x30)
+ACK, DRIVER, DRIVER_OK, FEATURES_OK = 1, 2, 4, 8
+# Config space layout of this transport: 4 virtio caps, the PCI cfg access cap, then MSI-X.
+PCI_CFG_CAP, MSIX_CAP = 0x84, 0x98
+
+
+def op(target, offset, width, value=None, focused=False):
+    code = target | WIDTH_LOG2[width] << 3 | (0x40 if focused else 0)
+    if value is None:
+        return struct.pack("<BH", code, offset)
+    return struct.pack("<BH", code | 0x20, offset) + value.to_bytes(width, "little")
+
+
+def common(offset, width, value=None):
+    return op(COMMON, offset, width, value, focused=True)
+
+
+def setup_queue(index, base):
+    return (common(Q_SELECT, 2, index) + common(Q_SIZE, 2) + common(Q_SIZE, 2, 8)
+            + common(Q_DESC, 8, base) + common(Q_DRIVER, 4, base + 0x100)
+            + common(Q_DRIVER + 4, 4, 0) + common(Q_DEVICE, 8, base + 0x200)
+            + common(Q_VECTOR, 2, index + 1) + common(Q_VECTOR, 2) + common(Q_ENABLE, 2, 1))
+
+
+def negotiate():
+    return (common(STATUS, 1, 0) + common(STATUS, 1, ACK) + common(STATUS, 1, ACK | DRIVER)
+            + common(FEAT_SEL, 4, 0) + common(FEAT, 4) + common(FEAT_SEL, 4, 1)
+            + common(FEAT, 4) + common(DRV_FEAT_SEL, 4, 0) + common(DRV_FEAT, 4, 1 << 29)
+            + common(DRV_FEAT_SEL, 4, 1) + common(DRV_FEAT, 4, 1)
+            + common(STATUS, 1, ACK | DRIVER | FEATURES_OK) + common(STATUS, 1)
+            + common(NUM_QUEUES, 2))
+
+
+def pci_seeds():
+    driver_ok = common(STATUS, 1, ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+    msix_enable = op(CONFIG, MSIX_CAP + 2, 2, 0x8000)
+    msix_entry = (op(MSIX_TABLE, 0x10, 4, 0xfee00000) + op(MSIX_TABLE, 0x14, 4, 0)
+                  + op(MSIX_TABLE, 0x18, 4, 0x41) + op(MSIX_TABLE, 0x1c, 4, 0))
+    yield "activate_two_queues", (
+        negotiate() + setup_queue(0, 0x1000) + setup_queue(1, 0x4000) + driver_ok
+        + op(NOTIFY, 0, 2, 0) + op(NOTIFY, 4, 2, 1) + op(ISR, 0, 1) + common(GENERATION, 1))
+    yield "msix_vectors_and_kick", (
+        msix_enable + msix_entry + op(MSIX_TABLE, 0x0c, 4, 1) + op(MSIX_TABLE, 0, 8, 0xfee00000)
+        + negotiate() + common(CFG_VEC, 2, 0) + common(CFG_VEC, 2) + setup_queue(0, 0x2000)
+        + driver_ok + op(NOTIFY, 0, 2, 0) + op(MSIX_PBA, 0, 8) + op(DEVCFG, 0, 4, 0xdeadbeef)
+        + op(DEVCFG, 0, 4) + op(DEVCFG, 12, 4) + op(MSIX_TABLE, 0x0c, 4, 0))
+    yield "reset_after_driver_ok", (
+        negotiate() + setup_queue(0, 0x1000) + driver_ok + common(STATUS, 1, 0)
+        + common(STATUS, 1) + common(Q_ENABLE, 2) + common(Q_NOTIFY_OFF, 2))
+    yield "pci_cfg_access_window", (
+        op(CONFIG, PCI_CFG_CAP + 4, 1, 0) + op(CONFIG, PCI_CFG_CAP + 8, 4, STATUS)
+        + op(CONFIG, PCI_CFG_CAP + 12, 4, 1) + op(CONFIG, PCI_CFG_CAP + 16, 4)
+        + op(CONFIG, PCI_CFG_CAP + 16, 1, ACK) + op(CONFIG, PCI_CFG_CAP + 8, 4, FEAT)
+        + op(CONFIG, PCI_CFG_CAP + 12, 4, 4) + op(CONFIG, PCI_CFG_CAP + 16, 4))
+    yield "config_space_walk", b"".join(op(CONFIG, offset, 4) for offset in range(0, 0x100, 4))
+    yield "bar_writes", (op(CONFIG, 0x04, 2, 0x0006) + op(CONFIG, 0x10, 4, 0xffffffff)
+                         + op(CONFIG, 0x10, 4) + op(7, 0x1000, 1) + op(7, 0x7ffe, 2, 1))
+
+
+def main():
+    for target, seeds in (("blk_request", blk_seeds()), ("net_header", net_seeds()),
+                          ("virtio_pci_registers", pci_seeds())):
+        directory = ROOT / target
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, data in seeds:
+            (directory / name).write_bytes(data)
+
+
+if __name__ == "__main__":
+    main()
