@@ -2,6 +2,7 @@
 //! exit status (see `exit_status`).
 
 mod guest_kit;
+mod serve;
 mod size;
 
 use std::path::PathBuf;
@@ -38,6 +39,8 @@ struct Cli {
 enum Command {
     /// Boot a VM. Without --kernel, boots the embedded guest kit.
     Run(RunArgs),
+    /// Serve a device model to another VMM over vhost-user.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Args)]
@@ -96,6 +99,7 @@ fn main() -> ExitCode {
     init_logging(&cli.log);
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

@@ -1,1 +1,30 @@
-//! vhost-user backend for sluice's virtio device models.
+//! vhost-user backend serving sluice's virtio device models to QEMU and other frontends.
+//!
+//! * [`server`] — [`Server`]: the listening socket, one connection at a time, a refused
+//!   message drops only that connection.
+//! * [`backend`] — [`Backend`]: the device side of the protocol (features, memory table, rings,
+//!   config space, inflight area) as a `vhost` crate `VhostUserBackendReqHandlerMut`; each ring
+//!   runs on a `sluice_virtio::QueueWorker` with the model's own `QueueHandler`, over a
+//!   `sluice_dma::DmaSpace` built from the frontend's memory — the model does not know it runs
+//!   behind vhost-user.
+//! * [`memory`] — the frontend's regions, mapped and validated; user address → GPA.
+//! * [`inflight`] — the INFLIGHT_SHMFD area and crash recovery.
+//! * [`tracking`] — the handler wrapper that keeps the inflight area up to date.
+//!
+//! Built on the `vhost` crate for the wire protocol (message parsing, fd passing, replies).
+//! The `vhost-user-backend` crate is not used: it has no inflight tracking and its ring
+//! threads would replace sluice's queue workers and notification policies. Written here: the
+//! device state machine, memory mapping, and inflight tracking/recovery.
+
+pub mod backend;
+pub mod inflight;
+pub mod memory;
+pub mod server;
+pub mod tracking;
+
+pub use backend::{
+    offered_protocol_features, Backend, ServedDevice, VHOST_USER_F_PROTOCOL_FEATURES,
+};
+pub use inflight::{queue_region_size, InflightArea, QueueInflight, Recovery};
+pub use memory::{MemoryError, MemoryTable, MAX_MEM_SLOTS};
+pub use server::{ConnectionEnd, Server};

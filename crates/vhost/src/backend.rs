@@ -1,0 +1,831 @@
+//! [`Backend`]: the device side of one vhost-user connection, as a
+//! `VhostUserBackendReqHandlerMut` (the `vhost` crate parses and answers the messages).
+//!
+//! State per connection: ownership, negotiated features, the memory table, one [`Vring`] per
+//! queue, the call/err fds, and the inflight area. A ring runs — one
+//! `sluice_virtio::QueueWorker` with the model's handler wrapped in [`Tracked`] — once it has
+//! a size, addresses, a kick fd, memory, and is enabled (rings start disabled when
+//! VHOST_USER_F_PROTOCOL_FEATURES is negotiated). GET_VRING_BASE stops the worker, lets the
+//! model finish what it popped (bounded wait), and answers with the next avail index.
+//!
+//! Any message that is malformed, out of range or out of order (ring messages before
+//! SET_OWNER, bad sizes or addresses, regions that overlap or are not backed by their file)
+//! fails with an error; the server then drops the connection.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use sluice_dma::DmaSpace;
+use sluice_virtio::{
+    DeviceMetrics, NotifyPolicy, QueueBinding, QueueContext, QueueHandler, QueueMetrics,
+    QueueWorker, VirtioDevice, VirtioInterrupt,
+};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::GpuBackend;
+use vhost::vhost_user::{
+    Error as VhostError, Result as VhostResult, VhostUserBackendReqHandlerMut,
+};
+use vhost::VhostUserMemoryRegionBase;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueState, QueueT};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::inflight::{InflightArea, QueueInflight};
+use crate::memory::{MemoryTable, MAX_MEM_SLOTS};
+use crate::tracking::{used_id, used_index, SharedTracked, Tracked};
+
+/// VHOST_USER_F_PROTOCOL_FEATURES (virtio feature bit 30).
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// Largest split ring.
+const MAX_QUEUE_SIZE: u32 = 32768;
+/// Largest GET_CONFIG / SET_CONFIG access.
+const MAX_CONFIG_BYTES: u32 = 256;
+/// How long GET_VRING_BASE waits for requests the model already popped.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+const DESC_BYTES: u64 = 16;
+const AVAIL_HEADER_BYTES: u64 = 6;
+const USED_HEADER_BYTES: u64 = 6;
+const PAGE_SIZE: u64 = 4096;
+
+/// A device model that can be served over vhost-user: a [`VirtioDevice`] for identity,
+/// features and config space, plus a handler per queue (the backend runs the queues itself).
+pub trait ServedDevice: VirtioDevice {
+    /// A fresh handler for queue `index` of `size` entries.
+    fn queue_handler(&self, index: u16, size: u16) -> Box<dyn QueueHandler>;
+}
+
+impl ServedDevice for sluice_devices::block::Block {
+    fn queue_handler(&self, _index: u16, size: u16) -> Box<dyn QueueHandler> {
+        Box::new(sluice_devices::block::Block::queue_handler(self, size))
+    }
+}
+
+/// The protocol features the backend offers.
+pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::RESET_DEVICE
+}
+
+fn refuse<T>(reason: impl Into<String>) -> VhostResult<T> {
+    Err(VhostError::ReqHandlerError(io::Error::other(reason.into())))
+}
+
+/// Ring addresses as guest physical addresses.
+#[derive(Debug, Clone, Copy)]
+struct RingAddresses {
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+/// A running ring.
+struct Running {
+    worker: QueueWorker,
+    handler: SharedTracked,
+}
+
+/// One queue's configuration as the frontend set it.
+#[derive(Default)]
+struct Vring {
+    size: u16,
+    addresses: Option<RingAddresses>,
+    /// Where popping starts (SET_VRING_BASE, or where the last run stopped).
+    base: u16,
+    kick: Option<EventFd>,
+    enabled: bool,
+    running: Option<Running>,
+}
+
+/// Call and error eventfds; the worker threads signal through this.
+struct Signals {
+    calls: Vec<Mutex<Option<EventFd>>>,
+    errors: Vec<Mutex<Option<EventFd>>>,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Signals {
+    fn new(queues: usize) -> Self {
+        Signals {
+            calls: (0..queues).map(|_| Mutex::new(None)).collect(),
+            errors: (0..queues).map(|_| Mutex::new(None)).collect(),
+        }
+    }
+}
+
+impl VirtioInterrupt for Signals {
+    fn notify_queue(&self, queue: u16) -> io::Result<()> {
+        match self.calls.get(usize::from(queue)) {
+            Some(call) => match locked(call).as_ref() {
+                Some(fd) => fd.write(1),
+                None => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+
+    fn notify_config(&self) -> io::Result<()> {
+        // Config changes would go over the backend request channel, which is not offered;
+        // the served devices never change their config space on their own.
+        Ok(())
+    }
+
+    fn needs_reset(&self) {
+        for error in &self.errors {
+            if let Some(fd) = locked(error).as_ref() {
+                let _ = fd.write(1);
+            }
+        }
+    }
+}
+
+/// The device side of one connection.
+pub struct Backend<D: ServedDevice> {
+    device: Arc<Mutex<D>>,
+    metrics: Arc<DeviceMetrics>,
+    device_features: u64,
+    owner: bool,
+    acked_features: u64,
+    acked_protocol: VhostUserProtocolFeatures,
+    memory: MemoryTable,
+    dma: Option<DmaSpace>,
+    vrings: Vec<Vring>,
+    signals: Arc<Signals>,
+    inflight: Option<InflightArea>,
+}
+
+impl<D: ServedDevice> Backend<D> {
+    pub fn new(device: Arc<Mutex<D>>) -> Self {
+        let (queues, metrics, device_features) = {
+            let device = locked(&device);
+            (
+                device.queue_max_sizes().len(),
+                device.metrics(),
+                device.device_features(),
+            )
+        };
+        Backend {
+            device,
+            metrics,
+            device_features,
+            owner: false,
+            acked_features: 0,
+            acked_protocol: VhostUserProtocolFeatures::empty(),
+            memory: MemoryTable::default(),
+            dma: None,
+            vrings: (0..queues).map(|_| Vring::default()).collect(),
+            signals: Arc::new(Signals::new(queues)),
+            inflight: None,
+        }
+    }
+
+    /// The connection ended: stop every ring without touching the rings again (the frontend
+    /// recovers what was in flight through the inflight area).
+    pub fn disconnect(&mut self) {
+        for index in 0..self.vrings.len() {
+            self.stop(index, false);
+        }
+    }
+
+    fn queue_count(&self) -> u16 {
+        u16::try_from(self.vrings.len()).unwrap_or(u16::MAX)
+    }
+
+    fn require_owner(&self, what: &str) -> VhostResult<()> {
+        if self.owner {
+            Ok(())
+        } else {
+            refuse(format!("{what} before SET_OWNER"))
+        }
+    }
+
+    fn vring_index(&self, index: u32, what: &str) -> VhostResult<usize> {
+        self.require_owner(what)?;
+        let index = usize::try_from(index).unwrap_or(usize::MAX);
+        if index < self.vrings.len() {
+            Ok(index)
+        } else {
+            refuse(format!("{what}: no queue {index}"))
+        }
+    }
+
+    fn inflight_negotiated(&self) -> bool {
+        self.acked_protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    }
+
+    fn ring_enabled(&self, vring: &Vring) -> bool {
+        vring.enabled || self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES == 0
+    }
+
+    /// Starts queue `index` if it has everything it needs.
+    fn try_start(&mut self, index: usize) -> VhostResult<()> {
+        let vring = &self.vrings[index];
+        let ready = vring.running.is_none()
+            && vring.size != 0
+            && vring.addresses.is_some()
+            && vring.kick.is_some()
+            && self.ring_enabled(vring);
+        let (Some(dma), Some(memory)) = (self.dma.clone(), self.memory.memory().cloned()) else {
+            return Ok(());
+        };
+        if !ready {
+            return Ok(());
+        }
+        self.start(index, dma, &memory)
+            .or_else(|reason| refuse(format!("queue {index}: {reason}")))
+    }
+
+    fn start(
+        &mut self,
+        index: usize,
+        dma: DmaSpace,
+        memory: &GuestMemoryMmap,
+    ) -> Result<(), String> {
+        let queue_index = u16::try_from(index).map_err(|e| e.to_string())?;
+        let vring = &self.vrings[index];
+        let (size, base) = (vring.size, vring.base);
+        let addresses = vring.addresses.ok_or("no ring addresses")?;
+        let kick = vring
+            .kick
+            .as_ref()
+            .ok_or("no kick fd")?
+            .try_clone()
+            .map_err(|e| format!("cannot clone the kick fd: {e}"))?;
+        let used_idx = used_index(&dma, addresses.used).ok_or("used ring outside guest memory")?;
+        let mut queue = build_queue(size, addresses, base, used_idx, false)?;
+
+        let area = self
+            .inflight
+            .as_ref()
+            .filter(|_| self.inflight_negotiated())
+            .and_then(|area| area.queue(queue_index));
+        let (recovered, counter) = match &area {
+            Some(area) => {
+                let recovery = area.recover(used_idx, size, base, |position| {
+                    used_id(&dma, addresses.used, size, position)
+                });
+                queue.set_next_avail(recovery.next_avail);
+                (recovery.resubmit, recovery.next_counter)
+            }
+            None => (Vec::new(), 0),
+        };
+
+        let inner = locked(&self.device).queue_handler(queue_index, size);
+        let handler = SharedTracked::new(Tracked::new(inner, area.clone(), counter, used_idx));
+        if !recovered.is_empty() {
+            let metrics = self.queue_metrics(index);
+            let resubmitted = resubmit(
+                &mut handler.lock(),
+                &mut queue,
+                &recovered,
+                area.as_ref(),
+                memory,
+                &metrics,
+            )?;
+            tracing::info!(
+                "vhost-user: queue {index}: resubmitted {resubmitted} in-flight requests"
+            );
+            let _ = self.signals.notify_queue(queue_index);
+        }
+
+        let binding = QueueBinding {
+            index: queue_index,
+            queue,
+            kick,
+            policy: NotifyPolicy::Interrupt,
+        };
+        let worker = QueueWorker::spawn(
+            format!("vhost-user-q{index}"),
+            binding,
+            dma,
+            Box::new(handler.clone()),
+            self.signals.clone(),
+            self.metrics.clone(),
+            self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
+        )
+        .map_err(|e| format!("cannot start the queue worker: {e}"))?;
+        let vring = &mut self.vrings[index];
+        // Requests made available while nobody listened: look at the ring once now.
+        if let Some(kick) = &vring.kick {
+            let _ = kick.write(1);
+        }
+        vring.running = Some(Running { worker, handler });
+        Ok(())
+    }
+
+    /// Stops queue `index`; with `drain`, first lets the model finish what it popped.
+    fn stop(&mut self, index: usize, drain: bool) {
+        let Some(running) = self.vrings.get_mut(index).and_then(|v| v.running.take()) else {
+            return;
+        };
+        let mut queue = running.worker.stop();
+        if drain {
+            if let Some(dma) = self.dma.clone() {
+                let metrics = self.queue_metrics(index);
+                let mut ctx = QueueContext {
+                    queue: &mut queue,
+                    mem: &dma,
+                    metrics: &metrics,
+                };
+                if running.handler.lock().drain(&mut ctx, DRAIN_TIMEOUT) {
+                    let _ = self.signals.notify_queue(index as u16);
+                }
+            }
+        }
+        self.vrings[index].base = queue.next_avail();
+    }
+
+    /// Counters for passes made from this thread (resubmission, draining); the device's
+    /// own entry for the queue, or a throwaway one if the device has none.
+    fn queue_metrics(&self, index: usize) -> QueueMetricsRef {
+        QueueMetricsRef {
+            device: self.metrics.clone(),
+            index,
+            fallback: QueueMetrics::default(),
+        }
+    }
+
+    /// Restarts running rings after the memory table changed.
+    fn memory_changed(&mut self) -> VhostResult<()> {
+        self.dma = self.memory.memory().cloned().map(sluice_dma::identity);
+        for index in 0..self.vrings.len() {
+            if self.vrings[index].running.is_some() {
+                self.stop(index, true);
+                self.try_start(index)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn reset_rings(&mut self) {
+        for index in 0..self.vrings.len() {
+            self.stop(index, false);
+        }
+        let queues = self.vrings.len();
+        self.vrings = (0..queues).map(|_| Vring::default()).collect();
+        for call in &self.signals.calls {
+            *locked(call) = None;
+        }
+        for error in &self.signals.errors {
+            *locked(error) = None;
+        }
+        self.acked_features = 0;
+        self.inflight = None;
+    }
+}
+
+impl<D: ServedDevice> Drop for Backend<D> {
+    fn drop(&mut self) {
+        self.disconnect();
+    }
+}
+
+/// A `Queue` for the ring at `addresses`, popping from `next_avail`.
+fn build_queue(
+    size: u16,
+    addresses: RingAddresses,
+    next_avail: u16,
+    next_used: u16,
+    event_idx: bool,
+) -> Result<Queue, String> {
+    Queue::try_from(QueueState {
+        max_size: MAX_QUEUE_SIZE as u16,
+        next_avail,
+        next_used,
+        event_idx_enabled: event_idx,
+        size,
+        ready: true,
+        desc_table: addresses.desc,
+        avail_ring: addresses.avail,
+        used_ring: addresses.used,
+    })
+    .map_err(|e| format!("invalid ring: {e}"))
+}
+
+/// Processes `heads` (recovered in-flight requests, in pop order) before anything new: the
+/// model sees a private avail ring holding just those heads, placed in a scratch page mapped
+/// past the end of guest memory, while descriptors and the used ring are the guest's. Returns
+/// how many heads were handed to the model.
+fn resubmit(
+    handler: &mut Tracked,
+    queue: &mut Queue,
+    heads: &[u16],
+    area: Option<&QueueInflight>,
+    memory: &GuestMemoryMmap,
+    metrics: &QueueMetrics,
+) -> Result<usize, String> {
+    let size = queue.size();
+    let (valid, invalid): (Vec<u16>, Vec<u16>) = heads.iter().partition(|&&head| head < size);
+    for head in invalid {
+        tracing::warn!("vhost-user: recovered head {head} does not fit a ring of {size}; dropped");
+        if let Some(area) = area {
+            area.clear(head);
+        }
+    }
+    if valid.is_empty() {
+        return Ok(0);
+    }
+    let (scratch_memory, avail_gpa) = with_scratch_avail_ring(memory, size, &valid)?;
+    let dma = sluice_dma::identity(scratch_memory);
+    let shadow_addresses = RingAddresses {
+        desc: queue.desc_table(),
+        avail: avail_gpa,
+        used: queue.used_ring(),
+    };
+    let mut shadow = build_queue(size, shadow_addresses, 0, queue.next_used(), false)?;
+    let mut ctx = QueueContext {
+        queue: &mut shadow,
+        mem: &dma,
+        metrics,
+    };
+    handler
+        .resubmit(&mut ctx)
+        .map_err(|e| format!("resubmitting in-flight requests failed: {e}"))?;
+    queue.set_next_used(shadow.next_used());
+    Ok(valid.len())
+}
+
+/// `memory` plus a scratch page past its end holding an avail ring with `heads`.
+fn with_scratch_avail_ring(
+    memory: &GuestMemoryMmap,
+    size: u16,
+    heads: &[u16],
+) -> Result<(GuestMemoryMmap, u64), String> {
+    let end = memory
+        .iter()
+        .map(|region| region.last_addr().0)
+        .max()
+        .ok_or("no guest memory")?;
+    let gpa = end
+        .checked_add(1)
+        .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
+        .ok_or("guest memory reaches the top of the address space")?;
+    let bytes = AVAIL_HEADER_BYTES + 2 * u64::from(size);
+    let length = bytes.next_multiple_of(PAGE_SIZE);
+    let region = MmapRegionBuilder::new(length as usize)
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .build()
+        .map_err(|e| format!("scratch ring: {e}"))?;
+    let region = GuestRegionMmap::new(region, GuestAddress(gpa)).ok_or("scratch ring overflows")?;
+    let with_scratch = memory
+        .insert_region(Arc::new(region))
+        .map_err(|e| format!("scratch ring: {e}"))?;
+    let count = u16::try_from(heads.len()).map_err(|e| e.to_string())?;
+    let write = |offset: u64, value: u16| {
+        with_scratch
+            .write_obj(value.to_le(), GuestAddress(gpa + offset))
+            .map_err(|e| format!("scratch ring: {e}"))
+    };
+    write(0, 0)?;
+    for (slot, &head) in heads.iter().enumerate() {
+        write(4 + 2 * slot as u64, head)?;
+    }
+    write(2, count)?;
+    Ok((with_scratch, gpa))
+}
+
+/// A queue's counters held by value (the device's `DeviceMetrics` keeps them in a `Vec`).
+struct QueueMetricsRef {
+    device: Arc<DeviceMetrics>,
+    index: usize,
+    fallback: QueueMetrics,
+}
+
+impl std::ops::Deref for QueueMetricsRef {
+    type Target = QueueMetrics;
+
+    fn deref(&self) -> &QueueMetrics {
+        self.device.queues.get(self.index).unwrap_or(&self.fallback)
+    }
+}
+
+/// Whether `size` is a valid split ring size.
+fn valid_ring_size(size: u32) -> bool {
+    size != 0 && size <= MAX_QUEUE_SIZE && size.is_power_of_two()
+}
+
+fn eventfd_from(file: File) -> EventFd {
+    // SAFETY: the descriptor is owned by `file` and handed over whole; EventFd only reads and
+    // writes 8-byte counters on it (any other kind of fd fails those calls cleanly).
+    unsafe { EventFd::from_raw_fd(file.into_raw_fd()) }
+}
+
+impl<D: ServedDevice> VhostUserBackendReqHandlerMut for Backend<D> {
+    fn set_owner(&mut self) -> VhostResult<()> {
+        self.owner = true;
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VhostResult<()> {
+        self.reset_rings();
+        self.owner = false;
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VhostResult<()> {
+        self.require_owner("RESET_DEVICE")?;
+        self.reset_rings();
+        locked(&self.device).reset();
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VhostResult<u64> {
+        Ok(self.device_features | VHOST_USER_F_PROTOCOL_FEATURES)
+    }
+
+    fn set_features(&mut self, features: u64) -> VhostResult<()> {
+        self.require_owner("SET_FEATURES")?;
+        let offered = self.device_features | VHOST_USER_F_PROTOCOL_FEATURES;
+        if features & !offered != 0 {
+            return refuse(format!(
+                "SET_FEATURES {features:#x} has bits never offered ({offered:#x})"
+            ));
+        }
+        self.acked_features = features;
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        regions: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy_listening: Option<bool>,
+    ) -> VhostResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        self.require_owner("SET_MEM_TABLE")?;
+        if let Err(e) = self.memory.set(regions, files) {
+            return refuse(format!("SET_MEM_TABLE: {e}"));
+        }
+        self.memory_changed()?;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
+        let index = self.vring_index(index, "SET_VRING_NUM")?;
+        if !valid_ring_size(num) {
+            return refuse(format!(
+                "SET_VRING_NUM: queue {index} size {num} is not a power of two in 1..=32768"
+            ));
+        }
+        self.vrings[index].size = num as u16;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VhostResult<()> {
+        let index = self.vring_index(index, "SET_VRING_ADDR")?;
+        let size = u64::from(self.vrings[index].size);
+        if size == 0 {
+            return refuse(format!("SET_VRING_ADDR: queue {index} has no size yet"));
+        }
+        let translate = |what: &str, va: u64, len: u64, align: u64| {
+            if va % align != 0 {
+                return refuse(format!(
+                    "SET_VRING_ADDR: {what} ring at {va:#x} is misaligned"
+                ));
+            }
+            match self.memory.va_to_gpa(va, len) {
+                Some(gpa) => Ok(gpa),
+                None => refuse(format!(
+                    "SET_VRING_ADDR: queue {index} {what} ring at {va:#x} (+{len:#x}) is outside guest memory"
+                )),
+            }
+        };
+        let addresses = RingAddresses {
+            desc: translate("descriptor", descriptor, DESC_BYTES * size, 16)?,
+            avail: translate("avail", available, AVAIL_HEADER_BYTES + 2 * size, 2)?,
+            used: translate("used", used, USED_HEADER_BYTES + 8 * size, 4)?,
+        };
+        self.vrings[index].addresses = Some(addresses);
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VhostResult<()> {
+        let index = self.vring_index(index, "SET_VRING_BASE")?;
+        let Ok(base) = u16::try_from(base) else {
+            return refuse(format!(
+                "SET_VRING_BASE: queue {index} base {base} too large"
+            ));
+        };
+        self.vrings[index].base = base;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
+        let queue = self.vring_index(index, "GET_VRING_BASE")?;
+        self.stop(queue, true);
+        let vring = &mut self.vrings[queue];
+        // The ring is stopped until the frontend sends a kick fd again.
+        vring.kick = None;
+        Ok(VhostUserVringState::new(index, u32::from(vring.base)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        let index = self.vring_index(u32::from(index), "SET_VRING_KICK")?;
+        self.stop(index, true);
+        if fd.is_none() {
+            tracing::warn!("vhost-user: queue {index}: polling mode (no kick fd) is not supported");
+        }
+        self.vrings[index].kick = fd.map(eventfd_from);
+        self.try_start(index)
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        let index = self.vring_index(u32::from(index), "SET_VRING_CALL")?;
+        *locked(&self.signals.calls[index]) = fd.map(eventfd_from);
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        let index = self.vring_index(u32::from(index), "SET_VRING_ERR")?;
+        *locked(&self.signals.errors[index]) = fd.map(eventfd_from);
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VhostResult<VhostUserProtocolFeatures> {
+        Ok(offered_protocol_features())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VhostResult<()> {
+        let offered = offered_protocol_features();
+        match VhostUserProtocolFeatures::from_bits(features) {
+            Some(acked) if offered.contains(acked) => {
+                self.acked_protocol = acked;
+                Ok(())
+            }
+            _ => refuse(format!(
+                "SET_PROTOCOL_FEATURES {features:#x} has bits never offered ({:#x})",
+                offered.bits()
+            )),
+        }
+    }
+
+    fn get_queue_num(&mut self) -> VhostResult<u64> {
+        Ok(u64::from(self.queue_count()))
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostResult<()> {
+        let index = self.vring_index(index, "SET_VRING_ENABLE")?;
+        self.vrings[index].enabled = enable;
+        if enable {
+            self.try_start(index)
+        } else {
+            self.stop(index, true);
+            Ok(())
+        }
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VhostResult<Vec<u8>> {
+        self.require_owner("GET_CONFIG")?;
+        if size > MAX_CONFIG_BYTES || offset.checked_add(size).is_none() {
+            return refuse(format!("GET_CONFIG of {size} bytes at {offset}"));
+        }
+        let mut data = vec![0u8; size as usize];
+        locked(&self.device).read_config(u64::from(offset), &mut data);
+        Ok(data)
+    }
+
+    fn set_config(
+        &mut self,
+        offset: u32,
+        buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VhostResult<()> {
+        self.require_owner("SET_CONFIG")?;
+        if buf.len() > MAX_CONFIG_BYTES as usize {
+            return refuse(format!("SET_CONFIG of {} bytes", buf.len()));
+        }
+        locked(&self.device).write_config(u64::from(offset), buf);
+        Ok(())
+    }
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VhostResult<()> {
+        refuse("GPU_SET_SOCKET is not supported")
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VhostResult<File> {
+        refuse("GET_SHARED_OBJECT is not supported")
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        inflight: &VhostUserInflight,
+    ) -> VhostResult<(VhostUserInflight, File)> {
+        self.require_owner("GET_INFLIGHT_FD")?;
+        let (queues, queue_size) = (inflight.num_queues, inflight.queue_size);
+        if queues > self.queue_count() || !valid_ring_size(u32::from(queue_size)) {
+            return refuse(format!(
+                "GET_INFLIGHT_FD for {queues} queues of {queue_size} entries"
+            ));
+        }
+        match InflightArea::allocate(queues, queue_size) {
+            Ok((area, file, size)) => {
+                self.inflight = Some(area);
+                Ok((VhostUserInflight::new(size, 0, queues, queue_size), file))
+            }
+            Err(e) => refuse(format!("GET_INFLIGHT_FD: {e}")),
+        }
+    }
+
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostResult<()> {
+        self.require_owner("SET_INFLIGHT_FD")?;
+        let (queues, queue_size) = (inflight.num_queues, inflight.queue_size);
+        if queues > self.queue_count() || !valid_ring_size(u32::from(queue_size)) {
+            return refuse(format!(
+                "SET_INFLIGHT_FD for {queues} queues of {queue_size} entries"
+            ));
+        }
+        let attached = InflightArea::attach(
+            &file,
+            inflight.mmap_size,
+            inflight.mmap_offset,
+            queues,
+            queue_size,
+        );
+        match attached {
+            Ok(area) => {
+                self.inflight = Some(area);
+                Ok(())
+            }
+            Err(e) => refuse(format!("SET_INFLIGHT_FD: {e}")),
+        }
+    }
+
+    fn get_max_mem_slots(&mut self) -> VhostResult<u64> {
+        Ok(MAX_MEM_SLOTS as u64)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        _postcopy_listening: Option<bool>,
+    ) -> VhostResult<Option<VhostUserMemoryRegionBase>> {
+        self.require_owner("ADD_MEM_REG")?;
+        if let Err(e) = self.memory.add(region, fd) {
+            return refuse(format!("ADD_MEM_REG: {e}"));
+        }
+        self.memory_changed()?;
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VhostResult<()> {
+        self.require_owner("REM_MEM_REG")?;
+        if let Err(e) = self.memory.remove(region) {
+            return refuse(format!("REM_MEM_REG: {e}"));
+        }
+        self.memory_changed()
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VhostResult<Option<File>> {
+        refuse("SET_DEVICE_STATE_FD is not supported")
+    }
+
+    fn check_device_state(&mut self) -> VhostResult<()> {
+        refuse("CHECK_DEVICE_STATE is not supported")
+    }
+
+    fn get_shmem_config(&mut self) -> VhostResult<VhostUserShMemConfig> {
+        refuse("GET_SHMEM_CONFIG is not supported")
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostResult<()> {
+        refuse("SET_LOG_BASE is not supported (no dirty logging)")
+    }
+}

@@ -1,0 +1,206 @@
+//! Guest memory as a vhost-user frontend shares it.
+//!
+//! Each region arrives as {guest physical address, size, frontend user address, mmap offset}
+//! plus an fd (SET_MEM_TABLE replaces the table, ADD_MEM_REG / REM_MEM_REG edit it). Regions
+//! are mapped MAP_SHARED into a vm-memory `GuestMemoryMmap` keyed by guest physical address;
+//! the frontend user addresses are kept only to translate ring addresses (SET_VRING_ADDR
+//! carries frontend virtual addresses).
+//!
+//! Validation (the frontend is not trusted): zero or overflowing sizes, overlapping guest
+//! ranges (vm-memory refuses them) or overlapping user ranges (translation would be
+//! ambiguous), and regions that reach past the end of their file are refused. The last check
+//! matters: touching a MAP_SHARED page past end-of-file raises SIGBUS in this process. A
+//! frontend that shrinks the file *after* sending it can still do that; only file seals would
+//! prevent it, and QEMU does not seal guest RAM.
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+
+use vhost::vhost_user::message::VhostUserMemoryRegion;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+/// Most regions the backend accepts (GET_MAX_MEM_SLOTS).
+pub const MAX_MEM_SLOTS: usize = 32;
+
+/// Why a memory table change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("the memory table is empty")]
+    Empty,
+    #[error("{0} memory regions, at most {MAX_MEM_SLOTS} are supported")]
+    TooManyRegions(usize),
+    #[error("{regions} regions but {fds} fds")]
+    FdCount { regions: usize, fds: usize },
+    #[error("region at {gpa:#x}: size {size:#x} is zero or overflows")]
+    BadSize { gpa: u64, size: u64 },
+    #[error("region at {gpa:#x}: cannot stat its fd: {source}")]
+    Stat { gpa: u64, source: io::Error },
+    #[error("region at {gpa:#x}: offset {offset:#x} + size {size:#x} is past the end of a {file_size:#x}-byte file")]
+    PastEndOfFile {
+        gpa: u64,
+        offset: u64,
+        size: u64,
+        file_size: u64,
+    },
+    #[error("region at {gpa:#x}: mmap failed: {reason}")]
+    Map { gpa: u64, reason: String },
+    #[error("regions overlap: {0}")]
+    Overlap(String),
+    #[error("no region at {gpa:#x} with size {size:#x} to remove")]
+    NoSuchRegion { gpa: u64, size: u64 },
+}
+
+/// One mapped region with the frontend's view of it.
+#[derive(Debug, Clone)]
+struct SharedRegion {
+    gpa: u64,
+    size: u64,
+    user_addr: u64,
+    mapping: Arc<GuestRegionMmap>,
+}
+
+/// The frontend's memory table, mapped.
+#[derive(Debug, Default)]
+pub struct MemoryTable {
+    regions: Vec<SharedRegion>,
+    memory: Option<GuestMemoryMmap>,
+}
+
+impl MemoryTable {
+    /// Replaces the whole table (SET_MEM_TABLE). On error the old table stays.
+    pub fn set(
+        &mut self,
+        regions: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+    ) -> Result<(), MemoryError> {
+        if regions.is_empty() {
+            return Err(MemoryError::Empty);
+        }
+        if regions.len() > MAX_MEM_SLOTS {
+            return Err(MemoryError::TooManyRegions(regions.len()));
+        }
+        if regions.len() != files.len() {
+            return Err(MemoryError::FdCount {
+                regions: regions.len(),
+                fds: files.len(),
+            });
+        }
+        let mapped = regions
+            .iter()
+            .zip(files)
+            .map(|(region, file)| map_region(region, file))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.install(mapped)
+    }
+
+    /// Adds one region (ADD_MEM_REG).
+    pub fn add(&mut self, region: &VhostUserMemoryRegion, file: File) -> Result<(), MemoryError> {
+        if self.regions.len() >= MAX_MEM_SLOTS {
+            return Err(MemoryError::TooManyRegions(self.regions.len() + 1));
+        }
+        let mut regions = self.regions.clone();
+        regions.push(map_region(region, file)?);
+        self.install(regions)
+    }
+
+    /// Removes the region with this guest address and size (REM_MEM_REG).
+    pub fn remove(&mut self, region: &VhostUserMemoryRegion) -> Result<(), MemoryError> {
+        let (gpa, size) = (region.guest_phys_addr, region.memory_size);
+        let index = self
+            .regions
+            .iter()
+            .position(|r| r.gpa == gpa && r.size == size)
+            .ok_or(MemoryError::NoSuchRegion { gpa, size })?;
+        let mut regions = self.regions.clone();
+        regions.remove(index);
+        if regions.is_empty() {
+            self.regions.clear();
+            self.memory = None;
+            return Ok(());
+        }
+        self.install(regions)
+    }
+
+    /// The mapped guest memory, if any region is present.
+    pub fn memory(&self) -> Option<&GuestMemoryMmap> {
+        self.memory.as_ref()
+    }
+
+    /// Translates a frontend user address of an object of `len` bytes into a guest physical
+    /// address; the object must lie inside one region.
+    pub fn va_to_gpa(&self, va: u64, len: u64) -> Option<u64> {
+        let end = va.checked_add(len)?;
+        self.regions.iter().find_map(|r| {
+            let region_end = r.user_addr + r.size; // checked when mapped
+            (r.user_addr <= va && end <= region_end).then(|| r.gpa + (va - r.user_addr))
+        })
+    }
+
+    /// Checks the new set of regions and makes it current.
+    fn install(&mut self, mut regions: Vec<SharedRegion>) -> Result<(), MemoryError> {
+        regions.sort_by_key(|r| r.user_addr);
+        for pair in regions.windows(2) {
+            if pair[0].user_addr + pair[0].size > pair[1].user_addr {
+                return Err(MemoryError::Overlap(format!(
+                    "user addresses {:#x} and {:#x}",
+                    pair[0].user_addr, pair[1].user_addr
+                )));
+            }
+        }
+        regions.sort_by_key(|r| r.gpa);
+        let memory =
+            GuestMemoryMmap::from_arc_regions(regions.iter().map(|r| r.mapping.clone()).collect())
+                .map_err(|e| MemoryError::Overlap(e.to_string()))?;
+        self.regions = regions;
+        self.memory = Some(memory);
+        Ok(())
+    }
+}
+
+/// Validates one region against its file and maps it.
+fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<SharedRegion, MemoryError> {
+    let (gpa, size, user_addr, offset) = (
+        region.guest_phys_addr,
+        region.memory_size,
+        region.user_addr,
+        region.mmap_offset,
+    );
+    let bad_size = MemoryError::BadSize { gpa, size };
+    let length = usize::try_from(size).map_err(|_| MemoryError::BadSize { gpa, size })?;
+    let fits = size != 0
+        && gpa.checked_add(size).is_some()
+        && user_addr.checked_add(size).is_some()
+        && offset.checked_add(size).is_some();
+    if !fits {
+        return Err(bad_size);
+    }
+    let file_size = file
+        .metadata()
+        .map_err(|source| MemoryError::Stat { gpa, source })?
+        .len();
+    if offset + size > file_size {
+        return Err(MemoryError::PastEndOfFile {
+            gpa,
+            offset,
+            size,
+            file_size,
+        });
+    }
+    let map_error = |reason: String| MemoryError::Map { gpa, reason };
+    let mapping = MmapRegionBuilder::new(length)
+        .with_file_offset(FileOffset::new(file, offset))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+        .build()
+        .map_err(|e| map_error(e.to_string()))?;
+    let mapping = GuestRegionMmap::new(mapping, GuestAddress(gpa))
+        .ok_or_else(|| map_error("guest address overflows".into()))?;
+    Ok(SharedRegion {
+        gpa,
+        size,
+        user_addr,
+        mapping: Arc::new(mapping),
+    })
+}
