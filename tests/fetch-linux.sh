@@ -4,12 +4,26 @@
 # initramfs whose /init prints SLUICE-LINUX-INIT-OK and powers off, and prints its path on a
 # second line. Everything is cached in .cache/linux/ (override with SLUICE_LINUX_CACHE); a rerun
 # with a warm cache needs no network.
+# With --modules, also keeps the virtio guest modules (.ko, uncompressed in Debian's package) in
+# modules-<version>/ next to the kernel and prints that directory on the last line.
 set -eu
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${SLUICE_LINUX_CACHE:-$repo/.cache/linux}
 want_initramfs=no
-[ "${1:-}" = "--initramfs" ] && want_initramfs=yes
+want_modules=no
+for arg in "$@"; do
+    case "$arg" in
+    --initramfs) want_initramfs=yes ;;
+    --modules) want_modules=yes ;;
+    *) echo "fetch-linux: unknown option $arg" >&2 && exit 2 ;;
+    esac
+done
+# The guest drivers scripts/guest-image.sh loads, relative to lib/modules/<version>/kernel.
+virtio_modules="drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko
+drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci_legacy_dev.ko
+drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko net/core/failover.ko
+drivers/net/net_failover.ko drivers/net/virtio_net.ko drivers/char/hw_random/virtio-rng.ko"
 
 die() {
     echo "fetch-linux: $*" >&2
@@ -29,20 +43,29 @@ download_and_extract() {
 package=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
     sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*-cloud-amd64\)$/\1/p' | head -n 1)
 if [ -n "$package" ]; then
-    kernel="$cache/vmlinuz-${package#linux-image-}"
-    if [ ! -s "$kernel" ]; then
+    version=${package#linux-image-}
+    kernel="$cache/vmlinuz-$version"
+    modules="$cache/modules-$version"
+    if [ ! -s "$kernel" ] || { [ "$want_modules" = yes ] && [ ! -d "$modules" ]; }; then
         download_and_extract "$package"
-        cp "$work/root/boot/vmlinuz-${package#linux-image-}" "$kernel.part" || die "no vmlinuz in $package"
+        cp "$work/root/boot/vmlinuz-$version" "$kernel.part" || die "no vmlinuz in $package"
         mv "$kernel.part" "$kernel"
+        rm -rf "$modules.part" && mkdir -p "$modules.part"
+        for module in $virtio_modules; do
+            cp "$work/root/lib/modules/$version/kernel/$module" "$modules.part/" ||
+                die "no $module in $package"
+        done
+        rm -rf "$modules" && mv "$modules.part" "$modules"
     fi
 else
     # No apt metadata: fall back to a kernel fetched earlier, if any.
     kernel=$(ls -1 "$cache"/vmlinuz-* 2>/dev/null | sort -V | tail -n 1)
     [ -n "$kernel" ] || die "cannot resolve linux-image-cloud-amd64's kernel package (run apt-get update?)"
+    modules="$cache/modules-${kernel##*/vmlinuz-}"
 fi
 echo "$kernel"
 
-[ "$want_initramfs" = yes ] || exit 0
+if [ "$want_initramfs" = yes ]; then
 initramfs="$cache/busybox-initramfs.cpio"
 if [ ! -s "$initramfs" ]; then
     rm -rf "$work/root"
@@ -86,3 +109,9 @@ PY
     mv "$initramfs.part" "$initramfs"
 fi
 echo "$initramfs"
+fi
+
+if [ "$want_modules" = yes ]; then
+    [ -d "$modules" ] || die "no cached modules for ${kernel##*/vmlinuz-} (run apt-get update?)"
+    echo "$modules"
+fi
