@@ -18,3 +18,4 @@ pub mod block;
 pub mod net;
 pub mod platform;
 pub mod rng;
+pub mod vhost_user_blk;

@@ -1,0 +1,209 @@
+//! The interrupt pump: one thread per active device that relays the backend's call eventfds to
+//! the driver and watches the control socket, reconnecting when the backend goes away.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use sluice_dma::DmaSpace;
+use sluice_virtio::{DeviceMetrics, QueueMetrics, VirtioInterrupt};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::session::{used_index, CallQueue, Session};
+
+const STOP_TOKEN: u64 = u64::MAX;
+const SOCKET_TOKEN: u64 = u64::MAX - 1;
+/// Time between reconnection attempts while the backend is away.
+const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Handle of a running pump thread.
+pub(super) struct CallPump {
+    stop: EventFd,
+    thread: JoinHandle<()>,
+}
+
+impl CallPump {
+    pub fn start(
+        session: Arc<Mutex<Session>>,
+        queues: Vec<CallQueue>,
+        mem: DmaSpace,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        metrics: Arc<DeviceMetrics>,
+    ) -> io::Result<Self> {
+        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        add(&epoll, stop.as_raw_fd(), EventSet::IN, STOP_TOKEN)?;
+        for (slot, queue) in queues.iter().enumerate() {
+            add(&epoll, queue.call.as_raw_fd(), EventSet::IN, slot as u64)?;
+        }
+        let last_used = queues
+            .iter()
+            .map(|q| used_index(&mem, q.used_ring))
+            .collect();
+        let mut pump = Pump {
+            session,
+            epoll,
+            queues,
+            last_used,
+            mem,
+            interrupt,
+            metrics,
+            watched_socket: None,
+            lost_at: None,
+        };
+        pump.watch_socket();
+        let thread = std::thread::Builder::new()
+            .name("vhost-user-blk".into())
+            .spawn(move || pump.run())?;
+        Ok(Self { stop, thread })
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop(self) {
+        if let Err(e) = self.stop.write(1) {
+            tracing::error!("vhost-user-blk: cannot stop the interrupt pump: {e}");
+            return;
+        }
+        if self.thread.join().is_err() {
+            tracing::error!("vhost-user-blk: the interrupt pump panicked");
+        }
+    }
+}
+
+fn add(epoll: &Epoll, fd: RawFd, events: EventSet, token: u64) -> io::Result<()> {
+    epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+}
+
+struct Pump {
+    session: Arc<Mutex<Session>>,
+    epoll: Epoll,
+    queues: Vec<CallQueue>,
+    /// Used index at the last call, per queue (completions are counted from its advance).
+    last_used: Vec<u16>,
+    mem: DmaSpace,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    metrics: Arc<DeviceMetrics>,
+    watched_socket: Option<RawFd>,
+    /// When the backend went away (None while connected).
+    lost_at: Option<Instant>,
+}
+
+impl Pump {
+    fn session(&self) -> MutexGuard<'_, Session> {
+        self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn run(mut self) {
+        let mut events = vec![EpollEvent::default(); self.queues.len() + 2];
+        loop {
+            let timeout = match self.lost_at {
+                Some(_) => RECONNECT_INTERVAL.as_millis() as i32,
+                None => -1,
+            };
+            let ready = match self.epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("vhost-user-blk: interrupt pump: {e}");
+                    return;
+                }
+            };
+            for event in events.iter().take(ready) {
+                match event.data() {
+                    STOP_TOKEN => return,
+                    SOCKET_TOKEN => self.connection_lost(),
+                    slot => self.relay(slot),
+                }
+            }
+            if self
+                .lost_at
+                .is_some_and(|at| at.elapsed() >= RECONNECT_INTERVAL)
+            {
+                self.try_reconnect();
+            }
+        }
+    }
+
+    /// The backend used buffers on one queue: tell the driver.
+    fn relay(&mut self, slot: u64) {
+        let Some(queue) = usize::try_from(slot).ok().and_then(|s| self.queues.get(s)) else {
+            return;
+        };
+        // Non-blocking read; a spurious wakeup still gets an interrupt, which is harmless.
+        let _ = queue.call.read();
+        let index = queue.index;
+        let used = used_index(&self.mem, queue.used_ring);
+        if let (Some(metrics), Some(last)) = (
+            self.metrics.queues.get(usize::from(index)),
+            usize::try_from(slot)
+                .ok()
+                .and_then(|s| self.last_used.get_mut(s)),
+        ) {
+            QueueMetrics::add(&metrics.requests, u64::from(used.wrapping_sub(*last)));
+            QueueMetrics::add(&metrics.interrupts, 1);
+            *last = used;
+        }
+        if let Err(e) = self.interrupt.notify_queue(index) {
+            tracing::warn!("vhost-user-blk: interrupt for queue {index}: {e}");
+        }
+    }
+
+    fn watch_socket(&mut self) {
+        let Some(fd) = self.session().socket_fd() else {
+            self.lost_at = Some(Instant::now());
+            return;
+        };
+        // Only the hang-up matters: replies are read synchronously by whoever sent a request.
+        match add(&self.epoll, fd, EventSet::READ_HANG_UP, SOCKET_TOKEN) {
+            Ok(()) => self.watched_socket = Some(fd),
+            Err(e) => tracing::warn!("vhost-user-blk: cannot watch the backend socket: {e}"),
+        }
+    }
+
+    fn unwatch_socket(&mut self) {
+        if let Some(fd) = self.watched_socket.take() {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+    }
+
+    fn connection_lost(&mut self) {
+        self.unwatch_socket();
+        self.session().disconnect();
+        tracing::warn!("vhost-user-blk: the backend closed the connection; reconnecting");
+        // The first attempt comes after one interval: a restarting backend needs a moment.
+        self.lost_at = Some(Instant::now());
+    }
+
+    fn try_reconnect(&mut self) {
+        let result = self.session().reconnect();
+        match result {
+            Ok(config_changed) => {
+                tracing::info!("vhost-user-blk: reconnected to the backend, rings restored");
+                self.lost_at = None;
+                self.watch_socket();
+                if config_changed {
+                    let _ = self.interrupt.notify_config();
+                }
+            }
+            Err(e)
+                if e.connection_lost() || matches!(e, super::VhostUserBlkError::Connect { .. }) =>
+            {
+                tracing::debug!("vhost-user-blk: reconnect failed: {e}");
+                self.lost_at = Some(Instant::now());
+            }
+            Err(e) => {
+                // Connected, but the backend cannot take the device back (features lost, a
+                // refused request): the driver has to reset it.
+                tracing::error!("vhost-user-blk: cannot restore the device after reconnect: {e}");
+                self.lost_at = None;
+                self.watch_socket();
+                self.interrupt.needs_reset();
+            }
+        }
+    }
+}
