@@ -67,7 +67,8 @@ struct RunArgs {
     #[arg(long, hide = true)]
     test_device: bool,
     /// A virtio-blk disk (repeatable): `path=FILE[,readonly=on][,direct=on][,queues=N]
-    /// [,queue_size=N][,serial=S][,notify=irq|poll[:us]|batch[:n[:us]]]`.
+    /// [,queue_size=N][,serial=S][,notify=irq|poll[:us]|batch[:n[:us]]]`, or served by a
+    /// vhost-user backend: `vhost_user=on,socket=PATH[,queues=N][,queue_size=N]`.
     #[arg(long, value_parser = DiskSpec::parse)]
     disk: Vec<DiskSpec>,
     /// A virtio-net device on a tap (repeatable; created if missing, needs CAP_NET_ADMIN):

@@ -17,6 +17,9 @@ pub struct DiskSpec {
     pub queue_size: u16,
     pub serial: Option<String>,
     pub notify: NotifyPolicy,
+    /// Served by an external vhost-user backend listening on `socket` (no `path`).
+    pub vhost_user: bool,
+    pub socket: Option<PathBuf>,
 }
 
 /// A virtio-net device on a tap.
@@ -99,6 +102,7 @@ fn queue_size(v: &str) -> Result<u16, String> {
 
 impl DiskSpec {
     /// `path=FILE[,readonly=on][,direct=on][,queues=N][,queue_size=N][,serial=S][,notify=..]`
+    /// or `vhost_user=on,socket=PATH[,queues=N][,queue_size=N]`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut disk = DiskSpec {
             path: PathBuf::new(),
@@ -108,10 +112,14 @@ impl DiskSpec {
             queue_size: 256,
             serial: None,
             notify: NotifyPolicy::Interrupt,
+            vhost_user: false,
+            socket: None,
         };
         for (k, v) in pairs(s)? {
             match k {
                 "path" => disk.path = PathBuf::from(v),
+                "vhost_user" => disk.vhost_user = on_off(k, v)?,
+                "socket" => disk.socket = Some(PathBuf::from(v)),
                 "readonly" => disk.read_only = on_off(k, v)?,
                 "direct" => disk.direct = on_off(k, v)?,
                 "queues" => disk.queues = queue_count(k, v)?,
@@ -122,10 +130,33 @@ impl DiskSpec {
                 _ => return Err(format!("--disk: unknown key `{k}`")),
             }
         }
+        if disk.vhost_user || disk.socket.is_some() {
+            return disk.check_vhost_user();
+        }
         if disk.path.as_os_str().is_empty() {
             return Err("--disk needs path=FILE".into());
         }
         Ok(disk)
+    }
+
+    /// The image options belong to the backend: refuse them rather than ignore them.
+    fn check_vhost_user(self) -> Result<Self, String> {
+        if !self.vhost_user {
+            return Err("--disk socket=.. needs vhost_user=on".into());
+        }
+        if self.socket.is_none() {
+            return Err("--disk vhost_user=on needs socket=PATH".into());
+        }
+        if !self.path.as_os_str().is_empty()
+            || self.read_only
+            || self.direct
+            || self.serial.is_some()
+        {
+            return Err(
+                "--disk vhost_user=on: path, readonly, direct and serial are the backend's".into(),
+            );
+        }
+        Ok(self)
     }
 }
 
@@ -206,6 +237,25 @@ mod tests {
             "path=x,notify=sometimes",
             "path=x,serial=123456789012345678901",
             "path",
+        ] {
+            assert!(DiskSpec::parse(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn parses_a_vhost_user_disk() {
+        let disk = DiskSpec::parse("vhost_user=on,socket=/run/blk.sock,queues=2").unwrap();
+
+        assert!(disk.vhost_user);
+        assert_eq!(disk.socket, Some(PathBuf::from("/run/blk.sock")));
+        assert_eq!(disk.queues, 2);
+        assert!(!DiskSpec::parse("path=x").unwrap().vhost_user);
+        for bad in [
+            "vhost_user=on",
+            "socket=/run/blk.sock",
+            "vhost_user=on,socket=s,path=x",
+            "vhost_user=on,socket=s,readonly=on",
+            "vhost_user=maybe,socket=s",
         ] {
             assert!(DiskSpec::parse(bad).is_err(), "{bad} should be refused");
         }

@@ -8,6 +8,7 @@ use kvm_ioctls::VmFd;
 use sluice_devices::block::{Block, BlockConfig};
 use sluice_devices::net::{Net, NetConfig, Tap};
 use sluice_devices::rng::{fill_random, Rng};
+use sluice_devices::vhost_user_blk::{SharedMemoryRegion, VhostUserBlk, VhostUserBlkConfig};
 use sluice_pci::PciRoot;
 use sluice_virtio::{DeviceMetrics, VirtioDevice, VirtioPciDevice, VirtioPciOptions};
 
@@ -48,12 +49,12 @@ pub fn attach_virtio_devices(
     };
     let mut metrics = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
-        let block = Block::new(block_config(disk)).map_err(|e| device_err("virtio-blk", e))?;
+        let block = disk_device(disk, ram)?;
         let name = format!("virtio-blk{i}");
         metrics.push(attach(
             root,
             ram,
-            Box::new(block),
+            block,
             plumbing.options(name, disk.notify),
         )?);
     }
@@ -90,6 +91,21 @@ fn random_local_mac() -> std::io::Result<[u8; 6]> {
     let mut tail = [0u8; 3];
     fill_random(&mut tail)?;
     Ok([0x52, 0x54, 0x00, tail[0], tail[1], tail[2]])
+}
+
+/// The in-process virtio-blk model, or a vhost-user frontend with `vhost_user=on`.
+fn disk_device(disk: &DiskSpec, ram: &GuestRam) -> Result<Box<dyn VirtioDevice>, VmError> {
+    let Some(socket) = disk.socket.as_ref().filter(|_| disk.vhost_user) else {
+        let block = Block::new(block_config(disk)).map_err(|e| device_err("virtio-blk", e))?;
+        return Ok(Box::new(block));
+    };
+    let mut config = VhostUserBlkConfig::new(socket);
+    config.queues = disk.queues;
+    config.queue_size = disk.queue_size;
+    let regions = SharedMemoryRegion::from_guest_memory(&ram.memory)
+        .map_err(|e| device_err("vhost-user-blk", e))?;
+    let device = VhostUserBlk::new(config, regions).map_err(|e| device_err("vhost-user-blk", e))?;
+    Ok(Box::new(device))
 }
 
 fn block_config(disk: &DiskSpec) -> BlockConfig {
