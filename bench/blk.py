@@ -6,6 +6,8 @@ host load hits all of them alike:
   sluice-irq    the guest kit on sluice's virtio-blk (`notify=irq`, the default)
   sluice-poll   the same with `notify=poll` (device polls the ring after a kick)
   sluice-batch  the same with `notify=batch:16:50` (interrupt coalescing)
+  sluice-gbatch / qemu-gbatch (opt-in) the guest kit publishes 16 requests per kick
+                (`mode=batch:batch=16`) instead of kicking after each one
   qemu          the same guest kit ELF on QEMU -accel kvm, virtio-blk-pci with an iothread and
                 aio=io_uring, cache=none
   native        fio on the host, io_uring, O_DIRECT, same image
@@ -36,8 +38,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUEST_ELF = os.path.join(ROOT, "guest", "target", "x86_64-unknown-linux-gnu", "release",
                          "sluice-guest")
 SLUICE = os.path.join(ROOT, "target", "release", "sluice")
-ALL_COMPETITORS = ["sluice-irq", "qemu", "native", "sluice-poll", "sluice-batch"]
-SLUICE_NOTIFY = {"sluice-irq": "irq", "sluice-poll": "poll", "sluice-batch": "batch:16:50"}
+DEFAULT_COMPETITORS = ["sluice-irq", "qemu", "native", "sluice-poll", "sluice-batch"]
+ALL_COMPETITORS = DEFAULT_COMPETITORS + ["sluice-gbatch", "qemu-gbatch"]
+SLUICE_NOTIFY = {"sluice-irq": "irq", "sluice-poll": "poll", "sluice-batch": "batch:16:50",
+                 "sluice-gbatch": "irq"}
+# Guest-side submission: the default (and the brief's command) kicks after every request;
+# `gbatch` competitors make the guest kit publish 16 requests per kick instead.
+GUEST_BATCH = ":mode=batch:batch=16"
 BLOCK = 4096
 QD = 32
 
@@ -50,7 +57,7 @@ def check_tools(competitors):
     missing = []
     if "native" in competitors and not shutil.which("fio"):
         missing.append("fio: apt-get install --no-install-recommends fio")
-    if "qemu" in competitors and not shutil.which("qemu-system-x86_64"):
+    if any(c.startswith("qemu") for c in competitors) and not shutil.which("qemu-system-x86_64"):
         missing.append("qemu-system-x86_64: apt-get install --no-install-recommends qemu-system-x86")
     if missing:
         sys.exit("missing tools (or drop the competitor with --competitors):\n  " +
@@ -86,8 +93,9 @@ def ensure_image(path, size_mb):
         sys.exit(f"image {path} has holes ({st.st_blocks * 512} of {size} bytes allocated)")
 
 
-def guest_cmdline(ops, span_mb):
-    return f"quiet w=blk:op=randread:bs={BLOCK}:qd={QD}:ops={ops}:span_mb={span_mb}"
+def guest_cmdline(ops, span_mb, guest_batch=False):
+    extra = GUEST_BATCH if guest_batch else ""
+    return f"quiet w=blk:op=randread:bs={BLOCK}:qd={QD}:ops={ops}:span_mb={span_mb}{extra}"
 
 
 def parse_result(stdout):
@@ -112,13 +120,14 @@ def guest_numbers(result):
     }
 
 
-def run_sluice(args, workdir, notify):
+def run_sluice(args, workdir, notify, guest_batch):
     metrics_path = os.path.join(workdir, f"metrics-{notify.replace(':', '_')}.json")
     if os.path.exists(metrics_path):
         os.remove(metrics_path)
     cmd = [args.sluice, "run", "--kernel", args.guest, "--cpus", "1", "--memory", "256M",
            "--disk", f"path={args.image},queues=1,direct=on,notify={notify}",
-           "--metrics", metrics_path, "--cmdline", guest_cmdline(args.ops, args.span_mb)]
+           "--metrics", metrics_path,
+           "--cmdline", guest_cmdline(args.ops, args.span_mb, guest_batch)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     wall = time.perf_counter() - start
@@ -163,21 +172,21 @@ def sluice_metrics(metrics):
     }
 
 
-def qemu_command(args):
+def qemu_command(args, guest_batch):
     # `host` minus arch-capabilities: kvm_pvm refuses MSR 0x10a and QEMU 7.2 aborts on it.
     # SeaBIOS (the default) assigns the PCI BARs; qboot would leave them unassigned.
     return ["qemu-system-x86_64", "-machine", "q35", "-accel", "kvm",
             "-cpu", "host,-arch-capabilities", "-m", "256", "-smp", "1",
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
             "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
-            "-kernel", args.guest, "-append", guest_cmdline(args.ops, args.span_mb),
+            "-kernel", args.guest, "-append", guest_cmdline(args.ops, args.span_mb, guest_batch),
             "-object", "iothread,id=io0",
             "-drive", f"if=none,id=d0,file={args.image},format=raw,aio=io_uring,cache=none",
             "-device", "virtio-blk-pci,drive=d0,iothread=io0"]
 
 
-def run_qemu(args):
-    cmd = qemu_command(args)
+def run_qemu(args, guest_batch):
+    cmd = qemu_command(args, guest_batch)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     wall = time.perf_counter() - start
@@ -211,10 +220,11 @@ def run_fio(args):
 
 
 def run_one(name, args, workdir):
+    guest_batch = name.endswith("-gbatch")
     if name in SLUICE_NOTIFY:
-        return run_sluice(args, workdir, SLUICE_NOTIFY[name])
-    if name == "qemu":
-        return run_qemu(args)
+        return run_sluice(args, workdir, SLUICE_NOTIFY[name], guest_batch)
+    if name in ("qemu", "qemu-gbatch"):
+        return run_qemu(args, guest_batch)
     if name == "native":
         return run_fio(args)
     raise ValueError(name)
@@ -270,10 +280,13 @@ def ratios(summary):
             continue
         if "native" in iops:
             out[f"{name}/native"] = iops[name] / iops["native"]
-        if "qemu" in iops:
-            out[f"{name}/qemu"] = iops[name] / iops["qemu"]
-    if "qemu" in iops and "native" in iops:
-        out["qemu/native"] = iops["qemu"] / iops["native"]
+        # Compare like with like: guest-batched sluice against guest-batched QEMU.
+        qemu = "qemu-gbatch" if name.endswith("-gbatch") else "qemu"
+        if qemu in iops:
+            out[f"{name}/{qemu}"] = iops[name] / iops[qemu]
+    for qemu in ("qemu", "qemu-gbatch"):
+        if qemu in iops and "native" in iops:
+            out[f"{qemu}/native"] = iops[qemu] / iops["native"]
     return out
 
 
@@ -318,7 +331,8 @@ def main():
     ap.add_argument("--fio-runtime", type=int, default=10, help="seconds per fio run")
     ap.add_argument("--image", default="/var/tmp/sluice-blk-bench.img")
     ap.add_argument("--size-mb", type=int, default=256)
-    ap.add_argument("--competitors", default=",".join(ALL_COMPETITORS))
+    ap.add_argument("--competitors", default=",".join(DEFAULT_COMPETITORS),
+                    help=f"comma-separated, run in this order each rep; from {ALL_COMPETITORS}")
     ap.add_argument("--sluice", default=SLUICE)
     ap.add_argument("--guest", default=GUEST_ELF)
     ap.add_argument("--timeout", type=int, default=300, help="hard limit per VM run (s)")
