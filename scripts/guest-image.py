@@ -353,6 +353,9 @@ def main():
             with open(partial, "wb") as out:
                 out.write(gzip.compress(archive, compresslevel=6, mtime=0))
             os.rename(partial, image)
+            for stale in os.listdir(CACHE):  # images built from older inputs
+                if stale.startswith("guest-") and stale.endswith(".cpio.gz") and stale != os.path.basename(image):
+                    os.remove(os.path.join(CACHE, stale))
             progress(f"{image}: {len(archive) >> 20} MiB, {os.path.getsize(image) >> 20} MiB gzipped")
     print(kernel)
     print(image)

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::fio::{check_block, fio_crc32c, issued_reads_writes, scan_image, FioJob, BLOCK_SIZE};
+use common::fio::{
+    check_block, fio_crc32c, hardware_queues, issued_reads_writes, scan_image, FioJob, BLOCK_SIZE,
+};
 use common::qemu::{base64_encode, kernel_cmdline, parse_exit_marker};
 use common::{find_program, Scratch};
 
@@ -54,6 +56,14 @@ fn fio_report_totals_are_parsed() {
 
     assert_eq!(issued_reads_writes(report), Some((8192, 4202)));
     assert_eq!(issued_reads_writes("no summary"), None);
+}
+
+#[test]
+fn hardware_queue_count_is_parsed() {
+    let console = "Disk stats\nSLUICE-HW-QUEUES=2\nSLUICE-RUN-EXIT=0\n";
+
+    assert_eq!(hardware_queues(console), Some(2));
+    assert_eq!(hardware_queues("SLUICE-HW-QUEUES=\n"), None);
 }
 
 #[test]

@@ -23,7 +23,9 @@ const HEADER_CRC_LEN: usize = 36;
 const DATA_START: usize = 44;
 
 /// A randrw job with crc32c verification over the whole disk: `jobs` jobs, each on its own
-/// `region_mib` region (so the blocks of different jobs never overlap), each moving `io_mib`.
+/// `region_mib` region (so the blocks of different jobs never overlap), each moving `io_mib`,
+/// job n pinned to vCPU n (blk-mq maps each vCPU to its own hardware queue when there are
+/// enough). Afterwards the guest prints `SLUICE-HW-QUEUES=<n>`: the queues the driver set up.
 #[derive(Clone, Copy, Debug)]
 pub struct FioJob {
     pub jobs: u32,
@@ -37,12 +39,23 @@ impl FioJob {
             "fio --name=sluice --filename=/dev/vda --direct=1 --ioengine=libaio --rw=randrw \
              --bs={BLOCK_SIZE} --iodepth=16 --numjobs={jobs} --size={region}M \
              --offset_increment={region}M --io_size={io}M --verify=crc32c --verify_fatal=1 \
-             --eta=never --group_reporting",
+             --cpus_allowed=0-{last_cpu} --cpus_allowed_policy=split --eta=never \
+             --group_reporting; status=$?; echo SLUICE-HW-QUEUES=$(ls /sys/block/vda/mq | wc -l); \
+             exit $status",
             jobs = self.jobs,
             region = self.region_mib,
             io = self.io_mib,
+            last_cpu = self.jobs.saturating_sub(1),
         )
     }
+}
+
+/// The `SLUICE-HW-QUEUES=` count the job command prints.
+pub fn hardware_queues(console: &str) -> Option<u32> {
+    console
+        .lines()
+        .rev()
+        .find_map(|line| line.trim().strip_prefix("SLUICE-HW-QUEUES=")?.parse().ok())
 }
 
 /// `issued rwts: total=R,W,T,X` from fio's (group) report: the number of reads and writes.
