@@ -30,6 +30,10 @@
 //! irqfd directly would remove that hop, but needs the transport to expose per-vector eventfds
 //! and to re-send SET_VRING_CALL when the driver re-programs or masks a vector — future work.
 //!
+//! Metrics: sluice sees neither kicks nor requests. Per queue, `interrupts` counts relayed calls
+//! and `requests` the used-index advance seen at each call, a lower bound when the driver
+//! suppresses interrupts for its last completions.
+//!
 //! Reconnect (best effort): the pump watches the control socket for a hang-up. When the backend
 //! goes away it logs it and retries the connection every second; on success it replays the
 //! whole setup above, with SET_INFLIGHT_FD carrying the area obtained at first start (so a
