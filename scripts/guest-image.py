@@ -197,7 +197,8 @@ def ldd(binary, root):
     for line in output.splitlines():
         line = line.strip()
         if "=> not found" in line:
-            missing.append(line.split()[0])
+            if line.split()[0] not in missing:
+                missing.append(line.split()[0])
         elif "=>" in line:
             path = line.split("=>")[1].split("(")[0].strip()
             if path:
