@@ -32,6 +32,8 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,6 +122,49 @@ def guest_numbers(result):
     }
 
 
+def process_cpu_s(pid):
+    """User + system CPU time of a process, all its threads, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # Fields after the command name start at field 3 (state); utime and stime are 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_vmm(cmd, timeout):
+    """Runs a VMM with the guest kit; returns (completed process, wall s, workload CPU s).
+
+    Workload CPU = the VMM's CPU time (every thread: vCPU, I/O, iothread) between the last
+    `PCI:` console line (the guest kit's device scan, printed just before the workload) and the
+    RESULT line; it leaves out boot and firmware, which differ a lot between VMMs."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        killer = threading.Timer(timeout, proc.kill)
+        killer.start()
+        lines, cpu_before, cpu_after = [], None, None
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                if line.startswith("PCI:") or (line.startswith("RESULT ") and cpu_after is None):
+                    try:
+                        cpu = process_cpu_s(proc.pid)
+                    except OSError:
+                        cpu = None
+                    if line.startswith("PCI:"):
+                        cpu_before = cpu
+                    else:
+                        cpu_after = cpu
+            proc.wait()
+        finally:
+            killer.cancel()
+        err.seek(0)
+        stderr = err.read()
+    wall = time.perf_counter() - start
+    workload_cpu = (cpu_after - cpu_before) if None not in (cpu_before, cpu_after) else 0.0
+    done = subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines), stderr)
+    return done, wall, workload_cpu
+
+
 def run_sluice(args, workdir, notify, guest_batch):
     metrics_path = os.path.join(workdir, f"metrics-{notify.replace(':', '_')}.json")
     if os.path.exists(metrics_path):
@@ -128,9 +173,7 @@ def run_sluice(args, workdir, notify, guest_batch):
            "--disk", f"path={args.image},queues=1,direct=on,notify={notify}",
            "--metrics", metrics_path,
            "--cmdline", guest_cmdline(args.ops, args.span_mb, guest_batch)]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    wall = time.perf_counter() - start
+    proc, wall, workload_cpu_s = run_vmm(cmd, args.timeout)
     result = parse_result(proc.stdout)
     if proc.returncode != 0 or result is None or not result.get("pass"):
         raise RuntimeError(f"sluice notify={notify} failed ({proc.returncode}):\n"
@@ -139,6 +182,7 @@ def run_sluice(args, workdir, notify, guest_batch):
         metrics = json.load(f)
     numbers = guest_numbers(result)
     numbers["wall_s"] = wall
+    numbers["host_cpu_s"] = workload_cpu_s
     numbers.update(sluice_metrics(metrics))
     return {"command": cmd, "numbers": numbers, "result": result, "metrics": metrics}
 
@@ -187,9 +231,7 @@ def qemu_command(args, guest_batch):
 
 def run_qemu(args, guest_batch):
     cmd = qemu_command(args, guest_batch)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    wall = time.perf_counter() - start
+    proc, wall, workload_cpu_s = run_vmm(cmd, args.timeout)
     result = parse_result(proc.stdout)
     # isa-debug-exit: QEMU exits with (byte << 1) | 1, so a guest pass is 1.
     if proc.returncode != 1 or result is None or not result.get("pass"):
@@ -197,6 +239,7 @@ def run_qemu(args, guest_batch):
                            f"{proc.stderr[-2000:]}")
     numbers = guest_numbers(result)
     numbers["wall_s"] = wall
+    numbers["host_cpu_s"] = workload_cpu_s
     return {"command": cmd, "numbers": numbers, "result": result}
 
 
@@ -207,7 +250,8 @@ def run_fio(args):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.fio_runtime + 60)
     if proc.returncode != 0:
         raise RuntimeError(f"fio failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    job = json.loads(proc.stdout)["jobs"][0]["read"]
+    job_cpu = json.loads(proc.stdout)["jobs"][0]
+    job = job_cpu["read"]
     pct = job["clat_ns"]["percentile"]
     numbers = {
         "iops": job["iops"],
@@ -215,11 +259,24 @@ def run_fio(args):
         "elapsed_s": job["runtime"] / 1e3,
         "lat_p50_us": pct["50.000000"] / 1e3,
         "lat_p99_us": pct["99.000000"] / 1e3,
+        # fio reports its CPU use as percentages of the job's runtime.
+        "host_cpu_s": (job_cpu["usr_cpu"] + job_cpu["sys_cpu"]) / 100 * job["runtime"] / 1e3,
     }
     return {"command": cmd, "numbers": numbers}
 
 
 def run_one(name, args, workdir):
+    """Runs one competitor once and adds I/Os per host CPU-second of the timed phase, which the
+    other load on this host disturbs far less than wall-clock IOPS."""
+    run = run_competitor(name, args, workdir)
+    n = run["numbers"]
+    n["ops_per_host_cpu_s"] = n["ops"] / n["host_cpu_s"] if n["host_cpu_s"] > 0 else 0.0
+    with open("/proc/loadavg") as f:
+        n["loadavg_1min"] = float(f.read().split()[0])
+    return run
+
+
+def run_competitor(name, args, workdir):
     guest_batch = name.endswith("-gbatch")
     if name in SLUICE_NOTIFY:
         return run_sluice(args, workdir, SLUICE_NOTIFY[name], guest_batch)
@@ -272,21 +329,29 @@ def summarize(runs):
     return summary
 
 
-def ratios(summary):
-    out = {}
-    iops = {name: s["iops"]["median"] for name, s in summary.items()}
+def ratio_pairs(names):
+    """(numerator, denominator) pairs: each sluice variant against native and against QEMU with
+    the same guest-side submission, and QEMU against native."""
+    pairs = []
     for name in SLUICE_NOTIFY:
-        if name not in iops:
+        if name not in names:
             continue
-        if "native" in iops:
-            out[f"{name}/native"] = iops[name] / iops["native"]
-        # Compare like with like: guest-batched sluice against guest-batched QEMU.
         qemu = "qemu-gbatch" if name.endswith("-gbatch") else "qemu"
-        if qemu in iops:
-            out[f"{name}/{qemu}"] = iops[name] / iops[qemu]
-    for qemu in ("qemu", "qemu-gbatch"):
-        if qemu in iops and "native" in iops:
-            out[f"{qemu}/native"] = iops[qemu] / iops["native"]
+        pairs += [(name, other) for other in ("native", qemu) if other in names]
+    pairs += [(qemu, "native") for qemu in ("qemu", "qemu-gbatch")
+              if qemu in names and "native" in names]
+    return pairs
+
+
+def ratios(summary):
+    """Ratios of medians, by guest-visible IOPS and by I/Os per host CPU-second."""
+    out = {}
+    for a, b in ratio_pairs(summary.keys()):
+        out[f"{a}/{b}"] = {
+            key: summary[a][key]["median"] / summary[b][key]["median"]
+            for key in ("iops", "ops_per_host_cpu_s")
+            if summary[b][key]["median"] > 0
+        }
     return out
 
 
@@ -299,10 +364,11 @@ def fmt(s, key, digits):
 
 def markdown(summary, ratio):
     lines = [
-        "| competitor | IOPS median (min-max) | userspace exits/IO: all | without COM1 "
+        "| competitor | IOPS median (min-max) | I/Os per host CPU-s "
+        "| userspace exits/IO: all | without COM1 "
         "| blk BAR exits/IO | kicks/IO | interrupts/IO | device lat p50 / p99 (µs) "
         "| guest-seen lat p50 (µs) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
         if "device_lat_p50_us" in s:
@@ -311,15 +377,16 @@ def markdown(summary, ratio):
             dev = "-"
         guest_lat = s.get("guest_lat_p50_us") or s.get("lat_p50_us")
         lines.append(
-            f"| {name} | {fmt(s, 'iops', 0)} | {fmt(s, 'exits_per_io', 3)} "
+            f"| {name} | {fmt(s, 'iops', 0)} | {fmt(s, 'ops_per_host_cpu_s', 0)} "
+            f"| {fmt(s, 'exits_per_io', 3)} "
             f"| {fmt(s, 'exits_per_io_without_console', 4)} "
             f"| {fmt(s, 'bar_exits_per_io', 4)} | {fmt(s, 'kicks_per_io', 3)} "
             f"| {fmt(s, 'interrupts_per_io', 3)} | {dev} | {guest_lat['median']:.0f} |")
     lines.append("")
-    lines.append("| ratio (median IOPS) | value |")
-    lines.append("|---|---|")
+    lines.append("| ratio of medians | by IOPS | by I/Os per host CPU-s |")
+    lines.append("|---|---|---|")
     for k, v in ratio.items():
-        lines.append(f"| {k} | {v:.3f} |")
+        lines.append(f"| {k} | {v.get('iops', 0):.3f} | {v.get('ops_per_host_cpu_s', 0):.3f} |")
     return "\n".join(lines)
 
 
@@ -365,7 +432,8 @@ def main():
                 extra = (f" exits/IO {n['exits_per_io']:.3f} kicks/IO {n['kicks_per_io']:.3f}"
                          f" irq/IO {n['interrupts_per_io']:.3f}"
                          f" dev p50 {n['device_lat_p50_us']:.0f} µs")
-            log(f"rep {rep}/{args.reps} {name}: {n['iops']:.0f} IOPS over {n['elapsed_s']:.1f} s"
+            log(f"rep {rep}/{args.reps} {name}: {n['iops']:.0f} IOPS over {n['elapsed_s']:.1f} s,"
+                f" {n['ops_per_host_cpu_s']:.0f} I/Os per host CPU-s, load {n['loadavg_1min']}"
                 + extra)
     shutil.rmtree(workdir, ignore_errors=True)
     machine["loadavg_end"] = open("/proc/loadavg").read().strip()
