@@ -367,3 +367,116 @@ impl QueueInflight {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Used ring contents for `recover`: ids by free-running position.
+    fn used_ring(entries: &[(u16, u32)]) -> impl Fn(u16) -> Option<u32> + '_ {
+        move |position| {
+            entries
+                .iter()
+                .find(|&&(p, _)| p == position)
+                .map(|&(_, id)| id)
+        }
+    }
+
+    #[test]
+    fn fresh_area_keeps_the_frontend_base_and_starts_tracking() {
+        let (area, _file, _) = InflightArea::allocate(1, 8).unwrap();
+        let queue = area.queue(0).unwrap();
+
+        let recovery = queue.recover(5, 8, 5, used_ring(&[]));
+
+        assert_eq!(recovery.next_avail, 5);
+        assert!(recovery.resubmit.is_empty());
+        assert_eq!(queue.version(), INFLIGHT_VERSION);
+        assert_eq!(queue.used_idx(), 5);
+    }
+
+    #[test]
+    fn entries_published_after_the_last_clear_are_not_resubmitted() {
+        let (area, _file, _) = InflightArea::allocate(1, 8).unwrap();
+        let queue = area.queue(0).unwrap();
+        queue.recover(0, 8, 0, used_ring(&[]));
+        queue.mark(1, 10);
+        queue.mark(2, 11);
+        queue.mark(3, 12);
+        // The backend died after publishing used entries for heads 2 and 1, before clearing.
+
+        let recovery = queue.recover(2, 8, 0, used_ring(&[(0, 2), (1, 1)]));
+
+        assert_eq!(recovery.resubmit, vec![3]);
+        assert_eq!(recovery.next_avail, 3, "used 2 + one still in flight");
+        assert_eq!(recovery.next_counter, 13);
+        assert!(!queue.is_inflight(1) && !queue.is_inflight(2));
+        assert_eq!(queue.used_idx(), 2);
+    }
+
+    #[test]
+    fn resubmission_is_in_counter_order_across_index_wrap() {
+        let (area, _file, _) = InflightArea::allocate(2, 4).unwrap();
+        let queue = area.queue(1).unwrap();
+        queue.recover(65534, 4, 65534, used_ring(&[]));
+        queue.mark(3, 100);
+        queue.mark(0, 101);
+
+        let recovery = queue.recover(65534, 4, 0, used_ring(&[]));
+
+        assert_eq!(recovery.resubmit, vec![3, 0]);
+        assert_eq!(recovery.next_avail, 0, "65534 + 2 wraps");
+        assert!(
+            !area.queue(0).unwrap().is_inflight(3),
+            "queues are disjoint"
+        );
+    }
+
+    #[test]
+    fn a_used_gap_larger_than_the_ring_is_not_trusted() {
+        let (area, _file, _) = InflightArea::allocate(1, 4).unwrap();
+        let queue = area.queue(0).unwrap();
+        queue.recover(0, 4, 0, used_ring(&[]));
+        queue.mark(1, 1);
+
+        let recovery = queue.recover(100, 4, 0, |_| Some(1));
+
+        assert_eq!(recovery.resubmit, vec![1], "mark kept");
+        assert_eq!(queue.used_idx(), 100);
+    }
+
+    #[test]
+    fn heads_outside_the_area_are_ignored() {
+        let (area, _file, _) = InflightArea::allocate(1, 4).unwrap();
+        let queue = area.queue(0).unwrap();
+
+        assert!(!queue.mark(4, 0));
+        queue.clear(400);
+
+        assert!(!queue.is_inflight(4));
+        assert!(area.queue(1).is_none());
+    }
+
+    #[test]
+    fn attach_refuses_areas_that_do_not_fit_their_file() {
+        let (_, file, size) = InflightArea::allocate(1, 16).unwrap();
+
+        let too_big = InflightArea::attach(&file, size * 2, 0, 1, 16);
+        let too_small = InflightArea::attach(&file, size, 0, 2, 16);
+        let shifted = InflightArea::attach(&file, size, 4096, 1, 16);
+        let fits = InflightArea::attach(&file, size, 0, 1, 16);
+
+        assert!(matches!(too_big, Err(InflightError::Size { .. })));
+        assert!(matches!(too_small, Err(InflightError::Size { .. })));
+        assert!(matches!(shifted, Err(InflightError::Size { .. })));
+        assert!(fits.is_ok());
+    }
+
+    #[test]
+    fn queue_regions_are_64_byte_aligned_and_hold_their_entries() {
+        assert_eq!(queue_region_size(1), 64);
+        assert_eq!(queue_region_size(3), 64);
+        assert_eq!(queue_region_size(4), 128);
+        assert_eq!(queue_region_size(256), 16 + 16 * 256 + 48);
+    }
+}
