@@ -287,7 +287,7 @@ def run_competitor(name, args, workdir):
     raise ValueError(name)
 
 
-def machine_info():
+def machine_info(sluice):
     def read(path):
         try:
             with open(path) as f:
@@ -311,7 +311,10 @@ def machine_info():
         "kvm_modules": kvm_modules,
         "qemu": version(["qemu-system-x86_64", "--version"]),
         "fio": version(["fio", "--version"]),
+        # HEAD when the benchmark ran; the binary may be older (see its build time).
         "sluice_commit": version(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]),
+        "sluice_binary_built": datetime.datetime.fromtimestamp(
+            os.path.getmtime(sluice), datetime.timezone.utc).isoformat(timespec="seconds"),
         "loadavg_start": read("/proc/loadavg").strip(),
     }
 
@@ -416,7 +419,7 @@ def main():
     ensure_image(args.image, args.size_mb)
     workdir = os.path.join(os.path.dirname(args.image), f"sluice-blk-bench-{os.getpid()}")
     os.makedirs(workdir, exist_ok=True)
-    machine = machine_info()
+    machine = machine_info(args.sluice)
     log(f"machine: {machine}")
 
     runs = {name: [] for name in competitors}
