@@ -78,6 +78,41 @@ fn write_lands_in_the_image_and_reads_back() {
 }
 
 #[test]
+fn io_uring_requests_complete_and_get_vring_base_waits_for_them() {
+    let server = start_server_with("uring", sluice_devices::block::IoEngine::Auto);
+    let mut session = connect(&server.socket);
+    let mut guest = Guest::new();
+    session.start_ring(&guest, 0);
+    for (slot, head) in [0u16, 3, 6, 9, 12].into_iter().enumerate() {
+        guest.build_request(
+            head,
+            VIRTIO_BLK_T_OUT,
+            slot as u64,
+            Some(&pattern(slot as u8)),
+        );
+        guest.stage(head);
+    }
+    guest.publish();
+    session.kick();
+
+    // All five were published before the kick, so the first pass popped all of them.
+    assert!(wait_until(|| guest.used_idx() >= 1));
+
+    let base = session.frontend.get_vring_base(0).unwrap();
+
+    assert_eq!(base, 5);
+    assert_eq!(
+        guest.used_idx(),
+        5,
+        "popped requests completed before the answer"
+    );
+    for slot in 0..5u8 {
+        let on_disk = read_image(&server.image, u64::from(slot) * 512, SECTOR);
+        assert_eq!(on_disk, pattern(slot));
+    }
+}
+
+#[test]
 fn config_space_and_queue_count_come_from_the_model() {
     let server = start_server("config");
     let mut session = connect(&server.socket);

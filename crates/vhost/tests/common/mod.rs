@@ -132,11 +132,16 @@ pub struct TestServer {
     pub stall: Arc<AtomicBool>,
 }
 
+/// A server whose model runs requests synchronously (deterministic completion order).
 pub fn start_server(name: &str) -> TestServer {
+    start_server_with(name, IoEngine::Sync)
+}
+
+pub fn start_server_with(name: &str, engine: IoEngine) -> TestServer {
     let image = make_image(name);
     let socket = temp_path(&format!("{name}.sock"));
     let mut config = BlockConfig::new(&image);
-    config.io_engine = IoEngine::Sync;
+    config.io_engine = engine;
     let block = Block::new(config).expect("open block device");
     let stall = Arc::new(AtomicBool::new(false));
     let device = TestBlock {
