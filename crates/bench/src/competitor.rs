@@ -1,0 +1,644 @@
+//! The competitors and how each runs a scenario. Adding one is one enum variant plus one arm in
+//! each `match` below (id, description, what it supports, what it needs, how it runs).
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sluice_guest_kit::{
+    find_qemu, Accel, Device, ExitKind, Firmware, GuestKitReport, GuestKitRun, Machine,
+};
+
+use crate::exec::{self, Ended, Measured};
+use crate::net;
+use crate::scenario::{BlkParams, NetParams, Scenario, Workload};
+
+/// Metric values of one run, by name (see [`crate::metric`]).
+pub type Metrics = BTreeMap<String, f64>;
+
+/// Every competitor the matrix knows, in the order they alternate.
+pub const ALL: [Competitor; 5] = [
+    Competitor::Sluice,
+    Competitor::SluiceVhostServe,
+    Competitor::SluiceVhostQsd,
+    Competitor::Qemu,
+    Competitor::Fio,
+];
+
+/// One way of running a scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Competitor {
+    /// `sluice run` with its in-process virtio devices (`--disk path=`, `--net tap=`).
+    Sluice,
+    /// `sluice run --disk vhost_user=on` served by `sluice serve blk`.
+    SluiceVhostServe,
+    /// `sluice run --disk vhost_user=on` served by qemu-storage-daemon.
+    SluiceVhostQsd,
+    /// QEMU -accel kvm: virtio-blk-pci with an iothread, aio=io_uring, cache=none; virtio-net on
+    /// the UDP socket netdev.
+    Qemu,
+    /// fio on the host, io_uring, O_DIRECT, on the same image.
+    Fio,
+}
+
+/// Everything a run needs from the host.
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub sluice: PathBuf,
+    /// The guest kit ELF, written to a file.
+    pub kernel: PathBuf,
+    pub image: PathBuf,
+    /// Scratch directory for sockets and metrics files.
+    pub workdir: PathBuf,
+    pub timeout: Duration,
+    pub fio_runtime_s: u32,
+}
+
+/// A process that took part in a run, with its rusage.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ProcessUsage {
+    pub role: String,
+    pub cpu_s: f64,
+    pub max_rss_kib: u64,
+}
+
+/// What one run produced.
+#[derive(Debug, Clone, Default)]
+pub struct RunOutput {
+    pub metrics: Metrics,
+    pub processes: Vec<ProcessUsage>,
+    pub command: Vec<String>,
+}
+
+impl Competitor {
+    pub fn id(self) -> &'static str {
+        match self {
+            Competitor::Sluice => "sluice",
+            Competitor::SluiceVhostServe => "sluice-vhost-serve",
+            Competitor::SluiceVhostQsd => "sluice-vhost-qsd",
+            Competitor::Qemu => "qemu",
+            Competitor::Fio => "fio",
+        }
+    }
+
+    pub fn description(self) -> &'static str {
+        match self {
+            Competitor::Sluice => "sluice run, in-process virtio-blk (direct=on) / virtio-net on a tap",
+            Competitor::SluiceVhostServe => "sluice run --disk vhost_user=on, backend: sluice serve blk --direct",
+            Competitor::SluiceVhostQsd => "sluice run --disk vhost_user=on, backend: qemu-storage-daemon (io_uring, cache.direct=on)",
+            Competitor::Qemu => "QEMU -accel kvm q35: virtio-blk-pci + iothread, aio=io_uring, cache=none (SeaBIOS); virtio-net-pci on the UDP socket netdev; startup with qboot",
+            Competitor::Fio => "host-native fio, io_uring, --direct=1, same image, one job per queue",
+        }
+    }
+
+    /// Whether this competitor has an entry for the scenario at all.
+    pub fn supports(self, scenario: &Scenario) -> bool {
+        match (self, &scenario.workload) {
+            (Competitor::Sluice | Competitor::Qemu, _) => true,
+            (Competitor::SluiceVhostServe | Competitor::SluiceVhostQsd | Competitor::Fio, w) => {
+                matches!(w, Workload::Blk(_))
+            }
+        }
+    }
+
+    /// `Err(reason)` when this host cannot run the competitor at all.
+    pub fn availability(self) -> Result<(), String> {
+        match self {
+            Competitor::Sluice | Competitor::SluiceVhostServe => kvm(),
+            Competitor::SluiceVhostQsd => kvm().and_then(|_| {
+                on_path(
+                    "qemu-storage-daemon",
+                    "apt-get install -y --no-install-recommends qemu-system-common",
+                )
+            }),
+            Competitor::Qemu => {
+                kvm().and_then(|_| find_qemu().map(drop).map_err(|e| e.to_string()))
+            }
+            Competitor::Fio => on_path("fio", "apt-get install -y --no-install-recommends fio"),
+        }
+    }
+
+    /// `Err(reason)` when this scenario cannot run on this competitor here (e.g. no tap).
+    pub fn scenario_availability(self, scenario: &Scenario) -> Result<(), String> {
+        match (self, &scenario.workload) {
+            (Competitor::Sluice, Workload::Net(_)) => tap_available(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs `scenario` once.
+    pub fn run(self, scenario: &Scenario, env: &Env) -> Result<RunOutput, String> {
+        match self {
+            Competitor::Sluice => run_sluice(scenario, env, None),
+            Competitor::SluiceVhostServe => {
+                let socket = env.workdir.join("serve.sock");
+                let queues = blk_params(scenario)?.queues.to_string();
+                let mut command = Command::new(&env.sluice);
+                command.args(["serve", "blk", "--direct", "--queues", &queues, "--socket"]);
+                command.arg(&socket).arg("--image").arg(&env.image);
+                let backend = Backend::start(command, socket, "sluice serve blk")?;
+                run_sluice(scenario, env, Some(backend))
+            }
+            Competitor::SluiceVhostQsd => {
+                let socket = env.workdir.join("qsd.sock");
+                let queues = blk_params(scenario)?.queues;
+                let mut command = Command::new("qemu-storage-daemon");
+                command.arg("--blockdev").arg(format!(
+                    "driver=file,node-name=f,filename={},aio=io_uring,cache.direct=on",
+                    env.image.display()
+                ));
+                command.arg("--export").arg(format!(
+                    "type=vhost-user-blk,id=e,addr.type=unix,addr.path={},node-name=f,\
+                     writable=on,num-queues={queues}",
+                    socket.display()
+                ));
+                let backend = Backend::start(command, socket, "qemu-storage-daemon")?;
+                run_sluice(scenario, env, Some(backend))
+            }
+            Competitor::Qemu => run_qemu(scenario, env),
+            Competitor::Fio => run_fio(blk_params(scenario)?, env),
+        }
+    }
+}
+
+fn kvm() -> Result<(), String> {
+    sluice_guest_kit::kvm_unavailable_reason().map_or(Ok(()), Err)
+}
+
+fn on_path(program: &str, hint: &str) -> Result<(), String> {
+    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .any(|dir| dir.join(program).is_file());
+    if found {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} not found on PATH; install it with: {hint}"
+        ))
+    }
+}
+
+fn tap_available() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("creating a tap needs CAP_NET_ADMIN; run as root".into());
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map(drop)
+        .map_err(|e| format!("/dev/net/tun unusable: {e}"))
+}
+
+fn blk_params(scenario: &Scenario) -> Result<&BlkParams, String> {
+    match &scenario.workload {
+        Workload::Blk(params) => Ok(params),
+        _ => Err(format!("{} is not a block scenario", scenario.id)),
+    }
+}
+
+/// A vhost-user backend process; killed and reaped on drop if still running.
+struct Backend {
+    child: Option<Child>,
+    role: &'static str,
+}
+
+impl Backend {
+    fn start(mut command: Command, socket: PathBuf, role: &'static str) -> Result<Backend, String> {
+        let _ = std::fs::remove_file(&socket);
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting {role}: {e}"))?;
+        let mut backend = Backend {
+            child: Some(child),
+            role,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            if Instant::now() > deadline {
+                return Err(format!("{role} never listened on {}", socket.display()));
+            }
+            if let Some(Ok(Some(status))) = backend.child.as_mut().map(Child::try_wait) {
+                return Err(format!("{role} exited: {status}"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(backend)
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the backend and returns its rusage.
+    fn finish(mut self) -> Option<ProcessUsage> {
+        let child = self.child.take()?;
+        let usage = exec::kill_and_reap(child.id())?;
+        Some(ProcessUsage {
+            role: self.role.into(),
+            cpu_s: usage.cpu_s,
+            max_rss_kib: usage.max_rss_kib,
+        })
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn command_line(command: &Command) -> Vec<String> {
+    std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect()
+}
+
+fn unique() -> u32 {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    COUNTER.fetch_add(1, Ordering::Relaxed)
+}
+
+fn run_sluice(
+    scenario: &Scenario,
+    env: &Env,
+    backend: Option<Backend>,
+) -> Result<RunOutput, String> {
+    let metrics_path = env.workdir.join(format!("metrics-{}.json", unique()));
+    let mut run = GuestKitRun::sluice(&env.sluice, &scenario.guest_cmdline());
+    run.memory_mib = scenario.memory_mib();
+    let mut extra = vec![format!("--metrics={}", metrics_path.display())];
+    let mut feeder = None;
+    match &scenario.workload {
+        Workload::Blk(b) => extra.push(match &backend {
+            Some(_) => format!(
+                "--disk=vhost_user=on,socket={},queues={}",
+                env.workdir.join(backend_socket(&backend)).display(),
+                b.queues
+            ),
+            None => format!(
+                "--disk=path={},queues={},direct=on",
+                env.image.display(),
+                b.queues
+            ),
+        }),
+        Workload::Net(n) => {
+            let tap = format!("sbn{}x{}", std::process::id() % 100_000, unique() % 100);
+            extra.push(format!("--net=tap={tap}"));
+            if n.dir == "rx" {
+                feeder = Some(net::feed_tap(tap, n.size as usize));
+            }
+        }
+        Workload::Startup => {}
+    }
+    if let sluice_guest_kit::Vmm::Sluice { extra_args, .. } = &mut run.vmm {
+        extra_args.extend(extra);
+    }
+    let command = run.command(&env.kernel).map_err(|e| e.to_string())?;
+    let argv = command_line(&command);
+    let extra_pids: Vec<u32> = backend.iter().filter_map(Backend::pid).collect();
+    let measured = exec::run_measured(command, env.timeout, &extra_pids);
+    if let Some(feeder) = feeder {
+        feeder.stop();
+    }
+    let backend_usage = backend.and_then(Backend::finish);
+    let measured = measured.map_err(|e| format!("starting sluice: {e}"))?;
+    let exit = match measured.ended {
+        Some(Ended::Code(code)) => ExitKind::from_sluice_status(code),
+        _ => ExitKind::Killed,
+    };
+    let mut output = guest_output(scenario, &measured, exit, "sluice", argv)?;
+    output.processes.extend(backend_usage);
+    if let Ok(text) = std::fs::read_to_string(&metrics_path) {
+        let _ = std::fs::remove_file(&metrics_path);
+        if let Ok(json) = serde_json::from_str::<Value>(&text) {
+            output
+                .metrics
+                .extend(sluice_metrics(&json, scenario, &output.metrics));
+        }
+    }
+    Ok(output)
+}
+
+/// File name of the socket `Competitor::run` gave the backend (both live in the workdir).
+fn backend_socket(backend: &Option<Backend>) -> &'static str {
+    match backend.as_ref().map(|b| b.role) {
+        Some("qemu-storage-daemon") => "qsd.sock",
+        _ => "serve.sock",
+    }
+}
+
+/// Per-op counts from sluice's `--metrics` JSON: exits (all, and without the COM1 console),
+/// doorbell kicks and interrupts of the scenario's device (absent for vhost-user devices,
+/// whose rings sluice does not see).
+fn sluice_metrics(json: &Value, scenario: &Scenario, guest: &Metrics) -> Metrics {
+    let mut out = Metrics::new();
+    let Some(&ops) = guest.get(crate::metric::OPS).filter(|&&ops| ops > 0.0) else {
+        return out;
+    };
+    let count = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let total = count(&json["exits"]["total"]);
+    let console: f64 = json["exits"]["per_device"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["device"] == "com1")
+        .map(|d| count(&d["reads"]) + count(&d["writes"]))
+        .sum();
+    out.insert(crate::metric::EXITS_PER_OP.into(), total / ops);
+    out.insert(
+        crate::metric::EXITS_PER_OP_NO_CONSOLE.into(),
+        (total - console) / ops,
+    );
+    let prefix = match scenario.workload {
+        Workload::Blk(_) => "blk",
+        Workload::Net(_) => "net",
+        Workload::Startup => return out,
+    };
+    let queues: Vec<&Value> = json["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["device"].as_str().is_some_and(|n| n.starts_with(prefix)))
+        .flat_map(|d| d["queues"].as_array().into_iter().flatten())
+        .collect();
+    if !queues.is_empty() {
+        let sum = |key: &str| queues.iter().map(|q| count(&q[key])).sum::<f64>();
+        out.insert(crate::metric::KICKS_PER_OP.into(), sum("kicks") / ops);
+        out.insert(
+            crate::metric::INTERRUPTS_PER_OP.into(),
+            sum("interrupts") / ops,
+        );
+    }
+    out
+}
+
+/// Metrics from the guest kit's console and the measured process.
+fn guest_output(
+    scenario: &Scenario,
+    measured: &Measured,
+    exit: ExitKind,
+    role: &str,
+    command: Vec<String>,
+) -> Result<RunOutput, String> {
+    use crate::metric as m;
+    let mut report = GuestKitReport::parse(&measured.console, exit);
+    report.vmm_stderr = measured.stderr.clone();
+    report.host_timed_out = measured.timed_out;
+    if !report.passed() {
+        let tail: String = report.describe().chars().rev().take(1500).collect();
+        return Err(format!(
+            "guest kit did not pass: …{}",
+            tail.chars().rev().collect::<String>()
+        ));
+    }
+    let result = report
+        .results_for(scenario.result_workload())
+        .next()
+        .ok_or_else(|| format!("no {} RESULT line", scenario.result_workload()))?;
+    let mut metrics = Metrics::new();
+    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+    metrics.insert(
+        m::VMM_MAX_RSS_MIB.into(),
+        measured.usage.max_rss_kib as f64 / 1024.0,
+    );
+    metrics.insert(m::EXIT_MS.into(), measured.wall.as_secs_f64() * 1e3);
+    if let Some(first) = ms(measured.first_line) {
+        metrics.insert(m::FIRST_LINE_MS.into(), first);
+    }
+    if let Some(ready) = ms(measured.first_result) {
+        metrics.insert(m::READY_MS.into(), ready);
+    }
+    if let (Some(ops), Some(elapsed_ns)) = (result.ops, result.elapsed_ns) {
+        let ops = ops as f64;
+        metrics.insert(m::OPS.into(), ops);
+        if elapsed_ns > 0 {
+            let seconds = elapsed_ns as f64 / 1e9;
+            metrics.insert(m::RATE.into(), ops / seconds);
+            if let Some(bytes) = result.bytes {
+                metrics.insert(m::MIB_PER_S.into(), bytes as f64 / seconds / 1048576.0);
+            }
+        }
+        if let Some(cpu) = measured.workload_cpu_s() {
+            metrics.insert(m::HOST_CPU_S.into(), cpu);
+            if ops > 0.0 {
+                metrics.insert(m::HOST_CPU_US_PER_OP.into(), cpu / ops * 1e6);
+            }
+        }
+    }
+    if let Some(lat) = &result.lat_ns {
+        metrics.insert(m::LAT_P50_US.into(), lat.p50 as f64 / 1e3);
+        metrics.insert(m::LAT_P99_US.into(), lat.p99 as f64 / 1e3);
+    }
+    Ok(RunOutput {
+        metrics,
+        processes: vec![ProcessUsage {
+            role: role.into(),
+            cpu_s: measured.usage.cpu_s,
+            max_rss_kib: measured.usage.max_rss_kib,
+        }],
+        command,
+    })
+}
+
+fn run_qemu(scenario: &Scenario, env: &Env) -> Result<RunOutput, String> {
+    let mut run = GuestKitRun::qemu(Accel::Kvm, Machine::Q35, &scenario.guest_cmdline());
+    run.memory_mib = scenario.memory_mib();
+    // Kept bound for the run: QEMU sends tx frames here, so they never bounce as ICMP errors.
+    let mut sink: Option<UdpSocket> = None;
+    let mut feeder = None;
+    match &scenario.workload {
+        Workload::Net(NetParams { dir, size, .. }) => {
+            let host = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+            let host_port = host.local_addr().map_err(|e| e.to_string())?.port();
+            let vmm_port = net::free_udp_port().map_err(|e| e.to_string())?;
+            sink = Some(host);
+            run = run.with_device(Device::VirtioNet {
+                host_port,
+                vmm_port,
+            });
+            if *dir == "rx" {
+                feeder = Some(net::feed_udp(vmm_port, *size as usize).map_err(|e| e.to_string())?);
+            }
+        }
+        // qboot starts in ~0.4 s against SeaBIOS's ~4 s here; `w=info` needs no PCI BARs.
+        Workload::Startup => run = run.with_firmware(Firmware::Qboot),
+        Workload::Blk(_) => {}
+    }
+    let mut command = run.command(&env.kernel).map_err(|e| e.to_string())?;
+    if let Workload::Blk(b) = &scenario.workload {
+        command.args(qemu_blk_args(&env.image, b.queues));
+    }
+    let argv = command_line(&command);
+    let measured = exec::run_measured(command, env.timeout, &[]);
+    if let Some(feeder) = feeder {
+        feeder.stop();
+    }
+    drop(sink);
+    let measured = measured.map_err(|e| format!("starting QEMU: {e}"))?;
+    let exit = match measured.ended {
+        Some(Ended::Code(code)) => ExitKind::from_qemu_status(code),
+        _ => ExitKind::Killed,
+    };
+    guest_output(scenario, &measured, exit, "qemu", argv)
+}
+
+/// virtio-blk-pci on an iothread, io_uring, O_DIRECT (the blk benchmark's QEMU setup).
+pub fn qemu_blk_args(image: &Path, queues: u16) -> Vec<String> {
+    vec![
+        "-object".into(),
+        "iothread,id=io0".into(),
+        "-drive".into(),
+        format!(
+            "if=none,id=d0,file={},format=raw,aio=io_uring,cache=none",
+            image.display().to_string().replace(',', ",,")
+        ),
+        "-device".into(),
+        format!("virtio-blk-pci,drive=d0,iothread=io0,num-queues={queues}"),
+    ]
+}
+
+fn run_fio(b: &BlkParams, env: &Env) -> Result<RunOutput, String> {
+    use crate::metric as m;
+    let mut command = Command::new("fio");
+    command.args([
+        "--name=bench".to_owned(),
+        format!("--filename={}", env.image.display()),
+        // fio and the guest kit name the ops alike (randread, randwrite, read).
+        format!("--rw={}", b.op),
+        format!("--bs={}", b.bs),
+        format!("--iodepth={}", b.qd),
+        format!("--numjobs={}", b.queues),
+        format!("--size={}M", b.span_mb),
+        "--ioengine=io_uring".into(),
+        "--direct=1".into(),
+        "--thread".into(),
+        "--group_reporting".into(),
+        format!("--runtime={}", env.fio_runtime_s),
+        "--time_based".into(),
+        "--output-format=json".into(),
+    ]);
+    let argv = command_line(&command);
+    let timeout = Duration::from_secs(u64::from(env.fio_runtime_s) + 60);
+    let measured = exec::run_measured(command, timeout, &[]).map_err(|e| format!("fio: {e}"))?;
+    if measured.ended != Some(Ended::Code(0)) {
+        return Err(format!(
+            "fio failed ({:?}): {}",
+            measured.ended, measured.stderr
+        ));
+    }
+    let json: Value =
+        serde_json::from_str(&measured.console).map_err(|e| format!("fio JSON: {e}"))?;
+    let job = &json["jobs"][0];
+    let side = if b.op.contains("write") {
+        &job["write"]
+    } else {
+        &job["read"]
+    };
+    let ops = side["total_ios"].as_f64().unwrap_or(0.0);
+    let runtime_s = side["runtime"].as_f64().unwrap_or(0.0) / 1e3;
+    let mut metrics = Metrics::new();
+    metrics.insert(m::OPS.into(), ops);
+    if runtime_s > 0.0 {
+        metrics.insert(m::RATE.into(), ops / runtime_s);
+        metrics.insert(
+            m::MIB_PER_S.into(),
+            ops * f64::from(b.bs) / runtime_s / 1048576.0,
+        );
+    }
+    metrics.insert(m::HOST_CPU_S.into(), measured.usage.cpu_s);
+    if ops > 0.0 {
+        metrics.insert(
+            m::HOST_CPU_US_PER_OP.into(),
+            measured.usage.cpu_s / ops * 1e6,
+        );
+    }
+    let percentile = |p: &str| side["clat_ns"]["percentile"][p].as_f64().map(|ns| ns / 1e3);
+    if let Some(p50) = percentile("50.000000") {
+        metrics.insert(m::LAT_P50_US.into(), p50);
+    }
+    if let Some(p99) = percentile("99.000000") {
+        metrics.insert(m::LAT_P99_US.into(), p99);
+    }
+    Ok(RunOutput {
+        metrics,
+        processes: vec![ProcessUsage {
+            role: "fio".into(),
+            cpu_s: measured.usage.cpu_s,
+            max_rss_kib: measured.usage.max_rss_kib,
+        }],
+        command: argv,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::matrix;
+
+    #[test]
+    fn ids_are_unique() {
+        let mut ids: Vec<&str> = ALL.iter().map(|c| c.id()).collect();
+        ids.sort();
+        ids.dedup();
+
+        assert_eq!(ids.len(), ALL.len());
+    }
+
+    #[test]
+    fn only_vm_competitors_run_net_and_startup() {
+        let scenarios = matrix(true, 64);
+        let startup = scenarios
+            .iter()
+            .find(|s| s.id == "startup")
+            .expect("startup");
+        let net = scenarios
+            .iter()
+            .find(|s| s.id == "net-rx-64b")
+            .expect("net");
+
+        let on_startup: Vec<_> = ALL
+            .iter()
+            .filter(|c| c.supports(startup))
+            .map(|c| c.id())
+            .collect();
+        let on_net: Vec<_> = ALL
+            .iter()
+            .filter(|c| c.supports(net))
+            .map(|c| c.id())
+            .collect();
+
+        assert_eq!(on_startup, ["sluice", "qemu"]);
+        assert_eq!(on_net, ["sluice", "qemu"]);
+    }
+
+    #[test]
+    fn sluice_metrics_divide_counts_by_guest_ops() {
+        let scenario = &matrix(true, 64)[0];
+        let json = serde_json::json!({
+            "exits": {"total": 120, "per_device": [{"device": "com1", "reads": 10, "writes": 90}]},
+            "devices": [{"device": "blk:x.img", "queues": [
+                {"kicks": 30, "interrupts": 5}, {"kicks": 10, "interrupts": 15}]}],
+        });
+        let guest = Metrics::from([(crate::metric::OPS.to_owned(), 40.0)]);
+
+        let metrics = sluice_metrics(&json, scenario, &guest);
+
+        assert_eq!(metrics[crate::metric::EXITS_PER_OP], 3.0);
+        assert_eq!(metrics[crate::metric::EXITS_PER_OP_NO_CONSOLE], 0.5);
+        assert_eq!(metrics[crate::metric::KICKS_PER_OP], 1.0);
+        assert_eq!(metrics[crate::metric::INTERRUPTS_PER_OP], 0.5);
+    }
+}

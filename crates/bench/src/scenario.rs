@@ -1,0 +1,202 @@
+//! The scenarios of the matrix and their guest kit command lines.
+//!
+//! Op counts are small on purpose: on kvm_pvm hosts the guest runs in KVM's instruction
+//! emulator (about 1M instructions/s, ~600 µs of guest time per I/O), so the full matrix stays
+//! near 15 minutes and `--quick` near 2.
+
+use serde::Serialize;
+
+/// Guest RAM for device scenarios (the blk benchmark's value).
+pub const DEVICE_MEMORY_MIB: u32 = 256;
+/// Guest RAM for the startup scenario (the startup benchmark's value).
+pub const STARTUP_MEMORY_MIB: u32 = 128;
+
+/// A block workload of the guest kit (`w=blk:...`), or the same pattern for fio.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BlkParams {
+    /// The guest kit's op: `randread`, `randwrite` or `read` (sequential).
+    pub op: &'static str,
+    pub bs: u32,
+    /// Requests in flight per queue.
+    pub qd: u32,
+    pub queues: u16,
+    pub ops: u64,
+    /// The span of the disk the requests touch, in MiB.
+    pub span_mb: u64,
+}
+
+/// A net workload of the guest kit (`w=net:...`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetParams {
+    /// `tx` (guest sends) or `rx` (the host feeds frames, the guest counts them).
+    pub dir: &'static str,
+    /// Payload bytes after the 14-byte Ethernet header.
+    pub size: u32,
+    pub frames: u64,
+}
+
+/// What a scenario measures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Workload {
+    Blk(BlkParams),
+    Net(NetParams),
+    /// Process start to the guest kit's first console line and first RESULT (`w=info`).
+    Startup,
+}
+
+/// One row group of the matrix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Scenario {
+    pub id: String,
+    #[serde(flatten)]
+    pub workload: Workload,
+}
+
+impl Scenario {
+    /// The guest kit command line of this scenario.
+    pub fn guest_cmdline(&self) -> String {
+        match &self.workload {
+            Workload::Blk(b) => format!(
+                "quiet w=blk:op={}:bs={}:qd={}:queues={}:ops={}:span_mb={}",
+                b.op, b.bs, b.qd, b.queues, b.ops, b.span_mb
+            ),
+            Workload::Net(n) => format!(
+                "quiet w=net:dir={}:size={}:frames={}",
+                n.dir, n.size, n.frames
+            ),
+            Workload::Startup => "quiet w=info".to_owned(),
+        }
+    }
+
+    /// The workload name in the guest kit's RESULT line.
+    pub fn result_workload(&self) -> &'static str {
+        match self.workload {
+            Workload::Blk(_) => "blk",
+            Workload::Net(_) => "net",
+            Workload::Startup => "info",
+        }
+    }
+
+    /// Guest RAM for this scenario.
+    pub fn memory_mib(&self) -> u32 {
+        match self.workload {
+            Workload::Startup => STARTUP_MEMORY_MIB,
+            _ => DEVICE_MEMORY_MIB,
+        }
+    }
+
+    /// True when `pattern` selects this scenario for `competitor`: `--only` matches a substring
+    /// of `scenario/competitor`, and accepts several patterns separated by commas.
+    pub fn selected(&self, competitor: &str, pattern: Option<&str>) -> bool {
+        let Some(pattern) = pattern else {
+            return true;
+        };
+        let key = format!("{}/{competitor}", self.id);
+        pattern
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .any(|p| key.contains(p))
+    }
+}
+
+fn blk(op: &'static str, bs: u32, qd: u32, queues: u16, ops: u64, span_mb: u64) -> Scenario {
+    let name = match op {
+        "read" => "seqread",
+        other => other,
+    };
+    Scenario {
+        id: format!("blk-{name}-{}k-qd{qd}-{queues}q", bs / 1024),
+        workload: Workload::Blk(BlkParams {
+            op,
+            bs,
+            qd,
+            queues,
+            ops,
+            span_mb,
+        }),
+    }
+}
+
+fn net(dir: &'static str, size: u32, frames: u64) -> Scenario {
+    Scenario {
+        id: format!("net-{dir}-{size}b"),
+        workload: Workload::Net(NetParams { dir, size, frames }),
+    }
+}
+
+/// The whole matrix; `quick` shrinks the op counts (not the list).
+pub fn matrix(quick: bool, span_mb: u64) -> Vec<Scenario> {
+    // Ops per run: ~1000 emulated I/Os take about a second on kvm_pvm.
+    let (ops_qd1, ops_qd32, ops_seq, frames) = if quick {
+        (100, 200, 40, 100)
+    } else {
+        (1000, 2000, 300, 1000)
+    };
+    let mut scenarios = Vec::new();
+    for op in ["randread", "randwrite"] {
+        for (qd, ops) in [(1, ops_qd1), (32, ops_qd32)] {
+            for queues in [1, 2] {
+                scenarios.push(blk(op, 4096, qd, queues, ops, span_mb));
+            }
+        }
+    }
+    scenarios.push(blk("read", 128 * 1024, 4, 1, ops_seq, span_mb));
+    for dir in ["tx", "rx"] {
+        for size in [64, 1500] {
+            scenarios.push(net(dir, size, frames));
+        }
+    }
+    scenarios.push(Scenario {
+        id: "startup".to_owned(),
+        workload: Workload::Startup,
+    });
+    scenarios
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matrix_has_unique_ids_and_the_issue_scenarios() {
+        let scenarios = matrix(false, 128);
+
+        let mut ids: Vec<&str> = scenarios.iter().map(|s| s.id.as_str()).collect();
+        for expected in [
+            "blk-randread-4k-qd1-1q",
+            "blk-randwrite-4k-qd32-2q",
+            "blk-seqread-128k-qd4-1q",
+            "net-tx-64b",
+            "net-rx-1500b",
+            "startup",
+        ] {
+            assert!(ids.contains(&expected), "{expected} missing from {ids:?}");
+        }
+        let count = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), count, "duplicate scenario ids");
+    }
+
+    #[test]
+    fn blk_cmdline_carries_every_parameter() {
+        let scenario = blk("randwrite", 4096, 32, 2, 500, 64);
+
+        assert_eq!(
+            scenario.guest_cmdline(),
+            "quiet w=blk:op=randwrite:bs=4096:qd=32:queues=2:ops=500:span_mb=64"
+        );
+    }
+
+    #[test]
+    fn only_matches_substrings_of_scenario_slash_competitor() {
+        let scenario = net("rx", 64, 10);
+
+        assert!(scenario.selected("qemu", None));
+        assert!(scenario.selected("qemu", Some("net-rx")));
+        assert!(scenario.selected("qemu", Some("startup,rx-64b/qemu")));
+        assert!(!scenario.selected("sluice", Some("rx-64b/qemu")));
+        assert!(!scenario.selected("qemu", Some("blk")));
+    }
+}
