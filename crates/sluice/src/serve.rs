@@ -1,15 +1,25 @@
 //! `sluice serve`: sluice's device models served to other VMMs over vhost-user.
 //!
-//! `sluice serve blk --socket PATH --image FILE [--queues N] [--readonly] [--direct]` listens on
-//! PATH and serves the virtio-blk model over the image to one frontend at a time (QEMU's
-//! `vhost-user-blk-pci`), until killed. The protocol side is `sluice_vhost`.
+//! Each listens on `--socket PATH` and serves one frontend at a time, until killed; the protocol
+//! side is `sluice_vhost`.
+//! * `sluice serve blk --socket PATH --image FILE [--queues N] [--readonly] [--direct]`: the
+//!   virtio-blk model over a raw image (QEMU's `vhost-user-blk-pci`).
+//! * `sluice serve net --socket PATH --tap NAME [--queues N] [--mac MAC]`: the virtio-net model
+//!   over a tap with N queue pairs, created if missing (QEMU's `-netdev vhost-user`). The tap is
+//!   brought up; its addresses are the host's business.
+//! * `sluice serve rng --socket PATH`: the virtio-rng model (QEMU's `vhost-user-rng-pci`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use sluice_devices::block::{Block, BlockConfig};
-use sluice_vhost::Server;
+use sluice_devices::net::{NetConfig, Tap};
+use sluice_devices::rng::Rng;
+use sluice_vhost::{ServedDevice, ServedNet, Server};
+
+/// The MAC the backend reports when `--mac` is not given (QEMU uses its own `mac=` anyway).
+const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -21,6 +31,33 @@ pub struct ServeArgs {
 enum ServedDeviceArgs {
     /// A virtio-blk disk (vhost-user-blk).
     Blk(BlkArgs),
+    /// A virtio-net NIC on a tap (vhost-user-net).
+    Net(NetArgs),
+    /// A virtio-rng entropy source fed by getrandom(2) (vhost-user-rng).
+    Rng(RngArgs),
+}
+
+#[derive(Args)]
+struct NetArgs {
+    /// The vhost-user socket to listen on (replaced if it exists).
+    #[arg(long)]
+    socket: PathBuf,
+    /// Tap interface (created if missing; needs CAP_NET_ADMIN).
+    #[arg(long)]
+    tap: String,
+    /// Queue pairs (tap queues) offered; the frontend may use fewer.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    queues: u16,
+    /// MAC address in the config space, `xx:xx:xx:xx:xx:xx` (unicast).
+    #[arg(long, value_parser = parse_mac)]
+    mac: Option<[u8; 6]>,
+}
+
+#[derive(Args)]
+struct RngArgs {
+    /// The vhost-user socket to listen on (replaced if it exists).
+    #[arg(long)]
+    socket: PathBuf,
 }
 
 #[derive(Args)]
@@ -46,7 +83,49 @@ struct BlkArgs {
 pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
     match args.device {
         ServedDeviceArgs::Blk(blk) => serve_blk(blk),
+        ServedDeviceArgs::Net(net) => serve_net(net),
+        ServedDeviceArgs::Rng(rng) => serve(&rng.socket, Rng::new(), "vhost-user-rng"),
     }
+}
+
+/// Listens on `socket` and serves `device` until killed.
+fn serve<D: ServedDevice>(socket: &Path, device: D, what: &str) -> anyhow::Result<u8> {
+    let server = Server::bind(socket, device)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    tracing::info!("{what}: listening on {}", socket.display());
+    server.run().context("vhost-user server failed")?;
+    Ok(0)
+}
+
+fn serve_net(args: NetArgs) -> anyhow::Result<u8> {
+    let tap = Tap::open(Some(&args.tap), args.queues)
+        .with_context(|| format!("cannot open tap {}", args.tap))?;
+    tap.set_up()
+        .with_context(|| format!("cannot bring tap {} up", tap.name()))?;
+    let config = NetConfig {
+        mac: args.mac.unwrap_or(DEFAULT_MAC),
+        mtu: None,
+    };
+    serve(&args.socket, ServedNet::new(tap, config), "vhost-user-net")
+}
+
+/// `xx:xx:xx:xx:xx:xx`, unicast.
+fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let bytes = text
+        .split(':')
+        .map(|byte| match byte.len() {
+            1 | 2 => u8::from_str_radix(byte, 16).ok(),
+            _ => None,
+        })
+        .collect::<Option<Vec<u8>>>()
+        .ok_or_else(|| format!("`{text}`: expected xx:xx:xx:xx:xx:xx"))?;
+    let mac: [u8; 6] = bytes
+        .try_into()
+        .map_err(|_| format!("`{text}`: expected six bytes"))?;
+    if mac[0] & 1 != 0 {
+        return Err(format!("`{text}` is a multicast address"));
+    }
+    Ok(mac)
 }
 
 fn serve_blk(args: BlkArgs) -> anyhow::Result<u8> {
@@ -55,9 +134,32 @@ fn serve_blk(args: BlkArgs) -> anyhow::Result<u8> {
     config.read_only = args.readonly;
     config.direct = args.direct;
     let block = Block::new(config).context("cannot open the disk")?;
-    let server = Server::bind(&args.socket, block)
-        .with_context(|| format!("cannot listen on {}", args.socket.display()))?;
-    tracing::info!("vhost-user-blk: listening on {}", args.socket.display());
-    server.run().context("vhost-user server failed")?;
-    Ok(0)
+    serve(&args.socket, block, "vhost-user-blk")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mac;
+
+    #[test]
+    fn parses_a_unicast_mac() {
+        let mac = parse_mac("52:54:00:ab:cd:0e");
+
+        assert_eq!(mac, Ok([0x52, 0x54, 0x00, 0xab, 0xcd, 0x0e]));
+    }
+
+    #[test]
+    fn refuses_malformed_and_multicast_macs() {
+        for text in [
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:0e:ff",
+            "52:54:00:ab:cd:xyz",
+            "",
+            "01:00:5e:00:00:01",
+        ] {
+            let mac = parse_mac(text);
+
+            assert!(mac.is_err(), "{text:?} parsed as {mac:?}");
+        }
+    }
 }

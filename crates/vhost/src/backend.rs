@@ -63,6 +63,12 @@ const PAGE_SIZE: u64 = 4096;
 pub trait ServedDevice: VirtioDevice {
     /// A fresh handler for queue `index` of `size` entries.
     fn queue_handler(&self, index: u16, size: u16) -> Box<dyn QueueHandler>;
+
+    /// The frontend acknowledged `features` (SET_FEATURES, only bits the device offers);
+    /// handlers made afterwards serve them. An error drops the connection.
+    fn set_acked_features(&mut self, _features: u64) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl ServedDevice for sluice_devices::block::Block {
@@ -165,6 +171,8 @@ pub struct Backend<D: ServedDevice> {
     device_features: u64,
     owner: bool,
     acked_features: u64,
+    /// Whether SET_FEATURES has been received on this connection.
+    features_set: bool,
     acked_protocol: VhostUserProtocolFeatures,
     memory: MemoryTable,
     dma: Option<DmaSpace>,
@@ -189,6 +197,7 @@ impl<D: ServedDevice> Backend<D> {
             device_features,
             owner: false,
             acked_features: 0,
+            features_set: false,
             acked_protocol: VhostUserProtocolFeatures::empty(),
             memory: MemoryTable::default(),
             dma: None,
@@ -204,6 +213,19 @@ impl<D: ServedDevice> Backend<D> {
         for index in 0..self.vrings.len() {
             self.stop(index, false);
         }
+    }
+
+    /// Whether SET_VRING_ENABLE may arrive before SET_FEATURES: QEMU's vhost-user-net sends
+    /// it once the guest acks its features, before it starts the device (and sends
+    /// SET_FEATURES); VHOST_USER_F_PROTOCOL_FEATURES counts as negotiated from GET_FEATURES.
+    pub(crate) fn awaits_features(&self) -> bool {
+        !self.features_set
+    }
+
+    /// Whether replies to NEED_REPLY messages were negotiated.
+    pub(crate) fn reply_ack(&self) -> bool {
+        self.acked_protocol
+            .contains(VhostUserProtocolFeatures::REPLY_ACK)
     }
 
     fn queue_count(&self) -> u16 {
@@ -556,12 +578,20 @@ impl<D: ServedDevice> VhostUserBackendReqHandlerMut for Backend<D> {
     fn set_features(&mut self, features: u64) -> VhostResult<()> {
         self.require_owner("SET_FEATURES")?;
         let offered = self.device_features | VHOST_USER_F_PROTOCOL_FEATURES;
-        if features & !offered != 0 {
-            return refuse(format!(
-                "SET_FEATURES {features:#x} has bits never offered ({offered:#x})"
-            ));
+        let unknown = features & !offered;
+        if unknown != 0 {
+            // QEMU's generic vhost-user devices (vhost-user-rng among them) pass on every
+            // bit the guest acked, transport bits included; serve the offered subset.
+            tracing::warn!(
+                "vhost-user: SET_FEATURES {features:#x}: ignoring bits never offered ({unknown:#x})"
+            );
+        }
+        let features = features & offered;
+        if let Err(e) = locked(&self.device).set_acked_features(features) {
+            return refuse(format!("SET_FEATURES {features:#x}: {e}"));
         }
         self.acked_features = features;
+        self.features_set = true;
         Ok(())
     }
 
@@ -605,7 +635,7 @@ impl<D: ServedDevice> VhostUserBackendReqHandlerMut for Backend<D> {
             return refuse(format!("SET_VRING_ADDR: queue {index} has no size yet"));
         }
         let translate = |what: &str, va: u64, len: u64, align: u64| {
-            if va % align != 0 {
+            if !va.is_multiple_of(align) {
                 return refuse(format!(
                     "SET_VRING_ADDR: {what} ring at {va:#x} is misaligned"
                 ));

@@ -7,6 +7,8 @@
 //!   runs on a `sluice_virtio::QueueWorker` with the model's own `QueueHandler`, over a
 //!   `sluice_dma::DmaSpace` built from the frontend's memory — the model does not know it runs
 //!   behind vhost-user.
+//! * [`served`] — virtio-rng and virtio-net ([`ServedNet`]) as served devices (virtio-blk's
+//!   impl is in [`backend`]).
 //! * [`memory`] — the frontend's regions, mapped and validated; user address → GPA.
 //! * [`inflight`] — the INFLIGHT_SHMFD area and crash recovery.
 //! * [`tracking`] — the handler wrapper that keeps the inflight area up to date.
@@ -19,6 +21,7 @@
 pub mod backend;
 pub mod inflight;
 pub mod memory;
+pub mod served;
 pub mod server;
 pub mod tracking;
 
@@ -27,4 +30,5 @@ pub use backend::{
 };
 pub use inflight::{queue_region_size, InflightArea, QueueInflight, Recovery};
 pub use memory::{MemoryError, MemoryTable, MAX_MEM_SLOTS};
+pub use served::ServedNet;
 pub use server::{ConnectionEnd, Server};

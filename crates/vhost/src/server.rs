@@ -7,13 +7,27 @@
 //!
 //! One connection at a time because a vhost-user device has one frontend; a second frontend
 //! waits in the listen backlog until the first one goes away.
+//!
+//! One message is answered here rather than by the `vhost` crate: SET_VRING_ENABLE before the
+//! first SET_FEATURES. QEMU 7.2's vhost-user-net sends it as soon as the guest acks its
+//! features (taking VHOST_USER_F_PROTOCOL_FEATURES as negotiated once GET_FEATURES offered it),
+//! and only later starts the device with SET_FEATURES; the crate refuses the message until
+//! SET_FEATURES carried that bit. The server peeks at each header and, in that window only,
+//! reads the 8-byte body itself and hands it to the backend.
 
-use std::io;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use vhost::vhost_user::{BackendReqHandler, Error as VhostError, Listener};
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserHeaderFlag, VhostUserU64, VhostUserVringState,
+};
+use vhost::vhost_user::{
+    BackendReqHandler, Error as VhostError, Listener, VhostUserBackendReqHandlerMut,
+};
+use vm_memory::ByteValued;
 
 use crate::backend::{Backend, ServedDevice};
 
@@ -68,8 +82,17 @@ impl<D: ServedDevice> Server<D> {
     /// Serves one connected frontend until it goes away or is dropped.
     pub fn serve_connection(&self, stream: UnixStream) -> ConnectionEnd {
         let backend = Arc::new(Mutex::new(Backend::new(Arc::clone(&self.device))));
+        let mut early = match stream.try_clone() {
+            Ok(stream) => stream,
+            Err(e) => return ConnectionEnd::Dropped(VhostError::SocketError(e)),
+        };
         let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(&backend));
         let end = loop {
+            match answer_early_vring_enable(&mut early, &backend) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => break ConnectionEnd::Dropped(VhostError::SocketError(e)),
+            }
             match handler.handle_request() {
                 Ok(()) => {}
                 Err(VhostError::Disconnected) => break ConnectionEnd::Closed,
@@ -83,4 +106,88 @@ impl<D: ServedDevice> Server<D> {
             .disconnect();
         end
     }
+}
+
+/// Bytes in a message header: request, flags, payload size (native-endian u32s).
+const HEADER_BYTES: usize = 12;
+
+/// Answers the next message if it is a SET_VRING_ENABLE sent before SET_FEATURES (see the
+/// module doc); returns whether it did. Anything else is left on the socket for the crate.
+fn answer_early_vring_enable<D: ServedDevice>(
+    stream: &mut UnixStream,
+    backend: &Mutex<Backend<D>>,
+) -> io::Result<bool> {
+    if !lock(backend).awaits_features() {
+        return Ok(false);
+    }
+    let mut header = [0u8; HEADER_BYTES];
+    if peek(stream, &mut header)? < HEADER_BYTES {
+        return Ok(false); // Closed, or a torn header: the crate reports it.
+    }
+    let word =
+        |i: usize| u32::from_ne_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let (request, flags, size) = (word(0), word(4), word(8));
+    let body_bytes = std::mem::size_of::<VhostUserVringState>();
+    if request != FrontendReq::SET_VRING_ENABLE as u32 || size as usize != body_bytes {
+        return Ok(false);
+    }
+    let mut message = [0u8; HEADER_BYTES + 8];
+    stream.read_exact(&mut message)?;
+    let mut state = VhostUserVringState::default();
+    state
+        .as_mut_slice()
+        .copy_from_slice(&message[HEADER_BYTES..]);
+    let (index, num) = (state.index, state.num);
+    let result = match num {
+        0 | 1 => lock(backend).set_vring_enable(index, num == 1),
+        _ => Err(VhostError::InvalidParam),
+    };
+    if flags & VhostUserHeaderFlag::NEED_REPLY.bits() != 0 && lock(backend).reply_ack() {
+        reply_ack(stream, request, result.is_ok())?;
+    }
+    result.map_err(io::Error::other)?;
+    Ok(true)
+}
+
+fn lock<D: ServedDevice>(backend: &Mutex<Backend<D>>) -> std::sync::MutexGuard<'_, Backend<D>> {
+    backend
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Copies the next bytes on the socket without consuming them (nor any attached fds).
+fn peek(stream: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call;
+        // MSG_PEEK leaves the data, and without a control buffer any fds, on the socket.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK | libc::MSG_WAITALL,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(n) => return Ok(n),
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// The REPLY_ACK answer: 0 for success, 1 for failure.
+fn reply_ack(stream: &mut UnixStream, request: u32, ok: bool) -> io::Result<()> {
+    let body = VhostUserU64::new(u64::from(!ok));
+    let flags = 1 | VhostUserHeaderFlag::REPLY.bits(); // Version 1.
+    let mut reply = Vec::with_capacity(HEADER_BYTES + 8);
+    for word in [request, flags, body.as_slice().len() as u32] {
+        reply.extend_from_slice(&word.to_ne_bytes());
+    }
+    reply.extend_from_slice(body.as_slice());
+    stream.write_all(&reply)
 }
