@@ -438,7 +438,8 @@ fn guest_output(
             }
         }
     }
-    if let Some(lat) = &result.lat_ns {
+    // Net tx/rx keep no latency histogram (all zero).
+    if let Some(lat) = result.lat_ns.as_ref().filter(|l| l.p50 > 0) {
         metrics.insert(m::LAT_P50_US.into(), lat.p50 as f64 / 1e3);
         metrics.insert(m::LAT_P99_US.into(), lat.p99 as f64 / 1e3);
     }

@@ -33,8 +33,9 @@ pub struct BenchArgs {
     /// One repetition and small op counts (about 2-3 minutes for the whole matrix).
     #[arg(long)]
     pub quick: bool,
-    /// Run only `scenario/competitor` pairs containing this text (comma-separated alternatives),
-    /// e.g. `blk-randread`, `startup`, `qd32-1q/qemu`.
+    /// Run only matching pairs: `SCENARIO[/COMPETITOR]`, a substring of the scenario id and
+    /// an exact competitor id, comma-separated alternatives; e.g. `blk-randread`,
+    /// `startup/sluice`, `qd32-1q/qemu`.
     #[arg(long)]
     pub only: Option<String>,
     /// Output directory for results.json, results.md and the SVG plots.

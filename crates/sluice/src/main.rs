@@ -41,6 +41,8 @@ enum Command {
     Run(RunArgs),
     /// Serve a device model to another VMM over vhost-user.
     Serve(serve::ServeArgs),
+    /// Run the benchmark matrix (sluice, vhost-user, QEMU, fio) and write results to --out.
+    Bench(sluice_bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -101,6 +103,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Bench(args) => std::env::current_exe()
+            .context("cannot find the sluice binary")
+            .and_then(|sluice| sluice_bench::run(&args, &sluice)),
     };
     match result {
         Ok(status) => ExitCode::from(status),

@@ -1,0 +1,148 @@
+//! `sluice bench --quick` on a tiny slice of the matrix: it must finish, exit 0 and write a
+//! results.json whose layout readers rely on (checked here independently of the bench crate),
+//! plus the markdown table and a plot.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+use sluice_guest_kit::skip_without_kvm;
+
+const SCENARIOS: &[&str] = &["blk-randread-4k-qd1-1q", "startup"];
+
+/// The schema check: required fields and their types; every sample names a scenario and a
+/// competitor the file declares.
+fn check_schema(json: &Value) -> Result<(), String> {
+    let require = |value: &Value, key: &str, ok: fn(&Value) -> bool| -> Result<(), String> {
+        if ok(&value[key]) {
+            Ok(())
+        } else {
+            Err(format!("field {key} missing or mistyped in {value}"))
+        }
+    };
+    require(json, "schema_version", Value::is_u64)?;
+    for key in [
+        "scenarios",
+        "competitors",
+        "samples",
+        "summary",
+        "ratios",
+        "skipped",
+    ] {
+        require(json, key, Value::is_array)?;
+    }
+    require(json, "machine", Value::is_object)?;
+    require(json, "settings", Value::is_object)?;
+    let ids = |key: &str| -> Vec<String> {
+        json[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let (scenarios, competitors) = (ids("scenarios"), ids("competitors"));
+    for competitor in json["competitors"].as_array().into_iter().flatten() {
+        require(competitor, "id", Value::is_string)?;
+        require(competitor, "available", Value::is_boolean)?;
+    }
+    for sample in json["samples"].as_array().into_iter().flatten() {
+        require(sample, "scenario", Value::is_string)?;
+        require(sample, "competitor", Value::is_string)?;
+        require(sample, "rep", Value::is_u64)?;
+        require(sample, "ok", Value::is_boolean)?;
+        require(sample, "wall_s", Value::is_number)?;
+        require(sample, "metrics", Value::is_object)?;
+        require(sample, "processes", Value::is_array)?;
+        let scenario = sample["scenario"].as_str().unwrap_or_default();
+        let competitor = sample["competitor"].as_str().unwrap_or_default();
+        if !scenarios.iter().any(|s| s == scenario) {
+            return Err(format!("sample of unknown scenario {scenario}"));
+        }
+        if !competitors.iter().any(|c| c == competitor) {
+            return Err(format!("sample of unknown competitor {competitor}"));
+        }
+        if let Some((key, value)) = sample["metrics"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .find(|(_, v)| !v.is_number())
+        {
+            return Err(format!("metric {key} = {value} is not a number"));
+        }
+    }
+    for row in json["summary"].as_array().into_iter().flatten() {
+        for key in ["median", "min", "max"] {
+            require(row, key, Value::is_number)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn quick_bench_writes_valid_results() {
+    if skip_without_kvm("quick_bench_writes_valid_results") {
+        return;
+    }
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-{}", std::process::id()));
+    let only: Vec<String> = SCENARIOS.iter().map(|s| format!("{s}/sluice")).collect();
+
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["bench", "--quick", "--only", &only.join(","), "--out"])
+        .arg(&out)
+        .arg("--image")
+        .arg(out.join("disk.img"))
+        .output()
+        .expect("run sluice bench");
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let json: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("results.json")).expect("results.json"),
+    )
+    .expect("results.json is JSON");
+    assert_eq!(check_schema(&json), Ok(()));
+    let samples = json["samples"].as_array().expect("samples");
+    assert_eq!(samples.len(), SCENARIOS.len(), "{stderr}");
+    for scenario in SCENARIOS {
+        let sample = samples
+            .iter()
+            .find(|s| s["scenario"] == *scenario)
+            .expect("a sample per scenario");
+        assert_eq!(sample["ok"], true, "{sample}");
+        assert!(sample["metrics"]["vmm_max_rss_mib"].as_f64().unwrap_or(0.0) > 0.0);
+    }
+    let blk = samples
+        .iter()
+        .find(|s| s["scenario"] == SCENARIOS[0])
+        .expect("blk");
+    assert!(
+        blk["metrics"]["rate"].as_f64().unwrap_or(0.0) > 0.0,
+        "{blk}"
+    );
+    assert!(blk["metrics"]["kicks_per_op"].as_f64().is_some(), "{blk}");
+    assert_eq!(
+        stderr.matches("bench: [").count(),
+        SCENARIOS.len(),
+        "a progress line per run"
+    );
+    let table = std::fs::read_to_string(out.join("results.md")).expect("results.md");
+    assert!(table.contains("### blk-randread-4k-qd1-1q"), "{table}");
+    assert!(out.join("throughput.svg").exists());
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn schema_check_rejects_a_sample_of_an_unknown_competitor() {
+    let json = serde_json::json!({
+        "schema_version": 1, "machine": {}, "settings": {}, "summary": [], "ratios": [],
+        "skipped": [], "scenarios": [{"id": "startup"}],
+        "competitors": [{"id": "sluice", "available": true}],
+        "samples": [{"scenario": "startup", "competitor": "xen", "rep": 1, "ok": true,
+                     "wall_s": 0.5, "metrics": {}, "processes": []}],
+    });
+
+    let verdict = check_schema(&json);
+
+    assert!(verdict.is_err_and(|e| e.contains("xen")));
+}
