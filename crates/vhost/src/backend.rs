@@ -823,19 +823,21 @@ impl<D: ServedDevice> VhostUserBackendReqHandlerMut for Backend<D> {
         _postcopy_listening: Option<bool>,
     ) -> VhostResult<Option<VhostUserMemoryRegionBase>> {
         self.require_owner("ADD_MEM_REG")?;
-        if let Err(e) = self.memory.add(region, fd) {
-            return refuse(format!("ADD_MEM_REG: {e}"));
+        match self.memory.add(region, fd) {
+            Ok(true) => self.memory_changed()?,
+            Ok(false) => {}
+            Err(e) => return refuse(format!("ADD_MEM_REG: {e}")),
         }
-        self.memory_changed()?;
         Ok(None)
     }
 
     fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VhostResult<()> {
         self.require_owner("REM_MEM_REG")?;
-        if let Err(e) = self.memory.remove(region) {
-            return refuse(format!("REM_MEM_REG: {e}"));
+        match self.memory.remove(region) {
+            Ok(true) => self.memory_changed(),
+            Ok(false) => Ok(()),
+            Err(e) => refuse(format!("REM_MEM_REG: {e}")),
         }
-        self.memory_changed()
     }
 
     fn set_device_state_fd(

@@ -12,6 +12,11 @@
 //! matters: touching a MAP_SHARED page past end-of-file raises SIGBUS in this process. A
 //! frontend that shrinks the file *after* sending it can still do that; only file seals would
 //! prevent it, and QEMU does not seal guest RAM.
+//!
+//! ADD_MEM_REG of a region identical (address, size, user address) to one already mapped is
+//! counted, not mapped again: QEMU's multiqueue vhost-user-net keeps one table per queue pair
+//! on the same connection, so every pair adds (and later removes) the same regions. A region
+//! goes away with its last REM_MEM_REG.
 
 use std::fs::File;
 use std::io;
@@ -59,6 +64,8 @@ struct SharedRegion {
     size: u64,
     user_addr: u64,
     mapping: Arc<GuestRegionMmap>,
+    /// ADD_MEM_REG messages that added this region and were not removed yet.
+    users: u32,
 }
 
 /// The frontend's memory table, mapped.
@@ -95,32 +102,45 @@ impl MemoryTable {
         self.install(mapped)
     }
 
-    /// Adds one region (ADD_MEM_REG).
-    pub fn add(&mut self, region: &VhostUserMemoryRegion, file: File) -> Result<(), MemoryError> {
+    /// Adds one region (ADD_MEM_REG); returns false if it was already mapped (counted only).
+    pub fn add(&mut self, region: &VhostUserMemoryRegion, file: File) -> Result<bool, MemoryError> {
+        if let Some(existing) = self.regions.iter_mut().find(|r| {
+            r.gpa == region.guest_phys_addr
+                && r.size == region.memory_size
+                && r.user_addr == region.user_addr
+        }) {
+            existing.users = existing.users.saturating_add(1);
+            return Ok(false);
+        }
         if self.regions.len() >= MAX_MEM_SLOTS {
             return Err(MemoryError::TooManyRegions(self.regions.len() + 1));
         }
         let mut regions = self.regions.clone();
         regions.push(map_region(region, file)?);
-        self.install(regions)
+        self.install(regions).map(|()| true)
     }
 
-    /// Removes the region with this guest address and size (REM_MEM_REG).
-    pub fn remove(&mut self, region: &VhostUserMemoryRegion) -> Result<(), MemoryError> {
+    /// Removes the region with this guest address and size (REM_MEM_REG); returns false if
+    /// other ADD_MEM_REGs still hold it.
+    pub fn remove(&mut self, region: &VhostUserMemoryRegion) -> Result<bool, MemoryError> {
         let (gpa, size) = (region.guest_phys_addr, region.memory_size);
         let index = self
             .regions
             .iter()
             .position(|r| r.gpa == gpa && r.size == size)
             .ok_or(MemoryError::NoSuchRegion { gpa, size })?;
+        if let Some(held) = self.regions.get_mut(index).filter(|r| r.users > 1) {
+            held.users -= 1;
+            return Ok(false);
+        }
         let mut regions = self.regions.clone();
         regions.remove(index);
         if regions.is_empty() {
             self.regions.clear();
             self.memory = None;
-            return Ok(());
+            return Ok(true);
         }
-        self.install(regions)
+        self.install(regions).map(|()| true)
     }
 
     /// The mapped guest memory, if any region is present.
@@ -202,5 +222,65 @@ fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<SharedRegion
         size,
         user_addr,
         mapping: Arc::new(mapping),
+        users: 1,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::FromRawFd;
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    const SIZE: u64 = 0x10000;
+
+    fn memfd(size: u64) -> File {
+        // SAFETY: memfd_create with a NUL-terminated name; the result is checked below.
+        let fd = unsafe { libc::memfd_create(c"vhost-memory-test".as_ptr(), 0) };
+        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size).expect("size the memfd");
+        file
+    }
+
+    fn region(gpa: u64, user_addr: u64) -> VhostUserMemoryRegion {
+        VhostUserMemoryRegion::new(gpa, SIZE, user_addr, 0)
+    }
+
+    #[test]
+    fn a_region_added_twice_is_mapped_once_and_kept_until_removed_twice() {
+        let mut table = MemoryTable::default();
+        let file = memfd(SIZE);
+        assert!(table
+            .add(&region(0, 0x7000_0000), file.try_clone().unwrap())
+            .unwrap());
+        table
+            .memory()
+            .unwrap()
+            .write_obj(0xabcd_u32, GuestAddress(0x100))
+            .unwrap();
+
+        let added_again = table.add(&region(0, 0x7000_0000), memfd(SIZE)).unwrap();
+        let first_removal = table.remove(&region(0, 0x7000_0000)).unwrap();
+
+        assert!(!added_again, "a duplicate must not remap");
+        assert!(!first_removal, "the region is still held by the other add");
+        let kept = table.memory().unwrap().read_obj::<u32>(GuestAddress(0x100));
+        assert_eq!(kept.unwrap(), 0xabcd, "still the first mapping");
+        assert!(table.remove(&region(0, 0x7000_0000)).unwrap());
+        assert!(table.memory().is_none());
+    }
+
+    #[test]
+    fn a_region_at_the_same_address_with_another_user_address_is_refused() {
+        let mut table = MemoryTable::default();
+        table.add(&region(0, 0x7000_0000), memfd(SIZE)).unwrap();
+
+        let clash = table.add(&region(0, 0x7100_0000), memfd(SIZE));
+
+        assert!(clash.is_err(), "overlapping guest ranges: {clash:?}");
+    }
 }

@@ -1,5 +1,6 @@
 //! Shared harness for the real-driver tests: the guest image (scripts/guest-image.py), QEMU
-//! boots (`qemu`), vhost-user-blk backends (`backend`) and fio's on-disk verify format (`fio`).
+//! boots (`qemu`), vhost-user-blk backends (`backend`), other `sluice serve` devices (`serve`)
+//! and fio's on-disk verify format (`fio`).
 //!
 //! Everything a test needs from the host is checked up front; a missing tool or a failed
 //! download prints a `SKIP <test>: <reason>` line and the test returns without failing.
@@ -10,6 +11,7 @@
 pub mod backend;
 pub mod fio;
 pub mod qemu;
+pub mod serve;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -70,10 +70,18 @@ pub fn parse_exit_marker(console: &str) -> Option<i32> {
     })
 }
 
-/// The kernel command line that runs `command` in the guest.
+/// The kernel command line that runs `command` in the guest once /dev/vda exists.
 pub fn kernel_cmdline(command: &str) -> String {
     format!(
         "console=ttyS0 quiet panic=-1 sluice.wait=/dev/vda sluice.run={}",
+        base64_encode(command.as_bytes())
+    )
+}
+
+/// The kernel command line that runs `command` in the guest without waiting for a disk.
+pub fn kernel_cmdline_diskless(command: &str) -> String {
+    format!(
+        "console=ttyS0 quiet panic=-1 sluice.run={}",
         base64_encode(command.as_bytes())
     )
 }
@@ -106,8 +114,20 @@ fn qemu_args(image: &GuestImage, config: &GuestConfig) -> Vec<String> {
         config.socket.display(),
         if config.reconnect { ",reconnect=1" } else { "" }
     );
+    let devices = [
+        "-chardev".to_string(),
+        chardev,
+        "-device".to_string(),
+        format!("vhost-user-blk-pci,chardev=c0,num-queues={}", config.queues),
+    ];
+    machine_args(image, &kernel_cmdline(&config.command), &devices)
+}
+
+/// QEMU's arguments for the test machine (TCG, 2 vCPUs, shared memfd RAM, serial on stdout)
+/// with `devices` added.
+fn machine_args(image: &GuestImage, cmdline: &str, devices: &[String]) -> Vec<String> {
     let path = |p: &Path| p.display().to_string();
-    [
+    let machine = [
         "-accel",
         "tcg,thread=multi",
         "-cpu",
@@ -120,16 +140,15 @@ fn qemu_args(image: &GuestImage, config: &GuestConfig) -> Vec<String> {
         &format!("memory-backend-memfd,id=mem,size={MEMORY_MIB}M,share=on"),
         "-numa",
         "node,memdev=mem",
-        "-chardev",
-        &chardev,
-        "-device",
-        &format!("vhost-user-blk-pci,chardev=c0,num-queues={}", config.queues),
+    ]
+    .map(String::from);
+    let boot = [
         "-kernel",
         &path(&image.kernel),
         "-initrd",
         &path(&image.initramfs),
         "-append",
-        &kernel_cmdline(&config.command),
+        cmdline,
         "-nodefaults",
         "-display",
         "none",
@@ -137,9 +156,21 @@ fn qemu_args(image: &GuestImage, config: &GuestConfig) -> Vec<String> {
         "stdio",
         "-no-reboot",
     ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    .map(String::from);
+    machine
+        .into_iter()
+        .chain(devices.iter().cloned())
+        .chain(boot)
+        .collect()
+}
+
+/// A boot with any devices: their QEMU arguments, and the command the guest runs.
+#[derive(Clone, Debug)]
+pub struct CustomBoot {
+    /// `-chardev ... -device ...` arguments.
+    pub devices: Vec<String>,
+    pub command: String,
+    pub timeout: Duration,
 }
 
 fn collect(mut source: impl Read + Send + 'static, sink: Arc<Mutex<String>>) -> JoinHandle<()> {
@@ -158,8 +189,18 @@ fn collect(mut source: impl Read + Send + 'static, sink: Arc<Mutex<String>>) -> 
 impl Guest {
     /// Starts QEMU; the backend must already be listening on `config.socket`.
     pub fn boot(image: &GuestImage, config: &GuestConfig) -> Guest {
+        Self::spawn(qemu_args(image, config), config.timeout)
+    }
+
+    /// Starts QEMU with `boot.devices` (no disk); their backends must already be listening.
+    pub fn boot_custom(image: &GuestImage, boot: &CustomBoot) -> Guest {
+        let cmdline = kernel_cmdline_diskless(&boot.command);
+        Self::spawn(machine_args(image, &cmdline, &boot.devices), boot.timeout)
+    }
+
+    fn spawn(args: Vec<String>, timeout: Duration) -> Guest {
         let mut child = Command::new("qemu-system-x86_64")
-            .args(qemu_args(image, config))
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -176,7 +217,7 @@ impl Guest {
             console,
             readers,
             stderr,
-            deadline: Instant::now() + config.timeout,
+            deadline: Instant::now() + timeout,
         }
     }
 
