@@ -16,9 +16,10 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 
 case "$target" in
-    blk_request | net_header | virtio_pci_registers) ;;
+    blk_request | net_header | virtio_pci_registers | vhost_user_messages) ;;
     *)
-        echo "unknown target '$target' (blk_request, net_header, virtio_pci_registers)" >&2
+        echo "unknown target '$target' (blk_request, net_header, virtio_pci_registers," \
+            "vhost_user_messages)" >&2
         exit 2
         ;;
 esac
@@ -38,9 +39,9 @@ if [ "$sanitizer" != none ]; then
 fi
 
 work_corpus="$here/target/corpus/$target"
-mkdir -p "$work_corpus" "$here/artifacts/$target"
+mkdir -p "$work_corpus"
 
 # shellcheck disable=SC2086 # FUZZ_ARGS is a list of flags
 exec cargo fuzz run --sanitizer "$sanitizer" "$target" "$work_corpus" "$here/corpus/$target" -- \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
-    -print_final_stats=1 -artifact_prefix="$here/artifacts/$target/" ${FUZZ_ARGS:-}
+    -print_final_stats=1 ${FUZZ_ARGS:-}

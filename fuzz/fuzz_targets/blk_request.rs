@@ -9,8 +9,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sluice_devices::block::{parse_request_for_fuzz, FuzzOutcome, RequestKind};
 use sluice_devices::block::request::{GuestBuffer, SECTOR_SIZE};
+use sluice_devices::block::{parse_request_for_fuzz, FuzzOutcome, RequestKind};
 
 /// Guest RAM and disk size of the fuzz setup in `parse_request_for_fuzz`.
 const MEMORY_END: u64 = 0x1_0000;
@@ -27,7 +27,9 @@ fn assert_in_memory(buffers: &[GuestBuffer]) {
 }
 
 fn assert_on_disk(sector: u64, len: u64) {
-    let end = sector.checked_mul(SECTOR_SIZE).and_then(|s| s.checked_add(len));
+    let end = sector
+        .checked_mul(SECTOR_SIZE)
+        .and_then(|s| s.checked_add(len));
     assert!(
         len > 0 && len % SECTOR_SIZE == 0 && end.is_some_and(|end| end <= DISK_BYTES),
         "range outside the disk: sector {sector} len {len}"
@@ -40,17 +42,28 @@ fuzz_target!(|data: &[u8]| {
         FuzzOutcome::NoChain => {}
         FuzzOutcome::Rejected(rejection) => {
             if let Some(status) = rejection.status_addr {
-                assert!(status.0 < MEMORY_END, "status byte outside memory: {rejection:?}");
+                assert!(
+                    status.0 < MEMORY_END,
+                    "status byte outside memory: {rejection:?}"
+                );
             }
         }
         FuzzOutcome::Parsed(request) => {
             assert!(request.status_addr.0 < MEMORY_END, "{request:?}");
             match &request.kind {
-                RequestKind::Read { sector, buffers, len } => {
+                RequestKind::Read {
+                    sector,
+                    buffers,
+                    len,
+                } => {
                     assert_in_memory(buffers);
                     assert_on_disk(*sector, *len);
                 }
-                RequestKind::Write { sector, buffers, len } => {
+                RequestKind::Write {
+                    sector,
+                    buffers,
+                    len,
+                } => {
                     assert!(!read_only, "write accepted on a read-only disk");
                     assert_in_memory(buffers);
                     assert_on_disk(*sector, *len);
@@ -58,7 +71,10 @@ fuzz_target!(|data: &[u8]| {
                 RequestKind::GetId { buffers, .. } => assert_in_memory(buffers),
                 RequestKind::Flush => {}
                 RequestKind::Discard(segments) | RequestKind::WriteZeroes(segments) => {
-                    assert!(!read_only, "discard/write-zeroes accepted on a read-only disk");
+                    assert!(
+                        !read_only,
+                        "discard/write-zeroes accepted on a read-only disk"
+                    );
                     for s in segments {
                         let end = s.offset().checked_add(s.len());
                         assert!(end.is_some_and(|e| e <= DISK_BYTES), "{s:?}");

@@ -15,7 +15,13 @@ fn check(packet: &[u8], offloads: TxOffloads) {
         return;
     };
     let raw = NetHeader::from_bytes(packet).expect("accepted packet has a header");
-    assert_eq!(header, NetHeader { num_buffers: 0, ..raw });
+    assert_eq!(
+        header,
+        NetHeader {
+            num_buffers: 0,
+            ..raw
+        }
+    );
     assert_eq!(NetHeader::from_bytes(&header.to_bytes()), Some(header));
     assert!(
         parse_tx_packet(packet, TxOffloads::ALL).is_ok(),
