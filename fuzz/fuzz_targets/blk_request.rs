@@ -31,7 +31,7 @@ fn assert_on_disk(sector: u64, len: u64) {
         .checked_mul(SECTOR_SIZE)
         .and_then(|s| s.checked_add(len));
     assert!(
-        len > 0 && len % SECTOR_SIZE == 0 && end.is_some_and(|end| end <= DISK_BYTES),
+        len > 0 && len.is_multiple_of(SECTOR_SIZE) && end.is_some_and(|end| end <= DISK_BYTES),
         "range outside the disk: sector {sector} len {len}"
     );
 }
