@@ -197,7 +197,9 @@ fn start_vcpus(
 ) -> Result<Vec<VcpuThread>, VmError> {
     let host = HostKvm::detect();
     let base_cpuid = setup::base_cpuid(kvm, host)?;
-    let mut threads = Vec::with_capacity(config.cpus as usize);
+    // Every vCPU exists before any runs: the boot CPU's INIT/SIPI to an AP that KVM has not
+    // created yet would be lost.
+    let mut vcpus = Vec::with_capacity(config.cpus as usize);
     for index in 0..config.cpus {
         let vcpu = kvm_step("create vCPU", vm.create_vcpu(u64::from(index)))?;
         let tsc_khz = vcpu.get_tsc_khz().ok();
@@ -207,6 +209,10 @@ fn start_vcpus(
         if index == 0 {
             crate::boot::setup_boot_vcpu(&vcpu, &ram.memory, boot)?;
         }
+        vcpus.push(vcpu);
+    }
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for (index, vcpu) in (0u8..).zip(vcpus) {
         threads.push(VcpuThread::spawn(index, vcpu, dispatch.clone()).map_err(VmError::Thread)?);
     }
     Ok(threads)
