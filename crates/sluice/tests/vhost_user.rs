@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{metrics_device_exits, metrics_requests};
 use sluice_guest_kit::pattern::check_pattern;
 use sluice_guest_kit::{skip_without_kvm, GuestKitReport, GuestKitRun, Vmm};
 
@@ -208,20 +211,9 @@ fn verify_on(name: &str, backend: &mut Backend, queues: u16, restart: bool) -> G
     assert_eq!(device["device"], "vhost-user-blk", "{metrics}");
     // Completions as the interrupt pump saw them in the used rings: a lower bound, since the
     // last few may complete with interrupts suppressed (EVENT_IDX, or a polling driver).
-    let requests: u64 = device["queues"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|q| q["requests"].as_u64().unwrap())
-        .sum();
+    let requests = metrics_requests(&metrics);
     assert!(requests >= 400, "{metrics}");
-    let bar_exits = metrics["exits"]["per_device"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["device"].as_str().unwrap().contains("virtio-blk"))
-        .map(|d| d["reads"].as_u64().unwrap() + d["writes"].as_u64().unwrap())
-        .unwrap();
+    let bar_exits = metrics_device_exits(&metrics, "virtio-blk");
     assert!(
         bar_exits * 5 < requests,
         "{bar_exits} BAR exits for {requests} requests: kicks are not going to the backend"

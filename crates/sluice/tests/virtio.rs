@@ -8,6 +8,9 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+mod common;
+
+use common::{metrics_device_exits, metrics_requests};
 use sluice_guest_kit::pattern::check_pattern;
 use sluice_guest_kit::{skip_without_kvm, GuestKitReport, GuestKitRun, Vmm};
 
@@ -95,19 +98,9 @@ fn blk_verify(name: &str, qd: u32, queues: u16, mode: &str, notify: &str) {
     );
     // Kicks arrive through ioeventfds: the device's BAR exits are setup only, far fewer than
     // the 512 requests.
-    let device_queues = metrics["devices"][0]["queues"].as_array().unwrap();
-    let requests: u64 = device_queues
-        .iter()
-        .map(|q| q["requests"].as_u64().unwrap())
-        .sum();
+    let requests = metrics_requests(&metrics);
     assert!(requests >= 512, "{metrics}");
-    let bar_exits = metrics["exits"]["per_device"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["device"].as_str().unwrap().contains("virtio-blk"))
-        .map(|d| d["reads"].as_u64().unwrap() + d["writes"].as_u64().unwrap())
-        .unwrap();
+    let bar_exits = metrics_device_exits(&metrics, "virtio-blk");
     assert!(
         bar_exits * 5 < requests,
         "{bar_exits} BAR exits for {requests} requests"

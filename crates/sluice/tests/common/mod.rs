@@ -203,3 +203,24 @@ pub fn boot_guest(name: &str, extra: &[&str]) -> Run {
     args.extend(extra.iter().map(|s| s.to_string()));
     run_sluice(&args, GUEST_TIMEOUT)
 }
+
+/// Requests completed by the first device in a `--metrics` JSON, summed over its queues.
+pub fn metrics_requests(metrics: &serde_json::Value) -> u64 {
+    metrics["devices"][0]["queues"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no device queues in {metrics}"))
+        .iter()
+        .map(|q| q["requests"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Userspace exits (reads + writes) of the bus device whose name contains `name`.
+pub fn metrics_device_exits(metrics: &serde_json::Value, name: &str) -> u64 {
+    metrics["exits"]["per_device"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no per-device exits in {metrics}"))
+        .iter()
+        .find(|d| d["device"].as_str().is_some_and(|n| n.contains(name)))
+        .map(|d| d["reads"].as_u64().unwrap_or(0) + d["writes"].as_u64().unwrap_or(0))
+        .unwrap_or_else(|| panic!("no device named like {name} in {metrics}"))
+}
