@@ -1,6 +1,6 @@
-//! `sluice bench --quick` on a tiny slice of the matrix: it must finish, exit 0 and write a
-//! results.json whose layout readers rely on (checked here independently of the bench crate),
-//! plus the markdown table and a plot.
+//! `sluice bench --quick`: on a tiny slice of the matrix and on the whole quick matrix (the CI
+//! smoke test). Each must finish, exit 0 and write a results.json whose layout readers rely on
+//! (checked here independently of the bench crate), plus the markdown table and plots.
 
 use std::path::Path;
 use std::process::Command;
@@ -79,6 +79,62 @@ fn check_schema(json: &Value) -> Result<(), String> {
     Ok(())
 }
 
+fn run_bench(out: &Path, extra: &[&str]) -> (std::process::Output, Value) {
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["bench", "--quick"])
+        .args(extra)
+        .arg("--out")
+        .arg(out)
+        .arg("--image")
+        .arg(out.join("disk.img"))
+        .output()
+        .expect("run sluice bench");
+    let json = std::fs::read_to_string(out.join("results.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or(Value::Null);
+    (output, json)
+}
+
+/// The whole quick matrix, one repetition of every scenario with every competitor this machine
+/// has (missing ones are listed as skipped, with the reason, not failed).
+#[test]
+fn quick_matrix_runs_every_available_pair() {
+    if skip_without_kvm("quick_matrix_runs_every_available_pair") {
+        return;
+    }
+    let out =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-matrix-{}", std::process::id()));
+
+    let (output, json) = run_bench(&out, &[]);
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(check_schema(&json), Ok(()));
+    let samples = json["samples"].as_array().expect("samples");
+    let failed: Vec<&Value> = samples.iter().filter(|s| s["ok"] != true).collect();
+    assert!(failed.is_empty(), "failed runs: {failed:?}");
+    // Every scenario ran on sluice, unless the run says why not (e.g. no tap without root).
+    let skipped = json["skipped"].as_array().expect("skipped");
+    for scenario in json["scenarios"].as_array().expect("scenarios") {
+        let id = &scenario["id"];
+        let ran = samples
+            .iter()
+            .any(|s| &s["scenario"] == id && s["competitor"] == "sluice");
+        let skip = skipped
+            .iter()
+            .find(|s| &s["scenario"] == id && s["competitor"] == "sluice");
+        assert!(
+            ran || skip.is_some_and(|s| s["reason"].as_str().is_some_and(|r| !r.is_empty())),
+            "no sluice sample and no skip reason for {id}: {stderr}"
+        );
+    }
+    for plot in ["throughput.svg", "startup.svg", "rss.svg"] {
+        assert!(out.join(plot).exists(), "{plot} missing");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 #[test]
 fn quick_bench_writes_valid_results() {
     if skip_without_kvm("quick_bench_writes_valid_results") {
@@ -87,20 +143,10 @@ fn quick_bench_writes_valid_results() {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-{}", std::process::id()));
     let only: Vec<String> = SCENARIOS.iter().map(|s| format!("{s}/sluice")).collect();
 
-    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["bench", "--quick", "--only", &only.join(","), "--out"])
-        .arg(&out)
-        .arg("--image")
-        .arg(out.join("disk.img"))
-        .output()
-        .expect("run sluice bench");
+    let (output, json) = run_bench(&out, &["--only", &only.join(",")]);
 
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
-    let json: Value = serde_json::from_str(
-        &std::fs::read_to_string(out.join("results.json")).expect("results.json"),
-    )
-    .expect("results.json is JSON");
     assert_eq!(check_schema(&json), Ok(()));
     let samples = json["samples"].as_array().expect("samples");
     assert_eq!(samples.len(), SCENARIOS.len(), "{stderr}");
