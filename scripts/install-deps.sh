@@ -7,6 +7,7 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v objdump >/dev/null || need+=(binutils)
 command -v gcc >/dev/null || need+=(gcc)
 command -v iasl >/dev/null || need+=(acpica-tools)
+command -v rsvg-convert >/dev/null || need+=(librsvg2-bin)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing packages: ${need[*]} (run as root or install them: apt-get install -y --no-install-recommends ${need[*]})" >&2

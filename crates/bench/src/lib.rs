@@ -417,13 +417,34 @@ fn write_plots(
         let want = |s: &Scenario| (s.workload == Workload::Startup) == startup_only;
         let data = groups(metric, &want);
         if !data.is_empty() {
-            fs::write(
-                out.join(file),
-                report::bar_chart(title, unit, &data, &legend, log),
-            )?;
+            let svg = out.join(file);
+            fs::write(&svg, report::bar_chart(title, unit, &data, &legend, log))?;
+            rasterize(&svg);
         }
     }
     Ok(())
+}
+
+/// Writes a PNG next to `svg` with librsvg's `rsvg-convert` (Debian: librsvg2-bin) when it is
+/// installed; a Rust rasterizer would need a font and image stack, too heavy for this crate.
+fn rasterize(svg: &Path) {
+    let png = svg.with_extension("png");
+    match std::process::Command::new("rsvg-convert")
+        .arg("-o")
+        .arg(&png)
+        .arg(svg)
+        .status()
+    {
+        Ok(status) if status.success() => {}
+        Ok(status) => eprintln!(
+            "bench: rsvg-convert failed for {} ({status})",
+            svg.display()
+        ),
+        Err(_) => eprintln!(
+            "bench: no PNG for {}: rsvg-convert missing (apt-get install librsvg2-bin)",
+            svg.display()
+        ),
+    }
 }
 
 /// A raw image of `mib` MiB, every block written (no holes, so reads hit real blocks);

@@ -129,8 +129,21 @@ fn quick_matrix_runs_every_available_pair() {
             "no sluice sample and no skip reason for {id}: {stderr}"
         );
     }
-    for plot in ["throughput.svg", "startup.svg", "rss.svg"] {
-        assert!(out.join(plot).exists(), "{plot} missing");
+    let rasterizer = Command::new("rsvg-convert")
+        .arg("--version")
+        .output()
+        .is_ok();
+    for plot in ["throughput", "startup", "rss"] {
+        assert!(
+            out.join(plot).with_extension("svg").exists(),
+            "{plot}.svg missing"
+        );
+        if rasterizer {
+            assert!(
+                out.join(plot).with_extension("png").exists(),
+                "{plot}.png missing"
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(&out);
 }
