@@ -19,3 +19,6 @@ pub mod net;
 pub mod platform;
 pub mod rng;
 pub mod vhost_user_blk;
+
+#[cfg(test)]
+mod mock_queue;

@@ -9,15 +9,13 @@ use std::sync::{Arc, Mutex};
 
 use sluice_virtio::{QueueContext, QueueHandler, QueueMetrics, VirtioDevice};
 use virtio_bindings::virtio_net::*;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::header::{ETH_HLEN, MAX_PACKET_LEN};
 use super::*;
+use crate::mock_queue::{add_chain, used};
 
 // ---------------------------------------------------------------------------------------------
 // Header parser
@@ -347,28 +345,6 @@ const MEM_SIZE: usize = 0x40_0000;
 
 fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
-}
-
-/// Publishes one chain of `(address, length, device_writable)` buffers at descriptor `first`.
-fn add_chain(vq: &MockSplitQueue<GuestMemoryMmap>, first: u16, buffers: &[(u64, u32, bool)]) {
-    let descriptors: Vec<RawDescriptor> = buffers
-        .iter()
-        .enumerate()
-        .map(|(i, &(addr, len, writable))| {
-            let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
-            if i + 1 < buffers.len() {
-                flags |= VRING_DESC_F_NEXT;
-            }
-            let next = first + i as u16 + 1;
-            RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next))
-        })
-        .collect();
-    vq.add_desc_chains(&descriptors, first).unwrap();
-}
-
-fn used(vq: &MockSplitQueue<GuestMemoryMmap>, slot: u16) -> (u32, u32) {
-    let elem = vq.used().ring().ref_at(slot.into()).unwrap().load();
-    (elem.id(), elem.len())
 }
 
 fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {

@@ -3,9 +3,6 @@
 use std::sync::atomic::Ordering;
 
 use sluice_virtio::{QueueContext, QueueHandler, QueueMetrics};
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -13,28 +10,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use sluice_virtio::VirtioDevice;
 
 use super::*;
+use crate::mock_queue::{add_chain, used};
 
 const MEM_SIZE: usize = 0x20_0000;
 
 fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
-}
-
-/// Publishes one chain of `(address, length, device_writable)` buffers at descriptor `first`.
-fn add_chain(vq: &MockSplitQueue<GuestMemoryMmap>, first: u16, buffers: &[(u64, u32, bool)]) {
-    let descriptors: Vec<RawDescriptor> = buffers
-        .iter()
-        .enumerate()
-        .map(|(i, &(addr, len, writable))| {
-            let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
-            if i + 1 < buffers.len() {
-                flags |= VRING_DESC_F_NEXT;
-            }
-            let next = first + i as u16 + 1;
-            RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next))
-        })
-        .collect();
-    vq.add_desc_chains(&descriptors, first).unwrap();
 }
 
 fn run(handler: &mut RngHandler, queue: &mut Queue, mem: &GuestMemoryMmap) -> QueueMetrics {
@@ -47,11 +28,6 @@ fn run(handler: &mut RngHandler, queue: &mut Queue, mem: &GuestMemoryMmap) -> Qu
     };
     handler.process(&mut ctx).unwrap();
     metrics
-}
-
-fn used(vq: &MockSplitQueue<GuestMemoryMmap>, slot: u16) -> (u32, u32) {
-    let elem = vq.used().ring().ref_at(slot.into()).unwrap().load();
-    (elem.id(), elem.len())
 }
 
 fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
