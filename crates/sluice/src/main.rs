@@ -8,8 +8,12 @@ mod size;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::fs::File;
+use std::io::Write;
+
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use sluice_sandbox::{Role, SeccompMode};
 use sluice_vmm::config::{DiskSpec, NetSpec};
 use sluice_vmm::machine::{self, SerialTarget, VmConfig, VmReport};
 use sluice_vmm::vcpu::VmOutcome;
@@ -31,6 +35,10 @@ struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info` or `sluice_vmm=debug`.
     #[arg(long, global = true, env = "SLUICE_LOG", default_value = "warn")]
     log: String,
+    /// seccomp filters per thread kind (`run`, `serve`): `on` ends sluice on a forbidden system
+    /// call, `log` lets it through and has the kernel log it, `off` installs none.
+    #[arg(long, global = true, env = "SLUICE_SECCOMP", default_value = "on")]
+    seccomp: SeccompMode,
     #[command(subcommand)]
     command: Command,
 }
@@ -101,8 +109,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
     let result = match cli.command {
-        Command::Run(args) => run(args),
-        Command::Serve(args) => serve::run(args),
+        Command::Run(args) => contain(Role::Vm, cli.seccomp).and_then(|()| run(args)),
+        Command::Serve(args) => contain(Role::Server, cli.seccomp).and_then(|()| serve::run(args)),
         Command::Bench(args) => std::env::current_exe()
             .context("cannot find the sluice binary")
             .and_then(|sluice| sluice_bench::run(&args, &sluice)),
@@ -110,9 +118,36 @@ fn main() -> ExitCode {
     match result {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
-            eprintln!("sluice: error: {}", error_line(&e));
+            say(format_args!("sluice: error: {}", error_line(&e)));
             ExitCode::from(EXIT_VMM_ERROR)
         }
+    }
+}
+
+/// The failure policy (docs/architecture.md, "Failure containment"): panics end the VM or the
+/// one vhost-user connection, seccomp filters per thread kind.
+fn contain(role: Role, seccomp: SeccompMode) -> anyhow::Result<()> {
+    sluice_sandbox::install(sluice_sandbox::Config { role, seccomp })
+        .context("cannot set up the sandbox (try --seccomp off)")
+}
+
+/// One line on stderr; a full disk or a closed pipe must not end sluice (nor panic it, as
+/// `eprintln!` would).
+fn say(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// stderr for the log: write errors are dropped so that logging can never fail a thread.
+struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -137,11 +172,21 @@ fn init_logging(filter: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogWriter)
+        // Reporting a failed write would itself write to stderr, with `eprintln!`.
+        .log_internal_errors(false)
         .init();
 }
 
 fn run(args: RunArgs) -> anyhow::Result<u8> {
+    // Opened before the VM boots: a bad path is an error now, not after the guest ran.
+    let metrics = match &args.metrics {
+        Some(path) => Some(
+            File::create(path)
+                .with_context(|| format!("cannot write metrics to {}", path.display()))?,
+        ),
+        None => None,
+    };
     // Without --kernel, boot the embedded guest kit; the memfd must outlive the kernel load.
     let (kernel, _embedded) = match args.kernel {
         Some(path) => (path, None),
@@ -178,13 +223,13 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         report.exits_mmio,
         report.device_exits
     );
-    if let Some(path) = &args.metrics {
-        write_metrics(path, &report)?;
+    if let (Some(file), Some(path)) = (metrics, &args.metrics) {
+        write_metrics(file, path, &report)?;
     }
     Ok(exit_status(&report.outcome))
 }
 
-fn write_metrics(path: &std::path::Path, report: &VmReport) -> anyhow::Result<()> {
+fn write_metrics(mut file: File, path: &std::path::Path, report: &VmReport) -> anyhow::Result<()> {
     let text = if path.extension().is_some_and(|e| e == "prom") {
         let mut text = format!(
             "sluice_exits_total{{kind=\"pio\"}} {}\nsluice_exits_total{{kind=\"mmio\"}} {}\n",
@@ -210,7 +255,7 @@ fn write_metrics(path: &std::path::Path, report: &VmReport) -> anyhow::Result<()
             "devices": devices,
         }))?
     };
-    std::fs::write(path, text)
+    file.write_all(text.as_bytes())
         .with_context(|| format!("cannot write metrics to {}", path.display()))
 }
 
@@ -220,11 +265,13 @@ fn exit_status(outcome: &VmOutcome) -> u8 {
         VmOutcome::PowerOff => 0,
         VmOutcome::DebugExit(v) => *v,
         VmOutcome::Reset => {
-            eprintln!("sluice: the guest requested a reset; the VM was stopped");
+            say(format_args!(
+                "sluice: the guest requested a reset; the VM was stopped"
+            ));
             EXIT_GUEST_RESET
         }
         VmOutcome::Crash(why) => {
-            eprintln!("sluice: the VM crashed: {why}");
+            say(format_args!("sluice: the VM crashed: {why}"));
             EXIT_GUEST_CRASH
         }
     }

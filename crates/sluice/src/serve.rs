@@ -93,6 +93,8 @@ fn serve<D: ServedDevice>(socket: &Path, device: D, what: &str) -> anyhow::Resul
     let server = Server::bind(socket, device)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
     tracing::info!("{what}: listening on {}", socket.display());
+    // The accept loop serves each connection on this thread (and starts its queue workers).
+    sluice_sandbox::confine_current_thread(sluice_sandbox::ThreadKind::Connection)?;
     server.run().context("vhost-user server failed")?;
     Ok(0)
 }

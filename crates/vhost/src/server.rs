@@ -70,11 +70,12 @@ impl<D: ServedDevice> Server<D> {
                 Ok(None) => continue,
                 Err(e) => return Err(io::Error::other(e)),
             };
-            match self.serve_connection(stream) {
-                ConnectionEnd::Closed => tracing::info!("vhost-user: frontend disconnected"),
-                ConnectionEnd::Dropped(e) => {
+            match sluice_sandbox::contain_connection(stream, |s| self.serve_connection(s)) {
+                Ok(ConnectionEnd::Closed) => tracing::info!("vhost-user: frontend disconnected"),
+                Ok(ConnectionEnd::Dropped(e)) => {
                     tracing::warn!("vhost-user: dropping the connection: {e}")
                 }
+                Err(panicked) => tracing::error!("vhost-user: {panicked}"),
             }
         }
     }

@@ -31,7 +31,7 @@ use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sluice_dma::DmaSpace;
@@ -100,9 +100,8 @@ impl QueueWorker {
             stop_event.try_clone()?,
             stop_flag.clone(),
         )?;
-        let thread = thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || worker.run())?;
+        let kind = sluice_sandbox::ThreadKind::QueueWorker;
+        let thread = sluice_sandbox::spawn(kind, name.clone(), move || worker.run())?;
         Ok(QueueWorker {
             stop_event,
             stop_flag,

@@ -55,9 +55,8 @@ impl CallPump {
             lost_at: None,
         };
         pump.watch_socket();
-        let thread = std::thread::Builder::new()
-            .name("vhost-user-blk".into())
-            .spawn(move || pump.run())?;
+        let kind = sluice_sandbox::ThreadKind::InterruptPump;
+        let thread = sluice_sandbox::spawn(kind, "vhost-user-blk".into(), move || pump.run())?;
         Ok(Self { stop, thread })
     }
 

@@ -127,9 +127,10 @@ pub struct VcpuThread {
 impl VcpuThread {
     pub fn spawn(index: u8, vcpu: VcpuFd, dispatch: ExitDispatch) -> std::io::Result<Self> {
         install_kick_handler();
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || run_vcpu(index, vcpu, &dispatch))?;
+        let kind = sluice_sandbox::ThreadKind::Vcpu;
+        let handle = sluice_sandbox::spawn(kind, format!("vcpu{index}"), move || {
+            run_vcpu(index, vcpu, &dispatch)
+        })?;
         Ok(Self { handle })
     }
 

@@ -1,0 +1,122 @@
+//! How sluice's threads are started and what happens when one of them fails.
+//!
+//! Every sluice thread (vCPUs, queue workers, the vhost-user-blk interrupt pump, vhost-user
+//! connections) is started by [`spawn`] with its [`ThreadKind`], which
+//! * confines it with that kind's seccomp filter (see [`seccomp`]) when [`install`] turned
+//!   filtering on, and
+//! * hands it its parent's containment scope (see [`panic`]): a panic ends the process, or —
+//!   under [`contain_connection`] — only the one vhost-user connection.
+//!
+//! `sluice` calls [`install`] once at start; without it (library tests) threads start plain and
+//! panics behave as Rust's default.
+
+pub mod panic;
+pub mod seccomp;
+
+#[cfg(feature = "fault-injection")]
+mod fault;
+
+use std::io;
+use std::thread::{self, JoinHandle};
+
+pub use panic::{contain_connection, ConnectionPanicked};
+pub use seccomp::SeccompMode;
+
+/// Exit status when a sluice thread panicked (a bug in sluice).
+pub const EXIT_PANIC: u8 = 122;
+/// Exit status when a thread made a system call its seccomp filter forbids.
+pub const EXIT_SECCOMP: u8 = 123;
+
+/// What a thread does, which decides its seccomp filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ThreadKind {
+    /// Runs one vCPU (KVM_RUN) and the device code reached by its exits, including device
+    /// activation, which starts queue workers and the interrupt pump.
+    Vcpu,
+    /// Serves one virtqueue (in `run` and in `serve`).
+    QueueWorker,
+    /// vhost-user-blk frontend: forwards the backend's call fds to MSI-X, reconnects.
+    InterruptPump,
+    /// `serve`: accepts and serves vhost-user connections (memory tables, ring setup), starts
+    /// queue workers.
+    Connection,
+}
+
+impl ThreadKind {
+    /// The name used in messages and in `SLUICE_TEST_FAULT`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::QueueWorker => "queue-worker",
+            ThreadKind::InterruptPump => "interrupt-pump",
+            ThreadKind::Connection => "connection",
+        }
+    }
+}
+
+/// Which command this process runs, for the messages of the failure policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `sluice run`: any failure stops the VM.
+    Vm,
+    /// `sluice serve`: a failure inside a connection drops that connection.
+    Server,
+}
+
+/// Process-wide settings, given once to [`install`].
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    pub role: Role,
+    pub seccomp: SeccompMode,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot build the seccomp filter for {kind} threads: {source}")]
+    Filter {
+        kind: &'static str,
+        source: seccompiler::BackendError,
+    },
+    #[error("cannot install the SIGSYS handler: {0}")]
+    Signal(io::Error),
+    #[error("cannot apply the seccomp filter for {kind} threads: {source}")]
+    Apply {
+        kind: &'static str,
+        source: seccompiler::Error,
+    },
+}
+
+/// Installs the panic policy and builds the seccomp filters; call once, first thing in `main`.
+pub fn install(config: Config) -> Result<(), Error> {
+    seccomp::install(config.seccomp)?;
+    panic::install(config.role);
+    Ok(())
+}
+
+/// Starts a thread named `name` of `kind` running `body`, confined by the kind's seccomp
+/// filter and contained like the calling thread (see the module doc).
+pub fn spawn<F, T>(kind: ThreadKind, name: String, body: F) -> io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let scope = panic::current_scope();
+    thread::Builder::new().name(name.clone()).spawn(move || {
+        panic::enter_scope(scope);
+        seccomp::note_thread_name(&name);
+        if let Err(e) = confine_current_thread(kind) {
+            // Cannot happen once `install` applied the same filter to a probe thread; if it
+            // does, running unconfined would be silently weaker, so stop.
+            panic::fatal(&format!("thread `{name}`: {e}"));
+        }
+        #[cfg(feature = "fault-injection")]
+        fault::at_start(kind);
+        body()
+    })
+}
+
+/// Confines the calling thread with `kind`'s seccomp filter (nothing when filtering is off).
+/// For threads sluice did not start itself, such as `serve`'s main thread.
+pub fn confine_current_thread(kind: ThreadKind) -> Result<(), Error> {
+    seccomp::confine_current_thread(kind)
+}
