@@ -15,7 +15,7 @@ pub use ioevent::IoEventRegistrar;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 /// A device reachable through guest port I/O or MMIO.
 ///
@@ -82,7 +82,7 @@ pub struct Bus {
 
 impl fmt::Debug for Bus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ranges = self.ranges.read().unwrap();
+        let ranges = self.ranges.read().unwrap_or_else(PoisonError::into_inner);
         let mut list = f.debug_list();
         for (base, e) in ranges.iter() {
             list.entry(&format_args!("{}@{:#x}+{:#x}", e.name, base, e.len));
@@ -107,7 +107,7 @@ impl Bus {
         if len == 0 || base.checked_add(len - 1).is_none() {
             return Err(BusError::InvalidRange { base, len });
         }
-        let mut ranges = self.ranges.write().unwrap();
+        let mut ranges = self.ranges.write().unwrap_or_else(PoisonError::into_inner);
         if Self::overlaps(&ranges, base, len) {
             return Err(BusError::Overlap { base, len });
         }
@@ -115,7 +115,7 @@ impl Bus {
         let counters = self
             .counters
             .lock()
-            .unwrap()
+            .unwrap_or_else(PoisonError::into_inner)
             .entry(name.clone())
             .or_default()
             .clone();
@@ -143,7 +143,7 @@ impl Bus {
 
     /// Moves the range at `old_base` to `new_base` (a guest reprogramming a BAR).
     pub fn relocate(&self, old_base: u64, new_base: u64) -> Result<(), BusError> {
-        let mut ranges = self.ranges.write().unwrap();
+        let mut ranges = self.ranges.write().unwrap_or_else(PoisonError::into_inner);
         let entry = ranges
             .remove(&old_base)
             .ok_or(BusError::NotFound(old_base))?;
@@ -169,7 +169,7 @@ impl Bus {
     }
 
     fn find(&self, addr: u64) -> Option<(u64, Entry)> {
-        let ranges = self.ranges.read().unwrap();
+        let ranges = self.ranges.read().unwrap_or_else(PoisonError::into_inner);
         let (base, entry) = ranges.range(..=addr).next_back()?;
         (addr - base < entry.len).then(|| (*base, entry.clone()))
     }
@@ -179,7 +179,11 @@ impl Bus {
         match self.find(addr) {
             Some((base, entry)) => {
                 entry.counters.reads.fetch_add(1, Ordering::Relaxed);
-                entry.device.lock().unwrap().read(base, addr - base, data);
+                entry
+                    .device
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .read(base, addr - base, data);
                 true
             }
             None => {
@@ -195,7 +199,11 @@ impl Bus {
         match self.find(addr) {
             Some((base, entry)) => {
                 entry.counters.writes.fetch_add(1, Ordering::Relaxed);
-                entry.device.lock().unwrap().write(base, addr - base, data);
+                entry
+                    .device
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .write(base, addr - base, data);
                 true
             }
             None => {
@@ -207,7 +215,7 @@ impl Bus {
 
     /// Exit counts per device name, plus `"<unhandled>"` for accesses no device claimed.
     pub fn exit_counts(&self) -> Vec<DeviceExits> {
-        let counters = self.counters.lock().unwrap();
+        let counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
         let mut out: Vec<DeviceExits> = counters
             .iter()
             .map(|(name, c)| DeviceExits {

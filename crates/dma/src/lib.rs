@@ -12,7 +12,7 @@
 //! miss path.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 use vm_memory::iommu::{Error as IommuError, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, GuestMemoryMmap, Iommu, IommuMemory, Iotlb, Permissions};
@@ -82,16 +82,24 @@ impl DmaTranslator {
 
     /// Drops every cached translation.
     pub fn invalidate_all(&self) {
-        self.iotlb.write().unwrap().invalidate_all();
+        self.iotlb
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .invalidate_all();
     }
 
     /// The faults recorded so far, oldest first.
     pub fn faults(&self) -> Vec<DmaFault> {
-        self.faults.lock().unwrap().iter().copied().collect()
+        self.faults
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect()
     }
 
     fn record_fault(&self, fault: DmaFault) {
-        let mut log = self.faults.lock().unwrap();
+        let mut log = self.faults.lock().unwrap_or_else(PoisonError::into_inner);
         if log.len() == FAULT_LOG_CAPACITY {
             log.pop_front();
         }
@@ -113,12 +121,16 @@ impl DmaTranslator {
             if !covers || m.length == 0 || !m.permissions.allow(access) {
                 return false;
             }
-            let inserted = self.iotlb.write().unwrap().set_mapping(
-                GuestAddress(m.iova),
-                GuestAddress(m.target),
-                m.length as usize,
-                m.permissions,
-            );
+            let inserted = self
+                .iotlb
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .set_mapping(
+                    GuestAddress(m.iova),
+                    GuestAddress(m.target),
+                    m.length as usize,
+                    m.permissions,
+                );
             if inserted.is_err() {
                 return false;
             }
@@ -160,7 +172,7 @@ impl Iommu for DmaTranslator {
         }
         let mut refilled = false;
         loop {
-            let guard = self.iotlb.read().unwrap();
+            let guard = self.iotlb.read().unwrap_or_else(PoisonError::into_inner);
             match Iotlb::lookup(guard, iova, length, access) {
                 Ok(iter) => return Ok(iter),
                 Err(_) if !refilled && self.fill(iova.0, length as u64, access) => refilled = true,

@@ -14,7 +14,7 @@
 //! old mapping kept; the move is retried on later config writes. A 64-bit BAR written one dword
 //! at a time with decode on passes through the mixed address in between, as on hardware.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use sluice_bus::{Bus, BusDevice, SharedDevice};
 
@@ -81,16 +81,13 @@ struct BarWindow {
 
 impl BusDevice for BarWindow {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
-        match self.device.lock() {
-            Ok(mut device) => device.bar_read(self.bar, offset, data),
-            Err(_) => data.fill(0xff),
-        }
+        let mut device = self.device.lock().unwrap_or_else(PoisonError::into_inner);
+        device.bar_read(self.bar, offset, data);
     }
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
-        if let Ok(mut device) = self.device.lock() {
-            device.bar_write(self.bar, offset, data);
-        }
+        let mut device = self.device.lock().unwrap_or_else(PoisonError::into_inner);
+        device.bar_write(self.bar, offset, data);
     }
 }
 

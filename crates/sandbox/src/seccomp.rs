@@ -278,11 +278,11 @@ fn allowed_ioctls(kind: ThreadKind) -> Option<&'static [u64]> {
     match kind {
         // Tap queues and offloads at activation (vhost-user-net); non-blocking and cloexec.
         ThreadKind::Connection => Some(&[
-            libc::TUNSETOFFLOAD as u64,
-            libc::TUNSETQUEUE as u64,
-            libc::TUNSETVNETHDRSZ as u64,
-            libc::FIONBIO as u64,
-            libc::FIOCLEX as u64,
+            libc::TUNSETOFFLOAD,
+            libc::TUNSETQUEUE,
+            libc::TUNSETVNETHDRSZ,
+            libc::FIONBIO,
+            libc::FIOCLEX,
         ]),
         _ => None,
     }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_irq_routing_msi, kvm_msi, KvmIrqRouting,
@@ -148,7 +148,10 @@ struct GsiTable {
 
 impl GsiTable {
     fn set_route(&self, gsi: u32, msg: MsiMessage) -> io::Result<()> {
-        let mut routes = self.msi_routes.lock().unwrap();
+        let mut routes = self
+            .msi_routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         routes.insert(gsi, msg);
         let mut entries = default_pin_routes();
         entries.extend(routes.iter().map(|(gsi, msg)| msi_route_entry(*gsi, *msg)));

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::Mutex;
+use std::thread;
 
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::QueueOwnedT;

@@ -5,7 +5,7 @@ pub mod setup;
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -38,7 +38,7 @@ pub struct RunControl {
 
 impl RunControl {
     pub fn finish(&self, outcome: VmOutcome) {
-        let mut slot = self.outcome.lock().unwrap();
+        let mut slot = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
         if slot.is_none() {
             *slot = Some(outcome);
         }
@@ -52,12 +52,12 @@ impl RunControl {
 
     /// Blocks until some vCPU or device decided how the VM ends.
     pub fn wait(&self) -> VmOutcome {
-        let mut slot = self.outcome.lock().unwrap();
+        let mut slot = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             if let Some(outcome) = slot.clone() {
                 return outcome;
             }
-            slot = self.done.wait(slot).unwrap();
+            slot = self.done.wait(slot).unwrap_or_else(PoisonError::into_inner);
         }
     }
 }
