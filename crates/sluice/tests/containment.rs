@@ -150,7 +150,11 @@ impl Served {
         let _ = std::fs::remove_file(&socket);
         let mut args = vec!["serve", "rng", "--socket", socket.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let mut child = start(&args, env, stderr);
+        Served::wrap(start(&args, env, stderr), socket)
+    }
+
+    /// Waits for `child` to listen on `socket`.
+    fn wrap(mut child: Child, socket: PathBuf) -> Served {
         let deadline = Instant::now() + TIMEOUT;
         while !socket.exists() {
             if let Some(status) = child.try_wait().unwrap() {
@@ -280,6 +284,46 @@ fn a_panic_in_a_connection_drops_only_that_connection() {
             && ended.stderr.contains("dropping this vhost-user connection"),
         "{ended:?}"
     );
+}
+
+#[test]
+fn a_panic_in_a_served_queue_worker_drops_only_its_connection_and_the_vm_reconnects() {
+    if skip_without_kvm(
+        "a_panic_in_a_served_queue_worker_drops_only_its_connection_and_the_vm_reconnects",
+    ) {
+        return;
+    }
+    let image = scratch("served.img");
+    File::create(&image).unwrap().set_len(2 << 20).unwrap();
+    let fault = [("SLUICE_TEST_FAULT", "queue-worker:panic")];
+    let socket = scratch("served.sock");
+    let _ = std::fs::remove_file(&socket);
+    let serve_args = [
+        "serve",
+        "blk",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+    ];
+    let mut served = Served::wrap(start(&serve_args, &fault, Stderr::Captured), socket.clone());
+    let disk = format!("--disk=vhost_user=on,socket={}", socket.display());
+    let cmdline = "quiet w=blk:op=verify:bs=4096:qd=8:queues=1:span_mb=1:seed=23";
+
+    let vm = run(&["run", &disk, "--cmdline", cmdline], &[], Stderr::Captured);
+
+    assert_eq!(vm.status, Some(0), "{vm:?}");
+    assert!(vm.stdout.contains("GUEST-KIT PASS"), "{vm:?}");
+    assert!(served.still_running());
+    let server = served.stop();
+    assert!(
+        server.stderr.contains("thread `vhost-user-q0` panicked")
+            && server
+                .stderr
+                .contains("dropping this vhost-user connection"),
+        "{server:?}"
+    );
+    let _ = std::fs::remove_file(&image);
 }
 
 #[test]
