@@ -43,4 +43,18 @@ mod tests {
         assert!(parse_memory_size("0").is_err());
         assert!(parse_memory_size("99999999999999999G").is_err());
     }
+
+    /// Defect 13: `--memory 1K` was accepted here and then reported as "0 MiB"; sizes below
+    /// the VM's minimum are refused with the size as the user wrote it.
+    #[test]
+    fn refuses_sizes_below_the_minimum_in_the_users_units() {
+        for (input, shown) in [("1K", "1K"), ("1023K", "1023K"), ("15M", "15M")] {
+            let err = parse_memory_size(input).expect_err(input);
+
+            assert!(err.contains(shown) && err.contains("16 MiB"), "{input}: {err}");
+            assert!(!err.contains("0 MiB"), "{input}: {err}");
+        }
+        assert_eq!(parse_memory_size("16M"), Ok(16 * MIB));
+    }
 }
+

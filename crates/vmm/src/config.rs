@@ -275,4 +275,36 @@ mod tests {
         assert!(NetSpec::parse("tap=tap0,mac=01:00:00:00:00:01").is_err());
         assert!(NetSpec::parse("tap=averyveryverylongname").is_err());
     }
+
+    /// Defect 13: a key given twice is a mistake to report, not a silent "last one wins".
+    #[test]
+    fn refuses_duplicate_keys() {
+        for bad in [
+            "path=a,path=b",
+            "path=a,readonly=on,readonly=off",
+            "path=a,notify=irq,notify=poll",
+            "vhost_user=on,socket=s,socket=t",
+        ] {
+            let err = DiskSpec::parse(bad).expect_err(bad);
+            assert!(err.contains("more than once"), "{bad}: {err}");
+        }
+        let err = NetSpec::parse("tap=a,tap=b").unwrap_err();
+        assert!(err.contains("more than once"), "{err}");
+    }
+
+    /// Defect 13: a poll budget of hours pins a host CPU per queue for hours; bound it.
+    #[test]
+    fn refuses_absurd_poll_and_batch_budgets() {
+        for bad in ["poll:3600000000", "batch:16:3600000000", "batch:100000"] {
+            let err = parse_notify(bad).expect_err(bad);
+            assert!(err.contains("at most"), "{bad}: {err}");
+        }
+        assert_eq!(
+            parse_notify("poll:1000"),
+            Ok(NotifyPolicy::Poll {
+                budget: Duration::from_millis(1)
+            })
+        );
+    }
 }
+
