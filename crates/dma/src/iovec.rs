@@ -127,7 +127,11 @@ mod tests {
         .unwrap();
 
         assert_eq!(iov.len(), 12);
-        assert_eq!(iov.as_slice().len(), 3, "the first buffer spans two regions");
+        assert_eq!(
+            iov.as_slice().len(),
+            3,
+            "the first buffer spans two regions"
+        );
         let mut bytes = Vec::new();
         for v in iov.as_slice() {
             // SAFETY: the iovecs point into `space`'s memory, alive while `iov` is.
@@ -142,7 +146,8 @@ mod tests {
     fn inaccessible_buffers_are_errors() {
         let space = crate::identity(ram());
 
-        let outside = GuestIovecs::resolve(&space, [(GuestAddress(0x7f00), 0x200)], Permissions::Read);
+        let outside =
+            GuestIovecs::resolve(&space, [(GuestAddress(0x7f00), 0x200)], Permissions::Read);
 
         assert_eq!(
             outside.unwrap_err(),
@@ -158,8 +163,8 @@ mod tests {
         let mem = ram();
         mem.write_slice(b"still here", GuestAddress(0x200)).unwrap();
         let space = crate::identity(mem.clone());
-        let iov = GuestIovecs::resolve(&space, [(GuestAddress(0x200), 10)], Permissions::Read)
-            .unwrap();
+        let iov =
+            GuestIovecs::resolve(&space, [(GuestAddress(0x200), 10)], Permissions::Read).unwrap();
 
         drop(space);
         drop(mem);
