@@ -154,10 +154,13 @@ fn longest_accepted_cmdline_still_boots() {
 }
 
 #[test]
-fn memory_of_one_mib() {
+fn memory_below_the_minimum_is_a_usage_error_in_the_users_units() {
     let kernel = build_guest("hello");
-    let run = run(&["--kernel", kernel.to_str().unwrap(), "--memory", "1M"]);
-    assert_one_clear_error(&run, EXIT_VMM_ERROR, &["memory"]);
+    for size in ["1M", "1K"] {
+        let run = run(&["--kernel", kernel.to_str().unwrap(), "--memory", size]);
+        assert_one_clear_error(&run, EXIT_USAGE, &["--memory", size, "16 MiB"]);
+        assert!(!run.stderr.contains("0 MiB"), "{}", run.transcript());
+    }
 }
 
 #[test]
