@@ -1427,3 +1427,54 @@ fn empty_image_is_refused() {
         "{err}"
     );
 }
+
+/// Runs a QEMU tool; `None` (with a printed reason) when it is not installed.
+fn qemu_tool(tool: &str, args: &[&str]) -> Option<std::process::Output> {
+    match std::process::Command::new(tool).args(args).output() {
+        Ok(output) => Some(output),
+        Err(e) => {
+            eprintln!("SKIP: {tool} not runnable ({e})");
+            None
+        }
+    }
+}
+
+/// Defect 10 with qemu-io and qemu-img: while sluice has the image, QEMU can neither write nor
+/// resize it (read-only sluice included); once sluice lets go, both work.
+#[test]
+fn qemu_io_and_qemu_img_respect_sluice_locks() {
+    let img = image(IMAGE_SIZE);
+    let path = img.as_path().to_str().unwrap();
+    let write = ["-f", "raw", "-c", "write -P 0x33 0 512", path];
+    let grow = (IMAGE_SIZE * 2).to_string();
+    let resize = ["resize", "-f", "raw", path, grow.as_str()];
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    for read_only in [false, true] {
+        let _sluice = open(img.as_path(), IoEngine::Sync, read_only);
+        let Some(written) = qemu_tool("qemu-io", &write) else {
+            return;
+        };
+        let Some(resized) = qemu_tool("qemu-img", &resize) else {
+            return;
+        };
+
+        assert!(
+            !written.status.success(),
+            "qemu-io wrote (read_only={read_only})"
+        );
+        assert!(stderr(&written).contains("lock"), "{}", stderr(&written));
+        assert!(
+            !resized.status.success(),
+            "qemu-img resized (read_only={read_only})"
+        );
+        assert!(stderr(&resized).contains("lock"), "{}", stderr(&resized));
+    }
+    let written = qemu_tool("qemu-io", &write).unwrap();
+    let resized = qemu_tool("qemu-img", &resize).unwrap();
+
+    assert!(written.status.success(), "{}", stderr(&written));
+    assert!(resized.status.success(), "{}", stderr(&resized));
+    assert_eq!(file_bytes(img.as_path(), 0, 512), vec![0x33; 512]);
+    assert_eq!(img.as_file().metadata().unwrap().len(), IMAGE_SIZE * 2);
+}
