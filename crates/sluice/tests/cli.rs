@@ -192,3 +192,80 @@ fn serial_file_in_a_missing_directory() {
     let run = run(&["--kernel", kernel.to_str().unwrap(), "--serial", &serial]);
     assert_one_clear_error(&run, EXIT_VMM_ERROR, &["no-such-dir", "serial"]);
 }
+
+#[test]
+fn disk_keys_given_twice_and_absurd_notify_budgets_are_usage_errors() {
+    let kernel = build_guest("hello");
+    for (disk, mention) in [
+        ("path=a.img,path=b.img", "more than once"),
+        ("path=a.img,notify=poll:3600000000", "at most 10000"),
+        ("path=a.img,block_size=1000", "block_size=1000"),
+    ] {
+        let run = run(&["--kernel", kernel.to_str().unwrap(), "--disk", disk]);
+        assert_one_clear_error(&run, EXIT_USAGE, &["--disk", mention]);
+    }
+}
+
+/// `sluice serve blk` on an image qemu-storage-daemon is writing: one clear error, status 125.
+#[test]
+fn serve_blk_refuses_an_image_qemu_holds() {
+    let image = scratch("qemu-held.img");
+    fs::File::create(&image)
+        .and_then(|f| f.set_len(1 << 20))
+        .unwrap();
+    let nbd = scratch("qemu-held.nbd");
+    let pidfile = scratch("qemu-held.pid");
+    let qsd = std::process::Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f0,filename={}",
+            image.display()
+        ))
+        .arg("--nbd-server")
+        .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
+        .args(["--export", "type=nbd,id=e0,node-name=f0,writable=on"])
+        .arg("--daemonize")
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .status();
+    match qsd {
+        Ok(status) if status.success() => {}
+        other => {
+            eprintln!("SKIP serve_blk_refuses_an_image_qemu_holds: qemu-storage-daemon: {other:?}");
+            return;
+        }
+    }
+    let socket = scratch("qemu-held.sock");
+
+    let run = run_sluice(
+        &[
+            "serve",
+            "blk",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+        ],
+        CLI_TIMEOUT,
+    );
+    let pid: i32 = fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let _ = fs::remove_file(&image);
+
+    let transcript = run.transcript();
+    assert_eq!(run.status, Some(EXIT_VMM_ERROR), "{transcript}");
+    let errors: Vec<&str> = run
+        .stderr_lines()
+        .into_iter()
+        .filter(|l| l.contains("error"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{transcript}");
+    for mention in ["in use by another process", "QEMU", "qemu-held.img"] {
+        assert!(errors[0].contains(mention), "{transcript}");
+    }
+}
