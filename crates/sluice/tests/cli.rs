@@ -1,7 +1,8 @@
 //! Bad input to `sluice run` (and `sluice serve blk`): each case must end with one clear error
 //! line on stderr (never a panic or a backtrace) and a non-zero status: 125 for errors sluice
-//! reports, 2 for flags clap rejects. The messages name the offending input when KVM is usable; without KVM, sluice stops
-//! earlier at /dev/kvm, and the tests then check only the shape of the error.
+//! reports, 2 for flags clap rejects. The messages name the offending input when KVM is
+//! usable; without KVM, sluice stops earlier at /dev/kvm, and the tests then check only the
+//! shape of the error.
 
 mod common;
 
