@@ -19,14 +19,14 @@
 //!   Each deferred signal counts as a suppressed notification.
 //!
 //! The worker looks at the ring once when it starts (requests published while nobody served
-//! it), then only after kicks. The kick fd may be any fd a vhost-user frontend sent: it is read
-//! with one non-blocking-safe `read(2)` of at most 8 bytes, and one that hangs up, reaches end
+//! it), then only after kicks. The kick fd may be any fd a vhost-user frontend sent: it is made
+//! non-blocking and read with one `read(2)` of at most 8 bytes; one that hangs up, reaches end
 //! of file or fails is dropped from epoll and stops the queue as below (one log line).
 //!
 //! A handler error, an error from the ring itself, a dead kick fd, or a ring that does not fit
-//! the DMA space marks the device DEVICE_NEEDS_RESET through [`VirtioInterrupt::needs_reset`] (once); the
-//! thread then ignores the queue until [`QueueWorker::stop`], which hands the [`Queue`] back so
-//! its indices can be reported (reset, vhost-user GET_VRING_BASE).
+//! the DMA space marks the device DEVICE_NEEDS_RESET through [`VirtioInterrupt::needs_reset`]
+//! (once); the thread then ignores the queue until [`QueueWorker::stop`], which hands the
+//! [`Queue`] back so its indices can be reported (reset, vhost-user GET_VRING_BASE).
 //!
 //! Written here rather than taken from `vhost-user-backend`'s epoll handler because that one is
 //! tied to the vhost-user frontend protocol and has no notion of notification policies.
@@ -202,6 +202,7 @@ impl Worker {
             policy,
         } = binding;
         queue.set_event_idx(event_idx);
+        set_nonblocking(kick.as_raw_fd())?;
         let epoll = Epoll::new()?;
         add_to_epoll(&epoll, stop_event.as_raw_fd(), TOKEN_STOP)?;
         add_to_epoll(&epoll, kick.as_raw_fd(), TOKEN_KICK)?;
@@ -585,10 +586,10 @@ enum KickRead {
 /// Consumes one notification from the kick fd that epoll reported with `events`.
 ///
 /// The fd is whatever the other side handed over — sluice's own eventfds in the VMM, but in
-/// vhost-user any descriptor the frontend sent, blocking or not: so one `read(2)` of at most 8
-/// bytes (never `read_exact`, which blocks on a pipe holding fewer), only when epoll said
-/// readable, and end of file, a hang-up or error without data, and any read error but EAGAIN /
-/// EINTR mean the kick is dead.
+/// vhost-user any descriptor the frontend sent (made non-blocking at spawn): so one `read(2)`
+/// of at most 8 bytes (never `read_exact`, which fails or blocks on a pipe holding fewer), only
+/// when epoll said readable; end of file, a hang-up or error without data, and any read error
+/// but EAGAIN / EINTR mean the kick is dead.
 fn read_kick(fd: RawFd, events: u32) -> KickRead {
     let readable = events & libc::EPOLLIN as u32 != 0;
     let hung_up = events & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
@@ -615,6 +616,25 @@ fn read_kick(fd: RawFd, events: u32) -> KickRead {
             }
         }
     }
+}
+
+/// Makes reads of `fd` fail with EAGAIN instead of blocking: a vhost-user frontend shares the
+/// kick fd and could drain it between epoll's report and the worker's read.
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL only read and set the status flags of a descriptor the binding
+    // owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if flags & libc::O_NONBLOCK != 0 {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn add_to_epoll(epoll: &Epoll, fd: RawFd, token: u64) -> io::Result<()> {
