@@ -2,8 +2,8 @@
 //!
 //! Each listens on `--socket PATH` and serves one frontend at a time, until killed; the protocol
 //! side is `sluice_vhost`.
-//! * `sluice serve blk --socket PATH --image FILE [--queues N] [--readonly] [--direct]`: the
-//!   virtio-blk model over a raw image (QEMU's `vhost-user-blk-pci`).
+//! * `sluice serve blk --socket PATH --image FILE [--queues N] [--readonly] [--direct]
+//!   [--block-size N]`: the virtio-blk model over a raw image (QEMU's `vhost-user-blk-pci`).
 //! * `sluice serve net --socket PATH --tap NAME [--queues N] [--mac MAC]`: the virtio-net model
 //!   over a tap with N queue pairs, created if missing (QEMU's `-netdev vhost-user`). The tap is
 //!   brought up; its addresses are the host's business.
@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use sluice_devices::block::{Block, BlockConfig};
-use sluice_devices::net::{NetConfig, Tap};
+use sluice_devices::net::{Net, NetConfig, Tap};
 use sluice_devices::rng::Rng;
-use sluice_vhost::{ServedDevice, ServedNet, Server};
+use sluice_vhost::Server;
+use sluice_virtio::VirtioDevice;
 
 /// The MAC the backend reports when `--mac` is not given (QEMU uses its own `mac=` anyway).
 const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
@@ -77,6 +78,10 @@ struct BlkArgs {
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long)]
     direct: bool,
+    /// Logical block size the guest sees (512, 1024, 2048 or 4096); default: the host's.
+    /// With --direct it may not be smaller than the host's.
+    #[arg(long, value_parser = sluice_vmm::config::block_size)]
+    block_size: Option<u32>,
 }
 
 /// Runs `sluice serve ...`; returns only on error.
@@ -89,7 +94,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
 }
 
 /// Listens on `socket` and serves `device` until killed.
-fn serve<D: ServedDevice>(socket: &Path, device: D, what: &str) -> anyhow::Result<u8> {
+fn serve<D: VirtioDevice>(socket: &Path, device: D, what: &str) -> anyhow::Result<u8> {
     let server = Server::bind(socket, device)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
     tracing::info!("{what}: listening on {}", socket.display());
@@ -108,7 +113,7 @@ fn serve_net(args: NetArgs) -> anyhow::Result<u8> {
         mac: args.mac.unwrap_or(DEFAULT_MAC),
         mtu: None,
     };
-    serve(&args.socket, ServedNet::new(tap, config), "vhost-user-net")
+    serve(&args.socket, Net::new(tap, config), "vhost-user-net")
 }
 
 /// `xx:xx:xx:xx:xx:xx`, unicast.
@@ -135,6 +140,7 @@ fn serve_blk(args: BlkArgs) -> anyhow::Result<u8> {
     config.queues = args.queues;
     config.read_only = args.readonly;
     config.direct = args.direct;
+    config.logical_block_size = args.block_size;
     let block = Block::new(config).context("cannot open the disk")?;
     serve(&args.socket, block, "vhost-user-blk")
 }

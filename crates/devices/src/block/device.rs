@@ -1,25 +1,21 @@
-//! The virtio-blk device: configuration, feature bits, the `virtio_blk_config` space, and
-//! activation (one [`QueueWorker`] per queue, each with its own [`BlockQueueHandler`]).
+//! The virtio-blk device: configuration, feature bits, the `virtio_blk_config` space, and one
+//! [`BlockQueueHandler`] per queue (the framework runs each on its own queue worker).
 
-use std::io;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use sluice_dma::DmaSpace;
-use sluice_virtio::{
-    ActivateError, DeviceMetrics, QueueBinding, QueueWorker, VirtioDevice, VirtioInterrupt,
-    DEVICE_TYPE_BLOCK,
-};
+use sluice_virtio::{ActivateError, DeviceMetrics, QueueHandler, VirtioDevice, DEVICE_TYPE_BLOCK};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
 
-use super::backend::{io_uring_available, DiskImage};
-use super::handler::{BlockQueueHandler, IoEngine};
+use sluice_storage::{DiskImage, ImageError, IoEngine, MAX_BLOCK_SIZE};
+
+use super::handler::BlockQueueHandler;
 use super::request::{DiskLimits, ID_BYTES, SECTOR_SIZE};
 
 /// Largest queue the device offers (the split-ring maximum).
@@ -47,13 +43,15 @@ pub struct BlockConfig {
     pub queue_size: u16,
     /// GET_ID answer, at most 20 bytes.
     pub serial: String,
-    /// Block size the guest sees (`blk_size`), a power of two in 512..=4096.
-    pub logical_block_size: u32,
+    /// Block size the guest sees (`blk_size`), a power of two in 512..=4096; `None`: the
+    /// host's ([`DiskImage::host_block_size`]). With O_DIRECT it may not be smaller than that.
+    pub logical_block_size: Option<u32>,
     pub io_engine: IoEngine,
 }
 
 impl BlockConfig {
-    /// One queue of 256 entries, read-write, page cache, 512-byte blocks, io_uring if possible.
+    /// One queue of 256 entries, read-write, page cache, the host's block size, io_uring if
+    /// possible.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         BlockConfig {
             path: path.into(),
@@ -62,7 +60,7 @@ impl BlockConfig {
             queues: 1,
             queue_size: 256,
             serial: String::new(),
-            logical_block_size: 512,
+            logical_block_size: None,
             io_engine: IoEngine::Auto,
         }
     }
@@ -71,16 +69,8 @@ impl BlockConfig {
 /// Why a block device could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    #[error("cannot open disk image {path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
-    #[error("disk image {path} is in use by another process (locked)")]
-    Locked { path: PathBuf },
-    #[error("cannot lock disk image {path}: {source}")]
-    Lock { path: PathBuf, source: io::Error },
-    #[error("cannot read the size of disk image {path}: {source}")]
-    Size { path: PathBuf, source: io::Error },
-    #[error("disk image {path} is {size} bytes, not a multiple of 512")]
-    UnalignedSize { path: PathBuf, size: u64 },
+    #[error(transparent)]
+    Image(#[from] ImageError),
     #[error("serial is {0} bytes, at most 20 are allowed")]
     SerialTooLong(usize),
     #[error("queue count {0} must be 1..=65535")]
@@ -89,6 +79,15 @@ pub enum BlockError {
     QueueSize(u16),
     #[error("logical block size {0} must be a power of two in 512..=4096")]
     BlockSize(u32),
+    #[error(
+        "logical block size {requested} is smaller than the {host} bytes {path} needs with \
+         direct=on"
+    )]
+    BlockSizeBelowHost {
+        path: PathBuf,
+        requested: u32,
+        host: u32,
+    },
 }
 
 /// A virtio-blk device backed by a disk image.
@@ -99,7 +98,6 @@ pub struct Block {
     serial: [u8; ID_BYTES],
     engine: IoEngine,
     metrics: Arc<DeviceMetrics>,
-    workers: Vec<QueueWorker>,
 }
 
 impl std::fmt::Debug for Block {
@@ -107,7 +105,6 @@ impl std::fmt::Debug for Block {
         f.debug_struct("Block")
             .field("config", &self.config)
             .field("engine", &self.engine)
-            .field("active_queues", &self.workers.len())
             .finish_non_exhaustive()
     }
 }
@@ -118,12 +115,15 @@ impl Block {
         validate(&config)?;
         let serial = serial_bytes(&config.serial)?;
         let image = DiskImage::open(&config.path, config.read_only, config.direct)?;
+        let mut config = config;
+        config.logical_block_size = Some(block_size_for(&config, &image)?);
         let limits = limits_for(&config, image.size());
-        let engine = resolve_engine(config.io_engine);
+        let engine = config.io_engine.resolve();
         tracing::info!(
-            "virtio-blk {}: {} sectors{}, I/O through {}",
+            "virtio-blk {}: {} sectors of 512 bytes, {}-byte blocks{}, I/O through {}",
             config.path.display(),
             limits.capacity_sectors,
+            config.logical_block_size.unwrap_or(512),
             if config.read_only { ", read-only" } else { "" },
             match engine {
                 IoEngine::Sync => "synchronous preadv/pwritev",
@@ -146,7 +146,6 @@ impl Block {
             serial,
             engine,
             metrics,
-            workers: Vec::new(),
         })
     }
 
@@ -163,6 +162,11 @@ impl Block {
     /// The request limits the device advertises and enforces.
     pub fn limits(&self) -> DiskLimits {
         self.limits
+    }
+
+    /// The logical block size the guest sees (`blk_size`).
+    pub fn block_size(&self) -> u32 {
+        self.config.logical_block_size.unwrap_or(SECTOR_SIZE as u32)
     }
 
     /// A queue handler over this device's image (for a worker, a vhost-user backend, or tests).
@@ -186,9 +190,10 @@ impl Block {
         put(0, &limits.capacity_sectors.to_le_bytes());
         put(8, &SIZE_MAX.to_le_bytes());
         put(12, &limits.seg_max.to_le_bytes());
-        put(20, &self.config.logical_block_size.to_le_bytes());
+        let block_size = self.block_size();
+        put(20, &block_size.to_le_bytes());
         put(34, &self.config.queues.to_le_bytes());
-        let alignment = self.config.logical_block_size / SECTOR_SIZE as u32;
+        let alignment = block_size / SECTOR_SIZE as u32;
         if !limits.read_only {
             put(36, &limits.max_discard_sectors.to_le_bytes());
             put(40, &limits.max_discard_seg.to_le_bytes());
@@ -198,13 +203,6 @@ impl Block {
             put(56, &[1]); // write_zeroes_may_unmap
         }
         space
-    }
-
-    fn stop_workers(&mut self) {
-        for worker in self.workers.drain(..) {
-            // The queue's indices are not needed: a reset starts the ring afresh.
-            let _queue = worker.stop();
-        }
     }
 }
 
@@ -216,11 +214,30 @@ fn validate(config: &BlockConfig) -> Result<(), BlockError> {
     if !size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&size) {
         return Err(BlockError::QueueSize(size));
     }
-    let block = config.logical_block_size;
-    if !block.is_power_of_two() || !(512..=4096).contains(&block) {
-        return Err(BlockError::BlockSize(block));
+    if let Some(block) = config.logical_block_size {
+        if !block.is_power_of_two() || !(512..=MAX_BLOCK_SIZE).contains(&block) {
+            return Err(BlockError::BlockSize(block));
+        }
     }
     Ok(())
+}
+
+/// The block size to advertise: the one asked for, else the host's. O_DIRECT fails I/O that is
+/// not aligned to the host's block, so with direct=on a smaller one is refused.
+fn block_size_for(config: &BlockConfig, image: &DiskImage) -> Result<u32, BlockError> {
+    let host = image.host_block_size();
+    let requested = config.logical_block_size.unwrap_or(host);
+    if config.direct && requested < host {
+        return Err(BlockError::BlockSizeBelowHost {
+            path: config.path.clone(),
+            requested,
+            host,
+        });
+    }
+    if !requested.is_power_of_two() || !(512..=MAX_BLOCK_SIZE).contains(&requested) {
+        return Err(BlockError::BlockSize(requested));
+    }
+    Ok(requested)
 }
 
 fn serial_bytes(serial: &str) -> Result<[u8; ID_BYTES], BlockError> {
@@ -247,18 +264,6 @@ fn limits_for(config: &BlockConfig, size: u64) -> DiskLimits {
         max_discard_sectors: MAX_DISCARD_SECTORS,
         max_write_zeroes_seg: MAX_DISCARD_SEG,
         max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
-    }
-}
-
-fn resolve_engine(requested: IoEngine) -> IoEngine {
-    match requested {
-        IoEngine::Sync => IoEngine::Sync,
-        IoEngine::Auto | IoEngine::IoUring if io_uring_available() => IoEngine::IoUring,
-        IoEngine::IoUring => {
-            tracing::warn!("virtio-blk: io_uring requested but unavailable");
-            IoEngine::Sync
-        }
-        IoEngine::Auto => IoEngine::Sync,
     }
 }
 
@@ -313,48 +318,20 @@ impl VirtioDevice for Block {
         );
     }
 
-    fn activate(
-        &mut self,
-        features: u64,
-        mem: DmaSpace,
-        queues: Vec<QueueBinding>,
-        interrupt: Arc<dyn VirtioInterrupt>,
-    ) -> Result<(), ActivateError> {
-        let need = usize::from(self.config.queues);
-        // With MQ a driver may use fewer queues than offered (Linux: one per vCPU).
-        if queues.is_empty() || queues.len() > need {
-            return Err(ActivateError::QueueCount {
-                got: queues.len(),
-                need,
-            });
-        }
-        self.stop_workers();
-        let event_idx = features & bit(VIRTIO_RING_F_EVENT_IDX) != 0;
-        for binding in queues {
-            let name = format!("{}-q{}", self.metrics.name, binding.index);
-            let handler = self.queue_handler(binding.queue.size());
-            let spawned = QueueWorker::spawn(
-                name,
-                binding,
-                mem.clone(),
-                Box::new(handler),
-                Arc::clone(&interrupt),
-                Arc::clone(&self.metrics),
-                event_idx,
-            );
-            match spawned {
-                Ok(worker) => self.workers.push(worker),
-                Err(e) => {
-                    self.stop_workers();
-                    return Err(ActivateError::Worker(e));
-                }
-            }
-        }
-        Ok(())
+    /// With MQ a driver may use fewer queues than offered (Linux: one per vCPU).
+    fn queue_count_range(&self) -> RangeInclusive<usize> {
+        1..=usize::from(self.config.queues)
     }
 
-    fn reset(&mut self) {
-        self.stop_workers();
+    fn queue_handler(
+        &mut self,
+        index: u16,
+        size: u16,
+    ) -> Result<Box<dyn QueueHandler>, ActivateError> {
+        if index >= self.config.queues {
+            return Err(ActivateError::NoSuchQueue(index));
+        }
+        Ok(Box::new(Block::queue_handler(self, size)))
     }
 
     fn metrics(&self) -> Arc<DeviceMetrics> {
