@@ -136,3 +136,53 @@ pub(crate) fn fatal(why: &str) -> ! {
     let _ = writeln!(std::io::stderr(), "sluice: {what}: {why}");
     std::process::exit(i32::from(EXIT_PANIC))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    fn in_connection_scope() -> bool {
+        matches!(current_scope(), Scope::Connection(_))
+    }
+
+    #[test]
+    fn a_panic_inside_a_connection_is_returned_and_the_scope_restored() {
+        let (socket, _peer) = UnixStream::pair().unwrap();
+
+        let result = contain_connection(socket, |_socket| -> () { panic!("injected") });
+
+        assert_eq!(result, Err(ConnectionPanicked));
+        assert!(!in_connection_scope());
+    }
+
+    #[test]
+    fn threads_started_inside_a_connection_belong_to_it() {
+        let (socket, _peer) = UnixStream::pair().unwrap();
+
+        let (inside, worker) = contain_connection(socket, |_socket| {
+            let worker = crate::spawn(
+                crate::ThreadKind::QueueWorker,
+                "w".into(),
+                in_connection_scope,
+            )
+            .unwrap()
+            .join()
+            .unwrap();
+            (in_connection_scope(), worker)
+        })
+        .unwrap();
+
+        assert!(inside && worker);
+        let outside = crate::spawn(
+            crate::ThreadKind::QueueWorker,
+            "w".into(),
+            in_connection_scope,
+        )
+        .unwrap()
+        .join()
+        .unwrap();
+        assert!(!outside);
+    }
+}
