@@ -127,7 +127,10 @@ fn a_second_server_on_a_live_socket_is_refused() {
     let mut first = spawn_serve(&["rng", "--socket", socket_arg]);
     wait_listening(&socket, &mut first);
 
-    assert_refused(&["serve", "rng", "--socket", socket_arg], "already listening");
+    assert_refused(
+        &["serve", "rng", "--socket", socket_arg],
+        "already listening",
+    );
 
     assert!(first.try_wait().unwrap().is_none(), "the first still runs");
     assert!(UnixStream::connect(&socket).is_ok(), "and still listens");

@@ -655,8 +655,11 @@ fn valid_ring_size(size: u32) -> bool {
 
 /// A frontend's eventfd, made non-blocking (see the module doc).
 fn eventfd_from(file: File) -> VhostResult<EventFd> {
-    set_nonblocking(file.as_raw_fd())
-        .or_else(|e| refuse(format!("cannot make the frontend's eventfd non-blocking: {e}")))?;
+    set_nonblocking(file.as_raw_fd()).or_else(|e| {
+        refuse(format!(
+            "cannot make the frontend's eventfd non-blocking: {e}"
+        ))
+    })?;
     // SAFETY: the descriptor is owned by `file` and handed over whole; EventFd only reads and
     // writes 8-byte counters on it (any other kind of fd fails those calls cleanly).
     Ok(unsafe { EventFd::from_raw_fd(file.into_raw_fd()) })

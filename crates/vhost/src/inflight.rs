@@ -33,10 +33,10 @@
 //!   (after a crash QEMU sends the used index there);
 //! * the marked heads, sorted by their counter (pop order), are resubmitted before anything new.
 
+use std::any::Any;
 use std::fs::File;
 use std::io;
 use std::num::Wrapping;
-use std::any::Any;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 

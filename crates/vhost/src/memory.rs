@@ -64,7 +64,9 @@ pub enum MemoryError {
     Overlap(String),
     #[error("no region at {gpa:#x} with size {size:#x} to remove")]
     NoSuchRegion { gpa: u64, size: u64 },
-    #[error("the regions add up to {total:#x} bytes, more than the {limit:#x} allowed per connection")]
+    #[error(
+        "the regions add up to {total:#x} bytes, more than the {limit:#x} allowed per connection"
+    )]
     TooMuchMemory { total: u64, limit: u64 },
     #[error("region at {gpa:#x}: cannot watch the mapping: {source}")]
     Watch { gpa: u64, source: io::Error },

@@ -267,7 +267,12 @@ fn clear_stale_socket(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    let refuse = |what: &str| Err(io::Error::new(io::ErrorKind::AlreadyExists, what.to_owned()));
+    let refuse = |what: &str| {
+        Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            what.to_owned(),
+        ))
+    };
     if meta.is_dir() {
         return refuse("it is a directory (give the path of a socket file to create)");
     }

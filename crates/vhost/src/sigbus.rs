@@ -128,7 +128,9 @@ pub fn watch(
     }
     // SAFETY: `duplicate` is a fresh descriptor nobody else owns.
     let notify_fd = unsafe { OwnedFd::from_raw_fd(duplicate) };
-    let mut owners = OWNERS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut owners = OWNERS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if owners.len() < SLOTS {
         owners.resize_with(SLOTS, || None);
     }
@@ -151,7 +153,10 @@ pub fn watch(
 /// Frees the slots whose mapping is gone (nobody can touch that range any more).
 fn release_dead(owners: &mut [Option<Owner>]) {
     for (index, owner) in owners.iter_mut().enumerate() {
-        if owner.as_ref().is_some_and(|o| o.mapping.strong_count() == 0) {
+        if owner
+            .as_ref()
+            .is_some_and(|o| o.mapping.strong_count() == 0)
+        {
             TABLE[index].len.store(0, Ordering::Release);
             TABLE[index].notify.store(-1, Ordering::Relaxed);
             *owner = None;
@@ -297,7 +302,7 @@ mod tests {
         .unwrap();
         let at = region.as_ptr() as usize + PAGE_SIZE + 8;
         // SAFETY: inside the mapping; first page, still backed by the file.
-        unsafe { (region.as_ptr() as *mut u8).write_volatile(1) };
+        unsafe { region.as_ptr().write_volatile(1) };
         assert!(!tripwire.tripped());
 
         file.set_len(PAGE_SIZE as u64).unwrap();
@@ -312,7 +317,8 @@ mod tests {
     fn shrink_seals_are_recognised() {
         let sealed = memfd(4096, libc::MFD_ALLOW_SEALING);
         // SAFETY: fcntl on our own fd.
-        let added = unsafe { libc::fcntl(sealed.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+        let added =
+            unsafe { libc::fcntl(sealed.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
         assert_eq!(added, 0);
 
         assert!(shrink_sealed(sealed.as_raw_fd()));

@@ -98,7 +98,7 @@ fn a_second_frontend_cannot_take_a_device_another_one_owns() {
     let mut guest = Guest::new();
     first.start_ring(&guest, 0);
 
-    let mut second = frontend(&socket);
+    let second = frontend(&socket);
     let features = second.get_features();
     let owned = second.set_owner().and_then(|()| second.get_features());
 
@@ -112,8 +112,11 @@ fn a_second_frontend_cannot_take_a_device_another_one_owns() {
     drop(first);
     assert!(
         wait_until(|| {
-            let mut third = frontend(&socket);
-            third.set_owner().and_then(|()| third.get_features()).is_ok()
+            let third = frontend(&socket);
+            third
+                .set_owner()
+                .and_then(|()| third.get_features())
+                .is_ok()
         }),
         "the device is free again once its owner left"
     );
@@ -128,7 +131,7 @@ fn a_memory_table_larger_than_the_limit_is_refused() {
             ..Limits::default()
         },
     );
-    let mut session = connect(&socket);
+    let session = connect(&socket);
     let guest = Guest::new();
 
     let refused = session.frontend.set_mem_table(&[guest.region()]);
@@ -155,7 +158,10 @@ fn bind_refuses_a_directory_saying_so() {
     std::fs::create_dir_all(&path).unwrap();
     let (device, _) = block("a-directory-dev");
 
-    let error = Server::bind(&path, device).err().expect("refused").to_string();
+    let error = Server::bind(&path, device)
+        .err()
+        .expect("refused")
+        .to_string();
 
     assert!(error.contains("is a directory"), "{error}");
     assert!(path.is_dir());
@@ -171,7 +177,10 @@ fn bind_refuses_the_socket_of_a_live_server() {
     let error = second.err().expect("refused").to_string();
     assert!(error.contains("already listening"), "{error}");
     let mut session = connect(&live);
-    assert!(session.frontend.get_queue_num().is_ok(), "the first still serves");
+    assert!(
+        session.frontend.get_queue_num().is_ok(),
+        "the first still serves"
+    );
 }
 
 #[test]
