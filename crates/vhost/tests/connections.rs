@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
@@ -196,4 +196,55 @@ fn bind_replaces_a_stale_socket_and_removes_its_own_when_dropped() {
 
     assert!(reachable);
     assert!(!path.exists(), "the server removed its socket");
+}
+
+/// A raw header (request, flags = version 1, payload size).
+fn header(request: u32, size: u32) -> Vec<u8> {
+    [request, 1, size]
+        .iter()
+        .flat_map(|word| word.to_le_bytes())
+        .collect()
+}
+
+const GET_FEATURES: u32 = 1;
+
+#[test]
+fn a_message_that_never_arrives_whole_is_dropped_after_the_message_timeout() {
+    let socket = serve_with(
+        "torn-message",
+        Limits {
+            message_timeout: Duration::from_millis(200),
+            ..Limits::default()
+        },
+    );
+    let mut torn = UnixStream::connect(&socket).unwrap();
+    // SET_FEATURES promises 8 bytes; 3 arrive, and the socket stays open.
+    let mut message = header(2, 8);
+    message.extend_from_slice(&[0, 0, 0]);
+    torn.write_all(&message).unwrap();
+
+    assert!(closed_within(&mut torn, Duration::from_secs(5)));
+}
+
+#[test]
+fn a_frontend_that_never_reads_its_replies_is_dropped() {
+    let socket = serve_with("unread-replies", Limits::default());
+    let mut spammer = UnixStream::connect(&socket).unwrap();
+    spammer
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let requests: Vec<u8> = (0..50_000).flat_map(|_| header(GET_FEATURES, 0)).collect();
+
+    // The server stops reading once the replies pile up, so the write may not finish.
+    let _ = spammer.write_all(&requests);
+
+    let mut replies = Vec::new();
+    spammer
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let drained = spammer.read_to_end(&mut replies);
+    assert!(drained.is_ok(), "the server closed the connection: {drained:?}");
+    assert!(replies.len() < 50_000 * 20, "not every request was answered");
+    let mut session = connect(&socket);
+    assert!(session.frontend.get_queue_num().is_ok(), "the server serves");
 }
