@@ -18,9 +18,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use sluice_devices::block::{Block, BlockConfig};
-use sluice_devices::net::{NetConfig, Tap};
+use sluice_devices::net::{Net, NetConfig, Tap};
 use sluice_devices::rng::Rng;
-use sluice_vhost::{Limits, ServedDevice, ServedNet, Server, SocketRemover};
+use sluice_vhost::{Limits, Server, SocketRemover};
+use sluice_virtio::VirtioDevice;
 
 /// The MAC the backend reports when `--mac` is not given (QEMU uses its own `mac=` anyway).
 const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
@@ -119,7 +120,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
 }
 
 /// Listens on `listen.socket` and serves `device` until a stop signal.
-fn serve<D: ServedDevice + 'static>(
+fn serve<D: VirtioDevice + 'static>(
     listen: &ListenArgs,
     device: D,
     what: &str,
@@ -195,7 +196,7 @@ fn serve_net(args: NetArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
     };
     serve(
         &args.listen,
-        ServedNet::new(tap, config),
+        Net::new(tap, config),
         "vhost-user-net",
         stop_signals,
     )

@@ -36,6 +36,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::ops::RangeInclusive;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
@@ -46,8 +47,7 @@ use std::time::Duration;
 
 use sluice_dma::DmaSpace;
 use sluice_virtio::{
-    ActivateError, DeviceMetrics, QueueBinding, QueueContext, QueueError, QueueHandler,
-    VirtioDevice, VirtioInterrupt,
+    ActivateError, DeviceMetrics, QueueContext, QueueError, QueueHandler, VirtioDevice,
 };
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserInflight, VhostUserMemoryRegion, VhostUserSingleMemoryRegion,
@@ -58,7 +58,7 @@ use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::backend::{offered_protocol_features, ServedDevice, VHOST_USER_F_PROTOCOL_FEATURES};
+use crate::backend::{offered_protocol_features, VHOST_USER_F_PROTOCOL_FEATURES};
 use crate::server::{ConnectionEnd, Limits, Server};
 
 const QUEUES: usize = 2;
@@ -118,26 +118,20 @@ impl VirtioDevice for FuzzDevice {
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(
-        &mut self,
-        _features: u64,
-        _mem: DmaSpace,
-        _queues: Vec<QueueBinding>,
-        _interrupt: Arc<dyn VirtioInterrupt>,
-    ) -> Result<(), ActivateError> {
-        Ok(())
-    }
-
-    fn reset(&mut self) {}
-
     fn metrics(&self) -> Arc<DeviceMetrics> {
         self.metrics.clone()
     }
-}
 
-impl ServedDevice for FuzzDevice {
-    fn queue_handler(&self, _index: u16, _size: u16) -> Box<dyn QueueHandler> {
-        Box::new(TouchEverything)
+    fn queue_count_range(&self) -> RangeInclusive<usize> {
+        1..=QUEUES
+    }
+
+    fn queue_handler(
+        &mut self,
+        _index: u16,
+        _size: u16,
+    ) -> Result<Box<dyn QueueHandler>, ActivateError> {
+        Ok(Box::new(TouchEverything))
     }
 }
 

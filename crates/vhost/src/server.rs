@@ -56,7 +56,9 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError, VhostUserBackendReqHandlerMut};
 use vm_memory::ByteValued;
 
-use crate::backend::{Backend, ConnectionResources, DeviceClaim, ServedDevice};
+use sluice_virtio::VirtioDevice;
+
+use crate::backend::{Backend, ConnectionResources, DeviceClaim};
 use crate::sigbus::Tripwire;
 
 /// How a connection ended.
@@ -104,14 +106,14 @@ const HEADER_BYTES: usize = 12;
 const TORN_MESSAGE_RECHECK: Duration = Duration::from_millis(2);
 
 /// A vhost-user socket serving one device.
-pub struct Server<D: ServedDevice> {
+pub struct Server<D: VirtioDevice> {
     listener: UnixListener,
     socket: BoundSocket,
     shared: Arc<Shared<D>>,
 }
 
 /// What the connections of one server share.
-struct Shared<D: ServedDevice> {
+struct Shared<D: VirtioDevice> {
     device: Arc<Mutex<D>>,
     claim: Arc<DeviceClaim>,
     limits: Limits,
@@ -147,7 +149,7 @@ impl SocketRemover {
     }
 }
 
-impl<D: ServedDevice + 'static> Server<D> {
+impl<D: VirtioDevice + 'static> Server<D> {
     /// Listens on `path` with the default [`Limits`] (see the module doc for what may be at
     /// `path` already).
     pub fn bind(path: &Path, device: D) -> io::Result<Self> {
@@ -233,7 +235,7 @@ impl<D: ServedDevice + 'static> Server<D> {
     }
 }
 
-impl<D: ServedDevice> Drop for Server<D> {
+impl<D: VirtioDevice> Drop for Server<D> {
     fn drop(&mut self) {
         self.socket.remove();
     }
@@ -290,11 +292,11 @@ fn clear_stale_socket(path: &Path) -> io::Result<()> {
 }
 
 /// One of the `max_connections` places; given back when dropped.
-struct ConnectionSlot<D: ServedDevice> {
+struct ConnectionSlot<D: VirtioDevice> {
     shared: Arc<Shared<D>>,
 }
 
-impl<D: ServedDevice> ConnectionSlot<D> {
+impl<D: VirtioDevice> ConnectionSlot<D> {
     fn take(shared: &Arc<Shared<D>>) -> Option<Self> {
         let max = shared.limits.max_connections;
         shared
@@ -309,7 +311,7 @@ impl<D: ServedDevice> ConnectionSlot<D> {
     }
 }
 
-impl<D: ServedDevice> Drop for ConnectionSlot<D> {
+impl<D: VirtioDevice> Drop for ConnectionSlot<D> {
     fn drop(&mut self) {
         self.shared.connections.fetch_sub(1, Ordering::AcqRel);
     }
@@ -323,7 +325,7 @@ enum NextMessage {
     Refused(String),
 }
 
-impl<D: ServedDevice> Shared<D> {
+impl<D: VirtioDevice> Shared<D> {
     fn serve(&self, stream: UnixStream) -> ConnectionEnd {
         let tripwire = match Tripwire::new() {
             Ok(tripwire) => Arc::new(tripwire),
@@ -500,7 +502,7 @@ fn unread_reply_bytes(fd: RawFd) -> io::Result<usize> {
 
 /// Answers the next message if it is a SET_VRING_ENABLE sent before SET_FEATURES (see the
 /// module doc); returns whether it did. Anything else is left on the socket for the crate.
-fn answer_early_vring_enable<D: ServedDevice>(
+fn answer_early_vring_enable<D: VirtioDevice>(
     stream: &mut UnixStream,
     backend: &Mutex<Backend<D>>,
 ) -> io::Result<bool> {
@@ -541,7 +543,7 @@ fn answer_early_vring_enable<D: ServedDevice>(
     Ok(true)
 }
 
-fn lock<D: ServedDevice>(backend: &Mutex<Backend<D>>) -> std::sync::MutexGuard<'_, Backend<D>> {
+fn lock<D: VirtioDevice>(backend: &Mutex<Backend<D>>) -> std::sync::MutexGuard<'_, Backend<D>> {
     backend
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

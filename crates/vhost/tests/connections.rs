@@ -243,8 +243,17 @@ fn a_frontend_that_never_reads_its_replies_is_dropped() {
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     let drained = spammer.read_to_end(&mut replies);
-    assert!(drained.is_ok(), "the server closed the connection: {drained:?}");
-    assert!(replies.len() < 50_000 * 20, "not every request was answered");
+    assert!(
+        drained.is_ok(),
+        "the server closed the connection: {drained:?}"
+    );
+    assert!(
+        replies.len() < 50_000 * 20,
+        "not every request was answered"
+    );
     let mut session = connect(&socket);
-    assert!(session.frontend.get_queue_num().is_ok(), "the server serves");
+    assert!(
+        session.frontend.get_queue_num().is_ok(),
+        "the server serves"
+    );
 }
