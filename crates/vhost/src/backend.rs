@@ -26,13 +26,14 @@
 //! non-blocking too, so a frontend draining its own kick fd cannot park a worker in read(2).
 //!
 //! SET_OWNER claims the device for this connection ([`DeviceClaim`]): one frontend drives a
-//! device at a time; another connection's SET_OWNER is refused until the owner leaves.
+//! device at a time; another connection's SET_OWNER waits up to two seconds for the owner to
+//! leave (a reconnecting frontend can beat the server to noticing the old connection closed)
+//! and is refused after that.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use sluice_dma::DmaSpace;
@@ -69,6 +70,8 @@ pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 const MAX_QUEUE_SIZE: u32 = 32768;
 /// Largest GET_CONFIG / SET_CONFIG access.
 const MAX_CONFIG_BYTES: u32 = 256;
+/// How long SET_OWNER waits for another connection to give the device up.
+const CLAIM_PATIENCE: Duration = Duration::from_secs(2);
 /// How long GET_VRING_BASE waits for requests the model already popped.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const DESC_BYTES: u64 = 16;
@@ -187,23 +190,30 @@ impl VirtioInterrupt for Signals {
 /// Which connection drives the device: at most one owner at a time (see the module doc).
 #[derive(Debug, Default)]
 pub struct DeviceClaim {
-    owned: AtomicBool,
+    owned: Mutex<bool>,
+    released: Condvar,
 }
 
 impl DeviceClaim {
-    fn take(&self) -> bool {
-        self.owned
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+    /// Takes the device, waiting up to `patience` for its owner to leave: a frontend that
+    /// reconnects may be faster than the server noticing that its old connection closed.
+    fn take_within(&self, patience: Duration) -> bool {
+        let owned = locked(&self.owned);
+        let (mut owned, _) = self
+            .released
+            .wait_timeout_while(owned, patience, |owned| *owned)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        !std::mem::replace(&mut *owned, true)
     }
 
     fn release(&self) {
-        self.owned.store(false, Ordering::Release);
+        *locked(&self.owned) = false;
+        self.released.notify_one();
     }
 
     /// Whether some connection owns the device.
     pub fn is_taken(&self) -> bool {
-        self.owned.load(Ordering::Acquire)
+        *locked(&self.owned)
     }
 }
 
@@ -679,7 +689,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
         if self.owner {
             return Ok(());
         }
-        if !self.claim.take() {
+        if !self.claim.take_within(CLAIM_PATIENCE) {
             return refuse("SET_OWNER: the device is in use by another frontend connection");
         }
         self.owner = true;
