@@ -5,8 +5,8 @@
 //! file, directory or live server's socket is refused, never replaced. Up to
 //! `--max-connections` frontends are served at once, one of them driving the device (see
 //! `sluice_vhost::server`).
-//! * `sluice serve blk --socket PATH --image FILE [--queues N] [--readonly] [--direct]`: the
-//!   virtio-blk model over a raw image (QEMU's `vhost-user-blk-pci`).
+//! * `sluice serve blk --socket PATH --image FILE [--queues N] [--readonly] [--direct]
+//!   [--block-size N]`: the virtio-blk model over a raw image (QEMU's `vhost-user-blk-pci`).
 //! * `sluice serve net --socket PATH --tap NAME [--queues N] [--mac MAC]`: the virtio-net model
 //!   over a tap with N queue pairs, created if missing (QEMU's `-netdev vhost-user`). The tap is
 //!   brought up; its addresses are the host's business.
@@ -103,6 +103,10 @@ struct BlkArgs {
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long)]
     direct: bool,
+    /// Logical block size the guest sees (512, 1024, 2048 or 4096); default: the host's.
+    /// With --direct it may not be smaller than the host's.
+    #[arg(long, value_parser = sluice_vmm::config::block_size)]
+    block_size: Option<u32>,
 }
 
 /// Runs `sluice serve ...`; returns on error or after SIGTERM / SIGINT (status 0).
@@ -226,6 +230,7 @@ fn serve_blk(args: BlkArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
     config.queues = args.queues;
     config.read_only = args.readonly;
     config.direct = args.direct;
+    config.logical_block_size = args.block_size;
     let block = Block::new(config).context("cannot open the disk")?;
     serve(&args.listen, block, "vhost-user-blk", stop_signals)
 }
