@@ -228,17 +228,6 @@ pub struct ConnectionResources {
     pub max_mapped_bytes: u64,
 }
 
-impl ConnectionResources {
-    /// A connection of its own (its own claim), with no limit on mapped bytes.
-    pub fn standalone() -> io::Result<Self> {
-        Ok(ConnectionResources {
-            claim: Arc::default(),
-            tripwire: Arc::new(Tripwire::new()?),
-            max_mapped_bytes: u64::MAX,
-        })
-    }
-}
-
 /// The device side of one connection.
 pub struct Backend<D: VirtioDevice> {
     device: Arc<Mutex<D>>,
