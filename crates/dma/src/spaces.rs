@@ -68,9 +68,12 @@ impl DmaSpaces {
     fn create(&self, requester: RequesterId) -> DmaSpace {
         let source = self.provider.as_ref().and_then(|p| p.domain(requester));
         match source {
-            Some(source) => {
-                IommuMemory::new(self.memory.clone(), DmaTranslator::with_source(source), true, ())
-            }
+            Some(source) => IommuMemory::new(
+                self.memory.clone(),
+                DmaTranslator::with_source(source),
+                true,
+                (),
+            ),
             None => crate::identity(self.memory.clone()),
         }
     }
@@ -118,7 +121,7 @@ mod tests {
 
     impl DomainProvider for Provider {
         fn domain(&self, requester: RequesterId) -> Option<Box<dyn TranslationSource>> {
-            (requester % 2 == 0).then(|| Box::new(PerRequester(requester)) as _)
+            requester.is_multiple_of(2).then(|| Box::new(PerRequester(requester)) as _)
         }
     }
 
@@ -147,11 +150,23 @@ mod tests {
         let four = spaces.space(4);
         let odd = spaces.space(3);
 
-        assert_eq!(two.read_obj::<u32>(GuestAddress(0x10_0000)).unwrap(), 0x1111);
-        assert_eq!(four.read_obj::<u32>(GuestAddress(0x10_0000)).unwrap(), 0x2222);
-        assert!(two.read_obj::<u32>(GuestAddress(0x2000)).is_err(), "GPA is no IOVA");
+        assert_eq!(
+            two.read_obj::<u32>(GuestAddress(0x10_0000)).unwrap(),
+            0x1111
+        );
+        assert_eq!(
+            four.read_obj::<u32>(GuestAddress(0x10_0000)).unwrap(),
+            0x2222
+        );
+        assert!(
+            two.read_obj::<u32>(GuestAddress(0x2000)).is_err(),
+            "GPA is no IOVA"
+        );
         assert_eq!(spaces.translator(2).unwrap().faults().len(), 1);
-        assert!(spaces.translator(4).unwrap().faults().is_empty(), "separate logs");
+        assert!(
+            spaces.translator(4).unwrap().faults().is_empty(),
+            "separate logs"
+        );
         assert!(!odd.get_iommu_enabled(), "bypassing requester");
         assert_eq!(odd.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 0x1111);
     }

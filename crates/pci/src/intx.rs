@@ -300,7 +300,11 @@ mod tests {
         assert!(!intx.is_asserted());
         assert_eq!(intx.causes(), 3);
         intx.set_disabled(false);
-        assert_eq!(line.levels(), vec![true, false, true], "back up when re-enabled");
+        assert_eq!(
+            line.levels(),
+            vec![true, false, true],
+            "back up when re-enabled"
+        );
     }
 
     #[test]
@@ -344,7 +348,11 @@ mod tests {
         intx.raise(1);
         let mut status = [0u8; 4];
         intx.patch_status_read(COMMAND, &mut status);
-        assert_eq!(status[2] & STATUS_INTERRUPT as u8, 0, "disabled: not asserted");
+        assert_eq!(
+            status[2] & STATUS_INTERRUPT as u8,
+            0,
+            "disabled: not asserted"
+        );
 
         config.write(COMMAND, &0u16.to_le_bytes());
         intx.config_written(&config);

@@ -39,9 +39,7 @@ pub use config::{
     REVISION_ID, STATUS, STATUS_CAPABILITY_LIST, SUBSYSTEM_ID, SUBSYSTEM_VENDOR_ID, VENDOR_ID,
 };
 pub use device::{PciAddress, PciDevice, SharedPciDevice};
-pub use intx::{
-    InterruptPin, IntxRouting, PciIntx, INTERRUPT_LINE_UNKNOWN, STATUS_INTERRUPT,
-};
+pub use intx::{InterruptPin, IntxRouting, PciIntx, INTERRUPT_LINE_UNKNOWN, STATUS_INTERRUPT};
 pub use msix::{
     MsixCapability, MsixDelivery, MsixError, MsixTable, MSIX_CAPABILITY_ID, MSIX_ENABLE,
     MSIX_FUNCTION_MASK, MSIX_MAX_VECTORS, MSIX_TABLE_ENTRY_SIZE,

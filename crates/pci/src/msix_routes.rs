@@ -347,7 +347,11 @@ mod tests {
 
         assert!(!vectors.is_enabled());
         assert_eq!(vectors.signal(0), MsixSignal::NotDelivered);
-        assert_eq!(vectors.signal(7), MsixSignal::NotDelivered, "no such vector");
+        assert_eq!(
+            vectors.signal(7),
+            MsixSignal::NotDelivered,
+            "no such vector"
+        );
         assert!(sink.sent().is_empty());
     }
 
@@ -368,9 +372,7 @@ mod tests {
     fn config_writes_reach_message_control_only_when_they_overlap_it() {
         let (vectors, _, _) = vectors(1);
         let mut config = ConfigSpace::new(&crate::PciIds::default());
-        config
-            .add_bar(0, crate::BarSpec::mem32(0x1000))
-            .unwrap();
+        config.add_bar(0, crate::BarSpec::mem32(0x1000)).unwrap();
         let cap = MsixCapability {
             vectors: 1,
             table_bar: 0,

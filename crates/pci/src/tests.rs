@@ -680,7 +680,11 @@ fn test_device_intx_asserts_reads_clear_and_respects_interrupt_disable() {
     let command = rig.cf8_read(address, COMMAND, 2) as u16 | COMMAND_INTX_DISABLE;
     rig.cf8_write(address, COMMAND, &command.to_le_bytes());
     rig.mmio.write(bar0 + 0x10, &1u32.to_le_bytes());
-    assert_eq!(levels(), vec![true, false], "Interrupt Disable holds the line");
+    assert_eq!(
+        levels(),
+        vec![true, false],
+        "Interrupt Disable holds the line"
+    );
     rig.cf8_write(
         address,
         COMMAND,

@@ -1186,7 +1186,11 @@ fn interrupt_disable_and_reset_deassert_inta() {
         sluice_pci::COMMAND,
         &(disabled & !sluice_pci::COMMAND_INTX_DISABLE).to_le_bytes(),
     );
-    assert_eq!(line.levels(), vec![true, false, true], "cause still pending");
+    assert_eq!(
+        line.levels(),
+        vec![true, false, true],
+        "cause still pending"
+    );
 
     set_status(&mut s.dev, 0);
 

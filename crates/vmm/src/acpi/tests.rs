@@ -504,7 +504,10 @@ fn iasl_disassembles_the_tables() {
     let prt = iasl_prt_entries(&dsl);
     assert_eq!(prt.len(), 32 * 4, "one _PRT entry per slot and pin:\n{dsl}");
     assert!(prt.contains(&(0x0001_ffff, 0, 0, 17)), "{prt:?}");
-    assert!(prt.contains(&(0x001f_ffff, 3, 0, 16 + (31 + 3) % 8)), "{prt:?}");
+    assert!(
+        prt.contains(&(0x001f_ffff, 3, 0, 16 + (31 + 3) % 8)),
+        "{prt:?}"
+    );
     assert!(madt.contains("PC-AT Compatibility : 1"), "{madt}");
     assert!(fadt.contains("Reset Register Supported (V2) : 1"), "{fadt}");
     assert!(mcfg.contains("Base Address : 00000000E0000000"), "{mcfg}");
