@@ -44,9 +44,11 @@ impl IrqLine for IrqfdLine {
 /// A level-triggered source on an IOAPIC pin (a PCI INTx pin): an irqfd registered with
 /// KVM_IRQFD_FLAG_RESAMPLE. Writing the irqfd raises the pin and KVM keeps it high; when the
 /// guest EOIs the interrupt KVM lowers it and signals the resample fd, and the resampler thread
-/// raises it again if the device still asserts. So a deassert takes effect at the next EOI
-/// (at worst one spurious interrupt, which ISR-style drivers ignore), and an interrupt that is
-/// still pending after the EOI is never lost.
+/// raises it again if the device still asserts. An interrupt still pending after the EOI is
+/// never lost. A deassert takes effect at the next EOI; since KVM injects irqfd writes
+/// asynchronously, a re-assert decided just before a deassert can land after it and cause one
+/// stray interrupt, whose ISR read returns 0 (shared-IRQ drivers expect that). The resample fd
+/// may also fire without an EOI of ours (seen on kvm_pvm); the level check makes that harmless.
 pub struct KvmLevelLine {
     vm: Arc<VmFd>,
     gsi: u32,
@@ -465,43 +467,51 @@ mod tests {
         );
     }
 
-    /// Port 0x50: the guest is ready (the line is asserted); port 0x51: deassert.
-    struct IntxProbe(Arc<dyn LevelIrqLine>);
+    /// Port 0x50: the guest is ready (the line is asserted); port 0x51: deassert; port 0x52
+    /// reads 0 until 100 ms after its first read, then 1 (the guest polls it with interrupts
+    /// on, so stray interrupts have time to arrive).
+    struct IntxProbe {
+        line: Arc<dyn LevelIrqLine>,
+        quiet_since: Option<std::time::Instant>,
+    }
 
     impl sluice_bus::BusDevice for IntxProbe {
         fn read(&mut self, _: u64, _: u64, data: &mut [u8]) {
-            data.fill(0);
+            let since = *self.quiet_since.get_or_insert_with(std::time::Instant::now);
+            let done = since.elapsed() >= std::time::Duration::from_millis(100);
+            data.fill(u8::from(done));
         }
         fn write(&mut self, _: u64, offset: u64, _: &[u8]) {
-            self.0.set_level(offset == 0).unwrap();
+            self.line.set_level(offset == 0).unwrap();
         }
     }
 
     /// Real mode at 0x1000 (DS = IOAPIC, ES = LAPIC, FS = RAM, set by the test): enable the
     /// LAPIC, route IOAPIC pin 16 level-triggered to vector 0x40 on APIC 0, report ready on port
-    /// 0x50, then `sti; hlt` forever. Assembled from:
+    /// 0x50, `sti`, halt until two interrupts were counted, poll port 0x52 until it reads
+    /// nonzero, then exit with the count (port 0xf4). Assembled from:
     ///   movl $0x1ff,%es:0xf0; movl $0x30,0x0; movl $0x8040,0x10; movl $0x31,0x0; movl $0,0x10
-    ///   mov $0,%al; out %al,$0x50; sti; 1: hlt; jmp 1b
-    const INTX_GUEST_MAIN: [u8; 54] = [
+    ///   mov $0,%al; out %al,$0x50; sti; 1: hlt; cmpb $2,%fs:0x2000; jb 1b
+    ///   2: in $0x52,%al; test %al,%al; jz 2b; mov %fs:0x2000,%al; out %al,$0xf4; 3: hlt; jmp 3b
+    const INTX_GUEST_MAIN: [u8; 75] = [
         0x26, 0x66, 0xc7, 0x06, 0xf0, 0x00, 0xff, 0x01, 0x00, 0x00, 0x66, 0xc7, 0x06, 0x00, 0x00,
         0x30, 0x00, 0x00, 0x00, 0x66, 0xc7, 0x06, 0x10, 0x00, 0x40, 0x80, 0x00, 0x00, 0x66, 0xc7,
         0x06, 0x00, 0x00, 0x31, 0x00, 0x00, 0x00, 0x66, 0xc7, 0x06, 0x10, 0x00, 0x00, 0x00, 0x00,
-        0x00, 0xb0, 0x00, 0xe6, 0x50, 0xfb, 0xf4, 0xeb, 0xfd,
+        0x00, 0xb0, 0x00, 0xe6, 0x50, 0xfb, 0xf4, 0x64, 0x80, 0x3e, 0x00, 0x20, 0x02, 0x72, 0xf7,
+        0xe4, 0x52, 0x84, 0xc0, 0x74, 0xfa, 0x64, 0xa0, 0x00, 0x20, 0xe6, 0xf4, 0xf4, 0xeb, 0xfd,
     ];
-    /// The vector 0x40 handler at 0x1100: counts interrupts in FS:0x2000; on the second one it
-    /// deasserts (port 0x51); EOIs the LAPIC; on the second one exits with the count (port 0xf4):
-    ///   incb %fs:0x2000; cmpb $2,%fs:0x2000; jb 2f; mov $1,%al; out %al,$0x51
-    ///   2: movl $0,%es:0xb0; cmpb $2,%fs:0x2000; jb 3f; mov %fs:0x2000,%al; out %al,$0xf4
-    ///   3: iret
-    const INTX_GUEST_HANDLER: [u8; 42] = [
-        0x64, 0xfe, 0x06, 0x00, 0x20, 0x64, 0x80, 0x3e, 0x00, 0x20, 0x02, 0x72, 0x04, 0xb0, 0x01,
-        0xe6, 0x51, 0x26, 0x66, 0xc7, 0x06, 0xb0, 0x00, 0x00, 0x00, 0x00, 0x00, 0x64, 0x80, 0x3e,
-        0x00, 0x20, 0x02, 0x72, 0x06, 0x64, 0xa0, 0x00, 0x20, 0xe6, 0xf4, 0xcf,
+    /// The vector 0x40 handler at 0x1100: counts interrupts in FS:0x2000; from the second one
+    /// on it deasserts (port 0x51); EOIs the LAPIC:
+    ///   push %ax; incb %fs:0x2000; cmpb $2,%fs:0x2000; jb 2f; mov $1,%al; out %al,$0x51
+    ///   2: movl $0,%es:0xb0; pop %ax; iret
+    const INTX_GUEST_HANDLER: [u8; 30] = [
+        0x50, 0x64, 0xfe, 0x06, 0x00, 0x20, 0x64, 0x80, 0x3e, 0x00, 0x20, 0x02, 0x72, 0x04, 0xb0,
+        0x01, 0xe6, 0x51, 0x26, 0x66, 0xc7, 0x06, 0xb0, 0x00, 0x00, 0x00, 0x00, 0x00, 0x58, 0xcf,
     ];
 
     /// An INTx line that stays asserted across the guest's EOI is delivered again (the resample
-    /// fd path); the guest's deassert then stops it. Without resampling the guest would see one
-    /// interrupt and never exit (the watchdog then fails the test).
+    /// fd path); the guest's deassert then quiets it. Without resampling the guest would see
+    /// one interrupt and never exit (the watchdog then fails the test).
     #[test]
     fn level_intx_reaches_the_guest_and_reasserts_after_eoi() {
         let Ok(kvm) = Kvm::new() else {
@@ -540,10 +550,13 @@ mod tests {
             .pio
             .insert("exit", Arc::new(std::sync::Mutex::new(exit)), 0xf4, 1)
             .unwrap();
-        let probe = IntxProbe(line.clone());
+        let probe = IntxProbe {
+            line: line.clone(),
+            quiet_since: None,
+        };
         dispatch
             .pio
-            .insert("intx", Arc::new(std::sync::Mutex::new(probe)), 0x50, 2)
+            .insert("intx", Arc::new(std::sync::Mutex::new(probe)), 0x50, 3)
             .unwrap();
         let watchdog_control = dispatch.control.clone();
         std::thread::spawn(move || {
@@ -555,13 +568,21 @@ mod tests {
         let outcome = dispatch.control.wait();
         thread.stop();
 
-        assert_eq!(
-            outcome,
-            VmOutcome::DebugExit(2),
-            "two deliveries of one asserted line (0xee: timed out)"
+        // Two deliveries while asserted; after the deassert at most one stray (a re-assert that
+        // KVM injected asynchronously just before it), then quiet for 100 ms.
+        let VmOutcome::DebugExit(count) = outcome else {
+            panic!("unexpected outcome {outcome:?}");
+        };
+        assert_ne!(
+            count, 0xee,
+            "timed out: the line was not re-asserted after EOI"
         );
-        let count: u8 = mem.read_obj(GuestAddress(0x2000)).unwrap();
-        assert_eq!(count, 2, "no interrupt after the deassert");
+        assert!((2..=3).contains(&count), "{count} interrupts");
+        let counted: u8 = mem.read_obj(GuestAddress(0x2000)).unwrap();
+        assert_eq!(
+            counted, count,
+            "no interrupt after the exit value was taken"
+        );
     }
 
     #[test]
