@@ -121,7 +121,9 @@ mod tests {
 
     impl DomainProvider for Provider {
         fn domain(&self, requester: RequesterId) -> Option<Box<dyn TranslationSource>> {
-            requester.is_multiple_of(2).then(|| Box::new(PerRequester(requester)) as _)
+            requester
+                .is_multiple_of(2)
+                .then(|| Box::new(PerRequester(requester)) as _)
         }
     }
 
