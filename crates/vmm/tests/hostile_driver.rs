@@ -643,3 +643,82 @@ fn iommu_refuses_unmapped_and_read_only_iovas_with_a_fault_and_an_error() {
         .expect("a mapped request still completes");
     assert_eq!(d.status_byte(0), BLK_S_OK);
 }
+
+/// Records the levels of every INTx line the root connects, by GSI.
+#[derive(Default)]
+struct RecordingIntx {
+    lines: Mutex<Vec<(u32, Arc<RecordingLine>)>>,
+}
+
+#[derive(Default)]
+struct RecordingLine {
+    levels: Mutex<Vec<bool>>,
+}
+
+impl sluice_bus::irq::LevelIrqLine for RecordingLine {
+    fn set_level(&self, asserted: bool) -> std::io::Result<()> {
+        self.levels.lock().unwrap().push(asserted);
+        Ok(())
+    }
+}
+
+impl sluice_bus::irq::LevelIrqRouter for RecordingIntx {
+    fn connect(&self, gsi: u32) -> std::io::Result<Arc<dyn sluice_bus::irq::LevelIrqLine>> {
+        let line = Arc::new(RecordingLine::default());
+        self.lines.lock().unwrap().push((gsi, line.clone()));
+        Ok(line)
+    }
+}
+
+#[test]
+fn without_msix_a_completion_asserts_inta_and_the_isr_read_deasserts_it() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+    let mmio = Arc::new(Bus::new());
+    let allocator = BarAllocator::new(
+        AddressWindow::new(0xc000_0000, 0x2000_0000).unwrap(),
+        AddressWindow::new(1 << 32, 1 << 32).unwrap(),
+        AddressWindow::new(DEFAULT_IO_WINDOW.0, DEFAULT_IO_WINDOW.1).unwrap(),
+    )
+    .unwrap();
+    let root = Arc::new(PciRoot::new(mmio.clone(), Arc::new(Bus::new()), allocator));
+    let intx = Arc::new(RecordingIntx::default());
+    root.set_intx(intx.clone(), sluice_pci::IntxRouting::new(16, 8).unwrap());
+    let disk = Disk::new("intx");
+    let block = Block::new(BlockConfig::new(&disk.path)).unwrap();
+    let options = VirtioPciOptions::new(Arc::new(NullMsi));
+    let pci =
+        VirtioPciDevice::new(Box::new(block), sluice_dma::identity(mem.clone()), options).unwrap();
+    let address = root.add_device(Arc::new(Mutex::new(pci))).unwrap();
+    let (gsi, line) = intx.lines.lock().unwrap()[0].clone();
+    let mut line_register = [0u8; 1];
+    root.config_read(address, sluice_pci::INTERRUPT_LINE, &mut line_register);
+    let mut d = Driver::new(mmio, &root, address, mem, 0x40_0000);
+    assert!(d.setup(16));
+    d.driver_ok();
+
+    d.submit(d.block_request(BLK_T_OUT, 2, &[7u8; 512], 0));
+    d.wait_used(1).expect("completes without MSI-X");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while line.levels.lock().unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+
+    assert_eq!(gsi, 16 + u32::from(address.device) % 8);
+    assert_eq!(
+        u32::from(line_register[0]),
+        gsi,
+        "the line register names the GSI"
+    );
+    assert_eq!(
+        *line.levels.lock().unwrap(),
+        vec![true],
+        "INTA asserted once"
+    );
+    assert_eq!(d.read(0x1000, 1), 1, "ISR: queue interrupt");
+    assert_eq!(
+        *line.levels.lock().unwrap(),
+        vec![true, false],
+        "deasserted"
+    );
+    assert_eq!(d.read(0x1000, 1), 0, "read-to-clear");
+}
