@@ -133,8 +133,16 @@ impl Driver {
     }
 
     /// Negotiates VERSION_1 only and sets up queue 0 with `size`; returns whether it was enabled.
+    /// The rings start zeroed: a driver reusing memory must not leave a previous activation's
+    /// avail index for the new one to run stale descriptors from.
     fn setup(&mut self, size: u16) -> bool {
         self.write(0x14, 0, 1);
+        if self.base < RAM {
+            let rings = self.used_addr() + 0x1000 - self.base;
+            self.mem
+                .write_slice(&vec![0u8; rings as usize], GuestAddress(self.base))
+                .unwrap();
+        }
         self.write(0x14, u64::from(STATUS_ACK | STATUS_DRIVER), 1);
         self.write(0x08, 1, 4); // driver_feature_select = 1 (bits 32..63)
         self.write(0x0c, 1, 4); // VERSION_1
