@@ -54,6 +54,7 @@ mod tests;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use sluice_dma::DmaSpace;
 use sluice_virtio::{
@@ -93,7 +94,12 @@ pub struct VhostUserBlkConfig {
     pub queues: u16,
     /// Maximum size of each queue.
     pub queue_size: u16,
+    /// Bound on every request to the backend (connect, send, reply).
+    pub timeout: Duration,
 }
+
+/// What `timeout` is unless the user says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl VhostUserBlkConfig {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
@@ -101,6 +107,7 @@ impl VhostUserBlkConfig {
             socket: socket.into(),
             queues: 1,
             queue_size: 256,
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 }
