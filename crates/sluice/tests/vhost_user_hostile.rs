@@ -74,7 +74,11 @@ fn run_against_silent_backend(name: &str, disk_options: &str) {
 
     let run = run_sluice(&["run".to_string(), disk], BOUND);
 
-    assert!(!run.timed_out, "sluice waited forever: {}", run.transcript());
+    assert!(
+        !run.timed_out,
+        "sluice waited forever: {}",
+        run.transcript()
+    );
     assert_eq!(run.status, Some(EXIT_VMM_ERROR), "{}", run.transcript());
     assert!(
         run.stderr.contains(&*backend.socket.to_string_lossy())

@@ -105,10 +105,11 @@ fn queue_size(v: &str) -> Result<u16, String> {
 /// `timeout=` of a vhost-user disk: `500ms`, `5s` or plain seconds, from 1 ms to 10 min.
 fn parse_timeout(v: &str) -> Result<Duration, String> {
     let bad = || format!("timeout={v}: expected e.g. 500ms or 5s, from 1ms to 600s");
-    let timeout = match v.strip_suffix("ms") {
-        Some(ms) => Duration::from_millis(ms.parse().map_err(|_| bad())?),
-        None => Duration::from_secs(v.strip_suffix('s').unwrap_or(v).parse().map_err(|_| bad())?),
+    let (digits, unit) = match v.strip_suffix("ms") {
+        Some(ms) => (ms, Duration::from_millis(1)),
+        None => (v.strip_suffix('s').unwrap_or(v), Duration::from_secs(1)),
     };
+    let timeout = unit * digits.parse::<u32>().map_err(|_| bad())?;
     if timeout < Duration::from_millis(1) || timeout > Duration::from_secs(600) {
         return Err(bad());
     }
@@ -269,7 +270,10 @@ mod tests {
         assert_eq!(disk.timeout, None);
         assert!(!DiskSpec::parse("path=x").unwrap().vhost_user);
         let timed = |t: &str| DiskSpec::parse(&format!("vhost_user=on,socket=s,timeout={t}"));
-        assert_eq!(timed("250ms").unwrap().timeout, Some(Duration::from_millis(250)));
+        assert_eq!(
+            timed("250ms").unwrap().timeout,
+            Some(Duration::from_millis(250))
+        );
         assert_eq!(timed("5s").unwrap().timeout, Some(Duration::from_secs(5)));
         assert_eq!(timed("2").unwrap().timeout, Some(Duration::from_secs(2)));
         for bad in [

@@ -175,9 +175,8 @@ fn converse(
         Behaviour::Truncated | Behaviour::Garbage => (None, None, None),
     };
     while !stop.load(Ordering::SeqCst) {
-        let Some((request, flags, body, kick)) = receive(&mut stream, stop)? else {
-            return None;
-        };
+        // Told to stop, or the peer hung up: either way this connection is over.
+        let (request, flags, body, kick) = receive(&mut stream, stop)??;
         seen.requests.lock().unwrap().push(request);
         match behaviour {
             Behaviour::Truncated => {
@@ -197,7 +196,9 @@ fn converse(
         }
         if let Some(kick) = kick.filter(|_| request == code(FrontendReq::SET_VRING_KICK)) {
             let mut count = [0u8; 8];
-            let value = (&kick).read(&mut count).map_or(0, |_| u64::from_le_bytes(count));
+            let value = (&kick)
+                .read(&mut count)
+                .map_or(0, |_| u64::from_le_bytes(count));
             *seen.kick_count.lock().unwrap() = Some(value);
         }
         if let Some((_, delay)) = delay_at.filter(|(r, _)| code(*r) == request) {
@@ -316,7 +317,10 @@ fn a_backend_that_never_answers_fails_the_handshake_in_time() {
     let (error, took) = handshake_error("silent", Behaviour::Silent);
 
     assert!(error.contains("GET_FEATURES"), "{error}");
-    assert!(took >= TIMEOUT, "gave up after {took:?}, before the timeout");
+    assert!(
+        took >= TIMEOUT,
+        "gave up after {took:?}, before the timeout"
+    );
 }
 
 #[test]
@@ -331,7 +335,10 @@ fn a_garbage_reply_is_a_clear_error() {
     let (error, took) = handshake_error("garbage", Behaviour::Garbage);
 
     assert!(error.contains("GET_FEATURES"), "{error}");
-    assert!(took < TIMEOUT, "garbage is refused at once, not timed out ({took:?})");
+    assert!(
+        took < TIMEOUT,
+        "garbage is refused at once, not timed out ({took:?})"
+    );
 }
 
 #[test]
@@ -425,14 +432,21 @@ fn a_setup_stalled_at_driver_ok_needs_reset_without_blocking_the_vcpu() {
             started.elapsed() < TIMEOUT + SLACK,
             "{test}: NEEDS_RESET came late"
         );
-        assert!(!rig.backend.seen.saw(FrontendReq::SET_VRING_ENABLE), "{test}");
+        assert!(
+            !rig.backend.seen.saw(FrontendReq::SET_VRING_ENABLE),
+            "{test}"
+        );
     }
 }
 
 #[test]
 fn a_reset_during_a_stalled_setup_is_bounded_and_needs_no_reset() {
     let mem = memfd_ram(RAM_SIZE);
-    let rig = Rig::new("reset-in-setup", vec![stall_at(FrontendReq::SET_MEM_TABLE)], &mem);
+    let rig = Rig::new(
+        "reset-in-setup",
+        vec![stall_at(FrontendReq::SET_MEM_TABLE)],
+        &mem,
+    );
     let driver = Driver::new(&mem, 0);
     let rig = rig.activate(&driver);
     rig.backend.wait_for("SET_MEM_TABLE", |s| {
@@ -446,23 +460,32 @@ fn a_reset_during_a_stalled_setup_is_bounded_and_needs_no_reset() {
 
     assert!(took < TIMEOUT + SLACK, "reset took {took:?}");
     std::thread::sleep(TIMEOUT);
-    assert!(!rig.needs_reset(), "a reset setup must not ask for another reset");
+    assert!(
+        !rig.needs_reset(),
+        "a reset setup must not ask for another reset"
+    );
 }
 
 #[test]
 fn a_backend_stalled_at_reset_holds_the_vcpu_no_longer_than_the_timeout() {
     let mem = memfd_ram(RAM_SIZE);
-    let rig = Rig::new("stall-reset", vec![stall_at(FrontendReq::GET_VRING_BASE)], &mem);
+    let rig = Rig::new(
+        "stall-reset",
+        vec![stall_at(FrontendReq::GET_VRING_BASE)],
+        &mem,
+    );
     let driver = Driver::new(&mem, 0);
     let rig = rig.activate(&driver);
-    rig.backend.wait_for("SET_VRING_ENABLE", |s| {
-        s.saw(FrontendReq::SET_VRING_ENABLE)
-    });
+    rig.backend
+        .wait_for("SET_VRING_ENABLE", |s| s.saw(FrontendReq::SET_VRING_ENABLE));
 
     let (rig, took) = rig.reset();
 
     assert!(rig.backend.seen.saw(FrontendReq::GET_VRING_BASE));
-    assert!(took >= TIMEOUT, "reset gave up after {took:?}, before the timeout");
+    assert!(
+        took >= TIMEOUT,
+        "reset gave up after {took:?}, before the timeout"
+    );
     assert!(!rig.needs_reset());
 }
 
@@ -480,9 +503,8 @@ fn kicks_made_during_setup_reach_the_backend() {
 
     // The guest kicks before the backend has the ring: the eventfd keeps the count.
     driver.kick.write(1).unwrap();
-    rig.backend.wait_for("SET_VRING_ENABLE", |s| {
-        s.saw(FrontendReq::SET_VRING_ENABLE)
-    });
+    rig.backend
+        .wait_for("SET_VRING_ENABLE", |s| s.saw(FrontendReq::SET_VRING_ENABLE));
 
     assert_eq!(*rig.backend.seen.kick_count.lock().unwrap(), Some(1));
     assert!(!rig.needs_reset());
@@ -502,8 +524,9 @@ fn a_reconnect_to_a_stalled_backend_holds_reset_no_longer_than_the_timeout() {
     let driver = Driver::new(&mem, 0);
     let rig = rig.activate(&driver);
     // The pump reconnects about a second after the hang-up, to a backend that never answers.
-    rig.backend
-        .wait_for("a second connection", |s| s.accepts.load(Ordering::SeqCst) >= 2);
+    rig.backend.wait_for("a second connection", |s| {
+        s.accepts.load(Ordering::SeqCst) >= 2
+    });
 
     let (rig, took) = rig.reset();
 
@@ -517,9 +540,8 @@ fn a_healthy_scripted_backend_is_set_up_in_order() {
     let rig = Rig::new("healthy", vec![SERVE], &mem);
     let driver = Driver::new(&mem, 0);
     let rig = rig.activate(&driver);
-    rig.backend.wait_for("SET_VRING_ENABLE", |s| {
-        s.saw(FrontendReq::SET_VRING_ENABLE)
-    });
+    rig.backend
+        .wait_for("SET_VRING_ENABLE", |s| s.saw(FrontendReq::SET_VRING_ENABLE));
 
     let (rig, _) = rig.reset();
 
