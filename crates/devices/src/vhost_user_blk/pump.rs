@@ -1,5 +1,8 @@
-//! The interrupt pump: one thread per active device that relays the backend's call eventfds to
-//! the driver and watches the control socket, reconnecting when the backend goes away.
+//! The interrupt pump: one thread per active device that first sends the DRIVER_OK setup (so
+//! the vCPU never waits for the backend), then relays the backend's call eventfds to the driver
+//! and watches the control socket, reconnecting when the backend goes away. Every request it
+//! sends, reconnects included, is bounded by the device's timeout, and a reset cancels the
+//! ones not yet sent, so stopping the thread waits for one request at most.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};

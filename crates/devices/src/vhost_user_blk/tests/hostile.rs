@@ -5,6 +5,7 @@
 //! the timeout, and a setup that cannot finish marks the device NEEDS_RESET.
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc;
@@ -317,6 +318,32 @@ fn a_backend_that_never_answers_fails_the_handshake_in_time() {
     let (error, took) = handshake_error("silent", Behaviour::Silent);
 
     assert!(error.contains("GET_FEATURES"), "{error}");
+    assert!(
+        took >= TIMEOUT,
+        "gave up after {took:?}, before the timeout"
+    );
+}
+
+#[test]
+fn a_backend_that_never_accepts_fails_the_connect_in_time() {
+    let socket =
+        std::env::temp_dir().join(format!("sluice-vub-{}-backlog.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).unwrap();
+    // SAFETY: listen(2) on a socket this test owns; a zero backlog holds one connection.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    let _queued = UnixStream::connect(&socket).unwrap();
+    let mut config = VhostUserBlkConfig::new(&socket);
+    config.timeout = TIMEOUT;
+
+    let (result, took) = within(TIMEOUT + SLACK, "VhostUserBlk::new", move || {
+        VhostUserBlk::new(config, Vec::new()).map(|_| ())
+    });
+
+    let error = result.expect_err("connected to a full queue").to_string();
+    let _ = std::fs::remove_file(&socket);
+    assert!(error.contains(&*socket.to_string_lossy()), "{error}");
+    assert!(error.contains("accepted no connection"), "{error}");
     assert!(
         took >= TIMEOUT,
         "gave up after {took:?}, before the timeout"
