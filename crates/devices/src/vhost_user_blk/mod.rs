@@ -13,13 +13,15 @@
 //!   required; MQ, REPLY_ACK, CONFIGURE_MEM_SLOTS, INFLIGHT_SHMFD and RESET_DEVICE are used when
 //!   offered), GET_QUEUE_NUM (MQ), GET_MAX_MEM_SLOTS (CONFIGURE_MEM_SLOTS), SET_OWNER, GET_CONFIG
 //!   (the 60-byte `virtio_blk_config`, cached for the guest's config reads).
-//! * DRIVER_OK ([`VhostUserBlk::start`]): GET_INFLIGHT_FD (first start only) and
-//!   SET_INFLIGHT_FD, SET_FEATURES (negotiated | `VHOST_USER_F_PROTOCOL_FEATURES`), the memory
-//!   table once per connection (ADD_MEM_REG per region with CONFIGURE_MEM_SLOTS, else
-//!   SET_MEM_TABLE), then per queue SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR (frontend
-//!   virtual addresses), SET_VRING_CALL, SET_VRING_KICK, and SET_VRING_ENABLE(1).
-//! * reset ([`VhostUserBlk::stop`]): GET_VRING_BASE per queue (stops the rings), RESET_DEVICE
-//!   if negotiated, and the inflight area is dropped (a reset guest has no requests to replay).
+//! * DRIVER_OK ([`ExternalQueues::start`], sent from the pump thread): GET_INFLIGHT_FD (first
+//!   start only) and SET_INFLIGHT_FD, SET_FEATURES (negotiated |
+//!   `VHOST_USER_F_PROTOCOL_FEATURES`), the memory table once per connection (ADD_MEM_REG per
+//!   region with CONFIGURE_MEM_SLOTS, else SET_MEM_TABLE), then per queue SET_VRING_NUM,
+//!   SET_VRING_BASE, SET_VRING_ADDR (frontend virtual addresses), SET_VRING_CALL,
+//!   SET_VRING_KICK, and SET_VRING_ENABLE(1).
+//! * reset ([`ExternalQueues::stop`], [`VirtioDevice::reset`]): GET_VRING_BASE per queue
+//!   (stops the rings), RESET_DEVICE if negotiated, and the inflight area is dropped (a reset
+//!   guest has no requests to replay).
 //!   RESET_OWNER is never sent: it is deprecated and QEMU does not send it either.
 //!
 //! No backend can hold a sluice thread: every request is bounded by
@@ -67,6 +69,7 @@ mod session;
 mod tests;
 
 use std::fs::File;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -74,7 +77,8 @@ use std::time::Duration;
 
 use sluice_dma::DmaSpace;
 use sluice_virtio::{
-    ActivateError, DeviceMetrics, QueueBinding, VirtioDevice, VirtioInterrupt, DEVICE_TYPE_BLOCK,
+    ActivateError, DeviceMetrics, ExternalQueues, QueueBinding, QueueHandler, VirtioDevice,
+    VirtioInterrupt, DEVICE_TYPE_BLOCK,
 };
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_MQ;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -341,7 +345,7 @@ impl VhostUserBlk {
     /// DRIVER_OK: checks the driver's queues here and hands the setup to the pump thread, so
     /// this returns without waiting for the backend. A setup that fails later marks the device
     /// NEEDS_RESET through `interrupt`.
-    pub fn start(
+    fn start_rings(
         &mut self,
         features: u64,
         mem: DmaSpace,
@@ -368,7 +372,7 @@ impl VhostUserBlk {
 
     /// Device reset: stops the pump (cancelling a setup still running, after its request in
     /// flight) and the backend's rings, each step bounded by the timeout.
-    pub fn stop(&mut self) {
+    fn stop_rings(&mut self) {
         self.stop_pump();
         self.session().deactivate();
     }
@@ -432,22 +436,50 @@ impl VirtioDevice for VhostUserBlk {
         self.config_writes.forward(&self.session, data[0]);
     }
 
-    fn activate(
+    /// With MQ the driver may use fewer queues than offered.
+    fn queue_count_range(&self) -> RangeInclusive<usize> {
+        1..=self.queue_sizes.len()
+    }
+
+    /// Never called: [`external_queues`](Self::external_queues) runs every queue.
+    fn queue_handler(
+        &mut self,
+        index: u16,
+        _size: u16,
+    ) -> Result<Box<dyn QueueHandler>, ActivateError> {
+        Err(ActivateError::Backend(format!(
+            "queue {index} is served by the vhost-user backend"
+        )))
+    }
+
+    fn external_queues(&mut self) -> Option<&mut dyn ExternalQueues> {
+        Some(self)
+    }
+
+    /// After [`ExternalQueues::stop`], or after an activation that failed: nothing left to stop
+    /// then, but calling it again is harmless.
+    fn reset(&mut self) {
+        self.stop_rings();
+    }
+
+    fn metrics(&self) -> Arc<DeviceMetrics> {
+        self.metrics.clone()
+    }
+}
+
+impl ExternalQueues for VhostUserBlk {
+    fn start(
         &mut self,
         features: u64,
         mem: DmaSpace,
         queues: Vec<QueueBinding>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        self.start(features, mem, queues, interrupt)
+        self.start_rings(features, mem, queues, interrupt)
     }
 
-    fn reset(&mut self) {
-        self.stop();
-    }
-
-    fn metrics(&self) -> Arc<DeviceMetrics> {
-        self.metrics.clone()
+    fn stop(&mut self) {
+        self.stop_rings();
     }
 }
 

@@ -397,7 +397,8 @@ impl Rig {
         }
     }
 
-    /// DRIVER_OK from the vCPU: must return at once whatever the backend does.
+    /// DRIVER_OK from the vCPU (`ExternalQueues::start`): returns at once whatever the backend
+    /// does.
     fn activate(self, driver: &Driver) -> Self {
         let binding = driver.binding();
         let (rig, took) = within(AT_ONCE * 4, "activate", move || {
@@ -406,7 +407,7 @@ impl Rig {
             let mem = sluice_dma::identity(rig.mem.clone());
             let interrupt: Arc<dyn VirtioInterrupt> = rig.interrupts.clone();
             rig.device
-                .activate(features, mem, vec![binding], interrupt)
+                .start(features, mem, vec![binding], interrupt)
                 .unwrap();
             rig
         });
@@ -414,10 +415,11 @@ impl Rig {
         rig
     }
 
-    /// A device reset from the vCPU: bounded by the timeout.
+    /// A device reset from the vCPU, as the framework does it: bounded by the timeout.
     fn reset(self) -> (Self, Duration) {
         within(TIMEOUT * 2 + SLACK, "reset", move || {
             let mut rig = self;
+            ExternalQueues::stop(&mut rig.device);
             rig.device.reset();
             rig
         })
