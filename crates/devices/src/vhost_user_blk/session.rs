@@ -242,8 +242,8 @@ impl Session {
         Some((self.generation, socket))
     }
 
-    /// Sends one request through `send`, bounded by the timeout. Drops the connection when its
-    /// state is no longer known (anything but a clean refusal).
+    /// Sends one request of the setup (handshake, DRIVER_OK, reconnect), unless a reset
+    /// cancelled it.
     fn request<T>(
         &mut self,
         step: &'static str,
@@ -252,6 +252,16 @@ impl Session {
         if self.endpoint.cancel.load(Ordering::Acquire) {
             return Err(VhostUserBlkError::Cancelled);
         }
+        self.send(step, send)
+    }
+
+    /// Sends one request through `send`, bounded by the timeout. Drops the connection when its
+    /// state is no longer known (anything but a clean refusal).
+    fn send<T>(
+        &mut self,
+        step: &'static str,
+        send: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+    ) -> Result<T, VhostUserBlkError> {
         let timeout = self.endpoint.timeout;
         let connection = self
             .connection
@@ -389,9 +399,9 @@ impl Session {
         self.config.set_num_queues(queues);
     }
 
-    /// Forwards a (validated) guest config write to the backend.
+    /// Forwards a (validated) guest config write to the backend; a reset does not cancel it.
     pub fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<(), VhostUserBlkError> {
-        self.request("SET_CONFIG", |f| {
+        self.send("SET_CONFIG", |f| {
             f.set_config(offset, VhostUserConfigFlags::WRITABLE, data)
         })
     }
@@ -541,7 +551,7 @@ impl Session {
         }
         for ring in &active.rings {
             let index = usize::from(ring.index);
-            if let Err(e) = self.request("GET_VRING_BASE", |f| f.get_vring_base(index)) {
+            if let Err(e) = self.send("GET_VRING_BASE", |f| f.get_vring_base(index)) {
                 tracing::warn!("vhost-user-blk: GET_VRING_BASE({}): {e}", ring.index);
             }
         }
@@ -549,7 +559,7 @@ impl Session {
             .protocol
             .contains(VhostUserProtocolFeatures::RESET_DEVICE);
         if reset_device && self.connection.is_some() {
-            if let Err(e) = self.request("RESET_DEVICE", |f| f.reset_device()) {
+            if let Err(e) = self.send("RESET_DEVICE", |f| f.reset_device()) {
                 tracing::warn!("vhost-user-blk: RESET_DEVICE: {e}");
             }
         }

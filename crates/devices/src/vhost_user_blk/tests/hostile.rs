@@ -587,3 +587,26 @@ fn a_healthy_scripted_backend_is_set_up_in_order() {
     assert!(order.windows(2).all(|w| w[0] < w[1]), "{requests:?}");
     assert!(!rig.needs_reset());
 }
+
+#[test]
+fn a_guest_config_write_never_waits_for_the_backend() {
+    let mem = memfd_ram(RAM_SIZE);
+    let rig = Rig::new(
+        "stall-config-write",
+        vec![stall_at(FrontendReq::SET_CONFIG)],
+        &mem,
+    );
+
+    let (rig, took) = within(AT_ONCE * 4, "write_config", move || {
+        let mut rig = rig;
+        rig.device.write_config(CONFIG_WCE_OFFSET, &[1]);
+        rig
+    });
+
+    assert!(took < AT_ONCE, "write_config took {took:?}");
+    let mut wce = [0u8];
+    rig.device.read_config(CONFIG_WCE_OFFSET, &mut wce);
+    assert_eq!(wce, [1], "the guest reads back what it wrote");
+    rig.backend
+        .wait_for("SET_CONFIG", |s| s.saw(FrontendReq::SET_CONFIG));
+}
