@@ -49,12 +49,12 @@
 //! suppresses interrupts for its last completions.
 //!
 //! Reconnect (best effort): the pump watches the control socket for a hang-up (or a connection
-//! sluice dropped after a timeout or an unparseable reply). When the backend goes away it logs
-//! it and retries the connection every second, each attempt bounded like any request; on
-//! success it replays the whole setup above, with SET_INFLIGHT_FD carrying the area obtained at first start (so a
-//! backend offering INFLIGHT_SHMFD resubmits the requests it had in flight) and SET_VRING_BASE
-//! set to the used index read from the guest's used ring (what was completed), then nudges
-//! every kick fd so requests queued meanwhile are seen. A backend that comes back without a
+//! sluice dropped after a timeout or an unparseable reply). When the backend goes away it logs it
+//! and retries the connection every second, each attempt bounded like any request; on success it
+//! replays the whole setup above, with SET_INFLIGHT_FD carrying the area obtained at first start
+//! (so a backend offering INFLIGHT_SHMFD resubmits the requests it had in flight) and
+//! SET_VRING_BASE set to the used index read from the guest's used ring (what was completed), then
+//! nudges every kick fd so requests queued meanwhile are seen. A backend that comes back without a
 //! feature the driver negotiated makes the device DEVICE_NEEDS_RESET. While the device is not
 //! active, a lost connection is noticed at the next activation, which reconnects once.
 //! Not done: the backend request channel (BACKEND_REQ: config-change notifications, IOTLB),
