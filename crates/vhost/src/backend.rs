@@ -347,12 +347,10 @@ impl<D: VirtioDevice> Backend<D> {
             self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
         )
         .map_err(|e| format!("cannot start the queue worker: {e}"))?;
-        let vring = &mut self.vrings[index];
-        // Requests made available while nobody listened: look at the ring once now.
-        if let Some(kick) = &vring.kick {
-            let _ = kick.write(1);
-        }
-        vring.running = Some(Running { worker, handler });
+        // The worker looks at the ring once as it starts (requests made available while
+        // nobody listened); the frontend's kick fd is only ever read, never written: it may
+        // be anything, a full pipe's write end included.
+        self.vrings[index].running = Some(Running { worker, handler });
         Ok(())
     }
 

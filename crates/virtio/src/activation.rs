@@ -3,7 +3,7 @@
 //! Every transport starts a device the same way: check how many queues the driver enabled
 //! against [`VirtioDevice::queue_count_range`], tell the device the negotiated features
 //! ([`VirtioDevice::ack_features`]), then either hand the queues to the device's
-//! [`ExternalQueues`] (their rings run in another process) or build one handler per queue with
+//! [`ExternalQueues`](crate::ExternalQueues) (their rings run in another process) or build one handler per queue with
 //! [`VirtioDevice::queue_handler`] and run it on a [`QueueWorker`] (EVENT_IDX as negotiated).
 //! A failure part-way stops whatever already started, so a device is either fully running or
 //! not at all. Reset is the reverse: every worker is stopped (joined) before

@@ -140,7 +140,10 @@ pub enum ActivateError {
 pub struct QueueBinding {
     pub index: u16,
     pub queue: Queue,
-    /// Signalled when the driver notifies this queue.
+    /// Readable when the driver notifies this queue: an eventfd in the VMM, in vhost-user the
+    /// frontend's kick fd unchanged (which may be any kind of fd; the worker only polls it and
+    /// reads at most 8 bytes, and a kick fd that hangs up or fails stops the queue with
+    /// DEVICE_NEEDS_RESET).
     pub kick: EventFd,
     pub policy: NotifyPolicy,
 }
