@@ -109,6 +109,9 @@ fn disk_device(disk: &DiskSpec, ram: &GuestRam) -> Result<Box<dyn VirtioDevice>,
     let mut config = VhostUserBlkConfig::new(socket);
     config.queues = disk.queues;
     config.queue_size = disk.queue_size;
+    if let Some(timeout) = disk.timeout {
+        config.timeout = timeout;
+    }
     let regions = SharedMemoryRegion::from_guest_memory(&ram.memory)
         .map_err(|e| device_err("vhost-user-blk", e))?;
     let device = VhostUserBlk::new(config, regions).map_err(|e| device_err("vhost-user-blk", e))?;
