@@ -16,10 +16,10 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 
 case "$target" in
-    blk_request | net_header | virtio_pci_registers | vhost_user_messages) ;;
+    blk_request | net_header | virtio_pci_registers | vhost_user_messages | vhost_user_fds) ;;
     *)
         echo "unknown target '$target' (blk_request, net_header, virtio_pci_registers," \
-            "vhost_user_messages)" >&2
+            "vhost_user_messages, vhost_user_fds)" >&2
         exit 2
         ;;
 esac

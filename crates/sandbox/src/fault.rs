@@ -1,6 +1,7 @@
 //! Test-only faults (feature `fault-injection`, enabled by sluice's dev-dependency, so never in
 //! a release build): `SLUICE_TEST_FAULT=TARGET:FAULT[:N]` makes the N-th thread (default the
-//! first) of TARGET — a kind (`vcpu`, `queue-worker`, `interrupt-pump`, `connection`) or a
+//! first) of TARGET — a kind (`vcpu`, `queue-worker`, `vhost-frontend`, `irq-resampler`,
+//! `connection`) or a
 //! thread name (`vcpu1`) — fail as it starts: `panic`, or `syscall`, a call no filter allows
 //! (sysinfo(2), harmless when unfiltered).
 
@@ -9,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use crate::ThreadKind;
 
 /// Targeted threads of each kind started so far (indexed like `ThreadKind as usize`).
-static STARTED: [AtomicU32; 4] = [const { AtomicU32::new(0) }; 4];
+static STARTED: [AtomicU32; 5] = [const { AtomicU32::new(0) }; 5];
 
 pub(crate) fn at_start(kind: ThreadKind) {
     let Ok(spec) = std::env::var("SLUICE_TEST_FAULT") else {

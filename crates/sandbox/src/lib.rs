@@ -1,7 +1,7 @@
 //! How sluice's threads are started and what happens when one of them fails.
 //!
-//! Every sluice thread (vCPUs, queue workers, the vhost-user-blk interrupt pump, vhost-user
-//! connections) is started by [`spawn`] with its [`ThreadKind`], which
+//! Every sluice thread (vCPUs, queue workers, the vhost-user-blk frontend's threads, INTx
+//! resamplers, vhost-user connections) is started by [`spawn`] with its [`ThreadKind`], which
 //! * confines it with that kind's seccomp filter (see [`seccomp`]) when [`install`] turned
 //!   filtering on, and
 //! * hands it its parent's containment scope (see [`panic`]): a panic ends the process, or —
@@ -31,12 +31,16 @@ pub const EXIT_SECCOMP: u8 = 123;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ThreadKind {
     /// Runs one vCPU (KVM_RUN) and the device code reached by its exits, including device
-    /// activation, which starts queue workers and the interrupt pump.
+    /// activation, which starts queue workers and the vhost-user-blk frontend's threads.
     Vcpu,
     /// Serves one virtqueue (in `run` and in `serve`).
     QueueWorker,
-    /// vhost-user-blk frontend: forwards the backend's call fds to MSI-X, reconnects.
-    InterruptPump,
+    /// The vhost-user-blk frontend's threads: the interrupt pump (sends the DRIVER_OK setup,
+    /// forwards the backend's call fds to MSI-X, reconnects), the config-write sender and the
+    /// request watchdog.
+    VhostFrontend,
+    /// A level-triggered INTx line: re-raises the pin after each EOI (eventfd reads and writes).
+    IrqResampler,
     /// `serve`: accepts and serves vhost-user connections (memory tables, ring setup), starts
     /// queue workers.
     Connection,
@@ -48,7 +52,8 @@ impl ThreadKind {
         match self {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::QueueWorker => "queue-worker",
-            ThreadKind::InterruptPump => "interrupt-pump",
+            ThreadKind::VhostFrontend => "vhost-frontend",
+            ThreadKind::IrqResampler => "irq-resampler",
             ThreadKind::Connection => "connection",
         }
     }
@@ -109,8 +114,11 @@ where
             // does, running unconfined would be silently weaker, so stop.
             panic::fatal(&format!("thread `{name}`: {e}"));
         }
+        // A connection's fault fires inside its scope (`contain_connection`), not before it.
         #[cfg(feature = "fault-injection")]
-        fault::at_start(kind);
+        if kind != ThreadKind::Connection {
+            fault::at_start(kind);
+        }
         body()
     })
 }

@@ -1,7 +1,7 @@
 //! seccomp filters, one per [`ThreadKind`], applied by each thread to itself when it starts.
 //!
 //! A thread inherits its parent's filter and can only add to it, so a kind that starts threads
-//! allows what its children need: queue workers and the interrupt pump are started at device
+//! allows what its children need: queue workers and the vhost-user-blk frontend's threads are started at device
 //! activation, from a vCPU thread (`run`) or a connection (`serve`), so [`ThreadKind::Vcpu`]
 //! and [`ThreadKind::Connection`] include their lists. The lists come from `strace -f` of the
 //! test suite's runs (`run` with --disk, --net, --rng and a vhost-user disk; `serve blk` driven
@@ -50,10 +50,11 @@ impl std::str::FromStr for SeccompMode {
     }
 }
 
-const KINDS: [ThreadKind; 4] = [
+const KINDS: [ThreadKind; 5] = [
     ThreadKind::Vcpu,
     ThreadKind::QueueWorker,
-    ThreadKind::InterruptPump,
+    ThreadKind::VhostFrontend,
+    ThreadKind::IrqResampler,
     ThreadKind::Connection,
 ];
 
@@ -129,18 +130,31 @@ fn compile(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, Erro
         allowed(kind).iter().map(|&nr| (nr, Vec::new())).collect();
     let requests = allowed_ioctls(kind);
     if !requests.is_empty() {
-        let mut ioctl = Vec::new();
-        for request in requests {
-            let condition =
-                SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
-                    .map_err(err)?;
-            ioctl.push(SeccompRule::new(vec![condition]).map_err(err)?);
-        }
-        rules.insert(libc::SYS_ioctl, ioctl);
+        rules.insert(libc::SYS_ioctl, arg_is_one_of(1, &requests).map_err(err)?);
     }
+    // SIGBUS only: the vhost-user backend installs its handler (for frontends that shrink
+    // shared memory) when it first maps a region, and puts the default back for a fault that
+    // is not its own. No thread may touch SIGSYS's handler, which enforces the filters.
+    let sigbus = libc::SIGBUS as u64;
+    rules.insert(
+        libc::SYS_rt_sigaction,
+        arg_is_one_of(0, &[sigbus]).map_err(err)?,
+    );
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(err)?;
     BpfProgram::try_from(filter).map_err(err)
+}
+
+/// Rules allowing a call whose argument `index` (32 bits) is one of `values`.
+fn arg_is_one_of(index: u8, values: &[u64]) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    values
+        .iter()
+        .map(|&value| {
+            let condition =
+                SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)?;
+            SeccompRule::new(vec![condition])
+        })
+        .collect()
 }
 
 /// Every filtered thread: memory, locks, its own fds and epoll, time, logging, panicking and
@@ -212,8 +226,9 @@ const QUEUE_WORKER: &[i64] = &[
     libc::SYS_fallocate,
 ];
 
-/// The vhost-user-blk frontend's pump: call fds, and reconnecting to the backend.
-const INTERRUPT_PUMP: &[i64] = &[
+/// The vhost-user-blk frontend: the session's messages (with fds), call fds, reconnecting to
+/// the backend, the watchdog's shutdown of a socket.
+const VHOST_FRONTEND: &[i64] = &[
     libc::SYS_socket,
     libc::SYS_connect,
     libc::SYS_sendmsg,
@@ -261,8 +276,9 @@ const CONNECTION: &[i64] = &[
 fn allowed(kind: ThreadKind) -> Vec<i64> {
     let lists: &[&[i64]] = match kind {
         ThreadKind::QueueWorker => &[BASE, QUEUE_WORKER],
-        ThreadKind::InterruptPump => &[BASE, INTERRUPT_PUMP],
-        ThreadKind::Vcpu => &[BASE, SPAWN, QUEUE_WORKER, INTERRUPT_PUMP, ACTIVATION],
+        ThreadKind::VhostFrontend => &[BASE, SPAWN, VHOST_FRONTEND, ACTIVATION],
+        ThreadKind::IrqResampler => &[BASE],
+        ThreadKind::Vcpu => &[BASE, SPAWN, QUEUE_WORKER, VHOST_FRONTEND, ACTIVATION],
         ThreadKind::Connection => &[BASE, SPAWN, QUEUE_WORKER, ACTIVATION, CONNECTION],
     };
     let mut all: Vec<i64> = lists.iter().flat_map(|l| l.iter().copied()).collect();
@@ -317,8 +333,11 @@ const KVM_VCPU_IOCTLS: [u64; 13] = {
 fn allowed_ioctls(kind: ThreadKind) -> Vec<u64> {
     match kind {
         ThreadKind::Vcpu => [&KVM_VCPU_IOCTLS[..], &TAP_AND_FD_IOCTLS[..]].concat(),
-        ThreadKind::Connection => TAP_AND_FD_IOCTLS.to_vec(),
-        ThreadKind::QueueWorker | ThreadKind::InterruptPump => Vec::new(),
+        // SIOCOUTQ: the server checks what a frontend left unread before answering more.
+        ThreadKind::Connection => [&TAP_AND_FD_IOCTLS[..], &[libc::TIOCOUTQ]].concat(),
+        ThreadKind::QueueWorker | ThreadKind::VhostFrontend | ThreadKind::IrqResampler => {
+            Vec::new()
+        }
     }
 }
 
@@ -431,7 +450,7 @@ mod tests {
             let missing: Vec<_> = worker.iter().filter(|nr| !allowed.contains(nr)).collect();
             assert!(missing.is_empty(), "{parent:?} lacks {missing:?}");
         }
-        let pump = allowed(ThreadKind::InterruptPump);
+        let pump = allowed(ThreadKind::VhostFrontend);
         let vcpu = allowed(ThreadKind::Vcpu);
         assert!(pump.iter().all(|nr| vcpu.contains(nr)));
     }
@@ -479,6 +498,31 @@ mod tests {
         ];
 
         assert_eq!(KVM_VCPU_IOCTLS, expected);
+    }
+
+    #[test]
+    fn only_sigbus_handlers_may_change() {
+        let filter = compile(
+            ThreadKind::Connection,
+            SeccompAction::Errno(libc::EPERM as u32),
+        )
+        .unwrap();
+
+        let (sigbus, sigsys) = std::thread::spawn(move || {
+            seccompiler::apply_filter(&filter).unwrap();
+            // SAFETY: reading the current actions (no new action given) changes nothing.
+            unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                (
+                    libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut old),
+                    libc::sigaction(libc::SIGSYS, std::ptr::null(), &mut old),
+                )
+            }
+        })
+        .join()
+        .unwrap();
+
+        assert_eq!((sigbus, sigsys), (0, -1));
     }
 
     #[test]
