@@ -287,7 +287,8 @@ fn allowed(kind: ThreadKind) -> Vec<i64> {
     all
 }
 
-/// Tap queues and offloads at activation (virtio-net, vhost-user-net); non-blocking, cloexec.
+/// Tap queues and offloads (virtio-net activation and control queue, vhost-user-net);
+/// non-blocking, cloexec.
 const TAP_AND_FD_IOCTLS: [u64; 5] = [
     libc::TUNSETOFFLOAD,
     libc::TUNSETQUEUE,
@@ -335,9 +336,9 @@ fn allowed_ioctls(kind: ThreadKind) -> Vec<u64> {
         ThreadKind::Vcpu => [&KVM_VCPU_IOCTLS[..], &TAP_AND_FD_IOCTLS[..]].concat(),
         // SIOCOUTQ: the server checks what a frontend left unread before answering more.
         ThreadKind::Connection => [&TAP_AND_FD_IOCTLS[..], &[libc::TIOCOUTQ]].concat(),
-        ThreadKind::QueueWorker | ThreadKind::VhostFrontend | ThreadKind::IrqResampler => {
-            Vec::new()
-        }
+        // A virtio-net control queue attaches tap queues (MQ_VQ_PAIRS_SET) and sets offloads.
+        ThreadKind::QueueWorker => TAP_AND_FD_IOCTLS.to_vec(),
+        ThreadKind::VhostFrontend | ThreadKind::IrqResampler => Vec::new(),
     }
 }
 
