@@ -1,38 +1,62 @@
 //! Test-only faults (feature `fault-injection`, enabled by sluice's dev-dependency, so never in
-//! a release build): `SLUICE_TEST_FAULT=TARGET:FAULT[:N]` makes the N-th thread (default the
-//! first) of TARGET — a kind (`vcpu`, `queue-worker`, `vhost-frontend`, `irq-resampler`,
-//! `connection`) or a
-//! thread name (`vcpu1`) — fail as it starts: `panic`, or `syscall`, a call no filter allows
-//! (sysinfo(2), harmless when unfiltered).
+//! a release build), chosen by `SLUICE_TEST_FAULT=TARGET:FAULT[:N]`. TARGET is
+//! * a thread kind (`vcpu`, `queue-worker`, `vhost-frontend`, `irq-resampler`, `connection`)
+//!   or a thread name (`vcpu1`): the N-th such thread (default the first) fails as it starts;
+//! * or a code path marked with [`crate::fault_point`] (`vcpu-mmio-write`: a vCPU about to
+//!   hand a guest MMIO write to its device): the N-th pass there fails.
+//!
+//! FAULT is `panic`, or `syscall` — a call no filter allows (sysinfo(2), harmless unfiltered).
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 
 use crate::ThreadKind;
 
-/// Targeted threads of each kind started so far (indexed like `ThreadKind as usize`).
-static STARTED: [AtomicU32; 5] = [const { AtomicU32::new(0) }; 5];
+struct Spec {
+    target: String,
+    fault: String,
+    nth: u32,
+    /// Matching threads started / passes made so far.
+    seen: AtomicU32,
+}
+
+fn spec() -> Option<&'static Spec> {
+    static SPEC: OnceLock<Option<Spec>> = OnceLock::new();
+    SPEC.get_or_init(|| {
+        let text = std::env::var("SLUICE_TEST_FAULT").ok()?;
+        let mut parts = text.split(':');
+        let (target, fault) = (parts.next()?, parts.next()?);
+        Some(Spec {
+            target: target.to_owned(),
+            fault: fault.to_owned(),
+            nth: parts.next().and_then(|n| n.parse().ok()).unwrap_or(1),
+            seen: AtomicU32::new(0),
+        })
+    })
+    .as_ref()
+}
 
 pub(crate) fn at_start(kind: ThreadKind) {
-    let Ok(spec) = std::env::var("SLUICE_TEST_FAULT") else {
-        return;
-    };
-    let mut parts = spec.split(':');
-    let (Some(target), Some(fault)) = (parts.next(), parts.next()) else {
-        return;
-    };
-    let wanted: u32 = parts.next().and_then(|n| n.parse().ok()).unwrap_or(1);
     let thread = std::thread::current();
-    if target != kind.name() && Some(target) != thread.name() {
+    let Some(spec) = spec().filter(|s| s.target == kind.name() || thread.name() == Some(&s.target))
+    else {
+        return;
+    };
+    hit(spec, kind.name());
+}
+
+pub(crate) fn at_point(point: &str) {
+    if let Some(spec) = spec().filter(|s| s.target == point) {
+        hit(spec, point);
+    }
+}
+
+fn hit(spec: &Spec, what: &str) {
+    if spec.seen.fetch_add(1, Ordering::Relaxed) + 1 != spec.nth {
         return;
     }
-    if STARTED[kind as usize].fetch_add(1, Ordering::Relaxed) + 1 != wanted {
-        return;
-    }
-    match fault {
-        "panic" => panic!(
-            "SLUICE_TEST_FAULT: injected panic in a {} thread",
-            kind.name()
-        ),
+    match spec.fault.as_str() {
+        "panic" => panic!("SLUICE_TEST_FAULT: injected panic at {what}"),
         "syscall" => {
             // SAFETY: sysinfo(2) into a valid, owned buffer; no side effects.
             let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };

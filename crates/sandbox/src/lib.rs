@@ -123,6 +123,16 @@ where
     })
 }
 
+/// A place in sluice's code where tests may inject a fault (`SLUICE_TEST_FAULT=POINT:...`, see
+/// `fault.rs`); nothing at all unless the test-only `fault-injection` feature is on.
+#[inline(always)]
+pub fn fault_point(point: &'static str) {
+    #[cfg(feature = "fault-injection")]
+    fault::at_point(point);
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = point;
+}
+
 /// Confines the calling thread with `kind`'s seccomp filter (nothing when filtering is off).
 /// For threads sluice did not start itself, such as `serve`'s main thread.
 pub fn confine_current_thread(kind: ThreadKind) -> Result<(), Error> {

@@ -269,6 +269,26 @@ fn a_panic_in_a_vcpu_stops_the_vm_with_a_clear_message() {
 }
 
 #[test]
+fn a_panic_in_a_vcpu_device_access_mid_run_stops_the_vm() {
+    if skip_without_kvm("a_panic_in_a_vcpu_device_access_mid_run_stops_the_vm") {
+        return;
+    }
+    // Mid-run: the guest kit is enumerating PCI (ECAM) and setting up virtio-rng (its BAR).
+    let fault = [("SLUICE_TEST_FAULT", "vcpu-mmio-write:panic:20")];
+
+    let ended = run(RNG_RUN, &fault, Stderr::Captured);
+
+    assert!(!ended.timed_out, "hung: {ended:?}");
+    assert_eq!(ended.status, Some(EXIT_PANIC), "{ended:?}");
+    assert!(
+        ended.stderr.contains("thread `vcpu0` panicked")
+            && ended.stderr.contains("vcpu-mmio-write")
+            && ended.stdout.contains("sluice-guest: "),
+        "{ended:?}"
+    );
+}
+
+#[test]
 fn a_panic_in_a_connection_drops_only_that_connection() {
     let fault = [("SLUICE_TEST_FAULT", "connection:panic")];
     let mut served = Served::start("panic", &fault, Stderr::Captured, &[]);

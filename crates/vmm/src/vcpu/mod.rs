@@ -186,6 +186,7 @@ fn run_once(index: u8, vcpu: &mut VcpuFd, d: &ExitDispatch) -> Option<VmOutcome>
         }
         VcpuExit::MmioWrite(addr, data) => {
             d.stats.mmio.fetch_add(1, Ordering::Relaxed);
+            sluice_sandbox::fault_point("vcpu-mmio-write");
             d.mmio.write(addr, data);
             None
         }
