@@ -22,6 +22,8 @@ use sluice_vmm::vcpu::VmOutcome;
 const EXIT_GUEST_RESET: u8 = 120;
 /// Exit status when the VM crashed (triple fault, emulation failure, failed entry).
 const EXIT_GUEST_CRASH: u8 = 121;
+// 122 (a sluice thread panicked) and 123 (a forbidden system call) are sluice_sandbox's
+// EXIT_PANIC and EXIT_SECCOMP, set where those failures are caught.
 /// Exit status when sluice itself could not start or run the VM (bad input, no KVM, ...).
 const EXIT_VMM_ERROR: u8 = 125;
 
