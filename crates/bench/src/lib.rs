@@ -259,7 +259,7 @@ fn progress_text(sample: &Sample) -> String {
     format!("{} ({:.1} s)", parts.join(", "), sample.wall_s)
 }
 
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, reason = "the parts of one run's output")]
 fn write_outputs(
     args: &BenchArgs,
     plan: &Plan,

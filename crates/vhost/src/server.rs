@@ -127,7 +127,7 @@ fn answer_early_vring_enable<D: ServedDevice>(
     let word =
         |i: usize| u32::from_ne_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
     let (request, flags, size) = (word(0), word(4), word(8));
-    let body_bytes = std::mem::size_of::<VhostUserVringState>();
+    let body_bytes = size_of::<VhostUserVringState>();
     if request != FrontendReq::SET_VRING_ENABLE as u32 || size as usize != body_bytes {
         return Ok(false);
     }

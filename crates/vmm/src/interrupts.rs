@@ -309,7 +309,7 @@ mod tests {
         let port = ExitPort(dispatch.control.clone());
         dispatch
             .pio
-            .insert("exit", Arc::new(std::sync::Mutex::new(port)), 0xf4, 1)
+            .insert("exit", Arc::new(Mutex::new(port)), 0xf4, 1)
             .unwrap();
 
         let thread = VcpuThread::spawn(0, vcpu, dispatch.clone()).unwrap();
