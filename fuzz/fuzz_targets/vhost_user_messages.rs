@@ -19,7 +19,10 @@ fn server() -> &'static Server<Block> {
         let dir = std::env::temp_dir().join(format!("sluice-fuzz-vhost-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let image = dir.join("disk.img");
-        std::fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
         let block = Block::new(BlockConfig::new(&image)).unwrap();
         Server::bind(&dir.join("vhost.sock"), block).unwrap()
     })

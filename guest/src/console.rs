@@ -55,7 +55,7 @@ impl Write for Console {
 }
 
 /// Writes formatted text to the console.
-pub fn write_fmt(args: fmt::Arguments) {
+pub fn write_fmt(args: fmt::Arguments<'_>) {
     let _ = Console.write_fmt(args);
 }
 
