@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use sluice_devices::block::{Block, BlockConfig};
-use sluice_devices::net::{NetConfig, Tap};
+use sluice_devices::net::{parse_mac, NetConfig, Tap};
 use sluice_devices::rng::Rng;
 use sluice_vhost::{ServedDevice, ServedNet, Server};
 
@@ -109,25 +109,6 @@ fn serve_net(args: NetArgs) -> anyhow::Result<u8> {
     serve(&args.socket, ServedNet::new(tap, config), "vhost-user-net")
 }
 
-/// `xx:xx:xx:xx:xx:xx`, unicast.
-fn parse_mac(text: &str) -> Result<[u8; 6], String> {
-    let bytes = text
-        .split(':')
-        .map(|byte| match byte.len() {
-            1 | 2 => u8::from_str_radix(byte, 16).ok(),
-            _ => None,
-        })
-        .collect::<Option<Vec<u8>>>()
-        .ok_or_else(|| format!("`{text}`: expected xx:xx:xx:xx:xx:xx"))?;
-    let mac: [u8; 6] = bytes
-        .try_into()
-        .map_err(|_| format!("`{text}`: expected six bytes"))?;
-    if mac[0] & 1 != 0 {
-        return Err(format!("`{text}` is a multicast address"));
-    }
-    Ok(mac)
-}
-
 fn serve_blk(args: BlkArgs) -> anyhow::Result<u8> {
     let mut config = BlockConfig::new(&args.image);
     config.queues = args.queues;
@@ -135,31 +116,4 @@ fn serve_blk(args: BlkArgs) -> anyhow::Result<u8> {
     config.direct = args.direct;
     let block = Block::new(config).context("cannot open the disk")?;
     serve(&args.socket, block, "vhost-user-blk")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_mac;
-
-    #[test]
-    fn parses_a_unicast_mac() {
-        let mac = parse_mac("52:54:00:ab:cd:0e");
-
-        assert_eq!(mac, Ok([0x52, 0x54, 0x00, 0xab, 0xcd, 0x0e]));
-    }
-
-    #[test]
-    fn refuses_malformed_and_multicast_macs() {
-        for text in [
-            "52:54:00:ab:cd",
-            "52:54:00:ab:cd:0e:ff",
-            "52:54:00:ab:cd:xyz",
-            "",
-            "01:00:5e:00:00:01",
-        ] {
-            let mac = parse_mac(text);
-
-            assert!(mac.is_err(), "{text:?} parsed as {mac:?}");
-        }
-    }
 }

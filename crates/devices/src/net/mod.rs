@@ -24,6 +24,7 @@ pub mod backend;
 pub mod device;
 pub mod handlers;
 pub mod header;
+pub mod mac;
 
 #[cfg(test)]
 mod tests;
@@ -32,3 +33,4 @@ pub use backend::{Tap, TapError};
 pub use device::{sanitize_features, tun_offload_flags, Net, NetConfig, QueueRole, NET_QUEUE_SIZE};
 pub use handlers::{deliver_packet, CtrlHandler, Delivery, NetBackend, RxHandler, TxHandler};
 pub use header::{parse_tx_packet, HeaderError, NetHeader, TxOffloads, NET_HDR_LEN};
+pub use mac::parse_mac;
