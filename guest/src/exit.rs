@@ -5,6 +5,8 @@
 
 use crate::arch::{self, idt::TrapFrame};
 
+// A copy (guest/ is its own no_std workspace) of `DEBUG_EXIT_PORT` in
+// crates/devices/src/platform/debug_exit.rs.
 const DEBUG_EXIT_PORT: u16 = 0xf4;
 const SLP_EN: u16 = 1 << 13;
 

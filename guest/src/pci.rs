@@ -5,6 +5,8 @@ use crate::arch::{inl, outl};
 use crate::phys;
 use alloc::vec::Vec;
 
+// Copies (guest/ is its own no_std workspace) of `CONFIG_ADDRESS_PORT` in
+// crates/pci/src/access.rs; CONFIG_DATA is 4 ports above it.
 const CONFIG_ADDRESS: u16 = 0xcf8;
 const CONFIG_DATA: u16 = 0xcfc;
 pub const COMMAND: u16 = 0x04;

@@ -20,13 +20,9 @@ use crate::layout;
 
 /// DSDT revision 2 and later means 64-bit AML integers (needed for the MMIO64 window).
 const DSDT_REVISION: u8 = 2;
-/// Standard ISA IRQs of the legacy devices (COM1 comes from the layout).
-const KEYBOARD_IRQ: u32 = 1;
-const RTC_IRQ: u32 = 8;
-/// CMOS index + data ports.
-const RTC_PORT_LEN: u8 = 2;
-/// 16550 register block.
-const COM1_PORT_LEN: u8 = 8;
+/// CMOS index + data ports, and the 16550 register block, as AML IO descriptor lengths.
+const RTC_PORT_LEN: u8 = layout::RTC_PORT_LEN as u8;
+const COM1_PORT_LEN: u8 = layout::SERIAL_PORT_LEN as u8;
 
 /// The PCI host bridge's address windows, inclusive ends as AML wants them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +159,7 @@ fn com1() -> Vec<u8> {
 
 fn rtc() -> Vec<u8> {
     let ports = IO::new(layout::RTC_PORT, layout::RTC_PORT, 1, RTC_PORT_LEN);
-    let irq = isa_irq(RTC_IRQ);
+    let irq = isa_irq(layout::RTC_IRQ);
     let resources = ResourceTemplate::new(vec![&ports, &irq]);
     device_aml(
         "RTC_",
@@ -177,7 +173,7 @@ fn rtc() -> Vec<u8> {
 fn keyboard() -> Vec<u8> {
     let data = IO::new(layout::I8042_DATA_PORT, layout::I8042_DATA_PORT, 1, 1);
     let command = IO::new(layout::I8042_COMMAND_PORT, layout::I8042_COMMAND_PORT, 1, 1);
-    let irq = isa_irq(KEYBOARD_IRQ);
+    let irq = isa_irq(layout::KEYBOARD_IRQ);
     let resources = ResourceTemplate::new(vec![&data, &command, &irq]);
     device_aml(
         "KBD_",
