@@ -19,6 +19,7 @@
 //! device state machine, memory mapping, and inflight tracking/recovery.
 
 pub mod backend;
+pub mod fuzz;
 pub mod inflight;
 pub mod memory;
 pub mod served;

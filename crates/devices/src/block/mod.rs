@@ -4,7 +4,8 @@
 //!   one queue worker per queue (`sluice_virtio::QueueWorker`).
 //! * [`request`] — the guest-facing parser: one descriptor chain → a validated [`Request`] or a
 //!   [`Rejection`] (error status, or a zero-length used entry when no status byte is usable). A
-//!   pure function, with [`parse_request_for_fuzz`] as the fuzz entry point.
+//!   pure function, with [`parse_request_for_fuzz`] as the fuzz entry point and [`fuzz`] the
+//!   body of the `blk_request` target.
 //! * [`handler`] — [`BlockQueueHandler`], the per-queue `QueueHandler`: batched io_uring
 //!   submission with an eventfd for completions, or a synchronous fallback.
 //! * [`backend`] — the image file (open, `flock`, size) and the host I/O calls.
@@ -16,6 +17,7 @@
 
 pub mod backend;
 pub mod device;
+pub mod fuzz;
 pub mod handler;
 pub mod request;
 
