@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use sluice_devices::block::{Block, BlockConfig};
-use sluice_devices::net::{parse_mac, NetConfig, Tap};
+use sluice_devices::net::{parse_mac, Net, NetConfig, Tap};
 use sluice_devices::rng::Rng;
-use sluice_vhost::{ServedDevice, ServedNet, Server};
+use sluice_vhost::Server;
+use sluice_virtio::VirtioDevice;
 
 /// The MAC the backend reports when `--mac` is not given (QEMU uses its own `mac=` anyway).
 const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
@@ -89,7 +90,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
 }
 
 /// Listens on `socket` and serves `device` until killed.
-fn serve<D: ServedDevice>(socket: &Path, device: D, what: &str) -> anyhow::Result<u8> {
+fn serve<D: VirtioDevice>(socket: &Path, device: D, what: &str) -> anyhow::Result<u8> {
     let server = Server::bind(socket, device)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
     tracing::info!("{what}: listening on {}", socket.display());
@@ -106,7 +107,7 @@ fn serve_net(args: NetArgs) -> anyhow::Result<u8> {
         mac: args.mac.unwrap_or(DEFAULT_MAC),
         mtu: None,
     };
-    serve(&args.socket, ServedNet::new(tap, config), "vhost-user-net")
+    serve(&args.socket, Net::new(tap, config), "vhost-user-net")
 }
 
 fn serve_blk(args: BlkArgs) -> anyhow::Result<u8> {

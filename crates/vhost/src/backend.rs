@@ -2,8 +2,9 @@
 //! `VhostUserBackendReqHandlerMut` (the `vhost` crate parses and answers the messages).
 //!
 //! State per connection: ownership, negotiated features, the memory table, one [`Vring`] per
-//! queue, the call/err fds, and the inflight area. A ring runs — one
-//! `sluice_virtio::QueueWorker` with the model's handler wrapped in [`Tracked`] — once it has
+//! queue, the call/err fds, and the inflight area. Any [`VirtioDevice`] can be served: its
+//! `ack_features` sees SET_FEATURES, and a ring runs — one `sluice_virtio::QueueWorker` with the
+//! model's `queue_handler` wrapped in [`Tracked`] — once it has
 //! a size, addresses, a kick fd, memory, and is enabled (rings start disabled when
 //! VHOST_USER_F_PROTOCOL_FEATURES is negotiated). GET_VRING_BASE stops the worker, lets the
 //! model finish what it popped (bounded wait), and answers with the next avail index.
@@ -20,8 +21,8 @@ use std::time::Duration;
 
 use sluice_dma::DmaSpace;
 use sluice_virtio::{
-    DeviceMetrics, NotifyPolicy, QueueBinding, QueueContext, QueueHandler, QueueMetrics,
-    QueueWorker, VirtioDevice, VirtioInterrupt,
+    DeviceMetrics, NotifyPolicy, QueueBinding, QueueContext, QueueError, QueueHandler,
+    QueueMetrics, QueueWorker, VirtioDevice, VirtioInterrupt,
 };
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -58,22 +59,15 @@ const AVAIL_HEADER_BYTES: u64 = 6;
 const USED_HEADER_BYTES: u64 = 6;
 const PAGE_SIZE: u64 = 4096;
 
-/// A device model that can be served over vhost-user: a [`VirtioDevice`] for identity,
-/// features and config space, plus a handler per queue (the backend runs the queues itself).
-pub trait ServedDevice: VirtioDevice {
-    /// A fresh handler for queue `index` of `size` entries.
-    fn queue_handler(&self, index: u16, size: u16) -> Box<dyn QueueHandler>;
-
-    /// The frontend acknowledged `features` (SET_FEATURES, only bits the device offers);
-    /// handlers made afterwards serve them. An error drops the connection.
-    fn set_acked_features(&mut self, _features: u64) -> io::Result<()> {
-        Ok(())
-    }
+/// The handler of a ring the device cannot serve: its first pass fails the queue (the frontend
+/// is told through the error fd) instead of silently ignoring the guest's buffers.
+struct Unserved {
+    reason: String,
 }
 
-impl ServedDevice for sluice_devices::block::Block {
-    fn queue_handler(&self, _index: u16, size: u16) -> Box<dyn QueueHandler> {
-        Box::new(sluice_devices::block::Block::queue_handler(self, size))
+impl QueueHandler for Unserved {
+    fn process(&mut self, _ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        Err(QueueError::Backend(self.reason.clone()))
     }
 }
 
@@ -165,7 +159,7 @@ impl VirtioInterrupt for Signals {
 }
 
 /// The device side of one connection.
-pub struct Backend<D: ServedDevice> {
+pub struct Backend<D: VirtioDevice> {
     device: Arc<Mutex<D>>,
     metrics: Arc<DeviceMetrics>,
     device_features: u64,
@@ -181,7 +175,7 @@ pub struct Backend<D: ServedDevice> {
     inflight: Option<InflightArea>,
 }
 
-impl<D: ServedDevice> Backend<D> {
+impl<D: VirtioDevice> Backend<D> {
     pub fn new(device: Arc<Mutex<D>>) -> Self {
         let (queues, metrics, device_features) = {
             let device = locked(&device);
@@ -312,7 +306,14 @@ impl<D: ServedDevice> Backend<D> {
             None => (Vec::new(), 0),
         };
 
-        let inner = locked(&self.device).queue_handler(queue_index, size);
+        let inner = locked(&self.device)
+            .queue_handler(queue_index, size)
+            .unwrap_or_else(|e| {
+                tracing::warn!("vhost-user: queue {index}: {e}");
+                Box::new(Unserved {
+                    reason: e.to_string(),
+                })
+            });
         let handler = SharedTracked::new(Tracked::new(inner, area.clone(), counter, used_idx));
         if !recovered.is_empty() {
             let metrics = self.queue_metrics(index);
@@ -346,12 +347,10 @@ impl<D: ServedDevice> Backend<D> {
             self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
         )
         .map_err(|e| format!("cannot start the queue worker: {e}"))?;
-        let vring = &mut self.vrings[index];
-        // Requests made available while nobody listened: look at the ring once now.
-        if let Some(kick) = &vring.kick {
-            let _ = kick.write(1);
-        }
-        vring.running = Some(Running { worker, handler });
+        // The worker looks at the ring once as it starts (requests made available while
+        // nobody listened); the frontend's kick fd is only ever read, never written: it may
+        // be anything, a full pipe's write end included.
+        self.vrings[index].running = Some(Running { worker, handler });
         Ok(())
     }
 
@@ -416,7 +415,7 @@ impl<D: ServedDevice> Backend<D> {
     }
 }
 
-impl<D: ServedDevice> Drop for Backend<D> {
+impl<D: VirtioDevice> Drop for Backend<D> {
     fn drop(&mut self) {
         self.disconnect();
     }
@@ -552,7 +551,7 @@ fn eventfd_from(file: File) -> EventFd {
     unsafe { EventFd::from_raw_fd(file.into_raw_fd()) }
 }
 
-impl<D: ServedDevice> VhostUserBackendReqHandlerMut for Backend<D> {
+impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
     fn set_owner(&mut self) -> VhostResult<()> {
         self.owner = true;
         Ok(())
@@ -587,7 +586,8 @@ impl<D: ServedDevice> VhostUserBackendReqHandlerMut for Backend<D> {
             );
         }
         let features = features & offered;
-        if let Err(e) = locked(&self.device).set_acked_features(features) {
+        let device_features = features & !VHOST_USER_F_PROTOCOL_FEATURES;
+        if let Err(e) = locked(&self.device).ack_features(device_features) {
             return refuse(format!("SET_FEATURES {features:#x}: {e}"));
         }
         self.acked_features = features;

@@ -1,14 +1,13 @@
-//! vhost-user backend serving sluice's virtio device models to QEMU and other frontends.
+//! vhost-user backend serving any `sluice_virtio::VirtioDevice` to QEMU and other frontends
+//! (the models themselves live in `sluice-devices`, which this crate does not depend on).
 //!
 //! * [`server`] — [`Server`]: the listening socket, one connection at a time, a refused
 //!   message drops only that connection.
 //! * [`backend`] — [`Backend`]: the device side of the protocol (features, memory table, rings,
 //!   config space, inflight area) as a `vhost` crate `VhostUserBackendReqHandlerMut`; each ring
-//!   runs on a `sluice_virtio::QueueWorker` with the model's own `QueueHandler`, over a
+//!   runs on a `sluice_virtio::QueueWorker` with the model's own `queue_handler`, over a
 //!   `sluice_dma::DmaSpace` built from the frontend's memory — the model does not know it runs
 //!   behind vhost-user.
-//! * [`served`] — virtio-rng and virtio-net ([`ServedNet`]) as served devices (virtio-blk's
-//!   impl is in [`backend`]).
 //! * [`memory`] — the frontend's regions, mapped and validated; user address → GPA.
 //! * [`inflight`] — the INFLIGHT_SHMFD area and crash recovery.
 //! * [`tracking`] — the handler wrapper that keeps the inflight area up to date.
@@ -22,14 +21,10 @@ pub mod backend;
 pub mod fuzz;
 pub mod inflight;
 pub mod memory;
-pub mod served;
 pub mod server;
 pub mod tracking;
 
-pub use backend::{
-    offered_protocol_features, Backend, ServedDevice, VHOST_USER_F_PROTOCOL_FEATURES,
-};
+pub use backend::{offered_protocol_features, Backend, VHOST_USER_F_PROTOCOL_FEATURES};
 pub use inflight::{queue_region_size, InflightArea, QueueInflight, Recovery};
 pub use memory::{MemoryError, MemoryTable, MAX_MEM_SLOTS};
-pub use served::ServedNet;
 pub use server::{ConnectionEnd, Server};

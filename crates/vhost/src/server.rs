@@ -29,7 +29,9 @@ use vhost::vhost_user::{
 };
 use vm_memory::ByteValued;
 
-use crate::backend::{Backend, ServedDevice};
+use sluice_virtio::VirtioDevice;
+
+use crate::backend::Backend;
 
 /// How a connection ended.
 #[derive(Debug)]
@@ -41,12 +43,12 @@ pub enum ConnectionEnd {
 }
 
 /// A vhost-user socket serving one device.
-pub struct Server<D: ServedDevice> {
+pub struct Server<D: VirtioDevice> {
     listener: Listener,
     device: Arc<Mutex<D>>,
 }
 
-impl<D: ServedDevice> Server<D> {
+impl<D: VirtioDevice> Server<D> {
     /// Listens on `path` (an existing socket file there is replaced).
     pub fn bind(path: &Path, device: D) -> io::Result<Self> {
         let listener = Listener::new(path, true).map_err(io::Error::other)?;
@@ -113,7 +115,7 @@ const HEADER_BYTES: usize = 12;
 
 /// Answers the next message if it is a SET_VRING_ENABLE sent before SET_FEATURES (see the
 /// module doc); returns whether it did. Anything else is left on the socket for the crate.
-fn answer_early_vring_enable<D: ServedDevice>(
+fn answer_early_vring_enable<D: VirtioDevice>(
     stream: &mut UnixStream,
     backend: &Mutex<Backend<D>>,
 ) -> io::Result<bool> {
@@ -149,7 +151,7 @@ fn answer_early_vring_enable<D: ServedDevice>(
     Ok(true)
 }
 
-fn lock<D: ServedDevice>(backend: &Mutex<Backend<D>>) -> std::sync::MutexGuard<'_, Backend<D>> {
+fn lock<D: VirtioDevice>(backend: &Mutex<Backend<D>>) -> std::sync::MutexGuard<'_, Backend<D>> {
     backend
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -1,6 +1,7 @@
 //! The contract between device models and the virtio framework.
 
 use std::io;
+use std::ops::RangeInclusive;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,14 @@ pub const DEVICE_TYPE_BLOCK: u32 = 2;
 pub const DEVICE_TYPE_RNG: u32 = 4;
 
 /// A virtio device model, independent of the transport.
+///
+/// The device supplies what is particular to it (identity, features, config space, one
+/// [`QueueHandler`] per queue); the framework ([`crate::ActiveQueues`]) owns activation: it
+/// checks the enabled queues against [`queue_count_range`](Self::queue_count_range), calls
+/// [`ack_features`](Self::ack_features), builds each handler with
+/// [`queue_handler`](Self::queue_handler), runs one [`crate::QueueWorker`] per queue, and
+/// stops them before [`reset`](Self::reset). The vhost-user backend uses the same three calls
+/// per ring, so a model runs in-process or behind vhost-user unchanged.
 pub trait VirtioDevice: Send {
     /// Virtio device type (`DEVICE_TYPE_*`).
     fn device_type(&self) -> u32;
@@ -29,26 +38,98 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device-specific config space (read-only fields ignore writes).
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// Starts the device at DRIVER_OK. `features` is what was negotiated (offered ∩ accepted);
-    /// `queues` holds only the queues the driver enabled, in index order.
-    fn activate(
+    /// The device's counters.
+    fn metrics(&self) -> Arc<DeviceMetrics>;
+    /// Enabled-queue counts the device can run with (default: exactly all its queues).
+    fn queue_count_range(&self) -> RangeInclusive<usize> {
+        let queues = self.queue_max_sizes().len();
+        queues..=queues
+    }
+    /// The negotiated features (offered ∩ accepted), once per activation, before any handler
+    /// is built (default: nothing to do).
+    fn ack_features(&mut self, _features: u64) -> Result<(), ActivateError> {
+        Ok(())
+    }
+    /// The handler that serves queue `index` of `size` entries (used by the virtio-pci
+    /// transport for each enabled queue and by the vhost-user backend per ring).
+    fn queue_handler(
+        &mut self,
+        index: u16,
+        size: u16,
+    ) -> Result<Box<dyn QueueHandler>, ActivateError>;
+    /// Devices whose rings are run by someone else (a vhost-user frontend) return Some; the
+    /// framework then hands them the queues instead of starting workers.
+    fn external_queues(&mut self) -> Option<&mut dyn ExternalQueues> {
+        None
+    }
+    /// Returns to the pre-activation state, after the framework stopped every worker (device
+    /// reset). Default: nothing.
+    fn reset(&mut self) {}
+}
+
+/// A boxed model is a model (so `sluice-vhost` can serve `Box<dyn VirtioDevice>`).
+impl<T: VirtioDevice + ?Sized> VirtioDevice for Box<T> {
+    fn device_type(&self) -> u32 {
+        (**self).device_type()
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        (**self).queue_max_sizes()
+    }
+    fn device_features(&self) -> u64 {
+        (**self).device_features()
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        (**self).read_config(offset, data)
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        (**self).write_config(offset, data)
+    }
+    fn metrics(&self) -> Arc<DeviceMetrics> {
+        (**self).metrics()
+    }
+    fn queue_count_range(&self) -> RangeInclusive<usize> {
+        (**self).queue_count_range()
+    }
+    fn ack_features(&mut self, features: u64) -> Result<(), ActivateError> {
+        (**self).ack_features(features)
+    }
+    fn queue_handler(
+        &mut self,
+        index: u16,
+        size: u16,
+    ) -> Result<Box<dyn QueueHandler>, ActivateError> {
+        (**self).queue_handler(index, size)
+    }
+    fn external_queues(&mut self) -> Option<&mut dyn ExternalQueues> {
+        (**self).external_queues()
+    }
+    fn reset(&mut self) {
+        (**self).reset()
+    }
+}
+
+/// Queues run outside sluice's queue workers (by a vhost-user backend process).
+pub trait ExternalQueues: Send {
+    /// Starts the rings at DRIVER_OK. `features` is what was negotiated; `queues` holds only
+    /// the queues the driver enabled, in index order.
+    fn start(
         &mut self,
         features: u64,
         mem: DmaSpace,
         queues: Vec<QueueBinding>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError>;
-    /// Stops all processing (workers joined) and returns to the pre-activate state.
-    fn reset(&mut self);
-    /// The device's counters.
-    fn metrics(&self) -> Arc<DeviceMetrics>;
+    /// Stops the rings (device reset).
+    fn stop(&mut self);
 }
 
 /// Why a device could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
-    #[error("the driver enabled {got} queues, the device needs {need}")]
-    QueueCount { got: usize, need: usize },
+    #[error("the driver enabled {got} queues, the device runs with {min}..={max}")]
+    QueueCount { got: usize, min: usize, max: usize },
+    #[error("queue {0} does not exist or has no role with the negotiated features")]
+    NoSuchQueue(u16),
     #[error("backend failed: {0}")]
     Backend(String),
     #[error("cannot start a queue worker: {0}")]
@@ -59,7 +140,10 @@ pub enum ActivateError {
 pub struct QueueBinding {
     pub index: u16,
     pub queue: Queue,
-    /// Signalled when the driver notifies this queue.
+    /// Readable when the driver notifies this queue: an eventfd in the VMM, in vhost-user the
+    /// frontend's kick fd unchanged (which may be any kind of fd; the worker only polls it and
+    /// reads at most 8 bytes, and a kick fd that hangs up or fails stops the queue with
+    /// DEVICE_NEEDS_RESET).
     pub kick: EventFd,
     pub policy: NotifyPolicy,
 }

@@ -1,8 +1,10 @@
 //! Transport-independent virtio device framework (over virtio-queue's split rings) and the
 //! virtio-pci modern transport.
 //!
-//! * A device model implements [`VirtioDevice`] (identity, features, config space, activate /
-//!   reset) and, per queue, a [`QueueHandler`] that turns available chains into used entries.
+//! * A device model implements [`VirtioDevice`] (identity, features, config space, reset) and
+//!   builds, per queue, a [`QueueHandler`] that turns available chains into used entries.
+//! * [`activation::ActiveQueues`] owns activation for every transport: queue-count check,
+//!   feature ack, one worker per queue (or the device's [`ExternalQueues`]), stop on reset.
 //! * [`worker::QueueWorker`] runs one queue on its own thread: it sleeps on the kick eventfd
 //!   (an ioeventfd in the VMM, the kick fd in vhost-user), calls the handler, and applies the
 //!   queue's [`NotifyPolicy`] (interrupt / busy-poll / batching, EVENT_IDX aware) before
@@ -14,14 +16,17 @@
 //! Device models only reach guest memory through the [`sluice_dma::DmaSpace`] they are given,
 //! so the same model runs inside the VMM or behind vhost-user.
 
+pub mod activation;
 pub mod device;
 pub mod metrics;
 pub mod pci;
 pub mod worker;
 
+pub use activation::ActiveQueues;
 pub use device::{
-    ActivateError, NotifyPolicy, QueueBinding, QueueContext, QueueError, QueueHandler,
-    VirtioDevice, VirtioInterrupt, DEVICE_TYPE_BLOCK, DEVICE_TYPE_NET, DEVICE_TYPE_RNG,
+    ActivateError, ExternalQueues, NotifyPolicy, QueueBinding, QueueContext, QueueError,
+    QueueHandler, VirtioDevice, VirtioInterrupt, DEVICE_TYPE_BLOCK, DEVICE_TYPE_NET,
+    DEVICE_TYPE_RNG,
 };
 pub use metrics::{DeviceMetrics, LatencyHistogram, QueueMetrics};
 pub use pci::{VirtioPciDevice, VirtioPciError, VirtioPciOptions};

@@ -2,6 +2,7 @@
 //! at any time for JSON and Prometheus export.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 /// Log2 latency buckets in nanoseconds: bucket i counts latencies in [2^i, 2^(i+1)).
 const BUCKETS: usize = 40;
@@ -76,6 +77,18 @@ pub struct QueueMetrics {
 impl QueueMetrics {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts one finished request popped at `started`: `Ok(bytes)` moved that much payload,
+    /// `Err(())` completed with an error status (or a zero-length used entry).
+    pub fn record_request(&self, started: Instant, outcome: Result<u64, ()>) {
+        Self::add(&self.requests, 1);
+        match outcome {
+            Ok(bytes) => Self::add(&self.bytes, bytes),
+            Err(()) => Self::add(&self.errors, 1),
+        }
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.latency.record(nanos);
     }
 }
 
@@ -173,5 +186,23 @@ mod tests {
 
         assert_eq!(json["queues"][1]["requests"], 3);
         assert!(prom.contains("sluice_virtio_requests_total{device=\"blk0\",queue=\"1\"} 3"));
+    }
+
+    #[test]
+    fn a_recorded_request_counts_bytes_or_an_error_and_its_latency() {
+        let q = QueueMetrics::default();
+        let started = Instant::now() - std::time::Duration::from_millis(1);
+
+        q.record_request(started, Ok(4096));
+        q.record_request(started, Err(()));
+
+        assert_eq!(q.requests.load(Ordering::Relaxed), 2);
+        assert_eq!(q.bytes.load(Ordering::Relaxed), 4096);
+        assert_eq!(q.errors.load(Ordering::Relaxed), 1);
+        assert_eq!(q.latency.counts().iter().sum::<u64>(), 2);
+        assert!(
+            q.latency.quantile(0.5) > 1_000_000,
+            "at least the 1 ms that passed"
+        );
     }
 }

@@ -18,10 +18,15 @@
 //!   are unsignalled or `max_delay` passed since the first one; then one interrupt goes out.
 //!   Each deferred signal counts as a suppressed notification.
 //!
-//! A handler error, an error from the ring itself, or a ring that does not fit the DMA space
-//! marks the device DEVICE_NEEDS_RESET through [`VirtioInterrupt::needs_reset`] (once); the
-//! thread then ignores the queue until [`QueueWorker::stop`], which hands the [`Queue`] back so
-//! its indices can be reported (reset, vhost-user GET_VRING_BASE).
+//! The worker looks at the ring once when it starts (requests published while nobody served
+//! it), then only after kicks. The kick fd may be any fd a vhost-user frontend sent: it is made
+//! non-blocking and read with one `read(2)` of at most 8 bytes; one that hangs up, reaches end
+//! of file or fails is dropped from epoll and stops the queue as below (one log line).
+//!
+//! A handler error, an error from the ring itself, a dead kick fd, or a ring that does not fit
+//! the DMA space marks the device DEVICE_NEEDS_RESET through [`VirtioInterrupt::needs_reset`]
+//! (once); the thread then ignores the queue until [`QueueWorker::stop`], which hands the
+//! [`Queue`] back so its indices can be reported (reset, vhost-user GET_VRING_BASE).
 //!
 //! Written here rather than taken from `vhost-user-backend`'s epoll handler because that one is
 //! tied to the vhost-user frontend protocol and has no notion of notification policies.
@@ -197,6 +202,7 @@ impl Worker {
             policy,
         } = binding;
         queue.set_event_idx(event_idx);
+        set_nonblocking(kick.as_raw_fd())?;
         let epoll = Epoll::new()?;
         add_to_epoll(&epoll, stop_event.as_raw_fd(), TOKEN_STOP)?;
         add_to_epoll(&epoll, kick.as_raw_fd(), TOKEN_KICK)?;
@@ -234,11 +240,14 @@ impl Worker {
     }
 
     fn run(mut self) -> Queue {
+        let mut flow = Flow::Continue;
         if !self.queue.is_valid(&self.mem) {
             self.fail("the ring does not fit guest memory");
+        } else {
+            flow = self.first_pass();
         }
         let mut events = [EpollEvent::default(); EVENTS_PER_WAIT];
-        while !self.stop_flag.load(Ordering::Acquire) {
+        while flow == Flow::Continue && !self.stop_flag.load(Ordering::Acquire) {
             let ready = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -247,8 +256,7 @@ impl Worker {
                     break;
                 }
             };
-            let tokens: Vec<u64> = events.iter().take(ready).map(EpollEvent::data).collect();
-            if self.dispatch(&tokens, false) == Flow::Stop {
+            if self.dispatch(&events[..ready], false) == Flow::Stop {
                 break;
             }
         }
@@ -259,13 +267,25 @@ impl Worker {
         self.queue
     }
 
-    /// Handles ready tokens. While `polling`, kicks are only counted (the spin loop is already
+    /// Requests made available while nobody served the ring (a ring restarted after
+    /// GET_VRING_BASE or a memory-table change) have had their kick already: look once.
+    fn first_pass(&mut self) -> Flow {
+        match self.policy {
+            NotifyPolicy::Poll { budget } => self.poll(budget),
+            _ => {
+                self.drain_ring();
+                Flow::Continue
+            }
+        }
+    }
+
+    /// Handles ready events. While `polling`, kicks are only counted (the spin loop is already
     /// watching the ring).
-    fn dispatch(&mut self, tokens: &[u64], polling: bool) -> Flow {
-        for &token in tokens {
-            let flow = match token {
+    fn dispatch(&mut self, events: &[EpollEvent], polling: bool) -> Flow {
+        for event in events {
+            let flow = match event.data() {
                 TOKEN_STOP => Flow::Stop,
-                TOKEN_KICK => self.on_kick(polling),
+                TOKEN_KICK => self.on_kick(event.events(), polling),
                 TOKEN_COMPLETION => self.on_completion(),
                 TOKEN_TIMER => {
                     self.flush_batch();
@@ -287,11 +307,14 @@ impl Worker {
             .unwrap_or(&self.fallback_metrics)
     }
 
-    fn on_kick(&mut self, polling: bool) -> Flow {
-        // Readiness was reported, so the read does not block; it clears the counter.
-        if let Err(e) = self.kick.read() {
-            if e.kind() != io::ErrorKind::WouldBlock {
-                tracing::warn!("{}: reading the kick eventfd failed: {e}", self.name);
+    fn on_kick(&mut self, events: u32, polling: bool) -> Flow {
+        match read_kick(self.kick.as_raw_fd(), events) {
+            KickRead::Kicked => {}
+            KickRead::Spurious => return Flow::Continue,
+            KickRead::Dead(why) => {
+                self.forget_kick();
+                self.fail(&format!("the kick fd {why}"));
+                return Flow::Continue;
             }
         }
         QueueMetrics::add(&self.queue_metrics().kicks, 1);
@@ -419,8 +442,7 @@ impl Worker {
             spins = spins.wrapping_add(1);
             if spins.is_multiple_of(POLL_EPOLL_INTERVAL) {
                 let ready = self.epoll.wait(0, &mut events).unwrap_or(0);
-                let tokens: Vec<u64> = events.iter().take(ready).map(EpollEvent::data).collect();
-                if self.dispatch(&tokens, true) == Flow::Stop {
+                if self.dispatch(&events[..ready], true) == Flow::Stop {
                     return Flow::Stop;
                 }
                 if self.broken {
@@ -526,6 +548,17 @@ impl Worker {
         self.batch = Batch::default();
     }
 
+    /// A kick fd that hung up stays readable (level-triggered) for ever: stop watching it.
+    fn forget_kick(&mut self) {
+        let fd = self.kick.as_raw_fd();
+        let removed = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        if let Err(e) = removed {
+            tracing::warn!("{}: cannot stop watching the kick fd: {e}", self.name);
+        }
+    }
+
     /// A level-triggered completion fd nobody services would wake epoll forever.
     fn forget_completion_fd(&mut self) {
         if let Some(fd) = self.completion_fd.take() {
@@ -537,6 +570,71 @@ impl Worker {
             }
         }
     }
+}
+
+/// What one look at the kick fd found.
+#[derive(Debug, PartialEq, Eq)]
+enum KickRead {
+    /// The driver notified the queue.
+    Kicked,
+    /// Nothing to read after all.
+    Spurious,
+    /// The fd will never kick again (hung up, failed, or not readable at all).
+    Dead(String),
+}
+
+/// Consumes one notification from the kick fd that epoll reported with `events`.
+///
+/// The fd is whatever the other side handed over — sluice's own eventfds in the VMM, but in
+/// vhost-user any descriptor the frontend sent (made non-blocking at spawn): so one `read(2)`
+/// of at most 8 bytes (never `read_exact`, which fails or blocks on a pipe holding fewer), only
+/// when epoll said readable; end of file, a hang-up or error without data, and any read error
+/// but EAGAIN / EINTR mean the kick is dead.
+fn read_kick(fd: RawFd, events: u32) -> KickRead {
+    let readable = events & libc::EPOLLIN as u32 != 0;
+    let hung_up = events & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
+    if !readable {
+        return if hung_up {
+            KickRead::Dead("hung up".into())
+        } else {
+            KickRead::Spurious
+        };
+    }
+    let mut counter = [0u8; 8];
+    // SAFETY: `counter` is valid for writes of its length for the duration of the call; the
+    // fd belongs to the worker's binding and stays open while the worker runs.
+    let read = unsafe { libc::read(fd, counter.as_mut_ptr().cast(), counter.len()) };
+    match read {
+        0 => KickRead::Dead("reached end of file (its writer closed it)".into()),
+        n if n > 0 => KickRead::Kicked,
+        _ => {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => KickRead::Spurious,
+                io::ErrorKind::WouldBlock if !hung_up => KickRead::Spurious,
+                _ => KickRead::Dead(format!("failed: {e}")),
+            }
+        }
+    }
+}
+
+/// Makes reads of `fd` fail with EAGAIN instead of blocking: a vhost-user frontend shares the
+/// kick fd and could drain it between epoll's report and the worker's read.
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL only read and set the status flags of a descriptor the binding
+    // owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if flags & libc::O_NONBLOCK != 0 {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn add_to_epoll(epoll: &Epoll, fd: RawFd, token: u64) -> io::Result<()> {

@@ -1,22 +1,18 @@
-//! The virtio-blk device: configuration, feature bits, the `virtio_blk_config` space, and
-//! activation (one [`QueueWorker`] per queue, each with its own [`BlockQueueHandler`]).
+//! The virtio-blk device: configuration, feature bits, the `virtio_blk_config` space, and one
+//! [`BlockQueueHandler`] per queue (the framework runs each on its own queue worker).
 
 use std::io;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use sluice_dma::DmaSpace;
-use sluice_virtio::{
-    ActivateError, DeviceMetrics, QueueBinding, QueueWorker, VirtioDevice, VirtioInterrupt,
-    DEVICE_TYPE_BLOCK,
-};
+use sluice_virtio::{ActivateError, DeviceMetrics, QueueHandler, VirtioDevice, DEVICE_TYPE_BLOCK};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
 
 use super::backend::{io_uring_available, DiskImage};
 use super::handler::{BlockQueueHandler, IoEngine};
@@ -99,7 +95,6 @@ pub struct Block {
     serial: [u8; ID_BYTES],
     engine: IoEngine,
     metrics: Arc<DeviceMetrics>,
-    workers: Vec<QueueWorker>,
 }
 
 impl std::fmt::Debug for Block {
@@ -107,7 +102,6 @@ impl std::fmt::Debug for Block {
         f.debug_struct("Block")
             .field("config", &self.config)
             .field("engine", &self.engine)
-            .field("active_queues", &self.workers.len())
             .finish_non_exhaustive()
     }
 }
@@ -146,7 +140,6 @@ impl Block {
             serial,
             engine,
             metrics,
-            workers: Vec::new(),
         })
     }
 
@@ -198,13 +191,6 @@ impl Block {
             put(56, &[1]); // write_zeroes_may_unmap
         }
         space
-    }
-
-    fn stop_workers(&mut self) {
-        for worker in self.workers.drain(..) {
-            // The queue's indices are not needed: a reset starts the ring afresh.
-            let _queue = worker.stop();
-        }
     }
 }
 
@@ -313,48 +299,20 @@ impl VirtioDevice for Block {
         );
     }
 
-    fn activate(
-        &mut self,
-        features: u64,
-        mem: DmaSpace,
-        queues: Vec<QueueBinding>,
-        interrupt: Arc<dyn VirtioInterrupt>,
-    ) -> Result<(), ActivateError> {
-        let need = usize::from(self.config.queues);
-        // With MQ a driver may use fewer queues than offered (Linux: one per vCPU).
-        if queues.is_empty() || queues.len() > need {
-            return Err(ActivateError::QueueCount {
-                got: queues.len(),
-                need,
-            });
-        }
-        self.stop_workers();
-        let event_idx = features & bit(VIRTIO_RING_F_EVENT_IDX) != 0;
-        for binding in queues {
-            let name = format!("{}-q{}", self.metrics.name, binding.index);
-            let handler = self.queue_handler(binding.queue.size());
-            let spawned = QueueWorker::spawn(
-                name,
-                binding,
-                mem.clone(),
-                Box::new(handler),
-                Arc::clone(&interrupt),
-                Arc::clone(&self.metrics),
-                event_idx,
-            );
-            match spawned {
-                Ok(worker) => self.workers.push(worker),
-                Err(e) => {
-                    self.stop_workers();
-                    return Err(ActivateError::Worker(e));
-                }
-            }
-        }
-        Ok(())
+    /// With MQ a driver may use fewer queues than offered (Linux: one per vCPU).
+    fn queue_count_range(&self) -> RangeInclusive<usize> {
+        1..=usize::from(self.config.queues)
     }
 
-    fn reset(&mut self) {
-        self.stop_workers();
+    fn queue_handler(
+        &mut self,
+        index: u16,
+        size: u16,
+    ) -> Result<Box<dyn QueueHandler>, ActivateError> {
+        if index >= self.config.queues {
+            return Err(ActivateError::NoSuchQueue(index));
+        }
+        Ok(Box::new(Block::queue_handler(self, size)))
     }
 
     fn metrics(&self) -> Arc<DeviceMetrics> {

@@ -501,14 +501,11 @@ impl Completion {
 }
 
 fn record(metrics: &QueueMetrics, completion: &Completion, status_written: bool) {
-    QueueMetrics::add(&metrics.requests, 1);
-    if completion.status == Status::Ok && status_written {
-        QueueMetrics::add(&metrics.bytes, completion.payload_bytes);
-    } else {
-        QueueMetrics::add(&metrics.errors, 1);
-    }
-    let nanos = u64::try_from(completion.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    metrics.latency.record(nanos);
+    let ok = completion.status == Status::Ok && status_written;
+    metrics.record_request(
+        completion.started,
+        ok.then_some(completion.payload_bytes).ok_or(()),
+    );
 }
 
 fn transfer_op(

@@ -1087,14 +1087,15 @@ fn activated_device_serves_kicks_through_a_queue_worker_until_reset() {
     };
     let features = block.device_features();
 
-    block
-        .activate(
-            features,
-            driver.space.clone(),
-            vec![binding],
-            interrupt.clone(),
-        )
-        .unwrap();
+    let active = sluice_virtio::ActiveQueues::start(
+        &mut block,
+        "blk",
+        features,
+        driver.space.clone(),
+        vec![binding],
+        interrupt.clone(),
+    )
+    .unwrap();
     kick.write(1).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while driver.used_idx() != 1 && Instant::now() < deadline {
@@ -1103,7 +1104,7 @@ fn activated_device_serves_kicks_through_a_queue_worker_until_reset() {
     while interrupt.queues.lock().unwrap().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(2));
     }
-    block.reset();
+    active.reset(&mut block);
 
     assert_eq!(driver.used_idx(), 1);
     assert_eq!(driver.status_at(status), S_OK);
@@ -1128,8 +1129,12 @@ fn activate_refuses_more_queues_than_offered() {
         policy: sluice_virtio::NotifyPolicy::Interrupt,
     };
 
-    let result = block.activate(
-        block.device_features(),
+    let features = block.device_features();
+
+    let result = sluice_virtio::ActiveQueues::start(
+        &mut block,
+        "blk",
+        features,
         driver.space.clone(),
         vec![binding(0), binding(1)],
         std::sync::Arc::new(RecordingInterrupt::default()),
@@ -1137,6 +1142,10 @@ fn activate_refuses_more_queues_than_offered() {
 
     assert!(matches!(
         result,
-        Err(sluice_virtio::ActivateError::QueueCount { got: 2, need: 1 })
+        Err(sluice_virtio::ActivateError::QueueCount {
+            got: 2,
+            min: 1,
+            max: 1
+        })
     ));
 }

@@ -1,14 +1,10 @@
-//! The virtio-net device model: features, config space, activation.
+//! The virtio-net device model: features, config space, and one handler per queue role (the
+//! tap queues follow the running RX rings and the control queue, see [`super::tap_queues`]).
 
-use std::io;
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 
-use sluice_dma::DmaSpace;
-use sluice_virtio::worker::QueueWorker;
-use sluice_virtio::{
-    ActivateError, DeviceMetrics, QueueBinding, QueueHandler, VirtioDevice, VirtioInterrupt,
-    DEVICE_TYPE_NET,
-};
+use sluice_virtio::{ActivateError, DeviceMetrics, QueueHandler, VirtioDevice, DEVICE_TYPE_NET};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
@@ -21,6 +17,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use super::backend::Tap;
 use super::handlers::{CtrlHandler, NetBackend, RxHandler, TxHandler};
 use super::header::TxOffloads;
+use super::tap_queues::{Counted, TapQueues};
 
 /// Size of every queue.
 pub const NET_QUEUE_SIZE: u16 = 256;
@@ -78,11 +75,13 @@ impl std::fmt::Display for QueueRole {
 
 /// virtio-net over a tap (or any [`NetBackend`]).
 pub struct Net {
-    backend: Arc<dyn NetBackend>,
+    /// The backend as the handlers see it: the tap with its queue attachment kept in step.
+    queues: Arc<TapQueues>,
     pairs: u16,
     config: NetConfig,
     metrics: Arc<DeviceMetrics>,
-    workers: Vec<QueueWorker>,
+    /// The acknowledged features, sanitised (what the handlers serve).
+    features: u64,
 }
 
 impl Net {
@@ -97,11 +96,11 @@ impl Net {
         let pairs = pairs.max(1);
         let queues = usize::from(pairs) * 2 + usize::from(pairs > 1);
         Self {
-            backend,
+            queues: Arc::new(TapQueues::new(backend, pairs)),
             pairs,
             config,
             metrics: Arc::new(DeviceMetrics::new("net", queues)),
-            workers: Vec::new(),
+            features: 0,
         }
     }
 
@@ -119,32 +118,33 @@ impl Net {
         cfg
     }
 
-    fn stop_workers(&mut self) {
-        for worker in self.workers.drain(..) {
-            worker.stop();
-        }
+    fn has(&self, feature: u32) -> bool {
+        self.features & bit(feature) != 0
     }
 
-    fn handler(&self, role: QueueRole, features: u64) -> io::Result<Box<dyn QueueHandler>> {
+    fn handler(&self, role: QueueRole) -> Result<Box<dyn QueueHandler>, ActivateError> {
+        let backend: Arc<dyn NetBackend> = self.queues.clone();
+        let attach_error = |e| ActivateError::Backend(format!("{role}: attaching tap queues: {e}"));
         Ok(match role {
-            QueueRole::Rx(pair) => Box::new(RxHandler::new(
-                self.backend.clone(),
-                usize::from(pair),
-                features,
-            )?),
+            QueueRole::Rx(pair) => {
+                let rx = RxHandler::new(backend, usize::from(pair), self.features)
+                    .map_err(|e| ActivateError::Backend(format!("{role}: {e}")))?;
+                Box::new(Counted::rx(rx, pair, self.queues.clone()).map_err(attach_error)?)
+            }
             QueueRole::Tx(pair) => Box::new(TxHandler::new(
-                self.backend.clone(),
+                backend,
                 usize::from(pair),
-                TxOffloads::from_features(features),
+                TxOffloads::from_features(self.features),
             )),
             QueueRole::Ctrl => {
                 // Without MQ the driver may still use the control queue, but only one pair.
-                let max_pairs = if features & bit(VIRTIO_NET_F_MQ) != 0 {
+                let max_pairs = if self.has(VIRTIO_NET_F_MQ) {
                     self.pairs
                 } else {
                     1
                 };
-                Box::new(CtrlHandler::new(self.backend.clone(), max_pairs))
+                let ctrl = CtrlHandler::new(backend, max_pairs);
+                Box::new(Counted::ctrl(ctrl, self.queues.clone()).map_err(attach_error)?)
             }
         })
     }
@@ -223,60 +223,31 @@ impl VirtioDevice for Net {
     /// Every implemented field is read-only for a VERSION_1 driver.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(
-        &mut self,
-        features: u64,
-        mem: DmaSpace,
-        queues: Vec<QueueBinding>,
-        interrupt: Arc<dyn VirtioInterrupt>,
-    ) -> Result<(), ActivateError> {
-        let has = |index: u16| queues.iter().any(|q| q.index == index);
-        if !has(0) || !has(1) {
-            return Err(ActivateError::QueueCount {
-                got: queues.len(),
-                need: 2,
-            });
-        }
+    /// The first pair is required; the others and the control queue are optional.
+    fn queue_count_range(&self) -> RangeInclusive<usize> {
+        2..=self.metrics.queues.len()
+    }
+
+    fn ack_features(&mut self, features: u64) -> Result<(), ActivateError> {
         let features = sanitize_features(features);
-        self.backend
+        self.queues
             .set_offload(tun_offload_flags(features))
             .map_err(|e| ActivateError::Backend(format!("TUNSETOFFLOAD: {e}")))?;
-        // Until VQ_PAIRS_SET, only the first pair is in use (virtio 1.2 §5.1.6.5.5).
-        self.backend
-            .set_active_pairs(1)
+        self.queues
+            .update()
             .map_err(|e| ActivateError::Backend(format!("tap queues: {e}")))?;
-        let has_ctrl = features & bit(VIRTIO_NET_F_CTRL_VQ) != 0;
-        let event_idx = features & bit(VIRTIO_RING_F_EVENT_IDX) != 0;
-        for binding in queues {
-            let Some(role) = QueueRole::of(binding.index, self.pairs, has_ctrl) else {
-                tracing::warn!("virtio-net: ignoring unknown queue {}", binding.index);
-                continue;
-            };
-            let name = format!("net-{role}");
-            let spawned = self.handler(role, features).and_then(|handler| {
-                QueueWorker::spawn(
-                    name,
-                    binding,
-                    mem.clone(),
-                    handler,
-                    interrupt.clone(),
-                    self.metrics.clone(),
-                    event_idx,
-                )
-            });
-            match spawned {
-                Ok(worker) => self.workers.push(worker),
-                Err(e) => {
-                    self.stop_workers();
-                    return Err(ActivateError::Worker(e));
-                }
-            }
-        }
+        self.features = features;
         Ok(())
     }
 
-    fn reset(&mut self) {
-        self.stop_workers();
+    fn queue_handler(
+        &mut self,
+        index: u16,
+        _size: u16,
+    ) -> Result<Box<dyn QueueHandler>, ActivateError> {
+        let role = QueueRole::of(index, self.pairs, self.has(VIRTIO_NET_F_CTRL_VQ))
+            .ok_or(ActivateError::NoSuchQueue(index))?;
+        self.handler(role)
     }
 
     fn metrics(&self) -> Arc<DeviceMetrics> {

@@ -86,16 +86,6 @@ fn next_chain<'m>(
     Ok(queue.iter(mem)?.next())
 }
 
-fn record(metrics: &QueueMetrics, outcome: Result<usize, ()>, popped: Instant) {
-    QueueMetrics::add(&metrics.requests, 1);
-    match outcome {
-        Ok(bytes) => QueueMetrics::add(&metrics.bytes, bytes as u64),
-        Err(()) => QueueMetrics::add(&metrics.errors, 1),
-    }
-    let nanos = u64::try_from(popped.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    metrics.latency.record(nanos);
-}
-
 /// Transmit queue of one pair: each chain is header + frame, written to the tap as is.
 pub struct TxHandler {
     backend: Arc<dyn NetBackend>,
@@ -143,7 +133,8 @@ impl QueueHandler for TxHandler {
             });
             // The device writes nothing into TX buffers.
             ctx.queue.add_used(ctx.mem, head, 0)?;
-            record(ctx.metrics, outcome, popped);
+            ctx.metrics
+                .record_request(popped, outcome.map(|bytes| bytes as u64));
             used = true;
         }
         Ok(used)
@@ -541,7 +532,8 @@ impl QueueHandler for CtrlHandler {
                 Ok(ack) if ack == VIRTIO_NET_OK as u8 => Ok(0),
                 _ => Err(()),
             };
-            record(ctx.metrics, outcome, popped);
+            ctx.metrics
+                .record_request(popped, outcome.map(|bytes| bytes as u64));
             used = true;
         }
         Ok(used)

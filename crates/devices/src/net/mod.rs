@@ -16,7 +16,8 @@
 //!   take packets) so the level-triggered worker never spins on a tap it cannot drain. The
 //!   control queue answers `MQ_VQ_PAIRS_SET` (attaching/detaching tap queues), `RX` mode and
 //!   `MAC` table commands.
-//! * [`device`] is the [`sluice_virtio::VirtioDevice`]: features, config space, activation.
+//! * [`device`] is the [`sluice_virtio::VirtioDevice`]: features, config space, a handler per
+//!   queue role; [`tap_queues`] attaches tap queues only while their RX ring runs.
 //!
 //! Frames are copied once in each direction (chain ↔ a per-handler buffer) because virtio-queue's
 //! `Reader`/`Writer` expose bounds-checked copies, not iovecs; a frame is at most 64 KiB.
@@ -27,6 +28,7 @@ pub mod fuzz;
 pub mod handlers;
 pub mod header;
 pub mod mac;
+pub mod tap_queues;
 
 #[cfg(test)]
 mod tests;

@@ -962,20 +962,22 @@ fn activated_device_transmits_on_kick() {
     ];
     let interrupt = Arc::new(CountingInterrupt(Default::default()));
 
-    device
-        .activate(
-            device.device_features(),
-            sluice_dma::identity(mem.clone()),
-            queues,
-            interrupt.clone(),
-        )
-        .unwrap();
+    let features = device.device_features();
+    let active = sluice_virtio::ActiveQueues::start(
+        &mut device,
+        "net",
+        features,
+        sluice_dma::identity(mem.clone()),
+        queues,
+        interrupt.clone(),
+    )
+    .unwrap();
     tx_kick.write(1).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     while backend.written.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    device.reset();
+    active.reset(&mut device);
 
     let written = backend.written.lock().unwrap();
     assert_eq!(written.len(), 1);
@@ -1000,7 +1002,9 @@ fn activation_needs_both_queues_of_the_first_pair() {
         policy: NotifyPolicy::Interrupt,
     }];
 
-    let result = device.activate(
+    let result = sluice_virtio::ActiveQueues::start(
+        &mut device,
+        "net",
         0,
         sluice_dma::identity(mem.clone()),
         only_rx,
@@ -1009,6 +1013,78 @@ fn activation_needs_both_queues_of_the_first_pair() {
 
     assert!(matches!(
         result,
-        Err(ActivateError::QueueCount { got: 1, need: 2 })
+        Err(ActivateError::QueueCount {
+            got: 1,
+            min: 2,
+            max: 2
+        })
     ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tap queue attachment (the same handlers serve virtio-pci and vhost-user)
+
+fn attached_after(backend: &FakeBackend) -> Option<u16> {
+    backend.active_pairs.lock().unwrap().last().copied()
+}
+
+#[test]
+fn tap_queues_follow_the_highest_running_rx_ring() {
+    let backend = Arc::new(FakeBackend::default());
+    let config = NetConfig {
+        mac: MAC,
+        mtu: None,
+    };
+    let mut device = Net::with_backend(backend.clone(), 3, config);
+    let features = device.device_features() & !(1 << VIRTIO_NET_F_CTRL_VQ);
+    device.ack_features(features).unwrap();
+
+    let rx2 = device.queue_handler(4, 16).unwrap();
+    let with_rx2 = attached_after(&backend);
+    let rx0 = device.queue_handler(0, 16).unwrap();
+    drop(rx2);
+    let after_rx2_stopped = attached_after(&backend);
+    drop(rx0);
+
+    assert_eq!(with_rx2, Some(3), "rx2 runs: tap queues 0..=2");
+    assert_eq!(after_rx2_stopped, Some(1));
+    assert_eq!(attached_after(&backend), Some(1), "never fewer than one");
+}
+
+#[test]
+fn a_control_queue_limits_tap_queues_to_the_pairs_the_driver_chose() {
+    let mem = guest_memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    let mut queue: Queue = vq.create_queue().unwrap();
+    let backend = Arc::new(FakeBackend::default());
+    let config = NetConfig {
+        mac: MAC,
+        mtu: None,
+    };
+    let mut device = Net::with_backend(backend.clone(), 3, config);
+    device.ack_features(device.device_features()).unwrap();
+    let _rings: Vec<_> = (0..6)
+        .map(|index| device.queue_handler(index, 16).unwrap())
+        .collect();
+    let mut ctrl = device.queue_handler(6, 16).unwrap();
+    let before_pairs_set = attached_after(&backend);
+    let mut cmd = vec![VIRTIO_NET_CTRL_MQ as u8, 0];
+    cmd.extend_from_slice(&2u16.to_le_bytes());
+    ctrl_command(&vq, &mem, &cmd);
+
+    run(ctrl.as_mut(), &mut queue, &mem, false);
+
+    assert_eq!(
+        before_pairs_set,
+        Some(1),
+        "first pair only until VQ_PAIRS_SET"
+    );
+    assert_eq!(read(&mem, 0x20_0000, 1)[0], OK);
+    assert_eq!(attached_after(&backend), Some(2));
+    drop(ctrl);
+    assert_eq!(
+        attached_after(&backend),
+        Some(3),
+        "no control queue: the rings decide"
+    );
 }

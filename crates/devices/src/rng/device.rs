@@ -4,10 +4,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sluice_dma::DmaSpace;
-use sluice_virtio::worker::QueueWorker;
 use sluice_virtio::{
-    ActivateError, DeviceMetrics, QueueBinding, QueueContext, QueueError, QueueHandler,
-    QueueMetrics, VirtioDevice, VirtioInterrupt, DEVICE_TYPE_RNG,
+    ActivateError, DeviceMetrics, QueueContext, QueueError, QueueHandler, VirtioDevice,
+    DEVICE_TYPE_RNG,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -27,14 +26,12 @@ const FEATURES: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
 /// virtio-rng: no config space, one queue.
 pub struct Rng {
     metrics: Arc<DeviceMetrics>,
-    worker: Option<QueueWorker>,
 }
 
 impl Rng {
     pub fn new() -> Self {
         Self {
             metrics: Arc::new(DeviceMetrics::new("rng", 1)),
-            worker: None,
         }
     }
 }
@@ -64,35 +61,14 @@ impl VirtioDevice for Rng {
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(
+    fn queue_handler(
         &mut self,
-        features: u64,
-        mem: DmaSpace,
-        queues: Vec<QueueBinding>,
-        interrupt: Arc<dyn VirtioInterrupt>,
-    ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Some(binding) = queues.into_iter().next().filter(|_| got == 1) else {
-            return Err(ActivateError::QueueCount { got, need: 1 });
-        };
-        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        let worker = QueueWorker::spawn(
-            "virtio-rng".to_string(),
-            binding,
-            mem,
-            Box::new(RngHandler::new()),
-            interrupt,
-            self.metrics.clone(),
-            event_idx,
-        )
-        .map_err(ActivateError::Worker)?;
-        self.worker = Some(worker);
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
+        index: u16,
+        _size: u16,
+    ) -> Result<Box<dyn QueueHandler>, ActivateError> {
+        match index {
+            0 => Ok(Box::new(RngHandler::new())),
+            _ => Err(ActivateError::NoSuchQueue(index)),
         }
     }
 
@@ -146,19 +122,10 @@ impl QueueHandler for RngHandler {
             let head = chain.head_index();
             let written = self.serve(ctx.mem, chain);
             ctx.queue.add_used(ctx.mem, head, written.unwrap_or(0))?;
-            record_completion(ctx.metrics, written, popped);
+            ctx.metrics
+                .record_request(popped, written.map(u64::from).ok_or(()));
             used = true;
         }
         Ok(used)
     }
-}
-
-fn record_completion(metrics: &QueueMetrics, written: Option<u32>, popped: Instant) {
-    QueueMetrics::add(&metrics.requests, 1);
-    match written {
-        Some(bytes) => QueueMetrics::add(&metrics.bytes, u64::from(bytes)),
-        None => QueueMetrics::add(&metrics.errors, 1),
-    }
-    let nanos = u64::try_from(popped.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    metrics.latency.record(nanos);
 }

@@ -172,8 +172,10 @@ fn activated_device_serves_requests_on_kick() {
     };
     let mut rng = Rng::new();
 
-    rng.activate(
-        rng.device_features(),
+    let active = sluice_virtio::ActiveQueues::start(
+        &mut rng,
+        "rng",
+        Rng::new().device_features(),
         sluice_dma::identity(mem.clone()),
         vec![binding],
         std::sync::Arc::new(NoInterrupt),
@@ -184,7 +186,7 @@ fn activated_device_serves_requests_on_kick() {
     while vq.used().idx().load() == 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    rng.reset();
+    active.reset(&mut rng);
 
     assert_eq!(used(&vq, 0), (0, 256));
     assert_eq!(rng.metrics().queues[0].bytes.load(Ordering::Relaxed), 256);
@@ -195,7 +197,9 @@ fn activation_needs_exactly_one_queue() {
     let mem = guest_memory();
     let mut rng = Rng::new();
 
-    let result = rng.activate(
+    let result = sluice_virtio::ActiveQueues::start(
+        &mut rng,
+        "rng",
         0,
         sluice_dma::identity(mem),
         Vec::new(),
@@ -204,6 +208,10 @@ fn activation_needs_exactly_one_queue() {
 
     assert!(matches!(
         result,
-        Err(sluice_virtio::ActivateError::QueueCount { got: 0, need: 1 })
+        Err(sluice_virtio::ActivateError::QueueCount {
+            got: 0,
+            min: 1,
+            max: 1
+        })
     ));
 }

@@ -13,12 +13,12 @@
 //!   required; MQ, REPLY_ACK, CONFIGURE_MEM_SLOTS, INFLIGHT_SHMFD and RESET_DEVICE are used when
 //!   offered), GET_QUEUE_NUM (MQ), GET_MAX_MEM_SLOTS (CONFIGURE_MEM_SLOTS), SET_OWNER, GET_CONFIG
 //!   (the 60-byte `virtio_blk_config`, cached for the guest's config reads).
-//! * DRIVER_OK ([`VirtioDevice::activate`]): GET_INFLIGHT_FD (first start only) and
+//! * DRIVER_OK ([`ExternalQueues::start`]): GET_INFLIGHT_FD (first start only) and
 //!   SET_INFLIGHT_FD, SET_FEATURES (negotiated | `VHOST_USER_F_PROTOCOL_FEATURES`), the memory
 //!   table once per connection (ADD_MEM_REG per region with CONFIGURE_MEM_SLOTS, else
 //!   SET_MEM_TABLE), then per queue SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR (frontend
 //!   virtual addresses), SET_VRING_CALL, SET_VRING_KICK, and SET_VRING_ENABLE(1).
-//! * reset ([`VirtioDevice::reset`]): GET_VRING_BASE per queue (stops the rings), RESET_DEVICE
+//! * reset ([`ExternalQueues::stop`], [`VirtioDevice::reset`]): GET_VRING_BASE per queue (stops the rings), RESET_DEVICE
 //!   if negotiated, and the inflight area is dropped (a reset guest has no requests to replay).
 //!   RESET_OWNER is never sent: it is deprecated and QEMU does not send it either.
 //!
@@ -52,12 +52,14 @@ mod session;
 mod tests;
 
 use std::fs::File;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use sluice_dma::DmaSpace;
 use sluice_virtio::{
-    ActivateError, DeviceMetrics, QueueBinding, VirtioDevice, VirtioInterrupt, DEVICE_TYPE_BLOCK,
+    ActivateError, DeviceMetrics, ExternalQueues, QueueBinding, QueueHandler, VirtioDevice,
+    VirtioInterrupt, DEVICE_TYPE_BLOCK,
 };
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_MQ;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -304,7 +306,38 @@ impl VirtioDevice for VhostUserBlk {
         }
     }
 
-    fn activate(
+    /// With MQ the driver may use fewer queues than offered.
+    fn queue_count_range(&self) -> RangeInclusive<usize> {
+        1..=self.queue_sizes.len()
+    }
+
+    /// Never called: [`external_queues`](Self::external_queues) runs every queue.
+    fn queue_handler(
+        &mut self,
+        index: u16,
+        _size: u16,
+    ) -> Result<Box<dyn QueueHandler>, ActivateError> {
+        Err(ActivateError::Backend(format!(
+            "queue {index} is served by the vhost-user backend"
+        )))
+    }
+
+    fn external_queues(&mut self) -> Option<&mut dyn ExternalQueues> {
+        Some(self)
+    }
+
+    fn reset(&mut self) {
+        self.stop_pump();
+        self.session().deactivate();
+    }
+
+    fn metrics(&self) -> Arc<DeviceMetrics> {
+        self.metrics.clone()
+    }
+}
+
+impl ExternalQueues for VhostUserBlk {
+    fn start(
         &mut self,
         features: u64,
         mem: DmaSpace,
@@ -329,13 +362,9 @@ impl VirtioDevice for VhostUserBlk {
         Ok(())
     }
 
-    fn reset(&mut self) {
+    fn stop(&mut self) {
         self.stop_pump();
         self.session().deactivate();
-    }
-
-    fn metrics(&self) -> Arc<DeviceMetrics> {
-        self.metrics.clone()
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice_virtio::{QueueBinding, VirtioDevice, VirtioInterrupt};
+use sluice_virtio::{ExternalQueues, QueueBinding, VirtioDevice, VirtioInterrupt};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
@@ -392,7 +392,7 @@ fn guest_writes_and_reads_go_through_the_backend() {
     // Without EVENT_IDX every completion raises an interrupt, so the pump sees each one.
     let features = device.device_features() & !(1 << VIRTIO_RING_F_EVENT_IDX);
     device
-        .activate(
+        .start(
             features,
             sluice_dma::identity(mem.clone()),
             vec![driver.binding()],
@@ -438,7 +438,7 @@ fn reset_stops_the_rings_and_a_second_activation_works() {
     let features = device.device_features();
     let mut first = Driver::new(&mem, 0);
     device
-        .activate(
+        .start(
             features,
             sluice_dma::identity(mem.clone()),
             vec![first.binding()],
@@ -455,7 +455,7 @@ fn reset_stops_the_rings_and_a_second_activation_works() {
     let after_reset = first.used_idx();
     let mut second = Driver::new(&mem, 0);
     device
-        .activate(
+        .start(
             features,
             sluice_dma::identity(mem.clone()),
             vec![second.binding()],
@@ -487,7 +487,7 @@ fn queue_count_is_capped_by_the_backend_and_advertised_in_config() {
     device.read_config(CONFIG_NUM_QUEUES_OFFSET as u64, &mut num_queues);
     let features = device.device_features();
     device
-        .activate(
+        .start(
             features,
             sluice_dma::identity(mem.clone()),
             drivers.iter().map(Driver::binding).collect(),
@@ -539,7 +539,7 @@ fn a_restarted_backend_gets_the_rings_back() {
     let interrupts = Arc::new(Interrupts::default());
     let features = device.device_features();
     device
-        .activate(
+        .start(
             features,
             sluice_dma::identity(mem.clone()),
             vec![driver.binding()],

@@ -14,10 +14,9 @@ use std::time::{Duration, Instant};
 
 use sluice_devices::block::{Block, BlockConfig, IoEngine};
 use sluice_dma::DmaSpace;
-use sluice_vhost::{ServedDevice, Server};
+use sluice_vhost::Server;
 use sluice_virtio::{
-    ActivateError, DeviceMetrics, QueueBinding, QueueContext, QueueError, QueueHandler,
-    VirtioDevice, VirtioInterrupt,
+    ActivateError, DeviceMetrics, QueueContext, QueueError, QueueHandler, VirtioDevice,
 };
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -87,30 +86,28 @@ impl VirtioDevice for TestBlock {
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         self.block.write_config(offset, data)
     }
-    fn activate(
-        &mut self,
-        features: u64,
-        mem: DmaSpace,
-        queues: Vec<QueueBinding>,
-        interrupt: Arc<dyn VirtioInterrupt>,
-    ) -> Result<(), ActivateError> {
-        self.block.activate(features, mem, queues, interrupt)
-    }
-    fn reset(&mut self) {
-        self.block.reset()
-    }
     fn metrics(&self) -> Arc<DeviceMetrics> {
         self.block.metrics()
     }
-}
-
-impl ServedDevice for TestBlock {
-    fn queue_handler(&self, index: u16, size: u16) -> Box<dyn QueueHandler> {
+    fn queue_count_range(&self) -> std::ops::RangeInclusive<usize> {
+        self.block.queue_count_range()
+    }
+    fn ack_features(&mut self, features: u64) -> Result<(), ActivateError> {
+        self.block.ack_features(features)
+    }
+    fn queue_handler(
+        &mut self,
+        index: u16,
+        size: u16,
+    ) -> Result<Box<dyn QueueHandler>, ActivateError> {
         if self.stall.load(Ordering::SeqCst) {
-            Box::new(Swallow)
+            Ok(Box::new(Swallow))
         } else {
-            ServedDevice::queue_handler(&self.block, index, size)
+            VirtioDevice::queue_handler(&mut self.block, index, size)
         }
+    }
+    fn reset(&mut self) {
+        self.block.reset()
     }
 }
 

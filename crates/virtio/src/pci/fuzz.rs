@@ -23,7 +23,7 @@ use super::{
     VirtioPciDevice, VirtioPciOptions, COMMON_CFG_OFFSET, DEVICE_CFG_OFFSET, ISR_CFG_OFFSET,
     MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET, NOTIFY_OFFSET, VIRTIO_PCI_BAR, VIRTIO_PCI_BAR_SIZE,
 };
-use crate::device::{ActivateError, QueueBinding, VirtioDevice, VirtioInterrupt};
+use crate::device::{ActivateError, ExternalQueues, QueueBinding, VirtioDevice, VirtioInterrupt};
 use crate::metrics::DeviceMetrics;
 
 /// Guest RAM of the self-contained fuzz setup.
@@ -144,7 +144,34 @@ impl VirtioDevice for NullDevice {
         }
     }
 
-    fn activate(
+    fn queue_count_range(&self) -> std::ops::RangeInclusive<usize> {
+        0..=2
+    }
+
+    fn queue_handler(
+        &mut self,
+        index: u16,
+        _size: u16,
+    ) -> Result<Box<dyn crate::QueueHandler>, ActivateError> {
+        Err(ActivateError::NoSuchQueue(index))
+    }
+
+    /// Keeps the queues instead of running them.
+    fn external_queues(&mut self) -> Option<&mut dyn ExternalQueues> {
+        Some(self)
+    }
+
+    fn reset(&mut self) {
+        self.bindings.clear();
+    }
+
+    fn metrics(&self) -> Arc<DeviceMetrics> {
+        self.metrics.clone()
+    }
+}
+
+impl ExternalQueues for NullDevice {
+    fn start(
         &mut self,
         _features: u64,
         _mem: DmaSpace,
@@ -155,12 +182,8 @@ impl VirtioDevice for NullDevice {
         Ok(())
     }
 
-    fn reset(&mut self) {
+    fn stop(&mut self) {
         self.bindings.clear();
-    }
-
-    fn metrics(&self) -> Arc<DeviceMetrics> {
-        self.metrics.clone()
     }
 }
 

@@ -57,6 +57,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::activation::ActiveQueues;
 use crate::device::{
     NotifyPolicy, QueueBinding, VirtioDevice, DEVICE_TYPE_BLOCK, DEVICE_TYPE_NET, DEVICE_TYPE_RNG,
 };
@@ -191,7 +192,8 @@ pub struct VirtioPciDevice {
     /// BAR0 base the doorbells are registered at, and which registrations succeeded.
     ioevent_base: Option<u64>,
     registered: Vec<bool>,
-    active: bool,
+    /// The running queues from DRIVER_OK until the next reset.
+    active: Option<ActiveQueues>,
 }
 
 impl std::fmt::Debug for VirtioPciDevice {
@@ -199,7 +201,7 @@ impl std::fmt::Debug for VirtioPciDevice {
         f.debug_struct("VirtioPciDevice")
             .field("name", &self.name)
             .field("status", &self.device_status())
-            .field("active", &self.active)
+            .field("active", &self.active.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -259,7 +261,7 @@ impl VirtioPciDevice {
             ioevents: options.ioevents,
             ioevent_base: None,
             registered: vec![false; queues],
-            active: false,
+            active: None,
         })
     }
 
@@ -270,7 +272,7 @@ impl VirtioPciDevice {
 
     /// Whether DRIVER_OK activated the device (until the next reset).
     pub fn is_active(&self) -> bool {
-        self.active
+        self.active.is_some()
     }
 
     /// The device model.
@@ -491,11 +493,16 @@ impl VirtioPciDevice {
         }
         self.state.epoch.fetch_add(1, Ordering::AcqRel);
         let interrupt = Arc::new(PciInterrupt::new(self.state.clone()));
-        match self
-            .device
-            .activate(features, self.mem.clone(), bindings, interrupt)
-        {
-            Ok(()) => self.active = true,
+        let started = ActiveQueues::start(
+            self.device.as_mut(),
+            &self.name,
+            features,
+            self.mem.clone(),
+            bindings,
+            interrupt,
+        );
+        match started {
+            Ok(active) => self.active = Some(active),
             Err(e) => {
                 tracing::warn!("{}: activation failed: {e}; device needs reset", self.name);
                 self.state.set_needs_reset();
@@ -504,8 +511,10 @@ impl VirtioPciDevice {
     }
 
     fn reset(&mut self) {
-        self.device.reset();
-        self.active = false;
+        match self.active.take() {
+            Some(active) => active.reset(self.device.as_mut()),
+            None => self.device.reset(),
+        }
         self.common.reset();
         self.state.reset();
         for kick in &self.kicks {
@@ -618,8 +627,8 @@ impl VirtioPciDevice {
 impl Drop for VirtioPciDevice {
     fn drop(&mut self) {
         self.unregister_ioevents();
-        if self.active {
-            self.device.reset();
+        if let Some(active) = self.active.take() {
+            active.reset(self.device.as_mut());
         }
     }
 }

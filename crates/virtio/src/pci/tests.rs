@@ -75,7 +75,36 @@ impl VirtioDevice for FakeDevice {
         record.config_writes.push((offset, data.to_vec()));
     }
 
-    fn activate(
+    fn queue_count_range(&self) -> std::ops::RangeInclusive<usize> {
+        1..=self.max_sizes.len()
+    }
+
+    fn queue_handler(
+        &mut self,
+        index: u16,
+        _size: u16,
+    ) -> Result<Box<dyn crate::QueueHandler>, ActivateError> {
+        Err(ActivateError::NoSuchQueue(index))
+    }
+
+    /// The fake records what activation hands over instead of running the queues.
+    fn external_queues(&mut self) -> Option<&mut dyn crate::ExternalQueues> {
+        Some(self)
+    }
+
+    fn reset(&mut self) {
+        let mut record = self.record.lock().unwrap();
+        record.resets += 1;
+        record.kicks.clear();
+    }
+
+    fn metrics(&self) -> Arc<DeviceMetrics> {
+        Arc::new(DeviceMetrics::new("fake", self.max_sizes.len()))
+    }
+}
+
+impl crate::ExternalQueues for FakeDevice {
+    fn start(
         &mut self,
         features: u64,
         _mem: DmaSpace,
@@ -104,14 +133,8 @@ impl VirtioDevice for FakeDevice {
         Ok(())
     }
 
-    fn reset(&mut self) {
-        let mut record = self.record.lock().unwrap();
-        record.resets += 1;
-        record.kicks.clear();
-    }
-
-    fn metrics(&self) -> Arc<DeviceMetrics> {
-        Arc::new(DeviceMetrics::new("fake", self.max_sizes.len()))
+    fn stop(&mut self) {
+        self.record.lock().unwrap().kicks.clear();
     }
 }
 
@@ -977,10 +1000,9 @@ fn a_scripted_driver_activates_the_null_device() {
     assert_eq!(dev.negotiated_features(), FEATURE_VERSION_1);
 }
 
-/// A device that serves each enabled queue with a real [`crate::worker::QueueWorker`] running the
-/// worker tests' echo handler.
+/// A device whose queues the framework serves with real [`crate::worker::QueueWorker`]s running
+/// the worker tests' echo handler.
 struct EchoDevice {
-    workers: Vec<crate::worker::QueueWorker>,
     metrics: Arc<DeviceMetrics>,
 }
 
@@ -1003,33 +1025,12 @@ impl VirtioDevice for EchoDevice {
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(
+    fn queue_handler(
         &mut self,
-        features: u64,
-        mem: DmaSpace,
-        queues: Vec<QueueBinding>,
-        interrupt: Arc<dyn VirtioInterrupt>,
-    ) -> Result<(), ActivateError> {
-        for binding in queues {
-            let worker = crate::worker::QueueWorker::spawn(
-                format!("echo-q{}", binding.index),
-                binding,
-                mem.clone(),
-                Box::new(crate::worker::tests::EchoHandler),
-                interrupt.clone(),
-                self.metrics.clone(),
-                features & FEATURE_EVENT_IDX != 0,
-            )
-            .map_err(ActivateError::Worker)?;
-            self.workers.push(worker);
-        }
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        for worker in self.workers.drain(..) {
-            worker.stop();
-        }
+        _index: u16,
+        _size: u16,
+    ) -> Result<Box<dyn crate::QueueHandler>, ActivateError> {
+        Ok(Box::new(crate::worker::tests::EchoHandler))
     }
 
     fn metrics(&self) -> Arc<DeviceMetrics> {
@@ -1045,7 +1046,6 @@ fn a_kick_through_the_bar_comes_back_as_an_msix_message() {
     let sink = Arc::new(RecordingSink::default());
     let metrics = Arc::new(DeviceMetrics::new("echo", 1));
     let device = EchoDevice {
-        workers: Vec::new(),
         metrics: metrics.clone(),
     };
     let options = VirtioPciOptions::new(sink.clone());

@@ -434,6 +434,8 @@ fn handler_error_needs_reset_once_and_stops_processing() {
     wait_until("needs_reset", || {
         h.interrupt.resets.load(Ordering::SeqCst) == 1
     });
+    // The worker's first look at the ring may fail before it read the first kick.
+    wait_until("the first kick", || load(&h.queue_metrics().kicks) == 1);
     h.submit(true);
     wait_until("the second kick", || load(&h.queue_metrics().kicks) == 2);
     worker.stop();
@@ -478,4 +480,109 @@ fn dropping_a_worker_joins_its_thread() {
     drop(worker);
 
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// A pipe (read end, write end), both blocking like a peer's would be.
+fn pipe() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes; the result is checked.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(rc, 0, "pipe2: {}", io::Error::last_os_error());
+    // SAFETY: both descriptors are fresh and owned by nobody else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    }
+}
+
+/// A kick "eventfd" that is really `file`, as a vhost-user frontend may hand over anything.
+fn kick_from(file: std::fs::File) -> EventFd {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: the descriptor is owned by `file` and handed over whole.
+    unsafe { EventFd::from_raw_fd(file.into_raw_fd()) }
+}
+
+impl Harness<'_> {
+    fn spawn_with_kick(&self, kick: EventFd) -> QueueWorker {
+        let binding = QueueBinding {
+            index: 1,
+            queue: self.driver.create_queue::<Queue>().unwrap(),
+            kick,
+            policy: NotifyPolicy::Interrupt,
+        };
+        QueueWorker::spawn(
+            "test-q1".into(),
+            binding,
+            self.mem.clone(),
+            Box::new(EchoHandler),
+            self.interrupt.clone(),
+            self.metrics.clone(),
+            false,
+        )
+        .unwrap()
+    }
+}
+
+/// Waits for `cond`; on a timeout leaks `worker` (whose thread may be stuck, so joining it
+/// would hang the test instead of failing it) and panics.
+fn wait_or_leak(worker: QueueWorker, what: &str, mut cond: impl FnMut() -> bool) -> QueueWorker {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        if Instant::now() >= deadline {
+            #[allow(clippy::mem_forget, reason = "joining a stuck worker hangs")]
+            std::mem::forget(worker);
+            panic!("timed out waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    worker
+}
+
+#[test]
+fn a_kick_pipe_whose_writer_closed_stops_the_ring_once_without_spinning() {
+    let mem = memory();
+    let h = Harness::new(&mem);
+    let (read_end, write_end) = pipe();
+    drop(write_end);
+
+    let worker = h.spawn_with_kick(kick_from(read_end));
+    let worker = wait_or_leak(worker, "the dead kick fd to need a reset", || {
+        h.interrupt.resets.load(Ordering::SeqCst) >= 1
+    });
+    let wakeups_then = load(&h.queue_metrics().kicks);
+    thread::sleep(Duration::from_millis(50));
+    let wakeups_later = load(&h.queue_metrics().kicks);
+    let stopped = Instant::now();
+    worker.stop();
+
+    assert_eq!(h.interrupt.resets.load(Ordering::SeqCst), 1, "once");
+    assert_eq!(wakeups_then, 0, "end of file is not a kick");
+    assert_eq!(
+        wakeups_later, 0,
+        "the worker parked instead of spinning on the hang-up"
+    );
+    assert!(stopped.elapsed() < WAIT, "a parked worker still stops");
+}
+
+#[test]
+fn a_kick_fd_with_less_than_a_counter_to_read_does_not_block_the_worker() {
+    use std::io::Write;
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let (read_end, mut write_end) = pipe();
+    let worker = h.spawn_with_kick(kick_from(read_end));
+    h.driver.add_chain(1).unwrap();
+
+    write_end.write_all(&[1]).unwrap();
+    let worker = wait_or_leak(worker, "the request kicked by one byte", || {
+        h.used_idx() == 1
+    });
+    worker.stop();
+
+    assert_eq!(load(&h.queue_metrics().kicks), 1);
+    assert_eq!(h.interrupt.resets.load(Ordering::SeqCst), 0);
+    drop(write_end);
 }

@@ -1,0 +1,26 @@
+//! The server takes any `VirtioDevice`, boxed as well as by type.
+
+mod common;
+
+use std::thread;
+
+use common::*;
+use sluice_devices::rng::Rng;
+use sluice_vhost::{Server, VHOST_USER_F_PROTOCOL_FEATURES};
+use sluice_virtio::VirtioDevice;
+use vhost::vhost_user::VhostUserFrontend;
+
+#[test]
+fn a_boxed_device_is_served_with_its_own_identity() {
+    let socket = temp_path("boxed-rng.sock");
+    let device: Box<dyn VirtioDevice> = Box::new(Rng::new());
+    let offered = device.device_features();
+    let server = Server::bind(&socket, device).expect("bind");
+    thread::spawn(move || server.run());
+
+    let mut session = connect(&socket);
+    let queues = session.frontend.get_queue_num().expect("GET_QUEUE_NUM");
+
+    assert_eq!(session.features, offered | VHOST_USER_F_PROTOCOL_FEATURES);
+    assert_eq!(queues, 1);
+}

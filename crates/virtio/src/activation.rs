@@ -1,0 +1,114 @@
+//! [`ActiveQueues`]: what a device activation owns, and the one place activation happens.
+//!
+//! Every transport starts a device the same way: check how many queues the driver enabled
+//! against [`VirtioDevice::queue_count_range`], tell the device the negotiated features
+//! ([`VirtioDevice::ack_features`]), then either hand the queues to the device's
+//! [`ExternalQueues`](crate::ExternalQueues) (their rings run in another process) or build one handler per queue with
+//! [`VirtioDevice::queue_handler`] and run it on a [`QueueWorker`] (EVENT_IDX as negotiated).
+//! A failure part-way stops whatever already started, so a device is either fully running or
+//! not at all. Reset is the reverse: every worker is stopped (joined) before
+//! [`VirtioDevice::reset`], so the device never resets under a running handler.
+
+use std::sync::Arc;
+
+use sluice_dma::DmaSpace;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::QueueT;
+
+use crate::device::{ActivateError, QueueBinding, VirtioDevice, VirtioInterrupt};
+use crate::worker::QueueWorker;
+
+/// The running side of an activated device: its queue workers, or its external queues.
+#[derive(Debug, Default)]
+pub struct ActiveQueues {
+    workers: Vec<QueueWorker>,
+    external: bool,
+}
+
+impl ActiveQueues {
+    /// Activates `device` with the queues the driver enabled (in index order). Worker threads
+    /// are named `{name}-q{index}`.
+    pub fn start<D: VirtioDevice + ?Sized>(
+        device: &mut D,
+        name: &str,
+        features: u64,
+        mem: DmaSpace,
+        queues: Vec<QueueBinding>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<ActiveQueues, ActivateError> {
+        let range = device.queue_count_range();
+        if !range.contains(&queues.len()) {
+            return Err(ActivateError::QueueCount {
+                got: queues.len(),
+                min: *range.start(),
+                max: *range.end(),
+            });
+        }
+        device.ack_features(features)?;
+        if let Some(external) = device.external_queues() {
+            external.start(features, mem, queues, interrupt)?;
+            return Ok(ActiveQueues {
+                workers: Vec::new(),
+                external: true,
+            });
+        }
+        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let metrics = device.metrics();
+        let mut active = ActiveQueues::default();
+        for binding in queues {
+            let index = binding.index;
+            let handler = device.queue_handler(index, binding.queue.size());
+            let worker = handler.and_then(|handler| {
+                QueueWorker::spawn(
+                    format!("{name}-q{index}"),
+                    binding,
+                    mem.clone(),
+                    handler,
+                    Arc::clone(&interrupt),
+                    Arc::clone(&metrics),
+                    event_idx,
+                )
+                .map_err(ActivateError::Worker)
+            });
+            match worker {
+                Ok(worker) => active.workers.push(worker),
+                Err(e) => {
+                    active.stop(device);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(active)
+    }
+
+    /// Number of queues running on sluice's workers.
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Whether the device's own [`crate::ExternalQueues`] run the rings.
+    pub fn is_external(&self) -> bool {
+        self.external
+    }
+
+    /// Stops every worker (joined) or the external queues, then resets `device`.
+    pub fn reset<D: VirtioDevice + ?Sized>(self, device: &mut D) {
+        self.stop(device);
+        device.reset();
+    }
+
+    fn stop<D: VirtioDevice + ?Sized>(self, device: &mut D) {
+        for worker in self.workers {
+            // The ring indices are not needed: a reset starts every ring afresh.
+            let _queue = worker.stop();
+        }
+        if self.external {
+            if let Some(external) = device.external_queues() {
+                external.stop();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
