@@ -200,7 +200,7 @@ pub fn markdown(input: &MarkdownInput<'_>) -> String {
         if rows.is_empty() {
             continue;
         }
-        let columns = if scenario == "startup" {
+        let columns = if scenario.starts_with("startup") {
             metric::STARTUP_TABLE
         } else {
             metric::TABLE
