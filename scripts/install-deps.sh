@@ -4,6 +4,7 @@ set -euo pipefail
 
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v objdump >/dev/null || need+=(binutils)
 command -v gcc >/dev/null || need+=(gcc)
 command -v c++ >/dev/null || need+=(g++) # libfuzzer-sys (fuzz/ is linted by scripts/test.sh)

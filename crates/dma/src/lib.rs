@@ -17,6 +17,9 @@ use std::sync::{Mutex, RwLock, RwLockReadGuard};
 use vm_memory::iommu::{Error as IommuError, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, GuestMemoryMmap, Iommu, IommuMemory, Iotlb, Permissions};
 
+mod iovec;
+pub use iovec::{GuestIovecs, IovecError};
+
 /// Guest memory as a device sees it.
 pub type DmaSpace = IommuMemory<GuestMemoryMmap, DmaTranslator>;
 

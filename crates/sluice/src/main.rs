@@ -59,7 +59,7 @@ struct RunArgs {
     /// Number of vCPUs (1..=254).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
     cpus: u8,
-    /// Guest RAM, e.g. `128M`, `2G`; a bare number means MiB.
+    /// Guest RAM, e.g. `128M`, `2G`; a bare number means MiB; at least 16M.
     #[arg(long, default_value = "128M", value_parser = size::parse_memory_size)]
     memory: u64,
     /// Where COM1 output goes: `stdout`, `file=PATH` or `off`.
@@ -69,8 +69,9 @@ struct RunArgs {
     #[arg(long, hide = true)]
     test_device: bool,
     /// A virtio-blk disk (repeatable): `path=FILE[,readonly=on][,direct=on][,queues=N]
-    /// [,queue_size=N][,serial=S][,notify=irq|poll[:us]|batch[:n[:us]]]`, or served by a
-    /// vhost-user backend: `vhost_user=on,socket=PATH[,queues=N][,queue_size=N]`.
+    /// [,queue_size=N][,serial=S][,notify=irq|poll[:us]|batch[:n[:us]]][,block_size=N]`
+    /// (poll and batch delays at most 10000 us; block_size defaults to the host's), or served
+    /// by a vhost-user backend: `vhost_user=on,socket=PATH[,queues=N][,queue_size=N]`.
     #[arg(long, value_parser = DiskSpec::parse)]
     disk: Vec<DiskSpec>,
     /// A virtio-net device on a tap (repeatable; created if missing, needs CAP_NET_ADMIN):

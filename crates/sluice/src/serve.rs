@@ -2,8 +2,8 @@
 //!
 //! Each listens on `--socket PATH` and serves one frontend at a time, until killed; the protocol
 //! side is `sluice_vhost`.
-//! * `sluice serve blk --socket PATH --image FILE [--queues N] [--readonly] [--direct]`: the
-//!   virtio-blk model over a raw image (QEMU's `vhost-user-blk-pci`).
+//! * `sluice serve blk --socket PATH --image FILE [--queues N] [--readonly] [--direct]
+//!   [--block-size N]`: the virtio-blk model over a raw image (QEMU's `vhost-user-blk-pci`).
 //! * `sluice serve net --socket PATH --tap NAME [--queues N] [--mac MAC]`: the virtio-net model
 //!   over a tap with N queue pairs, created if missing (QEMU's `-netdev vhost-user`). The tap is
 //!   brought up; its addresses are the host's business.
@@ -78,6 +78,10 @@ struct BlkArgs {
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long)]
     direct: bool,
+    /// Logical block size the guest sees (512, 1024, 2048 or 4096); default: the host's.
+    /// With --direct it may not be smaller than the host's.
+    #[arg(long, value_parser = sluice_vmm::config::block_size)]
+    block_size: Option<u32>,
 }
 
 /// Runs `sluice serve ...`; returns only on error.
@@ -115,6 +119,7 @@ fn serve_blk(args: BlkArgs) -> anyhow::Result<u8> {
     config.queues = args.queues;
     config.read_only = args.readonly;
     config.direct = args.direct;
+    config.logical_block_size = args.block_size;
     let block = Block::new(config).context("cannot open the disk")?;
     serve(&args.socket, block, "vhost-user-blk")
 }

@@ -1,5 +1,7 @@
 //! Parsing of human-friendly sizes on the command line.
 
+use sluice_vmm::memory::MIN_RAM_SIZE;
+
 const MIB: u64 = 1 << 20;
 
 /// Parses `128M`, `2G`, `512` (MiB) or `1048576K` into bytes.
@@ -18,10 +20,18 @@ pub fn parse_memory_size(s: &str) -> Result<u64, String> {
         "G" | "GIB" => 1 << 30,
         _ => return Err(format!("unknown size unit `{unit}` (use K, M or G)")),
     };
-    value
+    let bytes = value
         .checked_mul(scale)
         .filter(|&bytes| bytes > 0)
-        .ok_or_else(|| format!("`{s}` is out of range"))
+        .ok_or_else(|| format!("`{s}` is out of range"))?;
+    // Said here, in the user's units: below a MiB the VM's own check would print "0 MiB".
+    if bytes < MIN_RAM_SIZE {
+        return Err(format!(
+            "`{s}` is too small: a VM needs at least {} MiB",
+            MIN_RAM_SIZE / MIB
+        ));
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -33,7 +43,7 @@ mod tests {
         assert_eq!(parse_memory_size("128M"), Ok(128 * MIB));
         assert_eq!(parse_memory_size("2g"), Ok(2 << 30));
         assert_eq!(parse_memory_size("512"), Ok(512 * MIB));
-        assert_eq!(parse_memory_size("4096K"), Ok(4 * MIB));
+        assert_eq!(parse_memory_size("16384K"), Ok(16 * MIB));
     }
 
     #[test]
@@ -42,5 +52,21 @@ mod tests {
         assert!(parse_memory_size("12X").is_err());
         assert!(parse_memory_size("0").is_err());
         assert!(parse_memory_size("99999999999999999G").is_err());
+    }
+
+    /// Defect 13: `--memory 1K` was accepted here and then reported as "0 MiB"; sizes below
+    /// the VM's minimum are refused with the size as the user wrote it.
+    #[test]
+    fn refuses_sizes_below_the_minimum_in_the_users_units() {
+        for (input, shown) in [("1K", "1K"), ("1023K", "1023K"), ("15M", "15M")] {
+            let err = parse_memory_size(input).expect_err(input);
+
+            assert!(
+                err.contains(shown) && err.contains("16 MiB"),
+                "{input}: {err}"
+            );
+            assert!(!err.contains("0 MiB"), "{input}: {err}");
+        }
+        assert_eq!(parse_memory_size("16M"), Ok(16 * MIB));
     }
 }

@@ -1,7 +1,8 @@
-//! Bad input to `sluice run`: each case must end with one clear error line on stderr (never a
-//! panic or a backtrace) and a non-zero status: 125 for errors sluice reports, 2 for flags clap
-//! rejects. The messages name the offending input when KVM is usable; without KVM, sluice stops
-//! earlier at /dev/kvm, and the tests then check only the shape of the error.
+//! Bad input to `sluice run` (and `sluice serve blk`): each case must end with one clear error
+//! line on stderr (never a panic or a backtrace) and a non-zero status: 125 for errors sluice
+//! reports, 2 for flags clap rejects. The messages name the offending input when KVM is
+//! usable; without KVM, sluice stops earlier at /dev/kvm, and the tests then check only the
+//! shape of the error.
 
 mod common;
 
@@ -154,10 +155,13 @@ fn longest_accepted_cmdline_still_boots() {
 }
 
 #[test]
-fn memory_of_one_mib() {
+fn memory_below_the_minimum_is_a_usage_error_in_the_users_units() {
     let kernel = build_guest("hello");
-    let run = run(&["--kernel", kernel.to_str().unwrap(), "--memory", "1M"]);
-    assert_one_clear_error(&run, EXIT_VMM_ERROR, &["memory"]);
+    for size in ["1M", "1K"] {
+        let run = run(&["--kernel", kernel.to_str().unwrap(), "--memory", size]);
+        assert_one_clear_error(&run, EXIT_USAGE, &["--memory", size, "16 MiB"]);
+        assert!(!run.stderr.contains("0 MiB"), "{}", run.transcript());
+    }
 }
 
 #[test]
@@ -188,4 +192,78 @@ fn serial_file_in_a_missing_directory() {
     let serial = format!("file={}", console.display());
     let run = run(&["--kernel", kernel.to_str().unwrap(), "--serial", &serial]);
     assert_one_clear_error(&run, EXIT_VMM_ERROR, &["no-such-dir", "serial"]);
+}
+
+#[test]
+fn disk_keys_given_twice_and_absurd_notify_budgets_are_usage_errors() {
+    let kernel = build_guest("hello");
+    for (disk, mention) in [
+        ("path=a.img,path=b.img", "more than once"),
+        ("path=a.img,notify=poll:3600000000", "at most 10000"),
+        ("path=a.img,block_size=1000", "block_size=1000"),
+    ] {
+        let run = run(&["--kernel", kernel.to_str().unwrap(), "--disk", disk]);
+        assert_one_clear_error(&run, EXIT_USAGE, &["--disk", mention]);
+    }
+}
+
+/// `sluice serve blk` on an image qemu-storage-daemon is writing: one clear error, status 125.
+#[test]
+fn serve_blk_refuses_an_image_qemu_holds() {
+    let image = scratch("qemu-held.img");
+    fs::File::create(&image)
+        .and_then(|f| f.set_len(1 << 20))
+        .unwrap();
+    let nbd = scratch("qemu-held.nbd");
+    let pidfile = scratch("qemu-held.pid");
+    let qsd = std::process::Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f0,filename={}",
+            image.display()
+        ))
+        .arg("--nbd-server")
+        .arg(format!("addr.type=unix,addr.path={}", nbd.display()))
+        .args(["--export", "type=nbd,id=e0,node-name=f0,writable=on"])
+        .arg("--daemonize")
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .status();
+    match qsd {
+        Ok(status) if status.success() => {}
+        other => {
+            eprintln!("SKIP serve_blk_refuses_an_image_qemu_holds: qemu-storage-daemon: {other:?}");
+            return;
+        }
+    }
+    let socket = scratch("qemu-held.sock");
+
+    let run = run_sluice(
+        &[
+            "serve",
+            "blk",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+        ],
+        CLI_TIMEOUT,
+    );
+    let pid: i32 = fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let _ = fs::remove_file(&image);
+
+    let mentions = ["in use by another process", "QEMU", "qemu-held.img"];
+    assert_one_clear_error(&run, EXIT_VMM_ERROR, &mentions);
+    // Checked whether or not KVM is usable: serve needs none.
+    assert!(
+        mentions.iter().all(|m| run.stderr.contains(m)),
+        "{}",
+        run.transcript()
+    );
 }

@@ -19,6 +19,8 @@ pub struct DiskSpec {
     pub queue_size: u16,
     pub serial: Option<String>,
     pub notify: NotifyPolicy,
+    /// Logical block size the guest sees; `None`: the host's (see sluice-storage).
+    pub block_size: Option<u32>,
     /// Served by an external vhost-user backend listening on `socket` (no `path`).
     pub vhost_user: bool,
     pub socket: Option<PathBuf>,
@@ -34,15 +36,23 @@ pub struct NetSpec {
     pub notify: NotifyPolicy,
 }
 
-/// Parses `key=value,key=value` into pairs; values may not contain commas.
+/// Parses `key=value,key=value` into pairs; values may not contain commas, and a key may be
+/// given once (a second value is a mistake, not an override).
 fn pairs(s: &str) -> Result<Vec<(&str, &str)>, String> {
-    s.split(',')
+    let pairs: Vec<(&str, &str)> = s
+        .split(',')
         .filter(|p| !p.is_empty())
         .map(|p| {
             p.split_once('=')
                 .ok_or_else(|| format!("`{p}` is not key=value"))
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    for (i, (key, _)) in pairs.iter().enumerate() {
+        if pairs[..i].iter().any(|(earlier, _)| earlier == key) {
+            return Err(format!("`{key}` is given more than once"));
+        }
+    }
+    Ok(pairs)
 }
 
 fn on_off(key: &str, v: &str) -> Result<bool, String> {
@@ -58,21 +68,49 @@ fn number<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, String> {
         .map_err(|_| format!("{key}={v}: expected a number"))
 }
 
+/// Longest poll budget or batch delay: each polling queue spins a host CPU for this long after
+/// its last request, and a batch holds interrupts back this long.
+pub const MAX_NOTIFY_MICROS: u64 = 10_000;
+/// Most completions one interrupt may wait for.
+pub const MAX_BATCH_REQUESTS: u64 = 1024;
+
 /// `irq`, `poll[:MICROS]`, `batch[:N[:MICROS]]`.
 pub fn parse_notify(v: &str) -> Result<NotifyPolicy, String> {
     let mut parts = v.split(':');
     let kind = parts.next().unwrap_or("");
-    let mut arg = |default: u64| -> Result<u64, String> {
-        parts.next().map_or(Ok(default), |p| number("notify", p))
+    let mut arg = |default: u64, range: std::ops::RangeInclusive<u64>, what: &str| {
+        let n = parts
+            .next()
+            .map_or(Ok(default), |p| number::<u64>("notify", p))?;
+        let unit = if what.ends_with("size") {
+            "requests"
+        } else {
+            "µs"
+        };
+        if n < *range.start() {
+            Err(format!(
+                "notify={v}: the {what} is at least {}",
+                range.start()
+            ))
+        } else if n > *range.end() {
+            Err(format!(
+                "notify={v}: the {what} is at most {} {unit}",
+                range.end()
+            ))
+        } else {
+            Ok(n)
+        }
     };
+    let micros = 0..=MAX_NOTIFY_MICROS;
     let policy = match kind {
         "irq" => NotifyPolicy::Interrupt,
         "poll" => NotifyPolicy::Poll {
-            budget: Duration::from_micros(arg(50)?),
+            budget: Duration::from_micros(arg(50, micros, "poll budget")?),
         },
         "batch" => NotifyPolicy::Batch {
-            max_requests: u32::try_from(arg(16)?).map_err(|_| "notify batch size too large")?,
-            max_delay: Duration::from_micros(arg(50)?),
+            // Bounded by MAX_BATCH_REQUESTS, so it fits.
+            max_requests: arg(16, 1..=MAX_BATCH_REQUESTS, "batch size")? as u32,
+            max_delay: Duration::from_micros(arg(50, micros, "batch delay")?),
         },
         _ => {
             return Err(format!(
@@ -102,9 +140,17 @@ fn queue_size(v: &str) -> Result<u16, String> {
     }
 }
 
+/// A logical block size: a power of two in 512..=4096.
+pub fn block_size(v: &str) -> Result<u32, String> {
+    match number::<u32>("block_size", v)? {
+        n if n.is_power_of_two() && (512..=4096).contains(&n) => Ok(n),
+        _ => Err(format!("block_size={v}: expected 512, 1024, 2048 or 4096")),
+    }
+}
+
 impl DiskSpec {
-    /// `path=FILE[,readonly=on][,direct=on][,queues=N][,queue_size=N][,serial=S][,notify=..]`
-    /// or `vhost_user=on,socket=PATH[,queues=N][,queue_size=N]`.
+    /// `path=FILE[,readonly=on][,direct=on][,queues=N][,queue_size=N][,serial=S][,notify=..]
+    /// [,block_size=N]` or `vhost_user=on,socket=PATH[,queues=N][,queue_size=N]`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut disk = DiskSpec {
             path: PathBuf::new(),
@@ -114,6 +160,7 @@ impl DiskSpec {
             queue_size: 256,
             serial: None,
             notify: NotifyPolicy::Interrupt,
+            block_size: None,
             vhost_user: false,
             socket: None,
         };
@@ -129,6 +176,7 @@ impl DiskSpec {
                 "serial" if v.len() <= 20 => disk.serial = Some(v.to_string()),
                 "serial" => return Err("serial: at most 20 bytes".into()),
                 "notify" => disk.notify = parse_notify(v)?,
+                "block_size" => disk.block_size = Some(block_size(v)?),
                 _ => return Err(format!("--disk: unknown key `{k}`")),
             }
         }
@@ -153,9 +201,12 @@ impl DiskSpec {
             || self.read_only
             || self.direct
             || self.serial.is_some()
+            || self.block_size.is_some()
         {
             return Err(
-                "--disk vhost_user=on: path, readonly, direct and serial are the backend's".into(),
+                "--disk vhost_user=on: path, readonly, direct, serial and block_size are the \
+                 backend's"
+                    .into(),
             );
         }
         Ok(self)
@@ -203,6 +254,13 @@ mod tests {
         assert!(disk.read_only && disk.direct);
         assert_eq!((disk.queues, disk.queue_size), (4, 128));
         assert_eq!(disk.serial.as_deref(), Some("abc"));
+        assert_eq!(disk.block_size, None);
+        assert_eq!(
+            DiskSpec::parse("path=x,block_size=4096")
+                .unwrap()
+                .block_size,
+            Some(4096)
+        );
         assert_eq!(
             disk.notify,
             NotifyPolicy::Batch {
@@ -221,6 +279,9 @@ mod tests {
             "path=x,color=red",
             "path=x,notify=sometimes",
             "path=x,serial=123456789012345678901",
+            "path=x,block_size=1000",
+            "path=x,block_size=8192",
+            "vhost_user=on,socket=s,block_size=4096",
             "path",
         ] {
             assert!(DiskSpec::parse(bad).is_err(), "{bad} should be refused");
@@ -273,5 +334,37 @@ mod tests {
 
             assert!(net.is_err(), "mac={mac} parsed as {net:?}");
         }
+    }
+
+    /// Defect 13: a key given twice is a mistake to report, not a silent "last one wins".
+    #[test]
+    fn refuses_duplicate_keys() {
+        for bad in [
+            "path=a,path=b",
+            "path=a,readonly=on,readonly=off",
+            "path=a,notify=irq,notify=poll",
+            "vhost_user=on,socket=s,socket=t",
+        ] {
+            let err = DiskSpec::parse(bad).expect_err(bad);
+            assert!(err.contains("more than once"), "{bad}: {err}");
+        }
+        let err = NetSpec::parse("tap=a,tap=b").unwrap_err();
+        assert!(err.contains("more than once"), "{err}");
+    }
+
+    /// Defect 13: a poll budget of hours pins a host CPU per queue for hours; bound it.
+    #[test]
+    fn refuses_absurd_poll_and_batch_budgets() {
+        for bad in ["poll:3600000000", "batch:16:3600000000", "batch:100000"] {
+            let err = parse_notify(bad).expect_err(bad);
+            assert!(err.contains("at most"), "{bad}: {err}");
+        }
+        assert!(parse_notify("batch:0").unwrap_err().contains("at least 1"));
+        assert_eq!(
+            parse_notify("poll:1000"),
+            Ok(NotifyPolicy::Poll {
+                budget: Duration::from_millis(1)
+            })
+        );
     }
 }

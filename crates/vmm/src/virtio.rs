@@ -114,6 +114,7 @@ fn block_config(disk: &DiskSpec) -> BlockConfig {
     config.direct = disk.direct;
     config.queues = disk.queues;
     config.queue_size = disk.queue_size;
+    config.logical_block_size = disk.block_size;
     if let Some(serial) = &disk.serial {
         config.serial = serial.clone();
     }

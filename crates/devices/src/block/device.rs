@@ -1,7 +1,6 @@
 //! The virtio-blk device: configuration, feature bits, the `virtio_blk_config` space, and one
 //! [`BlockQueueHandler`] per queue (the framework runs each on its own queue worker).
 
-use std::io;
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,8 +13,9 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-use super::backend::{io_uring_available, DiskImage};
-use super::handler::{BlockQueueHandler, IoEngine};
+use sluice_storage::{DiskImage, ImageError, IoEngine, MAX_BLOCK_SIZE};
+
+use super::handler::BlockQueueHandler;
 use super::request::{DiskLimits, ID_BYTES, SECTOR_SIZE};
 
 /// Largest queue the device offers (the split-ring maximum).
@@ -43,13 +43,15 @@ pub struct BlockConfig {
     pub queue_size: u16,
     /// GET_ID answer, at most 20 bytes.
     pub serial: String,
-    /// Block size the guest sees (`blk_size`), a power of two in 512..=4096.
-    pub logical_block_size: u32,
+    /// Block size the guest sees (`blk_size`), a power of two in 512..=4096; `None`: the
+    /// host's ([`DiskImage::host_block_size`]). With O_DIRECT it may not be smaller than that.
+    pub logical_block_size: Option<u32>,
     pub io_engine: IoEngine,
 }
 
 impl BlockConfig {
-    /// One queue of 256 entries, read-write, page cache, 512-byte blocks, io_uring if possible.
+    /// One queue of 256 entries, read-write, page cache, the host's block size, io_uring if
+    /// possible.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         BlockConfig {
             path: path.into(),
@@ -58,7 +60,7 @@ impl BlockConfig {
             queues: 1,
             queue_size: 256,
             serial: String::new(),
-            logical_block_size: 512,
+            logical_block_size: None,
             io_engine: IoEngine::Auto,
         }
     }
@@ -67,16 +69,8 @@ impl BlockConfig {
 /// Why a block device could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    #[error("cannot open disk image {path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
-    #[error("disk image {path} is in use by another process (locked)")]
-    Locked { path: PathBuf },
-    #[error("cannot lock disk image {path}: {source}")]
-    Lock { path: PathBuf, source: io::Error },
-    #[error("cannot read the size of disk image {path}: {source}")]
-    Size { path: PathBuf, source: io::Error },
-    #[error("disk image {path} is {size} bytes, not a multiple of 512")]
-    UnalignedSize { path: PathBuf, size: u64 },
+    #[error(transparent)]
+    Image(#[from] ImageError),
     #[error("serial is {0} bytes, at most 20 are allowed")]
     SerialTooLong(usize),
     #[error("queue count {0} must be 1..=65535")]
@@ -85,6 +79,15 @@ pub enum BlockError {
     QueueSize(u16),
     #[error("logical block size {0} must be a power of two in 512..=4096")]
     BlockSize(u32),
+    #[error(
+        "logical block size {requested} is smaller than the {host} bytes {path} needs with \
+         direct=on"
+    )]
+    BlockSizeBelowHost {
+        path: PathBuf,
+        requested: u32,
+        host: u32,
+    },
 }
 
 /// A virtio-blk device backed by a disk image.
@@ -112,12 +115,15 @@ impl Block {
         validate(&config)?;
         let serial = serial_bytes(&config.serial)?;
         let image = DiskImage::open(&config.path, config.read_only, config.direct)?;
+        let mut config = config;
+        config.logical_block_size = Some(block_size_for(&config, &image)?);
         let limits = limits_for(&config, image.size());
-        let engine = resolve_engine(config.io_engine);
+        let engine = config.io_engine.resolve();
         tracing::info!(
-            "virtio-blk {}: {} sectors{}, I/O through {}",
+            "virtio-blk {}: {} sectors of 512 bytes, {}-byte blocks{}, I/O through {}",
             config.path.display(),
             limits.capacity_sectors,
+            config.logical_block_size.unwrap_or(512),
             if config.read_only { ", read-only" } else { "" },
             match engine {
                 IoEngine::Sync => "synchronous preadv/pwritev",
@@ -158,6 +164,11 @@ impl Block {
         self.limits
     }
 
+    /// The logical block size the guest sees (`blk_size`).
+    pub fn block_size(&self) -> u32 {
+        self.config.logical_block_size.unwrap_or(SECTOR_SIZE as u32)
+    }
+
     /// A queue handler over this device's image (for a worker, a vhost-user backend, or tests).
     pub fn queue_handler(&self, queue_size: u16) -> BlockQueueHandler {
         BlockQueueHandler::new(
@@ -179,9 +190,10 @@ impl Block {
         put(0, &limits.capacity_sectors.to_le_bytes());
         put(8, &SIZE_MAX.to_le_bytes());
         put(12, &limits.seg_max.to_le_bytes());
-        put(20, &self.config.logical_block_size.to_le_bytes());
+        let block_size = self.block_size();
+        put(20, &block_size.to_le_bytes());
         put(34, &self.config.queues.to_le_bytes());
-        let alignment = self.config.logical_block_size / SECTOR_SIZE as u32;
+        let alignment = block_size / SECTOR_SIZE as u32;
         if !limits.read_only {
             put(36, &limits.max_discard_sectors.to_le_bytes());
             put(40, &limits.max_discard_seg.to_le_bytes());
@@ -202,11 +214,30 @@ fn validate(config: &BlockConfig) -> Result<(), BlockError> {
     if !size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&size) {
         return Err(BlockError::QueueSize(size));
     }
-    let block = config.logical_block_size;
-    if !block.is_power_of_two() || !(512..=4096).contains(&block) {
-        return Err(BlockError::BlockSize(block));
+    if let Some(block) = config.logical_block_size {
+        if !block.is_power_of_two() || !(512..=MAX_BLOCK_SIZE).contains(&block) {
+            return Err(BlockError::BlockSize(block));
+        }
     }
     Ok(())
+}
+
+/// The block size to advertise: the one asked for, else the host's. O_DIRECT fails I/O that is
+/// not aligned to the host's block, so with direct=on a smaller one is refused.
+fn block_size_for(config: &BlockConfig, image: &DiskImage) -> Result<u32, BlockError> {
+    let host = image.host_block_size();
+    let requested = config.logical_block_size.unwrap_or(host);
+    if config.direct && requested < host {
+        return Err(BlockError::BlockSizeBelowHost {
+            path: config.path.clone(),
+            requested,
+            host,
+        });
+    }
+    if !requested.is_power_of_two() || !(512..=MAX_BLOCK_SIZE).contains(&requested) {
+        return Err(BlockError::BlockSize(requested));
+    }
+    Ok(requested)
 }
 
 fn serial_bytes(serial: &str) -> Result<[u8; ID_BYTES], BlockError> {
@@ -233,18 +264,6 @@ fn limits_for(config: &BlockConfig, size: u64) -> DiskLimits {
         max_discard_sectors: MAX_DISCARD_SECTORS,
         max_write_zeroes_seg: MAX_DISCARD_SEG,
         max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
-    }
-}
-
-fn resolve_engine(requested: IoEngine) -> IoEngine {
-    match requested {
-        IoEngine::Sync => IoEngine::Sync,
-        IoEngine::Auto | IoEngine::IoUring if io_uring_available() => IoEngine::IoUring,
-        IoEngine::IoUring => {
-            tracing::warn!("virtio-blk: io_uring requested but unavailable");
-            IoEngine::Sync
-        }
-        IoEngine::Auto => IoEngine::Sync,
     }
 }
 

@@ -6,16 +6,16 @@
 //!   [`Rejection`] (error status, or a zero-length used entry when no status byte is usable). A
 //!   pure function, with [`parse_request_for_fuzz`] as the fuzz entry point and [`fuzz`] the
 //!   body of the `blk_request` target.
-//! * [`handler`] — [`BlockQueueHandler`], the per-queue `QueueHandler`: batched io_uring
-//!   submission with an eventfd for completions, or a synchronous fallback.
-//! * [`backend`] — the image file (open, `flock`, size) and the host I/O calls.
+//! * [`handler`] — [`BlockQueueHandler`], the per-queue `QueueHandler`: requests become
+//!   operations on a `sluice_storage::IoQueue` (io_uring or synchronous) and chains are
+//!   answered (status byte, used entry) as the operations complete.
 //!
-//! Ring handling (chains, indirect tables, used ring, EVENT_IDX) is virtio-queue's; guest memory
-//! is reached only through the `DmaSpace`, so the model runs unchanged behind vhost-user or an
-//! IOMMU. Written here: request validation, the io_uring submission/completion bookkeeping
-//! (no maintained crate does virtio-blk over io_uring on a `DmaSpace`), and the file backend.
+//! The disk image (open, locking, size, block size) and the host I/O are `sluice-storage`'s,
+//! shared with NVMe. Ring handling (chains, indirect tables, used ring, EVENT_IDX) is
+//! virtio-queue's; guest memory is reached only through the `DmaSpace`, so the model runs
+//! unchanged behind vhost-user or an IOMMU. Written here: request validation and the mapping
+//! between virtio-blk requests and storage operations.
 
-pub mod backend;
 pub mod device;
 pub mod fuzz;
 pub mod handler;
@@ -25,8 +25,9 @@ pub mod request;
 mod tests;
 
 pub use device::{Block, BlockConfig, BlockError};
-pub use handler::{BlockQueueHandler, IoEngine};
+pub use handler::BlockQueueHandler;
 pub use request::{
     parse_request, parse_request_for_fuzz, DiskLimits, FuzzOutcome, ParseError, Rejection, Request,
     RequestKind, Status,
 };
+pub use sluice_storage::{ImageError, IoEngine};

@@ -21,8 +21,8 @@ use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::tempfile::TempFile;
 
-use super::backend::io_uring_available;
 use super::*;
+use sluice_storage::io_uring_available;
 
 const QUEUE_SIZE: u16 = 64;
 const RAM_SIZE: usize = 4 << 20;
@@ -581,7 +581,10 @@ fn second_open_of_a_locked_image_fails_cleanly() {
     let second = Block::new(BlockConfig::new(img.as_path()));
 
     let err = second.unwrap_err();
-    assert!(matches!(err, BlockError::Locked { .. }), "{err}");
+    assert!(
+        matches!(err, BlockError::Image(ImageError::Locked { .. })),
+        "{err}"
+    );
     assert!(err
         .to_string()
         .contains(&img.as_path().display().to_string()));
@@ -593,7 +596,7 @@ fn bad_configs_are_refused() {
     let mut serial = BlockConfig::new(img.as_path());
     serial.serial = "x".repeat(21);
     let mut block_size = BlockConfig::new(img.as_path());
-    block_size.logical_block_size = 1000;
+    block_size.logical_block_size = Some(1000);
     let odd = image(1000);
 
     assert!(matches!(
@@ -606,11 +609,14 @@ fn bad_configs_are_refused() {
     ));
     assert!(matches!(
         Block::new(BlockConfig::new(odd.as_path())),
-        Err(BlockError::UnalignedSize { size: 1000, .. })
+        Err(BlockError::Image(ImageError::UnalignedSize {
+            size: 1000,
+            ..
+        }))
     ));
     assert!(matches!(
         Block::new(BlockConfig::new("/nonexistent/disk.img")),
-        Err(BlockError::Open { .. })
+        Err(BlockError::Image(ImageError::Open { .. }))
     ));
 }
 
@@ -619,7 +625,7 @@ fn config_space_and_features() {
     let img = image(IMAGE_SIZE);
     let mut config = BlockConfig::new(img.as_path());
     config.queues = 4;
-    config.logical_block_size = 4096;
+    config.logical_block_size = Some(4096);
     let block = Block::new(config).unwrap();
     let mut space = [0u8; 64];
 
@@ -1148,4 +1154,336 @@ fn activate_refuses_more_queues_than_offered() {
             max: 1
         })
     ));
+}
+
+/// Defect 5: DISCARD / WRITE_ZEROES whose segments all have 0 sectors queued no SQE on the
+/// io_uring path, so the request never completed and its slot leaked.
+#[test]
+fn zero_sector_discard_and_write_zeroes_complete_without_leaking() {
+    // The mock avail ring does not wrap: a fresh driver (same handler) every BATCH chains.
+    const BATCHES: u16 = 40;
+    const BATCH: u16 = 50;
+    for engine in engines() {
+        let img = image(IMAGE_SIZE);
+        let block = open(img.as_path(), engine, false);
+        let mut handler = block.queue_handler(QUEUE_SIZE);
+        let mem = ram();
+        let mut peak_in_flight = 0;
+        let mut requests = 0;
+
+        for batch in 0..BATCHES {
+            let mut driver = Driver::new(&mem);
+            let header_discard = driver.header(VIRTIO_BLK_T_DISCARD, 0);
+            let header_zeroes = driver.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+            let segs = driver.segments(&[(8, 0, 0), (16, 0, 0)]);
+            let status = driver.status();
+            for round in 0..BATCH {
+                let header = if round % 2 == 0 {
+                    header_discard
+                } else {
+                    header_zeroes
+                };
+                mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+                let head = driver.add_chain(&[readable(header, 16), segs, writable(status, 1)]);
+                let mut ctx = QueueContext {
+                    queue: &mut driver.queue,
+                    mem: &driver.space,
+                    metrics: &driver.metrics,
+                };
+                handler.process(&mut ctx).unwrap();
+                if let (true, Some(fd)) = (handler.in_flight() > 0, handler.completion_fd()) {
+                    // Give the ring a chance: a request really in flight completes.
+                    wait_readable(fd);
+                    handler.complete(&mut ctx).unwrap();
+                }
+                peak_in_flight = peak_in_flight.max(handler.in_flight());
+
+                let at = format!("{engine:?}: batch {batch} round {round}");
+                assert_eq!(driver.used_idx(), round + 1, "{at}: never completed");
+                assert_eq!(driver.used(round), (u32::from(head), 1), "{at}");
+                assert_eq!(driver.status_at(status), S_OK, "{at}");
+            }
+            requests += driver.metrics.requests.load(Ordering::Relaxed);
+            assert_eq!(driver.errors(), 0);
+        }
+
+        assert_eq!(handler.in_flight(), 0, "{engine:?}");
+        assert_eq!(
+            peak_in_flight, 0,
+            "{engine:?}: slots held by no-op requests"
+        );
+        assert_eq!(requests, u64::from(BATCHES * BATCH));
+    }
+}
+
+/// qemu-storage-daemon exporting `image` writable over NBD, daemonized: `Ok(pid)` once it has
+/// opened the image, `Err(stderr)` if it refused to. `None` when the tool is not installed.
+fn qemu_storage_daemon(image: &Path, dir: &Path) -> Option<Result<i32, String>> {
+    let pidfile = dir.join("qsd.pid");
+    let output = std::process::Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f0,filename={}",
+            image.display()
+        ))
+        .arg("--nbd-server")
+        .arg(format!(
+            "addr.type=unix,addr.path={}",
+            dir.join("nbd.sock").display()
+        ))
+        .args([
+            "--export",
+            "type=nbd,id=e0,node-name=f0,writable=on",
+            "--daemonize",
+        ])
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .output();
+    let output = match output {
+        Ok(output) => output,
+        Err(e) => {
+            eprintln!("SKIP: qemu-storage-daemon not runnable ({e})");
+            return None;
+        }
+    };
+    if !output.status.success() {
+        return Some(Err(String::from_utf8_lossy(&output.stderr).into_owned()));
+    }
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    Some(Ok(pid.trim().parse().unwrap()))
+}
+
+fn stop_daemon(pid: i32) {
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluice-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Defect 10: sluice's image lock must keep QEMU's writers out (QEMU uses OFD byte locks).
+#[test]
+fn qemu_refuses_an_image_sluice_holds() {
+    let dir = temp_dir("qemu-lock-a");
+    let img = image(IMAGE_SIZE);
+    let _block = open(img.as_path(), IoEngine::Sync, false);
+
+    let Some(qemu) = qemu_storage_daemon(img.as_path(), &dir) else {
+        return;
+    };
+
+    if let Ok(pid) = qemu {
+        stop_daemon(pid);
+        panic!("qemu-storage-daemon opened an image sluice holds for writing");
+    }
+    let stderr = qemu.unwrap_err();
+    assert!(stderr.contains("lock"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Defect 10, the other way: an image QEMU writes is refused with a clear message.
+#[test]
+fn sluice_refuses_an_image_qemu_holds() {
+    let dir = temp_dir("qemu-lock-b");
+    let img = image(IMAGE_SIZE);
+    let Some(qemu) = qemu_storage_daemon(img.as_path(), &dir) else {
+        return;
+    };
+    let pid = qemu.expect("qemu-storage-daemon could not open a fresh image");
+
+    let mut read_only = BlockConfig::new(img.as_path());
+    read_only.read_only = true;
+    let results = [
+        Block::new(BlockConfig::new(img.as_path())),
+        Block::new(read_only),
+    ];
+    stop_daemon(pid);
+    let after = Block::new(BlockConfig::new(img.as_path()));
+
+    for result in results {
+        let err = result.expect_err("sluice opened an image QEMU holds for writing");
+        assert!(
+            matches!(err, BlockError::Image(ImageError::Locked { .. })),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains(&img.as_path().display().to_string()),
+            "{text}"
+        );
+        assert!(text.contains("QEMU"), "{text}");
+    }
+    assert!(
+        after.is_ok(),
+        "lock not released with the daemon: {:?}",
+        after.err()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A loop device over a fresh file with 4096-byte logical sectors, detached on drop.
+struct LoopDevice {
+    path: std::path::PathBuf,
+    _backing: TempFile,
+}
+
+impl LoopDevice {
+    fn with_4k_sectors(size: u64) -> Option<LoopDevice> {
+        let backing = image(size);
+        let output = std::process::Command::new("losetup")
+            .args(["--find", "--show", "--sector-size", "4096"])
+            .arg(backing.as_path())
+            .output();
+        match output {
+            Ok(out) if out.status.success() => {
+                let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                Some(LoopDevice {
+                    path: path.into(),
+                    _backing: backing,
+                })
+            }
+            Ok(out) => {
+                eprintln!(
+                    "SKIP: no loop device ({})",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIP: losetup not runnable ({e})");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+fn blk_size_of(block: &Block) -> u32 {
+    let mut bytes = [0u8; 4];
+    block.read_config(20, &mut bytes);
+    u32::from_le_bytes(bytes)
+}
+
+/// Defect 11: with direct=on a 4K-sector host disk must be advertised with 4K blocks (the guest
+/// then issues 4K-aligned I/O, which O_DIRECT accepts); a smaller explicit size is refused.
+#[test]
+fn direct_io_on_a_4k_sector_disk_advertises_4k_blocks() {
+    let Some(disk) = LoopDevice::with_4k_sectors(IMAGE_SIZE) else {
+        return;
+    };
+    let mut config = BlockConfig::new(&disk.path);
+    config.direct = true;
+    config.queue_size = QUEUE_SIZE;
+
+    for engine in engines() {
+        config.io_engine = engine;
+        let block = Block::new(config.clone()).expect("open the loop device with O_DIRECT");
+        let mut handler = block.queue_handler(QUEUE_SIZE);
+        let mem = ram();
+        let mut driver = Driver::new(&mem);
+        let data = pattern(8192, 5);
+
+        assert_eq!(blk_size_of(&block), 4096, "{engine:?}");
+        assert_eq!(driver.write(&mut handler, 8, &data, 2), S_OK, "{engine:?}");
+        let (status, back, _) = driver.read(&mut handler, 8, 8192, 1);
+        assert_eq!((status, back), (S_OK, data), "{engine:?}");
+        assert_eq!(driver.errors(), 0);
+        // A driver ignoring blk_size gets an error, not a crash or a partial write.
+        let (status, _, _) = driver.read(&mut handler, 1, 512, 1);
+        assert_eq!(status, S_IOERR, "{engine:?}");
+    }
+    let mut small = config.clone();
+    small.logical_block_size = Some(512);
+    let refused = Block::new(small).expect_err("512-byte blocks on a 4K disk with O_DIRECT");
+    assert!(refused.to_string().contains("4096"), "{refused}");
+    let mut cached = config.clone();
+    cached.direct = false;
+    let cached = Block::new(cached).expect("page-cache open of the loop device");
+    assert_eq!(
+        blk_size_of(&cached),
+        4096,
+        "a block device's own sector size"
+    );
+}
+
+/// Defect 13: a 0-byte image is a disk with no sectors; refuse it at open.
+#[test]
+fn empty_image_is_refused() {
+    let empty = image(0);
+
+    let err = Block::new(BlockConfig::new(empty.as_path())).expect_err("0-byte image accepted");
+
+    assert!(err.to_string().contains("empty"), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&empty.as_path().display().to_string()),
+        "{err}"
+    );
+}
+
+/// Runs a QEMU tool; `None` (with a printed reason) when it is not installed.
+fn qemu_tool(tool: &str, args: &[&str]) -> Option<std::process::Output> {
+    match std::process::Command::new(tool).args(args).output() {
+        Ok(output) => Some(output),
+        Err(e) => {
+            eprintln!("SKIP: {tool} not runnable ({e})");
+            None
+        }
+    }
+}
+
+/// Defect 10 with qemu-io and qemu-img: while sluice has the image, QEMU can neither write nor
+/// resize it (read-only sluice included); once sluice lets go, both work.
+#[test]
+fn qemu_io_and_qemu_img_respect_sluice_locks() {
+    let img = image(IMAGE_SIZE);
+    let path = img.as_path().to_str().unwrap();
+    let write = ["-f", "raw", "-c", "write -P 0x33 0 512", path];
+    let grow = (IMAGE_SIZE * 2).to_string();
+    let resize = ["resize", "-f", "raw", path, grow.as_str()];
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    for read_only in [false, true] {
+        let _sluice = open(img.as_path(), IoEngine::Sync, read_only);
+        let Some(written) = qemu_tool("qemu-io", &write) else {
+            return;
+        };
+        let Some(resized) = qemu_tool("qemu-img", &resize) else {
+            return;
+        };
+
+        assert!(
+            !written.status.success(),
+            "qemu-io wrote (read_only={read_only})"
+        );
+        assert!(stderr(&written).contains("lock"), "{}", stderr(&written));
+        assert!(
+            !resized.status.success(),
+            "qemu-img resized (read_only={read_only})"
+        );
+        assert!(stderr(&resized).contains("lock"), "{}", stderr(&resized));
+    }
+    let written = qemu_tool("qemu-io", &write).unwrap();
+    let resized = qemu_tool("qemu-img", &resize).unwrap();
+
+    assert!(written.status.success(), "{}", stderr(&written));
+    assert!(resized.status.success(), "{}", stderr(&resized));
+    assert_eq!(file_bytes(img.as_path(), 0, 512), vec![0x33; 512]);
+    assert_eq!(img.as_file().metadata().unwrap().len(), IMAGE_SIZE * 2);
 }

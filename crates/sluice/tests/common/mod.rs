@@ -78,8 +78,11 @@ pub fn build_guest(name: &str) -> PathBuf {
     if modified(&elf).is_some_and(|built| Some(built) >= newest_input) {
         return elf;
     }
-    // Unique intermediate names: test binaries build guests concurrently.
-    let tag = format!("{name}.{}", std::process::id());
+    // Unique intermediate names: test binaries, and test threads within one, build guests
+    // concurrently.
+    static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let build = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tag = format!("{name}.{}.{build}", std::process::id());
     let object = out_dir.join(format!("{tag}.o"));
     let partial = out_dir.join(format!("{tag}.elf.part"));
     run_tool(
