@@ -24,6 +24,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("net_header", "sluice-devices"),
     ("virtio_pci_registers", "sluice-virtio"),
     ("vhost_user_messages", "sluice-vhost"),
+    ("vhost_user_fds", "sluice-vhost"),
 ];
 
 /// A target body: what `fuzz_target!` runs on one input.

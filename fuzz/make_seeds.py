@@ -171,9 +171,44 @@ def pci_seeds():
                          + op(CONFIG, 0x10, 4) + op(7, 0x1000, 1) + op(7, 0x7ffe, 2, 1))
 
 
+# --- vhost_user_fds: frontend scripts (op format in crates/vhost/src/fuzz.rs) --------------
+HANDSHAKE_ALL = bytes([0, 7])  # PROTOCOL_FEATURES, EVENT_IDX, every offered protocol feature
+MEM_16_PAGES = bytes([1, 0, 15])  # SET_MEM_TABLE: one memfd of 16 pages at slot 0
+RING_16 = bytes([6, 0, 4, 0])  # queue 0: 16 entries, base 0, rings at 0 / 0x1000 / 0x2000
+KICK_FD, CALL_FD, ENABLE, KICK = bytes([7, 0]), bytes([8, 0]), bytes([10, 0, 1]), bytes([11, 0])
+
+
+def write_memfd(index, offset, data):
+    assert offset % 64 == 0 and len(data) < 64
+    return bytes([12, index, offset // 64, len(data)]) + data
+
+
+def one_request(memfd):
+    """A one-descriptor writable chain at head 0, published in the avail ring."""
+    return (write_memfd(memfd, 0, desc(0x4000, 64, WRITE))
+            + write_memfd(memfd, 0x1000, struct.pack("<HHH", 0, 1, 0)))
+
+
+def fds_seeds():
+    ring = RING_16 + KICK_FD + CALL_FD + ENABLE
+    yield "ring_io", HANDSHAKE_ALL + MEM_16_PAGES + ring + one_request(0) + KICK
+    yield "shrink_ram", (HANDSHAKE_ALL + MEM_16_PAGES + ring + one_request(0)
+                         + bytes([13, 0, 1]) + KICK)
+    yield "shrink_inflight", (HANDSHAKE_ALL + bytes([4, 5, 0, 4]) + bytes([1, 0, 15]) + ring
+                              + one_request(1) + bytes([13, 0, 0]) + KICK)
+    yield "saturated_call", (HANDSHAKE_ALL + MEM_16_PAGES + RING_16 + KICK_FD + bytes([8, 0x80])
+                             + ENABLE + one_request(0) + KICK + bytes([14, 0]))
+    yield "remove_and_add_back", (HANDSHAKE_ALL + bytes([2, 0, 15]) + ring + bytes([3, 0, 15])
+                                  + bytes([2, 0x80, 0]) + one_request(0) + KICK)
+    yield "add_again_from_another_fd", (HANDSHAKE_ALL + bytes([2, 0, 15]) + ring
+                                        + bytes([2, 0, 15]) + one_request(1) + KICK)
+    yield "kick_before_addr_no_protocol", (bytes([0, 0]) + MEM_16_PAGES + KICK_FD + CALL_FD
+                                           + RING_16 + one_request(0) + KICK)
+
+
 def main():
     for target, seeds in (("blk_request", blk_seeds()), ("net_header", net_seeds()),
-                          ("virtio_pci_registers", pci_seeds())):
+                          ("virtio_pci_registers", pci_seeds()), ("vhost_user_fds", fds_seeds())):
         directory = ROOT / target
         directory.mkdir(parents=True, exist_ok=True)
         for name, data in seeds:

@@ -32,3 +32,17 @@ pub trait MsiRoute: Send + Sync {
 pub trait MsiRouter: Send + Sync {
     fn allocate(&self) -> io::Result<std::sync::Arc<dyn MsiRoute>>;
 }
+
+/// A level-triggered interrupt source (a PCI INTx pin's wire into an IOAPIC pin). The line
+/// stays asserted until deasserted; an implementation re-asserts it after the guest's EOI while
+/// the level is still high (KVM: an irqfd with a resample fd).
+pub trait LevelIrqLine: Send + Sync {
+    /// Drives the line high (`true`) or low.
+    fn set_level(&self, asserted: bool) -> io::Result<()>;
+}
+
+/// Connects level-triggered sources to GSIs (the VMM owns the interrupt controller). Several
+/// sources may share a GSI: the line is high while any of them is.
+pub trait LevelIrqRouter: Send + Sync {
+    fn connect(&self, gsi: u32) -> io::Result<std::sync::Arc<dyn LevelIrqLine>>;
+}

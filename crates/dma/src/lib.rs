@@ -11,6 +11,10 @@
 //! Built on vm-memory's `iommu` module rather than by hand; this crate adds the fault log and the
 //! miss path.
 
+mod spaces;
+
+pub use spaces::{DmaSpaces, DomainProvider, RequesterId};
+
 use std::collections::VecDeque;
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 

@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use crate::config::ConfigSpace;
+use crate::intx::PciIntx;
 use crate::PciError;
 
 /// Devices per bus and functions per device.
@@ -85,6 +86,12 @@ pub trait PciDevice: Send {
     /// BAR `bar` now decodes at `new` instead of `old` (`None`: not mapped). Devices with
     /// ioeventfds or mmapped regions re-register them here.
     fn bar_moved(&mut self, _bar: usize, _old: Option<u64>, _new: Option<u64>) {}
+
+    /// The function's INTx pin, if it has one (declared in config space with
+    /// [`PciIntx::install`]). The root connects it to the pin's GSI when the device is added.
+    fn intx(&self) -> Option<Arc<PciIntx>> {
+        None
+    }
 }
 
 /// How devices are shared between the root, the bus adapters and the VMM.

@@ -14,13 +14,19 @@
 //!   those mappings.
 //! * [`PciConfigIo`] and [`PciConfigMmio`] are the [`sluice_bus::BusDevice`]s to put on the PIO bus
 //!   at 0xcf8 and on the MMIO bus at the ECAM base.
-//! * [`MsixCapability`] and [`MsixTable`] give a device MSI-X; [`PciTestDevice`] exercises it.
+//! * [`MsixCapability`] and [`MsixTable`] give a device MSI-X, and [`MsixVectors`] routes its
+//!   vectors through exitless irqfd routes; [`PciTestDevice`] exercises it.
+//! * [`PciIntx`] is a level-triggered INTx pin with ISR-style causes; the root connects it to
+//!   the GSI [`IntxRouting`] assigns (set with [`PciRoot::set_intx`]) and fills the interrupt
+//!   line register.
 
 mod access;
 mod bar;
 mod config;
 mod device;
+mod intx;
 mod msix;
+mod msix_routes;
 mod root;
 mod test_device;
 
@@ -35,10 +41,12 @@ pub use config::{
     REVISION_ID, STATUS, STATUS_CAPABILITY_LIST, SUBSYSTEM_ID, SUBSYSTEM_VENDOR_ID, VENDOR_ID,
 };
 pub use device::{PciAddress, PciDevice, SharedPciDevice};
+pub use intx::{InterruptPin, IntxRouting, PciIntx, INTERRUPT_LINE_UNKNOWN, STATUS_INTERRUPT};
 pub use msix::{
     MsixCapability, MsixDelivery, MsixError, MsixTable, MSIX_CAPABILITY_ID, MSIX_ENABLE,
     MSIX_FUNCTION_MASK, MSIX_MAX_VECTORS, MSIX_TABLE_ENTRY_SIZE,
 };
+pub use msix_routes::{MsixSignal, MsixVectors};
 pub use root::{PciRoot, HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE_VENDOR_ID};
 pub use test_device::{PciTestDevice, TEST_DEVICE_DEVICE_ID, TEST_DEVICE_VENDOR_ID};
 
@@ -70,6 +78,12 @@ pub enum PciError {
     NoFreeSlot,
     #[error("invalid MSI-X capability: {0}")]
     InvalidMsix(&'static str),
+    #[error("invalid INTx routing: {gsis} GSIs from {first_gsi}")]
+    InvalidIntxRouting { first_gsi: u32, gsis: u32 },
+    #[error("the INTx pin is already connected")]
+    IntxAlreadyConnected,
+    #[error("connecting INTx to GSI {gsi}: {reason}")]
+    IntxConnect { gsi: u32, reason: String },
     #[error("bus mapping failed: {0}")]
     Bus(#[from] BusError),
 }

@@ -226,6 +226,11 @@ impl MsixTable {
             .is_none_or(|entry| entry[VECTOR_CONTROL_DWORD] & VECTOR_MASKED != 0)
     }
 
+    /// Whether `vector`'s mask bit is set (a vector the table lacks counts as masked).
+    pub fn is_vector_masked(&self, vector: u16) -> bool {
+        self.vector_masked(usize::from(vector))
+    }
+
     /// Applies a new message control value (from the capability) and sends any pending
     /// messages that became deliverable.
     pub fn set_message_control(&mut self, control: u16) {

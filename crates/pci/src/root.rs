@@ -16,14 +16,16 @@
 
 use std::sync::{Arc, Mutex, RwLock};
 
+use sluice_bus::irq::{LevelIrqLine, LevelIrqRouter};
 use sluice_bus::{Bus, BusDevice, SharedDevice};
 
 use crate::bar::{BarAllocator, BarSpec};
 use crate::config::{
     ConfigSpace, PciIds, COMMAND, COMMAND_IO_SPACE, COMMAND_MEMORY_SPACE, CONFIG_SPACE_SIZE,
-    NUM_BARS,
+    INTERRUPT_LINE, NUM_BARS,
 };
 use crate::device::{PciAddress, PciDevice, SharedPciDevice, DEVICES_PER_BUS};
+use crate::intx::{IntxRouting, PciIntx};
 use crate::PciError;
 
 /// Host bridge identity: Red Hat's generic PCIe host bridge IDs, which Linux binds no driver to.
@@ -127,7 +129,13 @@ pub struct PciRoot {
     allocator: Mutex<BarAllocator>,
     mmio_bus: Arc<Bus>,
     pio_bus: Arc<Bus>,
+    /// Where INTx pins go (none: pins stay unconnected, interrupt line reads "unknown").
+    intx: Mutex<Option<(Arc<dyn LevelIrqRouter>, IntxRouting)>>,
 }
+
+/// A device's INTx pin and the line the root connected for it (given to the pin once the
+/// device's BARs are mapped).
+type PendingIntx = Option<(Arc<PciIntx>, Arc<dyn LevelIrqLine>)>;
 
 impl PciRoot {
     /// A root with the host bridge at 00:00.0; BARs are placed by `allocator` and mapped on
@@ -150,27 +158,77 @@ impl PciRoot {
             allocator: Mutex::new(allocator),
             mmio_bus,
             pio_bus,
+            intx: Mutex::new(None),
         }
+    }
+
+    /// Connects the INTx pins of devices added from now on through `router`, at the GSIs
+    /// `routing` assigns.
+    pub fn set_intx(&self, router: Arc<dyn LevelIrqRouter>, routing: IntxRouting) {
+        *self.intx.lock().unwrap_or_else(|e| e.into_inner()) = Some((router, routing));
+    }
+
+    /// The INTx routing in use, if any (the DSDT's `_PRT` is built from the same value).
+    pub fn intx_routing(&self) -> Option<IntxRouting> {
+        let intx = self.intx.lock().unwrap_or_else(|e| e.into_inner());
+        intx.as_ref().map(|(_, routing)| *routing)
+    }
+
+    /// Connects `device`'s INTx pin (if it has one and a router is set) and writes the GSI into
+    /// its interrupt line register, as firmware would.
+    fn route_intx(&self, slot: u8, device: &mut dyn PciDevice) -> Result<PendingIntx, PciError> {
+        let Some(pin) = device.intx() else {
+            return Ok(None);
+        };
+        let intx = self.intx.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((router, routing)) = intx.as_ref() else {
+            return Ok(None);
+        };
+        let gsi = routing.gsi(slot, pin.pin());
+        let line = router.connect(gsi).map_err(|e| PciError::IntxConnect {
+            gsi,
+            reason: e.to_string(),
+        })?;
+        // IntxRouting keeps GSIs below 255.
+        device.config_mut().set_u8(INTERRUPT_LINE, gsi as u8);
+        Ok(Some((pin, line)))
     }
 
     /// Places `device` at the next free slot (function 0), assigns its BAR addresses, enables
     /// decode for the BAR kinds it has (as firmware would) and maps the BARs. On error nothing is
     /// added, allocated or mapped.
     pub fn add_device(&self, device: SharedPciDevice) -> Result<PciAddress, PciError> {
+        self.add_device_with(|_| Ok::<_, PciError>(device))
+    }
+
+    /// As [`Self::add_device`], for a device that needs its address to be built (its requester
+    /// id picks its DMA space): `build` gets the address the device will have. Nothing is
+    /// added if `build` fails.
+    pub fn add_device_with<E, F>(&self, build: F) -> Result<PciAddress, E>
+    where
+        E: From<PciError>,
+        F: FnOnce(PciAddress) -> Result<SharedPciDevice, E>,
+    {
         let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
         let slot = slots
             .iter()
             .position(Option::is_none)
             .ok_or(PciError::NoFreeSlot)?;
         let address = PciAddress::new(ROOT_BUS, slot as u8, 0)?;
+        let device = build(address)?;
         let mut allocator = self.allocator.lock().unwrap_or_else(|e| e.into_inner());
         let mut trial = allocator.clone();
-        let (name, mut mappings) = {
+        let (name, mut mappings, intx) = {
             let mut dev = device.lock().unwrap_or_else(|e| e.into_inner());
             let name = format!("{address} {}", dev.name());
-            (name, Self::assign_bars(&mut trial, &mut *dev, &device)?)
+            let mappings = Self::assign_bars(&mut trial, &mut *dev, &device)?;
+            let intx = self.route_intx(address.device, &mut *dev)?;
+            (name, mappings, intx)
         };
         self.map_all(&name, &mut mappings)?;
+        if let Some((pin, line)) = intx {
+            pin.connect(line)?;
+        }
         *allocator = trial;
         let moves: Vec<BarMove> = mappings
             .iter()

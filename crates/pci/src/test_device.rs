@@ -1,7 +1,7 @@
 //! `PciTestDevice`: a small PCI function for proving enumeration, BAR decode and MSI-X delivery
 //! end to end (the guest kit's boot tests drive it).
 //!
-//! Identity: vendor 0x1234, device 0x5c1e, class 0xff0000 (unassigned), revision 1, no INTx pin.
+//! Identity: vendor 0x1234, device 0x5c1e, class 0xff0000 (unassigned), revision 1, INTA.
 //!
 //! BAR0, 4 KiB 32-bit memory, registers (little endian, 32-bit accesses; 1/2/8-byte accesses
 //! work on the scratch register, other registers need an aligned 4-byte access):
@@ -13,6 +13,8 @@
 //! | 0x08   | COUNT    | ro     | doorbell writes that named a valid vector                      |
 //! | 0x0c   | RESULT   | ro     | outcome of the last doorbell: 0 sent, 1 pending (masked),      |
 //! |        |          |        | 2 MSI-X disabled, 3 bad vector, 4 delivery error               |
+//! | 0x10   | INTX     | wo     | write nonzero cause bits: they are raised on INTA (level)      |
+//! | 0x14   | INTX_ISR | ro     | pending INTx causes; the read clears them and deasserts INTA   |
 //!
 //! Everything else in BAR0 reads 0xffffffff and ignores writes.
 //!
@@ -27,6 +29,7 @@ use sluice_bus::{read_le, write_le};
 use crate::bar::BarSpec;
 use crate::config::{ConfigSpace, PciIds};
 use crate::device::PciDevice;
+use crate::intx::{InterruptPin, PciIntx};
 use crate::msix::{MsixCapability, MsixDelivery, MsixTable};
 use crate::PciError;
 
@@ -45,6 +48,8 @@ const SCRATCH: u64 = 0x00;
 const DOORBELL: u64 = 0x04;
 const COUNT: u64 = 0x08;
 const RESULT: u64 = 0x0c;
+const INTX: u64 = 0x10;
+const INTX_ISR: u64 = 0x14;
 
 const RESULT_SENT: u32 = 0;
 const RESULT_PENDING: u32 = 1;
@@ -57,6 +62,7 @@ pub struct PciTestDevice {
     config: ConfigSpace,
     msix_capability: usize,
     msix: MsixTable,
+    intx: Arc<PciIntx>,
     scratch: u64,
     triggers: u32,
     last_result: u32,
@@ -84,12 +90,15 @@ impl PciTestDevice {
             pba_offset: MSIX_PBA_OFFSET,
         };
         let msix_capability = capability.install(&mut config)?;
+        let intx = Arc::new(PciIntx::new(InterruptPin::IntA));
+        intx.install(&mut config);
         let msix =
             MsixTable::new(MSIX_VECTORS, sink).map_err(|_| PciError::InvalidMsix("table size"))?;
         Ok(Self {
             config,
             msix_capability,
             msix,
+            intx,
             scratch: 0,
             triggers: 0,
             last_result: RESULT_SENT,
@@ -133,6 +142,7 @@ impl PciTestDevice {
 
     fn register_read(&self, offset: u64, data: &mut [u8]) {
         let value = match (offset, data.len()) {
+            (INTX_ISR, 4) => self.intx.take().into(),
             (SCRATCH, 1 | 2 | 4 | 8) => self.scratch,
             (DOORBELL, 4) => 0,
             (COUNT, 4) => self.triggers.into(),
@@ -153,6 +163,8 @@ impl PciTestDevice {
                 self.scratch = (self.scratch & keep) | read_le(data);
             }
             (DOORBELL, 4) => self.ring_doorbell(read_le(data)),
+            // A 4-byte access carries at most 32 bits.
+            (INTX, 4) => self.intx.raise(read_le(data) as u32),
             _ => tracing::debug!("pci-test: ignored write at {offset:#x}"),
         }
     }
@@ -195,6 +207,17 @@ impl PciDevice for PciTestDevice {
         self.config.write(offset, data);
         let control = MsixCapability::message_control(&self.config, self.msix_capability);
         self.msix.set_message_control(control);
+        self.intx.config_written(&self.config);
+        self.intx.set_msi_active(self.msix.is_enabled());
+    }
+
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        self.config.read(offset, data);
+        self.intx.patch_status_read(offset, data);
+    }
+
+    fn intx(&self) -> Option<Arc<PciIntx>> {
+        Some(self.intx.clone())
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {

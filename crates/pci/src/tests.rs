@@ -612,3 +612,119 @@ fn bar_moves_from_config_writes_race_bar_accesses_without_deadlock() {
     rig.mmio_write_u32(final_bar, 0x0403_0201);
     assert_eq!(rig.mmio_read_u32(final_bar), (true, 0x0403_0201));
 }
+
+/// Hands out recording lines and remembers which GSI each was connected to.
+#[derive(Default)]
+struct RecordingIntxRouter {
+    lines: Mutex<Vec<(u32, Arc<RecordingLevelLine>)>>,
+}
+
+#[derive(Default)]
+struct RecordingLevelLine {
+    levels: Mutex<Vec<bool>>,
+}
+
+impl sluice_bus::irq::LevelIrqLine for RecordingLevelLine {
+    fn set_level(&self, asserted: bool) -> std::io::Result<()> {
+        self.levels.lock().unwrap().push(asserted);
+        Ok(())
+    }
+}
+
+impl sluice_bus::irq::LevelIrqRouter for RecordingIntxRouter {
+    fn connect(&self, gsi: u32) -> std::io::Result<Arc<dyn sluice_bus::irq::LevelIrqLine>> {
+        let line = Arc::new(RecordingLevelLine::default());
+        self.lines.lock().unwrap().push((gsi, line.clone()));
+        Ok(line)
+    }
+}
+
+#[test]
+fn intx_pins_are_routed_swizzled_and_the_line_register_names_the_gsi() {
+    let rig = rig();
+    let router = Arc::new(RecordingIntxRouter::default());
+    let routing = IntxRouting::new(16, 8).unwrap();
+    rig.root.set_intx(router.clone(), routing);
+
+    let (first, _) = rig.add_test_device();
+    let (second, _) = rig.add_test_device();
+
+    let gsis: Vec<u32> = router.lines.lock().unwrap().iter().map(|l| l.0).collect();
+    assert_eq!(gsis, vec![17, 18], "slots 1 and 2, INTA, swizzled");
+    assert_eq!(rig.cf8_read(first, INTERRUPT_PIN, 1), 1);
+    assert_eq!(rig.cf8_read(first, INTERRUPT_LINE, 1), 17);
+    assert_eq!(rig.cf8_read(second, INTERRUPT_LINE, 1), 18);
+    assert_eq!(rig.root.intx_routing(), Some(routing));
+}
+
+#[test]
+fn test_device_intx_asserts_reads_clear_and_respects_interrupt_disable() {
+    let rig = rig();
+    let router = Arc::new(RecordingIntxRouter::default());
+    rig.root
+        .set_intx(router.clone(), IntxRouting::new(16, 8).unwrap());
+    let (address, _) = rig.add_test_device();
+    let bar0 = rig.root.bar_mapping(address, 0).unwrap();
+    let line = router.lines.lock().unwrap()[0].1.clone();
+    let levels = || line.levels.lock().unwrap().clone();
+    let status_interrupt = || rig.cf8_read(address, STATUS, 2) & u64::from(STATUS_INTERRUPT);
+
+    rig.mmio.write(bar0 + 0x10, &5u32.to_le_bytes());
+    assert_eq!(levels(), vec![true]);
+    assert_ne!(status_interrupt(), 0);
+    let mut isr = [0u8; 4];
+    rig.mmio.read(bar0 + 0x14, &mut isr);
+    assert_eq!(u32::from_le_bytes(isr), 5);
+    assert_eq!(levels(), vec![true, false]);
+    assert_eq!(status_interrupt(), 0);
+
+    let command = rig.cf8_read(address, COMMAND, 2) as u16 | COMMAND_INTX_DISABLE;
+    rig.cf8_write(address, COMMAND, &command.to_le_bytes());
+    rig.mmio.write(bar0 + 0x10, &1u32.to_le_bytes());
+    assert_eq!(
+        levels(),
+        vec![true, false],
+        "Interrupt Disable holds the line"
+    );
+    rig.cf8_write(
+        address,
+        COMMAND,
+        &(command & !COMMAND_INTX_DISABLE).to_le_bytes(),
+    );
+    assert_eq!(levels(), vec![true, false, true]);
+}
+
+#[test]
+fn without_a_router_the_pin_stays_unconnected_and_the_line_unknown() {
+    let rig = rig();
+
+    let (address, _) = rig.add_test_device();
+
+    assert_eq!(rig.cf8_read(address, INTERRUPT_PIN, 1), 1);
+    assert_eq!(
+        rig.cf8_read(address, INTERRUPT_LINE, 1),
+        u64::from(INTERRUPT_LINE_UNKNOWN)
+    );
+}
+
+#[test]
+fn add_device_with_builds_the_device_for_its_address() {
+    let rig = rig();
+    let sink = rig.sink.clone();
+
+    let address = rig
+        .root
+        .add_device_with(|address| {
+            assert_eq!(address, addr(1));
+            let dev = PciTestDevice::new(sink).unwrap();
+            Ok::<SharedPciDevice, PciError>(Arc::new(Mutex::new(dev)))
+        })
+        .unwrap();
+    let refused = rig
+        .root
+        .add_device_with(|_| Err::<SharedPciDevice, _>(PciError::NoFreeSlot));
+
+    assert_eq!(address, addr(1));
+    assert_eq!(refused, Err(PciError::NoFreeSlot));
+    assert_eq!(rig.root.devices(), vec![addr(0), addr(1)]);
+}

@@ -1,7 +1,10 @@
 //! `sluice serve`: sluice's device models served to other VMMs over vhost-user.
 //!
-//! Each listens on `--socket PATH` and serves one frontend at a time, until killed; the protocol
-//! side is `sluice_vhost`.
+//! Each listens on `--socket PATH` until SIGTERM or SIGINT, which remove the socket and exit 0;
+//! the protocol side is `sluice_vhost`. `PATH` must be free or a stale socket: an existing
+//! file, directory or live server's socket is refused, never replaced. Up to
+//! `--max-connections` frontends are served at once, one of them driving the device (see
+//! `sluice_vhost::server`).
 //! * `sluice serve blk --socket PATH --image FILE [--queues N] [--readonly] [--direct]
 //!   [--block-size N]`: the virtio-blk model over a raw image (QEMU's `vhost-user-blk-pci`).
 //! * `sluice serve net --socket PATH --tap NAME [--queues N] [--mac MAC]`: the virtio-net model
@@ -9,14 +12,15 @@
 //!   brought up; its addresses are the host's business.
 //! * `sluice serve rng --socket PATH`: the virtio-rng model (QEMU's `vhost-user-rng-pci`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use sluice_devices::block::{Block, BlockConfig};
 use sluice_devices::net::{parse_mac, Net, NetConfig, Tap};
 use sluice_devices::rng::Rng;
-use sluice_vhost::Server;
+use sluice_vhost::{Limits, Server, SocketRemover};
 use sluice_virtio::VirtioDevice;
 
 /// The MAC the backend reports when `--mac` is not given (QEMU uses its own `mac=` anyway).
@@ -26,6 +30,30 @@ const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 pub struct ServeArgs {
     #[command(subcommand)]
     device: ServedDeviceArgs,
+}
+
+/// Options every served device takes.
+#[derive(Args)]
+struct ListenArgs {
+    /// The vhost-user socket to listen on (must not exist, or be a stale socket).
+    #[arg(long)]
+    socket: PathBuf,
+    /// Frontend connections served at once (one drives the device; the others may query it).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    max_connections: u32,
+    /// Seconds a new connection has to claim the device (SET_OWNER).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    handshake_timeout: u64,
+}
+
+impl ListenArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_connections: self.max_connections as usize,
+            handshake_timeout: Duration::from_secs(self.handshake_timeout),
+            ..Limits::default()
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -40,9 +68,8 @@ enum ServedDeviceArgs {
 
 #[derive(Args)]
 struct NetArgs {
-    /// The vhost-user socket to listen on (replaced if it exists).
-    #[arg(long)]
-    socket: PathBuf,
+    #[command(flatten)]
+    listen: ListenArgs,
     /// Tap interface (created if missing; needs CAP_NET_ADMIN).
     #[arg(long)]
     tap: String,
@@ -56,16 +83,14 @@ struct NetArgs {
 
 #[derive(Args)]
 struct RngArgs {
-    /// The vhost-user socket to listen on (replaced if it exists).
-    #[arg(long)]
-    socket: PathBuf,
+    #[command(flatten)]
+    listen: ListenArgs,
 }
 
 #[derive(Args)]
 struct BlkArgs {
-    /// The vhost-user socket to listen on (replaced if it exists).
-    #[arg(long)]
-    socket: PathBuf,
+    #[command(flatten)]
+    listen: ListenArgs,
     /// Disk image (regular file or block device; raw format).
     #[arg(long)]
     image: PathBuf,
@@ -84,25 +109,88 @@ struct BlkArgs {
     block_size: Option<u32>,
 }
 
-/// Runs `sluice serve ...`; returns only on error.
+/// Runs `sluice serve ...`; returns on error or after SIGTERM / SIGINT (status 0).
 pub fn run(args: ServeArgs) -> anyhow::Result<u8> {
+    // Before any thread exists, so that every thread inherits the mask and only the
+    // signal thread ever takes these signals.
+    let stop_signals = StopSignals::block().context("cannot set up signal handling")?;
     match args.device {
-        ServedDeviceArgs::Blk(blk) => serve_blk(blk),
-        ServedDeviceArgs::Net(net) => serve_net(net),
-        ServedDeviceArgs::Rng(rng) => serve(&rng.socket, Rng::new(), "vhost-user-rng"),
+        ServedDeviceArgs::Blk(blk) => serve_blk(blk, stop_signals),
+        ServedDeviceArgs::Net(net) => serve_net(net, stop_signals),
+        ServedDeviceArgs::Rng(rng) => {
+            serve(&rng.listen, Rng::new(), "vhost-user-rng", stop_signals)
+        }
     }
 }
 
-/// Listens on `socket` and serves `device` until killed.
-fn serve<D: VirtioDevice>(socket: &Path, device: D, what: &str) -> anyhow::Result<u8> {
-    let server = Server::bind(socket, device)
+/// Listens on `listen.socket` and serves `device` until a stop signal.
+fn serve<D: VirtioDevice + 'static>(
+    listen: &ListenArgs,
+    device: D,
+    what: &str,
+    stop_signals: StopSignals,
+) -> anyhow::Result<u8> {
+    let socket = &listen.socket;
+    let server = Server::bind_with(socket, device, listen.limits())
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    stop_signals.remove_on_stop(server.socket_remover(), what.to_owned())?;
     tracing::info!("{what}: listening on {}", socket.display());
     server.run().context("vhost-user server failed")?;
     Ok(0)
 }
 
-fn serve_net(args: NetArgs) -> anyhow::Result<u8> {
+/// SIGTERM and SIGINT, blocked in every thread and taken by one thread with sigwait(2):
+/// the handling (removing the socket, logging) then runs as ordinary code, not in a signal
+/// handler.
+struct StopSignals {
+    set: libc::sigset_t,
+}
+
+impl StopSignals {
+    fn block() -> std::io::Result<Self> {
+        // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
+        let set = unsafe {
+            let mut set = std::mem::zeroed::<libc::sigset_t>();
+            libc::sigemptyset(&raw mut set);
+            libc::sigaddset(&raw mut set, libc::SIGTERM);
+            libc::sigaddset(&raw mut set, libc::SIGINT);
+            set
+        };
+        // SAFETY: a valid, initialised set; the old mask is not wanted.
+        let result =
+            unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()) };
+        if result != 0 {
+            return Err(std::io::Error::from_raw_os_error(result));
+        }
+        Ok(StopSignals { set })
+    }
+
+    /// Starts the thread that, on SIGTERM or SIGINT, removes the socket and exits 0.
+    fn remove_on_stop(self, remover: SocketRemover, what: String) -> anyhow::Result<()> {
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let signal = self.wait();
+                tracing::info!("{what}: signal {signal}: removing the socket and exiting");
+                remover.remove();
+                std::process::exit(0);
+            })
+            .context("cannot start the signal thread")?;
+        Ok(())
+    }
+
+    fn wait(&self) -> i32 {
+        loop {
+            let mut signal = 0;
+            // SAFETY: a valid set of blocked signals and a valid output pointer.
+            if unsafe { libc::sigwait(&raw const self.set, &raw mut signal) } == 0 {
+                return signal;
+            }
+        }
+    }
+}
+
+fn serve_net(args: NetArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
     let tap = Tap::open(Some(&args.tap), args.queues)
         .with_context(|| format!("cannot open tap {}", args.tap))?;
     tap.set_up()
@@ -111,15 +199,20 @@ fn serve_net(args: NetArgs) -> anyhow::Result<u8> {
         mac: args.mac.unwrap_or(DEFAULT_MAC),
         mtu: None,
     };
-    serve(&args.socket, Net::new(tap, config), "vhost-user-net")
+    serve(
+        &args.listen,
+        Net::new(tap, config),
+        "vhost-user-net",
+        stop_signals,
+    )
 }
 
-fn serve_blk(args: BlkArgs) -> anyhow::Result<u8> {
+fn serve_blk(args: BlkArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
     let mut config = BlockConfig::new(&args.image);
     config.queues = args.queues;
     config.read_only = args.readonly;
     config.direct = args.direct;
     config.logical_block_size = args.block_size;
     let block = Block::new(config).context("cannot open the disk")?;
-    serve(&args.socket, block, "vhost-user-blk")
+    serve(&args.listen, block, "vhost-user-blk", stop_signals)
 }

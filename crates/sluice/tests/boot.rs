@@ -238,6 +238,20 @@ fn test_device_msix_interrupt_reaches_the_guest() {
 }
 
 #[test]
+fn test_device_intx_is_routed_by_the_line_register_and_reasserts_until_cleared() {
+    if skip_without_kvm(
+        "test_device_intx_is_routed_by_the_line_register_and_reasserts_until_cleared",
+    ) {
+        return;
+    }
+    let run = boot_guest("intx", &["--test-device"]);
+    assert_console_has(&run, "intx: interrupt received\n");
+    assert_console_has(&run, "intx: re-asserted after EOI\n");
+    assert_console_has(&run, "intx: quiet after the ISR read (");
+    assert_status(&run, 0);
+}
+
+#[test]
 fn test_device_is_absent_unless_asked_for() {
     if skip_without_kvm("test_device_is_absent_unless_asked_for") {
         return;

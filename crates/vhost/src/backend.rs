@@ -12,11 +12,28 @@
 //! Any message that is malformed, out of range or out of order (ring messages before
 //! SET_OWNER, bad sizes or addresses, regions that overlap or are not backed by their file)
 //! fails with an error; the server then drops the connection.
+//!
+//! A ring is (re)started whenever the last thing it lacked arrives, whatever the order:
+//! SET_VRING_ADDR, _KICK, _ENABLE, or memory (SET_MEM_TABLE, ADD_MEM_REG). A memory change
+//! stops every running ring; a ring its new memory does not hold stays stopped until memory
+//! that holds it arrives (QEMU removes and re-adds regions around hotplug). Changing a
+//! running ring's size, base or addresses stops it first.
+//!
+//! The call and error fds are the frontend's and it may stop reading them: they are made
+//! non-blocking (O_NONBLOCK on the shared file description; QEMU, Cloud Hypervisor and sluice
+//! create them with EFD_NONBLOCK anyway), and a signal that finds the counter at its maximum
+//! is dropped — the frontend has a notification pending already. Kick fds are made
+//! non-blocking too, so a frontend draining its own kick fd cannot park a worker in read(2).
+//!
+//! SET_OWNER claims the device for this connection ([`DeviceClaim`]): one frontend drives a
+//! device at a time; another connection's SET_OWNER waits up to two seconds for the owner to
+//! leave (a reconnecting frontend can beat the server to noticing the old connection closed)
+//! and is refused after that.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{FromRawFd, IntoRawFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use sluice_dma::DmaSpace;
@@ -44,6 +61,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::inflight::{InflightArea, QueueInflight};
 use crate::memory::{MemoryTable, MAX_MEM_SLOTS};
+use crate::sigbus::Tripwire;
 use crate::tracking::{used_id, used_index, SharedTracked, Tracked};
 
 /// VHOST_USER_F_PROTOCOL_FEATURES (virtio feature bit 30).
@@ -52,6 +70,8 @@ pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 const MAX_QUEUE_SIZE: u32 = 32768;
 /// Largest GET_CONFIG / SET_CONFIG access.
 const MAX_CONFIG_BYTES: u32 = 256;
+/// How long SET_OWNER waits for another connection to give the device up.
+const CLAIM_PATIENCE: Duration = Duration::from_secs(2);
 /// How long GET_VRING_BASE waits for requests the model already popped.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const DESC_BYTES: u64 = 16;
@@ -132,11 +152,20 @@ impl Signals {
     }
 }
 
+/// Signals `fd` (non-blocking, see the module doc); a counter at its maximum already means
+/// "notified", so EAGAIN is success.
+fn signal(fd: &EventFd) -> io::Result<()> {
+    match fd.write(1) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+        result => result,
+    }
+}
+
 impl VirtioInterrupt for Signals {
     fn notify_queue(&self, queue: u16) -> io::Result<()> {
         match self.calls.get(usize::from(queue)) {
             Some(call) => match locked(call).as_ref() {
-                Some(fd) => fd.write(1),
+                Some(fd) => signal(fd),
                 None => Ok(()),
             },
             None => Ok(()),
@@ -152,15 +181,58 @@ impl VirtioInterrupt for Signals {
     fn needs_reset(&self) {
         for error in &self.errors {
             if let Some(fd) = locked(error).as_ref() {
-                let _ = fd.write(1);
+                let _ = signal(fd);
             }
         }
     }
 }
 
+/// Which connection drives the device: at most one owner at a time (see the module doc).
+#[derive(Debug, Default)]
+pub struct DeviceClaim {
+    owned: Mutex<bool>,
+    released: Condvar,
+}
+
+impl DeviceClaim {
+    /// Takes the device, waiting up to `patience` for its owner to leave: a frontend that
+    /// reconnects may be faster than the server noticing that its old connection closed.
+    fn take_within(&self, patience: Duration) -> bool {
+        let owned = locked(&self.owned);
+        let (mut owned, _) = self
+            .released
+            .wait_timeout_while(owned, patience, |owned| *owned)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        !std::mem::replace(&mut *owned, true)
+    }
+
+    fn release(&self) {
+        *locked(&self.owned) = false;
+        self.released.notify_one();
+    }
+
+    /// Whether some connection owns the device.
+    pub fn is_taken(&self) -> bool {
+        *locked(&self.owned)
+    }
+}
+
+/// What one connection may use.
+#[derive(Debug, Clone)]
+pub struct ConnectionResources {
+    /// Shared by the connections of one device.
+    pub claim: Arc<DeviceClaim>,
+    /// Tripped when this connection's shared memory faults (see [`crate::sigbus`]).
+    pub tripwire: Arc<Tripwire>,
+    /// Most bytes of guest memory the connection may map.
+    pub max_mapped_bytes: u64,
+}
+
 /// The device side of one connection.
 pub struct Backend<D: VirtioDevice> {
     device: Arc<Mutex<D>>,
+    claim: Arc<DeviceClaim>,
+    tripwire: Arc<Tripwire>,
     metrics: Arc<DeviceMetrics>,
     device_features: u64,
     owner: bool,
@@ -176,7 +248,7 @@ pub struct Backend<D: VirtioDevice> {
 }
 
 impl<D: VirtioDevice> Backend<D> {
-    pub fn new(device: Arc<Mutex<D>>) -> Self {
+    pub fn new(device: Arc<Mutex<D>>, resources: ConnectionResources) -> Self {
         let (queues, metrics, device_features) = {
             let device = locked(&device);
             (
@@ -187,13 +259,15 @@ impl<D: VirtioDevice> Backend<D> {
         };
         Backend {
             device,
+            claim: resources.claim,
+            memory: MemoryTable::new(resources.tripwire.clone(), resources.max_mapped_bytes),
+            tripwire: resources.tripwire,
             metrics,
             device_features,
             owner: false,
             acked_features: 0,
             features_set: false,
             acked_protocol: VhostUserProtocolFeatures::empty(),
-            memory: MemoryTable::default(),
             dma: None,
             vrings: (0..queues).map(|_| Vring::default()).collect(),
             signals: Arc::new(Signals::new(queues)),
@@ -207,6 +281,20 @@ impl<D: VirtioDevice> Backend<D> {
         for index in 0..self.vrings.len() {
             self.stop(index, false);
         }
+        self.release_device();
+    }
+
+    /// Gives the device back to other connections (if this one owned it).
+    fn release_device(&mut self) {
+        if self.owner {
+            self.owner = false;
+            self.claim.release();
+        }
+    }
+
+    /// Whether this connection owns the device (SET_OWNER succeeded).
+    pub fn owns_device(&self) -> bool {
+        self.owner
     }
 
     /// Whether SET_VRING_ENABLE may arrive before SET_FEATURES: QEMU's vhost-user-net sends
@@ -253,18 +341,22 @@ impl<D: VirtioDevice> Backend<D> {
         vring.enabled || self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES == 0
     }
 
-    /// Starts queue `index` if it has everything it needs.
+    /// Starts queue `index` if it has everything it needs; a ring the current memory does
+    /// not hold waits for memory that does.
     fn try_start(&mut self, index: usize) -> VhostResult<()> {
         let vring = &self.vrings[index];
         let ready = vring.running.is_none()
             && vring.size != 0
-            && vring.addresses.is_some()
             && vring.kick.is_some()
             && self.ring_enabled(vring);
         let (Some(dma), Some(memory)) = (self.dma.clone(), self.memory.memory().cloned()) else {
             return Ok(());
         };
-        if !ready {
+        let Some(addresses) = vring.addresses.filter(|_| ready) else {
+            return Ok(());
+        };
+        if !ring_fits(&memory, vring.size, addresses) {
+            tracing::info!("vhost-user: queue {index}: waiting for memory that holds the ring");
             return Ok(());
         }
         self.start(index, dma, &memory)
@@ -386,14 +478,15 @@ impl<D: VirtioDevice> Backend<D> {
         }
     }
 
-    /// Restarts running rings after the memory table changed.
+    /// Restarts the rings on the new memory table (see the module doc): stops the running
+    /// ones on the old memory, then starts every ring the new memory holds.
     fn memory_changed(&mut self) -> VhostResult<()> {
+        for index in 0..self.vrings.len() {
+            self.stop(index, true);
+        }
         self.dma = self.memory.memory().cloned().map(sluice_dma::identity);
         for index in 0..self.vrings.len() {
-            if self.vrings[index].running.is_some() {
-                self.stop(index, true);
-                self.try_start(index)?;
-            }
+            self.try_start(index)?;
         }
         Ok(())
     }
@@ -413,6 +506,19 @@ impl<D: VirtioDevice> Backend<D> {
         self.acked_features = 0;
         self.inflight = None;
     }
+}
+
+/// Whether every part of a ring of `size` entries at `addresses` lies in `memory`.
+fn ring_fits(memory: &GuestMemoryMmap, size: u16, addresses: RingAddresses) -> bool {
+    let size = u64::from(size);
+    let parts = [
+        (addresses.desc, DESC_BYTES * size),
+        (addresses.avail, AVAIL_HEADER_BYTES + 2 * size),
+        (addresses.used, USED_HEADER_BYTES + 8 * size),
+    ];
+    parts
+        .iter()
+        .all(|&(gpa, len)| memory.check_range(GuestAddress(gpa), len as usize))
 }
 
 impl<D: VirtioDevice> Drop for Backend<D> {
@@ -545,21 +651,43 @@ fn valid_ring_size(size: u32) -> bool {
     size != 0 && size <= MAX_QUEUE_SIZE && size.is_power_of_two()
 }
 
-fn eventfd_from(file: File) -> EventFd {
+/// A frontend's eventfd, made non-blocking (see the module doc).
+fn eventfd_from(file: File) -> VhostResult<EventFd> {
+    set_nonblocking(file.as_raw_fd()).or_else(|e| {
+        refuse(format!(
+            "cannot make the frontend's eventfd non-blocking: {e}"
+        ))
+    })?;
     // SAFETY: the descriptor is owned by `file` and handed over whole; EventFd only reads and
     // writes 8-byte counters on it (any other kind of fd fails those calls cleanly).
-    unsafe { EventFd::from_raw_fd(file.into_raw_fd()) }
+    Ok(unsafe { EventFd::from_raw_fd(file.into_raw_fd()) })
+}
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL / F_SETFL on a descriptor we own; results checked.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
     fn set_owner(&mut self) -> VhostResult<()> {
+        if self.owner {
+            return Ok(());
+        }
+        if !self.claim.take_within(CLAIM_PATIENCE) {
+            return refuse("SET_OWNER: the device is in use by another frontend connection");
+        }
         self.owner = true;
         Ok(())
     }
 
     fn reset_owner(&mut self) -> VhostResult<()> {
         self.reset_rings();
-        self.owner = false;
+        self.release_device();
         Ok(())
     }
 
@@ -616,6 +744,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
                 "SET_VRING_NUM: queue {index} size {num} is not a power of two in 1..=32768"
             ));
         }
+        self.stop(index, true);
         self.vrings[index].size = num as u16;
         Ok(())
     }
@@ -652,8 +781,9 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
             avail: translate("avail", available, AVAIL_HEADER_BYTES + 2 * size, 2)?,
             used: translate("used", used, USED_HEADER_BYTES + 8 * size, 4)?,
         };
+        self.stop(index, true);
         self.vrings[index].addresses = Some(addresses);
-        Ok(())
+        self.try_start(index)
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VhostResult<()> {
@@ -663,6 +793,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
                 "SET_VRING_BASE: queue {index} base {base} too large"
             ));
         };
+        self.stop(index, true);
         self.vrings[index].base = base;
         Ok(())
     }
@@ -682,19 +813,19 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
         if fd.is_none() {
             tracing::warn!("vhost-user: queue {index}: polling mode (no kick fd) is not supported");
         }
-        self.vrings[index].kick = fd.map(eventfd_from);
+        self.vrings[index].kick = fd.map(eventfd_from).transpose()?;
         self.try_start(index)
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
         let index = self.vring_index(u32::from(index), "SET_VRING_CALL")?;
-        *locked(&self.signals.calls[index]) = fd.map(eventfd_from);
+        *locked(&self.signals.calls[index]) = fd.map(eventfd_from).transpose()?;
         Ok(())
     }
 
     fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
         let index = self.vring_index(u32::from(index), "SET_VRING_ERR")?;
-        *locked(&self.signals.errors[index]) = fd.map(eventfd_from);
+        *locked(&self.signals.errors[index]) = fd.map(eventfd_from).transpose()?;
         Ok(())
     }
 
@@ -802,6 +933,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
             inflight.mmap_offset,
             queues,
             queue_size,
+            &self.tripwire,
         );
         match attached {
             Ok(area) => {

@@ -17,7 +17,10 @@
 //! ```
 //!
 //! Every access is bounds-checked through vm-memory's volatile slices: the area may come from
-//! the frontend and its size is only as trustworthy as the frontend.
+//! the frontend and its size is only as trustworthy as the frontend. An area the backend
+//! allocates (GET_INFLIGHT_FD) is sealed against shrinking; one the frontend brings
+//! (SET_INFLIGHT_FD) is mapped watched by [`crate::sigbus`] unless it is sealed, so a frontend
+//! that shrinks it afterwards loses its connection, not the server.
 //!
 //! Recovery ([`QueueInflight::recover`]) follows the scheme of QEMU's libvhost-user
 //! (`vu_check_queue_inflights`), learned from reading it, with one strengthening: libvhost-user
@@ -30,14 +33,17 @@
 //!   (after a crash QEMU sends the used index there);
 //! * the marked heads, sorted by their counter (pop order), are resubmitted before anything new.
 
+use std::any::Any;
 use std::fs::File;
 use std::io;
 use std::num::Wrapping;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{ByteValued, Bytes, FileOffset, MmapRegion, VolatileMemory};
+
+use crate::sigbus::{self, Tripwire};
 
 /// Bytes before `desc[]` in a queue region.
 const HEADER_BYTES: usize = 16;
@@ -70,6 +76,8 @@ pub enum InflightError {
     },
     #[error("cannot map the inflight area: {0}")]
     Map(String),
+    #[error("cannot watch the inflight area: {0}")]
+    Watch(io::Error),
 }
 
 /// Bytes of one queue's region for `desc_num` entries.
@@ -102,13 +110,15 @@ impl InflightArea {
         Ok((area, file, size as u64))
     }
 
-    /// SET_INFLIGHT_FD: maps an area the frontend kept from an earlier backend.
+    /// SET_INFLIGHT_FD: maps an area the frontend kept from an earlier backend; a fault in
+    /// it (the frontend shrank the file) trips `tripwire`.
     pub fn attach(
         file: &File,
         mmap_size: u64,
         mmap_offset: u64,
         queues: u16,
         queue_size: u16,
+        tripwire: &Tripwire,
     ) -> Result<Self, InflightError> {
         let needed = total_size(queues, queue_size)?;
         let file_size = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -124,9 +134,19 @@ impl InflightArea {
         if !fits || mmap_size < needed as u64 {
             return Err(size_error);
         }
-        let mapping = map(file, mmap_offset, needed)?;
+        let mapping = Arc::new(map(file, mmap_offset, needed)?);
+        if !sigbus::shrink_sealed(file.as_raw_fd()) {
+            let owner: Arc<dyn Any + Send + Sync> = mapping.clone();
+            sigbus::watch(
+                mapping.as_ptr() as usize,
+                needed,
+                Arc::downgrade(&owner),
+                tripwire,
+            )
+            .map_err(InflightError::Watch)?;
+        }
         let area = InflightArea {
-            mapping: Arc::new(mapping),
+            mapping,
             queues,
             desc_num: queue_size,
         };
@@ -460,11 +480,12 @@ mod tests {
     #[test]
     fn attach_refuses_areas_that_do_not_fit_their_file() {
         let (_, file, size) = InflightArea::allocate(1, 16).unwrap();
+        let tripwire = Tripwire::new().unwrap();
 
-        let too_big = InflightArea::attach(&file, size * 2, 0, 1, 16);
-        let too_small = InflightArea::attach(&file, size, 0, 2, 16);
-        let shifted = InflightArea::attach(&file, size, 4096, 1, 16);
-        let fits = InflightArea::attach(&file, size, 0, 1, 16);
+        let too_big = InflightArea::attach(&file, size * 2, 0, 1, 16, &tripwire);
+        let too_small = InflightArea::attach(&file, size, 0, 2, 16, &tripwire);
+        let shifted = InflightArea::attach(&file, size, 4096, 1, 16, &tripwire);
+        let fits = InflightArea::attach(&file, size, 0, 1, 16, &tripwire);
 
         assert!(matches!(too_big, Err(InflightError::Size { .. })));
         assert!(matches!(too_small, Err(InflightError::Size { .. })));

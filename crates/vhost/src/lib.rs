@@ -1,8 +1,9 @@
 //! vhost-user backend serving any `sluice_virtio::VirtioDevice` to QEMU and other frontends
 //! (the models themselves live in `sluice-devices`, which this crate does not depend on).
 //!
-//! * [`server`] — [`Server`]: the listening socket, one connection at a time, a refused
-//!   message drops only that connection.
+//! * [`server`] — [`Server`]: the listening socket, a thread per connection with limits and
+//!   timeouts, one owner of the device at a time; a refused message drops only that
+//!   connection.
 //! * [`backend`] — [`Backend`]: the device side of the protocol (features, memory table, rings,
 //!   config space, inflight area) as a `vhost` crate `VhostUserBackendReqHandlerMut`; each ring
 //!   runs on a `sluice_virtio::QueueWorker` with the model's own `queue_handler`, over a
@@ -11,6 +12,8 @@
 //! * [`memory`] — the frontend's regions, mapped and validated; user address → GPA.
 //! * [`inflight`] — the INFLIGHT_SHMFD area and crash recovery.
 //! * [`tracking`] — the handler wrapper that keeps the inflight area up to date.
+//! * [`sigbus`] — survives a frontend shrinking the memory it shared (SIGBUS → zero page and
+//!   a dropped connection).
 //!
 //! Built on the `vhost` crate for the wire protocol (message parsing, fd passing, replies).
 //! The `vhost-user-backend` crate is not used: it has no inflight tracking and its ring
@@ -22,9 +25,13 @@ pub mod fuzz;
 pub mod inflight;
 pub mod memory;
 pub mod server;
+pub mod sigbus;
 pub mod tracking;
 
-pub use backend::{offered_protocol_features, Backend, VHOST_USER_F_PROTOCOL_FEATURES};
+pub use backend::{
+    offered_protocol_features, Backend, ConnectionResources, DeviceClaim,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+};
 pub use inflight::{queue_region_size, InflightArea, QueueInflight, Recovery};
 pub use memory::{MemoryError, MemoryTable, MAX_MEM_SLOTS};
-pub use server::{ConnectionEnd, Server};
+pub use server::{ConnectionEnd, Limits, Server, SocketRemover};

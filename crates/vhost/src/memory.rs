@@ -8,23 +8,32 @@
 //!
 //! Validation (the frontend is not trusted): zero or overflowing sizes, overlapping guest
 //! ranges (vm-memory refuses them) or overlapping user ranges (translation would be
-//! ambiguous), and regions that reach past the end of their file are refused. The last check
-//! matters: touching a MAP_SHARED page past end-of-file raises SIGBUS in this process. A
-//! frontend that shrinks the file *after* sending it can still do that; only file seals would
-//! prevent it, and QEMU does not seal guest RAM.
+//! ambiguous), regions that reach past the end of their file, and tables that map more than
+//! the connection's byte limit are refused. The end-of-file check matters: touching a
+//! MAP_SHARED page past end-of-file raises SIGBUS in this process. A frontend that shrinks
+//! the file *after* sending it can still do that: unless the file is sealed against
+//! shrinking, each mapping is watched by [`crate::sigbus`], which turns such a fault into a
+//! dropped connection.
 //!
-//! ADD_MEM_REG of a region identical (address, size, user address) to one already mapped is
-//! counted, not mapped again: QEMU's multiqueue vhost-user-net keeps one table per queue pair
-//! on the same connection, so every pair adds (and later removes) the same regions. A region
-//! goes away with its last REM_MEM_REG.
+//! ADD_MEM_REG of a region identical (address, size, user address, and the same file at the
+//! same offset) to one already mapped is counted, not mapped again: QEMU's multiqueue
+//! vhost-user-net keeps one table per queue pair on the same connection, so every pair adds
+//! (and later removes) the same regions. The same region backed by *another* file replaces
+//! the old mapping (the frontend's latest word on what that memory is); it is counted too.
+//! A region goes away with its last REM_MEM_REG.
 
+use std::any::Any;
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::sigbus::{self, Tripwire};
 
 /// Most regions the backend accepts (GET_MAX_MEM_SLOTS).
 pub const MAX_MEM_SLOTS: usize = 32;
@@ -55,6 +64,12 @@ pub enum MemoryError {
     Overlap(String),
     #[error("no region at {gpa:#x} with size {size:#x} to remove")]
     NoSuchRegion { gpa: u64, size: u64 },
+    #[error(
+        "the regions add up to {total:#x} bytes, more than the {limit:#x} allowed per connection"
+    )]
+    TooMuchMemory { total: u64, limit: u64 },
+    #[error("region at {gpa:#x}: cannot watch the mapping: {source}")]
+    Watch { gpa: u64, source: io::Error },
 }
 
 /// One mapped region with the frontend's view of it.
@@ -63,19 +78,43 @@ struct SharedRegion {
     gpa: u64,
     size: u64,
     user_addr: u64,
+    /// The backing file (device, inode) and the offset mapped from it.
+    backing: (u64, u64, u64),
     mapping: Arc<GuestRegionMmap>,
     /// ADD_MEM_REG messages that added this region and were not removed yet.
     users: u32,
 }
 
+impl SharedRegion {
+    fn same_place(&self, region: &VhostUserMemoryRegion) -> bool {
+        self.gpa == region.guest_phys_addr
+            && self.size == region.memory_size
+            && self.user_addr == region.user_addr
+    }
+}
+
 /// The frontend's memory table, mapped.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryTable {
     regions: Vec<SharedRegion>,
     memory: Option<GuestMemoryMmap>,
+    /// Tripped when a mapping of this table faults (see [`crate::sigbus`]).
+    tripwire: Arc<Tripwire>,
+    /// Most bytes the regions may add up to.
+    max_bytes: u64,
 }
 
 impl MemoryTable {
+    /// An empty table whose mappings trip `tripwire` on SIGBUS and may map `max_bytes`.
+    pub fn new(tripwire: Arc<Tripwire>, max_bytes: u64) -> Self {
+        MemoryTable {
+            regions: Vec::new(),
+            memory: None,
+            tripwire,
+            max_bytes,
+        }
+    }
+
     /// Replaces the whole table (SET_MEM_TABLE). On error the old table stays.
     pub fn set(
         &mut self,
@@ -97,26 +136,34 @@ impl MemoryTable {
         let mapped = regions
             .iter()
             .zip(files)
-            .map(|(region, file)| map_region(region, file))
+            .map(|(region, file)| self.map_region(region, file))
             .collect::<Result<Vec<_>, _>>()?;
         self.install(mapped)
     }
 
-    /// Adds one region (ADD_MEM_REG); returns false if it was already mapped (counted only).
+    /// Adds one region (ADD_MEM_REG); returns false if it was already mapped from the same
+    /// file (counted only). The same region from another file replaces the old mapping.
     pub fn add(&mut self, region: &VhostUserMemoryRegion, file: File) -> Result<bool, MemoryError> {
-        if let Some(existing) = self.regions.iter_mut().find(|r| {
-            r.gpa == region.guest_phys_addr
-                && r.size == region.memory_size
-                && r.user_addr == region.user_addr
-        }) {
-            existing.users = existing.users.saturating_add(1);
-            return Ok(false);
+        let gpa = region.guest_phys_addr;
+        let backing = backing_of(&file, region.mmap_offset)
+            .map_err(|source| MemoryError::Stat { gpa, source })?;
+        let mut regions = self.regions.clone();
+        if let Some(index) = regions.iter().position(|r| r.same_place(region)) {
+            let users = regions[index].users.saturating_add(1);
+            if regions[index].backing == backing {
+                self.regions[index].users = users;
+                return Ok(false);
+            }
+            regions[index] = SharedRegion {
+                users,
+                ..self.map_region(region, file)?
+            };
+            return self.install(regions).map(|()| true);
         }
         if self.regions.len() >= MAX_MEM_SLOTS {
             return Err(MemoryError::TooManyRegions(self.regions.len() + 1));
         }
-        let mut regions = self.regions.clone();
-        regions.push(map_region(region, file)?);
+        regions.push(self.map_region(region, file)?);
         self.install(regions).map(|()| true)
     }
 
@@ -160,6 +207,15 @@ impl MemoryTable {
 
     /// Checks the new set of regions and makes it current.
     fn install(&mut self, mut regions: Vec<SharedRegion>) -> Result<(), MemoryError> {
+        let total = regions
+            .iter()
+            .fold(0u64, |total, r| total.saturating_add(r.size));
+        if total > self.max_bytes {
+            return Err(MemoryError::TooMuchMemory {
+                total,
+                limit: self.max_bytes,
+            });
+        }
         regions.sort_by_key(|r| r.user_addr);
         for pair in regions.windows(2) {
             if pair[0].user_addr + pair[0].size > pair[1].user_addr {
@@ -177,53 +233,82 @@ impl MemoryTable {
         self.memory = Some(memory);
         Ok(())
     }
+
+    /// Validates one region against its file and maps it (watched unless sealed).
+    fn map_region(
+        &self,
+        region: &VhostUserMemoryRegion,
+        file: File,
+    ) -> Result<SharedRegion, MemoryError> {
+        let (gpa, size, user_addr, offset) = (
+            region.guest_phys_addr,
+            region.memory_size,
+            region.user_addr,
+            region.mmap_offset,
+        );
+        let bad_size = MemoryError::BadSize { gpa, size };
+        let length = usize::try_from(size).map_err(|_| MemoryError::BadSize { gpa, size })?;
+        let fits = size != 0
+            && size <= self.max_bytes
+            && gpa.checked_add(size).is_some()
+            && user_addr.checked_add(size).is_some()
+            && offset.checked_add(size).is_some();
+        if !fits {
+            return Err(if size > self.max_bytes && size != 0 {
+                MemoryError::TooMuchMemory {
+                    total: size,
+                    limit: self.max_bytes,
+                }
+            } else {
+                bad_size
+            });
+        }
+        let backing =
+            backing_of(&file, offset).map_err(|source| MemoryError::Stat { gpa, source })?;
+        let file_size = file
+            .metadata()
+            .map_err(|source| MemoryError::Stat { gpa, source })?
+            .len();
+        if offset + size > file_size {
+            return Err(MemoryError::PastEndOfFile {
+                gpa,
+                offset,
+                size,
+                file_size,
+            });
+        }
+        let sealed = sigbus::shrink_sealed(file.as_raw_fd());
+        let map_error = |reason: String| MemoryError::Map { gpa, reason };
+        let mapping = MmapRegionBuilder::new(length)
+            .with_file_offset(FileOffset::new(file, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| map_error(e.to_string()))?;
+        let mapping = GuestRegionMmap::new(mapping, GuestAddress(gpa))
+            .ok_or_else(|| map_error("guest address overflows".into()))?;
+        let mapping = Arc::new(mapping);
+        if !sealed {
+            let host = mapping.as_ptr() as usize;
+            let owner: Arc<dyn Any + Send + Sync> = mapping.clone();
+            sigbus::watch(host, length, Arc::downgrade(&owner), &self.tripwire)
+                .map_err(|source| MemoryError::Watch { gpa, source })?;
+        }
+        Ok(SharedRegion {
+            gpa,
+            size,
+            user_addr,
+            backing,
+            mapping,
+            users: 1,
+        })
+    }
 }
 
-/// Validates one region against its file and maps it.
-fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<SharedRegion, MemoryError> {
-    let (gpa, size, user_addr, offset) = (
-        region.guest_phys_addr,
-        region.memory_size,
-        region.user_addr,
-        region.mmap_offset,
-    );
-    let bad_size = MemoryError::BadSize { gpa, size };
-    let length = usize::try_from(size).map_err(|_| MemoryError::BadSize { gpa, size })?;
-    let fits = size != 0
-        && gpa.checked_add(size).is_some()
-        && user_addr.checked_add(size).is_some()
-        && offset.checked_add(size).is_some();
-    if !fits {
-        return Err(bad_size);
-    }
-    let file_size = file
-        .metadata()
-        .map_err(|source| MemoryError::Stat { gpa, source })?
-        .len();
-    if offset + size > file_size {
-        return Err(MemoryError::PastEndOfFile {
-            gpa,
-            offset,
-            size,
-            file_size,
-        });
-    }
-    let map_error = |reason: String| MemoryError::Map { gpa, reason };
-    let mapping = MmapRegionBuilder::new(length)
-        .with_file_offset(FileOffset::new(file, offset))
-        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-        .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
-        .build()
-        .map_err(|e| map_error(e.to_string()))?;
-    let mapping = GuestRegionMmap::new(mapping, GuestAddress(gpa))
-        .ok_or_else(|| map_error("guest address overflows".into()))?;
-    Ok(SharedRegion {
-        gpa,
-        size,
-        user_addr,
-        mapping: Arc::new(mapping),
-        users: 1,
-    })
+/// Which file (device, inode) and offset a region maps: the same memory whatever the fd.
+fn backing_of(file: &File, offset: u64) -> io::Result<(u64, u64, u64)> {
+    let metadata = file.metadata()?;
+    Ok((metadata.dev(), metadata.ino(), offset))
 }
 
 #[cfg(test)]
@@ -250,20 +335,28 @@ mod tests {
         VhostUserMemoryRegion::new(gpa, SIZE, user_addr, 0)
     }
 
+    fn table() -> MemoryTable {
+        MemoryTable::new(Arc::new(Tripwire::new().unwrap()), u64::MAX)
+    }
+
+    fn write_and_read_back(table: &MemoryTable, value: u32) -> u32 {
+        let memory = table.memory().unwrap();
+        memory.write_obj(value, GuestAddress(0x100)).unwrap();
+        memory.read_obj(GuestAddress(0x100)).unwrap()
+    }
+
     #[test]
-    fn a_region_added_twice_is_mapped_once_and_kept_until_removed_twice() {
-        let mut table = MemoryTable::default();
+    fn a_region_added_twice_from_one_file_is_mapped_once_and_kept_until_removed_twice() {
+        let mut table = table();
         let file = memfd(SIZE);
         assert!(table
             .add(&region(0, 0x7000_0000), file.try_clone().unwrap())
             .unwrap());
-        table
-            .memory()
-            .unwrap()
-            .write_obj(0xabcd_u32, GuestAddress(0x100))
-            .unwrap();
+        write_and_read_back(&table, 0xabcd);
 
-        let added_again = table.add(&region(0, 0x7000_0000), memfd(SIZE)).unwrap();
+        let added_again = table
+            .add(&region(0, 0x7000_0000), file.try_clone().unwrap())
+            .unwrap();
         let first_removal = table.remove(&region(0, 0x7000_0000)).unwrap();
 
         assert!(!added_again, "a duplicate must not remap");
@@ -275,12 +368,42 @@ mod tests {
     }
 
     #[test]
+    fn a_region_re_added_from_another_file_is_remapped() {
+        let mut table = table();
+        table.add(&region(0, 0x7000_0000), memfd(SIZE)).unwrap();
+        write_and_read_back(&table, 0xabcd);
+        let second = memfd(SIZE);
+
+        let remapped = table
+            .add(&region(0, 0x7000_0000), second.try_clone().unwrap())
+            .unwrap();
+
+        assert!(remapped, "another file is new memory");
+        let now = table.memory().unwrap().read_obj::<u32>(GuestAddress(0x100));
+        assert_eq!(now.unwrap(), 0, "the second file's (zeroed) contents");
+        assert!(!table.remove(&region(0, 0x7000_0000)).unwrap(), "counted");
+    }
+
+    #[test]
     fn a_region_at_the_same_address_with_another_user_address_is_refused() {
-        let mut table = MemoryTable::default();
+        let mut table = table();
         table.add(&region(0, 0x7000_0000), memfd(SIZE)).unwrap();
 
         let clash = table.add(&region(0, 0x7100_0000), memfd(SIZE));
 
         assert!(clash.is_err(), "overlapping guest ranges: {clash:?}");
+    }
+
+    #[test]
+    fn regions_past_the_byte_limit_are_refused() {
+        let mut table = MemoryTable::new(Arc::new(Tripwire::new().unwrap()), SIZE);
+        table.add(&region(0, 0x7000_0000), memfd(SIZE)).unwrap();
+
+        let second = table.add(&region(SIZE, 0x7100_0000), memfd(SIZE));
+
+        assert!(
+            matches!(second, Err(MemoryError::TooMuchMemory { .. })),
+            "{second:?}"
+        );
     }
 }

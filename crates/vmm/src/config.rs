@@ -24,6 +24,8 @@ pub struct DiskSpec {
     /// Served by an external vhost-user backend listening on `socket` (no `path`).
     pub vhost_user: bool,
     pub socket: Option<PathBuf>,
+    /// Bound on each request to the vhost-user backend (None: the frontend's default).
+    pub timeout: Option<Duration>,
 }
 
 /// A virtio-net device on a tap.
@@ -148,9 +150,23 @@ pub fn block_size(v: &str) -> Result<u32, String> {
     }
 }
 
+/// `timeout=` of a vhost-user disk: `500ms`, `5s` or plain seconds, from 1 ms to 10 min.
+fn parse_timeout(v: &str) -> Result<Duration, String> {
+    let bad = || format!("timeout={v}: expected e.g. 500ms or 5s, from 1ms to 600s");
+    let (digits, unit) = match v.strip_suffix("ms") {
+        Some(ms) => (ms, Duration::from_millis(1)),
+        None => (v.strip_suffix('s').unwrap_or(v), Duration::from_secs(1)),
+    };
+    let timeout = unit * digits.parse::<u32>().map_err(|_| bad())?;
+    if timeout < Duration::from_millis(1) || timeout > Duration::from_secs(600) {
+        return Err(bad());
+    }
+    Ok(timeout)
+}
+
 impl DiskSpec {
     /// `path=FILE[,readonly=on][,direct=on][,queues=N][,queue_size=N][,serial=S][,notify=..]
-    /// [,block_size=N]` or `vhost_user=on,socket=PATH[,queues=N][,queue_size=N]`.
+    /// [,block_size=N]` or `vhost_user=on,socket=PATH[,queues=N][,queue_size=N][,timeout=5s]`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut disk = DiskSpec {
             path: PathBuf::new(),
@@ -163,12 +179,14 @@ impl DiskSpec {
             block_size: None,
             vhost_user: false,
             socket: None,
+            timeout: None,
         };
         for (k, v) in pairs(s)? {
             match k {
                 "path" => disk.path = PathBuf::from(v),
                 "vhost_user" => disk.vhost_user = on_off(k, v)?,
                 "socket" => disk.socket = Some(PathBuf::from(v)),
+                "timeout" => disk.timeout = Some(parse_timeout(v)?),
                 "readonly" => disk.read_only = on_off(k, v)?,
                 "direct" => disk.direct = on_off(k, v)?,
                 "queues" => disk.queues = queue_count(k, v)?,
@@ -180,7 +198,7 @@ impl DiskSpec {
                 _ => return Err(format!("--disk: unknown key `{k}`")),
             }
         }
-        if disk.vhost_user || disk.socket.is_some() {
+        if disk.vhost_user || disk.socket.is_some() || disk.timeout.is_some() {
             return disk.check_vhost_user();
         }
         if disk.path.as_os_str().is_empty() {
@@ -192,7 +210,7 @@ impl DiskSpec {
     /// The image options belong to the backend: refuse them rather than ignore them.
     fn check_vhost_user(self) -> Result<Self, String> {
         if !self.vhost_user {
-            return Err("--disk socket=.. needs vhost_user=on".into());
+            return Err("--disk socket=.. and timeout=.. need vhost_user=on".into());
         }
         if self.socket.is_none() {
             return Err("--disk vhost_user=on needs socket=PATH".into());
@@ -295,13 +313,26 @@ mod tests {
         assert!(disk.vhost_user);
         assert_eq!(disk.socket, Some(PathBuf::from("/run/blk.sock")));
         assert_eq!(disk.queues, 2);
+        assert_eq!(disk.timeout, None);
         assert!(!DiskSpec::parse("path=x").unwrap().vhost_user);
+        let timed = |t: &str| DiskSpec::parse(&format!("vhost_user=on,socket=s,timeout={t}"));
+        assert_eq!(
+            timed("250ms").unwrap().timeout,
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(timed("5s").unwrap().timeout, Some(Duration::from_secs(5)));
+        assert_eq!(timed("2").unwrap().timeout, Some(Duration::from_secs(2)));
         for bad in [
             "vhost_user=on",
             "socket=/run/blk.sock",
             "vhost_user=on,socket=s,path=x",
             "vhost_user=on,socket=s,readonly=on",
             "vhost_user=maybe,socket=s",
+            "vhost_user=on,socket=s,timeout=0s",
+            "vhost_user=on,socket=s,timeout=601s",
+            "vhost_user=on,socket=s,timeout=soon",
+            "vhost_user=on,socket=s,timeout=-1ms",
+            "path=x,timeout=5s",
         ] {
             assert!(DiskSpec::parse(bad).is_err(), "{bad} should be refused");
         }

@@ -1,10 +1,12 @@
 //! KVM implementations of the traits devices use to reach the guest and be reached without
-//! exits: irqfd pin lines, MSI (KVM_SIGNAL_MSI or GSI route + irqfd) and ioeventfd doorbells.
+//! exits: irqfd pin lines (edge, and level with a resample fd for PCI INTx), MSI
+//! (KVM_SIGNAL_MSI or GSI route + irqfd) and ioeventfd doorbells.
 
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_irq_routing_msi, kvm_msi, KvmIrqRouting,
@@ -12,7 +14,9 @@ use kvm_bindings::{
     KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use sluice_bus::irq::{IrqLine, MsiMessage, MsiRoute, MsiRouter, MsiSink};
+use sluice_bus::irq::{
+    IrqLine, LevelIrqLine, LevelIrqRouter, MsiMessage, MsiRoute, MsiRouter, MsiSink,
+};
 use sluice_bus::IoEventRegistrar;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -34,6 +38,140 @@ impl IrqfdLine {
 impl IrqLine for IrqfdLine {
     fn trigger(&self) -> io::Result<()> {
         self.event.write(1)
+    }
+}
+
+/// A level-triggered source on an IOAPIC pin (a PCI INTx pin): an irqfd registered with
+/// KVM_IRQFD_FLAG_RESAMPLE. Writing the irqfd raises the pin and KVM keeps it high; when the
+/// guest EOIs the interrupt KVM lowers it and signals the resample fd, and the resampler thread
+/// raises it again if the device still asserts. An interrupt still pending after the EOI is
+/// never lost. A deassert takes effect at the next EOI; since KVM injects irqfd writes
+/// asynchronously, a re-assert decided just before a deassert can land after it and cause one
+/// stray interrupt, whose ISR read returns 0 (shared-IRQ drivers expect that). The resample fd
+/// may also fire without an EOI of ours (seen on kvm_pvm); the level check makes that harmless.
+pub struct KvmLevelLine {
+    vm: Arc<VmFd>,
+    gsi: u32,
+    trigger: EventFd,
+    resample: EventFd,
+    shared: Arc<LevelShared>,
+    resampler: Option<JoinHandle<()>>,
+}
+
+/// What the resampler thread shares with the line.
+struct LevelShared {
+    asserted: AtomicBool,
+    stop: AtomicBool,
+}
+
+impl KvmLevelLine {
+    pub fn new(vm: Arc<VmFd>, gsi: u32) -> io::Result<Self> {
+        let trigger = EventFd::new(libc::EFD_NONBLOCK)?;
+        // Blocking: the resampler thread sleeps in read() until an EOI.
+        let resample = EventFd::new(0)?;
+        vm.register_irqfd_with_resample(&trigger, &resample, gsi)
+            .map_err(io::Error::from)?;
+        let shared = Arc::new(LevelShared {
+            asserted: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        });
+        let resampler = Self::spawn_resampler(gsi, &trigger, &resample, &shared);
+        let resampler = match resampler {
+            Ok(handle) => handle,
+            Err(e) => {
+                let _ = vm.unregister_irqfd(&trigger, gsi);
+                return Err(e);
+            }
+        };
+        Ok(Self {
+            vm,
+            gsi,
+            trigger,
+            resample,
+            shared,
+            resampler: Some(resampler),
+        })
+    }
+
+    fn spawn_resampler(
+        gsi: u32,
+        trigger: &EventFd,
+        resample: &EventFd,
+        shared: &Arc<LevelShared>,
+    ) -> io::Result<JoinHandle<()>> {
+        let trigger = trigger.try_clone()?;
+        let resample = resample.try_clone()?;
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("intx-gsi{gsi}"))
+            .spawn(move || Self::resample_loop(gsi, &trigger, &resample, &shared))
+    }
+
+    /// Re-raises the pin after each EOI while the device still asserts it.
+    fn resample_loop(gsi: u32, trigger: &EventFd, resample: &EventFd, shared: &LevelShared) {
+        loop {
+            if let Err(e) = resample.read() {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::warn!("INTx GSI {gsi}: resample fd failed: {e}; line stops re-asserting");
+                return;
+            }
+            if shared.stop.load(Ordering::Acquire) {
+                return;
+            }
+            if shared.asserted.load(Ordering::Acquire) {
+                if let Err(e) = trigger.write(1) {
+                    tracing::warn!("INTx GSI {gsi}: re-assert failed: {e}");
+                }
+            }
+        }
+    }
+
+    pub fn gsi(&self) -> u32 {
+        self.gsi
+    }
+}
+
+impl LevelIrqLine for KvmLevelLine {
+    fn set_level(&self, asserted: bool) -> io::Result<()> {
+        self.shared.asserted.store(asserted, Ordering::Release);
+        if asserted {
+            self.trigger.write(1)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for KvmLevelLine {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        // Wakes the resampler, which sees `stop` and returns.
+        if self.resample.write(1).is_ok() {
+            if let Some(handle) = self.resampler.take() {
+                let _ = handle.join();
+            }
+        }
+        if let Err(e) = self.vm.unregister_irqfd(&self.trigger, self.gsi) {
+            tracing::debug!("INTx GSI {}: unregistering the irqfd: {e}", self.gsi);
+        }
+    }
+}
+
+/// Connects PCI INTx pins to IOAPIC pins with [`KvmLevelLine`]s.
+pub struct KvmIntxRouter {
+    vm: Arc<VmFd>,
+}
+
+impl KvmIntxRouter {
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        Self { vm }
+    }
+}
+
+impl LevelIrqRouter for KvmIntxRouter {
+    fn connect(&self, gsi: u32) -> io::Result<Arc<dyn LevelIrqLine>> {
+        Ok(Arc::new(KvmLevelLine::new(self.vm.clone(), gsi)?))
     }
 }
 
@@ -326,6 +464,124 @@ mod tests {
             dispatch.stats.mmio.load(Ordering::Relaxed),
             0,
             "no MMIO exit"
+        );
+    }
+
+    /// Port 0x50: the guest is ready (the line is asserted); port 0x51: deassert; port 0x52
+    /// reads 0 until 100 ms after its first read, then 1 (the guest polls it with interrupts
+    /// on, so stray interrupts have time to arrive).
+    struct IntxProbe {
+        line: Arc<dyn LevelIrqLine>,
+        quiet_since: Option<std::time::Instant>,
+    }
+
+    impl sluice_bus::BusDevice for IntxProbe {
+        fn read(&mut self, _: u64, _: u64, data: &mut [u8]) {
+            let since = *self.quiet_since.get_or_insert_with(std::time::Instant::now);
+            let done = since.elapsed() >= std::time::Duration::from_millis(100);
+            data.fill(u8::from(done));
+        }
+        fn write(&mut self, _: u64, offset: u64, _: &[u8]) {
+            self.line.set_level(offset == 0).unwrap();
+        }
+    }
+
+    /// Real mode at 0x1000 (DS = IOAPIC, ES = LAPIC, FS = RAM, set by the test): enable the
+    /// LAPIC, route IOAPIC pin 16 level-triggered to vector 0x40 on APIC 0, report ready on port
+    /// 0x50, `sti`, halt until two interrupts were counted, poll port 0x52 until it reads
+    /// nonzero, then exit with the count (port 0xf4). Assembled from:
+    ///   movl $0x1ff,%es:0xf0; movl $0x30,0x0; movl $0x8040,0x10; movl $0x31,0x0; movl $0,0x10
+    ///   mov $0,%al; out %al,$0x50; sti; 1: hlt; cmpb $2,%fs:0x2000; jb 1b
+    ///   2: in $0x52,%al; test %al,%al; jz 2b; mov %fs:0x2000,%al; out %al,$0xf4; 3: hlt; jmp 3b
+    const INTX_GUEST_MAIN: [u8; 75] = [
+        0x26, 0x66, 0xc7, 0x06, 0xf0, 0x00, 0xff, 0x01, 0x00, 0x00, 0x66, 0xc7, 0x06, 0x00, 0x00,
+        0x30, 0x00, 0x00, 0x00, 0x66, 0xc7, 0x06, 0x10, 0x00, 0x40, 0x80, 0x00, 0x00, 0x66, 0xc7,
+        0x06, 0x00, 0x00, 0x31, 0x00, 0x00, 0x00, 0x66, 0xc7, 0x06, 0x10, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0xb0, 0x00, 0xe6, 0x50, 0xfb, 0xf4, 0x64, 0x80, 0x3e, 0x00, 0x20, 0x02, 0x72, 0xf7,
+        0xe4, 0x52, 0x84, 0xc0, 0x74, 0xfa, 0x64, 0xa0, 0x00, 0x20, 0xe6, 0xf4, 0xf4, 0xeb, 0xfd,
+    ];
+    /// The vector 0x40 handler at 0x1100: counts interrupts in FS:0x2000; from the second one
+    /// on it deasserts (port 0x51); EOIs the LAPIC:
+    ///   push %ax; incb %fs:0x2000; cmpb $2,%fs:0x2000; jb 2f; mov $1,%al; out %al,$0x51
+    ///   2: movl $0,%es:0xb0; pop %ax; iret
+    const INTX_GUEST_HANDLER: [u8; 30] = [
+        0x50, 0x64, 0xfe, 0x06, 0x00, 0x20, 0x64, 0x80, 0x3e, 0x00, 0x20, 0x02, 0x72, 0x04, 0xb0,
+        0x01, 0xe6, 0x51, 0x26, 0x66, 0xc7, 0x06, 0xb0, 0x00, 0x00, 0x00, 0x00, 0x00, 0x58, 0xcf,
+    ];
+
+    /// An INTx line that stays asserted across the guest's EOI is delivered again (the resample
+    /// fd path); the guest's deassert then quiets it. Without resampling the guest would see
+    /// one interrupt and never exit (the watchdog then fails the test).
+    #[test]
+    fn level_intx_reaches_the_guest_and_reasserts_after_eoi() {
+        let Ok(kvm) = Kvm::new() else {
+            println!("SKIP intx test: /dev/kvm unusable");
+            return;
+        };
+        let (vm, mem) = vm_with_low_ram(&kvm, &INTX_GUEST_MAIN);
+        mem.write_slice(&INTX_GUEST_HANDLER, GuestAddress(0x1100))
+            .unwrap();
+        // IVT entry 0x40: offset 0x1100, segment 0.
+        mem.write_obj(0x1100u32, GuestAddress(0x40 * 4)).unwrap();
+        let router = KvmIntxRouter::new(vm.clone());
+        let line = router.connect(layout::PCI_INTX_FIRST_GSI).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        sregs.ds.base = layout::IOAPIC_START;
+        sregs.es.base = layout::LAPIC_START;
+        sregs.fs.base = 0;
+        sregs.ss.base = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rip = 0x1000;
+        regs.rsp = 0x8000;
+        regs.rflags = 2;
+        vcpu.set_regs(&regs).unwrap();
+        let dispatch = ExitDispatch {
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+            control: Arc::new(RunControl::default()),
+            stats: Arc::new(ExitStats::default()),
+        };
+        let exit = ExitPort(dispatch.control.clone());
+        dispatch
+            .pio
+            .insert("exit", Arc::new(Mutex::new(exit)), 0xf4, 1)
+            .unwrap();
+        let probe = IntxProbe {
+            line: line.clone(),
+            quiet_since: None,
+        };
+        dispatch
+            .pio
+            .insert("intx", Arc::new(Mutex::new(probe)), 0x50, 3)
+            .unwrap();
+        let watchdog_control = dispatch.control.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(20));
+            watchdog_control.request_exit(GuestExit::DebugExit(0xee));
+        });
+
+        let thread = VcpuThread::spawn(0, vcpu, dispatch.clone()).unwrap();
+        let outcome = dispatch.control.wait();
+        thread.stop();
+
+        // Two deliveries while asserted; after the deassert at most one stray (a re-assert that
+        // KVM injected asynchronously just before it), then quiet for 100 ms.
+        let VmOutcome::DebugExit(count) = outcome else {
+            panic!("unexpected outcome {outcome:?}");
+        };
+        assert_ne!(
+            count, 0xee,
+            "timed out: the line was not re-asserted after EOI"
+        );
+        assert!((2..=3).contains(&count), "{count} interrupts");
+        let counted: u8 = mem.read_obj(GuestAddress(0x2000)).unwrap();
+        assert_eq!(
+            counted, count,
+            "no interrupt after the exit value was taken"
         );
     }
 

@@ -78,6 +78,10 @@ pub const IOAPIC_ID: u8 = 0;
 pub const IOAPIC_PINS: u32 = 24;
 /// SCI interrupt.
 pub const SCI_IRQ: u32 = 9;
+/// PCI INTx: the IOAPIC inputs above the ISA IRQs (GSIs 16..24), shared by the slots with the
+/// standard swizzle (`sluice_pci::IntxRouting`); the DSDT's `_PRT` describes the same mapping.
+pub const PCI_INTX_FIRST_GSI: u32 = 16;
+pub const PCI_INTX_GSIS: u32 = IOAPIC_PINS - PCI_INTX_FIRST_GSI;
 
 const GIB: u64 = 1 << 30;
 

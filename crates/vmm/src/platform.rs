@@ -11,11 +11,11 @@ use sluice_devices::platform::{
 };
 use sluice_devices::ExitSink;
 use sluice_pci::{
-    AddressWindow, BarAllocator, PciConfigIo, PciConfigMmio, PciRoot, PciTestDevice,
+    AddressWindow, BarAllocator, IntxRouting, PciConfigIo, PciConfigMmio, PciRoot, PciTestDevice,
     DEFAULT_IO_WINDOW,
 };
 
-use crate::interrupts::{IrqfdLine, KvmMsi};
+use crate::interrupts::{IrqfdLine, KvmIntxRouter, KvmMsi};
 use crate::layout;
 use crate::machine::{device_err, serial_output, VmConfig, VmError};
 use crate::memory::GuestRam;
@@ -115,6 +115,7 @@ pub fn attach_pci(
         dispatch.pio.clone(),
         bar_allocator(config.memory)?,
     ));
+    root.set_intx(Arc::new(KvmIntxRouter::new(vm.clone())), intx_routing()?);
     let config_io = PciConfigIo::new(root.clone());
     map(
         &dispatch.pio,
@@ -141,6 +142,12 @@ pub fn attach_pci(
         tracing::info!("PCI test device at {address:?}");
     }
     Ok(root)
+}
+
+/// INTx pins on the IOAPIC inputs the layout reserves for PCI (the DSDT's `_PRT` agrees).
+pub fn intx_routing() -> Result<IntxRouting, VmError> {
+    IntxRouting::new(layout::PCI_INTX_FIRST_GSI, layout::PCI_INTX_GSIS)
+        .map_err(|e| device_err("pci intx", e))
 }
 
 fn bar_allocator(ram_size: u64) -> Result<BarAllocator, VmError> {

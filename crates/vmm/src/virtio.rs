@@ -1,6 +1,8 @@
 //! Wiring of paravirtual devices: each `--disk`, `--net` and `--rng` becomes a device
 //! model behind the virtio-pci transport, on the PCI root, with exitless doorbells (ioeventfd)
-//! and interrupts (GSI route + irqfd per MSI-X vector).
+//! and interrupts (GSI route + irqfd per MSI-X vector; INTA through the root's INTx routing).
+//! Each device does DMA through its own space, keyed by its requester id (identity until a
+//! vIOMMU provides domains).
 
 use std::sync::{Arc, Mutex};
 
@@ -9,8 +11,11 @@ use sluice_devices::block::{Block, BlockConfig};
 use sluice_devices::net::{Net, NetConfig, Tap};
 use sluice_devices::rng::{fill_random, Rng};
 use sluice_devices::vhost_user_blk::{SharedMemoryRegion, VhostUserBlk, VhostUserBlkConfig};
-use sluice_pci::PciRoot;
-use sluice_virtio::{DeviceMetrics, VirtioDevice, VirtioPciDevice, VirtioPciOptions};
+use sluice_dma::DmaSpaces;
+use sluice_pci::{PciError, PciRoot, SharedPciDevice};
+use sluice_virtio::{
+    DeviceMetrics, VirtioDevice, VirtioPciDevice, VirtioPciError, VirtioPciOptions,
+};
 
 use crate::config::{DiskSpec, NetSpec, NotifyPolicy};
 use crate::interrupts::{KvmIoEvents, KvmMsi, KvmMsiRouter};
@@ -22,6 +27,7 @@ struct Plumbing {
     msi_sink: Arc<KvmMsi>,
     msi_router: Arc<KvmMsiRouter>,
     ioevents: Arc<KvmIoEvents>,
+    dma: DmaSpaces,
 }
 
 impl Plumbing {
@@ -46,6 +52,7 @@ pub fn attach_virtio_devices(
         msi_sink: Arc::new(KvmMsi::new(vm.clone())),
         msi_router: Arc::new(KvmMsiRouter::new(vm.clone())),
         ioevents: Arc::new(KvmIoEvents::new(vm.clone())),
+        dma: DmaSpaces::identity(ram.memory.clone()),
     };
     let mut metrics = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
@@ -53,7 +60,7 @@ pub fn attach_virtio_devices(
         let name = format!("virtio-blk{i}");
         metrics.push(attach(
             root,
-            ram,
+            &plumbing.dma,
             block,
             plumbing.options(name, disk.notify),
         )?);
@@ -63,14 +70,14 @@ pub fn attach_virtio_devices(
         let name = format!("virtio-net{i}");
         metrics.push(attach(
             root,
-            ram,
+            &plumbing.dma,
             Box::new(device),
             plumbing.options(name, net.notify),
         )?);
     }
     if config.rng {
         let options = plumbing.options("virtio-rng".into(), NotifyPolicy::Interrupt);
-        metrics.push(attach(root, ram, Box::new(Rng::new()), options)?);
+        metrics.push(attach(root, &plumbing.dma, Box::new(Rng::new()), options)?);
     }
     Ok(metrics)
 }
@@ -102,6 +109,9 @@ fn disk_device(disk: &DiskSpec, ram: &GuestRam) -> Result<Box<dyn VirtioDevice>,
     let mut config = VhostUserBlkConfig::new(socket);
     config.queues = disk.queues;
     config.queue_size = disk.queue_size;
+    if let Some(timeout) = disk.timeout {
+        config.timeout = timeout;
+    }
     let regions = SharedMemoryRegion::from_guest_memory(&ram.memory)
         .map_err(|e| device_err("vhost-user-blk", e))?;
     let device = VhostUserBlk::new(config, regions).map_err(|e| device_err("vhost-user-blk", e))?;
@@ -121,19 +131,31 @@ fn block_config(disk: &DiskSpec) -> BlockConfig {
     config
 }
 
+/// Why a virtio device could not be put on the bus.
+#[derive(Debug, thiserror::Error)]
+enum AttachError {
+    #[error(transparent)]
+    Pci(#[from] PciError),
+    #[error(transparent)]
+    Transport(#[from] VirtioPciError),
+}
+
+/// Puts `device` behind virtio-pci at the next free slot, with the DMA space of that slot's
+/// requester id.
 fn attach(
     root: &PciRoot,
-    ram: &GuestRam,
+    dma: &DmaSpaces,
     device: Box<dyn VirtioDevice>,
     options: VirtioPciOptions,
 ) -> Result<Arc<DeviceMetrics>, VmError> {
     let metrics = device.metrics();
     let name = options.name.clone().unwrap_or_default();
-    let dma = sluice_dma::identity(ram.memory.clone());
-    let pci =
-        VirtioPciDevice::new(device, dma, options).map_err(|e| device_err("virtio-pci", e))?;
     let address = root
-        .add_device(Arc::new(Mutex::new(pci)))
+        .add_device_with(|address| {
+            let space = dma.space(address.bdf());
+            let pci = VirtioPciDevice::new(device, space, options)?;
+            Ok::<SharedPciDevice, AttachError>(Arc::new(Mutex::new(pci)))
+        })
         .map_err(|e| device_err("virtio-pci", e))?;
     tracing::info!("{name} at PCI {address}");
     Ok(metrics)

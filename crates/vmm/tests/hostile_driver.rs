@@ -12,12 +12,15 @@ use std::time::{Duration, Instant};
 use sluice_bus::irq::{MsiMessage, MsiSink};
 use sluice_bus::{read_le, write_le, Bus};
 use sluice_devices::block::{Block, BlockConfig};
+use sluice_dma::{
+    DmaSpaces, DmaTranslator, DomainProvider, Mapping, RequesterId, TranslationSource,
+};
 use sluice_pci::{
-    AddressWindow, BarAllocator, PciAddress, PciRoot, COMMAND, COMMAND_BUS_MASTER,
-    COMMAND_MEMORY_SPACE, DEFAULT_IO_WINDOW,
+    AddressWindow, BarAllocator, PciAddress, PciError, PciRoot, SharedPciDevice, COMMAND,
+    COMMAND_BUS_MASTER, COMMAND_MEMORY_SPACE, DEFAULT_IO_WINDOW,
 };
 use sluice_virtio::{VirtioPciDevice, VirtioPciOptions};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap, Permissions};
 
 const RAM: u64 = 16 << 20;
 const STATUS_ACK: u8 = 1;
@@ -67,6 +70,9 @@ struct Driver {
     mem: GuestMemoryMmap,
     /// Guest-physical base of this driver's rings and buffers.
     base: u64,
+    /// What the device's DMA space adds to a guest-physical address (its IOVA; 0 without an
+    /// IOMMU). Register and descriptor addresses are device addresses.
+    dma_offset: u64,
     size: u16,
     avail_idx: u16,
 }
@@ -90,6 +96,7 @@ impl Driver {
             bar0,
             mem,
             base,
+            dma_offset: 0,
             size: 0,
             avail_idx: 0,
         }
@@ -126,8 +133,16 @@ impl Driver {
     }
 
     /// Negotiates VERSION_1 only and sets up queue 0 with `size`; returns whether it was enabled.
+    /// The rings start zeroed: a driver reusing memory must not leave a previous activation's
+    /// avail index for the new one to run stale descriptors from.
     fn setup(&mut self, size: u16) -> bool {
         self.write(0x14, 0, 1);
+        if self.base < RAM {
+            let rings = self.used_addr() + 0x1000 - self.base;
+            self.mem
+                .write_slice(&vec![0u8; rings as usize], GuestAddress(self.base))
+                .unwrap();
+        }
         self.write(0x14, u64::from(STATUS_ACK | STATUS_DRIVER), 1);
         self.write(0x08, 1, 4); // driver_feature_select = 1 (bits 32..63)
         self.write(0x0c, 1, 4); // VERSION_1
@@ -143,9 +158,9 @@ impl Driver {
         );
         self.write(0x16, 0, 2);
         self.write(0x18, u64::from(size), 2);
-        self.write(0x20, self.desc_addr(), 8);
-        self.write(0x28, self.avail_addr(), 8);
-        self.write(0x30, self.used_addr(), 8);
+        self.write(0x20, self.desc_addr() + self.dma_offset, 8);
+        self.write(0x28, self.avail_addr() + self.dma_offset, 8);
+        self.write(0x30, self.used_addr() + self.dma_offset, 8);
         self.write(0x1c, 1, 2);
         self.size = size;
         self.avail_idx = 0;
@@ -162,7 +177,9 @@ impl Driver {
 
     fn set_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let at = GuestAddress(self.desc_addr() + 16 * u64::from(index));
-        self.mem.write_obj(addr, at).unwrap();
+        self.mem
+            .write_obj(addr.wrapping_add(self.dma_offset), at)
+            .unwrap();
         self.mem.write_obj(len, at.unchecked_add(8)).unwrap();
         self.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
         self.mem.write_obj(next, at.unchecked_add(14)).unwrap();
@@ -405,4 +422,311 @@ fn looping_chain_and_ring_outside_ram_end_in_needs_reset_or_error() {
         "rings outside RAM need a reset"
     );
     assert_bystander_works(&m);
+}
+
+/// Where the IOMMU puts the victim's DMA: IOVA = GPA + this, in 4 KiB pages.
+const IOVA_OFFSET: u64 = 1 << 40;
+const PAGE: u64 = 0x1000;
+/// Guest-physical range the victim's domain maps (its rings and scratch buffers).
+const MAPPED: std::ops::Range<u64> = 0x40_0000..0x50_0000;
+
+/// A static IOMMU domain: `MAPPED` read-write at IOVA_OFFSET, except one read-only page and one
+/// unmapped hole.
+#[derive(Debug)]
+struct StaticDomain {
+    read_only_page: u64,
+    hole_page: u64,
+}
+
+impl TranslationSource for StaticDomain {
+    fn lookup(&self, iova: u64, _access: Permissions) -> Option<Mapping> {
+        let page = iova.checked_sub(IOVA_OFFSET)? & !(PAGE - 1);
+        if !MAPPED.contains(&page) || page == self.hole_page {
+            return None;
+        }
+        let permissions = if page == self.read_only_page {
+            Permissions::Read
+        } else {
+            Permissions::ReadWrite
+        };
+        Some(Mapping {
+            iova: page + IOVA_OFFSET,
+            target: page,
+            length: PAGE,
+            permissions,
+        })
+    }
+}
+
+/// Gives every requester the same static domain.
+struct StaticIommu {
+    read_only_page: u64,
+    hole_page: u64,
+}
+
+impl DomainProvider for StaticIommu {
+    fn domain(&self, _requester: RequesterId) -> Option<Box<dyn TranslationSource>> {
+        Some(Box::new(StaticDomain {
+            read_only_page: self.read_only_page,
+            hole_page: self.hole_page,
+        }))
+    }
+}
+
+/// One virtio-blk behind virtio-pci whose DMA space is IOMMU-translated, built with the
+/// requester id of the slot the root gives it.
+struct IommuMachine {
+    mmio: Arc<Bus>,
+    root: Arc<PciRoot>,
+    mem: GuestMemoryMmap,
+    device: PciAddress,
+    spaces: DmaSpaces,
+    _disk: Disk,
+}
+
+impl IommuMachine {
+    fn driver(&self) -> Driver {
+        let mut d = Driver::new(
+            self.mmio.clone(),
+            &self.root,
+            self.device,
+            self.mem.clone(),
+            MAPPED.start,
+        );
+        d.dma_offset = IOVA_OFFSET;
+        d
+    }
+
+    fn translator(&self) -> Arc<DmaTranslator> {
+        self.spaces.translator(self.device.bdf()).unwrap()
+    }
+}
+
+fn iommu_machine(read_only_page: u64, hole_page: u64) -> IommuMachine {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+    let mmio = Arc::new(Bus::new());
+    let allocator = BarAllocator::new(
+        AddressWindow::new(0xc000_0000, 0x2000_0000).unwrap(),
+        AddressWindow::new(1 << 32, 1 << 32).unwrap(),
+        AddressWindow::new(DEFAULT_IO_WINDOW.0, DEFAULT_IO_WINDOW.1).unwrap(),
+    )
+    .unwrap();
+    let root = Arc::new(PciRoot::new(mmio.clone(), Arc::new(Bus::new()), allocator));
+    let iommu = Arc::new(StaticIommu {
+        read_only_page,
+        hole_page,
+    });
+    let spaces = DmaSpaces::with_iommu(mem.clone(), iommu);
+    let disk = Disk::new("iommu");
+    let block = Block::new(BlockConfig::new(&disk.path)).unwrap();
+    let device = root
+        .add_device_with(|address| {
+            let space = spaces.space(address.bdf());
+            let options = VirtioPciOptions::new(Arc::new(NullMsi));
+            let pci = VirtioPciDevice::new(Box::new(block), space, options).unwrap();
+            Ok::<SharedPciDevice, PciError>(Arc::new(Mutex::new(pci)))
+        })
+        .unwrap();
+    IommuMachine {
+        mmio,
+        root,
+        mem,
+        device,
+        spaces,
+        _disk: disk,
+    }
+}
+
+/// Scratch buffer `n`'s page of a driver based at `MAPPED.start`.
+fn scratch_page(n: u64) -> u64 {
+    MAPPED.start + 0x4000 + n * 0x1000
+}
+
+#[test]
+fn iommu_mapped_iovas_carry_block_io_and_data_reads_back() {
+    let m = iommu_machine(scratch_page(3), scratch_page(4));
+    let mut d = m.driver();
+    assert!(d.setup(16));
+    d.driver_ok();
+    let data: Vec<u8> = (0..512u32).map(|i| (i * 7) as u8).collect();
+
+    d.submit(d.block_request(BLK_T_OUT, 5, &data, 0));
+    d.wait_used(1).expect("write through the IOMMU completes");
+    d.submit(d.block_request(BLK_T_IN, 5, &[0u8; 512], 1));
+    d.wait_used(2).expect("read through the IOMMU completes");
+
+    assert_eq!(d.status_byte(0), BLK_S_OK);
+    assert_eq!(d.status_byte(1), BLK_S_OK);
+    let mut back = [0u8; 512];
+    m.mem
+        .read_slice(&mut back, GuestAddress(d.buf(1) + 0x100))
+        .unwrap();
+    assert_eq!(
+        back.to_vec(),
+        data,
+        "the data read back equals the data written"
+    );
+    assert!(
+        m.translator().faults().is_empty(),
+        "{:?}",
+        m.translator().faults()
+    );
+    assert_eq!(m.spaces.requesters(), vec![m.device.bdf()]);
+}
+
+/// Submits the request in descriptors 0..3 and expects it to complete with an error status or
+/// a short used entry (a per-request error: the device stays up).
+fn expect_refused(d: &mut Driver, completed: &mut u16, what: &str) {
+    d.submit(0);
+    *completed += 1;
+    match d.wait_used(*completed) {
+        Some((0, len)) => {
+            let status = d.status_byte(0);
+            assert!(
+                len <= 1 && (len == 0 || status != BLK_S_OK),
+                "{what}: len {len} status {status}"
+            );
+        }
+        Some((id, _)) => panic!("{what}: wrong head {id}"),
+        None => panic!("{what}: a refused DMA must fail the request, not the device"),
+    }
+}
+
+#[test]
+fn iommu_refuses_unmapped_and_read_only_iovas_with_a_fault_and_an_error() {
+    let (read_only, hole) = (scratch_page(3), scratch_page(4));
+    let m = iommu_machine(read_only, hole);
+    let mut d = m.driver();
+    assert!(d.setup(16));
+    d.driver_ok();
+    let mut completed = 0;
+    let faulted = |iova: u64, access: Option<Permissions>| {
+        m.translator()
+            .faults()
+            .iter()
+            .any(|f| f.iova == iova + IOVA_OFFSET && access.is_none_or(|a| f.access == a))
+    };
+
+    // A read request whose data buffer is mapped read-only: the device may not write it.
+    d.block_request(BLK_T_IN, 0, &[0u8; 512], 0);
+    d.set_desc(1, read_only + 0x100, 512, DESC_F_NEXT | DESC_F_WRITE, 2);
+    expect_refused(&mut d, &mut completed, "read-only IOVA");
+    assert!(
+        faulted(read_only + 0x100, Some(Permissions::Write)),
+        "the write to a read-only IOVA is in the fault log: {:?}",
+        m.translator().faults()
+    );
+    let untouched: [u8; 4] = m.mem.read_obj(GuestAddress(read_only + 0x100)).unwrap();
+    assert_eq!(
+        untouched, [0; 4],
+        "nothing was written through the read-only mapping"
+    );
+
+    // A write request whose data buffer is not mapped at all.
+    d.block_request(BLK_T_OUT, 0, &[1u8; 512], 0);
+    d.set_desc(1, hole + 0x100, 512, DESC_F_NEXT, 2);
+    expect_refused(&mut d, &mut completed, "unmapped IOVA");
+    assert!(
+        faulted(hole + 0x100, None),
+        "the unmapped IOVA is in the fault log: {:?}",
+        m.translator().faults()
+    );
+
+    // A status byte in the hole: the device cannot even report; the request is still retired.
+    d.block_request(BLK_T_OUT, 0, &[1u8; 512], 0);
+    d.set_desc(2, hole + 0x800, 1, DESC_F_WRITE, 0);
+    d.submit(0);
+    completed += 1;
+    assert_eq!(
+        d.wait_used(completed),
+        Some((0, 0)),
+        "an unreportable request is retired with nothing written"
+    );
+
+    // Per-request refusals keep the device up, and mapped requests still work.
+    assert_eq!(d.status() & STATUS_NEEDS_RESET, 0);
+    d.submit(d.block_request(BLK_T_OUT, 1, &[0x33u8; 512], 0));
+    completed += 1;
+    d.wait_used(completed)
+        .expect("a mapped request still completes");
+    assert_eq!(d.status_byte(0), BLK_S_OK);
+}
+
+/// Records the levels of every INTx line the root connects, by GSI.
+#[derive(Default)]
+struct RecordingIntx {
+    lines: Mutex<Vec<(u32, Arc<RecordingLine>)>>,
+}
+
+#[derive(Default)]
+struct RecordingLine {
+    levels: Mutex<Vec<bool>>,
+}
+
+impl sluice_bus::irq::LevelIrqLine for RecordingLine {
+    fn set_level(&self, asserted: bool) -> std::io::Result<()> {
+        self.levels.lock().unwrap().push(asserted);
+        Ok(())
+    }
+}
+
+impl sluice_bus::irq::LevelIrqRouter for RecordingIntx {
+    fn connect(&self, gsi: u32) -> std::io::Result<Arc<dyn sluice_bus::irq::LevelIrqLine>> {
+        let line = Arc::new(RecordingLine::default());
+        self.lines.lock().unwrap().push((gsi, line.clone()));
+        Ok(line)
+    }
+}
+
+#[test]
+fn without_msix_a_completion_asserts_inta_and_the_isr_read_deasserts_it() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+    let mmio = Arc::new(Bus::new());
+    let allocator = BarAllocator::new(
+        AddressWindow::new(0xc000_0000, 0x2000_0000).unwrap(),
+        AddressWindow::new(1 << 32, 1 << 32).unwrap(),
+        AddressWindow::new(DEFAULT_IO_WINDOW.0, DEFAULT_IO_WINDOW.1).unwrap(),
+    )
+    .unwrap();
+    let root = Arc::new(PciRoot::new(mmio.clone(), Arc::new(Bus::new()), allocator));
+    let intx = Arc::new(RecordingIntx::default());
+    root.set_intx(intx.clone(), sluice_pci::IntxRouting::new(16, 8).unwrap());
+    let disk = Disk::new("intx");
+    let block = Block::new(BlockConfig::new(&disk.path)).unwrap();
+    let options = VirtioPciOptions::new(Arc::new(NullMsi));
+    let pci =
+        VirtioPciDevice::new(Box::new(block), sluice_dma::identity(mem.clone()), options).unwrap();
+    let address = root.add_device(Arc::new(Mutex::new(pci))).unwrap();
+    let (gsi, line) = intx.lines.lock().unwrap()[0].clone();
+    let mut line_register = [0u8; 1];
+    root.config_read(address, sluice_pci::INTERRUPT_LINE, &mut line_register);
+    let mut d = Driver::new(mmio, &root, address, mem, 0x40_0000);
+    assert!(d.setup(16));
+    d.driver_ok();
+
+    d.submit(d.block_request(BLK_T_OUT, 2, &[7u8; 512], 0));
+    d.wait_used(1).expect("completes without MSI-X");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while line.levels.lock().unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+
+    assert_eq!(gsi, 16 + u32::from(address.device) % 8);
+    assert_eq!(
+        u32::from(line_register[0]),
+        gsi,
+        "the line register names the GSI"
+    );
+    assert_eq!(
+        *line.levels.lock().unwrap(),
+        vec![true],
+        "INTA asserted once"
+    );
+    assert_eq!(d.read(0x1000, 1), 1, "ISR: queue interrupt");
+    assert_eq!(
+        *line.levels.lock().unwrap(),
+        vec![true, false],
+        "deasserted"
+    );
+    assert_eq!(d.read(0x1000, 1), 0, "read-to-clear");
 }

@@ -13,14 +13,28 @@
 //!   required; MQ, REPLY_ACK, CONFIGURE_MEM_SLOTS, INFLIGHT_SHMFD and RESET_DEVICE are used when
 //!   offered), GET_QUEUE_NUM (MQ), GET_MAX_MEM_SLOTS (CONFIGURE_MEM_SLOTS), SET_OWNER, GET_CONFIG
 //!   (the 60-byte `virtio_blk_config`, cached for the guest's config reads).
-//! * DRIVER_OK ([`ExternalQueues::start`]): GET_INFLIGHT_FD (first start only) and
-//!   SET_INFLIGHT_FD, SET_FEATURES (negotiated | `VHOST_USER_F_PROTOCOL_FEATURES`), the memory
-//!   table once per connection (ADD_MEM_REG per region with CONFIGURE_MEM_SLOTS, else
-//!   SET_MEM_TABLE), then per queue SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR (frontend
-//!   virtual addresses), SET_VRING_CALL, SET_VRING_KICK, and SET_VRING_ENABLE(1).
-//! * reset ([`ExternalQueues::stop`], [`VirtioDevice::reset`]): GET_VRING_BASE per queue (stops the rings), RESET_DEVICE
-//!   if negotiated, and the inflight area is dropped (a reset guest has no requests to replay).
+//! * DRIVER_OK ([`ExternalQueues::start`], sent from the pump thread): GET_INFLIGHT_FD (first
+//!   start only) and SET_INFLIGHT_FD, SET_FEATURES (negotiated |
+//!   `VHOST_USER_F_PROTOCOL_FEATURES`), the memory table once per connection (ADD_MEM_REG per
+//!   region with CONFIGURE_MEM_SLOTS, else SET_MEM_TABLE), then per queue SET_VRING_NUM,
+//!   SET_VRING_BASE, SET_VRING_ADDR (frontend virtual addresses), SET_VRING_CALL,
+//!   SET_VRING_KICK, and SET_VRING_ENABLE(1).
+//! * reset ([`ExternalQueues::stop`], [`VirtioDevice::reset`]): GET_VRING_BASE per queue
+//!   (stops the rings), RESET_DEVICE if negotiated, and the inflight area is dropped (a reset
+//!   guest has no requests to replay).
 //!   RESET_OWNER is never sent: it is deprecated and QEMU does not send it either.
+//!
+//! No backend can hold a sluice thread: every request is bounded by
+//! [`VhostUserBlkConfig::timeout`] ([`deadline`]: a watchdog shuts the socket down when a
+//! request outlives it), and the vCPU thread sends none on the common path. The handshake runs
+//! in [`VhostUserBlk::new`] (a timeout there fails the VM's start, naming the socket and the
+//! request); the DRIVER_OK sequence runs on the pump thread ([`pump`]), so the guest's status
+//! write returns at once, kicks made meanwhile wait in the kick eventfd's counter, and a setup
+//! that fails or times out marks the device DEVICE_NEEDS_RESET with a log line. A reset
+//! cancels the requests not yet sent, waits for the one in flight (bounded) and then stops
+//! the rings with GET_VRING_BASE, bounded too: a stalled backend holds a resetting vCPU for
+//! about one timeout at most. Config reads come from a cache and the guest's `wce` writes are
+//! forwarded from a helper thread ([`config_space`]).
 //!
 //! Doorbells: the kick eventfd the transport registered as an ioeventfd is handed to the backend
 //! as the ring's kick fd, so a guest kick wakes the backend straight from KVM with no sluice
@@ -34,18 +48,21 @@
 //! and `requests` the used-index advance seen at each call, a lower bound when the driver
 //! suppresses interrupts for its last completions.
 //!
-//! Reconnect (best effort): the pump watches the control socket for a hang-up. When the backend
-//! goes away it logs it and retries the connection every second; on success it replays the
-//! whole setup above, with SET_INFLIGHT_FD carrying the area obtained at first start (so a
-//! backend offering INFLIGHT_SHMFD resubmits the requests it had in flight) and SET_VRING_BASE
-//! set to the used index read from the guest's used ring (what was completed), then nudges
-//! every kick fd so requests queued meanwhile are seen. A backend that comes back without a
+//! Reconnect (best effort): the pump watches the control socket for a hang-up (or a connection
+//! sluice dropped after a timeout or an unparseable reply). When the backend goes away it logs it
+//! and retries the connection every second, each attempt bounded like any request; on success it
+//! replays the whole setup above, with SET_INFLIGHT_FD carrying the area obtained at first start
+//! (so a backend offering INFLIGHT_SHMFD resubmits the requests it had in flight) and
+//! SET_VRING_BASE set to the used index read from the guest's used ring (what was completed), then
+//! nudges every kick fd so requests queued meanwhile are seen. A backend that comes back without a
 //! feature the driver negotiated makes the device DEVICE_NEEDS_RESET. While the device is not
 //! active, a lost connection is noticed at the next activation, which reconnects once.
 //! Not done: the backend request channel (BACKEND_REQ: config-change notifications, IOTLB),
 //! dirty logging, VIRTIO_F_ACCESS_PLATFORM (the backend sees guest-physical addresses only),
 //! packed rings.
 
+mod config_space;
+mod deadline;
 mod pump;
 mod session;
 #[cfg(test)]
@@ -53,8 +70,10 @@ mod tests;
 
 use std::fs::File;
 use std::ops::RangeInclusive;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use sluice_dma::DmaSpace;
 use sluice_virtio::{
@@ -66,8 +85,9 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use config_space::{ConfigForwarder, ConfigSpace};
 use pump::CallPump;
-use session::Session;
+use session::{Active, Endpoint, Session};
 
 /// Bytes of `struct virtio_blk_config` as QEMU 7.2 and Linux 6.1 know it.
 pub const VIRTIO_BLK_CONFIG_SIZE: usize = 60;
@@ -95,7 +115,14 @@ pub struct VhostUserBlkConfig {
     pub queues: u16,
     /// Maximum size of each queue.
     pub queue_size: u16,
+    /// Bound on every request to the backend (connect, send, reply).
+    pub timeout: Duration,
 }
+
+/// What `timeout` is unless the user says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Shorter timeouts are raised to this (a zero socket timeout would mean none at all).
+const MIN_TIMEOUT: Duration = Duration::from_millis(1);
 
 impl VhostUserBlkConfig {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
@@ -103,6 +130,7 @@ impl VhostUserBlkConfig {
             socket: socket.into(),
             queues: 1,
             queue_size: 256,
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 }
@@ -157,7 +185,24 @@ fn translate(regions: &[SharedMemoryRegion], gpa: u64, len: u64) -> Option<u64> 
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserBlkError {
     #[error("cannot connect to the vhost-user backend at {path}: {source}")]
-    Connect { path: PathBuf, source: vhost::Error },
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("vhost-user backend at {socket}: {source}")]
+    Handshake {
+        socket: PathBuf,
+        source: Box<VhostUserBlkError>,
+    },
+    #[error("vhost-user {step} got no answer within {timeout:?}: the backend is stalled")]
+    Timeout {
+        step: &'static str,
+        timeout: Duration,
+    },
+    #[error("stopped by a device reset")]
+    Cancelled,
+    #[error("cannot start a vhost-user-blk thread: {0}")]
+    Thread(std::io::Error),
     #[error("vhost-user {step} failed: {source}")]
     Protocol {
         step: &'static str,
@@ -209,31 +254,70 @@ impl VhostUserBlkError {
             _ => false,
         }
     }
+
+    /// Whether a reconnect attempt that failed this way may succeed later (the backend may be
+    /// restarting, or stalled for a while).
+    fn worth_retrying(&self) -> bool {
+        self.connection_lost() || matches!(self, Self::Connect { .. } | Self::Timeout { .. })
+    }
+
+    /// The error as `new` reports it: naming the socket.
+    fn at(self, socket: &Path) -> Self {
+        match self {
+            Self::Connect { .. } | Self::Handshake { .. } => self,
+            other => Self::Handshake {
+                socket: socket.to_path_buf(),
+                source: Box::new(other),
+            },
+        }
+    }
 }
 
 /// A virtio-blk device whose queues are served by a vhost-user backend.
 pub struct VhostUserBlk {
     session: Arc<Mutex<Session>>,
+    config: Arc<ConfigSpace>,
+    config_writes: Arc<ConfigForwarder>,
+    regions: Vec<SharedMemoryRegion>,
     queue_sizes: Vec<u16>,
     features: u64,
     pump: Option<CallPump>,
+    /// Set while a reset stops the pump: its setup sends no further request.
+    cancel: Arc<AtomicBool>,
     metrics: Arc<DeviceMetrics>,
 }
 
 impl VhostUserBlk {
     /// Connects to the backend and reads its features and config space. `regions` is guest RAM
     /// (see [`SharedMemoryRegion::from_guest_memory`]); it is sent at the first activation.
+    /// Each request is bounded by `config.timeout`; errors name the socket.
     pub fn new(
         config: VhostUserBlkConfig,
         regions: Vec<SharedMemoryRegion>,
     ) -> Result<Self, VhostUserBlkError> {
-        let mut session = Session::new(config.socket.clone(), config.queues.max(1), regions);
+        let socket = config.socket.clone();
+        Self::open(config, regions).map_err(|e| e.at(&socket))
+    }
+
+    fn open(
+        config: VhostUserBlkConfig,
+        regions: Vec<SharedMemoryRegion>,
+    ) -> Result<Self, VhostUserBlkError> {
+        let space = Arc::new(ConfigSpace::default());
+        let cancel = Arc::new(AtomicBool::new(false));
+        let endpoint = Endpoint {
+            socket: config.socket.clone(),
+            timeout: config.timeout.max(MIN_TIMEOUT),
+            requested_queues: config.queues.max(1),
+            cancel: cancel.clone(),
+        };
+        let mut session = Session::new(endpoint, regions.clone(), space.clone())?;
         session.connect()?;
         let features = session.backend_features() & GUEST_VISIBLE_FEATURES;
         if features & (1 << VIRTIO_F_VERSION_1) == 0 {
             return Err(VhostUserBlkError::NotModern);
         }
-        let queues = queue_count(&config, &session, features);
+        let queues = queue_count(&config, &session, &space, features);
         session.set_config_num_queues(queues);
         let queue_size = config.queue_size.max(1);
         tracing::info!(
@@ -242,9 +326,13 @@ impl VhostUserBlk {
         );
         Ok(Self {
             session: Arc::new(Mutex::new(session)),
+            config: space,
+            config_writes: Arc::new(ConfigForwarder::new(CONFIG_WCE_OFFSET as u32)),
+            regions,
             queue_sizes: vec![queue_size; usize::from(queues)],
             features,
             pump: None,
+            cancel,
             metrics: Arc::new(DeviceMetrics::new("vhost-user-blk", usize::from(queues))),
         })
     }
@@ -254,21 +342,63 @@ impl VhostUserBlk {
         self.session.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// DRIVER_OK: checks the driver's queues here and hands the setup to the pump thread, so
+    /// this returns without waiting for the backend. A setup that fails later marks the device
+    /// NEEDS_RESET through `interrupt`.
+    fn start_rings(
+        &mut self,
+        features: u64,
+        mem: DmaSpace,
+        queues: Vec<QueueBinding>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        self.stop_pump();
+        let served = u16::try_from(self.queue_sizes.len()).unwrap_or(u16::MAX);
+        let (active, calls) =
+            Active::prepare(features & self.features, mem, queues, served, &self.regions)
+                .map_err(|e| ActivateError::Backend(e.to_string()))?;
+        let pump = CallPump::start(
+            self.session.clone(),
+            active,
+            calls,
+            interrupt,
+            self.metrics.clone(),
+            self.cancel.clone(),
+        )
+        .map_err(ActivateError::Worker)?;
+        self.pump = Some(pump);
+        Ok(())
+    }
+
+    /// Device reset: stops the pump (cancelling a setup still running, after its request in
+    /// flight) and the backend's rings, each step bounded by the timeout.
+    fn stop_rings(&mut self) {
+        self.stop_pump();
+        self.session().deactivate();
+    }
+
     fn stop_pump(&mut self) {
         if let Some(pump) = self.pump.take() {
+            self.cancel.store(true, Ordering::Release);
             pump.stop();
+            self.cancel.store(false, Ordering::Release);
         }
     }
 }
 
 /// Queues the device exposes: what was asked for, capped by the backend's GET_QUEUE_NUM and,
 /// with VIRTIO_BLK_F_MQ, by its config's `num_queues`; one without VIRTIO_BLK_F_MQ.
-fn queue_count(config: &VhostUserBlkConfig, session: &Session, features: u64) -> u16 {
+fn queue_count(
+    config: &VhostUserBlkConfig,
+    session: &Session,
+    space: &ConfigSpace,
+    features: u64,
+) -> u16 {
     let wanted = config.queues.max(1);
     let mut queues = wanted.min(session.max_queues().max(1));
     if features & (1 << VIRTIO_BLK_F_MQ) == 0 {
         queues = 1;
-    } else if let Some(advertised) = session.config_num_queues().filter(|&n| n > 0) {
+    } else if let Some(advertised) = space.num_queues().filter(|&n| n > 0) {
         queues = queues.min(advertised);
     }
     if queues < wanted {
@@ -291,7 +421,7 @@ impl VirtioDevice for VhostUserBlk {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        self.session().read_config(offset, data);
+        self.config.read(offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -301,9 +431,9 @@ impl VirtioDevice for VhostUserBlk {
             tracing::debug!("vhost-user-blk: ignored config write at {offset:#x}");
             return;
         }
-        if let Err(e) = self.session().write_config(offset, data) {
-            tracing::warn!("vhost-user-blk: config write: {e}");
-        }
+        // The guest reads `wce` back at once (Linux does): the cache has it before the backend.
+        self.config.write(offset, data);
+        self.config_writes.forward(&self.session, data[0]);
     }
 
     /// With MQ the driver may use fewer queues than offered.
@@ -326,9 +456,10 @@ impl VirtioDevice for VhostUserBlk {
         Some(self)
     }
 
+    /// After [`ExternalQueues::stop`], or after an activation that failed: nothing left to stop
+    /// then, but calling it again is harmless.
     fn reset(&mut self) {
-        self.stop_pump();
-        self.session().deactivate();
+        self.stop_rings();
     }
 
     fn metrics(&self) -> Arc<DeviceMetrics> {
@@ -344,27 +475,11 @@ impl ExternalQueues for VhostUserBlk {
         queues: Vec<QueueBinding>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        self.stop_pump();
-        let served = u16::try_from(self.queue_sizes.len()).unwrap_or(u16::MAX);
-        let calls = self
-            .session()
-            .activate(features & self.features, mem.clone(), queues, served)
-            .map_err(|e| ActivateError::Backend(e.to_string()))?;
-        let pump = CallPump::start(
-            self.session.clone(),
-            calls,
-            mem,
-            interrupt,
-            self.metrics.clone(),
-        )
-        .map_err(ActivateError::Worker)?;
-        self.pump = Some(pump);
-        Ok(())
+        self.start_rings(features, mem, queues, interrupt)
     }
 
     fn stop(&mut self) {
-        self.stop_pump();
-        self.session().deactivate();
+        self.stop_rings();
     }
 }
 

@@ -1,8 +1,13 @@
-//! The interrupt pump: one thread per active device that relays the backend's call eventfds to
-//! the driver and watches the control socket, reconnecting when the backend goes away.
+//! The interrupt pump: one thread per active device that first sends the DRIVER_OK setup (so
+//! the vCPU never waits for the backend), then relays the backend's call eventfds to the driver
+//! and watches the control socket, reconnecting when the backend goes away. Every request it
+//! sends, reconnects included, is bounded by the device's timeout, and a reset cancels the
+//! ones not yet sent, so stopping the thread waits for one request at most.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -12,7 +17,8 @@ use sluice_virtio::{DeviceMetrics, QueueMetrics, VirtioInterrupt};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::session::{used_index, CallQueue, Session};
+use super::session::{used_index, Active, CallQueue, Session};
+use super::VhostUserBlkError;
 
 const STOP_TOKEN: u64 = u64::MAX;
 const SOCKET_TOKEN: u64 = u64::MAX - 1;
@@ -26,12 +32,17 @@ pub(super) struct CallPump {
 }
 
 impl CallPump {
+    /// Starts the thread, which first sends the DRIVER_OK setup for `active` (off the vCPU
+    /// thread: a slow or stalled backend delays the device, not the guest's status write),
+    /// then relays interrupts. A setup that fails or times out marks the device NEEDS_RESET,
+    /// unless a reset cancelled it.
     pub fn start(
         session: Arc<Mutex<Session>>,
+        active: Active,
         queues: Vec<CallQueue>,
-        mem: DmaSpace,
         interrupt: Arc<dyn VirtioInterrupt>,
         metrics: Arc<DeviceMetrics>,
+        cancel: Arc<AtomicBool>,
     ) -> io::Result<Self> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
@@ -39,11 +50,12 @@ impl CallPump {
         for (slot, queue) in queues.iter().enumerate() {
             add(&epoll, queue.call.as_raw_fd(), EventSet::IN, slot as u64)?;
         }
+        let mem = active.mem();
         let last_used = queues
             .iter()
             .map(|q| used_index(&mem, q.used_ring))
             .collect();
-        let mut pump = Pump {
+        let pump = Pump {
             session,
             epoll,
             queues,
@@ -51,13 +63,13 @@ impl CallPump {
             mem,
             interrupt,
             metrics,
-            watched_socket: None,
+            cancel,
+            watched: None,
             lost_at: None,
         };
-        pump.watch_socket();
         let thread = std::thread::Builder::new()
             .name("vhost-user-blk".into())
-            .spawn(move || pump.run())?;
+            .spawn(move || pump.run(active))?;
         Ok(Self { stop, thread })
     }
 
@@ -86,7 +98,10 @@ struct Pump {
     mem: DmaSpace,
     interrupt: Arc<dyn VirtioInterrupt>,
     metrics: Arc<DeviceMetrics>,
-    watched_socket: Option<RawFd>,
+    /// Set while a reset stops the device.
+    cancel: Arc<AtomicBool>,
+    /// The control socket being watched for a hang-up (a duplicate), with its generation.
+    watched: Option<(u64, UnixStream)>,
     /// When the backend went away (None while connected).
     lost_at: Option<Instant>,
 }
@@ -96,7 +111,11 @@ impl Pump {
         self.session.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn run(mut self) {
+    fn run(mut self, active: Active) {
+        if !self.set_up(active) {
+            return;
+        }
+        self.watch_socket();
         let mut events = vec![EpollEvent::default(); self.queues.len() + 2];
         loop {
             let timeout = match self.lost_at {
@@ -127,6 +146,24 @@ impl Pump {
         }
     }
 
+    /// The DRIVER_OK setup; false if the device cannot run.
+    fn set_up(&mut self, active: Active) -> bool {
+        let result = self.session().activate(active);
+        let Err(e) = result else {
+            return true;
+        };
+        if self.cancel.load(Ordering::Acquire) {
+            tracing::debug!("vhost-user-blk: setup stopped by a device reset: {e}");
+        } else {
+            let socket = self.session().socket_path().display().to_string();
+            tracing::error!(
+                "vhost-user-blk {socket}: cannot start the device: {e}; it needs a reset"
+            );
+            self.interrupt.needs_reset();
+        }
+        false
+    }
+
     /// The backend used buffers on one queue: tell the driver.
     fn relay(&mut self, slot: u64) {
         let Some(queue) = usize::try_from(slot).ok().and_then(|s| self.queues.get(s)) else {
@@ -152,28 +189,37 @@ impl Pump {
     }
 
     fn watch_socket(&mut self) {
-        let Some(fd) = self.session().socket_fd() else {
+        let Some((generation, socket)) = self.session().watch() else {
             self.lost_at = Some(Instant::now());
             return;
         };
         // Only the hang-up matters: replies are read synchronously by whoever sent a request.
-        match add(&self.epoll, fd, EventSet::READ_HANG_UP, SOCKET_TOKEN) {
-            Ok(()) => self.watched_socket = Some(fd),
+        match add(
+            &self.epoll,
+            socket.as_raw_fd(),
+            EventSet::READ_HANG_UP,
+            SOCKET_TOKEN,
+        ) {
+            Ok(()) => self.watched = Some((generation, socket)),
             Err(e) => tracing::warn!("vhost-user-blk: cannot watch the backend socket: {e}"),
         }
     }
 
-    fn unwatch_socket(&mut self) {
-        if let Some(fd) = self.watched_socket.take() {
-            let _ = self
-                .epoll
-                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
-        }
+    /// Stops watching; returns the generation of the connection that was watched.
+    fn unwatch_socket(&mut self) -> Option<u64> {
+        let (generation, socket) = self.watched.take()?;
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            socket.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        Some(generation)
     }
 
     fn connection_lost(&mut self) {
-        self.unwatch_socket();
-        self.session().disconnect();
+        if let Some(generation) = self.unwatch_socket() {
+            self.session().disconnect_generation(generation);
+        }
         tracing::warn!("vhost-user-blk: the backend closed the connection; reconnecting");
         // The first attempt comes after one interval: a restarting backend needs a moment.
         self.lost_at = Some(Instant::now());
@@ -190,9 +236,11 @@ impl Pump {
                     let _ = self.interrupt.notify_config();
                 }
             }
-            Err(e)
-                if e.connection_lost() || matches!(e, super::VhostUserBlkError::Connect { .. }) =>
-            {
+            Err(VhostUserBlkError::Cancelled) => {
+                // A reset is stopping the pump; the stop event follows.
+                self.lost_at = None;
+            }
+            Err(e) if e.worth_retrying() => {
                 tracing::debug!("vhost-user-blk: reconnect failed: {e}");
                 self.lost_at = Some(Instant::now());
             }

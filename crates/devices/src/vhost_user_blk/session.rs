@@ -1,10 +1,20 @@
 //! One vhost-user control connection and everything needed to rebuild it: the handshake, the
 //! ring setup at DRIVER_OK, teardown at reset, and the replay after a reconnect.
+//!
+//! Every request goes through [`Session::request`], which bounds it by the device's timeout
+//! (see [`super::deadline`]) and drops the connection when its state is no longer known: after
+//! a timeout, a broken socket or a reply that does not parse (only a clean refusal through
+//! REPLY_ACK keeps it). A dropped connection is shut down first, so the pump's watch on it
+//! sees the hang-up and reconnects.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use sluice_dma::DmaSpace;
 use sluice_virtio::QueueBinding;
@@ -15,9 +25,11 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::config_space::ConfigSpace;
+use super::deadline::{self, Watchdog};
 use super::{
-    translate, SharedMemoryRegion, VhostUserBlkError, CONFIG_NUM_QUEUES_OFFSET,
-    VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_BLK_CONFIG_SIZE,
+    translate, SharedMemoryRegion, VhostUserBlkError, VHOST_USER_F_PROTOCOL_FEATURES,
+    VIRTIO_BLK_CONFIG_SIZE,
 };
 
 /// Protocol features sluice uses when the backend offers them (CONFIG is mandatory).
@@ -30,17 +42,6 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::RESET_DEVICE
 }
 
-/// Wraps a `vhost` result with the request it came from.
-trait Step<T> {
-    fn step(self, step: &'static str) -> Result<T, VhostUserBlkError>;
-}
-
-impl<T> Step<T> for vhost::Result<T> {
-    fn step(self, step: &'static str) -> Result<T, VhostUserBlkError> {
-        self.map_err(|source| VhostUserBlkError::Protocol { step, source })
-    }
-}
-
 /// What the pump needs to relay one queue's interrupts.
 pub(super) struct CallQueue {
     pub index: u16,
@@ -49,7 +50,7 @@ pub(super) struct CallQueue {
     pub used_ring: u64,
 }
 
-/// One enabled queue as the backend was told about it.
+/// One enabled queue as the backend is told about it.
 struct Ring {
     index: u16,
     size: u16,
@@ -63,193 +64,30 @@ struct Ring {
 }
 
 /// The device between DRIVER_OK and reset.
-struct Active {
+pub(super) struct Active {
     /// Features the driver negotiated (without the vhost-user bit).
     features: u64,
     mem: DmaSpace,
     rings: Vec<Ring>,
 }
 
-/// The inflight area from GET_INFLIGHT_FD, kept to be handed to a reconnected backend.
-struct Inflight {
-    info: VhostUserInflight,
-    file: File,
-}
-
-pub(super) struct Session {
-    socket: PathBuf,
-    requested_queues: u16,
-    regions: Vec<SharedMemoryRegion>,
-    frontend: Option<Frontend>,
-    backend_features: u64,
-    protocol: VhostUserProtocolFeatures,
-    max_queues: u16,
-    max_mem_slots: Option<u64>,
-    /// Whether this connection already has the memory table.
-    memory_sent: bool,
-    config: Vec<u8>,
-    /// `num_queues` the guest sees (the backend may serve more than sluice uses).
-    exposed_queues: Option<u16>,
-    inflight: Option<Inflight>,
-    active: Option<Active>,
-}
-
-impl Session {
-    pub fn new(socket: PathBuf, requested_queues: u16, regions: Vec<SharedMemoryRegion>) -> Self {
-        Self {
-            socket,
-            requested_queues,
-            regions,
-            frontend: None,
-            backend_features: 0,
-            protocol: VhostUserProtocolFeatures::empty(),
-            max_queues: 0,
-            max_mem_slots: None,
-            memory_sent: false,
-            config: vec![0; VIRTIO_BLK_CONFIG_SIZE],
-            exposed_queues: None,
-            inflight: None,
-            active: None,
-        }
+impl Active {
+    pub fn mem(&self) -> DmaSpace {
+        self.mem.clone()
     }
 
-    pub fn backend_features(&self) -> u64 {
-        self.backend_features
-    }
-
-    pub fn max_queues(&self) -> u16 {
-        self.max_queues
-    }
-
-    /// The control socket, for hang-up detection.
-    pub fn socket_fd(&self) -> Option<RawFd> {
-        self.frontend.as_ref().map(AsRawFd::as_raw_fd)
-    }
-
-    /// Opens the connection and runs the handshake (QEMU 7.2 order, see the module doc).
-    pub fn connect(&mut self) -> Result<(), VhostUserBlkError> {
-        self.frontend = None;
-        self.memory_sent = false;
-        let max_queues = u64::from(self.requested_queues.max(1));
-        let mut frontend = Frontend::connect(&self.socket, max_queues).map_err(|source| {
-            VhostUserBlkError::Connect {
-                path: self.socket.clone(),
-                source,
-            }
-        })?;
-        let features = frontend.get_features().step("GET_FEATURES")?;
-        if features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
-            return Err(VhostUserBlkError::NoProtocolFeatures);
-        }
-        let offered = frontend
-            .get_protocol_features()
-            .step("GET_PROTOCOL_FEATURES")?;
-        if !offered.contains(VhostUserProtocolFeatures::CONFIG) {
-            return Err(VhostUserBlkError::NoConfig);
-        }
-        let protocol = offered & wanted_protocol_features();
-        frontend
-            .set_protocol_features(protocol)
-            .step("SET_PROTOCOL_FEATURES")?;
-        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-            // Every later request asks for an ack, so backend errors surface where they happen.
-            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        }
-        let backend_queues = if protocol.contains(VhostUserProtocolFeatures::MQ) {
-            frontend.get_queue_num().step("GET_QUEUE_NUM")?
-        } else {
-            1
-        };
-        self.max_mem_slots = if protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
-            Some(frontend.get_max_mem_slots().step("GET_MAX_MEM_SLOTS")?)
-        } else {
-            None
-        };
-        frontend.set_owner().step("SET_OWNER")?;
-        let config = fetch_config(&mut frontend)?;
-        self.backend_features = features;
-        self.protocol = protocol;
-        self.max_queues = u16::try_from(backend_queues).unwrap_or(u16::MAX);
-        self.config = config;
-        if let Some(n) = self.exposed_queues {
-            self.set_config_num_queues(n);
-        }
-        self.frontend = Some(frontend);
-        tracing::debug!(
-            "vhost-user-blk {}: features {features:#x}, protocol {:#x}, {backend_queues} queues",
-            self.socket.display(),
-            protocol.bits()
-        );
-        Ok(())
-    }
-
-    /// Forgets the connection (the backend went away).
-    pub fn disconnect(&mut self) {
-        self.frontend = None;
-        self.memory_sent = false;
-    }
-
-    fn frontend(&mut self) -> Result<&mut Frontend, VhostUserBlkError> {
-        self.frontend
-            .as_mut()
-            .ok_or(VhostUserBlkError::Disconnected)
-    }
-
-    pub fn config_num_queues(&self) -> Option<u16> {
-        let bytes = self
-            .config
-            .get(CONFIG_NUM_QUEUES_OFFSET..CONFIG_NUM_QUEUES_OFFSET + 2)?;
-        Some(u16::from_le_bytes([bytes[0], bytes[1]]))
-    }
-
-    /// Makes the cached config advertise `queues` (sluice may use fewer than the backend has).
-    pub fn set_config_num_queues(&mut self, queues: u16) {
-        self.exposed_queues = Some(queues);
-        if let Some(field) = self
-            .config
-            .get_mut(CONFIG_NUM_QUEUES_OFFSET..CONFIG_NUM_QUEUES_OFFSET + 2)
-        {
-            field.copy_from_slice(&queues.to_le_bytes());
-        }
-    }
-
-    pub fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        let Some(tail) = self.config.get(start..) else {
-            return;
-        };
-        let n = tail.len().min(data.len());
-        data[..n].copy_from_slice(&tail[..n]);
-    }
-
-    /// Forwards a (validated) config write to the backend and updates the cache.
-    pub fn write_config(&mut self, offset: u64, data: &[u8]) -> Result<(), VhostUserBlkError> {
-        let start = usize::try_from(offset).map_err(|_| VhostUserBlkError::ConfigSize(0))?;
-        let at = u32::try_from(offset).map_err(|_| VhostUserBlkError::ConfigSize(0))?;
-        self.frontend()?
-            .set_config(at, VhostUserConfigFlags::WRITABLE, data)
-            .step("SET_CONFIG")?;
-        if let Some(field) = self.config.get_mut(start..start + data.len()) {
-            field.copy_from_slice(data);
-        }
-        Ok(())
-    }
-
-    /// Starts the backend on the driver's queues. A connection found dead is rebuilt once.
-    pub fn activate(
-        &mut self,
+    /// Checks the driver's queues and gives each a call eventfd; no request is sent, so this
+    /// runs on the vCPU thread and its errors are the activation's.
+    pub fn prepare(
         features: u64,
         mem: DmaSpace,
         queues: Vec<QueueBinding>,
         served: u16,
-    ) -> Result<Vec<CallQueue>, VhostUserBlkError> {
-        self.active = None;
+        regions: &[SharedMemoryRegion],
+    ) -> Result<(Self, Vec<CallQueue>), VhostUserBlkError> {
         let rings = queues
             .into_iter()
-            .map(|binding| self.ring(binding, served))
+            .map(|binding| ring(binding, served, regions))
             .collect::<Result<Vec<_>, _>>()?;
         let calls = rings
             .iter()
@@ -261,69 +99,327 @@ impl Session {
                 })
             })
             .collect::<Result<Vec<_>, VhostUserBlkError>>()?;
-        self.active = Some(Active {
+        let active = Self {
             features,
             mem,
             rings,
+        };
+        Ok((active, calls))
+    }
+}
+
+/// Checks one queue binding and gives it a call eventfd.
+fn ring(
+    binding: QueueBinding,
+    served: u16,
+    regions: &[SharedMemoryRegion],
+) -> Result<Ring, VhostUserBlkError> {
+    if binding.index >= served {
+        return Err(VhostUserBlkError::QueueOutOfRange(binding.index, served));
+    }
+    let queue = &binding.queue;
+    let ring = Ring {
+        index: binding.index,
+        size: queue.size(),
+        desc_table: queue.desc_table(),
+        avail_ring: queue.avail_ring(),
+        used_ring: queue.used_ring(),
+        first_avail: queue.next_avail(),
+        kick: binding.kick,
+        call: EventFd::new(EFD_NONBLOCK).map_err(io_step("call eventfd"))?,
+    };
+    vring_config(regions, &ring)?;
+    Ok(ring)
+}
+
+/// SET_VRING_ADDR's payload: the ring parts as frontend virtual addresses.
+fn vring_config(
+    regions: &[SharedMemoryRegion],
+    ring: &Ring,
+) -> Result<VringConfigData, VhostUserBlkError> {
+    let size = u64::from(ring.size);
+    let part = |part: &'static str, gpa: u64, len: u64| {
+        translate(regions, gpa, len).ok_or(VhostUserBlkError::RingOutsideRam {
+            queue: ring.index,
+            part,
+            gpa,
+        })
+    };
+    // Split ring sizes (virtio 1.2 §2.7), event fields included.
+    Ok(VringConfigData {
+        queue_max_size: ring.size,
+        queue_size: ring.size,
+        flags: 0,
+        desc_table_addr: part("descriptor table", ring.desc_table, 16 * size)?,
+        avail_ring_addr: part("avail ring", ring.avail_ring, 6 + 2 * size)?,
+        used_ring_addr: part("used ring", ring.used_ring, 6 + 8 * size)?,
+        log_addr: None,
+    })
+}
+
+/// The inflight area from GET_INFLIGHT_FD, kept to be handed to a reconnected backend.
+struct Inflight {
+    info: VhostUserInflight,
+    file: File,
+}
+
+/// A live control connection.
+struct Connection {
+    frontend: Frontend,
+    /// The same socket, for the watchdog and the pump to shut down or watch.
+    socket: Arc<UnixStream>,
+}
+
+/// Where the session connects and how long it waits.
+pub(super) struct Endpoint {
+    pub socket: PathBuf,
+    pub timeout: Duration,
+    pub requested_queues: u16,
+    /// Set while a reset stops the device: requests not yet sent are not sent.
+    pub cancel: Arc<AtomicBool>,
+}
+
+pub(super) struct Session {
+    endpoint: Endpoint,
+    regions: Vec<SharedMemoryRegion>,
+    connection: Option<Connection>,
+    /// Counts connections, so a hang-up seen late is not taken for the next connection's.
+    generation: u64,
+    watchdog: Watchdog,
+    backend_features: u64,
+    protocol: VhostUserProtocolFeatures,
+    max_queues: u16,
+    max_mem_slots: Option<u64>,
+    /// Whether this connection already has the memory table.
+    memory_sent: bool,
+    config: Arc<ConfigSpace>,
+    /// `num_queues` the guest sees (the backend may serve more than sluice uses).
+    exposed_queues: Option<u16>,
+    inflight: Option<Inflight>,
+    active: Option<Active>,
+}
+
+impl Session {
+    pub fn new(
+        endpoint: Endpoint,
+        regions: Vec<SharedMemoryRegion>,
+        config: Arc<ConfigSpace>,
+    ) -> Result<Self, VhostUserBlkError> {
+        Ok(Self {
+            endpoint,
+            regions,
+            connection: None,
+            generation: 0,
+            watchdog: Watchdog::new().map_err(VhostUserBlkError::Thread)?,
+            backend_features: 0,
+            protocol: VhostUserProtocolFeatures::empty(),
+            max_queues: 0,
+            max_mem_slots: None,
+            memory_sent: false,
+            config,
+            exposed_queues: None,
+            inflight: None,
+            active: None,
+        })
+    }
+
+    pub fn backend_features(&self) -> u64 {
+        self.backend_features
+    }
+
+    pub fn max_queues(&self) -> u16 {
+        self.max_queues
+    }
+
+    pub fn socket_path(&self) -> &std::path::Path {
+        &self.endpoint.socket
+    }
+
+    /// The control socket (a duplicate) and its generation, for hang-up detection.
+    pub fn watch(&self) -> Option<(u64, UnixStream)> {
+        let connection = self.connection.as_ref()?;
+        let socket = connection.socket.try_clone().ok()?;
+        Some((self.generation, socket))
+    }
+
+    /// Sends one request of the setup (handshake, DRIVER_OK, reconnect), unless a reset
+    /// cancelled it.
+    fn request<T>(
+        &mut self,
+        step: &'static str,
+        send: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+    ) -> Result<T, VhostUserBlkError> {
+        if self.endpoint.cancel.load(Ordering::Acquire) {
+            return Err(VhostUserBlkError::Cancelled);
+        }
+        self.send(step, send)
+    }
+
+    /// Sends one request through `send`, bounded by the timeout. Drops the connection when its
+    /// state is no longer known (anything but a clean refusal).
+    fn send<T>(
+        &mut self,
+        step: &'static str,
+        send: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+    ) -> Result<T, VhostUserBlkError> {
+        let timeout = self.endpoint.timeout;
+        let connection = self
+            .connection
+            .as_mut()
+            .ok_or(VhostUserBlkError::Disconnected)?;
+        let (result, expired) = self.watchdog.bound(&connection.socket, timeout, || {
+            send(&mut connection.frontend)
         });
-        let started = match self.start(false) {
+        if expired {
+            self.disconnect();
+            return Err(VhostUserBlkError::Timeout { step, timeout });
+        }
+        match result {
+            Ok(value) => Ok(value),
+            Err(source) => {
+                let refused = matches!(
+                    source,
+                    vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::BackendInternalError)
+                );
+                if !refused {
+                    self.disconnect();
+                }
+                Err(VhostUserBlkError::Protocol { step, source })
+            }
+        }
+    }
+
+    /// Opens the connection and runs the handshake (QEMU 7.2 order, see the module doc).
+    pub fn connect(&mut self) -> Result<(), VhostUserBlkError> {
+        self.disconnect();
+        let endpoint = &self.endpoint;
+        let stream = deadline::connect(&endpoint.socket, endpoint.timeout).map_err(|source| {
+            VhostUserBlkError::Connect {
+                path: endpoint.socket.clone(),
+                source,
+            }
+        })?;
+        let socket = Arc::new(stream.try_clone().map_err(io_step("socket"))?);
+        let max_queues = u64::from(endpoint.requested_queues.max(1));
+        self.connection = Some(Connection {
+            frontend: Frontend::from_stream(stream, max_queues),
+            socket,
+        });
+        self.generation += 1;
+        let result = self.handshake();
+        if result.is_err() {
+            self.disconnect();
+        }
+        result
+    }
+
+    fn handshake(&mut self) -> Result<(), VhostUserBlkError> {
+        let features = self.request("GET_FEATURES", |f| f.get_features())?;
+        if features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
+            return Err(VhostUserBlkError::NoProtocolFeatures);
+        }
+        let offered = self.request("GET_PROTOCOL_FEATURES", |f| f.get_protocol_features())?;
+        if !offered.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Err(VhostUserBlkError::NoConfig);
+        }
+        let protocol = offered & wanted_protocol_features();
+        self.request("SET_PROTOCOL_FEATURES", |f| {
+            f.set_protocol_features(protocol)
+        })?;
+        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            // Every later request asks for an ack, so backend errors surface where they happen.
+            if let Some(connection) = self.connection.as_mut() {
+                connection
+                    .frontend
+                    .set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
+        }
+        let backend_queues = if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            self.request("GET_QUEUE_NUM", |f| f.get_queue_num())?
+        } else {
+            1
+        };
+        self.max_mem_slots = if protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
+            Some(self.request("GET_MAX_MEM_SLOTS", |f| f.get_max_mem_slots())?)
+        } else {
+            None
+        };
+        self.request("SET_OWNER", |f| f.set_owner())?;
+        let mut config = self.fetch_config()?;
+        if let Some(n) = self.exposed_queues {
+            ConfigSpace::patch_num_queues(&mut config, n);
+        }
+        self.config.replace(config);
+        self.backend_features = features;
+        self.protocol = protocol;
+        self.max_queues = u16::try_from(backend_queues).unwrap_or(u16::MAX);
+        tracing::debug!(
+            "vhost-user-blk {}: features {features:#x}, protocol {:#x}, {backend_queues} queues",
+            self.endpoint.socket.display(),
+            protocol.bits()
+        );
+        Ok(())
+    }
+
+    fn fetch_config(&mut self) -> Result<Vec<u8>, VhostUserBlkError> {
+        let buf = [0u8; VIRTIO_BLK_CONFIG_SIZE];
+        let (_, payload) = self.request("GET_CONFIG", |f| {
+            f.get_config(
+                0,
+                VIRTIO_BLK_CONFIG_SIZE as u32,
+                VhostUserConfigFlags::empty(),
+                &buf,
+            )
+        })?;
+        if payload.len() != VIRTIO_BLK_CONFIG_SIZE {
+            return Err(VhostUserBlkError::ConfigSize(payload.len()));
+        }
+        Ok(payload)
+    }
+
+    /// Forgets the connection, shutting it down first so that whoever watches it (the pump)
+    /// sees the hang-up.
+    pub fn disconnect(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            let _ = connection.socket.shutdown(Shutdown::Both);
+        }
+        self.memory_sent = false;
+    }
+
+    /// Forgets connection `generation` if it is still the current one.
+    pub fn disconnect_generation(&mut self, generation: u64) {
+        if self.generation == generation {
+            self.disconnect();
+        }
+    }
+
+    /// Makes the config advertise `queues` (sluice may use fewer than the backend has).
+    pub fn set_config_num_queues(&mut self, queues: u16) {
+        self.exposed_queues = Some(queues);
+        self.config.set_num_queues(queues);
+    }
+
+    /// Forwards a (validated) guest config write to the backend; a reset does not cancel it.
+    pub fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<(), VhostUserBlkError> {
+        self.send("SET_CONFIG", |f| {
+            f.set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+        })
+    }
+
+    /// Starts the backend on the driver's queues. A connection found dead is rebuilt once.
+    /// On failure the rings stay recorded, so that the reset stops whichever did start.
+    pub fn activate(&mut self, active: Active) -> Result<(), VhostUserBlkError> {
+        self.active = Some(active);
+        match self.start(false) {
             Err(e) if e.connection_lost() => {
                 tracing::warn!(
                     "vhost-user-blk {}: {e}; reconnecting",
-                    self.socket.display()
+                    self.endpoint.socket.display()
                 );
                 self.connect().and_then(|()| self.start(false))
             }
             other => other,
-        };
-        if let Err(e) = started {
-            self.active = None;
-            return Err(e);
         }
-        Ok(calls)
-    }
-
-    /// Checks one queue binding and gives it a call eventfd.
-    fn ring(&self, binding: QueueBinding, served: u16) -> Result<Ring, VhostUserBlkError> {
-        if binding.index >= served {
-            return Err(VhostUserBlkError::QueueOutOfRange(binding.index, served));
-        }
-        let queue = &binding.queue;
-        let size = queue.size();
-        let ring = Ring {
-            index: binding.index,
-            size,
-            desc_table: queue.desc_table(),
-            avail_ring: queue.avail_ring(),
-            used_ring: queue.used_ring(),
-            first_avail: queue.next_avail(),
-            kick: binding.kick,
-            call: EventFd::new(EFD_NONBLOCK).map_err(io_step("call eventfd"))?,
-        };
-        self.vring_config(&ring)?;
-        Ok(ring)
-    }
-
-    /// SET_VRING_ADDR's payload: the ring parts as frontend virtual addresses.
-    fn vring_config(&self, ring: &Ring) -> Result<VringConfigData, VhostUserBlkError> {
-        let size = u64::from(ring.size);
-        let part = |part: &'static str, gpa: u64, len: u64| {
-            translate(&self.regions, gpa, len).ok_or(VhostUserBlkError::RingOutsideRam {
-                queue: ring.index,
-                part,
-                gpa,
-            })
-        };
-        // Split ring sizes (virtio 1.2 §2.7), event fields included.
-        Ok(VringConfigData {
-            queue_max_size: ring.size,
-            queue_size: ring.size,
-            flags: 0,
-            desc_table_addr: part("descriptor table", ring.desc_table, 16 * size)?,
-            avail_ring_addr: part("avail ring", ring.avail_ring, 6 + 2 * size)?,
-            used_ring_addr: part("used ring", ring.used_ring, 6 + 8 * size)?,
-            log_addr: None,
-        })
     }
 
     /// Sends the DRIVER_OK sequence for the active queues. `resume` (after a reconnect) starts
@@ -345,9 +441,7 @@ impl Session {
         }
         self.send_inflight(active)?;
         let features = active.features | VHOST_USER_F_PROTOCOL_FEATURES;
-        self.frontend()?
-            .set_features(features)
-            .step("SET_FEATURES")?;
+        self.request("SET_FEATURES", |f| f.set_features(features))?;
         self.send_memory()?;
         for ring in &active.rings {
             let base = if resume {
@@ -358,9 +452,8 @@ impl Session {
             self.send_ring(ring, base)?;
         }
         for ring in &active.rings {
-            self.frontend()?
-                .set_vring_enable(usize::from(ring.index), true)
-                .step("SET_VRING_ENABLE")?;
+            let index = usize::from(ring.index);
+            self.request("SET_VRING_ENABLE", |f| f.set_vring_enable(index, true))?;
             if resume {
                 // The counter only wakes the backend; a spurious kick is harmless.
                 let _ = ring.kick.write(1);
@@ -370,24 +463,15 @@ impl Session {
     }
 
     fn send_ring(&mut self, ring: &Ring, base: u16) -> Result<(), VhostUserBlkError> {
-        let addresses = self.vring_config(ring)?;
+        let addresses = vring_config(&self.regions, ring)?;
         let index = usize::from(ring.index);
-        let frontend = self.frontend()?;
-        frontend
-            .set_vring_num(index, ring.size)
-            .step("SET_VRING_NUM")?;
-        frontend
-            .set_vring_base(index, base)
-            .step("SET_VRING_BASE")?;
-        frontend
-            .set_vring_addr(index, &addresses)
-            .step("SET_VRING_ADDR")?;
-        frontend
-            .set_vring_call(index, &ring.call)
-            .step("SET_VRING_CALL")?;
-        frontend
-            .set_vring_kick(index, &ring.kick)
-            .step("SET_VRING_KICK")
+        self.request("SET_VRING_NUM", |f| f.set_vring_num(index, ring.size))?;
+        self.request("SET_VRING_BASE", |f| f.set_vring_base(index, base))?;
+        self.request("SET_VRING_ADDR", |f| f.set_vring_addr(index, &addresses))?;
+        self.request("SET_VRING_CALL", |f| f.set_vring_call(index, &ring.call))?;
+        // Kicks the guest made before this are in the eventfd's counter: the backend sees
+        // them as soon as it polls the fd.
+        self.request("SET_VRING_KICK", |f| f.set_vring_kick(index, &ring.kick))
     }
 
     /// GET_INFLIGHT_FD at the first start, SET_INFLIGHT_FD every start (INFLIGHT_SHMFD only).
@@ -403,18 +487,14 @@ impl Session {
             let queues = self.exposed_queues.unwrap_or(1);
             let size = active.rings.iter().map(|r| r.size).max().unwrap_or(1);
             let ask = VhostUserInflight::new(0, 0, queues, size);
-            let (info, file) = self
-                .frontend()?
-                .get_inflight_fd(&ask)
-                .step("GET_INFLIGHT_FD")?;
+            let (info, file) = self.request("GET_INFLIGHT_FD", |f| f.get_inflight_fd(&ask))?;
             self.inflight = Some(Inflight { info, file });
         }
         let Some(inflight) = self.inflight.take() else {
             return Ok(());
         };
-        let sent = self.frontend().and_then(|f| {
+        let sent = self.request("SET_INFLIGHT_FD", |f| {
             f.set_inflight_fd(&inflight.info, inflight.file.as_raw_fd())
-                .step("SET_INFLIGHT_FD")
         });
         self.inflight = Some(inflight);
         sent
@@ -444,15 +524,12 @@ impl Session {
                         max,
                     });
                 }
-                let frontend = self.frontend()?;
                 for region in &regions {
-                    frontend.add_mem_region(region).step("ADD_MEM_REG")?;
+                    self.request("ADD_MEM_REG", |f| f.add_mem_region(region))?;
                 }
             }
             None => {
-                self.frontend()?
-                    .set_mem_table(&regions)
-                    .step("SET_MEM_TABLE")?;
+                self.request("SET_MEM_TABLE", |f| f.set_mem_table(&regions))?;
             }
         }
         self.memory_sent = true;
@@ -460,26 +537,29 @@ impl Session {
     }
 
     /// Stops the rings (GET_VRING_BASE) and forgets the activation. Errors are logged only:
-    /// a reset must always succeed from the guest's point of view.
+    /// a reset must always succeed from the guest's point of view. Each request is bounded by
+    /// the timeout, and the first one that times out drops the connection, so the rest fail
+    /// at once: a stalled backend holds the resetting vCPU for one timeout at most.
     pub fn deactivate(&mut self) {
         let Some(active) = self.active.take() else {
             return;
         };
         // The guest reset: nothing in flight may be replayed into its next life.
         self.inflight = None;
-        let reset_device = self
-            .protocol
-            .contains(VhostUserProtocolFeatures::RESET_DEVICE);
-        let Ok(frontend) = self.frontend() else {
+        if self.connection.is_none() {
             return;
-        };
+        }
         for ring in &active.rings {
-            if let Err(e) = frontend.get_vring_base(usize::from(ring.index)) {
+            let index = usize::from(ring.index);
+            if let Err(e) = self.send("GET_VRING_BASE", |f| f.get_vring_base(index)) {
                 tracing::warn!("vhost-user-blk: GET_VRING_BASE({}): {e}", ring.index);
             }
         }
-        if reset_device {
-            if let Err(e) = frontend.reset_device() {
+        let reset_device = self
+            .protocol
+            .contains(VhostUserProtocolFeatures::RESET_DEVICE);
+        if reset_device && self.connection.is_some() {
+            if let Err(e) = self.send("RESET_DEVICE", |f| f.reset_device()) {
                 tracing::warn!("vhost-user-blk: RESET_DEVICE: {e}");
             }
         }
@@ -488,15 +568,10 @@ impl Session {
     /// After a hang-up: a new connection, the handshake, and (if active) the whole ring setup.
     /// Returns whether the config space changed.
     pub fn reconnect(&mut self) -> Result<bool, VhostUserBlkError> {
-        let before = self.config.clone();
+        let before = self.config.snapshot();
         self.connect()?;
-        if let Err(e) = self.start(true) {
-            if e.connection_lost() {
-                self.disconnect();
-            }
-            return Err(e);
-        }
-        Ok(before != self.config)
+        self.start(true)?;
+        Ok(before != self.config.snapshot())
     }
 }
 
@@ -507,22 +582,6 @@ pub(super) fn used_index(mem: &DmaSpace, used_ring: u64) -> u16 {
         .and_then(|at| mem.load::<u16>(GuestAddress(at), Ordering::Acquire).ok())
         .map(u16::from_le)
         .unwrap_or(0)
-}
-
-fn fetch_config(frontend: &mut Frontend) -> Result<Vec<u8>, VhostUserBlkError> {
-    let buf = [0u8; VIRTIO_BLK_CONFIG_SIZE];
-    let (_, payload) = frontend
-        .get_config(
-            0,
-            VIRTIO_BLK_CONFIG_SIZE as u32,
-            VhostUserConfigFlags::empty(),
-            &buf,
-        )
-        .step("GET_CONFIG")?;
-    if payload.len() != VIRTIO_BLK_CONFIG_SIZE {
-        return Err(VhostUserBlkError::ConfigSize(payload.len()));
-    }
-    Ok(payload)
 }
 
 fn io_step(step: &'static str) -> impl Fn(std::io::Error) -> VhostUserBlkError {

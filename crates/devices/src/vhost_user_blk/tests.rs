@@ -25,6 +25,8 @@ use vmm_sys_util::tempfile::TempFile;
 
 use super::*;
 
+mod hostile;
+
 const RAM_SIZE: u64 = 4 << 20;
 const QUEUE_SIZE: u16 = 64;
 const RING_BASE: u64 = 0x1000;

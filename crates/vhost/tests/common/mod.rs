@@ -165,12 +165,7 @@ pub struct Guest {
 
 impl Guest {
     pub fn new() -> Guest {
-        // SAFETY: NUL-terminated literal name; result checked.
-        let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create");
-        // SAFETY: fresh fd owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(GUEST_SIZE as u64).expect("size memfd");
+        let file = memfd("guest", GUEST_SIZE as u64);
         let mem = GuestMemoryMmap::from_ranges_with_files([(
             GuestAddress(0),
             GUEST_SIZE,
@@ -303,6 +298,28 @@ impl Guest {
     }
 }
 
+/// Runs `test` on its own thread and fails if it takes longer than `limit`: a backend that
+/// hangs fails the test instead of hanging the suite (the `vhost` crate's frontend retries
+/// timed-out socket reads for ever, so socket timeouts alone do not do it).
+pub fn within(limit: Duration, test: impl FnOnce() + Send + 'static) {
+    let (done, finished) = std::sync::mpsc::channel();
+    let runner = thread::spawn(move || {
+        test();
+        let _ = done.send(());
+    });
+    match finished.recv_timeout(limit) {
+        Ok(()) => {}
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            if let Err(panic) = runner.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("the test did not finish within {limit:?}: the backend hangs")
+        }
+    }
+}
+
 pub fn wait_until(mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
@@ -322,8 +339,20 @@ pub struct Session {
     pub call: EventFd,
 }
 
+/// How long a test frontend waits for any one answer: a backend that hangs fails the test
+/// instead of hanging it.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A `vhost` crate frontend on a fresh connection whose reads and writes time out.
+pub fn frontend(socket: &Path) -> Frontend {
+    let stream = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(ANSWER_TIMEOUT)).unwrap();
+    Frontend::from_stream(stream, 1)
+}
+
 pub fn connect(socket: &Path) -> Session {
-    let mut frontend = Frontend::connect(socket, 1).expect("connect");
+    let mut frontend = frontend(socket);
     let features = frontend.get_features().expect("GET_FEATURES");
     let protocol = frontend
         .get_protocol_features()
@@ -340,6 +369,18 @@ pub fn connect(socket: &Path) -> Session {
         kick: EventFd::new(EFD_NONBLOCK).unwrap(),
         call: EventFd::new(EFD_NONBLOCK).unwrap(),
     }
+}
+
+/// A memfd of `size` bytes (not sealed: the frontend can shrink it).
+pub fn memfd(name: &str, size: u64) -> File {
+    let name = std::ffi::CString::new(name).unwrap();
+    // SAFETY: NUL-terminated name; result checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: fresh fd owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).expect("size memfd");
+    file
 }
 
 impl Session {

@@ -6,7 +6,8 @@
 //!
 //! Identity: vendor 0x1AF4, device 0x1040 + device type, revision 1, subsystem vendor 0x1AF4,
 //! subsystem id = device type; class 0x020000 (net), 0x010000 (block), 0xff0000 (others).
-//! No INTx pin: interrupts are MSI-X (the ISR register still reports causes).
+//! Interrupts: MSI-X through irqfd routes; INTA (level-triggered, deasserted by the ISR read)
+//! when the driver does not enable MSI-X or assigns no vector.
 //!
 //! Everything lives in one 32 KiB 64-bit memory BAR (BAR0, non-prefetchable: ISR reads clear):
 //!
@@ -46,7 +47,8 @@ use sluice_bus::irq::{MsiRouter, MsiSink};
 use sluice_bus::{read_le, write_le, IoEventRegistrar};
 use sluice_dma::DmaSpace;
 use sluice_pci::{
-    BarSpec, ConfigSpace, MsixCapability, MsixError, MsixTable, PciDevice, PciError, PciIds,
+    BarSpec, ConfigSpace, InterruptPin, MsixCapability, MsixError, MsixTable, MsixVectors,
+    PciDevice, PciError, PciIds, PciIntx,
 };
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -110,8 +112,6 @@ const PCI_CFG_BAR: usize = 4;
 const PCI_CFG_OFFSET: usize = 8;
 const PCI_CFG_LENGTH: usize = 12;
 const PCI_CFG_DATA: usize = 16;
-/// Offset of message control inside the MSI-X capability.
-const MSIX_MESSAGE_CONTROL: usize = 2;
 
 const STATUS_FEATURES_OK: u8 = VIRTIO_CONFIG_S_FEATURES_OK as u8;
 const STATUS_DRIVER_OK: u8 = VIRTIO_CONFIG_S_DRIVER_OK as u8;
@@ -235,12 +235,9 @@ impl VirtioPciDevice {
         }
         .install(&mut config)?;
         let table = MsixTable::new(vectors, options.msi_sink.clone())?;
-        let routes = match &options.msi_router {
-            Some(router) => (0..vectors)
-                .map(|_| router.allocate())
-                .collect::<io::Result<Vec<_>>>()?,
-            None => Vec::new(),
-        };
+        let msix = MsixVectors::new(table, options.msi_router.as_deref())?;
+        let intx = Arc::new(PciIntx::new(InterruptPin::IntA));
+        intx.install(&mut config);
         let kicks = (0..queues)
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<io::Result<Vec<_>>>()?;
@@ -255,7 +252,7 @@ impl VirtioPciDevice {
             msix_cap,
             pci_cfg_cap,
             common: CommonConfig::new(offered, &max_sizes),
-            state: Arc::new(InterruptState::new(queues, table, routes)),
+            state: Arc::new(InterruptState::new(queues, msix, intx)),
             kicks,
             policies: (0..queues).map(|i| options.policy_for(i)).collect(),
             ioevents: options.ioevents,
@@ -527,7 +524,7 @@ impl VirtioPciDevice {
         data.fill(0);
         if at == 0 {
             if let Some(first) = data.first_mut() {
-                *first = self.state.isr.swap(0, Ordering::AcqRel);
+                *first = self.state.take_isr();
             }
         }
     }
@@ -546,11 +543,6 @@ impl VirtioPciDevice {
         if let Err(e) = kick.write(1) {
             tracing::warn!("{}: doorbell eventfd write failed: {e}", self.name);
         }
-    }
-
-    fn msix_table_write(&mut self, at: u64, data: &[u8]) {
-        self.state.msix().write_table(at, data);
-        self.state.refresh_vectors();
     }
 
     /// `virtio_pci_cfg_cap` window: (offset, length) if the driver programmed a valid access.
@@ -670,15 +662,16 @@ impl PciDevice for VirtioPciDevice {
             self.pci_cfg_read();
         }
         self.config.read(offset, data);
+        self.state.intx.patch_status_read(offset, data);
     }
 
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         self.config.write(offset, data);
-        if overlaps(offset, data.len(), self.msix_cap + MSIX_MESSAGE_CONTROL, 2) {
-            let control = MsixCapability::message_control(&self.config, self.msix_cap);
-            self.state.msix().set_message_control(control);
-            self.state.refresh_vectors();
+        let msix = &self.state.msix;
+        if msix.config_written(&self.config, self.msix_cap, offset, data.len()) {
+            self.state.msix_control_changed();
         }
+        self.state.intx.config_written(&self.config);
         if overlaps(offset, data.len(), self.pci_cfg_cap + PCI_CFG_DATA, 4) {
             self.pci_cfg_write();
         }
@@ -696,8 +689,8 @@ impl PciDevice for VirtioPciDevice {
             COMMON_CFG_OFFSET => self.common_read(at, data),
             ISR_CFG_OFFSET => self.isr_read(at, data),
             DEVICE_CFG_OFFSET => self.device.read_config(at, data),
-            MSIX_TABLE_OFFSET => self.state.msix().read_table(at, data),
-            MSIX_PBA_OFFSET => self.state.msix().read_pba(at, data),
+            MSIX_TABLE_OFFSET => self.state.msix.read_table(at, data),
+            MSIX_PBA_OFFSET => self.state.msix.read_pba(at, data),
             _ => {}
         }
     }
@@ -713,10 +706,14 @@ impl PciDevice for VirtioPciDevice {
             COMMON_CFG_OFFSET => self.common_write(at, data),
             DEVICE_CFG_OFFSET => self.device.write_config(at, data),
             NOTIFY_OFFSET => self.notify_write(at, data),
-            MSIX_TABLE_OFFSET => self.msix_table_write(at, data),
-            MSIX_PBA_OFFSET => self.state.msix().write_pba(at, data),
+            MSIX_TABLE_OFFSET => self.state.msix.write_table(at, data),
+            MSIX_PBA_OFFSET => self.state.msix.write_pba(at, data),
             _ => {}
         }
+    }
+
+    fn intx(&self) -> Option<Arc<PciIntx>> {
+        Some(self.state.intx.clone())
     }
 
     fn bar_moved(&mut self, bar: usize, _old: Option<u64>, new: Option<u64>) {

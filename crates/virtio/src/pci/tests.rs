@@ -9,6 +9,7 @@ use sluice_pci::{CAPABILITIES_POINTER, DEVICE_ID, MSIX_CAPABILITY_ID, VENDOR_ID}
 use vm_memory::GuestMemoryMmap;
 
 use super::common::offset::*;
+use super::interrupt::{ISR_CONFIG, ISR_QUEUE};
 use super::*;
 use crate::device::{ActivateError, VirtioInterrupt};
 use crate::metrics::DeviceMetrics;
@@ -1080,4 +1081,119 @@ fn a_kick_through_the_bar_comes_back_as_an_msix_message() {
     assert_eq!(sink.sent(), vec![message]);
     assert_eq!(metrics.queues[0].kicks.load(Ordering::SeqCst), 1);
     assert_eq!(metrics.queues[0].interrupts.load(Ordering::SeqCst), 1);
+}
+
+/// Records the levels the transport's INTx pin drives.
+#[derive(Default)]
+struct RecordingLevelLine {
+    levels: Mutex<Vec<bool>>,
+}
+
+impl sluice_bus::irq::LevelIrqLine for RecordingLevelLine {
+    fn set_level(&self, asserted: bool) -> io::Result<()> {
+        self.levels.lock().unwrap().push(asserted);
+        Ok(())
+    }
+}
+
+impl RecordingLevelLine {
+    fn levels(&self) -> Vec<bool> {
+        self.levels.lock().unwrap().clone()
+    }
+}
+
+/// `dev`'s INTA connected to a recording line (what the PCI root does with a router).
+fn connect_intx(dev: &VirtioPciDevice) -> Arc<RecordingLevelLine> {
+    let line = Arc::new(RecordingLevelLine::default());
+    dev.intx().unwrap().connect(line.clone()).unwrap();
+    line
+}
+
+fn interrupt_status_bit(dev: &mut VirtioPciDevice) -> bool {
+    let mut status = [0u8; 2];
+    dev.config_read(sluice_pci::STATUS, &mut status);
+    u16::from_le_bytes(status) & sluice_pci::STATUS_INTERRUPT != 0
+}
+
+#[test]
+fn the_function_declares_inta() {
+    let mut s = setup();
+    let mut pin = [0u8; 1];
+
+    s.dev.config_read(sluice_pci::INTERRUPT_PIN, &mut pin);
+
+    assert_eq!(pin[0], 1);
+}
+
+#[test]
+fn without_msix_a_queue_interrupt_asserts_inta_until_the_isr_read() {
+    let mut s = setup();
+    let line = connect_intx(&s.dev);
+    activate(&mut s.dev, false);
+
+    activated_interrupt(&s.record).notify_queue(0).unwrap();
+    activated_interrupt(&s.record).notify_queue(0).unwrap();
+
+    assert_eq!(line.levels(), vec![true], "level: one assertion");
+    assert!(interrupt_status_bit(&mut s.dev));
+    assert_eq!(read(&mut s.dev, ISR_CFG_OFFSET, 1), u64::from(ISR_QUEUE));
+    assert_eq!(line.levels(), vec![true, false], "the ISR read deasserts");
+    assert!(!interrupt_status_bit(&mut s.dev));
+    assert_eq!(read(&mut s.dev, ISR_CFG_OFFSET, 1), 0);
+    assert!(s.sink.sent().is_empty());
+}
+
+#[test]
+fn config_change_without_msix_asserts_inta_with_the_config_bit() {
+    let mut s = setup();
+    let line = connect_intx(&s.dev);
+    activate(&mut s.dev, false);
+
+    activated_interrupt(&s.record).notify_config().unwrap();
+
+    assert_eq!(line.levels(), vec![true]);
+    assert_eq!(read(&mut s.dev, ISR_CFG_OFFSET, 1), u64::from(ISR_CONFIG));
+    assert_eq!(line.levels(), vec![true, false]);
+}
+
+#[test]
+fn with_msix_enabled_intx_stays_low_even_without_a_vector() {
+    let mut s = setup();
+    let line = connect_intx(&s.dev);
+    enable_msix(&mut s.dev);
+    activate(&mut s.dev, false);
+
+    activated_interrupt(&s.record).notify_queue(0).unwrap();
+
+    assert!(line.levels().is_empty(), "MSI-X on: INTx must not assert");
+    assert_eq!(read(&mut s.dev, ISR_CFG_OFFSET, 1), u64::from(ISR_QUEUE));
+}
+
+#[test]
+fn interrupt_disable_and_reset_deassert_inta() {
+    let mut s = setup();
+    let line = connect_intx(&s.dev);
+    activate(&mut s.dev, false);
+    activated_interrupt(&s.record).notify_queue(0).unwrap();
+
+    let mut command = [0u8; 2];
+    s.dev.config_read(sluice_pci::COMMAND, &mut command);
+    let disabled = u16::from_le_bytes(command) | sluice_pci::COMMAND_INTX_DISABLE;
+    s.dev
+        .config_write(sluice_pci::COMMAND, &disabled.to_le_bytes());
+    assert_eq!(line.levels(), vec![true, false]);
+    s.dev.config_write(
+        sluice_pci::COMMAND,
+        &(disabled & !sluice_pci::COMMAND_INTX_DISABLE).to_le_bytes(),
+    );
+    assert_eq!(
+        line.levels(),
+        vec![true, false, true],
+        "cause still pending"
+    );
+
+    set_status(&mut s.dev, 0);
+
+    assert_eq!(line.levels(), vec![true, false, true, false]);
+    assert_eq!(read(&mut s.dev, ISR_CFG_OFFSET, 1), 0);
 }

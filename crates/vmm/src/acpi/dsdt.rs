@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! \_S5_            Package { S5_SLEEP_TYPE, 0, 0, 0 }
-//! \_SB_.PCI0       PCIe host bridge: bus numbers, I/O around CF8..CFF, MMIO32 and MMIO64 windows
+//! \_SB_.PCI0       PCIe host bridge: bus numbers, I/O around CF8..CFF, MMIO32 and MMIO64 windows;
+//!                  _PRT: each slot's INTA..INTD to an IOAPIC GSI (swizzled, as the root wires it)
 //! \_SB_.MBRD       motherboard resources: the ECAM window (Linux trusts MCFG only if reserved
 //!                  here or in e820) and the PM block ports
 //! \_SB_.COM1       16550 UART        \_SB_.RTC_   CMOS RTC        \_SB_.KBD_   i8042 keyboard
@@ -14,6 +15,7 @@ use acpi_tables::aml::{
 };
 use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
+use sluice_pci::{InterruptPin, IntxRouting};
 
 use super::{OEM_ID, OEM_REVISION, OEM_TABLE_ID};
 use crate::layout;
@@ -23,6 +25,10 @@ const DSDT_REVISION: u8 = 2;
 /// CMOS index + data ports, and the 16550 register block, as AML IO descriptor lengths.
 const RTC_PORT_LEN: u8 = layout::RTC_PORT_LEN as u8;
 const COM1_PORT_LEN: u8 = layout::SERIAL_PORT_LEN as u8;
+/// Device slots on bus 0.
+const PCI_SLOTS: u8 = 32;
+/// `_PRT` address field: function "any" (0xFFFF) in the low word.
+const PRT_ANY_FUNCTION: u32 = 0xffff;
 
 /// The PCI host bridge's address windows, inclusive ends as AML wants them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +40,8 @@ pub struct PciWindows {
     pub ecam_start: u32,
     pub ecam_size: u32,
     pub last_bus: u8,
+    /// How the root bus's INTx pins reach the IOAPIC.
+    pub intx: IntxRouting,
 }
 
 /// The DSDT table: a header followed by the namespace AML.
@@ -120,8 +128,40 @@ fn pci_host_bridge(pci: &PciWindows) -> Vec<u8> {
             &Name::new(Path::new("_BBN"), &0u8),
             &Name::new(Path::new("_UID"), &0u8),
             &Name::new(Path::new("_CRS"), &resources),
+            &RawAml(routing_table(&pci.intx)),
         ],
     )
+}
+
+/// Already-serialized AML, to put inside a `Device` next to other children.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+/// `_PRT`: `Package { slot << 16 | 0xFFFF, pin, 0, GSI }` for every slot and pin. Source 0
+/// means the fourth field is a GSI (no link devices); such interrupts are level-triggered,
+/// active-low, shareable (ACPI 6.5 §6.2.13).
+fn routing_table(intx: &IntxRouting) -> Vec<u8> {
+    let entries: Vec<(u32, u8, u32)> = (0..PCI_SLOTS)
+        .flat_map(|slot| {
+            InterruptPin::ALL.map(|pin| {
+                let address = (u32::from(slot) << 16) | PRT_ANY_FUNCTION;
+                (address, pin.index(), intx.gsi(slot, pin))
+            })
+        })
+        .collect();
+    let packages: Vec<Package<'_>> = entries
+        .iter()
+        .map(|(address, pin, gsi)| Package::new(vec![address, pin, &0u8, gsi]))
+        .collect();
+    let children: Vec<&dyn Aml> = packages.iter().map(|p| p as &dyn Aml).collect();
+    let mut aml = Vec::new();
+    Name::new(Path::new("_PRT"), &Package::new(children)).to_aml_bytes(&mut aml);
+    aml
 }
 
 fn motherboard_resources(pci: &PciWindows) -> Vec<u8> {

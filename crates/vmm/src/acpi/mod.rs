@@ -66,6 +66,8 @@ pub enum AcpiError {
     MalformedTable { signature: String, len: usize },
     #[error("ACPI tables at {addr:#x}+{len:#x} are not backed by guest memory")]
     NotInGuestMemory { addr: u64, len: u64 },
+    #[error("PCI INTx routing: {0}")]
+    IntxRouting(sluice_pci::PciError),
     #[error("writing ACPI tables at {addr:#x}: {source}")]
     GuestMemory {
         addr: u64,
@@ -124,6 +126,8 @@ pub fn pci_windows(ram_size: u64) -> Result<PciWindows, AcpiError> {
         ecam_start: layout::PCI_ECAM_START as u32,
         ecam_size: layout::PCI_ECAM_SIZE as u32,
         last_bus: layout::PCI_ECAM_LAST_BUS,
+        intx: sluice_pci::IntxRouting::new(layout::PCI_INTX_FIRST_GSI, layout::PCI_INTX_GSIS)
+            .map_err(AcpiError::IntxRouting)?,
     })
 }
 

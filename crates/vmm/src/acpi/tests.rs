@@ -292,6 +292,40 @@ fn dsdt_declares_host_bridge_devices_and_s5() {
     assert!(contains(aml, &s5));
 }
 
+/// The `_PRT` entry `Package { slot << 16 | 0xFFFF, pin, Zero, gsi }` as AML bytes (slot ≥ 1,
+/// so the address needs a DWord; pin 0 and source 0 are ZeroOp; the GSI fits a BytePrefix).
+fn prt_entry_aml(slot: u8, pin: u8, gsi: u8) -> Vec<u8> {
+    let pin = if pin <= 1 { vec![pin] } else { vec![0x0a, pin] };
+    let mut body = vec![0x04, 0x0c, 0xff, 0xff, slot, 0x00];
+    body.extend_from_slice(&pin);
+    body.extend_from_slice(&[0x00, 0x0a, gsi]);
+    let mut entry = vec![0x12, u8::try_from(body.len() + 1).unwrap()];
+    entry.extend_from_slice(&body);
+    entry
+}
+
+#[test]
+fn dsdt_prt_routes_every_slot_pin_to_a_swizzled_ioapic_gsi() {
+    let (mem, parsed) = create(1);
+    let aml = dsdt_of(&mem, parsed.table(b"FACP"));
+    let first = layout::PCI_INTX_FIRST_GSI;
+    let gsis = layout::PCI_INTX_GSIS;
+
+    assert!(contains(&aml, b"_PRT"));
+    for slot in 1..32u8 {
+        for pin in 0..4u8 {
+            let gsi = first + (u32::from(slot) + u32::from(pin)) % gsis;
+            let entry = prt_entry_aml(slot, pin, u8::try_from(gsi).unwrap());
+            assert!(contains(&aml, &entry), "slot {slot} pin {pin}");
+        }
+    }
+    // The same mapping the root wires (one definition of the swizzle).
+    let routing = sluice_pci::IntxRouting::new(first, gsis).unwrap();
+    assert_eq!(routing.gsi(3, sluice_pci::InterruptPin::IntC), first + 5);
+    assert!(gsis > 0 && first + gsis <= layout::IOAPIC_PINS);
+    assert!(first >= 16, "PCI interrupts stay off the ISA IRQs");
+}
+
 #[test]
 fn dsdt_reserves_ecam_and_routes_windows() {
     let (mem, parsed) = create(1);
@@ -412,6 +446,36 @@ fn iasl_disassemble(dir: &std::path::Path, name: &str, table: &[u8]) -> String {
     std::fs::read_to_string(dir.join(format!("{name}.dsl"))).unwrap()
 }
 
+/// The `_PRT` entries of an iasl disassembly as (address, pin, source, gsi).
+fn iasl_prt_entries(dsl: &str) -> Vec<(u32, u32, u32, u32)> {
+    let Some(start) = dsl.find("Name (_PRT") else {
+        return Vec::new();
+    };
+    let number = |text: &str| -> Option<u32> {
+        let text = text.trim().trim_end_matches(',');
+        match text {
+            "Zero" => Some(0),
+            "One" => Some(1),
+            hex => u32::from_str_radix(hex.strip_prefix("0x")?, 16).ok(),
+        }
+    };
+    let mut entries = Vec::new();
+    let mut fields = Vec::new();
+    for line in dsl[start..].lines().skip(2) {
+        let line = line.trim();
+        if let Some(value) = number(line) {
+            fields.push(value);
+            if fields.len() == 4 {
+                entries.push((fields[0], fields[1], fields[2], fields[3]));
+                fields.clear();
+            }
+        } else if line.starts_with("})") {
+            break;
+        }
+    }
+    entries
+}
+
 /// Disassembles the DSDT and every XSDT table with ACPICA's `iasl` when it is installed.
 #[test]
 fn iasl_disassembles_the_tables() {
@@ -437,6 +501,13 @@ fn iasl_disassembles_the_tables() {
     for expected in ["PNP0A08", "PNP0C02", "PNP0501", "_S5_", "QWordMemory"] {
         assert!(dsl.contains(expected), "{expected} not in DSDT:\n{dsl}");
     }
+    let prt = iasl_prt_entries(&dsl);
+    assert_eq!(prt.len(), 32 * 4, "one _PRT entry per slot and pin:\n{dsl}");
+    assert!(prt.contains(&(0x0001_ffff, 0, 0, 17)), "{prt:?}");
+    assert!(
+        prt.contains(&(0x001f_ffff, 3, 0, 16 + (31 + 3) % 8)),
+        "{prt:?}"
+    );
     assert!(madt.contains("PC-AT Compatibility : 1"), "{madt}");
     assert!(fadt.contains("Reset Register Supported (V2) : 1"), "{fadt}");
     assert!(mcfg.contains("Base Address : 00000000E0000000"), "{mcfg}");
