@@ -7,6 +7,7 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v objdump >/dev/null || need+=(binutils)
 command -v gcc >/dev/null || need+=(gcc)
+command -v c++ >/dev/null || need+=(g++) # libfuzzer-sys (fuzz/ is linted by scripts/test.sh)
 command -v iasl >/dev/null || need+=(acpica-tools)
 command -v rsvg-convert >/dev/null || need+=(librsvg2-bin)
 if [ ${#need[@]} -gt 0 ]; then

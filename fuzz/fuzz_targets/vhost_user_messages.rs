@@ -1,16 +1,14 @@
-//! The vhost-user backend's message handling (`sluice serve blk`), fed a raw byte stream as if
-//! from a frontend: malformed, truncated and out-of-order messages, and messages whose file
-//! descriptors are missing (a byte stream cannot carry SCM_RIGHTS). The server must end the
-//! connection cleanly (closed or dropped with an error) — never panic, never hang.
+//! The vhost-user backend's message handling (`sluice serve blk`) fed a raw frontend byte
+//! stream; the body and what it checks: `sluice_vhost::fuzz`. One server (over a 1 MiB image)
+//! serves every input, as `sluice serve` serves one connection after another.
 
 #![no_main]
 
-use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use sluice_devices::block::{Block, BlockConfig};
+use sluice_vhost::fuzz::vhost_user_messages;
 use sluice_vhost::server::Server;
 
 fn server() -> &'static Server<Block> {
@@ -29,12 +27,7 @@ fn server() -> &'static Server<Block> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let (mut frontend, backend) = UnixStream::pair().unwrap();
-    // The socket buffer holds far more than libFuzzer's default input size, so this never blocks.
-    if frontend.write_all(data).is_err() {
-        return;
-    }
-    // EOF after the input; replies stay unread in our receive buffer (no SIGPIPE).
-    frontend.shutdown(std::net::Shutdown::Write).unwrap();
-    let _ = server().serve_connection(backend);
+    vhost_user_messages(data, |stream| {
+        server().serve_connection(stream);
+    });
 });

@@ -5,7 +5,7 @@
 //! reported and skipped, never trusted.
 
 use crate::global::Global;
-use crate::phys::{self, le_u16, le_u32, le_u64, le_u8};
+use crate::phys::{self, le_u32, le_u64, le_u8};
 use alloc::vec::Vec;
 
 const HEADER_LEN: usize = 36;
@@ -16,7 +16,6 @@ const MAX_TABLES: usize = 64;
 #[derive(Clone, Copy, Debug)]
 pub struct Ecam {
     pub base: u64,
-    pub segment: u16,
     pub start_bus: u8,
     pub end_bus: u8,
 }
@@ -53,7 +52,8 @@ fn checksum_ok(data: &[u8]) -> bool {
 }
 
 fn find_rsdp(hint: u64) -> Option<u64> {
-    let valid = |addr: u64| phys::bytes(addr, 20).is_some_and(|d| &d[..8] == b"RSD PTR " && checksum_ok(d));
+    let valid =
+        |addr: u64| phys::bytes(addr, 20).is_some_and(|d| &d[..8] == b"RSD PTR " && checksum_ok(d));
     if hint != 0 && valid(hint) {
         return Some(hint);
     }
@@ -71,7 +71,12 @@ fn table(addr: u64) -> Option<&'static [u8]> {
 }
 
 fn signature(data: &[u8]) -> [u8; 4] {
-    [le_u8(data, 0), le_u8(data, 1), le_u8(data, 2), le_u8(data, 3)]
+    [
+        le_u8(data, 0),
+        le_u8(data, 1),
+        le_u8(data, 2),
+        le_u8(data, 3),
+    ]
 }
 
 fn print_table(info: &mut AcpiInfo, sig: [u8; 4], addr: u64, len: u32) {
@@ -96,7 +101,13 @@ fn root_entries(rsdp: &[u8], info: &mut AcpiInfo) -> Vec<u64> {
     (HEADER_LEN..data.len())
         .step_by(entry_size)
         .take(MAX_TABLES)
-        .map(|off| if entry_size == 8 { le_u64(data, off) } else { u64::from(le_u32(data, off)) })
+        .map(|off| {
+            if entry_size == 8 {
+                le_u64(data, off)
+            } else {
+                u64::from(le_u32(data, off))
+            }
+        })
         .collect()
 }
 
@@ -109,7 +120,9 @@ fn parse_madt(data: &[u8], info: &mut AcpiInfo) {
             break;
         }
         match kind {
-            0 if le_u32(data, off + 4) & 1 != 0 => info.lapic_ids.push(u32::from(le_u8(data, off + 3))),
+            0 if le_u32(data, off + 4) & 1 != 0 => {
+                info.lapic_ids.push(u32::from(le_u8(data, off + 3)))
+            }
             1 => info.ioapic_addr = Some(u64::from(le_u32(data, off + 4))),
             9 if le_u32(data, off + 8) & 1 != 0 => info.lapic_ids.push(le_u32(data, off + 4)),
             _ => {}
@@ -125,7 +138,6 @@ fn parse_mcfg(data: &[u8], info: &mut AcpiInfo) {
         }
         let ecam = Ecam {
             base: le_u64(data, off),
-            segment: le_u16(data, off + 8),
             start_bus: le_u8(data, off + 10),
             end_bus: le_u8(data, off + 11),
         };
@@ -138,7 +150,8 @@ fn parse_mcfg(data: &[u8], info: &mut AcpiInfo) {
 /// Generic-address-structure I/O port, if the GAS names system I/O space.
 fn gas_port(data: &[u8], off: usize) -> Option<u16> {
     let address = le_u64(data, off + 4);
-    (data.len() >= off + 12 && le_u8(data, off) == 1 && address != 0 && address <= 0xffff).then_some(address as u16)
+    (data.len() >= off + 12 && le_u8(data, off) == 1 && address != 0 && address <= 0xffff)
+        .then_some(address as u16)
 }
 
 fn port_or_gas(legacy: u32, data: &[u8], gas_off: usize) -> Option<u16> {
@@ -158,8 +171,16 @@ fn parse_fadt(data: &[u8], info: &mut AcpiInfo) -> Option<u64> {
     if let Some(facs_data) = phys::bytes(facs, 8).filter(|d| &d[..4] == b"FACS") {
         print_table(info, *b"FACS", facs, le_u32(facs_data, 4));
     }
-    let x_dsdt = if data.len() >= 148 { le_u64(data, 140) } else { 0 };
-    let dsdt = if x_dsdt != 0 { x_dsdt } else { u64::from(le_u32(data, 40)) };
+    let x_dsdt = if data.len() >= 148 {
+        le_u64(data, 140)
+    } else {
+        0
+    };
+    let dsdt = if x_dsdt != 0 {
+        x_dsdt
+    } else {
+        u64::from(le_u32(data, 40))
+    };
     (dsdt != 0).then_some(dsdt)
 }
 
@@ -168,7 +189,7 @@ fn aml_small_integer(data: &[u8], off: usize) -> Option<u8> {
     match le_u8(data, off) {
         0x00 => Some(0),
         0x01 => Some(1),
-        0x0a | 0x0b | 0x0c => Some(le_u8(data, off + 1)),
+        0x0a..=0x0c => Some(le_u8(data, off + 1)),
         _ => None,
     }
 }
@@ -218,7 +239,11 @@ pub fn init(rsdp_hint: u64) {
     let mut info = AcpiInfo::default();
     match find_rsdp(rsdp_hint).and_then(|addr| Some((addr, phys::bytes(addr, 36)?))) {
         Some((addr, rsdp)) => {
-            let len = if le_u8(rsdp, 15) >= 2 { le_u32(rsdp, 20) } else { 20 };
+            let len = if le_u8(rsdp, 15) >= 2 {
+                le_u32(rsdp, 20)
+            } else {
+                20
+            };
             print_table(&mut info, *b"RSDP", addr, len);
             for entry in root_entries(rsdp, &mut info) {
                 parse_table(entry, &mut info);

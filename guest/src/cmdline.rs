@@ -155,7 +155,10 @@ fn on_off(key: &str, value: &str) -> Result<bool, String> {
 fn key_values(rest: &str) -> Result<Vec<(&str, &str)>, String> {
     rest.split(':')
         .filter(|kv| !kv.is_empty())
-        .map(|kv| kv.split_once('=').ok_or_else(|| alloc::format!("'{kv}' is not key=value")))
+        .map(|kv| {
+            kv.split_once('=')
+                .ok_or_else(|| alloc::format!("'{kv}' is not key=value"))
+        })
         .collect()
 }
 
@@ -227,7 +230,13 @@ fn parse_rng(rest: &str) -> Result<Workload, String> {
 }
 
 fn parse_net(rest: &str) -> Result<Workload, String> {
-    let mut p = NetParams { dir: NetDir::Echo, size: 1500, frames: 100, mode: Mode::Irq, dev: 0 };
+    let mut p = NetParams {
+        dir: NetDir::Echo,
+        size: 1500,
+        frames: 100,
+        mode: Mode::Irq,
+        dev: 0,
+    };
     for (key, value) in key_values(rest)? {
         match key {
             "dir" => {
@@ -261,7 +270,11 @@ fn parse_workload(spec: &str) -> Result<Workload, String> {
 
 /// Parses the whole command line.
 pub fn parse(cmdline: &str) -> Result<Config, String> {
-    let mut config = Config { workloads: Vec::new(), timeout_ms: 5000, quiet: false };
+    let mut config = Config {
+        workloads: Vec::new(),
+        timeout_ms: 5000,
+        quiet: false,
+    };
     for token in cmdline.split_ascii_whitespace() {
         if let Some(spec) = token.strip_prefix("w=") {
             config.workloads.push(parse_workload(spec)?);

@@ -5,6 +5,8 @@ use crate::arch::{inb, outb};
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicBool, Ordering};
 
+// A copy (guest/ is its own no_std workspace): the host defines it as `COM1_PORT` in
+// crates/devices/src/platform/serial.rs.
 const COM1: u16 = 0x3f8;
 const LINE_STATUS: u16 = COM1 + 5;
 const THR_EMPTY: u8 = 0x20;
@@ -55,7 +57,7 @@ impl Write for Console {
 }
 
 /// Writes formatted text to the console.
-pub fn write_fmt(args: fmt::Arguments) {
+pub fn write_fmt(args: fmt::Arguments<'_>) {
     let _ = Console.write_fmt(args);
 }
 

@@ -5,6 +5,8 @@
 
 use crate::arch::{self, idt::TrapFrame};
 
+// A copy (guest/ is its own no_std workspace) of `DEBUG_EXIT_PORT` in
+// crates/devices/src/platform/debug_exit.rs.
 const DEBUG_EXIT_PORT: u16 = 0xf4;
 const SLP_EN: u16 = 1 << 13;
 
@@ -31,7 +33,7 @@ pub fn exit(status: Status) -> ! {
 }
 
 /// Prints the final FAIL line and exits with `status`.
-pub fn fail(status: Status, reason: core::fmt::Arguments) -> ! {
+pub fn fail(status: Status, reason: core::fmt::Arguments<'_>) -> ! {
     crate::println!("GUEST-KIT FAIL {}", reason);
     exit(status)
 }
@@ -46,11 +48,14 @@ pub fn cpu_exception(frame: &TrapFrame) -> ! {
         frame.rsp,
         arch::read_cr2()
     );
-    fail(Status::CpuException, format_args!("cpu exception {}", frame.vector))
+    fail(
+        Status::CpuException,
+        format_args!("cpu exception {}", frame.vector),
+    )
 }
 
 #[panic_handler]
-fn panic(info: &core::panic::PanicInfo) -> ! {
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     match info.location() {
         Some(location) => crate::say!(
             "panic at {}:{}: {}",

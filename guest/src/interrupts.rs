@@ -71,7 +71,11 @@ pub fn init() {
     write_reg(REG_TPR, 0);
     write_reg(REG_LVT_TIMER, LVT_MASKED);
     write_reg(REG_SVR, 0x100 | u32::from(SPURIOUS_VECTOR));
-    crate::chatter!("LAPIC id={} mode={}", apic_id(), if has_x2apic { "x2apic" } else { "xapic" });
+    crate::chatter!(
+        "LAPIC id={} mode={}",
+        apic_id(),
+        if has_x2apic { "x2apic" } else { "xapic" }
+    );
 }
 
 /// This CPU's APIC id.

@@ -44,7 +44,10 @@ extern "C" fn rust_main(start_info: u32) -> ! {
     say!("guest kit booting, cmdline \"{}\"", boot.cmdline());
     let config = match cmdline::parse(boot.cmdline()) {
         Ok(config) => config,
-        Err(error) => exit::fail(Status::BadCommandLine, format_args!("bad command line: {}", error)),
+        Err(error) => exit::fail(
+            Status::BadCommandLine,
+            format_args!("bad command line: {}", error),
+        ),
     };
     console::set_quiet(config.quiet);
     chatter!("{} KiB free for heap and DMA", mem::free_bytes() / 1024);
@@ -54,7 +57,10 @@ extern "C" fn rust_main(start_info: u32) -> ! {
     interrupts::start_wakeup_timer(WAKEUP_PERIOD_US);
     // Interrupts stay enabled from here on: handlers only count and EOI.
     arch::enable_interrupts();
-    pci::init(acpi::info().and_then(|info| info.ecam.first().copied()), true);
+    pci::init(
+        acpi::info().and_then(|info| info.ecam.first().copied()),
+        true,
+    );
     let status = workloads::run_all(&config);
     match status {
         Status::Pass => println!("GUEST-KIT PASS"),

@@ -19,8 +19,8 @@ extern "C" {
 }
 
 fn kernel_end() -> u64 {
-    // SAFETY: only the address of the linker symbol is taken.
-    unsafe { core::ptr::addr_of!(__kernel_end) as u64 }
+    // Only the address of the linker symbol is taken (safe since Rust 1.82).
+    core::ptr::addr_of!(__kernel_end) as u64
 }
 
 /// Picks the largest usable RAM range above the kernel image and below 4 GiB.
@@ -42,7 +42,8 @@ pub fn init(ram: &[(u64, u64)]) {
 
 /// Bytes still available.
 pub fn free_bytes() -> u64 {
-    END.load(Ordering::Relaxed).saturating_sub(NEXT.load(Ordering::Relaxed))
+    END.load(Ordering::Relaxed)
+        .saturating_sub(NEXT.load(Ordering::Relaxed))
 }
 
 /// Allocates `size` bytes aligned to `align` (a power of two); returns the physical address.

@@ -5,6 +5,8 @@ use crate::arch::{inl, outl};
 use crate::phys;
 use alloc::vec::Vec;
 
+// Copies (guest/ is its own no_std workspace) of `CONFIG_ADDRESS_PORT` in
+// crates/pci/src/access.rs; CONFIG_DATA is 4 ports above it.
 const CONFIG_ADDRESS: u16 = 0xcf8;
 const CONFIG_DATA: u16 = 0xcfc;
 pub const COMMAND: u16 = 0x04;
@@ -24,15 +26,23 @@ pub struct Bdf {
 }
 
 impl core::fmt::Display for Bdf {
-    fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
-        write!(f, "{:02x}:{:02x}.{:x}", self.bus, self.device, self.function)
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "{:02x}:{:02x}.{:x}",
+            self.bus, self.device, self.function
+        )
     }
 }
 
 /// How configuration space is reached.
 #[derive(Clone, Copy)]
 pub enum ConfigAccess {
-    Ecam { base: u64, start_bus: u8, end_bus: u8 },
+    Ecam {
+        base: u64,
+        start_bus: u8,
+        end_bus: u8,
+    },
     Ports,
 }
 
@@ -60,7 +70,11 @@ fn port_address(bdf: Bdf, offset: u16) -> u32 {
 /// Reads the aligned dword containing `offset`.
 pub fn read32(bdf: Bdf, offset: u16) -> u32 {
     match access() {
-        ConfigAccess::Ecam { base, start_bus, end_bus } => {
+        ConfigAccess::Ecam {
+            base,
+            start_bus,
+            end_bus,
+        } => {
             if bdf.bus < start_bus || bdf.bus > end_bus {
                 return u32::MAX;
             }
@@ -79,7 +93,11 @@ pub fn read32(bdf: Bdf, offset: u16) -> u32 {
 /// Writes the aligned dword containing `offset`.
 pub fn write32(bdf: Bdf, offset: u16, value: u32) {
     match access() {
-        ConfigAccess::Ecam { base, start_bus, end_bus } => {
+        ConfigAccess::Ecam {
+            base,
+            start_bus,
+            end_bus,
+        } => {
             if bdf.bus >= start_bus && bdf.bus <= end_bus {
                 phys::mmio_write32(ecam_address(base, start_bus, bdf, offset), value);
             }
@@ -163,7 +181,14 @@ fn size_bar(bdf: Bdf, index: u16) -> (Bar, u16) {
         let mask = read32(bdf, offset) & !3;
         write32(bdf, offset, low);
         let size = u64::from((!mask).wrapping_add(1) & 0xffff);
-        return (Bar { addr: u64::from(low & !3), size: if mask == 0 { 0 } else { size }, is_io: true }, 1);
+        return (
+            Bar {
+                addr: u64::from(low & !3),
+                size: if mask == 0 { 0 } else { size },
+                is_io: true,
+            },
+            1,
+        );
     }
     let is_64 = (low >> 1) & 3 == 2 && index < 5;
     let high = if is_64 { read32(bdf, offset + 4) } else { 0 };
@@ -177,9 +202,20 @@ fn size_bar(bdf: Bdf, index: u16) -> (Bar, u16) {
     } else if mask != 0 {
         mask |= 0xffff_ffff_0000_0000;
     }
-    let size = if mask == 0 { 0 } else { (!mask).wrapping_add(1) };
+    let size = if mask == 0 {
+        0
+    } else {
+        (!mask).wrapping_add(1)
+    };
     let addr = (u64::from(high) << 32) | u64::from(low & !0xf);
-    (Bar { addr, size, is_io: false }, if is_64 { 2 } else { 1 })
+    (
+        Bar {
+            addr,
+            size,
+            is_io: false,
+        },
+        if is_64 { 2 } else { 1 },
+    )
 }
 
 fn size_bars(bdf: Bdf) -> [Bar; 6] {
@@ -204,8 +240,18 @@ fn probe(bdf: Bdf, found: &mut Vec<Device>, buses: &mut Vec<u8>) {
     }
     let header_type = read8(bdf, 0x0e) & 0x7f;
     let class = read32(bdf, 0x08) >> 8;
-    let bars = if header_type == 0 { size_bars(bdf) } else { [Bar::default(); 6] };
-    found.push(Device { bdf, vendor, device: (id >> 16) as u16, class, bars });
+    let bars = if header_type == 0 {
+        size_bars(bdf)
+    } else {
+        [Bar::default(); 6]
+    };
+    found.push(Device {
+        bdf,
+        vendor,
+        device: (id >> 16) as u16,
+        class,
+        bars,
+    });
     if header_type == 1 {
         let secondary = read8(bdf, 0x19);
         if secondary > bdf.bus && !buses.contains(&secondary) && buses.len() < MAX_BUSES_VISITED {
@@ -216,13 +262,25 @@ fn probe(bdf: Bdf, found: &mut Vec<Device>, buses: &mut Vec<u8>) {
 
 fn scan_bus(bus: u8, found: &mut Vec<Device>, buses: &mut Vec<u8>) {
     for device in 0..32 {
-        let first = Bdf { bus, device, function: 0 };
+        let first = Bdf {
+            bus,
+            device,
+            function: 0,
+        };
         if read32(first, 0) as u16 == 0xffff {
             continue;
         }
         let functions = if read8(first, 0x0e) & 0x80 != 0 { 8 } else { 1 };
         for function in 0..functions {
-            probe(Bdf { bus, device, function }, found, buses);
+            probe(
+                Bdf {
+                    bus,
+                    device,
+                    function,
+                },
+                found,
+                buses,
+            );
         }
     }
 }
@@ -245,11 +303,17 @@ pub fn init(ecam: Option<crate::acpi::Ecam>, print: bool) {
     let first_bus = match ecam {
         Some(e) => {
             let size = (u64::from(e.end_bus - e.start_bus) + 1) << 20;
-            if e.base + size > phys::IDENTITY_LIMIT && crate::arch::paging::map_identity(e.base, size).is_err() {
+            if e.base + size > phys::IDENTITY_LIMIT
+                && crate::arch::paging::map_identity(e.base, size).is_err()
+            {
                 crate::say!("ECAM at {:#x} cannot be mapped; using ports", e.base);
                 0
             } else {
-                ACCESS.set(ConfigAccess::Ecam { base: e.base, start_bus: e.start_bus, end_bus: e.end_bus });
+                ACCESS.set(ConfigAccess::Ecam {
+                    base: e.base,
+                    start_bus: e.start_bus,
+                    end_bus: e.end_bus,
+                });
                 e.start_bus
             }
         }

@@ -82,7 +82,7 @@ fn copy_cmdline(info: &mut BootInfo, addr: u64) {
 }
 
 fn copy_memmap(info: &mut BootInfo, addr: u64, entries: u32) {
-    let entry_size = core::mem::size_of::<MemmapEntry>() as u64;
+    let entry_size = size_of::<MemmapEntry>() as u64;
     let entries = u64::from(entries).min(128);
     if !low_enough(addr, entries * entry_size) {
         return;
@@ -98,7 +98,7 @@ fn copy_memmap(info: &mut BootInfo, addr: u64, entries: u32) {
 
 /// Parses the start info at `paddr`; `None` when the magic is wrong.
 pub fn parse(paddr: u64) -> Option<BootInfo> {
-    if !low_enough(paddr, core::mem::size_of::<StartInfo>() as u64) {
+    if !low_enough(paddr, size_of::<StartInfo>() as u64) {
         return None;
     }
     let start: StartInfo = read_phys(paddr);

@@ -2,7 +2,7 @@
 //! hypervisor leaf 0x40000010, or is measured against the ACPI PM timer (3.579545 MHz), else
 //! the PIT channel 2. Every wait in the kit uses `Deadline`.
 
-use crate::arch::{self, cpuid, inb, inl, outb, rdtsc};
+use crate::arch::{cpuid, inb, inl, outb, rdtsc};
 use core::sync::atomic::{AtomicU64, Ordering};
 
 const PM_TIMER_HZ: u64 = 3_579_545;
@@ -118,13 +118,5 @@ impl Deadline {
 
     pub fn expired(&self) -> bool {
         now_ns() >= self.0
-    }
-}
-
-/// Busy-waits `us` microseconds.
-pub fn delay_us(us: u64) {
-    let end = now_ns() + us * 1000;
-    while now_ns() < end {
-        arch::pause();
     }
 }

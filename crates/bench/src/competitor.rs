@@ -15,6 +15,7 @@ use sluice_guest_kit::{
 };
 
 use crate::exec::{self, Ended, Measured};
+use crate::first_insn;
 use crate::net;
 use crate::scenario::{BlkParams, NetParams, Scenario, Workload};
 
@@ -22,8 +23,10 @@ use crate::scenario::{BlkParams, NetParams, Scenario, Workload};
 pub type Metrics = BTreeMap<String, f64>;
 
 /// Every competitor the matrix knows, in the order they alternate.
-pub const ALL: [Competitor; 5] = [
+pub const ALL: [Competitor; 7] = [
     Competitor::Sluice,
+    Competitor::SluicePoll,
+    Competitor::SluiceBatch,
     Competitor::SluiceVhostServe,
     Competitor::SluiceVhostQsd,
     Competitor::Qemu,
@@ -33,8 +36,13 @@ pub const ALL: [Competitor; 5] = [
 /// One way of running a scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Competitor {
-    /// `sluice run` with its in-process virtio devices (`--disk path=`, `--net tap=`).
+    /// `sluice run` with its in-process virtio devices (`--disk path=`, `--net tap=`), with the
+    /// default notify policy (`notify=irq`: the worker sleeps until a kick).
     Sluice,
+    /// The same with `notify=poll`: after a kick the worker polls the ring (50 µs budget).
+    SluicePoll,
+    /// The same with `notify=batch:16:50`: interrupts coalesced (16 requests or 50 µs).
+    SluiceBatch,
     /// `sluice run --disk vhost_user=on` served by `sluice serve blk`.
     SluiceVhostServe,
     /// `sluice run --disk vhost_user=on` served by qemu-storage-daemon.
@@ -79,6 +87,8 @@ impl Competitor {
     pub fn id(self) -> &'static str {
         match self {
             Competitor::Sluice => "sluice",
+            Competitor::SluicePoll => "sluice-poll",
+            Competitor::SluiceBatch => "sluice-batch",
             Competitor::SluiceVhostServe => "sluice-vhost-serve",
             Competitor::SluiceVhostQsd => "sluice-vhost-qsd",
             Competitor::Qemu => "qemu",
@@ -88,7 +98,9 @@ impl Competitor {
 
     pub fn description(self) -> &'static str {
         match self {
-            Competitor::Sluice => "sluice run, in-process virtio-blk (direct=on) / virtio-net on a tap",
+            Competitor::Sluice => "sluice run, in-process virtio-blk (direct=on, notify=irq) / virtio-net on a tap",
+            Competitor::SluicePoll => "sluice run, in-process virtio-blk (direct=on, notify=poll: 50 µs ring polling after a kick)",
+            Competitor::SluiceBatch => "sluice run, in-process virtio-blk (direct=on, notify=batch:16:50: interrupt coalescing)",
             Competitor::SluiceVhostServe => "sluice run --disk vhost_user=on, backend: sluice serve blk --direct",
             Competitor::SluiceVhostQsd => "sluice run --disk vhost_user=on, backend: qemu-storage-daemon (io_uring, cache.direct=on)",
             Competitor::Qemu => "QEMU -accel kvm q35: virtio-blk-pci + iothread, aio=io_uring, cache=none (SeaBIOS); virtio-net-pci on the UDP socket netdev; startup with qboot",
@@ -96,20 +108,42 @@ impl Competitor {
         }
     }
 
-    /// Whether this competitor has an entry for the scenario at all.
+    /// The `--disk notify=` policy of the in-process sluice variants.
+    fn notify(self) -> Option<&'static str> {
+        match self {
+            Competitor::SluicePoll => Some("poll"),
+            Competitor::SluiceBatch => Some("batch:16:50"),
+            _ => None,
+        }
+    }
+
+    /// Whether this competitor has an entry for the scenario at all. The notify-policy variants
+    /// run the single-queue random reads only (what the policies trade: kicks, interrupts and
+    /// CPU per I/O), which keeps the matrix short.
     pub fn supports(self, scenario: &Scenario) -> bool {
         match (self, &scenario.workload) {
-            (Competitor::Sluice | Competitor::Qemu, _) => true,
-            (Competitor::SluiceVhostServe | Competitor::SluiceVhostQsd | Competitor::Fio, w) => {
-                matches!(w, Workload::Blk(_))
+            (Competitor::Sluice, _) => true,
+            (Competitor::Qemu, w) => !matches!(w, Workload::FirstInstruction),
+            (Competitor::SluicePoll | Competitor::SluiceBatch, Workload::Blk(b)) => {
+                b.op == "randread" && b.queues == 1
             }
+            // Guest-side batching is compared between in-process sluice and QEMU only (the
+            // vhost-user rings behave alike); fio's run would be the same either way.
+            (
+                Competitor::SluiceVhostServe | Competitor::SluiceVhostQsd | Competitor::Fio,
+                Workload::Blk(b),
+            ) => b.guest_batch.is_none(),
+            _ => false,
         }
     }
 
     /// `Err(reason)` when this host cannot run the competitor at all.
     pub fn availability(self) -> Result<(), String> {
         match self {
-            Competitor::Sluice | Competitor::SluiceVhostServe => kvm(),
+            Competitor::Sluice
+            | Competitor::SluicePoll
+            | Competitor::SluiceBatch
+            | Competitor::SluiceVhostServe => kvm(),
             Competitor::SluiceVhostQsd => kvm().and_then(|_| {
                 on_path(
                     "qemu-storage-daemon",
@@ -127,6 +161,7 @@ impl Competitor {
     pub fn scenario_availability(self, scenario: &Scenario) -> Result<(), String> {
         match (self, &scenario.workload) {
             (Competitor::Sluice, Workload::Net(_)) => tap_available(),
+            (Competitor::Sluice, Workload::FirstInstruction) => first_insn::probe_tools(),
             _ => Ok(()),
         }
     }
@@ -134,7 +169,12 @@ impl Competitor {
     /// Runs `scenario` once.
     pub fn run(self, scenario: &Scenario, env: &Env) -> Result<RunOutput, String> {
         match self {
-            Competitor::Sluice => run_sluice(scenario, env, None),
+            Competitor::Sluice if scenario.workload == Workload::FirstInstruction => {
+                first_insn::run(env)
+            }
+            Competitor::Sluice | Competitor::SluicePoll | Competitor::SluiceBatch => {
+                run_sluice(scenario, env, None, self.notify())
+            }
             Competitor::SluiceVhostServe => {
                 let socket = env.workdir.join("serve.sock");
                 let queues = blk_params(scenario)?.queues.to_string();
@@ -142,7 +182,7 @@ impl Competitor {
                 command.args(["serve", "blk", "--direct", "--queues", &queues, "--socket"]);
                 command.arg(&socket).arg("--image").arg(&env.image);
                 let backend = Backend::start(command, socket, "sluice serve blk")?;
-                run_sluice(scenario, env, Some(backend))
+                run_sluice(scenario, env, Some(backend), None)
             }
             Competitor::SluiceVhostQsd => {
                 let socket = env.workdir.join("qsd.sock");
@@ -158,7 +198,7 @@ impl Competitor {
                     socket.display()
                 ));
                 let backend = Backend::start(command, socket, "qemu-storage-daemon")?;
-                run_sluice(scenario, env, Some(backend))
+                run_sluice(scenario, env, Some(backend), None)
             }
             Competitor::Qemu => run_qemu(scenario, env),
             Competitor::Fio => run_fio(blk_params(scenario)?, env),
@@ -166,11 +206,11 @@ impl Competitor {
     }
 }
 
-fn kvm() -> Result<(), String> {
+pub(crate) fn kvm() -> Result<(), String> {
     sluice_guest_kit::kvm_unavailable_reason().map_or(Ok(()), Err)
 }
 
-fn on_path(program: &str, hint: &str) -> Result<(), String> {
+pub(crate) fn on_path(program: &str, hint: &str) -> Result<(), String> {
     let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
         .any(|dir| dir.join(program).is_file());
     if found {
@@ -259,7 +299,7 @@ impl Drop for Backend {
     }
 }
 
-fn command_line(command: &Command) -> Vec<String> {
+pub(crate) fn command_line(command: &Command) -> Vec<String> {
     std::iter::once(command.get_program())
         .chain(command.get_args())
         .map(|a| a.to_string_lossy().into_owned())
@@ -271,10 +311,20 @@ fn unique() -> u32 {
     COUNTER.fetch_add(1, Ordering::Relaxed)
 }
 
+/// The `--disk` argument of an in-process sluice run.
+fn sluice_disk_arg(image: &Path, queues: u16, notify: Option<&str>) -> String {
+    let notify = notify.map(|n| format!(",notify={n}")).unwrap_or_default();
+    format!(
+        "--disk=path={},queues={queues},direct=on{notify}",
+        image.display()
+    )
+}
+
 fn run_sluice(
     scenario: &Scenario,
     env: &Env,
     backend: Option<Backend>,
+    notify: Option<&str>,
 ) -> Result<RunOutput, String> {
     let metrics_path = env.workdir.join(format!("metrics-{}.json", unique()));
     let mut run = GuestKitRun::sluice(&env.sluice, &scenario.guest_cmdline());
@@ -288,11 +338,7 @@ fn run_sluice(
                 env.workdir.join(backend_socket(&backend)).display(),
                 b.queues
             ),
-            None => format!(
-                "--disk=path={},queues={},direct=on",
-                env.image.display(),
-                b.queues
-            ),
+            None => sluice_disk_arg(&env.image, b.queues, notify),
         }),
         Workload::Net(n) => {
             let tap = format!("sbn{}x{}", std::process::id() % 100_000, unique() % 100);
@@ -301,7 +347,7 @@ fn run_sluice(
                 feeder = Some(net::feed_tap(tap, n.size as usize));
             }
         }
-        Workload::Startup => {}
+        Workload::Startup | Workload::FirstInstruction => {}
     }
     if let sluice_guest_kit::Vmm::Sluice { extra_args, .. } = &mut run.vmm {
         extra_args.extend(extra);
@@ -365,7 +411,7 @@ fn sluice_metrics(json: &Value, scenario: &Scenario, guest: &Metrics) -> Metrics
     let prefix = match scenario.workload {
         Workload::Blk(_) => "blk",
         Workload::Net(_) => "net",
-        Workload::Startup => return out,
+        Workload::Startup | Workload::FirstInstruction => return out,
     };
     let queues: Vec<&Value> = json["devices"]
         .as_array()
@@ -381,6 +427,18 @@ fn sluice_metrics(json: &Value, scenario: &Scenario, guest: &Metrics) -> Metrics
             crate::metric::INTERRUPTS_PER_OP.into(),
             sum("interrupts") / ops,
         );
+        let busiest = queues
+            .iter()
+            .max_by_key(|q| q["requests"].as_u64().unwrap_or(0));
+        let latency = |p: &str| busiest.and_then(|q| q["latency_ns"][p].as_f64());
+        for (metric, p) in [
+            (crate::metric::DEVICE_LAT_P50_US, "p50"),
+            (crate::metric::DEVICE_LAT_P99_US, "p99"),
+        ] {
+            if let Some(ns) = latency(p).filter(|&ns| ns > 0.0) {
+                out.insert(metric.into(), ns / 1e3);
+            }
+        }
     }
     out
 }
@@ -476,7 +534,7 @@ fn run_qemu(scenario: &Scenario, env: &Env) -> Result<RunOutput, String> {
         }
         // qboot starts in ~0.4 s against SeaBIOS's ~4 s here; `w=info` needs no PCI BARs.
         Workload::Startup => run = run.with_firmware(Firmware::Qboot),
-        Workload::Blk(_) => {}
+        Workload::Blk(_) | Workload::FirstInstruction => {}
     }
     let mut command = run.command(&env.kernel).map_err(|e| e.to_string())?;
     if let Workload::Blk(b) = &scenario.workload {
@@ -626,12 +684,49 @@ mod tests {
     }
 
     #[test]
+    fn notify_variants_run_single_queue_random_reads_with_their_policy() {
+        let scenarios = matrix(true, 64);
+        let ran_by = |c: Competitor| -> Vec<&str> {
+            scenarios
+                .iter()
+                .filter(|s| c.supports(s))
+                .map(|s| s.id.as_str())
+                .collect()
+        };
+
+        let disk = sluice_disk_arg(Path::new("/d.img"), 1, Competitor::SluiceBatch.notify());
+
+        assert_eq!(
+            ran_by(Competitor::SluicePoll),
+            [
+                "blk-randread-4k-qd1-1q",
+                "blk-randread-4k-qd32-1q",
+                "blk-randread-4k-qd32-1q-gbatch"
+            ]
+        );
+        assert_eq!(
+            ran_by(Competitor::SluiceBatch),
+            ran_by(Competitor::SluicePoll)
+        );
+        assert_eq!(
+            disk,
+            "--disk=path=/d.img,queues=1,direct=on,notify=batch:16:50"
+        );
+        assert_eq!(Competitor::Sluice.notify(), None);
+        assert!(!ran_by(Competitor::Fio).contains(&"blk-randread-4k-qd32-1q-gbatch"));
+        assert_eq!(ran_by(Competitor::Qemu).last(), Some(&"startup"));
+    }
+
+    #[test]
     fn sluice_metrics_divide_counts_by_guest_ops() {
         let scenario = &matrix(true, 64)[0];
         let json = serde_json::json!({
             "exits": {"total": 120, "per_device": [{"device": "com1", "reads": 10, "writes": 90}]},
             "devices": [{"device": "blk:x.img", "queues": [
-                {"kicks": 30, "interrupts": 5}, {"kicks": 10, "interrupts": 15}]}],
+                {"kicks": 30, "interrupts": 5, "requests": 30,
+                 "latency_ns": {"p50": 65536, "p99": 4194304}},
+                {"kicks": 10, "interrupts": 15, "requests": 10,
+                 "latency_ns": {"p50": 1024, "p99": 2048}}]}],
         });
         let guest = Metrics::from([(crate::metric::OPS.to_owned(), 40.0)]);
 
@@ -641,5 +736,7 @@ mod tests {
         assert_eq!(metrics[crate::metric::EXITS_PER_OP_NO_CONSOLE], 0.5);
         assert_eq!(metrics[crate::metric::KICKS_PER_OP], 1.0);
         assert_eq!(metrics[crate::metric::INTERRUPTS_PER_OP], 0.5);
+        assert_eq!(metrics[crate::metric::DEVICE_LAT_P50_US], 65.536);
+        assert_eq!(metrics[crate::metric::DEVICE_LAT_P99_US], 4194.304);
     }
 }

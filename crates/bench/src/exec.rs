@@ -72,7 +72,7 @@ fn reap(pid: libc::pid_t) -> Option<(Ended, Usage)> {
     let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
     loop {
         // SAFETY: `status` and `rusage` are valid for writes; `pid` is our unreaped child.
-        let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut rusage) };
+        let rc = unsafe { libc::wait4(pid, &raw mut status, 0, &raw mut rusage) };
         if rc == pid {
             break;
         }
@@ -97,7 +97,7 @@ fn has_exited(pid: libc::pid_t) -> bool {
         libc::waitid(
             libc::P_PID,
             pid as libc::id_t,
-            &mut info,
+            &raw mut info,
             libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
         )
     };

@@ -1,12 +1,13 @@
 //! `sluice bench`: runs the benchmark matrix (scenarios × competitors, alternating competitors
 //! within each repetition) and writes `results.json` (every sample), `results.md` and SVG plots.
 //!
-//! Competitors: sluice with in-process virtio, sluice with vhost-user backends (`sluice serve
-//! blk`, qemu-storage-daemon), QEMU -accel kvm, host fio. Each is skipped, with the reason
-//! recorded, when the host lacks what it needs.
+//! Competitors: sluice with in-process virtio (with each notify policy: irq, poll, batch),
+//! sluice with vhost-user backends (`sluice serve blk`, qemu-storage-daemon), QEMU -accel kvm,
+//! host fio. Each is skipped, with the reason recorded, when the host lacks what it needs.
 
 pub mod competitor;
 pub mod exec;
+pub mod first_insn;
 pub mod metric;
 pub mod net;
 pub mod report;
@@ -255,11 +256,13 @@ fn progress_text(sample: &Sample) -> String {
     add(metric::EXITS_PER_OP, "exits/op", 3);
     add(metric::KICKS_PER_OP, "kicks/op", 3);
     add(metric::READY_MS, "ready ms", 1);
+    add(metric::FIRST_INSN_MS, "first insn ms", 2);
+    add(metric::VMM_RSS_OVERHEAD_MIB, "RSS w/o guest RAM MiB", 2);
     add(metric::VMM_MAX_RSS_MIB, "max RSS MiB", 1);
     format!("{} ({:.1} s)", parts.join(", "), sample.wall_s)
 }
 
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, reason = "the parts of one run's output")]
 fn write_outputs(
     args: &BenchArgs,
     plan: &Plan,

@@ -95,8 +95,8 @@ impl PacketSocket {
                 frame.as_ptr().cast(),
                 frame.len(),
                 0,
-                (&self.address as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                (&raw const self.address).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
             )
         };
         sent > 0

@@ -181,7 +181,7 @@ pub struct MarkdownInput<'a> {
 
 /// `results.md`: one table per scenario (median (min–max) over the repetitions), the ratios,
 /// what was skipped and what failed.
-pub fn markdown(input: &MarkdownInput) -> String {
+pub fn markdown(input: &MarkdownInput<'_>) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "Command: `{}`\n", input.command);
     for line in input.machine_lines {
@@ -200,7 +200,7 @@ pub fn markdown(input: &MarkdownInput) -> String {
         if rows.is_empty() {
             continue;
         }
-        let columns = if scenario == "startup" {
+        let columns = if scenario.starts_with("startup") {
             metric::STARTUP_TABLE
         } else {
             metric::TABLE

@@ -23,6 +23,10 @@ pub struct BlkParams {
     pub ops: u64,
     /// The span of the disk the requests touch, in MiB.
     pub span_mb: u64,
+    /// The guest kit publishes this many requests per kick (`mode=batch:batch=N`) instead of
+    /// kicking after each one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_batch: Option<u32>,
 }
 
 /// A net workload of the guest kit (`w=net:...`).
@@ -43,6 +47,9 @@ pub enum Workload {
     Net(NetParams),
     /// Process start to the guest kit's first console line and first RESULT (`w=info`).
     Startup,
+    /// Process start to the first guest instruction, setup time and the VMM's own memory, with
+    /// a probe guest whose first instruction exits (bench/guests/first-insn-exit.S).
+    FirstInstruction,
 }
 
 /// One row group of the matrix.
@@ -57,15 +64,22 @@ impl Scenario {
     /// The guest kit command line of this scenario.
     pub fn guest_cmdline(&self) -> String {
         match &self.workload {
-            Workload::Blk(b) => format!(
-                "quiet w=blk:op={}:bs={}:qd={}:queues={}:ops={}:span_mb={}",
-                b.op, b.bs, b.qd, b.queues, b.ops, b.span_mb
-            ),
+            Workload::Blk(b) => {
+                let batch = b
+                    .guest_batch
+                    .map(|n| format!(":mode=batch:batch={n}"))
+                    .unwrap_or_default();
+                format!(
+                    "quiet w=blk:op={}:bs={}:qd={}:queues={}:ops={}:span_mb={}{batch}",
+                    b.op, b.bs, b.qd, b.queues, b.ops, b.span_mb
+                )
+            }
             Workload::Net(n) => format!(
                 "quiet w=net:dir={}:size={}:frames={}",
                 n.dir, n.size, n.frames
             ),
             Workload::Startup => "quiet w=info".to_owned(),
+            Workload::FirstInstruction => "(no guest kit: bench/guests/first-insn-exit.S)".into(),
         }
     }
 
@@ -74,14 +88,14 @@ impl Scenario {
         match self.workload {
             Workload::Blk(_) => "blk",
             Workload::Net(_) => "net",
-            Workload::Startup => "info",
+            Workload::Startup | Workload::FirstInstruction => "info",
         }
     }
 
     /// Guest RAM for this scenario.
     pub fn memory_mib(&self) -> u32 {
         match self.workload {
-            Workload::Startup => STARTUP_MEMORY_MIB,
+            Workload::Startup | Workload::FirstInstruction => STARTUP_MEMORY_MIB,
             _ => DEVICE_MEMORY_MIB,
         }
     }
@@ -118,8 +132,18 @@ fn blk(op: &'static str, bs: u32, qd: u32, queues: u16, ops: u64, span_mb: u64) 
             queues,
             ops,
             span_mb,
+            guest_batch: None,
         }),
     }
+}
+
+/// `scenario` with the guest kit publishing `batch` requests per kick.
+fn guest_batched(mut scenario: Scenario, batch: u32) -> Scenario {
+    if let Workload::Blk(params) = &mut scenario.workload {
+        params.guest_batch = Some(batch);
+        scenario.id.push_str("-gbatch");
+    }
+    scenario
 }
 
 fn net(dir: &'static str, size: u32, frames: u64) -> Scenario {
@@ -145,6 +169,11 @@ pub fn matrix(quick: bool, span_mb: u64) -> Vec<Scenario> {
             }
         }
     }
+    // Guest-side batching: one kick per 16 requests, against the kick per request above.
+    scenarios.push(guest_batched(
+        blk("randread", 4096, 32, 1, ops_qd32, span_mb),
+        16,
+    ));
     scenarios.push(blk("read", 128 * 1024, 4, 1, ops_seq, span_mb));
     for dir in ["tx", "rx"] {
         for size in [64, 1500] {
@@ -157,6 +186,10 @@ pub fn matrix(quick: bool, span_mb: u64) -> Vec<Scenario> {
     scenarios.push(Scenario {
         id: "startup".to_owned(),
         workload: Workload::Startup,
+    });
+    scenarios.push(Scenario {
+        id: "startup-first-insn".to_owned(),
+        workload: Workload::FirstInstruction,
     });
     scenarios
 }
@@ -176,7 +209,9 @@ mod tests {
             "blk-seqread-128k-qd4-1q",
             "net-tx-64b",
             "net-rx-1500b",
+            "blk-randread-4k-qd32-1q-gbatch",
             "startup",
+            "startup-first-insn",
         ] {
             assert!(ids.contains(&expected), "{expected} missing from {ids:?}");
         }
@@ -193,6 +228,18 @@ mod tests {
         assert_eq!(
             scenario.guest_cmdline(),
             "quiet w=blk:op=randwrite:bs=4096:qd=32:queues=2:ops=500:span_mb=64"
+        );
+    }
+
+    #[test]
+    fn guest_batched_scenario_asks_the_guest_kit_to_batch() {
+        let scenario = guest_batched(blk("randread", 4096, 32, 1, 200, 32), 16);
+
+        assert_eq!(scenario.id, "blk-randread-4k-qd32-1q-gbatch");
+        assert_eq!(
+            scenario.guest_cmdline(),
+            "quiet w=blk:op=randread:bs=4096:qd=32:queues=1:ops=200:span_mb=32\
+             :mode=batch:batch=16"
         );
     }
 

@@ -8,7 +8,11 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::GuestMemoryMmap;
 
 /// Publishes one chain of `(address, length, device_writable)` buffers at descriptor `first`.
-pub fn add_chain(vq: &MockSplitQueue<GuestMemoryMmap>, first: u16, buffers: &[(u64, u32, bool)]) {
+pub fn add_chain(
+    vq: &MockSplitQueue<'_, GuestMemoryMmap>,
+    first: u16,
+    buffers: &[(u64, u32, bool)],
+) {
     let descriptors: Vec<RawDescriptor> = buffers
         .iter()
         .enumerate()
@@ -25,7 +29,7 @@ pub fn add_chain(vq: &MockSplitQueue<GuestMemoryMmap>, first: u16, buffers: &[(u
 }
 
 /// The `(id, len)` of used ring slot `slot`.
-pub fn used(vq: &MockSplitQueue<GuestMemoryMmap>, slot: u16) -> (u32, u32) {
+pub fn used(vq: &MockSplitQueue<'_, GuestMemoryMmap>, slot: u16) -> (u32, u32) {
     let elem = vq.used().ring().ref_at(slot.into()).unwrap().load();
     (elem.id(), elem.len())
 }

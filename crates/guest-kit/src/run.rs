@@ -223,6 +223,8 @@ impl GuestKitRun {
             "stdio".into(),
             "-no-reboot".into(),
             "-device".into(),
+            // The guest kit's exit port (guest/src/exit.rs; sluice's is DEBUG_EXIT_PORT in
+            // crates/devices/src/platform/debug_exit.rs, at the same place).
             "isa-debug-exit,iobase=0xf4,iosize=0x04".into(),
             "-kernel".into(),
             kernel.display().to_string(),

@@ -97,8 +97,8 @@ fn ends_straight_line_flow(instruction: &str) -> bool {
 /// True when the `int3` at `index` belongs to a run of `int3` that follows an unconditional
 /// control transfer and lasts until the next symbol: the assembler's alignment fill (and LLVM's
 /// trap after a `noreturn` call), which no code path executes.
-fn is_padding_int3(lines: &[Line], index: usize) -> bool {
-    let is_int3 = |line: &Line| matches!(line, Line::Instruction(_, "int3"));
+fn is_padding_int3(lines: &[Line<'_>], index: usize) -> bool {
+    let is_int3 = |line: &Line<'_>| matches!(line, Line::Instruction(_, "int3"));
     let run_start = lines[..index]
         .iter()
         .rposition(|line| !is_int3(line))

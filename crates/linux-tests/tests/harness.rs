@@ -175,8 +175,11 @@ fn image_scan_accepts_what_the_hosts_fio_writes() {
             "--io_size=1M",
             "--verify=crc32c",
             "--do_verify=0",
+            // Nothing resumes this job: no verify state file (it would land in the cwd).
+            "--verify_state_save=0",
         ])
         .arg(format!("--filename={}", path.display()))
+        .current_dir(&scratch.dir)
         .output()
         .expect("run fio");
     assert!(
@@ -192,4 +195,8 @@ fn image_scan_accepts_what_the_hosts_fio_writes() {
     assert_eq!(scan.bad, vec![]);
     assert_eq!(scan.fio_blocks, writes);
     assert_eq!(scan.fio_blocks + scan.zero_blocks, 1024);
+    // fio saves a verify state file (`local-<job>-<n>-verify.state`) in its working directory,
+    // which is this crate's directory under `cargo test`: one was once committed by accident.
+    let stray = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("local-h-0-verify.state");
+    assert!(!stray.exists(), "fio left {} behind", stray.display());
 }

@@ -17,6 +17,9 @@ use crate::config::{CONFIG_SPACE_SIZE, CONVENTIONAL_CONFIG_SIZE};
 use crate::device::PciAddress;
 use crate::root::PciRoot;
 
+/// Configuration mechanism #1: CONFIG_ADDRESS at 0xcf8, CONFIG_DATA at 0xcfc, 8 ports in all.
+pub const CONFIG_ADDRESS_PORT: u16 = 0xcf8;
+pub const CONFIG_PORT_LEN: u16 = 8;
 /// CONFIG_ADDRESS bit 31: the data port performs config cycles.
 pub const CONFIG_ADDRESS_ENABLE: u32 = 1 << 31;
 /// Bits of CONFIG_ADDRESS that hold state: enable, bus, device, function, dword register.

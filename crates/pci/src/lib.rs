@@ -30,7 +30,9 @@ mod msix_routes;
 mod root;
 mod test_device;
 
-pub use access::{PciConfigIo, PciConfigMmio, CONFIG_ADDRESS_ENABLE};
+pub use access::{
+    PciConfigIo, PciConfigMmio, CONFIG_ADDRESS_ENABLE, CONFIG_ADDRESS_PORT, CONFIG_PORT_LEN,
+};
 pub use bar::{AddressWindow, BarAllocator, BarKind, BarSpec, DEFAULT_IO_WINDOW};
 pub use config::{
     ConfigSpace, PciIds, CAPABILITIES_POINTER, CLASS_CODE, COMMAND, COMMAND_BUS_MASTER,

@@ -13,8 +13,8 @@ const MMIO32: (u64, u64) = (0xc000_0000, 0x2000_0000);
 const MMIO64: (u64, u64) = (0x10_0000_0000, 0x4_0000_0000);
 const ECAM_BASE: u64 = 0xe000_0000;
 const ECAM_BUSES: u16 = 256;
-const CONFIG_PORT: u64 = 0xcf8;
-const DATA_PORT: u64 = 0xcfc;
+const CONFIG_PORT: u64 = CONFIG_ADDRESS_PORT as u64;
+const DATA_PORT: u64 = CONFIG_PORT + 4;
 
 struct Rig {
     mmio: Arc<Bus>,
@@ -34,7 +34,8 @@ fn rig() -> Rig {
     .unwrap();
     let root = Arc::new(PciRoot::new(mmio.clone(), pio.clone(), allocator));
     let io = Arc::new(Mutex::new(PciConfigIo::new(root.clone())));
-    pio.insert("pci-config-io", io, CONFIG_PORT, 8).unwrap();
+    pio.insert("pci-config-io", io, CONFIG_PORT, CONFIG_PORT_LEN.into())
+        .unwrap();
     let ecam = PciConfigMmio::new(root.clone(), ECAM_BUSES);
     let len = ecam.window_len();
     mmio.insert("pci-ecam", Arc::new(Mutex::new(ecam)), ECAM_BASE, len)

@@ -61,7 +61,7 @@ fn hit(spec: &Spec, what: &str) {
             // SAFETY: sysinfo(2) into a valid, owned buffer; no side effects.
             let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
             // SAFETY: as above.
-            unsafe { libc::sysinfo(&mut info) };
+            unsafe { libc::sysinfo(&raw mut info) };
         }
         _ => {}
     }

@@ -349,7 +349,7 @@ fn install_sigsys_handler() -> Result<(), Error> {
     action.sa_sigaction = handler as usize;
     action.sa_flags = libc::SA_SIGINFO;
     // SAFETY: `action` is initialised and the handler only calls async-signal-safe functions.
-    let rc = unsafe { libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) };
+    let rc = unsafe { libc::sigaction(libc::SIGSYS, &raw const action, std::ptr::null_mut()) };
     if rc != 0 {
         return Err(Error::Signal(std::io::Error::last_os_error()));
     }
@@ -469,7 +469,7 @@ mod tests {
             // SAFETY: getpid and sysinfo (into a valid buffer) have no side effects.
             unsafe {
                 let mut info: libc::sysinfo = std::mem::zeroed();
-                (libc::getpid() > 0, libc::sysinfo(&mut info) == -1)
+                (libc::getpid() > 0, libc::sysinfo(&raw mut info) == -1)
             }
         })
         .join()
@@ -515,8 +515,8 @@ mod tests {
             unsafe {
                 let mut old: libc::sigaction = std::mem::zeroed();
                 (
-                    libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut old),
-                    libc::sigaction(libc::SIGSYS, std::ptr::null(), &mut old),
+                    libc::sigaction(libc::SIGBUS, std::ptr::null(), &raw mut old),
+                    libc::sigaction(libc::SIGSYS, std::ptr::null(), &raw mut old),
                 )
             }
         })

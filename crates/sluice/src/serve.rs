@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use sluice_devices::block::{Block, BlockConfig};
-use sluice_devices::net::{Net, NetConfig, Tap};
+use sluice_devices::net::{parse_mac, Net, NetConfig, Tap};
 use sluice_devices::rng::Rng;
 use sluice_vhost::{Limits, Server, SocketRemover};
 use sluice_virtio::VirtioDevice;
@@ -153,13 +153,14 @@ impl StopSignals {
         // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
         let set = unsafe {
             let mut set = std::mem::zeroed::<libc::sigset_t>();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigemptyset(&raw mut set);
+            libc::sigaddset(&raw mut set, libc::SIGTERM);
+            libc::sigaddset(&raw mut set, libc::SIGINT);
             set
         };
         // SAFETY: a valid, initialised set; the old mask is not wanted.
-        let result = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        let result =
+            unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()) };
         if result != 0 {
             return Err(std::io::Error::from_raw_os_error(result));
         }
@@ -184,7 +185,7 @@ impl StopSignals {
         loop {
             let mut signal = 0;
             // SAFETY: a valid set of blocked signals and a valid output pointer.
-            if unsafe { libc::sigwait(&self.set, &mut signal) } == 0 {
+            if unsafe { libc::sigwait(&raw const self.set, &raw mut signal) } == 0 {
                 return signal;
             }
         }
@@ -208,25 +209,6 @@ fn serve_net(args: NetArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
     )
 }
 
-/// `xx:xx:xx:xx:xx:xx`, unicast.
-fn parse_mac(text: &str) -> Result<[u8; 6], String> {
-    let bytes = text
-        .split(':')
-        .map(|byte| match byte.len() {
-            1 | 2 => u8::from_str_radix(byte, 16).ok(),
-            _ => None,
-        })
-        .collect::<Option<Vec<u8>>>()
-        .ok_or_else(|| format!("`{text}`: expected xx:xx:xx:xx:xx:xx"))?;
-    let mac: [u8; 6] = bytes
-        .try_into()
-        .map_err(|_| format!("`{text}`: expected six bytes"))?;
-    if mac[0] & 1 != 0 {
-        return Err(format!("`{text}` is a multicast address"));
-    }
-    Ok(mac)
-}
-
 fn serve_blk(args: BlkArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
     let mut config = BlockConfig::new(&args.image);
     config.queues = args.queues;
@@ -235,31 +217,4 @@ fn serve_blk(args: BlkArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
     config.logical_block_size = args.block_size;
     let block = Block::new(config).context("cannot open the disk")?;
     serve(&args.listen, block, "vhost-user-blk", stop_signals)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_mac;
-
-    #[test]
-    fn parses_a_unicast_mac() {
-        let mac = parse_mac("52:54:00:ab:cd:0e");
-
-        assert_eq!(mac, Ok([0x52, 0x54, 0x00, 0xab, 0xcd, 0x0e]));
-    }
-
-    #[test]
-    fn refuses_malformed_and_multicast_macs() {
-        for text in [
-            "52:54:00:ab:cd",
-            "52:54:00:ab:cd:0e:ff",
-            "52:54:00:ab:cd:xyz",
-            "",
-            "01:00:5e:00:00:01",
-        ] {
-            let mac = parse_mac(text);
-
-            assert!(mac.is_err(), "{text:?} parsed as {mac:?}");
-        }
-    }
 }

@@ -8,7 +8,8 @@ use std::process::Command;
 use serde_json::Value;
 use sluice_guest_kit::skip_without_kvm;
 
-const SCENARIOS: &[&str] = &["blk-randread-4k-qd1-1q", "startup"];
+/// `--only` matches substrings: `startup/sluice` also selects `startup-first-insn`, listed too.
+const SCENARIOS: &[&str] = &["blk-randread-4k-qd1-1q", "startup", "startup-first-insn"];
 
 /// The schema check: required fields and their types; every sample names a scenario and a
 /// competitor the file declares.
@@ -180,6 +181,14 @@ fn quick_bench_writes_valid_results() {
         "{blk}"
     );
     assert!(blk["metrics"]["kicks_per_op"].as_f64().is_some(), "{blk}");
+    let probe = samples
+        .iter()
+        .find(|s| s["scenario"] == "startup-first-insn")
+        .expect("probe");
+    assert!(
+        probe["metrics"]["first_insn_ms"].as_f64().unwrap_or(0.0) > 0.0,
+        "{probe}"
+    );
     assert_eq!(
         stderr.matches("bench: [").count(),
         SCENARIOS.len(),

@@ -205,9 +205,9 @@ fn spawn_echo_peer(
         addr.sll_family = libc::AF_PACKET as u16;
         addr.sll_protocol = proto;
         addr.sll_ifindex = ifindex as i32;
-        let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+        let len = size_of::<libc::sockaddr_ll>() as u32;
         // SAFETY: `addr` is a valid sockaddr_ll of `len` bytes.
-        let rc = unsafe { libc::bind(fd, &addr as *const _ as *const libc::sockaddr, len) };
+        let rc = unsafe { libc::bind(fd, (&raw const addr).cast::<libc::sockaddr>(), len) };
         assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
         let timeout = libc::timeval {
             tv_sec: 0,
@@ -219,8 +219,8 @@ fn spawn_echo_peer(
                 fd,
                 libc::SOL_SOCKET,
                 libc::SO_RCVTIMEO,
-                &timeout as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as u32,
+                (&raw const timeout).cast::<libc::c_void>(),
+                size_of::<libc::timeval>() as u32,
             )
         };
         let mut echoed = 0;
@@ -233,11 +233,11 @@ fn spawn_echo_peer(
             let n = unsafe {
                 libc::recvfrom(
                     fd,
-                    frame.as_mut_ptr() as *mut libc::c_void,
+                    frame.as_mut_ptr().cast::<libc::c_void>(),
                     frame.len(),
                     0,
-                    &mut from as *mut _ as *mut libc::sockaddr,
-                    &mut from_len,
+                    (&raw mut from).cast::<libc::sockaddr>(),
+                    &raw mut from_len,
                 )
             };
             if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
@@ -247,10 +247,10 @@ fn spawn_echo_peer(
             unsafe {
                 libc::sendto(
                     fd,
-                    frame.as_ptr() as *const libc::c_void,
+                    frame.as_ptr().cast::<libc::c_void>(),
                     n as usize,
                     0,
-                    &addr as *const _ as *const libc::sockaddr,
+                    (&raw const addr).cast::<libc::sockaddr>(),
                     len,
                 )
             };

@@ -180,7 +180,7 @@ fn image_size(file: &File) -> io::Result<u64> {
     }
     let mut size: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 to the pointer, which points at a live local.
-    let ret = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &raw mut size) };
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -240,7 +240,7 @@ fn statx_dio_alignment(file: &File) -> io::Result<Option<(u32, u32)>> {
             c"".as_ptr(),
             libc::AT_EMPTY_PATH,
             libc::STATX_DIOALIGN,
-            &mut buf,
+            &raw mut buf,
         )
     };
     if ret < 0 {

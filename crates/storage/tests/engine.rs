@@ -60,7 +60,7 @@ fn wait_all<T>(queue: &mut IoQueue<T>, count: usize) -> Vec<IoCompletion<T>> {
             revents: 0,
         };
         // SAFETY: one valid pollfd on the stack.
-        unsafe { libc::poll(&mut pfd, 1, 100) };
+        unsafe { libc::poll(&raw mut pfd, 1, 100) };
         done.extend(queue.reap());
     }
     done

@@ -1,3 +1,8 @@
+//! The bodies of the vhost-user fuzz targets (fuzz/fuzz_targets/ holds thin wrappers), here so
+//! that `cargo test` replays their committed corpora (tests/fuzz_corpus.rs):
+//! [`vhost_user_messages`] feeds a raw byte stream, [`vhost_user_fds`] plays a script with file
+//! descriptors.
+//!
 //! A scripted hostile frontend for fuzz targets and corpus replay: the vhost-user server with
 //! file descriptors — memfds of chosen sizes as guest RAM (SET_MEM_TABLE, ADD_MEM_REG) and
 //! inflight areas (SET_INFLIGHT_FD), eventfds as kick / call / err fds (a call fd may be
@@ -36,6 +41,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::net::Shutdown;
 use std::ops::RangeInclusive;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::FileExt;
@@ -214,7 +220,7 @@ pub fn run_frontend_script(script: &[u8]) -> ScriptOutcome {
     let served = thread::spawn(move || server().serve_connection(backend));
     if let Ok(mut player) = Player::new(frontend) {
         (outcome.played, outcome.operations) = player.play(script);
-        let _ = player.socket.shutdown(std::net::Shutdown::Write);
+        let _ = player.socket.shutdown(Shutdown::Write);
         // Replies still coming are read and dropped, so the server never blocks on them.
         player.drain();
     }
@@ -611,9 +617,36 @@ fn single_region(slot: u8, size: u64) -> Vec<u8> {
     let region = region(slot, size);
     let mut body = 0u64.to_le_bytes().to_vec(); // padding
     body.extend_from_slice(region.as_slice());
-    debug_assert_eq!(
-        body.len(),
-        std::mem::size_of::<VhostUserSingleMemoryRegion>()
-    );
+    debug_assert_eq!(body.len(), size_of::<VhostUserSingleMemoryRegion>());
     body
+}
+
+/// Longest script [`vhost_user_fds`] plays: past a few hundred operations scripts only repeat
+/// themselves, slower.
+pub const MAX_SCRIPT_BYTES: usize = 1024;
+
+/// The `vhost_user_fds` target: plays (the first [`MAX_SCRIPT_BYTES`] of) `data` as a script.
+/// The server must survive it (a SIGBUS from a shrunk file ends only that connection), never
+/// hang, and keep serving.
+pub fn vhost_user_fds(data: &[u8]) {
+    let _ = run_frontend_script(&data[..data.len().min(MAX_SCRIPT_BYTES)]);
+}
+
+/// The `vhost_user_messages` target: a raw byte stream as if from a frontend — malformed,
+/// truncated and out-of-order messages, and messages whose file descriptors are missing (a
+/// byte stream cannot carry SCM_RIGHTS). Writes `data` into one end of a socketpair, closes it
+/// for writing, and hands the other end to `serve` (e.g. `|stream| { server.serve_connection(
+/// stream); }`: the caller picks the device), which must end the connection cleanly — never
+/// panic, never hang.
+pub fn vhost_user_messages(data: &[u8], serve: impl FnOnce(UnixStream)) {
+    let (mut frontend, backend) = UnixStream::pair().expect("socketpair");
+    // The socket buffer holds far more than libFuzzer's default input size, so this never blocks.
+    if frontend.write_all(data).is_err() {
+        return;
+    }
+    // EOF after the input; replies stay unread in our receive buffer (no SIGPIPE).
+    frontend
+        .shutdown(Shutdown::Write)
+        .expect("shutdown of a socketpair end");
+    serve(backend);
 }

@@ -438,7 +438,7 @@ fn peer_stopped_writing(socket: RawFd) -> bool {
     };
     let millis = TORN_MESSAGE_RECHECK.as_millis() as i32;
     // SAFETY: one valid pollfd for the duration of the call; the result is checked.
-    let ready = unsafe { libc::poll(&mut pollfd, 1, millis) };
+    let ready = unsafe { libc::poll(&raw mut pollfd, 1, millis) };
     ready > 0 && pollfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
@@ -523,7 +523,7 @@ fn answer_early_vring_enable<D: VirtioDevice>(
     let word =
         |i: usize| u32::from_ne_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
     let (request, flags, size) = (word(0), word(4), word(8));
-    let body_bytes = std::mem::size_of::<VhostUserVringState>();
+    let body_bytes = size_of::<VhostUserVringState>();
     if request != FrontendReq::SET_VRING_ENABLE as u32 || size as usize != body_bytes {
         return Ok(false);
     }

@@ -54,7 +54,10 @@ struct Slot {
     notify: AtomicI32,
 }
 
-#[allow(clippy::declare_interior_mutable_const)] // Only used to initialise `TABLE`.
+#[allow(
+    clippy::declare_interior_mutable_const,
+    reason = "only used to initialise `TABLE`"
+)]
 const FREE: Slot = Slot {
     start: AtomicUsize::new(0),
     len: AtomicUsize::new(0),
@@ -98,7 +101,7 @@ impl Tripwire {
             revents: 0,
         };
         // SAFETY: one valid pollfd for the duration of the call; zero timeout.
-        unsafe { libc::poll(&mut pollfd, 1, 0) > 0 }
+        unsafe { libc::poll(&raw mut pollfd, 1, 0) > 0 }
     }
 }
 
@@ -174,7 +177,8 @@ fn install() {
         // SAFETY: zeroed storage for the previous action, filled by sigaction.
         let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
         // SAFETY: valid action and output pointers; SIGBUS may have a handler.
-        let installed = unsafe { libc::sigaction(libc::SIGBUS, &action, &mut previous) } == 0;
+        let installed =
+            unsafe { libc::sigaction(libc::SIGBUS, &raw const action, &raw mut previous) } == 0;
         if installed {
             PREVIOUS_ACTION.store(previous.sa_sigaction, Ordering::Release);
             PREVIOUS_FLAGS.store(previous.sa_flags, Ordering::Release);
@@ -243,7 +247,7 @@ fn chain(signal: i32, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
         let mut default: libc::sigaction = unsafe { std::mem::zeroed() };
         default.sa_sigaction = libc::SIG_DFL;
         // SAFETY: sigaction is async-signal-safe; valid pointer, no old action wanted.
-        unsafe { libc::sigaction(signal, &default, std::ptr::null_mut()) };
+        unsafe { libc::sigaction(signal, &raw const default, std::ptr::null_mut()) };
         return;
     }
     if flags & libc::SA_SIGINFO != 0 {

@@ -280,6 +280,6 @@ fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
         .unwrap_or(i32::MAX)
         .max(1);
     // SAFETY: one valid pollfd for the duration of the call; the result is checked.
-    let ready = unsafe { libc::poll(&mut pollfd, 1, millis) };
+    let ready = unsafe { libc::poll(&raw mut pollfd, 1, millis) };
     ready > 0 && pollfd.revents & libc::POLLIN != 0
 }

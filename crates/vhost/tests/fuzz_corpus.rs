@@ -1,12 +1,43 @@
-//! Replays the committed seeds of the `vhost_user_fds` fuzz target (fuzz/corpus/) through the
-//! library function the target wraps, so that `cargo test` catches a regression the corpus
-//! already knows how to reach — and checks that the seeds still reach what they were written
-//! for.
+//! `cargo test` replays the committed corpora of the fuzz targets whose bodies live in this
+//! crate: every input of every target through its body (fuzz/corpus_replay.rs has the
+//! mechanism and how to add a target), and the `vhost_user_fds` seeds each checked to still
+//! reach what they were written for.
+
+mod common;
+#[path = "../../../fuzz/corpus_replay.rs"]
+mod corpus_replay;
 
 use std::path::PathBuf;
 
-use sluice_vhost::fuzz::{chains_served, run_frontend_script};
+use sluice_devices::block::{Block, BlockConfig};
+use sluice_vhost::fuzz::{chains_served, run_frontend_script, vhost_user_fds, vhost_user_messages};
+use sluice_vhost::server::Server;
 use sluice_vhost::ConnectionEnd;
+
+#[test]
+fn fuzz_corpora_replay_without_panics() {
+    let image = common::make_image("fuzz-corpus");
+    let block = Block::new(BlockConfig::new(&image)).expect("open the image");
+    let socket = common::temp_path("fuzz-corpus.sock");
+    let server = Server::bind(&socket, block).expect("bind");
+    let messages = |data: &[u8]| {
+        vhost_user_messages(data, |stream| {
+            server.serve_connection(stream);
+        })
+    };
+
+    corpus_replay::replay_owned(
+        env!("CARGO_PKG_NAME"),
+        &[
+            ("vhost_user_messages", &messages),
+            ("vhost_user_fds", &vhost_user_fds),
+        ],
+    );
+
+    drop(server);
+    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&image);
+}
 
 fn seed(name: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -57,10 +57,8 @@ fn fill(pipe: &File) {
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     assert!(flags >= 0);
     // SAFETY: as above.
-    assert_eq!(
-        unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) },
-        0
-    );
+    let set = unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) };
+    assert_eq!(set, 0);
     let chunk = [0u8; 4096];
     while (&*pipe).write(&chunk).is_ok() {}
     // SAFETY: as above; the backend gets the descriptor blocking again.

@@ -182,7 +182,7 @@ struct Worker {
 }
 
 impl Worker {
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, reason = "one per worker field")]
     fn new(
         name: String,
         binding: QueueBinding,

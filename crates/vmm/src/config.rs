@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use sluice_devices::net::parse_mac;
+
 pub use sluice_virtio::NotifyPolicy;
 
 /// A virtio-blk disk.
@@ -229,23 +231,6 @@ impl DiskSpec {
     }
 }
 
-fn parse_mac(v: &str) -> Result<[u8; 6], String> {
-    let bytes: Vec<u8> = v
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<_, _>>()
-        .map_err(|_| format!("mac={v}: expected xx:xx:xx:xx:xx:xx"))?;
-    let mac: [u8; 6] = bytes
-        .try_into()
-        .map_err(|_| format!("mac={v}: expected six bytes"))?;
-    if mac[0] & 1 != 0 {
-        return Err(format!(
-            "mac={v}: a multicast address cannot be a NIC's address"
-        ));
-    }
-    Ok(mac)
-}
-
 impl NetSpec {
     /// `tap=NAME[,mac=xx:..][,queues=N][,notify=..]`
     pub fn parse(s: &str) -> Result<Self, String> {
@@ -259,7 +244,7 @@ impl NetSpec {
             match k {
                 "tap" if !v.is_empty() && v.len() < 16 => net.tap = v.to_string(),
                 "tap" => return Err(format!("tap={v}: interface names are 1..=15 bytes")),
-                "mac" => net.mac = Some(parse_mac(v)?),
+                "mac" => net.mac = Some(parse_mac(v).map_err(|e| format!("mac={v}: {e}"))?),
                 "queues" => net.queues = queue_count(k, v)?,
                 "notify" => net.notify = parse_notify(v)?,
                 _ => return Err(format!("--net: unknown key `{k}`")),
@@ -366,6 +351,20 @@ mod tests {
         );
         assert!(NetSpec::parse("tap=tap0,mac=01:00:00:00:00:01").is_err());
         assert!(NetSpec::parse("tap=averyveryverylongname").is_err());
+    }
+
+    #[test]
+    fn refuses_mac_bytes_that_are_not_one_or_two_hex_digits() {
+        // `sluice serve net --mac` refused these while `--net mac=` took them (two parsers).
+        for mac in [
+            "+52:54:00:12:34:56",
+            "052:54:00:12:34:56",
+            "52:54:00:12:34:",
+        ] {
+            let net = NetSpec::parse(&format!("tap=tap0,mac={mac}"));
+
+            assert!(net.is_err(), "mac={mac} parsed as {net:?}");
+        }
     }
 
     /// Defect 13: a key given twice is a mistake to report, not a silent "last one wins".

@@ -451,7 +451,7 @@ mod tests {
         let port = ExitPort(dispatch.control.clone());
         dispatch
             .pio
-            .insert("exit", Arc::new(std::sync::Mutex::new(port)), 0xf4, 1)
+            .insert("exit", Arc::new(Mutex::new(port)), 0xf4, 1)
             .unwrap();
 
         let thread = VcpuThread::spawn(0, vcpu, dispatch.clone()).unwrap();
@@ -552,7 +552,7 @@ mod tests {
         let exit = ExitPort(dispatch.control.clone());
         dispatch
             .pio
-            .insert("exit", Arc::new(std::sync::Mutex::new(exit)), 0xf4, 1)
+            .insert("exit", Arc::new(Mutex::new(exit)), 0xf4, 1)
             .unwrap();
         let probe = IntxProbe {
             line: line.clone(),
@@ -560,7 +560,7 @@ mod tests {
         };
         dispatch
             .pio
-            .insert("intx", Arc::new(std::sync::Mutex::new(probe)), 0x50, 3)
+            .insert("intx", Arc::new(Mutex::new(probe)), 0x50, 3)
             .unwrap();
         let watchdog_control = dispatch.control.clone();
         std::thread::spawn(move || {

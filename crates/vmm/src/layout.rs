@@ -55,34 +55,24 @@ pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
 /// 64-bit PCI MMIO window size; its base is `mmio64_start(ram_size)`.
 pub const MMIO64_SIZE: u64 = 0x4_0000_0000;
 
-/// ISA IRQ of COM1.
+/// ISA IRQs of the legacy devices: COM1, the i8042 keyboard port, the CMOS RTC.
 pub const COM1_IRQ: u32 = 4;
-/// Port of the debug-exit device: the value written becomes sluice's exit status.
-/// Same port as the conventional QEMU `isa-debug-exit,iobase=0xf4`.
-pub const DEBUG_EXIT_PORT: u16 = 0xf4;
-/// ACPI power-management block, one device spanning `PM_BLOCK_PORT..+PM_BLOCK_LEN`:
-/// PM1a event block (status u16 + enable u16), PM1a control (u16), PM timer (u32, 3.579545 MHz),
-/// reset register (u8; FADT RESET_REG). 0xcf9 is avoided: it overlaps CONFIG_ADDRESS (0xcf8).
-pub const PM_BLOCK_PORT: u16 = 0x600;
-pub const PM_BLOCK_LEN: u16 = 0x10;
-pub const PM1A_EVT_PORT: u16 = 0x600;
-pub const PM1A_CNT_PORT: u16 = 0x604;
-pub const PM_TMR_PORT: u16 = 0x608;
-pub const ACPI_RESET_PORT: u16 = 0x60c;
-/// Value written to the reset register to reset.
-pub const ACPI_RESET_VALUE: u8 = 0x6;
-/// SLP_TYP for S5 (soft off) advertised in the DSDT `\_S5` package.
-pub const S5_SLEEP_TYPE: u8 = 5;
+pub const KEYBOARD_IRQ: u32 = 1;
+pub const RTC_IRQ: u32 = 8;
+/// The port map: each device model defines where it lives (one definition, used here to map the
+/// devices and to build the ACPI tables that advertise them).
+pub use sluice_devices::platform::acpi_pm::{
+    ACPI_RESET_PORT, ACPI_RESET_VALUE, PM1A_CNT_PORT, PM1A_EVT_PORT, PM_BLOCK_LEN, PM_BLOCK_PORT,
+    PM_TMR_PORT, S5_SLEEP_TYPE,
+};
+pub use sluice_devices::platform::debug_exit::{DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
+pub use sluice_devices::platform::i8042::{I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_PORT_LEN};
+pub use sluice_devices::platform::rtc::{RTC_PORT, RTC_PORT_LEN};
+pub use sluice_devices::platform::serial::{COM1_PORT, SERIAL_PORT_LEN};
 /// PCI configuration mechanism #1 ports (CONFIG_ADDRESS, CONFIG_DATA).
-pub const PCI_CONFIG_ADDRESS_PORT: u16 = 0xcf8;
-pub const PCI_CONFIG_PORT_LEN: u16 = 8;
-/// COM1 base port.
-pub const COM1_PORT: u16 = 0x3f8;
-/// i8042 data and command/status ports.
-pub const I8042_DATA_PORT: u16 = 0x60;
-pub const I8042_COMMAND_PORT: u16 = 0x64;
-/// CMOS/RTC index and data ports.
-pub const RTC_PORT: u16 = 0x70;
+pub use sluice_pci::{
+    CONFIG_ADDRESS_PORT as PCI_CONFIG_ADDRESS_PORT, CONFIG_PORT_LEN as PCI_CONFIG_PORT_LEN,
+};
 /// IOAPIC id in the MADT and the number of IOAPIC pins (GSIs 0..24).
 pub const IOAPIC_ID: u8 = 0;
 pub const IOAPIC_PINS: u32 = 24;

@@ -58,7 +58,7 @@ pub fn attach_platform_devices(
         "com1",
         Arc::new(Mutex::new(serial)),
         layout::COM1_PORT.into(),
-        8,
+        layout::SERIAL_PORT_LEN.into(),
     )?;
 
     let i8042 = I8042::new(exit.clone(), None);
@@ -67,7 +67,7 @@ pub fn attach_platform_devices(
         "i8042",
         Arc::new(Mutex::new(i8042)),
         layout::I8042_DATA_PORT.into(),
-        5,
+        layout::I8042_PORT_LEN.into(),
     )?;
 
     let mut rtc = Rtc::new(Box::new(SystemWallClock));
@@ -78,7 +78,7 @@ pub fn attach_platform_devices(
         "rtc",
         Arc::new(Mutex::new(rtc)),
         layout::RTC_PORT.into(),
-        2,
+        layout::RTC_PORT_LEN.into(),
     )?;
 
     let pm = AcpiPmBlock::new(
@@ -100,7 +100,7 @@ pub fn attach_platform_devices(
         "debug-exit",
         Arc::new(Mutex::new(debug_exit)),
         layout::DEBUG_EXIT_PORT.into(),
-        4,
+        layout::DEBUG_EXIT_LEN.into(),
     )
 }
 

@@ -75,7 +75,7 @@ static mut TSS: Tss = Tss {
     ist: [0; 7],
     reserved2: 0,
     reserved3: 0,
-    iomap_base: core::mem::size_of::<Tss>() as u16,
+    iomap_base: size_of::<Tss>() as u16,
 };
 static mut IDT: [Gate; 256] = [Gate {
     offset_low: 0,
@@ -162,7 +162,7 @@ fn install_tss() {
         tss.ist[1] = stack_top(1);
         tss.ist[2] = stack_top(2);
         let base = addr_of!(TSS) as u64;
-        let limit = (core::mem::size_of::<Tss>() - 1) as u64;
+        let limit = (size_of::<Tss>() - 1) as u64;
         let low = (limit & 0xffff)
             | ((base & 0xff_ffff) << 16)
             | (0x89 << 40)
@@ -184,8 +184,8 @@ fn ist_for(vector: usize) -> u8 {
 }
 
 fn install_idt() {
-    // SAFETY: `isr_stubs` is the start of 256 16-byte stubs emitted above.
-    let stubs = unsafe { addr_of!(isr_stubs) } as u64;
+    // `isr_stubs` is the start of 256 16-byte stubs emitted above (taking its address is safe).
+    let stubs = addr_of!(isr_stubs) as u64;
     // SAFETY: single CPU, boot time, interrupts off.
     unsafe {
         let idt = &mut *addr_of_mut!(IDT);
@@ -202,10 +202,10 @@ fn install_idt() {
             };
         }
         let pointer = DescriptorPointer {
-            limit: (core::mem::size_of::<[Gate; 256]>() - 1) as u16,
+            limit: (size_of::<[Gate; 256]>() - 1) as u16,
             base: addr_of!(IDT) as u64,
         };
-        core::arch::asm!("lidt [{}]", in(reg) &pointer, options(nostack, readonly));
+        core::arch::asm!("lidt [{}]", in(reg) &raw const pointer, options(nostack, readonly));
     }
 }
 

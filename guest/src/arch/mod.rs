@@ -11,38 +11,52 @@ use core::arch::asm;
 /// Writes one byte to an I/O port.
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O has no memory effects visible to Rust; callers pick ports of devices they own.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Reads one byte from an I/O port.
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: see `outb`.
-    unsafe { asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
     value
 }
 
 /// Writes a 16-bit word to an I/O port.
 pub fn outw(port: u16, value: u16) {
     // SAFETY: see `outb`.
-    unsafe { asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Writes a 32-bit word to an I/O port.
 pub fn outl(port: u16, value: u32) {
     // SAFETY: see `outb`.
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Reads a 32-bit word from an I/O port.
 pub fn inl(port: u16) -> u32 {
     let value: u32;
     // SAFETY: see `outb`.
-    unsafe { asm!("in eax, dx", out("eax") value, in("dx") port, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in eax, dx", out("eax") value, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
     value
 }
 
 /// CPUID leaf/subleaf result (eax, ebx, ecx, edx).
+#[allow(
+    unused_unsafe,
+    reason = "__cpuid_count is safe in newer Rust, unsafe at our MSRV"
+)]
 pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     // SAFETY: CPUID is always available in long mode and only reads CPU state.
     let r = unsafe { core::arch::x86_64::__cpuid_count(leaf, subleaf) };
@@ -53,7 +67,9 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
 pub fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: callers only read architectural MSRs whose presence CPUID reported.
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    }
     (u64::from(hi) << 32) | u64::from(lo)
 }
 

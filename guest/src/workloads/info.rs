@@ -16,9 +16,13 @@ fn timer_ticks() -> u64 {
 
 pub fn run() -> Outcome {
     let ticks = timer_ticks();
-    let tables = crate::acpi::info().map(|info| info.tables.len()).unwrap_or(0);
+    let tables = crate::acpi::info()
+        .map(|info| info.tables.len())
+        .unwrap_or(0);
     let devices = crate::pci::devices().len();
-    let cpus = crate::acpi::info().map(|info| info.lapic_ids.len()).unwrap_or(0);
+    let cpus = crate::acpi::info()
+        .map(|info| info.lapic_ids.len())
+        .unwrap_or(0);
     let pass = tables > 0 && devices > 0 && ticks >= 2;
     crate::println!(
         "RESULT {{\"workload\":\"info\",\"acpi_tables\":{},\"pci_devices\":{},\"cpus\":{},\"timer_irqs\":{},\"pass\":{}}}",

@@ -18,9 +18,15 @@ pub enum Outcome {
 fn run_one(workload: &Workload, config: &Config) -> Outcome {
     match workload {
         Workload::Info => info::run(),
-        Workload::Blk(params) => crate::drivers::virtio::blk::run_workload(params, config.timeout_ms),
-        Workload::Rng { bytes, dev } => crate::drivers::virtio::rng::run_workload(*bytes, *dev, config.timeout_ms),
-        Workload::Net(params) => crate::drivers::virtio::net::run_workload(params, config.timeout_ms),
+        Workload::Blk(params) => {
+            crate::drivers::virtio::blk::run_workload(params, config.timeout_ms)
+        }
+        Workload::Rng { bytes, dev } => {
+            crate::drivers::virtio::rng::run_workload(*bytes, *dev, config.timeout_ms)
+        }
+        Workload::Net(params) => {
+            crate::drivers::virtio::net::run_workload(params, config.timeout_ms)
+        }
     }
 }
 

@@ -13,7 +13,11 @@ pub struct Histogram {
 
 impl Histogram {
     pub fn new() -> Self {
-        Self { counts: [[0; SUBS]; BUCKETS], total: 0, max: 0 }
+        Self {
+            counts: [[0; SUBS]; BUCKETS],
+            total: 0,
+            max: 0,
+        }
     }
 
     fn index(value: u64) -> (usize, usize) {
@@ -56,10 +60,6 @@ impl Histogram {
                 }
             }
         }
-        self.max
-    }
-
-    pub fn max(&self) -> u64 {
         self.max
     }
 

@@ -4,7 +4,8 @@
 //!   one queue worker per queue (`sluice_virtio::QueueWorker`).
 //! * [`request`] — the guest-facing parser: one descriptor chain → a validated [`Request`] or a
 //!   [`Rejection`] (error status, or a zero-length used entry when no status byte is usable). A
-//!   pure function, with [`parse_request_for_fuzz`] as the fuzz entry point.
+//!   pure function, with [`parse_request_for_fuzz`] as the fuzz entry point and [`fuzz`] the
+//!   body of the `blk_request` target.
 //! * [`handler`] — [`BlockQueueHandler`], the per-queue `QueueHandler`: requests become
 //!   operations on a `sluice_storage::IoQueue` (io_uring or synchronous) and chains are
 //!   answered (status byte, used entry) as the operations complete.
@@ -16,6 +17,7 @@
 //! between virtio-blk requests and storage operations.
 
 pub mod device;
+pub mod fuzz;
 pub mod handler;
 pub mod request;
 

@@ -316,7 +316,7 @@ fn wait_readable(fd: RawFd) {
         revents: 0,
     };
     // SAFETY: one valid pollfd on the stack.
-    unsafe { libc::poll(&mut pfd, 1, 1000) };
+    unsafe { libc::poll(&raw mut pfd, 1, 1000) };
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {

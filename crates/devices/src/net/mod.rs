@@ -5,7 +5,8 @@
 //!
 //! * [`header`] parses and serialises `virtio_net_hdr_v1`. It is the guest-facing parser: every
 //!   TX header is validated against the negotiated offloads before the kernel sees it; it is a
-//!   pure function ([`header::parse_tx_packet`]) so a fuzz target can call it on arbitrary bytes.
+//!   pure function ([`header::parse_tx_packet`]) so a fuzz target can call it on arbitrary bytes
+//!   ([`fuzz`] is the body of the `net_header` target).
 //! * [`backend`] opens the tap (`/dev/net/tun`, `IFF_VNET_HDR` so the header passes through to
 //!   the kernel unchanged, non-blocking) — a handful of ioctls, written with libc directly.
 //! * [`handlers`] has the TX, RX and control queue handlers: TX copies header + frame out of the
@@ -23,8 +24,10 @@
 
 pub mod backend;
 pub mod device;
+pub mod fuzz;
 pub mod handlers;
 pub mod header;
+pub mod mac;
 pub mod tap_queues;
 
 #[cfg(test)]
@@ -34,3 +37,4 @@ pub use backend::{Tap, TapError};
 pub use device::{sanitize_features, tun_offload_flags, Net, NetConfig, QueueRole, NET_QUEUE_SIZE};
 pub use handlers::{deliver_packet, CtrlHandler, Delivery, NetBackend, RxHandler, TxHandler};
 pub use header::{parse_tx_packet, HeaderError, NetHeader, TxOffloads, NET_HDR_LEN};
+pub use mac::parse_mac;

@@ -583,7 +583,7 @@ fn rx_too_small_buffer_drops_packet() {
 }
 
 /// Publishes a control command `class, cmd, data` with a one-byte ack buffer at `0x20_0000`.
-fn ctrl_command(vq: &MockSplitQueue<GuestMemoryMmap>, mem: &GuestMemoryMmap, cmd: &[u8]) {
+fn ctrl_command(vq: &MockSplitQueue<'_, GuestMemoryMmap>, mem: &GuestMemoryMmap, cmd: &[u8]) {
     mem.write_slice(cmd, GuestAddress(0x10_0000)).unwrap();
     mem.write_slice(&[0xee], GuestAddress(0x20_0000)).unwrap();
     add_chain(
@@ -705,7 +705,7 @@ fn readable(fd: RawFd, timeout_ms: i32) -> bool {
         revents: 0,
     };
     // SAFETY: `pfd` is a valid pollfd array of length 1 for the duration of the call.
-    let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    let ret = unsafe { libc::poll(&raw mut pfd, 1, timeout_ms) };
     ret > 0 && pfd.revents & libc::POLLIN != 0
 }
 
@@ -741,8 +741,8 @@ impl PacketSocket {
         let ret = unsafe {
             libc::bind(
                 std::os::fd::AsRawFd::as_raw_fd(&fd),
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
             )
         };
         assert_eq!(ret, 0, "bind: {}", io::Error::last_os_error());
@@ -950,7 +950,7 @@ fn activated_device_transmits_on_kick() {
         },
     );
     let tx_kick = EventFd::new(0).unwrap();
-    let binding = |index, vq: &MockSplitQueue<GuestMemoryMmap>, kick: EventFd| QueueBinding {
+    let binding = |index, vq: &MockSplitQueue<'_, GuestMemoryMmap>, kick: EventFd| QueueBinding {
         index,
         queue: vq.create_queue().unwrap(),
         kick,

@@ -1,5 +1,6 @@
 //! The ACPI fixed-hardware power-management block: PM1a event and control registers, the PM
-//! timer and the reset register, in one port range (see `PM_BLOCK_*` in crates/vmm/src/layout.rs).
+//! timer and the reset register, in one port range ([`PM_BLOCK_PORT`]; the FADT and DSDT that
+//! advertise it are built from the constants here, re-exported by crates/vmm/src/layout.rs).
 //!
 //! Written by hand: no rust-vmm crate models ACPI fixed hardware, and it is a few registers.
 //!
@@ -28,12 +29,17 @@ use sluice_bus::BusDevice;
 use super::clock::MonotonicClock;
 use crate::{ExitSink, GuestExit};
 
-/// Base port and length (mirror `PM_BLOCK_PORT` / `PM_BLOCK_LEN` in crates/vmm/src/layout.rs).
+/// Base port and length. 0xcf9 (a common reset port) is avoided: it overlaps CONFIG_ADDRESS.
 pub const PM_BLOCK_PORT: u16 = 0x600;
 pub const PM_BLOCK_LEN: u16 = 0x10;
-/// Value the FADT advertises for RESET_REG (mirrors `ACPI_RESET_VALUE`).
+/// The registers' ports, as the FADT advertises them.
+pub const PM1A_EVT_PORT: u16 = PM_BLOCK_PORT + PM1_STATUS.offset as u16;
+pub const PM1A_CNT_PORT: u16 = PM_BLOCK_PORT + PM1_CONTROL.offset as u16;
+pub const PM_TMR_PORT: u16 = PM_BLOCK_PORT + PM_TIMER.offset as u16;
+pub const ACPI_RESET_PORT: u16 = PM_BLOCK_PORT + RESET.offset as u16;
+/// Value the FADT advertises for RESET_REG.
 pub const ACPI_RESET_VALUE: u8 = 0x6;
-/// SLP_TYP for S5 advertised in the DSDT `\_S5` package (mirrors `S5_SLEEP_TYPE`).
+/// SLP_TYP for S5 advertised in the DSDT `\_S5` package.
 pub const S5_SLEEP_TYPE: u8 = 5;
 /// PM timer frequency fixed by the ACPI specification.
 pub const PM_TIMER_HZ: u64 = 3_579_545;

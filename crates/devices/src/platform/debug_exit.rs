@@ -12,10 +12,10 @@ use sluice_bus::BusDevice;
 
 use crate::{ExitSink, GuestExit};
 
-/// Conventional port (mirrors `DEBUG_EXIT_PORT` in crates/vmm/src/layout.rs).
+/// The port of QEMU's `isa-debug-exit,iobase=0xf4`.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
-/// Ports the device decodes: one, but accesses of up to 4 bytes start there.
-pub const DEBUG_EXIT_LEN: u16 = 1;
+/// Ports mapped: four, like QEMU's `iosize=4`; only a write at offset 0 acts.
+pub const DEBUG_EXIT_LEN: u16 = 4;
 
 /// The debug-exit device model.
 pub struct DebugExit {

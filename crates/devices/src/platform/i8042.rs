@@ -26,10 +26,11 @@ use sluice_bus::BusDevice;
 use super::single_byte;
 use crate::{ExitSink, GuestExit};
 
-/// Data port (mirrors `I8042_DATA_PORT` in crates/vmm/src/layout.rs); the device spans
-/// `0x60..0x65` so that the command/status port 0x64 is at offset 4.
+/// Data port; the device spans `0x60..0x65` so that the command/status port 0x64 is at offset 4.
 pub const I8042_DATA_PORT: u16 = 0x60;
 pub const I8042_PORT_LEN: u16 = 5;
+/// Command (write) / status (read) port.
+pub const I8042_COMMAND_PORT: u16 = I8042_DATA_PORT + COMMAND_OFFSET as u16;
 
 const DATA_OFFSET: u64 = 0;
 const COMMAND_OFFSET: u64 = 4;

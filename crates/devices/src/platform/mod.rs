@@ -2,9 +2,9 @@
 //! controller, the MC146818 CMOS RTC, the ACPI power-management block and the debug-exit port.
 //!
 //! Every device is a [`sluice_bus::BusDevice`] laid out alike: model struct, `BusDevice` impl,
-//! constructor, tests. The devices crate does not depend on the VMM, so each module repeats the
-//! port numbers it conventionally lives at as local constants that mirror
-//! `crates/vmm/src/layout.rs`; the VMM chooses where to map them.
+//! constructor, tests. Each module defines the ports it conventionally lives at (the one
+//! definition: `crates/vmm/src/layout.rs` re-exports them to map the devices and build the ACPI
+//! tables; the guest kit, its own no_std workspace, keeps copies that point here).
 
 pub mod acpi_pm;
 pub mod clock;

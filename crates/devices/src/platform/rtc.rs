@@ -16,7 +16,7 @@ use sluice_bus::BusDevice;
 use super::clock::WallClock;
 use super::single_byte;
 
-/// Index port (mirrors `RTC_PORT` in crates/vmm/src/layout.rs); data is at offset 1.
+/// Index port; data is at offset 1.
 pub const RTC_PORT: u16 = 0x70;
 pub const RTC_PORT_LEN: u16 = 2;
 

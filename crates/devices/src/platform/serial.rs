@@ -18,10 +18,8 @@ use vm_superio::Trigger;
 
 use super::single_byte;
 
-/// COM1 base port (mirrors `COM1_PORT` in crates/vmm/src/layout.rs).
+/// COM1 base port (its IRQ line is the VMM's choice: `COM1_IRQ` in crates/vmm/src/layout.rs).
 pub const COM1_PORT: u16 = 0x3f8;
-/// COM1 interrupt (mirrors `COM1_IRQ` in crates/vmm/src/layout.rs).
-pub const COM1_IRQ: u32 = 4;
 /// Registers of a 16550: eight consecutive ports.
 pub const SERIAL_PORT_LEN: u16 = 8;
 

@@ -167,7 +167,7 @@ fn socket_address(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t
     for (to, &from) in address.sun_path.iter_mut().zip(bytes) {
         *to = from as libc::c_char;
     }
-    let length = mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    let length = size_of::<libc::sa_family_t>() + bytes.len() + 1;
     Ok((address, length as libc::socklen_t))
 }
 
@@ -188,7 +188,7 @@ fn connect_once(
     let connected = unsafe {
         libc::connect(
             socket.as_raw_fd(),
-            (address as *const libc::sockaddr_un).cast::<libc::sockaddr>(),
+            std::ptr::from_ref::<libc::sockaddr_un>(address).cast::<libc::sockaddr>(),
             length,
         )
     };
@@ -219,8 +219,8 @@ fn set_send_timeout(socket: &OwnedFd, timeout: Duration) -> io::Result<()> {
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_SNDTIMEO,
-            (&value as *const libc::timeval).cast::<libc::c_void>(),
-            mem::size_of::<libc::timeval>() as libc::socklen_t,
+            (&raw const value).cast::<libc::c_void>(),
+            size_of::<libc::timeval>() as libc::socklen_t,
         )
     };
     if set < 0 {

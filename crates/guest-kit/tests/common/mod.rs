@@ -1,7 +1,7 @@
 //! Helpers shared by the QEMU integration tests: run construction, pass assertions, temporary
 //! disk images and a UDP echo peer for virtio-net's socket backend.
 
-#![allow(dead_code)] // each test binary uses a different subset
+#![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::fs::{self, File};
 use std::net::UdpSocket;

@@ -2,7 +2,7 @@
 //! `tests/guests/`, running the real `sluice` binary with a hard timeout, and deciding whether
 //! this host can run KVM guests at all (if not, tests print a SKIP line and pass).
 
-#![allow(dead_code)] // Each test binary uses a different subset.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::fs::{self, OpenOptions};
 use std::io::Read;

@@ -2,7 +2,7 @@
 //! memfd, one split ring built by hand, and a `Server` on a temporary socket serving a
 //! virtio-blk model over a temporary image.
 
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, FromRawFd};

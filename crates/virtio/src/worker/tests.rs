@@ -533,6 +533,7 @@ fn wait_or_leak(worker: QueueWorker, what: &str, mut cond: impl FnMut() -> bool)
     let deadline = Instant::now() + WAIT;
     while !cond() {
         if Instant::now() >= deadline {
+            #[allow(clippy::mem_forget, reason = "joining a stuck worker hangs")]
             std::mem::forget(worker);
             panic!("timed out waiting for {what}");
         }

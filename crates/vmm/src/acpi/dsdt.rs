@@ -22,13 +22,9 @@ use crate::layout;
 
 /// DSDT revision 2 and later means 64-bit AML integers (needed for the MMIO64 window).
 const DSDT_REVISION: u8 = 2;
-/// Standard ISA IRQs of the legacy devices (COM1 comes from the layout).
-const KEYBOARD_IRQ: u32 = 1;
-const RTC_IRQ: u32 = 8;
-/// CMOS index + data ports.
-const RTC_PORT_LEN: u8 = 2;
-/// 16550 register block.
-const COM1_PORT_LEN: u8 = 8;
+/// CMOS index + data ports, and the 16550 register block, as AML IO descriptor lengths.
+const RTC_PORT_LEN: u8 = layout::RTC_PORT_LEN as u8;
+const COM1_PORT_LEN: u8 = layout::SERIAL_PORT_LEN as u8;
 /// Device slots on bus 0.
 const PCI_SLOTS: u8 = 32;
 /// `_PRT` address field: function "any" (0xFFFF) in the low word.
@@ -158,7 +154,7 @@ fn routing_table(intx: &IntxRouting) -> Vec<u8> {
             })
         })
         .collect();
-    let packages: Vec<Package> = entries
+    let packages: Vec<Package<'_>> = entries
         .iter()
         .map(|(address, pin, gsi)| Package::new(vec![address, pin, &0u8, gsi]))
         .collect();
@@ -203,7 +199,7 @@ fn com1() -> Vec<u8> {
 
 fn rtc() -> Vec<u8> {
     let ports = IO::new(layout::RTC_PORT, layout::RTC_PORT, 1, RTC_PORT_LEN);
-    let irq = isa_irq(RTC_IRQ);
+    let irq = isa_irq(layout::RTC_IRQ);
     let resources = ResourceTemplate::new(vec![&ports, &irq]);
     device_aml(
         "RTC_",
@@ -217,7 +213,7 @@ fn rtc() -> Vec<u8> {
 fn keyboard() -> Vec<u8> {
     let data = IO::new(layout::I8042_DATA_PORT, layout::I8042_DATA_PORT, 1, 1);
     let command = IO::new(layout::I8042_COMMAND_PORT, layout::I8042_COMMAND_PORT, 1, 1);
-    let irq = isa_irq(KEYBOARD_IRQ);
+    let irq = isa_irq(layout::KEYBOARD_IRQ);
     let resources = ResourceTemplate::new(vec![&data, &command, &irq]);
     device_aml(
         "KBD_",

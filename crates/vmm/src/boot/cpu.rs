@@ -142,7 +142,7 @@ fn segment_from_descriptor(descriptor: u64, selector: u16) -> kvm_segment {
         avl: field(52, 1) as u8,
         l: field(53, 1) as u8,
         db: field(54, 1) as u8,
-        g: granular as u8,
+        g: u8::from(granular),
         unusable: u8::from(present == 0),
         padding: 0,
     }

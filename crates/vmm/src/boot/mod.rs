@@ -169,7 +169,7 @@ const ELFDATA2LSB: u8 = 1;
 const EM_X86_64: u16 = 62;
 
 fn detect_format(kernel: &mut File, path: &Path) -> Result<KernelFormat, BootError> {
-    let prefix_len = SETUP_HEADER_OFFSET + std::mem::size_of::<setup_header>();
+    let prefix_len = SETUP_HEADER_OFFSET + size_of::<setup_header>();
     let mut prefix = Vec::with_capacity(prefix_len);
     kernel
         .by_ref()
@@ -188,7 +188,7 @@ fn detect_format(kernel: &mut File, path: &Path) -> Result<KernelFormat, BootErr
 
 fn is_x86_64_elf(prefix: &[u8]) -> bool {
     let mut header = Elf64_Ehdr::default();
-    let Some(bytes) = prefix.get(..std::mem::size_of::<Elf64_Ehdr>()) else {
+    let Some(bytes) = prefix.get(..size_of::<Elf64_Ehdr>()) else {
         return false;
     };
     header.as_mut_slice().copy_from_slice(bytes);
@@ -276,7 +276,7 @@ fn read_program_headers(kernel: &mut File, path: &Path) -> Result<Vec<Elf64_Phdr
     kernel
         .read_exact(header.as_mut_slice())
         .map_err(kernel_read_error(path))?;
-    if usize::from(header.e_phentsize) != std::mem::size_of::<Elf64_Phdr>() {
+    if usize::from(header.e_phentsize) != size_of::<Elf64_Phdr>() {
         return Err(BootError::UnknownKernelFormat {
             path: path.to_owned(),
         });

@@ -39,8 +39,8 @@ pub fn params(kernel: &Path) -> BootParams {
     }
 }
 
-const ELF_HEADER_SIZE: usize = std::mem::size_of::<Elf64_Ehdr>();
-const PROGRAM_HEADER_SIZE: usize = std::mem::size_of::<Elf64_Phdr>();
+const ELF_HEADER_SIZE: usize = size_of::<Elf64_Ehdr>();
+const PROGRAM_HEADER_SIZE: usize = size_of::<Elf64_Phdr>();
 const CODE_OFFSET: usize = 0x200;
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
@@ -132,7 +132,7 @@ pub const BZ_CMDLINE_SIZE: u32 = 2047;
 
 /// The header of a synthetic bzImage in the layout Linux 2.15 kernels use.
 pub fn bz_header(version: u16, xloadflags: u16) -> setup_header {
-    let header_end = 0x1f1 + std::mem::size_of::<setup_header>();
+    let header_end = 0x1f1 + size_of::<setup_header>();
     setup_header {
         setup_sects: BZ_SETUP_SECTS,
         boot_flag: 0xaa55,

@@ -202,7 +202,7 @@ fn set_lint(vcpu: &VcpuFd) -> Result<(), SetupError> {
 
 fn lapic_reg_bytes(regs: &mut [std::os::raw::c_char; 1024], offset: usize) -> &mut [u8; 4] {
     // SAFETY: c_char and u8 have the same size and alignment; the array is 1024 bytes long.
-    let bytes: &mut [u8; 1024] = unsafe { &mut *(regs as *mut _ as *mut [u8; 1024]) };
+    let bytes: &mut [u8; 1024] = unsafe { &mut *std::ptr::from_mut(regs).cast::<[u8; 1024]>() };
     (&mut bytes[offset..offset + 4])
         .try_into()
         .expect("slice of 4 bytes")

@@ -92,7 +92,9 @@ fn pattern_word(seed: u64, offset: u64, i: u64) -> u64 {
 fn fill_pattern(addr: u64, len: u64, seed: u64, offset: u64) {
     for i in 0..len / 8 {
         // SAFETY: `addr..addr+len` is a DMA buffer we own, identity mapped and 8-byte aligned.
-        unsafe { core::ptr::write_volatile((addr + 8 * i) as *mut u64, pattern_word(seed, offset, i)) };
+        unsafe {
+            core::ptr::write_volatile((addr + 8 * i) as *mut u64, pattern_word(seed, offset, i))
+        };
     }
 }
 
@@ -129,7 +131,12 @@ struct Engine<'a> {
 }
 
 impl Engine<'_> {
-    fn submit(&mut self, q: usize, plan: &mut Plan, verify_writes: Option<bool>) -> Result<bool, VirtioError> {
+    fn submit(
+        &mut self,
+        q: usize,
+        plan: &mut Plan,
+        verify_writes: Option<bool>,
+    ) -> Result<bool, VirtioError> {
         let bs = plan.bs;
         let seed = plan.seed;
         let batch = self.params.batch;
@@ -148,15 +155,30 @@ impl Engine<'_> {
         }
         write_header(slot, if is_write { T_OUT } else { T_IN }, offset / SECTOR);
         let segments = [
-            Segment { addr: slot.header, len: 16, device_writes: false },
-            Segment { addr: slot.data, len: bs as u32, device_writes: !is_write },
-            Segment { addr: slot.header + 16, len: 1, device_writes: true },
+            Segment {
+                addr: slot.header,
+                len: 16,
+                device_writes: false,
+            },
+            Segment {
+                addr: slot.data,
+                len: bs as u32,
+                device_writes: !is_write,
+            },
+            Segment {
+                addr: slot.header + 16,
+                len: 1,
+                device_writes: true,
+            },
         ];
         let head = bq.queue.add(&segments).ok_or(VirtioError::NoMemory)?;
         bq.by_head[usize::from(head)] = Some(slot_index);
         slot.submitted_ns = now_ns();
         bq.unpublished += 1;
-        let flush_now = mode != Mode::Batch || bq.unpublished >= batch || bq.free_slots.is_empty() || !plan.more();
+        let flush_now = mode != Mode::Batch
+            || bq.unpublished >= batch
+            || bq.free_slots.is_empty()
+            || !plan.more();
         if flush_now {
             bq.queue.kick();
             bq.unpublished = 0;
@@ -177,9 +199,13 @@ impl Engine<'_> {
 
     fn complete_one(&mut self, q: usize, head: u16, check: Option<u64>) -> Result<(), VirtioError> {
         let now = now_ns();
-        let bs = self.params.bs as u64;
+        let bs = u64::from(self.params.bs);
         let bq = &mut self.queues[q];
-        let slot_index = bq.by_head.get_mut(usize::from(head)).and_then(Option::take).ok_or(VirtioError::BadUsed(u32::from(head)))?;
+        let slot_index = bq
+            .by_head
+            .get_mut(usize::from(head))
+            .and_then(Option::take)
+            .ok_or(VirtioError::BadUsed(u32::from(head)))?;
         let slot = &bq.slots[slot_index];
         self.hist.record(now.saturating_sub(slot.submitted_ns));
         if read_status(slot) != 0 {
@@ -202,7 +228,10 @@ impl Engine<'_> {
         let mut found = 0;
         for q in 0..self.queues.len() {
             loop {
-                let popped = self.queues[q].queue.pop_used().map_err(|bad| VirtioError::BadUsed(bad.id))?;
+                let popped = self.queues[q]
+                    .queue
+                    .pop_used()
+                    .map_err(|bad| VirtioError::BadUsed(bad.id))?;
                 let Some((head, _len)) = popped else { break };
                 self.complete_one(q, head, check)?;
                 found += 1;
@@ -212,11 +241,19 @@ impl Engine<'_> {
     }
 
     fn in_flight(&self) -> usize {
-        self.queues.iter().map(|q| q.slots.len() - q.free_slots.len()).sum()
+        self.queues
+            .iter()
+            .map(|q| q.slots.len() - q.free_slots.len())
+            .sum()
     }
 
     /// Runs one phase to completion: keeps every queue full until the plan is exhausted.
-    fn run_phase(&mut self, plan: &mut Plan, verify_writes: Option<bool>, check: Option<u64>) -> Result<(), VirtioError> {
+    fn run_phase(
+        &mut self,
+        plan: &mut Plan,
+        verify_writes: Option<bool>,
+        check: Option<u64>,
+    ) -> Result<(), VirtioError> {
         let mut deadline = Deadline::after_ms(self.timeout_ms);
         loop {
             self.fill(plan, verify_writes)?;
@@ -228,27 +265,46 @@ impl Engine<'_> {
                 continue;
             }
             if deadline.expired() {
-                return Err(if self.device.needs_reset() { VirtioError::NeedsReset } else { VirtioError::Timeout("blk request") });
+                return Err(if self.device.needs_reset() {
+                    VirtioError::NeedsReset
+                } else {
+                    VirtioError::Timeout("blk request")
+                });
             }
             let queues = &self.queues;
-            idle(self.params.mode, || queues.iter().any(|q| q.queue.has_used()));
+            idle(self.params.mode, || {
+                queues.iter().any(|q| q.queue.has_used())
+            });
         }
     }
 
     fn flush(&mut self) -> Result<(), VirtioError> {
         let bq = &mut self.queues[0];
-        let Some(slot_index) = bq.free_slots.pop() else { return Ok(()) };
+        let Some(slot_index) = bq.free_slots.pop() else {
+            return Ok(());
+        };
         let slot = &bq.slots[slot_index];
         write_header(slot, T_FLUSH, 0);
         let segments = [
-            Segment { addr: slot.header, len: 16, device_writes: false },
-            Segment { addr: slot.header + 16, len: 1, device_writes: true },
+            Segment {
+                addr: slot.header,
+                len: 16,
+                device_writes: false,
+            },
+            Segment {
+                addr: slot.header + 16,
+                len: 1,
+                device_writes: true,
+            },
         ];
         let head = bq.queue.add(&segments).ok_or(VirtioError::NoMemory)?;
         bq.queue.kick();
         let deadline = Deadline::after_ms(self.timeout_ms);
         loop {
-            let popped = bq.queue.pop_used().map_err(|bad| VirtioError::BadUsed(bad.id))?;
+            let popped = bq
+                .queue
+                .pop_used()
+                .map_err(|bad| VirtioError::BadUsed(bad.id))?;
             if let Some((done, _)) = popped {
                 if done == head {
                     if read_status(&bq.slots[slot_index]) != 0 {
@@ -281,10 +337,15 @@ fn alloc_slots(count: usize, bs: u64) -> Option<Vec<Slot>> {
         .collect()
 }
 
-fn setup_queues(device: &mut VirtioPci, p: &BlkParams, count: u16) -> Result<Vec<BlkQueue>, VirtioError> {
+fn setup_queues(
+    device: &mut VirtioPci,
+    p: &BlkParams,
+    count: u16,
+) -> Result<Vec<BlkQueue>, VirtioError> {
     let interrupts = p.mode != Mode::Poll;
     let bs = u64::from(p.bs);
-    let needed = u64::from(count) * u64::from(p.qd) * (bs.next_multiple_of(mem::PAGE_SIZE) + mem::PAGE_SIZE);
+    let needed =
+        u64::from(count) * u64::from(p.qd) * (bs.next_multiple_of(mem::PAGE_SIZE) + mem::PAGE_SIZE);
     if needed > mem::free_bytes() / 2 {
         return Err(VirtioError::NoMemory);
     }
@@ -297,9 +358,17 @@ fn setup_queues(device: &mut VirtioPci, p: &BlkParams, count: u16) -> Result<Vec
             let free_slots = (0..depth).rev().collect();
             if p.op.writes() {
                 // Plain writes send the pattern filled here once; verify refills per request.
-                slots.iter().for_each(|s| fill_pattern(s.data, bs, p.seed, 0));
+                slots
+                    .iter()
+                    .for_each(|s| fill_pattern(s.data, bs, p.seed, 0));
             }
-            Ok(BlkQueue { queue, slots, free_slots, by_head, unpublished: 0 })
+            Ok(BlkQueue {
+                queue,
+                slots,
+                free_slots,
+                by_head,
+                unpublished: 0,
+            })
         })
         .collect()
 }
@@ -315,7 +384,7 @@ struct Summary<'a> {
     pass: bool,
 }
 
-fn print_result(engine: &Engine, s: &Summary) {
+fn print_result(engine: &Engine<'_>, s: &Summary<'_>) {
     let p = s.p;
     crate::println!(
         "RESULT {{\"workload\":\"blk\",\"op\":\"{}\",\"bs\":{},\"qd\":{},\"queues\":{},\"mode\":\"{}\",\"event_idx\":{},\"ops\":{},\"bytes\":{},\"elapsed_ns\":{},\"lat_ns\":{},\"notifies\":{},\"interrupts\":{},\"errors\":{},\"verify\":\"{}\",\"pass\":{}}}",
@@ -339,13 +408,30 @@ fn open_device(p: &BlkParams, timeout_ms: u64) -> Result<VirtioPci, VirtioError>
 
 fn run(p: &BlkParams, timeout_ms: u64) -> Result<Outcome, VirtioError> {
     let mut device = open_device(p, timeout_ms)?;
-    let offered_queues = if device.has(F_MQ) { device.config_read16(34).max(1) } else { 1 };
-    let count = (p.queues as u16).min(offered_queues).min(device.num_queues()).max(1);
+    let offered_queues = if device.has(F_MQ) {
+        device.config_read16(34).max(1)
+    } else {
+        1
+    };
+    let count = (p.queues as u16)
+        .min(offered_queues)
+        .min(device.num_queues())
+        .max(1);
     let capacity = device.config_read64(0).saturating_mul(SECTOR);
-    let span = p.span_mb.map(|mb| mb << 20).unwrap_or(DEFAULT_SPAN).min(capacity);
+    let span = p
+        .span_mb
+        .map(|mb| mb << 20)
+        .unwrap_or(DEFAULT_SPAN)
+        .min(capacity);
     let bs = u64::from(p.bs);
     let blocks = span / bs;
-    crate::chatter!("virtio-blk {}: capacity {} bytes, {} queue(s), features {:#x}", device.pci.bdf, capacity, count, device.features);
+    crate::chatter!(
+        "virtio-blk {}: capacity {} bytes, {} queue(s), features {:#x}",
+        device.pci.bdf,
+        capacity,
+        count,
+        device.features
+    );
     if blocks == 0 || (device.has(F_RO) && (p.op.writes() || p.op == BlkOp::Verify)) {
         crate::say!("blk: disk too small or read-only for op {}", p.op.name());
         return Ok(Outcome::Fail);
@@ -353,12 +439,36 @@ fn run(p: &BlkParams, timeout_ms: u64) -> Result<Outcome, VirtioError> {
     let queues = setup_queues(&mut device, p, count)?;
     device.driver_ok()?;
     let depth = queues[0].slots.len();
-    let mut engine = Engine { device: &device, queues, params: p, hist: Histogram::new(), totals: Totals::default(), timeout_ms };
+    let mut engine = Engine {
+        device: &device,
+        queues,
+        params: p,
+        hist: Histogram::new(),
+        totals: Totals::default(),
+        timeout_ms,
+    };
     let limit = if p.op.compares() { blocks } else { p.ops };
-    let end_ns = if p.op.compares() { None } else { p.dur_ms.map(|ms| now_ns() + ms * 1_000_000) };
+    let end_ns = if p.op.compares() {
+        None
+    } else {
+        p.dur_ms.map(|ms| now_ns() + ms * 1_000_000)
+    };
     // Check walks the span exactly like verify's read-back phase.
-    let plan_op = if p.op == BlkOp::Check { BlkOp::Verify } else { p.op };
-    let new_plan = || Plan { op: plan_op, blocks, bs, issued: 0, limit, end_ns, rng: p.seed, seed: p.seed };
+    let plan_op = if p.op == BlkOp::Check {
+        BlkOp::Verify
+    } else {
+        p.op
+    };
+    let new_plan = || Plan {
+        op: plan_op,
+        blocks,
+        bs,
+        issued: 0,
+        limit,
+        end_ns,
+        rng: p.seed,
+        seed: p.seed,
+    };
     let interrupts_before = device.interrupt_count();
     let start = now_ns();
     let verify = if p.op.compares() {
@@ -366,7 +476,11 @@ fn run(p: &BlkParams, timeout_ms: u64) -> Result<Outcome, VirtioError> {
             engine.run_phase(&mut new_plan(), Some(true), None)?;
         }
         engine.run_phase(&mut new_plan(), Some(false), Some(p.seed))?;
-        if engine.totals.mismatches == 0 { "ok" } else { "fail" }
+        if engine.totals.mismatches == 0 {
+            "ok"
+        } else {
+            "fail"
+        }
     } else {
         engine.run_phase(&mut new_plan(), None, None)?;
         "n/a"
@@ -377,8 +491,18 @@ fn run(p: &BlkParams, timeout_ms: u64) -> Result<Outcome, VirtioError> {
     let elapsed_ns = now_ns() - start;
     let notifies = engine.queues.iter().map(|q| q.queue.notifies).sum();
     let interrupts = device.interrupt_count() - interrupts_before;
-    let pass = engine.totals.errors == 0 && engine.totals.mismatches == 0 && engine.totals.completed > 0;
-    let summary = Summary { p, queues: usize::from(count), depth, elapsed_ns, notifies, interrupts, verify, pass };
+    let pass =
+        engine.totals.errors == 0 && engine.totals.mismatches == 0 && engine.totals.completed > 0;
+    let summary = Summary {
+        p,
+        queues: usize::from(count),
+        depth,
+        elapsed_ns,
+        notifies,
+        interrupts,
+        verify,
+        pass,
+    };
     print_result(&engine, &summary);
     Ok(if pass { Outcome::Pass } else { Outcome::Fail })
 }

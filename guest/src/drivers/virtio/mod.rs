@@ -15,7 +15,11 @@ use pci::VirtioError;
 pub fn report_error(workload: &str, error: &VirtioError) -> Outcome {
     let text = alloc::format!("{:?}", error).replace('"', "'");
     crate::say!("{}: device error {}", workload, text);
-    crate::println!("RESULT {{\"workload\":\"{}\",\"error\":\"{}\",\"pass\":false}}", workload, text);
+    crate::println!(
+        "RESULT {{\"workload\":\"{}\",\"error\":\"{}\",\"pass\":false}}",
+        workload,
+        text
+    );
     match error {
         VirtioError::Timeout(_) => Outcome::Timeout,
         _ => Outcome::Fail,

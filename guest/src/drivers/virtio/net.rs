@@ -71,7 +71,11 @@ impl Net {
         }
         let rx_count = usize::from(rx.size());
         let tx_count = usize::from(tx.size());
-        let alloc = |n: usize| (0..n).map(|_| mem::alloc_dma(BUF_LEN)).collect::<Option<Vec<u64>>>();
+        let alloc = |n: usize| {
+            (0..n)
+                .map(|_| mem::alloc_dma(BUF_LEN))
+                .collect::<Option<Vec<u64>>>()
+        };
         let mut net = Net {
             rx_buffers: alloc(rx_count).ok_or(VirtioError::NoMemory)?,
             tx_buffers: alloc(tx_count).ok_or(VirtioError::NoMemory)?,
@@ -94,7 +98,11 @@ impl Net {
     }
 
     fn post_rx(&mut self, index: usize) -> Result<(), VirtioError> {
-        let segment = Segment { addr: self.rx_buffers[index], len: BUF_LEN as u32, device_writes: true };
+        let segment = Segment {
+            addr: self.rx_buffers[index],
+            len: BUF_LEN as u32,
+            device_writes: true,
+        };
         let head = self.rx.add(&[segment]).ok_or(VirtioError::NoMemory)?;
         self.rx_by_head[usize::from(head)] = Some(index);
         Ok(())
@@ -103,8 +111,16 @@ impl Net {
     /// Reclaims finished transmissions; returns how many.
     fn reap_tx(&mut self) -> Result<u64, VirtioError> {
         let mut done = 0;
-        while let Some((head, _)) = self.tx.pop_used().map_err(|bad| VirtioError::BadUsed(bad.id))? {
-            let index = self.tx_by_head.get_mut(usize::from(head)).and_then(Option::take).ok_or(VirtioError::BadUsed(u32::from(head)))?;
+        while let Some((head, _)) = self
+            .tx
+            .pop_used()
+            .map_err(|bad| VirtioError::BadUsed(bad.id))?
+        {
+            let index = self
+                .tx_by_head
+                .get_mut(usize::from(head))
+                .and_then(Option::take)
+                .ok_or(VirtioError::BadUsed(u32::from(head)))?;
             self.tx_free.push(index);
             done += 1;
         }
@@ -123,11 +139,17 @@ impl Net {
                 idle(self.mode, || tx.has_used());
             }
         }
-        let Some(index) = self.tx_free.pop() else { return Err(VirtioError::NoMemory) };
+        let Some(index) = self.tx_free.pop() else {
+            return Err(VirtioError::NoMemory);
+        };
         let addr = self.tx_buffers[index];
         write_bytes(addr, &[0; HDR_LEN as usize]);
         write_bytes(addr + HDR_LEN, frame);
-        let segment = Segment { addr, len: (HDR_LEN as usize + frame.len()) as u32, device_writes: false };
+        let segment = Segment {
+            addr,
+            len: (HDR_LEN as usize + frame.len()) as u32,
+            device_writes: false,
+        };
         let head = self.tx.add(&[segment]).ok_or(VirtioError::NoMemory)?;
         self.tx_by_head[usize::from(head)] = Some(index);
         self.tx.kick();
@@ -139,17 +161,32 @@ impl Net {
         let deadline = Deadline::after_ms(self.timeout_ms);
         loop {
             self.reap_tx()?;
-            if let Some((head, len)) = self.rx.pop_used().map_err(|bad| VirtioError::BadUsed(bad.id))? {
-                let index = self.rx_by_head.get_mut(usize::from(head)).and_then(Option::take).ok_or(VirtioError::BadUsed(u32::from(head)))?;
+            if let Some((head, len)) = self
+                .rx
+                .pop_used()
+                .map_err(|bad| VirtioError::BadUsed(bad.id))?
+            {
+                let index = self
+                    .rx_by_head
+                    .get_mut(usize::from(head))
+                    .and_then(Option::take)
+                    .ok_or(VirtioError::BadUsed(u32::from(head)))?;
                 let len = u64::from(len).min(BUF_LEN);
-                let frame = read_bytes(self.rx_buffers[index] + HDR_LEN, len.saturating_sub(HDR_LEN) as usize);
+                let frame = read_bytes(
+                    self.rx_buffers[index] + HDR_LEN,
+                    len.saturating_sub(HDR_LEN) as usize,
+                );
                 let result = f(frame);
                 self.post_rx(index)?;
                 self.rx.kick();
                 return Ok(result);
             }
             if deadline.expired() {
-                return Err(if self.device.needs_reset() { VirtioError::NeedsReset } else { VirtioError::Timeout("net rx") });
+                return Err(if self.device.needs_reset() {
+                    VirtioError::NeedsReset
+                } else {
+                    VirtioError::Timeout("net rx")
+                });
             }
             let (rx, tx) = (&self.rx, &self.tx);
             idle(self.mode, || rx.has_used() || tx.has_used());
@@ -187,7 +224,11 @@ struct Counts {
 }
 
 fn run_echo(net: &mut Net, p: &NetParams, hist: &mut Histogram) -> Result<Counts, VirtioError> {
-    let mut counts = Counts { frames: 0, bytes: 0, errors: 0 };
+    let mut counts = Counts {
+        frames: 0,
+        bytes: 0,
+        errors: 0,
+    };
     for seq in 0..p.frames {
         let frame = build_frame(&net.mac, seq, p.size as usize);
         let sent = now_ns();
@@ -195,7 +236,9 @@ fn run_echo(net: &mut Net, p: &NetParams, hist: &mut Histogram) -> Result<Counts
         let deadline = Deadline::after_ms(net.timeout_ms);
         loop {
             let (ours, matches, seq_seen) = net.receive(|got| {
-                let seq_seen = got.get(ETH_HDR..ETH_HDR + 8).map(|b| b.iter().rev().fold(0u64, |a, &x| (a << 8) | u64::from(x)));
+                let seq_seen = got
+                    .get(ETH_HDR..ETH_HDR + 8)
+                    .map(|b| b.iter().rev().fold(0u64, |a, &x| (a << 8) | u64::from(x)));
                 (is_ours(got), echo_matches(got, &frame), seq_seen)
             })?;
             if ours && seq_seen == Some(seq) {
@@ -214,7 +257,11 @@ fn run_echo(net: &mut Net, p: &NetParams, hist: &mut Histogram) -> Result<Counts
 }
 
 fn run_tx(net: &mut Net, p: &NetParams) -> Result<Counts, VirtioError> {
-    let mut counts = Counts { frames: 0, bytes: 0, errors: 0 };
+    let mut counts = Counts {
+        frames: 0,
+        bytes: 0,
+        errors: 0,
+    };
     for seq in 0..p.frames {
         let frame = build_frame(&net.mac, seq, p.size as usize);
         net.send(&frame)?;
@@ -226,7 +273,11 @@ fn run_tx(net: &mut Net, p: &NetParams) -> Result<Counts, VirtioError> {
 }
 
 fn run_rx(net: &mut Net, p: &NetParams) -> Result<Counts, VirtioError> {
-    let mut counts = Counts { frames: 0, bytes: 0, errors: 0 };
+    let mut counts = Counts {
+        frames: 0,
+        bytes: 0,
+        errors: 0,
+    };
     while counts.frames < p.frames {
         let len = net.receive(|got| got.len())?;
         counts.frames += 1;
@@ -238,7 +289,16 @@ fn run_rx(net: &mut Net, p: &NetParams) -> Result<Counts, VirtioError> {
 fn run(p: &NetParams, timeout_ms: u64) -> Result<Outcome, VirtioError> {
     let mut net = Net::open(p, timeout_ms)?;
     let m = net.mac;
-    crate::chatter!("virtio-net {}: mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", net.device.pci.bdf, m[0], m[1], m[2], m[3], m[4], m[5]);
+    crate::chatter!(
+        "virtio-net {}: mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        net.device.pci.bdf,
+        m[0],
+        m[1],
+        m[2],
+        m[3],
+        m[4],
+        m[5]
+    );
     let mut hist = Histogram::new();
     let interrupts_before = net.device.interrupt_count();
     let start = now_ns();

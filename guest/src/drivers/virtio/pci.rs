@@ -47,6 +47,10 @@ const QUEUE_DEVICE: u64 = 48;
 
 /// Why a device could not be used.
 #[derive(Debug)]
+#[allow(
+    dead_code,
+    reason = "the fields are read through Debug, in the workload's failure line"
+)]
 pub enum VirtioError {
     NotFound,
     MissingCapability(&'static str),
@@ -110,7 +114,10 @@ pub struct VirtioPci {
 
 /// Address of `[offset, offset + len)` inside BAR `bar`, mapped, or an error.
 fn bar_window(device: &Device, bar: u8, offset: u32, len: u32) -> Result<u64, VirtioError> {
-    let bar = device.bars.get(usize::from(bar)).ok_or(VirtioError::BadBar)?;
+    let bar = device
+        .bars
+        .get(usize::from(bar))
+        .ok_or(VirtioError::BadBar)?;
     let end = u64::from(offset) + u64::from(len);
     if bar.is_io || bar.addr == 0 || bar.size < end {
         return Err(VirtioError::BadBar);
@@ -226,14 +233,26 @@ impl VirtioPci {
         let control = pci::read16(device.bdf, cap + 2);
         let table = pci::read32(device.bdf, cap + 4);
         let entries = (control & 0x7ff) + 1;
-        let addr = bar_window(device, (table & 7) as u8, table & !7, u32::from(entries) * 16).ok()?;
-        Some(Msix { cap, table: addr, entries })
+        let addr = bar_window(
+            device,
+            (table & 7) as u8,
+            table & !7,
+            u32::from(entries) * 16,
+        )
+        .ok()?;
+        Some(Msix {
+            cap,
+            table: addr,
+            entries,
+        })
     }
 
     /// Finds the capabilities, resets, acknowledges and negotiates `wanted` features
     /// (VERSION_1 is required). Leaves the device at FEATURES_OK.
     pub fn open(device: &Device, wanted: u64, timeout_ms: u64) -> Result<Self, VirtioError> {
-        device.set_command_bits(pci::COMMAND_MEMORY | pci::COMMAND_BUS_MASTER | pci::COMMAND_INTX_DISABLE);
+        device.set_command_bits(
+            pci::COMMAND_MEMORY | pci::COMMAND_BUS_MASTER | pci::COMMAND_INTX_DISABLE,
+        );
         let mut transport = Self::read_capabilities(device, timeout_ms)?;
         transport.reset()?;
         transport.add_status(STATUS_ACKNOWLEDGE);
@@ -286,7 +305,10 @@ impl VirtioPci {
         }
         let entry = self.next_msix_entry;
         let bdf = self.pci.bdf;
-        let owner = (u32::from(bdf.bus) << 24) | (u32::from(bdf.device) << 19) | (u32::from(bdf.function) << 16) | u32::from(entry);
+        let owner = (u32::from(bdf.bus) << 24)
+            | (u32::from(bdf.device) << 19)
+            | (u32::from(bdf.function) << 16)
+            | u32::from(entry);
         let vector = interrupts::vector_for(owner).ok_or(VirtioError::NoVector)?;
         let (address, data) = interrupts::msi_message(vector);
         let base = msix.table + 16 * u64::from(entry);
@@ -309,7 +331,12 @@ impl VirtioPci {
 
     /// Sets up queue `index` with at most `limit` entries; with `interrupts`, gives it its own
     /// MSI-X vector, else none (poll mode).
-    pub fn setup_queue(&mut self, index: u16, limit: u16, interrupts: bool) -> Result<Queue, VirtioError> {
+    pub fn setup_queue(
+        &mut self,
+        index: u16,
+        limit: u16,
+        interrupts: bool,
+    ) -> Result<Queue, VirtioError> {
         self.common_write16(QUEUE_SELECT, index);
         let max = self.common_read16(QUEUE_SIZE);
         if max == 0 || index >= self.num_queues() {
@@ -323,12 +350,17 @@ impl VirtioPci {
         self.common_write64(QUEUE_DESC, queue.desc);
         self.common_write64(QUEUE_DRIVER, queue.avail);
         self.common_write64(QUEUE_DEVICE, queue.used);
-        let entry = if interrupts { self.claim_msix_entry()?.0 } else { NO_VECTOR };
+        let entry = if interrupts {
+            self.claim_msix_entry()?.0
+        } else {
+            NO_VECTOR
+        };
         self.common_write16(QUEUE_MSIX_VECTOR, entry);
         if self.common_read16(QUEUE_MSIX_VECTOR) != entry {
             return Err(VirtioError::NoVector);
         }
-        let notify_off = u64::from(self.common_read16(QUEUE_NOTIFY_OFF)) * u64::from(self.notify_multiplier);
+        let notify_off =
+            u64::from(self.common_read16(QUEUE_NOTIFY_OFF)) * u64::from(self.notify_multiplier);
         if notify_off + 2 > self.notify_len {
             return Err(VirtioError::BadBar);
         }
@@ -375,7 +407,8 @@ impl VirtioPci {
     pub fn config_read64(&self, off: u64) -> u64 {
         for _ in 0..16 {
             let generation = self.common_read8(21);
-            let value = u64::from(self.config_read32(off)) | (u64::from(self.config_read32(off + 4)) << 32);
+            let value =
+                u64::from(self.config_read32(off)) | (u64::from(self.config_read32(off + 4)) << 32);
             if self.common_read8(21) == generation {
                 return value;
             }

@@ -83,11 +83,6 @@ impl Queue {
         self.notify_addr = addr;
     }
 
-    /// Descriptors not in use.
-    pub fn free_descriptors(&self) -> usize {
-        self.free.len()
-    }
-
     /// Asks the device not to interrupt (used in poll mode without EVENT_IDX).
     pub fn suppress_interrupts(&mut self) {
         phys::mmio_write16(self.avail, AVAIL_F_NO_INTERRUPT);
@@ -109,7 +104,9 @@ impl Queue {
         if segments.is_empty() || self.free.len() < segments.len() {
             return None;
         }
-        let ids: Vec<u16> = (0..segments.len()).filter_map(|_| self.free.pop()).collect();
+        let ids: Vec<u16> = (0..segments.len())
+            .filter_map(|_| self.free.pop())
+            .collect();
         for (i, segment) in segments.iter().enumerate() {
             let has_next = i + 1 < ids.len();
             let next = if has_next { ids[i + 1] } else { 0 };
@@ -192,10 +189,5 @@ impl Queue {
             full_barrier();
         }
         Ok(Some((head, len)))
-    }
-
-    /// Chains handed to the device and not yet returned.
-    pub fn in_flight(&self) -> usize {
-        usize::from(self.size) - self.free.len()
     }
 }

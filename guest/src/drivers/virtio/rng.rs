@@ -27,12 +27,19 @@ fn run(bytes: u64, dev: usize, timeout_ms: u64) -> Result<Outcome, VirtioError> 
     let mut received = 0u64;
     while received < bytes {
         let len = (bytes - received).min(CHUNK);
-        let segment = Segment { addr: buffer + received, len: len as u32, device_writes: true };
+        let segment = Segment {
+            addr: buffer + received,
+            len: len as u32,
+            device_writes: true,
+        };
         queue.add(&[segment]).ok_or(VirtioError::NoMemory)?;
         queue.kick();
         let deadline = Deadline::after_ms(timeout_ms);
         let written = loop {
-            if let Some((_, written)) = queue.pop_used().map_err(|bad| VirtioError::BadUsed(bad.id))? {
+            if let Some((_, written)) = queue
+                .pop_used()
+                .map_err(|bad| VirtioError::BadUsed(bad.id))?
+            {
                 break written;
             }
             if deadline.expired() {

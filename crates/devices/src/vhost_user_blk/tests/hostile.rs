@@ -399,7 +399,7 @@ impl Rig {
 
     /// DRIVER_OK from the vCPU (`ExternalQueues::start`): returns at once whatever the backend
     /// does.
-    fn activate(self, driver: &Driver) -> Self {
+    fn activate(self, driver: &Driver<'_>) -> Self {
         let binding = driver.binding();
         let (rig, took) = within(AT_ONCE * 4, "activate", move || {
             let mut rig = self;
