@@ -15,8 +15,6 @@
  */
 #include "common.inc"
 
-#define TEST_DEVICE_ID 0x5c1e1234
-#define CFG_ID 0x00
 #define CFG_COMMAND 0x04
 #define CFG_BAR0 0x10
 #define CFG_INTERRUPT_LINE 0x3c
@@ -34,67 +32,15 @@
 #define REDIRECTION_ACTIVE_LOW 0x2000
 #define REDIRECTION_LEVEL 0x8000
 #define TEST_VECTOR 0x42
-#define SVR_APIC_ENABLE 0x100
-#define SVR_SPURIOUS_VECTOR 0xff
-#define IDT_ENTRIES 256
-#define GATE_INTERRUPT_32 0x8e00
 #define WAIT_MS 2000
 #define QUIET_MS 100
 #define MAX_STRAY_INTERRUPTS 1
-#define EFLAGS_IF 0x200
 
-/* find_test_device: returns in ESI the ECAM base of 00:dd.0 holding the test device, or 0. */
-find_test_device:
-    push %ecx
-    mov $PCI_ECAM_BASE, %esi
-    mov $32, %ecx
-1:  cmpl $TEST_DEVICE_ID, CFG_ID(%esi)
-    je 2f
-    add $(1 << 15), %esi
-    loop 1b
-    xor %esi, %esi
-2:  pop %ecx
-    ret
-
-/* set_gate: EAX = handler, ECX = vector; writes a 32-bit interrupt gate. */
-set_gate:
-    push %eax
-    push %edx
-    lea idt(,%ecx,8), %edx
-    movw %ax, (%edx)
-    movw $CODE_SELECTOR, 2(%edx)
-    movw $GATE_INTERRUPT_32, 4(%edx)
-    shr $16, %eax
-    movw %ax, 6(%edx)
-    pop %edx
-    pop %eax
-    ret
-
-/* setup_idt: every vector reports itself as unexpected except TEST_VECTOR. */
-setup_idt:
-    push %eax
-    push %ecx
-    xor %ecx, %ecx
-1:  mov %ecx, %eax
-    shl $4, %eax
-    add $unexpected_stubs, %eax
-    call set_gate
-    inc %ecx
-    cmp $IDT_ENTRIES, %ecx
-    jb 1b
-    mov $intx_handler, %eax
-    mov $TEST_VECTOR, %ecx
-    call set_gate
-    lidt idt_descriptor
-    pop %ecx
-    pop %eax
-    ret
+#include "interrupts.inc"
 
 /*
  * Counts the interrupt; from the second one on, reads (and so clears) the device's ISR, which
- * deasserts the line; then EOIs. Returns without IRET, as msix.S explains (kvm_pvm cannot
- * emulate a 32-bit protected-mode IRET): the frame becomes EFLAGS-without-IF, EIP for POPF,
- * STI, RET.
+ * deasserts the line; then EOIs.
  */
 intx_handler:
     push %eax
@@ -108,37 +54,8 @@ intx_handler:
     mov %eax, isr_value
     mov intx_interrupts, %eax
     mov %eax, interrupts_at_clear
-1:  mov $LAPIC_BASE, %eax
-    movl $0, LAPIC_EOI(%eax)
-    mov 4(%esp), %eax
-    mov %eax, 8(%esp)
-    mov 12(%esp), %eax
-    and $~EFLAGS_IF, %eax
-    mov %eax, 4(%esp)
-    pop %eax
-    popfl
-    sti
-    ret $4
-
-/* One 16-byte stub per vector: push the vector number, report it, exit. */
-    .balign 16
-unexpected_stubs:
-    .set vector, 0
-    .rept IDT_ENTRIES
-    .balign 16
-    push $vector
-    jmp unexpected_interrupt
-    .set vector, vector + 1
-    .endr
-
-unexpected_interrupt:
-    pop %ebx
-    PRINT "intx: unexpected interrupt, vector "
-    mov %ebx, %eax
-    call put_hex8
-    PRINT "\n"
-    mov $EXIT_UNEXPECTED_INTERRUPT, %eax
-    jmp exit_guest
+1:  call lapic_eoi
+    IRQ_RETURN
 
 /* ioapic_write: EAX = register index, EDX = value. */
 ioapic_write:
@@ -150,6 +67,7 @@ ioapic_write:
     ret
 
 main:
+    mov $intx_handler, %eax
     call setup_idt
     call find_test_device
     test %esi, %esi
@@ -191,10 +109,7 @@ main:
     mov $(TEST_VECTOR | REDIRECTION_LEVEL | REDIRECTION_ACTIVE_LOW), %edx
     call ioapic_write
 
-    mov $LAPIC_BASE, %edi
-    mov LAPIC_SVR(%edi), %eax
-    or $(SVR_APIC_ENABLE | SVR_SPURIOUS_VECTOR), %eax
-    mov %eax, LAPIC_SVR(%edi)
+    call enable_lapic
     sti
 
     mov bar0, %edi
@@ -274,15 +189,11 @@ bad_device:
     ret
 
     .section .rodata
-    .balign 8
-idt_descriptor:
-    .word IDT_ENTRIES * 8 - 1
-    .long idt
+guest_name:
+    .asciz "intx"
 
     .bss
-    .balign 8
-idt:
-    .skip IDT_ENTRIES * 8
+    .balign 4
 bar0:
     .long 0
 intx_interrupts:

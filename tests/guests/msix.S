@@ -7,8 +7,6 @@
  */
 #include "common.inc"
 
-#define TEST_DEVICE_ID 0x5c1e1234
-#define CFG_ID 0x00
 #define CFG_COMMAND 0x04
 #define CFG_STATUS 0x06
 #define CFG_BAR0 0x10
@@ -27,25 +25,9 @@
 #define DOORBELL 0x04
 #define COUNT 0x08
 #define RESULT 0x0c
-#define SVR_APIC_ENABLE 0x100
-#define SVR_SPURIOUS_VECTOR 0xff
-#define IDT_ENTRIES 256
-#define GATE_INTERRUPT_32 0x8e00
 #define WAIT_MS 2000
-#define EFLAGS_IF 0x200
 
-/* find_test_device: returns in ESI the ECAM base of 00:dd.0 holding the test device, or 0. */
-find_test_device:
-    push %ecx
-    mov $PCI_ECAM_BASE, %esi
-    mov $32, %ecx
-1:  cmpl $TEST_DEVICE_ID, CFG_ID(%esi)
-    je 2f
-    add $(1 << 15), %esi
-    loop 1b
-    xor %esi, %esi
-2:  pop %ecx
-    ret
+#include "interrupts.inc"
 
 /* find_msix_capability: ESI = function; returns the MSI-X capability offset in EBX, or 0. */
 find_msix_capability:
@@ -66,83 +48,15 @@ find_msix_capability:
 3:  pop %ecx
     ret
 
-/* set_gate: EAX = handler, ECX = vector; writes a 32-bit interrupt gate. */
-set_gate:
-    push %eax
-    push %edx
-    lea idt(,%ecx,8), %edx
-    movw %ax, (%edx)
-    movw $CODE_SELECTOR, 2(%edx)
-    movw $GATE_INTERRUPT_32, 4(%edx)
-    shr $16, %eax
-    movw %ax, 6(%edx)
-    pop %edx
-    pop %eax
-    ret
-
-/* setup_idt: every vector reports itself as unexpected except TEST_VECTOR. */
-setup_idt:
-    push %eax
-    push %ecx
-    xor %ecx, %ecx
-1:  mov %ecx, %eax
-    shl $4, %eax
-    add $unexpected_stubs, %eax
-    call set_gate
-    inc %ecx
-    cmp $IDT_ENTRIES, %ecx
-    jb 1b
-    mov $msix_handler, %eax
-    mov $TEST_VECTOR, %ecx
-    call set_gate
-    lidt idt_descriptor
-    pop %ecx
-    pop %eax
-    ret
-
-/*
- * The handler returns without IRET: on kvm_pvm a 32-bit protected-mode IRET fails emulation
- * (KVM_EXIT_INTERNAL_ERROR). The same-privilege frame is EIP, CS, EFLAGS; it is rewritten to
- * EFLAGS-without-IF, EIP, so POPF restores the flags, STI re-enables interrupts (they were on,
- * or this interrupt could not have arrived; its one-instruction shadow covers the RET) and
- * RET pops EIP and drops the leftover slot.
- */
+/* Counts the interrupt and EOIs. */
 msix_handler:
     push %eax
     incl msix_interrupts
-    mov $LAPIC_BASE, %eax
-    movl $0, LAPIC_EOI(%eax)
-    mov 4(%esp), %eax
-    mov %eax, 8(%esp)
-    mov 12(%esp), %eax
-    and $~EFLAGS_IF, %eax
-    mov %eax, 4(%esp)
-    pop %eax
-    popfl
-    sti
-    ret $4
-
-/* One 16-byte stub per vector: push the vector number, report it, exit. */
-    .balign 16
-unexpected_stubs:
-    .set vector, 0
-    .rept IDT_ENTRIES
-    .balign 16
-    push $vector
-    jmp unexpected_interrupt
-    .set vector, vector + 1
-    .endr
-
-unexpected_interrupt:
-    pop %ebx
-    PRINT "msix: unexpected interrupt, vector "
-    mov %ebx, %eax
-    call put_hex8
-    PRINT "\n"
-    mov $EXIT_UNEXPECTED_INTERRUPT, %eax
-    jmp exit_guest
+    call lapic_eoi
+    IRQ_RETURN
 
 main:
+    mov $msix_handler, %eax
     call setup_idt
     call find_test_device
     test %esi, %esi
@@ -200,10 +114,7 @@ main:
     and $~MSIX_FUNCTION_MASK, %ax
     movw %ax, MSIX_CONTROL(%esi,%ebx)
 
-    mov $LAPIC_BASE, %edi
-    mov LAPIC_SVR(%edi), %eax
-    or $(SVR_APIC_ENABLE | SVR_SPURIOUS_VECTOR), %eax
-    mov %eax, LAPIC_SVR(%edi)
+    call enable_lapic
     sti
 
     /* Twice: the second interrupt proves the handler returns to the interrupted code. */
@@ -255,15 +166,11 @@ bad_device:
     ret
 
     .section .rodata
-    .balign 8
-idt_descriptor:
-    .word IDT_ENTRIES * 8 - 1
-    .long idt
+guest_name:
+    .asciz "msix"
 
     .bss
-    .balign 8
-idt:
-    .skip IDT_ENTRIES * 8
+    .balign 4
 bar_addresses:
     .long 0, 0
 msix_interrupts:

@@ -29,6 +29,8 @@ mod msix;
 mod msix_routes;
 mod root;
 mod test_device;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 
 pub use access::{
     PciConfigIo, PciConfigMmio, CONFIG_ADDRESS_ENABLE, CONFIG_ADDRESS_PORT, CONFIG_PORT_LEN,

@@ -383,30 +383,11 @@ impl MsixTable {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use crate::bar::BarSpec;
     use crate::config::PciIds;
-    use std::sync::Mutex;
-
-    /// Records every message instead of injecting it.
-    #[derive(Default)]
-    pub(crate) struct RecordingSink {
-        pub(crate) messages: Mutex<Vec<MsiMessage>>,
-    }
-
-    impl MsiSink for RecordingSink {
-        fn send(&self, msg: MsiMessage) -> io::Result<()> {
-            self.messages.lock().unwrap().push(msg);
-            Ok(())
-        }
-    }
-
-    impl RecordingSink {
-        pub(crate) fn sent(&self) -> Vec<MsiMessage> {
-            self.messages.lock().unwrap().clone()
-        }
-    }
+    use crate::testing::RecordingSink;
 
     fn table(vectors: u16) -> (MsixTable, Arc<RecordingSink>) {
         let sink = Arc::new(RecordingSink::default());

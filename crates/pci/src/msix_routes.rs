@@ -217,54 +217,12 @@ impl MsixVectors {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::msix::tests::RecordingSink;
     use crate::msix::{MSIX_ENABLE, MSIX_FUNCTION_MASK, MSIX_TABLE_ENTRY_SIZE};
+    use crate::testing::{RecordingRouter, RecordingSink};
 
-    /// A route that records its updates and triggers.
-    #[derive(Default)]
-    struct FakeRoute {
-        updates: Mutex<Vec<MsiMessage>>,
-        triggers: Mutex<u32>,
-        fail_updates: AtomicBool,
-    }
-
-    impl MsiRoute for FakeRoute {
-        fn update(&self, msg: MsiMessage) -> io::Result<()> {
-            if self.fail_updates.load(Ordering::Relaxed) {
-                return Err(io::Error::other("GSI table full"));
-            }
-            self.updates.lock().unwrap().push(msg);
-            Ok(())
-        }
-
-        fn trigger(&self) -> io::Result<()> {
-            *self.triggers.lock().unwrap() += 1;
-            Ok(())
-        }
-    }
-
-    #[derive(Default)]
-    struct FakeRouter {
-        routes: Mutex<Vec<Arc<FakeRoute>>>,
-    }
-
-    impl MsiRouter for FakeRouter {
-        fn allocate(&self) -> io::Result<Arc<dyn MsiRoute>> {
-            let route = Arc::new(FakeRoute::default());
-            self.routes.lock().unwrap().push(route.clone());
-            Ok(route)
-        }
-    }
-
-    impl FakeRouter {
-        fn route(&self, vector: usize) -> Arc<FakeRoute> {
-            self.routes.lock().unwrap()[vector].clone()
-        }
-    }
-
-    fn vectors(count: u16) -> (MsixVectors, Arc<FakeRouter>, Arc<RecordingSink>) {
+    fn vectors(count: u16) -> (MsixVectors, Arc<RecordingRouter>, Arc<RecordingSink>) {
         let sink = Arc::new(RecordingSink::default());
-        let router = Arc::new(FakeRouter::default());
+        let router = Arc::new(RecordingRouter::default());
         let table = MsixTable::new(count, sink.clone()).unwrap();
         let vectors = MsixVectors::new(table, Some(router.as_ref())).unwrap();
         (vectors, router, sink)
@@ -289,7 +247,7 @@ mod tests {
         let (vectors, router, _) = vectors(3);
 
         assert_eq!(vectors.vectors(), 3);
-        assert_eq!(router.routes.lock().unwrap().len(), 3);
+        assert_eq!(router.allocated(), 3);
     }
 
     #[test]
@@ -301,8 +259,8 @@ mod tests {
         assert_eq!(vectors.signal(1), MsixSignal::Delivered);
 
         let route = router.route(1);
-        assert_eq!(*route.updates.lock().unwrap(), vec![message(0x41)]);
-        assert_eq!(*route.triggers.lock().unwrap(), 1);
+        assert_eq!(route.update_list(), vec![message(0x41)]);
+        assert_eq!(route.trigger_count(), 1);
         assert!(sink.sent().is_empty(), "no slow-path message");
     }
 
@@ -318,7 +276,7 @@ mod tests {
 
         vectors.write_table(8, &0x42u32.to_le_bytes());
 
-        let updates = router.route(0).updates.lock().unwrap().clone();
+        let updates = router.route(0).update_list();
         assert_eq!(updates, vec![message(0x41), message(0x42)]);
     }
 
@@ -330,14 +288,14 @@ mod tests {
 
         assert_eq!(vectors.signal(0), MsixSignal::Delivered);
         assert!(vectors.table().is_pending(0));
-        assert_eq!(*router.route(0).triggers.lock().unwrap(), 0);
+        assert_eq!(router.route(0).trigger_count(), 0);
 
         vectors.write_table(12, &0u32.to_le_bytes());
 
         assert_eq!(sink.sent(), vec![message(0x30)]);
         assert!(!vectors.table().is_pending(0));
         vectors.signal(0);
-        assert_eq!(*router.route(0).triggers.lock().unwrap(), 1, "now routed");
+        assert_eq!(router.route(0).trigger_count(), 1, "now routed");
     }
 
     #[test]
@@ -365,7 +323,7 @@ mod tests {
         assert_eq!(vectors.signal(0), MsixSignal::Delivered);
 
         assert_eq!(sink.sent(), vec![message(0x55)]);
-        assert_eq!(*router.route(0).triggers.lock().unwrap(), 0);
+        assert_eq!(router.route(0).trigger_count(), 0);
     }
 
     #[test]

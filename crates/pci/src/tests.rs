@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use sluice_bus::irq::MsiMessage;
 use sluice_bus::{read_le, Bus};
 
-use crate::msix::tests::RecordingSink;
+use crate::testing::RecordingSink;
 use crate::*;
 
 const MMIO32: (u64, u64) = (0xc000_0000, 0x2000_0000);

@@ -381,7 +381,7 @@ mod tests {
     use super::*;
     use crate::vcpu::{ExitDispatch, ExitStats, RunControl, VcpuThread, VmOutcome};
     use kvm_bindings::kvm_userspace_memory_region;
-    use kvm_ioctls::Kvm;
+    use kvm_ioctls::{Kvm, VcpuFd};
     use sluice_bus::Bus;
     use sluice_devices::{ExitSink, GuestExit};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -417,6 +417,38 @@ mod tests {
         (vm, mem)
     }
 
+    /// vCPU 0 in real mode at 0:0x1000; `segments` adjusts the other segment registers.
+    fn real_mode_vcpu(vm: &VmFd, segments: impl FnOnce(&mut kvm_bindings::kvm_sregs)) -> VcpuFd {
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        segments(&mut sregs);
+        vcpu.set_sregs(&sregs).unwrap();
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rip = 0x1000;
+        regs.rsp = 0x8000;
+        regs.rflags = 2;
+        vcpu.set_regs(&regs).unwrap();
+        vcpu
+    }
+
+    /// Empty buses with the debug-exit port (0xf4) ending the run.
+    fn dispatch_with_exit_port() -> ExitDispatch {
+        let dispatch = ExitDispatch {
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+            control: Arc::new(RunControl::default()),
+            stats: Arc::new(ExitStats::default()),
+        };
+        let port = ExitPort(dispatch.control.clone());
+        dispatch
+            .pio
+            .insert("exit", Arc::new(Mutex::new(port)), 0xf4, 1)
+            .unwrap();
+        dispatch
+    }
+
     #[test]
     fn ioeventfd_doorbell_signals_without_a_userspace_exit() {
         let Ok(kvm) = Kvm::new() else {
@@ -433,26 +465,8 @@ mod tests {
         KvmIoEvents::new(vm.clone())
             .register(&doorbell, 0xb0000, 2, None)
             .unwrap();
-        let vcpu = vm.create_vcpu(0).unwrap();
-        let mut sregs = vcpu.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        vcpu.set_sregs(&sregs).unwrap();
-        let mut regs = vcpu.get_regs().unwrap();
-        regs.rip = 0x1000;
-        regs.rflags = 2;
-        vcpu.set_regs(&regs).unwrap();
-        let dispatch = ExitDispatch {
-            pio: Arc::new(Bus::new()),
-            mmio: Arc::new(Bus::new()),
-            control: Arc::new(RunControl::default()),
-            stats: Arc::new(ExitStats::default()),
-        };
-        let port = ExitPort(dispatch.control.clone());
-        dispatch
-            .pio
-            .insert("exit", Arc::new(Mutex::new(port)), 0xf4, 1)
-            .unwrap();
+        let vcpu = real_mode_vcpu(&vm, |_| {});
+        let dispatch = dispatch_with_exit_port();
 
         let thread = VcpuThread::spawn(0, vcpu, dispatch.clone()).unwrap();
         let outcome = dispatch.control.wait();
@@ -529,31 +543,13 @@ mod tests {
         mem.write_obj(0x1100u32, GuestAddress(0x40 * 4)).unwrap();
         let router = KvmIntxRouter::new(vm.clone());
         let line = router.connect(layout::PCI_INTX_FIRST_GSI).unwrap();
-        let vcpu = vm.create_vcpu(0).unwrap();
-        let mut sregs = vcpu.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        sregs.ds.base = layout::IOAPIC_START;
-        sregs.es.base = layout::LAPIC_START;
-        sregs.fs.base = 0;
-        sregs.ss.base = 0;
-        vcpu.set_sregs(&sregs).unwrap();
-        let mut regs = vcpu.get_regs().unwrap();
-        regs.rip = 0x1000;
-        regs.rsp = 0x8000;
-        regs.rflags = 2;
-        vcpu.set_regs(&regs).unwrap();
-        let dispatch = ExitDispatch {
-            pio: Arc::new(Bus::new()),
-            mmio: Arc::new(Bus::new()),
-            control: Arc::new(RunControl::default()),
-            stats: Arc::new(ExitStats::default()),
-        };
-        let exit = ExitPort(dispatch.control.clone());
-        dispatch
-            .pio
-            .insert("exit", Arc::new(Mutex::new(exit)), 0xf4, 1)
-            .unwrap();
+        let vcpu = real_mode_vcpu(&vm, |sregs| {
+            sregs.ds.base = layout::IOAPIC_START;
+            sregs.es.base = layout::LAPIC_START;
+            sregs.fs.base = 0;
+            sregs.ss.base = 0;
+        });
+        let dispatch = dispatch_with_exit_port();
         let probe = IntxProbe {
             line: line.clone(),
             quiet_since: None,

@@ -69,6 +69,7 @@ pub fn build_guest(name: &str) -> PathBuf {
     let inputs = [
         source.clone(),
         src_dir.join("common.inc"),
+        src_dir.join("interrupts.inc"),
         src_dir.join("guest.ld"),
     ];
     let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guests");

@@ -1,10 +1,11 @@
 //! virtio-pci transport tests: a fake device model behind [`VirtioPciDevice`], driven through
 //! the `PciDevice` accessors the way a guest driver would.
 
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 
-use sluice_bus::irq::{MsiMessage, MsiRoute};
+use sluice_bus::irq::MsiMessage;
+use sluice_pci::testing::{RecordingRouter, RecordingSink};
 use sluice_pci::{CAPABILITIES_POINTER, DEVICE_ID, MSIX_CAPABILITY_ID, VENDOR_ID};
 use vm_memory::GuestMemoryMmap;
 
@@ -136,57 +137,6 @@ impl crate::ExternalQueues for FakeDevice {
 
     fn stop(&mut self) {
         self.record.lock().unwrap().kicks.clear();
-    }
-}
-
-#[derive(Default)]
-struct RecordingSink {
-    messages: Mutex<Vec<MsiMessage>>,
-}
-
-impl MsiSink for RecordingSink {
-    fn send(&self, msg: MsiMessage) -> io::Result<()> {
-        self.messages.lock().unwrap().push(msg);
-        Ok(())
-    }
-}
-
-impl RecordingSink {
-    fn sent(&self) -> Vec<MsiMessage> {
-        self.messages.lock().unwrap().clone()
-    }
-}
-
-#[derive(Default)]
-struct FakeRoute {
-    message: Mutex<Option<MsiMessage>>,
-    updates: AtomicU32,
-    triggers: AtomicU32,
-}
-
-impl MsiRoute for FakeRoute {
-    fn update(&self, msg: MsiMessage) -> io::Result<()> {
-        *self.message.lock().unwrap() = Some(msg);
-        self.updates.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-
-    fn trigger(&self) -> io::Result<()> {
-        self.triggers.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
-#[derive(Default)]
-struct FakeRouter {
-    routes: Mutex<Vec<Arc<FakeRoute>>>,
-}
-
-impl MsiRouter for FakeRouter {
-    fn allocate(&self) -> io::Result<Arc<dyn MsiRoute>> {
-        let route = Arc::new(FakeRoute::default());
-        self.routes.lock().unwrap().push(route.clone());
-        Ok(route)
     }
 }
 
@@ -797,7 +747,7 @@ fn queue_interrupt_without_a_vector_sets_isr() {
 
 #[test]
 fn routes_carry_interrupts_once_programmed() {
-    let router = Arc::new(FakeRouter::default());
+    let router = Arc::new(RecordingRouter::default());
     let msi_router: Arc<dyn MsiRouter> = router.clone();
     let mut s = setup_with(DEVICE_TYPE_BLOCK, &[8, 16], |o| {
         o.msi_router = Some(msi_router)
@@ -814,17 +764,15 @@ fn routes_carry_interrupts_once_programmed() {
 
     activated_interrupt(&s.record).notify_queue(0).unwrap();
 
-    let routes = router.routes.lock().unwrap().clone();
-    assert_eq!(routes.len(), 3);
-    assert_eq!(*routes[1].message.lock().unwrap(), Some(message));
+    assert_eq!(router.allocated(), 3);
     assert_eq!(
-        routes[1].updates.load(Ordering::SeqCst),
-        1,
-        "no redundant updates"
+        router.route(1).update_list(),
+        vec![message],
+        "pointed at the programmed message, no redundant updates"
     );
-    assert_eq!(routes[1].triggers.load(Ordering::SeqCst), 1);
+    assert_eq!(router.route(1).trigger_count(), 1);
     assert!(s.sink.sent().is_empty(), "the route, not KVM_SIGNAL_MSI");
-    assert_eq!(routes[0].triggers.load(Ordering::SeqCst), 0);
+    assert_eq!(router.route(0).trigger_count(), 0);
 }
 
 #[test]
