@@ -348,7 +348,7 @@ fn a_panic_in_a_served_queue_worker_drops_only_its_connection_and_the_vm_reconne
 }
 
 #[test]
-fn a_forbidden_system_call_in_a_queue_worker_ends_sluice_unless_seccomp_is_off() {
+fn a_forbidden_system_call_in_a_queue_worker_ends_sluice_unless_seccomp_is_off_or_log() {
     if skip_without_kvm(
         "a_forbidden_system_call_in_a_queue_worker_ends_sluice_unless_seccomp_is_off",
     ) {
@@ -360,6 +360,9 @@ fn a_forbidden_system_call_in_a_queue_worker_ends_sluice_unless_seccomp_is_off()
     let mut unfiltered_args = RNG_RUN.to_vec();
     unfiltered_args.extend(["--seccomp", "off"]);
     let unfiltered = run(&unfiltered_args, &fault, Stderr::Captured);
+    let mut logged_args = RNG_RUN.to_vec();
+    logged_args.extend(["--seccomp", "log"]);
+    let logged = run(&logged_args, &fault, Stderr::Captured);
 
     assert_eq!(filtered.status, Some(EXIT_SECCOMP), "{filtered:?}");
     assert!(
@@ -371,6 +374,11 @@ fn a_forbidden_system_call_in_a_queue_worker_ends_sluice_unless_seccomp_is_off()
     assert!(
         unfiltered.stdout.contains("GUEST-KIT PASS"),
         "{unfiltered:?}"
+    );
+    assert_eq!(
+        logged.status,
+        Some(0),
+        "`log` lets the call through: {logged:?}"
     );
 }
 
