@@ -9,6 +9,7 @@ command -v objdump >/dev/null || need+=(binutils)
 command -v gcc >/dev/null || need+=(gcc)
 command -v c++ >/dev/null || need+=(g++) # libfuzzer-sys (fuzz/ is linted by scripts/test.sh)
 command -v iasl >/dev/null || need+=(acpica-tools)
+command -v fio >/dev/null || need+=(fio) # host-side fio (linux-tests harness, sluice bench)
 command -v rsvg-convert >/dev/null || need+=(librsvg2-bin)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
