@@ -252,17 +252,22 @@ struct Machine {
     _disks: Vec<Disk>,
 }
 
-fn machine() -> Machine {
+/// Guest RAM, an MMIO bus and a PCI root on it with the VMM's BAR windows.
+fn ram_and_root() -> (GuestMemoryMmap, Arc<Bus>, Arc<PciRoot>) {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
     let mmio = Arc::new(Bus::new());
-    let pio = Arc::new(Bus::new());
     let allocator = BarAllocator::new(
         AddressWindow::new(0xc000_0000, 0x2000_0000).unwrap(),
         AddressWindow::new(1 << 32, 1 << 32).unwrap(),
         AddressWindow::new(DEFAULT_IO_WINDOW.0, DEFAULT_IO_WINDOW.1).unwrap(),
     )
     .unwrap();
-    let root = Arc::new(PciRoot::new(mmio.clone(), pio, allocator));
+    let root = Arc::new(PciRoot::new(mmio.clone(), Arc::new(Bus::new()), allocator));
+    (mem, mmio, root)
+}
+
+fn machine() -> Machine {
+    let (mem, mmio, root) = ram_and_root();
     let mut devices = Vec::new();
     let mut disks = Vec::new();
     for tag in ["victim", "bystander"] {
@@ -503,15 +508,7 @@ impl IommuMachine {
 }
 
 fn iommu_machine(read_only_page: u64, hole_page: u64) -> IommuMachine {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
-    let mmio = Arc::new(Bus::new());
-    let allocator = BarAllocator::new(
-        AddressWindow::new(0xc000_0000, 0x2000_0000).unwrap(),
-        AddressWindow::new(1 << 32, 1 << 32).unwrap(),
-        AddressWindow::new(DEFAULT_IO_WINDOW.0, DEFAULT_IO_WINDOW.1).unwrap(),
-    )
-    .unwrap();
-    let root = Arc::new(PciRoot::new(mmio.clone(), Arc::new(Bus::new()), allocator));
+    let (mem, mmio, root) = ram_and_root();
     let iommu = Arc::new(StaticIommu {
         read_only_page,
         hole_page,
@@ -680,15 +677,7 @@ impl sluice_bus::irq::LevelIrqRouter for RecordingIntx {
 
 #[test]
 fn without_msix_a_completion_asserts_inta_and_the_isr_read_deasserts_it() {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
-    let mmio = Arc::new(Bus::new());
-    let allocator = BarAllocator::new(
-        AddressWindow::new(0xc000_0000, 0x2000_0000).unwrap(),
-        AddressWindow::new(1 << 32, 1 << 32).unwrap(),
-        AddressWindow::new(DEFAULT_IO_WINDOW.0, DEFAULT_IO_WINDOW.1).unwrap(),
-    )
-    .unwrap();
-    let root = Arc::new(PciRoot::new(mmio.clone(), Arc::new(Bus::new()), allocator));
+    let (mem, mmio, root) = ram_and_root();
     let intx = Arc::new(RecordingIntx::default());
     root.set_intx(intx.clone(), sluice_pci::IntxRouting::new(16, 8).unwrap());
     let disk = Disk::new("intx");
