@@ -25,6 +25,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("virtio_pci_registers", "sluice-virtio"),
     ("vhost_user_messages", "sluice-vhost"),
     ("vhost_user_fds", "sluice-vhost"),
+    ("vhost_user_backend_replies", "sluice-devices"),
 ];
 
 /// A target body: what `fuzz_target!` runs on one input.

@@ -206,9 +206,76 @@ def fds_seeds():
                                            + RING_16 + one_request(0) + KICK)
 
 
+# --- vhost_user_backend_replies: backend scripts (format in
+# crates/devices/src/vhost_user_blk/fuzz.rs): a setup byte, then one action per request -------
+HEALTHY, VALUE, BODY, RAW_HEADER, GARBAGE, SILENT, HANG_UP, TWICE = range(8)
+THEN_HANG_UP = 0x80
+HANDSHAKE = 7  # GET_FEATURES ... GET_CONFIG, with every protocol feature sluice uses
+SETUP = 10  # GET/SET_INFLIGHT_FD, SET_FEATURES, ADD_MEM_REG, 5 ring requests, SET_VRING_ENABLE
+RESET = 2  # GET_VRING_BASE, RESET_DEVICE
+
+
+def value(v):
+    return bytes([VALUE]) + struct.pack("<Q", v)
+
+
+def body(data, action=BODY):
+    return bytes([action, len(data)]) + data
+
+
+def blk_config(capacity, num_queues):
+    """virtio_blk_config (60 bytes) as qemu-storage-daemon fills it for a 512-byte-block disk."""
+    return (struct.pack("<QIIHBBI", capacity, 0, 126, 0, 0, 0, 512)  # ..., geometry, blk_size
+            + struct.pack("<BBHI", 0, 0, 1, 1)  # topology
+            + struct.pack("<BBH", 1, 0, num_queues)  # wce, unused, num_queues
+            + struct.pack("<IIIIIB3x", 32768, 1, 1, 32768, 1, 1))  # discard / write zeroes
+
+
+# qemu-storage-daemon 7.2's vhost-user-blk export (libvhost-user): SEG_MAX, BLK_SIZE, FLUSH,
+# TOPOLOGY, CONFIG_WCE, MQ, DISCARD, WRITE_ZEROES, NOTIFY_ON_EMPTY, LOG_ALL, INDIRECT_DESC,
+# EVENT_IDX, PROTOCOL_FEATURES, VERSION_1; protocol MQ, LOG_SHMFD, REPLY_ACK, BACKEND_REQ,
+# CONFIG, BACKEND_SEND_FD, HOST_NOTIFIER, CONFIGURE_MEM_SLOTS.
+QSD_FEATURES = sum(1 << b for b in (1, 2, 6, 9, 10, 11, 12, 13, 14, 24, 26, 28, 29, 30, 32))
+QSD_PROTOCOL = 0x8e2b
+
+
+def backend_seeds():
+    healthy = bytes(HANDSHAKE + SETUP + RESET)
+    yield "healthy", bytes([0]) + healthy
+    yield "healthy_two_queues_second_active", bytes([3]) + healthy
+    # No INFLIGHT_SHMFD or RESET_DEVICE: the setup is 8 requests, the reset GET_VRING_BASE only.
+    yield "qsd_handshake", (bytes([0]) + value(QSD_FEATURES) + value(QSD_PROTOCOL)
+                            + bytes([HEALTHY]) + value(1) + value(32) + bytes([HEALTHY])
+                            + body(struct.pack("<III", 0, 60, 0) + blk_config(2048, 1))
+                            + bytes(8 + 1))
+    # GET_CONFIG answered with 28 of the 60 config bytes, then a hang-up.
+    yield "truncated_get_config", (bytes([0]) + bytes(HANDSHAKE - 1)
+                                   + body(struct.pack("<III", 0, 60, 0) + bytes(28),
+                                          BODY | THEN_HANG_UP))
+    # The backend refuses SET_FEATURES (REPLY_ACK 1): the device needs a reset, the connection
+    # stays, and the reset still stops the ring.
+    yield "nack_at_driver_ok", (bytes([0]) + bytes(HANDSHAKE + 2) + value(1) + bytes(SETUP - 3)
+                                + bytes(RESET))
+    yield "nack_set_owner", bytes([0]) + bytes(5) + value(1)
+    yield "close_mid_handshake", bytes([0, HEALTHY, HEALTHY, HANG_UP])
+    # Healthy handshake, then a hang-up: the activation reconnects and sets up the second one.
+    yield "reconnect_at_driver_ok", (bytes([0]) + bytes(HANDSHAKE - 1) + bytes([THEN_HANG_UP])
+                                     + bytes(HANDSHAKE + SETUP + RESET))
+    # GET_INFLIGHT_FD answered without its fd.
+    yield "inflight_without_fd", (bytes([0]) + bytes(HANDSHAKE)
+                                  + body(struct.pack("<QQHH4x", 4096, 0, 1, 16)) + bytes(RESET))
+    # A header's and a u64's worth of garbage for GET_FEATURES: refused at once.
+    yield "garbage_reply", bytes([0]) + bytes([GARBAGE, 20]) + b"\xa5" * 20
+    # SET_OWNER acked twice: the stale ack comes back as GET_CONFIG's answer.
+    yield "stale_ack", bytes([0]) + bytes(5) + bytes([TWICE, HEALTHY])
+    # GET_VRING_BASE never answered: the reset gives up after one timeout.
+    yield "stall_at_reset", bytes([0]) + bytes(HANDSHAKE + SETUP) + bytes([SILENT, HEALTHY])
+
+
 def main():
     for target, seeds in (("blk_request", blk_seeds()), ("net_header", net_seeds()),
-                          ("virtio_pci_registers", pci_seeds()), ("vhost_user_fds", fds_seeds())):
+                          ("virtio_pci_registers", pci_seeds()), ("vhost_user_fds", fds_seeds()),
+                          ("vhost_user_backend_replies", backend_seeds())):
         directory = ROOT / target
         directory.mkdir(parents=True, exist_ok=True)
         for name, data in seeds:

@@ -1,5 +1,11 @@
 //! `cargo test` replays the committed corpora of the fuzz targets whose bodies live in this
-//! crate (see fuzz/corpus_replay.rs for the mechanism and how to add a target).
+//! crate (see fuzz/corpus_replay.rs for the mechanism and how to add a target), and checks that
+//! each `vhost_user_backend_replies` seed reaches the point it was written for.
+
+use std::path::Path;
+
+use sluice_devices::vhost_user_blk::fuzz::{run_hostile_backend, BackendOutcome};
+use vhost::vhost_user::message::FrontendReq;
 
 #[path = "../../../fuzz/corpus_replay.rs"]
 mod corpus_replay;
@@ -11,6 +17,114 @@ fn fuzz_corpora_replay_without_panics() {
         &[
             ("blk_request", &sluice_devices::block::fuzz::blk_request),
             ("net_header", &sluice_devices::net::fuzz::net_header),
+            (
+                "vhost_user_backend_replies",
+                &sluice_devices::vhost_user_blk::fuzz::hostile_backend,
+            ),
         ],
     );
+}
+
+fn backend_seed(name: &str) -> BackendOutcome {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/corpus/vhost_user_backend_replies")
+        .join(name);
+    let input = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    run_hostile_backend(&input)
+}
+
+fn saw(outcome: &BackendOutcome, request: FrontendReq) -> bool {
+    outcome.requests.contains(&(request as u32))
+}
+
+/// The device came up and its DRIVER_OK setup reached SET_VRING_ENABLE without a reset.
+fn assert_running(name: &str, outcome: &BackendOutcome) {
+    assert_eq!(outcome.handshake_error, None, "{name}: {outcome:?}");
+    assert!(outcome.activated, "{name}: {outcome:?}");
+    assert!(!outcome.needs_reset, "{name}: {outcome:?}");
+    assert!(
+        saw(outcome, FrontendReq::SET_VRING_ENABLE),
+        "{name}: {outcome:?}"
+    );
+    assert!(
+        saw(outcome, FrontendReq::GET_VRING_BASE),
+        "{name}: {outcome:?}"
+    );
+}
+
+fn assert_handshake_failed_at(name: &str, outcome: &BackendOutcome, step: &str) {
+    let error = outcome.handshake_error.as_deref().unwrap_or("");
+    assert!(error.contains(step), "{name}: expected {step}: {outcome:?}");
+    assert!(!outcome.activated, "{name}");
+}
+
+#[test]
+fn healthy_backend_seeds_get_a_running_device() {
+    for name in ["healthy", "healthy_two_queues_second_active"] {
+        let outcome = backend_seed(name);
+
+        assert_running(name, &outcome);
+        assert!(saw(&outcome, FrontendReq::SET_INFLIGHT_FD), "{name}");
+        assert!(saw(&outcome, FrontendReq::RESET_DEVICE), "{name}");
+        assert_eq!(outcome.connections, 1, "{name}");
+    }
+}
+
+#[test]
+fn the_qsd_shaped_seed_runs_without_inflight_or_reset_device() {
+    let outcome = backend_seed("qsd_handshake");
+
+    assert_running("qsd_handshake", &outcome);
+    assert!(saw(&outcome, FrontendReq::ADD_MEM_REG), "{outcome:?}");
+    assert!(!saw(&outcome, FrontendReq::GET_INFLIGHT_FD), "{outcome:?}");
+    assert!(!saw(&outcome, FrontendReq::RESET_DEVICE), "{outcome:?}");
+}
+
+#[test]
+fn broken_handshake_seeds_fail_at_their_request() {
+    for (name, step) in [
+        ("truncated_get_config", "GET_CONFIG"),
+        ("nack_set_owner", "SET_OWNER"),
+        ("close_mid_handshake", "GET_QUEUE_NUM"),
+        ("garbage_reply", "GET_FEATURES"),
+        ("stale_ack", "GET_CONFIG"),
+    ] {
+        let outcome = backend_seed(name);
+
+        assert_handshake_failed_at(name, &outcome, step);
+    }
+}
+
+#[test]
+fn a_nack_at_driver_ok_needs_a_reset_that_still_stops_the_ring() {
+    let outcome = backend_seed("nack_at_driver_ok");
+
+    assert!(outcome.activated && outcome.needs_reset, "{outcome:?}");
+    assert!(!saw(&outcome, FrontendReq::ADD_MEM_REG), "{outcome:?}");
+    assert!(saw(&outcome, FrontendReq::GET_VRING_BASE), "{outcome:?}");
+    assert_eq!(outcome.connections, 1, "a refusal keeps the connection");
+}
+
+#[test]
+fn an_inflight_area_without_its_fd_needs_a_reset() {
+    let outcome = backend_seed("inflight_without_fd");
+
+    assert!(outcome.activated && outcome.needs_reset, "{outcome:?}");
+    assert!(!saw(&outcome, FrontendReq::SET_INFLIGHT_FD), "{outcome:?}");
+}
+
+#[test]
+fn a_backend_gone_after_the_handshake_is_reconnected_at_driver_ok() {
+    let outcome = backend_seed("reconnect_at_driver_ok");
+
+    assert_running("reconnect_at_driver_ok", &outcome);
+    assert_eq!(outcome.connections, 2, "{outcome:?}");
+}
+
+#[test]
+fn a_reset_stalled_at_get_vring_base_gives_up_on_the_connection() {
+    let outcome = backend_seed("stall_at_reset");
+
+    assert_running("stall_at_reset", &outcome);
+    assert!(!saw(&outcome, FrontendReq::RESET_DEVICE), "{outcome:?}");
 }

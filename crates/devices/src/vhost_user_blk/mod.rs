@@ -60,9 +60,13 @@
 //! Not done: the backend request channel (BACKEND_REQ: config-change notifications, IOTLB),
 //! dirty logging, VIRTIO_F_ACCESS_PLATFORM (the backend sees guest-physical addresses only),
 //! packed rings.
+//!
+//! [`fuzz`] plays a scripted hostile backend against all of this (the body of the
+//! `vhost_user_backend_replies` fuzz target, also replayed by `cargo test`).
 
 mod config_space;
 mod deadline;
+pub mod fuzz;
 mod pump;
 mod session;
 #[cfg(test)]
