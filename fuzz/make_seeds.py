@@ -241,6 +241,7 @@ QSD_PROTOCOL = 0x8e2b
 
 def backend_seeds():
     healthy = bytes(HANDSHAKE + SETUP + RESET)
+    yield "empty", b""  # no actions: the first request ends the script
     yield "healthy", bytes([0]) + healthy
     yield "healthy_two_queues_second_active", bytes([3]) + healthy
     # No INFLIGHT_SHMFD or RESET_DEVICE: the setup is 8 requests, the reset GET_VRING_BASE only.

@@ -38,6 +38,10 @@
 //! header's flags to the next byte, bit 5 its request code to the next byte and bit 6 its size
 //! to the next 2 bytes (little endian; then it may disagree with the body). Bit 7 hangs up
 //! after answering. Only action 0 counts as healthy.
+//!
+//! An answer shorter than the healthy one (the frontend reads a reply's full length whatever
+//! its header says) is always followed by a hang-up: the frontend would otherwise wait for the
+//! rest until its timeout, and most mutated inputs would cost one. Stalls come from kind 5.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -45,7 +49,7 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -57,6 +61,7 @@ use vm_memory::{ByteValued, FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use super::session::Session;
 use super::{
     SharedMemoryRegion, VhostUserBlk, VhostUserBlkConfig, CONFIG_NUM_QUEUES_OFFSET,
     GUEST_VISIBLE_FEATURES, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_BLK_CONFIG_SIZE,
@@ -66,10 +71,13 @@ use super::{
 pub const TIMEOUT: Duration = Duration::from_millis(50);
 /// What "returns within a bound" means for one step (many timeouts, on a loaded machine).
 const STEP_BOUND: Duration = Duration::from_secs(3);
-/// Longest wait for the pump's DRIVER_OK setup to finish or fail.
-const SETUP_BOUND: Duration = Duration::from_secs(5);
+/// Longest wait for the pump's DRIVER_OK setup to finish or fail (a few of the pump's
+/// reconnection intervals, in the worst case).
+const SETUP_BOUND: Duration = Duration::from_secs(6);
+/// How long the setup must look finished when only the lock says so (see `wait_for_setup`).
+const SETTLE: Duration = Duration::from_millis(5);
 /// Connections the backend accepts in one run (the frontend reconnects at most once per step).
-const MAX_CONNECTIONS: usize = 4;
+const MAX_CONNECTIONS: usize = 3;
 const QUEUE_SIZE: u16 = 16;
 const RAM_BYTES: u64 = 64 << 10;
 /// Queue `n`'s descriptor table, avail and used rings start here plus `n * RING_STRIDE`.
@@ -186,6 +194,8 @@ fn drive(
     let features = device.device_features();
     let mem = sluice_dma::identity(guest_memory().clone());
     let interrupt: Arc<dyn VirtioInterrupt> = Arc::new(Interrupt(progress.clone()));
+    let session = device.session.clone();
+    let since = progress.lock().requests.len();
     let started = Instant::now();
     let (result, _) = timed("ExternalQueues::start", STEP_BOUND, || {
         device.start(features, mem, vec![binding], interrupt)
@@ -195,7 +205,7 @@ fn drive(
         Ok(()) => {
             outcome.activated = true;
             assert!(
-                progress.wait_for_setup(started + SETUP_BOUND),
+                progress.wait_for_setup(&session, since, started + SETUP_BOUND),
                 "the DRIVER_OK setup neither finished nor failed within {SETUP_BOUND:?}"
             );
         }
@@ -332,6 +342,10 @@ struct Record {
     /// Index in `requests` of the first one answered other than healthily (or not at all).
     first_unhealthy: Option<usize>,
     connections: usize,
+    /// The backend is in a connection (it reads every request sent on it).
+    in_connection: bool,
+    /// The backend accepts no more connections.
+    done: bool,
     needs_reset_at: Option<Instant>,
     /// The run ended while a connection was still open on the frontend's side.
     left_open: bool,
@@ -364,22 +378,44 @@ impl Progress {
         });
     }
 
-    /// Waits until the setup reached its last request or the device needs a reset; false if
-    /// neither happened by `deadline`.
-    fn wait_for_setup(&self, deadline: Instant) -> bool {
+    /// Waits until the pump's setup is over (false if it still runs at `deadline`): the device
+    /// needs a reset, or the backend read SET_VRING_ENABLE. Without REPLY_ACK a setup may also
+    /// succeed with its last requests unread, when the backend hangs up under them; then the
+    /// setup is taken as over once the backend is out of a connection (after reading a setup
+    /// request, or for good) and the session lock, which the pump holds throughout its setup
+    /// (reconnect included), has been free for [`SETTLE`].
+    fn wait_for_setup(&self, session: &Mutex<Session>, since: usize, deadline: Instant) -> bool {
         let enable = FrontendReq::SET_VRING_ENABLE as u32;
+        let mut settled_since: Option<(Instant, usize)> = None;
         let mut record = self.lock();
         loop {
-            if record.needs_reset_at.is_some() || record.requests.contains(&enable) {
+            if record.needs_reset_at.is_some() || record.requests[since..].contains(&enable) {
                 return true;
             }
+            let seen = record.requests.len();
+            let backend_away = record.done || (!record.in_connection && seen > since);
+            drop(record);
+            let pump_idle =
+                backend_away && !matches!(session.try_lock(), Err(TryLockError::WouldBlock));
+            settled_since = match settled_since {
+                Some((at, requests)) if pump_idle && requests == seen => {
+                    if at.elapsed() >= SETTLE {
+                        return true;
+                    }
+                    Some((at, requests))
+                }
+                _ if pump_idle => Some((Instant::now(), seen)),
+                _ => None,
+            };
             let now = Instant::now();
             if now >= deadline {
                 return false;
             }
+            // Woken by the backend and the interrupts; the lock is polled.
+            let poll = Duration::from_millis(1).min(deadline - now);
             record = self
                 .changed
-                .wait_timeout(record, deadline - now)
+                .wait_timeout(self.lock(), poll)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
@@ -479,7 +515,9 @@ fn serve(
 ) {
     let mut script = Script { bytes: script };
     let mut connections = 0;
-    while connections < MAX_CONNECTIONS && !script.bytes.is_empty() {
+    // Accepted even with no actions left: the request that finds none ends the script (and
+    // counts as not answered healthily).
+    while connections < MAX_CONNECTIONS {
         if !wait_readable(listener.as_raw_fd(), stop) {
             break;
         }
@@ -487,8 +525,14 @@ fn serve(
             continue;
         };
         connections += 1;
-        progress.update(|record| record.connections = connections);
-        match converse(&stream, &mut script, progress, stop) {
+        progress.update(|record| {
+            record.connections = connections;
+            record.in_connection = true;
+        });
+        let end = converse(&stream, &mut script, progress, stop);
+        drop(stream);
+        progress.update(|record| record.in_connection = false);
+        match end {
             End::Over => {}
             End::ScriptEnded | End::Stopped => break,
         }
@@ -497,6 +541,7 @@ fn serve(
     // being refused, which the frontend would retry for a while.
     let _ = std::fs::remove_file(socket);
     drop(listener);
+    progress.update(|record| record.done = true);
 }
 
 /// Waits until `fd` is readable or hung up; false if `stop` fired first.
@@ -654,6 +699,7 @@ fn answer(stream: &UnixStream, request: &Request, action: u8, script: &mut Scrip
         }
         _ => framed_replies(request, action, script),
     };
+    let sent: usize = replies.iter().map(|reply| reply.bytes.len()).sum();
     for mut reply in replies {
         if let Some(file) = extra_fd.and_then(memfd) {
             reply.fds.push(file);
@@ -662,7 +708,32 @@ fn answer(stream: &UnixStream, request: &Request, action: u8, script: &mut Scrip
             return false;
         }
     }
-    action & HANG_UP_AFTER == 0
+    action & HANG_UP_AFTER == 0 && sent >= awaited_bytes(request)
+}
+
+/// How many bytes the frontend reads in answer to `request`: the healthy answer's length.
+fn awaited_bytes(request: &Request) -> usize {
+    let code = request.code;
+    let body = if code == FrontendReq::GET_CONFIG as u32 {
+        12 + VIRTIO_BLK_CONFIG_SIZE
+    } else if code == FrontendReq::GET_INFLIGHT_FD as u32 {
+        size_of::<VhostUserInflight>()
+    } else if [
+        FrontendReq::GET_FEATURES,
+        FrontendReq::GET_PROTOCOL_FEATURES,
+        FrontendReq::GET_QUEUE_NUM,
+        FrontendReq::GET_MAX_MEM_SLOTS,
+        FrontendReq::GET_VRING_BASE,
+    ]
+    .iter()
+    .any(|&get| code == get as u32)
+        || request.flags & FLAG_NEED_REPLY != 0
+    {
+        8
+    } else {
+        return 0;
+    };
+    HEADER_BYTES + body
 }
 
 /// Kinds 0, 1, 2 and 7: a header (possibly altered) and a body.
@@ -779,4 +850,35 @@ fn send(stream: &UnixStream, reply: &Reply) -> bool {
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_awaited_length_is_the_healthy_answers() {
+        for code in 0..64 {
+            for flags in [FLAG_VERSION, FLAG_VERSION | FLAG_NEED_REPLY] {
+                let body_len = match code {
+                    c if c == FrontendReq::GET_INFLIGHT_FD as u32 => 24,
+                    c if c == FrontendReq::GET_CONFIG as u32 => 12 + VIRTIO_BLK_CONFIG_SIZE,
+                    _ => 8,
+                };
+                let request = Request {
+                    code,
+                    flags,
+                    body: vec![1; body_len],
+                };
+
+                let healthy = healthy(&request).map_or(0, |(body, _)| HEADER_BYTES + body.len());
+
+                assert_eq!(
+                    awaited_bytes(&request),
+                    healthy,
+                    "request {code}, flags {flags}"
+                );
+            }
+        }
+    }
 }
