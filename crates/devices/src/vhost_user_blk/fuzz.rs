@@ -11,7 +11,7 @@
 //!
 //! Checked beyond "never panics":
 //! * each step returns within a bound (a stalled script costs one timeout, never a hang), and
-//!   the DRIVER_OK setup finishes or marks the device NEEDS_RESET within one;
+//!   the DRIVER_OK setup finishes or marks the device NEEDS_RESET within [`SETUP_BOUND`];
 //! * the device is consistent: guest-visible features only, VERSION_1 among them, 1 to the
 //!   requested number of queues, a 60-byte config space whose `num_queues` is that count, and
 //!   config reads at any offset that see the config space's bytes and zeroes past its end;
@@ -41,7 +41,8 @@
 //!
 //! An answer shorter than the healthy one (the frontend reads a reply's full length whatever
 //! its header says) is always followed by a hang-up: the frontend would otherwise wait for the
-//! rest until its timeout, and most mutated inputs would cost one. Stalls come from kind 5.
+//! rest until its timeout, and most mutated inputs would cost one. Stalls come from kind 5
+//! (and from answers that leave the stream out of step, such as kind 7 before a SET).
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -73,7 +74,7 @@ pub const TIMEOUT: Duration = Duration::from_millis(50);
 const STEP_BOUND: Duration = Duration::from_secs(3);
 /// Longest wait for the pump's DRIVER_OK setup to finish or fail (a few of the pump's
 /// reconnection intervals, in the worst case).
-const SETUP_BOUND: Duration = Duration::from_secs(6);
+pub const SETUP_BOUND: Duration = Duration::from_secs(6);
 /// How long the setup must look finished when only the lock says so (see `wait_for_setup`).
 const SETTLE: Duration = Duration::from_millis(5);
 /// Connections the backend accepts in one run (the frontend reconnects at most once per step).
