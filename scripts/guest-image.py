@@ -36,12 +36,13 @@ and busybox-static. Without apt metadata (offline) the newest cached image is re
 import fcntl
 import gzip
 import hashlib
-import io
 import os
-import re
 import subprocess
 import sys
 import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import debimage  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("SLUICE_LINUX_CACHE", os.path.join(REPO, ".cache", "linux"))
@@ -61,7 +62,6 @@ MODULES = [
     "virtio-rng",
 ]
 PACKAGES = ["busybox-static", "fio"]
-LIB_PACKAGE = re.compile(r"^(lib[a-z0-9][a-z0-9.+-]*|zlib1g)$")
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -104,23 +104,14 @@ poweroff -f
 """
 
 
-def progress(message):
-    if sys.stderr.isatty():
-        print(f"guest-image: {message}", file=sys.stderr, flush=True)
-
-
-def die(message):
-    print(f"guest-image: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
-def run(args, **kwargs):
-    return subprocess.run(args, check=True, text=True, capture_output=True, **kwargs).stdout
+TOOL = debimage.Tool("guest-image")
+die = TOOL.die
+progress = TOOL.progress
 
 
 def fetch_kernel_and_modules():
     try:
-        lines = run(["sh", FETCH_LINUX, "--modules"]).split()
+        lines = debimage.run(["sh", FETCH_LINUX, "--modules"]).split()
     except subprocess.CalledProcessError as error:
         die(f"fetch-linux.sh failed: {error.stderr.strip().splitlines()[-1:]}")
     if len(lines) != 2:
@@ -128,189 +119,42 @@ def fetch_kernel_and_modules():
     return lines[0], lines[1]
 
 
-def candidate_version(package):
-    """The version apt would download, or None without apt metadata."""
-    try:
-        policy = run(["apt-cache", "policy", package])
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return None
-    match = re.search(r"Candidate: (\S+)", policy)
-    if not match or match.group(1) == "(none)":
-        return None
-    return match.group(1)
-
-
 def cache_key(kernel, modules_dir, versions):
     digest = hashlib.sha256()
-    with open(os.path.abspath(__file__), "rb") as script:
-        digest.update(script.read())
+    for source in (os.path.abspath(__file__), debimage.__file__):
+        digest.update(debimage.read(source))
     digest.update(os.path.basename(kernel).encode())
     for module in MODULES:
-        with open(os.path.join(modules_dir, module + ".ko"), "rb") as ko:
-            digest.update(hashlib.sha256(ko.read()).digest())
+        digest.update(hashlib.sha256(debimage.read(os.path.join(modules_dir, module + ".ko"))).digest())
     for package, version in versions.items():
         digest.update(f"{package}={version}\n".encode())
     return digest.hexdigest()[:16]
 
 
-def download_and_extract(packages, work, root):
-    """apt-get download + dpkg -x of each package into root."""
-    debs = os.path.join(work, "debs")
-    os.makedirs(debs, exist_ok=True)
-    try:
-        run(["apt-get", "download", *packages], cwd=debs)
-    except subprocess.CalledProcessError as error:
-        die(f"apt-get download {' '.join(packages)} failed (no network?): {error.stderr.strip()}")
-    for package in packages:
-        names = [n for n in os.listdir(debs) if n.startswith(package + "_") and n.endswith(".deb")]
-        if not names:
-            die(f"apt-get download left no .deb for {package}")
-        for name in names:
-            run(["dpkg", "-x", os.path.join(debs, name), root])
-            os.rename(os.path.join(debs, name), os.path.join(debs, name + ".done"))
-
-
-def library_depends(package):
-    """The library packages a package depends on (first alternative of each Depends)."""
-    try:
-        output = run(["apt-cache", "depends", "--no-recommends", "--no-suggests", package])
-    except subprocess.CalledProcessError:
-        return []
-    names = re.findall(r"^\s+\|?Depends: ([^\s<>]+)", output, re.M)
-    return [n.split(":")[0] for n in names if LIB_PACKAGE.match(n.split(":")[0])]
-
-
-def library_dirs(root):
-    dirs = []
-    for sub in ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu/ceph"):
-        path = os.path.join(root, sub)
-        if os.path.isdir(path):
-            dirs.append(path)
-    return dirs
-
-
-def ldd(binary, root):
-    """(resolved paths, missing sonames) of binary, searching the extracted tree first."""
-    env = dict(os.environ, LD_LIBRARY_PATH=":".join(library_dirs(root)))
-    output = run(["ldd", binary], env=env)
-    resolved, missing = [], []
-    for line in output.splitlines():
-        line = line.strip()
-        if "=> not found" in line:
-            if line.split()[0] not in missing:
-                missing.append(line.split()[0])
-        elif "=>" in line:
-            path = line.split("=>")[1].split("(")[0].strip()
-            if path:
-                resolved.append(path)
-        elif line.startswith("/"):
-            resolved.append(line.split()[0])  # the program interpreter
-    return resolved, missing
-
-
-def resolve_fio_libraries(work, root):
-    """Extracts library packages until ldd resolves every library fio needs."""
-    fio = os.path.join(root, "usr", "bin", "fio")
-    fetched = set(PACKAGES)
-    frontier = ["fio"]
-    while True:
-        resolved, missing = ldd(fio, root)
-        if not missing:
-            return resolved
-        wanted = sorted({dep for p in frontier for dep in library_depends(p)} - fetched)
-        if not wanted:
-            die(f"fio needs {', '.join(missing)} and no further Debian package provides it")
-        progress(f"fio needs {len(missing)} more libraries; extracting {len(wanted)} packages")
-        download_and_extract(wanted, work, root)
-        fetched.update(wanted)
-        frontier = wanted
-
-
-def guest_path(path, root):
-    """Where a library goes in the guest: its path in the package, /lib folded into /usr/lib."""
-    if path.startswith(root + os.sep):
-        path = path[len(root):]
-    path = path.lstrip("/")
-    for merged in ("lib/", "lib64/"):
-        if path.startswith(merged):
-            return "usr/" + path
-    return path
-
-
-def module_depends(ko_path):
-    with open(ko_path, "rb") as ko:
-        match = re.search(rb"\0depends=([^\0]*)\0", ko.read())
-    return [d.decode() for d in match.group(1).split(b",") if d] if match else []
-
-
 def check_module_order(modules_dir):
     loaded = set()
     for module in MODULES:
-        for dep in module_depends(os.path.join(modules_dir, module + ".ko")):
-            if dep.replace("-", "_") not in loaded:
+        for dep in debimage.module_depends(os.path.join(modules_dir, module + ".ko")):
+            if dep not in loaded:
                 die(f"module order: {module} needs {dep}, which is not loaded before it")
         loaded.add(module.replace("-", "_"))
 
 
-class Cpio:
-    """A cpio "newc" archive: 110-byte ASCII header, name and data each padded to 4 bytes."""
-
-    def __init__(self):
-        self.out = io.BytesIO()
-        self.inode = 0
-        self.dirs = set()
-
-    def _entry(self, name, mode, data=b"", rdev=(0, 0)):
-        self.inode += 1
-        fields = [self.inode, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(name) + 1, 0]
-        blob = b"070701" + b"".join(b"%08x" % f for f in fields) + name.encode() + b"\0"
-        self.out.write(blob + b"\0" * (-len(blob) % 4))
-        self.out.write(data + b"\0" * (-len(data) % 4))
-
-    def directory(self, name):
-        parts = name.split("/")
-        for depth in range(1, len(parts) + 1):
-            path = "/".join(parts[:depth])
-            if path not in self.dirs:
-                self.dirs.add(path)
-                self._entry(path, 0o040755)
-
-    def file(self, name, data, mode=0o100755):
-        if "/" in name:
-            self.directory(os.path.dirname(name))
-        self._entry(name, mode, data)
-
-    def symlink(self, name, target):
-        self._entry(name, 0o120777, target.encode())
-
-    def char_device(self, name, major, minor):
-        self._entry(name, 0o020600, rdev=(major, minor))
-
-    def finish(self):
-        self._entry("TRAILER!!!", 0)
-        return self.out.getvalue()
-
-
-def read(path):
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def build_archive(root, libraries, modules_dir):
-    cpio = Cpio()
+    cpio = debimage.Cpio()
     for name in ("usr/bin", "usr/lib", "usr/lib64", "proc", "sys", "dev", "tmp"):
         cpio.directory(name)
     cpio.symlink("lib", "usr/lib")
     cpio.symlink("lib64", "usr/lib64")
     cpio.directory("bin")
     cpio.char_device("dev/console", 5, 1)
-    cpio.file("bin/busybox", read(os.path.join(root, "bin", "busybox")))
-    cpio.file("usr/bin/fio", read(os.path.join(root, "usr", "bin", "fio")))
+    cpio.file("bin/busybox", debimage.read(os.path.join(root, "bin", "busybox")))
+    cpio.file("usr/bin/fio", debimage.read(os.path.join(root, "usr", "bin", "fio")))
     for library in sorted(set(libraries)):
         # Copy the file behind the soname link under the soname, as ld.so looks it up.
-        cpio.file(guest_path(library, root), read(os.path.realpath(library)))
+        cpio.file(debimage.image_path(library, root), debimage.read(os.path.realpath(library)))
     for module in MODULES:
-        cpio.file(f"sluice/modules/{module}.ko", read(os.path.join(modules_dir, module + ".ko")), 0o100644)
+        cpio.file(f"sluice/modules/{module}.ko", debimage.read(os.path.join(modules_dir, module + ".ko")), 0o100644)
     cpio.file("sluice/modules.order", ("\n".join(MODULES) + "\n").encode(), 0o100644)
     cpio.file("init", INIT.encode())
     return cpio.finish()
@@ -333,7 +177,7 @@ def main():
     progress("fetching the kernel and its virtio modules")
     kernel, modules_dir = fetch_kernel_and_modules()
     check_module_order(modules_dir)
-    versions = {p: candidate_version(p) for p in PACKAGES}
+    versions = {p: debimage.candidate_version(p) for p in PACKAGES}
     if None in versions.values():
         image = newest_cached_image()
         if not image:
@@ -346,8 +190,9 @@ def main():
         with tempfile.TemporaryDirectory(dir=CACHE, prefix="tmp.guest.") as work:
             root = os.path.join(work, "root")
             progress(f"downloading {', '.join(f'{p} {v}' for p, v in versions.items())}")
-            download_and_extract(PACKAGES, work, root)
-            libraries = resolve_fio_libraries(work, root)
+            debimage.download_and_extract(TOOL, PACKAGES, work, root)
+            fio = os.path.join(root, "usr", "bin", "fio")
+            libraries = debimage.resolve_libraries(TOOL, "fio", fio, work, root, set(PACKAGES))
             progress(f"fio needs {len(libraries)} shared libraries; writing the initramfs")
             archive = build_archive(root, libraries, modules_dir)
             partial = image + ".part"
