@@ -173,7 +173,9 @@ pub fn unavailable_reason() -> Option<String> {
     REASON
         .get_or_init(|| {
             if find_program("qemu-system-x86_64").is_none() {
-                return Some("qemu-system-x86_64 is not installed (scripts/install-deps.sh)".into());
+                return Some(
+                    "qemu-system-x86_64 is not installed (scripts/install-deps.sh)".into(),
+                );
             }
             let output = Command::new("python3")
                 .arg(repo_root().join("scripts/lab"))
@@ -214,27 +216,6 @@ pub fn repo_root() -> PathBuf {
         .join("../..")
         .canonicalize()
         .expect("the repository root exists")
-}
-
-/// The debug `sluice` binary, built once per test binary (`cargo build -p sluice`), for tests
-/// outside the sluice package; L1 reaches it at the same path.
-pub fn sluice_binary() -> Result<PathBuf, String> {
-    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BINARY
-        .get_or_init(|| {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "--quiet", "-p", "sluice", "--bin", "sluice"])
-                .current_dir(repo_root())
-                .stdin(Stdio::null())
-                .status()
-                .map_err(|e| format!("cannot run cargo: {e}"))?;
-            if !status.success() {
-                return Err(format!("cargo build -p sluice failed ({status})"));
-            }
-            Ok(target_dir().join("debug/sluice"))
-        })
-        .clone()
 }
 
 fn target_dir() -> PathBuf {

@@ -1,0 +1,344 @@
+//! Linux's own drivers on sluice's in-process devices, in the nested lab: Debian's cloud kernel
+//! (scripts/guest-image.py: busybox, fio, the virtio modules) is the L2 guest of `sluice run`
+//! inside L1 (kvm_amd under QEMU TCG, scripts/lab), where a stock kernel boots on sluice.
+//!
+//! - virtio-blk: fio randwrite + verify with 2 jobs on 2 vCPUs (so both of the disk's 2
+//!   queues carry I/O) at QD16; the image is then checked block by block on this host
+//!   (`fio::scan_image`). The check is proven to check: one byte of the image is flipped in L1
+//!   and a second L2 boot's verify-only pass must fail at that block, and the same flip in the
+//!   host's copy must make the scan fail.
+//! - virtio-net + virtio-rng: L2 pings L1 over a tap that sluice creates and fetches a file
+//!   from L1's busybox httpd (its sha256 must match), and hw_random reads from virtio-rng.
+//!
+//! sluice's `--metrics` JSON from each run (written to the share) shows the queues worked:
+//! requests, kicks and interrupts on every queue that should have them.
+//!
+//! No QEMU or no way to build the images: a SKIP line.
+
+mod common;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::backend::sluice_binary;
+use common::fio::{self, FioJob};
+use common::qemu::{kernel_cmdline, kernel_cmdline_diskless, parse_exit_marker};
+use common::{prerequisites, GuestImage, Scratch};
+use sluice_lab::{Lab, LabRun, SCRATCH};
+
+const L2_MEMORY: &str = "512M";
+/// Two jobs, each writing every 4 KiB block of its own 16 MiB region once, then verifying.
+const JOB: FioJob = FioJob {
+    jobs: 2,
+    region_mib: 16,
+    io_mib: 16,
+};
+const DISK_BYTES: u64 = 32 << 20;
+/// The byte flipped to prove the checks check: inside the data (after fio's 44-byte header)
+/// of the fourth block.
+const CORRUPT_BLOCK: u64 = 3;
+const CORRUPT_OFFSET: u64 = CORRUPT_BLOCK * fio::BLOCK_SIZE as u64 + 1000;
+/// L1 boot (~5 s), two L2 boots (~7 s each) and fio's 16 MiB of writes and reads, with room
+/// for a loaded host.
+const LAB_TIMEOUT: Duration = Duration::from_secs(600);
+
+struct Setup {
+    sluice: PathBuf,
+    image: GuestImage,
+    scratch: Scratch,
+}
+
+fn setup(test: &str) -> Option<Setup> {
+    if sluice_lab::inside_lab() {
+        println!("SKIP {test}: already inside the lab");
+        return None;
+    }
+    let image = prerequisites(test, &[])?;
+    if sluice_lab::skip_without_lab(test) {
+        return None;
+    }
+    let sluice = sluice_binary().unwrap_or_else(|e| panic!("cannot build sluice: {e}"));
+    Some(Setup {
+        sluice,
+        image,
+        scratch: Scratch::new(test),
+    })
+}
+
+impl Setup {
+    /// An L1 shell line that boots the L2 kernel on sluice with `devices`, running
+    /// `l2_command` (through the guest image's `sluice.run=`) and keeping its console and
+    /// metrics in the share as `<name>.console` and `<name>.json`.
+    fn sluice_line(&self, name: &str, devices: &str, cmdline: &str) -> String {
+        format!(
+            "{sluice} run --kernel {kernel} --initrd {initrd} --memory {L2_MEMORY} {devices} \
+             --metrics {SCRATCH}/{name}.json --cmdline '{cmdline}' > {SCRATCH}/{name}.console 2>&1",
+            sluice = self.sluice.display(),
+            kernel = self.image.kernel.display(),
+            initrd = self.image.initramfs.display(),
+        )
+    }
+
+    fn run(&self, script: &str) -> LabRun {
+        Lab::new()
+            .share(&self.scratch.dir)
+            .timeout(LAB_TIMEOUT)
+            .run(script)
+    }
+
+    fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.scratch.path(name)).unwrap_or_default()
+    }
+
+    fn metrics(&self, name: &str) -> serde_json::Value {
+        let text = self.read(name);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}\n{text}"))
+    }
+}
+
+/// The queues of the device in `metrics` whose name starts with `prefix`.
+fn device_queues<'a>(metrics: &'a serde_json::Value, prefix: &str) -> &'a Vec<serde_json::Value> {
+    metrics["devices"]
+        .as_array()
+        .and_then(|devices| {
+            devices
+                .iter()
+                .find(|d| d["device"].as_str().is_some_and(|n| n.starts_with(prefix)))
+        })
+        .and_then(|device| device["queues"].as_array())
+        .unwrap_or_else(|| panic!("no {prefix} device in the metrics: {metrics:#}"))
+}
+
+fn counter(queue: &serde_json::Value, name: &str) -> u64 {
+    queue[name].as_u64().unwrap_or(0)
+}
+
+/// One line per queue: what the metrics say it did.
+fn print_queues(device: &str, queues: &[serde_json::Value]) {
+    for (index, queue) in queues.iter().enumerate() {
+        println!(
+            "{device} q{index}: requests {} kicks {} interrupts {} suppressed {}",
+            counter(queue, "requests"),
+            counter(queue, "kicks"),
+            counter(queue, "interrupts"),
+            counter(queue, "notifications_suppressed"),
+        );
+    }
+}
+
+/// A one-line L1 shell command that replaces the byte at `offset` of `path` by its complement.
+fn flip_byte_in_l1(path: &str, offset: u64) -> String {
+    format!(
+        "b=$(dd if={path} bs=1 skip={offset} count=1 2>/dev/null | od -An -tu1 | tr -d ' '); \
+         printf \"$(printf '\\\\%03o' $((255 - b)))\" | dd of={path} bs=1 seek={offset} conv=notrunc 2>/dev/null"
+    )
+}
+
+fn flip_byte_on_host(path: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open the image");
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, offset).expect("read a byte");
+    file.write_all_at(&[!byte[0]], offset)
+        .expect("write a byte");
+}
+
+#[test]
+fn lab_fio_verify_on_sluice_virtio_blk() {
+    let test = "lab-fio-verify";
+    let Some(setup) = setup(test) else { return };
+    let devices = "--cpus 2 --disk path=/tmp/disk.img,queues=2";
+    let mut script = String::from("set -u\n");
+    writeln!(script, "truncate -s {DISK_BYTES} /tmp/disk.img").unwrap();
+    let write = kernel_cmdline(&JOB.randwrite_command());
+    writeln!(script, "{}", setup.sluice_line("write", devices, &write)).unwrap();
+    writeln!(script, "echo sluice-write-exit=$?").unwrap();
+    writeln!(script, "cp /tmp/disk.img {SCRATCH}/disk.img").unwrap();
+    writeln!(
+        script,
+        "{}",
+        flip_byte_in_l1("/tmp/disk.img", CORRUPT_OFFSET)
+    )
+    .unwrap();
+    let verify = kernel_cmdline(&JOB.verify_only_command());
+    writeln!(script, "{}", setup.sluice_line("verify", devices, &verify)).unwrap();
+    writeln!(script, "echo sluice-verify-exit=$?").unwrap();
+
+    let run = setup.run(&script);
+
+    run.assert_success();
+    let write_console = setup.read("write.console");
+    let context = || format!("{}\n--- L2 (write) ---\n{write_console}", run.transcript());
+    assert!(run.stdout.contains("sluice-write-exit=0"), "{}", context());
+    assert_eq!(parse_exit_marker(&write_console), Some(0), "{}", context());
+    assert_eq!(
+        fio::hardware_queues(&write_console),
+        Some(2),
+        "{}",
+        context()
+    );
+    assert_blk_queues_worked(&setup.metrics("write.json"));
+    assert_image_holds_every_block(&setup.scratch.path("disk.img"));
+    let verify_console = setup.read("verify.console");
+    assert_verify_fails_at_the_flipped_block(&verify_console);
+    println!(
+        "{test}: fio wrote and verified {} MiB on 2 queues; the flipped byte failed L2's verify",
+        DISK_BYTES >> 20
+    );
+}
+
+fn assert_blk_queues_worked(metrics: &serde_json::Value) {
+    let queues = device_queues(metrics, "blk");
+    print_queues("blk", queues);
+    assert_eq!(queues.len(), 2, "{metrics:#}");
+    let blocks = DISK_BYTES / fio::BLOCK_SIZE as u64;
+    let requests: u64 = queues.iter().map(|q| counter(q, "requests")).sum();
+    // Every block is written once and read back once (plus the kernel's partition scan).
+    assert!(requests >= 2 * blocks, "{requests} requests: {metrics:#}");
+    for queue in queues {
+        for name in ["requests", "kicks", "interrupts"] {
+            assert!(counter(queue, name) > 0, "{name} on a queue: {metrics:#}");
+        }
+    }
+}
+
+fn assert_image_holds_every_block(image: &Path) {
+    let scan = fio::scan_image(image).expect("read the image");
+    assert_eq!(scan.bad_count, 0, "bad blocks: {:?}", scan.bad);
+    assert_eq!(
+        scan.fio_blocks,
+        DISK_BYTES / fio::BLOCK_SIZE as u64,
+        "{scan:?}"
+    );
+    // The check checks: one flipped byte is one bad block, at its offset.
+    flip_byte_on_host(image, CORRUPT_OFFSET);
+    let scan = fio::scan_image(image).expect("read the image");
+    let bad_offsets: Vec<u64> = scan.bad.iter().map(|(offset, _)| *offset).collect();
+    assert_eq!(
+        bad_offsets,
+        [CORRUPT_BLOCK * fio::BLOCK_SIZE as u64],
+        "{scan:?}"
+    );
+}
+
+fn assert_verify_fails_at_the_flipped_block(console: &str) {
+    let status = parse_exit_marker(console);
+    assert!(
+        status.is_some_and(|s| s != 0),
+        "fio's verify-only pass ({status:?}) did not fail on the flipped byte\n{console}"
+    );
+    let expected = format!(
+        "verify failed at file /dev/vda offset {}",
+        CORRUPT_BLOCK * fio::BLOCK_SIZE as u64
+    );
+    assert!(console.contains(&expected), "no {expected:?}\n{console}");
+}
+
+/// 4 MiB that L2 fetches from L1 over the tap.
+const BLOB_BYTES: usize = 4 << 20;
+const L1_ADDRESS: &str = "10.77.0.1";
+const L2_ADDRESS: &str = "10.77.0.2";
+
+#[test]
+fn lab_virtio_net_and_rng_drivers_on_sluice() {
+    let test = "lab-net-rng";
+    let Some(setup) = setup(test) else { return };
+    let blob = pseudo_random_bytes(BLOB_BYTES);
+    std::fs::write(setup.scratch.path("blob"), &blob).expect("write the blob");
+    let l2 = format!(
+        "ip link set eth0 up && ip addr add {L2_ADDRESS}/24 dev eth0; \
+         ping -c 3 -W 5 {L1_ADDRESS}; \
+         wget -q -O /tmp/blob http://{L1_ADDRESS}:8080/blob && sha256sum /tmp/blob; \
+         echo rng-current=$(cat /sys/class/misc/hw_random/rng_current); \
+         dd if=/dev/hwrng of=/tmp/random bs=512 count=8 2>/dev/null; \
+         echo rng-bytes=$(wc -c < /tmp/random) rng-head=$(od -An -tx1 -N16 /tmp/random | tr -d ' ')"
+    );
+    let sluice = setup.sluice_line("net", "--net tap=lab0 --rng", &kernel_cmdline_diskless(&l2));
+    let script = format!(
+        "set -u\n\
+         mkdir -p /tmp/www && cp {SCRATCH}/blob /tmp/www/blob && httpd -p 8080 -h /tmp/www\n\
+         {sluice} &\n\
+         pid=$!\n\
+         i=0; while [ ! -e /sys/class/net/lab0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done\n\
+         ip addr add {L1_ADDRESS}/24 dev lab0 && ip link set lab0 up\n\
+         wait $pid\n\
+         echo sluice-exit=$?\n"
+    );
+
+    let run = setup.run(&script);
+
+    run.assert_success();
+    let console = setup.read("net.console");
+    let context = || format!("{}\n--- L2 ---\n{console}", run.transcript());
+    assert!(run.stdout.contains("sluice-exit=0"), "{}", context());
+    assert_eq!(parse_exit_marker(&console), Some(0), "{}", context());
+    assert!(
+        console.contains("3 packets transmitted, 3 packets received"),
+        "{}",
+        context()
+    );
+    let digest = sha256_hex(&setup.scratch.path("blob"));
+    assert!(
+        console.contains(&format!("{digest}  /tmp/blob")),
+        "L2 did not fetch the blob intact (sha256 {digest})\n{}",
+        context()
+    );
+    assert!(console.contains("rng-current=virtio_rng"), "{}", context());
+    assert!(console.contains("rng-bytes=4096"), "{}", context());
+    assert!(
+        !console.contains("rng-head=00000000000000000000000000000000"),
+        "{}",
+        context()
+    );
+    assert_net_and_rng_queues_worked(&setup.metrics("net.json"));
+    println!("{test}: ping, a 4 MiB download and 4 KiB from hw_random through sluice's devices");
+}
+
+fn assert_net_and_rng_queues_worked(metrics: &serde_json::Value) {
+    let net = device_queues(metrics, "net");
+    print_queues("net", net);
+    // Queue 0 receives, queue 1 transmits: both carried frames and raised interrupts.
+    for queue in &net[..2] {
+        for name in ["requests", "interrupts"] {
+            assert!(counter(queue, name) > 0, "net {name}: {metrics:#}");
+        }
+    }
+    assert!(counter(&net[1], "kicks") > 0, "net tx kicks: {metrics:#}");
+    let rng = device_queues(metrics, "rng");
+    print_queues("rng", rng);
+    for name in ["requests", "kicks", "interrupts"] {
+        assert!(counter(&rng[0], name) > 0, "rng {name}: {metrics:#}");
+    }
+}
+
+/// Deterministic bytes (xorshift64*) so a failure reproduces.
+fn pseudo_random_bytes(len: usize) -> Vec<u8> {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
+        })
+        .collect()
+}
+
+/// The host's `sha256sum` of a file (coreutils).
+fn sha256_hex(path: &Path) -> String {
+    let output = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("run sha256sum");
+    assert!(output.status.success(), "sha256sum {}", path.display());
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a digest")
+        .to_string()
+}
