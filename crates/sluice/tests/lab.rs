@@ -1,0 +1,189 @@
+//! The nested lab's own tier (scripts/lab): an L1 Linux in QEMU TCG whose /dev/kvm is kvm_amd,
+//! with the topologies the passthrough and vIOMMU work builds on.
+//!
+//! - The guest kit on sluice with 2 vCPUs in L1 (hardware-KVM semantics: the kit's code runs
+//!   natively there instead of in kvm_pvm's instruction emulator).
+//! - `iommu`: L1 runs with interrupt remapping on, the NVMe PF gets 2 SR-IOV VFs, and every
+//!   function sits alone in its own IOMMU group; a VF binds to vfio-pci.
+//! - `switch` + `numa`: L1 sees two NUMA nodes, the NVMe behind the pxb-pcie root bus on node 1,
+//!   and the e1000e below the PCIe switch's downstream port.
+//!
+//! No QEMU or no way to build the L1 image: a SKIP line. Inside L1 itself: a SKIP line.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::SLUICE;
+use sluice_lab::{Lab, LabRun, Topology};
+
+/// L1 boot (~5 s) and what runs in it, with room for a loaded host.
+const LAB_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn skip(test: &str) -> bool {
+    if sluice_lab::inside_lab() {
+        println!("SKIP {test}: already inside the lab");
+        return true;
+    }
+    sluice_lab::skip_without_lab(test)
+}
+
+#[test]
+fn lab_guest_kit_with_two_vcpus() {
+    if skip("lab-guest-kit") {
+        return;
+    }
+    let workloads = "w=info w=blk:op=verify:bs=4096:qd=16:queues=2:ops=2000:span_mb=8 w=rng:bytes=4096 quiet";
+    let script = format!(
+        "truncate -s 16M /tmp/kit.img && {SLUICE} run --cpus 2 --disk path=/tmp/kit.img,queues=2 \
+         --rng --cmdline '{workloads}'"
+    );
+
+    let run = Lab::new().timeout(LAB_TIMEOUT).run(&script);
+
+    run.assert_success();
+    assert!(run.stdout.contains("GUEST-KIT PASS"), "{}", run.transcript());
+    assert!(run.stdout.contains("\"cpus\":2"), "{}", run.transcript());
+}
+
+/// One PCI function as L1's sysfs shows it.
+#[derive(Debug)]
+struct Function {
+    id: String,
+    class: String,
+    group: String,
+    is_vf: bool,
+}
+
+/// Prints one `fn BDF VENDOR:DEVICE CLASS GROUP VF` line per PCI function.
+const LIST_FUNCTIONS: &str = "for d in /sys/bus/pci/devices/*; do \
+     g=$(basename \"$(readlink \"$d/iommu_group\")\"); \
+     vf=no; [ -e \"$d/physfn\" ] && vf=yes; \
+     echo \"fn $(basename \"$d\") $(cat \"$d/vendor\" | cut -c3-):$(cat \"$d/device\" | cut -c3-) $(cat \"$d/class\") ${g:-none} $vf\"; \
+     done";
+
+fn functions(run: &LabRun) -> BTreeMap<String, Function> {
+    run.stdout
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.strip_prefix("fn ")?.split_whitespace().collect();
+            let [bdf, id, class, group, vf] = fields.as_slice() else {
+                return None;
+            };
+            Some((
+                bdf.to_string(),
+                Function {
+                    id: id.to_string(),
+                    class: class.to_string(),
+                    group: group.to_string(),
+                    is_vf: *vf == "yes",
+                },
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn lab_iommu_topology_gives_each_vf_its_own_group() {
+    if skip("lab-iommu") {
+        return;
+    }
+    let script = format!(
+        "set -e\n\
+         dmesg | grep -o 'DMAR-IR: Enabled IRQ remapping in [a-z0-9]* mode' || true\n\
+         vfs=$(lab-enable-vfs 2)\n\
+         echo vfs: $vfs\n\
+         {LIST_FUNCTIONS}\n\
+         for g in /sys/kernel/iommu_groups/*; do echo \"group $(basename $g) $(ls $g/devices | wc -l)\"; done\n\
+         first=$(echo $vfs | cut -d' ' -f1)\n\
+         node=$(lab-bind-vfio $first)\n\
+         [ -c \"$node\" ] && echo \"vfio $first $node\"\n"
+    );
+
+    let run = Lab::new()
+        .topology(Topology::Iommu)
+        .vfs(2)
+        .timeout(LAB_TIMEOUT)
+        .run(&script);
+
+    run.assert_success();
+    let context = run.transcript();
+    assert!(
+        run.stdout
+            .contains("DMAR-IR: Enabled IRQ remapping in xapic mode"),
+        "{context}"
+    );
+    let functions = functions(&run);
+    let nvme: Vec<(&String, &Function)> = functions
+        .iter()
+        .filter(|(_, f)| f.id == "1b36:0010" && f.class == "0x010802")
+        .collect();
+    let vfs: Vec<_> = nvme.iter().filter(|(_, f)| f.is_vf).collect();
+    assert_eq!((nvme.len(), vfs.len()), (3, 2), "a PF and 2 VFs\n{context}");
+    let mut groups: Vec<&str> = nvme.iter().map(|(_, f)| f.group.as_str()).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    assert_eq!(groups.len(), 3, "PF and VFs share a group\n{context}");
+    for group in groups {
+        let line = format!("group {group} 1");
+        assert!(
+            run.stdout.lines().any(|l| l == line),
+            "group {group} holds other devices\n{context}"
+        );
+    }
+    let first_vf = vfs[0].0;
+    assert!(
+        run.stdout.contains(&format!("vfio {first_vf} /dev/vfio/")),
+        "{context}"
+    );
+    println!(
+        "lab-iommu: VFs {:?} in groups {:?}",
+        vfs.iter().map(|(bdf, _)| bdf).collect::<Vec<_>>(),
+        vfs.iter().map(|(_, f)| &f.group).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn lab_switch_and_numa_topology() {
+    if skip("lab-switch-numa") {
+        return;
+    }
+    let script = format!(
+        "echo nodes=$(cat /sys/devices/system/node/online)\n\
+         {LIST_FUNCTIONS}\n\
+         for c in /sys/class/nvme/*; do \
+           echo \"nvme $(cat $c/serial | tr -d ' ') node=$(cat $c/device/numa_node)\"; done\n\
+         for d in /sys/bus/pci/devices/*; do \
+           [ \"$(cat $d/device)\" = 0x10d3 ] && echo \"e1000e-path $(readlink -f $d)\"; done\n\
+         true\n"
+    );
+
+    let run = Lab::new()
+        .topology(Topology::Switch)
+        .topology(Topology::Numa)
+        .timeout(LAB_TIMEOUT)
+        .run(&script);
+
+    run.assert_success();
+    let context = run.transcript();
+    assert!(run.stdout.contains("nodes=0-1"), "{context}");
+    assert!(run.stdout.contains("nvme lab-numa1 node=1"), "{context}");
+    let path = run
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("e1000e-path "))
+        .unwrap_or_else(|| panic!("no e1000e\n{context}"));
+    // .../<root port>/<switch upstream>/<switch downstream>/<e1000e>
+    let bdfs: Vec<&str> = path.split('/').filter(|c| c.starts_with("0000:")).collect();
+    let functions = functions(&run);
+    let ids: Vec<&str> = bdfs
+        .iter()
+        .map(|bdf| functions.get(*bdf).map_or("?", |f| f.id.as_str()))
+        .collect();
+    assert_eq!(
+        ids[ids.len().saturating_sub(3)..],
+        ["104c:8232", "104c:8233", "8086:10d3"],
+        "the e1000e is not below the switch: {path}\n{context}"
+    );
+}
