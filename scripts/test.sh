@@ -17,5 +17,11 @@ cargo clippy --workspace --all-targets -- -D warnings
 (cd fuzz && cargo clippy --all-targets -- -D warnings)
 echo "== MSRV"
 python3 scripts/check-msrv.py
-echo "== cargo test"
-cargo test --workspace --no-fail-fast -- --test-threads=2
+echo "== cargo test (every tier but the nested lab)"
+cargo test --workspace --no-fail-fast -- --test-threads=2 --skip lab_
+# The nested lab (docs/testing.md): tests named lab_*, each booting an L1 hardware-KVM host in
+# QEMU TCG (scripts/lab runs one L1 at a time). Its own step, so its cost shows.
+echo "== cargo test: the nested lab tier"
+lab_start=$(date +%s)
+cargo test --workspace --no-fail-fast -- --test-threads=2 lab_
+echo "== the nested lab tier took $(($(date +%s) - lab_start)) s"

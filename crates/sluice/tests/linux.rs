@@ -13,7 +13,7 @@
 //!
 //! No KVM or no network for the first download: a SKIP line, never a failure.
 //!
-//! `linux_boot_in_lab` runs this binary's own `linux_boot` inside the nested lab's L1
+//! `lab_linux_boot` runs this binary's own `linux_boot` inside the nested lab's L1
 //! (scripts/lab: kvm_amd under QEMU TCG), so the full-boot branch runs on every host where
 //! QEMU does, kvm_pvm hosts included.
 
@@ -228,17 +228,17 @@ const FULL_BOOT_LINE: &str = "linux-boot: init reached and powered off in";
 const LAB_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[test]
-fn linux_boot_in_lab() {
+fn lab_linux_boot() {
     if sluice_lab::inside_lab() {
-        println!("SKIP linux-boot-in-lab: already inside the lab");
+        println!("SKIP lab-linux-boot: already inside the lab");
         return;
     }
-    if sluice_lab::skip_without_lab("linux-boot-in-lab") {
+    if sluice_lab::skip_without_lab("lab-linux-boot") {
         return;
     }
     // L1 has no apt: the kernel and initramfs come from the host's cache, filled here.
     if let Err(reason) = fetch_linux(true) {
-        println!("SKIP linux-boot-in-lab: cannot fetch the Debian kernel ({reason})");
+        println!("SKIP lab-linux-boot: cannot fetch the Debian kernel ({reason})");
         return;
     }
     let this_test_binary = std::env::current_exe().expect("the test binary's path");
@@ -265,5 +265,5 @@ fn linux_boot_in_lab() {
         "{}",
         run.transcript()
     );
-    println!("linux-boot-in-lab: {}", boot_line.unwrap_or_default());
+    println!("lab-linux-boot: {}", boot_line.unwrap_or_default());
 }
