@@ -109,8 +109,15 @@ pub struct NetParams {
 pub enum Workload {
     Info,
     Blk(BlkParams),
-    Rng { bytes: u64, dev: usize },
+    Rng {
+        bytes: u64,
+        dev: usize,
+    },
     Net(NetParams),
+    /// Every CPU adds 1 to a shared counter `iters` times.
+    Smp {
+        iters: u64,
+    },
 }
 
 pub struct Config {
@@ -257,6 +264,17 @@ fn parse_net(rest: &str) -> Result<Workload, String> {
     Ok(Workload::Net(p))
 }
 
+fn parse_smp(rest: &str) -> Result<Workload, String> {
+    let mut iters = 10_000;
+    for (key, value) in key_values(rest)? {
+        match key {
+            "iters" => iters = bounded(key, value, 1, 1 << 32)?,
+            _ => return Err(alloc::format!("smp: unknown key {key}")),
+        }
+    }
+    Ok(Workload::Smp { iters })
+}
+
 fn parse_workload(spec: &str) -> Result<Workload, String> {
     let (kind, rest) = spec.split_once(':').unwrap_or((spec, ""));
     match kind {
@@ -264,6 +282,7 @@ fn parse_workload(spec: &str) -> Result<Workload, String> {
         "blk" => parse_blk(rest),
         "rng" => parse_rng(rest),
         "net" => parse_net(rest),
+        "smp" => parse_smp(rest),
         _ => Err(alloc::format!("unknown workload kind '{kind}'")),
     }
 }

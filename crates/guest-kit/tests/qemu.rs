@@ -180,6 +180,62 @@ tcg_and_kvm!(blk_verify_two_queues_irq, blk_verify_2q_irq);
 tcg_and_kvm!(blk_verify_one_queue_poll, blk_verify_1q_poll);
 tcg_and_kvm!(blk_verify_two_queues_poll, blk_verify_2q_poll);
 
+// ---- smp --------------------------------------------------------------------------------------
+
+/// The `smp` RESULT of a passing run on `cpus` CPUs, checked for the counter and the APIC ids.
+fn assert_smp_counted(report: &GuestKitReport, cpus: u64, iters: u64) {
+    assert_passed(report);
+    let smp = report
+        .results_for("smp")
+        .next()
+        .unwrap_or_else(|| panic!("no smp RESULT: {}", report.describe()));
+    assert_eq!(smp.raw["cpus"], cpus, "CPUs online: {}", report.describe());
+    assert_eq!(smp.raw["cpus_listed"], cpus, "{}", report.describe());
+    assert_eq!(
+        smp.raw["counter"],
+        cpus * iters,
+        "lost increments: {}",
+        report.describe()
+    );
+    let mut apic_ids: Vec<u64> = smp.raw["apic_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no apic_ids: {}", report.describe()))
+        .iter()
+        .filter_map(|id| id.as_u64())
+        .collect();
+    apic_ids.sort_unstable();
+    assert_eq!(
+        apic_ids,
+        (0..cpus).collect::<Vec<_>>(),
+        "every CPU counts, each once: {}",
+        report.describe()
+    );
+}
+
+/// `-smp 2`: the AP comes up through INIT-SIPI-SIPI and the real-mode trampoline, and both
+/// CPUs' locked increments of one counter land, all of them.
+fn smp_two_cpus(accel: Accel, _test: &str) {
+    const ITERS: u64 = 100_000;
+    let mut run = qemu(accel, Machine::Q35, &format!("w=smp:iters={ITERS}"));
+    run.cpus = 2;
+
+    let report = run.run().expect("run QEMU");
+
+    assert_smp_counted(&report, 2, ITERS);
+}
+
+/// One CPU in the MADT: nothing to start, the BSP counts alone and the workload passes.
+fn smp_one_cpu(accel: Accel, _test: &str) {
+    let report = qemu(accel, Machine::Q35, "w=smp:iters=1000")
+        .run()
+        .expect("run QEMU");
+
+    assert_smp_counted(&report, 1, 1000);
+}
+
+tcg_and_kvm!(smp_two_cpus_count_to_the_exact_total, smp_two_cpus);
+tcg_and_kvm!(smp_on_one_cpu_counts_alone, smp_one_cpu);
+
 // ---- rng --------------------------------------------------------------------------------------
 
 fn rng(accel: Accel, _test: &str) {

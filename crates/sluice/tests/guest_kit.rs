@@ -65,3 +65,31 @@ fn embedded_guest_kit_is_the_default_kernel() {
     assert_eq!(out.status.code(), Some(0), "{console}");
     assert!(console.contains("GUEST-KIT PASS"), "{console}");
 }
+
+/// `--cpus 2`: the guest kit starts vCPU 1 through its LAPIC (INIT-SIPI-SIPI, real-mode
+/// trampoline, x2APIC) and both vCPUs' locked increments of one counter land. Few iterations:
+/// on kvm_pvm every guest instruction is emulated.
+#[test]
+fn smp_workload_brings_up_the_second_vcpu_and_counts_on_both() {
+    if skip_without_kvm("smp_workload_brings_up_the_second_vcpu_and_counts_on_both") {
+        return;
+    }
+    const ITERS: u64 = 2000;
+
+    let report = sluice_run(&format!("quiet w=smp:iters={ITERS}"), &[])
+        .run()
+        .unwrap();
+
+    assert!(report.passed(), "{}", report.describe());
+    let smp = report.results_for("smp").next().unwrap();
+    assert_eq!(smp.raw["cpus"], 2, "{}", report.describe());
+    assert_eq!(smp.raw["counter"], 2 * ITERS, "{}", report.describe());
+    let mut apic_ids: Vec<u64> = smp.raw["apic_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|id| id.as_u64())
+        .collect();
+    apic_ids.sort_unstable();
+    assert_eq!(apic_ids, [0, 1], "{}", report.describe());
+}
