@@ -77,6 +77,8 @@ pub struct BlkParams {
     pub seed: u64,
     pub span_mb: Option<u64>,
     pub dev: usize,
+    /// CPUs driving the queues (queue i by CPU i % cpus); `None`: the BSP drives them all.
+    pub cpus: Option<u32>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -183,6 +185,7 @@ fn parse_blk(rest: &str) -> Result<Workload, String> {
         seed: 1,
         span_mb: None,
         dev: 0,
+        cpus: None,
     };
     for (key, value) in key_values(rest)? {
         match key {
@@ -214,8 +217,15 @@ fn parse_blk(rest: &str) -> Result<Workload, String> {
             "seed" => p.seed = number(key, value)?,
             "span_mb" => p.span_mb = Some(bounded(key, value, 1, 1 << 24)?),
             "dev" => p.dev = bounded(key, value, 0, 63)? as usize,
+            "cpus" => p.cpus = Some(bounded(key, value, 1, 16)? as u32),
             _ => return Err(alloc::format!("blk: unknown key {key}")),
         }
+    }
+    if let Some(cpus) = p.cpus.filter(|&cpus| cpus > p.queues) {
+        return Err(alloc::format!(
+            "blk: cpus={cpus} exceeds queues={}: each CPU drives its own queue",
+            p.queues
+        ));
     }
     if p.batch == 0 {
         p.batch = p.qd;

@@ -58,6 +58,10 @@ impl<T> SpinLock<T> {
         }
         SpinGuard { lock: self }
     }
+
+    pub fn into_inner(self) -> T {
+        self.value.into_inner()
+    }
 }
 
 pub struct SpinGuard<'a, T> {

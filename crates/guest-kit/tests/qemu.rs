@@ -113,17 +113,20 @@ fn assert_block_has_pattern(image: &TempImage, block: u64) {
     }
 }
 
-fn blk_verify(accel: Accel, queues: u16, mode: &str) {
+/// `cpus`: `Some(n)` runs on `-smp n` with `cpus=n` (queue i driven by CPU i).
+fn blk_verify_on(accel: Accel, queues: u16, mode: &str, cpus: Option<u32>) -> GuestKitReport {
     let image = TempImage::new("verify", IMAGE_BYTES);
+    let cpus_key = cpus.map_or(String::new(), |n| format!(":cpus={n}"));
     let cmdline = format!(
-        "quiet w=blk:op=verify:bs={BLOCK_BYTES}:qd=4:queues={queues}:span_mb={}:mode={mode}:seed={SEED}",
+        "quiet w=blk:op=verify:bs={BLOCK_BYTES}:qd=4:queues={queues}:span_mb={}:mode={mode}:seed={SEED}{cpus_key}",
         SPAN_BYTES >> 20
     );
-    let run = qemu(accel, Machine::Q35, &cmdline).with_device(Device::VirtioBlk {
+    let mut run = qemu(accel, Machine::Q35, &cmdline).with_device(Device::VirtioBlk {
         image: image.path.clone(),
         queues,
         read_only: false,
     });
+    run.cpus = cpus.unwrap_or(1);
 
     let report = run.run().expect("run QEMU");
 
@@ -160,6 +163,36 @@ fn blk_verify(accel: Accel, queues: u16, mode: &str) {
             .all(|b| *b == 0),
         "the guest wrote beyond span_mb"
     );
+    report
+}
+
+fn blk_verify(accel: Accel, queues: u16, mode: &str) {
+    blk_verify_on(accel, queues, mode, None);
+}
+
+/// `cpus=2` on `-smp 2`: the BSP drives queue 0, the AP queue 1, each over its half of the
+/// span (written, then read back and compared), and the RESULT adds up both halves.
+fn blk_verify_two_cpus(accel: Accel, mode: &str) {
+    let report = blk_verify_on(accel, 2, mode, Some(2));
+
+    let blk = report.results_for("blk").next().expect("blk RESULT");
+    // Half the span's blocks each, every one written and read back.
+    let per_cpu = SPAN_BYTES / BLOCK_BYTES / 2 * 2;
+    assert_eq!(blk.raw["cpus"], 2, "{}", report.describe());
+    assert_eq!(
+        blk.raw["cpu_ops"],
+        serde_json::json!([per_cpu, per_cpu]),
+        "each CPU writes and reads back its half: {}",
+        report.describe()
+    );
+    assert_eq!(blk.ops, Some(2 * per_cpu), "{}", report.describe());
+}
+
+fn blk_verify_2q_2cpus_irq(accel: Accel, _test: &str) {
+    blk_verify_two_cpus(accel, "irq");
+}
+fn blk_verify_2q_2cpus_poll(accel: Accel, _test: &str) {
+    blk_verify_two_cpus(accel, "poll");
 }
 
 fn blk_verify_1q_irq(accel: Accel, _test: &str) {
@@ -179,6 +212,14 @@ tcg_and_kvm!(blk_verify_one_queue_irq, blk_verify_1q_irq);
 tcg_and_kvm!(blk_verify_two_queues_irq, blk_verify_2q_irq);
 tcg_and_kvm!(blk_verify_one_queue_poll, blk_verify_1q_poll);
 tcg_and_kvm!(blk_verify_two_queues_poll, blk_verify_2q_poll);
+tcg_and_kvm!(
+    blk_verify_two_queues_on_two_cpus_irq,
+    blk_verify_2q_2cpus_irq
+);
+tcg_and_kvm!(
+    blk_verify_two_queues_on_two_cpus_poll,
+    blk_verify_2q_2cpus_poll
+);
 
 // ---- smp --------------------------------------------------------------------------------------
 
