@@ -77,6 +77,8 @@ pub struct BlkParams {
     pub seed: u64,
     pub span_mb: Option<u64>,
     pub dev: usize,
+    /// CPUs driving the queues (queue i by CPU i % cpus); `None`: the BSP drives them all.
+    pub cpus: Option<u32>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -109,8 +111,15 @@ pub struct NetParams {
 pub enum Workload {
     Info,
     Blk(BlkParams),
-    Rng { bytes: u64, dev: usize },
+    Rng {
+        bytes: u64,
+        dev: usize,
+    },
     Net(NetParams),
+    /// Every CPU adds 1 to a shared counter `iters` times.
+    Smp {
+        iters: u64,
+    },
 }
 
 pub struct Config {
@@ -176,6 +185,7 @@ fn parse_blk(rest: &str) -> Result<Workload, String> {
         seed: 1,
         span_mb: None,
         dev: 0,
+        cpus: None,
     };
     for (key, value) in key_values(rest)? {
         match key {
@@ -207,8 +217,15 @@ fn parse_blk(rest: &str) -> Result<Workload, String> {
             "seed" => p.seed = number(key, value)?,
             "span_mb" => p.span_mb = Some(bounded(key, value, 1, 1 << 24)?),
             "dev" => p.dev = bounded(key, value, 0, 63)? as usize,
+            "cpus" => p.cpus = Some(bounded(key, value, 1, 16)? as u32),
             _ => return Err(alloc::format!("blk: unknown key {key}")),
         }
+    }
+    if let Some(cpus) = p.cpus.filter(|&cpus| cpus > p.queues) {
+        return Err(alloc::format!(
+            "blk: cpus={cpus} exceeds queues={}: each CPU drives its own queue",
+            p.queues
+        ));
     }
     if p.batch == 0 {
         p.batch = p.qd;
@@ -257,6 +274,17 @@ fn parse_net(rest: &str) -> Result<Workload, String> {
     Ok(Workload::Net(p))
 }
 
+fn parse_smp(rest: &str) -> Result<Workload, String> {
+    let mut iters = 10_000;
+    for (key, value) in key_values(rest)? {
+        match key {
+            "iters" => iters = bounded(key, value, 1, 1 << 32)?,
+            _ => return Err(alloc::format!("smp: unknown key {key}")),
+        }
+    }
+    Ok(Workload::Smp { iters })
+}
+
 fn parse_workload(spec: &str) -> Result<Workload, String> {
     let (kind, rest) = spec.split_once(':').unwrap_or((spec, ""));
     match kind {
@@ -264,6 +292,7 @@ fn parse_workload(spec: &str) -> Result<Workload, String> {
         "blk" => parse_blk(rest),
         "rng" => parse_rng(rest),
         "net" => parse_net(rest),
+        "smp" => parse_smp(rest),
         _ => Err(alloc::format!("unknown workload kind '{kind}'")),
     }
 }

@@ -14,6 +14,14 @@ const REG_ID: u32 = 0x20;
 const REG_TPR: u32 = 0x80;
 const REG_EOI: u32 = 0xb0;
 const REG_SVR: u32 = 0xf0;
+const REG_ICR: u32 = 0x300;
+/// xAPIC only: the ICR's destination half (x2APIC writes both halves with one MSR).
+const REG_ICR_HIGH: u32 = 0x310;
+const ICR_DELIVERY_PENDING: u32 = 1 << 12;
+const ICR_INIT: u32 = 0x500;
+const ICR_STARTUP: u32 = 0x600;
+const ICR_LEVEL_ASSERT: u32 = 1 << 14;
+const ICR_TRIGGER_LEVEL: u32 = 1 << 15;
 const REG_LVT_TIMER: u32 = 0x320;
 const REG_TIMER_INITIAL: u32 = 0x380;
 const REG_TIMER_CURRENT: u32 = 0x390;
@@ -24,6 +32,8 @@ const DIVIDE_BY_16: u32 = 0x3;
 
 /// Vector of the periodic wake-up timer.
 pub const TIMER_VECTOR: u8 = 0x20;
+/// Vector of the IPI that wakes a halted CPU to look at its work (counted, otherwise ignored).
+pub const WAKE_VECTOR: u8 = 0x21;
 /// Spurious-interrupt vector (no EOI).
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 /// First vector handed out to devices.
@@ -34,6 +44,8 @@ static X2APIC: AtomicBool = AtomicBool::new(false);
 static XAPIC_BASE: AtomicU64 = AtomicU64::new(0xfee0_0000);
 static NEXT_VECTOR: AtomicU8 = AtomicU8::new(FIRST_DEVICE_VECTOR);
 static COUNTS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
+/// Initial count of the periodic wake-up timer, measured once on the BSP and reused on APs.
+static WAKEUP_INITIAL_COUNT: AtomicU32 = AtomicU32::new(0);
 
 fn read_reg(reg: u32) -> u32 {
     if X2APIC.load(Ordering::Relaxed) {
@@ -68,14 +80,68 @@ pub fn init() {
     }
     wrmsr(APIC_BASE_MSR, new_base);
     X2APIC.store(has_x2apic, Ordering::Relaxed);
-    write_reg(REG_TPR, 0);
-    write_reg(REG_LVT_TIMER, LVT_MASKED);
-    write_reg(REG_SVR, 0x100 | u32::from(SPURIOUS_VECTOR));
+    accept_interrupts();
     crate::chatter!(
         "LAPIC id={} mode={}",
         apic_id(),
         if has_x2apic { "x2apic" } else { "xapic" }
     );
+}
+
+/// Priority 0, timer masked, software-enabled with the spurious vector.
+fn accept_interrupts() {
+    write_reg(REG_TPR, 0);
+    write_reg(REG_LVT_TIMER, LVT_MASKED);
+    write_reg(REG_SVR, 0x100 | u32::from(SPURIOUS_VECTOR));
+}
+
+/// Enables an application processor's local APIC in the BSP's mode (x2APIC or xAPIC) and
+/// starts its wake-up timer with the BSP's period. Interrupts stay disabled at the CPU.
+pub fn init_this_ap() {
+    let mut base = rdmsr(APIC_BASE_MSR) | APIC_ENABLE;
+    if X2APIC.load(Ordering::Relaxed) {
+        base |= X2APIC_ENABLE;
+    }
+    wrmsr(APIC_BASE_MSR, base);
+    accept_interrupts();
+    program_wakeup_timer(WAKEUP_INITIAL_COUNT.load(Ordering::Relaxed));
+}
+
+/// Writes the interrupt command register: `command` (vector, delivery mode, level) to the CPU
+/// with APIC id `destination`. In xAPIC mode waits (bounded) until the APIC accepted it.
+fn send_ipi_command(destination: u32, command: u32) {
+    // An x2APIC ICR write is not serializing: without a fence the IPI could overtake the
+    // stores (mailbox, job pointer) the target is about to read. MFENCE is not available in
+    // KVM's emulator; a locked instruction orders the same way.
+    arch::full_barrier();
+    if X2APIC.load(Ordering::Relaxed) {
+        wrmsr(
+            X2APIC_MSR_BASE + (REG_ICR >> 4),
+            (u64::from(destination) << 32) | u64::from(command),
+        );
+        return;
+    }
+    write_reg(REG_ICR_HIGH, destination << 24);
+    write_reg(REG_ICR, command);
+    let deadline = crate::time::Deadline::after_ms(10);
+    while read_reg(REG_ICR) & ICR_DELIVERY_PENDING != 0 && !deadline.expired() {
+        arch::pause();
+    }
+}
+
+/// INIT (level assert) to `destination`: resets it into wait-for-SIPI.
+pub fn send_init(destination: u32) {
+    send_ipi_command(destination, ICR_INIT | ICR_LEVEL_ASSERT | ICR_TRIGGER_LEVEL);
+}
+
+/// STARTUP IPI: `destination` starts in real mode at `page_number * 4096`.
+pub fn send_startup(destination: u32, page_number: u8) {
+    send_ipi_command(destination, ICR_STARTUP | u32::from(page_number));
+}
+
+/// Fixed interrupt `vector` to the CPU with APIC id `destination`.
+pub fn send_ipi(destination: u32, vector: u8) {
+    send_ipi_command(destination, u32::from(vector));
 }
 
 /// This CPU's APIC id.
@@ -122,9 +188,10 @@ pub fn vector_for(owner: u32) -> Option<u8> {
     Some(vector)
 }
 
-/// MSI address/data for `vector` delivered to this CPU (fixed, edge, physical destination).
-pub fn msi_message(vector: u8) -> (u64, u32) {
-    let dest = apic_id() & 0xff;
+/// MSI address/data for `vector` delivered to the CPU with APIC id `destination` (fixed, edge,
+/// physical destination; ids above 255 would need remapping, which no configuration here has).
+pub fn msi_message(vector: u8, destination: u32) -> (u64, u32) {
+    let dest = destination & 0xff;
     (0xfee0_0000 | (u64::from(dest) << 12), u32::from(vector))
 }
 
@@ -142,12 +209,17 @@ fn calibrate_timer() -> u32 {
     (elapsed / 5).max(1)
 }
 
+fn program_wakeup_timer(initial: u32) {
+    write_reg(REG_TIMER_DIVIDE, DIVIDE_BY_16);
+    write_reg(REG_LVT_TIMER, LVT_PERIODIC | u32::from(TIMER_VECTOR));
+    write_reg(REG_TIMER_INITIAL, initial.max(1));
+}
+
 /// Starts the periodic wake-up timer (`period_us` microseconds).
 pub fn start_wakeup_timer(period_us: u32) {
     let per_ms = calibrate_timer();
     let initial = (u64::from(per_ms) * u64::from(period_us) / 1000).clamp(1, u64::from(u32::MAX));
-    write_reg(REG_TIMER_DIVIDE, DIVIDE_BY_16);
-    write_reg(REG_LVT_TIMER, LVT_PERIODIC | u32::from(TIMER_VECTOR));
-    write_reg(REG_TIMER_INITIAL, initial as u32);
+    WAKEUP_INITIAL_COUNT.store(initial as u32, Ordering::Relaxed);
+    program_wakeup_timer(initial as u32);
     crate::chatter!("LAPIC timer {} ticks/ms, period {} us", per_ms, period_us);
 }

@@ -25,6 +25,7 @@ mod pci;
 mod phys;
 mod pvh;
 mod rt;
+mod smp;
 mod time;
 mod workloads;
 
@@ -41,6 +42,7 @@ extern "C" fn rust_main(start_info: u32) -> ! {
         exit::fail(Status::BadCommandLine, format_args!("no PVH start info"));
     };
     mem::init(boot.ram_regions());
+    smp::init(boot.ram_regions());
     say!("guest kit booting, cmdline \"{}\"", boot.cmdline());
     let config = match cmdline::parse(boot.cmdline()) {
         Ok(config) => config,

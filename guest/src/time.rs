@@ -116,6 +116,10 @@ impl Deadline {
         Self(now_ns().saturating_add(ms.saturating_mul(1_000_000)))
     }
 
+    pub fn after_us(us: u64) -> Self {
+        Self(now_ns().saturating_add(us.saturating_mul(1_000)))
+    }
+
     pub fn expired(&self) -> bool {
         now_ns() >= self.0
     }

@@ -113,17 +113,20 @@ fn assert_block_has_pattern(image: &TempImage, block: u64) {
     }
 }
 
-fn blk_verify(accel: Accel, queues: u16, mode: &str) {
+/// `cpus`: `Some(n)` runs on `-smp n` with `cpus=n` (queue i driven by CPU i).
+fn blk_verify_on(accel: Accel, queues: u16, mode: &str, cpus: Option<u32>) -> GuestKitReport {
     let image = TempImage::new("verify", IMAGE_BYTES);
+    let cpus_key = cpus.map_or(String::new(), |n| format!(":cpus={n}"));
     let cmdline = format!(
-        "quiet w=blk:op=verify:bs={BLOCK_BYTES}:qd=4:queues={queues}:span_mb={}:mode={mode}:seed={SEED}",
+        "quiet w=blk:op=verify:bs={BLOCK_BYTES}:qd=4:queues={queues}:span_mb={}:mode={mode}:seed={SEED}{cpus_key}",
         SPAN_BYTES >> 20
     );
-    let run = qemu(accel, Machine::Q35, &cmdline).with_device(Device::VirtioBlk {
+    let mut run = qemu(accel, Machine::Q35, &cmdline).with_device(Device::VirtioBlk {
         image: image.path.clone(),
         queues,
         read_only: false,
     });
+    run.cpus = cpus.unwrap_or(1);
 
     let report = run.run().expect("run QEMU");
 
@@ -160,6 +163,36 @@ fn blk_verify(accel: Accel, queues: u16, mode: &str) {
             .all(|b| *b == 0),
         "the guest wrote beyond span_mb"
     );
+    report
+}
+
+fn blk_verify(accel: Accel, queues: u16, mode: &str) {
+    blk_verify_on(accel, queues, mode, None);
+}
+
+/// `cpus=2` on `-smp 2`: the BSP drives queue 0, the AP queue 1, each over its half of the
+/// span (written, then read back and compared), and the RESULT adds up both halves.
+fn blk_verify_two_cpus(accel: Accel, mode: &str) {
+    let report = blk_verify_on(accel, 2, mode, Some(2));
+
+    let blk = report.results_for("blk").next().expect("blk RESULT");
+    // Half the span's blocks each, every one written and read back.
+    let per_cpu = SPAN_BYTES / BLOCK_BYTES / 2 * 2;
+    assert_eq!(blk.raw["cpus"], 2, "{}", report.describe());
+    assert_eq!(
+        blk.raw["cpu_ops"],
+        serde_json::json!([per_cpu, per_cpu]),
+        "each CPU writes and reads back its half: {}",
+        report.describe()
+    );
+    assert_eq!(blk.ops, Some(2 * per_cpu), "{}", report.describe());
+}
+
+fn blk_verify_2q_2cpus_irq(accel: Accel, _test: &str) {
+    blk_verify_two_cpus(accel, "irq");
+}
+fn blk_verify_2q_2cpus_poll(accel: Accel, _test: &str) {
+    blk_verify_two_cpus(accel, "poll");
 }
 
 fn blk_verify_1q_irq(accel: Accel, _test: &str) {
@@ -179,6 +212,70 @@ tcg_and_kvm!(blk_verify_one_queue_irq, blk_verify_1q_irq);
 tcg_and_kvm!(blk_verify_two_queues_irq, blk_verify_2q_irq);
 tcg_and_kvm!(blk_verify_one_queue_poll, blk_verify_1q_poll);
 tcg_and_kvm!(blk_verify_two_queues_poll, blk_verify_2q_poll);
+tcg_and_kvm!(
+    blk_verify_two_queues_on_two_cpus_irq,
+    blk_verify_2q_2cpus_irq
+);
+tcg_and_kvm!(
+    blk_verify_two_queues_on_two_cpus_poll,
+    blk_verify_2q_2cpus_poll
+);
+
+// ---- smp --------------------------------------------------------------------------------------
+
+/// The `smp` RESULT of a passing run on `cpus` CPUs, checked for the counter and the APIC ids.
+fn assert_smp_counted(report: &GuestKitReport, cpus: u64, iters: u64) {
+    assert_passed(report);
+    let smp = report
+        .results_for("smp")
+        .next()
+        .unwrap_or_else(|| panic!("no smp RESULT: {}", report.describe()));
+    assert_eq!(smp.raw["cpus"], cpus, "CPUs online: {}", report.describe());
+    assert_eq!(smp.raw["cpus_listed"], cpus, "{}", report.describe());
+    assert_eq!(
+        smp.raw["counter"],
+        cpus * iters,
+        "lost increments: {}",
+        report.describe()
+    );
+    let mut apic_ids: Vec<u64> = smp.raw["apic_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no apic_ids: {}", report.describe()))
+        .iter()
+        .filter_map(|id| id.as_u64())
+        .collect();
+    apic_ids.sort_unstable();
+    assert_eq!(
+        apic_ids,
+        (0..cpus).collect::<Vec<_>>(),
+        "every CPU counts, each once: {}",
+        report.describe()
+    );
+}
+
+/// `-smp 2`: the AP comes up through INIT-SIPI-SIPI and the real-mode trampoline, and both
+/// CPUs' locked increments of one counter land, all of them.
+fn smp_two_cpus(accel: Accel, _test: &str) {
+    const ITERS: u64 = 100_000;
+    let mut run = qemu(accel, Machine::Q35, &format!("w=smp:iters={ITERS}"));
+    run.cpus = 2;
+
+    let report = run.run().expect("run QEMU");
+
+    assert_smp_counted(&report, 2, ITERS);
+}
+
+/// One CPU in the MADT: nothing to start, the BSP counts alone and the workload passes.
+fn smp_one_cpu(accel: Accel, _test: &str) {
+    let report = qemu(accel, Machine::Q35, "w=smp:iters=1000")
+        .run()
+        .expect("run QEMU");
+
+    assert_smp_counted(&report, 1, 1000);
+}
+
+tcg_and_kvm!(smp_two_cpus_count_to_the_exact_total, smp_two_cpus);
+tcg_and_kvm!(smp_on_one_cpu_counts_alone, smp_one_cpu);
 
 // ---- rng --------------------------------------------------------------------------------------
 

@@ -154,6 +154,17 @@ fn stack_top(index: usize) -> u64 {
     base + IST_STACK_SIZE as u64
 }
 
+/// The two GDT words of an available 64-bit TSS at `base`.
+fn tss_descriptor(base: u64) -> [u64; 2] {
+    let limit = (size_of::<Tss>() - 1) as u64;
+    let low = (limit & 0xffff)
+        | ((base & 0xff_ffff) << 16)
+        | (0x89 << 40)
+        | (((limit >> 16) & 0xf) << 48)
+        | (((base >> 24) & 0xff) << 56);
+    [low, base >> 32]
+}
+
 fn install_tss() {
     // SAFETY: single CPU, called once during boot before interrupts are enabled.
     unsafe {
@@ -161,16 +172,10 @@ fn install_tss() {
         tss.ist[0] = stack_top(0);
         tss.ist[1] = stack_top(1);
         tss.ist[2] = stack_top(2);
-        let base = addr_of!(TSS) as u64;
-        let limit = (size_of::<Tss>() - 1) as u64;
-        let low = (limit & 0xffff)
-            | ((base & 0xff_ffff) << 16)
-            | (0x89 << 40)
-            | (((limit >> 16) & 0xf) << 48)
-            | (((base >> 24) & 0xff) << 56);
+        let [low, high] = tss_descriptor(addr_of!(TSS) as u64);
         let gdt = &mut *addr_of_mut!(boot_gdt);
         gdt[3] = low;
-        gdt[4] = base >> 32;
+        gdt[4] = high;
         core::arch::asm!("ltr {0:x}", in(reg) TSS_SELECTOR, options(nostack));
     }
 }
@@ -201,16 +206,73 @@ fn install_idt() {
                 reserved: 0,
             };
         }
-        let pointer = DescriptorPointer {
-            limit: (size_of::<[Gate; 256]>() - 1) as u16,
-            base: addr_of!(IDT) as u64,
-        };
-        core::arch::asm!("lidt [{}]", in(reg) &raw const pointer, options(nostack, readonly));
     }
+    load_idt();
+}
+
+/// Loads the shared IDT on this CPU.
+fn load_idt() {
+    let pointer = DescriptorPointer {
+        limit: (size_of::<[Gate; 256]>() - 1) as u16,
+        base: addr_of!(IDT) as u64,
+    };
+    // SAFETY: IDT is a static that lives forever and is fully initialised by `install_idt`
+    // before any CPU loads it.
+    unsafe {
+        core::arch::asm!("lidt [{}]", in(reg) &raw const pointer, options(nostack, readonly))
+    };
 }
 
 /// Installs the TSS and the IDT. Interrupts stay disabled.
 pub fn init() {
     install_tss();
     install_idt();
+}
+
+/// What an application processor needs of its own: a GDT (a TSS descriptor turns busy when
+/// loaded, so CPUs cannot share one), a TSS and the IST stacks it names. The IDT is shared.
+#[repr(C)]
+pub struct CpuTables {
+    gdt: [u64; 5],
+    tss: Tss,
+    ist_stacks: [Stack; 3],
+}
+
+impl CpuTables {
+    /// Allocates zeroed tables for one AP. Never freed: an AP lives as long as the run.
+    pub fn allocate() -> Option<&'static mut CpuTables> {
+        let addr = crate::mem::alloc_dma(size_of::<CpuTables>() as u64)?;
+        // SAFETY: the range is fresh, zeroed, page aligned and ours alone; all-zero bytes are
+        // a valid `CpuTables` (it holds only integers).
+        Some(unsafe { &mut *(addr as *mut CpuTables) })
+    }
+}
+
+/// Makes `tables` this CPU's GDT and TSS (same selectors as the BSP's) and loads the shared
+/// IDT. Called once on each AP, interrupts off, before it takes any interrupt.
+pub fn load_on_this_cpu(tables: &'static mut CpuTables) {
+    // SAFETY: the BSP wrote boot_gdt's code and data descriptors at boot and never changes
+    // them; only those three words are read.
+    let shared = unsafe { &*addr_of!(boot_gdt) };
+    tables.gdt[..3].copy_from_slice(&shared[..3]);
+    for (index, stack) in tables.ist_stacks.iter().enumerate() {
+        let base = addr_of!(*stack) as u64;
+        tables.tss.ist[index] = base + IST_STACK_SIZE as u64;
+    }
+    tables.tss.iomap_base = size_of::<Tss>() as u16;
+    let [low, high] = tss_descriptor(addr_of!(tables.tss) as u64);
+    tables.gdt[3] = low;
+    tables.gdt[4] = high;
+    let pointer = DescriptorPointer {
+        limit: (size_of::<[u64; 5]>() - 1) as u16,
+        base: addr_of!(tables.gdt) as u64,
+    };
+    // SAFETY: the GDT lives forever (leaked allocation) and keeps selector 0x08 a 64-bit code
+    // segment and 0x10 data, which CS and the data segments already hold; 0x18 is the TSS
+    // just described, whose IST stacks are this CPU's own.
+    unsafe {
+        core::arch::asm!("lgdt [{}]", in(reg) &raw const pointer, options(nostack, readonly));
+        core::arch::asm!("ltr {0:x}", in(reg) TSS_SELECTOR, options(nostack));
+    }
+    load_idt();
 }

@@ -2,6 +2,7 @@
 //! page tables. Everything that needs inline assembly lives here so the rest of the kernel is
 //! plain Rust.
 
+pub mod ap_boot;
 pub mod boot;
 pub mod idt;
 pub mod paging;

@@ -2,6 +2,7 @@
 //! Each workload prints one `RESULT {json}` line.
 
 mod info;
+mod smp;
 pub mod stats;
 
 use crate::cmdline::{Config, Workload};
@@ -27,6 +28,7 @@ fn run_one(workload: &Workload, config: &Config) -> Outcome {
         Workload::Net(params) => {
             crate::drivers::virtio::net::run_workload(params, config.timeout_ms)
         }
+        Workload::Smp { iters } => smp::run(*iters, config.timeout_ms),
     }
 }
 

@@ -45,6 +45,17 @@ impl Histogram {
         self.max = self.max.max(value);
     }
 
+    /// Adds `other`'s samples (another CPU's share of the same run).
+    pub fn merge(&mut self, other: &Histogram) {
+        for (mine, theirs) in self.counts.iter_mut().zip(other.counts.iter()) {
+            for (count, more) in mine.iter_mut().zip(theirs.iter()) {
+                *count += more;
+            }
+        }
+        self.total += other.total;
+        self.max = self.max.max(other.max);
+    }
+
     /// Value below which `percent` % of the samples fall (bucket lower bound).
     pub fn percentile(&self, percent: u64) -> u64 {
         if self.total == 0 {

@@ -6,6 +6,7 @@ use super::pci::{self as vpci, VirtioError, VirtioPci};
 use super::queue::{Queue, Segment};
 use super::{idle, report_error, splitmix64};
 use crate::cmdline::{BlkOp, BlkParams, Mode};
+use crate::global::SpinLock;
 use crate::mem;
 use crate::time::{now_ns, Deadline};
 use crate::workloads::stats::Histogram;
@@ -52,7 +53,10 @@ struct Totals {
     mismatches: u64,
 }
 
-/// Decides which block each request touches, and when to stop.
+/// Decides which block each request touches, and when to stop. With several CPUs each has its
+/// own plan over its share: sequential blocks `first, first + stride, ...` (so verify's write
+/// and read-back phases of one CPU cover the same blocks), its share of `ops`, its own random
+/// stream.
 struct Plan {
     op: BlkOp,
     blocks: u64,
@@ -62,6 +66,51 @@ struct Plan {
     end_ns: Option<u64>,
     rng: u64,
     seed: u64,
+    first: u64,
+    stride: u64,
+}
+
+/// What every CPU's plan has in common.
+struct PlanTemplate {
+    op: BlkOp,
+    blocks: u64,
+    bs: u64,
+    limit: u64,
+    end_ns: Option<u64>,
+    seed: u64,
+}
+
+/// `total` split over `parts`: part `index` gets this many (the first ones one more).
+fn share_of(total: u64, index: u64, parts: u64) -> u64 {
+    total / parts + u64::from(index < total % parts)
+}
+
+impl PlanTemplate {
+    /// The plan of CPU `cpu` of `cpus`; CPU 0 of 1 gets exactly the single-CPU plan.
+    fn for_cpu(&self, cpu: usize, cpus: usize) -> Plan {
+        let (cpu, cpus) = (cpu as u64, cpus as u64);
+        let limit = if self.op.compares() {
+            share_of(self.blocks, cpu, cpus)
+        } else {
+            share_of(self.limit, cpu, cpus)
+        };
+        Plan {
+            op: self.op,
+            blocks: self.blocks,
+            bs: self.bs,
+            issued: 0,
+            limit,
+            end_ns: self.end_ns,
+            rng: if cpu == 0 {
+                self.seed
+            } else {
+                splitmix64(self.seed ^ cpu)
+            },
+            seed: self.seed,
+            first: cpu,
+            stride: cpus,
+        }
+    }
 }
 
 impl Plan {
@@ -77,7 +126,7 @@ impl Plan {
             self.rng = splitmix64(self.rng);
             self.rng % self.blocks
         } else {
-            self.issued % self.blocks
+            (self.first + self.issued * self.stride) % self.blocks
         };
         self.issued += 1;
         block * self.bs
@@ -278,6 +327,40 @@ impl Engine<'_> {
         }
     }
 
+    /// The whole workload on this engine's queues: one phase, or verify's write and read-back.
+    fn drive(
+        &mut self,
+        template: &PlanTemplate,
+        cpu: usize,
+        cpus: usize,
+    ) -> Result<(), VirtioError> {
+        let op = self.params.op;
+        if !op.compares() {
+            return self.run_phase(&mut template.for_cpu(cpu, cpus), None, None);
+        }
+        if op == BlkOp::Verify {
+            self.run_phase(&mut template.for_cpu(cpu, cpus), Some(true), None)?;
+        }
+        self.run_phase(
+            &mut template.for_cpu(cpu, cpus),
+            Some(false),
+            Some(template.seed),
+        )
+    }
+
+    /// Takes in another CPU's counts and latencies.
+    fn merge(&mut self, other: &Engine<'_>) {
+        self.hist.merge(&other.hist);
+        self.totals.completed += other.totals.completed;
+        self.totals.bytes += other.totals.bytes;
+        self.totals.errors += other.totals.errors;
+        self.totals.mismatches += other.totals.mismatches;
+    }
+
+    fn notifies(&self) -> u64 {
+        self.queues.iter().map(|q| q.queue.notifies).sum()
+    }
+
     fn flush(&mut self) -> Result<(), VirtioError> {
         let bq = &mut self.queues[0];
         let Some(slot_index) = bq.free_slots.pop() else {
@@ -337,10 +420,12 @@ fn alloc_slots(count: usize, bs: u64) -> Option<Vec<Slot>> {
         .collect()
 }
 
+/// Sets up `count` queues; queue i's interrupts go to the CPU with APIC id `driver_of(i)`.
 fn setup_queues(
     device: &mut VirtioPci,
     p: &BlkParams,
     count: u16,
+    driver_of: impl Fn(u16) -> u32,
 ) -> Result<Vec<BlkQueue>, VirtioError> {
     let interrupts = p.mode != Mode::Poll;
     let bs = u64::from(p.bs);
@@ -351,7 +436,7 @@ fn setup_queues(
     }
     (0..count)
         .map(|index| {
-            let queue = device.setup_queue(index, 256, interrupts)?;
+            let queue = device.setup_queue_for_cpu(index, 256, interrupts, driver_of(index))?;
             let depth = (p.qd as usize).min(usize::from(queue.size()) / 3).max(1);
             let slots = alloc_slots(depth, bs).ok_or(VirtioError::NoMemory)?;
             let by_head = alloc::vec![None; usize::from(queue.size())];
@@ -377,6 +462,7 @@ struct Summary<'a> {
     p: &'a BlkParams,
     queues: usize,
     depth: usize,
+    cpu_ops: &'a [u64],
     elapsed_ns: u64,
     notifies: u64,
     interrupts: u64,
@@ -386,11 +472,17 @@ struct Summary<'a> {
 
 fn print_result(engine: &Engine<'_>, s: &Summary<'_>) {
     let p = s.p;
+    let mut cpu_ops = alloc::string::String::new();
+    for (cpu, ops) in s.cpu_ops.iter().enumerate() {
+        let separator = if cpu == 0 { "" } else { "," };
+        let _ = core::fmt::Write::write_fmt(&mut cpu_ops, format_args!("{separator}{ops}"));
+    }
     crate::println!(
-        "RESULT {{\"workload\":\"blk\",\"op\":\"{}\",\"bs\":{},\"qd\":{},\"queues\":{},\"mode\":\"{}\",\"event_idx\":{},\"ops\":{},\"bytes\":{},\"elapsed_ns\":{},\"lat_ns\":{},\"notifies\":{},\"interrupts\":{},\"errors\":{},\"verify\":\"{}\",\"pass\":{}}}",
-        p.op.name(), p.bs, s.depth, s.queues, p.mode.name(), engine.device.has(vpci::F_EVENT_IDX),
-        engine.totals.completed, engine.totals.bytes, s.elapsed_ns, engine.hist.json(), s.notifies,
-        s.interrupts, engine.totals.errors, s.verify, s.pass
+        "RESULT {{\"workload\":\"blk\",\"op\":\"{}\",\"bs\":{},\"qd\":{},\"queues\":{},\"cpus\":{},\"cpu_ops\":[{}],\"mode\":\"{}\",\"event_idx\":{},\"ops\":{},\"bytes\":{},\"elapsed_ns\":{},\"lat_ns\":{},\"notifies\":{},\"interrupts\":{},\"errors\":{},\"verify\":\"{}\",\"pass\":{}}}",
+        p.op.name(), p.bs, s.depth, s.queues, s.cpu_ops.len(), cpu_ops, p.mode.name(),
+        engine.device.has(vpci::F_EVENT_IDX), engine.totals.completed, engine.totals.bytes,
+        s.elapsed_ns, engine.hist.json(), s.notifies, s.interrupts, engine.totals.errors, s.verify,
+        s.pass
     );
 }
 
@@ -406,7 +498,78 @@ fn open_device(p: &BlkParams, timeout_ms: u64) -> Result<VirtioPci, VirtioError>
     VirtioPci::open(pci, wanted, timeout_ms)
 }
 
+/// The CPUs `cpus=N` asks for, started; `None` (after saying why) if fewer came online.
+fn start_cpus(wanted: usize, timeout_ms: u64) -> Option<usize> {
+    let online = crate::smp::start_application_processors(timeout_ms);
+    if online < wanted {
+        crate::say!("blk: cpus={} but only {} CPU(s) online", wanted, online);
+        return None;
+    }
+    Some(wanted)
+}
+
+/// Splits the queues over `cpus` engines: queue i goes to engine i % cpus.
+fn engines_for<'a>(
+    device: &'a VirtioPci,
+    p: &'a BlkParams,
+    queues: Vec<BlkQueue>,
+    cpus: usize,
+    timeout_ms: u64,
+) -> Vec<Engine<'a>> {
+    let mut engines: Vec<Engine<'a>> = (0..cpus)
+        .map(|_| Engine {
+            device,
+            queues: Vec::new(),
+            params: p,
+            hist: Histogram::new(),
+            totals: Totals::default(),
+            timeout_ms,
+        })
+        .collect();
+    for (index, queue) in queues.into_iter().enumerate() {
+        engines[index % cpus].queues.push(queue);
+    }
+    engines
+}
+
+/// Runs each engine on its own CPU (engine 0 on this one) and returns them merged into
+/// engine 0, with each CPU's completed requests.
+fn drive_on_cpus<'a>(
+    engines: Vec<Engine<'a>>,
+    template: &PlanTemplate,
+    timeout_ms: u64,
+) -> Result<(Engine<'a>, Vec<u64>), VirtioError> {
+    let cpus = engines.len();
+    let slots: Vec<SpinLock<(Engine<'a>, Result<(), VirtioError>)>> = engines
+        .into_iter()
+        .map(|engine| SpinLock::new((engine, Ok(()))))
+        .collect();
+    crate::smp::run_on_cpus(cpus, timeout_ms, &|cpu| {
+        let mut slot = slots[cpu].lock();
+        let (engine, result) = &mut *slot;
+        *result = engine.drive(template, cpu, cpus);
+    });
+    let mut finished = slots.into_iter().map(SpinLock::into_inner);
+    let (mut merged, first_result) = finished.next().ok_or(VirtioError::NoQueue(0))?;
+    first_result?;
+    let mut cpu_ops = alloc::vec![merged.totals.completed];
+    for (engine, result) in finished {
+        result?;
+        cpu_ops.push(engine.totals.completed);
+        merged.merge(&engine);
+        merged.queues.extend(engine.queues);
+    }
+    Ok((merged, cpu_ops))
+}
+
 fn run(p: &BlkParams, timeout_ms: u64) -> Result<Outcome, VirtioError> {
+    let cpus = match p.cpus {
+        Some(wanted) => match start_cpus(wanted as usize, timeout_ms) {
+            Some(cpus) => cpus,
+            None => return Ok(Outcome::Fail),
+        },
+        None => 1,
+    };
     let mut device = open_device(p, timeout_ms)?;
     let offered_queues = if device.has(F_MQ) {
         device.config_read16(34).max(1)
@@ -436,60 +599,55 @@ fn run(p: &BlkParams, timeout_ms: u64) -> Result<Outcome, VirtioError> {
         crate::say!("blk: disk too small or read-only for op {}", p.op.name());
         return Ok(Outcome::Fail);
     }
-    let queues = setup_queues(&mut device, p, count)?;
+    if usize::from(count) < cpus {
+        crate::say!("blk: {} queue(s) for cpus={}", count, cpus);
+        return Ok(Outcome::Fail);
+    }
+    // Each queue interrupts the CPU that drives it (smp's table is filled only once APs start).
+    let this_cpu = crate::interrupts::apic_id();
+    let queues = setup_queues(&mut device, p, count, |index| match p.cpus {
+        Some(_) => crate::smp::apic_id_of(usize::from(index) % cpus),
+        None => this_cpu,
+    })?;
     device.driver_ok()?;
     let depth = queues[0].slots.len();
-    let mut engine = Engine {
-        device: &device,
-        queues,
-        params: p,
-        hist: Histogram::new(),
-        totals: Totals::default(),
-        timeout_ms,
-    };
-    let limit = if p.op.compares() { blocks } else { p.ops };
-    let end_ns = if p.op.compares() {
-        None
-    } else {
-        p.dur_ms.map(|ms| now_ns() + ms * 1_000_000)
-    };
     // Check walks the span exactly like verify's read-back phase.
-    let plan_op = if p.op == BlkOp::Check {
-        BlkOp::Verify
-    } else {
-        p.op
-    };
-    let new_plan = || Plan {
-        op: plan_op,
+    let template = PlanTemplate {
+        op: if p.op == BlkOp::Check {
+            BlkOp::Verify
+        } else {
+            p.op
+        },
         blocks,
         bs,
-        issued: 0,
-        limit,
-        end_ns,
-        rng: p.seed,
+        limit: if p.op.compares() { blocks } else { p.ops },
+        end_ns: if p.op.compares() {
+            None
+        } else {
+            p.dur_ms.map(|ms| now_ns() + ms * 1_000_000)
+        },
         seed: p.seed,
     };
     let interrupts_before = device.interrupt_count();
     let start = now_ns();
-    let verify = if p.op.compares() {
-        if p.op == BlkOp::Verify {
-            engine.run_phase(&mut new_plan(), Some(true), None)?;
-        }
-        engine.run_phase(&mut new_plan(), Some(false), Some(p.seed))?;
-        if engine.totals.mismatches == 0 {
-            "ok"
-        } else {
-            "fail"
-        }
+    let mut engines = engines_for(&device, p, queues, cpus, timeout_ms);
+    let (mut engine, cpu_ops) = if p.cpus.is_none() {
+        let mut engine = engines.remove(0);
+        engine.drive(&template, 0, 1)?;
+        let ops = engine.totals.completed;
+        (engine, alloc::vec![ops])
     } else {
-        engine.run_phase(&mut new_plan(), None, None)?;
-        "n/a"
+        drive_on_cpus(engines, &template, timeout_ms)?
+    };
+    let verify = match (p.op.compares(), engine.totals.mismatches) {
+        (false, _) => "n/a",
+        (true, 0) => "ok",
+        (true, _) => "fail",
     };
     if (p.op.writes() || p.op == BlkOp::Verify) && device.has(F_FLUSH) {
         engine.flush()?;
     }
     let elapsed_ns = now_ns() - start;
-    let notifies = engine.queues.iter().map(|q| q.queue.notifies).sum();
     let interrupts = device.interrupt_count() - interrupts_before;
     let pass =
         engine.totals.errors == 0 && engine.totals.mismatches == 0 && engine.totals.completed > 0;
@@ -497,8 +655,9 @@ fn run(p: &BlkParams, timeout_ms: u64) -> Result<Outcome, VirtioError> {
         p,
         queues: usize::from(count),
         depth,
+        cpu_ops: &cpu_ops,
         elapsed_ns,
-        notifies,
+        notifies: engine.notifies(),
         interrupts,
         verify,
         pass,

@@ -297,8 +297,9 @@ impl VirtioPci {
         }
     }
 
-    /// Programs the next free MSI-X table entry for a fresh vector; returns (entry, vector).
-    fn claim_msix_entry(&mut self) -> Result<(u16, u8), VirtioError> {
+    /// Programs the next free MSI-X table entry for a fresh vector delivered to the CPU with
+    /// APIC id `destination`; returns (entry, vector).
+    fn claim_msix_entry(&mut self, destination: u32) -> Result<(u16, u8), VirtioError> {
         let msix = self.msix.as_ref().ok_or(VirtioError::NoVector)?;
         if self.next_msix_entry >= msix.entries {
             return Err(VirtioError::NoVector);
@@ -310,7 +311,7 @@ impl VirtioPci {
             | (u32::from(bdf.function) << 16)
             | u32::from(entry);
         let vector = interrupts::vector_for(owner).ok_or(VirtioError::NoVector)?;
-        let (address, data) = interrupts::msi_message(vector);
+        let (address, data) = interrupts::msi_message(vector, destination);
         let base = msix.table + 16 * u64::from(entry);
         // Mask while reprogramming: hypervisors (QEMU with irqfd routes) pick up a new
         // message on the mask -> unmask transition.
@@ -330,12 +331,24 @@ impl VirtioPci {
     }
 
     /// Sets up queue `index` with at most `limit` entries; with `interrupts`, gives it its own
-    /// MSI-X vector, else none (poll mode).
+    /// MSI-X vector aimed at this CPU, else none (poll mode).
     pub fn setup_queue(
         &mut self,
         index: u16,
         limit: u16,
         interrupts: bool,
+    ) -> Result<Queue, VirtioError> {
+        self.setup_queue_for_cpu(index, limit, interrupts, interrupts::apic_id())
+    }
+
+    /// `setup_queue` for a queue that the CPU with APIC id `apic_id` will drive: its MSI-X
+    /// message is delivered there, so that CPU's HLT wakes on its completions.
+    pub fn setup_queue_for_cpu(
+        &mut self,
+        index: u16,
+        limit: u16,
+        interrupts: bool,
+        apic_id: u32,
     ) -> Result<Queue, VirtioError> {
         self.common_write16(QUEUE_SELECT, index);
         let max = self.common_read16(QUEUE_SIZE);
@@ -351,7 +364,7 @@ impl VirtioPci {
         self.common_write64(QUEUE_DRIVER, queue.avail);
         self.common_write64(QUEUE_DEVICE, queue.used);
         let entry = if interrupts {
-            self.claim_msix_entry()?.0
+            self.claim_msix_entry(apic_id)?.0
         } else {
             NO_VECTOR
         };
