@@ -1,8 +1,8 @@
 //! The nested lab's own tier (scripts/lab): an L1 Linux in QEMU TCG whose /dev/kvm is kvm_amd,
 //! with the topologies the passthrough and vIOMMU work builds on.
 //!
-//! - The guest kit on sluice with 2 vCPUs in L1 (hardware-KVM semantics: the kit's code runs
-//!   natively there instead of in kvm_pvm's instruction emulator).
+//! - The guest kit's SMP workloads on sluice with 2 vCPUs in L1 (hardware-KVM semantics: the
+//!   kit's code runs at L1's speed there instead of in kvm_pvm's instruction emulator).
 //! - `iommu`: L1 runs with interrupt remapping on, the NVMe PF gets 2 SR-IOV VFs, and every
 //!   function sits alone in its own IOMMU group; a VF binds to vfio-pci.
 //! - `switch` + `numa`: L1 sees two NUMA nodes, the NVMe behind the pxb-pcie root bus on node 1,
@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::SLUICE;
+use sluice_guest_kit::{ExitKind, GuestKitReport};
 use sluice_lab::{Lab, LabRun, Topology};
 
 /// L1 boot (~5 s) and what runs in it, with room for a loaded host.
@@ -29,22 +30,79 @@ fn skip(test: &str) -> bool {
     sluice_lab::skip_without_lab(test)
 }
 
+/// Counter increments per CPU in `w=smp` (native speed in L1: cheap).
+const SMP_ITERS: u64 = 200_000;
+/// The kit's SMP workloads: every vCPU counts on one shared counter, then each vCPU drives
+/// its own queue of a two-queue disk (verify), then virtio-rng.
+fn smp_workloads() -> String {
+    format!(
+        "quiet w=smp:iters={SMP_ITERS} \
+         w=blk:op=verify:bs=4096:qd=16:queues=2:cpus=2:ops=4000:span_mb=8 w=rng:bytes=4096"
+    )
+}
+
 #[test]
-fn lab_guest_kit_with_two_vcpus() {
-    if skip("lab-guest-kit") {
+fn lab_guest_kit_smp_workloads() {
+    if skip("lab-guest-kit-smp") {
         return;
     }
-    let workloads = "w=info w=blk:op=verify:bs=4096:qd=16:queues=2:ops=2000:span_mb=8 w=rng:bytes=4096 quiet";
     let script = format!(
         "truncate -s 16M /tmp/kit.img && {SLUICE} run --cpus 2 --disk path=/tmp/kit.img,queues=2 \
-         --rng --cmdline '{workloads}'"
+         --rng --metrics /tmp/kit.json --cmdline '{workloads}'; status=$?; \
+         echo METRICS $(tr -d '\\n' < /tmp/kit.json); exit $status",
+        workloads = smp_workloads()
     );
 
     let run = Lab::new().timeout(LAB_TIMEOUT).run(&script);
 
-    run.assert_success();
-    assert!(run.stdout.contains("GUEST-KIT PASS"), "{}", run.transcript());
-    assert!(run.stdout.contains("\"cpus\":2"), "{}", run.transcript());
+    let exit = match run.status {
+        Some(0) => ExitKind::Pass,
+        _ => ExitKind::WorkloadFailed,
+    };
+    let report = GuestKitReport::parse(&run.stdout, exit);
+    let context = || format!("{}\n{}", report.describe(), run.transcript());
+    assert!(report.passed(), "{}", context());
+    let smp = report.results_for("smp").next().expect("an smp result");
+    assert_eq!(smp.raw["cpus"], 2, "{}", context());
+    assert_eq!(smp.raw["counter"], 2 * SMP_ITERS, "{}", context());
+    let blk = report.results_for("blk").next().expect("a blk result");
+    let cpu_ops: Vec<u64> = blk.raw["cpu_ops"]
+        .as_array()
+        .map(|ops| ops.iter().filter_map(|n| n.as_u64()).collect())
+        .unwrap_or_default();
+    assert!(
+        cpu_ops.len() == 2 && cpu_ops.iter().all(|&n| n > 0),
+        "both vCPUs drove I/O: {cpu_ops:?}\n{}",
+        context()
+    );
+    let metrics: serde_json::Value = run
+        .stdout
+        .lines()
+        .find_map(|l| serde_json::from_str(l.strip_prefix("METRICS ")?).ok())
+        .unwrap_or_else(|| panic!("no metrics\n{}", context()));
+    let blk_requests: Vec<u64> = metrics["devices"]
+        .as_array()
+        .and_then(|d| {
+            d.iter()
+                .find(|d| d["device"].as_str().is_some_and(|n| n.starts_with("blk")))
+        })
+        .and_then(|d| d["queues"].as_array())
+        .map(|q| {
+            q.iter()
+                .map(|q| q["requests"].as_u64().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        blk_requests.len() == 2 && blk_requests.iter().all(|&n| n > 0),
+        "sluice served both queues: {blk_requests:?}\n{}",
+        context()
+    );
+    println!(
+        "lab-guest-kit-smp: smp {} ns for 2x{SMP_ITERS} increments; blk cpu_ops {cpu_ops:?}, \
+         queue requests {blk_requests:?}, {} ns",
+        smp.raw["elapsed_ns"], blk.raw["elapsed_ns"]
+    );
 }
 
 /// One PCI function as L1's sysfs shows it.
