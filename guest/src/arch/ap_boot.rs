@@ -58,26 +58,10 @@ ap_trampoline_start:
 
     .code32
 ap_tramp_32:
-    mov $0x10, %eax
-    mov %eax, %ds
-    mov %eax, %es
-    mov %eax, %ss
-    mov %eax, %fs
-    mov %eax, %gs
-    mov $boot_pml4, %eax
-    mov %eax, %cr3
-    mov %cr4, %eax
-    or $0x620, %eax         /* PAE | OSFXSR | OSXMMEXCPT, as on the BSP */
-    mov %eax, %cr4
-    mov $0xC0000080, %ecx   /* EFER */
-    rdmsr
-    or $0x100, %eax         /* LME */
-    wrmsr
-    mov %cr0, %eax
-    and $0x9ffffffb, %eax   /* clear EM, CD, NW */
-    or $0x80000023, %eax    /* PG | NE | MP | PE */
-    mov %eax, %cr0
-    ljmp $0x08, $ap_long_mode_entry
+"#,
+    load_data_segments_asm!(),
+    enter_long_mode_asm!("ap_long_mode_entry"),
+    r#"
 
     .balign 8
 ap_tramp_gdt:
@@ -96,12 +80,9 @@ ap_trampoline_end:
     .code64
     .global ap_long_mode_entry
 ap_long_mode_entry:
-    mov $0x10, %eax
-    mov %eax, %ds
-    mov %eax, %es
-    mov %eax, %ss
-    mov %eax, %fs
-    mov %eax, %gs
+"#,
+    load_data_segments_asm!(),
+    r#"
     clts
     mov ap_boot_stack_top(%rip), %rsp
     xor %ebp, %ebp

@@ -68,29 +68,15 @@ pvh_start32:
     cmp $2048, %ecx
     jb 1b
 
-    mov $boot_pml4, %eax
-    mov %eax, %cr3
-    mov %cr4, %eax
-    or $0x620, %eax         /* PAE | OSFXSR | OSXMMEXCPT */
-    mov %eax, %cr4
-    mov $0xC0000080, %ecx   /* EFER */
-    rdmsr
-    or $0x100, %eax         /* LME */
-    wrmsr
-    mov %cr0, %eax
-    and $0x9ffffffb, %eax   /* clear EM, CD, NW */
-    or $0x80000023, %eax    /* PG | NE | MP | PE */
-    mov %eax, %cr0
-    ljmp $0x08, $long_mode_entry
+"#,
+    enter_long_mode_asm!("long_mode_entry"),
+    r#"
 
     .code64
 long_mode_entry:
-    mov $0x10, %eax
-    mov %eax, %ds
-    mov %eax, %es
-    mov %eax, %ss
-    mov %eax, %fs
-    mov %eax, %gs
+"#,
+    load_data_segments_asm!(),
+    r#"
     clts
     mov $boot_stack_top, %rsp
     xor %ebp, %ebp

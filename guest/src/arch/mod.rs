@@ -2,6 +2,47 @@
 //! page tables. Everything that needs inline assembly lives here so the rest of the kernel is
 //! plain Rust.
 
+/// AT&T assembly shared by the boot CPU's entry (`boot`) and the APs' trampoline (`ap_boot`):
+/// loads the flat data selector 0x10 into every data segment register.
+macro_rules! load_data_segments_asm {
+    () => {
+        concat!(
+            "    mov $0x10, %eax\n",
+            "    mov %eax, %ds\n",
+            "    mov %eax, %es\n",
+            "    mov %eax, %ss\n",
+            "    mov %eax, %fs\n",
+            "    mov %eax, %gs\n",
+        )
+    };
+}
+
+/// AT&T assembly shared by `boot` and `ap_boot`: from 32-bit protected mode with paging off to
+/// long mode on the boot page tables (`boot_pml4`), with SSE allowed through CR4 only (no
+/// XSAVE, which kvm_pvm cannot run), then a far jump to `$target` in the 64-bit code selector.
+macro_rules! enter_long_mode_asm {
+    ($target:literal) => {
+        concat!(
+            "    mov $boot_pml4, %eax\n",
+            "    mov %eax, %cr3\n",
+            "    mov %cr4, %eax\n",
+            "    or $0x620, %eax\n", // PAE | OSFXSR | OSXMMEXCPT
+            "    mov %eax, %cr4\n",
+            "    mov $0xC0000080, %ecx\n", // EFER
+            "    rdmsr\n",
+            "    or $0x100, %eax\n", // LME
+            "    wrmsr\n",
+            "    mov %cr0, %eax\n",
+            "    and $0x9ffffffb, %eax\n", // clear EM, CD, NW
+            "    or $0x80000023, %eax\n",  // PG | NE | MP | PE
+            "    mov %eax, %cr0\n",
+            "    ljmp $0x08, $",
+            $target,
+            "\n",
+        )
+    };
+}
+
 pub mod ap_boot;
 pub mod boot;
 pub mod idt;
