@@ -62,6 +62,8 @@ pub struct LabRun {
     /// Seconds from QEMU's start to the script's start (L1 boot), and the script's own time.
     pub boot_seconds: Option<f64>,
     pub command_seconds: Option<f64>,
+    /// Seconds from QEMU's start to its end (a run's turn and the image build not counted).
+    pub total_seconds: Option<f64>,
     /// The last lines of L1's console.
     pub console_tail: String,
 }
@@ -331,6 +333,7 @@ fn read_result(path: &Path, output: Output) -> LabRun {
         stderr: output.stderr,
         boot_seconds: field("boot_s").and_then(|v| v.as_f64()),
         command_seconds: field("command_s").and_then(|v| v.as_f64()),
+        total_seconds: field("total_s").and_then(|v| v.as_f64()),
         console_tail: field("console_tail")
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default(),
