@@ -44,20 +44,35 @@ pub fn is_quiet() -> bool {
     QUIET.load(Ordering::Relaxed)
 }
 
+/// Writes bytes to the UART (CPL0 only: port I/O).
+pub fn write_bytes(bytes: &[u8]) {
+    for &byte in bytes {
+        put_byte(byte);
+    }
+}
+
 /// The console as a `fmt::Write` sink.
 pub struct Console;
 
 impl Write for Console {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        for byte in s.bytes() {
-            put_byte(byte);
-        }
+        write_bytes(s.as_bytes());
         Ok(())
     }
 }
 
-/// Writes formatted text to the console.
+/// Writes formatted text to the console. In ring 3 the text is formatted first and handed to
+/// ring 0 in one `Write` service call (each call is a round trip through the IDT).
 pub fn write_fmt(args: fmt::Arguments<'_>) {
+    if crate::arch::ring3::in_ring3() {
+        let text = alloc::fmt::format(args);
+        crate::arch::ring3::call(
+            crate::arch::ring3::Service::Write,
+            text.as_ptr() as u64,
+            text.len() as u64,
+        );
+        return;
+    }
     let _ = Console.write_fmt(args);
 }
 
@@ -65,8 +80,7 @@ pub fn write_fmt(args: fmt::Arguments<'_>) {
 #[macro_export]
 macro_rules! println {
     ($($arg:tt)*) => {{
-        $crate::console::write_fmt(format_args!($($arg)*));
-        $crate::console::write_fmt(format_args!("\n"));
+        $crate::console::write_fmt(format_args!("{}\n", format_args!($($arg)*)));
     }};
 }
 
@@ -74,8 +88,7 @@ macro_rules! println {
 #[macro_export]
 macro_rules! say {
     ($($arg:tt)*) => {{
-        $crate::console::write_fmt(format_args!("sluice-guest: "));
-        $crate::println!($($arg)*);
+        $crate::println!("sluice-guest: {}", format_args!($($arg)*));
     }};
 }
 

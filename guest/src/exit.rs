@@ -22,8 +22,25 @@ pub enum Status {
     BadCommandLine = 5,
 }
 
-/// Ends the run with `status`; never returns.
+impl Status {
+    /// The status a byte names; anything unknown counts as a panic.
+    pub fn from_byte(byte: u8) -> Status {
+        match byte {
+            0 => Status::Pass,
+            1 => Status::WorkloadFailed,
+            3 => Status::CpuException,
+            4 => Status::Timeout,
+            5 => Status::BadCommandLine,
+            _ => Status::Panic,
+        }
+    }
+}
+
+/// Ends the run with `status`; never returns. From ring 3 through the `Exit` service.
 pub fn exit(status: Status) -> ! {
+    if arch::ring3::in_ring3() {
+        arch::ring3::call(arch::ring3::Service::Exit, status as u64, 0);
+    }
     arch::disable_interrupts();
     arch::outb(DEBUG_EXIT_PORT, status as u8);
     if let Some((port, sleep_type)) = crate::acpi::s5_control() {

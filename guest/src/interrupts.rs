@@ -144,8 +144,11 @@ pub fn send_ipi(destination: u32, vector: u8) {
     send_ipi_command(destination, u32::from(vector));
 }
 
-/// This CPU's APIC id.
+/// This CPU's APIC id (from ring 3 through the `ApicId` service: x2APIC MSRs are CPL0 only).
 pub fn apic_id() -> u32 {
+    if arch::ring3::in_ring3() {
+        return arch::ring3::call(arch::ring3::Service::ApicId, 0, 0) as u32;
+    }
     if X2APIC.load(Ordering::Relaxed) {
         read_reg(REG_ID)
     } else {

@@ -194,14 +194,14 @@ fn serve_jobs(cpu: &Cpu, index: usize) -> ! {
         // SAFETY: run_on_cpus published a pointer to a live Job and keeps it alive (it does not
         // return) until this CPU stores 0 below.
         let job = unsafe { &*(job as *const Job<'_>) };
-        (job.work)(index);
+        arch::ring3::run_workload_code(|| (job.work)(index));
         cpu.job.store(0, Ordering::Release);
         interrupts::send_ipi(apic_id_of(0), interrupts::WAKE_VECTOR);
     }
 }
 
-/// Runs `work(cpu)` on CPUs `0..count` at the same time (0 is the calling BSP) and returns when
-/// all have finished. `count` must not exceed `online()`. An AP still busy `timeout_ms` after
+/// Runs `work(cpu)` on CPUs `0..count` at the same time (0 is the calling BSP), each in the
+/// workloads' ring (arch::ring3), and returns when all have finished. `count` must not exceed `online()`. An AP still busy `timeout_ms` after
 /// the BSP finished its own share ends the run with status 4: its work borrows from the
 /// caller, so returning without it is not an option.
 pub fn run_on_cpus(count: usize, timeout_ms: u64, work: &(dyn Fn(usize) + Sync)) {
@@ -212,7 +212,7 @@ pub fn run_on_cpus(count: usize, timeout_ms: u64, work: &(dyn Fn(usize) + Sync))
         cpu.job.store(job_address, Ordering::Release);
         interrupts::send_ipi(cpu.apic_id.load(Ordering::Acquire), interrupts::WAKE_VECTOR);
     }
-    work(0);
+    arch::ring3::run_workload_code(|| work(0));
     let all_done = || {
         CPUS[1..count]
             .iter()

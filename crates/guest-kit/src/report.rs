@@ -143,6 +143,8 @@ pub struct WorkloadResult {
     pub errors: Option<u64>,
     pub verify: Option<String>,
     pub lat_ns: Option<Latency>,
+    /// The privilege level the workload's data path ran at, as it read CS there (0 or 3).
+    pub ring: Option<u8>,
     pub raw: Value,
 }
 
@@ -158,6 +160,7 @@ struct ResultFields {
     errors: Option<u64>,
     verify: Option<String>,
     lat_ns: Option<Latency>,
+    ring: Option<u8>,
 }
 
 /// A console line that starts with a known marker but does not parse.
@@ -380,6 +383,7 @@ fn parse_result(rest: &str) -> Result<WorkloadResult, String> {
         errors: fields.errors,
         verify: fields.verify,
         lat_ns: fields.lat_ns,
+        ring: fields.ring,
         raw,
     })
 }

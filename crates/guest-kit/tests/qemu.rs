@@ -144,6 +144,12 @@ fn blk_verify_on(accel: Accel, queues: u16, mode: &str, cpus: Option<u32>) -> Gu
         report.describe()
     );
     assert_eq!(blk.raw["mode"], mode, "{}", report.describe());
+    assert_eq!(
+        blk.ring,
+        Some(3),
+        "data path in ring 3: {}",
+        report.describe()
+    );
     if mode == "irq" {
         let interrupts = blk.raw["interrupts"].as_u64().unwrap_or(0);
         assert!(
@@ -251,6 +257,25 @@ fn assert_smp_counted(report: &GuestKitReport, cpus: u64, iters: u64) {
         "every CPU counts, each once: {}",
         report.describe()
     );
+    assert_eq!(
+        smp.ring,
+        Some(3),
+        "every CPU in ring 3: {}",
+        report.describe()
+    );
+}
+
+/// `ring=0` keeps the workloads at CPL0 (the kit reads CS's RPL where it counts).
+fn smp_ring0(accel: Accel, _test: &str) {
+    let mut run = qemu(accel, Machine::Q35, "ring=0 w=smp:iters=1000");
+    run.cpus = 2;
+
+    let report = run.run().expect("run QEMU");
+
+    assert_passed(&report);
+    let smp = report.results_for("smp").next().expect("smp RESULT");
+    assert_eq!(smp.ring, Some(0), "{}", report.describe());
+    assert_eq!(smp.raw["counter"], 2000, "{}", report.describe());
 }
 
 /// `-smp 2`: the AP comes up through INIT-SIPI-SIPI and the real-mode trampoline, and both
@@ -276,6 +301,7 @@ fn smp_one_cpu(accel: Accel, _test: &str) {
 
 tcg_and_kvm!(smp_two_cpus_count_to_the_exact_total, smp_two_cpus);
 tcg_and_kvm!(smp_on_one_cpu_counts_alone, smp_one_cpu);
+tcg_and_kvm!(smp_in_ring_0_when_asked, smp_ring0);
 
 // ---- rng --------------------------------------------------------------------------------------
 
@@ -290,6 +316,7 @@ fn rng(accel: Accel, _test: &str) {
         .next()
         .unwrap_or_else(|| panic!("no rng RESULT: {}", report.describe()));
     assert_eq!(rng.bytes, Some(4096), "{}", report.describe());
+    assert_eq!(rng.ring, Some(3), "{}", report.describe());
 }
 
 tcg_and_kvm!(rng_reads_entropy, rng);

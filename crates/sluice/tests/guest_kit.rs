@@ -92,6 +92,70 @@ fn smp_workload_brings_up_the_second_vcpu_and_counts_on_both() {
         .collect();
     apic_ids.sort_unstable();
     assert_eq!(apic_ids, [0, 1], "{}", report.describe());
+    assert_eq!(
+        smp.ring,
+        Some(3),
+        "both CPUs count in ring 3: {}",
+        report.describe()
+    );
+}
+
+/// The workloads' data paths run at CPL3 by default (the kit reads CS's RPL inside each
+/// workload, on every CPU that takes part), with completion polling as ring 3's default mode;
+/// `ring=0` keeps them at CPL0 with interrupts.
+#[test]
+fn workloads_run_in_ring_3_by_default_and_in_ring_0_when_asked() {
+    let name = "workloads_run_in_ring_3_by_default_and_in_ring_0_when_asked";
+    if skip_without_kvm(name) {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let image = dir.join(format!("{name}-{}.img", std::process::id()));
+    std::fs::File::create(&image)
+        .and_then(|file| file.set_len(4 << 20))
+        .unwrap();
+    let disk = format!("--disk=path={}", image.display());
+    let ring3 = sluice_run(
+        "quiet w=blk:op=verify:bs=4096:qd=8:span_mb=1:seed=5 w=rng:bytes=4096 w=smp:iters=1000",
+        &[&disk, "--rng"],
+    );
+    let ring0 = sluice_run(
+        "quiet ring=0 w=blk:op=verify:bs=4096:qd=4:span_mb=1:seed=5 w=smp:iters=100",
+        &[&disk],
+    );
+
+    let ring3 = ring3.run().unwrap();
+    let ring0 = ring0.run().unwrap();
+    let _ = std::fs::remove_file(&image);
+
+    assert!(ring3.passed(), "{}", ring3.describe());
+    assert_eq!(ring3.results.len(), 3, "{}", ring3.describe());
+    for result in &ring3.results {
+        assert_eq!(
+            result.ring,
+            Some(3),
+            "{}: {}",
+            result.workload,
+            ring3.describe()
+        );
+    }
+    let blk = ring3.results_for("blk").next().unwrap();
+    assert_eq!(blk.verify.as_deref(), Some("ok"), "{}", ring3.describe());
+    assert_eq!(blk.raw["mode"], "poll", "{}", ring3.describe());
+    assert_eq!(blk.raw["interrupts"], 0, "{}", ring3.describe());
+    assert!(ring0.passed(), "{}", ring0.describe());
+    for result in &ring0.results {
+        assert_eq!(
+            result.ring,
+            Some(0),
+            "{}: {}",
+            result.workload,
+            ring0.describe()
+        );
+    }
+    let blk = ring0.results_for("blk").next().unwrap();
+    assert_eq!(blk.raw["mode"], "irq", "{}", ring0.describe());
+    assert_eq!(blk.verify.as_deref(), Some("ok"), "{}", ring0.describe());
 }
 
 /// `--cpus 2` with a two-queue disk and `cpus=2`: vCPU 0 drives queue 0 and vCPU 1 queue 1
@@ -129,6 +193,12 @@ fn blk_verify_with_one_queue_per_vcpu_serves_both_queues() {
         blk.raw["cpu_ops"],
         serde_json::json!([256, 256]),
         "{}",
+        report.describe()
+    );
+    assert_eq!(
+        blk.ring,
+        Some(3),
+        "both CPUs in ring 3: {}",
         report.describe()
     );
     let requests: Vec<u64> = metrics["devices"][0]["queues"]

@@ -65,7 +65,19 @@ fn lab_guest_kit_smp_workloads() {
     let smp = report.results_for("smp").next().expect("an smp result");
     assert_eq!(smp.raw["cpus"], 2, "{}", context());
     assert_eq!(smp.raw["counter"], 2 * SMP_ITERS, "{}", context());
+    assert_eq!(
+        smp.ring,
+        Some(3),
+        "both vCPUs count in ring 3: {}",
+        context()
+    );
     let blk = report.results_for("blk").next().expect("a blk result");
+    assert_eq!(
+        blk.ring,
+        Some(3),
+        "both vCPUs drive I/O in ring 3: {}",
+        context()
+    );
     let cpu_ops: Vec<u64> = blk.raw["cpu_ops"]
         .as_array()
         .map(|ops| ops.iter().filter_map(|n| n.as_u64()).collect())

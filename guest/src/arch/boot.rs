@@ -1,5 +1,6 @@
 //! PVH boot: the Xen ELF note that names the 32-bit entry point, and the entry code that builds
-//! a GDT and identity page tables (first 4 GiB in 2 MiB pages), turns on long mode and SSE
+//! a GDT (kernel and user segments) and identity page tables (first 4 GiB in 2 MiB pages,
+//! user-accessible), turns on long mode and SSE
 //! (CR0/CR4 only: no XSAVE, which kvm_pvm cannot run), and calls `rust_main(start_info)`.
 //!
 //! Written by hand because no crate offers a PVH entry for a freestanding ELF.
@@ -41,10 +42,10 @@ pvh_start32:
 
     /* PML4[0] -> PDPT; PDPT[0..4] -> 4 page directories. */
     mov $boot_pdpt, %eax
-    or $0x3, %eax
+    or $0x7, %eax
     mov %eax, boot_pml4
     mov $boot_pd, %eax
-    or $0x3, %eax
+    or $0x7, %eax
     mov %eax, boot_pdpt
     add $0x1000, %eax
     mov %eax, boot_pdpt + 8
@@ -53,12 +54,13 @@ pvh_start32:
     add $0x1000, %eax
     mov %eax, boot_pdpt + 24
 
-    /* 2048 2 MiB pages; 3..4 GiB (MMIO, ECAM, APICs) uncached. */
+    /* 2048 2 MiB pages; 3..4 GiB (MMIO, ECAM, APICs) uncached. Every level is user-accessible
+       (U/S): the workloads' data paths run at CPL3 (arch::ring3) on this same map. */
     xor %ecx, %ecx
 1:
     mov %ecx, %eax
     shl $21, %eax
-    or $0x83, %eax
+    or $0x87, %eax
     cmp $1536, %ecx
     jb 2f
     or $0x18, %eax
@@ -96,6 +98,8 @@ boot_gdt:
     .quad 0x00cf92000000ffff    /* 0x10: data */
     .quad 0                     /* 0x18: TSS (low), filled in by idt::init */
     .quad 0                     /* 0x20: TSS (high) */
+    .quad 0x00cff2000000ffff    /* 0x28: user data (DPL 3) */
+    .quad 0x00affa000000ffff    /* 0x30: user 64-bit code (DPL 3) */
 boot_gdt_end:
     .balign 4
 boot_gdt_ptr:

@@ -1,9 +1,10 @@
-//! IDT with all 256 vectors, a TSS whose IST stacks every gate uses (the prebuilt `core` uses
-//! the red zone, so the CPU must never push a frame onto the interrupted stack), and the common
-//! assembly stub that saves the scratch registers and calls Rust. The kernel is built without
+//! IDT with all 256 vectors, a TSS whose IST stacks every gate but #UD uses (the prebuilt
+//! `core` uses the red zone, so the CPU must never push a frame onto the interrupted stack),
+//! the TSS.rsp0 kernel stack that #UD from ring 3 (the service call, arch::ring3) runs on, and
+//! the common assembly stub that saves the scratch registers and calls Rust. The kernel is built without
 //! SSE (see .cargo/config.toml), so there is no vector state to save.
 //!
-//! CPU exceptions (vectors 0..32) print vector, RIP and error code and exit with status 3;
+//! CPU exceptions (vectors 0..32; a #UD from ring 3 is a service call instead) print vector, RIP and error code and exit with status 3;
 //! every other vector goes to `crate::interrupts::on_interrupt`.
 
 use core::ptr::{addr_of, addr_of_mut};
@@ -12,6 +13,15 @@ use core::ptr::{addr_of, addr_of_mut};
 const IST_STACK_SIZE: usize = 32 * 1024;
 const TSS_SELECTOR: u16 = 0x18;
 const CODE_SELECTOR: u16 = 0x08;
+/// #UD: from ring 3, the service call (arch::ring3).
+const INVALID_OPCODE: u64 = 6;
+/// Descriptors in every GDT: null, kernel code and data, the TSS (two words), user data and
+/// user code (see boot.rs and arch::ring3).
+pub const GDT_ENTRIES: usize = 7;
+/// The GDT words that are the same on every CPU (all but the TSS descriptor).
+const SHARED_GDT_WORDS: [usize; 5] = [0, 1, 2, 5, 6];
+/// Kernel stack a CPU switches to (TSS.rsp0) when an event without an IST stack arrives at CPL3.
+const KERNEL_STACK_SIZE: usize = IST_STACK_SIZE;
 
 #[repr(C, align(16))]
 struct Stack([u8; IST_STACK_SIZE]);
@@ -68,6 +78,7 @@ pub struct TrapFrame {
 }
 
 static mut IST_STACKS: [Stack; 3] = [const { Stack([0; IST_STACK_SIZE]) }; 3];
+static mut BSP_KERNEL_STACK: Stack = Stack([0; KERNEL_STACK_SIZE]);
 static mut TSS: Tss = Tss {
     reserved0: 0,
     rsp: [0; 3],
@@ -88,7 +99,7 @@ static mut IDT: [Gate; 256] = [Gate {
 }; 256];
 
 extern "C" {
-    static mut boot_gdt: [u64; 5];
+    static mut boot_gdt: [u64; GDT_ENTRIES];
     static isr_stubs: u8;
 }
 
@@ -142,6 +153,9 @@ isr_common:
 extern "C" fn isr_dispatch(frame: *mut TrapFrame) {
     // SAFETY: the stub passes a pointer to the frame it just built on the IST stack.
     let frame = unsafe { &mut *frame };
+    if frame.vector == INVALID_OPCODE && frame.cs & 3 == 3 && super::ring3::handle_service(frame) {
+        return;
+    }
     if frame.vector < 32 {
         crate::exit::cpu_exception(frame);
     }
@@ -172,6 +186,7 @@ fn install_tss() {
         tss.ist[0] = stack_top(0);
         tss.ist[1] = stack_top(1);
         tss.ist[2] = stack_top(2);
+        tss.rsp[0] = addr_of!(BSP_KERNEL_STACK) as u64 + KERNEL_STACK_SIZE as u64;
         let [low, high] = tss_descriptor(addr_of!(TSS) as u64);
         let gdt = &mut *addr_of_mut!(boot_gdt);
         gdt[3] = low;
@@ -182,6 +197,9 @@ fn install_tss() {
 
 fn ist_for(vector: usize) -> u8 {
     match vector {
+        // No IST: the service call from ring 3 (arch::ring3) runs on TSS.rsp0, where it may
+        // enable interrupts and halt (they take IST3).
+        6 => 0,
         2 | 8 | 18 => 2,
         0..=31 => 1,
         _ => 3,
@@ -233,9 +251,10 @@ pub fn init() {
 /// loaded, so CPUs cannot share one), a TSS and the IST stacks it names. The IDT is shared.
 #[repr(C)]
 pub struct CpuTables {
-    gdt: [u64; 5],
+    gdt: [u64; GDT_ENTRIES],
     tss: Tss,
     ist_stacks: [Stack; 3],
+    kernel_stack: Stack,
 }
 
 impl CpuTables {
@@ -252,9 +271,12 @@ impl CpuTables {
 /// IDT. Called once on each AP, interrupts off, before it takes any interrupt.
 pub fn load_on_this_cpu(tables: &'static mut CpuTables) {
     // SAFETY: the BSP wrote boot_gdt's code and data descriptors at boot and never changes
-    // them; only those three words are read.
+    // them; only those words are read (not the BSP's TSS descriptor, which it owns).
     let shared = unsafe { &*addr_of!(boot_gdt) };
-    tables.gdt[..3].copy_from_slice(&shared[..3]);
+    for word in SHARED_GDT_WORDS {
+        tables.gdt[word] = shared[word];
+    }
+    tables.tss.rsp[0] = addr_of!(tables.kernel_stack) as u64 + KERNEL_STACK_SIZE as u64;
     for (index, stack) in tables.ist_stacks.iter().enumerate() {
         let base = addr_of!(*stack) as u64;
         tables.tss.ist[index] = base + IST_STACK_SIZE as u64;
@@ -264,7 +286,7 @@ pub fn load_on_this_cpu(tables: &'static mut CpuTables) {
     tables.gdt[3] = low;
     tables.gdt[4] = high;
     let pointer = DescriptorPointer {
-        limit: (size_of::<[u64; 5]>() - 1) as u16,
+        limit: (size_of::<[u64; GDT_ENTRIES]>() - 1) as u16,
         base: addr_of!(tables.gdt) as u64,
     };
     // SAFETY: the GDT lives forever (leaked allocation) and keeps selector 0x08 a 64-bit code

@@ -47,6 +47,7 @@ pub mod ap_boot;
 pub mod boot;
 pub mod idt;
 pub mod paging;
+pub mod ring3;
 
 use core::arch::asm;
 
@@ -147,7 +148,15 @@ pub fn disable_interrupts() {
 /// kvm_pvm the emulated HLT in an STI shadow was seen to sleep through an already pending
 /// interrupt until the next timer tick. The remaining race (an interrupt between the check and
 /// HLT) costs at most one wake-up timer period.
+///
+/// At CPL3 (where IF is always set) the HLT is the ring-0 service call `Halt`.
 pub fn wait_for_interrupt_unless(ready: impl FnOnce() -> bool) {
+    if ring3::in_ring3() {
+        if !ready() {
+            ring3::call(ring3::Service::Halt, 0, 0);
+        }
+        return;
+    }
     enable_interrupts();
     if ready() {
         return;

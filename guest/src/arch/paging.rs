@@ -1,9 +1,12 @@
 //! Identity mappings beyond the boot tables: the boot code maps the first 4 GiB; device BARs
-//! placed higher (64-bit windows) are mapped here on demand with uncached 2 MiB pages.
+//! placed higher (64-bit windows) are mapped here on demand with uncached 2 MiB pages. Every
+//! mapping is user-accessible, like the boot tables', so that the workloads' data paths can
+//! run at CPL3 (arch::ring3); the kit has no user/kernel secrets to keep apart.
 
 use core::ptr::addr_of_mut;
 
-const PRESENT_WRITABLE: u64 = 0x3;
+/// Present, writable and user-accessible: ring 3 (arch::ring3) reaches BARs and RAM too.
+const PRESENT_WRITABLE: u64 = 0x7;
 const HUGE: u64 = 0x80;
 const UNCACHED: u64 = 0x18;
 const ADDRESS_MASK: u64 = 0x000f_ffff_ffff_f000;

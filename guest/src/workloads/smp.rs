@@ -9,7 +9,7 @@ use crate::time::{now_ns, Deadline};
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write;
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 const NO_ID: u32 = u32::MAX;
 
@@ -18,6 +18,8 @@ struct Shared {
     counter: AtomicU64,
     arrived: AtomicUsize,
     apic_ids: Vec<AtomicU32>,
+    /// The privilege level each CPU counted at.
+    rings: Vec<AtomicU8>,
 }
 
 /// Waits (bounded) until all `cpus` arrived, so the increments really overlap.
@@ -31,6 +33,7 @@ fn meet(shared: &Shared, cpus: usize, timeout_ms: u64) {
 
 fn count(shared: &Shared, cpu: usize, cpus: usize, iters: u64, timeout_ms: u64) {
     shared.apic_ids[cpu].store(crate::interrupts::apic_id(), Ordering::Release);
+    shared.rings[cpu].store(crate::arch::ring3::current_ring(), Ordering::Release);
     meet(shared, cpus, timeout_ms);
     for _ in 0..iters {
         shared.counter.fetch_add(1, Ordering::AcqRel);
@@ -61,6 +64,7 @@ pub fn run(iters: u64, timeout_ms: u64) -> Outcome {
         counter: AtomicU64::new(0),
         arrived: AtomicUsize::new(0),
         apic_ids: (0..cpus).map(|_| AtomicU32::new(NO_ID)).collect(),
+        rings: (0..cpus).map(|_| AtomicU8::new(0)).collect(),
     };
     let start = now_ns();
     smp::run_on_cpus(cpus, timeout_ms, &|cpu| {
@@ -73,11 +77,19 @@ pub fn run(iters: u64, timeout_ms: u64) -> Outcome {
         .map(|id| id.load(Ordering::Acquire))
         .collect();
     let counter = shared.counter.load(Ordering::Acquire);
+    // The lowest ring any CPU counted at: 3 only if all of them ran in ring 3.
+    let ring = shared
+        .rings
+        .iter()
+        .map(|ring| ring.load(Ordering::Acquire))
+        .min()
+        .unwrap_or(0);
     let expected = cpus as u64 * iters;
     let offline = smp::offline_apic_ids();
     let pass = cpus == listed.max(1) && counter == expected && distinct_and_seen(&ids);
     crate::println!(
-        "RESULT {{\"workload\":\"smp\",\"cpus\":{},\"cpus_listed\":{},\"apic_ids\":{},\"offline_apic_ids\":{},\"iters\":{},\"counter\":{},\"expected\":{},\"bringup_ns\":{},\"elapsed_ns\":{},\"pass\":{}}}",
+        "RESULT {{\"workload\":\"smp\",\"ring\":{},\"cpus\":{},\"cpus_listed\":{},\"apic_ids\":{},\"offline_apic_ids\":{},\"iters\":{},\"counter\":{},\"expected\":{},\"bringup_ns\":{},\"elapsed_ns\":{},\"pass\":{}}}",
+        ring,
         cpus,
         listed,
         json_list(ids.iter().copied()),

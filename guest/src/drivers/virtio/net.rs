@@ -6,6 +6,7 @@
 use super::pci::{self as vpci, VirtioError, VirtioPci};
 use super::queue::{Queue, Segment};
 use super::{idle, report_error};
+use crate::arch::ring3;
 use crate::cmdline::{Mode, NetDir, NetParams};
 use crate::mem;
 use crate::time::{now_ns, Deadline};
@@ -302,11 +303,15 @@ fn run(p: &NetParams, timeout_ms: u64) -> Result<Outcome, VirtioError> {
     let mut hist = Histogram::new();
     let interrupts_before = net.device.interrupt_count();
     let start = now_ns();
-    let counts = match p.dir {
-        NetDir::Echo => run_echo(&mut net, p, &mut hist)?,
-        NetDir::Tx => run_tx(&mut net, p)?,
-        NetDir::Rx => run_rx(&mut net, p)?,
-    };
+    let (ring, counts) = ring3::run_workload_code(|| {
+        let counts = match p.dir {
+            NetDir::Echo => run_echo(&mut net, p, &mut hist),
+            NetDir::Tx => run_tx(&mut net, p),
+            NetDir::Rx => run_rx(&mut net, p),
+        };
+        (ring3::current_ring(), counts)
+    });
+    let counts = counts?;
     let elapsed_ns = now_ns() - start;
     let pass = counts.errors == 0 && counts.frames == p.frames;
     let verify = match p.dir {
@@ -315,8 +320,8 @@ fn run(p: &NetParams, timeout_ms: u64) -> Result<Outcome, VirtioError> {
         _ => "n/a",
     };
     crate::println!(
-        "RESULT {{\"workload\":\"net\",\"dir\":\"{}\",\"size\":{},\"mode\":\"{}\",\"frames\":{},\"ops\":{},\"bytes\":{},\"elapsed_ns\":{},\"lat_ns\":{},\"notifies\":{},\"interrupts\":{},\"errors\":{},\"verify\":\"{}\",\"pass\":{}}}",
-        p.dir.name(), p.size, p.mode.name(), counts.frames, counts.frames, counts.bytes, elapsed_ns, hist.json(),
+        "RESULT {{\"workload\":\"net\",\"ring\":{},\"dir\":\"{}\",\"size\":{},\"mode\":\"{}\",\"frames\":{},\"ops\":{},\"bytes\":{},\"elapsed_ns\":{},\"lat_ns\":{},\"notifies\":{},\"interrupts\":{},\"errors\":{},\"verify\":\"{}\",\"pass\":{}}}",
+        ring, p.dir.name(), p.size, p.mode.name(), counts.frames, counts.frames, counts.bytes, elapsed_ns, hist.json(),
         net.rx.notifies + net.tx.notifies, net.device.interrupt_count() - interrupts_before, counts.errors, verify, pass
     );
     Ok(if pass { Outcome::Pass } else { Outcome::Fail })

@@ -2,8 +2,9 @@
 //! bytes arrived. The data must be neither all zero nor one repeated byte.
 
 use super::pci::{self as vpci, VirtioError, VirtioPci};
-use super::queue::Segment;
+use super::queue::{Queue, Segment};
 use super::{idle, report_error};
+use crate::arch::ring3;
 use crate::cmdline::Mode;
 use crate::mem;
 use crate::time::{now_ns, Deadline};
@@ -24,6 +25,38 @@ fn run(bytes: u64, dev: usize, timeout_ms: u64) -> Result<Outcome, VirtioError> 
     let buffer = mem::alloc_dma(bytes).ok_or(VirtioError::NoMemory)?;
     let interrupts_before = device.interrupt_count();
     let start = now_ns();
+    let (ring, received) = ring3::run_workload_code(|| {
+        (
+            ring3::current_ring(),
+            receive(&mut queue, buffer, bytes, timeout_ms),
+        )
+    });
+    let received = received?;
+    let elapsed_ns = now_ns() - start;
+    let first = byte_at(buffer);
+    let constant = (0..bytes).all(|i| byte_at(buffer + i) == first);
+    let pass = !constant;
+    crate::println!(
+        "RESULT {{\"workload\":\"rng\",\"ring\":{},\"bytes\":{},\"elapsed_ns\":{},\"notifies\":{},\"interrupts\":{},\"errors\":{},\"verify\":\"{}\",\"pass\":{}}}",
+        ring,
+        received,
+        elapsed_ns,
+        queue.notifies,
+        device.interrupt_count() - interrupts_before,
+        u64::from(constant),
+        if constant { "fail" } else { "ok" },
+        pass
+    );
+    Ok(if pass { Outcome::Pass } else { Outcome::Fail })
+}
+
+/// Fills `buffer` with `bytes` bytes from the device, one chunk per request.
+fn receive(
+    queue: &mut Queue,
+    buffer: u64,
+    bytes: u64,
+    timeout_ms: u64,
+) -> Result<u64, VirtioError> {
     let mut received = 0u64;
     while received < bytes {
         let len = (bytes - received).min(CHUNK);
@@ -49,21 +82,7 @@ fn run(bytes: u64, dev: usize, timeout_ms: u64) -> Result<Outcome, VirtioError> 
         };
         received += u64::from(written).min(len);
     }
-    let elapsed_ns = now_ns() - start;
-    let first = byte_at(buffer);
-    let constant = (0..bytes).all(|i| byte_at(buffer + i) == first);
-    let pass = !constant;
-    crate::println!(
-        "RESULT {{\"workload\":\"rng\",\"bytes\":{},\"elapsed_ns\":{},\"notifies\":{},\"interrupts\":{},\"errors\":{},\"verify\":\"{}\",\"pass\":{}}}",
-        received,
-        elapsed_ns,
-        queue.notifies,
-        device.interrupt_count() - interrupts_before,
-        u64::from(constant),
-        if constant { "fail" } else { "ok" },
-        pass
-    );
-    Ok(if pass { Outcome::Pass } else { Outcome::Fail })
+    Ok(received)
 }
 
 /// The `rng` workload.
