@@ -410,7 +410,7 @@ impl Worker {
     /// True when the driver published chains after the avail index read `offered` (or the
     /// index cannot be read: the next pass reports that).
     fn published_since(&self, offered: Wrapping<u16>) -> bool {
-        self.avail_idx().map_or(true, |now| now != offered)
+        !self.avail_idx().is_ok_and(|now| now == offered)
     }
 
     /// Poll: spin on the avail index until `budget` passes with no new request.
