@@ -14,6 +14,7 @@ use sluice_guest_kit::{
     find_qemu, Accel, Device, ExitKind, Firmware, GuestKitReport, GuestKitRun, Machine,
 };
 
+use crate::anchors::{self, Anchors};
 use crate::exec::{self, Ended, Measured};
 use crate::first_insn;
 use crate::net;
@@ -23,13 +24,15 @@ use crate::scenario::{BlkParams, NetParams, Scenario, Workload};
 pub type Metrics = BTreeMap<String, f64>;
 
 /// Every competitor the matrix knows, in the order they alternate.
-pub const ALL: [Competitor; 7] = [
+pub const ALL: [Competitor; 9] = [
     Competitor::Sluice,
     Competitor::SluicePoll,
     Competitor::SluiceBatch,
     Competitor::SluiceVhostServe,
     Competitor::SluiceVhostQsd,
     Competitor::Qemu,
+    Competitor::CloudHypervisor,
+    Competitor::Firecracker,
     Competitor::Fio,
 ];
 
@@ -50,6 +53,10 @@ pub enum Competitor {
     /// QEMU -accel kvm: virtio-blk-pci with an iothread, aio=io_uring, cache=none; virtio-net on
     /// the UDP socket netdev.
     Qemu,
+    /// Cloud Hypervisor from the anchors directory (see [`crate::anchors`]).
+    CloudHypervisor,
+    /// Firecracker from the anchors directory (see [`crate::anchors`]).
+    Firecracker,
     /// fio on the host, io_uring, O_DIRECT, on the same image.
     Fio,
 }
@@ -65,6 +72,8 @@ pub struct Env {
     pub workdir: PathBuf,
     pub timeout: Duration,
     pub fio_runtime_s: u32,
+    /// Where the Cloud Hypervisor and Firecracker binaries are.
+    pub anchors: Anchors,
 }
 
 /// A process that took part in a run, with its rusage.
@@ -92,6 +101,8 @@ impl Competitor {
             Competitor::SluiceVhostServe => "sluice-vhost-serve",
             Competitor::SluiceVhostQsd => "sluice-vhost-qsd",
             Competitor::Qemu => "qemu",
+            Competitor::CloudHypervisor => "cloud-hypervisor",
+            Competitor::Firecracker => "firecracker",
             Competitor::Fio => "fio",
         }
     }
@@ -104,6 +115,8 @@ impl Competitor {
             Competitor::SluiceVhostServe => "sluice run --disk vhost_user=on, backend: sluice serve blk --direct",
             Competitor::SluiceVhostQsd => "sluice run --disk vhost_user=on, backend: qemu-storage-daemon (io_uring, cache.direct=on)",
             Competitor::Qemu => "QEMU -accel kvm q35: virtio-blk-pci + iothread, aio=io_uring, cache=none (SeaBIOS); virtio-net-pci on the UDP socket netdev; startup with qboot",
+            Competitor::CloudHypervisor => "Cloud Hypervisor (anchors dir): virtio-blk-pci (direct=on), virtio-net-pci on a tap it creates; stopped after the GUEST-KIT line (its ACPI power-off is not the guest kit's), so no exit time; not 2-queue blk (it refuses more queues than the 1 vCPU), startup-first-insn (needs sluice's exit log), -gbatch or seqread",
+            Competitor::Firecracker => "Firecracker --no-api --enable-pci (anchors dir): virtio-blk io_engine=Async (io_uring) through the host page cache (it has no O_DIRECT option), one queue only (no 2-queue scenarios); virtio-net on a tap the bench creates; stopped after the GUEST-KIT line, so no exit time; not startup-first-insn nor -gbatch/seqread",
             Competitor::Fio => "host-native fio, io_uring, --direct=1, same image, one job per queue",
         }
     }
@@ -124,6 +137,17 @@ impl Competitor {
         match (self, &scenario.workload) {
             (Competitor::Sluice, _) => true,
             (Competitor::Qemu, w) => !matches!(w, Workload::FirstInstruction),
+            // The anchors run what the issue compares: startup, random I/O and net. Both are
+            // single-queue here: Firecracker's virtio-blk has one queue, and Cloud Hypervisor
+            // refuses more queues than vCPUs (every VM in the matrix has one).
+            (Competitor::CloudHypervisor | Competitor::Firecracker, Workload::Blk(b)) => {
+                let random = matches!(b.op, "randread" | "randwrite") && b.guest_batch.is_none();
+                random && b.queues == 1
+            }
+            (
+                Competitor::CloudHypervisor | Competitor::Firecracker,
+                Workload::Net(_) | Workload::Startup,
+            ) => true,
             (Competitor::SluicePoll | Competitor::SluiceBatch, Workload::Blk(b)) => {
                 b.op == "randread" && b.queues == 1
             }
@@ -138,7 +162,7 @@ impl Competitor {
     }
 
     /// `Err(reason)` when this host cannot run the competitor at all.
-    pub fn availability(self) -> Result<(), String> {
+    pub fn availability(self, anchors: &Anchors) -> Result<(), String> {
         match self {
             Competitor::Sluice
             | Competitor::SluicePoll
@@ -153,6 +177,11 @@ impl Competitor {
             Competitor::Qemu => {
                 kvm().and_then(|_| find_qemu().map(drop).map_err(|e| e.to_string()))
             }
+            // The binary first: where to find it is the more useful message.
+            Competitor::CloudHypervisor => anchors
+                .binary(anchors::CLOUD_HYPERVISOR)
+                .and_then(|_| kvm()),
+            Competitor::Firecracker => anchors.binary(anchors::FIRECRACKER).and_then(|_| kvm()),
             Competitor::Fio => on_path("fio", "apt-get install -y --no-install-recommends fio"),
         }
     }
@@ -160,7 +189,10 @@ impl Competitor {
     /// `Err(reason)` when this scenario cannot run on this competitor here (e.g. no tap).
     pub fn scenario_availability(self, scenario: &Scenario) -> Result<(), String> {
         match (self, &scenario.workload) {
-            (Competitor::Sluice, Workload::Net(_)) => tap_available(),
+            (
+                Competitor::Sluice | Competitor::CloudHypervisor | Competitor::Firecracker,
+                Workload::Net(_),
+            ) => tap_available(),
             (Competitor::Sluice, Workload::FirstInstruction) => first_insn::probe_tools(),
             _ => Ok(()),
         }
@@ -201,6 +233,14 @@ impl Competitor {
                 run_sluice(scenario, env, Some(backend), None)
             }
             Competitor::Qemu => run_qemu(scenario, env),
+            Competitor::CloudHypervisor => {
+                let binary = env.anchors.binary(anchors::CLOUD_HYPERVISOR)?;
+                anchors::run_cloud_hypervisor(&binary, scenario, env)
+            }
+            Competitor::Firecracker => {
+                let binary = env.anchors.binary(anchors::FIRECRACKER)?;
+                anchors::run_firecracker(&binary, scenario, env)
+            }
             Competitor::Fio => run_fio(blk_params(scenario)?, env),
         }
     }
@@ -306,9 +346,14 @@ pub(crate) fn command_line(command: &Command) -> Vec<String> {
         .collect()
 }
 
-fn unique() -> u32 {
+pub(crate) fn unique() -> u32 {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     COUNTER.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A fresh tap name for one run (at most 15 bytes).
+pub(crate) fn tap_name() -> String {
+    format!("sbn{}x{}", std::process::id() % 100_000, unique() % 100)
 }
 
 /// The `--disk` argument of an in-process sluice run.
@@ -341,7 +386,7 @@ fn run_sluice(
             None => sluice_disk_arg(&env.image, b.queues, notify),
         }),
         Workload::Net(n) => {
-            let tap = format!("sbn{}x{}", std::process::id() % 100_000, unique() % 100);
+            let tap = tap_name();
             extra.push(format!("--net=tap={tap}"));
             if n.dir == "rx" {
                 feeder = Some(net::feed_tap(tap, n.size as usize));
@@ -444,7 +489,7 @@ fn sluice_metrics(json: &Value, scenario: &Scenario, guest: &Metrics) -> Metrics
 }
 
 /// Metrics from the guest kit's console and the measured process.
-fn guest_output(
+pub(crate) fn guest_output(
     scenario: &Scenario,
     measured: &Measured,
     exit: ExitKind,
@@ -679,8 +724,48 @@ mod tests {
             .map(|c| c.id())
             .collect();
 
-        assert_eq!(on_startup, ["sluice", "qemu"]);
-        assert_eq!(on_net, ["sluice", "qemu"]);
+        assert_eq!(
+            on_startup,
+            ["sluice", "qemu", "cloud-hypervisor", "firecracker"]
+        );
+        assert_eq!(
+            on_net,
+            ["sluice", "qemu", "cloud-hypervisor", "firecracker"]
+        );
+    }
+
+    #[test]
+    fn anchors_run_single_queue_random_io_net_and_startup() {
+        let scenarios = matrix(true, 64);
+        let ran_by = |c: Competitor| -> Vec<&str> {
+            scenarios
+                .iter()
+                .filter(|s| c.supports(s))
+                .map(|s| s.id.as_str())
+                .collect()
+        };
+
+        let cloud_hypervisor = ran_by(Competitor::CloudHypervisor);
+        let firecracker = ran_by(Competitor::Firecracker);
+
+        for both in [
+            "blk-randread-4k-qd32-1q",
+            "net-tx-64b",
+            "net-rx-1500b",
+            "startup",
+        ] {
+            assert!(cloud_hypervisor.contains(&both), "{both}");
+            assert!(firecracker.contains(&both), "{both}");
+        }
+        for neither in [
+            "startup-first-insn",
+            "blk-randread-4k-qd32-1q-gbatch",
+            "blk-seqread-128k-qd4-1q",
+            "blk-randwrite-4k-qd32-2q",
+        ] {
+            assert!(!cloud_hypervisor.contains(&neither), "{neither}");
+            assert!(!firecracker.contains(&neither), "{neither}");
+        }
     }
 
     #[test]

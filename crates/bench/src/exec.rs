@@ -116,7 +116,7 @@ pub struct Measured {
     pub console: String,
     pub stderr: String,
     pub wall: Duration,
-    /// Spawn to the first console line.
+    /// Spawn to the first console line of the guest kit (`sluice-guest...`).
     pub first_line: Option<Duration>,
     /// Spawn to the first `RESULT` line.
     pub first_result: Option<Duration>,
@@ -126,6 +126,8 @@ pub struct Measured {
     pub cpu_at_result: Option<CpuMark>,
     /// The child's rusage when reaped.
     pub usage: Usage,
+    /// The child was killed after printing the `stop_at` line.
+    pub stopped_at_marker: bool,
 }
 
 impl Measured {
@@ -143,6 +145,10 @@ impl Measured {
     }
 }
 
+/// Console line prefix of the guest kit's own lines; the first one marks the guest's first
+/// output (a VMM's banner or log lines on the same stream do not count).
+const GUEST_PREFIX: &str = "sluice-guest";
+
 #[derive(Default)]
 struct ConsoleLog {
     text: String,
@@ -150,20 +156,38 @@ struct ConsoleLog {
     first_result: Option<Duration>,
     at_pci: Option<CpuMark>,
     at_result: Option<CpuMark>,
+    /// The `stop_at` line was seen and the child killed.
+    stopped: bool,
 }
 
 fn sample(pids: &[u32]) -> CpuMark {
     pids.iter().map(|&pid| process_cpu_s(pid)).collect()
 }
 
-/// Reads the console line by line, noting times and CPU samples at the marks.
-fn watch_console(pipe: impl Read, start: Instant, pids: Vec<u32>) -> ConsoleLog {
+/// Reads the console line by line, noting times and CPU samples at the marks; kills the child
+/// (`pids[0]`) after the first line that starts with `stop_at`.
+fn watch_console(
+    pipe: impl Read,
+    start: Instant,
+    pids: Vec<u32>,
+    stop_at: Option<&str>,
+) -> ConsoleLog {
     let mut log = ConsoleLog::default();
     let mut reader = BufReader::new(pipe);
     let mut line = Vec::new();
     while matches!(reader.read_until(b'\n', &mut line), Ok(n) if n > 0) {
         let text = String::from_utf8_lossy(&line);
-        log.first_line.get_or_insert_with(|| start.elapsed());
+        if text.starts_with(GUEST_PREFIX) {
+            log.first_line.get_or_insert_with(|| start.elapsed());
+        }
+        if !log.stopped && stop_at.is_some_and(|marker| text.starts_with(marker)) {
+            log.stopped = true;
+            if let Some(pid) = pids.first().and_then(|&p| libc::pid_t::try_from(p).ok()) {
+                // SAFETY: signalling our own child, which the spawning thread reaps only after
+                // this thread ends.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
         if text.contains("PCI: ") {
             log.at_pci = Some(sample(&pids));
         } else if text.contains("RESULT ") && log.first_result.is_none() {
@@ -179,9 +203,20 @@ fn watch_console(pipe: impl Read, start: Instant, pids: Vec<u32>) -> ConsoleLog 
 /// Spawns `command`, watches its console, kills it after `timeout`, and reaps it with rusage.
 /// `extra_pids` (backends) are sampled at the same console marks as the child.
 pub fn run_measured(
+    command: Command,
+    timeout: Duration,
+    extra_pids: &[u32],
+) -> std::io::Result<Measured> {
+    run_measured_until(command, timeout, extra_pids, None)
+}
+
+/// [`run_measured`], and the child is killed as soon as it prints a line starting with
+/// `stop_at` (for VMMs that do not end when the guest kit is done).
+pub fn run_measured_until(
     mut command: Command,
     timeout: Duration,
     extra_pids: &[u32],
+    stop_at: Option<&'static str>,
 ) -> std::io::Result<Measured> {
     command
         .stdin(Stdio::null())
@@ -196,7 +231,7 @@ pub fn run_measured(
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let console = thread::spawn(move || match stdout {
-        Some(pipe) => watch_console(pipe, start, pids),
+        Some(pipe) => watch_console(pipe, start, pids, stop_at),
         None => ConsoleLog::default(),
     });
     let errors = thread::spawn(move || {
@@ -237,6 +272,7 @@ pub fn run_measured(
         cpu_at_workload_start: log.at_pci,
         cpu_at_result: log.at_result,
         usage: reaped.map(|(_, usage)| usage).unwrap_or_default(),
+        stopped_at_marker: log.stopped,
     })
 }
 
@@ -249,7 +285,7 @@ mod tests {
         let mut command = Command::new("sh");
         command.args([
             "-c",
-            "echo hello; echo 'PCI: 00:00.0'; i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; \
+            "echo hello; echo 'sluice-guest: booting'; echo 'PCI: 00:00.0'; i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; \
              echo 'RESULT {}'; exit 3",
         ]);
 
@@ -267,6 +303,25 @@ mod tests {
         let cpu = measured.workload_cpu_s().expect("both marks sampled");
         assert!(cpu >= 0.0, "{cpu}");
         assert!(measured.usage.max_rss_kib > 0);
+    }
+
+    #[test]
+    fn a_child_is_stopped_after_the_marker_line() {
+        let mut command = Command::new("sh");
+        command.args(["-c", "echo 'GUEST-KIT PASS'; exec sleep 30"]);
+
+        let measured = run_measured_until(command, Duration::from_secs(20), &[], Some("GUEST-KIT"))
+            .expect("run sh");
+
+        assert!(measured.stopped_at_marker);
+        assert!(!measured.timed_out);
+        assert_eq!(measured.ended, Some(Ended::Signal(libc::SIGKILL)));
+        assert!(
+            measured.wall < Duration::from_secs(10),
+            "{:?}",
+            measured.wall
+        );
+        assert_eq!(measured.first_line, None, "no guest kit line was printed");
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //!
 //! Competitors: sluice with in-process virtio (with each notify policy: irq, poll, batch),
 //! sluice with vhost-user backends (`sluice serve blk`, qemu-storage-daemon), QEMU -accel kvm,
-//! host fio. Each is skipped, with the reason recorded, when the host lacks what it needs.
+//! Cloud Hypervisor and Firecracker (prebuilt, from the anchors directory: see [`anchors`]), host
+//! fio. Each is skipped, with the reason recorded, when the host lacks what it needs.
 
+pub mod anchors;
 pub mod competitor;
 pub mod exec;
 pub mod first_insn;
@@ -24,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use serde_json::{json, Value};
 
+use anchors::Anchors;
 use competitor::{Competitor, Env, ALL};
 use report::{Sample, Skip};
 use scenario::{Scenario, Workload};
@@ -51,6 +54,11 @@ pub struct BenchArgs {
     /// Print the planned runs and exit.
     #[arg(long)]
     pub list: bool,
+    /// Directory holding the `cloud-hypervisor` and `firecracker` binaries. Default:
+    /// $SLUICE_ANCHORS, else `../shared/anchors` from the repository root (or from one of its
+    /// ancestors). Without them those competitors are skipped with the reason.
+    #[arg(long, value_name = "DIR")]
+    pub anchors: Option<PathBuf>,
 }
 
 impl BenchArgs {
@@ -78,6 +86,9 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// The plan: scenarios, competitors per scenario, and what is skipped.
 struct Plan {
+    anchors: Anchors,
+    /// Per entry of [`ALL`]: whether this host can run it at all.
+    availability: Vec<Result<(), String>>,
     scenarios: Vec<Scenario>,
     /// `pairs[s]`: indices into [`ALL`] that run scenario `s`.
     pairs: Vec<Vec<usize>>,
@@ -85,7 +96,9 @@ struct Plan {
 }
 
 fn plan(args: &BenchArgs) -> Plan {
-    let availability: Vec<Result<(), String>> = ALL.iter().map(|c| c.availability()).collect();
+    let anchors = Anchors::locate(args.anchors.as_deref());
+    let availability: Vec<Result<(), String>> =
+        ALL.iter().map(|c| c.availability(&anchors)).collect();
     let mut scenarios = Vec::new();
     let mut pairs = Vec::new();
     let mut skipped = Vec::new();
@@ -115,6 +128,8 @@ fn plan(args: &BenchArgs) -> Plan {
         }
     }
     Plan {
+        anchors,
+        availability,
         scenarios,
         pairs,
         skipped,
@@ -179,6 +194,7 @@ pub fn run(args: &BenchArgs, sluice: &Path) -> anyhow::Result<u8> {
         workdir: workdir.clone(),
         timeout: RUN_TIMEOUT,
         fio_runtime_s: if args.quick { 1 } else { 3 },
+        anchors: plan.anchors.clone(),
     };
 
     let mut samples = Vec::new();
@@ -204,7 +220,8 @@ pub fn run(args: &BenchArgs, sluice: &Path) -> anyhow::Result<u8> {
         "sluice {}",
         std::env::args().skip(1).collect::<Vec<_>>().join(" ")
     );
-    let machine = machine_info(sluice);
+    let mut machine = machine_info(sluice);
+    machine["anchors"] = plan.anchors.versions();
     write_outputs(
         args,
         &plan,
@@ -279,8 +296,9 @@ fn write_outputs(
     let failures: Vec<&Sample> = samples.iter().filter(|s| !s.ok).collect();
     let competitors: Vec<Value> = ALL
         .iter()
-        .map(|c| {
-            let unavailable = c.availability().err();
+        .zip(&plan.availability)
+        .map(|(c, availability)| {
+            let unavailable = availability.clone().err();
             json!({"id": c.id(), "description": c.description(), "available": unavailable.is_none(),
                    "skip_reason": unavailable})
         })
@@ -559,6 +577,16 @@ fn machine_lines(machine: &Value) -> Vec<String> {
             machine["kvm_modules"]
         ),
         format!("QEMU: {}; fio: {}", text("qemu"), text("fio")),
+        format!(
+            "Cloud Hypervisor: {}; Firecracker: {} (anchors: {})",
+            machine["anchors"][anchors::CLOUD_HYPERVISOR]
+                .as_str()
+                .unwrap_or("absent"),
+            machine["anchors"][anchors::FIRECRACKER]
+                .as_str()
+                .unwrap_or("absent"),
+            machine["anchors"]["dir"].as_str().unwrap_or("not found")
+        ),
         format!("Load average at the end: {}", text("loadavg_end")),
     ]
 }
@@ -575,6 +603,7 @@ mod tests {
             reps: None,
             image: None,
             list: false,
+            anchors: None,
         }
     }
 

@@ -26,11 +26,12 @@ pub const DEVICE_LAT_P50_US: &str = "device_lat_p50_us";
 pub const DEVICE_LAT_P99_US: &str = "device_lat_p99_us";
 /// The VMM process's max RSS (wait4 ru_maxrss), guest RAM it touched included.
 pub const VMM_MAX_RSS_MIB: &str = "vmm_max_rss_mib";
-/// Process spawn to the first console line.
+/// Process spawn to the guest kit's first console line (a VMM's own banner does not count).
 pub const FIRST_LINE_MS: &str = "first_line_ms";
 /// Process spawn to the first RESULT line (guest kit ready and done with `w=info`).
 pub const READY_MS: &str = "ready_ms";
-/// Process spawn to reaped.
+/// Process spawn to reaped; absent for VMMs the bench stops itself after the guest kit's
+/// verdict (Cloud Hypervisor, Firecracker).
 pub const EXIT_MS: &str = "exit_ms";
 /// sluice only (startup-first-insn): process spawn to the first vCPU exit, which is the probe
 /// guest's first instruction (sluice logs its time as `first_exit_unix_ns`).

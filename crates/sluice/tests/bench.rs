@@ -200,6 +200,109 @@ fn quick_bench_writes_valid_results() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// One blk, one net and the startup scenario on each anchor VMM.
+const ANCHOR_SCENARIOS: &[&str] = &["blk-randread-4k-qd32-1q", "net-tx-64b", "startup"];
+const ANCHORS: &[&str] = &["cloud-hypervisor", "firecracker"];
+
+/// Cloud Hypervisor and Firecracker, when the anchors directory has them (the bench's own
+/// lookup: $SLUICE_ANCHORS, else ../shared/anchors from the repository or an ancestor).
+#[test]
+fn quick_bench_runs_cloud_hypervisor_and_firecracker_when_present() {
+    if skip_without_kvm("quick_bench_runs_cloud_hypervisor_and_firecracker_when_present") {
+        return;
+    }
+    let anchors = sluice_bench::anchors::Anchors::locate(None);
+    if ANCHORS.iter().any(|name| anchors.binary(name).is_err()) {
+        eprintln!("skipping: no anchor VMMs ({:?})", anchors.candidates);
+        return;
+    }
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("bench-anchors-{}", std::process::id()));
+    let only: Vec<String> = ANCHOR_SCENARIOS
+        .iter()
+        .flat_map(|s| ANCHORS.iter().map(move |c| format!("{s}/{c}")))
+        .collect();
+
+    let (output, json) = run_bench(&out, &["--only", &only.join(",")]);
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(check_schema(&json), Ok(()));
+    let samples = json["samples"].as_array().expect("samples");
+    let skipped = json["skipped"].as_array().expect("skipped");
+    for scenario in ANCHOR_SCENARIOS {
+        for competitor in ANCHORS {
+            let sample = samples
+                .iter()
+                .find(|s| s["scenario"] == *scenario && s["competitor"] == *competitor);
+            // Net needs a tap (root); without one the pair must say why it was skipped.
+            let Some(sample) = sample else {
+                let skip = skipped
+                    .iter()
+                    .find(|s| s["scenario"] == *scenario && s["competitor"] == *competitor);
+                assert!(
+                    scenario.starts_with("net") && skip.is_some(),
+                    "{scenario}/{competitor} neither ran nor was skipped: {stderr}"
+                );
+                continue;
+            };
+            assert_eq!(sample["ok"], true, "{sample}");
+            let metrics = &sample["metrics"];
+            assert!(
+                metrics["vmm_max_rss_mib"].as_f64().unwrap_or(0.0) > 0.0,
+                "{sample}"
+            );
+            assert!(
+                metrics["ready_ms"].as_f64().unwrap_or(0.0) > 0.0,
+                "{sample}"
+            );
+            assert!(
+                metrics.get("exit_ms").is_none(),
+                "the bench stopped it: no exit time ({sample})"
+            );
+            if *scenario != "startup" {
+                assert!(metrics["rate"].as_f64().unwrap_or(0.0) > 0.0, "{sample}");
+                assert!(metrics["host_cpu_us_per_op"].is_number(), "{sample}");
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// Without the anchors the pairs are skipped with a reason that says how to point at them.
+#[test]
+fn missing_anchors_are_skipped_with_the_place_looked_in() {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("bench-no-anchors-{}", std::process::id()));
+
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "bench",
+            "--quick",
+            "--list",
+            "--only",
+            "startup/firecracker",
+        ])
+        .args(["--anchors", "/nonexistent/anchors", "--out"])
+        .arg(&out)
+        .output()
+        .expect("run sluice bench --list");
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stderr}");
+    let skip = stderr
+        .lines()
+        .find(|l| l.starts_with("bench: skip startup/firecracker:"))
+        .unwrap_or_else(|| panic!("no skip line: {stderr}"));
+    assert!(skip.contains("/nonexistent/anchors"), "{skip}");
+    assert!(
+        skip.contains("--anchors") && skip.contains("SLUICE_ANCHORS"),
+        "{skip}"
+    );
+    assert!(!stdout.contains("firecracker"), "nothing planned: {stdout}");
+}
+
 #[test]
 fn schema_check_rejects_a_sample_of_an_unknown_competitor() {
     let json = serde_json::json!({

@@ -377,21 +377,40 @@ impl Worker {
     }
 
     /// Interrupt / Batch: drain with driver notifications off, re-enable, recheck.
+    ///
+    /// `enable_notification` reports chains still available, which includes chains the handler
+    /// chose to leave (an RX queue keeps posted buffers until the tap has frames). Only chains
+    /// published after the pass began are new work; looping on the others would spin the
+    /// thread at 100% until a frame arrives.
     fn drain_ring(&mut self) {
         // A driver that keeps the ring full must not keep the worker from stopping.
         while !self.stop_flag.load(Ordering::Acquire) {
             if let Err(e) = self.queue.disable_notification(&self.mem) {
                 return self.fail(&format!("cannot suppress notifications: {e}"));
             }
+            let offered = match self.avail_idx() {
+                Ok(idx) => idx,
+                Err(e) => return self.fail(&format!("cannot read the avail index: {e}")),
+            };
             if !self.process_pass() {
                 return;
             }
             match self.queue.enable_notification(&self.mem) {
-                Ok(true) => continue,
-                Ok(false) => return,
+                Ok(true) if self.published_since(offered) => continue,
+                Ok(_) => return,
                 Err(e) => return self.fail(&format!("cannot re-enable notifications: {e}")),
             }
         }
+    }
+
+    fn avail_idx(&self) -> Result<Wrapping<u16>, virtio_queue::Error> {
+        self.queue.avail_idx(&self.mem, Ordering::Acquire)
+    }
+
+    /// True when the driver published chains after the avail index read `offered` (or the
+    /// index cannot be read: the next pass reports that).
+    fn published_since(&self, offered: Wrapping<u16>) -> bool {
+        !self.avail_idx().is_ok_and(|now| now == offered)
     }
 
     /// Poll: spin on the avail index until `budget` passes with no new request.
@@ -401,21 +420,31 @@ impl Worker {
             return Flow::Continue;
         }
         let mut idle_since = Instant::now();
+        // The avail index at which the handler last left every chain in the ring.
+        let mut declined: Option<Wrapping<u16>> = None;
         let mut spins: u32 = 0;
         let mut events = [EpollEvent::default(); EVENTS_PER_WAIT];
         loop {
             if self.stop_flag.load(Ordering::Acquire) {
                 return Flow::Stop;
             }
-            match self.has_available() {
-                Ok(true) => {
+            match self.has_new_work(declined) {
+                Ok(Some(offered)) => {
+                    let taken_before = self.queue.next_avail();
                     if !self.process_pass() {
                         return Flow::Continue;
                     }
-                    idle_since = Instant::now();
-                    continue;
+                    if self.queue.next_avail() == taken_before {
+                        // The handler left the chains (RX waiting for frames): not new work
+                        // until the driver publishes more.
+                        declined = Some(offered);
+                    } else {
+                        declined = None;
+                        idle_since = Instant::now();
+                        continue;
+                    }
                 }
-                Ok(false) => {}
+                Ok(None) => {}
                 Err(e) => {
                     self.fail(&format!("cannot read the avail index: {e}"));
                     return Flow::Continue;
@@ -424,6 +453,9 @@ impl Worker {
             if idle_since.elapsed() >= budget {
                 match self.queue.enable_notification(&self.mem) {
                     Ok(false) => return Flow::Continue,
+                    Ok(true) if matches!(self.has_new_work(declined), Ok(None)) => {
+                        return Flow::Continue
+                    }
                     Ok(true) => {
                         // A request slipped in while re-enabling: keep polling.
                         if let Err(e) = self.queue.disable_notification(&self.mem) {
@@ -452,9 +484,15 @@ impl Worker {
         }
     }
 
-    fn has_available(&self) -> Result<bool, virtio_queue::Error> {
-        let avail = self.queue.avail_idx(&self.mem, Ordering::Acquire)?;
-        Ok(avail != Wrapping(self.queue.next_avail()))
+    /// The avail index when the ring holds chains not yet taken, unless the handler already
+    /// declined them at that same index.
+    fn has_new_work(
+        &self,
+        declined: Option<Wrapping<u16>>,
+    ) -> Result<Option<Wrapping<u16>>, virtio_queue::Error> {
+        let avail = self.avail_idx()?;
+        let pending = avail != Wrapping(self.queue.next_avail());
+        Ok((pending && declined != Some(avail)).then_some(avail))
     }
 
     /// Applies the notify policy after a pass that may have added used entries.

@@ -79,6 +79,19 @@ impl QueueHandler for AsyncHandler {
     }
 }
 
+/// Leaves every chain in the ring, as an RX queue does while the tap has no frames; counts
+/// how often it was asked.
+struct DecliningHandler {
+    calls: Arc<AtomicU32>,
+}
+
+impl QueueHandler for DecliningHandler {
+    fn process(&mut self, _ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(false)
+    }
+}
+
 #[derive(Default)]
 struct RecordingInterrupt {
     queues: Mutex<Vec<u16>>,
@@ -270,6 +283,53 @@ fn without_event_idx_every_pass_interrupts() {
 
     assert_eq!(load(&h.queue_metrics().interrupts), 3);
     assert_eq!(load(&h.queue_metrics().notifications_suppressed), 0);
+}
+
+/// Runs a worker whose handler declines chains; returns its process calls after one kicked
+/// chain, and after a second one.
+fn declined_chain_calls(policy: NotifyPolicy) -> (u32, u32) {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let calls = Arc::new(AtomicU32::new(0));
+    let queue = h.driver.create_queue::<Queue>().unwrap();
+    let handler = Box::new(DecliningHandler {
+        calls: calls.clone(),
+    });
+    let worker = h.spawn_with(queue, policy, handler, true);
+
+    h.submit(true);
+    wait_until("the kick", || load(&h.queue_metrics().kicks) == 1);
+    // Time a spinning worker would use for thousands of passes.
+    thread::sleep(Duration::from_millis(100));
+    let after_first = calls.load(Ordering::SeqCst);
+    h.submit(true);
+    wait_until("the second kick", || load(&h.queue_metrics().kicks) == 2);
+    thread::sleep(Duration::from_millis(100));
+    let after_second = calls.load(Ordering::SeqCst);
+    worker.stop();
+    (after_first, after_second)
+}
+
+#[test]
+fn chains_the_handler_leaves_are_not_retried_until_the_driver_publishes_more() {
+    let (after_first, after_second) = declined_chain_calls(NotifyPolicy::Interrupt);
+
+    // One pass at start (empty ring) and one per kick; a loop on the left chains would be
+    // millions.
+    assert!(after_first <= 2, "{after_first} passes after one kick");
+    assert!(after_second > after_first, "the new chain was offered");
+    assert!(after_second <= 3, "{after_second} passes after two kicks");
+}
+
+#[test]
+fn poll_mode_does_not_retry_chains_the_handler_left() {
+    let budget = Duration::from_millis(20);
+
+    let (after_first, after_second) = declined_chain_calls(NotifyPolicy::Poll { budget });
+
+    assert!(after_first <= 2, "{after_first} passes after one kick");
+    assert!(after_second > after_first, "the new chain was offered");
+    assert!(after_second <= 4, "{after_second} passes after two kicks");
 }
 
 #[test]
