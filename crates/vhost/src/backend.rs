@@ -39,7 +39,7 @@ use std::time::Duration;
 use sluice_dma::DmaSpace;
 use sluice_virtio::{
     DeviceMetrics, NotifyPolicy, QueueBinding, QueueContext, QueueError, QueueHandler,
-    QueueMetrics, QueueWorker, VirtioDevice, VirtioInterrupt,
+    QueueMetrics, QueueWorker, VirtQueue, VirtioDevice, VirtioInterrupt,
 };
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -425,7 +425,7 @@ impl<D: VirtioDevice> Backend<D> {
 
         let binding = QueueBinding {
             index: queue_index,
-            queue,
+            queue: queue.into(),
             kick,
             policy: NotifyPolicy::Interrupt,
         };
@@ -465,7 +465,8 @@ impl<D: VirtioDevice> Backend<D> {
                 }
             }
         }
-        self.vrings[index].base = queue.next_avail();
+        // Only split rings run here: VIRTIO_F_RING_PACKED is never offered over vhost-user.
+        self.vrings[index].base = queue.as_split().map_or(0, |q| q.next_avail());
     }
 
     /// Counters for passes made from this thread (resubmission, draining); the device's
@@ -579,7 +580,8 @@ fn resubmit(
         avail: avail_gpa,
         used: queue.used_ring(),
     };
-    let mut shadow = build_queue(size, shadow_addresses, 0, queue.next_used(), false)?;
+    let shadow = build_queue(size, shadow_addresses, 0, queue.next_used(), false)?;
+    let mut shadow = VirtQueue::from(shadow);
     let mut ctx = QueueContext {
         queue: &mut shadow,
         mem: &dma,
@@ -588,7 +590,9 @@ fn resubmit(
     handler
         .resubmit(&mut ctx)
         .map_err(|e| format!("resubmitting in-flight requests failed: {e}"))?;
-    queue.set_next_used(shadow.next_used());
+    if let Some(shadow) = shadow.as_split() {
+        queue.set_next_used(shadow.next_used());
+    }
     Ok(valid.len())
 }
 

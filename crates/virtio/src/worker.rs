@@ -32,7 +32,6 @@
 //! tied to the vhost-user frontend protocol and has no notion of notification policies.
 
 use std::io;
-use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -40,7 +39,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sluice_dma::DmaSpace;
-use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
@@ -49,6 +47,7 @@ use crate::device::{
     NotifyPolicy, QueueBinding, QueueContext, QueueError, QueueHandler, VirtioInterrupt,
 };
 use crate::metrics::{DeviceMetrics, QueueMetrics};
+use crate::ring::{InitialQueue, VirtQueue};
 
 /// epoll tokens.
 const TOKEN_STOP: u64 = 0;
@@ -64,9 +63,9 @@ const POLL_EPOLL_INTERVAL: u32 = 64;
 pub struct QueueWorker {
     stop_event: EventFd,
     stop_flag: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Queue>>,
+    thread: Option<JoinHandle<VirtQueue>>,
     /// Where the queue started, to hand back something sane if the thread panicked.
-    initial: virtio_queue::QueueState,
+    initial: InitialQueue,
     name: String,
 }
 
@@ -93,7 +92,7 @@ impl QueueWorker {
     ) -> io::Result<QueueWorker> {
         let stop_event = EventFd::new(EFD_NONBLOCK)?;
         let stop_flag = Arc::new(AtomicBool::new(false));
-        let initial = binding.queue.state();
+        let initial = InitialQueue::of(&binding.queue);
         let worker = Worker::new(
             name.clone(),
             binding,
@@ -117,12 +116,12 @@ impl QueueWorker {
     }
 
     /// Stops the thread, waits for it and returns the queue with its current indices.
-    pub fn stop(mut self) -> Queue {
+    pub fn stop(mut self) -> VirtQueue {
         self.stop_and_join()
-            .unwrap_or_else(|| Queue::try_from(self.initial).unwrap_or_default())
+            .unwrap_or_else(|| self.initial.clone().into_queue())
     }
 
-    fn stop_and_join(&mut self) -> Option<Queue> {
+    fn stop_and_join(&mut self) -> Option<VirtQueue> {
         let thread = self.thread.take()?;
         self.stop_flag.store(true, Ordering::Release);
         if let Err(e) = self.stop_event.write(1) {
@@ -163,7 +162,7 @@ struct Batch {
 struct Worker {
     name: String,
     index: u16,
-    queue: Queue,
+    queue: VirtQueue,
     mem: DmaSpace,
     handler: Box<dyn QueueHandler>,
     interrupt: Arc<dyn VirtioInterrupt>,
@@ -238,7 +237,7 @@ impl Worker {
         })
     }
 
-    fn run(mut self) -> Queue {
+    fn run(mut self) -> VirtQueue {
         let mut flow = Flow::Continue;
         if !self.queue.is_valid(&self.mem) {
             self.fail("the ring does not fit guest memory");
@@ -334,7 +333,7 @@ impl Worker {
             self.forget_completion_fd();
             return Flow::Continue;
         }
-        let before = self.queue.next_used();
+        let before = self.queue.used_progress();
         match self.call_handler(true) {
             Ok(added) => self.after_pass(before, added),
             Err(e) => self.fail(&format!("completion failed: {e}")),
@@ -363,7 +362,7 @@ impl Worker {
 
     /// One `process` pass followed by the policy's signalling. False if the queue broke.
     fn process_pass(&mut self) -> bool {
-        let before = self.queue.next_used();
+        let before = self.queue.used_progress();
         match self.call_handler(false) {
             Ok(added) => {
                 self.after_pass(before, added);
@@ -452,14 +451,13 @@ impl Worker {
         }
     }
 
-    fn has_available(&self) -> Result<bool, virtio_queue::Error> {
-        let avail = self.queue.avail_idx(&self.mem, Ordering::Acquire)?;
-        Ok(avail != Wrapping(self.queue.next_avail()))
+    fn has_available(&self) -> Result<bool, QueueError> {
+        self.queue.has_available(&self.mem)
     }
 
     /// Applies the notify policy after a pass that may have added used entries.
     fn after_pass(&mut self, used_before: u16, handler_added: bool) {
-        let delta = self.queue.next_used().wrapping_sub(used_before);
+        let delta = self.queue.used_progress().wrapping_sub(used_before);
         let added = if delta == 0 && handler_added {
             1
         } else {

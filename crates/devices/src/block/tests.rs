@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use sluice_dma::DmaSpace;
+use sluice_virtio::VirtQueue;
 use sluice_virtio::{QueueContext, QueueHandler, QueueMetrics, VirtioDevice};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
@@ -93,7 +94,7 @@ struct Driver<'a> {
     mem: &'a GuestMemoryMmap,
     mock: MockSplitQueue<'a, GuestMemoryMmap>,
     space: DmaSpace,
-    queue: Queue,
+    queue: VirtQueue,
     metrics: QueueMetrics,
     next_desc: u16,
     chains: u16,
@@ -103,7 +104,7 @@ struct Driver<'a> {
 impl<'a> Driver<'a> {
     fn new(mem: &'a GuestMemoryMmap) -> Self {
         let mock = MockSplitQueue::create(mem, GuestAddress(0), QUEUE_SIZE);
-        let queue = mock.create_queue::<Queue>().unwrap();
+        let queue = VirtQueue::from(mock.create_queue::<Queue>().unwrap());
         Driver {
             mem,
             mock,
@@ -1087,7 +1088,7 @@ fn activated_device_serves_kicks_through_a_queue_worker_until_reset() {
     let interrupt = std::sync::Arc::new(RecordingInterrupt::default());
     let binding = sluice_virtio::QueueBinding {
         index: 0,
-        queue: driver.mock.create_queue::<Queue>().unwrap(),
+        queue: driver.mock.create_queue::<Queue>().unwrap().into(),
         kick: kick.try_clone().unwrap(),
         policy: sluice_virtio::NotifyPolicy::Interrupt,
     };
@@ -1130,7 +1131,7 @@ fn activate_refuses_more_queues_than_offered() {
     let driver = Driver::new(&mem);
     let binding = |index| sluice_virtio::QueueBinding {
         index,
-        queue: driver.mock.create_queue::<Queue>().unwrap(),
+        queue: driver.mock.create_queue::<Queue>().unwrap().into(),
         kick: vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
         policy: sluice_virtio::NotifyPolicy::Interrupt,
     };

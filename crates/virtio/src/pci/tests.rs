@@ -119,13 +119,14 @@ impl crate::ExternalQueues for FakeDevice {
         }
         let seen = queues
             .iter()
-            .map(|b| ActivatedQueue {
+            .map(|b| (b, b.queue.as_split().expect("split ring")))
+            .map(|(b, q)| ActivatedQueue {
                 index: b.index,
-                size: b.queue.size(),
-                desc: b.queue.desc_table(),
-                avail: b.queue.avail_ring(),
-                used: b.queue.used_ring(),
-                event_idx: b.queue.event_idx_enabled(),
+                size: q.size(),
+                desc: q.desc_table(),
+                avail: q.avail_ring(),
+                used: q.used_ring(),
+                event_idx: q.event_idx_enabled(),
                 policy: b.policy,
             })
             .collect();

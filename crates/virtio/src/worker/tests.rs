@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::thread;
 
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
@@ -30,9 +30,11 @@ pub(crate) struct EchoHandler;
 
 impl QueueHandler for EchoHandler {
     fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
-        let chains: Vec<_> = ctx.queue.iter(ctx.mem)?.collect();
+        let chains = ctx.queue.pop_all(ctx.mem)?;
         for chain in &chains {
-            let len = chain.clone().fold(0u32, |n, d| n.saturating_add(d.len()));
+            let len = chain
+                .descriptors()
+                .fold(0u32, |n, d| n.saturating_add(d.len()));
             ctx.queue.add_used(ctx.mem, chain.head_index(), len)?;
             QueueMetrics::add(&ctx.metrics.requests, 1);
         }
@@ -60,7 +62,12 @@ struct AsyncHandler {
 
 impl QueueHandler for AsyncHandler {
     fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
-        let heads: Vec<u16> = ctx.queue.iter(ctx.mem)?.map(|c| c.head_index()).collect();
+        let heads: Vec<u16> = ctx
+            .queue
+            .pop_all(ctx.mem)?
+            .iter()
+            .map(|c| c.head_index())
+            .collect();
         self.in_flight.extend(heads);
         Ok(false)
     }
@@ -142,14 +149,14 @@ impl<'a> Harness<'a> {
 
     fn spawn_with(
         &self,
-        queue: Queue,
+        queue: impl Into<VirtQueue>,
         policy: NotifyPolicy,
         handler: Box<dyn QueueHandler>,
         event_idx: bool,
     ) -> QueueWorker {
         let binding = QueueBinding {
             index: 1,
-            queue,
+            queue: queue.into(),
             kick: self.kick.try_clone().unwrap(),
             policy,
         };
@@ -215,7 +222,7 @@ fn kick_processes_chains_and_interrupts() {
     h.kick.write(1).unwrap();
     wait_until("three used entries", || h.used_idx() == 3);
     wait_until("an interrupt", || load(&h.queue_metrics().interrupts) >= 1);
-    let queue = worker.stop();
+    let queue = worker.stop().into_split().unwrap();
 
     for i in 0..3 {
         let elem = h.driver.used().ring().ref_at(i).unwrap().load();
@@ -408,7 +415,7 @@ fn ring_outside_memory_needs_reset_without_touching_it() {
     wait_until("the first kick", || load(&h.queue_metrics().kicks) == 1);
     h.submit(true);
     wait_until("the second kick", || load(&h.queue_metrics().kicks) == 2);
-    let queue = worker.stop();
+    let queue = worker.stop().into_split().unwrap();
 
     assert_eq!(
         h.interrupt.resets.load(Ordering::SeqCst),
@@ -453,12 +460,12 @@ fn stop_hands_back_the_queue_for_a_restart() {
     let worker = h.spawn(NotifyPolicy::Interrupt, false);
     h.submit(true);
     wait_until("the first request", || h.used_idx() == 1);
-    let queue = worker.stop();
+    let queue = worker.stop().into_split().unwrap();
 
     let restarted = h.spawn_with(queue, NotifyPolicy::Interrupt, Box::new(EchoHandler), false);
     h.submit(true);
     wait_until("the request after restart", || h.used_idx() == 2);
-    let queue = restarted.stop();
+    let queue = restarted.stop().into_split().unwrap();
 
     assert_eq!(queue.next_used(), 2);
     assert_eq!(load(&h.queue_metrics().requests), 2);
@@ -510,7 +517,7 @@ impl Harness<'_> {
     fn spawn_with_kick(&self, kick: EventFd) -> QueueWorker {
         let binding = QueueBinding {
             index: 1,
-            queue: self.driver.create_queue::<Queue>().unwrap(),
+            queue: self.driver.create_queue::<Queue>().unwrap().into(),
             kick,
             policy: NotifyPolicy::Interrupt,
         };
