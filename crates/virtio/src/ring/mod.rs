@@ -11,6 +11,8 @@
 //!   built from anything but its own split chains).
 
 mod cursor;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod mock;
 pub mod packed;
 
 use std::io;
@@ -348,6 +350,3 @@ impl io::Write for ChainWriter<'_> {
         Ok(())
     }
 }
-
-#[cfg(test)]
-mod tests;

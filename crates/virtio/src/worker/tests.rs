@@ -594,3 +594,90 @@ fn a_kick_fd_with_less_than_a_counter_to_read_does_not_block_the_worker() {
     assert_eq!(h.interrupt.resets.load(Ordering::SeqCst), 0);
     drop(write_end);
 }
+
+// Packed rings: the same worker, the layout behind `VirtQueue`.
+
+mod packed {
+    use super::*;
+    use crate::ring::mock::{PackedDriver, F_NEXT};
+
+    const PACKED_RING: u64 = 0x4_0000;
+    const PACKED_DATA: u64 = 0x8_0000;
+
+    fn spawn_packed(h: &Harness<'_>, driver: &PackedDriver<'_>, event_idx: bool) -> QueueWorker {
+        h.spawn_with(
+            driver.queue(),
+            NotifyPolicy::Interrupt,
+            Box::new(EchoHandler),
+            event_idx,
+        )
+    }
+
+    #[test]
+    fn kick_processes_packed_chains_and_interrupts() {
+        let mem = memory();
+        let h = Harness::new(&mem);
+        let mut driver = PackedDriver::new(&mem, PACKED_RING, 8);
+        let worker = spawn_packed(&h, &driver, true);
+
+        for id in 0..3u16 {
+            let addr = PACKED_DATA + u64::from(id) * 0x1000;
+            driver.add_chain(id, &[(addr, 16, false), (addr + 0x100, 48, true)]);
+        }
+        h.kick.write(1).unwrap();
+        let mut used = Vec::new();
+        wait_until("three used buffers", || {
+            used.extend(driver.used());
+            used.len() == 3
+        });
+        wait_until("an interrupt", || load(&h.queue_metrics().interrupts) >= 1);
+        let queue = worker.stop();
+
+        assert_eq!(used, [(0, 64), (1, 64), (2, 64)]);
+        assert!(queue.is_packed());
+        assert_eq!(queue.used_progress(), 3);
+        assert_eq!(load(&h.queue_metrics().requests), 3);
+        assert!(h.interrupt.queue_interrupts().iter().all(|&q| q == 1));
+        // Kicks re-enabled before sleeping, at the next avail position (6, first lap).
+        assert_eq!(driver.device_event(), (6 | 1 << 15, 2));
+    }
+
+    #[test]
+    fn driver_disabled_interrupts_are_counted_as_suppressed() {
+        let mem = memory();
+        let h = Harness::new(&mem);
+        let mut driver = PackedDriver::new(&mem, PACKED_RING, 8);
+        driver.set_driver_event(0, 1);
+        let worker = spawn_packed(&h, &driver, false);
+
+        driver.add_chain(0, &[(PACKED_DATA, 8, true)]);
+        h.kick.write(1).unwrap();
+        wait_until("the used buffer", || driver.used().is_some());
+        wait_until("the suppressed signal", || h.signals() == 1);
+        worker.stop();
+
+        assert_eq!(load(&h.queue_metrics().interrupts), 0);
+        assert_eq!(load(&h.queue_metrics().notifications_suppressed), 1);
+    }
+
+    #[test]
+    fn hostile_packed_ring_needs_reset_once() {
+        let mem = memory();
+        let h = Harness::new(&mem);
+        let driver = PackedDriver::new(&mem, PACKED_RING, 4);
+        for index in 0..4 {
+            driver.write_descriptor(index, PACKED_DATA, 8, 0, driver.available(F_NEXT));
+        }
+        let worker = spawn_packed(&h, &driver, true);
+
+        wait_until("needs_reset", || {
+            h.interrupt.resets.load(Ordering::SeqCst) == 1
+        });
+        h.kick.write(1).unwrap();
+        wait_until("the kick", || load(&h.queue_metrics().kicks) == 1);
+        worker.stop();
+
+        assert_eq!(h.interrupt.resets.load(Ordering::SeqCst), 1);
+        assert_eq!(load(&h.queue_metrics().requests), 0);
+    }
+}
