@@ -1488,3 +1488,82 @@ fn qemu_io_and_qemu_img_respect_sluice_locks() {
     assert_eq!(file_bytes(img.as_path(), 0, 512), vec![0x33; 512]);
     assert_eq!(img.as_file().metadata().unwrap().len(), IMAGE_SIZE * 2);
 }
+
+// The same handler over a packed ring.
+
+#[test]
+fn packed_ring_write_then_read_back_on_every_engine() {
+    use sluice_virtio::ring::mock::PackedDriver;
+    for engine in engines() {
+        let img = image(IMAGE_SIZE);
+        let block = open(img.as_path(), engine, false);
+        let mut handler = block.queue_handler(QUEUE_SIZE);
+        let mem = ram();
+        let dma = sluice_dma::identity(mem.clone());
+        let mut helper = Driver::new(&mem);
+        let mut driver = PackedDriver::new(&dma, 0x8000, 6);
+        let mut queue = VirtQueue::from(driver.queue());
+        let metrics = QueueMetrics::default();
+        let data = pattern(8192, 9);
+        let header = helper.header(VIRTIO_BLK_T_OUT, 16);
+        let pieces = [helper.alloc(4096), helper.alloc(4096)];
+        mem.write_slice(&data, GuestAddress(pieces[0])).unwrap();
+        let write_status = helper.status();
+        let read_header = helper.header(VIRTIO_BLK_T_IN, 16);
+        let back = helper.alloc(8192);
+        let read_status = helper.status();
+        // The write as a chain of ring descriptors, the read through an indirect table.
+        driver.add_chain(
+            4,
+            &[
+                (header, 16, false),
+                (pieces[0], 4096, false),
+                (pieces[1], 4096, false),
+                (write_status, 1, true),
+            ],
+        );
+
+        let mut used = Vec::new();
+        let serve = |handler: &mut BlockQueueHandler,
+                         queue: &mut VirtQueue,
+                         driver: &mut PackedDriver<'_>,
+                         used: &mut Vec<(u16, u32)>,
+                         want: usize| {
+            let mut ctx = QueueContext {
+                queue,
+                mem: &dma,
+                metrics: &metrics,
+            };
+            handler.process(&mut ctx).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                used.extend(driver.used());
+                if used.len() == want {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "requests did not complete");
+                if let Some(fd) = handler.completion_fd() {
+                    wait_readable(fd);
+                    handler.complete(&mut ctx).unwrap();
+                }
+            }
+        };
+        serve(&mut handler, &mut queue, &mut driver, &mut used, 1);
+        driver.add_indirect(
+            0,
+            0x9000,
+            &[
+                (read_header, 16, false),
+                (back, 8192, true),
+                (read_status, 1, true),
+            ],
+        );
+        serve(&mut handler, &mut queue, &mut driver, &mut used, 2);
+
+        assert_eq!(used, [(4, 1), (0, 8193)], "{engine:?}");
+        assert_eq!(helper.status_at(write_status), S_OK);
+        assert_eq!(helper.status_at(read_status), S_OK);
+        assert_eq!(helper.read_bytes(back, 8192), data, "{engine:?}");
+        assert_eq!(file_bytes(img.as_path(), 16 * 512, 8192), data);
+    }
+}
