@@ -11,6 +11,7 @@
 //!   built from anything but its own split chains).
 
 mod cursor;
+pub mod fuzz;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
 pub mod packed;
