@@ -1525,10 +1525,10 @@ fn packed_ring_write_then_read_back_on_every_engine() {
 
         let mut used = Vec::new();
         let serve = |handler: &mut BlockQueueHandler,
-                         queue: &mut VirtQueue,
-                         driver: &mut PackedDriver<'_>,
-                         used: &mut Vec<(u16, u32)>,
-                         want: usize| {
+                     queue: &mut VirtQueue,
+                     driver: &mut PackedDriver<'_>,
+                     used: &mut Vec<(u16, u32)>,
+                     want: usize| {
             let mut ctx = QueueContext {
                 queue,
                 mem: &dma,

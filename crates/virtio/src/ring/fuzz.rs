@@ -126,9 +126,9 @@ fn touch(mem: &sluice_dma::DmaSpace, chain: Chain<'_>, size: u16) -> u32 {
         let mut scratch = vec![0u8; READ_LIMIT];
         let _ = reader.read(&mut scratch);
     }
-    chain
-        .writer(mem)
-        .map_or(0, |w| u32::try_from(w.available_bytes().min(READ_LIMIT)).unwrap_or(0))
+    chain.writer(mem).map_or(0, |w| {
+        u32::try_from(w.available_bytes().min(READ_LIMIT)).unwrap_or(0)
+    })
 }
 
 fn snapshot(ram: &GuestMemoryMmap) -> Vec<u8> {
