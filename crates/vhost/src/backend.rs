@@ -9,6 +9,13 @@
 //! VHOST_USER_F_PROTOCOL_FEATURES is negotiated). GET_VRING_BASE stops the worker, lets the
 //! model finish what it popped (bounded wait), and answers with the next avail index.
 //!
+//! Rings are split rings only: VIRTIO_F_RING_PACKED is never offered here (the device models'
+//! features do not carry it; sluice's virtio-pci transport adds it itself). The workers could
+//! run packed rings (`sluice_virtio::VirtQueue`), but serving them needs the packed forms of
+//! SET/GET_VRING_BASE (avail and used positions with their wrap counters in bit 15) and of
+//! the INFLIGHT_SHMFD area (per-descriptor state, `old_used_idx` / wrap counters), and crash
+//! recovery ([`Tracked`], `crate::inflight`) over them — not built yet.
+//!
 //! Any message that is malformed, out of range or out of order (ring messages before
 //! SET_OWNER, bad sizes or addresses, regions that overlap or are not backed by their file)
 //! fails with an error; the server then drops the connection.
