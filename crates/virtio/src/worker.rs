@@ -26,7 +26,7 @@
 //! A handler error, an error from the ring itself, a dead kick fd, or a ring that does not fit
 //! the DMA space marks the device DEVICE_NEEDS_RESET through [`VirtioInterrupt::needs_reset`]
 //! (once); the thread then ignores the queue until [`QueueWorker::stop`], which hands the
-//! [`Queue`] back so its indices can be reported (reset, vhost-user GET_VRING_BASE).
+//! [`VirtQueue`] back so its indices can be reported (reset, vhost-user GET_VRING_BASE).
 //!
 //! Written here rather than taken from `vhost-user-backend`'s epoll handler because that one is
 //! tied to the vhost-user frontend protocol and has no notion of notification policies.
