@@ -23,6 +23,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("blk_request", "sluice-devices"),
     ("net_header", "sluice-devices"),
     ("virtio_pci_registers", "sluice-virtio"),
+    ("packed_ring", "sluice-virtio"),
     ("vhost_user_messages", "sluice-vhost"),
     ("vhost_user_fds", "sluice-vhost"),
     ("vhost_user_backend_replies", "sluice-devices"),

@@ -273,8 +273,43 @@ def backend_seeds():
     yield "stall_at_reset", bytes([0]) + bytes(HANDSHAKE + SETUP) + bytes([SILENT, HEALTHY])
 
 
+# --- packed_ring: [size - 1, mode, guest memory (ring at 0x0, driver event at 0x2000)] -------
+P_AVAIL, P_USED = 1 << 7, 1 << 15
+
+
+def packed_desc(addr, length, buffer_id, flags):
+    return struct.pack("<QIHH", addr, length, buffer_id, flags)
+
+
+def packed_input(size, mode, ring, fills=(), driver_event=None):
+    image = bytearray(0x5000)
+    image[: len(ring)] = ring
+    if driver_event is not None:
+        struct.pack_into("<HH", image, 0x2000, *driver_event)
+    for at, data in fills:
+        image[at : at + len(data)] = data
+    return bytes([size - 1, mode]) + bytes(image)
+
+
+def packed_seeds():
+    yield "read_then_write", packed_input(8, 0, packed_desc(0x3000, 16, 0, P_AVAIL | NEXT)
+                                          + packed_desc(0x3100, 64, 0, P_AVAIL | WRITE),
+                                          [(0x3000, b"sixteen bytes..!")])
+    table = (packed_desc(0x3000, 16, 0, 0) + packed_desc(0x3100, 512, 0, WRITE)
+             + packed_desc(0x3400, 1, 0, WRITE))
+    yield "indirect_event_idx", packed_input(4, 1, packed_desc(0x4000, 48, 2, P_AVAIL | INDIRECT),
+                                             [(0x4000, table)])
+    ring = b"".join(packed_desc(0x3000 + 0x100 * i, 32, i // 2, P_AVAIL | (NEXT if i % 2 == 0 else WRITE))
+                    for i in range(8))
+    yield "full_ring_batched_event_desc", packed_input(8, 3, ring, driver_event=(P_USED | 3, 2))
+    yield "chain_round_the_ring", packed_input(
+        4, 0, b"".join(packed_desc(0x3000, 8, 0, P_AVAIL | NEXT) for _ in range(4)))
+    yield "same_id_twice", packed_input(4, 2, packed_desc(0x3000, 8, 1, P_AVAIL | WRITE) * 2)
+
+
 def main():
     for target, seeds in (("blk_request", blk_seeds()), ("net_header", net_seeds()),
+                          ("packed_ring", packed_seeds()),
                           ("virtio_pci_registers", pci_seeds()), ("vhost_user_fds", fds_seeds()),
                           ("vhost_user_backend_replies", backend_seeds())):
         directory = ROOT / target

@@ -86,6 +86,7 @@ pub(crate) fn install(mode: SeccompMode) -> Result<(), Error> {
         SeccompMode::Log => SeccompAction::Log,
         SeccompMode::On => SeccompAction::Trap,
     };
+    fix_malloc_arena_limit();
     let mut filters = HashMap::new();
     for kind in KINDS {
         filters.insert(kind, compile(kind, mismatch.clone())?);
@@ -96,6 +97,23 @@ pub(crate) fn install(mode: SeccompMode) -> Result<(), Error> {
     probe(&filters[&ThreadKind::QueueWorker])?;
     let _ = FILTERS.set(filters);
     Ok(())
+}
+
+/// glibc computes its malloc arena limit lazily: the first time a process holds more than 8
+/// arenas (one per thread that allocates while the others hold theirs: a VM with 2 vCPUs, a
+/// 2-queue disk, a net device and an rng gets there), the thread that needs one more calls
+/// get_nprocs(), which opens /sys/devices/system/cpu/online — in a filtered thread, a forbidden
+/// openat that ended sluice. Fixing the limit here, before any thread starts, to glibc's own
+/// default (8 per CPU) means that file is never read.
+fn fix_malloc_arena_limit() {
+    #[cfg(target_env = "gnu")]
+    {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let arenas = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt only sets an allocator parameter, from the main thread before any
+        // filtered thread exists; it takes no pointers.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
+    }
 }
 
 /// Applies the narrowest filter on a throwaway thread, so that a kernel without seccomp is a

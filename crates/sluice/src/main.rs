@@ -14,7 +14,7 @@ use std::io::Write;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sluice_sandbox::{Role, SeccompMode};
-use sluice_vmm::config::{DiskSpec, NetSpec};
+use sluice_vmm::config::{DiskSpec, NetSpec, RngSpec};
 use sluice_vmm::machine::{self, SerialTarget, VmConfig, VmReport};
 use sluice_vmm::vcpu::VmOutcome;
 
@@ -79,18 +79,20 @@ struct RunArgs {
     #[arg(long, hide = true)]
     test_device: bool,
     /// A virtio-blk disk (repeatable): `path=FILE[,readonly=on][,direct=on][,queues=N]
-    /// [,queue_size=N][,serial=S][,notify=irq|poll[:us]|batch[:n[:us]]][,block_size=N]`
-    /// (poll and batch delays at most 10000 us; block_size defaults to the host's), or served
+    /// [,queue_size=N][,serial=S][,notify=irq|poll[:us]|batch[:n[:us]]][,block_size=N]
+    /// [,packed=on]` (poll and batch delays at most 10000 us; block_size defaults to the host's;
+    /// packed=on offers packed virtqueues, VIRTIO_F_RING_PACKED, default off), or served
     /// by a vhost-user backend: `vhost_user=on,socket=PATH[,queues=N][,queue_size=N]`.
     #[arg(long, value_parser = DiskSpec::parse)]
     disk: Vec<DiskSpec>,
     /// A virtio-net device on a tap (repeatable; created if missing, needs CAP_NET_ADMIN):
-    /// `tap=NAME[,mac=52:54:00:..][,queues=N][,notify=..]`.
+    /// `tap=NAME[,mac=52:54:00:..][,queues=N][,notify=..][,packed=on]`.
     #[arg(long, value_parser = NetSpec::parse)]
     net: Vec<NetSpec>,
-    /// A virtio-rng device fed by getrandom(2).
-    #[arg(long)]
-    rng: bool,
+    /// A virtio-rng device fed by getrandom(2): `--rng`, or `--rng=packed=on`.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "",
+          value_parser = RngSpec::parse)]
+    rng: Option<RngSpec>,
     /// Write exit counts and per-queue device metrics here when the VM stops: JSON, or
     /// Prometheus text if the name ends in `.prom`.
     #[arg(long)]

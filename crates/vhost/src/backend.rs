@@ -9,6 +9,13 @@
 //! VHOST_USER_F_PROTOCOL_FEATURES is negotiated). GET_VRING_BASE stops the worker, lets the
 //! model finish what it popped (bounded wait), and answers with the next avail index.
 //!
+//! Rings are split rings only: VIRTIO_F_RING_PACKED is never offered here (the device models'
+//! features do not carry it; sluice's virtio-pci transport adds it itself). The workers could
+//! run packed rings (`sluice_virtio::VirtQueue`), but serving them needs the packed forms of
+//! SET/GET_VRING_BASE (avail and used positions with their wrap counters in bit 15) and of
+//! the INFLIGHT_SHMFD area (per-descriptor state, `old_used_idx` / wrap counters), and crash
+//! recovery ([`Tracked`], `crate::inflight`) over them — not built yet.
+//!
 //! Any message that is malformed, out of range or out of order (ring messages before
 //! SET_OWNER, bad sizes or addresses, regions that overlap or are not backed by their file)
 //! fails with an error; the server then drops the connection.
@@ -39,7 +46,7 @@ use std::time::Duration;
 use sluice_dma::DmaSpace;
 use sluice_virtio::{
     DeviceMetrics, NotifyPolicy, QueueBinding, QueueContext, QueueError, QueueHandler,
-    QueueMetrics, QueueWorker, VirtioDevice, VirtioInterrupt,
+    QueueMetrics, QueueWorker, VirtQueue, VirtioDevice, VirtioInterrupt,
 };
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -425,7 +432,7 @@ impl<D: VirtioDevice> Backend<D> {
 
         let binding = QueueBinding {
             index: queue_index,
-            queue,
+            queue: queue.into(),
             kick,
             policy: NotifyPolicy::Interrupt,
         };
@@ -465,7 +472,8 @@ impl<D: VirtioDevice> Backend<D> {
                 }
             }
         }
-        self.vrings[index].base = queue.next_avail();
+        // Only split rings run here: VIRTIO_F_RING_PACKED is never offered over vhost-user.
+        self.vrings[index].base = queue.as_split().map_or(0, |q| q.next_avail());
     }
 
     /// Counters for passes made from this thread (resubmission, draining); the device's
@@ -579,7 +587,8 @@ fn resubmit(
         avail: avail_gpa,
         used: queue.used_ring(),
     };
-    let mut shadow = build_queue(size, shadow_addresses, 0, queue.next_used(), false)?;
+    let shadow = build_queue(size, shadow_addresses, 0, queue.next_used(), false)?;
+    let mut shadow = VirtQueue::from(shadow);
     let mut ctx = QueueContext {
         queue: &mut shadow,
         mem: &dma,
@@ -588,7 +597,9 @@ fn resubmit(
     handler
         .resubmit(&mut ctx)
         .map_err(|e| format!("resubmitting in-flight requests failed: {e}"))?;
-    queue.set_next_used(shadow.next_used());
+    if let Some(shadow) = shadow.as_split() {
+        queue.set_next_used(shadow.next_used());
+    }
     Ok(valid.len())
 }
 

@@ -53,13 +53,12 @@ use std::time::Duration;
 
 use sluice_dma::DmaSpace;
 use sluice_virtio::{
-    ActivateError, DeviceMetrics, QueueContext, QueueError, QueueHandler, VirtioDevice,
+    ActivateError, Chain, DeviceMetrics, QueueContext, QueueError, QueueHandler, VirtioDevice,
 };
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserInflight, VhostUserMemoryRegion, VhostUserSingleMemoryRegion,
     VhostUserVringAddr, VhostUserVringState,
 };
-use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -156,11 +155,11 @@ impl QueueHandler for TouchEverything {
     fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
         let mut used = false;
         loop {
-            let Some(chain) = ctx.queue.iter(ctx.mem)?.next() else {
+            let Some(chain) = ctx.queue.pop(ctx.mem)? else {
                 return Ok(used);
             };
             let head = chain.head_index();
-            let written = touch_chain(ctx.mem, chain);
+            let written = touch_chain(ctx.mem, &chain);
             ctx.queue.add_used(ctx.mem, head, written)?;
             CHAINS_SERVED.fetch_add(1, Ordering::Relaxed);
             used = true;
@@ -169,9 +168,9 @@ impl QueueHandler for TouchEverything {
 }
 
 /// Reads the chain's readable bytes and fills its writable ones; returns the bytes written.
-fn touch_chain(mem: &DmaSpace, chain: virtio_queue::DescriptorChain<&DmaSpace>) -> u32 {
+fn touch_chain(mem: &DmaSpace, chain: &Chain<'_>) -> u32 {
     let mut scratch = vec![0u8; MAX_CHAIN_BYTES];
-    if let Ok(mut reader) = chain.clone().reader(mem) {
+    if let Ok(mut reader) = chain.reader(mem) {
         let _ = reader.read(&mut scratch);
     }
     let Ok(mut writer) = chain.writer(mem) else {

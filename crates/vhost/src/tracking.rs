@@ -101,12 +101,15 @@ impl Tracked {
     }
 
     fn premark(&mut self, area: &QueueInflight, ctx: &QueueContext<'_>) -> u16 {
-        let Ok(avail) = ctx.queue.avail_idx(ctx.mem, Ordering::Acquire) else {
+        let Some(queue) = ctx.queue.as_split() else {
             return 0;
         };
-        let next = Wrapping(ctx.queue.next_avail());
+        let Ok(avail) = queue.avail_idx(ctx.mem, Ordering::Acquire) else {
+            return 0;
+        };
+        let next = Wrapping(queue.next_avail());
         let pending = (avail - next).0;
-        if pending > ctx.queue.size() {
+        if pending > queue.size() {
             // A broken avail index: the model will refuse the ring; nothing to mark.
             return 0;
         }
@@ -150,7 +153,9 @@ impl Tracked {
 
     /// Clears the heads of used entries added since the last call.
     fn clear_used(&mut self, ctx: &QueueContext<'_>) {
-        let next_used = Wrapping(ctx.queue.next_used());
+        let Some(next_used) = ctx.queue.as_split().map(|q| Wrapping(q.next_used())) else {
+            return;
+        };
         if let Some(area) = &self.inflight {
             let added = (next_used - self.seen_used).0;
             for step in 0..added.min(ctx.queue.size()) {
@@ -168,13 +173,20 @@ impl Tracked {
 
 impl QueueHandler for Tracked {
     fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
-        let Some(area) = self.inflight.clone() else {
+        // The inflight area describes split rings (the only layout served over vhost-user).
+        let area = self
+            .inflight
+            .clone()
+            .filter(|_| ctx.queue.as_split().is_some());
+        let Some(area) = area else {
             return self.inner.process(ctx);
         };
-        let first = ctx.queue.next_avail();
+        let next_avail =
+            |ctx: &QueueContext<'_>| ctx.queue.as_split().map_or(0, |q| q.next_avail());
+        let first = next_avail(ctx);
         let premarked = self.premark(&area, ctx);
         let result = self.inner.process(ctx);
-        let popped = ctx.queue.next_avail().wrapping_sub(first);
+        let popped = next_avail(ctx).wrapping_sub(first);
         self.settle_pops(&area, ctx, first, premarked, popped);
         self.clear_used(ctx);
         result
@@ -225,8 +237,11 @@ impl QueueHandler for SharedTracked {
 
 /// Chains popped and not yet used.
 fn outstanding(ctx: &QueueContext<'_>) -> u16 {
-    let gap = ctx.queue.next_avail().wrapping_sub(ctx.queue.next_used());
-    if gap > ctx.queue.size() {
+    let Some(queue) = ctx.queue.as_split() else {
+        return 0;
+    };
+    let gap = queue.next_avail().wrapping_sub(queue.next_used());
+    if gap > queue.size() {
         0 // The indices do not describe popped requests (a frontend's odd base).
     } else {
         gap
@@ -235,9 +250,9 @@ fn outstanding(ctx: &QueueContext<'_>) -> u16 {
 
 /// The head in avail ring entry `position` (free-running).
 fn avail_head(ctx: &QueueContext<'_>, position: u16) -> Option<u16> {
-    let slot = u64::from(position % ctx.queue.size().max(1));
-    let addr = ctx
-        .queue
+    let queue = ctx.queue.as_split()?;
+    let slot = u64::from(position % queue.size().max(1));
+    let addr = queue
         .avail_ring()
         .checked_add(RING_HEADER_BYTES + slot * AVAIL_ELEM_BYTES)?;
     read_le_u16(ctx.mem, addr)
@@ -245,7 +260,8 @@ fn avail_head(ctx: &QueueContext<'_>, position: u16) -> Option<u16> {
 
 /// The head in used ring entry `position` (free-running).
 fn used_head(ctx: &QueueContext<'_>, position: u16) -> Option<u16> {
-    used_id(ctx.mem, ctx.queue.used_ring(), ctx.queue.size(), position)
+    let queue = ctx.queue.as_split()?;
+    used_id(ctx.mem, queue.used_ring(), queue.size(), position)
         .and_then(|id| u16::try_from(id).ok())
 }
 

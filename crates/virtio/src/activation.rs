@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use sluice_dma::DmaSpace;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::QueueT;
 
 use crate::device::{ActivateError, QueueBinding, VirtioDevice, VirtioInterrupt};
 use crate::worker::QueueWorker;

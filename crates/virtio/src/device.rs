@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_dma::DmaSpace;
-use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::metrics::{DeviceMetrics, QueueMetrics};
+use crate::ring::{PackedError, VirtQueue};
 
 /// Device type ids (virtio 1.2 §5); the PCI device id is 0x1040 + type.
 pub const DEVICE_TYPE_NET: u32 = 1;
@@ -139,7 +139,8 @@ pub enum ActivateError {
 /// One enabled queue handed to the device at activation.
 pub struct QueueBinding {
     pub index: u16,
-    pub queue: Queue,
+    /// Split or packed, as the driver negotiated (VIRTIO_F_RING_PACKED).
+    pub queue: VirtQueue,
     /// Readable when the driver notifies this queue: an eventfd in the VMM, in vhost-user the
     /// frontend's kick fd unchanged (which may be any kind of fd; the worker only polls it and
     /// reads at most 8 bytes, and a kick fd that hangs up or fails stops the queue with
@@ -173,7 +174,7 @@ pub trait VirtioInterrupt: Send + Sync {
 
 /// What a handler works on for one pass over its queue.
 pub struct QueueContext<'a> {
-    pub queue: &'a mut Queue,
+    pub queue: &'a mut VirtQueue,
     pub mem: &'a DmaSpace,
     pub metrics: &'a QueueMetrics,
 }
@@ -183,6 +184,8 @@ pub struct QueueContext<'a> {
 pub enum QueueError {
     #[error("virtqueue: {0}")]
     Queue(#[from] virtio_queue::Error),
+    #[error("packed virtqueue: {0}")]
+    Packed(#[from] PackedError),
     #[error("guest memory: {0}")]
     Memory(String),
     #[error("backend: {0}")]

@@ -1,5 +1,5 @@
-//! Transport-independent virtio device framework (over virtio-queue's split rings) and the
-//! virtio-pci modern transport.
+//! Transport-independent virtio device framework (virtio-queue's split rings and sluice's own
+//! packed rings, behind one [`ring::VirtQueue`]) and the virtio-pci modern transport.
 //!
 //! * A device model implements [`VirtioDevice`] (identity, features, config space, reset) and
 //!   builds, per queue, a [`QueueHandler`] that turns available chains into used entries.
@@ -20,6 +20,7 @@ pub mod activation;
 pub mod device;
 pub mod metrics;
 pub mod pci;
+pub mod ring;
 pub mod worker;
 
 pub use activation::ActiveQueues;
@@ -30,4 +31,5 @@ pub use device::{
 };
 pub use metrics::{DeviceMetrics, LatencyHistogram, QueueMetrics};
 pub use pci::{VirtioPciDevice, VirtioPciError, VirtioPciOptions};
+pub use ring::{Chain, ChainReader, ChainWriter, PackedQueue, VirtQueue};
 pub use worker::QueueWorker;

@@ -26,13 +26,12 @@
 //! A handler error, an error from the ring itself, a dead kick fd, or a ring that does not fit
 //! the DMA space marks the device DEVICE_NEEDS_RESET through [`VirtioInterrupt::needs_reset`]
 //! (once); the thread then ignores the queue until [`QueueWorker::stop`], which hands the
-//! [`Queue`] back so its indices can be reported (reset, vhost-user GET_VRING_BASE).
+//! [`VirtQueue`] back so its indices can be reported (reset, vhost-user GET_VRING_BASE).
 //!
 //! Written here rather than taken from `vhost-user-backend`'s epoll handler because that one is
 //! tied to the vhost-user frontend protocol and has no notion of notification policies.
 
 use std::io;
-use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -40,7 +39,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sluice_dma::DmaSpace;
-use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
@@ -49,6 +47,7 @@ use crate::device::{
     NotifyPolicy, QueueBinding, QueueContext, QueueError, QueueHandler, VirtioInterrupt,
 };
 use crate::metrics::{DeviceMetrics, QueueMetrics};
+use crate::ring::{InitialQueue, VirtQueue};
 
 /// epoll tokens.
 const TOKEN_STOP: u64 = 0;
@@ -64,9 +63,9 @@ const POLL_EPOLL_INTERVAL: u32 = 64;
 pub struct QueueWorker {
     stop_event: EventFd,
     stop_flag: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Queue>>,
+    thread: Option<JoinHandle<VirtQueue>>,
     /// Where the queue started, to hand back something sane if the thread panicked.
-    initial: virtio_queue::QueueState,
+    initial: InitialQueue,
     name: String,
 }
 
@@ -93,7 +92,7 @@ impl QueueWorker {
     ) -> io::Result<QueueWorker> {
         let stop_event = EventFd::new(EFD_NONBLOCK)?;
         let stop_flag = Arc::new(AtomicBool::new(false));
-        let initial = binding.queue.state();
+        let initial = InitialQueue::of(&binding.queue);
         let worker = Worker::new(
             name.clone(),
             binding,
@@ -117,12 +116,12 @@ impl QueueWorker {
     }
 
     /// Stops the thread, waits for it and returns the queue with its current indices.
-    pub fn stop(mut self) -> Queue {
+    pub fn stop(mut self) -> VirtQueue {
         self.stop_and_join()
-            .unwrap_or_else(|| Queue::try_from(self.initial).unwrap_or_default())
+            .unwrap_or_else(|| self.initial.clone().into_queue())
     }
 
-    fn stop_and_join(&mut self) -> Option<Queue> {
+    fn stop_and_join(&mut self) -> Option<VirtQueue> {
         let thread = self.thread.take()?;
         self.stop_flag.store(true, Ordering::Release);
         if let Err(e) = self.stop_event.write(1) {
@@ -163,7 +162,7 @@ struct Batch {
 struct Worker {
     name: String,
     index: u16,
-    queue: Queue,
+    queue: VirtQueue,
     mem: DmaSpace,
     handler: Box<dyn QueueHandler>,
     interrupt: Arc<dyn VirtioInterrupt>,
@@ -238,7 +237,7 @@ impl Worker {
         })
     }
 
-    fn run(mut self) -> Queue {
+    fn run(mut self) -> VirtQueue {
         let mut flow = Flow::Continue;
         if !self.queue.is_valid(&self.mem) {
             self.fail("the ring does not fit guest memory");
@@ -334,7 +333,7 @@ impl Worker {
             self.forget_completion_fd();
             return Flow::Continue;
         }
-        let before = self.queue.next_used();
+        let before = self.queue.used_progress();
         match self.call_handler(true) {
             Ok(added) => self.after_pass(before, added),
             Err(e) => self.fail(&format!("completion failed: {e}")),
@@ -363,7 +362,7 @@ impl Worker {
 
     /// One `process` pass followed by the policy's signalling. False if the queue broke.
     fn process_pass(&mut self) -> bool {
-        let before = self.queue.next_used();
+        let before = self.queue.used_progress();
         match self.call_handler(false) {
             Ok(added) => {
                 self.after_pass(before, added);
@@ -388,9 +387,9 @@ impl Worker {
             if let Err(e) = self.queue.disable_notification(&self.mem) {
                 return self.fail(&format!("cannot suppress notifications: {e}"));
             }
-            let offered = match self.avail_idx() {
-                Ok(idx) => idx,
-                Err(e) => return self.fail(&format!("cannot read the avail index: {e}")),
+            let offered = match self.avail_marker() {
+                Ok(marker) => marker,
+                Err(e) => return self.fail(&format!("cannot read the avail ring: {e}")),
             };
             if !self.process_pass() {
                 return;
@@ -403,14 +402,15 @@ impl Worker {
         }
     }
 
-    fn avail_idx(&self) -> Result<Wrapping<u16>, virtio_queue::Error> {
-        self.queue.avail_idx(&self.mem, Ordering::Acquire)
+    /// A value that changes whenever the driver publishes buffers (`VirtQueue::avail_marker`).
+    fn avail_marker(&self) -> Result<u16, QueueError> {
+        self.queue.avail_marker(&self.mem)
     }
 
-    /// True when the driver published chains after the avail index read `offered` (or the
-    /// index cannot be read: the next pass reports that).
-    fn published_since(&self, offered: Wrapping<u16>) -> bool {
-        !self.avail_idx().is_ok_and(|now| now == offered)
+    /// True when the driver published chains after the marker read `offered` (or the ring
+    /// cannot be read: the next pass reports that).
+    fn published_since(&self, offered: u16) -> bool {
+        !self.avail_marker().is_ok_and(|now| now == offered)
     }
 
     /// Poll: spin on the avail index until `budget` passes with no new request.
@@ -420,8 +420,8 @@ impl Worker {
             return Flow::Continue;
         }
         let mut idle_since = Instant::now();
-        // The avail index at which the handler last left every chain in the ring.
-        let mut declined: Option<Wrapping<u16>> = None;
+        // The avail marker at which the handler last left every chain in the ring.
+        let mut declined: Option<u16> = None;
         let mut spins: u32 = 0;
         let mut events = [EpollEvent::default(); EVENTS_PER_WAIT];
         loop {
@@ -430,11 +430,11 @@ impl Worker {
             }
             match self.has_new_work(declined) {
                 Ok(Some(offered)) => {
-                    let taken_before = self.queue.next_avail();
+                    let taken_before = self.queue.avail_position();
                     if !self.process_pass() {
                         return Flow::Continue;
                     }
-                    if self.queue.next_avail() == taken_before {
+                    if self.queue.avail_position() == taken_before {
                         // The handler left the chains (RX waiting for frames): not new work
                         // until the driver publishes more.
                         declined = Some(offered);
@@ -484,20 +484,19 @@ impl Worker {
         }
     }
 
-    /// The avail index when the ring holds chains not yet taken, unless the handler already
-    /// declined them at that same index.
-    fn has_new_work(
-        &self,
-        declined: Option<Wrapping<u16>>,
-    ) -> Result<Option<Wrapping<u16>>, virtio_queue::Error> {
-        let avail = self.avail_idx()?;
-        let pending = avail != Wrapping(self.queue.next_avail());
-        Ok((pending && declined != Some(avail)).then_some(avail))
+    /// The avail marker when the ring holds chains not yet taken, unless the handler already
+    /// declined them at that same marker.
+    fn has_new_work(&self, declined: Option<u16>) -> Result<Option<u16>, QueueError> {
+        if !self.queue.has_available(&self.mem)? {
+            return Ok(None);
+        }
+        let marker = self.avail_marker()?;
+        Ok((declined != Some(marker)).then_some(marker))
     }
 
     /// Applies the notify policy after a pass that may have added used entries.
     fn after_pass(&mut self, used_before: u16, handler_added: bool) {
-        let delta = self.queue.next_used().wrapping_sub(used_before);
+        let delta = self.queue.used_progress().wrapping_sub(used_before);
         let added = if delta == 0 && handler_added {
             1
         } else {

@@ -8,9 +8,12 @@ mod corpus_replay;
 fn fuzz_corpora_replay_without_panics() {
     corpus_replay::replay_owned(
         env!("CARGO_PKG_NAME"),
-        &[(
-            "virtio_pci_registers",
-            &sluice_virtio::pci::fuzz::fuzz_register_script,
-        )],
+        &[
+            (
+                "virtio_pci_registers",
+                &sluice_virtio::pci::fuzz::fuzz_register_script,
+            ),
+            ("packed_ring", &sluice_virtio::ring::fuzz::packed_ring),
+        ],
     );
 }

@@ -26,6 +26,8 @@ pub struct DiskSpec {
     pub socket: Option<PathBuf>,
     /// Bound on each request to the vhost-user backend (None: the frontend's default).
     pub timeout: Option<Duration>,
+    /// Offer VIRTIO_F_RING_PACKED (`packed=on`; in-process disks only).
+    pub packed: bool,
 }
 
 /// A virtio-net device on a tap.
@@ -36,6 +38,29 @@ pub struct NetSpec {
     /// Queue pairs.
     pub queues: u16,
     pub notify: NotifyPolicy,
+    /// Offer VIRTIO_F_RING_PACKED (`packed=on`).
+    pub packed: bool,
+}
+
+/// A virtio-rng device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RngSpec {
+    /// Offer VIRTIO_F_RING_PACKED (`packed=on`).
+    pub packed: bool,
+}
+
+impl RngSpec {
+    /// Empty (plain `--rng`) or `packed=on|off`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut rng = RngSpec::default();
+        for (k, v) in pairs(s)? {
+            match k {
+                "packed" => rng.packed = on_off(k, v)?,
+                _ => return Err(format!("--rng: unknown key `{k}`")),
+            }
+        }
+        Ok(rng)
+    }
 }
 
 /// Parses `key=value,key=value` into pairs; values may not contain commas, and a key may be
@@ -166,7 +191,7 @@ fn parse_timeout(v: &str) -> Result<Duration, String> {
 
 impl DiskSpec {
     /// `path=FILE[,readonly=on][,direct=on][,queues=N][,queue_size=N][,serial=S][,notify=..]
-    /// [,block_size=N]` or `vhost_user=on,socket=PATH[,queues=N][,queue_size=N][,timeout=5s]`.
+    /// [,block_size=N][,packed=on]` or `vhost_user=on,socket=PATH[,queues=N][,queue_size=N][,timeout=5s]`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut disk = DiskSpec {
             path: PathBuf::new(),
@@ -177,6 +202,7 @@ impl DiskSpec {
             serial: None,
             notify: NotifyPolicy::Interrupt,
             block_size: None,
+            packed: false,
             vhost_user: false,
             socket: None,
             timeout: None,
@@ -195,6 +221,7 @@ impl DiskSpec {
                 "serial" => return Err("serial: at most 20 bytes".into()),
                 "notify" => disk.notify = parse_notify(v)?,
                 "block_size" => disk.block_size = Some(block_size(v)?),
+                "packed" => disk.packed = on_off(k, v)?,
                 _ => return Err(format!("--disk: unknown key `{k}`")),
             }
         }
@@ -215,6 +242,10 @@ impl DiskSpec {
         if self.socket.is_none() {
             return Err("--disk vhost_user=on needs socket=PATH".into());
         }
+        if self.packed {
+            // The frontend hands the backend split rings only (see sluice-devices).
+            return Err("--disk vhost_user=on: packed=on is not supported".into());
+        }
         if !self.path.as_os_str().is_empty()
             || self.read_only
             || self.direct
@@ -232,13 +263,14 @@ impl DiskSpec {
 }
 
 impl NetSpec {
-    /// `tap=NAME[,mac=xx:..][,queues=N][,notify=..]`
+    /// `tap=NAME[,mac=xx:..][,queues=N][,notify=..][,packed=on]`
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut net = NetSpec {
             tap: String::new(),
             mac: None,
             queues: 1,
             notify: NotifyPolicy::Interrupt,
+            packed: false,
         };
         for (k, v) in pairs(s)? {
             match k {
@@ -247,6 +279,7 @@ impl NetSpec {
                 "mac" => net.mac = Some(parse_mac(v).map_err(|e| format!("mac={v}: {e}"))?),
                 "queues" => net.queues = queue_count(k, v)?,
                 "notify" => net.notify = parse_notify(v)?,
+                "packed" => net.packed = on_off(k, v)?,
                 _ => return Err(format!("--net: unknown key `{k}`")),
             }
         }
@@ -286,6 +319,20 @@ mod tests {
                 max_delay: Duration::from_micros(100)
             }
         );
+    }
+
+    #[test]
+    fn packed_is_off_unless_asked_for() {
+        let plain = DiskSpec::parse("path=x").unwrap();
+        let packed = DiskSpec::parse("path=x,packed=on").unwrap();
+        let net = NetSpec::parse("tap=t0,packed=on").unwrap();
+        let rng = RngSpec::parse("packed=on").unwrap();
+
+        assert!(!plain.packed && packed.packed && net.packed && rng.packed);
+        assert_eq!(RngSpec::parse(""), Ok(RngSpec { packed: false }));
+        assert!(RngSpec::parse("packed=maybe").is_err());
+        assert!(RngSpec::parse("speed=1").is_err());
+        assert!(DiskSpec::parse("vhost_user=on,socket=/s,packed=on").is_err());
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub struct VmConfig {
     /// virtio-net devices on taps.
     pub nets: Vec<crate::config::NetSpec>,
     /// A virtio-rng device.
-    pub rng: bool,
+    pub rng: Option<crate::config::RngSpec>,
 }
 
 /// How a run ended, with what it cost.

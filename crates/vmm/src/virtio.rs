@@ -31,10 +31,11 @@ struct Plumbing {
 }
 
 impl Plumbing {
-    fn options(&self, name: String, policy: NotifyPolicy) -> VirtioPciOptions {
+    fn options(&self, name: String, policy: NotifyPolicy, packed: bool) -> VirtioPciOptions {
         let mut options = VirtioPciOptions::new(self.msi_sink.clone());
         options.name = Some(name);
         options.policy = policy;
+        options.packed_ring = packed;
         options.msi_router = Some(self.msi_router.clone());
         options.ioevents = Some(self.ioevents.clone());
         options
@@ -62,7 +63,7 @@ pub fn attach_virtio_devices(
             root,
             &plumbing.dma,
             block,
-            plumbing.options(name, disk.notify),
+            plumbing.options(name, disk.notify, disk.packed),
         )?);
     }
     for (i, net) in config.nets.iter().enumerate() {
@@ -72,11 +73,11 @@ pub fn attach_virtio_devices(
             root,
             &plumbing.dma,
             Box::new(device),
-            plumbing.options(name, net.notify),
+            plumbing.options(name, net.notify, net.packed),
         )?);
     }
-    if config.rng {
-        let options = plumbing.options("virtio-rng".into(), NotifyPolicy::Interrupt);
+    if let Some(rng) = &config.rng {
+        let options = plumbing.options("virtio-rng".into(), NotifyPolicy::Interrupt, rng.packed);
         metrics.push(attach(root, &plumbing.dma, Box::new(Rng::new()), options)?);
     }
     Ok(metrics)

@@ -11,8 +11,7 @@ use std::time::Instant;
 
 use sluice_dma::{DmaSpace, GuestIovecs};
 use sluice_storage::{DiskImage, Extent, IoCompletion, IoEngine, IoOp, IoQueue};
-use sluice_virtio::{QueueContext, QueueError, QueueHandler, QueueMetrics};
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use sluice_virtio::{Chain, QueueContext, QueueError, QueueHandler, QueueMetrics};
 use vm_memory::{Bytes, GuestAddress, Permissions};
 
 use super::request::{
@@ -83,11 +82,11 @@ impl BlockQueueHandler {
     fn handle_chain(
         &mut self,
         ctx: &mut QueueContext<'_>,
-        chain: DescriptorChain<&DmaSpace>,
+        chain: Chain<'_>,
     ) -> Result<bool, QueueError> {
         let started = Instant::now();
         let head = chain.head_index();
-        match parse_request(ctx.mem, chain, &self.limits) {
+        match parse_request(ctx.mem, &chain, &self.limits) {
             Err(rejection) => {
                 reject(ctx, head, rejection, started)?;
                 Ok(true)
@@ -173,7 +172,7 @@ fn finish_io(ctx: &mut QueueContext<'_>, done: IoCompletion<Answer>) -> Result<(
 impl QueueHandler for BlockQueueHandler {
     fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
         let mem: &DmaSpace = ctx.mem;
-        let chains: Vec<DescriptorChain<&DmaSpace>> = ctx.queue.iter(mem)?.collect();
+        let chains = ctx.queue.pop_all(mem)?;
         let mut used = false;
         for chain in chains {
             match self.handle_chain(ctx, chain) {

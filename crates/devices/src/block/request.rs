@@ -2,8 +2,8 @@
 //!
 //! The chain is guest-controlled, so this is the block device's attack surface and is kept a
 //! pure function of (guest memory, chain, disk limits): it reads the header and discard segments
-//! through virtio-queue's [`Reader`] (which bound-checks every readable buffer against the
-//! [`DmaSpace`]), checks every device-writable buffer with `check_range(.., Write)`, and returns
+//! through the chain's reader (virtio-queue's `Reader` on split rings, sluice's cursor on packed
+//! ones; both bound-check every readable buffer against the [`DmaSpace`]), checks every device-writable buffer with `check_range(.., Write)`, and returns
 //! the data buffers as guest addresses. It never touches the image; the handler turns the buffers
 //! into host iovecs only after they passed here.
 //!
@@ -16,13 +16,13 @@
 use std::io::Read;
 
 use sluice_dma::DmaSpace;
+use sluice_virtio::{Chain, ChainReader};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Reader};
 use vm_memory::{Address, GuestAddress, GuestMemory, Permissions};
 
 /// Bytes per virtio-blk sector, whatever the logical block size.
@@ -193,13 +193,14 @@ const MAX_CHAIN_DESCRIPTORS: usize = 1024;
 /// `mem` is the space the chain was popped from.
 pub fn parse_request(
     mem: &DmaSpace,
-    chain: DescriptorChain<&DmaSpace>,
+    chain: &Chain<'_>,
     limits: &DiskLimits,
 ) -> Result<Request, Rejection> {
-    let layout = ChainLayout::collect(chain.clone()).map_err(|(error, status_addr)| Rejection {
-        error,
-        status_addr: status_addr.filter(|&addr| status_writable(mem, addr)),
-    })?;
+    let layout =
+        ChainLayout::collect(chain.descriptors()).map_err(|(error, status_addr)| Rejection {
+            error,
+            status_addr: status_addr.filter(|&addr| status_writable(mem, addr)),
+        })?;
     let status_addr = layout.status_addr;
     if !status_writable(mem, status_addr) {
         return Err(Rejection {
@@ -357,13 +358,13 @@ fn check_data_length(
 
 fn parse_body(
     mem: &DmaSpace,
-    chain: DescriptorChain<&DmaSpace>,
+    chain: &Chain<'_>,
     layout: &ChainLayout,
     limits: &DiskLimits,
 ) -> Result<RequestKind, ParseError> {
     // Reader::new resolves every readable buffer through the DmaSpace and fails on any that
     // is outside it, so OUT data and segments are bound-checked here too.
-    let mut reader = Reader::new(mem, chain).map_err(|_| ParseError::BadBuffer)?;
+    let mut reader = chain.reader(mem).map_err(|_| ParseError::BadBuffer)?;
     let mut header = [0u8; HEADER_SIZE];
     reader
         .read_exact(&mut header)
@@ -449,7 +450,7 @@ fn refuse_if_read_only(limits: &DiskLimits) -> Result<(), ParseError> {
 }
 
 fn read_segments(
-    reader: &mut Reader<'_>,
+    reader: &mut ChainReader<'_>,
     payload_len: u64,
     limits: &DiskLimits,
     discard: bool,
@@ -549,7 +550,7 @@ pub fn parse_request_for_fuzz(bytes: &[u8], read_only: bool) -> FuzzOutcome {
     };
     match chains.next() {
         None => FuzzOutcome::NoChain,
-        Some(chain) => match parse_request(&space, chain, &limits) {
+        Some(chain) => match parse_request(&space, &Chain::Split(chain), &limits) {
             Ok(request) => FuzzOutcome::Parsed(request),
             Err(rejection) => FuzzOutcome::Rejected(rejection),
         },

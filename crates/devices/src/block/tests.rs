@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use sluice_dma::DmaSpace;
+use sluice_virtio::VirtQueue;
 use sluice_virtio::{QueueContext, QueueHandler, QueueMetrics, VirtioDevice};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
@@ -93,7 +94,7 @@ struct Driver<'a> {
     mem: &'a GuestMemoryMmap,
     mock: MockSplitQueue<'a, GuestMemoryMmap>,
     space: DmaSpace,
-    queue: Queue,
+    queue: VirtQueue,
     metrics: QueueMetrics,
     next_desc: u16,
     chains: u16,
@@ -103,7 +104,7 @@ struct Driver<'a> {
 impl<'a> Driver<'a> {
     fn new(mem: &'a GuestMemoryMmap) -> Self {
         let mock = MockSplitQueue::create(mem, GuestAddress(0), QUEUE_SIZE);
-        let queue = mock.create_queue::<Queue>().unwrap();
+        let queue = VirtQueue::from(mock.create_queue::<Queue>().unwrap());
         Driver {
             mem,
             mock,
@@ -1087,7 +1088,7 @@ fn activated_device_serves_kicks_through_a_queue_worker_until_reset() {
     let interrupt = std::sync::Arc::new(RecordingInterrupt::default());
     let binding = sluice_virtio::QueueBinding {
         index: 0,
-        queue: driver.mock.create_queue::<Queue>().unwrap(),
+        queue: driver.mock.create_queue::<Queue>().unwrap().into(),
         kick: kick.try_clone().unwrap(),
         policy: sluice_virtio::NotifyPolicy::Interrupt,
     };
@@ -1130,7 +1131,7 @@ fn activate_refuses_more_queues_than_offered() {
     let driver = Driver::new(&mem);
     let binding = |index| sluice_virtio::QueueBinding {
         index,
-        queue: driver.mock.create_queue::<Queue>().unwrap(),
+        queue: driver.mock.create_queue::<Queue>().unwrap().into(),
         kick: vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
         policy: sluice_virtio::NotifyPolicy::Interrupt,
     };
@@ -1486,4 +1487,83 @@ fn qemu_io_and_qemu_img_respect_sluice_locks() {
     assert!(resized.status.success(), "{}", stderr(&resized));
     assert_eq!(file_bytes(img.as_path(), 0, 512), vec![0x33; 512]);
     assert_eq!(img.as_file().metadata().unwrap().len(), IMAGE_SIZE * 2);
+}
+
+// The same handler over a packed ring.
+
+#[test]
+fn packed_ring_write_then_read_back_on_every_engine() {
+    use sluice_virtio::ring::mock::PackedDriver;
+    for engine in engines() {
+        let img = image(IMAGE_SIZE);
+        let block = open(img.as_path(), engine, false);
+        let mut handler = block.queue_handler(QUEUE_SIZE);
+        let mem = ram();
+        let dma = sluice_dma::identity(mem.clone());
+        let mut helper = Driver::new(&mem);
+        let mut driver = PackedDriver::new(&dma, 0x8000, 6);
+        let mut queue = VirtQueue::from(driver.queue());
+        let metrics = QueueMetrics::default();
+        let data = pattern(8192, 9);
+        let header = helper.header(VIRTIO_BLK_T_OUT, 16);
+        let pieces = [helper.alloc(4096), helper.alloc(4096)];
+        mem.write_slice(&data, GuestAddress(pieces[0])).unwrap();
+        let write_status = helper.status();
+        let read_header = helper.header(VIRTIO_BLK_T_IN, 16);
+        let back = helper.alloc(8192);
+        let read_status = helper.status();
+        // The write as a chain of ring descriptors, the read through an indirect table.
+        driver.add_chain(
+            4,
+            &[
+                (header, 16, false),
+                (pieces[0], 4096, false),
+                (pieces[1], 4096, false),
+                (write_status, 1, true),
+            ],
+        );
+
+        let mut used = Vec::new();
+        let serve = |handler: &mut BlockQueueHandler,
+                     queue: &mut VirtQueue,
+                     driver: &mut PackedDriver<'_>,
+                     used: &mut Vec<(u16, u32)>,
+                     want: usize| {
+            let mut ctx = QueueContext {
+                queue,
+                mem: &dma,
+                metrics: &metrics,
+            };
+            handler.process(&mut ctx).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                used.extend(driver.used());
+                if used.len() == want {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "requests did not complete");
+                if let Some(fd) = handler.completion_fd() {
+                    wait_readable(fd);
+                    handler.complete(&mut ctx).unwrap();
+                }
+            }
+        };
+        serve(&mut handler, &mut queue, &mut driver, &mut used, 1);
+        driver.add_indirect(
+            0,
+            0x9000,
+            &[
+                (read_header, 16, false),
+                (back, 8192, true),
+                (read_status, 1, true),
+            ],
+        );
+        serve(&mut handler, &mut queue, &mut driver, &mut used, 2);
+
+        assert_eq!(used, [(4, 1), (0, 8193)], "{engine:?}");
+        assert_eq!(helper.status_at(write_status), S_OK);
+        assert_eq!(helper.status_at(read_status), S_OK);
+        assert_eq!(helper.read_bytes(back, 8192), data, "{engine:?}");
+        assert_eq!(file_bytes(img.as_path(), 16 * 512, 8192), data);
+    }
 }

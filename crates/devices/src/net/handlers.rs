@@ -2,19 +2,19 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use sluice_dma::DmaSpace;
-use sluice_virtio::{QueueContext, QueueError, QueueHandler, QueueMetrics};
+use sluice_virtio::{
+    Chain, ChainWriter, QueueContext, QueueError, QueueHandler, QueueMetrics, VirtQueue,
+};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET,
     VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_RX,
     VIRTIO_NET_CTRL_RX_ALLMULTI, VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_ERR,
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_OK,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Writer};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::header::{parse_tx_packet, HeaderError, TxOffloads, MAX_PACKET_LEN, NET_HDR_LEN};
@@ -80,10 +80,10 @@ enum DropReason {
 
 /// Pops the next available chain; `Err` only for a broken ring.
 fn next_chain<'m>(
-    queue: &mut Queue,
+    queue: &mut VirtQueue,
     mem: &'m DmaSpace,
-) -> Result<Option<DescriptorChain<&'m DmaSpace>>, QueueError> {
-    Ok(queue.iter(mem)?.next())
+) -> Result<Option<Chain<'m>>, QueueError> {
+    queue.pop(mem)
 }
 
 /// Transmit queue of one pair: each chain is header + frame, written to the tap as is.
@@ -105,11 +105,7 @@ impl TxHandler {
     }
 
     /// Sends one chain's packet; returns the frame length.
-    fn transmit(
-        &mut self,
-        mem: &DmaSpace,
-        chain: DescriptorChain<&DmaSpace>,
-    ) -> Result<usize, DropReason> {
+    fn transmit(&mut self, mem: &DmaSpace, chain: Chain<'_>) -> Result<usize, DropReason> {
         let mut reader = chain.reader(mem)?;
         let len = reader.available_bytes();
         let packet = self.packet.get_mut(..len).ok_or(DropReason::TooLong(len))?;
@@ -158,7 +154,7 @@ pub enum Delivery {
 /// Without `mergeable` the packet must fit in one chain. Used entries are only added once the
 /// whole packet is placed, so a shortage of buffers rolls back cleanly.
 pub fn deliver_packet(
-    queue: &mut Queue,
+    queue: &mut VirtQueue,
     mem: &DmaSpace,
     metrics: &QueueMetrics,
     packet: &[u8],
@@ -170,7 +166,7 @@ pub fn deliver_packet(
         1
     };
     let mut heads: Vec<(u16, u32)> = Vec::new();
-    let mut header_writer: Option<Writer<'_>> = None;
+    let mut header_writer: Option<ChainWriter<'_>> = None;
     let mut offset = 0;
     let mut broken = false;
     while offset < packet.len() && !broken {
@@ -180,7 +176,7 @@ pub fn deliver_packet(
         }
         let Some(chain) = next_chain(queue, mem)? else {
             for _ in 0..heads.len() {
-                queue.go_to_previous_position();
+                queue.undo_pop();
             }
             return Ok(Delivery::NoBuffers);
         };
@@ -396,9 +392,8 @@ impl RxHandler {
 }
 
 /// Whether the driver has published chains not yet taken.
-fn has_available(queue: &Queue, mem: &DmaSpace) -> Result<bool, QueueError> {
-    let avail = queue.avail_idx(mem, Ordering::Acquire)?;
-    Ok(avail.0 != queue.next_avail())
+fn has_available(queue: &VirtQueue, mem: &DmaSpace) -> Result<bool, QueueError> {
+    queue.has_available(mem)
 }
 
 impl QueueHandler for RxHandler {
@@ -435,9 +430,9 @@ impl CtrlHandler {
     fn handle<'m>(
         &self,
         mem: &'m DmaSpace,
-        chain: DescriptorChain<&'m DmaSpace>,
-    ) -> Result<(u8, Writer<'m>), DropReason> {
-        let mut reader = chain.clone().reader(mem)?;
+        chain: Chain<'m>,
+    ) -> Result<(u8, ChainWriter<'m>), DropReason> {
+        let mut reader = chain.reader(mem)?;
         let writer = chain.writer(mem)?;
         let len = reader.available_bytes();
         if len > MAX_CTRL_LEN {

@@ -7,6 +7,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use sluice_virtio::VirtQueue;
 use sluice_virtio::{QueueContext, QueueHandler, QueueMetrics, VirtioDevice};
 use virtio_bindings::virtio_net::*;
 use virtio_queue::mock::MockSplitQueue;
@@ -356,7 +357,7 @@ fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
 /// Runs `process` (or `complete`) once; returns (added used entries?, metrics).
 fn run(
     handler: &mut dyn QueueHandler,
-    queue: &mut Queue,
+    queue: &mut VirtQueue,
     mem: &GuestMemoryMmap,
     complete: bool,
 ) -> (bool, QueueMetrics) {
@@ -388,7 +389,7 @@ fn test_frame(len: usize, marker: u8) -> Vec<u8> {
 fn tx_writes_header_and_frame_to_backend() {
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     let frame = test_frame(100, 1);
     mem.write_slice(&[0; 12], GuestAddress(0x10_0000)).unwrap();
     mem.write_slice(&frame, GuestAddress(0x11_0000)).unwrap();
@@ -411,7 +412,7 @@ fn tx_writes_header_and_frame_to_backend() {
 fn tx_drops_packet_with_bad_header() {
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     let bad = gso_header(VIRTIO_NET_HDR_GSO_TCPV4).to_bytes();
     mem.write_slice(&bad, GuestAddress(0x10_0000)).unwrap();
     add_chain(&vq, 0, &[(0x10_0000, 12, false), (0x11_0000, 3000, false)]);
@@ -431,7 +432,7 @@ fn tx_drops_packet_with_bad_header() {
 fn rx_fills_one_buffer_without_mergeable() {
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     add_chain(&vq, 0, &[(0x10_0000, 2048, true)]);
     let header = NetHeader {
         flags: VIRTIO_NET_HDR_F_DATA_VALID as u8,
@@ -457,7 +458,7 @@ fn rx_fills_one_buffer_without_mergeable() {
 fn rx_clears_header_flags_without_guest_csum() {
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     add_chain(&vq, 0, &[(0x10_0000, 2048, true)]);
     let header = NetHeader {
         flags: VIRTIO_NET_HDR_F_DATA_VALID as u8,
@@ -482,7 +483,7 @@ fn rx_clears_header_flags_without_guest_csum() {
 fn rx_spreads_packet_over_mergeable_buffers() {
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     for i in 0..6u16 {
         add_chain(&vq, i, &[(0x10_0000 + u64::from(i) * 0x1000, 256, true)]);
     }
@@ -513,7 +514,7 @@ fn rx_spreads_packet_over_mergeable_buffers() {
 fn rx_without_buffers_keeps_packet_until_kick() {
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     let backend = Arc::new(FakeBackend::default());
     backend
         .inbound
@@ -535,7 +536,7 @@ fn rx_without_buffers_keeps_packet_until_kick() {
 fn rx_partial_mergeable_buffers_roll_back() {
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     add_chain(&vq, 0, &[(0x10_0000, 256, true)]);
     let backend = Arc::new(FakeBackend::default());
     backend
@@ -560,7 +561,7 @@ fn rx_partial_mergeable_buffers_roll_back() {
 fn rx_too_small_buffer_drops_packet() {
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     add_chain(&vq, 0, &[(0x10_0000, 64, true)]);
     add_chain(&vq, 1, &[(0x11_0000, 8, false)]);
     add_chain(&vq, 2, &[(0x12_0000, 2048, true)]);
@@ -596,7 +597,7 @@ fn ctrl_command(vq: &MockSplitQueue<'_, GuestMemoryMmap>, mem: &GuestMemoryMmap,
 fn ctrl_ack(cmd: &[u8], max_pairs: u16) -> (u8, Vec<u16>) {
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     ctrl_command(&vq, &mem, cmd);
     let backend = Arc::new(FakeBackend::default());
     let mut ctrl = CtrlHandler::new(backend.clone(), max_pairs);
@@ -655,7 +656,7 @@ fn ctrl_rx_mode_and_mac_commands() {
 fn ctrl_chain_without_ack_buffer_gets_zero_length() {
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     add_chain(&vq, 0, &[(0x10_0000, 4, false)]);
     let mut ctrl = CtrlHandler::new(Arc::new(FakeBackend::default()), 2);
 
@@ -789,7 +790,7 @@ fn tap_tx_frame_reaches_the_interface() {
     let sniffer = PacketSocket::bind(tap.name());
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     let frame = test_frame(100, 0x5a);
     mem.write_slice(&[0; 12], GuestAddress(0x10_0000)).unwrap();
     mem.write_slice(&frame, GuestAddress(0x11_0000)).unwrap();
@@ -813,7 +814,7 @@ fn tap_rx_frame_lands_in_buffer_with_header() {
     let tap = Arc::new(tap);
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     add_chain(&vq, 0, &[(0x10_0000, 2048, true)]);
     let mut rx = RxHandler::new(tap.clone(), 0, 1 << VIRTIO_NET_F_MRG_RXBUF).unwrap();
     let frame = test_frame(120, 0x33);
@@ -846,7 +847,7 @@ fn tap_rx_without_buffers_leaves_frames_in_tap() {
     let tap = Arc::new(tap);
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     let mut rx = RxHandler::new(tap.clone(), 0, 0).unwrap();
     let wakeup = rx.completion_fd().unwrap();
     let frame = test_frame(80, 0x11);
@@ -891,7 +892,7 @@ fn tap_rx_on_detached_queue_stays_quiet_until_attached() {
     tap.set_active_queues(1).unwrap();
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     add_chain(&vq, 0, &[(0x10_0000, 2048, true)]);
     let mut rx = RxHandler::new(tap.clone(), 1, 0).unwrap();
     let wakeup = rx.completion_fd().unwrap();
@@ -952,7 +953,7 @@ fn activated_device_transmits_on_kick() {
     let tx_kick = EventFd::new(0).unwrap();
     let binding = |index, vq: &MockSplitQueue<'_, GuestMemoryMmap>, kick: EventFd| QueueBinding {
         index,
-        queue: vq.create_queue().unwrap(),
+        queue: vq.create_queue::<Queue>().unwrap().into(),
         kick,
         policy: NotifyPolicy::Interrupt,
     };
@@ -997,7 +998,7 @@ fn activation_needs_both_queues_of_the_first_pair() {
     let mut device = net(1, None);
     let only_rx = vec![QueueBinding {
         index: 0,
-        queue: vq.create_queue().unwrap(),
+        queue: vq.create_queue::<Queue>().unwrap().into(),
         kick: vmm_sys_util::eventfd::EventFd::new(0).unwrap(),
         policy: NotifyPolicy::Interrupt,
     }];
@@ -1055,7 +1056,7 @@ fn tap_queues_follow_the_highest_running_rx_ring() {
 fn a_control_queue_limits_tap_queues_to_the_pairs_the_driver_chose() {
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     let backend = Arc::new(FakeBackend::default());
     let config = NetConfig {
         mac: MAC,
@@ -1087,4 +1088,67 @@ fn a_control_queue_limits_tap_queues_to_the_pairs_the_driver_chose() {
         Some(3),
         "no control queue: the rings decide"
     );
+}
+
+// The same handlers over packed rings.
+
+mod packed {
+    use super::*;
+    use sluice_virtio::ring::mock::PackedDriver;
+
+    #[test]
+    fn tx_sends_a_packed_chain() {
+        let mem = guest_memory();
+        let dma = sluice_dma::identity(mem.clone());
+        let mut driver = PackedDriver::new(&dma, 0x1000, 8);
+        let mut queue = VirtQueue::from(driver.queue());
+        let frame = test_frame(100, 7);
+        mem.write_slice(&[0; 12], GuestAddress(0x10_0000)).unwrap();
+        mem.write_slice(&frame, GuestAddress(0x11_0000)).unwrap();
+        driver.add_indirect(
+            5,
+            0x2000,
+            &[(0x10_0000, 12, false), (0x11_0000, 100, false)],
+        );
+        let backend = Arc::new(FakeBackend::default());
+        let mut tx = TxHandler::new(backend.clone(), 0, TxOffloads::default());
+
+        let (used_any, metrics) = run(&mut tx, &mut queue, &mem, false);
+
+        assert!(used_any);
+        assert_eq!(driver.used(), Some((5, 0)));
+        let written = backend.written.lock().unwrap();
+        assert_eq!(written.len(), 1);
+        assert_eq!(&written[0][12..], frame.as_slice());
+        assert_eq!(metrics.bytes.load(Ordering::Relaxed), 100);
+    }
+
+    #[test]
+    fn rx_mergeable_spreads_over_packed_buffers_and_rolls_back_a_shortage() {
+        let mem = guest_memory();
+        let dma = sluice_dma::identity(mem.clone());
+        let mut driver = PackedDriver::new(&dma, 0x1000, 8);
+        let mut queue = VirtQueue::from(driver.queue());
+        driver.add_chain(6, &[(0x10_0000, 256, true)]);
+        let backend = Arc::new(FakeBackend::default());
+        let inbound = packet(NetHeader::default(), 400);
+        backend.inbound.lock().unwrap().push_back(inbound.clone());
+        let mut rx = RxHandler::new(backend, 0, 1 << VIRTIO_NET_F_MRG_RXBUF).unwrap();
+
+        let (first, _) = run(&mut rx, &mut queue, &mem, true);
+        let nothing_used = driver.used();
+        driver.add_chain(2, &[(0x11_0000, 128, true), (0x12_0000, 128, true)]);
+        let (second, _) = run(&mut rx, &mut queue, &mem, false);
+
+        assert!(!first);
+        assert_eq!(nothing_used, None, "a shortage gives the buffer back");
+        assert!(second);
+        assert_eq!(driver.used(), Some((6, 256)));
+        assert_eq!(driver.used(), Some((2, 156)));
+        let mut got = read(&mem, 0x10_0000, 256);
+        got.extend(read(&mem, 0x11_0000, 128));
+        got.extend(read(&mem, 0x12_0000, 28));
+        assert_eq!(NetHeader::from_bytes(&got).unwrap().num_buffers, 2);
+        assert_eq!(&got[12..], &inbound[12..]);
+    }
 }

@@ -5,12 +5,11 @@ use std::time::Instant;
 
 use sluice_dma::DmaSpace;
 use sluice_virtio::{
-    ActivateError, DeviceMetrics, QueueContext, QueueError, QueueHandler, VirtioDevice,
+    ActivateError, Chain, DeviceMetrics, QueueContext, QueueError, QueueHandler, VirtioDevice,
     DEVICE_TYPE_RNG,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 
 use super::backend::fill_random;
 
@@ -90,7 +89,7 @@ impl RngHandler {
     }
 
     /// Serves one chain; returns the number of bytes written (0 for a malformed chain).
-    fn serve(&mut self, mem: &DmaSpace, chain: DescriptorChain<&DmaSpace>) -> Option<u32> {
+    fn serve(&mut self, mem: &DmaSpace, chain: &Chain<'_>) -> Option<u32> {
         let mut writer = chain.writer(mem).ok()?;
         let len = writer.available_bytes().min(MAX_REQUEST_BYTES);
         if len == 0 {
@@ -113,14 +112,10 @@ impl Default for RngHandler {
 impl QueueHandler for RngHandler {
     fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
         let mut used = false;
-        loop {
-            let next = ctx.queue.iter(ctx.mem)?.next();
-            let Some(chain) = next else {
-                break;
-            };
+        while let Some(chain) = ctx.queue.pop(ctx.mem)? {
             let popped = Instant::now();
             let head = chain.head_index();
-            let written = self.serve(ctx.mem, chain);
+            let written = self.serve(ctx.mem, &chain);
             ctx.queue.add_used(ctx.mem, head, written.unwrap_or(0))?;
             ctx.metrics
                 .record_request(popped, written.map(u64::from).ok_or(()));

@@ -2,6 +2,7 @@
 
 use std::sync::atomic::Ordering;
 
+use sluice_virtio::VirtQueue;
 use sluice_virtio::{QueueContext, QueueHandler, QueueMetrics};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
@@ -18,7 +19,7 @@ fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
 }
 
-fn run(handler: &mut RngHandler, queue: &mut Queue, mem: &GuestMemoryMmap) -> QueueMetrics {
+fn run(handler: &mut RngHandler, queue: &mut VirtQueue, mem: &GuestMemoryMmap) -> QueueMetrics {
     let dma = sluice_dma::identity(mem.clone());
     let metrics = QueueMetrics::default();
     let mut ctx = QueueContext {
@@ -40,7 +41,7 @@ fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
 fn single_buffer_is_filled_with_varied_bytes() {
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     add_chain(&vq, 0, &[(0x10_0000, 512, true)]);
 
     let metrics = run(&mut RngHandler::new(), &mut queue, &mem);
@@ -57,7 +58,7 @@ fn single_buffer_is_filled_with_varied_bytes() {
 fn multi_buffer_chain_fills_every_buffer() {
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     add_chain(
         &vq,
         0,
@@ -84,7 +85,7 @@ fn multi_buffer_chain_fills_every_buffer() {
 fn readable_only_chain_gets_zero_length_and_counts_error() {
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     add_chain(&vq, 0, &[(0x10_0000, 64, false)]);
     add_chain(&vq, 1, &[(0x11_0000, 32, true)]);
 
@@ -102,7 +103,7 @@ fn readable_only_chain_gets_zero_length_and_counts_error() {
 fn buffer_outside_guest_memory_gets_zero_length() {
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     add_chain(&vq, 0, &[(MEM_SIZE as u64 - 16, 64, true)]);
 
     let metrics = run(&mut RngHandler::new(), &mut queue, &mem);
@@ -115,7 +116,7 @@ fn buffer_outside_guest_memory_gets_zero_length() {
 fn huge_request_is_capped() {
     let mem = guest_memory();
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     add_chain(&vq, 0, &[(0x10_0000, 0x10_0000, true)]);
 
     run(&mut RngHandler::new(), &mut queue, &mem);
@@ -166,7 +167,7 @@ fn activated_device_serves_requests_on_kick() {
     let kick = EventFd::new(0).unwrap();
     let binding = QueueBinding {
         index: 0,
-        queue: vq.create_queue().unwrap(),
+        queue: vq.create_queue::<Queue>().unwrap().into(),
         kick: kick.try_clone().unwrap(),
         policy: NotifyPolicy::Interrupt,
     };
@@ -214,4 +215,26 @@ fn activation_needs_exactly_one_queue() {
             max: 1
         })
     ));
+}
+
+// The same handler over a packed ring.
+
+#[test]
+fn packed_ring_requests_are_filled_like_split_ones() {
+    use sluice_virtio::ring::mock::PackedDriver;
+    let mem = guest_memory();
+    let dma = sluice_dma::identity(mem.clone());
+    let mut driver = PackedDriver::new(&dma, 0x1000, 4);
+    let mut queue = VirtQueue::from(driver.queue());
+    driver.add_chain(3, &[(0x10_0000, 100, true), (0x11_0000, 28, true)]);
+    driver.add_chain(1, &[(0x12_0000, 64, false)]);
+
+    let metrics = run(&mut RngHandler::new(), &mut queue, &mem);
+
+    assert_eq!(driver.used(), Some((3, 128)));
+    assert_eq!(driver.used(), Some((1, 0)), "readable-only chain");
+    let bytes = read(&mem, 0x10_0000, 100);
+    assert!(bytes.iter().any(|&b| b != bytes[0]), "100 equal bytes");
+    assert_eq!(metrics.bytes.load(Ordering::Relaxed), 128);
+    assert_eq!(metrics.errors.load(Ordering::Relaxed), 1);
 }

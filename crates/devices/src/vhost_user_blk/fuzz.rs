@@ -324,7 +324,7 @@ fn queue_binding(index: u16) -> QueueBinding {
     queue.set_ready(true);
     QueueBinding {
         index,
-        queue,
+        queue: queue.into(),
         kick: EventFd::new(EFD_NONBLOCK).expect("a kick eventfd"),
         policy: NotifyPolicy::Interrupt,
     }

@@ -205,6 +205,8 @@ pub enum VhostUserBlkError {
     },
     #[error("stopped by a device reset")]
     Cancelled,
+    #[error("queue {0} is a packed ring; the vhost-user-blk frontend passes on split rings only")]
+    PackedRing(u16),
     #[error("cannot start a vhost-user-blk thread: {0}")]
     Thread(std::io::Error),
     #[error("vhost-user {step} failed: {source}")]

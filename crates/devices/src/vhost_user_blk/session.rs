@@ -117,7 +117,11 @@ fn ring(
     if binding.index >= served {
         return Err(VhostUserBlkError::QueueOutOfRange(binding.index, served));
     }
-    let queue = &binding.queue;
+    // The transport never offers VIRTIO_F_RING_PACKED for a device with external queues.
+    let queue = binding
+        .queue
+        .as_split()
+        .ok_or(VhostUserBlkError::PackedRing(binding.index))?;
     let ring = Ring {
         index: binding.index,
         size: queue.size(),

@@ -251,7 +251,7 @@ impl<'a> Driver<'a> {
         queue.set_event_idx(false);
         QueueBinding {
             index: self.index,
-            queue,
+            queue: queue.into(),
             kick: self.kick.try_clone().unwrap(),
             policy: sluice_virtio::NotifyPolicy::Interrupt,
         }

@@ -21,7 +21,6 @@ use sluice_virtio::{
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_queue::QueueOwnedT;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -117,7 +116,7 @@ struct Swallow;
 impl QueueHandler for Swallow {
     fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
         let mem: &DmaSpace = ctx.mem;
-        let _popped = ctx.queue.iter(mem)?.count();
+        let _popped = ctx.queue.pop_all(mem)?.len();
         Ok(false)
     }
 }

@@ -169,7 +169,7 @@ fn bindings(indices: &[u16]) -> Vec<QueueBinding> {
         .iter()
         .map(|&index| QueueBinding {
             index,
-            queue: Queue::new(8).unwrap(),
+            queue: Queue::new(8).unwrap().into(),
             kick: EventFd::new(EFD_NONBLOCK).unwrap(),
             policy: NotifyPolicy::Interrupt,
         })

@@ -130,9 +130,15 @@ impl QueueRegisters {
         }
     }
 
-    /// A size the queue may be enabled with: a power of two no larger than the maximum.
-    pub(crate) fn size_is_valid(&self) -> bool {
-        self.size.is_power_of_two() && self.size <= self.max_size
+    /// A size the queue may be enabled with, no larger than the maximum: a power of two for a
+    /// split ring, any non-zero size for a packed one (virtio 1.2 §2.7).
+    pub(crate) fn size_is_valid(&self, packed: bool) -> bool {
+        let shape_ok = if packed {
+            self.size > 0
+        } else {
+            self.size.is_power_of_two()
+        };
+        shape_ok && self.size <= self.max_size
     }
 
     pub(crate) fn address(&self, register: QueueAddress) -> u64 {

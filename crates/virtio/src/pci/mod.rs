@@ -52,7 +52,7 @@ use sluice_pci::{
 };
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
@@ -63,6 +63,7 @@ use crate::activation::ActiveQueues;
 use crate::device::{
     NotifyPolicy, QueueBinding, VirtioDevice, DEVICE_TYPE_BLOCK, DEVICE_TYPE_NET, DEVICE_TYPE_RNG,
 };
+use crate::ring::{PackedQueue, VirtQueue};
 use common::{CommonConfig, Field, QueueRegisters};
 use interrupt::{InterruptState, PciInterrupt};
 
@@ -118,6 +119,7 @@ const STATUS_DRIVER_OK: u8 = VIRTIO_CONFIG_S_DRIVER_OK as u8;
 const STATUS_NEEDS_RESET: u8 = VIRTIO_CONFIG_S_NEEDS_RESET as u8;
 const FEATURE_VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
 const FEATURE_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
+const FEATURE_RING_PACKED: u64 = 1 << VIRTIO_F_RING_PACKED;
 
 /// How the transport is wired into the VM.
 #[derive(Clone)]
@@ -134,6 +136,9 @@ pub struct VirtioPciOptions {
     pub msi_router: Option<Arc<dyn MsiRouter>>,
     /// Ioeventfds for the doorbells.
     pub ioevents: Option<Arc<dyn IoEventRegistrar>>,
+    /// Offer VIRTIO_F_RING_PACKED (sluice's packed rings) on top of the device's features;
+    /// ignored for devices whose rings another process runs ([`crate::ExternalQueues`]).
+    pub packed_ring: bool,
 }
 
 impl VirtioPciOptions {
@@ -146,6 +151,7 @@ impl VirtioPciOptions {
             msi_sink,
             msi_router: None,
             ioevents: None,
+            packed_ring: false,
         }
     }
 
@@ -215,7 +221,11 @@ impl VirtioPciDevice {
     ) -> Result<Self, VirtioPciError> {
         let max_sizes = device.queue_max_sizes();
         validate_queues(&max_sizes)?;
-        let offered = device.device_features();
+        let mut device = device;
+        let mut offered = device.device_features();
+        if options.packed_ring && device.external_queues().is_none() {
+            offered |= FEATURE_RING_PACKED;
+        }
         if offered & FEATURE_VERSION_1 == 0 {
             return Err(VirtioPciError::NotModern);
         }
@@ -402,8 +412,9 @@ impl VirtioPciDevice {
             return;
         }
         let name = self.name.clone();
+        let packed = self.common.accepted & FEATURE_RING_PACKED != 0;
         if let Some(queue) = self.configurable_queue() {
-            if queue.size_is_valid() {
+            if queue.size_is_valid(packed) {
                 queue.enabled = true;
             } else {
                 tracing::debug!("{name}: refused enabling a queue of size {}", queue.size);
@@ -458,12 +469,13 @@ impl VirtioPciDevice {
     fn activate(&mut self) {
         let features = self.negotiated_features();
         let event_idx = features & FEATURE_EVENT_IDX != 0;
+        let packed = features & FEATURE_RING_PACKED != 0;
         let mut bindings = Vec::new();
         for (index, regs) in self.common.queues.iter().enumerate() {
             if !regs.enabled {
                 continue;
             }
-            let built = build_queue(regs, event_idx, &self.mem).and_then(|queue| {
+            let built = build_queue(regs, packed, event_idx, &self.mem).and_then(|queue| {
                 let kick = self.kicks.get(index).ok_or("no doorbell")?;
                 let kick = kick.try_clone().map_err(|_| "cannot clone the doorbell")?;
                 Ok((queue, kick))
@@ -806,8 +818,44 @@ fn install_virtio_capabilities(config: &mut ConfigSpace, queues: usize) -> Resul
     Ok(cap)
 }
 
-/// A `virtio_queue::Queue` from the driver's registers, checked against the DMA space.
+/// The queue the driver's registers describe (packed if VIRTIO_F_RING_PACKED was negotiated:
+/// then desc / driver / device are the descriptor ring and the driver and device event
+/// suppression areas), checked against the DMA space.
 fn build_queue(
+    regs: &QueueRegisters,
+    packed: bool,
+    event_idx: bool,
+    mem: &DmaSpace,
+) -> Result<VirtQueue, &'static str> {
+    if packed {
+        build_packed_queue(regs, event_idx, mem).map(VirtQueue::Packed)
+    } else {
+        build_split_queue(regs, event_idx, mem).map(VirtQueue::Split)
+    }
+}
+
+fn build_packed_queue(
+    regs: &QueueRegisters,
+    event_idx: bool,
+    mem: &DmaSpace,
+) -> Result<PackedQueue, &'static str> {
+    if !regs.size_is_valid(true) {
+        return Err("bad queue size");
+    }
+    let mut queue = PackedQueue::new(
+        regs.size,
+        GuestAddress(regs.desc),
+        GuestAddress(regs.driver),
+        GuestAddress(regs.device),
+    );
+    queue.set_event_idx(event_idx);
+    if !queue.is_valid(mem) {
+        return Err("packed ring misaligned or outside the DMA space");
+    }
+    Ok(queue)
+}
+
+fn build_split_queue(
     regs: &QueueRegisters,
     event_idx: bool,
     mem: &DmaSpace,

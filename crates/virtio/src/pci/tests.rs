@@ -119,13 +119,14 @@ impl crate::ExternalQueues for FakeDevice {
         }
         let seen = queues
             .iter()
-            .map(|b| ActivatedQueue {
+            .map(|b| (b, b.queue.as_split().expect("split ring")))
+            .map(|(b, q)| ActivatedQueue {
                 index: b.index,
-                size: b.queue.size(),
-                desc: b.queue.desc_table(),
-                avail: b.queue.avail_ring(),
-                used: b.queue.used_ring(),
-                event_idx: b.queue.event_idx_enabled(),
+                size: q.size(),
+                desc: q.desc_table(),
+                avail: q.avail_ring(),
+                used: q.used_ring(),
+                event_idx: q.event_idx_enabled(),
                 policy: b.policy,
             })
             .collect();
@@ -1144,4 +1145,113 @@ fn interrupt_disable_and_reset_deassert_inta() {
 
     assert_eq!(line.levels(), vec![true, false, true, false]);
     assert_eq!(read(&mut s.dev, ISR_CFG_OFFSET, 1), 0);
+}
+
+// Packed rings through the transport.
+
+/// A device whose queues run on sluice's workers and echo every chain's length.
+struct PackedEchoDevice;
+
+impl VirtioDevice for PackedEchoDevice {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE_RNG
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![16]
+    }
+    fn device_features(&self) -> u64 {
+        FEATURE_VERSION_1 | FEATURE_EVENT_IDX
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    fn metrics(&self) -> Arc<DeviceMetrics> {
+        Arc::new(DeviceMetrics::new("echo", 1))
+    }
+    fn queue_handler(
+        &mut self,
+        _index: u16,
+        _size: u16,
+    ) -> Result<Box<dyn crate::QueueHandler>, ActivateError> {
+        Ok(Box::new(crate::worker::tests::EchoHandler))
+    }
+}
+
+fn echo_device(mem: &DmaSpace, packed_ring: bool) -> VirtioPciDevice {
+    let mut options = VirtioPciOptions::new(Arc::new(RecordingSink::default()));
+    options.packed_ring = packed_ring;
+    VirtioPciDevice::new(Box::new(PackedEchoDevice), mem.clone(), options).unwrap()
+}
+
+#[test]
+fn packed_ring_is_offered_only_when_asked_and_never_for_external_queues() {
+    let mem = memory();
+    let mut split_only = echo_device(&mem, false);
+    let mut packed = echo_device(&mem, true);
+    let mut external = setup_with(DEVICE_TYPE_BLOCK, &[8], |o| o.packed_ring = true);
+
+    assert_eq!(offered(&mut split_only) & FEATURE_RING_PACKED, 0);
+    assert_ne!(offered(&mut packed) & FEATURE_RING_PACKED, 0);
+    assert_eq!(offered(&mut external.dev) & FEATURE_RING_PACKED, 0);
+}
+
+#[test]
+fn negotiated_packed_ring_runs_at_the_queue_addresses_with_any_size() {
+    let mem = memory();
+    let mut dev = echo_device(&mem, true);
+    negotiate(
+        &mut dev,
+        FEATURE_VERSION_1 | FEATURE_EVENT_IDX | FEATURE_RING_PACKED,
+    );
+    // Size 6 is not a power of two: fine for a packed ring. desc = ring, driver / device =
+    // the event suppression areas.
+    let mut driver = crate::ring::mock::PackedDriver::new(&mem, DESC, 6);
+    write(&mut dev, QUEUE_SELECT, 2, 0);
+    write(&mut dev, QUEUE_SIZE, 2, 6);
+    write(&mut dev, QUEUE_DESC, 8, DESC);
+    write(&mut dev, QUEUE_DRIVER, 8, DESC + 6 * 16);
+    write(&mut dev, QUEUE_DEVICE, 8, DESC + 6 * 16 + 4);
+    write(&mut dev, QUEUE_ENABLE, 2, 1);
+    let enabled = read(&mut dev, QUEUE_ENABLE, 2);
+    driver_ok(&mut dev);
+
+    driver.add_chain(4, &[(0x8_0000, 100, true)]);
+    dev.kick_event(0).unwrap().write(1).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut used = None;
+    while used.is_none() && std::time::Instant::now() < deadline {
+        used = driver.used();
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+
+    assert_eq!(enabled, 1);
+    assert!(dev.is_active());
+    assert_eq!(used, Some((4, 100)));
+    assert_eq!(status(&mut dev) & STATUS_NEEDS_RESET, 0);
+}
+
+#[test]
+fn split_ring_still_needs_a_power_of_two_size() {
+    let mem = memory();
+    let mut dev = echo_device(&mem, true);
+    negotiate(&mut dev, FEATURE_VERSION_1);
+
+    assert_eq!(setup_queue(&mut dev, 0, 6, 0), 0);
+}
+
+#[test]
+fn packed_ring_outside_memory_needs_reset() {
+    let mem = memory();
+    let mut dev = echo_device(&mem, true);
+    negotiate(&mut dev, FEATURE_VERSION_1 | FEATURE_RING_PACKED);
+    write(&mut dev, QUEUE_SELECT, 2, 0);
+    write(&mut dev, QUEUE_DESC, 8, RAM_SIZE as u64 - 16);
+    write(&mut dev, QUEUE_DRIVER, 8, DESC);
+    write(&mut dev, QUEUE_DEVICE, 8, DESC + 4);
+    write(&mut dev, QUEUE_ENABLE, 2, 1);
+    driver_ok(&mut dev);
+
+    assert!(!dev.is_active());
+    assert_ne!(status(&mut dev) & STATUS_NEEDS_RESET, 0);
 }

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::thread;
 
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
@@ -30,9 +30,11 @@ pub(crate) struct EchoHandler;
 
 impl QueueHandler for EchoHandler {
     fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
-        let chains: Vec<_> = ctx.queue.iter(ctx.mem)?.collect();
+        let chains = ctx.queue.pop_all(ctx.mem)?;
         for chain in &chains {
-            let len = chain.clone().fold(0u32, |n, d| n.saturating_add(d.len()));
+            let len = chain
+                .descriptors()
+                .fold(0u32, |n, d| n.saturating_add(d.len()));
             ctx.queue.add_used(ctx.mem, chain.head_index(), len)?;
             QueueMetrics::add(&ctx.metrics.requests, 1);
         }
@@ -60,7 +62,12 @@ struct AsyncHandler {
 
 impl QueueHandler for AsyncHandler {
     fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
-        let heads: Vec<u16> = ctx.queue.iter(ctx.mem)?.map(|c| c.head_index()).collect();
+        let heads: Vec<u16> = ctx
+            .queue
+            .pop_all(ctx.mem)?
+            .iter()
+            .map(|c| c.head_index())
+            .collect();
         self.in_flight.extend(heads);
         Ok(false)
     }
@@ -155,14 +162,14 @@ impl<'a> Harness<'a> {
 
     fn spawn_with(
         &self,
-        queue: Queue,
+        queue: impl Into<VirtQueue>,
         policy: NotifyPolicy,
         handler: Box<dyn QueueHandler>,
         event_idx: bool,
     ) -> QueueWorker {
         let binding = QueueBinding {
             index: 1,
-            queue,
+            queue: queue.into(),
             kick: self.kick.try_clone().unwrap(),
             policy,
         };
@@ -228,7 +235,7 @@ fn kick_processes_chains_and_interrupts() {
     h.kick.write(1).unwrap();
     wait_until("three used entries", || h.used_idx() == 3);
     wait_until("an interrupt", || load(&h.queue_metrics().interrupts) >= 1);
-    let queue = worker.stop();
+    let queue = worker.stop().into_split().unwrap();
 
     for i in 0..3 {
         let elem = h.driver.used().ring().ref_at(i).unwrap().load();
@@ -468,7 +475,7 @@ fn ring_outside_memory_needs_reset_without_touching_it() {
     wait_until("the first kick", || load(&h.queue_metrics().kicks) == 1);
     h.submit(true);
     wait_until("the second kick", || load(&h.queue_metrics().kicks) == 2);
-    let queue = worker.stop();
+    let queue = worker.stop().into_split().unwrap();
 
     assert_eq!(
         h.interrupt.resets.load(Ordering::SeqCst),
@@ -513,12 +520,12 @@ fn stop_hands_back_the_queue_for_a_restart() {
     let worker = h.spawn(NotifyPolicy::Interrupt, false);
     h.submit(true);
     wait_until("the first request", || h.used_idx() == 1);
-    let queue = worker.stop();
+    let queue = worker.stop().into_split().unwrap();
 
     let restarted = h.spawn_with(queue, NotifyPolicy::Interrupt, Box::new(EchoHandler), false);
     h.submit(true);
     wait_until("the request after restart", || h.used_idx() == 2);
-    let queue = restarted.stop();
+    let queue = restarted.stop().into_split().unwrap();
 
     assert_eq!(queue.next_used(), 2);
     assert_eq!(load(&h.queue_metrics().requests), 2);
@@ -570,7 +577,7 @@ impl Harness<'_> {
     fn spawn_with_kick(&self, kick: EventFd) -> QueueWorker {
         let binding = QueueBinding {
             index: 1,
-            queue: self.driver.create_queue::<Queue>().unwrap(),
+            queue: self.driver.create_queue::<Queue>().unwrap().into(),
             kick,
             policy: NotifyPolicy::Interrupt,
         };
@@ -646,4 +653,91 @@ fn a_kick_fd_with_less_than_a_counter_to_read_does_not_block_the_worker() {
     assert_eq!(load(&h.queue_metrics().kicks), 1);
     assert_eq!(h.interrupt.resets.load(Ordering::SeqCst), 0);
     drop(write_end);
+}
+
+// Packed rings: the same worker, the layout behind `VirtQueue`.
+
+mod packed {
+    use super::*;
+    use crate::ring::mock::{PackedDriver, F_NEXT};
+
+    const PACKED_RING: u64 = 0x4_0000;
+    const PACKED_DATA: u64 = 0x8_0000;
+
+    fn spawn_packed(h: &Harness<'_>, driver: &PackedDriver<'_>, event_idx: bool) -> QueueWorker {
+        h.spawn_with(
+            driver.queue(),
+            NotifyPolicy::Interrupt,
+            Box::new(EchoHandler),
+            event_idx,
+        )
+    }
+
+    #[test]
+    fn kick_processes_packed_chains_and_interrupts() {
+        let mem = memory();
+        let h = Harness::new(&mem);
+        let mut driver = PackedDriver::new(&mem, PACKED_RING, 8);
+        let worker = spawn_packed(&h, &driver, true);
+
+        for id in 0..3u16 {
+            let addr = PACKED_DATA + u64::from(id) * 0x1000;
+            driver.add_chain(id, &[(addr, 16, false), (addr + 0x100, 48, true)]);
+        }
+        h.kick.write(1).unwrap();
+        let mut used = Vec::new();
+        wait_until("three used buffers", || {
+            used.extend(driver.used());
+            used.len() == 3
+        });
+        wait_until("an interrupt", || load(&h.queue_metrics().interrupts) >= 1);
+        let queue = worker.stop();
+
+        assert_eq!(used, [(0, 64), (1, 64), (2, 64)]);
+        assert!(queue.is_packed());
+        assert_eq!(queue.used_progress(), 3);
+        assert_eq!(load(&h.queue_metrics().requests), 3);
+        assert!(h.interrupt.queue_interrupts().iter().all(|&q| q == 1));
+        // Kicks re-enabled before sleeping, at the next avail position (6, first lap).
+        assert_eq!(driver.device_event(), (6 | 1 << 15, 2));
+    }
+
+    #[test]
+    fn driver_disabled_interrupts_are_counted_as_suppressed() {
+        let mem = memory();
+        let h = Harness::new(&mem);
+        let mut driver = PackedDriver::new(&mem, PACKED_RING, 8);
+        driver.set_driver_event(0, 1);
+        let worker = spawn_packed(&h, &driver, false);
+
+        driver.add_chain(0, &[(PACKED_DATA, 8, true)]);
+        h.kick.write(1).unwrap();
+        wait_until("the used buffer", || driver.used().is_some());
+        wait_until("the suppressed signal", || h.signals() == 1);
+        worker.stop();
+
+        assert_eq!(load(&h.queue_metrics().interrupts), 0);
+        assert_eq!(load(&h.queue_metrics().notifications_suppressed), 1);
+    }
+
+    #[test]
+    fn hostile_packed_ring_needs_reset_once() {
+        let mem = memory();
+        let h = Harness::new(&mem);
+        let driver = PackedDriver::new(&mem, PACKED_RING, 4);
+        for index in 0..4 {
+            driver.write_descriptor(index, PACKED_DATA, 8, 0, driver.available(F_NEXT));
+        }
+        let worker = spawn_packed(&h, &driver, true);
+
+        wait_until("needs_reset", || {
+            h.interrupt.resets.load(Ordering::SeqCst) == 1
+        });
+        h.kick.write(1).unwrap();
+        wait_until("the kick", || load(&h.queue_metrics().kicks) == 1);
+        worker.stop();
+
+        assert_eq!(h.interrupt.resets.load(Ordering::SeqCst), 1);
+        assert_eq!(load(&h.queue_metrics().requests), 0);
+    }
 }

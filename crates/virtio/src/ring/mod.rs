@@ -1,0 +1,373 @@
+//! One ring interface over both virtqueue layouts, so device models never know which one runs.
+//!
+//! * [`VirtQueue`] is an enum over virtio-queue's split [`Queue`] and sluice's hand-written
+//!   [`PackedQueue`] (`packed`). The split arm calls virtio-queue exactly as the handlers did
+//!   before, so the split path keeps its behaviour; the match is the only added cost.
+//! * [`Chain`] is one popped buffer: a virtio-queue `DescriptorChain` or a [`PackedChain`].
+//!   Handlers read it through [`Chain::descriptors`] (buffers as split `Descriptor`s: address,
+//!   length, WRITE flag), [`Chain::reader`] and [`Chain::writer`].
+//! * [`ChainReader`] / [`ChainWriter`] are virtio-queue's `Reader` / `Writer` for split chains
+//!   and a [`BufferCursor`] with the same semantics for packed ones (virtio-queue's cannot be
+//!   built from anything but its own split chains).
+
+mod cursor;
+pub mod fuzz;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod mock;
+pub mod packed;
+
+use std::io;
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
+
+use sluice_dma::DmaSpace;
+use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT, Reader, Writer};
+
+pub use cursor::BufferCursor;
+pub use packed::{PackedBuffer, PackedChain, PackedError, PackedQueue};
+
+use crate::device::QueueError;
+
+/// A virtqueue in either layout.
+#[derive(Debug)]
+pub enum VirtQueue {
+    Split(Queue),
+    Packed(PackedQueue),
+}
+
+impl From<Queue> for VirtQueue {
+    fn from(queue: Queue) -> Self {
+        VirtQueue::Split(queue)
+    }
+}
+
+impl From<PackedQueue> for VirtQueue {
+    fn from(queue: PackedQueue) -> Self {
+        VirtQueue::Packed(queue)
+    }
+}
+
+impl VirtQueue {
+    /// Number of entries.
+    pub fn size(&self) -> u16 {
+        match self {
+            VirtQueue::Split(q) => q.size(),
+            VirtQueue::Packed(q) => q.size(),
+        }
+    }
+
+    pub fn is_packed(&self) -> bool {
+        matches!(self, VirtQueue::Packed(_))
+    }
+
+    /// The split queue, if this is one (vhost-user's ring state and inflight tracking).
+    pub fn as_split(&self) -> Option<&Queue> {
+        match self {
+            VirtQueue::Split(q) => Some(q),
+            VirtQueue::Packed(_) => None,
+        }
+    }
+
+    pub fn into_split(self) -> Option<Queue> {
+        match self {
+            VirtQueue::Split(q) => Some(q),
+            VirtQueue::Packed(_) => None,
+        }
+    }
+
+    pub fn as_split_mut(&mut self) -> Option<&mut Queue> {
+        match self {
+            VirtQueue::Split(q) => Some(q),
+            VirtQueue::Packed(_) => None,
+        }
+    }
+
+    /// Whether the rings fit `mem` (and, for split, the queue is ready and sized right).
+    pub fn is_valid(&self, mem: &DmaSpace) -> bool {
+        match self {
+            VirtQueue::Split(q) => q.is_valid(mem),
+            VirtQueue::Packed(q) => q.is_valid(mem),
+        }
+    }
+
+    pub fn set_event_idx(&mut self, enabled: bool) {
+        match self {
+            VirtQueue::Split(q) => q.set_event_idx(enabled),
+            VirtQueue::Packed(q) => q.set_event_idx(enabled),
+        }
+    }
+
+    /// A counter that grows by one per used entry (wrapping); the worker compares it around a
+    /// pass to see how many buffers were answered.
+    pub fn used_progress(&self) -> u16 {
+        match self {
+            VirtQueue::Split(q) => q.next_used(),
+            VirtQueue::Packed(q) => q.used_count(),
+        }
+    }
+
+    /// Whether the driver made a buffer available that was not popped yet.
+    pub fn has_available(&self, mem: &DmaSpace) -> Result<bool, QueueError> {
+        match self {
+            VirtQueue::Split(q) => {
+                let avail = q.avail_idx(mem, Ordering::Acquire)?;
+                Ok(avail != Wrapping(q.next_avail()))
+            }
+            VirtQueue::Packed(q) => Ok(q.has_available(mem)?),
+        }
+    }
+
+    /// A value that changes whenever the driver publishes buffers: the split ring's avail
+    /// index, or for a packed ring the number of available slots from the avail position on.
+    /// Comparing two reads tells whether the driver published in between (a worker uses it to
+    /// tell chains its handler left in the ring from new ones).
+    pub fn avail_marker(&self, mem: &DmaSpace) -> Result<u16, QueueError> {
+        match self {
+            VirtQueue::Split(q) => Ok(q.avail_idx(mem, Ordering::Acquire)?.0),
+            VirtQueue::Packed(q) => Ok(q.available_slots(mem)?),
+        }
+    }
+
+    /// Where the device takes the next buffer (split: next avail index; packed: position and
+    /// wrap counter): unchanged across a pass when the handler took nothing.
+    pub fn avail_position(&self) -> u16 {
+        match self {
+            VirtQueue::Split(q) => q.next_avail(),
+            VirtQueue::Packed(q) => q.avail_off_wrap(),
+        }
+    }
+
+    /// Pops the next available buffer; `Err` only for a broken ring.
+    pub fn pop<'m>(&mut self, mem: &'m DmaSpace) -> Result<Option<Chain<'m>>, QueueError> {
+        match self {
+            VirtQueue::Split(q) => Ok(q.iter(mem)?.next().map(Chain::Split)),
+            VirtQueue::Packed(q) => Ok(q.pop(mem)?.map(Chain::Packed)),
+        }
+    }
+
+    /// Pops every available buffer (split: against one read of the avail index).
+    pub fn pop_all<'m>(&mut self, mem: &'m DmaSpace) -> Result<Vec<Chain<'m>>, QueueError> {
+        match self {
+            VirtQueue::Split(q) => Ok(q.iter(mem)?.map(Chain::Split).collect()),
+            VirtQueue::Packed(q) => {
+                let mut chains = Vec::new();
+                while let Some(chain) = q.pop(mem)? {
+                    chains.push(Chain::Packed(chain));
+                }
+                Ok(chains)
+            }
+        }
+    }
+
+    /// Gives the last popped (unanswered) buffer back to the ring.
+    pub fn undo_pop(&mut self) {
+        match self {
+            VirtQueue::Split(q) => q.go_to_previous_position(),
+            VirtQueue::Packed(q) => q.undo_pop(),
+        }
+    }
+
+    /// Answers buffer `head` (the chain's [`Chain::head_index`]) with `len` bytes written.
+    pub fn add_used(&mut self, mem: &DmaSpace, head: u16, len: u32) -> Result<(), QueueError> {
+        match self {
+            VirtQueue::Split(q) => Ok(q.add_used(mem, head, len)?),
+            VirtQueue::Packed(q) => Ok(q.add_used(mem, head, len)?),
+        }
+    }
+
+    /// Asks the driver to kick again; true if a buffer arrived meanwhile.
+    pub fn enable_notification(&mut self, mem: &DmaSpace) -> Result<bool, QueueError> {
+        match self {
+            VirtQueue::Split(q) => Ok(q.enable_notification(mem)?),
+            VirtQueue::Packed(q) => Ok(q.enable_notification(mem)?),
+        }
+    }
+
+    /// Asks the driver not to kick.
+    pub fn disable_notification(&mut self, mem: &DmaSpace) -> Result<(), QueueError> {
+        match self {
+            VirtQueue::Split(q) => Ok(q.disable_notification(mem)?),
+            VirtQueue::Packed(q) => Ok(q.disable_notification(mem)?),
+        }
+    }
+
+    /// Whether the driver wants an interrupt now (EVENT_IDX / suppression flags).
+    pub fn needs_notification(&mut self, mem: &DmaSpace) -> Result<bool, QueueError> {
+        match self {
+            VirtQueue::Split(q) => Ok(q.needs_notification(mem)?),
+            VirtQueue::Packed(q) => Ok(q.needs_notification(mem)?),
+        }
+    }
+}
+
+/// What a worker keeps to hand back a sane queue if its thread died.
+#[derive(Debug, Clone)]
+pub(crate) enum InitialQueue {
+    Split(QueueState),
+    Packed(PackedQueue),
+}
+
+impl InitialQueue {
+    pub(crate) fn of(queue: &VirtQueue) -> Self {
+        match queue {
+            VirtQueue::Split(q) => InitialQueue::Split(q.state()),
+            VirtQueue::Packed(q) => InitialQueue::Packed(q.clone()),
+        }
+    }
+
+    pub(crate) fn into_queue(self) -> VirtQueue {
+        match self {
+            InitialQueue::Split(state) => {
+                VirtQueue::Split(Queue::try_from(state).unwrap_or_default())
+            }
+            InitialQueue::Packed(q) => VirtQueue::Packed(q),
+        }
+    }
+}
+
+/// One popped buffer.
+#[derive(Debug, Clone)]
+pub enum Chain<'m> {
+    Split(DescriptorChain<&'m DmaSpace>),
+    Packed(PackedChain),
+}
+
+impl<'m> Chain<'m> {
+    /// The id to answer with in [`VirtQueue::add_used`] (split: head index, packed: buffer id).
+    pub fn head_index(&self) -> u16 {
+        match self {
+            Chain::Split(c) => c.head_index(),
+            Chain::Packed(c) => c.id,
+        }
+    }
+
+    /// The chain's buffers in order (address, length and WRITE flag are meaningful).
+    pub fn descriptors(&self) -> Descriptors<'m> {
+        match self {
+            Chain::Split(c) => Descriptors::Split(c.clone()),
+            Chain::Packed(c) => Descriptors::Packed(c.buffers.clone().into_iter()),
+        }
+    }
+
+    /// The device-readable bytes, resolved through `mem`.
+    pub fn reader(&self, mem: &'m DmaSpace) -> Result<ChainReader<'m>, virtio_queue::Error> {
+        match self {
+            Chain::Split(c) => Ok(ChainReader::Split(Reader::new(mem, c.clone())?)),
+            Chain::Packed(c) => Ok(ChainReader::Packed(BufferCursor::new(
+                mem,
+                c.buffers.iter().filter(|b| !b.writable),
+                vm_memory::Permissions::Read,
+            )?)),
+        }
+    }
+
+    /// The device-writable bytes, resolved through `mem`.
+    pub fn writer(&self, mem: &'m DmaSpace) -> Result<ChainWriter<'m>, virtio_queue::Error> {
+        match self {
+            Chain::Split(c) => Ok(ChainWriter::Split(Writer::new(mem, c.clone())?)),
+            Chain::Packed(c) => Ok(ChainWriter::Packed(BufferCursor::new(
+                mem,
+                c.buffers.iter().filter(|b| b.writable),
+                vm_memory::Permissions::Write,
+            )?)),
+        }
+    }
+}
+
+/// Iterator over a chain's buffers (see [`Chain::descriptors`]).
+pub enum Descriptors<'m> {
+    Split(DescriptorChain<&'m DmaSpace>),
+    Packed(std::vec::IntoIter<PackedBuffer>),
+}
+
+impl Iterator for Descriptors<'_> {
+    type Item = Descriptor;
+
+    fn next(&mut self) -> Option<Descriptor> {
+        match self {
+            Descriptors::Split(c) => c.next(),
+            Descriptors::Packed(buffers) => buffers.next().map(|b| {
+                let flags = if b.writable {
+                    VRING_DESC_F_WRITE as u16
+                } else {
+                    0
+                };
+                Descriptor::new(b.addr.0, b.len, flags, 0)
+            }),
+        }
+    }
+}
+
+/// Reads a chain's device-readable bytes.
+#[derive(Clone)]
+pub enum ChainReader<'m> {
+    Split(Reader<'m>),
+    Packed(BufferCursor<'m>),
+}
+
+impl ChainReader<'_> {
+    /// Bytes left to read.
+    pub fn available_bytes(&self) -> usize {
+        match self {
+            ChainReader::Split(r) => r.available_bytes(),
+            ChainReader::Packed(c) => c.available_bytes(),
+        }
+    }
+}
+
+impl io::Read for ChainReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            ChainReader::Split(r) => r.read(buf),
+            ChainReader::Packed(c) => Ok(c.read_into(buf)),
+        }
+    }
+}
+
+/// Writes a chain's device-writable bytes.
+#[derive(Clone)]
+pub enum ChainWriter<'m> {
+    Split(Writer<'m>),
+    Packed(BufferCursor<'m>),
+}
+
+impl ChainWriter<'_> {
+    /// Bytes left to write.
+    pub fn available_bytes(&self) -> usize {
+        match self {
+            ChainWriter::Split(w) => w.available_bytes(),
+            ChainWriter::Packed(c) => c.available_bytes(),
+        }
+    }
+
+    /// Bytes written so far.
+    pub fn bytes_written(&self) -> usize {
+        match self {
+            ChainWriter::Split(w) => w.bytes_written(),
+            ChainWriter::Packed(c) => c.bytes_done(),
+        }
+    }
+
+    /// Keeps the first `offset` bytes here and returns a writer for the rest.
+    pub fn split_at(&mut self, offset: usize) -> Result<Self, virtio_queue::Error> {
+        match self {
+            ChainWriter::Split(w) => Ok(ChainWriter::Split(w.split_at(offset)?)),
+            ChainWriter::Packed(c) => Ok(ChainWriter::Packed(c.split_at(offset)?)),
+        }
+    }
+}
+
+impl io::Write for ChainWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            ChainWriter::Split(w) => w.write(buf),
+            ChainWriter::Packed(c) => Ok(c.write_from(buf)),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
