@@ -1,5 +1,5 @@
 //! Command-line parsing (contract: `w=<kind>[:key=value]...`, `timeout_ms=N`, `ring=0|3`,
-//! `quiet`).
+//! `vq=split|packed`, `quiet`).
 //! Unknown top-level tokens are ignored (loaders add their own); a malformed `w=` is an error
 //! that ends the run with status 5.
 
@@ -23,6 +23,23 @@ impl Mode {
             Mode::Irq => "irq",
             Mode::Poll => "poll",
             Mode::Batch => "batch",
+        }
+    }
+}
+
+/// Virtqueue layout the drivers ask for (`vq=`): packed is used only if the device offers
+/// VIRTIO_F_RING_PACKED; the RESULT lines report what was negotiated.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum VqLayout {
+    Split,
+    Packed,
+}
+
+impl VqLayout {
+    pub fn name(self) -> &'static str {
+        match self {
+            VqLayout::Split => "split",
+            VqLayout::Packed => "packed",
         }
     }
 }
@@ -129,6 +146,8 @@ pub struct Config {
     pub quiet: bool,
     /// The privilege level the workloads' data paths run at (`ring=0|3`, default 3).
     pub ring: u8,
+    /// The virtqueue layout asked for (`vq=split|packed`, default split).
+    pub vq: VqLayout,
 }
 
 /// Default ring: on kvm_pvm CPL3 code runs natively, CPL0 code in KVM's emulator.
@@ -320,6 +339,7 @@ pub fn parse(cmdline: &str) -> Result<Config, String> {
         timeout_ms: 5000,
         quiet: false,
         ring: DEFAULT_RING,
+        vq: VqLayout::Split,
     };
     // `ring=` applies to every workload wherever it stands, and picks their default mode.
     for token in cmdline.split_ascii_whitespace() {
@@ -338,6 +358,12 @@ pub fn parse(cmdline: &str) -> Result<Config, String> {
         }
         if let Some(spec) = token.strip_prefix("w=") {
             config.workloads.push(parse_workload(spec, default_mode)?);
+        } else if let Some(value) = token.strip_prefix("vq=") {
+            config.vq = match value {
+                "split" => VqLayout::Split,
+                "packed" => VqLayout::Packed,
+                _ => return Err(alloc::format!("vq={value}: expected split or packed")),
+            };
         } else if let Some(value) = token.strip_prefix("timeout_ms=") {
             config.timeout_ms = bounded("timeout_ms", value, 1, 3_600_000)?;
         } else if token == "quiet" {

@@ -53,6 +53,7 @@ extern "C" fn rust_main(start_info: u32) -> ! {
     };
     console::set_quiet(config.quiet);
     arch::ring3::set_workload_ring(config.ring);
+    drivers::virtio::set_wanted_layout(config.vq);
     chatter!("{} KiB free for heap and DMA", mem::free_bytes() / 1024);
     acpi::init(boot.rsdp);
     time::init();

@@ -485,9 +485,9 @@ fn print_result(engine: &Engine<'_>, s: &Summary<'_>) {
         let _ = core::fmt::Write::write_fmt(&mut cpu_ops, format_args!("{separator}{ops}"));
     }
     crate::println!(
-        "RESULT {{\"workload\":\"blk\",\"ring\":{},\"op\":\"{}\",\"bs\":{},\"qd\":{},\"queues\":{},\"cpus\":{},\"cpu_ops\":[{}],\"mode\":\"{}\",\"event_idx\":{},\"ops\":{},\"bytes\":{},\"elapsed_ns\":{},\"lat_ns\":{},\"notifies\":{},\"interrupts\":{},\"errors\":{},\"verify\":\"{}\",\"pass\":{}}}",
+        "RESULT {{\"workload\":\"blk\",\"ring\":{},\"op\":\"{}\",\"bs\":{},\"qd\":{},\"queues\":{},\"cpus\":{},\"cpu_ops\":[{}],\"mode\":\"{}\",\"vq\":\"{}\",\"event_idx\":{},\"ops\":{},\"bytes\":{},\"elapsed_ns\":{},\"lat_ns\":{},\"notifies\":{},\"interrupts\":{},\"errors\":{},\"verify\":\"{}\",\"pass\":{}}}",
         engine.ring, p.op.name(), p.bs, s.depth, s.queues, s.cpu_ops.len(), cpu_ops, p.mode.name(),
-        engine.device.has(vpci::F_EVENT_IDX), engine.totals.completed, engine.totals.bytes,
+        engine.device.layout().name(), engine.device.has(vpci::F_EVENT_IDX), engine.totals.completed, engine.totals.bytes,
         s.elapsed_ns, engine.hist.json(), s.notifies, s.interrupts, engine.totals.errors, s.verify,
         s.pass
     );

@@ -1,15 +1,35 @@
-//! virtio 1.x over PCI (modern interface only): transport, split virtqueues, and the block,
-//! network and entropy drivers with their workloads.
+//! virtio 1.x over PCI (modern interface only): transport, split and packed virtqueues, and
+//! the block, network and entropy drivers with their workloads.
 
 pub mod blk;
 pub mod net;
+mod packed;
 pub mod pci;
 pub mod queue;
 pub mod rng;
+mod split;
 
-use crate::cmdline::Mode;
+use crate::cmdline::{Mode, VqLayout};
 use crate::workloads::Outcome;
+use core::sync::atomic::{AtomicBool, Ordering};
 use pci::VirtioError;
+
+/// Whether `vq=packed` asked for packed rings (offered to devices that support them).
+static PACKED_WANTED: AtomicBool = AtomicBool::new(false);
+
+/// Sets the ring layout the drivers ask devices for (`vq=`); called once at boot.
+pub fn set_wanted_layout(layout: VqLayout) {
+    PACKED_WANTED.store(layout == VqLayout::Packed, Ordering::Relaxed);
+}
+
+/// The ring layout the drivers ask for; a device that does not offer it gets split rings.
+pub fn wanted_layout() -> VqLayout {
+    if PACKED_WANTED.load(Ordering::Relaxed) {
+        VqLayout::Packed
+    } else {
+        VqLayout::Split
+    }
+}
 
 /// Prints the failure and maps it to an outcome (timeouts end the run with status 4).
 pub fn report_error(workload: &str, error: &VirtioError) -> Outcome {

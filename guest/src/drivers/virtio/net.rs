@@ -320,8 +320,8 @@ fn run(p: &NetParams, timeout_ms: u64) -> Result<Outcome, VirtioError> {
         _ => "n/a",
     };
     crate::println!(
-        "RESULT {{\"workload\":\"net\",\"ring\":{},\"dir\":\"{}\",\"size\":{},\"mode\":\"{}\",\"frames\":{},\"ops\":{},\"bytes\":{},\"elapsed_ns\":{},\"lat_ns\":{},\"notifies\":{},\"interrupts\":{},\"errors\":{},\"verify\":\"{}\",\"pass\":{}}}",
-        ring, p.dir.name(), p.size, p.mode.name(), counts.frames, counts.frames, counts.bytes, elapsed_ns, hist.json(),
+        "RESULT {{\"workload\":\"net\",\"ring\":{},\"dir\":\"{}\",\"size\":{},\"mode\":\"{}\",\"vq\":\"{}\",\"frames\":{},\"ops\":{},\"bytes\":{},\"elapsed_ns\":{},\"lat_ns\":{},\"notifies\":{},\"interrupts\":{},\"errors\":{},\"verify\":\"{}\",\"pass\":{}}}",
+        ring, p.dir.name(), p.size, p.mode.name(), net.device.layout().name(), counts.frames, counts.frames, counts.bytes, elapsed_ns, hist.json(),
         net.rx.notifies + net.tx.notifies, net.device.interrupt_count() - interrupts_before, counts.errors, verify, pass
     );
     Ok(if pass { Outcome::Pass } else { Outcome::Fail })

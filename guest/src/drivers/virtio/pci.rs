@@ -3,6 +3,7 @@
 //! Every wait has a deadline; capability windows are checked against their BAR's size.
 
 use super::queue::{Queue, MAX_QUEUE_SIZE};
+use crate::cmdline::VqLayout;
 use crate::interrupts;
 use crate::pci::{self, Device};
 use crate::phys;
@@ -12,6 +13,7 @@ pub const VENDOR_VIRTIO: u16 = 0x1af4;
 pub const F_VERSION_1: u64 = 1 << 32;
 pub const F_ACCESS_PLATFORM: u64 = 1 << 33;
 pub const F_EVENT_IDX: u64 = 1 << 29;
+pub const F_RING_PACKED: u64 = 1 << 34;
 
 const STATUS_ACKNOWLEDGE: u8 = 1;
 const STATUS_DRIVER: u8 = 2;
@@ -248,7 +250,8 @@ impl VirtioPci {
     }
 
     /// Finds the capabilities, resets, acknowledges and negotiates `wanted` features
-    /// (VERSION_1 is required). Leaves the device at FEATURES_OK.
+    /// (VERSION_1 is required; RING_PACKED when `vq=packed` asked for it). Leaves the device at
+    /// FEATURES_OK.
     pub fn open(device: &Device, wanted: u64, timeout_ms: u64) -> Result<Self, VirtioError> {
         device.set_command_bits(
             pci::COMMAND_MEMORY | pci::COMMAND_BUS_MASTER | pci::COMMAND_INTX_DISABLE,
@@ -262,7 +265,11 @@ impl VirtioPci {
             transport.add_status(STATUS_FAILED);
             return Err(VirtioError::NoVersion1);
         }
-        let features = offered & (wanted | F_VERSION_1 | F_ACCESS_PLATFORM);
+        let layout = match super::wanted_layout() {
+            VqLayout::Packed => F_RING_PACKED,
+            VqLayout::Split => 0,
+        };
+        let features = offered & (wanted | layout | F_VERSION_1 | F_ACCESS_PLATFORM);
         transport.common_write32(DRIVER_FEATURE_SELECT, 0);
         transport.common_write32(DRIVER_FEATURE, features as u32);
         transport.common_write32(DRIVER_FEATURE_SELECT, 1);
@@ -288,6 +295,15 @@ impl VirtioPci {
 
     pub fn has(&self, feature: u64) -> bool {
         self.features & feature != 0
+    }
+
+    /// The ring layout negotiated (what the queues use).
+    pub fn layout(&self) -> VqLayout {
+        if self.has(F_RING_PACKED) {
+            VqLayout::Packed
+        } else {
+            VqLayout::Split
+        }
     }
 
     fn enable_msix(&self) {
@@ -358,11 +374,13 @@ impl VirtioPci {
         let wanted = max.min(limit).min(MAX_QUEUE_SIZE);
         let size = 1u16 << (15 - wanted.leading_zeros());
         let event_idx = self.has(F_EVENT_IDX);
-        let mut queue = Queue::new(index, size, event_idx).ok_or(VirtioError::NoMemory)?;
+        let mut queue =
+            Queue::new(index, size, event_idx, self.layout()).ok_or(VirtioError::NoMemory)?;
+        let (desc, driver_area, device_area) = queue.areas();
         self.common_write16(QUEUE_SIZE, size);
-        self.common_write64(QUEUE_DESC, queue.desc);
-        self.common_write64(QUEUE_DRIVER, queue.avail);
-        self.common_write64(QUEUE_DEVICE, queue.used);
+        self.common_write64(QUEUE_DESC, desc);
+        self.common_write64(QUEUE_DRIVER, driver_area);
+        self.common_write64(QUEUE_DEVICE, device_area);
         let entry = if interrupts {
             self.claim_msix_entry(apic_id)?.0
         } else {
@@ -378,8 +396,8 @@ impl VirtioPci {
             return Err(VirtioError::BadBar);
         }
         queue.set_notify_addr(self.notify_base + notify_off);
-        if !interrupts && !event_idx {
-            queue.suppress_interrupts();
+        if !interrupts {
+            queue.suppress_interrupts(event_idx);
         }
         self.common_write16(QUEUE_ENABLE, 1);
         Ok(queue)

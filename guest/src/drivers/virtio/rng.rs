@@ -37,8 +37,9 @@ fn run(bytes: u64, dev: usize, timeout_ms: u64) -> Result<Outcome, VirtioError> 
     let constant = (0..bytes).all(|i| byte_at(buffer + i) == first);
     let pass = !constant;
     crate::println!(
-        "RESULT {{\"workload\":\"rng\",\"ring\":{},\"bytes\":{},\"elapsed_ns\":{},\"notifies\":{},\"interrupts\":{},\"errors\":{},\"verify\":\"{}\",\"pass\":{}}}",
+        "RESULT {{\"workload\":\"rng\",\"ring\":{},\"vq\":\"{}\",\"bytes\":{},\"elapsed_ns\":{},\"notifies\":{},\"interrupts\":{},\"errors\":{},\"verify\":\"{}\",\"pass\":{}}}",
         ring,
+        device.layout().name(),
         received,
         elapsed_ns,
         queue.notifies,
