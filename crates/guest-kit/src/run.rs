@@ -112,6 +112,9 @@ pub struct GuestKitRun {
     pub timeout: Duration,
     /// Firmware under QEMU (ignored by sluice, which boots PVH directly).
     pub firmware: Firmware,
+    /// QEMU's virtio devices also offer packed virtqueues (`packed=on`); the kit uses them
+    /// with `vq=packed` on its command line. (sluice: `packed=on` goes in `extra_args`.)
+    pub packed_virtqueues: bool,
 }
 
 impl GuestKitRun {
@@ -125,6 +128,7 @@ impl GuestKitRun {
             devices: Vec::new(),
             timeout: Duration::from_secs(30),
             firmware: Firmware::SeaBios,
+            packed_virtqueues: false,
         }
     }
 
@@ -140,6 +144,12 @@ impl GuestKitRun {
     }
 
     /// Adds a device.
+    /// Has QEMU's virtio devices offer packed virtqueues (see `packed_virtqueues`).
+    pub fn with_packed_virtqueues(mut self) -> GuestKitRun {
+        self.packed_virtqueues = true;
+        self
+    }
+
     pub fn with_device(mut self, device: Device) -> GuestKitRun {
         self.devices.push(device);
         self
@@ -235,7 +245,11 @@ impl GuestKitRun {
             args.extend(["-bios".into(), "qboot.rom".into()]);
         }
         for (index, device) in self.devices.iter().enumerate() {
-            args.extend(qemu_device_args(index, device));
+            let mut device_args = qemu_device_args(index, device);
+            if self.packed_virtqueues {
+                offer_packed_virtqueues(&mut device_args);
+            }
+            args.extend(device_args);
         }
         args
     }
@@ -315,6 +329,15 @@ fn qemu_device_args(index: usize, device: &Device) -> Vec<String> {
             // not be installed.
             format!("virtio-net-pci,netdev=net{index},romfile="),
         ],
+    }
+}
+
+/// Adds `packed=on` to every `-device` in `args`.
+fn offer_packed_virtqueues(args: &mut [String]) {
+    for index in 1..args.len() {
+        if args[index - 1] == "-device" {
+            args[index].push_str(",packed=on");
+        }
     }
 }
 
@@ -544,6 +567,36 @@ mod tests {
     }
 
     #[test]
+    fn packed_virtqueues_are_offered_on_every_qemu_device() {
+        let run = GuestKitRun::qemu(Accel::Tcg, Machine::Q35, "vq=packed")
+            .with_packed_virtqueues()
+            .with_device(Device::VirtioRng)
+            .with_device(Device::VirtioNet {
+                host_port: 4000,
+                vmm_port: 4001,
+            });
+
+        let args = run.qemu_args(Accel::Tcg, Machine::Q35, Path::new("/k"));
+
+        let devices: Vec<&str> = args
+            .windows(2)
+            .filter(|pair| pair[0] == "-device" && pair[1].starts_with("virtio-"))
+            .map(|pair| pair[1].as_str())
+            .collect();
+        assert_eq!(devices.len(), 2, "{args:?}");
+        assert!(
+            devices.iter().all(|device| device.ends_with(",packed=on")),
+            "{args:?}"
+        );
+        let plain = GuestKitRun::qemu(Accel::Tcg, Machine::Q35, "").with_device(Device::VirtioRng);
+        let plain_args = plain.qemu_args(Accel::Tcg, Machine::Q35, Path::new("/k"));
+        assert!(
+            !plain_args.iter().any(|arg| arg.contains("packed")),
+            "{plain_args:?}"
+        );
+    }
+
+    #[test]
     fn sluice_command_uses_megabyte_memory_flag_and_passes_extra_args() {
         let run = GuestKitRun {
             vmm: Vmm::Sluice {
@@ -556,6 +609,7 @@ mod tests {
             devices: Vec::new(),
             timeout: Duration::from_secs(1),
             firmware: Firmware::SeaBios,
+            packed_virtqueues: false,
         };
 
         let command = run.command(Path::new("/k")).expect("sluice command");
@@ -595,6 +649,7 @@ mod tests {
             devices: vec![Device::VirtioRng],
             timeout: Duration::from_secs(1),
             firmware: Firmware::SeaBios,
+            packed_virtqueues: false,
         };
 
         let result = run.command(Path::new("/k"));

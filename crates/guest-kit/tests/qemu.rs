@@ -115,10 +115,22 @@ fn assert_block_has_pattern(image: &TempImage, block: u64) {
 
 /// `cpus`: `Some(n)` runs on `-smp n` with `cpus=n` (queue i driven by CPU i).
 fn blk_verify_on(accel: Accel, queues: u16, mode: &str, cpus: Option<u32>) -> GuestKitReport {
+    blk_verify_with_layout(accel, queues, mode, cpus, false)
+}
+
+/// `blk_verify_on`; with `packed`, QEMU offers packed virtqueues and the kit asks for them.
+fn blk_verify_with_layout(
+    accel: Accel,
+    queues: u16,
+    mode: &str,
+    cpus: Option<u32>,
+    packed: bool,
+) -> GuestKitReport {
     let image = TempImage::new("verify", IMAGE_BYTES);
     let cpus_key = cpus.map_or(String::new(), |n| format!(":cpus={n}"));
+    let vq = if packed { "vq=packed " } else { "" };
     let cmdline = format!(
-        "quiet w=blk:op=verify:bs={BLOCK_BYTES}:qd=4:queues={queues}:span_mb={}:mode={mode}:seed={SEED}{cpus_key}",
+        "quiet {vq}w=blk:op=verify:bs={BLOCK_BYTES}:qd=4:queues={queues}:span_mb={}:mode={mode}:seed={SEED}{cpus_key}",
         SPAN_BYTES >> 20
     );
     let mut run = qemu(accel, Machine::Q35, &cmdline).with_device(Device::VirtioBlk {
@@ -127,6 +139,7 @@ fn blk_verify_on(accel: Accel, queues: u16, mode: &str, cpus: Option<u32>) -> Gu
         read_only: false,
     });
     run.cpus = cpus.unwrap_or(1);
+    run.packed_virtqueues = packed;
 
     let report = run.run().expect("run QEMU");
 
@@ -227,6 +240,69 @@ tcg_and_kvm!(
     blk_verify_2q_2cpus_poll
 );
 
+/// The RESULT's `vq` field: the layout negotiated, as the kit read it from the features.
+fn assert_vq(report: &GuestKitReport, workload: &str, layout: &str) {
+    let result = report
+        .results_for(workload)
+        .next()
+        .unwrap_or_else(|| panic!("no {workload} RESULT: {}", report.describe()));
+    assert_eq!(result.raw["vq"], layout, "{}", report.describe());
+}
+
+/// Packed rings (`packed=on`, `vq=packed`): two queues on two CPUs polling in ring 3.
+fn blk_verify_packed_2q_2cpus_poll(accel: Accel, _test: &str) {
+    let report = blk_verify_with_layout(accel, 2, "poll", Some(2), true);
+
+    assert_vq(&report, "blk", "packed");
+    let blk = report.results_for("blk").next().expect("blk RESULT");
+    let per_cpu = SPAN_BYTES / BLOCK_BYTES / 2 * 2;
+    assert_eq!(
+        blk.raw["cpu_ops"],
+        serde_json::json!([per_cpu, per_cpu]),
+        "{}",
+        report.describe()
+    );
+}
+
+/// Packed rings with interrupts: QEMU interrupts at the driver's EVENT_IDX used position.
+fn blk_verify_packed_1q_irq(accel: Accel, _test: &str) {
+    let report = blk_verify_with_layout(accel, 1, "irq", None, true);
+
+    assert_vq(&report, "blk", "packed");
+    let blk = report.results_for("blk").next().expect("blk RESULT");
+    assert_eq!(blk.raw["event_idx"], true, "{}", report.describe());
+}
+
+/// `vq=packed` on a device that does not offer packed rings: split rings, and the RESULT says so.
+fn blk_packed_asked_split_offered(accel: Accel, _test: &str) {
+    let image = TempImage::new("vq-split", IMAGE_BYTES);
+    let run = qemu(
+        accel,
+        Machine::Q35,
+        "quiet vq=packed w=blk:op=verify:bs=4096:qd=4:span_mb=1:seed=3",
+    )
+    .with_device(Device::VirtioBlk {
+        image: image.path.clone(),
+        queues: 1,
+        read_only: false,
+    });
+
+    let report = run.run().expect("run QEMU");
+
+    assert_passed(&report);
+    assert_vq(&report, "blk", "split");
+}
+
+tcg_and_kvm!(
+    blk_verify_packed_two_queues_on_two_cpus_poll,
+    blk_verify_packed_2q_2cpus_poll
+);
+tcg_and_kvm!(blk_verify_packed_one_queue_irq, blk_verify_packed_1q_irq);
+tcg_and_kvm!(
+    blk_packed_asked_but_not_offered_runs_split,
+    blk_packed_asked_split_offered
+);
+
 // ---- smp --------------------------------------------------------------------------------------
 
 /// The `smp` RESULT of a passing run on `cpus` CPUs, checked for the counter and the APIC ids.
@@ -321,23 +397,45 @@ fn rng(accel: Accel, _test: &str) {
 
 tcg_and_kvm!(rng_reads_entropy, rng);
 
+fn rng_packed(accel: Accel, _test: &str) {
+    let run = qemu(accel, Machine::Q35, "vq=packed w=rng:bytes=8192")
+        .with_device(Device::VirtioRng)
+        .with_packed_virtqueues();
+
+    let report = run.run().expect("run QEMU");
+
+    assert_passed(&report);
+    assert_vq(&report, "rng", "packed");
+    let rng = report.results_for("rng").next().expect("rng RESULT");
+    assert_eq!(rng.bytes, Some(8192), "{}", report.describe());
+}
+
+tcg_and_kvm!(rng_reads_entropy_over_packed_rings, rng_packed);
+
 // ---- net --------------------------------------------------------------------------------------
 
 /// EtherType of the guest kit's test frames (guest/src/drivers/virtio/net.rs).
 const GUEST_ETHERTYPE: [u8; 2] = [0x88, 0xb5];
 
 fn net_echo(accel: Accel, mode: &str) {
+    net_echo_with_layout(accel, mode, false);
+}
+
+/// Echo through a UDP peer; with `packed`, over packed rings (and the RESULT must say so).
+fn net_echo_with_layout(accel: Accel, mode: &str, packed: bool) {
     const FRAMES: u64 = 16;
     let peer = EchoPeer::start();
-    let run = qemu(
+    let vq = if packed { "vq=packed " } else { "" };
+    let mut run = qemu(
         accel,
         Machine::Q35,
-        &format!("w=net:dir=echo:size=1000:frames={FRAMES}:mode={mode}"),
+        &format!("{vq}w=net:dir=echo:size=1000:frames={FRAMES}:mode={mode}"),
     )
     .with_device(Device::VirtioNet {
         host_port: peer.port,
         vmm_port: free_udp_port(),
     });
+    run.packed_virtqueues = packed;
 
     let report = run.run().expect("run QEMU");
 
@@ -347,6 +445,9 @@ fn net_echo(accel: Accel, mode: &str) {
         .next()
         .unwrap_or_else(|| panic!("no net RESULT: {}", report.describe()));
     assert_eq!(net.errors.unwrap_or(0), 0, "{}", report.describe());
+    if packed {
+        assert_eq!(net.raw["vq"], "packed", "{}", report.describe());
+    }
     let echoed = peer.echoed.load(std::sync::atomic::Ordering::Relaxed);
     assert!(
         echoed >= FRAMES,
@@ -373,6 +474,12 @@ fn net_echo_poll(accel: Accel, _test: &str) {
 
 tcg_and_kvm!(net_echo_through_udp_peer_irq, net_echo_irq);
 tcg_and_kvm!(net_echo_through_udp_peer_poll, net_echo_poll);
+
+fn net_echo_packed_poll(accel: Accel, _test: &str) {
+    net_echo_with_layout(accel, "poll", true);
+}
+
+tcg_and_kvm!(net_echo_over_packed_rings_poll, net_echo_packed_poll);
 
 // ---- broken runs ------------------------------------------------------------------------------
 

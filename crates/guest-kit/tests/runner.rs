@@ -34,6 +34,7 @@ impl FakeVmm {
             devices: Vec::new(),
             timeout,
             firmware: Firmware::SeaBios,
+            packed_virtqueues: false,
         }
     }
 }
