@@ -119,14 +119,15 @@ impl VirtQueue {
         }
     }
 
-    /// A value that changes whenever the driver publishes buffers: the split ring's avail
-    /// index, or for a packed ring the number of available slots from the avail position on.
+    /// A value that changes whenever the driver publishes buffers, and only then: the split
+    /// ring's avail index, or for a packed ring the end of the available slots (position and
+    /// wrap counter).
     /// Comparing two reads tells whether the driver published in between (a worker uses it to
     /// tell chains its handler left in the ring from new ones).
     pub fn avail_marker(&self, mem: &DmaSpace) -> Result<u16, QueueError> {
         match self {
             VirtQueue::Split(q) => Ok(q.avail_idx(mem, Ordering::Acquire)?.0),
-            VirtQueue::Packed(q) => Ok(q.available_slots(mem)?),
+            VirtQueue::Packed(q) => Ok(q.available_end(mem)?),
         }
     }
 

@@ -246,16 +246,21 @@ impl PackedQueue {
         Ok(is_available(flags, self.next_avail.wrap))
     }
 
-    /// How many ring slots from the avail position on the driver has made available (at most
-    /// the ring size): it grows when the driver publishes, so two reads tell whether it did.
-    pub fn available_slots(&self, mem: &DmaSpace) -> Result<u16, PackedError> {
+    /// The end of the run of available slots from the avail position on (at most a ring's
+    /// worth), in `off_wrap` form: the driver's publishing frontier as the device sees it. It
+    /// moves when the driver publishes and stays when the device takes buffers, so two reads
+    /// tell whether the driver published in between even if a pass took buffers meanwhile (a
+    /// count of available slots would not: taking n slots while n more are published leaves it
+    /// unchanged, and a worker comparing counts then slept on published buffers it had asked
+    /// not to be kicked for).
+    pub fn available_end(&self, mem: &DmaSpace) -> Result<u16, PackedError> {
         let mut at = self.next_avail;
         let mut count = 0;
         while count < self.size && is_available(self.load_flags(mem, at.index)?, at.wrap) {
             at = at.advance(1, self.size);
             count += 1;
         }
-        Ok(count)
+        Ok(at.off_wrap())
     }
 
     /// Takes the next available buffer, if any.

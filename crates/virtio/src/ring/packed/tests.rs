@@ -465,8 +465,28 @@ fn avail_marker_changes_only_when_the_driver_publishes() {
     driver.add_chain(2, &[(DATA + 0x300, 16, true)]);
     let published = queue.avail_marker(&mem).unwrap();
 
-    assert_eq!(before, 3, "three available slots");
+    assert_eq!(before, 3 | 1 << 15, "three available slots, first lap");
     assert_eq!(declined, before);
     assert_eq!(queue.avail_position(), position);
     assert_ne!(published, declined);
+}
+
+/// The worker reads the marker, its pass takes a chain, and meanwhile the driver publishes a
+/// chain of the same length (with kicks off): the marker must still change, or the worker
+/// sleeps on a published chain that no kick will announce.
+#[test]
+fn avail_marker_changes_when_a_pass_takes_as_many_slots_as_the_driver_publishes() {
+    let mem = memory();
+    let mut driver = PackedDriver::new(&mem, RING, 8);
+    let mut queue = VirtQueue::Packed(driver.queue());
+    driver.add_chain(0, &[(DATA, 16, true)]);
+    let offered = queue.avail_marker(&mem).unwrap();
+
+    let _ = queue.pop(&mem).unwrap().expect("a chain");
+    let taken = queue.avail_marker(&mem).unwrap();
+    driver.add_chain(1, &[(DATA + 0x100, 16, true)]);
+    let published = queue.avail_marker(&mem).unwrap();
+
+    assert_eq!(taken, offered, "taking buffers is not publishing");
+    assert_ne!(published, offered);
 }
