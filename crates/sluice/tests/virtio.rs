@@ -265,7 +265,16 @@ fn spawn_echo_peer(
 
 #[test]
 fn net_echo_through_a_tap_with_a_host_peer() {
-    let name = "net_echo_through_a_tap_with_a_host_peer";
+    net_echo_through_a_tap("net_echo_through_a_tap_with_a_host_peer", false);
+}
+
+/// The same echo with `packed=on` and the kit's `vq=packed`: both queues on packed rings.
+#[test]
+fn net_echo_through_a_tap_over_packed_virtqueues() {
+    net_echo_through_a_tap("net_echo_through_a_tap_over_packed_virtqueues", true);
+}
+
+fn net_echo_through_a_tap(name: &str, packed: bool) {
     if skip_without_kvm(name) {
         return;
     }
@@ -282,12 +291,22 @@ fn net_echo_through_a_tap_with_a_host_peer() {
         println!("SKIP {name}: creating a tap needs CAP_NET_ADMIN (not root)");
         return;
     }
-    let tap = format!("slt{}", std::process::id() % 100_000);
+    // Distinct names: the two variants may run at the same time.
+    let tap = format!(
+        "slt{}{}",
+        if packed { "p" } else { "" },
+        std::process::id() % 100_000
+    );
     let (stop, peer) = spawn_echo_peer(tap.clone());
+    let (vq, device) = if packed {
+        ("vq=packed ", format!("--net=tap={tap},packed=on"))
+    } else {
+        ("", format!("--net=tap={tap}"))
+    };
 
     let (report, metrics) = run_on_sluice(
-        "quiet w=net:dir=echo:size=1000:frames=20",
-        vec![format!("--net=tap={tap}")],
+        &format!("quiet {vq}w=net:dir=echo:size=1000:frames=20"),
+        vec![device],
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let echoed = peer.join().unwrap();
@@ -296,6 +315,8 @@ fn net_echo_through_a_tap_with_a_host_peer() {
     assert!(echoed >= 20, "the host peer echoed {echoed} frames");
     let net = report.results_for("net").next().unwrap();
     assert_eq!(net.errors, Some(0), "{}", report.describe());
+    let layout = if packed { "packed" } else { "split" };
+    assert_eq!(net.raw["vq"], layout, "{}", report.describe());
     let queues = metrics["devices"][0]["queues"].as_array().unwrap();
     let requests: u64 = queues.iter().map(|q| q["requests"].as_u64().unwrap()).sum();
     assert!(requests >= 40, "20 frames out and 20 in: {metrics}");
