@@ -396,7 +396,13 @@ impl Worker {
             }
             match self.queue.enable_notification(&self.mem) {
                 Ok(true) if self.published_since(offered) => continue,
-                Ok(_) => return,
+                Ok(true) => match self.queue.enable_notification_past_available(&self.mem) {
+                    // The handler left chains: wait for the driver to publish more.
+                    Ok(armed) if self.published_since(armed) => continue,
+                    Ok(_) => return,
+                    Err(e) => return self.fail(&format!("cannot re-enable notifications: {e}")),
+                },
+                Ok(false) => return,
                 Err(e) => return self.fail(&format!("cannot re-enable notifications: {e}")),
             }
         }
@@ -454,7 +460,15 @@ impl Worker {
                 match self.queue.enable_notification(&self.mem) {
                     Ok(false) => return Flow::Continue,
                     Ok(true) if matches!(self.has_new_work(declined), Ok(None)) => {
-                        return Flow::Continue
+                        // The handler left chains: wait for the driver to publish more.
+                        match self.queue.enable_notification_past_available(&self.mem) {
+                            Ok(armed) if !self.published_since(armed) => return Flow::Continue,
+                            Ok(_) => idle_since = Instant::now(),
+                            Err(e) => {
+                                self.fail(&format!("cannot re-enable notifications: {e}"));
+                                return Flow::Continue;
+                            }
+                        }
                     }
                     Ok(true) => {
                         // A request slipped in while re-enabling: keep polling.

@@ -18,12 +18,13 @@ pub mod packed;
 
 use std::io;
 use std::num::Wrapping;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{fence, Ordering};
 
 use sluice_dma::DmaSpace;
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT, Reader, Writer};
+use vm_memory::{Bytes, GuestAddress};
 
 pub use cursor::BufferCursor;
 pub use packed::{PackedBuffer, PackedChain, PackedError, PackedQueue};
@@ -128,6 +129,30 @@ impl VirtQueue {
         match self {
             VirtQueue::Split(q) => Ok(q.avail_idx(mem, Ordering::Acquire)?.0),
             VirtQueue::Packed(q) => Ok(q.available_end(mem)?),
+        }
+    }
+
+    /// Asks the driver to kick when it publishes buffers past those available now, and returns
+    /// the avail marker it armed at. For a worker whose handler left chains in the ring (RX
+    /// buffers too few for the waiting packet): with EVENT_IDX, `enable_notification` asks for
+    /// a kick at the first chain left, a position the driver has already passed, so it would
+    /// not kick again and the ring would stall. The caller must compare the marker afterwards:
+    /// the driver may have published before it saw the new event.
+    pub fn enable_notification_past_available(
+        &mut self,
+        mem: &DmaSpace,
+    ) -> Result<u16, QueueError> {
+        match self {
+            VirtQueue::Split(q) => {
+                q.enable_notification(mem)?;
+                let avail = q.avail_idx(mem, Ordering::Acquire)?.0;
+                if q.event_idx_enabled() {
+                    set_split_avail_event(q, mem, avail)?;
+                }
+                fence(Ordering::SeqCst);
+                Ok(avail)
+            }
+            VirtQueue::Packed(q) => Ok(q.enable_notification_past_available(mem)?),
         }
     }
 
@@ -371,4 +396,18 @@ impl io::Write for ChainWriter<'_> {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// Writes a split ring's `avail_event` (after the used ring's entries, virtio 1.2 §2.7.10),
+/// which virtio-queue only sets to its own next avail index.
+fn set_split_avail_event(queue: &Queue, mem: &DmaSpace, value: u16) -> Result<(), QueueError> {
+    const USED_HEADER: u64 = 4;
+    const USED_ELEMENT: u64 = 8;
+    let offset = USED_HEADER + USED_ELEMENT * u64::from(queue.size());
+    let addr = queue
+        .used_ring()
+        .checked_add(offset)
+        .ok_or(virtio_queue::Error::AddressOverflow)?;
+    mem.store(u16::to_le(value), GuestAddress(addr), Ordering::Release)
+        .map_err(|e| QueueError::from(virtio_queue::Error::GuestMemory(e)))
 }

@@ -352,6 +352,23 @@ impl PackedQueue {
         self.has_available(mem)
     }
 
+    /// Asks the driver to kick when it makes a descriptor available past the ones available now
+    /// (EVENT_IDX: at the available end), or for every buffer otherwise; returns the available
+    /// end it armed at (see `VirtQueue::enable_notification_past_available`).
+    pub fn enable_notification_past_available(
+        &mut self,
+        mem: &DmaSpace,
+    ) -> Result<u16, PackedError> {
+        let end = self.available_end(mem)?;
+        if self.event_idx {
+            self.write_device_event(mem, end, EVENT_DESC)?;
+        } else {
+            self.write_device_event(mem, 0, EVENT_ENABLE)?;
+        }
+        fence(Ordering::SeqCst);
+        Ok(end)
+    }
+
     /// Whether the driver wants an interrupt for the buffers used since the last call
     /// (driver event suppression: ENABLE / DISABLE / DESC at an `off_wrap` position).
     pub fn needs_notification(&mut self, mem: &DmaSpace) -> Result<bool, PackedError> {

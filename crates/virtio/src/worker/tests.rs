@@ -328,6 +328,46 @@ fn chains_the_handler_leaves_are_not_retried_until_the_driver_publishes_more() {
     assert!(after_second <= 3, "{after_second} passes after two kicks");
 }
 
+/// The split ring's `avail_event` once a declining worker settled, and the avail index.
+fn avail_event_after_declining(policy: NotifyPolicy) -> (u16, u16) {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let queue = h.driver.create_queue::<Queue>().unwrap();
+    let handler = Box::new(DecliningHandler {
+        calls: Arc::new(AtomicU32::new(0)),
+    });
+    let worker = h.spawn_with(queue, policy, handler, true);
+
+    h.submit(true);
+    h.submit(false);
+    wait_until("the kick", || load(&h.queue_metrics().kicks) == 1);
+    // Past the poll budget, back on notifications.
+    thread::sleep(Duration::from_millis(100));
+    let offset = 4 + 8 * u64::from(QUEUE_SIZE);
+    let event_addr = GuestAddress(h.driver.used_addr().0 + offset);
+    let avail_event = mem.read_obj::<u16>(event_addr).unwrap();
+    let avail_idx = h.driver.avail().idx().load();
+    worker.stop();
+    (avail_event, avail_idx)
+}
+
+/// With EVENT_IDX the driver kicks only when it publishes across `avail_event`: a worker that
+/// left chains must set it to the avail index, not to the first chain left, which the driver
+/// has passed already (Linux virtio-net stalled on a 4 MiB download that way).
+#[test]
+fn after_leaving_chains_the_worker_asks_for_a_kick_at_the_next_publish() {
+    for policy in [
+        NotifyPolicy::Interrupt,
+        NotifyPolicy::Poll {
+            budget: Duration::from_millis(20),
+        },
+    ] {
+        let (avail_event, avail_idx) = avail_event_after_declining(policy);
+
+        assert_eq!(avail_event, avail_idx, "{policy:?}");
+    }
+}
+
 #[test]
 fn poll_mode_does_not_retry_chains_the_handler_left() {
     let budget = Duration::from_millis(20);
