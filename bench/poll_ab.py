@@ -24,6 +24,10 @@ WORKLOADS = {
         lambda notify: f"--disk=path={IMAGE},queues=1,direct=on,notify={notify}",
         "quiet w=blk:op=randread:bs=4096:qd=32:queues=1:ops=50000:span_mb=256",
     ),
+    "blk-qd1": (
+        lambda notify: f"--disk=path={IMAGE},queues=1,direct=on,notify={notify}",
+        "quiet w=blk:op=randread:bs=4096:qd=1:queues=1:ops=10000:span_mb=256",
+    ),
     "net": (
         lambda notify: f"--net=tap=sbnab0,notify={notify}",
         "quiet w=net:dir=tx:size=64:frames=40000",
