@@ -166,10 +166,9 @@ struct Batch {
 
 /// How long [`NotifyPolicy::Poll`] keeps spinning after the last request or completion,
 /// adapted the way KVM adapts halt polling: between [`MIN_POLL_WINDOW`] and the configured
-/// budget, doubled when a kick or completion arrives soon after the worker went to sleep
-/// (polling that much longer would have caught it without the kick and the wakeup), halved
-/// when the queue stayed quiet longer than the budget (polling would have burnt CPU for
-/// nothing).
+/// budget, doubled when a kick arrives soon after the worker went to sleep (polling that much
+/// longer would have caught the request without the kick and the wakeup), halved when the
+/// driver stayed away longer than the budget (polling would have burnt CPU for nothing).
 #[derive(Debug)]
 struct PollWindow {
     current: Duration,
@@ -190,15 +189,13 @@ impl PollWindow {
         self.current
     }
 
-    /// The worker stopped polling and sleeps until a kick or a completion.
+    /// The worker stopped polling and sleeps with driver notifications on.
     fn sleeping(&mut self) {
         self.slept_at = Some(Instant::now());
     }
 
-    /// A kick or a completion woke the worker (after [`PollWindow::sleeping`]). Completions
-    /// count too: a worker that sleeps with requests in flight gets no kicks, and a window
-    /// shorter than the storage's latency would otherwise never grow.
-    fn woken(&mut self) {
+    /// A kick woke the worker (after [`PollWindow::sleeping`]).
+    fn woken_by_kick(&mut self) {
         if let Some(slept_at) = self.slept_at.take() {
             self.adapt(slept_at.elapsed());
         }
@@ -384,7 +381,7 @@ impl Worker {
         }
         match self.policy {
             NotifyPolicy::Poll { .. } => {
-                self.window.woken();
+                self.window.woken_by_kick();
                 self.poll()
             }
             _ => {
@@ -405,7 +402,6 @@ impl Worker {
         }
         self.reap_completions();
         if !polling && !self.broken && matches!(self.policy, NotifyPolicy::Poll { .. }) {
-            self.window.woken();
             return self.poll();
         }
         Flow::Continue
@@ -549,7 +545,6 @@ impl Worker {
             if now.duration_since(idle_since) >= self.window.current() {
                 if self.handler.has_in_flight() {
                     // Sleep until the completion, notifications still off (see above).
-                    self.window.sleeping();
                     return Flow::Continue;
                 }
                 match self.queue.enable_notification(&self.mem) {
