@@ -42,7 +42,9 @@ pub enum Competitor {
     /// `sluice run` with its in-process virtio devices (`--disk path=`, `--net tap=`), with the
     /// default notify policy (`notify=irq`: the worker sleeps until a kick).
     Sluice,
-    /// The same with `notify=poll`: after a kick the worker polls the ring (50 µs budget).
+    /// The same with `notify=poll`: after a kick or completion the worker polls the ring and
+    /// the completions (adaptive window, at most the default 50 µs), on the disk and the net
+    /// device.
     SluicePoll,
     /// The same with `notify=batch:16:50`: interrupts coalesced (16 requests or 50 µs).
     SluiceBatch,
@@ -110,7 +112,7 @@ impl Competitor {
     pub fn description(self) -> &'static str {
         match self {
             Competitor::Sluice => "sluice run, in-process virtio-blk (direct=on, notify=irq) / virtio-net on a tap",
-            Competitor::SluicePoll => "sluice run, in-process virtio-blk (direct=on, notify=poll: 50 µs ring polling after a kick)",
+            Competitor::SluicePoll => "sluice run, in-process virtio-blk (direct=on) / virtio-net with notify=poll: ring and completion polling after a kick or completion, adaptive window up to 50 µs",
             Competitor::SluiceBatch => "sluice run, in-process virtio-blk (direct=on, notify=batch:16:50: interrupt coalescing)",
             Competitor::SluiceVhostServe => "sluice run --disk vhost_user=on, backend: sluice serve blk --direct",
             Competitor::SluiceVhostQsd => "sluice run --disk vhost_user=on, backend: qemu-storage-daemon (io_uring, cache.direct=on)",
@@ -131,8 +133,9 @@ impl Competitor {
     }
 
     /// Whether this competitor has an entry for the scenario at all. The notify-policy variants
-    /// run the single-queue random reads only (what the policies trade: kicks, interrupts and
-    /// CPU per I/O), which keeps the matrix short.
+    /// run the single-queue random reads (what the policies trade: kicks, interrupts and CPU
+    /// per I/O), which keeps the matrix short; `sluice-poll` also the 2-queue QD32 reads and
+    /// net tx (`notify=poll` on the net device too).
     pub fn supports(self, scenario: &Scenario) -> bool {
         match (self, &scenario.workload) {
             (Competitor::Sluice, _) => true,
@@ -148,9 +151,12 @@ impl Competitor {
                 Competitor::CloudHypervisor | Competitor::Firecracker,
                 Workload::Net(_) | Workload::Startup,
             ) => true,
-            (Competitor::SluicePoll | Competitor::SluiceBatch, Workload::Blk(b)) => {
-                b.op == "randread" && b.queues == 1
+            (Competitor::SluicePoll, Workload::Blk(b)) => {
+                b.op == "randread" && (b.queues == 1 || b.qd == 32)
             }
+            (Competitor::SluiceBatch, Workload::Blk(b)) => b.op == "randread" && b.queues == 1,
+            // Device-side polling is what stops the per-frame kick of the guest kit's tx path.
+            (Competitor::SluicePoll, Workload::Net(n)) => n.dir == "tx",
             // Guest-side batching is compared between in-process sluice and QEMU only (the
             // vhost-user rings behave alike); fio's run would be the same either way.
             (
@@ -190,7 +196,10 @@ impl Competitor {
     pub fn scenario_availability(self, scenario: &Scenario) -> Result<(), String> {
         match (self, &scenario.workload) {
             (
-                Competitor::Sluice | Competitor::CloudHypervisor | Competitor::Firecracker,
+                Competitor::Sluice
+                | Competitor::SluicePoll
+                | Competitor::CloudHypervisor
+                | Competitor::Firecracker,
                 Workload::Net(_),
             ) => tap_available(),
             (Competitor::Sluice, Workload::FirstInstruction) => first_insn::probe_tools(),
@@ -387,7 +396,8 @@ fn run_sluice(
         }),
         Workload::Net(n) => {
             let tap = tap_name();
-            extra.push(format!("--net=tap={tap}"));
+            let notify = notify.map(|n| format!(",notify={n}")).unwrap_or_default();
+            extra.push(format!("--net=tap={tap}{notify}"));
             if n.dir == "rx" {
                 feeder = Some(net::feed_tap(tap, n.size as usize));
             }
@@ -769,7 +779,7 @@ mod tests {
     }
 
     #[test]
-    fn notify_variants_run_single_queue_random_reads_with_their_policy() {
+    fn notify_variants_run_their_scenarios_with_their_policy() {
         let scenarios = matrix(true, 64);
         let ran_by = |c: Competitor| -> Vec<&str> {
             scenarios
@@ -786,12 +796,19 @@ mod tests {
             [
                 "blk-randread-4k-qd1-1q",
                 "blk-randread-4k-qd32-1q",
-                "blk-randread-4k-qd32-1q-gbatch"
+                "blk-randread-4k-qd32-2q",
+                "blk-randread-4k-qd32-1q-gbatch",
+                "net-tx-64b",
+                "net-tx-1500b"
             ]
         );
         assert_eq!(
             ran_by(Competitor::SluiceBatch),
-            ran_by(Competitor::SluicePoll)
+            [
+                "blk-randread-4k-qd1-1q",
+                "blk-randread-4k-qd32-1q",
+                "blk-randread-4k-qd32-1q-gbatch"
+            ]
         );
         assert_eq!(
             disk,

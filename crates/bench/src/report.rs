@@ -271,9 +271,11 @@ pub fn markdown(input: &MarkdownInput<'_>) -> String {
     out
 }
 
-/// Bar colours by competitor position.
+/// Bar colours by competitor position: one per competitor of the matrix (nine), so no two
+/// share a colour.
 const COLOURS: &[&str] = &[
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf",
 ];
 
 /// One bar: competitor position, median, min, max.

@@ -292,6 +292,15 @@ impl<T> IoQueue<T> {
         }
     }
 
+    /// Whether the completion queue holds entries [`IoQueue::reap`] would collect. Reads the
+    /// ring's shared tail only (no system call), so a polling worker can check it in its spin
+    /// loop instead of waiting for the eventfd.
+    pub fn has_completions(&mut self) -> bool {
+        self.uring
+            .as_mut()
+            .is_some_and(|uring| !uring.ring.completion().is_empty())
+    }
+
     /// The operations that finished since the last call, in completion order.
     pub fn reap(&mut self) -> Vec<IoCompletion<T>> {
         let Some(uring) = self.uring.as_mut() else {

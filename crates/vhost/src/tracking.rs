@@ -201,6 +201,14 @@ impl QueueHandler for Tracked {
         self.clear_used(ctx);
         result
     }
+
+    fn has_in_flight(&self) -> bool {
+        self.inner.has_in_flight()
+    }
+
+    fn completion_ready(&mut self) -> bool {
+        self.inner.completion_ready()
+    }
 }
 
 /// The handler as the queue worker holds it; the vhost-user thread keeps another reference.
@@ -232,6 +240,14 @@ impl QueueHandler for SharedTracked {
 
     fn complete(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
         self.lock().complete(ctx)
+    }
+
+    fn has_in_flight(&self) -> bool {
+        self.lock().has_in_flight()
+    }
+
+    fn completion_ready(&mut self) -> bool {
+        self.lock().completion_ready()
     }
 }
 

@@ -209,4 +209,15 @@ pub trait QueueHandler: Send + 'static {
     fn complete(&mut self, _ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
         Ok(false)
     }
+    /// Whether work handed to `completion_fd`'s source is still pending: its completion is
+    /// sure to wake the worker, so a polling worker may sleep with driver notifications off
+    /// (no kicks) until then and look at the ring when it comes.
+    fn has_in_flight(&self) -> bool {
+        false
+    }
+    /// A cheap check (no system call) that `complete` has something to collect, so a polling
+    /// worker reaps completions in its spin loop rather than after an epoll wakeup.
+    fn completion_ready(&mut self) -> bool {
+        false
+    }
 }

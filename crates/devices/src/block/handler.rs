@@ -191,6 +191,14 @@ impl QueueHandler for BlockQueueHandler {
         self.io.completion_fd()
     }
 
+    fn has_in_flight(&self) -> bool {
+        self.io.in_flight() > 0
+    }
+
+    fn completion_ready(&mut self) -> bool {
+        self.io.has_completions()
+    }
+
     fn complete(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
         let mut used = false;
         for done in self.io.reap() {

@@ -84,6 +84,10 @@ impl QueueHandler for AsyncHandler {
         }
         Ok(added)
     }
+
+    fn has_in_flight(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
 }
 
 /// Leaves every chain in the ring, as an RX queue does while the tap has no frames; counts
@@ -420,6 +424,140 @@ fn poll_mode_reenables_notifications_after_the_budget() {
     worker.stop();
 
     assert_eq!(load(&h.queue_metrics().kicks), 2);
+}
+
+/// CPU time the worker's thread has used so far (its POSIX thread CPU clock, ns resolution).
+fn thread_cpu_time(worker: &QueueWorker) -> Duration {
+    use std::os::unix::thread::JoinHandleExt;
+    let thread = worker
+        .thread
+        .as_ref()
+        .expect("worker running")
+        .as_pthread_t();
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `thread` is a live thread (its JoinHandle is held); `clock` is a valid out pointer.
+    let rc = unsafe { libc::pthread_getcpuclockid(thread, &raw mut clock) };
+    assert_eq!(rc, 0, "pthread_getcpuclockid");
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out pointer; `clock` came from pthread_getcpuclockid.
+    let rc = unsafe { libc::clock_gettime(clock, &raw mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// CPU the worker thread uses over `interval` of wall time.
+fn cpu_used_during(worker: &QueueWorker, interval: Duration) -> Duration {
+    let before = thread_cpu_time(worker);
+    thread::sleep(interval);
+    thread_cpu_time(worker).saturating_sub(before)
+}
+
+#[test]
+fn poll_mode_worker_sleeps_while_the_driver_is_idle() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let worker = h.spawn(
+        NotifyPolicy::Poll {
+            budget: Duration::from_millis(2),
+        },
+        false,
+    );
+
+    h.submit(true);
+    wait_until("the request", || h.used_idx() == 1);
+    wait_until("notifications back on", || h.used_flags() == 0);
+    let idle_cpu = cpu_used_during(&worker, Duration::from_millis(300));
+    h.submit(true);
+    wait_until("the next kicked request", || h.used_idx() == 2);
+    worker.stop();
+
+    // A worker still spinning would have used most of the 300 ms.
+    assert!(
+        idle_cpu < Duration::from_millis(10),
+        "idle worker used {idle_cpu:?}"
+    );
+}
+
+#[test]
+fn poll_mode_worker_spins_while_polling() {
+    // The control for the test above: the same clock sees a polling worker's CPU.
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let worker = h.spawn(
+        NotifyPolicy::Poll {
+            budget: Duration::from_secs(30),
+        },
+        false,
+    );
+
+    h.submit(true);
+    wait_until("the request", || h.used_idx() == 1);
+    let polling_cpu = cpu_used_during(&worker, Duration::from_millis(300));
+    worker.stop();
+
+    assert!(
+        polling_cpu > Duration::from_millis(30),
+        "polling worker used {polling_cpu:?}"
+    );
+}
+
+#[test]
+fn poll_mode_leaves_kicks_off_while_requests_are_in_flight() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let done = EventFd::new(EFD_NONBLOCK).unwrap();
+    let handler = AsyncHandler {
+        done: done.try_clone().unwrap(),
+        in_flight: Vec::new(),
+    };
+    let queue = h.driver.create_queue::<Queue>().unwrap();
+    let policy = NotifyPolicy::Poll {
+        budget: Duration::from_millis(1),
+    };
+    let worker = h.spawn_with(queue, policy, Box::new(handler), false);
+
+    h.submit(true);
+    wait_until("the kick", || load(&h.queue_metrics().kicks) == 1);
+    // Well past the poll window, with the request in flight.
+    thread::sleep(Duration::from_millis(50));
+    let flags_while_in_flight = h.used_flags();
+    h.submit(false);
+    done.write(1).unwrap();
+    wait_until("the first completion", || h.used_idx() == 1);
+    thread::sleep(Duration::from_millis(50));
+    done.write(1).unwrap();
+    wait_until("the unkicked request's completion", || h.used_idx() == 2);
+    wait_until("notifications back on once idle", || h.used_flags() == 0);
+    worker.stop();
+
+    assert_eq!(flags_while_in_flight, VRING_USED_F_NO_NOTIFY);
+    assert_eq!(load(&h.queue_metrics().kicks), 1);
+}
+
+#[test]
+fn poll_window_grows_on_quick_kicks_and_shrinks_on_long_sleeps() {
+    let max = Duration::from_micros(200);
+    let mut window = PollWindow::new(max);
+
+    window.adapt(Duration::from_millis(5));
+    let after_one_long_sleep = window.current();
+    for _ in 0..20 {
+        window.adapt(Duration::from_secs(1));
+    }
+    let after_many_long_sleeps = window.current();
+    window.adapt(Duration::from_micros(30));
+    let after_one_quick_kick = window.current();
+    for _ in 0..20 {
+        window.adapt(Duration::from_micros(30));
+    }
+
+    assert_eq!(after_one_long_sleep, max / 2);
+    assert_eq!(after_many_long_sleeps, MIN_POLL_WINDOW);
+    assert_eq!(after_one_quick_kick, MIN_POLL_WINDOW * 2);
+    assert_eq!(window.current(), max);
 }
 
 #[test]
