@@ -250,45 +250,45 @@ const BLOB_BYTES: usize = 4 << 20;
 const L1_ADDRESS: &str = "10.77.0.1";
 const L2_ADDRESS: &str = "10.77.0.2";
 
-#[test]
-fn lab_virtio_net_and_rng_drivers_on_sluice() {
-    let test = "lab-net-rng";
-    let Some(setup) = setup(test) else { return };
-    let blob = pseudo_random_bytes(BLOB_BYTES);
-    std::fs::write(setup.scratch.path("blob"), &blob).expect("write the blob");
-    let l2 = format!(
+/// L2's network and hw_random checks: ping L1, fetch the blob from L1's httpd, read 4 KiB
+/// from hw_random (`assert_net_and_rng_worked` reads what they print).
+fn net_and_rng_checks_in_l2() -> String {
+    format!(
         "ip link set eth0 up && ip addr add {L2_ADDRESS}/24 dev eth0; \
          ping -c 3 -W 5 {L1_ADDRESS}; \
          wget -q -O /tmp/blob http://{L1_ADDRESS}:8080/blob && sha256sum /tmp/blob; \
          echo rng-current=$(cat /sys/class/misc/hw_random/rng_current); \
          dd if=/dev/hwrng of=/tmp/random bs=512 count=8 2>/dev/null; \
          echo rng-bytes=$(wc -c < /tmp/random) rng-head=$(od -An -tx1 -N16 /tmp/random | tr -d ' ')"
-    );
-    let sluice = setup.sluice_line("net", "--net tap=lab0 --rng", &kernel_cmdline_diskless(&l2));
-    let script = format!(
+    )
+}
+
+/// The L1 script around `sluice` (which creates tap lab0): L1 serves the share's blob over
+/// httpd, gives the tap its address once it exists and waits for sluice; `before` and `after`
+/// run around that.
+fn l1_script_with_tap(before: &str, sluice: &str, after: &str) -> String {
+    format!(
         "set -u\n\
+         {before}\n\
          mkdir -p /tmp/www && cp {SCRATCH}/blob /tmp/www/blob && httpd -p 8080 -h /tmp/www\n\
          {sluice} &\n\
          pid=$!\n\
          i=0; while [ ! -e /sys/class/net/lab0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done\n\
          ip addr add {L1_ADDRESS}/24 dev lab0 && ip link set lab0 up\n\
          wait $pid\n\
-         echo sluice-exit=$?\n"
-    );
+         echo sluice-exit=$?\n\
+         {after}\n"
+    )
+}
 
-    let run = setup.run(&script);
-
-    run.assert_success();
-    let console = setup.read("net.console");
-    let context = || format!("{}\n--- L2 ---\n{console}", run.transcript());
-    assert!(run.stdout.contains("sluice-exit=0"), "{}", context());
-    assert_eq!(parse_exit_marker(&console), Some(0), "{}", context());
+/// What `net_and_rng_checks_in_l2` must have printed on L2's console.
+fn assert_net_and_rng_worked(console: &str, blob: &Path, context: &dyn Fn() -> String) {
     assert!(
         console.contains("3 packets transmitted, 3 packets received"),
         "{}",
         context()
     );
-    let digest = sha256_hex(&setup.scratch.path("blob"));
+    let digest = sha256_hex(blob);
     assert!(
         console.contains(&format!("{digest}  /tmp/blob")),
         "L2 did not fetch the blob intact (sha256 {digest})\n{}",
@@ -301,6 +301,26 @@ fn lab_virtio_net_and_rng_drivers_on_sluice() {
         "{}",
         context()
     );
+}
+
+#[test]
+fn lab_virtio_net_and_rng_drivers_on_sluice() {
+    let test = "lab-net-rng";
+    let Some(setup) = setup(test) else { return };
+    let blob = pseudo_random_bytes(BLOB_BYTES);
+    std::fs::write(setup.scratch.path("blob"), &blob).expect("write the blob");
+    let l2 = net_and_rng_checks_in_l2();
+    let sluice = setup.sluice_line("net", "--net tap=lab0 --rng", &kernel_cmdline_diskless(&l2));
+    let script = l1_script_with_tap("", &sluice, "");
+
+    let run = setup.run(&script);
+
+    run.assert_success();
+    let console = setup.read("net.console");
+    let context = || format!("{}\n--- L2 ---\n{console}", run.transcript());
+    assert!(run.stdout.contains("sluice-exit=0"), "{}", context());
+    assert_eq!(parse_exit_marker(&console), Some(0), "{}", context());
+    assert_net_and_rng_worked(&console, &setup.scratch.path("blob"), &context);
     assert_net_and_rng_queues_worked(&setup.metrics("net.json"));
     println!("{test}: ping, a 4 MiB download and 4 KiB from hw_random through sluice's devices");
 }
@@ -336,29 +356,17 @@ fn lab_packed_virtqueues_blk_net_rng_on_sluice() {
     let l2 = format!(
         "for d in /sys/bus/virtio/devices/virtio*; do \
          echo virtio-features $(cat $d/device) $(cat $d/features); done; \
-         ip link set eth0 up && ip addr add {L2_ADDRESS}/24 dev eth0; \
-         ping -c 3 -W 5 {L1_ADDRESS}; \
-         wget -q -O /tmp/blob http://{L1_ADDRESS}:8080/blob && sha256sum /tmp/blob; \
-         echo rng-current=$(cat /sys/class/misc/hw_random/rng_current); \
-         dd if=/dev/hwrng of=/tmp/random bs=512 count=8 2>/dev/null; \
-         echo rng-bytes=$(wc -c < /tmp/random); \
-         {fio}",
+         {checks}; {fio}",
+        checks = net_and_rng_checks_in_l2(),
         fio = JOB.randwrite_command(),
     );
     let devices = "--cpus 2 --disk path=/tmp/disk.img,queues=2,packed=on \
                    --net tap=lab0,packed=on --rng=packed=on";
     let sluice = setup.sluice_line("packed", devices, &kernel_cmdline(&l2));
-    let script = format!(
-        "set -u\n\
-         truncate -s {DISK_BYTES} /tmp/disk.img\n\
-         mkdir -p /tmp/www && cp {SCRATCH}/blob /tmp/www/blob && httpd -p 8080 -h /tmp/www\n\
-         {sluice} &\n\
-         pid=$!\n\
-         i=0; while [ ! -e /sys/class/net/lab0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done\n\
-         ip addr add {L1_ADDRESS}/24 dev lab0 && ip link set lab0 up\n\
-         wait $pid\n\
-         echo sluice-exit=$?\n\
-         cp /tmp/disk.img {SCRATCH}/disk.img\n"
+    let script = l1_script_with_tap(
+        &format!("truncate -s {DISK_BYTES} /tmp/disk.img"),
+        &sluice,
+        &format!("cp /tmp/disk.img {SCRATCH}/disk.img"),
     );
 
     let run = setup.run(&script);
@@ -378,19 +386,7 @@ fn lab_packed_virtqueues_blk_net_rng_on_sluice() {
     }
     assert_eq!(parse_exit_marker(&console), Some(0), "{}", context());
     assert_eq!(fio::hardware_queues(&console), Some(2), "{}", context());
-    assert!(
-        console.contains("3 packets transmitted, 3 packets received"),
-        "{}",
-        context()
-    );
-    let digest = sha256_hex(&setup.scratch.path("blob"));
-    assert!(
-        console.contains(&format!("{digest}  /tmp/blob")),
-        "L2 did not fetch the blob intact (sha256 {digest})\n{}",
-        context()
-    );
-    assert!(console.contains("rng-current=virtio_rng"), "{}", context());
-    assert!(console.contains("rng-bytes=4096"), "{}", context());
+    assert_net_and_rng_worked(&console, &setup.scratch.path("blob"), &context);
     let metrics = setup.metrics("packed.json");
     assert_blk_queues_worked(&metrics);
     assert_net_and_rng_queues_worked(&metrics);
