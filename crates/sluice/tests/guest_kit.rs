@@ -109,11 +109,8 @@ fn workloads_run_in_ring_3_by_default_and_in_ring_0_when_asked() {
     if skip_without_kvm(name) {
         return;
     }
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let image = dir.join(format!("{name}-{}.img", std::process::id()));
-    std::fs::File::create(&image)
-        .and_then(|file| file.set_len(4 << 20))
-        .unwrap();
+    let image = test_file(name, "img");
+    sparse_image(&image, 4 << 20);
     let disk = format!("--disk=path={}", image.display());
     let ring3 = sluice_run(
         "quiet w=blk:op=verify:bs=4096:qd=8:span_mb=1:seed=5 w=rng:bytes=4096 w=smp:iters=1000",
@@ -167,12 +164,9 @@ fn blk_verify_with_one_queue_per_vcpu_serves_both_queues() {
     if skip_without_kvm(name) {
         return;
     }
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let image = dir.join(format!("{name}-{}.img", std::process::id()));
-    let metrics = dir.join(format!("{name}-{}.json", std::process::id()));
-    std::fs::File::create(&image)
-        .and_then(|file| file.set_len(4 << 20))
-        .unwrap();
+    let image = test_file(name, "img");
+    let metrics = test_file(name, "json");
+    sparse_image(&image, 4 << 20);
     let disk = format!("--disk=path={},queues=2", image.display());
     let metrics_arg = format!("--metrics={}", metrics.display());
     let mut run = sluice_run(
@@ -222,11 +216,8 @@ fn packed_virtqueues_are_used_when_asked_for_and_offered() {
     if skip_without_kvm(name) {
         return;
     }
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let image = dir.join(format!("{name}-{}.img", std::process::id()));
-    std::fs::File::create(&image)
-        .and_then(|file| file.set_len(4 << 20))
-        .unwrap();
+    let image = test_file(name, "img");
+    sparse_image(&image, 4 << 20);
     let disk = format!("--disk=path={},queues=2,packed=on", image.display());
     let mut packed = sluice_run(
         "quiet vq=packed w=blk:op=verify:bs=4096:qd=8:queues=2:span_mb=1:seed=7:cpus=2 \
@@ -272,4 +263,17 @@ fn packed_virtqueues_are_used_when_asked_for_and_offered() {
     for result in &split.results {
         assert_eq!(result.raw["vq"], "split", "{}", split.describe());
     }
+}
+
+/// A per-test file in cargo's scratch directory for integration tests.
+fn test_file(test: &str, extension: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{test}-{}.{extension}", std::process::id()))
+}
+
+/// A zero-filled sparse disk image of `bytes`.
+fn sparse_image(path: &Path, bytes: u64) {
+    std::fs::File::create(path)
+        .and_then(|file| file.set_len(bytes))
+        .unwrap();
 }
