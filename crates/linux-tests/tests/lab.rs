@@ -256,7 +256,7 @@ fn net_and_rng_checks_in_l2() -> String {
     format!(
         "ip link set eth0 up && ip addr add {L2_ADDRESS}/24 dev eth0; \
          ping -c 3 -W 5 {L1_ADDRESS}; \
-         wget -q -O /tmp/blob http://{L1_ADDRESS}:8080/blob && sha256sum /tmp/blob; \
+         timeout 60 wget -q -O /tmp/blob http://{L1_ADDRESS}:8080/blob && sha256sum /tmp/blob; \
          echo rng-current=$(cat /sys/class/misc/hw_random/rng_current); \
          dd if=/dev/hwrng of=/tmp/random bs=512 count=8 2>/dev/null; \
          echo rng-bytes=$(wc -c < /tmp/random) rng-head=$(od -An -tx1 -N16 /tmp/random | tr -d ' ')"
