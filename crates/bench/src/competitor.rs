@@ -744,16 +744,19 @@ mod tests {
         );
     }
 
+    /// The ids of the scenarios in `scenarios` that `competitor` runs.
+    fn scenario_ids_run_by(scenarios: &[Scenario], competitor: Competitor) -> Vec<&str> {
+        scenarios
+            .iter()
+            .filter(|s| competitor.supports(s))
+            .map(|s| s.id.as_str())
+            .collect()
+    }
+
     #[test]
     fn anchors_run_single_queue_random_io_net_and_startup() {
         let scenarios = matrix(true, 64);
-        let ran_by = |c: Competitor| -> Vec<&str> {
-            scenarios
-                .iter()
-                .filter(|s| c.supports(s))
-                .map(|s| s.id.as_str())
-                .collect()
-        };
+        let ran_by = |c: Competitor| scenario_ids_run_by(&scenarios, c);
 
         let cloud_hypervisor = ran_by(Competitor::CloudHypervisor);
         let firecracker = ran_by(Competitor::Firecracker);
@@ -781,13 +784,7 @@ mod tests {
     #[test]
     fn notify_variants_run_their_scenarios_with_their_policy() {
         let scenarios = matrix(true, 64);
-        let ran_by = |c: Competitor| -> Vec<&str> {
-            scenarios
-                .iter()
-                .filter(|s| c.supports(s))
-                .map(|s| s.id.as_str())
-                .collect()
-        };
+        let ran_by = |c: Competitor| scenario_ids_run_by(&scenarios, c);
 
         let disk = sluice_disk_arg(Path::new("/d.img"), 1, Competitor::SluiceBatch.notify());
 
