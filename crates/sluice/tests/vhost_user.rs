@@ -224,7 +224,12 @@ fn verify_on(name: &str, backend: &mut Backend, queues: u16, restart: bool) -> G
 /// sluice saw the backend go away during the run, and got it back.
 fn assert_reconnected(report: &GuestKitReport) {
     let log = &report.vmm_stderr;
-    let lost = log.find("closed the connection").expect(log);
+    // Lost while running, or while the DRIVER_OK setup was being sent.
+    let lost = ["closed the connection", "went away during the setup"]
+        .iter()
+        .filter_map(|m| log.find(m))
+        .min()
+        .expect(log);
     let back = log.find("reconnected to the backend").expect(log);
     assert!(lost < back, "{log}");
 }

@@ -261,10 +261,16 @@ impl VhostUserBlkError {
         }
     }
 
+    /// Whether the backend is away (hung up, or its socket not there): a restarting backend
+    /// comes back, so the device waits for it instead of needing a reset.
+    fn backend_away(&self) -> bool {
+        self.connection_lost() || matches!(self, Self::Connect { .. })
+    }
+
     /// Whether a reconnect attempt that failed this way may succeed later (the backend may be
     /// restarting, or stalled for a while).
     fn worth_retrying(&self) -> bool {
-        self.connection_lost() || matches!(self, Self::Connect { .. } | Self::Timeout { .. })
+        self.backend_away() || matches!(self, Self::Timeout { .. })
     }
 
     /// The error as `new` reports it: naming the socket.

@@ -146,7 +146,7 @@ impl Pump {
         }
     }
 
-    /// The DRIVER_OK setup; false if the device cannot run.
+    /// The DRIVER_OK setup; false if the device cannot run. A backend found away is waited for.
     fn set_up(&mut self, active: Active) -> bool {
         let result = self.session().activate(active);
         let Err(e) = result else {
@@ -154,6 +154,14 @@ impl Pump {
         };
         if self.cancel.load(Ordering::Acquire) {
             tracing::debug!("vhost-user-blk: setup stopped by a device reset: {e}");
+        } else if e.backend_away() {
+            // The backend went away during the setup (a restart): wait for it like for a
+            // hang-up later on; the reconnect replays the whole setup.
+            tracing::warn!(
+                "vhost-user-blk: the backend went away during the setup: {e}; reconnecting"
+            );
+            self.session().disconnect();
+            return true;
         } else {
             let socket = self.session().socket_path().display().to_string();
             tracing::error!(

@@ -566,3 +566,36 @@ fn a_restarted_backend_gets_the_rings_back() {
     assert_eq!(driver.byte(status), 0);
     device.reset();
 }
+
+#[test]
+fn a_backend_gone_at_driver_ok_is_waited_for_not_a_reset() {
+    let img = image();
+    let Some(mut qsd) = Qsd::start("gone-at-driver-ok", img.as_path(), 1) else {
+        return;
+    };
+    let mem = memfd_ram(RAM_SIZE);
+    let mut device = open(&qsd, &mem, 1);
+    let mut driver = Driver::new(&mem, 0);
+    let interrupts = Arc::new(Interrupts::default());
+    let features = device.device_features();
+    qsd.kill();
+
+    // DRIVER_OK while the backend is away: the setup fails, the device waits for it.
+    device
+        .start(
+            features,
+            sluice_dma::identity(mem.clone()),
+            vec![driver.binding()],
+            interrupts.clone(),
+        )
+        .unwrap();
+    let (_, status) = driver.submit(VIRTIO_BLK_T_OUT, 8, &pattern(9, 512));
+    std::thread::sleep(Duration::from_millis(300));
+    qsd.restart();
+    driver.wait_used(1);
+
+    assert_eq!(driver.byte(status), 0);
+    assert_eq!(image_bytes(&img, 8 * 512, 512), pattern(9, 512));
+    assert!(!interrupts.needs_reset.load(Ordering::SeqCst));
+    device.reset();
+}
