@@ -1,6 +1,7 @@
 //! Runs the command line's workloads in order and turns their outcomes into the exit status.
 //! Each workload prints one `RESULT {json}` line.
 
+pub mod blk;
 mod info;
 mod smp;
 pub mod stats;
