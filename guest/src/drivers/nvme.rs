@@ -508,24 +508,27 @@ impl Controller {
         self.admin.publish_sq();
         let deadline = Deadline::after_ms(self.timeout_ms);
         loop {
+            // A completion for another id (none should exist: one admin command at a time)
+            // is consumed and ignored; the deadline still bounds the wait.
             if let Some(done) = self.admin.pop() {
                 self.admin.publish_cq();
-                if done.cid != cid {
-                    continue;
-                }
-                if done.code() != 0 {
+                if done.cid == cid && done.code() != 0 {
                     return Err(NvmeError::Command {
                         opcode,
                         status: done.code(),
                     });
                 }
-                return Ok(done.result);
-            }
-            if self.fatal() {
-                return Err(NvmeError::ControllerFatal);
+                if done.cid == cid {
+                    return Ok(done.result);
+                }
             }
             if deadline.expired() {
-                return Err(NvmeError::Timeout("admin command"));
+                // CSTS is read only now: each MMIO read is an exit.
+                return Err(if self.fatal() {
+                    NvmeError::ControllerFatal
+                } else {
+                    NvmeError::Timeout("admin command")
+                });
             }
             crate::arch::pause();
         }
