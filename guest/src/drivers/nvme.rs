@@ -194,6 +194,12 @@ impl Command {
         Command(dwords)
     }
 
+    /// The same command under command id `cid`.
+    fn with_cid(mut self, cid: u16) -> Command {
+        self.0[0] = (self.0[0] & 0xffff) | (u32::from(cid) << 16);
+        self
+    }
+
     fn opcode(&self) -> u8 {
         self.0[0] as u8
     }
@@ -497,14 +503,13 @@ impl Controller {
         Ok(controller)
     }
 
-    /// Runs one admin command to completion; returns its result dword.
+    /// Runs one admin command (built with any id; it gets the next one) to completion; returns
+    /// its result dword.
     fn admin(&mut self, command: Command) -> Result<u32, NvmeError> {
         let cid = self.next_cid;
         self.next_cid = self.next_cid.wrapping_add(1);
         let opcode = command.opcode();
-        let mut command = command;
-        command.0[0] = (command.0[0] & 0xffff) | (u32::from(cid) << 16);
-        self.admin.push(&command);
+        self.admin.push(&command.with_cid(cid));
         self.admin.publish_sq();
         let deadline = Deadline::after_ms(self.timeout_ms);
         loop {
@@ -512,14 +517,11 @@ impl Controller {
             // is consumed and ignored; the deadline still bounds the wait.
             if let Some(done) = self.admin.pop() {
                 self.admin.publish_cq();
-                if done.cid == cid && done.code() != 0 {
-                    return Err(NvmeError::Command {
-                        opcode,
-                        status: done.code(),
-                    });
-                }
                 if done.cid == cid {
-                    return Ok(done.result);
+                    return match done.code() {
+                        0 => Ok(done.result),
+                        status => Err(NvmeError::Command { opcode, status }),
+                    };
                 }
             }
             if deadline.expired() {
