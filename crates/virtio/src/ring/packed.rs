@@ -27,6 +27,7 @@
 //! violation is a [`PackedError`] (the worker then sets DEVICE_NEEDS_RESET); buffers that lie
 //! outside the DMA space are refused later, when the device model maps them.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::atomic::{fence, Ordering};
 
@@ -175,6 +176,12 @@ pub struct PackedQueue {
     signalled: Option<Position>,
     /// Descriptors used since then (saturating): a whole lap means the event was crossed.
     used_since_signal: u32,
+    /// Slots from `next_avail` on that [`PackedQueue::available_end`] already saw available.
+    /// They stay available until popped (the driver never takes a published slot back, and
+    /// used entries are written behind `next_avail`), so the next scan resumes after them: a
+    /// poll loop whose handler declines the chains (RX without frames) reads one flags word
+    /// per spin instead of the whole run. Pops shrink it, `undo_pop` grows it back.
+    known_available: Cell<u16>,
 }
 
 impl PackedQueue {
@@ -199,6 +206,7 @@ impl PackedQueue {
             used_count: 0,
             signalled: None,
             used_since_signal: 0,
+            known_available: Cell::new(0),
         }
     }
 
@@ -253,13 +261,16 @@ impl PackedQueue {
     /// count of available slots would not: taking n slots while n more are published leaves it
     /// unchanged, and a worker comparing counts then slept on published buffers it had asked
     /// not to be kicked for).
+    ///
+    /// The scan resumes where the previous one stopped (`known_available`).
     pub fn available_end(&self, mem: &DmaSpace) -> Result<u16, PackedError> {
-        let mut at = self.next_avail;
-        let mut count = 0;
+        let mut count = self.known_available.get().min(self.size);
+        let mut at = self.next_avail.advance(count, self.size);
         while count < self.size && is_available(self.load_flags(mem, at.index)?, at.wrap) {
             at = at.advance(1, self.size);
             count += 1;
         }
+        self.known_available.set(count);
         Ok(at.off_wrap())
     }
 
@@ -276,6 +287,8 @@ impl PackedQueue {
         }
         *slot = consumed;
         self.next_avail = start.advance(consumed, self.size);
+        self.known_available
+            .set(self.known_available.get().saturating_sub(consumed));
         if self.recent.len() >= usize::from(self.size) {
             self.recent.pop_front();
         }
@@ -292,10 +305,14 @@ impl PackedQueue {
         let Some(popped) = self.recent.pop_back() else {
             return;
         };
+        let mut given_back = 0;
         if let Some(slot) = self.in_flight.get_mut(usize::from(popped.id)) {
-            *slot = 0;
+            given_back = std::mem::take(slot);
         }
         self.next_avail = popped.at;
+        // The chain's slots were available before the pop and are again.
+        let known = self.known_available.get().saturating_add(given_back);
+        self.known_available.set(known.min(self.size));
     }
 
     /// Writes buffer `id` back as used with `len` bytes written into it.
