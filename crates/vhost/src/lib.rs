@@ -29,7 +29,7 @@ pub mod sigbus;
 pub mod tracking;
 
 pub use backend::{
-    offered_protocol_features, Backend, ConnectionResources, DeviceClaim,
+    offered_protocol_features, Backend, ConnectionResources, DeviceClaim, FEATURE_RING_PACKED,
     VHOST_USER_F_PROTOCOL_FEATURES,
 };
 pub use inflight::{queue_region_size, InflightArea, QueueInflight, Recovery};

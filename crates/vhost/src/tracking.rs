@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use sluice_dma::DmaSpace;
-use sluice_virtio::{QueueContext, QueueError, QueueHandler};
+use sluice_virtio::{QueueContext, QueueError, QueueHandler, VirtQueue};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -253,8 +253,11 @@ impl QueueHandler for SharedTracked {
 
 /// Chains popped and not yet used.
 fn outstanding(ctx: &QueueContext<'_>) -> u16 {
-    let Some(queue) = ctx.queue.as_split() else {
-        return 0;
+    let queue = match &*ctx.queue {
+        VirtQueue::Split(queue) => queue,
+        VirtQueue::Packed(queue) => {
+            return u16::try_from(queue.in_flight_count()).unwrap_or(u16::MAX)
+        }
     };
     let gap = queue.next_avail().wrapping_sub(queue.next_used());
     if gap > queue.size() {

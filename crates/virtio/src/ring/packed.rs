@@ -83,6 +83,8 @@ pub enum PackedError {
     NotInFlight(u16),
     #[error("the queue is not ready")]
     NotReady,
+    #[error("ring positions {0:#06x} (avail) / {1:#06x} (used) do not fit the ring")]
+    BadPosition(u16, u16),
 }
 
 /// One buffer of a chain as the driver described it.
@@ -227,6 +229,31 @@ impl PackedQueue {
     /// The used position and wrap counter in `off_wrap` form.
     pub fn used_off_wrap(&self) -> u16 {
         self.next_used.off_wrap()
+    }
+
+    /// Moves the device's avail and used positions (`off_wrap` form: index in bits 0..15, wrap
+    /// counter in bit 15) to where an earlier device left the ring (vhost-user's
+    /// SET_VRING_BASE). The used position may lag the avail one by at most a ring: the buffers
+    /// between are not known to be in flight here (see [`PackedQueue::resume_in_flight`]).
+    pub fn set_positions(&mut self, avail: u16, used: u16) -> Result<(), PackedError> {
+        let (avail, used) = (
+            Position::from_off_wrap(avail),
+            Position::from_off_wrap(used),
+        );
+        if avail.index >= self.size || used.index >= self.size {
+            return Err(PackedError::BadPosition(avail.off_wrap(), used.off_wrap()));
+        }
+        self.next_avail = avail;
+        self.next_used = used;
+        self.known_available.set(0);
+        self.recent.clear();
+        self.signalled = None;
+        Ok(())
+    }
+
+    /// Buffers popped and not yet used.
+    pub fn in_flight_count(&self) -> usize {
+        self.in_flight.iter().filter(|&&slots| slots != 0).count()
     }
 
     /// Buffers written back so far (wrapping): grows by one per `add_used`.
