@@ -538,7 +538,7 @@ impl<D: VirtioDevice> Backend<D> {
         let (recovered, counter) = match &area {
             Some(area) => {
                 let recovery = area.recover(used_idx, size, base, |position| {
-                    used_id(&dma, addresses.used, size, position)
+                    used_id(dma, addresses.used, size, position)
                 });
                 queue.set_next_avail(recovery.next_avail);
                 (recovery.resubmit, recovery.next_counter)
