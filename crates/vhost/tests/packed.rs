@@ -227,9 +227,9 @@ fn packed_ring_base_outside_the_ring_is_refused() {
         let server = start_server("packed-bad-base");
         let guest = Guest::new();
         let bad_bases = [
-            PACKED_SIZE as u32 | WRAP,                      // avail index = size
-            WRAP | (0x7fff | WRAP) << 16,                   // used index far outside
-            (PACKED_SIZE as u32 + 1) << 16 | WRAP | 0x7000, // both
+            u32::from(PACKED_SIZE) | WRAP, // avail index = size
+            WRAP | (0x7fff | WRAP) << 16,  // used index far outside
+            (u32::from(PACKED_SIZE) + 1) << 16 | WRAP | 0x7000, // both
         ];
         for base in bad_bases {
             let mut packed = PackedSession::connect(&server.socket);
