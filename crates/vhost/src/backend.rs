@@ -70,7 +70,7 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::inflight::{InflightArea, QueueInflight};
+use crate::inflight::{InflightArea, QueueInflight, RingLayout};
 use crate::memory::{MemoryTable, MAX_MEM_SLOTS};
 use crate::sigbus::Tripwire;
 use crate::tracking::{used_id, used_index, SharedTracked, Tracked};
@@ -396,6 +396,14 @@ impl<D: VirtioDevice> Backend<D> {
         self.acked_features & FEATURE_RING_PACKED != 0
     }
 
+    fn ring_layout(&self) -> RingLayout {
+        if self.packed() {
+            RingLayout::Packed
+        } else {
+            RingLayout::Split
+        }
+    }
+
     fn inflight_negotiated(&self) -> bool {
         self.acked_protocol
             .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
@@ -444,7 +452,7 @@ impl<D: VirtioDevice> Backend<D> {
             .try_clone()
             .map_err(|e| format!("cannot clone the kick fd: {e}"))?;
         let (queue, handler) = if self.packed() {
-            self.packed_ring(index, size, addresses, base)?
+            self.packed_ring(index, size, addresses, base, &dma)?
         } else {
             self.split_ring(index, size, addresses, base, &dma, memory)?
         };
@@ -485,13 +493,31 @@ impl<D: VirtioDevice> Backend<D> {
             })
     }
 
-    /// A packed ring resuming at the positions of `base`.
+    /// The inflight area, if negotiated and set up, checked to describe `layout` rings.
+    fn inflight_area(&self, layout: RingLayout) -> Result<Option<&InflightArea>, String> {
+        match self
+            .inflight
+            .as_ref()
+            .filter(|_| self.inflight_negotiated())
+        {
+            Some(area) if area.layout() != layout => Err(format!(
+                "the inflight area was set up for {:?} rings but the rings are {layout:?} \
+                 (GET/SET_INFLIGHT_FD before SET_FEATURES?): its requests could not be recovered",
+                area.layout()
+            )),
+            area => Ok(area),
+        }
+    }
+
+    /// A packed ring resuming at the positions of `base`, or, when the inflight area has been
+    /// in use, where the area says, with the buffers it holds in flight handed back first.
     fn packed_ring(
         &self,
         index: usize,
         size: u16,
         addresses: RingAddresses,
         base: u32,
+        dma: &DmaSpace,
     ) -> Result<(VirtQueue, SharedTracked), String> {
         let (avail, used) = packed_positions(base, size)?;
         let mut queue = PackedQueue::new(
@@ -500,14 +526,57 @@ impl<D: VirtioDevice> Backend<D> {
             GuestAddress(addresses.avail),
             GuestAddress(addresses.used),
         );
-        queue
-            .set_positions(avail, used)
-            .map_err(|e| e.to_string())?;
-        if avail != used {
-            tracing::warn!(
-                "vhost-user: queue {index}: resuming a packed ring with buffers in flight \
-                 (avail {avail:#06x}, used {used:#06x}) and no inflight area to recover them"
-            );
+        let journal = self
+            .inflight_area(RingLayout::Packed)?
+            .and_then(|area| area.packed_queue(index as u16));
+        match journal {
+            Some(journal) => {
+                let recovery = journal.recover(size, (avail, used), |slot| {
+                    ring_flags(dma, addresses.desc, slot)
+                });
+                if (recovery.avail, recovery.used) != (avail, used) {
+                    tracing::info!(
+                        "vhost-user: queue {index}: the inflight area places the ring at avail \
+                         {:#06x} / used {:#06x} (SET_VRING_BASE said {avail:#06x} / {used:#06x})",
+                        recovery.avail,
+                        recovery.used
+                    );
+                }
+                queue
+                    .set_positions(recovery.avail, recovery.used)
+                    .map_err(|e| e.to_string())?;
+                let mut resumed = 0;
+                for chain in &recovery.chains {
+                    match queue.resume_in_flight(dma, chain) {
+                        Ok(_) => resumed += 1,
+                        Err(e) => {
+                            let id = chain.last().map_or(u16::MAX, |d| d.id);
+                            tracing::warn!(
+                                "vhost-user: queue {index}: recovered buffer {id} dropped: {e}"
+                            );
+                            journal.forget(id);
+                        }
+                    }
+                }
+                if resumed > 0 {
+                    tracing::info!(
+                        "vhost-user: queue {index}: resubmitting {resumed} in-flight requests"
+                    );
+                }
+                queue.set_journal(Arc::new(journal));
+            }
+            None => {
+                queue
+                    .set_positions(avail, used)
+                    .map_err(|e| e.to_string())?;
+                if avail != used {
+                    tracing::warn!(
+                        "vhost-user: queue {index}: resuming a packed ring with buffers in \
+                         flight (avail {avail:#06x}, used {used:#06x}) and no inflight area \
+                         to recover them"
+                    );
+                }
+            }
         }
         let inner = self.model_handler(index, size);
         let handler = SharedTracked::new(Tracked::new(inner, None, 0, 0));
@@ -531,9 +600,7 @@ impl<D: VirtioDevice> Backend<D> {
         let mut queue = build_queue(size, addresses, base, used_idx, false)?;
 
         let area = self
-            .inflight
-            .as_ref()
-            .filter(|_| self.inflight_negotiated())
+            .inflight_area(RingLayout::Split)?
             .and_then(|area| area.queue(queue_index));
         let (recovered, counter) = match &area {
             Some(area) => {
@@ -631,6 +698,14 @@ impl<D: VirtioDevice> Backend<D> {
         self.acked_features = 0;
         self.inflight = None;
     }
+}
+
+/// The flags of packed ring descriptor `slot` of the ring at `desc`.
+fn ring_flags(dma: &DmaSpace, desc: u64, slot: u16) -> Option<u16> {
+    let addr = desc.checked_add(DESC_BYTES * u64::from(slot) + 14)?;
+    dma.read_obj::<u16>(GuestAddress(addr))
+        .ok()
+        .map(u16::from_le)
 }
 
 /// Whether every part of a ring of `size` entries at `addresses` lies in `memory`.
@@ -1048,7 +1123,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
                 "GET_INFLIGHT_FD for {queues} queues of {queue_size} entries"
             ));
         }
-        match InflightArea::allocate(queues, queue_size) {
+        match InflightArea::allocate_for(queues, queue_size, self.ring_layout()) {
             Ok((area, file, size)) => {
                 self.inflight = Some(area);
                 Ok((VhostUserInflight::new(size, 0, queues, queue_size), file))
@@ -1065,12 +1140,11 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
                 "SET_INFLIGHT_FD for {queues} queues of {queue_size} entries"
             ));
         }
-        let attached = InflightArea::attach(
+        let attached = InflightArea::attach_for(
             &file,
             inflight.mmap_size,
             inflight.mmap_offset,
-            queues,
-            queue_size,
+            (queues, queue_size, self.ring_layout()),
             &self.tripwire,
         );
         match attached {

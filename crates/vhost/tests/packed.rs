@@ -6,12 +6,14 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
 
 use common::*;
 use sluice_dma::DmaSpace;
 use sluice_virtio::ring::mock::PackedDriver;
-use vhost::vhost_user::message::VhostUserHeaderFlag;
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VringConfigData};
 use vm_memory::{Bytes, GuestAddress};
@@ -293,4 +295,141 @@ fn packed_rings_are_not_offered_when_turned_off() {
     let features = session.features;
 
     assert_eq!(features & RING_PACKED, 0);
+}
+
+fn get_packed_inflight(session: &mut Session) -> (VhostUserInflight, std::fs::File) {
+    let request = VhostUserInflight::new(0, 0, 1, PACKED_SIZE);
+    session
+        .frontend
+        .get_inflight_fd(&request)
+        .expect("GET_INFLIGHT_FD")
+}
+
+/// The spec's packed region: `inflight` of desc[] entry `entry` (32-byte entries after a
+/// 32-byte header).
+fn packed_entry_inflight(area: &std::fs::File, entry: u64) -> u8 {
+    use std::os::unix::fs::FileExt;
+    let mut byte = [0u8];
+    area.read_exact_at(&mut byte, 32 + 32 * entry).unwrap();
+    byte[0]
+}
+
+/// The backend goes away with two requests popped and unanswered (a write, then a read of the
+/// same sector); the next backend gets the packed inflight area back and the frontend's stale
+/// base (what QEMU resends after a crash): it resubmits both in pop order from the area's copies
+/// of their descriptors, and the guest sees each answered once, at the used positions it
+/// expects, and the ring goes on after them.
+#[test]
+fn packed_requests_in_flight_are_resubmitted_by_the_next_backend() {
+    within(std::time::Duration::from_secs(60), || {
+        let server = start_server("packed-reconnect");
+        server.stall.store(true, Ordering::SeqCst);
+        let guest = Guest::new();
+        let mem = sluice_dma::identity(guest.mem.clone());
+        let mut driver = PackedDriver::new(&mem, RING_GPA, PACKED_SIZE);
+        let (info, area) = {
+            let mut first = PackedSession::connect(&server.socket);
+            let features = (first.session.features | RING_PACKED) & !EVENT_IDX;
+            first.session.frontend.set_features(features).unwrap();
+            let (info, area) = get_packed_inflight(&mut first.session);
+            first
+                .session
+                .frontend
+                .set_inflight_fd(&info, area.as_raw_fd())
+                .unwrap();
+            start_packed_ring(&mut first, &guest, WRAP | WRAP << 16);
+            request(
+                &mut driver,
+                &mem,
+                5,
+                VIRTIO_BLK_T_OUT,
+                9,
+                Some(&pattern(0x33)),
+            );
+            request(&mut driver, &mem, 2, VIRTIO_BLK_T_IN, 9, None);
+            first.session.kick();
+            assert!(
+                wait_until(
+                    || packed_entry_inflight(&area, 0) == 1 && packed_entry_inflight(&area, 3) == 1
+                ),
+                "both chains journaled (entries 0 and 3 head them)"
+            );
+            (info, area)
+            // The connection goes with both requests popped and never answered.
+        };
+        server.stall.store(false, Ordering::SeqCst);
+        // The ring slots no longer describe the requests (as when other buffers' used entries
+        // overwrote them): only the area's copies can bring them back.
+        mem.write_slice(&[0u8; 6 * 16], GuestAddress(RING_GPA))
+            .unwrap();
+
+        let mut second = PackedSession::connect(&server.socket);
+        let features = (second.session.features | RING_PACKED) & !EVENT_IDX;
+        second.session.frontend.set_features(features).unwrap();
+        second
+            .session
+            .frontend
+            .set_inflight_fd(&info, area.as_raw_fd())
+            .unwrap();
+        start_packed_ring(&mut second, &guest, WRAP | WRAP << 16);
+        let first_answer = wait_used(&mut driver);
+        let second_answer = wait_used(&mut driver);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+
+        assert_eq!(first_answer, Some((5, 1)));
+        assert_eq!(second_answer, Some((2, SECTOR as u32 + 1)));
+        assert_eq!(data(&mem, 2), pattern(0x33), "the read ran after the write");
+        assert_eq!(
+            read_image(&server.image, 9 * SECTOR as u64, SECTOR),
+            pattern(0x33)
+        );
+        assert_eq!(driver.used(), None, "each request answered once");
+        assert_eq!(packed_entry_inflight(&area, 0), 0, "journal cleared");
+        assert_eq!(packed_entry_inflight(&area, 3), 0, "journal cleared");
+        // The ring goes on where the recovered requests left it.
+        request(&mut driver, &mem, 7, VIRTIO_BLK_T_IN, 9, None);
+        second.session.kick();
+        assert_eq!(wait_used(&mut driver), Some((7, SECTOR as u32 + 1)));
+    });
+}
+
+/// An inflight area set up before VIRTIO_F_RING_PACKED was negotiated has the split layout:
+/// a packed ring over it could not be recovered, so it does not start (error, connection
+/// dropped) instead of running untracked.
+#[test]
+fn a_split_inflight_area_under_packed_rings_is_refused() {
+    within(std::time::Duration::from_secs(60), || {
+        let server = start_server("packed-split-area");
+        let guest = Guest::new();
+        let mut packed = PackedSession::connect(&server.socket);
+        let (info, area) = get_packed_inflight(&mut packed.session);
+        packed
+            .session
+            .frontend
+            .set_inflight_fd(&info, area.as_raw_fd())
+            .unwrap();
+        let features = (packed.session.features | RING_PACKED) & !EVENT_IDX;
+        packed.session.frontend.set_features(features).unwrap();
+        packed
+            .session
+            .frontend
+            .set_mem_table(&[guest.region()])
+            .unwrap();
+        packed
+            .session
+            .frontend
+            .set_vring_num(0, PACKED_SIZE)
+            .unwrap();
+        packed.set_vring_base(0, WRAP | WRAP << 16).unwrap();
+        let session = &mut packed.session;
+        let fe = &mut session.frontend;
+        fe.set_vring_addr(0, &packed_ring_config(&guest)).unwrap();
+        fe.set_vring_call(0, &session.call).unwrap();
+        fe.set_vring_kick(0, &session.kick).unwrap();
+
+        let started = fe.set_vring_enable(0, true);
+
+        assert!(started.is_err());
+        assert!(session.is_dropped());
+    });
 }
