@@ -204,6 +204,13 @@ def fds_seeds():
                                         + bytes([2, 0, 15]) + one_request(1) + KICK)
     yield "kick_before_addr_no_protocol", (bytes([0, 0]) + MEM_16_PAGES + KICK_FD + CALL_FD
                                            + RING_16 + one_request(0) + KICK)
+    # Packed rings (handshake bit 3) with a packed inflight area (GET_INFLIGHT_FD after the
+    # features), base in the packed form (ring setup bit 6): one writable descriptor at slot 0,
+    # then GET_VRING_BASE.
+    packed_ring = bytes([6, 0x40, 3, 0]) + KICK_FD + CALL_FD + ENABLE
+    yield "packed_ring_io", (bytes([0, 0x0F]) + bytes([5, 0, 3]) + MEM_16_PAGES + packed_ring
+                             + write_memfd(0, 0, packed_desc(0x3000, 16, 0, P_AVAIL | WRITE))
+                             + KICK + bytes([14, 0]))
 
 
 # --- vhost_user_backend_replies: backend scripts (format in
