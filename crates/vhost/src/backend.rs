@@ -1017,6 +1017,10 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
         let vring = &mut self.vrings[queue];
         // The ring is stopped until the frontend sends a kick fd again.
         vring.kick = None;
+        tracing::info!(
+            "vhost-user: queue {queue}: stopped by GET_VRING_BASE at {:#x}",
+            vring.base
+        );
         Ok(VhostUserVringState::new(index, vring.base))
     }
 
