@@ -7,7 +7,7 @@
 //! model's `queue_handler` wrapped in [`Tracked`] — once it has
 //! a size, addresses, a kick fd, memory, and is enabled (rings start disabled when
 //! VHOST_USER_F_PROTOCOL_FEATURES is negotiated). GET_VRING_BASE stops the worker, lets the
-//! model finish what it popped (bounded wait), and answers with the next avail index.
+//! model finish what it popped (bounded wait), and answers with the ring's position(s).
 //!
 //! Rings are split or packed. VIRTIO_F_RING_PACKED is offered on top of the model's features
 //! unless [`ConnectionResources::offer_packed`] is off (the models never see the bit: the
@@ -18,6 +18,10 @@
 //! avail index, bit 15 the avail wrap counter, bits 16–30 the next used index, bit 31 the used
 //! wrap counter — QEMU's `virtio_queue_get_last_avail_idx` and the kernel's vhost use the same
 //! word. An index outside the ring is refused. The rings run on `sluice_virtio::PackedQueue`.
+//! Their inflight tracking is not [`Tracked`] (which works from split-ring indices) but the
+//! queue's own journal hooks writing the packed region (`crate::inflight_packed`); a ring
+//! whose inflight area was set up for the other layout (GET/SET_INFLIGHT_FD before
+//! SET_FEATURES) does not start — its requests could not be recovered.
 //!
 //! Any message that is malformed, out of range or out of order (ring messages before
 //! SET_OWNER, bad sizes or addresses, regions that overlap or are not backed by their file)

@@ -1,4 +1,5 @@
-//! [`Tracked`]: a device model's `QueueHandler` wrapped with inflight bookkeeping.
+//! [`Tracked`]: a device model's `QueueHandler` wrapped with inflight bookkeeping (split rings;
+//! packed rings journal through `PackedQueue`'s hooks, see [`crate::inflight_packed`]).
 //!
 //! The device model pops chains and writes used entries itself (through virtio-queue, inside
 //! `process` / `complete`), so the wrapper cannot hook the individual pops. It works from the
@@ -173,7 +174,7 @@ impl Tracked {
 
 impl QueueHandler for Tracked {
     fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
-        // The inflight area describes split rings (the only layout served over vhost-user).
+        // Split rings only: a packed ring journals its pops and used entries itself.
         let area = self
             .inflight
             .clone()
