@@ -668,6 +668,11 @@ fn run_qemu_vhost_user(
         Some(Ended::Code(code)) => ExitKind::from_qemu_status(code),
         _ => ExitKind::Killed,
     };
+    // The comparison is only worth anything if the rings were the ones asked for.
+    let layout = if packed { "packed" } else { "split" };
+    if !measured.console.contains(&format!("\"vq\":\"{layout}\"")) {
+        return Err(format!("the guest kit did not run {layout} rings"));
+    }
     let mut output = guest_output(scenario, &measured, exit, "qemu", argv)?;
     output.processes.extend(backend_usage);
     Ok(output)
