@@ -108,13 +108,16 @@ pub enum Device {
     },
     /// vhost-user-rng-pci served by the backend on `socket` (`sluice serve rng`).
     VhostUserRng { socket: PathBuf },
+    /// virtio-net-pci on a vhost-user netdev served by the backend on `socket`
+    /// (`sluice serve net`).
+    VhostUserNet { socket: PathBuf },
 }
 
 impl Device {
     fn is_vhost_user(&self) -> bool {
         matches!(
             self,
-            Device::VhostUserBlk { .. } | Device::VhostUserRng { .. }
+            Device::VhostUserBlk { .. } | Device::VhostUserRng { .. } | Device::VhostUserNet { .. }
         )
     }
 }
@@ -398,6 +401,17 @@ fn qemu_device_args(index: usize, device: &Device) -> Vec<String> {
             ),
             "-device".into(),
             format!("vhost-user-rng-pci,chardev=vu{index}"),
+        ],
+        Device::VhostUserNet { socket } => vec![
+            "-chardev".into(),
+            format!(
+                "socket,id=vu{index},path={}",
+                qemu_escape(&socket.display().to_string())
+            ),
+            "-netdev".into(),
+            format!("vhost-user,id=net{index},chardev=vu{index}"),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=net{index},romfile="),
         ],
     }
 }

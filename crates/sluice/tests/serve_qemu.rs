@@ -1,5 +1,5 @@
-//! `sluice serve` behind QEMU's own vhost-user frontends (vhost-user-blk-pci, vhost-user-rng-pci)
-//! with packed virtqueues: QEMU offers `packed=on`, the guest kit asks for `vq=packed`, and the
+//! `sluice serve` behind QEMU's own vhost-user frontends (vhost-user-blk-pci, vhost-user-rng-pci,
+//! virtio-net-pci on a vhost-user netdev) with packed virtqueues: QEMU offers `packed=on`, the guest kit asks for `vq=packed`, and the
 //! rings the backend runs are packed ones. The guest kit verifies what it wrote; the image must
 //! hold the pattern afterwards. The ring state crosses GET_VRING_BASE / SET_VRING_BASE when QEMU
 //! stops and continues the VM (its monitor) and when the backend is killed and restarted (the
@@ -384,4 +384,59 @@ fn qemu_rng_over_packed_rings_on_sluice_serve_rng() {
         .next()
         .unwrap_or_else(|| panic!("no rng RESULT: {}", report.describe()));
     assert_eq!(rng.raw["vq"], "packed", "{}", report.describe());
+}
+
+/// QEMU's virtio-net on a vhost-user netdev served by `sluice serve net` over a tap, packed
+/// rings: the kit's transmitted frames come out of the tap on the host.
+#[test]
+fn qemu_net_tx_over_packed_rings_on_sluice_serve_net() {
+    let name = "qemu_net_packed";
+    if skip_without_qemu(name) {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || File::open("/dev/net/tun").is_err() {
+        println!("SKIP {name}: creating a tap needs root and /dev/net/tun");
+        return;
+    }
+    const FRAMES: u64 = 2000;
+    let tap = format!("slvp{}", std::process::id() % 100_000);
+    let serve = Serve::start(name, &["net", "--tap", &tap]);
+    let tap_counter = |counter: &str| -> u64 {
+        std::fs::read_to_string(format!("/sys/class/net/{tap}/statistics/{counter}"))
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = tap_counter("rx_packets");
+    let run = GuestKitRun::qemu(
+        Accel::Tcg,
+        Machine::Q35,
+        &format!("quiet vq=packed w=net:dir=tx:size=64:frames={FRAMES}"),
+    )
+    .with_device(Device::VhostUserNet {
+        socket: serve.socket.clone(),
+    })
+    .with_packed_virtqueues()
+    .with_timeout(Duration::from_secs(120));
+
+    let report = run.run().expect("run QEMU");
+
+    assert!(
+        report.passed(),
+        "{}\n{}",
+        report.describe(),
+        serve.log_text()
+    );
+    let net = report
+        .results_for("net")
+        .next()
+        .unwrap_or_else(|| panic!("no net RESULT: {}", report.describe()));
+    assert_eq!(net.raw["vq"], "packed", "{}", report.describe());
+    assert_eq!(net.errors, Some(0), "{}", report.describe());
+    let delivered = tap_counter("rx_packets") - before;
+    assert!(
+        delivered >= FRAMES,
+        "{delivered} frames reached the tap, the kit sent {FRAMES}"
+    );
 }
