@@ -24,12 +24,14 @@ use crate::scenario::{BlkParams, NetParams, Scenario, Workload};
 pub type Metrics = BTreeMap<String, f64>;
 
 /// Every competitor the matrix knows, in the order they alternate.
-pub const ALL: [Competitor; 9] = [
+pub const ALL: [Competitor; 11] = [
     Competitor::Sluice,
     Competitor::SluicePoll,
     Competitor::SluiceBatch,
     Competitor::SluiceVhostServe,
     Competitor::SluiceVhostQsd,
+    Competitor::QemuVhostServe,
+    Competitor::QemuVhostServePacked,
     Competitor::Qemu,
     Competitor::CloudHypervisor,
     Competitor::Firecracker,
@@ -52,6 +54,10 @@ pub enum Competitor {
     SluiceVhostServe,
     /// `sluice run --disk vhost_user=on` served by qemu-storage-daemon.
     SluiceVhostQsd,
+    /// QEMU -accel kvm with vhost-user-blk-pci served by `sluice serve blk`, split rings.
+    QemuVhostServe,
+    /// The same with packed rings: QEMU `packed=on`, the guest kit `vq=packed`.
+    QemuVhostServePacked,
     /// QEMU -accel kvm: virtio-blk-pci with an iothread, aio=io_uring, cache=none; virtio-net on
     /// the UDP socket netdev.
     Qemu,
@@ -102,6 +108,8 @@ impl Competitor {
             Competitor::SluiceBatch => "sluice-batch",
             Competitor::SluiceVhostServe => "sluice-vhost-serve",
             Competitor::SluiceVhostQsd => "sluice-vhost-qsd",
+            Competitor::QemuVhostServe => "qemu-vhost-serve",
+            Competitor::QemuVhostServePacked => "qemu-vhost-serve-packed",
             Competitor::Qemu => "qemu",
             Competitor::CloudHypervisor => "cloud-hypervisor",
             Competitor::Firecracker => "firecracker",
@@ -116,6 +124,8 @@ impl Competitor {
             Competitor::SluiceBatch => "sluice run, in-process virtio-blk (direct=on, notify=batch:16:50: interrupt coalescing)",
             Competitor::SluiceVhostServe => "sluice run --disk vhost_user=on, backend: sluice serve blk --direct",
             Competitor::SluiceVhostQsd => "sluice run --disk vhost_user=on, backend: qemu-storage-daemon (io_uring, cache.direct=on)",
+            Competitor::QemuVhostServe => "QEMU -accel kvm q35: vhost-user-blk-pci (split rings), backend: sluice serve blk --direct --packed off",
+            Competitor::QemuVhostServePacked => "QEMU -accel kvm q35: vhost-user-blk-pci packed=on, guest kit vq=packed, backend: sluice serve blk --direct",
             Competitor::Qemu => "QEMU -accel kvm q35: virtio-blk-pci + iothread, aio=io_uring, cache=none (SeaBIOS); virtio-net-pci on the UDP socket netdev; startup with qboot",
             Competitor::CloudHypervisor => "Cloud Hypervisor (anchors dir): virtio-blk-pci (direct=on), virtio-net-pci on a tap it creates; stopped after the GUEST-KIT line (its ACPI power-off is not the guest kit's), so no exit time; not 2-queue blk (it refuses more queues than the 1 vCPU), startup-first-insn (needs sluice's exit log), -gbatch or seqread",
             Competitor::Firecracker => "Firecracker --no-api --enable-pci (anchors dir): virtio-blk io_engine=Async (io_uring) through the host page cache (it has no O_DIRECT option), one queue only (no 2-queue scenarios); virtio-net on a tap the bench creates; stopped after the GUEST-KIT line, so no exit time; not startup-first-insn nor -gbatch/seqread",
@@ -163,6 +173,10 @@ impl Competitor {
                 Competitor::SluiceVhostServe | Competitor::SluiceVhostQsd | Competitor::Fio,
                 Workload::Blk(b),
             ) => b.guest_batch.is_none(),
+            // Split against packed rings through one backend: the random reads.
+            (Competitor::QemuVhostServe | Competitor::QemuVhostServePacked, Workload::Blk(b)) => {
+                b.op == "randread" && b.guest_batch.is_none()
+            }
             _ => false,
         }
     }
@@ -180,7 +194,7 @@ impl Competitor {
                     "apt-get install -y --no-install-recommends qemu-system-common",
                 )
             }),
-            Competitor::Qemu => {
+            Competitor::Qemu | Competitor::QemuVhostServe | Competitor::QemuVhostServePacked => {
                 kvm().and_then(|_| find_qemu().map(drop).map_err(|e| e.to_string()))
             }
             // The binary first: where to find it is the more useful message.
@@ -240,6 +254,17 @@ impl Competitor {
                 ));
                 let backend = Backend::start(command, socket, "qemu-storage-daemon")?;
                 run_sluice(scenario, env, Some(backend), None)
+            }
+            Competitor::QemuVhostServe | Competitor::QemuVhostServePacked => {
+                let packed = self == Competitor::QemuVhostServePacked;
+                let socket = env.workdir.join("serve.sock");
+                let queues = blk_params(scenario)?.queues;
+                let mut command = Command::new(&env.sluice);
+                command.args(["serve", "blk", "--direct", "--queues", &queues.to_string()]);
+                command.args(["--packed", if packed { "on" } else { "off" }, "--socket"]);
+                command.arg(&socket).arg("--image").arg(&env.image);
+                let backend = Backend::start(command, socket.clone(), "sluice serve blk")?;
+                run_qemu_vhost_user(scenario, env, backend, &socket, packed)
             }
             Competitor::Qemu => run_qemu(scenario, env),
             Competitor::CloudHypervisor => {
@@ -607,6 +632,50 @@ fn run_qemu(scenario: &Scenario, env: &Env) -> Result<RunOutput, String> {
         _ => ExitKind::Killed,
     };
     guest_output(scenario, &measured, exit, "qemu", argv)
+}
+
+/// QEMU (KVM) with a vhost-user-blk disk on `socket` served by `backend`; with `packed`, QEMU
+/// offers packed rings and the guest kit asks for them.
+fn run_qemu_vhost_user(
+    scenario: &Scenario,
+    env: &Env,
+    backend: Backend,
+    socket: &Path,
+    packed: bool,
+) -> Result<RunOutput, String> {
+    let b = blk_params(scenario)?;
+    let cmdline = scenario.guest_cmdline();
+    let cmdline = if packed {
+        format!("vq=packed {cmdline}")
+    } else {
+        cmdline
+    };
+    let mut run =
+        GuestKitRun::qemu(Accel::Kvm, Machine::Q35, &cmdline).with_device(Device::VhostUserBlk {
+            socket: socket.to_path_buf(),
+            queues: b.queues,
+            reconnect: false,
+        });
+    run.memory_mib = scenario.memory_mib();
+    run.packed_virtqueues = packed;
+    let command = run.command(&env.kernel).map_err(|e| e.to_string())?;
+    let argv = command_line(&command);
+    let extra_pids: Vec<u32> = backend.pid().into_iter().collect();
+    let measured = exec::run_measured(command, env.timeout, &extra_pids);
+    let backend_usage = backend.finish();
+    let measured = measured.map_err(|e| format!("starting QEMU: {e}"))?;
+    let exit = match measured.ended {
+        Some(Ended::Code(code)) => ExitKind::from_qemu_status(code),
+        _ => ExitKind::Killed,
+    };
+    // The comparison is only worth anything if the rings were the ones asked for.
+    let layout = if packed { "packed" } else { "split" };
+    if !measured.console.contains(&format!("\"vq\":\"{layout}\"")) {
+        return Err(format!("the guest kit did not run {layout} rings"));
+    }
+    let mut output = guest_output(scenario, &measured, exit, "qemu", argv)?;
+    output.processes.extend(backend_usage);
+    Ok(output)
 }
 
 /// virtio-blk-pci on an iothread, io_uring, O_DIRECT (the blk benchmark's QEMU setup).

@@ -104,6 +104,28 @@ pub enum Device {
     /// virtio-net-pci whose frames travel as UDP datagrams on 127.0.0.1: QEMU sends each frame
     /// to `host_port` and receives frames sent to `vmm_port`.
     VirtioNet { host_port: u16, vmm_port: u16 },
+    /// vhost-user-blk-pci served by the backend listening on `socket` (`sluice serve blk`,
+    /// qemu-storage-daemon); with `reconnect`, QEMU redials a backend that went away. Guest
+    /// RAM is then a shared memfd, so the backend can map it.
+    VhostUserBlk {
+        socket: PathBuf,
+        queues: u16,
+        reconnect: bool,
+    },
+    /// vhost-user-rng-pci served by the backend on `socket` (`sluice serve rng`).
+    VhostUserRng { socket: PathBuf },
+    /// virtio-net-pci on a vhost-user netdev served by the backend on `socket`
+    /// (`sluice serve net`).
+    VhostUserNet { socket: PathBuf },
+}
+
+impl Device {
+    fn is_vhost_user(&self) -> bool {
+        matches!(
+            self,
+            Device::VhostUserBlk { .. } | Device::VhostUserRng { .. } | Device::VhostUserNet { .. }
+        )
+    }
 }
 
 /// One run of the guest kit.
@@ -121,6 +143,8 @@ pub struct GuestKitRun {
     /// QEMU's virtio devices also offer packed virtqueues (`packed=on`); the kit uses them
     /// with `vq=packed` on its command line. (sluice: `packed=on` goes in `extra_args`.)
     pub packed_virtqueues: bool,
+    /// QEMU's human monitor on this unix socket (a test stops and continues the VM there).
+    pub monitor: Option<PathBuf>,
 }
 
 impl GuestKitRun {
@@ -135,6 +159,7 @@ impl GuestKitRun {
             timeout: Duration::from_secs(30),
             firmware: Firmware::SeaBios,
             packed_virtqueues: false,
+            monitor: None,
         }
     }
 
@@ -220,9 +245,16 @@ impl GuestKitRun {
             Accel::Tcg => ("tcg", "max"),
             Accel::Kvm => ("kvm", "host,-arch-capabilities"),
         };
+        let shared_memory = self.devices.iter().any(Device::is_vhost_user);
+        let machine = if shared_memory {
+            // vhost-user backends map guest RAM: it must be a shared memfd.
+            format!("{},memory-backend=ram0", machine.qemu_name())
+        } else {
+            machine.qemu_name().into()
+        };
         let mut args: Vec<String> = vec![
             "-machine".into(),
-            machine.qemu_name().into(),
+            machine,
             "-accel".into(),
             accel.into(),
             "-cpu".into(),
@@ -249,6 +281,24 @@ impl GuestKitRun {
         ];
         if self.firmware == Firmware::Qboot {
             args.extend(["-bios".into(), "qboot.rom".into()]);
+        }
+        if shared_memory {
+            args.extend([
+                "-object".into(),
+                format!(
+                    "memory-backend-memfd,id=ram0,size={}M,share=on",
+                    self.memory_mib
+                ),
+            ]);
+        }
+        if let Some(monitor) = &self.monitor {
+            args.extend([
+                "-monitor".into(),
+                format!(
+                    "unix:{},server=on,wait=off",
+                    qemu_escape(&monitor.display().to_string())
+                ),
+            ]);
         }
         for (index, device) in self.devices.iter().enumerate() {
             let mut device_args = qemu_device_args(index, device);
@@ -359,6 +409,40 @@ fn qemu_device_args(index: usize, device: &Device) -> Vec<String> {
             "-device".into(),
             // romfile= : no option ROM; the guest kit boots by -kernel and the ROM package may
             // not be installed.
+            format!("virtio-net-pci,netdev=net{index},romfile="),
+        ],
+        Device::VhostUserBlk {
+            socket,
+            queues,
+            reconnect,
+        } => vec![
+            "-chardev".into(),
+            format!(
+                "socket,id=vu{index},path={}{}",
+                qemu_escape(&socket.display().to_string()),
+                if *reconnect { ",reconnect=1" } else { "" }
+            ),
+            "-device".into(),
+            format!("vhost-user-blk-pci,chardev=vu{index},num-queues={queues}"),
+        ],
+        Device::VhostUserRng { socket } => vec![
+            "-chardev".into(),
+            format!(
+                "socket,id=vu{index},path={}",
+                qemu_escape(&socket.display().to_string())
+            ),
+            "-device".into(),
+            format!("vhost-user-rng-pci,chardev=vu{index}"),
+        ],
+        Device::VhostUserNet { socket } => vec![
+            "-chardev".into(),
+            format!(
+                "socket,id=vu{index},path={}",
+                qemu_escape(&socket.display().to_string())
+            ),
+            "-netdev".into(),
+            format!("vhost-user,id=net{index},chardev=vu{index}"),
+            "-device".into(),
             format!("virtio-net-pci,netdev=net{index},romfile="),
         ],
     }
@@ -671,6 +755,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             firmware: Firmware::SeaBios,
             packed_virtqueues: false,
+            monitor: None,
         };
 
         let command = run.command(Path::new("/k")).expect("sluice command");
@@ -711,6 +796,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             firmware: Firmware::SeaBios,
             packed_virtqueues: false,
+            monitor: None,
         };
 
         let result = run.command(Path::new("/k"));
