@@ -98,6 +98,8 @@ pub enum Device {
     /// virtio-net-pci whose frames travel as UDP datagrams on 127.0.0.1: QEMU sends each frame
     /// to `host_port` and receives frames sent to `vmm_port`.
     VirtioNet { host_port: u16, vmm_port: u16 },
+    /// QEMU's e1000 (82540EM) with the same UDP transport as [`Device::VirtioNet`].
+    E1000 { host_port: u16, vmm_port: u16 },
 }
 
 /// One run of the guest kit.
@@ -328,6 +330,17 @@ fn qemu_device_args(index: usize, device: &Device) -> Vec<String> {
             // romfile= : no option ROM; the guest kit boots by -kernel and the ROM package may
             // not be installed.
             format!("virtio-net-pci,netdev=net{index},romfile="),
+        ],
+        Device::E1000 {
+            host_port,
+            vmm_port,
+        } => vec![
+            "-netdev".into(),
+            format!(
+                "socket,id=net{index},udp=127.0.0.1:{host_port},localaddr=127.0.0.1:{vmm_port}"
+            ),
+            "-device".into(),
+            format!("e1000,netdev=net{index},romfile="),
         ],
     }
 }
