@@ -506,7 +506,11 @@ fn e1000_echo(accel: Accel, _test: &str) {
     assert_eq!(nic.raw["frames"], FRAMES, "{}", report.describe());
     assert_eq!(nic.raw["verify"], "ok", "{}", report.describe());
     let echoed = peer.echoed.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(echoed >= FRAMES, "host echoed {echoed}: {}", report.describe());
+    assert!(
+        echoed >= FRAMES,
+        "host echoed {echoed}: {}",
+        report.describe()
+    );
     let first = peer
         .first_frame
         .lock()
