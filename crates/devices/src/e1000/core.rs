@@ -429,6 +429,12 @@ impl E1000Core {
         let metrics = &self.metrics.queues[TX_QUEUE];
         match self.backend.write_packet(0, packet) {
             Ok(()) => {
+                if packet[0] != 0 {
+                    self.metrics.count(COUNTER_TX_CSUM, 1);
+                }
+                if packet[1] != 0 {
+                    self.metrics.count(COUNTER_TX_GSO, 1);
+                }
                 let multicast = destination.is_some_and(|b| b & 1 != 0);
                 let broadcast = packet[crate::net::NET_HDR_LEN..].starts_with(&[0xff; 6]);
                 QueueMetrics::add(&metrics.requests, 1);

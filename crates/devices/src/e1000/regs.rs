@@ -148,6 +148,11 @@ pub const COUNTER_NAMES: &[&str] = &[
     "exits_other",
     "exits_io",
     "interrupts",
+    "tx_checksum_offload",
+    "tx_segmentation_offload",
 ];
 pub const COUNTER_IO: usize = 14;
 pub const COUNTER_INTERRUPTS: usize = 15;
+/// Frames sent with NEEDS_CSUM, and with GSO, in their tap header.
+pub const COUNTER_TX_CSUM: usize = 16;
+pub const COUNTER_TX_GSO: usize = 17;

@@ -377,6 +377,8 @@ fn checksum_and_segmentation_offloads_become_the_tap_header() {
 
     let packets = backend.packets.lock().unwrap().clone();
     assert_eq!(packets.len(), 2);
+    assert_eq!(core.metrics().counter("tx_checksum_offload"), Some(2));
+    assert_eq!(core.metrics().counter("tx_segmentation_offload"), Some(1));
     let csum = NetHeader::from_bytes(&packets[0]).unwrap();
     assert_eq!((csum.flags, csum.gso_type), (1, 0), "NEEDS_CSUM only");
     assert_eq!((csum.csum_start, csum.csum_offset), (34, 16));
