@@ -43,6 +43,9 @@ const IO_BAR: usize = 1;
 const TOKEN_TAP: u64 = 0;
 const TOKEN_WAKE: u64 = 1;
 const TOKEN_STOP: u64 = 2;
+/// After a failed tap read the worker leaves the tap alone this long (a tap that keeps failing
+/// while it polls readable would otherwise spin the worker).
+const READ_ERROR_BACKOFF_MS: i32 = 100;
 
 /// The PCI function.
 pub struct E1000 {
@@ -239,6 +242,7 @@ impl RxWorker {
             packet: vec![0; MAX_PACKET_LEN],
             pending: None,
             tap_armed: true,
+            read_failed: false,
         };
         let thread = sluice_sandbox::spawn(
             sluice_sandbox::ThreadKind::QueueWorker,
@@ -267,6 +271,8 @@ struct RxLoop {
     /// Length of a packet read from the tap that found no free descriptor.
     pending: Option<usize>,
     tap_armed: bool,
+    /// The last tap read failed: wait for a wake-up or the back-off before reading again.
+    read_failed: bool,
 }
 
 impl RxLoop {
@@ -274,11 +280,20 @@ impl RxLoop {
         let mut events = [EpollEvent::default(); 3];
         loop {
             self.drain();
-            if let Err(e) = self.arm_tap(self.pending.is_none()) {
+            if let Err(e) = self.arm_tap(self.pending.is_none() && !self.read_failed) {
                 tracing::error!("e1000: receive worker cannot watch the tap: {e}");
                 return;
             }
-            let count = match self.epoll.wait(-1, &mut events) {
+            let timeout = if self.read_failed {
+                READ_ERROR_BACKOFF_MS
+            } else {
+                -1
+            };
+            let count = match self.epoll.wait(timeout, &mut events) {
+                Ok(0) => {
+                    self.read_failed = false;
+                    continue;
+                }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -291,6 +306,7 @@ impl RxLoop {
                     TOKEN_STOP => return,
                     TOKEN_WAKE => {
                         let _ = self.wake.read();
+                        self.read_failed = false;
                     }
                     _ => {}
                 }
@@ -300,6 +316,9 @@ impl RxLoop {
 
     /// Moves frames from the tap into the ring until either runs dry.
     fn drain(&mut self) {
+        if self.read_failed {
+            return;
+        }
         loop {
             let len = match self.pending {
                 Some(len) => len,
@@ -308,6 +327,7 @@ impl RxLoop {
                     Ok(None) => return,
                     Err(e) => {
                         tracing::debug!("e1000: tap read failed: {e}");
+                        self.read_failed = true;
                         return;
                     }
                 },

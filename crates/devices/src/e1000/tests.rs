@@ -537,3 +537,98 @@ fn the_pci_function_has_the_82540em_identity_two_bars_and_inta() {
     assert_eq!(config.read_u8(sluice_pci::INTERRUPT_PIN), 1);
     assert!(device.intx().is_some());
 }
+
+/// A tap whose queue fd is an eventfd, readable while packets wait.
+struct QueuedBackend {
+    packets: Mutex<std::collections::VecDeque<Vec<u8>>>,
+    ready: vmm_sys_util::eventfd::EventFd,
+}
+
+impl QueuedBackend {
+    fn push(&self, frame: &[u8]) {
+        let mut packet = vec![0u8; NET_HDR_LEN];
+        packet.extend_from_slice(frame);
+        self.packets.lock().unwrap().push_back(packet);
+        self.ready.write(1).unwrap();
+    }
+}
+
+impl crate::net::NetBackend for QueuedBackend {
+    fn read_packet(&self, _pair: usize, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let mut packets = self.packets.lock().unwrap();
+        let Some(packet) = packets.pop_front() else {
+            let _ = self.ready.read();
+            return Ok(None);
+        };
+        buf[..packet.len()].copy_from_slice(&packet);
+        Ok(Some(packet.len()))
+    }
+    fn write_packet(&self, _pair: usize, _packet: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+    fn queue_fd(&self, _pair: usize) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.ready.as_raw_fd())
+    }
+    fn set_active_pairs(&self, _pairs: u16) -> io::Result<()> {
+        Ok(())
+    }
+    fn set_offload(&self, _tun_flags: u32) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn the_receive_worker_fills_the_ring_and_holds_a_frame_until_rdt_moves() {
+    use sluice_pci::PciDevice;
+    let mem = memory();
+    let backend = Arc::new(QueuedBackend {
+        packets: Mutex::new(Default::default()),
+        ready: vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap(),
+    });
+    let mut device = super::E1000::new(
+        "e1000",
+        MAC,
+        backend.clone(),
+        sluice_dma::identity(mem.clone()),
+    )
+    .unwrap();
+    device.start_receiving(backend.clone()).unwrap();
+    device.config_write(
+        sluice_pci::COMMAND,
+        &(sluice_pci::COMMAND_MEMORY_SPACE | sluice_pci::COMMAND_BUS_MASTER).to_le_bytes(),
+    );
+    let core = device.core();
+    setup_rx(&mut core.lock().unwrap(), &mem, 8, 0);
+    core.lock().unwrap().write(RDT, 2); // room for two frames
+    let rdh = || core.lock().unwrap().read(RDH);
+
+    for i in 0..3 {
+        backend.push(&frame(MAC, 60 + i));
+    }
+    wait_for("two frames", || rdh() == 2);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let held = rdh();
+    device.bar_write(0, u64::from(RDT), &5u32.to_le_bytes());
+    wait_for("the held frame", || rdh() == 3);
+
+    assert_eq!(held, 2, "no descriptor for the third frame: it waits");
+    assert_eq!(
+        rx_descriptor(&mem, 2).0,
+        62 + 4,
+        "the third frame, with its FCS"
+    );
+    assert!(backend.packets.lock().unwrap().is_empty());
+    drop(device); // stops and joins the worker
+}
