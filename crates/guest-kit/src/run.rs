@@ -95,6 +95,12 @@ pub enum Device {
     VirtioBlkSlow { size_bytes: u64, latency: Duration },
     /// virtio-rng-pci fed by the host's /dev/urandom.
     VirtioRng,
+    /// QEMU's NVMe controller (`nvme`) with one namespace on a raw image, offering up to
+    /// `queues` I/O queue pairs (`max_ioqpairs`).
+    Nvme { image: PathBuf, queues: u16 },
+    /// QEMU's NVMe controller whose every read fails with EIO (blkdebug over a null disk of
+    /// `size_bytes`): the guest must count the errors and fail the workload cleanly.
+    NvmeReadErrors { size_bytes: u64 },
     /// virtio-net-pci whose frames travel as UDP datagrams on 127.0.0.1: QEMU sends each frame
     /// to `host_port` and receives frames sent to `vmm_port`.
     VirtioNet { host_port: u16, vmm_port: u16 },
@@ -312,6 +318,32 @@ fn qemu_device_args(index: usize, device: &Device) -> Vec<String> {
             "-device".into(),
             format!("virtio-blk-pci,drive=blk{index}"),
         ],
+        Device::Nvme { image, queues } => vec![
+            "-drive".into(),
+            format!(
+                "file={},format=raw,if=none,id=nvme{index},cache=writeback",
+                qemu_escape(&image.display().to_string())
+            ),
+            "-device".into(),
+            format!("nvme,drive=nvme{index},serial=sluice-nvme{index},max_ioqpairs={queues}"),
+        ],
+        Device::NvmeReadErrors { size_bytes } => {
+            let blockdev = serde_json::json!({
+                "driver": "raw",
+                "node-name": format!("nvme{index}"),
+                "file": {
+                    "driver": "blkdebug",
+                    "inject-error": [{ "event": "read_aio", "errno": libc::EIO }],
+                    "image": { "driver": "null-co", "size": size_bytes },
+                },
+            });
+            vec![
+                "-blockdev".into(),
+                blockdev.to_string(),
+                "-device".into(),
+                format!("nvme,drive=nvme{index},serial=sluice-nvme{index}"),
+            ]
+        }
         Device::VirtioRng => vec![
             "-object".into(),
             format!("rng-random,id=rng{index},filename=/dev/urandom"),
@@ -345,10 +377,10 @@ fn qemu_device_args(index: usize, device: &Device) -> Vec<String> {
     }
 }
 
-/// Adds `packed=on` to every `-device` in `args`.
+/// Adds `packed=on` to every virtio `-device` in `args` (other devices have no such property).
 fn offer_packed_virtqueues(args: &mut [String]) {
     for index in 1..args.len() {
-        if args[index - 1] == "-device" {
+        if args[index - 1] == "-device" && args[index].starts_with("virtio-") {
             args[index].push_str(",packed=on");
         }
     }
@@ -575,6 +607,35 @@ mod tests {
         );
         assert!(
             joined.contains("socket,id=net1,udp=127.0.0.1:4000,localaddr=127.0.0.1:4001"),
+            "{joined}"
+        );
+    }
+
+    #[test]
+    fn nvme_devices_get_a_drive_serial_and_queue_pairs_but_no_packed_property() {
+        let run = GuestKitRun::qemu(Accel::Tcg, Machine::Q35, "")
+            .with_packed_virtqueues()
+            .with_device(Device::VirtioRng)
+            .with_device(Device::Nvme {
+                image: PathBuf::from("/tmp/n,1.img"),
+                queues: 4,
+            });
+
+        let args = run.qemu_args(Accel::Tcg, Machine::Q35, Path::new("/k"));
+
+        let joined = args.join(" ");
+        assert!(
+            joined
+                .contains("-drive file=/tmp/n,,1.img,format=raw,if=none,id=nvme1,cache=writeback"),
+            "{joined}"
+        );
+        assert!(
+            args.iter()
+                .any(|arg| arg == "nvme,drive=nvme1,serial=sluice-nvme1,max_ioqpairs=4"),
+            "the nvme device has no packed property: {joined}"
+        );
+        assert!(
+            joined.contains("virtio-rng-pci,rng=rng0,packed=on"),
             "{joined}"
         );
     }
