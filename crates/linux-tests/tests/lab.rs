@@ -663,6 +663,10 @@ fn assert_e1000_worked(metrics: &serde_json::Value) {
             "e1000 q{index}: {metrics:#}"
         );
         assert_eq!(counter(queue, "errors"), 0, "e1000 q{index}: {metrics:#}");
+        assert!(
+            counter(queue, "interrupts") > 0,
+            "e1000 q{index}: {metrics:#}"
+        );
     }
     assert!(
         counter(&queues[0], "bytes") >= BLOB_BYTES as u64,

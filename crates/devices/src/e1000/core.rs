@@ -331,6 +331,16 @@ impl E1000Core {
         if high {
             self.intx.raise(1);
             self.metrics.count(COUNTER_INTERRUPTS, 1);
+            // Also per direction, like a virtio queue's, by the causes that raised the line.
+            let pending = self.reg(ICR) & self.reg(IMS);
+            for (queue, causes) in [
+                (RX_QUEUE, ICR_RXT0 | ICR_RXDMT0 | ICR_RXO),
+                (TX_QUEUE, ICR_TXDW | ICR_TXQE),
+            ] {
+                if pending & causes != 0 {
+                    QueueMetrics::add(&self.metrics.queues[queue].interrupts, 1);
+                }
+            }
         } else {
             self.intx.take();
         }

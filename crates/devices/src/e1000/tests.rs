@@ -225,6 +225,12 @@ fn icr_is_read_to_clear_and_ims_imc_gate_the_intx_line() {
     assert_eq!(after_read, 0);
     assert_eq!(*line.levels.lock().unwrap(), vec![true, false, true, false]);
     assert_eq!(core.metrics().counter("interrupts"), Some(2));
+    let rx_interrupts = &core.metrics().queues[0].interrupts;
+    assert_eq!(
+        rx_interrupts.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the RXT0 one"
+    );
 }
 
 #[test]
