@@ -325,11 +325,89 @@ def packed_seeds():
     yield "same_id_twice", packed_input(4, 2, packed_desc(0x3000, 8, 1, P_AVAIL | WRITE) * 2)
 
 
+# ---- e1000 (crates/devices/src/e1000/fuzz.rs) -------------------------------------------------
+
+E1000_EOP, E1000_RS, E1000_VLE, E1000_TSE, E1000_DEXT = 0x01, 0x08, 0x40, 0x04, 0x20
+
+
+def e1000_legacy(addr, length, cmd):
+    return struct.pack("<QHBBBBH", addr, length, 0, cmd, 0, 0, 0)
+
+
+def e1000_context(ipcss, ipcso, ipcse, tucss, tucso, tucmd, hdrlen, mss):
+    return struct.pack("<BBHBBHIBBH", ipcss, ipcso, ipcse, tucss, tucso, 0, 0,
+                       0, hdrlen, mss)[:11] + bytes([tucmd | E1000_DEXT]) + bytes([0, hdrlen]) \
+        + struct.pack("<H", mss)
+
+
+def e1000_data(addr, length, dcmd, popts):
+    return struct.pack("<QI", addr, length | (1 << 20)) [:11] + bytes([dcmd | E1000_DEXT, 0, popts, 0, 0])
+
+
+def e1000_tcp_frame(payload):
+    eth = bytes([0x52, 0x54, 0, 0x12, 0x34, 0x56, 0x52, 0x54, 0, 1, 2, 3, 8, 0])
+    ip = bytes([0x45, 0, 0, 0, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2])
+    tcp = bytes([0, 80, 0, 81, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff, 0x12, 0x34, 0, 0])
+    return eth + ip + tcp + bytes(i % 251 for i in range(payload))
+
+
+def e1000_tx_input(ring_code, head, tail, vme, descriptors, fills=()):
+    image = bytearray(0x2000)
+    image[:len(descriptors)] = descriptors
+    for address, data in fills:
+        image[address:address + len(data)] = data
+    return bytes([ring_code, head, (tail << 1) | vme]) + bytes(image)
+
+
+def e1000_tx_seeds():
+    frame = bytes([0xff] * 6) + bytes(range(6)) + b"\x88\xb5" + bytes(range(46))
+    yield "two_legacy_frames", e1000_tx_input(
+        0, 0, 2, 0, e1000_legacy(0x100, 60, E1000_EOP | E1000_RS)
+        + e1000_legacy(0x200, 60, E1000_EOP | E1000_RS), [(0x100, frame), (0x200, frame)])
+    yield "split_frame_with_vlan", e1000_tx_input(
+        0, 0, 2, 1, e1000_legacy(0x100, 20, E1000_VLE)
+        + e1000_legacy(0x114, 40, E1000_EOP | E1000_RS | E1000_VLE), [(0x100, frame)])
+    tcp = e1000_tcp_frame(100)
+    yield "checksum_offload", e1000_tx_input(
+        0, 0, 2, 0, e1000_context(14, 24, 33, 34, 50, 0x03, 0, 0)
+        + e1000_data(0x100, len(tcp), E1000_EOP | E1000_RS, 0x03), [(0x100, tcp)])
+    big = e1000_tcp_frame(1200)
+    yield "segmentation_offload", e1000_tx_input(
+        0, 0, 2, 0, e1000_context(14, 24, 33, 34, 50, 0x07, 54, 400)
+        + e1000_data(0x400, len(big), E1000_EOP | E1000_RS | E1000_TSE, 0x03), [(0x400, big)])
+    yield "ring_without_eop", e1000_tx_input(
+        0, 3, 2, 0, b"".join(e1000_legacy(0x100, 64, 0) for _ in range(8)), [(0x100, frame)])
+    yield "buffer_outside_memory", e1000_tx_input(
+        0, 0, 1, 0, e1000_legacy(0xffff_ffff_ffff_0000, 64, E1000_EOP | E1000_RS))
+
+
+def e1000_op(op, offset, value=0):
+    return struct.pack("<BHI", op, offset // 4, value)
+
+
+def e1000_register_seeds():
+    reset = e1000_op(1, 0x0000, 1 << 26)
+    eerd = b"".join(e1000_op(1, 0x14, (w << 8) | 1) + e1000_op(0, 0x14) for w in (0, 1, 2, 0x3f))
+    mdic = b"".join(e1000_op(1, 0x20, (2 << 26) | (1 << 21) | (r << 16)) + e1000_op(0, 0x20)
+                    for r in (1, 2, 3, 17))
+    yield "driver_probe", reset + eerd + mdic + e1000_op(1, 0xd0, 0x9d) + e1000_op(1, 0xc8, 4) \
+        + e1000_op(0, 0xc0)
+    rx = (e1000_op(5, 0, 1) + e1000_op(1, 0x2800, 0x1000) + e1000_op(1, 0x2808, 128)
+          + e1000_op(1, 0x2818, 7) + e1000_op(1, 0x100, 2 | (1 << 15)) + e1000_op(1, 0xd0, 0x80))
+    yield "receive_frames", rx + e1000_op(4, 0, 60) + e1000_op(4, 0, (1 << 16) | 1514) \
+        + e1000_op(4, 0, 9000) + e1000_op(0, 0xc0) + e1000_op(0, 0x4074)
+    yield "transmit_zero_ring", e1000_op(5, 0, 1) + e1000_op(1, 0x3808, 128) \
+        + e1000_op(1, 0x400, 2) + e1000_op(1, 0x3818, 5) + e1000_op(0, 0x3810)
+    yield "io_window", e1000_op(3, 0, 0xd0) + e1000_op(3, 4, 0xffff) + e1000_op(2, 4) \
+        + e1000_op(3, 0, 0xc8) + e1000_op(3, 4, 1) + e1000_op(1, 0xd8, 0xffffffff)
+
+
 def main():
     for target, seeds in (("blk_request", blk_seeds()), ("net_header", net_seeds()),
                           ("packed_ring", packed_seeds()),
                           ("virtio_pci_registers", pci_seeds()), ("vhost_user_fds", fds_seeds()),
-                          ("vhost_user_backend_replies", backend_seeds())):
+                          ("vhost_user_backend_replies", backend_seeds()),
+                          ("e1000_tx", e1000_tx_seeds()), ("e1000_registers", e1000_register_seeds())):
         directory = ROOT / target
         directory.mkdir(parents=True, exist_ok=True)
         for name, data in seeds:

@@ -15,6 +15,7 @@ pub trait ExitSink: Send + Sync {
 }
 
 pub mod block;
+pub mod e1000;
 pub mod net;
 pub mod platform;
 pub mod rng;

@@ -14,7 +14,7 @@ use std::io::Write;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sluice_sandbox::{Role, SeccompMode};
-use sluice_vmm::config::{DiskSpec, NetSpec, RngSpec};
+use sluice_vmm::config::{DiskSpec, E1000Spec, NetSpec, RngSpec};
 use sluice_vmm::machine::{self, SerialTarget, VmConfig, VmReport};
 use sluice_vmm::vcpu::VmOutcome;
 
@@ -93,6 +93,10 @@ struct RunArgs {
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "",
           value_parser = RngSpec::parse)]
     rng: Option<RngSpec>,
+    /// An emulated Intel 82540EM (e1000) NIC on a tap (repeatable; created if missing):
+    /// `tap=NAME[,mac=52:54:00:..]`.
+    #[arg(long, value_parser = E1000Spec::parse)]
+    e1000: Vec<E1000Spec>,
     /// Write exit counts and per-queue device metrics here when the VM stops: JSON, or
     /// Prometheus text if the name ends in `.prom`.
     #[arg(long)]
@@ -211,6 +215,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         disks: args.disk,
         nets: args.net,
         rng: args.rng,
+        e1000s: args.e1000,
     };
     let report = machine::run(config)?;
     tracing::info!(

@@ -42,6 +42,35 @@ pub struct NetSpec {
     pub packed: bool,
 }
 
+/// An emulated e1000 (82540EM) NIC on a tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct E1000Spec {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+impl E1000Spec {
+    /// `tap=NAME[,mac=xx:..]`
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut nic = E1000Spec {
+            tap: String::new(),
+            mac: None,
+        };
+        for (k, v) in pairs(s)? {
+            match k {
+                "tap" if !v.is_empty() && v.len() < 16 => nic.tap = v.to_string(),
+                "tap" => return Err(format!("tap={v}: interface names are 1..=15 bytes")),
+                "mac" => nic.mac = Some(parse_mac(v).map_err(|e| format!("mac={v}: {e}"))?),
+                _ => return Err(format!("--e1000: unknown key `{k}`")),
+            }
+        }
+        if nic.tap.is_empty() {
+            return Err("--e1000 needs tap=NAME".into());
+        }
+        Ok(nic)
+    }
+}
+
 /// A virtio-rng device.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RngSpec {
@@ -333,6 +362,23 @@ mod tests {
         assert!(RngSpec::parse("packed=maybe").is_err());
         assert!(RngSpec::parse("speed=1").is_err());
         assert!(DiskSpec::parse("vhost_user=on,socket=/s,packed=on").is_err());
+    }
+
+    #[test]
+    fn parses_e1000_specs() {
+        let nic = E1000Spec::parse("tap=e0,mac=52:54:00:aa:bb:cc").unwrap();
+
+        assert_eq!(nic.tap, "e0");
+        assert_eq!(nic.mac, Some([0x52, 0x54, 0x00, 0xaa, 0xbb, 0xcc]));
+        for bad in [
+            "",
+            "mac=52:54:00:aa:bb:cc",
+            "tap=e0,queues=2",
+            "tap=e0,mac=zz",
+            "tap=e0,tap=e1",
+        ] {
+            assert!(E1000Spec::parse(bad).is_err(), "{bad} should be refused");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod config;
+pub mod e1000;
 pub mod interrupts;
 pub mod layout;
 pub mod machine;
