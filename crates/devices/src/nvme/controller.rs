@@ -1,0 +1,653 @@
+//! The enabled controller: the admin queue pair (served on the vCPU thread that rings its
+//! doorbell), the I/O queues and their workers, features, held Async Event Requests, and
+//! what a reset or a shutdown does to them.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use sluice_sandbox::ThreadKind;
+use sluice_virtio::QueueMetrics;
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::admin::*;
+use super::command::{Command, Completion, Status, CQE_SIZE, SQE_SIZE};
+use super::io::{new_worker, SqHandle, CANCEL, DRAIN, NSID, RUN};
+use super::prp::{prp_segments, WalkLimits};
+use super::queues::{CompletionQueue, Dbbuf, PostError};
+use super::registers::{Configuration, MQES};
+use super::Shared;
+
+/// Features the driver may set (reset with the controller).
+#[derive(Debug, Clone, Copy)]
+struct Features {
+    arbitration: u32,
+    interrupt_coalescing: u32,
+    async_event_config: u32,
+    /// I/O queues granted by Set Features Number of Queues (same count of SQs and CQs).
+    queues_granted: u16,
+}
+
+/// The admin submission queue.
+#[derive(Debug)]
+struct AdminSq {
+    base: u64,
+    size: u16,
+    head: u16,
+    tail: u16,
+}
+
+/// Controller state between CC.EN=1 and the next reset.
+pub struct Controller {
+    shared: Arc<Shared>,
+    page_size: u64,
+    cc: Configuration,
+    max_queues: u16,
+    admin_sq: AdminSq,
+    admin_cq: Arc<CompletionQueue>,
+    admin_backlog: VecDeque<Completion>,
+    sqs: BTreeMap<u16, SqHandle>,
+    cqs: BTreeMap<u16, Arc<CompletionQueue>>,
+    aers: Vec<u16>,
+    features: Features,
+    identity: Identity,
+    started: Instant,
+    shut_down: bool,
+}
+
+impl Controller {
+    /// Enables with the admin queues of `asq` / `acq`; `None` if they are unusable.
+    pub fn enable(
+        shared: Arc<Shared>,
+        cc: Configuration,
+        aqa: u32,
+        asq: u64,
+        acq: u64,
+        max_queues: u16,
+        identity: Identity,
+    ) -> Option<Controller> {
+        let (sq_size, cq_size) = super::registers::admin_queue_sizes(aqa)?;
+        let page_mask = cc.page_size() - 1;
+        if asq & 0xfff != 0 || acq & 0xfff != 0 || asq & page_mask != 0 || acq & page_mask != 0 {
+            return None;
+        }
+        let mem = &shared.dma;
+        let sq_ok = mem.check_range(
+            GuestAddress(asq),
+            usize::from(sq_size) * SQE_SIZE as usize,
+            Permissions::Read,
+        );
+        let cq_ok = mem.check_range(
+            GuestAddress(acq),
+            usize::from(cq_size) * CQE_SIZE as usize,
+            Permissions::Write,
+        );
+        if !sq_ok || !cq_ok {
+            return None;
+        }
+        let admin_cq = Arc::new(CompletionQueue::new(0, acq, cq_size, 0, true));
+        shared.set_cq(0, Some(admin_cq.clone()));
+        Some(Controller {
+            page_size: cc.page_size(),
+            cc,
+            max_queues,
+            admin_sq: AdminSq {
+                base: asq,
+                size: sq_size,
+                head: 0,
+                tail: 0,
+            },
+            admin_cq,
+            admin_backlog: VecDeque::new(),
+            sqs: BTreeMap::new(),
+            cqs: BTreeMap::new(),
+            aers: Vec::new(),
+            features: Features {
+                arbitration: 0,
+                interrupt_coalescing: 0,
+                async_event_config: 0,
+                queues_granted: max_queues,
+            },
+            identity,
+            started: Instant::now(),
+            shut_down: false,
+            shared,
+        })
+    }
+
+    /// Controller reset (CC.EN 1→0): every worker stops without posting; queues, shadow
+    /// doorbells, features and held requests are dropped.
+    pub fn reset(mut self) {
+        self.stop_all(CANCEL);
+        self.shared.clear_queues();
+        *self.shared.dbbuf_slot() = None;
+        self.shared.write_cache.store(true, Ordering::Relaxed);
+    }
+
+    /// Normal or abrupt shutdown: in-flight commands complete, the image is made durable.
+    pub fn shutdown(&mut self) {
+        if self.shut_down {
+            return;
+        }
+        self.stop_all(DRAIN);
+        // SAFETY: fdatasync on the image's open descriptor; no memory is passed.
+        let rc = unsafe { libc::fdatasync(self.shared.image.fd()) };
+        if rc != 0 {
+            tracing::warn!(
+                "nvme: flushing the image at shutdown failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        self.shut_down = true;
+    }
+
+    fn stop_all(&mut self, how: u8) {
+        for handle in self.sqs.values_mut() {
+            handle.stop(how);
+        }
+        self.sqs.clear();
+    }
+
+    fn limits(&self, allow_sgl: bool) -> WalkLimits {
+        WalkLimits {
+            page_size: self.page_size,
+            max_transfer: (self.page_size as usize) << super::registers::MDTS,
+            allow_sgl,
+        }
+    }
+
+    /// The SQ y tail doorbell.
+    pub fn sq_doorbell(&mut self, qid: u16, value: u32) -> bool {
+        if qid == 0 {
+            QueueMetrics::add(&self.shared.queue_metrics(0).kicks, 1);
+            match u16::try_from(value) {
+                Ok(tail) if tail < self.admin_sq.size => {
+                    self.admin_sq.tail = tail;
+                    self.process_admin();
+                    true
+                }
+                _ => false,
+            }
+        } else {
+            let Some(handle) = self.sqs.get(&qid) else {
+                return false;
+            };
+            if value >= u32::from(handle.size) {
+                return false;
+            }
+            QueueMetrics::add(&self.shared.queue_metrics(qid).kicks, 1);
+            handle.tail.store(value, Ordering::Release);
+            handle.doorbells.fetch_add(1, Ordering::AcqRel);
+            let _ = handle.kick.write(1);
+            true
+        }
+    }
+
+    /// The CQ y head doorbell: room for entries waiting to be posted.
+    pub fn cq_doorbell(&mut self, qid: u16, value: u32) -> bool {
+        if qid == 0 {
+            if !self.admin_cq.set_head(value) {
+                return false;
+            }
+            self.post_admin_backlog();
+        } else {
+            let Some(cq) = self.cqs.get(&qid) else {
+                return false;
+            };
+            if !cq.set_head(value) {
+                return false;
+            }
+            for handle in self.sqs.values().filter(|h| h.cqid == qid) {
+                let _ = handle.kick.write(1);
+            }
+        }
+        self.shared.update_intx();
+        true
+    }
+
+    fn process_admin(&mut self) {
+        while self.admin_sq.head != self.admin_sq.tail {
+            let addr = self.admin_sq.base + u64::from(self.admin_sq.head) * SQE_SIZE;
+            self.admin_sq.head = (self.admin_sq.head + 1) % self.admin_sq.size;
+            let mut raw = [0u8; 64];
+            if self
+                .shared
+                .dma
+                .read_slice(&mut raw, GuestAddress(addr))
+                .is_err()
+            {
+                continue;
+            }
+            let cmd = Command(raw);
+            let started = Instant::now();
+            if let Some((status, result)) = self.admin_command(&cmd) {
+                let outcome = if status.is_success() { Ok(0) } else { Err(()) };
+                self.shared
+                    .queue_metrics(0)
+                    .record_request(started, outcome);
+                self.admin_backlog
+                    .push_back(Completion::new(cmd.cid(), status, result));
+            }
+        }
+        self.post_admin_backlog();
+    }
+
+    fn post_admin_backlog(&mut self) {
+        let mut posted = false;
+        while let Some(mut entry) = self.admin_backlog.pop_front() {
+            entry.sq_head = self.admin_sq.head;
+            if self.admin_cq.post(&self.shared.dma, entry) == Err(PostError::Full) {
+                self.admin_backlog.push_front(entry);
+                break;
+            }
+            posted = true;
+        }
+        if posted {
+            self.shared.interrupt(&self.admin_cq, 0);
+        }
+    }
+
+    /// One admin command: `Some((status, DW0))` to complete now, `None` to hold it (an Async
+    /// Event Request waits for an event).
+    fn admin_command(&mut self, cmd: &Command) -> Option<(Status, u32)> {
+        if cmd.psdt() != 0 || cmd.fuse() != 0 {
+            return Some((Status::INVALID_FIELD, 0));
+        }
+        let done = |status: Status| Some((status, 0));
+        match cmd.opcode() {
+            OPC_IDENTIFY => done(self.identify(cmd)),
+            OPC_CREATE_CQ => done(self.create_cq(cmd)),
+            OPC_CREATE_SQ => done(self.create_sq(cmd)),
+            OPC_DELETE_SQ => done(self.delete_sq(cmd)),
+            OPC_DELETE_CQ => done(self.delete_cq(cmd)),
+            OPC_GET_LOG_PAGE => done(self.get_log_page(cmd)),
+            OPC_SET_FEATURES => Some(self.set_features(cmd)),
+            OPC_GET_FEATURES => Some(self.get_features(cmd)),
+            // Commands are never aborted: DW0 bit 0 says so.
+            OPC_ABORT => Some((Status::SUCCESS, 1)),
+            OPC_ASYNC_EVENT_REQUEST => {
+                if self.aers.len() >= AER_LIMIT {
+                    return done(Status::AER_LIMIT_EXCEEDED);
+                }
+                self.aers.push(cmd.cid());
+                None
+            }
+            OPC_KEEP_ALIVE => done(Status::SUCCESS),
+            OPC_DOORBELL_BUFFER_CONFIG => done(self.doorbell_buffer_config(cmd)),
+            _ => done(Status::INVALID_OPCODE),
+        }
+    }
+
+    /// Copies `data` to the command's PRPs (admin transfers are PRP only).
+    fn write_data(&self, cmd: &Command, data: &[u8]) -> Status {
+        let limits = self.limits(false);
+        if data.len() > limits.max_transfer {
+            return Status::INVALID_FIELD;
+        }
+        let segments = match prp_segments(
+            &self.shared.dma,
+            cmd.prp1(),
+            cmd.prp2(),
+            data.len(),
+            self.page_size,
+        ) {
+            Ok(segments) => segments,
+            Err(status) => return status,
+        };
+        let mut at = 0;
+        for (addr, len) in segments {
+            if self
+                .shared
+                .dma
+                .write_slice(&data[at..at + len], addr)
+                .is_err()
+            {
+                return Status::DATA_TRANSFER_ERROR;
+            }
+            at += len;
+        }
+        Status::SUCCESS
+    }
+
+    fn identify(&self, cmd: &Command) -> Status {
+        let cns = (cmd.cdw(10) & 0xff) as u8;
+        let nsid = cmd.nsid();
+        let page = match cns {
+            CNS_NAMESPACE if nsid == NSID => identify_namespace(&self.shared.namespace),
+            CNS_NAMESPACE_DESCRIPTORS if nsid == NSID => {
+                namespace_descriptors(&self.identity.serial)
+            }
+            CNS_NAMESPACE | CNS_NAMESPACE_DESCRIPTORS => return Status::INVALID_NAMESPACE,
+            CNS_CONTROLLER => identify_controller(&self.identity, self.max_queues),
+            CNS_ACTIVE_NAMESPACES if nsid < 0xffff_fffe => active_namespaces(nsid),
+            CNS_ACTIVE_NAMESPACES => return Status::INVALID_NAMESPACE,
+            _ => return Status::INVALID_FIELD,
+        };
+        self.write_data(cmd, &page)
+    }
+
+    fn queue_id_and_size(&self, cmd: &Command) -> Result<(u16, u16), Status> {
+        let qid = (cmd.cdw(10) & 0xffff) as u16;
+        let size = (cmd.cdw(10) >> 16) as u16;
+        if qid == 0 || qid > self.max_queues.min(self.features.queues_granted) {
+            return Err(Status::INVALID_QUEUE_IDENTIFIER);
+        }
+        if size == 0 || size > MQES {
+            return Err(Status::INVALID_QUEUE_SIZE);
+        }
+        Ok((qid, size + 1))
+    }
+
+    /// Queue memory: page aligned (PC=1 only: CAP.CQR) and inside guest memory.
+    fn queue_memory(
+        &self,
+        cmd: &Command,
+        bytes: usize,
+        access: Permissions,
+    ) -> Result<u64, Status> {
+        if cmd.cdw(11) & 1 == 0 {
+            return Err(Status::INVALID_FIELD);
+        }
+        let base = cmd.prp1();
+        if base & (self.page_size - 1) != 0 {
+            return Err(Status::PRP_OFFSET_INVALID);
+        }
+        if !self
+            .shared
+            .dma
+            .check_range(GuestAddress(base), bytes, access)
+        {
+            return Err(Status::INVALID_FIELD);
+        }
+        Ok(base)
+    }
+
+    fn create_cq(&mut self, cmd: &Command) -> Status {
+        if self.cc.iocqes() != 4 {
+            return Status::INVALID_FIELD;
+        }
+        let (qid, size) = match self.queue_id_and_size(cmd) {
+            Ok(v) => v,
+            Err(status) => return status,
+        };
+        if self.cqs.contains_key(&qid) {
+            return Status::INVALID_QUEUE_IDENTIFIER;
+        }
+        let base = match self.queue_memory(
+            cmd,
+            usize::from(size) * CQE_SIZE as usize,
+            Permissions::Write,
+        ) {
+            Ok(base) => base,
+            Err(status) => return status,
+        };
+        let interrupts = cmd.cdw(11) & 0x2 != 0;
+        let vector = (cmd.cdw(11) >> 16) as u16;
+        if interrupts && vector >= self.shared.msix.vectors() {
+            return Status::INVALID_INTERRUPT_VECTOR;
+        }
+        let cq = Arc::new(CompletionQueue::new(qid, base, size, vector, interrupts));
+        cq.set_dbbuf(&self.shared.dma, self.shared.dbbuf());
+        self.shared.set_cq(qid, Some(cq.clone()));
+        self.cqs.insert(qid, cq);
+        Status::SUCCESS
+    }
+
+    fn create_sq(&mut self, cmd: &Command) -> Status {
+        if self.cc.iosqes() != 6 {
+            return Status::INVALID_FIELD;
+        }
+        let (qid, size) = match self.queue_id_and_size(cmd) {
+            Ok(v) => v,
+            Err(status) => return status,
+        };
+        if self.sqs.contains_key(&qid) {
+            return Status::INVALID_QUEUE_IDENTIFIER;
+        }
+        let cqid = (cmd.cdw(11) >> 16) as u16;
+        let Some(cq) = self.cqs.get(&cqid).cloned() else {
+            return Status::COMPLETION_QUEUE_INVALID;
+        };
+        let base = match self.queue_memory(
+            cmd,
+            usize::from(size) * SQE_SIZE as usize,
+            Permissions::Read,
+        ) {
+            Ok(base) => base,
+            Err(status) => return status,
+        };
+        match self.start_sq(qid, cqid, base, size, cq) {
+            Ok(handle) => {
+                self.sqs.insert(qid, handle);
+                Status::SUCCESS
+            }
+            Err(e) => {
+                tracing::warn!("nvme: cannot start I/O queue {qid}: {e}");
+                Status::INTERNAL_ERROR
+            }
+        }
+    }
+
+    fn start_sq(
+        &self,
+        qid: u16,
+        cqid: u16,
+        base: u64,
+        size: u16,
+        cq: Arc<CompletionQueue>,
+    ) -> std::io::Result<SqHandle> {
+        let dbbuf = self.shared.dbbuf();
+        if let Some(buffers) = dbbuf {
+            buffers.seed(&self.shared.dma, qid, Some(0), None);
+        }
+        let mut handle = SqHandle {
+            qid,
+            cqid,
+            size,
+            tail: Arc::new(AtomicU32::new(0)),
+            doorbells: Arc::new(AtomicU32::new(0)),
+            kick: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+            stop: Arc::new(AtomicU8::new(RUN)),
+            shadow: Arc::new(AtomicBool::new(dbbuf.is_some())),
+            thread: None,
+        };
+        let worker = new_worker(
+            qid,
+            base,
+            size,
+            cq,
+            self.shared.clone(),
+            self.limits(true),
+            &handle,
+        )?;
+        let name = format!("{}-q{qid}", self.shared.name);
+        handle.thread = Some(sluice_sandbox::spawn(
+            ThreadKind::QueueWorker,
+            name,
+            move || worker.run(),
+        )?);
+        Ok(handle)
+    }
+
+    fn delete_sq(&mut self, cmd: &Command) -> Status {
+        let qid = (cmd.cdw(10) & 0xffff) as u16;
+        let Some(mut handle) = self.sqs.remove(&qid) else {
+            return Status::INVALID_QUEUE_IDENTIFIER;
+        };
+        handle.stop(DRAIN);
+        Status::SUCCESS
+    }
+
+    fn delete_cq(&mut self, cmd: &Command) -> Status {
+        let qid = (cmd.cdw(10) & 0xffff) as u16;
+        if qid == 0 || !self.cqs.contains_key(&qid) {
+            return Status::INVALID_QUEUE_IDENTIFIER;
+        }
+        if self.sqs.values().any(|h| h.cqid == qid) {
+            return Status::INVALID_QUEUE_DELETION;
+        }
+        self.cqs.remove(&qid);
+        self.shared.set_cq(qid, None);
+        self.shared.update_intx();
+        Status::SUCCESS
+    }
+
+    fn get_log_page(&self, cmd: &Command) -> Status {
+        let lid = (cmd.cdw(10) & 0xff) as u8;
+        let dwords = ((u64::from(cmd.cdw(11) & 0xffff) << 16) | u64::from(cmd.cdw(10) >> 16)) + 1;
+        let offset = u64::from(cmd.cdw(12)) | (u64::from(cmd.cdw(13)) << 32);
+        let log = match lid {
+            LOG_ERROR => error_log(),
+            LOG_SMART => smart_log(&self.health()),
+            LOG_FIRMWARE_SLOT => firmware_log(&self.identity.firmware),
+            _ => return Status::INVALID_LOG_PAGE,
+        };
+        let len = dwords * 4;
+        if offset & 0x3 != 0
+            || offset > log.len() as u64
+            || len > self.limits(false).max_transfer as u64
+        {
+            return Status::INVALID_FIELD;
+        }
+        // Bounded by the transfer limit above.
+        let mut data = vec![0u8; len as usize];
+        let from = &log[offset as usize..];
+        let n = from.len().min(data.len());
+        data[..n].copy_from_slice(&from[..n]);
+        self.write_data(cmd, &data)
+    }
+
+    fn health(&self) -> Health {
+        let smart = &self.shared.smart;
+        Health {
+            bytes_read: smart.bytes_read.load(Ordering::Relaxed),
+            bytes_written: smart.bytes_written.load(Ordering::Relaxed),
+            read_commands: smart.read_commands.load(Ordering::Relaxed),
+            write_commands: smart.write_commands.load(Ordering::Relaxed),
+            power_on_hours: self.started.elapsed().as_secs() / 3600,
+        }
+    }
+
+    fn granted_queues(&self) -> u32 {
+        let n = u32::from(self.features.queues_granted - 1);
+        n | (n << 16)
+    }
+
+    fn set_features(&mut self, cmd: &Command) -> (Status, u32) {
+        if cmd.cdw(10) & (1 << 31) != 0 {
+            return (Status::FEATURE_NOT_SAVEABLE, 0);
+        }
+        let value = cmd.cdw(11);
+        match (cmd.cdw(10) & 0xff) as u8 {
+            FEAT_ARBITRATION => self.features.arbitration = value,
+            FEAT_VOLATILE_WRITE_CACHE => {
+                self.shared
+                    .write_cache
+                    .store(value & 1 != 0, Ordering::Relaxed);
+            }
+            FEAT_NUMBER_OF_QUEUES => {
+                let (sqs, cqs) = (value & 0xffff, value >> 16);
+                if sqs == 0xffff || cqs == 0xffff {
+                    return (Status::INVALID_FIELD, 0);
+                }
+                let wanted = (sqs.max(cqs) + 1).min(u32::from(self.max_queues));
+                // At most max_queues, which is a u16.
+                self.features.queues_granted = wanted as u16;
+                return (Status::SUCCESS, self.granted_queues());
+            }
+            FEAT_INTERRUPT_COALESCING => self.features.interrupt_coalescing = value & 0xffff,
+            FEAT_ASYNC_EVENT_CONFIG => self.features.async_event_config = value,
+            _ => return (Status::INVALID_FIELD, 0),
+        }
+        (Status::SUCCESS, 0)
+    }
+
+    fn get_features(&self, cmd: &Command) -> (Status, u32) {
+        let select = (cmd.cdw(10) >> 8) & 0x7;
+        let fid = (cmd.cdw(10) & 0xff) as u8;
+        let known = matches!(
+            fid,
+            FEAT_ARBITRATION
+                | FEAT_VOLATILE_WRITE_CACHE
+                | FEAT_NUMBER_OF_QUEUES
+                | FEAT_INTERRUPT_COALESCING
+                | FEAT_ASYNC_EVENT_CONFIG
+        );
+        if !known {
+            return (Status::INVALID_FIELD, 0);
+        }
+        let current = match select {
+            0 => true,
+            1 | 2 => false,
+            // Supported capabilities: changeable, not saveable, not per namespace.
+            3 => return (Status::SUCCESS, 1 << 2),
+            _ => return (Status::INVALID_FIELD, 0),
+        };
+        let value = match fid {
+            FEAT_ARBITRATION if current => self.features.arbitration,
+            FEAT_VOLATILE_WRITE_CACHE if current => {
+                u32::from(self.shared.write_cache.load(Ordering::Relaxed))
+            }
+            FEAT_VOLATILE_WRITE_CACHE => 1,
+            FEAT_NUMBER_OF_QUEUES if current => self.granted_queues(),
+            FEAT_NUMBER_OF_QUEUES => {
+                let n = u32::from(self.max_queues - 1);
+                n | (n << 16)
+            }
+            FEAT_INTERRUPT_COALESCING if current => self.features.interrupt_coalescing,
+            FEAT_ASYNC_EVENT_CONFIG if current => self.features.async_event_config,
+            _ => 0,
+        };
+        (Status::SUCCESS, value)
+    }
+
+    /// Doorbell Buffer Config: two page-aligned pages inside guest memory; from now on the
+    /// I/O queues read the shadow doorbells and publish EventIdx values.
+    fn doorbell_buffer_config(&mut self, cmd: &Command) -> Status {
+        let (shadow, event_idx) = (cmd.prp1(), cmd.prp2());
+        let page = self.page_size;
+        let mem = &self.shared.dma;
+        let usable = |addr: u64| {
+            addr & (page - 1) == 0
+                && mem.check_range(GuestAddress(addr), page as usize, Permissions::ReadWrite)
+        };
+        if !usable(shadow) || !usable(event_idx) || shadow == event_idx {
+            return Status::INVALID_FIELD;
+        }
+        // Queue ids 1..=max_queues must fit in one page of 8-byte pairs.
+        if (u64::from(self.max_queues) + 1) * 8 > page {
+            return Status::INVALID_FIELD;
+        }
+        let buffers = Dbbuf { shadow, event_idx };
+        *self.shared.dbbuf_slot() = Some(buffers);
+        for cq in self.cqs.values() {
+            cq.set_dbbuf(mem, Some(buffers));
+        }
+        for handle in self.sqs.values() {
+            // The register value is where the driver's shadow must start.
+            let tail = handle.tail.load(Ordering::Acquire) as u16;
+            buffers.seed(mem, handle.qid, Some(tail), None);
+            handle.shadow.store(true, Ordering::Release);
+            let _ = handle.kick.write(1);
+        }
+        Status::SUCCESS
+    }
+
+    /// Held Async Event Requests (for tests and the register view).
+    pub fn held_event_requests(&self) -> usize {
+        self.aers.len()
+    }
+
+    /// Running I/O submission queues.
+    pub fn io_queues(&self) -> usize {
+        self.sqs.len()
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.stop_all(CANCEL);
+    }
+}

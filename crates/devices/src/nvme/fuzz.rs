@@ -1,0 +1,1 @@
+pub fn nvme_placeholder() {}
