@@ -14,7 +14,7 @@ use std::io::Write;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sluice_sandbox::{Role, SeccompMode};
-use sluice_vmm::config::{DiskSpec, NetSpec, RngSpec};
+use sluice_vmm::config::{DiskSpec, NetSpec, NvmeSpec, RngSpec};
 use sluice_vmm::machine::{self, SerialTarget, VmConfig, VmReport};
 use sluice_vmm::vcpu::VmOutcome;
 
@@ -93,6 +93,10 @@ struct RunArgs {
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "",
           value_parser = RngSpec::parse)]
     rng: Option<RngSpec>,
+    /// An emulated NVMe 1.4 controller (repeatable) with one namespace on IMG:
+    /// `path=IMG[,queues=N][,serial=S][,direct=on]` (queues 1..=64, default 4).
+    #[arg(long, value_parser = NvmeSpec::parse)]
+    nvme: Vec<NvmeSpec>,
     /// Write exit counts and per-queue device metrics here when the VM stops: JSON, or
     /// Prometheus text if the name ends in `.prom`.
     #[arg(long)]
@@ -211,6 +215,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         disks: args.disk,
         nets: args.net,
         rng: args.rng,
+        nvmes: args.nvme,
     };
     let report = machine::run(config)?;
     tracing::info!(

@@ -58,6 +58,8 @@ pub struct VmConfig {
     pub nets: Vec<crate::config::NetSpec>,
     /// A virtio-rng device.
     pub rng: Option<crate::config::RngSpec>,
+    /// Emulated NVMe controllers.
+    pub nvmes: Vec<crate::config::NvmeSpec>,
 }
 
 /// How a run ended, with what it cost.
@@ -139,7 +141,10 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
     };
     crate::platform::attach_platform_devices(&vm, &dispatch, &config, &ram)?;
     let pci_root = crate::platform::attach_pci(&vm, &dispatch, &config)?;
-    let device_metrics = crate::virtio::attach_virtio_devices(&vm, &pci_root, &config, &ram)?;
+    let mut device_metrics = crate::virtio::attach_virtio_devices(&vm, &pci_root, &config, &ram)?;
+    device_metrics.extend(crate::nvme::attach_nvme_devices(
+        &vm, &pci_root, &config, &ram,
+    )?);
 
     let rsdp = crate::acpi::create_acpi_tables(
         &ram.memory,
