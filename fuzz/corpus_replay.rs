@@ -27,6 +27,8 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("vhost_user_messages", "sluice-vhost"),
     ("vhost_user_fds", "sluice-vhost"),
     ("vhost_user_backend_replies", "sluice-devices"),
+    ("nvme_command", "sluice-devices"),
+    ("nvme_registers", "sluice-devices"),
 ];
 
 /// A target body: what `fuzz_target!` runs on one input.
