@@ -94,7 +94,8 @@ struct RunArgs {
           value_parser = RngSpec::parse)]
     rng: Option<RngSpec>,
     /// An emulated NVMe 1.4 controller (repeatable) with one namespace on IMG:
-    /// `path=IMG[,queues=N][,serial=S][,direct=on]` (queues 1..=64, default 4).
+    /// `path=IMG[,queues=N][,serial=S][,direct=on][,dbbuf=off]` (queues 1..=64, default 4;
+    /// dbbuf=off hides Doorbell Buffer Config, for comparisons).
     #[arg(long, value_parser = NvmeSpec::parse)]
     nvme: Vec<NvmeSpec>,
     /// Write exit counts and per-queue device metrics here when the VM stops: JSON, or

@@ -299,16 +299,19 @@ pub struct NvmeSpec {
     pub serial: Option<String>,
     /// O_DIRECT instead of the host page cache.
     pub direct: bool,
+    /// Offer Doorbell Buffer Config (shadow doorbells); `dbbuf=off` is for comparisons.
+    pub dbbuf: bool,
 }
 
 impl NvmeSpec {
-    /// `path=IMG[,queues=N][,serial=S][,direct=on]`.
+    /// `path=IMG[,queues=N][,serial=S][,direct=on][,dbbuf=on|off]`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut nvme = NvmeSpec {
             path: PathBuf::new(),
             queues: 4,
             serial: None,
             direct: false,
+            dbbuf: true,
         };
         for (k, v) in pairs(s)? {
             match k {
@@ -319,6 +322,7 @@ impl NvmeSpec {
                 }
                 "serial" => return Err("serial: 1 to 20 ASCII bytes".into()),
                 "direct" => nvme.direct = on_off(k, v)?,
+                "dbbuf" => nvme.dbbuf = on_off(k, v)?,
                 _ => return Err(format!("--nvme: unknown key `{k}`")),
             }
         }
@@ -335,13 +339,13 @@ mod tests {
 
     #[test]
     fn parses_an_nvme_spec_and_refuses_bad_ones() {
-        let nvme = NvmeSpec::parse("path=/img,queues=2,serial=SN1,direct=on").unwrap();
+        let nvme = NvmeSpec::parse("path=/img,queues=2,serial=SN1,direct=on,dbbuf=off").unwrap();
         let plain = NvmeSpec::parse("path=/img").unwrap();
 
         assert_eq!(nvme.queues, 2);
         assert_eq!(nvme.serial.as_deref(), Some("SN1"));
-        assert!(nvme.direct);
-        assert_eq!((plain.queues, plain.direct), (4, false));
+        assert!(nvme.direct && !nvme.dbbuf);
+        assert_eq!((plain.queues, plain.direct, plain.dbbuf), (4, false, true));
         for bad in [
             "",
             "queues=2",

@@ -55,6 +55,7 @@ fn nvme_config(spec: &NvmeSpec, index: usize) -> NvmeConfig {
     let mut config = NvmeConfig::new(&spec.path);
     config.queues = spec.queues;
     config.direct = spec.direct;
+    config.shadow_doorbells = spec.dbbuf;
     config.serial = spec
         .serial
         .clone()

@@ -65,6 +65,8 @@ pub struct Identity {
     pub serial: String,
     pub model: String,
     pub firmware: String,
+    /// Doorbell Buffer Config is offered (OACS bit 8).
+    pub shadow_doorbells: bool,
 }
 
 fn put(page: &mut [u8], at: usize, bytes: &[u8]) {
@@ -95,7 +97,8 @@ pub fn identify_controller(id: &Identity, io_queues: u16) -> Vec<u8> {
     page[77] = MDTS;
     put(&mut page, 80, &VERSION.to_le_bytes());
     page[111] = 1; // CNTRLTYPE: I/O controller
-    put(&mut page, 256, &OACS_DBBUF.to_le_bytes());
+    let oacs = if id.shadow_doorbells { OACS_DBBUF } else { 0 };
+    put(&mut page, 256, &oacs.to_le_bytes());
     page[258] = ABORT_LIMIT - 1;
     page[259] = AER_LIMIT as u8 - 1;
     page[260] = FRMW;

@@ -275,7 +275,9 @@ impl Controller {
                 None
             }
             OPC_KEEP_ALIVE => done(Status::SUCCESS),
-            OPC_DOORBELL_BUFFER_CONFIG => done(self.doorbell_buffer_config(cmd)),
+            OPC_DOORBELL_BUFFER_CONFIG if self.identity.shadow_doorbells => {
+                done(self.doorbell_buffer_config(cmd))
+            }
             _ => done(Status::INVALID_OPCODE),
         }
     }
@@ -622,6 +624,10 @@ impl Controller {
         }
         let buffers = Dbbuf { shadow, event_idx };
         *self.shared.dbbuf_slot() = Some(buffers);
+        tracing::info!(
+            "{}: shadow doorbells at {shadow:#x}, EventIdx at {event_idx:#x}",
+            self.shared.name
+        );
         for cq in self.cqs.values() {
             cq.set_dbbuf(mem, Some(buffers));
         }

@@ -102,6 +102,8 @@ pub struct NvmeConfig {
     pub serial: String,
     pub direct: bool,
     pub engine: IoEngine,
+    /// Offer Doorbell Buffer Config (OACS bit 8).
+    pub shadow_doorbells: bool,
 }
 
 impl NvmeConfig {
@@ -112,6 +114,7 @@ impl NvmeConfig {
             serial: "sluice-nvme0".into(),
             direct: false,
             engine: IoEngine::Auto,
+            shadow_doorbells: true,
         }
     }
 }
@@ -372,6 +375,7 @@ impl Nvme {
                 serial: config.serial.clone(),
                 model: "sluice NVMe controller".into(),
                 firmware: env!("CARGO_PKG_VERSION").into(),
+                shadow_doorbells: config.shadow_doorbells,
             },
             max_queues: config.queues,
             cc: 0,

@@ -84,12 +84,17 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 impl Driver {
     fn new(queues: u16) -> Driver {
+        Self::new_with(queues, true)
+    }
+
+    fn new_with(queues: u16, shadow_doorbells: bool) -> Driver {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM_SIZE)]).unwrap();
         let image = TempFile::new_with_prefix("/tmp/sluice-nvme-test-").unwrap();
         image.as_file().set_len(IMAGE_SIZE).unwrap();
         let mut config = NvmeConfig::new(image.as_path());
         config.queues = queues;
         config.serial = "SLUICETEST01".into();
+        config.shadow_doorbells = shadow_doorbells;
         let router = Arc::new(RecordingRouter::default());
         let interrupts = NvmeInterrupts {
             msi_sink: Arc::new(RecordingSink::default()),
@@ -884,4 +889,18 @@ fn deleting_a_queue_drains_it_and_frees_its_id() {
     assert_eq!(driver.nvme.io_queues(), 0);
     driver.create_io_queues();
     assert_eq!(driver.nvme.io_queues(), 1);
+}
+
+#[test]
+fn without_shadow_doorbells_the_command_is_neither_offered_nor_taken() {
+    let mut driver = Driver::new_with(1, false);
+    driver.enable();
+    let mut dbbuf = command(OPC_DOORBELL_BUFFER_CONFIG, 0);
+    set_prp(&mut dbbuf, SHADOW, EVENT_IDX);
+
+    let (_, ctrl) = driver.identify(1, 0);
+    let status = driver.admin(dbbuf).0;
+
+    assert_eq!(u16::from_le_bytes([ctrl[256], ctrl[257]]) & OACS_DBBUF, 0);
+    assert_eq!(status, Status::INVALID_OPCODE);
 }
