@@ -73,13 +73,11 @@ fn put(page: &mut [u8], at: usize, bytes: &[u8]) {
     page[at..at + bytes.len()].copy_from_slice(bytes);
 }
 
-/// An ASCII field, space padded (and cut) to `len` bytes.
+/// An ASCII field, space padded (and cut) to `len` bytes; non-printable bytes are dropped.
 fn put_ascii(page: &mut [u8], at: usize, len: usize, text: &str) {
     let mut field = vec![b' '; len];
-    for (slot, byte) in field
-        .iter_mut()
-        .zip(text.bytes().filter(u8::is_ascii_graphic))
-    {
+    let printable = text.bytes().filter(|b| (0x20..0x7f).contains(b));
+    for (slot, byte) in field.iter_mut().zip(printable) {
         *slot = byte;
     }
     put(page, at, &field);

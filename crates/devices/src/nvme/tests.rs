@@ -382,7 +382,8 @@ fn identify_returns_controller_namespace_and_lists() {
 
     assert_eq!(ctrl_status, Status::SUCCESS);
     assert_eq!(u16::from_le_bytes([ctrl[0], ctrl[1]]), NVME_VENDOR_ID);
-    assert_eq!(&ctrl[4..16], b"SLUICETEST01");
+    assert_eq!(&ctrl[4..24], b"SLUICETEST01        ");
+    assert!(ctrl[24..64].starts_with(b"sluice NVMe controller "));
     assert_eq!(ctrl[77], MDTS);
     assert_eq!(
         u32::from_le_bytes(ctrl[80..84].try_into().unwrap()),
