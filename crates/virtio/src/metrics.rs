@@ -97,14 +97,35 @@ impl QueueMetrics {
 pub struct DeviceMetrics {
     pub name: String,
     pub queues: Vec<QueueMetrics>,
+    /// Device-wide counters beyond the queues' (e.g. an emulated device's exits per register),
+    /// exported under "counters".
+    pub counters: Vec<(&'static str, AtomicU64)>,
 }
 
 impl DeviceMetrics {
     pub fn new(name: impl Into<String>, queues: usize) -> Self {
+        Self::with_counters(name, queues, &[])
+    }
+
+    /// A device with named device-wide counters, all zero.
+    pub fn with_counters(
+        name: impl Into<String>,
+        queues: usize,
+        counters: &[&'static str],
+    ) -> Self {
         Self {
             name: name.into(),
             queues: (0..queues).map(|_| QueueMetrics::default()).collect(),
+            counters: counters.iter().map(|c| (*c, AtomicU64::new(0))).collect(),
         }
+    }
+
+    /// The device-wide counter `name`, if the device has one.
+    pub fn counter(&self, name: &str) -> Option<&AtomicU64> {
+        self.counters
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, c)| c)
     }
 
     /// JSON object: {"device": name, "queues": [{"kicks":..,"latency_ns":{"p50":..}}]}.
@@ -131,7 +152,16 @@ impl DeviceMetrics {
                 })
             })
             .collect();
-        serde_json::json!({ "device": self.name, "queues": queues })
+        let mut json = serde_json::json!({ "device": self.name, "queues": queues });
+        if !self.counters.is_empty() {
+            let counters: serde_json::Map<String, serde_json::Value> = self
+                .counters
+                .iter()
+                .map(|(name, c)| (name.to_string(), c.load(Ordering::Relaxed).into()))
+                .collect();
+            json["counters"] = counters.into();
+        }
+        json
     }
 
     /// Prometheus text exposition lines (counters labelled by device and queue).
@@ -152,6 +182,13 @@ impl DeviceMetrics {
                     counter.load(Ordering::Relaxed)
                 ));
             }
+        }
+        for (name, counter) in &self.counters {
+            out.push_str(&format!(
+                "sluice_device_{name}_total{{device=\"{}\"}} {}\n",
+                self.name,
+                counter.load(Ordering::Relaxed)
+            ));
         }
         out
     }
@@ -186,6 +223,21 @@ mod tests {
 
         assert_eq!(json["queues"][1]["requests"], 3);
         assert!(prom.contains("sluice_virtio_requests_total{device=\"blk0\",queue=\"1\"} 3"));
+        assert!(json.get("counters").is_none());
+    }
+
+    #[test]
+    fn device_counters_are_exported_by_name() {
+        let m = DeviceMetrics::with_counters("nvme0", 1, &["cc", "sq_doorbells"]);
+        QueueMetrics::add(m.counter("sq_doorbells").unwrap(), 5);
+
+        let json = m.to_json();
+        let prom = m.to_prometheus();
+
+        assert_eq!(json["counters"]["sq_doorbells"], 5);
+        assert_eq!(json["counters"]["cc"], 0);
+        assert!(m.counter("other").is_none());
+        assert!(prom.contains("sluice_device_sq_doorbells_total{device=\"nvme0\"} 5"));
     }
 
     #[test]

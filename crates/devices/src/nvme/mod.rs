@@ -45,8 +45,8 @@
 //! Metrics ([`sluice_virtio::DeviceMetrics`], queue 0 = admin, queue N = I/O queue N):
 //! `kicks` = doorbell MMIO writes to the SQ, `notifications_suppressed` = commands the worker
 //! consumed beyond the doorbell writes it got (those the shadow doorbell saved an exit for),
-//! `interrupts`, `requests`, `bytes`, `errors`, latency. Register exits are counted per
-//! register ([`RegisterExits`]).
+//! `interrupts`, `requests`, `bytes`, `errors`, latency; the device-wide `counters` hold the
+//! guest's exits per register ([`REGISTER_EXIT_COUNTERS`]).
 
 pub mod admin;
 pub mod command;
@@ -142,52 +142,33 @@ pub struct SmartCounters {
     pub write_commands: AtomicU64,
 }
 
-/// Guest exits per register (MMIO accesses to BAR0 and the MSI-X BAR).
-#[derive(Debug, Default)]
-pub struct RegisterExits {
-    pub cap: AtomicU64,
-    pub vs: AtomicU64,
-    pub intms_intmc: AtomicU64,
-    pub cc: AtomicU64,
-    pub csts: AtomicU64,
-    pub admin_queue: AtomicU64,
-    pub sq_doorbells: AtomicU64,
-    pub cq_doorbells: AtomicU64,
-    pub msix: AtomicU64,
-    pub other: AtomicU64,
-}
+/// Device-wide counters: guest exits per register (MMIO accesses to BAR0 and the MSI-X BAR),
+/// exported with the device's metrics under "counters".
+pub const REGISTER_EXIT_COUNTERS: [&str; 10] = [
+    "exits_cap",
+    "exits_vs",
+    "exits_intms_intmc",
+    "exits_cc",
+    "exits_csts",
+    "exits_aqa_asq_acq",
+    "exits_sq_doorbells",
+    "exits_cq_doorbells",
+    "exits_msix",
+    "exits_other",
+];
 
-impl RegisterExits {
-    /// `(register, exits)` for logs and reports.
-    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        vec![
-            ("cap", load(&self.cap)),
-            ("vs", load(&self.vs)),
-            ("intms_intmc", load(&self.intms_intmc)),
-            ("cc", load(&self.cc)),
-            ("csts", load(&self.csts)),
-            ("aqa_asq_acq", load(&self.admin_queue)),
-            ("sq_doorbells", load(&self.sq_doorbells)),
-            ("cq_doorbells", load(&self.cq_doorbells)),
-            ("msix", load(&self.msix)),
-            ("other", load(&self.other)),
-        ]
-    }
-
-    fn count(&self, offset: u64) {
-        let counter = match offset {
-            CAP..=0x07 => &self.cap,
-            VS..=0x0b => &self.vs,
-            INTMS..=0x13 => &self.intms_intmc,
-            CC..=0x17 => &self.cc,
-            CSTS..=0x1f => &self.csts,
-            AQA..=0x37 => &self.admin_queue,
-            DOORBELLS.. if ((offset - DOORBELLS) / 4).is_multiple_of(2) => &self.sq_doorbells,
-            DOORBELLS.. => &self.cq_doorbells,
-            _ => &self.other,
-        };
-        QueueMetrics::add(counter, 1);
+/// The counter an access to BAR0 at `offset` counts under.
+fn register_counter(offset: u64) -> &'static str {
+    match offset {
+        CAP..=0x07 => "exits_cap",
+        VS..=0x0b => "exits_vs",
+        INTMS..=0x13 => "exits_intms_intmc",
+        CC..=0x17 => "exits_cc",
+        CSTS..=0x1f => "exits_csts",
+        AQA..=0x37 => "exits_aqa_asq_acq",
+        DOORBELLS.. if ((offset - DOORBELLS) / 4).is_multiple_of(2) => "exits_sq_doorbells",
+        DOORBELLS.. => "exits_cq_doorbells",
+        _ => "exits_other",
     }
 }
 
@@ -302,7 +283,6 @@ pub struct Nvme {
     asq: u64,
     acq: u64,
     controller: Option<Controller>,
-    exits: Arc<RegisterExits>,
 }
 
 impl Nvme {
@@ -363,7 +343,11 @@ impl Nvme {
             write_cache: AtomicBool::new(true),
             dbbuf: Mutex::new(None),
             cqs: Mutex::new(vec![None; usize::from(config.queues) + 1]),
-            metrics: Arc::new(DeviceMetrics::new(name, usize::from(config.queues) + 1)),
+            metrics: Arc::new(DeviceMetrics::with_counters(
+                name,
+                usize::from(config.queues) + 1,
+                &REGISTER_EXIT_COUNTERS,
+            )),
             smart: SmartCounters::default(),
         };
         Ok(Nvme {
@@ -384,16 +368,11 @@ impl Nvme {
             asq: 0,
             acq: 0,
             controller: None,
-            exits: Arc::new(RegisterExits::default()),
         })
     }
 
     pub fn metrics(&self) -> Arc<DeviceMetrics> {
         self.shared.metrics.clone()
-    }
-
-    pub fn register_exits(&self) -> Arc<RegisterExits> {
-        self.exits.clone()
     }
 
     pub fn namespace(&self) -> Namespace {
@@ -410,6 +389,12 @@ impl Nvme {
         self.controller
             .as_ref()
             .map_or(0, Controller::held_event_requests)
+    }
+
+    fn count_exit(&self, counter: &str) {
+        if let Some(counter) = self.shared.metrics.counter(counter) {
+            QueueMetrics::add(counter, 1);
+        }
     }
 
     fn write_cc(&mut self, value: u32) {
@@ -567,20 +552,6 @@ impl Nvme {
     }
 }
 
-impl Drop for Nvme {
-    fn drop(&mut self) {
-        self.controller.take();
-        let exits: Vec<String> = self
-            .exits
-            .snapshot()
-            .iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(r, n)| format!("{r}={n}"))
-            .collect();
-        tracing::info!("{}: register exits {}", self.shared.name, exits.join(" "));
-    }
-}
-
 impl PciDevice for Nvme {
     fn name(&self) -> &str {
         &self.shared.name
@@ -617,11 +588,11 @@ impl PciDevice for Nvme {
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         match bar {
             REGISTER_BAR => {
-                self.exits.count(offset);
+                self.count_exit(register_counter(offset));
                 self.register_read(offset, data);
             }
             MSIX_BAR => {
-                QueueMetrics::add(&self.exits.msix, 1);
+                self.count_exit("exits_msix");
                 self.msix_read(offset, data);
             }
             _ => data.fill(0xff),
@@ -631,11 +602,11 @@ impl PciDevice for Nvme {
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         match bar {
             REGISTER_BAR => {
-                self.exits.count(offset);
+                self.count_exit(register_counter(offset));
                 self.register_write(offset, data);
             }
             MSIX_BAR => {
-                QueueMetrics::add(&self.exits.msix, 1);
+                self.count_exit("exits_msix");
                 self.msix_write(offset, data);
             }
             _ => {}

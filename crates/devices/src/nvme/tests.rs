@@ -757,6 +757,10 @@ fn shadow_doorbells_let_commands_through_without_doorbell_writes() {
         "one MMIO doorbell per batch"
     );
     assert_eq!(queue.notifications_suppressed.load(Ordering::Relaxed), 3);
+    let metrics = driver.nvme.metrics();
+    let sq_exits = metrics.counter("exits_sq_doorbells").unwrap();
+    // 4 admin doorbells (dbbuf twice, create CQ and SQ), then the two I/O doorbells.
+    assert_eq!(sq_exits.load(Ordering::Relaxed), 4 + 2);
 }
 
 #[test]
