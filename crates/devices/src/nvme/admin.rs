@@ -32,6 +32,10 @@ pub const FEAT_NUMBER_OF_QUEUES: u8 = 0x07;
 pub const FEAT_INTERRUPT_COALESCING: u8 = 0x08;
 pub const FEAT_ASYNC_EVENT_CONFIG: u8 = 0x0b;
 
+/// Error status event information (NVMe 1.4 Figure 146).
+pub const EVENT_INVALID_DOORBELL_REGISTER: u8 = 0x00;
+pub const EVENT_INVALID_DOORBELL_VALUE: u8 = 0x01;
+
 /// Outstanding Async Event Requests (AERL is this minus one).
 pub const AER_LIMIT: usize = 4;
 /// Aborts the controller takes at once (ACL is this minus one).

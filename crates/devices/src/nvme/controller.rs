@@ -51,6 +51,10 @@ pub struct Controller {
     sqs: BTreeMap<u16, SqHandle>,
     cqs: BTreeMap<u16, Arc<CompletionQueue>>,
     aers: Vec<u16>,
+    /// An error event (Invalid Doorbell) waiting for an Async Event Request.
+    pending_event: Option<u32>,
+    /// Error events are masked from one event until the host reads the error log.
+    error_events_masked: bool,
     features: Features,
     identity: Identity,
     started: Instant,
@@ -104,6 +108,8 @@ impl Controller {
             sqs: BTreeMap::new(),
             cqs: BTreeMap::new(),
             aers: Vec::new(),
+            pending_event: None,
+            error_events_masked: false,
             features: Features {
                 arbitration: 0,
                 interrupt_coalescing: 0,
@@ -158,53 +164,65 @@ impl Controller {
         }
     }
 
-    /// The SQ y tail doorbell.
-    pub fn sq_doorbell(&mut self, qid: u16, value: u32) -> bool {
+    /// The SQ y tail doorbell; `Err(info)` names the Invalid Doorbell event it raises.
+    pub fn sq_doorbell(&mut self, qid: u16, value: u32) -> Result<(), u8> {
         if qid == 0 {
             QueueMetrics::add(&self.shared.queue_metrics(0).kicks, 1);
-            match u16::try_from(value) {
-                Ok(tail) if tail < self.admin_sq.size => {
-                    self.admin_sq.tail = tail;
-                    self.process_admin();
-                    true
-                }
-                _ => false,
-            }
-        } else {
-            let Some(handle) = self.sqs.get(&qid) else {
-                return false;
-            };
-            if value >= u32::from(handle.size) {
-                return false;
-            }
-            QueueMetrics::add(&self.shared.queue_metrics(qid).kicks, 1);
-            handle.tail.store(value, Ordering::Release);
-            handle.doorbells.fetch_add(1, Ordering::AcqRel);
-            let _ = handle.kick.write(1);
-            true
+            let tail = u16::try_from(value)
+                .ok()
+                .filter(|t| *t < self.admin_sq.size)
+                .ok_or(EVENT_INVALID_DOORBELL_VALUE)?;
+            self.admin_sq.tail = tail;
+            self.process_admin();
+            return Ok(());
         }
+        let handle = self.sqs.get(&qid).ok_or(EVENT_INVALID_DOORBELL_REGISTER)?;
+        if value >= u32::from(handle.size) {
+            return Err(EVENT_INVALID_DOORBELL_VALUE);
+        }
+        QueueMetrics::add(&self.shared.queue_metrics(qid).kicks, 1);
+        handle.tail.store(value, Ordering::Release);
+        handle.doorbells.fetch_add(1, Ordering::AcqRel);
+        let _ = handle.kick.write(1);
+        Ok(())
     }
 
     /// The CQ y head doorbell: room for entries waiting to be posted.
-    pub fn cq_doorbell(&mut self, qid: u16, value: u32) -> bool {
+    pub fn cq_doorbell(&mut self, qid: u16, value: u32) -> Result<(), u8> {
         if qid == 0 {
             if !self.admin_cq.set_head(value) {
-                return false;
+                return Err(EVENT_INVALID_DOORBELL_VALUE);
             }
             self.post_admin_backlog();
         } else {
-            let Some(cq) = self.cqs.get(&qid) else {
-                return false;
-            };
+            let cq = self.cqs.get(&qid).ok_or(EVENT_INVALID_DOORBELL_REGISTER)?;
             if !cq.set_head(value) {
-                return false;
+                return Err(EVENT_INVALID_DOORBELL_VALUE);
             }
             for handle in self.sqs.values().filter(|h| h.cqid == qid) {
                 let _ = handle.kick.write(1);
             }
         }
         self.shared.update_intx();
-        true
+        Ok(())
+    }
+
+    /// A doorbell write the controller refused: an error event (type 0, Error Information
+    /// log), unless error events are masked until the host reads that log.
+    pub fn invalid_doorbell(&mut self, info: u8) {
+        if self.error_events_masked {
+            return;
+        }
+        self.error_events_masked = true;
+        let result = (u32::from(info) << 8) | (u32::from(LOG_ERROR) << 16);
+        match self.aers.pop() {
+            Some(cid) => {
+                self.admin_backlog
+                    .push_back(Completion::new(cid, Status::SUCCESS, result));
+                self.post_admin_backlog();
+            }
+            None => self.pending_event = Some(result),
+        }
     }
 
     fn process_admin(&mut self) {
@@ -262,7 +280,15 @@ impl Controller {
             OPC_CREATE_SQ => done(self.create_sq(cmd)),
             OPC_DELETE_SQ => done(self.delete_sq(cmd)),
             OPC_DELETE_CQ => done(self.delete_cq(cmd)),
-            OPC_GET_LOG_PAGE => done(self.get_log_page(cmd)),
+            OPC_GET_LOG_PAGE => {
+                let status = self.get_log_page(cmd);
+                // Reading the error log without Retain Asynchronous Event unmasks error events.
+                let lid = (cmd.cdw(10) & 0xff) as u8;
+                if status.is_success() && lid == LOG_ERROR && cmd.cdw(10) & (1 << 15) == 0 {
+                    self.error_events_masked = false;
+                }
+                done(status)
+            }
             OPC_SET_FEATURES => Some(self.set_features(cmd)),
             OPC_GET_FEATURES => Some(self.get_features(cmd)),
             // Commands are never aborted: DW0 bit 0 says so.
@@ -270,6 +296,9 @@ impl Controller {
             OPC_ASYNC_EVENT_REQUEST => {
                 if self.aers.len() >= AER_LIMIT {
                     return done(Status::AER_LIMIT_EXCEEDED);
+                }
+                if let Some(result) = self.pending_event.take() {
+                    return Some((Status::SUCCESS, result));
                 }
                 self.aers.push(cmd.cid());
                 None

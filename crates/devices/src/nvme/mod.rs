@@ -527,9 +527,9 @@ impl Nvme {
         } else {
             controller.cq_doorbell(qid, value)
         };
-        if !accepted {
-            // An Invalid Doorbell event would go to a held AER; sluice reports no events.
-            tracing::debug!("nvme: doorbell {qid} refused value {value}");
+        if let Err(info) = accepted {
+            tracing::debug!("nvme: doorbell {index} refused value {value}");
+            controller.invalid_doorbell(info);
         }
     }
 

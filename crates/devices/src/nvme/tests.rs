@@ -909,3 +909,41 @@ fn without_shadow_doorbells_the_command_is_neither_offered_nor_taken() {
     assert_eq!(u16::from_le_bytes([ctrl[256], ctrl[257]]) & OACS_DBBUF, 0);
     assert_eq!(status, Status::INVALID_OPCODE);
 }
+
+#[test]
+fn invalid_doorbell_writes_complete_one_event_request_until_the_error_log_is_read() {
+    let mut driver = ready_driver();
+    let mut error_log = command(OPC_GET_LOG_PAGE, 0);
+    set_prp(&mut error_log, ID_BUF, 0);
+    set_dw(&mut error_log, 10, u32::from(LOG_ERROR) | (15 << 16));
+    let aer_at = |driver: &mut Driver| {
+        let at = ASQ_ADDR + u64::from(driver.admin_tail) * 64;
+        let mut raw = command(OPC_ASYNC_EVENT_REQUEST, 0);
+        raw[2..4].copy_from_slice(&0x0aeau16.to_le_bytes());
+        driver.mem.write_slice(&raw, GuestAddress(at)).unwrap();
+        driver.admin_tail += 1;
+        driver.write32(DOORBELLS, u32::from(driver.admin_tail));
+    };
+    aer_at(&mut driver);
+    aer_at(&mut driver);
+
+    driver.write32(DOORBELLS + 8 * 5, 1); // SQ 5 does not exist
+    let first = driver.take_entry(ACQ_ADDR, true);
+    driver.write32(DOORBELLS + 8, 4096); // beyond SQ 1: masked until the log is read
+    let masked = driver.take_entry(ACQ_ADDR, true);
+    driver.write32(DOORBELLS + 4, u32::from(driver.admin_head));
+    let log = driver.admin(error_log).0;
+    driver.write32(DOORBELLS + 8, 4096);
+    let second = driver.take_entry(ACQ_ADDR, true);
+
+    let first = first.expect("an event for the invalid register");
+    assert_eq!(
+        (first.cid, first.status, first.result),
+        (0x0aea, Status::SUCCESS, 0x01_0000)
+    );
+    assert!(masked.is_none());
+    assert_eq!(log, Status::SUCCESS);
+    let second = second.expect("an event for the invalid value");
+    assert_eq!(second.result, 0x01_0100);
+    assert_eq!(driver.nvme.held_event_requests(), 0);
+}
