@@ -133,14 +133,21 @@ fn l1_script(sluice: &Path) -> String {
     script
 }
 
-/// The `nvme0` device's queues in a metrics file.
-fn nvme_queues(metrics: &serde_json::Value) -> Vec<serde_json::Value> {
+/// The `nvme0` device in a metrics file.
+fn nvme_device(metrics: &serde_json::Value) -> serde_json::Value {
     metrics["devices"]
         .as_array()
         .and_then(|d| d.iter().find(|d| d["device"] == "nvme0"))
-        .and_then(|d| d["queues"].as_array())
         .cloned()
         .unwrap_or_else(|| panic!("no nvme0 in the metrics: {metrics:#}"))
+}
+
+/// The `nvme0` device's queues in a metrics file.
+fn nvme_queues(metrics: &serde_json::Value) -> Vec<serde_json::Value> {
+    nvme_device(metrics)["queues"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 fn sum(queues: &[serde_json::Value], counter: &str) -> u64 {
@@ -266,6 +273,24 @@ fn lab_linux_nvme_driver_on_sluice_nvme() {
              {suppressed} commands without a doorbell write, {interrupts} interrupts, \
              {} MMIO writes to the controller in all",
             nvme_mmio_writes(&metrics)
+        );
+        let counters = &nvme_device(&metrics)["counters"];
+        let exits = |name: &str| counters[name].as_u64().unwrap_or(0);
+        assert_eq!(
+            exits("exits_sq_doorbells"),
+            sum(&queues, "kicks") + queues[0]["kicks"].as_u64().unwrap_or(0),
+            "every SQ doorbell exit is a kick: {metrics:#}"
+        );
+        println!(
+            "{test} (dbbuf={mode}): exits per register: {}",
+            counters
+                .as_object()
+                .map(|c| c
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" "))
+                .unwrap_or_default()
         );
         per_request.push(kicks as f64 / requests as f64);
     }
