@@ -1,7 +1,8 @@
 //! Wiring of the emulated NVMe controllers (`--nvme`): each becomes a `sluice_devices::nvme`
 //! PCI function on the root, with MSI-X through GSI routes + irqfds per vector (the same KVM
-//! plumbing as virtio-pci) and INTA through the root's INTx routing. Doorbells stay trapped
-//! MMIO (the device's module doc says why). DMA goes through the DMA space of the function's
+//! plumbing as virtio-pci) and INTA through the root's INTx routing. SQ doorbells become KVM
+//! ioeventfds once the driver configured shadow doorbells (the device's module doc says why
+//! only then). DMA goes through the DMA space of the function's
 //! requester id (identity until a vIOMMU provides domains).
 
 use std::sync::{Arc, Mutex};
@@ -13,7 +14,7 @@ use sluice_pci::{PciRoot, SharedPciDevice};
 use sluice_virtio::DeviceMetrics;
 
 use crate::config::NvmeSpec;
-use crate::interrupts::{KvmMsi, KvmMsiRouter};
+use crate::interrupts::{KvmIoEvents, KvmMsi, KvmMsiRouter};
 use crate::machine::{device_err, VmConfig, VmError};
 use crate::memory::GuestRam;
 
@@ -30,6 +31,7 @@ pub fn attach_nvme_devices(
     let interrupts = NvmeInterrupts {
         msi_sink: Arc::new(KvmMsi::new(vm.clone())),
         msi_router: Some(Arc::new(KvmMsiRouter::new(vm.clone()))),
+        ioevents: Some(Arc::new(KvmIoEvents::new(vm.clone()))),
     };
     let dma = DmaSpaces::identity(ram.memory.clone());
     let mut metrics = Vec::new();

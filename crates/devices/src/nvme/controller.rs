@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use sluice_bus::IoEventRegistrar;
 use sluice_sandbox::ThreadKind;
 use sluice_virtio::QueueMetrics;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
@@ -39,9 +40,25 @@ struct AdminSq {
     tail: u16,
 }
 
+/// The admin queue registers at enable time.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminQueues {
+    pub aqa: u32,
+    pub asq: u64,
+    pub acq: u64,
+}
+
+/// Where SQ doorbells can become ioeventfds: the registrar and BAR0's address.
+#[derive(Clone)]
+pub struct DoorbellEvents {
+    pub registrar: Option<Arc<dyn IoEventRegistrar>>,
+    pub bar0: Option<u64>,
+}
+
 /// Controller state between CC.EN=1 and the next reset.
 pub struct Controller {
     shared: Arc<Shared>,
+    doorbell_events: DoorbellEvents,
     page_size: u64,
     cc: Configuration,
     max_queues: u16,
@@ -66,12 +83,12 @@ impl Controller {
     pub fn enable(
         shared: Arc<Shared>,
         cc: Configuration,
-        aqa: u32,
-        asq: u64,
-        acq: u64,
+        admin: AdminQueues,
         max_queues: u16,
         identity: Identity,
+        doorbell_events: DoorbellEvents,
     ) -> Option<Controller> {
+        let AdminQueues { aqa, asq, acq } = admin;
         let (sq_size, cq_size) = super::registers::admin_queue_sizes(aqa)?;
         let page_mask = cc.page_size() - 1;
         if asq & 0xfff != 0 || acq & 0xfff != 0 || asq & page_mask != 0 || acq & page_mask != 0 {
@@ -94,6 +111,7 @@ impl Controller {
         let admin_cq = Arc::new(CompletionQueue::new(0, acq, cq_size, 0, true));
         shared.set_cq(0, Some(admin_cq.clone()));
         Some(Controller {
+            doorbell_events,
             page_size: cc.page_size(),
             cc,
             max_queues,
@@ -150,10 +168,47 @@ impl Controller {
     }
 
     fn stop_all(&mut self, how: u8) {
+        let registrar = self.doorbell_events.registrar.clone();
         for handle in self.sqs.values_mut() {
+            unregister_doorbell(registrar.as_deref(), handle);
             handle.stop(how);
         }
         self.sqs.clear();
+    }
+
+    /// With shadow doorbells on, SQ `qid`'s doorbell becomes an ioeventfd: the guest's write
+    /// wakes the worker without an exit, and the worker reads the tail from the shadow.
+    fn register_doorbell(&mut self, qid: u16) {
+        let (Some(registrar), Some(bar0)) = (
+            self.doorbell_events.registrar.clone(),
+            self.doorbell_events.bar0,
+        ) else {
+            return;
+        };
+        let Some(handle) = self.sqs.get_mut(&qid) else {
+            return;
+        };
+        if handle.ioevent.is_some() || !handle.shadow.load(Ordering::Acquire) {
+            return;
+        }
+        let addr = bar0 + super::registers::DOORBELLS + u64::from(qid) * 8;
+        match registrar.register(&handle.doorbell, addr, 4, None) {
+            Ok(()) => handle.ioevent = Some(addr),
+            Err(e) => tracing::warn!("nvme: ioeventfd for SQ {qid} at {addr:#x}: {e}"),
+        }
+    }
+
+    /// BAR0 moved (or was unmapped): the doorbell ioeventfds follow it.
+    pub fn set_bar0(&mut self, bar0: Option<u64>) {
+        let registrar = self.doorbell_events.registrar.clone();
+        for handle in self.sqs.values_mut() {
+            unregister_doorbell(registrar.as_deref(), handle);
+        }
+        self.doorbell_events.bar0 = bar0;
+        let qids: Vec<u16> = self.sqs.keys().copied().collect();
+        for qid in qids {
+            self.register_doorbell(qid);
+        }
     }
 
     fn limits(&self, allow_sgl: bool) -> WalkLimits {
@@ -180,10 +235,8 @@ impl Controller {
         if value >= u32::from(handle.size) {
             return Err(EVENT_INVALID_DOORBELL_VALUE);
         }
-        QueueMetrics::add(&self.shared.queue_metrics(qid).kicks, 1);
         handle.tail.store(value, Ordering::Release);
-        handle.doorbells.fetch_add(1, Ordering::AcqRel);
-        let _ = handle.kick.write(1);
+        let _ = handle.doorbell.write(1);
         Ok(())
     }
 
@@ -452,6 +505,7 @@ impl Controller {
         match self.start_sq(qid, cqid, base, size, cq) {
             Ok(handle) => {
                 self.sqs.insert(qid, handle);
+                self.register_doorbell(qid);
                 Status::SUCCESS
             }
             Err(e) => {
@@ -478,7 +532,8 @@ impl Controller {
             cqid,
             size,
             tail: Arc::new(AtomicU32::new(0)),
-            doorbells: Arc::new(AtomicU32::new(0)),
+            doorbell: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+            ioevent: None,
             kick: Arc::new(EventFd::new(EFD_NONBLOCK)?),
             stop: Arc::new(AtomicU8::new(RUN)),
             shadow: Arc::new(AtomicBool::new(dbbuf.is_some())),
@@ -507,6 +562,7 @@ impl Controller {
         let Some(mut handle) = self.sqs.remove(&qid) else {
             return Status::INVALID_QUEUE_IDENTIFIER;
         };
+        unregister_doorbell(self.doorbell_events.registrar.as_deref(), &mut handle);
         handle.stop(DRAIN);
         Status::SUCCESS
     }
@@ -667,6 +723,10 @@ impl Controller {
             handle.shadow.store(true, Ordering::Release);
             let _ = handle.kick.write(1);
         }
+        let qids: Vec<u16> = self.sqs.keys().copied().collect();
+        for qid in qids {
+            self.register_doorbell(qid);
+        }
         Status::SUCCESS
     }
 
@@ -678,6 +738,20 @@ impl Controller {
     /// Running I/O submission queues.
     pub fn io_queues(&self) -> usize {
         self.sqs.len()
+    }
+}
+
+/// Removes `handle`'s doorbell ioeventfd, if it has one (before its eventfd goes away: KVM
+/// would keep the registration and refuse the next one at that address).
+fn unregister_doorbell(registrar: Option<&dyn IoEventRegistrar>, handle: &mut SqHandle) {
+    let (Some(registrar), Some(addr)) = (registrar, handle.ioevent.take()) else {
+        return;
+    };
+    if let Err(e) = registrar.unregister(&handle.doorbell, addr, 4, None) {
+        tracing::warn!(
+            "nvme: removing the ioeventfd of SQ {} at {addr:#x}: {e}",
+            handle.qid
+        );
     }
 }
 

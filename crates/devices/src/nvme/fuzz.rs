@@ -80,6 +80,7 @@ fn controller(mem: &GuestMemoryMmap) -> Nvme {
     let interrupts = NvmeInterrupts {
         msi_sink: Arc::new(NullSink),
         msi_router: None,
+        ioevents: None,
     };
     Nvme::new(
         &config,

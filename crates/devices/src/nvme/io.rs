@@ -219,10 +219,14 @@ pub struct SqHandle {
     pub qid: u16,
     pub cqid: u16,
     pub size: u16,
-    /// The last tail the doorbell register was written with.
+    /// The last tail the doorbell register was written with (trapped writes).
     pub tail: Arc<AtomicU32>,
-    /// MMIO doorbell writes not yet seen by the worker (for the suppressed-doorbell count).
-    pub doorbells: Arc<AtomicU32>,
+    /// Signalled once per doorbell write: by the vCPU for a trapped write, by KVM for an
+    /// ioeventfd one; the worker's read of its count is the doorbell metric.
+    pub doorbell: Arc<EventFd>,
+    /// Where `doorbell` is registered as an ioeventfd, if it is.
+    pub ioevent: Option<u64>,
+    /// Other wake-ups: CQ room, shadow doorbells switched on, stop.
     pub kick: Arc<EventFd>,
     pub stop: Arc<AtomicU8>,
     /// Whether the worker reads the shadow doorbell (set by Doorbell Buffer Config).
@@ -256,6 +260,7 @@ pub struct Tag {
 const MAX_OUTSTANDING: usize = 256;
 const KICK: u64 = 0;
 const COMPLETIONS: u64 = 1;
+const DOORBELL: u64 = 2;
 
 /// The worker of one I/O submission queue.
 pub struct SqWorker {
@@ -265,7 +270,7 @@ pub struct SqWorker {
     cq: Arc<CompletionQueue>,
     shared: Arc<Shared>,
     tail: Arc<AtomicU32>,
-    doorbells: Arc<AtomicU32>,
+    doorbell: Arc<EventFd>,
     kick: Arc<EventFd>,
     stop: Arc<AtomicU8>,
     shadow: Arc<AtomicBool>,
@@ -297,6 +302,11 @@ pub fn new_worker(
         handle.kick.as_raw_fd(),
         EpollEvent::new(EventSet::IN, KICK),
     )?;
+    epoll.ctl(
+        ControlOperation::Add,
+        handle.doorbell.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, DOORBELL),
+    )?;
     if let Some(fd) = io.completion_fd() {
         epoll.ctl(
             ControlOperation::Add,
@@ -311,7 +321,7 @@ pub fn new_worker(
         cq,
         shared,
         tail: handle.tail.clone(),
-        doorbells: handle.doorbells.clone(),
+        doorbell: handle.doorbell.clone(),
         kick: handle.kick.clone(),
         stop: handle.stop.clone(),
         shadow: handle.shadow.clone(),
@@ -343,6 +353,9 @@ impl SqWorker {
                         self.drain_fetched = true;
                         self.fetch();
                         self.io.commit();
+                    } else {
+                        // Later doorbells are not served; keep epoll from reporting them.
+                        self.doorbell_writes();
                     }
                     self.complete_ready();
                     if self.outstanding == 0 || self.backlog_stuck() {
@@ -381,11 +394,18 @@ impl SqWorker {
         u16::try_from(tail).ok().filter(|t| *t < self.size)
     }
 
+    /// Doorbell writes since the last call (trapped or ioeventfd), counted as kicks.
+    fn doorbell_writes(&self) -> u64 {
+        let rung = self.doorbell.read().unwrap_or(0);
+        QueueMetrics::add(&self.metrics().kicks, rung);
+        rung
+    }
+
     /// Takes new commands up to the tail (with shadow doorbells: re-reading the tail after
     /// publishing the EventIdx, so a submission racing the update is never missed).
     fn fetch(&mut self) {
-        let rung = self.doorbells.swap(0, Ordering::AcqRel);
-        let mut consumed: u32 = 0;
+        let rung = self.doorbell_writes();
+        let mut consumed: u64 = 0;
         while let Some(tail) = self.current_tail() {
             while self.head != tail && self.has_room() {
                 self.take_command();
@@ -404,10 +424,7 @@ impl SqWorker {
         }
         if self.shadow.load(Ordering::Relaxed) {
             let suppressed = consumed.saturating_sub(rung);
-            QueueMetrics::add(
-                &self.metrics().notifications_suppressed,
-                u64::from(suppressed),
-            );
+            QueueMetrics::add(&self.metrics().notifications_suppressed, suppressed);
         }
     }
 

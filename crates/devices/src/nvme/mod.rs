@@ -20,12 +20,14 @@
 //!   eventfd reads, io_uring_enter, and the synchronous fallbacks) with its own `IoQueue`
 //!   (sluice-storage's io_uring engine, the one virtio-blk uses). It sleeps in epoll on its
 //!   kick eventfd and its ring's completion eventfd.
-//! * **Doorbells are trapped MMIO writes**: the vCPU stores the tail and writes the worker's
-//!   kick eventfd. KVM ioeventfds were considered and not used: an ioeventfd without a data
-//!   match drops the written value, so the worker could only learn the tail from the shadow
-//!   doorbell — fine after Doorbell Buffer Config, wrong before it and for the admin queue,
-//!   and a second registration path per queue for the few doorbell writes that remain with
-//!   shadow doorbells (the driver rings only when the worker is about to sleep).
+//! * **Doorbells**: a trapped MMIO write stores the tail and signals the queue's doorbell
+//!   eventfd. Once the driver configured shadow doorbells, each I/O SQ doorbell also becomes a
+//!   KVM ioeventfd on that same eventfd (`IoEventRegistrar`, as QEMU does): the guest's write
+//!   wakes the worker without an exit and the worker takes the tail from the shadow page.
+//!   Before that (and always for the admin queue and the CQ heads) doorbells stay trapped: an
+//!   ioeventfd without a data match drops the written value, which only the shadow page can
+//!   replace. The registrations follow BAR0 when the guest moves it and are removed before a
+//!   queue's eventfd goes (deletion, reset).
 //! * **Shadow doorbells** (Doorbell Buffer Config, OACS bit 8; I/O queues only — Linux never
 //!   shadows the admin queue): the worker reads the SQ tail from the shadow page, and before
 //!   sleeping writes the tail it saw to the EventIdx page, then re-reads the shadow tail (so a
@@ -65,7 +67,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use sluice_bus::irq::{MsiRouter, MsiSink};
-use sluice_bus::{read_le, write_le};
+use sluice_bus::{read_le, write_le, IoEventRegistrar};
 use sluice_dma::DmaSpace;
 use sluice_pci::{
     BarSpec, ConfigSpace, InterruptPin, MsixCapability, MsixSignal, MsixTable, MsixVectors,
@@ -75,7 +77,7 @@ use sluice_storage::{DiskImage, IoEngine};
 use sluice_virtio::{DeviceMetrics, QueueMetrics};
 
 use admin::Identity;
-use controller::Controller;
+use controller::{AdminQueues, Controller, DoorbellEvents};
 use io::{IoKind, Namespace};
 use queues::{CompletionQueue, Dbbuf};
 use registers::*;
@@ -263,11 +265,13 @@ impl Shared {
     }
 }
 
-/// Interrupt plumbing from the VMM.
+/// Interrupt and doorbell plumbing from the VMM.
 #[derive(Clone)]
 pub struct NvmeInterrupts {
     pub msi_sink: Arc<dyn MsiSink>,
     pub msi_router: Option<Arc<dyn MsiRouter>>,
+    /// Makes SQ doorbells ioeventfds once shadow doorbells are on (`None`: always trapped).
+    pub ioevents: Option<Arc<dyn IoEventRegistrar>>,
 }
 
 /// The NVMe controller as a PCI function.
@@ -283,6 +287,7 @@ pub struct Nvme {
     asq: u64,
     acq: u64,
     controller: Option<Controller>,
+    doorbell_events: DoorbellEvents,
 }
 
 impl Nvme {
@@ -327,6 +332,10 @@ impl Nvme {
         let msix_capability = capability.install(&mut pci)?;
         let intx = Arc::new(PciIntx::new(InterruptPin::IntA));
         intx.install(&mut pci);
+        let doorbell_events = DoorbellEvents {
+            registrar: interrupts.ioevents.clone(),
+            bar0: None,
+        };
         let table = MsixTable::new(vectors, interrupts.msi_sink)
             .map_err(|e| NvmeError::Msix(e.to_string()))?;
         let msix = MsixVectors::new(table, interrupts.msi_router.as_deref())
@@ -368,6 +377,7 @@ impl Nvme {
             asq: 0,
             acq: 0,
             controller: None,
+            doorbell_events,
         })
     }
 
@@ -422,11 +432,14 @@ impl Nvme {
         let controller = Controller::enable(
             self.shared.clone(),
             cc,
-            self.aqa,
-            self.asq,
-            self.acq,
+            AdminQueues {
+                aqa: self.aqa,
+                asq: self.asq,
+                acq: self.acq,
+            },
             self.max_queues,
             self.identity.clone(),
+            self.doorbell_events.clone(),
         );
         match controller {
             Some(controller) => {
@@ -583,6 +596,16 @@ impl PciDevice for Nvme {
 
     fn intx(&self) -> Option<Arc<PciIntx>> {
         Some(self.shared.intx.clone())
+    }
+
+    fn bar_moved(&mut self, bar: usize, _old: Option<u64>, new: Option<u64>) {
+        if bar != REGISTER_BAR {
+            return;
+        }
+        self.doorbell_events.bar0 = new;
+        if let Some(controller) = self.controller.as_mut() {
+            controller.set_bar0(new);
+        }
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {

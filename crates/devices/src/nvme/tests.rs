@@ -1,14 +1,17 @@
 //! The controller driven the way a driver drives it: registers through BAR0, queues and
 //! buffers in real guest memory, a temporary image file behind it.
 
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use sluice_bus::IoEventRegistrar;
 use sluice_pci::testing::{RecordingRouter, RecordingSink};
 use sluice_pci::{PciDevice, MSIX_ENABLE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::tempfile::TempFile;
 
 use super::admin::*;
@@ -33,6 +36,52 @@ const LISTS: u64 = 0x8_0000;
 const SHADOW: u64 = 0x9_0000;
 const EVENT_IDX: u64 = 0x9_1000;
 const MSIX_CAP: usize = 0x40;
+/// Where the tests place BAR0 (for the doorbell ioeventfds).
+const BAR0: u64 = 0xfe00_0000;
+
+/// Stands in for KVM's ioeventfds: keeps what is registered, so a test can "write the
+/// doorbell" the way KVM would, by signalling the registered eventfd.
+#[derive(Default)]
+struct FakeIoEvents {
+    registered: Mutex<Vec<(u64, EventFd)>>,
+    removed: Mutex<Vec<u64>>,
+}
+
+impl IoEventRegistrar for FakeIoEvents {
+    fn register(&self, event: &EventFd, addr: u64, len: u32, data: Option<u64>) -> io::Result<()> {
+        assert_eq!((len, data), (4, None));
+        let mut registered = self.registered.lock().unwrap();
+        if registered.iter().any(|(a, _)| *a == addr) {
+            return Err(io::Error::from_raw_os_error(libc::EEXIST));
+        }
+        registered.push((addr, event.try_clone()?));
+        Ok(())
+    }
+
+    fn unregister(
+        &self,
+        _event: &EventFd,
+        addr: u64,
+        _len: u32,
+        _data: Option<u64>,
+    ) -> io::Result<()> {
+        self.registered.lock().unwrap().retain(|(a, _)| *a != addr);
+        self.removed.lock().unwrap().push(addr);
+        Ok(())
+    }
+}
+
+impl FakeIoEvents {
+    /// A guest write to `addr`, if KVM would take it.
+    fn write(&self, addr: u64) -> bool {
+        let registered = self.registered.lock().unwrap();
+        let Some((_, event)) = registered.iter().find(|(a, _)| *a == addr) else {
+            return false;
+        };
+        event.write(1).unwrap();
+        true
+    }
+}
 
 /// A test driver: the controller, guest memory, the image file and queue positions.
 struct Driver {
@@ -40,6 +89,7 @@ struct Driver {
     mem: GuestMemoryMmap,
     image: TempFile,
     router: Arc<RecordingRouter>,
+    kvm: Arc<FakeIoEvents>,
     admin_tail: u16,
     admin_head: u16,
     admin_phase: bool,
@@ -96,22 +146,26 @@ impl Driver {
         config.serial = "SLUICETEST01".into();
         config.shadow_doorbells = shadow_doorbells;
         let router = Arc::new(RecordingRouter::default());
+        let kvm = Arc::new(FakeIoEvents::default());
         let interrupts = NvmeInterrupts {
             msi_sink: Arc::new(RecordingSink::default()),
             msi_router: Some(router.clone()),
+            ioevents: Some(kvm.clone()),
         };
-        let nvme = Nvme::new(
+        let mut nvme = Nvme::new(
             &config,
             sluice_dma::identity(mem.clone()),
             interrupts,
             "nvme-test",
         )
         .unwrap();
+        nvme.bar_moved(0, None, Some(BAR0));
         Driver {
             nvme,
             mem,
             image,
             router,
+            kvm,
             admin_tail: 0,
             admin_head: 0,
             admin_phase: true,
@@ -253,7 +307,9 @@ impl Driver {
             std::sync::atomic::fence(Ordering::SeqCst);
             let event: u32 = self.mem.read_obj(GuestAddress(EVENT_IDX + 8)).unwrap();
             let (new, event, old) = (self.io_tail, event as u16, old);
-            if new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old) {
+            if new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+                && !self.kvm.write(BAR0 + DOORBELLS + 8)
+            {
                 self.write32(DOORBELLS + 8, u32::from(self.io_tail));
             }
         } else {
@@ -759,8 +815,53 @@ fn shadow_doorbells_let_commands_through_without_doorbell_writes() {
     assert_eq!(queue.notifications_suppressed.load(Ordering::Relaxed), 3);
     let metrics = driver.nvme.metrics();
     let sq_exits = metrics.counter("exits_sq_doorbells").unwrap();
-    // 4 admin doorbells (dbbuf twice, create CQ and SQ), then the two I/O doorbells.
-    assert_eq!(sq_exits.load(Ordering::Relaxed), 4 + 2);
+    // The 4 admin doorbells (dbbuf twice, create CQ and SQ) only: the I/O ones went to KVM.
+    assert_eq!(sq_exits.load(Ordering::Relaxed), 4);
+    assert_eq!(
+        driver.kvm.registered.lock().unwrap()[0].0,
+        BAR0 + DOORBELLS + 8
+    );
+}
+
+#[test]
+fn doorbell_ioeventfds_follow_bar0_and_go_with_their_queue() {
+    let mut driver = Driver::new(2);
+    driver.enable();
+    let mut dbbuf = command(OPC_DOORBELL_BUFFER_CONFIG, 0);
+    set_prp(&mut dbbuf, SHADOW, EVENT_IDX);
+    driver.create_io_queues();
+    let before_dbbuf = driver.kvm.registered.lock().unwrap().len();
+    assert_eq!(driver.admin(dbbuf).0, Status::SUCCESS);
+    let after_dbbuf: Vec<u64> = driver
+        .kvm
+        .registered
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.0)
+        .collect();
+
+    driver.nvme.bar_moved(0, Some(BAR0), Some(BAR0 + 0x10_0000));
+    let moved: Vec<u64> = driver
+        .kvm
+        .registered
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.0)
+        .collect();
+    let mut delete_sq = command(OPC_DELETE_SQ, 0);
+    set_dw(&mut delete_sq, 10, 1);
+    assert_eq!(driver.admin(delete_sq).0, Status::SUCCESS);
+
+    assert_eq!(before_dbbuf, 0, "trapped until shadow doorbells are on");
+    assert_eq!(after_dbbuf, [BAR0 + DOORBELLS + 8]);
+    assert_eq!(moved, [BAR0 + 0x10_0000 + DOORBELLS + 8]);
+    assert!(driver.kvm.registered.lock().unwrap().is_empty());
+    assert_eq!(
+        *driver.kvm.removed.lock().unwrap(),
+        [BAR0 + DOORBELLS + 8, BAR0 + 0x10_0000 + DOORBELLS + 8]
+    );
 }
 
 #[test]
