@@ -30,6 +30,7 @@ pub const FEAT_ARBITRATION: u8 = 0x01;
 pub const FEAT_VOLATILE_WRITE_CACHE: u8 = 0x06;
 pub const FEAT_NUMBER_OF_QUEUES: u8 = 0x07;
 pub const FEAT_INTERRUPT_COALESCING: u8 = 0x08;
+pub const FEAT_INTERRUPT_VECTOR_CONFIG: u8 = 0x09;
 pub const FEAT_ASYNC_EVENT_CONFIG: u8 = 0x0b;
 
 /// Error status event information (NVMe 1.4 Figure 146).

@@ -25,7 +25,6 @@ use super::Shared;
 #[derive(Debug, Clone, Copy)]
 struct Features {
     arbitration: u32,
-    interrupt_coalescing: u32,
     async_event_config: u32,
     /// I/O queues granted by Set Features Number of Queues (same count of SQs and CQs).
     queues_granted: u16,
@@ -130,7 +129,6 @@ impl Controller {
             error_events_masked: false,
             features: Features {
                 arbitration: 0,
-                interrupt_coalescing: 0,
                 async_event_config: 0,
                 queues_granted: max_queues,
             },
@@ -148,6 +146,10 @@ impl Controller {
         self.shared.clear_queues();
         *self.shared.dbbuf_slot() = None;
         self.shared.write_cache.store(true, Ordering::Relaxed);
+        self.shared.coalescing.store(0, Ordering::Relaxed);
+        for cd in &self.shared.coalescing_disabled {
+            cd.store(false, Ordering::Relaxed);
+        }
     }
 
     /// Normal or abrupt shutdown: in-flight commands complete, the image is made durable.
@@ -644,7 +646,21 @@ impl Controller {
                 self.features.queues_granted = wanted as u16;
                 return (Status::SUCCESS, self.granted_queues());
             }
-            FEAT_INTERRUPT_COALESCING => self.features.interrupt_coalescing = value & 0xffff,
+            FEAT_INTERRUPT_COALESCING => {
+                self.shared
+                    .coalescing
+                    .store(value & 0xffff, Ordering::Relaxed);
+            }
+            FEAT_INTERRUPT_VECTOR_CONFIG => {
+                let Some(cd) = self
+                    .shared
+                    .coalescing_disabled
+                    .get((value & 0xffff) as usize)
+                else {
+                    return (Status::INVALID_FIELD, 0);
+                };
+                cd.store(value & (1 << 16) != 0, Ordering::Relaxed);
+            }
             FEAT_ASYNC_EVENT_CONFIG => self.features.async_event_config = value,
             _ => return (Status::INVALID_FIELD, 0),
         }
@@ -660,6 +676,7 @@ impl Controller {
                 | FEAT_VOLATILE_WRITE_CACHE
                 | FEAT_NUMBER_OF_QUEUES
                 | FEAT_INTERRUPT_COALESCING
+                | FEAT_INTERRUPT_VECTOR_CONFIG
                 | FEAT_ASYNC_EVENT_CONFIG
         );
         if !known {
@@ -683,7 +700,14 @@ impl Controller {
                 let n = u32::from(self.max_queues - 1);
                 n | (n << 16)
             }
-            FEAT_INTERRUPT_COALESCING if current => self.features.interrupt_coalescing,
+            FEAT_INTERRUPT_COALESCING if current => self.shared.coalescing.load(Ordering::Relaxed),
+            FEAT_INTERRUPT_VECTOR_CONFIG => {
+                let vector = cmd.cdw(11) & 0xffff;
+                let Some(cd) = self.shared.coalescing_disabled.get(vector as usize) else {
+                    return (Status::INVALID_FIELD, 0);
+                };
+                vector | (u32::from(current && cd.load(Ordering::Relaxed)) << 16)
+            }
             FEAT_ASYNC_EVENT_CONFIG if current => self.features.async_event_config,
             _ => 0,
         };

@@ -281,6 +281,8 @@ pub struct SqWorker {
     backlog: VecDeque<Completion>,
     outstanding: usize,
     drain_fetched: bool,
+    /// When the CQ's coalesced interrupt is due, if one is held.
+    deadline: Option<Instant>,
 }
 
 /// Builds the worker's event loop (on the calling thread: epoll and io_uring setup are not
@@ -332,6 +334,7 @@ pub fn new_worker(
         backlog: VecDeque::new(),
         outstanding: 0,
         drain_fetched: false,
+        deadline: None,
     })
 }
 
@@ -369,13 +372,25 @@ impl SqWorker {
                     self.complete_ready();
                 }
             }
-            if let Err(e) = self.epoll.wait(-1, &mut events) {
+            if self.deadline.is_some() {
+                self.deadline = self.shared.interrupt_if_due(&self.cq, self.qid);
+            }
+            if let Err(e) = self.epoll.wait(self.timeout_ms(), &mut events) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     tracing::warn!("nvme: I/O queue {} stops: {e}", self.qid);
                     return;
                 }
             }
         }
+    }
+
+    /// Milliseconds until the held interrupt is due (rounded up), or -1 (none held).
+    fn timeout_ms(&self) -> i32 {
+        let Some(deadline) = self.deadline else {
+            return -1;
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
     }
 
     /// While draining, completions that cannot be posted (a full CQ the driver abandoned)
@@ -509,7 +524,7 @@ impl SqWorker {
     }
 
     fn post_backlog(&mut self) {
-        let mut posted = false;
+        let mut posted: u32 = 0;
         while let Some(mut entry) = self.backlog.pop_front() {
             entry.sq_head = self.head;
             if self.cq.post(&self.shared.dma, entry) == Err(PostError::Full) {
@@ -517,10 +532,10 @@ impl SqWorker {
                 break;
             }
             self.outstanding = self.outstanding.saturating_sub(1);
-            posted = true;
+            posted += 1;
         }
-        if posted {
-            self.shared.interrupt(&self.cq, self.qid);
+        if posted > 0 {
+            self.deadline = self.shared.completions_posted(&self.cq, self.qid, posted);
         }
     }
 }

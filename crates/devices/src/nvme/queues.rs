@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{fence, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use sluice_dma::DmaSpace;
 use vm_memory::{Bytes, GuestAddress};
@@ -78,6 +79,25 @@ impl Dbbuf {
     }
 }
 
+/// Interrupt Coalescing (feature 08h): one interrupt once THR+1 entries wait, or TIME × 100 µs
+/// after the first of them was posted, whichever comes first. Only I/O CQs coalesce, and only
+/// when both fields are non-zero (either at zero means an interrupt per completion).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Coalescing {
+    pub threshold: u32,
+    pub window: Duration,
+}
+
+impl Coalescing {
+    pub fn from_feature(value: u32) -> Option<Coalescing> {
+        let (thr, time) = (value & 0xff, (value >> 8) & 0xff);
+        (thr > 0 && time > 0).then(|| Coalescing {
+            threshold: thr + 1,
+            window: Duration::from_micros(100 * u64::from(time)),
+        })
+    }
+}
+
 #[derive(Debug)]
 struct CqState {
     head: u16,
@@ -85,6 +105,9 @@ struct CqState {
     phase: bool,
     /// Shadow doorbells for this queue (I/O queues only).
     dbbuf: Option<Dbbuf>,
+    /// Entries posted since the last interrupt, and when that interrupt is due (coalescing).
+    unsignalled: u32,
+    deadline: Option<Instant>,
 }
 
 /// Why a completion could not be posted.
@@ -118,6 +141,8 @@ impl CompletionQueue {
                 tail: 0,
                 phase: true,
                 dbbuf: None,
+                unsignalled: 0,
+                deadline: None,
             }),
         }
     }
@@ -149,6 +174,41 @@ impl CompletionQueue {
             buffers.seed(mem, self.qid, None, Some(state.head));
         }
         state.dbbuf = dbbuf;
+    }
+
+    /// `posted` entries were just posted: `Ok` to interrupt now, or the time an interrupt is
+    /// due if coalescing holds it back.
+    pub fn coalesce(
+        &self,
+        posted: u32,
+        policy: Option<Coalescing>,
+        now: Instant,
+    ) -> Result<(), Instant> {
+        let Some(policy) = policy else {
+            return Ok(());
+        };
+        let mut state = self.state();
+        state.unsignalled = state.unsignalled.saturating_add(posted);
+        let deadline = *state.deadline.get_or_insert(now + policy.window);
+        if state.unsignalled >= policy.threshold || now >= deadline {
+            state.unsignalled = 0;
+            state.deadline = None;
+            return Ok(());
+        }
+        Err(deadline)
+    }
+
+    /// The coalescing timer: `Ok` if a held interrupt is due now, else the pending deadline.
+    pub fn due(&self, now: Instant) -> Result<(), Option<Instant>> {
+        let mut state = self.state();
+        match state.deadline {
+            Some(deadline) if now >= deadline => {
+                state.unsignalled = 0;
+                state.deadline = None;
+                Ok(())
+            }
+            pending => Err(pending),
+        }
     }
 
     /// Whether entries are posted that the driver has not consumed (INTx level).
@@ -194,5 +254,39 @@ impl CompletionQueue {
             }
         }
         dbbuf.set_cq_event(mem, self.qid, state.head);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coalescing_holds_interrupts_until_the_threshold_or_the_time() {
+        let cq = CompletionQueue::new(1, 0, 16, 1, true);
+        let policy = Coalescing::from_feature(2 | (10 << 8)); // 3 entries or 1 ms
+        let t0 = Instant::now();
+
+        let first = cq.coalesce(1, policy, t0);
+        let second = cq.coalesce(1, policy, t0 + Duration::from_micros(100));
+        let third = cq.coalesce(1, policy, t0 + Duration::from_micros(200));
+        let lone = cq.coalesce(1, policy, t0 + Duration::from_millis(5));
+        let early = cq.due(t0 + Duration::from_millis(5));
+        let late = cq.due(t0 + Duration::from_millis(7));
+
+        assert_eq!(first, Err(t0 + Duration::from_millis(1)));
+        assert!(second.is_err());
+        assert_eq!(third, Ok(()), "the third entry reaches the threshold");
+        assert_eq!(lone, Err(t0 + Duration::from_millis(6)));
+        assert_eq!(early, Err(Some(t0 + Duration::from_millis(6))));
+        assert_eq!(late, Ok(()), "the time limit fires the held interrupt");
+        assert_eq!(cq.due(t0 + Duration::from_millis(8)), Err(None));
+        assert_eq!(
+            cq.coalesce(1, None, t0),
+            Ok(()),
+            "no policy: every batch interrupts"
+        );
+        assert_eq!(Coalescing::from_feature(0x0a00), None, "THR 0: off");
+        assert_eq!(Coalescing::from_feature(0x0003), None, "TIME 0: off");
     }
 }

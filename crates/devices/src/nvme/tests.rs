@@ -1048,3 +1048,65 @@ fn invalid_doorbell_writes_complete_one_event_request_until_the_error_log_is_rea
     assert_eq!(second.result, 0x01_0100);
     assert_eq!(driver.nvme.held_event_requests(), 0);
 }
+
+/// Waits up to 2 s for `route` to have fired `count` times.
+fn wait_for_triggers(route: &sluice_pci::testing::RecordingRoute, count: u32) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while route.trigger_count() < count && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    route.trigger_count()
+}
+
+#[test]
+fn interrupt_coalescing_folds_completions_into_one_interrupt_per_window() {
+    let mut driver = Driver::new(2);
+    driver
+        .nvme
+        .config_write(MSIX_CAP + 2, &MSIX_ENABLE.to_le_bytes());
+    for vector in 0..2u64 {
+        driver
+            .nvme
+            .bar_write(4, vector * 16, &0xfee0_0000u32.to_le_bytes());
+        driver
+            .nvme
+            .bar_write(4, vector * 16 + 12, &0u32.to_le_bytes());
+    }
+    driver.enable();
+    driver.create_io_queues();
+    let mut coalesce = command(OPC_SET_FEATURES, 0);
+    set_dw(&mut coalesce, 10, u32::from(FEAT_INTERRUPT_COALESCING));
+    set_dw(&mut coalesce, 11, 3 | (255 << 8)); // 4 entries or 25.5 ms
+    assert_eq!(driver.admin(coalesce).0, Status::SUCCESS);
+    let route = driver.router.route(1);
+
+    driver.submit(&[rw(OPC_READ, 0, 1, DATA, 0), rw(OPC_READ, 1, 1, DATA, 0)]);
+    let held = driver.reap(2);
+    let after_window = wait_for_triggers(&route, 1);
+    std::thread::sleep(Duration::from_millis(60));
+    let coalesced = route.trigger_count();
+    let mut vector_config = command(OPC_SET_FEATURES, 0);
+    set_dw(
+        &mut vector_config,
+        10,
+        u32::from(FEAT_INTERRUPT_VECTOR_CONFIG),
+    );
+    set_dw(&mut vector_config, 11, 1 | (1 << 16)); // vector 1: coalescing disabled
+    assert_eq!(driver.admin(vector_config).0, Status::SUCCESS);
+    let mut get_config = command(OPC_GET_FEATURES, 0);
+    set_dw(&mut get_config, 10, u32::from(FEAT_INTERRUPT_VECTOR_CONFIG));
+    set_dw(&mut get_config, 11, 1);
+    let read_back = driver.admin(get_config);
+    driver.submit(&[rw(OPC_READ, 2, 1, DATA, 0)]);
+    driver.reap(1);
+    let uncoalesced = wait_for_triggers(&route, coalesced + 1);
+
+    assert!(held.iter().all(|e| e.status == Status::SUCCESS));
+    assert_eq!(after_window, 1, "the time limit sends the held interrupt");
+    assert_eq!(coalesced, 1, "two completions, one interrupt");
+    assert_eq!(read_back, (Status::SUCCESS, 1 | (1 << 16)));
+    assert_eq!(
+        uncoalesced, 2,
+        "CD on the vector: the next completion interrupts"
+    );
+}
