@@ -362,6 +362,10 @@ impl SqWorker {
                     }
                     self.complete_ready();
                     if self.outstanding == 0 || self.backlog_stuck() {
+                        // Entries posted under a held (coalesced) interrupt are signalled now.
+                        if self.cq.take_held() {
+                            self.shared.interrupt(&self.cq, self.qid);
+                        }
                         return;
                     }
                 }

@@ -211,6 +211,13 @@ impl CompletionQueue {
         }
     }
 
+    /// Drops a held interrupt: true if one was held (its entries must still be signalled).
+    pub fn take_held(&self) -> bool {
+        let mut state = self.state();
+        state.unsignalled = 0;
+        state.deadline.take().is_some()
+    }
+
     /// Whether entries are posted that the driver has not consumed (INTx level).
     pub fn has_pending(&self) -> bool {
         let state = self.state();
