@@ -6,7 +6,9 @@
 //! modules L1 loads (`/lab/modules`), and a 4 MiB pattern written on this host. In L2, the
 //! driver binds, `nvme list` / `nvme id-ctrl` describe the controller, the pattern is written
 //! to /dev/nvme0n1 at 1 MiB, the page cache dropped and the range read back and compared; the
-//! image is then checked on this host; eight parallel readers then load both queues, and
+//! image is then checked on this host; a controller reset (sysfs `reset_controller`: Linux
+//! deletes the queues, disables, re-enables and sets everything up again) must leave the data
+//! readable; eight parallel readers then load both queues, and
 //! `nvme smart-log` reads the controller's counters. Two boots: with Doorbell Buffer Config
 //! offered (Linux uses shadow doorbells: sluice logs the buffers, counts the commands consumed
 //! without a doorbell write, and makes the I/O SQ doorbells ioeventfds, so none of their writes
@@ -50,6 +52,13 @@ dd if=/pattern.bin of=/dev/nvme0n1 bs=64k seek=16 conv=fsync
 echo 3 > /proc/sys/vm/drop_caches
 dd if=/dev/nvme0n1 of=/tmp/back bs=64k skip=16 count=64
 if cmp /pattern.bin /tmp/back; then echo L2-NVME-READBACK-OK; else echo L2-NVME-READBACK-BAD; fi
+echo 1 > /sys/class/nvme/nvme0/reset_controller
+tries=0
+while [ "$(cat /sys/class/nvme/nvme0/state)" != live ] && [ $tries -lt 100 ]; do sleep 0.1; tries=$((tries + 1)); done
+echo "L2: state after reset: $(cat /sys/class/nvme/nvme0/state)"
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/nvme0n1 of=/tmp/back2 bs=64k skip=16 count=64
+if cmp /pattern.bin /tmp/back2; then echo L2-NVME-RESET-READBACK-OK; fi
 echo 3 > /proc/sys/vm/drop_caches
 for i in 0 1 2 3 4 5 6 7; do dd if=/dev/nvme0n1 of=/dev/null bs=4k skip=$((i * 512)) count=512 2>/dev/null & done
 wait
