@@ -29,6 +29,8 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("vhost_user_backend_replies", "sluice-devices"),
     ("e1000_tx", "sluice-devices"),
     ("e1000_registers", "sluice-devices"),
+    ("nvme_command", "sluice-devices"),
+    ("nvme_registers", "sluice-devices"),
 ];
 
 /// A target body: what `fuzz_target!` runs on one input.

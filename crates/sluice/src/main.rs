@@ -14,7 +14,7 @@ use std::io::Write;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sluice_sandbox::{Role, SeccompMode};
-use sluice_vmm::config::{DiskSpec, E1000Spec, NetSpec, RngSpec};
+use sluice_vmm::config::{DiskSpec, E1000Spec, NetSpec, NvmeSpec, RngSpec};
 use sluice_vmm::machine::{self, SerialTarget, VmConfig, VmReport};
 use sluice_vmm::vcpu::VmOutcome;
 
@@ -97,6 +97,11 @@ struct RunArgs {
     /// `tap=NAME[,mac=52:54:00:..]`.
     #[arg(long, value_parser = E1000Spec::parse)]
     e1000: Vec<E1000Spec>,
+    /// An emulated NVMe 1.4 controller (repeatable) with one namespace on IMG:
+    /// `path=IMG[,queues=N][,serial=S][,direct=on][,dbbuf=off]` (queues 1..=64, default 4;
+    /// dbbuf=off hides Doorbell Buffer Config, for comparisons).
+    #[arg(long, value_parser = NvmeSpec::parse)]
+    nvme: Vec<NvmeSpec>,
     /// Write exit counts and per-queue device metrics here when the VM stops: JSON, or
     /// Prometheus text if the name ends in `.prom`.
     #[arg(long)]
@@ -216,6 +221,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         nets: args.net,
         rng: args.rng,
         e1000s: args.e1000,
+        nvmes: args.nvme,
     };
     let report = machine::run(config)?;
     tracing::info!(

@@ -60,6 +60,8 @@ pub struct VmConfig {
     pub rng: Option<crate::config::RngSpec>,
     /// Emulated e1000 NICs on taps.
     pub e1000s: Vec<crate::config::E1000Spec>,
+    /// Emulated NVMe controllers.
+    pub nvmes: Vec<crate::config::NvmeSpec>,
 }
 
 /// How a run ended, with what it cost.
@@ -144,6 +146,9 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
     let mut device_metrics = crate::virtio::attach_virtio_devices(&vm, &pci_root, &config, &ram)?;
     device_metrics.extend(crate::e1000::attach_e1000_devices(
         &pci_root, &config, &ram,
+    )?);
+    device_metrics.extend(crate::nvme::attach_nvme_devices(
+        &vm, &pci_root, &config, &ram,
     )?);
 
     let rsdp = crate::acpi::create_acpi_tables(
