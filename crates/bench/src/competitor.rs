@@ -734,6 +734,9 @@ fn run_fio(b: &BlkParams, env: &Env) -> Result<RunOutput, String> {
         "--group_reporting".into(),
         format!("--runtime={}", env.fio_runtime_s),
         "--time_based".into(),
+        // Total latency (submission included), which is what the guest kit measures per
+        // request; fio's default percentiles are completion latency only.
+        "--lat_percentiles=1".into(),
         "--output-format=json".into(),
     ]);
     let argv = command_line(&command);
@@ -771,7 +774,7 @@ fn run_fio(b: &BlkParams, env: &Env) -> Result<RunOutput, String> {
             measured.usage.cpu_s / ops * 1e6,
         );
     }
-    let percentile = |p: &str| side["clat_ns"]["percentile"][p].as_f64().map(|ns| ns / 1e3);
+    let percentile = |p: &str| side["lat_ns"]["percentile"][p].as_f64().map(|ns| ns / 1e3);
     if let Some(p50) = percentile("50.000000") {
         metrics.insert(m::LAT_P50_US.into(), p50);
     }
