@@ -204,6 +204,24 @@ def fds_seeds():
                                         + bytes([2, 0, 15]) + one_request(1) + KICK)
     yield "kick_before_addr_no_protocol", (bytes([0, 0]) + MEM_16_PAGES + KICK_FD + CALL_FD
                                            + RING_16 + one_request(0) + KICK)
+    # Packed rings (handshake bit 3) with a packed inflight area (GET_INFLIGHT_FD after the
+    # features), base in the packed form (ring setup bit 6): one writable descriptor at slot 0,
+    # then GET_VRING_BASE.
+    packed_ring = bytes([6, 0x40, 3, 0]) + KICK_FD + CALL_FD + ENABLE
+    yield "packed_ring_io", (bytes([0, 0x0F]) + bytes([5, 0, 3]) + MEM_16_PAGES + packed_ring
+                             + write_memfd(0, 0, packed_desc(0x3000, 16, 0, P_AVAIL | WRITE))
+                             + KICK + bytes([14, 0]))
+    # A packed inflight area the frontend filled in itself (SET_INFLIGHT_FD, then rewritten):
+    # an uncommitted used step, a chain with a bad `last` (dropped) and a valid one-descriptor
+    # chain (resubmitted and served at the area's used position).
+    header = struct.pack("<QHHHHHHBB", 0, 1, 8, 3, 0xFF, 5, 2, 1, 0)
+    bad_chain = struct.pack("<BBHHHQ", 1, 0, 7, 9, 3, 4)
+    good_chain = struct.pack("<BBHHHQHHIQ", 1, 0, 2, 1, 1, 5, 0, P_AVAIL | WRITE, 16, 0x3000)
+    area = header.ljust(32, b"\0") + bad_chain
+    yield "packed_inflight_recovery", (bytes([0, 0x0F]) + bytes([4, 5, 0, 3])
+                                       + write_memfd(0, 0, area[:63])
+                                       + write_memfd(0, 64, good_chain)
+                                       + bytes([1, 0, 15]) + packed_ring + KICK)
 
 
 # --- vhost_user_backend_replies: backend scripts (format in

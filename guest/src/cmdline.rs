@@ -99,6 +99,14 @@ pub struct BlkParams {
     pub cpus: Option<u32>,
 }
 
+/// `w=nvme`: the blk workload's knobs on an NVMe controller, plus its own.
+#[derive(Clone, Debug)]
+pub struct NvmeParams {
+    pub blk: BlkParams,
+    /// Use Doorbell Buffer Config (shadow doorbells + EventIdx) when the controller offers it.
+    pub dbbuf: bool,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum NetDir {
     Tx,
@@ -129,6 +137,7 @@ pub struct NetParams {
 pub enum Workload {
     Info,
     Blk(BlkParams),
+    Nvme(NvmeParams),
     Rng {
         bytes: u64,
         dev: usize,
@@ -207,6 +216,32 @@ fn key_values(rest: &str) -> Result<Vec<(&str, &str)>, String> {
 }
 
 fn parse_blk(rest: &str, default_mode: Mode) -> Result<Workload, String> {
+    blk_params("blk", rest, default_mode).map(Workload::Blk)
+}
+
+/// `w=nvme`: blk's keys (the driver polls: `mode` other than `poll` and `event_idx` are
+/// refused) plus `dbbuf=on|off` (default on).
+fn parse_nvme(rest: &str) -> Result<Workload, String> {
+    let mut dbbuf = true;
+    let mut blk_keys = Vec::new();
+    for (key, value) in key_values(rest)? {
+        match key {
+            "dbbuf" => dbbuf = on_off(key, value)?,
+            "mode" if value != "poll" => {
+                return Err(alloc::format!(
+                    "nvme: mode={value}: the NVMe driver polls its completion queues"
+                ))
+            }
+            "event_idx" => return Err("nvme: event_idx is virtio's; use dbbuf=on|off".into()),
+            _ => blk_keys.push(alloc::format!("{key}={value}")),
+        }
+    }
+    let blk = blk_params("nvme", &blk_keys.join(":"), Mode::Poll)?;
+    Ok(Workload::Nvme(NvmeParams { blk, dbbuf }))
+}
+
+/// The blk workload's keys (shared by `w=blk` and `w=nvme`; `kind` names it in errors).
+fn blk_params(kind: &str, rest: &str, default_mode: Mode) -> Result<BlkParams, String> {
     let mut p = BlkParams {
         op: BlkOp::Read,
         bs: 4096,
@@ -253,19 +288,19 @@ fn parse_blk(rest: &str, default_mode: Mode) -> Result<Workload, String> {
             "span_mb" => p.span_mb = Some(bounded(key, value, 1, 1 << 24)?),
             "dev" => p.dev = bounded(key, value, 0, 63)? as usize,
             "cpus" => p.cpus = Some(bounded(key, value, 1, 16)? as u32),
-            _ => return Err(alloc::format!("blk: unknown key {key}")),
+            _ => return Err(alloc::format!("{kind}: unknown key {key}")),
         }
     }
     if let Some(cpus) = p.cpus.filter(|&cpus| cpus > p.queues) {
         return Err(alloc::format!(
-            "blk: cpus={cpus} exceeds queues={}: each CPU drives its own queue",
+            "{kind}: cpus={cpus} exceeds queues={}: each CPU drives its own queue",
             p.queues
         ));
     }
     if p.batch == 0 {
         p.batch = p.qd;
     }
-    Ok(Workload::Blk(p))
+    Ok(p)
 }
 
 fn parse_rng(rest: &str) -> Result<Workload, String> {
@@ -325,6 +360,7 @@ fn parse_workload(spec: &str, default_mode: Mode) -> Result<Workload, String> {
     match kind {
         "info" => Ok(Workload::Info),
         "blk" => parse_blk(rest, default_mode),
+        "nvme" => parse_nvme(rest),
         "rng" => parse_rng(rest),
         "net" => parse_net(rest, default_mode),
         "smp" => parse_smp(rest),

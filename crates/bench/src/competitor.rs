@@ -24,7 +24,7 @@ use crate::scenario::{BlkParams, NetParams, Scenario, Workload};
 pub type Metrics = BTreeMap<String, f64>;
 
 /// Every competitor the matrix knows, in the order they alternate.
-pub const ALL: [Competitor; 12] = [
+pub const ALL: [Competitor; 14] = [
     Competitor::Sluice,
     Competitor::SluicePoll,
     Competitor::SluiceBatch,
@@ -32,6 +32,8 @@ pub const ALL: [Competitor; 12] = [
     Competitor::SluiceNvme,
     Competitor::SluiceVhostServe,
     Competitor::SluiceVhostQsd,
+    Competitor::QemuVhostServe,
+    Competitor::QemuVhostServePacked,
     Competitor::Qemu,
     Competitor::QemuNvme,
     Competitor::CloudHypervisor,
@@ -60,6 +62,10 @@ pub enum Competitor {
     SluiceVhostServe,
     /// `sluice run --disk vhost_user=on` served by qemu-storage-daemon.
     SluiceVhostQsd,
+    /// QEMU -accel kvm with vhost-user-blk-pci served by `sluice serve blk`, split rings.
+    QemuVhostServe,
+    /// The same with packed rings: QEMU `packed=on`, the guest kit `vq=packed`.
+    QemuVhostServePacked,
     /// QEMU -accel kvm: virtio-blk-pci with an iothread, aio=io_uring, cache=none; virtio-net on
     /// the UDP socket netdev.
     Qemu,
@@ -115,6 +121,8 @@ impl Competitor {
             Competitor::SluiceNvme => "sluice-nvme",
             Competitor::SluiceVhostServe => "sluice-vhost-serve",
             Competitor::SluiceVhostQsd => "sluice-vhost-qsd",
+            Competitor::QemuVhostServe => "qemu-vhost-serve",
+            Competitor::QemuVhostServePacked => "qemu-vhost-serve-packed",
             Competitor::Qemu => "qemu",
             Competitor::QemuNvme => "qemu-nvme",
             Competitor::CloudHypervisor => "cloud-hypervisor",
@@ -132,6 +140,8 @@ impl Competitor {
             Competitor::SluiceNvme => "sluice run --nvme (direct=on): emulated NVMe, guest kit NVMe driver (w=nvme, polled completions, shadow doorbells)",
             Competitor::SluiceVhostServe => "sluice run --disk vhost_user=on, backend: sluice serve blk --direct",
             Competitor::SluiceVhostQsd => "sluice run --disk vhost_user=on, backend: qemu-storage-daemon (io_uring, cache.direct=on)",
+            Competitor::QemuVhostServe => "QEMU -accel kvm q35: vhost-user-blk-pci (split rings), backend: sluice serve blk --direct --packed off",
+            Competitor::QemuVhostServePacked => "QEMU -accel kvm q35: vhost-user-blk-pci packed=on, guest kit vq=packed, backend: sluice serve blk --direct",
             Competitor::Qemu => "QEMU -accel kvm q35: virtio-blk-pci + iothread, aio=io_uring, cache=none (SeaBIOS); virtio-net-pci on the UDP socket netdev; startup with qboot",
             Competitor::QemuNvme => "QEMU -accel kvm q35: emulated NVMe (-device nvme), aio=io_uring, cache=none; guest kit NVMe driver (w=nvme, shadow doorbells)",
             Competitor::CloudHypervisor => "Cloud Hypervisor (anchors dir): virtio-blk-pci (direct=on), virtio-net-pci on a tap it creates; stopped after the GUEST-KIT line (its ACPI power-off is not the guest kit's), so no exit time; not 2-queue blk (it refuses more queues than the 1 vCPU), startup-first-insn (needs sluice's exit log), -gbatch or seqread",
@@ -149,6 +159,14 @@ impl Competitor {
         }
     }
 
+    /// Whether the devices offer packed virtqueues and the guest kit asks for them.
+    fn packed(self) -> bool {
+        matches!(
+            self,
+            Competitor::SluicePacked | Competitor::QemuVhostServePacked
+        )
+    }
+
     /// Whether the guest kit drives the disk with its NVMe driver.
     fn nvme(self) -> bool {
         matches!(self, Competitor::SluiceNvme | Competitor::QemuNvme)
@@ -160,7 +178,7 @@ impl Competitor {
         let cmdline = scenario.guest_cmdline();
         match (self, &scenario.workload) {
             (_, Workload::Blk(_)) if self.nvme() => cmdline.replacen("w=blk:", "w=nvme:", 1),
-            (Competitor::SluicePacked, _) => cmdline.replacen("quiet ", "quiet vq=packed ", 1),
+            _ if self.packed() => cmdline.replacen("quiet ", "quiet vq=packed ", 1),
             _ => cmdline,
         }
     }
@@ -215,6 +233,10 @@ impl Competitor {
                 | Competitor::Fio,
                 Workload::Blk(b),
             ) => b.guest_batch.is_none(),
+            // Split against packed rings through one backend: the random reads.
+            (Competitor::QemuVhostServe | Competitor::QemuVhostServePacked, Workload::Blk(b)) => {
+                b.op == "randread" && b.guest_batch.is_none()
+            }
             _ => false,
         }
     }
@@ -234,7 +256,10 @@ impl Competitor {
                     "apt-get install -y --no-install-recommends qemu-system-common",
                 )
             }),
-            Competitor::Qemu | Competitor::QemuNvme => {
+            Competitor::Qemu
+            | Competitor::QemuNvme
+            | Competitor::QemuVhostServe
+            | Competitor::QemuVhostServePacked => {
                 kvm().and_then(|_| find_qemu().map(drop).map_err(|e| e.to_string()))
             }
             // The binary first: where to find it is the more useful message.
@@ -297,6 +322,17 @@ impl Competitor {
                 ));
                 let backend = Backend::start(command, socket, "qemu-storage-daemon")?;
                 run_sluice(self, scenario, env, Some(backend))
+            }
+            Competitor::QemuVhostServe | Competitor::QemuVhostServePacked => {
+                let packed = self.packed();
+                let socket = env.workdir.join("serve.sock");
+                let queues = blk_params(scenario)?.queues;
+                let mut command = Command::new(&env.sluice);
+                command.args(["serve", "blk", "--direct", "--queues", &queues.to_string()]);
+                command.args(["--packed", if packed { "on" } else { "off" }, "--socket"]);
+                command.arg(&socket).arg("--image").arg(&env.image);
+                let backend = Backend::start(command, socket.clone(), "sluice serve blk")?;
+                run_qemu_vhost_user(self, scenario, env, backend, &socket)
             }
             Competitor::Qemu | Competitor::QemuNvme => run_qemu(self, scenario, env),
             Competitor::CloudHypervisor => {
@@ -428,7 +464,7 @@ fn sluice_device_options(competitor: Competitor) -> String {
         .notify()
         .map(|n| format!(",notify={n}"))
         .unwrap_or_default();
-    let packed = if competitor == Competitor::SluicePacked {
+    let packed = if competitor.packed() {
         ",packed=on"
     } else {
         ""
@@ -686,6 +722,47 @@ fn run_qemu(competitor: Competitor, scenario: &Scenario, env: &Env) -> Result<Ru
     };
     let workload = competitor.result_workload(scenario);
     guest_output(workload, &measured, exit, "qemu", argv)
+}
+
+/// QEMU (KVM) with a vhost-user-blk disk on `socket` served by `backend`; with `packed`, QEMU
+/// offers packed rings and the guest kit asks for them.
+fn run_qemu_vhost_user(
+    competitor: Competitor,
+    scenario: &Scenario,
+    env: &Env,
+    backend: Backend,
+    socket: &Path,
+) -> Result<RunOutput, String> {
+    let b = blk_params(scenario)?;
+    let packed = competitor.packed();
+    let cmdline = competitor.guest_cmdline(scenario);
+    let mut run =
+        GuestKitRun::qemu(Accel::Kvm, Machine::Q35, &cmdline).with_device(Device::VhostUserBlk {
+            socket: socket.to_path_buf(),
+            queues: b.queues,
+            reconnect: false,
+        });
+    run.memory_mib = scenario.memory_mib();
+    run.packed_virtqueues = packed;
+    let command = run.command(&env.kernel).map_err(|e| e.to_string())?;
+    let argv = command_line(&command);
+    let extra_pids: Vec<u32> = backend.pid().into_iter().collect();
+    let measured = exec::run_measured(command, env.timeout, &extra_pids);
+    let backend_usage = backend.finish();
+    let measured = measured.map_err(|e| format!("starting QEMU: {e}"))?;
+    let exit = match measured.ended {
+        Some(Ended::Code(code)) => ExitKind::from_qemu_status(code),
+        _ => ExitKind::Killed,
+    };
+    // The comparison is only worth anything if the rings were the ones asked for.
+    let layout = if packed { "packed" } else { "split" };
+    if !measured.console.contains(&format!("\"vq\":\"{layout}\"")) {
+        return Err(format!("the guest kit did not run {layout} rings"));
+    }
+    let workload = competitor.result_workload(scenario);
+    let mut output = guest_output(workload, &measured, exit, "qemu", argv)?;
+    output.processes.extend(backend_usage);
+    Ok(output)
 }
 
 /// virtio-blk-pci on an iothread, io_uring, O_DIRECT (the blk benchmark's QEMU setup).

@@ -1,6 +1,7 @@
 //! The data pattern the guest kit's `blk` verify/check workloads write and expect, so host-side
 //! tests can check (or prepare) a disk image without booting anything.
-//! Mirrors guest/src/drivers/virtio/mod.rs (SplitMix64) and blk.rs (word placement).
+//! Mirrors guest/src/drivers/virtio/mod.rs (SplitMix64) and guest/src/workloads/blk.rs (word
+//! placement), which virtio-blk and NVMe share.
 
 /// SplitMix64, as the guest computes it.
 pub fn splitmix64(mut x: u64) -> u64 {

@@ -95,9 +95,37 @@ pub enum Device {
     VirtioBlkSlow { size_bytes: u64, latency: Duration },
     /// virtio-rng-pci fed by the host's /dev/urandom.
     VirtioRng,
+    /// QEMU's NVMe controller (`nvme`) with one namespace on a raw image, offering up to
+    /// `queues` I/O queue pairs (`max_ioqpairs`).
+    Nvme { image: PathBuf, queues: u16 },
+    /// QEMU's NVMe controller whose every read fails with EIO (blkdebug over a null disk of
+    /// `size_bytes`): the guest must count the errors and fail the workload cleanly.
+    NvmeReadErrors { size_bytes: u64 },
     /// virtio-net-pci whose frames travel as UDP datagrams on 127.0.0.1: QEMU sends each frame
     /// to `host_port` and receives frames sent to `vmm_port`.
     VirtioNet { host_port: u16, vmm_port: u16 },
+    /// vhost-user-blk-pci served by the backend listening on `socket` (`sluice serve blk`,
+    /// qemu-storage-daemon); with `reconnect`, QEMU redials a backend that went away. Guest
+    /// RAM is then a shared memfd, so the backend can map it.
+    VhostUserBlk {
+        socket: PathBuf,
+        queues: u16,
+        reconnect: bool,
+    },
+    /// vhost-user-rng-pci served by the backend on `socket` (`sluice serve rng`).
+    VhostUserRng { socket: PathBuf },
+    /// virtio-net-pci on a vhost-user netdev served by the backend on `socket`
+    /// (`sluice serve net`).
+    VhostUserNet { socket: PathBuf },
+}
+
+impl Device {
+    fn is_vhost_user(&self) -> bool {
+        matches!(
+            self,
+            Device::VhostUserBlk { .. } | Device::VhostUserRng { .. } | Device::VhostUserNet { .. }
+        )
+    }
 }
 
 /// One run of the guest kit.
@@ -115,6 +143,8 @@ pub struct GuestKitRun {
     /// QEMU's virtio devices also offer packed virtqueues (`packed=on`); the kit uses them
     /// with `vq=packed` on its command line. (sluice: `packed=on` goes in `extra_args`.)
     pub packed_virtqueues: bool,
+    /// QEMU's human monitor on this unix socket (a test stops and continues the VM there).
+    pub monitor: Option<PathBuf>,
 }
 
 impl GuestKitRun {
@@ -129,6 +159,7 @@ impl GuestKitRun {
             timeout: Duration::from_secs(30),
             firmware: Firmware::SeaBios,
             packed_virtqueues: false,
+            monitor: None,
         }
     }
 
@@ -214,9 +245,16 @@ impl GuestKitRun {
             Accel::Tcg => ("tcg", "max"),
             Accel::Kvm => ("kvm", "host,-arch-capabilities"),
         };
+        let shared_memory = self.devices.iter().any(Device::is_vhost_user);
+        let machine = if shared_memory {
+            // vhost-user backends map guest RAM: it must be a shared memfd.
+            format!("{},memory-backend=ram0", machine.qemu_name())
+        } else {
+            machine.qemu_name().into()
+        };
         let mut args: Vec<String> = vec![
             "-machine".into(),
-            machine.qemu_name().into(),
+            machine,
             "-accel".into(),
             accel.into(),
             "-cpu".into(),
@@ -243,6 +281,24 @@ impl GuestKitRun {
         ];
         if self.firmware == Firmware::Qboot {
             args.extend(["-bios".into(), "qboot.rom".into()]);
+        }
+        if shared_memory {
+            args.extend([
+                "-object".into(),
+                format!(
+                    "memory-backend-memfd,id=ram0,size={}M,share=on",
+                    self.memory_mib
+                ),
+            ]);
+        }
+        if let Some(monitor) = &self.monitor {
+            args.extend([
+                "-monitor".into(),
+                format!(
+                    "unix:{},server=on,wait=off",
+                    qemu_escape(&monitor.display().to_string())
+                ),
+            ]);
         }
         for (index, device) in self.devices.iter().enumerate() {
             let mut device_args = qemu_device_args(index, device);
@@ -310,6 +366,32 @@ fn qemu_device_args(index: usize, device: &Device) -> Vec<String> {
             "-device".into(),
             format!("virtio-blk-pci,drive=blk{index}"),
         ],
+        Device::Nvme { image, queues } => vec![
+            "-drive".into(),
+            format!(
+                "file={},format=raw,if=none,id=nvme{index},cache=writeback",
+                qemu_escape(&image.display().to_string())
+            ),
+            "-device".into(),
+            format!("nvme,drive=nvme{index},serial=sluice-nvme{index},max_ioqpairs={queues}"),
+        ],
+        Device::NvmeReadErrors { size_bytes } => {
+            let blockdev = serde_json::json!({
+                "driver": "raw",
+                "node-name": format!("nvme{index}"),
+                "file": {
+                    "driver": "blkdebug",
+                    "inject-error": [{ "event": "read_aio", "errno": libc::EIO }],
+                    "image": { "driver": "null-co", "size": size_bytes },
+                },
+            });
+            vec![
+                "-blockdev".into(),
+                blockdev.to_string(),
+                "-device".into(),
+                format!("nvme,drive=nvme{index},serial=sluice-nvme{index}"),
+            ]
+        }
         Device::VirtioRng => vec![
             "-object".into(),
             format!("rng-random,id=rng{index},filename=/dev/urandom"),
@@ -329,13 +411,47 @@ fn qemu_device_args(index: usize, device: &Device) -> Vec<String> {
             // not be installed.
             format!("virtio-net-pci,netdev=net{index},romfile="),
         ],
+        Device::VhostUserBlk {
+            socket,
+            queues,
+            reconnect,
+        } => vec![
+            "-chardev".into(),
+            format!(
+                "socket,id=vu{index},path={}{}",
+                qemu_escape(&socket.display().to_string()),
+                if *reconnect { ",reconnect=1" } else { "" }
+            ),
+            "-device".into(),
+            format!("vhost-user-blk-pci,chardev=vu{index},num-queues={queues}"),
+        ],
+        Device::VhostUserRng { socket } => vec![
+            "-chardev".into(),
+            format!(
+                "socket,id=vu{index},path={}",
+                qemu_escape(&socket.display().to_string())
+            ),
+            "-device".into(),
+            format!("vhost-user-rng-pci,chardev=vu{index}"),
+        ],
+        Device::VhostUserNet { socket } => vec![
+            "-chardev".into(),
+            format!(
+                "socket,id=vu{index},path={}",
+                qemu_escape(&socket.display().to_string())
+            ),
+            "-netdev".into(),
+            format!("vhost-user,id=net{index},chardev=vu{index}"),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=net{index},romfile="),
+        ],
     }
 }
 
-/// Adds `packed=on` to every `-device` in `args`.
+/// Adds `packed=on` to every virtio `-device` in `args` (other devices have no such property).
 fn offer_packed_virtqueues(args: &mut [String]) {
     for index in 1..args.len() {
-        if args[index - 1] == "-device" {
+        if args[index - 1] == "-device" && args[index].starts_with("virtio-") {
             args[index].push_str(",packed=on");
         }
     }
@@ -567,6 +683,35 @@ mod tests {
     }
 
     #[test]
+    fn nvme_devices_get_a_drive_serial_and_queue_pairs_but_no_packed_property() {
+        let run = GuestKitRun::qemu(Accel::Tcg, Machine::Q35, "")
+            .with_packed_virtqueues()
+            .with_device(Device::VirtioRng)
+            .with_device(Device::Nvme {
+                image: PathBuf::from("/tmp/n,1.img"),
+                queues: 4,
+            });
+
+        let args = run.qemu_args(Accel::Tcg, Machine::Q35, Path::new("/k"));
+
+        let joined = args.join(" ");
+        assert!(
+            joined
+                .contains("-drive file=/tmp/n,,1.img,format=raw,if=none,id=nvme1,cache=writeback"),
+            "{joined}"
+        );
+        assert!(
+            args.iter()
+                .any(|arg| arg == "nvme,drive=nvme1,serial=sluice-nvme1,max_ioqpairs=4"),
+            "the nvme device has no packed property: {joined}"
+        );
+        assert!(
+            joined.contains("virtio-rng-pci,rng=rng0,packed=on"),
+            "{joined}"
+        );
+    }
+
+    #[test]
     fn packed_virtqueues_are_offered_on_every_qemu_device() {
         let run = GuestKitRun::qemu(Accel::Tcg, Machine::Q35, "vq=packed")
             .with_packed_virtqueues()
@@ -610,6 +755,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             firmware: Firmware::SeaBios,
             packed_virtqueues: false,
+            monitor: None,
         };
 
         let command = run.command(Path::new("/k")).expect("sluice command");
@@ -650,6 +796,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             firmware: Firmware::SeaBios,
             packed_virtqueues: false,
+            monitor: None,
         };
 
         let result = run.command(Path::new("/k"));

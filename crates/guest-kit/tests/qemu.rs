@@ -303,6 +303,246 @@ tcg_and_kvm!(
     blk_packed_asked_split_offered
 );
 
+// ---- nvme -------------------------------------------------------------------------------------
+
+/// The `nvme` RESULT of `report`, or a failure with the console.
+fn nvme_result(report: &GuestKitReport) -> &sluice_guest_kit::WorkloadResult {
+    report
+        .results_for("nvme")
+        .next()
+        .unwrap_or_else(|| panic!("no nvme RESULT: {}", report.describe()))
+}
+
+/// The `nvme` workload's verify on QEMU's NVMe controller: every block written, read back and
+/// compared in the guest, the host image holds the pattern afterwards, nothing beyond the span.
+fn nvme_verify_on(accel: Accel, queues: u16, bs: u64, cpus: Option<u32>) -> GuestKitReport {
+    let image = TempImage::new("nvme-verify", IMAGE_BYTES);
+    let cpus_key = cpus.map_or(String::new(), |n| format!(":cpus={n}"));
+    let cmdline = format!(
+        "quiet w=nvme:op=verify:bs={bs}:qd=8:queues={queues}:span_mb={}:seed={SEED}{cpus_key}",
+        SPAN_BYTES >> 20
+    );
+    let mut run = qemu(accel, Machine::Q35, &cmdline).with_device(Device::Nvme {
+        image: image.path.clone(),
+        queues,
+    });
+    run.cpus = cpus.unwrap_or(1);
+
+    let report = run.run().expect("run QEMU");
+
+    assert_passed(&report);
+    let nvme = nvme_result(&report);
+    assert_eq!(nvme.verify.as_deref(), Some("ok"), "{}", report.describe());
+    assert_eq!(nvme.errors, Some(0), "{}", report.describe());
+    assert_eq!(nvme.ops, Some(2 * SPAN_BYTES / bs), "{}", report.describe());
+    assert_eq!(nvme.raw["queues"], queues, "{}", report.describe());
+    assert_eq!(nvme.raw["dbbuf"], true, "{}", report.describe());
+    assert_eq!(
+        nvme.ring,
+        Some(3),
+        "data path in ring 3: {}",
+        report.describe()
+    );
+    let last_block = SPAN_BYTES / BLOCK_BYTES - 1;
+    for block in [0, 17, 33, last_block] {
+        assert_block_has_pattern(&image, block);
+    }
+    assert!(
+        image
+            .read_at(SPAN_BYTES, BLOCK_BYTES as usize)
+            .iter()
+            .all(|b| *b == 0),
+        "the guest wrote beyond span_mb"
+    );
+    report
+}
+
+fn nvme_verify_1q(accel: Accel, _test: &str) {
+    nvme_verify_on(accel, 1, BLOCK_BYTES, None);
+}
+
+/// 128 KiB requests (PRP1 + a PRP list of 31 entries) on two queue pairs, one per CPU.
+fn nvme_verify_2q_2cpus_prp_lists(accel: Accel, _test: &str) {
+    let bs = 128 << 10;
+    let report = nvme_verify_on(accel, 2, bs, Some(2));
+
+    let nvme = nvme_result(&report);
+    let per_cpu = SPAN_BYTES / bs / 2 * 2;
+    assert_eq!(
+        nvme.raw["cpu_ops"],
+        serde_json::json!([per_cpu, per_cpu]),
+        "{}",
+        report.describe()
+    );
+}
+
+tcg_and_kvm!(nvme_verify_one_queue_pair, nvme_verify_1q);
+tcg_and_kvm!(
+    nvme_verify_two_queue_pairs_on_two_cpus_with_prp_lists,
+    nvme_verify_2q_2cpus_prp_lists
+);
+
+/// A random-read run of a fixed number of requests: every one completes without error.
+fn nvme_randread(accel: Accel, _test: &str) {
+    const OPS: u64 = 500;
+    let image = TempImage::new("nvme-randread", IMAGE_BYTES);
+    let run = qemu(
+        accel,
+        Machine::Q35,
+        &format!("quiet w=nvme:op=randread:bs=4096:qd=16:ops={OPS}:span_mb=2"),
+    )
+    .with_device(Device::Nvme {
+        image: image.path.clone(),
+        queues: 1,
+    });
+
+    let report = run.run().expect("run QEMU");
+
+    assert_passed(&report);
+    let nvme = nvme_result(&report);
+    assert_eq!(nvme.ops, Some(OPS), "{}", report.describe());
+    assert_eq!(nvme.bytes, Some(OPS * 4096), "{}", report.describe());
+    assert_eq!(nvme.raw["op"], "randread", "{}", report.describe());
+}
+
+tcg_and_kvm!(nvme_randread_completes_every_request, nvme_randread);
+
+/// One doorbell update per request (`batch=1`) at qd 32: with Doorbell Buffer Config QEMU's
+/// EventIdx lets updates made while it is still working stay in the shadow buffer; with
+/// `dbbuf=off` every update is an MMIO write.
+fn nvme_shadow_doorbells(accel: Accel, _test: &str) {
+    const OPS: u64 = 1000;
+    let image = TempImage::new("nvme-dbbuf", IMAGE_BYTES);
+    let run_with = |dbbuf: &str| {
+        qemu(
+            accel,
+            Machine::Q35,
+            &format!(
+                "quiet w=nvme:op=randread:bs=4096:qd=32:batch=1:ops={OPS}:span_mb=2:dbbuf={dbbuf}"
+            ),
+        )
+        .with_device(Device::Nvme {
+            image: image.path.clone(),
+            queues: 1,
+        })
+        .run()
+        .expect("run QEMU")
+    };
+
+    let with_shadow = run_with("on");
+    let without = run_with("off");
+
+    for report in [&with_shadow, &without] {
+        assert_passed(report);
+        assert_eq!(
+            nvme_result(report).raw["notifies"],
+            OPS,
+            "{}",
+            report.describe()
+        );
+    }
+    let shadow = nvme_result(&with_shadow);
+    assert_eq!(shadow.raw["dbbuf"], true, "{}", with_shadow.describe());
+    assert!(
+        shadow.raw["doorbell_shadow"].as_u64().unwrap_or(0) > 0,
+        "no doorbell update stayed in the shadow buffer: {}",
+        with_shadow.describe()
+    );
+    let plain = nvme_result(&without);
+    assert_eq!(plain.raw["dbbuf"], false, "{}", without.describe());
+    assert_eq!(plain.raw["doorbell_shadow"], 0, "{}", without.describe());
+    assert!(
+        plain.raw["doorbell_mmio"].as_u64().unwrap_or(0) >= OPS,
+        "every submission rings MMIO without dbbuf: {}",
+        without.describe()
+    );
+}
+
+tcg_and_kvm!(
+    nvme_shadow_doorbells_save_mmio_writes,
+    nvme_shadow_doorbells
+);
+
+/// Reads that fail with an NVMe error status: the guest counts each and fails the workload.
+fn nvme_read_errors(accel: Accel, _test: &str) {
+    let run =
+        qemu(accel, Machine::Q35, "w=nvme:op=read:ops=8").with_device(Device::NvmeReadErrors {
+            size_bytes: IMAGE_BYTES,
+        });
+
+    let report = run.run().expect("run QEMU");
+
+    assert_eq!(
+        report.exit,
+        ExitKind::WorkloadFailed,
+        "{}",
+        report.describe()
+    );
+    assert!(
+        matches!(report.verdict, Some(Verdict::Fail(_))),
+        "{}",
+        report.describe()
+    );
+    let nvme = nvme_result(&report);
+    assert!(!nvme.pass);
+    assert_eq!(
+        nvme.errors,
+        Some(8),
+        "every read must count: {}",
+        report.describe()
+    );
+}
+
+tcg_and_kvm!(nvme_read_errors_fail_the_workload, nvme_read_errors);
+
+/// A request larger than the controller's MDTS (QEMU: 2^7 pages) is refused before anything
+/// is sent, and no NVMe controller at all fails as cleanly.
+fn nvme_refusals(accel: Accel, _test: &str) {
+    let image = TempImage::new("nvme-mdts", IMAGE_BYTES);
+    let too_big = qemu(accel, Machine::Q35, "w=nvme:op=read:bs=1048576:ops=2")
+        .with_device(Device::Nvme {
+            image: image.path.clone(),
+            queues: 1,
+        })
+        .run()
+        .expect("run QEMU");
+    let missing = qemu(accel, Machine::Q35, "w=nvme:op=read:ops=8 timeout_ms=1000")
+        .run()
+        .expect("run QEMU");
+
+    for report in [&too_big, &missing] {
+        assert!(!report.host_timed_out, "guest hung: {}", report.describe());
+        assert_eq!(
+            report.exit,
+            ExitKind::WorkloadFailed,
+            "{}",
+            report.describe()
+        );
+        assert!(
+            matches!(report.verdict, Some(Verdict::Fail(_))),
+            "{}",
+            report.describe()
+        );
+    }
+    assert!(
+        too_big.console.contains("exceeds the controller's MDTS"),
+        "{}",
+        too_big.describe()
+    );
+    assert!(
+        missing
+            .results_for("nvme")
+            .any(|r| r.raw["error"] == "NotFound"),
+        "{}",
+        missing.describe()
+    );
+}
+
+tcg_and_kvm!(
+    nvme_oversized_request_and_missing_controller_fail_cleanly,
+    nvme_refusals
+);
+
 // ---- smp --------------------------------------------------------------------------------------
 
 /// The `smp` RESULT of a passing run on `cpus` CPUs, checked for the counter and the APIC ids.

@@ -35,6 +35,7 @@ impl FakeVmm {
             timeout,
             firmware: Firmware::SeaBios,
             packed_virtqueues: false,
+            monitor: None,
         }
     }
 }

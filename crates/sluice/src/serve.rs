@@ -4,7 +4,7 @@
 //! the protocol side is `sluice_vhost`. `PATH` must be free or a stale socket: an existing
 //! file, directory or live server's socket is refused, never replaced. Up to
 //! `--max-connections` frontends are served at once, one of them driving the device (see
-//! `sluice_vhost::server`).
+//! `sluice_vhost::server`). Packed virtqueues are offered unless `--packed off`.
 //! * `sluice serve blk --socket PATH --image FILE [--queues N] [--readonly] [--direct]
 //!   [--block-size N]`: the virtio-blk model over a raw image (QEMU's `vhost-user-blk-pci`).
 //! * `sluice serve net --socket PATH --tap NAME [--queues N] [--mac MAC]`: the virtio-net model
@@ -44,6 +44,10 @@ struct ListenArgs {
     /// Seconds a new connection has to claim the device (SET_OWNER).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     handshake_timeout: u64,
+    /// Offer packed virtqueues (VIRTIO_F_RING_PACKED); `off` serves split rings only.
+    #[arg(long, default_value = "on", value_name = "on|off", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    packed: bool,
 }
 
 impl ListenArgs {
@@ -51,6 +55,7 @@ impl ListenArgs {
         Limits {
             max_connections: self.max_connections as usize,
             handshake_timeout: Duration::from_secs(self.handshake_timeout),
+            offer_packed: self.packed,
             ..Limits::default()
         }
     }

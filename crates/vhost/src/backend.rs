@@ -7,14 +7,21 @@
 //! model's `queue_handler` wrapped in [`Tracked`] — once it has
 //! a size, addresses, a kick fd, memory, and is enabled (rings start disabled when
 //! VHOST_USER_F_PROTOCOL_FEATURES is negotiated). GET_VRING_BASE stops the worker, lets the
-//! model finish what it popped (bounded wait), and answers with the next avail index.
+//! model finish what it popped (bounded wait), and answers with the ring's position(s).
 //!
-//! Rings are split rings only: VIRTIO_F_RING_PACKED is never offered here (the device models'
-//! features do not carry it; sluice's virtio-pci transport adds it itself). The workers could
-//! run packed rings (`sluice_virtio::VirtQueue`), but serving them needs the packed forms of
-//! SET/GET_VRING_BASE (avail and used positions with their wrap counters in bit 15) and of
-//! the INFLIGHT_SHMFD area (per-descriptor state, `old_used_idx` / wrap counters), and crash
-//! recovery ([`Tracked`], `crate::inflight`) over them — not built yet.
+//! Rings are split or packed. VIRTIO_F_RING_PACKED is offered on top of the model's features
+//! unless [`ConnectionResources::offer_packed`] is off (the models never see the bit: the
+//! layout is the ring's business, as with sluice's virtio-pci transport). Once it is
+//! negotiated, SET_VRING_ADDR's descriptor / avail / used addresses are the descriptor ring and
+//! the driver and device event suppression areas, and SET/GET_VRING_BASE carry both positions
+//! (vhost-user spec, "vring descriptor indices for packed virtqueues"): bits 0–14 the next
+//! avail index, bit 15 the avail wrap counter, bits 16–30 the next used index, bit 31 the used
+//! wrap counter — QEMU's `virtio_queue_get_last_avail_idx` and the kernel's vhost use the same
+//! word. An index outside the ring is refused. The rings run on `sluice_virtio::PackedQueue`.
+//! Their inflight tracking is not [`Tracked`] (which works from split-ring indices) but the
+//! queue's own journal hooks writing the packed region (`crate::inflight_packed`); a ring
+//! whose inflight area was set up for the other layout (GET/SET_INFLIGHT_FD before
+//! SET_FEATURES) does not start — its requests could not be recovered.
 //!
 //! Any message that is malformed, out of range or out of order (ring messages before
 //! SET_OWNER, bad sizes or addresses, regions that overlap or are not backed by their file)
@@ -45,7 +52,7 @@ use std::time::Duration;
 
 use sluice_dma::DmaSpace;
 use sluice_virtio::{
-    DeviceMetrics, NotifyPolicy, QueueBinding, QueueContext, QueueError, QueueHandler,
+    DeviceMetrics, NotifyPolicy, PackedQueue, QueueBinding, QueueContext, QueueError, QueueHandler,
     QueueMetrics, QueueWorker, VirtQueue, VirtioDevice, VirtioInterrupt,
 };
 use vhost::vhost_user::message::{
@@ -58,6 +65,7 @@ use vhost::vhost_user::{
     Error as VhostError, Result as VhostResult, VhostUserBackendReqHandlerMut,
 };
 use vhost::VhostUserMemoryRegionBase;
+use virtio_bindings::virtio_config::VIRTIO_F_RING_PACKED;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::mmap::MmapRegionBuilder;
@@ -66,14 +74,16 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::inflight::{InflightArea, QueueInflight};
+use crate::inflight::{InflightArea, QueueInflight, RingLayout};
 use crate::memory::{MemoryTable, MAX_MEM_SLOTS};
 use crate::sigbus::Tripwire;
 use crate::tracking::{used_id, used_index, SharedTracked, Tracked};
 
 /// VHOST_USER_F_PROTOCOL_FEATURES (virtio feature bit 30).
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-/// Largest split ring.
+/// VIRTIO_F_RING_PACKED as a feature mask.
+pub const FEATURE_RING_PACKED: u64 = 1 << VIRTIO_F_RING_PACKED;
+/// Largest ring (split or packed).
 const MAX_QUEUE_SIZE: u32 = 32768;
 /// Largest GET_CONFIG / SET_CONFIG access.
 const MAX_CONFIG_BYTES: u32 = 256;
@@ -84,6 +94,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const DESC_BYTES: u64 = 16;
 const AVAIL_HEADER_BYTES: u64 = 6;
 const USED_HEADER_BYTES: u64 = 6;
+/// A packed ring's event suppression structure {off_wrap, flags}.
+const EVENT_BYTES: u64 = 4;
+/// A packed ring position's wrap counter bit (`off_wrap` form).
+const WRAP_BIT: u32 = 1 << 15;
 const PAGE_SIZE: u64 = 4096;
 
 /// The handler of a ring the device cannot serve: its first pass fails the queue (the frontend
@@ -112,12 +126,48 @@ fn refuse<T>(reason: impl Into<String>) -> VhostResult<T> {
     Err(VhostError::ReqHandlerError(io::Error::other(reason.into())))
 }
 
-/// Ring addresses as guest physical addresses.
+/// Ring addresses as guest physical addresses (packed: `avail` is the driver event area,
+/// `used` the device event area).
 #[derive(Debug, Clone, Copy)]
 struct RingAddresses {
     desc: u64,
     avail: u64,
     used: u64,
+}
+
+/// The three parts of a ring of `size` entries: (address, bytes, alignment) of the
+/// descriptors, the avail ring (driver area) and the used ring (device area).
+fn ring_parts(size: u16, addresses: RingAddresses, packed: bool) -> [(u64, u64, u64); 3] {
+    let size = u64::from(size);
+    if packed {
+        [
+            (addresses.desc, DESC_BYTES * size, 16),
+            (addresses.avail, EVENT_BYTES, 4),
+            (addresses.used, EVENT_BYTES, 4),
+        ]
+    } else {
+        [
+            (addresses.desc, DESC_BYTES * size, 16),
+            (addresses.avail, AVAIL_HEADER_BYTES + 2 * size, 2),
+            (addresses.used, USED_HEADER_BYTES + 8 * size, 4),
+        ]
+    }
+}
+
+/// A packed ring's SET_VRING_BASE / GET_VRING_BASE word split into its avail and used
+/// positions (`off_wrap` form), checked against a ring of `size` entries.
+fn packed_positions(base: u32, size: u16) -> Result<(u16, u16), String> {
+    let avail = (base & 0xffff) as u16;
+    let used = (base >> 16) as u16;
+    let index = |off_wrap: u16| u32::from(off_wrap) & !WRAP_BIT;
+    if index(avail) >= u32::from(size) || index(used) >= u32::from(size) {
+        return Err(format!(
+            "packed ring base {base:#010x}: avail index {} / used index {} outside a ring of {size}",
+            index(avail),
+            index(used)
+        ));
+    }
+    Ok((avail, used))
 }
 
 /// A running ring.
@@ -131,8 +181,9 @@ struct Running {
 struct Vring {
     size: u16,
     addresses: Option<RingAddresses>,
-    /// Where popping starts (SET_VRING_BASE, or where the last run stopped).
-    base: u16,
+    /// Where the ring resumes (SET_VRING_BASE, or where the last run stopped): split, the next
+    /// avail index; packed, both positions (see the module doc).
+    base: u32,
     kick: Option<EventFd>,
     enabled: bool,
     running: Option<Running>,
@@ -233,6 +284,8 @@ pub struct ConnectionResources {
     pub tripwire: Arc<Tripwire>,
     /// Most bytes of guest memory the connection may map.
     pub max_mapped_bytes: u64,
+    /// Offer VIRTIO_F_RING_PACKED.
+    pub offer_packed: bool,
 }
 
 /// The device side of one connection.
@@ -256,7 +309,7 @@ pub struct Backend<D: VirtioDevice> {
 
 impl<D: VirtioDevice> Backend<D> {
     pub fn new(device: Arc<Mutex<D>>, resources: ConnectionResources) -> Self {
-        let (queues, metrics, device_features) = {
+        let (queues, metrics, mut device_features) = {
             let device = locked(&device);
             (
                 device.queue_max_sizes().len(),
@@ -264,6 +317,9 @@ impl<D: VirtioDevice> Backend<D> {
                 device.device_features(),
             )
         };
+        if resources.offer_packed {
+            device_features |= FEATURE_RING_PACKED;
+        }
         Backend {
             device,
             claim: resources.claim,
@@ -339,6 +395,19 @@ impl<D: VirtioDevice> Backend<D> {
         }
     }
 
+    /// Whether the rings are packed (VIRTIO_F_RING_PACKED negotiated).
+    fn packed(&self) -> bool {
+        self.acked_features & FEATURE_RING_PACKED != 0
+    }
+
+    fn ring_layout(&self) -> RingLayout {
+        if self.packed() {
+            RingLayout::Packed
+        } else {
+            RingLayout::Split
+        }
+    }
+
     fn inflight_negotiated(&self) -> bool {
         self.acked_protocol
             .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
@@ -362,7 +431,7 @@ impl<D: VirtioDevice> Backend<D> {
         let Some(addresses) = vring.addresses.filter(|_| ready) else {
             return Ok(());
         };
-        if !ring_fits(&memory, vring.size, addresses) {
+        if !ring_fits(&memory, vring.size, addresses, self.packed()) {
             tracing::info!("vhost-user: queue {index}: waiting for memory that holds the ring");
             return Ok(());
         }
@@ -386,53 +455,15 @@ impl<D: VirtioDevice> Backend<D> {
             .ok_or("no kick fd")?
             .try_clone()
             .map_err(|e| format!("cannot clone the kick fd: {e}"))?;
-        let used_idx = used_index(&dma, addresses.used).ok_or("used ring outside guest memory")?;
-        let mut queue = build_queue(size, addresses, base, used_idx, false)?;
-
-        let area = self
-            .inflight
-            .as_ref()
-            .filter(|_| self.inflight_negotiated())
-            .and_then(|area| area.queue(queue_index));
-        let (recovered, counter) = match &area {
-            Some(area) => {
-                let recovery = area.recover(used_idx, size, base, |position| {
-                    used_id(&dma, addresses.used, size, position)
-                });
-                queue.set_next_avail(recovery.next_avail);
-                (recovery.resubmit, recovery.next_counter)
-            }
-            None => (Vec::new(), 0),
+        let (queue, handler) = if self.packed() {
+            self.packed_ring(index, size, addresses, base, &dma)?
+        } else {
+            self.split_ring(index, size, addresses, base, &dma, memory)?
         };
-
-        let inner = locked(&self.device)
-            .queue_handler(queue_index, size)
-            .unwrap_or_else(|e| {
-                tracing::warn!("vhost-user: queue {index}: {e}");
-                Box::new(Unserved {
-                    reason: e.to_string(),
-                })
-            });
-        let handler = SharedTracked::new(Tracked::new(inner, area.clone(), counter, used_idx));
-        if !recovered.is_empty() {
-            let metrics = self.queue_metrics(index);
-            let resubmitted = resubmit(
-                &mut handler.lock(),
-                &mut queue,
-                &recovered,
-                area.as_ref(),
-                memory,
-                &metrics,
-            )?;
-            tracing::info!(
-                "vhost-user: queue {index}: resubmitted {resubmitted} in-flight requests"
-            );
-            let _ = self.signals.notify_queue(queue_index);
-        }
 
         let binding = QueueBinding {
             index: queue_index,
-            queue: queue.into(),
+            queue,
             kick,
             policy: NotifyPolicy::Interrupt,
         };
@@ -451,6 +482,159 @@ impl<D: VirtioDevice> Backend<D> {
         // be anything, a full pipe's write end included.
         self.vrings[index].running = Some(Running { worker, handler });
         Ok(())
+    }
+
+    /// The model's handler for queue `index`, or one that fails the queue with the reason.
+    fn model_handler(&self, index: usize, size: u16) -> Box<dyn QueueHandler> {
+        let queue_index = index as u16;
+        locked(&self.device)
+            .queue_handler(queue_index, size)
+            .unwrap_or_else(|e| {
+                tracing::warn!("vhost-user: queue {index}: {e}");
+                Box::new(Unserved {
+                    reason: e.to_string(),
+                })
+            })
+    }
+
+    /// The inflight area, if negotiated and set up, checked to describe `layout` rings.
+    fn inflight_area(&self, layout: RingLayout) -> Result<Option<&InflightArea>, String> {
+        match self
+            .inflight
+            .as_ref()
+            .filter(|_| self.inflight_negotiated())
+        {
+            Some(area) if area.layout() != layout => Err(format!(
+                "the inflight area was set up for {:?} rings but the rings are {layout:?} \
+                 (GET/SET_INFLIGHT_FD before SET_FEATURES?): its requests could not be recovered",
+                area.layout()
+            )),
+            area => Ok(area),
+        }
+    }
+
+    /// A packed ring resuming at the positions of `base`, or, when the inflight area has been
+    /// in use, where the area says, with the buffers it holds in flight handed back first.
+    fn packed_ring(
+        &self,
+        index: usize,
+        size: u16,
+        addresses: RingAddresses,
+        base: u32,
+        dma: &DmaSpace,
+    ) -> Result<(VirtQueue, SharedTracked), String> {
+        let (avail, used) = packed_positions(base, size)?;
+        let mut queue = PackedQueue::new(
+            size,
+            GuestAddress(addresses.desc),
+            GuestAddress(addresses.avail),
+            GuestAddress(addresses.used),
+        );
+        let journal = self
+            .inflight_area(RingLayout::Packed)?
+            .and_then(|area| area.packed_queue(index as u16));
+        match journal {
+            Some(journal) => {
+                let recovery = journal.recover(size, (avail, used), |slot| {
+                    ring_flags(dma, addresses.desc, slot)
+                });
+                if (recovery.avail, recovery.used) != (avail, used) {
+                    tracing::info!(
+                        "vhost-user: queue {index}: the inflight area places the ring at avail \
+                         {:#06x} / used {:#06x} (SET_VRING_BASE said {avail:#06x} / {used:#06x})",
+                        recovery.avail,
+                        recovery.used
+                    );
+                }
+                queue
+                    .set_positions(recovery.avail, recovery.used)
+                    .map_err(|e| e.to_string())?;
+                let mut resumed = 0;
+                for chain in &recovery.chains {
+                    match queue.resume_in_flight(dma, chain) {
+                        Ok(_) => resumed += 1,
+                        Err(e) => {
+                            let id = chain.last().map_or(u16::MAX, |d| d.id);
+                            tracing::warn!(
+                                "vhost-user: queue {index}: recovered buffer {id} dropped: {e}"
+                            );
+                            journal.forget(id);
+                        }
+                    }
+                }
+                if resumed > 0 {
+                    tracing::info!(
+                        "vhost-user: queue {index}: resubmitting {resumed} in-flight requests"
+                    );
+                }
+                queue.set_journal(Arc::new(journal));
+            }
+            None => {
+                queue
+                    .set_positions(avail, used)
+                    .map_err(|e| e.to_string())?;
+                if avail != used {
+                    tracing::warn!(
+                        "vhost-user: queue {index}: resuming a packed ring with buffers in \
+                         flight (avail {avail:#06x}, used {used:#06x}) and no inflight area \
+                         to recover them"
+                    );
+                }
+            }
+        }
+        let inner = self.model_handler(index, size);
+        let handler = SharedTracked::new(Tracked::new(inner, None, 0, 0));
+        Ok((queue.into(), handler))
+    }
+
+    /// A split ring resuming at avail index `base`, with the requests an earlier backend left
+    /// in flight resubmitted (inflight area).
+    fn split_ring(
+        &self,
+        index: usize,
+        size: u16,
+        addresses: RingAddresses,
+        base: u32,
+        dma: &DmaSpace,
+        memory: &GuestMemoryMmap,
+    ) -> Result<(VirtQueue, SharedTracked), String> {
+        let queue_index = index as u16;
+        let base = u16::try_from(base).map_err(|_| format!("split ring base {base:#x}"))?;
+        let used_idx = used_index(dma, addresses.used).ok_or("used ring outside guest memory")?;
+        let mut queue = build_queue(size, addresses, base, used_idx, false)?;
+
+        let area = self
+            .inflight_area(RingLayout::Split)?
+            .and_then(|area| area.queue(queue_index));
+        let (recovered, counter) = match &area {
+            Some(area) => {
+                let recovery = area.recover(used_idx, size, base, |position| {
+                    used_id(dma, addresses.used, size, position)
+                });
+                queue.set_next_avail(recovery.next_avail);
+                (recovery.resubmit, recovery.next_counter)
+            }
+            None => (Vec::new(), 0),
+        };
+
+        let inner = self.model_handler(index, size);
+        let handler = SharedTracked::new(Tracked::new(inner, area.clone(), counter, used_idx));
+        if !recovered.is_empty() {
+            let metrics = self.queue_metrics(index);
+            let resubmitted = resubmit(
+                &mut handler.lock(),
+                &mut queue,
+                &recovered,
+                area.as_ref(),
+                memory,
+                &metrics,
+            )?;
+            tracing::info!(
+                "vhost-user: queue {index}: resubmitted {resubmitted} in-flight requests"
+            );
+            let _ = self.signals.notify_queue(queue_index);
+        }
+        Ok((queue.into(), handler))
     }
 
     /// Stops queue `index`; with `drain`, first lets the model finish what it popped.
@@ -472,8 +656,12 @@ impl<D: VirtioDevice> Backend<D> {
                 }
             }
         }
-        // Only split rings run here: VIRTIO_F_RING_PACKED is never offered over vhost-user.
-        self.vrings[index].base = queue.as_split().map_or(0, |q| q.next_avail());
+        self.vrings[index].base = match &queue {
+            VirtQueue::Split(q) => u32::from(q.next_avail()),
+            VirtQueue::Packed(q) => {
+                u32::from(q.avail_off_wrap()) | u32::from(q.used_off_wrap()) << 16
+            }
+        };
     }
 
     /// Counters for passes made from this thread (resubmission, draining); the device's
@@ -516,17 +704,19 @@ impl<D: VirtioDevice> Backend<D> {
     }
 }
 
+/// The flags of packed ring descriptor `slot` of the ring at `desc`.
+fn ring_flags(dma: &DmaSpace, desc: u64, slot: u16) -> Option<u16> {
+    let addr = desc.checked_add(DESC_BYTES * u64::from(slot) + 14)?;
+    dma.read_obj::<u16>(GuestAddress(addr))
+        .ok()
+        .map(u16::from_le)
+}
+
 /// Whether every part of a ring of `size` entries at `addresses` lies in `memory`.
-fn ring_fits(memory: &GuestMemoryMmap, size: u16, addresses: RingAddresses) -> bool {
-    let size = u64::from(size);
-    let parts = [
-        (addresses.desc, DESC_BYTES * size),
-        (addresses.avail, AVAIL_HEADER_BYTES + 2 * size),
-        (addresses.used, USED_HEADER_BYTES + 8 * size),
-    ];
-    parts
+fn ring_fits(memory: &GuestMemoryMmap, size: u16, addresses: RingAddresses, packed: bool) -> bool {
+    ring_parts(size, addresses, packed)
         .iter()
-        .all(|&(gpa, len)| memory.check_range(GuestAddress(gpa), len as usize))
+        .all(|&(gpa, len, _)| memory.check_range(GuestAddress(gpa), len as usize))
 }
 
 impl<D: VirtioDevice> Drop for Backend<D> {
@@ -657,9 +847,9 @@ impl std::ops::Deref for QueueMetricsRef {
     }
 }
 
-/// Whether `size` is a valid split ring size.
-fn valid_ring_size(size: u32) -> bool {
-    size != 0 && size <= MAX_QUEUE_SIZE && size.is_power_of_two()
+/// Whether `size` is a valid ring size (split rings: a power of two).
+fn valid_ring_size(size: u32, packed: bool) -> bool {
+    size != 0 && size <= MAX_QUEUE_SIZE && (packed || size.is_power_of_two())
 }
 
 /// A frontend's eventfd, made non-blocking (see the module doc).
@@ -725,7 +915,8 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
             );
         }
         let features = features & offered;
-        let device_features = features & !VHOST_USER_F_PROTOCOL_FEATURES;
+        // The ring layout is the backend's business; the model never sees the bit.
+        let device_features = features & !(VHOST_USER_F_PROTOCOL_FEATURES | FEATURE_RING_PACKED);
         if let Err(e) = locked(&self.device).ack_features(device_features) {
             return refuse(format!("SET_FEATURES {features:#x}: {e}"));
         }
@@ -750,9 +941,10 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
         let index = self.vring_index(index, "SET_VRING_NUM")?;
-        if !valid_ring_size(num) {
+        if !valid_ring_size(num, self.packed()) {
             return refuse(format!(
-                "SET_VRING_NUM: queue {index} size {num} is not a power of two in 1..=32768"
+                "SET_VRING_NUM: queue {index} size {num} is not a valid ring size (1..=32768, \
+                 a power of two for split rings)"
             ));
         }
         self.stop(index, true);
@@ -774,6 +966,7 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
         if size == 0 {
             return refuse(format!("SET_VRING_ADDR: queue {index} has no size yet"));
         }
+        let packed = self.packed();
         let translate = |what: &str, va: u64, len: u64, align: u64| {
             if !va.is_multiple_of(align) {
                 return refuse(format!(
@@ -787,10 +980,16 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
                 )),
             }
         };
+        let user = RingAddresses {
+            desc: descriptor,
+            avail: available,
+            used,
+        };
+        let [desc, avail, used] = ring_parts(size as u16, user, packed);
         let addresses = RingAddresses {
-            desc: translate("descriptor", descriptor, DESC_BYTES * size, 16)?,
-            avail: translate("avail", available, AVAIL_HEADER_BYTES + 2 * size, 2)?,
-            used: translate("used", used, USED_HEADER_BYTES + 8 * size, 4)?,
+            desc: translate("descriptor", desc.0, desc.1, desc.2)?,
+            avail: translate("avail", avail.0, avail.1, avail.2)?,
+            used: translate("used", used.0, used.1, used.2)?,
         };
         self.stop(index, true);
         self.vrings[index].addresses = Some(addresses);
@@ -799,11 +998,18 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VhostResult<()> {
         let index = self.vring_index(index, "SET_VRING_BASE")?;
-        let Ok(base) = u16::try_from(base) else {
+        if self.packed() {
+            let size = self.vrings[index].size;
+            if size != 0 {
+                // Checked again at start, against the size the ring has then.
+                packed_positions(base, size)
+                    .or_else(|e| refuse(format!("SET_VRING_BASE: queue {index}: {e}")))?;
+            }
+        } else if base > u32::from(u16::MAX) {
             return refuse(format!(
                 "SET_VRING_BASE: queue {index} base {base} too large"
             ));
-        };
+        }
         self.stop(index, true);
         self.vrings[index].base = base;
         Ok(())
@@ -815,7 +1021,11 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
         let vring = &mut self.vrings[queue];
         // The ring is stopped until the frontend sends a kick fd again.
         vring.kick = None;
-        Ok(VhostUserVringState::new(index, u32::from(vring.base)))
+        tracing::info!(
+            "vhost-user: queue {queue}: stopped by GET_VRING_BASE at {:#x}",
+            vring.base
+        );
+        Ok(VhostUserVringState::new(index, vring.base))
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
@@ -916,12 +1126,12 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
     ) -> VhostResult<(VhostUserInflight, File)> {
         self.require_owner("GET_INFLIGHT_FD")?;
         let (queues, queue_size) = (inflight.num_queues, inflight.queue_size);
-        if queues > self.queue_count() || !valid_ring_size(u32::from(queue_size)) {
+        if queues > self.queue_count() || !valid_ring_size(u32::from(queue_size), self.packed()) {
             return refuse(format!(
                 "GET_INFLIGHT_FD for {queues} queues of {queue_size} entries"
             ));
         }
-        match InflightArea::allocate(queues, queue_size) {
+        match InflightArea::allocate_for(queues, queue_size, self.ring_layout()) {
             Ok((area, file, size)) => {
                 self.inflight = Some(area);
                 Ok((VhostUserInflight::new(size, 0, queues, queue_size), file))
@@ -933,17 +1143,16 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostResult<()> {
         self.require_owner("SET_INFLIGHT_FD")?;
         let (queues, queue_size) = (inflight.num_queues, inflight.queue_size);
-        if queues > self.queue_count() || !valid_ring_size(u32::from(queue_size)) {
+        if queues > self.queue_count() || !valid_ring_size(u32::from(queue_size), self.packed()) {
             return refuse(format!(
                 "SET_INFLIGHT_FD for {queues} queues of {queue_size} entries"
             ));
         }
-        let attached = InflightArea::attach(
+        let attached = InflightArea::attach_for(
             &file,
             inflight.mmap_size,
             inflight.mmap_offset,
-            queues,
-            queue_size,
+            (queues, queue_size, self.ring_layout()),
             &self.tripwire,
         );
         match attached {

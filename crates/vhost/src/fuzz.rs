@@ -17,8 +17,8 @@
 //!
 //! Script: a sequence of operations `[op, params...]`; a parameter past the end reads as 0,
 //! and the script ends at its end or when the server drops the connection. `op % 16`:
-//! * 0 handshake: SET_OWNER, SET_FEATURES (p0 bit 0: PROTOCOL_FEATURES, bit 1: EVENT_IDX),
-//!   and if p0 bit 2, SET_PROTOCOL_FEATURES with every offered one;
+//! * 0 handshake: SET_OWNER, SET_FEATURES (p0 bit 0: PROTOCOL_FEATURES, bit 1: EVENT_IDX,
+//!   bit 3: RING_PACKED), and if p0 bit 2, SET_PROTOCOL_FEATURES with every offered one;
 //! * 1 SET_MEM_TABLE of `1 + p0 % 3` new memfds (`1 + p % 16` pages each, p1..); p0 bit 7 makes
 //!   the last region one page longer than its file;
 //! * 2 ADD_MEM_REG slot `p0 % 4` (region at slot × 1 MiB) backed by a new memfd of
@@ -26,7 +26,8 @@
 //! * 3 REM_MEM_REG slot `p0 % 4` of `1 + p1 % 16` pages;
 //! * 4 SET_INFLIGHT_FD: a new memfd of `p0 * 64` bytes, `1 + p1 % 2` queues of `1 << p2 % 9`;
 //! * 5 GET_INFLIGHT_FD for `1 + p0 % 2` queues of `1 << p1 % 9`;
-//! * 6 ring setup of queue `p0 % 2`: SET_VRING_NUM `1 << p1 % 9`, SET_VRING_BASE p2,
+//! * 6 ring setup of queue `p0 % 2`: SET_VRING_NUM `1 << p1 % 9`, SET_VRING_BASE p2 (if p0
+//!   bit 6, the packed form: avail and used index p2, both wrap counters set),
 //!   SET_VRING_ADDR at slot 0 offsets 0, 0x1000, 0x2000 (plus `p3 * 8` if p0 bit 7);
 //! * 7 / 8 / 9 SET_VRING_KICK / _CALL / _ERR of queue `p0 % 2` with a new eventfd (a
 //!   blocking call fd at its maximum count if p0 bit 7; no fd if p0 bit 6);
@@ -76,6 +77,9 @@ const SLOT_BYTES: u64 = 1 << 20;
 const MAX_MEMFDS: usize = 16;
 const MAX_CHAIN_BYTES: usize = 1 << 16;
 const EVENT_IDX: u64 = 1 << 29;
+const RING_PACKED: u64 = 1 << 34;
+/// A packed ring position's wrap counter bit.
+const PACKED_WRAP: u32 = 1 << 15;
 const HEADER_BYTES: usize = 12;
 const VERSION: u32 = 1;
 const NO_FD: u64 = 1 << 8;
@@ -366,6 +370,9 @@ impl Player {
         if choice & 2 == 0 {
             features &= !EVENT_IDX;
         }
+        if choice & 8 != 0 {
+            features |= RING_PACKED;
+        }
         self.send(FrontendReq::SET_FEATURES, &features.to_le_bytes(), &[])?;
         if choice & 4 == 0 {
             return Ok(());
@@ -434,6 +441,12 @@ impl Player {
         let queue = u32::from(choice % 2);
         let size = 1u32 << (p.byte() % 9);
         let base = u32::from(p.byte());
+        let base = if choice & 0x40 != 0 {
+            let position = base | PACKED_WRAP;
+            position | position << 16
+        } else {
+            base
+        };
         let skew = if choice & 0x80 != 0 {
             u64::from(p.byte()) * 8
         } else {

@@ -1,4 +1,7 @@
-//! The shared inflight-tracking area (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), split rings only.
+//! The shared inflight-tracking area (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): the split-ring
+//! layout here, the packed-ring one in [`crate::inflight_packed`]. Which one an area has is
+//! decided when it is set up (GET_INFLIGHT_FD / SET_INFLIGHT_FD), from the features negotiated
+//! then: QEMU sends SET_FEATURES first for that reason (`vhost_dev_prepare_inflight`).
 //!
 //! The backend keeps, in memory the frontend holds on to (a memfd), which descriptor heads it
 //! has taken from the avail ring and not yet returned through the used ring. If the backend
@@ -86,25 +89,53 @@ pub fn queue_region_size(desc_num: u16) -> usize {
     raw.div_ceil(QUEUE_ALIGN) * QUEUE_ALIGN
 }
 
+/// The ring layout an area's queue regions describe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RingLayout {
+    Split,
+    Packed,
+}
+
+impl RingLayout {
+    /// Bytes of one queue's region for `desc_num` entries.
+    pub fn region_size(self, desc_num: u16) -> usize {
+        match self {
+            RingLayout::Split => queue_region_size(desc_num),
+            RingLayout::Packed => crate::inflight_packed::queue_region_size(desc_num),
+        }
+    }
+}
+
 /// The whole mapped area: one region per queue.
 #[derive(Debug, Clone)]
 pub struct InflightArea {
     mapping: Arc<MmapRegion>,
     queues: u16,
     desc_num: u16,
+    layout: RingLayout,
 }
 
 impl InflightArea {
     /// GET_INFLIGHT_FD: a zeroed, sealed memfd for `queues` queues of `queue_size` entries.
     /// Returns the area, its fd (for the frontend) and its size.
     pub fn allocate(queues: u16, queue_size: u16) -> Result<(Self, File, u64), InflightError> {
-        let size = total_size(queues, queue_size)?;
+        Self::allocate_for(queues, queue_size, RingLayout::Split)
+    }
+
+    /// [`InflightArea::allocate`] for rings of `layout`.
+    pub fn allocate_for(
+        queues: u16,
+        queue_size: u16,
+        layout: RingLayout,
+    ) -> Result<(Self, File, u64), InflightError> {
+        let size = total_size(queues, queue_size, layout)?;
         let file = create_memfd(size).map_err(InflightError::Create)?;
         let mapping = map(&file, 0, size)?;
         let area = InflightArea {
             mapping: Arc::new(mapping),
             queues,
             desc_num: queue_size,
+            layout,
         };
         area.write_desc_num();
         Ok((area, file, size as u64))
@@ -120,7 +151,19 @@ impl InflightArea {
         queue_size: u16,
         tripwire: &Tripwire,
     ) -> Result<Self, InflightError> {
-        let needed = total_size(queues, queue_size)?;
+        let geometry = (queues, queue_size, RingLayout::Split);
+        Self::attach_for(file, mmap_size, mmap_offset, geometry, tripwire)
+    }
+
+    /// [`InflightArea::attach`] for `(queues, queue_size, layout)`.
+    pub fn attach_for(
+        file: &File,
+        mmap_size: u64,
+        mmap_offset: u64,
+        (queues, queue_size, layout): (u16, u16, RingLayout),
+        tripwire: &Tripwire,
+    ) -> Result<Self, InflightError> {
+        let needed = total_size(queues, queue_size, layout)?;
         let file_size = file.metadata().map(|m| m.len()).unwrap_or(0);
         let size_error = InflightError::Size {
             size: mmap_size,
@@ -149,9 +192,15 @@ impl InflightArea {
             mapping,
             queues,
             desc_num: queue_size,
+            layout,
         };
         area.write_desc_num();
         Ok(area)
+    }
+
+    /// The ring layout the area was set up for.
+    pub fn layout(&self) -> RingLayout {
+        self.layout
     }
 
     /// Queues covered by the area.
@@ -159,29 +208,41 @@ impl InflightArea {
         self.queues
     }
 
-    /// The view of queue `index`, if the area covers it.
+    /// The split-ring view of queue `index`, if the area covers it and has that layout.
     pub fn queue(&self, index: u16) -> Option<QueueInflight> {
-        (index < self.queues).then(|| QueueInflight {
+        (index < self.queues && self.layout == RingLayout::Split).then(|| QueueInflight {
             mapping: Arc::clone(&self.mapping),
             base: usize::from(index) * queue_region_size(self.desc_num),
             desc_num: self.desc_num,
         })
     }
 
+    /// The packed-ring view of queue `index`, if the area covers it and has that layout.
+    pub fn packed_queue(&self, index: u16) -> Option<crate::inflight_packed::PackedInflight> {
+        (index < self.queues && self.layout == RingLayout::Packed).then(|| {
+            let base = usize::from(index) * self.layout.region_size(self.desc_num);
+            crate::inflight_packed::PackedInflight::new(
+                Arc::clone(&self.mapping),
+                base,
+                self.desc_num,
+            )
+        })
+    }
+
     fn write_desc_num(&self) {
-        for index in 0..self.queues {
-            if let Some(queue) = self.queue(index) {
-                queue.store(DESC_NUM_OFFSET, self.desc_num);
-            }
+        let slice = self.mapping.as_volatile_slice();
+        for index in 0..usize::from(self.queues) {
+            let at = index * self.layout.region_size(self.desc_num) + DESC_NUM_OFFSET;
+            let _ = slice.write_obj(self.desc_num, at);
         }
     }
 }
 
-fn total_size(queues: u16, queue_size: u16) -> Result<usize, InflightError> {
+fn total_size(queues: u16, queue_size: u16, layout: RingLayout) -> Result<usize, InflightError> {
     if queues == 0 || queue_size == 0 {
         return Err(InflightError::Geometry { queues, queue_size });
     }
-    Ok(queue_region_size(queue_size) * usize::from(queues))
+    Ok(layout.region_size(queue_size) * usize::from(queues))
 }
 
 fn create_memfd(size: usize) -> io::Result<File> {

@@ -10,7 +10,8 @@
 //!   `sluice_dma::DmaSpace` built from the frontend's memory — the model does not know it runs
 //!   behind vhost-user.
 //! * [`memory`] — the frontend's regions, mapped and validated; user address → GPA.
-//! * [`inflight`] — the INFLIGHT_SHMFD area and crash recovery.
+//! * [`inflight`] — the INFLIGHT_SHMFD area and crash recovery (split rings);
+//!   [`inflight_packed`] — its packed-ring form.
 //! * [`tracking`] — the handler wrapper that keeps the inflight area up to date.
 //! * [`sigbus`] — survives a frontend shrinking the memory it shared (SIGBUS → zero page and
 //!   a dropped connection).
@@ -23,15 +24,16 @@
 pub mod backend;
 pub mod fuzz;
 pub mod inflight;
+pub mod inflight_packed;
 pub mod memory;
 pub mod server;
 pub mod sigbus;
 pub mod tracking;
 
 pub use backend::{
-    offered_protocol_features, Backend, ConnectionResources, DeviceClaim,
+    offered_protocol_features, Backend, ConnectionResources, DeviceClaim, FEATURE_RING_PACKED,
     VHOST_USER_F_PROTOCOL_FEATURES,
 };
-pub use inflight::{queue_region_size, InflightArea, QueueInflight, Recovery};
+pub use inflight::{queue_region_size, InflightArea, QueueInflight, Recovery, RingLayout};
 pub use memory::{MemoryError, MemoryTable, MAX_MEM_SLOTS};
 pub use server::{ConnectionEnd, Limits, Server, SocketRemover};

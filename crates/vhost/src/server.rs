@@ -83,6 +83,8 @@ pub struct Limits {
     pub message_timeout: Duration,
     /// Guest memory one connection may map.
     pub max_mapped_bytes: u64,
+    /// Offer packed virtqueues (VIRTIO_F_RING_PACKED); off serves split rings only.
+    pub offer_packed: bool,
 }
 
 impl Default for Limits {
@@ -94,6 +96,7 @@ impl Default for Limits {
             // Guest RAM, which QEMU shares whole: room for very large guests, not for a
             // frontend reserving the address space.
             max_mapped_bytes: 4 << 40,
+            offer_packed: true,
         }
     }
 }
@@ -337,6 +340,7 @@ impl<D: VirtioDevice> Shared<D> {
             claim: Arc::clone(&self.claim),
             tripwire: Arc::clone(&tripwire),
             max_mapped_bytes: self.limits.max_mapped_bytes,
+            offer_packed: self.limits.offer_packed,
         };
         let backend = Arc::new(Mutex::new(Backend::new(
             Arc::clone(&self.device),

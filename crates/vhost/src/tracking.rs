@@ -1,4 +1,5 @@
-//! [`Tracked`]: a device model's `QueueHandler` wrapped with inflight bookkeeping.
+//! [`Tracked`]: a device model's `QueueHandler` wrapped with inflight bookkeeping (split rings;
+//! packed rings journal through `PackedQueue`'s hooks, see [`crate::inflight_packed`]).
 //!
 //! The device model pops chains and writes used entries itself (through virtio-queue, inside
 //! `process` / `complete`), so the wrapper cannot hook the individual pops. It works from the
@@ -25,7 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use sluice_dma::DmaSpace;
-use sluice_virtio::{QueueContext, QueueError, QueueHandler};
+use sluice_virtio::{QueueContext, QueueError, QueueHandler, VirtQueue};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -173,7 +174,7 @@ impl Tracked {
 
 impl QueueHandler for Tracked {
     fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
-        // The inflight area describes split rings (the only layout served over vhost-user).
+        // Split rings only: a packed ring journals its pops and used entries itself.
         let area = self
             .inflight
             .clone()
@@ -253,8 +254,11 @@ impl QueueHandler for SharedTracked {
 
 /// Chains popped and not yet used.
 fn outstanding(ctx: &QueueContext<'_>) -> u16 {
-    let Some(queue) = ctx.queue.as_split() else {
-        return 0;
+    let queue = match &*ctx.queue {
+        VirtQueue::Split(queue) => queue,
+        VirtQueue::Packed(queue) => {
+            return u16::try_from(queue.in_flight_count()).unwrap_or(u16::MAX)
+        }
     };
     let gap = queue.next_avail().wrapping_sub(queue.next_used());
     if gap > queue.size() {

@@ -6,7 +6,7 @@ use std::thread;
 
 use common::*;
 use sluice_devices::rng::Rng;
-use sluice_vhost::{Server, VHOST_USER_F_PROTOCOL_FEATURES};
+use sluice_vhost::{Server, FEATURE_RING_PACKED, VHOST_USER_F_PROTOCOL_FEATURES};
 use sluice_virtio::VirtioDevice;
 use vhost::vhost_user::VhostUserFrontend;
 
@@ -21,6 +21,9 @@ fn a_boxed_device_is_served_with_its_own_identity() {
     let mut session = connect(&socket);
     let queues = session.frontend.get_queue_num().expect("GET_QUEUE_NUM");
 
-    assert_eq!(session.features, offered | VHOST_USER_F_PROTOCOL_FEATURES);
+    assert_eq!(
+        session.features,
+        offered | VHOST_USER_F_PROTOCOL_FEATURES | FEATURE_RING_PACKED
+    );
     assert_eq!(queues, 1);
 }

@@ -51,6 +51,8 @@ fn the_vhost_user_fds_corpus_replays_and_each_seed_reaches_its_point() {
     // (seed, the connection ends by the SIGBUS path, the device serves its request)
     let seeds = [
         ("ring_io", false, true),
+        ("packed_ring_io", false, true),
+        ("packed_inflight_recovery", false, true),
         ("shrink_ram", true, false),
         ("shrink_inflight", true, false),
         ("saturated_call", false, false),

@@ -33,7 +33,8 @@ fn write_completes(session: &Session, guest: &mut Guest, head: u16, sector: u64)
 /// Features (no EVENT_IDX), memory by ADD_MEM_REG, ring 0 set up and enabled.
 fn start_ring_with_added_region(session: &mut Session, guest: &Guest) {
     let fe = &mut session.frontend;
-    fe.set_features(session.features & !EVENT_IDX).unwrap();
+    fe.set_features(session.features & !EVENT_IDX & !RING_PACKED)
+        .unwrap();
     fe.add_mem_region(&guest.region()).expect("ADD_MEM_REG");
     fe.set_vring_num(0, QUEUE_SIZE).unwrap();
     fe.set_vring_base(0, 0).unwrap();
@@ -106,7 +107,7 @@ fn without_protocol_features_a_kick_before_the_addresses_still_starts_the_ring()
     frontend.set_owner().unwrap();
     let features = frontend.get_features().unwrap();
     frontend
-        .set_features(features & !PROTOCOL_FEATURES & !EVENT_IDX)
+        .set_features(features & !PROTOCOL_FEATURES & !EVENT_IDX & !RING_PACKED)
         .unwrap();
     let mut guest = Guest::new();
     let kick = EventFd::new(0).unwrap();

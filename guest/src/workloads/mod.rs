@@ -1,6 +1,7 @@
 //! Runs the command line's workloads in order and turns their outcomes into the exit status.
 //! Each workload prints one `RESULT {json}` line.
 
+pub mod blk;
 mod info;
 mod smp;
 pub mod stats;
@@ -22,6 +23,7 @@ fn run_one(workload: &Workload, config: &Config) -> Outcome {
         Workload::Blk(params) => {
             crate::drivers::virtio::blk::run_workload(params, config.timeout_ms)
         }
+        Workload::Nvme(params) => crate::drivers::nvme::run_workload(params, config.timeout_ms),
         Workload::Rng { bytes, dev } => {
             crate::drivers::virtio::rng::run_workload(*bytes, *dev, config.timeout_ms)
         }

@@ -330,6 +330,9 @@ pub fn wait_until(mut condition: impl FnMut() -> bool) -> bool {
     condition()
 }
 
+/// VIRTIO_F_RING_PACKED: the test guest's rings are split unless a test says otherwise.
+pub const RING_PACKED: u64 = 1 << 34;
+
 /// A connected frontend after the handshake (features, protocol features, owner).
 pub struct Session {
     pub frontend: Frontend,
@@ -387,12 +390,12 @@ impl Session {
         self.frontend.get_protocol_features().unwrap()
     }
 
-    /// Features (without EVENT_IDX, so every completion signals), memory, ring 0 from `base`,
-    /// enabled.
+    /// Split-ring features (without EVENT_IDX, so every completion signals), memory, ring 0
+    /// from `base`, enabled.
     pub fn start_ring(&mut self, guest: &Guest, base: u16) {
         let event_idx = 1u64 << 29;
         let fe = &mut self.frontend;
-        fe.set_features(self.features & !event_idx)
+        fe.set_features(self.features & !event_idx & !RING_PACKED)
             .expect("SET_FEATURES");
         fe.set_mem_table(&[guest.region()]).expect("SET_MEM_TABLE");
         fe.set_vring_num(0, QUEUE_SIZE).expect("SET_VRING_NUM");

@@ -27,7 +27,9 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT, Read
 use vm_memory::{Bytes, GuestAddress};
 
 pub use cursor::BufferCursor;
-pub use packed::{PackedBuffer, PackedChain, PackedError, PackedQueue};
+pub use packed::{
+    PackedBuffer, PackedChain, PackedError, PackedJournal, PackedQueue, RingDescriptor,
+};
 
 use crate::device::QueueError;
 

@@ -27,8 +27,11 @@
 //! violation is a [`PackedError`] (the worker then sets DEVICE_NEEDS_RESET); buffers that lie
 //! outside the DMA space are refused later, when the device model maps them.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
+use std::fmt;
 use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
 
 use sluice_dma::DmaSpace;
 use virtio_bindings::virtio_ring::{
@@ -82,6 +85,46 @@ pub enum PackedError {
     NotInFlight(u16),
     #[error("the queue is not ready")]
     NotReady,
+    #[error("ring positions {0:#06x} (avail) / {1:#06x} (used) do not fit the ring")]
+    BadPosition(u16, u16),
+    #[error("the in-flight journal cannot record buffer {0}")]
+    Journal(u16),
+}
+
+/// A ring descriptor as the driver wrote it (what a [`PackedJournal`] keeps, because the
+/// device's used entries overwrite ring slots of buffers still in flight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RingDescriptor {
+    pub addr: u64,
+    pub len: u32,
+    pub id: u16,
+    pub flags: u16,
+}
+
+/// Keeps the buffers in flight of a packed ring where they outlive the device process
+/// (vhost-user's INFLIGHT_SHMFD area). The queue calls it on every pop, given-back pop and
+/// used entry; a journal must not fail a used entry (it may only refuse a pop).
+pub trait PackedJournal: Send + Sync {
+    /// Buffer `id` was taken; `descriptors` are its ring descriptors in ring order. An error
+    /// fails the pop (the ring is then broken: nothing is lost silently).
+    fn popped(&self, id: u16, descriptors: &[RingDescriptor]) -> Result<(), PackedError>;
+    /// The pop of buffer `id` was given back (`undo_pop`).
+    fn unpopped(&self, id: u16);
+    /// Buffer `id` is being written back; the used position after it is `next_used`
+    /// (`off_wrap` form). Called before the used descriptor's flags are written.
+    fn using(&self, id: u16, next_used: u16);
+    /// Buffer `id`'s used descriptor is visible to the driver.
+    fn used(&self, id: u16);
+}
+
+/// A queue's journal, if any (the `Debug` of `PackedQueue` does not look inside).
+#[derive(Clone, Default)]
+struct Journal(Option<Arc<dyn PackedJournal>>);
+
+impl fmt::Debug for Journal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() { "Journal" } else { "None" })
+    }
 }
 
 /// One buffer of a chain as the driver described it.
@@ -149,10 +192,12 @@ impl Position {
 }
 
 /// A popped buffer that may still be given back ([`PackedQueue::undo_pop`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Popped {
     at: Position,
     id: u16,
+    /// The chain, if it came from the resumed buffers rather than the ring.
+    resumed: Option<PackedChain>,
 }
 
 /// The device side of one packed virtqueue.
@@ -175,6 +220,15 @@ pub struct PackedQueue {
     signalled: Option<Position>,
     /// Descriptors used since then (saturating): a whole lap means the event was crossed.
     used_since_signal: u32,
+    /// Slots from `next_avail` on that [`PackedQueue::available_end`] already saw available.
+    /// They stay available until popped (the driver never takes a published slot back, and
+    /// used entries are written behind `next_avail`), so the next scan resumes after them: a
+    /// poll loop whose handler declines the chains (RX without frames) reads one flags word
+    /// per spin instead of the whole run. Pops shrink it, `undo_pop` grows it back.
+    known_available: Cell<u16>,
+    /// Buffers an earlier device left in flight, handed out by `pop` before the ring's.
+    resumed: VecDeque<PackedChain>,
+    journal: Journal,
 }
 
 impl PackedQueue {
@@ -199,7 +253,39 @@ impl PackedQueue {
             used_count: 0,
             signalled: None,
             used_since_signal: 0,
+            known_available: Cell::new(0),
+            resumed: VecDeque::new(),
+            journal: Journal::default(),
         }
+    }
+
+    /// Records every pop and used entry in `journal` from now on.
+    pub fn set_journal(&mut self, journal: Arc<dyn PackedJournal>) {
+        self.journal = Journal(Some(journal));
+    }
+
+    /// Takes over a buffer an earlier device popped and did not answer (recovered from a
+    /// journal, `descriptors` in ring order): `pop` hands it out before anything in the ring,
+    /// and it is answered like any other. The caller places the avail position after all such
+    /// buffers ([`PackedQueue::set_positions`]). Returns the buffer id.
+    pub fn resume_in_flight(
+        &mut self,
+        mem: &DmaSpace,
+        descriptors: &[RingDescriptor],
+    ) -> Result<u16, PackedError> {
+        let count = u16::try_from(descriptors.len())
+            .ok()
+            .filter(|&n| n > 0 && n <= self.size)
+            .ok_or(PackedError::ChainTooLong(self.size))?;
+        let chain = chain_of(mem, descriptors)?;
+        let slot = self.id_slot(chain.id)?;
+        if *slot != 0 {
+            return Err(PackedError::IdInFlight(chain.id));
+        }
+        *slot = count;
+        let id = chain.id;
+        self.resumed.push_back(chain);
+        Ok(id)
     }
 
     pub fn size(&self) -> u16 {
@@ -219,6 +305,32 @@ impl PackedQueue {
     /// The used position and wrap counter in `off_wrap` form.
     pub fn used_off_wrap(&self) -> u16 {
         self.next_used.off_wrap()
+    }
+
+    /// Moves the device's avail and used positions (`off_wrap` form: index in bits 0..15, wrap
+    /// counter in bit 15) to where an earlier device left the ring (vhost-user's
+    /// SET_VRING_BASE). The buffers between the two positions are not known to be in flight
+    /// here unless they are handed over with [`PackedQueue::resume_in_flight`].
+    pub fn set_positions(&mut self, avail: u16, used: u16) -> Result<(), PackedError> {
+        let (avail, used) = (
+            Position::from_off_wrap(avail),
+            Position::from_off_wrap(used),
+        );
+        if avail.index >= self.size || used.index >= self.size {
+            return Err(PackedError::BadPosition(avail.off_wrap(), used.off_wrap()));
+        }
+        self.next_avail = avail;
+        self.next_used = used;
+        self.known_available.set(0);
+        self.recent.clear();
+        self.resumed.clear();
+        self.signalled = None;
+        Ok(())
+    }
+
+    /// Buffers popped and not yet used.
+    pub fn in_flight_count(&self) -> usize {
+        self.in_flight.iter().filter(|&&slots| slots != 0).count()
     }
 
     /// Buffers written back so far (wrapping): grows by one per `add_used`.
@@ -242,6 +354,9 @@ impl PackedQueue {
 
     /// Whether the descriptor at the avail position is available.
     pub fn has_available(&self, mem: &DmaSpace) -> Result<bool, PackedError> {
+        if !self.resumed.is_empty() {
+            return Ok(true);
+        }
         let flags = self.load_flags(mem, self.next_avail.index)?;
         Ok(is_available(flags, self.next_avail.wrap))
     }
@@ -253,18 +368,25 @@ impl PackedQueue {
     /// count of available slots would not: taking n slots while n more are published leaves it
     /// unchanged, and a worker comparing counts then slept on published buffers it had asked
     /// not to be kicked for).
+    ///
+    /// The scan resumes where the previous one stopped (`known_available`).
     pub fn available_end(&self, mem: &DmaSpace) -> Result<u16, PackedError> {
-        let mut at = self.next_avail;
-        let mut count = 0;
+        let mut count = self.known_available.get().min(self.size);
+        let mut at = self.next_avail.advance(count, self.size);
         while count < self.size && is_available(self.load_flags(mem, at.index)?, at.wrap) {
             at = at.advance(1, self.size);
             count += 1;
         }
+        self.known_available.set(count);
         Ok(at.off_wrap())
     }
 
     /// Takes the next available buffer, if any.
     pub fn pop(&mut self, mem: &DmaSpace) -> Result<Option<PackedChain>, PackedError> {
+        if let Some(chain) = self.resumed.pop_front() {
+            self.remember_pop(self.next_avail, chain.id, Some(chain.clone()));
+            return Ok(Some(chain));
+        }
         if !self.has_available(mem)? {
             return Ok(None);
         }
@@ -274,16 +396,47 @@ impl PackedQueue {
         if *slot != 0 {
             return Err(PackedError::IdInFlight(chain.id));
         }
-        *slot = consumed;
+        if let Some(journal) = &self.journal.0 {
+            let descriptors = self.ring_descriptors(mem, start, consumed)?;
+            journal.popped(chain.id, &descriptors)?;
+        }
+        if let Some(slot) = self.in_flight.get_mut(usize::from(chain.id)) {
+            *slot = consumed;
+        }
         self.next_avail = start.advance(consumed, self.size);
+        self.known_available
+            .set(self.known_available.get().saturating_sub(consumed));
+        self.remember_pop(start, chain.id, None);
+        Ok(Some(chain))
+    }
+
+    fn remember_pop(&mut self, at: Position, id: u16, resumed: Option<PackedChain>) {
         if self.recent.len() >= usize::from(self.size) {
             self.recent.pop_front();
         }
-        self.recent.push_back(Popped {
-            at: start,
-            id: chain.id,
-        });
-        Ok(Some(chain))
+        self.recent.push_back(Popped { at, id, resumed });
+    }
+
+    /// The `count` ring descriptors from `start` on, as the driver wrote them.
+    fn ring_descriptors(
+        &self,
+        mem: &DmaSpace,
+        start: Position,
+        count: u16,
+    ) -> Result<Vec<RingDescriptor>, PackedError> {
+        let mut at = start;
+        (0..count)
+            .map(|_| {
+                let raw = self.read_descriptor(mem, at.index)?;
+                at = at.advance(1, self.size);
+                Ok(RingDescriptor {
+                    addr: raw.addr.0,
+                    len: raw.len,
+                    id: raw.id,
+                    flags: raw.flags,
+                })
+            })
+            .collect()
     }
 
     /// Gives the most recently popped buffer back to the ring (only buffers popped after the
@@ -292,10 +445,22 @@ impl PackedQueue {
         let Some(popped) = self.recent.pop_back() else {
             return;
         };
+        if let Some(chain) = popped.resumed {
+            // Back to the resumed buffers: still in flight, still journaled.
+            self.resumed.push_front(chain);
+            return;
+        }
+        let mut given_back = 0;
         if let Some(slot) = self.in_flight.get_mut(usize::from(popped.id)) {
-            *slot = 0;
+            given_back = std::mem::take(slot);
+        }
+        if let Some(journal) = &self.journal.0 {
+            journal.unpopped(popped.id);
         }
         self.next_avail = popped.at;
+        // The chain's slots were available before the pop and are again.
+        let known = self.known_available.get().saturating_add(given_back);
+        self.known_available.set(known.min(self.size));
     }
 
     /// Writes buffer `id` back as used with `len` bytes written into it.
@@ -323,11 +488,18 @@ impl PackedQueue {
         if len > 0 {
             flags |= WRITE_FLAG;
         }
+        let next_used = self.next_used.advance(consumed, self.size);
+        if let Some(journal) = &self.journal.0 {
+            journal.using(id, next_used.off_wrap());
+        }
         // Release: the driver must see id and len before the flags that hand the slot back.
         let flags_addr = offset(at, DESC_FLAGS_OFFSET)?;
         mem.store(flags, flags_addr, Ordering::Release)
             .map_err(|_| PackedError::Memory(flags_addr.0))?;
-        self.next_used = self.next_used.advance(consumed, self.size);
+        if let Some(journal) = &self.journal.0 {
+            journal.used(id);
+        }
+        self.next_used = next_used;
         self.used_count = self.used_count.wrapping_add(1);
         self.used_since_signal = self.used_since_signal.saturating_add(u32::from(consumed));
         Ok(())
@@ -538,8 +710,37 @@ fn read_indirect(
         .collect()
 }
 
+/// The buffer described by a chain's ring descriptors (as `walk` reads them from the ring).
+fn chain_of(mem: &DmaSpace, descriptors: &[RingDescriptor]) -> Result<PackedChain, PackedError> {
+    let mut buffers = Vec::new();
+    for (index, desc) in descriptors.iter().enumerate() {
+        let raw = RawDescriptor {
+            addr: GuestAddress(desc.addr),
+            len: desc.len,
+            id: desc.id,
+            flags: desc.flags,
+        };
+        let last = index + 1 == descriptors.len();
+        if raw.flags & INDIRECT_FLAG != 0 {
+            if index != 0 || !last {
+                return Err(PackedError::BadIndirect);
+            }
+            buffers = read_indirect(mem, raw.addr, raw.len)?;
+        } else {
+            buffers.push(raw.buffer());
+        }
+        if last {
+            return Ok(PackedChain {
+                id: raw.id,
+                buffers,
+            });
+        }
+    }
+    Err(PackedError::ChainTooLong(0))
+}
+
 /// Whether a descriptor with `flags` is available to a device whose avail wrap counter is `wrap`.
-fn is_available(flags: u16, wrap: bool) -> bool {
+pub fn is_available(flags: u16, wrap: bool) -> bool {
     let avail = flags & AVAIL_FLAG != 0;
     let used = flags & USED_FLAG != 0;
     avail == wrap && used != wrap

@@ -490,3 +490,60 @@ fn avail_marker_changes_when_a_pass_takes_as_many_slots_as_the_driver_publishes(
     assert_eq!(taken, offered, "taking buffers is not publishing");
     assert_ne!(published, offered);
 }
+
+/// In poll mode a worker whose handler declines the chains reads the marker on every spin: the
+/// scan must resume where the last one stopped, not walk the whole run again. Shown by
+/// changing a slot the first scan already passed: a rescan from the start would stop there.
+#[test]
+fn available_end_resumes_where_the_last_scan_stopped() {
+    let mem = memory();
+    let mut driver = PackedDriver::new(&mem, RING, 8);
+    let queue = driver.queue();
+    driver.add_chain(0, &[(DATA, 16, true)]);
+    driver.add_chain(1, &[(DATA + 0x100, 16, true)]);
+    driver.add_chain(2, &[(DATA + 0x200, 16, true)]);
+    let first = queue.available_end(&mem).unwrap();
+    // Slot 1's flags turn unavailable behind the device's back (no driver does this; only
+    // a rescan would look at the slot again).
+    driver.write_descriptor(1, DATA + 0x100, 16, 1, 0);
+
+    let second = queue.available_end(&mem).unwrap();
+    driver.add_chain(3, &[(DATA + 0x300, 16, true)]);
+    let after_publish = queue.available_end(&mem).unwrap();
+
+    assert_eq!(first, 3 | 1 << 15);
+    assert_eq!(second, first, "the scan resumed at slot 3");
+    assert_eq!(after_publish, 4 | 1 << 15, "new slots are still found");
+}
+
+/// The remembered run follows pops and given-back pops: the end stays the driver's frontier.
+#[test]
+fn available_end_stays_right_across_pops_undos_and_laps() {
+    let mem = memory();
+    let mut driver = PackedDriver::new(&mem, RING, 4);
+    let mut queue = driver.queue();
+    driver.add_chain(0, &[(DATA, 16, true), (DATA + 0x100, 16, true)]);
+    driver.add_chain(1, &[(DATA + 0x200, 16, true)]);
+    let published = queue.available_end(&mem).unwrap();
+
+    let chain = pop(&mut queue, &mem);
+    let after_pop = queue.available_end(&mem).unwrap();
+    let _ = pop(&mut queue, &mem);
+    queue.undo_pop();
+    let after_undo = queue.available_end(&mem).unwrap();
+    let _ = pop(&mut queue, &mem);
+    queue.add_used(&mem, chain.id, 0).unwrap();
+    queue.add_used(&mem, 1, 0).unwrap();
+    driver.used().unwrap();
+    driver.used().unwrap();
+    let drained = queue.available_end(&mem).unwrap();
+    // The next chain wraps: slot 3, then slot 0 on the second lap.
+    driver.add_chain(2, &[(DATA, 16, true), (DATA + 0x100, 16, true)]);
+    let wrapped = queue.available_end(&mem).unwrap();
+
+    assert_eq!(published, 3 | 1 << 15);
+    assert_eq!(after_pop, published);
+    assert_eq!(after_undo, published);
+    assert_eq!(drained, 3 | 1 << 15, "nothing available past the last pop");
+    assert_eq!(wrapped, 1, "slot 1 of the second lap (wrap counter clear)");
+}
