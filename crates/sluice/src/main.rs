@@ -4,6 +4,7 @@
 mod guest_kit;
 mod serve;
 mod size;
+mod spectrum;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
