@@ -202,6 +202,12 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         ),
         None => None,
     };
+    // The main job: with nothing asked for, show the spectrum (paravirtual vs emulated).
+    if args.asks_for_nothing() {
+        // The memfd must outlive every run's kernel load.
+        let embedded = guest_kit::embedded_guest_kit()?;
+        return spectrum::run(&embedded.path, args.cpus, args.memory);
+    }
     // Without --kernel, boot the embedded guest kit; the memfd must outlive the kernel load.
     let (kernel, _embedded) = match args.kernel {
         Some(path) => (path, None),
@@ -246,6 +252,21 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
     Ok(exit_status(&report.outcome))
 }
 
+impl RunArgs {
+    /// No kernel, command line, device or serial choice: the main job's spectrum run.
+    fn asks_for_nothing(&self) -> bool {
+        self.kernel.is_none()
+            && self.cmdline.is_empty()
+            && self.disk.is_empty()
+            && self.net.is_empty()
+            && self.rng.is_none()
+            && self.e1000.is_empty()
+            && self.nvme.is_empty()
+            && !self.test_device
+            && matches!(self.serial, SerialTarget::Stdout)
+    }
+}
+
 fn write_metrics(mut file: File, path: &std::path::Path, report: &VmReport) -> anyhow::Result<()> {
     let text = if path.extension().is_some_and(|e| e == "prom") {
         let mut text = format!(
@@ -277,7 +298,7 @@ fn write_metrics(mut file: File, path: &std::path::Path, report: &VmReport) -> a
 }
 
 /// Maps how the VM ended to sluice's exit status; resets and crashes are also explained on stderr.
-fn exit_status(outcome: &VmOutcome) -> u8 {
+pub(crate) fn exit_status(outcome: &VmOutcome) -> u8 {
     match outcome {
         VmOutcome::PowerOff => 0,
         VmOutcome::DebugExit(v) => *v,

@@ -1,96 +1,186 @@
 //! The main job: `sluice run` with no kernel, command line or device shows the I/O spectrum.
-//! It boots the embedded guest kit with a paravirtual virtio-blk disk and an emulated NVMe
-//! controller, each on its own temporary image, runs the same short verify and random-read
-//! workloads on both, and prints one table: IOPS, latency, and the userspace exits each I/O
-//! cost (the price of trap-and-emulate against ioeventfd/irqfd).
+//! The embedded guest kit runs the same short verify and random-read workloads on a
+//! paravirtual virtio-blk disk and on the emulated NVMe controller (with shadow doorbells,
+//! and with a doorbell write per command), one VM per device class on its own temporary image,
+//! and one table compares IOPS, latency and the userspace exits each I/O cost.
 
 use std::fmt::Write as _;
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use sluice_bus::DeviceExits;
-use sluice_guest_kit::{GuestKitReport, WorkloadResult};
+use sluice_devices::platform::CaptureBuffer;
+use sluice_guest_kit::{ExitKind, GuestKitReport, WorkloadResult};
+use sluice_vmm::config::{DiskSpec, NvmeSpec};
+use sluice_vmm::machine::{self, SerialTarget, VmConfig};
+use sluice_vmm::vcpu::VmOutcome;
 
 /// Size of each temporary image; the workloads touch the first `SPAN_MB` MiB.
 const IMAGE_BYTES: u64 = 64 << 20;
 const SPAN_MB: u32 = 16;
 
-/// A device class the table compares: the guest kit workload that drives it and the prefix of
-/// its exit-counter name on sluice's buses.
-struct DeviceClass {
+/// A device class of the table: how sluice offers it, the guest kit workload that drives it,
+/// and the substring of its exit-counter name on sluice's buses.
+pub struct DeviceClass {
     label: &'static str,
+    device: Device,
     workload: &'static str,
-    exit_name_prefix: &'static str,
+    exit_name: &'static str,
 }
 
-const CLASSES: [DeviceClass; 2] = [
+#[derive(Clone, Copy)]
+enum Device {
+    VirtioBlk,
+    /// The emulated controller; `dbbuf: false` hides Doorbell Buffer Config, so every
+    /// doorbell write traps (trap-and-emulate in full).
+    Nvme {
+        dbbuf: bool,
+    },
+}
+
+pub const CLASSES: [DeviceClass; 3] = [
     DeviceClass {
         label: "virtio-blk (paravirtual)",
+        device: Device::VirtioBlk,
         workload: "blk",
-        exit_name_prefix: "virtio-blk",
+        exit_name: "virtio-blk",
     },
     DeviceClass {
-        label: "NVMe (emulated)",
+        label: "NVMe, shadow doorbells",
+        device: Device::Nvme { dbbuf: true },
         workload: "nvme",
-        exit_name_prefix: "nvme",
+        exit_name: "nvme",
+    },
+    DeviceClass {
+        label: "NVMe, MMIO doorbells",
+        device: Device::Nvme { dbbuf: false },
+        workload: "nvme",
+        exit_name: "nvme",
     },
 ];
 
-/// The temporary images of one spectrum run, removed on drop.
-pub struct SpectrumImages {
-    dir: PathBuf,
-    pub virtio_blk: PathBuf,
-    pub nvme: PathBuf,
-    pub console: PathBuf,
+impl DeviceClass {
+    /// The guest kit command line: a verify pass, then random 4K reads.
+    fn cmdline(&self) -> String {
+        let w = self.workload;
+        format!(
+            "quiet w={w}:op=verify:bs=4096:qd=16:span_mb={SPAN_MB}:seed=7 \
+             w={w}:op=randread:bs=4096:qd=32:ops=20000:span_mb={SPAN_MB}"
+        )
+    }
+
+    /// `config` with this class's one device on `image`.
+    fn attach(&self, config: &mut VmConfig, image: &Path) -> anyhow::Result<()> {
+        let path = image.display();
+        match self.device {
+            Device::VirtioBlk => config
+                .disks
+                .push(DiskSpec::parse(&format!("path={path}")).map_err(anyhow::Error::msg)?),
+            Device::Nvme { dbbuf } => {
+                let dbbuf = if dbbuf { "on" } else { "off" };
+                config.nvmes.push(
+                    NvmeSpec::parse(&format!("path={path},dbbuf={dbbuf}"))
+                        .map_err(anyhow::Error::msg)?,
+                )
+            }
+        }
+        Ok(())
+    }
 }
 
-impl SpectrumImages {
-    /// Creates a private directory under the system's temporary directory with two sparse images.
-    pub fn create() -> anyhow::Result<Self> {
+/// A private temporary directory, removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn create() -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("sluice-spectrum-{}", std::process::id()));
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
-        let images = Self {
-            virtio_blk: dir.join("virtio-blk.img"),
-            nvme: dir.join("nvme.img"),
-            console: dir.join("console.txt"),
-            dir,
-        };
-        for image in [&images.virtio_blk, &images.nvme] {
-            let file = File::create(image)
-                .with_context(|| format!("cannot create {}", image.display()))?;
-            file.set_len(IMAGE_BYTES)
-                .with_context(|| format!("cannot size {}", image.display()))?;
-        }
-        Ok(images)
+        Ok(Self(dir))
+    }
+
+    /// A fresh sparse image of `IMAGE_BYTES` in the directory.
+    fn image(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let path = self.0.join(name);
+        let file =
+            File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        file.set_len(IMAGE_BYTES)
+            .with_context(|| format!("cannot size {}", path.display()))?;
+        Ok(path)
     }
 }
 
-impl Drop for SpectrumImages {
+impl Drop for ScratchDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
-/// The guest kit command line: on each device class, a verify pass then random 4K reads.
-pub fn cmdline() -> String {
-    let mut line = String::from("quiet w=info");
-    for class in &CLASSES {
-        let w = class.workload;
-        let _ = write!(
-            line,
-            " w={w}:op=verify:bs=4096:qd=16:span_mb={SPAN_MB}:seed=7 \
-             w={w}:op=randread:bs=4096:qd=32:ops=20000:span_mb={SPAN_MB}"
-        );
+/// What one class's VM produced.
+pub struct ClassRun<'a> {
+    class: &'a DeviceClass,
+    report: GuestKitReport,
+    exits: Vec<DeviceExits>,
+}
+
+/// Runs every class in its own VM booting `kernel` (the guest kit) with `cpus` and `memory`,
+/// prints each console and then the table; the status is the first failing run's, else 0.
+pub fn run(kernel: &Path, cpus: u8, memory: u64) -> anyhow::Result<u8> {
+    let scratch = ScratchDir::create()?;
+    let mut runs = Vec::new();
+    let mut status = 0;
+    for (index, class) in CLASSES.iter().enumerate() {
+        let console = CaptureBuffer::new();
+        let mut config = VmConfig {
+            kernel: kernel.to_path_buf(),
+            initrd: None,
+            cmdline: class.cmdline(),
+            cpus,
+            memory,
+            serial: SerialTarget::Buffer(console.clone()),
+            test_device: false,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            rng: None,
+            e1000s: Vec::new(),
+            nvmes: Vec::new(),
+        };
+        class.attach(&mut config, &scratch.image(&format!("class{index}.img"))?)?;
+        let report = machine::run(config)?;
+        let exit = match report.outcome {
+            VmOutcome::DebugExit(byte) => ExitKind::from_guest_byte(byte),
+            VmOutcome::PowerOff => ExitKind::Pass,
+            _ => ExitKind::Other(-1),
+        };
+        let kit = GuestKitReport::parse(&console.text(), exit);
+        if status == 0 && !kit.passed() {
+            status = crate::exit_status(&report.outcome).max(1);
+        }
+        print_console(class, &kit.console);
+        runs.push(ClassRun {
+            class,
+            report: kit,
+            exits: report.device_exits,
+        });
     }
-    line
+    print_out(&format!("\n{}", table(&runs)));
+    Ok(status)
+}
+
+fn print_console(class: &DeviceClass, console: &str) {
+    print_out(&format!("== {}\n{console}", class.label));
+}
+
+/// Writes to stdout, ignoring errors (a closed pipe must not fail the run).
+fn print_out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 /// One line of the table.
 #[derive(Debug, Clone, PartialEq)]
 struct Row {
-    device: &'static str,
     op: String,
     iops: Option<f64>,
     p50_us: Option<f64>,
@@ -98,14 +188,13 @@ struct Row {
     verify: String,
 }
 
-fn row(class: &DeviceClass, result: &WorkloadResult) -> Row {
+fn row(result: &WorkloadResult) -> Row {
     let iops = match (result.ops, result.elapsed_ns) {
         (Some(ops), Some(ns)) if ns > 0 => Some(ops as f64 * 1e9 / ns as f64),
         _ => None,
     };
     let latency = result.lat_ns.as_ref().filter(|l| l.p50 > 0);
     Row {
-        device: class.label,
         op: result.op.clone().unwrap_or_else(|| "?".into()),
         iops,
         p50_us: latency.map(|l| l.p50 as f64 / 1e3),
@@ -118,12 +207,12 @@ fn row(class: &DeviceClass, result: &WorkloadResult) -> Row {
     }
 }
 
-/// Userspace exits of every device whose name starts with `prefix` (setup included: a few
-/// dozen config and BAR accesses, small next to thousands of I/Os).
-fn exits_of(exits: &[DeviceExits], prefix: &str) -> u64 {
+/// Userspace exits of every device whose exit-counter name contains `name` (setup included:
+/// a few dozen config and BAR accesses, small next to thousands of I/Os).
+fn exits_of(exits: &[DeviceExits], name: &str) -> u64 {
     exits
         .iter()
-        .filter(|d| d.name.starts_with(prefix))
+        .filter(|d| d.name.contains(name))
         .map(|d| d.reads + d.writes)
         .sum()
 }
@@ -132,29 +221,30 @@ fn cell(value: Option<f64>, decimals: usize) -> String {
     value.map_or_else(|| "-".into(), |v| format!("{v:.decimals$}"))
 }
 
-/// The table: one line per workload on each device class, with that class's exits per I/O.
-pub fn table(report: &GuestKitReport, exits: &[DeviceExits]) -> String {
+/// The table: one line per workload of each class, with that class's exits per I/O.
+fn table(runs: &[ClassRun<'_>]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "{:<26} {:<9} {:>9} {:>9} {:>9} {:>10} {:>7}",
         "device", "workload", "IOPS", "p50 µs", "p99 µs", "exits/IO", "verify"
     );
-    for class in &CLASSES {
-        let results: Vec<&WorkloadResult> = report.results_for(class.workload).collect();
+    for run in runs {
+        let class = run.class;
+        let results: Vec<&WorkloadResult> = run.report.results_for(class.workload).collect();
         if results.is_empty() {
             let _ = writeln!(out, "{:<26} (no result)", class.label);
             continue;
         }
         let ios: u64 = results.iter().filter_map(|r| r.ops).sum();
         let exits_per_io =
-            (ios > 0).then(|| exits_of(exits, class.exit_name_prefix) as f64 / ios as f64);
+            (ios > 0).then(|| exits_of(&run.exits, class.exit_name) as f64 / ios as f64);
         for result in results {
-            let row = row(class, result);
+            let row = row(result);
             let _ = writeln!(
                 out,
                 "{:<26} {:<9} {:>9} {:>9} {:>9} {:>10} {:>7}",
-                row.device,
+                class.label,
                 row.op,
                 cell(row.iops, 0),
                 cell(row.p50_us, 1),
@@ -167,25 +257,18 @@ pub fn table(report: &GuestKitReport, exits: &[DeviceExits]) -> String {
     out
 }
 
-/// Prints the console the guest kit wrote, then the table (write errors ignored: a closed
-/// pipe must not fail the run).
-pub fn print(report: &GuestKitReport, exits: &[DeviceExits]) {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(report.console.as_bytes());
-    let _ = writeln!(stdout, "\n{}", table(report, exits));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_guest_kit::ExitKind;
 
-    const CONSOLE: &str = concat!(
+    const BLK_CONSOLE: &str = concat!(
         "RESULT {\"workload\":\"blk\",\"pass\":true,\"op\":\"verify\",\"ops\":8192,",
         "\"elapsed_ns\":1000000000,\"verify\":\"ok\"}\n",
         "RESULT {\"workload\":\"blk\",\"pass\":true,\"op\":\"randread\",\"ops\":20000,",
         "\"elapsed_ns\":500000000,\"lat_ns\":{\"p50\":40000,\"p90\":50000,\"p99\":90000,\"max\":1}}\n",
+        "GUEST-KIT PASS\n"
+    );
+    const NVME_CONSOLE: &str = concat!(
         "RESULT {\"workload\":\"nvme\",\"pass\":false,\"op\":\"verify\",\"ops\":10,",
         "\"elapsed_ns\":1000,\"verify\":\"mismatch\"}\n",
         "GUEST-KIT FAIL workload failed\n"
@@ -199,16 +282,34 @@ mod tests {
         }
     }
 
+    fn class_run<'a>(
+        class: &'a DeviceClass,
+        console: &str,
+        exits: Vec<DeviceExits>,
+    ) -> ClassRun<'a> {
+        ClassRun {
+            class,
+            report: GuestKitReport::parse(console, ExitKind::Pass),
+            exits,
+        }
+    }
+
     #[test]
     fn table_has_a_line_per_workload_with_its_class_exits_per_io() {
-        let report = GuestKitReport::parse(CONSOLE, ExitKind::WorkloadFailed);
-        let bus = [
-            exits("virtio-blk", 20, 8),
-            exits("nvme", 30, 30),
-            exits("com1", 0, 500),
+        let runs = [
+            class_run(
+                &CLASSES[0],
+                BLK_CONSOLE,
+                vec![exits("00:01.0 virtio-blk0", 20, 8), exits("com1", 0, 500)],
+            ),
+            class_run(
+                &CLASSES[2],
+                NVME_CONSOLE,
+                vec![exits("00:01.0 nvme0", 30, 30)],
+            ),
         ];
 
-        let text = table(&report, &bus);
+        let text = table(&runs);
 
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
@@ -224,7 +325,7 @@ mod tests {
         );
         assert!(lines[2].contains("90.0"), "{text}");
         assert!(
-            lines[3].starts_with("NVMe") && lines[3].contains("6.000"),
+            lines[3].starts_with("NVMe, MMIO") && lines[3].contains("6.000"),
             "{text}"
         );
         assert!(lines[3].trim_end().ends_with("mismatch"), "{text}");
@@ -232,32 +333,34 @@ mod tests {
 
     #[test]
     fn a_class_without_results_says_so() {
-        let report = GuestKitReport::parse("GUEST-KIT PASS\n", ExitKind::Pass);
+        let runs = [class_run(&CLASSES[1], "GUEST-KIT PASS\n", Vec::new())];
 
-        let text = table(&report, &[]);
+        let text = table(&runs);
 
-        assert_eq!(text.matches("(no result)").count(), 2, "{text}");
+        assert!(
+            text.contains("NVMe, shadow doorbells     (no result)"),
+            "{text}"
+        );
     }
 
     #[test]
-    fn cmdline_runs_verify_and_randread_on_both_classes() {
-        let line = cmdline();
+    fn each_class_runs_verify_and_randread_with_its_own_driver() {
+        let blk = CLASSES[0].cmdline();
+        let nvme = CLASSES[2].cmdline();
 
-        for w in ["w=blk:op=verify", "w=blk:op=randread", "w=nvme:op=verify"] {
-            assert!(line.contains(w), "{line}");
-        }
-        assert!(line.contains("w=nvme:op=randread:bs=4096:qd=32:ops=20000:span_mb=16"));
+        assert!(blk.contains("w=blk:op=verify") && blk.contains("w=blk:op=randread"));
+        assert!(nvme.contains("w=nvme:op=randread:bs=4096:qd=32:ops=20000:span_mb=16"));
     }
 
     #[test]
-    fn images_are_created_sparse_and_removed() {
-        let images = SpectrumImages::create().unwrap();
-        let dir = images.dir.clone();
+    fn scratch_images_are_sparse_and_removed_with_their_directory() {
+        let scratch = ScratchDir::create().unwrap();
+        let dir = scratch.0.clone();
 
-        let size = std::fs::metadata(&images.nvme).unwrap().len();
+        let image = scratch.image("a.img").unwrap();
 
-        assert_eq!(size, IMAGE_BYTES);
-        drop(images);
+        assert_eq!(std::fs::metadata(image).unwrap().len(), IMAGE_BYTES);
+        drop(scratch);
         assert!(!dir.exists());
     }
 }
