@@ -2,6 +2,7 @@
 //! exit status (see `exit_status`).
 
 mod guest_kit;
+mod host;
 mod serve;
 mod size;
 
@@ -16,6 +17,7 @@ use clap::{Args, Parser, Subcommand};
 use sluice_sandbox::{Role, SeccompMode};
 use sluice_vmm::config::{DiskSpec, NetSpec, RngSpec};
 use sluice_vmm::machine::{self, SerialTarget, VmConfig, VmReport};
+use sluice_vmm::numa::NumaPolicy;
 use sluice_vmm::vcpu::VmOutcome;
 
 /// Exit status when the guest asked for a reset (sluice does not reboot guests).
@@ -53,6 +55,11 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run the benchmark matrix (sluice, vhost-user, QEMU, fio) and write results to --out.
     Bench(sluice_bench::BenchArgs),
+    /// Check that this host can give a VM a PCI function (IOMMU, interrupt remapping, groups,
+    /// ACS, VFIO, limits); exit status 0 ready, 1 not ready.
+    HostCheck(host::HostCheckArgs),
+    /// SR-IOV virtual functions: create, reset, quarantine.
+    Vf(host::VfArgs),
 }
 
 #[derive(Args)]
@@ -97,6 +104,10 @@ struct RunArgs {
     /// Prometheus text if the name ends in `.prom`.
     #[arg(long)]
     metrics: Option<PathBuf>,
+    /// NUMA placement of guest RAM, vCPU and device threads: `auto` (the node of the first
+    /// assigned device), `off` (default) or a node number.
+    #[arg(long, default_value = "off", value_parser = NumaPolicy::parse)]
+    numa: NumaPolicy,
 }
 
 fn parse_serial(s: &str) -> Result<SerialTarget, String> {
@@ -119,6 +130,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => std::env::current_exe()
             .context("cannot find the sluice binary")
             .and_then(|sluice| sluice_bench::run(&args, &sluice)),
+        Command::HostCheck(args) => host::check(args),
+        Command::Vf(args) => host::vf(args),
     };
     match result {
         Ok(status) => ExitCode::from(status),
@@ -211,6 +224,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         disks: args.disk,
         nets: args.net,
         rng: args.rng,
+        numa: args.numa,
     };
     let report = machine::run(config)?;
     tracing::info!(

@@ -5,6 +5,7 @@ pub mod interrupts;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod numa;
 pub mod platform;
 pub mod rss;
 pub mod vcpu;
