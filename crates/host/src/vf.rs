@@ -164,6 +164,11 @@ pub fn quarantine(root: &HostRoot, bdf: Bdf) -> Result<Vec<String>, HostError> {
     let mut lines = Vec::new();
     // driver_override first: an unbind would otherwise let a probe bind it again at once.
     write_attr(&function.dir.join("driver_override"), QUARANTINE_DRIVER)?;
+    // Read before the unbind: a driver's remove usually clears Bus Master itself (the report
+    // shows what the device had while it was driven).
+    let driven = function.config().command();
+    // Unbind first, then clear: the driver's shutdown may still need the device's DMA (an
+    // NVMe controller completes its delete-queue commands by DMA).
     match function.driver() {
         Some(driver) => {
             write_attr(&function.dir.join("driver/unbind"), &bdf.to_string())?;
@@ -171,7 +176,8 @@ pub fn quarantine(root: &HostRoot, bdf: Bdf) -> Result<Vec<String>, HostError> {
         }
         None => lines.push(format!("{bdf}: no driver was bound")),
     }
-    let (before, after) = clear_bus_master(&function.dir.join("config"))?;
+    let (unbound, after) = clear_bus_master(&function.dir.join("config"))?;
+    let before = driven.unwrap_or(unbound);
     lines.push(format!(
         "{bdf}: command register {before:#06x} -> {after:#06x} (Bus Master {})",
         if after & COMMAND_BUS_MASTER == 0 {
