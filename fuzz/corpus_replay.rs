@@ -27,6 +27,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("vhost_user_messages", "sluice-vhost"),
     ("vhost_user_fds", "sluice-vhost"),
     ("vhost_user_backend_replies", "sluice-devices"),
+    ("pci_config_space", "sluice-host"),
 ];
 
 /// A target body: what `fuzz_target!` runs on one input.
