@@ -749,6 +749,25 @@ mod tests {
     }
 
     #[test]
+    fn bridges_read_as_non_root_warn_that_acs_is_unknown() {
+        let tree = ready_host();
+        // What sysfs gives a reader without CAP_SYS_ADMIN: the first 64 bytes.
+        let mut short = config_with(4, &[(EXT_CAP_ID_ACS, &[0x001f_001f])]);
+        short.truncate(64);
+        tree.write("sys/devices/pci0000:00/0000:00:01.0/config", short);
+
+        let report = host_check(&tree.root(), &request(&["01:00.1"], 1 << 30));
+
+        let acs = report
+            .checks
+            .iter()
+            .find(|c| c.name == "0000:01:00.1 acs")
+            .unwrap();
+        assert_eq!(acs.status, Status::Warn);
+        assert!(acs.fix.as_deref().unwrap().contains("as root"), "{acs:?}");
+    }
+
+    #[test]
     fn limits_below_the_guest_size_fail_with_the_amount() {
         let tree = ready_host();
         tree.write(

@@ -210,6 +210,41 @@ mod tests {
     }
 
     #[test]
+    fn auto_follows_the_first_device_and_only_prefers_its_node() {
+        let dir = std::env::temp_dir().join(format!("sluice-numa-auto-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let write = |relative: &str, text: &str| {
+            let path = dir.join(relative);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        };
+        write("sys/bus/pci/devices/0000:40:00.0/numa_node", "1\n");
+        write("sys/bus/pci/devices/0000:00:03.0/numa_node", "-1\n");
+        write("sys/devices/system/node/online", "0-1\n");
+        write("sys/devices/system/node/node0/cpulist", "0-3\n");
+        write("sys/devices/system/node/node1/cpulist", "4-7\n");
+        let root = HostRoot::at(&dir);
+        let nvme = Bdf::parse("40:00.0").unwrap();
+        let no_node = Bdf::parse("00:03.0").unwrap();
+
+        let placement = resolve(&root, NumaPolicy::Auto, &[nvme, no_node]).unwrap();
+        let without_node = resolve(&root, NumaPolicy::Auto, &[no_node, nvme]).unwrap();
+        let explicit = resolve(&root, NumaPolicy::Node(0), &[nvme]).unwrap();
+
+        assert_eq!(
+            placement,
+            Some(Placement {
+                node: 1,
+                cpus: vec![4, 5, 6, 7],
+                strict: false
+            })
+        );
+        assert_eq!(without_node, None);
+        assert_eq!(explicit.map(|p| (p.node, p.strict)), Some((0, true)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_missing_node_is_an_error_naming_the_online_ones() {
         let message = resolve(&HostRoot::real(), NumaPolicy::Node(999), &[])
             .unwrap_err()
