@@ -27,6 +27,10 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("vhost_user_messages", "sluice-vhost"),
     ("vhost_user_fds", "sluice-vhost"),
     ("vhost_user_backend_replies", "sluice-devices"),
+    ("e1000_tx", "sluice-devices"),
+    ("e1000_registers", "sluice-devices"),
+    ("nvme_command", "sluice-devices"),
+    ("nvme_registers", "sluice-devices"),
     ("pci_config_space", "sluice-host"),
 ];
 

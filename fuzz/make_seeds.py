@@ -325,6 +325,156 @@ def packed_seeds():
     yield "same_id_twice", packed_input(4, 2, packed_desc(0x3000, 8, 1, P_AVAIL | WRITE) * 2)
 
 
+# ---- e1000 (crates/devices/src/e1000/fuzz.rs) -------------------------------------------------
+
+E1000_EOP, E1000_RS, E1000_VLE, E1000_TSE, E1000_DEXT = 0x01, 0x08, 0x40, 0x04, 0x20
+
+
+def e1000_legacy(addr, length, cmd):
+    return struct.pack("<QHBBBBH", addr, length, 0, cmd, 0, 0, 0)
+
+
+def e1000_context(ipcss, ipcso, ipcse, tucss, tucso, tucmd, hdrlen, mss):
+    return struct.pack("<BBHBBHIBBH", ipcss, ipcso, ipcse, tucss, tucso, 0, 0,
+                       0, hdrlen, mss)[:11] + bytes([tucmd | E1000_DEXT]) + bytes([0, hdrlen]) \
+        + struct.pack("<H", mss)
+
+
+def e1000_data(addr, length, dcmd, popts):
+    return struct.pack("<QI", addr, length | (1 << 20)) [:11] + bytes([dcmd | E1000_DEXT, 0, popts, 0, 0])
+
+
+def e1000_tcp_frame(payload):
+    eth = bytes([0x52, 0x54, 0, 0x12, 0x34, 0x56, 0x52, 0x54, 0, 1, 2, 3, 8, 0])
+    ip = bytes([0x45, 0, 0, 0, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2])
+    tcp = bytes([0, 80, 0, 81, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff, 0x12, 0x34, 0, 0])
+    return eth + ip + tcp + bytes(i % 251 for i in range(payload))
+
+
+def e1000_tx_input(ring_code, head, tail, vme, descriptors, fills=()):
+    image = bytearray(0x2000)
+    image[:len(descriptors)] = descriptors
+    for address, data in fills:
+        image[address:address + len(data)] = data
+    return bytes([ring_code, head, (tail << 1) | vme]) + bytes(image)
+
+
+def e1000_tx_seeds():
+    frame = bytes([0xff] * 6) + bytes(range(6)) + b"\x88\xb5" + bytes(range(46))
+    yield "two_legacy_frames", e1000_tx_input(
+        0, 0, 2, 0, e1000_legacy(0x100, 60, E1000_EOP | E1000_RS)
+        + e1000_legacy(0x200, 60, E1000_EOP | E1000_RS), [(0x100, frame), (0x200, frame)])
+    yield "split_frame_with_vlan", e1000_tx_input(
+        0, 0, 2, 1, e1000_legacy(0x100, 20, E1000_VLE)
+        + e1000_legacy(0x114, 40, E1000_EOP | E1000_RS | E1000_VLE), [(0x100, frame)])
+    tcp = e1000_tcp_frame(100)
+    yield "checksum_offload", e1000_tx_input(
+        0, 0, 2, 0, e1000_context(14, 24, 33, 34, 50, 0x03, 0, 0)
+        + e1000_data(0x100, len(tcp), E1000_EOP | E1000_RS, 0x03), [(0x100, tcp)])
+    big = e1000_tcp_frame(1200)
+    yield "segmentation_offload", e1000_tx_input(
+        0, 0, 2, 0, e1000_context(14, 24, 33, 34, 50, 0x07, 54, 400)
+        + e1000_data(0x400, len(big), E1000_EOP | E1000_RS | E1000_TSE, 0x03), [(0x400, big)])
+    yield "ring_without_eop", e1000_tx_input(
+        0, 3, 2, 0, b"".join(e1000_legacy(0x100, 64, 0) for _ in range(8)), [(0x100, frame)])
+    yield "buffer_outside_memory", e1000_tx_input(
+        0, 0, 1, 0, e1000_legacy(0xffff_ffff_ffff_0000, 64, E1000_EOP | E1000_RS))
+
+
+def e1000_op(op, offset, value=0):
+    return struct.pack("<BHI", op, offset // 4, value)
+
+
+def e1000_register_seeds():
+    reset = e1000_op(1, 0x0000, 1 << 26)
+    eerd = b"".join(e1000_op(1, 0x14, (w << 8) | 1) + e1000_op(0, 0x14) for w in (0, 1, 2, 0x3f))
+    mdic = b"".join(e1000_op(1, 0x20, (2 << 26) | (1 << 21) | (r << 16)) + e1000_op(0, 0x20)
+                    for r in (1, 2, 3, 17))
+    yield "driver_probe", reset + eerd + mdic + e1000_op(1, 0xd0, 0x9d) + e1000_op(1, 0xc8, 4) \
+        + e1000_op(0, 0xc0)
+    rx = (e1000_op(5, 0, 1) + e1000_op(1, 0x2800, 0x1000) + e1000_op(1, 0x2808, 128)
+          + e1000_op(1, 0x2818, 7) + e1000_op(1, 0x100, 2 | (1 << 15)) + e1000_op(1, 0xd0, 0x80))
+    yield "receive_frames", rx + e1000_op(4, 0, 60) + e1000_op(4, 0, (1 << 16) | 1514) \
+        + e1000_op(4, 0, 9000) + e1000_op(0, 0xc0) + e1000_op(0, 0x4074)
+    yield "transmit_zero_ring", e1000_op(5, 0, 1) + e1000_op(1, 0x3808, 128) \
+        + e1000_op(1, 0x400, 2) + e1000_op(1, 0x3818, 5) + e1000_op(0, 0x3810)
+    yield "io_window", e1000_op(3, 0, 0xd0) + e1000_op(3, 4, 0xffff) + e1000_op(2, 4) \
+        + e1000_op(3, 0, 0xc8) + e1000_op(3, 4, 1) + e1000_op(1, 0xd8, 0xffffffff)
+
+
+# --- nvme_command: [mode, 64-byte SQE, guest memory] -----------------------------------------
+def sqe(opcode, nsid=1, psdt=0, cid=1, prp1=0, prp2=0, cdw10=0, cdw11=0, cdw12=0, sgl=None):
+    head = struct.pack("<BBHI", opcode, psdt << 6, cid, nsid) + bytes(16)
+    pointer = sgl if sgl is not None else struct.pack("<QQ", prp1, prp2)
+    return head + pointer + struct.pack("<IIIIII", cdw10, cdw11, cdw12, 0, 0, 0)
+
+
+def sgl_desc(addr, length, kind):
+    return struct.pack("<QI3xB", addr, length, kind << 4)
+
+
+def guest(fills, size=0x4000):
+    mem = bytearray(size)
+    for at, data in fills:
+        mem[at:at + len(data)] = data
+    return bytes(mem)
+
+
+def nvme_command_seeds():
+    io, admin = 0, 1
+    prp_list = struct.pack("<QQQ", 0x2000, 0x3000, 0x4000)
+    yield "read_one_block", bytes([io]) + sqe(0x02, prp1=0x1000)
+    yield "write_prp_list", bytes([io]) + sqe(0x01, prp1=0x1200, prp2=0x800, cdw12=23) + \
+        guest([(0x800, prp_list)])
+    yield "write_two_pages_prp2", bytes([io]) + sqe(0x01, prp1=0x1000, prp2=0x3000, cdw12=15)
+    yield "read_sgl_last_segment", bytes([io]) + sqe(
+        0x02, psdt=1, cdw12=7, sgl=sgl_desc(0x800, 32, 3)) + guest(
+            [(0x800, sgl_desc(0x1000, 1024, 0) + sgl_desc(0x2000, 3072, 0))])
+    yield "read_sgl_chained_segments", bytes([io]) + sqe(
+        0x02, psdt=1, cdw12=7, sgl=sgl_desc(0x800, 32, 2)) + guest(
+            [(0x800, sgl_desc(0x1000, 512, 0) + sgl_desc(0x900, 16, 3)),
+             (0x900, sgl_desc(0x2000, 3584, 0))])
+    yield "dsm_deallocate", bytes([io]) + sqe(0x09, prp1=0x800, cdw10=1, cdw11=4) + guest(
+        [(0x800, struct.pack("<IIQ", 0, 8, 0) + struct.pack("<IIQ", 0, 16, 100))])
+    yield "write_zeroes_deac", bytes([io]) + sqe(0x08, cdw10=10, cdw12=(1 << 25) | 7)
+    yield "flush_broadcast", bytes([io]) + sqe(0x00, nsid=0xffffffff)
+    yield "read_lba_out_of_range", bytes([io]) + sqe(0x02, prp1=0x1000, cdw10=2047, cdw12=1)
+    yield "identify_controller", bytes([admin]) + sqe(0x06, nsid=0, prp1=0x1000, cdw10=1)
+    yield "identify_namespace", bytes([admin]) + sqe(0x06, prp1=0x1000, cdw10=0)
+    yield "create_cq", bytes([admin]) + sqe(0x05, nsid=0, prp1=0x2000, cdw10=1 | (15 << 16),
+                                            cdw11=3 | (1 << 16))
+    yield "get_log_smart", bytes([admin]) + sqe(0x02, nsid=0xffffffff, prp1=0x1000,
+                                                cdw10=2 | (127 << 16))
+    yield "set_features_queues", bytes([admin]) + sqe(0x09, nsid=0, cdw10=7, cdw11=0x30003)
+    yield "doorbell_buffer_config", bytes([admin]) + sqe(0x7c, nsid=0, prp1=0x3000,
+                                                         prp2=0x4000)
+    yield "async_event_request", bytes([admin]) + sqe(0x0c, nsid=0)
+
+
+# --- nvme_registers: ops [kind, width, offset u16, value u64] ---------------------------------
+def reg(kind, width, offset, value=0):
+    return struct.pack("<BBHQ", kind, {1: 0, 2: 1, 4: 2, 8: 3}[width], offset, value)
+
+
+def nvme_register_seeds():
+    enable = reg(1, 4, 0x24, 0x000f000f) + reg(1, 8, 0x28, 0x8000) + reg(1, 8, 0x30, 0x9000) + \
+        reg(1, 4, 0x14, 1 | (6 << 16) | (4 << 20))
+    command_at = lambda at, words: b"".join(reg(4, 8, at + 8 * i, w) for i, w in enumerate(words))
+    create_cq = command_at(0x8000, [0x05 | (1 << 16), 0, 0, 0xa000, 0, 1 | (15 << 16) | (3 << 32)])
+    create_sq = command_at(0x8040, [0x01 | (2 << 16), 0, 0, 0xb000, 0, 1 | (15 << 16) | ((1 | (1 << 16)) << 32)])
+    read = command_at(0xb000, [0x02 | (3 << 16) | (1 << 32), 0, 0, 0xc000, 0, 0, 0])
+    yield "enable_and_read_status", enable + reg(0, 4, 0x1c) + reg(0, 8, 0x00)
+    yield "create_queues_and_read", enable + create_cq + create_sq + reg(1, 4, 0x1000, 2) + \
+        read + reg(1, 4, 0x1008, 1) + reg(1, 4, 0x100c, 1)
+    yield "reset_after_enable", enable + reg(1, 4, 0x14, 0) + reg(0, 4, 0x1c)
+    yield "shutdown", enable + reg(1, 4, 0x14, 1 | (1 << 14) | (6 << 16) | (4 << 20))
+    yield "msix_enable_and_table", reg(3, 2, 0x42, 0x8000) + reg(2, 4, 0, 0xfee00000) + \
+        reg(2, 4, 12, 0) + enable
+    yield "intms_intmc", enable + reg(1, 4, 0x0c, 1) + reg(1, 4, 0x10, 1)
+    yield "bad_doorbells", enable + reg(1, 4, 0x1000, 0xffff) + reg(1, 4, 0x1ff8, 1) + \
+        reg(1, 2, 0x1004, 1)
+
+
 # --- pci_config_space: a function's config space as sysfs gives it (sluice host-check) --------
 def config_space(port_type, extended, size=4096):
     """A PCIe capability of `port_type` at 0x40, then the extended capabilities chained from
@@ -360,6 +510,9 @@ def main():
                           ("packed_ring", packed_seeds()),
                           ("virtio_pci_registers", pci_seeds()), ("vhost_user_fds", fds_seeds()),
                           ("vhost_user_backend_replies", backend_seeds()),
+                          ("e1000_tx", e1000_tx_seeds()), ("e1000_registers", e1000_register_seeds()),
+                          ("nvme_command", nvme_command_seeds()),
+                          ("nvme_registers", nvme_register_seeds()),
                           ("pci_config_space", config_space_seeds())):
         directory = ROOT / target
         directory.mkdir(parents=True, exist_ok=True)

@@ -143,6 +143,8 @@ pub enum Workload {
         dev: usize,
     },
     Net(NetParams),
+    /// The net workload on an e1000 (82540EM); polled only.
+    E1000(NetParams),
     /// Every CPU adds 1 to a shared counter `iters` times.
     Smp {
         iters: u64,
@@ -344,6 +346,21 @@ fn parse_net(rest: &str, default_mode: Mode) -> Result<Workload, String> {
     Ok(Workload::Net(p))
 }
 
+/// `w=e1000:` takes the net workload's keys; its driver polls (the kit routes no INTx), so
+/// `mode` is poll whatever the ring, and asking for another mode is an error.
+fn parse_e1000(rest: &str) -> Result<Workload, String> {
+    let Workload::Net(p) = parse_net(rest, Mode::Poll)? else {
+        return Err("e1000: bad parameters".into());
+    };
+    if p.mode != Mode::Poll {
+        return Err(alloc::format!(
+            "e1000: mode={} unsupported, the driver polls",
+            p.mode.name()
+        ));
+    }
+    Ok(Workload::E1000(p))
+}
+
 fn parse_smp(rest: &str) -> Result<Workload, String> {
     let mut iters = 10_000;
     for (key, value) in key_values(rest)? {
@@ -363,6 +380,7 @@ fn parse_workload(spec: &str, default_mode: Mode) -> Result<Workload, String> {
         "nvme" => parse_nvme(rest),
         "rng" => parse_rng(rest),
         "net" => parse_net(rest, default_mode),
+        "e1000" => parse_e1000(rest),
         "smp" => parse_smp(rest),
         _ => Err(alloc::format!("unknown workload kind '{kind}'")),
     }

@@ -17,12 +17,42 @@ fn fuzz_corpora_replay_without_panics() {
         &[
             ("blk_request", &sluice_devices::block::fuzz::blk_request),
             ("net_header", &sluice_devices::net::fuzz::net_header),
+            ("e1000_tx", &sluice_devices::e1000::fuzz::e1000_tx),
+            (
+                "e1000_registers",
+                &sluice_devices::e1000::fuzz::e1000_registers,
+            ),
             (
                 "vhost_user_backend_replies",
                 &sluice_devices::vhost_user_blk::fuzz::hostile_backend,
             ),
+            ("nvme_command", &sluice_devices::nvme::fuzz::nvme_command),
+            (
+                "nvme_registers",
+                &sluice_devices::nvme::fuzz::nvme_registers,
+            ),
         ],
     );
+}
+
+/// Each e1000_tx seed sends what it was written for (headers: flags, gso_type).
+#[test]
+fn e1000_tx_seeds_reach_their_point() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/e1000_tx");
+    let sent = |name: &str| {
+        let input = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        sluice_devices::e1000::fuzz::run_tx(&input)
+            .iter()
+            .map(|p| (p.len() - 12, p[0], p[1]))
+            .collect::<Vec<_>>()
+    };
+
+    assert_eq!(sent("two_legacy_frames"), vec![(60, 0, 0), (60, 0, 0)]);
+    assert_eq!(sent("split_frame_with_vlan"), vec![(64, 0, 0)]);
+    assert_eq!(sent("checksum_offload"), vec![(154, 1, 0)]);
+    assert_eq!(sent("segmentation_offload"), vec![(1254, 1, 1)]);
+    assert!(sent("ring_without_eop").is_empty());
+    assert!(sent("buffer_outside_memory").is_empty());
 }
 
 fn backend_seed(name: &str) -> BackendOutcome {

@@ -117,6 +117,8 @@ pub enum Device {
     /// virtio-net-pci on a vhost-user netdev served by the backend on `socket`
     /// (`sluice serve net`).
     VhostUserNet { socket: PathBuf },
+    /// QEMU's e1000 (82540EM) with the same UDP transport as [`Device::VirtioNet`].
+    E1000 { host_port: u16, vmm_port: u16 },
 }
 
 impl Device {
@@ -445,13 +447,28 @@ fn qemu_device_args(index: usize, device: &Device) -> Vec<String> {
             "-device".into(),
             format!("virtio-net-pci,netdev=net{index},romfile="),
         ],
+        Device::E1000 {
+            host_port,
+            vmm_port,
+        } => vec![
+            "-netdev".into(),
+            format!(
+                "socket,id=net{index},udp=127.0.0.1:{host_port},localaddr=127.0.0.1:{vmm_port}"
+            ),
+            "-device".into(),
+            format!("e1000,netdev=net{index},romfile="),
+        ],
     }
 }
 
-/// Adds `packed=on` to every virtio `-device` in `args` (other devices have no such property).
+/// Adds `packed=on` to every virtio `-device` in `args`, vhost-user ones included (NVMe and
+/// the e1000 have no such property).
 fn offer_packed_virtqueues(args: &mut [String]) {
     for index in 1..args.len() {
-        if args[index - 1] == "-device" && args[index].starts_with("virtio-") {
+        let device = &args[index];
+        if args[index - 1] == "-device"
+            && (device.starts_with("virtio-") || device.starts_with("vhost-user-"))
+        {
             args[index].push_str(",packed=on");
         }
     }
@@ -719,16 +736,21 @@ mod tests {
             .with_device(Device::VirtioNet {
                 host_port: 4000,
                 vmm_port: 4001,
+            })
+            .with_device(Device::VhostUserBlk {
+                socket: PathBuf::from("/tmp/vu.sock"),
+                queues: 1,
+                reconnect: false,
             });
 
         let args = run.qemu_args(Accel::Tcg, Machine::Q35, Path::new("/k"));
 
         let devices: Vec<&str> = args
             .windows(2)
-            .filter(|pair| pair[0] == "-device" && pair[1].starts_with("virtio-"))
+            .filter(|pair| pair[0] == "-device" && !pair[1].starts_with("isa-debug-exit"))
             .map(|pair| pair[1].as_str())
             .collect();
-        assert_eq!(devices.len(), 2, "{args:?}");
+        assert_eq!(devices.len(), 3, "{args:?}");
         assert!(
             devices.iter().all(|device| device.ends_with(",packed=on")),
             "{args:?}"

@@ -721,6 +721,48 @@ fn net_echo_packed_poll(accel: Accel, _test: &str) {
 
 tcg_and_kvm!(net_echo_over_packed_rings_poll, net_echo_packed_poll);
 
+/// The e1000 driver against QEMU's own e1000 (82540EM): echo through the UDP peer, polled.
+fn e1000_echo(accel: Accel, _test: &str) {
+    const FRAMES: u64 = 16;
+    let peer = EchoPeer::start();
+    let run = qemu(
+        accel,
+        Machine::Q35,
+        &format!("w=e1000:dir=echo:size=1000:frames={FRAMES}"),
+    )
+    .with_device(Device::E1000 {
+        host_port: peer.port,
+        vmm_port: free_udp_port(),
+    });
+
+    let report = run.run().expect("run QEMU");
+
+    assert_passed(&report);
+    let nic = report
+        .results_for("e1000")
+        .next()
+        .unwrap_or_else(|| panic!("no e1000 RESULT: {}", report.describe()));
+    assert_eq!(nic.errors.unwrap_or(0), 0, "{}", report.describe());
+    assert_eq!(nic.raw["frames"], FRAMES, "{}", report.describe());
+    assert_eq!(nic.raw["verify"], "ok", "{}", report.describe());
+    let echoed = peer.echoed.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        echoed >= FRAMES,
+        "host echoed {echoed}: {}",
+        report.describe()
+    );
+    let first = peer
+        .first_frame
+        .lock()
+        .expect("lock")
+        .clone()
+        .unwrap_or_default();
+    assert_eq!(first.len(), 14 + 1000, "one frame per datagram, no FCS");
+    assert_eq!(first.get(12..14), Some(GUEST_ETHERTYPE.as_slice()));
+}
+
+tcg_and_kvm!(e1000_echo_through_udp_peer, e1000_echo);
+
 // ---- broken runs ------------------------------------------------------------------------------
 
 /// A blk workload with no virtio-blk device: the guest must fail cleanly and quickly (exit 1,

@@ -209,6 +209,27 @@ pub fn unavailable_reason() -> Option<String> {
         .clone()
 }
 
+/// L1's kernel (Debian's generic flavour) and its uncompressed newc initramfs, as
+/// `scripts/lab build` finds or builds them. Tests that want a stock generic kernel as L2 (its
+/// modules are in the initramfs under `lab/modules/`) start from these.
+pub fn l1_image() -> Result<(PathBuf, PathBuf), String> {
+    let output = Command::new("python3")
+        .arg(repo_root().join("scripts/lab"))
+        .arg("build")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run scripts/lab: {e}"))?;
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).trim().to_string());
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut lines = stdout.lines().map(|l| PathBuf::from(l.trim()));
+    match (lines.next(), lines.next()) {
+        (Some(kernel), Some(initramfs)) => Ok((kernel, initramfs)),
+        _ => Err(format!("scripts/lab build printed {stdout:?}")),
+    }
+}
+
 /// Prints `SKIP <test>: <reason>` and returns true when the lab cannot run here.
 pub fn skip_without_lab(test: &str) -> bool {
     match unavailable_reason() {

@@ -5,6 +5,7 @@ mod guest_kit;
 mod host;
 mod serve;
 mod size;
+mod spectrum;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,7 +16,7 @@ use std::io::Write;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sluice_sandbox::{Role, SeccompMode};
-use sluice_vmm::config::{DiskSpec, NetSpec, RngSpec};
+use sluice_vmm::config::{DiskSpec, E1000Spec, NetSpec, NvmeSpec, RngSpec};
 use sluice_vmm::machine::{self, SerialTarget, VmConfig, VmReport};
 use sluice_vmm::numa::NumaPolicy;
 use sluice_vmm::vcpu::VmOutcome;
@@ -100,6 +101,15 @@ struct RunArgs {
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "",
           value_parser = RngSpec::parse)]
     rng: Option<RngSpec>,
+    /// An emulated Intel 82540EM (e1000) NIC on a tap (repeatable; created if missing):
+    /// `tap=NAME[,mac=52:54:00:..]`.
+    #[arg(long, value_parser = E1000Spec::parse)]
+    e1000: Vec<E1000Spec>,
+    /// An emulated NVMe 1.4 controller (repeatable) with one namespace on IMG:
+    /// `path=IMG[,queues=N][,serial=S][,direct=on][,dbbuf=off]` (queues 1..=64, default 4;
+    /// dbbuf=off hides Doorbell Buffer Config, for comparisons).
+    #[arg(long, value_parser = NvmeSpec::parse)]
+    nvme: Vec<NvmeSpec>,
     /// Write exit counts and per-queue device metrics here when the VM stops: JSON, or
     /// Prometheus text if the name ends in `.prom`.
     #[arg(long)]
@@ -205,6 +215,12 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         ),
         None => None,
     };
+    // The main job: with nothing asked for, show the spectrum (paravirtual vs emulated).
+    if args.asks_for_nothing() {
+        // The memfd must outlive every run's kernel load.
+        let embedded = guest_kit::embedded_guest_kit()?;
+        return spectrum::run(&embedded.path, args.cpus, args.memory);
+    }
     // Without --kernel, boot the embedded guest kit; the memfd must outlive the kernel load.
     let (kernel, _embedded) = match args.kernel {
         Some(path) => (path, None),
@@ -225,6 +241,8 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         nets: args.net,
         rng: args.rng,
         numa: args.numa,
+        e1000s: args.e1000,
+        nvmes: args.nvme,
     };
     let report = machine::run(config)?;
     tracing::info!(
@@ -246,6 +264,22 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         write_metrics(file, path, &report)?;
     }
     Ok(exit_status(&report.outcome))
+}
+
+impl RunArgs {
+    /// No kernel, command line, device, serial or NUMA choice: the main job's spectrum run.
+    fn asks_for_nothing(&self) -> bool {
+        self.kernel.is_none()
+            && self.cmdline.is_empty()
+            && self.disk.is_empty()
+            && self.net.is_empty()
+            && self.rng.is_none()
+            && self.e1000.is_empty()
+            && self.nvme.is_empty()
+            && !self.test_device
+            && self.numa == NumaPolicy::Off
+            && matches!(self.serial, SerialTarget::Stdout)
+    }
 }
 
 fn write_metrics(mut file: File, path: &std::path::Path, report: &VmReport) -> anyhow::Result<()> {
@@ -279,7 +313,7 @@ fn write_metrics(mut file: File, path: &std::path::Path, report: &VmReport) -> a
 }
 
 /// Maps how the VM ended to sluice's exit status; resets and crashes are also explained on stderr.
-fn exit_status(outcome: &VmOutcome) -> u8 {
+pub(crate) fn exit_status(outcome: &VmOutcome) -> u8 {
     match outcome {
         VmOutcome::PowerOff => 0,
         VmOutcome::DebugExit(v) => *v,

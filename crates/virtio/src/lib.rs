@@ -29,7 +29,7 @@ pub use device::{
     QueueHandler, VirtioDevice, VirtioInterrupt, DEVICE_TYPE_BLOCK, DEVICE_TYPE_NET,
     DEVICE_TYPE_RNG,
 };
-pub use metrics::{DeviceMetrics, LatencyHistogram, QueueMetrics};
+pub use metrics::{DeviceMetrics, LatencyHistogram, NamedCounter, QueueMetrics};
 pub use pci::{VirtioPciDevice, VirtioPciError, VirtioPciOptions};
 pub use ring::{Chain, ChainReader, ChainWriter, PackedQueue, VirtQueue};
 pub use worker::QueueWorker;

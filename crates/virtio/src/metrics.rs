@@ -97,14 +97,58 @@ impl QueueMetrics {
 pub struct DeviceMetrics {
     pub name: String,
     pub queues: Vec<QueueMetrics>,
+    /// Device-specific counters outside any queue (an emulated device's exits per register,
+    /// its interrupts); empty for virtio devices.
+    pub counters: Vec<NamedCounter>,
+}
+
+/// One device-wide counter with its name in the JSON / Prometheus output.
+#[derive(Debug)]
+pub struct NamedCounter {
+    pub name: &'static str,
+    pub value: AtomicU64,
 }
 
 impl DeviceMetrics {
     pub fn new(name: impl Into<String>, queues: usize) -> Self {
+        Self::with_counters(name, queues, &[])
+    }
+
+    /// Like [`DeviceMetrics::new`], plus the named device-wide counters `names` (all zero).
+    pub fn with_counters(name: impl Into<String>, queues: usize, names: &[&'static str]) -> Self {
         Self {
             name: name.into(),
             queues: (0..queues).map(|_| QueueMetrics::default()).collect(),
+            counters: names
+                .iter()
+                .map(|&name| NamedCounter {
+                    name,
+                    value: AtomicU64::new(0),
+                })
+                .collect(),
         }
+    }
+
+    /// Adds `n` to the named counter at `index` (ignored if there is none).
+    pub fn count(&self, index: usize, n: u64) {
+        if let Some(counter) = self.counters.get(index) {
+            QueueMetrics::add(&counter.value, n);
+        }
+    }
+
+    /// Adds `n` to the named counter `name` (ignored if there is none).
+    pub fn count_named(&self, name: &str, n: u64) {
+        if let Some(counter) = self.counters.iter().find(|c| c.name == name) {
+            QueueMetrics::add(&counter.value, n);
+        }
+    }
+
+    /// The value of the named counter `name`, if the device has it.
+    pub fn counter(&self, name: &str) -> Option<u64> {
+        self.counters
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.value.load(Ordering::Relaxed))
     }
 
     /// JSON object: {"device": name, "queues": [{"kicks":..,"latency_ns":{"p50":..}}]}.
@@ -131,7 +175,16 @@ impl DeviceMetrics {
                 })
             })
             .collect();
-        serde_json::json!({ "device": self.name, "queues": queues })
+        let mut json = serde_json::json!({ "device": self.name, "queues": queues });
+        if !self.counters.is_empty() {
+            let counters: serde_json::Map<String, serde_json::Value> = self
+                .counters
+                .iter()
+                .map(|c| (c.name.to_string(), c.value.load(Ordering::Relaxed).into()))
+                .collect();
+            json["counters"] = counters.into();
+        }
+        json
     }
 
     /// Prometheus text exposition lines (counters labelled by device and queue).
@@ -152,6 +205,14 @@ impl DeviceMetrics {
                     counter.load(Ordering::Relaxed)
                 ));
             }
+        }
+        for counter in &self.counters {
+            out.push_str(&format!(
+                "sluice_device_{}_total{{device=\"{}\"}} {}\n",
+                counter.name,
+                self.name,
+                counter.value.load(Ordering::Relaxed)
+            ));
         }
         out
     }
@@ -186,6 +247,38 @@ mod tests {
 
         assert_eq!(json["queues"][1]["requests"], 3);
         assert!(prom.contains("sluice_virtio_requests_total{device=\"blk0\",queue=\"1\"} 3"));
+        assert!(json.get("counters").is_none());
+    }
+
+    #[test]
+    fn device_counters_are_exported_by_name() {
+        let m = DeviceMetrics::with_counters("nvme0", 1, &["cc", "sq_doorbells"]);
+        m.count_named("sq_doorbells", 5);
+        m.count_named("other", 1);
+
+        let json = m.to_json();
+        let prom = m.to_prometheus();
+
+        assert_eq!(json["counters"]["sq_doorbells"], 5);
+        assert_eq!(json["counters"]["cc"], 0);
+        assert!(m.counter("other").is_none());
+        assert!(prom.contains("sluice_device_sq_doorbells_total{device=\"nvme0\"} 5"));
+    }
+
+    #[test]
+    fn named_counters_are_exported_only_when_a_device_has_them() {
+        let plain = DeviceMetrics::new("blk0", 1);
+        let nic = DeviceMetrics::with_counters("e1000", 2, &["exits_tdt", "interrupts"]);
+
+        nic.count(0, 2);
+        nic.count(9, 1);
+
+        assert!(plain.to_json().get("counters").is_none());
+        assert_eq!(nic.to_json()["counters"]["exits_tdt"], 2);
+        assert_eq!(nic.counter("interrupts"), Some(0));
+        assert!(nic
+            .to_prometheus()
+            .contains("sluice_device_exits_tdt_total{device=\"e1000\"} 2"));
     }
 
     #[test]

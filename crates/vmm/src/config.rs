@@ -1,4 +1,4 @@
-//! Device configuration as the user states it (`--disk`, `--net`, `--rng`), independent of the
+//! Device configuration as the user states it (`--disk`, `--net`, `--rng`, `--nvme`), independent of the
 //! device models' own config types.
 
 use std::path::PathBuf;
@@ -40,6 +40,35 @@ pub struct NetSpec {
     pub notify: NotifyPolicy,
     /// Offer VIRTIO_F_RING_PACKED (`packed=on`).
     pub packed: bool,
+}
+
+/// An emulated e1000 (82540EM) NIC on a tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct E1000Spec {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+impl E1000Spec {
+    /// `tap=NAME[,mac=xx:..]`
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut nic = E1000Spec {
+            tap: String::new(),
+            mac: None,
+        };
+        for (k, v) in pairs(s)? {
+            match k {
+                "tap" if !v.is_empty() && v.len() < 16 => nic.tap = v.to_string(),
+                "tap" => return Err(format!("tap={v}: interface names are 1..=15 bytes")),
+                "mac" => nic.mac = Some(parse_mac(v).map_err(|e| format!("mac={v}: {e}"))?),
+                _ => return Err(format!("--e1000: unknown key `{k}`")),
+            }
+        }
+        if nic.tap.is_empty() {
+            return Err("--e1000 needs tap=NAME".into());
+        }
+        Ok(nic)
+    }
 }
 
 /// A virtio-rng device.
@@ -290,9 +319,74 @@ impl NetSpec {
     }
 }
 
+/// An emulated NVMe controller (`--nvme`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NvmeSpec {
+    pub path: PathBuf,
+    /// I/O queue pairs offered to the driver.
+    pub queues: u16,
+    pub serial: Option<String>,
+    /// O_DIRECT instead of the host page cache.
+    pub direct: bool,
+    /// Offer Doorbell Buffer Config (shadow doorbells); `dbbuf=off` is for comparisons.
+    pub dbbuf: bool,
+}
+
+impl NvmeSpec {
+    /// `path=IMG[,queues=N][,serial=S][,direct=on][,dbbuf=on|off]`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut nvme = NvmeSpec {
+            path: PathBuf::new(),
+            queues: 4,
+            serial: None,
+            direct: false,
+            dbbuf: true,
+        };
+        for (k, v) in pairs(s)? {
+            match k {
+                "path" => nvme.path = PathBuf::from(v),
+                "queues" => nvme.queues = queue_count(k, v)?,
+                "serial" if !v.is_empty() && v.len() <= 20 && v.is_ascii() => {
+                    nvme.serial = Some(v.to_string())
+                }
+                "serial" => return Err("serial: 1 to 20 ASCII bytes".into()),
+                "direct" => nvme.direct = on_off(k, v)?,
+                "dbbuf" => nvme.dbbuf = on_off(k, v)?,
+                _ => return Err(format!("--nvme: unknown key `{k}`")),
+            }
+        }
+        if nvme.path.as_os_str().is_empty() {
+            return Err("--nvme needs path=IMG".into());
+        }
+        Ok(nvme)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_an_nvme_spec_and_refuses_bad_ones() {
+        let nvme = NvmeSpec::parse("path=/img,queues=2,serial=SN1,direct=on,dbbuf=off").unwrap();
+        let plain = NvmeSpec::parse("path=/img").unwrap();
+
+        assert_eq!(nvme.queues, 2);
+        assert_eq!(nvme.serial.as_deref(), Some("SN1"));
+        assert!(nvme.direct && !nvme.dbbuf);
+        assert_eq!((plain.queues, plain.direct, plain.dbbuf), (4, false, true));
+        for bad in [
+            "",
+            "queues=2",
+            "path=x,queues=0",
+            "path=x,queues=65",
+            "path=x,readonly=on",
+            "path=x,serial=",
+            "path=x,serial=123456789012345678901",
+        ] {
+            assert!(NvmeSpec::parse(bad).is_err(), "{bad} should be refused");
+        }
+    }
 
     #[test]
     fn parses_a_full_disk_spec() {
@@ -333,6 +427,23 @@ mod tests {
         assert!(RngSpec::parse("packed=maybe").is_err());
         assert!(RngSpec::parse("speed=1").is_err());
         assert!(DiskSpec::parse("vhost_user=on,socket=/s,packed=on").is_err());
+    }
+
+    #[test]
+    fn parses_e1000_specs() {
+        let nic = E1000Spec::parse("tap=e0,mac=52:54:00:aa:bb:cc").unwrap();
+
+        assert_eq!(nic.tap, "e0");
+        assert_eq!(nic.mac, Some([0x52, 0x54, 0x00, 0xaa, 0xbb, 0xcc]));
+        for bad in [
+            "",
+            "mac=52:54:00:aa:bb:cc",
+            "tap=e0,queues=2",
+            "tap=e0,mac=zz",
+            "tap=e0,tap=e1",
+        ] {
+            assert!(E1000Spec::parse(bad).is_err(), "{bad} should be refused");
+        }
     }
 
     #[test]

@@ -1,11 +1,13 @@
 pub mod acpi;
 pub mod boot;
 pub mod config;
+pub mod e1000;
 pub mod interrupts;
 pub mod layout;
 pub mod machine;
 pub mod memory;
 pub mod numa;
+pub mod nvme;
 pub mod platform;
 pub mod rss;
 pub mod vcpu;

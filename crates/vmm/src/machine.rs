@@ -60,6 +60,10 @@ pub struct VmConfig {
     pub rng: Option<crate::config::RngSpec>,
     /// NUMA placement of guest RAM and sluice's threads (`--numa`).
     pub numa: crate::numa::NumaPolicy,
+    /// Emulated e1000 NICs on taps.
+    pub e1000s: Vec<crate::config::E1000Spec>,
+    /// Emulated NVMe controllers.
+    pub nvmes: Vec<crate::config::NvmeSpec>,
 }
 
 /// How a run ended, with what it cost.
@@ -152,7 +156,13 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
     };
     crate::platform::attach_platform_devices(&vm, &dispatch, &config, &ram)?;
     let pci_root = crate::platform::attach_pci(&vm, &dispatch, &config)?;
-    let device_metrics = crate::virtio::attach_virtio_devices(&vm, &pci_root, &config, &ram)?;
+    let mut device_metrics = crate::virtio::attach_virtio_devices(&vm, &pci_root, &config, &ram)?;
+    device_metrics.extend(crate::e1000::attach_e1000_devices(
+        &pci_root, &config, &ram,
+    )?);
+    device_metrics.extend(crate::nvme::attach_nvme_devices(
+        &vm, &pci_root, &config, &ram,
+    )?);
 
     let rsdp = crate::acpi::create_acpi_tables(
         &ram.memory,

@@ -95,7 +95,7 @@ fn net_device(net: &NetSpec) -> Result<Net, VmError> {
 }
 
 /// A locally administered unicast MAC in QEMU's 52:54:00 range.
-fn random_local_mac() -> std::io::Result<[u8; 6]> {
+pub(crate) fn random_local_mac() -> std::io::Result<[u8; 6]> {
     let mut tail = [0u8; 3];
     fill_random(&mut tail)?;
     Ok([0x52, 0x54, 0x00, tail[0], tail[1], tail[2]])

@@ -1,4 +1,5 @@
-//! Device drivers. One folder per device family (virtio, nvme; e1000, vtd can sit beside).
+//! Device drivers. One module per device family (virtio, nvme, e1000; vtd can sit beside).
 
+pub mod e1000;
 pub mod nvme;
 pub mod virtio;

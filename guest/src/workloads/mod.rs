@@ -3,6 +3,7 @@
 
 pub mod blk;
 mod info;
+pub mod net;
 mod smp;
 pub mod stats;
 
@@ -30,6 +31,7 @@ fn run_one(workload: &Workload, config: &Config) -> Outcome {
         Workload::Net(params) => {
             crate::drivers::virtio::net::run_workload(params, config.timeout_ms)
         }
+        Workload::E1000(params) => crate::drivers::e1000::run_workload(params, config.timeout_ms),
         Workload::Smp { iters } => smp::run(*iters, config.timeout_ms),
     }
 }

@@ -11,6 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
+use sluice_guest_kit::{GuestKitReport, GuestKitRun, Vmm};
+
 /// Path of the binary under test.
 pub const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
 
@@ -227,4 +229,119 @@ pub fn metrics_device_exits(metrics: &serde_json::Value, name: &str) -> u64 {
         .find(|d| d["device"].as_str().is_some_and(|n| n.contains(name)))
         .map(|d| d["reads"].as_u64().unwrap_or(0) + d["writes"].as_u64().unwrap_or(0))
         .unwrap_or_else(|| panic!("no device named like {name} in {metrics}"))
+}
+
+pub fn run_on_sluice(cmdline: &str, args: Vec<String>) -> (GuestKitReport, serde_json::Value) {
+    // One file per run: tests of one binary run in parallel.
+    static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let run_number = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let metrics = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("metrics-{}-{run_number}.json", std::process::id(),));
+    let mut run = GuestKitRun::sluice(Path::new(env!("CARGO_BIN_EXE_sluice")), cmdline);
+    run.timeout = Duration::from_secs(120);
+    if let Vmm::Sluice { extra_args, .. } = &mut run.vmm {
+        extra_args.extend(args);
+        extra_args.push(format!("--metrics={}", metrics.display()));
+    }
+    let report = run.run().expect("run sluice");
+    let metrics = fs::read_to_string(&metrics)
+        .map(|s| serde_json::from_str(&s).unwrap())
+        .unwrap_or(serde_json::Value::Null);
+    (report, metrics)
+}
+
+/// Echoes every frame of EtherType 0x88b5 that arrives on `ifname` back out of it, until the
+/// returned flag is set. The interface appears when sluice creates the tap.
+pub fn spawn_echo_peer(
+    ifname: String,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    JoinHandle<u64>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let stop_peer = stop.clone();
+    let handle = thread::spawn(move || {
+        let name = std::ffi::CString::new(ifname).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let ifindex = loop {
+            // SAFETY: `name` is a valid NUL-terminated string.
+            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            if index != 0 || stop_peer.load(Ordering::Relaxed) || Instant::now() > deadline {
+                break index;
+            }
+            thread::sleep(Duration::from_millis(5));
+        };
+        if ifindex == 0 {
+            return 0;
+        }
+        let proto = 0x88b5u16.to_be();
+        // SAFETY: plain socket creation; the fd is closed below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: an all-zero sockaddr_ll is valid; the fields set below make it a bind address.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = proto;
+        addr.sll_ifindex = ifindex as i32;
+        let len = size_of::<libc::sockaddr_ll>() as u32;
+        // SAFETY: `addr` is a valid sockaddr_ll of `len` bytes.
+        let rc = unsafe { libc::bind(fd, (&raw const addr).cast::<libc::sockaddr>(), len) };
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        // SAFETY: setting a receive timeout with a valid timeval.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const timeout).cast::<libc::c_void>(),
+                size_of::<libc::timeval>() as u32,
+            )
+        };
+        let mut echoed = 0;
+        let mut frame = [0u8; 2048];
+        while !stop_peer.load(Ordering::Relaxed) {
+            // SAFETY: an all-zero sockaddr_ll is valid as an out-parameter.
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut from_len = len;
+            // SAFETY: `frame` and `from` are valid for the lengths passed.
+            let n = unsafe {
+                libc::recvfrom(
+                    fd,
+                    frame.as_mut_ptr().cast::<libc::c_void>(),
+                    frame.len(),
+                    0,
+                    (&raw mut from).cast::<libc::sockaddr>(),
+                    &raw mut from_len,
+                )
+            };
+            if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
+                continue;
+            }
+            // SAFETY: sends `n` bytes of `frame` to the interface bound in `addr`.
+            unsafe {
+                libc::sendto(
+                    fd,
+                    frame.as_ptr().cast::<libc::c_void>(),
+                    n as usize,
+                    0,
+                    (&raw const addr).cast::<libc::sockaddr>(),
+                    len,
+                )
+            };
+            echoed += 1;
+        }
+        // SAFETY: `fd` is ours and closed once.
+        unsafe { libc::close(fd) };
+        echoed
+    });
+    (stop, handle)
 }

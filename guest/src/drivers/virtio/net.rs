@@ -1,24 +1,20 @@
 //! virtio-net (§5.1) without offloads: queue 0 receives, queue 1 transmits, every buffer
-//! carries the 12-byte `virtio_net_hdr` (VERSION_1 layout, all zero on transmit). Frames are
-//! broadcast with EtherType 0x88b5 (local experimental) and a payload of sequence number plus
-//! a pattern, so `echo` can check what the peer sent back (MAC addresses may be swapped).
+//! carries the 12-byte `virtio_net_hdr` (VERSION_1 layout, all zero on transmit). The workload
+//! itself (frames, tx / rx / echo, RESULT) is shared with the e1000 driver: workloads/net.rs.
 
 use super::pci::{self as vpci, VirtioError, VirtioPci};
 use super::queue::{Queue, Segment};
 use super::{idle, report_error};
-use crate::arch::ring3;
-use crate::cmdline::{Mode, NetDir, NetParams};
+use crate::cmdline::{Mode, NetParams};
 use crate::mem;
-use crate::time::{now_ns, Deadline};
-use crate::workloads::stats::Histogram;
+use crate::time::Deadline;
+use crate::workloads::net::{self as workload, NetPort};
 use crate::workloads::Outcome;
 use alloc::vec::Vec;
 
 const F_MAC: u64 = 1 << 5;
 const HDR_LEN: u64 = 12;
 const BUF_LEN: u64 = 2048;
-const ETH_HDR: usize = 14;
-const ETHERTYPE: u16 = 0x88b5;
 const RX_BUFFERS: u16 = 64;
 const TX_BUFFERS: u16 = 32;
 
@@ -44,17 +40,6 @@ fn write_bytes(addr: u64, data: &[u8]) {
 fn read_bytes(addr: u64, len: usize) -> &'static [u8] {
     // SAFETY: `addr..addr+len` lies in an rx buffer the device has returned (len ≤ BUF_LEN).
     unsafe { core::slice::from_raw_parts(addr as *const u8, len) }
-}
-
-/// The frame for sequence number `seq` with `size` payload bytes.
-fn build_frame(mac: &[u8; 6], seq: u64, size: usize) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(ETH_HDR + size);
-    frame.extend_from_slice(&[0xff; 6]);
-    frame.extend_from_slice(mac);
-    frame.extend_from_slice(&ETHERTYPE.to_be_bytes());
-    frame.extend_from_slice(&seq.to_le_bytes());
-    frame.extend((8..size).map(|i| (seq as u8).wrapping_mul(31).wrapping_add(i as u8)));
-    frame
 }
 
 impl Net {
@@ -209,82 +194,27 @@ impl Net {
     }
 }
 
-/// Whether `frame` is our echo of `expected` (MAC addresses ignored).
-fn echo_matches(frame: &[u8], expected: &[u8]) -> bool {
-    frame.len() >= expected.len() && frame[12..expected.len()] == expected[12..]
-}
+impl NetPort for Net {
+    type Error = VirtioError;
 
-fn is_ours(frame: &[u8]) -> bool {
-    frame.len() >= ETH_HDR + 8 && frame[12..14] == ETHERTYPE.to_be_bytes()
-}
-
-struct Counts {
-    frames: u64,
-    bytes: u64,
-    errors: u64,
-}
-
-fn run_echo(net: &mut Net, p: &NetParams, hist: &mut Histogram) -> Result<Counts, VirtioError> {
-    let mut counts = Counts {
-        frames: 0,
-        bytes: 0,
-        errors: 0,
-    };
-    for seq in 0..p.frames {
-        let frame = build_frame(&net.mac, seq, p.size as usize);
-        let sent = now_ns();
-        net.send(&frame)?;
-        let deadline = Deadline::after_ms(net.timeout_ms);
-        loop {
-            let (ours, matches, seq_seen) = net.receive(|got| {
-                let seq_seen = got
-                    .get(ETH_HDR..ETH_HDR + 8)
-                    .map(|b| b.iter().rev().fold(0u64, |a, &x| (a << 8) | u64::from(x)));
-                (is_ours(got), echo_matches(got, &frame), seq_seen)
-            })?;
-            if ours && seq_seen == Some(seq) {
-                hist.record(now_ns() - sent);
-                counts.frames += 1;
-                counts.bytes += frame.len() as u64;
-                counts.errors += u64::from(!matches);
-                break;
-            }
-            if deadline.expired() {
-                return Err(VirtioError::Timeout("net echo"));
-            }
-        }
+    fn mac(&self) -> [u8; 6] {
+        self.mac
     }
-    Ok(counts)
-}
-
-fn run_tx(net: &mut Net, p: &NetParams) -> Result<Counts, VirtioError> {
-    let mut counts = Counts {
-        frames: 0,
-        bytes: 0,
-        errors: 0,
-    };
-    for seq in 0..p.frames {
-        let frame = build_frame(&net.mac, seq, p.size as usize);
-        net.send(&frame)?;
-        counts.frames += 1;
-        counts.bytes += frame.len() as u64;
+    fn timeout_ms(&self) -> u64 {
+        self.timeout_ms
     }
-    net.drain_tx()?;
-    Ok(counts)
-}
-
-fn run_rx(net: &mut Net, p: &NetParams) -> Result<Counts, VirtioError> {
-    let mut counts = Counts {
-        frames: 0,
-        bytes: 0,
-        errors: 0,
-    };
-    while counts.frames < p.frames {
-        let len = net.receive(|got| got.len())?;
-        counts.frames += 1;
-        counts.bytes += len as u64;
+    fn send(&mut self, frame: &[u8]) -> Result<(), VirtioError> {
+        Net::send(self, frame)
     }
-    Ok(counts)
+    fn receive<T>(&mut self, f: impl FnOnce(&[u8]) -> T) -> Result<T, VirtioError> {
+        Net::receive(self, f)
+    }
+    fn drain_tx(&mut self) -> Result<(), VirtioError> {
+        Net::drain_tx(self)
+    }
+    fn timeout(what: &'static str) -> VirtioError {
+        VirtioError::Timeout(what)
+    }
 }
 
 fn run(p: &NetParams, timeout_ms: u64) -> Result<Outcome, VirtioError> {
@@ -300,31 +230,17 @@ fn run(p: &NetParams, timeout_ms: u64) -> Result<Outcome, VirtioError> {
         m[4],
         m[5]
     );
-    let mut hist = Histogram::new();
     let interrupts_before = net.device.interrupt_count();
-    let start = now_ns();
-    let (ring, counts) = ring3::run_workload_code(|| {
-        let counts = match p.dir {
-            NetDir::Echo => run_echo(&mut net, p, &mut hist),
-            NetDir::Tx => run_tx(&mut net, p),
-            NetDir::Rx => run_rx(&mut net, p),
-        };
-        (ring3::current_ring(), counts)
-    });
-    let counts = counts?;
-    let elapsed_ns = now_ns() - start;
-    let pass = counts.errors == 0 && counts.frames == p.frames;
-    let verify = match p.dir {
-        NetDir::Echo if counts.errors == 0 => "ok",
-        NetDir::Echo => "fail",
-        _ => "n/a",
-    };
-    crate::println!(
-        "RESULT {{\"workload\":\"net\",\"ring\":{},\"dir\":\"{}\",\"size\":{},\"mode\":\"{}\",\"vq\":\"{}\",\"frames\":{},\"ops\":{},\"bytes\":{},\"elapsed_ns\":{},\"lat_ns\":{},\"notifies\":{},\"interrupts\":{},\"errors\":{},\"verify\":\"{}\",\"pass\":{}}}",
-        ring, p.dir.name(), p.size, p.mode.name(), net.device.layout().name(), counts.frames, counts.frames, counts.bytes, elapsed_ns, hist.json(),
-        net.rx.notifies + net.tx.notifies, net.device.interrupt_count() - interrupts_before, counts.errors, verify, pass
-    );
-    Ok(if pass { Outcome::Pass } else { Outcome::Fail })
+    let measured = workload::run(&mut net, p)?;
+    let transport = alloc::format!("\"vq\":\"{}\"", net.device.layout().name());
+    Ok(workload::report(
+        "net",
+        p,
+        &measured,
+        &transport,
+        net.rx.notifies + net.tx.notifies,
+        net.device.interrupt_count() - interrupts_before,
+    ))
 }
 
 /// The `net` workload.
