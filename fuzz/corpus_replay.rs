@@ -31,6 +31,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("e1000_registers", "sluice-devices"),
     ("nvme_command", "sluice-devices"),
     ("nvme_registers", "sluice-devices"),
+    ("pci_config_space", "sluice-host"),
 ];
 
 /// A target body: what `fuzz_target!` runs on one input.

@@ -475,6 +475,36 @@ def nvme_register_seeds():
         reg(1, 2, 0x1004, 1)
 
 
+# --- pci_config_space: a function's config space as sysfs gives it (sluice host-check) --------
+def config_space(port_type, extended, size=4096):
+    """A PCIe capability of `port_type` at 0x40, then the extended capabilities chained from
+    0x100: (id, body bytes)."""
+    data = bytearray(size)
+    data[0x06] = 1 << 4
+    data[0x34] = 0x40
+    data[0x40:0x44] = bytes([0x10, 0]) + struct.pack("<H", 2 | port_type << 4)
+    offset = 0x100
+    for index, (cap_id, payload) in enumerate(extended):
+        nxt = 0 if index + 1 == len(extended) else (offset + 4 + len(payload) + 3) & ~3
+        data[offset:offset + 4] = struct.pack("<I", cap_id | 1 << 16 | nxt << 20)
+        data[offset + 4:offset + 4 + len(payload)] = payload
+        offset = nxt
+    return bytes(data[:size])
+
+
+def config_space_seeds():
+    acs_all = struct.pack("<HH", 0x1f, 0x1d)
+    yield "root_port_aer_acs", config_space(4, [(0x0001, bytes(40)), (0x000d, acs_all)])
+    yield "endpoint_sriov", config_space(0, [(0x0010, bytes(60))])
+    yield "non_root_64_bytes", config_space(4, [(0x000d, acs_all)], size=64)
+    looping = bytearray(config_space(6, [(0x000d, acs_all)]))
+    looping[0x100:0x104] = struct.pack("<I", 0x000d | 1 << 16 | 0x100 << 20)
+    yield "extended_loop", bytes(looping)
+    standard_loop = bytearray(config_space(0, []))
+    standard_loop[0x41] = 0x40
+    yield "standard_loop", bytes(standard_loop)
+
+
 def main():
     for target, seeds in (("blk_request", blk_seeds()), ("net_header", net_seeds()),
                           ("packed_ring", packed_seeds()),
@@ -482,7 +512,8 @@ def main():
                           ("vhost_user_backend_replies", backend_seeds()),
                           ("e1000_tx", e1000_tx_seeds()), ("e1000_registers", e1000_register_seeds()),
                           ("nvme_command", nvme_command_seeds()),
-                          ("nvme_registers", nvme_register_seeds())):
+                          ("nvme_registers", nvme_register_seeds()),
+                          ("pci_config_space", config_space_seeds())):
         directory = ROOT / target
         directory.mkdir(parents=True, exist_ok=True)
         for name, data in seeds:

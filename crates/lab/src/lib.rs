@@ -46,6 +46,7 @@ impl Topology {
 pub struct Lab {
     topologies: Vec<Topology>,
     vfs: u32,
+    smp: u32,
     share: Option<PathBuf>,
     readonly: Vec<PathBuf>,
     timeout: Duration,
@@ -99,6 +100,7 @@ impl Lab {
         Lab {
             topologies: Vec::new(),
             vfs: 2,
+            smp: 1,
             share: None,
             readonly: default_readonly_dirs(),
             timeout: Duration::from_secs(900),
@@ -113,6 +115,14 @@ impl Lab {
     /// SR-IOV VFs the iommu topology's NVMe PF offers.
     pub fn vfs(mut self, count: u32) -> Lab {
         self.vfs = count;
+        self
+    }
+
+    /// L1's CPUs (default 1). With 2, MTTCG can livelock L1 in the kernel's INT3 text patching
+    /// (docs/testing.md), so only a run that needs two (the numa topology's node 1 gets the
+    /// last CPU) asks for them.
+    pub fn smp(mut self, cpus: u32) -> Lab {
+        self.smp = cpus;
         self
     }
 
@@ -149,6 +159,9 @@ impl Lab {
             let names: Vec<&str> = self.topologies.iter().map(|t| t.name()).collect();
             command.arg("--topology").arg(names.join(","));
             command.arg("--vfs").arg(self.vfs.to_string());
+        }
+        if self.smp != 1 {
+            command.arg("--smp").arg(self.smp.to_string());
         }
         if let Some(share) = &self.share {
             command.arg("--share").arg(share);

@@ -2,6 +2,7 @@
 //! exit status (see `exit_status`).
 
 mod guest_kit;
+mod host;
 mod serve;
 mod size;
 mod spectrum;
@@ -17,6 +18,7 @@ use clap::{Args, Parser, Subcommand};
 use sluice_sandbox::{Role, SeccompMode};
 use sluice_vmm::config::{DiskSpec, E1000Spec, NetSpec, NvmeSpec, RngSpec};
 use sluice_vmm::machine::{self, SerialTarget, VmConfig, VmReport};
+use sluice_vmm::numa::NumaPolicy;
 use sluice_vmm::vcpu::VmOutcome;
 
 /// Exit status when the guest asked for a reset (sluice does not reboot guests).
@@ -54,6 +56,11 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run the benchmark matrix (sluice, vhost-user, QEMU, fio) and write results to --out.
     Bench(sluice_bench::BenchArgs),
+    /// Check that this host can give a VM a PCI function (IOMMU, interrupt remapping, groups,
+    /// ACS, VFIO, limits); exit status 0 ready, 1 not ready.
+    HostCheck(host::HostCheckArgs),
+    /// SR-IOV virtual functions: create, reset, quarantine.
+    Vf(host::VfArgs),
 }
 
 #[derive(Args)]
@@ -107,6 +114,10 @@ struct RunArgs {
     /// Prometheus text if the name ends in `.prom`.
     #[arg(long)]
     metrics: Option<PathBuf>,
+    /// NUMA placement of guest RAM, vCPU and device threads: `auto` (the node of the first
+    /// assigned device), `off` (default) or a node number.
+    #[arg(long, default_value = "off", value_parser = NumaPolicy::parse)]
+    numa: NumaPolicy,
 }
 
 fn parse_serial(s: &str) -> Result<SerialTarget, String> {
@@ -129,6 +140,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => std::env::current_exe()
             .context("cannot find the sluice binary")
             .and_then(|sluice| sluice_bench::run(&args, &sluice)),
+        Command::HostCheck(args) => host::check(args),
+        Command::Vf(args) => host::vf(args),
     };
     match result {
         Ok(status) => ExitCode::from(status),
@@ -227,6 +240,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         disks: args.disk,
         nets: args.net,
         rng: args.rng,
+        numa: args.numa,
         e1000s: args.e1000,
         nvmes: args.nvme,
     };
@@ -253,7 +267,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
 }
 
 impl RunArgs {
-    /// No kernel, command line, device or serial choice: the main job's spectrum run.
+    /// No kernel, command line, device, serial or NUMA choice: the main job's spectrum run.
     fn asks_for_nothing(&self) -> bool {
         self.kernel.is_none()
             && self.cmdline.is_empty()
@@ -263,6 +277,7 @@ impl RunArgs {
             && self.e1000.is_empty()
             && self.nvme.is_empty()
             && !self.test_device
+            && self.numa == NumaPolicy::Off
             && matches!(self.serial, SerialTarget::Stdout)
     }
 }

@@ -145,6 +145,7 @@ pub fn run(kernel: &Path, cpus: u8, memory: u64) -> anyhow::Result<u8> {
             rng: None,
             e1000s: Vec::new(),
             nvmes: Vec::new(),
+            numa: Default::default(),
         };
         class.attach(&mut config, &scratch.image(&format!("class{index}.img"))?)?;
         let report = machine::run(config)?;

@@ -6,6 +6,7 @@ pub mod interrupts;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod numa;
 pub mod nvme;
 pub mod platform;
 pub mod rss;

@@ -58,6 +58,8 @@ pub struct VmConfig {
     pub nets: Vec<crate::config::NetSpec>,
     /// A virtio-rng device.
     pub rng: Option<crate::config::RngSpec>,
+    /// NUMA placement of guest RAM and sluice's threads (`--numa`).
+    pub numa: crate::numa::NumaPolicy,
     /// Emulated e1000 NICs on taps.
     pub e1000s: Vec<crate::config::E1000Spec>,
     /// Emulated NVMe controllers.
@@ -111,6 +113,8 @@ pub enum VmError {
     Acpi(#[from] crate::acpi::AcpiError),
     #[error("cannot start vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Numa(#[from] crate::numa::NumaError),
 }
 
 fn kvm_step<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
@@ -132,7 +136,16 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
     }
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let vm = Arc::new(create_vm(&kvm)?);
+    // Before any thread starts and before guest RAM is touched (crate::numa says why). No
+    // device is assigned yet, so `auto` has nothing to follow.
+    let placement = crate::numa::resolve(&sluice_host::HostRoot::real(), config.numa, &[])?;
+    if let Some(placement) = &placement {
+        placement.pin_threads()?;
+    }
     let ram = GuestRam::new(config.memory)?;
+    if let Some(placement) = &placement {
+        placement.bind_memory(&ram)?;
+    }
     ram.register(&vm)?;
 
     let dispatch = ExitDispatch {
