@@ -422,29 +422,19 @@ fn qemu_device_args(index: usize, device: &Device) -> Vec<String> {
             reconnect,
         } => vec![
             "-chardev".into(),
-            format!(
-                "socket,id=vu{index},path={}{}",
-                qemu_escape(&socket.display().to_string()),
-                if *reconnect { ",reconnect=1" } else { "" }
-            ),
+            vhost_user_chardev(index, socket, *reconnect),
             "-device".into(),
             format!("vhost-user-blk-pci,chardev=vu{index},num-queues={queues}"),
         ],
         Device::VhostUserRng { socket } => vec![
             "-chardev".into(),
-            format!(
-                "socket,id=vu{index},path={}",
-                qemu_escape(&socket.display().to_string())
-            ),
+            vhost_user_chardev(index, socket, false),
             "-device".into(),
             format!("vhost-user-rng-pci,chardev=vu{index}"),
         ],
         Device::VhostUserNet { socket } => vec![
             "-chardev".into(),
-            format!(
-                "socket,id=vu{index},path={}",
-                qemu_escape(&socket.display().to_string())
-            ),
+            vhost_user_chardev(index, socket, false),
             "-netdev".into(),
             format!("vhost-user,id=net{index},chardev=vu{index}"),
             "-device".into(),
@@ -475,6 +465,16 @@ fn offer_packed_virtqueues(args: &mut [String]) {
             args[index].push_str(",packed=on");
         }
     }
+}
+
+/// The `-chardev` value of vhost-user device `index` on `socket` (id `vu<index>`); with
+/// `reconnect`, QEMU redials a backend that went away.
+fn vhost_user_chardev(index: usize, socket: &Path, reconnect: bool) -> String {
+    format!(
+        "socket,id=vu{index},path={}{}",
+        qemu_escape(&socket.display().to_string()),
+        if reconnect { ",reconnect=1" } else { "" }
+    )
 }
 
 /// QEMU option values escape a comma by doubling it.
