@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_guest_kit::pattern::check_pattern;
-use sluice_guest_kit::{find_qemu, Accel, Device, GuestKitReport, GuestKitRun, Machine};
+use sluice_guest_kit::{
+    find_qemu, Accel, Device, GuestKitReport, GuestKitRun, Machine, WorkloadResult,
+};
 
 const SEED: u64 = 31;
 const BLOCK: u64 = 4096;
@@ -157,7 +159,7 @@ fn blk_run(socket: &Path, span_mb: u64, reconnect: bool) -> GuestKitRun {
     run
 }
 
-fn blk_result(report: &GuestKitReport) -> &sluice_guest_kit::WorkloadResult {
+fn blk_result(report: &GuestKitReport) -> &WorkloadResult {
     report
         .results_for("blk")
         .next()
@@ -364,10 +366,26 @@ fn qemu_rng_over_packed_rings_on_sluice_serve_rng() {
         return;
     }
     let serve = Serve::start(name, &["rng"]);
-    let run = GuestKitRun::qemu(Accel::Tcg, Machine::Q35, "quiet vq=packed w=rng:bytes=8192")
-        .with_device(Device::VhostUserRng {
-            socket: serve.socket.clone(),
-        })
+    let device = Device::VhostUserRng {
+        socket: serve.socket.clone(),
+    };
+
+    let (report, rng) = run_packed(&serve, device, "w=rng:bytes=8192", "rng");
+
+    assert_eq!(rng.raw["bytes"], 8192, "{}", report.describe());
+}
+
+/// QEMU (TCG) with `device` served by `serve`, packed rings offered and asked for (`vq=packed
+/// <workloads>`): the run passed and `workload`'s RESULT says it ran packed rings.
+fn run_packed(
+    serve: &Serve,
+    device: Device,
+    workloads: &str,
+    workload: &str,
+) -> (GuestKitReport, WorkloadResult) {
+    let cmdline = format!("quiet vq=packed {workloads}");
+    let run = GuestKitRun::qemu(Accel::Tcg, Machine::Q35, &cmdline)
+        .with_device(device)
         .with_packed_virtqueues()
         .with_timeout(Duration::from_secs(120));
 
@@ -379,11 +397,13 @@ fn qemu_rng_over_packed_rings_on_sluice_serve_rng() {
         report.describe(),
         serve.log_text()
     );
-    let rng = report
-        .results_for("rng")
+    let result = report
+        .results_for(workload)
         .next()
-        .unwrap_or_else(|| panic!("no rng RESULT: {}", report.describe()));
-    assert_eq!(rng.raw["vq"], "packed", "{}", report.describe());
+        .unwrap_or_else(|| panic!("no {workload} RESULT: {}", report.describe()))
+        .clone();
+    assert_eq!(result.raw["vq"], "packed", "{}", report.describe());
+    (report, result)
 }
 
 /// QEMU's virtio-net on a vhost-user netdev served by `sluice serve net` over a tap, packed
@@ -409,30 +429,13 @@ fn qemu_net_tx_over_packed_rings_on_sluice_serve_net() {
             .unwrap_or(0)
     };
     let before = tap_counter("rx_packets");
-    let run = GuestKitRun::qemu(
-        Accel::Tcg,
-        Machine::Q35,
-        &format!("quiet vq=packed w=net:dir=tx:size=64:frames={FRAMES}"),
-    )
-    .with_device(Device::VhostUserNet {
+    let device = Device::VhostUserNet {
         socket: serve.socket.clone(),
-    })
-    .with_packed_virtqueues()
-    .with_timeout(Duration::from_secs(120));
+    };
 
-    let report = run.run().expect("run QEMU");
+    let workloads = format!("w=net:dir=tx:size=64:frames={FRAMES}");
+    let (report, net) = run_packed(&serve, device, &workloads, "net");
 
-    assert!(
-        report.passed(),
-        "{}\n{}",
-        report.describe(),
-        serve.log_text()
-    );
-    let net = report
-        .results_for("net")
-        .next()
-        .unwrap_or_else(|| panic!("no net RESULT: {}", report.describe()));
-    assert_eq!(net.raw["vq"], "packed", "{}", report.describe());
     assert_eq!(net.errors, Some(0), "{}", report.describe());
     let delivered = tap_counter("rx_packets") - before;
     assert!(
