@@ -93,6 +93,13 @@ struct RunArgs {
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "",
           value_parser = RngSpec::parse)]
     rng: Option<RngSpec>,
+    /// A host PCI function assigned with VFIO (repeatable):
+    /// `vfio=BDF|SYSFS_PATH[,dma=all][,allow_unsafe_interrupts=on]`. The function must be bound
+    /// to vfio-pci with every other member of its IOMMU group; all guest RAM is pinned for its
+    /// DMA (RLIMIT_MEMLOCK / CAP_IPC_LOCK); without host interrupt remapping sluice refuses
+    /// unless allow_unsafe_interrupts=on.
+    #[arg(long, value_parser = sluice_vmm::config::parse_device)]
+    device: Vec<sluice_vmm::config::VfioSpec>,
     /// Write exit counts and per-queue device metrics here when the VM stops: JSON, or
     /// Prometheus text if the name ends in `.prom`.
     #[arg(long)]
@@ -211,6 +218,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         disks: args.disk,
         nets: args.net,
         rng: args.rng,
+        vfio: args.device,
     };
     let report = machine::run(config)?;
     tracing::info!(
@@ -258,6 +266,9 @@ fn write_metrics(mut file: File, path: &std::path::Path, report: &VmReport) -> a
             "setup_us": report.setup_time.as_micros() as u64,
             "rss_overhead_kib": report.rss.overhead(),
             "devices": devices,
+            "vfio": report.vfio.iter()
+                .map(|(name, bytes)| serde_json::json!({"device": name, "dma_mapped_bytes": bytes}))
+                .collect::<Vec<_>>(),
         }))?
     };
     file.write_all(text.as_bytes())

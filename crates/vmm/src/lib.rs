@@ -8,4 +8,5 @@ pub mod memory;
 pub mod platform;
 pub mod rss;
 pub mod vcpu;
+pub mod vfio;
 pub mod virtio;

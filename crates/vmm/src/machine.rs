@@ -58,6 +58,8 @@ pub struct VmConfig {
     pub nets: Vec<crate::config::NetSpec>,
     /// A virtio-rng device.
     pub rng: Option<crate::config::RngSpec>,
+    /// Host PCI functions assigned with VFIO (`--device vfio=`).
+    pub vfio: Vec<crate::config::VfioSpec>,
 }
 
 /// How a run ended, with what it cost.
@@ -77,6 +79,8 @@ pub struct VmReport {
     pub first_exit_unix_ns: Option<u64>,
     /// The VMM's resident memory when the VM stopped (guest RAM is `shmem`).
     pub rss: RssKib,
+    /// Assigned devices: name and bytes of guest RAM mapped for their DMA.
+    pub vfio: Vec<(String, u64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +144,7 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
     crate::platform::attach_platform_devices(&vm, &dispatch, &config, &ram)?;
     let pci_root = crate::platform::attach_pci(&vm, &dispatch, &config)?;
     let device_metrics = crate::virtio::attach_virtio_devices(&vm, &pci_root, &config, &ram)?;
+    let vfio = crate::vfio::attach_vfio_devices(&vm, &pci_root, &config.vfio, &ram)?;
 
     let rsdp = crate::acpi::create_acpi_tables(
         &ram.memory,
@@ -166,7 +171,13 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
     for thread in threads {
         thread.stop();
     }
-    Ok(report(outcome, &dispatch, setup_time, device_metrics))
+    vfio.iter().for_each(crate::vfio::VfioHandle::stop);
+    let mut report = report(outcome, &dispatch, setup_time, device_metrics);
+    report.vfio = vfio
+        .iter()
+        .map(|v| (v.name.clone(), v.dma_mapped_bytes))
+        .collect();
+    Ok(report)
 }
 
 fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
@@ -236,6 +247,7 @@ fn report(
         setup_time,
         rss: RssKib::current(),
         device_metrics,
+        vfio: Vec::new(),
         first_exit_unix_ns: Some(dispatch.stats.first_exit_unix_ns.load(Ordering::Relaxed))
             .filter(|&ns| ns != 0),
     }
