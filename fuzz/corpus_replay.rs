@@ -27,6 +27,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("vhost_user_messages", "sluice-vhost"),
     ("vhost_user_fds", "sluice-vhost"),
     ("vhost_user_backend_replies", "sluice-devices"),
+    ("vfio_config", "sluice-vfio"),
 ];
 
 /// A target body: what `fuzz_target!` runs on one input.

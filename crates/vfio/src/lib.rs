@@ -16,6 +16,7 @@
 //! iommufd-ioctls, and the lab's L1 kernel (6.1) is served by type1 anyway.
 
 pub mod device;
+pub mod fuzz;
 pub mod host;
 pub mod policy;
 
