@@ -251,6 +251,11 @@ fn write_metrics(mut file: File, path: &std::path::Path, report: &VmReport) -> a
         for device in &report.device_metrics {
             text.push_str(&device.to_prometheus());
         }
+        for (device, bytes) in &report.vfio {
+            text.push_str(&format!(
+                "sluice_vfio_dma_mapped_bytes{{device=\"{device}\"}} {bytes}\n"
+            ));
+        }
         text
     } else {
         let devices: Vec<_> = report.device_metrics.iter().map(|d| d.to_json()).collect();
