@@ -15,11 +15,13 @@
 //! * Reset: VFIO_DEVICE_RESET when the VM starts and stops (if the device offers it); a failed
 //!   reset quarantines the device (DMA unmapped, Bus Master cleared, logged).
 //!
-//! Not built: INTx (the device gets MSI-X only; its pin reads 0), MSI (hidden), expansion ROMs,
-//! per-vector masking on the device side (a masked vector's eventfd stays armed; its route is
-//! only programmed once the guest unmasks it).
+//! * MSI-X masking: while the guest masks a vector (or the function), VFIO signals a mask
+//!   eventfd of sluice's instead of the irqfd; what arrived there becomes the vector's pending
+//!   bit (PBA) and is delivered on unmask.
+//!
+//! Not built: INTx (the device gets MSI-X only; its pin reads 0), MSI (hidden), expansion ROMs.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -34,6 +36,7 @@ use sluice_pci::{
 };
 use sluice_vfio::{AssignedFunction, HostBdf, MsixLayout, VirtualConfig};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VfioSpec;
 use crate::interrupts::{KvmMsi, KvmMsiRouter};
@@ -203,7 +206,12 @@ pub struct VfioPciDevice {
     function: Arc<AssignedFunction>,
     config: VirtualConfig,
     msix: Option<(MsixLayout, Arc<MsixVectors>)>,
-    msix_on_device: bool,
+    /// Per vector, the eventfd VFIO signals while the guest masks it: read back into the
+    /// table's pending bits (and delivered on unmask) instead of reaching the guest.
+    mask_fds: Vec<EventFd>,
+    /// What VFIO_DEVICE_SET_IRQS last programmed: `None` MSI-X off on the device; per vector
+    /// `true` = the irqfd (deliverable), `false` = its mask eventfd.
+    device_vectors: Option<Vec<bool>>,
     bars: [Option<BarRegion>; NUM_BARS],
     vm: Arc<VmFd>,
     stopped: bool,
@@ -232,6 +240,11 @@ impl VfioPciDevice {
             }
             None => None,
         };
+        let vector_count = msix.as_ref().map_or(0, |(_, v)| v.vectors());
+        let mask_fds = (0..vector_count)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| device_err(what, e))?;
         let trapped = msix
             .as_ref()
             .map(|(layout, _)| trapped_pages(&layout.capability));
@@ -254,37 +267,70 @@ impl VfioPciDevice {
             name: format!("vfio-{}", spec.host),
             function,
             config,
+            mask_fds,
             msix,
-            msix_on_device: false,
+            device_vectors: None,
             bars,
             vm,
             stopped: false,
         })
     }
 
-    /// Guest enabled or disabled MSI-X: point the device's vectors at the irqfds, or off.
+    /// Follows the guest's MSI-X state on the device: off when the guest disabled it; else each
+    /// vector signals its irqfd while deliverable and its mask eventfd while masked (so a
+    /// masked vector never reaches the guest). Reprograms only when that choice changed.
     fn sync_msix(&mut self) {
         let Some((_, vectors)) = &self.msix else {
             return;
         };
-        let enabled = vectors.is_enabled();
-        if enabled && !self.msix_on_device {
-            let fds: Option<Vec<BorrowedFd<'_>>> = (0..vectors.vectors())
-                .map(|v| vectors.route_fd(v))
+        if !vectors.is_enabled() {
+            if self.device_vectors.take().is_some() {
+                if let Err(e) = self.function.disable_msix() {
+                    tracing::warn!("{}: disabling MSI-X on the device: {e}", self.name);
+                }
+            }
+            return;
+        }
+        let wanted: Vec<bool> = {
+            let table = vectors.table();
+            (0..vectors.vectors())
+                .map(|v| !table.is_function_masked() && !table.is_vector_masked(v))
+                .collect()
+        };
+        if self.device_vectors.as_ref() != Some(&wanted) {
+            let fds: Option<Vec<BorrowedFd<'_>>> = wanted
+                .iter()
+                .zip(0..)
+                .map(|(&open, v)| match open {
+                    true => vectors.route_fd(v),
+                    // SAFETY: the eventfd lives in `self.mask_fds` for the device's life.
+                    false => Some(unsafe {
+                        BorrowedFd::borrow_raw(self.mask_fds[usize::from(v)].as_raw_fd())
+                    }),
+                })
                 .collect();
             let result = match fds {
                 Some(fds) => self.function.enable_msix(&fds),
                 None => Err(std::io::Error::other("MSI-X vectors have no irqfd")),
             };
             match result {
-                Ok(()) => self.msix_on_device = true,
-                Err(e) => tracing::warn!("{}: enabling MSI-X on the device: {e}", self.name),
+                Ok(()) => self.device_vectors = Some(wanted),
+                Err(e) => tracing::warn!("{}: programming MSI-X on the device: {e}", self.name),
             }
-        } else if !enabled && self.msix_on_device {
-            if let Err(e) = self.function.disable_msix() {
-                tracing::warn!("{}: disabling MSI-X on the device: {e}", self.name);
+        }
+        self.collect_masked_signals();
+    }
+
+    /// Moves what the device signalled while vectors were masked into the table: pending while
+    /// still masked, sent now if unmasked.
+    fn collect_masked_signals(&self) {
+        let Some((_, vectors)) = &self.msix else {
+            return;
+        };
+        for (vector, fd) in (0..).zip(&self.mask_fds) {
+            if fd.read().is_ok_and(|count| count > 0) {
+                vectors.signal(vector);
             }
-            self.msix_on_device = false;
         }
     }
 
@@ -316,9 +362,8 @@ impl VfioPciDevice {
             return;
         }
         self.stopped = true;
-        if self.msix_on_device {
+        if self.device_vectors.take().is_some() {
             let _ = self.function.disable_msix();
-            self.msix_on_device = false;
         }
         for region in self.bars.iter_mut().flatten() {
             for window in &mut region.windows {
@@ -495,14 +540,22 @@ impl PciDevice for VfioPciDevice {
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         match self.msix_access(bar, offset) {
             Some((vectors, true, at)) => vectors.read_table(at, data),
-            Some((vectors, false, at)) => vectors.read_pba(at, data),
+            Some((_, false, at)) => {
+                self.collect_masked_signals();
+                if let Some((_, vectors)) = &self.msix {
+                    vectors.read_pba(at, data);
+                }
+            }
             None => self.function.region_read(bar as u32, offset, data),
         }
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         match self.msix_access(bar, offset) {
-            Some((vectors, true, at)) => vectors.write_table(at, data),
+            Some((vectors, true, at)) => {
+                vectors.write_table(at, data);
+                self.sync_msix();
+            }
             Some((_, false, _)) => {}
             None => self.function.region_write(bar as u32, offset, data),
         }
