@@ -32,6 +32,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("nvme_command", "sluice-devices"),
     ("nvme_registers", "sluice-devices"),
     ("pci_config_space", "sluice-host"),
+    ("vfio_config", "sluice-vfio"),
 ];
 
 /// A target body: what `fuzz_target!` runs on one input.

@@ -505,6 +505,48 @@ def config_space_seeds():
     yield "standard_loop", bytes(standard_loop)
 
 
+# --- vfio_config: [image_len u16][config image][ops of 8 bytes] -------------------------------
+def put32(image, offset, value):
+    image[offset:offset + 4] = struct.pack("<I", value)
+
+
+def nvme_vf_config():
+    """An NVMe VF as QEMU builds it, plus MSI and SR-IOV/ACS capabilities the policy hides."""
+    c = bytearray(0x200)
+    for offset, value in ((0x00, 0x00101b36), (0x04, 0x00100000), (0x08, 0x01080202),
+                          (0x10, 0x4), (0x2c, 0x11001af4), (0x34, 0x40), (0x3c, 0x100),
+                          (0x40, 0x00035001), (0x44, 3), (0x50, 0x00806005), (0x60, 0x00017011),
+                          (0x64, 0x2000), (0x68, 0x3000), (0x70, 0x00020010), (0x78, 0x2810),
+                          (0x100, 0x14010010), (0x140, 0x18010001), (0x180, 0x1a01000d),
+                          (0x1a0, 0x00010003)):
+        put32(c, offset, value)
+    return bytes(c)
+
+
+def vop(write, offset, width_log2, value=0):
+    return struct.pack("<BHBI", 1 if write else 0, offset, width_log2, value)
+
+
+def vfio_input(image, ops):
+    return struct.pack("<H", len(image)) + image + b"".join(ops)
+
+
+def vfio_seeds():
+    image = nvme_vf_config()
+    reads = [vop(False, offset, 2) for offset in range(0, 0x200, 4)]
+    yield "nvme_vf_read_everything", vfio_input(image, reads)
+    yield "bar_sizing_and_command", vfio_input(image, [
+        vop(True, 0x10, 2, 0xffffffff), vop(True, 0x14, 2, 0xffffffff), vop(False, 0x10, 2),
+        vop(True, 0x10, 2, 0xc0000000), vop(True, 0x04, 1, 0x0446), vop(False, 0x04, 2)])
+    yield "msix_enable_pm_and_flr", vfio_input(image, [
+        vop(True, 0x62, 1, 0xc000), vop(True, 0x44, 1, 3), vop(True, 0x78, 1, 0x8000),
+        vop(True, 0x100, 2, 0xffffffff), vop(False, 0x144, 2), vop(True, 0x3d, 0, 1)])
+    looping = bytearray(image)
+    put32(looping, 0x70, 0x00027010)
+    put32(looping, 0x1a0, 0x1a010003)
+    yield "capability_loops", vfio_input(bytes(looping), [vop(False, 0x70, 2)])
+
+
 def main():
     for target, seeds in (("blk_request", blk_seeds()), ("net_header", net_seeds()),
                           ("packed_ring", packed_seeds()),
@@ -513,7 +555,8 @@ def main():
                           ("e1000_tx", e1000_tx_seeds()), ("e1000_registers", e1000_register_seeds()),
                           ("nvme_command", nvme_command_seeds()),
                           ("nvme_registers", nvme_register_seeds()),
-                          ("pci_config_space", config_space_seeds())):
+                          ("pci_config_space", config_space_seeds()),
+                          ("vfio_config", vfio_seeds())):
         directory = ROOT / target
         directory.mkdir(parents=True, exist_ok=True)
         for name, data in seeds:

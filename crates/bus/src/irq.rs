@@ -26,6 +26,12 @@ pub trait MsiRoute: Send + Sync {
     fn update(&self, msg: MsiMessage) -> io::Result<()>;
     /// Injects the interrupt (one eventfd write when backed by an irqfd).
     fn trigger(&self) -> io::Result<()>;
+    /// The eventfd behind the route's irqfd, for a producer outside sluice (VFIO's
+    /// VFIO_DEVICE_SET_IRQS) to signal the guest with no userspace hop. `None` when the route
+    /// is not an eventfd.
+    fn trigger_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
 }
 
 /// Hands out [`MsiRoute`]s (the VMM owns the GSI routing table).

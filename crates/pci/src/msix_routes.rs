@@ -87,6 +87,11 @@ impl MsixVectors {
         self.deliverable.len() as u16
     }
 
+    /// The eventfd of `vector`'s irqfd route (see [`MsiRoute::trigger_fd`]), if routed that way.
+    pub fn route_fd(&self, vector: u16) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.routes.get(usize::from(vector))?.trigger_fd()
+    }
+
     /// Whether the guest enabled MSI-X (a function using MSI-X must not assert INTx).
     pub fn is_enabled(&self) -> bool {
         self.enabled.load(Ordering::Acquire)

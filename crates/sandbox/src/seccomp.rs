@@ -348,10 +348,30 @@ const KVM_VCPU_IOCTLS: [u64; 13] = {
     ]
 };
 
+/// What a vCPU thread asks for an assigned (VFIO) device from a guest config write: a BAR move
+/// re-registers the memory slots over the BAR's mmapped pages, and MSI-X enable/disable points
+/// the device's vectors at their irqfds.
+const VFIO_VCPU_IOCTLS: [u64; 2] = {
+    use kvm_bindings::kvm_userspace_memory_region;
+    use std::mem::size_of;
+    /// VFIO's ioctl type byte (`;`) and VFIO_BASE.
+    const VFIO_TYPE: u64 = 0x3b;
+    const VFIO_BASE: u64 = 100;
+    [
+        ioc(IOC_WRITE, 0x46, size_of::<kvm_userspace_memory_region>()), // KVM_SET_USER_MEMORY_REGION
+        (VFIO_TYPE << 8) | (VFIO_BASE + 10),                            // VFIO_DEVICE_SET_IRQS
+    ]
+};
+
 /// ioctl requests a kind may make (none for kinds not listed).
 fn allowed_ioctls(kind: ThreadKind) -> Vec<u64> {
     match kind {
-        ThreadKind::Vcpu => [&KVM_VCPU_IOCTLS[..], &TAP_AND_FD_IOCTLS[..]].concat(),
+        ThreadKind::Vcpu => [
+            &KVM_VCPU_IOCTLS[..],
+            &VFIO_VCPU_IOCTLS[..],
+            &TAP_AND_FD_IOCTLS[..],
+        ]
+        .concat(),
         // SIOCOUTQ: the server checks what a frontend left unread before answering more.
         ThreadKind::Connection => [&TAP_AND_FD_IOCTLS[..], &[libc::TIOCOUTQ]].concat(),
         // A virtio-net control queue attaches tap queues (MQ_VQ_PAIRS_SET) and sets offloads.

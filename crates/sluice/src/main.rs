@@ -110,6 +110,13 @@ struct RunArgs {
     /// dbbuf=off hides Doorbell Buffer Config, for comparisons).
     #[arg(long, value_parser = NvmeSpec::parse)]
     nvme: Vec<NvmeSpec>,
+    /// A host PCI function assigned with VFIO (repeatable):
+    /// `vfio=BDF|SYSFS_PATH[,dma=all][,allow_unsafe_interrupts=on]`. The function must be bound
+    /// to vfio-pci with every other member of its IOMMU group; all guest RAM is pinned for its
+    /// DMA (RLIMIT_MEMLOCK / CAP_IPC_LOCK); without host interrupt remapping sluice refuses
+    /// unless allow_unsafe_interrupts=on.
+    #[arg(long, value_parser = sluice_vmm::config::parse_device)]
+    device: Vec<sluice_vmm::config::VfioSpec>,
     /// Write exit counts and per-queue device metrics here when the VM stops: JSON, or
     /// Prometheus text if the name ends in `.prom`.
     #[arg(long)]
@@ -243,6 +250,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         numa: args.numa,
         e1000s: args.e1000,
         nvmes: args.nvme,
+        vfio: args.device,
     };
     let report = machine::run(config)?;
     tracing::info!(
@@ -276,6 +284,7 @@ impl RunArgs {
             && self.rng.is_none()
             && self.e1000.is_empty()
             && self.nvme.is_empty()
+            && self.device.is_empty()
             && !self.test_device
             && self.numa == NumaPolicy::Off
             && matches!(self.serial, SerialTarget::Stdout)
@@ -290,6 +299,11 @@ fn write_metrics(mut file: File, path: &std::path::Path, report: &VmReport) -> a
         );
         for device in &report.device_metrics {
             text.push_str(&device.to_prometheus());
+        }
+        for (device, bytes) in &report.vfio {
+            text.push_str(&format!(
+                "sluice_vfio_dma_mapped_bytes{{device=\"{device}\"}} {bytes}\n"
+            ));
         }
         text
     } else {
@@ -306,6 +320,9 @@ fn write_metrics(mut file: File, path: &std::path::Path, report: &VmReport) -> a
             "setup_us": report.setup_time.as_micros() as u64,
             "rss_overhead_kib": report.rss.overhead(),
             "devices": devices,
+            "vfio": report.vfio.iter()
+                .map(|(name, bytes)| serde_json::json!({"device": name, "dma_mapped_bytes": bytes}))
+                .collect::<Vec<_>>(),
         }))?
     };
     file.write_all(text.as_bytes())

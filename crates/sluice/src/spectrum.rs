@@ -146,6 +146,7 @@ pub fn run(kernel: &Path, cpus: u8, memory: u64) -> anyhow::Result<u8> {
             e1000s: Vec::new(),
             nvmes: Vec::new(),
             numa: Default::default(),
+            vfio: Vec::new(),
         };
         class.attach(&mut config, &scratch.image(&format!("class{index}.img"))?)?;
         let report = machine::run(config)?;

@@ -286,3 +286,21 @@ fn serve_blk_refuses_an_image_qemu_holds() {
         run.transcript()
     );
 }
+
+#[test]
+fn vfio_device_without_an_iommu_group_is_refused_by_name() {
+    // No host has a function at ff:1f.7 in an IOMMU group here; sluice must say which
+    // function it could not assign (before pinning any memory).
+    let run = run(&["--device", "vfio=ff:1f.7"]);
+
+    assert_one_clear_error(&run, EXIT_VMM_ERROR, &["0000:ff:1f.7", "no IOMMU group"]);
+}
+
+#[test]
+fn vfio_on_demand_dma_and_bad_addresses_are_usage_errors() {
+    let on_demand = run(&["--device", "vfio=01:00.1,dma=on-demand"]);
+    let bad_address = run(&["--device", "vfio=01:00.9"]);
+
+    assert_one_clear_error(&on_demand, EXIT_USAGE, &["dma=on-demand", "virtual IOMMU"]);
+    assert_one_clear_error(&bad_address, EXIT_USAGE, &["01:00.9"]);
+}

@@ -92,6 +92,38 @@ impl RngSpec {
     }
 }
 
+/// A host PCI function assigned with VFIO (`--device vfio=BDF`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VfioSpec {
+    pub host: sluice_vfio::HostBdf,
+    /// Start although the host does not remap interrupts (`allow_unsafe_interrupts=on`).
+    pub allow_unsafe_interrupts: bool,
+}
+
+/// `vfio=BDF|SYSFS_PATH[,dma=all][,allow_unsafe_interrupts=on]` (the `--device` value).
+pub fn parse_device(s: &str) -> Result<VfioSpec, String> {
+    let mut host = None;
+    let mut allow_unsafe_interrupts = false;
+    for (k, v) in pairs(s)? {
+        match k {
+            "vfio" => host = Some(sluice_vfio::HostBdf::parse(v)?),
+            "dma" if v == "all" => {}
+            "dma" => {
+                return Err(format!(
+                    "dma={v}: only dma=all (all guest RAM pinned) is built; on-demand mapping needs the virtual IOMMU"
+                ))
+            }
+            "allow_unsafe_interrupts" => allow_unsafe_interrupts = on_off(k, v)?,
+            _ => return Err(format!("--device: unknown key `{k}`")),
+        }
+    }
+    let host = host.ok_or("--device needs vfio=BDF (the only device kind so far)")?;
+    Ok(VfioSpec {
+        host,
+        allow_unsafe_interrupts,
+    })
+}
+
 /// Parses `key=value,key=value` into pairs; values may not contain commas, and a key may be
 /// given once (a second value is a mistake, not an override).
 fn pairs(s: &str) -> Result<Vec<(&str, &str)>, String> {
@@ -526,6 +558,22 @@ mod tests {
     }
 
     /// Defect 13: a key given twice is a mistake to report, not a silent "last one wins".
+    #[test]
+    fn parses_vfio_devices_and_refuses_on_demand_dma() {
+        let spec = parse_device("vfio=01:00.1,dma=all,allow_unsafe_interrupts=on").unwrap();
+        let path = parse_device("vfio=/sys/bus/pci/devices/0000:01:00.2").unwrap();
+
+        assert_eq!(spec.host.as_str(), "0000:01:00.1");
+        assert!(spec.allow_unsafe_interrupts);
+        assert_eq!(path.host.as_str(), "0000:01:00.2");
+        assert!(!path.allow_unsafe_interrupts);
+        assert!(parse_device("vfio=01:00.1,dma=on-demand")
+            .unwrap_err()
+            .contains("virtual IOMMU"));
+        assert!(parse_device("dma=all").is_err());
+        assert!(parse_device("vfio=zz").is_err());
+    }
+
     #[test]
     fn refuses_duplicate_keys() {
         for bad in [

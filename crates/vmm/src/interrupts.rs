@@ -374,6 +374,12 @@ impl MsiRoute for KvmMsiRoute {
     fn trigger(&self) -> io::Result<()> {
         self.event.write(1)
     }
+
+    fn trigger_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the fd belongs to `self.event`, which lives as long as the borrow of `self`.
+        Some(unsafe { std::os::fd::BorrowedFd::borrow_raw(self.event.as_raw_fd()) })
+    }
 }
 
 #[cfg(test)]

@@ -11,4 +11,5 @@ pub mod nvme;
 pub mod platform;
 pub mod rss;
 pub mod vcpu;
+pub mod vfio;
 pub mod virtio;

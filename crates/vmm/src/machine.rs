@@ -64,6 +64,8 @@ pub struct VmConfig {
     pub e1000s: Vec<crate::config::E1000Spec>,
     /// Emulated NVMe controllers.
     pub nvmes: Vec<crate::config::NvmeSpec>,
+    /// Host PCI functions assigned with VFIO (`--device vfio=`).
+    pub vfio: Vec<crate::config::VfioSpec>,
 }
 
 /// How a run ended, with what it cost.
@@ -83,6 +85,8 @@ pub struct VmReport {
     pub first_exit_unix_ns: Option<u64>,
     /// The VMM's resident memory when the VM stopped (guest RAM is `shmem`).
     pub rss: RssKib,
+    /// Assigned devices: name and bytes of guest RAM mapped for their DMA.
+    pub vfio: Vec<(String, u64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +142,13 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
     let vm = Arc::new(create_vm(&kvm)?);
     // Before any thread starts and before guest RAM is touched (crate::numa says why). No
     // device is assigned yet, so `auto` has nothing to follow.
-    let placement = crate::numa::resolve(&sluice_host::HostRoot::real(), config.numa, &[])?;
+    // `--numa auto` follows the first assigned device.
+    let assigned: Vec<sluice_host::pci::Bdf> = config
+        .vfio
+        .iter()
+        .filter_map(|spec| sluice_host::pci::Bdf::parse(spec.host.as_str()).ok())
+        .collect();
+    let placement = crate::numa::resolve(&sluice_host::HostRoot::real(), config.numa, &assigned)?;
     if let Some(placement) = &placement {
         placement.pin_threads()?;
     }
@@ -163,6 +173,7 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
     device_metrics.extend(crate::nvme::attach_nvme_devices(
         &vm, &pci_root, &config, &ram,
     )?);
+    let vfio = crate::vfio::attach_vfio_devices(&vm, &pci_root, &config.vfio, &ram)?;
 
     let rsdp = crate::acpi::create_acpi_tables(
         &ram.memory,
@@ -189,7 +200,13 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
     for thread in threads {
         thread.stop();
     }
-    Ok(report(outcome, &dispatch, setup_time, device_metrics))
+    vfio.iter().for_each(crate::vfio::VfioHandle::stop);
+    let mut report = report(outcome, &dispatch, setup_time, device_metrics);
+    report.vfio = vfio
+        .iter()
+        .map(|v| (v.name.clone(), v.dma_mapped_bytes))
+        .collect();
+    Ok(report)
 }
 
 fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
@@ -259,6 +276,7 @@ fn report(
         setup_time,
         rss: RssKib::current(),
         device_metrics,
+        vfio: Vec::new(),
         first_exit_unix_ns: Some(dispatch.stats.first_exit_unix_ns.load(Ordering::Relaxed))
             .filter(|&ns| ns != 0),
     }

@@ -1,0 +1,619 @@
+//! `--device vfio=BDF`: a host PCI function assigned to the guest through VFIO (sluice-vfio).
+//!
+//! * Before anything is opened: the function's IOMMU group must be viable for this VM, the host
+//!   must remap interrupts (or the user said `allow_unsafe_interrupts=on`), and with `dma=all`
+//!   the pinned-memory limits must cover guest RAM.
+//! * DMA: all guest RAM is mapped IOVA = GPA with VFIO_IOMMU_MAP_DMA (pinned) before the guest
+//!   runs. `dma=on-demand` needs the virtual IOMMU (issue 14) and is not offered.
+//! * Config space: sluice-vfio's trap policy ([`VirtualConfig`]).
+//! * BARs: the data pages are mmapped from the VFIO region and registered as KVM memory slots
+//!   at the BAR's guest address (no exit per access); they follow guest BAR moves in
+//!   [`PciDevice::bar_moved`]. The pages holding the MSI-X table and PBA are left out and trap:
+//!   the table is sluice-pci's [`MsixVectors`], whose per-vector irqfd eventfds are handed to
+//!   VFIO_DEVICE_SET_IRQS, so a device interrupt reaches the guest with no userspace hop. Other
+//!   registers on those pages are forwarded to the region.
+//! * Reset: VFIO_DEVICE_RESET when the VM starts and stops (if the device offers it); a failed
+//!   reset quarantines the device (DMA unmapped, Bus Master cleared, logged).
+//!
+//! * MSI-X masking: while the guest masks a vector (or the function), VFIO signals a mask
+//!   eventfd of sluice's instead of the irqfd; what arrived there becomes the vector's pending
+//!   bit (PBA) and is delivered on unmask.
+//!
+//! Not built: INTx (the device gets MSI-X only; its pin reads 0), MSI (hidden), expansion ROMs.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use kvm_bindings::{
+    kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_userspace_memory_region,
+};
+use kvm_ioctls::VmFd;
+use sluice_pci::{
+    BarKind, BarSpec, ConfigSpace, MsixCapability, MsixTable, MsixVectors, PciDevice, PciRoot,
+    SharedPciDevice, COMMAND, NUM_BARS,
+};
+use sluice_vfio::{AssignedFunction, HostBdf, MsixLayout, VirtualConfig};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::VfioSpec;
+use crate::interrupts::{KvmMsi, KvmMsiRouter};
+use crate::machine::{device_err, VmError};
+use crate::memory::GuestRam;
+
+/// Host page size for memslots (x86).
+const PAGE_SIZE: u64 = 4096;
+/// First KVM memory slot for BAR windows (guest RAM takes the first few).
+const FIRST_BAR_SLOT: u32 = 32;
+
+/// What a running VM keeps of each assigned function.
+#[derive(Clone)]
+pub struct VfioHandle {
+    device: Arc<Mutex<VfioPciDevice>>,
+    pub name: String,
+    pub dma_mapped_bytes: u64,
+}
+
+impl VfioHandle {
+    /// Stops the device when the VM stops: MSI-X off, reset (or quarantine).
+    pub fn stop(&self) {
+        let mut device = self.device.lock().unwrap_or_else(PoisonError::into_inner);
+        device.stop();
+    }
+}
+
+/// Assigns every `--device vfio=` function and adds it to `root`.
+pub fn attach_vfio_devices(
+    vm: &Arc<VmFd>,
+    root: &PciRoot,
+    specs: &[VfioSpec],
+    ram: &GuestRam,
+) -> Result<Vec<VfioHandle>, VmError> {
+    if specs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let host_root = Path::new("/");
+    let assigned: Vec<HostBdf> = specs.iter().map(|s| s.host.clone()).collect();
+    let ir = sluice_vfio::interrupt_remapping(host_root);
+    let kvm_vfio = Arc::new(kvm_vfio_device(vm)?);
+    let slots = Arc::new(AtomicU32::new(FIRST_BAR_SLOT));
+    let msi_sink = Arc::new(KvmMsi::new(vm.clone()));
+    let router = KvmMsiRouter::new(vm.clone());
+    let mut handles = Vec::new();
+    for spec in specs {
+        let what = "vfio";
+        sluice_vfio::check_group(host_root, &spec.host, &assigned)
+            .map_err(|e| device_err(what, e))?;
+        sluice_vfio::check_interrupt_remapping(ir, spec.allow_unsafe_interrupts)
+            .map_err(|e| device_err(what, format!("{}: {e}", spec.host)))?;
+        let limits = sluice_vfio::current_pin_limits(host_root).map_err(|e| device_err(what, e))?;
+        sluice_vfio::check_pin_limits(&limits, ram.size).map_err(|e| device_err(what, e))?;
+        let function = open_function(spec, kvm_vfio.clone())?;
+        map_guest_ram(&function, ram)?;
+        let dma_mapped_bytes = function.mapped_bytes();
+        let device = VfioPciDevice::new(
+            spec,
+            function,
+            vm.clone(),
+            slots.clone(),
+            &router,
+            msi_sink.clone(),
+        )?;
+        let device = Arc::new(Mutex::new(device));
+        let shared: SharedPciDevice = device.clone();
+        let address = root.add_device(shared).map_err(|e| device_err(what, e))?;
+        let name = format!("vfio {} at PCI {address}", spec.host);
+        tracing::info!("{name}: {dma_mapped_bytes} bytes of guest RAM mapped for DMA (dma=all)");
+        handles.push(VfioHandle {
+            device,
+            name,
+            dma_mapped_bytes,
+        });
+    }
+    Ok(handles)
+}
+
+/// The VM's KVM VFIO pseudo-device (one per VM): KVM learns which groups the VM uses.
+fn kvm_vfio_device(vm: &VmFd) -> Result<sluice_vfio::VfioDeviceFd, VmError> {
+    let mut request = kvm_create_device {
+        type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
+        fd: 0,
+        flags: 0,
+    };
+    let fd = vm
+        .create_device(&mut request)
+        .map_err(|e| device_err("vfio", format!("KVM_CREATE_DEVICE(VFIO): {e}")))?;
+    Ok(sluice_vfio::VfioDeviceFd::new_from_kvm(fd))
+}
+
+/// Opens the function and resets it (VM start); a failed reset quarantines and refuses.
+fn open_function(
+    spec: &VfioSpec,
+    kvm_vfio: Arc<sluice_vfio::VfioDeviceFd>,
+) -> Result<Arc<AssignedFunction>, VmError> {
+    let path = spec.host.sysfs_path(Path::new("/"));
+    let function =
+        AssignedFunction::open(&path, Some(kvm_vfio)).map_err(|e| device_err("vfio", e))?;
+    if function.can_reset() {
+        if let Err(e) = function.reset() {
+            let mut config = function.config();
+            quarantine_config(&mut config);
+            return Err(device_err(
+                "vfio",
+                format!(
+                    "{}: VFIO_DEVICE_RESET failed at start ({e}); device quarantined",
+                    spec.host
+                ),
+            ));
+        }
+    } else {
+        tracing::warn!(
+            "vfio: {}: no VFIO_DEVICE_RESET; the device starts as the host left it",
+            spec.host
+        );
+    }
+    Ok(Arc::new(function))
+}
+
+/// Bus Master off on the device itself (no shadow yet).
+fn quarantine_config(config: &mut sluice_vfio::VfioConfig) {
+    use sluice_vfio::DeviceConfig;
+    let mut command = [0u8; 2];
+    config.read(COMMAND, &mut command);
+    let cleared = u16::from_le_bytes(command) & !sluice_pci::COMMAND_BUS_MASTER;
+    config.write(COMMAND, &cleared.to_le_bytes());
+}
+
+/// `dma=all`: every guest RAM region mapped at IOVA = guest physical address, pinned.
+fn map_guest_ram(function: &AssignedFunction, ram: &GuestRam) -> Result<(), VmError> {
+    for region in ram.memory.iter() {
+        // SAFETY: guest RAM stays mapped for the VM's life, longer than the device (whose drop
+        // unmaps the DMA); sluice touches it only through vm-memory's volatile accessors.
+        unsafe { function.map_dma(region.start_addr().0, region.len(), region.as_ptr() as u64) }
+            .map_err(|e| {
+                device_err(
+                    "vfio",
+                    format!(
+                        "{}: VFIO_IOMMU_MAP_DMA of {:#x}+{:#x}: {e}",
+                        function.path().display(),
+                        region.start_addr().0,
+                        region.len()
+                    ),
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// Part of a BAR mapped straight into the guest.
+struct DirectWindow {
+    offset: u64,
+    mmap: sluice_vfio::RegionMmap,
+    slot: u32,
+    mapped_at: Option<u64>,
+}
+
+/// One BAR: its spec and the windows that bypass sluice.
+struct BarRegion {
+    windows: Vec<DirectWindow>,
+}
+
+/// The assigned function as a `PciDevice`.
+pub struct VfioPciDevice {
+    name: String,
+    function: Arc<AssignedFunction>,
+    config: VirtualConfig,
+    msix: Option<(MsixLayout, Arc<MsixVectors>)>,
+    /// Per vector, the eventfd VFIO signals while the guest masks it: read back into the
+    /// table's pending bits (and delivered on unmask) instead of reaching the guest.
+    mask_fds: Vec<EventFd>,
+    /// What VFIO_DEVICE_SET_IRQS last programmed: `None` MSI-X off on the device; per vector
+    /// `true` = the irqfd (deliverable), `false` = its mask eventfd.
+    device_vectors: Option<Vec<bool>>,
+    bars: [Option<BarRegion>; NUM_BARS],
+    vm: Arc<VmFd>,
+    stopped: bool,
+}
+
+impl VfioPciDevice {
+    fn new(
+        spec: &VfioSpec,
+        function: Arc<AssignedFunction>,
+        vm: Arc<VmFd>,
+        slots: Arc<AtomicU32>,
+        router: &KvmMsiRouter,
+        msi_sink: Arc<KvmMsi>,
+    ) -> Result<Self, VmError> {
+        let what = "vfio";
+        let bar_specs = bar_specs(&function);
+        let config = VirtualConfig::build(Box::new(function.config()), &bar_specs)
+            .map_err(|e| device_err(what, format!("{}: {e}", spec.host)))?;
+        let msix = match config.msix() {
+            Some(layout) => {
+                let table = MsixTable::new(layout.capability.vectors, msi_sink)
+                    .map_err(|e| device_err(what, e))?;
+                let vectors =
+                    MsixVectors::new(table, Some(router)).map_err(|e| device_err(what, e))?;
+                Some((layout, Arc::new(vectors)))
+            }
+            None => None,
+        };
+        let vector_count = msix.as_ref().map_or(0, |(_, v)| v.vectors());
+        let mask_fds = (0..vector_count)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| device_err(what, e))?;
+        let trapped = msix
+            .as_ref()
+            .map(|(layout, _)| trapped_pages(&layout.capability));
+        let mut bars: [Option<BarRegion>; NUM_BARS] = Default::default();
+        for (index, spec) in bar_specs.iter().enumerate() {
+            let Some(spec) = spec.filter(|s| s.kind != BarKind::Io) else {
+                continue;
+            };
+            let trapped: Vec<(u64, u64)> = trapped
+                .iter()
+                .flatten()
+                .filter(|t| t.0 == index)
+                .map(|t| (t.1, t.2))
+                .collect();
+            let windows = direct_windows(&function, index as u32, spec.size, &trapped, &slots)
+                .map_err(|e| device_err(what, format!("{}: BAR {index} mmap: {e}", spec.size)))?;
+            bars[index] = Some(BarRegion { windows });
+        }
+        Ok(Self {
+            name: format!("vfio-{}", spec.host),
+            function,
+            config,
+            mask_fds,
+            msix,
+            device_vectors: None,
+            bars,
+            vm,
+            stopped: false,
+        })
+    }
+
+    /// Follows the guest's MSI-X state on the device: off when the guest disabled it; else each
+    /// vector signals its irqfd while deliverable and its mask eventfd while masked (so a
+    /// masked vector never reaches the guest). Reprograms only when that choice changed.
+    fn sync_msix(&mut self) {
+        let Some((_, vectors)) = &self.msix else {
+            return;
+        };
+        if !vectors.is_enabled() {
+            if self.device_vectors.take().is_some() {
+                if let Err(e) = self.function.disable_msix() {
+                    tracing::warn!("{}: disabling MSI-X on the device: {e}", self.name);
+                }
+            }
+            return;
+        }
+        let wanted: Vec<bool> = {
+            let table = vectors.table();
+            (0..vectors.vectors())
+                .map(|v| !table.is_function_masked() && !table.is_vector_masked(v))
+                .collect()
+        };
+        if self.device_vectors.as_ref() != Some(&wanted) {
+            let fds: Option<Vec<BorrowedFd<'_>>> = wanted
+                .iter()
+                .zip(0..)
+                .map(|(&open, v)| match open {
+                    true => vectors.route_fd(v),
+                    // SAFETY: the eventfd lives in `self.mask_fds` for the device's life.
+                    false => Some(unsafe {
+                        BorrowedFd::borrow_raw(self.mask_fds[usize::from(v)].as_raw_fd())
+                    }),
+                })
+                .collect();
+            let result = match fds {
+                Some(fds) => self.function.enable_msix(&fds),
+                None => Err(std::io::Error::other("MSI-X vectors have no irqfd")),
+            };
+            match result {
+                Ok(()) => self.device_vectors = Some(wanted),
+                Err(e) => tracing::warn!("{}: programming MSI-X on the device: {e}", self.name),
+            }
+        }
+        self.collect_masked_signals();
+    }
+
+    /// Moves what the device signalled while vectors were masked into the table: pending while
+    /// still masked, sent now if unmasked.
+    fn collect_masked_signals(&self) {
+        let Some((_, vectors)) = &self.msix else {
+            return;
+        };
+        for (vector, fd) in (0..).zip(&self.mask_fds) {
+            if fd.read().is_ok_and(|count| count > 0) {
+                vectors.signal(vector);
+            }
+        }
+    }
+
+    /// (Un)registers `window` as a KVM memory slot at `gpa`.
+    fn set_slot(
+        vm: &VmFd,
+        window: &DirectWindow,
+        gpa: Option<u64>,
+    ) -> Result<(), kvm_ioctls::Error> {
+        let region = kvm_userspace_memory_region {
+            slot: window.slot,
+            flags: 0,
+            guest_phys_addr: gpa.unwrap_or(0),
+            memory_size: if gpa.is_some() {
+                window.mmap.len() as u64
+            } else {
+                0
+            },
+            userspace_addr: window.mmap.host_addr(),
+        };
+        // SAFETY: the mapping lives in `window` for as long as the slot exists: the slot is
+        // removed in `stop` / before a move, and the device outlives the VM's vCPUs.
+        unsafe { vm.set_user_memory_region(region) }
+    }
+
+    /// VM stop: MSI-X off, memslots gone, reset; a failed reset quarantines the device.
+    fn stop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        if self.device_vectors.take().is_some() {
+            let _ = self.function.disable_msix();
+        }
+        for region in self.bars.iter_mut().flatten() {
+            for window in &mut region.windows {
+                if window.mapped_at.take().is_some() {
+                    let _ = Self::set_slot(&self.vm, window, None);
+                }
+            }
+        }
+        if self.function.can_reset() {
+            if let Err(e) = self.function.reset() {
+                self.quarantine(&format!("VFIO_DEVICE_RESET failed at stop: {e}"));
+            }
+        }
+    }
+
+    /// Unmaps all DMA and clears Bus Master.
+    fn quarantine(&mut self, why: &str) {
+        self.function.unmap_all_dma();
+        self.config.clear_bus_master();
+        tracing::error!(
+            "{}: quarantined ({why}): DMA unmapped, Bus Master cleared",
+            self.name
+        );
+    }
+
+    fn msix_access(&self, bar: usize, offset: u64) -> Option<(&Arc<MsixVectors>, bool, u64)> {
+        let (layout, vectors) = self.msix.as_ref()?;
+        let cap = &layout.capability;
+        let within = |b: u8, start: u32, len: u64| {
+            usize::from(b) == bar && offset >= u64::from(start) && offset < u64::from(start) + len
+        };
+        if within(cap.table_bar, cap.table_offset, cap.table_len()) {
+            return Some((vectors, true, offset - u64::from(cap.table_offset)));
+        }
+        if within(cap.pba_bar, cap.pba_offset, cap.pba_len()) {
+            return Some((vectors, false, offset - u64::from(cap.pba_offset)));
+        }
+        None
+    }
+}
+
+impl Drop for VfioPciDevice {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// BAR specs from VFIO's region sizes and the BAR registers' type bits.
+fn bar_specs(function: &AssignedFunction) -> [Option<BarSpec>; NUM_BARS] {
+    use sluice_vfio::DeviceConfig;
+    let config = function.config();
+    let mut specs = [None; NUM_BARS];
+    let mut index = 0;
+    while index < NUM_BARS {
+        let size = function.region_size(index as u32);
+        let mut register = [0u8; 4];
+        config.read(0x10 + index * 4, &mut register);
+        let bits = u32::from_le_bytes(register);
+        let is_64 = bits & 0x1 == 0 && (bits >> 1) & 0x3 == 0x2;
+        if size > 0 {
+            let spec = if bits & 0x1 == 1 {
+                BarSpec::io(size)
+            } else if is_64 {
+                BarSpec::mem64(size)
+            } else {
+                BarSpec::mem32(size)
+            };
+            let spec = if bits & 0x1 == 0 && bits & 0x8 != 0 {
+                spec.prefetchable()
+            } else {
+                spec
+            };
+            specs[index] = spec.validate().is_ok().then_some(spec);
+        }
+        index += if is_64 { 2 } else { 1 };
+    }
+    specs
+}
+
+/// `(bar, start, end)` of the pages holding the MSI-X table and PBA: they must trap.
+fn trapped_pages(cap: &MsixCapability) -> Vec<(usize, u64, u64)> {
+    let page = |bar: u8, offset: u32, len: u64| {
+        let start = u64::from(offset) & !(PAGE_SIZE - 1);
+        let end = (u64::from(offset) + len).next_multiple_of(PAGE_SIZE);
+        (usize::from(bar), start, end)
+    };
+    vec![
+        page(cap.table_bar, cap.table_offset, cap.table_len()),
+        page(cap.pba_bar, cap.pba_offset, cap.pba_len()),
+    ]
+}
+
+/// The mappable areas of BAR `index` minus `trapped` ranges, page aligned, each mmapped.
+fn direct_windows(
+    function: &AssignedFunction,
+    index: u32,
+    bar_size: u64,
+    trapped: &[(u64, u64)],
+    slots: &AtomicU32,
+) -> std::io::Result<Vec<DirectWindow>> {
+    let mut windows = Vec::new();
+    for (offset, size) in function.mappable_areas(index) {
+        let end = (offset + size).min(bar_size);
+        for (start, stop) in subtract_ranges(offset, end, trapped) {
+            let start = start.next_multiple_of(PAGE_SIZE);
+            let stop = stop & !(PAGE_SIZE - 1);
+            if stop <= start {
+                continue;
+            }
+            let mmap = function.mmap(index, start, stop - start)?;
+            windows.push(DirectWindow {
+                offset: start,
+                mmap,
+                slot: slots.fetch_add(1, Ordering::Relaxed),
+                mapped_at: None,
+            });
+        }
+    }
+    Ok(windows)
+}
+
+/// `[start, end)` minus every range in `holes`.
+fn subtract_ranges(start: u64, end: u64, holes: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut pieces = vec![(start, end)];
+    for &(hole_start, hole_end) in holes {
+        pieces = pieces
+            .into_iter()
+            .flat_map(|(s, e)| {
+                let mut out = Vec::new();
+                if hole_end <= s || e <= hole_start {
+                    out.push((s, e));
+                } else {
+                    if s < hole_start {
+                        out.push((s, hole_start));
+                    }
+                    if hole_end < e {
+                        out.push((hole_end, e));
+                    }
+                }
+                out
+            })
+            .collect();
+    }
+    pieces
+}
+
+impl PciDevice for VfioPciDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn config(&self) -> &ConfigSpace {
+        self.config.shadow()
+    }
+
+    fn config_mut(&mut self) -> &mut ConfigSpace {
+        self.config.shadow_mut()
+    }
+
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        self.config.read(offset, data);
+    }
+
+    fn config_write(&mut self, offset: usize, data: &[u8]) {
+        self.config.write(offset, data);
+        let touched = self.msix.as_ref().is_some_and(|(layout, vectors)| {
+            vectors.config_written(self.config.shadow(), layout.cap_offset, offset, data.len())
+        });
+        if touched {
+            self.sync_msix();
+        }
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        match self.msix_access(bar, offset) {
+            Some((vectors, true, at)) => vectors.read_table(at, data),
+            Some((_, false, at)) => {
+                self.collect_masked_signals();
+                if let Some((_, vectors)) = &self.msix {
+                    vectors.read_pba(at, data);
+                }
+            }
+            None => self.function.region_read(bar as u32, offset, data),
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        match self.msix_access(bar, offset) {
+            Some((vectors, true, at)) => {
+                vectors.write_table(at, data);
+                self.sync_msix();
+            }
+            Some((_, false, _)) => {}
+            None => self.function.region_write(bar as u32, offset, data),
+        }
+    }
+
+    fn bar_moved(&mut self, bar: usize, _old: Option<u64>, new: Option<u64>) {
+        if self.stopped {
+            return;
+        }
+        // The device must decode what the guest's command register says before its pages are
+        // reachable (vfio-pci faults mmap accesses while memory decode is off).
+        let command = self.config.shadow().command().to_le_bytes();
+        self.config.write(COMMAND, &command);
+        let Some(region) = self.bars.get_mut(bar).and_then(Option::as_mut) else {
+            return;
+        };
+        for window in &mut region.windows {
+            if window.mapped_at.take().is_some() {
+                if let Err(e) = Self::set_slot(&self.vm, window, None) {
+                    tracing::warn!("{}: removing BAR {bar} slot: {e}", self.name);
+                }
+            }
+            let Some(base) = new else { continue };
+            let gpa = base + window.offset;
+            match Self::set_slot(&self.vm, window, Some(gpa)) {
+                Ok(()) => window.mapped_at = Some(gpa),
+                Err(e) => tracing::warn!("{}: BAR {bar} window at {gpa:#x}: {e}", self.name),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trapped_msix_pages_are_cut_out_of_the_direct_windows() {
+        let cap = MsixCapability {
+            vectors: 2,
+            table_bar: 0,
+            table_offset: 0x2000,
+            pba_bar: 0,
+            pba_offset: 0x3000,
+        };
+
+        let pages = trapped_pages(&cap);
+        let holes: Vec<(u64, u64)> = pages.iter().map(|p| (p.1, p.2)).collect();
+        let windows = subtract_ranges(0, 0x4000, &holes);
+
+        assert_eq!(pages, vec![(0, 0x2000, 0x3000), (0, 0x3000, 0x4000)]);
+        assert_eq!(windows, vec![(0, 0x2000)]);
+    }
+
+    #[test]
+    fn a_table_mid_bar_leaves_windows_on_both_sides() {
+        let windows = subtract_ranges(0, 0x10000, &[(0x4000, 0x5000)]);
+
+        assert_eq!(windows, vec![(0, 0x4000), (0x5000, 0x10000)]);
+    }
+}
