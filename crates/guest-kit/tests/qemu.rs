@@ -6,7 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{assert_passed, free_udp_port, qemu, skip, EchoPeer, TempImage};
+use common::{
+    assert_passed, assert_workload_failed, free_udp_port, qemu, skip, EchoPeer, TempImage,
+};
 use sluice_guest_kit::pattern::{check_pattern, verify_pattern_word};
 use sluice_guest_kit::{Accel, Device, ExitKind, GuestKitReport, Machine, Verdict};
 
@@ -472,17 +474,7 @@ fn nvme_read_errors(accel: Accel, _test: &str) {
 
     let report = run.run().expect("run QEMU");
 
-    assert_eq!(
-        report.exit,
-        ExitKind::WorkloadFailed,
-        "{}",
-        report.describe()
-    );
-    assert!(
-        matches!(report.verdict, Some(Verdict::Fail(_))),
-        "{}",
-        report.describe()
-    );
+    assert_workload_failed(&report);
     let nvme = nvme_result(&report);
     assert!(!nvme.pass);
     assert_eq!(
@@ -512,17 +504,7 @@ fn nvme_refusals(accel: Accel, _test: &str) {
 
     for report in [&too_big, &missing] {
         assert!(!report.host_timed_out, "guest hung: {}", report.describe());
-        assert_eq!(
-            report.exit,
-            ExitKind::WorkloadFailed,
-            "{}",
-            report.describe()
-        );
-        assert!(
-            matches!(report.verdict, Some(Verdict::Fail(_))),
-            "{}",
-            report.describe()
-        );
+        assert_workload_failed(report);
     }
     assert!(
         too_big.console.contains("exceeds the controller's MDTS"),
@@ -776,17 +758,7 @@ fn blk_without_device(accel: Accel, _test: &str) {
 
     assert!(!report.host_timed_out, "guest hung: {}", report.describe());
     assert!(started.elapsed() < Duration::from_secs(20));
-    assert_eq!(
-        report.exit,
-        ExitKind::WorkloadFailed,
-        "{}",
-        report.describe()
-    );
-    assert!(
-        matches!(report.verdict, Some(Verdict::Fail(_))),
-        "{}",
-        report.describe()
-    );
+    assert_workload_failed(&report);
 }
 
 tcg_and_kvm!(
@@ -803,17 +775,7 @@ fn blk_read_errors(accel: Accel, _test: &str) {
 
     let report = run.run().expect("run QEMU");
 
-    assert_eq!(
-        report.exit,
-        ExitKind::WorkloadFailed,
-        "{}",
-        report.describe()
-    );
-    assert!(
-        matches!(report.verdict, Some(Verdict::Fail(_))),
-        "{}",
-        report.describe()
-    );
+    assert_workload_failed(&report);
     let blk = report
         .results_for("blk")
         .next()

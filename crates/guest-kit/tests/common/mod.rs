@@ -32,6 +32,21 @@ pub fn skip(accel: Accel, test: &str) -> bool {
     accel == Accel::Kvm && sluice_guest_kit::skip_without_kvm(test)
 }
 
+/// Fails unless the guest failed its workload cleanly: exit byte 1 and a FAIL verdict.
+pub fn assert_workload_failed(report: &GuestKitReport) {
+    assert_eq!(
+        report.exit,
+        sluice_guest_kit::ExitKind::WorkloadFailed,
+        "{}",
+        report.describe()
+    );
+    assert!(
+        matches!(report.verdict, Some(sluice_guest_kit::Verdict::Fail(_))),
+        "{}",
+        report.describe()
+    );
+}
+
 /// Fails with the whole console when the guest did not pass.
 pub fn assert_passed(report: &GuestKitReport) {
     assert!(
