@@ -12,6 +12,9 @@
 //! - VFIO: an NVMe VF bound to vfio-pci is assigned to sluice (`--device vfio=`); the guest
 //!   kit's NVMe driver verifies through it, and L1 reads the pattern back through the PF's
 //!   namespace; a VF not bound to vfio-pci is refused by name.
+//! - A hostile guest: the kit programs the assigned VF to DMA far outside its RAM; L1's IOMMU
+//!   refuses it (a DMAR fault naming the VF in L1's dmesg), sluice and the VM carry on, and a
+//!   verify on the same queue passes.
 //!
 //! No QEMU or no way to build the L1 image: a SKIP line. Inside L1 itself: a SKIP line.
 
