@@ -105,6 +105,16 @@ pub struct NvmeParams {
     pub blk: BlkParams,
     /// Use Doorbell Buffer Config (shadow doorbells + EventIdx) when the controller offers it.
     pub dbbuf: bool,
+    /// A hostile command issued on the first I/O queue before the workload (`hostile=`).
+    pub hostile: Option<NvmeHostile>,
+}
+
+/// What `w=nvme:hostile=...` makes the controller do before the normal workload.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum NvmeHostile {
+    /// One Read whose PRP1 points far beyond guest RAM (`hostile=dma_outside`): the device is
+    /// asked to DMA where the VMM mapped nothing; the host's IOMMU must refuse it.
+    DmaOutside,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -222,13 +232,20 @@ fn parse_blk(rest: &str, default_mode: Mode) -> Result<Workload, String> {
 }
 
 /// `w=nvme`: blk's keys (the driver polls: `mode` other than `poll` and `event_idx` are
-/// refused) plus `dbbuf=on|off` (default on).
+/// refused) plus `dbbuf=on|off` (default on) and `hostile=dma_outside`.
 fn parse_nvme(rest: &str) -> Result<Workload, String> {
     let mut dbbuf = true;
+    let mut hostile = None;
     let mut blk_keys = Vec::new();
     for (key, value) in key_values(rest)? {
         match key {
             "dbbuf" => dbbuf = on_off(key, value)?,
+            "hostile" => {
+                hostile = match value {
+                    "dma_outside" => Some(NvmeHostile::DmaOutside),
+                    _ => return Err(alloc::format!("nvme: hostile={value} unknown")),
+                }
+            }
             "mode" if value != "poll" => {
                 return Err(alloc::format!(
                     "nvme: mode={value}: the NVMe driver polls its completion queues"
@@ -239,7 +256,11 @@ fn parse_nvme(rest: &str) -> Result<Workload, String> {
         }
     }
     let blk = blk_params("nvme", &blk_keys.join(":"), Mode::Poll)?;
-    Ok(Workload::Nvme(NvmeParams { blk, dbbuf }))
+    Ok(Workload::Nvme(NvmeParams {
+        blk,
+        dbbuf,
+        hostile,
+    }))
 }
 
 /// The blk workload's keys (shared by `w=blk` and `w=nvme`; `kind` names it in errors).

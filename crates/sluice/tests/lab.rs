@@ -12,6 +12,9 @@
 //! - VFIO: an NVMe VF bound to vfio-pci is assigned to sluice (`--device vfio=`); the guest
 //!   kit's NVMe driver verifies through it, and L1 reads the pattern back through the PF's
 //!   namespace; a VF not bound to vfio-pci is refused by name.
+//! - A hostile guest: the kit programs the assigned VF to DMA far outside its RAM; L1's IOMMU
+//!   refuses it (a DMAR fault naming the VF in L1's dmesg), sluice and the VM carry on, and a
+//!   verify on the same queue passes.
 //!
 //! No QEMU or no way to build the L1 image: a SKIP line. Inside L1 itself: a SKIP line.
 
@@ -488,5 +491,128 @@ fn lab_vfio_nvme_vf_on_sluice_verifies_and_the_pf_reads_the_data() {
         "lab-vfio-nvme: verify ok over {ops} ops, {doorbells} doorbell writes, {vfio_exits} BAR \
          exits, {} ns, {mapped} bytes mapped for DMA",
         nvme.raw["elapsed_ns"]
+    );
+}
+
+/// The address the kit's `hostile=dma_outside` Read points PRP1 at (guest/src/drivers/nvme.rs).
+const HOSTILE_DMA_ADDR: u64 = 0xF_0000_0000;
+
+/// `DMESG ...` lines that report a DMAR fault (Linux's intel-iommu: "DMAR: [DMA Write ...]
+/// Request device [bb:dd.f] fault addr 0x...").
+fn dmar_faults(stdout: &str) -> Vec<&str> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("DMESG "))
+        .filter(|l| l.contains("DMAR") && l.contains("fault addr"))
+        .collect()
+}
+
+#[test]
+fn lab_hostile_guest_dma_outside_its_memory_is_refused_by_the_l1_iommu() {
+    if skip("lab-vfio-hostile-dma") {
+        return;
+    }
+    // The hostile Read first, then a normal verify on the same queue of the same controller.
+    let workload = format!(
+        "w=nvme:hostile=dma_outside:op=verify:bs={VFIO_BLOCK}:qd=4:queues=1:\
+         span_mb={VFIO_SPAN_MB}:seed={VFIO_SEED}"
+    );
+    let marker = VFIO_SPAN_MB * (1 << 20) / VFIO_BLOCK + 8;
+    // A random block outside the verify span, written through the PF: the hostile guest must
+    // not change it (its checksum before and after the run).
+    let script = format!(
+        "set -e\n\
+         ns=$(ls /dev/nvme*n1 | head -1)\n\
+         dd if=/dev/urandom of=$ns bs={VFIO_BLOCK} seek={marker} count=1 conv=fsync 2>/dev/null\n\
+         echo \"MARKER-BEFORE $(dd if=$ns bs={VFIO_BLOCK} skip={marker} count=1 iflag=direct 2>/dev/null | sha256sum)\"\n\
+         vf=$(lab-enable-vfs 2 | head -1)\n\
+         echo \"vf $vf\"\n\
+         lab-bind-vfio $vf >/dev/null\n\
+         dmesg -c >/dev/null\n\
+         set +e\n\
+         {SLUICE} run --device vfio=$vf --cmdline 'quiet {workload}'; status=$?\n\
+         echo \"sluice-status $status\"\n\
+         sleep 1\n\
+         dmesg | sed 's/^/DMESG /'\n\
+         echo \"MARKER-AFTER $(dd if=$ns bs={VFIO_BLOCK} skip={marker} count=1 iflag=direct 2>/dev/null | sha256sum)\"\n\
+         exit $status\n"
+    );
+
+    let run = Lab::new()
+        .topology(Topology::Iommu)
+        .vfs(2)
+        .timeout(LAB_TIMEOUT)
+        .run(&script);
+
+    let exit = match run.status {
+        Some(0) => ExitKind::Pass,
+        _ => ExitKind::WorkloadFailed,
+    };
+    let report = GuestKitReport::parse(&run.stdout, exit);
+    let context = || format!("{}\n{}", report.describe(), run.transcript());
+    // sluice kept running: the kit went on to its verify and the VM ended with its verdict.
+    assert!(
+        run.stdout.lines().any(|l| l == "sluice-status 0"),
+        "{}",
+        context()
+    );
+    assert!(report.passed(), "{}", context());
+    let hostile = report
+        .results_for("nvme_hostile")
+        .next()
+        .unwrap_or_else(|| panic!("no nvme_hostile RESULT\n{}", context()));
+    assert_eq!(hostile.raw["addr"], HOSTILE_DMA_ADDR, "{}", context());
+    assert_eq!(hostile.raw["controller_fatal"], false, "{}", context());
+    // The device and the VM still work: the verify after it, on the same queue, passed.
+    let nvme = report
+        .results_for("nvme")
+        .next()
+        .unwrap_or_else(|| panic!("no nvme RESULT\n{}", context()));
+    assert!(nvme.pass, "{}", context());
+    assert_eq!(nvme.verify.as_deref(), Some("ok"), "{}", context());
+    assert_eq!(nvme.errors, Some(0), "{}", context());
+    // L1's IOMMU refused the DMA: a DMAR fault naming the VF (bus:dev.fn, no domain) at the
+    // hostile address.
+    let vf = run
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("vf "))
+        .unwrap_or_else(|| panic!("no VF line\n{}", context()))
+        .trim()
+        .to_string();
+    let source = vf.strip_prefix("0000:").unwrap_or(&vf).to_string();
+    let faults = dmar_faults(&run.stdout);
+    let fault = faults
+        .iter()
+        .find(|l| {
+            l.contains(&format!("[{source}]"))
+                && l.contains(&format!("fault addr {HOSTILE_DMA_ADDR:#x}"))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no DMAR fault for {source} at {HOSTILE_DMA_ADDR:#x} in L1's dmesg\n{}",
+                context()
+            )
+        });
+    // The PF's other data is untouched.
+    let marker_sum = |tag: &str| {
+        run.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(tag))
+            .map(|s| s.trim().to_string())
+            .filter(|s| s.len() >= 64)
+            .unwrap_or_else(|| panic!("no {tag}\n{}", context()))
+    };
+    assert_eq!(
+        marker_sum("MARKER-BEFORE "),
+        marker_sum("MARKER-AFTER "),
+        "the PF's block {marker} changed\n{}",
+        context()
+    );
+    println!(
+        "lab-vfio-hostile-dma: completed {} with status {}, then verify ok over {:?} ops; L1: {fault}",
+        hostile.raw["completed"],
+        hostile.raw["hostile_status"],
+        nvme.ops
     );
 }

@@ -96,3 +96,46 @@ fn guest_kit_verify_on_nvme_with_shadow_doorbells_lands_in_the_image() {
         "{shadow}\n{trapped}"
     );
 }
+
+/// NVMe generic status Data Transfer Error, as the kit prints it (SCT << 8 | SC).
+const DATA_TRANSFER_ERROR: u64 = 0x04;
+
+#[test]
+fn hostile_guest_dma_outside_its_ram_fails_on_the_emulated_nvme_and_the_queue_still_verifies() {
+    let name =
+        "hostile_guest_dma_outside_its_ram_fails_on_the_emulated_nvme_and_the_queue_still_verifies";
+    if skip_without_kvm(name) {
+        return;
+    }
+    let image = image("hostile");
+    let cmdline = format!(
+        "quiet w=nvme:hostile=dma_outside:op=verify:bs={BLOCK}:qd=8:queues=1:span_mb={SPAN_MB}:seed={SEED}"
+    );
+    let nvme = format!("--nvme=path={}", image.display());
+
+    let (report, _metrics) = run_on_sluice(&cmdline, vec![nvme]);
+
+    let _ = std::fs::remove_file(&image);
+    // sluice's own controller resolves PRP1 (60 GiB) against guest RAM, finds nothing there and
+    // fails the command; the VM and the queue carry on.
+    assert!(report.passed(), "{}", report.describe());
+    let hostile = report
+        .results_for("nvme_hostile")
+        .next()
+        .unwrap_or_else(|| panic!("no nvme_hostile RESULT\n{}", report.describe()));
+    assert_eq!(hostile.raw["completed"], true, "{}", report.describe());
+    assert_eq!(
+        hostile.raw["hostile_status"].as_u64(),
+        Some(DATA_TRANSFER_ERROR),
+        "{}",
+        report.describe()
+    );
+    let verify = report.results_for("nvme").next().expect("an nvme RESULT");
+    assert_eq!(
+        verify.verify.as_deref(),
+        Some("ok"),
+        "{}",
+        report.describe()
+    );
+    assert_eq!(verify.errors, Some(0), "{}", report.describe());
+}

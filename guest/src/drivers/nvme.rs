@@ -10,7 +10,7 @@
 //! controller writes (completion ids, queue counts, LBA formats, sizes) is checked before use.
 
 use crate::arch::full_barrier;
-use crate::cmdline::NvmeParams;
+use crate::cmdline::{NvmeHostile, NvmeParams};
 use crate::mem;
 use crate::pci::{self, Device};
 use crate::phys;
@@ -70,6 +70,15 @@ const MAX_LBA_SHIFT: u32 = 12;
 const MIN_LBA_SHIFT: u32 = 9;
 /// CAP.TO units.
 const TIMEOUT_UNIT_MS: u64 = 500;
+/// Where `hostile=dma_outside` points its Read: 60 GiB, far above any RAM the kit is given
+/// (sluice's `dma=all` maps guest RAM only, so no IOMMU mapping covers it).
+const HOSTILE_DMA_ADDR: u64 = 0xF_0000_0000;
+/// The hostile command's id: outside the workload's slots (0..qd), so a completion that
+/// arrives after the wait below is reported by the workload as a bad completion, not taken
+/// for one of its own.
+const HOSTILE_CID: u16 = 0x7fff;
+/// How long the hostile command may take to complete; QEMU's NVMe completes at once.
+const HOSTILE_WAIT_MS: u64 = 2000;
 
 /// Why the controller could not be used.
 #[derive(Debug)]
@@ -815,6 +824,64 @@ impl BlkQueue for NvmeQueue<'_> {
     }
 }
 
+/// Issues one Read of LBA 0 whose PRP1 is `HOSTILE_DMA_ADDR` on `pair` and waits a bounded
+/// time for its completion. The controller may complete it with an error status, with success
+/// (QEMU 7.2's NVMe does when the IOMMU refused the DMA) or never; the RESULT line says which.
+/// The guest cannot see the IOMMU: containment is proven outside (the host kernel's DMAR fault
+/// log); here the probe passes unless the controller went fatal. The workload that follows on
+/// the same queue shows the device still works.
+fn hostile_dma_outside(
+    controller: &Controller,
+    pair: &mut QueuePair,
+    nsid: u32,
+) -> Result<(), NvmeError> {
+    let command = Command::new(NVM_READ, HOSTILE_CID)
+        .nsid(nsid)
+        .prp(HOSTILE_DMA_ADDR, 0)
+        .cdw(10, 0)
+        .cdw(11, 0)
+        .cdw(12, 0);
+    pair.push(&command);
+    pair.publish_sq();
+    let deadline = Deadline::after_ms(HOSTILE_WAIT_MS);
+    let done = loop {
+        if let Some(done) = pair.pop() {
+            pair.publish_cq();
+            break Some(done);
+        }
+        if deadline.expired() {
+            break None;
+        }
+        crate::arch::pause();
+    };
+    let fatal = controller.fatal();
+    // An entry for another id or queue would be a controller bug: report it, do not trust it.
+    let stray = done
+        .as_ref()
+        .filter(|d| d.cid != HOSTILE_CID || d.sqid != pair.qid)
+        .map(|d| d.cid);
+    let status = match (&done, stray) {
+        (Some(d), None) => alloc::format!("{}", d.code()),
+        _ => alloc::string::String::from("null"),
+    };
+    crate::println!(
+        "RESULT {{\"workload\":\"nvme_hostile\",\"op\":\"dma_outside\",\"addr\":{},\
+         \"completed\":{},\"hostile_status\":{},\"controller_fatal\":{},\"pass\":{}}}",
+        HOSTILE_DMA_ADDR,
+        done.is_some() && stray.is_none(),
+        status,
+        fatal,
+        !fatal && stray.is_none()
+    );
+    if fatal {
+        return Err(NvmeError::ControllerFatal);
+    }
+    match stray {
+        Some(cid) => Err(NvmeError::BadCompletion(u32::from(cid))),
+        None => Ok(()),
+    }
+}
+
 /// Prints the failure and maps it to an outcome (timeouts end the run with status 4).
 fn report_error(error: &NvmeError) -> Outcome {
     let text = alloc::format!("{:?}", error).replace('"', "'");
@@ -891,9 +958,15 @@ fn run(p: &NvmeParams, timeout_ms: u64) -> Result<Outcome, NvmeError> {
     if workload::slot_memory(blk, u64::from(count), prp_pages_per_slot) > mem::free_bytes() / 2 {
         return Err(NvmeError::NoMemory);
     }
-    let pairs = (1..=count)
+    let mut pairs = (1..=count)
         .map(|qid| controller.create_io_queue(qid))
         .collect::<Result<Vec<QueuePair>, NvmeError>>()?;
+    match p.hostile {
+        Some(NvmeHostile::DmaOutside) => {
+            hostile_dma_outside(&controller, &mut pairs[0], namespace.nsid)?
+        }
+        None => {}
+    }
     let controller = &controller;
     let queues = pairs
         .into_iter()
