@@ -46,18 +46,24 @@ fn read64(vtd: &Vtd, offset: u64) -> u64 {
 
 /// The fuzz target body.
 pub fn vtd_registers(data: &[u8]) {
+    run_script(data);
+}
+
+/// Plays the input; returns whether each DMA op succeeded (for the corpus checks).
+pub fn run_script(data: &[u8]) -> Vec<bool> {
+    let mut outcomes = Vec::new();
     let Some((&count, rest)) = data.split_first() else {
-        return;
+        return outcomes;
     };
     let ops_len = (usize::from(count) * OP_LEN).min(rest.len());
     let (ops, image) = rest.split_at(ops_len);
     let Ok(memory) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]) else {
-        return;
+        return outcomes;
     };
     let mut bytes = image.to_vec();
     bytes.resize(MEMORY_SIZE, 0);
     if vm_memory::Bytes::write_slice(&memory, &bytes, GuestAddress(0)).is_err() {
-        return;
+        return outcomes;
     }
     let vtd = Vtd::new(memory.clone(), 39, Arc::new(NoInterrupts));
     let spaces = Arc::new(DmaSpaces::with_iommu(memory.clone(), Arc::new(vtd.clone())));
@@ -72,13 +78,21 @@ pub fn vtd_registers(data: &[u8]) {
             }
             1 => vtd.write_register(offset, &(value as u32).to_le_bytes()),
             2 => vtd.write_register(offset, &value.to_le_bytes()),
-            _ => dma(&vtd, &spaces, &memory, op[1], value, op[0] & 4 != 0),
+            _ => outcomes.push(dma(&vtd, &spaces, &memory, op[1], value, op[0] & 4 != 0)),
         }
         check_invariants(&vtd);
     }
+    outcomes
 }
 
-fn dma(vtd: &Vtd, spaces: &DmaSpaces, memory: &GuestMemoryMmap, requester: u8, iova: u64, write: bool) {
+fn dma(
+    vtd: &Vtd,
+    spaces: &DmaSpaces,
+    memory: &GuestMemoryMmap,
+    requester: u8,
+    iova: u64,
+    write: bool,
+) -> bool {
     let space = spaces.space(u16::from(requester));
     let access = if write {
         Permissions::Write
@@ -94,6 +108,7 @@ fn dma(vtd: &Vtd, spaces: &DmaSpaces, memory: &GuestMemoryMmap, requester: u8, i
         !translation_off || !in_ram || ok,
         "identity DMA at {iova:#x} refused"
     );
+    ok
 }
 
 fn check_invariants(vtd: &Vtd) {
