@@ -114,5 +114,9 @@ fn dma(
 fn check_invariants(vtd: &Vtd) {
     let fri = (read32(vtd, FSTS) >> 8) & 0xff;
     assert!((fri as usize) < FAULT_RECORDS, "FRI {fri} names no record");
-    assert_eq!(read64(vtd, IQH) & !IQ_INDEX_MASK, 0, "IQH outside its field");
+    assert_eq!(
+        read64(vtd, IQH) & !IQ_INDEX_MASK,
+        0,
+        "IQH outside its field"
+    );
 }

@@ -19,4 +19,4 @@ pub mod fuzz;
 #[cfg(test)]
 mod tests;
 
-pub use vtd::{Vtd, VtdCounters};
+pub use vtd::{Vtd, COUNTER_NAMES};

@@ -18,7 +18,11 @@ pub enum Scope {
         function_mask: u8,
     },
     /// IOTLB, page-selective: `2^(12 + mask)` bytes at `address` in `domain`.
-    Pages { domain: u16, address: u64, mask: u8 },
+    Pages {
+        domain: u16,
+        address: u64,
+        mask: u8,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

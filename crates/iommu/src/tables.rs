@@ -217,8 +217,7 @@ impl Tables<'_> {
             write &= entry & SL_WRITE != 0;
             let large = entry & SL_PAGE_SIZE != 0;
             // PS is allowed on 2 MiB (level 2) and 1 GiB (level 3) entries, both in CAP.SLLPS.
-            if entry & beyond_width(self.haw) != 0 || entry & SL_TM != 0 || (large && level > 3)
-            {
+            if entry & beyond_width(self.haw) != 0 || entry & SL_TM != 0 || (large && level > 3) {
                 return Err(FaultReason::PageEntryReserved);
             }
             let address = entry & beyond_width(PAGE_SHIFT) & ((1 << self.haw) - 1);

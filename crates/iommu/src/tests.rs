@@ -93,7 +93,9 @@ impl Rig {
     /// Root entry for bus 0 and a context entry for `DEVICE` (`aw` 1: 3 levels, 2: 4 levels).
     fn context(&mut self, aw: u64, translation: u64) -> u64 {
         let top = self.table();
-        self.memory.write_obj(CONTEXT | 1, GuestAddress(ROOT)).unwrap();
+        self.memory
+            .write_obj(CONTEXT | 1, GuestAddress(ROOT))
+            .unwrap();
         let lo = top | (translation << 2) | 1;
         let hi = (u64::from(DOMAIN) << 8) | aw;
         let entry = CONTEXT + u64::from(DEVICE & 0xff) * 16;
@@ -110,7 +112,9 @@ impl Rig {
             let entry: u64 = self.memory.read_obj(GuestAddress(slot)).unwrap();
             table = if entry & 3 == 0 {
                 let next = self.table();
-                self.memory.write_obj(next | R | W, GuestAddress(slot)).unwrap();
+                self.memory
+                    .write_obj(next | R | W, GuestAddress(slot))
+                    .unwrap();
                 next
             } else {
                 entry & !0xfff
@@ -184,13 +188,19 @@ fn capabilities_describe_what_is_implemented() {
     assert_eq!((ecap >> 8) & 0x3ff, IVA / 16);
     assert_eq!(ecap & 0b1011, 0b0011, "coherent, QI, no IR");
     assert_ne!(ecap & (1 << 6), 0, "pass-through");
-    assert_eq!(rig.read32(0x1c) as u64 >> 32, 0, "32-bit read of GSTS");
+    assert_eq!(
+        u64::from(rig.read32(CAP + 4)),
+        cap >> 32,
+        "32-bit read of CAP's high half"
+    );
 }
 
 #[test]
 fn translation_off_is_identity() {
     let rig = Rig::new();
-    rig.memory.write_obj(0x5a5a_u32, GuestAddress(DATA)).unwrap();
+    rig.memory
+        .write_obj(0x5a5a_u32, GuestAddress(DATA))
+        .unwrap();
 
     let value: u32 = rig.space().read_obj(GuestAddress(DATA)).unwrap();
 
@@ -204,18 +214,30 @@ fn four_level_tables_translate_and_refuse_a_write_to_a_read_only_page() {
     let top = rig.context(2, 0);
     rig.map(top, 4, 0x80_0000_0000, 1, DATA, R | W);
     rig.map(top, 4, 0x80_0000_1000, 1, DATA + 0x1000, R);
-    rig.memory.write_obj(0x1234_u32, GuestAddress(DATA + 0x1010)).unwrap();
+    rig.memory
+        .write_obj(0x1234_u32, GuestAddress(DATA + 0x1010))
+        .unwrap();
     rig.enable();
     let space = rig.space();
 
-    space.write_obj(0xabcd_u32, GuestAddress(0x80_0000_0008)).unwrap();
+    space
+        .write_obj(0xabcd_u32, GuestAddress(0x80_0000_0008))
+        .unwrap();
     let read_only: u32 = space.read_obj(GuestAddress(0x80_0000_1010)).unwrap();
     let refused = space.write_obj(1_u32, GuestAddress(0x80_0000_1010));
 
-    assert_eq!(rig.memory.read_obj::<u32>(GuestAddress(DATA + 8)).unwrap(), 0xabcd);
+    assert_eq!(
+        rig.memory.read_obj::<u32>(GuestAddress(DATA + 8)).unwrap(),
+        0xabcd
+    );
     assert_eq!(read_only, 0x1234);
     assert!(refused.is_err());
-    assert_eq!(rig.memory.read_obj::<u32>(GuestAddress(DATA + 0x1010)).unwrap(), 0x1234);
+    assert_eq!(
+        rig.memory
+            .read_obj::<u32>(GuestAddress(DATA + 0x1010))
+            .unwrap(),
+        0x1234
+    );
     assert_eq!(rig.read32(FSTS) & FSTS_PPF, FSTS_PPF);
     let (lo, hi) = rig.record(0);
     assert_eq!(lo, 0x80_0000_1000, "faulting page");
@@ -224,7 +246,10 @@ fn four_level_tables_translate_and_refuse_a_write_to_a_read_only_page() {
     assert_eq!(hi >> 62, 0b10, "F set, T = write");
     let sent = rig.interrupts.0.lock().unwrap().clone();
     assert_eq!(sent.len(), 1);
-    assert_eq!((sent[0].address, sent[0].data), (u64::from(FAULT_ADDRESS), FAULT_DATA));
+    assert_eq!(
+        (sent[0].address, sent[0].data),
+        (u64::from(FAULT_ADDRESS), FAULT_DATA)
+    );
 }
 
 #[test]
@@ -233,12 +258,18 @@ fn three_level_tables_with_2m_and_1g_pages() {
     let top = rig.context(1, 0);
     rig.map(top, 3, 0x4000_0000, 3, 0, R | W);
     rig.map(top, 3, 0x20_0000, 2, 0x20_0000 * 3, R);
-    rig.memory.write_obj(0x77_u8, GuestAddress(DATA + 0x1234)).unwrap();
-    rig.memory.write_obj(0x99_u8, GuestAddress(0x60_0000 + 0x1f_fff0)).unwrap();
+    rig.memory
+        .write_obj(0x77_u8, GuestAddress(DATA + 0x1234))
+        .unwrap();
+    rig.memory
+        .write_obj(0x99_u8, GuestAddress(0x60_0000 + 0x1f_fff0))
+        .unwrap();
     rig.enable();
     let space = rig.space();
 
-    let through_1g: u8 = space.read_obj(GuestAddress(0x4000_0000 + DATA + 0x1234)).unwrap();
+    let through_1g: u8 = space
+        .read_obj(GuestAddress(0x4000_0000 + DATA + 0x1234))
+        .unwrap();
     let through_2m: u8 = space.read_obj(GuestAddress(0x20_0000 + 0x1f_fff0)).unwrap();
     let beyond_39_bits = space.read_obj::<u8>(GuestAddress(1 << 39));
 
@@ -276,7 +307,9 @@ fn bad_context_entries_fault_with_their_reasons() {
     assert_eq!(reason(&rig, 1), 3, "AW not supported");
     let entry = CONTEXT + u64::from(DEVICE) * 16;
     let lo: u64 = rig.memory.read_obj(GuestAddress(entry)).unwrap();
-    rig.memory.write_obj(lo | 0x100, GuestAddress(entry)).unwrap();
+    rig.memory
+        .write_obj(lo | 0x100, GuestAddress(entry))
+        .unwrap();
     assert!(space.read_obj::<u8>(GuestAddress(0)).is_err());
     assert_eq!(reason(&rig, 2), 0xb, "reserved bit in the context entry");
     rig.memory.write_obj(lo & !1, GuestAddress(entry)).unwrap();
@@ -298,8 +331,15 @@ fn fault_log_overflows_and_clears_the_way_the_driver_expects() {
     let fsts = rig.read32(FSTS);
     assert_eq!(fsts & (FSTS_PPF | FSTS_PFO), FSTS_PPF | FSTS_PFO);
     assert_eq!((fsts >> 8) & 0xff, 0, "FRI: the first pending record");
-    assert_eq!(rig.record(FAULT_RECORDS - 1).0, (FAULT_RECORDS as u64 - 1) << 12);
-    assert_eq!(rig.interrupts.0.lock().unwrap().len(), 1, "one event per condition");
+    assert_eq!(
+        rig.record(FAULT_RECORDS - 1).0,
+        (FAULT_RECORDS as u64 - 1) << 12
+    );
+    assert_eq!(
+        rig.interrupts.0.lock().unwrap().len(),
+        1,
+        "one event per condition"
+    );
     for index in 0..FAULT_RECORDS as u64 {
         // Linux clears a record with a 32-bit write of F at offset 12.
         rig.write32(FRCD + 16 * index + 12, 1 << 31);
@@ -307,9 +347,17 @@ fn fault_log_overflows_and_clears_the_way_the_driver_expects() {
     rig.write32(FSTS, FSTS_PFO | FSTS_PPF);
     assert_eq!(rig.read32(FSTS) & (FSTS_PPF | FSTS_PFO), 0);
     assert!(space.read_obj::<u8>(GuestAddress(0x1234_5000)).is_err());
-    assert_eq!((rig.read32(FSTS) >> 8) & 0xff, 0, "recording wrapped to record 0");
+    assert_eq!(
+        (rig.read32(FSTS) >> 8) & 0xff,
+        0,
+        "recording wrapped to record 0"
+    );
     assert_eq!(rig.record(0).0, 0x1234_5000);
     assert_eq!(rig.interrupts.0.lock().unwrap().len(), 2);
+    let metrics = rig.vtd.metrics();
+    assert_eq!(metrics.counter("faults"), Some(FAULT_RECORDS as u64 + 3));
+    assert_eq!(metrics.counter("faults_not_recorded"), Some(2));
+    assert_eq!(metrics.counter("interrupts"), Some(2));
 }
 
 #[test]
@@ -334,7 +382,9 @@ fn queued_page_invalidation_drops_the_cached_translation() {
     let top = rig.context(2, 0);
     rig.map(top, 4, 0x1000, 1, DATA, R | W);
     rig.memory.write_obj(1_u32, GuestAddress(DATA)).unwrap();
-    rig.memory.write_obj(2_u32, GuestAddress(DATA + 0x1000)).unwrap();
+    rig.memory
+        .write_obj(2_u32, GuestAddress(DATA + 0x1000))
+        .unwrap();
     rig.enable();
     rig.enable_queue();
     let space = rig.space();
@@ -342,7 +392,10 @@ fn queued_page_invalidation_drops_the_cached_translation() {
     rig.map(top, 4, 0x1000, 1, DATA + 0x1000, R | W);
 
     let cached: u32 = space.read_obj(GuestAddress(0x1000)).unwrap();
-    rig.submit(&[page_invalidation(DOMAIN + 1, 0x1000), wait_descriptor(1, false)]);
+    rig.submit(&[
+        page_invalidation(DOMAIN + 1, 0x1000),
+        wait_descriptor(1, false),
+    ]);
     let other_domain: u32 = space.read_obj(GuestAddress(0x1000)).unwrap();
     rig.submit(&[page_invalidation(DOMAIN, 0x1000), wait_descriptor(2, false)]);
     let fresh: u32 = space.read_obj(GuestAddress(0x1000)).unwrap();
@@ -365,10 +418,17 @@ fn unmapping_and_invalidating_refuses_further_dma() {
     assert!(space.read_obj::<u32>(GuestAddress(0x1000)).is_ok());
     rig.map(top, 4, 0x1000, 1, 0, 0);
 
-    rig.submit(&[((u64::from(DOMAIN) << 16) | (2 << 4) | 2, 0), wait_descriptor(3, false)]);
+    rig.submit(&[
+        ((u64::from(DOMAIN) << 16) | (2 << 4) | 2, 0),
+        wait_descriptor(3, false),
+    ]);
 
     assert!(space.read_obj::<u32>(GuestAddress(0x1000)).is_err());
-    assert_eq!((rig.record(0).1 >> 32) & 0xff, 6, "read of a non-present page");
+    assert_eq!(
+        (rig.record(0).1 >> 32) & 0xff,
+        6,
+        "read of a non-present page"
+    );
 }
 
 #[test]
@@ -402,7 +462,10 @@ fn invalid_descriptor_stops_the_queue_with_iqe() {
     assert_eq!(rig.interrupts.0.lock().unwrap().len(), 1, "fault event");
     // A reserved bit in a wait descriptor is just as invalid.
     assert!(crate::queue::decode(5 | (1 << 12), STATUS).is_none());
-    assert!(crate::queue::decode(2 | (1 << 4), 0x80).is_none(), "IOTLB hi reserved");
+    assert!(
+        crate::queue::decode(2 | (1 << 4), 0x80).is_none(),
+        "IOTLB hi reserved"
+    );
 }
 
 #[test]
@@ -411,7 +474,9 @@ fn register_based_invalidation_completes_and_reports_its_granularity() {
     let top = rig.context(2, 0);
     rig.map(top, 4, 0, 1, DATA, R);
     rig.memory.write_obj(5_u8, GuestAddress(DATA)).unwrap();
-    rig.memory.write_obj(6_u8, GuestAddress(DATA + 0x1000)).unwrap();
+    rig.memory
+        .write_obj(6_u8, GuestAddress(DATA + 0x1000))
+        .unwrap();
     rig.enable();
     let space = rig.space();
     assert_eq!(space.read_obj::<u8>(GuestAddress(0)).unwrap(), 5);
@@ -419,7 +484,10 @@ fn register_based_invalidation_completes_and_reports_its_granularity() {
 
     rig.write64(CCMD, CCMD_ICC | (1 << CCMD_CIRG_SHIFT));
     let ccmd = rig.read64(CCMD);
-    rig.write64(IOTLB, IOTLB_IVT | (2 << IOTLB_IIRG_SHIFT) | (u64::from(DOMAIN) << 32));
+    rig.write64(
+        IOTLB,
+        IOTLB_IVT | (2 << IOTLB_IIRG_SHIFT) | (u64::from(DOMAIN) << 32),
+    );
     let iotlb = rig.read64(IOTLB);
 
     assert_eq!(ccmd & CCMD_ICC, 0);
@@ -456,6 +524,10 @@ fn turning_translation_off_drops_translated_entries() {
 
     rig.write32(GCMD, 0);
 
-    assert_eq!(space.read_obj::<u8>(GuestAddress(0x5000)).unwrap(), 4, "identity again");
+    assert_eq!(
+        space.read_obj::<u8>(GuestAddress(0x5000)).unwrap(),
+        4,
+        "identity again"
+    );
     assert!(space.check_range(GuestAddress(0x5000), 1, Permissions::Write));
 }

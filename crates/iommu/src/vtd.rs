@@ -8,12 +8,12 @@
 //! spaces' IOTLB locks. A `DmaSpace` never holds its IOTLB lock while it asks for a translation,
 //! so the two orders cannot deadlock.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use sluice_bus::irq::{MsiMessage, MsiSink};
 use sluice_bus::BusDevice;
 use sluice_dma::{DmaSpaces, DomainProvider, Mapping, RequesterId, TranslationSource};
+use sluice_virtio::DeviceMetrics;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Permissions};
 
 use crate::queue::{self, Descriptor, Scope};
@@ -23,22 +23,28 @@ use crate::tables::{FaultReason, Tables};
 /// What a translation-disabled unit (GSTS.TES = 0) maps: everything below 2^MGAW, identically.
 const IDENTITY_LENGTH: u64 = 1 << MGAW_BITS;
 
-/// Counters a guest's use of the unit leaves behind (faults, invalidations, walks).
-#[derive(Debug, Default)]
-pub struct VtdCounters {
-    /// Page walks on an IOTLB miss.
-    pub walks: AtomicU64,
-    /// DMA accesses refused (recorded or not).
-    pub faults: AtomicU64,
-    /// Faults lost to a full fault log (FSTS.PFO) or suppressed by the context entry (FPD).
-    pub faults_not_recorded: AtomicU64,
-    /// Fault and invalidation-completion events sent as MSI.
-    pub interrupts: AtomicU64,
-    pub context_invalidations: AtomicU64,
-    pub iotlb_invalidations: AtomicU64,
-    /// Invalidation queue descriptors processed.
-    pub descriptors: AtomicU64,
-}
+/// Named counters in the unit's metrics (`--metrics`, `SLUICE_LOG=info`).
+pub const COUNTER_NAMES: &[&str] = &[
+    "walks",
+    "faults",
+    "faults_not_recorded",
+    "interrupts",
+    "context_invalidations",
+    "iotlb_invalidations",
+    "queue_descriptors",
+];
+/// Page walks on an IOTLB miss.
+const WALKS: usize = 0;
+/// DMA accesses refused (recorded or not).
+const FAULTS: usize = 1;
+/// Faults lost to a full fault log (FSTS.PFO) or suppressed by the context entry (FPD).
+const FAULTS_NOT_RECORDED: usize = 2;
+/// Fault and invalidation-completion events sent as MSI.
+const INTERRUPTS: usize = 3;
+const CONTEXT_INVALIDATIONS: usize = 4;
+const IOTLB_INVALIDATIONS: usize = 5;
+/// Invalidation queue descriptors processed.
+const QUEUE_DESCRIPTORS: usize = 6;
 
 /// One fault recording register (128 bits).
 #[derive(Debug, Default, Clone, Copy)]
@@ -97,7 +103,7 @@ struct Shared {
     msi: Arc<dyn MsiSink>,
     state: Mutex<State>,
     spaces: Mutex<Weak<DmaSpaces>>,
-    counters: VtdCounters,
+    metrics: Arc<DeviceMetrics>,
 }
 
 /// An emulated Intel VT-d remapping unit. Clones share the unit.
@@ -125,7 +131,7 @@ impl Vtd {
                 msi,
                 state: Mutex::new(State::default()),
                 spaces: Mutex::new(Weak::new()),
-                counters: VtdCounters::default(),
+                metrics: Arc::new(DeviceMetrics::with_counters("vt-d", 0, COUNTER_NAMES)),
             }),
         }
     }
@@ -139,8 +145,9 @@ impl Vtd {
             .unwrap_or_else(PoisonError::into_inner) = Arc::downgrade(spaces);
     }
 
-    pub fn counters(&self) -> &VtdCounters {
-        &self.shared.counters
+    /// Walks, faults, interrupts and invalidations so far.
+    pub fn metrics(&self) -> Arc<DeviceMetrics> {
+        self.shared.metrics.clone()
     }
 
     /// Reads the register at `offset` (4 or 8 bytes, naturally aligned; others read zero).
@@ -148,12 +155,8 @@ impl Vtd {
         let state = self.shared.lock();
         let value = match (data.len(), offset % data.len().max(1) as u64) {
             (8, 0) if is_register64(offset) => state.read64(offset),
-            (8, 0) => {
-                u64::from(state.read32(offset)) | (u64::from(state.read32(offset + 4)) << 32)
-            }
-            (4, 0) if is_register64(offset & !7) => {
-                state.read64(offset & !7) >> (8 * (offset & 4))
-            }
+            (8, 0) => u64::from(state.read32(offset)) | (u64::from(state.read32(offset + 4)) << 32),
+            (4, 0) if is_register64(offset & !7) => state.read64(offset & !7) >> (8 * (offset & 4)),
             (4, 0) => u64::from(state.read32(offset)),
             _ => 0,
         };
@@ -281,7 +284,11 @@ impl Vtd {
             state.gsts ^= GCMD_TE;
             tracing::info!(
                 "vt-d: translation {}",
-                if state.gsts & GCMD_TE != 0 { "enabled" } else { "disabled" }
+                if state.gsts & GCMD_TE != 0 {
+                    "enabled"
+                } else {
+                    "disabled"
+                }
             );
             self.invalidate(state, Scope::All);
         }
@@ -310,10 +317,7 @@ impl Vtd {
             },
             _ => return 0,
         };
-        self.shared
-            .counters
-            .context_invalidations
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.count(CONTEXT_INVALIDATIONS, 1);
         self.invalidate(state, scope);
         ((value >> CCMD_CIRG_SHIFT) & 0b11) as u8
     }
@@ -325,10 +329,7 @@ impl Vtd {
         let Some(scope) = queue::iotlb_scope(granularity, domain, state.iva) else {
             return 0;
         };
-        self.shared
-            .counters
-            .iotlb_invalidations
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.count(IOTLB_INVALIDATIONS, 1);
         self.invalidate(state, scope);
         granularity as u8
     }
@@ -349,23 +350,23 @@ impl Vtd {
         }
         while head != tail {
             let mut raw = [0u8; 16];
-            let read = base
-                .checked_add(head * 16)
-                .and_then(|at| self.shared.memory.read_slice(&mut raw, GuestAddress(at)).ok());
+            let read = base.checked_add(head * 16).and_then(|at| {
+                self.shared
+                    .memory
+                    .read_slice(&mut raw, GuestAddress(at))
+                    .ok()
+            });
             let lo = u64::from_le_bytes(raw[..8].try_into().unwrap_or_default());
             let hi = u64::from_le_bytes(raw[8..].try_into().unwrap_or_default());
-            let done = read.is_some()
-                && queue::decode(lo, hi).is_some_and(|d| self.execute(state, d));
+            let done =
+                read.is_some() && queue::decode(lo, hi).is_some_and(|d| self.execute(state, d));
             if !done {
                 tracing::debug!("vt-d: invalid queue descriptor {head} ({lo:#x}, {hi:#x})");
                 state.iqh = head << 4;
                 self.queue_error(state);
                 return;
             }
-            self.shared
-                .counters
-                .descriptors
-                .fetch_add(1, Ordering::Relaxed);
+            self.shared.metrics.count(QUEUE_DESCRIPTORS, 1);
             head = (head + 1) % entries;
         }
         state.iqh = head << 4;
@@ -384,17 +385,11 @@ impl Vtd {
     fn execute(&self, state: &mut State, descriptor: Descriptor) -> bool {
         match descriptor {
             Descriptor::ContextCache(scope) => {
-                self.shared
-                    .counters
-                    .context_invalidations
-                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.metrics.count(CONTEXT_INVALIDATIONS, 1);
                 self.invalidate(state, scope);
             }
             Descriptor::Iotlb(scope) => {
-                self.shared
-                    .counters
-                    .iotlb_invalidations
-                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.metrics.count(IOTLB_INVALIDATIONS, 1);
                 self.invalidate(state, scope);
             }
             Descriptor::Wait { status, interrupt } => {
@@ -486,7 +481,7 @@ impl Vtd {
                 permissions: Permissions::ReadWrite,
             });
         }
-        self.shared.counters.walks.fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.count(WALKS, 1);
         let write = matches!(access, Permissions::Write | Permissions::ReadWrite);
         let walked = self
             .tables()
@@ -520,12 +515,9 @@ impl Vtd {
                 fault
             }
         };
-        self.shared.counters.faults.fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.count(FAULTS, 1);
         if fault.suppressed {
-            self.shared
-                .counters
-                .faults_not_recorded
-                .fetch_add(1, Ordering::Relaxed);
+            self.shared.metrics.count(FAULTS_NOT_RECORDED, 1);
         } else {
             self.record_fault(&mut state, requester, iova, fault.reason, write);
         }
@@ -545,10 +537,7 @@ impl Vtd {
         tracing::debug!("vt-d: fault {reason:?} for {requester:#06x} at {iova:#x}");
         let index = state.next_record;
         if state.fsts & FSTS_PFO != 0 || state.records[index].pending() {
-            self.shared
-                .counters
-                .faults_not_recorded
-                .fetch_add(1, Ordering::Relaxed);
+            self.shared.metrics.count(FAULTS_NOT_RECORDED, 1);
             if state.fsts & FSTS_PFO == 0 {
                 let was = state.fault_condition();
                 state.fsts |= FSTS_PFO;
@@ -563,7 +552,8 @@ impl Vtd {
         state.records[index] = FaultRecord::new(requester, iova, reason, write);
         state.next_record = (index + 1) % FAULT_RECORDS;
         if first_pending {
-            state.fsts = (state.fsts & !(0xff << FSTS_FRI_SHIFT)) | ((index as u32) << FSTS_FRI_SHIFT);
+            state.fsts =
+                (state.fsts & !(0xff << FSTS_FRI_SHIFT)) | ((index as u32) << FSTS_FRI_SHIFT);
         }
         if !was {
             self.fault_event(state);
@@ -583,10 +573,7 @@ impl Vtd {
     }
 
     fn send(&self, upper: u32, address: u32, data: u32) {
-        self.shared
-            .counters
-            .interrupts
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.count(INTERRUPTS, 1);
         let message = MsiMessage {
             address: (u64::from(upper) << 32) | u64::from(address),
             data,
@@ -604,8 +591,10 @@ impl Shared {
 }
 
 fn is_register64(offset: u64) -> bool {
-    matches!(offset, CAP | ECAP | RTADDR | CCMD | IQH | IQT | IQA | IVA | IOTLB)
-        || (FRCD..FRCD_END).contains(&offset)
+    matches!(
+        offset,
+        CAP | ECAP | RTADDR | CCMD | IQH | IQT | IQA | IVA | IOTLB
+    ) || (FRCD..FRCD_END).contains(&offset)
 }
 
 impl State {

@@ -23,7 +23,11 @@ fn vtd_seeds_reach_their_point() {
     };
 
     assert_eq!(outcomes("translation_off_dma"), [true, true]);
-    assert_eq!(outcomes("four_level_tables"), [true, true, false], "unmapped 0x9000");
+    assert_eq!(
+        outcomes("four_level_tables"),
+        [true, true, false],
+        "unmapped 0x9000"
+    );
     assert_eq!(outcomes("three_level_2m_page"), [true, true]);
     assert_eq!(outcomes("invalidation_queue"), [true, true]);
     assert_eq!(outcomes("register_invalidation"), [true, true]);

@@ -15,6 +15,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sluice_sandbox::{Role, SeccompMode};
 use sluice_vmm::config::{DiskSpec, E1000Spec, NetSpec, RngSpec};
+use sluice_vmm::iommu::IommuKind;
 use sluice_vmm::machine::{self, SerialTarget, VmConfig, VmReport};
 use sluice_vmm::vcpu::VmOutcome;
 
@@ -97,6 +98,10 @@ struct RunArgs {
     /// `tap=NAME[,mac=52:54:00:..]`.
     #[arg(long, value_parser = E1000Spec::parse)]
     e1000: Vec<E1000Spec>,
+    /// A virtual IOMMU in front of every PCI device: `vtd` (an emulated Intel VT-d with a DMAR
+    /// table; the guest needs `intel_iommu=on`).
+    #[arg(long, value_parser = IommuKind::parse)]
+    iommu: Option<IommuKind>,
     /// Write exit counts and per-queue device metrics here when the VM stops: JSON, or
     /// Prometheus text if the name ends in `.prom`.
     #[arg(long)]
@@ -216,6 +221,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         nets: args.net,
         rng: args.rng,
         e1000s: args.e1000,
+        iommu: args.iommu,
     };
     let report = machine::run(config)?;
     tracing::info!(

@@ -60,6 +60,8 @@ pub struct VmConfig {
     pub rng: Option<crate::config::RngSpec>,
     /// Emulated e1000 NICs on taps.
     pub e1000s: Vec<crate::config::E1000Spec>,
+    /// A virtual IOMMU in front of every device (`--iommu`).
+    pub iommu: Option<crate::iommu::IommuKind>,
 }
 
 /// How a run ended, with what it cost.
@@ -141,17 +143,21 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
     };
     crate::platform::attach_platform_devices(&vm, &dispatch, &config, &ram)?;
     let pci_root = crate::platform::attach_pci(&vm, &dispatch, &config)?;
-    let mut device_metrics = crate::virtio::attach_virtio_devices(&vm, &pci_root, &config, &ram)?;
+    let iommu = crate::iommu::attach_iommu(&vm, &dispatch, config.iommu, &ram, config.memory)?;
+    let mut device_metrics =
+        crate::virtio::attach_virtio_devices(&vm, &pci_root, &config, &ram, &iommu.dma)?;
     device_metrics.extend(crate::e1000::attach_e1000_devices(
-        &pci_root, &config, &ram,
+        &pci_root, &config, &iommu.dma,
     )?);
+    device_metrics.extend(iommu.metrics());
 
-    let rsdp = crate::acpi::create_acpi_tables(
+    let rsdp = crate::acpi::create_acpi_tables_with(
         &ram.memory,
         &crate::acpi::AcpiConfig {
             num_cpus: config.cpus,
             ram_size: config.memory,
         },
+        &iommu.acpi_tables(),
     )?;
     let boot_info = crate::boot::load_kernel(
         &ram.memory,
