@@ -500,6 +500,12 @@ fn lab_vtd_viommu_fio_verify_on_virtio_blk() {
     let metrics = setup.metrics("vtd.json");
     assert_blk_queues_worked(&metrics);
     assert_image_holds_every_block(&setup.scratch.path("disk.img"));
+    for line in console
+        .lines()
+        .filter(|l| l.contains("DMAR") || l.contains("iommu"))
+    {
+        println!("{test}: L2: {}", line.trim());
+    }
     let vtd = vtd_counters(&metrics);
     println!("{test}: vt-d counters {vtd}");
     for name in [
