@@ -30,6 +30,8 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("e1000_tx", "sluice-devices"),
     ("e1000_registers", "sluice-devices"),
     ("vtd_registers", "sluice-iommu"),
+    ("nvme_command", "sluice-devices"),
+    ("nvme_registers", "sluice-devices"),
 ];
 
 /// A target body: what `fuzz_target!` runs on one input.

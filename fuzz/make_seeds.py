@@ -471,6 +471,77 @@ def vtd_seeds():
                       vtd_op(VTD_WRITE64, VTD_IOTLB, (1 << 63) | (3 << 60) | (7 << 32)),
                       vtd_dma(0x20_1000, True)],
         vtd_tables(2, 1))
+# --- nvme_command: [mode, 64-byte SQE, guest memory] -----------------------------------------
+def sqe(opcode, nsid=1, psdt=0, cid=1, prp1=0, prp2=0, cdw10=0, cdw11=0, cdw12=0, sgl=None):
+    head = struct.pack("<BBHI", opcode, psdt << 6, cid, nsid) + bytes(16)
+    pointer = sgl if sgl is not None else struct.pack("<QQ", prp1, prp2)
+    return head + pointer + struct.pack("<IIIIII", cdw10, cdw11, cdw12, 0, 0, 0)
+
+
+def sgl_desc(addr, length, kind):
+    return struct.pack("<QI3xB", addr, length, kind << 4)
+
+
+def guest(fills, size=0x4000):
+    mem = bytearray(size)
+    for at, data in fills:
+        mem[at:at + len(data)] = data
+    return bytes(mem)
+
+
+def nvme_command_seeds():
+    io, admin = 0, 1
+    prp_list = struct.pack("<QQQ", 0x2000, 0x3000, 0x4000)
+    yield "read_one_block", bytes([io]) + sqe(0x02, prp1=0x1000)
+    yield "write_prp_list", bytes([io]) + sqe(0x01, prp1=0x1200, prp2=0x800, cdw12=23) + \
+        guest([(0x800, prp_list)])
+    yield "write_two_pages_prp2", bytes([io]) + sqe(0x01, prp1=0x1000, prp2=0x3000, cdw12=15)
+    yield "read_sgl_last_segment", bytes([io]) + sqe(
+        0x02, psdt=1, cdw12=7, sgl=sgl_desc(0x800, 32, 3)) + guest(
+            [(0x800, sgl_desc(0x1000, 1024, 0) + sgl_desc(0x2000, 3072, 0))])
+    yield "read_sgl_chained_segments", bytes([io]) + sqe(
+        0x02, psdt=1, cdw12=7, sgl=sgl_desc(0x800, 32, 2)) + guest(
+            [(0x800, sgl_desc(0x1000, 512, 0) + sgl_desc(0x900, 16, 3)),
+             (0x900, sgl_desc(0x2000, 3584, 0))])
+    yield "dsm_deallocate", bytes([io]) + sqe(0x09, prp1=0x800, cdw10=1, cdw11=4) + guest(
+        [(0x800, struct.pack("<IIQ", 0, 8, 0) + struct.pack("<IIQ", 0, 16, 100))])
+    yield "write_zeroes_deac", bytes([io]) + sqe(0x08, cdw10=10, cdw12=(1 << 25) | 7)
+    yield "flush_broadcast", bytes([io]) + sqe(0x00, nsid=0xffffffff)
+    yield "read_lba_out_of_range", bytes([io]) + sqe(0x02, prp1=0x1000, cdw10=2047, cdw12=1)
+    yield "identify_controller", bytes([admin]) + sqe(0x06, nsid=0, prp1=0x1000, cdw10=1)
+    yield "identify_namespace", bytes([admin]) + sqe(0x06, prp1=0x1000, cdw10=0)
+    yield "create_cq", bytes([admin]) + sqe(0x05, nsid=0, prp1=0x2000, cdw10=1 | (15 << 16),
+                                            cdw11=3 | (1 << 16))
+    yield "get_log_smart", bytes([admin]) + sqe(0x02, nsid=0xffffffff, prp1=0x1000,
+                                                cdw10=2 | (127 << 16))
+    yield "set_features_queues", bytes([admin]) + sqe(0x09, nsid=0, cdw10=7, cdw11=0x30003)
+    yield "doorbell_buffer_config", bytes([admin]) + sqe(0x7c, nsid=0, prp1=0x3000,
+                                                         prp2=0x4000)
+    yield "async_event_request", bytes([admin]) + sqe(0x0c, nsid=0)
+
+
+# --- nvme_registers: ops [kind, width, offset u16, value u64] ---------------------------------
+def reg(kind, width, offset, value=0):
+    return struct.pack("<BBHQ", kind, {1: 0, 2: 1, 4: 2, 8: 3}[width], offset, value)
+
+
+def nvme_register_seeds():
+    enable = reg(1, 4, 0x24, 0x000f000f) + reg(1, 8, 0x28, 0x8000) + reg(1, 8, 0x30, 0x9000) + \
+        reg(1, 4, 0x14, 1 | (6 << 16) | (4 << 20))
+    command_at = lambda at, words: b"".join(reg(4, 8, at + 8 * i, w) for i, w in enumerate(words))
+    create_cq = command_at(0x8000, [0x05 | (1 << 16), 0, 0, 0xa000, 0, 1 | (15 << 16) | (3 << 32)])
+    create_sq = command_at(0x8040, [0x01 | (2 << 16), 0, 0, 0xb000, 0, 1 | (15 << 16) | ((1 | (1 << 16)) << 32)])
+    read = command_at(0xb000, [0x02 | (3 << 16) | (1 << 32), 0, 0, 0xc000, 0, 0, 0])
+    yield "enable_and_read_status", enable + reg(0, 4, 0x1c) + reg(0, 8, 0x00)
+    yield "create_queues_and_read", enable + create_cq + create_sq + reg(1, 4, 0x1000, 2) + \
+        read + reg(1, 4, 0x1008, 1) + reg(1, 4, 0x100c, 1)
+    yield "reset_after_enable", enable + reg(1, 4, 0x14, 0) + reg(0, 4, 0x1c)
+    yield "shutdown", enable + reg(1, 4, 0x14, 1 | (1 << 14) | (6 << 16) | (4 << 20))
+    yield "msix_enable_and_table", reg(3, 2, 0x42, 0x8000) + reg(2, 4, 0, 0xfee00000) + \
+        reg(2, 4, 12, 0) + enable
+    yield "intms_intmc", enable + reg(1, 4, 0x0c, 1) + reg(1, 4, 0x10, 1)
+    yield "bad_doorbells", enable + reg(1, 4, 0x1000, 0xffff) + reg(1, 4, 0x1ff8, 1) + \
+        reg(1, 2, 0x1004, 1)
 
 
 def main():
@@ -479,7 +550,9 @@ def main():
                           ("virtio_pci_registers", pci_seeds()), ("vhost_user_fds", fds_seeds()),
                           ("vhost_user_backend_replies", backend_seeds()),
                           ("e1000_tx", e1000_tx_seeds()), ("e1000_registers", e1000_register_seeds()),
-                          ("vtd_registers", vtd_seeds())):
+                          ("vtd_registers", vtd_seeds()),
+                          ("nvme_command", nvme_command_seeds()),
+                          ("nvme_registers", nvme_register_seeds())):
         directory = ROOT / target
         directory.mkdir(parents=True, exist_ok=True)
         for name, data in seeds:

@@ -264,7 +264,8 @@ fn finish(
     role: &str,
     argv: Vec<String>,
 ) -> Result<RunOutput, String> {
-    let mut output = guest_output(scenario, measured, exit_of(measured), role, argv)?;
+    let workload = scenario.result_workload();
+    let mut output = guest_output(workload, measured, exit_of(measured), role, argv)?;
     // The bench killed it: the time to exit says nothing about the VMM.
     output.metrics.remove(metric::EXIT_MS);
     Ok(output)

@@ -24,15 +24,18 @@ use crate::scenario::{BlkParams, NetParams, Scenario, Workload};
 pub type Metrics = BTreeMap<String, f64>;
 
 /// Every competitor the matrix knows, in the order they alternate.
-pub const ALL: [Competitor; 11] = [
+pub const ALL: [Competitor; 14] = [
     Competitor::Sluice,
     Competitor::SluicePoll,
     Competitor::SluiceBatch,
+    Competitor::SluicePacked,
+    Competitor::SluiceNvme,
     Competitor::SluiceVhostServe,
     Competitor::SluiceVhostQsd,
     Competitor::QemuVhostServe,
     Competitor::QemuVhostServePacked,
     Competitor::Qemu,
+    Competitor::QemuNvme,
     Competitor::CloudHypervisor,
     Competitor::Firecracker,
     Competitor::Fio,
@@ -50,6 +53,11 @@ pub enum Competitor {
     SluicePoll,
     /// The same with `notify=batch:16:50`: interrupts coalesced (16 requests or 50 µs).
     SluiceBatch,
+    /// The same devices with packed virtqueues (`packed=on`, the guest kit's `vq=packed`).
+    SluicePacked,
+    /// `sluice run --nvme`: the emulated NVMe controller, driven by the guest kit's NVMe driver
+    /// (`w=nvme`, shadow doorbells on) with the same block workload.
+    SluiceNvme,
     /// `sluice run --disk vhost_user=on` served by `sluice serve blk`.
     SluiceVhostServe,
     /// `sluice run --disk vhost_user=on` served by qemu-storage-daemon.
@@ -61,6 +69,9 @@ pub enum Competitor {
     /// QEMU -accel kvm: virtio-blk-pci with an iothread, aio=io_uring, cache=none; virtio-net on
     /// the UDP socket netdev.
     Qemu,
+    /// QEMU -accel kvm with its emulated NVMe controller (aio=io_uring, cache=none), driven
+    /// by the guest kit's NVMe driver.
+    QemuNvme,
     /// Cloud Hypervisor from the anchors directory (see [`crate::anchors`]).
     CloudHypervisor,
     /// Firecracker from the anchors directory (see [`crate::anchors`]).
@@ -106,11 +117,14 @@ impl Competitor {
             Competitor::Sluice => "sluice",
             Competitor::SluicePoll => "sluice-poll",
             Competitor::SluiceBatch => "sluice-batch",
+            Competitor::SluicePacked => "sluice-packed",
+            Competitor::SluiceNvme => "sluice-nvme",
             Competitor::SluiceVhostServe => "sluice-vhost-serve",
             Competitor::SluiceVhostQsd => "sluice-vhost-qsd",
             Competitor::QemuVhostServe => "qemu-vhost-serve",
             Competitor::QemuVhostServePacked => "qemu-vhost-serve-packed",
             Competitor::Qemu => "qemu",
+            Competitor::QemuNvme => "qemu-nvme",
             Competitor::CloudHypervisor => "cloud-hypervisor",
             Competitor::Firecracker => "firecracker",
             Competitor::Fio => "fio",
@@ -122,11 +136,14 @@ impl Competitor {
             Competitor::Sluice => "sluice run, in-process virtio-blk (direct=on, notify=irq) / virtio-net on a tap",
             Competitor::SluicePoll => "sluice run, in-process virtio-blk (direct=on) / virtio-net with notify=poll: ring and completion polling after a kick or completion, adaptive window up to 50 µs",
             Competitor::SluiceBatch => "sluice run, in-process virtio-blk (direct=on, notify=batch:16:50: interrupt coalescing)",
+            Competitor::SluicePacked => "sluice run, in-process virtio-blk (direct=on) / virtio-net with packed virtqueues (packed=on; guest kit vq=packed)",
+            Competitor::SluiceNvme => "sluice run --nvme (direct=on): emulated NVMe, guest kit NVMe driver (w=nvme, polled completions, shadow doorbells)",
             Competitor::SluiceVhostServe => "sluice run --disk vhost_user=on, backend: sluice serve blk --direct",
             Competitor::SluiceVhostQsd => "sluice run --disk vhost_user=on, backend: qemu-storage-daemon (io_uring, cache.direct=on)",
             Competitor::QemuVhostServe => "QEMU -accel kvm q35: vhost-user-blk-pci (split rings), backend: sluice serve blk --direct --packed off",
             Competitor::QemuVhostServePacked => "QEMU -accel kvm q35: vhost-user-blk-pci packed=on, guest kit vq=packed, backend: sluice serve blk --direct",
             Competitor::Qemu => "QEMU -accel kvm q35: virtio-blk-pci + iothread, aio=io_uring, cache=none (SeaBIOS); virtio-net-pci on the UDP socket netdev; startup with qboot",
+            Competitor::QemuNvme => "QEMU -accel kvm q35: emulated NVMe (-device nvme), aio=io_uring, cache=none; guest kit NVMe driver (w=nvme, shadow doorbells)",
             Competitor::CloudHypervisor => "Cloud Hypervisor (anchors dir): virtio-blk-pci (direct=on), virtio-net-pci on a tap it creates; stopped after the GUEST-KIT line (its ACPI power-off is not the guest kit's), so no exit time; not 2-queue blk (it refuses more queues than the 1 vCPU), startup-first-insn (needs sluice's exit log), -gbatch or seqread",
             Competitor::Firecracker => "Firecracker --no-api --enable-pci (anchors dir): virtio-blk io_engine=Async (io_uring) through the host page cache (it has no O_DIRECT option), one queue only (no 2-queue scenarios); virtio-net on a tap the bench creates; stopped after the GUEST-KIT line, so no exit time; not startup-first-insn nor -gbatch/seqread",
             Competitor::Fio => "host-native fio, io_uring, --direct=1, same image, one job per queue",
@@ -139,6 +156,38 @@ impl Competitor {
             Competitor::SluicePoll => Some("poll"),
             Competitor::SluiceBatch => Some("batch:16:50"),
             _ => None,
+        }
+    }
+
+    /// Whether the devices offer packed virtqueues and the guest kit asks for them.
+    fn packed(self) -> bool {
+        matches!(
+            self,
+            Competitor::SluicePacked | Competitor::QemuVhostServePacked
+        )
+    }
+
+    /// Whether the guest kit drives the disk with its NVMe driver.
+    fn nvme(self) -> bool {
+        matches!(self, Competitor::SluiceNvme | Competitor::QemuNvme)
+    }
+
+    /// The guest kit command line of `scenario` on this competitor: the NVMe competitors run
+    /// the block workload as `w=nvme` (same knobs), the packed one asks for `vq=packed`.
+    pub fn guest_cmdline(self, scenario: &Scenario) -> String {
+        let cmdline = scenario.guest_cmdline();
+        match (self, &scenario.workload) {
+            (_, Workload::Blk(_)) if self.nvme() => cmdline.replacen("w=blk:", "w=nvme:", 1),
+            _ if self.packed() => cmdline.replacen("quiet ", "quiet vq=packed ", 1),
+            _ => cmdline,
+        }
+    }
+
+    /// The workload name in the guest kit's RESULT line for `scenario` on this competitor.
+    pub fn result_workload(self, scenario: &Scenario) -> &'static str {
+        match scenario.workload {
+            Workload::Blk(_) if self.nvme() => "nvme",
+            _ => scenario.result_workload(),
         }
     }
 
@@ -165,12 +214,23 @@ impl Competitor {
                 b.op == "randread" && (b.queues == 1 || b.qd == 32)
             }
             (Competitor::SluiceBatch, Workload::Blk(b)) => b.op == "randread" && b.queues == 1,
+            // Packed against split rings: the single-queue random reads and net tx.
+            (Competitor::SluicePacked, Workload::Blk(b)) => {
+                b.op == "randread" && b.queues == 1 && b.guest_batch.is_none()
+            }
+            (Competitor::SluicePacked, Workload::Net(n)) => n.dir == "tx",
+            // Emulation against paravirtualisation: every block workload the guest kit's NVMe
+            // driver runs alike (it has no guest-side batching knob).
             // Device-side polling is what stops the per-frame kick of the guest kit's tx path.
             (Competitor::SluicePoll, Workload::Net(n)) => n.dir == "tx",
             // Guest-side batching is compared between in-process sluice and QEMU only (the
             // vhost-user rings behave alike); fio's run would be the same either way.
             (
-                Competitor::SluiceVhostServe | Competitor::SluiceVhostQsd | Competitor::Fio,
+                Competitor::SluiceVhostServe
+                | Competitor::SluiceVhostQsd
+                | Competitor::SluiceNvme
+                | Competitor::QemuNvme
+                | Competitor::Fio,
                 Workload::Blk(b),
             ) => b.guest_batch.is_none(),
             // Split against packed rings through one backend: the random reads.
@@ -187,6 +247,8 @@ impl Competitor {
             Competitor::Sluice
             | Competitor::SluicePoll
             | Competitor::SluiceBatch
+            | Competitor::SluicePacked
+            | Competitor::SluiceNvme
             | Competitor::SluiceVhostServe => kvm(),
             Competitor::SluiceVhostQsd => kvm().and_then(|_| {
                 on_path(
@@ -194,7 +256,10 @@ impl Competitor {
                     "apt-get install -y --no-install-recommends qemu-system-common",
                 )
             }),
-            Competitor::Qemu | Competitor::QemuVhostServe | Competitor::QemuVhostServePacked => {
+            Competitor::Qemu
+            | Competitor::QemuNvme
+            | Competitor::QemuVhostServe
+            | Competitor::QemuVhostServePacked => {
                 kvm().and_then(|_| find_qemu().map(drop).map_err(|e| e.to_string()))
             }
             // The binary first: where to find it is the more useful message.
@@ -212,6 +277,7 @@ impl Competitor {
             (
                 Competitor::Sluice
                 | Competitor::SluicePoll
+                | Competitor::SluicePacked
                 | Competitor::CloudHypervisor
                 | Competitor::Firecracker,
                 Workload::Net(_),
@@ -227,9 +293,11 @@ impl Competitor {
             Competitor::Sluice if scenario.workload == Workload::FirstInstruction => {
                 first_insn::run(env)
             }
-            Competitor::Sluice | Competitor::SluicePoll | Competitor::SluiceBatch => {
-                run_sluice(scenario, env, None, self.notify())
-            }
+            Competitor::Sluice
+            | Competitor::SluicePoll
+            | Competitor::SluiceBatch
+            | Competitor::SluicePacked
+            | Competitor::SluiceNvme => run_sluice(self, scenario, env, None),
             Competitor::SluiceVhostServe => {
                 let socket = env.workdir.join("serve.sock");
                 let queues = blk_params(scenario)?.queues.to_string();
@@ -237,7 +305,7 @@ impl Competitor {
                 command.args(["serve", "blk", "--direct", "--queues", &queues, "--socket"]);
                 command.arg(&socket).arg("--image").arg(&env.image);
                 let backend = Backend::start(command, socket, "sluice serve blk")?;
-                run_sluice(scenario, env, Some(backend), None)
+                run_sluice(self, scenario, env, Some(backend))
             }
             Competitor::SluiceVhostQsd => {
                 let socket = env.workdir.join("qsd.sock");
@@ -253,10 +321,10 @@ impl Competitor {
                     socket.display()
                 ));
                 let backend = Backend::start(command, socket, "qemu-storage-daemon")?;
-                run_sluice(scenario, env, Some(backend), None)
+                run_sluice(self, scenario, env, Some(backend))
             }
             Competitor::QemuVhostServe | Competitor::QemuVhostServePacked => {
-                let packed = self == Competitor::QemuVhostServePacked;
+                let packed = self.packed();
                 let socket = env.workdir.join("serve.sock");
                 let queues = blk_params(scenario)?.queues;
                 let mut command = Command::new(&env.sluice);
@@ -264,9 +332,9 @@ impl Competitor {
                 command.args(["--packed", if packed { "on" } else { "off" }, "--socket"]);
                 command.arg(&socket).arg("--image").arg(&env.image);
                 let backend = Backend::start(command, socket.clone(), "sluice serve blk")?;
-                run_qemu_vhost_user(scenario, env, backend, &socket, packed)
+                run_qemu_vhost_user(self, scenario, env, backend, &socket)
             }
-            Competitor::Qemu => run_qemu(scenario, env),
+            Competitor::Qemu | Competitor::QemuNvme => run_qemu(self, scenario, env),
             Competitor::CloudHypervisor => {
                 let binary = env.anchors.binary(anchors::CLOUD_HYPERVISOR)?;
                 anchors::run_cloud_hypervisor(&binary, scenario, env)
@@ -390,23 +458,38 @@ pub(crate) fn tap_name() -> String {
     format!("sbn{}x{}", std::process::id() % 100_000, unique() % 100)
 }
 
-/// The `--disk` argument of an in-process sluice run.
-fn sluice_disk_arg(image: &Path, queues: u16, notify: Option<&str>) -> String {
-    let notify = notify.map(|n| format!(",notify={n}")).unwrap_or_default();
+/// The options an in-process sluice device of `competitor` adds to `--disk` / `--net`.
+fn sluice_device_options(competitor: Competitor) -> String {
+    let notify = competitor
+        .notify()
+        .map(|n| format!(",notify={n}"))
+        .unwrap_or_default();
+    let packed = if competitor.packed() {
+        ",packed=on"
+    } else {
+        ""
+    };
+    format!("{notify}{packed}")
+}
+
+/// The disk argument of an in-process sluice run: virtio-blk, or the emulated NVMe.
+fn sluice_disk_arg(competitor: Competitor, image: &Path, queues: u16) -> String {
+    let device = if competitor.nvme() { "nvme" } else { "disk" };
     format!(
-        "--disk=path={},queues={queues},direct=on{notify}",
-        image.display()
+        "--{device}=path={},queues={queues},direct=on{}",
+        image.display(),
+        sluice_device_options(competitor)
     )
 }
 
 fn run_sluice(
+    competitor: Competitor,
     scenario: &Scenario,
     env: &Env,
     backend: Option<Backend>,
-    notify: Option<&str>,
 ) -> Result<RunOutput, String> {
     let metrics_path = env.workdir.join(format!("metrics-{}.json", unique()));
-    let mut run = GuestKitRun::sluice(&env.sluice, &scenario.guest_cmdline());
+    let mut run = GuestKitRun::sluice(&env.sluice, &competitor.guest_cmdline(scenario));
     run.memory_mib = scenario.memory_mib();
     let mut extra = vec![format!("--metrics={}", metrics_path.display())];
     let mut feeder = None;
@@ -417,12 +500,12 @@ fn run_sluice(
                 env.workdir.join(backend_socket(&backend)).display(),
                 b.queues
             ),
-            None => sluice_disk_arg(&env.image, b.queues, notify),
+            None => sluice_disk_arg(competitor, &env.image, b.queues),
         }),
         Workload::Net(n) => {
             let tap = tap_name();
-            let notify = notify.map(|n| format!(",notify={n}")).unwrap_or_default();
-            extra.push(format!("--net=tap={tap}{notify}"));
+            let options = sluice_device_options(competitor);
+            extra.push(format!("--net=tap={tap}{options}"));
             if n.dir == "rx" {
                 feeder = Some(net::feed_tap(tap, n.size as usize));
             }
@@ -445,14 +528,15 @@ fn run_sluice(
         Some(Ended::Code(code)) => ExitKind::from_sluice_status(code),
         _ => ExitKind::Killed,
     };
-    let mut output = guest_output(scenario, &measured, exit, "sluice", argv)?;
+    let workload = competitor.result_workload(scenario);
+    let mut output = guest_output(workload, &measured, exit, "sluice", argv)?;
     output.processes.extend(backend_usage);
     if let Ok(text) = std::fs::read_to_string(&metrics_path) {
         let _ = std::fs::remove_file(&metrics_path);
         if let Ok(json) = serde_json::from_str::<Value>(&text) {
             output
                 .metrics
-                .extend(sluice_metrics(&json, scenario, &output.metrics));
+                .extend(sluice_metrics(&json, workload, &output.metrics));
         }
     }
     Ok(output)
@@ -469,7 +553,7 @@ fn backend_socket(backend: &Option<Backend>) -> &'static str {
 /// Per-op counts from sluice's `--metrics` JSON: exits (all, and without the COM1 console),
 /// doorbell kicks and interrupts of the scenario's device (absent for vhost-user devices,
 /// whose rings sluice does not see).
-fn sluice_metrics(json: &Value, scenario: &Scenario, guest: &Metrics) -> Metrics {
+fn sluice_metrics(json: &Value, workload: &str, guest: &Metrics) -> Metrics {
     let mut out = Metrics::new();
     let Some(&ops) = guest.get(crate::metric::OPS).filter(|&&ops| ops > 0.0) else {
         return out;
@@ -488,10 +572,10 @@ fn sluice_metrics(json: &Value, scenario: &Scenario, guest: &Metrics) -> Metrics
         crate::metric::EXITS_PER_OP_NO_CONSOLE.into(),
         (total - console) / ops,
     );
-    let prefix = match scenario.workload {
-        Workload::Blk(_) => "blk",
-        Workload::Net(_) => "net",
-        Workload::Startup | Workload::FirstInstruction => return out,
+    // The device names in the metrics start with the workload's device class.
+    let prefix = match workload {
+        "blk" | "net" | "nvme" => workload,
+        _ => return out,
     };
     let queues: Vec<&Value> = json["devices"]
         .as_array()
@@ -525,7 +609,7 @@ fn sluice_metrics(json: &Value, scenario: &Scenario, guest: &Metrics) -> Metrics
 
 /// Metrics from the guest kit's console and the measured process.
 pub(crate) fn guest_output(
-    scenario: &Scenario,
+    workload: &str,
     measured: &Measured,
     exit: ExitKind,
     role: &str,
@@ -543,9 +627,9 @@ pub(crate) fn guest_output(
         ));
     }
     let result = report
-        .results_for(scenario.result_workload())
+        .results_for(workload)
         .next()
-        .ok_or_else(|| format!("no {} RESULT line", scenario.result_workload()))?;
+        .ok_or_else(|| format!("no {workload} RESULT line"))?;
     let mut metrics = Metrics::new();
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
     metrics.insert(
@@ -592,8 +676,9 @@ pub(crate) fn guest_output(
     })
 }
 
-fn run_qemu(scenario: &Scenario, env: &Env) -> Result<RunOutput, String> {
-    let mut run = GuestKitRun::qemu(Accel::Kvm, Machine::Q35, &scenario.guest_cmdline());
+fn run_qemu(competitor: Competitor, scenario: &Scenario, env: &Env) -> Result<RunOutput, String> {
+    let cmdline = competitor.guest_cmdline(scenario);
+    let mut run = GuestKitRun::qemu(Accel::Kvm, Machine::Q35, &cmdline);
     run.memory_mib = scenario.memory_mib();
     // Kept bound for the run: QEMU sends tx frames here, so they never bounce as ICMP errors.
     let mut sink: Option<UdpSocket> = None;
@@ -618,7 +703,11 @@ fn run_qemu(scenario: &Scenario, env: &Env) -> Result<RunOutput, String> {
     }
     let mut command = run.command(&env.kernel).map_err(|e| e.to_string())?;
     if let Workload::Blk(b) = &scenario.workload {
-        command.args(qemu_blk_args(&env.image, b.queues));
+        if competitor.nvme() {
+            command.args(qemu_nvme_args(&env.image, b.queues));
+        } else {
+            command.args(qemu_blk_args(&env.image, b.queues));
+        }
     }
     let argv = command_line(&command);
     let measured = exec::run_measured(command, env.timeout, &[]);
@@ -631,25 +720,22 @@ fn run_qemu(scenario: &Scenario, env: &Env) -> Result<RunOutput, String> {
         Some(Ended::Code(code)) => ExitKind::from_qemu_status(code),
         _ => ExitKind::Killed,
     };
-    guest_output(scenario, &measured, exit, "qemu", argv)
+    let workload = competitor.result_workload(scenario);
+    guest_output(workload, &measured, exit, "qemu", argv)
 }
 
 /// QEMU (KVM) with a vhost-user-blk disk on `socket` served by `backend`; with `packed`, QEMU
 /// offers packed rings and the guest kit asks for them.
 fn run_qemu_vhost_user(
+    competitor: Competitor,
     scenario: &Scenario,
     env: &Env,
     backend: Backend,
     socket: &Path,
-    packed: bool,
 ) -> Result<RunOutput, String> {
     let b = blk_params(scenario)?;
-    let cmdline = scenario.guest_cmdline();
-    let cmdline = if packed {
-        format!("vq=packed {cmdline}")
-    } else {
-        cmdline
-    };
+    let packed = competitor.packed();
+    let cmdline = competitor.guest_cmdline(scenario);
     let mut run =
         GuestKitRun::qemu(Accel::Kvm, Machine::Q35, &cmdline).with_device(Device::VhostUserBlk {
             socket: socket.to_path_buf(),
@@ -673,7 +759,8 @@ fn run_qemu_vhost_user(
     if !measured.console.contains(&format!("\"vq\":\"{layout}\"")) {
         return Err(format!("the guest kit did not run {layout} rings"));
     }
-    let mut output = guest_output(scenario, &measured, exit, "qemu", argv)?;
+    let workload = competitor.result_workload(scenario);
+    let mut output = guest_output(workload, &measured, exit, "qemu", argv)?;
     output.processes.extend(backend_usage);
     Ok(output)
 }
@@ -690,6 +777,19 @@ pub fn qemu_blk_args(image: &Path, queues: u16) -> Vec<String> {
         ),
         "-device".into(),
         format!("virtio-blk-pci,drive=d0,iothread=io0,num-queues={queues}"),
+    ]
+}
+
+/// QEMU's emulated NVMe controller on the image, io_uring, O_DIRECT, `queues` I/O queue pairs.
+pub fn qemu_nvme_args(image: &Path, queues: u16) -> Vec<String> {
+    vec![
+        "-drive".into(),
+        format!(
+            "if=none,id=n0,file={},format=raw,aio=io_uring,cache=none",
+            image.display().to_string().replace(',', ",,")
+        ),
+        "-device".into(),
+        format!("nvme,drive=n0,serial=sluicebench,max_ioqpairs={queues}"),
     ]
 }
 
@@ -711,6 +811,9 @@ fn run_fio(b: &BlkParams, env: &Env) -> Result<RunOutput, String> {
         "--group_reporting".into(),
         format!("--runtime={}", env.fio_runtime_s),
         "--time_based".into(),
+        // Total latency (submission included), which is what the guest kit measures per
+        // request; fio's default percentiles are completion latency only.
+        "--lat_percentiles=1".into(),
         "--output-format=json".into(),
     ]);
     let argv = command_line(&command);
@@ -748,7 +851,7 @@ fn run_fio(b: &BlkParams, env: &Env) -> Result<RunOutput, String> {
             measured.usage.cpu_s / ops * 1e6,
         );
     }
-    let percentile = |p: &str| side["clat_ns"]["percentile"][p].as_f64().map(|ns| ns / 1e3);
+    let percentile = |p: &str| side["lat_ns"]["percentile"][p].as_f64().map(|ns| ns / 1e3);
     if let Some(p50) = percentile("50.000000") {
         metrics.insert(m::LAT_P50_US.into(), p50);
     }
@@ -855,7 +958,7 @@ mod tests {
         let scenarios = matrix(true, 64);
         let ran_by = |c: Competitor| scenario_ids_run_by(&scenarios, c);
 
-        let disk = sluice_disk_arg(Path::new("/d.img"), 1, Competitor::SluiceBatch.notify());
+        let disk = sluice_disk_arg(Competitor::SluiceBatch, Path::new("/d.img"), 1);
 
         assert_eq!(
             ran_by(Competitor::SluicePoll),
@@ -887,7 +990,6 @@ mod tests {
 
     #[test]
     fn sluice_metrics_divide_counts_by_guest_ops() {
-        let scenario = &matrix(true, 64)[0];
         let json = serde_json::json!({
             "exits": {"total": 120, "per_device": [{"device": "com1", "reads": 10, "writes": 90}]},
             "devices": [{"device": "blk:x.img", "queues": [
@@ -898,7 +1000,7 @@ mod tests {
         });
         let guest = Metrics::from([(crate::metric::OPS.to_owned(), 40.0)]);
 
-        let metrics = sluice_metrics(&json, scenario, &guest);
+        let metrics = sluice_metrics(&json, "blk", &guest);
 
         assert_eq!(metrics[crate::metric::EXITS_PER_OP], 3.0);
         assert_eq!(metrics[crate::metric::EXITS_PER_OP_NO_CONSOLE], 0.5);
@@ -906,5 +1008,57 @@ mod tests {
         assert_eq!(metrics[crate::metric::INTERRUPTS_PER_OP], 0.5);
         assert_eq!(metrics[crate::metric::DEVICE_LAT_P50_US], 65.536);
         assert_eq!(metrics[crate::metric::DEVICE_LAT_P99_US], 4194.304);
+    }
+
+    #[test]
+    fn nvme_competitors_run_the_block_workload_as_nvme_on_an_nvme_disk() {
+        let scenarios = matrix(true, 64);
+        let qd32 = scenarios
+            .iter()
+            .find(|s| s.id == "blk-randread-4k-qd32-1q")
+            .expect("qd32");
+
+        let cmdline = Competitor::SluiceNvme.guest_cmdline(qd32);
+        let disk = sluice_disk_arg(Competitor::SluiceNvme, Path::new("/d.img"), 2);
+        let qemu = qemu_nvme_args(Path::new("/d.img"), 2).join(" ");
+
+        assert_eq!(
+            cmdline,
+            qd32.guest_cmdline().replace("w=blk:", "w=nvme:"),
+            "same knobs, NVMe driver"
+        );
+        assert_eq!(Competitor::QemuNvme.guest_cmdline(qd32), cmdline);
+        assert_eq!(Competitor::SluiceNvme.result_workload(qd32), "nvme");
+        assert_eq!(disk, "--nvme=path=/d.img,queues=2,direct=on");
+        assert!(qemu.contains("-device nvme,drive=n0") && qemu.contains("max_ioqpairs=2"));
+        let ran_by_nvme = scenario_ids_run_by(&scenarios, Competitor::SluiceNvme);
+        assert!(ran_by_nvme.contains(&"blk-seqread-128k-qd4-1q"));
+        assert!(!ran_by_nvme.contains(&"blk-randread-4k-qd32-1q-gbatch"));
+        assert!(!ran_by_nvme.iter().any(|id| id.starts_with("net")));
+    }
+
+    #[test]
+    fn packed_competitor_asks_the_device_and_the_guest_for_packed_rings() {
+        let scenarios = matrix(true, 64);
+        let net_tx = scenarios
+            .iter()
+            .find(|s| s.id == "net-tx-64b")
+            .expect("net tx");
+
+        let cmdline = Competitor::SluicePacked.guest_cmdline(net_tx);
+        let disk = sluice_disk_arg(Competitor::SluicePacked, Path::new("/d.img"), 1);
+
+        assert!(cmdline.starts_with("quiet vq=packed w=net:"), "{cmdline}");
+        assert_eq!(disk, "--disk=path=/d.img,queues=1,direct=on,packed=on");
+        assert_eq!(Competitor::SluicePacked.result_workload(net_tx), "net");
+        assert_eq!(
+            scenario_ids_run_by(&scenarios, Competitor::SluicePacked),
+            [
+                "blk-randread-4k-qd1-1q",
+                "blk-randread-4k-qd32-1q",
+                "net-tx-64b",
+                "net-tx-1500b"
+            ]
+        );
     }
 }

@@ -17,6 +17,7 @@ pub trait ExitSink: Send + Sync {
 pub mod block;
 pub mod e1000;
 pub mod net;
+pub mod nvme;
 pub mod platform;
 pub mod rng;
 pub mod vhost_user_blk;

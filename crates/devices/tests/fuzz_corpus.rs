@@ -26,6 +26,11 @@ fn fuzz_corpora_replay_without_panics() {
                 "vhost_user_backend_replies",
                 &sluice_devices::vhost_user_blk::fuzz::hostile_backend,
             ),
+            ("nvme_command", &sluice_devices::nvme::fuzz::nvme_command),
+            (
+                "nvme_registers",
+                &sluice_devices::nvme::fuzz::nvme_registers,
+            ),
         ],
     );
 }

@@ -4,6 +4,7 @@
 mod guest_kit;
 mod serve;
 mod size;
+mod spectrum;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,7 +15,7 @@ use std::io::Write;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sluice_sandbox::{Role, SeccompMode};
-use sluice_vmm::config::{DiskSpec, E1000Spec, NetSpec, RngSpec};
+use sluice_vmm::config::{DiskSpec, E1000Spec, NetSpec, NvmeSpec, RngSpec};
 use sluice_vmm::iommu::IommuKind;
 use sluice_vmm::machine::{self, SerialTarget, VmConfig, VmReport};
 use sluice_vmm::vcpu::VmOutcome;
@@ -102,6 +103,11 @@ struct RunArgs {
     /// table; the guest needs `intel_iommu=on`).
     #[arg(long, value_parser = IommuKind::parse)]
     iommu: Option<IommuKind>,
+    /// An emulated NVMe 1.4 controller (repeatable) with one namespace on IMG:
+    /// `path=IMG[,queues=N][,serial=S][,direct=on][,dbbuf=off]` (queues 1..=64, default 4;
+    /// dbbuf=off hides Doorbell Buffer Config, for comparisons).
+    #[arg(long, value_parser = NvmeSpec::parse)]
+    nvme: Vec<NvmeSpec>,
     /// Write exit counts and per-queue device metrics here when the VM stops: JSON, or
     /// Prometheus text if the name ends in `.prom`.
     #[arg(long)]
@@ -201,6 +207,12 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         ),
         None => None,
     };
+    // The main job: with nothing asked for, show the spectrum (paravirtual vs emulated).
+    if args.asks_for_nothing() {
+        // The memfd must outlive every run's kernel load.
+        let embedded = guest_kit::embedded_guest_kit()?;
+        return spectrum::run(&embedded.path, args.cpus, args.memory);
+    }
     // Without --kernel, boot the embedded guest kit; the memfd must outlive the kernel load.
     let (kernel, _embedded) = match args.kernel {
         Some(path) => (path, None),
@@ -222,6 +234,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         rng: args.rng,
         e1000s: args.e1000,
         iommu: args.iommu,
+        nvmes: args.nvme,
     };
     let report = machine::run(config)?;
     tracing::info!(
@@ -243,6 +256,22 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         write_metrics(file, path, &report)?;
     }
     Ok(exit_status(&report.outcome))
+}
+
+impl RunArgs {
+    /// No kernel, command line, device or serial choice: the main job's spectrum run.
+    fn asks_for_nothing(&self) -> bool {
+        self.kernel.is_none()
+            && self.cmdline.is_empty()
+            && self.disk.is_empty()
+            && self.net.is_empty()
+            && self.rng.is_none()
+            && self.e1000.is_empty()
+            && self.nvme.is_empty()
+            && self.iommu.is_none()
+            && !self.test_device
+            && matches!(self.serial, SerialTarget::Stdout)
+    }
 }
 
 fn write_metrics(mut file: File, path: &std::path::Path, report: &VmReport) -> anyhow::Result<()> {
@@ -276,7 +305,7 @@ fn write_metrics(mut file: File, path: &std::path::Path, report: &VmReport) -> a
 }
 
 /// Maps how the VM ended to sluice's exit status; resets and crashes are also explained on stderr.
-fn exit_status(outcome: &VmOutcome) -> u8 {
+pub(crate) fn exit_status(outcome: &VmOutcome) -> u8 {
     match outcome {
         VmOutcome::PowerOff => 0,
         VmOutcome::DebugExit(v) => *v,

@@ -207,6 +207,25 @@ fn disk_keys_given_twice_and_absurd_notify_budgets_are_usage_errors() {
     }
 }
 
+#[test]
+fn nvme_bad_keys_are_usage_errors_and_a_missing_image_is_named() {
+    let kernel = build_guest("hello");
+    for (nvme, mention) in [
+        ("queues=2", "path=IMG"),
+        ("path=a.img,queues=65", "queues=65"),
+        ("path=a.img,readonly=on", "readonly"),
+    ] {
+        let run = run(&["--kernel", kernel.to_str().unwrap(), "--nvme", nvme]);
+        assert_one_clear_error(&run, EXIT_USAGE, &["--nvme", mention]);
+    }
+    let image = scratch("no-such-nvme.img");
+    let nvme = format!("path={}", image.display());
+
+    let run = run(&["--kernel", kernel.to_str().unwrap(), "--nvme", &nvme]);
+
+    assert_one_clear_error(&run, EXIT_VMM_ERROR, &["nvme", "no-such-nvme.img"]);
+}
+
 /// `sluice serve blk` on an image qemu-storage-daemon is writing: one clear error, status 125.
 #[test]
 fn serve_blk_refuses_an_image_qemu_holds() {

@@ -2,7 +2,8 @@
 //! with the topologies the passthrough and vIOMMU work builds on.
 //!
 //! - The guest kit's SMP workloads on sluice with 2 vCPUs in L1 (hardware-KVM semantics: the
-//!   kit's code runs at L1's speed there instead of in kvm_pvm's instruction emulator).
+//!   kit's code runs at L1's speed there instead of in kvm_pvm's instruction emulator), and its
+//!   NVMe and e1000 drivers on sluice's emulated devices.
 //! - `iommu`: L1 runs with interrupt remapping on, the NVMe PF gets 2 SR-IOV VFs, and every
 //!   function sits alone in its own IOMMU group; a VF binds to vfio-pci.
 //! - `switch` + `numa`: L1 sees two NUMA nodes, the NVMe behind the pxb-pcie root bus on node 1,
@@ -114,6 +115,77 @@ fn lab_guest_kit_smp_workloads() {
         "lab-guest-kit-smp: smp {} ns for 2x{SMP_ITERS} increments; blk cpu_ops {cpu_ops:?}, \
          queue requests {blk_requests:?}, {} ns",
         smp.raw["elapsed_ns"], blk.raw["elapsed_ns"]
+    );
+}
+
+/// The guest kit's NVMe and e1000 drivers on sluice's emulated devices under hardware-KVM
+/// semantics: NVMe verify on two queue pairs driven by two vCPUs, then e1000 tx into a tap
+/// sluice creates in L1; the NVMe's I/O submissions went through shadow doorbells.
+#[test]
+fn lab_guest_kit_on_emulated_nvme_and_e1000() {
+    if skip("lab-guest-kit-emulated") {
+        return;
+    }
+    const FRAMES: u64 = 2000;
+    let script = format!(
+        "truncate -s 16M /tmp/kit.img && {SLUICE} run --cpus 2 \
+         --nvme path=/tmp/kit.img,queues=2 --e1000 tap=kit0 --metrics /tmp/kit.json \
+         --cmdline 'quiet w=nvme:op=verify:bs=4096:qd=16:queues=2:cpus=2:span_mb=8 \
+         w=e1000:dir=tx:size=64:frames={FRAMES}'; status=$?; \
+         echo METRICS $(tr -d '\\n' < /tmp/kit.json); exit $status"
+    );
+
+    let run = Lab::new().timeout(LAB_TIMEOUT).run(&script);
+
+    let exit = match run.status {
+        Some(0) => ExitKind::Pass,
+        _ => ExitKind::WorkloadFailed,
+    };
+    let report = GuestKitReport::parse(&run.stdout, exit);
+    let context = || format!("{}\n{}", report.describe(), run.transcript());
+    assert!(report.passed(), "{}", context());
+    let nvme = report.results_for("nvme").next().expect("an nvme result");
+    assert_eq!(nvme.verify.as_deref(), Some("ok"), "{}", context());
+    assert!(
+        nvme.raw["doorbell_shadow"].as_u64() > Some(0),
+        "{}",
+        context()
+    );
+    let e1000 = report.results_for("e1000").next().expect("an e1000 result");
+    assert_eq!(e1000.ops, Some(FRAMES), "{}", context());
+    let metrics: serde_json::Value = run
+        .stdout
+        .lines()
+        .find_map(|l| serde_json::from_str(l.strip_prefix("METRICS ")?).ok())
+        .unwrap_or_else(|| panic!("no metrics\n{}", context()));
+    let device = |prefix: &str| {
+        metrics["devices"]
+            .as_array()
+            .and_then(|d| {
+                d.iter()
+                    .find(|d| d["device"].as_str().is_some_and(|n| n.starts_with(prefix)))
+            })
+            .unwrap_or_else(|| panic!("no {prefix} device\n{}", context()))
+            .clone()
+    };
+    let io_requests: u64 = device("nvme")["queues"]
+        .as_array()
+        .map(|q| {
+            q.iter()
+                .skip(1)
+                .map(|q| q["requests"].as_u64().unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0);
+    assert!(io_requests >= 2 * 2048, "{}", context());
+    println!(
+        "lab-guest-kit-emulated: nvme verify {io_requests} I/O commands in {} ns, doorbells \
+         {} MMIO / {} shadow-only; e1000 {FRAMES} frames in {} ns; e1000 counters {}",
+        nvme.raw["elapsed_ns"],
+        nvme.raw["doorbell_mmio"],
+        nvme.raw["doorbell_shadow"],
+        e1000.raw["elapsed_ns"],
+        device("e1000")["counters"]
     );
 }
 

@@ -111,29 +111,34 @@ pub struct NamedCounter {
 
 impl DeviceMetrics {
     pub fn new(name: impl Into<String>, queues: usize) -> Self {
-        Self {
-            name: name.into(),
-            queues: (0..queues).map(|_| QueueMetrics::default()).collect(),
-            counters: Vec::new(),
-        }
+        Self::with_counters(name, queues, &[])
     }
 
     /// Like [`DeviceMetrics::new`], plus the named device-wide counters `names` (all zero).
     pub fn with_counters(name: impl Into<String>, queues: usize, names: &[&'static str]) -> Self {
-        let mut metrics = Self::new(name, queues);
-        metrics.counters = names
-            .iter()
-            .map(|&name| NamedCounter {
-                name,
-                value: AtomicU64::new(0),
-            })
-            .collect();
-        metrics
+        Self {
+            name: name.into(),
+            queues: (0..queues).map(|_| QueueMetrics::default()).collect(),
+            counters: names
+                .iter()
+                .map(|&name| NamedCounter {
+                    name,
+                    value: AtomicU64::new(0),
+                })
+                .collect(),
+        }
     }
 
     /// Adds `n` to the named counter at `index` (ignored if there is none).
     pub fn count(&self, index: usize, n: u64) {
         if let Some(counter) = self.counters.get(index) {
+            QueueMetrics::add(&counter.value, n);
+        }
+    }
+
+    /// Adds `n` to the named counter `name` (ignored if there is none).
+    pub fn count_named(&self, name: &str, n: u64) {
+        if let Some(counter) = self.counters.iter().find(|c| c.name == name) {
             QueueMetrics::add(&counter.value, n);
         }
     }
@@ -242,6 +247,22 @@ mod tests {
 
         assert_eq!(json["queues"][1]["requests"], 3);
         assert!(prom.contains("sluice_virtio_requests_total{device=\"blk0\",queue=\"1\"} 3"));
+        assert!(json.get("counters").is_none());
+    }
+
+    #[test]
+    fn device_counters_are_exported_by_name() {
+        let m = DeviceMetrics::with_counters("nvme0", 1, &["cc", "sq_doorbells"]);
+        m.count_named("sq_doorbells", 5);
+        m.count_named("other", 1);
+
+        let json = m.to_json();
+        let prom = m.to_prometheus();
+
+        assert_eq!(json["counters"]["sq_doorbells"], 5);
+        assert_eq!(json["counters"]["cc"], 0);
+        assert!(m.counter("other").is_none());
+        assert!(prom.contains("sluice_device_sq_doorbells_total{device=\"nvme0\"} 5"));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Device configuration as the user states it (`--disk`, `--net`, `--rng`), independent of the
+//! Device configuration as the user states it (`--disk`, `--net`, `--rng`, `--nvme`), independent of the
 //! device models' own config types.
 
 use std::path::PathBuf;
@@ -319,9 +319,74 @@ impl NetSpec {
     }
 }
 
+/// An emulated NVMe controller (`--nvme`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NvmeSpec {
+    pub path: PathBuf,
+    /// I/O queue pairs offered to the driver.
+    pub queues: u16,
+    pub serial: Option<String>,
+    /// O_DIRECT instead of the host page cache.
+    pub direct: bool,
+    /// Offer Doorbell Buffer Config (shadow doorbells); `dbbuf=off` is for comparisons.
+    pub dbbuf: bool,
+}
+
+impl NvmeSpec {
+    /// `path=IMG[,queues=N][,serial=S][,direct=on][,dbbuf=on|off]`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut nvme = NvmeSpec {
+            path: PathBuf::new(),
+            queues: 4,
+            serial: None,
+            direct: false,
+            dbbuf: true,
+        };
+        for (k, v) in pairs(s)? {
+            match k {
+                "path" => nvme.path = PathBuf::from(v),
+                "queues" => nvme.queues = queue_count(k, v)?,
+                "serial" if !v.is_empty() && v.len() <= 20 && v.is_ascii() => {
+                    nvme.serial = Some(v.to_string())
+                }
+                "serial" => return Err("serial: 1 to 20 ASCII bytes".into()),
+                "direct" => nvme.direct = on_off(k, v)?,
+                "dbbuf" => nvme.dbbuf = on_off(k, v)?,
+                _ => return Err(format!("--nvme: unknown key `{k}`")),
+            }
+        }
+        if nvme.path.as_os_str().is_empty() {
+            return Err("--nvme needs path=IMG".into());
+        }
+        Ok(nvme)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_an_nvme_spec_and_refuses_bad_ones() {
+        let nvme = NvmeSpec::parse("path=/img,queues=2,serial=SN1,direct=on,dbbuf=off").unwrap();
+        let plain = NvmeSpec::parse("path=/img").unwrap();
+
+        assert_eq!(nvme.queues, 2);
+        assert_eq!(nvme.serial.as_deref(), Some("SN1"));
+        assert!(nvme.direct && !nvme.dbbuf);
+        assert_eq!((plain.queues, plain.direct, plain.dbbuf), (4, false, true));
+        for bad in [
+            "",
+            "queues=2",
+            "path=x,queues=0",
+            "path=x,queues=65",
+            "path=x,readonly=on",
+            "path=x,serial=",
+            "path=x,serial=123456789012345678901",
+        ] {
+            assert!(NvmeSpec::parse(bad).is_err(), "{bad} should be refused");
+        }
+    }
 
     #[test]
     fn parses_a_full_disk_spec() {

@@ -7,6 +7,7 @@ pub mod iommu;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod nvme;
 pub mod platform;
 pub mod rss;
 pub mod vcpu;

@@ -62,6 +62,8 @@ pub struct VmConfig {
     pub e1000s: Vec<crate::config::E1000Spec>,
     /// A virtual IOMMU in front of every device (`--iommu`).
     pub iommu: Option<crate::iommu::IommuKind>,
+    /// Emulated NVMe controllers.
+    pub nvmes: Vec<crate::config::NvmeSpec>,
 }
 
 /// How a run ended, with what it cost.
@@ -148,6 +150,9 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
         crate::virtio::attach_virtio_devices(&vm, &pci_root, &config, &ram, &iommu.dma)?;
     device_metrics.extend(crate::e1000::attach_e1000_devices(
         &pci_root, &config, &iommu.dma,
+    )?);
+    device_metrics.extend(crate::nvme::attach_nvme_devices(
+        &vm, &pci_root, &config, &iommu.dma,
     )?);
     device_metrics.extend(iommu.metrics());
 

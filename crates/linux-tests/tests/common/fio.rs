@@ -36,29 +36,34 @@ pub struct FioJob {
 impl FioJob {
     /// Random reads and writes, every read verified (the vhost-user tests' job).
     pub fn command(&self) -> String {
-        self.command_with("randrw", "")
+        self.command_with("vda", "randrw", "")
     }
 
     /// Random writes, then a verify pass reading every written block back. With `io_mib`
     /// equal to `region_mib`, fio's random map writes every block of each region exactly once.
     pub fn randwrite_command(&self) -> String {
-        self.command_with("randwrite", "")
+        self.randwrite_command_on("vda")
+    }
+
+    /// `randwrite_command` on the block device `/dev/<disk>` (e.g. `nvme0n1`).
+    pub fn randwrite_command_on(&self, disk: &str) -> String {
+        self.command_with(disk, "randwrite", "")
     }
 
     /// Only the verify pass of `randwrite_command` (same offsets, seeds and headers), writing
     /// nothing: it checks what an earlier run left on the disk.
     pub fn verify_only_command(&self) -> String {
-        self.command_with("randwrite", " --verify_only")
+        self.command_with("vda", "randwrite", " --verify_only")
     }
 
-    fn command_with(&self, rw: &str, extra: &str) -> String {
+    fn command_with(&self, disk: &str, rw: &str, extra: &str) -> String {
         format!(
-            "fio --name=sluice --filename=/dev/vda --direct=1 --ioengine=libaio --rw={rw} \
+            "fio --name=sluice --filename=/dev/{disk} --direct=1 --ioengine=libaio --rw={rw} \
              --bs={BLOCK_SIZE} --iodepth=16 --numjobs={jobs} --size={region}M \
              --offset_increment={region}M --io_size={io}M --verify=crc32c --verify_fatal=1 \
              --cpus_allowed=0-{last_cpu} --cpus_allowed_policy=split --eta=never \
              --group_reporting{extra}; status=$?; \
-             echo SLUICE-HW-QUEUES=$(ls /sys/block/vda/mq | wc -l); exit $status",
+             echo SLUICE-HW-QUEUES=$(ls /sys/block/{disk}/mq | wc -l); exit $status",
             jobs = self.jobs,
             region = self.region_mib,
             io = self.io_mib,

@@ -72,8 +72,13 @@ pub fn parse_exit_marker(console: &str) -> Option<i32> {
 
 /// The kernel command line that runs `command` in the guest once /dev/vda exists.
 pub fn kernel_cmdline(command: &str) -> String {
+    kernel_cmdline_waiting_for("/dev/vda", command)
+}
+
+/// The kernel command line that waits for the device node `device`, then runs `command`.
+pub fn kernel_cmdline_waiting_for(device: &str, command: &str) -> String {
     format!(
-        "console=ttyS0 quiet panic=-1 sluice.wait=/dev/vda sluice.run={}",
+        "console=ttyS0 quiet panic=-1 sluice.wait={device} sluice.run={}",
         base64_encode(command.as_bytes())
     )
 }

@@ -1,0 +1,73 @@
+//! Wiring of the emulated NVMe controllers (`--nvme`): each becomes a `sluice_devices::nvme`
+//! PCI function on the root, with MSI-X through GSI routes + irqfds per vector (the same KVM
+//! plumbing as virtio-pci) and INTA through the root's INTx routing. SQ doorbells become KVM
+//! ioeventfds once the driver configured shadow doorbells (the device's module doc says why
+//! only then). DMA goes through the DMA space of the function's
+//! requester id (translated by the vIOMMU with `--iommu`, identity otherwise).
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::VmFd;
+use sluice_devices::nvme::{Nvme, NvmeConfig, NvmeError, NvmeInterrupts};
+use sluice_dma::DmaSpaces;
+use sluice_pci::{PciRoot, SharedPciDevice};
+use sluice_virtio::DeviceMetrics;
+
+use crate::config::NvmeSpec;
+use crate::interrupts::{KvmIoEvents, KvmMsi, KvmMsiRouter};
+use crate::machine::{device_err, VmConfig, VmError};
+
+/// Adds every configured NVMe controller to `root`; returns their metrics handles.
+pub fn attach_nvme_devices(
+    vm: &Arc<VmFd>,
+    root: &PciRoot,
+    config: &VmConfig,
+    dma: &DmaSpaces,
+) -> Result<Vec<Arc<DeviceMetrics>>, VmError> {
+    if config.nvmes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let interrupts = NvmeInterrupts {
+        msi_sink: Arc::new(KvmMsi::new(vm.clone())),
+        msi_router: Some(Arc::new(KvmMsiRouter::new(vm.clone()))),
+        ioevents: Some(Arc::new(KvmIoEvents::new(vm.clone()))),
+    };
+    let mut metrics = Vec::new();
+    for (i, spec) in config.nvmes.iter().enumerate() {
+        let name = format!("nvme{i}");
+        let nvme_config = nvme_config(spec, i);
+        let mut device_metrics = None;
+        let address = root
+            .add_device_with(|address| {
+                let space = dma.space(address.bdf());
+                let nvme = Nvme::new(&nvme_config, space, interrupts.clone(), &name)?;
+                device_metrics = Some(nvme.metrics());
+                Ok::<SharedPciDevice, AttachError>(Arc::new(Mutex::new(nvme)))
+            })
+            .map_err(|e| device_err("nvme", e))?;
+        tracing::info!("{name} at PCI {address} ({})", spec.path.display());
+        metrics.extend(device_metrics);
+    }
+    Ok(metrics)
+}
+
+fn nvme_config(spec: &NvmeSpec, index: usize) -> NvmeConfig {
+    let mut config = NvmeConfig::new(&spec.path);
+    config.queues = spec.queues;
+    config.direct = spec.direct;
+    config.shadow_doorbells = spec.dbbuf;
+    config.serial = spec
+        .serial
+        .clone()
+        .unwrap_or_else(|| format!("sluice-nvme{index}"));
+    config
+}
+
+/// Why a controller could not be put on the bus.
+#[derive(Debug, thiserror::Error)]
+enum AttachError {
+    #[error(transparent)]
+    Pci(#[from] sluice_pci::PciError),
+    #[error(transparent)]
+    Nvme(#[from] NvmeError),
+}
