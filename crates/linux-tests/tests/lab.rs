@@ -24,11 +24,12 @@
 //!   sha256 must match the host's.
 //!
 //! - the vIOMMU: the same kernel with `intel_iommu=on` on `--iommu vtd`: Linux finds sluice's
-//!   DMAR, enables translation on the emulated VT-d and puts the virtio devices in IOMMU
-//!   groups; virtio_blk and virtio_rng negotiate VIRTIO_F_ACCESS_PLATFORM (bit 33), so all
-//!   their DMA goes through the unit's page tables: fio randwrite + verify passes, the image
-//!   scan finds every block, hw_random reads, and sluice's VT-d counters show the page walks
-//!   and the invalidations Linux issued, and no fault.
+//!   DMAR, enables translation on the emulated VT-d and puts the virtio devices and the NVMe
+//!   controller in IOMMU groups; virtio_blk and virtio_rng negotiate VIRTIO_F_ACCESS_PLATFORM
+//!   (bit 33), so their DMA, like the NVMe's, goes through the unit's page tables: fio
+//!   randwrite + verify passes on virtio-blk and on NVMe, both images hold every block on the
+//!   host, hw_random reads, and sluice's VT-d counters show the page walks and the
+//!   invalidations Linux issued, and no fault.
 //!
 //! sluice's `--metrics` JSON from each run (written to the share) shows the queues worked:
 //! requests, kicks and interrupts on every queue that should have them.
@@ -485,7 +486,7 @@ fn lab_packed_virtqueues_blk_net_rng_on_sluice() {
 const VIRTIO_F_ACCESS_PLATFORM: usize = 33;
 
 #[test]
-fn lab_vtd_viommu_fio_verify_on_virtio_blk() {
+fn lab_vtd_viommu_fio_verify_on_virtio_blk_and_nvme() {
     let test = "lab-vtd";
     let Some(setup) = setup(test) else { return };
     // What the IOMMU layer reported, the negotiated features, the groups, hw_random, then fio,
@@ -497,16 +498,21 @@ fn lab_vtd_viommu_fio_verify_on_virtio_blk() {
          for g in /sys/kernel/iommu_groups/*/devices/*; do echo iommu-group $g; done; \
          echo rng-current=$(cat /sys/class/misc/hw_random/rng_current); \
          dd if=/dev/hwrng of=/tmp/random bs=512 count=8 2>/dev/null; \
-         echo rng-bytes=$(wc -c < /tmp/random); {fio}",
+         echo rng-bytes=$(wc -c < /tmp/random); \
+         i=0; while [ ! -b /dev/nvme0n1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done; \
+         ({nvme_fio}); echo nvme-fio-status=$?; {fio}",
+        nvme_fio = JOB.randwrite_command_on("nvme0n1"),
         fio = JOB.randwrite_command(),
     );
-    let devices = "--cpus 2 --iommu vtd --disk path=/tmp/disk.img,queues=2 --rng";
+    let devices = "--cpus 2 --iommu vtd --disk path=/tmp/disk.img,queues=2 --rng \
+                   --nvme path=/tmp/nvme.img,queues=2";
     let cmdline = format!("{} intel_iommu=on", kernel_cmdline(&l2));
     let mut script = String::from("set -u\n");
     writeln!(script, "truncate -s {DISK_BYTES} /tmp/disk.img").unwrap();
+    writeln!(script, "truncate -s {DISK_BYTES} /tmp/nvme.img").unwrap();
     writeln!(script, "{}", setup.sluice_line("vtd", devices, &cmdline)).unwrap();
     writeln!(script, "echo sluice-exit=$?").unwrap();
-    writeln!(script, "cp /tmp/disk.img {SCRATCH}/disk.img").unwrap();
+    writeln!(script, "cp /tmp/disk.img /tmp/nvme.img {SCRATCH}/").unwrap();
 
     let run = setup.run(&script);
 
@@ -534,8 +540,8 @@ fn lab_vtd_viommu_fio_verify_on_virtio_blk() {
         .filter(|l| l.starts_with("iommu-group /sys/kernel/iommu_groups/"))
         .count();
     assert!(
-        grouped >= 2,
-        "virtio-blk and virtio-rng in groups\n{}",
+        grouped >= 3,
+        "virtio-blk, virtio-rng and the NVMe in groups\n{}",
         context()
     );
     let features = feature_bit_negotiated(&console, VIRTIO_F_ACCESS_PLATFORM);
@@ -549,10 +555,24 @@ fn lab_vtd_viommu_fio_verify_on_virtio_blk() {
     }
     assert!(console.contains("rng-current=virtio_rng"), "{}", context());
     assert!(console.contains("rng-bytes=4096"), "{}", context());
+    assert!(console.contains("nvme-fio-status=0"), "{}", context());
     assert_eq!(parse_exit_marker(&console), Some(0), "{}", context());
     let metrics = setup.metrics("vtd.json");
     assert_blk_queues_worked(&metrics);
     assert_image_holds_every_block(&setup.scratch.path("disk.img"));
+    assert_image_holds_every_block(&setup.scratch.path("nvme.img"));
+    let nvme_queues = device_queues(&metrics, "nvme");
+    print_queues("nvme", nvme_queues);
+    let nvme_io: u64 = nvme_queues
+        .iter()
+        .skip(1)
+        .map(|q| counter(q, "requests"))
+        .sum();
+    let blocks = DISK_BYTES / fio::BLOCK_SIZE as u64;
+    assert!(
+        nvme_io >= 2 * blocks,
+        "{nvme_io} NVMe I/O commands: {metrics:#}"
+    );
     for line in console
         .lines()
         .filter(|l| l.contains("DMAR") || l.contains("iommu"))
@@ -572,7 +592,7 @@ fn lab_vtd_viommu_fio_verify_on_virtio_blk() {
     assert_eq!(vtd["faults"].as_u64(), Some(0), "{metrics:#}");
     println!(
         "{test}: Linux enabled translation on sluice's VT-d; fio wrote and verified {} MiB on \
-         virtio-blk behind it, hw_random read 4 KiB",
+         virtio-blk and on NVMe behind it, hw_random read 4 KiB",
         DISK_BYTES >> 20
     );
 }
