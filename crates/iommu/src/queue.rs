@@ -100,13 +100,17 @@ pub fn iotlb_scope(granularity: u64, domain: u16, iva: u64) -> Option<Scope> {
 
 impl Scope {
     /// The IOVA range `(start, length)` a page-selective scope covers, clipped to the address
-    /// space (never empty, never wrapping).
+    /// space (never empty, never wrapping): the naturally aligned `2^mask` pages holding
+    /// `address` (what the specification invalidates), extended to `address + 2^mask` pages,
+    /// since Linux 6.1 may pass a start that is not aligned to its mask and expect the pages
+    /// after it to go too. Invalidating more than asked is always allowed.
     pub fn range(&self) -> Option<(u64, u64)> {
         let Scope::Pages { address, mask, .. } = *self else {
             return None;
         };
         let size = 1u64 << (12 + u32::from(mask));
         let start = address & !(size - 1);
-        Some((start, size.min(u64::MAX - start).max(1)))
+        let length = (address - start).saturating_add(size);
+        Some((start, length.min(u64::MAX - start).max(1)))
     }
 }

@@ -531,3 +531,32 @@ fn turning_translation_off_drops_translated_entries() {
     );
     assert!(space.check_range(GuestAddress(0x5000), 1, Permissions::Write));
 }
+
+#[test]
+fn page_selective_scope_covers_the_aligned_block_and_an_unaligned_start() {
+    use crate::queue::Scope;
+    let aligned = Scope::Pages {
+        domain: 1,
+        address: 0x4000,
+        mask: 1,
+    };
+    let unaligned = Scope::Pages {
+        domain: 1,
+        address: 0x5000,
+        mask: 1,
+    };
+    let top = Scope::Pages {
+        domain: 1,
+        address: !0xfff,
+        mask: 9,
+    };
+
+    assert_eq!(aligned.range(), Some((0x4000, 0x2000)));
+    assert_eq!(
+        unaligned.range(),
+        Some((0x4000, 0x3000)),
+        "0x5000 and 0x6000 too"
+    );
+    let (start, length) = top.range().unwrap();
+    assert_eq!(start.checked_add(length), Some(u64::MAX));
+}
