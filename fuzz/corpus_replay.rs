@@ -29,6 +29,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("vhost_user_backend_replies", "sluice-devices"),
     ("e1000_tx", "sluice-devices"),
     ("e1000_registers", "sluice-devices"),
+    ("vtd_registers", "sluice-iommu"),
     ("nvme_command", "sluice-devices"),
     ("nvme_registers", "sluice-devices"),
     ("pci_config_space", "sluice-host"),

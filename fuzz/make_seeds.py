@@ -402,6 +402,75 @@ def e1000_register_seeds():
         + e1000_op(3, 0, 0xc8) + e1000_op(3, 4, 1) + e1000_op(1, 0xd8, 0xffffffff)
 
 
+# ---- vtd_registers (crates/iommu/src/fuzz.rs) ------------------------------------------------
+VTD_READ32, VTD_WRITE32, VTD_WRITE64, VTD_DMA, VTD_DMA_WRITE = 0, 1, 2, 3, 7
+VTD_GCMD, VTD_RTADDR, VTD_FSTS, VTD_IQT, VTD_IQA, VTD_CCMD, VTD_IVA, VTD_IOTLB = (
+    0x18, 0x20, 0x34, 0x88, 0x90, 0x28, 0x200, 0x208)
+VTD_TE, VTD_SRTP, VTD_QIE = 1 << 31, 1 << 30, 1 << 26
+VTD_DEVICE = 0x18  # 00:03.0
+
+
+def vtd_op(kind, offset, value):
+    return bytes([kind, offset & 0xff, offset >> 8]) + struct.pack("<Q", value)
+
+
+def vtd_dma(iova, write=False):
+    return bytes([VTD_DMA_WRITE if write else VTD_DMA, VTD_DEVICE, 0]) + struct.pack("<Q", iova)
+
+
+def vtd_input(ops, fills):
+    image = bytearray(0xc000)
+    for at, data in fills:
+        image[at : at + len(data)] = data
+    return bytes([len(ops)]) + b"".join(ops) + bytes(image)
+
+
+def vtd_tables(aw, leaf_level):
+    """Root 0x1000 -> context 0x2000 (device 00:03.0, domain 7) -> tables from 0x3000; IOVA
+    0x20_1000 maps read/write to 0x8000 through a 4K leaf (`leaf_level` 1) or to 0x1000 through
+    the 2M page at 0 (`leaf_level` 2)."""
+    levels = 3 if aw == 1 else 4
+    fills = [(0x1000, struct.pack("<QQ", 0x2000 | 1, 0)),
+             (0x2000 + VTD_DEVICE * 16, struct.pack("<QQ", 0x3000 | 1, (7 << 8) | aw))]
+    table, iova = 0x3000, 0x20_1000
+    for level in range(levels, leaf_level, -1):
+        index = (iova >> (12 + 9 * (level - 1))) & 0x1ff
+        fills.append((table + index * 8, struct.pack("<Q", (table + 0x1000) | 3)))
+        table += 0x1000
+    index = (iova >> (12 + 9 * (leaf_level - 1))) & 0x1ff
+    leaf = 0x8000 | 3 if leaf_level == 1 else 0 | 3 | 0x80
+    fills.append((table + index * 8, struct.pack("<Q", leaf)))
+    return fills
+
+
+VTD_ENABLE = [vtd_op(VTD_WRITE64, VTD_RTADDR, 0x1000), vtd_op(VTD_WRITE32, VTD_GCMD, VTD_SRTP),
+              vtd_op(VTD_WRITE32, VTD_GCMD, VTD_TE)]
+
+
+def vtd_seeds():
+    yield "translation_off_dma", vtd_input([vtd_dma(0x8000), vtd_dma(0x8000, True)], [])
+    yield "four_level_tables", vtd_input(
+        VTD_ENABLE + [vtd_dma(0x20_1000), vtd_dma(0x20_1008, True), vtd_dma(0x9000),
+                      vtd_op(VTD_READ32, VTD_FSTS, 0), vtd_op(VTD_WRITE32, 0x220 + 12, 1 << 31)],
+        vtd_tables(2, 1))
+    yield "three_level_2m_page", vtd_input(
+        VTD_ENABLE + [vtd_dma(0x20_1000), vtd_dma(0x20_8000, True)], vtd_tables(1, 2))
+    wait = struct.pack("<QQ", (0x77 << 32) | (1 << 5) | (1 << 4) | 5, 0xb000)
+    queue = (struct.pack("<QQ", (1 << 4) | 1, 0) + struct.pack("<QQ", (1 << 4) | 2, 0)
+             + struct.pack("<QQ", (7 << 16) | (3 << 4) | 2, 0x20_1000) + wait
+             + struct.pack("<QQ", 4, 0))
+    yield "invalidation_queue", vtd_input(
+        VTD_ENABLE + [vtd_dma(0x20_1000), vtd_op(VTD_WRITE64, VTD_IQA, 0xa000),
+                      vtd_op(VTD_WRITE32, VTD_GCMD, VTD_TE | VTD_QIE),
+                      vtd_op(VTD_WRITE64, VTD_IQT, 4 << 4), vtd_dma(0x20_1000),
+                      vtd_op(VTD_WRITE64, VTD_IQT, 5 << 4), vtd_op(VTD_WRITE32, VTD_FSTS, 0x10)],
+        vtd_tables(2, 1) + [(0xa000, queue)])
+    yield "register_invalidation", vtd_input(
+        VTD_ENABLE + [vtd_dma(0x20_1000), vtd_op(VTD_WRITE64, VTD_CCMD, (1 << 63) | (1 << 61)),
+                      vtd_op(VTD_WRITE64, VTD_IVA, 0x20_1000),
+                      vtd_op(VTD_WRITE64, VTD_IOTLB, (1 << 63) | (3 << 60) | (7 << 32)),
+                      vtd_dma(0x20_1000, True)],
+        vtd_tables(2, 1))
 # --- nvme_command: [mode, 64-byte SQE, guest memory] -----------------------------------------
 def sqe(opcode, nsid=1, psdt=0, cid=1, prp1=0, prp2=0, cdw10=0, cdw11=0, cdw12=0, sgl=None):
     head = struct.pack("<BBHI", opcode, psdt << 6, cid, nsid) + bytes(16)
@@ -553,6 +622,7 @@ def main():
                           ("virtio_pci_registers", pci_seeds()), ("vhost_user_fds", fds_seeds()),
                           ("vhost_user_backend_replies", backend_seeds()),
                           ("e1000_tx", e1000_tx_seeds()), ("e1000_registers", e1000_register_seeds()),
+                          ("vtd_registers", vtd_seeds()),
                           ("nvme_command", nvme_command_seeds()),
                           ("nvme_registers", nvme_register_seeds()),
                           ("pci_config_space", config_space_seeds()),

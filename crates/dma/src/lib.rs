@@ -16,6 +16,7 @@ mod spaces;
 pub use spaces::{DmaSpaces, DomainProvider, RequesterId};
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 use vm_memory::iommu::{Error as IommuError, IotlbIterator, IovaRange};
@@ -63,12 +64,27 @@ pub struct DmaFault {
 /// Faults kept for inspection (bounded: a hostile guest cannot grow it).
 const FAULT_LOG_CAPACITY: usize = 256;
 
+/// How often a miss is looked up again when invalidations keep overtaking it, before the
+/// access is refused (a guest that invalidates without pause cannot stall a device forever).
+const MAX_FILL_ATTEMPTS: usize = 8;
+
+/// Why a miss could not be filled.
+enum FillError {
+    /// The source has no mapping allowing the access: a fault.
+    Refused,
+    /// An invalidation ran while the source was asked: its answer may be stale; ask again.
+    Overtaken,
+}
+
 /// The IOTLB plus the miss path and the fault log.
 #[derive(Debug, Default)]
 pub struct DmaTranslator {
     iotlb: RwLock<Iotlb>,
     source: Option<Box<dyn TranslationSource>>,
     faults: Mutex<VecDeque<DmaFault>>,
+    /// Bumped (under the IOTLB write lock) by every invalidation, so that a fill whose lookup
+    /// raced with one does not cache what the guest just invalidated.
+    generation: AtomicU64,
 }
 
 impl DmaTranslator {
@@ -79,20 +95,22 @@ impl DmaTranslator {
         }
     }
 
-    /// Drops cached translations in a range (the guest invalidated them).
+    /// Drops cached translations in a range (the guest invalidated them). The range is clipped
+    /// to the address space; an empty one drops nothing.
     pub fn invalidate(&self, iova: u64, length: u64) {
-        self.iotlb
-            .write()
-            .unwrap()
-            .invalidate_mapping(GuestAddress(iova), length as usize);
+        let length = length.min(u64::MAX - iova);
+        let mut iotlb = self.iotlb.write().unwrap_or_else(PoisonError::into_inner);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        if length > 0 {
+            iotlb.invalidate_mapping(GuestAddress(iova), length as usize);
+        }
     }
 
     /// Drops every cached translation.
     pub fn invalidate_all(&self) {
-        self.iotlb
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .invalidate_all();
+        let mut iotlb = self.iotlb.write().unwrap_or_else(PoisonError::into_inner);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        iotlb.invalidate_all();
     }
 
     /// The faults recorded so far, oldest first.
@@ -113,37 +131,41 @@ impl DmaTranslator {
         log.push_back(fault);
     }
 
-    /// Fills the IOTLB for the missing pieces of a failed lookup; false if the source has none.
-    fn fill(&self, iova: u64, length: u64, access: Permissions) -> bool {
+    /// Fills the IOTLB for the missing pieces of a failed lookup. A mapping is cached only if
+    /// no invalidation ran since the source was asked for it (else the caller asks again).
+    fn fill(&self, iova: u64, length: u64, access: Permissions) -> Result<(), FillError> {
         let Some(source) = &self.source else {
-            return false;
+            return Err(FillError::Refused);
         };
         let end = iova.saturating_add(length);
         let mut at = iova;
         while at < end {
+            let generation = self.generation.load(Ordering::Acquire);
             let Some(m) = source.lookup(at, access) else {
-                return false;
+                return Err(FillError::Refused);
             };
             let covers = m.iova <= at && at < m.iova.saturating_add(m.length);
-            if !covers || m.length == 0 || !m.permissions.allow(access) {
-                return false;
+            // vm-memory's IOTLB adds iova + length unchecked.
+            let fits = m.iova.checked_add(m.length).is_some();
+            if !covers || !fits || m.length == 0 || !m.permissions.allow(access) {
+                return Err(FillError::Refused);
             }
-            let inserted = self
-                .iotlb
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .set_mapping(
-                    GuestAddress(m.iova),
-                    GuestAddress(m.target),
-                    m.length as usize,
-                    m.permissions,
-                );
+            let mut iotlb = self.iotlb.write().unwrap_or_else(PoisonError::into_inner);
+            if self.generation.load(Ordering::Acquire) != generation {
+                return Err(FillError::Overtaken);
+            }
+            let inserted = iotlb.set_mapping(
+                GuestAddress(m.iova),
+                GuestAddress(m.target),
+                m.length as usize,
+                m.permissions,
+            );
             if inserted.is_err() {
-                return false;
+                return Err(FillError::Refused);
             }
             at = m.iova.saturating_add(m.length);
         }
-        true
+        Ok(())
     }
 }
 
@@ -177,21 +199,27 @@ impl Iommu for DmaTranslator {
                 "range wraps the address space",
             ));
         }
-        let mut refilled = false;
+        let mut attempts = 0;
         loop {
             let guard = self.iotlb.read().unwrap_or_else(PoisonError::into_inner);
-            match Iotlb::lookup(guard, iova, length, access) {
+            let fails = match Iotlb::lookup(guard, iova, length, access) {
                 Ok(iter) => return Ok(iter),
-                Err(_) if !refilled && self.fill(iova.0, length as u64, access) => refilled = true,
-                Err(fails) => {
-                    self.record_fault(fault);
-                    let reason = format!(
-                        "{} unmapped and {} forbidden subranges",
-                        fails.misses.len(),
-                        fails.access_fails.len()
-                    );
-                    return Err(cannot_resolve(iova, length, &reason));
-                }
+                Err(fails) => fails,
+            };
+            attempts += 1;
+            let retry = attempts <= MAX_FILL_ATTEMPTS
+                && match self.fill(iova.0, length as u64, access) {
+                    Ok(()) | Err(FillError::Overtaken) => true,
+                    Err(FillError::Refused) => false,
+                };
+            if !retry {
+                self.record_fault(fault);
+                let reason = format!(
+                    "{} unmapped and {} forbidden subranges",
+                    fails.misses.len(),
+                    fails.access_fails.len()
+                );
+                return Err(cannot_resolve(iova, length, &reason));
             }
         }
     }
@@ -290,6 +318,67 @@ mod tests {
 
         assert!(space.check_range(GuestAddress(0x10_0000), 4, Permissions::Read));
         assert!(space.iommu().faults().is_empty());
+    }
+
+    /// Maps one page to 0x2000, but runs an invalidation of its own translator while it is
+    /// asked the first time (the guest invalidating while a miss is being filled), and maps it
+    /// to 0x3000 from then on (what the guest changed before invalidating).
+    #[derive(Debug)]
+    struct RacedByInvalidation {
+        translator: std::sync::OnceLock<std::sync::Weak<DmaTranslator>>,
+        asked: std::sync::atomic::AtomicU32,
+    }
+
+    impl TranslationSource for std::sync::Arc<RacedByInvalidation> {
+        fn lookup(&self, iova: u64, _access: Permissions) -> Option<Mapping> {
+            let first = self.asked.fetch_add(1, Ordering::SeqCst) == 0;
+            let target = if first {
+                if let Some(translator) = self.translator.get().and_then(|t| t.upgrade()) {
+                    translator.invalidate(iova & !0xfff, 0x1000);
+                }
+                0x2000
+            } else {
+                0x3000
+            };
+            Some(Mapping {
+                iova: iova & !0xfff,
+                target,
+                length: 0x1000,
+                permissions: Permissions::ReadWrite,
+            })
+        }
+    }
+
+    #[test]
+    fn a_translation_overtaken_by_an_invalidation_is_not_cached() {
+        let mem = ram();
+        mem.write_obj(0x2222_u32, GuestAddress(0x2000)).unwrap();
+        mem.write_obj(0x3333_u32, GuestAddress(0x3000)).unwrap();
+        let source = std::sync::Arc::new(RacedByInvalidation {
+            translator: std::sync::OnceLock::new(),
+            asked: std::sync::atomic::AtomicU32::new(0),
+        });
+        let space = translated(mem, Box::new(source.clone()));
+        source
+            .translator
+            .set(std::sync::Arc::downgrade(space.iommu()))
+            .unwrap();
+
+        let value = read_u32(&space, 0x10_0000);
+
+        assert_eq!(value, Some(0x3333), "the stale answer was not used");
+        assert_eq!(source.asked.load(Ordering::SeqCst), 2);
+        assert!(space.iommu().faults().is_empty());
+    }
+
+    #[test]
+    fn invalidating_a_range_at_the_top_of_the_address_space_does_not_overflow() {
+        let space = translated(ram(), Box::new(OnePage));
+
+        space.iommu().invalidate(u64::MAX - 0xfff, 0x10_0000);
+        space.iommu().invalidate(0x10_0000, 0);
+
+        assert!(space.check_range(GuestAddress(0x10_0000), 4, Permissions::Read));
     }
 
     #[test]

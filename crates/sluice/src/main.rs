@@ -17,6 +17,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sluice_sandbox::{Role, SeccompMode};
 use sluice_vmm::config::{DiskSpec, E1000Spec, NetSpec, NvmeSpec, RngSpec};
+use sluice_vmm::iommu::IommuKind;
 use sluice_vmm::machine::{self, SerialTarget, VmConfig, VmReport};
 use sluice_vmm::numa::NumaPolicy;
 use sluice_vmm::vcpu::VmOutcome;
@@ -105,6 +106,10 @@ struct RunArgs {
     /// `tap=NAME[,mac=52:54:00:..]`.
     #[arg(long, value_parser = E1000Spec::parse)]
     e1000: Vec<E1000Spec>,
+    /// A virtual IOMMU in front of every PCI device: `vtd` (an emulated Intel VT-d with a DMAR
+    /// table; the guest needs `intel_iommu=on`).
+    #[arg(long, value_parser = IommuKind::parse)]
+    iommu: Option<IommuKind>,
     /// An emulated NVMe 1.4 controller (repeatable) with one namespace on IMG:
     /// `path=IMG[,queues=N][,serial=S][,direct=on][,dbbuf=off]` (queues 1..=64, default 4;
     /// dbbuf=off hides Doorbell Buffer Config, for comparisons).
@@ -249,6 +254,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         rng: args.rng,
         numa: args.numa,
         e1000s: args.e1000,
+        iommu: args.iommu,
         nvmes: args.nvme,
         vfio: args.device,
     };
@@ -285,6 +291,7 @@ impl RunArgs {
             && self.e1000.is_empty()
             && self.nvme.is_empty()
             && self.device.is_empty()
+            && self.iommu.is_none()
             && !self.test_device
             && self.numa == NumaPolicy::Off
             && matches!(self.serial, SerialTarget::Stdout)

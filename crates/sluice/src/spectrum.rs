@@ -147,6 +147,7 @@ pub fn run(kernel: &Path, cpus: u8, memory: u64) -> anyhow::Result<u8> {
             nvmes: Vec::new(),
             numa: Default::default(),
             vfio: Vec::new(),
+            iommu: None,
         };
         class.attach(&mut config, &scratch.image(&format!("class{index}.img"))?)?;
         let report = machine::run(config)?;

@@ -304,3 +304,12 @@ fn vfio_on_demand_dma_and_bad_addresses_are_usage_errors() {
     assert_one_clear_error(&on_demand, EXIT_USAGE, &["dma=on-demand", "virtual IOMMU"]);
     assert_one_clear_error(&bad_address, EXIT_USAGE, &["01:00.9"]);
 }
+
+#[test]
+fn vfio_behind_the_virtual_iommu_is_refused_before_anything_is_assigned() {
+    // Without shadow IOMMU tables the function would DMA to the guest's IOVAs as if they were
+    // guest addresses: refused whatever the host offers.
+    let run = run(&["--iommu", "vtd", "--device", "vfio=01:00.1"]);
+
+    assert_one_clear_error(&run, EXIT_VMM_ERROR, &["--iommu", "shadow"]);
+}

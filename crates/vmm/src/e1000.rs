@@ -12,18 +12,16 @@ use sluice_virtio::DeviceMetrics;
 
 use crate::config::E1000Spec;
 use crate::machine::{device_err, VmConfig, VmError};
-use crate::memory::GuestRam;
 
 /// Adds every `--e1000` NIC to `root`; returns their metrics handles.
 pub fn attach_e1000_devices(
     root: &PciRoot,
     config: &VmConfig,
-    ram: &GuestRam,
+    dma: &DmaSpaces,
 ) -> Result<Vec<Arc<DeviceMetrics>>, VmError> {
-    let dma = DmaSpaces::identity(ram.memory.clone());
     let mut metrics = Vec::new();
     for (i, spec) in config.e1000s.iter().enumerate() {
-        metrics.push(attach(root, &dma, spec, format!("e1000-{i}"))?);
+        metrics.push(attach(root, dma, spec, format!("e1000-{i}"))?);
     }
     Ok(metrics)
 }

@@ -261,19 +261,40 @@ impl IoEventRegistrar for KvmIoEvents {
 const FIRST_MSI_GSI: u32 = layout::IOAPIC_PINS;
 
 /// Hands out MSI routes backed by irqfds on GSIs above the IOAPIC pins.
+///
+/// Every router of one VM shares that VM's one [`GsiTable`]: KVM_SET_GSI_ROUTING replaces the
+/// whole table, so two tables (virtio-pci's and NVMe's, each wiring module making its own
+/// router) would hand out the same GSIs and each update would drop the other's routes — the
+/// guest then loses interrupts (found with NVMe next to virtio devices: Linux's nvme driver
+/// timed out I/O whose completions were posted, "completion polled").
 pub struct KvmMsiRouter {
     table: Arc<GsiTable>,
 }
 
+/// The live GSI tables, by VM (the address of its `Arc<VmFd>`; a table holds that `Arc`, so
+/// while the table is alive the address cannot be reused by another VM).
+static GSI_TABLES: Mutex<Vec<(usize, std::sync::Weak<GsiTable>)>> = Mutex::new(Vec::new());
+
 impl KvmMsiRouter {
+    /// A router on `vm`'s GSI table (created on first use, shared by every router of `vm`).
     pub fn new(vm: Arc<VmFd>) -> Self {
-        Self {
-            table: Arc::new(GsiTable {
-                vm,
-                msi_routes: Mutex::new(BTreeMap::new()),
-                next_gsi: AtomicU32::new(FIRST_MSI_GSI),
-            }),
+        let key = Arc::as_ptr(&vm) as usize;
+        let mut tables = GSI_TABLES.lock().unwrap_or_else(PoisonError::into_inner);
+        tables.retain(|(_, table)| table.strong_count() > 0);
+        if let Some(table) = tables
+            .iter()
+            .find(|(vm_key, _)| *vm_key == key)
+            .and_then(|(_, table)| table.upgrade())
+        {
+            return Self { table };
         }
+        let table = Arc::new(GsiTable {
+            vm,
+            msi_routes: Mutex::new(BTreeMap::new()),
+            next_gsi: AtomicU32::new(FIRST_MSI_GSI),
+        });
+        tables.push((key, Arc::downgrade(&table)));
+        Self { table }
     }
 }
 
@@ -619,5 +640,38 @@ mod tests {
         assert_eq!(table.keys().copied().collect::<Vec<_>>(), vec![24, 25]);
         // A pin line still works after the table was replaced.
         IrqfdLine::new(&vm, 4).unwrap().trigger().unwrap();
+    }
+
+    #[test]
+    fn routers_of_one_vm_share_its_gsi_table() {
+        let Ok(kvm) = Kvm::new() else {
+            println!("SKIP shared GSI table test: /dev/kvm unusable");
+            return;
+        };
+        let (vm, _mem) = vm_with_low_ram(&kvm, &[0xf4]);
+        let (other_vm, _other_mem) = vm_with_low_ram(&kvm, &[0xf4]);
+        let virtio = KvmMsiRouter::new(vm.clone());
+        let nvme = KvmMsiRouter::new(vm.clone());
+        let elsewhere = KvmMsiRouter::new(other_vm.clone());
+        let message = MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x41,
+        };
+
+        let a = virtio.allocate().unwrap();
+        let b = nvme.allocate().unwrap();
+        let c = elsewhere.allocate().unwrap();
+        a.update(message).unwrap();
+        b.update(message).unwrap();
+        c.update(message).unwrap();
+
+        let routes = virtio.table.msi_routes.lock().unwrap();
+        assert_eq!(
+            routes.keys().copied().collect::<Vec<_>>(),
+            vec![24, 25],
+            "one table: distinct GSIs, and the second update kept the first route"
+        );
+        let other = elsewhere.table.msi_routes.lock().unwrap();
+        assert_eq!(other.keys().copied().collect::<Vec<_>>(), vec![24]);
     }
 }

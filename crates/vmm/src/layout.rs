@@ -8,6 +8,7 @@
 //! 0xc000_0000 .. 0xe000_0000   32-bit PCI MMIO window (BARs)
 //! 0xe000_0000 .. 0xf000_0000   PCI ECAM (MMCONFIG), buses 0..=255
 //! 0xfec0_0000                  IOAPIC        0xfee0_0000  LAPIC
+//! 0xfed9_0000                  VT-d registers (`--iommu vtd`), reserved in e820
 //! 4 GiB .. 4 GiB + rest        RAM above the hole
 //! align_up(ram top, 1 GiB) ..  64-bit PCI MMIO window (MMIO64_SIZE)
 //! ```
@@ -50,6 +51,9 @@ pub const PCI_ECAM_LAST_BUS: u8 = 255;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const IOAPIC_SIZE: u64 = 0x1000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
+/// The VT-d register page (`--iommu vtd`), where QEMU's q35 puts it too; named by the DMAR.
+pub const VTD_START: u64 = 0xfed9_0000;
+pub const VTD_SIZE: u64 = 0x1000;
 /// First address above the 32-bit hole.
 pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
 /// 64-bit PCI MMIO window size; its base is `mmio64_start(ram_size)`.
@@ -89,6 +93,7 @@ const GIB: u64 = 1 << 30;
 const _: () = {
     assert!(MMIO32_START + MMIO32_SIZE <= PCI_ECAM_START);
     assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+    assert!(IOAPIC_START + IOAPIC_SIZE <= VTD_START && VTD_START + VTD_SIZE <= LAPIC_START);
     assert!(ACPI_START + ACPI_SIZE <= HIGH_RAM_START);
     assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
 };

@@ -62,6 +62,8 @@ pub struct VmConfig {
     pub numa: crate::numa::NumaPolicy,
     /// Emulated e1000 NICs on taps.
     pub e1000s: Vec<crate::config::E1000Spec>,
+    /// A virtual IOMMU in front of every device (`--iommu`).
+    pub iommu: Option<crate::iommu::IommuKind>,
     /// Emulated NVMe controllers.
     pub nvmes: Vec<crate::config::NvmeSpec>,
     /// Host PCI functions assigned with VFIO (`--device vfio=`).
@@ -138,10 +140,18 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
     if config.cpus == 0 || config.cpus > 254 {
         return Err(VmError::Cpus(config.cpus));
     }
+    if config.iommu.is_some() && !config.vfio.is_empty() {
+        // The assigned function's DMA goes through the host IOMMU with sluice's identity maps,
+        // not through the guest's vIOMMU tables (shadow tables are not built): it would DMA to
+        // the guest's IOVAs as if they were guest addresses.
+        return Err(device_err(
+            "vfio",
+            "--device vfio= behind --iommu is not supported yet (no shadow IOMMU tables)",
+        ));
+    }
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let vm = Arc::new(create_vm(&kvm)?);
-    // Before any thread starts and before guest RAM is touched (crate::numa says why). No
-    // device is assigned yet, so `auto` has nothing to follow.
+    // Before any thread starts and before guest RAM is touched (crate::numa says why);
     // `--numa auto` follows the first assigned device.
     let assigned: Vec<sluice_host::pci::Bdf> = config
         .vfio
@@ -166,21 +176,25 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
     };
     crate::platform::attach_platform_devices(&vm, &dispatch, &config, &ram)?;
     let pci_root = crate::platform::attach_pci(&vm, &dispatch, &config)?;
-    let mut device_metrics = crate::virtio::attach_virtio_devices(&vm, &pci_root, &config, &ram)?;
+    let iommu = crate::iommu::attach_iommu(&vm, &dispatch, config.iommu, &ram, config.memory)?;
+    let mut device_metrics =
+        crate::virtio::attach_virtio_devices(&vm, &pci_root, &config, &ram, &iommu.dma)?;
     device_metrics.extend(crate::e1000::attach_e1000_devices(
-        &pci_root, &config, &ram,
+        &pci_root, &config, &iommu.dma,
     )?);
     device_metrics.extend(crate::nvme::attach_nvme_devices(
-        &vm, &pci_root, &config, &ram,
+        &vm, &pci_root, &config, &iommu.dma,
     )?);
     let vfio = crate::vfio::attach_vfio_devices(&vm, &pci_root, &config.vfio, &ram)?;
+    device_metrics.extend(iommu.metrics());
 
-    let rsdp = crate::acpi::create_acpi_tables(
+    let rsdp = crate::acpi::create_acpi_tables_with(
         &ram.memory,
         &crate::acpi::AcpiConfig {
             num_cpus: config.cpus,
             ram_size: config.memory,
         },
+        &iommu.acpi_tables(),
     )?;
     let boot_info = crate::boot::load_kernel(
         &ram.memory,

@@ -3,7 +3,7 @@
 //! plumbing as virtio-pci) and INTA through the root's INTx routing. SQ doorbells become KVM
 //! ioeventfds once the driver configured shadow doorbells (the device's module doc says why
 //! only then). DMA goes through the DMA space of the function's
-//! requester id (identity until a vIOMMU provides domains).
+//! requester id (translated by the vIOMMU with `--iommu`, identity otherwise).
 
 use std::sync::{Arc, Mutex};
 
@@ -16,14 +16,13 @@ use sluice_virtio::DeviceMetrics;
 use crate::config::NvmeSpec;
 use crate::interrupts::{KvmIoEvents, KvmMsi, KvmMsiRouter};
 use crate::machine::{device_err, VmConfig, VmError};
-use crate::memory::GuestRam;
 
 /// Adds every configured NVMe controller to `root`; returns their metrics handles.
 pub fn attach_nvme_devices(
     vm: &Arc<VmFd>,
     root: &PciRoot,
     config: &VmConfig,
-    ram: &GuestRam,
+    dma: &DmaSpaces,
 ) -> Result<Vec<Arc<DeviceMetrics>>, VmError> {
     if config.nvmes.is_empty() {
         return Ok(Vec::new());
@@ -33,7 +32,6 @@ pub fn attach_nvme_devices(
         msi_router: Some(Arc::new(KvmMsiRouter::new(vm.clone()))),
         ioevents: Some(Arc::new(KvmIoEvents::new(vm.clone()))),
     };
-    let dma = DmaSpaces::identity(ram.memory.clone());
     let mut metrics = Vec::new();
     for (i, spec) in config.nvmes.iter().enumerate() {
         let name = format!("nvme{i}");

@@ -27,7 +27,9 @@ struct Plumbing {
     msi_sink: Arc<KvmMsi>,
     msi_router: Arc<KvmMsiRouter>,
     ioevents: Arc<KvmIoEvents>,
-    dma: DmaSpaces,
+    dma: Arc<DmaSpaces>,
+    /// For devices whose rings another process runs: it sees guest physical addresses.
+    identity_dma: DmaSpaces,
 }
 
 impl Plumbing {
@@ -48,20 +50,27 @@ pub fn attach_virtio_devices(
     root: &PciRoot,
     config: &VmConfig,
     ram: &GuestRam,
+    dma: &Arc<DmaSpaces>,
 ) -> Result<Vec<Arc<DeviceMetrics>>, VmError> {
     let plumbing = Plumbing {
         msi_sink: Arc::new(KvmMsi::new(vm.clone())),
         msi_router: Arc::new(KvmMsiRouter::new(vm.clone())),
         ioevents: Arc::new(KvmIoEvents::new(vm.clone())),
-        dma: DmaSpaces::identity(ram.memory.clone()),
+        dma: dma.clone(),
+        identity_dma: DmaSpaces::identity(ram.memory.clone()),
     };
     let mut metrics = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
         let block = disk_device(disk, ram)?;
         let name = format!("virtio-blk{i}");
+        let dma = if disk.vhost_user && disk.socket.is_some() {
+            &plumbing.identity_dma
+        } else {
+            &plumbing.dma
+        };
         metrics.push(attach(
             root,
-            &plumbing.dma,
+            dma,
             block,
             plumbing.options(name, disk.notify, disk.packed),
         )?);

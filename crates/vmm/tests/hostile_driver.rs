@@ -874,3 +874,140 @@ mod packed {
         assert_bystander_works(&m);
     }
 }
+
+/// Records the MSI messages sent (the VT-d's fault event).
+#[derive(Default)]
+struct RecordingMsi(Mutex<Vec<MsiMessage>>);
+
+impl MsiSink for RecordingMsi {
+    fn send(&self, msg: MsiMessage) -> std::io::Result<()> {
+        self.0.lock().unwrap().push(msg);
+        Ok(())
+    }
+}
+
+/// Where the guest side of the VT-d test keeps its tables (outside `MAPPED`).
+const VTD_ROOT: u64 = 0x80_0000;
+const VTD_CONTEXT: u64 = 0x80_1000;
+const VTD_TABLES: u64 = 0x80_2000;
+const VTD_DOMAIN: u64 = 5;
+
+/// Builds 4-level second-level tables mapping IOVA `IOVA_OFFSET + gpa` to `gpa` for every page
+/// of `MAPPED` except `hole`, read-only at `read_only`, for requester `bdf`, as a guest driver
+/// would; returns nothing but what it wrote to `mem`.
+fn vtd_tables(mem: &GuestMemoryMmap, bdf: u16, read_only: u64, hole: u64) {
+    let mut next = VTD_TABLES;
+    let mut table_for = |table: u64, index: u64| -> u64 {
+        let slot = GuestAddress(table + index * 8);
+        let entry: u64 = mem.read_obj(slot).unwrap();
+        if entry & 3 != 0 {
+            return entry & !0xfff;
+        }
+        next += PAGE;
+        mem.write_obj(next | 3, slot).unwrap();
+        next
+    };
+    let pml4 = VTD_TABLES;
+    for gpa in MAPPED.step_by(PAGE as usize).filter(|&gpa| gpa != hole) {
+        let iova = IOVA_OFFSET + gpa;
+        let pdpt = table_for(pml4, (iova >> 39) & 0x1ff);
+        let pd = table_for(pdpt, (iova >> 30) & 0x1ff);
+        let pt = table_for(pd, (iova >> 21) & 0x1ff);
+        let flags = if gpa == read_only { 1 } else { 3 };
+        mem.write_obj(gpa | flags, GuestAddress(pt + ((iova >> 12) & 0x1ff) * 8))
+            .unwrap();
+    }
+    let bus = u64::from(bdf >> 8);
+    let devfn = u64::from(bdf & 0xff);
+    mem.write_obj(VTD_CONTEXT | 1, GuestAddress(VTD_ROOT + bus * 16))
+        .unwrap();
+    mem.write_obj(pml4 | 1, GuestAddress(VTD_CONTEXT + devfn * 16))
+        .unwrap();
+    mem.write_obj(
+        (VTD_DOMAIN << 8) | 2,
+        GuestAddress(VTD_CONTEXT + devfn * 16 + 8),
+    )
+    .unwrap();
+}
+
+fn vtd_write(vtd: &sluice_iommu::Vtd, offset: u64, value: u64, width: usize) {
+    vtd.write_register(offset, &value.to_le_bytes()[..width]);
+}
+
+fn vtd_read(vtd: &sluice_iommu::Vtd, offset: u64, width: usize) -> u64 {
+    let mut data = [0u8; 8];
+    vtd.read_register(offset, &mut data[..width]);
+    u64::from_le_bytes(data)
+}
+
+/// The real emulated VT-d in front of a virtio-blk: the guest's page tables carry block I/O
+/// (data read back), a request whose buffer the tables leave unmapped fails that request, and
+/// the guest reads the fault back from the fault recording registers (and got the fault event).
+#[test]
+fn vtd_translates_virtio_blk_dma_and_records_the_refused_access_in_its_fault_registers() {
+    use sluice_iommu::regs::{FEADDR, FEDATA, FRCD, FSTS, GCMD, GCMD_SRTP, GCMD_TE, RTADDR};
+    let (read_only, hole) = (scratch_page(3), scratch_page(4));
+    let (mem, mmio, root) = ram_and_root();
+    let events = Arc::new(RecordingMsi::default());
+    let vtd = sluice_iommu::Vtd::new(mem.clone(), 39, events.clone());
+    let spaces = Arc::new(DmaSpaces::with_iommu(mem.clone(), Arc::new(vtd.clone())));
+    vtd.attach_spaces(&spaces);
+    let disk = Disk::new("vtd");
+    let block = Block::new(BlockConfig::new(&disk.path)).unwrap();
+    let device = root
+        .add_device_with(|address| {
+            let space = spaces.space(address.bdf());
+            let options = VirtioPciOptions::new(Arc::new(NullMsi));
+            let pci = VirtioPciDevice::new(Box::new(block), space, options).unwrap();
+            Ok::<SharedPciDevice, PciError>(Arc::new(Mutex::new(pci)))
+        })
+        .unwrap();
+    vtd_tables(&mem, device.bdf(), read_only, hole);
+    vtd_write(&vtd, FEDATA, 0x31, 4);
+    vtd_write(&vtd, FEADDR, 0xfee0_0000, 4);
+    vtd_write(&vtd, RTADDR, VTD_ROOT, 8);
+    vtd_write(&vtd, GCMD, u64::from(GCMD_SRTP), 4);
+    vtd_write(&vtd, GCMD, u64::from(GCMD_TE), 4);
+    let mut d = Driver::new(mmio, &root, device, mem.clone(), MAPPED.start);
+    d.dma_offset = IOVA_OFFSET;
+    assert!(d.setup(16));
+    d.driver_ok();
+    let data: Vec<u8> = (0..512u32).map(|i| (i * 13) as u8).collect();
+
+    d.submit(d.block_request(BLK_T_OUT, 9, &data, 0));
+    d.wait_used(1).expect("a write through the VT-d completes");
+    d.submit(d.block_request(BLK_T_IN, 9, &[0u8; 512], 1));
+    d.wait_used(2).expect("a read through the VT-d completes");
+    d.block_request(BLK_T_OUT, 0, &[1u8; 512], 0);
+    d.set_desc(1, hole + 0x100, 512, DESC_F_NEXT, 2);
+    let mut completed = 2;
+    expect_refused(
+        &mut d,
+        &mut completed,
+        "IOVA the guest's tables leave unmapped",
+    );
+
+    let mut back = [0u8; 512];
+    mem.read_slice(&mut back, GuestAddress(d.buf(1) + 0x100))
+        .unwrap();
+    assert_eq!(
+        back.to_vec(),
+        data,
+        "the data read back equals the data written"
+    );
+    let fsts = vtd_read(&vtd, FSTS, 4);
+    assert_eq!(fsts & 0b10, 0b10, "primary pending fault: FSTS {fsts:#x}");
+    let record_hi = vtd_read(&vtd, FRCD + 8, 8);
+    assert_eq!(vtd_read(&vtd, FRCD, 8), IOVA_OFFSET + hole, "faulting page");
+    assert_eq!(record_hi & 0xffff, u64::from(device.bdf()), "source id");
+    assert_eq!(
+        (record_hi >> 32) & 0xff,
+        6,
+        "read not permitted (the device reads a write's data)"
+    );
+    assert_eq!(record_hi >> 63, 1, "F");
+    let sent = events.0.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1, "one fault event");
+    assert_eq!((sent[0].address, sent[0].data), (0xfee0_0000, 0x31));
+    assert_eq!(d.status() & STATUS_NEEDS_RESET, 0, "the device stays up");
+}

@@ -26,7 +26,8 @@
 //! (64-bit queue addresses also take two aligned dword accesses); anything else reads zero and
 //! drops writes. Queue registers are frozen once a queue is enabled or DRIVER_OK is set;
 //! FEATURES_OK does not stick unless the driver accepted only offered features and
-//! VIRTIO_F_VERSION_1; DRIVER_OK activates the device with the enabled queues after checking
+//! VIRTIO_F_VERSION_1 (VIRTIO_F_ACCESS_PLATFORM is offered when the DMA space is translated by
+//! an IOMMU, and only then); DRIVER_OK activates the device with the enabled queues after checking
 //! their rings fit the DMA space (else DEVICE_NEEDS_RESET).
 //!
 //! Notifications: each queue has an eventfd. With an [`IoEventRegistrar`] it is registered as
@@ -52,7 +53,7 @@ use sluice_pci::{
 };
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
-    VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
@@ -120,6 +121,7 @@ const STATUS_NEEDS_RESET: u8 = VIRTIO_CONFIG_S_NEEDS_RESET as u8;
 const FEATURE_VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
 const FEATURE_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
 const FEATURE_RING_PACKED: u64 = 1 << VIRTIO_F_RING_PACKED;
+const FEATURE_ACCESS_PLATFORM: u64 = 1 << VIRTIO_F_ACCESS_PLATFORM;
 
 /// How the transport is wired into the VM.
 #[derive(Clone)]
@@ -225,6 +227,11 @@ impl VirtioPciDevice {
         let mut offered = device.device_features();
         if options.packed_ring && device.external_queues().is_none() {
             offered |= FEATURE_RING_PACKED;
+        }
+        // Behind an IOMMU the device's addresses are IOVAs: the driver must use its DMA API
+        // (Linux bypasses the IOMMU for a virtio device without this bit).
+        if mem.get_iommu_enabled() && device.external_queues().is_none() {
+            offered |= FEATURE_ACCESS_PLATFORM;
         }
         if offered & FEATURE_VERSION_1 == 0 {
             return Err(VirtioPciError::NotModern);

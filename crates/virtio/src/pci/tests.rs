@@ -407,6 +407,47 @@ fn features_negotiate_to_the_intersection() {
     assert!(!record.activations[0].1[0].event_idx);
 }
 
+/// Maps every IOVA to the same guest physical address, through the translated (IOMMU) path.
+#[derive(Debug)]
+struct IdentityIommu;
+
+impl sluice_dma::TranslationSource for IdentityIommu {
+    fn lookup(&self, iova: u64, _: vm_memory::Permissions) -> Option<sluice_dma::Mapping> {
+        Some(sluice_dma::Mapping {
+            iova: iova & !0xfff,
+            target: iova & !0xfff,
+            length: 0x1000,
+            permissions: vm_memory::Permissions::ReadWrite,
+        })
+    }
+}
+
+#[test]
+fn access_platform_is_offered_only_behind_an_iommu_for_in_process_queues() {
+    let translated = || {
+        let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM_SIZE)]).unwrap();
+        sluice_dma::translated(ram, Box::new(IdentityIommu))
+    };
+    let options = || VirtioPciOptions::new(Arc::new(RecordingSink::default()));
+    let echo = || {
+        Box::new(EchoDevice {
+            metrics: Arc::new(DeviceMetrics::new("echo", 1)),
+        })
+    };
+    let mut behind_iommu = VirtioPciDevice::new(echo(), translated(), options()).unwrap();
+    let mut identity = VirtioPciDevice::new(echo(), memory(), options()).unwrap();
+    let (external, _) = fake(DEVICE_TYPE_BLOCK, &[8]);
+    let mut external = VirtioPciDevice::new(Box::new(external), translated(), options()).unwrap();
+
+    assert_ne!(offered(&mut behind_iommu) & FEATURE_ACCESS_PLATFORM, 0);
+    assert_eq!(offered(&mut identity) & FEATURE_ACCESS_PLATFORM, 0);
+    assert_eq!(
+        offered(&mut external) & FEATURE_ACCESS_PLATFORM,
+        0,
+        "another process runs the rings on guest physical addresses"
+    );
+}
+
 #[test]
 fn features_ok_is_refused_for_unoffered_features() {
     let mut s = setup();

@@ -1,4 +1,5 @@
-//! ACPI tables for x86_64 guests: RSDP, XSDT, FADT + FACS, DSDT, MADT and MCFG.
+//! ACPI tables for x86_64 guests: RSDP, XSDT, FADT + FACS, DSDT, MADT and MCFG (and the DMAR
+//! of `--iommu vtd`, [`build_dmar`]).
 //!
 //! The tables are serialized with the `acpi_tables` crate (headers, checksums, AML) and laid out
 //! by [`AcpiTableBuilder`] in `layout::ACPI_START..+ACPI_SIZE`: the RSDP first, at `ACPI_START`
@@ -12,6 +13,7 @@
 //! address and lists it in the XSDT.
 
 mod builder;
+mod dmar;
 mod dsdt;
 mod fadt;
 mod madt;
@@ -23,6 +25,7 @@ use acpi_tables::Aml;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 pub use builder::AcpiTableBuilder;
+pub use dmar::build_dmar;
 pub use dsdt::PciWindows;
 
 use crate::layout;

@@ -46,6 +46,7 @@ impl E820Entry {
 /// - reserved EBDA..1 MiB, which also covers the ACPI tables in the BIOS area,
 /// - RAM from 1 MiB to the end of the first region,
 /// - reserved PCI ECAM window, so Linux trusts the MCFG table ("MMCONFIG ... reserved in E820"),
+/// - reserved VT-d register page (whether or not `--iommu vtd` puts the unit there),
 /// - RAM above 4 GiB, if the VM has memory past the 32-bit hole.
 pub fn e820_map(ram_size: u64) -> Vec<E820Entry> {
     let mut map = Vec::new();
@@ -60,6 +61,12 @@ pub fn e820_map(ram_size: u64) -> Vec<E820Entry> {
         &mut map,
         layout::PCI_ECAM_START,
         layout::PCI_ECAM_SIZE,
+        E820Kind::Reserved,
+    );
+    push_nonempty(
+        &mut map,
+        layout::VTD_START,
+        layout::VTD_SIZE,
         E820Kind::Reserved,
     );
     map.sort_by_key(|entry| entry.addr);
@@ -122,8 +129,16 @@ mod tests {
         }
     }
 
+    fn vtd_entry() -> E820Entry {
+        E820Entry {
+            addr: layout::VTD_START,
+            size: layout::VTD_SIZE,
+            kind: E820Kind::Reserved,
+        }
+    }
+
     #[test]
-    fn map_for_128_mib_has_low_ram_bios_hole_high_ram_and_ecam() {
+    fn map_for_128_mib_has_low_ram_bios_hole_high_ram_ecam_and_vtd() {
         let ram_size = 128 * MIB;
 
         let map = e820_map(ram_size);
@@ -145,6 +160,7 @@ mod tests {
                 kind: E820Kind::Ram,
             },
             ecam_entry(),
+            vtd_entry(),
         ];
         assert_eq!(map, expected);
         assert_sorted_without_overlaps(&map);
@@ -158,7 +174,7 @@ mod tests {
         let map = e820_map(ram_size);
 
         assert_sorted_without_overlaps(&map);
-        assert_eq!(map.len(), 5);
+        assert_eq!(map.len(), 6);
         assert_eq!(
             map[2],
             E820Entry {
@@ -168,8 +184,9 @@ mod tests {
             }
         );
         assert_eq!(map[3], ecam_entry());
+        assert_eq!(map[4], vtd_entry());
         assert_eq!(
-            map[4],
+            map[5],
             E820Entry {
                 addr: layout::RAM_64BIT_START,
                 size: ram_size - layout::RAM_32BIT_END,

@@ -1,0 +1,122 @@
+//! Fuzz body of `fuzz/fuzz_targets/vtd_registers.rs`: register reads and writes and DMA
+//! accesses through the unit, over guest memory taken from the input, so the table walks
+//! (root, context, second level) and the invalidation queue read guest-chosen bytes.
+//!
+//! Input: `[op count n][n ops of 11 bytes][guest memory]`. An op is `[kind, a, b, value: u64 LE]`
+//! with `offset = (a | b << 8) & 0xfff`:
+//! - kind % 4 == 0: 4-byte read at `offset`; 1: 4-byte write of `value`; 2: 8-byte write;
+//! - kind % 4 == 3: a 16-byte DMA by requester `a` (bus 0) at IOVA `value`, a write if kind
+//!   bit 2 is set.
+//!
+//! Guest memory is 64 KiB at 0, filled from the rest of the input. Must hold besides "no panic":
+//! FSTS.FRI names a fault record; IQH stays inside its field; with translation off every DMA
+//! inside RAM succeeds.
+
+use std::sync::Arc;
+
+use sluice_bus::irq::{MsiMessage, MsiSink};
+use sluice_dma::DmaSpaces;
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, Permissions};
+
+use crate::regs::{FAULT_RECORDS, FSTS, GCMD_TE, GSTS, IQH, IQ_INDEX_MASK};
+use crate::Vtd;
+
+const MEMORY_SIZE: usize = 64 << 10;
+const OP_LEN: usize = 11;
+
+struct NoInterrupts;
+
+impl MsiSink for NoInterrupts {
+    fn send(&self, _msg: MsiMessage) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn read32(vtd: &Vtd, offset: u64) -> u32 {
+    let mut raw = [0u8; 4];
+    vtd.read_register(offset, &mut raw);
+    u32::from_le_bytes(raw)
+}
+
+fn read64(vtd: &Vtd, offset: u64) -> u64 {
+    let mut raw = [0u8; 8];
+    vtd.read_register(offset, &mut raw);
+    u64::from_le_bytes(raw)
+}
+
+/// The fuzz target body.
+pub fn vtd_registers(data: &[u8]) {
+    run_script(data);
+}
+
+/// Plays the input; returns whether each DMA op succeeded (for the corpus checks).
+pub fn run_script(data: &[u8]) -> Vec<bool> {
+    let mut outcomes = Vec::new();
+    let Some((&count, rest)) = data.split_first() else {
+        return outcomes;
+    };
+    let ops_len = (usize::from(count) * OP_LEN).min(rest.len());
+    let (ops, image) = rest.split_at(ops_len);
+    let Ok(memory) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]) else {
+        return outcomes;
+    };
+    let mut bytes = image.to_vec();
+    bytes.resize(MEMORY_SIZE, 0);
+    if vm_memory::Bytes::write_slice(&memory, &bytes, GuestAddress(0)).is_err() {
+        return outcomes;
+    }
+    let vtd = Vtd::new(memory.clone(), 39, Arc::new(NoInterrupts));
+    let spaces = Arc::new(DmaSpaces::with_iommu(memory.clone(), Arc::new(vtd.clone())));
+    vtd.attach_spaces(&spaces);
+
+    for op in ops.chunks_exact(OP_LEN) {
+        let offset = (u64::from(op[1]) | (u64::from(op[2]) << 8)) & 0xfff;
+        let value = u64::from_le_bytes(op[3..11].try_into().unwrap_or_default());
+        match op[0] % 4 {
+            0 => {
+                read32(&vtd, offset);
+            }
+            1 => vtd.write_register(offset, &(value as u32).to_le_bytes()),
+            2 => vtd.write_register(offset, &value.to_le_bytes()),
+            _ => outcomes.push(dma(&vtd, &spaces, &memory, op[1], value, op[0] & 4 != 0)),
+        }
+        check_invariants(&vtd);
+    }
+    outcomes
+}
+
+fn dma(
+    vtd: &Vtd,
+    spaces: &DmaSpaces,
+    memory: &GuestMemoryMmap,
+    requester: u8,
+    iova: u64,
+    write: bool,
+) -> bool {
+    let space = spaces.space(u16::from(requester));
+    let access = if write {
+        Permissions::Write
+    } else {
+        Permissions::Read
+    };
+    let ok = space.check_range(GuestAddress(iova), 16, access);
+    let translation_off = read32(vtd, GSTS) & GCMD_TE == 0;
+    let in_ram = iova
+        .checked_add(16)
+        .is_some_and(|end| memory.address_in_range(GuestAddress(end - 1)));
+    assert!(
+        !translation_off || !in_ram || ok,
+        "identity DMA at {iova:#x} refused"
+    );
+    ok
+}
+
+fn check_invariants(vtd: &Vtd) {
+    let fri = (read32(vtd, FSTS) >> 8) & 0xff;
+    assert!((fri as usize) < FAULT_RECORDS, "FRI {fri} names no record");
+    assert_eq!(
+        read64(vtd, IQH) & !IQ_INDEX_MASK,
+        0,
+        "IQH outside its field"
+    );
+}

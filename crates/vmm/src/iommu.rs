@@ -1,0 +1,130 @@
+//! Wiring of `--iommu vtd`: the VM's [`DmaSpaces`] get an emulated VT-d ([`sluice_iommu::Vtd`])
+//! as their domain provider, its register page goes on the MMIO bus at `layout::VTD_START`,
+//! its fault events go out through KVM_SIGNAL_MSI, and the ACPI tables gain a DMAR naming it.
+//! Without `--iommu` the spaces are identity views and nothing else changes.
+//!
+//! Every device gets its `DmaSpace` from these spaces by its BDF (virtio.rs, e1000.rs), so all
+//! of them sit behind the unit; virtio devices then offer VIRTIO_F_ACCESS_PLATFORM. A
+//! vhost-user disk is the exception: its rings are run by another process that sees guest
+//! physical addresses (no IOTLB messages yet), so it keeps an identity space and does not offer
+//! ACCESS_PLATFORM — the guest's driver then bypasses its DMA API for it, as with QEMU's
+//! `iommu_platform=off`.
+
+use std::sync::{Arc, Mutex};
+
+use acpi_tables::sdt::Sdt;
+use acpi_tables::Aml;
+use kvm_ioctls::VmFd;
+use sluice_dma::DmaSpaces;
+use sluice_iommu::Vtd;
+use sluice_virtio::DeviceMetrics;
+
+use crate::interrupts::KvmMsi;
+use crate::layout;
+use crate::machine::{device_err, VmError};
+use crate::memory::GuestRam;
+use crate::vcpu::ExitDispatch;
+
+/// Which virtual IOMMU the guest gets (`--iommu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IommuKind {
+    /// An emulated Intel VT-d with a DMAR table.
+    Vtd,
+}
+
+impl IommuKind {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "vtd" => Ok(Self::Vtd),
+            _ => Err(format!(
+                "--iommu {s}: unknown IOMMU (vtd is the one sluice emulates)"
+            )),
+        }
+    }
+}
+
+/// The VM's DMA spaces and, with `--iommu`, the unit behind them.
+pub struct VmIommu {
+    /// Every device's DMA space, by requester id.
+    pub dma: Arc<DmaSpaces>,
+    vtd: Option<(Vtd, Sdt)>,
+}
+
+impl VmIommu {
+    /// ACPI tables the IOMMU adds (the DMAR).
+    pub fn acpi_tables(&self) -> Vec<&dyn Aml> {
+        self.vtd.iter().map(|(_, dmar)| dmar as &dyn Aml).collect()
+    }
+
+    /// The unit's counters (walks, faults, invalidations), if there is one.
+    pub fn metrics(&self) -> Option<Arc<DeviceMetrics>> {
+        self.vtd.as_ref().map(|(vtd, _)| vtd.metrics())
+    }
+}
+
+/// The host address width the DMAR states: enough bits for every RAM address (DMA can only
+/// target RAM), and never below the 39 bits of the smallest table format.
+pub fn host_address_width(ram_size: u64) -> u8 {
+    let top = layout::ram_top(ram_size).max(1);
+    let bits = u64::BITS - (top - 1).leading_zeros();
+    bits.max(39) as u8
+}
+
+/// Creates the VM's DMA spaces, with the IOMMU `kind` (if any) as their provider.
+pub fn attach_iommu(
+    vm: &Arc<VmFd>,
+    dispatch: &ExitDispatch,
+    kind: Option<IommuKind>,
+    ram: &GuestRam,
+    ram_size: u64,
+) -> Result<VmIommu, VmError> {
+    let Some(IommuKind::Vtd) = kind else {
+        return Ok(VmIommu {
+            dma: Arc::new(DmaSpaces::identity(ram.memory.clone())),
+            vtd: None,
+        });
+    };
+    let haw = host_address_width(ram_size);
+    let vtd = Vtd::new(
+        ram.memory.clone(),
+        u32::from(haw),
+        Arc::new(KvmMsi::new(vm.clone())),
+    );
+    let dma = Arc::new(DmaSpaces::with_iommu(
+        ram.memory.clone(),
+        Arc::new(vtd.clone()),
+    ));
+    vtd.attach_spaces(&dma);
+    dispatch
+        .mmio
+        .insert(
+            "vt-d",
+            Arc::new(Mutex::new(vtd.clone())),
+            layout::VTD_START,
+            layout::VTD_SIZE,
+        )
+        .map_err(|e| device_err("vt-d", e))?;
+    tracing::info!("vt-d at {:#x}, host address width {haw}", layout::VTD_START);
+    let dmar = crate::acpi::build_dmar(haw, layout::VTD_START);
+    Ok(VmIommu {
+        dma,
+        vtd: Some((vtd, dmar)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_address_width_covers_ram_and_is_at_least_39_bits() {
+        assert_eq!(host_address_width(128 << 20), 39);
+        assert_eq!(host_address_width(600 << 30), 40);
+    }
+
+    #[test]
+    fn only_vtd_is_known() {
+        assert_eq!(IommuKind::parse("vtd"), Ok(IommuKind::Vtd));
+        assert!(IommuKind::parse("amd").is_err());
+    }
+}
