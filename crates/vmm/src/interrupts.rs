@@ -262,39 +262,44 @@ const FIRST_MSI_GSI: u32 = layout::IOAPIC_PINS;
 
 /// Hands out MSI routes backed by irqfds on GSIs above the IOAPIC pins.
 ///
-/// Every router of one VM shares that VM's one [`GsiTable`]: KVM_SET_GSI_ROUTING replaces the
-/// whole table, so two tables (virtio-pci's and NVMe's, each wiring module making its own
-/// router) would hand out the same GSIs and each update would drop the other's routes — the
-/// guest then loses interrupts (found with NVMe next to virtio devices: Linux's nvme driver
-/// timed out I/O whose completions were posted, "completion polled").
+/// KVM_SET_GSI_ROUTING replaces the whole table, so a VM has exactly one router (in
+/// [`VmInterrupts`]), shared by every device: two routers would hand out the same GSIs and
+/// each update would drop the other's routes — the guest then loses interrupts (found with
+/// NVMe next to virtio devices: Linux's nvme driver timed out I/O whose completions were
+/// posted, "completion polled").
 pub struct KvmMsiRouter {
     table: Arc<GsiTable>,
 }
 
-/// The live GSI tables, by VM (the address of its `Arc<VmFd>`; a table holds that `Arc`, so
-/// while the table is alive the address cannot be reused by another VM).
-static GSI_TABLES: Mutex<Vec<(usize, std::sync::Weak<GsiTable>)>> = Mutex::new(Vec::new());
-
 impl KvmMsiRouter {
-    /// A router on `vm`'s GSI table (created on first use, shared by every router of `vm`).
+    /// The router of `vm`; create one per VM (see [`VmInterrupts`]).
     pub fn new(vm: Arc<VmFd>) -> Self {
-        let key = Arc::as_ptr(&vm) as usize;
-        let mut tables = GSI_TABLES.lock().unwrap_or_else(PoisonError::into_inner);
-        tables.retain(|(_, table)| table.strong_count() > 0);
-        if let Some(table) = tables
-            .iter()
-            .find(|(vm_key, _)| *vm_key == key)
-            .and_then(|(_, table)| table.upgrade())
-        {
-            return Self { table };
+        Self {
+            table: Arc::new(GsiTable {
+                vm,
+                msi_routes: Mutex::new(BTreeMap::new()),
+                next_gsi: AtomicU32::new(FIRST_MSI_GSI),
+            }),
         }
-        let table = Arc::new(GsiTable {
-            vm,
-            msi_routes: Mutex::new(BTreeMap::new()),
-            next_gsi: AtomicU32::new(FIRST_MSI_GSI),
-        });
-        tables.push((key, Arc::downgrade(&table)));
-        Self { table }
+    }
+}
+
+/// The interrupt plumbing every PCI device of one VM shares: MSI injection, the VM's one MSI
+/// router (its GSI routing table) and ioeventfd registration. Built once per VM and handed to
+/// each wiring module.
+pub struct VmInterrupts {
+    pub msi_sink: Arc<KvmMsi>,
+    pub msi_router: Arc<KvmMsiRouter>,
+    pub ioevents: Arc<KvmIoEvents>,
+}
+
+impl VmInterrupts {
+    pub fn new(vm: &Arc<VmFd>) -> Self {
+        Self {
+            msi_sink: Arc::new(KvmMsi::new(vm.clone())),
+            msi_router: Arc::new(KvmMsiRouter::new(vm.clone())),
+            ioevents: Arc::new(KvmIoEvents::new(vm.clone())),
+        }
     }
 }
 
@@ -643,16 +648,16 @@ mod tests {
     }
 
     #[test]
-    fn routers_of_one_vm_share_its_gsi_table() {
+    fn devices_of_one_vm_share_its_one_router_and_gsi_table() {
         let Ok(kvm) = Kvm::new() else {
             println!("SKIP shared GSI table test: /dev/kvm unusable");
             return;
         };
         let (vm, _mem) = vm_with_low_ram(&kvm, &[0xf4]);
         let (other_vm, _other_mem) = vm_with_low_ram(&kvm, &[0xf4]);
-        let virtio = KvmMsiRouter::new(vm.clone());
-        let nvme = KvmMsiRouter::new(vm.clone());
-        let elsewhere = KvmMsiRouter::new(other_vm.clone());
+        let interrupts = VmInterrupts::new(&vm);
+        let (virtio, nvme) = (interrupts.msi_router.clone(), interrupts.msi_router.clone());
+        let elsewhere = VmInterrupts::new(&other_vm).msi_router;
         let message = MsiMessage {
             address: 0xfee0_0000,
             data: 0x41,
@@ -665,7 +670,7 @@ mod tests {
         b.update(message).unwrap();
         c.update(message).unwrap();
 
-        let routes = virtio.table.msi_routes.lock().unwrap();
+        let routes = interrupts.msi_router.table.msi_routes.lock().unwrap();
         assert_eq!(
             routes.keys().copied().collect::<Vec<_>>(),
             vec![24, 25],

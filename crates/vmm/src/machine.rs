@@ -177,15 +177,20 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
     crate::platform::attach_platform_devices(&vm, &dispatch, &config, &ram)?;
     let pci_root = crate::platform::attach_pci(&vm, &dispatch, &config)?;
     let iommu = crate::iommu::attach_iommu(&vm, &dispatch, config.iommu, &ram, config.memory)?;
+    // One per VM: its MSI router owns the VM's whole GSI routing table.
+    let interrupts = crate::interrupts::VmInterrupts::new(&vm);
     let mut device_metrics =
-        crate::virtio::attach_virtio_devices(&vm, &pci_root, &config, &ram, &iommu.dma)?;
+        crate::virtio::attach_virtio_devices(&pci_root, &config, &ram, &iommu.dma, &interrupts)?;
     device_metrics.extend(crate::e1000::attach_e1000_devices(
         &pci_root, &config, &iommu.dma,
     )?);
     device_metrics.extend(crate::nvme::attach_nvme_devices(
-        &vm, &pci_root, &config, &iommu.dma,
+        &pci_root,
+        &config,
+        &iommu.dma,
+        &interrupts,
     )?);
-    let vfio = crate::vfio::attach_vfio_devices(&vm, &pci_root, &config.vfio, &ram)?;
+    let vfio = crate::vfio::attach_vfio_devices(&vm, &pci_root, &config.vfio, &ram, &interrupts)?;
     device_metrics.extend(iommu.metrics());
 
     let rsdp = crate::acpi::create_acpi_tables_with(

@@ -7,30 +7,29 @@
 
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::VmFd;
 use sluice_devices::nvme::{Nvme, NvmeConfig, NvmeError, NvmeInterrupts};
 use sluice_dma::DmaSpaces;
 use sluice_pci::{PciRoot, SharedPciDevice};
 use sluice_virtio::DeviceMetrics;
 
 use crate::config::NvmeSpec;
-use crate::interrupts::{KvmIoEvents, KvmMsi, KvmMsiRouter};
+use crate::interrupts::VmInterrupts;
 use crate::machine::{device_err, VmConfig, VmError};
 
 /// Adds every configured NVMe controller to `root`; returns their metrics handles.
 pub fn attach_nvme_devices(
-    vm: &Arc<VmFd>,
     root: &PciRoot,
     config: &VmConfig,
     dma: &DmaSpaces,
+    vm_interrupts: &VmInterrupts,
 ) -> Result<Vec<Arc<DeviceMetrics>>, VmError> {
     if config.nvmes.is_empty() {
         return Ok(Vec::new());
     }
     let interrupts = NvmeInterrupts {
-        msi_sink: Arc::new(KvmMsi::new(vm.clone())),
-        msi_router: Some(Arc::new(KvmMsiRouter::new(vm.clone()))),
-        ioevents: Some(Arc::new(KvmIoEvents::new(vm.clone()))),
+        msi_sink: vm_interrupts.msi_sink.clone(),
+        msi_router: Some(vm_interrupts.msi_router.clone()),
+        ioevents: Some(vm_interrupts.ioevents.clone()),
     };
     let mut metrics = Vec::new();
     for (i, spec) in config.nvmes.iter().enumerate() {

@@ -39,7 +39,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VfioSpec;
-use crate::interrupts::{KvmMsi, KvmMsiRouter};
+use crate::interrupts::{KvmMsi, KvmMsiRouter, VmInterrupts};
 use crate::machine::{device_err, VmError};
 use crate::memory::GuestRam;
 
@@ -70,6 +70,7 @@ pub fn attach_vfio_devices(
     root: &PciRoot,
     specs: &[VfioSpec],
     ram: &GuestRam,
+    interrupts: &VmInterrupts,
 ) -> Result<Vec<VfioHandle>, VmError> {
     if specs.is_empty() {
         return Ok(Vec::new());
@@ -79,8 +80,8 @@ pub fn attach_vfio_devices(
     let ir = sluice_vfio::interrupt_remapping(host_root);
     let kvm_vfio = Arc::new(kvm_vfio_device(vm)?);
     let slots = Arc::new(AtomicU32::new(FIRST_BAR_SLOT));
-    let msi_sink = Arc::new(KvmMsi::new(vm.clone()));
-    let router = KvmMsiRouter::new(vm.clone());
+    let msi_sink = interrupts.msi_sink.clone();
+    let router = &interrupts.msi_router;
     let mut handles = Vec::new();
     for spec in specs {
         let what = "vfio";
@@ -98,7 +99,7 @@ pub fn attach_vfio_devices(
             function,
             vm.clone(),
             slots.clone(),
-            &router,
+            router,
             msi_sink.clone(),
         )?;
         let device = Arc::new(Mutex::new(device));

@@ -6,7 +6,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::VmFd;
 use sluice_devices::block::{Block, BlockConfig};
 use sluice_devices::net::{Net, NetConfig, Tap};
 use sluice_devices::rng::{fill_random, Rng};
@@ -18,7 +17,7 @@ use sluice_virtio::{
 };
 
 use crate::config::{DiskSpec, NetSpec, NotifyPolicy};
-use crate::interrupts::{KvmIoEvents, KvmMsi, KvmMsiRouter};
+use crate::interrupts::{KvmIoEvents, KvmMsi, KvmMsiRouter, VmInterrupts};
 use crate::machine::{device_err, VmConfig, VmError};
 use crate::memory::GuestRam;
 
@@ -46,16 +45,16 @@ impl Plumbing {
 
 /// Adds every configured virtio device to `root`; returns their metrics handles.
 pub fn attach_virtio_devices(
-    vm: &Arc<VmFd>,
     root: &PciRoot,
     config: &VmConfig,
     ram: &GuestRam,
     dma: &Arc<DmaSpaces>,
+    interrupts: &VmInterrupts,
 ) -> Result<Vec<Arc<DeviceMetrics>>, VmError> {
     let plumbing = Plumbing {
-        msi_sink: Arc::new(KvmMsi::new(vm.clone())),
-        msi_router: Arc::new(KvmMsiRouter::new(vm.clone())),
-        ioevents: Arc::new(KvmIoEvents::new(vm.clone())),
+        msi_sink: interrupts.msi_sink.clone(),
+        msi_router: interrupts.msi_router.clone(),
+        ioevents: interrupts.ioevents.clone(),
         dma: dma.clone(),
         identity_dma: DmaSpaces::identity(ram.memory.clone()),
     };
