@@ -210,9 +210,12 @@ fn verify_on(name: &str, backend: &mut Backend, queues: u16, restart: bool) -> G
     let device = &metrics["devices"][0];
     assert_eq!(device["device"], "vhost-user-blk", "{metrics}");
     // Completions as the interrupt pump saw them in the used rings: a lower bound, since the
-    // last few may complete with interrupts suppressed (EVENT_IDX, or a polling driver).
+    // last few may complete with interrupts suppressed (EVENT_IDX, or a polling driver). Across
+    // a backend restart it is a looser one (CI saw 289 of 512): the pump counts at the calls
+    // it relays, and the guest kit polls, so a backend may go long stretches without one.
     let requests = metrics_requests(&metrics);
-    assert!(requests >= 400, "{metrics}");
+    let at_least = if restart { 100 } else { 400 };
+    assert!(requests >= at_least, "{metrics}");
     let bar_exits = metrics_device_exits(&metrics, "virtio-blk");
     assert!(
         bar_exits * 5 < requests,
