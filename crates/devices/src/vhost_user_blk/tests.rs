@@ -341,6 +341,26 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// DRIVER_OK with every offered feature and `driver`'s one queue; returns what records the
+/// interrupts.
+fn start_on_one_queue(
+    device: &mut VhostUserBlk,
+    mem: &GuestMemoryMmap,
+    driver: &Driver<'_>,
+) -> Arc<Interrupts> {
+    let interrupts = Arc::new(Interrupts::default());
+    let features = device.device_features();
+    device
+        .start(
+            features,
+            sluice_dma::identity(mem.clone()),
+            vec![driver.binding()],
+            interrupts.clone(),
+        )
+        .unwrap();
+    interrupts
+}
+
 fn open(qsd: &Qsd, mem: &GuestMemoryMmap, queues: u16) -> VhostUserBlk {
     let mut config = VhostUserBlkConfig::new(&qsd.socket);
     config.queues = queues;
@@ -538,16 +558,7 @@ fn a_restarted_backend_gets_the_rings_back() {
     let mem = memfd_ram(RAM_SIZE);
     let mut device = open(&qsd, &mem, 1);
     let mut driver = Driver::new(&mem, 0);
-    let interrupts = Arc::new(Interrupts::default());
-    let features = device.device_features();
-    device
-        .start(
-            features,
-            sluice_dma::identity(mem.clone()),
-            vec![driver.binding()],
-            interrupts.clone(),
-        )
-        .unwrap();
+    let interrupts = start_on_one_queue(&mut device, &mem, &driver);
     driver.submit(VIRTIO_BLK_T_OUT, 0, &pattern(5, 512));
     driver.wait_used(1);
 
@@ -576,19 +587,10 @@ fn a_backend_gone_at_driver_ok_is_waited_for_not_a_reset() {
     let mem = memfd_ram(RAM_SIZE);
     let mut device = open(&qsd, &mem, 1);
     let mut driver = Driver::new(&mem, 0);
-    let interrupts = Arc::new(Interrupts::default());
-    let features = device.device_features();
     qsd.kill();
 
     // DRIVER_OK while the backend is away: the setup fails, the device waits for it.
-    device
-        .start(
-            features,
-            sluice_dma::identity(mem.clone()),
-            vec![driver.binding()],
-            interrupts.clone(),
-        )
-        .unwrap();
+    let interrupts = start_on_one_queue(&mut device, &mem, &driver);
     let (_, status) = driver.submit(VIRTIO_BLK_T_OUT, 8, &pattern(9, 512));
     std::thread::sleep(Duration::from_millis(300));
     qsd.restart();
