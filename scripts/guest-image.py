@@ -11,6 +11,8 @@ Guest protocol (the /init below):
     (virtio_ring, virtio, virtio_pci_modern_dev, virtio_pci_legacy_dev, virtio_pci, virtio_blk,
     failover, net_failover, virtio_net, virtio-rng; checked against each module's `depends=`);
   - `sluice.wait=/dev/vda[,/dev/vdb]` waits up to 10 s for those device nodes;
+  - `sluice.watchdog=SECS` prints /proc/interrupts, the disks' in-flight counts and blk-mq's busy
+    requests after SECS seconds if the command is still running (a hung run then says why);
   - `sluice.run=<base64 of a shell command>` runs the command with busybox sh (base64 keeps any
     quoting and spaces out of the kernel's command-line parser); it prints SLUICE-RUN-START
     before and SLUICE-RUN-EXIT=<status> after, or SLUICE-RUN-EXIT=127 if the parameter is
@@ -75,12 +77,27 @@ for module in $(cat /sluice/modules.order); do
 done
 run=
 wait_for=
+watchdog=
 for word in $(cat /proc/cmdline); do
     case "$word" in
     sluice.run=*) run=${word#sluice.run=} ;;
     sluice.wait=*) wait_for=${word#sluice.wait=} ;;
+    sluice.watchdog=*) watchdog=${word#sluice.watchdog=} ;;
     esac
 done
+if [ -n "$watchdog" ]; then
+    (
+        sleep "$watchdog"
+        echo "SLUICE-WATCHDOG: still running after $watchdog s"
+        cat /proc/interrupts
+        for disk in /sys/block/*; do echo "$disk in flight: $(cat $disk/inflight)"; done
+        mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+        for hctx in /sys/kernel/debug/block/*/hctx*; do
+            echo "$hctx busy:"; cat "$hctx/busy" "$hctx/dispatch" 2>/dev/null
+        done
+        echo SLUICE-WATCHDOG-END
+    ) &
+fi
 for node in $(echo "$wait_for" | tr , ' '); do
     tries=0
     while [ ! -e "$node" ] && [ $tries -lt 100 ]; do

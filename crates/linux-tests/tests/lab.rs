@@ -69,6 +69,11 @@ const CORRUPT_OFFSET: u64 = CORRUPT_BLOCK * fio::BLOCK_SIZE as u64 + 1000;
 /// L1 boot (~5 s), two L2 boots (~7 s each) and fio's 16 MiB of writes and reads, with room
 /// for a loaded host.
 const LAB_TIMEOUT: Duration = Duration::from_secs(600);
+/// One sluice run in L1 (an L2 boot and its command) is stopped after this, so that a hang
+/// leaves metrics and a report, and a test's two runs still end within [`LAB_TIMEOUT`].
+const L2_RUN_TIMEOUT: Duration = Duration::from_secs(240);
+/// When the L2 guest image prints its interrupt and in-flight state if still running.
+const L2_WATCHDOG: Duration = Duration::from_secs(150);
 
 struct Setup {
     sluice: PathBuf,
@@ -98,16 +103,15 @@ impl Setup {
     /// `l2_command` (through the guest image's `sluice.run=`) and keeping its console and
     /// metrics in the share as `<name>.console` and `<name>.json`.
     fn sluice_line(&self, name: &str, devices: &str, cmdline: &str) -> String {
-        format!(
-            "{sluice} run --kernel {kernel} --initrd {initrd} --memory {L2_MEMORY} {devices} \
-             --metrics {SCRATCH}/{name}.json --cmdline '{cmdline}' > {SCRATCH}/{name}.console 2>&1",
-            sluice = self.sluice.display(),
-            kernel = self.image.kernel.display(),
-            initrd = self.image.initramfs.display(),
-        )
+        let kernel = self.image.kernel.display().to_string();
+        let initrd = self.image.initramfs.display().to_string();
+        self.sluice_line_booting(name, &kernel, &initrd, devices, cmdline)
     }
 
-    /// [`Setup::sluice_line`] with another kernel and initramfs (paths in L1).
+    /// [`Setup::sluice_line`] with another kernel and initramfs (paths in L1). A run that hangs
+    /// is stopped with SIGTERM after [`L2_RUN_TIMEOUT`], which still writes the metrics (each
+    /// queue's unread buffers and requests in flight) and the queues' stop report (logged by
+    /// sluice_virtio at info); the guest image's watchdog prints the guest's side first.
     fn sluice_line_booting(
         &self,
         name: &str,
@@ -117,8 +121,12 @@ impl Setup {
         cmdline: &str,
     ) -> String {
         format!(
-            "{sluice} run --kernel {kernel} --initrd {initrd} --memory {L2_MEMORY} {devices} \
-             --metrics {SCRATCH}/{name}.json --cmdline '{cmdline}' > {SCRATCH}/{name}.console 2>&1",
+            "timeout -s TERM {timeout} {sluice} --log warn,sluice_virtio=info run \
+             --kernel {kernel} --initrd {initrd} --memory {L2_MEMORY} {devices} \
+             --metrics {SCRATCH}/{name}.json \
+             --cmdline '{cmdline} sluice.watchdog={watchdog}' > {SCRATCH}/{name}.console 2>&1",
+            timeout = L2_RUN_TIMEOUT.as_secs(),
+            watchdog = L2_WATCHDOG.as_secs(),
             sluice = self.sluice.display(),
         )
     }
@@ -216,7 +224,13 @@ fn lab_fio_verify_on_sluice_virtio_blk() {
 
     run.assert_success();
     let write_console = setup.read("write.console");
-    let context = || format!("{}\n--- L2 (write) ---\n{write_console}", run.transcript());
+    let context = || {
+        format!(
+            "{}\n--- L2 (write) ---\n{write_console}\n--- metrics ---\n{}",
+            run.transcript(),
+            setup.read("write.json")
+        )
+    };
     assert!(run.stdout.contains("sluice-write-exit=0"), "{}", context());
     assert_eq!(parse_exit_marker(&write_console), Some(0), "{}", context());
     assert_eq!(

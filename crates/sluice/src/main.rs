@@ -4,11 +4,13 @@
 mod guest_kit;
 mod host;
 mod serve;
+mod signals;
 mod size;
 mod spectrum;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use std::fs::File;
 use std::io::Write;
@@ -20,7 +22,7 @@ use sluice_vmm::config::{DiskSpec, E1000Spec, NetSpec, NvmeSpec, RngSpec};
 use sluice_vmm::iommu::IommuKind;
 use sluice_vmm::machine::{self, SerialTarget, VmConfig, VmReport};
 use sluice_vmm::numa::NumaPolicy;
-use sluice_vmm::vcpu::VmOutcome;
+use sluice_vmm::vcpu::{RunControl, VmOutcome};
 
 /// Exit status when the guest asked for a reset (sluice does not reboot guests).
 const EXIT_GUEST_RESET: u8 = 120;
@@ -258,7 +260,15 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         nvmes: args.nvme,
         vfio: args.device,
     };
-    let report = machine::run(config)?;
+    // Before the VM's threads start, so that none of them takes the signal.
+    let stop_signals = signals::StopSignals::block().context("cannot set up signal handling")?;
+    let control = Arc::new(RunControl::default());
+    let stopper = control.clone();
+    stop_signals.on_signal(move |signal| {
+        tracing::info!("signal {signal}: stopping the VM");
+        stopper.finish(VmOutcome::Stopped { signal });
+    })?;
+    let report = machine::run_controlled(config, control)?;
     tracing::info!(
         setup_us = report.setup_time.as_micros() as u64,
         rss_overhead_kib = report.rss.overhead(),
@@ -350,6 +360,11 @@ pub(crate) fn exit_status(outcome: &VmOutcome) -> u8 {
         VmOutcome::Crash(why) => {
             say(format_args!("sluice: the VM crashed: {why}"));
             EXIT_GUEST_CRASH
+        }
+        VmOutcome::Stopped { signal } => {
+            say(format_args!("sluice: stopped by signal {signal}"));
+            // The shell's convention for a process ended by a signal.
+            128u8.saturating_add(u8::try_from(*signal).unwrap_or(0))
         }
     }
 }

@@ -20,7 +20,9 @@ use clap::{Args, Subcommand};
 use sluice_devices::block::{Block, BlockConfig};
 use sluice_devices::net::{parse_mac, Net, NetConfig, Tap};
 use sluice_devices::rng::Rng;
-use sluice_vhost::{Limits, Server, SocketRemover};
+use sluice_vhost::{Limits, Server};
+
+use crate::signals::StopSignals;
 use sluice_virtio::VirtioDevice;
 
 /// The MAC the backend reports when `--mac` is not given (QEMU uses its own `mac=` anyway).
@@ -138,63 +140,18 @@ fn serve<D: VirtioDevice + 'static>(
     let socket = &listen.socket;
     let server = Server::bind_with(socket, device, listen.limits())
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
-    stop_signals.remove_on_stop(server.socket_remover(), what.to_owned())?;
+    let remover = server.socket_remover();
+    let name = what.to_owned();
+    stop_signals.on_signal(move |signal| {
+        tracing::info!("{name}: signal {signal}: removing the socket and exiting");
+        remover.remove();
+        std::process::exit(0);
+    })?;
     tracing::info!("{what}: listening on {}", socket.display());
     // The accept loop starts the connection threads, which inherit (and repeat) this filter.
     sluice_sandbox::confine_current_thread(sluice_sandbox::ThreadKind::Connection)?;
     server.run().context("vhost-user server failed")?;
     Ok(0)
-}
-
-/// SIGTERM and SIGINT, blocked in every thread and taken by one thread with sigwait(2):
-/// the handling (removing the socket, logging) then runs as ordinary code, not in a signal
-/// handler.
-struct StopSignals {
-    set: libc::sigset_t,
-}
-
-impl StopSignals {
-    fn block() -> std::io::Result<Self> {
-        // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
-        let set = unsafe {
-            let mut set = std::mem::zeroed::<libc::sigset_t>();
-            libc::sigemptyset(&raw mut set);
-            libc::sigaddset(&raw mut set, libc::SIGTERM);
-            libc::sigaddset(&raw mut set, libc::SIGINT);
-            set
-        };
-        // SAFETY: a valid, initialised set; the old mask is not wanted.
-        let result =
-            unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()) };
-        if result != 0 {
-            return Err(std::io::Error::from_raw_os_error(result));
-        }
-        Ok(StopSignals { set })
-    }
-
-    /// Starts the thread that, on SIGTERM or SIGINT, removes the socket and exits 0.
-    fn remove_on_stop(self, remover: SocketRemover, what: String) -> anyhow::Result<()> {
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                let signal = self.wait();
-                tracing::info!("{what}: signal {signal}: removing the socket and exiting");
-                remover.remove();
-                std::process::exit(0);
-            })
-            .context("cannot start the signal thread")?;
-        Ok(())
-    }
-
-    fn wait(&self) -> i32 {
-        loop {
-            let mut signal = 0;
-            // SAFETY: a valid set of blocked signals and a valid output pointer.
-            if unsafe { libc::sigwait(&raw const self.set, &raw mut signal) } == 0 {
-                return signal;
-            }
-        }
-    }
 }
 
 fn serve_net(args: NetArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {

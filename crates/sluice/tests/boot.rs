@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{boot_guest, skip_without_kvm, Run, EXIT_GUEST_CRASH, EXIT_GUEST_RESET};
+use common::{boot_guest, build_guest, skip_without_kvm, Run, EXIT_GUEST_CRASH, EXIT_GUEST_RESET};
 
 /// Exit codes the guests use for their own failures (tests/guests/common.inc).
 const GUEST_EXIT_TIMEOUT: i32 = 3;
@@ -259,4 +259,78 @@ fn test_device_is_absent_unless_asked_for() {
     let run = boot_guest("msix", &[]);
     assert_console_has(&run, "msix: test device not found on bus 0");
     assert_status(&run, GUEST_EXIT_NOT_FOUND);
+}
+
+#[test]
+fn sigterm_stops_the_vm_and_still_writes_its_metrics() {
+    if skip_without_kvm("sigterm_stops_the_vm_and_still_writes_its_metrics") {
+        return;
+    }
+    let scratch = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("sigterm.{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let console = scratch.join("console.txt");
+    let metrics = scratch.join("metrics.json");
+    let mut child = std::process::Command::new(common::SLUICE)
+        .args(["run", "--kernel"])
+        .arg(build_guest("wait"))
+        .arg(format!("--serial=file={}", console.display()))
+        .arg("--metrics")
+        .arg(&metrics)
+        .arg("--rng")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start sluice");
+    let waiting = wait_for_text(&console, "waiting", std::time::Duration::from_secs(20));
+
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = wait_or_kill(&mut child, std::time::Duration::from_secs(20));
+
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let written = std::fs::read_to_string(&metrics).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&scratch);
+    assert!(waiting, "the guest never said it was waiting");
+    assert_eq!(status, Some(128 + libc::SIGTERM), "stderr: {stderr}");
+    assert!(stderr.contains("stopped by signal 15"), "stderr: {stderr}");
+    let json: serde_json::Value = serde_json::from_str(&written).expect("metrics JSON");
+    assert!(
+        json["outcome"].as_str().unwrap_or("").contains("Stopped"),
+        "{json:#}"
+    );
+    assert!(
+        json["devices"].as_array().is_some_and(|d| !d.is_empty()),
+        "{json:#}"
+    );
+}
+
+/// Polls `path` until it contains `text` or `timeout` passes.
+fn wait_for_text(path: &std::path::Path, text: &str, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if std::fs::read_to_string(path).is_ok_and(|t| t.contains(text)) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
+
+/// The child's exit status, or `None` if it had to be killed after `timeout`.
+fn wait_or_kill(child: &mut std::process::Child, timeout: std::time::Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for sluice") {
+            return status.code();
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

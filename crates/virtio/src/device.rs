@@ -215,6 +215,11 @@ pub trait QueueHandler: Send + 'static {
     fn has_in_flight(&self) -> bool {
         false
     }
+    /// How many requests are in flight (for the stop report); at least 1 when
+    /// [`QueueHandler::has_in_flight`] says so.
+    fn in_flight(&self) -> usize {
+        usize::from(self.has_in_flight())
+    }
     /// A cheap check (no system call) that `complete` has something to collect, so a polling
     /// worker reaps completions in its spin loop rather than after an epoll wakeup.
     fn completion_ready(&mut self) -> bool {

@@ -72,6 +72,11 @@ pub struct QueueMetrics {
     pub errors: AtomicU64,
     /// Time from popping a chain to adding it to the used ring.
     pub latency: LatencyHistogram,
+    /// When the queue's worker stopped: buffers the driver had published that the device never
+    /// took (a lost kick if the VM hung), and requests still in flight in the device (a lost
+    /// completion). Both 0 after a clean run.
+    pub unread_at_stop: AtomicU64,
+    pub in_flight_at_stop: AtomicU64,
 }
 
 impl QueueMetrics {
@@ -167,6 +172,8 @@ impl DeviceMetrics {
                     "requests": load(&q.requests),
                     "bytes": load(&q.bytes),
                     "errors": load(&q.errors),
+                    "unread_at_stop": load(&q.unread_at_stop),
+                    "in_flight_at_stop": load(&q.in_flight_at_stop),
                     "latency_ns": {
                         "p50": q.latency.quantile(0.5),
                         "p90": q.latency.quantile(0.9),

@@ -321,8 +321,30 @@ impl Worker {
         if !self.broken {
             // Completions must not be left unsignalled when the queue changes hands.
             self.flush_batch();
+            self.record_stop_state();
         }
         self.queue
+    }
+
+    /// Notes what the ring held when the worker stopped (see `QueueMetrics::unread_at_stop`):
+    /// after a hang this tells a lost kick from a lost completion or interrupt.
+    fn record_stop_state(&self) {
+        let unread = self.queue.unread(&self.mem).unwrap_or(0);
+        let in_flight = self.handler.in_flight();
+        if let Some(metrics) = self.metrics.queues.get(usize::from(self.index)) {
+            metrics
+                .unread_at_stop
+                .store(u64::from(unread), Ordering::Relaxed);
+            metrics
+                .in_flight_at_stop
+                .store(in_flight as u64, Ordering::Relaxed);
+        }
+        if unread > 0 || in_flight > 0 {
+            tracing::info!(
+                "{}: stopped with {unread} buffers unread and {in_flight} requests in flight",
+                self.name
+            );
+        }
     }
 
     /// Requests made available while nobody served the ring (a ring restarted after

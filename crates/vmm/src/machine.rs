@@ -136,6 +136,12 @@ pub(crate) fn device_err(what: &'static str, reason: impl ToString) -> VmError {
 
 /// Builds the VM described by `config`, runs it to the end and reports.
 pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
+    run_controlled(config, Arc::new(RunControl::default()))
+}
+
+/// [`run`] with the caller holding the VM's [`RunControl`], so that it can end the run from
+/// outside the guest (`RunControl::finish`, e.g. on SIGTERM) and still get the report.
+pub fn run_controlled(config: VmConfig, control: Arc<RunControl>) -> Result<VmReport, VmError> {
     let started = Instant::now();
     if config.cpus == 0 || config.cpus > 254 {
         return Err(VmError::Cpus(config.cpus));
@@ -171,7 +177,7 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
     let dispatch = ExitDispatch {
         pio: Arc::new(Bus::new()),
         mmio: Arc::new(Bus::new()),
-        control: Arc::new(RunControl::default()),
+        control,
         stats: Arc::new(ExitStats::default()),
     };
     crate::platform::attach_platform_devices(&vm, &dispatch, &config, &ram)?;

@@ -195,6 +195,10 @@ impl QueueHandler for BlockQueueHandler {
         self.io.in_flight() > 0
     }
 
+    fn in_flight(&self) -> usize {
+        self.io.in_flight()
+    }
+
     fn completion_ready(&mut self) -> bool {
         self.io.has_completions()
     }

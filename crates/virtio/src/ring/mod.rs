@@ -122,6 +122,18 @@ impl VirtQueue {
         }
     }
 
+    /// Buffers the driver published that the device has not taken: exact for a split ring,
+    /// 0 or 1 for a packed one (only the next slot is looked at).
+    pub fn unread(&self, mem: &DmaSpace) -> Result<u16, QueueError> {
+        match self {
+            VirtQueue::Split(q) => {
+                let avail = q.avail_idx(mem, Ordering::Acquire)?;
+                Ok((avail - Wrapping(q.next_avail())).0)
+            }
+            VirtQueue::Packed(q) => Ok(u16::from(q.has_available(mem)?)),
+        }
+    }
+
     /// A value that changes whenever the driver publishes buffers, and only then: the split
     /// ring's avail index, or for a packed ring the end of the available slots (position and
     /// wrap counter).

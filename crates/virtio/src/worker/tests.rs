@@ -88,6 +88,10 @@ impl QueueHandler for AsyncHandler {
     fn has_in_flight(&self) -> bool {
         !self.in_flight.is_empty()
     }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
 }
 
 /// Leaves every chain in the ring, as an RX queue does while the tap has no frames; counts
@@ -918,4 +922,43 @@ mod packed {
         assert_eq!(h.interrupt.resets.load(Ordering::SeqCst), 1);
         assert_eq!(load(&h.queue_metrics().requests), 0);
     }
+}
+
+#[test]
+fn a_stopped_worker_reports_unread_buffers_and_requests_in_flight() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let queue = h.driver.create_queue::<Queue>().unwrap();
+    let handler = Box::new(AsyncHandler {
+        done: EventFd::new(EFD_NONBLOCK).unwrap(),
+        in_flight: Vec::new(),
+    });
+    let worker = h.spawn_with(queue, NotifyPolicy::Interrupt, handler, true);
+    // Two requests taken and never completed, then two published without a kick.
+    h.submit(false);
+    h.submit(true);
+    wait_until("the kick", || load(&h.queue_metrics().kicks) == 1);
+    // The pass that follows the kick takes both chains.
+    thread::sleep(Duration::from_millis(100));
+    h.submit(false);
+    h.submit(false);
+
+    worker.stop();
+
+    assert_eq!(load(&h.queue_metrics().in_flight_at_stop), 2);
+    assert_eq!(load(&h.queue_metrics().unread_at_stop), 2);
+}
+
+#[test]
+fn a_worker_stopped_after_a_clean_run_reports_nothing_left() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let worker = h.spawn(NotifyPolicy::Interrupt, true);
+    h.submit(true);
+    wait_until("the answer", || h.used_idx() == 1);
+
+    worker.stop();
+
+    assert_eq!(load(&h.queue_metrics().in_flight_at_stop), 0);
+    assert_eq!(load(&h.queue_metrics().unread_at_stop), 0);
 }

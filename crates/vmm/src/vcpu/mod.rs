@@ -26,6 +26,9 @@ pub enum VmOutcome {
     /// The VM cannot continue (triple fault, emulation failure, failed entry); the text says why
     /// and includes a register dump.
     Crash(String),
+    /// The operator stopped the VM (SIGTERM / SIGINT to `sluice run`): devices stopped and
+    /// metrics written as for any other end.
+    Stopped { signal: i32 },
 }
 
 /// Shared stop state: the first outcome wins, every vCPU thread then stops.
