@@ -11,7 +11,8 @@
 //!
 //! - VFIO: an NVMe VF bound to vfio-pci is assigned to sluice (`--device vfio=`); the guest
 //!   kit's NVMe driver verifies through it, and L1 reads the pattern back through the PF's
-//!   namespace; a VF not bound to vfio-pci is refused by name.
+//!   namespace; a VF not bound to vfio-pci is refused by name, and so is a bound one when
+//!   sluice runs in a memory cgroup below the guest RAM `dma=all` would pin (the limit named).
 //! - A hostile guest: the kit programs the assigned VF to DMA far outside its RAM; L1's IOMMU
 //!   refuses it (a DMAR fault naming the VF in L1's dmesg), sluice and the VM carry on, and a
 //!   verify on the same queue passes.
@@ -359,6 +360,19 @@ fn dumped_blocks(stdout: &str) -> BTreeMap<u64, Vec<u8>> {
     blocks
 }
 
+/// L1 shell lines that run sluice with the bound VF `$vf` inside a memory cgroup whose
+/// memory.max (64 MiB) is below the guest RAM `dma=all` would pin (the default 128 MiB).
+fn cgroup_refusal() -> String {
+    format!(
+        "mountpoint -q /sys/fs/cgroup || mount -t cgroup2 none /sys/fs/cgroup\n\
+         echo +memory > /sys/fs/cgroup/cgroup.subtree_control\n\
+         mkdir -p /sys/fs/cgroup/small && echo 64M > /sys/fs/cgroup/small/memory.max\n\
+         out=$(sh -c \"echo \\$\\$ > /sys/fs/cgroup/small/cgroup.procs && exec {SLUICE} run --device vfio=$vf\" 2>&1)\n\
+         echo \"cgroup-status $?\"\n\
+         echo \"$out\" | sed 's/^/CGROUP /'\n"
+    )
+}
+
 #[test]
 fn lab_vfio_nvme_vf_on_sluice_verifies_and_the_pf_reads_the_data() {
     if skip("lab-vfio-nvme") {
@@ -384,6 +398,7 @@ fn lab_vfio_nvme_vf_on_sluice_verifies_and_the_pf_reads_the_data() {
          set -e\n\
          lab-bind-vfio $vf\n\
          set +e\n\
+         {cgroup_refusal}\
          {SLUICE} run --device vfio=$vf --metrics /tmp/vfio.json --cmdline 'quiet {workload}'; status=$?\n\
          echo METRICS $(tr -d '\\n' < /tmp/vfio.json)\n\
          echo 3 > /proc/sys/vm/drop_caches\n\
@@ -392,6 +407,7 @@ fn lab_vfio_nvme_vf_on_sluice_verifies_and_the_pf_reads_the_data() {
          done\n\
          exit $status\n",
         zero_mb = VFIO_SPAN_MB + 1,
+        cgroup_refusal = cgroup_refusal(),
     );
 
     let run = Lab::new()
@@ -457,6 +473,23 @@ fn lab_vfio_nvme_vf_on_sluice_verifies_and_the_pf_reads_the_data() {
             .get(&beyond)
             .is_some_and(|b| b.iter().all(|&x| x == 0)),
         "the block after the span stays zero\n{}",
+        context()
+    );
+    // (d) in a memory cgroup too small for the guest RAM it would pin, the bound VF is refused
+    // with the limit named, before anything is mapped.
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.starts_with("cgroup-status ") && l != "cgroup-status 0"),
+        "sluice started in a cgroup too small to pin its RAM\n{}",
+        context()
+    );
+    assert!(
+        run.stdout.contains(
+            "CGROUP sluice: cannot set up device vfio: dma=all pins all guest RAM: the memory \
+             cgroup limit /sys/fs/cgroup/small is 64 MiB, 128 MiB needed"
+        ),
+        "{}",
         context()
     );
     // Doorbells and registers go straight to the VF's BAR (KVM memory slots), not through exits;
