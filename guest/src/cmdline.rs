@@ -115,6 +115,10 @@ pub enum NvmeHostile {
     /// One Read whose PRP1 points far beyond guest RAM (`hostile=dma_outside`): the device is
     /// asked to DMA where the VMM mapped nothing; the host's IOMMU must refuse it.
     DmaOutside,
+    /// One Read into a page of guest RAM the kit never gave the device
+    /// (`hostile=dma_unmapped`): behind `iommu=vtd` the guest's own IOMMU must refuse it,
+    /// leave the page untouched and record a fault naming the device and the page.
+    DmaUnmapped,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -169,6 +173,8 @@ pub struct Config {
     pub ring: u8,
     /// The virtqueue layout asked for (`vq=split|packed`, default split).
     pub vq: VqLayout,
+    /// Every device behind the DMAR's VT-d, DMA buffers only mapped (`iommu=vtd`).
+    pub iommu: bool,
 }
 
 /// Default ring: on kvm_pvm CPL3 code runs natively, CPL0 code in KVM's emulator.
@@ -232,7 +238,7 @@ fn parse_blk(rest: &str, default_mode: Mode) -> Result<Workload, String> {
 }
 
 /// `w=nvme`: blk's keys (the driver polls: `mode` other than `poll` and `event_idx` are
-/// refused) plus `dbbuf=on|off` (default on) and `hostile=dma_outside`.
+/// refused) plus `dbbuf=on|off` (default on) and `hostile=dma_outside|dma_unmapped`.
 fn parse_nvme(rest: &str) -> Result<Workload, String> {
     let mut dbbuf = true;
     let mut hostile = None;
@@ -243,6 +249,7 @@ fn parse_nvme(rest: &str) -> Result<Workload, String> {
             "hostile" => {
                 hostile = match value {
                     "dma_outside" => Some(NvmeHostile::DmaOutside),
+                    "dma_unmapped" => Some(NvmeHostile::DmaUnmapped),
                     _ => return Err(alloc::format!("nvme: hostile={value} unknown")),
                 }
             }
@@ -415,6 +422,7 @@ pub fn parse(cmdline: &str) -> Result<Config, String> {
         quiet: false,
         ring: DEFAULT_RING,
         vq: VqLayout::Split,
+        iommu: false,
     };
     // `ring=` applies to every workload wherever it stands, and picks their default mode.
     for token in cmdline.split_ascii_whitespace() {
@@ -441,6 +449,12 @@ pub fn parse(cmdline: &str) -> Result<Config, String> {
             };
         } else if let Some(value) = token.strip_prefix("timeout_ms=") {
             config.timeout_ms = bounded("timeout_ms", value, 1, 3_600_000)?;
+        } else if let Some(value) = token.strip_prefix("iommu=") {
+            config.iommu = match value {
+                "vtd" => true,
+                "off" => false,
+                _ => return Err(alloc::format!("iommu={value}: expected vtd or off")),
+            };
         } else if token == "quiet" {
             config.quiet = true;
         } else {

@@ -65,6 +65,11 @@ extern "C" fn rust_main(start_info: u32) -> ! {
         acpi::info().and_then(|info| info.ecam.first().copied()),
         true,
     );
+    if config.iommu {
+        if let Err(error) = drivers::vtd::enable() {
+            exit::fail(Status::WorkloadFailed, format_args!("iommu=vtd: {}", error));
+        }
+    }
     let status = workloads::run_all(&config);
     match status {
         Status::Pass => println!("GUEST-KIT PASS"),

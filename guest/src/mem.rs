@@ -63,17 +63,27 @@ pub fn alloc_phys(size: u64, align: u64) -> Option<u64> {
     }
 }
 
-/// Allocates zeroed, page-aligned memory for DMA; phys == virt.
+/// Allocates zeroed, page-aligned memory for DMA; phys == virt. Behind the kit's IOMMU
+/// (`iommu=vtd`) the pages are also mapped for the devices: DMA buffers are the only memory
+/// a device may reach.
 pub fn alloc_dma(size: u64) -> Option<u64> {
+    let addr = alloc_private(size)?;
+    crate::drivers::vtd::on_dma_alloc(addr, size.max(1).next_multiple_of(PAGE_SIZE));
+    Some(addr)
+}
+
+/// Allocates zeroed, page-aligned memory no device is given (stacks, CPU tables, page
+/// tables); phys == virt.
+pub fn alloc_private(size: u64) -> Option<u64> {
     let addr = alloc_phys(size.max(1).next_multiple_of(PAGE_SIZE), PAGE_SIZE)?;
     // SAFETY: the range was just handed out by the bump allocator and is identity mapped RAM.
     unsafe { core::ptr::write_bytes(addr as *mut u8, 0, size as usize) };
     Some(addr)
 }
 
-/// One zeroed 4 KiB page.
+/// One zeroed 4 KiB page no device is given.
 pub fn alloc_zeroed_page() -> Option<u64> {
-    alloc_dma(PAGE_SIZE)
+    alloc_private(PAGE_SIZE)
 }
 
 struct BumpHeap;

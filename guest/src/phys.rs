@@ -41,6 +41,16 @@ pub fn mmio_write32(addr: u64, value: u32) {
     unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
 }
 
+pub fn mmio_read64(addr: u64) -> u64 {
+    // SAFETY: as `mmio_read32`.
+    unsafe { core::ptr::read_volatile(addr as *const u64) }
+}
+
+pub fn mmio_write64(addr: u64, value: u64) {
+    // SAFETY: as `mmio_read32`.
+    unsafe { core::ptr::write_volatile(addr as *mut u64, value) }
+}
+
 pub fn mmio_read16(addr: u64) -> u16 {
     // SAFETY: as `mmio_read32`.
     unsafe { core::ptr::read_volatile(addr as *const u16) }

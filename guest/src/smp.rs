@@ -130,7 +130,7 @@ fn start_one(index: usize, apic_id: u32, timeout_ms: u64) -> bool {
     cpu.online.store(false, Ordering::Release);
     cpu.job.store(0, Ordering::Release);
     cpu.apic_id.store(apic_id, Ordering::Release);
-    let Some(stack) = mem::alloc_dma(AP_STACK_SIZE) else {
+    let Some(stack) = mem::alloc_private(AP_STACK_SIZE) else {
         return false;
     };
     AP_BOOT_STACK_TOP.store(stack + AP_STACK_SIZE, Ordering::Release);

@@ -119,6 +119,9 @@ pub enum Device {
     VhostUserNet { socket: PathBuf },
     /// QEMU's e1000 (82540EM) with the same UDP transport as [`Device::VirtioNet`].
     E1000 { host_port: u16, vmm_port: u16 },
+    /// QEMU's Intel VT-d (`intel-iommu`, q35 only) in caching mode, DMA remapping only; it
+    /// must come before the devices it translates.
+    IntelIommu,
 }
 
 impl Device {
@@ -371,6 +374,7 @@ fn qemu_device_args(index: usize, device: &Device) -> Vec<String> {
             "-device".into(),
             format!("virtio-blk-pci,drive=blk{index}"),
         ],
+        Device::IntelIommu => vec!["-device".into(), "intel-iommu,caching-mode=on".into()],
         Device::Nvme { image, queues } => vec![
             "-drive".into(),
             format!(

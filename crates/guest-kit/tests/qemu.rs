@@ -379,6 +379,45 @@ fn nvme_verify_2q_2cpus_prp_lists(accel: Accel, _test: &str) {
 }
 
 tcg_and_kvm!(nvme_verify_one_queue_pair, nvme_verify_1q);
+
+/// The kit's own VT-d driver on QEMU's `intel-iommu`: with only its DMA buffers mapped, an NVMe
+/// Read into a page it never mapped is refused (the page keeps its fill) and the unit's fault
+/// record names the controller and the page; the verify that follows runs through the unit.
+fn nvme_dma_unmapped_behind_intel_iommu(accel: Accel, _test: &str) {
+    let image = TempImage::new("nvme-vtd", IMAGE_BYTES);
+    let cmdline = format!(
+        "quiet iommu=vtd w=nvme:hostile=dma_unmapped:op=verify:bs={BLOCK_BYTES}:qd=8:queues=1:span_mb={}:seed={SEED}",
+        SPAN_BYTES >> 20
+    );
+    let run = qemu(accel, Machine::Q35, &cmdline)
+        .with_device(Device::IntelIommu)
+        .with_device(Device::Nvme {
+            image: image.path.clone(),
+            queues: 1,
+        });
+
+    let report = run.run().expect("run QEMU");
+
+    assert_passed(&report);
+    let hostile = report
+        .results_for("nvme_hostile")
+        .next()
+        .unwrap_or_else(|| panic!("no nvme_hostile RESULT: {}", report.describe()));
+    assert_eq!(hostile.raw["page_intact"], true, "{}", report.describe());
+    assert_eq!(
+        hostile.raw["iommu_fault"]["address"],
+        hostile.raw["addr"],
+        "{}",
+        report.describe()
+    );
+    assert_eq!(nvme_result(&report).verify.as_deref(), Some("ok"));
+    assert_block_has_pattern(&image, 0);
+}
+
+tcg_and_kvm!(
+    nvme_unmapped_dma_refused_by_intel_iommu,
+    nvme_dma_unmapped_behind_intel_iommu
+);
 tcg_and_kvm!(
     nvme_verify_two_queue_pairs_on_two_cpus_with_prp_lists,
     nvme_verify_2q_2cpus_prp_lists

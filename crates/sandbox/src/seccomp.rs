@@ -343,10 +343,12 @@ const KVM_VCPU_IOCTLS: [u64; 13] = {
         ioc(IOC_WRITE, 0x76, size_of::<kvm_irqfd>()),           // KVM_IRQFD
         ioc(IOC_WRITE, 0x79, size_of::<kvm_ioeventfd>()),       // KVM_IOEVENTFD
         ioc(IOC_WRITE, 0x6a, size_of::<kvm_irq_routing>()),     // KVM_SET_GSI_ROUTING
-        ioc(IOC_WRITE, 0xa5, size_of::<kvm_msi>()),             // KVM_SIGNAL_MSI
-        ioc(IOC_WRITE, 0x61, size_of::<kvm_irq_level>()),       // KVM_IRQ_LINE
+        KVM_SIGNAL_MSI,
+        ioc(IOC_WRITE, 0x61, size_of::<kvm_irq_level>()), // KVM_IRQ_LINE
     ]
 };
+
+const KVM_SIGNAL_MSI: u64 = ioc(IOC_WRITE, 0xa5, size_of::<kvm_bindings::kvm_msi>());
 
 /// What a vCPU thread asks for an assigned (VFIO) device from a guest config write: a BAR move
 /// re-registers the memory slots over the BAR's mmapped pages, and MSI-X enable/disable points
@@ -374,8 +376,10 @@ fn allowed_ioctls(kind: ThreadKind) -> Vec<u64> {
         .concat(),
         // SIOCOUTQ: the server checks what a frontend left unread before answering more.
         ThreadKind::Connection => [&TAP_AND_FD_IOCTLS[..], &[libc::TIOCOUTQ]].concat(),
-        // A virtio-net control queue attaches tap queues (MQ_VQ_PAIRS_SET) and sets offloads.
-        ThreadKind::QueueWorker => TAP_AND_FD_IOCTLS.to_vec(),
+        // A virtio-net control queue attaches tap queues (MQ_VQ_PAIRS_SET) and sets offloads;
+        // an MSI that has no irqfd route (a vIOMMU's fault event raised by the DMA that
+        // faulted, a vector whose route could not be programmed) goes out with KVM_SIGNAL_MSI.
+        ThreadKind::QueueWorker => [&TAP_AND_FD_IOCTLS[..], &[KVM_SIGNAL_MSI]].concat(),
         ThreadKind::VhostFrontend | ThreadKind::IrqResampler => Vec::new(),
     }
 }

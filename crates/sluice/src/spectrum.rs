@@ -1,8 +1,10 @@
 //! The main job: `sluice run` with no kernel, command line or device shows the I/O spectrum.
 //! The embedded guest kit runs the same short verify and random-read workloads on a
 //! paravirtual virtio-blk disk and on the emulated NVMe controller (with shadow doorbells,
-//! and with a doorbell write per command), one VM per device class on its own temporary image,
-//! and one table compares IOPS, latency and the userspace exits each I/O cost.
+//! and with a doorbell write per command), each of the first two also behind sluice's VT-d
+//! with the kit mapping only its DMA buffers (what translation costs), one VM per device
+//! class on its own temporary image, and one table compares IOPS, latency and the userspace
+//! exits each I/O cost.
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -13,6 +15,7 @@ use sluice_bus::DeviceExits;
 use sluice_devices::platform::CaptureBuffer;
 use sluice_guest_kit::{ExitKind, GuestKitReport, WorkloadResult};
 use sluice_vmm::config::{DiskSpec, NvmeSpec};
+use sluice_vmm::iommu::IommuKind;
 use sluice_vmm::machine::{self, SerialTarget, VmConfig};
 use sluice_vmm::vcpu::VmOutcome;
 
@@ -27,6 +30,9 @@ pub struct DeviceClass {
     device: Device,
     workload: &'static str,
     exit_name: &'static str,
+    /// Behind sluice's VT-d (`--iommu vtd`), the kit mapping only its DMA buffers
+    /// (`iommu=vtd`): the row then shows what translation costs.
+    behind_vtd: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -39,24 +45,41 @@ enum Device {
     },
 }
 
-pub const CLASSES: [DeviceClass; 3] = [
+pub const CLASSES: [DeviceClass; 5] = [
     DeviceClass {
         label: "virtio-blk (paravirtual)",
         device: Device::VirtioBlk,
         workload: "blk",
         exit_name: "virtio-blk",
+        behind_vtd: false,
+    },
+    DeviceClass {
+        label: "virtio-blk, vIOMMU",
+        device: Device::VirtioBlk,
+        workload: "blk",
+        exit_name: "virtio-blk",
+        behind_vtd: true,
     },
     DeviceClass {
         label: "NVMe, shadow doorbells",
         device: Device::Nvme { dbbuf: true },
         workload: "nvme",
         exit_name: "nvme",
+        behind_vtd: false,
+    },
+    DeviceClass {
+        label: "NVMe, shadow, vIOMMU",
+        device: Device::Nvme { dbbuf: true },
+        workload: "nvme",
+        exit_name: "nvme",
+        behind_vtd: true,
     },
     DeviceClass {
         label: "NVMe, MMIO doorbells",
         device: Device::Nvme { dbbuf: false },
         workload: "nvme",
         exit_name: "nvme",
+        behind_vtd: false,
     },
 ];
 
@@ -64,8 +87,9 @@ impl DeviceClass {
     /// The guest kit command line: a verify pass, then random 4K reads.
     fn cmdline(&self) -> String {
         let w = self.workload;
+        let iommu = if self.behind_vtd { " iommu=vtd" } else { "" };
         format!(
-            "quiet w={w}:op=verify:bs=4096:qd=16:span_mb={SPAN_MB}:seed=7 \
+            "quiet{iommu} w={w}:op=verify:bs=4096:qd=16:span_mb={SPAN_MB}:seed=7 \
              w={w}:op=randread:bs=4096:qd=32:ops=20000:span_mb={SPAN_MB}"
         )
     }
@@ -73,6 +97,9 @@ impl DeviceClass {
     /// `config` with this class's one device on `image`.
     fn attach(&self, config: &mut VmConfig, image: &Path) -> anyhow::Result<()> {
         let path = image.display();
+        if self.behind_vtd {
+            config.iommu = Some(IommuKind::Vtd);
+        }
         match self.device {
             Device::VirtioBlk => config
                 .disks
@@ -306,7 +333,7 @@ mod tests {
                 vec![exits("00:01.0 virtio-blk0", 20, 8), exits("com1", 0, 500)],
             ),
             class_run(
-                &CLASSES[2],
+                &CLASSES[4],
                 NVME_CONSOLE,
                 vec![exits("00:01.0 nvme0", 30, 30)],
             ),
@@ -336,7 +363,7 @@ mod tests {
 
     #[test]
     fn a_class_without_results_says_so() {
-        let runs = [class_run(&CLASSES[1], "GUEST-KIT PASS\n", Vec::new())];
+        let runs = [class_run(&CLASSES[2], "GUEST-KIT PASS\n", Vec::new())];
 
         let text = table(&runs);
 
@@ -350,9 +377,11 @@ mod tests {
     fn each_class_runs_verify_and_randread_with_its_own_driver() {
         let blk = CLASSES[0].cmdline();
         let nvme = CLASSES[2].cmdline();
+        let translated = CLASSES[3].cmdline();
 
         assert!(blk.contains("w=blk:op=verify") && blk.contains("w=blk:op=randread"));
         assert!(nvme.contains("w=nvme:op=randread:bs=4096:qd=32:ops=20000:span_mb=16"));
+        assert!(!nvme.contains("iommu=vtd") && translated.contains("iommu=vtd"));
     }
 
     #[test]

@@ -52,8 +52,8 @@ fn guest_kit_reports_sluice_acpi_tables_and_pci_devices() {
 
 /// The README's main job: `sluice run` with nothing else boots the embedded guest kit on
 /// virtio-blk and on the emulated NVMe (shadow doorbells, then MMIO doorbells), one VM each,
-/// and prints one table: every verify passed, every class measured, and trapped doorbells
-/// cost more exits per I/O than shadow ones.
+/// and prints one table: every verify passed (behind the vIOMMU too), every class measured, and
+/// trapped doorbells cost more exits per I/O than shadow ones.
 #[test]
 fn main_job_prints_the_spectrum_table() {
     if skip_without_kvm("main_job_prints_the_spectrum_table") {
@@ -67,7 +67,7 @@ fn main_job_prints_the_spectrum_table() {
 
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert_eq!(stdout.matches("GUEST-KIT PASS").count(), 3, "{stdout}");
+    assert_eq!(stdout.matches("GUEST-KIT PASS").count(), 5, "{stdout}");
     let table = &stdout[stdout.find("device ").expect("a table header")..];
     let exits_per_io = |label: &str| -> Vec<f64> {
         table
@@ -88,9 +88,16 @@ fn main_job_prints_the_spectrum_table() {
     let virtio = exits_per_io("virtio-blk (paravirtual)");
     let shadow = exits_per_io("NVMe, shadow doorbells");
     let mmio = exits_per_io("NVMe, MMIO doorbells");
+    let virtio_translated = exits_per_io("virtio-blk, vIOMMU");
+    let shadow_translated = exits_per_io("NVMe, shadow, vIOMMU");
     assert_eq!(
         (virtio.len(), shadow.len(), mmio.len()),
         (2, 2, 2),
+        "{table}"
+    );
+    assert_eq!(
+        (virtio_translated.len(), shadow_translated.len()),
+        (2, 2),
         "{table}"
     );
     assert!(mmio[0] > shadow[0], "{table}");

@@ -139,3 +139,82 @@ fn hostile_guest_dma_outside_its_ram_fails_on_the_emulated_nvme_and_the_queue_st
     );
     assert_eq!(verify.errors, Some(0), "{}", report.describe());
 }
+
+/// Runs `hostile=dma_unmapped` then a verify on one queue pair, with the kit's own VT-d on
+/// sluice's (`iommu`) or without any IOMMU; returns the hostile probe's RESULT and the metrics.
+fn dma_unmapped_probe(iommu: bool) -> (serde_json::Value, serde_json::Value) {
+    let image = image(if iommu { "unmapped-vtd" } else { "unmapped" });
+    let kit_iommu = if iommu { "iommu=vtd " } else { "" };
+    let cmdline = format!(
+        "quiet {kit_iommu}w=nvme:hostile=dma_unmapped:op=verify:bs={BLOCK}:qd=8:queues=1:span_mb={SPAN_MB}:seed={SEED}"
+    );
+    let mut args = vec![format!("--nvme=path={}", image.display())];
+    if iommu {
+        args.push("--iommu=vtd".into());
+    }
+
+    let (report, metrics) = run_on_sluice(&cmdline, args);
+
+    let _ = std::fs::remove_file(&image);
+    let hostile = report
+        .results_for("nvme_hostile")
+        .next()
+        .unwrap_or_else(|| panic!("no nvme_hostile RESULT\n{}", report.describe()))
+        .raw
+        .clone();
+    let verify = report.results_for("nvme").next().expect("an nvme RESULT");
+    assert_eq!(
+        verify.verify.as_deref(),
+        Some("ok"),
+        "{}",
+        report.describe()
+    );
+    (hostile, metrics)
+}
+
+#[test]
+fn the_guests_own_vtd_refuses_a_dma_into_ram_it_never_mapped_and_records_the_fault() {
+    let name = "the_guests_own_vtd_refuses_a_dma_into_ram_it_never_mapped_and_records_the_fault";
+    if skip_without_kvm(name) {
+        return;
+    }
+
+    let (hostile, metrics) = dma_unmapped_probe(true);
+
+    assert_eq!(hostile["iommu"], true, "{hostile:#}");
+    assert_eq!(hostile["page_intact"], true, "{hostile:#}");
+    assert_eq!(hostile["pass"], true, "{hostile:#}");
+    let fault = &hostile["iommu_fault"];
+    assert_eq!(fault["address"], hostile["addr"], "{hostile:#}");
+    assert_eq!(
+        fault["read"], false,
+        "the device writes the page: {hostile:#}"
+    );
+    assert!(
+        hostile["iommu_mapped_bytes"].as_u64().unwrap_or(0) > 0,
+        "{hostile:#}"
+    );
+    let vtd = metrics["devices"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["device"] == "vt-d"))
+        .unwrap_or_else(|| panic!("no vt-d metrics: {metrics:#}"));
+    assert!(
+        vtd["counters"]["faults"].as_u64().unwrap_or(0) >= 1,
+        "{vtd:#}"
+    );
+}
+
+#[test]
+fn without_an_iommu_the_same_dma_lands_in_the_unmapped_page() {
+    if skip_without_kvm("without_an_iommu_the_same_dma_lands_in_the_unmapped_page") {
+        return;
+    }
+
+    let (hostile, _) = dma_unmapped_probe(false);
+
+    assert_eq!(hostile["iommu"], false, "{hostile:#}");
+    assert_eq!(
+        hostile["page_intact"], false,
+        "nothing else would have stopped it: {hostile:#}"
+    );
+}

@@ -260,7 +260,7 @@ pub struct CpuTables {
 impl CpuTables {
     /// Allocates zeroed tables for one AP. Never freed: an AP lives as long as the run.
     pub fn allocate() -> Option<&'static mut CpuTables> {
-        let addr = crate::mem::alloc_dma(size_of::<CpuTables>() as u64)?;
+        let addr = crate::mem::alloc_private(size_of::<CpuTables>() as u64)?;
         // SAFETY: the range is fresh, zeroed, page aligned and ours alone; all-zero bytes are
         // a valid `CpuTables` (it holds only integers).
         Some(unsafe { &mut *(addr as *mut CpuTables) })

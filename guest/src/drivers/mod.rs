@@ -3,3 +3,4 @@
 pub mod e1000;
 pub mod nvme;
 pub mod virtio;
+pub mod vtd;

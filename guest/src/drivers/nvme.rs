@@ -882,6 +882,86 @@ fn hostile_dma_outside(
     }
 }
 
+/// The byte `hostile=dma_unmapped` fills its page with before asking the device to overwrite it.
+const UNMAPPED_FILL: u8 = 0xa5;
+
+/// Issues one Read of LBA 0 into a page of guest RAM no device was given (`mem::alloc_private`)
+/// and waits a bounded time for it. Behind the kit's own VT-d (`iommu=vtd`) the read must not
+/// land: the page keeps its fill and the unit records a fault for this controller at that
+/// page, which the RESULT line reports. Without the IOMMU nothing stops the device, so the
+/// same probe shows the page overwritten: the check can fail.
+fn hostile_dma_unmapped(
+    controller: &Controller,
+    pair: &mut QueuePair,
+    nsid: u32,
+) -> Result<(), NvmeError> {
+    let page = mem::alloc_private(PAGE).ok_or(NvmeError::NoMemory)?;
+    // SAFETY: a page the bump allocator just handed out, identity mapped, used only here.
+    let bytes = unsafe { core::slice::from_raw_parts_mut(page as *mut u8, PAGE as usize) };
+    bytes.fill(UNMAPPED_FILL);
+    let _ = crate::drivers::vtd::take_faults();
+    let command = Command::new(NVM_READ, HOSTILE_CID)
+        .nsid(nsid)
+        .prp(page, 0)
+        .cdw(10, 0)
+        .cdw(11, 0)
+        .cdw(12, 0);
+    pair.push(&command);
+    pair.publish_sq();
+    let deadline = Deadline::after_ms(HOSTILE_WAIT_MS);
+    let done = loop {
+        if let Some(done) = pair.pop() {
+            pair.publish_cq();
+            break Some(done);
+        }
+        if deadline.expired() {
+            break None;
+        }
+        crate::arch::pause();
+    };
+    let fatal = controller.fatal();
+    let intact = bytes.iter().all(|&b| b == UNMAPPED_FILL);
+    let source = controller.pci.bdf;
+    let requester =
+        u16::from(source.bus) << 8 | u16::from(source.device) << 3 | u16::from(source.function);
+    let fault = crate::drivers::vtd::take_faults()
+        .into_iter()
+        .find(|f| f.source == requester && f.address == page);
+    let status = match &done {
+        Some(d) if d.cid == HOSTILE_CID => alloc::format!("{}", d.code()),
+        _ => alloc::string::String::from("null"),
+    };
+    let fault_text = match fault {
+        Some(f) => alloc::format!(
+            "{{\"source\":\"{}\",\"address\":{},\"reason\":{},\"read\":{}}}",
+            source,
+            f.address,
+            f.reason,
+            f.read
+        ),
+        None => alloc::string::String::from("null"),
+    };
+    let contained = intact && (fault.is_some() || !crate::drivers::vtd::active());
+    crate::println!(
+        "RESULT {{\"workload\":\"nvme_hostile\",\"op\":\"dma_unmapped\",\"addr\":{},\
+         \"iommu\":{},\"page_intact\":{},\"completed\":{},\"hostile_status\":{},\
+         \"iommu_fault\":{},\"iommu_mapped_bytes\":{},\"controller_fatal\":{},\"pass\":{}}}",
+        page,
+        crate::drivers::vtd::active(),
+        intact,
+        done.is_some(),
+        status,
+        fault_text,
+        crate::drivers::vtd::mapped_bytes(),
+        fatal,
+        !fatal && contained
+    );
+    if fatal {
+        return Err(NvmeError::ControllerFatal);
+    }
+    Ok(())
+}
+
 /// Prints the failure and maps it to an outcome (timeouts end the run with status 4).
 fn report_error(error: &NvmeError) -> Outcome {
     let text = alloc::format!("{:?}", error).replace('"', "'");
@@ -964,6 +1044,9 @@ fn run(p: &NvmeParams, timeout_ms: u64) -> Result<Outcome, NvmeError> {
     match p.hostile {
         Some(NvmeHostile::DmaOutside) => {
             hostile_dma_outside(&controller, &mut pairs[0], namespace.nsid)?
+        }
+        Some(NvmeHostile::DmaUnmapped) => {
+            hostile_dma_unmapped(&controller, &mut pairs[0], namespace.nsid)?
         }
         None => {}
     }
