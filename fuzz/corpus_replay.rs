@@ -34,6 +34,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("nvme_registers", "sluice-devices"),
     ("pci_config_space", "sluice-host"),
     ("vfio_config", "sluice-vfio"),
+    ("api_request", "sluice-api"),
 ];
 
 /// A target body: what `fuzz_target!` runs on one input.

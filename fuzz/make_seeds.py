@@ -574,6 +574,23 @@ def config_space_seeds():
     yield "standard_loop", bytes(standard_loop)
 
 
+# --- api_request: [method selector][url]\n[body] ------------------------------------------------
+def api_seeds():
+    """The documented endpoints with their methods, wrong methods, bodies and answers."""
+    get, put, post = 0, 1, 2
+    return [
+        ("ping", bytes([get]) + b"/api/v1/vmm.ping\n"),
+        ("info", bytes([get]) + b"/api/v1/vm.info?x=1\n"),
+        ("pause", bytes([put]) + b"/api/v1/vm.pause\n{}"),
+        ("pause_body", bytes([put]) + b"/api/v1/vm.pause\n{\"a\":1}"),
+        ("resume_conflict", bytes([put]) + b"/api/v1/vm.resume\n"),
+        ("wrong_method", bytes([post]) + b"/api/v1/vm.info\n"),
+        ("unknown", bytes([get]) + b"/api/v2/../vm.info\n"),
+        ("metrics", bytes([get]) + b"/metrics\n"),
+        ("answer", b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"),
+    ]
+
+
 # --- vfio_config: [image_len u16][config image][ops of 8 bytes] -------------------------------
 def put32(image, offset, value):
     image[offset:offset + 4] = struct.pack("<I", value)
@@ -626,7 +643,8 @@ def main():
                           ("nvme_command", nvme_command_seeds()),
                           ("nvme_registers", nvme_register_seeds()),
                           ("pci_config_space", config_space_seeds()),
-                          ("vfio_config", vfio_seeds())):
+                          ("vfio_config", vfio_seeds()),
+                          ("api_request", api_seeds())):
         directory = ROOT / target
         directory.mkdir(parents=True, exist_ok=True)
         for name, data in seeds:

@@ -1,6 +1,7 @@
 //! `sluice`: the command-line front end. Parses flags, runs the VM, maps how it ended to an
 //! exit status (see `exit_status`).
 
+mod api;
 mod guest_kit;
 mod host;
 mod serve;
@@ -19,10 +20,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sluice_sandbox::{Role, SeccompMode};
 use sluice_vmm::config::{DiskSpec, E1000Spec, NetSpec, NvmeSpec, RngSpec};
+use sluice_vmm::handle::VmHandle;
 use sluice_vmm::iommu::IommuKind;
 use sluice_vmm::machine::{self, SerialTarget, VmConfig, VmReport};
 use sluice_vmm::numa::NumaPolicy;
-use sluice_vmm::vcpu::{RunControl, VmOutcome};
+use sluice_vmm::vcpu::VmOutcome;
 
 /// Exit status when the guest asked for a reset (sluice does not reboot guests).
 const EXIT_GUEST_RESET: u8 = 120;
@@ -64,6 +66,8 @@ enum Command {
     HostCheck(host::HostCheckArgs),
     /// SR-IOV virtual functions: create, reset, quarantine.
     Vf(host::VfArgs),
+    /// Talk to a running VM's control API (`sluice run --api-socket`).
+    Ctl(api::CtlArgs),
 }
 
 #[derive(Args)]
@@ -132,6 +136,10 @@ struct RunArgs {
     /// assigned device), `off` (default) or a node number.
     #[arg(long, default_value = "off", value_parser = NumaPolicy::parse)]
     numa: NumaPolicy,
+    /// Serve the control API (HTTP/JSON, docs/api.yaml) on this Unix socket while the VM runs:
+    /// info, pause, resume, shutdown, counters, Prometheus metrics (`sluice ctl`).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
 }
 
 fn parse_serial(s: &str) -> Result<SerialTarget, String> {
@@ -156,6 +164,7 @@ fn main() -> ExitCode {
             .and_then(|sluice| sluice_bench::run(&args, &sluice)),
         Command::HostCheck(args) => host::check(args),
         Command::Vf(args) => host::vf(args),
+        Command::Ctl(args) => api::ctl(args),
     };
     match result {
         Ok(status) => ExitCode::from(status),
@@ -262,13 +271,20 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
     };
     // Before the VM's threads start, so that none of them takes the signal.
     let stop_signals = signals::StopSignals::block().context("cannot set up signal handling")?;
-    let control = Arc::new(RunControl::default());
-    let stopper = control.clone();
+    let handle = VmHandle::new(config);
+    let stopper = handle.control().clone();
     stop_signals.on_signal(move |signal| {
         tracing::info!("signal {signal}: stopping the VM");
         stopper.finish(VmOutcome::Stopped { signal });
     })?;
-    let report = machine::run_controlled(config, control)?;
+    let _api = match &args.api_socket {
+        Some(path) => Some(
+            sluice_api::ApiServer::start(path, Arc::new(api::ApiVm(handle.clone())))
+                .context("cannot serve the control API")?,
+        ),
+        None => None,
+    };
+    let report = machine::run_handle(&handle)?;
     tracing::info!(
         setup_us = report.setup_time.as_micros() as u64,
         rss_overhead_kib = report.rss.overhead(),
@@ -304,6 +320,7 @@ impl RunArgs {
             && self.iommu.is_none()
             && !self.test_device
             && self.numa == NumaPolicy::Off
+            && self.api_socket.is_none()
             && matches!(self.serial, SerialTarget::Stdout)
     }
 }
@@ -361,6 +378,7 @@ pub(crate) fn exit_status(outcome: &VmOutcome) -> u8 {
             say(format_args!("sluice: the VM crashed: {why}"));
             EXIT_GUEST_CRASH
         }
+        VmOutcome::Shutdown => 0,
         VmOutcome::Stopped { signal } => {
             say(format_args!("sluice: stopped by signal {signal}"));
             // The shell's convention for a process ended by a signal.

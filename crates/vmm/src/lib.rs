@@ -2,6 +2,7 @@ pub mod acpi;
 pub mod boot;
 pub mod config;
 pub mod e1000;
+pub mod handle;
 pub mod interrupts;
 pub mod iommu;
 pub mod layout;

@@ -14,10 +14,11 @@ use sluice_bus::{Bus, DeviceExits};
 use sluice_devices::platform::{CaptureBuffer, SerialOutput};
 use sluice_virtio::DeviceMetrics;
 
+use crate::handle::VmHandle;
 use crate::memory::{GuestRam, MemoryError};
 use crate::rss::RssKib;
 use crate::vcpu::setup::{self, HostKvm, SetupError};
-use crate::vcpu::{ExitDispatch, ExitStats, RunControl, VcpuThread, VmOutcome};
+use crate::vcpu::{ExitDispatch, ExitStats, VcpuThread, VmOutcome};
 
 /// Where the COM1 console goes.
 #[derive(Clone)]
@@ -136,12 +137,15 @@ pub(crate) fn device_err(what: &'static str, reason: impl ToString) -> VmError {
 
 /// Builds the VM described by `config`, runs it to the end and reports.
 pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
-    run_controlled(config, Arc::new(RunControl::default()))
+    run_handle(&VmHandle::new(config))
 }
 
-/// [`run`] with the caller holding the VM's [`RunControl`], so that it can end the run from
-/// outside the guest (`RunControl::finish`, e.g. on SIGTERM) and still get the report.
-pub fn run_controlled(config: VmConfig, control: Arc<RunControl>) -> Result<VmReport, VmError> {
+/// [`run`] for a VM whose [`VmHandle`] the caller keeps, to end it from outside the guest
+/// (SIGTERM), pause and resume it, or read its counters (the control API) meanwhile.
+pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
+    // Owned: the handle keeps its own copy for the API's `vm.info`.
+    let config = handle.config().clone();
+    let control = handle.control().clone();
     let started = Instant::now();
     if config.cpus == 0 || config.cpus > 254 {
         return Err(VmError::Cpus(config.cpus));
@@ -218,7 +222,9 @@ pub fn run_controlled(config: VmConfig, control: Arc<RunControl>) -> Result<VmRe
         },
     )?;
 
+    handle.devices_attached(&device_metrics);
     let threads = start_vcpus(&kvm, &vm, &ram, &config, &boot_info, &dispatch)?;
+    handle.vcpus_started();
     let setup_time = started.elapsed();
     tracing::info!("VM set up in {setup_time:?}; running");
     let outcome = dispatch.control.wait();

@@ -29,14 +29,36 @@ pub enum VmOutcome {
     /// The operator stopped the VM (SIGTERM / SIGINT to `sluice run`): devices stopped and
     /// metrics written as for any other end.
     Stopped { signal: i32 },
+    /// The operator shut the VM down through the control API.
+    Shutdown,
 }
 
-/// Shared stop state: the first outcome wins, every vCPU thread then stops.
+/// Shared run state: the first outcome wins and every vCPU thread then stops; in between, the
+/// VM may be paused (every vCPU parked outside KVM_RUN) and resumed.
 #[derive(Default)]
 pub struct RunControl {
     outcome: Mutex<Option<VmOutcome>>,
     done: Condvar,
     stopping: AtomicBool,
+    pause: Mutex<PauseState>,
+    parked_changed: Condvar,
+}
+
+/// Which vCPU threads exist, whether a pause is asked for and how many have parked.
+#[derive(Default)]
+struct PauseState {
+    requested: bool,
+    parked: usize,
+    vcpus: Vec<libc::pthread_t>,
+}
+
+/// Why a pause did not take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PauseError {
+    #[error("the VM is stopping")]
+    Stopping,
+    #[error("a vCPU did not leave KVM_RUN in time")]
+    Timeout,
 }
 
 impl RunControl {
@@ -47,6 +69,9 @@ impl RunControl {
         }
         self.stopping.store(true, Ordering::SeqCst);
         self.done.notify_all();
+        // Parked vCPUs wake up to see the VM end.
+        let _pause = self.pause.lock().unwrap_or_else(PoisonError::into_inner);
+        self.parked_changed.notify_all();
     }
 
     pub fn is_stopping(&self) -> bool {
@@ -62,6 +87,83 @@ impl RunControl {
             }
             slot = self.done.wait(slot).unwrap_or_else(PoisonError::into_inner);
         }
+    }
+
+    /// Whether every vCPU is parked at the caller's request.
+    pub fn is_paused(&self) -> bool {
+        let pause = self.pause.lock().unwrap_or_else(PoisonError::into_inner);
+        pause.requested && pause.parked == pause.vcpus.len()
+    }
+
+    /// Parks every vCPU outside KVM_RUN (devices keep running) and returns once all are
+    /// parked, knocking them out of the guest with the kick signal meanwhile.
+    pub fn pause(&self, timeout: Duration) -> Result<(), PauseError> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut pause = self.pause.lock().unwrap_or_else(PoisonError::into_inner);
+        pause.requested = true;
+        loop {
+            if self.is_stopping() {
+                return Err(PauseError::Stopping);
+            }
+            if pause.parked == pause.vcpus.len() {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(PauseError::Timeout);
+            }
+            for &thread in &pause.vcpus {
+                // SAFETY: a vCPU thread registered itself and deregisters before it exits.
+                unsafe { libc::pthread_kill(thread, kick_signal()) };
+            }
+            pause = self
+                .parked_changed
+                .wait_timeout(pause, Duration::from_millis(1))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Lets parked vCPUs run the guest again.
+    pub fn resume(&self) {
+        let mut pause = self.pause.lock().unwrap_or_else(PoisonError::into_inner);
+        pause.requested = false;
+        self.parked_changed.notify_all();
+    }
+
+    /// A vCPU thread starts: it may be paused from now on.
+    fn register_vcpu(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        let mut pause = self.pause.lock().unwrap_or_else(PoisonError::into_inner);
+        pause.vcpus.push(me);
+        self.parked_changed.notify_all();
+    }
+
+    /// A vCPU thread ends: a pause no longer waits for it or signals it.
+    fn deregister_vcpu(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        let mut pause = self.pause.lock().unwrap_or_else(PoisonError::into_inner);
+        pause.vcpus.retain(|&t| t != me);
+        self.parked_changed.notify_all();
+    }
+
+    /// Called by a vCPU thread between two KVM_RUNs: waits here while a pause is asked for.
+    fn park_while_paused(&self) {
+        let mut pause = self.pause.lock().unwrap_or_else(PoisonError::into_inner);
+        if !pause.requested {
+            return;
+        }
+        pause.parked += 1;
+        self.parked_changed.notify_all();
+        while pause.requested && !self.is_stopping() {
+            pause = self
+                .parked_changed
+                .wait(pause)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        pause.parked -= 1;
+        self.parked_changed.notify_all();
     }
 }
 
@@ -150,11 +252,18 @@ impl VcpuThread {
 }
 
 fn run_vcpu(index: u8, mut vcpu: VcpuFd, dispatch: &ExitDispatch) {
-    while !dispatch.control.is_stopping() {
+    let control = &dispatch.control;
+    control.register_vcpu();
+    while !control.is_stopping() {
+        control.park_while_paused();
+        if control.is_stopping() {
+            break;
+        }
         if let Some(outcome) = run_once(index, &mut vcpu, dispatch) {
-            dispatch.control.finish(outcome);
+            control.finish(outcome);
         }
     }
+    control.deregister_vcpu();
 }
 
 /// Runs the vCPU until one exit; returns how the VM ends if this exit ends it.
@@ -422,5 +531,53 @@ mod tests {
         thread.stop();
 
         assert!(d.stats.interrupted.load(Ordering::Relaxed) >= 1);
+    }
+
+    /// The counter the pause test's guest keeps incrementing at 0x2000.
+    fn guest_counter(ram: &GuestRam) -> u32 {
+        ram.memory.read_obj(GuestAddress(0x2000)).unwrap()
+    }
+
+    #[test]
+    fn a_paused_vcpu_stops_running_the_guest_until_resumed() {
+        let Some(kvm) = kvm() else { return };
+        // 1: inc word [0x2000]; jmp 1b
+        let (_vm, vcpu, ram) = boot_real_mode(&kvm, &[0xff, 0x06, 0x00, 0x20, 0xeb, 0xfa]);
+        let d = dispatch();
+        let thread = VcpuThread::spawn(0, vcpu, d.clone()).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+
+        d.control.pause(Duration::from_secs(5)).unwrap();
+        let paused_at = guest_counter(&ram);
+        std::thread::sleep(Duration::from_millis(50));
+        let still = guest_counter(&ram);
+        let paused = d.control.is_paused();
+        d.control.resume();
+        std::thread::sleep(Duration::from_millis(50));
+        let resumed = guest_counter(&ram);
+        d.control.finish(VmOutcome::PowerOff);
+        thread.stop();
+
+        assert!(paused);
+        assert_eq!(paused_at, still, "the guest ran while paused");
+        assert_ne!(resumed, still, "the guest did not run again after resume");
+        assert!(!d.control.is_paused());
+    }
+
+    #[test]
+    fn a_vm_ends_while_paused() {
+        let Some(kvm) = kvm() else { return };
+        let (_vm, vcpu, _ram) = boot_real_mode(&kvm, &[0xeb, 0xfe]);
+        let d = dispatch();
+        let thread = VcpuThread::spawn(0, vcpu, d.clone()).unwrap();
+        d.control.pause(Duration::from_secs(5)).unwrap();
+
+        d.control.finish(VmOutcome::PowerOff);
+        thread.stop();
+
+        assert_eq!(
+            d.control.pause(Duration::from_millis(10)),
+            Err(PauseError::Stopping)
+        );
     }
 }

@@ -1,0 +1,270 @@
+//! sluice's control API: HTTP/1.1 with JSON bodies over a Unix socket (`sluice run
+//! --api-socket PATH`), shaped after Cloud Hypervisor's so that its users feel at home
+//! (`/api/v1/vm.info`, `vm.pause`, `vm.resume`, `vm.shutdown`, `vm.counters`, `vmm.ping`), plus
+//! `/metrics` in the Prometheus text format. The OpenAPI document is docs/api.yaml.
+//!
+//! The VM side is the [`VmApi`] trait (sluice-vmm implements it), so this crate knows nothing
+//! of KVM. The server is `tiny_http` (synchronous, one thread, Unix sockets): the API takes a
+//! handful of requests per VM lifetime, so an async runtime would be all cost. The client
+//! ([`request`], used by `sluice ctl`) is a dozen lines over `UnixStream`: one request per
+//! connection, `Connection: close`, no crate needed for that.
+//!
+//! Every request is answered; bad ones get a 4xx with `{"error": "..."}` (unknown path 404,
+//! wrong method 405, a body where none is taken or one over [`MAX_BODY`] 400, a state that
+//! does not allow the action 409), never a crash of the VMM.
+
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// The largest request body read; the API's requests carry none today.
+pub const MAX_BODY: usize = 64 << 10;
+/// How long the client waits for an answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A VM as the API sees it.
+pub trait VmApi: Send + Sync {
+    /// State and configuration (`{"state": "Running"|"Paused"|..., "config": {...}}`).
+    fn info(&self) -> Value;
+    /// Parks every vCPU; devices keep their state.
+    fn pause(&self) -> Result<(), ApiError>;
+    fn resume(&self) -> Result<(), ApiError>;
+    /// Ends the VM as a power-off would, metrics written.
+    fn shutdown(&self) -> Result<(), ApiError>;
+    /// Per-device counters as JSON.
+    fn counters(&self) -> Value;
+    /// The same counters in the Prometheus text format.
+    fn prometheus(&self) -> String;
+}
+
+/// Why an action was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// Not possible in the VM's current state (pausing a paused VM, acting on a stopping one).
+    #[error("{0}")]
+    Conflict(String),
+    /// The VM could not do it.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Errors setting up the server or making a request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0} exists and is not a stale socket: refusing to replace it")]
+    PathTaken(PathBuf),
+    #[error("cannot listen on {path}: {source}")]
+    Listen { path: PathBuf, source: io::Error },
+    #[error("cannot reach the API at {path}: {source}")]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("bad answer from the API: {0}")]
+    BadAnswer(String),
+}
+
+/// The server thread; dropping it stops the thread and removes the socket.
+pub struct ApiServer {
+    server: Arc<tiny_http::Server>,
+    thread: Option<JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl ApiServer {
+    /// Listens on `path` (free, or a stale socket nobody answers on) and serves `vm`.
+    pub fn start(path: &Path, vm: Arc<dyn VmApi>) -> Result<Self, Error> {
+        claim_path(path)?;
+        let server = tiny_http::Server::http_unix(path).map_err(|e| Error::Listen {
+            path: path.to_path_buf(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        let server = Arc::new(server);
+        let serving = server.clone();
+        let thread = std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || serve(&serving, vm.as_ref()))
+            .map_err(|source| Error::Listen {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            server,
+            thread: Some(thread),
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Refuses a path that holds anything but a socket nobody listens on (which is removed).
+fn claim_path(path: &Path) -> Result<(), Error> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let stale = meta.file_type().is_socket() && UnixStream::connect(path).is_err();
+    if !stale {
+        return Err(Error::PathTaken(path.to_path_buf()));
+    }
+    std::fs::remove_file(path).map_err(|source| Error::Listen {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn serve(server: &tiny_http::Server, vm: &dyn VmApi) {
+    for mut request in server.incoming_requests() {
+        let answer = match read_body(&mut request) {
+            Ok(body) => route(request.method(), request.url(), &body, vm),
+            Err(answer) => answer,
+        };
+        let response = tiny_http::Response::from_string(answer.body)
+            .with_status_code(answer.status)
+            .with_header(content_type(answer.content_type));
+        if let Err(e) = request.respond(response) {
+            tracing::debug!("api: answering failed: {e}");
+        }
+    }
+}
+
+fn content_type(value: &str) -> tiny_http::Header {
+    tiny_http::Header::from_bytes(&b"Content-Type"[..], value.as_bytes())
+        .unwrap_or_else(|()| unreachable!("a constant, valid header"))
+}
+
+/// What the API answers: status, body, its type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+    pub content_type: &'static str,
+}
+
+impl Answer {
+    fn json(status: u16, value: &Value) -> Self {
+        Self {
+            status,
+            body: value.to_string(),
+            content_type: "application/json",
+        }
+    }
+
+    fn error(status: u16, message: &str) -> Self {
+        Self::json(status, &json!({ "error": message }))
+    }
+
+    fn no_content() -> Self {
+        Self {
+            status: 204,
+            body: String::new(),
+            content_type: "application/json",
+        }
+    }
+}
+
+fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, Answer> {
+    if request.body_length().is_some_and(|len| len > MAX_BODY) {
+        return Err(Answer::error(400, "request body too large"));
+    }
+    let mut body = Vec::new();
+    let read = request
+        .as_reader()
+        .take(MAX_BODY as u64 + 1)
+        .read_to_end(&mut body);
+    match read {
+        Err(e) => Err(Answer::error(400, &format!("cannot read the body: {e}"))),
+        Ok(_) if body.len() > MAX_BODY => Err(Answer::error(400, "request body too large")),
+        Ok(_) => Ok(body),
+    }
+}
+
+/// The API's routes: what `method` on `url` with `body` answers.
+pub fn route(method: &tiny_http::Method, url: &str, body: &[u8], vm: &dyn VmApi) -> Answer {
+    use tiny_http::Method::{Get, Put};
+    let path = url.split('?').next().unwrap_or(url);
+    let action = |result: Result<(), ApiError>| match result {
+        Ok(()) => Answer::no_content(),
+        Err(ApiError::Conflict(why)) => Answer::error(409, &why),
+        Err(ApiError::Failed(why)) => Answer::error(500, &why),
+    };
+    // Clients may send nothing or an empty JSON object with an action.
+    let trimmed = String::from_utf8_lossy(body);
+    let has_body = !matches!(trimmed.trim(), "" | "{}");
+    match (path, method) {
+        (_, Put) if has_body => Answer::error(400, "this action takes no body"),
+        ("/api/v1/vmm.ping", Get) => Answer::json(
+            200,
+            &json!({ "version": env!("CARGO_PKG_VERSION"), "pid": std::process::id() }),
+        ),
+        ("/api/v1/vm.info", Get) => Answer::json(200, &vm.info()),
+        ("/api/v1/vm.counters", Get) => Answer::json(200, &vm.counters()),
+        ("/metrics", Get) => Answer {
+            status: 200,
+            body: vm.prometheus(),
+            content_type: "text/plain; version=0.0.4",
+        },
+        ("/api/v1/vm.pause", Put) => action(vm.pause()),
+        ("/api/v1/vm.resume", Put) => action(vm.resume()),
+        ("/api/v1/vm.shutdown" | "/api/v1/vmm.shutdown", Put) => action(vm.shutdown()),
+        (
+            "/api/v1/vmm.ping"
+            | "/api/v1/vm.info"
+            | "/api/v1/vm.counters"
+            | "/metrics"
+            | "/api/v1/vm.pause"
+            | "/api/v1/vm.resume"
+            | "/api/v1/vm.shutdown"
+            | "/api/v1/vmm.shutdown",
+            _,
+        ) => Answer::error(405, &format!("{method} is not allowed on {path}")),
+        _ => Answer::error(404, &format!("no such endpoint: {path}")),
+    }
+}
+
+/// One request to the API at `socket`: the status and the body.
+pub fn request(socket: &Path, method: &str, path: &str) -> Result<(u16, String), Error> {
+    let connect = |source| Error::Connect {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(connect)?;
+    stream
+        .set_read_timeout(Some(CLIENT_TIMEOUT))
+        .map_err(connect)?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).map_err(connect)?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).map_err(connect)?;
+    parse_answer(&answer)
+}
+
+/// Status and body of an HTTP/1.1 answer (not chunked: the server sends a length).
+fn parse_answer(answer: &str) -> Result<(u16, String), Error> {
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| Error::BadAnswer("no end of headers".into()))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Error::BadAnswer(head.lines().next().unwrap_or("").into()))?;
+    Ok((status, body.to_string()))
+}
+
+pub mod fuzz;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,124 @@
+//! `sluice run --api-socket PATH` (the VM's control API, served by sluice-api over the VM's
+//! [`VmHandle`]) and `sluice ctl` (its command-line client).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use sluice_api::{ApiError, VmApi};
+use sluice_vmm::handle::{HandleError, VmHandle};
+use sluice_vmm::machine::VmConfig;
+
+/// The control API's view of a VM.
+pub struct ApiVm(pub Arc<VmHandle>);
+
+impl VmApi for ApiVm {
+    fn info(&self) -> Value {
+        json!({
+            "state": format!("{:?}", self.0.state()),
+            "config": config_json(self.0.config()),
+        })
+    }
+
+    fn pause(&self) -> Result<(), ApiError> {
+        self.0.pause().map_err(api_error)
+    }
+
+    fn resume(&self) -> Result<(), ApiError> {
+        self.0.resume().map_err(api_error)
+    }
+
+    fn shutdown(&self) -> Result<(), ApiError> {
+        self.0.shutdown();
+        Ok(())
+    }
+
+    fn counters(&self) -> Value {
+        let devices: Vec<Value> = self
+            .0
+            .device_metrics()
+            .iter()
+            .map(|d| d.to_json())
+            .collect();
+        json!({ "devices": devices })
+    }
+
+    fn prometheus(&self) -> String {
+        self.0
+            .device_metrics()
+            .iter()
+            .map(|d| d.to_prometheus())
+            .collect()
+    }
+}
+
+fn api_error(e: HandleError) -> ApiError {
+    match e {
+        HandleError::NotRunning(_) | HandleError::NotPaused => ApiError::Conflict(e.to_string()),
+        HandleError::Pause(_) => ApiError::Failed(e.to_string()),
+    }
+}
+
+/// What `vm.info` says of the configuration.
+fn config_json(config: &VmConfig) -> Value {
+    json!({
+        "cpus": config.cpus,
+        "memory_bytes": config.memory,
+        "kernel": config.kernel.display().to_string(),
+        "cmdline": config.cmdline,
+        "disks": config.disks.iter().map(|d| d.path.display().to_string()).collect::<Vec<_>>(),
+        "nets": config.nets.len(),
+        "nvme": config.nvmes.len(),
+        "e1000": config.e1000s.len(),
+        "vfio": config.vfio.iter().map(|v| v.host.as_str().to_string()).collect::<Vec<_>>(),
+        "iommu": config.iommu.map(|i| format!("{i:?}")),
+    })
+}
+
+#[derive(Args)]
+pub struct CtlArgs {
+    /// The API socket of a `sluice run --api-socket PATH`.
+    #[arg(long)]
+    api_socket: PathBuf,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum CtlCommand {
+    /// Is the VMM there (version, pid).
+    Ping,
+    /// The VM's state and configuration.
+    Info,
+    /// Park every vCPU.
+    Pause,
+    /// Run the vCPUs again.
+    Resume,
+    /// End the VM (its metrics are written as at any end).
+    Shutdown,
+    /// Per-device counters, JSON.
+    Counters,
+    /// Per-device counters, Prometheus text.
+    Metrics,
+}
+
+/// `sluice ctl`: one request, the answer on stdout; status 0 on 2xx, 1 otherwise.
+pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
+    let (method, path) = match args.command {
+        CtlCommand::Ping => ("GET", "/api/v1/vmm.ping"),
+        CtlCommand::Info => ("GET", "/api/v1/vm.info"),
+        CtlCommand::Pause => ("PUT", "/api/v1/vm.pause"),
+        CtlCommand::Resume => ("PUT", "/api/v1/vm.resume"),
+        CtlCommand::Shutdown => ("PUT", "/api/v1/vm.shutdown"),
+        CtlCommand::Counters => ("GET", "/api/v1/vm.counters"),
+        CtlCommand::Metrics => ("GET", "/metrics"),
+    };
+    let (status, body) = sluice_api::request(&args.api_socket, method, path)
+        .with_context(|| format!("{method} {path}"))?;
+    if !body.is_empty() {
+        println!("{}", body.trim_end());
+    }
+    Ok(u8::from(!(200..300).contains(&status)))
+}

@@ -1,0 +1,126 @@
+//! The control API end to end: `sluice run --api-socket` serving a running VM and `sluice ctl`
+//! driving it — ping, info, pause, resume, counters, Prometheus metrics, shutdown — and bad
+//! requests answered with a 4xx while the VM carries on.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{build_guest, skip_without_kvm, SLUICE};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("api-{name}.{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `sluice ctl --api-socket SOCKET COMMAND`: status and stdout.
+fn ctl(socket: &Path, command: &str) -> (i32, String) {
+    let out = Command::new(SLUICE)
+        .args(["ctl", "--api-socket"])
+        .arg(socket)
+        .arg(command)
+        .output()
+        .expect("run sluice ctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn state(socket: &Path) -> String {
+    let (_, out) = ctl(socket, "info");
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    info["state"].as_str().unwrap_or("").to_string()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sluice_ctl_pauses_resumes_reads_counters_and_shuts_the_vm_down() {
+    if skip_without_kvm("sluice_ctl_pauses_resumes_reads_counters_and_shuts_the_vm_down") {
+        return;
+    }
+    let dir = scratch("cycle");
+    let socket = dir.join("api.sock");
+    let metrics = dir.join("metrics.json");
+    let mut vm = Command::new(SLUICE)
+        .args(["run", "--kernel"])
+        .arg(build_guest("wait"))
+        .args(["--serial", "off", "--rng", "--api-socket"])
+        .arg(&socket)
+        .arg("--metrics")
+        .arg(&metrics)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sluice");
+    wait_for("the VM to run", Duration::from_secs(20), || {
+        state(&socket) == "Running"
+    });
+
+    let ping = ctl(&socket, "ping");
+    let paused = ctl(&socket, "pause");
+    let while_paused = state(&socket);
+    let paused_again = ctl(&socket, "pause");
+    let resumed = ctl(&socket, "resume");
+    let after_resume = state(&socket);
+    let counters = ctl(&socket, "counters");
+    let prometheus = ctl(&socket, "metrics");
+    let shutdown = ctl(&socket, "shutdown");
+    let status = wait_exit(&mut vm, Duration::from_secs(20));
+
+    assert_eq!(ping.0, 0, "{ping:?}");
+    assert_eq!(paused.0, 0, "{paused:?}");
+    assert_eq!(while_paused, "Paused");
+    assert_eq!(
+        paused_again.0, 1,
+        "a paused VM cannot be paused: {paused_again:?}"
+    );
+    assert!(paused_again.1.contains("error"), "{paused_again:?}");
+    assert_eq!(resumed.0, 0, "{resumed:?}");
+    assert_eq!(after_resume, "Running");
+    let counters: serde_json::Value = serde_json::from_str(&counters.1).unwrap();
+    assert!(
+        counters["devices"].as_array().is_some_and(|d| d
+            .iter()
+            .any(|d| d["device"].as_str().is_some_and(|n| n.contains("rng")))),
+        "{counters:#}"
+    );
+    assert!(prometheus.1.contains("rng"), "{prometheus:?}");
+    assert_eq!(shutdown.0, 0, "{shutdown:?}");
+    assert_eq!(status, Some(0));
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap()).unwrap();
+    assert_eq!(written["outcome"], "Shutdown", "{written:#}");
+    assert!(
+        !socket.exists(),
+        "the API socket is removed when the VM ends"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
