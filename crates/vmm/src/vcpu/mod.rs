@@ -2,6 +2,7 @@
 //! buses. Fatal exits end the VM with a register dump instead of a panic.
 
 pub mod setup;
+pub mod state;
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
