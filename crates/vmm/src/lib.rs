@@ -12,6 +12,7 @@ pub mod numa;
 pub mod nvme;
 pub mod platform;
 pub mod rss;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vfio;
 pub mod virtio;

@@ -51,6 +51,14 @@ struct PauseState {
     requested: bool,
     parked: usize,
     vcpus: Vec<libc::pthread_t>,
+    /// A snapshot's request to the parked vCPUs: the MSRs to read, and each vCPU's state
+    /// (by vCPU index) once it has read it.
+    capture: Option<Capture>,
+}
+
+struct Capture {
+    msrs: Arc<Vec<u32>>,
+    states: Vec<Option<Result<state::VcpuState, String>>>,
 }
 
 /// Why a pause did not take.
@@ -149,8 +157,9 @@ impl RunControl {
         self.parked_changed.notify_all();
     }
 
-    /// Called by a vCPU thread between two KVM_RUNs: waits here while a pause is asked for.
-    fn park_while_paused(&self) {
+    /// Called by a vCPU thread between two KVM_RUNs: waits here while a pause is asked for,
+    /// reading its state into a snapshot's capture when one asks.
+    fn park_while_paused(&self, index: u8, vcpu: &VcpuFd) {
         let mut pause = self.pause.lock().unwrap_or_else(PoisonError::into_inner);
         if !pause.requested {
             return;
@@ -158,6 +167,13 @@ impl RunControl {
         pause.parked += 1;
         self.parked_changed.notify_all();
         while pause.requested && !self.is_stopping() {
+            if let Some(capture) = pause.capture.as_mut() {
+                if let Some(slot @ None) = capture.states.get_mut(usize::from(index)) {
+                    let state = state::VcpuState::capture(vcpu, &capture.msrs);
+                    *slot = Some(state.map_err(|e| e.to_string()));
+                    self.parked_changed.notify_all();
+                }
+            }
             pause = self
                 .parked_changed
                 .wait(pause)
@@ -165,6 +181,50 @@ impl RunControl {
         }
         pause.parked -= 1;
         self.parked_changed.notify_all();
+    }
+
+    /// The state of each of the `vcpus` vCPUs of a paused VM, read by the vCPU threads
+    /// themselves (KVM state is read from the thread that owns the vCPU, while it is parked).
+    pub fn capture_vcpus(
+        &self,
+        vcpus: usize,
+        msrs: Arc<Vec<u32>>,
+        timeout: Duration,
+    ) -> Result<Vec<state::VcpuState>, String> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut pause = self.pause.lock().unwrap_or_else(PoisonError::into_inner);
+        if !pause.requested || pause.parked != pause.vcpus.len() {
+            return Err("the VM is not paused".into());
+        }
+        pause.capture = Some(Capture {
+            msrs,
+            states: (0..vcpus).map(|_| None).collect(),
+        });
+        self.parked_changed.notify_all();
+        loop {
+            let done = pause
+                .capture
+                .as_ref()
+                .is_some_and(|c| c.states.iter().all(Option::is_some));
+            if done || self.is_stopping() || std::time::Instant::now() >= deadline {
+                break;
+            }
+            pause = self
+                .parked_changed
+                .wait_timeout(pause, Duration::from_millis(10))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        let capture = pause.capture.take().map(|c| c.states).unwrap_or_default();
+        capture
+            .into_iter()
+            .enumerate()
+            .map(|(index, state)| match state {
+                Some(Ok(state)) => Ok(state),
+                Some(Err(e)) => Err(format!("vcpu{index}: {e}")),
+                None => Err(format!("vcpu{index} did not give its state in time")),
+            })
+            .collect()
     }
 }
 
@@ -256,7 +316,7 @@ fn run_vcpu(index: u8, mut vcpu: VcpuFd, dispatch: &ExitDispatch) {
     let control = &dispatch.control;
     control.register_vcpu();
     while !control.is_stopping() {
-        control.park_while_paused();
+        control.park_while_paused(index, &vcpu);
         if control.is_stopping() {
             break;
         }
