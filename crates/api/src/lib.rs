@@ -1,6 +1,7 @@
 //! sluice's control API: HTTP/1.1 with JSON bodies over a Unix socket (`sluice run
 //! --api-socket PATH`), shaped after Cloud Hypervisor's so that its users feel at home
-//! (`/api/v1/vm.info`, `vm.pause`, `vm.resume`, `vm.shutdown`, `vm.counters`, `vmm.ping`), plus
+//! (`/api/v1/vm.info`, `vm.pause`, `vm.resume`, `vm.snapshot`, `vm.shutdown`, `vm.counters`,
+//! `vmm.ping`), plus
 //! `/metrics` in the Prometheus text format. The OpenAPI document is docs/api.yaml.
 //!
 //! The VM side is the [`VmApi`] trait (sluice-vmm implements it), so this crate knows nothing
@@ -37,6 +38,8 @@ pub trait VmApi: Send + Sync {
     fn resume(&self) -> Result<(), ApiError>;
     /// Ends the VM as a power-off would, metrics written.
     fn shutdown(&self) -> Result<(), ApiError>;
+    /// Writes a snapshot of the paused VM into the directory `destination`.
+    fn snapshot(&self, destination: &Path) -> Result<(), ApiError>;
     /// Per-device counters as JSON.
     fn counters(&self) -> Value;
     /// The same counters in the Prometheus text format.
@@ -203,6 +206,10 @@ pub fn route(method: &tiny_http::Method, url: &str, body: &[u8], vm: &dyn VmApi)
     let trimmed = String::from_utf8_lossy(body);
     let has_body = !matches!(trimmed.trim(), "" | "{}");
     match (path, method) {
+        ("/api/v1/vm.snapshot", Put) => match snapshot_destination(body) {
+            Ok(destination) => action(vm.snapshot(&destination)),
+            Err(why) => Answer::error(400, &why),
+        },
         (_, Put) if has_body => Answer::error(400, "this action takes no body"),
         ("/api/v1/vmm.ping", Get) => Answer::json(
             200,
@@ -226,15 +233,41 @@ pub fn route(method: &tiny_http::Method, url: &str, body: &[u8], vm: &dyn VmApi)
             | "/api/v1/vm.pause"
             | "/api/v1/vm.resume"
             | "/api/v1/vm.shutdown"
-            | "/api/v1/vmm.shutdown",
+            | "/api/v1/vmm.shutdown"
+            | "/api/v1/vm.snapshot",
             _,
         ) => Answer::error(405, &format!("{method} is not allowed on {path}")),
         _ => Answer::error(404, &format!("no such endpoint: {path}")),
     }
 }
 
+/// `vm.snapshot`'s body, `{"destination_url": "file:///dir"}` as Cloud Hypervisor's: the
+/// directory named.
+fn snapshot_destination(body: &[u8]) -> Result<PathBuf, String> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("vm.snapshot wants {{\"destination_url\": \"file:///DIR\"}}: {e}"))?;
+    let url = value["destination_url"]
+        .as_str()
+        .ok_or("vm.snapshot: no destination_url string")?;
+    let dir = url
+        .strip_prefix("file://")
+        .filter(|dir| dir.starts_with('/'))
+        .ok_or("vm.snapshot: destination_url must be file:///ABSOLUTE/DIR")?;
+    Ok(PathBuf::from(dir))
+}
+
 /// One request to the API at `socket`: the status and the body.
 pub fn request(socket: &Path, method: &str, path: &str) -> Result<(u16, String), Error> {
+    request_with(socket, method, path, "")
+}
+
+/// [`request`] with a JSON `body`.
+pub fn request_with(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, String), Error> {
     let connect = |source| Error::Connect {
         path: socket.to_path_buf(),
         source,
@@ -244,7 +277,9 @@ pub fn request(socket: &Path, method: &str, path: &str) -> Result<(u16, String),
         .set_read_timeout(Some(CLIENT_TIMEOUT))
         .map_err(connect)?;
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     );
     stream.write_all(head.as_bytes()).map_err(connect)?;
     let mut answer = String::new();

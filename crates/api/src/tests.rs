@@ -40,6 +40,10 @@ impl VmApi for FakeVm {
         Ok(())
     }
 
+    fn snapshot(&self, _destination: &Path) -> Result<(), ApiError> {
+        Ok(())
+    }
+
     fn counters(&self) -> Value {
         json!({ "blk0": { "requests": 7 } })
     }

@@ -326,9 +326,10 @@ const IOC_WRITE: u64 = 1;
 const IOC_READ: u64 = 2;
 
 /// What a vCPU thread asks of KVM: running, the doorbells, interrupt routes and lines a device
-/// sets up at activation or raises from an exit, and the register dump of a crash. VM-wide
-/// setup (memory slots, vCPU creation) is the unfiltered main thread's.
-const KVM_VCPU_IOCTLS: [u64; 13] = {
+/// sets up at activation or raises from an exit, the register dump of a crash, and reading its
+/// whole state for a snapshot while parked (vmm's `VcpuState::capture`). VM-wide setup
+/// (memory slots, vCPU creation) is the unfiltered main thread's.
+const KVM_VCPU_IOCTLS: [u64; 16] = {
     use kvm_bindings::*;
     use std::mem::size_of;
     [
@@ -340,6 +341,9 @@ const KVM_VCPU_IOCTLS: [u64; 13] = {
         ioc(IOC_READ, 0x8e, size_of::<kvm_lapic_state>()),      // KVM_GET_LAPIC
         ioc(IOC_READ, 0x9f, size_of::<kvm_vcpu_events>()),      // KVM_GET_VCPU_EVENTS
         ioc(IOC_READ, 0x98, size_of::<kvm_mp_state>()),         // KVM_GET_MP_STATE
+        ioc(IOC_READ, 0xa4, size_of::<kvm_xsave>()),            // KVM_GET_XSAVE
+        ioc(IOC_READ, 0xa6, size_of::<kvm_xcrs>()),             // KVM_GET_XCRS
+        ioc(IOC_READ, 0xa1, size_of::<kvm_debugregs>()),        // KVM_GET_DEBUGREGS
         ioc(IOC_WRITE, 0x76, size_of::<kvm_irqfd>()),           // KVM_IRQFD
         ioc(IOC_WRITE, 0x79, size_of::<kvm_ioeventfd>()),       // KVM_IOEVENTFD
         ioc(IOC_WRITE, 0x6a, size_of::<kvm_irq_routing>()),     // KVM_SET_GSI_ROUTING
@@ -533,6 +537,9 @@ mod tests {
             0x8400_ae8e,
             0x8040_ae9f,
             0x8004_ae98,
+            0x9000_aea4,
+            0x8188_aea6,
+            0x8080_aea1,
             0x4020_ae76,
             0x4040_ae79,
             0x4008_ae6a,

@@ -35,6 +35,10 @@ impl VmApi for ApiVm {
         Ok(())
     }
 
+    fn snapshot(&self, destination: &std::path::Path) -> Result<(), ApiError> {
+        self.0.snapshot(destination).map_err(api_error)
+    }
+
     fn counters(&self) -> Value {
         let devices: Vec<Value> = self
             .0
@@ -57,7 +61,7 @@ impl VmApi for ApiVm {
 fn api_error(e: HandleError) -> ApiError {
     match e {
         HandleError::NotRunning(_) | HandleError::NotPaused => ApiError::Conflict(e.to_string()),
-        HandleError::Pause(_) => ApiError::Failed(e.to_string()),
+        HandleError::Pause(_) | HandleError::Snapshot(_) => ApiError::Failed(e.to_string()),
     }
 }
 
@@ -86,7 +90,7 @@ pub struct CtlArgs {
     command: CtlCommand,
 }
 
-#[derive(Subcommand, Clone, Copy)]
+#[derive(Subcommand, Clone)]
 enum CtlCommand {
     /// Is the VMM there (version, pid).
     Ping,
@@ -98,6 +102,8 @@ enum CtlCommand {
     Resume,
     /// End the VM (its metrics are written as at any end).
     Shutdown,
+    /// Write a snapshot of the paused VM into DIR (`sluice run --restore DIR` resumes it).
+    Snapshot { dir: PathBuf },
     /// Per-device counters, JSON.
     Counters,
     /// Per-device counters, Prometheus text.
@@ -106,7 +112,14 @@ enum CtlCommand {
 
 /// `sluice ctl`: one request, the answer on stdout; status 0 on 2xx, 1 otherwise.
 pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
-    let (method, path) = match args.command {
+    let mut body = String::new();
+    let (method, path) = match &args.command {
+        CtlCommand::Snapshot { dir } => {
+            let dir = std::path::absolute(dir)
+                .with_context(|| format!("cannot resolve {}", dir.display()))?;
+            body = json!({ "destination_url": format!("file://{}", dir.display()) }).to_string();
+            ("PUT", "/api/v1/vm.snapshot")
+        }
         CtlCommand::Ping => ("GET", "/api/v1/vmm.ping"),
         CtlCommand::Info => ("GET", "/api/v1/vm.info"),
         CtlCommand::Pause => ("PUT", "/api/v1/vm.pause"),
@@ -115,7 +128,7 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
         CtlCommand::Counters => ("GET", "/api/v1/vm.counters"),
         CtlCommand::Metrics => ("GET", "/metrics"),
     };
-    let (status, body) = sluice_api::request(&args.api_socket, method, path)
+    let (status, body) = sluice_api::request_with(&args.api_socket, method, path, &body)
         .with_context(|| format!("{method} {path}"))?;
     if !body.is_empty() {
         println!("{}", body.trim_end());

@@ -140,6 +140,10 @@ struct RunArgs {
     /// info, pause, resume, shutdown, counters, Prometheus metrics (`sluice ctl`).
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Resume the VM saved in this snapshot directory (`sluice ctl snapshot DIR`) instead of
+    /// booting a kernel: its vCPU count and RAM size come from the snapshot.
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline"])]
+    restore: Option<PathBuf>,
 }
 
 fn parse_serial(s: &str) -> Result<SerialTarget, String> {
@@ -271,7 +275,18 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
     };
     // Before the VM's threads start, so that none of them takes the signal.
     let stop_signals = signals::StopSignals::block().context("cannot set up signal handling")?;
-    let handle = VmHandle::new(config);
+    let handle = match &args.restore {
+        Some(dir) => {
+            let saved = sluice_vmm::snapshot::read(dir)?;
+            let config = VmConfig {
+                cpus: saved.cpus,
+                memory: saved.memory,
+                ..config
+            };
+            VmHandle::restoring(config, dir.clone())
+        }
+        None => VmHandle::new(config),
+    };
     let stopper = handle.control().clone();
     stop_signals.on_signal(move |signal| {
         tracing::info!("signal {signal}: stopping the VM");
@@ -321,6 +336,7 @@ impl RunArgs {
             && !self.test_device
             && self.numa == NumaPolicy::Off
             && self.api_socket.is_none()
+            && self.restore.is_none()
             && matches!(self.serial, SerialTarget::Stdout)
     }
 }

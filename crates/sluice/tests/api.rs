@@ -22,7 +22,7 @@ fn ctl(socket: &Path, command: &str) -> (i32, String) {
     let out = Command::new(SLUICE)
         .args(["ctl", "--api-socket"])
         .arg(socket)
-        .arg(command)
+        .args(command.split(' '))
         .output()
         .expect("run sluice ctl");
     (
@@ -123,4 +123,128 @@ fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> Option<i32> 
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The ticks a console shows, in order.
+fn ticks(console: &str) -> Vec<u32> {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_snapshot_taken_mid_run_resumes_where_it_stopped_and_a_corrupt_one_is_refused() {
+    if skip_without_kvm(
+        "a_snapshot_taken_mid_run_resumes_where_it_stopped_and_a_corrupt_one_is_refused",
+    ) {
+        return;
+    }
+    let dir = scratch("snapshot");
+    let socket = dir.join("api.sock");
+    let first = dir.join("first.txt");
+    let second = dir.join("second.txt");
+    let snapshot = dir.join("snap");
+    let mut vm = Command::new(SLUICE)
+        .args(["run", "--kernel"])
+        .arg(build_guest("ticker"))
+        .arg(format!("--serial=file={}", first.display()))
+        .arg("--api-socket")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start sluice");
+    wait_for("tick 3", Duration::from_secs(30), || {
+        std::fs::read_to_string(&first).is_ok_and(|c| ticks(&c).contains(&3))
+    });
+
+    let running = ctl(&socket, &format!("snapshot {}", snapshot.display()));
+    let paused = ctl(&socket, "pause");
+    let taken = Command::new(SLUICE)
+        .args(["ctl", "--api-socket"])
+        .arg(&socket)
+        .arg("snapshot")
+        .arg(&snapshot)
+        .output()
+        .unwrap();
+    let shutdown = ctl(&socket, "shutdown");
+    let first_status = wait_exit(&mut vm, Duration::from_secs(20));
+    let restored = Command::new(SLUICE)
+        .args(["run", "--restore"])
+        .arg(&snapshot)
+        .arg(format!("--serial=file={}", second.display()))
+        .output()
+        .unwrap();
+    let state = snapshot.join("state");
+    let text = std::fs::read_to_string(&state).unwrap();
+    std::fs::write(&state, text.replacen("\"cpus\":1", "\"cpus\":3", 1)).unwrap();
+    let corrupt = Command::new(SLUICE)
+        .args(["run", "--restore"])
+        .arg(&snapshot)
+        .output()
+        .unwrap();
+
+    assert_eq!(running.0, 1, "only a paused VM is snapshotted: {running:?}");
+    assert_eq!(paused.0, 0, "{paused:?}");
+    assert!(taken.status.success(), "{taken:?}");
+    assert_eq!(shutdown.0, 0);
+    assert_eq!(first_status, Some(0));
+    let before = ticks(&std::fs::read_to_string(&first).unwrap());
+    let after_console = std::fs::read_to_string(&second).unwrap_or_default();
+    let after = ticks(&after_console);
+    assert_eq!(
+        restored.status.code(),
+        Some(0),
+        "{restored:?}\n{after_console}"
+    );
+    let last_before = *before.last().unwrap();
+    assert_eq!(
+        after.first().copied(),
+        Some(last_before + 1),
+        "before {before:?}, after {after:?}"
+    );
+    assert_eq!(after.last().copied(), Some(12), "{after_console}");
+    assert!(after_console.contains("done"), "{after_console}");
+    assert_eq!(corrupt.status.code(), Some(125), "{corrupt:?}");
+    assert!(
+        String::from_utf8_lossy(&corrupt.stderr).contains("corrupt"),
+        "{corrupt:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_vm_with_devices_a_snapshot_cannot_carry_yet_is_refused_by_name() {
+    if skip_without_kvm("a_vm_with_devices_a_snapshot_cannot_carry_yet_is_refused_by_name") {
+        return;
+    }
+    let dir = scratch("refused");
+    let socket = dir.join("api.sock");
+    let mut vm = Command::new(SLUICE)
+        .args(["run", "--kernel"])
+        .arg(build_guest("wait"))
+        .args(["--serial", "off", "--rng", "--api-socket"])
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start sluice");
+    wait_for("the VM to run", Duration::from_secs(20), || {
+        state(&socket) == "Running"
+    });
+
+    let paused = ctl(&socket, "pause");
+    let refused = ctl(&socket, &format!("snapshot {}", dir.join("snap").display()));
+    let _ = ctl(&socket, "shutdown");
+    let status = wait_exit(&mut vm, Duration::from_secs(20));
+
+    assert_eq!(paused.0, 0);
+    assert_eq!(refused.0, 1, "{refused:?}");
+    assert!(refused.1.contains("virtio-rng"), "{refused:?}");
+    assert!(!dir.join("snap").exists());
+    assert_eq!(status, Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2,17 +2,22 @@
 //! to a running VM — read its state, configuration and device counters, pause and resume its
 //! vCPUs, shut it down — without reaching into `machine::run`.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use kvm_ioctls::VmFd;
 use sluice_virtio::DeviceMetrics;
 
 use crate::machine::VmConfig;
+use crate::memory::GuestRam;
 use crate::vcpu::{PauseError, RunControl, VmOutcome};
 
 /// How long a pause may take to park every vCPU.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the parked vCPUs may take to read their state for a snapshot.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a VM is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +40,8 @@ pub enum HandleError {
     NotPaused,
     #[error("cannot pause: {0}")]
     Pause(#[from] PauseError),
+    #[error("cannot snapshot: {0}")]
+    Snapshot(String),
 }
 
 /// A running (or starting, or ended) VM as seen from outside its threads.
@@ -43,16 +50,95 @@ pub struct VmHandle {
     config: VmConfig,
     devices: Mutex<Vec<Arc<DeviceMetrics>>>,
     started: AtomicBool,
+    /// The VM and its RAM, for snapshots (set once the VM exists).
+    machine: Mutex<Option<(Arc<VmFd>, GuestRam)>>,
+    /// The snapshot this VM starts from instead of booting (`sluice run --restore`).
+    restore_from: Option<PathBuf>,
 }
 
 impl VmHandle {
     pub fn new(config: VmConfig) -> Arc<Self> {
+        Self::build(config, None)
+    }
+
+    /// A VM that resumes from the snapshot in `dir` (`config` gives the same shape).
+    pub fn restoring(config: VmConfig, dir: PathBuf) -> Arc<Self> {
+        Self::build(config, Some(dir))
+    }
+
+    fn build(config: VmConfig, restore_from: Option<PathBuf>) -> Arc<Self> {
         Arc::new(Self {
             control: Arc::new(RunControl::default()),
             config,
             devices: Mutex::new(Vec::new()),
             started: AtomicBool::new(false),
+            machine: Mutex::new(None),
+            restore_from,
         })
+    }
+
+    pub fn restore_source(&self) -> Option<&Path> {
+        self.restore_from.as_deref()
+    }
+
+    /// Writes a snapshot of the paused VM into `dir` (see crate::snapshot). A VM with devices
+    /// whose state cannot be saved yet is refused.
+    pub fn snapshot(&self, dir: &Path) -> Result<(), HandleError> {
+        let state = self.state();
+        if state != VmState::Paused {
+            return Err(HandleError::NotPaused);
+        }
+        if let Some(device) = self.device_without_snapshot() {
+            return Err(HandleError::Snapshot(format!(
+                "{device} cannot be saved in a snapshot yet (only CPU, interrupt controller, \
+                 timer and memory state can)"
+            )));
+        }
+        let machine = self
+            .machine
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some((vm, ram)) = machine else {
+            return Err(HandleError::NotRunning(state));
+        };
+        let fail = |e: &dyn std::fmt::Display| HandleError::Snapshot(e.to_string());
+        let kvm = kvm_ioctls::Kvm::new().map_err(|e| fail(&e))?;
+        let msrs = Arc::new(crate::vcpu::state::saveable_msrs(&kvm).map_err(|e| fail(&e))?);
+        let vcpus = self
+            .control
+            .capture_vcpus(usize::from(self.config.cpus), msrs, SNAPSHOT_TIMEOUT)
+            .map_err(|e| fail(&e))?;
+        let irqchip = crate::snapshot::IrqchipState::capture(&vm).map_err(|e| fail(&e))?;
+        let machine_state = crate::snapshot::MachineState {
+            cpus: self.config.cpus,
+            memory: self.config.memory,
+            vcpus,
+            irqchip,
+            memory_checksum: 0,
+        };
+        crate::snapshot::write(dir, machine_state, &ram).map_err(|e| fail(&e))
+    }
+
+    /// The first configured device a snapshot cannot carry yet, if any.
+    fn device_without_snapshot(&self) -> Option<&'static str> {
+        let c = &self.config;
+        [
+            (!c.disks.is_empty(), "a virtio-blk disk"),
+            (!c.nets.is_empty(), "a virtio-net device"),
+            (c.rng.is_some(), "the virtio-rng device"),
+            (!c.e1000s.is_empty(), "an e1000"),
+            (!c.nvmes.is_empty(), "an NVMe controller"),
+            (!c.vfio.is_empty(), "an assigned device"),
+            (c.iommu.is_some(), "the virtual IOMMU"),
+            (c.test_device, "the PCI test device"),
+        ]
+        .into_iter()
+        .find_map(|(present, what)| present.then_some(what))
+    }
+
+    pub(crate) fn attach_machine(&self, vm: Arc<VmFd>, ram: GuestRam) {
+        *self.machine.lock().unwrap_or_else(PoisonError::into_inner) = Some((vm, ram));
     }
 
     /// The run control the VM's vCPUs follow.

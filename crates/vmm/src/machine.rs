@@ -122,6 +122,8 @@ pub enum VmError {
     Thread(std::io::Error),
     #[error(transparent)]
     Numa(#[from] crate::numa::NumaError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 fn kvm_step<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
@@ -177,6 +179,11 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
         placement.bind_memory(&ram)?;
     }
     ram.register(&vm)?;
+    // A restored VM's RAM comes from the snapshot; its vCPUs and irqchip from its state.
+    let restored = match handle.restore_source() {
+        Some(dir) => Some(crate::snapshot::load(dir, &config, &ram)?),
+        None => None,
+    };
 
     let dispatch = ExitDispatch {
         pio: Arc::new(Bus::new()),
@@ -203,6 +210,48 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
     let vfio = crate::vfio::attach_vfio_devices(&vm, &pci_root, &config.vfio, &ram, &interrupts)?;
     device_metrics.extend(iommu.metrics());
 
+    let boot_info = if restored.is_some() {
+        None
+    } else {
+        Some(load_guest(&config, &ram, &iommu)?)
+    };
+    handle.attach_machine(vm.clone(), ram.clone());
+    handle.devices_attached(&device_metrics);
+    if let Some(state) = &restored {
+        state.irqchip.restore(&vm)?;
+    }
+    let vcpu_states = restored.as_ref().map(|state| state.vcpus.as_slice());
+    let threads = start_vcpus(
+        &kvm,
+        &vm,
+        &ram,
+        &config,
+        boot_info.as_ref(),
+        vcpu_states,
+        &dispatch,
+    )?;
+    handle.vcpus_started();
+    let setup_time = started.elapsed();
+    tracing::info!("VM set up in {setup_time:?}; running");
+    let outcome = dispatch.control.wait();
+    for thread in threads {
+        thread.stop();
+    }
+    vfio.iter().for_each(crate::vfio::VfioHandle::stop);
+    let mut report = report(outcome, &dispatch, setup_time, device_metrics);
+    report.vfio = vfio
+        .iter()
+        .map(|v| (v.name.clone(), v.dma_mapped_bytes))
+        .collect();
+    Ok(report)
+}
+
+/// ACPI tables and the kernel (and initrd) into the fresh VM's RAM.
+fn load_guest(
+    config: &VmConfig,
+    ram: &GuestRam,
+    iommu: &crate::iommu::VmIommu,
+) -> Result<crate::boot::BootInfo, VmError> {
     let rsdp = crate::acpi::create_acpi_tables_with(
         &ram.memory,
         &crate::acpi::AcpiConfig {
@@ -221,23 +270,7 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
             rsdp,
         },
     )?;
-
-    handle.devices_attached(&device_metrics);
-    let threads = start_vcpus(&kvm, &vm, &ram, &config, &boot_info, &dispatch)?;
-    handle.vcpus_started();
-    let setup_time = started.elapsed();
-    tracing::info!("VM set up in {setup_time:?}; running");
-    let outcome = dispatch.control.wait();
-    for thread in threads {
-        thread.stop();
-    }
-    vfio.iter().for_each(crate::vfio::VfioHandle::stop);
-    let mut report = report(outcome, &dispatch, setup_time, device_metrics);
-    report.vfio = vfio
-        .iter()
-        .map(|v| (v.name.clone(), v.dma_mapped_bytes))
-        .collect();
-    Ok(report)
+    Ok(boot_info)
 }
 
 fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
@@ -258,12 +291,15 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     Ok(vm)
 }
 
+/// Creates and starts the vCPUs: vCPU 0 with `boot`'s entry state, or every vCPU with its
+/// restored state.
 fn start_vcpus(
     kvm: &Kvm,
     vm: &VmFd,
     ram: &GuestRam,
     config: &VmConfig,
-    boot: &crate::boot::BootInfo,
+    boot: Option<&crate::boot::BootInfo>,
+    restored: Option<&[crate::vcpu::state::VcpuState]>,
     dispatch: &ExitDispatch,
 ) -> Result<Vec<VcpuThread>, VmError> {
     let host = HostKvm::detect();
@@ -277,8 +313,17 @@ fn start_vcpus(
         let cpuid = setup::vcpu_cpuid(&base_cpuid, index, config.cpus, tsc_khz);
         setup::configure_vcpu(&vcpu, &cpuid)?;
         // Application processors wait for INIT/SIPI in the in-kernel LAPIC.
-        if index == 0 {
-            crate::boot::setup_boot_vcpu(&vcpu, &ram.memory, boot)?;
+        match (restored, boot) {
+            (Some(states), _) => {
+                let state = states
+                    .get(usize::from(index))
+                    .ok_or(VmError::Cpus(config.cpus))?;
+                state.restore(&vcpu).map_err(|e| device_err("vcpu", e))?;
+            }
+            (None, Some(boot)) if index == 0 => {
+                crate::boot::setup_boot_vcpu(&vcpu, &ram.memory, boot)?
+            }
+            _ => {}
         }
         vcpus.push(vcpu);
     }

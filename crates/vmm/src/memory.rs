@@ -34,6 +34,7 @@ pub enum MemoryError {
 }
 
 /// Guest RAM plus the file backing it.
+#[derive(Clone)]
 pub struct GuestRam {
     pub memory: GuestMemoryMmap,
     pub file: Arc<File>,

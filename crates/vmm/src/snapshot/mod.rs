@@ -270,6 +270,27 @@ pub fn read(dir: &Path) -> Result<MachineState, SnapshotError> {
     Ok(state)
 }
 
+/// Reads the snapshot in `dir` for a VM built from `config` (same vCPU count and RAM size)
+/// and loads its memory into `ram`.
+pub fn load(
+    dir: &Path,
+    config: &crate::machine::VmConfig,
+    ram: &GuestRam,
+) -> Result<MachineState, SnapshotError> {
+    let state = read(dir)?;
+    if state.cpus != config.cpus || state.memory != config.memory {
+        return Err(SnapshotError::BadState {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "taken with {} vCPUs and {} bytes of RAM, restoring into {} and {}",
+                state.cpus, state.memory, config.cpus, config.memory
+            ),
+        });
+    }
+    load_memory(dir, &state, ram)?;
+    Ok(state)
+}
+
 /// Loads the memory of the snapshot in `dir` into `ram`.
 pub fn load_memory(dir: &Path, state: &MachineState, ram: &GuestRam) -> Result<(), SnapshotError> {
     read_memory(ram, dir, state.memory_checksum)

@@ -33,7 +33,9 @@ fn machine(cpus: u8, memory: u64) -> MachineState {
     MachineState {
         cpus,
         memory,
-        vcpus: (0..cpus).map(|i| vcpu_state(0x1000 + u64::from(i))).collect(),
+        vcpus: (0..cpus)
+            .map(|i| vcpu_state(0x1000 + u64::from(i)))
+            .collect(),
         irqchip: IrqchipState {
             pic_master: Default::default(),
             pic_slave: Default::default(),
@@ -74,10 +76,14 @@ fn state_and_memory_come_back_as_written() {
     assert_eq!(state.vcpus[0].msrs[0].data, 42);
     assert_eq!(state.irqchip.clock.clock, 77);
     let mut below = [0u8; 5];
-    copy.memory.read_slice(&mut below, GuestAddress(0x1000)).unwrap();
+    copy.memory
+        .read_slice(&mut below, GuestAddress(0x1000))
+        .unwrap();
     assert_eq!(&below, b"below");
     let mut page = [0u8; 4096];
-    copy.memory.read_slice(&mut page, GuestAddress(0x80_0000)).unwrap();
+    copy.memory
+        .read_slice(&mut page, GuestAddress(0x80_0000))
+        .unwrap();
     assert!(page.iter().all(|&b| b == 0xa5));
     let on_disk = std::fs::metadata(dir.join(MEMORY_FILE)).unwrap();
     assert_eq!(on_disk.len(), 16 << 20);
@@ -126,7 +132,10 @@ fn another_version_or_another_file_is_refused_with_what_it_is() {
     let state = read(&dir).unwrap();
     let wrong_size = load_memory(&dir, &state, &smaller);
 
-    assert!(matches!(newer, Err(SnapshotError::Version { found: 2, .. })));
+    assert!(matches!(
+        newer,
+        Err(SnapshotError::Version { found: 2, .. })
+    ));
     assert!(matches!(other, Err(SnapshotError::NotASnapshot(_))));
     assert!(matches!(wrong_size, Err(SnapshotError::BadState { .. })));
     let _ = std::fs::remove_dir_all(&dir);

@@ -173,7 +173,9 @@ mod tests {
             return;
         };
         let ram = GuestRam::new(16 << 20).unwrap();
-        ram.memory.write_slice(&COUNTER, GuestAddress(0x1000)).unwrap();
+        ram.memory
+            .write_slice(&COUNTER, GuestAddress(0x1000))
+            .unwrap();
         let (_vm, mut vcpu) = vm_with(&kvm, &ram);
         let mut sregs = vcpu.get_sregs().unwrap();
         sregs.cs.base = 0;
@@ -199,7 +201,11 @@ mod tests {
         run_exits(&mut restored, 5);
 
         assert_eq!(counter(&ram), 10);
-        assert_eq!(counter(&copy), 15, "the copy went on counting where the original stopped");
+        assert_eq!(
+            counter(&copy),
+            15,
+            "the copy went on counting where the original stopped"
+        );
         let regs = restored.get_regs().unwrap();
         assert_eq!(regs.rbx, 0x5eed);
         assert!(!state.msrs.is_empty(), "{state:?}");
