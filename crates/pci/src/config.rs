@@ -116,6 +116,27 @@ impl std::fmt::Debug for ConfigSpace {
 }
 
 impl ConfigSpace {
+    /// The register contents (what a snapshot keeps: masks and BAR layout are the device's,
+    /// rebuilt when it is created).
+    pub fn bytes(&self) -> &[u8] {
+        &self.data[..]
+    }
+
+    /// Puts back register contents from [`ConfigSpace::bytes`] of the same function: the
+    /// length and the vendor, device and class registers must match.
+    pub fn restore_bytes(&mut self, bytes: &[u8]) -> Result<(), PciError> {
+        const IDENTITY: std::ops::Range<usize> = 0..4;
+        const CLASS: std::ops::Range<usize> = 0x08..0x0c;
+        let same_function = bytes.len() == CONFIG_SPACE_SIZE
+            && bytes[IDENTITY] == self.data[IDENTITY]
+            && bytes[CLASS] == self.data[CLASS];
+        if !same_function {
+            return Err(PciError::RestoreMismatch);
+        }
+        self.data.copy_from_slice(bytes);
+        Ok(())
+    }
+
     /// A type 0 header carrying `ids`, with the standard writable fields.
     pub fn new(ids: &PciIds) -> Self {
         let mut config = Self {

@@ -13,7 +13,9 @@ pub(crate) const DEVICES_PER_BUS: u8 = 32;
 pub(crate) const FUNCTIONS_PER_DEVICE: u8 = 8;
 
 /// A function's location on segment 0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct PciAddress {
     pub bus: u8,
     pub device: u8,
@@ -91,6 +93,17 @@ pub trait PciDevice: Send {
     /// [`PciIntx::install`]). The root connects it to the pin's GSI when the device is added.
     fn intx(&self) -> Option<Arc<PciIntx>> {
         None
+    }
+
+    /// Everything the guest changed in the function, for a snapshot (the VM is paused);
+    /// `None` when the device cannot save its state (the snapshot is then refused).
+    fn save_state(&mut self) -> Option<Result<serde_json::Value, String>> {
+        None
+    }
+
+    /// Puts back what [`PciDevice::save_state`] returned, on a function built the same way.
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Err(format!("{} cannot restore a saved state", self.name()))
     }
 }
 

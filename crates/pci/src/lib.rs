@@ -45,8 +45,8 @@ pub use config::{
 pub use device::{PciAddress, PciDevice, SharedPciDevice};
 pub use intx::{InterruptPin, IntxRouting, PciIntx, INTERRUPT_LINE_UNKNOWN, STATUS_INTERRUPT};
 pub use msix::{
-    MsixCapability, MsixDelivery, MsixError, MsixTable, MSIX_CAPABILITY_ID, MSIX_ENABLE,
-    MSIX_FUNCTION_MASK, MSIX_MAX_VECTORS, MSIX_TABLE_ENTRY_SIZE,
+    MsixCapability, MsixDelivery, MsixError, MsixTable, MsixTableState, MSIX_CAPABILITY_ID,
+    MSIX_ENABLE, MSIX_FUNCTION_MASK, MSIX_MAX_VECTORS, MSIX_TABLE_ENTRY_SIZE,
 };
 pub use msix_routes::{MsixSignal, MsixVectors};
 pub use root::{PciRoot, HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE_VENDOR_ID};
@@ -58,6 +58,8 @@ use sluice_bus::BusError;
 /// validated and dropped instead).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PciError {
+    #[error("the saved config space belongs to another function (ids or length differ)")]
+    RestoreMismatch,
     #[error("capability {id:#x} of {len} bytes does not fit in config space")]
     CapabilityOverflow { id: u16, len: usize },
     #[error("config space range {offset:#x}+{len} is out of bounds")]

@@ -40,6 +40,8 @@ const VECTOR_CONTROL_DWORD: usize = 3;
 /// Errors from signalling a vector.
 #[derive(Debug, thiserror::Error)]
 pub enum MsixError {
+    #[error("the saved MSI-X table has another size")]
+    RestoreMismatch,
     #[error("MSI-X vector {vector} out of range (table has {vectors})")]
     VectorOutOfRange { vector: u16, vectors: u16 },
     #[error("invalid MSI-X table size {0}")]
@@ -141,6 +143,15 @@ impl MsixCapability {
     }
 }
 
+/// What [`MsixTable::save`] keeps.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixTableState {
+    entries: Vec<[u32; ENTRY_DWORDS]>,
+    pending: Vec<u64>,
+    enabled: bool,
+    function_masked: bool,
+}
+
 /// MSI-X vector state: the table, the pending bits, enable and function mask.
 pub struct MsixTable {
     /// Per vector: address low, address high, data, vector control.
@@ -176,6 +187,29 @@ impl MsixTable {
             function_masked: false,
             sink,
         })
+    }
+
+    /// The table's state for a snapshot.
+    pub fn save(&self) -> MsixTableState {
+        MsixTableState {
+            entries: self.entries.clone(),
+            pending: self.pending.clone(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        }
+    }
+
+    /// Puts back a state from [`MsixTable::save`] of a table of the same size (nothing is
+    /// sent: pending vectors stay pending until unmasked, as they were).
+    pub fn restore(&mut self, state: &MsixTableState) -> Result<(), MsixError> {
+        if state.entries.len() != self.entries.len() || state.pending.len() != self.pending.len() {
+            return Err(MsixError::RestoreMismatch);
+        }
+        self.entries.clone_from(&state.entries);
+        self.pending.clone_from(&state.pending);
+        self.enabled = state.enabled;
+        self.function_masked = state.function_masked;
+        Ok(())
     }
 
     fn reset_entry() -> [u32; ENTRY_DWORDS] {

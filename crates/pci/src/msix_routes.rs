@@ -141,6 +141,18 @@ impl MsixVectors {
         touched
     }
 
+    /// The table's state for a snapshot.
+    pub fn save(&self) -> crate::msix::MsixTableState {
+        self.table().save()
+    }
+
+    /// Puts back a saved table and points the routes at its messages.
+    pub fn restore(&self, state: &crate::msix::MsixTableState) -> Result<(), MsixError> {
+        self.table().restore(state)?;
+        self.refresh();
+        Ok(())
+    }
+
     /// Back to the reset state (function reset): all vectors masked, MSI-X off.
     pub fn reset(&self) {
         self.table().reset();

@@ -318,6 +318,46 @@ impl PciRoot {
         slots.get(usize::from(address.device))?.clone()
     }
 
+    /// The saved state of every function but the host bridge (see
+    /// [`PciDevice::save_state`]), by address; fails naming the first that cannot save.
+    pub fn save_states(&self) -> Result<Vec<(PciAddress, serde_json::Value)>, String> {
+        let functions: Vec<Arc<PciFunction>> = {
+            let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+            slots.iter().flatten().skip(1).cloned().collect()
+        };
+        functions
+            .iter()
+            .map(|function| {
+                let mut device = function.device.lock().unwrap_or_else(|e| e.into_inner());
+                match device.save_state() {
+                    Some(Ok(state)) => Ok((function.address, state)),
+                    Some(Err(e)) => Err(format!("{}: {e}", function.name)),
+                    None => Err(format!("{} cannot save its state", function.name)),
+                }
+            })
+            .collect()
+    }
+
+    /// Puts back saved states (from [`PciRoot::save_states`] of a bus built the same way) and
+    /// maps the BARs where the saved registers place them.
+    pub fn restore_states(&self, states: &[(PciAddress, serde_json::Value)]) -> Result<(), String> {
+        for (address, state) in states {
+            let function = self
+                .function(*address)
+                .ok_or_else(|| format!("no function at {address} to restore"))?;
+            let mut mappings = function.mappings.lock().unwrap_or_else(|e| e.into_inner());
+            function
+                .device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restore_state(state)
+                .map_err(|e| format!("{}: {e}", function.name))?;
+            let moves = self.sync_mappings(&function, &mut mappings);
+            Self::report_moves(&function, &moves);
+        }
+        Ok(())
+    }
+
     /// Addresses of all functions on the bus (host bridge first).
     pub fn devices(&self) -> Vec<PciAddress> {
         let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());

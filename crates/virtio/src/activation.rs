@@ -15,6 +15,7 @@ use sluice_dma::DmaSpace;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 use crate::device::{ActivateError, QueueBinding, VirtioDevice, VirtioInterrupt};
+use crate::ring::VirtQueue;
 use crate::worker::QueueWorker;
 
 /// The running side of an activated device: its queue workers, or its external queues.
@@ -88,6 +89,21 @@ impl ActiveQueues {
     /// Whether the device's own [`crate::ExternalQueues`] run the rings.
     pub fn is_external(&self) -> bool {
         self.external
+    }
+
+    /// Stops every worker after its requests in flight completed (see
+    /// [`QueueWorker::stop_drained`]) and returns each queue by index, with its positions: the
+    /// device is quiescent and [`ActiveQueues::start`] can take the queues up again. External
+    /// queues cannot be quiesced this way: they are handed back untouched.
+    pub fn quiesce(self) -> Result<Vec<(u16, VirtQueue)>, ActiveQueues> {
+        if self.external {
+            return Err(self);
+        }
+        Ok(self
+            .workers
+            .into_iter()
+            .map(|worker| (worker.index(), worker.stop_drained()))
+            .collect())
     }
 
     /// Stops every worker (joined) or the external queues, then resets `device`.

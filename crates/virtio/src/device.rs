@@ -190,6 +190,8 @@ pub enum QueueError {
     Memory(String),
     #[error("backend: {0}")]
     Backend(String),
+    #[error("a saved position of the other ring layout (split vs packed)")]
+    Layout,
 }
 
 /// Per-queue request processing, driven by a queue worker thread.

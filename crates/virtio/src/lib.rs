@@ -31,5 +31,5 @@ pub use device::{
 };
 pub use metrics::{DeviceMetrics, LatencyHistogram, NamedCounter, QueueMetrics};
 pub use pci::{VirtioPciDevice, VirtioPciError, VirtioPciOptions};
-pub use ring::{Chain, ChainReader, ChainWriter, PackedQueue, VirtQueue};
+pub use ring::{Chain, ChainReader, ChainWriter, PackedQueue, QueuePosition, VirtQueue};
 pub use worker::QueueWorker;

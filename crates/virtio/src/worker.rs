@@ -62,6 +62,10 @@ const EVENTS_PER_WAIT: usize = 8;
 /// Time between two non-blocking epoll checks (kicks, completions of handlers that cannot be
 /// polled) while polling; a check is a system call, the spin loop's other reads are not.
 const POLL_EPOLL_INTERVAL: Duration = Duration::from_micros(20);
+/// How long a drained stop waits for requests in flight.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Between two looks at the completions while draining.
+const DRAIN_POLL: Duration = Duration::from_micros(200);
 /// The shortest poll window [`PollWindow`] shrinks to.
 const MIN_POLL_WINDOW: Duration = Duration::from_micros(5);
 
@@ -69,6 +73,9 @@ const MIN_POLL_WINDOW: Duration = Duration::from_micros(5);
 pub struct QueueWorker {
     stop_event: EventFd,
     stop_flag: Arc<AtomicBool>,
+    /// Set before a stop that must first let requests in flight complete (a snapshot).
+    drain_on_stop: Arc<AtomicBool>,
+    index: u16,
     thread: Option<JoinHandle<VirtQueue>>,
     /// Where the queue started, to hand back something sane if the thread panicked.
     initial: InitialQueue,
@@ -99,7 +106,9 @@ impl QueueWorker {
         let stop_event = EventFd::new(EFD_NONBLOCK)?;
         let stop_flag = Arc::new(AtomicBool::new(false));
         let initial = InitialQueue::of(&binding.queue);
-        let worker = Worker::new(
+        let index = binding.index;
+        let drain_on_stop = Arc::new(AtomicBool::new(false));
+        let mut worker = Worker::new(
             name.clone(),
             binding,
             mem,
@@ -110,15 +119,31 @@ impl QueueWorker {
             stop_event.try_clone()?,
             stop_flag.clone(),
         )?;
+        worker.drain_on_stop = drain_on_stop.clone();
         let kind = sluice_sandbox::ThreadKind::QueueWorker;
         let thread = sluice_sandbox::spawn(kind, name.clone(), move || worker.run())?;
         Ok(QueueWorker {
             stop_event,
             stop_flag,
+            drain_on_stop,
+            index,
             thread: Some(thread),
             initial,
             name,
         })
+    }
+
+    /// The queue index it serves.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// Like [`QueueWorker::stop`], but requests already taken complete first (bounded by
+    /// [`DRAIN_TIMEOUT`]) and are answered in the used ring: the queue is then quiescent, its
+    /// indices say everything (a snapshot). Chains not taken yet stay in the ring.
+    pub fn stop_drained(self) -> VirtQueue {
+        self.drain_on_stop.store(true, Ordering::Release);
+        self.stop()
     }
 
     /// Stops the thread, waits for it and returns the queue with its current indices.
@@ -229,6 +254,7 @@ struct Worker {
     completion_fd: Option<RawFd>,
     _stop_event: EventFd,
     stop_flag: Arc<AtomicBool>,
+    drain_on_stop: Arc<AtomicBool>,
     timer: Option<TimerFd>,
     batch: Batch,
     /// The poll window under [`NotifyPolicy::Poll`] (unused by the other policies).
@@ -287,6 +313,7 @@ impl Worker {
             completion_fd,
             _stop_event: stop_event,
             stop_flag,
+            drain_on_stop: Arc::new(AtomicBool::new(false)),
             timer,
             batch: Batch::default(),
             window: PollWindow::new(match policy {
@@ -318,12 +345,26 @@ impl Worker {
                 break;
             }
         }
+        if !self.broken && self.drain_on_stop.load(Ordering::Acquire) {
+            self.drain_in_flight();
+        }
         if !self.broken {
             // Completions must not be left unsignalled when the queue changes hands.
             self.flush_batch();
             self.record_stop_state();
         }
         self.queue
+    }
+
+    /// Reaps completions until nothing is in flight or [`DRAIN_TIMEOUT`] passed.
+    fn drain_in_flight(&mut self) {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while !self.broken && self.handler.has_in_flight() && Instant::now() < deadline {
+            self.reap_completions();
+            if self.handler.has_in_flight() {
+                std::thread::sleep(DRAIN_POLL);
+            }
+        }
     }
 
     /// Notes what the ring held when the worker stopped (see `QueueMetrics::unread_at_stop`):

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use kvm_ioctls::VmFd;
+use sluice_pci::PciRoot;
 use sluice_virtio::DeviceMetrics;
 
 use crate::machine::VmConfig;
@@ -51,7 +52,7 @@ pub struct VmHandle {
     devices: Mutex<Vec<Arc<DeviceMetrics>>>,
     started: AtomicBool,
     /// The VM and its RAM, for snapshots (set once the VM exists).
-    machine: Mutex<Option<(Arc<VmFd>, GuestRam)>>,
+    machine: Mutex<Option<(Arc<VmFd>, GuestRam, Arc<PciRoot>)>>,
     /// The snapshot this VM starts from instead of booting (`sluice run --restore`).
     restore_from: Option<PathBuf>,
 }
@@ -90,8 +91,8 @@ impl VmHandle {
         }
         if let Some(device) = self.device_without_snapshot() {
             return Err(HandleError::Snapshot(format!(
-                "{device} cannot be saved in a snapshot yet (only CPU, interrupt controller, \
-                 timer and memory state can)"
+                "{device} cannot be saved in a snapshot yet (virtio-blk on an image and \
+                 virtio-rng can)"
             )));
         }
         let machine = self
@@ -99,7 +100,7 @@ impl VmHandle {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let Some((vm, ram)) = machine else {
+        let Some((vm, ram, pci)) = machine else {
             return Err(HandleError::NotRunning(state));
         };
         let fail = |e: &dyn std::fmt::Display| HandleError::Snapshot(e.to_string());
@@ -110,11 +111,13 @@ impl VmHandle {
             .capture_vcpus(usize::from(self.config.cpus), msrs, SNAPSHOT_TIMEOUT)
             .map_err(|e| fail(&e))?;
         let irqchip = crate::snapshot::IrqchipState::capture(&vm).map_err(|e| fail(&e))?;
+        let devices = pci.save_states().map_err(|e| fail(&e))?;
         let machine_state = crate::snapshot::MachineState {
             cpus: self.config.cpus,
             memory: self.config.memory,
             vcpus,
             irqchip,
+            devices,
             memory_checksum: 0,
         };
         crate::snapshot::write(dir, machine_state, &ram).map_err(|e| fail(&e))
@@ -124,9 +127,8 @@ impl VmHandle {
     fn device_without_snapshot(&self) -> Option<&'static str> {
         let c = &self.config;
         [
-            (!c.disks.is_empty(), "a virtio-blk disk"),
+            (c.disks.iter().any(|d| d.vhost_user), "a vhost-user disk"),
             (!c.nets.is_empty(), "a virtio-net device"),
-            (c.rng.is_some(), "the virtio-rng device"),
             (!c.e1000s.is_empty(), "an e1000"),
             (!c.nvmes.is_empty(), "an NVMe controller"),
             (!c.vfio.is_empty(), "an assigned device"),
@@ -137,8 +139,8 @@ impl VmHandle {
         .find_map(|(present, what)| present.then_some(what))
     }
 
-    pub(crate) fn attach_machine(&self, vm: Arc<VmFd>, ram: GuestRam) {
-        *self.machine.lock().unwrap_or_else(PoisonError::into_inner) = Some((vm, ram));
+    pub(crate) fn attach_machine(&self, vm: Arc<VmFd>, ram: GuestRam, pci: Arc<PciRoot>) {
+        *self.machine.lock().unwrap_or_else(PoisonError::into_inner) = Some((vm, ram, pci));
     }
 
     /// The run control the VM's vCPUs follow.

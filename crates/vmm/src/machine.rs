@@ -215,10 +215,13 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
     } else {
         Some(load_guest(&config, &ram, &iommu)?)
     };
-    handle.attach_machine(vm.clone(), ram.clone());
+    handle.attach_machine(vm.clone(), ram.clone(), pci_root.clone());
     handle.devices_attached(&device_metrics);
     if let Some(state) = &restored {
         state.irqchip.restore(&vm)?;
+        pci_root
+            .restore_states(&state.devices)
+            .map_err(|e| device_err("snapshot", e))?;
     }
     let vcpu_states = restored.as_ref().map(|state| state.vcpus.as_slice());
     let threads = start_vcpus(

@@ -108,7 +108,7 @@ impl Field {
 }
 
 /// Registers of one queue as the driver programmed them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct QueueRegisters {
     pub max_size: u16,
     pub size: u16,

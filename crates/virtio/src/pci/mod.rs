@@ -37,6 +37,7 @@
 mod common;
 pub mod fuzz;
 mod interrupt;
+mod snapshot;
 #[cfg(test)]
 mod tests;
 
@@ -64,7 +65,7 @@ use crate::activation::ActiveQueues;
 use crate::device::{
     NotifyPolicy, QueueBinding, VirtioDevice, DEVICE_TYPE_BLOCK, DEVICE_TYPE_NET, DEVICE_TYPE_RNG,
 };
-use crate::ring::{PackedQueue, VirtQueue};
+use crate::ring::{PackedQueue, QueuePosition, VirtQueue};
 use common::{CommonConfig, Field, QueueRegisters};
 use interrupt::{InterruptState, PciInterrupt};
 
@@ -474,6 +475,12 @@ impl VirtioPciDevice {
     }
 
     fn activate(&mut self) {
+        self.activate_at(&[]);
+    }
+
+    /// Activates with the queues in `positions` resuming where a snapshot left them (the
+    /// others start from the beginning, as at DRIVER_OK).
+    fn activate_at(&mut self, positions: &[(u16, QueuePosition)]) {
         let features = self.negotiated_features();
         let event_idx = features & FEATURE_EVENT_IDX != 0;
         let packed = features & FEATURE_RING_PACKED != 0;
@@ -482,7 +489,13 @@ impl VirtioPciDevice {
             if !regs.enabled {
                 continue;
             }
-            let built = build_queue(regs, packed, event_idx, &self.mem).and_then(|queue| {
+            let resume_at = positions.iter().find(|(i, _)| usize::from(*i) == index);
+            let built = build_queue(regs, packed, event_idx, &self.mem).and_then(|mut queue| {
+                if let Some((_, position)) = resume_at {
+                    queue
+                        .set_position(*position)
+                        .map_err(|_| "saved position does not fit the ring")?;
+                }
                 let kick = self.kicks.get(index).ok_or("no doorbell")?;
                 let kick = kick.try_clone().map_err(|_| "cannot clone the doorbell")?;
                 Ok((queue, kick))
@@ -733,6 +746,14 @@ impl PciDevice for VirtioPciDevice {
 
     fn intx(&self) -> Option<Arc<PciIntx>> {
         Some(self.state.intx.clone())
+    }
+
+    fn save_state(&mut self) -> Option<Result<serde_json::Value, String>> {
+        Some(self.save())
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        self.restore(state)
     }
 
     fn bar_moved(&mut self, bar: usize, _old: Option<u64>, new: Option<u64>) {

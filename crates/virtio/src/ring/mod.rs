@@ -242,6 +242,51 @@ impl VirtQueue {
     }
 }
 
+/// Where a ring's device side stands, for a snapshot: the next buffer it takes and the next
+/// used slot it fills (split: indices; packed: offset and wrap counter, as
+/// [`PackedQueue::set_positions`] takes them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum QueuePosition {
+    Split { next_avail: u16, next_used: u16 },
+    Packed { avail: u16, used: u16 },
+}
+
+impl VirtQueue {
+    pub fn position(&self) -> QueuePosition {
+        match self {
+            VirtQueue::Split(q) => QueuePosition::Split {
+                next_avail: q.next_avail(),
+                next_used: q.next_used(),
+            },
+            VirtQueue::Packed(q) => QueuePosition::Packed {
+                avail: q.avail_off_wrap(),
+                used: q.used_off_wrap(),
+            },
+        }
+    }
+
+    /// Moves the device side to `position` (a fresh queue built from the same registers).
+    pub fn set_position(&mut self, position: QueuePosition) -> Result<(), QueueError> {
+        match (self, position) {
+            (
+                VirtQueue::Split(q),
+                QueuePosition::Split {
+                    next_avail,
+                    next_used,
+                },
+            ) => {
+                q.set_next_avail(next_avail);
+                q.set_next_used(next_used);
+                Ok(())
+            }
+            (VirtQueue::Packed(q), QueuePosition::Packed { avail, used }) => {
+                Ok(q.set_positions(avail, used)?)
+            }
+            _ => Err(QueueError::Layout),
+        }
+    }
+}
+
 /// What a worker keeps to hand back a sane queue if its thread died.
 #[derive(Debug, Clone)]
 pub(crate) enum InitialQueue {

@@ -962,3 +962,38 @@ fn a_worker_stopped_after_a_clean_run_reports_nothing_left() {
     assert_eq!(load(&h.queue_metrics().in_flight_at_stop), 0);
     assert_eq!(load(&h.queue_metrics().unread_at_stop), 0);
 }
+
+#[test]
+fn a_drained_stop_answers_requests_in_flight_before_handing_the_queue_back() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let queue = h.driver.create_queue::<Queue>().unwrap();
+    let done = EventFd::new(EFD_NONBLOCK).unwrap();
+    let completer = done.try_clone().unwrap();
+    let handler = Box::new(AsyncHandler {
+        done,
+        in_flight: Vec::new(),
+    });
+    let worker = h.spawn_with(queue, NotifyPolicy::Interrupt, handler, true);
+    h.submit(false);
+    h.submit(true);
+    wait_until("the kick", || load(&h.queue_metrics().kicks) == 1);
+    thread::sleep(Duration::from_millis(50));
+    let late_completion = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(100));
+        completer.write(1).unwrap();
+    });
+
+    let queue = worker.stop_drained();
+    late_completion.join().unwrap();
+
+    assert_eq!(h.used_idx(), 2, "both requests answered before the stop");
+    assert_eq!(
+        queue.position(),
+        crate::ring::QueuePosition::Split {
+            next_avail: 2,
+            next_used: 2
+        }
+    );
+    assert_eq!(load(&h.queue_metrics().in_flight_at_stop), 0);
+}

@@ -4,12 +4,14 @@
 //! sparse: all-zero pages are holes). `sluice run --restore DIR` builds the same machine,
 //! loads both and runs on.
 //!
-//! What is carried today: CPU, interrupt controller, timer and memory state. Device models
-//! keep their state in sluice, and saving it is per device; until a device can, a VM that has
-//! it (any PCI device but the host bridge) is refused with a message saying so, rather than
-//! restored with a device that forgot what the guest told it. The platform devices (COM1,
-//! RTC, i8042, ACPI PM) restart from their reset state, which the test guests and a running
-//! Linux tolerate (the PM timer jumps, COM1 keeps working).
+//! What is carried: CPU, interrupt controller, timer and memory state, and every PCI function's
+//! own state (`PciDevice::save_state`: a virtio-pci function saves what its driver programmed
+//! and where its rings stand, after letting requests in flight complete). Device models keep
+//! their state in sluice, and saving it is per device; until a device can, a VM that has it is
+//! refused with a message naming it, rather than restored with a device that forgot what the
+//! guest told it (today virtio-blk on an image and virtio-rng can). The platform devices
+//! (COM1, RTC, i8042, ACPI PM) restart from their reset state, which the test guests and a
+//! running Linux tolerate (the PM timer jumps, COM1 keeps working).
 //!
 //! The checksums are FNV-1a over 64-bit words, written here: they detect corruption and
 //! truncation, not tampering, and no hashing crate is in the verified dependency set.
@@ -125,6 +127,9 @@ pub struct MachineState {
     pub memory: u64,
     pub vcpus: Vec<VcpuState>,
     pub irqchip: IrqchipState,
+    /// Each PCI function's saved state (its `PciDevice::save_state`), by address.
+    #[serde(default)]
+    pub devices: Vec<(sluice_pci::PciAddress, serde_json::Value)>,
     /// Checksum of the memory file's contents (holes read as zeros).
     pub memory_checksum: u64,
 }

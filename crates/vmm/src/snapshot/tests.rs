@@ -47,6 +47,7 @@ fn machine(cpus: u8, memory: u64) -> MachineState {
             },
         },
         memory_checksum: 0,
+        devices: Vec::new(),
     }
 }
 

@@ -1,0 +1,130 @@
+//! A virtio-pci function's state for a snapshot: what the driver programmed (config space,
+//! MSI-X table, feature selection and acceptance, queue registers and vectors, status) and,
+//! for an active device, where each ring's device side stands. Saving quiesces the queues —
+//! requests already taken complete and are answered first — and takes them up again at the
+//! same positions, so the VM may go on after the snapshot; restoring activates the device at
+//! those positions, chains the driver published meanwhile are found by the first pass.
+//!
+//! Not carried: the ISR bits of a device on INTx (drivers that use MSI-X, as Linux and the guest
+//! kit do, never look at them), and device-model state beyond the negotiated features, which
+//! activation hands to the model again (`ack_features`). A device whose rings run in another
+//! process (vhost-user) is refused.
+
+use std::sync::atomic::Ordering;
+
+use serde::{Deserialize, Serialize};
+use sluice_pci::MsixTableState;
+
+use super::common::QueueRegisters;
+use super::{VirtioPciDevice, STATUS_DRIVER_OK};
+use crate::ring::QueuePosition;
+
+#[derive(Serialize, Deserialize)]
+struct SavedTransport {
+    config: Vec<u8>,
+    msix: MsixTableState,
+    /// The features the function offered: a restore target must offer the same.
+    offered: u64,
+    accepted: u64,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    queue_select: u16,
+    queues: Vec<QueueRegisters>,
+    status: u8,
+    config_generation: u8,
+    config_vector: u16,
+    queue_vectors: Vec<u16>,
+    /// The active rings' device-side positions, by queue index.
+    positions: Vec<(u16, QueuePosition)>,
+}
+
+impl VirtioPciDevice {
+    /// See the module documentation.
+    pub(super) fn save(&mut self) -> Result<serde_json::Value, String> {
+        let positions = match self.active.take() {
+            None => Vec::new(),
+            Some(active) => match active.quiesce() {
+                Ok(queues) => queues
+                    .iter()
+                    .map(|(index, queue)| (*index, queue.position()))
+                    .collect(),
+                Err(active) => {
+                    self.active = Some(active);
+                    return Err("its rings run in another process (vhost-user)".into());
+                }
+            },
+        };
+        let saved = SavedTransport {
+            config: self.config.bytes().to_vec(),
+            msix: self.state.msix.save(),
+            offered: self.common.offered,
+            accepted: self.common.accepted,
+            device_feature_select: self.common.device_feature_select,
+            driver_feature_select: self.common.driver_feature_select,
+            queue_select: self.common.queue_select,
+            queues: self.common.queues.clone(),
+            status: self.device_status(),
+            config_generation: self.state.config_generation.load(Ordering::Acquire),
+            config_vector: self.state.config_vector.load(Ordering::Acquire),
+            queue_vectors: self
+                .state
+                .queue_vectors
+                .iter()
+                .map(|v| v.load(Ordering::Acquire))
+                .collect(),
+            positions,
+        };
+        if saved.status & STATUS_DRIVER_OK != 0 {
+            // The VM may go on after the snapshot.
+            self.activate_at(&saved.positions);
+        }
+        serde_json::to_value(saved).map_err(|e| e.to_string())
+    }
+
+    /// Puts back what [`VirtioPciDevice::save`] returned, on a function built the same way.
+    pub(super) fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let saved = SavedTransport::deserialize(state).map_err(|e| e.to_string())?;
+        let same_shape = saved.offered == self.common.offered
+            && saved.queues.len() == self.common.queues.len()
+            && saved.queue_vectors.len() == self.state.queue_vectors.len()
+            && saved
+                .queues
+                .iter()
+                .zip(&self.common.queues)
+                .all(|(saved, own)| saved.max_size == own.max_size);
+        if !same_shape {
+            return Err("the saved function offered other features or queues".into());
+        }
+        if self.active.is_some() {
+            return Err("the function is already active".into());
+        }
+        self.config
+            .restore_bytes(&saved.config)
+            .map_err(|e| e.to_string())?;
+        self.state
+            .msix
+            .restore(&saved.msix)
+            .map_err(|e| e.to_string())?;
+        self.state.intx.config_written(&self.config);
+        self.common.accepted = saved.accepted;
+        self.common.device_feature_select = saved.device_feature_select;
+        self.common.driver_feature_select = saved.driver_feature_select;
+        self.common.queue_select = saved.queue_select;
+        self.common.queues = saved.queues;
+        self.state
+            .config_generation
+            .store(saved.config_generation, Ordering::Release);
+        let config_vector = self.state.checked_vector(saved.config_vector);
+        self.state
+            .config_vector
+            .store(config_vector, Ordering::Release);
+        for (own, &vector) in self.state.queue_vectors.iter().zip(&saved.queue_vectors) {
+            own.store(self.state.checked_vector(vector), Ordering::Release);
+        }
+        self.state.status.store(saved.status, Ordering::Release);
+        if saved.status & STATUS_DRIVER_OK != 0 {
+            self.activate_at(&saved.positions);
+        }
+        Ok(())
+    }
+}
