@@ -45,6 +45,9 @@ pub enum HandleError {
     Snapshot(String),
 }
 
+/// What a snapshot reads from a built VM: the VM, its RAM, its PCI bus.
+type MachineParts = (Arc<VmFd>, GuestRam, Arc<PciRoot>);
+
 /// A running (or starting, or ended) VM as seen from outside its threads.
 pub struct VmHandle {
     control: Arc<RunControl>,
@@ -52,7 +55,7 @@ pub struct VmHandle {
     devices: Mutex<Vec<Arc<DeviceMetrics>>>,
     started: AtomicBool,
     /// The VM and its RAM, for snapshots (set once the VM exists).
-    machine: Mutex<Option<(Arc<VmFd>, GuestRam, Arc<PciRoot>)>>,
+    machine: Mutex<Option<MachineParts>>,
     /// The snapshot this VM starts from instead of booting (`sluice run --restore`).
     restore_from: Option<PathBuf>,
 }
