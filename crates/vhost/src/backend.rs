@@ -71,10 +71,12 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    Permissions,
 };
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::inflight::{InflightArea, QueueInflight, RingLayout};
+use crate::iotlb::{Iotlb, IotlbError, IotlbMsg, IotlbSource, FEATURE_ACCESS_PLATFORM};
 use crate::memory::{MemoryTable, MAX_MEM_SLOTS};
 use crate::sigbus::Tripwire;
 use crate::tracking::{used_id, used_index, SharedTracked, Tracked};
@@ -120,6 +122,7 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::BACKEND_REQ
 }
 
 fn refuse<T>(reason: impl Into<String>) -> VhostResult<T> {
@@ -305,6 +308,8 @@ pub struct Backend<D: VirtioDevice> {
     vrings: Vec<Vring>,
     signals: Arc<Signals>,
     inflight: Option<InflightArea>,
+    /// Translations for the frontend's vIOMMU, used once ACCESS_PLATFORM is negotiated.
+    iotlb: Arc<Iotlb>,
 }
 
 impl<D: VirtioDevice> Backend<D> {
@@ -320,6 +325,7 @@ impl<D: VirtioDevice> Backend<D> {
         if resources.offer_packed {
             device_features |= FEATURE_RING_PACKED;
         }
+        device_features |= FEATURE_ACCESS_PLATFORM;
         Backend {
             device,
             claim: resources.claim,
@@ -335,7 +341,46 @@ impl<D: VirtioDevice> Backend<D> {
             vrings: (0..queues).map(|_| Vring::default()).collect(),
             signals: Arc::new(Signals::new(queues)),
             inflight: None,
+            iotlb: Arc::new(Iotlb::new()),
         }
+    }
+
+    /// The connection's IOTLB (its counters show what the frontend's vIOMMU sent).
+    pub fn iotlb(&self) -> &Arc<Iotlb> {
+        &self.iotlb
+    }
+
+    /// Whether VHOST_USER_PROTOCOL_F_BACKEND_REQ was negotiated (SET_BACKEND_REQ_FD allowed).
+    pub(crate) fn backend_req(&self) -> bool {
+        self.acked_protocol
+            .contains(VhostUserProtocolFeatures::BACKEND_REQ)
+    }
+
+    /// SET_BACKEND_REQ_FD: the channel IOTLB misses are sent on.
+    pub(crate) fn set_backend_channel(&mut self, channel: std::os::unix::net::UnixStream) {
+        self.iotlb.set_channel(Some(channel));
+    }
+
+    /// VHOST_USER_IOTLB_MSG (read by the server; see [`crate::iotlb`]). Rings waiting for a
+    /// translation of their addresses are started once an UPDATE brings it.
+    pub(crate) fn iotlb_message(&mut self, msg: &IotlbMsg) -> Result<(), String> {
+        if !self.access_platform() {
+            return Err("IOTLB_MSG without VIRTIO_F_ACCESS_PLATFORM negotiated".into());
+        }
+        self.iotlb
+            .handle(msg)
+            .map_err(|e: IotlbError| e.to_string())?;
+        if msg.kind == crate::iotlb::IOTLB_UPDATE {
+            for index in 0..self.vrings.len() {
+                self.try_start(index).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether VIRTIO_F_ACCESS_PLATFORM was negotiated: addresses are IOVAs.
+    fn access_platform(&self) -> bool {
+        self.acked_features & FEATURE_ACCESS_PLATFORM != 0
     }
 
     /// The connection ended: stop every ring without touching the rings again (the frontend
@@ -345,6 +390,10 @@ impl<D: VirtioDevice> Backend<D> {
             self.stop(index, false);
         }
         self.release_device();
+        let stats = self.iotlb.stats();
+        if stats != Default::default() {
+            tracing::info!("vhost-user: IOTLB: {stats:?}");
+        }
     }
 
     /// Gives the device back to other connections (if this one owned it).
@@ -431,12 +480,49 @@ impl<D: VirtioDevice> Backend<D> {
         let Some(addresses) = vring.addresses.filter(|_| ready) else {
             return Ok(());
         };
-        if !ring_fits(&memory, vring.size, addresses, self.packed()) {
+        if self.access_platform() {
+            match self.ring_translated(vring.size, addresses) {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(
+                        "vhost-user: queue {index}: waiting for IOTLB updates covering the ring"
+                    );
+                    return Ok(());
+                }
+                Err(e) => return refuse(format!("queue {index}: {e}")),
+            }
+        } else if !ring_fits(&memory, vring.size, addresses, self.packed()) {
             tracing::info!("vhost-user: queue {index}: waiting for memory that holds the ring");
             return Ok(());
         }
         self.start(index, dma, &memory)
             .or_else(|reason| refuse(format!("queue {index}: {reason}")))
+    }
+
+    /// Whether every part of a ring at IOVAs `addresses` is mapped, each onto one contiguous
+    /// range of guest memory, with the access the device makes. A missing part has had a MISS sent; an UPDATE retries.
+    fn ring_translated(&self, size: u16, addresses: RingAddresses) -> Result<bool, String> {
+        let packed = self.packed();
+        let [desc, avail, used] = ring_parts(size, addresses, packed);
+        // Packed descriptors are written back; the used ring's index is read at start.
+        let desc_access = if packed {
+            Permissions::ReadWrite
+        } else {
+            Permissions::Read
+        };
+        let parts = [
+            ("descriptor", desc, desc_access),
+            ("avail", avail, Permissions::Read),
+            ("used", used, Permissions::ReadWrite),
+        ];
+        for (what, (iova, len, _), access) in parts {
+            match self.iotlb.resolve_contiguous(iova, len, access) {
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(false),
+                Err(e) => return Err(format!("{what} ring: {e}")),
+            }
+        }
+        Ok(true)
     }
 
     fn start(
@@ -619,7 +705,20 @@ impl<D: VirtioDevice> Backend<D> {
 
         let inner = self.model_handler(index, size);
         let handler = SharedTracked::new(Tracked::new(inner, area.clone(), counter, used_idx));
-        if !recovered.is_empty() {
+        if !recovered.is_empty() && self.access_platform() {
+            // The resubmission ring lives in a scratch page outside the guest's IOVA space;
+            // not built for translated rings (see the crate::iotlb module doc).
+            tracing::warn!(
+                "vhost-user: queue {index}: {} in-flight requests cannot be resubmitted behind \
+                 a vIOMMU; the driver has to time them out",
+                recovered.len()
+            );
+            if let Some(area) = &area {
+                for &head in &recovered {
+                    area.clear(head);
+                }
+            }
+        } else if !recovered.is_empty() {
             let metrics = self.queue_metrics(index);
             let resubmitted = resubmit(
                 &mut handler.lock(),
@@ -680,7 +779,18 @@ impl<D: VirtioDevice> Backend<D> {
         for index in 0..self.vrings.len() {
             self.stop(index, true);
         }
-        self.dma = self.memory.memory().cloned().map(sluice_dma::identity);
+        self.iotlb.set_memory(self.memory.user_ranges());
+        let memory = self.memory.memory().cloned();
+        self.dma = if self.access_platform() {
+            memory.map(|memory| {
+                let source = Box::new(IotlbSource(self.iotlb.clone()));
+                let space = sluice_dma::translated(memory, source);
+                self.iotlb.set_translator(Arc::downgrade(space.iommu()));
+                space
+            })
+        } else {
+            memory.map(sluice_dma::identity)
+        };
         for index in 0..self.vrings.len() {
             self.try_start(index)?;
         }
@@ -701,6 +811,7 @@ impl<D: VirtioDevice> Backend<D> {
         }
         self.acked_features = 0;
         self.inflight = None;
+        self.iotlb.clear();
     }
 }
 
@@ -916,12 +1027,20 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
         }
         let features = features & offered;
         // The ring layout is the backend's business; the model never sees the bit.
-        let device_features = features & !(VHOST_USER_F_PROTOCOL_FEATURES | FEATURE_RING_PACKED);
+        let transport =
+            VHOST_USER_F_PROTOCOL_FEATURES | FEATURE_RING_PACKED | FEATURE_ACCESS_PLATFORM;
+        let device_features = features & !transport;
         if let Err(e) = locked(&self.device).ack_features(device_features) {
             return refuse(format!("SET_FEATURES {features:#x}: {e}"));
         }
+        let translation_changed = (self.acked_features ^ features) & FEATURE_ACCESS_PLATFORM != 0;
         self.acked_features = features;
         self.features_set = true;
+        if translation_changed {
+            // The queues' DMA space becomes (or stops being) translated.
+            self.iotlb.clear();
+            self.memory_changed()?;
+        }
         Ok(())
     }
 
@@ -967,11 +1086,19 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
             return refuse(format!("SET_VRING_ADDR: queue {index} has no size yet"));
         }
         let packed = self.packed();
+        let iova = self.access_platform();
         let translate = |what: &str, va: u64, len: u64, align: u64| {
             if !va.is_multiple_of(align) {
                 return refuse(format!(
                     "SET_VRING_ADDR: {what} ring at {va:#x} is misaligned"
                 ));
+            }
+            if iova {
+                // An IOVA: resolved through the IOTLB when the ring starts (try_start).
+                return match va.checked_add(len) {
+                    Some(_) => Ok(va),
+                    None => refuse(format!("SET_VRING_ADDR: {what} ring at {va:#x} wraps")),
+                };
             }
             match self.memory.va_to_gpa(va, len) {
                 Some(gpa) => Ok(gpa),
