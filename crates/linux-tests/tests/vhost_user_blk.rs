@@ -107,6 +107,12 @@ fn assert_fio_verified(run: &GuestRun, backend: &Backend, disk: &Path, queues: u
 }
 
 fn fio_verify(test: &str, setup: Option<(GuestImage, BackendKind)>, queues: u16) {
+    fio_verify_with(test, setup, queues, false);
+}
+
+/// fio verify; with `iommu`, behind QEMU's VT-d (see `GuestConfig::iommu`), and then the
+/// sluice backend must have served the disk through IOTLB updates.
+fn fio_verify_with(test: &str, setup: Option<(GuestImage, BackendKind)>, queues: u16, iommu: bool) {
     let Some((image, kind)) = setup else { return };
     let scratch = Scratch::new(test);
     let disk = scratch.disk("disk.img", DISK_SIZE);
@@ -124,13 +130,46 @@ fn fio_verify(test: &str, setup: Option<(GuestImage, BackendKind)>, queues: u16)
         reconnect: false,
         command: VERIFY_JOB.command(),
         timeout: GUEST_TIMEOUT,
+        iommu,
     };
 
     let run = Guest::boot(&image, &config).finish();
     let stopped = backend.stop();
 
-    let what = format!("{} with {queues} queue(s) (backend {stopped})", kind.name());
+    let what = format!(
+        "{} with {queues} queue(s){} (backend {stopped})",
+        kind.name(),
+        if iommu { " behind intel-iommu" } else { "" }
+    );
     assert_fio_verified(&run, &backend, &disk, queues, &what);
+    if iommu && matches!(kind, BackendKind::Sluice(_)) {
+        let log = backend.log();
+        let updates = iotlb_updates(&log);
+        assert!(
+            updates.is_some_and(|n| n > 0),
+            "the backend got no IOTLB updates: the disk did not go through the vIOMMU\n{log}"
+        );
+        for line in log
+            .lines()
+            .filter(|line| line.contains("vhost-user: IOTLB: "))
+        {
+            println!(
+                "{what}: {}",
+                line.rsplit("vhost-user: ").next().unwrap_or(line)
+            );
+        }
+    }
+}
+
+/// The IOTLB update count from `sluice serve`'s end-of-connection line
+/// ("vhost-user: IOTLB: N updates, ..."), summed over connections.
+fn iotlb_updates(log: &str) -> Option<u64> {
+    let counts: Vec<u64> = log
+        .lines()
+        .filter_map(|line| line.split("vhost-user: IOTLB: ").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .collect();
+    (!counts.is_empty()).then(|| counts.iter().sum())
 }
 
 fn fio_survives_backend_kill(test: &str, setup: Option<(GuestImage, BackendKind)>, queues: u16) {
@@ -151,6 +190,7 @@ fn fio_survives_backend_kill(test: &str, setup: Option<(GuestImage, BackendKind)
         reconnect: true,
         command: RECONNECT_JOB.command(),
         timeout: GUEST_TIMEOUT,
+        iommu: false,
     };
     let mut guest = Guest::boot(&image, &config);
     assert!(
@@ -209,6 +249,14 @@ fn sluice_fio_verify_1_queue() {
 fn sluice_fio_verify_2_queues() {
     let test = "sluice_fio_verify_2_queues";
     fio_verify(test, sluice(test), 2);
+}
+
+/// QEMU's vIOMMU in front of `sluice serve blk`: every address the backend sees is an IOVA
+/// translated through vhost-user IOTLB messages (issue 14).
+#[test]
+fn sluice_fio_verify_behind_intel_iommu() {
+    let test = "sluice_fio_verify_behind_intel_iommu";
+    fio_verify_with(test, sluice(test), 1, true);
 }
 
 #[test]

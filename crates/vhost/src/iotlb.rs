@@ -38,7 +38,8 @@
 //!   a memory table change cannot leave a stale guest physical address behind.
 
 use std::collections::BTreeMap;
-use std::io::{self, Write};
+use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -395,7 +396,7 @@ impl Iotlb {
     /// Sends a MISS for `iova` on the backend channel; false if there is none or it failed.
     fn send_miss(&self, iova: u64, access: Permissions) -> bool {
         let mut channel = locked(&self.channel);
-        let Some(stream) = channel.as_mut() else {
+        let Some(stream) = channel.as_ref() else {
             return false;
         };
         let msg = IotlbMsg {
@@ -409,7 +410,7 @@ impl Iotlb {
             bytes.extend_from_slice(&word.to_ne_bytes());
         }
         bytes.extend_from_slice(msg.as_slice());
-        match stream.write(&bytes) {
+        match write_all_or_nothing(stream, &bytes) {
             Ok(n) if n == bytes.len() => {
                 self.counters.misses_sent.fetch_add(1, Ordering::Relaxed);
                 true
@@ -461,6 +462,15 @@ impl Default for Iotlb {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// One write(2) of `bytes` to the channel. Not `UnixStream::write`: that is send(2), which
+/// the queue workers' seccomp filter does not allow (write(2) it does; SIGPIPE is ignored by
+/// the Rust runtime, so a closed channel is EPIPE).
+fn write_all_or_nothing(stream: &UnixStream, bytes: &[u8]) -> io::Result<usize> {
+    // SAFETY: `bytes` is valid for reads of its length; the fd is owned by `stream`.
+    let n = unsafe { libc::write(stream.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 fn checked_end(iova: u64, size: u64) -> Result<u64, IotlbError> {
