@@ -357,6 +357,27 @@ impl Iotlb {
         }
     }
 
+    /// Checks what every lookup relies on: at most [`MAX_ENTRIES`] entries, none empty,
+    /// wrapping or overlapping the next (for the fuzz target).
+    pub fn check_entries(&self) -> Result<(), String> {
+        let state = locked(&self.state);
+        if state.entries.len() > MAX_ENTRIES {
+            return Err(format!("{} entries", state.entries.len()));
+        }
+        let mut previous_end = 0u64;
+        for (i, (&iova, entry)) in state.entries.iter().enumerate() {
+            let end = iova
+                .checked_add(entry.size)
+                .filter(|_| entry.size > 0)
+                .ok_or_else(|| format!("entry {iova:#x} + {:#x}", entry.size))?;
+            if i > 0 && iova < previous_end {
+                return Err(format!("entry {iova:#x} overlaps the one before"));
+            }
+            previous_end = end;
+        }
+        Ok(())
+    }
+
     /// The guest physical address of `[iova, iova + len)` if the IOTLB maps it whole, with
     /// `access`, onto one contiguous range. `Ok(None)`: part of it is missing (a MISS was
     /// sent for the first missing piece, without waiting); `Err`: mapped, but not contiguous.
