@@ -10,6 +10,9 @@
 //! corrupted I/O.
 //!
 //! qemu-storage-daemon is the reference backend; `sluice serve blk` must pass the same tests.
+//! One more runs the guest behind QEMU's VT-d (`intel_iommu=on`, the disk with
+//! `iommu_platform=on,ats=on`): the backend sees only IOVAs and gets every translation as a
+//! vhost-user IOTLB message (issue 14); its log must count IOTLB updates.
 //! No QEMU, no qemu-storage-daemon, or no way to build the guest image: a SKIP line.
 //!
 //! Each boot costs ~25-35 s under TCG on two host cores. The default run (about 2 minutes) covers
