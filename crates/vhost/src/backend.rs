@@ -719,7 +719,7 @@ impl<D: VirtioDevice> Backend<D> {
             // not built for translated rings (see the crate::iotlb module doc).
             tracing::warn!(
                 "vhost-user: queue {index}: {} in-flight requests cannot be resubmitted behind \
-                 a vIOMMU; the driver has to time them out",
+                 a vIOMMU (not built); they are dropped",
                 recovered.len()
             );
             if let Some(area) = &area {

@@ -23,8 +23,9 @@
 //!   changes nothing. An UPDATE overlapping older entries replaces them. At most
 //!   [`MAX_ENTRIES`] entries are kept: past that the lowest entry is dropped (this is a cache:
 //!   the frontend sends it again on the next miss).
-//! * INVALIDATE removes every entry overlapping its range and drops what the connection's
-//!   `DmaSpace` cached for them, so running queues re-translate on their next access.
+//! * INVALIDATE removes every entry overlapping its range (clipped at the top of the address
+//!   space; an empty one is refused) and drops what the connection's `DmaSpace` cached for
+//!   them, so running queues re-translate on their next access.
 //! * A lookup that misses (no entry, or one without the access's permission) sends a MISS
 //!   and, on a queue worker, waits up to [`MISS_WAIT`] for an UPDATE that covers it; after
 //!   that the access fails and the request with it (virtio-blk answers IOERR when it can,
@@ -33,7 +34,12 @@
 //!   its queue forever (the frontend never answers a miss its vIOMMU cannot translate). The
 //!   connection thread never waits: it is the thread that would read the UPDATE. Ring
 //!   addresses are resolved there without waiting: a ring whose IOVAs miss sends MISSes and
-//!   starts when an UPDATE fills the gap.
+//!   starts when an UPDATE fills the gap. Without a backend channel (a frontend that never
+//!   sent SET_BACKEND_REQ_FD) a miss fails at once.
+//! * Not done: resubmitting the requests a crashed backend left in flight (inflight area) when
+//!   the rings are translated — the resubmission runs on the connection thread, which cannot
+//!   wait for the updates a fresh IOTLB needs; those requests are dropped with a warning
+//!   (a Linux guest's virtio-blk has no timeout for them).
 //! * Entries hold user addresses and are resolved against the memory table at lookup time, so
 //!   a memory table change cannot leave a stale guest physical address behind.
 
@@ -344,7 +350,12 @@ impl Iotlb {
     }
 
     fn invalidate(&self, iova: u64, size: u64) -> Result<(), IotlbError> {
-        let end = checked_end(iova, size)?;
+        if size == 0 {
+            return Err(IotlbError::Range { iova, size });
+        }
+        // A range past the top of the address space is clipped, not refused: dropping more
+        // translations than asked is always safe, keeping one the guest revoked is not.
+        let end = iova.saturating_add(size);
         let (from, to) = locked(&self.state).remove_overlapping(iova, end);
         self.drop_cached(from, to);
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
@@ -617,6 +628,24 @@ mod tests {
 
         assert!(iotlb.lookup(0x2000, Permissions::Read).is_none());
         assert!(iotlb.lookup(0x8000, Permissions::Read).is_some());
+    }
+
+    #[test]
+    fn an_invalidation_past_the_top_of_the_address_space_is_clipped() {
+        let iotlb = iotlb();
+        iotlb
+            .handle(&update(0x8000, 0x1000, 0x7f00_0000_8000, ACCESS_RW))
+            .unwrap();
+
+        let clipped = iotlb.handle(&IotlbMsg {
+            iova: 0x4000,
+            size: u64::MAX,
+            kind: IOTLB_INVALIDATE,
+            ..IotlbMsg::default()
+        });
+
+        assert_eq!(clipped, Ok(()));
+        assert!(iotlb.lookup(0x8000, Permissions::Read).is_none());
     }
 
     #[test]
