@@ -276,6 +276,32 @@ fn rings_and_buffers_are_reached_through_iotlb_updates() {
     });
 }
 
+/// A cold IOTLB, as QEMU keeps one: the backend asks for a buffer's translation, waits, and
+/// the request succeeds once the frontend answers the MISS with an UPDATE.
+#[test]
+fn a_miss_answered_in_time_lets_the_request_through() {
+    within(Duration::from_secs(60), || {
+        let server = start_server("iotlb-answered");
+        let mut s = IommuSession::start(&server);
+        s.map_rings();
+        s.map(HEADER_GPA, RW);
+        s.guest
+            .mem
+            .write_slice(&pattern(0x3c), GuestAddress(data_gpa(0)))
+            .unwrap();
+
+        s.post(0, VIRTIO_BLK_T_OUT, 12, iova(data_gpa(0)));
+        let miss = s.miss_for(iova(data_gpa(0)));
+        s.map(data_gpa(0), RO);
+        let done = s.completes(1);
+
+        assert_eq!(miss, Some(RO));
+        assert!(done, "the request completed");
+        assert_eq!(s.guest.status(0), 0, "and succeeded");
+        assert_eq!(read_image(&server.image, 12 * 512, SECTOR), pattern(0x3c));
+    });
+}
+
 /// A descriptor pointing at an IOVA with no mapping is refused: the backend asks for it
 /// (MISS), gets no answer, fails the request with IOERR and touches neither the image nor
 /// the guest memory the IOVA would have named. The queue keeps running.
