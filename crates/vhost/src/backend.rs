@@ -50,7 +50,7 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use sluice_dma::DmaSpace;
+use sluice_dma::{DmaSpace, Mapping, TranslationSource};
 use sluice_virtio::{
     DeviceMetrics, NotifyPolicy, PackedQueue, QueueBinding, QueueContext, QueueError, QueueHandler,
     QueueMetrics, QueueWorker, VirtQueue, VirtioDevice, VirtioInterrupt,
@@ -79,7 +79,7 @@ use crate::inflight::{InflightArea, QueueInflight, RingLayout};
 use crate::iotlb::{Iotlb, IotlbError, IotlbMsg, IotlbSource, FEATURE_ACCESS_PLATFORM};
 use crate::memory::{MemoryTable, MAX_MEM_SLOTS};
 use crate::sigbus::Tripwire;
-use crate::tracking::{used_id, used_index, SharedTracked, Tracked};
+use crate::tracking::{used_id, used_index, PendingResubmission, SharedTracked, Tracked};
 
 /// VHOST_USER_F_PROTOCOL_FEATURES (virtio feature bit 30).
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -715,17 +715,15 @@ impl<D: VirtioDevice> Backend<D> {
         let inner = self.model_handler(index, size);
         let handler = SharedTracked::new(Tracked::new(inner, area.clone(), counter, used_idx));
         if !recovered.is_empty() && self.access_platform() {
-            // The resubmission ring lives in a scratch page outside the guest's IOVA space;
-            // not built for translated rings (see the crate::iotlb module doc).
-            tracing::warn!(
-                "vhost-user: queue {index}: {} in-flight requests cannot be resubmitted behind \
-                 a vIOMMU (not built); they are dropped",
-                recovered.len()
-            );
-            if let Some(area) = &area {
-                for &head in &recovered {
-                    area.clear(head);
-                }
+            let pending =
+                self.translated_resubmission(&queue, &recovered, area.as_ref(), memory)?;
+            if let Some(pending) = pending {
+                tracing::info!(
+                    "vhost-user: queue {index}: resubmitting {} in-flight requests on the \
+                     queue worker (behind a vIOMMU)",
+                    recovered.len()
+                );
+                handler.lock().defer_resubmission(pending);
             }
         } else if !recovered.is_empty() {
             let metrics = self.queue_metrics(index);
@@ -743,6 +741,44 @@ impl<D: VirtioDevice> Backend<D> {
             let _ = self.signals.notify_queue(queue_index);
         }
         Ok((queue.into(), handler))
+    }
+
+    /// The shadow ring and space for resubmitting `heads` on a translated ring: as
+    /// [`resubmit`] builds them, but the scratch avail ring sits at [`SCRATCH_IOVA`] in a space
+    /// that translates everything else through the IOTLB (the descriptors, buffers and used
+    /// ring are the guest's IOVAs). `None` if no head fits the ring.
+    fn translated_resubmission(
+        &self,
+        queue: &Queue,
+        heads: &[u16],
+        area: Option<&QueueInflight>,
+        memory: &GuestMemoryMmap,
+    ) -> Result<Option<PendingResubmission>, String> {
+        let size = queue.size();
+        let valid = valid_heads(size, heads, area);
+        if valid.is_empty() {
+            return Ok(None);
+        }
+        let (scratch_memory, avail_gpa) = with_scratch_avail_ring(memory, size, &valid)?;
+        let source = ScratchThenIotlb {
+            scratch: Mapping {
+                iova: SCRATCH_IOVA,
+                target: avail_gpa,
+                length: (AVAIL_HEADER_BYTES + 2 * u64::from(size)).next_multiple_of(PAGE_SIZE),
+                permissions: Permissions::ReadWrite,
+            },
+            iotlb: IotlbSource(self.iotlb.clone()),
+        };
+        let shadow_addresses = RingAddresses {
+            desc: queue.desc_table(),
+            avail: SCRATCH_IOVA,
+            used: queue.used_ring(),
+        };
+        let shadow = build_queue(size, shadow_addresses, 0, queue.next_used(), false)?;
+        Ok(Some(PendingResubmission {
+            queue: VirtQueue::from(shadow),
+            mem: sluice_dma::translated(scratch_memory, Box::new(source)),
+        }))
     }
 
     /// Stops queue `index`; with `drain`, first lets the model finish what it popped.
@@ -880,13 +916,7 @@ fn resubmit(
     metrics: &QueueMetrics,
 ) -> Result<usize, String> {
     let size = queue.size();
-    let (valid, invalid): (Vec<u16>, Vec<u16>) = heads.iter().partition(|&&head| head < size);
-    for head in invalid {
-        tracing::warn!("vhost-user: recovered head {head} does not fit a ring of {size}; dropped");
-        if let Some(area) = area {
-            area.clear(head);
-        }
-    }
+    let valid = valid_heads(size, heads, area);
     if valid.is_empty() {
         return Ok(0);
     }
@@ -911,6 +941,39 @@ fn resubmit(
         queue.set_next_used(shadow.next_used());
     }
     Ok(valid.len())
+}
+
+/// The recovered heads that fit a ring of `size`; the others are dropped from the area.
+fn valid_heads(size: u16, heads: &[u16], area: Option<&QueueInflight>) -> Vec<u16> {
+    let (valid, invalid): (Vec<u16>, Vec<u16>) = heads.iter().partition(|&&head| head < size);
+    for head in invalid {
+        tracing::warn!("vhost-user: recovered head {head} does not fit a ring of {size}; dropped");
+        if let Some(area) = area {
+            area.clear(head);
+        }
+    }
+    valid
+}
+
+/// Where a translated ring's resubmission avail ring sits: above every IOVA a VT-d or AMD-Vi
+/// unit can translate (57 bits at most), so no guest mapping is shadowed.
+const SCRATCH_IOVA: u64 = 1 << 63;
+
+/// The resubmission space's translations: the scratch avail ring, then the IOTLB.
+#[derive(Debug)]
+struct ScratchThenIotlb {
+    scratch: Mapping,
+    iotlb: IotlbSource,
+}
+
+impl TranslationSource for ScratchThenIotlb {
+    fn lookup(&self, iova: u64, access: Permissions) -> Option<Mapping> {
+        let scratch = &self.scratch;
+        if (scratch.iova..scratch.iova + scratch.length).contains(&iova) {
+            return Some(*scratch);
+        }
+        self.iotlb.lookup(iova, access)
+    }
 }
 
 /// `memory` plus a scratch page past its end holding an avail ring with `heads`.

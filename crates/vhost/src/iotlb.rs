@@ -36,10 +36,10 @@
 //!   addresses are resolved there without waiting: a ring whose IOVAs miss sends MISSes and
 //!   starts when an UPDATE fills the gap. Without a backend channel (a frontend that never
 //!   sent SET_BACKEND_REQ_FD) a miss fails at once.
-//! * Not done: resubmitting the requests a crashed backend left in flight (inflight area) when
-//!   the rings are translated — the resubmission runs on the connection thread, which cannot
-//!   wait for the updates a fresh IOTLB needs; those requests are dropped with a warning
-//!   (a Linux guest's virtio-blk has no timeout for them).
+//! * Requests a crashed backend left in flight (inflight area) are resubmitted on the queue
+//!   worker's first pass rather than at ring start when the rings are translated: the new
+//!   connection's IOTLB is empty, and only a worker may wait for the updates. The shadow avail
+//!   ring holding the recovered heads sits at an IOVA no vIOMMU can map (bit 63).
 //! * Entries hold user addresses and are resolved against the memory table at lookup time, so
 //!   a memory table change cannot leave a stale guest physical address behind.
 

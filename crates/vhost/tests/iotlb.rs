@@ -13,6 +13,10 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::*;
+use std::fs::File;
+use std::sync::atomic::Ordering;
+
+use vhost::vhost_user::message::VhostUserInflight;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::{VhostBackend, VringConfigData};
 use vm_memory::{Bytes, GuestAddress};
@@ -73,14 +77,29 @@ impl IommuSession {
     /// Connects, hands over the backend channel, negotiates ACCESS_PLATFORM, shares memory
     /// and sets ring 0 up at IOVAs nothing is mapped for yet.
     fn start(server: &TestServer) -> Self {
+        Self::start_on(server, Guest::new(), None)
+    }
+
+    /// As [`IommuSession::start`], on `guest`'s memory, with an inflight area if given (set
+    /// before the rings, as QEMU does).
+    fn start_on(
+        server: &TestServer,
+        guest: Guest,
+        inflight: Option<&(VhostUserInflight, File)>,
+    ) -> Self {
         let mut session = connect(&server.socket);
+        if let Some((info, area)) = inflight {
+            session
+                .frontend
+                .set_inflight_fd(info, area.as_raw_fd())
+                .expect("SET_INFLIGHT_FD");
+        }
         // SAFETY: the frontend's socket stays open as long as `session`; the duplicate is
         // an independent descriptor on the same connection.
         let raw = unsafe { dup_stream(session.frontend.as_raw_fd()) };
         raw.set_read_timeout(Some(ANSWER_TIMEOUT)).unwrap();
         let (channel, theirs) = UnixStream::pair().unwrap();
         channel.set_read_timeout(Some(REFUSAL_WAIT)).unwrap();
-        let guest = Guest::new();
         let error = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
         let fe = &mut session.frontend;
         fe.set_backend_request_fd(&theirs)
@@ -476,4 +495,74 @@ fn an_unwritable_status_byte_gets_an_empty_completion_and_no_io() {
         assert_eq!(read_image(&server.image, 512, SECTOR), vec![0; SECTOR]);
         assert!(s.error.read().is_err(), "the queue did not fail");
     });
+}
+
+/// A backend that crashed with a request in flight is replaced; the new connection starts with
+/// an empty IOTLB. The recovered request is resubmitted on the queue worker, which asks for the
+/// translations it needs and waits for them: the write lands once, the guest sees it complete.
+#[test]
+fn an_in_flight_request_is_resubmitted_behind_the_viommu() {
+    within(Duration::from_secs(60), || {
+        let server = start_server("iotlb-resubmit");
+        server.stall.store(true, Ordering::SeqCst);
+        // An area from the backend (a connection of its own: the frontend keeps the fd).
+        let inflight = connect(&server.socket)
+            .frontend
+            .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, QUEUE_SIZE))
+            .expect("GET_INFLIGHT_FD");
+        let mut first = IommuSession::start_on(&server, Guest::new(), Some(&inflight));
+        first.map_rings();
+        first.map(HEADER_GPA, RW);
+        first.map(data_gpa(0), RO);
+        first
+            .guest
+            .mem
+            .write_slice(&pattern(0x77), GuestAddress(data_gpa(0)))
+            .unwrap();
+        first.post(0, VIRTIO_BLK_T_OUT, 20, iova(data_gpa(0)));
+        let marked = wait_until_within(REFUSAL_WAIT, || inflight_flag(&inflight.1, 0) == 1);
+        // The first frontend goes away (its guest memory stays).
+        let IommuSession {
+            session,
+            raw,
+            channel,
+            guest,
+            error,
+        } = first;
+        drop((session, raw, channel, error));
+        server.stall.store(false, Ordering::SeqCst);
+
+        let mut second = IommuSession::start_on(&server, guest, Some(&inflight));
+        // Answer every miss, as QEMU does, until the request completed.
+        let mut misses = 0;
+        while second.guest.used_idx() != 1 && misses < 16 {
+            let Some((missed, _)) = second.next_miss() else {
+                break;
+            };
+            misses += 1;
+            let gpa = (missed - IOVA_BASE) & !(PAGE - 1);
+            second.map(gpa, RW);
+        }
+        let completed = second.completes(1);
+
+        assert!(marked, "the first backend had the request in flight");
+        assert!(completed, "the resubmitted request completed");
+        assert!(
+            misses >= 2,
+            "the rings and buffers were asked for ({misses} misses)"
+        );
+        assert_eq!(second.guest.status(0), 0);
+        assert_eq!(read_image(&server.image, 20 * 512, SECTOR), pattern(0x77));
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(second.guest.used_idx(), 1, "it ran once");
+    });
+}
+
+/// The in-flight flag of `head` in a split inflight area.
+fn inflight_flag(area: &File, head: u16) -> u8 {
+    use std::os::unix::fs::FileExt;
+    let mut flag = [0u8; 1];
+    area.read_exact_at(&mut flag, 16 + 16 * u64::from(head))
+        .unwrap();
+    flag[0]
 }
