@@ -145,22 +145,26 @@ fn fio_verify_with(test: &str, setup: Option<(GuestImage, BackendKind)>, queues:
         if iommu { " behind intel-iommu" } else { "" }
     );
     assert_fio_verified(&run, &backend, &disk, queues, &what);
-    if iommu && matches!(kind, BackendKind::Sluice(_)) {
-        let log = backend.log();
-        let updates = iotlb_updates(&log);
-        assert!(
-            updates.is_some_and(|n| n > 0),
-            "the backend got no IOTLB updates: the disk did not go through the vIOMMU\n{log}"
+    if iommu {
+        assert_iotlb_used(&backend.log(), &what);
+    }
+}
+
+/// Asserts `sluice serve`'s log counts IOTLB updates, and prints its IOTLB lines.
+fn assert_iotlb_used(log: &str, what: &str) {
+    let updates = iotlb_updates(log);
+    assert!(
+        updates.is_some_and(|n| n > 0),
+        "the backend got no IOTLB updates: the disk did not go through the vIOMMU\n{log}"
+    );
+    for line in log
+        .lines()
+        .filter(|line| line.contains("vhost-user: IOTLB: ") || line.contains("resubmitting"))
+    {
+        println!(
+            "{what}: {}",
+            line.rsplit("vhost-user: ").next().unwrap_or(line)
         );
-        for line in log
-            .lines()
-            .filter(|line| line.contains("vhost-user: IOTLB: "))
-        {
-            println!(
-                "{what}: {}",
-                line.rsplit("vhost-user: ").next().unwrap_or(line)
-            );
-        }
     }
 }
 
@@ -176,6 +180,17 @@ fn iotlb_updates(log: &str) -> Option<u64> {
 }
 
 fn fio_survives_backend_kill(test: &str, setup: Option<(GuestImage, BackendKind)>, queues: u16) {
+    fio_survives_backend_kill_with(test, setup, queues, false);
+}
+
+/// The backend is SIGKILLed mid-fio and started again; with `iommu`, behind QEMU's VT-d, so the
+/// restarted backend begins with an empty IOTLB and resubmits what was in flight through it.
+fn fio_survives_backend_kill_with(
+    test: &str,
+    setup: Option<(GuestImage, BackendKind)>,
+    queues: u16,
+    iommu: bool,
+) {
     let Some((image, kind)) = setup else { return };
     let scratch = Scratch::new(test);
     let disk = scratch.disk("disk.img", DISK_SIZE);
@@ -193,7 +208,7 @@ fn fio_survives_backend_kill(test: &str, setup: Option<(GuestImage, BackendKind)
         reconnect: true,
         command: RECONNECT_JOB.command(),
         timeout: GUEST_TIMEOUT,
-        iommu: false,
+        iommu,
     };
     let mut guest = Guest::boot(&image, &config);
     assert!(
@@ -216,10 +231,14 @@ fn fio_survives_backend_kill(test: &str, setup: Option<(GuestImage, BackendKind)
         run.transcript()
     );
     let what = format!(
-        "{} with {queues} queue(s), SIGKILLed {KILL_AFTER:?} into fio and restarted (backend {stopped})",
-        kind.name()
+        "{} with {queues} queue(s){}, SIGKILLed {KILL_AFTER:?} into fio and restarted (backend {stopped})",
+        kind.name(),
+        if iommu { " behind intel-iommu" } else { "" }
     );
     assert_fio_verified(&run, &backend, &disk, queues, &what);
+    if iommu {
+        assert_iotlb_used(&backend.log(), &what);
+    }
 }
 
 #[test]
@@ -260,6 +279,14 @@ fn sluice_fio_verify_2_queues() {
 fn sluice_fio_verify_behind_intel_iommu() {
     let test = "sluice_fio_verify_behind_intel_iommu";
     fio_verify_with(test, sluice(test), 1, true);
+}
+
+/// The backend killed mid-fio behind QEMU's VT-d: the restarted one starts from an empty
+/// IOTLB and must resubmit what was in flight through it.
+#[test]
+fn sluice_fio_survives_backend_kill_behind_intel_iommu() {
+    let test = "sluice_fio_survives_backend_kill_behind_intel_iommu";
+    fio_survives_backend_kill_with(test, sluice(test), 1, true);
 }
 
 #[test]

@@ -350,6 +350,23 @@ impl<D: VirtioDevice> Backend<D> {
         &self.iotlb
     }
 
+    /// Logs the IOTLB's counters if a vIOMMU was used (once per connection, at its end).
+    pub(crate) fn log_iotlb_stats(&self) {
+        let stats = self.iotlb.stats();
+        if stats != Default::default() {
+            // One line per connection; tests (crates/linux-tests) read the update count.
+            tracing::info!(
+                "vhost-user: IOTLB: {} updates, {} invalidations, {} misses sent, {} refused \
+                 messages, {} faults",
+                stats.updates,
+                stats.invalidations,
+                stats.misses_sent,
+                stats.refused_messages,
+                stats.faults
+            );
+        }
+    }
+
     /// Whether VHOST_USER_PROTOCOL_F_BACKEND_REQ was negotiated (SET_BACKEND_REQ_FD allowed).
     pub(crate) fn backend_req(&self) -> bool {
         self.acked_protocol
@@ -390,19 +407,6 @@ impl<D: VirtioDevice> Backend<D> {
             self.stop(index, false);
         }
         self.release_device();
-        let stats = self.iotlb.stats();
-        if stats != Default::default() {
-            // One line per connection; tests (crates/linux-tests) read the update count.
-            tracing::info!(
-                "vhost-user: IOTLB: {} updates, {} invalidations, {} misses sent, {} refused \
-                 messages, {} faults",
-                stats.updates,
-                stats.invalidations,
-                stats.misses_sent,
-                stats.refused_messages,
-                stats.faults
-            );
-        }
     }
 
     /// Gives the device back to other connections (if this one owned it).

@@ -386,6 +386,7 @@ impl<D: VirtioDevice> Shared<D> {
         };
         drop(handler);
         lock(&backend).disconnect();
+        lock(&backend).log_iotlb_stats();
         end
     }
 
