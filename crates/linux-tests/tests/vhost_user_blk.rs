@@ -10,14 +10,17 @@
 //! corrupted I/O.
 //!
 //! qemu-storage-daemon is the reference backend; `sluice serve blk` must pass the same tests.
-//! One more runs the guest behind QEMU's VT-d (`intel_iommu=on`, the disk with
-//! `iommu_platform=on,ats=on`): the backend sees only IOVAs and gets every translation as a
-//! vhost-user IOTLB message (issue 14); its log must count IOTLB updates.
+//! Two more run the guest behind QEMU's VT-d (`intel_iommu=on`, the disk with
+//! `iommu_platform=on,ats=on`), fio verify and the sluice reconnect: the backend sees only
+//! IOVAs and gets every translation as a vhost-user IOTLB message (issue 14); its log must
+//! count IOTLB updates.
 //! No QEMU, no qemu-storage-daemon, or no way to build the guest image: a SKIP line.
 //!
-//! Each boot costs ~25-35 s under TCG on two host cores. The default run (about 2 minutes) covers
-//! sluice with 1 and 2 queues and the sluice reconnect, plus qemu-storage-daemon with 2 queues as
-//! the reference; the other qemu-storage-daemon tests are `#[ignore]`d as long (`--ignored`).
+//! Each boot costs ~25-35 s under TCG on two host cores (behind the vIOMMU ~60-90 s: every
+//! page of I/O is a miss, an update and two invalidations). The default run (about 4 minutes)
+//! covers sluice with 1 and 2 queues, the sluice reconnect and the two vIOMMU tests, plus
+//! qemu-storage-daemon with 2 queues as the reference; the other qemu-storage-daemon tests are
+//! `#[ignore]`d as long (`--ignored`).
 
 mod common;
 
