@@ -1113,7 +1113,12 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
         self.acked_features = features;
         self.features_set = true;
         if translation_changed {
-            // The queues' DMA space becomes (or stops being) translated.
+            // The queues' DMA space becomes (or stops being) translated, and ring addresses
+            // set before change meaning (IOVAs vs. frontend addresses): they must come again.
+            for index in 0..self.vrings.len() {
+                self.stop(index, true);
+                self.vrings[index].addresses = None;
+            }
             self.iotlb.clear();
             self.memory_changed()?;
         }

@@ -216,10 +216,11 @@ impl State {
         })
     }
 
-    /// Removes the entries overlapping `[iova, end)`; returns the span they covered, joined
-    /// with the range itself.
-    fn remove_overlapping(&mut self, iova: u64, end: u64) -> (u64, u64) {
+    /// Removes the entries overlapping `[iova, end)`; returns the span they covered joined
+    /// with the range itself, or `None` if there were none.
+    fn remove_overlapping(&mut self, iova: u64, end: u64) -> Option<(u64, u64)> {
         let mut span = (iova, end);
+        let mut removed = false;
         let mut doomed: Vec<u64> = self
             .entries
             .range(iova..end)
@@ -230,11 +231,12 @@ impl State {
         }
         for start in doomed {
             if let Some(entry) = self.entries.remove(&start) {
+                removed = true;
                 span.0 = span.0.min(start);
                 span.1 = span.1.max(start.saturating_add(entry.size));
             }
         }
-        span
+        removed.then_some(span)
     }
 }
 
@@ -327,7 +329,7 @@ impl Iotlb {
                 size: msg.size,
             });
         }
-        let (from, to) = state.remove_overlapping(msg.iova, end);
+        let replaced = state.remove_overlapping(msg.iova, end);
         if state.entries.len() >= MAX_ENTRIES {
             state.entries.pop_first();
         }
@@ -340,7 +342,7 @@ impl Iotlb {
             },
         );
         drop(state);
-        if (from, to) != (msg.iova, end) {
+        if let Some((from, to)) = replaced {
             // Older entries were replaced: what the DMA space cached from them is stale.
             self.drop_cached(from, to);
         }
@@ -356,7 +358,9 @@ impl Iotlb {
         // A range past the top of the address space is clipped, not refused: dropping more
         // translations than asked is always safe, keeping one the guest revoked is not.
         let end = iova.saturating_add(size);
-        let (from, to) = locked(&self.state).remove_overlapping(iova, end);
+        let removed = locked(&self.state).remove_overlapping(iova, end);
+        // The DMA space may cache the range even where the IOTLB holds nothing any more.
+        let (from, to) = removed.unwrap_or((iova, end));
         self.drop_cached(from, to);
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
         Ok(())

@@ -434,6 +434,44 @@ fn wrong_permissions_and_invalidated_mappings_are_refused() {
     });
 }
 
+/// An UPDATE that remaps an IOVA the device already used (no INVALIDATE in between) takes
+/// effect: the translation the queue's DMA space cached from the old entry is dropped.
+#[test]
+fn a_remapped_iova_reaches_the_new_page() {
+    within(Duration::from_secs(60), || {
+        let server = start_server("iotlb-remap");
+        let mut s = IommuSession::start(&server);
+        s.map_rings();
+        s.map(HEADER_GPA, RW);
+        let buffer = iova(data_gpa(0));
+        s.guest
+            .mem
+            .write_slice(&pattern(0x11), GuestAddress(data_gpa(0)))
+            .unwrap();
+        s.guest
+            .mem
+            .write_slice(&pattern(0x22), GuestAddress(data_gpa(5)))
+            .unwrap();
+        let base = s.guest.host_base;
+
+        assert!(s.iotlb(buffer, PAGE, base + data_gpa(0), RO, UPDATE));
+        s.post(0, VIRTIO_BLK_T_OUT, 30, buffer);
+        let first = s.completes(1);
+        assert!(s.iotlb(buffer, PAGE, base + data_gpa(5), RO, UPDATE));
+        s.post(3, VIRTIO_BLK_T_OUT, 31, buffer);
+        let second = s.completes(2);
+
+        assert!(first && second);
+        assert_eq!((s.guest.status(0), s.guest.status(3)), (0, 0));
+        assert_eq!(read_image(&server.image, 30 * 512, SECTOR), pattern(0x11));
+        assert_eq!(
+            read_image(&server.image, 31 * 512, SECTOR),
+            pattern(0x22),
+            "the second write read the page the IOVA maps now"
+        );
+    });
+}
+
 /// Malformed IOTLB messages are answered with a failure and change nothing; the connection
 /// stays.
 #[test]
