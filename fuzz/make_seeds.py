@@ -172,6 +172,7 @@ def pci_seeds():
 
 
 # --- vhost_user_fds: frontend scripts (op format in crates/vhost/src/fuzz.rs) --------------
+USER_BASE = 0x7f00_0000_0000  # where the script's regions sit in "frontend" addresses
 HANDSHAKE_ALL = bytes([0, 7])  # PROTOCOL_FEATURES, EVENT_IDX, every offered protocol feature
 MEM_16_PAGES = bytes([1, 0, 15])  # SET_MEM_TABLE: one memfd of 16 pages at slot 0
 RING_16 = bytes([6, 0, 4, 0])  # queue 0: 16 entries, base 0, rings at 0 / 0x1000 / 0x2000
@@ -222,6 +223,16 @@ def fds_seeds():
                                        + write_memfd(0, 0, area[:63])
                                        + write_memfd(0, 64, good_chain)
                                        + bytes([1, 0, 15]) + packed_ring + KICK)
+    # Behind a vIOMMU (handshake bits 4 and 5: ACCESS_PLATFORM, a backend channel): the ring
+    # IOVAs are the user addresses the ring setup sends, mapped by IOTLB updates (op 15,
+    # request 22) onto the region; the request's buffer IOVA 0x4000 is mapped too.
+    def iotlb_update(iova, size, uaddr):
+        body = struct.pack("<QQQBB6x", iova, size, uaddr, 3, 2)
+        return bytes([15, 22, 1 | 8, len(body), 0]) + body
+    yield "iotlb_ring_io", (bytes([0, 0x37]) + MEM_16_PAGES
+                            + iotlb_update(USER_BASE, 0x3000, USER_BASE)
+                            + iotlb_update(0x4000, 0x1000, USER_BASE + 0x4000)
+                            + ring + one_request(0) + KICK)
 
 
 # --- vhost_user_backend_replies: backend scripts (format in

@@ -289,6 +289,8 @@ pub struct ConnectionResources {
     pub max_mapped_bytes: u64,
     /// Offer VIRTIO_F_RING_PACKED.
     pub offer_packed: bool,
+    /// How long a queue worker waits for the IOTLB update answering its miss.
+    pub iotlb_miss_wait: Duration,
 }
 
 /// The device side of one connection.
@@ -341,7 +343,7 @@ impl<D: VirtioDevice> Backend<D> {
             vrings: (0..queues).map(|_| Vring::default()).collect(),
             signals: Arc::new(Signals::new(queues)),
             inflight: None,
-            iotlb: Arc::new(Iotlb::new()),
+            iotlb: Arc::new(Iotlb::with_miss_wait(resources.iotlb_miss_wait)),
         }
     }
 

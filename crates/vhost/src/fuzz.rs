@@ -18,7 +18,10 @@
 //! Script: a sequence of operations `[op, params...]`; a parameter past the end reads as 0,
 //! and the script ends at its end or when the server drops the connection. `op % 16`:
 //! * 0 handshake: SET_OWNER, SET_FEATURES (p0 bit 0: PROTOCOL_FEATURES, bit 1: EVENT_IDX,
-//!   bit 3: RING_PACKED), and if p0 bit 2, SET_PROTOCOL_FEATURES with every offered one;
+//!   bit 3: RING_PACKED, bit 4: ACCESS_PLATFORM — ring and buffer addresses become IOVAs, which
+//!   IOTLB_MSG updates sent with op 15 map), and if p0 bit 2, SET_PROTOCOL_FEATURES with every
+//!   offered one, then if p0 bit 5 SET_BACKEND_REQ_FD with a socket the script never reads
+//!   (IOTLB misses go there; the server waits 5 ms for an answer that never comes);
 //! * 1 SET_MEM_TABLE of `1 + p0 % 3` new memfds (`1 + p % 16` pages each, p1..); p0 bit 7 makes
 //!   the last region one page longer than its file;
 //! * 2 ADD_MEM_REG slot `p0 % 4` (region at slot × 1 MiB) backed by a new memfd of
@@ -78,6 +81,7 @@ const MAX_MEMFDS: usize = 16;
 const MAX_CHAIN_BYTES: usize = 1 << 16;
 const EVENT_IDX: u64 = 1 << 29;
 const RING_PACKED: u64 = 1 << 34;
+const ACCESS_PLATFORM: u64 = crate::iotlb::FEATURE_ACCESS_PLATFORM;
 /// A packed ring position's wrap counter bit.
 const PACKED_WRAP: u32 = 1 << 15;
 const HEADER_BYTES: usize = 12;
@@ -193,6 +197,8 @@ fn server() -> &'static Server<FuzzDevice> {
         let limits = Limits {
             handshake_timeout: Duration::from_secs(5),
             message_timeout: Duration::from_millis(200),
+            // Misses are never answered here: a long wait would only slow the fuzzer down.
+            iotlb_miss_wait: Duration::from_millis(5),
             ..Limits::default()
         };
         Server::bind_with(&socket, FuzzDevice::new(), limits).expect("bind the fuzz server")
@@ -239,6 +245,8 @@ struct Player {
     calls: [Option<RawFd>; QUEUES],
     /// Other fds handed to the backend, kept open for the connection's lifetime.
     keep: Vec<EventFd>,
+    /// Our end of the backend request channel, never read.
+    channel: Option<UnixStream>,
 }
 
 /// Reads script parameters; past the end they read as 0.
@@ -274,6 +282,7 @@ impl Player {
             kicks: [None, None],
             calls: [None, None],
             keep: Vec::new(),
+            channel: None,
         })
     }
 
@@ -373,6 +382,9 @@ impl Player {
         if choice & 8 != 0 {
             features |= RING_PACKED;
         }
+        if choice & 0x10 != 0 {
+            features |= ACCESS_PLATFORM;
+        }
         self.send(FrontendReq::SET_FEATURES, &features.to_le_bytes(), &[])?;
         if choice & 4 == 0 {
             return Ok(());
@@ -382,7 +394,13 @@ impl Player {
             FrontendReq::SET_PROTOCOL_FEATURES,
             &protocol.to_le_bytes(),
             &[],
-        )
+        )?;
+        if choice & 0x20 == 0 {
+            return Ok(());
+        }
+        let (ours, theirs) = UnixStream::pair()?;
+        self.channel = Some(ours);
+        self.send(FrontendReq::SET_BACKEND_REQ_FD, &[], &[theirs.as_raw_fd()])
     }
 
     fn set_mem_table(&mut self, p: &mut Params<'_>) -> io::Result<()> {

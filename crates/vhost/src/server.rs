@@ -94,6 +94,9 @@ pub struct Limits {
     pub max_mapped_bytes: u64,
     /// Offer packed virtqueues (VIRTIO_F_RING_PACKED); off serves split rings only.
     pub offer_packed: bool,
+    /// How long a queue worker waits for the IOTLB update answering its miss
+    /// ([`crate::iotlb`]).
+    pub iotlb_miss_wait: Duration,
 }
 
 impl Default for Limits {
@@ -106,6 +109,7 @@ impl Default for Limits {
             // frontend reserving the address space.
             max_mapped_bytes: 4 << 40,
             offer_packed: true,
+            iotlb_miss_wait: crate::iotlb::MISS_WAIT,
         }
     }
 }
@@ -350,6 +354,7 @@ impl<D: VirtioDevice> Shared<D> {
             tripwire: Arc::clone(&tripwire),
             max_mapped_bytes: self.limits.max_mapped_bytes,
             offer_packed: self.limits.offer_packed,
+            iotlb_miss_wait: self.limits.iotlb_miss_wait,
         };
         let backend = Arc::new(Mutex::new(Backend::new(
             Arc::clone(&self.device),

@@ -62,6 +62,7 @@ fn the_vhost_user_fds_corpus_replays_and_each_seed_reaches_its_point() {
         ("remove_and_add_back", false, true),
         ("add_again_from_another_fd", false, true),
         ("kick_before_addr_no_protocol", false, true),
+        ("iotlb_ring_io", false, true),
     ];
 
     for (name, faults, serves) in seeds {
