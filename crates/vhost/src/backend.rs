@@ -23,6 +23,12 @@
 //! whose inflight area was set up for the other layout (GET/SET_INFLIGHT_FD before
 //! SET_FEATURES) does not start — its requests could not be recovered.
 //!
+//! VIRTIO_F_ACCESS_PLATFORM is offered too (the models never see it either). Once it is
+//! negotiated, ring and buffer addresses are IOVAs of the frontend's vIOMMU: the queues run on
+//! a `DmaSpace` translated through the connection's [`Iotlb`] (see [`crate::iotlb`]), and a
+//! ring starts only when each of its parts maps onto one contiguous range of guest memory. A
+//! change of the bit drops the ring addresses set before (their meaning changed).
+//!
 //! Any message that is malformed, out of range or out of order (ring messages before
 //! SET_OWNER, bad sizes or addresses, regions that overlap or are not backed by their file)
 //! fails with an error; the server then drops the connection.

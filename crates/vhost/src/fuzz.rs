@@ -706,7 +706,7 @@ fn access_of(byte: u8) -> vm_memory::Permissions {
     }
 }
 
-/// Whether `[gpa, gpa + len)` lies inside one region of [`IOTLB_MEMORY`].
+/// Whether `[gpa, gpa + len)` lies inside one region of `IOTLB_MEMORY`.
 fn inside_iotlb_memory(gpa: u64, len: u64) -> bool {
     IOTLB_MEMORY.iter().any(|r| {
         gpa >= r.gpa
@@ -717,7 +717,7 @@ fn inside_iotlb_memory(gpa: u64, len: u64) -> bool {
 }
 
 /// The `vhost_iotlb` target: one connection's IOTLB (no backend channel: misses fail at once)
-/// over [`IOTLB_MEMORY`], driven by 34-byte operations `[op, access, vhost_iotlb_msg]`
+/// over `IOTLB_MEMORY`, driven by 34-byte operations `[op, access, vhost_iotlb_msg]`
 /// (`access % 3`: read, write, read-write). `op % 4`:
 /// * 0 the message as given (any type, permission, range);
 /// * 1 the message as an UPDATE whose user address is folded into the memory table
