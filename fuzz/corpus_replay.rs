@@ -26,6 +26,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("packed_ring", "sluice-virtio"),
     ("vhost_user_messages", "sluice-vhost"),
     ("vhost_user_fds", "sluice-vhost"),
+    ("vhost_iotlb", "sluice-vhost"),
     ("vhost_user_backend_replies", "sluice-devices"),
     ("e1000_tx", "sluice-devices"),
     ("e1000_registers", "sluice-devices"),

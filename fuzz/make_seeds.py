@@ -172,6 +172,7 @@ def pci_seeds():
 
 
 # --- vhost_user_fds: frontend scripts (op format in crates/vhost/src/fuzz.rs) --------------
+USER_BASE = 0x7f00_0000_0000  # where the script's regions sit in "frontend" addresses
 HANDSHAKE_ALL = bytes([0, 7])  # PROTOCOL_FEATURES, EVENT_IDX, every offered protocol feature
 MEM_16_PAGES = bytes([1, 0, 15])  # SET_MEM_TABLE: one memfd of 16 pages at slot 0
 RING_16 = bytes([6, 0, 4, 0])  # queue 0: 16 entries, base 0, rings at 0 / 0x1000 / 0x2000
@@ -222,6 +223,16 @@ def fds_seeds():
                                        + write_memfd(0, 0, area[:63])
                                        + write_memfd(0, 64, good_chain)
                                        + bytes([1, 0, 15]) + packed_ring + KICK)
+    # Behind a vIOMMU (handshake bits 4 and 5: ACCESS_PLATFORM, a backend channel): the ring
+    # IOVAs are the user addresses the ring setup sends, mapped by IOTLB updates (op 15,
+    # request 22) onto the region; the request's buffer IOVA 0x4000 is mapped too.
+    def iotlb_update(iova, size, uaddr):
+        body = struct.pack("<QQQBB6x", iova, size, uaddr, 3, 2)
+        return bytes([15, 22, 1 | 8, len(body), 0]) + body
+    yield "iotlb_ring_io", (bytes([0, 0x37]) + MEM_16_PAGES
+                            + iotlb_update(USER_BASE, 0x3000, USER_BASE)
+                            + iotlb_update(0x4000, 0x1000, USER_BASE + 0x4000)
+                            + ring + one_request(0) + KICK)
 
 
 # --- vhost_user_backend_replies: backend scripts (format in
@@ -633,10 +644,45 @@ def vfio_seeds():
     yield "capability_loops", vfio_input(bytes(looping), [vop(False, 0x70, 2)])
 
 
+# --- vhost_iotlb: [op, access, vhost_iotlb_msg] (format in crates/vhost/src/fuzz.rs) -------
+IOTLB_USER = 0x7f00_0000_0000  # the fuzz memory table's first region (GPA 0, 1 MiB)
+
+
+def iotlb_op(op, access, iova, size, uaddr, perm, kind):
+    return bytes([op, access]) + struct.pack("<QQQBB6x", iova, size, uaddr, perm, kind)
+
+
+def iotlb_seeds():
+    update = lambda iova, size, uaddr, perm: iotlb_op(0, 0, iova, size, uaddr, perm, 2)
+    invalidate = lambda iova, size: iotlb_op(0, 0, iova, size, 0, 0, 3)
+    lookup = lambda iova, access: iotlb_op(2, access, iova, 0, 0, 0, 0)
+    ring = lambda iova, size, access: iotlb_op(3, access, iova, size, 0, 0, 0)
+    yield "update_lookup_invalidate", (update(0x1000, 0x1000, IOTLB_USER + 0x3000, 3)
+                                       + lookup(0x1800, 1) + invalidate(0x1000, 0x1000)
+                                       + lookup(0x1800, 0))
+    yield "read_only_page_written", update(0x2000, 0x1000, IOTLB_USER, 1) + lookup(0x2000, 1)
+    yield "ring_across_two_pages", (update(0x10000, 0x1000, IOTLB_USER + 0x5000, 3)
+                                    + update(0x11000, 0x1000, IOTLB_USER + 0x6000, 3)
+                                    + update(0x20000, 0x1000, IOTLB_USER + 0x5000, 3)
+                                    + update(0x21000, 0x1000, IOTLB_USER + 0x9000, 3)
+                                    + ring(0x10800, 0x1000, 0) + ring(0x20800, 0x1000, 0))
+    yield "bad_updates", (update(0x1000, 0, IOTLB_USER, 3)
+                          + update(0xffff_ffff_ffff_f000, 0x2000, IOTLB_USER, 3)
+                          + update(0x1000, 0x1000, IOTLB_USER + 0xff800, 3)
+                          + update(0x1000, 0x1000, 0x1000, 3) + update(0x1000, 0x1000, IOTLB_USER, 7)
+                          + iotlb_op(0, 0, 0x1000, 0x1000, IOTLB_USER, 3, 1))
+    yield "overlapping_updates", (update(0x1000, 0x4000, IOTLB_USER, 3)
+                                  + update(0x2000, 0x1000, IOTLB_USER + 0x8000, 1)
+                                  + lookup(0x1000, 0) + lookup(0x2000, 0) + lookup(0x4000, 2))
+    yield "folded_updates", b"".join(iotlb_op(1, i % 3, i * 0x1000, 0x1000, i * 0x3000, 3, 0)
+                                     for i in range(64))
+
+
 def main():
     for target, seeds in (("blk_request", blk_seeds()), ("net_header", net_seeds()),
                           ("packed_ring", packed_seeds()),
                           ("virtio_pci_registers", pci_seeds()), ("vhost_user_fds", fds_seeds()),
+                          ("vhost_iotlb", iotlb_seeds()),
                           ("vhost_user_backend_replies", backend_seeds()),
                           ("e1000_tx", e1000_tx_seeds()), ("e1000_registers", e1000_register_seeds()),
                           ("vtd_registers", vtd_seeds()),

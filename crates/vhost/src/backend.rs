@@ -23,6 +23,12 @@
 //! whose inflight area was set up for the other layout (GET/SET_INFLIGHT_FD before
 //! SET_FEATURES) does not start — its requests could not be recovered.
 //!
+//! VIRTIO_F_ACCESS_PLATFORM is offered too (the models never see it either). Once it is
+//! negotiated, ring and buffer addresses are IOVAs of the frontend's vIOMMU: the queues run on
+//! a `DmaSpace` translated through the connection's [`Iotlb`] (see [`crate::iotlb`]), and a
+//! ring starts only when each of its parts maps onto one contiguous range of guest memory. A
+//! change of the bit drops the ring addresses set before (their meaning changed).
+//!
 //! Any message that is malformed, out of range or out of order (ring messages before
 //! SET_OWNER, bad sizes or addresses, regions that overlap or are not backed by their file)
 //! fails with an error; the server then drops the connection.
@@ -50,7 +56,7 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use sluice_dma::DmaSpace;
+use sluice_dma::{DmaSpace, Mapping, TranslationSource};
 use sluice_virtio::{
     DeviceMetrics, NotifyPolicy, PackedQueue, QueueBinding, QueueContext, QueueError, QueueHandler,
     QueueMetrics, QueueWorker, VirtQueue, VirtioDevice, VirtioInterrupt,
@@ -71,13 +77,15 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    Permissions,
 };
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::inflight::{InflightArea, QueueInflight, RingLayout};
+use crate::iotlb::{Iotlb, IotlbError, IotlbMsg, IotlbSource, FEATURE_ACCESS_PLATFORM};
 use crate::memory::{MemoryTable, MAX_MEM_SLOTS};
 use crate::sigbus::Tripwire;
-use crate::tracking::{used_id, used_index, SharedTracked, Tracked};
+use crate::tracking::{used_id, used_index, PendingResubmission, SharedTracked, Tracked};
 
 /// VHOST_USER_F_PROTOCOL_FEATURES (virtio feature bit 30).
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -120,6 +128,7 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::BACKEND_REQ
 }
 
 fn refuse<T>(reason: impl Into<String>) -> VhostResult<T> {
@@ -286,6 +295,8 @@ pub struct ConnectionResources {
     pub max_mapped_bytes: u64,
     /// Offer VIRTIO_F_RING_PACKED.
     pub offer_packed: bool,
+    /// How long a queue worker waits for the IOTLB update answering its miss.
+    pub iotlb_miss_wait: Duration,
 }
 
 /// The device side of one connection.
@@ -305,6 +316,8 @@ pub struct Backend<D: VirtioDevice> {
     vrings: Vec<Vring>,
     signals: Arc<Signals>,
     inflight: Option<InflightArea>,
+    /// Translations for the frontend's vIOMMU, used once ACCESS_PLATFORM is negotiated.
+    iotlb: Arc<Iotlb>,
 }
 
 impl<D: VirtioDevice> Backend<D> {
@@ -320,6 +333,7 @@ impl<D: VirtioDevice> Backend<D> {
         if resources.offer_packed {
             device_features |= FEATURE_RING_PACKED;
         }
+        device_features |= FEATURE_ACCESS_PLATFORM;
         Backend {
             device,
             claim: resources.claim,
@@ -335,7 +349,63 @@ impl<D: VirtioDevice> Backend<D> {
             vrings: (0..queues).map(|_| Vring::default()).collect(),
             signals: Arc::new(Signals::new(queues)),
             inflight: None,
+            iotlb: Arc::new(Iotlb::with_miss_wait(resources.iotlb_miss_wait)),
         }
+    }
+
+    /// The connection's IOTLB (its counters show what the frontend's vIOMMU sent).
+    pub fn iotlb(&self) -> &Arc<Iotlb> {
+        &self.iotlb
+    }
+
+    /// Logs the IOTLB's counters if a vIOMMU was used (once per connection, at its end).
+    pub(crate) fn log_iotlb_stats(&self) {
+        let stats = self.iotlb.stats();
+        if stats != Default::default() {
+            // One line per connection; tests (crates/linux-tests) read the update count.
+            tracing::info!(
+                "vhost-user: IOTLB: {} updates, {} invalidations, {} misses sent, {} refused \
+                 messages, {} faults",
+                stats.updates,
+                stats.invalidations,
+                stats.misses_sent,
+                stats.refused_messages,
+                stats.faults
+            );
+        }
+    }
+
+    /// Whether VHOST_USER_PROTOCOL_F_BACKEND_REQ was negotiated (SET_BACKEND_REQ_FD allowed).
+    pub(crate) fn backend_req(&self) -> bool {
+        self.acked_protocol
+            .contains(VhostUserProtocolFeatures::BACKEND_REQ)
+    }
+
+    /// SET_BACKEND_REQ_FD: the channel IOTLB misses are sent on.
+    pub(crate) fn set_backend_channel(&mut self, channel: std::os::unix::net::UnixStream) {
+        self.iotlb.set_channel(Some(channel));
+    }
+
+    /// VHOST_USER_IOTLB_MSG (read by the server; see [`crate::iotlb`]). Rings waiting for a
+    /// translation of their addresses are started once an UPDATE brings it.
+    pub(crate) fn iotlb_message(&mut self, msg: &IotlbMsg) -> Result<(), String> {
+        if !self.access_platform() {
+            return Err("IOTLB_MSG without VIRTIO_F_ACCESS_PLATFORM negotiated".into());
+        }
+        self.iotlb
+            .handle(msg)
+            .map_err(|e: IotlbError| e.to_string())?;
+        if msg.kind == crate::iotlb::IOTLB_UPDATE {
+            for index in 0..self.vrings.len() {
+                self.try_start(index).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether VIRTIO_F_ACCESS_PLATFORM was negotiated: addresses are IOVAs.
+    fn access_platform(&self) -> bool {
+        self.acked_features & FEATURE_ACCESS_PLATFORM != 0
     }
 
     /// The connection ended: stop every ring without touching the rings again (the frontend
@@ -431,12 +501,49 @@ impl<D: VirtioDevice> Backend<D> {
         let Some(addresses) = vring.addresses.filter(|_| ready) else {
             return Ok(());
         };
-        if !ring_fits(&memory, vring.size, addresses, self.packed()) {
+        if self.access_platform() {
+            match self.ring_translated(vring.size, addresses) {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(
+                        "vhost-user: queue {index}: waiting for IOTLB updates covering the ring"
+                    );
+                    return Ok(());
+                }
+                Err(e) => return refuse(format!("queue {index}: {e}")),
+            }
+        } else if !ring_fits(&memory, vring.size, addresses, self.packed()) {
             tracing::info!("vhost-user: queue {index}: waiting for memory that holds the ring");
             return Ok(());
         }
         self.start(index, dma, &memory)
             .or_else(|reason| refuse(format!("queue {index}: {reason}")))
+    }
+
+    /// Whether every part of a ring at IOVAs `addresses` is mapped, each onto one contiguous
+    /// range of guest memory, with the access the device makes. A missing part has had a MISS sent; an UPDATE retries.
+    fn ring_translated(&self, size: u16, addresses: RingAddresses) -> Result<bool, String> {
+        let packed = self.packed();
+        let [desc, avail, used] = ring_parts(size, addresses, packed);
+        // Packed descriptors are written back; the used ring's index is read at start.
+        let desc_access = if packed {
+            Permissions::ReadWrite
+        } else {
+            Permissions::Read
+        };
+        let parts = [
+            ("descriptor", desc, desc_access),
+            ("avail", avail, Permissions::Read),
+            ("used", used, Permissions::ReadWrite),
+        ];
+        for (what, (iova, len, _), access) in parts {
+            match self.iotlb.resolve_contiguous(iova, len, access) {
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(false),
+                Err(e) => return Err(format!("{what} ring: {e}")),
+            }
+        }
+        Ok(true)
     }
 
     fn start(
@@ -619,7 +726,18 @@ impl<D: VirtioDevice> Backend<D> {
 
         let inner = self.model_handler(index, size);
         let handler = SharedTracked::new(Tracked::new(inner, area.clone(), counter, used_idx));
-        if !recovered.is_empty() {
+        if !recovered.is_empty() && self.access_platform() {
+            let pending =
+                self.translated_resubmission(&queue, &recovered, area.as_ref(), memory)?;
+            if let Some(pending) = pending {
+                tracing::info!(
+                    "vhost-user: queue {index}: resubmitting {} in-flight requests on the \
+                     queue worker (behind a vIOMMU)",
+                    recovered.len()
+                );
+                handler.lock().defer_resubmission(pending);
+            }
+        } else if !recovered.is_empty() {
             let metrics = self.queue_metrics(index);
             let resubmitted = resubmit(
                 &mut handler.lock(),
@@ -635,6 +753,44 @@ impl<D: VirtioDevice> Backend<D> {
             let _ = self.signals.notify_queue(queue_index);
         }
         Ok((queue.into(), handler))
+    }
+
+    /// The shadow ring and space for resubmitting `heads` on a translated ring: as
+    /// [`resubmit`] builds them, but the scratch avail ring sits at [`SCRATCH_IOVA`] in a space
+    /// that translates everything else through the IOTLB (the descriptors, buffers and used
+    /// ring are the guest's IOVAs). `None` if no head fits the ring.
+    fn translated_resubmission(
+        &self,
+        queue: &Queue,
+        heads: &[u16],
+        area: Option<&QueueInflight>,
+        memory: &GuestMemoryMmap,
+    ) -> Result<Option<PendingResubmission>, String> {
+        let size = queue.size();
+        let valid = valid_heads(size, heads, area);
+        if valid.is_empty() {
+            return Ok(None);
+        }
+        let (scratch_memory, avail_gpa) = with_scratch_avail_ring(memory, size, &valid)?;
+        let source = ScratchThenIotlb {
+            scratch: Mapping {
+                iova: SCRATCH_IOVA,
+                target: avail_gpa,
+                length: (AVAIL_HEADER_BYTES + 2 * u64::from(size)).next_multiple_of(PAGE_SIZE),
+                permissions: Permissions::ReadWrite,
+            },
+            iotlb: IotlbSource(self.iotlb.clone()),
+        };
+        let shadow_addresses = RingAddresses {
+            desc: queue.desc_table(),
+            avail: SCRATCH_IOVA,
+            used: queue.used_ring(),
+        };
+        let shadow = build_queue(size, shadow_addresses, 0, queue.next_used(), false)?;
+        Ok(Some(PendingResubmission {
+            queue: VirtQueue::from(shadow),
+            mem: sluice_dma::translated(scratch_memory, Box::new(source)),
+        }))
     }
 
     /// Stops queue `index`; with `drain`, first lets the model finish what it popped.
@@ -680,7 +836,18 @@ impl<D: VirtioDevice> Backend<D> {
         for index in 0..self.vrings.len() {
             self.stop(index, true);
         }
-        self.dma = self.memory.memory().cloned().map(sluice_dma::identity);
+        self.iotlb.set_memory(self.memory.user_ranges());
+        let memory = self.memory.memory().cloned();
+        self.dma = if self.access_platform() {
+            memory.map(|memory| {
+                let source = Box::new(IotlbSource(self.iotlb.clone()));
+                let space = sluice_dma::translated(memory, source);
+                self.iotlb.set_translator(Arc::downgrade(space.iommu()));
+                space
+            })
+        } else {
+            memory.map(sluice_dma::identity)
+        };
         for index in 0..self.vrings.len() {
             self.try_start(index)?;
         }
@@ -701,6 +868,7 @@ impl<D: VirtioDevice> Backend<D> {
         }
         self.acked_features = 0;
         self.inflight = None;
+        self.iotlb.clear();
     }
 }
 
@@ -760,13 +928,7 @@ fn resubmit(
     metrics: &QueueMetrics,
 ) -> Result<usize, String> {
     let size = queue.size();
-    let (valid, invalid): (Vec<u16>, Vec<u16>) = heads.iter().partition(|&&head| head < size);
-    for head in invalid {
-        tracing::warn!("vhost-user: recovered head {head} does not fit a ring of {size}; dropped");
-        if let Some(area) = area {
-            area.clear(head);
-        }
-    }
+    let valid = valid_heads(size, heads, area);
     if valid.is_empty() {
         return Ok(0);
     }
@@ -791,6 +953,39 @@ fn resubmit(
         queue.set_next_used(shadow.next_used());
     }
     Ok(valid.len())
+}
+
+/// The recovered heads that fit a ring of `size`; the others are dropped from the area.
+fn valid_heads(size: u16, heads: &[u16], area: Option<&QueueInflight>) -> Vec<u16> {
+    let (valid, invalid): (Vec<u16>, Vec<u16>) = heads.iter().partition(|&&head| head < size);
+    for head in invalid {
+        tracing::warn!("vhost-user: recovered head {head} does not fit a ring of {size}; dropped");
+        if let Some(area) = area {
+            area.clear(head);
+        }
+    }
+    valid
+}
+
+/// Where a translated ring's resubmission avail ring sits: above every IOVA a VT-d or AMD-Vi
+/// unit can translate (57 bits at most), so no guest mapping is shadowed.
+const SCRATCH_IOVA: u64 = 1 << 63;
+
+/// The resubmission space's translations: the scratch avail ring, then the IOTLB.
+#[derive(Debug)]
+struct ScratchThenIotlb {
+    scratch: Mapping,
+    iotlb: IotlbSource,
+}
+
+impl TranslationSource for ScratchThenIotlb {
+    fn lookup(&self, iova: u64, access: Permissions) -> Option<Mapping> {
+        let scratch = &self.scratch;
+        if (scratch.iova..scratch.iova + scratch.length).contains(&iova) {
+            return Some(*scratch);
+        }
+        self.iotlb.lookup(iova, access)
+    }
 }
 
 /// `memory` plus a scratch page past its end holding an avail ring with `heads`.
@@ -916,12 +1111,25 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
         }
         let features = features & offered;
         // The ring layout is the backend's business; the model never sees the bit.
-        let device_features = features & !(VHOST_USER_F_PROTOCOL_FEATURES | FEATURE_RING_PACKED);
+        let transport =
+            VHOST_USER_F_PROTOCOL_FEATURES | FEATURE_RING_PACKED | FEATURE_ACCESS_PLATFORM;
+        let device_features = features & !transport;
         if let Err(e) = locked(&self.device).ack_features(device_features) {
             return refuse(format!("SET_FEATURES {features:#x}: {e}"));
         }
+        let translation_changed = (self.acked_features ^ features) & FEATURE_ACCESS_PLATFORM != 0;
         self.acked_features = features;
         self.features_set = true;
+        if translation_changed {
+            // The queues' DMA space becomes (or stops being) translated, and ring addresses
+            // set before change meaning (IOVAs vs. frontend addresses): they must come again.
+            for index in 0..self.vrings.len() {
+                self.stop(index, true);
+                self.vrings[index].addresses = None;
+            }
+            self.iotlb.clear();
+            self.memory_changed()?;
+        }
         Ok(())
     }
 
@@ -967,11 +1175,19 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
             return refuse(format!("SET_VRING_ADDR: queue {index} has no size yet"));
         }
         let packed = self.packed();
+        let iova = self.access_platform();
         let translate = |what: &str, va: u64, len: u64, align: u64| {
             if !va.is_multiple_of(align) {
                 return refuse(format!(
                     "SET_VRING_ADDR: {what} ring at {va:#x} is misaligned"
                 ));
+            }
+            if iova {
+                // An IOVA: resolved through the IOTLB when the ring starts (try_start).
+                return match va.checked_add(len) {
+                    Some(_) => Ok(va),
+                    None => refuse(format!("SET_VRING_ADDR: {what} ring at {va:#x} wraps")),
+                };
             }
             match self.memory.va_to_gpa(va, len) {
                 Some(gpa) => Ok(gpa),

@@ -1,7 +1,7 @@
 //! The bodies of the vhost-user fuzz targets (fuzz/fuzz_targets/ holds thin wrappers), here so
 //! that `cargo test` replays their committed corpora (tests/fuzz_corpus.rs):
 //! [`vhost_user_messages`] feeds a raw byte stream, [`vhost_user_fds`] plays a script with file
-//! descriptors.
+//! descriptors, [`vhost_iotlb`] plays IOTLB messages and lookups against one IOTLB.
 //!
 //! A scripted hostile frontend for fuzz targets and corpus replay: the vhost-user server with
 //! file descriptors — memfds of chosen sizes as guest RAM (SET_MEM_TABLE, ADD_MEM_REG) and
@@ -18,7 +18,10 @@
 //! Script: a sequence of operations `[op, params...]`; a parameter past the end reads as 0,
 //! and the script ends at its end or when the server drops the connection. `op % 16`:
 //! * 0 handshake: SET_OWNER, SET_FEATURES (p0 bit 0: PROTOCOL_FEATURES, bit 1: EVENT_IDX,
-//!   bit 3: RING_PACKED), and if p0 bit 2, SET_PROTOCOL_FEATURES with every offered one;
+//!   bit 3: RING_PACKED, bit 4: ACCESS_PLATFORM — ring and buffer addresses become IOVAs, which
+//!   IOTLB_MSG updates sent with op 15 map), and if p0 bit 2, SET_PROTOCOL_FEATURES with every
+//!   offered one, then if p0 bit 5 SET_BACKEND_REQ_FD with a socket the script never reads
+//!   (IOTLB misses go there; the server waits 5 ms for an answer that never comes);
 //! * 1 SET_MEM_TABLE of `1 + p0 % 3` new memfds (`1 + p % 16` pages each, p1..); p0 bit 7 makes
 //!   the last region one page longer than its file;
 //! * 2 ADD_MEM_REG slot `p0 % 4` (region at slot × 1 MiB) backed by a new memfd of
@@ -78,6 +81,7 @@ const MAX_MEMFDS: usize = 16;
 const MAX_CHAIN_BYTES: usize = 1 << 16;
 const EVENT_IDX: u64 = 1 << 29;
 const RING_PACKED: u64 = 1 << 34;
+const ACCESS_PLATFORM: u64 = crate::iotlb::FEATURE_ACCESS_PLATFORM;
 /// A packed ring position's wrap counter bit.
 const PACKED_WRAP: u32 = 1 << 15;
 const HEADER_BYTES: usize = 12;
@@ -193,6 +197,8 @@ fn server() -> &'static Server<FuzzDevice> {
         let limits = Limits {
             handshake_timeout: Duration::from_secs(5),
             message_timeout: Duration::from_millis(200),
+            // Misses are never answered here: a long wait would only slow the fuzzer down.
+            iotlb_miss_wait: Duration::from_millis(5),
             ..Limits::default()
         };
         Server::bind_with(&socket, FuzzDevice::new(), limits).expect("bind the fuzz server")
@@ -239,6 +245,8 @@ struct Player {
     calls: [Option<RawFd>; QUEUES],
     /// Other fds handed to the backend, kept open for the connection's lifetime.
     keep: Vec<EventFd>,
+    /// Our end of the backend request channel, never read.
+    channel: Option<UnixStream>,
 }
 
 /// Reads script parameters; past the end they read as 0.
@@ -274,6 +282,7 @@ impl Player {
             kicks: [None, None],
             calls: [None, None],
             keep: Vec::new(),
+            channel: None,
         })
     }
 
@@ -373,6 +382,9 @@ impl Player {
         if choice & 8 != 0 {
             features |= RING_PACKED;
         }
+        if choice & 0x10 != 0 {
+            features |= ACCESS_PLATFORM;
+        }
         self.send(FrontendReq::SET_FEATURES, &features.to_le_bytes(), &[])?;
         if choice & 4 == 0 {
             return Ok(());
@@ -382,7 +394,13 @@ impl Player {
             FrontendReq::SET_PROTOCOL_FEATURES,
             &protocol.to_le_bytes(),
             &[],
-        )
+        )?;
+        if choice & 0x20 == 0 {
+            return Ok(());
+        }
+        let (ours, theirs) = UnixStream::pair()?;
+        self.channel = Some(ours);
+        self.send(FrontendReq::SET_BACKEND_REQ_FD, &[], &[theirs.as_raw_fd()])
     }
 
     fn set_mem_table(&mut self, p: &mut Params<'_>) -> io::Result<()> {
@@ -661,4 +679,109 @@ pub fn vhost_user_messages(data: &[u8], serve: impl FnOnce(UnixStream)) {
         .shutdown(Shutdown::Write)
         .expect("shutdown of a socketpair end");
     serve(backend);
+}
+
+/// The memory table [`vhost_iotlb`] runs against: two 1 MiB regions.
+const IOTLB_MEMORY: [crate::iotlb::UserRange; 2] = [
+    crate::iotlb::UserRange {
+        user_addr: 0x7f00_0000_0000,
+        size: 1 << 20,
+        gpa: 0,
+    },
+    crate::iotlb::UserRange {
+        user_addr: 0x7f00_0010_0000,
+        size: 1 << 20,
+        gpa: 0x4000_0000,
+    },
+];
+
+/// Bytes per [`vhost_iotlb`] operation: op, access, a `vhost_iotlb_msg`.
+const IOTLB_OP_BYTES: usize = 2 + crate::iotlb::IOTLB_MSG_BYTES;
+
+fn access_of(byte: u8) -> vm_memory::Permissions {
+    match byte % 3 {
+        0 => vm_memory::Permissions::Read,
+        1 => vm_memory::Permissions::Write,
+        _ => vm_memory::Permissions::ReadWrite,
+    }
+}
+
+/// Whether `[gpa, gpa + len)` lies inside one region of `IOTLB_MEMORY`.
+fn inside_iotlb_memory(gpa: u64, len: u64) -> bool {
+    IOTLB_MEMORY.iter().any(|r| {
+        gpa >= r.gpa
+            && gpa
+                .checked_add(len)
+                .is_some_and(|end| end <= r.gpa + r.size)
+    })
+}
+
+/// The `vhost_iotlb` target: one connection's IOTLB (no backend channel: misses fail at once)
+/// over `IOTLB_MEMORY`, driven by 34-byte operations `[op, access, vhost_iotlb_msg]`
+/// (`access % 3`: read, write, read-write). `op % 4`:
+/// * 0 the message as given (any type, permission, range);
+/// * 1 the message as an UPDATE whose user address is folded into the memory table
+///   (`uaddr % 2 MiB` from the first region's start), so that updates mostly succeed;
+/// * 2 a queue's lookup of `iova` for the access;
+/// * 3 a ring's lookup of `[iova, iova + size % 64 KiB)` for the access.
+///
+/// Checks beyond "never panics": the entries stay bounded, non-empty and non-overlapping; a
+/// lookup's mapping covers the IOVA, allows the access and lies inside one memory region; a
+/// ring lookup's guest range lies inside one region; after an accepted INVALIDATE its first
+/// byte no longer translates; an accepted UPDATE translates its first byte to the user
+/// address's guest address with its permission.
+pub fn vhost_iotlb(data: &[u8]) {
+    use crate::iotlb::{Iotlb, IotlbMsg, IotlbSource, IOTLB_INVALIDATE, IOTLB_UPDATE};
+    use sluice_dma::TranslationSource;
+
+    let iotlb = Arc::new(Iotlb::with_miss_wait(Duration::ZERO));
+    iotlb.set_memory(IOTLB_MEMORY.to_vec());
+    let source = IotlbSource(iotlb.clone());
+    for op in data.chunks_exact(IOTLB_OP_BYTES) {
+        let access = access_of(op[1]);
+        let mut msg = IotlbMsg::default();
+        msg.as_mut_slice().copy_from_slice(&op[2..]);
+        match op[0] % 4 {
+            0 | 1 => {
+                if op[0] % 4 == 1 {
+                    msg.kind = IOTLB_UPDATE;
+                    msg.uaddr = IOTLB_MEMORY[0].user_addr + msg.uaddr % (2 << 20);
+                }
+                let accepted = iotlb.handle(&msg).is_ok();
+                if accepted && msg.kind == IOTLB_INVALIDATE {
+                    assert!(
+                        source
+                            .lookup(msg.iova, vm_memory::Permissions::Read)
+                            .is_none(),
+                        "{msg:x?}: still translates after the invalidation"
+                    );
+                }
+                if accepted && msg.kind == IOTLB_UPDATE {
+                    let m = source
+                        .lookup(msg.iova, vm_memory::Permissions::No)
+                        .unwrap_or_else(|| panic!("{msg:x?}: accepted but not translated"));
+                    let region = IOTLB_MEMORY
+                        .iter()
+                        .find(|r| (r.user_addr..r.user_addr + r.size).contains(&msg.uaddr))
+                        .expect("an accepted update names the memory table");
+                    assert_eq!(m.target, region.gpa + (msg.uaddr - region.user_addr));
+                    assert_eq!((m.iova, m.length), (msg.iova, msg.size));
+                }
+            }
+            2 => {
+                if let Some(m) = source.lookup(msg.iova, access) {
+                    assert!(m.iova <= msg.iova && msg.iova - m.iova < m.length, "{m:x?}");
+                    assert!(m.permissions.allow(access), "{m:x?} for {access:?}");
+                    assert!(inside_iotlb_memory(m.target, m.length), "{m:x?}");
+                }
+            }
+            _ => {
+                let len = msg.size % (64 << 10);
+                if let Ok(Some(gpa)) = iotlb.resolve_contiguous(msg.iova, len, access) {
+                    assert!(inside_iotlb_memory(gpa, len.max(1)), "{gpa:#x} + {len:#x}");
+                }
+            }
+        }
+        iotlb.check_entries().unwrap_or_else(|e| panic!("{e}"));
+    }
 }

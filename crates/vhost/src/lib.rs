@@ -9,6 +9,8 @@
 //!   runs on a `sluice_virtio::QueueWorker` with the model's own `queue_handler`, over a
 //!   `sluice_dma::DmaSpace` built from the frontend's memory — the model does not know it runs
 //!   behind vhost-user.
+//! * [`iotlb`] — the device IOTLB for frontends with a vIOMMU (VIRTIO_F_ACCESS_PLATFORM):
+//!   IOTLB_MSG updates and invalidations, MISS on the backend request channel.
 //! * [`memory`] — the frontend's regions, mapped and validated; user address → GPA.
 //! * [`inflight`] — the INFLIGHT_SHMFD area and crash recovery (split rings);
 //!   [`inflight_packed`] — its packed-ring form.
@@ -25,6 +27,7 @@ pub mod backend;
 pub mod fuzz;
 pub mod inflight;
 pub mod inflight_packed;
+pub mod iotlb;
 pub mod memory;
 pub mod server;
 pub mod sigbus;

@@ -195,6 +195,18 @@ impl MemoryTable {
         self.memory.as_ref()
     }
 
+    /// The regions as the frontend addresses them (for the IOTLB, [`crate::iotlb`]).
+    pub fn user_ranges(&self) -> Vec<crate::iotlb::UserRange> {
+        self.regions
+            .iter()
+            .map(|r| crate::iotlb::UserRange {
+                user_addr: r.user_addr,
+                size: r.size,
+                gpa: r.gpa,
+            })
+            .collect()
+    }
+
     /// Translates a frontend user address of an object of `len` bytes into a guest physical
     /// address; the object must lie inside one region.
     pub fn va_to_gpa(&self, va: u64, len: u64) -> Option<u64> {

@@ -38,6 +38,13 @@
 //! and only later starts the device with SET_FEATURES; the crate refuses the message until
 //! SET_FEATURES carried that bit. The server peeks at each header and, in that window only,
 //! reads the 8-byte body itself and hands it to the backend.
+//!
+//! Two more are read here because the `vhost` crate (0.18) lacks them (see [`crate::iotlb`]):
+//! VHOST_USER_IOTLB_MSG (its 32-byte body goes to the connection's IOTLB; a refused update
+//! is answered with a failure and logged, the connection stays) and SET_BACKEND_REQ_FD once
+//! BACKEND_REQ is negotiated (the crate would wrap the socket in a type that cannot send
+//! IOTLB misses). A message of either kind with an unexpected size is left to the crate,
+//! which refuses it.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -55,10 +62,12 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError, VhostUserBackendReqHandlerMut};
 use vm_memory::ByteValued;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use sluice_virtio::VirtioDevice;
 
 use crate::backend::{Backend, ConnectionResources, DeviceClaim};
+use crate::iotlb::{IotlbMsg, IOTLB_MSG_BYTES};
 use crate::sigbus::Tripwire;
 
 /// How a connection ended.
@@ -85,6 +94,9 @@ pub struct Limits {
     pub max_mapped_bytes: u64,
     /// Offer packed virtqueues (VIRTIO_F_RING_PACKED); off serves split rings only.
     pub offer_packed: bool,
+    /// How long a queue worker waits for the IOTLB update answering its miss
+    /// ([`crate::iotlb`]).
+    pub iotlb_miss_wait: Duration,
 }
 
 impl Default for Limits {
@@ -97,6 +109,7 @@ impl Default for Limits {
             // frontend reserving the address space.
             max_mapped_bytes: 4 << 40,
             offer_packed: true,
+            iotlb_miss_wait: crate::iotlb::MISS_WAIT,
         }
     }
 }
@@ -341,6 +354,7 @@ impl<D: VirtioDevice> Shared<D> {
             tripwire: Arc::clone(&tripwire),
             max_mapped_bytes: self.limits.max_mapped_bytes,
             offer_packed: self.limits.offer_packed,
+            iotlb_miss_wait: self.limits.iotlb_miss_wait,
         };
         let backend = Arc::new(Mutex::new(Backend::new(
             Arc::clone(&self.device),
@@ -364,6 +378,11 @@ impl<D: VirtioDevice> Shared<D> {
                 Ok(false) => {}
                 Err(e) => break ConnectionEnd::Dropped(VhostError::SocketError(e)),
             }
+            match answer_iommu_message(&mut early, &backend) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => break ConnectionEnd::Dropped(VhostError::SocketError(e)),
+            }
             match handler.handle_request() {
                 Ok(()) => {}
                 Err(VhostError::Disconnected) => break ConnectionEnd::Closed,
@@ -372,6 +391,7 @@ impl<D: VirtioDevice> Shared<D> {
         };
         drop(handler);
         lock(&backend).disconnect();
+        lock(&backend).log_iotlb_stats();
         end
     }
 
@@ -547,6 +567,93 @@ fn answer_early_vring_enable<D: VirtioDevice>(
     }
     result.map_err(io::Error::other)?;
     Ok(true)
+}
+
+/// Bits of a header's flags word: the version (1) and the reply bit.
+const VERSION_MASK: u32 = 0x3;
+
+/// Answers the next message if it is an IOTLB_MSG or a SET_BACKEND_REQ_FD (see the module
+/// doc); returns whether it did.
+fn answer_iommu_message<D: VirtioDevice>(
+    stream: &mut UnixStream,
+    backend: &Mutex<Backend<D>>,
+) -> io::Result<bool> {
+    let mut header = [0u8; HEADER_BYTES];
+    let peeked = match peek(stream, &mut header, libc::MSG_DONTWAIT) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    if peeked < HEADER_BYTES {
+        return Ok(false);
+    }
+    let word =
+        |i: usize| u32::from_ne_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let (request, flags, size) = (word(0), word(4), word(8) as usize);
+    let well_formed = flags & VERSION_MASK == 1 && flags & VhostUserHeaderFlag::REPLY.bits() == 0;
+    let need_reply = flags & VhostUserHeaderFlag::NEED_REPLY.bits() != 0;
+    if !well_formed {
+        return Ok(false);
+    }
+    if request == FrontendReq::IOTLB_MSG as u32 && size == IOTLB_MSG_BYTES {
+        let mut message = [0u8; HEADER_BYTES + IOTLB_MSG_BYTES];
+        stream.read_exact(&mut message)?;
+        let mut msg = IotlbMsg::default();
+        msg.as_mut_slice().copy_from_slice(&message[HEADER_BYTES..]);
+        let result = lock(backend).iotlb_message(&msg);
+        if let Err(e) = &result {
+            tracing::warn!("vhost-user: IOTLB_MSG {msg:x?} refused: {e}");
+        }
+        // QEMU sets NEED_REPLY on every IOTLB message and waits for the answer (it requires
+        // REPLY_ACK for a vIOMMU anyway).
+        if need_reply {
+            reply_ack(stream, request, result.is_ok())?;
+        }
+        return Ok(true);
+    }
+    if request == FrontendReq::SET_BACKEND_REQ_FD as u32 && size == 0 && lock(backend).backend_req()
+    {
+        let mut message = [0u8; HEADER_BYTES];
+        let (read, file) = stream
+            .recv_with_fd(&mut message)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        if read != HEADER_BYTES {
+            return Err(io::Error::other("SET_BACKEND_REQ_FD: torn message"));
+        }
+        let file = file.ok_or_else(|| io::Error::other("SET_BACKEND_REQ_FD without a socket"))?;
+        if !is_unix_stream_socket(file.as_raw_fd()) {
+            return Err(io::Error::other(
+                "SET_BACKEND_REQ_FD: the fd is not a unix stream socket",
+            ));
+        }
+        lock(backend).set_backend_channel(UnixStream::from(std::os::fd::OwnedFd::from(file)));
+        if need_reply && lock(backend).reply_ack() {
+            reply_ack(stream, request, true)?;
+        }
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Whether `fd` is an AF_UNIX SOCK_STREAM socket.
+fn is_unix_stream_socket(fd: RawFd) -> bool {
+    let option = |name: libc::c_int| {
+        let mut value: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `value`; the result is checked.
+        let ok = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                name,
+                (&raw mut value).cast(),
+                &raw mut len,
+            )
+        } == 0;
+        ok.then_some(value)
+    };
+    option(libc::SO_DOMAIN) == Some(libc::AF_UNIX)
+        && option(libc::SO_TYPE) == Some(libc::SOCK_STREAM)
 }
 
 fn lock<D: VirtioDevice>(backend: &Mutex<Backend<D>>) -> std::sync::MutexGuard<'_, Backend<D>> {

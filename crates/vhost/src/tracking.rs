@@ -17,7 +17,8 @@
 //!
 //! The wrapper is shared (`Arc<Mutex<_>>`) between the queue worker thread and the vhost-user
 //! thread, which takes it back after stopping the worker to drain requests still in flight
-//! (GET_VRING_BASE) and to resubmit recovered requests at start.
+//! (GET_VRING_BASE) and to resubmit recovered requests at start — or, behind a vIOMMU, hands
+//! the resubmission to the worker's first pass ([`PendingResubmission`]).
 
 use std::num::Wrapping;
 use std::os::fd::RawFd;
@@ -43,6 +44,17 @@ pub struct Tracked {
     inflight: Option<QueueInflight>,
     counter: u64,
     seen_used: Wrapping<u16>,
+    pending: Option<PendingResubmission>,
+}
+
+/// Recovered requests resubmitted on the queue worker's first pass instead of at ring start:
+/// behind a vIOMMU the first accesses miss a fresh IOTLB, and only a queue worker may wait for
+/// the frontend's updates (see [`crate::iotlb`]). `queue` is the shadow ring (an avail ring
+/// holding just the recovered heads, the guest's descriptors and used ring) and `mem` the
+/// space that reaches both.
+pub struct PendingResubmission {
+    pub queue: VirtQueue,
+    pub mem: DmaSpace,
 }
 
 impl Tracked {
@@ -59,7 +71,34 @@ impl Tracked {
             inflight,
             counter,
             seen_used: Wrapping(seen_used),
+            pending: None,
         }
+    }
+
+    /// Resubmits `pending` on the first [`QueueHandler::process`] (on the queue worker).
+    pub fn defer_resubmission(&mut self, pending: PendingResubmission) {
+        self.pending = Some(pending);
+    }
+
+    /// Runs a deferred resubmission; the real queue's used index follows the shadow's.
+    fn run_pending(
+        &mut self,
+        mut pending: PendingResubmission,
+        ctx: &mut QueueContext<'_>,
+    ) -> Result<bool, QueueError> {
+        let mut shadow = QueueContext {
+            queue: &mut pending.queue,
+            mem: &pending.mem,
+            metrics: ctx.metrics,
+        };
+        let result = self.resubmit(&mut shadow);
+        if let (Some(shadow), Some(real)) = (pending.queue.as_split(), ctx.queue.as_split_mut()) {
+            real.set_next_used(shadow.next_used());
+        }
+        if let Err(e) = &result {
+            tracing::warn!("vhost-user: resubmitting in-flight requests failed: {e}");
+        }
+        result
     }
 
     /// Runs the model over an avail ring that holds only recovered heads (already marked);
@@ -174,23 +213,11 @@ impl Tracked {
 
 impl QueueHandler for Tracked {
     fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
-        // Split rings only: a packed ring journals its pops and used entries itself.
-        let area = self
-            .inflight
-            .clone()
-            .filter(|_| ctx.queue.as_split().is_some());
-        let Some(area) = area else {
-            return self.inner.process(ctx);
+        let resubmitted = match self.pending.take() {
+            Some(pending) => self.run_pending(pending, ctx)?,
+            None => false,
         };
-        let next_avail =
-            |ctx: &QueueContext<'_>| ctx.queue.as_split().map_or(0, |q| q.next_avail());
-        let first = next_avail(ctx);
-        let premarked = self.premark(&area, ctx);
-        let result = self.inner.process(ctx);
-        let popped = next_avail(ctx).wrapping_sub(first);
-        self.settle_pops(&area, ctx, first, premarked, popped);
-        self.clear_used(ctx);
-        result
+        self.process_tracked(ctx).map(|used| used || resubmitted)
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
@@ -209,6 +236,29 @@ impl QueueHandler for Tracked {
 
     fn completion_ready(&mut self) -> bool {
         self.inner.completion_ready()
+    }
+}
+
+impl Tracked {
+    /// One pass of the model with the inflight bookkeeping around it (see the module doc).
+    fn process_tracked(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        // Split rings only: a packed ring journals its pops and used entries itself.
+        let area = self
+            .inflight
+            .clone()
+            .filter(|_| ctx.queue.as_split().is_some());
+        let Some(area) = area else {
+            return self.inner.process(ctx);
+        };
+        let next_avail =
+            |ctx: &QueueContext<'_>| ctx.queue.as_split().map_or(0, |q| q.next_avail());
+        let first = next_avail(ctx);
+        let premarked = self.premark(&area, ctx);
+        let result = self.inner.process(ctx);
+        let popped = next_avail(ctx).wrapping_sub(first);
+        self.settle_pops(&area, ctx, first, premarked, popped);
+        self.clear_used(ctx);
+        result
     }
 }
 

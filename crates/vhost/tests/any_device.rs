@@ -6,9 +6,11 @@ use std::thread;
 
 use common::*;
 use sluice_devices::rng::Rng;
+use sluice_vhost::iotlb::FEATURE_ACCESS_PLATFORM;
 use sluice_vhost::{Server, FEATURE_RING_PACKED, VHOST_USER_F_PROTOCOL_FEATURES};
 use sluice_virtio::VirtioDevice;
 use vhost::vhost_user::VhostUserFrontend;
+use vhost::VhostBackend;
 
 #[test]
 fn a_boxed_device_is_served_with_its_own_identity() {
@@ -20,10 +22,11 @@ fn a_boxed_device_is_served_with_its_own_identity() {
 
     let mut session = connect(&socket);
     let queues = session.frontend.get_queue_num().expect("GET_QUEUE_NUM");
+    let features = session.frontend.get_features().expect("GET_FEATURES");
 
     assert_eq!(
-        session.features,
-        offered | VHOST_USER_F_PROTOCOL_FEATURES | FEATURE_RING_PACKED
+        features,
+        offered | VHOST_USER_F_PROTOCOL_FEATURES | FEATURE_RING_PACKED | FEATURE_ACCESS_PLATFORM
     );
     assert_eq!(queues, 1);
 }

@@ -10,7 +10,9 @@ mod corpus_replay;
 use std::path::PathBuf;
 
 use sluice_devices::block::{Block, BlockConfig};
-use sluice_vhost::fuzz::{chains_served, run_frontend_script, vhost_user_fds, vhost_user_messages};
+use sluice_vhost::fuzz::{
+    chains_served, run_frontend_script, vhost_iotlb, vhost_user_fds, vhost_user_messages,
+};
 use sluice_vhost::server::Server;
 use sluice_vhost::ConnectionEnd;
 
@@ -31,6 +33,7 @@ fn fuzz_corpora_replay_without_panics() {
         &[
             ("vhost_user_messages", &messages),
             ("vhost_user_fds", &vhost_user_fds),
+            ("vhost_iotlb", &vhost_iotlb),
         ],
     );
 
@@ -59,6 +62,7 @@ fn the_vhost_user_fds_corpus_replays_and_each_seed_reaches_its_point() {
         ("remove_and_add_back", false, true),
         ("add_again_from_another_fd", false, true),
         ("kick_before_addr_no_protocol", false, true),
+        ("iotlb_ring_io", false, true),
     ];
 
     for (name, faults, serves) in seeds {

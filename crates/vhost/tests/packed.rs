@@ -53,7 +53,7 @@ impl PackedSession {
         stream.set_read_timeout(Some(ANSWER_TIMEOUT)).unwrap();
         let raw = stream.try_clone().unwrap();
         let mut frontend = Frontend::from_stream(stream, 1);
-        let features = frontend.get_features().expect("GET_FEATURES");
+        let features = frontend.get_features().expect("GET_FEATURES") & !ACCESS_PLATFORM;
         let protocol = frontend.get_protocol_features().unwrap();
         frontend.set_protocol_features(protocol).unwrap();
         frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);

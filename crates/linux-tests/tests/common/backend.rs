@@ -53,7 +53,9 @@ impl BackendKind {
                     .arg(socket)
                     .arg("--image")
                     .arg(image)
-                    .args(["--queues", &queues.to_string()]);
+                    .args(["--queues", &queues.to_string()])
+                    // The connection's summary lines (the IOTLB counts among them) are info.
+                    .args(["--log", "warn,sluice_vhost=info"]);
                 command
             }
         }

@@ -332,10 +332,13 @@ pub fn wait_until(mut condition: impl FnMut() -> bool) -> bool {
 
 /// VIRTIO_F_RING_PACKED: the test guest's rings are split unless a test says otherwise.
 pub const RING_PACKED: u64 = 1 << 34;
+/// VIRTIO_F_ACCESS_PLATFORM: left out of [`Session::features`] (no vIOMMU) unless a test adds it.
+pub const ACCESS_PLATFORM: u64 = 1 << 33;
 
 /// A connected frontend after the handshake (features, protocol features, owner).
 pub struct Session {
     pub frontend: Frontend,
+    /// The backend's features less VIRTIO_F_ACCESS_PLATFORM.
     pub features: u64,
     pub kick: EventFd,
     pub call: EventFd,
@@ -355,7 +358,8 @@ pub fn frontend(socket: &Path) -> Frontend {
 
 pub fn connect(socket: &Path) -> Session {
     let mut frontend = frontend(socket);
-    let features = frontend.get_features().expect("GET_FEATURES");
+    // A guest without a vIOMMU: addresses are guest physical (tests/iotlb.rs acks the bit).
+    let features = frontend.get_features().expect("GET_FEATURES") & !ACCESS_PLATFORM;
     let protocol = frontend
         .get_protocol_features()
         .expect("GET_PROTOCOL_FEATURES");
