@@ -564,7 +564,9 @@ fn page_selective_scope_covers_the_aligned_block_and_an_unaligned_start() {
 
 /// A watcher that records each notification and what the walk then reported.
 #[derive(Default)]
-struct Recorder(Mutex<Vec<(IovaRange, Result<Vec<MappingRun>, WalkError>)>>);
+struct Recorder(Mutex<Vec<Seen>>);
+
+type Seen = (IovaRange, Result<Vec<MappingRun>, WalkError>);
 
 impl MappingObserver for Recorder {
     fn invalidated(&self, view: &MappingView<'_>, range: IovaRange) {
@@ -573,7 +575,7 @@ impl MappingObserver for Recorder {
 }
 
 impl Recorder {
-    fn take(&self) -> Vec<(IovaRange, Result<Vec<MappingRun>, WalkError>)> {
+    fn take(&self) -> Vec<Seen> {
         std::mem::take(&mut *self.0.lock().unwrap())
     }
 }

@@ -131,20 +131,14 @@ impl MappingView<'_> {
             ContextKind::Translated { table, levels } => {
                 let width = (PAGE_SHIFT + 9 * levels).min(MGAW_BITS);
                 let range = range.clipped_to(1 << width);
-                let mut runs = Vec::new();
-                let mut budget = MAX_ENTRIES_VISITED;
+                let mut out = WalkOutput {
+                    budget: MAX_ENTRIES_VISITED,
+                    runs: Vec::new(),
+                };
                 if range.start < range.end {
-                    self.walk(
-                        table,
-                        levels,
-                        0,
-                        range,
-                        (true, true),
-                        &mut budget,
-                        &mut runs,
-                    )?;
+                    self.walk(table, levels, 0, range, (true, true), &mut out)?;
                 }
-                Ok(runs)
+                Ok(out.runs)
             }
         }
     }
@@ -173,7 +167,6 @@ impl MappingView<'_> {
 
     /// The entries of the level-`level` `table` (covering IOVAs from `base`) inside `range`;
     /// `allowed` is what the levels above permit.
-    #[allow(clippy::too_many_arguments)]
     fn walk(
         &self,
         table: u64,
@@ -181,8 +174,7 @@ impl MappingView<'_> {
         base: u64,
         range: IovaRange,
         allowed: (bool, bool),
-        budget: &mut usize,
-        runs: &mut Vec<MappingRun>,
+        out: &mut WalkOutput,
     ) -> Result<(), WalkError> {
         let shift = PAGE_SHIFT + 9 * (level - 1);
         let size = 1u64 << shift;
@@ -190,7 +182,7 @@ impl MappingView<'_> {
         let last = ((range.end - 1).min(base + (size << 9) - 1) - base) >> shift;
         let haw = self.tables.haw;
         for index in first..=last {
-            *budget = budget.checked_sub(1).ok_or(WalkError::TooManyEntries)?;
+            out.budget = out.budget.checked_sub(1).ok_or(WalkError::TooManyEntries)?;
             let Ok(entry) = self
                 .tables
                 .memory
@@ -211,7 +203,7 @@ impl MappingView<'_> {
             let address = entry & beyond_width(PAGE_SHIFT) & ((1 << haw) - 1);
             let iova = base + index * size;
             if level > 1 && !large {
-                self.walk(address, level - 1, iova, range, (read, write), budget, runs)?;
+                self.walk(address, level - 1, iova, range, (read, write), out)?;
                 continue;
             }
             if address & (size - 1) != 0 {
@@ -220,7 +212,7 @@ impl MappingView<'_> {
             let start = iova.max(range.start);
             let end = (iova + size).min(range.end);
             MappingRun::push_merged(
-                runs,
+                &mut out.runs,
                 MappingRun {
                     iova: start,
                     gpa: address + (start - iova),
@@ -232,6 +224,12 @@ impl MappingView<'_> {
         }
         Ok(())
     }
+}
+
+/// What a walk found so far, and how many more entries it may read.
+struct WalkOutput {
+    budget: usize,
+    runs: Vec<MappingRun>,
 }
 
 /// The unit's observers, by requester.
