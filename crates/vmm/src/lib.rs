@@ -13,4 +13,5 @@ pub mod platform;
 pub mod rss;
 pub mod vcpu;
 pub mod vfio;
+pub mod vfio_shadow;
 pub mod virtio;
