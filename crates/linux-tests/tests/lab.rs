@@ -34,6 +34,10 @@
 //!   randwrite + verify passes on virtio-blk and on NVMe, both images hold every block on the
 //!   host, hw_random reads, and sluice's VT-d counters show the page walks and the
 //!   invalidations Linux issued, and no fault.
+//! - the vIOMMU in front of an assigned VF (`--iommu vtd --device vfio=VF,dma=on-demand`):
+//!   L2's nvme driver on the VF translates through sluice's VT-d, sluice keeps the host IOMMU's
+//!   mappings equal to L2's tables, fio randwrite + verify passes, and the most sluice ever
+//!   mapped is a small fraction of L2's RAM (printed).
 //!
 //! sluice's `--metrics` JSON from each run (written to the share) shows the queues worked:
 //! requests, kicks and interrupts on every queue that should have them.
