@@ -534,6 +534,12 @@ impl VfioPciDevice {
         );
     }
 
+    fn dma_quarantined(&self) -> bool {
+        self.on_demand
+            .as_ref()
+            .is_some_and(|d| d.shadow.is_quarantined())
+    }
+
     fn bus_master(&self) -> bool {
         self.config.shadow().command() & sluice_pci::COMMAND_BUS_MASTER != 0
     }
@@ -697,7 +703,7 @@ impl PciDevice for VfioPciDevice {
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         let bus_master_was = self.bus_master();
         self.config.write(offset, data);
-        if self.bus_master() != bus_master_was {
+        if self.bus_master() != bus_master_was || self.dma_quarantined() {
             self.bus_master_changed();
         }
         let touched = self.msix.as_ref().is_some_and(|(layout, vectors)| {

@@ -618,6 +618,102 @@ mod tests {
         assert!(over_budget.is_quarantined() && too_many.is_quarantined());
     }
 
+    /// Replays map/unmap calls as VFIO type1v2 would: a map may not overlap a mapping, an unmap
+    /// must name a whole mapping. Returns the host address and permissions of each mapped page.
+    fn host_iommu(calls: &[Call]) -> BTreeMap<u64, (u64, bool, bool)> {
+        let mut mappings: BTreeMap<u64, Extent> = BTreeMap::new();
+        for call in calls {
+            match call {
+                Call::Map(e) => {
+                    assert!(
+                        mappings
+                            .values()
+                            .all(|m| m.end() <= e.iova || e.end() <= m.iova),
+                        "{e:?} overlaps a mapping"
+                    );
+                    mappings.insert(e.iova, *e);
+                }
+                Call::Unmap(e) => {
+                    assert_eq!(
+                        mappings.remove(&e.iova),
+                        Some(*e),
+                        "unmap of no whole mapping"
+                    )
+                }
+                Call::Quarantine => panic!("quarantined"),
+            }
+        }
+        let mut pages = BTreeMap::new();
+        for m in mappings.values() {
+            for offset in (0..m.len).step_by(0x1000) {
+                pages.insert(m.iova + offset, (m.host + offset, m.read, m.write));
+            }
+        }
+        pages
+    }
+
+    #[test]
+    fn after_every_notification_the_host_iommu_maps_exactly_what_the_guest_tables_map() {
+        // The guest's tables: IOVA page → (gpa, read, write), over 64 pages so that runs
+        // touch, merge and split; changes are random (a fixed LCG), each followed by a
+        // page-selective or (one in eight) a domain-wide notification.
+        let mapper = Arc::new(FakeMapper::default());
+        let shadow = shadow(&mapper);
+        let mut tables: BTreeMap<u64, (u64, bool, bool)> = BTreeMap::new();
+        let mut seed: u64 = 0x5eed;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            seed >> 33
+        };
+        let mut calls = Vec::new();
+
+        for step in 0..2000 {
+            let first = next() % 64;
+            let count = 1 + next() % 4;
+            let gpa = (next() % 8) * 0x1000;
+            let mapped = next() % 3 != 0;
+            let write = next() % 4 != 0;
+            for page in first..(first + count).min(64) {
+                let iova = page * 0x1000;
+                if mapped {
+                    tables.insert(iova, (gpa + iova, true, write));
+                } else {
+                    tables.remove(&iova);
+                }
+            }
+            let notified = if next() % 8 == 0 {
+                IovaRange::ALL
+            } else {
+                range(first * 0x1000, (first + count) * 0x1000)
+            };
+            let runs: Vec<MappingRun> = tables
+                .iter()
+                .map(|(&iova, &(gpa, read, write))| MappingRun {
+                    iova,
+                    gpa,
+                    len: 0x1000,
+                    read,
+                    write,
+                })
+                .filter(|r| r.iova >= notified.start && r.iova < notified.end)
+                .collect();
+
+            shadow.sync(notified, || Ok(runs));
+
+            calls.extend(mapper.take());
+            let expected: BTreeMap<u64, (u64, bool, bool)> = tables
+                .iter()
+                .map(|(&iova, &(gpa, read, write))| (iova, (RAM_HOST + gpa, read, write)))
+                .collect();
+            assert_eq!(host_iommu(&calls), expected, "after step {step}");
+        }
+        let stats = shadow.stats();
+        assert_eq!(stats.mapped_bytes, tables.len() as u64 * 0x1000);
+        assert!(stats.mappings <= tables.len());
+    }
+
     #[test]
     fn the_plan_for_an_unaffected_range_is_empty() {
         let mut ledger = BTreeMap::new();
