@@ -10,7 +10,9 @@
 //!
 //! Guest memory is 64 KiB at 0, filled from the rest of the input. Must hold besides "no panic":
 //! FSTS.FRI names a fault record; IQH stays inside its field; with translation off every DMA
-//! inside RAM succeeds.
+//! inside RAM succeeds; after every invalidation a watcher of requesters 0 and 1 walks the
+//! invalidated range (crate::watch), whose runs must be non-empty, in order, disjoint, inside the
+//! range and grant some access.
 
 use std::sync::Arc;
 
@@ -19,7 +21,24 @@ use sluice_dma::DmaSpaces;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, Permissions};
 
 use crate::regs::{FAULT_RECORDS, FSTS, GCMD_TE, GSTS, IQH, IQ_INDEX_MASK};
+use crate::watch::{IovaRange, MappingObserver, MappingView};
 use crate::Vtd;
+
+/// Walks what each invalidation covers and checks the runs' shape.
+struct WalkChecker;
+
+impl MappingObserver for WalkChecker {
+    fn invalidated(&self, view: &MappingView<'_>, range: IovaRange) {
+        let Ok(runs) = view.runs(range) else { return };
+        let mut next = range.start;
+        for run in runs {
+            assert!(run.len > 0 && (run.read || run.write), "{run:?}");
+            assert!(run.iova >= next, "{run:?} overlaps or is out of order");
+            next = run.iova + run.len;
+            assert!(next <= range.end, "{run:?} beyond {range:?}");
+        }
+    }
+}
 
 const MEMORY_SIZE: usize = 64 << 10;
 const OP_LEN: usize = 11;
@@ -68,6 +87,8 @@ pub fn run_script(data: &[u8]) -> Vec<bool> {
     let vtd = Vtd::new(memory.clone(), 39, Arc::new(NoInterrupts));
     let spaces = Arc::new(DmaSpaces::with_iommu(memory.clone(), Arc::new(vtd.clone())));
     vtd.attach_spaces(&spaces);
+    vtd.watch(0, Arc::new(WalkChecker));
+    vtd.watch(1, Arc::new(WalkChecker));
 
     for op in ops.chunks_exact(OP_LEN) {
         let offset = (u64::from(op[1]) | (u64::from(op[2]) << 8)) & 0xfff;

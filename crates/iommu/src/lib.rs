@@ -4,7 +4,8 @@
 //! (3 and 4 levels, 2 MiB and 1 GiB pages), pass-through contexts, register-based and queued
 //! invalidation, and primary fault logging with a fault event MSI. It is the
 //! [`sluice_dma::DomainProvider`] of a VM's `DmaSpaces`: every device's `DmaSpace` asks it for a
-//! translation on an IOTLB miss, and its invalidations drop those IOTLBs. Interrupt remapping
+//! translation on an IOTLB miss, and its invalidations drop those IOTLBs and are announced to
+//! the requester's [`watch::MappingObserver`]s (an assigned function's shadow mappings). Interrupt remapping
 //! is not implemented (ECAP.IR = 0).
 //!
 //! Written by hand: no rust-vmm crate models VT-d; the register layout and table formats follow
@@ -14,9 +15,11 @@ pub mod queue;
 pub mod regs;
 pub mod tables;
 mod vtd;
+pub mod watch;
 
 pub mod fuzz;
 #[cfg(test)]
 mod tests;
 
 pub use vtd::{Vtd, COUNTER_NAMES};
+pub use watch::{IovaRange, MappingObserver, MappingRun, MappingView, WalkError};

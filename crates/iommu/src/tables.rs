@@ -67,7 +67,7 @@ pub struct ContextEntry {
 }
 
 const PRESENT: u64 = 1;
-const PAGE_SHIFT: u32 = 12;
+pub(crate) const PAGE_SHIFT: u32 = 12;
 const ENTRY_SIZE: u64 = 16;
 
 // Root entry (legacy): lo bit 0 P, bits 11:1 reserved, 63:12 context-table pointer; hi reserved.
@@ -85,14 +85,14 @@ const TRANSLATION_PASS_THROUGH: u64 = 2;
 // Second-level entry: bit 0 R, bit 1 W, bit 7 PS (in levels 2 and 3), bits 51:12 the address,
 // bit 62 TM (reserved without a device TLB). Bits 11:8, 6:2 and 63, 61:52 are ignored or
 // only meaningful with snoop control / EMT, which this model does not offer.
-const SL_READ: u64 = 1;
-const SL_WRITE: u64 = 1 << 1;
-const SL_PAGE_SIZE: u64 = 1 << 7;
-const SL_TM: u64 = 1 << 62;
-const SL_ADDRESS_TOP: u32 = 52;
+pub(crate) const SL_READ: u64 = 1;
+pub(crate) const SL_WRITE: u64 = 1 << 1;
+pub(crate) const SL_PAGE_SIZE: u64 = 1 << 7;
+pub(crate) const SL_TM: u64 = 1 << 62;
+pub(crate) const SL_ADDRESS_TOP: u32 = 52;
 
 /// Bits `bits..52`, which must be clear in a table or page address (beyond the host address width).
-fn beyond_width(bits: u32) -> u64 {
+pub(crate) fn beyond_width(bits: u32) -> u64 {
     let below_top = (1u64 << SL_ADDRESS_TOP) - 1;
     below_top & !((1u64 << bits) - 1)
 }

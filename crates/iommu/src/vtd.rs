@@ -19,6 +19,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Permissions};
 use crate::queue::{self, Descriptor, Scope};
 use crate::regs::*;
 use crate::tables::{FaultReason, Tables};
+use crate::watch::{IovaRange, MappingObserver, MappingRun, MappingView, WalkError, Watchers};
 
 /// What a translation-disabled unit (GSTS.TES = 0) maps: everything below 2^MGAW, identically.
 const IDENTITY_LENGTH: u64 = 1 << MGAW_BITS;
@@ -103,6 +104,8 @@ struct Shared {
     msi: Arc<dyn MsiSink>,
     state: Mutex<State>,
     spaces: Mutex<Weak<DmaSpaces>>,
+    /// Told after every invalidation that covers their requester (crate::watch).
+    watchers: Watchers,
     metrics: Arc<DeviceMetrics>,
 }
 
@@ -131,6 +134,7 @@ impl Vtd {
                 msi,
                 state: Mutex::new(State::default()),
                 spaces: Mutex::new(Weak::new()),
+                watchers: Watchers::default(),
                 metrics: Arc::new(DeviceMetrics::with_counters("vt-d", 0, COUNTER_NAMES)),
             }),
         }
@@ -143,6 +147,37 @@ impl Vtd {
             .spaces
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Arc::downgrade(spaces);
+    }
+
+    /// Calls `observer` after every invalidation that covers `requester` (crate::watch).
+    pub fn watch(&self, requester: RequesterId, observer: Arc<dyn MappingObserver>) {
+        let _state = self.shared.lock();
+        self.shared.watchers.add(requester, observer);
+    }
+
+    /// Calls `requester`'s observers as if all its mappings had been invalidated (a watcher
+    /// that ignored notifications for a while catches up).
+    pub fn refresh(&self, requester: RequesterId) {
+        let state = self.shared.lock();
+        let translating = state.gsts & GCMD_TE != 0;
+        let tables = self.tables();
+        (self.shared.watchers).refresh(tables, state.root, translating, requester);
+    }
+
+    /// `requester`'s current mappings in `range` (crate::watch).
+    pub fn mappings(
+        &self,
+        requester: RequesterId,
+        range: IovaRange,
+    ) -> Result<Vec<MappingRun>, WalkError> {
+        let state = self.shared.lock();
+        MappingView {
+            tables: self.tables(),
+            root: state.root,
+            translating: state.gsts & GCMD_TE != 0,
+            requester,
+        }
+        .runs(range)
     }
 
     /// Walks, faults, interrupts and invalidations so far.
@@ -420,10 +455,17 @@ impl Vtd {
         true
     }
 
+    /// Drops what `scope` covers from the spaces' IOTLBs, then tells the watchers.
+    fn invalidate(&self, state: &State, scope: Scope) {
+        self.drop_cached(state, scope);
+        let translating = state.gsts & GCMD_TE != 0;
+        (self.shared.watchers).notify(self.tables(), state.root, translating, scope);
+    }
+
     /// Drops the cached translations `scope` covers from the spaces it concerns. The unit
     /// caches no context entries of its own, so a context-cache invalidation also drops the
     /// IOTLBs of the devices it names.
-    fn invalidate(&self, state: &State, scope: Scope) {
+    fn drop_cached(&self, state: &State, scope: Scope) {
         let Some(spaces) = self
             .shared
             .spaces

@@ -34,6 +34,10 @@
 //!   randwrite + verify passes on virtio-blk and on NVMe, both images hold every block on the
 //!   host, hw_random reads, and sluice's VT-d counters show the page walks and the
 //!   invalidations Linux issued, and no fault.
+//! - the vIOMMU in front of an assigned VF (`--iommu vtd --device vfio=VF,dma=on-demand`):
+//!   L2's nvme driver on the VF translates through sluice's VT-d, sluice keeps the host IOMMU's
+//!   mappings equal to L2's tables, fio randwrite + verify passes, and the most sluice ever
+//!   mapped is a small fraction of L2's RAM (printed).
 //!
 //! sluice's `--metrics` JSON from each run (written to the share) shows the queues worked:
 //! requests, kicks and interrupts on every queue that should have them.
@@ -990,5 +994,99 @@ fn lab_fio_verify_on_an_nvme_vf_assigned_to_sluice() {
          for DMA",
         bar_exits as f64 / ios as f64,
         metrics["vfio"][0]["dma_mapped_bytes"]
+    );
+}
+
+/// L2's RAM in bytes (`L2_MEMORY`).
+const L2_MEMORY_BYTES: u64 = 512 << 20;
+
+#[test]
+fn lab_vtd_viommu_fio_verify_on_an_nvme_vf_mapped_on_demand() {
+    let test = "lab-vfio-on-demand";
+    let Some(setup) = setup(test) else { return };
+    let fio = format!(
+        "dmesg | grep -e DMAR -e iommu; \
+         echo nvme-group=$(readlink /sys/class/nvme/nvme0/device/iommu_group); \
+         fio --name=vfio --filename=/dev/nvme0n1 --direct=1 --ioengine=libaio --rw=randwrite \
+         --bs={block} --iodepth=16 --size={VFIO_FIO_MIB}M --verify=crc32c --verify_fatal=1 \
+         --eta=never; status=$?; echo fio-exit=$status; exit $status",
+        block = fio::BLOCK_SIZE,
+    );
+    let cmdline = format!(
+        "{} intel_iommu=on",
+        kernel_cmdline(&fio).replace("sluice.wait=/dev/vda", "sluice.wait=/dev/nvme0n1")
+    );
+    let script = format!(
+        "set -e\n\
+         vfs=$(lab-enable-vfs 2); vf=$(echo $vfs | cut -d' ' -f1)\n\
+         lab-bind-vfio $vf\n\
+         set +e\n\
+         {}\n\
+         echo sluice-exit=$?\n",
+        setup.sluice_line(
+            "on-demand",
+            "--iommu vtd --device vfio=$vf,dma=on-demand",
+            &cmdline
+        )
+    );
+
+    let run = Lab::new()
+        .topology(Topology::Iommu)
+        .vfs(2)
+        .share(&setup.scratch.dir)
+        .timeout(LAB_TIMEOUT)
+        .run(&script);
+
+    run.assert_success();
+    let console = setup.read("on-demand.console");
+    let context = || format!("{}\n--- L2 ---\n{console}", run.transcript());
+    assert!(run.stdout.contains("sluice-exit=0"), "{}", context());
+    assert_eq!(parse_exit_marker(&console), Some(0), "{}", context());
+    assert!(
+        console.contains("DMAR: Intel(R) Virtualization Technology for Directed I/O"),
+        "translation enabled\n{}",
+        context()
+    );
+    assert!(
+        console
+            .lines()
+            .any(|l| l.starts_with("nvme-group=") && l.contains("kernel/iommu_groups/")),
+        "the VF is in an IOMMU group of sluice's VT-d\n{}",
+        context()
+    );
+    assert!(console.contains("fio-exit=0"), "{}", context());
+    let blocks = (VFIO_FIO_MIB << 20) / fio::BLOCK_SIZE as u64;
+    assert_eq!(
+        fio::issued_reads_writes(&console),
+        Some((blocks, blocks)),
+        "every block written once and read back for the verify\n{}",
+        context()
+    );
+    let metrics = setup.metrics("on-demand.json");
+    let vfio = &metrics["vfio"][0];
+    assert_eq!(vfio["dma"], "on-demand", "{metrics:#}");
+    assert!(vfio["quarantined"].is_null(), "{metrics:#}");
+    let peak = vfio["dma_mapped_peak_bytes"].as_u64().unwrap_or(0);
+    let updates = vfio["dma_updates"].as_u64().unwrap_or(0);
+    // The driver's queues and each I/O's buffers were mapped, and only those: the guest's
+    // DMA API maps per I/O (strict mode under caching mode), far below all of its RAM.
+    assert!(peak > 0 && updates > 0, "{metrics:#}");
+    assert!(
+        peak < L2_MEMORY_BYTES / 4,
+        "{peak} bytes mapped at most, guest RAM {L2_MEMORY_BYTES}\n{metrics:#}"
+    );
+    let vtd = vtd_counters(&metrics);
+    assert_eq!(vtd["faults"].as_u64(), Some(0), "{metrics:#}");
+    println!(
+        "{test}: L2 nvme on the VF behind sluice's VT-d: fio wrote and verified {VFIO_FIO_MIB} MiB \
+         ({} I/Os); peak {peak} bytes ({:.2} MiB, {:.3}% of {} MiB guest RAM) in at most {} \
+         mappings, {} bytes mapped at the end, {updates} invalidations changed the host IOMMU; \
+         vt-d counters {vtd}",
+        2 * blocks,
+        peak as f64 / 1_048_576.0,
+        100.0 * peak as f64 / L2_MEMORY_BYTES as f64,
+        L2_MEMORY_BYTES >> 20,
+        vfio["dma_mappings_peak"],
+        vfio["dma_mapped_bytes"],
     );
 }

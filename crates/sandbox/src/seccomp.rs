@@ -356,8 +356,10 @@ const KVM_SIGNAL_MSI: u64 = ioc(IOC_WRITE, 0xa5, size_of::<kvm_bindings::kvm_msi
 
 /// What a vCPU thread asks for an assigned (VFIO) device from a guest config write: a BAR move
 /// re-registers the memory slots over the BAR's mmapped pages, and MSI-X enable/disable points
-/// the device's vectors at their irqfds.
-const VFIO_VCPU_IOCTLS: [u64; 2] = {
+/// the device's vectors at their irqfds. With `dma=on-demand`, the vCPU whose register write
+/// invalidated the vIOMMU's caches (or turned Bus Master on) maps and unmaps the function's DMA
+/// before the invalidation completes (crates/vmm/src/vfio_shadow.rs).
+const VFIO_VCPU_IOCTLS: [u64; 4] = {
     use kvm_bindings::kvm_userspace_memory_region;
     use std::mem::size_of;
     /// VFIO's ioctl type byte (`;`) and VFIO_BASE.
@@ -366,6 +368,8 @@ const VFIO_VCPU_IOCTLS: [u64; 2] = {
     [
         ioc(IOC_WRITE, 0x46, size_of::<kvm_userspace_memory_region>()), // KVM_SET_USER_MEMORY_REGION
         (VFIO_TYPE << 8) | (VFIO_BASE + 10),                            // VFIO_DEVICE_SET_IRQS
+        (VFIO_TYPE << 8) | (VFIO_BASE + 13),                            // VFIO_IOMMU_MAP_DMA
+        (VFIO_TYPE << 8) | (VFIO_BASE + 14),                            // VFIO_IOMMU_UNMAP_DMA
     ]
 };
 

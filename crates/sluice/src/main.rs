@@ -122,10 +122,12 @@ struct RunArgs {
     #[arg(long, value_parser = NvmeSpec::parse)]
     nvme: Vec<NvmeSpec>,
     /// A host PCI function assigned with VFIO (repeatable):
-    /// `vfio=BDF|SYSFS_PATH[,dma=all][,allow_unsafe_interrupts=on]`. The function must be bound
-    /// to vfio-pci with every other member of its IOMMU group; all guest RAM is pinned for its
-    /// DMA (RLIMIT_MEMLOCK / CAP_IPC_LOCK); without host interrupt remapping sluice refuses
-    /// unless allow_unsafe_interrupts=on.
+    /// `vfio=BDF|SYSFS_PATH[,dma=all|on-demand][,allow_unsafe_interrupts=on]`. The function must
+    /// be bound to vfio-pci with every other member of its IOMMU group; dma=all (the default
+    /// without --iommu) pins all guest RAM for its DMA (RLIMIT_MEMLOCK / CAP_IPC_LOCK);
+    /// dma=on-demand (the default and the only mode with --iommu vtd) maps what the guest's
+    /// IOMMU tables map; without host interrupt remapping sluice refuses unless
+    /// allow_unsafe_interrupts=on.
     #[arg(long, value_parser = sluice_vmm::config::parse_device)]
     device: Vec<sluice_vmm::config::VfioSpec>,
     /// Write exit counts and per-queue device metrics here when the VM stops: JSON, or
@@ -315,6 +317,18 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         report.exits_mmio,
         report.device_exits
     );
+    for vfio in &report.vfio {
+        tracing::info!(
+            "{}: dma={}, {} bytes mapped at the end, {} at most",
+            vfio.name,
+            vfio.dma,
+            vfio.dma_mapped_bytes,
+            vfio.dma_mapped_peak_bytes
+        );
+        if let Some(why) = &vfio.quarantined {
+            say(format_args!("sluice: {} was quarantined: {why}", vfio.name));
+        }
+    }
     if let (Some(file), Some(path)) = (metrics, &args.metrics) {
         write_metrics(file, path, &report)?;
     }
@@ -350,9 +364,15 @@ fn write_metrics(mut file: File, path: &std::path::Path, report: &VmReport) -> a
         for device in &report.device_metrics {
             text.push_str(&device.to_prometheus());
         }
-        for (device, bytes) in &report.vfio {
+        for vfio in &report.vfio {
+            let labels = format!("device=\"{}\",dma=\"{}\"", vfio.name, vfio.dma);
             text.push_str(&format!(
-                "sluice_vfio_dma_mapped_bytes{{device=\"{device}\"}} {bytes}\n"
+                "sluice_vfio_dma_mapped_bytes{{{labels}}} {}\n\
+                 sluice_vfio_dma_mapped_peak_bytes{{{labels}}} {}\n\
+                 sluice_vfio_quarantined{{{labels}}} {}\n",
+                vfio.dma_mapped_bytes,
+                vfio.dma_mapped_peak_bytes,
+                u8::from(vfio.quarantined.is_some()),
             ));
         }
         text
@@ -371,7 +391,15 @@ fn write_metrics(mut file: File, path: &std::path::Path, report: &VmReport) -> a
             "rss_overhead_kib": report.rss.overhead(),
             "devices": devices,
             "vfio": report.vfio.iter()
-                .map(|(name, bytes)| serde_json::json!({"device": name, "dma_mapped_bytes": bytes}))
+                .map(|v| serde_json::json!({
+                    "device": v.name,
+                    "dma": v.dma,
+                    "dma_mapped_bytes": v.dma_mapped_bytes,
+                    "dma_mapped_peak_bytes": v.dma_mapped_peak_bytes,
+                    "dma_mappings_peak": v.dma_mappings_peak,
+                    "dma_updates": v.dma_updates,
+                    "quarantined": v.quarantined,
+                }))
                 .collect::<Vec<_>>(),
         }))?
     };

@@ -297,19 +297,38 @@ fn vfio_device_without_an_iommu_group_is_refused_by_name() {
 }
 
 #[test]
-fn vfio_on_demand_dma_and_bad_addresses_are_usage_errors() {
-    let on_demand = run(&["--device", "vfio=01:00.1,dma=on-demand"]);
+fn vfio_bad_addresses_and_dma_modes_are_usage_errors() {
+    let bad_mode = run(&["--device", "vfio=01:00.1,dma=lazy"]);
     let bad_address = run(&["--device", "vfio=01:00.9"]);
 
-    assert_one_clear_error(&on_demand, EXIT_USAGE, &["dma=on-demand", "virtual IOMMU"]);
+    assert_one_clear_error(&bad_mode, EXIT_USAGE, &["dma=lazy", "on-demand"]);
     assert_one_clear_error(&bad_address, EXIT_USAGE, &["01:00.9"]);
 }
 
 #[test]
-fn vfio_behind_the_virtual_iommu_is_refused_before_anything_is_assigned() {
-    // Without shadow IOMMU tables the function would DMA to the guest's IOVAs as if they were
-    // guest addresses: refused whatever the host offers.
-    let run = run(&["--iommu", "vtd", "--device", "vfio=01:00.1"]);
+fn vfio_dma_modes_that_ignore_or_lack_the_virtual_iommu_are_refused_before_anything_is_assigned() {
+    // dma=all behind the vIOMMU would let the function DMA to every guest address whatever the
+    // guest's IOMMU tables say; dma=on-demand has no tables to follow without one.
+    let all_behind_iommu = run(&["--iommu", "vtd", "--device", "vfio=01:00.1,dma=all"]);
+    let on_demand_alone = run(&["--device", "vfio=01:00.1,dma=on-demand"]);
 
-    assert_one_clear_error(&run, EXIT_VMM_ERROR, &["--iommu", "shadow"]);
+    assert_one_clear_error(
+        &all_behind_iommu,
+        EXIT_VMM_ERROR,
+        &["dma=all", "--iommu", "dma=on-demand"],
+    );
+    assert_one_clear_error(
+        &on_demand_alone,
+        EXIT_VMM_ERROR,
+        &["dma=on-demand", "--iommu vtd"],
+    );
+}
+
+#[test]
+fn vfio_behind_the_virtual_iommu_gets_as_far_as_the_host_checks() {
+    // On-demand is implied behind --iommu: the refusal is lifted, and the function is looked
+    // for (no host has ff:1f.7 in an IOMMU group here).
+    let run = run(&["--iommu", "vtd", "--device", "vfio=ff:1f.7"]);
+
+    assert_one_clear_error(&run, EXIT_VMM_ERROR, &["0000:ff:1f.7", "no IOMMU group"]);
 }

@@ -4,8 +4,10 @@
 //! reads/writes and MSI-X eventfds. Written here by hand, because vfio-ioctls does not offer
 //! them: the device's flags (`VfioDevice::reset` hides whether VFIO_DEVICE_RESET is supported and
 //! whether it failed, and sluice must quarantine a device whose reset failed), the region mmaps
-//! (vfio-ioctls leaves mapping to the VMM), and the bookkeeping of DMA mappings (to report mapped
-//! bytes and to unmap everything on quarantine).
+//! (vfio-ioctls leaves mapping to the VMM), VFIO_IOMMU_MAP_DMA with read-only or write-only
+//! permissions (vfio-ioctls always maps read/write; `dma=on-demand` follows the guest's IOMMU
+//! tables), and the bookkeeping of DMA mappings (to report mapped bytes and to unmap everything
+//! on quarantine).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
@@ -13,18 +15,20 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use vfio_bindings::bindings::vfio::{
-    vfio_device_info, VFIO_BASE, VFIO_DEVICE_FLAGS_RESET, VFIO_PCI_CONFIG_REGION_INDEX,
+    vfio_device_info, vfio_iommu_type1_dma_map, VFIO_BASE, VFIO_DEVICE_FLAGS_RESET,
+    VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_PCI_CONFIG_REGION_INDEX,
     VFIO_PCI_MSIX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP, VFIO_TYPE,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref};
+use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ref};
 use vmm_sys_util::ioctl_io_nr;
 
 use crate::policy::DeviceConfig;
 
 ioctl_io_nr!(VFIO_DEVICE_GET_INFO, VFIO_TYPE.into(), VFIO_BASE + 7);
 ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE.into(), VFIO_BASE + 11);
+ioctl_io_nr!(VFIO_IOMMU_MAP_DMA, VFIO_TYPE.into(), VFIO_BASE + 13);
 
 /// Errors opening a function.
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +216,62 @@ impl AssignedFunction {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push((iova, size));
+        Ok(())
+    }
+
+    /// As [`Self::map_dma`], with the permissions the device gets (vfio-ioctls always maps
+    /// read/write: this is its ioctl by hand, for `dma=on-demand`, where the guest's IOMMU tables
+    /// may grant read or write only).
+    ///
+    /// # Safety
+    ///
+    /// As [`Self::map_dma`]; the range must also stay mapped until [`Self::unmap_dma`].
+    pub unsafe fn map_dma_with(
+        &self,
+        iova: u64,
+        size: u64,
+        host_addr: u64,
+        read: bool,
+        write: bool,
+    ) -> io::Result<()> {
+        let mut flags = 0;
+        if read {
+            flags |= VFIO_DMA_MAP_FLAG_READ;
+        }
+        if write {
+            flags |= VFIO_DMA_MAP_FLAG_WRITE;
+        }
+        let request = vfio_iommu_type1_dma_map {
+            argsz: size_of::<vfio_iommu_type1_dma_map>() as u32,
+            flags,
+            vaddr: host_addr,
+            iova,
+            size,
+        };
+        // SAFETY: the fd is this function's VFIO container and the argument a valid
+        // vfio_iommu_type1_dma_map the kernel only reads; that the memory stays mapped is this
+        // function's contract.
+        let ret =
+            unsafe { ioctl_with_ref(self.container.as_ref(), VFIO_IOMMU_MAP_DMA(), &request) };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.dma
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((iova, size));
+        Ok(())
+    }
+
+    /// Unmaps the mapping made at `iova` with `size` (VFIO type1v2 unmaps whole mappings only).
+    pub fn unmap_dma(&self, iova: u64, size: u64) -> io::Result<()> {
+        let len =
+            usize::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        self.container
+            .vfio_dma_unmap(iova, len)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let mut dma = self.dma.lock().unwrap_or_else(PoisonError::into_inner);
+        dma.retain(|&mapping| mapping != (iova, size));
         Ok(())
     }
 

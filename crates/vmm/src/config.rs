@@ -98,20 +98,38 @@ pub struct VfioSpec {
     pub host: sluice_vfio::HostBdf,
     /// Start although the host does not remap interrupts (`allow_unsafe_interrupts=on`).
     pub allow_unsafe_interrupts: bool,
+    /// `dma=`; when not given, on-demand behind `--iommu` and all without (machine.rs).
+    pub dma: Option<VfioDma>,
 }
 
-/// `vfio=BDF|SYSFS_PATH[,dma=all][,allow_unsafe_interrupts=on]` (the `--device` value).
+/// How an assigned function's DMA is mapped in the host IOMMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VfioDma {
+    /// All guest RAM at IOVA = guest physical address, pinned before the guest runs.
+    All,
+    /// What the guest's vIOMMU tables map, as they change (crate::vfio_shadow).
+    OnDemand,
+}
+
+/// `vfio=BDF|SYSFS_PATH[,dma=all|on-demand][,allow_unsafe_interrupts=on]` (the `--device`
+/// value).
 pub fn parse_device(s: &str) -> Result<VfioSpec, String> {
     let mut host = None;
     let mut allow_unsafe_interrupts = false;
+    let mut dma = None;
     for (k, v) in pairs(s)? {
         match k {
             "vfio" => host = Some(sluice_vfio::HostBdf::parse(v)?),
-            "dma" if v == "all" => {}
             "dma" => {
-                return Err(format!(
-                    "dma={v}: only dma=all (all guest RAM pinned) is built; on-demand mapping needs the virtual IOMMU"
-                ))
+                dma = Some(match v {
+                    "all" => VfioDma::All,
+                    "on-demand" => VfioDma::OnDemand,
+                    _ => {
+                        return Err(format!(
+                        "dma={v}: expected all (all guest RAM pinned) or on-demand (what the guest's virtual IOMMU maps)"
+                    ))
+                    }
+                })
             }
             "allow_unsafe_interrupts" => allow_unsafe_interrupts = on_off(k, v)?,
             _ => return Err(format!("--device: unknown key `{k}`")),
@@ -121,6 +139,7 @@ pub fn parse_device(s: &str) -> Result<VfioSpec, String> {
     Ok(VfioSpec {
         host,
         allow_unsafe_interrupts,
+        dma,
     })
 }
 
@@ -559,17 +578,21 @@ mod tests {
 
     /// Defect 13: a key given twice is a mistake to report, not a silent "last one wins".
     #[test]
-    fn parses_vfio_devices_and_refuses_on_demand_dma() {
+    fn parses_vfio_devices_and_their_dma_modes() {
         let spec = parse_device("vfio=01:00.1,dma=all,allow_unsafe_interrupts=on").unwrap();
         let path = parse_device("vfio=/sys/bus/pci/devices/0000:01:00.2").unwrap();
+        let on_demand = parse_device("vfio=01:00.1,dma=on-demand").unwrap();
 
         assert_eq!(spec.host.as_str(), "0000:01:00.1");
         assert!(spec.allow_unsafe_interrupts);
+        assert_eq!(spec.dma, Some(VfioDma::All));
         assert_eq!(path.host.as_str(), "0000:01:00.2");
         assert!(!path.allow_unsafe_interrupts);
-        assert!(parse_device("vfio=01:00.1,dma=on-demand")
+        assert_eq!(path.dma, None);
+        assert_eq!(on_demand.dma, Some(VfioDma::OnDemand));
+        assert!(parse_device("vfio=01:00.1,dma=lazy")
             .unwrap_err()
-            .contains("virtual IOMMU"));
+            .contains("on-demand"));
         assert!(parse_device("dma=all").is_err());
         assert!(parse_device("vfio=zz").is_err());
     }

@@ -56,6 +56,11 @@ impl VmIommu {
         self.vtd.iter().map(|(_, dmar)| dmar as &dyn Aml).collect()
     }
 
+    /// The emulated VT-d, if there is one (assigned functions follow its tables).
+    pub fn vtd(&self) -> Option<&Vtd> {
+        self.vtd.as_ref().map(|(vtd, _)| vtd)
+    }
+
     /// The unit's counters (walks, faults, invalidations), if there is one.
     pub fn metrics(&self) -> Option<Arc<DeviceMetrics>> {
         self.vtd.as_ref().map(|(vtd, _)| vtd.metrics())

@@ -15,4 +15,5 @@ pub mod rss;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vfio;
+pub mod vfio_shadow;
 pub mod virtio;

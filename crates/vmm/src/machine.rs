@@ -88,8 +88,8 @@ pub struct VmReport {
     pub first_exit_unix_ns: Option<u64>,
     /// The VMM's resident memory when the VM stopped (guest RAM is `shmem`).
     pub rss: RssKib,
-    /// Assigned devices: name and bytes of guest RAM mapped for their DMA.
-    pub vfio: Vec<(String, u64)>,
+    /// Assigned devices: their DMA mode, the guest RAM mapped for their DMA, quarantine.
+    pub vfio: Vec<crate::vfio::VfioReport>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,15 +152,7 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
     if config.cpus == 0 || config.cpus > 254 {
         return Err(VmError::Cpus(config.cpus));
     }
-    if config.iommu.is_some() && !config.vfio.is_empty() {
-        // The assigned function's DMA goes through the host IOMMU with sluice's identity maps,
-        // not through the guest's vIOMMU tables (shadow tables are not built): it would DMA to
-        // the guest's IOVAs as if they were guest addresses.
-        return Err(device_err(
-            "vfio",
-            "--device vfio= behind --iommu is not supported yet (no shadow IOMMU tables)",
-        ));
-    }
+    check_vfio_dma(&config)?;
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let vm = Arc::new(create_vm(&kvm)?);
     // Before any thread starts and before guest RAM is touched (crate::numa says why);
@@ -207,7 +199,14 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
         &iommu.dma,
         &interrupts,
     )?);
-    let vfio = crate::vfio::attach_vfio_devices(&vm, &pci_root, &config.vfio, &ram, &interrupts)?;
+    let vfio = crate::vfio::attach_vfio_devices(
+        &vm,
+        &pci_root,
+        &config.vfio,
+        &ram,
+        &interrupts,
+        iommu.vtd(),
+    )?;
     device_metrics.extend(iommu.metrics());
 
     let boot_info = if restored.is_some() {
@@ -242,10 +241,7 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
     }
     vfio.iter().for_each(crate::vfio::VfioHandle::stop);
     let mut report = report(outcome, &dispatch, setup_time, device_metrics);
-    report.vfio = vfio
-        .iter()
-        .map(|v| (v.name.clone(), v.dma_mapped_bytes))
-        .collect();
+    report.vfio = vfio.iter().map(crate::vfio::VfioHandle::report).collect();
     Ok(report)
 }
 
@@ -274,6 +270,41 @@ fn load_guest(
         },
     )?;
     Ok(boot_info)
+}
+
+/// Behind the vIOMMU an assigned function's DMA mappings must follow the guest's tables
+/// (`dma=on-demand`, implied there): `dma=all` would let it DMA to every guest physical address
+/// whatever the guest's IOMMU says, as if its IOVAs were guest addresses. Without a vIOMMU
+/// there are no tables to follow. Checked before anything is opened.
+fn check_vfio_dma(config: &VmConfig) -> Result<(), VmError> {
+    use crate::config::VfioDma;
+    for spec in &config.vfio {
+        match (config.iommu.is_some(), spec.dma) {
+            (true, Some(VfioDma::All)) => {
+                return Err(device_err(
+                    "vfio",
+                    format!(
+                        "{}: dma=all behind --iommu would map all guest RAM at guest-physical \
+                         addresses, bypassing the guest's IOMMU tables; use dma=on-demand (the \
+                         default behind --iommu)",
+                        spec.host
+                    ),
+                ))
+            }
+            (false, Some(VfioDma::OnDemand)) => {
+                return Err(device_err(
+                    "vfio",
+                    format!(
+                        "{}: dma=on-demand maps what the guest's virtual IOMMU maps: it needs \
+                         --iommu vtd",
+                        spec.host
+                    ),
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {

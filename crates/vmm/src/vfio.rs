@@ -3,8 +3,12 @@
 //! * Before anything is opened: the function's IOMMU group must be viable for this VM, the host
 //!   must remap interrupts (or the user said `allow_unsafe_interrupts=on`), and with `dma=all`
 //!   the pinned-memory limits must cover guest RAM.
-//! * DMA: all guest RAM is mapped IOVA = GPA with VFIO_IOMMU_MAP_DMA (pinned) before the guest
-//!   runs. `dma=on-demand` needs the virtual IOMMU (issue 14) and is not offered.
+//! * DMA, `dma=all` (the default without `--iommu`): all guest RAM is mapped IOVA = GPA with
+//!   VFIO_IOMMU_MAP_DMA (pinned) before the guest runs.
+//! * DMA, `dma=on-demand` (the default, and the only mode, behind `--iommu vtd`): the host
+//!   IOMMU maps what the guest's VT-d tables map for the function's requester id, following
+//!   every invalidation ([`crate::vfio_shadow`]); nothing while Bus Master is off. `dma=all`
+//!   behind the vIOMMU is refused (machine.rs): the device would ignore the guest's tables.
 //! * Config space: sluice-vfio's trap policy ([`VirtualConfig`]).
 //! * BARs: the data pages are mmapped from the VFIO region and registered as KVM memory slots
 //!   at the BAR's guest address (no exit per access); they follow guest BAR moves in
@@ -42,6 +46,8 @@ use crate::config::VfioSpec;
 use crate::interrupts::{KvmMsi, KvmMsiRouter, VmInterrupts};
 use crate::machine::{device_err, VmError};
 use crate::memory::GuestRam;
+use crate::vfio_shadow::{DmaMapper, DmaShadow, Extent, RamRegions};
+use sluice_iommu::Vtd;
 
 /// Host page size for memslots (x86).
 const PAGE_SIZE: u64 = 4096;
@@ -53,10 +59,57 @@ const FIRST_BAR_SLOT: u32 = 32;
 pub struct VfioHandle {
     device: Arc<Mutex<VfioPciDevice>>,
     pub name: String,
+    /// `dma=all`: what was mapped at start.
+    dma_all_bytes: u64,
+    /// `dma=on-demand`: the mappings that follow the guest's tables.
+    shadow: Option<Arc<DmaShadow>>,
+}
+
+/// What the VM reports of an assigned function (`--metrics`, `report.vfio`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VfioReport {
+    pub name: String,
+    /// `all` or `on-demand`.
+    pub dma: &'static str,
+    /// Guest RAM mapped for the function's DMA when the VM stopped.
     pub dma_mapped_bytes: u64,
+    /// The most that was mapped at any time.
+    pub dma_mapped_peak_bytes: u64,
+    /// The most VFIO mappings held at any time.
+    pub dma_mappings_peak: usize,
+    /// Invalidations that changed the host IOMMU mappings (`on-demand`).
+    pub dma_updates: u64,
+    /// Why the function was quarantined while the VM ran, if it was.
+    pub quarantined: Option<String>,
 }
 
 impl VfioHandle {
+    pub fn report(&self) -> VfioReport {
+        match &self.shadow {
+            Some(shadow) => {
+                let stats = shadow.stats();
+                VfioReport {
+                    name: self.name.clone(),
+                    dma: "on-demand",
+                    dma_mapped_bytes: stats.mapped_bytes,
+                    dma_mapped_peak_bytes: stats.peak_bytes,
+                    dma_mappings_peak: stats.peak_mappings,
+                    dma_updates: stats.updates,
+                    quarantined: stats.quarantined,
+                }
+            }
+            None => VfioReport {
+                name: self.name.clone(),
+                dma: "all",
+                dma_mapped_bytes: self.dma_all_bytes,
+                dma_mapped_peak_bytes: self.dma_all_bytes,
+                dma_mappings_peak: 0,
+                dma_updates: 0,
+                quarantined: None,
+            },
+        }
+    }
+
     /// Stops the device when the VM stops: MSI-X off, reset (or quarantine).
     pub fn stop(&self) {
         let mut device = self.device.lock().unwrap_or_else(PoisonError::into_inner);
@@ -64,13 +117,15 @@ impl VfioHandle {
     }
 }
 
-/// Assigns every `--device vfio=` function and adds it to `root`.
+/// Assigns every `--device vfio=` function and adds it to `root`; with `vtd` (the vIOMMU) each
+/// function's DMA mappings follow its requester's tables there (`dma=on-demand`).
 pub fn attach_vfio_devices(
     vm: &Arc<VmFd>,
     root: &PciRoot,
     specs: &[VfioSpec],
     ram: &GuestRam,
     interrupts: &VmInterrupts,
+    vtd: Option<&Vtd>,
 ) -> Result<Vec<VfioHandle>, VmError> {
     if specs.is_empty() {
         return Ok(Vec::new());
@@ -90,27 +145,70 @@ pub fn attach_vfio_devices(
         sluice_vfio::check_interrupt_remapping(ir, spec.allow_unsafe_interrupts)
             .map_err(|e| device_err(what, format!("{}: {e}", spec.host)))?;
         let limits = sluice_vfio::current_pin_limits(host_root).map_err(|e| device_err(what, e))?;
-        sluice_vfio::check_pin_limits(&limits, ram.size).map_err(|e| device_err(what, e))?;
+        if vtd.is_none() {
+            sluice_vfio::check_pin_limits(&limits, ram.size).map_err(|e| device_err(what, e))?;
+        }
         let function = open_function(spec, kvm_vfio.clone())?;
-        map_guest_ram(&function, ram)?;
-        let dma_mapped_bytes = function.mapped_bytes();
-        let device = VfioPciDevice::new(
+        if vtd.is_none() {
+            map_guest_ram(&function, ram)?;
+        }
+        let dma_all_bytes = function.mapped_bytes();
+        let mut device = VfioPciDevice::new(
             spec,
-            function,
+            function.clone(),
             vm.clone(),
             slots.clone(),
             router,
             msi_sink.clone(),
         )?;
-        let device = Arc::new(Mutex::new(device));
-        let shared: SharedPciDevice = device.clone();
-        let address = root.add_device(shared).map_err(|e| device_err(what, e))?;
+        let mut on_demand = None;
+        let mut built = None;
+        let address = root
+            .add_device_with(|address| {
+                if let Some(vtd) = vtd {
+                    let shadow = Arc::new(DmaShadow::new(
+                        format!("vfio {} at PCI {address}", spec.host),
+                        Arc::new(FunctionDma(function.clone())),
+                        ram_regions(ram),
+                    ));
+                    device.on_demand = Some(OnDemand {
+                        shadow: shadow.clone(),
+                        vtd: vtd.clone(),
+                        requester: address.bdf(),
+                    });
+                    on_demand = Some((shadow, address.bdf()));
+                }
+                let device = Arc::new(Mutex::new(device));
+                built = Some(device.clone());
+                let shared: SharedPciDevice = device;
+                Ok::<_, sluice_pci::PciError>(shared)
+            })
+            .map_err(|e| device_err(what, e))?;
+        let Some(device) = built else {
+            return Err(device_err(what, "the PCI root did not build the device"));
+        };
         let name = format!("vfio {} at PCI {address}", spec.host);
-        tracing::info!("{name}: {dma_mapped_bytes} bytes of guest RAM mapped for DMA (dma=all)");
+        let shadow = match (vtd, on_demand) {
+            (Some(vtd), Some((shadow, requester))) => {
+                // Before the guest runs: no invalidation can be missed.
+                vtd.watch(requester, shadow.clone());
+                tracing::info!(
+                    "{name}: dma=on-demand, following requester {requester:#06x} in the vIOMMU"
+                );
+                Some(shadow)
+            }
+            _ => {
+                tracing::info!(
+                    "{name}: {dma_all_bytes} bytes of guest RAM mapped for DMA (dma=all)"
+                );
+                None
+            }
+        };
         handles.push(VfioHandle {
             device,
             name,
-            dma_mapped_bytes,
+            dma_all_bytes,
+            shadow,
         });
     }
     Ok(handles)
@@ -156,6 +254,49 @@ fn open_function(
         );
     }
     Ok(Arc::new(function))
+}
+
+/// The host IOMMU side of `dma=on-demand`: the function's VFIO container.
+struct FunctionDma(Arc<AssignedFunction>);
+
+impl DmaMapper for FunctionDma {
+    fn map(&self, extent: &Extent) -> std::io::Result<()> {
+        // SAFETY: `extent.host` lies inside guest RAM (vfio_shadow only maps what its RAM
+        // regions hold), which stays mapped for the VM's life, longer than the function (whose
+        // drop unmaps its DMA); sluice touches it only through vm-memory's volatile accessors.
+        unsafe {
+            self.0.map_dma_with(
+                extent.iova,
+                extent.len,
+                extent.host,
+                extent.read,
+                extent.write,
+            )
+        }
+    }
+
+    fn unmap(&self, extent: &Extent) -> std::io::Result<()> {
+        self.0.unmap_dma(extent.iova, extent.len)
+    }
+
+    fn quarantine(&self) {
+        quarantine_config(&mut self.0.config());
+    }
+}
+
+/// Guest RAM as (guest physical start, length, host address) for `dma=on-demand`.
+fn ram_regions(ram: &GuestRam) -> RamRegions {
+    ram.memory
+        .iter()
+        .map(|r| (r.start_addr().0, r.len(), r.as_ptr() as u64))
+        .collect()
+}
+
+/// `dma=on-demand`: the function's mappings and the vIOMMU they follow.
+struct OnDemand {
+    shadow: Arc<DmaShadow>,
+    vtd: Vtd,
+    requester: u16,
 }
 
 /// Bus Master off on the device itself (no shadow yet).
@@ -216,6 +357,8 @@ pub struct VfioPciDevice {
     bars: [Option<BarRegion>; NUM_BARS],
     vm: Arc<VmFd>,
     stopped: bool,
+    /// `dma=on-demand`: set once the function's requester id is known.
+    on_demand: Option<OnDemand>,
 }
 
 impl VfioPciDevice {
@@ -274,6 +417,7 @@ impl VfioPciDevice {
             bars,
             vm,
             stopped: false,
+            on_demand: None,
         })
     }
 
@@ -388,6 +532,34 @@ impl VfioPciDevice {
             "{}: quarantined ({why}): DMA unmapped, Bus Master cleared",
             self.name
         );
+    }
+
+    fn dma_quarantined(&self) -> bool {
+        self.on_demand
+            .as_ref()
+            .is_some_and(|d| d.shadow.is_quarantined())
+    }
+
+    fn bus_master(&self) -> bool {
+        self.config.shadow().command() & sluice_pci::COMMAND_BUS_MASTER != 0
+    }
+
+    /// `dma=on-demand`: no mappings while Bus Master is off; all of the guest's when it is
+    /// turned on. A quarantined function keeps Bus Master off whatever the guest writes.
+    fn bus_master_changed(&mut self) {
+        let Some(on_demand) = &self.on_demand else {
+            return;
+        };
+        let on = self.bus_master();
+        if on && on_demand.shadow.is_quarantined() {
+            self.config.clear_bus_master();
+            return;
+        }
+        on_demand.shadow.set_bus_master(on);
+        if on {
+            // Takes the unit's lock, then the shadow's, as an invalidation does.
+            on_demand.vtd.refresh(on_demand.requester);
+        }
     }
 
     fn msix_access(&self, bar: usize, offset: u64) -> Option<(&Arc<MsixVectors>, bool, u64)> {
@@ -529,7 +701,11 @@ impl PciDevice for VfioPciDevice {
     }
 
     fn config_write(&mut self, offset: usize, data: &[u8]) {
+        let bus_master_was = self.bus_master();
         self.config.write(offset, data);
+        if self.bus_master() != bus_master_was || self.dma_quarantined() {
+            self.bus_master_changed();
+        }
         let touched = self.msix.as_ref().is_some_and(|(layout, vectors)| {
             vectors.config_written(self.config.shadow(), layout.cap_offset, offset, data.len())
         });
