@@ -649,3 +649,95 @@ fn lab_hostile_guest_dma_outside_its_memory_is_refused_by_the_l1_iommu() {
         nvme.ops
     );
 }
+
+/// Least privilege end to end: an NVMe VF behind sluice's VT-d (`dma=on-demand`), driven by
+/// the guest kit with its own VT-d driver (`iommu=vtd`), which maps only its DMA buffers. The
+/// host IOMMU then maps only those pages, so the kit's Read into a page of its own RAM that it
+/// never mapped is refused by L1's IOMMU — the page keeps its fill, L1 logs a DMAR fault for
+/// the VF at that page — while the verify after it passes, and sluice never mapped more than
+/// a sliver of guest RAM.
+#[test]
+fn lab_vf_behind_the_viommu_cannot_reach_guest_ram_the_guest_did_not_map() {
+    if skip("lab-vfio-viommu-hostile") {
+        return;
+    }
+    let workload = format!(
+        "iommu=vtd w=nvme:hostile=dma_unmapped:op=verify:bs={VFIO_BLOCK}:qd=4:queues=1:\
+         span_mb={VFIO_SPAN_MB}:seed={VFIO_SEED}"
+    );
+    let script = format!(
+        "set -e\n\
+         vf=$(lab-enable-vfs 2 | head -1)\n\
+         echo \"vf $vf\"\n\
+         lab-bind-vfio $vf >/dev/null\n\
+         dmesg -c >/dev/null\n\
+         set +e\n\
+         {SLUICE} run --iommu vtd --device vfio=$vf --metrics /tmp/vfio.json \
+           --cmdline 'quiet {workload}'; status=$?\n\
+         echo \"sluice-status $status\"\n\
+         echo METRICS $(tr -d '\\n' < /tmp/vfio.json)\n\
+         sleep 1\n\
+         dmesg | sed 's/^/DMESG /'\n\
+         exit $status\n"
+    );
+
+    let run = Lab::new()
+        .topology(Topology::Iommu)
+        .vfs(2)
+        .timeout(LAB_TIMEOUT)
+        .run(&script);
+
+    let exit = match run.status {
+        Some(0) => ExitKind::Pass,
+        _ => ExitKind::WorkloadFailed,
+    };
+    let report = GuestKitReport::parse(&run.stdout, exit);
+    let context = || format!("{}\n{}", report.describe(), run.transcript());
+    assert!(report.passed(), "{}", context());
+    let hostile = report
+        .results_for("nvme_hostile")
+        .next()
+        .unwrap_or_else(|| panic!("no nvme_hostile RESULT\n{}", context()));
+    assert_eq!(hostile.raw["iommu"], true, "{}", context());
+    assert_eq!(hostile.raw["page_intact"], true, "{}", context());
+    let page = hostile.raw["addr"].as_u64().unwrap_or(0);
+    let nvme = report
+        .results_for("nvme")
+        .next()
+        .unwrap_or_else(|| panic!("no nvme RESULT\n{}", context()));
+    assert_eq!(nvme.verify.as_deref(), Some("ok"), "{}", context());
+    let vf = run
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("vf "))
+        .unwrap_or_else(|| panic!("no VF line\n{}", context()))
+        .trim()
+        .to_string();
+    let source = vf.strip_prefix("0000:").unwrap_or(&vf).to_string();
+    let faults = dmar_faults(&run.stdout);
+    assert!(
+        faults
+            .iter()
+            .any(|l| l.contains(&format!("[{source}]"))
+                && l.contains(&format!("fault addr {page:#x}"))),
+        "no DMAR fault for {source} at {page:#x} in L1's dmesg\n{}",
+        context()
+    );
+    let metrics: serde_json::Value = run
+        .stdout
+        .lines()
+        .find_map(|l| serde_json::from_str(l.strip_prefix("METRICS ")?).ok())
+        .unwrap_or_else(|| panic!("no metrics\n{}", context()));
+    let peak = metrics["vfio"][0]["dma_mapped_peak_bytes"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    assert!(
+        peak < (128 << 20) / 16,
+        "peak {peak} bytes mapped of 128 MiB\n{metrics:#}\n{}",
+        context()
+    );
+    println!(
+        "lab-vfio-viommu-hostile: page {page:#x} intact, L1 refused it, verify ok; peak {peak} \
+         bytes mapped for DMA of 128 MiB"
+    );
+}
