@@ -176,11 +176,21 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
     };
     crate::platform::attach_platform_devices(&vm, &dispatch, &config, &ram)?;
     let pci_root = crate::platform::attach_pci(&vm, &dispatch, &config)?;
-    let iommu = crate::iommu::attach_iommu(&vm, &dispatch, config.iommu, &ram, config.memory)?;
+    let mut iommu = crate::iommu::attach_iommu(&vm, &dispatch, config.iommu, &ram, config.memory)?;
     // One per VM: its MSI router owns the VM's whole GSI routing table.
     let interrupts = crate::interrupts::VmInterrupts::new(&vm);
-    let mut device_metrics =
-        crate::virtio::attach_virtio_devices(&pci_root, &config, &ram, &iommu.dma, &interrupts)?;
+    // The virtio-iommu (if any) first, so the endpoints' BDFs follow it.
+    let mut device_metrics: Vec<_> = iommu
+        .attach_virtio_iommu(&pci_root, &ram, &interrupts)?
+        .into_iter()
+        .collect();
+    device_metrics.extend(crate::virtio::attach_virtio_devices(
+        &pci_root,
+        &config,
+        &ram,
+        &iommu.dma,
+        &interrupts,
+    )?);
     device_metrics.extend(crate::e1000::attach_e1000_devices(
         &pci_root, &config, &iommu.dma,
     )?);
@@ -192,6 +202,7 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
     )?);
     let vfio = crate::vfio::attach_vfio_devices(&vm, &pci_root, &config.vfio, &ram, &interrupts)?;
     device_metrics.extend(iommu.metrics());
+    iommu.finish(&pci_root);
 
     let rsdp = crate::acpi::create_acpi_tables_with(
         &ram.memory,

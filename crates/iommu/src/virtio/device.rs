@@ -322,6 +322,12 @@ impl VirtioDevice for VirtioIommu {
         FEATURES
     }
 
+    /// The request queue, and the event queue if the driver enables it (no event is ever
+    /// sent, so a driver that leaves it off loses nothing).
+    fn queue_count_range(&self) -> std::ops::RangeInclusive<usize> {
+        1..=2
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = self.config_bytes();
         for (i, byte) in data.iter_mut().enumerate() {
