@@ -36,8 +36,8 @@
 //!   invalidations Linux issued, and no fault.
 //! - the virtio-iommu: `--iommu virtio` with virtio-blk and NVMe behind it, fio verify on both,
 //!   sluice's virtio-iommu counting MAP requests and no fault. Debian bookworm's kernels have no
-//!   CONFIG_VIRTIO_IOMMU, so this test needs a kernel in `SLUICE_LAB_VIOMMU_KERNEL` and SKIPs
-//!   without one.
+//!   CONFIG_VIRTIO_IOMMU, so L2 runs trixie's cloud kernel (scripts/viommu-kernel.sh) with its
+//!   virtio_iommu and virtio_blk modules in front of the guest image.
 //!
 //! sluice's `--metrics` JSON from each run (written to the share) shows the queues worked:
 //! requests, kicks and interrupts on every queue that should have them.
@@ -291,10 +291,15 @@ fn lab_fio_verify_on_sluice_nvme() {
 }
 
 fn assert_blk_queues_worked(metrics: &serde_json::Value) {
+    assert_blk_queues_worked_on(metrics, DISK_BYTES);
+}
+
+/// [`assert_blk_queues_worked`] for a disk of `disk_bytes`.
+fn assert_blk_queues_worked_on(metrics: &serde_json::Value, disk_bytes: u64) {
     let queues = device_queues(metrics, "blk");
     print_queues("blk", queues);
     assert_eq!(queues.len(), 2, "{metrics:#}");
-    let blocks = DISK_BYTES / fio::BLOCK_SIZE as u64;
+    let blocks = disk_bytes / fio::BLOCK_SIZE as u64;
     let requests: u64 = queues.iter().map(|q| counter(q, "requests")).sum();
     // Every block is written once and read back once (plus the kernel's partition scan).
     assert!(requests >= 2 * blocks, "{requests} requests: {metrics:#}");
@@ -306,11 +311,16 @@ fn assert_blk_queues_worked(metrics: &serde_json::Value) {
 }
 
 fn assert_image_holds_every_block(image: &Path) {
+    assert_image_of_size_holds_every_block(image, DISK_BYTES);
+}
+
+/// [`assert_image_holds_every_block`] for an image of `disk_bytes`.
+fn assert_image_of_size_holds_every_block(image: &Path, disk_bytes: u64) {
     let scan = fio::scan_image(image).expect("read the image");
     assert_eq!(scan.bad_count, 0, "bad blocks: {:?}", scan.bad);
     assert_eq!(
         scan.fio_blocks,
-        DISK_BYTES / fio::BLOCK_SIZE as u64,
+        disk_bytes / fio::BLOCK_SIZE as u64,
         "{scan:?}"
     );
     // The check checks: one flipped byte is one bad block, at its offset.
@@ -605,24 +615,58 @@ fn lab_vtd_viommu_fio_verify_on_virtio_blk_and_nvme() {
     );
 }
 
-/// The environment variable naming an L2 kernel that can drive sluice's virtio-iommu.
+/// Overrides the directory `scripts/viommu-kernel.sh` gives (vmlinuz, virtio_iommu.ko,
+/// virtio_blk.ko).
 const VIOMMU_KERNEL_VAR: &str = "SLUICE_LAB_VIOMMU_KERNEL";
+const VIOMMU_KERNEL_TIMEOUT: Duration = Duration::from_secs(300);
+/// A quarter of [`JOB`] per disk: every I/O is a MAP and an UNMAP request on the IOMMU's queue,
+/// and L2 on a loaded host took ~3 min for [`JOB`] on one disk (2026-12-07), so both disks
+/// with it do not fit the lab's 600 s.
+const VIOMMU_JOB: FioJob = FioJob {
+    jobs: 2,
+    region_mib: 4,
+    io_mib: 4,
+};
+const VIOMMU_DISK_BYTES: u64 = 8 << 20;
 
-/// The L2 kernel for `--iommu virtio`; `None` (after a SKIP line) without one. Debian bookworm's 6.1 kernels, the cloud one the guest image uses and the generic one
-/// L1 runs, are built with `# CONFIG_VIRTIO_IOMMU is not set` (and so without ACPI_VIOT):
-/// neither can probe a virtio-iommu. A kernel given in `SLUICE_LAB_VIOMMU_KERNEL` needs
-/// CONFIG_VIRTIO_IOMMU=y, CONFIG_ACPI_VIOT=y and, built in (the guest image's modules are the
-/// cloud kernel's), CONFIG_VIRTIO_PCI, CONFIG_VIRTIO_BLK and CONFIG_BLK_DEV_NVME.
+/// The L2 kernel for `--iommu virtio` and its two modules: Debian bookworm's 6.1 kernels (the
+/// guest image's cloud kernel, L1's generic one) are built with `# CONFIG_VIRTIO_IOMMU is not
+/// set`, so `scripts/viommu-kernel.sh` fetches trixie's cloud kernel (6.12: VIRTIO_IOMMU=m,
+/// ACPI_VIOT=y, virtio-pci and NVMe built in). `None` (after a SKIP line) if it cannot.
 fn viommu_kernel(test: &str) -> Option<PathBuf> {
-    let Some(kernel) = std::env::var_os(VIOMMU_KERNEL_VAR) else {
-        println!(
-            "SKIP {test}: Debian bookworm's kernels have no CONFIG_VIRTIO_IOMMU; set \
-             {VIOMMU_KERNEL_VAR} to a bzImage with VIRTIO_IOMMU, ACPI_VIOT, VIRTIO_PCI, \
-             VIRTIO_BLK and BLK_DEV_NVME built in"
-        );
-        return None;
+    if let Some(dir) = std::env::var_os(VIOMMU_KERNEL_VAR) {
+        return Some(PathBuf::from(dir));
+    }
+    let script = common::repo_root().join("scripts/viommu-kernel.sh");
+    match common::run_with_timeout(
+        std::process::Command::new("sh").arg(&script),
+        VIOMMU_KERNEL_TIMEOUT,
+        "viommu-kernel.sh",
+    ) {
+        Ok(output) => Some(PathBuf::from(output.trim())),
+        Err(reason) => {
+            println!("SKIP {test}: no L2 kernel with virtio-iommu: {reason}");
+            None
+        }
+    }
+}
+
+/// Puts the virtio-iommu kernel and an initramfs (its two modules, then the guest image) in
+/// the share as `viommu.vmlinuz` and `viommu.initrd`.
+fn stage_viommu_kernel(dir: &Path, setup: &Setup) {
+    let read = |name: &str| {
+        std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{}/{name}: {e}", dir.display()))
     };
-    Some(PathBuf::from(kernel))
+    let (iommu, blk) = (read("virtio_iommu.ko"), read("virtio_blk.ko"));
+    // An uncompressed archive first, then the guest image's gzip one: the kernel unpacks both.
+    let mut initrd = newc_archive(&[
+        ("sluice/extra/virtio_iommu.ko", &iommu),
+        ("sluice/extra/virtio_blk.ko", &blk),
+    ]);
+    initrd.extend(std::fs::read(&setup.image.initramfs).expect("read the guest image"));
+    std::fs::write(setup.scratch.path("viommu.initrd"), initrd).expect("write the L2 initrd");
+    std::fs::copy(dir.join("vmlinuz"), setup.scratch.path("viommu.vmlinuz"))
+        .expect("copy the L2 kernel");
 }
 
 /// Linux's virtio-iommu driver on sluice's `--iommu virtio`: it finds the VIOT, probes the
@@ -633,33 +677,37 @@ fn viommu_kernel(test: &str) -> Option<PathBuf> {
 #[test]
 fn lab_virtio_iommu_fio_verify_on_virtio_blk_and_nvme() {
     let test = "lab-virtio-iommu";
-    let Some(kernel) = viommu_kernel(test) else {
+    let Some(setup) = setup(test) else { return };
+    let Some(kernel_dir) = viommu_kernel(test) else {
         return;
     };
-    let Some(setup) = setup(test) else { return };
-    std::fs::copy(&kernel, setup.scratch.path("viommu.vmlinuz"))
-        .unwrap_or_else(|e| panic!("copy {}: {e}", kernel.display()));
+    stage_viommu_kernel(&kernel_dir, &setup);
+    // The guest image's own modules are 6.1's: its init fails to load them, harmlessly
+    // (virtio-pci is built into this kernel). The IOMMU driver goes first; the endpoints that
+    // probed before it (the NVMe) were deferred until it registered.
     let l2 = format!(
-        "dmesg | grep -i -e virtio_iommu -e viot -e iommu; \
+        "insmod /sluice/extra/virtio_iommu.ko; insmod /sluice/extra/virtio_blk.ko; \
+         i=0; while {{ [ ! -b /dev/vda ] || [ ! -b /dev/nvme0n1 ]; }} && [ $i -lt 200 ]; do \
+         sleep 0.1; i=$((i + 1)); done; \
+         dmesg | grep -i -e virtio_iommu -e viot -e iommu; \
          for d in /sys/bus/virtio/devices/virtio*; do \
          echo virtio-features $(cat $d/device) $(cat $d/features); done; \
          for g in /sys/kernel/iommu_groups/*/devices/*; do echo iommu-group $g; done; \
-         i=0; while [ ! -b /dev/nvme0n1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done; \
          ({nvme_fio}); echo nvme-fio-status=$?; {fio}",
-        nvme_fio = JOB.randwrite_command_on("nvme0n1"),
-        fio = JOB.randwrite_command(),
+        nvme_fio = VIOMMU_JOB.randwrite_command_on("nvme0n1"),
+        fio = VIOMMU_JOB.randwrite_command(),
     );
     let devices = "--cpus 2 --iommu virtio --disk path=/tmp/disk.img,queues=2 \
                    --nvme path=/tmp/nvme.img,queues=2";
     let mut script = String::from("set -u\n");
-    writeln!(script, "truncate -s {DISK_BYTES} /tmp/disk.img").unwrap();
-    writeln!(script, "truncate -s {DISK_BYTES} /tmp/nvme.img").unwrap();
+    writeln!(script, "truncate -s {VIOMMU_DISK_BYTES} /tmp/disk.img").unwrap();
+    writeln!(script, "truncate -s {VIOMMU_DISK_BYTES} /tmp/nvme.img").unwrap();
     let line = setup.sluice_line_booting(
         "viommu",
         &format!("{SCRATCH}/viommu.vmlinuz"),
-        &setup.image.initramfs.display().to_string(),
+        &format!("{SCRATCH}/viommu.initrd"),
         devices,
-        &kernel_cmdline(&l2),
+        &kernel_cmdline_diskless(&l2),
     );
     writeln!(script, "{line}").unwrap();
     writeln!(script, "echo sluice-exit=$?").unwrap();
@@ -700,9 +748,9 @@ fn lab_virtio_iommu_fio_verify_on_virtio_blk_and_nvme() {
     assert!(console.contains("nvme-fio-status=0"), "{}", context());
     assert_eq!(parse_exit_marker(&console), Some(0), "{}", context());
     let metrics = setup.metrics("viommu.json");
-    assert_blk_queues_worked(&metrics);
-    assert_image_holds_every_block(&setup.scratch.path("disk.img"));
-    assert_image_holds_every_block(&setup.scratch.path("nvme.img"));
+    assert_blk_queues_worked_on(&metrics, VIOMMU_DISK_BYTES);
+    assert_image_of_size_holds_every_block(&setup.scratch.path("disk.img"), VIOMMU_DISK_BYTES);
+    assert_image_of_size_holds_every_block(&setup.scratch.path("nvme.img"), VIOMMU_DISK_BYTES);
     for line in console
         .lines()
         .filter(|l| l.contains("iommu") || l.contains("VIOT"))
@@ -722,7 +770,7 @@ fn lab_virtio_iommu_fio_verify_on_virtio_blk_and_nvme() {
     println!(
         "{test}: Linux's virtio_iommu drove sluice's virtio-iommu; fio wrote and verified {} MiB \
          on virtio-blk and on NVMe behind it",
-        DISK_BYTES >> 20
+        VIOMMU_DISK_BYTES >> 20
     );
 }
 
