@@ -31,6 +31,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("e1000_tx", "sluice-devices"),
     ("e1000_registers", "sluice-devices"),
     ("vtd_registers", "sluice-iommu"),
+    ("virtio_iommu_request", "sluice-iommu"),
     ("nvme_command", "sluice-devices"),
     ("nvme_registers", "sluice-devices"),
     ("pci_config_space", "sluice-host"),

@@ -676,6 +676,55 @@ def iotlb_seeds():
                                   + lookup(0x1000, 0) + lookup(0x2000, 0) + lookup(0x4000, 2))
     yield "folded_updates", b"".join(iotlb_op(1, i % 3, i * 0x1000, 0x1000, i * 0x3000, 3, 0)
                                      for i in range(64))
+# ---- virtio_iommu_request (crates/iommu/src/virtio/fuzz.rs) ----------------------------------
+VIOMMU_MAP_UNMAP, VIOMMU_PROBE, VIOMMU_BYPASS = 1, 2, 4
+VIOMMU_BLK, VIOMMU_NVME = 0x10, 0x18
+VIOMMU_RW = 3
+
+
+def viommu_attach(domain, endpoint, flags=0):
+    return struct.pack("<B3xIII4x", 1, domain, endpoint, flags)
+
+
+def viommu_detach(domain, endpoint):
+    return struct.pack("<B3xII8x", 2, domain, endpoint)
+
+
+def viommu_map(domain, start, end, phys, flags=VIOMMU_RW):
+    return struct.pack("<B3xIQQQI", 3, domain, start, end, phys, flags)
+
+
+def viommu_unmap(domain, start, end):
+    return struct.pack("<B3xIQQ4x", 4, domain, start, end)
+
+
+def viommu_probe(endpoint):
+    return struct.pack("<B3xI64x", 5, endpoint)
+
+
+def viommu_input(features, requests):
+    return bytes([features]) + b"".join(bytes([len(r)]) + r for r in requests)
+
+
+def viommu_seeds():
+    every = VIOMMU_MAP_UNMAP | VIOMMU_PROBE | VIOMMU_BYPASS
+    yield "attach_map_unmap_detach", viommu_input(every, [
+        viommu_attach(1, VIOMMU_BLK), viommu_map(1, 0x10000, 0x13fff, 0x4000),
+        viommu_unmap(1, 0x10000, 0x13fff), viommu_detach(1, VIOMMU_BLK)])
+    yield "split_unmap_and_overlap", viommu_input(every, [
+        viommu_attach(1, VIOMMU_BLK), viommu_attach(1, VIOMMU_NVME),
+        viommu_map(1, 0x0, 0x3fff, 0x0), viommu_map(1, 0x2000, 0x2fff, 0x0),
+        viommu_unmap(1, 0x1000, 0x1fff), viommu_unmap(1, 0x0, 0xffffffffffffffff)])
+    yield "probe_and_bypass_domain", viommu_input(every, [
+        viommu_probe(VIOMMU_BLK), viommu_attach(2, VIOMMU_NVME, 1),
+        viommu_map(2, 0x0, 0xfff, 0x0), viommu_attach(2, VIOMMU_BLK)])
+    yield "bad_requests", viommu_input(VIOMMU_MAP_UNMAP, [
+        b"", b"\x09\x00\x00\x00", viommu_map(1, 0, 0xfff, 0)[:20],
+        viommu_attach(1, 0x99), viommu_attach(0x10000, VIOMMU_BLK), viommu_probe(VIOMMU_BLK)])
+    yield "move_between_domains", viommu_input(every, [
+        viommu_attach(1, VIOMMU_BLK), viommu_map(1, 0x8000, 0x8fff, 0x8000),
+        viommu_attach(3, VIOMMU_BLK), viommu_map(3, 0x8000, 0x8fff, 0x9000, 1),
+        viommu_detach(1, VIOMMU_BLK), viommu_detach(3, VIOMMU_BLK)])
 
 
 def main():
@@ -690,7 +739,8 @@ def main():
                           ("nvme_registers", nvme_register_seeds()),
                           ("pci_config_space", config_space_seeds()),
                           ("vfio_config", vfio_seeds()),
-                          ("api_request", api_seeds())):
+                          ("api_request", api_seeds()),
+                          ("virtio_iommu_request", viommu_seeds())):
         directory = ROOT / target
         directory.mkdir(parents=True, exist_ok=True)
         for name, data in seeds:

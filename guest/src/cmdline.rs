@@ -163,6 +163,8 @@ pub enum Workload {
     Smp {
         iters: u64,
     },
+    /// Puts every PCI function behind the virtio-iommu in one identity-mapped domain.
+    Viommu,
 }
 
 pub struct Config {
@@ -410,6 +412,8 @@ fn parse_workload(spec: &str, default_mode: Mode) -> Result<Workload, String> {
         "net" => parse_net(rest, default_mode),
         "e1000" => parse_e1000(rest),
         "smp" => parse_smp(rest),
+        "viommu" if rest.is_empty() => Ok(Workload::Viommu),
+        "viommu" => Err(alloc::format!("w=viommu takes no keys, got '{rest}'")),
         _ => Err(alloc::format!("unknown workload kind '{kind}'")),
     }
 }

@@ -141,3 +141,6 @@ fn check_invariants(vtd: &Vtd) {
         "IQH outside its field"
     );
 }
+
+/// The virtio-iommu's fuzz body (`virtio_iommu_request`), kept next to the device.
+pub use crate::virtio::fuzz::{run_requests, virtio_iommu_request};

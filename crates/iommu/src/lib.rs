@@ -1,4 +1,5 @@
-//! An emulated Intel VT-d (DMA remapping), `--iommu vtd`.
+//! The VM's IOMMUs: an emulated Intel VT-d (DMA remapping), `--iommu vtd`, and a virtio-iommu
+//! ([`virtio`]), `--iommu virtio`.
 //!
 //! [`Vtd`] is a remapping unit with legacy root/context tables and second-level page tables
 //! (3 and 4 levels, 2 MiB and 1 GiB pages), pass-through contexts, register-based and queued
@@ -14,6 +15,7 @@
 pub mod queue;
 pub mod regs;
 pub mod tables;
+pub mod virtio;
 mod vtd;
 pub mod watch;
 
@@ -21,5 +23,6 @@ pub mod fuzz;
 #[cfg(test)]
 mod tests;
 
+pub use virtio::VirtioIommu;
 pub use vtd::{Vtd, COUNTER_NAMES};
 pub use watch::{IovaRange, MappingObserver, MappingRun, MappingView, WalkError};

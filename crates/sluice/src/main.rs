@@ -113,7 +113,8 @@ struct RunArgs {
     #[arg(long, value_parser = E1000Spec::parse)]
     e1000: Vec<E1000Spec>,
     /// A virtual IOMMU in front of every PCI device: `vtd` (an emulated Intel VT-d with a DMAR
-    /// table; the guest needs `intel_iommu=on`).
+    /// table; the guest needs `intel_iommu=on`) or `virtio` (a virtio-iommu with a VIOT table;
+    /// the guest needs CONFIG_VIRTIO_IOMMU and CONFIG_ACPI_VIOT).
     #[arg(long, value_parser = IommuKind::parse)]
     iommu: Option<IommuKind>,
     /// An emulated NVMe 1.4 controller (repeatable) with one namespace on IMG:

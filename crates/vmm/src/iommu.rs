@@ -9,6 +9,14 @@
 //! physical addresses (no IOTLB messages yet), so it keeps an identity space and does not offer
 //! ACCESS_PLATFORM — the guest's driver then bypasses its DMA API for it, as with QEMU's
 //! `iommu_platform=off`.
+//!
+//! `--iommu virtio` wires a virtio-iommu ([`sluice_iommu::VirtioIommu`]) the same way: it is
+//! the spaces' domain provider, and it is itself a virtio-pci device, put on the PCI root before
+//! any other device ([`VmIommu::attach_virtio_iommu`]) with an identity DMA space of its own (it
+//! is not behind itself; its rings hold guest physical addresses, so it offers no
+//! ACCESS_PLATFORM). Once every device is on the bus, [`VmIommu::finish`] names the other PCI
+//! functions as its endpoints (endpoint id = requester id) and builds the VIOT
+//! (`acpi/viot.rs`): the IOMMU's BDF and one PCI range from the first endpoint to the last.
 
 use std::sync::{Arc, Mutex};
 
@@ -16,10 +24,12 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
 use kvm_ioctls::VmFd;
 use sluice_dma::DmaSpaces;
-use sluice_iommu::Vtd;
-use sluice_virtio::DeviceMetrics;
+use sluice_iommu::virtio::Limits;
+use sluice_iommu::{VirtioIommu, Vtd};
+use sluice_pci::{PciRoot, SharedPciDevice};
+use sluice_virtio::{DeviceMetrics, VirtioPciDevice, VirtioPciOptions};
 
-use crate::interrupts::KvmMsi;
+use crate::interrupts::{KvmMsi, VmInterrupts};
 use crate::layout;
 use crate::machine::{device_err, VmError};
 use crate::memory::GuestRam;
@@ -30,14 +40,17 @@ use crate::vcpu::ExitDispatch;
 pub enum IommuKind {
     /// An emulated Intel VT-d with a DMAR table.
     Vtd,
+    /// A virtio-iommu (virtio-pci) with a VIOT table.
+    Virtio,
 }
 
 impl IommuKind {
     pub fn parse(s: &str) -> Result<Self, String> {
         match s {
             "vtd" => Ok(Self::Vtd),
+            "virtio" => Ok(Self::Virtio),
             _ => Err(format!(
-                "--iommu {s}: unknown IOMMU (vtd is the one sluice emulates)"
+                "--iommu {s}: unknown IOMMU (sluice has vtd and virtio)"
             )),
         }
     }
@@ -48,12 +61,26 @@ pub struct VmIommu {
     /// Every device's DMA space, by requester id.
     pub dma: Arc<DmaSpaces>,
     vtd: Option<(Vtd, Sdt)>,
+    /// `--iommu virtio`: the device, its BDF once on the bus, and the VIOT once finished.
+    virtio: Option<VirtioIommuWiring>,
+}
+
+struct VirtioIommuWiring {
+    device: VirtioIommu,
+    bdf: Option<u16>,
+    viot: Option<Sdt>,
 }
 
 impl VmIommu {
-    /// ACPI tables the IOMMU adds (the DMAR).
+    /// ACPI tables the IOMMU adds (the DMAR, or the VIOT).
     pub fn acpi_tables(&self) -> Vec<&dyn Aml> {
-        self.vtd.iter().map(|(_, dmar)| dmar as &dyn Aml).collect()
+        let viot = self.virtio.iter().filter_map(|v| v.viot.as_ref());
+        self.vtd
+            .iter()
+            .map(|(_, dmar)| dmar)
+            .chain(viot)
+            .map(|table| table as &dyn Aml)
+            .collect()
     }
 
     /// The emulated VT-d, if there is one (assigned functions follow its tables).
@@ -61,9 +88,64 @@ impl VmIommu {
         self.vtd.as_ref().map(|(vtd, _)| vtd)
     }
 
-    /// The unit's counters (walks, faults, invalidations), if there is one.
+    /// The unit's counters (walks, faults, invalidations), if there is one. (The virtio-iommu's
+    /// come with the device from [`VmIommu::attach_virtio_iommu`].)
     pub fn metrics(&self) -> Option<Arc<DeviceMetrics>> {
         self.vtd.as_ref().map(|(vtd, _)| vtd.metrics())
+    }
+
+    /// With `--iommu virtio`: puts the virtio-iommu on `root` (call before any other device, so
+    /// the endpoints' BDFs follow it) with an identity DMA space; returns its metrics.
+    pub fn attach_virtio_iommu(
+        &mut self,
+        root: &PciRoot,
+        ram: &GuestRam,
+        interrupts: &VmInterrupts,
+    ) -> Result<Option<Arc<DeviceMetrics>>, VmError> {
+        let Some(wiring) = self.virtio.as_mut() else {
+            return Ok(None);
+        };
+        let mut options = VirtioPciOptions::new(interrupts.msi_sink.clone());
+        options.name = Some("virtio-iommu".into());
+        options.msi_router = Some(interrupts.msi_router.clone());
+        options.ioevents = Some(interrupts.ioevents.clone());
+        let device = Box::new(wiring.device.clone());
+        let metrics = sluice_virtio::VirtioDevice::metrics(&*device);
+        let space = sluice_dma::identity(ram.memory.clone());
+        let address = root
+            .add_device_with(|_| {
+                let pci = VirtioPciDevice::new(device, space, options)?;
+                Ok::<SharedPciDevice, sluice_virtio::VirtioPciError>(Arc::new(Mutex::new(pci)))
+            })
+            .map_err(|e| device_err("virtio-iommu", e))?;
+        tracing::info!("virtio-iommu at PCI {address}");
+        wiring.bdf = Some(address.bdf());
+        Ok(Some(metrics))
+    }
+
+    /// With `--iommu virtio`, after every device is on `root`: the other functions (the host
+    /// bridge aside) become the IOMMU's endpoints and the VIOT names them.
+    pub fn finish(&mut self, root: &PciRoot) {
+        let Some(wiring) = self.virtio.as_mut() else {
+            return;
+        };
+        let Some(iommu_bdf) = wiring.bdf else {
+            return;
+        };
+        let endpoints: Vec<u16> = root
+            .devices()
+            .iter()
+            .map(|address| address.bdf())
+            .filter(|&bdf| bdf != 0 && bdf != iommu_bdf)
+            .collect();
+        wiring.device.set_endpoints(endpoints.iter().copied());
+        let range = endpoints
+            .iter()
+            .min()
+            .zip(endpoints.iter().max())
+            .map(|(&first, &last)| (first, last));
+        tracing::info!("virtio-iommu endpoints: {endpoints:04x?}");
+        wiring.viot = Some(crate::acpi::build_viot(iommu_bdf, range));
     }
 }
 
@@ -83,10 +165,28 @@ pub fn attach_iommu(
     ram: &GuestRam,
     ram_size: u64,
 ) -> Result<VmIommu, VmError> {
+    if kind == Some(IommuKind::Virtio) {
+        let device = VirtioIommu::new(Limits::default(), false);
+        let dma = Arc::new(DmaSpaces::with_iommu(
+            ram.memory.clone(),
+            Arc::new(device.clone()),
+        ));
+        device.attach_spaces(&dma);
+        return Ok(VmIommu {
+            dma,
+            vtd: None,
+            virtio: Some(VirtioIommuWiring {
+                device,
+                bdf: None,
+                viot: None,
+            }),
+        });
+    }
     let Some(IommuKind::Vtd) = kind else {
         return Ok(VmIommu {
             dma: Arc::new(DmaSpaces::identity(ram.memory.clone())),
             vtd: None,
+            virtio: None,
         });
     };
     let haw = host_address_width(ram_size);
@@ -114,6 +214,7 @@ pub fn attach_iommu(
     Ok(VmIommu {
         dma,
         vtd: Some((vtd, dmar)),
+        virtio: None,
     })
 }
 
@@ -130,6 +231,7 @@ mod tests {
     #[test]
     fn only_vtd_is_known() {
         assert_eq!(IommuKind::parse("vtd"), Ok(IommuKind::Vtd));
+        assert_eq!(IommuKind::parse("virtio"), Ok(IommuKind::Virtio));
         assert!(IommuKind::parse("amd").is_err());
     }
 }

@@ -185,11 +185,21 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
     };
     crate::platform::attach_platform_devices(&vm, &dispatch, &config, &ram)?;
     let pci_root = crate::platform::attach_pci(&vm, &dispatch, &config)?;
-    let iommu = crate::iommu::attach_iommu(&vm, &dispatch, config.iommu, &ram, config.memory)?;
+    let mut iommu = crate::iommu::attach_iommu(&vm, &dispatch, config.iommu, &ram, config.memory)?;
     // One per VM: its MSI router owns the VM's whole GSI routing table.
     let interrupts = crate::interrupts::VmInterrupts::new(&vm);
-    let mut device_metrics =
-        crate::virtio::attach_virtio_devices(&pci_root, &config, &ram, &iommu.dma, &interrupts)?;
+    // The virtio-iommu (if any) first, so the endpoints' BDFs follow it.
+    let mut device_metrics: Vec<_> = iommu
+        .attach_virtio_iommu(&pci_root, &ram, &interrupts)?
+        .into_iter()
+        .collect();
+    device_metrics.extend(crate::virtio::attach_virtio_devices(
+        &pci_root,
+        &config,
+        &ram,
+        &iommu.dma,
+        &interrupts,
+    )?);
     device_metrics.extend(crate::e1000::attach_e1000_devices(
         &pci_root, &config, &iommu.dma,
     )?);
@@ -208,6 +218,7 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
         iommu.vtd(),
     )?;
     device_metrics.extend(iommu.metrics());
+    iommu.finish(&pci_root);
 
     let boot_info = if restored.is_some() {
         None

@@ -136,6 +136,11 @@ impl Driver {
     /// The rings start zeroed: a driver reusing memory must not leave a previous activation's
     /// avail index for the new one to run stale descriptors from.
     fn setup(&mut self, size: u16) -> bool {
+        self.setup_with_features(size, 0)
+    }
+
+    /// [`Driver::setup`] that also accepts the device feature bits `low` (bits 0..31).
+    fn setup_with_features(&mut self, size: u16, low: u32) -> bool {
         self.write(0x14, 0, 1);
         if self.base < RAM {
             let rings = self.used_addr() + 0x1000 - self.base;
@@ -144,6 +149,8 @@ impl Driver {
                 .unwrap();
         }
         self.write(0x14, u64::from(STATUS_ACK | STATUS_DRIVER), 1);
+        self.write(0x08, 0, 4); // driver_feature_select = 0 (bits 0..31)
+        self.write(0x0c, u64::from(low), 4);
         self.write(0x08, 1, 4); // driver_feature_select = 1 (bits 32..63)
         self.write(0x0c, 1, 4); // VERSION_1
         self.write(
@@ -1010,4 +1017,139 @@ fn vtd_translates_virtio_blk_dma_and_records_the_refused_access_in_its_fault_reg
     assert_eq!(sent.len(), 1, "one fault event");
     assert_eq!((sent[0].address, sent[0].data), (0xfee0_0000, 0x31));
     assert_eq!(d.status() & STATUS_NEEDS_RESET, 0, "the device stays up");
+}
+
+/// One virtio-iommu request: `bytes` device-readable at scratch buffer 0, a 4-byte tail
+/// (`tail_len` bytes of room) at buffer 1; returns the used entry and the status byte.
+fn viommu_request(d: &mut Driver, done: &mut u16, bytes: &[u8], tail_len: u32) -> (u32, u8) {
+    d.mem.write_slice(bytes, GuestAddress(d.buf(0))).unwrap();
+    d.mem.write_obj(0xffu8, GuestAddress(d.buf(1))).unwrap();
+    d.set_desc(0, d.buf(0), bytes.len() as u32, DESC_F_NEXT, 1);
+    d.set_desc(1, d.buf(1), tail_len, DESC_F_WRITE, 0);
+    d.submit(0);
+    *done += 1;
+    let (_, len) = d.wait_used(*done).expect("the virtio-iommu stays up");
+    let status = d.mem.read_obj(GuestAddress(d.buf(1))).unwrap();
+    (len, status)
+}
+
+/// sluice's virtio-iommu in front of a virtio-blk, both driven like a guest through the PCI root
+/// and the MMIO bus: ATTACH + MAP requests on the IOMMU's queue carry the disk's I/O (data read
+/// back), an UNMAP makes the disk's next request on that page fail with a fault in its space's
+/// log, an UNMAP that would split a mapping is RANGE, and malformed requests get their status
+/// (or a zero-length used entry when there is no room for one) while both devices stay up.
+#[test]
+fn virtio_iommu_requests_carry_blk_io_and_unmap_makes_its_dma_fault() {
+    use sluice_iommu::virtio::request::{encode, Status, MAP_F_READ, MAP_F_WRITE};
+    const F_MAP_UNMAP: u32 = 1 << 2;
+    let rw = MAP_F_READ | MAP_F_WRITE;
+    let (mem, mmio, root) = ram_and_root();
+    let viommu = sluice_iommu::VirtioIommu::new(Default::default(), false);
+    let spaces = Arc::new(DmaSpaces::with_iommu(mem.clone(), Arc::new(viommu.clone())));
+    viommu.attach_spaces(&spaces);
+    let iommu_pci = VirtioPciDevice::new(
+        Box::new(viommu.clone()),
+        sluice_dma::identity(mem.clone()),
+        VirtioPciOptions::new(Arc::new(NullMsi)),
+    )
+    .unwrap();
+    let iommu_address = root.add_device(Arc::new(Mutex::new(iommu_pci))).unwrap();
+    let disk = Disk::new("viommu");
+    let block = Block::new(BlockConfig::new(&disk.path)).unwrap();
+    let device = root
+        .add_device_with(|address| {
+            let space = spaces.space(address.bdf());
+            let options = VirtioPciOptions::new(Arc::new(NullMsi));
+            let pci = VirtioPciDevice::new(Box::new(block), space, options).unwrap();
+            Ok::<SharedPciDevice, PciError>(Arc::new(Mutex::new(pci)))
+        })
+        .unwrap();
+    viommu.set_endpoints([device.bdf()]);
+    let endpoint = u32::from(device.bdf());
+    let mut iommu = Driver::new(mmio.clone(), &root, iommu_address, mem.clone(), 0x20_0000);
+    assert!(iommu.setup_with_features(16, F_MAP_UNMAP));
+    iommu.driver_ok();
+    let mut done = 0;
+    let mut request = |bytes: &[u8]| viommu_request(&mut iommu, &mut done, bytes, 4).1;
+    let hole = scratch_page(4);
+    let iova = |gpa: u64| gpa + IOVA_OFFSET;
+
+    // The disk's rings and buffers, in three mappings around the page that will be unmapped.
+    assert_eq!(request(&encode::attach(1, endpoint, 0)), Status::Ok as u8);
+    for (start, end) in [
+        (MAPPED.start, hole),
+        (hole, hole + PAGE),
+        (hole + PAGE, MAPPED.end),
+    ] {
+        let map = encode::map(1, iova(start), iova(end) - 1, start, rw);
+        assert_eq!(request(&map), Status::Ok as u8, "map {start:#x}..{end:#x}");
+    }
+    let mut d = Driver::new(mmio.clone(), &root, device, mem.clone(), MAPPED.start);
+    d.dma_offset = IOVA_OFFSET;
+    assert!(d.setup(16));
+    d.driver_ok();
+    let data: Vec<u8> = (0..512u32).map(|i| (i * 11) as u8).collect();
+    // Buffer 4 is the page that will be unmapped: its translation gets cached here.
+    d.submit(d.block_request(BLK_T_OUT, 9, &data, 4));
+    d.wait_used(1)
+        .expect("a write through the virtio-iommu completes");
+    d.submit(d.block_request(BLK_T_IN, 9, &[0u8; 512], 1));
+    d.wait_used(2)
+        .expect("a read through the virtio-iommu completes");
+    let mut back = [0u8; 512];
+    mem.read_slice(&mut back, GuestAddress(d.buf(1) + 0x100))
+        .unwrap();
+    assert_eq!(
+        back.to_vec(),
+        data,
+        "the data read back equals the data written"
+    );
+    assert_eq!(d.status_byte(1), BLK_S_OK);
+
+    let split = encode::unmap(1, iova(MAPPED.start), iova(MAPPED.start) + PAGE - 1);
+    assert_eq!(
+        request(&split),
+        Status::Range as u8,
+        "would split a mapping"
+    );
+    let unmap = encode::unmap(1, iova(hole), iova(hole) + PAGE - 1);
+    assert_eq!(request(&unmap), Status::Ok as u8);
+    d.block_request(BLK_T_OUT, 0, &[1u8; 512], 0);
+    d.set_desc(1, hole + 0x100, 512, DESC_F_NEXT, 2);
+    let mut completed = 2;
+    expect_refused(&mut d, &mut completed, "IOVA the guest unmapped");
+    let translator = spaces.translator(device.bdf()).unwrap();
+    assert!(
+        translator
+            .faults()
+            .iter()
+            .any(|f| f.iova == iova(hole) + 0x100),
+        "the unmapped IOVA is in the fault log: {:?}",
+        translator.faults()
+    );
+
+    // Hostile requests: each gets its status, the IOMMU stays up.
+    let overlapping = encode::map(1, iova(MAPPED.start), iova(MAPPED.start) + PAGE - 1, 0, rw);
+    assert_eq!(request(&overlapping), Status::Inval as u8);
+    assert_eq!(request(&[3, 0]), Status::Inval as u8, "short");
+    assert_eq!(request(&[0x77, 0, 0, 0]), Status::Unsupp as u8);
+    assert_eq!(request(&encode::attach(1, 0xfff0, 0)), Status::NoEnt as u8);
+    assert_eq!(
+        request(&encode::probe(endpoint)),
+        Status::Unsupp as u8,
+        "not negotiated"
+    );
+    let no_room = viommu_request(&mut iommu, &mut done, &encode::attach(1, endpoint, 0), 2);
+    assert_eq!(no_room.0, 0, "no room for a tail: nothing written");
+    assert_eq!(iommu.status() & STATUS_NEEDS_RESET, 0);
+
+    // The disk still works on its mapped pages.
+    d.submit(d.block_request(BLK_T_OUT, 1, &[0x44u8; 512], 1));
+    completed += 1;
+    d.wait_used(completed)
+        .expect("a mapped request still completes");
+    assert_eq!(d.status_byte(1), BLK_S_OK);
+    let metrics = sluice_virtio::VirtioDevice::metrics(&viommu);
+    assert_eq!(metrics.counter("map"), Some(4));
+    assert!(metrics.counter("faults").unwrap() >= 1);
 }

@@ -1,5 +1,5 @@
 //! ACPI tables for x86_64 guests: RSDP, XSDT, FADT + FACS, DSDT, MADT and MCFG (and the DMAR
-//! of `--iommu vtd`, [`build_dmar`]).
+//! of `--iommu vtd`, [`build_dmar`], or the VIOT of `--iommu virtio`, [`build_viot`]).
 //!
 //! The tables are serialized with the `acpi_tables` crate (headers, checksums, AML) and laid out
 //! by [`AcpiTableBuilder`] in `layout::ACPI_START..+ACPI_SIZE`: the RSDP first, at `ACPI_START`
@@ -19,6 +19,7 @@ mod fadt;
 mod madt;
 #[cfg(test)]
 mod tests;
+mod viot;
 
 use acpi_tables::mcfg::MCFG;
 use acpi_tables::Aml;
@@ -27,6 +28,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 pub use builder::AcpiTableBuilder;
 pub use dmar::build_dmar;
 pub use dsdt::PciWindows;
+pub use viot::build_viot;
 
 use crate::layout;
 

@@ -1,7 +1,8 @@
 //! virtio 1.x over PCI (modern interface only): transport, split and packed virtqueues, and
-//! the block, network and entropy drivers with their workloads.
+//! the block, network and entropy drivers with their workloads, and the virtio-iommu setup.
 
 pub mod blk;
+pub mod iommu;
 pub mod net;
 mod packed;
 pub mod pci;
