@@ -290,6 +290,8 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         }
         None => VmHandle::new(config),
     };
+    // The signal and API threads below run on the VM's NUMA node too.
+    machine::place_threads(handle.config())?;
     let stopper = handle.control().clone();
     stop_signals.on_signal(move |signal| {
         tracing::info!("signal {signal}: stopping the VM");

@@ -486,8 +486,8 @@ fn lab_vfio_nvme_vf_on_sluice_verifies_and_the_pf_reads_the_data() {
     );
     assert!(
         run.stdout.contains(
-            "CGROUP sluice: cannot set up device vfio: dma=all pins all guest RAM: the memory \
-             cgroup limit /sys/fs/cgroup/small is 64 MiB, 128 MiB needed"
+            "cannot set up device vfio: dma=all pins all guest RAM: the memory cgroup limit \
+             /sys/fs/cgroup/small/memory.max is 64 MiB, 128 MiB needed"
         ),
         "{}",
         context()

@@ -144,6 +144,23 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
 
 /// [`run`] for a VM whose [`VmHandle`] the caller keeps, to end it from outside the guest
 /// (SIGTERM), pause and resume it, or read its counters (the control API) meanwhile.
+/// Resolves `--numa` (`auto` follows the first assigned device) and pins the calling thread,
+/// and so every thread it starts later, to the node's CPUs. [`run_handle`] does it before the
+/// VM's threads start; a caller that starts threads of its own first (signals, the API) calls
+/// it before them — pinning twice is harmless.
+pub fn place_threads(config: &VmConfig) -> Result<Option<crate::numa::Placement>, VmError> {
+    let assigned: Vec<sluice_host::pci::Bdf> = config
+        .vfio
+        .iter()
+        .filter_map(|spec| sluice_host::pci::Bdf::parse(spec.host.as_str()).ok())
+        .collect();
+    let placement = crate::numa::resolve(&sluice_host::HostRoot::real(), config.numa, &assigned)?;
+    if let Some(placement) = &placement {
+        placement.pin_threads()?;
+    }
+    Ok(placement)
+}
+
 pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
     // Owned: the handle keeps its own copy for the API's `vm.info`.
     let config = handle.config().clone();
@@ -155,17 +172,8 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
     check_vfio_dma(&config)?;
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let vm = Arc::new(create_vm(&kvm)?);
-    // Before any thread starts and before guest RAM is touched (crate::numa says why);
-    // `--numa auto` follows the first assigned device.
-    let assigned: Vec<sluice_host::pci::Bdf> = config
-        .vfio
-        .iter()
-        .filter_map(|spec| sluice_host::pci::Bdf::parse(spec.host.as_str()).ok())
-        .collect();
-    let placement = crate::numa::resolve(&sluice_host::HostRoot::real(), config.numa, &assigned)?;
-    if let Some(placement) = &placement {
-        placement.pin_threads()?;
-    }
+    // Before any VM thread starts and before guest RAM is touched (crate::numa says why).
+    let placement = place_threads(&config)?;
     let ram = GuestRam::new(config.memory)?;
     if let Some(placement) = &placement {
         placement.bind_memory(&ram)?;
