@@ -4,12 +4,15 @@
 //! (3 and 4 levels, 2 MiB and 1 GiB pages), pass-through contexts, register-based and queued
 //! invalidation, and primary fault logging with a fault event MSI. It is the
 //! [`sluice_dma::DomainProvider`] of a VM's `DmaSpaces`: every device's `DmaSpace` asks it for a
-//! translation on an IOTLB miss, and its invalidations drop those IOTLBs. Interrupt remapping
-//! is not implemented (ECAP.IR = 0).
+//! translation on an IOTLB miss, and its invalidations drop those IOTLBs. Built with
+//! [`Vtd::with_interrupt_remapping`] it also remaps interrupts ([`intremap`], ECAP.IR, xAPIC
+//! destinations): the VMM translates each device's MSI messages and the IOAPIC's redirection
+//! entries through it before KVM sees them.
 //!
 //! Written by hand: no rust-vmm crate models VT-d; the register layout and table formats follow
 //! the Intel VT-d specification (rev. 4.x), legacy mode only.
 
+pub mod intremap;
 pub mod queue;
 pub mod regs;
 pub mod tables;
@@ -18,5 +21,7 @@ mod vtd;
 pub mod fuzz;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_intremap;
 
 pub use vtd::{Vtd, COUNTER_NAMES};
