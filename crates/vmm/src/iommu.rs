@@ -9,6 +9,11 @@
 //! physical addresses (no IOTLB messages yet), so it keeps an identity space and does not offer
 //! ACCESS_PLATFORM — the guest's driver then bypasses its DMA API for it, as with QEMU's
 //! `iommu_platform=off`.
+//!
+//! Interrupt remapping is on by default (`--iommu vtd`; `--iommu vtd,intremap=off` leaves
+//! ECAP.IR clear): the DMAR then sets INTR_REMAP and scopes the IOAPIC, each device's MSI goes
+//! through the unit (`VmInterrupts::msi_for`), and the MADT names the remapping IOAPIC front
+//! (crate::intremap says why it is a front of the in-kernel IOAPIC and not a split irqchip).
 
 use std::sync::{Arc, Mutex};
 
@@ -28,18 +33,34 @@ use crate::vcpu::ExitDispatch;
 /// Which virtual IOMMU the guest gets (`--iommu`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IommuKind {
-    /// An emulated Intel VT-d with a DMAR table.
-    Vtd,
+    /// An emulated Intel VT-d with a DMAR table; interrupt remapping unless `intremap=off`.
+    Vtd { interrupt_remapping: bool },
 }
 
 impl IommuKind {
+    /// `vtd` or `vtd,intremap=on|off`.
     pub fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "vtd" => Ok(Self::Vtd),
-            _ => Err(format!(
+        let mut parts = s.split(',');
+        if parts.next() != Some("vtd") {
+            return Err(format!(
                 "--iommu {s}: unknown IOMMU (vtd is the one sluice emulates)"
-            )),
+            ));
         }
+        let mut interrupt_remapping = true;
+        for option in parts {
+            interrupt_remapping = match option {
+                "intremap=on" => true,
+                "intremap=off" => false,
+                _ => {
+                    return Err(format!(
+                        "--iommu {s}: unknown option {option} (intremap=on|off)"
+                    ))
+                }
+            };
+        }
+        Ok(Self::Vtd {
+            interrupt_remapping,
+        })
     }
 }
 
@@ -54,6 +75,24 @@ impl VmIommu {
     /// ACPI tables the IOMMU adds (the DMAR).
     pub fn acpi_tables(&self) -> Vec<&dyn Aml> {
         self.vtd.iter().map(|(_, dmar)| dmar as &dyn Aml).collect()
+    }
+
+    /// The unit that remaps interrupts, if interrupt remapping is offered.
+    pub fn interrupt_remapper(&self) -> Option<Vtd> {
+        self.vtd
+            .as_ref()
+            .map(|(vtd, _)| vtd.clone())
+            .filter(Vtd::offers_interrupt_remapping)
+    }
+
+    /// The IOAPIC address the MADT gives the guest: the remapping front with interrupt
+    /// remapping, KVM's in-kernel IOAPIC otherwise.
+    pub fn ioapic_address(&self) -> u32 {
+        if self.interrupt_remapper().is_some() {
+            layout::REMAPPING_IOAPIC_START as u32
+        } else {
+            crate::acpi::DEFAULT_IOAPIC_ADDRESS
+        }
     }
 
     /// The unit's counters (walks, faults, invalidations), if there is one.
@@ -78,18 +117,23 @@ pub fn attach_iommu(
     ram: &GuestRam,
     ram_size: u64,
 ) -> Result<VmIommu, VmError> {
-    let Some(IommuKind::Vtd) = kind else {
+    let Some(IommuKind::Vtd {
+        interrupt_remapping,
+    }) = kind
+    else {
         return Ok(VmIommu {
             dma: Arc::new(DmaSpaces::identity(ram.memory.clone())),
             vtd: None,
         });
     };
     let haw = host_address_width(ram_size);
-    let vtd = Vtd::new(
-        ram.memory.clone(),
-        u32::from(haw),
-        Arc::new(KvmMsi::new(vm.clone())),
-    );
+    // The unit's own fault and completion events are never remapped: straight to KVM.
+    let events = Arc::new(KvmMsi::new(vm.clone()));
+    let vtd = if interrupt_remapping {
+        Vtd::with_interrupt_remapping(ram.memory.clone(), u32::from(haw), events)
+    } else {
+        Vtd::new(ram.memory.clone(), u32::from(haw), events)
+    };
     let dma = Arc::new(DmaSpaces::with_iommu(
         ram.memory.clone(),
         Arc::new(vtd.clone()),
@@ -105,7 +149,24 @@ pub fn attach_iommu(
         )
         .map_err(|e| device_err("vt-d", e))?;
     tracing::info!("vt-d at {:#x}, host address width {haw}", layout::VTD_START);
-    let dmar = crate::acpi::build_dmar(haw, layout::VTD_START);
+    if interrupt_remapping {
+        let ioapic = crate::intremap::RemappingIoapic::new(vm.clone(), vtd.clone());
+        dispatch
+            .mmio
+            .insert(
+                "ioapic-remap",
+                Arc::new(Mutex::new(ioapic)),
+                layout::REMAPPING_IOAPIC_START,
+                layout::REMAPPING_IOAPIC_SIZE,
+            )
+            .map_err(|e| device_err("ioapic-remap", e))?;
+        tracing::info!(
+            "vt-d interrupt remapping on; IOAPIC front at {:#x}",
+            layout::REMAPPING_IOAPIC_START
+        );
+    }
+    let scope = interrupt_remapping.then_some((layout::IOAPIC_ID, layout::IOAPIC_REQUESTER_ID));
+    let dmar = crate::acpi::build_dmar(haw, layout::VTD_START, scope);
     Ok(VmIommu {
         dma,
         vtd: Some((vtd, dmar)),
@@ -123,8 +184,14 @@ mod tests {
     }
 
     #[test]
-    fn only_vtd_is_known() {
-        assert_eq!(IommuKind::parse("vtd"), Ok(IommuKind::Vtd));
+    fn only_vtd_is_known_with_interrupt_remapping_on_by_default() {
+        let vtd = |interrupt_remapping| IommuKind::Vtd {
+            interrupt_remapping,
+        };
+        assert_eq!(IommuKind::parse("vtd"), Ok(vtd(true)));
+        assert_eq!(IommuKind::parse("vtd,intremap=off"), Ok(vtd(false)));
+        assert_eq!(IommuKind::parse("vtd,intremap=on"), Ok(vtd(true)));
+        assert!(IommuKind::parse("vtd,intremap=maybe").is_err());
         assert!(IommuKind::parse("amd").is_err());
     }
 }

@@ -3,6 +3,7 @@ pub mod boot;
 pub mod config;
 pub mod e1000;
 pub mod interrupts;
+pub mod intremap;
 pub mod iommu;
 pub mod layout;
 pub mod machine;

@@ -178,7 +178,8 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
     let pci_root = crate::platform::attach_pci(&vm, &dispatch, &config)?;
     let iommu = crate::iommu::attach_iommu(&vm, &dispatch, config.iommu, &ram, config.memory)?;
     // One per VM: its MSI router owns the VM's whole GSI routing table.
-    let interrupts = crate::interrupts::VmInterrupts::new(&vm);
+    let mut interrupts = crate::interrupts::VmInterrupts::new(&vm);
+    interrupts.remapper = iommu.interrupt_remapper();
     let mut device_metrics =
         crate::virtio::attach_virtio_devices(&pci_root, &config, &ram, &iommu.dma, &interrupts)?;
     device_metrics.extend(crate::e1000::attach_e1000_devices(
@@ -198,6 +199,7 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
         &crate::acpi::AcpiConfig {
             num_cpus: config.cpus,
             ram_size: config.memory,
+            ioapic_address: iommu.ioapic_address(),
         },
         &iommu.acpi_tables(),
     )?;
