@@ -327,24 +327,28 @@ const IOC_READ: u64 = 2;
 
 /// What a vCPU thread asks of KVM: running, the doorbells, interrupt routes and lines a device
 /// sets up at activation or raises from an exit, and the register dump of a crash. VM-wide
-/// setup (memory slots, vCPU creation) is the unfiltered main thread's.
-const KVM_VCPU_IOCTLS: [u64; 13] = {
+/// setup (memory slots, vCPU creation) is the unfiltered main thread's. GET/SET_IRQCHIP: with
+/// VT-d interrupt remapping, a guest write to the IOAPIC front reprograms the in-kernel
+/// IOAPIC's entry (sluice-vmm's intremap).
+const KVM_VCPU_IOCTLS: [u64; 15] = {
     use kvm_bindings::*;
     use std::mem::size_of;
     [
-        ioc(0, 0x80, 0),                                        // KVM_RUN
-        ioc(IOC_READ, 0x81, size_of::<kvm_regs>()),             // KVM_GET_REGS
-        ioc(IOC_READ, 0x83, size_of::<kvm_sregs>()),            // KVM_GET_SREGS
-        ioc(IOC_READ, 0x8c, size_of::<kvm_fpu>()),              // KVM_GET_FPU
-        ioc(IOC_READ | IOC_WRITE, 0x88, size_of::<kvm_msrs>()), // KVM_GET_MSRS
-        ioc(IOC_READ, 0x8e, size_of::<kvm_lapic_state>()),      // KVM_GET_LAPIC
-        ioc(IOC_READ, 0x9f, size_of::<kvm_vcpu_events>()),      // KVM_GET_VCPU_EVENTS
-        ioc(IOC_READ, 0x98, size_of::<kvm_mp_state>()),         // KVM_GET_MP_STATE
-        ioc(IOC_WRITE, 0x76, size_of::<kvm_irqfd>()),           // KVM_IRQFD
-        ioc(IOC_WRITE, 0x79, size_of::<kvm_ioeventfd>()),       // KVM_IOEVENTFD
-        ioc(IOC_WRITE, 0x6a, size_of::<kvm_irq_routing>()),     // KVM_SET_GSI_ROUTING
-        ioc(IOC_WRITE, 0xa5, size_of::<kvm_msi>()),             // KVM_SIGNAL_MSI
-        ioc(IOC_WRITE, 0x61, size_of::<kvm_irq_level>()),       // KVM_IRQ_LINE
+        ioc(0, 0x80, 0),                                           // KVM_RUN
+        ioc(IOC_READ, 0x81, size_of::<kvm_regs>()),                // KVM_GET_REGS
+        ioc(IOC_READ, 0x83, size_of::<kvm_sregs>()),               // KVM_GET_SREGS
+        ioc(IOC_READ, 0x8c, size_of::<kvm_fpu>()),                 // KVM_GET_FPU
+        ioc(IOC_READ | IOC_WRITE, 0x88, size_of::<kvm_msrs>()),    // KVM_GET_MSRS
+        ioc(IOC_READ, 0x8e, size_of::<kvm_lapic_state>()),         // KVM_GET_LAPIC
+        ioc(IOC_READ, 0x9f, size_of::<kvm_vcpu_events>()),         // KVM_GET_VCPU_EVENTS
+        ioc(IOC_READ, 0x98, size_of::<kvm_mp_state>()),            // KVM_GET_MP_STATE
+        ioc(IOC_WRITE, 0x76, size_of::<kvm_irqfd>()),              // KVM_IRQFD
+        ioc(IOC_WRITE, 0x79, size_of::<kvm_ioeventfd>()),          // KVM_IOEVENTFD
+        ioc(IOC_WRITE, 0x6a, size_of::<kvm_irq_routing>()),        // KVM_SET_GSI_ROUTING
+        ioc(IOC_WRITE, 0xa5, size_of::<kvm_msi>()),                // KVM_SIGNAL_MSI
+        ioc(IOC_WRITE, 0x61, size_of::<kvm_irq_level>()),          // KVM_IRQ_LINE
+        ioc(IOC_READ | IOC_WRITE, 0x62, size_of::<kvm_irqchip>()), // KVM_GET_IRQCHIP
+        ioc(IOC_READ, 0x63, size_of::<kvm_irqchip>()),             // KVM_SET_IRQCHIP (_IOR)
     ]
 };
 
@@ -534,6 +538,8 @@ mod tests {
             0x4008_ae6a,
             0x4020_aea5,
             0x4008_ae61,
+            0xc208_ae62,
+            0x8208_ae63,
         ];
 
         assert_eq!(KVM_VCPU_IOCTLS, expected);

@@ -149,11 +149,12 @@ impl MsiRoute for RemappedRoute {
             let Some((message, _)) = programmed else {
                 return Ok(());
             };
-            // Records the fault, unless the entry became valid (without an invalidation).
-            if self.vtd.remap_interrupt(self.requester, message).is_none() {
-                return Ok(());
-            }
-            self.retranslate()?;
+            // Records the fault. An entry the guest made valid without invalidating the
+            // interrupt entry cache stays blocked until it does (what a caching unit may do):
+            // reprogramming here would be a GSI-table ioctl on a queue worker thread, which
+            // its seccomp filter refuses.
+            let _ = self.vtd.remap_interrupt(self.requester, message);
+            return Ok(());
         } else if self.remapped.load(Ordering::Acquire) {
             self.vtd.count_remapped_delivery();
         }
