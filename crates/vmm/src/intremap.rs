@@ -242,6 +242,9 @@ struct IoapicRegisters {
     id: u32,
     /// The entries as the guest wrote them.
     entries: [u64; PINS],
+    /// What each pin of the kernel IOAPIC was last given: a pin is rewritten only when its
+    /// translation changed, which keeps the GET/SET window (module docs) to real changes.
+    pushed: [Option<u64>; PINS],
 }
 
 impl RemappingIoapic {
@@ -255,6 +258,7 @@ impl RemappingIoapic {
                 select: 0,
                 id: u32::from(layout::IOAPIC_ID),
                 entries: [RTE_MASKED; PINS],
+                pushed: [None; PINS],
             }),
         });
         let client: Arc<dyn RemapClient> = shared.clone();
@@ -305,7 +309,7 @@ impl IoapicFront {
                 } else {
                     (*entry & 0xffff_ffff) | (u64::from(value) << 32)
                 };
-                self.program(pin, registers.entries[pin]);
+                self.program(registers, pin);
             }
         }
     }
@@ -354,10 +358,15 @@ impl IoapicFront {
         }
     }
 
-    /// Writes the translation of `entry` into the kernel IOAPIC's pin, keeping its status bits
-    /// (remote IRR cleared for an edge entry, as the IOAPIC does).
-    fn program(&self, pin: usize, entry: u64) {
-        let translated = self.translate(pin, entry);
+    /// Writes the translation of the guest's entry for `pin` into the kernel IOAPIC's pin if it
+    /// changed, keeping its status bits (remote IRR cleared for an edge entry, as the IOAPIC
+    /// does).
+    fn program(&self, registers: &mut IoapicRegisters, pin: usize) {
+        let translated = self.translate(pin, registers.entries[pin]);
+        if registers.pushed[pin] == Some(translated) {
+            return;
+        }
+        registers.pushed[pin] = None;
         let result = self.update_kernel(|chip| {
             let status = RTE_DELIVERY_STATUS | RTE_REMOTE_IRR;
             let mut kept = read_entry(chip, pin) & status;
@@ -366,8 +375,9 @@ impl IoapicFront {
             }
             write_entry(chip, pin, translated | kept);
         });
-        if let Err(e) = result {
-            tracing::warn!("IOAPIC pin {pin}: cannot program the in-kernel IOAPIC: {e}");
+        match result {
+            Ok(()) => registers.pushed[pin] = Some(translated),
+            Err(e) => tracing::warn!("IOAPIC pin {pin}: cannot program the in-kernel IOAPIC: {e}"),
         }
     }
 
@@ -387,9 +397,9 @@ impl IoapicFront {
 
 impl RemapClient for IoapicFront {
     fn remapping_changed(&self) {
-        let registers = self.registers();
-        for (pin, entry) in registers.entries.iter().enumerate() {
-            self.program(pin, *entry);
+        let mut registers = self.registers();
+        for pin in 0..PINS {
+            self.program(&mut registers, pin);
         }
     }
 }
