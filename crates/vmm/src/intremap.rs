@@ -559,6 +559,38 @@ mod tests {
         assert_eq!(vtd.metrics().counter("interrupts_remapped"), Some(1));
     }
 
+    /// The MSI-X path a device really uses: the guest programs a remappable message in the
+    /// table and enables MSI-X; the device's signal reaches the KVM route with the IRTE's
+    /// translation.
+    #[test]
+    fn msix_vector_programmed_in_remappable_format_is_delivered_translated() {
+        use sluice_pci::{MsixTable, MsixVectors, MSIX_ENABLE};
+        let (vtd, memory) = remapping_unit();
+        set_irte(&memory, 0x92, 0x61, 1, 0x0010);
+        let kvm_route = Arc::new(RecordingRoute::default());
+        let router =
+            RemappedMsiRouter::new(Arc::new(OneRoute(kvm_route.clone())), vtd.clone(), 0x10);
+        let sink = Arc::new(RemappedMsiSink::new(Arc::new(NoEvents), vtd.clone(), 0x10));
+        let vectors = MsixVectors::new(MsixTable::new(1, sink).unwrap(), Some(&router)).unwrap();
+        let message = remappable_msi(0x92);
+
+        vectors.write_table(0, &message.address.to_le_bytes());
+        vectors.write_table(8, &message.data.to_le_bytes());
+        vectors.write_table(12, &0u32.to_le_bytes());
+        vectors.set_message_control(MSIX_ENABLE);
+        vectors.signal(0);
+
+        assert_eq!(
+            kvm_route.updates.lock().unwrap().clone(),
+            [MsiMessage {
+                address: 0xfee0_1000,
+                data: 0x61
+            }]
+        );
+        assert_eq!(kvm_route.triggers.load(Ordering::SeqCst), 1);
+        assert_eq!(vtd.metrics().counter("interrupts_remapped"), Some(1));
+    }
+
     #[test]
     fn blocked_route_drops_signals_and_records_a_fault_per_signal() {
         let (vtd, _memory) = remapping_unit();
