@@ -183,6 +183,59 @@ mod tests {
         assert_eq!(host_address_width(600 << 30), 40);
     }
 
+    /// With remapping the MADT names the IOAPIC front, which answers on the MMIO bus (its
+    /// version register); with `intremap=off` nothing of it exists and ECAP.IR is clear.
+    #[test]
+    fn interrupt_remapping_adds_the_ioapic_front_and_intremap_off_leaves_it_out() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            println!("SKIP iommu wiring test: /dev/kvm unusable");
+            return;
+        };
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let attach = |interrupt_remapping| {
+            let dispatch = ExitDispatch {
+                pio: Arc::new(sluice_bus::Bus::new()),
+                mmio: Arc::new(sluice_bus::Bus::new()),
+                control: Arc::default(),
+                stats: Arc::default(),
+            };
+            let kind = IommuKind::Vtd {
+                interrupt_remapping,
+            };
+            let iommu = attach_iommu(&vm, &dispatch, Some(kind), &ram, 64 << 20).unwrap();
+            (iommu, dispatch)
+        };
+        let ecap_ir = |dispatch: &ExitDispatch| {
+            let mut ecap = [0u8; 8];
+            dispatch.mmio.read(layout::VTD_START + 0x10, &mut ecap);
+            u64::from_le_bytes(ecap) & sluice_iommu::intremap::ECAP_IR != 0
+        };
+
+        let (on, on_bus) = attach(true);
+        let (off, off_bus) = attach(false);
+
+        assert_eq!(on.ioapic_address(), layout::REMAPPING_IOAPIC_START as u32);
+        assert!(on.interrupt_remapper().is_some() && ecap_ir(&on_bus));
+        let select = 1u32.to_le_bytes();
+        let mut version = [0u8; 4];
+        on_bus.mmio.write(layout::REMAPPING_IOAPIC_START, &select);
+        on_bus
+            .mmio
+            .read(layout::REMAPPING_IOAPIC_START + 0x10, &mut version);
+        assert_eq!(
+            u32::from_le_bytes(version),
+            0x0017_0011,
+            "24 pins, version 0x11"
+        );
+        assert_eq!(off.ioapic_address(), layout::IOAPIC_START as u32);
+        assert!(off.interrupt_remapper().is_none() && !ecap_ir(&off_bus));
+        assert!(!off_bus
+            .mmio
+            .read(layout::REMAPPING_IOAPIC_START + 0x10, &mut version));
+    }
+
     #[test]
     fn only_vtd_is_known_with_interrupt_remapping_on_by_default() {
         let vtd = |interrupt_remapping| IommuKind::Vtd {
