@@ -8,7 +8,8 @@
 //! - kind % 4 == 3: a 16-byte DMA by requester `a` (bus 0) at IOVA `value`, a write if kind
 //!   bit 2 is set; with kind bit 3 set instead an interrupt request by requester `a`: address
 //!   `0xfee0_0000 | value bits 19:0`, data `value >> 32` (remappable when bit 4 is set), so
-//!   IRTEs read from guest memory are decoded and validated.
+//!   IRTEs read from guest memory are decoded and validated; with kind bits 2 and 3 set, an
+//!   IOAPIC redirection entry `value` translated the way sluice-vmm's IOAPIC front does.
 //!
 //! The unit offers interrupt remapping (IRTA, SIRTP/IRE/CFI, IEC descriptors are live).
 //! Guest memory is 64 KiB at 0, filled from the rest of the input. Must hold besides "no panic":
@@ -82,6 +83,7 @@ pub fn run_script(data: &[u8]) -> Vec<bool> {
             }
             1 => vtd.write_register(offset, &(value as u32).to_le_bytes()),
             2 => vtd.write_register(offset, &value.to_le_bytes()),
+            _ if op[0] & 12 == 12 => outcomes.push(ioapic_entry(&vtd, value)),
             _ if op[0] & 8 != 0 => outcomes.push(interrupt(&vtd, op[1], value)),
             _ => outcomes.push(dma(&vtd, &spaces, &memory, op[1], value, op[0] & 4 != 0)),
         }
@@ -134,6 +136,26 @@ fn interrupt(vtd: &Vtd, requester: u8, value: u64) -> bool {
         );
     }
     delivered.is_some()
+}
+
+/// The IOAPIC front's translation of a guest redirection entry (requester ff:00.0).
+fn ioapic_entry(vtd: &Vtd, entry: u64) -> bool {
+    let request = crate::intremap::ioapic_request(entry);
+    let Ok(message) = vtd.translate_interrupt(0xff00, request) else {
+        return false;
+    };
+    let out = crate::intremap::ioapic_entry(entry, message);
+    assert_eq!(
+        out & crate::intremap::RTE_REMAPPABLE,
+        0,
+        "a remappable entry reached the kernel IOAPIC"
+    );
+    assert_eq!(
+        out & 0x00ff_fffe_0000_4000,
+        0,
+        "reserved or status bits set"
+    );
+    true
 }
 
 fn check_invariants(vtd: &Vtd) {

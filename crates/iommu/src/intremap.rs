@@ -139,6 +139,39 @@ pub fn remappable_msi(index: u16) -> MsiMessage {
     }
 }
 
+/// IOAPIC redirection entry bits (I/O APIC datasheet; VT-d spec 5.1.5.1 for the remappable
+/// format): mask, trigger mode, and bit 48, the remappable format, whose index is bits 63:49
+/// (index 14:0) and bit 11 (index 15).
+pub const RTE_MASKED: u64 = 1 << 16;
+pub const RTE_LEVEL: u64 = 1 << 15;
+pub const RTE_REMAPPABLE: u64 = 1 << 48;
+/// Polarity (bit 13), trigger mode (bit 15) and mask (bit 16): what an entry keeps of the
+/// guest's when it is rebuilt from a translated message.
+const RTE_KEPT: u64 = 0x1a000;
+
+/// The interrupt request an IOAPIC redirection entry makes: the remappable request for its
+/// index (the IOAPIC sends no subhandle), or the compatibility-format message of its vector,
+/// delivery mode, destination mode and 8-bit destination.
+pub fn ioapic_request(entry: u64) -> MsiMessage {
+    if entry & RTE_REMAPPABLE != 0 {
+        let index = ((entry >> 49) & 0x7fff) as u16 | ((((entry >> 11) & 1) as u16) << 15);
+        return remappable_msi(index);
+    }
+    MsiMessage {
+        address: MSI_ADDRESS_WINDOW | (((entry >> 56) & 0xff) << 12) | (((entry >> 11) & 1) << 2),
+        data: (entry & 0x7ff) as u32,
+    }
+}
+
+/// The compatibility-format entry that delivers `message` (a translation of `entry`'s request),
+/// with `entry`'s polarity, trigger mode and mask.
+pub fn ioapic_entry(entry: u64, message: MsiMessage) -> u64 {
+    let vector_and_delivery = u64::from(message.data & 0x7ff);
+    let logical = ((message.address >> 2) & 1) << 11;
+    let destination = ((message.address >> 12) & 0xff) << 56;
+    vector_and_delivery | logical | (entry & RTE_KEPT) | destination
+}
+
 /// The interrupt remapping table latched by the last SIRTP.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct InterruptTable {
@@ -486,6 +519,28 @@ mod tests {
             remap(&memory, &off, 0, remappable_msi(9)),
             Ok(remappable_msi(9))
         );
+    }
+
+    #[test]
+    fn ioapic_entries_make_their_requests_and_are_rebuilt_from_translations() {
+        // Remappable, index 0x8005 (bit 11 = index bit 15), level, active low, vector = pin 9.
+        let remappable = (5 << 49) | RTE_REMAPPABLE | (1 << 11) | RTE_LEVEL | (1 << 13) | 9;
+        // Compatibility: vector 0x31, lowest priority, logical, destination 2, masked.
+        let compat = (2 << 56) | RTE_MASKED | (1 << 11) | (1 << 8) | 0x31;
+        let translated = MsiMessage {
+            address: 0xfee0_3000,
+            data: 0x45,
+        };
+
+        assert_eq!(ioapic_request(remappable), remappable_msi(0x8005));
+        assert_eq!(
+            ioapic_entry(remappable, translated),
+            (3 << 56) | RTE_LEVEL | (1 << 13) | 0x45
+        );
+        let request = ioapic_request(compat);
+        assert_eq!(request.address, 0xfee0_2004);
+        assert_eq!(request.data, 0x131);
+        assert_eq!(ioapic_entry(compat, request), compat, "a round trip");
     }
 
     #[test]

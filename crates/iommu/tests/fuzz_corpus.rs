@@ -36,4 +36,9 @@ fn vtd_seeds_reach_their_point() {
         [true, false, false, false],
         "remapped; SID fault, index beyond the table, compatibility format blocked"
     );
+    assert_eq!(
+        outcomes("ioapic_entries"),
+        [true, false, false],
+        "IOAPIC entry remapped; an IRTE of another source, a blocked compatibility entry"
+    );
 }

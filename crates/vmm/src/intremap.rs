@@ -42,7 +42,7 @@ use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_IOAPIC};
 use kvm_ioctls::VmFd;
 use sluice_bus::irq::{MsiMessage, MsiRoute, MsiRouter, MsiSink};
 use sluice_bus::BusDevice;
-use sluice_iommu::intremap::{remappable_msi, RemapClient};
+use sluice_iommu::intremap::{ioapic_entry, ioapic_request, RemapClient, RTE_LEVEL, RTE_MASKED};
 use sluice_iommu::Vtd;
 
 use crate::layout;
@@ -217,13 +217,6 @@ const PINS: usize = layout::IOAPIC_PINS as usize;
 
 const RTE_DELIVERY_STATUS: u64 = 1 << 12;
 const RTE_REMOTE_IRR: u64 = 1 << 14;
-const RTE_LEVEL: u64 = 1 << 15;
-const RTE_MASKED: u64 = 1 << 16;
-/// Bit 48: remappable format; then the index in bits 63:49 (14:0) and bit 11 (15).
-const RTE_REMAPPABLE: u64 = 1 << 48;
-/// The bits the guest owns in a compatibility-format entry: vector, delivery mode, destination
-/// mode, polarity, trigger mode, mask and the destination.
-const RTE_GUEST_BITS: u64 = 0xff00_0000_0001_afff;
 
 /// The IOAPIC the guest programs when interrupt remapping is offered: translates its
 /// redirection entries into KVM's in-kernel IOAPIC (see the module docs).
@@ -314,43 +307,19 @@ impl IoapicFront {
         }
     }
 
-    /// What the kernel IOAPIC gets for the guest's `entry`: the translation, or a masked entry
-    /// when the guest masked it or it does not translate.
+    /// What the kernel IOAPIC gets for the guest's `entry`: its translation (remappable or
+    /// compatibility format, as the unit decides), or a masked entry when the guest masked it
+    /// or it does not translate.
     fn translate(&self, pin: usize, entry: u64) -> u64 {
-        let masked = entry & RTE_MASKED != 0;
-        if entry & RTE_REMAPPABLE == 0 {
-            // Compatibility format: passes while remapping is off or CFIS allows it.
-            let message = MsiMessage {
-                address: 0xfee0_0000 | (((entry >> 56) & 0xff) << 12) | ((entry >> 11) & 1) << 2,
-                data: (entry & 0x7ff) as u32,
-            };
-            let passes = masked
-                || self
-                    .vtd
-                    .translate_interrupt(layout::IOAPIC_REQUESTER_ID, message)
-                    .is_ok();
-            return if passes {
-                entry & RTE_GUEST_BITS
-            } else {
-                (entry & RTE_GUEST_BITS) | RTE_MASKED
-            };
-        }
-        let index = ((entry >> 49) & 0x7fff) as u16 | (((entry >> 11) & 1) as u16) << 15;
-        if masked {
+        if entry & RTE_MASKED != 0 {
             return RTE_MASKED | (entry & RTE_LEVEL);
         }
+        let request = ioapic_request(entry);
         match self
             .vtd
-            .translate_interrupt(layout::IOAPIC_REQUESTER_ID, remappable_msi(index))
+            .translate_interrupt(layout::IOAPIC_REQUESTER_ID, request)
         {
-            Ok(message) => {
-                let vector = u64::from(message.data & 0xff);
-                let delivery_mode = u64::from((message.data >> 8) & 0b111) << 8;
-                let logical = ((message.address >> 2) & 1) << 11;
-                let destination = ((message.address >> 12) & 0xff) << 56;
-                // Polarity (bit 13) and trigger mode (bit 15) stay the guest's.
-                vector | delivery_mode | logical | (entry & 0xa000) | destination
-            }
+            Ok(message) => ioapic_entry(entry, message),
             Err(fault) => {
                 tracing::debug!("vt-d: IOAPIC pin {pin} blocked: {:?}", fault.reason);
                 RTE_MASKED | (entry & RTE_LEVEL)
@@ -461,7 +430,7 @@ fn write_entry(chip: &mut kvm_irqchip, pin: usize, entry: u64) {
 mod tests {
     use super::*;
     use kvm_ioctls::Kvm;
-    use sluice_iommu::intremap::IRTA;
+    use sluice_iommu::intremap::{remappable_msi, IRTA, RTE_REMAPPABLE};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     const TABLE: u64 = 0x8000;
