@@ -414,10 +414,12 @@ def e1000_register_seeds():
 
 
 # ---- vtd_registers (crates/iommu/src/fuzz.rs) ------------------------------------------------
-VTD_READ32, VTD_WRITE32, VTD_WRITE64, VTD_DMA, VTD_DMA_WRITE = 0, 1, 2, 3, 7
+VTD_READ32, VTD_WRITE32, VTD_WRITE64, VTD_DMA, VTD_DMA_WRITE, VTD_IRQ, VTD_IOAPIC = (
+    0, 1, 2, 3, 7, 11, 15)
 VTD_GCMD, VTD_RTADDR, VTD_FSTS, VTD_IQT, VTD_IQA, VTD_CCMD, VTD_IVA, VTD_IOTLB = (
     0x18, 0x20, 0x34, 0x88, 0x90, 0x28, 0x200, 0x208)
-VTD_TE, VTD_SRTP, VTD_QIE = 1 << 31, 1 << 30, 1 << 26
+VTD_TE, VTD_SRTP, VTD_QIE, VTD_IRE, VTD_SIRTP = 1 << 31, 1 << 30, 1 << 26, 1 << 25, 1 << 24
+VTD_IRTA = 0xb8
 VTD_DEVICE = 0x18  # 00:03.0
 
 
@@ -427,6 +429,14 @@ def vtd_op(kind, offset, value):
 
 def vtd_dma(iova, write=False):
     return bytes([VTD_DMA_WRITE if write else VTD_DMA, VTD_DEVICE, 0]) + struct.pack("<Q", iova)
+
+
+def vtd_irq(requester, value):
+    return bytes([VTD_IRQ, requester, 0]) + struct.pack("<Q", value)
+
+
+def vtd_ioapic(entry):
+    return bytes([VTD_IOAPIC, 0, 0]) + struct.pack("<Q", entry)
 
 
 def vtd_input(ops, fills):
@@ -482,6 +492,26 @@ def vtd_seeds():
                       vtd_op(VTD_WRITE64, VTD_IOTLB, (1 << 63) | (3 << 60) | (7 << 32)),
                       vtd_dma(0x20_1000, True)],
         vtd_tables(2, 1))
+    # Interrupt remapping: IRTE 0 at 0x9000 (present, vector 0x41, xAPIC destination 1, SVT 1
+    # with SID 00:03.0); IRTA (2 entries), SIRTP, IRE; then a remappable request for index 0
+    # from the device (passes), from 00:04.0 (SID fault 0x26), for index 2 (beyond the table,
+    # 0x21) and a compatibility-format one (blocked, 0x25).
+    irte = struct.pack("<QQ", 1 | (0x41 << 16) | (1 << 40), VTD_DEVICE | (1 << 18))
+    yield "interrupt_remapping", vtd_input(
+        [vtd_op(VTD_WRITE64, VTD_IRTA, 0x9000), vtd_op(VTD_WRITE32, VTD_GCMD, VTD_SIRTP),
+         vtd_op(VTD_WRITE32, VTD_GCMD, VTD_IRE), vtd_irq(VTD_DEVICE, 0x10),
+         vtd_irq(0x20, 0x10), vtd_irq(VTD_DEVICE, 0x10 | (2 << 5)),
+         vtd_irq(VTD_DEVICE, 0x1000 | (0x30 << 32))],
+        [(0x9000, irte)])
+    # The IOAPIC front: IRTE 0 with SVT 1 for the IOAPIC's ff:00.0; a remappable entry for
+    # index 0 (passes), the same from an IRTE naming 00:03.0 (refused), a compatibility one
+    # (blocked while CFIS is clear).
+    ioapic_irte = struct.pack("<QQ", 1 | (0x41 << 16), 0xff00 | (1 << 18))
+    yield "ioapic_entries", vtd_input(
+        [vtd_op(VTD_WRITE64, VTD_IRTA, 0x9000), vtd_op(VTD_WRITE32, VTD_GCMD, VTD_SIRTP),
+         vtd_op(VTD_WRITE32, VTD_GCMD, VTD_IRE), vtd_ioapic((1 << 48) | 4),
+         vtd_ioapic((1 << 49) | (1 << 48) | 4), vtd_ioapic(0x31)],
+        [(0x9000, ioapic_irte), (0x9010, irte)])
 # --- nvme_command: [mode, 64-byte SQE, guest memory] -----------------------------------------
 def sqe(opcode, nsid=1, psdt=0, cid=1, prp1=0, prp2=0, cdw10=0, cdw11=0, cdw12=0, sgl=None):
     head = struct.pack("<BBHI", opcode, psdt << 6, cid, nsid) + bytes(16)

@@ -6,12 +6,15 @@
 //! invalidation, and primary fault logging with a fault event MSI. It is the
 //! [`sluice_dma::DomainProvider`] of a VM's `DmaSpaces`: every device's `DmaSpace` asks it for a
 //! translation on an IOTLB miss, and its invalidations drop those IOTLBs and are announced to
-//! the requester's [`watch::MappingObserver`]s (an assigned function's shadow mappings). Interrupt remapping
-//! is not implemented (ECAP.IR = 0).
+//! the requester's [`watch::MappingObserver`]s (an assigned function's shadow mappings). Built
+//! with [`Vtd::with_interrupt_remapping`] it also remaps interrupts ([`intremap`], ECAP.IR, xAPIC
+//! destinations): the VMM translates each device's MSI messages and the IOAPIC's redirection
+//! entries through it before KVM sees them.
 //!
 //! Written by hand: no rust-vmm crate models VT-d; the register layout and table formats follow
 //! the Intel VT-d specification (rev. 4.x), legacy mode only.
 
+pub mod intremap;
 pub mod queue;
 pub mod regs;
 pub mod tables;
@@ -22,6 +25,8 @@ pub mod watch;
 pub mod fuzz;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_intremap;
 
 pub use virtio::VirtioIommu;
 pub use vtd::{Vtd, COUNTER_NAMES};

@@ -1,7 +1,8 @@
 //! Invalidation queue descriptors (VT-d spec 6.5.2): the 128-bit legacy-mode forms of the
-//! context-cache, IOTLB and invalidation-wait descriptors. Any other type (device TLB, interrupt
-//! entry cache, PASID-based: features this model does not advertise) or a reserved bit set is an
-//! invalid descriptor, which stops the queue with FSTS.IQE.
+//! context-cache, IOTLB, interrupt entry cache and invalidation-wait descriptors. Any other
+//! type (device TLB, PASID-based: features this model does not advertise) or a reserved bit set
+//! is an invalid descriptor, which stops the queue with FSTS.IQE. The unit treats an interrupt
+//! entry cache descriptor as invalid too when interrupt remapping is not offered.
 
 use crate::regs::MAMV;
 
@@ -29,6 +30,8 @@ pub enum Scope {
 pub enum Descriptor {
     ContextCache(Scope),
     Iotlb(Scope),
+    /// Interrupt entry cache: every entry (`None`) or the `2^mask` entries from `index`.
+    InterruptEntryCache(Option<(u16, u8)>),
     Wait {
         /// Write `data` to `address` when every earlier descriptor is done.
         status: Option<(u64, u32)>,
@@ -38,6 +41,7 @@ pub enum Descriptor {
 
 const TYPE_CONTEXT_CACHE: u64 = 1;
 const TYPE_IOTLB: u64 = 2;
+const TYPE_IEC: u64 = 4;
 const TYPE_WAIT: u64 = 5;
 /// Type bits 3:0 and 11:9 (the high type bits, non-zero only for scalable-mode descriptors).
 const TYPE_MASK: u64 = 0xe0f;
@@ -45,6 +49,8 @@ const TYPE_MASK: u64 = 0xe0f;
 const CC_LO_VALID: u64 = TYPE_MASK | 0x30 | 0x0003_ffff_ffff_0000;
 const IOTLB_LO_VALID: u64 = TYPE_MASK | 0x30 | 0xc0 | 0xffff_0000;
 const IOTLB_HI_VALID: u64 = !0xf80;
+/// IEC: bit 4 granularity (index-selective), bits 31:27 index mask, bits 47:32 index.
+const IEC_LO_VALID: u64 = TYPE_MASK | 0x10 | 0xf800_0000 | 0xffff_0000_0000;
 const WAIT_LO_VALID: u64 = TYPE_MASK | 0xf0 | 0xffff_ffff_0000_0000;
 const WAIT_HI_VALID: u64 = !0b11;
 
@@ -68,6 +74,14 @@ pub fn decode(lo: u64, hi: u64) -> Option<Descriptor> {
         }
         TYPE_IOTLB if lo & !IOTLB_LO_VALID == 0 && hi & !IOTLB_HI_VALID == 0 => {
             Some(Descriptor::Iotlb(iotlb_scope(granularity, domain, hi)?))
+        }
+        TYPE_IEC if lo & !IEC_LO_VALID == 0 && hi == 0 => {
+            let selective = lo & 0x10 != 0;
+            let index = ((lo >> 32) & 0xffff) as u16;
+            let mask = ((lo >> 27) & 0x1f) as u8;
+            Some(Descriptor::InterruptEntryCache(
+                selective.then_some((index, mask)),
+            ))
         }
         TYPE_WAIT if lo & !WAIT_LO_VALID == 0 && hi & !WAIT_HI_VALID == 0 => {
             let status_write = lo & (1 << 5) != 0;

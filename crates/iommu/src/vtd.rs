@@ -16,6 +16,7 @@ use sluice_dma::{DmaSpaces, DomainProvider, Mapping, RequesterId, TranslationSou
 use sluice_virtio::DeviceMetrics;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Permissions};
 
+use crate::intremap::{InterruptTable, RemapClient, ECAP_IR, IRTA, IRTA_WRITABLE};
 use crate::queue::{self, Descriptor, Scope};
 use crate::regs::*;
 use crate::tables::{FaultReason, Tables};
@@ -33,6 +34,10 @@ pub const COUNTER_NAMES: &[&str] = &[
     "context_invalidations",
     "iotlb_invalidations",
     "queue_descriptors",
+    "interrupt_remaps",
+    "interrupts_remapped",
+    "interrupt_faults",
+    "interrupt_entry_invalidations",
 ];
 /// Page walks on an IOTLB miss.
 const WALKS: usize = 0;
@@ -46,6 +51,9 @@ const CONTEXT_INVALIDATIONS: usize = 4;
 const IOTLB_INVALIDATIONS: usize = 5;
 /// Invalidation queue descriptors processed.
 const QUEUE_DESCRIPTORS: usize = 6;
+// Counters 7.. belong to interrupt remapping (vtd/interrupts.rs).
+
+mod interrupts;
 
 /// One fault recording register (128 bits).
 #[derive(Debug, Default, Clone, Copy)]
@@ -96,6 +104,13 @@ struct State {
     iotlb: u64,
     records: [FaultRecord; FAULT_RECORDS],
     next_record: usize,
+    /// ECAP: the constant part plus IR when offered.
+    ecap: u64,
+    irta: u64,
+    /// The interrupt remapping table latched by the last SIRTP.
+    interrupt_table: InterruptTable,
+    /// A translation of interrupts may have changed: clients are told after the write.
+    remap_changed: bool,
 }
 
 struct Shared {
@@ -107,6 +122,9 @@ struct Shared {
     /// Told after every invalidation that covers their requester (crate::watch).
     watchers: Watchers,
     metrics: Arc<DeviceMetrics>,
+    /// ECAP.IR offered.
+    interrupt_remapping: bool,
+    remap_clients: Mutex<Vec<Weak<dyn RemapClient>>>,
 }
 
 /// An emulated Intel VT-d remapping unit. Clones share the unit.
@@ -127,15 +145,34 @@ impl Vtd {
     /// A unit over `memory` whose tables and pages lie below 2^`haw` (the DMAR table's host
     /// address width), signalling faults through `msi`.
     pub fn new(memory: GuestMemoryMmap, haw: u32, msi: Arc<dyn MsiSink>) -> Self {
+        Self::build(memory, haw, msi, false)
+    }
+
+    /// A unit that also offers interrupt remapping (ECAP.IR; xAPIC destinations only).
+    pub fn with_interrupt_remapping(
+        memory: GuestMemoryMmap,
+        haw: u32,
+        msi: Arc<dyn MsiSink>,
+    ) -> Self {
+        Self::build(memory, haw, msi, true)
+    }
+
+    fn build(memory: GuestMemoryMmap, haw: u32, msi: Arc<dyn MsiSink>, ir: bool) -> Self {
+        let state = State {
+            ecap: ECAP_VALUE | if ir { ECAP_IR } else { 0 },
+            ..State::default()
+        };
         Self {
             shared: Arc::new(Shared {
                 memory,
                 haw: haw.clamp(32, 52),
                 msi,
-                state: Mutex::new(State::default()),
+                state: Mutex::new(state),
                 spaces: Mutex::new(Weak::new()),
                 watchers: Watchers::default(),
                 metrics: Arc::new(DeviceMetrics::with_counters("vt-d", 0, COUNTER_NAMES)),
+                interrupt_remapping: ir,
+                remap_clients: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -228,6 +265,8 @@ impl Vtd {
             (4, 0) => self.write32(&mut state, offset, value as u32),
             _ => tracing::debug!("vt-d: dropped a {len}-byte write at {offset:#x}"),
         }
+        drop(state);
+        self.notify_remap_clients();
     }
 
     fn write32(&self, state: &mut State, offset: u64, value: u32) {
@@ -288,6 +327,7 @@ impl Vtd {
                 }
             }
             IQA => state.iqa = value & (IQA_BASE_MASK | IQA_QS_MASK),
+            IRTA if self.shared.interrupt_remapping => state.irta = value & IRTA_WRITABLE,
             IQT => {
                 state.iqt = value & IQ_INDEX_MASK;
                 if low {
@@ -335,8 +375,9 @@ impl Vtd {
                 state.gsts &= !GCMD_QIE;
             }
         }
-        // SFL/EAFL (no advanced fault log), WBF (no RWBF), IRE/SIRTP (no interrupt remapping)
-        // and CFI are not offered by CAP/ECAP: their status bits stay clear.
+        self.interrupt_commands(state, value);
+        // SFL/EAFL (no advanced fault log) and WBF (no RWBF) are not offered by CAP/ECAP: their
+        // status bits stay clear.
     }
 
     /// CCMD with ICC set; returns the granularity performed (0: invalid request).
@@ -426,6 +467,9 @@ impl Vtd {
             Descriptor::Iotlb(scope) => {
                 self.shared.metrics.count(IOTLB_INVALIDATIONS, 1);
                 self.invalidate(state, scope);
+            }
+            Descriptor::InterruptEntryCache(scope) => {
+                return self.invalidate_interrupt_entries(state, scope);
             }
             Descriptor::Wait { status, interrupt } => {
                 // Every earlier descriptor is already complete: the queue runs synchronously.
@@ -577,6 +621,11 @@ impl Vtd {
         write: bool,
     ) {
         tracing::debug!("vt-d: fault {reason:?} for {requester:#06x} at {iova:#x}");
+        self.store_record(state, FaultRecord::new(requester, iova, reason, write));
+    }
+
+    /// Logs `record` in the next fault recording register (see [`Vtd::record_fault`]).
+    fn store_record(&self, state: &mut State, record: FaultRecord) {
         let index = state.next_record;
         if state.fsts & FSTS_PFO != 0 || state.records[index].pending() {
             self.shared.metrics.count(FAULTS_NOT_RECORDED, 1);
@@ -591,7 +640,7 @@ impl Vtd {
         }
         let was = state.fault_condition();
         let first_pending = !state.records.iter().any(FaultRecord::pending);
-        state.records[index] = FaultRecord::new(requester, iova, reason, write);
+        state.records[index] = record;
         state.next_record = (index + 1) % FAULT_RECORDS;
         if first_pending {
             state.fsts =
@@ -635,7 +684,7 @@ impl Shared {
 fn is_register64(offset: u64) -> bool {
     matches!(
         offset,
-        CAP | ECAP | RTADDR | CCMD | IQH | IQT | IQA | IVA | IOTLB
+        CAP | ECAP | RTADDR | CCMD | IQH | IQT | IQA | IRTA | IVA | IOTLB
     ) || (FRCD..FRCD_END).contains(&offset)
 }
 
@@ -674,7 +723,8 @@ impl State {
     fn read64_raw(&self, offset: u64) -> u64 {
         match offset {
             CAP => CAP_VALUE,
-            ECAP => ECAP_VALUE,
+            ECAP => self.ecap,
+            IRTA => self.irta,
             RTADDR => self.rtaddr,
             CCMD => self.ccmd,
             IQH => self.iqh,

@@ -37,6 +37,16 @@ fn vtd_seeds_reach_their_point() {
     assert_eq!(outcomes("three_level_2m_page"), [true, true]);
     assert_eq!(outcomes("invalidation_queue"), [true, true]);
     assert_eq!(outcomes("register_invalidation"), [true, true]);
+    assert_eq!(
+        outcomes("interrupt_remapping"),
+        [true, false, false, false],
+        "remapped; SID fault, index beyond the table, compatibility format blocked"
+    );
+    assert_eq!(
+        outcomes("ioapic_entries"),
+        [true, false, false],
+        "IOAPIC entry remapped; an IRTE of another source, a blocked compatibility entry"
+    );
 }
 
 #[test]

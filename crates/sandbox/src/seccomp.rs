@@ -328,8 +328,10 @@ const IOC_READ: u64 = 2;
 /// What a vCPU thread asks of KVM: running, the doorbells, interrupt routes and lines a device
 /// sets up at activation or raises from an exit, the register dump of a crash, and reading its
 /// whole state for a snapshot while parked (vmm's `VcpuState::capture`). VM-wide setup
-/// (memory slots, vCPU creation) is the unfiltered main thread's.
-const KVM_VCPU_IOCTLS: [u64; 16] = {
+/// (memory slots, vCPU creation) is the unfiltered main thread's. GET/SET_IRQCHIP: with VT-d
+/// interrupt remapping, a guest write to the IOAPIC front reprograms the in-kernel IOAPIC's
+/// entry (sluice-vmm's intremap).
+const KVM_VCPU_IOCTLS: [u64; 18] = {
     use kvm_bindings::*;
     use std::mem::size_of;
     [
@@ -349,6 +351,8 @@ const KVM_VCPU_IOCTLS: [u64; 16] = {
         ioc(IOC_WRITE, 0x6a, size_of::<kvm_irq_routing>()),     // KVM_SET_GSI_ROUTING
         KVM_SIGNAL_MSI,
         ioc(IOC_WRITE, 0x61, size_of::<kvm_irq_level>()), // KVM_IRQ_LINE
+        ioc(IOC_READ | IOC_WRITE, 0x62, size_of::<kvm_irqchip>()), // KVM_GET_IRQCHIP
+        ioc(IOC_READ, 0x63, size_of::<kvm_irqchip>()),    // KVM_SET_IRQCHIP (_IOR)
     ]
 };
 
@@ -549,6 +553,8 @@ mod tests {
             0x4008_ae6a,
             0x4020_aea5,
             0x4008_ae61,
+            0xc208_ae62,
+            0x8208_ae63,
         ];
 
         assert_eq!(KVM_VCPU_IOCTLS, expected);

@@ -112,9 +112,10 @@ struct RunArgs {
     /// `tap=NAME[,mac=52:54:00:..]`.
     #[arg(long, value_parser = E1000Spec::parse)]
     e1000: Vec<E1000Spec>,
-    /// A virtual IOMMU in front of every PCI device: `vtd` (an emulated Intel VT-d with a DMAR
-    /// table; the guest needs `intel_iommu=on`) or `virtio` (a virtio-iommu with a VIOT table;
-    /// the guest needs CONFIG_VIRTIO_IOMMU and CONFIG_ACPI_VIOT).
+    /// A virtual IOMMU in front of every PCI device: `vtd[,intremap=on|off]` (an emulated Intel
+    /// VT-d with a DMAR table, remapping interrupts unless `intremap=off`; the guest needs
+    /// `intel_iommu=on`) or `virtio` (a virtio-iommu with a VIOT table; the guest needs
+    /// CONFIG_VIRTIO_IOMMU and CONFIG_ACPI_VIOT).
     #[arg(long, value_parser = IommuKind::parse)]
     iommu: Option<IommuKind>,
     /// An emulated NVMe 1.4 controller (repeatable) with one namespace on IMG:

@@ -98,7 +98,9 @@ impl DeviceClass {
     fn attach(&self, config: &mut VmConfig, image: &Path) -> anyhow::Result<()> {
         let path = image.display();
         if self.behind_vtd {
-            config.iommu = Some(IommuKind::Vtd);
+            config.iommu = Some(IommuKind::Vtd {
+                interrupt_remapping: true,
+            });
         }
         match self.device {
             Device::VirtioBlk => config

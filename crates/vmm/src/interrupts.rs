@@ -291,6 +291,8 @@ pub struct VmInterrupts {
     pub msi_sink: Arc<KvmMsi>,
     pub msi_router: Arc<KvmMsiRouter>,
     pub ioevents: Arc<KvmIoEvents>,
+    /// With interrupt remapping: the unit every device's MSI is translated through.
+    pub remapper: Option<sluice_iommu::Vtd>,
 }
 
 impl VmInterrupts {
@@ -299,6 +301,27 @@ impl VmInterrupts {
             msi_sink: Arc::new(KvmMsi::new(vm.clone())),
             msi_router: Arc::new(KvmMsiRouter::new(vm.clone())),
             ioevents: Arc::new(KvmIoEvents::new(vm.clone())),
+            remapper: None,
+        }
+    }
+
+    /// The MSI sink and router of the device with `requester` id: the VM's own, or with
+    /// interrupt remapping ones that translate through the unit (crate::intremap).
+    pub fn msi_for(&self, requester: u16) -> (Arc<dyn MsiSink>, Arc<dyn MsiRouter>) {
+        match &self.remapper {
+            Some(vtd) => (
+                Arc::new(crate::intremap::RemappedMsiSink::new(
+                    self.msi_sink.clone(),
+                    vtd.clone(),
+                    requester,
+                )),
+                Arc::new(crate::intremap::RemappedMsiRouter::new(
+                    self.msi_router.clone(),
+                    vtd.clone(),
+                    requester,
+                )),
+            ),
+            None => (self.msi_sink.clone(), self.msi_router.clone()),
         }
     }
 }

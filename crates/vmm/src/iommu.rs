@@ -17,6 +17,11 @@
 //! ACCESS_PLATFORM). Once every device is on the bus, [`VmIommu::finish`] names the other PCI
 //! functions as its endpoints (endpoint id = requester id) and builds the VIOT
 //! (`acpi/viot.rs`): the IOMMU's BDF and one PCI range from the first endpoint to the last.
+//!
+//! Interrupt remapping is on by default (`--iommu vtd`; `--iommu vtd,intremap=off` leaves
+//! ECAP.IR clear): the DMAR then sets INTR_REMAP and scopes the IOAPIC, each device's MSI goes
+//! through the unit (`VmInterrupts::msi_for`), and the MADT names the remapping IOAPIC front
+//! (crate::intremap says why it is a front of the in-kernel IOAPIC and not a split irqchip).
 
 use std::sync::{Arc, Mutex};
 
@@ -38,21 +43,39 @@ use crate::vcpu::ExitDispatch;
 /// Which virtual IOMMU the guest gets (`--iommu`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IommuKind {
-    /// An emulated Intel VT-d with a DMAR table.
-    Vtd,
+    /// An emulated Intel VT-d with a DMAR table; interrupt remapping unless `intremap=off`.
+    Vtd { interrupt_remapping: bool },
     /// A virtio-iommu (virtio-pci) with a VIOT table.
     Virtio,
 }
 
 impl IommuKind {
+    /// `vtd` or `vtd,intremap=on|off`.
     pub fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "vtd" => Ok(Self::Vtd),
-            "virtio" => Ok(Self::Virtio),
-            _ => Err(format!(
-                "--iommu {s}: unknown IOMMU (sluice has vtd and virtio)"
-            )),
+        if s == "virtio" {
+            return Ok(Self::Virtio);
         }
+        let mut parts = s.split(',');
+        if parts.next() != Some("vtd") {
+            return Err(format!(
+                "--iommu {s}: unknown IOMMU (sluice has vtd and virtio)"
+            ));
+        }
+        let mut interrupt_remapping = true;
+        for option in parts {
+            interrupt_remapping = match option {
+                "intremap=on" => true,
+                "intremap=off" => false,
+                _ => {
+                    return Err(format!(
+                        "--iommu {s}: unknown option {option} (intremap=on|off)"
+                    ))
+                }
+            };
+        }
+        Ok(Self::Vtd {
+            interrupt_remapping,
+        })
     }
 }
 
@@ -86,6 +109,24 @@ impl VmIommu {
     /// The emulated VT-d, if there is one (assigned functions follow its tables).
     pub fn vtd(&self) -> Option<&Vtd> {
         self.vtd.as_ref().map(|(vtd, _)| vtd)
+    }
+
+    /// The unit that remaps interrupts, if interrupt remapping is offered.
+    pub fn interrupt_remapper(&self) -> Option<Vtd> {
+        self.vtd
+            .as_ref()
+            .map(|(vtd, _)| vtd.clone())
+            .filter(Vtd::offers_interrupt_remapping)
+    }
+
+    /// The IOAPIC address the MADT gives the guest: the remapping front with interrupt
+    /// remapping, KVM's in-kernel IOAPIC otherwise.
+    pub fn ioapic_address(&self) -> u32 {
+        if self.interrupt_remapper().is_some() {
+            layout::REMAPPING_IOAPIC_START as u32
+        } else {
+            crate::acpi::DEFAULT_IOAPIC_ADDRESS
+        }
     }
 
     /// The unit's counters (walks, faults, invalidations), if there is one. (The virtio-iommu's
@@ -182,7 +223,10 @@ pub fn attach_iommu(
             }),
         });
     }
-    let Some(IommuKind::Vtd) = kind else {
+    let Some(IommuKind::Vtd {
+        interrupt_remapping,
+    }) = kind
+    else {
         return Ok(VmIommu {
             dma: Arc::new(DmaSpaces::identity(ram.memory.clone())),
             vtd: None,
@@ -190,11 +234,13 @@ pub fn attach_iommu(
         });
     };
     let haw = host_address_width(ram_size);
-    let vtd = Vtd::new(
-        ram.memory.clone(),
-        u32::from(haw),
-        Arc::new(KvmMsi::new(vm.clone())),
-    );
+    // The unit's own fault and completion events are never remapped: straight to KVM.
+    let events = Arc::new(KvmMsi::new(vm.clone()));
+    let vtd = if interrupt_remapping {
+        Vtd::with_interrupt_remapping(ram.memory.clone(), u32::from(haw), events)
+    } else {
+        Vtd::new(ram.memory.clone(), u32::from(haw), events)
+    };
     let dma = Arc::new(DmaSpaces::with_iommu(
         ram.memory.clone(),
         Arc::new(vtd.clone()),
@@ -210,7 +256,24 @@ pub fn attach_iommu(
         )
         .map_err(|e| device_err("vt-d", e))?;
     tracing::info!("vt-d at {:#x}, host address width {haw}", layout::VTD_START);
-    let dmar = crate::acpi::build_dmar(haw, layout::VTD_START);
+    if interrupt_remapping {
+        let ioapic = crate::intremap::RemappingIoapic::new(vm.clone(), vtd.clone());
+        dispatch
+            .mmio
+            .insert(
+                "ioapic-remap",
+                Arc::new(Mutex::new(ioapic)),
+                layout::REMAPPING_IOAPIC_START,
+                layout::REMAPPING_IOAPIC_SIZE,
+            )
+            .map_err(|e| device_err("ioapic-remap", e))?;
+        tracing::info!(
+            "vt-d interrupt remapping on; IOAPIC front at {:#x}",
+            layout::REMAPPING_IOAPIC_START
+        );
+    }
+    let scope = interrupt_remapping.then_some((layout::IOAPIC_ID, layout::IOAPIC_REQUESTER_ID));
+    let dmar = crate::acpi::build_dmar(haw, layout::VTD_START, scope);
     Ok(VmIommu {
         dma,
         vtd: Some((vtd, dmar)),
@@ -228,9 +291,68 @@ mod tests {
         assert_eq!(host_address_width(600 << 30), 40);
     }
 
+    /// With remapping the MADT names the IOAPIC front, which answers on the MMIO bus (its
+    /// version register); with `intremap=off` nothing of it exists and ECAP.IR is clear.
     #[test]
-    fn only_vtd_is_known() {
-        assert_eq!(IommuKind::parse("vtd"), Ok(IommuKind::Vtd));
+    fn interrupt_remapping_adds_the_ioapic_front_and_intremap_off_leaves_it_out() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            println!("SKIP iommu wiring test: /dev/kvm unusable");
+            return;
+        };
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let attach = |interrupt_remapping| {
+            let dispatch = ExitDispatch {
+                pio: Arc::new(sluice_bus::Bus::new()),
+                mmio: Arc::new(sluice_bus::Bus::new()),
+                control: Arc::default(),
+                stats: Arc::default(),
+            };
+            let kind = IommuKind::Vtd {
+                interrupt_remapping,
+            };
+            let iommu = attach_iommu(&vm, &dispatch, Some(kind), &ram, 64 << 20).unwrap();
+            (iommu, dispatch)
+        };
+        let ecap_ir = |dispatch: &ExitDispatch| {
+            let mut ecap = [0u8; 8];
+            dispatch.mmio.read(layout::VTD_START + 0x10, &mut ecap);
+            u64::from_le_bytes(ecap) & sluice_iommu::intremap::ECAP_IR != 0
+        };
+
+        let (on, on_bus) = attach(true);
+        let (off, off_bus) = attach(false);
+
+        assert_eq!(on.ioapic_address(), layout::REMAPPING_IOAPIC_START as u32);
+        assert!(on.interrupt_remapper().is_some() && ecap_ir(&on_bus));
+        let select = 1u32.to_le_bytes();
+        let mut version = [0u8; 4];
+        on_bus.mmio.write(layout::REMAPPING_IOAPIC_START, &select);
+        on_bus
+            .mmio
+            .read(layout::REMAPPING_IOAPIC_START + 0x10, &mut version);
+        assert_eq!(
+            u32::from_le_bytes(version),
+            0x0017_0011,
+            "24 pins, version 0x11"
+        );
+        assert_eq!(off.ioapic_address(), layout::IOAPIC_START as u32);
+        assert!(off.interrupt_remapper().is_none() && !ecap_ir(&off_bus));
+        assert!(!off_bus
+            .mmio
+            .read(layout::REMAPPING_IOAPIC_START + 0x10, &mut version));
+    }
+
+    #[test]
+    fn vtd_with_interrupt_remapping_on_by_default_and_virtio_are_known() {
+        let vtd = |interrupt_remapping| IommuKind::Vtd {
+            interrupt_remapping,
+        };
+        assert_eq!(IommuKind::parse("vtd"), Ok(vtd(true)));
+        assert_eq!(IommuKind::parse("vtd,intremap=off"), Ok(vtd(false)));
+        assert_eq!(IommuKind::parse("vtd,intremap=on"), Ok(vtd(true)));
+        assert!(IommuKind::parse("vtd,intremap=maybe").is_err());
         assert_eq!(IommuKind::parse("virtio"), Ok(IommuKind::Virtio));
         assert!(IommuKind::parse("amd").is_err());
     }

@@ -8,6 +8,8 @@
 //! 0xc000_0000 .. 0xe000_0000   32-bit PCI MMIO window (BARs)
 //! 0xe000_0000 .. 0xf000_0000   PCI ECAM (MMCONFIG), buses 0..=255
 //! 0xfec0_0000                  IOAPIC        0xfee0_0000  LAPIC
+//! 0xfec0_1000                  the remapping IOAPIC front (`--iommu vtd` with interrupt
+//!                              remapping: the IOAPIC the MADT names then)
 //! 0xfed9_0000                  VT-d registers (`--iommu vtd`), reserved in e820
 //! 4 GiB .. 4 GiB + rest        RAM above the hole
 //! align_up(ram top, 1 GiB) ..  64-bit PCI MMIO window (MMIO64_SIZE)
@@ -51,6 +53,13 @@ pub const PCI_ECAM_LAST_BUS: u8 = 255;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const IOAPIC_SIZE: u64 = 0x1000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
+/// With interrupt remapping, the MADT's IOAPIC: sluice's front that translates redirection
+/// entries into KVM's in-kernel IOAPIC at `IOAPIC_START` (crate::intremap).
+pub const REMAPPING_IOAPIC_START: u64 = 0xfec0_1000;
+pub const REMAPPING_IOAPIC_SIZE: u64 = 0x1000;
+/// The IOAPIC's source id for interrupt remapping (bus 0xff, 00.0, as QEMU's q35), named by the
+/// DMAR's IOAPIC device scope.
+pub const IOAPIC_REQUESTER_ID: u16 = 0xff00;
 /// The VT-d register page (`--iommu vtd`), where QEMU's q35 puts it too; named by the DMAR.
 pub const VTD_START: u64 = 0xfed9_0000;
 pub const VTD_SIZE: u64 = 0x1000;
@@ -94,6 +103,8 @@ const _: () = {
     assert!(MMIO32_START + MMIO32_SIZE <= PCI_ECAM_START);
     assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
     assert!(IOAPIC_START + IOAPIC_SIZE <= VTD_START && VTD_START + VTD_SIZE <= LAPIC_START);
+    assert!(IOAPIC_START + IOAPIC_SIZE <= REMAPPING_IOAPIC_START);
+    assert!(REMAPPING_IOAPIC_START + REMAPPING_IOAPIC_SIZE <= VTD_START);
     assert!(ACPI_START + ACPI_SIZE <= HIGH_RAM_START);
     assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
 };

@@ -4,6 +4,7 @@ pub mod config;
 pub mod e1000;
 pub mod handle;
 pub mod interrupts;
+pub mod intremap;
 pub mod iommu;
 pub mod layout;
 pub mod machine;

@@ -195,7 +195,8 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
     let pci_root = crate::platform::attach_pci(&vm, &dispatch, &config)?;
     let mut iommu = crate::iommu::attach_iommu(&vm, &dispatch, config.iommu, &ram, config.memory)?;
     // One per VM: its MSI router owns the VM's whole GSI routing table.
-    let interrupts = crate::interrupts::VmInterrupts::new(&vm);
+    let mut interrupts = crate::interrupts::VmInterrupts::new(&vm);
+    interrupts.remapper = iommu.interrupt_remapper();
     // The virtio-iommu (if any) first, so the endpoints' BDFs follow it.
     let mut device_metrics: Vec<_> = iommu
         .attach_virtio_iommu(&pci_root, &ram, &interrupts)?
@@ -275,6 +276,7 @@ fn load_guest(
         &crate::acpi::AcpiConfig {
             num_cpus: config.cpus,
             ram_size: config.memory,
+            ioapic_address: iommu.ioapic_address(),
         },
         &iommu.acpi_tables(),
     )?;

@@ -39,7 +39,13 @@ pub fn attach_nvme_devices(
         let address = root
             .add_device_with(|address| {
                 let space = dma.space(address.bdf());
-                let nvme = Nvme::new(&nvme_config, space, interrupts.clone(), &name)?;
+                let (msi_sink, msi_router) = vm_interrupts.msi_for(address.bdf());
+                let interrupts = NvmeInterrupts {
+                    msi_sink,
+                    msi_router: Some(msi_router),
+                    ..interrupts.clone()
+                };
+                let nvme = Nvme::new(&nvme_config, space, interrupts, &name)?;
                 device_metrics = Some(nvme.metrics());
                 Ok::<SharedPciDevice, AttachError>(Arc::new(Mutex::new(nvme)))
             })

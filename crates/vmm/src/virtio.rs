@@ -17,27 +17,28 @@ use sluice_virtio::{
 };
 
 use crate::config::{DiskSpec, NetSpec, NotifyPolicy};
-use crate::interrupts::{KvmIoEvents, KvmMsi, KvmMsiRouter, VmInterrupts};
+use crate::interrupts::{KvmIoEvents, VmInterrupts};
 use crate::machine::{device_err, VmConfig, VmError};
 use crate::memory::GuestRam;
 
 /// What every virtio-pci device of one VM shares.
-struct Plumbing {
-    msi_sink: Arc<KvmMsi>,
-    msi_router: Arc<KvmMsiRouter>,
+struct Plumbing<'a> {
+    interrupts: &'a VmInterrupts,
     ioevents: Arc<KvmIoEvents>,
     dma: Arc<DmaSpaces>,
     /// For devices whose rings another process runs: it sees guest physical addresses.
     identity_dma: DmaSpaces,
 }
 
-impl Plumbing {
+impl Plumbing<'_> {
+    /// The transport options; `attach` puts in the MSI sink and router of the device's
+    /// requester id once its slot is known.
     fn options(&self, name: String, policy: NotifyPolicy, packed: bool) -> VirtioPciOptions {
-        let mut options = VirtioPciOptions::new(self.msi_sink.clone());
+        let mut options = VirtioPciOptions::new(self.interrupts.msi_sink.clone());
         options.name = Some(name);
         options.policy = policy;
         options.packed_ring = packed;
-        options.msi_router = Some(self.msi_router.clone());
+        options.msi_router = Some(self.interrupts.msi_router.clone());
         options.ioevents = Some(self.ioevents.clone());
         options
     }
@@ -52,8 +53,7 @@ pub fn attach_virtio_devices(
     interrupts: &VmInterrupts,
 ) -> Result<Vec<Arc<DeviceMetrics>>, VmError> {
     let plumbing = Plumbing {
-        msi_sink: interrupts.msi_sink.clone(),
-        msi_router: interrupts.msi_router.clone(),
+        interrupts,
         ioevents: interrupts.ioevents.clone(),
         dma: dma.clone(),
         identity_dma: DmaSpaces::identity(ram.memory.clone()),
@@ -70,6 +70,7 @@ pub fn attach_virtio_devices(
         metrics.push(attach(
             root,
             dma,
+            interrupts,
             block,
             plumbing.options(name, disk.notify, disk.packed),
         )?);
@@ -80,13 +81,20 @@ pub fn attach_virtio_devices(
         metrics.push(attach(
             root,
             &plumbing.dma,
+            interrupts,
             Box::new(device),
             plumbing.options(name, net.notify, net.packed),
         )?);
     }
     if let Some(rng) = &config.rng {
         let options = plumbing.options("virtio-rng".into(), NotifyPolicy::Interrupt, rng.packed);
-        metrics.push(attach(root, &plumbing.dma, Box::new(Rng::new()), options)?);
+        metrics.push(attach(
+            root,
+            &plumbing.dma,
+            interrupts,
+            Box::new(Rng::new()),
+            options,
+        )?);
     }
     Ok(metrics)
 }
@@ -150,18 +158,22 @@ enum AttachError {
 }
 
 /// Puts `device` behind virtio-pci at the next free slot, with the DMA space of that slot's
-/// requester id.
+/// requester id and that requester's MSI sink and router.
 fn attach(
     root: &PciRoot,
     dma: &DmaSpaces,
+    interrupts: &VmInterrupts,
     device: Box<dyn VirtioDevice>,
-    options: VirtioPciOptions,
+    mut options: VirtioPciOptions,
 ) -> Result<Arc<DeviceMetrics>, VmError> {
     let metrics = device.metrics();
     let name = options.name.clone().unwrap_or_default();
     let address = root
         .add_device_with(|address| {
             let space = dma.space(address.bdf());
+            let (sink, router) = interrupts.msi_for(address.bdf());
+            options.msi_sink = sink;
+            options.msi_router = Some(router);
             let pci = VirtioPciDevice::new(device, space, options)?;
             Ok::<SharedPciDevice, AttachError>(Arc::new(Mutex::new(pci)))
         })

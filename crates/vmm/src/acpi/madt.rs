@@ -47,8 +47,8 @@ const PIT_GSI: u32 = 2;
 /// LINT1 of every local APIC carries NMI.
 const NMI_LINT: u8 = 1;
 
-/// The MADT for `num_cpus` vCPUs, APIC id = cpu index.
-pub fn build_madt(num_cpus: u32) -> Sdt {
+/// The MADT for `num_cpus` vCPUs, APIC id = cpu index, with the IOAPIC at `ioapic_address`.
+pub fn build_madt(num_cpus: u32, ioapic_address: u32) -> Sdt {
     let mut madt = Sdt::new(
         *b"APIC",
         MADT_HEADER_LEN,
@@ -62,7 +62,7 @@ pub fn build_madt(num_cpus: u32) -> Sdt {
     for cpu in 0..num_cpus {
         madt.append_slice(&local_apic_entry(cpu));
     }
-    let ioapic = IoApic::new(layout::IOAPIC_ID, ioapic_address(), 0);
+    let ioapic = IoApic::new(layout::IOAPIC_ID, ioapic_address, 0);
     madt.append_slice(&to_bytes(&ioapic));
     madt.append_slice(&interrupt_source_override(
         PIT_ISA_IRQ,
@@ -93,9 +93,9 @@ fn lapic_address() -> u32 {
     layout::LAPIC_START as u32
 }
 
-fn ioapic_address() -> u32 {
-    layout::IOAPIC_START as u32
-}
+/// The default IOAPIC address, for `AcpiConfig::ioapic_address`.
+pub const DEFAULT_IOAPIC_ADDRESS: u32 = layout::IOAPIC_START as u32;
+const _: () = assert!(layout::REMAPPING_IOAPIC_START <= u32::MAX as u64);
 
 /// A Processor Local APIC entry for ids that fit in 8 bits, a Local x2APIC entry otherwise.
 fn local_apic_entry(cpu: u32) -> Vec<u8> {
@@ -186,8 +186,8 @@ mod tests {
 
     #[test]
     fn x2apic_nmi_added_only_with_x2apic_cpus() {
-        let small = build_madt(2);
-        let large = build_madt(256);
+        let small = build_madt(2, DEFAULT_IOAPIC_ADDRESS);
+        let large = build_madt(256, DEFAULT_IOAPIC_ADDRESS);
 
         let small_types = entry_types(small.as_slice());
         let large_types = entry_types(large.as_slice());

@@ -28,6 +28,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 pub use builder::AcpiTableBuilder;
 pub use dmar::build_dmar;
 pub use dsdt::PciWindows;
+pub use madt::DEFAULT_IOAPIC_ADDRESS;
 pub use viot::build_viot;
 
 use crate::layout;
@@ -55,6 +56,8 @@ pub struct AcpiConfig {
     pub num_cpus: u8,
     /// Guest RAM in bytes; places the 64-bit PCI window (`layout::mmio64_start`).
     pub ram_size: u64,
+    /// Where the MADT says the IOAPIC is (`layout::IOAPIC_START`, or the remapping front).
+    pub ioapic_address: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +110,10 @@ pub fn create_acpi_tables_with(
         size: layout::ACPI_SIZE,
     })?;
     tables.add_table(&fadt::build_fadt(dsdt.0, facs_addr))?;
-    tables.add_table(&madt::build_madt(u32::from(config.num_cpus)))?;
+    tables.add_table(&madt::build_madt(
+        u32::from(config.num_cpus),
+        config.ioapic_address,
+    ))?;
     tables.add_table(&build_mcfg(&pci))?;
     for table in extra_tables {
         tables.add_table(*table)?;

@@ -15,6 +15,7 @@ fn config(num_cpus: u8) -> AcpiConfig {
     AcpiConfig {
         num_cpus,
         ram_size: 16 * MIB as u64,
+        ioapic_address: DEFAULT_IOAPIC_ADDRESS,
     }
 }
 
@@ -411,6 +412,7 @@ fn absurd_ram_size_is_an_error() {
     let config = AcpiConfig {
         num_cpus: 1,
         ram_size: u64::MAX - 1,
+        ioapic_address: DEFAULT_IOAPIC_ADDRESS,
     };
 
     let result = create_acpi_tables(&mem, &config);
