@@ -39,6 +39,23 @@ fn skip(test: &str) -> bool {
     sluice_lab::skip_without_lab(test)
 }
 
+/// The guest kit's report from a lab run whose script exits with sluice's status.
+fn kit_report(run: &LabRun) -> GuestKitReport {
+    let exit = match run.status {
+        Some(0) => ExitKind::Pass,
+        _ => ExitKind::WorkloadFailed,
+    };
+    GuestKitReport::parse(&run.stdout, exit)
+}
+
+/// The `iommu` topology with the NVMe PF's two VFs enabled.
+fn with_two_vfs() -> Lab {
+    Lab::new()
+        .topology(Topology::Iommu)
+        .vfs(2)
+        .timeout(LAB_TIMEOUT)
+}
+
 /// Counter increments per CPU in `w=smp` (native speed in L1: cheap).
 const SMP_ITERS: u64 = 200_000;
 /// The kit's SMP workloads: every vCPU counts on one shared counter, then each vCPU drives
@@ -64,11 +81,7 @@ fn lab_guest_kit_smp_workloads() {
 
     let run = Lab::new().timeout(LAB_TIMEOUT).run(&script);
 
-    let exit = match run.status {
-        Some(0) => ExitKind::Pass,
-        _ => ExitKind::WorkloadFailed,
-    };
-    let report = GuestKitReport::parse(&run.stdout, exit);
+    let report = kit_report(&run);
     let context = || format!("{}\n{}", report.describe(), run.transcript());
     assert!(report.passed(), "{}", context());
     let smp = report.results_for("smp").next().expect("an smp result");
@@ -145,11 +158,7 @@ fn lab_guest_kit_on_emulated_nvme_and_e1000() {
 
     let run = Lab::new().timeout(LAB_TIMEOUT).run(&script);
 
-    let exit = match run.status {
-        Some(0) => ExitKind::Pass,
-        _ => ExitKind::WorkloadFailed,
-    };
-    let report = GuestKitReport::parse(&run.stdout, exit);
+    let report = kit_report(&run);
     let context = || format!("{}\n{}", report.describe(), run.transcript());
     assert!(report.passed(), "{}", context());
     let nvme = report.results_for("nvme").next().expect("an nvme result");
@@ -251,11 +260,7 @@ fn lab_iommu_topology_gives_each_vf_its_own_group() {
          [ -c \"$node\" ] && echo \"vfio $first $node\"\n"
     );
 
-    let run = Lab::new()
-        .topology(Topology::Iommu)
-        .vfs(2)
-        .timeout(LAB_TIMEOUT)
-        .run(&script);
+    let run = with_two_vfs().run(&script);
 
     run.assert_success();
     let context = run.transcript();
@@ -410,17 +415,9 @@ fn lab_vfio_nvme_vf_on_sluice_verifies_and_the_pf_reads_the_data() {
         cgroup_refusal = cgroup_refusal(),
     );
 
-    let run = Lab::new()
-        .topology(Topology::Iommu)
-        .vfs(2)
-        .timeout(LAB_TIMEOUT)
-        .run(&script);
+    let run = with_two_vfs().run(&script);
 
-    let exit = match run.status {
-        Some(0) => ExitKind::Pass,
-        _ => ExitKind::WorkloadFailed,
-    };
-    let report = GuestKitReport::parse(&run.stdout, exit);
+    let report = kit_report(&run);
     let context = || format!("{}\n{}", report.describe(), run.transcript());
     // (c) the unbound VF is refused, by name, before the guest starts.
     let unbound = run
@@ -571,17 +568,9 @@ fn lab_hostile_guest_dma_outside_its_memory_is_refused_by_the_l1_iommu() {
          exit $status\n"
     );
 
-    let run = Lab::new()
-        .topology(Topology::Iommu)
-        .vfs(2)
-        .timeout(LAB_TIMEOUT)
-        .run(&script);
+    let run = with_two_vfs().run(&script);
 
-    let exit = match run.status {
-        Some(0) => ExitKind::Pass,
-        _ => ExitKind::WorkloadFailed,
-    };
-    let report = GuestKitReport::parse(&run.stdout, exit);
+    let report = kit_report(&run);
     let context = || format!("{}\n{}", report.describe(), run.transcript());
     // sluice kept running: the kit went on to its verify and the VM ended with its verdict.
     assert!(
@@ -681,17 +670,9 @@ fn lab_vf_behind_the_viommu_cannot_reach_guest_ram_the_guest_did_not_map() {
          exit $status\n"
     );
 
-    let run = Lab::new()
-        .topology(Topology::Iommu)
-        .vfs(2)
-        .timeout(LAB_TIMEOUT)
-        .run(&script);
+    let run = with_two_vfs().run(&script);
 
-    let exit = match run.status {
-        Some(0) => ExitKind::Pass,
-        _ => ExitKind::WorkloadFailed,
-    };
-    let report = GuestKitReport::parse(&run.stdout, exit);
+    let report = kit_report(&run);
     let context = || format!("{}\n{}", report.describe(), run.transcript());
     assert!(report.passed(), "{}", context());
     let hostile = report
