@@ -17,6 +17,7 @@
 pub mod intremap;
 pub mod queue;
 pub mod regs;
+mod requester;
 pub mod tables;
 pub mod virtio;
 mod vtd;

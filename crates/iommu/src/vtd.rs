@@ -756,29 +756,21 @@ impl BusDevice for Vtd {
     }
 }
 
-/// One requester's view of the unit: the miss path of its `DmaSpace`.
-struct RequesterDomain {
-    vtd: Vtd,
-    requester: RequesterId,
-}
+impl crate::requester::TranslatingUnit for Vtd {
+    const KIND: &'static str = "vt-d";
 
-impl std::fmt::Debug for RequesterDomain {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "vt-d domain of {:#06x}", self.requester)
-    }
-}
-
-impl TranslationSource for RequesterDomain {
-    fn lookup(&self, iova: u64, access: Permissions) -> Option<Mapping> {
-        self.vtd.translate(self.requester, iova, access)
+    fn translate_for(
+        &self,
+        requester: RequesterId,
+        iova: u64,
+        access: Permissions,
+    ) -> Option<Mapping> {
+        self.translate(requester, iova, access)
     }
 }
 
 impl DomainProvider for Vtd {
     fn domain(&self, requester: RequesterId) -> Option<Box<dyn TranslationSource>> {
-        Some(Box::new(RequesterDomain {
-            vtd: self.clone(),
-            requester,
-        }))
+        crate::requester::requester_view(self, requester)
     }
 }

@@ -457,29 +457,21 @@ impl QueueHandler for EventQueue {
     }
 }
 
-/// One requester's view of the device: the miss path of its `DmaSpace`.
-struct EndpointDomain {
-    iommu: VirtioIommu,
-    requester: RequesterId,
-}
+impl crate::requester::TranslatingUnit for VirtioIommu {
+    const KIND: &'static str = "virtio-iommu";
 
-impl std::fmt::Debug for EndpointDomain {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "virtio-iommu endpoint {:#06x}", self.requester)
-    }
-}
-
-impl TranslationSource for EndpointDomain {
-    fn lookup(&self, iova: u64, access: Permissions) -> Option<Mapping> {
-        self.iommu.translate(self.requester, iova, access)
+    fn translate_for(
+        &self,
+        requester: RequesterId,
+        iova: u64,
+        access: Permissions,
+    ) -> Option<Mapping> {
+        self.translate(requester, iova, access)
     }
 }
 
 impl DomainProvider for VirtioIommu {
     fn domain(&self, requester: RequesterId) -> Option<Box<dyn TranslationSource>> {
-        Some(Box::new(EndpointDomain {
-            iommu: self.clone(),
-            requester,
-        }))
+        crate::requester::requester_view(self, requester)
     }
 }
