@@ -311,6 +311,13 @@ fn a_guest_kit_verify_snapshotted_mid_run_on_virtio_blk_finishes_after_restore()
     );
     assert_eq!(taken.0, 0, "{taken:?}");
     assert_eq!(first_status, Some(0));
+    // COM1 as the kit programmed it (115200 8N1, DTR+RTS) travels in the snapshot.
+    let saved = sluice_vmm::snapshot::read(&snapshot).expect("the snapshot reads back");
+    let com1 = saved.platform.expect("platform state saved").com1;
+    assert_eq!(
+        (com1.divisor_low, com1.line_control, com1.modem_control),
+        (0x01, 0x03, 0x03)
+    );
     let console = String::from_utf8_lossy(&restored.stdout);
     assert_eq!(restored.status.code(), Some(0), "{console}");
     assert!(console.contains("GUEST-KIT PASS"), "{console}");

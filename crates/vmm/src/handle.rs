@@ -45,8 +45,14 @@ pub enum HandleError {
     Snapshot(String),
 }
 
-/// What a snapshot reads from a built VM: the VM, its RAM, its PCI bus.
-type MachineParts = (Arc<VmFd>, GuestRam, Arc<PciRoot>);
+/// What a snapshot reads from a built VM.
+#[derive(Clone)]
+pub(crate) struct MachineParts {
+    pub vm: Arc<VmFd>,
+    pub ram: GuestRam,
+    pub pci: Arc<PciRoot>,
+    pub platform: crate::platform::PlatformDevices,
+}
 
 /// A running (or starting, or ended) VM as seen from outside its threads.
 pub struct VmHandle {
@@ -103,7 +109,13 @@ impl VmHandle {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let Some((vm, ram, pci)) = machine else {
+        let Some(MachineParts {
+            vm,
+            ram,
+            pci,
+            platform,
+        }) = machine
+        else {
             return Err(HandleError::NotRunning(state));
         };
         let fail = |e: &dyn std::fmt::Display| HandleError::Snapshot(e.to_string());
@@ -121,6 +133,7 @@ impl VmHandle {
             vcpus,
             irqchip,
             devices,
+            platform: Some(platform.save()),
             memory_checksum: 0,
         };
         crate::snapshot::write(dir, machine_state, &ram).map_err(|e| fail(&e))
@@ -142,8 +155,8 @@ impl VmHandle {
         .find_map(|(present, what)| present.then_some(what))
     }
 
-    pub(crate) fn attach_machine(&self, vm: Arc<VmFd>, ram: GuestRam, pci: Arc<PciRoot>) {
-        *self.machine.lock().unwrap_or_else(PoisonError::into_inner) = Some((vm, ram, pci));
+    pub(crate) fn attach_machine(&self, parts: MachineParts) {
+        *self.machine.lock().unwrap_or_else(PoisonError::into_inner) = Some(parts);
     }
 
     /// The run control the VM's vCPUs follow.

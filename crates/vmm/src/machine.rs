@@ -191,7 +191,7 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
         control,
         stats: Arc::new(ExitStats::default()),
     };
-    crate::platform::attach_platform_devices(&vm, &dispatch, &config, &ram)?;
+    let platform = crate::platform::attach_platform_devices(&vm, &dispatch, &config, &ram)?;
     let pci_root = crate::platform::attach_pci(&vm, &dispatch, &config)?;
     let mut iommu = crate::iommu::attach_iommu(&vm, &dispatch, config.iommu, &ram, config.memory)?;
     // One per VM: its MSI router owns the VM's whole GSI routing table.
@@ -234,13 +234,23 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
     } else {
         Some(load_guest(&config, &ram, &iommu)?)
     };
-    handle.attach_machine(vm.clone(), ram.clone(), pci_root.clone());
+    handle.attach_machine(crate::handle::MachineParts {
+        vm: vm.clone(),
+        ram: ram.clone(),
+        pci: pci_root.clone(),
+        platform: platform.clone(),
+    });
     handle.devices_attached(&device_metrics);
     if let Some(state) = &restored {
         state.irqchip.restore(&vm)?;
         pci_root
             .restore_states(&state.devices)
             .map_err(|e| device_err("snapshot", e))?;
+        if let Some(saved) = &state.platform {
+            platform
+                .restore(saved)
+                .map_err(|e| device_err("snapshot", e))?;
+        }
     }
     let vcpu_states = restored.as_ref().map(|state| state.vcpus.as_slice());
     let threads = start_vcpus(

@@ -2,10 +2,15 @@
 //! `layout` defines. Device models live in `sluice-devices` and `sluice-pci`; this module only
 //! decides where they sit and how they interrupt.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
 use sluice_bus::{Bus, SharedDevice};
+use sluice_devices::platform::acpi_pm::AcpiPmRegisters;
+use sluice_devices::platform::i8042::I8042Registers;
+use sluice_devices::platform::rtc::RtcRegisters;
+use sluice_devices::platform::serial::SerialRegisters;
 use sluice_devices::platform::{
     AcpiPmBlock, DebugExit, Rtc, Serial, SystemMonotonicClock, SystemWallClock, I8042,
 };
@@ -41,31 +46,77 @@ fn irq_line(vm: &VmFd, gsi: u32, what: &'static str) -> Result<Arc<IrqfdLine>, V
         .map_err(|e| device_err(what, e))
 }
 
+/// The platform devices whose state a snapshot carries (the debug-exit port has none).
+#[derive(Clone)]
+pub struct PlatformDevices {
+    com1: Arc<Mutex<Serial>>,
+    i8042: Arc<Mutex<I8042>>,
+    rtc: Arc<Mutex<Rtc>>,
+    pm: Arc<Mutex<AcpiPmBlock>>,
+}
+
+/// The platform devices' saved state (see crate::snapshot).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlatformState {
+    pub com1: SerialRegisters,
+    pub i8042: I8042Registers,
+    pub rtc: RtcRegisters,
+    pub pm: AcpiPmRegisters,
+}
+
+fn locked<T>(device: &Mutex<T>) -> MutexGuard<'_, T> {
+    device.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl PlatformDevices {
+    /// Their state; the VM is paused.
+    pub fn save(&self) -> PlatformState {
+        PlatformState {
+            com1: locked(&self.com1).save_registers(),
+            i8042: locked(&self.i8042).save_registers(),
+            rtc: locked(&self.rtc).save_registers(),
+            pm: locked(&self.pm).save_registers(),
+        }
+    }
+
+    /// Puts a saved state back into devices fresh from reset.
+    pub fn restore(&self, state: &PlatformState) -> Result<(), String> {
+        locked(&self.com1).restore_registers(&state.com1)?;
+        locked(&self.i8042).restore_registers(&state.i8042)?;
+        locked(&self.rtc).restore_registers(&state.rtc)?;
+        locked(&self.pm).restore_registers(&state.pm);
+        Ok(())
+    }
+}
+
 /// COM1, i8042, CMOS RTC, ACPI PM block and the debug-exit port, on the PIO bus.
 pub fn attach_platform_devices(
     vm: &VmFd,
     dispatch: &ExitDispatch,
     config: &VmConfig,
     ram: &GuestRam,
-) -> Result<(), VmError> {
+) -> Result<PlatformDevices, VmError> {
     let exit: Arc<dyn ExitSink> = dispatch.control.clone();
     let pio = &dispatch.pio;
 
     let com1_irq = irq_line(vm, layout::COM1_IRQ, "com1 irq")?;
-    let serial = Serial::new(serial_output(&config.serial)?, com1_irq);
+    let com1 = Arc::new(Mutex::new(Serial::new(
+        serial_output(&config.serial)?,
+        com1_irq,
+    )));
     map(
         pio,
         "com1",
-        Arc::new(Mutex::new(serial)),
+        com1.clone(),
         layout::COM1_PORT.into(),
         layout::SERIAL_PORT_LEN.into(),
     )?;
 
-    let i8042 = I8042::new(exit.clone(), None);
+    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), None)));
     map(
         pio,
         "i8042",
-        Arc::new(Mutex::new(i8042)),
+        i8042.clone(),
         layout::I8042_DATA_PORT.into(),
         layout::I8042_PORT_LEN.into(),
     )?;
@@ -73,23 +124,24 @@ pub fn attach_platform_devices(
     let mut rtc = Rtc::new(Box::new(SystemWallClock));
     let below_4g = ram.size.min(layout::RAM_32BIT_END);
     rtc.set_memory_size(below_4g, ram.size - below_4g);
+    let rtc = Arc::new(Mutex::new(rtc));
     map(
         pio,
         "rtc",
-        Arc::new(Mutex::new(rtc)),
+        rtc.clone(),
         layout::RTC_PORT.into(),
         layout::RTC_PORT_LEN.into(),
     )?;
 
-    let pm = AcpiPmBlock::new(
+    let pm = Arc::new(Mutex::new(AcpiPmBlock::new(
         exit.clone(),
         Some(irq_line(vm, layout::SCI_IRQ, "sci")?),
         Box::new(SystemMonotonicClock::new()),
-    );
+    )));
     map(
         pio,
         "acpi-pm",
-        Arc::new(Mutex::new(pm)),
+        pm.clone(),
         layout::PM_BLOCK_PORT.into(),
         layout::PM_BLOCK_LEN.into(),
     )?;
@@ -101,7 +153,13 @@ pub fn attach_platform_devices(
         Arc::new(Mutex::new(debug_exit)),
         layout::DEBUG_EXIT_PORT.into(),
         layout::DEBUG_EXIT_LEN.into(),
-    )
+    )?;
+    Ok(PlatformDevices {
+        com1,
+        i8042,
+        rtc,
+        pm,
+    })
 }
 
 /// The PCI root complex: host bridge, config access through CF8/CFC and ECAM, and devices.

@@ -23,6 +23,7 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use sluice_bus::irq::IrqLine;
 use sluice_bus::BusDevice;
 
@@ -122,6 +123,15 @@ impl BusDevice for AcpiPmBlock {
     }
 }
 
+/// The PM1 registers the guest set, for a snapshot. The PM timer is not carried: it counts from
+/// the restored process's start, and a guest sees it jump as after any long pause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcpiPmRegisters {
+    pub status: u16,
+    pub enable: u16,
+    pub control: u16,
+}
+
 impl AcpiPmBlock {
     /// A PM block reporting power-off and reset to `exit`, timing with `clock`, and raising the
     /// SCI (IRQ 9) on `sci` if the VMM wires it.
@@ -142,6 +152,24 @@ impl AcpiPmBlock {
         };
         block.timer_msb_toggles = block.timer_ticks() >> TIMER_MSB_SHIFT;
         block
+    }
+
+    /// The PM1 registers (the VM is paused).
+    pub fn save_registers(&self) -> AcpiPmRegisters {
+        AcpiPmRegisters {
+            status: self.status,
+            enable: self.enable,
+            control: self.control,
+        }
+    }
+
+    /// Puts back what [`AcpiPmBlock::save_registers`] returned, keeping only the bits the
+    /// registers hold; an event pending and enabled raises the SCI again.
+    pub fn restore_registers(&mut self, saved: &AcpiPmRegisters) {
+        self.status = saved.status & STATUS_BITS;
+        self.enable = saved.enable & ENABLE_BITS;
+        self.control = saved.control & CONTROL_STORED_BITS;
+        self.raise_sci_if_pending();
     }
 
     /// Signals a power-button press (e.g. an API "shutdown" request): the guest's ACPI driver

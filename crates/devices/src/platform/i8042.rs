@@ -20,6 +20,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use sluice_bus::irq::IrqLine;
 use sluice_bus::BusDevice;
 
@@ -105,8 +106,8 @@ const KBD_ID_RAW: u8 = 0x83;
 const DEFAULT_SCANCODE_SET: u8 = 2;
 
 /// What the next byte written to the data port means.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DataTarget {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataTarget {
     /// A command to the keyboard.
     Keyboard,
     /// The parameter of a keyboard command.
@@ -118,10 +119,24 @@ enum DataTarget {
     AuxDevice,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct OutputByte {
-    value: u8,
-    from_aux: bool,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputByte {
+    pub value: u8,
+    pub from_aux: bool,
+}
+
+/// The controller's state, for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042Registers {
+    /// Controller RAM; byte 0 is the command byte.
+    pub ram: Vec<u8>,
+    /// Bytes waiting in the output buffer.
+    pub output: Vec<OutputByte>,
+    pub last_output: u8,
+    pub data_target: DataTarget,
+    pub last_was_command: bool,
+    pub output_port: u8,
+    pub scancode_set: u8,
 }
 
 /// The i8042 controller with an attached keyboard.
@@ -179,6 +194,48 @@ impl I8042 {
             scancode_set: DEFAULT_SCANCODE_SET,
             irq_error_logged: false,
         }
+    }
+
+    /// The controller's state (the VM is paused).
+    pub fn save_registers(&self) -> I8042Registers {
+        I8042Registers {
+            ram: self.ram.to_vec(),
+            output: self.output.iter().copied().collect(),
+            last_output: self.last_output,
+            data_target: self.data_target,
+            last_was_command: self.last_was_command,
+            output_port: self.output_port,
+            scancode_set: self.scancode_set,
+        }
+    }
+
+    /// Puts back what [`I8042::save_registers`] returned, checked like guest input.
+    pub fn restore_registers(&mut self, saved: &I8042Registers) -> Result<(), String> {
+        let ram_len = self.ram.len();
+        self.ram = saved.ram.as_slice().try_into().map_err(|_| {
+            format!(
+                "i8042: {} bytes of RAM saved, it has {ram_len}",
+                saved.ram.len()
+            )
+        })?;
+        if saved.output.len() > OUTPUT_QUEUE_LIMIT {
+            return Err(format!(
+                "i8042: {} output bytes saved, the queue holds {OUTPUT_QUEUE_LIMIT}",
+                saved.output.len()
+            ));
+        }
+        if let DataTarget::ControllerRam(index) = saved.data_target {
+            if index >= ram_len {
+                return Err(format!("i8042: RAM index {index} saved, it has {ram_len}"));
+            }
+        }
+        self.output = saved.output.iter().copied().collect();
+        self.last_output = saved.last_output;
+        self.data_target = saved.data_target;
+        self.last_was_command = saved.last_was_command;
+        self.output_port = saved.output_port;
+        self.scancode_set = saved.scancode_set;
+        Ok(())
     }
 
     fn ctr(&self) -> u8 {
@@ -575,5 +632,35 @@ mod tests {
         let mut dev = I8042::new(sink, Some(RecordingIrq::new()));
 
         fuzz_device(&mut dev, BASE, I8042_PORT_LEN.into(), 20_000);
+    }
+
+    #[test]
+    fn saved_controller_state_comes_back_and_bad_indexes_are_refused() {
+        let (mut dev, _) = controller();
+        command(&mut dev, 0x60);
+        write_data(&mut dev, 0x45);
+        let saved = dev.save_registers();
+        let (mut fresh, _) = controller();
+
+        fresh.restore_registers(&saved).unwrap();
+        let bad_index = I8042Registers {
+            data_target: DataTarget::ControllerRam(32),
+            ..saved.clone()
+        };
+        let too_much_output = I8042Registers {
+            output: vec![
+                OutputByte {
+                    value: 0,
+                    from_aux: false
+                };
+                OUTPUT_QUEUE_LIMIT + 1
+            ],
+            ..saved.clone()
+        };
+
+        assert_eq!(fresh.save_registers(), saved);
+        assert_eq!(fresh.ctr(), 0x45);
+        assert!(fresh.restore_registers(&bad_index).is_err());
+        assert!(fresh.restore_registers(&too_much_output).is_err());
     }
 }

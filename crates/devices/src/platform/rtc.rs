@@ -11,6 +11,7 @@
 //! Register C reports UF when a whole second passed since it was last read and clears on read;
 //! the alarm and periodic flags are never set and no interrupt (IRQ 8) is raised.
 
+use serde::{Deserialize, Serialize};
 use sluice_bus::BusDevice;
 
 use super::clock::WallClock;
@@ -67,6 +68,20 @@ const MIB: u64 = 1 << 20;
 const UNIT_64K: u64 = 64 << 10;
 
 /// The RTC and CMOS memory.
+/// What the guest set in the RTC, for a snapshot: its time as an offset from the host's clock
+/// (so the guest's clock keeps running with the host's across a restore, as with QEMU's
+/// `base=utc`), the index register, the CMOS bytes and the control registers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RtcRegisters {
+    pub offset_secs: i64,
+    pub index: u8,
+    pub cmos: Vec<u8>,
+    pub reg_a: u8,
+    pub reg_b: u8,
+    /// A time being composed under register B's SET bit.
+    pub staged: Option<DateTime>,
+}
+
 pub struct Rtc {
     clock: Box<dyn WallClock>,
     /// Guest time minus host time, in seconds.
@@ -116,6 +131,34 @@ impl Rtc {
             staged: None,
             c_read_at_secs,
         }
+    }
+
+    /// What the guest set (the VM is paused).
+    pub fn save_registers(&self) -> RtcRegisters {
+        RtcRegisters {
+            offset_secs: self.offset_secs,
+            index: self.index,
+            cmos: self.cmos.to_vec(),
+            reg_a: self.reg_a,
+            reg_b: self.reg_b,
+            staged: self.staged,
+        }
+    }
+
+    /// Puts back what [`Rtc::save_registers`] returned.
+    pub fn restore_registers(&mut self, saved: &RtcRegisters) -> Result<(), String> {
+        self.cmos = saved.cmos.as_slice().try_into().map_err(|_| {
+            format!(
+                "rtc: {} CMOS bytes saved, the RTC has {CMOS_SIZE}",
+                saved.cmos.len()
+            )
+        })?;
+        self.offset_secs = saved.offset_secs;
+        self.index = saved.index & INDEX_MASK;
+        self.reg_a = saved.reg_a & !REG_A_UPDATE_IN_PROGRESS;
+        self.reg_b = saved.reg_b;
+        self.staged = saved.staged;
+        Ok(())
     }
 
     /// Fills the CMOS memory-size bytes firmware reads: base memory (0x15/0x16, KiB), memory
@@ -325,8 +368,8 @@ const DAYS_PER_400_YEARS: i64 = 146_097;
 
 /// A UTC calendar time. Fields may hold out-of-range values while a guest composes a time; only
 /// [`DateTime::to_unix`] validates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct DateTime {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DateTime {
     year: i64,
     month: u8,
     day: u8,
@@ -693,5 +736,38 @@ mod tests {
         fuzz_device(&mut rtc, BASE, RTC_PORT_LEN.into(), 50_000);
         clock.set(Duration::from_secs(u64::MAX));
         fuzz_device(&mut rtc, BASE, RTC_PORT_LEN.into(), 5_000);
+    }
+
+    #[test]
+    fn a_restored_rtc_keeps_the_guests_time_offset_cmos_and_mode() {
+        let (mut rtc, _) = rtc_at(SUNDAY_AFTERNOON);
+        write(&mut rtc, REG_B, REG_B_SET | REG_B_24_HOUR | REG_B_BINARY);
+        write(&mut rtc, REG_YEAR, 30);
+        write(&mut rtc, REG_B, REG_B_24_HOUR | REG_B_BINARY);
+        write(&mut rtc, 0x40, 0x99);
+        let before = read_time(&mut rtc);
+        let saved = rtc.save_registers();
+        let (mut fresh, _) = rtc_at(SUNDAY_AFTERNOON);
+
+        fresh.restore_registers(&saved).unwrap();
+        let restored = fresh.save_registers();
+
+        assert_eq!(restored, saved);
+        assert_eq!(read_time(&mut fresh), before);
+        assert_eq!(read(&mut fresh, REG_YEAR), 30);
+        assert_eq!(read(&mut fresh, 0x40), 0x99);
+    }
+
+    #[test]
+    fn a_saved_cmos_of_the_wrong_size_is_refused() {
+        let (mut rtc, _) = rtc_at(SUNDAY_AFTERNOON);
+        let saved = RtcRegisters {
+            cmos: vec![0; CMOS_SIZE + 1],
+            ..rtc.save_registers()
+        };
+
+        let refused = rtc.restore_registers(&saved);
+
+        assert!(refused.is_err());
     }
 }

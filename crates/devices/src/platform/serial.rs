@@ -11,6 +11,7 @@
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
 use sluice_bus::irq::IrqLine;
 use sluice_bus::BusDevice;
 use vm_superio::serial::{Error as UartError, NoEvents};
@@ -26,6 +27,31 @@ pub const SERIAL_PORT_LEN: u16 = 8;
 /// Default limit of a [`CaptureBuffer`]: enough for any test transcript, bounded so a chatty
 /// guest cannot grow host memory without end.
 const DEFAULT_CAPTURE_LIMIT: usize = 16 << 20;
+
+/// What the guest programmed into the UART and the input it has not read yet, for a snapshot.
+/// The status registers (LSR, IIR, MSR) follow from these and are not carried.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialRegisters {
+    pub divisor_low: u8,
+    pub divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub line_control: u8,
+    pub modem_control: u8,
+    pub scratch: u8,
+    /// Received bytes still in the FIFO (at most its 64).
+    pub input: Vec<u8>,
+}
+
+/// Register offsets the restore writes through (16550 numbering).
+const REG_DIVISOR_LOW: u8 = 0;
+const REG_DIVISOR_HIGH: u8 = 1;
+const REG_INTERRUPT_ENABLE: u8 = 1;
+const REG_LINE_CONTROL: u8 = 3;
+const REG_MODEM_CONTROL: u8 = 4;
+const REG_SCRATCH: u8 = 7;
+const LINE_CONTROL_DLAB: u8 = 0x80;
+/// The receive FIFO's size in vm_superio's model.
+const FIFO_BYTES: usize = 64;
 
 /// The 16550 UART model.
 pub struct Serial {
@@ -47,9 +73,7 @@ impl BusDevice for Serial {
         let (Some(reg), Some(value)) = (register(offset), single_byte(data)) else {
             return;
         };
-        if let Err(e) = self.uart.write(reg, value) {
-            self.log_error(e);
-        }
+        self.write_register(reg, value);
     }
 }
 
@@ -75,6 +99,55 @@ impl Serial {
                 self.log_error(e);
                 room_before.saturating_sub(self.uart.fifo_capacity())
             }
+        }
+    }
+
+    /// The registers the guest programmed and its unread input (the VM is paused).
+    pub fn save_registers(&self) -> SerialRegisters {
+        let state = self.uart.state();
+        SerialRegisters {
+            divisor_low: state.baud_divisor_low,
+            divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            line_control: state.line_control,
+            modem_control: state.modem_control,
+            scratch: state.scratch,
+            input: state.in_buffer,
+        }
+    }
+
+    /// Puts saved registers back into a UART fresh from reset, through the same register
+    /// writes a driver would make, so the derived status registers and the interrupt come out
+    /// as the model computes them; the unread input goes in before loopback can be set.
+    pub fn restore_registers(&mut self, saved: &SerialRegisters) -> Result<(), String> {
+        if saved.input.len() > FIFO_BYTES {
+            return Err(format!(
+                "serial: {} bytes of input saved, the FIFO holds {FIFO_BYTES}",
+                saved.input.len()
+            ));
+        }
+        // IER shares its port with the divisor's high byte: written while DLAB is off, before
+        // the saved LCR (which may have DLAB on) goes back.
+        self.write_register(REG_LINE_CONTROL, 0);
+        self.write_register(REG_MODEM_CONTROL, 0);
+        self.enqueue_input(&saved.input);
+        for (reg, value) in [
+            (REG_INTERRUPT_ENABLE, saved.interrupt_enable),
+            (REG_LINE_CONTROL, LINE_CONTROL_DLAB),
+            (REG_DIVISOR_LOW, saved.divisor_low),
+            (REG_DIVISOR_HIGH, saved.divisor_high),
+            (REG_LINE_CONTROL, saved.line_control),
+            (REG_MODEM_CONTROL, saved.modem_control),
+            (REG_SCRATCH, saved.scratch),
+        ] {
+            self.write_register(reg, value);
+        }
+        Ok(())
+    }
+
+    fn write_register(&mut self, reg: u8, value: u8) {
+        if let Err(e) = self.uart.write(reg, value) {
+            self.log_error(e);
         }
     }
 
@@ -389,5 +462,61 @@ mod tests {
         let (mut dev, _, _) = serial();
 
         fuzz_device(&mut dev, BASE, SERIAL_PORT_LEN.into(), 20_000);
+    }
+
+    #[test]
+    fn saved_registers_and_unread_input_come_back_in_a_fresh_uart() {
+        let (mut dev, _, _) = serial();
+        dev.write(BASE, LCR, &[LINE_CONTROL_DLAB]);
+        dev.write(BASE, THR, &[0x0c]);
+        dev.write(BASE, IER, &[0x00]);
+        dev.write(BASE, LCR, &[0x03]);
+        dev.write(BASE, IER, &[IER_RDA]);
+        dev.write(BASE, u64::from(REG_SCRATCH), &[0x5a]);
+        dev.enqueue_input(b"hi");
+        let saved = dev.save_registers();
+        let (mut fresh, _, irq) = serial();
+
+        fresh.restore_registers(&saved).unwrap();
+        let restored = fresh.save_registers();
+
+        assert_eq!(restored, saved);
+        assert_eq!(read(&mut fresh, u64::from(REG_SCRATCH)), 0x5a);
+        assert_eq!(read(&mut fresh, IER), IER_RDA);
+        assert_eq!(read(&mut fresh, LCR), 0x03);
+        assert_ne!(read(&mut fresh, LSR) & LSR_DATA_READY, 0);
+        assert!(irq.count() >= 1, "unread input with RDA enabled interrupts");
+        assert_eq!([read(&mut fresh, THR), read(&mut fresh, THR)], *b"hi");
+        fresh.write(BASE, LCR, &[LINE_CONTROL_DLAB | 0x03]);
+        assert_eq!(read(&mut fresh, THR), 0x0c, "divisor latch low");
+    }
+
+    #[test]
+    fn a_uart_saved_mid_divisor_programming_keeps_dlab_and_its_ier() {
+        let (mut dev, _, _) = serial();
+        dev.write(BASE, IER, &[IER_THRE]);
+        dev.write(BASE, LCR, &[LINE_CONTROL_DLAB]);
+        dev.write(BASE, IER, &[0x01]);
+        let saved = dev.save_registers();
+        let (mut fresh, _, _) = serial();
+
+        fresh.restore_registers(&saved).unwrap();
+
+        assert_eq!(fresh.save_registers(), saved);
+        assert_eq!(saved.interrupt_enable, IER_THRE);
+        assert_eq!(saved.divisor_high, 0x01);
+    }
+
+    #[test]
+    fn more_saved_input_than_the_fifo_holds_is_refused() {
+        let (mut dev, _, _) = serial();
+        let saved = SerialRegisters {
+            input: vec![0; FIFO_BYTES + 1],
+            ..dev.save_registers()
+        };
+
+        let refused = dev.restore_registers(&saved);
+
+        assert!(refused.is_err());
     }
 }

@@ -9,9 +9,11 @@
 //! and where its rings stand, after letting requests in flight complete). Device models keep
 //! their state in sluice, and saving it is per device; until a device can, a VM that has it is
 //! refused with a message naming it, rather than restored with a device that forgot what the
-//! guest told it (today virtio-blk on an image and virtio-rng can). The platform devices
-//! (COM1, RTC, i8042, ACPI PM) restart from their reset state, which the test guests and a
-//! running Linux tolerate (the PM timer jumps, COM1 keeps working).
+//! guest told it (today virtio-blk on an image and virtio-rng can). The platform devices carry
+//! what the guest programmed: COM1's registers and unread input, the i8042's controller state,
+//! the RTC's CMOS bytes, control registers and time offset from the host clock (the guest's
+//! clock runs on with the host's), the ACPI PM1 registers (the PM timer restarts, so a guest
+//! sees it jump as after a long pause).
 //!
 //! The checksums are FNV-1a over 64-bit words, written here: they detect corruption and
 //! truncation, not tampering, and no hashing crate is in the verified dependency set.
@@ -130,6 +132,9 @@ pub struct MachineState {
     /// Each PCI function's saved state (its `PciDevice::save_state`), by address.
     #[serde(default)]
     pub devices: Vec<(sluice_pci::PciAddress, serde_json::Value)>,
+    /// COM1, i8042, RTC and ACPI PM registers (absent: they restart from reset).
+    #[serde(default)]
+    pub platform: Option<crate::platform::PlatformState>,
     /// Checksum of the memory file's contents (holes read as zeros).
     pub memory_checksum: u64,
 }

@@ -48,6 +48,7 @@ fn machine(cpus: u8, memory: u64) -> MachineState {
         },
         memory_checksum: 0,
         devices: Vec::new(),
+        platform: None,
     }
 }
 
