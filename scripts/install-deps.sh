@@ -11,6 +11,7 @@ command -v c++ >/dev/null || need+=(g++) # libfuzzer-sys (fuzz/ is linted by scr
 command -v iasl >/dev/null || need+=(acpica-tools)
 command -v fio >/dev/null || need+=(fio) # host-side fio (linux-tests harness, sluice bench)
 command -v rsvg-convert >/dev/null || need+=(librsvg2-bin)
+command -v curl >/dev/null || need+=(curl) # the API test drives sluice with a real HTTP client
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing packages: ${need[*]} (run as root or install them: apt-get install -y --no-install-recommends ${need[*]})" >&2

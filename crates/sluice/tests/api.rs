@@ -1,6 +1,7 @@
 //! The control API end to end: `sluice run --api-socket` serving a running VM and `sluice ctl`
 //! driving it — ping, info, pause, resume, counters, Prometheus metrics, shutdown — and bad
-//! requests answered with a 4xx while the VM carries on.
+//! requests answered with a 4xx while the VM carries on, through `sluice ctl` and through curl
+//! (malformed JSON, an unknown field, an unknown endpoint, a wrong method).
 
 mod common;
 
@@ -107,6 +108,94 @@ fn sluice_ctl_pauses_resumes_reads_counters_and_shuts_the_vm_down() {
         !socket.exists(),
         "the API socket is removed when the VM ends"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One request with curl over the Unix socket: HTTP status and body.
+fn curl(socket: &Path, method: &str, endpoint: &str, body: Option<&str>) -> (u16, String) {
+    let mut command = Command::new("curl");
+    command
+        .args(["--silent", "--show-error", "--max-time", "10"])
+        .arg("--unix-socket")
+        .arg(socket)
+        .args(["--request", method, "--write-out", "\n%{http_code}"]);
+    if let Some(body) = body {
+        command.args(["--header", "Content-Type: application/json", "--data", body]);
+    }
+    let out = command
+        .arg(format!("http://localhost/api/v1/{endpoint}"))
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn error_message(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body).unwrap_or_default()["error"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn curl_drives_the_api_and_malformed_or_unknown_requests_get_json_errors() {
+    if skip_without_kvm("curl_drives_the_api_and_malformed_or_unknown_requests_get_json_errors") {
+        return;
+    }
+    if Command::new("curl").arg("--version").output().is_err() {
+        println!("SKIP curl test: no curl (scripts/install-deps.sh installs it)");
+        return;
+    }
+    let dir = scratch("curl");
+    let socket = dir.join("api.sock");
+    let mut vm = Command::new(SLUICE)
+        .args(["run", "--kernel"])
+        .arg(build_guest("wait"))
+        .args(["--serial", "off", "--api-socket"])
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start sluice");
+    wait_for("the VM to run", Duration::from_secs(20), || {
+        state(&socket) == "Running"
+    });
+
+    let info = curl(&socket, "GET", "vm.info", None);
+    let paused = curl(&socket, "PUT", "vm.pause", None);
+    let malformed = curl(
+        &socket,
+        "PUT",
+        "vm.snapshot",
+        Some("{\"destination_url\": "),
+    );
+    let wrong_field = curl(&socket, "PUT", "vm.snapshot", Some("{\"destination\": 1}"));
+    let unknown = curl(&socket, "GET", "vm.teleport", None);
+    let wrong_method = curl(&socket, "GET", "vm.pause", None);
+    let state_after_bad_requests = state(&socket);
+    let resumed = curl(&socket, "PUT", "vm.resume", None);
+    let shutdown = curl(&socket, "PUT", "vm.shutdown", None);
+    let status = wait_exit(&mut vm, Duration::from_secs(20));
+
+    assert_eq!(info.0, 200, "{info:?}");
+    let info: serde_json::Value = serde_json::from_str(&info.1).unwrap();
+    assert_eq!(info["state"], "Running", "{info:#}");
+    assert_eq!(paused.0, 204, "{paused:?}");
+    for (bad, code) in [
+        (&malformed, 400),
+        (&wrong_field, 400),
+        (&unknown, 404),
+        (&wrong_method, 405),
+    ] {
+        assert_eq!(bad.0, code, "{bad:?}");
+        assert!(!error_message(&bad.1).is_empty(), "a JSON error: {bad:?}");
+    }
+    assert_eq!(state_after_bad_requests, "Paused", "the VM carried on");
+    assert_eq!(resumed.0, 204, "{resumed:?}");
+    assert_eq!(shutdown.0, 204, "{shutdown:?}");
+    assert_eq!(status, Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
