@@ -119,6 +119,11 @@ pub enum NvmeHostile {
     /// (`hostile=dma_unmapped`): behind `iommu=vtd` the guest's own IOMMU must refuse it,
     /// leave the page untouched and record a fault naming the device and the page.
     DmaUnmapped,
+    /// The first I/O queue's MSI-X vector in remappable format through an IRTE with a
+    /// reserved bit set (`hostile=bad_irte`, behind `iommu=vtd` with interrupt remapping):
+    /// the unit must refuse the interrupt and record the fault; a repaired IRTE then
+    /// delivers.
+    BadIrte,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -240,7 +245,7 @@ fn parse_blk(rest: &str, default_mode: Mode) -> Result<Workload, String> {
 }
 
 /// `w=nvme`: blk's keys (the driver polls: `mode` other than `poll` and `event_idx` are
-/// refused) plus `dbbuf=on|off` (default on) and `hostile=dma_outside|dma_unmapped`.
+/// refused) plus `dbbuf=on|off` (default on) and `hostile=dma_outside|dma_unmapped|bad_irte`.
 fn parse_nvme(rest: &str) -> Result<Workload, String> {
     let mut dbbuf = true;
     let mut hostile = None;
@@ -252,6 +257,7 @@ fn parse_nvme(rest: &str) -> Result<Workload, String> {
                 hostile = match value {
                     "dma_outside" => Some(NvmeHostile::DmaOutside),
                     "dma_unmapped" => Some(NvmeHostile::DmaUnmapped),
+                    "bad_irte" => Some(NvmeHostile::BadIrte),
                     _ => return Err(alloc::format!("nvme: hostile={value} unknown")),
                 }
             }

@@ -122,6 +122,9 @@ pub enum Device {
     /// QEMU's Intel VT-d (`intel-iommu`, q35 only) in caching mode, DMA remapping only; it
     /// must come before the devices it translates.
     IntelIommu,
+    /// [`Device::IntelIommu`] with interrupt remapping (`intremap=on`); the machine then gets
+    /// `kernel-irqchip=split`, which QEMU requires for it under KVM.
+    IntelIommuIntremap,
 }
 
 impl Device {
@@ -254,12 +257,15 @@ impl GuestKitRun {
             Accel::Kvm => ("kvm", "host,-arch-capabilities"),
         };
         let shared_memory = self.devices.iter().any(Device::is_vhost_user);
-        let machine = if shared_memory {
+        let mut machine = if shared_memory {
             // vhost-user backends map guest RAM: it must be a shared memfd.
             format!("{},memory-backend=ram0", machine.qemu_name())
         } else {
             machine.qemu_name().into()
         };
+        if self.devices.contains(&Device::IntelIommuIntremap) {
+            machine.push_str(",kernel-irqchip=split");
+        }
         let mut args: Vec<String> = vec![
             "-machine".into(),
             machine,
@@ -375,6 +381,10 @@ fn qemu_device_args(index: usize, device: &Device) -> Vec<String> {
             format!("virtio-blk-pci,drive=blk{index}"),
         ],
         Device::IntelIommu => vec!["-device".into(), "intel-iommu,caching-mode=on".into()],
+        Device::IntelIommuIntremap => vec![
+            "-device".into(),
+            "intel-iommu,caching-mode=on,intremap=on".into(),
+        ],
         Device::Nvme { image, queues } => vec![
             "-drive".into(),
             format!(
@@ -703,6 +713,30 @@ mod tests {
         assert!(
             joined.contains("socket,id=net1,udp=127.0.0.1:4000,localaddr=127.0.0.1:4001"),
             "{joined}"
+        );
+    }
+
+    #[test]
+    fn intel_iommu_with_interrupt_remapping_splits_the_irqchip() {
+        let plain = GuestKitRun::qemu(Accel::Kvm, Machine::Q35, "").with_device(Device::IntelIommu);
+        let remapping =
+            GuestKitRun::qemu(Accel::Kvm, Machine::Q35, "").with_device(Device::IntelIommuIntremap);
+
+        let plain = plain
+            .qemu_args(Accel::Kvm, Machine::Q35, Path::new("/k"))
+            .join(" ");
+        let remapping = remapping
+            .qemu_args(Accel::Kvm, Machine::Q35, Path::new("/k"))
+            .join(" ");
+
+        assert!(plain.contains("-machine q35 -accel"), "{plain}");
+        assert!(
+            remapping.contains("-machine q35,kernel-irqchip=split -accel"),
+            "{remapping}"
+        );
+        assert!(
+            remapping.contains("-device intel-iommu,caching-mode=on,intremap=on"),
+            "{remapping}"
         );
     }
 

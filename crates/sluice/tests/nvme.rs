@@ -218,3 +218,103 @@ fn without_an_iommu_the_same_dma_lands_in_the_unmapped_page() {
         "nothing else would have stopped it: {hostile:#}"
     );
 }
+
+/// Runs `hostile=bad_irte` then a verify on one queue pair, with the kit's own VT-d on
+/// sluice's `--iommu=<iommu>`; returns the hostile probe's RESULT, the verify's RESULT and the
+/// unit's counters.
+fn bad_irte_probe(iommu: &str) -> (serde_json::Value, serde_json::Value, serde_json::Value) {
+    let image = image(&format!("bad-irte-{}", iommu.replace([',', '='], "-")));
+    let cmdline = format!(
+        "quiet iommu=vtd w=nvme:hostile=bad_irte:op=verify:bs={BLOCK}:qd=8:queues=1:span_mb={SPAN_MB}:seed={SEED}"
+    );
+    let args = vec![
+        format!("--nvme=path={}", image.display()),
+        format!("--iommu={iommu}"),
+    ];
+
+    let (report, metrics) = run_on_sluice(&cmdline, args);
+
+    let _ = std::fs::remove_file(&image);
+    let hostile = report
+        .results_for("nvme_hostile")
+        .next()
+        .unwrap_or_else(|| panic!("no nvme_hostile RESULT\n{}", report.describe()))
+        .raw
+        .clone();
+    let verify = report.results_for("nvme").next().expect("an nvme RESULT");
+    assert_eq!(
+        verify.verify.as_deref(),
+        Some("ok"),
+        "{}",
+        report.describe()
+    );
+    let vtd = metrics["devices"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["device"] == "vt-d"))
+        .unwrap_or_else(|| panic!("no vt-d metrics: {metrics:#}"))["counters"]
+        .clone();
+    (hostile, verify.raw.clone(), vtd)
+}
+
+/// VT-d fault reason 0x24: a reserved field set in the IRTE.
+const IRTE_RESERVED_FIELD: u64 = 0x24;
+
+#[test]
+fn the_guests_interrupt_remapping_refuses_a_bad_irte_records_the_fault_and_delivers_once_repaired()
+{
+    let name = "the_guests_interrupt_remapping_refuses_a_bad_irte_records_the_fault_and_delivers_once_repaired";
+    if skip_without_kvm(name) {
+        return;
+    }
+
+    let (hostile, verify, vtd) = bad_irte_probe("vtd");
+    println!(
+        "{hostile}\nworkload interrupts: {}\n{vtd}",
+        verify["interrupts"]
+    );
+
+    assert_eq!(hostile["applicable"], true, "{hostile:#}");
+    assert_eq!(
+        hostile["completed"], true,
+        "the command itself succeeds: {hostile:#}"
+    );
+    assert_eq!(hostile["hostile_status"], 0, "{hostile:#}");
+    assert_eq!(hostile["delivered"], false, "{hostile:#}");
+    let fault = &hostile["fault"];
+    assert_eq!(
+        fault["reason"].as_u64(),
+        Some(IRTE_RESERVED_FIELD),
+        "{hostile:#}"
+    );
+    assert_eq!(fault["index"], hostile["irte_index"], "{hostile:#}");
+    assert!(
+        hostile["repaired_interrupts"].as_u64().unwrap_or(0) >= 4,
+        "{hostile:#}"
+    );
+    assert_eq!(hostile["pass"], true, "{hostile:#}");
+    assert!(
+        verify["interrupts"].as_u64().unwrap_or(0) > 0,
+        "the workload's completions interrupt through the repaired IRTE: {verify:#}"
+    );
+    let counter = |name: &str| vtd[name].as_u64().unwrap_or(0);
+    assert!(counter("interrupt_faults") >= 1, "{vtd:#}");
+    assert!(counter("interrupts_remapped") >= 4, "{vtd:#}");
+    assert!(counter("interrupt_entry_invalidations") >= 2, "{vtd:#}");
+}
+
+#[test]
+fn without_interrupt_remapping_the_bad_irte_probe_is_not_applicable() {
+    let name = "without_interrupt_remapping_the_bad_irte_probe_is_not_applicable";
+    if skip_without_kvm(name) {
+        return;
+    }
+
+    let (hostile, _, vtd) = bad_irte_probe("vtd,intremap=off");
+    println!("{hostile}\n{vtd}");
+
+    assert_eq!(hostile["iommu"], true, "{hostile:#}");
+    assert_eq!(hostile["ir"], false, "ECAP.IR is clear: {hostile:#}");
+    assert_eq!(hostile["applicable"], false, "{hostile:#}");
+    assert_eq!(hostile["pass"], false, "nothing was shown: {hostile:#}");
+    assert_eq!(vtd["interrupt_faults"].as_u64(), Some(0), "{vtd:#}");
+}

@@ -11,6 +11,8 @@
 
 use crate::arch::full_barrier;
 use crate::cmdline::{NvmeHostile, NvmeParams};
+use crate::drivers::vtd;
+use crate::interrupts;
 use crate::mem;
 use crate::pci::{self, Device};
 use crate::phys;
@@ -79,6 +81,22 @@ const HOSTILE_DMA_ADDR: u64 = 0xF_0000_0000;
 const HOSTILE_CID: u16 = 0x7fff;
 /// How long the hostile command may take to complete; QEMU's NVMe completes at once.
 const HOSTILE_WAIT_MS: u64 = 2000;
+/// The IRTE `hostile=bad_irte` points the first I/O queue's interrupt at.
+const HOSTILE_IRTE: u16 = 5;
+/// The MSI-X table entry (and NVMe interrupt vector) of the first I/O queue under
+/// `hostile=bad_irte`; entry 0 (the admin queue's) stays masked.
+const HOSTILE_MSIX_ENTRY: u16 = 1;
+/// How long an interrupt the unit must refuse is waited for (it must not come).
+const REFUSED_WAIT_MS: u64 = 200;
+/// How long an interrupt through the repaired IRTE may take.
+const DELIVERY_WAIT_MS: u64 = 2000;
+/// Commands issued through the repaired IRTE, each expecting its interrupt.
+const REPAIR_COMMANDS: u64 = 4;
+const CAP_MSIX: u8 = 0x11;
+const MSIX_ENABLE: u16 = 1 << 15;
+const MSIX_FUNCTION_MASK: u16 = 1 << 14;
+/// Create I/O CQ CDW11 bit 1: interrupts enabled (the vector is bits 31:16).
+const QUEUE_INTERRUPTS: u32 = 1 << 1;
 
 /// Why the controller could not be used.
 #[derive(Debug)]
@@ -101,6 +119,8 @@ pub enum NvmeError {
     NoNamespace,
     NoMemory,
     BadCompletion(u32),
+    /// The kit's VT-d refused a step of interrupt remapping (why).
+    Iommu(alloc::string::String),
 }
 
 /// The `index`-th NVMe controller in enumeration order.
@@ -682,8 +702,8 @@ impl Controller {
             .min(completion.saturating_add(1)))
     }
 
-    /// Creates I/O CQ and SQ `qid` (polled: no interrupt vector).
-    fn create_io_queue(&mut self, qid: u16) -> Result<QueuePair, NvmeError> {
+    /// Creates I/O CQ and SQ `qid`: polled, or also interrupting on MSI-X entry `vector`.
+    fn create_io_queue(&mut self, qid: u16, vector: Option<u16>) -> Result<QueuePair, NvmeError> {
         if DOORBELLS + self.regs.doorbell_index(qid, true) + 4 > self.regs.size {
             return Err(NvmeError::BadBar);
         }
@@ -691,11 +711,12 @@ impl Controller {
         let pair =
             QueuePair::new(&self.regs, qid, entries, self.shadow).ok_or(NvmeError::NoMemory)?;
         let size_and_id = (u32::from(entries - 1) << 16) | u32::from(qid);
+        let interrupts = vector.map_or(0, |v| (u32::from(v) << 16) | QUEUE_INTERRUPTS);
         self.admin(
             Command::new(ADMIN_CREATE_CQ, 0)
                 .prp(pair.cq, 0)
                 .cdw(10, size_and_id)
-                .cdw(11, QUEUE_CONTIGUOUS),
+                .cdw(11, QUEUE_CONTIGUOUS | interrupts),
         )?;
         self.admin(
             Command::new(ADMIN_CREATE_SQ, 0)
@@ -900,7 +921,7 @@ fn hostile_dma_unmapped(
     // SAFETY: a page the bump allocator just handed out, identity mapped, used only here.
     let bytes = unsafe { core::slice::from_raw_parts_mut(page as *mut u8, PAGE as usize) };
     bytes.fill(UNMAPPED_FILL);
-    let _ = crate::drivers::vtd::take_faults();
+    let _ = vtd::take_faults();
     let command = Command::new(NVM_READ, HOSTILE_CID)
         .nsid(nsid)
         .prp(page, 0)
@@ -925,7 +946,7 @@ fn hostile_dma_unmapped(
     let source = controller.pci.bdf;
     let requester =
         u16::from(source.bus) << 8 | u16::from(source.device) << 3 | u16::from(source.function);
-    let fault = crate::drivers::vtd::take_faults()
+    let fault = vtd::take_faults()
         .into_iter()
         .find(|f| f.source == requester && f.address == page);
     let status = match &done {
@@ -945,18 +966,18 @@ fn hostile_dma_unmapped(
     // Behind the kit's own VT-d the page must stay as it was. Who refused the DMA depends on
     // where the device is: an emulated one's refusal is this unit's fault record; an assigned
     // one's is the host IOMMU's (sluice maps only what this unit maps), invisible here.
-    let contained = intact || !crate::drivers::vtd::active();
+    let contained = intact || !vtd::active();
     crate::println!(
         "RESULT {{\"workload\":\"nvme_hostile\",\"op\":\"dma_unmapped\",\"addr\":{},\
          \"iommu\":{},\"page_intact\":{},\"completed\":{},\"hostile_status\":{},\
          \"iommu_fault\":{},\"iommu_mapped_bytes\":{},\"controller_fatal\":{},\"pass\":{}}}",
         page,
-        crate::drivers::vtd::active(),
+        vtd::active(),
         intact,
         done.is_some(),
         status,
         fault_text,
-        crate::drivers::vtd::mapped_bytes(),
+        vtd::mapped_bytes(),
         fatal,
         !fatal && contained
     );
@@ -964,6 +985,210 @@ fn hostile_dma_unmapped(
         return Err(NvmeError::ControllerFatal);
     }
     Ok(())
+}
+
+/// The first I/O queue's interrupt under `hostile=bad_irte`: MSI-X entry
+/// [`HOSTILE_MSIX_ENTRY`] in remappable format, naming IRTE [`HOSTILE_IRTE`].
+struct RemappedVector {
+    vector: u8,
+    destination: u8,
+    requester: u16,
+}
+
+fn requester_id(device: &Device) -> u16 {
+    let bdf = device.bdf;
+    u16::from(bdf.bus) << 8 | u16::from(bdf.device) << 3 | u16::from(bdf.function)
+}
+
+/// The MSI-X table of `device`, mapped, and its number of entries.
+fn msix_table(device: &Device) -> Result<(u64, u16), NvmeError> {
+    let cap = *device
+        .capabilities(CAP_MSIX)
+        .first()
+        .ok_or(NvmeError::Unsupported("no MSI-X capability"))?;
+    let entries = (pci::read16(device.bdf, cap + 2) & 0x7ff) + 1;
+    let location = pci::read32(device.bdf, cap + 4);
+    let bir = (location & 7) as usize;
+    let bar = *device.bars.get(bir).ok_or(NvmeError::BadBar)?;
+    let offset = u64::from(location & !7);
+    let len = 16 * u64::from(entries);
+    if bar.is_io || bar.addr == 0 || bar.size < offset + len {
+        return Err(NvmeError::BadBar);
+    }
+    let table = bar.addr + offset;
+    // BAR0 is mapped whole already (map_bar0).
+    if bir != 0 && table + len > phys::IDENTITY_LIMIT {
+        crate::arch::paging::map_identity(table, len).map_err(|_| NvmeError::BadBar)?;
+    }
+    Ok((table, entries))
+}
+
+/// Turns MSI-X on with every entry masked but `entry`, which gets `address`/`data`.
+fn program_msix_entry(
+    device: &Device,
+    entry: u16,
+    address: u64,
+    data: u32,
+) -> Result<(), NvmeError> {
+    let (table, entries) = msix_table(device)?;
+    if entry >= entries {
+        return Err(NvmeError::Unsupported("too few MSI-X entries"));
+    }
+    let cap = device.capabilities(CAP_MSIX)[0];
+    let control = pci::read16(device.bdf, cap + 2);
+    pci::write16(
+        device.bdf,
+        cap + 2,
+        (control | MSIX_ENABLE) & !MSIX_FUNCTION_MASK,
+    );
+    let base = table + 16 * u64::from(entry);
+    phys::mmio_write32(base + 12, 1);
+    phys::mmio_write32(base, address as u32);
+    phys::mmio_write32(base + 4, (address >> 32) as u32);
+    phys::mmio_write32(base + 8, data);
+    phys::mmio_write32(base + 12, 0);
+    Ok(())
+}
+
+/// Before the I/O queues exist: turns the kit's interrupt remapping on, writes the bad IRTE
+/// (a reserved bit set) and points MSI-X entry [`HOSTILE_MSIX_ENTRY`] at it. Without an
+/// IOMMU offering interrupt remapping there is nothing to show: the RESULT line says so
+/// (`applicable` false) and the workload runs polled.
+fn prepare_bad_irte(controller: &Controller) -> Result<Option<RemappedVector>, NvmeError> {
+    if !vtd::offers_interrupt_remapping() {
+        crate::println!(
+            "RESULT {{\"workload\":\"nvme_hostile\",\"op\":\"bad_irte\",\"iommu\":{},\
+             \"ir\":false,\"applicable\":false,\"pass\":false}}",
+            vtd::active()
+        );
+        return Ok(None);
+    }
+    let iommu_error = |e: vtd::VtdError| NvmeError::Iommu(alloc::format!("{e}"));
+    vtd::enable_interrupt_remapping().map_err(iommu_error)?;
+    let device = &controller.pci;
+    let requester = requester_id(device);
+    let owner = u32::from(requester) << 16 | u32::from(HOSTILE_MSIX_ENTRY);
+    let vector = interrupts::vector_for(owner).ok_or(NvmeError::Unsupported("no free vector"))?;
+    let destination = u8::try_from(interrupts::apic_id())
+        .map_err(|_| NvmeError::Unsupported("APIC id beyond xAPIC"))?;
+    vtd::program_bad_irte(HOSTILE_IRTE, vector, destination, requester).map_err(iommu_error)?;
+    let (address, data) = vtd::remappable_msi(HOSTILE_IRTE);
+    program_msix_entry(device, HOSTILE_MSIX_ENTRY, address, data)?;
+    Ok(Some(RemappedVector {
+        vector,
+        destination,
+        requester,
+    }))
+}
+
+/// Reads LBA 0 into `buffer` on `pair` as [`HOSTILE_CID`] and waits (bounded, polling) for
+/// its completion.
+fn read_and_wait(pair: &mut QueuePair, nsid: u32, buffer: u64) -> Option<CompletionEntry> {
+    let command = Command::new(NVM_READ, HOSTILE_CID)
+        .nsid(nsid)
+        .prp(buffer, 0)
+        .cdw(10, 0)
+        .cdw(11, 0)
+        .cdw(12, 0);
+    pair.push(&command);
+    pair.publish_sq();
+    let deadline = Deadline::after_ms(HOSTILE_WAIT_MS);
+    loop {
+        if let Some(done) = pair.pop() {
+            pair.publish_cq();
+            return Some(done).filter(|d| d.cid == HOSTILE_CID && d.sqid == pair.qid);
+        }
+        if deadline.expired() {
+            return None;
+        }
+        crate::arch::pause();
+    }
+}
+
+/// Whether `vector` fired more than `before` times within `ms` milliseconds.
+fn interrupt_within(vector: u8, before: u64, ms: u64) -> bool {
+    let deadline = Deadline::after_ms(ms);
+    let arrived = || interrupts::count(vector) > before;
+    while !arrived() && !deadline.expired() {
+        crate::arch::wait_for_interrupt_unless(arrived);
+    }
+    arrived()
+}
+
+/// One Read whose completion interrupt goes through the bad IRTE: the command completes (the
+/// CQ is polled) but the interrupt must not arrive, and the unit must record fault 0x24 for
+/// the IRTE's index and the controller. Then the IRTE is repaired (and the interrupt entry
+/// cache invalidated): each of [`REPAIR_COMMANDS`] Reads must bring its interrupt. Returns
+/// whether all of that held.
+fn hostile_bad_irte(
+    controller: &Controller,
+    pair: &mut QueuePair,
+    nsid: u32,
+    irq: &RemappedVector,
+) -> Result<bool, NvmeError> {
+    let buffer = mem::alloc_dma(PAGE).ok_or(NvmeError::NoMemory)?;
+    let _ = vtd::take_faults();
+    let before = interrupts::count(irq.vector);
+    let refused = read_and_wait(pair, nsid, buffer);
+    let delivered = interrupt_within(irq.vector, before, REFUSED_WAIT_MS);
+    let fault = vtd::take_faults()
+        .into_iter()
+        .find(|f| f.interrupt_index.is_some() && f.source == irq.requester);
+    vtd::program_irte(HOSTILE_IRTE, irq.vector, irq.destination, irq.requester)
+        .map_err(|e| NvmeError::Iommu(alloc::format!("{e}")))?;
+    let repaired_before = interrupts::count(irq.vector);
+    let mut repaired_completions = 0;
+    for _ in 0..REPAIR_COMMANDS {
+        let before = interrupts::count(irq.vector);
+        if read_and_wait(pair, nsid, buffer).is_some_and(|d| d.code() == 0) {
+            repaired_completions += 1;
+        }
+        interrupt_within(irq.vector, before, DELIVERY_WAIT_MS);
+    }
+    let repaired_interrupts = interrupts::count(irq.vector) - repaired_before;
+    let fatal = controller.fatal();
+    let recorded = fault.is_some_and(|f| {
+        f.reason == vtd::REASON_IRTE_RESERVED && f.interrupt_index == Some(HOSTILE_IRTE)
+    });
+    let status = match &refused {
+        Some(d) => alloc::format!("{}", d.code()),
+        None => alloc::string::String::from("null"),
+    };
+    let fault_text = match fault {
+        Some(f) => alloc::format!(
+            "{{\"source\":\"{}\",\"reason\":{},\"index\":{}}}",
+            controller.pci.bdf,
+            f.reason,
+            f.interrupt_index.unwrap_or_default()
+        ),
+        None => alloc::string::String::from("null"),
+    };
+    let pass = refused.as_ref().is_some_and(|d| d.code() == 0)
+        && !delivered
+        && recorded
+        && repaired_completions == REPAIR_COMMANDS
+        && repaired_interrupts >= REPAIR_COMMANDS
+        && !fatal;
+    crate::println!(
+        "RESULT {{\"workload\":\"nvme_hostile\",\"op\":\"bad_irte\",\"iommu\":true,\
+         \"ir\":true,\"applicable\":true,\"irte_index\":{},\"vector\":{},\"completed\":{},\
+         \"hostile_status\":{},\"delivered\":{},\"fault\":{},\"repaired_completions\":{},\
+         \"repaired_interrupts\":{},\"controller_fatal\":{},\"pass\":{}}}",
+        HOSTILE_IRTE,
+        irq.vector,
+        refused.is_some(),
+        status,
+        delivered,
+        fault_text,
+        repaired_completions,
+        repaired_interrupts,
+        fatal,
+        pass
+    );
+    if fatal {
+        return Err(NvmeError::ControllerFatal);
+    }
+    Ok(pass)
 }
 
 /// Prints the failure and maps it to an outcome (timeouts end the run with status 4).
@@ -1042,9 +1267,17 @@ fn run(p: &NvmeParams, timeout_ms: u64) -> Result<Outcome, NvmeError> {
     if workload::slot_memory(blk, u64::from(count), prp_pages_per_slot) > mem::free_bytes() / 2 {
         return Err(NvmeError::NoMemory);
     }
+    let remapped = match p.hostile {
+        Some(NvmeHostile::BadIrte) => prepare_bad_irte(&controller)?,
+        _ => None,
+    };
     let mut pairs = (1..=count)
-        .map(|qid| controller.create_io_queue(qid))
+        .map(|qid| {
+            let vector = remapped.as_ref().filter(|_| qid == 1);
+            controller.create_io_queue(qid, vector.map(|_| HOSTILE_MSIX_ENTRY))
+        })
         .collect::<Result<Vec<QueuePair>, NvmeError>>()?;
+    let mut hostile_passed = true;
     match p.hostile {
         Some(NvmeHostile::DmaOutside) => {
             hostile_dma_outside(&controller, &mut pairs[0], namespace.nsid)?
@@ -1052,8 +1285,15 @@ fn run(p: &NvmeParams, timeout_ms: u64) -> Result<Outcome, NvmeError> {
         Some(NvmeHostile::DmaUnmapped) => {
             hostile_dma_unmapped(&controller, &mut pairs[0], namespace.nsid)?
         }
+        Some(NvmeHostile::BadIrte) => {
+            if let Some(irq) = &remapped {
+                hostile_passed = hostile_bad_irte(&controller, &mut pairs[0], namespace.nsid, irq)?;
+            }
+        }
         None => {}
     }
+    // The first queue's interrupts during the workload (it polls; they only arrive).
+    let interrupts_before = remapped.as_ref().map(|irq| interrupts::count(irq.vector));
     let controller = &controller;
     let queues = pairs
         .into_iter()
@@ -1102,12 +1342,15 @@ fn run(p: &NvmeParams, timeout_ms: u64) -> Result<Outcome, NvmeError> {
             workload: "nvme",
             queues: usize::from(count),
             depth,
-            interrupts: 0,
+            interrupts: remapped
+                .as_ref()
+                .zip(interrupts_before)
+                .map_or(0, |(irq, before)| interrupts::count(irq.vector) - before),
             transport_fields: &transport_fields,
             trailing_fields: &trailing_fields,
         },
     );
-    Ok(if finished.passed() {
+    Ok(if finished.passed() && hostile_passed {
         Outcome::Pass
     } else {
         Outcome::Fail
