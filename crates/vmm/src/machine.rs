@@ -130,6 +130,12 @@ fn kvm_step<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T,
     r.map_err(|source| VmError::KvmSetup { what, source })
 }
 
+impl From<sluice_pci::PciError> for VmError {
+    fn from(e: sluice_pci::PciError) -> Self {
+        device_err("pci", e)
+    }
+}
+
 pub(crate) fn device_err(what: &'static str, reason: impl ToString) -> VmError {
     VmError::Device {
         what,

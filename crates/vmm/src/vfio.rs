@@ -43,10 +43,11 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VfioSpec;
-use crate::interrupts::{KvmMsi, KvmMsiRouter, VmInterrupts};
+use crate::interrupts::VmInterrupts;
 use crate::machine::{device_err, VmError};
 use crate::memory::GuestRam;
 use crate::vfio_shadow::{DmaMapper, DmaShadow, Extent, RamRegions};
+use sluice_bus::irq::{MsiRouter, MsiSink};
 use sluice_iommu::Vtd;
 
 /// Host page size for memslots (x86).
@@ -135,8 +136,6 @@ pub fn attach_vfio_devices(
     let ir = sluice_vfio::interrupt_remapping(host_root);
     let kvm_vfio = Arc::new(kvm_vfio_device(vm)?);
     let slots = Arc::new(AtomicU32::new(FIRST_BAR_SLOT));
-    let msi_sink = interrupts.msi_sink.clone();
-    let router = &interrupts.msi_router;
     let mut handles = Vec::new();
     for spec in specs {
         let what = "vfio";
@@ -153,37 +152,38 @@ pub fn attach_vfio_devices(
             map_guest_ram(&function, ram)?;
         }
         let dma_all_bytes = function.mapped_bytes();
-        let mut device = VfioPciDevice::new(
-            spec,
-            function.clone(),
-            vm.clone(),
-            slots.clone(),
-            router,
-            msi_sink.clone(),
-        )?;
         let mut on_demand = None;
         let mut built = None;
-        let address = root
-            .add_device_with(|address| {
-                if let Some(vtd) = vtd {
-                    let shadow = Arc::new(DmaShadow::new(
-                        format!("vfio {} at PCI {address}", spec.host),
-                        Arc::new(FunctionDma(function.clone())),
-                        ram_regions(ram),
-                    ));
-                    device.on_demand = Some(OnDemand {
-                        shadow: shadow.clone(),
-                        vtd: vtd.clone(),
-                        requester: address.bdf(),
-                    });
-                    on_demand = Some((shadow, address.bdf()));
-                }
-                let device = Arc::new(Mutex::new(device));
-                built = Some(device.clone());
-                let shared: SharedPciDevice = device;
-                Ok::<_, sluice_pci::PciError>(shared)
-            })
-            .map_err(|e| device_err(what, e))?;
+        let address = root.add_device_with(|address| {
+            // With VT-d interrupt remapping the guest programs remappable MSI-X messages:
+            // the routes go through the unit for this requester like any device's.
+            let (msi_sink, router) = interrupts.msi_for(address.bdf());
+            let mut device = VfioPciDevice::new(
+                spec,
+                function.clone(),
+                vm.clone(),
+                slots.clone(),
+                router.as_ref(),
+                msi_sink,
+            )?;
+            if let Some(vtd) = vtd {
+                let shadow = Arc::new(DmaShadow::new(
+                    format!("vfio {} at PCI {address}", spec.host),
+                    Arc::new(FunctionDma(function.clone())),
+                    ram_regions(ram),
+                ));
+                device.on_demand = Some(OnDemand {
+                    shadow: shadow.clone(),
+                    vtd: vtd.clone(),
+                    requester: address.bdf(),
+                });
+                on_demand = Some((shadow, address.bdf()));
+            }
+            let device = Arc::new(Mutex::new(device));
+            built = Some(device.clone());
+            let shared: SharedPciDevice = device;
+            Ok::<_, VmError>(shared)
+        })?;
         let Some(device) = built else {
             return Err(device_err(what, "the PCI root did not build the device"));
         };
@@ -367,8 +367,8 @@ impl VfioPciDevice {
         function: Arc<AssignedFunction>,
         vm: Arc<VmFd>,
         slots: Arc<AtomicU32>,
-        router: &KvmMsiRouter,
-        msi_sink: Arc<KvmMsi>,
+        router: &dyn MsiRouter,
+        msi_sink: Arc<dyn MsiSink>,
     ) -> Result<Self, VmError> {
         let what = "vfio";
         let bar_specs = bar_specs(&function);
