@@ -1,0 +1,278 @@
+//! Live migration end to end: a guest kit verifying a virtio-blk disk is migrated mid-run from
+//! one `sluice run` to another `sluice run --migrate-from` over a Unix socket and finishes
+//! there; and a destination killed mid-stream leaves the VM running at the source.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{skip_without_kvm, SLUICE};
+
+/// The verify workload: writes a pattern over the span and reads it back (a few seconds); its
+/// 8 MiB of request buffers are rewritten all the time (by the guest, then by the device), so
+/// pre-copy needs rounds.
+const WORKLOAD: &str = "w=blk:op=verify:bs=262144:qd=32:span_mb=384:seed=11";
+const SPAN: u64 = 384 << 20;
+const IMAGE_BYTES: u64 = SPAN + (16 << 20);
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("migration-{name}.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `sluice ctl --api-socket SOCKET ARGS...`: status and stdout.
+fn ctl(socket: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(SLUICE)
+        .args(["ctl", "--api-socket"])
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run sluice ctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The source: the guest kit on a fresh image, console to `console`, API on `socket`.
+fn start_source(dir: &Path, image: &Path, socket: &Path, console: &Path) -> Child {
+    std::fs::File::create(image)
+        .unwrap()
+        .set_len(IMAGE_BYTES)
+        .unwrap();
+    let child = Command::new(SLUICE)
+        .args(["run", &format!("--disk=path={}", image.display())])
+        .arg("--api-socket")
+        .arg(socket)
+        .arg(format!("--serial=file={}", console.display()))
+        .args(["--cmdline", WORKLOAD])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the source");
+    wait_for("the blk workload", Duration::from_secs(30), || {
+        std::fs::read_to_string(console).is_ok_and(|c| c.contains("virtio-blk 00:"))
+    });
+    child
+}
+
+/// The destination: the same devices, waiting for the stream at `url`.
+fn start_destination(image: &Path, url: &str) -> Child {
+    Command::new(SLUICE)
+        .args(["--log", "sluice_vmm::machine=info"])
+        .args(["run", &format!("--disk=path={}", image.display())])
+        .args(["--migrate-from", url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the destination")
+}
+
+fn pattern_at(image: &Path, offset: u64) -> Result<(), String> {
+    let mut block = vec![0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(image).unwrap(),
+        &mut block,
+        offset,
+    )
+    .unwrap();
+    sluice_guest_kit::pattern::check_pattern(11, offset, &block).map_err(|e| format!("{e:?}"))
+}
+
+#[test]
+fn a_guest_kit_verify_migrated_mid_run_over_a_unix_socket_finishes_at_the_destination() {
+    if skip_without_kvm(
+        "a_guest_kit_verify_migrated_mid_run_over_a_unix_socket_finishes_at_the_destination",
+    ) {
+        return;
+    }
+    let dir = scratch("blk");
+    let (image, socket, console) = (
+        dir.join("disk.img"),
+        dir.join("api.sock"),
+        dir.join("source.txt"),
+    );
+    let stream = dir.join("migrate.sock");
+    let url = format!("unix:{}", stream.display());
+    let destination = start_destination(&image, &url);
+    wait_for("the destination to listen", Duration::from_secs(10), || {
+        stream.exists()
+    });
+    let mut source = start_source(&dir, &image, &socket, &console);
+
+    let (status, answer) = ctl(&socket, &["migrate", &url]);
+    let source_status = wait_exit(&mut source, Duration::from_secs(20));
+    let before = std::fs::read_to_string(&console).unwrap();
+    let finished = destination.wait_with_output().unwrap();
+
+    assert_eq!(status, 0, "{answer}");
+    let report: serde_json::Value = serde_json::from_str(answer.trim()).expect(&answer);
+    println!(
+        "migrated: total {} ms, downtime {} ms, {} rounds, {} pages, throttle {}%",
+        report["total_ms"],
+        report["downtime_ms"],
+        report["rounds"],
+        report["pages_sent"],
+        report["throttle_percent"]
+    );
+    assert!(report["pages_sent"].as_u64().unwrap() > 0, "{report}");
+    assert!(
+        report["rounds"].as_u64().unwrap() >= 2,
+        "pre-copy rounds, then the stop-and-copy: {report}"
+    );
+    let downtime = report["downtime_ms"].as_f64().unwrap();
+    assert!(downtime > 0.0, "{report}");
+    assert!(report["total_ms"].as_f64().unwrap() >= downtime, "{report}");
+    assert_eq!(source_status, Some(0), "the source exits 0 once migrated");
+    assert!(
+        !before.contains("RESULT"),
+        "the workload ended before the migration:\n{before}"
+    );
+    let console = String::from_utf8_lossy(&finished.stdout);
+    let log = String::from_utf8_lossy(&finished.stderr);
+    assert_eq!(finished.status.code(), Some(0), "{console}\n{log}");
+    assert!(console.contains("GUEST-KIT PASS"), "{console}");
+    assert!(console.contains("\"verify\":\"ok\""), "{console}");
+    let resumed = report["resumed_unix_ns"].as_u64().unwrap();
+    assert!(
+        log.contains(&format!("vCPUs resumed at {resumed} ns")),
+        "the destination logs the resume time the source reports:\n{log}"
+    );
+    assert_eq!(pattern_at(&image, 0), Ok(()));
+    assert_eq!(
+        pattern_at(&image, SPAN - 4096),
+        Ok(()),
+        "the last block of the span holds the pattern"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_destination_killed_mid_stream_leaves_the_vm_running_at_the_source() {
+    if skip_without_kvm("a_destination_killed_mid_stream_leaves_the_vm_running_at_the_source") {
+        return;
+    }
+    let dir = scratch("killed");
+    let (image, socket, console) = (
+        dir.join("disk.img"),
+        dir.join("api.sock"),
+        dir.join("source.txt"),
+    );
+    let stream = dir.join("migrate.sock");
+    let url = format!("unix:{}", stream.display());
+    let mut destination = start_destination(&image, &url);
+    wait_for("the destination to listen", Duration::from_secs(10), || {
+        stream.exists()
+    });
+    // Stopped, the destination reads nothing: the source fills the socket and blocks in the
+    // middle of round 0, where the kill below finds it.
+    let pid = destination.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut source = start_source(&dir, &image, &socket, &console);
+
+    let migrate = {
+        let socket = socket.clone();
+        let url = url.clone();
+        std::thread::spawn(move || ctl(&socket, &["migrate", &url]))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    destination.kill().unwrap();
+    let _ = destination.wait();
+    let (status, answer) = migrate.join().unwrap();
+    let source_status = wait_exit(&mut source, Duration::from_secs(60));
+    let console = std::fs::read_to_string(&console).unwrap();
+
+    println!("the source after the kill: {}", answer.trim());
+    assert_ne!(status, 0, "the migration cannot succeed: {answer}");
+    assert!(answer.contains("migration failed"), "{answer}");
+    assert_eq!(source_status, Some(0), "{console}");
+    assert!(console.contains("GUEST-KIT PASS"), "{console}");
+    assert!(console.contains("\"verify\":\"ok\""), "{console}");
+    assert_eq!(pattern_at(&image, SPAN - 4096), Ok(()));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_destination_that_cannot_restore_the_state_leaves_the_vm_running_at_the_source() {
+    if skip_without_kvm(
+        "a_destination_that_cannot_restore_the_state_leaves_the_vm_running_at_the_source",
+    ) {
+        return;
+    }
+    let dir = scratch("refused");
+    let (image, socket, console) = (
+        dir.join("disk.img"),
+        dir.join("api.sock"),
+        dir.join("source.txt"),
+    );
+    let stream = dir.join("migrate.sock");
+    let url = format!("unix:{}", stream.display());
+    // No disk: the state's virtio-blk function has nowhere to go, after the source paused,
+    // captured the state and handed over its image locks.
+    let destination = Command::new(SLUICE)
+        .args(["run", "--migrate-from", &url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the destination");
+    wait_for("the destination to listen", Duration::from_secs(10), || {
+        stream.exists()
+    });
+    let mut source = start_source(&dir, &image, &socket, &console);
+
+    let (status, answer) = ctl(&socket, &["migrate", &url]);
+    let refused = destination.wait_with_output().unwrap();
+    let source_status = wait_exit(&mut source, Duration::from_secs(60));
+    let console = std::fs::read_to_string(&console).unwrap();
+
+    println!("the source after the refusal: {}", answer.trim());
+    assert_ne!(status, 0, "{answer}");
+    assert!(answer.contains("did not acknowledge"), "{answer}");
+    assert_ne!(refused.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("00:01.0"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_eq!(source_status, Some(0), "{console}");
+    assert!(console.contains("GUEST-KIT PASS"), "{console}");
+    assert!(console.contains("\"verify\":\"ok\""), "{console}");
+    assert_eq!(pattern_at(&image, SPAN - 4096), Ok(()));
+    let _ = std::fs::remove_dir_all(&dir);
+}
