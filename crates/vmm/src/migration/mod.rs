@@ -25,6 +25,7 @@
 //! remain (virtio-blk on an image, virtio-rng; see sluice_dma::dirty for the write paths).
 //! Transports: `unix:PATH` and `tcp:HOST:PORT`, unencrypted and unauthenticated (on one host).
 
+pub mod fuzz;
 pub mod protocol;
 mod source;
 pub mod tracking;

@@ -1,0 +1,86 @@
+//! Fuzz body for the migration receiver (fuzz target `migration_stream`): any bytes as the
+//! stream a destination reads from the connection it accepted — `Hello`, then everything up
+//! to `End` — through the same [`read_hello`] and [`receive`] `sluice run --migrate-from` uses.
+//! Checked beyond "never panics": every page run written lies inside the announced RAM and is
+//! whole pages, and an accepted state has the announced shape.
+
+use std::io::{self, Cursor};
+
+use super::protocol::{read_hello, receive, PageSink, PAGE_SIZE};
+
+/// Guest RAM of the announced size that keeps nothing (the size may be anything up to
+/// 2^64 - 4096: nothing is allocated for it).
+struct CheckedRam {
+    size: u64,
+    pages: u64,
+}
+
+impl PageSink for CheckedRam {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let end = offset.checked_add(data.len() as u64);
+        assert!(end.is_some_and(|end| end <= self.size), "a run outside RAM");
+        assert!(offset.is_multiple_of(PAGE_SIZE) && (data.len() as u64).is_multiple_of(PAGE_SIZE));
+        self.pages += data.len() as u64 / PAGE_SIZE;
+        Ok(())
+    }
+}
+
+pub fn migration_stream(data: &[u8]) {
+    accepts(data);
+}
+
+/// Runs the receiver on `data` with the checks; whether it accepted the stream.
+fn accepts(data: &[u8]) -> bool {
+    let mut input = Cursor::new(data);
+    let Ok(hello) = read_hello(&mut input) else {
+        return false;
+    };
+    let mut ram = CheckedRam {
+        size: hello.memory,
+        pages: 0,
+    };
+    if let Ok((state, pages)) = receive(&mut input, hello.cpus, &mut ram) {
+        assert_eq!(pages, ram.pages);
+        assert_eq!((state.cpus, state.memory), (hello.cpus, hello.memory));
+        assert_eq!(state.vcpus.len(), usize::from(hello.cpus));
+        return true;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::protocol::*;
+    use super::*;
+
+    #[test]
+    fn a_whole_stream_and_every_prefix_pass_the_checks() {
+        let mut bytes = Vec::new();
+        send_hello(&mut bytes, 1, 1 << 40).unwrap();
+        send_pages(&mut bytes, (1 << 40) - PAGE_SIZE, &[7; PAGE_SIZE as usize]).unwrap();
+        send_state(&mut bytes, &crate::snapshot::tests::machine(1, 1 << 40)).unwrap();
+        send_end(&mut bytes).unwrap();
+
+        let accepted: Vec<bool> = (0..bytes.len())
+            .step_by(97)
+            .map(|end| accepts(&bytes[..end]))
+            .collect();
+
+        assert!(accepts(&bytes));
+        assert!(accepted.iter().all(|&a| !a), "a prefix was accepted");
+    }
+
+    #[test]
+    fn the_committed_full_stream_seed_is_accepted() {
+        let seed = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fuzz/corpus/migration_stream/full_stream"
+        );
+
+        assert!(accepts(&std::fs::read(seed).unwrap()));
+    }
+}
