@@ -241,3 +241,65 @@ fn an_ack_round_trips() {
         }
     ));
 }
+
+/// Sends a whole stream to `url` (once something listens there) and returns the `Ack`'s time.
+fn send_stream_to(url: String, memory: u64) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let target = MigrationUrl::parse(&url).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut stream = loop {
+            match target.connect() {
+                Ok(stream) => break stream,
+                Err(e) if std::time::Instant::now() > deadline => panic!("{e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        send_hello(&mut stream, 1, memory).unwrap();
+        send_pages(&mut stream, 0x1000, &[0x5a; 0x2000]).unwrap();
+        send_pages(&mut stream, memory - 0x1000, &[0xa5; 0x1000]).unwrap();
+        send_state(&mut stream, &crate::snapshot::tests::machine(1, memory)).unwrap();
+        send_end(&mut stream).unwrap();
+        match read_message(&mut stream).unwrap() {
+            Message::Ack { resumed_unix_ns } => resumed_unix_ns,
+            other => panic!("{other:?}"),
+        }
+    })
+}
+
+#[test]
+fn a_stream_over_unix_and_tcp_lands_in_guest_ram_and_is_acknowledged() {
+    let memory = 32 << 20;
+    let socket = std::env::temp_dir().join(format!("sluice-migrate-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    // A free port: bound, noted, released (the destination binds it again right away).
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for url in [
+        format!("unix:{}", socket.display()),
+        format!("tcp:127.0.0.1:{port}"),
+    ] {
+        let source = send_stream_to(url.clone(), memory);
+
+        let mut incoming = Incoming::accept(&url).unwrap();
+        let ram = GuestRam::new(incoming.hello().memory).unwrap();
+        let state = incoming.receive(&ram).unwrap();
+        incoming.acknowledge(42).unwrap();
+
+        assert_eq!(source.join().unwrap(), 42, "{url}");
+        assert_eq!(state.vcpus.len(), 1);
+        let mut page = vec![0u8; 0x3000];
+        std::os::unix::fs::FileExt::read_exact_at(&*ram.file, &mut page, 0).unwrap();
+        assert!(page[..0x1000].iter().all(|&b| b == 0), "{url}");
+        assert!(page[0x1000..].iter().all(|&b| b == 0x5a), "{url}");
+        let mut last = [0u8; 0x1000];
+        std::os::unix::fs::FileExt::read_exact_at(&*ram.file, &mut last, memory - 0x1000).unwrap();
+        assert!(last.iter().all(|&b| b == 0xa5), "{url}");
+        assert!(
+            !socket.exists(),
+            "the Unix listener is gone after its one connection"
+        );
+    }
+}
