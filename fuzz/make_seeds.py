@@ -780,9 +780,19 @@ def migration_pages(offset, pages, fill=0xAB):
     return migration_frame(2, struct.pack("<Q", offset) + bytes([fill]) * (4096 * pages))
 
 
+def migration_framed(*messages):
+    # 0xff: the body frames [kind][len u16][payload]... itself, with valid checksums.
+    return b"\xff" + b"".join(bytes([kind]) + struct.pack("<H", len(p)) + p for kind, p in messages)
+
+
 def migration_seeds():
     end = migration_frame(4, b"")
+    hello = b"sluice-migration" + struct.pack("<IIQ", 1, 1, 16 * 4096)
     return [
+        ("framed_pages_state_end", migration_framed(
+            (1, hello), (2, struct.pack("<Q", 4096) + b"\x11" * 4096),
+            (3, b'{"cpus":1,"memory":65536,"vcpus":[]}'), (4, b""))),
+        ("framed_bad_hello", migration_framed((1, hello[:20]), (4, b""))),
         ("pages_then_end", migration_hello() + migration_pages(0, 2) + end),
         ("pages_outside_ram", migration_hello() + migration_pages(15 * 4096, 2) + end),
         ("corrupt_frame", migration_hello() + migration_frame(2, struct.pack("<Q", 0) + bytes(4096), True)),

@@ -3,10 +3,17 @@
 //! to `End` — through the same [`read_hello`] and [`receive`] `sluice run --migrate-from` uses.
 //! Checked beyond "never panics": every page run written lies inside the announced RAM and is
 //! whole pages, and an accepted state has the announced shape.
+//!
+//! Input: the stream's bytes as they are; or, when the first byte is [`FRAMED`], a list of
+//! `[kind][payload length u16 LE][payload]` that the body frames with valid checksums first, so
+//! that the fuzzer reaches the message decoders instead of stopping at the checksum.
 
 use std::io::{self, Cursor};
 
-use super::protocol::{read_hello, receive, PageSink, PAGE_SIZE};
+use super::protocol::{read_hello, receive, write_frame, PageSink, PAGE_SIZE};
+
+/// First byte of an input whose frames the body builds (see the module documentation).
+pub const FRAMED: u8 = 0xff;
 
 /// Guest RAM of the announced size that keeps nothing (the size may be anything up to
 /// 2^64 - 4096: nothing is allocated for it).
@@ -30,7 +37,25 @@ impl PageSink for CheckedRam {
 }
 
 pub fn migration_stream(data: &[u8]) {
-    accepts(data);
+    match data.split_first() {
+        Some((&FRAMED, messages)) => {
+            accepts(&frame_all(messages));
+        }
+        _ => {
+            accepts(data);
+        }
+    }
+}
+
+/// Frames `[kind][len u16][payload]...` with valid checksums (a short tail is framed as is).
+fn frame_all(mut messages: &[u8]) -> Vec<u8> {
+    let mut stream = Vec::new();
+    while let [kind, low, high, rest @ ..] = messages {
+        let len = usize::from(u16::from_le_bytes([*low, *high])).min(rest.len());
+        write_frame(&mut stream, *kind, &rest[..len]).expect("a Vec takes any frame");
+        messages = &rest[len..];
+    }
+    stream
 }
 
 /// Runs the receiver on `data` with the checks; whether it accepted the stream.
@@ -72,6 +97,23 @@ mod tests {
 
         assert!(accepts(&bytes));
         assert!(accepted.iter().all(|&a| !a), "a prefix was accepted");
+    }
+
+    #[test]
+    fn framed_inputs_get_valid_checksums() {
+        let mut hello = b"sluice-migration".to_vec();
+        hello.extend_from_slice(&VERSION.to_le_bytes());
+        hello.extend_from_slice(&1u32.to_le_bytes());
+        hello.extend_from_slice(&(16 * PAGE_SIZE).to_le_bytes());
+        let mut input = vec![1, hello.len() as u8, 0];
+        input.extend_from_slice(&hello);
+        input.extend_from_slice(&[4, 0, 0]);
+
+        let stream = frame_all(&input);
+        let mut cursor = Cursor::new(&stream[..]);
+
+        assert_eq!(read_hello(&mut cursor).unwrap().cpus, 1);
+        assert!(matches!(read_message(&mut cursor), Ok(Message::End)));
     }
 
     #[test]

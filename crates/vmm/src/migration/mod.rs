@@ -229,7 +229,10 @@ impl Incoming {
             )));
         }
         let (state, pages) = protocol::receive(&mut self.input, self.hello.cpus, &mut sink)?;
-        tracing::info!("migration: received {pages} pages and the state");
+        tracing::info!(
+            "migration: received {pages} pages and the state at {} ns (CLOCK_REALTIME)",
+            unix_ns()
+        );
         Ok(state)
     }
 

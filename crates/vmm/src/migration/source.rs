@@ -158,16 +158,22 @@ fn stop_and_copy(
     mut out: BufWriter<Stream>,
     mut stream: Stream,
 ) -> Result<(u64, u64), MigrationError> {
+    let paused = Instant::now();
     let state = quiet_state(handle, parts)?;
+    let captured = paused.elapsed();
     sluice_storage::lock::release_all()
         .map_err(|e| MigrationError::Vm(format!("cannot release the image locks: {e}")))?;
     let last = union(pending, &tracking.take_round()?);
     let last = union(last, &tracking.take_device_sticky());
     let sent = send_page_list(&mut out, &parts.ram, &last)?;
-    tracing::info!("migration: stop-and-copy sent {sent} pages");
     protocol::send_state(&mut out, &state)?;
     protocol::send_end(&mut out)?;
     out.flush()?;
+    tracing::info!(
+        "migration: stop-and-copy: state captured in {captured:?}, {sent} pages and the state \
+         sent {:?} after the pause",
+        paused.elapsed()
+    );
     drop(out);
     stream.set_read_timeout(Some(ACK_TIMEOUT))?;
     match protocol::read_message(&mut stream) {
