@@ -282,6 +282,12 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         nvmes: args.nvme,
         vfio: args.device,
     };
+    // Before the stop signals are blocked: until a stream arrives, SIGTERM ends the waiting
+    // destination like any process.
+    let incoming = match &args.migrate_from {
+        Some(url) => Some(sluice_vmm::migration::Incoming::accept(url)?),
+        None => None,
+    };
     // Before the VM's threads start, so that none of them takes the signal.
     let stop_signals = signals::StopSignals::block().context("cannot set up signal handling")?;
     let handle = match &args.restore {
@@ -294,9 +300,8 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
             };
             VmHandle::restoring(config, dir.clone())
         }
-        None => match &args.migrate_from {
-            Some(url) => {
-                let incoming = sluice_vmm::migration::Incoming::accept(url)?;
+        None => match incoming {
+            Some(incoming) => {
                 let hello = incoming.hello();
                 let config = VmConfig {
                     cpus: hello.cpus,

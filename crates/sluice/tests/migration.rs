@@ -276,3 +276,44 @@ fn a_destination_that_cannot_restore_the_state_leaves_the_vm_running_at_the_sour
     assert_eq!(pattern_at(&image, SPAN - 4096), Ok(()));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_destination_refuses_a_stream_that_is_not_a_migration_and_replaces_a_stale_socket() {
+    let dir = scratch("garbage");
+    let stream = dir.join("migrate.sock");
+    // A socket left by a destination that was killed while it waited.
+    drop(std::os::unix::net::UnixListener::bind(&stream).unwrap());
+    let url = format!("unix:{}", stream.display());
+    let destination = Command::new(SLUICE)
+        .args(["run", "--migrate-from", &url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the destination");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut peer = loop {
+        match std::os::unix::net::UnixStream::connect(&stream) {
+            Ok(peer) => break peer,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the destination never listened: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    std::io::Write::write_all(&mut peer, b"GET / HTTP/1.1\r\nHost: sluice\r\n\r\n").unwrap();
+    let refused = destination.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+
+    assert_ne!(refused.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("not a sluice migration stream"), "{stderr}");
+    assert!(
+        !stream.exists(),
+        "the listener is gone after its one connection"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

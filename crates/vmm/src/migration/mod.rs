@@ -51,7 +51,7 @@ use protocol::{Hello, PageSink, ProtocolError};
 pub enum MigrationError {
     #[error("bad migration URL `{0}`: expected unix:PATH or tcp:HOST:PORT")]
     Url(String),
-    #[error("cannot reach the migration peer at {url}: {source}")]
+    #[error("migration connection at {url}: {source}")]
     Connect { url: String, source: io::Error },
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
@@ -128,7 +128,7 @@ impl MigrationUrl {
         };
         match self {
             MigrationUrl::Unix(path) => {
-                let listener = UnixListener::bind(path).map_err(fail)?;
+                let listener = bind_unix(path).map_err(fail)?;
                 let accepted = listener.accept().map(|(s, _)| Stream::Unix(s));
                 // One connection only: nobody else may connect to this VM's stream.
                 let _ = std::fs::remove_file(path);
@@ -139,6 +139,24 @@ impl MigrationUrl {
                 listener.accept().map(|(s, _)| Stream::Tcp(s)).map_err(fail)
             }
         }
+    }
+}
+
+/// Binds `path`, replacing a stale socket nobody listens on (a destination that was killed
+/// while it waited leaves one), never anything else.
+fn bind_unix(path: &std::path::Path) -> io::Result<UnixListener> {
+    match UnixListener::bind(path) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            use std::os::unix::fs::FileTypeExt;
+            let stale = std::fs::symlink_metadata(path)?.file_type().is_socket()
+                && UnixStream::connect(path).is_err();
+            if !stale {
+                return Err(e);
+            }
+            std::fs::remove_file(path)?;
+            UnixListener::bind(path)
+        }
+        other => other,
     }
 }
 
