@@ -758,15 +758,19 @@ def viommu_seeds():
 
 
 # --- migration_stream: the stream `sluice run --migrate-from` reads -------------------------------
-# Frames: b"SLMG", kind, 3 zero bytes, payload length (u32 LE), FNV-1a of kind + length + payload
-# (u64 LE), payload. `full_stream` (a whole stream with a state) is written by sluice itself
-# (`protocol::send_*`) and kept as committed; these are the frame-level seeds around it.
+# Frames: b"SLMG", kind, 3 zero bytes, payload length (u32 LE), FNV-1a over 64-bit LE words
+# (kind | length << 8, then the zero-padded payload) as u64 LE, payload. `full_stream` (a whole
+# stream with a state) is written by sluice itself (`protocol::send_*`) and kept as committed;
+# these are the frame-level seeds around it.
 
 def migration_frame(kind, payload, corrupt=False):
     length = struct.pack("<I", len(payload))
     h = 0xcbf29ce484222325
-    for byte in bytes([kind]) + length + payload:
-        h = ((h ^ byte) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    padded = payload + bytes(-len(payload) % 8)
+    words = [kind | len(payload) << 8] + [struct.unpack_from("<Q", padded, i)[0]
+                                          for i in range(0, len(padded), 8)]
+    for word in words:
+        h = ((h ^ word) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
     if corrupt:
         h ^= 1
     return b"SLMG" + bytes([kind, 0, 0, 0]) + length + struct.pack("<Q", h) + payload

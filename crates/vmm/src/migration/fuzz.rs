@@ -116,6 +116,33 @@ mod tests {
         assert!(matches!(read_message(&mut cursor), Ok(Message::End)));
     }
 
+    /// make_seeds.py computes the checksums itself: its seeds get past them.
+    #[test]
+    fn the_generated_seeds_have_the_checksums_sluice_computes() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fuzz/corpus/migration_stream/"
+        );
+        let seed = std::fs::read(format!("{dir}pages_then_end")).unwrap();
+        let mut input = Cursor::new(&seed[..]);
+        let hello = read_hello(&mut input).unwrap();
+        let mut ram = CheckedRam {
+            size: hello.memory,
+            pages: 0,
+        };
+
+        let refused = receive(&mut input, hello.cpus, &mut ram).err();
+
+        assert_eq!(ram.pages, 2, "both pages were taken");
+        assert!(
+            matches!(
+                refused,
+                Some(ProtocolError::Unexpected { found: "end", .. })
+            ),
+            "{refused:?}"
+        );
+    }
+
     #[test]
     fn the_committed_full_stream_seed_is_accepted() {
         let seed = concat!(
