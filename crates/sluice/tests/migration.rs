@@ -10,12 +10,23 @@ use std::time::{Duration, Instant};
 
 use common::{skip_without_kvm, SLUICE};
 
-/// The verify workload: writes a pattern over the span and reads it back (a few seconds); its
-/// 8 MiB of request buffers are rewritten all the time (by the guest, then by the device), so
-/// pre-copy needs rounds.
-const WORKLOAD: &str = "w=blk:op=verify:bs=262144:qd=32:span_mb=384:seed=11";
-const SPAN: u64 = 384 << 20;
-const IMAGE_BYTES: u64 = SPAN + (16 << 20);
+/// The verify workload the migration test moves: writes a pattern over the span and reads it
+/// back (about 2 s here); its 128 request buffers of 16 KiB (512 pages) are rewritten all the
+/// time, by the guest and by the device, so pre-copy takes rounds.
+const BUSY: Workload = Workload {
+    cmdline: "w=blk:op=verify:bs=16384:qd=128:span_mb=768:seed=11",
+    span: 768 << 20,
+};
+/// A shorter verify for the tests where the migration fails and the source finishes.
+const SHORT: Workload = Workload {
+    cmdline: "w=blk:op=verify:bs=4096:qd=16:span_mb=96:seed=11",
+    span: 96 << 20,
+};
+
+struct Workload {
+    cmdline: &'static str,
+    span: u64,
+}
 
 fn scratch(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -62,18 +73,25 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> Option<i32> {
     }
 }
 
-/// The source: the guest kit on a fresh image, console to `console`, API on `socket`.
-fn start_source(dir: &Path, image: &Path, socket: &Path, console: &Path) -> Child {
+/// The source: the guest kit running `workload` on a fresh image, console to `console`, API on
+/// `socket`; returns once the kit found its disk.
+fn start_source(
+    dir: &Path,
+    image: &Path,
+    socket: &Path,
+    console: &Path,
+    workload: &Workload,
+) -> Child {
     std::fs::File::create(image)
         .unwrap()
-        .set_len(IMAGE_BYTES)
+        .set_len(workload.span + (16 << 20))
         .unwrap();
     let child = Command::new(SLUICE)
         .args(["run", &format!("--disk=path={}", image.display())])
         .arg("--api-socket")
         .arg(socket)
         .arg(format!("--serial=file={}", console.display()))
-        .args(["--cmdline", WORKLOAD])
+        .args(["--cmdline", workload.cmdline])
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -84,6 +102,15 @@ fn start_source(dir: &Path, image: &Path, socket: &Path, console: &Path) -> Chil
         std::fs::read_to_string(console).is_ok_and(|c| c.contains("virtio-blk 00:"))
     });
     child
+}
+
+/// Requests the source's disk has completed so far.
+fn requests_done(socket: &Path) -> u64 {
+    let (_, counters) = ctl(socket, &["counters"]);
+    let counters: serde_json::Value = serde_json::from_str(&counters).unwrap_or_default();
+    counters["devices"][0]["queues"][0]["requests"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 /// The destination: the same devices, waiting for the stream at `url`.
@@ -129,7 +156,11 @@ fn a_guest_kit_verify_migrated_mid_run_over_a_unix_socket_finishes_at_the_destin
     wait_for("the destination to listen", Duration::from_secs(10), || {
         stream.exists()
     });
-    let mut source = start_source(&dir, &image, &socket, &console);
+    let mut source = start_source(&dir, &image, &socket, &console, &BUSY);
+    // Every buffer used a few times: the data phase runs, and dirties pages as it goes.
+    wait_for("the workload's data phase", Duration::from_secs(30), || {
+        requests_done(&socket) >= 512
+    });
 
     let (status, answer) = ctl(&socket, &["migrate", &url]);
     let source_status = wait_exit(&mut source, Duration::from_secs(20));
@@ -171,7 +202,7 @@ fn a_guest_kit_verify_migrated_mid_run_over_a_unix_socket_finishes_at_the_destin
     );
     assert_eq!(pattern_at(&image, 0), Ok(()));
     assert_eq!(
-        pattern_at(&image, SPAN - 4096),
+        pattern_at(&image, BUSY.span - 4096),
         Ok(()),
         "the last block of the span holds the pattern"
     );
@@ -203,7 +234,7 @@ fn a_destination_killed_mid_stream_leaves_the_vm_running_at_the_source() {
         .status()
         .unwrap()
         .success());
-    let mut source = start_source(&dir, &image, &socket, &console);
+    let mut source = start_source(&dir, &image, &socket, &console, &SHORT);
 
     let migrate = {
         let socket = socket.clone();
@@ -223,7 +254,7 @@ fn a_destination_killed_mid_stream_leaves_the_vm_running_at_the_source() {
     assert_eq!(source_status, Some(0), "{console}");
     assert!(console.contains("GUEST-KIT PASS"), "{console}");
     assert!(console.contains("\"verify\":\"ok\""), "{console}");
-    assert_eq!(pattern_at(&image, SPAN - 4096), Ok(()));
+    assert_eq!(pattern_at(&image, SHORT.span - 4096), Ok(()));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -254,7 +285,7 @@ fn a_destination_that_cannot_restore_the_state_leaves_the_vm_running_at_the_sour
     wait_for("the destination to listen", Duration::from_secs(10), || {
         stream.exists()
     });
-    let mut source = start_source(&dir, &image, &socket, &console);
+    let mut source = start_source(&dir, &image, &socket, &console, &SHORT);
 
     let (status, answer) = ctl(&socket, &["migrate", &url]);
     let refused = destination.wait_with_output().unwrap();
@@ -273,7 +304,7 @@ fn a_destination_that_cannot_restore_the_state_leaves_the_vm_running_at_the_sour
     assert_eq!(source_status, Some(0), "{console}");
     assert!(console.contains("GUEST-KIT PASS"), "{console}");
     assert!(console.contains("\"verify\":\"ok\""), "{console}");
-    assert_eq!(pattern_at(&image, SPAN - 4096), Ok(()));
+    assert_eq!(pattern_at(&image, SHORT.span - 4096), Ok(()));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
