@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{skip_without_kvm, SLUICE};
+use common::{build_guest, skip_without_kvm, SLUICE};
 
 /// The verify workload the migration test moves: writes a pattern over the span and reads it
 /// back (about 2 s here); its 128 request buffers of 16 KiB (512 pages) are rewritten all the
@@ -346,5 +346,49 @@ fn a_destination_refuses_a_stream_that_is_not_a_migration_and_replaces_a_stale_s
         !stream.exists(),
         "the listener is gone after its one connection"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_vm_with_a_device_the_migration_cannot_cover_is_refused_by_name_and_runs_on() {
+    if skip_without_kvm(
+        "a_vm_with_a_device_the_migration_cannot_cover_is_refused_by_name_and_runs_on",
+    ) {
+        return;
+    }
+    let dir = scratch("nvme");
+    let (socket, image) = (dir.join("api.sock"), dir.join("nvme.img"));
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut vm = Command::new(SLUICE)
+        .args(["run", "--kernel"])
+        .arg(build_guest("wait"))
+        .args(["--serial", "off", "--api-socket"])
+        .arg(&socket)
+        .arg(format!("--nvme=path={}", image.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start sluice");
+    wait_for("the VM to run", Duration::from_secs(20), || {
+        ctl(&socket, &["info"]).1.contains("\"Running\"")
+    });
+    let url = format!("unix:{}", dir.join("nobody.sock").display());
+
+    let refused = ctl(&socket, &["migrate", &url]);
+    let info = ctl(&socket, &["info"]);
+    let _ = ctl(&socket, &["shutdown"]);
+    let status = wait_exit(&mut vm, Duration::from_secs(20));
+
+    assert_eq!(refused.0, 1, "{refused:?}");
+    assert!(
+        refused.1.contains("NVMe controller cannot be migrated"),
+        "{refused:?}"
+    );
+    assert!(info.1.contains("\"Running\""), "{info:?}");
+    assert_eq!(status, Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
