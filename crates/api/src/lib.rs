@@ -1,12 +1,13 @@
 //! sluice's control API: HTTP/1.1 with JSON bodies over a Unix socket (`sluice run
 //! --api-socket PATH`), shaped after Cloud Hypervisor's so that its users feel at home
-//! (`/api/v1/vm.info`, `vm.pause`, `vm.resume`, `vm.snapshot`, `vm.shutdown`, `vm.counters`,
-//! `vmm.ping`), plus
+//! (`/api/v1/vm.info`, `vm.pause`, `vm.resume`, `vm.snapshot`, `vm.send-migration`,
+//! `vm.shutdown`, `vm.counters`, `vmm.ping`), plus
 //! `/metrics` in the Prometheus text format. The OpenAPI document is docs/api.yaml.
 //!
 //! The VM side is the [`VmApi`] trait (sluice-vmm implements it), so this crate knows nothing
 //! of KVM. The server is `tiny_http` (synchronous, one thread, Unix sockets): the API takes a
-//! handful of requests per VM lifetime, so an async runtime would be all cost. The client
+//! handful of requests per VM lifetime, so an async runtime would be all cost (a migration
+//! holds the thread until it is done: other requests wait meanwhile). The client
 //! ([`request`], used by `sluice ctl`) is a dozen lines over `UnixStream`: one request per
 //! connection, `Connection: close`, no crate needed for that.
 //!
