@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{build_guest, skip_without_kvm, SLUICE};
+use common::{build_guest, skip_without_kvm, EXIT_GUEST_CRASH, SLUICE};
 
 /// The verify workload the migration test moves: writes a pattern over the span and reads it
 /// back (about 2 s here); its 128 request buffers of 16 KiB (512 pages) are rewritten all the
@@ -390,5 +390,84 @@ fn a_vm_with_a_device_the_migration_cannot_cover_is_refused_by_name_and_runs_on(
     );
     assert!(info.1.contains("\"Running\""), "{info:?}");
     assert_eq!(status, Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// QEMU's "write not shared" lock byte (sluice-storage's lock module): whoever holds it owns the
+/// image for writing, as a destination that opened the disk does.
+fn hold_write_lock(image: &Path) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .unwrap();
+    let lock = libc::flock {
+        l_type: libc::F_RDLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 201,
+        l_len: 1,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_SETLK reads one struct flock, which lives on the stack.
+    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+    assert_eq!(ret, 0, "{}", std::io::Error::last_os_error());
+    file
+}
+
+#[test]
+fn a_source_that_cannot_take_its_disk_back_stops_rather_than_run_beside_the_destination() {
+    if skip_without_kvm(
+        "a_source_that_cannot_take_its_disk_back_stops_rather_than_run_beside_the_destination",
+    ) {
+        return;
+    }
+    let dir = scratch("split");
+    let (image, socket, console) = (
+        dir.join("disk.img"),
+        dir.join("api.sock"),
+        dir.join("source.txt"),
+    );
+    let stream = dir.join("migrate.sock");
+    let url = format!("unix:{}", stream.display());
+    // A destination that takes the whole stream and the disk, then never acknowledges (as if
+    // its `Ack` were lost while it runs the VM).
+    let listener = std::os::unix::net::UnixListener::bind(&stream).unwrap();
+    let taker = {
+        let image = image.clone();
+        std::thread::spawn(move || {
+            let (mut peer, _) = listener.accept().unwrap();
+            let mut messages = 0;
+            loop {
+                match sluice_vmm::migration::protocol::read_message(&mut peer).unwrap() {
+                    sluice_vmm::migration::protocol::Message::End => break,
+                    _ => messages += 1,
+                }
+            }
+            let held = hold_write_lock(&image);
+            drop(peer);
+            (messages, held)
+        })
+    };
+    let mut source = start_source(&dir, &image, &socket, &console, &SHORT);
+
+    let (status, answer) = ctl(&socket, &["migrate", &url]);
+    let source_status = wait_exit(&mut source, Duration::from_secs(20));
+    let (messages, _held) = taker.join().unwrap();
+    let console = std::fs::read_to_string(&console).unwrap();
+
+    println!("the source after the lost ack: {}", answer.trim());
+    assert!(
+        messages >= 3,
+        "hello, pages and the state arrived: {messages}"
+    );
+    assert_ne!(status, 0, "{answer}");
+    assert!(answer.contains("cannot be taken back"), "{answer}");
+    assert_eq!(
+        source_status,
+        Some(EXIT_GUEST_CRASH),
+        "the source stops (crash status) instead of resuming"
+    );
+    assert!(!console.contains("RESULT"), "the source ran on:\n{console}");
     let _ = std::fs::remove_dir_all(&dir);
 }

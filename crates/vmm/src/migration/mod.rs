@@ -11,7 +11,9 @@
 //!   locks, sends the last dirty pages, every page a device acquired for writing and the
 //!   state, and waits for the destination's `Ack`. Success ends the VM here with
 //!   [`VmOutcome::Migrated`](crate::vcpu::VmOutcome::Migrated); any failure after the pause
-//!   takes the image locks back and resumes the VM here, so a failed migration loses nothing.
+//!   takes the image locks back and resumes the VM here, so a failed migration loses nothing —
+//!   unless another process holds them by then (a destination running the VM whose `Ack` was
+//!   lost): two VMs writing one disk would corrupt it, so the source then stops instead.
 //! * **Destination** ([`Incoming`], `sluice run --migrate-from URL`): listens, takes one
 //!   connection, reads `Hello` (vCPUs and RAM size give the machine's shape), then builds the
 //!   VM like a restore: RAM from the stream, state from its `State`, devices restored, vCPUs
@@ -61,6 +63,9 @@ pub enum MigrationError {
     Tracking(String),
     #[error("the VM: {0}")]
     Vm(String),
+    /// Failed after the hand-over, and the VM cannot safely run on at the source either.
+    #[error("{0}")]
+    Abandoned(String),
 }
 
 impl From<io::Error> for MigrationError {

@@ -94,10 +94,17 @@ pub(crate) fn send(
             Ok(report)
         }
         Err(e) => {
-            // No lost VM: it runs on here, with its images locked again.
             drop(tracking);
+            // No lost VM: it runs on here, with its images locked again — unless another
+            // process holds them now (a destination that runs the VM although its `Ack` never
+            // arrived): two VMs writing one disk would corrupt it, so this one stops instead.
             if let Err(lock) = sluice_storage::lock::reacquire_all() {
-                tracing::warn!("migration failed and the image locks cannot be taken back: {lock}");
+                let why = format!(
+                    "{e}; the disk images cannot be taken back ({lock}): the destination may \
+                     be running the VM, so it stops here"
+                );
+                control.finish(VmOutcome::Crash(format!("migration failed: {why}")));
+                return Err(MigrationError::Abandoned(why));
             }
             control.resume();
             tracing::warn!("migration failed, the VM runs on here: {e}");
