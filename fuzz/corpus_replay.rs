@@ -37,6 +37,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("pci_config_space", "sluice-host"),
     ("vfio_config", "sluice-vfio"),
     ("api_request", "sluice-api"),
+    ("migration_stream", "sluice-vmm"),
 ];
 
 /// A target body: what `fuzz_target!` runs on one input.

@@ -757,6 +757,58 @@ def viommu_seeds():
         viommu_detach(1, VIOMMU_BLK), viommu_detach(3, VIOMMU_BLK)])
 
 
+# --- migration_stream: the stream `sluice run --migrate-from` reads -------------------------------
+# Frames: b"SLMG", kind, 3 zero bytes, payload length (u32 LE), FNV-1a over 64-bit LE words
+# (kind | length << 8, then the zero-padded payload) as u64 LE, payload. `full_stream` (a whole
+# stream with a state) is written by sluice itself (`protocol::send_*`) and kept as committed;
+# these are the frame-level seeds around it.
+
+def migration_frame(kind, payload, corrupt=False):
+    length = struct.pack("<I", len(payload))
+    h = 0xcbf29ce484222325
+    padded = payload + bytes(-len(payload) % 8)
+    words = [kind | len(payload) << 8] + [struct.unpack_from("<Q", padded, i)[0]
+                                          for i in range(0, len(padded), 8)]
+    for word in words:
+        h = ((h ^ word) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    if corrupt:
+        h ^= 1
+    return b"SLMG" + bytes([kind, 0, 0, 0]) + length + struct.pack("<Q", h) + payload
+
+
+def migration_hello(cpus=1, memory=16 * 4096, version=1):
+    return migration_frame(1, b"sluice-migration" + struct.pack("<IIQ", version, cpus, memory))
+
+
+def migration_pages(offset, pages, fill=0xAB):
+    return migration_frame(2, struct.pack("<Q", offset) + bytes([fill]) * (4096 * pages))
+
+
+def migration_framed(*messages):
+    # 0xff: the body frames [kind][len u16][payload]... itself, with valid checksums.
+    return b"\xff" + b"".join(bytes([kind]) + struct.pack("<H", len(p)) + p for kind, p in messages)
+
+
+def migration_seeds():
+    end = migration_frame(4, b"")
+    hello = b"sluice-migration" + struct.pack("<IIQ", 1, 1, 16 * 4096)
+    return [
+        ("framed_pages_state_end", migration_framed(
+            (1, hello), (2, struct.pack("<Q", 4096) + b"\x11" * 4096),
+            (3, b'{"cpus":1,"memory":65536,"vcpus":[]}'), (4, b""))),
+        ("framed_bad_hello", migration_framed((1, hello[:20]), (4, b""))),
+        ("pages_then_end", migration_hello() + migration_pages(0, 2) + end),
+        ("pages_outside_ram", migration_hello() + migration_pages(15 * 4096, 2) + end),
+        ("corrupt_frame", migration_hello() + migration_frame(2, struct.pack("<Q", 0) + bytes(4096), True)),
+        ("newer_version", migration_hello(version=2)),
+        ("zero_cpus", migration_hello(cpus=0)),
+        ("bad_state", migration_hello() + migration_frame(3, b'{"cpus":1}') + end),
+        ("ack_instead", migration_hello() + migration_frame(5, struct.pack("<Q", 1))),
+        ("huge_length", migration_hello() + b"SLMG\x02\0\0\0\xff\xff\xff\xff" + bytes(8)),
+        ("truncated", (migration_hello() + migration_pages(0, 1))[:-100]),
+    ]
+
+
 def main():
     for target, seeds in (("blk_request", blk_seeds()), ("net_header", net_seeds()),
                           ("packed_ring", packed_seeds()),
@@ -770,7 +822,8 @@ def main():
                           ("pci_config_space", config_space_seeds()),
                           ("vfio_config", vfio_seeds()),
                           ("api_request", api_seeds()),
-                          ("virtio_iommu_request", viommu_seeds())):
+                          ("virtio_iommu_request", viommu_seeds()),
+                          ("migration_stream", migration_seeds())):
         directory = ROOT / target
         directory.mkdir(parents=True, exist_ok=True)
         for name, data in seeds:

@@ -1,12 +1,13 @@
 //! sluice's control API: HTTP/1.1 with JSON bodies over a Unix socket (`sluice run
 //! --api-socket PATH`), shaped after Cloud Hypervisor's so that its users feel at home
-//! (`/api/v1/vm.info`, `vm.pause`, `vm.resume`, `vm.snapshot`, `vm.shutdown`, `vm.counters`,
-//! `vmm.ping`), plus
+//! (`/api/v1/vm.info`, `vm.pause`, `vm.resume`, `vm.snapshot`, `vm.send-migration`,
+//! `vm.shutdown`, `vm.counters`, `vmm.ping`), plus
 //! `/metrics` in the Prometheus text format. The OpenAPI document is docs/api.yaml.
 //!
 //! The VM side is the [`VmApi`] trait (sluice-vmm implements it), so this crate knows nothing
 //! of KVM. The server is `tiny_http` (synchronous, one thread, Unix sockets): the API takes a
-//! handful of requests per VM lifetime, so an async runtime would be all cost. The client
+//! handful of requests per VM lifetime, so an async runtime would be all cost (a migration
+//! holds the thread until it is done: other requests wait meanwhile). The client
 //! ([`request`], used by `sluice ctl`) is a dozen lines over `UnixStream`: one request per
 //! connection, `Connection: close`, no crate needed for that.
 //!
@@ -44,6 +45,13 @@ pub trait VmApi: Send + Sync {
     fn counters(&self) -> Value;
     /// The same counters in the Prometheus text format.
     fn prometheus(&self) -> String;
+    /// Live-migrates the VM to `destination_url` (`unix:PATH`, `tcp:HOST:PORT`) and answers
+    /// when it is done, with what it cost.
+    fn send_migration(&self, destination_url: &str) -> Result<Value, ApiError> {
+        Err(ApiError::Failed(format!(
+            "this VMM cannot migrate (to {destination_url})"
+        )))
+    }
 }
 
 /// Why an action was refused.
@@ -210,6 +218,14 @@ pub fn route(method: &tiny_http::Method, url: &str, body: &[u8], vm: &dyn VmApi)
             Ok(destination) => action(vm.snapshot(&destination)),
             Err(why) => Answer::error(400, &why),
         },
+        ("/api/v1/vm.send-migration", Put) => match migration_destination(body) {
+            Ok(url) => match vm.send_migration(&url) {
+                Ok(report) => Answer::json(200, &report),
+                Err(ApiError::Conflict(why)) => Answer::error(409, &why),
+                Err(ApiError::Failed(why)) => Answer::error(500, &why),
+            },
+            Err(why) => Answer::error(400, &why),
+        },
         (_, Put) if has_body => Answer::error(400, "this action takes no body"),
         ("/api/v1/vmm.ping", Get) => Answer::json(
             200,
@@ -234,7 +250,8 @@ pub fn route(method: &tiny_http::Method, url: &str, body: &[u8], vm: &dyn VmApi)
             | "/api/v1/vm.resume"
             | "/api/v1/vm.shutdown"
             | "/api/v1/vmm.shutdown"
-            | "/api/v1/vm.snapshot",
+            | "/api/v1/vm.snapshot"
+            | "/api/v1/vm.send-migration",
             _,
         ) => Answer::error(405, &format!("{method} is not allowed on {path}")),
         _ => Answer::error(404, &format!("no such endpoint: {path}")),
@@ -256,6 +273,17 @@ fn snapshot_destination(body: &[u8]) -> Result<PathBuf, String> {
     Ok(PathBuf::from(dir))
 }
 
+/// `vm.send-migration`'s body, `{"destination_url": "unix:/path"}` as Cloud Hypervisor's.
+fn migration_destination(body: &[u8]) -> Result<String, String> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        format!("vm.send-migration wants {{\"destination_url\": \"unix:PATH\"}}: {e}")
+    })?;
+    let url = value["destination_url"]
+        .as_str()
+        .ok_or("vm.send-migration: no destination_url string")?;
+    Ok(url.to_string())
+}
+
 /// One request to the API at `socket`: the status and the body.
 pub fn request(socket: &Path, method: &str, path: &str) -> Result<(u16, String), Error> {
     request_with(socket, method, path, "")
@@ -268,14 +296,23 @@ pub fn request_with(
     path: &str,
     body: &str,
 ) -> Result<(u16, String), Error> {
+    request_with_timeout(socket, method, path, body, CLIENT_TIMEOUT)
+}
+
+/// [`request_with`] waiting up to `timeout` for the answer (a migration takes a while).
+pub fn request_with_timeout(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+    timeout: Duration,
+) -> Result<(u16, String), Error> {
     let connect = |source| Error::Connect {
         path: socket.to_path_buf(),
         source,
     };
     let mut stream = UnixStream::connect(socket).map_err(connect)?;
-    stream
-        .set_read_timeout(Some(CLIENT_TIMEOUT))
-        .map_err(connect)?;
+    stream.set_read_timeout(Some(timeout)).map_err(connect)?;
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",

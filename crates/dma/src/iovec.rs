@@ -51,7 +51,12 @@ impl GuestIovecs {
     {
         let mut iovecs = Vec::new();
         let mut len = 0usize;
+        let writes = matches!(access, Permissions::Write | Permissions::ReadWrite);
         for (addr, buffer_len) in buffers {
+            if writes {
+                // A live migration must send these pages again (see crate::dirty).
+                crate::dirty::mark(addr.0, buffer_len as u64);
+            }
             let inaccessible = IovecError::Inaccessible {
                 addr: addr.0,
                 len: buffer_len,

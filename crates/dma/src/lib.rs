@@ -11,6 +11,7 @@
 //! Built on vm-memory's `iommu` module rather than by hand; this crate adds the fault log and the
 //! miss path.
 
+pub mod dirty;
 mod spaces;
 
 pub use spaces::{DmaSpaces, DomainProvider, RequesterId};

@@ -39,6 +39,11 @@ impl VmApi for ApiVm {
         self.0.snapshot(destination).map_err(api_error)
     }
 
+    fn send_migration(&self, destination_url: &str) -> Result<Value, ApiError> {
+        let report = self.0.send_migration(destination_url).map_err(api_error)?;
+        serde_json::to_value(report).map_err(|e| ApiError::Failed(e.to_string()))
+    }
+
     fn counters(&self) -> Value {
         let devices: Vec<Value> = self
             .0
@@ -61,7 +66,9 @@ impl VmApi for ApiVm {
 fn api_error(e: HandleError) -> ApiError {
     match e {
         HandleError::NotRunning(_) | HandleError::NotPaused => ApiError::Conflict(e.to_string()),
-        HandleError::Pause(_) | HandleError::Snapshot(_) => ApiError::Failed(e.to_string()),
+        HandleError::Pause(_) | HandleError::Snapshot(_) | HandleError::Migration(_) => {
+            ApiError::Failed(e.to_string())
+        }
     }
 }
 
@@ -104,11 +111,17 @@ enum CtlCommand {
     Shutdown,
     /// Write a snapshot of the paused VM into DIR (`sluice run --restore DIR` resumes it).
     Snapshot { dir: PathBuf },
+    /// Live-migrate the VM to a `sluice run --migrate-from URL` waiting at URL (`unix:PATH`
+    /// or `tcp:HOST:PORT`); answers when done with total and downtime, rounds and pages.
+    Migrate { url: String },
     /// Per-device counters, JSON.
     Counters,
     /// Per-device counters, Prometheus text.
     Metrics,
 }
+
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+const MIGRATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// `sluice ctl`: one request, the answer on stdout; status 0 on 2xx, 1 otherwise.
 pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
@@ -120,6 +133,10 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
             body = json!({ "destination_url": format!("file://{}", dir.display()) }).to_string();
             ("PUT", "/api/v1/vm.snapshot")
         }
+        CtlCommand::Migrate { url } => {
+            body = json!({ "destination_url": url }).to_string();
+            ("PUT", "/api/v1/vm.send-migration")
+        }
         CtlCommand::Ping => ("GET", "/api/v1/vmm.ping"),
         CtlCommand::Info => ("GET", "/api/v1/vm.info"),
         CtlCommand::Pause => ("PUT", "/api/v1/vm.pause"),
@@ -128,8 +145,15 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
         CtlCommand::Counters => ("GET", "/api/v1/vm.counters"),
         CtlCommand::Metrics => ("GET", "/metrics"),
     };
-    let (status, body) = sluice_api::request_with(&args.api_socket, method, path, &body)
-        .with_context(|| format!("{method} {path}"))?;
+    // A migration answers when it is done.
+    let timeout = if matches!(args.command, CtlCommand::Migrate { .. }) {
+        MIGRATE_TIMEOUT
+    } else {
+        REQUEST_TIMEOUT
+    };
+    let (status, body) =
+        sluice_api::request_with_timeout(&args.api_socket, method, path, &body, timeout)
+            .with_context(|| format!("{method} {path}"))?;
     if !body.is_empty() {
         println!("{}", body.trim_end());
     }

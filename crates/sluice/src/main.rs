@@ -56,7 +56,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a VM. Without --kernel, boots the embedded guest kit.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Serve a device model to another VMM over vhost-user.
     Serve(serve::ServeArgs),
     /// Run the benchmark matrix (sluice, vhost-user, QEMU, fio) and write results to --out.
@@ -148,6 +148,11 @@ struct RunArgs {
     /// booting a kernel: its vCPU count and RAM size come from the snapshot.
     #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline"])]
     restore: Option<PathBuf>,
+    /// Receive a live-migrated VM (`sluice ctl migrate URL` on the source) at this address,
+    /// `unix:PATH` or `tcp:HOST:PORT`, instead of booting a kernel: its vCPU count and RAM
+    /// size come from the stream; give it the same devices as the source.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["kernel", "initrd", "cmdline", "restore"])]
+    migrate_from: Option<String>,
 }
 
 fn parse_serial(s: &str) -> Result<SerialTarget, String> {
@@ -165,7 +170,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
     let result = match cli.command {
-        Command::Run(args) => contain(Role::Vm, cli.seccomp).and_then(|()| run(args)),
+        Command::Run(args) => contain(Role::Vm, cli.seccomp).and_then(|()| run(*args)),
         Command::Serve(args) => contain(Role::Server, cli.seccomp).and_then(|()| serve::run(args)),
         Command::Bench(args) => std::env::current_exe()
             .context("cannot find the sluice binary")
@@ -277,6 +282,12 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         nvmes: args.nvme,
         vfio: args.device,
     };
+    // Before the stop signals are blocked: until a stream arrives, SIGTERM ends the waiting
+    // destination like any process.
+    let incoming = match &args.migrate_from {
+        Some(url) => Some(sluice_vmm::migration::Incoming::accept(url)?),
+        None => None,
+    };
     // Before the VM's threads start, so that none of them takes the signal.
     let stop_signals = signals::StopSignals::block().context("cannot set up signal handling")?;
     let handle = match &args.restore {
@@ -289,7 +300,18 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
             };
             VmHandle::restoring(config, dir.clone())
         }
-        None => VmHandle::new(config),
+        None => match incoming {
+            Some(incoming) => {
+                let hello = incoming.hello();
+                let config = VmConfig {
+                    cpus: hello.cpus,
+                    memory: hello.memory,
+                    ..config
+                };
+                VmHandle::migrating_in(config, incoming)
+            }
+            None => VmHandle::new(config),
+        },
     };
     // The signal and API threads below run on the VM's NUMA node too.
     machine::place_threads(handle.config())?;
@@ -355,6 +377,7 @@ impl RunArgs {
             && self.numa == NumaPolicy::Off
             && self.api_socket.is_none()
             && self.restore.is_none()
+            && self.migrate_from.is_none()
             && matches!(self.serial, SerialTarget::Stdout)
     }
 }
@@ -427,6 +450,12 @@ pub(crate) fn exit_status(outcome: &VmOutcome) -> u8 {
             EXIT_GUEST_CRASH
         }
         VmOutcome::Shutdown => 0,
+        VmOutcome::Migrated => {
+            say(format_args!(
+                "sluice: migrated; the VM runs on at the destination"
+            ));
+            0
+        }
         VmOutcome::Stopped { signal } => {
             say(format_args!("sluice: stopped by signal {signal}"));
             // The shell's convention for a process ended by a signal.

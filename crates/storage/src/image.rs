@@ -56,6 +56,8 @@ impl DirectAlignment {
 #[derive(Debug)]
 pub struct DiskImage {
     file: File,
+    /// Its entry among the process's held image locks (see `lock::release_all`).
+    lock_id: Option<u64>,
     path: PathBuf,
     size: u64,
     read_only: bool,
@@ -99,8 +101,10 @@ impl DiskImage {
         } else {
             DirectAlignment::NONE
         };
+        let lock_id = crate::lock::remember_held(&file, read_only);
         Ok(DiskImage {
             file,
+            lock_id,
             path: path.to_path_buf(),
             size,
             read_only,
@@ -142,6 +146,14 @@ impl DiskImage {
     /// What O_DIRECT needs of a transfer (all 1 without O_DIRECT).
     pub fn alignment(&self) -> DirectAlignment {
         self.alignment
+    }
+}
+
+impl Drop for DiskImage {
+    fn drop(&mut self) {
+        if let Some(id) = self.lock_id {
+            crate::lock::forget_held(id);
+        }
     }
 }
 

@@ -127,6 +127,65 @@ fn locked_by_others(file: &File, byte: i64) -> io::Result<bool> {
     Ok(lock.l_type != libc::F_UNLCK as libc::c_short)
 }
 
+/// The images this process holds locks on, so that a live migration can hand them to the
+/// destination: QEMU drops its image locks ("inactivates" the block devices) once the source
+/// has stopped writing, and the destination takes them before it resumes. Each entry is a
+/// duplicate of the image's descriptor, so it names the same open file description.
+static HELD: std::sync::Mutex<Vec<(u64, File, bool)>> = std::sync::Mutex::new(Vec::new());
+static NEXT_HOLD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Records that `file` holds the image locks (an id for [`forget_held`]).
+pub(crate) fn remember_held(file: &File, read_only: bool) -> Option<u64> {
+    let copy = file.try_clone().ok()?;
+    let id = NEXT_HOLD.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    HELD.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push((id, copy, read_only));
+    Some(id)
+}
+
+/// The image with this id was closed.
+pub(crate) fn forget_held(id: u64) {
+    HELD.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .retain(|(held, _, _)| *held != id);
+}
+
+/// Drops every image lock this process holds (its devices must have stopped writing): another
+/// process may then open the images, as a migration destination does. Returns how many.
+pub fn release_all() -> io::Result<usize> {
+    let held = HELD
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for (_, file, _) in held.iter() {
+        // Every lock of this open file description, whatever the byte.
+        let unlock = libc::flock {
+            l_type: libc::F_UNLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
+        };
+        // SAFETY: F_OFD_SETLK reads one struct flock, which lives on the stack.
+        let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &unlock) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(held.len())
+}
+
+/// Takes back the locks [`release_all`] dropped (a migration failed and the VM runs on here).
+pub fn reacquire_all() -> Result<(), LockError> {
+    let held = HELD
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for (_, file, read_only) in held.iter() {
+        lock_image(file, *read_only)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,6 +43,8 @@ pub enum HandleError {
     Pause(#[from] PauseError),
     #[error("cannot snapshot: {0}")]
     Snapshot(String),
+    #[error("migration failed: {0}")]
+    Migration(String),
 }
 
 /// What a snapshot reads from a built VM.
@@ -64,6 +66,8 @@ pub struct VmHandle {
     machine: Mutex<Option<MachineParts>>,
     /// The snapshot this VM starts from instead of booting (`sluice run --restore`).
     restore_from: Option<PathBuf>,
+    /// The migration stream this VM starts from (`sluice run --migrate-from`).
+    incoming: Mutex<Option<crate::migration::Incoming>>,
 }
 
 impl VmHandle {
@@ -84,6 +88,82 @@ impl VmHandle {
             started: AtomicBool::new(false),
             machine: Mutex::new(None),
             restore_from,
+            incoming: Mutex::new(None),
+        })
+    }
+
+    /// A VM that resumes from an accepted migration stream (`config` gives the shape its
+    /// `Hello` announced).
+    pub fn migrating_in(config: VmConfig, incoming: crate::migration::Incoming) -> Arc<Self> {
+        let handle = Self::build(config, None);
+        *handle
+            .incoming
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(incoming);
+        handle
+    }
+
+    pub(crate) fn take_incoming(&self) -> Option<crate::migration::Incoming> {
+        self.incoming
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    /// Live-migrates the running VM to `url` (see crate::migration); on success the VM has
+    /// ended here (outcome `Migrated`), on failure it runs on here.
+    pub fn send_migration(
+        &self,
+        url: &str,
+    ) -> Result<crate::migration::MigrationReport, HandleError> {
+        let state = self.state();
+        if state != VmState::Running {
+            return Err(HandleError::NotRunning(state));
+        }
+        if let Some(device) = self.device_without_migration() {
+            return Err(HandleError::Migration(format!(
+                "{device} cannot be migrated (virtio-blk on an image and virtio-rng can)"
+            )));
+        }
+        let parts = self.machine_parts().ok_or(HandleError::NotRunning(state))?;
+        crate::migration::send(self, &parts, url).map_err(|e| HandleError::Migration(e.to_string()))
+    }
+
+    /// The first configured device a migration cannot carry: what a snapshot cannot, and
+    /// nothing whose guest-memory writes the dirty log misses (see sluice_dma::dirty).
+    fn device_without_migration(&self) -> Option<&'static str> {
+        self.device_without_snapshot()
+    }
+
+    pub(crate) fn machine_parts(&self) -> Option<MachineParts> {
+        self.machine
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Captures the paused VM's state: vCPUs (read by their parked threads), in-kernel
+    /// irqchip and clock, PCI functions (quiescing virtio queues), platform devices.
+    pub(crate) fn capture_state(
+        &self,
+        parts: &MachineParts,
+    ) -> Result<crate::snapshot::MachineState, String> {
+        let fail = |e: &dyn std::fmt::Display| e.to_string();
+        let kvm = kvm_ioctls::Kvm::new().map_err(|e| fail(&e))?;
+        let msrs = Arc::new(crate::vcpu::state::saveable_msrs(&kvm).map_err(|e| fail(&e))?);
+        let vcpus =
+            self.control
+                .capture_vcpus(usize::from(self.config.cpus), msrs, SNAPSHOT_TIMEOUT)?;
+        let irqchip = crate::snapshot::IrqchipState::capture(&parts.vm).map_err(|e| fail(&e))?;
+        let devices = parts.pci.save_states()?;
+        Ok(crate::snapshot::MachineState {
+            cpus: self.config.cpus,
+            memory: self.config.memory,
+            vcpus,
+            irqchip,
+            devices,
+            platform: Some(parts.platform.save()),
+            memory_checksum: 0,
         })
     }
 
@@ -104,39 +184,12 @@ impl VmHandle {
                  virtio-rng can)"
             )));
         }
-        let machine = self
-            .machine
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let Some(MachineParts {
-            vm,
-            ram,
-            pci,
-            platform,
-        }) = machine
-        else {
+        let Some(parts) = self.machine_parts() else {
             return Err(HandleError::NotRunning(state));
         };
-        let fail = |e: &dyn std::fmt::Display| HandleError::Snapshot(e.to_string());
-        let kvm = kvm_ioctls::Kvm::new().map_err(|e| fail(&e))?;
-        let msrs = Arc::new(crate::vcpu::state::saveable_msrs(&kvm).map_err(|e| fail(&e))?);
-        let vcpus = self
-            .control
-            .capture_vcpus(usize::from(self.config.cpus), msrs, SNAPSHOT_TIMEOUT)
-            .map_err(|e| fail(&e))?;
-        let irqchip = crate::snapshot::IrqchipState::capture(&vm).map_err(|e| fail(&e))?;
-        let devices = pci.save_states().map_err(|e| fail(&e))?;
-        let machine_state = crate::snapshot::MachineState {
-            cpus: self.config.cpus,
-            memory: self.config.memory,
-            vcpus,
-            irqchip,
-            devices,
-            platform: Some(platform.save()),
-            memory_checksum: 0,
-        };
-        crate::snapshot::write(dir, machine_state, &ram).map_err(|e| fail(&e))
+        let machine_state = self.capture_state(&parts).map_err(HandleError::Snapshot)?;
+        crate::snapshot::write(dir, machine_state, &parts.ram)
+            .map_err(|e| HandleError::Snapshot(e.to_string()))
     }
 
     /// The first configured device a snapshot cannot carry yet, if any.

@@ -9,6 +9,7 @@ pub mod iommu;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod numa;
 pub mod nvme;
 pub mod platform;

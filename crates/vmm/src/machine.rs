@@ -124,6 +124,8 @@ pub enum VmError {
     Numa(#[from] crate::numa::NumaError),
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("incoming migration: {0}")]
+    Migration(#[from] crate::migration::MigrationError),
 }
 
 fn kvm_step<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
@@ -186,9 +188,12 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
     }
     ram.register(&vm)?;
     // A restored VM's RAM comes from the snapshot; its vCPUs and irqchip from its state.
-    let restored = match handle.restore_source() {
-        Some(dir) => Some(crate::snapshot::load(dir, &config, &ram)?),
-        None => None,
+    // A migrated-in VM's RAM and state come from the stream (crate::migration).
+    let mut incoming = handle.take_incoming();
+    let restored = match (handle.restore_source(), incoming.as_mut()) {
+        (Some(dir), _) => Some(crate::snapshot::load(dir, &config, &ram)?),
+        (None, Some(incoming)) => Some(incoming.receive(&ram)?),
+        (None, None) => None,
     };
 
     let dispatch = ExitDispatch {
@@ -269,6 +274,16 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
         &dispatch,
     )?;
     handle.vcpus_started();
+    if let Some(incoming) = incoming {
+        let resumed_unix_ns = crate::migration::unix_ns();
+        tracing::info!("migration: vCPUs resumed at {resumed_unix_ns} ns (CLOCK_REALTIME)");
+        if let Err(e) = incoming.acknowledge(resumed_unix_ns) {
+            // The source resumes the VM when it hears nothing: only one copy may run.
+            dispatch.control.finish(VmOutcome::Crash(format!(
+                "migration: cannot acknowledge to the source, stopping here: {e}"
+            )));
+        }
+    }
     let setup_time = started.elapsed();
     tracing::info!("VM set up in {setup_time:?}; running");
     let outcome = dispatch.control.wait();

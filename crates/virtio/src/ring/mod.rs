@@ -156,6 +156,7 @@ impl VirtQueue {
         &mut self,
         mem: &DmaSpace,
     ) -> Result<u16, QueueError> {
+        self.log_ring_writes();
         match self {
             VirtQueue::Split(q) => {
                 q.enable_notification(mem)?;
@@ -181,22 +182,51 @@ impl VirtQueue {
 
     /// Pops the next available buffer; `Err` only for a broken ring.
     pub fn pop<'m>(&mut self, mem: &'m DmaSpace) -> Result<Option<Chain<'m>>, QueueError> {
-        match self {
-            VirtQueue::Split(q) => Ok(q.iter(mem)?.next().map(Chain::Split)),
-            VirtQueue::Packed(q) => Ok(q.pop(mem)?.map(Chain::Packed)),
+        let chain = match self {
+            VirtQueue::Split(q) => q.iter(mem)?.next().map(Chain::Split),
+            VirtQueue::Packed(q) => q.pop(mem)?.map(Chain::Packed),
+        };
+        if sluice_dma::dirty::is_logging() {
+            chain.iter().for_each(Chain::log_device_writes);
         }
+        Ok(chain)
     }
 
     /// Pops every available buffer (split: against one read of the avail index).
     pub fn pop_all<'m>(&mut self, mem: &'m DmaSpace) -> Result<Vec<Chain<'m>>, QueueError> {
-        match self {
-            VirtQueue::Split(q) => Ok(q.iter(mem)?.map(Chain::Split).collect()),
+        let chains = match self {
+            VirtQueue::Split(q) => q.iter(mem)?.map(Chain::Split).collect(),
             VirtQueue::Packed(q) => {
                 let mut chains = Vec::new();
                 while let Some(chain) = q.pop(mem)? {
                     chains.push(Chain::Packed(chain));
                 }
-                Ok(chains)
+                chains
+            }
+        };
+        if sluice_dma::dirty::is_logging() {
+            chains.iter().for_each(Chain::log_device_writes);
+        }
+        Ok(chains)
+    }
+
+    /// Marks the ring memory the device side writes in the migration's dirty log (see
+    /// sluice_dma::dirty): split, the used ring with `avail_event`; packed, the descriptor
+    /// ring and the device event area.
+    fn log_ring_writes(&self) {
+        if !sluice_dma::dirty::is_logging() {
+            return;
+        }
+        match self {
+            VirtQueue::Split(q) => {
+                // flags, idx, the elements, avail_event (virtio 1.2 §2.7.8).
+                let len = 6 + 8 * u64::from(q.size());
+                sluice_dma::dirty::mark(q.used_ring(), len);
+            }
+            VirtQueue::Packed(q) => {
+                for (addr, len) in q.device_written_areas() {
+                    sluice_dma::dirty::mark(addr, len);
+                }
             }
         }
     }
@@ -211,6 +241,7 @@ impl VirtQueue {
 
     /// Answers buffer `head` (the chain's [`Chain::head_index`]) with `len` bytes written.
     pub fn add_used(&mut self, mem: &DmaSpace, head: u16, len: u32) -> Result<(), QueueError> {
+        self.log_ring_writes();
         match self {
             VirtQueue::Split(q) => Ok(q.add_used(mem, head, len)?),
             VirtQueue::Packed(q) => Ok(q.add_used(mem, head, len)?),
@@ -219,6 +250,7 @@ impl VirtQueue {
 
     /// Asks the driver to kick again; true if a buffer arrived meanwhile.
     pub fn enable_notification(&mut self, mem: &DmaSpace) -> Result<bool, QueueError> {
+        self.log_ring_writes();
         match self {
             VirtQueue::Split(q) => Ok(q.enable_notification(mem)?),
             VirtQueue::Packed(q) => Ok(q.enable_notification(mem)?),
@@ -227,6 +259,7 @@ impl VirtQueue {
 
     /// Asks the driver not to kick.
     pub fn disable_notification(&mut self, mem: &DmaSpace) -> Result<(), QueueError> {
+        self.log_ring_writes();
         match self {
             VirtQueue::Split(q) => Ok(q.disable_notification(mem)?),
             VirtQueue::Packed(q) => Ok(q.disable_notification(mem)?),
@@ -235,6 +268,7 @@ impl VirtQueue {
 
     /// Whether the driver wants an interrupt now (EVENT_IDX / suppression flags).
     pub fn needs_notification(&mut self, mem: &DmaSpace) -> Result<bool, QueueError> {
+        self.log_ring_writes();
         match self {
             VirtQueue::Split(q) => Ok(q.needs_notification(mem)?),
             VirtQueue::Packed(q) => Ok(q.needs_notification(mem)?),
@@ -333,6 +367,15 @@ impl<'m> Chain<'m> {
         match self {
             Chain::Split(c) => Descriptors::Split(c.clone()),
             Chain::Packed(c) => Descriptors::Packed(c.buffers.clone().into_iter()),
+        }
+    }
+
+    /// Marks the chain's device-writable buffers in the migration's dirty log.
+    fn log_device_writes(&self) {
+        for descriptor in self.descriptors() {
+            if descriptor.flags() & VRING_DESC_F_WRITE as u16 != 0 {
+                sluice_dma::dirty::mark(descriptor.addr().0, u64::from(descriptor.len()));
+            }
         }
     }
 

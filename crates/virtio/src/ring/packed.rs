@@ -328,6 +328,15 @@ impl PackedQueue {
         Ok(())
     }
 
+    /// The guest memory the device side writes: the descriptor ring (used descriptors) and
+    /// the device event area, as (device address, length).
+    pub fn device_written_areas(&self) -> [(u64, u64); 2] {
+        [
+            (self.ring.0, u64::from(self.size) * DESCRIPTOR_SIZE),
+            (self.device_event.0, EVENT_SIZE),
+        ]
+    }
+
     /// Buffers popped and not yet used.
     pub fn in_flight_count(&self) -> usize {
         self.in_flight.iter().filter(|&&slots| slots != 0).count()

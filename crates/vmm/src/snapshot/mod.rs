@@ -307,4 +307,4 @@ pub fn load_memory(dir: &Path, state: &MachineState, ram: &GuestRam) -> Result<(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -29,7 +29,7 @@ fn vcpu_state(rip: u64) -> VcpuState {
     }
 }
 
-fn machine(cpus: u8, memory: u64) -> MachineState {
+pub(crate) fn machine(cpus: u8, memory: u64) -> MachineState {
     MachineState {
         cpus,
         memory,

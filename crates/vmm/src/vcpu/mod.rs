@@ -32,6 +32,8 @@ pub enum VmOutcome {
     Stopped { signal: i32 },
     /// The operator shut the VM down through the control API.
     Shutdown,
+    /// The VM was live-migrated to another sluice, which runs it now.
+    Migrated,
 }
 
 /// Shared run state: the first outcome wins and every vCPU thread then stops; in between, the

@@ -1,0 +1,473 @@
+//! Live migration end to end: a guest kit verifying a virtio-blk disk is migrated mid-run from
+//! one `sluice run` to another `sluice run --migrate-from` over a Unix socket and finishes
+//! there; and a destination killed mid-stream leaves the VM running at the source.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{build_guest, skip_without_kvm, EXIT_GUEST_CRASH, SLUICE};
+
+/// The verify workload the migration test moves: writes a pattern over the span and reads it
+/// back (about 2 s here); its 128 request buffers of 16 KiB (512 pages) are rewritten all the
+/// time, by the guest and by the device, so pre-copy takes rounds.
+const BUSY: Workload = Workload {
+    cmdline: "w=blk:op=verify:bs=16384:qd=128:span_mb=768:seed=11",
+    span: 768 << 20,
+};
+/// A shorter verify for the tests where the migration fails and the source finishes.
+const SHORT: Workload = Workload {
+    cmdline: "w=blk:op=verify:bs=4096:qd=16:span_mb=96:seed=11",
+    span: 96 << 20,
+};
+
+struct Workload {
+    cmdline: &'static str,
+    span: u64,
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("migration-{name}.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `sluice ctl --api-socket SOCKET ARGS...`: status and stdout.
+fn ctl(socket: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(SLUICE)
+        .args(["ctl", "--api-socket"])
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run sluice ctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The source: the guest kit running `workload` on a fresh image, console to `console`, API on
+/// `socket`; returns once the kit found its disk.
+fn start_source(
+    dir: &Path,
+    image: &Path,
+    socket: &Path,
+    console: &Path,
+    workload: &Workload,
+) -> Child {
+    std::fs::File::create(image)
+        .unwrap()
+        .set_len(workload.span + (16 << 20))
+        .unwrap();
+    let child = Command::new(SLUICE)
+        .args(["run", &format!("--disk=path={}", image.display())])
+        .arg("--api-socket")
+        .arg(socket)
+        .arg(format!("--serial=file={}", console.display()))
+        .args(["--cmdline", workload.cmdline])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the source");
+    wait_for("the blk workload", Duration::from_secs(30), || {
+        std::fs::read_to_string(console).is_ok_and(|c| c.contains("virtio-blk 00:"))
+    });
+    child
+}
+
+/// Requests the source's disk has completed so far.
+fn requests_done(socket: &Path) -> u64 {
+    let (_, counters) = ctl(socket, &["counters"]);
+    let counters: serde_json::Value = serde_json::from_str(&counters).unwrap_or_default();
+    counters["devices"][0]["queues"][0]["requests"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// The destination: the same devices, waiting for the stream at `url`.
+fn start_destination(image: &Path, url: &str) -> Child {
+    Command::new(SLUICE)
+        .args(["--log", "sluice_vmm::machine=info"])
+        .args(["run", &format!("--disk=path={}", image.display())])
+        .args(["--migrate-from", url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the destination")
+}
+
+fn pattern_at(image: &Path, offset: u64) -> Result<(), String> {
+    let mut block = vec![0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(image).unwrap(),
+        &mut block,
+        offset,
+    )
+    .unwrap();
+    sluice_guest_kit::pattern::check_pattern(11, offset, &block).map_err(|e| format!("{e:?}"))
+}
+
+#[test]
+fn a_guest_kit_verify_migrated_mid_run_over_a_unix_socket_finishes_at_the_destination() {
+    if skip_without_kvm(
+        "a_guest_kit_verify_migrated_mid_run_over_a_unix_socket_finishes_at_the_destination",
+    ) {
+        return;
+    }
+    let dir = scratch("blk");
+    let (image, socket, console) = (
+        dir.join("disk.img"),
+        dir.join("api.sock"),
+        dir.join("source.txt"),
+    );
+    let stream = dir.join("migrate.sock");
+    let url = format!("unix:{}", stream.display());
+    let destination = start_destination(&image, &url);
+    wait_for("the destination to listen", Duration::from_secs(10), || {
+        stream.exists()
+    });
+    let mut source = start_source(&dir, &image, &socket, &console, &BUSY);
+    // Every buffer used a few times: the data phase runs, and dirties pages as it goes.
+    wait_for("the workload's data phase", Duration::from_secs(30), || {
+        requests_done(&socket) >= 512
+    });
+
+    let (status, answer) = ctl(&socket, &["migrate", &url]);
+    let source_status = wait_exit(&mut source, Duration::from_secs(20));
+    let before = std::fs::read_to_string(&console).unwrap();
+    let finished = destination.wait_with_output().unwrap();
+
+    assert_eq!(status, 0, "{answer}");
+    let report: serde_json::Value = serde_json::from_str(answer.trim()).expect(&answer);
+    println!(
+        "migrated: total {} ms, downtime {} ms, {} rounds, {} pages, throttle {}%",
+        report["total_ms"],
+        report["downtime_ms"],
+        report["rounds"],
+        report["pages_sent"],
+        report["throttle_percent"]
+    );
+    assert!(report["pages_sent"].as_u64().unwrap() > 0, "{report}");
+    assert!(
+        report["rounds"].as_u64().unwrap() >= 2,
+        "pre-copy rounds, then the stop-and-copy: {report}"
+    );
+    let downtime = report["downtime_ms"].as_f64().unwrap();
+    assert!(downtime > 0.0, "{report}");
+    assert!(report["total_ms"].as_f64().unwrap() >= downtime, "{report}");
+    assert_eq!(source_status, Some(0), "the source exits 0 once migrated");
+    assert!(
+        !before.contains("RESULT"),
+        "the workload ended before the migration:\n{before}"
+    );
+    let console = String::from_utf8_lossy(&finished.stdout);
+    let log = String::from_utf8_lossy(&finished.stderr);
+    assert_eq!(finished.status.code(), Some(0), "{console}\n{log}");
+    assert!(console.contains("GUEST-KIT PASS"), "{console}");
+    assert!(console.contains("\"verify\":\"ok\""), "{console}");
+    let resumed = report["resumed_unix_ns"].as_u64().unwrap();
+    assert!(
+        log.contains(&format!("vCPUs resumed at {resumed} ns")),
+        "the destination logs the resume time the source reports:\n{log}"
+    );
+    assert_eq!(pattern_at(&image, 0), Ok(()));
+    assert_eq!(
+        pattern_at(&image, BUSY.span - 4096),
+        Ok(()),
+        "the last block of the span holds the pattern"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_destination_killed_mid_stream_leaves_the_vm_running_at_the_source() {
+    if skip_without_kvm("a_destination_killed_mid_stream_leaves_the_vm_running_at_the_source") {
+        return;
+    }
+    let dir = scratch("killed");
+    let (image, socket, console) = (
+        dir.join("disk.img"),
+        dir.join("api.sock"),
+        dir.join("source.txt"),
+    );
+    let stream = dir.join("migrate.sock");
+    let url = format!("unix:{}", stream.display());
+    let mut destination = start_destination(&image, &url);
+    wait_for("the destination to listen", Duration::from_secs(10), || {
+        stream.exists()
+    });
+    // Stopped, the destination reads nothing: the source fills the socket and blocks in the
+    // middle of round 0, where the kill below finds it.
+    let pid = destination.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut source = start_source(&dir, &image, &socket, &console, &SHORT);
+
+    let migrate = {
+        let socket = socket.clone();
+        let url = url.clone();
+        std::thread::spawn(move || ctl(&socket, &["migrate", &url]))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    destination.kill().unwrap();
+    let _ = destination.wait();
+    let (status, answer) = migrate.join().unwrap();
+    let source_status = wait_exit(&mut source, Duration::from_secs(60));
+    let console = std::fs::read_to_string(&console).unwrap();
+
+    println!("the source after the kill: {}", answer.trim());
+    assert_ne!(status, 0, "the migration cannot succeed: {answer}");
+    assert!(answer.contains("migration failed"), "{answer}");
+    assert_eq!(source_status, Some(0), "{console}");
+    assert!(console.contains("GUEST-KIT PASS"), "{console}");
+    assert!(console.contains("\"verify\":\"ok\""), "{console}");
+    assert_eq!(pattern_at(&image, SHORT.span - 4096), Ok(()));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_destination_that_cannot_restore_the_state_leaves_the_vm_running_at_the_source() {
+    if skip_without_kvm(
+        "a_destination_that_cannot_restore_the_state_leaves_the_vm_running_at_the_source",
+    ) {
+        return;
+    }
+    let dir = scratch("refused");
+    let (image, socket, console) = (
+        dir.join("disk.img"),
+        dir.join("api.sock"),
+        dir.join("source.txt"),
+    );
+    let stream = dir.join("migrate.sock");
+    let url = format!("unix:{}", stream.display());
+    // No disk: the state's virtio-blk function has nowhere to go, after the source paused,
+    // captured the state and handed over its image locks.
+    let destination = Command::new(SLUICE)
+        .args(["run", "--migrate-from", &url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the destination");
+    wait_for("the destination to listen", Duration::from_secs(10), || {
+        stream.exists()
+    });
+    let mut source = start_source(&dir, &image, &socket, &console, &SHORT);
+
+    let (status, answer) = ctl(&socket, &["migrate", &url]);
+    let refused = destination.wait_with_output().unwrap();
+    let source_status = wait_exit(&mut source, Duration::from_secs(60));
+    let console = std::fs::read_to_string(&console).unwrap();
+
+    println!("the source after the refusal: {}", answer.trim());
+    assert_ne!(status, 0, "{answer}");
+    assert!(answer.contains("did not acknowledge"), "{answer}");
+    assert_ne!(refused.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("00:01.0"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_eq!(source_status, Some(0), "{console}");
+    assert!(console.contains("GUEST-KIT PASS"), "{console}");
+    assert!(console.contains("\"verify\":\"ok\""), "{console}");
+    assert_eq!(pattern_at(&image, SHORT.span - 4096), Ok(()));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_destination_refuses_a_stream_that_is_not_a_migration_and_replaces_a_stale_socket() {
+    let dir = scratch("garbage");
+    let stream = dir.join("migrate.sock");
+    // A socket left by a destination that was killed while it waited.
+    drop(std::os::unix::net::UnixListener::bind(&stream).unwrap());
+    let url = format!("unix:{}", stream.display());
+    let destination = Command::new(SLUICE)
+        .args(["run", "--migrate-from", &url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the destination");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut peer = loop {
+        match std::os::unix::net::UnixStream::connect(&stream) {
+            Ok(peer) => break peer,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the destination never listened: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    std::io::Write::write_all(&mut peer, b"GET / HTTP/1.1\r\nHost: sluice\r\n\r\n").unwrap();
+    let refused = destination.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+
+    assert_ne!(refused.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("not a sluice migration stream"), "{stderr}");
+    assert!(
+        !stream.exists(),
+        "the listener is gone after its one connection"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_vm_with_a_device_the_migration_cannot_cover_is_refused_by_name_and_runs_on() {
+    if skip_without_kvm(
+        "a_vm_with_a_device_the_migration_cannot_cover_is_refused_by_name_and_runs_on",
+    ) {
+        return;
+    }
+    let dir = scratch("nvme");
+    let (socket, image) = (dir.join("api.sock"), dir.join("nvme.img"));
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut vm = Command::new(SLUICE)
+        .args(["run", "--kernel"])
+        .arg(build_guest("wait"))
+        .args(["--serial", "off", "--api-socket"])
+        .arg(&socket)
+        .arg(format!("--nvme=path={}", image.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start sluice");
+    wait_for("the VM to run", Duration::from_secs(20), || {
+        ctl(&socket, &["info"]).1.contains("\"Running\"")
+    });
+    let url = format!("unix:{}", dir.join("nobody.sock").display());
+
+    let refused = ctl(&socket, &["migrate", &url]);
+    let info = ctl(&socket, &["info"]);
+    let _ = ctl(&socket, &["shutdown"]);
+    let status = wait_exit(&mut vm, Duration::from_secs(20));
+
+    assert_eq!(refused.0, 1, "{refused:?}");
+    assert!(
+        refused.1.contains("NVMe controller cannot be migrated"),
+        "{refused:?}"
+    );
+    assert!(info.1.contains("\"Running\""), "{info:?}");
+    assert_eq!(status, Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// QEMU's "write not shared" lock byte (sluice-storage's lock module): whoever holds it owns the
+/// image for writing, as a destination that opened the disk does.
+fn hold_write_lock(image: &Path) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .unwrap();
+    let lock = libc::flock {
+        l_type: libc::F_RDLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 201,
+        l_len: 1,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_SETLK reads one struct flock, which lives on the stack.
+    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+    assert_eq!(ret, 0, "{}", std::io::Error::last_os_error());
+    file
+}
+
+#[test]
+fn a_source_that_cannot_take_its_disk_back_stops_rather_than_run_beside_the_destination() {
+    if skip_without_kvm(
+        "a_source_that_cannot_take_its_disk_back_stops_rather_than_run_beside_the_destination",
+    ) {
+        return;
+    }
+    let dir = scratch("split");
+    let (image, socket, console) = (
+        dir.join("disk.img"),
+        dir.join("api.sock"),
+        dir.join("source.txt"),
+    );
+    let stream = dir.join("migrate.sock");
+    let url = format!("unix:{}", stream.display());
+    // A destination that takes the whole stream and the disk, then never acknowledges (as if
+    // its `Ack` were lost while it runs the VM).
+    let listener = std::os::unix::net::UnixListener::bind(&stream).unwrap();
+    let taker = {
+        let image = image.clone();
+        std::thread::spawn(move || {
+            let (mut peer, _) = listener.accept().unwrap();
+            let mut messages = 0;
+            loop {
+                match sluice_vmm::migration::protocol::read_message(&mut peer).unwrap() {
+                    sluice_vmm::migration::protocol::Message::End => break,
+                    _ => messages += 1,
+                }
+            }
+            let held = hold_write_lock(&image);
+            drop(peer);
+            (messages, held)
+        })
+    };
+    let mut source = start_source(&dir, &image, &socket, &console, &SHORT);
+
+    let (status, answer) = ctl(&socket, &["migrate", &url]);
+    let source_status = wait_exit(&mut source, Duration::from_secs(20));
+    let (messages, _held) = taker.join().unwrap();
+    let console = std::fs::read_to_string(&console).unwrap();
+
+    println!("the source after the lost ack: {}", answer.trim());
+    assert!(
+        messages >= 3,
+        "hello, pages and the state arrived: {messages}"
+    );
+    assert_ne!(status, 0, "{answer}");
+    assert!(answer.contains("cannot be taken back"), "{answer}");
+    assert_eq!(
+        source_status,
+        Some(EXIT_GUEST_CRASH),
+        "the source stops (crash status) instead of resuming"
+    );
+    assert!(!console.contains("RESULT"), "the source ran on:\n{console}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
