@@ -151,6 +151,7 @@ pub fn run_hostile_backend(data: &[u8]) -> BackendOutcome {
         queues,
         queue_size: QUEUE_SIZE,
         timeout: TIMEOUT,
+        iommu: false,
     };
     let regions = SharedMemoryRegion::from_guest_memory(guest_memory()).expect("memfd RAM");
 
