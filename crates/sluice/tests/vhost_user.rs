@@ -422,3 +422,59 @@ fn a_missing_backend_is_a_clear_startup_error() {
         "{stderr}"
     );
 }
+
+/// Behind `--iommu vtd` a backend must translate IOVAs (ACCESS_PLATFORM, BACKEND_REQ,
+/// REPLY_ACK); qemu-storage-daemon's export offers no ACCESS_PLATFORM, so sluice refuses to
+/// start rather than let the disk bypass the guest's IOMMU.
+#[test]
+fn a_backend_without_iotlb_support_is_refused_behind_the_vtd() {
+    let name = "a_backend_without_iotlb_support_is_refused_behind_the_vtd";
+    if skip_without_kvm(name) {
+        return;
+    }
+    let Some(backend) = qemu_storage_daemon(name, 1) else {
+        return;
+    };
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("run")
+        .arg("--iommu=vtd")
+        .arg(format!(
+            "--disk=vhost_user=on,socket={}",
+            backend.socket.display()
+        ))
+        .output()
+        .unwrap();
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("cannot translate IOVAs") && stderr.contains("ACCESS_PLATFORM"),
+        "{stderr}"
+    );
+}
+
+/// The virtio-iommu has no hook to forward unmaps to a backend's IOTLB: refused with a reason.
+#[test]
+fn a_vhost_user_disk_behind_the_virtio_iommu_is_refused() {
+    let name = "a_vhost_user_disk_behind_the_virtio_iommu_is_refused";
+    if skip_without_kvm(name) {
+        return;
+    }
+    let backend = sluice_serve_blk(name);
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("run")
+        .arg("--iommu=virtio")
+        .arg(format!(
+            "--disk=vhost_user=on,socket={}",
+            backend.socket.display()
+        ))
+        .output()
+        .unwrap();
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("--iommu virtio") && stderr.contains("--iommu vtd"),
+        "{stderr}"
+    );
+}
