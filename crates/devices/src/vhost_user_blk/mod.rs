@@ -57,9 +57,11 @@
 //! nudges every kick fd so requests queued meanwhile are seen. A backend that comes back without a
 //! feature the driver negotiated makes the device DEVICE_NEEDS_RESET. While the device is not
 //! active, a lost connection is noticed at the next activation, which reconnects once.
-//! Not done: the backend request channel (BACKEND_REQ: config-change notifications, IOTLB),
-//! dirty logging, VIRTIO_F_ACCESS_PLATFORM (the backend sees guest-physical addresses only),
-//! packed rings.
+//! Behind sluice's VT-d ([`VhostUserBlkConfig::iommu`]) the backend runs the rings on IOVAs:
+//! VIRTIO_F_ACCESS_PLATFORM, a backend request channel for its IOTLB misses, and the VT-d's
+//! invalidations forwarded ([`iotlb`] says how, and why the locking is what it is).
+//! Not done: the rest of the backend request channel (config-change notifications are read and
+//! ignored), dirty logging, packed rings.
 //!
 //! [`fuzz`] plays a scripted hostile backend against all of this (the body of the
 //! `vhost_user_backend_replies` fuzz target, also replayed by `cargo test`).
@@ -105,8 +107,9 @@ const CONFIG_NUM_QUEUES_OFFSET: usize = 34;
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
 /// Virtio feature bits the guest may see: every device-specific bit (0..=23) plus the
-/// transport features sluice's virtio-pci transport implements. Packed rings, ACCESS_PLATFORM,
-/// notification data and the like are withheld even if the backend offers them.
+/// transport features sluice's virtio-pci transport implements. Packed rings, notification
+/// data and the like are withheld even if the backend offers them; ACCESS_PLATFORM too, unless
+/// the disk sits behind the VT-d.
 const GUEST_VISIBLE_FEATURES: u64 = ((1 << 24) - 1)
     | (1 << VIRTIO_RING_F_INDIRECT_DESC)
     | (1 << VIRTIO_RING_F_EVENT_IDX)
