@@ -31,6 +31,8 @@ const SOCKET_TOKEN: u64 = u64::MAX - 1;
 const CHANNEL_TOKEN: u64 = u64::MAX - 2;
 /// Bytes read from the backend channel at a time.
 const CHANNEL_READ: usize = 4096;
+/// Reads of the backend channel per wakeup (see `Pump::read_channel`).
+const CHANNEL_READS_PER_WAKEUP: usize = 16;
 /// Time between reconnection attempts while the backend is away.
 const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -270,41 +272,41 @@ impl Pump {
         }
     }
 
-    /// Reads what the backend channel holds and answers each complete message. A channel the
-    /// backend closed, or one out of step, is no longer read (its misses then go unanswered
-    /// and the backend's accesses fail; the control socket decides about the connection).
+    /// Reads what the backend channel holds and answers each complete message as it comes. A
+    /// channel the backend closed, or one out of step, is no longer read (its misses then go
+    /// unanswered and the backend's accesses fail; the control socket decides about the
+    /// connection). At most [`CHANNEL_READS_PER_WAKEUP`] reads per wakeup: a backend that
+    /// writes without pause cannot keep the pump from its stop event (epoll is level-triggered,
+    /// so the rest is read at the next wakeup).
     fn read_channel(&mut self) {
-        let Some((channel, reader)) = self.channel.as_mut() else {
-            return;
-        };
         let mut buf = [0u8; CHANNEL_READ];
-        let mut messages = Vec::new();
-        let failure = loop {
-            match read_some(channel, &mut buf) {
-                Ok(0) => break Some("closed by the backend".to_string()),
-                Ok(n) => {
-                    if let Err(e) = reader.push(&buf[..n]) {
-                        break Some(e.to_string());
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break None,
+        for _ in 0..CHANNEL_READS_PER_WAKEUP {
+            let Some((channel, reader)) = self.channel.as_mut() else {
+                return;
+            };
+            let read = match read_some(channel, &mut buf) {
+                Ok(0) => Err("closed by the backend".to_string()),
+                Ok(n) => reader.push(&buf[..n]).map_err(|e| e.to_string()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => break Some(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let mut messages = Vec::new();
+            let parsed = loop {
+                match reader.next_message() {
+                    Ok(Some(message)) => messages.push(message),
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e.to_string()),
+                }
+            };
+            for message in messages {
+                self.answer(message);
             }
-        };
-        let failure = loop {
-            match reader.next_message() {
-                Ok(Some(message)) => messages.push(message),
-                Ok(None) => break failure,
-                Err(e) => break Some(e.to_string()),
+            if let Err(why) = read.and(parsed) {
+                tracing::warn!("vhost-user-blk: backend request channel: {why}; no longer read");
+                self.unwatch_channel();
+                return;
             }
-        };
-        for message in messages {
-            self.answer(message);
-        }
-        if let Some(why) = failure {
-            tracing::warn!("vhost-user-blk: backend request channel: {why}; no longer read");
-            self.unwatch_channel();
         }
     }
 
