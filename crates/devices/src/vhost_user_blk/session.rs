@@ -409,8 +409,7 @@ impl Session {
     /// misses). Sent before SET_OWNER, as QEMU does.
     fn send_backend_channel(&mut self) -> Result<(), VhostUserBlkError> {
         let (ours, theirs) = UnixStream::pair().map_err(io_step("backend channel"))?;
-        ours.set_nonblocking(true)
-            .map_err(io_step("backend channel"))?;
+        set_nonblocking(&ours).map_err(io_step("backend channel"))?;
         self.request("SET_BACKEND_REQ_FD", |f| f.set_backend_request_fd(&theirs))?;
         if let Some(connection) = self.connection.as_mut() {
             connection.channel = Some(ours);
@@ -653,6 +652,19 @@ pub(super) fn used_index(mem: &DmaSpace, used_ring: u64) -> u16 {
         .and_then(|at| mem.load::<u16>(GuestAddress(at), Ordering::Acquire).ok())
         .map(u16::from_le)
         .unwrap_or(0)
+}
+
+/// O_NONBLOCK through fcntl: std's `set_nonblocking` on a socket is an ioctl (FIONBIO), which
+/// the pump's seccomp filter does not allow (it reconnects, and so makes channels, on its own).
+fn set_nonblocking(socket: &UnixStream) -> std::io::Result<()> {
+    let fd = socket.as_raw_fd();
+    // SAFETY: F_GETFL/F_SETFL on a descriptor `socket` owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn io_step(step: &'static str) -> impl Fn(std::io::Error) -> VhostUserBlkError {
