@@ -491,17 +491,28 @@ impl IotlbLink {
     }
 }
 
-/// One read(2) (not recv(2): see [`write_all`]).
+/// One read(2) (not recv(2), which is recvfrom: see [`write_all`]).
 pub(super) fn read_some(socket: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for writes of its length; the fd is owned by `socket`.
     let n = unsafe { libc::read(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
-/// One write(2) (not send(2): see [`write_all`]).
+/// One sendmsg(2) with MSG_NOSIGNAL: a peer that hung up is EPIPE, never a SIGPIPE (sluice's
+/// runtime ignores the signal, but a host process that embeds the frontend — the fuzz
+/// target — may not). Not send(2): that is sendto, outside the pump's and vCPUs' filters.
 pub(super) fn write_some(socket: &UnixStream, bytes: &[u8]) -> io::Result<usize> {
-    // SAFETY: `bytes` is valid for reads of its length; the fd is owned by `socket`.
-    let n = unsafe { libc::write(socket.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    // SAFETY: `msg` points at one iovec over `bytes`, valid for reads of its length (sendmsg
+    // does not write through it); the fd is owned by `socket`.
+    let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &raw const msg, libc::MSG_NOSIGNAL) };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
@@ -532,9 +543,9 @@ fn wait(socket: &UnixStream, events: i16, deadline: Instant) -> io::Result<()> {
     }
 }
 
-/// Writes all of `bytes`, each write(2) after poll says there is room (the socket stays in
-/// blocking mode: the `vhost` crate's frontend shares it). write/read, not send/recv: those
-/// are in every filter that reaches here (vCPU and pump threads).
+/// Writes all of `bytes`, each sendmsg after poll says there is room (the socket stays in
+/// blocking mode: the `vhost` crate's frontend shares it). sendmsg and read, not send/recv
+/// (sendto/recvfrom): those are outside the filters of the threads that get here (vCPU, pump).
 fn write_all(socket: &UnixStream, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
     while !bytes.is_empty() {
         wait(socket, libc::POLLOUT, deadline)?;
