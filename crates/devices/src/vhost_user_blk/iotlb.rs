@@ -666,6 +666,168 @@ mod tests {
         assert!(update_for(&none, 0x1000, &regions()).is_none());
     }
 
+    /// A backend on the other end of `theirs`: reads `messages` IOTLB messages, answers each
+    /// with `status` (none if `None`), and returns what it read.
+    fn backend(
+        theirs: UnixStream,
+        messages: usize,
+        status: Option<u64>,
+    ) -> std::thread::JoinHandle<Vec<IotlbMsg>> {
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for _ in 0..messages {
+                let mut raw = [0u8; HEADER_BYTES + IOTLB_MSG_BYTES];
+                if read_exact(&theirs, &mut raw, Instant::now() + Duration::from_secs(5)).is_err() {
+                    break;
+                }
+                let header: Vec<u32> = raw[..HEADER_BYTES]
+                    .chunks(4)
+                    .map(|w| u32::from_le_bytes(w.try_into().unwrap()))
+                    .collect();
+                assert_eq!(
+                    header,
+                    vec![
+                        FRONTEND_IOTLB_MSG,
+                        FLAG_VERSION_1 | FLAG_NEED_REPLY,
+                        IOTLB_MSG_BYTES as u32
+                    ]
+                );
+                seen.push(IotlbMsg::from_bytes(
+                    raw[HEADER_BYTES..].try_into().unwrap(),
+                ));
+                if let Some(status) = status {
+                    let reply = message(
+                        FRONTEND_IOTLB_MSG,
+                        FLAG_VERSION_1 | FLAG_REPLY,
+                        &status.to_le_bytes(),
+                    );
+                    write_all(&theirs, &reply, Instant::now() + Duration::from_secs(5)).unwrap();
+                }
+            }
+            seen
+        })
+    }
+
+    fn armed_link(timeout: Duration) -> (Arc<IotlbLink>, UnixStream, Arc<DeviceMetrics>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let link = Arc::new(IotlbLink::new(timeout));
+        let metrics = Arc::new(DeviceMetrics::with_counters("test", 1, &COUNTERS));
+        link.set_metrics(metrics.clone());
+        link.arm(Arc::new(ours));
+        (link, theirs, metrics)
+    }
+
+    #[test]
+    fn an_invalidation_is_acked_before_it_returns() {
+        let (link, theirs, metrics) = armed_link(Duration::from_secs(5));
+        let backend = backend(theirs, 1, Some(0));
+
+        link.invalidate(0x1000, 0x3000);
+
+        assert_eq!(metrics.counter("iotlb_invalidations"), Some(1));
+        let seen = backend.join().unwrap();
+        assert_eq!(
+            seen,
+            vec![IotlbMsg {
+                iova: 0x1000,
+                size: 0x2000,
+                kind: IOTLB_INVALIDATE,
+                ..IotlbMsg::default()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_refused_or_late_invalidation_drops_the_connection_within_the_timeout() {
+        for status in [Some(1), None] {
+            let (link, theirs, metrics) = armed_link(Duration::from_millis(100));
+            let peer = theirs.try_clone().unwrap();
+            let backend = backend(theirs, 1, status);
+            let started = Instant::now();
+
+            link.invalidate(0, 1 << 48);
+
+            assert!(started.elapsed() < Duration::from_secs(2), "{status:?}");
+            assert_eq!(metrics.counter("iotlb_invalidations"), Some(0));
+            assert_eq!(backend.join().unwrap().len(), 1);
+            let mut rest = [0u8; 1];
+            assert_eq!(
+                read_some(&peer, &mut rest).unwrap(),
+                0,
+                "shut down: {status:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn without_a_connection_an_invalidation_sends_nothing() {
+        let link = IotlbLink::new(Duration::from_secs(5));
+
+        link.invalidate(0, 0x1000);
+
+        assert!(link.lock().socket.is_none());
+    }
+
+    /// IOVA `0x10_0000 + gpa` → `gpa` for the first four pages, read-write.
+    #[derive(Debug)]
+    struct Shifted;
+
+    impl sluice_dma::TranslationSource for Shifted {
+        fn lookup(&self, iova: u64, _access: Permissions) -> Option<Mapping> {
+            let page = iova.checked_sub(0x10_0000)? & !0xfff;
+            (page < 0x4000).then_some(Mapping {
+                iova: 0x10_0000 + page,
+                target: page,
+                length: 0x1000,
+                permissions: Permissions::ReadWrite,
+            })
+        }
+    }
+
+    #[test]
+    fn a_miss_is_answered_from_the_space_and_a_refused_one_is_a_fault_with_no_update() {
+        use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+        let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let host = ram.get_host_address(GuestAddress(0)).unwrap() as u64;
+        let regions = vec![SharedMemoryRegion {
+            guest_addr: 0,
+            size: 0x10_0000,
+            user_addr: host,
+            fd: Arc::new(std::fs::File::open("/dev/null").unwrap()),
+            offset: 0,
+        }];
+        let space = sluice_dma::translated(ram, Box::new(Shifted));
+        let (link, theirs, metrics) = armed_link(Duration::from_secs(5));
+        let backend = backend(theirs, 1, Some(0));
+
+        let answered = link.answer_miss(&space, &regions, 0x10_1800, ACCESS_WO);
+        let refused = link.answer_miss(&space, &regions, 0x20_0000, ACCESS_RO);
+        link.disarm();
+
+        assert!(answered && !refused);
+        let seen = backend.join().unwrap();
+        assert_eq!(
+            seen,
+            vec![IotlbMsg {
+                iova: 0x10_1000,
+                size: 0x1000,
+                uaddr: host + 0x1000,
+                perm: ACCESS_RW,
+                kind: IOTLB_UPDATE,
+            }]
+        );
+        assert_eq!(space.iommu().faults().len(), 1, "the refusal is logged");
+        let count = |name| metrics.counter(name).unwrap_or(0);
+        assert_eq!(
+            (
+                count("iotlb_misses"),
+                count("iotlb_updates"),
+                count("iotlb_faults")
+            ),
+            (2, 1, 1)
+        );
+    }
+
     fn miss_bytes(iova: u64, perm: u8, flags: u32) -> Vec<u8> {
         let body = IotlbMsg {
             iova,
