@@ -87,22 +87,40 @@ impl Backend {
     }
 
     fn wait_for_socket(&mut self) {
+        if let Err(status) = self.try_wait_for_socket() {
+            panic!("the backend exited: {status}\n{}", self.log_text());
+        }
+    }
+
+    /// Waits for the socket; the exit status if the backend exited first.
+    fn try_wait_for_socket(&mut self) -> Result<(), std::process::ExitStatus> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.socket.exists() {
             assert!(Instant::now() < deadline, "the backend never listened");
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("the backend exited: {status}");
+                return Err(status);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
-    /// Kills the backend and starts it again on the same socket and image.
+    /// Kills the backend and starts it again on the same socket and image. The killed
+    /// backend's io_uring may hold the image (and its lock) a moment after it is reaped (the
+    /// kernel tears rings down asynchronously): a new one that finds the image in use is
+    /// started again, a few times.
     fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child =
-            Self::spawn(&self.program, &self.args, &self.socket, self.log.as_deref()).unwrap();
+        for _ in 0..20 {
+            self.child =
+                Self::spawn(&self.program, &self.args, &self.socket, self.log.as_deref()).unwrap();
+            match self.try_wait_for_socket() {
+                Ok(()) => return,
+                Err(status) => println!("restarted backend exited ({status}); again"),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         self.wait_for_socket();
     }
 
@@ -237,7 +255,12 @@ fn verify_with(
     }
     let report = guest.join().unwrap();
 
-    assert!(report.passed(), "{}", report.describe());
+    assert!(
+        report.passed(),
+        "{}\n--- backend log ---\n{}",
+        report.describe(),
+        backend.log_text()
+    );
     let blk = report.results_for("blk").next().unwrap();
     assert_eq!(blk.verify.as_deref(), Some("ok"), "{}", report.describe());
     assert_eq!(blk.raw["queues"], queues, "{}", report.describe());
@@ -266,7 +289,9 @@ fn verify_with(
     // a backend restart it is a looser one (CI saw 289 of 512): the pump counts at the calls
     // it relays, and the guest kit polls, so a backend may go long stretches without one.
     let requests = metrics_requests(&metrics);
-    let at_least = if restart { 100 } else { 400 };
+    // Behind the VT-d the backend's first accesses wait for IOTLB updates, so its completions
+    // come in bursts too (a loaded run saw 368 of 512).
+    let at_least = if restart || iommu { 100 } else { 400 };
     assert!(requests >= at_least, "{metrics}");
     let bar_exits = metrics_device_exits(&metrics, "virtio-blk");
     assert!(
@@ -340,7 +365,7 @@ fn blk_verify_against_sluice_serve_blk() {
 /// `--iommu vtd` with the kit's VT-d driver (it maps only its DMA buffers): the backend runs
 /// the rings on IOVAs and asks sluice for each translation (IOTLB MISS → UPDATE from the
 /// function's VT-d domain); the guest's invalidations reach it as INVALIDATEs. The verify
-/// passes, the image holds the pattern, and both ends counted the traffic.
+/// passes, the image holds the pattern, and both ends counted the misses and updates.
 #[test]
 fn blk_verify_behind_the_vtd_through_the_backends_iotlb() {
     let name = "blk_verify_behind_the_vtd_through_the_backends_iotlb";
@@ -356,10 +381,9 @@ fn blk_verify_behind_the_vtd_through_the_backends_iotlb() {
     let counter = |name: &str| counters[name].as_u64().unwrap_or(0);
     assert!(counter("iotlb_misses") > 0, "{metrics}");
     assert!(counter("iotlb_updates") > 0, "{metrics}");
-    assert!(
-        counter("iotlb_invalidations") > 0,
-        "the kit's mappings were invalidated: {metrics}"
-    );
+    // Invalidations reach the backend only once it has ACCESS_PLATFORM (the pump's DRIVER_OK
+    // setup): how many of the kit's come after that is timing (0 to 16 seen), so they are only
+    // reported here; hostile_driver.rs's VT-d test checks one deterministically.
     assert_eq!(counter("iotlb_faults"), 0, "{metrics}");
     // The backend logs its IOTLB counts when the connection ends (sluice has exited).
     let deadline = Instant::now() + Duration::from_secs(10);
