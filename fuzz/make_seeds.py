@@ -300,6 +300,30 @@ def backend_seeds():
     yield "stale_ack", bytes([0]) + bytes(5) + bytes([TWICE, HEALTHY])
     # GET_VRING_BASE never answered: the reset gives up after one timeout.
     yield "stall_at_reset", bytes([0]) + bytes(HANDSHAKE + SETUP) + bytes([SILENT, HEALTHY])
+    # Behind a vIOMMU (setup bit 2): the handshake adds SET_BACKEND_REQ_FD. With SET_VRING_ENABLE
+    # the backend puts three MISSes on its channel (GARBAGE goes to the channel then): a
+    # read-only page, a read-write page asked for writing, and an IOVA beyond guest RAM (a
+    # fault: no UPDATE). Two UPDATEs come back on the main socket, each acked, then the reset.
+    misses = (backend_miss(0x3000, IOTLB_RO) + backend_miss(0x2800, IOTLB_WO)
+              + backend_miss(1 << 20, IOTLB_RO))
+    yield "iommu_misses", (bytes([IOMMU]) + bytes(HANDSHAKE + 1 + SETUP - 1)
+                           + bytes([GARBAGE, len(misses)]) + misses + bytes(1 + 2 + RESET))
+    # A channel message with a bad version: the channel is given up, the device keeps running.
+    yield "iommu_channel_garbage", (bytes([IOMMU]) + bytes(HANDSHAKE + 1 + SETUP - 1)
+                                    + bytes([GARBAGE, 12]) + b"\x01\x00\x00\x00" * 3
+                                    + bytes(1 + RESET))
+    # A backend without ACCESS_PLATFORM is refused behind a vIOMMU.
+    yield "iommu_without_access_platform", (bytes([IOMMU]) + value(QSD_FEATURES)
+                                            + value(QSD_PROTOCOL))
+
+
+IOMMU = 4
+IOTLB_RO, IOTLB_WO = 1, 2
+
+
+def backend_miss(iova, perm):
+    """An IOTLB MISS on the backend request channel (request 1, version 1, 32-byte body)."""
+    return struct.pack("<III", 1, 1, 32) + struct.pack("<QQQBB6x", iova, 0, 0, perm, 1)
 
 
 # --- packed_ring: [size - 1, mode, guest memory (ring at 0x0, driver event at 0x2000)] -------

@@ -158,3 +158,24 @@ fn a_reset_stalled_at_get_vring_base_gives_up_on_the_connection() {
     assert_running("stall_at_reset", &outcome);
     assert!(!saw(&outcome, FrontendReq::RESET_DEVICE), "{outcome:?}");
 }
+
+/// Behind a vIOMMU: the MISSes on the backend channel get one UPDATE each when the IOVA is
+/// mapped (checked well-formed by the scripted backend), none for one beyond guest RAM; the
+/// device keeps running whatever the channel carries.
+#[test]
+fn iommu_seeds_answer_misses_with_updates_and_survive_a_bad_channel() {
+    let misses = backend_seed("iommu_misses");
+    let garbage = backend_seed("iommu_channel_garbage");
+    let refused = backend_seed("iommu_without_access_platform");
+
+    assert_running("iommu_misses", &misses);
+    assert!(saw(&misses, FrontendReq::SET_BACKEND_REQ_FD), "{misses:?}");
+    assert_eq!(misses.iotlb_updates, 2, "{misses:?}");
+    assert_running("iommu_channel_garbage", &garbage);
+    assert_eq!(garbage.iotlb_updates, 0, "{garbage:?}");
+    assert_handshake_failed_at(
+        "iommu_without_access_platform",
+        &refused,
+        "cannot translate IOVAs",
+    );
+}

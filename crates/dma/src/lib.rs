@@ -124,6 +124,30 @@ impl DmaTranslator {
             .collect()
     }
 
+    /// The mapping covering `iova` as the translation source has it now — its whole page or
+    /// run and every permission it grants, not only `access` — for a frontend that hands
+    /// translations on to another process (a vhost-user IOTLB UPDATE). The source is asked
+    /// directly, so a refusal is the unit's fault like any device access's, and is logged here
+    /// too. `None` for an identity space (no source) or when the source refuses `access`.
+    pub fn source_mapping(&self, iova: u64, access: Permissions) -> Option<Mapping> {
+        let source = self.source.as_ref()?;
+        let found = source.lookup(iova, access).filter(|m| {
+            m.length > 0
+                && m.iova <= iova
+                && iova - m.iova < m.length
+                && m.iova.checked_add(m.length).is_some()
+                && m.permissions.allow(access)
+        });
+        if found.is_none() {
+            self.record_fault(DmaFault {
+                iova,
+                length: 1,
+                access,
+            });
+        }
+        found
+    }
+
     fn record_fault(&self, fault: DmaFault) {
         let mut log = self.faults.lock().unwrap_or_else(PoisonError::into_inner);
         if log.len() == FAULT_LOG_CAPACITY {

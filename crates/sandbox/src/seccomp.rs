@@ -248,6 +248,8 @@ const QUEUE_WORKER: &[i64] = &[
 /// the backend, the watchdog's shutdown of a socket.
 const VHOST_FRONTEND: &[i64] = &[
     libc::SYS_socket,
+    // Behind a vIOMMU each connection gets a backend request channel (IOTLB misses).
+    libc::SYS_socketpair,
     libc::SYS_connect,
     libc::SYS_sendmsg,
     libc::SYS_recvmsg,

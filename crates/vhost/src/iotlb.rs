@@ -27,7 +27,10 @@
 //!   space; an empty one is refused) and drops what the connection's `DmaSpace` cached for
 //!   them, so running queues re-translate on their next access.
 //! * A lookup that misses (no entry, or one without the access's permission) sends a MISS
-//!   and, on a queue worker, waits up to [`MISS_WAIT`] for an UPDATE that covers it; after
+//!   and, on a queue worker, waits up to [`MISS_WAIT`] for an UPDATE that covers it, sending
+//!   the MISS again after each INVALIDATE meanwhile (the UPDATE may have come and been
+//!   invalidated before the worker woke: a guest that maps and invalidates often, as sluice's
+//!   guest kit does, made a ring fail that way); after
 //!   that the access fails and the request with it (virtio-blk answers IOERR when it can,
 //!   else the queue goes NEEDS_RESET). Waiting keeps a cold IOTLB working (QEMU fills entries
 //!   only on demand); the bound keeps a guest that points at unmapped memory from stalling
@@ -147,6 +150,9 @@ pub struct IotlbStats {
 struct State {
     entries: BTreeMap<u64, Entry>,
     memory: Vec<UserRange>,
+    /// Counts INVALIDATE messages: a waiting lookup whose answer may have been removed before
+    /// it woke asks again.
+    invalidations: u64,
 }
 
 /// One connection's IOTLB (see the module doc).
@@ -358,7 +364,13 @@ impl Iotlb {
         // A range past the top of the address space is clipped, not refused: dropping more
         // translations than asked is always safe, keeping one the guest revoked is not.
         let end = iova.saturating_add(size);
-        let removed = locked(&self.state).remove_overlapping(iova, end);
+        let removed = {
+            let mut state = locked(&self.state);
+            state.invalidations = state.invalidations.wrapping_add(1);
+            state.remove_overlapping(iova, end)
+        };
+        // Waiting lookups check whether the invalidation took what they waited for.
+        self.updated.notify_all();
         // The DMA space may cache the range even where the IOTLB holds nothing any more.
         let (from, to) = removed.unwrap_or((iova, end));
         self.drop_cached(from, to);
@@ -469,6 +481,7 @@ impl Iotlb {
         if let Some(mapping) = locked(&self.state).mapping(iova, access) {
             return Some(mapping);
         }
+        let asked_at = locked(&self.state).invalidations;
         let sent = self.send_miss(iova, access);
         if !sent || thread::current().id() == self.connection_thread {
             self.counters.faults.fetch_add(1, Ordering::Relaxed);
@@ -476,9 +489,19 @@ impl Iotlb {
         }
         let deadline = Instant::now() + self.miss_wait;
         let mut state = locked(&self.state);
+        let mut asked_at = asked_at;
         loop {
             if let Some(mapping) = state.mapping(iova, access) {
                 return Some(mapping);
+            }
+            if state.invalidations != asked_at {
+                // The answer may have come and gone before this thread woke (an UPDATE, then
+                // an INVALIDATE): ask again rather than wait for an UPDATE already spent.
+                asked_at = state.invalidations;
+                drop(state);
+                self.send_miss(iova, access);
+                state = locked(&self.state);
+                continue;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -662,6 +685,48 @@ mod tests {
         }
 
         assert_eq!(locked(&iotlb.state).entries.len(), MAX_ENTRIES);
+    }
+
+    /// A waiting lookup whose answer an INVALIDATE may have taken asks again.
+    #[test]
+    fn a_waiting_miss_is_sent_again_after_an_invalidation() {
+        let iotlb = Arc::new(Iotlb::with_miss_wait(Duration::from_secs(5)));
+        iotlb.set_memory(memory());
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        iotlb.set_channel(Some(ours));
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let read_miss = || {
+            let mut raw = [0u8; 12 + IOTLB_MSG_BYTES];
+            io::Read::read_exact(&mut &theirs, &mut raw).expect("a MISS");
+            u64::from_ne_bytes(raw[12..20].try_into().unwrap())
+        };
+        let worker = {
+            let iotlb = iotlb.clone();
+            thread::spawn(move || iotlb.lookup(0x9000, Permissions::Read))
+        };
+
+        let first = read_miss();
+        iotlb
+            .handle(&IotlbMsg {
+                iova: 0,
+                size: 1 << 40,
+                kind: IOTLB_INVALIDATE,
+                ..IotlbMsg::default()
+            })
+            .unwrap();
+        let again = read_miss();
+        iotlb
+            .handle(&update(0x9000, 0x1000, 0x7f00_0000_2000, ACCESS_RO))
+            .unwrap();
+
+        assert_eq!((first, again), (0x9000, 0x9000));
+        let mapping = worker
+            .join()
+            .unwrap()
+            .expect("answered after the second MISS");
+        assert_eq!(mapping.target, 0x2000);
     }
 
     #[test]

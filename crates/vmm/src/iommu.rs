@@ -5,10 +5,11 @@
 //!
 //! Every device gets its `DmaSpace` from these spaces by its BDF (virtio.rs, e1000.rs), so all
 //! of them sit behind the unit; virtio devices then offer VIRTIO_F_ACCESS_PLATFORM. A
-//! vhost-user disk is the exception: its rings are run by another process that sees guest
-//! physical addresses (no IOTLB messages yet), so it keeps an identity space and does not offer
-//! ACCESS_PLATFORM — the guest's driver then bypasses its DMA API for it, as with QEMU's
-//! `iommu_platform=off`.
+//! vhost-user disk too: its rings are run by another process, which translates IOVAs through a
+//! device IOTLB sluice fills from the disk's space on each MISS and empties on the unit's
+//! invalidations (`sluice_devices::vhost_user_blk::iotlb`, registered with `Vtd::watch` in
+//! virtio.rs). Behind `--iommu virtio` a vhost-user disk is refused: the virtio-iommu has no
+//! such hook.
 //!
 //! `--iommu virtio` wires a virtio-iommu ([`sluice_iommu::VirtioIommu`]) the same way: it is
 //! the spaces' domain provider, and it is itself a virtio-pci device, put on the PCI root before

@@ -219,6 +219,7 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
         &ram,
         &iommu.dma,
         &interrupts,
+        iommu.vtd(),
     )?);
     device_metrics.extend(crate::e1000::attach_e1000_devices(
         &pci_root, &config, &iommu.dma,

@@ -2,15 +2,21 @@
 //! model behind the virtio-pci transport, on the PCI root, with exitless doorbells (ioeventfd)
 //! and interrupts (GSI route + irqfd per MSI-X vector; INTA through the root's INTx routing).
 //! Each device does DMA through its own space, keyed by its requester id (identity until a
-//! vIOMMU provides domains).
+//! vIOMMU provides domains). A vhost-user disk's rings are run by the backend: without a
+//! vIOMMU it sees guest physical addresses (an identity space); behind `--iommu vtd` it gets
+//! its translated space like any device and the backend translates through a device IOTLB
+//! sluice fills from it, with the VT-d's invalidations forwarded (`vhost_user_blk::iotlb`).
+//! `--iommu virtio` has no hook to forward invalidations, so vhost-user disks are refused there.
 
 use std::sync::{Arc, Mutex};
 
 use sluice_devices::block::{Block, BlockConfig};
 use sluice_devices::net::{Net, NetConfig, Tap};
 use sluice_devices::rng::{fill_random, Rng};
+use sluice_devices::vhost_user_blk::iotlb::IotlbInvalidator;
 use sluice_devices::vhost_user_blk::{SharedMemoryRegion, VhostUserBlk, VhostUserBlkConfig};
 use sluice_dma::DmaSpaces;
+use sluice_iommu::Vtd;
 use sluice_pci::{PciError, PciRoot, SharedPciDevice};
 use sluice_virtio::{
     DeviceMetrics, VirtioDevice, VirtioPciDevice, VirtioPciError, VirtioPciOptions,
@@ -18,6 +24,7 @@ use sluice_virtio::{
 
 use crate::config::{DiskSpec, NetSpec, NotifyPolicy};
 use crate::interrupts::{KvmIoEvents, VmInterrupts};
+use crate::iommu::IommuKind;
 use crate::machine::{device_err, VmConfig, VmError};
 use crate::memory::GuestRam;
 
@@ -44,13 +51,15 @@ impl Plumbing<'_> {
     }
 }
 
-/// Adds every configured virtio device to `root`; returns their metrics handles.
+/// Adds every configured virtio device to `root`; returns their metrics handles. `vtd` is the
+/// VM's VT-d, if it has one (a vhost-user disk's invalidations come from it).
 pub fn attach_virtio_devices(
     root: &PciRoot,
     config: &VmConfig,
     ram: &GuestRam,
     dma: &Arc<DmaSpaces>,
     interrupts: &VmInterrupts,
+    vtd: Option<&Vtd>,
 ) -> Result<Vec<Arc<DeviceMetrics>>, VmError> {
     let plumbing = Plumbing {
         interrupts,
@@ -60,41 +69,60 @@ pub fn attach_virtio_devices(
     };
     let mut metrics = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
-        let block = disk_device(disk, ram)?;
+        let vhost_user = disk.vhost_user && disk.socket.is_some();
+        if vhost_user && config.iommu == Some(IommuKind::Virtio) {
+            return Err(device_err(
+                "vhost-user-blk",
+                "a vhost-user disk cannot sit behind --iommu virtio: the virtio-iommu has no \
+                 hook to forward its unmaps to the backend's IOTLB (use --iommu vtd)",
+            ));
+        }
+        let (block, invalidator) = disk_device(disk, ram, vtd.is_some())?;
         let name = format!("virtio-blk{i}");
-        let dma = if disk.vhost_user && disk.socket.is_some() {
+        // Without a vIOMMU the backend sees guest physical addresses: an identity space.
+        let dma = if vhost_user && vtd.is_none() {
             &plumbing.identity_dma
         } else {
             &plumbing.dma
         };
-        metrics.push(attach(
+        let (device_metrics, bdf) = attach(
             root,
             dma,
             interrupts,
             block,
             plumbing.options(name, disk.notify, disk.packed),
-        )?);
+        )?;
+        if let (Some(vtd), Some(invalidator)) = (vtd, invalidator) {
+            vtd.watch(bdf, invalidator);
+        }
+        metrics.push(device_metrics);
     }
     for (i, net) in config.nets.iter().enumerate() {
         let device = net_device(net)?;
         let name = format!("virtio-net{i}");
-        metrics.push(attach(
-            root,
-            &plumbing.dma,
-            interrupts,
-            Box::new(device),
-            plumbing.options(name, net.notify, net.packed),
-        )?);
+        metrics.push(
+            attach(
+                root,
+                &plumbing.dma,
+                interrupts,
+                Box::new(device),
+                plumbing.options(name, net.notify, net.packed),
+            )?
+            .0,
+        );
     }
     if let Some(rng) = &config.rng {
         let options = plumbing.options("virtio-rng".into(), NotifyPolicy::Interrupt, rng.packed);
-        metrics.push(attach(
-            root,
-            &plumbing.dma,
-            interrupts,
-            Box::new(Rng::new()),
-            options,
-        )?);
+        metrics.push(
+            attach(
+                root,
+                &plumbing.dma,
+                interrupts,
+                Box::new(Rng::new()),
+                options,
+            )?
+            .0,
+        );
     }
     Ok(metrics)
 }
@@ -117,22 +145,29 @@ pub(crate) fn random_local_mac() -> std::io::Result<[u8; 6]> {
     Ok([0x52, 0x54, 0x00, tail[0], tail[1], tail[2]])
 }
 
-/// The in-process virtio-blk model, or a vhost-user frontend with `vhost_user=on`.
-fn disk_device(disk: &DiskSpec, ram: &GuestRam) -> Result<Box<dyn VirtioDevice>, VmError> {
+/// A disk device and, for a vhost-user disk behind the VT-d, the observer that forwards the
+/// VT-d's invalidations to its backend.
+type DiskDevice = (Box<dyn VirtioDevice>, Option<Arc<IotlbInvalidator>>);
+
+/// The in-process virtio-blk model, or a vhost-user frontend with `vhost_user=on` (with a
+/// device IOTLB when `iommu`).
+fn disk_device(disk: &DiskSpec, ram: &GuestRam, iommu: bool) -> Result<DiskDevice, VmError> {
     let Some(socket) = disk.socket.as_ref().filter(|_| disk.vhost_user) else {
         let block = Block::new(block_config(disk)).map_err(|e| device_err("virtio-blk", e))?;
-        return Ok(Box::new(block));
+        return Ok((Box::new(block), None));
     };
     let mut config = VhostUserBlkConfig::new(socket);
     config.queues = disk.queues;
     config.queue_size = disk.queue_size;
+    config.iommu = iommu;
     if let Some(timeout) = disk.timeout {
         config.timeout = timeout;
     }
     let regions = SharedMemoryRegion::from_guest_memory(&ram.memory)
         .map_err(|e| device_err("vhost-user-blk", e))?;
     let device = VhostUserBlk::new(config, regions).map_err(|e| device_err("vhost-user-blk", e))?;
-    Ok(Box::new(device))
+    let invalidator = device.iotlb_observer();
+    Ok((Box::new(device), invalidator))
 }
 
 fn block_config(disk: &DiskSpec) -> BlockConfig {
@@ -158,14 +193,14 @@ enum AttachError {
 }
 
 /// Puts `device` behind virtio-pci at the next free slot, with the DMA space of that slot's
-/// requester id and that requester's MSI sink and router.
+/// requester id and that requester's MSI sink and router; returns its metrics and requester id.
 fn attach(
     root: &PciRoot,
     dma: &DmaSpaces,
     interrupts: &VmInterrupts,
     device: Box<dyn VirtioDevice>,
     mut options: VirtioPciOptions,
-) -> Result<Arc<DeviceMetrics>, VmError> {
+) -> Result<(Arc<DeviceMetrics>, u16), VmError> {
     let metrics = device.metrics();
     let name = options.name.clone().unwrap_or_default();
     let address = root
@@ -179,5 +214,5 @@ fn attach(
         })
         .map_err(|e| device_err("virtio-pci", e))?;
     tracing::info!("{name} at PCI {address}");
-    Ok(metrics)
+    Ok((metrics, address.bdf()))
 }

@@ -1153,3 +1153,174 @@ fn virtio_iommu_requests_carry_blk_io_and_unmap_makes_its_dma_fault() {
     assert_eq!(metrics.counter("map"), Some(4));
     assert!(metrics.counter("faults").unwrap() >= 1);
 }
+
+/// Guest RAM in a memfd (a vhost-user backend maps it), with an MMIO bus and a PCI root.
+fn shared_ram_and_root() -> (GuestMemoryMmap, Arc<Bus>, Arc<PciRoot>) {
+    let (_, mmio, root) = ram_and_root();
+    let name = std::ffi::CString::new("hostile-vhost-user").unwrap();
+    // SAFETY: `name` is NUL-terminated; the flags are valid memfd flags.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(RAM).unwrap();
+    let mem = GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(0),
+        RAM as usize,
+        Some(vm_memory::FileOffset::new(file, 0)),
+    )])
+    .unwrap();
+    (mem, mmio, root)
+}
+
+/// The VT-d's fault records that name `iova` for `source`.
+fn fault_records_for(vtd: &sluice_iommu::Vtd, source: u16, iova: u64) -> usize {
+    use sluice_iommu::regs::{FAULT_RECORDS, FRCD};
+    (0..FAULT_RECORDS as u64)
+        .map(|i| {
+            (
+                vtd_read(vtd, FRCD + 16 * i, 8),
+                vtd_read(vtd, FRCD + 16 * i + 8, 8),
+            )
+        })
+        .filter(|&(lo, hi)| hi >> 63 == 1 && lo == iova && hi & 0xffff == u64::from(source))
+        .count()
+}
+
+/// sluice's vhost-user-blk frontend behind the real VT-d, served by sluice's own vhost-user
+/// backend (`sluice serve blk`'s server, in a thread): the backend runs the rings on IOVAs and
+/// gets each translation from the function's VT-d domain (IOTLB MISS → UPDATE). A request
+/// whose buffer the guest's tables leave unmapped fails, and the VT-d records the fault; a
+/// page the backend already has a translation for, unmapped by the guest and invalidated,
+/// fails too: the invalidation reached the backend's IOTLB before it completed.
+#[test]
+fn vhost_user_disk_behind_the_vtd_translates_faults_and_follows_invalidations() {
+    use sluice_devices::vhost_user_blk::{SharedMemoryRegion, VhostUserBlk, VhostUserBlkConfig};
+    use sluice_iommu::regs::{
+        GCMD, GCMD_SRTP, GCMD_TE, IOTLB, IOTLB_IIRG_SHIFT, IOTLB_IVT, RTADDR,
+    };
+    use sluice_virtio::VirtioDevice;
+    let (read_only, hole) = (scratch_page(3), scratch_page(4));
+    let (mem, mmio, root) = shared_ram_and_root();
+    let vtd = sluice_iommu::Vtd::new(mem.clone(), 39, Arc::new(RecordingMsi::default()));
+    let spaces = Arc::new(DmaSpaces::with_iommu(mem.clone(), Arc::new(vtd.clone())));
+    vtd.attach_spaces(&spaces);
+    let disk = Disk::new("vhost-user-vtd");
+    let socket = std::env::temp_dir().join(format!(
+        "sluice-hostile-vhost-user-{}.sock",
+        std::process::id()
+    ));
+    let block = Block::new(BlockConfig::new(&disk.path)).unwrap();
+    // The default miss wait (1 s): a refused request costs that, a loaded machine needs it.
+    let server = sluice_vhost::Server::bind(&socket, block).unwrap();
+    std::thread::spawn(move || server.run());
+    let mut config = VhostUserBlkConfig::new(&socket);
+    config.iommu = true;
+    config.queue_size = 16;
+    let regions = SharedMemoryRegion::from_guest_memory(&mem).unwrap();
+    let frontend = VhostUserBlk::new(config, regions).unwrap();
+    let observer = frontend.iotlb_observer().expect("behind the VT-d");
+    let metrics = frontend.metrics();
+    assert_ne!(frontend.device_features() & (1 << 33), 0, "ACCESS_PLATFORM");
+    let device = root
+        .add_device_with(|address| {
+            let space = spaces.space(address.bdf());
+            let options = VirtioPciOptions::new(Arc::new(NullMsi));
+            let pci = VirtioPciDevice::new(Box::new(frontend), space, options).unwrap();
+            Ok::<SharedPciDevice, PciError>(Arc::new(Mutex::new(pci)))
+        })
+        .unwrap();
+    vtd.watch(device.bdf(), observer);
+    vtd_tables(&mem, device.bdf(), read_only, hole);
+    vtd_write(&vtd, RTADDR, VTD_ROOT, 8);
+    vtd_write(&vtd, GCMD, u64::from(GCMD_SRTP), 4);
+    vtd_write(&vtd, GCMD, u64::from(GCMD_TE), 4);
+    let mut d = Driver::new(mmio, &root, device, mem.clone(), MAPPED.start);
+    d.dma_offset = IOVA_OFFSET;
+    assert!(d.setup(16));
+    d.driver_ok();
+    let data: Vec<u8> = (0..512u32).map(|i| (i * 17) as u8).collect();
+    let counter = |name: &str| metrics.counter(name).unwrap_or(0);
+
+    // Mapped IOVAs carry the I/O; buffer 2 is the page the guest will unmap later.
+    d.submit(d.block_request(BLK_T_OUT, 9, &data, 2));
+    d.wait_used(1).expect("a write through the backend's IOTLB");
+    d.submit(d.block_request(BLK_T_IN, 9, &[0u8; 512], 1));
+    d.wait_used(2).expect("a read through the backend's IOTLB");
+    let mut back = [0u8; 512];
+    mem.read_slice(&mut back, GuestAddress(d.buf(1) + 0x100))
+        .unwrap();
+    assert_eq!(
+        back.to_vec(),
+        data,
+        "the data read back equals the data written"
+    );
+    assert_eq!((d.status_byte(2), d.status_byte(1)), (BLK_S_OK, BLK_S_OK));
+    let (misses, updates) = (counter("iotlb_misses"), counter("iotlb_updates"));
+    assert!(
+        misses > 0 && updates > 0,
+        "{misses} misses, {updates} updates"
+    );
+    assert_eq!(counter("iotlb_faults"), 0);
+
+    // A buffer the guest never mapped: the MISS faults in the VT-d and gets no UPDATE.
+    d.block_request(BLK_T_OUT, 0, &[1u8; 512], 0);
+    d.set_desc(1, hole + 0x100, 512, DESC_F_NEXT, 2);
+    let mut completed = 2;
+    expect_refused(
+        &mut d,
+        &mut completed,
+        "IOVA the guest's tables leave unmapped",
+    );
+    assert_eq!(fault_records_for(&vtd, device.bdf(), IOVA_OFFSET + hole), 1);
+    assert!(counter("iotlb_faults") >= 1);
+
+    // Unmap buffer 2's page (the backend holds its translation) and invalidate globally.
+    let victim = scratch_page(2);
+    let walked = vtd
+        .mappings(
+            device.bdf(),
+            sluice_iommu::IovaRange {
+                start: IOVA_OFFSET + victim,
+                end: IOVA_OFFSET + victim + PAGE,
+            },
+        )
+        .unwrap();
+    assert_eq!(walked.len(), 1, "mapped before");
+    clear_leaf(&mem, IOVA_OFFSET + victim);
+    let invalidations = counter("iotlb_invalidations");
+    vtd_write(&vtd, IOTLB, IOTLB_IVT | (1 << IOTLB_IIRG_SHIFT), 8);
+    assert!(
+        counter("iotlb_invalidations") > invalidations,
+        "the invalidation was forwarded before it completed"
+    );
+    d.block_request(BLK_T_OUT, 0, &[2u8; 512], 0);
+    d.set_desc(1, victim + 0x100, 512, DESC_F_NEXT, 2);
+    expect_refused(&mut d, &mut completed, "IOVA unmapped and invalidated");
+    assert_eq!(
+        fault_records_for(&vtd, device.bdf(), IOVA_OFFSET + victim),
+        1
+    );
+    assert_eq!(d.status() & STATUS_NEEDS_RESET, 0, "the device stays up");
+    println!(
+        "vhost-user behind the VT-d: {} misses, {} updates, {} invalidations, {} faults",
+        counter("iotlb_misses"),
+        counter("iotlb_updates"),
+        counter("iotlb_invalidations"),
+        counter("iotlb_faults")
+    );
+    let _ = std::fs::remove_file(&socket);
+}
+
+/// Clears the 4 KiB leaf entry for `iova` in the tables `vtd_tables` built.
+fn clear_leaf(mem: &GuestMemoryMmap, iova: u64) {
+    let mut table = VTD_TABLES;
+    for shift in [39, 30, 21] {
+        let entry: u64 = mem
+            .read_obj(GuestAddress(table + ((iova >> shift) & 0x1ff) * 8))
+            .unwrap();
+        table = entry & !0xfff;
+    }
+    mem.write_obj(0u64, GuestAddress(table + ((iova >> 12) & 0x1ff) * 8))
+        .unwrap();
+}

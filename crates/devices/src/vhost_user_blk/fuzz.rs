@@ -18,17 +18,24 @@
 //! * a backend that has answered every request like a healthy one gets a working device: the
 //!   handshake succeeds and the setup needs no reset (unless a timeout passed first: on a
 //!   loaded machine even a healthy answer may come late);
-//! * once the device is dropped, no connection to the backend is left open.
+//! * once the device is dropped, no connection to the backend is left open;
+//! * every IOTLB message the frontend sends (answering a MISS, forwarding nothing else here)
+//!   is a well-formed UPDATE of a range inside guest RAM as sluice maps it.
 //!
-//! Input: one setup byte (bit 0: ask for two queues; bit 1: activate queue 1 instead of 0),
-//! then one action per request the backend receives, over all connections in order. A
+//! Input: one setup byte (bit 0: ask for two queues; bit 1: activate queue 1 instead of 0;
+//! bit 2: the disk sits behind a vIOMMU — the frontend then needs ACCESS_PLATFORM and
+//! BACKEND_REQ, hands over a backend request channel, and runs on a translated DMA space
+//! mapping guest RAM page by page, odd pages read-only), then one action per request the
+//! backend receives, over all connections in order. A
 //! parameter past the end reads as 0. When the actions run out the backend hangs up and stops
 //! listening, which ends the run without waiting for a timeout. Action `a`, kind `a & 7`:
 //! * 0 the healthy answer (none to a SET without NEED_REPLY; GET_INFLIGHT_FD comes with a memfd);
 //! * 1 a u64 body, the next 8 bytes (features, queue and slot counts, acks and NACKs);
 //! * 2 a body of `n` (next byte) bytes from the input (a short or long GET_CONFIG, ...);
 //! * 3 a raw 12-byte header from the input, then a body as in 2;
-//! * 4 `n` (next byte) raw bytes from the input, no header;
+//! * 4 `n` (next byte) raw bytes from the input, no header; in a vIOMMU run whose backend has
+//!   its request channel, the bytes go to the channel instead (IOTLB MISS messages, or
+//!   garbage) and the next action answers the request;
 //! * 5 no answer (a stall when one is expected);
 //! * 6 hang up (if the frontend reconnects, its next connection takes the next actions);
 //! * 7 the healthy answer twice (the second one is stale for the next request).
@@ -46,7 +53,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,14 +61,18 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, TryLockE
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use sluice_dma::{Mapping, TranslationSource};
 use sluice_virtio::{ExternalQueues, NotifyPolicy, QueueBinding, VirtioDevice, VirtioInterrupt};
 use vhost::vhost_user::message::{FrontendReq, VhostUserInflight, VhostUserVringState};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{ByteValued, FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{
+    ByteValued, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Permissions,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use super::iotlb::{self, FEATURE_ACCESS_PLATFORM};
 use super::session::Session;
 use super::{
     SharedMemoryRegion, VhostUserBlk, VhostUserBlkConfig, CONFIG_NUM_QUEUES_OFFSET,
@@ -85,6 +96,11 @@ const RAM_BYTES: u64 = 64 << 10;
 const RING_BASE: u64 = 0x1000;
 const RING_STRIDE: u64 = 0x4000;
 const HEADER_BYTES: usize = 12;
+/// VHOST_USER_IOTLB_MSG and SET_BACKEND_REQ_FD.
+const IOTLB_MSG: u32 = 22;
+const SET_BACKEND_REQ_FD: u32 = 21;
+/// How long a vIOMMU run waits for the pump to read what the script put on the channel.
+const CHANNEL_DRAIN: Duration = Duration::from_millis(200);
 /// Largest request body the backend reads (the frontend's are far smaller).
 const MAX_BODY: usize = 4096;
 
@@ -102,15 +118,17 @@ const HANG_UP_AFTER: u8 = 0x80;
 /// the usual virtio-blk bits.
 const HEALTHY_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | VHOST_USER_F_PROTOCOL_FEATURES
+    | FEATURE_ACCESS_PLATFORM
     | (1 << 29) // RING_EVENT_IDX
     | (1 << 28) // RING_INDIRECT_DESC
     | (1 << 12) // BLK_F_MQ
     | (1 << 9) // BLK_F_FLUSH
     | (1 << 6) // BLK_F_BLK_SIZE
     | (1 << 2); // BLK_F_SEG_MAX
-/// Every protocol feature sluice uses (MQ, REPLY_ACK, CONFIG, INFLIGHT_SHMFD, RESET_DEVICE,
-/// CONFIGURE_MEM_SLOTS), so healthy answers reach every request.
-const HEALTHY_PROTOCOL_FEATURES: u64 = 0x1 | 0x8 | 0x200 | 0x1000 | 0x2000 | 0x8000;
+/// Every protocol feature sluice uses (MQ, REPLY_ACK, BACKEND_REQ, CONFIG, INFLIGHT_SHMFD,
+/// RESET_DEVICE, CONFIGURE_MEM_SLOTS), so healthy answers reach every request (BACKEND_REQ is
+/// taken behind a vIOMMU only).
+const HEALTHY_PROTOCOL_FEATURES: u64 = 0x1 | 0x8 | 0x20 | 0x200 | 0x1000 | 0x2000 | 0x8000;
 const HEALTHY_QUEUES: u64 = 2;
 const HEALTHY_MEM_SLOTS: u64 = 32;
 const HEALTHY_INFLIGHT_BYTES: u64 = 4096;
@@ -130,6 +148,8 @@ pub struct BackendOutcome {
     pub requests: Vec<u32>,
     /// Connections the backend accepted.
     pub connections: usize,
+    /// IOTLB UPDATEs the frontend sent (each checked to be well-formed).
+    pub iotlb_updates: usize,
 }
 
 /// Runs one input (see the module doc) and panics if a check fails.
@@ -144,13 +164,16 @@ pub fn run_hostile_backend(data: &[u8]) -> BackendOutcome {
         .map_or((0, &[][..]), |(&b, rest)| (b, rest));
     let queues = 1 + u16::from(setup & 1);
     let queue_index = u16::from((setup >> 1) & 1);
+    let iommu = setup & 4 != 0;
     let progress = Arc::new(Progress::default());
-    let backend = Backend::start(script, progress.clone()).expect("start the scripted backend");
+    let backend =
+        Backend::start(script, progress.clone(), iommu).expect("start the scripted backend");
     let config = VhostUserBlkConfig {
         socket: backend.socket.clone(),
         queues,
         queue_size: QUEUE_SIZE,
         timeout: TIMEOUT,
+        iommu,
     };
     let regions = SharedMemoryRegion::from_guest_memory(guest_memory()).expect("memfd RAM");
 
@@ -168,8 +191,8 @@ pub fn run_hostile_backend(data: &[u8]) -> BackendOutcome {
             outcome.handshake_error = Some(e.to_string());
         }
         Ok(mut device) => {
-            check_device(&device, queues);
-            drive(&mut device, queue_index, &progress, &mut outcome);
+            check_device(&device, queues, iommu);
+            drive(&mut device, queue_index, iommu, &progress, &mut outcome);
         }
     }
 
@@ -178,6 +201,8 @@ pub fn run_hostile_backend(data: &[u8]) -> BackendOutcome {
         !record.left_open,
         "a connection stayed open after the device was dropped"
     );
+    assert_eq!(record.bad_iotlb, None, "a malformed IOTLB message");
+    outcome.iotlb_updates = record.iotlb_updates;
     outcome.needs_reset = record.needs_reset_at.is_some();
     outcome.requests = record.requests;
     outcome.connections = record.connections;
@@ -188,12 +213,17 @@ pub fn run_hostile_backend(data: &[u8]) -> BackendOutcome {
 fn drive(
     device: &mut VhostUserBlk,
     queue_index: u16,
+    iommu: bool,
     progress: &Arc<Progress>,
     outcome: &mut BackendOutcome,
 ) {
     let binding = queue_binding(queue_index);
     let features = device.device_features();
-    let mem = sluice_dma::identity(guest_memory().clone());
+    let mem = if iommu {
+        sluice_dma::translated(guest_memory().clone(), Box::new(RamPages))
+    } else {
+        sluice_dma::identity(guest_memory().clone())
+    };
     let interrupt: Arc<dyn VirtioInterrupt> = Arc::new(Interrupt(progress.clone()));
     let session = device.session.clone();
     let since = progress.lock().requests.len();
@@ -209,6 +239,8 @@ fn drive(
                 progress.wait_for_setup(&session, since, started + SETUP_BOUND),
                 "the DRIVER_OK setup neither finished nor failed within {SETUP_BOUND:?}"
             );
+            // The pump answers what it read before it sees the stop: let it read the MISSes.
+            progress.wait_for_channel_drained(Instant::now() + CHANNEL_DRAIN);
         }
     }
     timed("ExternalQueues::stop", STEP_BOUND, || {
@@ -234,10 +266,63 @@ fn drive(
     }
 }
 
+/// The vIOMMU of a vIOMMU run: guest RAM at its own address, page by page, odd pages
+/// read-only; nothing beyond RAM.
+#[derive(Debug)]
+struct RamPages;
+
+impl TranslationSource for RamPages {
+    fn lookup(&self, iova: u64, _access: Permissions) -> Option<Mapping> {
+        let page = iova & !0xfff;
+        (page < RAM_BYTES).then_some(Mapping {
+            iova: page,
+            target: page,
+            length: 0x1000,
+            permissions: if page & 0x1000 != 0 {
+                Permissions::Read
+            } else {
+                Permissions::ReadWrite
+            },
+        })
+    }
+}
+
+/// Checks one IOTLB message the frontend sent: a 32-byte UPDATE with a valid permission whose
+/// user range lies inside guest RAM as sluice maps it. Returns what is wrong, if anything.
+fn check_iotlb_message(body: &[u8]) -> Option<String> {
+    let Ok(bytes) = <&[u8; 32]>::try_from(body) else {
+        return Some(format!("{} bytes", body.len()));
+    };
+    let msg = iotlb::IotlbMsg::from_bytes(bytes);
+    let ram = guest_memory().iter().next()?;
+    let start = ram.as_ptr() as u64;
+    let inside = msg
+        .uaddr
+        .checked_add(msg.size)
+        .is_some_and(|end| msg.uaddr >= start && end <= start + RAM_BYTES);
+    let perm_ok = (iotlb::ACCESS_RO..=iotlb::ACCESS_RW).contains(&msg.perm);
+    let iova_ok = msg
+        .iova
+        .checked_add(msg.size)
+        .is_some_and(|end| end <= RAM_BYTES);
+    (msg.kind != iotlb::IOTLB_UPDATE || msg.size == 0 || !inside || !perm_ok || !iova_ok)
+        .then(|| format!("{msg:x?}"))
+}
+
 /// What the guest sees of a device that completed its handshake.
-fn check_device(device: &VhostUserBlk, requested_queues: u16) {
+fn check_device(device: &VhostUserBlk, requested_queues: u16, iommu: bool) {
     let features = device.device_features();
-    assert_eq!(features & !GUEST_VISIBLE_FEATURES, 0, "{features:#x}");
+    let visible = if iommu {
+        GUEST_VISIBLE_FEATURES | FEATURE_ACCESS_PLATFORM
+    } else {
+        GUEST_VISIBLE_FEATURES
+    };
+    assert_eq!(features & !visible, 0, "{features:#x}");
+    assert_eq!(
+        features & FEATURE_ACCESS_PLATFORM != 0,
+        iommu,
+        "{features:#x}"
+    );
     assert_ne!(features & (1 << VIRTIO_F_VERSION_1), 0, "{features:#x}");
     let sizes = device.queue_max_sizes();
     assert!(
@@ -350,6 +435,13 @@ struct Record {
     needs_reset_at: Option<Instant>,
     /// The run ended while a connection was still open on the frontend's side.
     left_open: bool,
+    /// The backend request channel of the current connection (a duplicate), in vIOMMU runs.
+    channel: Option<UnixStream>,
+    /// The backend has read a request and not finished answering it.
+    answering: bool,
+    iotlb_updates: usize,
+    /// The first malformed IOTLB message the frontend sent.
+    bad_iotlb: Option<String>,
 }
 
 impl Progress {
@@ -369,8 +461,35 @@ impl Progress {
         self.update(|record| {
             index = record.requests.len();
             record.requests.push(code);
+            record.answering = true;
         });
         index
+    }
+
+    /// Waits (bounded) until the backend has answered the request it read last and the
+    /// frontend has read everything the script put on the channel.
+    fn wait_for_channel_drained(&self, deadline: Instant) {
+        loop {
+            let record = self.lock();
+            let answering = record.answering;
+            let unread = record.channel.as_ref().map_or(0, |channel| {
+                let mut bytes: libc::c_int = 0;
+                // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int; unix sockets report the bytes
+                // the peer has not read yet.
+                let ok =
+                    unsafe { libc::ioctl(channel.as_raw_fd(), libc::TIOCOUTQ, &raw mut bytes) };
+                if ok == 0 {
+                    bytes
+                } else {
+                    0
+                }
+            });
+            drop(record);
+            if (!answering && unread == 0) || Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     fn unhealthy(&self, index: usize) {
@@ -451,7 +570,7 @@ struct Backend {
 }
 
 impl Backend {
-    fn start(script: &[u8], progress: Arc<Progress>) -> io::Result<Self> {
+    fn start(script: &[u8], progress: Arc<Progress>, iommu: bool) -> io::Result<Self> {
         static RUNS: AtomicU64 = AtomicU64::new(0);
         let run = RUNS.fetch_add(1, Ordering::Relaxed);
         let socket = std::env::temp_dir().join(format!(
@@ -466,7 +585,7 @@ impl Backend {
             let (socket, stop) = (socket.clone(), stop.try_clone()?);
             std::thread::Builder::new()
                 .name("fuzz-backend".into())
-                .spawn(move || serve(listener, &socket, &script, &progress, &stop))?
+                .spawn(move || serve(listener, &socket, &script, &progress, &stop, iommu))?
         };
         Ok(Self {
             socket,
@@ -513,6 +632,7 @@ fn serve(
     script: &[u8],
     progress: &Progress,
     stop: &EventFd,
+    iommu: bool,
 ) {
     let mut script = Script { bytes: script };
     let mut connections = 0;
@@ -530,9 +650,13 @@ fn serve(
             record.connections = connections;
             record.in_connection = true;
         });
-        let end = converse(&stream, &mut script, progress, stop);
+        let end = converse(&stream, &mut script, progress, stop, iommu);
         drop(stream);
-        progress.update(|record| record.in_connection = false);
+        progress.update(|record| {
+            record.in_connection = false;
+            record.answering = false;
+            record.channel = None;
+        });
         match end {
             End::Over => {}
             End::ScriptEnded | End::Stopped => break,
@@ -584,40 +708,80 @@ fn converse(
     script: &mut Script<'_>,
     progress: &Progress,
     stop: &EventFd,
+    iommu: bool,
 ) -> End {
+    let mut channel: Option<UnixStream> = None;
     loop {
         if !wait_readable(stream.as_raw_fd(), stop) {
             progress.update(|record| record.left_open = true);
             return End::Stopped;
         }
-        let Some(request) = receive(stream) else {
+        let Some(mut request) = receive(stream) else {
             return End::Over;
         };
         let index = progress.request(request.code);
-        let Some(action) = script.action() else {
+        if request.code == SET_BACKEND_REQ_FD {
+            channel = request
+                .fd
+                .take()
+                .map(|fd| UnixStream::from(OwnedFd::from(fd)));
+            let copy = channel.as_ref().and_then(|c| c.try_clone().ok());
+            progress.update(|record| record.channel = copy);
+        }
+        if request.code == IOTLB_MSG {
+            let bad = check_iotlb_message(&request.body);
+            progress.update(|record| match bad {
+                Some(bad) => {
+                    record.bad_iotlb.get_or_insert(bad);
+                }
+                None => record.iotlb_updates += 1,
+            });
+        }
+        let mut action = script.action();
+        // Behind a vIOMMU, kind 4 writes to the backend channel and the next action answers.
+        while let Some(channel) = channel.as_ref().filter(|_| iommu) {
+            if action.is_none_or(|a| a & KIND_MASK != 4) {
+                break;
+            }
+            progress.unhealthy(index);
+            let n = script.byte();
+            let bytes = script.take(usize::from(n)).to_vec();
+            let _ = send(
+                channel,
+                &Reply {
+                    bytes,
+                    fds: Vec::new(),
+                },
+            );
+            action = script.action();
+        }
+        let Some(action) = action else {
             progress.unhealthy(index);
             return End::ScriptEnded;
         };
         if action != 0 {
             progress.unhealthy(index);
         }
-        if !answer(stream, &request, action, script) {
+        let keep = answer(stream, &request, action, script);
+        progress.update(|record| record.answering = false);
+        if !keep {
             return End::Over;
         }
     }
 }
 
-/// One request from the frontend (any fds it carried are closed).
+/// One request from the frontend (with the fd it carried, if any).
 struct Request {
     code: u32,
     flags: u32,
     body: Vec<u8>,
+    fd: Option<File>,
 }
 
 /// The next request; None when the frontend hung up (or sent half a message).
 fn receive(stream: &UnixStream) -> Option<Request> {
     let mut head = [0u8; HEADER_BYTES];
-    let (got, _fd) = stream.recv_with_fd(&mut head).ok()?;
+    let (got, fd) = stream.recv_with_fd(&mut head).ok()?;
     if got == 0 {
         return None;
     }
@@ -631,6 +795,7 @@ fn receive(stream: &UnixStream) -> Option<Request> {
         code: word(0),
         flags: word(4),
         body,
+        fd,
     })
 }
 
@@ -870,6 +1035,7 @@ mod tests {
                     code,
                     flags,
                     body: vec![1; body_len],
+                    fd: None,
                 };
 
                 let healthy = healthy(&request).map_or(0, |(body, _)| HEADER_BYTES + body.len());

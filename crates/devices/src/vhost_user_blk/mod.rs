@@ -57,9 +57,11 @@
 //! nudges every kick fd so requests queued meanwhile are seen. A backend that comes back without a
 //! feature the driver negotiated makes the device DEVICE_NEEDS_RESET. While the device is not
 //! active, a lost connection is noticed at the next activation, which reconnects once.
-//! Not done: the backend request channel (BACKEND_REQ: config-change notifications, IOTLB),
-//! dirty logging, VIRTIO_F_ACCESS_PLATFORM (the backend sees guest-physical addresses only),
-//! packed rings.
+//! Behind sluice's VT-d ([`VhostUserBlkConfig::iommu`]) the backend runs the rings on IOVAs:
+//! VIRTIO_F_ACCESS_PLATFORM, a backend request channel for its IOTLB misses, and the VT-d's
+//! invalidations forwarded ([`iotlb`] says how, and why the locking is what it is).
+//! Not done: the rest of the backend request channel (config-change notifications are read and
+//! ignored), dirty logging, packed rings.
 //!
 //! [`fuzz`] plays a scripted hostile backend against all of this (the body of the
 //! `vhost_user_backend_replies` fuzz target, also replayed by `cargo test`).
@@ -67,6 +69,7 @@
 mod config_space;
 mod deadline;
 pub mod fuzz;
+pub mod iotlb;
 mod pump;
 mod session;
 #[cfg(test)]
@@ -90,6 +93,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use config_space::{ConfigForwarder, ConfigSpace};
+use iotlb::{IotlbInvalidator, IotlbLink, FEATURE_ACCESS_PLATFORM};
 use pump::CallPump;
 use session::{Active, Endpoint, Session};
 
@@ -103,8 +107,9 @@ const CONFIG_NUM_QUEUES_OFFSET: usize = 34;
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
 /// Virtio feature bits the guest may see: every device-specific bit (0..=23) plus the
-/// transport features sluice's virtio-pci transport implements. Packed rings, ACCESS_PLATFORM,
-/// notification data and the like are withheld even if the backend offers them.
+/// transport features sluice's virtio-pci transport implements. Packed rings, notification
+/// data and the like are withheld even if the backend offers them; ACCESS_PLATFORM too, unless
+/// the disk sits behind the VT-d.
 const GUEST_VISIBLE_FEATURES: u64 = ((1 << 24) - 1)
     | (1 << VIRTIO_RING_F_INDIRECT_DESC)
     | (1 << VIRTIO_RING_F_EVENT_IDX)
@@ -121,6 +126,9 @@ pub struct VhostUserBlkConfig {
     pub queue_size: u16,
     /// Bound on every request to the backend (connect, send, reply).
     pub timeout: Duration,
+    /// The function sits behind sluice's VT-d: the backend translates IOVAs through a device
+    /// IOTLB sluice fills ([`iotlb`]); a backend that cannot is refused.
+    pub iommu: bool,
 }
 
 /// What `timeout` is unless the user says otherwise.
@@ -135,6 +143,7 @@ impl VhostUserBlkConfig {
             queues: 1,
             queue_size: 256,
             timeout: DEFAULT_TIMEOUT,
+            iommu: false,
         }
     }
 }
@@ -220,6 +229,15 @@ pub enum VhostUserBlkError {
     NoConfig,
     #[error("the backend does not offer VIRTIO_F_VERSION_1")]
     NotModern,
+    #[error(
+        "the disk sits behind the vIOMMU, but the backend cannot translate IOVAs: it needs \
+         VIRTIO_F_ACCESS_PLATFORM (offered: {access_platform}) and the BACKEND_REQ and \
+         REPLY_ACK protocol features (offered protocol features {protocol:#x})"
+    )]
+    NoIotlb {
+        access_platform: bool,
+        protocol: u64,
+    },
     #[error("the backend config space is {0} bytes, expected {VIRTIO_BLK_CONFIG_SIZE}")]
     ConfigSize(usize),
     #[error("guest memory at {0:#x} is not file-backed; a vhost-user backend cannot map it")]
@@ -297,6 +315,8 @@ pub struct VhostUserBlk {
     /// Set while a reset stops the pump: its setup sends no further request.
     cancel: Arc<AtomicBool>,
     metrics: Arc<DeviceMetrics>,
+    /// Behind a vIOMMU: the device IOTLB ([`iotlb`]).
+    iotlb: Option<Arc<IotlbLink>>,
 }
 
 impl VhostUserBlk {
@@ -317,15 +337,24 @@ impl VhostUserBlk {
     ) -> Result<Self, VhostUserBlkError> {
         let space = Arc::new(ConfigSpace::default());
         let cancel = Arc::new(AtomicBool::new(false));
+        let timeout = config.timeout.max(MIN_TIMEOUT);
+        let counters: &[&'static str] = if config.iommu { &iotlb::COUNTERS } else { &[] };
+        let link = config.iommu.then(|| Arc::new(IotlbLink::new(timeout)));
         let endpoint = Endpoint {
             socket: config.socket.clone(),
-            timeout: config.timeout.max(MIN_TIMEOUT),
+            timeout,
             requested_queues: config.queues.max(1),
             cancel: cancel.clone(),
+            iotlb: link.clone(),
         };
         let mut session = Session::new(endpoint, regions.clone(), space.clone())?;
         session.connect()?;
-        let features = session.backend_features() & GUEST_VISIBLE_FEATURES;
+        let visible = if config.iommu {
+            GUEST_VISIBLE_FEATURES | FEATURE_ACCESS_PLATFORM
+        } else {
+            GUEST_VISIBLE_FEATURES
+        };
+        let features = session.backend_features() & visible;
         if features & (1 << VIRTIO_F_VERSION_1) == 0 {
             return Err(VhostUserBlkError::NotModern);
         }
@@ -345,8 +374,30 @@ impl VhostUserBlk {
             features,
             pump: None,
             cancel,
-            metrics: Arc::new(DeviceMetrics::new("vhost-user-blk", usize::from(queues))),
-        })
+            metrics: Arc::new(DeviceMetrics::with_counters(
+                "vhost-user-blk",
+                usize::from(queues),
+                counters,
+            )),
+            iotlb: link,
+        }
+        .counting_iotlb())
+    }
+
+    /// The link counts in the device's metrics (made once the queue count is known).
+    fn counting_iotlb(self) -> Self {
+        if let Some(link) = &self.iotlb {
+            link.set_metrics(self.metrics.clone());
+        }
+        self
+    }
+
+    /// Behind a vIOMMU: the observer to register with the VT-d for this function's requester
+    /// id (`Vtd::watch`), which forwards the guest's invalidations to the backend.
+    pub fn iotlb_observer(&self) -> Option<Arc<IotlbInvalidator>> {
+        self.iotlb
+            .as_ref()
+            .map(|link| Arc::new(IotlbInvalidator(link.clone())))
     }
 
     fn session(&self) -> MutexGuard<'_, Session> {
@@ -366,8 +417,9 @@ impl VhostUserBlk {
     ) -> Result<(), ActivateError> {
         self.stop_pump();
         let served = u16::try_from(self.queue_sizes.len()).unwrap_or(u16::MAX);
+        let regions = self.iotlb.is_none().then_some(&self.regions[..]);
         let (active, calls) =
-            Active::prepare(features & self.features, mem, queues, served, &self.regions)
+            Active::prepare(features & self.features, mem, queues, served, regions)
                 .map_err(|e| ActivateError::Backend(e.to_string()))?;
         let pump = CallPump::start(
             self.session.clone(),
@@ -376,6 +428,10 @@ impl VhostUserBlk {
             interrupt,
             self.metrics.clone(),
             self.cancel.clone(),
+            self.iotlb.clone().map(|link| pump::MissAnswers {
+                link,
+                regions: self.regions.clone(),
+            }),
         )
         .map_err(ActivateError::Worker)?;
         self.pump = Some(pump);

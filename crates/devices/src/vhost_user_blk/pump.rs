@@ -3,6 +3,9 @@
 //! and watches the control socket, reconnecting when the backend goes away. Every request it
 //! sends, reconnects included, is bounded by the device's timeout, and a reset cancels the
 //! ones not yet sent, so stopping the thread waits for one request at most.
+//!
+//! Behind a vIOMMU it also reads the backend request channel and answers IOTLB MISS messages
+//! (see [`super::iotlb`]): each answer is one translation and one bounded UPDATE.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -17,11 +20,19 @@ use sluice_virtio::{DeviceMetrics, QueueMetrics, VirtioInterrupt};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::iotlb::{
+    backend_reply, read_some, write_some, BackendMessage, ChannelReader, IotlbLink,
+};
 use super::session::{used_index, Active, CallQueue, Session};
-use super::VhostUserBlkError;
+use super::{SharedMemoryRegion, VhostUserBlkError};
 
 const STOP_TOKEN: u64 = u64::MAX;
 const SOCKET_TOKEN: u64 = u64::MAX - 1;
+const CHANNEL_TOKEN: u64 = u64::MAX - 2;
+/// Bytes read from the backend channel at a time.
+const CHANNEL_READ: usize = 4096;
+/// Reads of the backend channel per wakeup (see `Pump::read_channel`).
+const CHANNEL_READS_PER_WAKEUP: usize = 16;
 /// Time between reconnection attempts while the backend is away.
 const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -43,6 +54,7 @@ impl CallPump {
         interrupt: Arc<dyn VirtioInterrupt>,
         metrics: Arc<DeviceMetrics>,
         cancel: Arc<AtomicBool>,
+        iotlb: Option<MissAnswers>,
     ) -> io::Result<Self> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
@@ -66,6 +78,8 @@ impl CallPump {
             cancel,
             watched: None,
             lost_at: None,
+            channel: None,
+            iotlb,
         };
         let kind = sluice_sandbox::ThreadKind::VhostFrontend;
         let thread =
@@ -104,6 +118,17 @@ struct Pump {
     watched: Option<(u64, UnixStream)>,
     /// When the backend went away (None while connected).
     lost_at: Option<Instant>,
+    /// The backend request channel being read (behind a vIOMMU), with what came of it so far.
+    channel: Option<(UnixStream, ChannelReader)>,
+    /// Behind a vIOMMU: what answers the backend's IOTLB misses.
+    iotlb: Option<MissAnswers>,
+}
+
+/// The device IOTLB's link and guest RAM as the backend maps it (UPDATEs carry sluice's
+/// addresses).
+pub(super) struct MissAnswers {
+    pub link: Arc<IotlbLink>,
+    pub regions: Vec<SharedMemoryRegion>,
 }
 
 impl Pump {
@@ -116,7 +141,7 @@ impl Pump {
             return;
         }
         self.watch_socket();
-        let mut events = vec![EpollEvent::default(); self.queues.len() + 2];
+        let mut events = vec![EpollEvent::default(); self.queues.len() + 3];
         loop {
             let timeout = match self.lost_at {
                 Some(_) => RECONNECT_INTERVAL.as_millis() as i32,
@@ -134,6 +159,7 @@ impl Pump {
                 match event.data() {
                     STOP_TOKEN => return,
                     SOCKET_TOKEN => self.connection_lost(),
+                    CHANNEL_TOKEN => self.read_channel(),
                     slot => self.relay(slot),
                 }
             }
@@ -197,10 +223,22 @@ impl Pump {
     }
 
     fn watch_socket(&mut self) {
-        let Some((generation, socket)) = self.session().watch() else {
+        let Some((generation, socket, channel)) = self.session().watch() else {
             self.lost_at = Some(Instant::now());
             return;
         };
+        self.unwatch_channel();
+        if let Some(channel) = channel {
+            match add(
+                &self.epoll,
+                channel.as_raw_fd(),
+                EventSet::IN,
+                CHANNEL_TOKEN,
+            ) {
+                Ok(()) => self.channel = Some((channel, ChannelReader::default())),
+                Err(e) => tracing::warn!("vhost-user-blk: cannot watch the backend channel: {e}"),
+            }
+        }
         // Only the hang-up matters: replies are read synchronously by whoever sent a request.
         match add(
             &self.epoll,
@@ -222,6 +260,80 @@ impl Pump {
             EpollEvent::default(),
         );
         Some(generation)
+    }
+
+    fn unwatch_channel(&mut self) {
+        if let Some((channel, _)) = self.channel.take() {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                channel.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+    }
+
+    /// Reads what the backend channel holds and answers each complete message as it comes. A
+    /// channel the backend closed, or one out of step, is no longer read (its misses then go
+    /// unanswered and the backend's accesses fail; the control socket decides about the
+    /// connection). At most [`CHANNEL_READS_PER_WAKEUP`] reads per wakeup: a backend that
+    /// writes without pause cannot keep the pump from its stop event (epoll is level-triggered,
+    /// so the rest is read at the next wakeup).
+    fn read_channel(&mut self) {
+        let mut buf = [0u8; CHANNEL_READ];
+        for _ in 0..CHANNEL_READS_PER_WAKEUP {
+            let Some((channel, reader)) = self.channel.as_mut() else {
+                return;
+            };
+            let read = match read_some(channel, &mut buf) {
+                Ok(0) => Err("closed by the backend".to_string()),
+                Ok(n) => reader.push(&buf[..n]).map_err(|e| e.to_string()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => Err(e.to_string()),
+            };
+            let mut messages = Vec::new();
+            let parsed = loop {
+                match reader.next_message() {
+                    Ok(Some(message)) => messages.push(message),
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e.to_string()),
+                }
+            };
+            for message in messages {
+                self.answer(message);
+            }
+            if let Err(why) = read.and(parsed) {
+                tracing::warn!("vhost-user-blk: backend request channel: {why}; no longer read");
+                self.unwatch_channel();
+                return;
+            }
+        }
+    }
+
+    /// Acts on one backend request and replies if it wants a reply.
+    fn answer(&mut self, message: BackendMessage) {
+        let ok = match message {
+            BackendMessage::Miss { iova, perm, .. } => self
+                .iotlb
+                .as_ref()
+                .is_some_and(|i| i.link.answer_miss(&self.mem, &i.regions, iova, perm)),
+            BackendMessage::Other { request, .. } => {
+                tracing::debug!("vhost-user-blk: backend request {request} not handled");
+                false
+            }
+        };
+        let Some(reply) = backend_reply(&message, ok) else {
+            return;
+        };
+        if let Some((channel, _)) = &self.channel {
+            // Non-blocking: a backend that does not read its replies loses them, not the pump.
+            match write_some(channel, &reply) {
+                Ok(n) if n == reply.len() => {}
+                result => {
+                    tracing::warn!("vhost-user-blk: reply on the backend channel: {result:?}")
+                }
+            }
+        }
     }
 
     fn connection_lost(&mut self) {

@@ -27,19 +27,31 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::config_space::ConfigSpace;
 use super::deadline::{self, Watchdog};
+use super::iotlb::{IotlbLink, FEATURE_ACCESS_PLATFORM};
 use super::{
     translate, SharedMemoryRegion, VhostUserBlkError, VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_BLK_CONFIG_SIZE,
 };
 
-/// Protocol features sluice uses when the backend offers them (CONFIG is mandatory).
-fn wanted_protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::CONFIG
+/// Protocol features sluice uses when the backend offers them (CONFIG is mandatory; behind a
+/// vIOMMU, BACKEND_REQ and REPLY_ACK are too, see [`super::iotlb`]).
+fn wanted_protocol_features(iommu: bool) -> VhostUserProtocolFeatures {
+    let wanted = VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-        | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::RESET_DEVICE;
+    if iommu {
+        wanted | VhostUserProtocolFeatures::BACKEND_REQ
+    } else {
+        wanted
+    }
+}
+
+/// What a backend must offer to serve a device behind a vIOMMU.
+fn iotlb_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::BACKEND_REQ | VhostUserProtocolFeatures::REPLY_ACK
 }
 
 /// What the pump needs to relay one queue's interrupts.
@@ -77,13 +89,14 @@ impl Active {
     }
 
     /// Checks the driver's queues and gives each a call eventfd; no request is sent, so this
-    /// runs on the vCPU thread and its errors are the activation's.
+    /// runs on the vCPU thread and its errors are the activation's. `regions` is `None` when
+    /// the ring addresses are IOVAs the backend translates (behind a vIOMMU).
     pub fn prepare(
         features: u64,
         mem: DmaSpace,
         queues: Vec<QueueBinding>,
         served: u16,
-        regions: &[SharedMemoryRegion],
+        regions: Option<&[SharedMemoryRegion]>,
     ) -> Result<(Self, Vec<CallQueue>), VhostUserBlkError> {
         let rings = queues
             .into_iter()
@@ -112,7 +125,7 @@ impl Active {
 fn ring(
     binding: QueueBinding,
     served: u16,
-    regions: &[SharedMemoryRegion],
+    regions: Option<&[SharedMemoryRegion]>,
 ) -> Result<Ring, VhostUserBlkError> {
     if binding.index >= served {
         return Err(VhostUserBlkError::QueueOutOfRange(binding.index, served));
@@ -136,18 +149,21 @@ fn ring(
     Ok(ring)
 }
 
-/// SET_VRING_ADDR's payload: the ring parts as frontend virtual addresses.
+/// SET_VRING_ADDR's payload: the ring parts as frontend virtual addresses, or as the IOVAs
+/// the driver gave when `regions` is `None` (ACCESS_PLATFORM: the backend translates them
+/// through its IOTLB, as QEMU's vhost does behind a vIOMMU).
 fn vring_config(
-    regions: &[SharedMemoryRegion],
+    regions: Option<&[SharedMemoryRegion]>,
     ring: &Ring,
 ) -> Result<VringConfigData, VhostUserBlkError> {
     let size = u64::from(ring.size);
-    let part = |part: &'static str, gpa: u64, len: u64| {
-        translate(regions, gpa, len).ok_or(VhostUserBlkError::RingOutsideRam {
+    let part = |part: &'static str, gpa: u64, len: u64| match regions {
+        None => Ok(gpa),
+        Some(regions) => translate(regions, gpa, len).ok_or(VhostUserBlkError::RingOutsideRam {
             queue: ring.index,
             part,
             gpa,
-        })
+        }),
     };
     // Split ring sizes (virtio 1.2 §2.7), event fields included.
     Ok(VringConfigData {
@@ -172,6 +188,8 @@ struct Connection {
     frontend: Frontend,
     /// The same socket, for the watchdog and the pump to shut down or watch.
     socket: Arc<UnixStream>,
+    /// Our end of the backend request channel (behind a vIOMMU only).
+    channel: Option<UnixStream>,
 }
 
 /// Where the session connects and how long it waits.
@@ -181,6 +199,8 @@ pub(super) struct Endpoint {
     pub requested_queues: u16,
     /// Set while a reset stops the device: requests not yet sent are not sent.
     pub cancel: Arc<AtomicBool>,
+    /// Behind a vIOMMU: the device IOTLB's link ([`super::iotlb`]).
+    pub iotlb: Option<Arc<IotlbLink>>,
 }
 
 pub(super) struct Session {
@@ -239,11 +259,13 @@ impl Session {
         &self.endpoint.socket
     }
 
-    /// The control socket (a duplicate) and its generation, for hang-up detection.
-    pub fn watch(&self) -> Option<(u64, UnixStream)> {
+    /// The control socket (a duplicate) and its generation, for hang-up detection, with a
+    /// duplicate of the backend request channel if there is one.
+    pub fn watch(&self) -> Option<(u64, UnixStream, Option<UnixStream>)> {
         let connection = self.connection.as_ref()?;
         let socket = connection.socket.try_clone().ok()?;
-        Some((self.generation, socket))
+        let channel = connection.channel.as_ref().and_then(|c| c.try_clone().ok());
+        Some((self.generation, socket, channel))
     }
 
     /// Sends one request of the setup (handshake, DRIVER_OK, reconnect), unless a reset
@@ -271,9 +293,13 @@ impl Session {
             .connection
             .as_mut()
             .ok_or(VhostUserBlkError::Disconnected)?;
+        // Behind a vIOMMU, IOTLB messages share the socket: one exchange at a time.
+        let link = self.endpoint.iotlb.clone();
+        let wire = link.as_ref().map(|link| link.lock());
         let (result, expired) = self.watchdog.bound(&connection.socket, timeout, || {
             send(&mut connection.frontend)
         });
+        drop(wire);
         if expired {
             self.disconnect();
             return Err(VhostUserBlkError::Timeout { step, timeout });
@@ -308,6 +334,7 @@ impl Session {
         self.connection = Some(Connection {
             frontend: Frontend::from_stream(stream, max_queues),
             socket,
+            channel: None,
         });
         self.generation += 1;
         let result = self.handshake();
@@ -326,7 +353,17 @@ impl Session {
         if !offered.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(VhostUserBlkError::NoConfig);
         }
-        let protocol = offered & wanted_protocol_features();
+        let iommu = self.endpoint.iotlb.is_some();
+        if iommu
+            && (features & FEATURE_ACCESS_PLATFORM == 0
+                || !offered.contains(iotlb_protocol_features()))
+        {
+            return Err(VhostUserBlkError::NoIotlb {
+                access_platform: features & FEATURE_ACCESS_PLATFORM != 0,
+                protocol: offered.bits(),
+            });
+        }
+        let protocol = offered & wanted_protocol_features(iommu);
         self.request("SET_PROTOCOL_FEATURES", |f| {
             f.set_protocol_features(protocol)
         })?;
@@ -348,6 +385,9 @@ impl Session {
         } else {
             None
         };
+        if iommu {
+            self.send_backend_channel()?;
+        }
         self.request("SET_OWNER", |f| f.set_owner())?;
         let mut config = self.fetch_config()?;
         if let Some(n) = self.exposed_queues {
@@ -362,6 +402,18 @@ impl Session {
             self.endpoint.socket.display(),
             protocol.bits()
         );
+        Ok(())
+    }
+
+    /// SET_BACKEND_REQ_FD with one end of a new socket pair; the pump reads the other (IOTLB
+    /// misses). Sent before SET_OWNER, as QEMU does.
+    fn send_backend_channel(&mut self) -> Result<(), VhostUserBlkError> {
+        let (ours, theirs) = UnixStream::pair().map_err(io_step("backend channel"))?;
+        set_nonblocking(&ours).map_err(io_step("backend channel"))?;
+        self.request("SET_BACKEND_REQ_FD", |f| f.set_backend_request_fd(&theirs))?;
+        if let Some(connection) = self.connection.as_mut() {
+            connection.channel = Some(ours);
+        }
         Ok(())
     }
 
@@ -384,6 +436,9 @@ impl Session {
     /// Forgets the connection, shutting it down first so that whoever watches it (the pump)
     /// sees the hang-up.
     pub fn disconnect(&mut self) {
+        if let Some(link) = &self.endpoint.iotlb {
+            link.disarm();
+        }
         if let Some(connection) = self.connection.take() {
             let _ = connection.socket.shutdown(Shutdown::Both);
         }
@@ -444,8 +499,18 @@ impl Session {
             return Err(VhostUserBlkError::FeaturesLost(lost));
         }
         self.send_inflight(active)?;
-        let features = active.features | VHOST_USER_F_PROTOCOL_FEATURES;
-        self.request("SET_FEATURES", |f| f.set_features(features))?;
+        let mut features = active.features | VHOST_USER_F_PROTOCOL_FEATURES;
+        if let Some(link) = self.endpoint.iotlb.clone() {
+            // Behind the vIOMMU the rings are IOVAs whatever the driver negotiated (its DMA
+            // space translates them either way), as with QEMU's vhost.
+            features |= FEATURE_ACCESS_PLATFORM;
+            self.request("SET_FEATURES", |f| f.set_features(features))?;
+            if let Some(connection) = &self.connection {
+                link.arm(connection.socket.clone());
+            }
+        } else {
+            self.request("SET_FEATURES", |f| f.set_features(features))?;
+        }
         self.send_memory()?;
         for ring in &active.rings {
             let base = if resume {
@@ -467,7 +532,8 @@ impl Session {
     }
 
     fn send_ring(&mut self, ring: &Ring, base: u16) -> Result<(), VhostUserBlkError> {
-        let addresses = vring_config(&self.regions, ring)?;
+        let regions = self.endpoint.iotlb.is_none().then_some(&self.regions[..]);
+        let addresses = vring_config(regions, ring)?;
         let index = usize::from(ring.index);
         self.request("SET_VRING_NUM", |f| f.set_vring_num(index, ring.size))?;
         self.request("SET_VRING_BASE", |f| f.set_vring_base(index, base))?;
@@ -586,6 +652,19 @@ pub(super) fn used_index(mem: &DmaSpace, used_ring: u64) -> u16 {
         .and_then(|at| mem.load::<u16>(GuestAddress(at), Ordering::Acquire).ok())
         .map(u16::from_le)
         .unwrap_or(0)
+}
+
+/// O_NONBLOCK through fcntl: std's `set_nonblocking` on a socket is an ioctl (FIONBIO), which
+/// the pump's seccomp filter does not allow (it reconnects, and so makes channels, on its own).
+fn set_nonblocking(socket: &UnixStream) -> std::io::Result<()> {
+    let fd = socket.as_raw_fd();
+    // SAFETY: F_GETFL/F_SETFL on a descriptor `socket` owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn io_step(step: &'static str) -> impl Fn(std::io::Error) -> VhostUserBlkError {
