@@ -92,6 +92,10 @@ struct Setup {
     scratch: Scratch,
     /// Each sluice run's bound ([`L2_RUN_TIMEOUT`] unless a test boots L2 more than once).
     run_timeout: Duration,
+    /// sluice's `--log` filter.
+    log: &'static str,
+    /// L2's RAM.
+    memory: &'static str,
 }
 
 fn setup(test: &str) -> Option<Setup> {
@@ -109,6 +113,8 @@ fn setup(test: &str) -> Option<Setup> {
         image,
         scratch: Scratch::new(test),
         run_timeout: L2_RUN_TIMEOUT,
+        log: "warn,sluice_virtio=info",
+        memory: L2_MEMORY,
     })
 }
 
@@ -135,11 +141,13 @@ impl Setup {
         cmdline: &str,
     ) -> String {
         format!(
-            "timeout -s TERM {timeout} {sluice} --log warn,sluice_virtio=info run \
-             --kernel {kernel} --initrd {initrd} --memory {L2_MEMORY} {devices} \
+            "timeout -s TERM {timeout} {sluice} --log {log} run \
+             --kernel {kernel} --initrd {initrd} --memory {memory} {devices} \
              --metrics {SCRATCH}/{name}.json \
              --cmdline '{cmdline} sluice.watchdog={watchdog}' > {SCRATCH}/{name}.console 2>&1",
             timeout = self.run_timeout.as_secs(),
+            log = self.log,
+            memory = self.memory,
             watchdog = L2_WATCHDOG.as_secs(),
             sluice = self.sluice.display(),
         )
@@ -522,6 +530,113 @@ fn lab_packed_virtqueues_blk_net_rng_on_sluice() {
         "{test}: packed rings negotiated by virtio_blk, virtio_net and virtio_rng; fio wrote and \
          verified {} MiB on 2 queues, ping, a 4 MiB download and hw_random worked",
         DISK_BYTES >> 20
+    );
+}
+
+/// fio for the migration test: random writes for a fixed time, each batch of 256 blocks read
+/// back and verified as it goes (`--verify_backlog`), two jobs on their own 32 MiB regions. A
+/// fixed run time, not a fixed amount: the debug-build sluice in L1 (QEMU TCG) sends guest RAM
+/// at ~3 MB/s (round 0 of ~50 000 pages takes ~70 s), and the migration must land well inside
+/// the job whatever the load. Every block is written many times over (a pass takes ~30 s).
+fn migration_fio_command() -> String {
+    format!(
+        "fio --name=sluice --filename=/dev/vda --direct=1 --ioengine=libaio --rw=randwrite \
+         --bs={block} --iodepth=16 --numjobs=2 --size=32M --offset_increment=32M \
+         --time_based --runtime={MIGRATION_FIO_SECONDS} --verify=crc32c --verify_backlog=256 \
+         --verify_fatal=1 --cpus_allowed=0-1 --cpus_allowed_policy=split --eta=never \
+         --group_reporting",
+        block = fio::BLOCK_SIZE,
+    )
+}
+const MIGRATION_FIO_SECONDS: u32 = 150;
+const MIGRATION_DISK_BYTES: u64 = 64 << 20;
+/// Less RAM to send in round 0 than [`L2_MEMORY`] (Linux left ~200 MB of it non-zero).
+const MIGRATION_L2_MEMORY: &str = "256M";
+/// Both ends log the migration's rounds and the destination's resume.
+const MIGRATION_LOG: &str =
+    "warn,sluice_virtio=info,sluice_vmm::migration=info,sluice_vmm::machine=info";
+/// Seconds from the L2 command's start (fio's own start takes ~1 s) to the migration.
+const MIGRATE_AFTER_S: u32 = 4;
+
+/// Issue 15: Linux in L2 keeps writing and verifying with fio while sluice migrates it from one
+/// process to another in L1 (`sluice ctl migrate` to `sluice run --migrate-from`): the
+/// destination finishes the job with no verify error and the image holds every block.
+#[test]
+fn lab_live_migration_of_linux_under_fio_verify() {
+    let test = "lab-migration";
+    let Some(mut setup) = setup(test) else { return };
+    setup.log = MIGRATION_LOG;
+    setup.memory = MIGRATION_L2_MEMORY;
+    let disk = "--disk path=/tmp/disk.img,queues=2";
+    let source = setup.sluice_line(
+        "source",
+        &format!("--cpus 2 {disk} --api-socket /tmp/api.sock"),
+        &kernel_cmdline(&migration_fio_command()),
+    );
+    let sluice = setup.sluice.display();
+    let timeout = setup.run_timeout.as_secs();
+    let script = format!(
+        "set -u\n\
+         truncate -s {MIGRATION_DISK_BYTES} /tmp/disk.img\n\
+         ({source}; echo source-exit=$? > /tmp/source.status) &\n\
+         i=0; while [ $i -lt 600 ] && ! grep -q SLUICE-RUN-START {SCRATCH}/source.console; \
+           do sleep 0.2; i=$((i+1)); done\n\
+         sleep {MIGRATE_AFTER_S}\n\
+         (timeout -s TERM {timeout} {sluice} --log {MIGRATION_LOG} run {disk} \
+           --migrate-from unix:/tmp/migrate.sock --metrics {SCRATCH}/destination.json \
+           > {SCRATCH}/destination.console 2>&1; echo destination-exit=$? > /tmp/destination.status) &\n\
+         i=0; while [ $i -lt 100 ] && [ ! -S /tmp/migrate.sock ]; do sleep 0.1; i=$((i+1)); done\n\
+         echo MIGRATE $({sluice} ctl --api-socket /tmp/api.sock migrate unix:/tmp/migrate.sock)\n\
+         wait\n\
+         cat /tmp/source.status /tmp/destination.status\n\
+         cp /tmp/disk.img {SCRATCH}/disk.img\n"
+    );
+
+    let run = setup.run(&script);
+
+    run.assert_success();
+    let source_console = setup.read("source.console");
+    let destination_console = setup.read("destination.console");
+    let context = || {
+        format!(
+            "{}\n--- source ---\n{source_console}\n--- destination ---\n{destination_console}",
+            run.transcript()
+        )
+    };
+    assert!(run.stdout.contains("source-exit=0"), "{}", context());
+    assert!(run.stdout.contains("destination-exit=0"), "{}", context());
+    let report: serde_json::Value = run
+        .stdout
+        .lines()
+        .find_map(|l| serde_json::from_str(l.strip_prefix("MIGRATE ")?).ok())
+        .unwrap_or_else(|| panic!("no migration report\n{}", context()));
+    assert!(
+        report["total_ms"].is_number() && report["downtime_ms"].is_number(),
+        "{report}\n{}",
+        context()
+    );
+    // fio's output is block-buffered on the console: all of it comes out when the job ends.
+    assert!(
+        source_console.contains("SLUICE-RUN-START") && !source_console.contains("groupid="),
+        "the migration happened while fio ran\n{}",
+        context()
+    );
+    assert!(destination_console.contains("err= 0"), "{}", context());
+    assert_eq!(
+        parse_exit_marker(&destination_console),
+        Some(0),
+        "fio finished at the destination with verify ok\n{}",
+        context()
+    );
+    assert_image_of_size_holds_every_block(&setup.scratch.path("disk.img"), MIGRATION_DISK_BYTES);
+    println!(
+        "{test}: Linux under fio verify migrated: total {} ms, downtime {} ms, {} rounds, {} \
+         pages, throttle {}%",
+        report["total_ms"],
+        report["downtime_ms"],
+        report["rounds"],
+        report["pages_sent"],
+        report["throttle_percent"]
     );
 }
 

@@ -7,9 +7,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{build_guest, skip_without_kvm, SLUICE};
+use common::{build_guest, skip_without_kvm, wait_for, wait_or_kill, SLUICE};
 
 fn scratch(name: &str) -> PathBuf {
     let dir =
@@ -36,14 +36,6 @@ fn state(socket: &Path) -> String {
     let (_, out) = ctl(socket, "info");
     let info: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
     info["state"].as_str().unwrap_or("").to_string()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ready() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -79,7 +71,7 @@ fn sluice_ctl_pauses_resumes_reads_counters_and_shuts_the_vm_down() {
     let counters = ctl(&socket, "counters");
     let prometheus = ctl(&socket, "metrics");
     let shutdown = ctl(&socket, "shutdown");
-    let status = wait_exit(&mut vm, Duration::from_secs(20));
+    let status = wait_or_kill(&mut vm, Duration::from_secs(20));
 
     assert_eq!(ping.0, 0, "{ping:?}");
     assert_eq!(paused.0, 0, "{paused:?}");
@@ -177,7 +169,7 @@ fn curl_drives_the_api_and_malformed_or_unknown_requests_get_json_errors() {
     let state_after_bad_requests = state(&socket);
     let resumed = curl(&socket, "PUT", "vm.resume", None);
     let shutdown = curl(&socket, "PUT", "vm.shutdown", None);
-    let status = wait_exit(&mut vm, Duration::from_secs(20));
+    let status = wait_or_kill(&mut vm, Duration::from_secs(20));
 
     assert_eq!(info.0, 200, "{info:?}");
     let info: serde_json::Value = serde_json::from_str(&info.1).unwrap();
@@ -197,21 +189,6 @@ fn curl_drives_the_api_and_malformed_or_unknown_requests_get_json_errors() {
     assert_eq!(shutdown.0, 204, "{shutdown:?}");
     assert_eq!(status, Some(0));
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> Option<i32> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The ticks a console shows, in order.
@@ -259,7 +236,7 @@ fn a_snapshot_taken_mid_run_resumes_where_it_stopped_and_a_corrupt_one_is_refuse
         .output()
         .unwrap();
     let shutdown = ctl(&socket, "shutdown");
-    let first_status = wait_exit(&mut vm, Duration::from_secs(20));
+    let first_status = wait_or_kill(&mut vm, Duration::from_secs(20));
     let restored = Command::new(SLUICE)
         .args(["run", "--restore"])
         .arg(&snapshot)
@@ -334,7 +311,7 @@ fn a_vm_with_devices_a_snapshot_cannot_carry_yet_is_refused_by_name() {
     let paused = ctl(&socket, "pause");
     let refused = ctl(&socket, &format!("snapshot {}", dir.join("snap").display()));
     let _ = ctl(&socket, "shutdown");
-    let status = wait_exit(&mut vm, Duration::from_secs(20));
+    let status = wait_or_kill(&mut vm, Duration::from_secs(20));
 
     assert_eq!(paused.0, 0);
     assert_eq!(refused.0, 1, "{refused:?}");
@@ -385,7 +362,7 @@ fn a_guest_kit_verify_snapshotted_mid_run_on_virtio_blk_finishes_after_restore()
     let before = std::fs::read_to_string(&first).unwrap();
     let taken = ctl(&socket, &format!("snapshot {}", snapshot.display()));
     let _ = ctl(&socket, "shutdown");
-    let first_status = wait_exit(&mut vm, Duration::from_secs(20));
+    let first_status = wait_or_kill(&mut vm, Duration::from_secs(20));
     let restored = Command::new(SLUICE)
         .args(["run", "--restore"])
         .arg(&snapshot)

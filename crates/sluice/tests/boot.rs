@@ -7,7 +7,10 @@ mod common;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{boot_guest, build_guest, skip_without_kvm, Run, EXIT_GUEST_CRASH, EXIT_GUEST_RESET};
+use common::{
+    boot_guest, build_guest, skip_without_kvm, wait_or_kill, Run, EXIT_GUEST_CRASH,
+    EXIT_GUEST_RESET,
+};
 
 /// Exit codes the guests use for their own failures (tests/guests/common.inc).
 const GUEST_EXIT_TIMEOUT: i32 = 3;
@@ -317,20 +320,4 @@ fn wait_for_text(path: &std::path::Path, text: &str, timeout: std::time::Duratio
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     false
-}
-
-/// The child's exit status, or `None` if it had to be killed after `timeout`.
-fn wait_or_kill(child: &mut std::process::Child, timeout: std::time::Duration) -> Option<i32> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for sluice") {
-            return status.code();
-        }
-        if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
 }
