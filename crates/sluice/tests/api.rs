@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{build_guest, skip_without_kvm, wait_for, wait_or_kill, SLUICE};
+use common::{
+    build_guest, skip_without_kvm, start_idle_vm_with_api, wait_for, wait_or_kill, SLUICE,
+};
 
 fn scratch(name: &str) -> PathBuf {
     let dir =
@@ -141,16 +143,7 @@ fn curl_drives_the_api_and_malformed_or_unknown_requests_get_json_errors() {
     }
     let dir = scratch("curl");
     let socket = dir.join("api.sock");
-    let mut vm = Command::new(SLUICE)
-        .args(["run", "--kernel"])
-        .arg(build_guest("wait"))
-        .args(["--serial", "off", "--api-socket"])
-        .arg(&socket)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start sluice");
+    let mut vm = start_idle_vm_with_api(&socket, &[]);
     wait_for("the VM to run", Duration::from_secs(20), || {
         state(&socket) == "Running"
     });
@@ -293,17 +286,7 @@ fn a_vm_with_devices_a_snapshot_cannot_carry_yet_is_refused_by_name() {
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
-    let mut vm = Command::new(SLUICE)
-        .args(["run", "--kernel"])
-        .arg(build_guest("wait"))
-        .args(["--serial", "off", "--api-socket"])
-        .arg(&socket)
-        .arg(format!("--nvme=path={}", image.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start sluice");
+    let mut vm = start_idle_vm_with_api(&socket, &[format!("--nvme=path={}", image.display())]);
     wait_for("the VM to run", Duration::from_secs(20), || {
         state(&socket) == "Running"
     });

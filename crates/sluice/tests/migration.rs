@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{build_guest, skip_without_kvm, wait_for, wait_or_kill, EXIT_GUEST_CRASH, SLUICE};
+use common::{
+    skip_without_kvm, start_idle_vm_with_api, wait_for, wait_or_kill, EXIT_GUEST_CRASH, SLUICE,
+};
 
 /// The verify workload the migration test moves: writes a pattern over the span and reads it
 /// back (about 2 s here); its 128 request buffers of 16 KiB (512 pages) are rewritten all the
@@ -337,17 +339,7 @@ fn a_vm_with_a_device_the_migration_cannot_cover_is_refused_by_name_and_runs_on(
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
-    let mut vm = Command::new(SLUICE)
-        .args(["run", "--kernel"])
-        .arg(build_guest("wait"))
-        .args(["--serial", "off", "--api-socket"])
-        .arg(&socket)
-        .arg(format!("--nvme=path={}", image.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start sluice");
+    let mut vm = start_idle_vm_with_api(&socket, &[format!("--nvme=path={}", image.display())]);
     wait_for("the VM to run", Duration::from_secs(20), || {
         ctl(&socket, &["info"]).1.contains("\"Running\"")
     });

@@ -370,3 +370,19 @@ pub fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) 
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `sluice run` of the `wait` test guest (it idles until stopped) with the control API on
+/// `socket`, COM1 off, and `extra` arguments (devices); its output is discarded.
+pub fn start_idle_vm_with_api(socket: &Path, extra: &[String]) -> Child {
+    Command::new(SLUICE)
+        .args(["run", "--kernel"])
+        .arg(build_guest("wait"))
+        .args(["--serial", "off", "--api-socket"])
+        .arg(socket)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start sluice")
+}
