@@ -302,6 +302,32 @@ fn packed_virtqueues_are_used_when_asked_for_and_offered() {
     }
 }
 
+#[test]
+fn queue_depth_256_needs_and_gets_a_1024_entry_ring() {
+    let name = "queue_depth_256_needs_and_gets_a_1024_entry_ring";
+    if skip_without_kvm(name) {
+        return;
+    }
+    let image = test_file(name, "img");
+    sparse_image(&image, 4 << 20);
+    let workload = "quiet w=blk:op=verify:bs=4096:qd=256:span_mb=2:mode=poll:seed=5";
+    let large = format!("--disk=path={},queue_size=1024", image.display());
+    let default = format!("--disk=path={}", image.display());
+
+    let large = sluice_run(workload, &[&large]).run().unwrap();
+    let default = sluice_run(workload, &[&default]).run().unwrap();
+    let _ = std::fs::remove_file(&image);
+
+    // Each request takes 3 descriptors: 256 in flight need the larger ring, and the default
+    // 256-entry ring holds 85.
+    for (run, depth) in [(&large, 256), (&default, 85)] {
+        assert!(run.passed(), "{}", run.describe());
+        let blk = run.results_for("blk").next().unwrap();
+        assert_eq!(blk.verify.as_deref(), Some("ok"), "{}", run.describe());
+        assert_eq!(blk.raw["qd"], depth, "{}", run.describe());
+    }
+}
+
 /// A per-test file in cargo's scratch directory for integration tests.
 fn test_file(test: &str, extension: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR"))

@@ -3,7 +3,7 @@
 //! descriptors: header (device reads), data, status byte (device writes).
 
 use super::pci::{self as vpci, VirtioError, VirtioPci};
-use super::queue::{Queue, Segment};
+use super::queue::{Queue, Segment, MAX_QUEUE_SIZE};
 use super::report_error;
 use crate::cmdline::{BlkOp, BlkParams, Mode};
 use crate::mem;
@@ -160,7 +160,8 @@ fn setup_queues(
     }
     (0..count)
         .map(|index| {
-            let queue = device.setup_queue_for_cpu(index, 256, interrupts, driver_of(index))?;
+            let queue =
+                device.setup_queue_for_cpu(index, ring_for(p.qd), interrupts, driver_of(index))?;
             let depth = (p.qd as usize).min(usize::from(queue.size()) / 3).max(1);
             let headers = (0..depth)
                 .map(|_| mem::alloc_dma(mem::PAGE_SIZE))
@@ -169,6 +170,14 @@ fn setup_queues(
             Ok((queue, headers, depth))
         })
         .collect()
+}
+
+/// The ring size asked for: room for `qd` requests of 3 descriptors (header, data, status),
+/// at least 256 entries (what smaller depths always used), at most the kit's largest ring; a device
+/// offering less (QEMU's and Firecracker's 256) caps the depth at size / 3.
+fn ring_for(qd: u32) -> u16 {
+    let needed = (qd.saturating_mul(3)).next_power_of_two();
+    needed.clamp(256, u32::from(MAX_QUEUE_SIZE)) as u16
 }
 
 /// The virtqueues wrapped for the workload engine (after DRIVER_OK: they borrow the device).

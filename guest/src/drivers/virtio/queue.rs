@@ -7,8 +7,8 @@ use super::split::SplitRing;
 use crate::cmdline::VqLayout;
 use crate::phys;
 
-/// Largest ring the kit uses.
-pub const MAX_QUEUE_SIZE: u16 = 256;
+/// Largest ring the kit uses: a blk request takes 3 descriptors, so `qd=256` needs 1024.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
 
 /// One buffer of a chain.
 #[derive(Clone, Copy)]
