@@ -1,6 +1,12 @@
 //! Runs one VMM (or fio) and measures it: wall-clock marks on its console, CPU time of every
-//! process involved sampled from `/proc/<pid>/stat` at those marks, and the child's own
-//! `wait4` rusage (total CPU, max RSS) when it is reaped.
+//! process involved sampled from `/proc/<pid>/stat` at those marks, the child's `wait4` CPU
+//! time when it is reaped, and its peak RSS.
+//!
+//! Peak RSS is the `VmHWM` of `/proc/<pid>/status`, sampled while the child runs and just
+//! before it is killed, not `wait4`'s `ru_maxrss`: Linux carries the forking process's
+//! high-water mark across `exec` into the child's `ru_maxrss`, so every child smaller than
+//! the benchmark process itself would report the benchmark's own size (measured: a forked
+//! `/bin/true` reports the parent's 60 MiB; its `VmHWM` is 1.8 MiB).
 //!
 //! The guest kit runner (`sluice_guest_kit::GuestKitRun`) builds the command lines; this module
 //! replaces only its wait loop, because the benchmark needs the pid while the VMM runs and the
@@ -26,6 +32,30 @@ pub fn process_cpu_s(pid: u32) -> Option<f64> {
     Some((utime + stime) as f64 / clock_ticks_per_s())
 }
 
+/// Peak resident set of process `pid`'s own address space (`VmHWM`, KiB); `None` once it
+/// has exited (a zombie has no address space).
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The highest `VmHWM` seen across samples of one process.
+#[derive(Debug, Default)]
+struct PeakRss(std::sync::atomic::AtomicU64);
+
+impl PeakRss {
+    fn sample(&self, pid: u32) {
+        if let Some(kib) = peak_rss_kib(pid) {
+            self.0.fetch_max(kib, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn kib(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 fn clock_ticks_per_s() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -36,19 +66,17 @@ fn clock_ticks_per_s() -> f64 {
     }
 }
 
-/// Resource use of a reaped child, from `wait4`.
+/// Resource use of a reaped child: CPU from `wait4`, peak RSS from `VmHWM` samples (0 if
+/// the child was never seen alive).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Usage {
     pub cpu_s: f64,
     pub max_rss_kib: u64,
 }
 
-fn usage_of(rusage: &libc::rusage) -> Usage {
+fn cpu_s_of(rusage: &libc::rusage) -> f64 {
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    Usage {
-        cpu_s: seconds(rusage.ru_utime) + seconds(rusage.ru_stime),
-        max_rss_kib: u64::try_from(rusage.ru_maxrss).unwrap_or(0),
-    }
+    seconds(rusage.ru_utime) + seconds(rusage.ru_stime)
 }
 
 /// How a reaped child ended.
@@ -58,15 +86,18 @@ pub enum Ended {
     Signal(i32),
 }
 
-/// Kills (SIGKILL) and reaps a child started elsewhere, returning its rusage.
+/// Kills (SIGKILL) and reaps a child started elsewhere, returning its usage (peak RSS read
+/// just before the kill).
 pub fn kill_and_reap(pid: u32) -> Option<Usage> {
+    let max_rss_kib = peak_rss_kib(pid).unwrap_or(0);
     let pid = libc::pid_t::try_from(pid).ok()?;
     // SAFETY: signalling a child we spawned and have not reaped yet.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    reap(pid).map(|(_, usage)| usage)
+    reap(pid).map(|(_, cpu_s)| Usage { cpu_s, max_rss_kib })
 }
 
-fn reap(pid: libc::pid_t) -> Option<(Ended, Usage)> {
+/// Waits for `pid` and returns how it ended and its CPU seconds.
+fn reap(pid: libc::pid_t) -> Option<(Ended, f64)> {
     let mut status = 0;
     // SAFETY: an all-zero rusage is a valid out-parameter.
     let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -85,7 +116,7 @@ fn reap(pid: libc::pid_t) -> Option<(Ended, Usage)> {
     } else {
         Ended::Signal(libc::WTERMSIG(status))
     };
-    Some((ended, usage_of(&rusage)))
+    Some((ended, cpu_s_of(&rusage)))
 }
 
 /// True once `pid` has exited; does not reap it (WNOWAIT), so `/proc/<pid>` stays readable.
@@ -171,6 +202,7 @@ fn watch_console(
     start: Instant,
     pids: Vec<u32>,
     stop_at: Option<&str>,
+    peak: &PeakRss,
 ) -> ConsoleLog {
     let mut log = ConsoleLog::default();
     let mut reader = BufReader::new(pipe);
@@ -182,6 +214,9 @@ fn watch_console(
         }
         if !log.stopped && stop_at.is_some_and(|marker| text.starts_with(marker)) {
             log.stopped = true;
+            if let Some(&child) = pids.first() {
+                peak.sample(child);
+            }
             if let Some(pid) = pids.first().and_then(|&p| libc::pid_t::try_from(p).ok()) {
                 // SAFETY: signalling our own child, which the spawning thread reaps only after
                 // this thread ends.
@@ -230,8 +265,10 @@ pub fn run_measured_until(
     pids.extend_from_slice(extra_pids);
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
+    let peak = std::sync::Arc::new(PeakRss::default());
+    let console_peak = peak.clone();
     let console = thread::spawn(move || match stdout {
-        Some(pipe) => watch_console(pipe, start, pids, stop_at),
+        Some(pipe) => watch_console(pipe, start, pids, stop_at, &console_peak),
         None => ConsoleLog::default(),
     });
     let errors = thread::spawn(move || {
@@ -247,6 +284,7 @@ pub fn run_measured_until(
     let deadline = start + timeout;
     let mut timed_out = false;
     while !has_exited(raw_pid) {
+        peak.sample(pid);
         if Instant::now() >= deadline {
             timed_out = true;
             // SAFETY: signalling our own unreaped child.
@@ -271,7 +309,10 @@ pub fn run_measured_until(
         first_result: log.first_result,
         cpu_at_workload_start: log.at_pci,
         cpu_at_result: log.at_result,
-        usage: reaped.map(|(_, usage)| usage).unwrap_or_default(),
+        usage: Usage {
+            cpu_s: reaped.map_or(0.0, |(_, cpu_s)| cpu_s),
+            max_rss_kib: peak.kib(),
+        },
         stopped_at_marker: log.stopped,
     })
 }
@@ -279,6 +320,32 @@ pub fn run_measured_until(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peak_rss_is_the_childs_own_not_the_benchmarks() {
+        // The parent holds 64 MiB of touched memory while it forks; a small child must not
+        // inherit that as its peak (wait4's ru_maxrss does), and a child that touches 48 MiB
+        // must show them.
+        let ballast = vec![1u8; 64 << 20];
+        let mut small = Command::new("sleep");
+        small.arg("0.3");
+        let mut large = Command::new("python3");
+        large.args(["-c", "import time; b = b'a' * (48 << 20); time.sleep(0.3)"]);
+
+        let small = run_measured(small, Duration::from_secs(20), &[]).expect("run sleep");
+        let large = run_measured(large, Duration::from_secs(20), &[]).expect("run python3");
+        drop(ballast);
+
+        let (small, large) = (small.usage.max_rss_kib, large.usage.max_rss_kib);
+        assert!(
+            small > 0 && small < 16 << 10,
+            "sleep's peak RSS {small} KiB"
+        );
+        assert!(
+            (48 << 10..96 << 10).contains(&large),
+            "python3's peak RSS {large} KiB"
+        );
+    }
 
     #[test]
     fn shell_child_is_measured_with_marks_and_exit_code() {
