@@ -85,7 +85,11 @@ pub struct DeviceRequest {
 impl DeviceRequest {
     /// The options as `key=value,key=value` (the `--disk`/`--net` syntax).
     pub fn options_string(&self) -> String {
-        let pairs: Vec<String> = self.options.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let pairs: Vec<String> = self
+            .options
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         pairs.join(",")
     }
 

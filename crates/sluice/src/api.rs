@@ -9,8 +9,8 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use sluice_api::{ApiError, DeviceRequest, VmApi};
 use sluice_vmm::config::{DiskSpec, NetSpec};
-use sluice_vmm::hotplug::HotplugError;
 use sluice_vmm::handle::{HandleError, VmHandle};
+use sluice_vmm::hotplug::HotplugError;
 use sluice_vmm::machine::VmConfig;
 
 /// The control API's view of a VM.

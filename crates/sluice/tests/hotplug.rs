@@ -101,7 +101,10 @@ fn bad_hotplug_requests_get_json_errors_and_an_unknown_id_is_404() {
     let boot_disk = image(&dir, "boot.img", 1 << 20);
     let mut vm = start_idle_vm_with_api(
         &socket,
-        &[format!("--disk=path={}", boot_disk.display()), "--rng".into()],
+        &[
+            format!("--disk=path={}", boot_disk.display()),
+            "--rng".into(),
+        ],
     );
     wait_for("the VM to run", Duration::from_secs(20), || {
         state(&socket) == "Running"
@@ -156,20 +159,36 @@ fn bad_hotplug_requests_get_json_errors_and_an_unknown_id_is_404() {
             ),
             500,
         ),
-        ("missing image", put("vm.add-disk", "{\"path\": \"/nonexistent/x.img\"}"), 500),
-        ("net without tap", put("vm.add-net", "{\"mac\": \"52:54:00:00:00:01\"}"), 400),
+        (
+            "missing image",
+            put("vm.add-disk", "{\"path\": \"/nonexistent/x.img\"}"),
+            500,
+        ),
+        (
+            "net without tap",
+            put("vm.add-net", "{\"mac\": \"52:54:00:00:00:01\"}"),
+            400,
+        ),
         (
             "bad mac",
             put("vm.add-net", "{\"tap\": \"hpbad0\", \"mac\": \"zz\"}"),
             400,
         ),
-        ("bad bdf", put("vm.add-device", "{\"path\": \"not-a-bdf\"}"), 400),
+        (
+            "bad bdf",
+            put("vm.add-device", "{\"path\": \"not-a-bdf\"}"),
+            400,
+        ),
         (
             "vfio hot-plug",
             put("vm.add-device", "{\"path\": \"0000:01:00.0\"}"),
             409,
         ),
-        ("unknown id", put("vm.remove-device", "{\"id\": \"disk9\"}"), 404),
+        (
+            "unknown id",
+            put("vm.remove-device", "{\"id\": \"disk9\"}"),
+            404,
+        ),
         ("remove without id", put("vm.remove-device", "{}"), 400),
         (
             "remove with extra field",
@@ -193,7 +212,10 @@ fn bad_hotplug_requests_get_json_errors_and_an_unknown_id_is_404() {
 
     for (what, answer, code) in &bad {
         assert_eq!(answer.0, *code, "{what}: {answer:?}");
-        assert!(!error_message(answer).is_empty(), "{what}: a JSON error: {answer:?}");
+        assert!(
+            !error_message(answer).is_empty(),
+            "{what}: a JSON error: {answer:?}"
+        );
     }
     let ids: Vec<&str> = info["devices"]
         .as_array()
@@ -202,7 +224,11 @@ fn bad_hotplug_requests_get_json_errors_and_an_unknown_id_is_404() {
         .filter_map(|d| d["id"].as_str())
         .collect();
     assert_eq!(ids, ["disk0", "rng0"], "boot devices have ids: {info:#}");
-    assert_eq!(device(&info, "disk0").unwrap()["bdf"], "00:01.0", "{info:#}");
+    assert_eq!(
+        device(&info, "disk0").unwrap()["bdf"],
+        "00:01.0",
+        "{info:#}"
+    );
     assert_eq!(counters["hotplug"]["insertions"], 0, "{counters:#}");
     assert_eq!(ctl_unknown.0, 1, "{ctl_unknown:?}");
     assert!(ctl_unknown.1.contains("nope"), "{ctl_unknown:?}");
@@ -235,7 +261,10 @@ fn a_disk_and_a_nic_plugged_next_to_a_running_verify_are_listed_and_their_eject_
         .arg("--api-socket")
         .arg(&socket)
         .arg(format!("--serial=file={}", console.display()))
-        .args(["--cmdline", "w=blk:op=verify:bs=4096:qd=8:span_mb=32:seed=5"])
+        .args([
+            "--cmdline",
+            "w=blk:op=verify:bs=4096:qd=8:span_mb=32:seed=5",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -257,7 +286,10 @@ fn a_disk_and_a_nic_plugged_next_to_a_running_verify_are_listed_and_their_eject_
     let after_remove = json(&ctl(&socket, &["info"]).1);
     let counters = json(&ctl(&socket, &["counters"]).1);
     let _ = ctl(&socket, &["pause"]);
-    let snapshot = ctl(&socket, &["snapshot", &dir.join("snap").display().to_string()]);
+    let snapshot = ctl(
+        &socket,
+        &["snapshot", &dir.join("snap").display().to_string()],
+    );
     let _ = ctl(&socket, &["resume"]);
     let status = wait_or_kill(&mut vm, Duration::from_secs(120));
     let report = std::fs::read_to_string(&console).unwrap_or_default();

@@ -16,9 +16,8 @@
 //! is what the PCI root answers for a filled or an empty slot.
 
 use acpi_tables::aml::{
-    And, Device, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If,
-    Interrupt, Local, Method, MethodCall, Name, Notify, OpRegion, OpRegionSpace, Path,
-    ResourceTemplate, Store, Zero,
+    And, Device, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt, Local,
+    Method, MethodCall, Name, Notify, OpRegion, OpRegionSpace, Path, ResourceTemplate, Store, Zero,
 };
 use acpi_tables::Aml;
 
@@ -139,4 +138,3 @@ pub fn generic_event_device() -> Vec<u8> {
     .to_aml_bytes(&mut aml);
     aml
 }
-

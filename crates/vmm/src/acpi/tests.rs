@@ -559,6 +559,9 @@ fn iasl_disassembles_the_hotplug_slots_and_methods() {
     for expected in expected {
         assert!(dsl.contains(expected), "{expected} not in DSDT:\n{dsl}");
     }
-    assert!(!dsl.contains("Device (S00)"), "no slot object for the host bridge");
+    assert!(
+        !dsl.contains("Device (S00)"),
+        "no slot object for the host bridge"
+    );
     assert_eq!(dsl.matches("Method (_EJ0").count(), 31);
 }

@@ -187,7 +187,11 @@ impl Hotplug {
     }
 
     /// Plugs an in-process virtio-blk disk on `spec`'s image.
-    pub fn add_disk(&self, spec: &DiskSpec, id: Option<String>) -> Result<DeviceInfo, HotplugError> {
+    pub fn add_disk(
+        &self,
+        spec: &DiskSpec,
+        id: Option<String>,
+    ) -> Result<DeviceInfo, HotplugError> {
         if spec.vhost_user {
             return Err(HotplugError::Conflict(
                 "hot-plugging a vhost-user disk is not supported (in-process disks are)".into(),
@@ -209,7 +213,8 @@ impl Hotplug {
     /// Plugs a virtio-net device on `spec`'s tap.
     pub fn add_net(&self, spec: &NetSpec, id: Option<String>) -> Result<DeviceInfo, HotplugError> {
         let id = self.claim_id(id, "net")?;
-        let net = crate::virtio::net_device(spec).map_err(|e| HotplugError::Failed(e.to_string()))?;
+        let net =
+            crate::virtio::net_device(spec).map_err(|e| HotplugError::Failed(e.to_string()))?;
         let options = crate::virtio::transport_options(
             &self.wiring.interrupts,
             format!("virtio-net-{id}"),
@@ -223,8 +228,7 @@ impl Hotplug {
     fn claim_id(&self, id: Option<String>, prefix: &str) -> Result<String, HotplugError> {
         let devices = locked(&self.devices);
         let taken = |id: &str| devices.iter().any(|d| d.info.id == id);
-        if self.root.functions().len() >= usize::from(*crate::acpi::hotplug::HOTPLUG_SLOTS.end())
-        {
+        if self.root.functions().len() >= usize::from(*crate::acpi::hotplug::HOTPLUG_SLOTS.end()) {
             return Err(HotplugError::Conflict(
                 "no free PCI slot on bus 0 (all 31 hold a device)".into(),
             ));
@@ -340,7 +344,10 @@ impl Hotplug {
             self.changed.store(true, Ordering::Release);
             match (&entry, removed) {
                 (Some(entry), Ok(device)) => {
-                    tracing::info!("hotplug: {} at {address} ejected by the guest", entry.info.id);
+                    tracing::info!(
+                        "hotplug: {} at {address} ejected by the guest",
+                        entry.info.id
+                    );
                     // The last reference: stops its workers, frees routes, closes its backing.
                     drop(device);
                 }

@@ -107,7 +107,9 @@ impl HotplugRegisters {
         self.inserted &= !valid;
         self.eject_requested &= !valid;
         self.counters.ejects += u64::from(valid.count_ones());
-        (0u8..32).filter(|&slot| valid & slot_bit(slot) != 0).collect()
+        (0u8..32)
+            .filter(|&slot| valid & slot_bit(slot) != 0)
+            .collect()
     }
 
     pub fn counters(&self) -> HotplugCounters {
