@@ -132,8 +132,12 @@ impl Hotplug {
         let mut registers = HotplugRegisters::default();
         let mut devices = Vec::new();
         for (address, name) in root.functions() {
-            registers.present_at_boot(address.device);
             let virtio = wired.iter().find(|w| w.bdf == address.bdf());
+            // Only what sluice can take away is ejectable: the guest's `_EJ0` on an NVMe,
+            // e1000, VFIO or vIOMMU slot is ignored and counted.
+            if virtio.is_some() {
+                registers.present_at_boot(address.device);
+            }
             let id = match virtio {
                 Some(w) => w.id.clone(),
                 None => unique_id(&devices, &name),

@@ -7,7 +7,7 @@
 //! | 0x0 | `PCIU` | read, clears | slots whose device was inserted since the last read |
 //! | 0x4 | `PCID` | read, clears | slots whose device the host asks the guest to eject |
 //! | 0x8 | `PCEJ` | write | the guest's `_EJ0`: eject (remove) the devices of these slots |
-//! | 0xc | `PCPR` | read | slots holding a device (boot-time or hot-plugged) |
+//! | 0xc | `PCPR` | read | slots holding a device sluice can remove (boot-time or hot-plugged virtio) |
 //!
 //! The block is guest input: an access of another width or offset reads all ones and is
 //! counted; an eject bit for the host bridge, an empty slot or a slot above 31 is ignored and
