@@ -78,7 +78,7 @@ fn l2_command() -> String {
          echo HP-NET-PINGED $(up)\n\
          until_true '[ ! -e /sys/class/net/eth0 ]' || {{ echo HP-FAIL eth0 stays; exit 1; }}\n\
          echo HP-NET-GONE $(up)\n\
-         dmesg | grep -E '0000:00:01.0: \\[1af4|\\[vda\\]|virtio_net .* eth0|acpiphp' | sed 's/^/HP-DMESG /'\n\
+         dmesg | grep -E '0000:00:01.0: \\[1af4|\\[vda\\]|acpiphp: Slot \\[1\\]|Hot Plug PCI' | sed 's/^/HP-DMESG /'\n\
          exit 0",
         write = fio_command(""),
         verify = fio_command(" --verify_only"),
