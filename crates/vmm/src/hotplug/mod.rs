@@ -111,7 +111,7 @@ pub struct Hotplug {
     /// The VM's device counters (`VmHandle::device_metrics`): plugged devices join, removed
     /// ones leave.
     metrics: Arc<Mutex<Vec<Arc<DeviceMetrics>>>>,
-    /// A device was plugged or removed since boot.
+    /// A device was plugged, or its removal requested, since boot.
     changed: AtomicBool,
 }
 
@@ -318,6 +318,8 @@ impl Hotplug {
             entry.info.state = DeviceState::EjectRequested;
             entry.info.clone()
         };
+        // A snapshot would lose the pending request: from now on the VM is not its boot shape.
+        self.changed.store(true, Ordering::Release);
         self.notify_guest();
         tracing::info!("hotplug: eject of {id} at {} requested", info.bdf);
         Ok(info)
