@@ -425,3 +425,6 @@ pub fn check_id(id: &str) -> Result<(), HotplugError> {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests;
