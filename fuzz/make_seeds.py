@@ -652,6 +652,11 @@ def api_seeds():
         ("wrong_method", bytes([post]) + b"/api/v1/vm.info\n"),
         ("unknown", bytes([get]) + b"/api/v2/../vm.info\n"),
         ("metrics", bytes([get]) + b"/metrics\n"),
+        ("add_disk", bytes([put]) + b"/api/v1/vm.add-disk\n{\"path\":\"/d.img\",\"readonly\":true,\"id\":\"d1\"}"),
+        ("add_disk_nested", bytes([put]) + b"/api/v1/vm.add-disk\n{\"path\":{\"a\":[1]}}"),
+        ("add_net_comma", bytes([put]) + b"/api/v1/vm.add-net\n{\"tap\":\"t0,mac=1\"}"),
+        ("remove_device", bytes([put]) + b"/api/v1/vm.remove-device\n{\"id\":\"disk0\"}"),
+        ("remove_unknown", bytes([put]) + b"/api/v1/vm.remove-device\n{\"id\":\"nope\",\"x\":1}"),
         ("answer", b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"),
     ]
 

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use crate::{parse_answer, route, ApiError, VmApi};
+use crate::{parse_answer, route, ApiError, DeviceRequest, VmApi};
 
 /// A VM that accepts every action.
 struct Accepting;
@@ -34,6 +34,18 @@ impl VmApi for Accepting {
     }
     fn prometheus(&self) -> String {
         String::new()
+    }
+    fn add_disk(&self, request: &DeviceRequest) -> Result<Value, ApiError> {
+        match request.option("path") {
+            Some(path) => Ok(json!({ "id": request.id, "path": path, "bdf": "00:05.0" })),
+            None => Err(ApiError::BadRequest("no path".into())),
+        }
+    }
+    fn remove_device(&self, id: &str) -> Result<Value, ApiError> {
+        match id {
+            "disk0" => Ok(json!({ "id": id })),
+            _ => Err(ApiError::NotFound(format!("no device with id `{id}`"))),
+        }
     }
 }
 

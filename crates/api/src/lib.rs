@@ -1,8 +1,9 @@
 //! sluice's control API: HTTP/1.1 with JSON bodies over a Unix socket (`sluice run
 //! --api-socket PATH`), shaped after Cloud Hypervisor's so that its users feel at home
 //! (`/api/v1/vm.info`, `vm.pause`, `vm.resume`, `vm.snapshot`, `vm.send-migration`,
-//! `vm.shutdown`, `vm.counters`, `vmm.ping`), plus
-//! `/metrics` in the Prometheus text format. The OpenAPI document is docs/api.yaml.
+//! `vm.shutdown`, `vm.counters`, `vmm.ping`, and the hot-plug routes `vm.add-disk`,
+//! `vm.add-net`, `vm.add-device`, `vm.remove-device`), plus `/metrics` in the Prometheus
+//! text format. The OpenAPI document is docs/api.yaml.
 //!
 //! The VM side is the [`VmApi`] trait (sluice-vmm implements it), so this crate knows nothing
 //! of KVM. The server is `tiny_http` (synchronous, one thread, Unix sockets): the API takes a
@@ -12,8 +13,9 @@
 //! connection, `Connection: close`, no crate needed for that.
 //!
 //! Every request is answered; bad ones get a 4xx with `{"error": "..."}` (unknown path 404,
-//! wrong method 405, a body where none is taken or one over [`MAX_BODY`] 400, a state that
-//! does not allow the action 409), never a crash of the VMM.
+//! wrong method 405, a body where none is taken or one over [`MAX_BODY`] 400, a bad device
+//! request body 400, an unknown device id 404, a state that does not allow the action 409),
+//! never a crash of the VMM.
 
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -52,6 +54,105 @@ pub trait VmApi: Send + Sync {
             "this VMM cannot migrate (to {destination_url})"
         )))
     }
+    /// Hot-plugs a virtio-blk disk; answers the new device (`{"id", "bdf", ...}`).
+    fn add_disk(&self, _request: &DeviceRequest) -> Result<Value, ApiError> {
+        Err(ApiError::Conflict("this VMM cannot hot-plug".into()))
+    }
+    /// Hot-plugs a virtio-net device on a tap.
+    fn add_net(&self, _request: &DeviceRequest) -> Result<Value, ApiError> {
+        Err(ApiError::Conflict("this VMM cannot hot-plug".into()))
+    }
+    /// Hot-plugs an assigned (VFIO) host PCI function.
+    fn add_device(&self, _request: &DeviceRequest) -> Result<Value, ApiError> {
+        Err(ApiError::Conflict("this VMM cannot hot-plug".into()))
+    }
+    /// Asks the guest to eject device `id`.
+    fn remove_device(&self, _id: &str) -> Result<Value, ApiError> {
+        Err(ApiError::Conflict("this VMM cannot hot-unplug".into()))
+    }
+}
+
+/// A hot-plug request body: a flat JSON object whose values are strings, booleans
+/// (`on`/`off`) or non-negative integers, and an optional `"id"` string. The other keys are the
+/// device's options as the command line spells them (`path`, `readonly`, `tap`, `mac`, ...),
+/// checked by the VMM's own option parser.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRequest {
+    pub id: Option<String>,
+    pub options: Vec<(String, String)>,
+}
+
+impl DeviceRequest {
+    /// The options as `key=value,key=value` (the `--disk`/`--net` syntax).
+    pub fn options_string(&self) -> String {
+        let pairs: Vec<String> = self
+            .options
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        pairs.join(",")
+    }
+
+    /// The value of option `key`, if given.
+    pub fn option(&self, key: &str) -> Option<&str> {
+        self.options
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Parses `body` for `route` (named in errors).
+    pub fn parse(route: &str, body: &[u8]) -> Result<Self, String> {
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| format!("{route} wants a JSON object: {e}"))?;
+        let Value::Object(fields) = value else {
+            return Err(format!("{route} wants a JSON object"));
+        };
+        let mut request = DeviceRequest {
+            id: None,
+            options: Vec::new(),
+        };
+        for (key, value) in fields {
+            let text = match &value {
+                Value::String(s) => s.clone(),
+                Value::Bool(on) => if *on { "on" } else { "off" }.to_string(),
+                Value::Number(n) if n.is_u64() => n.to_string(),
+                _ => {
+                    return Err(format!(
+                        "{route}: `{key}` must be a string, a boolean or a non-negative integer"
+                    ))
+                }
+            };
+            if key.is_empty() || key.contains([',', '=']) || text.contains(',') {
+                return Err(format!(
+                    "{route}: `{key}`: keys and values may not contain `,` (nor keys `=`)"
+                ));
+            }
+            if key == "id" {
+                request.id = Some(text);
+            } else {
+                request.options.push((key, text));
+            }
+        }
+        Ok(request)
+    }
+}
+
+/// `vm.remove-device`'s body, `{"id": "disk1"}`.
+fn device_id(body: &[u8]) -> Result<String, String> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("vm.remove-device wants {{\"id\": \"ID\"}}: {e}"))?;
+    let Value::Object(fields) = value else {
+        return Err("vm.remove-device wants {\"id\": \"ID\"}".into());
+    };
+    if let Some(key) = fields.keys().find(|k| *k != "id") {
+        return Err(format!("vm.remove-device: unknown field `{key}`"));
+    }
+    fields
+        .get("id")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| "vm.remove-device: no id string".into())
 }
 
 /// Why an action was refused.
@@ -63,6 +164,23 @@ pub enum ApiError {
     /// The VM could not do it.
     #[error("{0}")]
     Failed(String),
+    /// The request's content is wrong (bad option, bad value).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The request names something that does not exist (a device id).
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl ApiError {
+    fn status(&self) -> u16 {
+        match self {
+            ApiError::BadRequest(_) => 400,
+            ApiError::NotFound(_) => 404,
+            ApiError::Conflict(_) => 409,
+            ApiError::Failed(_) => 500,
+        }
+    }
 }
 
 /// Errors setting up the server or making a request.
@@ -207,8 +325,17 @@ pub fn route(method: &tiny_http::Method, url: &str, body: &[u8], vm: &dyn VmApi)
     let path = url.split('?').next().unwrap_or(url);
     let action = |result: Result<(), ApiError>| match result {
         Ok(()) => Answer::no_content(),
-        Err(ApiError::Conflict(why)) => Answer::error(409, &why),
-        Err(ApiError::Failed(why)) => Answer::error(500, &why),
+        Err(e) => Answer::error(e.status(), &e.to_string()),
+    };
+    let answer = |result: Result<Value, ApiError>| match result {
+        Ok(value) => Answer::json(200, &value),
+        Err(e) => Answer::error(e.status(), &e.to_string()),
+    };
+    let device = |route: &str, add: &dyn Fn(&DeviceRequest) -> Result<Value, ApiError>| {
+        match DeviceRequest::parse(route, body) {
+            Ok(request) => answer(add(&request)),
+            Err(why) => Answer::error(400, &why),
+        }
     };
     // Clients may send nothing or an empty JSON object with an action.
     let trimmed = String::from_utf8_lossy(body);
@@ -219,11 +346,14 @@ pub fn route(method: &tiny_http::Method, url: &str, body: &[u8], vm: &dyn VmApi)
             Err(why) => Answer::error(400, &why),
         },
         ("/api/v1/vm.send-migration", Put) => match migration_destination(body) {
-            Ok(url) => match vm.send_migration(&url) {
-                Ok(report) => Answer::json(200, &report),
-                Err(ApiError::Conflict(why)) => Answer::error(409, &why),
-                Err(ApiError::Failed(why)) => Answer::error(500, &why),
-            },
+            Ok(url) => answer(vm.send_migration(&url)),
+            Err(why) => Answer::error(400, &why),
+        },
+        ("/api/v1/vm.add-disk", Put) => device("vm.add-disk", &|r| vm.add_disk(r)),
+        ("/api/v1/vm.add-net", Put) => device("vm.add-net", &|r| vm.add_net(r)),
+        ("/api/v1/vm.add-device", Put) => device("vm.add-device", &|r| vm.add_device(r)),
+        ("/api/v1/vm.remove-device", Put) => match device_id(body) {
+            Ok(id) => answer(vm.remove_device(&id)),
             Err(why) => Answer::error(400, &why),
         },
         (_, Put) if has_body => Answer::error(400, "this action takes no body"),
@@ -251,7 +381,11 @@ pub fn route(method: &tiny_http::Method, url: &str, body: &[u8], vm: &dyn VmApi)
             | "/api/v1/vm.shutdown"
             | "/api/v1/vmm.shutdown"
             | "/api/v1/vm.snapshot"
-            | "/api/v1/vm.send-migration",
+            | "/api/v1/vm.send-migration"
+            | "/api/v1/vm.add-disk"
+            | "/api/v1/vm.add-net"
+            | "/api/v1/vm.add-device"
+            | "/api/v1/vm.remove-device",
             _,
         ) => Answer::error(405, &format!("{method} is not allowed on {path}")),
         _ => Answer::error(404, &format!("no such endpoint: {path}")),

@@ -162,3 +162,55 @@ fn an_existing_file_is_never_replaced_but_a_stale_socket_is() {
     drop(server);
     assert!(!path.exists(), "the socket is removed with the server");
 }
+
+#[test]
+fn a_device_request_becomes_command_line_options_and_bad_bodies_are_refused() {
+    let request = DeviceRequest::parse(
+        "vm.add-disk",
+        br#"{"path": "/img", "readonly": true, "queues": 2, "id": "d1"}"#,
+    )
+    .unwrap();
+
+    assert_eq!(request.id.as_deref(), Some("d1"));
+    assert_eq!(request.options_string(), "path=/img,queues=2,readonly=on");
+    assert_eq!(request.option("readonly"), Some("on"));
+    for bad in [
+        &b"{\"path\": "[..],
+        b"[]",
+        b"\"path\"",
+        br#"{"path": null}"#,
+        br#"{"path": -1}"#,
+        br#"{"path": 1.5}"#,
+        br#"{"path": ["a"]}"#,
+        br#"{"path": "a,readonly=on"}"#,
+        br#"{"pa=th": "a"}"#,
+        br#"{"": "a"}"#,
+    ] {
+        let refused = DeviceRequest::parse("vm.add-disk", bad);
+        assert!(refused.is_err(), "{}", String::from_utf8_lossy(bad));
+    }
+}
+
+#[test]
+fn hotplug_routes_answer_400_for_bad_bodies_and_409_from_a_vm_without_hotplug() {
+    let vm = FakeVm::default();
+    let put = tiny_http::Method::Put;
+
+    let malformed = route(&put, "/api/v1/vm.add-disk", b"{", &vm);
+    let not_supported = route(&put, "/api/v1/vm.add-net", br#"{"tap": "t0"}"#, &vm);
+    let no_id = route(&put, "/api/v1/vm.remove-device", b"{}", &vm);
+    let extra = route(
+        &put,
+        "/api/v1/vm.remove-device",
+        br#"{"id": "a", "b": 1}"#,
+        &vm,
+    );
+    let wrong_method = route(&tiny_http::Method::Get, "/api/v1/vm.add-device", b"", &vm);
+
+    assert_eq!(malformed.status, 400, "{malformed:?}");
+    assert_eq!(not_supported.status, 409, "{not_supported:?}");
+    assert_eq!(no_id.status, 400, "{no_id:?}");
+    assert_eq!(extra.status, 400, "{extra:?}");
+    assert_eq!(wrong_method.status, 405, "{wrong_method:?}");
+    assert!(malformed.body.contains("\"error\""));
+}

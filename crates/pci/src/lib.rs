@@ -80,6 +80,8 @@ pub enum PciError {
     InvalidAddress { bus: u8, device: u8, function: u8 },
     #[error("no free device slot on bus 0")]
     NoFreeSlot,
+    #[error("no removable function at {0}")]
+    NoDevice(PciAddress),
     #[error("invalid MSI-X capability: {0}")]
     InvalidMsix(&'static str),
     #[error("invalid INTx routing: {gsis} GSIs from {first_gsi}")]

@@ -358,6 +358,61 @@ impl PciRoot {
         Ok(())
     }
 
+    /// Takes the function at `address` off the bus (hot-unplug): config accesses to it read
+    /// all ones from now on, its BARs are unmapped from the buses (the device hears
+    /// `bar_moved(.., None)` and drops its ioeventfds and memory slots) and the root forgets it.
+    /// The device is returned for the caller to drop (which stops its workers). The host
+    /// bridge cannot be removed. BAR address space is not given back to the allocator: a
+    /// later device gets fresh addresses (the windows are large; the guest may move them).
+    pub fn remove_device(&self, address: PciAddress) -> Result<SharedPciDevice, PciError> {
+        let function = {
+            let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+            let slot = usize::from(address.device);
+            let removable = address.bus == ROOT_BUS && address.function == 0 && slot != 0;
+            match slots.get_mut(slot).filter(|_| removable) {
+                Some(entry) if entry.is_some() => entry.take(),
+                _ => None,
+            }
+        }
+        .ok_or(PciError::NoDevice(address))?;
+        let mut mappings = function.mappings.lock().unwrap_or_else(|e| e.into_inner());
+        let mut moves = Vec::new();
+        for (bar, mapping) in mappings.iter_mut().enumerate() {
+            let Some(mapping) = mapping else { continue };
+            let old = mapping.mapped_at;
+            if old.is_none() {
+                continue;
+            }
+            if let Err(e) = self.apply(&function.name, mapping, None) {
+                tracing::warn!("pci {address}: unmapping BAR {bar} at removal: {e}");
+            }
+            mapping.mapped_at = None;
+            moves.push(BarMove {
+                bar,
+                old,
+                new: None,
+            });
+        }
+        drop(mappings);
+        Self::report_moves(&function, &moves);
+        tracing::info!("pci: {address} removed");
+        Ok(function.device.clone())
+    }
+
+    /// Every function but the host bridge: address and device name.
+    pub fn functions(&self) -> Vec<(PciAddress, String)> {
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        slots
+            .iter()
+            .flatten()
+            .skip(1)
+            .map(|f| {
+                let device = f.device.lock().unwrap_or_else(|e| e.into_inner());
+                (f.address, device.name().to_string())
+            })
+            .collect()
+    }
+
     /// Addresses of all functions on the bus (host bridge first).
     pub fn devices(&self) -> Vec<PciAddress> {
         let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());

@@ -728,3 +728,31 @@ fn add_device_with_builds_the_device_for_its_address() {
     assert_eq!(refused, Err(PciError::NoFreeSlot));
     assert_eq!(rig.root.devices(), vec![addr(0), addr(1)]);
 }
+
+/// Hot-unplug: the function's config space reads all ones, its BAR leaves the bus, the slot is
+/// free for the next device, and the host bridge or an empty slot cannot be removed.
+#[test]
+fn a_removed_function_leaves_config_space_and_the_bus_and_frees_its_slot() {
+    let rig = rig();
+    let (first, _) = rig.add_test_device();
+    let (second, _) = rig.add_test_device();
+    let bar0 = rig.cf8_read(first, 0x10, 4);
+
+    let removed = rig.root.remove_device(first);
+
+    assert!(removed.is_ok());
+    assert_eq!(rig.cf8_read(first, 0, 4), 0xffff_ffff);
+    assert_eq!(rig.root.bar_mapping(first, 0), None);
+    assert!(!rig.mmio_read_u32(bar0).0, "nothing decodes the old BAR");
+    assert_eq!(rig.root.devices(), vec![addr(0), second]);
+    assert_eq!(rig.root.functions().len(), 1);
+    assert_eq!(rig.add_test_device().0, first, "the freed slot is reused");
+    assert_eq!(
+        rig.root.remove_device(addr(0)).err(),
+        Some(PciError::NoDevice(addr(0)))
+    );
+    assert_eq!(
+        rig.root.remove_device(addr(9)).err(),
+        Some(PciError::NoDevice(addr(9)))
+    );
+}

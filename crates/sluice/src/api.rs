@@ -7,8 +7,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
-use sluice_api::{ApiError, VmApi};
+use sluice_api::{ApiError, DeviceRequest, VmApi};
+use sluice_vmm::config::{DiskSpec, NetSpec};
 use sluice_vmm::handle::{HandleError, VmHandle};
+use sluice_vmm::hotplug::HotplugError;
 use sluice_vmm::machine::VmConfig;
 
 /// The control API's view of a VM.
@@ -16,10 +18,59 @@ pub struct ApiVm(pub Arc<VmHandle>);
 
 impl VmApi for ApiVm {
     fn info(&self) -> Value {
+        let devices = self.0.hotplug().map(|h| h.devices()).unwrap_or_default();
         json!({
             "state": format!("{:?}", self.0.state()),
             "config": config_json(self.0.config()),
+            "devices": devices,
         })
+    }
+
+    fn add_disk(&self, request: &DeviceRequest) -> Result<Value, ApiError> {
+        let spec = DiskSpec::parse(&request.options_string())
+            .map_err(|e| ApiError::BadRequest(format!("vm.add-disk: {e}")))?;
+        let id = request.id.clone();
+        let info = self
+            .0
+            .with_hotplug(|h| h.add_disk(&spec, id))
+            .map_err(hotplug_error)?;
+        Ok(json!(info))
+    }
+
+    fn add_net(&self, request: &DeviceRequest) -> Result<Value, ApiError> {
+        let spec = NetSpec::parse(&request.options_string())
+            .map_err(|e| ApiError::BadRequest(format!("vm.add-net: {e}")))?;
+        let id = request.id.clone();
+        let info = self
+            .0
+            .with_hotplug(|h| h.add_net(&spec, id))
+            .map_err(hotplug_error)?;
+        Ok(json!(info))
+    }
+
+    fn add_device(&self, request: &DeviceRequest) -> Result<Value, ApiError> {
+        if let Some((key, _)) = request.options.iter().find(|(k, _)| k != "path") {
+            return Err(ApiError::BadRequest(format!(
+                "vm.add-device: unknown field `{key}` (path, id)"
+            )));
+        }
+        let path = request
+            .option("path")
+            .ok_or_else(|| ApiError::BadRequest("vm.add-device needs path=BDF".into()))?;
+        sluice_vmm::config::parse_device(&format!("vfio={path}"))
+            .map_err(|e| ApiError::BadRequest(format!("vm.add-device: {e}")))?;
+        Err(ApiError::Conflict(format!(
+            "vm.add-device {path}: hot-plugging an assigned (VFIO) device is not supported yet \
+             (assign it at boot with --device vfio=)"
+        )))
+    }
+
+    fn remove_device(&self, id: &str) -> Result<Value, ApiError> {
+        let info = self
+            .0
+            .with_hotplug(|h| h.remove(id))
+            .map_err(hotplug_error)?;
+        Ok(json!(info))
     }
 
     fn pause(&self) -> Result<(), ApiError> {
@@ -51,7 +102,8 @@ impl VmApi for ApiVm {
             .iter()
             .map(|d| d.to_json())
             .collect();
-        json!({ "devices": devices })
+        let hotplug = self.0.hotplug().map(|h| h.counters());
+        json!({ "devices": devices, "hotplug": hotplug })
     }
 
     fn prometheus(&self) -> String {
@@ -69,6 +121,15 @@ fn api_error(e: HandleError) -> ApiError {
         HandleError::Pause(_) | HandleError::Snapshot(_) | HandleError::Migration(_) => {
             ApiError::Failed(e.to_string())
         }
+    }
+}
+
+fn hotplug_error(e: HotplugError) -> ApiError {
+    match e {
+        HotplugError::BadRequest(why) => ApiError::BadRequest(why),
+        HotplugError::NotFound(_) => ApiError::NotFound(e.to_string()),
+        HotplugError::Conflict(why) => ApiError::Conflict(why),
+        HotplugError::Failed(why) => ApiError::Failed(why),
     }
 }
 
@@ -118,6 +179,27 @@ enum CtlCommand {
     Counters,
     /// Per-device counters, Prometheus text.
     Metrics,
+    /// Hot-plug a virtio-blk disk: `path=IMG[,readonly=on][,id=ID]` and the other `--disk`
+    /// options; prints the new device's id and PCI address.
+    AddDisk { spec: String },
+    /// Hot-plug a virtio-net device: `tap=NAME[,mac=MAC][,id=ID]`.
+    AddNet { spec: String },
+    /// Hot-plug an assigned host PCI function: `path=BDF[,id=ID]`.
+    AddDevice { spec: String },
+    /// Ask the guest to eject device ID (`sluice ctl info` lists the ids).
+    RemoveDevice { id: String },
+}
+
+/// `key=value,key=value` as a JSON object of strings (the API's device request body).
+fn spec_body(spec: &str) -> anyhow::Result<String> {
+    let mut fields = serde_json::Map::new();
+    for pair in spec.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) = pair
+            .split_once('=')
+            .with_context(|| format!("`{pair}`: expected key=value"))?;
+        fields.insert(key.to_string(), Value::String(value.to_string()));
+    }
+    Ok(Value::Object(fields).to_string())
 }
 
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -136,6 +218,22 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
         CtlCommand::Migrate { url } => {
             body = json!({ "destination_url": url }).to_string();
             ("PUT", "/api/v1/vm.send-migration")
+        }
+        CtlCommand::AddDisk { spec } => {
+            body = spec_body(spec)?;
+            ("PUT", "/api/v1/vm.add-disk")
+        }
+        CtlCommand::AddNet { spec } => {
+            body = spec_body(spec)?;
+            ("PUT", "/api/v1/vm.add-net")
+        }
+        CtlCommand::AddDevice { spec } => {
+            body = spec_body(spec)?;
+            ("PUT", "/api/v1/vm.add-device")
+        }
+        CtlCommand::RemoveDevice { id } => {
+            body = json!({ "id": id }).to_string();
+            ("PUT", "/api/v1/vm.remove-device")
         }
         CtlCommand::Ping => ("GET", "/api/v1/vmm.ping"),
         CtlCommand::Info => ("GET", "/api/v1/vm.info"),

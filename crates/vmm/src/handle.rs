@@ -60,7 +60,10 @@ pub(crate) struct MachineParts {
 pub struct VmHandle {
     control: Arc<RunControl>,
     config: VmConfig,
-    devices: Mutex<Vec<Arc<DeviceMetrics>>>,
+    /// Shared with the hot-plug controller, which adds and removes devices' counters.
+    devices: Arc<Mutex<Vec<Arc<DeviceMetrics>>>>,
+    /// PCI hot-plug (set once the devices are attached).
+    hotplug: Mutex<Option<Arc<crate::hotplug::Hotplug>>>,
     started: AtomicBool,
     /// The VM and its RAM, for snapshots (set once the VM exists).
     machine: Mutex<Option<MachineParts>>,
@@ -84,7 +87,8 @@ impl VmHandle {
         Arc::new(Self {
             control: Arc::new(RunControl::default()),
             config,
-            devices: Mutex::new(Vec::new()),
+            devices: Arc::new(Mutex::new(Vec::new())),
+            hotplug: Mutex::new(None),
             started: AtomicBool::new(false),
             machine: Mutex::new(None),
             restore_from,
@@ -195,7 +199,13 @@ impl VmHandle {
     /// The first configured device a snapshot cannot carry yet, if any.
     fn device_without_snapshot(&self) -> Option<&'static str> {
         let c = &self.config;
+        let hotplugged = self.hotplug().is_some_and(|h| h.changed());
         [
+            (
+                hotplugged,
+                "a device hot-plugged or removed since boot (the VM no longer has its boot \
+                 configuration)",
+            ),
             (c.disks.iter().any(|d| d.vhost_user), "a vhost-user disk"),
             (!c.nets.is_empty(), "a virtio-net device"),
             (!c.e1000s.is_empty(), "an e1000"),
@@ -266,6 +276,40 @@ impl VmHandle {
     /// `machine::run` attached the devices and is about to start the vCPUs.
     pub(crate) fn devices_attached(&self, metrics: &[Arc<DeviceMetrics>]) {
         *self.devices.lock().unwrap_or_else(PoisonError::into_inner) = metrics.to_vec();
+    }
+
+    /// The counters list the hot-plug controller keeps in step with the devices.
+    pub(crate) fn metrics_list(&self) -> Arc<Mutex<Vec<Arc<DeviceMetrics>>>> {
+        self.devices.clone()
+    }
+
+    pub(crate) fn attach_hotplug(&self, hotplug: Arc<crate::hotplug::Hotplug>) {
+        *self.hotplug.lock().unwrap_or_else(PoisonError::into_inner) = Some(hotplug);
+    }
+
+    /// The VM's hot-plug controller, once its devices are attached.
+    pub fn hotplug(&self) -> Option<Arc<crate::hotplug::Hotplug>> {
+        self.hotplug
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Runs a hot-plug action on a running or paused VM.
+    pub fn with_hotplug<T>(
+        &self,
+        action: impl FnOnce(&crate::hotplug::Hotplug) -> Result<T, crate::hotplug::HotplugError>,
+    ) -> Result<T, crate::hotplug::HotplugError> {
+        let state = self.state();
+        if !matches!(state, VmState::Running | VmState::Paused) {
+            return Err(crate::hotplug::HotplugError::Conflict(format!(
+                "the VM is {state:?}: devices are plugged into a running or paused VM"
+            )));
+        }
+        let hotplug = self.hotplug().ok_or_else(|| {
+            crate::hotplug::HotplugError::Conflict("the VM's devices are not attached yet".into())
+        })?;
+        action(&hotplug)
     }
 
     pub(crate) fn vcpus_started(&self) {

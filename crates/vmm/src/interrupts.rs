@@ -286,7 +286,8 @@ impl KvmMsiRouter {
 
 /// The interrupt plumbing every PCI device of one VM shares: MSI injection, the VM's one MSI
 /// router (its GSI routing table) and ioeventfd registration. Built once per VM and handed to
-/// each wiring module.
+/// each wiring module (and, cloned, to hot-plug).
+#[derive(Clone)]
 pub struct VmInterrupts {
     pub msi_sink: Arc<KvmMsi>,
     pub msi_router: Arc<KvmMsiRouter>,
@@ -341,6 +342,22 @@ impl GsiTable {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         routes.insert(gsi, msg);
+        self.write(&routes)
+    }
+
+    /// Drops `gsi`'s route (its device went away: hot-unplug).
+    fn remove_route(&self, gsi: u32) -> io::Result<()> {
+        let mut routes = self
+            .msi_routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if routes.remove(&gsi).is_none() {
+            return Ok(());
+        }
+        self.write(&routes)
+    }
+
+    fn write(&self, routes: &BTreeMap<u32, MsiMessage>) -> io::Result<()> {
         let mut entries = default_pin_routes();
         entries.extend(routes.iter().map(|(gsi, msg)| msi_route_entry(*gsi, *msg)));
         let table = KvmIrqRouting::from_entries(&entries)
@@ -428,6 +445,18 @@ impl MsiRoute for KvmMsiRoute {
         use std::os::fd::AsRawFd;
         // SAFETY: the fd belongs to `self.event`, which lives as long as the borrow of `self`.
         Some(unsafe { std::os::fd::BorrowedFd::borrow_raw(self.event.as_raw_fd()) })
+    }
+}
+
+/// A vector whose device went away (hot-unplug) gives its irqfd and route back to KVM.
+impl Drop for KvmMsiRoute {
+    fn drop(&mut self) {
+        if let Err(e) = self.table.vm.unregister_irqfd(&self.event, self.gsi) {
+            tracing::debug!("MSI GSI {}: unregistering the irqfd: {e}", self.gsi);
+        }
+        if let Err(e) = self.table.remove_route(self.gsi) {
+            tracing::debug!("MSI GSI {}: removing the route: {e}", self.gsi);
+        }
     }
 }
 

@@ -91,6 +91,12 @@ pub const IOAPIC_ID: u8 = 0;
 pub const IOAPIC_PINS: u32 = 24;
 /// SCI interrupt.
 pub const SCI_IRQ: u32 = 9;
+/// The PCI hot-plug register block (`crate::hotplug::registers`), after the PM block.
+pub const HOTPLUG_PORT: u16 = 0x0620;
+pub const HOTPLUG_LEN: u64 = crate::hotplug::registers::HOTPLUG_BLOCK_LEN;
+/// The ACPI Generic Event Device's interrupt (hot-plug events): an ISA pin nothing else uses,
+/// edge-triggered and active high as the GED's `_CRS` says.
+pub const HOTPLUG_GED_IRQ: u32 = 5;
 /// PCI INTx: the IOAPIC inputs above the ISA IRQs (GSIs 16..24), shared by the slots with the
 /// standard swizzle (`sluice_pci::IntxRouting`); the DSDT's `_PRT` describes the same mapping.
 pub const PCI_INTX_FIRST_GSI: u32 = 16;

@@ -3,6 +3,7 @@ pub mod boot;
 pub mod config;
 pub mod e1000;
 pub mod handle;
+pub mod hotplug;
 pub mod interrupts;
 pub mod intremap;
 pub mod iommu;

@@ -213,14 +213,15 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
         .attach_virtio_iommu(&pci_root, &ram, &interrupts)?
         .into_iter()
         .collect();
-    device_metrics.extend(crate::virtio::attach_virtio_devices(
+    let wired = crate::virtio::attach_virtio_devices(
         &pci_root,
         &config,
         &ram,
         &iommu.dma,
         &interrupts,
         iommu.vtd(),
-    )?);
+    )?;
+    device_metrics.extend(wired.iter().map(|w| w.metrics.clone()));
     device_metrics.extend(crate::e1000::attach_e1000_devices(
         &pci_root, &config, &iommu.dma,
     )?);
@@ -253,6 +254,18 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
         platform: platform.clone(),
     });
     handle.devices_attached(&device_metrics);
+    let hotplug = crate::hotplug::Hotplug::new(
+        pci_root.clone(),
+        crate::platform::hotplug_irq(&vm)?,
+        crate::hotplug::Wiring {
+            dma: iommu.dma.clone(),
+            interrupts: interrupts.clone(),
+        },
+        handle.metrics_list(),
+        &wired,
+    );
+    crate::platform::attach_hotplug_port(&dispatch, &hotplug)?;
+    handle.attach_hotplug(hotplug);
     if let Some(state) = &restored {
         state.irqchip.restore(&vm)?;
         pci_root

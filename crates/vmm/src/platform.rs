@@ -202,6 +202,25 @@ pub fn attach_pci(
     Ok(root)
 }
 
+/// The ACPI GED's interrupt: hot-plug events (crate::hotplug).
+pub(crate) fn hotplug_irq(vm: &VmFd) -> Result<Arc<dyn sluice_bus::irq::IrqLine>, VmError> {
+    Ok(irq_line(vm, layout::HOTPLUG_GED_IRQ, "hotplug ged")?)
+}
+
+/// The PCI hot-plug register block on the PIO bus.
+pub(crate) fn attach_hotplug_port(
+    dispatch: &ExitDispatch,
+    hotplug: &Arc<crate::hotplug::Hotplug>,
+) -> Result<(), VmError> {
+    map(
+        &dispatch.pio,
+        "pci-hotplug",
+        Arc::new(Mutex::new(hotplug.port())),
+        layout::HOTPLUG_PORT.into(),
+        layout::HOTPLUG_LEN,
+    )
+}
+
 /// INTx pins on the IOAPIC inputs the layout reserves for PCI (the DSDT's `_PRT` agrees).
 pub fn intx_routing() -> Result<IntxRouting, VmError> {
     IntxRouting::new(layout::PCI_INTX_FIRST_GSI, layout::PCI_INTX_GSIS)

@@ -23,7 +23,7 @@ use sluice_virtio::{
 };
 
 use crate::config::{DiskSpec, NetSpec, NotifyPolicy};
-use crate::interrupts::{KvmIoEvents, VmInterrupts};
+use crate::interrupts::VmInterrupts;
 use crate::iommu::IommuKind;
 use crate::machine::{device_err, VmConfig, VmError};
 use crate::memory::GuestRam;
@@ -31,27 +31,44 @@ use crate::memory::GuestRam;
 /// What every virtio-pci device of one VM shares.
 struct Plumbing<'a> {
     interrupts: &'a VmInterrupts,
-    ioevents: Arc<KvmIoEvents>,
     dma: Arc<DmaSpaces>,
     /// For devices whose rings another process runs: it sees guest physical addresses.
     identity_dma: DmaSpaces,
 }
 
 impl Plumbing<'_> {
-    /// The transport options; `attach` puts in the MSI sink and router of the device's
-    /// requester id once its slot is known.
     fn options(&self, name: String, policy: NotifyPolicy, packed: bool) -> VirtioPciOptions {
-        let mut options = VirtioPciOptions::new(self.interrupts.msi_sink.clone());
-        options.name = Some(name);
-        options.policy = policy;
-        options.packed_ring = packed;
-        options.msi_router = Some(self.interrupts.msi_router.clone());
-        options.ioevents = Some(self.ioevents.clone());
-        options
+        transport_options(self.interrupts, name, policy, packed)
     }
 }
 
-/// Adds every configured virtio device to `root`; returns their metrics handles. `vtd` is the
+/// The transport options; `attach` puts in the MSI sink and router of the device's requester
+/// id once its slot is known.
+pub(crate) fn transport_options(
+    interrupts: &VmInterrupts,
+    name: String,
+    policy: NotifyPolicy,
+    packed: bool,
+) -> VirtioPciOptions {
+    let mut options = VirtioPciOptions::new(interrupts.msi_sink.clone());
+    options.name = Some(name);
+    options.policy = policy;
+    options.packed_ring = packed;
+    options.msi_router = Some(interrupts.msi_router.clone());
+    options.ioevents = Some(interrupts.ioevents.clone());
+    options
+}
+
+/// A virtio device put on the bus: its control-API id (`disk0`, `net0`, `rng0`), requester
+/// id and counters.
+#[derive(Clone)]
+pub struct WiredDevice {
+    pub id: String,
+    pub bdf: u16,
+    pub metrics: Arc<DeviceMetrics>,
+}
+
+/// Adds every configured virtio device to `root`; returns their ids, addresses and metrics. `vtd` is the
 /// VM's VT-d, if it has one (a vhost-user disk's invalidations come from it).
 pub fn attach_virtio_devices(
     root: &PciRoot,
@@ -60,10 +77,9 @@ pub fn attach_virtio_devices(
     dma: &Arc<DmaSpaces>,
     interrupts: &VmInterrupts,
     vtd: Option<&Vtd>,
-) -> Result<Vec<Arc<DeviceMetrics>>, VmError> {
+) -> Result<Vec<WiredDevice>, VmError> {
     let plumbing = Plumbing {
         interrupts,
-        ioevents: interrupts.ioevents.clone(),
         dma: dma.clone(),
         identity_dma: DmaSpaces::identity(ram.memory.clone()),
     };
@@ -95,39 +111,47 @@ pub fn attach_virtio_devices(
         if let (Some(vtd), Some(invalidator)) = (vtd, invalidator) {
             vtd.watch(bdf, invalidator);
         }
-        metrics.push(device_metrics);
+        metrics.push(WiredDevice {
+            id: format!("disk{i}"),
+            bdf,
+            metrics: device_metrics,
+        });
     }
     for (i, net) in config.nets.iter().enumerate() {
         let device = net_device(net)?;
         let name = format!("virtio-net{i}");
-        metrics.push(
-            attach(
-                root,
-                &plumbing.dma,
-                interrupts,
-                Box::new(device),
-                plumbing.options(name, net.notify, net.packed),
-            )?
-            .0,
-        );
+        let (device_metrics, bdf) = attach(
+            root,
+            &plumbing.dma,
+            interrupts,
+            Box::new(device),
+            plumbing.options(name, net.notify, net.packed),
+        )?;
+        metrics.push(WiredDevice {
+            id: format!("net{i}"),
+            bdf,
+            metrics: device_metrics,
+        });
     }
     if let Some(rng) = &config.rng {
         let options = plumbing.options("virtio-rng".into(), NotifyPolicy::Interrupt, rng.packed);
-        metrics.push(
-            attach(
-                root,
-                &plumbing.dma,
-                interrupts,
-                Box::new(Rng::new()),
-                options,
-            )?
-            .0,
-        );
+        let (device_metrics, bdf) = attach(
+            root,
+            &plumbing.dma,
+            interrupts,
+            Box::new(Rng::new()),
+            options,
+        )?;
+        metrics.push(WiredDevice {
+            id: "rng0".into(),
+            bdf,
+            metrics: device_metrics,
+        });
     }
     Ok(metrics)
 }
 
-fn net_device(net: &NetSpec) -> Result<Net, VmError> {
+pub(crate) fn net_device(net: &NetSpec) -> Result<Net, VmError> {
     let tap = Tap::open(Some(&net.tap), net.queues).map_err(|e| device_err("virtio-net", e))?;
     tap.set_up()
         .map_err(|e| device_err("virtio-net", format!("cannot bring {} up: {e}", net.tap)))?;
@@ -170,7 +194,7 @@ fn disk_device(disk: &DiskSpec, ram: &GuestRam, iommu: bool) -> Result<DiskDevic
     Ok((Box::new(device), invalidator))
 }
 
-fn block_config(disk: &DiskSpec) -> BlockConfig {
+pub(crate) fn block_config(disk: &DiskSpec) -> BlockConfig {
     let mut config = BlockConfig::new(&disk.path);
     config.read_only = disk.read_only;
     config.direct = disk.direct;
@@ -194,7 +218,7 @@ enum AttachError {
 
 /// Puts `device` behind virtio-pci at the next free slot, with the DMA space of that slot's
 /// requester id and that requester's MSI sink and router; returns its metrics and requester id.
-fn attach(
+pub(crate) fn attach(
     root: &PciRoot,
     dma: &DmaSpaces,
     interrupts: &VmInterrupts,

@@ -6,6 +6,8 @@
 //!                  _PRT: each slot's INTA..INTD to an IOAPIC GSI (swizzled, as the root wires it)
 //! \_SB_.MBRD       motherboard resources: the ECAM window (Linux trusts MCFG only if reserved
 //!                  here or in e820) and the PM block ports
+//!                  plus the hot-plug slots, registers and notify method (acpi::hotplug)
+//! \_SB_.GED_       Generic Event Device: hot-plug events (acpi::hotplug)
 //! \_SB_.COM1       16550 UART        \_SB_.RTC_   CMOS RTC        \_SB_.KBD_   i8042 keyboard
 //! ```
 
@@ -64,6 +66,7 @@ pub fn namespace_aml(pci: &PciWindows) -> Vec<u8> {
     for device in [
         pci_host_bridge(pci),
         motherboard_resources(pci),
+        super::hotplug::generic_event_device(),
         com1(),
         rtc(),
         keyboard(),
@@ -129,6 +132,7 @@ fn pci_host_bridge(pci: &PciWindows) -> Vec<u8> {
             &Name::new(Path::new("_UID"), &0u8),
             &Name::new(Path::new("_CRS"), &resources),
             &RawAml(routing_table(&pci.intx)),
+            &RawAml(super::hotplug::pci_root_children()),
         ],
     )
 }
@@ -172,7 +176,13 @@ fn motherboard_resources(pci: &PciWindows) -> Vec<u8> {
         1,
         u8::try_from(layout::PM_BLOCK_LEN).unwrap_or(u8::MAX),
     );
-    let resources = ResourceTemplate::new(vec![&ecam, &pm_block]);
+    let hotplug_block = IO::new(
+        layout::HOTPLUG_PORT,
+        layout::HOTPLUG_PORT,
+        1,
+        layout::HOTPLUG_LEN as u8,
+    );
+    let resources = ResourceTemplate::new(vec![&ecam, &pm_block, &hotplug_block]);
     device_aml(
         "MBRD",
         &[

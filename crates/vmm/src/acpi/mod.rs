@@ -16,6 +16,7 @@ mod builder;
 mod dmar;
 mod dsdt;
 mod fadt;
+pub mod hotplug;
 mod madt;
 #[cfg(test)]
 mod tests;

@@ -514,3 +514,54 @@ fn iasl_disassembles_the_tables() {
     assert!(fadt.contains("Reset Register Supported (V2) : 1"), "{fadt}");
     assert!(mcfg.contains("Base Address : 00000000E0000000"), "{mcfg}");
 }
+
+/// The hot-plug AML (acpi::hotplug) disassembles with `iasl -d`: the register fields, one slot
+/// device per slot with `_ADR`, `_SUN` and an `_EJ0` that writes the slot's bit, the notify
+/// method with both notifications, and the GED calling it on its interrupt.
+#[test]
+fn iasl_disassembles_the_hotplug_slots_and_methods() {
+    if std::process::Command::new("iasl")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        println!("skipped: iasl not installed (apt-get install acpica-tools)");
+        return;
+    }
+    let (mem, parsed) = create(1);
+    let dsdt = dsdt_of(&mem, parsed.table(b"FACP"));
+    let dir = std::env::temp_dir().join(format!("sluice-acpi-hp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dsl = iasl_disassemble(&dir, "dsdt", &dsdt);
+    std::fs::remove_dir_all(&dir).ok();
+
+    let expected = [
+        "OperationRegion (PCST, SystemIO, 0x0620, 0x10)",
+        "PCIU,   32",
+        "PCEJ,   32",
+        "Device (S01)",
+        "Device (S1F)",
+        "Name (_SUN, 0x1F)",
+        "Name (_ADR, 0x001F0000)",
+        "Method (_EJ0, 1, NotSerialized)",
+        "\\_SB.PCI0.PCEJ = 0x80000000",
+        "Method (PCNT, 0, Serialized)",
+        "Local0 = PCIU",
+        "Local1 = PCID",
+        "If ((Local0 & 0x02))",
+        "Notify (S01, One) // Device Check",
+        "If ((Local1 & 0x80000000))",
+        "Notify (S1F, 0x03) // Eject Request",
+        "\"ACPI0013\"",
+        "Method (_EVT, 1, Serialized)",
+        "\\_SB.PCI0.PCNT ()",
+    ];
+    for expected in expected {
+        assert!(dsl.contains(expected), "{expected} not in DSDT:\n{dsl}");
+    }
+    assert!(
+        !dsl.contains("Device (S00)"),
+        "no slot object for the host bridge"
+    );
+    assert_eq!(dsl.matches("Method (_EJ0").count(), 31);
+}
