@@ -229,6 +229,15 @@ def fds_seeds():
     def iotlb_update(iova, size, uaddr):
         body = struct.pack("<QQQBB6x", iova, size, uaddr, 3, 2)
         return bytes([15, 22, 1 | 8, len(body), 0]) + body
+    # Dirty logging (handshake bit 6: VHOST_F_LOG_ALL; op 14 with bit 7: SET_LOG_BASE of
+    # `(p0 & 0x3f) * 8` bytes, one page into its file with bit 6): a ring served into a log,
+    # then logs the backend must refuse — empty, past the end of its file, too small for a
+    # region at 3 MiB.
+    yield "dirty_log_ring_io", (bytes([0, 0x47]) + MEM_16_PAGES + bytes([14, 0x82]) + ring
+                                + one_request(0) + KICK)
+    yield "dirty_log_empty", bytes([0, 0x47]) + MEM_16_PAGES + bytes([14, 0x80])
+    yield "dirty_log_past_end", bytes([0, 0x47]) + MEM_16_PAGES + bytes([14, 0xC2])
+    yield "dirty_log_too_small", bytes([0, 0x47]) + bytes([2, 3, 15]) + bytes([14, 0x81])
     yield "iotlb_ring_io", (bytes([0, 0x37]) + MEM_16_PAGES
                             + iotlb_update(USER_BASE, 0x3000, USER_BASE)
                             + iotlb_update(0x4000, 0x1000, USER_BASE + 0x4000)
