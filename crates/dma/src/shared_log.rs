@@ -75,7 +75,7 @@ impl SharedLog {
             .ok()
             .filter(|&s| s > 0)
             .ok_or_else(|| invalid("empty log"))?;
-        if offset % (1 << PAGE_SHIFT) != 0 {
+        if !offset.is_multiple_of(1 << PAGE_SHIFT) {
             return Err(invalid("log offset not page-aligned"));
         }
         let mapping = MmapRegionBuilder::new(size)

@@ -60,7 +60,7 @@ pub fn attach(
     if size == 0 || size > MAX_LOG_BYTES {
         return Err(LogError::Size(size));
     }
-    if offset % PAGE_SIZE != 0 {
+    if !offset.is_multiple_of(PAGE_SIZE) {
         return Err(LogError::Offset(offset));
     }
     let file_size = file
@@ -131,7 +131,7 @@ mod tests {
             Err(LogError::PastEndOfFile { .. })
         ));
         assert!(matches!(
-            attach(8, u64::MAX & !0xfff, None),
+            attach(8, !0xfff_u64, None),
             Err(LogError::PastEndOfFile { .. })
         ));
         // 8 bytes cover 64 pages = 256 KiB; a table reaching 1 MiB needs 32 bytes.

@@ -109,7 +109,7 @@ fn hostile_log_bases_are_refused_and_the_server_serves_on() {
             (&small, 0, 0),
             (&small, needed, 0x10),
             (&small, 0x1000, 0x1000),
-            (&small, needed, u64::MAX & !0xfff),
+            (&small, needed, !0xfff_u64),
             (&small, needed / 2, 0),
             (&small, 1 << 40, 0),
         ];
