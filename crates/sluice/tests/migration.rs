@@ -1,6 +1,8 @@
-//! Live migration end to end: a guest kit verifying a virtio-blk disk is migrated mid-run from
-//! one `sluice run` to another `sluice run --migrate-from` over a Unix socket and finishes
-//! there; and a destination killed mid-stream leaves the VM running at the source.
+//! Live migration end to end: a guest kit verifying a virtio-blk disk — on an image, or served
+//! by a `sluice serve blk` backend process (vhost-user, its writes logged through
+//! VHOST_USER_SET_LOG_BASE) — is migrated mid-run from one `sluice run` to another
+//! `sluice run --migrate-from` over a Unix socket and finishes there; and a destination killed
+//! mid-stream leaves the VM running at the source.
 
 mod common;
 
@@ -61,12 +63,33 @@ fn start_source(
     console: &Path,
     workload: &Workload,
 ) -> Child {
+    create_image(image, workload);
+    start_source_on(
+        dir,
+        &format!("path={}", image.display()),
+        socket,
+        console,
+        workload,
+    )
+}
+
+fn create_image(image: &Path, workload: &Workload) {
     std::fs::File::create(image)
         .unwrap()
         .set_len(workload.span + (16 << 20))
         .unwrap();
+}
+
+/// [`start_source`] with `--disk=DISK` (the image exists).
+fn start_source_on(
+    dir: &Path,
+    disk: &str,
+    socket: &Path,
+    console: &Path,
+    workload: &Workload,
+) -> Child {
     let child = Command::new(SLUICE)
-        .args(["run", &format!("--disk=path={}", image.display())])
+        .args(["run", &format!("--disk={disk}")])
         .arg("--api-socket")
         .arg(socket)
         .arg(format!("--serial=file={}", console.display()))
@@ -94,9 +117,14 @@ fn requests_done(socket: &Path) -> u64 {
 
 /// The destination: the same devices, waiting for the stream at `url`.
 fn start_destination(image: &Path, url: &str) -> Child {
+    start_destination_on(&format!("path={}", image.display()), url)
+}
+
+/// [`start_destination`] with `--disk=DISK`.
+fn start_destination_on(disk: &str, url: &str) -> Child {
     Command::new(SLUICE)
         .args(["--log", "sluice_vmm::machine=info"])
-        .args(["run", &format!("--disk=path={}", image.display())])
+        .args(["run", &format!("--disk={disk}")])
         .args(["--migrate-from", url])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -124,18 +152,69 @@ fn a_guest_kit_verify_migrated_mid_run_over_a_unix_socket_finishes_at_the_destin
         return;
     }
     let dir = scratch("blk");
-    let (image, socket, console) = (
+    let image = dir.join("disk.img");
+    create_image(&image, &BUSY);
+    let disk = format!("path={}", image.display());
+
+    migrate_busy_verify(&dir, &disk, &image);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The blk verify test on a vhost-user disk: `sluice serve blk` serves the image to the source,
+/// logs what it writes while the migration runs, is handed over at the stop-and-copy and
+/// serves the destination, where the verify finishes.
+#[test]
+fn a_guest_kit_verify_on_a_vhost_user_disk_migrated_mid_run_finishes_at_the_destination() {
+    if skip_without_kvm(
+        "a_guest_kit_verify_on_a_vhost_user_disk_migrated_mid_run_finishes_at_the_destination",
+    ) {
+        return;
+    }
+    let dir = scratch("vhost-user");
+    let (image, backend_socket, backend_log) = (
         dir.join("disk.img"),
-        dir.join("api.sock"),
-        dir.join("source.txt"),
+        dir.join("blk.sock"),
+        dir.join("backend.log"),
     );
+    create_image(&image, &BUSY);
+    let mut backend = Command::new(SLUICE)
+        .args(["--log", "warn,sluice_vhost=info"])
+        .args(["serve", "blk", "--socket"])
+        .arg(&backend_socket)
+        .arg("--image")
+        .arg(&image)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&backend_log).unwrap())
+        .spawn()
+        .expect("start sluice serve blk");
+    wait_for("the backend to listen", Duration::from_secs(10), || {
+        backend_socket.exists()
+    });
+    let disk = format!("vhost_user=on,socket={}", backend_socket.display());
+
+    migrate_busy_verify(&dir, &disk, &image);
+    let _ = backend.kill();
+    let _ = backend.wait();
+    let log = std::fs::read_to_string(&backend_log).unwrap_or_default();
+    assert!(
+        log.contains("dirty log of"),
+        "the backend was given a dirty log:\n{log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs [`BUSY`] on `--disk=DISK` (over `image`), migrates it mid-run to a second process and
+/// checks it finishes there with verify ok, the image holding the pattern.
+fn migrate_busy_verify(dir: &Path, disk: &str, image: &Path) {
+    let (socket, console) = (dir.join("api.sock"), dir.join("source.txt"));
     let stream = dir.join("migrate.sock");
     let url = format!("unix:{}", stream.display());
-    let destination = start_destination(&image, &url);
+    let destination = start_destination_on(disk, &url);
     wait_for("the destination to listen", Duration::from_secs(10), || {
         stream.exists()
     });
-    let mut source = start_source(&dir, &image, &socket, &console, &BUSY);
+    let mut source = start_source_on(dir, disk, &socket, &console, &BUSY);
     // Every buffer used a few times: the data phase runs, and dirties pages as it goes.
     wait_for("the workload's data phase", Duration::from_secs(30), || {
         requests_done(&socket) >= 512
@@ -146,7 +225,12 @@ fn a_guest_kit_verify_migrated_mid_run_over_a_unix_socket_finishes_at_the_destin
     let before = std::fs::read_to_string(&console).unwrap();
     let finished = destination.wait_with_output().unwrap();
 
-    assert_eq!(status, 0, "{answer}");
+    assert_eq!(
+        status,
+        0,
+        "{answer}\n--- destination ---\n{}",
+        String::from_utf8_lossy(&finished.stderr)
+    );
     let report: serde_json::Value = serde_json::from_str(answer.trim()).expect(&answer);
     println!(
         "migrated: total {} ms, downtime {} ms, {} rounds, {} pages, throttle {}%",
@@ -179,13 +263,12 @@ fn a_guest_kit_verify_migrated_mid_run_over_a_unix_socket_finishes_at_the_destin
         log.contains(&format!("vCPUs resumed at {resumed} ns")),
         "the destination logs the resume time the source reports:\n{log}"
     );
-    assert_eq!(pattern_at(&image, 0), Ok(()));
+    assert_eq!(pattern_at(image, 0), Ok(()));
     assert_eq!(
-        pattern_at(&image, BUSY.span - 4096),
+        pattern_at(image, BUSY.span - 4096),
         Ok(()),
         "the last block of the span holds the pattern"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

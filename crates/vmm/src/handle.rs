@@ -180,8 +180,8 @@ impl VmHandle {
         }
         if let Some(device) = self.device_without_snapshot() {
             return Err(HandleError::Snapshot(format!(
-                "{device} cannot be saved in a snapshot yet (virtio-blk on an image and \
-                 virtio-rng can)"
+                "{device} cannot be saved in a snapshot yet (virtio-blk on an image or a \
+                 vhost-user backend and virtio-rng can)"
             )));
         }
         let Some(parts) = self.machine_parts() else {
@@ -196,7 +196,6 @@ impl VmHandle {
     fn device_without_snapshot(&self) -> Option<&'static str> {
         let c = &self.config;
         [
-            (c.disks.iter().any(|d| d.vhost_user), "a vhost-user disk"),
             (!c.nets.is_empty(), "a virtio-net device"),
             (!c.e1000s.is_empty(), "an e1000"),
             (!c.nvmes.is_empty(), "an NVMe controller"),

@@ -70,6 +70,7 @@ mod config_space;
 mod deadline;
 pub mod fuzz;
 pub mod iotlb;
+pub mod migration;
 mod pump;
 mod session;
 #[cfg(test)]
@@ -84,8 +85,8 @@ use std::time::Duration;
 
 use sluice_dma::DmaSpace;
 use sluice_virtio::{
-    ActivateError, DeviceMetrics, ExternalQueues, QueueBinding, QueueHandler, VirtioDevice,
-    VirtioInterrupt, DEVICE_TYPE_BLOCK,
+    ActivateError, DeviceMetrics, ExternalQueues, QueueBinding, QueueHandler, QueuePosition,
+    VirtioDevice, VirtioInterrupt, DEVICE_TYPE_BLOCK,
 };
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_MQ;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -256,6 +257,15 @@ pub enum VhostUserBlkError {
     FeaturesLost(u64),
     #[error("not connected to the backend")]
     Disconnected,
+    #[error(
+        "the backend does not offer VHOST_USER_PROTOCOL_F_LOG_SHMFD and VHOST_F_LOG_ALL: its \
+         writes to guest memory cannot be tracked"
+    )]
+    NoDirtyLog,
+    #[error("the backend answered GET_VRING_BASE with {0:#x}, not a split ring index")]
+    BadRingBase(u32),
+    #[error("handed over to a migration's destination")]
+    HandedOver,
 }
 
 impl VhostUserBlkError {
@@ -282,7 +292,7 @@ impl VhostUserBlkError {
     /// Whether the backend is away (hung up, or its socket not there): a restarting backend
     /// comes back, so the device waits for it instead of needing a reset.
     fn backend_away(&self) -> bool {
-        self.connection_lost() || matches!(self, Self::Connect { .. })
+        self.connection_lost() || matches!(self, Self::Connect { .. } | Self::HandedOver)
     }
 
     /// Whether a reconnect attempt that failed this way may succeed later (the backend may be
@@ -365,8 +375,10 @@ impl VhostUserBlk {
             "vhost-user-blk {}: {queues} queue(s) of {queue_size}, features {features:#x}",
             config.socket.display()
         );
+        let session = Arc::new(Mutex::new(session));
+        migration::register(&session);
         Ok(Self {
-            session: Arc::new(Mutex::new(session)),
+            session,
             config: space,
             config_writes: Arc::new(ConfigForwarder::new(CONFIG_WCE_OFFSET as u32)),
             regions,
@@ -548,6 +560,29 @@ impl ExternalQueues for VhostUserBlk {
 
     fn stop(&mut self) {
         self.stop_rings();
+    }
+
+    /// GET_VRING_BASE on every ring (the backend completes what it took first), then the pump
+    /// stops; the session keeps the inflight area, so the next `start` resumes.
+    fn quiesce(&mut self) -> Result<Vec<(u16, QueuePosition)>, String> {
+        let positions = self.session().quiesce().map_err(|e| e.to_string())?;
+        self.stop_pump();
+        let session = self.session();
+        Ok(positions
+            .into_iter()
+            .map(|(index, next_avail, used_ring)| {
+                let next_used = session
+                    .last_mem()
+                    .map_or(next_avail, |mem| session::used_index(mem, used_ring));
+                (
+                    index,
+                    QueuePosition::Split {
+                        next_avail,
+                        next_used,
+                    },
+                )
+            })
+            .collect())
     }
 }
 
