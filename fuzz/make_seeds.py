@@ -282,6 +282,13 @@ def backend_seeds():
     yield "empty", b""  # no actions: the first request ends the script
     yield "healthy", bytes([0]) + healthy
     yield "healthy_two_queues_second_active", bytes([3]) + healthy
+    # Setup bit 3: a migration's steps after the setup — SET_LOG_BASE (answered with a u64, as
+    # libvhost-user does), SET_FEATURES with LOG_ALL, SET_VRING_ADDR with the log flag, then
+    # GET_VRING_BASE (the quiesce); logging off sends nothing once the rings are quiesced.
+    yield "migration_logging", bytes([8]) + bytes(HANDSHAKE + SETUP + 3 + 1)
+    # SET_LOG_BASE answered with 40 bytes: no log (the connection is dropped), no panic.
+    yield "migration_log_reply_too_long", (bytes([8]) + bytes(HANDSHAKE + SETUP)
+                                           + body(bytes(40)))
     # No INFLIGHT_SHMFD or RESET_DEVICE: the setup is 8 requests, the reset GET_VRING_BASE only.
     yield "qsd_handshake", (bytes([0]) + value(QSD_FEATURES) + value(QSD_PROTOCOL)
                             + bytes([HEALTHY]) + value(1) + value(32) + bytes([HEALTHY])

@@ -171,37 +171,115 @@ fn a_guest_kit_verify_on_a_vhost_user_disk_migrated_mid_run_finishes_at_the_dest
         return;
     }
     let dir = scratch("vhost-user");
-    let (image, backend_socket, backend_log) = (
-        dir.join("disk.img"),
-        dir.join("blk.sock"),
-        dir.join("backend.log"),
-    );
+    let image = dir.join("disk.img");
     create_image(&image, &BUSY);
-    let mut backend = Command::new(SLUICE)
-        .args(["--log", "warn,sluice_vhost=info"])
-        .args(["serve", "blk", "--socket"])
-        .arg(&backend_socket)
-        .arg("--image")
-        .arg(&image)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&backend_log).unwrap())
-        .spawn()
-        .expect("start sluice serve blk");
-    wait_for("the backend to listen", Duration::from_secs(10), || {
-        backend_socket.exists()
-    });
-    let disk = format!("vhost_user=on,socket={}", backend_socket.display());
+    let mut backend = ServeBlk::start(&dir, &image);
 
-    migrate_busy_verify(&dir, &disk, &image);
-    let _ = backend.kill();
-    let _ = backend.wait();
-    let log = std::fs::read_to_string(&backend_log).unwrap_or_default();
+    migrate_busy_verify(&dir, &backend.disk(), &image);
+    let log = backend.stop();
     assert!(
         log.contains("dirty log of"),
         "the backend was given a dirty log:\n{log}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A migration of a VM with a vhost-user disk that fails after the hand-over (the destination
+/// cannot restore the state): the source takes the backend back (its frontend reconnects and
+/// restores the rings) and the verify finishes there.
+#[test]
+fn a_failed_migration_gives_the_vhost_user_disk_back_and_the_verify_finishes_at_the_source() {
+    if skip_without_kvm(
+        "a_failed_migration_gives_the_vhost_user_disk_back_and_the_verify_finishes_at_the_source",
+    ) {
+        return;
+    }
+    let dir = scratch("vhost-user-back");
+    let (image, socket, console) = (
+        dir.join("disk.img"),
+        dir.join("api.sock"),
+        dir.join("source.txt"),
+    );
+    create_image(&image, &SHORT);
+    let mut backend = ServeBlk::start(&dir, &image);
+    let stream = dir.join("migrate.sock");
+    let url = format!("unix:{}", stream.display());
+    // No disk: the state's function has nowhere to go, after the source handed the backend over.
+    let destination = Command::new(SLUICE)
+        .args(["run", "--migrate-from", &url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the destination");
+    wait_for("the destination to listen", Duration::from_secs(10), || {
+        stream.exists()
+    });
+    let mut source = start_source_on(&dir, &backend.disk(), &socket, &console, &SHORT);
+
+    let (status, answer) = ctl(&socket, &["migrate", &url]);
+    let refused = destination.wait_with_output().unwrap();
+    let source_status = wait_or_kill(&mut source, Duration::from_secs(90));
+    let console = std::fs::read_to_string(&console).unwrap();
+    let log = backend.stop();
+
+    println!("the source after the refusal: {}", answer.trim());
+    assert_ne!(status, 0, "{answer}");
+    assert!(answer.contains("did not acknowledge"), "{answer}");
+    assert_ne!(refused.status.code(), Some(0));
+    assert!(log.contains("dirty log of"), "{log}");
+    assert_eq!(source_status, Some(0), "{console}\n--- backend ---\n{log}");
+    assert!(console.contains("GUEST-KIT PASS"), "{console}");
+    assert!(console.contains("\"verify\":\"ok\""), "{console}");
+    assert_eq!(pattern_at(&image, SHORT.span - 4096), Ok(()));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `sluice serve blk` on `image`, logging to a file in the test's directory.
+struct ServeBlk {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl ServeBlk {
+    fn start(dir: &Path, image: &Path) -> Self {
+        let (socket, log) = (dir.join("blk.sock"), dir.join("backend.log"));
+        let child = Command::new(SLUICE)
+            .args(["--log", "warn,sluice_vhost=info"])
+            .args(["serve", "blk", "--socket"])
+            .arg(&socket)
+            .arg("--image")
+            .arg(image)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start sluice serve blk");
+        wait_for("the backend to listen", Duration::from_secs(10), || {
+            socket.exists()
+        });
+        Self { child, socket, log }
+    }
+
+    /// The `--disk` value of a VM on this backend.
+    fn disk(&self) -> String {
+        format!("vhost_user=on,socket={}", self.socket.display())
+    }
+
+    /// Stops the backend and returns its log.
+    fn stop(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ServeBlk {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Runs [`BUSY`] on `--disk=DISK` (over `image`), migrates it mid-run to a second process and

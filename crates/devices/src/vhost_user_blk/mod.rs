@@ -266,6 +266,12 @@ pub enum VhostUserBlkError {
     BadRingBase(u32),
     #[error("handed over to a migration's destination")]
     HandedOver,
+    #[error("SET_LOG_BASE got reply {request} (flags {flags:#x}, {len} bytes), not its own")]
+    BadLogReply {
+        request: u32,
+        flags: u32,
+        len: usize,
+    },
 }
 
 impl VhostUserBlkError {

@@ -9,26 +9,27 @@
 
 use std::fs::File;
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sluice_dma::shared_log::{log_bytes_for, SharedLog};
 use sluice_dma::DmaSpace;
 use sluice_virtio::QueueBinding;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
-use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::config_space::ConfigSpace;
 use super::deadline::{self, Watchdog};
-use super::iotlb::{IotlbLink, FEATURE_ACCESS_PLATFORM};
+use super::iotlb::{read_exact, write_all, IotlbLink, FEATURE_ACCESS_PLATFORM};
 use super::{
     translate, SharedMemoryRegion, VhostUserBlkError, VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_BLK_CONFIG_SIZE,
@@ -51,6 +52,11 @@ fn wanted_protocol_features(iommu: bool) -> VhostUserProtocolFeatures {
     }
 }
 
+/// VHOST_USER_SET_LOG_BASE, and the header fields its exchange needs.
+const FRONTEND_SET_LOG_BASE: u32 = 6;
+const VHOST_USER_VERSION_1: u32 = 0x1;
+const VHOST_USER_REPLY: u32 = 0x4;
+const VHOST_USER_HEADER_BYTES: usize = 12;
 /// VHOST_F_LOG_ALL: the backend logs the guest pages it writes (a migration runs).
 pub(super) const VHOST_F_LOG_ALL: u64 = 1 << 26;
 /// SET_VRING_ADDR flag: log the used ring's writes at `log_guest_addr`.
@@ -663,12 +669,68 @@ impl Session {
         let Some(log) = &self.log else {
             return Ok(());
         };
-        let region = VhostUserDirtyLogRegion {
-            mmap_size: log.log.len() as u64,
-            mmap_offset: 0,
-            mmap_handle: log.file.as_raw_fd(),
+        let (size, fd) = (log.log.len() as u64, log.file.as_raw_fd());
+        if self.endpoint.cancel.load(Ordering::Acquire) {
+            return Err(VhostUserBlkError::Cancelled);
+        }
+        let result = self.exchange_log_base(size, fd);
+        if result.is_err() {
+            // The framing may be lost with the exchange.
+            self.disconnect();
+        }
+        result
+    }
+
+    /// SET_LOG_BASE written and its reply read here, not through the `vhost` crate's
+    /// frontend: that one wants a 16-byte `VhostUserLog` back, while libvhost-user (QEMU's
+    /// storage daemon) answers with a u64 and QEMU's frontend reads whatever size the header
+    /// says. So does this: any reply of at most 16 bytes is the acknowledgement (its body
+    /// means nothing: libvhost-user echoes the log size); a backend that refuses the log
+    /// drops the connection.
+    fn exchange_log_base(&mut self, size: u64, fd: RawFd) -> Result<(), VhostUserBlkError> {
+        let step = "SET_LOG_BASE";
+        let socket = self
+            .connection
+            .as_ref()
+            .ok_or(VhostUserBlkError::Disconnected)?
+            .socket
+            .clone();
+        let link = self.endpoint.iotlb.clone();
+        let _wire = link.as_ref().map(|link| link.lock());
+        let deadline = Instant::now() + self.endpoint.timeout;
+        let failed = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::TimedOut => VhostUserBlkError::Timeout {
+                step,
+                timeout: self.endpoint.timeout,
+            },
+            _ => io_step(step)(e),
         };
-        self.request("SET_LOG_BASE", |f| f.set_log_base(0, Some(region)))
+        let mut message = Vec::with_capacity(VHOST_USER_HEADER_BYTES + 16);
+        for word in [FRONTEND_SET_LOG_BASE, VHOST_USER_VERSION_1, 16] {
+            message.extend_from_slice(&word.to_le_bytes());
+        }
+        message.extend_from_slice(&size.to_le_bytes());
+        message.extend_from_slice(&0u64.to_le_bytes());
+        let sent = socket
+            .send_with_fds(&[&message[..]], &[fd])
+            .map_err(|e| failed(std::io::Error::from_raw_os_error(e.errno())))?;
+        write_all(&socket, &message[sent..], deadline).map_err(failed)?;
+        let mut header = [0u8; VHOST_USER_HEADER_BYTES];
+        read_exact(&socket, &mut header, deadline).map_err(failed)?;
+        let word = |at: usize| {
+            u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+        };
+        let (request, flags, len) = (word(0), word(4), word(8) as usize);
+        if request != FRONTEND_SET_LOG_BASE || flags & VHOST_USER_REPLY == 0 || len > 16 {
+            return Err(VhostUserBlkError::BadLogReply {
+                request,
+                flags,
+                len,
+            });
+        }
+        let mut body = [0u8; 16];
+        read_exact(&socket, &mut body[..len], deadline).map_err(failed)?;
+        Ok(())
     }
 
     /// Whether the backend can log the guest pages it writes (LOG_SHMFD and LOG_ALL).
@@ -709,8 +771,8 @@ impl Session {
     }
 
     fn send_logging_for(&mut self, active: &Active) -> Result<(), VhostUserBlkError> {
-        if self.connection.is_none() {
-            // The reconnect sends everything.
+        if self.connection.is_none() || !self.started {
+            // The setup still to come (or the reconnect) sends everything.
             return Ok(());
         }
         self.send_log_base()?;
