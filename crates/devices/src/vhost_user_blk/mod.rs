@@ -60,8 +60,17 @@
 //! Behind sluice's VT-d ([`VhostUserBlkConfig::iommu`]) the backend runs the rings on IOVAs:
 //! VIRTIO_F_ACCESS_PLATFORM, a backend request channel for its IOTLB misses, and the VT-d's
 //! invalidations forwarded ([`iotlb`] says how, and why the locking is what it is).
+//! Snapshot and live migration ([`migration`]): the rings quiesce through
+//! [`ExternalQueues::quiesce`] (GET_VRING_BASE on each; the next start resumes at those
+//! positions with the inflight area kept, and the pump raises one interrupt per resumed ring, as
+//! completions signalled during the quiesce may not have been relayed); while a migration runs
+//! the backend logs its guest writes into a shared bitmap (VHOST_USER_PROTOCOL_F_LOG_SHMFD,
+//! VHOST_F_LOG_ALL, VHOST_VRING_F_LOG; SET_LOG_BASE is written and its reply read here, since
+//! libvhost-user answers it with a u64 where the `vhost` crate expects 16 bytes), and at the
+//! stop-and-copy it is handed over (rings stopped, connection closed, no reconnect until a
+//! failed migration takes it back).
 //! Not done: the rest of the backend request channel (config-change notifications are read and
-//! ignored), dirty logging, packed rings.
+//! ignored), packed rings.
 //!
 //! [`fuzz`] plays a scripted hostile backend against all of this (the body of the
 //! `vhost_user_backend_replies` fuzz target, also replayed by `cargo test`).
