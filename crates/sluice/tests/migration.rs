@@ -21,6 +21,11 @@ const BUSY: Workload = Workload {
     cmdline: "w=blk:op=verify:bs=16384:qd=128:span_mb=768:seed=11",
     span: 768 << 20,
 };
+/// [`BUSY`] on the emulated NVMe controller: two I/O queue pairs with shadow doorbells.
+const BUSY_NVME: Workload = Workload {
+    cmdline: "w=nvme:op=verify:bs=16384:qd=128:queues=2:span_mb=768:seed=11:dbbuf=on",
+    span: 768 << 20,
+};
 /// A shorter verify for the tests where the migration fails and the source finishes.
 const SHORT: Workload = Workload {
     cmdline: "w=blk:op=verify:bs=4096:qd=16:span_mb=96:seed=11",
@@ -66,7 +71,7 @@ fn start_source(
     create_image(image, workload);
     start_source_on(
         dir,
-        &format!("path={}", image.display()),
+        &format!("--disk=path={}", image.display()),
         socket,
         console,
         workload,
@@ -80,16 +85,16 @@ fn create_image(image: &Path, workload: &Workload) {
         .unwrap();
 }
 
-/// [`start_source`] with `--disk=DISK` (the image exists).
+/// [`start_source`] with `device` (`--disk=...` or `--nvme=...`; the image exists).
 fn start_source_on(
     dir: &Path,
-    disk: &str,
+    device: &str,
     socket: &Path,
     console: &Path,
     workload: &Workload,
 ) -> Child {
     let child = Command::new(SLUICE)
-        .args(["run", &format!("--disk={disk}")])
+        .args(["run", device])
         .arg("--api-socket")
         .arg(socket)
         .arg(format!("--serial=file={}", console.display()))
@@ -100,31 +105,37 @@ fn start_source_on(
         .stderr(Stdio::null())
         .spawn()
         .expect("start the source");
-    wait_for("the blk workload", Duration::from_secs(30), || {
+    wait_for("the workload", Duration::from_secs(30), || {
         std::fs::read_to_string(console).is_ok_and(|c| c.contains("virtio-blk 00:"))
+            || requests_done(socket) > 0
     });
     child
 }
 
-/// Requests the source's disk has completed so far.
+/// Requests the source's devices have completed so far (every queue: an NVMe controller's
+/// I/O queues follow its admin queue).
 fn requests_done(socket: &Path) -> u64 {
     let (_, counters) = ctl(socket, &["counters"]);
     let counters: serde_json::Value = serde_json::from_str(&counters).unwrap_or_default();
-    counters["devices"][0]["queues"][0]["requests"]
-        .as_u64()
-        .unwrap_or(0)
+    counters["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|d| d["queues"].as_array().into_iter().flatten())
+        .filter_map(|q| q["requests"].as_u64())
+        .sum()
 }
 
 /// The destination: the same devices, waiting for the stream at `url`.
 fn start_destination(image: &Path, url: &str) -> Child {
-    start_destination_on(&format!("path={}", image.display()), url)
+    start_destination_on(&format!("--disk=path={}", image.display()), url)
 }
 
-/// [`start_destination`] with `--disk=DISK`.
-fn start_destination_on(disk: &str, url: &str) -> Child {
+/// [`start_destination`] with `device` (`--disk=...` or `--nvme=...`).
+fn start_destination_on(device: &str, url: &str) -> Child {
     Command::new(SLUICE)
         .args(["--log", "sluice_vmm::machine=info"])
-        .args(["run", &format!("--disk={disk}")])
+        .args(["run", device])
         .args(["--migrate-from", url])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -154,9 +165,26 @@ fn a_guest_kit_verify_migrated_mid_run_over_a_unix_socket_finishes_at_the_destin
     let dir = scratch("blk");
     let image = dir.join("disk.img");
     create_image(&image, &BUSY);
-    let disk = format!("path={}", image.display());
+    let disk = format!("--disk=path={}", image.display());
 
-    migrate_busy_verify(&dir, &disk, &image);
+    migrate_busy_verify(&dir, &disk, &image, &BUSY);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The busy verify on the emulated NVMe controller (`--nvme`, two I/O queue pairs, shadow
+/// doorbells): its queues quiesce at the stop-and-copy, its completions and data buffers are
+/// in the device dirty log, and the destination's controller resumes them.
+#[test]
+fn a_guest_kit_nvme_verify_migrated_mid_run_finishes_at_the_destination() {
+    if skip_without_kvm("a_guest_kit_nvme_verify_migrated_mid_run_finishes_at_the_destination") {
+        return;
+    }
+    let dir = scratch("nvme");
+    let image = dir.join("nvme.img");
+    create_image(&image, &BUSY_NVME);
+    let nvme = format!("--nvme=path={},queues=2,dbbuf=on", image.display());
+
+    migrate_busy_verify(&dir, &nvme, &image, &BUSY_NVME);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -175,7 +203,7 @@ fn a_guest_kit_verify_on_a_vhost_user_disk_migrated_mid_run_finishes_at_the_dest
     create_image(&image, &BUSY);
     let mut backend = ServeBlk::start(&dir, &image);
 
-    migrate_busy_verify(&dir, &backend.disk(), &image);
+    migrate_busy_verify(&dir, &backend.disk(), &image, &BUSY);
     let log = backend.stop();
     assert!(
         log.contains("dirty log of"),
@@ -262,9 +290,9 @@ impl ServeBlk {
         Self { child, socket, log }
     }
 
-    /// The `--disk` value of a VM on this backend.
+    /// The `--disk` argument of a VM on this backend.
     fn disk(&self) -> String {
-        format!("vhost_user=on,socket={}", self.socket.display())
+        format!("--disk=vhost_user=on,socket={}", self.socket.display())
     }
 
     /// Stops the backend and returns its log.
@@ -282,17 +310,18 @@ impl Drop for ServeBlk {
     }
 }
 
-/// Runs [`BUSY`] on `--disk=DISK` (over `image`), migrates it mid-run to a second process and
-/// checks it finishes there with verify ok, the image holding the pattern.
-fn migrate_busy_verify(dir: &Path, disk: &str, image: &Path) {
+/// Runs `workload` on `device` (`--disk=...` or `--nvme=...` over `image`), migrates it
+/// mid-run to a second process and checks it finishes there with verify ok, the image holding
+/// the pattern.
+fn migrate_busy_verify(dir: &Path, device: &str, image: &Path, workload: &Workload) {
     let (socket, console) = (dir.join("api.sock"), dir.join("source.txt"));
     let stream = dir.join("migrate.sock");
     let url = format!("unix:{}", stream.display());
-    let destination = start_destination_on(disk, &url);
+    let destination = start_destination_on(device, &url);
     wait_for("the destination to listen", Duration::from_secs(10), || {
         stream.exists()
     });
-    let mut source = start_source_on(dir, disk, &socket, &console, &BUSY);
+    let mut source = start_source_on(dir, device, &socket, &console, workload);
     // Every buffer used a few times: the data phase runs, and dirties pages as it goes.
     wait_for("the workload's data phase", Duration::from_secs(30), || {
         requests_done(&socket) >= 512
@@ -343,7 +372,7 @@ fn migrate_busy_verify(dir: &Path, disk: &str, image: &Path) {
     );
     assert_eq!(pattern_at(image, 0), Ok(()));
     assert_eq!(
-        pattern_at(image, BUSY.span - 4096),
+        pattern_at(image, workload.span - 4096),
         Ok(()),
         "the last block of the span holds the pattern"
     );
@@ -494,13 +523,9 @@ fn a_vm_with_a_device_the_migration_cannot_cover_is_refused_by_name_and_runs_on(
     ) {
         return;
     }
-    let dir = scratch("nvme");
-    let (socket, image) = (dir.join("api.sock"), dir.join("nvme.img"));
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    let mut vm = start_idle_vm_with_api(&socket, &[format!("--nvme=path={}", image.display())]);
+    let dir = scratch("viommu");
+    let socket = dir.join("api.sock");
+    let mut vm = start_idle_vm_with_api(&socket, &["--iommu=vtd".to_string()]);
     wait_for("the VM to run", Duration::from_secs(20), || {
         ctl(&socket, &["info"]).1.contains("\"Running\"")
     });
@@ -513,7 +538,7 @@ fn a_vm_with_a_device_the_migration_cannot_cover_is_refused_by_name_and_runs_on(
 
     assert_eq!(refused.0, 1, "{refused:?}");
     assert!(
-        refused.1.contains("NVMe controller cannot be migrated"),
+        refused.1.contains("virtual IOMMU cannot be migrated"),
         "{refused:?}"
     );
     assert!(info.1.contains("\"Running\""), "{info:?}");
