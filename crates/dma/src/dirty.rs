@@ -11,6 +11,9 @@
 //!   notifications (`add_used`, `enable_notification`, ...).
 //! * [`crate::GuestIovecs::resolve`] marks buffers resolved for `Permissions::Write` (the disk
 //!   reads io_uring or `preadv` place into guest memory, NVMe's data buffers).
+//! * Device models that write guest memory through the space directly mark before they do:
+//!   NVMe's completion entries, admin data transfers (Identify, log pages) and EventIdx
+//!   writes.
 //!
 //! Marking happens when the buffer is *acquired*, before the device writes it. A round that
 //! clears the bit between the mark and the write would lose the write, so each mark also sets a
