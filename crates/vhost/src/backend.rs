@@ -29,6 +29,13 @@
 //! ring starts only when each of its parts maps onto one contiguous range of guest memory. A
 //! change of the bit drops the ring addresses set before (their meaning changed).
 //!
+//! VHOST_F_LOG_ALL and VHOST_USER_PROTOCOL_F_LOG_SHMFD are offered too (the models never see
+//! the bit): SET_LOG_BASE maps the frontend's dirty log ([`crate::dirty_log`] validates it),
+//! and while LOG_ALL is negotiated the log is the queues' `DmaSpace` write log, so every guest
+//! page a ring writes is marked (sluice_dma::dirty's marking points). QEMU turns LOG_ALL on and
+//! off with the rings running; SET_FEATURES applies it at once. A VHOST_VRING_F_LOG address
+//! outside guest memory is refused.
+//!
 //! Any message that is malformed, out of range or out of order (ring messages before
 //! SET_OWNER, bad sizes or addresses, regions that overlap or are not backed by their file)
 //! fails with an error; the server then drops the connection.

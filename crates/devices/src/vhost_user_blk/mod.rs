@@ -10,8 +10,8 @@
 //! vhost-user-blk frontend uses (backends are tested against it):
 //!
 //! * connect ([`VhostUserBlk::new`]): GET_FEATURES, GET/SET_PROTOCOL_FEATURES (CONFIG is
-//!   required; MQ, REPLY_ACK, CONFIGURE_MEM_SLOTS, INFLIGHT_SHMFD and RESET_DEVICE are used when
-//!   offered), GET_QUEUE_NUM (MQ), GET_MAX_MEM_SLOTS (CONFIGURE_MEM_SLOTS), SET_OWNER, GET_CONFIG
+//!   required; MQ, REPLY_ACK, CONFIGURE_MEM_SLOTS, INFLIGHT_SHMFD, RESET_DEVICE and LOG_SHMFD
+//!   are used when offered), GET_QUEUE_NUM (MQ), GET_MAX_MEM_SLOTS (CONFIGURE_MEM_SLOTS), SET_OWNER, GET_CONFIG
 //!   (the 60-byte `virtio_blk_config`, cached for the guest's config reads).
 //! * DRIVER_OK ([`ExternalQueues::start`], sent from the pump thread): GET_INFLIGHT_FD (first
 //!   start only) and SET_INFLIGHT_FD, SET_FEATURES (negotiated |
