@@ -160,8 +160,10 @@ pub fn is_logging() -> bool {
     LOGGING.load(Ordering::Relaxed)
 }
 
-/// A device is about to write guest physical range `gpa..gpa+len` (no-op unless logging).
-fn mark_process(gpa: u64, len: u64) {
+/// A device is about to write guest physical range `gpa..gpa+len`: marked in the process's
+/// log while a migration runs (no-op otherwise). Device models mark through [`mark_on`], which
+/// also reaches their space's own log.
+pub fn mark(gpa: u64, len: u64) {
     if !is_logging() {
         return;
     }
@@ -184,8 +186,8 @@ pub fn is_logging_for(space: &DmaSpace) -> bool {
 
 /// A device on `space` is about to write device range `addr..addr+len`: marked in the
 /// process's log (while a migration runs) and in the space's own log (if one is installed).
-pub fn mark(space: &DmaSpace, addr: u64, len: u64) {
-    mark_process(addr, len);
+pub fn mark_on(space: &DmaSpace, addr: u64, len: u64) {
+    mark(addr, len);
     let translator = space.iommu();
     if !translator.logs_writes() || len == 0 {
         return;

@@ -388,7 +388,7 @@ impl Controller {
         let mut at = 0;
         for (addr, len) in segments {
             // A live migration must send the page again (sluice_dma::dirty).
-            sluice_dma::dirty::mark(&self.shared.dma, addr.0, len as u64);
+            sluice_dma::dirty::mark_on(&self.shared.dma, addr.0, len as u64);
             if self
                 .shared
                 .dma

@@ -40,7 +40,7 @@ impl Dbbuf {
 
     fn write(mem: &DmaSpace, addr: u64, value: u32) {
         // A live migration must send the page again (sluice_dma::dirty).
-        sluice_dma::dirty::mark(mem, addr, 4);
+        sluice_dma::dirty::mark_on(mem, addr, 4);
         let _ = mem.write_obj::<u32>(value.to_le(), GuestAddress(addr));
         // The driver reads the EventIdx after its shadow write; ours must be visible before we
         // read the shadow again.
@@ -266,7 +266,7 @@ impl CompletionQueue {
         let bytes = entry.to_bytes(state.phase);
         let addr = self.base + u64::from(state.tail) * CQE_SIZE;
         // A live migration must send the page again (sluice_dma::dirty).
-        sluice_dma::dirty::mark(mem, addr, CQE_SIZE);
+        sluice_dma::dirty::mark_on(mem, addr, CQE_SIZE);
         let _ = mem.write_slice(&bytes[..12], GuestAddress(addr));
         fence(Ordering::Release);
         let mut dw3 = [0u8; 4];

@@ -221,11 +221,11 @@ impl VirtQueue {
             VirtQueue::Split(q) => {
                 // flags, idx, the elements, avail_event (virtio 1.2 §2.7.8).
                 let len = 6 + 8 * u64::from(q.size());
-                sluice_dma::dirty::mark(mem, q.used_ring(), len);
+                sluice_dma::dirty::mark_on(mem, q.used_ring(), len);
             }
             VirtQueue::Packed(q) => {
                 for (addr, len) in q.device_written_areas() {
-                    sluice_dma::dirty::mark(mem, addr, len);
+                    sluice_dma::dirty::mark_on(mem, addr, len);
                 }
             }
         }
@@ -374,7 +374,7 @@ impl<'m> Chain<'m> {
     fn log_device_writes(&self, mem: &DmaSpace) {
         for descriptor in self.descriptors() {
             if descriptor.flags() & VRING_DESC_F_WRITE as u16 != 0 {
-                sluice_dma::dirty::mark(mem, descriptor.addr().0, u64::from(descriptor.len()));
+                sluice_dma::dirty::mark_on(mem, descriptor.addr().0, u64::from(descriptor.len()));
             }
         }
     }
