@@ -367,11 +367,6 @@ impl<D: VirtioDevice> Backend<D> {
         }
     }
 
-    /// The dirty log the frontend set (tests look at it).
-    pub fn dirty_log(&self) -> Option<&Arc<SharedLog>> {
-        self.log.as_ref()
-    }
-
     /// Points the queues' space at the dirty log while VHOST_F_LOG_ALL is negotiated and a log
     /// is set, and at nothing otherwise (running workers share the space's translator, so
     /// this reaches them at once).
