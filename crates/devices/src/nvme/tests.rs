@@ -1166,6 +1166,14 @@ fn a_saved_controller_runs_on_and_a_restored_one_serves_the_same_queues() {
         assert_eq!(driver.io(rw(OPC_WRITE, 8, 8, DATA, 0)), Status::SUCCESS);
     }
 
+    // An Async Event Request the controller holds across the save and the restore.
+    let at = ASQ_ADDR + u64::from(driver.admin_tail) * 64;
+    let mut aer = command(OPC_ASYNC_EVENT_REQUEST, 0);
+    aer[2..4].copy_from_slice(&0x0aeau16.to_le_bytes());
+    driver.mem.write_slice(&aer, GuestAddress(at)).unwrap();
+    driver.admin_tail += 1;
+    driver.write32(DOORBELLS, u32::from(driver.admin_tail));
+
     let first = driver.nvme.save_state().unwrap().unwrap();
     let after_save = driver.io(rw(OPC_READ, 8, 8, READ_BACK, 0));
     let second = driver.nvme.save_state().unwrap().unwrap();
@@ -1178,12 +1186,19 @@ fn a_saved_controller_runs_on_and_a_restored_one_serves_the_same_queues() {
     let reads: Vec<Status> = (0..40)
         .map(|_| driver.io(rw(OPC_READ, 8, 8, READ_BACK, 0)))
         .collect();
+    let held = driver.nvme.held_event_requests();
+    driver.write32(DOORBELLS + 8 * 5, 1); // SQ 5 does not exist: an error event
+    let event = driver.take_entry(ACQ_ADDR, true);
+    driver.write32(DOORBELLS + 4, u32::from(driver.admin_head));
     let (identify, _) = driver.identify(u32::from(CNS_CONTROLLER), 0);
 
     assert_eq!(after_save, Status::SUCCESS, "the saved controller runs on");
     assert_ne!(first, serde_json::Value::Null);
     assert!(reads.iter().all(|s| *s == Status::SUCCESS), "{reads:?}");
     assert_eq!(driver.guest_bytes(READ_BACK, 4096), data);
+    assert_eq!(held, 1, "the Async Event Request is still held");
+    let event = event.expect("the held request completes with the event");
+    assert_eq!((event.cid, event.result), (0x0aea, 0x01_0000));
     assert_eq!(identify, Status::SUCCESS, "the admin queue goes on too");
     assert_eq!(driver.nvme.io_queues(), 1);
     assert!(
