@@ -229,6 +229,15 @@ def fds_seeds():
     def iotlb_update(iova, size, uaddr):
         body = struct.pack("<QQQBB6x", iova, size, uaddr, 3, 2)
         return bytes([15, 22, 1 | 8, len(body), 0]) + body
+    # Dirty logging (handshake bit 6: VHOST_F_LOG_ALL; op 14 with bit 7: SET_LOG_BASE of
+    # `(p0 & 0x3f) * 8` bytes, one page into its file with bit 6): a ring served into a log,
+    # then logs the backend must refuse — empty, past the end of its file, too small for a
+    # region at 3 MiB.
+    yield "dirty_log_ring_io", (bytes([0, 0x47]) + MEM_16_PAGES + bytes([14, 0x82]) + ring
+                                + one_request(0) + KICK)
+    yield "dirty_log_empty", bytes([0, 0x47]) + MEM_16_PAGES + bytes([14, 0x80])
+    yield "dirty_log_past_end", bytes([0, 0x47]) + MEM_16_PAGES + bytes([14, 0xC2])
+    yield "dirty_log_too_small", bytes([0, 0x47]) + bytes([2, 3, 15]) + bytes([14, 0x81])
     yield "iotlb_ring_io", (bytes([0, 0x37]) + MEM_16_PAGES
                             + iotlb_update(USER_BASE, 0x3000, USER_BASE)
                             + iotlb_update(0x4000, 0x1000, USER_BASE + 0x4000)
@@ -273,6 +282,13 @@ def backend_seeds():
     yield "empty", b""  # no actions: the first request ends the script
     yield "healthy", bytes([0]) + healthy
     yield "healthy_two_queues_second_active", bytes([3]) + healthy
+    # Setup bit 3: a migration's steps after the setup — SET_LOG_BASE (answered with a u64, as
+    # libvhost-user does), SET_FEATURES with LOG_ALL, SET_VRING_ADDR with the log flag, then
+    # GET_VRING_BASE (the quiesce); logging off sends nothing once the rings are quiesced.
+    yield "migration_logging", bytes([8]) + bytes(HANDSHAKE + SETUP + 3 + 1)
+    # SET_LOG_BASE answered with 40 bytes: no log (the connection is dropped), no panic.
+    yield "migration_log_reply_too_long", (bytes([8]) + bytes(HANDSHAKE + SETUP)
+                                           + body(bytes(40)))
     # No INFLIGHT_SHMFD or RESET_DEVICE: the setup is 8 requests, the reset GET_VRING_BASE only.
     yield "qsd_handshake", (bytes([0]) + value(QSD_FEATURES) + value(QSD_PROTOCOL)
                             + bytes([HEALTHY]) + value(1) + value(32) + bytes([HEALTHY])

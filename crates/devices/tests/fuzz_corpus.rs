@@ -101,6 +101,21 @@ fn healthy_backend_seeds_get_a_running_device() {
 }
 
 #[test]
+fn the_migration_seeds_log_and_quiesce_or_refuse_a_bad_log_reply() {
+    let logged = backend_seed("migration_logging");
+    let bad = backend_seed("migration_log_reply_too_long");
+
+    assert_eq!(logged.handshake_error, None, "{logged:?}");
+    assert!(logged.activated && !logged.needs_reset, "{logged:?}");
+    assert!(logged.logging, "{logged:?}");
+    assert!(logged.quiesced, "{logged:?}");
+    assert!(saw(&logged, FrontendReq::SET_LOG_BASE), "{logged:?}");
+    assert!(saw(&logged, FrontendReq::GET_VRING_BASE), "{logged:?}");
+    assert!(saw(&bad, FrontendReq::SET_LOG_BASE), "{bad:?}");
+    assert!(!bad.logging, "{bad:?}");
+}
+
+#[test]
 fn the_qsd_shaped_seed_runs_without_inflight_or_reset_device() {
     let outcome = backend_seed("qsd_handshake");
 

@@ -11,6 +11,9 @@
 //!   notifications (`add_used`, `enable_notification`, ...).
 //! * [`crate::GuestIovecs::resolve`] marks buffers resolved for `Permissions::Write` (the disk
 //!   reads io_uring or `preadv` place into guest memory, NVMe's data buffers).
+//! * Device models that write guest memory through the space directly mark before they do:
+//!   NVMe's completion entries, admin data transfers (Identify, log pages) and EventIdx
+//!   writes.
 //!
 //! Marking happens when the buffer is *acquired*, before the device writes it. A round that
 //! clears the bit between the mark and the write would lose the write, so each mark also sets a
@@ -19,18 +22,28 @@
 //! content. Conservative (a buffer that was never written is sent too) but never misses a
 //! write made through these paths.
 //!
-//! Not covered, and so refused by the migration: vhost-user backends (another process writes
-//! guest RAM; VHOST_USER_SET_LOG_BASE is not implemented), VFIO devices (the hardware writes),
-//! and devices the snapshot cannot carry anyway. Marks are by device address, which is a guest
+//! Not covered, and so refused by the migration: VFIO devices (the hardware writes), and
+//! devices the snapshot cannot carry anyway. Marks are by device address, which is a guest
 //! physical address only without an IOMMU (a VM with a vIOMMU is refused too).
 //!
 //! One log per process (a sluice process runs one VM), so that device models need no plumbing:
 //! disabled it costs one relaxed atomic load per acquisition. Hand-written: an atomic bitmap is
 //! a few lines, and vm-memory's bitmap feature tracks writes through its own accessors only,
 //! not the iovecs handed to the kernel.
+//!
+//! The same marking points also feed a *space's own* log ([`DeviceWriteLog`], installed on a
+//! [`DmaSpace`](crate::DmaSpace) with `DmaTranslator::set_write_log`): a vhost-user backend
+//! (sluice-vhost) serves another process's guest and logs into the frontend's
+//! VHOST_USER_SET_LOG_BASE bitmap instead of this process's one. Its marks arrive as guest
+//! physical addresses: on a translated space (the frontend's vIOMMU) the device address is
+//! translated first.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
+
+use vm_memory::{GuestAddress, Iommu, Permissions};
+
+use crate::DmaSpace;
 
 const PAGE_SHIFT: u32 = 12;
 
@@ -147,13 +160,52 @@ pub fn is_logging() -> bool {
     LOGGING.load(Ordering::Relaxed)
 }
 
-/// A device is about to write guest physical range `gpa..gpa+len` (no-op unless logging).
+/// A device is about to write guest physical range `gpa..gpa+len`: marked in the process's
+/// log while a migration runs (no-op otherwise). Device models mark through [`mark_on`], which
+/// also reaches their space's own log.
 pub fn mark(gpa: u64, len: u64) {
     if !is_logging() {
         return;
     }
     if let Some(log) = LOG.read().unwrap_or_else(PoisonError::into_inner).as_ref() {
         log.mark(gpa, len);
+    }
+}
+
+/// A log of the guest pages the devices on one [`DmaSpace`] write (a vhost-user backend's
+/// VHOST_USER_SET_LOG_BASE bitmap). `gpa..gpa+len` is guest physical; an implementation
+/// ignores what is outside the guest RAM it knows (a hostile driver's address).
+pub trait DeviceWriteLog: std::fmt::Debug + Send + Sync {
+    fn mark(&self, gpa: u64, len: u64);
+}
+
+/// Whether writes through `space` are logged anywhere (the cheap test before walking a chain).
+pub fn is_logging_for(space: &DmaSpace) -> bool {
+    is_logging() || space.iommu().logs_writes()
+}
+
+/// A device on `space` is about to write device range `addr..addr+len`: marked in the
+/// process's log (while a migration runs) and in the space's own log (if one is installed).
+pub fn mark_on(space: &DmaSpace, addr: u64, len: u64) {
+    mark(addr, len);
+    let translator = space.iommu();
+    if !translator.logs_writes() || len == 0 {
+        return;
+    }
+    if !space.get_iommu_enabled() {
+        translator.log_write(addr, len);
+        return;
+    }
+    // An IOVA: log where it lands. A refused translation is the device's fault (its access
+    // fails the same way right after), so nothing is written there and nothing is logged.
+    let Ok(len_usize) = usize::try_from(len) else {
+        return;
+    };
+    if let Ok(ranges) = translator.translate(GuestAddress(addr), len_usize, Permissions::Write) {
+        let ranges: Vec<_> = ranges.collect();
+        for range in ranges {
+            translator.log_write(range.base.0, range.length as u64);
+        }
     }
 }
 

@@ -55,7 +55,7 @@ impl GuestIovecs {
         for (addr, buffer_len) in buffers {
             if writes {
                 // A live migration must send these pages again (see crate::dirty).
-                crate::dirty::mark(addr.0, buffer_len as u64);
+                crate::dirty::mark_on(mem, addr.0, buffer_len as u64);
             }
             let inaccessible = IovecError::Inaccessible {
                 addr: addr.0,

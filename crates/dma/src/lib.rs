@@ -12,12 +12,13 @@
 //! miss path.
 
 pub mod dirty;
+pub mod shared_log;
 mod spaces;
 
 pub use spaces::{DmaSpaces, DomainProvider, RequesterId};
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 use vm_memory::iommu::{Error as IommuError, IotlbIterator, IovaRange};
@@ -86,6 +87,10 @@ pub struct DmaTranslator {
     /// Bumped (under the IOTLB write lock) by every invalidation, so that a fill whose lookup
     /// raced with one does not cache what the guest just invalidated.
     generation: AtomicU64,
+    /// The space's own device write log (see [`dirty::DeviceWriteLog`]), and whether there is
+    /// one (the fast path: one relaxed load per acquisition when there is none).
+    write_log: RwLock<Option<std::sync::Arc<dyn dirty::DeviceWriteLog>>>,
+    write_logging: AtomicBool,
 }
 
 impl DmaTranslator {
@@ -104,6 +109,33 @@ impl DmaTranslator {
         self.generation.fetch_add(1, Ordering::AcqRel);
         if length > 0 {
             iotlb.invalidate_mapping(GuestAddress(iova), length as usize);
+        }
+    }
+
+    /// Installs (or with `None` removes) the log of guest pages the devices on this space
+    /// write; see [`dirty`].
+    pub fn set_write_log(&self, log: Option<std::sync::Arc<dyn dirty::DeviceWriteLog>>) {
+        let mut slot = self
+            .write_log
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.write_logging.store(log.is_some(), Ordering::SeqCst);
+        *slot = log;
+    }
+
+    /// Whether a write log is installed.
+    pub fn logs_writes(&self) -> bool {
+        self.write_logging.load(Ordering::Relaxed)
+    }
+
+    /// Marks guest physical range `gpa..gpa+len` in the write log, if there is one.
+    fn log_write(&self, gpa: u64, len: u64) {
+        let log = self
+            .write_log
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(log) = log.as_ref() {
+            log.mark(gpa, len);
         }
     }
 

@@ -1,6 +1,8 @@
-//! Live migration end to end: a guest kit verifying a virtio-blk disk is migrated mid-run from
-//! one `sluice run` to another `sluice run --migrate-from` over a Unix socket and finishes
-//! there; and a destination killed mid-stream leaves the VM running at the source.
+//! Live migration end to end: a guest kit verifying a virtio-blk disk — on an image, or served
+//! by a `sluice serve blk` backend process (vhost-user, its writes logged through
+//! VHOST_USER_SET_LOG_BASE) — is migrated mid-run from one `sluice run` to another
+//! `sluice run --migrate-from` over a Unix socket and finishes there; and a destination killed
+//! mid-stream leaves the VM running at the source.
 
 mod common;
 
@@ -17,6 +19,11 @@ use common::{
 /// time, by the guest and by the device, so pre-copy takes rounds.
 const BUSY: Workload = Workload {
     cmdline: "w=blk:op=verify:bs=16384:qd=128:span_mb=768:seed=11",
+    span: 768 << 20,
+};
+/// [`BUSY`] on the emulated NVMe controller: two I/O queue pairs with shadow doorbells.
+const BUSY_NVME: Workload = Workload {
+    cmdline: "w=nvme:op=verify:bs=16384:qd=128:queues=2:span_mb=768:seed=11:dbbuf=on",
     span: 768 << 20,
 };
 /// A shorter verify for the tests where the migration fails and the source finishes.
@@ -61,12 +68,33 @@ fn start_source(
     console: &Path,
     workload: &Workload,
 ) -> Child {
+    create_image(image, workload);
+    start_source_on(
+        dir,
+        &format!("--disk=path={}", image.display()),
+        socket,
+        console,
+        workload,
+    )
+}
+
+fn create_image(image: &Path, workload: &Workload) {
     std::fs::File::create(image)
         .unwrap()
         .set_len(workload.span + (16 << 20))
         .unwrap();
+}
+
+/// [`start_source`] with `device` (`--disk=...` or `--nvme=...`; the image exists).
+fn start_source_on(
+    dir: &Path,
+    device: &str,
+    socket: &Path,
+    console: &Path,
+    workload: &Workload,
+) -> Child {
     let child = Command::new(SLUICE)
-        .args(["run", &format!("--disk=path={}", image.display())])
+        .args(["run", device])
         .arg("--api-socket")
         .arg(socket)
         .arg(format!("--serial=file={}", console.display()))
@@ -77,26 +105,37 @@ fn start_source(
         .stderr(Stdio::null())
         .spawn()
         .expect("start the source");
-    wait_for("the blk workload", Duration::from_secs(30), || {
+    wait_for("the workload", Duration::from_secs(30), || {
         std::fs::read_to_string(console).is_ok_and(|c| c.contains("virtio-blk 00:"))
+            || requests_done(socket) > 0
     });
     child
 }
 
-/// Requests the source's disk has completed so far.
+/// Requests the source's devices have completed so far (every queue: an NVMe controller's
+/// I/O queues follow its admin queue).
 fn requests_done(socket: &Path) -> u64 {
     let (_, counters) = ctl(socket, &["counters"]);
     let counters: serde_json::Value = serde_json::from_str(&counters).unwrap_or_default();
-    counters["devices"][0]["queues"][0]["requests"]
-        .as_u64()
-        .unwrap_or(0)
+    counters["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|d| d["queues"].as_array().into_iter().flatten())
+        .filter_map(|q| q["requests"].as_u64())
+        .sum()
 }
 
 /// The destination: the same devices, waiting for the stream at `url`.
 fn start_destination(image: &Path, url: &str) -> Child {
+    start_destination_on(&format!("--disk=path={}", image.display()), url)
+}
+
+/// [`start_destination`] with `device` (`--disk=...` or `--nvme=...`).
+fn start_destination_on(device: &str, url: &str) -> Child {
     Command::new(SLUICE)
         .args(["--log", "sluice_vmm::machine=info"])
-        .args(["run", &format!("--disk=path={}", image.display())])
+        .args(["run", device])
         .args(["--migrate-from", url])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -124,18 +163,165 @@ fn a_guest_kit_verify_migrated_mid_run_over_a_unix_socket_finishes_at_the_destin
         return;
     }
     let dir = scratch("blk");
+    let image = dir.join("disk.img");
+    create_image(&image, &BUSY);
+    let disk = format!("--disk=path={}", image.display());
+
+    migrate_busy_verify(&dir, &disk, &image, &BUSY);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The busy verify on the emulated NVMe controller (`--nvme`, two I/O queue pairs, shadow
+/// doorbells): its queues quiesce at the stop-and-copy, its completions and data buffers are
+/// in the device dirty log, and the destination's controller resumes them.
+#[test]
+fn a_guest_kit_nvme_verify_migrated_mid_run_finishes_at_the_destination() {
+    if skip_without_kvm("a_guest_kit_nvme_verify_migrated_mid_run_finishes_at_the_destination") {
+        return;
+    }
+    let dir = scratch("nvme");
+    let image = dir.join("nvme.img");
+    create_image(&image, &BUSY_NVME);
+    let nvme = format!("--nvme=path={},queues=2,dbbuf=on", image.display());
+
+    migrate_busy_verify(&dir, &nvme, &image, &BUSY_NVME);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The blk verify test on a vhost-user disk: `sluice serve blk` serves the image to the source,
+/// logs what it writes while the migration runs, is handed over at the stop-and-copy and
+/// serves the destination, where the verify finishes.
+#[test]
+fn a_guest_kit_verify_on_a_vhost_user_disk_migrated_mid_run_finishes_at_the_destination() {
+    if skip_without_kvm(
+        "a_guest_kit_verify_on_a_vhost_user_disk_migrated_mid_run_finishes_at_the_destination",
+    ) {
+        return;
+    }
+    let dir = scratch("vhost-user");
+    let image = dir.join("disk.img");
+    create_image(&image, &BUSY);
+    let mut backend = ServeBlk::start(&dir, &image);
+
+    migrate_busy_verify(&dir, &backend.disk(), &image, &BUSY);
+    let log = backend.stop();
+    assert!(
+        log.contains("dirty log of"),
+        "the backend was given a dirty log:\n{log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A migration of a VM with a vhost-user disk that fails after the hand-over (the destination
+/// cannot restore the state): the source takes the backend back (its frontend reconnects and
+/// restores the rings) and the verify finishes there.
+#[test]
+fn a_failed_migration_gives_the_vhost_user_disk_back_and_the_verify_finishes_at_the_source() {
+    if skip_without_kvm(
+        "a_failed_migration_gives_the_vhost_user_disk_back_and_the_verify_finishes_at_the_source",
+    ) {
+        return;
+    }
+    let dir = scratch("vhost-user-back");
     let (image, socket, console) = (
         dir.join("disk.img"),
         dir.join("api.sock"),
         dir.join("source.txt"),
     );
+    create_image(&image, &SHORT);
+    let mut backend = ServeBlk::start(&dir, &image);
     let stream = dir.join("migrate.sock");
     let url = format!("unix:{}", stream.display());
-    let destination = start_destination(&image, &url);
+    // No disk: the state's function has nowhere to go, after the source handed the backend over.
+    let destination = Command::new(SLUICE)
+        .args(["run", "--migrate-from", &url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the destination");
     wait_for("the destination to listen", Duration::from_secs(10), || {
         stream.exists()
     });
-    let mut source = start_source(&dir, &image, &socket, &console, &BUSY);
+    let mut source = start_source_on(&dir, &backend.disk(), &socket, &console, &SHORT);
+
+    let (status, answer) = ctl(&socket, &["migrate", &url]);
+    let refused = destination.wait_with_output().unwrap();
+    let source_status = wait_or_kill(&mut source, Duration::from_secs(90));
+    let console = std::fs::read_to_string(&console).unwrap();
+    let log = backend.stop();
+
+    println!("the source after the refusal: {}", answer.trim());
+    assert_ne!(status, 0, "{answer}");
+    assert!(answer.contains("did not acknowledge"), "{answer}");
+    assert_ne!(refused.status.code(), Some(0));
+    assert!(log.contains("dirty log of"), "{log}");
+    assert_eq!(source_status, Some(0), "{console}\n--- backend ---\n{log}");
+    assert!(console.contains("GUEST-KIT PASS"), "{console}");
+    assert!(console.contains("\"verify\":\"ok\""), "{console}");
+    assert_eq!(pattern_at(&image, SHORT.span - 4096), Ok(()));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `sluice serve blk` on `image`, logging to a file in the test's directory.
+struct ServeBlk {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl ServeBlk {
+    fn start(dir: &Path, image: &Path) -> Self {
+        let (socket, log) = (dir.join("blk.sock"), dir.join("backend.log"));
+        let child = Command::new(SLUICE)
+            .args(["--log", "warn,sluice_vhost=info"])
+            .args(["serve", "blk", "--socket"])
+            .arg(&socket)
+            .arg("--image")
+            .arg(image)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start sluice serve blk");
+        wait_for("the backend to listen", Duration::from_secs(10), || {
+            socket.exists()
+        });
+        Self { child, socket, log }
+    }
+
+    /// The `--disk` argument of a VM on this backend.
+    fn disk(&self) -> String {
+        format!("--disk=vhost_user=on,socket={}", self.socket.display())
+    }
+
+    /// Stops the backend and returns its log.
+    fn stop(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ServeBlk {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `workload` on `device` (`--disk=...` or `--nvme=...` over `image`), migrates it
+/// mid-run to a second process and checks it finishes there with verify ok, the image holding
+/// the pattern.
+fn migrate_busy_verify(dir: &Path, device: &str, image: &Path, workload: &Workload) {
+    let (socket, console) = (dir.join("api.sock"), dir.join("source.txt"));
+    let stream = dir.join("migrate.sock");
+    let url = format!("unix:{}", stream.display());
+    let destination = start_destination_on(device, &url);
+    wait_for("the destination to listen", Duration::from_secs(10), || {
+        stream.exists()
+    });
+    let mut source = start_source_on(dir, device, &socket, &console, workload);
     // Every buffer used a few times: the data phase runs, and dirties pages as it goes.
     wait_for("the workload's data phase", Duration::from_secs(30), || {
         requests_done(&socket) >= 512
@@ -146,7 +332,12 @@ fn a_guest_kit_verify_migrated_mid_run_over_a_unix_socket_finishes_at_the_destin
     let before = std::fs::read_to_string(&console).unwrap();
     let finished = destination.wait_with_output().unwrap();
 
-    assert_eq!(status, 0, "{answer}");
+    assert_eq!(
+        status,
+        0,
+        "{answer}\n--- destination ---\n{}",
+        String::from_utf8_lossy(&finished.stderr)
+    );
     let report: serde_json::Value = serde_json::from_str(answer.trim()).expect(&answer);
     println!(
         "migrated: total {} ms, downtime {} ms, {} rounds, {} pages, throttle {}%",
@@ -179,13 +370,12 @@ fn a_guest_kit_verify_migrated_mid_run_over_a_unix_socket_finishes_at_the_destin
         log.contains(&format!("vCPUs resumed at {resumed} ns")),
         "the destination logs the resume time the source reports:\n{log}"
     );
-    assert_eq!(pattern_at(&image, 0), Ok(()));
+    assert_eq!(pattern_at(image, 0), Ok(()));
     assert_eq!(
-        pattern_at(&image, BUSY.span - 4096),
+        pattern_at(image, workload.span - 4096),
         Ok(()),
         "the last block of the span holds the pattern"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -333,13 +523,9 @@ fn a_vm_with_a_device_the_migration_cannot_cover_is_refused_by_name_and_runs_on(
     ) {
         return;
     }
-    let dir = scratch("nvme");
-    let (socket, image) = (dir.join("api.sock"), dir.join("nvme.img"));
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    let mut vm = start_idle_vm_with_api(&socket, &[format!("--nvme=path={}", image.display())]);
+    let dir = scratch("viommu");
+    let socket = dir.join("api.sock");
+    let mut vm = start_idle_vm_with_api(&socket, &["--iommu=vtd".to_string()]);
     wait_for("the VM to run", Duration::from_secs(20), || {
         ctl(&socket, &["info"]).1.contains("\"Running\"")
     });
@@ -352,7 +538,7 @@ fn a_vm_with_a_device_the_migration_cannot_cover_is_refused_by_name_and_runs_on(
 
     assert_eq!(refused.0, 1, "{refused:?}");
     assert!(
-        refused.1.contains("NVMe controller cannot be migrated"),
+        refused.1.contains("virtual IOMMU cannot be migrated"),
         "{refused:?}"
     );
     assert!(info.1.contains("\"Running\""), "{info:?}");

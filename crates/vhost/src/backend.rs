@@ -29,6 +29,13 @@
 //! ring starts only when each of its parts maps onto one contiguous range of guest memory. A
 //! change of the bit drops the ring addresses set before (their meaning changed).
 //!
+//! VHOST_F_LOG_ALL and VHOST_USER_PROTOCOL_F_LOG_SHMFD are offered too (the models never see
+//! the bit): SET_LOG_BASE maps the frontend's dirty log ([`crate::dirty_log`] validates it),
+//! and while LOG_ALL is negotiated the log is the queues' `DmaSpace` write log, so every guest
+//! page a ring writes is marked (sluice_dma::dirty's marking points). QEMU turns LOG_ALL on and
+//! off with the rings running; SET_FEATURES applies it at once. A VHOST_VRING_F_LOG address
+//! outside guest memory is refused.
+//!
 //! Any message that is malformed, out of range or out of order (ring messages before
 //! SET_OWNER, bad sizes or addresses, regions that overlap or are not backed by their file)
 //! fails with an error; the server then drops the connection.
@@ -56,6 +63,7 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use sluice_dma::shared_log::SharedLog;
 use sluice_dma::{DmaSpace, Mapping, TranslationSource};
 use sluice_virtio::{
     DeviceMetrics, NotifyPolicy, PackedQueue, QueueBinding, QueueContext, QueueError, QueueHandler,
@@ -91,6 +99,8 @@ use crate::tracking::{used_id, used_index, PendingResubmission, SharedTracked, T
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// VIRTIO_F_RING_PACKED as a feature mask.
 pub const FEATURE_RING_PACKED: u64 = 1 << VIRTIO_F_RING_PACKED;
+/// VHOST_F_LOG_ALL (bit 26): log every guest page the device writes (see [`crate::dirty_log`]).
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 /// Largest ring (split or packed).
 const MAX_QUEUE_SIZE: u32 = 32768;
 /// Largest GET_CONFIG / SET_CONFIG access.
@@ -129,6 +139,7 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 fn refuse<T>(reason: impl Into<String>) -> VhostResult<T> {
@@ -318,6 +329,8 @@ pub struct Backend<D: VirtioDevice> {
     inflight: Option<InflightArea>,
     /// Translations for the frontend's vIOMMU, used once ACCESS_PLATFORM is negotiated.
     iotlb: Arc<Iotlb>,
+    /// The frontend's dirty log (SET_LOG_BASE), fed while VHOST_F_LOG_ALL is negotiated.
+    log: Option<Arc<SharedLog>>,
 }
 
 impl<D: VirtioDevice> Backend<D> {
@@ -333,7 +346,7 @@ impl<D: VirtioDevice> Backend<D> {
         if resources.offer_packed {
             device_features |= FEATURE_RING_PACKED;
         }
-        device_features |= FEATURE_ACCESS_PLATFORM;
+        device_features |= FEATURE_ACCESS_PLATFORM | VHOST_F_LOG_ALL;
         Backend {
             device,
             claim: resources.claim,
@@ -350,7 +363,23 @@ impl<D: VirtioDevice> Backend<D> {
             signals: Arc::new(Signals::new(queues)),
             inflight: None,
             iotlb: Arc::new(Iotlb::with_miss_wait(resources.iotlb_miss_wait)),
+            log: None,
         }
+    }
+
+    /// Points the queues' space at the dirty log while VHOST_F_LOG_ALL is negotiated and a log
+    /// is set, and at nothing otherwise (running workers share the space's translator, so
+    /// this reaches them at once).
+    fn apply_log(&self) {
+        let Some(dma) = &self.dma else {
+            return;
+        };
+        let log = self
+            .log
+            .clone()
+            .filter(|_| self.acked_features & VHOST_F_LOG_ALL != 0)
+            .map(|log| log as Arc<dyn sluice_dma::dirty::DeviceWriteLog>);
+        dma.iommu().set_write_log(log);
     }
 
     /// The connection's IOTLB (its counters show what the frontend's vIOMMU sent).
@@ -848,6 +877,7 @@ impl<D: VirtioDevice> Backend<D> {
         } else {
             memory.map(sluice_dma::identity)
         };
+        self.apply_log();
         for index in 0..self.vrings.len() {
             self.try_start(index)?;
         }
@@ -869,6 +899,7 @@ impl<D: VirtioDevice> Backend<D> {
         self.acked_features = 0;
         self.inflight = None;
         self.iotlb.clear();
+        self.apply_log();
     }
 }
 
@@ -1110,9 +1141,11 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
             );
         }
         let features = features & offered;
-        // The ring layout is the backend's business; the model never sees the bit.
-        let transport =
-            VHOST_USER_F_PROTOCOL_FEATURES | FEATURE_RING_PACKED | FEATURE_ACCESS_PLATFORM;
+        // The ring layout and logging are the backend's business; the model never sees them.
+        let transport = VHOST_USER_F_PROTOCOL_FEATURES
+            | FEATURE_RING_PACKED
+            | FEATURE_ACCESS_PLATFORM
+            | VHOST_F_LOG_ALL;
         let device_features = features & !transport;
         if let Err(e) = locked(&self.device).ack_features(device_features) {
             return refuse(format!("SET_FEATURES {features:#x}: {e}"));
@@ -1130,6 +1163,8 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
             self.iotlb.clear();
             self.memory_changed()?;
         }
+        // QEMU turns LOG_ALL on and off with the rings running (migration start and end).
+        self.apply_log();
         Ok(())
     }
 
@@ -1163,13 +1198,27 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
     fn set_vring_addr(
         &mut self,
         index: u32,
-        _flags: VhostUserVringAddrFlags,
+        flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
-        _log: u64,
+        log: u64,
     ) -> VhostResult<()> {
         let index = self.vring_index(index, "SET_VRING_ADDR")?;
+        if flags.contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG) {
+            // The used ring's guest physical address for the log. sluice logs the used ring
+            // where the ring's own address resolves, which for a consistent frontend is this;
+            // one outside guest memory is a frontend bug, refused.
+            let inside = self
+                .memory
+                .memory()
+                .is_some_and(|m| m.address_in_range(GuestAddress(log)));
+            if !inside {
+                return refuse(format!(
+                    "SET_VRING_ADDR: queue {index} log address {log:#x} is outside guest memory"
+                ));
+            }
+        }
         let size = u64::from(self.vrings[index].size);
         if size == 0 {
             return refuse(format!("SET_VRING_ADDR: queue {index} has no size yet"));
@@ -1425,7 +1474,21 @@ impl<D: VirtioDevice> VhostUserBackendReqHandlerMut for Backend<D> {
         refuse("GET_SHMEM_CONFIG is not supported")
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostResult<()> {
-        refuse("SET_LOG_BASE is not supported (no dirty logging)")
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostResult<()> {
+        self.require_owner("SET_LOG_BASE")?;
+        let memory_end = self
+            .memory
+            .memory()
+            .map(|m| m.last_addr().0.saturating_add(1));
+        let (size, offset) = (log.mmap_size, log.mmap_offset);
+        match crate::dirty_log::attach(&file, size, offset, memory_end, &self.tripwire) {
+            Ok(mapped) => {
+                tracing::info!("vhost-user: dirty log of {size:#x} bytes set");
+                self.log = Some(mapped);
+                self.apply_log();
+                Ok(())
+            }
+            Err(e) => refuse(format!("SET_LOG_BASE: {e}")),
+        }
     }
 }

@@ -19,7 +19,8 @@
 //! and the script ends at its end or when the server drops the connection. `op % 16`:
 //! * 0 handshake: SET_OWNER, SET_FEATURES (p0 bit 0: PROTOCOL_FEATURES, bit 1: EVENT_IDX,
 //!   bit 3: RING_PACKED, bit 4: ACCESS_PLATFORM — ring and buffer addresses become IOVAs, which
-//!   IOTLB_MSG updates sent with op 15 map), and if p0 bit 2, SET_PROTOCOL_FEATURES with every
+//!   IOTLB_MSG updates sent with op 15 map; bit 6: VHOST_F_LOG_ALL — the rings' writes go to
+//!   the log op 14 sets), and if p0 bit 2, SET_PROTOCOL_FEATURES with every
 //!   offered one, then if p0 bit 5 SET_BACKEND_REQ_FD with a socket the script never reads
 //!   (IOTLB misses go there; the server waits 5 ms for an answer that never comes);
 //! * 1 SET_MEM_TABLE of `1 + p0 % 3` new memfds (`1 + p % 16` pages each, p1..); p0 bit 7 makes
@@ -39,7 +40,9 @@
 //!   connection's end;
 //! * 12 write `p2 % 64` script bytes into memfd `p0 % n` at `p1 * 64`;
 //! * 13 shrink memfd `p0 % n` to `p1 * 256` bytes;
-//! * 14 GET_VRING_BASE queue `p0 % 2`;
+//! * 14 GET_VRING_BASE queue `p0 % 2`, or if p0 bit 7 SET_LOG_BASE with a new memfd
+//!   (`(p0 & 0x3f) * 8` bytes of log in a file of whole pages, at offset 0, or one page in —
+//!   past the file's end — if p0 bit 6);
 //! * 15 any request `p0` with flags `p1` and `p2 % 64` payload bytes from the script,
 //!   carrying `p3 % 3` of the memfds.
 
@@ -82,6 +85,7 @@ const MAX_CHAIN_BYTES: usize = 1 << 16;
 const EVENT_IDX: u64 = 1 << 29;
 const RING_PACKED: u64 = 1 << 34;
 const ACCESS_PLATFORM: u64 = crate::iotlb::FEATURE_ACCESS_PLATFORM;
+const LOG_ALL: u64 = crate::backend::VHOST_F_LOG_ALL;
 /// A packed ring position's wrap counter bit.
 const PACKED_WRAP: u32 = 1 << 15;
 const HEADER_BYTES: usize = 12;
@@ -363,7 +367,11 @@ impl Player {
                 Ok(())
             }
             14 => {
-                let body = VhostUserVringState::new(u32::from(p.byte() % 2), 0);
+                let choice = p.byte();
+                if choice & 0x80 != 0 {
+                    return self.set_log_base(choice);
+                }
+                let body = VhostUserVringState::new(u32::from(choice % 2), 0);
                 self.send(FrontendReq::GET_VRING_BASE, body.as_slice(), &[])
             }
             _ => self.any_request(p),
@@ -385,6 +393,9 @@ impl Player {
         if choice & 0x10 != 0 {
             features |= ACCESS_PLATFORM;
         }
+        if choice & 0x40 != 0 {
+            features |= LOG_ALL;
+        }
         self.send(FrontendReq::SET_FEATURES, &features.to_le_bytes(), &[])?;
         if choice & 4 == 0 {
             return Ok(());
@@ -401,6 +412,19 @@ impl Player {
         let (ours, theirs) = UnixStream::pair()?;
         self.channel = Some(ours);
         self.send(FrontendReq::SET_BACKEND_REQ_FD, &[], &[theirs.as_raw_fd()])
+    }
+
+    /// SET_LOG_BASE (see the module doc for what `choice` means).
+    fn set_log_base(&mut self, choice: u8) -> io::Result<()> {
+        let size = u64::from(choice & 0x3f) * 8;
+        let offset = if choice & 0x40 != 0 { PAGE } else { 0 };
+        let Some(index) = self.new_memfd(size.next_multiple_of(PAGE)) else {
+            return Ok(());
+        };
+        let fd = self.memfds[index].as_raw_fd();
+        let mut body = size.to_le_bytes().to_vec();
+        body.extend_from_slice(&offset.to_le_bytes());
+        self.send(FrontendReq::SET_LOG_BASE, &body, &[fd])
     }
 
     fn set_mem_table(&mut self, p: &mut Params<'_>) -> io::Result<()> {

@@ -11,6 +11,8 @@
 //!   behind vhost-user.
 //! * [`iotlb`] — the device IOTLB for frontends with a vIOMMU (VIRTIO_F_ACCESS_PLATFORM):
 //!   IOTLB_MSG updates and invalidations, MISS on the backend request channel.
+//! * [`dirty_log`] — VHOST_USER_SET_LOG_BASE: the frontend's migration dirty log, validated,
+//!   mapped, and fed by the queues' device writes while VHOST_F_LOG_ALL is negotiated.
 //! * [`memory`] — the frontend's regions, mapped and validated; user address → GPA.
 //! * [`inflight`] — the INFLIGHT_SHMFD area and crash recovery (split rings);
 //!   [`inflight_packed`] — its packed-ring form.
@@ -24,6 +26,7 @@
 //! device state machine, memory mapping, and inflight tracking/recovery.
 
 pub mod backend;
+pub mod dirty_log;
 pub mod fuzz;
 pub mod inflight;
 pub mod inflight_packed;

@@ -26,7 +26,11 @@ fn a_boxed_device_is_served_with_its_own_identity() {
 
     assert_eq!(
         features,
-        offered | VHOST_USER_F_PROTOCOL_FEATURES | FEATURE_RING_PACKED | FEATURE_ACCESS_PLATFORM
+        offered
+            | VHOST_USER_F_PROTOCOL_FEATURES
+            | FEATURE_RING_PACKED
+            | FEATURE_ACCESS_PLATFORM
+            | LOG_ALL
     );
     assert_eq!(queues, 1);
 }

@@ -63,6 +63,7 @@ fn the_vhost_user_fds_corpus_replays_and_each_seed_reaches_its_point() {
         ("add_again_from_another_fd", false, true),
         ("kick_before_addr_no_protocol", false, true),
         ("iotlb_ring_io", false, true),
+        ("dirty_log_ring_io", false, true),
     ];
 
     for (name, faults, serves) in seeds {
@@ -81,4 +82,22 @@ fn the_vhost_user_fds_corpus_replays_and_each_seed_reaches_its_point() {
             assert!(chains_served() > served_before, "{name}: no chain served");
         }
     }
+}
+
+#[test]
+fn hostile_dirty_log_seeds_are_refused_by_name() {
+    for name in ["dirty_log_past_end", "dirty_log_too_small"] {
+        let outcome = run_frontend_script(&seed(name));
+
+        match &outcome.end {
+            Some(ConnectionEnd::Dropped(why)) if why.to_string().contains("SET_LOG_BASE") => {}
+            _ => panic!("{name}: {outcome:?}"),
+        }
+    }
+    // An empty log does not even parse (the `vhost` crate's message validation).
+    let outcome = run_frontend_script(&seed("dirty_log_empty"));
+    assert!(
+        matches!(outcome.end, Some(ConnectionEnd::Dropped(_))),
+        "{outcome:?}"
+    );
 }

@@ -604,3 +604,41 @@ fn inflight_flag(area: &File, head: u16) -> u8 {
         .unwrap();
     flag[0]
 }
+
+/// Dirty logging behind a vIOMMU: the device's addresses are IOVAs, the log is by guest
+/// physical address, so what the backend writes is logged where the IOVAs land.
+#[test]
+fn the_dirty_log_holds_guest_physical_pages_behind_the_viommu() {
+    within(Duration::from_secs(60), || {
+        let server = start_server("iotlb-log");
+        let mut s = IommuSession::start(&server);
+        s.map_rings();
+        s.map(HEADER_GPA, RW);
+        s.map(data_gpa(3), WO);
+        let (log, file) = sluice_dma::shared_log::SharedLog::create(
+            sluice_dma::shared_log::log_bytes_for(GUEST_SIZE as u64),
+        )
+        .unwrap();
+        let region = vhost::VhostUserDirtyLogRegion {
+            mmap_size: log.len() as u64,
+            mmap_offset: 0,
+            mmap_handle: file.as_raw_fd(),
+        };
+        s.session
+            .frontend
+            .set_log_base(0, Some(region))
+            .expect("SET_LOG_BASE");
+        assert_ne!(s.session.features & LOG_ALL, 0, "LOG_ALL negotiated");
+
+        s.post(3, VIRTIO_BLK_T_IN, 5, iova(data_gpa(3)));
+        let read = s.completes(1);
+        let logged = log.take();
+
+        assert!(read, "the read completed");
+        assert_eq!(s.guest.status(3), 0);
+        let page = |gpa: u64| gpa / PAGE;
+        let mut expected = vec![page(USED_GPA), page(HEADER_GPA), page(data_gpa(3))];
+        expected.sort_unstable();
+        assert_eq!(logged, expected);
+    });
+}

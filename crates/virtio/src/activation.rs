@@ -106,6 +106,19 @@ impl ActiveQueues {
             .collect())
     }
 
+    /// [`ActiveQueues::quiesce`] for queues the device's [`crate::ExternalQueues`] run: they
+    /// are quiesced there and their positions returned; on a refusal the queues are handed
+    /// back with the reason.
+    pub fn quiesce_external<D: VirtioDevice + ?Sized>(
+        self,
+        device: &mut D,
+    ) -> Result<Vec<(u16, crate::QueuePosition)>, (ActiveQueues, String)> {
+        let Some(external) = device.external_queues().filter(|_| self.external) else {
+            return Err((self, "its queues are not external".into()));
+        };
+        external.quiesce().map_err(|why| (self, why))
+    }
+
     /// Stops every worker (joined) or the external queues, then resets `device`.
     pub fn reset<D: VirtioDevice + ?Sized>(self, device: &mut D) {
         self.stop(device);

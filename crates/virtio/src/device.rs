@@ -121,6 +121,12 @@ pub trait ExternalQueues: Send {
     ) -> Result<(), ActivateError>;
     /// Stops the rings (device reset).
     fn stop(&mut self);
+    /// Stops the rings once every request taken has completed and returns where each stands
+    /// (by queue index), for a snapshot or a migration; [`ExternalQueues::start`] with queues
+    /// at those positions takes them up again. Devices that cannot say so refuse.
+    fn quiesce(&mut self) -> Result<Vec<(u16, crate::QueuePosition)>, String> {
+        Err("its rings run in another process and cannot be quiesced".into())
+    }
 }
 
 /// Why a device could not start.

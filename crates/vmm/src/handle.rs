@@ -126,7 +126,8 @@ impl VmHandle {
         }
         if let Some(device) = self.device_without_migration() {
             return Err(HandleError::Migration(format!(
-                "{device} cannot be migrated (virtio-blk on an image and virtio-rng can)"
+                "{device} cannot be migrated (virtio-blk on an image or a logging vhost-user \
+                 backend, NVMe and virtio-rng can)"
             )));
         }
         let parts = self.machine_parts().ok_or(HandleError::NotRunning(state))?;
@@ -184,8 +185,8 @@ impl VmHandle {
         }
         if let Some(device) = self.device_without_snapshot() {
             return Err(HandleError::Snapshot(format!(
-                "{device} cannot be saved in a snapshot yet (virtio-blk on an image and \
-                 virtio-rng can)"
+                "{device} cannot be saved in a snapshot yet (virtio-blk on an image or a \
+                 vhost-user backend, NVMe and virtio-rng can)"
             )));
         }
         let Some(parts) = self.machine_parts() else {
@@ -206,10 +207,8 @@ impl VmHandle {
                 "a device hot-plugged or removed since boot (the VM no longer has its boot \
                  configuration)",
             ),
-            (c.disks.iter().any(|d| d.vhost_user), "a vhost-user disk"),
             (!c.nets.is_empty(), "a virtio-net device"),
             (!c.e1000s.is_empty(), "an e1000"),
-            (!c.nvmes.is_empty(), "an NVMe controller"),
             (!c.vfio.is_empty(), "an assigned device"),
             (c.iommu.is_some(), "the virtual IOMMU"),
             (c.test_device, "the PCI test device"),

@@ -21,6 +21,9 @@ use super::queues::{CompletionQueue, Dbbuf, PostError};
 use super::registers::{Configuration, MQES};
 use super::Shared;
 
+mod snapshot;
+pub use snapshot::SavedController;
+
 /// Features the driver may set (reset with the controller).
 #[derive(Debug, Clone, Copy)]
 struct Features {
@@ -384,6 +387,8 @@ impl Controller {
         };
         let mut at = 0;
         for (addr, len) in segments {
+            // A live migration must send the page again (sluice_dma::dirty).
+            sluice_dma::dirty::mark_on(&self.shared.dma, addr.0, len as u64);
             if self
                 .shared
                 .dma
@@ -532,6 +537,7 @@ impl Controller {
         let mut handle = SqHandle {
             qid,
             cqid,
+            base,
             size,
             tail: Arc::new(AtomicU32::new(0)),
             doorbell: Arc::new(EventFd::new(EFD_NONBLOCK)?),
@@ -539,6 +545,8 @@ impl Controller {
             kick: Arc::new(EventFd::new(EFD_NONBLOCK)?),
             stop: Arc::new(AtomicU8::new(RUN)),
             shadow: Arc::new(AtomicBool::new(dbbuf.is_some())),
+            head: Arc::new(AtomicU32::new(0)),
+            leftover: Arc::new(std::sync::Mutex::new(Vec::new())),
             thread: None,
         };
         let worker = new_worker(

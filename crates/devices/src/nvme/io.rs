@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use sluice_dma::{DmaSpace, GuestIovecs};
@@ -218,6 +218,7 @@ pub const CANCEL: u8 = 2;
 pub struct SqHandle {
     pub qid: u16,
     pub cqid: u16,
+    pub base: u64,
     pub size: u16,
     /// The last tail the doorbell register was written with (trapped writes).
     pub tail: Arc<AtomicU32>,
@@ -231,6 +232,11 @@ pub struct SqHandle {
     pub stop: Arc<AtomicU8>,
     /// Whether the worker reads the shadow doorbell (set by Doorbell Buffer Config).
     pub shadow: Arc<AtomicBool>,
+    /// Where the worker takes the next command: where a new worker starts, and where a
+    /// stopped one left off (a snapshot's quiesce).
+    pub head: Arc<AtomicU32>,
+    /// Completions a stopped worker could not post (its CQ was full), for the next worker.
+    pub leftover: Arc<Mutex<Vec<Completion>>>,
     pub thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -264,6 +270,9 @@ const DOORBELL: u64 = 2;
 
 /// The worker of one I/O submission queue.
 pub struct SqWorker {
+    /// Where `head` and the unposted backlog go when the worker stops.
+    head_out: Arc<AtomicU32>,
+    leftover: Arc<Mutex<Vec<Completion>>>,
     qid: u16,
     base: u64,
     size: u16,
@@ -316,7 +325,19 @@ pub fn new_worker(
             EpollEvent::new(EventSet::IN, COMPLETIONS),
         )?;
     }
+    let backlog: VecDeque<Completion> = handle
+        .leftover
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .drain(..)
+        .collect();
+    let head = u16::try_from(handle.head.load(Ordering::Acquire))
+        .ok()
+        .filter(|h| *h < size)
+        .unwrap_or(0);
     Ok(SqWorker {
+        head_out: handle.head.clone(),
+        leftover: handle.leftover.clone(),
         qid,
         base,
         size,
@@ -330,9 +351,9 @@ pub fn new_worker(
         limits,
         io,
         epoll,
-        head: 0,
-        backlog: VecDeque::new(),
-        outstanding: 0,
+        head,
+        outstanding: backlog.len(),
+        backlog,
         drain_fetched: false,
         deadline: None,
     })
@@ -343,8 +364,15 @@ impl SqWorker {
         self.shared.queue_metrics(self.qid)
     }
 
-    /// The worker's loop; returns when stopped.
+    /// The worker's loop; returns when stopped, leaving where it stands in its handle.
     pub fn run(mut self) {
+        self.serve();
+        self.head_out.store(u32::from(self.head), Ordering::Release);
+        let mut leftover = self.leftover.lock().unwrap_or_else(PoisonError::into_inner);
+        leftover.extend(self.backlog.drain(..));
+    }
+
+    fn serve(&mut self) {
         let mut events = vec![EpollEvent::default(); 4];
         loop {
             let _ = self.kick.read();

@@ -59,6 +59,7 @@ pub mod io;
 pub mod prp;
 pub mod queues;
 pub mod registers;
+mod snapshot;
 
 #[cfg(test)]
 mod tests;
@@ -636,6 +637,14 @@ impl PciDevice for Nvme {
 
     fn intx(&self) -> Option<Arc<PciIntx>> {
         Some(self.shared.intx.clone())
+    }
+
+    fn save_state(&mut self) -> Option<Result<serde_json::Value, String>> {
+        Some(self.save())
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        self.restore(state)
     }
 
     fn bar_moved(&mut self, bar: usize, _old: Option<u64>, new: Option<u64>) {

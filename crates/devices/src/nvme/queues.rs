@@ -39,6 +39,8 @@ impl Dbbuf {
     }
 
     fn write(mem: &DmaSpace, addr: u64, value: u32) {
+        // A live migration must send the page again (sluice_dma::dirty).
+        sluice_dma::dirty::mark_on(mem, addr, 4);
         let _ = mem.write_obj::<u32>(value.to_le(), GuestAddress(addr));
         // The driver reads the EventIdx after its shadow write; ours must be visible before we
         // read the shadow again.
@@ -147,6 +149,32 @@ impl CompletionQueue {
         }
     }
 
+    /// A queue restored from a snapshot at `head`, `tail` and `phase` (checked by the caller
+    /// against `size`), reading shadow doorbells from `dbbuf` without writing them: guest
+    /// memory came with the snapshot.
+    pub fn restored(
+        queue: (u16, u64, u16, u16, bool),
+        (head, tail, phase): (u16, u16, bool),
+        dbbuf: Option<Dbbuf>,
+    ) -> Self {
+        let (qid, base, size, vector, interrupts_enabled) = queue;
+        let cq = Self::new(qid, base, size, vector, interrupts_enabled);
+        {
+            let mut state = cq.state();
+            state.head = head;
+            state.tail = tail;
+            state.phase = phase;
+            state.dbbuf = dbbuf;
+        }
+        cq
+    }
+
+    /// (head, tail, phase) for a snapshot.
+    pub fn position(&self) -> (u16, u16, bool) {
+        let state = self.state();
+        (state.head, state.tail, state.phase)
+    }
+
     fn state(&self) -> MutexGuard<'_, CqState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -237,6 +265,8 @@ impl CompletionQueue {
         }
         let bytes = entry.to_bytes(state.phase);
         let addr = self.base + u64::from(state.tail) * CQE_SIZE;
+        // A live migration must send the page again (sluice_dma::dirty).
+        sluice_dma::dirty::mark_on(mem, addr, CQE_SIZE);
         let _ = mem.write_slice(&bytes[..12], GuestAddress(addr));
         fence(Ordering::Release);
         let mut dw3 = [0u8; 4];

@@ -1110,3 +1110,151 @@ fn interrupt_coalescing_folds_completions_into_one_interrupt_per_window() {
         "CD on the vector: the next completion interrupts"
     );
 }
+
+/// A function built like [`Driver::new`]'s over the same memory, image and plumbing (the
+/// destination of a restore); the old one must be gone first (its image lock, its doorbell
+/// ioeventfds).
+fn function_over(
+    mem: &GuestMemoryMmap,
+    image: &TempFile,
+    router: &Arc<RecordingRouter>,
+    kvm: &Arc<FakeIoEvents>,
+    queues: u16,
+) -> Nvme {
+    let mut config = NvmeConfig::new(image.as_path());
+    config.queues = queues;
+    config.serial = "SLUICETEST01".into();
+    let interrupts = NvmeInterrupts {
+        msi_sink: Arc::new(RecordingSink::default()),
+        msi_router: Some(router.clone()),
+        ioevents: Some(kvm.clone()),
+    };
+    let mut nvme = Nvme::new(
+        &config,
+        sluice_dma::identity(mem.clone()),
+        interrupts,
+        "nvme-restored",
+    )
+    .unwrap();
+    nvme.bar_moved(0, None, Some(BAR0));
+    nvme
+}
+
+impl Driver {
+    /// The driver with its function replaced by a fresh one built the same way.
+    fn with_fresh_function(mut self) -> Driver {
+        let queues = self.nvme.max_queues;
+        drop(self.nvme);
+        self.nvme = function_over(&self.mem, &self.image, &self.router, &self.kvm, queues);
+        self
+    }
+}
+
+#[test]
+fn a_saved_controller_runs_on_and_a_restored_one_serves_the_same_queues() {
+    let mut driver = Driver::new(2);
+    driver.enable();
+    let mut dbbuf = command(OPC_DOORBELL_BUFFER_CONFIG, 0);
+    set_prp(&mut dbbuf, SHADOW, EVENT_IDX);
+    assert_eq!(driver.admin(dbbuf).0, Status::SUCCESS);
+    driver.shadow = true;
+    driver.create_io_queues();
+    let data = pattern(4096, 5);
+    driver.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+    // Past the middle of the 64-entry CQ, so the restored one wraps its phase.
+    for _ in 0..40 {
+        assert_eq!(driver.io(rw(OPC_WRITE, 8, 8, DATA, 0)), Status::SUCCESS);
+    }
+
+    // An Async Event Request the controller holds across the save and the restore.
+    let at = ASQ_ADDR + u64::from(driver.admin_tail) * 64;
+    let mut aer = command(OPC_ASYNC_EVENT_REQUEST, 0);
+    aer[2..4].copy_from_slice(&0x0aeau16.to_le_bytes());
+    driver.mem.write_slice(&aer, GuestAddress(at)).unwrap();
+    driver.admin_tail += 1;
+    driver.write32(DOORBELLS, u32::from(driver.admin_tail));
+
+    let first = driver.nvme.save_state().unwrap().unwrap();
+    let after_save = driver.io(rw(OPC_READ, 8, 8, READ_BACK, 0));
+    let second = driver.nvme.save_state().unwrap().unwrap();
+    let mut driver = driver.with_fresh_function();
+    driver.nvme.restore_state(&second).unwrap();
+    driver
+        .mem
+        .write_slice(&[0u8; 4096], GuestAddress(READ_BACK))
+        .unwrap();
+    let reads: Vec<Status> = (0..40)
+        .map(|_| driver.io(rw(OPC_READ, 8, 8, READ_BACK, 0)))
+        .collect();
+    let held = driver.nvme.held_event_requests();
+    driver.write32(DOORBELLS + 8 * 5, 1); // SQ 5 does not exist: an error event
+    let event = driver.take_entry(ACQ_ADDR, true);
+    driver.write32(DOORBELLS + 4, u32::from(driver.admin_head));
+    let (identify, _) = driver.identify(u32::from(CNS_CONTROLLER), 0);
+
+    assert_eq!(after_save, Status::SUCCESS, "the saved controller runs on");
+    assert_ne!(first, serde_json::Value::Null);
+    assert!(reads.iter().all(|s| *s == Status::SUCCESS), "{reads:?}");
+    assert_eq!(driver.guest_bytes(READ_BACK, 4096), data);
+    assert_eq!(held, 1, "the Async Event Request is still held");
+    let event = event.expect("the held request completes with the event");
+    assert_eq!((event.cid, event.result), (0x0aea, 0x01_0000));
+    assert_eq!(identify, Status::SUCCESS, "the admin queue goes on too");
+    assert_eq!(driver.nvme.io_queues(), 1);
+    assert!(
+        driver.kvm.registered.lock().unwrap()[0].0 == BAR0 + DOORBELLS + 8,
+        "the shadowed SQ doorbell is an ioeventfd again"
+    );
+}
+
+#[test]
+fn a_hostile_saved_state_is_refused_and_nothing_runs() {
+    let mut driver = Driver::new(2);
+    driver.enable();
+    driver.create_io_queues();
+    let state = driver.nvme.save_state().unwrap().unwrap();
+    let controller = &state["controller"];
+    let mutations: [(&str, serde_json::Value); 6] = [
+        ("sq head past its size", {
+            let mut s = state.clone();
+            s["controller"]["sqs"][0]["head"] = 64.into();
+            s
+        }),
+        ("sq on a missing cq", {
+            let mut s = state.clone();
+            s["controller"]["sqs"][0]["cqid"] = 2.into();
+            s
+        }),
+        ("cq vector beyond the table", {
+            let mut s = state.clone();
+            s["controller"]["cqs"][0]["vector"] = 9.into();
+            s
+        }),
+        ("queue outside guest memory", {
+            let mut s = state.clone();
+            s["controller"]["cqs"][0]["base"] = (1u64 << 40).into();
+            s
+        }),
+        ("admin queue of one entry", {
+            let mut s = state.clone();
+            s["controller"]["admin_sq"][1] = 1.into();
+            s
+        }),
+        ("another queue count", {
+            let mut s = state.clone();
+            s["max_queues"] = 3.into();
+            s
+        }),
+    ];
+    assert!(controller.is_object());
+    let mut driver = driver.with_fresh_function();
+
+    for (what, hostile) in mutations {
+        let refused = driver.nvme.restore_state(&hostile);
+
+        assert!(refused.is_err(), "{what}: accepted");
+        assert_eq!(driver.nvme.io_queues(), 0, "{what}: a queue runs");
+    }
+    driver.nvme.restore_state(&state).unwrap();
+    assert_eq!(driver.nvme.io_queues(), 1);
+}

@@ -25,7 +25,10 @@
 //! Input: one setup byte (bit 0: ask for two queues; bit 1: activate queue 1 instead of 0;
 //! bit 2: the disk sits behind a vIOMMU — the frontend then needs ACCESS_PLATFORM and
 //! BACKEND_REQ, hands over a backend request channel, and runs on a translated DMA space
-//! mapping guest RAM page by page, odd pages read-only), then one action per request the
+//! mapping guest RAM page by page, odd pages read-only; bit 3: after the setup, what a
+//! migration's source does — dirty logging on (SET_LOG_BASE, whose reply sluice reads itself,
+//! SET_FEATURES with LOG_ALL, SET_VRING_ADDR with the log flag), the log read (every page in
+//! guest RAM), the rings quiesced (GET_VRING_BASE), logging off), then one action per request the
 //! backend receives, over all connections in order. A
 //! parameter past the end reads as 0. When the actions run out the backend hangs up and stops
 //! listening, which ends the run without waiting for a timeout. Action `a`, kind `a & 7`:
@@ -73,7 +76,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::iotlb::{self, FEATURE_ACCESS_PLATFORM};
-use super::session::Session;
+use super::session::{Session, VHOST_F_LOG_ALL};
 use super::{
     SharedMemoryRegion, VhostUserBlk, VhostUserBlkConfig, CONFIG_NUM_QUEUES_OFFSET,
     GUEST_VISIBLE_FEATURES, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_BLK_CONFIG_SIZE,
@@ -118,6 +121,7 @@ const HANG_UP_AFTER: u8 = 0x80;
 /// the usual virtio-blk bits.
 const HEALTHY_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | VHOST_USER_F_PROTOCOL_FEATURES
+    | VHOST_F_LOG_ALL
     | FEATURE_ACCESS_PLATFORM
     | (1 << 29) // RING_EVENT_IDX
     | (1 << 28) // RING_INDIRECT_DESC
@@ -125,10 +129,12 @@ const HEALTHY_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
     | (1 << 9) // BLK_F_FLUSH
     | (1 << 6) // BLK_F_BLK_SIZE
     | (1 << 2); // BLK_F_SEG_MAX
-/// Every protocol feature sluice uses (MQ, REPLY_ACK, BACKEND_REQ, CONFIG, INFLIGHT_SHMFD,
-/// RESET_DEVICE, CONFIGURE_MEM_SLOTS), so healthy answers reach every request (BACKEND_REQ is
-/// taken behind a vIOMMU only).
-const HEALTHY_PROTOCOL_FEATURES: u64 = 0x1 | 0x8 | 0x20 | 0x200 | 0x1000 | 0x2000 | 0x8000;
+/// Every protocol feature sluice uses (MQ, LOG_SHMFD, REPLY_ACK, BACKEND_REQ, CONFIG,
+/// INFLIGHT_SHMFD, RESET_DEVICE, CONFIGURE_MEM_SLOTS), so healthy answers reach every request
+/// (BACKEND_REQ is taken behind a vIOMMU only).
+const HEALTHY_PROTOCOL_FEATURES: u64 = 0x1 | 0x2 | 0x8 | 0x20 | 0x200 | 0x1000 | 0x2000 | 0x8000;
+/// VHOST_USER_SET_LOG_BASE (its reply is read by sluice, not the `vhost` crate).
+const SET_LOG_BASE: u32 = 6;
 const HEALTHY_QUEUES: u64 = 2;
 const HEALTHY_MEM_SLOTS: u64 = 32;
 const HEALTHY_INFLIGHT_BYTES: u64 = 4096;
@@ -150,6 +156,9 @@ pub struct BackendOutcome {
     pub connections: usize,
     /// IOTLB UPDATEs the frontend sent (each checked to be well-formed).
     pub iotlb_updates: usize,
+    /// In a migration run: dirty logging started, and the rings were quiesced.
+    pub logging: bool,
+    pub quiesced: bool,
 }
 
 /// Runs one input (see the module doc) and panics if a check fails.
@@ -165,6 +174,7 @@ pub fn run_hostile_backend(data: &[u8]) -> BackendOutcome {
     let queues = 1 + u16::from(setup & 1);
     let queue_index = u16::from((setup >> 1) & 1);
     let iommu = setup & 4 != 0;
+    let migrate = setup & 8 != 0;
     let progress = Arc::new(Progress::default());
     let backend =
         Backend::start(script, progress.clone(), iommu).expect("start the scripted backend");
@@ -192,7 +202,14 @@ pub fn run_hostile_backend(data: &[u8]) -> BackendOutcome {
         }
         Ok(mut device) => {
             check_device(&device, queues, iommu);
-            drive(&mut device, queue_index, iommu, &progress, &mut outcome);
+            drive(
+                &mut device,
+                queue_index,
+                iommu,
+                migrate,
+                &progress,
+                &mut outcome,
+            );
         }
     }
 
@@ -214,6 +231,7 @@ fn drive(
     device: &mut VhostUserBlk,
     queue_index: u16,
     iommu: bool,
+    migrate: bool,
     progress: &Arc<Progress>,
     outcome: &mut BackendOutcome,
 ) {
@@ -241,6 +259,9 @@ fn drive(
             );
             // The pump answers what it read before it sees the stop: let it read the MISSes.
             progress.wait_for_channel_drained(Instant::now() + CHANNEL_DRAIN);
+            if migrate {
+                migrate_steps(device, &session, outcome);
+            }
         }
     }
     timed("ExternalQueues::stop", STEP_BOUND, || {
@@ -264,6 +285,26 @@ fn drive(
             "a healthy backend's setup needed a reset after {took:?}"
         );
     }
+}
+
+/// What a migration's source does with the device: dirty logging on, its log read, the
+/// rings quiesced, logging off; each step bounded.
+fn migrate_steps(
+    device: &mut VhostUserBlk,
+    session: &Mutex<Session>,
+    outcome: &mut BackendOutcome,
+) {
+    let locked = || session.lock().unwrap_or_else(PoisonError::into_inner);
+    let (logging, _) = timed("start_logging", STEP_BOUND, || locked().start_logging());
+    outcome.logging = logging.is_ok();
+    let (pages, _) = timed("take_logged", STEP_BOUND, || locked().take_logged());
+    assert!(
+        pages.iter().all(|&page| page < RAM_BYTES >> 12),
+        "logged pages outside guest RAM: {pages:?}"
+    );
+    let (quiesced, _) = timed("quiesce", STEP_BOUND, || ExternalQueues::quiesce(device));
+    outcome.quiesced = quiesced.is_ok();
+    timed("stop_logging", STEP_BOUND, || locked().stop_logging());
 }
 
 /// The vIOMMU of a vIOMMU run: guest RAM at its own address, page by page, odd pages
@@ -884,6 +925,9 @@ fn awaited_bytes(request: &Request) -> usize {
         12 + VIRTIO_BLK_CONFIG_SIZE
     } else if code == FrontendReq::GET_INFLIGHT_FD as u32 {
         size_of::<VhostUserInflight>()
+    } else if code == SET_LOG_BASE {
+        // libvhost-user's answer (a u64); sluice-vhost's is a 16-byte `VhostUserLog`.
+        8
     } else if [
         FrontendReq::GET_FEATURES,
         FrontendReq::GET_PROTOCOL_FEATURES,
@@ -968,6 +1012,14 @@ fn healthy(request: &Request) -> Option<(Vec<u8>, Vec<File>)> {
         let asked = VhostUserVringState::from_slice(&request.body).copied();
         let state = VhostUserVringState::new(asked.map_or(0, |s| s.index), 0);
         Some((state.as_slice().to_vec(), Vec::new()))
+    } else if code == SET_LOG_BASE {
+        // As libvhost-user: a u64 body (the log size).
+        value(
+            request
+                .body
+                .get(..8)
+                .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))),
+        )
     } else if code == FrontendReq::GET_INFLIGHT_FD as u32 {
         let asked = VhostUserInflight::from_slice(&request.body).copied()?;
         let area = memfd(HEALTHY_INFLIGHT_BYTES)?;

@@ -546,7 +546,11 @@ fn wait(socket: &UnixStream, events: i16, deadline: Instant) -> io::Result<()> {
 /// Writes all of `bytes`, each sendmsg after poll says there is room (the socket stays in
 /// blocking mode: the `vhost` crate's frontend shares it). sendmsg and read, not send/recv
 /// (sendto/recvfrom): those are outside the filters of the threads that get here (vCPU, pump).
-fn write_all(socket: &UnixStream, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
+pub(super) fn write_all(
+    socket: &UnixStream,
+    mut bytes: &[u8],
+    deadline: Instant,
+) -> io::Result<()> {
     while !bytes.is_empty() {
         wait(socket, libc::POLLOUT, deadline)?;
         match write_some(socket, bytes) {
@@ -559,7 +563,11 @@ fn write_all(socket: &UnixStream, mut bytes: &[u8], deadline: Instant) -> io::Re
     Ok(())
 }
 
-fn read_exact(socket: &UnixStream, mut buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+pub(super) fn read_exact(
+    socket: &UnixStream,
+    mut buf: &mut [u8],
+    deadline: Instant,
+) -> io::Result<()> {
     while !buf.is_empty() {
         wait(socket, libc::POLLIN, deadline)?;
         match read_some(socket, buf) {

@@ -10,8 +10,8 @@
 //! vhost-user-blk frontend uses (backends are tested against it):
 //!
 //! * connect ([`VhostUserBlk::new`]): GET_FEATURES, GET/SET_PROTOCOL_FEATURES (CONFIG is
-//!   required; MQ, REPLY_ACK, CONFIGURE_MEM_SLOTS, INFLIGHT_SHMFD and RESET_DEVICE are used when
-//!   offered), GET_QUEUE_NUM (MQ), GET_MAX_MEM_SLOTS (CONFIGURE_MEM_SLOTS), SET_OWNER, GET_CONFIG
+//!   required; MQ, REPLY_ACK, CONFIGURE_MEM_SLOTS, INFLIGHT_SHMFD, RESET_DEVICE and LOG_SHMFD
+//!   are used when offered), GET_QUEUE_NUM (MQ), GET_MAX_MEM_SLOTS (CONFIGURE_MEM_SLOTS), SET_OWNER, GET_CONFIG
 //!   (the 60-byte `virtio_blk_config`, cached for the guest's config reads).
 //! * DRIVER_OK ([`ExternalQueues::start`], sent from the pump thread): GET_INFLIGHT_FD (first
 //!   start only) and SET_INFLIGHT_FD, SET_FEATURES (negotiated |
@@ -60,8 +60,17 @@
 //! Behind sluice's VT-d ([`VhostUserBlkConfig::iommu`]) the backend runs the rings on IOVAs:
 //! VIRTIO_F_ACCESS_PLATFORM, a backend request channel for its IOTLB misses, and the VT-d's
 //! invalidations forwarded ([`iotlb`] says how, and why the locking is what it is).
+//! Snapshot and live migration ([`migration`]): the rings quiesce through
+//! [`ExternalQueues::quiesce`] (GET_VRING_BASE on each; the next start resumes at those
+//! positions with the inflight area kept, and the pump raises one interrupt per resumed ring, as
+//! completions signalled during the quiesce may not have been relayed); while a migration runs
+//! the backend logs its guest writes into a shared bitmap (VHOST_USER_PROTOCOL_F_LOG_SHMFD,
+//! VHOST_F_LOG_ALL, VHOST_VRING_F_LOG; SET_LOG_BASE is written and its reply read here, since
+//! libvhost-user answers it with a u64 where the `vhost` crate expects 16 bytes), and at the
+//! stop-and-copy it is handed over (rings stopped, connection closed, no reconnect until a
+//! failed migration takes it back).
 //! Not done: the rest of the backend request channel (config-change notifications are read and
-//! ignored), dirty logging, packed rings.
+//! ignored), packed rings.
 //!
 //! [`fuzz`] plays a scripted hostile backend against all of this (the body of the
 //! `vhost_user_backend_replies` fuzz target, also replayed by `cargo test`).
@@ -70,6 +79,7 @@ mod config_space;
 mod deadline;
 pub mod fuzz;
 pub mod iotlb;
+pub mod migration;
 mod pump;
 mod session;
 #[cfg(test)]
@@ -84,8 +94,8 @@ use std::time::Duration;
 
 use sluice_dma::DmaSpace;
 use sluice_virtio::{
-    ActivateError, DeviceMetrics, ExternalQueues, QueueBinding, QueueHandler, VirtioDevice,
-    VirtioInterrupt, DEVICE_TYPE_BLOCK,
+    ActivateError, DeviceMetrics, ExternalQueues, QueueBinding, QueueHandler, QueuePosition,
+    VirtioDevice, VirtioInterrupt, DEVICE_TYPE_BLOCK,
 };
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_MQ;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -256,6 +266,21 @@ pub enum VhostUserBlkError {
     FeaturesLost(u64),
     #[error("not connected to the backend")]
     Disconnected,
+    #[error(
+        "the backend does not offer VHOST_USER_PROTOCOL_F_LOG_SHMFD and VHOST_F_LOG_ALL: its \
+         writes to guest memory cannot be tracked"
+    )]
+    NoDirtyLog,
+    #[error("the backend answered GET_VRING_BASE with {0:#x}, not a split ring index")]
+    BadRingBase(u32),
+    #[error("handed over to a migration's destination")]
+    HandedOver,
+    #[error("SET_LOG_BASE got reply {request} (flags {flags:#x}, {len} bytes), not its own")]
+    BadLogReply {
+        request: u32,
+        flags: u32,
+        len: usize,
+    },
 }
 
 impl VhostUserBlkError {
@@ -282,7 +307,7 @@ impl VhostUserBlkError {
     /// Whether the backend is away (hung up, or its socket not there): a restarting backend
     /// comes back, so the device waits for it instead of needing a reset.
     fn backend_away(&self) -> bool {
-        self.connection_lost() || matches!(self, Self::Connect { .. })
+        self.connection_lost() || matches!(self, Self::Connect { .. } | Self::HandedOver)
     }
 
     /// Whether a reconnect attempt that failed this way may succeed later (the backend may be
@@ -365,8 +390,10 @@ impl VhostUserBlk {
             "vhost-user-blk {}: {queues} queue(s) of {queue_size}, features {features:#x}",
             config.socket.display()
         );
+        let session = Arc::new(Mutex::new(session));
+        migration::register(&session);
         Ok(Self {
-            session: Arc::new(Mutex::new(session)),
+            session,
             config: space,
             config_writes: Arc::new(ConfigForwarder::new(CONFIG_WCE_OFFSET as u32)),
             regions,
@@ -548,6 +575,29 @@ impl ExternalQueues for VhostUserBlk {
 
     fn stop(&mut self) {
         self.stop_rings();
+    }
+
+    /// GET_VRING_BASE on every ring (the backend completes what it took first), then the pump
+    /// stops; the session keeps the inflight area, so the next `start` resumes.
+    fn quiesce(&mut self) -> Result<Vec<(u16, QueuePosition)>, String> {
+        let positions = self.session().quiesce().map_err(|e| e.to_string())?;
+        self.stop_pump();
+        let session = self.session();
+        Ok(positions
+            .into_iter()
+            .map(|(index, next_avail, used_ring)| {
+                let next_used = session
+                    .last_mem()
+                    .map_or(next_avail, |mem| session::used_index(mem, used_ring));
+                (
+                    index,
+                    QueuePosition::Split {
+                        next_avail,
+                        next_used,
+                    },
+                )
+            })
+            .collect())
     }
 }
 

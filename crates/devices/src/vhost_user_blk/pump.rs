@@ -63,6 +63,11 @@ impl CallPump {
             add(&epoll, queue.call.as_raw_fd(), EventSet::IN, slot as u64)?;
         }
         let mem = active.mem();
+        // Recorded now, so that a quiesce before the setup below sees the rings.
+        session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .prepare(active);
         let last_used = queues
             .iter()
             .map(|q| used_index(&mem, q.used_ring))
@@ -82,8 +87,7 @@ impl CallPump {
             iotlb,
         };
         let kind = sluice_sandbox::ThreadKind::VhostFrontend;
-        let thread =
-            sluice_sandbox::spawn(kind, "vhost-user-blk".into(), move || pump.run(active))?;
+        let thread = sluice_sandbox::spawn(kind, "vhost-user-blk".into(), move || pump.run())?;
         Ok(Self { stop, thread })
     }
 
@@ -136,10 +140,11 @@ impl Pump {
         self.session.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn run(mut self, active: Active) {
-        if !self.set_up(active) {
+    fn run(mut self) {
+        if !self.set_up() {
             return;
         }
+        self.notify_resumed();
         self.watch_socket();
         let mut events = vec![EpollEvent::default(); self.queues.len() + 3];
         loop {
@@ -173,8 +178,8 @@ impl Pump {
     }
 
     /// The DRIVER_OK setup; false if the device cannot run. A backend found away is waited for.
-    fn set_up(&mut self, active: Active) -> bool {
-        let result = self.session().activate(active);
+    fn set_up(&mut self) -> bool {
+        let result = self.session().activate_prepared();
         let Err(e) = result else {
             return true;
         };
@@ -196,6 +201,17 @@ impl Pump {
             self.interrupt.needs_reset();
         }
         false
+    }
+
+    /// Rings that resume where a quiesce (snapshot, migration) stopped them get one interrupt
+    /// each: the backend's last completions before the quiesce may have signalled a call fd
+    /// nobody relayed any more. A spurious interrupt is harmless; a lost one stalls the driver.
+    fn notify_resumed(&self) {
+        for (queue, &used) in self.queues.iter().zip(&self.last_used) {
+            if used != 0 {
+                let _ = self.interrupt.notify_queue(queue.index);
+            }
+        }
     }
 
     /// The backend used buffers on one queue: tell the driver.

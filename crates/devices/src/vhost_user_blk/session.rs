@@ -9,13 +9,14 @@
 
 use std::fs::File;
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use sluice_dma::shared_log::{log_bytes_for, SharedLog};
 use sluice_dma::DmaSpace;
 use sluice_virtio::QueueBinding;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
@@ -24,10 +25,11 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::config_space::ConfigSpace;
 use super::deadline::{self, Watchdog};
-use super::iotlb::{IotlbLink, FEATURE_ACCESS_PLATFORM};
+use super::iotlb::{read_exact, write_all, IotlbLink, FEATURE_ACCESS_PLATFORM};
 use super::{
     translate, SharedMemoryRegion, VhostUserBlkError, VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_BLK_CONFIG_SIZE,
@@ -41,13 +43,24 @@ fn wanted_protocol_features(iommu: bool) -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-        | VhostUserProtocolFeatures::RESET_DEVICE;
+        | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::LOG_SHMFD;
     if iommu {
         wanted | VhostUserProtocolFeatures::BACKEND_REQ
     } else {
         wanted
     }
 }
+
+/// VHOST_USER_SET_LOG_BASE, and the header fields its exchange needs.
+const FRONTEND_SET_LOG_BASE: u32 = 6;
+const VHOST_USER_VERSION_1: u32 = 0x1;
+const VHOST_USER_REPLY: u32 = 0x4;
+const VHOST_USER_HEADER_BYTES: usize = 12;
+/// VHOST_F_LOG_ALL: the backend logs the guest pages it writes (a migration runs).
+pub(super) const VHOST_F_LOG_ALL: u64 = 1 << 26;
+/// SET_VRING_ADDR flag: log the used ring's writes at `log_guest_addr`.
+const VHOST_VRING_F_LOG: u32 = 1;
 
 /// What a backend must offer to serve a device behind a vIOMMU.
 fn iotlb_protocol_features() -> VhostUserProtocolFeatures {
@@ -145,7 +158,7 @@ fn ring(
         kick: binding.kick,
         call: EventFd::new(EFD_NONBLOCK).map_err(io_step("call eventfd"))?,
     };
-    vring_config(regions, &ring)?;
+    vring_config(regions, &ring, false)?;
     Ok(ring)
 }
 
@@ -155,6 +168,7 @@ fn ring(
 fn vring_config(
     regions: Option<&[SharedMemoryRegion]>,
     ring: &Ring,
+    logged: bool,
 ) -> Result<VringConfigData, VhostUserBlkError> {
     let size = u64::from(ring.size);
     let part = |part: &'static str, gpa: u64, len: u64| match regions {
@@ -169,12 +183,20 @@ fn vring_config(
     Ok(VringConfigData {
         queue_max_size: ring.size,
         queue_size: ring.size,
-        flags: 0,
+        flags: if logged { VHOST_VRING_F_LOG } else { 0 },
         desc_table_addr: part("descriptor table", ring.desc_table, 16 * size)?,
         avail_ring_addr: part("avail ring", ring.avail_ring, 6 + 2 * size)?,
         used_ring_addr: part("used ring", ring.used_ring, 6 + 8 * size)?,
-        log_addr: None,
+        // The used ring's guest physical address, where the backend logs its writes.
+        log_addr: logged.then_some(ring.used_ring),
     })
+}
+
+/// The migration's dirty log while it runs (see [`super::migration`]), kept to be handed to a
+/// reconnected backend.
+struct DirtyLog {
+    log: SharedLog,
+    file: File,
 }
 
 /// The inflight area from GET_INFLIGHT_FD, kept to be handed to a reconnected backend.
@@ -221,6 +243,14 @@ pub(super) struct Session {
     exposed_queues: Option<u16>,
     inflight: Option<Inflight>,
     active: Option<Active>,
+    /// While a migration runs: the log the backend writes into.
+    log: Option<DirtyLog>,
+    /// The memory of the last activation, kept by a quiesce.
+    active_mem: Option<DmaSpace>,
+    /// Handed over to a migration's destination: no reconnect.
+    held: bool,
+    /// Whether the backend runs the activation's rings (its setup completed).
+    started: bool,
 }
 
 impl Session {
@@ -244,6 +274,10 @@ impl Session {
             exposed_queues: None,
             inflight: None,
             active: None,
+            log: None,
+            active_mem: None,
+            held: false,
+            started: false,
         })
     }
 
@@ -321,6 +355,9 @@ impl Session {
 
     /// Opens the connection and runs the handshake (QEMU 7.2 order, see the module doc).
     pub fn connect(&mut self) -> Result<(), VhostUserBlkError> {
+        if self.held {
+            return Err(VhostUserBlkError::HandedOver);
+        }
         self.disconnect();
         let endpoint = &self.endpoint;
         let stream = deadline::connect(&endpoint.socket, endpoint.timeout).map_err(|source| {
@@ -465,10 +502,18 @@ impl Session {
         })
     }
 
-    /// Starts the backend on the driver's queues. A connection found dead is rebuilt once.
-    /// On failure the rings stay recorded, so that the reset stops whichever did start.
-    pub fn activate(&mut self, active: Active) -> Result<(), VhostUserBlkError> {
+    /// Records the driver's queues as the activation (on the vCPU thread, before the pump
+    /// sends anything), so that a quiesce or hand-over that comes before the pump's setup
+    /// sees them; nothing is sent.
+    pub fn prepare(&mut self, active: Active) {
         self.active = Some(active);
+        self.started = false;
+    }
+
+    /// Starts the backend on the prepared queues (a quiesce may have taken them: then nothing
+    /// is sent). A connection found dead is rebuilt once. On failure the rings stay recorded,
+    /// so that the reset stops whichever did start.
+    pub fn activate_prepared(&mut self) -> Result<(), VhostUserBlkError> {
         match self.start(false) {
             Err(e) if e.connection_lost() => {
                 tracing::warn!(
@@ -489,6 +534,7 @@ impl Session {
             return Ok(());
         };
         let result = self.send_start(&active, resume);
+        self.started = result.is_ok();
         self.active = Some(active);
         result
     }
@@ -499,11 +545,8 @@ impl Session {
             return Err(VhostUserBlkError::FeaturesLost(lost));
         }
         self.send_inflight(active)?;
-        let mut features = active.features | VHOST_USER_F_PROTOCOL_FEATURES;
+        let features = self.wire_features(active);
         if let Some(link) = self.endpoint.iotlb.clone() {
-            // Behind the vIOMMU the rings are IOVAs whatever the driver negotiated (its DMA
-            // space translates them either way), as with QEMU's vhost.
-            features |= FEATURE_ACCESS_PLATFORM;
             self.request("SET_FEATURES", |f| f.set_features(features))?;
             if let Some(connection) = &self.connection {
                 link.arm(connection.socket.clone());
@@ -512,6 +555,7 @@ impl Session {
             self.request("SET_FEATURES", |f| f.set_features(features))?;
         }
         self.send_memory()?;
+        self.send_log_base()?;
         for ring in &active.rings {
             let base = if resume {
                 used_index(&active.mem, ring.used_ring)
@@ -533,7 +577,7 @@ impl Session {
 
     fn send_ring(&mut self, ring: &Ring, base: u16) -> Result<(), VhostUserBlkError> {
         let regions = self.endpoint.iotlb.is_none().then_some(&self.regions[..]);
-        let addresses = vring_config(regions, ring)?;
+        let addresses = vring_config(regions, ring, self.log.is_some())?;
         let index = usize::from(ring.index);
         self.request("SET_VRING_NUM", |f| f.set_vring_num(index, ring.size))?;
         self.request("SET_VRING_BASE", |f| f.set_vring_base(index, base))?;
@@ -606,6 +650,227 @@ impl Session {
         Ok(())
     }
 
+    /// SET_FEATURES' value for `active`: what the driver negotiated, the vhost-user bit,
+    /// ACCESS_PLATFORM behind the vIOMMU (the rings are IOVAs whatever the driver negotiated,
+    /// as with QEMU's vhost) and LOG_ALL while a migration logs.
+    fn wire_features(&self, active: &Active) -> u64 {
+        let mut features = active.features | VHOST_USER_F_PROTOCOL_FEATURES;
+        if self.endpoint.iotlb.is_some() {
+            features |= FEATURE_ACCESS_PLATFORM;
+        }
+        if self.log.is_some() {
+            features |= VHOST_F_LOG_ALL;
+        }
+        features
+    }
+
+    /// SET_LOG_BASE with the migration's log, if one is running.
+    fn send_log_base(&mut self) -> Result<(), VhostUserBlkError> {
+        let Some(log) = &self.log else {
+            return Ok(());
+        };
+        let (size, fd) = (log.log.len() as u64, log.file.as_raw_fd());
+        if self.endpoint.cancel.load(Ordering::Acquire) {
+            return Err(VhostUserBlkError::Cancelled);
+        }
+        let result = self.exchange_log_base(size, fd);
+        if result.is_err() {
+            // The framing may be lost with the exchange.
+            self.disconnect();
+        }
+        result
+    }
+
+    /// SET_LOG_BASE written and its reply read here, not through the `vhost` crate's
+    /// frontend: that one wants a 16-byte `VhostUserLog` back, while libvhost-user (QEMU's
+    /// storage daemon) answers with a u64 and QEMU's frontend reads whatever size the header
+    /// says. So does this: any reply of at most 16 bytes is the acknowledgement (its body
+    /// means nothing: libvhost-user echoes the log size); a backend that refuses the log
+    /// drops the connection.
+    fn exchange_log_base(&mut self, size: u64, fd: RawFd) -> Result<(), VhostUserBlkError> {
+        let step = "SET_LOG_BASE";
+        let socket = self
+            .connection
+            .as_ref()
+            .ok_or(VhostUserBlkError::Disconnected)?
+            .socket
+            .clone();
+        let link = self.endpoint.iotlb.clone();
+        let _wire = link.as_ref().map(|link| link.lock());
+        let deadline = Instant::now() + self.endpoint.timeout;
+        let failed = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::TimedOut => VhostUserBlkError::Timeout {
+                step,
+                timeout: self.endpoint.timeout,
+            },
+            _ => io_step(step)(e),
+        };
+        let mut message = Vec::with_capacity(VHOST_USER_HEADER_BYTES + 16);
+        for word in [FRONTEND_SET_LOG_BASE, VHOST_USER_VERSION_1, 16] {
+            message.extend_from_slice(&word.to_le_bytes());
+        }
+        message.extend_from_slice(&size.to_le_bytes());
+        message.extend_from_slice(&0u64.to_le_bytes());
+        let sent = socket
+            .send_with_fds(&[&message[..]], &[fd])
+            .map_err(|e| failed(std::io::Error::from_raw_os_error(e.errno())))?;
+        write_all(&socket, &message[sent..], deadline).map_err(failed)?;
+        let mut header = [0u8; VHOST_USER_HEADER_BYTES];
+        read_exact(&socket, &mut header, deadline).map_err(failed)?;
+        let word = |at: usize| {
+            u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+        };
+        let (request, flags, len) = (word(0), word(4), word(8) as usize);
+        if request != FRONTEND_SET_LOG_BASE || flags & VHOST_USER_REPLY == 0 || len > 16 {
+            return Err(VhostUserBlkError::BadLogReply {
+                request,
+                flags,
+                len,
+            });
+        }
+        let mut body = [0u8; 16];
+        read_exact(&socket, &mut body[..len], deadline).map_err(failed)?;
+        Ok(())
+    }
+
+    /// Whether the backend can log the guest pages it writes (LOG_SHMFD and LOG_ALL).
+    pub fn can_log(&self) -> bool {
+        self.backend_features & VHOST_F_LOG_ALL != 0
+            && self.protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD)
+    }
+
+    /// A migration starts: a log covering guest RAM, and, if the rings run, SET_LOG_BASE,
+    /// LOG_ALL and each ring's log flag (QEMU's order). A reconnect replays them.
+    pub fn start_logging(&mut self) -> Result<(), VhostUserBlkError> {
+        if !self.can_log() {
+            return Err(VhostUserBlkError::NoDirtyLog);
+        }
+        let end = self
+            .regions
+            .iter()
+            .map(|r| r.guest_addr.saturating_add(r.size))
+            .max()
+            .unwrap_or(0);
+        let (log, file) = SharedLog::create(log_bytes_for(end)).map_err(io_step("dirty log"))?;
+        self.log = Some(DirtyLog { log, file });
+        let result = self.send_logging();
+        if result.is_err() {
+            self.log = None;
+        }
+        result
+    }
+
+    /// Turns the backend's logging on or off (whichever `self.log` says) for running rings.
+    fn send_logging(&mut self) -> Result<(), VhostUserBlkError> {
+        let Some(active) = self.active.take() else {
+            return Ok(());
+        };
+        let result = self.send_logging_for(&active);
+        self.active = Some(active);
+        result
+    }
+
+    fn send_logging_for(&mut self, active: &Active) -> Result<(), VhostUserBlkError> {
+        if self.connection.is_none() || !self.started {
+            // The setup still to come (or the reconnect) sends everything.
+            return Ok(());
+        }
+        self.send_log_base()?;
+        let features = self.wire_features(active);
+        self.send("SET_FEATURES", |f| f.set_features(features))?;
+        let logged = self.log.is_some();
+        for ring in &active.rings {
+            let regions = self.endpoint.iotlb.is_none().then_some(&self.regions[..]);
+            let addresses = vring_config(regions, ring, logged)?;
+            let index = usize::from(ring.index);
+            self.send("SET_VRING_ADDR", |f| f.set_vring_addr(index, &addresses))?;
+        }
+        Ok(())
+    }
+
+    /// The guest physical pages the backend logged since the last call, clearing them.
+    pub fn take_logged(&self) -> Vec<u64> {
+        self.log.as_ref().map(|l| l.log.take()).unwrap_or_default()
+    }
+
+    /// The migration ended: LOG_ALL and the ring log flags off (errors only logged: the
+    /// backend that cannot hear it is gone, and a reconnect sends no log).
+    pub fn stop_logging(&mut self) {
+        if self.log.take().is_none() {
+            return;
+        }
+        if let Err(e) = self.send_logging() {
+            tracing::warn!("vhost-user-blk: turning dirty logging off: {e}");
+        }
+    }
+
+    /// Stops the backend's rings with everything taken completed (GET_VRING_BASE) and returns
+    /// each ring's (index, next avail index, used ring address); the activation is forgotten
+    /// but the inflight area kept, so the next start (at these positions) is a resumption,
+    /// not a reset.
+    pub fn quiesce(&mut self) -> Result<Vec<(u16, u16, u64)>, VhostUserBlkError> {
+        let Some(active) = self.active.take() else {
+            return Ok(Vec::new());
+        };
+        match self.ring_bases(&active) {
+            Ok(positions) => {
+                self.active_mem = Some(active.mem());
+                Ok(positions)
+            }
+            Err(e) => {
+                // Still active: the reconnect (or a reset) deals with it.
+                self.active = Some(active);
+                Err(e)
+            }
+        }
+    }
+
+    /// GET_VRING_BASE for each of `active`'s rings: (index, next avail index, used ring).
+    fn ring_bases(&mut self, active: &Active) -> Result<Vec<(u16, u16, u64)>, VhostUserBlkError> {
+        if !self.started {
+            // The backend never got these rings: they stand where the transport put them.
+            return Ok(active
+                .rings
+                .iter()
+                .map(|ring| (ring.index, ring.first_avail, ring.used_ring))
+                .collect());
+        }
+        let mut positions = Vec::new();
+        for ring in &active.rings {
+            let index = usize::from(ring.index);
+            let base = self.send("GET_VRING_BASE", |f| f.get_vring_base(index))?;
+            let base = u16::try_from(base).map_err(|_| VhostUserBlkError::BadRingBase(base))?;
+            positions.push((ring.index, base, ring.used_ring));
+        }
+        self.started = false;
+        Ok(positions)
+    }
+
+    /// A migration's stop-and-copy: the backend's rings stop with everything taken completed
+    /// (GET_VRING_BASE) and the connection closes, so that the destination's frontend can own
+    /// the backend; no reconnect until [`Session::take_back`]. The activation is kept.
+    pub fn hand_over(&mut self) -> Result<(), VhostUserBlkError> {
+        self.held = true;
+        if let Some(active) = self.active.take() {
+            let stopped = self.ring_bases(&active);
+            self.active = Some(active);
+            stopped?;
+        }
+        self.disconnect();
+        Ok(())
+    }
+
+    /// The migration failed after [`Session::hand_over`]: the pump reconnects and restores
+    /// the rings at the guest's used indices (nothing was in flight).
+    pub fn take_back(&mut self) {
+        self.held = false;
+    }
+
+    /// Guest memory as the last quiesced activation saw it (its used indices).
+    pub fn last_mem(&self) -> Option<&DmaSpace> {
+        self.active_mem.as_ref()
+    }
+
     /// Stops the rings (GET_VRING_BASE) and forgets the activation. Errors are logged only:
     /// a reset must always succeed from the guest's point of view. Each request is bounded by
     /// the timeout, and the first one that times out drops the connection, so the rest fail
@@ -638,6 +903,9 @@ impl Session {
     /// After a hang-up: a new connection, the handshake, and (if active) the whole ring setup.
     /// Returns whether the config space changed.
     pub fn reconnect(&mut self) -> Result<bool, VhostUserBlkError> {
+        if self.held {
+            return Err(VhostUserBlkError::HandedOver);
+        }
         let before = self.config.snapshot();
         self.connect()?;
         self.start(true)?;

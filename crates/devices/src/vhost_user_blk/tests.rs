@@ -448,6 +448,73 @@ fn guest_writes_and_reads_go_through_the_backend() {
     device.reset();
 }
 
+/// Dirty logging and quiesce against a third-party backend (qemu-storage-daemon, whose
+/// libvhost-user offers LOG_SHMFD and LOG_ALL): the log holds the pages it wrote while logging
+/// ran, and a quiesced device resumes where it stopped.
+#[test]
+fn qemu_storage_daemon_logs_its_writes_and_resumes_after_a_quiesce() {
+    let img = image();
+    let Some(qsd) = Qsd::start("dirty-log", img.as_path(), 1) else {
+        return;
+    };
+    let mem = memfd_ram(RAM_SIZE);
+    let mut device = open(&qsd, &mem, 1);
+    let mut driver = Driver::new(&mem, 0);
+    let interrupts = start_on_one_queue(&mut device, &mem, &driver);
+    let data = pattern(5, 4096);
+    driver.submit(VIRTIO_BLK_T_OUT, 16, &data);
+    driver.wait_used(1);
+
+    device.session().start_logging().expect("logging starts");
+    let (read_buffer, read_status) = driver.submit(VIRTIO_BLK_T_IN, 16, &[0; 4096]);
+    driver.wait_used(2);
+    let logged = device.session().take_logged();
+    let positions = ExternalQueues::quiesce(&mut device).expect("quiesce");
+    device.session().stop_logging();
+    let mut binding = driver.binding();
+    if let Some((_, position)) = positions.first() {
+        binding.queue.set_position(*position).unwrap();
+    }
+    let features = device.device_features();
+    device
+        .start(
+            features,
+            sluice_dma::identity(mem.clone()),
+            vec![binding],
+            interrupts,
+        )
+        .unwrap();
+    let (_, status) = driver.submit(VIRTIO_BLK_T_IN, 16, &[0; 4096]);
+    driver.wait_used(3);
+
+    let page = |addr: u64| addr >> 12;
+    assert!(logged.contains(&page(read_buffer)), "{logged:?}");
+    assert!(logged.contains(&page(read_status)), "{logged:?}");
+    assert!(
+        logged.contains(&page(driver.mock.used_addr().0)),
+        "{logged:?}"
+    );
+    assert_eq!(
+        positions
+            .iter()
+            .map(|(i, p)| (*i, format!("{p:?}")))
+            .collect::<Vec<_>>(),
+        vec![(
+            0,
+            format!(
+                "{:?}",
+                QueuePosition::Split {
+                    next_avail: 2,
+                    next_used: 2
+                }
+            )
+        )]
+    );
+    assert_eq!(driver.bytes(read_buffer, 4096), data);
+    assert_eq!(driver.byte(status), 0, "the resumed ring serves");
+    device.reset();
+}
+
 #[test]
 fn reset_stops_the_rings_and_a_second_activation_works() {
     let img = image();

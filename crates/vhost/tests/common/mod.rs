@@ -334,6 +334,8 @@ pub fn wait_until(mut condition: impl FnMut() -> bool) -> bool {
 pub const RING_PACKED: u64 = 1 << 34;
 /// VIRTIO_F_ACCESS_PLATFORM: left out of [`Session::features`] (no vIOMMU) unless a test adds it.
 pub const ACCESS_PLATFORM: u64 = 1 << 33;
+/// VHOST_F_LOG_ALL: off unless a test (tests/dirty_log.rs) turns logging on.
+pub const LOG_ALL: u64 = 1 << 26;
 
 /// A connected frontend after the handshake (features, protocol features, owner).
 pub struct Session {
@@ -399,7 +401,7 @@ impl Session {
     pub fn start_ring(&mut self, guest: &Guest, base: u16) {
         let event_idx = 1u64 << 29;
         let fe = &mut self.frontend;
-        fe.set_features(self.features & !event_idx & !RING_PACKED)
+        fe.set_features(self.features & !event_idx & !RING_PACKED & !LOG_ALL)
             .expect("SET_FEATURES");
         fe.set_mem_table(&[guest.region()]).expect("SET_MEM_TABLE");
         fe.set_vring_num(0, QUEUE_SIZE).expect("SET_VRING_NUM");

@@ -8,7 +8,9 @@
 //! Not carried: the ISR bits of a device on INTx (drivers that use MSI-X, as Linux and the guest
 //! kit do, never look at them), and device-model state beyond the negotiated features, which
 //! activation hands to the model again (`ack_features`). A device whose rings run in another
-//! process (vhost-user) is refused.
+//! process (vhost-user) is quiesced through its `ExternalQueues::quiesce` (the backend stops
+//! its rings, requests in flight completed, and says where they stand) and refused if it
+//! cannot.
 
 use std::sync::atomic::Ordering;
 
@@ -48,10 +50,13 @@ impl VirtioPciDevice {
                     .iter()
                     .map(|(index, queue)| (*index, queue.position()))
                     .collect(),
-                Err(active) => {
-                    self.active = Some(active);
-                    return Err("its rings run in another process (vhost-user)".into());
-                }
+                Err(active) => match active.quiesce_external(self.device.as_mut()) {
+                    Ok(positions) => positions,
+                    Err((active, why)) => {
+                        self.active = Some(active);
+                        return Err(why);
+                    }
+                },
             },
         };
         let saved = SavedTransport {

@@ -156,7 +156,7 @@ impl VirtQueue {
         &mut self,
         mem: &DmaSpace,
     ) -> Result<u16, QueueError> {
-        self.log_ring_writes();
+        self.log_ring_writes(mem);
         match self {
             VirtQueue::Split(q) => {
                 q.enable_notification(mem)?;
@@ -186,8 +186,8 @@ impl VirtQueue {
             VirtQueue::Split(q) => q.iter(mem)?.next().map(Chain::Split),
             VirtQueue::Packed(q) => q.pop(mem)?.map(Chain::Packed),
         };
-        if sluice_dma::dirty::is_logging() {
-            chain.iter().for_each(Chain::log_device_writes);
+        if sluice_dma::dirty::is_logging_for(mem) {
+            chain.iter().for_each(|c| c.log_device_writes(mem));
         }
         Ok(chain)
     }
@@ -204,8 +204,8 @@ impl VirtQueue {
                 chains
             }
         };
-        if sluice_dma::dirty::is_logging() {
-            chains.iter().for_each(Chain::log_device_writes);
+        if sluice_dma::dirty::is_logging_for(mem) {
+            chains.iter().for_each(|c| c.log_device_writes(mem));
         }
         Ok(chains)
     }
@@ -213,19 +213,19 @@ impl VirtQueue {
     /// Marks the ring memory the device side writes in the migration's dirty log (see
     /// sluice_dma::dirty): split, the used ring with `avail_event`; packed, the descriptor
     /// ring and the device event area.
-    fn log_ring_writes(&self) {
-        if !sluice_dma::dirty::is_logging() {
+    fn log_ring_writes(&self, mem: &DmaSpace) {
+        if !sluice_dma::dirty::is_logging_for(mem) {
             return;
         }
         match self {
             VirtQueue::Split(q) => {
                 // flags, idx, the elements, avail_event (virtio 1.2 §2.7.8).
                 let len = 6 + 8 * u64::from(q.size());
-                sluice_dma::dirty::mark(q.used_ring(), len);
+                sluice_dma::dirty::mark_on(mem, q.used_ring(), len);
             }
             VirtQueue::Packed(q) => {
                 for (addr, len) in q.device_written_areas() {
-                    sluice_dma::dirty::mark(addr, len);
+                    sluice_dma::dirty::mark_on(mem, addr, len);
                 }
             }
         }
@@ -241,7 +241,7 @@ impl VirtQueue {
 
     /// Answers buffer `head` (the chain's [`Chain::head_index`]) with `len` bytes written.
     pub fn add_used(&mut self, mem: &DmaSpace, head: u16, len: u32) -> Result<(), QueueError> {
-        self.log_ring_writes();
+        self.log_ring_writes(mem);
         match self {
             VirtQueue::Split(q) => Ok(q.add_used(mem, head, len)?),
             VirtQueue::Packed(q) => Ok(q.add_used(mem, head, len)?),
@@ -250,7 +250,7 @@ impl VirtQueue {
 
     /// Asks the driver to kick again; true if a buffer arrived meanwhile.
     pub fn enable_notification(&mut self, mem: &DmaSpace) -> Result<bool, QueueError> {
-        self.log_ring_writes();
+        self.log_ring_writes(mem);
         match self {
             VirtQueue::Split(q) => Ok(q.enable_notification(mem)?),
             VirtQueue::Packed(q) => Ok(q.enable_notification(mem)?),
@@ -259,7 +259,7 @@ impl VirtQueue {
 
     /// Asks the driver not to kick.
     pub fn disable_notification(&mut self, mem: &DmaSpace) -> Result<(), QueueError> {
-        self.log_ring_writes();
+        self.log_ring_writes(mem);
         match self {
             VirtQueue::Split(q) => Ok(q.disable_notification(mem)?),
             VirtQueue::Packed(q) => Ok(q.disable_notification(mem)?),
@@ -268,7 +268,7 @@ impl VirtQueue {
 
     /// Whether the driver wants an interrupt now (EVENT_IDX / suppression flags).
     pub fn needs_notification(&mut self, mem: &DmaSpace) -> Result<bool, QueueError> {
-        self.log_ring_writes();
+        self.log_ring_writes(mem);
         match self {
             VirtQueue::Split(q) => Ok(q.needs_notification(mem)?),
             VirtQueue::Packed(q) => Ok(q.needs_notification(mem)?),
@@ -371,10 +371,10 @@ impl<'m> Chain<'m> {
     }
 
     /// Marks the chain's device-writable buffers in the migration's dirty log.
-    fn log_device_writes(&self) {
+    fn log_device_writes(&self, mem: &DmaSpace) {
         for descriptor in self.descriptors() {
             if descriptor.flags() & VRING_DESC_F_WRITE as u16 != 0 {
-                sluice_dma::dirty::mark(descriptor.addr().0, u64::from(descriptor.len()));
+                sluice_dma::dirty::mark_on(mem, descriptor.addr().0, u64::from(descriptor.len()));
             }
         }
     }

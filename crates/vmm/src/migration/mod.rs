@@ -22,9 +22,14 @@
 //! Downtime is measured from the source's pause to the destination's resume, both read from
 //! CLOCK_REALTIME on this host (the two processes share the clock).
 //!
-//! What is refused: everything a snapshot refuses (vhost-user disks, virtio-net, e1000, NVMe,
-//! VFIO, the vIOMMU, the test device) — the device dirty log covers exactly the devices that
-//! remain (virtio-blk on an image, virtio-rng; see sluice_dma::dirty for the write paths).
+//! What is refused: everything a snapshot refuses (virtio-net, e1000, VFIO, the vIOMMU, the
+//! test device) — the device dirty log covers exactly the devices that remain (virtio-blk on
+//! an image, virtio-rng, NVMe; see sluice_dma::dirty for the write paths) — and vhost-user disks
+//! whose backend cannot log its writes (no VHOST_USER_PROTOCOL_F_LOG_SHMFD or VHOST_F_LOG_ALL).
+//! A vhost-user disk's backend logs into a bitmap the source reads each round
+//! (`sluice_devices::vhost_user_blk::migration`); at the stop-and-copy it is quiesced and
+//! handed over with the image locks (its connection closes, so the destination's frontend can
+//! own it when it builds the VM), and a failure takes it back (the frontend reconnects).
 //! Transports: `unix:PATH` and `tcp:HOST:PORT`, unencrypted and unauthenticated (on one host).
 
 pub mod fuzz;

@@ -98,6 +98,8 @@ pub(crate) fn send(
             // No lost VM: it runs on here, with its images locked again — unless another
             // process holds them now (a destination that runs the VM although its `Ack` never
             // arrived): two VMs writing one disk would corrupt it, so this one stops instead.
+            // The vhost-user backends come back too (their frontends reconnect).
+            sluice_devices::vhost_user_blk::migration::take_back();
             if let Err(lock) = sluice_storage::lock::reacquire_all() {
                 let why = format!(
                     "{e}; the disk images cannot be taken back ({lock}): the destination may \
@@ -171,6 +173,9 @@ fn stop_and_copy(
     let captured = paused.elapsed();
     sluice_storage::lock::release_all()
         .map_err(|e| MigrationError::Vm(format!("cannot release the image locks: {e}")))?;
+    // vhost-user backends: quiesced and released for the destination, before their logs'
+    // last read below.
+    sluice_devices::vhost_user_blk::migration::hand_over().map_err(MigrationError::Vm)?;
     let last = union(pending, &tracking.take_round()?);
     let last = union(last, &tracking.take_device_sticky());
     let sent = send_page_list(&mut out, &parts.ram, &last)?;

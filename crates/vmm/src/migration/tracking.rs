@@ -1,7 +1,10 @@
 //! Dirty-page tracking for a migration: KVM's dirty log (KVM_MEM_LOG_DIRTY_PAGES on every
 //! guest RAM slot, read and cleared with KVM_GET_DIRTY_LOG each round) for what the vCPUs
-//! write, and sluice-dma's device log for what device models write through the VMM's mapping,
-//! which KVM never sees. Pages are numbered by their offset in the guest RAM file.
+//! write, sluice-dma's device log for what device models write through the VMM's mapping,
+//! which KVM never sees, and the vhost-user disks' backends' logs
+//! (`sluice_devices::vhost_user_blk::migration`: VHOST_USER_SET_LOG_BASE) for what they write
+//! from their own processes — read into the device log each round, so their pages are sticky
+//! too. Pages are numbered by their offset in the guest RAM file.
 //!
 //! kvm_pvm (this host) logs dirty pages like hardware KVM: `kvm_dirty_log_sees_guest_writes`
 //! in the tests runs a guest that writes one page and finds exactly that page in the log.
@@ -10,6 +13,7 @@ use std::sync::Arc;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
+use sluice_devices::vhost_user_blk;
 use sluice_dma::dirty::{PageLog, RamRegion};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -72,6 +76,8 @@ impl DirtyTracking {
     /// Turns on both logs. Pages written before this are sent by round 0, which reads all RAM
     /// after it.
     pub fn start(vm: Arc<VmFd>, ram: &GuestRam) -> Result<Self, MigrationError> {
+        // First: a backend that cannot log refuses the migration before anything changed.
+        vhost_user_blk::migration::start_logging().map_err(MigrationError::Vm)?;
         let slots = slots(ram);
         let regions = slots
             .iter()
@@ -91,6 +97,9 @@ impl DirtyTracking {
     /// The pages dirtied since the last call (vCPU and device writes), ascending, clearing both
     /// logs' round bits.
     pub fn take_round(&self) -> Result<Vec<u64>, MigrationError> {
+        for gpa_page in vhost_user_blk::migration::take_logged() {
+            self.devices.mark(gpa_page << PAGE_SHIFT, 1 << PAGE_SHIFT);
+        }
         let mut pages = self.devices.take_round();
         for slot in &self.slots {
             let bitmap = self
@@ -115,6 +124,7 @@ impl DirtyTracking {
 impl Drop for DirtyTracking {
     fn drop(&mut self) {
         sluice_dma::dirty::stop();
+        vhost_user_blk::migration::stop_logging();
         if let Err(e) = set_slot_flags(&self.vm, &self.slots, 0) {
             tracing::warn!("cannot turn KVM dirty logging off: {e}");
         }

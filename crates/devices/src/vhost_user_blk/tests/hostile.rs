@@ -610,3 +610,26 @@ fn a_guest_config_write_never_waits_for_the_backend() {
     rig.backend
         .wait_for("SET_CONFIG", |s| s.saw(FrontendReq::SET_CONFIG));
 }
+
+#[test]
+fn a_backend_without_dirty_logging_refuses_the_migration_by_name() {
+    let mem = memfd_ram(RAM_SIZE);
+    let rig = Rig::new("no-log", vec![SERVE], &mem);
+    let driver = Driver::new(&mem, 0);
+    let rig = rig.activate(&driver);
+    rig.backend
+        .wait_for("SET_VRING_ENABLE", |s| s.saw(FrontendReq::SET_VRING_ENABLE));
+
+    let refused = rig.device.session().start_logging();
+
+    let why = refused.expect_err("no LOG_SHMFD, no LOG_ALL").to_string();
+    assert!(why.contains("VHOST_USER_PROTOCOL_F_LOG_SHMFD"), "{why}");
+    let requests = rig.backend.seen.requests.lock().unwrap().clone();
+    assert!(
+        !requests.contains(&code(FrontendReq::SET_LOG_BASE)),
+        "nothing sent: {requests:?}"
+    );
+    assert!(rig.device.session().take_logged().is_empty());
+    let (rig, _) = rig.reset();
+    assert!(!rig.needs_reset());
+}
