@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Issue 16: guest-kit VMs sharing one `sluice serve blk` (docs/benchmarks.md, "Issue 16").
+
+Each case starts one `sluice serve blk --direct` with one `--disk` per VM (own image, own
+socket), starts the VMs at once (`sluice run --disk vhost_user=on,socket=...`), stops the
+server with SIGTERM (its `--metrics` has the scheduler's per-guest stats) and keeps every VM's
+RESULT line. Cases:
+
+  reader_alone      the 4K QD1 random reader alone (unscheduled)
+  together_off      reader + bulk 128K sequential writer (QD16), --qos-device off
+  together_qos      the same behind the scheduler (equal weights)
+  share_3_1         two bulk writers, weight=3 and weight=1
+  bucket_iops       a 4K QD8 random reader at iops=LIMIT next to a bulk writer
+  bucket_bps        a bulk writer at bps=LIMIT alone
+  prio_alone        one guest, one queue: its high-priority QD1 slot alone (hi_slots=1, qd=1)
+  prio_mixed_off    one guest, one queue: 1 high slot + 15 idle-class slots, unscheduled
+  prio_mixed_qos    the same behind the scheduler
+
+    bench/qos_share.py [--sluice target/debug/sluice] [--reps 3] [--dur-ms 6000] \\
+        [--out bench/results/qos-DATE.json]
+"""
+import argparse
+import glob
+import json
+import os
+import signal
+import statistics
+import subprocess
+import time
+
+WORK = "/var/tmp/sluice-qos-bench"
+READER = "w=blk:op=randread:bs=4096:qd=1:span_mb=200:ops=1000000000:dur_ms={dur}"
+WRITER = "w=blk:op=write:bs=131072:qd=16:span_mb=200:ops=1000000000:dur_ms={dur}:mode=irq"
+LIMITED_READER = "w=blk:op=randread:bs=4096:qd=8:span_mb=200:ops=1000000000:dur_ms={dur}:mode=irq"
+PRIO_ALONE = "w=blk:op=randread:bs=4096:qd=1:hi_slots=1:span_mb=200:ops=1000000000:dur_ms={dur}"
+PRIO_MIXED = "w=blk:op=randread:bs=4096:qd=16:hi_slots=1:span_mb=200:ops=1000000000:dur_ms={dur}"
+IOPS_LIMIT = 2000
+BPS_LIMIT = 20 << 20
+
+
+def cases():
+    """name -> (qos device spec or 'off', [(vm name, guest cmdline, qos keys)])."""
+    return {
+        "reader_alone": ("off", [("reader", READER, "")]),
+        "together_off": ("off", [("reader", READER, ""), ("writer", WRITER, "")]),
+        "together_qos": ("depth=4", [("reader", READER, ""), ("writer", WRITER, "")]),
+        "share_3_1": ("depth=4", [("w3", WRITER, "weight=3"), ("w1", WRITER, "weight=1")]),
+        "bucket_iops": ("depth=4", [("limited", LIMITED_READER, f"iops={IOPS_LIMIT}"),
+                                    ("writer", WRITER, "")]),
+        "bucket_bps": ("depth=4", [("limited", WRITER, f"bps={BPS_LIMIT}")]),
+        "prio_alone": ("depth=4", [("guest", PRIO_ALONE, "")]),
+        "prio_mixed_off": ("off", [("guest", PRIO_MIXED, "")]),
+        "prio_mixed_qos": ("depth=4", [("guest", PRIO_MIXED, "")]),
+    }
+
+
+def guest_kernel(sluice):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(sluice))))
+    elves = glob.glob(f"{root}/target/*/build/sluice-guest-kit-*/out/sluice-guest.elf")
+    return max(elves, key=os.path.getmtime)
+
+
+def image(name):
+    path = f"{WORK}/{name}.img"
+    if not os.path.exists(path):
+        subprocess.run(["fallocate", "-l", "256M", path], check=True)
+    return path
+
+
+def run_case(sluice, kernel, name, qos_device, vms, dur):
+    metrics = f"{WORK}/{name}.metrics.json"
+    disks = []
+    for vm, _, keys in vms:
+        sock = f"{WORK}/{vm}.sock"
+        if os.path.exists(sock):
+            os.unlink(sock)
+        spec = f"socket={sock},image={image(vm)},name={vm}" + (f",{keys}" if keys else "")
+        disks.append(f"--disk={spec}")
+    server = subprocess.Popen([sluice, "serve", "blk", "--direct", *disks,
+                               f"--qos-device={qos_device}", f"--metrics={metrics}"],
+                              stderr=open(f"{WORK}/{name}.serve.log", "w"))
+    deadline = time.time() + 20
+    while not all(os.path.exists(f"{WORK}/{vm}.sock") for vm, _, _ in vms):
+        assert time.time() < deadline and server.poll() is None, "server did not listen"
+        time.sleep(0.05)
+    procs = []
+    for vm, cmdline, _ in vms:
+        cmd = [sluice, "run", "--kernel", kernel, "--cpus", "1", "--memory", "64M",
+               f"--disk=vhost_user=on,socket={WORK}/{vm}.sock",
+               "--cmdline", "quiet " + cmdline.format(dur=dur)]
+        procs.append((vm, subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, text=True)))
+    results = {}
+    for vm, proc in procs:
+        out, _ = proc.communicate(timeout=dur / 1000 + 120)
+        line = next((l for l in out.splitlines() if l.startswith("RESULT ")), None)
+        results[vm] = json.loads(line[7:]) if line else {"error": out[-2000:]}
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=20)
+    with open(metrics) as f:
+        qos = json.load(f).get("qos")
+    return {"vms": results, "qos": qos}
+
+
+def summary(name, run):
+    """The figures the docs table uses."""
+    out = {}
+    for vm, r in run["vms"].items():
+        if "error" in r:
+            out[vm] = {"error": True}
+            continue
+        secs = r["elapsed_ns"] / 1e9
+        entry = {"iops": round(r["ops"] / secs), "mib_s": round(r["bytes"] / secs / 2**20, 2),
+                 "p50_us": r["lat_ns"]["p50"] / 1000, "p99_us": r["lat_ns"]["p99"] / 1000}
+        if "lat_hi_ns" in r:
+            entry["hi_p50_us"] = r["lat_hi_ns"]["p50"] / 1000
+            entry["hi_p99_us"] = r["lat_hi_ns"]["p99"] / 1000
+            entry["lo_p99_us"] = r["lat_lo_ns"]["p99"] / 1000
+        out[vm] = entry
+    if run["qos"]:
+        for g in run["qos"]["guests"]:
+            out.setdefault(g["name"], {}).update({
+                "qos_share": round(g["share"], 4),
+                "queue_delay_mean_us": round(g["queue_delay_mean_us"], 1),
+                "throttled_ms": g["throttled_ms"]})
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sluice", default="target/debug/sluice")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dur-ms", type=int, default=6000)
+    ap.add_argument("--only", nargs="*")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    os.makedirs(WORK, exist_ok=True)
+    kernel = guest_kernel(args.sluice)
+    all_runs = {}
+    for rep in range(args.reps):
+        for name, (qos_device, vms) in cases().items():
+            if args.only and name not in args.only:
+                continue
+            run = run_case(args.sluice, kernel, name, qos_device, vms, args.dur_ms)
+            s = summary(name, run)
+            print(json.dumps({"case": name, "rep": rep, **s}), flush=True)
+            all_runs.setdefault(name, []).append({"summary": s, "raw": run})
+    if args.out:
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "dur_ms": args.dur_ms,
+                "reps": args.reps, "sluice": args.sluice,
+                "load_avg": os.getloadavg(), "iops_limit": IOPS_LIMIT, "bps_limit": BPS_LIMIT}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "cases": all_runs}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
