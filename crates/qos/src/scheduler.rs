@@ -11,7 +11,12 @@
 //!   was idle restarts at the virtual time of the last dispatch, so idleness banks no credit.
 //! * **Limits.** A guest whose bucket is empty is skipped (its time counted as throttled) and
 //!   the others go on; the device's buckets and its `depth` (requests in flight on the backend
-//!   at once) bound everyone. [`Scheduler::next_wakeup`] says when a bucket refills.
+//!   at once) bound everyone — except that a guest with nothing in flight and not ahead of
+//!   its fair share (virtual time not past the last dispatch's) may start one request on a
+//!   full device: a QD1 latency-sensitive guest does not wait for a bulk guest's request to
+//!   finish, the backend holds at most `depth` + one request per guest, and a saturating
+//!   guest that is ahead gets no extra slot (the shares hold). [`Scheduler::next_wakeup`]
+//!   says when a bucket refills.
 //! * **Priority inside a guest.** The virtio-blk header's `ioprio` class: real-time before
 //!   best-effort before idle, whenever a slot on the backend frees; idle requests have at
 //!   most [`DeviceConfig::idle_depth`] in flight per guest, so a guest's idle-class bulk never
@@ -427,8 +432,9 @@ impl Scheduler {
     /// grants ([`Scheduler::take_grants`]). Returns the queues that got new grants.
     pub fn dispatch(&mut self, now: Nanos) -> Vec<QueueId> {
         let mut granted = Vec::new();
-        while self.in_flight < self.device.depth && self.device_ready(now) {
-            let Some((guest, class, index)) = self.pick(now) else {
+        while self.device_ready(now) {
+            let device_full = self.in_flight >= self.device.depth;
+            let Some((guest, class, index)) = self.pick(now, device_full) else {
                 break;
             };
             let queue = self.start(guest, class, index, now);
@@ -445,12 +451,15 @@ impl Scheduler {
         iops && bps
     }
 
-    /// The eligible guest with the smallest virtual time, and its request to start.
-    fn pick(&mut self, now: Nanos) -> Option<(usize, Class, usize)> {
+    /// The eligible guest with the smallest virtual time, and its request to start. With the
+    /// device full only guests with nothing in flight that are not ahead are eligible.
+    fn pick(&mut self, now: Nanos, device_full: bool) -> Option<(usize, Class, usize)> {
         let idle_depth = self.device.idle_depth;
+        let vclock = self.vclock;
         let mut best: Option<(u128, usize, Class, usize)> = None;
         for (index, guest) in self.guests.iter_mut().enumerate() {
-            if guest.queued() == 0 {
+            let floor = guest.in_flight.is_empty() && guest.vtime <= vclock;
+            if guest.queued() == 0 || (device_full && !floor) {
                 continue;
             }
             if !guest.buckets_ready(now) {
@@ -530,9 +539,6 @@ impl Scheduler {
 
     /// When a bucket that holds back a waiting request refills (None: nothing waits on time).
     pub fn next_wakeup(&mut self, now: Nanos) -> Option<Nanos> {
-        if self.in_flight >= self.device.depth {
-            return None; // a completion comes first
-        }
         let waiting = self.guests.iter().any(|g| g.queued() > 0);
         if !waiting {
             return None;

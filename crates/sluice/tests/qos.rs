@@ -177,7 +177,7 @@ fn a_disk_spec_without_socket_or_with_a_bad_qos_key_is_refused() {
             "unknown qos key",
         ),
     ] {
-        let mut server = serve(&dir, &[disk.clone()], &[]);
+        let mut server = serve(&dir, std::slice::from_ref(&disk), &[]);
         let status = wait_or_kill(&mut server, Duration::from_secs(10));
         // 125: sluice's status for a refused command line or setup.
         assert_eq!(status, Some(125), "{disk}: {}", log(&dir));
