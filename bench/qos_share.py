@@ -143,6 +143,7 @@ def main():
                 continue
             run = run_case(args.sluice, kernel, name, qos_device, vms, args.dur_ms)
             s = summary(name, run)
+            s["load_1min"] = os.getloadavg()[0]
             print(json.dumps({"case": name, "rep": rep, **s}), flush=True)
             all_runs.setdefault(name, []).append({"summary": s, "raw": run})
     if args.out:

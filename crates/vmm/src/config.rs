@@ -540,6 +540,22 @@ mod tests {
     }
 
     #[test]
+    fn a_disk_with_a_weight_or_limits_joins_the_scheduler() {
+        let disk = DiskSpec::parse("path=/x/a.img,weight=3,iops=100,bps=8M,qos_queue=16").unwrap();
+        let qos = disk.qos.expect("scheduled");
+        assert_eq!(qos.name, "a.img");
+        assert_eq!(qos.weight, 3);
+        assert_eq!(qos.iops.map(|r| r.per_sec), Some(100));
+        assert_eq!(qos.bps.map(|r| r.per_sec), Some(8 << 20));
+        assert_eq!(qos.queue_limit, 16);
+        assert_eq!(DiskSpec::parse("path=/x/a.img").unwrap().qos, None);
+        let error = DiskSpec::parse("path=a,weight=0").unwrap_err();
+        assert!(error.contains("weight must be in 1..=1000"), "{error}");
+        let error = DiskSpec::parse("vhost_user=on,socket=/s,weight=2").unwrap_err();
+        assert!(error.contains("the backend's"), "{error}");
+    }
+
+    #[test]
     fn parses_a_vhost_user_disk() {
         let disk = DiskSpec::parse("vhost_user=on,socket=/run/blk.sock,queues=2").unwrap();
 
