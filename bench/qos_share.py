@@ -15,6 +15,9 @@ RESULT line. Cases:
   prio_alone        one guest, one queue: its high-priority QD1 slot alone (hi_slots=1, qd=1)
   prio_mixed_off    one guest, one queue: 1 high slot + 15 idle-class slots, unscheduled
   prio_mixed_qos    the same behind the scheduler
+  qsd_*             the reference: qemu-storage-daemon (io_uring, O_DIRECT) exporting the same
+                    images, QEMU throttle groups for the limits (`x-iops-total`, `x-bps-total`);
+                    QEMU has no weights and ignores ioprio, so those cases have no qsd row
 
     bench/qos_share.py [--sluice target/debug/sluice] [--reps 3] [--dur-ms 6000] \\
         [--out bench/results/qos-DATE.json]
@@ -51,6 +54,12 @@ def cases():
         "prio_alone": ("depth=4", [("guest", PRIO_ALONE, "")]),
         "prio_mixed_off": ("off", [("guest", PRIO_MIXED, "")]),
         "prio_mixed_qos": ("depth=4", [("guest", PRIO_MIXED, "")]),
+        "qsd_reader_alone": ("qsd", [("reader", READER, "")]),
+        "qsd_together": ("qsd", [("reader", READER, ""), ("writer", WRITER, "")]),
+        "qsd_bucket_iops": ("qsd", [("limited", LIMITED_READER, f"iops={IOPS_LIMIT}"),
+                                    ("writer", WRITER, "")]),
+        "qsd_bucket_bps": ("qsd", [("limited", WRITER, f"bps={BPS_LIMIT}")]),
+        "qsd_prio_mixed": ("qsd", [("guest", PRIO_MIXED, "")]),
     }
 
 
@@ -67,6 +76,25 @@ def image(name):
     return path
 
 
+def qsd_command(vms):
+    """qemu-storage-daemon exporting one image per VM, limits through throttle groups."""
+    cmd = ["qemu-storage-daemon"]
+    for index, (vm, _, keys) in enumerate(vms):
+        cmd += ["--blockdev", f"driver=file,node-name=f{index},filename={image(vm)},"
+                "aio=io_uring,cache.direct=on"]
+        node = f"f{index}"
+        limits = dict(kv.split("=") for kv in keys.split(",") if kv)
+        if limits:
+            props = ",".join(f"x-{k}-total={v}" for k, v in limits.items())
+            cmd += ["--object", f"throttle-group,id=tg{index},{props}",
+                    "--blockdev", f"driver=throttle,node-name=t{index},throttle-group=tg{index},"
+                    f"file=f{index}"]
+            node = f"t{index}"
+        cmd += ["--export", f"type=vhost-user-blk,id=e{index},node-name={node},addr.type=unix,"
+                f"addr.path={WORK}/{vm}.sock,writable=on"]
+    return cmd
+
+
 def run_case(sluice, kernel, name, qos_device, vms, dur):
     metrics = f"{WORK}/{name}.metrics.json"
     disks = []
@@ -76,9 +104,12 @@ def run_case(sluice, kernel, name, qos_device, vms, dur):
             os.unlink(sock)
         spec = f"socket={sock},image={image(vm)},name={vm}" + (f",{keys}" if keys else "")
         disks.append(f"--disk={spec}")
-    server = subprocess.Popen([sluice, "serve", "blk", "--direct", *disks,
-                               f"--qos-device={qos_device}", f"--metrics={metrics}"],
-                              stderr=open(f"{WORK}/{name}.serve.log", "w"))
+    if qos_device == "qsd":
+        command = qsd_command(vms)
+    else:
+        command = [sluice, "serve", "blk", "--direct", *disks, f"--qos-device={qos_device}",
+                   f"--metrics={metrics}"]
+    server = subprocess.Popen(command, stderr=open(f"{WORK}/{name}.serve.log", "w"))
     deadline = time.time() + 20
     while not all(os.path.exists(f"{WORK}/{vm}.sock") for vm, _, _ in vms):
         assert time.time() < deadline and server.poll() is None, "server did not listen"
@@ -97,6 +128,8 @@ def run_case(sluice, kernel, name, qos_device, vms, dur):
         results[vm] = json.loads(line[7:]) if line else {"error": out[-2000:]}
     server.send_signal(signal.SIGTERM)
     server.wait(timeout=20)
+    if qos_device == "qsd":
+        return {"vms": results, "qos": None}
     with open(metrics) as f:
         qos = json.load(f).get("qos")
     return {"vms": results, "qos": qos}

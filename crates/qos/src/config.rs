@@ -1,7 +1,7 @@
 //! The `--qos` option strings: `key=value` pairs separated by commas.
 //!
 //! Guest keys: `weight=N` (1..=1000), `iops=N`, `iops_burst=N`, `bps=SIZE`, `bps_burst=SIZE`,
-//! `queue=N` (requests held per guest, 1..=4096). Device keys (`--qos-device`): `depth=N`
+//! `queue=N` (requests held per virtqueue, 1..=4096). Device keys (`--qos-device`): `depth=N`
 //! (1..=1024), `idle_depth=N`, `iops`, `iops_burst`, `bps`, `bps_burst`. SIZE takes K, M, G
 //! (powers of 1024). A rate of 0 means no limit; a burst without its rate is refused.
 

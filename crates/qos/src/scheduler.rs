@@ -26,8 +26,8 @@
 //!   until that one completed. Everything else may overtake: a blocked, throttled or
 //!   low-priority request never holds back one that may go (up to [`SCAN_LIMIT`] requests
 //!   per class are looked at past a blocked head).
-//! * **Bounded memory.** A guest holds at most `queue_limit` requests here; past that
-//!   [`Scheduler::enqueue`] refuses and the caller leaves the guest's further requests in its
+//! * **Bounded memory.** Each queue of a guest holds at most `queue_limit` requests here; past
+//!   that [`Scheduler::enqueue`] refuses and the caller leaves the guest's further requests in its
 //!   own ring, where they cost the server nothing.
 
 use std::collections::VecDeque;
@@ -107,7 +107,9 @@ pub struct GuestConfig {
     pub weight: u32,
     pub iops: Option<Rate>,
     pub bps: Option<Rate>,
-    /// Requests held here at most (the rest wait in the guest's ring).
+    /// Requests held here at most per queue (the rest wait in the guest's ring; per queue, so
+    /// that one queue's backlog never leaves another with requests it cannot hand over and
+    /// nothing of its own to wait for).
     pub queue_limit: usize,
 }
 
@@ -286,6 +288,8 @@ impl Guest {
 struct Queue {
     guest: GuestId,
     live: bool,
+    /// Requests of this queue waiting here (not yet dispatched).
+    pending: usize,
     grants: Vec<u64>,
 }
 
@@ -368,6 +372,7 @@ impl Scheduler {
         self.queues.push(Queue {
             guest,
             live: true,
+            pending: 0,
             grants: Vec::new(),
         });
         QueueId(self.queues.len() - 1)
@@ -379,6 +384,7 @@ impl Scheduler {
             return;
         };
         q.live = false;
+        q.pending = 0;
         q.grants.clear();
         let guest = &mut self.guests[q.guest.0];
         for class in &mut guest.pending {
@@ -389,13 +395,13 @@ impl Scheduler {
         self.in_flight -= before - guest.in_flight.len();
     }
 
-    /// Requests the queue's guest may still hand over.
+    /// Requests the queue may still hand over.
     pub fn room(&self, queue: QueueId) -> usize {
-        let Some(q) = self.queues.get(queue.0) else {
+        let Some(q) = self.queues.get(queue.0).filter(|q| q.live) else {
             return 0;
         };
         let guest = &self.guests[q.guest.0];
-        guest.config.queue_limit.saturating_sub(guest.queued())
+        guest.config.queue_limit.saturating_sub(q.pending)
     }
 
     /// Queues `request` from `queue` (see [`Scheduler::dispatch`] for when it goes).
@@ -405,15 +411,16 @@ impl Scheduler {
         request: Request,
         now: Nanos,
     ) -> Result<(), QueueFull> {
-        let Some(q) = self.queues.get(queue.0).filter(|q| q.live) else {
+        let Some(q) = self.queues.get_mut(queue.0).filter(|q| q.live) else {
             return Err(QueueFull);
         };
         let vclock = self.vclock;
         let guest = &mut self.guests[q.guest.0];
-        if guest.queued() >= guest.config.queue_limit {
+        if q.pending >= guest.config.queue_limit {
             guest.stats.refused += 1;
             return Err(QueueFull);
         }
+        q.pending += 1;
         if !guest.active() {
             guest.vtime = guest.vtime.max(vclock);
         }
@@ -503,6 +510,7 @@ impl Scheduler {
         stats.class_dispatched[class.index()] += 1;
         stats.class_queue_delay_ns[class.index()] += delay;
         let queue = entry.queue;
+        self.queues[queue.0].pending -= 1;
         g.in_flight.push(entry);
         self.in_flight += 1;
         self.queues[queue.0].grants.push(request.tag);

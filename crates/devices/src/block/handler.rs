@@ -201,26 +201,37 @@ pub(super) fn finish_io(
 
 impl QueueHandler for BlockQueueHandler {
     fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
-        let mem: &DmaSpace = ctx.mem;
-        let chains = match &self.scheduled {
-            None => ctx.queue.pop_all(mem)?,
-            Some(scheduled) => scheduled.pop_within_bound(ctx.queue, mem)?,
-        };
         let mut used = false;
-        for chain in chains {
-            match self.handle_chain(ctx, chain) {
-                Ok(answered) => used |= answered,
-                Err(e) => {
-                    self.io.commit();
-                    return Err(e);
+        loop {
+            let mem: &DmaSpace = ctx.mem;
+            let (chains, bound) = match &self.scheduled {
+                None => (ctx.queue.pop_all(mem)?, None),
+                Some(scheduled) => scheduled.pop_within_bound(ctx.queue, mem)?,
+            };
+            let popped = chains.len();
+            for chain in chains {
+                match self.handle_chain(ctx, chain) {
+                    Ok(answered) => used |= answered,
+                    Err(e) => {
+                        self.io.commit();
+                        return Err(e);
+                    }
                 }
             }
-        }
-        self.io.commit();
-        if self.scheduled.is_some() {
+            self.io.commit();
+            let Some(bound) = bound else {
+                return Ok(used);
+            };
             used |= self.submit_granted(ctx, &[])?;
+            // Stopped at the bound with room again (requests finished within the pass): the
+            // chains left in the ring get no new kick, so look again. Without room, a request
+            // of this queue is held, and its grant or completion calls `complete`, which
+            // comes back here.
+            let room_again = self.scheduled.as_ref().is_some_and(|s| s.room() > 0);
+            if popped < bound || !room_again {
+                return Ok(used);
+            }
         }
-        Ok(used)
     }
 
     fn completion_fd(&self) -> Option<RawFd> {

@@ -1,7 +1,7 @@
 //! A virtio-blk queue behind a shared scheduler (sluice-qos): requests wait in the scheduler
 //! between parsing and submission.
 //!
-//! The queue pops at most as many chains as its guest may still queue ([`QueuePort::room`]);
+//! The queue pops at most as many chains as it may still hand over ([`QueuePort::room`]);
 //! the rest stay in the guest's ring, so a flooding guest delays its own requests and never
 //! grows the server's memory. Parsed operations are held here by tag until the scheduler
 //! grants them; grants made by another queue's worker arrive through the port's eventfd,
@@ -66,12 +66,17 @@ impl Scheduled {
         self.port.clear_wake();
     }
 
-    /// Pops as many chains as the guest may still queue.
+    /// Requests this queue may still hand to the scheduler.
+    pub(super) fn room(&self) -> usize {
+        self.port.room()
+    }
+
+    /// Pops as many chains as this queue may still hand over; also returns that bound.
     pub(super) fn pop_within_bound<'m>(
         &self,
         queue: &mut VirtQueue,
         mem: &'m DmaSpace,
-    ) -> Result<Vec<Chain<'m>>, QueueError> {
+    ) -> Result<(Vec<Chain<'m>>, Option<usize>), QueueError> {
         let room = self.port.room();
         let mut chains = Vec::new();
         while chains.len() < room {
@@ -80,7 +85,7 @@ impl Scheduled {
                 None => break,
             }
         }
-        Ok(chains)
+        Ok((chains, Some(room)))
     }
 
     /// Hands `op` to the scheduler; gives it back if the scheduler refused it.
