@@ -216,6 +216,8 @@ struct Guest {
     iops: Option<TokenBucket>,
     bps: Option<TokenBucket>,
     next_seq: u64,
+    /// Writes queued or in flight (see [`Guest::ordered_behind`]).
+    writes_outstanding: usize,
     throttled_since: Option<Nanos>,
     stats: GuestStats,
 }
@@ -250,6 +252,11 @@ impl Guest {
 
     /// Whether an earlier request still queued or in flight keeps `entry` waiting.
     fn ordered_behind(&self, entry: &Entry) -> bool {
+        // Only writes hold back anything but a write: a read or flush of a guest with no write
+        // outstanding needs no scan.
+        if entry.request.access != Access::Write && self.writes_outstanding == 0 {
+            return false;
+        }
         let earlier = |e: &&Entry| e.seq < entry.seq;
         self.in_flight
             .iter()
@@ -342,6 +349,7 @@ impl Scheduler {
             pending: Default::default(),
             in_flight: Vec::new(),
             next_seq: 0,
+            writes_outstanding: 0,
             throttled_since: None,
             stats: GuestStats::default(),
         });
@@ -393,6 +401,12 @@ impl Scheduler {
         let before = guest.in_flight.len();
         guest.in_flight.retain(|e| e.queue != queue);
         self.in_flight -= before - guest.in_flight.len();
+        guest.writes_outstanding = guest
+            .in_flight
+            .iter()
+            .chain(guest.pending.iter().flatten())
+            .filter(|e| e.request.access == Access::Write)
+            .count();
     }
 
     /// Requests the queue may still hand over.
@@ -426,6 +440,9 @@ impl Scheduler {
         }
         let seq = guest.next_seq;
         guest.next_seq += 1;
+        if request.access == Access::Write {
+            guest.writes_outstanding += 1;
+        }
         guest.pending[request.class.index()].push_back(Entry {
             queue,
             seq,
@@ -539,7 +556,10 @@ impl Scheduler {
         else {
             return false;
         };
-        guest.in_flight.swap_remove(at);
+        let done = guest.in_flight.swap_remove(at);
+        if done.request.access == Access::Write {
+            guest.writes_outstanding -= 1;
+        }
         guest.stats.completed += 1;
         self.in_flight -= 1;
         true

@@ -450,3 +450,26 @@ fn a_qd1_reader_never_waits_for_a_bulk_writers_slot() {
     // The writer kept at least depth - 1 slots busy.
     assert!(writer.dispatched >= 3 * 1990, "{writer:?}");
 }
+
+#[test]
+fn a_guest_reconfigured_live_gets_its_new_limit() {
+    let mut s = Scheduler::new(DeviceConfig::default(), 0);
+    let g = s.add_guest(guest("g", 1), 0);
+    let q = s.add_queue(g);
+    let limited = GuestConfig {
+        iops: Some(Rate {
+            per_sec: 10,
+            burst: 1,
+        }),
+        ..guest("g", 2)
+    };
+    assert!(s.reconfigure(g, limited, 0));
+    for tag in 0..3 {
+        s.enqueue(q, read(tag, 0, 4096), 0).unwrap();
+    }
+    s.dispatch(0);
+    assert_eq!(s.take_grants(q), vec![0]);
+    assert_eq!(s.next_wakeup(0), Some(100 * MS));
+    assert_eq!(s.guest_config(g).map(|c| c.weight), Some(2));
+    assert!(!s.reconfigure(GuestId(7), guest("x", 1), 0));
+}
