@@ -8,7 +8,7 @@
 //! * `sluice serve blk --socket PATH --image FILE [--queues N] [--readonly] [--direct]
 //!   [--block-size N] [--qos SPEC]`: the virtio-blk model over a raw image (QEMU's
 //!   `vhost-user-blk-pci`).
-//! * `sluice serve blk --disk socket=PATH,image=FILE[,readonly=on][,name=N][,QOS...] ...`:
+//! * `sluice serve blk --disk socket=PATH,image=FILE[,readonly=on][,name=N][,notify=P][,QOS...]`:
 //!   several disks from one process, each on its own socket for its own frontend (one guest
 //!   per socket), all behind one sluice-qos scheduler (`--qos-device SPEC`, or `off` to serve
 //!   them unscheduled): weights, IOPS / bandwidth buckets, ioprio classes. The same image
@@ -132,7 +132,8 @@ struct BlkArgs {
     #[arg(long, required_unless_present = "disks", conflicts_with = "disks")]
     image: Option<PathBuf>,
     /// One of several disks, each served on its own socket to its own frontend:
-    /// `socket=PATH,image=FILE[,readonly=on|off][,name=NAME]` plus the `--qos` keys
+    /// `socket=PATH,image=FILE[,readonly=on|off][,name=NAME][,notify=irq|poll[:US]|batch..]`
+    /// (the rings' policy: a latency-sensitive guest's disk may poll) plus the `--qos` keys
     /// (`weight=N,iops=N,iops_burst=N,bps=SIZE,bps_burst=SIZE,queue=N`). Repeatable.
     #[arg(long = "disk", id = "disks", value_name = "SPEC")]
     disks: Vec<String>,
@@ -225,6 +226,8 @@ struct DiskSpec {
     image: PathBuf,
     read_only: bool,
     name: String,
+    /// The rings' notification policy (`notify=`; default interrupt).
+    notify: Option<sluice_virtio::NotifyPolicy>,
     /// The qos keys, for `sluice_qos::parse_guest` (None: not scheduled).
     qos: Option<String>,
 }
@@ -232,6 +235,7 @@ struct DiskSpec {
 /// Parses a `--disk` value: its own keys, the rest are qos keys.
 fn parse_disk(spec: &str) -> anyhow::Result<DiskSpec> {
     let (mut socket, mut image, mut read_only, mut name) = (None, None, false, None);
+    let mut notify = None;
     let mut qos = Vec::new();
     for pair in spec.split(',').filter(|p| !p.is_empty()) {
         let (key, value) = pair
@@ -241,6 +245,11 @@ fn parse_disk(spec: &str) -> anyhow::Result<DiskSpec> {
             "socket" => socket = Some(PathBuf::from(value)),
             "image" => image = Some(PathBuf::from(value)),
             "name" => name = Some(value.to_owned()),
+            "notify" => {
+                let policy = sluice_vmm::config::parse_notify(value)
+                    .map_err(|e| anyhow::anyhow!("--disk {spec:?}: {e}"))?;
+                notify = Some(policy);
+            }
             "readonly" => {
                 read_only = match value {
                     "on" | "true" => true,
@@ -259,6 +268,7 @@ fn parse_disk(spec: &str) -> anyhow::Result<DiskSpec> {
         image,
         read_only,
         name,
+        notify,
         qos: Some(qos.join(",")),
     })
 }
@@ -277,6 +287,7 @@ fn serve_blk(args: BlkArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
             image: image.clone(),
             read_only: args.readonly,
             name: socket_name(socket),
+            notify: None,
             qos: args.qos.clone(),
         }],
         _ => args
@@ -321,7 +332,11 @@ fn serve_blk(args: BlkArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
             block.join_scheduler(Arc::clone(qos), qos.add_guest(guest));
         }
         metrics.push(VirtioDevice::metrics(&block));
-        let server = Server::bind_with(&disk.socket, block, limits.clone())
+        let mut limits = limits.clone();
+        if let Some(notify) = disk.notify {
+            limits.notify = notify;
+        }
+        let server = Server::bind_with(&disk.socket, block, limits)
             .with_context(|| format!("cannot listen on {}", disk.socket.display()))?;
         tracing::info!(
             "vhost-user-blk: {} listening on {}",

@@ -297,6 +297,8 @@ pub struct ConnectionResources {
     pub offer_packed: bool,
     /// How long a queue worker waits for the IOTLB update answering its miss.
     pub iotlb_miss_wait: Duration,
+    /// The rings' notification policy.
+    pub notify: NotifyPolicy,
 }
 
 /// The device side of one connection.
@@ -318,6 +320,8 @@ pub struct Backend<D: VirtioDevice> {
     inflight: Option<InflightArea>,
     /// Translations for the frontend's vIOMMU, used once ACCESS_PLATFORM is negotiated.
     iotlb: Arc<Iotlb>,
+    /// The rings' notification policy ([`ConnectionResources::notify`]).
+    notify: NotifyPolicy,
 }
 
 impl<D: VirtioDevice> Backend<D> {
@@ -350,6 +354,7 @@ impl<D: VirtioDevice> Backend<D> {
             signals: Arc::new(Signals::new(queues)),
             inflight: None,
             iotlb: Arc::new(Iotlb::with_miss_wait(resources.iotlb_miss_wait)),
+            notify: resources.notify,
         }
     }
 
@@ -572,7 +577,7 @@ impl<D: VirtioDevice> Backend<D> {
             index: queue_index,
             queue,
             kick,
-            policy: NotifyPolicy::Interrupt,
+            policy: self.notify,
         };
         let worker = QueueWorker::spawn(
             format!("vhost-user-q{index}"),
