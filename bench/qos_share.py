@@ -9,7 +9,9 @@ RESULT line. Cases:
   reader_alone      the 4K QD1 random reader alone (unscheduled)
   together_off      reader + bulk 128K sequential writer (QD16), --qos-device off
   together_qos      the same behind the scheduler (equal weights)
-  share_3_1         two bulk writers, weight=3 and weight=1
+  share_3_1         two bulk writers (128K, QD64), weight=3 and weight=1
+  share_3_1_capped  the same with the device capped (--qos-device bps=DEVICE_CAP): the shared
+                    backend, not the two guests' CPUs, is then what saturates
   bucket_iops       a 4K QD8 random reader at iops=LIMIT next to a bulk writer
   bucket_bps        a bulk writer at bps=LIMIT alone
   prio_alone        one guest, one queue: its high-priority QD1 slot alone (hi_slots=1, qd=1)
@@ -34,11 +36,15 @@ import time
 WORK = "/var/tmp/sluice-qos-bench"
 READER = "w=blk:op=randread:bs=4096:qd=1:span_mb=200:ops=1000000000:dur_ms={dur}"
 WRITER = "w=blk:op=write:bs=131072:qd=16:span_mb=200:ops=1000000000:dur_ms={dur}:mode=irq"
+# The share cases' writers: deep enough that each keeps requests waiting in the scheduler
+# while its others are in service or on their way back through the guest.
+DEEP_WRITER = "w=blk:op=write:bs=131072:qd=64:span_mb=200:ops=1000000000:dur_ms={dur}:mode=irq"
 LIMITED_READER = "w=blk:op=randread:bs=4096:qd=8:span_mb=200:ops=1000000000:dur_ms={dur}:mode=irq"
 PRIO_ALONE = "w=blk:op=randread:bs=4096:qd=1:hi_slots=1:span_mb=200:ops=1000000000:dur_ms={dur}"
 PRIO_MIXED = "w=blk:op=randread:bs=4096:qd=16:hi_slots=1:span_mb=200:ops=1000000000:dur_ms={dur}"
 IOPS_LIMIT = 2000
 BPS_LIMIT = 20 << 20
+DEVICE_CAP = 400 << 20
 
 
 def cases():
@@ -47,7 +53,11 @@ def cases():
         "reader_alone": ("off", [("reader", READER, "")]),
         "together_off": ("off", [("reader", READER, ""), ("writer", WRITER, "")]),
         "together_qos": ("depth=4", [("reader", READER, ""), ("writer", WRITER, "")]),
-        "share_3_1": ("depth=4", [("w3", WRITER, "weight=3"), ("w1", WRITER, "weight=1")]),
+        "share_3_1": ("depth=4", [("w3", DEEP_WRITER, "weight=3"),
+                                  ("w1", DEEP_WRITER, "weight=1")]),
+        "share_3_1_capped": (f"depth=4,bps={DEVICE_CAP}",
+                             [("w3", DEEP_WRITER, "weight=3"),
+                              ("w1", DEEP_WRITER, "weight=1")]),
         "bucket_iops": ("depth=4", [("limited", LIMITED_READER, f"iops={IOPS_LIMIT}"),
                                     ("writer", WRITER, "")]),
         "bucket_bps": ("depth=4", [("limited", WRITER, f"bps={BPS_LIMIT}")]),
@@ -108,7 +118,7 @@ def run_case(sluice, kernel, name, qos_device, vms, dur):
         command = qsd_command(vms)
     else:
         command = [sluice, "serve", "blk", "--direct", *disks, f"--qos-device={qos_device}",
-                   f"--metrics={metrics}"]
+                   f"--metrics={metrics}", "--metrics-every=250"]
     server = subprocess.Popen(command, stderr=open(f"{WORK}/{name}.serve.log", "w"))
     deadline = time.time() + 20
     while not all(os.path.exists(f"{WORK}/{vm}.sock") for vm, _, _ in vms):
@@ -121,6 +131,16 @@ def run_case(sluice, kernel, name, qos_device, vms, dur):
                "--cmdline", "quiet " + cmdline.format(dur=dur)]
         procs.append((vm, subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                            stderr=subprocess.STDOUT, text=True)))
+    samples = []
+    while any(proc.poll() is None for _, proc in procs) and qos_device != "qsd":
+        time.sleep(0.25)
+        try:
+            with open(metrics) as f:
+                snap = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if snap.get("qos"):
+            samples.append((snap["unix_ms"], {g["name"]: g for g in snap["qos"]["guests"]}))
     results = {}
     for vm, proc in procs:
         out, _ = proc.communicate(timeout=dur / 1000 + 120)
@@ -132,7 +152,26 @@ def run_case(sluice, kernel, name, qos_device, vms, dur):
         return {"vms": results, "qos": None}
     with open(metrics) as f:
         qos = json.load(f).get("qos")
-    return {"vms": results, "qos": qos}
+    return {"vms": results, "qos": qos, "window": window(samples)}
+
+
+def window(samples, settle_ms=1000, length_ms=3000):
+    """Per-guest share and rate over a window in which every guest was busy: from
+    `settle_ms` after the first sample where all had requests dispatched, `length_ms` long."""
+    busy = [t for t, guests in samples if all(g["dispatched"] > 0 for g in guests.values())]
+    if not busy:
+        return None
+    start = next((x for x in samples if x[0] >= busy[0] + settle_ms), None)
+    end = next((x for x in samples if start and x[0] >= start[0] + length_ms), None)
+    if not start or not end:
+        return None
+    seconds = (end[0] - start[0]) / 1000
+    cost = {n: end[1][n]["cost"] - start[1][n]["cost"] for n in end[1]}
+    total = sum(cost.values()) or 1
+    return {n: {"window_share": round(cost[n] / total, 4),
+                "window_mib_s": round((end[1][n]["bytes"] - start[1][n]["bytes"])
+                                      / seconds / 2**20, 2),
+                "window_s": seconds} for n in end[1]}
 
 
 def summary(name, run):
@@ -150,6 +189,8 @@ def summary(name, run):
             entry["hi_p99_us"] = r["lat_hi_ns"]["p99"] / 1000
             entry["lo_p99_us"] = r["lat_lo_ns"]["p99"] / 1000
         out[vm] = entry
+    for vm, figures in (run.get("window") or {}).items():
+        out.setdefault(vm, {}).update(figures)
     if run["qos"]:
         for g in run["qos"]["guests"]:
             out.setdefault(g["name"], {}).update({
@@ -159,14 +200,37 @@ def summary(name, run):
     return out
 
 
+def table(paths):
+    """Medians over the repetitions of every figure, per case and VM, from result files."""
+    runs = {}
+    for path in paths:
+        with open(path) as f:
+            for name, reps in json.load(f)["cases"].items():
+                runs.setdefault(name, []).extend(r["summary"] for r in reps)
+    for name, reps in runs.items():
+        vms = sorted({vm for r in reps for vm, v in r.items() if isinstance(v, dict)})
+        for vm in vms:
+            keys = sorted({k for r in reps for k in r.get(vm, {})})
+            med = {}
+            for k in keys:
+                values = [r[vm][k] for r in reps if k in r.get(vm, {})]
+                med[k] = round(statistics.median(values), 4) if values else None
+                if k.endswith("p99_us") or k in ("iops", "mib_s", "qos_share"):
+                    med[k + "_all"] = values
+            print(json.dumps({"case": name, "vm": vm, "reps": len(reps), **med}))
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--table", nargs="*", help="print medians from these result files")
     ap.add_argument("--sluice", default="target/debug/sluice")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dur-ms", type=int, default=6000)
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.table:
+        return table(args.table)
     os.makedirs(WORK, exist_ok=True)
     kernel = guest_kernel(args.sluice)
     all_runs = {}
@@ -182,7 +246,8 @@ def main():
     if args.out:
         meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "dur_ms": args.dur_ms,
                 "reps": args.reps, "sluice": args.sluice,
-                "load_avg": os.getloadavg(), "iops_limit": IOPS_LIMIT, "bps_limit": BPS_LIMIT}
+                "load_avg": os.getloadavg(), "iops_limit": IOPS_LIMIT, "bps_limit": BPS_LIMIT,
+                "device_cap": DEVICE_CAP}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "cases": all_runs}, f, indent=1)
 

@@ -150,6 +150,11 @@ struct BlkArgs {
     /// signal ends the server.
     #[arg(long, value_name = "FILE")]
     metrics: Option<PathBuf>,
+    /// Also rewrite the `--metrics` file every this many milliseconds while serving (replaced
+    /// whole: written beside it, then renamed), for shares over a window.
+    #[arg(long, value_name = "MS", requires = "metrics",
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    metrics_every: Option<u64>,
     /// Number of request queues offered (the frontend may use fewer).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     queues: u16,
@@ -346,11 +351,23 @@ fn serve_blk(args: BlkArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
         servers.push(server);
     }
     let removers: Vec<SocketRemover> = servers.iter().map(Server::socket_remover).collect();
-    let report = StopReport {
+    let report = Arc::new(StopReport {
         path: args.metrics.clone(),
         metrics,
         qos: qos.clone(),
-    };
+    });
+    if let Some(every) = args.metrics_every {
+        // Like the signal thread: started before this thread takes the connection filter,
+        // since it creates and renames files.
+        let report = Arc::clone(&report);
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_millis(every));
+                report.write();
+            })
+            .context("cannot start the metrics thread")?;
+    }
     stop_signals.on_signal(move |signal| {
         tracing::info!("vhost-user-blk: signal {signal}: removing the sockets and exiting");
         for remover in &removers {
@@ -400,11 +417,17 @@ impl StopReport {
         };
         let devices: Vec<_> = self.metrics.iter().map(|m| m.to_json()).collect();
         let json = serde_json::json!({
+            "unix_ms": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
             "devices": devices,
             "qos": self.qos.as_ref().map(|q| q.stats_json()),
         });
         let text = serde_json::to_string_pretty(&json).unwrap_or_default();
-        if let Err(e) = std::fs::write(path, text) {
+        let mut partial = path.clone().into_os_string();
+        partial.push(".partial");
+        let written = std::fs::write(&partial, text).and_then(|()| std::fs::rename(&partial, path));
+        if let Err(e) = written {
             tracing::error!("cannot write metrics to {}: {e}", path.display());
         }
     }
