@@ -185,3 +185,28 @@ fn a_disk_spec_without_socket_or_with_a_bad_qos_key_is_refused() {
         assert!(!dir.join("x.sock").exists());
     }
 }
+
+#[test]
+fn an_in_process_disk_behind_the_scheduler_verifies() {
+    let name = "an_in_process_disk_behind_the_scheduler_verifies";
+    if skip_without_kvm(name) {
+        return;
+    }
+    let dir = scratch(name);
+    let img = image(&dir, "disk.img");
+    let cmdline =
+        format!("quiet w=blk:op=verify:bs=4096:qd=8:ops={OPS}:span_mb=2:seed={SEED}:mode=irq");
+    let mut run = GuestKitRun::sluice(Path::new(env!("CARGO_BIN_EXE_sluice")), &cmdline);
+    run.timeout = Duration::from_secs(180);
+    if let Vmm::Sluice { extra_args, .. } = &mut run.vmm {
+        extra_args.push(format!(
+            "--disk=path={},weight=2,iops=100000,bps=1G,qos_queue=4",
+            img.display()
+        ));
+    }
+    let report = run.run().expect("run sluice");
+    assert!(report.passed(), "{}", report.describe());
+    let blk = report.results_for("blk").next().unwrap();
+    assert_eq!(blk.verify.as_deref(), Some("ok"), "{}", report.describe());
+    assert_image_holds_pattern(&img, (2 << 20) / BLOCK);
+}
