@@ -9,6 +9,7 @@ RESULT line. Cases:
   reader_alone      the 4K QD1 random reader alone (unscheduled)
   together_off      reader + bulk 128K sequential writer (QD16), --qos-device off
   together_qos      the same behind the scheduler (equal weights)
+  together_capped   the same with the writer held to bps=WRITER_CAP by its bucket
   share_3_1         two bulk writers (128K, QD64), weight=3 and weight=1
   share_3_1_capped  the same with the device capped (--qos-device bps=DEVICE_CAP): the shared
                     backend, not the two guests' CPUs, is then what saturates
@@ -45,6 +46,7 @@ PRIO_MIXED = "w=blk:op=randread:bs=4096:qd=16:hi_slots=1:span_mb=200:ops=1000000
 IOPS_LIMIT = 2000
 BPS_LIMIT = 20 << 20
 DEVICE_CAP = 400 << 20
+WRITER_CAP = 400 << 20
 
 
 def cases():
@@ -53,6 +55,8 @@ def cases():
         "reader_alone": ("off", [("reader", READER, "")]),
         "together_off": ("off", [("reader", READER, ""), ("writer", WRITER, "")]),
         "together_qos": ("depth=4", [("reader", READER, ""), ("writer", WRITER, "")]),
+        "together_capped": ("depth=4", [("reader", READER, ""),
+                                        ("writer", WRITER, f"bps={WRITER_CAP}")]),
         "share_3_1": ("depth=4", [("w3", DEEP_WRITER, "weight=3"),
                                   ("w1", DEEP_WRITER, "weight=1")]),
         "share_3_1_capped": (f"depth=4,bps={DEVICE_CAP}",
