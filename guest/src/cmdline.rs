@@ -97,6 +97,9 @@ pub struct BlkParams {
     pub dev: usize,
     /// CPUs driving the queues (queue i by CPU i % cpus); `None`: the BSP drives them all.
     pub cpus: Option<u32>,
+    /// Mixed I/O priorities (virtio-blk): the first N slots of each queue send requests with
+    /// ioprio class real-time, the others class idle; `None`: ioprio 0 on every request.
+    pub hi_slots: Option<u32>,
 }
 
 /// `w=nvme`: the blk workload's knobs on an NVMe controller, plus its own.
@@ -294,6 +297,7 @@ fn blk_params(kind: &str, rest: &str, default_mode: Mode) -> Result<BlkParams, S
         span_mb: None,
         dev: 0,
         cpus: None,
+        hi_slots: None,
     };
     for (key, value) in key_values(rest)? {
         match key {
@@ -326,6 +330,7 @@ fn blk_params(kind: &str, rest: &str, default_mode: Mode) -> Result<BlkParams, S
             "span_mb" => p.span_mb = Some(bounded(key, value, 1, 1 << 24)?),
             "dev" => p.dev = bounded(key, value, 0, 63)? as usize,
             "cpus" => p.cpus = Some(bounded(key, value, 1, 16)? as u32),
+            "hi_slots" => p.hi_slots = Some(bounded(key, value, 1, 256)? as u32),
             _ => return Err(alloc::format!("{kind}: unknown key {key}")),
         }
     }
@@ -334,6 +339,9 @@ fn blk_params(kind: &str, rest: &str, default_mode: Mode) -> Result<BlkParams, S
             "{kind}: cpus={cpus} exceeds queues={}: each CPU drives its own queue",
             p.queues
         ));
+    }
+    if let Some(hi) = p.hi_slots.filter(|&hi| hi > p.qd) {
+        return Err(alloc::format!("{kind}: hi_slots={hi} exceeds qd={}", p.qd));
     }
     if p.batch == 0 {
         p.batch = p.qd;

@@ -6,13 +6,23 @@
 //! `--max-connections` frontends are served at once, one of them driving the device (see
 //! `sluice_vhost::server`). Packed virtqueues are offered unless `--packed off`.
 //! * `sluice serve blk --socket PATH --image FILE [--queues N] [--readonly] [--direct]
-//!   [--block-size N]`: the virtio-blk model over a raw image (QEMU's `vhost-user-blk-pci`).
+//!   [--block-size N] [--qos SPEC]`: the virtio-blk model over a raw image (QEMU's
+//!   `vhost-user-blk-pci`).
+//! * `sluice serve blk --disk socket=PATH,image=FILE[,readonly=on][,name=N][,notify=P][,QOS...]`:
+//!   several disks from one process, each on its own socket for its own frontend (one guest
+//!   per socket), all behind one sluice-qos scheduler (`--qos-device SPEC`, or `off` to serve
+//!   them unscheduled): weights, IOPS / bandwidth buckets, ioprio classes. The same image
+//!   given read-only to several disks is a shared read-only base. `--queues`, `--direct` and
+//!   `--block-size` apply to every disk. `--metrics FILE` writes every disk's queue metrics
+//!   and the scheduler's per-guest stats (queueing delay, share, throttled time) when a stop
+//!   signal ends the server.
 //! * `sluice serve net --socket PATH --tap NAME [--queues N] [--mac MAC]`: the virtio-net model
 //!   over a tap with N queue pairs, created if missing (QEMU's `-netdev vhost-user`). The tap is
 //!   brought up; its addresses are the host's business.
 //! * `sluice serve rng --socket PATH`: the virtio-rng model (QEMU's `vhost-user-rng-pci`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -20,7 +30,9 @@ use clap::{Args, Subcommand};
 use sluice_devices::block::{Block, BlockConfig};
 use sluice_devices::net::{parse_mac, Net, NetConfig, Tap};
 use sluice_devices::rng::Rng;
-use sluice_vhost::{Limits, Server};
+use sluice_qos::Qos;
+use sluice_vhost::{Limits, Server, SocketRemover};
+use sluice_virtio::DeviceMetrics;
 
 use crate::signals::StopSignals;
 use sluice_virtio::VirtioDevice;
@@ -94,13 +106,55 @@ struct RngArgs {
     listen: ListenArgs,
 }
 
+/// `--socket` made optional for `serve blk`, which may take `--disk` instead.
+#[derive(Args)]
+struct BlkListenArgs {
+    /// The vhost-user socket to listen on (must not exist, or be a stale socket).
+    #[arg(long, required_unless_present = "disks", conflicts_with = "disks")]
+    socket: Option<PathBuf>,
+    /// Frontend connections served at once per socket (one drives its disk).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    max_connections: u32,
+    /// Seconds a new connection has to claim the device (SET_OWNER).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    handshake_timeout: u64,
+    /// Offer packed virtqueues (VIRTIO_F_RING_PACKED); `off` serves split rings only.
+    #[arg(long, default_value = "on", value_name = "on|off", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    packed: bool,
+}
+
 #[derive(Args)]
 struct BlkArgs {
     #[command(flatten)]
-    listen: ListenArgs,
+    listen: BlkListenArgs,
     /// Disk image (regular file or block device; raw format).
-    #[arg(long)]
-    image: PathBuf,
+    #[arg(long, required_unless_present = "disks", conflicts_with = "disks")]
+    image: Option<PathBuf>,
+    /// One of several disks, each served on its own socket to its own frontend:
+    /// `socket=PATH,image=FILE[,readonly=on|off][,name=NAME][,notify=irq|poll[:US]|batch..]`
+    /// (the rings' policy: a latency-sensitive guest's disk may poll) plus the `--qos` keys
+    /// (`weight=N,iops=N,iops_burst=N,bps=SIZE,bps_burst=SIZE,queue=N`). Repeatable.
+    #[arg(long = "disk", id = "disks", value_name = "SPEC")]
+    disks: Vec<String>,
+    /// Scheduling of the single `--image` disk: the `--disk` qos keys (puts it behind the
+    /// scheduler; its buckets then hold it to its limits).
+    #[arg(long, value_name = "SPEC", conflicts_with = "disks")]
+    qos: Option<String>,
+    /// The shared scheduler: `depth=N` (requests on the backend at once, default 4),
+    /// `idle_depth=N`, `iops`, `iops_burst`, `bps`, `bps_burst` for the device as a whole;
+    /// `off` serves several `--disk`s unscheduled.
+    #[arg(long, value_name = "SPEC|off")]
+    qos_device: Option<String>,
+    /// Write the disks' metrics and the scheduler's per-guest stats here (JSON) when a stop
+    /// signal ends the server.
+    #[arg(long, value_name = "FILE")]
+    metrics: Option<PathBuf>,
+    /// Also rewrite the `--metrics` file every this many milliseconds while serving (replaced
+    /// whole: written beside it, then renamed), for shares over a window.
+    #[arg(long, value_name = "MS", requires = "metrics",
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    metrics_every: Option<u64>,
     /// Number of request queues offered (the frontend may use fewer).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     queues: u16,
@@ -171,12 +225,210 @@ fn serve_net(args: NetArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
     )
 }
 
+/// One disk of `serve blk`.
+struct DiskSpec {
+    socket: PathBuf,
+    image: PathBuf,
+    read_only: bool,
+    name: String,
+    /// The rings' notification policy (`notify=`; default interrupt).
+    notify: Option<sluice_virtio::NotifyPolicy>,
+    /// The qos keys, for `sluice_qos::parse_guest` (None: not scheduled).
+    qos: Option<String>,
+}
+
+/// Parses a `--disk` value: its own keys, the rest are qos keys.
+fn parse_disk(spec: &str) -> anyhow::Result<DiskSpec> {
+    let (mut socket, mut image, mut read_only, mut name) = (None, None, false, None);
+    let mut notify = None;
+    let mut qos = Vec::new();
+    for pair in spec.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) = pair
+            .split_once('=')
+            .with_context(|| format!("--disk {spec:?}: {pair:?} is not key=value"))?;
+        match key {
+            "socket" => socket = Some(PathBuf::from(value)),
+            "image" => image = Some(PathBuf::from(value)),
+            "name" => name = Some(value.to_owned()),
+            "notify" => {
+                let policy = sluice_vmm::config::parse_notify(value)
+                    .map_err(|e| anyhow::anyhow!("--disk {spec:?}: {e}"))?;
+                notify = Some(policy);
+            }
+            "readonly" => {
+                read_only = match value {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => anyhow::bail!("--disk {spec:?}: readonly must be on or off"),
+                }
+            }
+            _ => qos.push(pair),
+        }
+    }
+    let socket = socket.with_context(|| format!("--disk {spec:?}: socket= is required"))?;
+    let image = image.with_context(|| format!("--disk {spec:?}: image= is required"))?;
+    let name = name.unwrap_or_else(|| socket_name(&socket));
+    Ok(DiskSpec {
+        socket,
+        image,
+        read_only,
+        name,
+        notify,
+        qos: Some(qos.join(",")),
+    })
+}
+
+fn socket_name(socket: &Path) -> String {
+    socket
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| socket.display().to_string())
+}
+
 fn serve_blk(args: BlkArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
-    let mut config = BlockConfig::new(&args.image);
-    config.queues = args.queues;
-    config.read_only = args.readonly;
-    config.direct = args.direct;
-    config.logical_block_size = args.block_size;
-    let block = Block::new(config).context("cannot open the disk")?;
-    serve(&args.listen, block, "vhost-user-blk", stop_signals)
+    let disks = match (&args.listen.socket, &args.image) {
+        (Some(socket), Some(image)) => vec![DiskSpec {
+            socket: socket.clone(),
+            image: image.clone(),
+            read_only: args.readonly,
+            name: socket_name(socket),
+            notify: None,
+            qos: args.qos.clone(),
+        }],
+        _ => args
+            .disks
+            .iter()
+            .map(|spec| parse_disk(spec))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+    };
+    let scheduled = match args.qos_device.as_deref() {
+        Some("off") => false,
+        Some(_) => true,
+        None => disks.iter().any(|d| d.qos.is_some()),
+    };
+    let qos = if scheduled {
+        let spec = args.qos_device.as_deref().unwrap_or("");
+        let device = sluice_qos::parse_device(spec)
+            .map_err(|e| anyhow::anyhow!("--qos-device {spec:?}: {e}"))?;
+        Some(Qos::new(device))
+    } else {
+        None
+    };
+    let limits = Limits {
+        max_connections: args.listen.max_connections as usize,
+        handshake_timeout: Duration::from_secs(args.listen.handshake_timeout),
+        offer_packed: args.listen.packed,
+        ..Limits::default()
+    };
+    let mut servers = Vec::new();
+    let mut metrics = Vec::new();
+    for disk in &disks {
+        let mut config = BlockConfig::new(&disk.image);
+        config.queues = args.queues;
+        config.read_only = disk.read_only;
+        config.direct = args.direct;
+        config.logical_block_size = args.block_size;
+        let mut block = Block::new(config)
+            .with_context(|| format!("cannot open the disk {}", disk.image.display()))?;
+        if let Some(qos) = &qos {
+            let spec = disk.qos.as_deref().unwrap_or("");
+            let guest = sluice_qos::parse_guest(&disk.name, spec)
+                .map_err(|e| anyhow::anyhow!("disk {}: {e}", disk.name))?;
+            block.join_scheduler(Arc::clone(qos), qos.add_guest(guest));
+        }
+        metrics.push(VirtioDevice::metrics(&block));
+        let mut limits = limits.clone();
+        if let Some(notify) = disk.notify {
+            limits.notify = notify;
+        }
+        let server = Server::bind_with(&disk.socket, block, limits)
+            .with_context(|| format!("cannot listen on {}", disk.socket.display()))?;
+        tracing::info!(
+            "vhost-user-blk: {} listening on {}",
+            disk.name,
+            disk.socket.display()
+        );
+        servers.push(server);
+    }
+    let removers: Vec<SocketRemover> = servers.iter().map(Server::socket_remover).collect();
+    let report = Arc::new(StopReport {
+        path: args.metrics.clone(),
+        metrics,
+        qos: qos.clone(),
+    });
+    if let Some(every) = args.metrics_every {
+        // Like the signal thread: started before this thread takes the connection filter,
+        // since it creates and renames files.
+        let report = Arc::clone(&report);
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_millis(every));
+                report.write();
+            })
+            .context("cannot start the metrics thread")?;
+    }
+    stop_signals.on_signal(move |signal| {
+        tracing::info!("vhost-user-blk: signal {signal}: removing the sockets and exiting");
+        for remover in &removers {
+            remover.remove();
+        }
+        report.write();
+        std::process::exit(0);
+    })?;
+    if let Some(qos) = &qos {
+        qos.start_ticker().context("cannot start the qos ticker")?;
+    }
+    run_servers(servers)
+}
+
+/// Runs every server's accept loop, the last one on this thread.
+fn run_servers(mut servers: Vec<Server<Block>>) -> anyhow::Result<u8> {
+    let last = servers.pop().context("no disk to serve")?;
+    for (index, server) in servers.into_iter().enumerate() {
+        sluice_sandbox::spawn(
+            sluice_sandbox::ThreadKind::Connection,
+            format!("accept{index}"),
+            move || {
+                if let Err(e) = server.run() {
+                    tracing::error!("vhost-user server failed: {e}");
+                    std::process::exit(1);
+                }
+            },
+        )
+        .context("cannot start an accept thread")?;
+    }
+    sluice_sandbox::confine_current_thread(sluice_sandbox::ThreadKind::Connection)?;
+    last.run().context("vhost-user server failed")?;
+    Ok(0)
+}
+
+/// What `serve blk --metrics` writes when a stop signal ends the server.
+struct StopReport {
+    path: Option<PathBuf>,
+    metrics: Vec<Arc<DeviceMetrics>>,
+    qos: Option<Arc<Qos>>,
+}
+
+impl StopReport {
+    fn write(&self) {
+        let Some(path) = &self.path else {
+            return;
+        };
+        let devices: Vec<_> = self.metrics.iter().map(|m| m.to_json()).collect();
+        let json = serde_json::json!({
+            "unix_ms": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            "devices": devices,
+            "qos": self.qos.as_ref().map(|q| q.stats_json()),
+        });
+        let text = serde_json::to_string_pretty(&json).unwrap_or_default();
+        let mut partial = path.clone().into_os_string();
+        partial.push(".partial");
+        let written = std::fs::write(&partial, text).and_then(|()| std::fs::rename(&partial, path));
+        if let Err(e) = written {
+            tracing::error!("cannot write metrics to {}: {e}", path.display());
+        }
+    }
 }

@@ -308,6 +308,8 @@ pub struct ConnectionResources {
     pub offer_packed: bool,
     /// How long a queue worker waits for the IOTLB update answering its miss.
     pub iotlb_miss_wait: Duration,
+    /// The rings' notification policy.
+    pub notify: NotifyPolicy,
 }
 
 /// The device side of one connection.
@@ -331,6 +333,8 @@ pub struct Backend<D: VirtioDevice> {
     iotlb: Arc<Iotlb>,
     /// The frontend's dirty log (SET_LOG_BASE), fed while VHOST_F_LOG_ALL is negotiated.
     log: Option<Arc<SharedLog>>,
+    /// The rings' notification policy ([`ConnectionResources::notify`]).
+    notify: NotifyPolicy,
 }
 
 impl<D: VirtioDevice> Backend<D> {
@@ -364,6 +368,7 @@ impl<D: VirtioDevice> Backend<D> {
             inflight: None,
             iotlb: Arc::new(Iotlb::with_miss_wait(resources.iotlb_miss_wait)),
             log: None,
+            notify: resources.notify,
         }
     }
 
@@ -601,7 +606,7 @@ impl<D: VirtioDevice> Backend<D> {
             index: queue_index,
             queue,
             kick,
-            policy: NotifyPolicy::Interrupt,
+            policy: self.notify,
         };
         let worker = QueueWorker::spawn(
             format!("vhost-user-q{index}"),

@@ -64,7 +64,7 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostError, VhostUserBackend
 use vm_memory::ByteValued;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use sluice_virtio::VirtioDevice;
+use sluice_virtio::{NotifyPolicy, VirtioDevice};
 
 use crate::backend::{Backend, ConnectionResources, DeviceClaim};
 use crate::iotlb::{IotlbMsg, IOTLB_MSG_BYTES};
@@ -97,6 +97,9 @@ pub struct Limits {
     /// How long a queue worker waits for the IOTLB update answering its miss
     /// ([`crate::iotlb`]).
     pub iotlb_miss_wait: Duration,
+    /// How the rings' queue workers wait for requests and signal completions (`serve blk
+    /// --disk ...,notify=`: a latency-sensitive guest's disk may poll, a bulk one interrupt).
+    pub notify: NotifyPolicy,
 }
 
 impl Default for Limits {
@@ -110,6 +113,7 @@ impl Default for Limits {
             max_mapped_bytes: 4 << 40,
             offer_packed: true,
             iotlb_miss_wait: crate::iotlb::MISS_WAIT,
+            notify: NotifyPolicy::Interrupt,
         }
     }
 }
@@ -355,6 +359,7 @@ impl<D: VirtioDevice> Shared<D> {
             max_mapped_bytes: self.limits.max_mapped_bytes,
             offer_packed: self.limits.offer_packed,
             iotlb_miss_wait: self.limits.iotlb_miss_wait,
+            notify: self.limits.notify,
         };
         let backend = Arc::new(Mutex::new(Backend::new(
             Arc::clone(&self.device),

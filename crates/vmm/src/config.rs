@@ -28,6 +28,9 @@ pub struct DiskSpec {
     pub timeout: Option<Duration>,
     /// Offer VIRTIO_F_RING_PACKED (`packed=on`; in-process disks only).
     pub packed: bool,
+    /// Behind the process's sluice-qos scheduler with these weight and limits (`weight=`,
+    /// `iops=`, `iops_burst=`, `bps=`, `bps_burst=`, `qos_queue=`; in-process disks only).
+    pub qos: Option<sluice_qos::GuestConfig>,
 }
 
 /// A virtio-net device on a tap.
@@ -286,9 +289,15 @@ impl DiskSpec {
             vhost_user: false,
             socket: None,
             timeout: None,
+            qos: None,
         };
+        let mut qos_keys = Vec::new();
         for (k, v) in pairs(s)? {
             match k {
+                "weight" | "iops" | "iops_burst" | "bps" | "bps_burst" => {
+                    qos_keys.push(format!("{k}={v}"));
+                }
+                "qos_queue" => qos_keys.push(format!("queue={v}")),
                 "path" => disk.path = PathBuf::from(v),
                 "vhost_user" => disk.vhost_user = on_off(k, v)?,
                 "socket" => disk.socket = Some(PathBuf::from(v)),
@@ -304,6 +313,15 @@ impl DiskSpec {
                 "packed" => disk.packed = on_off(k, v)?,
                 _ => return Err(format!("--disk: unknown key `{k}`")),
             }
+        }
+        if !qos_keys.is_empty() {
+            let name = disk
+                .path
+                .file_name()
+                .map_or_else(|| "disk".to_owned(), |n| n.to_string_lossy().into_owned());
+            let guest = sluice_qos::parse_guest(&name, &qos_keys.join(","))
+                .map_err(|e| format!("--disk: {e}"))?;
+            disk.qos = Some(guest);
         }
         if disk.vhost_user || disk.socket.is_some() || disk.timeout.is_some() {
             return disk.check_vhost_user();
@@ -325,6 +343,12 @@ impl DiskSpec {
         if self.packed {
             // The frontend hands the backend split rings only (see sluice-devices).
             return Err("--disk vhost_user=on: packed=on is not supported".into());
+        }
+        if self.qos.is_some() {
+            return Err(
+                "--disk vhost_user=on: weight and limits are the backend's (serve blk --disk)"
+                    .into(),
+            );
         }
         if !self.path.as_os_str().is_empty()
             || self.read_only
@@ -513,6 +537,22 @@ mod tests {
         ] {
             assert!(DiskSpec::parse(bad).is_err(), "{bad} should be refused");
         }
+    }
+
+    #[test]
+    fn a_disk_with_a_weight_or_limits_joins_the_scheduler() {
+        let disk = DiskSpec::parse("path=/x/a.img,weight=3,iops=100,bps=8M,qos_queue=16").unwrap();
+        let qos = disk.qos.expect("scheduled");
+        assert_eq!(qos.name, "a.img");
+        assert_eq!(qos.weight, 3);
+        assert_eq!(qos.iops.map(|r| r.per_sec), Some(100));
+        assert_eq!(qos.bps.map(|r| r.per_sec), Some(8 << 20));
+        assert_eq!(qos.queue_limit, 16);
+        assert_eq!(DiskSpec::parse("path=/x/a.img").unwrap().qos, None);
+        let error = DiskSpec::parse("path=a,weight=0").unwrap_err();
+        assert!(error.contains("weight must be in 1..=1000"), "{error}");
+        let error = DiskSpec::parse("vhost_user=on,socket=/s,weight=2").unwrap_err();
+        assert!(error.contains("the backend's"), "{error}");
     }
 
     #[test]

@@ -177,7 +177,11 @@ type DiskDevice = (Box<dyn VirtioDevice>, Option<Arc<IotlbInvalidator>>);
 /// device IOTLB when `iommu`).
 fn disk_device(disk: &DiskSpec, ram: &GuestRam, iommu: bool) -> Result<DiskDevice, VmError> {
     let Some(socket) = disk.socket.as_ref().filter(|_| disk.vhost_user) else {
-        let block = Block::new(block_config(disk)).map_err(|e| device_err("virtio-blk", e))?;
+        let mut block = Block::new(block_config(disk)).map_err(|e| device_err("virtio-blk", e))?;
+        if let Some(guest) = &disk.qos {
+            let qos = process_scheduler().map_err(|e| device_err("virtio-blk qos", e))?;
+            block.join_scheduler(Arc::clone(&qos), qos.add_guest(guest.clone()));
+        }
         return Ok((Box::new(block), None));
     };
     let mut config = VhostUserBlkConfig::new(socket);
@@ -192,6 +196,18 @@ fn disk_device(disk: &DiskSpec, ram: &GuestRam, iommu: bool) -> Result<DiskDevic
     let device = VhostUserBlk::new(config, regions).map_err(|e| device_err("vhost-user-blk", e))?;
     let invalidator = device.iotlb_observer();
     Ok((Box::new(device), invalidator))
+}
+
+/// The scheduler every in-process disk with a weight or limits shares (one per process, so
+/// the disks of one VM compete on it; started on first use).
+fn process_scheduler() -> std::io::Result<Arc<sluice_qos::Qos>> {
+    static SCHEDULER: std::sync::OnceLock<Arc<sluice_qos::Qos>> = std::sync::OnceLock::new();
+    if let Some(qos) = SCHEDULER.get() {
+        return Ok(Arc::clone(qos));
+    }
+    let qos = sluice_qos::Qos::new(sluice_qos::DeviceConfig::default());
+    qos.start_ticker()?;
+    Ok(Arc::clone(SCHEDULER.get_or_init(|| qos)))
 }
 
 pub(crate) fn block_config(disk: &DiskSpec) -> BlockConfig {

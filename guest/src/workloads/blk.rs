@@ -40,6 +40,10 @@ pub trait BlkQueue {
         write: bool,
     ) -> Result<(), Self::Error>;
 
+    /// Sets the I/O priority (Linux ioprio encoding) the next requests on `slot` carry; a
+    /// transport without such a field ignores it.
+    fn set_ioprio(&mut self, _slot: usize, _ioprio: u32) {}
+
     /// Queues a cache flush (completes like any request, moves no data).
     fn submit_flush(&mut self, slot: usize) -> Result<(), Self::Error>;
 
@@ -275,6 +279,9 @@ pub struct Engine<'a, Q> {
     pub queues: Vec<QueueState<Q>>,
     params: &'a BlkParams,
     pub hist: Histogram,
+    /// With `hi_slots`: the latencies of the high-priority slots and of the others.
+    pub hist_hi: Histogram,
+    pub hist_lo: Histogram,
     pub totals: Totals,
     timeout_ms: u64,
     /// The privilege level `drive` ran at (CS's RPL, read there).
@@ -287,6 +294,8 @@ impl<'a, Q: BlkQueue> Engine<'a, Q> {
             queues: Vec::new(),
             params,
             hist: Histogram::new(),
+            hist_hi: Histogram::new(),
+            hist_lo: Histogram::new(),
             totals: Totals::default(),
             timeout_ms,
             ring: 0,
@@ -315,6 +324,9 @@ impl<'a, Q: BlkQueue> Engine<'a, Q> {
             fill_pattern(slot.data, bs, seed, offset);
         }
         let data = slot.data;
+        if let Some(hi) = self.params.hi_slots {
+            qs.queue.set_ioprio(slot_index, slot_ioprio(slot_index, hi));
+        }
         if let Err(error) = qs
             .queue
             .submit(slot_index, data, offset, bs as u32, is_write)
@@ -356,7 +368,15 @@ impl<'a, Q: BlkQueue> Engine<'a, Q> {
         let now = now_ns();
         let bs = u64::from(self.params.bs);
         let slot = self.queues[q].retire(done.slot)?;
-        self.hist.record(now.saturating_sub(slot.submitted_ns));
+        let latency = now.saturating_sub(slot.submitted_ns);
+        self.hist.record(latency);
+        if let Some(hi) = self.params.hi_slots {
+            if done.slot < hi as usize {
+                self.hist_hi.record(latency);
+            } else {
+                self.hist_lo.record(latency);
+            }
+        }
         if !done.ok {
             self.totals.errors += 1;
         } else {
@@ -437,6 +457,8 @@ impl<'a, Q: BlkQueue> Engine<'a, Q> {
     /// Takes in another CPU's counts and latencies.
     fn merge(&mut self, other: &Engine<'_, Q>) {
         self.hist.merge(&other.hist);
+        self.hist_hi.merge(&other.hist_hi);
+        self.hist_lo.merge(&other.hist_lo);
         self.ring = self.ring.min(other.ring);
         self.totals.completed += other.totals.completed;
         self.totals.bytes += other.totals.bytes;
@@ -608,6 +630,18 @@ where
     })
 }
 
+/// Linux ioprio classes (class in bits 13..16): real-time for the first `hi` slots, idle for
+/// the others.
+fn slot_ioprio(slot: usize, hi: u32) -> u32 {
+    const CLASS_RT: u32 = 1 << 13;
+    const CLASS_IDLE: u32 = 3 << 13;
+    if slot < hi as usize {
+        CLASS_RT
+    } else {
+        CLASS_IDLE
+    }
+}
+
 /// What the RESULT line says beyond the engine's counts.
 pub struct Summary<'a> {
     /// `blk`, `nvme`: the RESULT's `workload`.
@@ -635,12 +669,23 @@ pub fn print_result<Q: BlkQueue>(finished: &Finished<'_, Q>, s: &Summary<'_>) {
     } else {
         ","
     };
+    let mut priorities = String::new();
+    if let Some(hi) = p.hi_slots {
+        let _ = core::fmt::Write::write_fmt(
+            &mut priorities,
+            format_args!(
+                "\"hi_slots\":{hi},\"lat_hi_ns\":{},\"lat_lo_ns\":{},",
+                engine.hist_hi.json(),
+                engine.hist_lo.json()
+            ),
+        );
+    }
     crate::println!(
-        "RESULT {{\"workload\":\"{}\",\"ring\":{},\"op\":\"{}\",\"bs\":{},\"qd\":{},\"queues\":{},\"cpus\":{},\"cpu_ops\":[{}],\"mode\":\"{}\",{},\"ops\":{},\"bytes\":{},\"elapsed_ns\":{},\"lat_ns\":{},\"notifies\":{},\"interrupts\":{},\"errors\":{},\"verify\":\"{}\",{}{}\"pass\":{}}}",
+        "RESULT {{\"workload\":\"{}\",\"ring\":{},\"op\":\"{}\",\"bs\":{},\"qd\":{},\"queues\":{},\"cpus\":{},\"cpu_ops\":[{}],\"mode\":\"{}\",{},\"ops\":{},\"bytes\":{},\"elapsed_ns\":{},\"lat_ns\":{},\"notifies\":{},\"interrupts\":{},\"errors\":{},\"verify\":\"{}\",{}{}{}\"pass\":{}}}",
         s.workload, engine.ring, p.op.name(), p.bs, s.depth, s.queues, finished.cpu_ops.len(),
         cpu_ops, p.mode.name(), s.transport_fields, engine.totals.completed, engine.totals.bytes,
         finished.elapsed_ns, engine.hist.json(), engine.notifies(), s.interrupts,
         engine.totals.errors, finished.verify(), s.trailing_fields, trailing_separator,
-        finished.passed()
+        priorities, finished.passed()
     );
 }

@@ -13,6 +13,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
+use sluice_qos::{GuestId, Qos};
 use sluice_storage::{DiskImage, ImageError, IoEngine, MAX_BLOCK_SIZE};
 
 use super::handler::BlockQueueHandler;
@@ -98,6 +99,8 @@ pub struct Block {
     serial: [u8; ID_BYTES],
     engine: IoEngine,
     metrics: Arc<DeviceMetrics>,
+    /// The shared scheduler this disk's queues go through, and the disk's guest in it.
+    scheduler: Option<(Arc<Qos>, GuestId)>,
 }
 
 impl std::fmt::Debug for Block {
@@ -146,7 +149,14 @@ impl Block {
             serial,
             engine,
             metrics,
+            scheduler: None,
         })
+    }
+
+    /// Puts every queue started from now on behind `qos`, as its guest `guest` (a shared
+    /// backend: weights, limits and priorities against the other disks on the scheduler).
+    pub fn join_scheduler(&mut self, qos: Arc<Qos>, guest: GuestId) {
+        self.scheduler = Some((qos, guest));
     }
 
     /// Disk size in 512-byte sectors.
@@ -331,7 +341,15 @@ impl VirtioDevice for Block {
         if index >= self.config.queues {
             return Err(ActivateError::NoSuchQueue(index));
         }
-        Ok(Box::new(Block::queue_handler(self, size)))
+        let handler = Block::queue_handler(self, size);
+        let Some((qos, guest)) = &self.scheduler else {
+            return Ok(Box::new(handler));
+        };
+        let port = qos.port(*guest).map_err(ActivateError::Worker)?;
+        let handler = handler
+            .with_scheduler(port)
+            .map_err(ActivateError::Worker)?;
+        Ok(Box::new(handler))
     }
 
     fn metrics(&self) -> Arc<DeviceMetrics> {

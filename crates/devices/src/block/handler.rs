@@ -3,6 +3,10 @@
 //! io_uring with one submit per pass, or synchronous), and answers each chain when its
 //! operation completes — from `process` if it finished at once, from `complete` when the
 //! ring's eventfd fires. What is left here is virtio: chains, the status byte, the used entry.
+//!
+//! On a shared backend (`sluice serve blk` with several disks, or a disk given `--qos`) the
+//! queue also holds a sluice-qos [`QueuePort`]: each parsed operation is enqueued with the
+//! scheduler and submitted only when granted (see [`super::scheduled`]).
 
 use std::io;
 use std::os::fd::RawFd;
@@ -18,16 +22,21 @@ use super::request::{
     parse_request, DiskLimits, GuestBuffer, Rejection, Request, RequestKind, Segment, Status,
     ID_BYTES, SECTOR_SIZE,
 };
+use super::scheduled::Scheduled;
 
 /// The block device's [`QueueHandler`] for one queue.
 pub struct BlockQueueHandler {
-    io: IoQueue<Answer>,
+    pub(super) io: IoQueue<Answer>,
     limits: DiskLimits,
     serial: [u8; ID_BYTES],
+    /// The shared scheduler's side of this queue, when the disk has one.
+    pub(super) scheduled: Option<Scheduled>,
 }
 
 /// What the chain's answer needs once its operation is done (the I/O engine's tag).
-struct Answer {
+pub(super) struct Answer {
+    /// The scheduler's tag while the request goes through a shared scheduler.
+    pub(super) qos_tag: Option<u64>,
     head: u16,
     status_addr: Option<GuestAddress>,
     started: Instant,
@@ -65,7 +74,14 @@ impl BlockQueueHandler {
             io: IoQueue::new(image, engine, queue_size),
             limits,
             serial,
+            scheduled: None,
         }
+    }
+
+    /// Puts this queue behind a shared scheduler (sluice-qos) through `port`.
+    pub fn with_scheduler(mut self, port: sluice_qos::QueuePort) -> io::Result<Self> {
+        self.scheduled = Some(Scheduled::new(port, self.io.completion_fd())?);
+        Ok(self)
     }
 
     /// Whether this queue runs on io_uring.
@@ -102,7 +118,9 @@ impl BlockQueueHandler {
         request: Request,
         started: Instant,
     ) -> Result<bool, QueueError> {
+        let ioprio = request.ioprio;
         let mut answer = Answer {
+            qos_tag: None,
             head,
             status_addr: Some(request.status_addr),
             started,
@@ -134,6 +152,15 @@ impl BlockQueueHandler {
         if matches!(op, IoOp::Read { .. }) {
             answer.guest_written = u32::try_from(op.data_len()).unwrap_or(u32::MAX);
         }
+        let (answer, op) = match &mut self.scheduled {
+            Some(scheduled) => match scheduled.hold(answer, op, ioprio) {
+                None => return Ok(false),
+                // Refused (another queue of this guest filled its bound first): it goes
+                // unscheduled rather than being dropped.
+                Some(refused) => refused,
+            },
+            None => (answer, op),
+        };
         match self.io.submit(answer, op) {
             Some(done) => {
                 finish_io(ctx, done)?;
@@ -163,7 +190,10 @@ fn reject(
 }
 
 /// Answers the chain of a completed operation.
-fn finish_io(ctx: &mut QueueContext<'_>, done: IoCompletion<Answer>) -> Result<(), QueueError> {
+pub(super) fn finish_io(
+    ctx: &mut QueueContext<'_>,
+    done: IoCompletion<Answer>,
+) -> Result<(), QueueError> {
     done.tag
         .into_completion(status_of(&done.result))
         .finish(ctx)
@@ -171,43 +201,71 @@ fn finish_io(ctx: &mut QueueContext<'_>, done: IoCompletion<Answer>) -> Result<(
 
 impl QueueHandler for BlockQueueHandler {
     fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
-        let mem: &DmaSpace = ctx.mem;
-        let chains = ctx.queue.pop_all(mem)?;
         let mut used = false;
-        for chain in chains {
-            match self.handle_chain(ctx, chain) {
-                Ok(answered) => used |= answered,
-                Err(e) => {
-                    self.io.commit();
-                    return Err(e);
+        loop {
+            let mem: &DmaSpace = ctx.mem;
+            let (chains, bound) = match &self.scheduled {
+                None => (ctx.queue.pop_all(mem)?, None),
+                Some(scheduled) => scheduled.pop_within_bound(ctx.queue, mem)?,
+            };
+            let popped = chains.len();
+            for chain in chains {
+                match self.handle_chain(ctx, chain) {
+                    Ok(answered) => used |= answered,
+                    Err(e) => {
+                        self.io.commit();
+                        return Err(e);
+                    }
                 }
             }
+            self.io.commit();
+            let Some(bound) = bound else {
+                return Ok(used);
+            };
+            used |= self.submit_granted(ctx, &[])?;
+            // Stopped at the bound with room again (requests finished within the pass): the
+            // chains left in the ring get no new kick, so look again. Without room, a request
+            // of this queue is held, and its grant or completion calls `complete`, which
+            // comes back here.
+            let room_again = self.scheduled.as_ref().is_some_and(|s| s.room() > 0);
+            if popped < bound || !room_again {
+                return Ok(used);
+            }
         }
-        self.io.commit();
-        Ok(used)
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
-        self.io.completion_fd()
+        match &self.scheduled {
+            Some(scheduled) => Some(scheduled.wait_fd()),
+            None => self.io.completion_fd(),
+        }
     }
 
     fn has_in_flight(&self) -> bool {
-        self.io.in_flight() > 0
+        self.in_flight() > 0
     }
 
     fn in_flight(&self) -> usize {
-        self.io.in_flight()
+        self.io.in_flight() + self.scheduled.as_ref().map_or(0, Scheduled::held)
     }
 
     fn completion_ready(&mut self) -> bool {
-        self.io.has_completions()
+        self.io.has_completions() || self.scheduled.as_ref().is_some_and(Scheduled::has_grants)
     }
 
     fn complete(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
         let mut used = false;
+        let mut finished = Vec::new();
         for done in self.io.reap() {
+            finished.extend(done.tag.qos_tag);
             finish_io(ctx, done)?;
             used = true;
+        }
+        if let Some(scheduled) = &self.scheduled {
+            scheduled.clear_wake();
+            used |= self.submit_granted(ctx, &finished)?;
+            // Chains left in the ring while the guest's bound was reached get no new kick.
+            used |= self.process(ctx)?;
         }
         Ok(used)
     }

@@ -20,6 +20,7 @@ pub mod device;
 pub mod fuzz;
 pub mod handler;
 pub mod request;
+mod scheduled;
 
 #[cfg(test)]
 mod tests;

@@ -129,6 +129,9 @@ pub enum RequestKind {
 pub struct Request {
     pub kind: RequestKind,
     pub status_addr: GuestAddress,
+    /// The header's I/O priority (Linux ioprio: class in bits 13..16), a hint the scheduler
+    /// of a shared backend uses (sluice-qos); any value is accepted.
+    pub ioprio: u32,
 }
 
 /// Why a chain was refused.
@@ -209,7 +212,11 @@ pub fn parse_request(
         });
     }
     parse_body(mem, chain, &layout, limits)
-        .map(|kind| Request { kind, status_addr })
+        .map(|(kind, ioprio)| Request {
+            kind,
+            status_addr,
+            ioprio,
+        })
         .map_err(|error| Rejection {
             error,
             status_addr: Some(status_addr),
@@ -361,7 +368,7 @@ fn parse_body(
     chain: &Chain<'_>,
     layout: &ChainLayout,
     limits: &DiskLimits,
-) -> Result<RequestKind, ParseError> {
+) -> Result<(RequestKind, u32), ParseError> {
     // Reader::new resolves every readable buffer through the DmaSpace and fails on any that
     // is outside it, so OUT data and segments are bound-checked here too.
     let mut reader = chain.reader(mem).map_err(|_| ParseError::BadBuffer)?;
@@ -370,6 +377,7 @@ fn parse_body(
         .read_exact(&mut header)
         .map_err(|_| ParseError::HeaderTooShort)?;
     let request_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let ioprio = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
     let sector = u64::from_le_bytes([
         header[8], header[9], header[10], header[11], header[12], header[13], header[14],
         header[15],
@@ -378,7 +386,7 @@ fn parse_body(
     let writable = &layout.writable_data;
     check_writable(mem, writable)?;
 
-    match request_type {
+    let kind = match request_type {
         VIRTIO_BLK_T_IN => {
             expect_empty(&payload)?;
             let len = total_len(writable);
@@ -430,7 +438,8 @@ fn parse_body(
             })
         }
         other => Err(ParseError::UnsupportedType(other)),
-    }
+    };
+    kind.map(|kind| (kind, ioprio))
 }
 
 fn expect_empty(buffers: &[GuestBuffer]) -> Result<(), ParseError> {

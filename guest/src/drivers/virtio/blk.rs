@@ -27,15 +27,17 @@ struct VirtioBlkQueue<'a> {
     device: &'a VirtioPci,
     queue: Queue,
     headers: Vec<u64>,
+    /// Per slot: the ioprio its requests carry in the header.
+    ioprio: Vec<u32>,
     /// head descriptor id -> slot
     by_head: Vec<Option<usize>>,
 }
 
-fn write_header(header: u64, kind: u32, sector: u64) {
+fn write_header(header: u64, kind: u32, ioprio: u32, sector: u64) {
     // SAFETY: the header page belongs to one slot and is not in flight while we write.
     unsafe {
         core::ptr::write_volatile(header as *mut u32, kind);
-        core::ptr::write_volatile((header + 4) as *mut u32, 0);
+        core::ptr::write_volatile((header + 4) as *mut u32, ioprio);
         core::ptr::write_volatile((header + 8) as *mut u64, sector);
         core::ptr::write_volatile((header + 16) as *mut u8, STATUS_UNSET);
     }
@@ -66,7 +68,8 @@ impl BlkQueue for VirtioBlkQueue<'_> {
         write: bool,
     ) -> Result<(), VirtioError> {
         let header = self.headers[slot];
-        write_header(header, if write { T_OUT } else { T_IN }, offset / SECTOR);
+        let kind = if write { T_OUT } else { T_IN };
+        write_header(header, kind, self.ioprio[slot], offset / SECTOR);
         let segments = [
             Segment {
                 addr: header,
@@ -89,7 +92,7 @@ impl BlkQueue for VirtioBlkQueue<'_> {
 
     fn submit_flush(&mut self, slot: usize) -> Result<(), VirtioError> {
         let header = self.headers[slot];
-        write_header(header, T_FLUSH, 0);
+        write_header(header, T_FLUSH, self.ioprio[slot], 0);
         let segments = [
             Segment {
                 addr: header,
@@ -103,6 +106,12 @@ impl BlkQueue for VirtioBlkQueue<'_> {
             },
         ];
         self.add(slot, &segments)
+    }
+
+    fn set_ioprio(&mut self, slot: usize, ioprio: u32) {
+        if let Some(entry) = self.ioprio.get_mut(slot) {
+            *entry = ioprio;
+        }
     }
 
     fn publish(&mut self) {
@@ -192,6 +201,7 @@ fn wrap_queues<'a>(
             let wrapped = VirtioBlkQueue {
                 device,
                 queue,
+                ioprio: alloc::vec![0; headers.len()],
                 headers,
                 by_head,
             };
