@@ -122,7 +122,8 @@ impl VmHandle {
         }
         if let Some(device) = self.device_without_migration() {
             return Err(HandleError::Migration(format!(
-                "{device} cannot be migrated (virtio-blk on an image and virtio-rng can)"
+                "{device} cannot be migrated (virtio-blk on an image, virtio-net and \
+                 virtio-rng can)"
             )));
         }
         let parts = self.machine_parts().ok_or(HandleError::NotRunning(state))?;
@@ -180,8 +181,8 @@ impl VmHandle {
         }
         if let Some(device) = self.device_without_snapshot() {
             return Err(HandleError::Snapshot(format!(
-                "{device} cannot be saved in a snapshot yet (virtio-blk on an image and \
-                 virtio-rng can)"
+                "{device} cannot be saved in a snapshot yet (virtio-blk on an image, \
+                 virtio-net and virtio-rng can)"
             )));
         }
         let Some(parts) = self.machine_parts() else {
@@ -197,7 +198,6 @@ impl VmHandle {
         let c = &self.config;
         [
             (c.disks.iter().any(|d| d.vhost_user), "a vhost-user disk"),
-            (!c.nets.is_empty(), "a virtio-net device"),
             (!c.e1000s.is_empty(), "an e1000"),
             (!c.nvmes.is_empty(), "an NVMe controller"),
             (!c.vfio.is_empty(), "an assigned device"),
@@ -251,6 +251,10 @@ impl VmHandle {
     pub fn resume(&self) -> Result<(), HandleError> {
         match self.state() {
             VmState::Paused => {
+                // Devices stopped by a snapshot take up their work first.
+                if let Some(parts) = self.machine_parts() {
+                    parts.pci.resume_after_save();
+                }
                 self.control.resume();
                 Ok(())
             }

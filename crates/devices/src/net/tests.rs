@@ -276,7 +276,10 @@ fn net(pairs: u16, mtu: Option<u16>) -> Net {
     Net::with_backend(
         Arc::new(FakeBackend::default()),
         pairs,
-        NetConfig { mac: MAC, mtu },
+        NetConfig {
+            mtu,
+            ..NetConfig::new(MAC)
+        },
     )
 }
 
@@ -945,10 +948,7 @@ fn activated_device_transmits_on_kick() {
     let mut device = Net::with_backend(
         backend.clone(),
         1,
-        NetConfig {
-            mac: MAC,
-            mtu: None,
-        },
+        NetConfig::new(MAC),
     );
     let tx_kick = EventFd::new(0).unwrap();
     let binding = |index, vq: &MockSplitQueue<'_, GuestMemoryMmap>, kick: EventFd| QueueBinding {
@@ -1032,10 +1032,7 @@ fn attached_after(backend: &FakeBackend) -> Option<u16> {
 #[test]
 fn tap_queues_follow_the_highest_running_rx_ring() {
     let backend = Arc::new(FakeBackend::default());
-    let config = NetConfig {
-        mac: MAC,
-        mtu: None,
-    };
+    let config = NetConfig::new(MAC);
     let mut device = Net::with_backend(backend.clone(), 3, config);
     let features = device.device_features() & !(1 << VIRTIO_NET_F_CTRL_VQ);
     device.ack_features(features).unwrap();
@@ -1058,10 +1055,7 @@ fn a_control_queue_limits_tap_queues_to_the_pairs_the_driver_chose() {
     let vq = MockSplitQueue::new(&mem, 16);
     let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     let backend = Arc::new(FakeBackend::default());
-    let config = NetConfig {
-        mac: MAC,
-        mtu: None,
-    };
+    let config = NetConfig::new(MAC);
     let mut device = Net::with_backend(backend.clone(), 3, config);
     device.ack_features(device.device_features()).unwrap();
     let _rings: Vec<_> = (0..6)

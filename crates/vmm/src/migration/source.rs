@@ -106,6 +106,8 @@ pub(crate) fn send(
                 control.finish(VmOutcome::Crash(format!("migration failed: {why}")));
                 return Err(MigrationError::Abandoned(why));
             }
+            // Devices stopped by the capture take up their work first.
+            parts.pci.resume_after_save();
             control.resume();
             tracing::warn!("migration failed, the VM runs on here: {e}");
             Err(e)
