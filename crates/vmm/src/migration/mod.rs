@@ -244,7 +244,10 @@ impl Incoming {
     /// Receives RAM into `ram` and returns the state (the VM was built with the announced
     /// shape).
     pub(crate) fn receive(&mut self, ram: &GuestRam) -> Result<MachineState, MigrationError> {
-        let mut sink = RamSink(ram);
+        let mut sink = RamSink {
+            ram,
+            progress: crate::progress::Progress::start("receive", ram.size),
+        };
         if ram.size != self.hello.memory {
             return Err(MigrationError::Vm(format!(
                 "the VM has {} bytes of RAM, the stream {}",
@@ -252,6 +255,7 @@ impl Incoming {
             )));
         }
         let (state, pages) = protocol::receive(&mut self.input, self.hello.cpus, &mut sink)?;
+        sink.progress.finish();
         tracing::info!(
             "migration: received {pages} pages and the state at {} ns (CLOCK_REALTIME)",
             unix_ns()
@@ -268,16 +272,24 @@ impl Incoming {
     }
 }
 
-/// Guest RAM as the receiver's page sink (offsets in its memfd).
-struct RamSink<'a>(&'a GuestRam);
+/// Guest RAM as the receiver's page sink (offsets in its memfd), showing what arrived (the
+/// step's total is the RAM size: pages sent again in later rounds count again, so the bar may
+/// end early; the last line says 100 % once the state arrived).
+struct RamSink<'a> {
+    ram: &'a GuestRam,
+    progress: crate::progress::Progress,
+}
 
 impl PageSink for RamSink<'_> {
     fn size(&self) -> u64 {
-        self.0.size
+        self.ram.size
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        std::os::unix::fs::FileExt::write_all_at(&*self.0.file, data, offset)
+        std::os::unix::fs::FileExt::write_all_at(&*self.ram.file, data, offset)?;
+        let bytes = data.len() as u64;
+        self.progress.advance(bytes, bytes / protocol::PAGE_SIZE);
+        Ok(())
     }
 }
 

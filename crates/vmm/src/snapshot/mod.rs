@@ -15,6 +15,8 @@
 //! clock runs on with the host's), the ACPI PM1 registers (the PM timer restarts, so a guest
 //! sees it jump as after a long pause).
 //!
+//! Writing and loading the memory show their progress (crate::progress).
+//!
 //! The checksums are FNV-1a over 64-bit words, written here: they detect corruption and
 //! truncation, not tampering, and no hashing crate is in the verified dependency set.
 
@@ -28,6 +30,7 @@ use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
 use crate::memory::GuestRam;
+use crate::progress::Progress;
 use crate::vcpu::state::VcpuState;
 
 /// First word of the state file.
@@ -172,19 +175,24 @@ fn write_memory(ram: &GuestRam, dir: &Path) -> Result<u64, SnapshotError> {
     let mut sum = Checksum::new();
     let mut buffer = vec![0u8; CHUNK];
     let mut offset = 0u64;
+    let mut progress = Progress::start("snapshot", ram.size);
     while offset < ram.size {
         let len = (ram.size - offset).min(CHUNK as u64) as usize;
         let chunk = &mut buffer[..len];
         ram.file.read_exact_at(chunk, offset).map_err(io(&path))?;
         sum.update(chunk);
+        let mut written = 0;
         for (index, page) in chunk.chunks(PAGE).enumerate() {
             if page.iter().any(|&b| b != 0) {
                 out.write_all_at(page, offset + (index * PAGE) as u64)
                     .map_err(io(&path))?;
+                written += 1;
             }
         }
         offset += len as u64;
+        progress.advance(len as u64, written);
     }
+    progress.finish();
     Ok(sum.0)
 }
 
@@ -203,6 +211,7 @@ fn read_memory(ram: &GuestRam, dir: &Path, expected: u64) -> Result<(), Snapshot
     let mut sum = Checksum::new();
     let mut buffer = vec![0u8; CHUNK];
     let mut offset = 0u64;
+    let mut progress = Progress::start("restore", ram.size);
     while offset < ram.size {
         let len = (ram.size - offset).min(CHUNK as u64) as usize;
         let chunk = &mut buffer[..len];
@@ -210,10 +219,12 @@ fn read_memory(ram: &GuestRam, dir: &Path, expected: u64) -> Result<(), Snapshot
         sum.update(chunk);
         ram.file.write_all_at(chunk, offset).map_err(io(&path))?;
         offset += len as u64;
+        progress.advance(len as u64, (len / PAGE) as u64);
     }
     if sum.0 != expected {
         return Err(SnapshotError::Corrupt(path));
     }
+    progress.finish();
     Ok(())
 }
 
