@@ -258,9 +258,23 @@ pub fn spawn_echo_peer(
     std::sync::Arc<std::sync::atomic::AtomicBool>,
     JoinHandle<u64>,
 ) {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    let (stop, _echoed, handle) = spawn_counting_echo_peer(ifname);
+    (stop, handle)
+}
+
+/// [`spawn_echo_peer`] with a counter of the frames echoed so far.
+pub fn spawn_counting_echo_peer(
+    ifname: String,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+    JoinHandle<u64>,
+) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let stop_peer = stop.clone();
+    let counter = std::sync::Arc::new(AtomicU64::new(0));
+    let live = counter.clone();
     let handle = thread::spawn(move || {
         let name = std::ffi::CString::new(ifname).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -338,12 +352,13 @@ pub fn spawn_echo_peer(
                 )
             };
             echoed += 1;
+            live.store(echoed, Ordering::Relaxed);
         }
         // SAFETY: `fd` is ours and closed once.
         unsafe { libc::close(fd) };
         echoed
     });
-    (stop, handle)
+    (stop, counter, handle)
 }
 
 /// The child's exit status, or `None` if it had to be killed after `timeout`.
