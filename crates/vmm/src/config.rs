@@ -479,6 +479,17 @@ mod tests {
     }
 
     #[test]
+    fn standby_needs_an_explicit_mac() {
+        let standby = NetSpec::parse("tap=t0,mac=52:54:00:12:34:56,standby=on").unwrap();
+        let plain = NetSpec::parse("tap=t0").unwrap();
+        let refused = NetSpec::parse("tap=t0,standby=on").unwrap_err();
+
+        assert!(standby.standby && !plain.standby);
+        assert!(refused.contains("needs mac="), "{refused}");
+        assert!(NetSpec::parse("tap=t0,mac=52:54:00:12:34:56,standby=maybe").is_err());
+    }
+
+    #[test]
     fn packed_is_off_unless_asked_for() {
         let plain = DiskSpec::parse("path=x").unwrap();
         let packed = DiskSpec::parse("path=x,packed=on").unwrap();

@@ -132,7 +132,10 @@ impl Progress {
         if finished {
             return 100;
         }
-        (self.done * 100).checked_div(self.total).unwrap_or(0).min(99)
+        (self.done * 100)
+            .checked_div(self.total)
+            .unwrap_or(0)
+            .min(99)
     }
 
     fn show(&mut self, finished: bool) {

@@ -12,10 +12,11 @@ use sluice_virtio::{
     Chain, ChainWriter, QueueContext, QueueError, QueueHandler, QueueMetrics, VirtQueue,
 };
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET,
-    VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_RX,
-    VIRTIO_NET_CTRL_RX_ALLMULTI, VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_ERR,
-    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_OK,
+    VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, VIRTIO_NET_CTRL_MAC,
+    VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET, VIRTIO_NET_CTRL_MQ,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI,
+    VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_ERR, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_OK,
 };
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -524,10 +525,15 @@ impl CtrlHandler {
     fn execute(&self, class: u8, cmd: u8, data: &[u8]) -> u8 {
         let ok = match (u32::from(class), u32::from(cmd)) {
             (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) => self.set_pairs(data),
-            (VIRTIO_NET_CTRL_RX, mode @ (VIRTIO_NET_CTRL_RX_PROMISC | VIRTIO_NET_CTRL_RX_ALLMULTI)) => {
+            (
+                VIRTIO_NET_CTRL_RX,
+                mode @ (VIRTIO_NET_CTRL_RX_PROMISC | VIRTIO_NET_CTRL_RX_ALLMULTI),
+            ) => {
                 // The tap already hands every frame to the guest: the modes need no action
                 // beyond being remembered.
-                let [on] = data else { return VIRTIO_NET_ERR as u8 };
+                let [on] = data else {
+                    return VIRTIO_NET_ERR as u8;
+                };
                 let flag = if mode == VIRTIO_NET_CTRL_RX_PROMISC {
                     &self.state.promisc
                 } else {

@@ -81,7 +81,15 @@ pub(crate) fn send(
         .pause(PAUSE_TIMEOUT)
         .map_err(|e| MigrationError::Vm(format!("cannot pause: {e}")))?;
     progress.next_round(rounds + 1, 0);
-    let result = stop_and_copy(handle, parts, &tracking, pending, out, stream, &mut progress);
+    let result = stop_and_copy(
+        handle,
+        parts,
+        &tracking,
+        pending,
+        out,
+        stream,
+        &mut progress,
+    );
     match result {
         Ok((sent, resumed_unix_ns)) => {
             drop(tracking);
