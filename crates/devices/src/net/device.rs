@@ -69,6 +69,13 @@ impl NetConfig {
     }
 }
 
+impl SavedNet {
+    /// Reads a saved state (not yet checked against a device: `Net::restore_state` does).
+    pub fn deserialize_from(value: &serde_json::Value) -> Result<Self, String> {
+        Self::deserialize(value).map_err(|e| format!("virtio-net state: {e}"))
+    }
+}
+
 /// What a snapshot keeps of the model (see the module documentation).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedNet {
@@ -352,7 +359,7 @@ impl VirtioDevice for Net {
     }
 
     fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        let saved = SavedNet::deserialize(state).map_err(|e| format!("virtio-net state: {e}"))?;
+        let saved = SavedNet::deserialize_from(state)?;
         if saved.pairs != self.pairs {
             return Err(format!(
                 "virtio-net: saved with {} queue pairs, this device has {} (give the tap as \

@@ -89,9 +89,13 @@ impl TapQueues {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The pairs the control queue chose last (1 until it chose).
+    /// The pairs the control queue chose last (1 until it chose), or those the next control
+    /// handler will start with (a restored device not yet running).
     pub fn ctrl_pairs(&self) -> u16 {
-        self.attachment().ctrl_pairs
+        let attachment = self.attachment();
+        attachment
+            .resume_ctrl_pairs
+            .unwrap_or(attachment.ctrl_pairs)
     }
 
     /// The next control handler starts with `pairs` (`None`: with one, as after a reset).
