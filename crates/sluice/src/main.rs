@@ -101,7 +101,9 @@ struct RunArgs {
     #[arg(long, value_parser = DiskSpec::parse)]
     disk: Vec<DiskSpec>,
     /// A virtio-net device on a tap (repeatable; created if missing, needs CAP_NET_ADMIN):
-    /// `tap=NAME[,mac=52:54:00:..][,queues=N][,notify=..][,packed=on]`.
+    /// `tap=NAME[,mac=52:54:00:..][,queues=N][,notify=..][,packed=on][,standby=on]`
+    /// (`standby=on`: VIRTIO_NET_F_STANDBY, for net_failover with a passthrough NIC of the
+    /// same MAC; needs `mac=`).
     #[arg(long, value_parser = NetSpec::parse)]
     net: Vec<NetSpec>,
     /// A virtio-rng device fed by getrandom(2): `--rng`, or `--rng=packed=on`.

@@ -22,9 +22,17 @@
 //! Downtime is measured from the source's pause to the destination's resume, both read from
 //! CLOCK_REALTIME on this host (the two processes share the clock).
 //!
-//! What is refused: everything a snapshot refuses (vhost-user disks, virtio-net, e1000, NVMe,
-//! VFIO, the vIOMMU, the test device) — the device dirty log covers exactly the devices that
-//! remain (virtio-blk on an image, virtio-rng; see sluice_dma::dirty for the write paths).
+//! What is refused: everything a snapshot refuses (vhost-user disks, e1000, NVMe, VFIO, the
+//! vIOMMU, the test device) — the device dirty log covers exactly the devices that remain
+//! (virtio-blk on an image, virtio-net, virtio-rng; see sluice_dma::dirty for the write paths:
+//! virtio-net writes guest memory only through chains it popped — received frames, their
+//! `num_buffers`, control acks — and the used ring, all marked). virtio-net's RX side takes
+//! frames from the tap on its own, so the captured rings stay stopped until the VM runs on
+//! (only a failed migration resumes it here): a frame that reaches the source's tap after the
+//! capture is not in the guest, and lost as on any link; what was read before is carried.
+//!
+//! Progress (crate::progress): the source shows round 0 (RAM scanned), each dirty round and the
+//! stop-and-copy as rounds, the destination what it received.
 //! Transports: `unix:PATH` and `tcp:HOST:PORT`, unencrypted and unauthenticated (on one host).
 
 pub mod fuzz;

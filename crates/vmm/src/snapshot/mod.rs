@@ -9,7 +9,8 @@
 //! and where its rings stand, after letting requests in flight complete). Device models keep
 //! their state in sluice, and saving it is per device; until a device can, a VM that has it is
 //! refused with a message naming it, rather than restored with a device that forgot what the
-//! guest told it (today virtio-blk on an image and virtio-rng can). The platform devices carry
+//! guest told it (today virtio-blk on an image, virtio-net on a tap — the restoring `sluice run`
+//! names its own tap — and virtio-rng can). The platform devices carry
 //! what the guest programmed: COM1's registers and unread input, the i8042's controller state,
 //! the RTC's CMOS bytes, control registers and time offset from the host clock (the guest's
 //! clock runs on with the host's), the ACPI PM1 registers (the PM timer restarts, so a guest
