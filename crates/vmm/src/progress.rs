@@ -143,9 +143,17 @@ impl Progress {
             return;
         }
         self.last_line = Some(Instant::now());
+        let line = self.line(finished, self.started.elapsed());
+        // Like every message, progress ignores a stderr that cannot be written.
+        let mut stderr = std::io::stderr().lock();
+        let _ = stderr.write_all(line.as_bytes());
+        let _ = stderr.flush();
+    }
+
+    /// The text shown `elapsed` into the phase.
+    fn line(&self, finished: bool, elapsed: Duration) -> String {
         let percent = self.percent(finished);
-        let elapsed = self.started.elapsed();
-        let line = match self.mode {
+        match self.mode {
             ProgressMode::Json => format!(
                 "{}\n",
                 serde_json::json!({
@@ -177,11 +185,7 @@ impl Progress {
                     if finished { "\n" } else { "" }
                 )
             }
-        };
-        // Like every message, progress ignores a stderr that cannot be written.
-        let mut stderr = std::io::stderr().lock();
-        let _ = stderr.write_all(line.as_bytes());
-        let _ = stderr.flush();
+        }
     }
 }
 
@@ -200,6 +204,47 @@ mod tests {
         let mut empty = Progress::start("test", 0);
         empty.advance(0, 0);
         assert_eq!(empty.percent(false), 0);
+    }
+
+    #[test]
+    fn a_bar_redraws_one_line_and_ends_it_at_100_percent() {
+        // Driven with the mode off (nothing written), shown as a bar.
+        let mut progress = Progress::start("restore", 64 << 20);
+        progress.next_round(2, 64 << 20);
+        progress.advance(16 << 20, 4096);
+        progress.mode = ProgressMode::Bar;
+        let midway = progress.line(false, Duration::from_millis(1500));
+        progress.mode = ProgressMode::Off;
+        progress.finish();
+        progress.mode = ProgressMode::Bar;
+        let last = progress.line(true, Duration::from_secs(3));
+
+        assert_eq!(
+            midway,
+            format!(
+                "\rrestore [{}{}]  25% 16/64 MiB round 2 1.5s",
+                "#".repeat(7),
+                "-".repeat(23)
+            )
+        );
+        assert!(last.starts_with(&format!("\rrestore [{}] 100% 64/64 MiB", "#".repeat(30))));
+        assert!(last.ends_with('\n'), "{last:?}");
+    }
+
+    #[test]
+    fn a_json_line_is_one_object_with_every_field() {
+        let mut progress = Progress::start("migrate", 8192);
+        progress.advance(4096, 1);
+        progress.mode = ProgressMode::Json;
+        let line = progress.line(false, Duration::from_millis(7));
+        let value: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
+
+        assert!(line.ends_with('\n') && !line.trim_end().contains('\n'));
+        assert_eq!(
+            value,
+            serde_json::json!({"phase": "migrate", "round": 0, "bytes_done": 4096,
+                "bytes_total": 8192, "pages": 1, "percent": 50, "elapsed_ms": 7, "done": false})
+        );
     }
 
     #[test]

@@ -212,8 +212,9 @@ fn stop_and_copy(
 }
 
 /// Captures the paused VM until two captures agree on the devices: capturing quiesces the
-/// virtio queues and takes them up again, and a queue taken up may still find chains the
-/// guest published before the pause; the state sent must be the one after they completed.
+/// virtio queues (requests taken complete) and leaves them stopped until the VM runs on here,
+/// so a second capture normally agrees; virtio-net also carries what reached its tap
+/// meanwhile (at most 256 frames per pair, so even a flood settles).
 fn quiet_state(handle: &VmHandle, parts: &MachineParts) -> Result<MachineState, MigrationError> {
     let mut state = handle.capture_state(parts).map_err(MigrationError::Vm)?;
     for _ in 0..MAX_CAPTURES {
