@@ -4,7 +4,10 @@
 //! Snapshots and migration ([`SavedNet`]): the model carries the pairs the control queue chose,
 //! the RX mode, its MAC and the frames it read from its tap but had not delivered (the RX
 //! handlers hand them back when a quiesce drops them, and what waits in the tap is read too);
-//! the rings themselves are the transport's. A restored device whose driver negotiated
+//! the rings themselves are the transport's. No RX buffer is lost on the way: a handler never
+//! keeps a popped chain across passes (a frame that does not fit rolls its pops back with
+//! `undo_pop`), so a quiesced ring's next available index is the first buffer not yet filled
+//! and the restored device finds every posted buffer again. A restored device whose driver negotiated
 //! `VIRTIO_NET_F_GUEST_ANNOUNCE` sets `VIRTIO_NET_S_ANNOUNCE` and the transport raises a
 //! configuration interrupt, so the guest announces its MAC from its new place (Linux sends
 //! gratuitous ARPs / unsolicited NAs and acks with `VIRTIO_NET_CTRL_ANNOUNCE_ACK`).
