@@ -347,3 +347,42 @@ fn a_net_echo_live_migrated_mid_run_finishes_at_the_destination_on_its_own_tap()
     assert_phase(&log, "receive");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A snapshot stops the NIC's rings until the VM runs on: resumed after the snapshot, the echo
+/// finishes in the same process with every frame echoed.
+#[test]
+fn a_net_echo_snapshotted_mid_run_and_resumed_in_place_finishes() {
+    let name = "a_net_echo_snapshotted_mid_run_and_resumed_in_place_finishes";
+    if skip_without_taps(name) {
+        return;
+    }
+    let dir = scratch("resume");
+    let (socket, console, stderr, snapshot) = (
+        dir.join("api.sock"),
+        dir.join("console.txt"),
+        dir.join("console.err"),
+        dir.join("snap"),
+    );
+    let tap = tap_name("snr");
+    let (stop, echoed, peer) = spawn_counting_echo_peer(tap.clone());
+    let mut vm = start_source(&tap, &socket, &console, &stderr);
+    wait_for("the echo to run", Duration::from_secs(60), || {
+        echoed.load(Ordering::Relaxed) >= FRAMES / 10
+    });
+
+    let paused = ctl(&socket, &["pause"]);
+    let taken = ctl(&socket, &["snapshot", &snapshot.display().to_string()]);
+    let resumed = ctl(&socket, &["resume"]);
+    let status = wait_or_kill(&mut vm, Duration::from_secs(120));
+    stop.store(true, Ordering::Relaxed);
+    let total = peer.join().unwrap();
+
+    assert_eq!(paused.0, 0, "{paused:?}");
+    assert_eq!(taken.0, 0, "{taken:?}");
+    assert_eq!(resumed.0, 0, "{resumed:?}");
+    let console = std::fs::read_to_string(&console).unwrap();
+    assert_eq!(status, Some(0), "{console}");
+    assert_all_frames_echoed(&console);
+    assert!(total >= FRAMES, "{total} frames echoed");
+    let _ = std::fs::remove_dir_all(&dir);
+}
