@@ -33,7 +33,9 @@ use virtio_bindings::virtio_net::{
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 use super::backend::Tap;
-use super::handlers::{CtrlHandler, CtrlState, NetBackend, RxHandler, TxHandler};
+use super::handlers::{
+    CtrlHandler, CtrlState, NetBackend, RxHandler, TxHandler, ANNOUNCE_COUNTERS,
+};
 use super::header::{TxOffloads, MAX_PACKET_LEN, NET_HDR_LEN};
 use super::tap_queues::{Counted, TapQueues};
 
@@ -155,13 +157,22 @@ impl Net {
     pub fn with_backend(backend: Arc<dyn NetBackend>, pairs: u16, config: NetConfig) -> Self {
         let pairs = pairs.max(1);
         let queues = usize::from(pairs) * 2 + usize::from(pairs > 1 || config.announce);
+        let metrics = if config.announce {
+            DeviceMetrics::with_counters("net", queues, &ANNOUNCE_COUNTERS)
+        } else {
+            DeviceMetrics::new("net", queues)
+        };
+        let metrics = Arc::new(metrics);
         Self {
             queues: Arc::new(TapQueues::new(backend, pairs)),
             pairs,
             config,
-            metrics: Arc::new(DeviceMetrics::new("net", queues)),
+            ctrl: Arc::new(CtrlState {
+                metrics: Some(metrics.clone()),
+                ..CtrlState::default()
+            }),
+            metrics,
             features: 0,
-            ctrl: Arc::default(),
         }
     }
 
@@ -402,6 +413,7 @@ impl VirtioDevice for Net {
             return false;
         }
         self.ctrl.announce.store(true, Ordering::Release);
+        self.metrics.count_named(ANNOUNCE_COUNTERS[0], 1);
         true
     }
 }

@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use sluice_dma::DmaSpace;
 use sluice_virtio::{
-    Chain, ChainWriter, QueueContext, QueueError, QueueHandler, QueueMetrics, VirtQueue,
+    Chain, ChainWriter, DeviceMetrics, QueueContext, QueueError, QueueHandler, QueueMetrics,
+    VirtQueue,
 };
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, VIRTIO_NET_CTRL_MAC,
@@ -457,7 +458,7 @@ impl QueueHandler for RxHandler {
 
 /// What the control queue changes besides the queue pairs, shared with the device (its config
 /// space shows the announce request; a snapshot carries the rest).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct CtrlState {
     /// `VIRTIO_NET_S_ANNOUNCE` is set: the driver is asked to announce itself (after a
     /// restore or migration) until it acknowledges with `ANNOUNCE_ACK`.
@@ -466,7 +467,13 @@ pub struct CtrlState {
     /// frame to the guest anyway; kept so a restored device reports what was chosen).
     pub promisc: AtomicBool,
     pub allmulti: AtomicBool,
+    /// Where `announce_acks` is counted (the device's metrics).
+    pub metrics: Option<Arc<DeviceMetrics>>,
 }
+
+/// Named device counters of a NIC that announces: requests raised after a restore, and the
+/// driver's acknowledgements.
+pub const ANNOUNCE_COUNTERS: [&str; 2] = ["announce_requests", "announce_acks"];
 
 impl CtrlState {
     /// Back to the state at reset.
@@ -544,6 +551,9 @@ impl CtrlHandler {
             }
             (VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK) => {
                 self.state.announce.store(false, Ordering::Release);
+                if let Some(metrics) = &self.state.metrics {
+                    metrics.count_named(ANNOUNCE_COUNTERS[1], 1);
+                }
                 data.is_empty()
             }
             (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET) => valid_mac_tables(data),

@@ -1303,6 +1303,10 @@ fn a_restored_device_asks_its_driver_to_announce_until_acked() {
     );
     assert_eq!(read(&mem, 0x20_0000, 1)[0], OK);
     assert_eq!(config_status(&device), VIRTIO_NET_S_LINK_UP as u16);
+    let metrics = device.metrics();
+    assert_eq!(metrics.counter("announce_requests"), Some(1));
+    assert_eq!(metrics.counter("announce_acks"), Some(1));
+    assert_eq!(without.metrics().counter("announce_requests"), Some(0));
 }
 
 #[test]
