@@ -276,7 +276,8 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
     )?;
     handle.vcpus_started();
     if restored.is_some() {
-        // Interrupts a restored device raises (virtio-net's announce) reach restored LAPICs.
+        // Restored devices start now, so their interrupts (queues, virtio-net's announce)
+        // reach restored LAPICs.
         pci_root.resume_after_save();
     }
     if let Some(incoming) = incoming {

@@ -207,8 +207,9 @@ pub struct VirtioPciDevice {
     /// taken from a tap or a disk after the state was captured) until
     /// [`PciDevice::resume_after_save`].
     quiesced: Option<Vec<(u16, QueuePosition)>>,
-    /// A restored model changed its config space: signalled at `resume_after_save`.
-    config_changed: bool,
+    /// A restored device not yet activated: `resume_after_save` tells the model it was
+    /// restored.
+    restored_pending: bool,
 }
 
 impl std::fmt::Debug for VirtioPciDevice {
@@ -284,7 +285,7 @@ impl VirtioPciDevice {
             registered: vec![false; queues],
             active: None,
             quiesced: None,
-            config_changed: false,
+            restored_pending: false,
         })
     }
 
@@ -549,6 +550,7 @@ impl VirtioPciDevice {
 
     fn reset(&mut self) {
         self.quiesced = None;
+        self.restored_pending = false;
         match self.active.take() {
             Some(active) => active.reset(self.device.as_mut()),
             None => self.device.reset(),

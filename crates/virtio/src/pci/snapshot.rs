@@ -7,10 +7,11 @@
 //! until the VM runs on here ([`VirtioPciDevice::resume_saved`], at the same positions): a
 //! device that takes work from outside the guest (a NIC's receive side) must not move on after
 //! its state was captured, or what it took would be in neither copy of the VM. Saving again
-//! while stopped returns the same positions. Restoring activates the device at those
-//! positions, chains the driver published meanwhile are found by the first pass; the model is
-//! then told it was restored (a NIC asks its driver to announce itself, through a configuration
-//! interrupt raised once the vCPUs run: `PciRoot::resume_after_save` after they started).
+//! while stopped returns the same positions. A restored device is activated at those
+//! positions once the vCPUs run (`PciRoot::resume_after_save` after they started: an interrupt
+//! raised before their LAPICs are restored would be lost), chains the driver published
+//! meanwhile are found by the first pass; the model is then told it was restored (a NIC asks
+//! its driver to announce itself, through a configuration interrupt).
 //!
 //! Not carried: the ISR bits of a device on INTx (drivers that use MSI-X, as Linux and the guest
 //! kit do, never look at them). A device whose rings run in another process (vhost-user) is
@@ -99,10 +100,12 @@ impl VirtioPciDevice {
     /// The VM runs on after a save (the rings stopped by it run again where they stopped) or
     /// after a restore (a config change the model made is signalled).
     pub(super) fn resume_saved(&mut self) {
-        if let Some(positions) = self.quiesced.take() {
-            self.activate_at(&positions);
-        }
-        if std::mem::take(&mut self.config_changed) {
+        let Some(positions) = self.quiesced.take() else {
+            return;
+        };
+        self.activate_at(&positions);
+        let restored = std::mem::take(&mut self.restored_pending);
+        if restored && self.active.is_some() && self.device.restored() {
             self.state.config_generation.fetch_add(1, Ordering::AcqRel);
             self.state.signal_config();
         }
@@ -153,10 +156,11 @@ impl VirtioPciDevice {
         }
         self.state.status.store(saved.status, Ordering::Release);
         if saved.status & STATUS_DRIVER_OK != 0 {
-            self.activate_at(&saved.positions);
-            // Signalled once the vCPUs run: an MSI sent before their LAPICs are restored
-            // would be overwritten.
-            self.config_changed = self.active.is_some() && self.device.restored();
+            // Activated once the vCPUs run (`resume_after_save`): a queue that interrupted
+            // before their LAPICs are restored would lose the interrupt (KVM_SET_LAPIC
+            // overwrites it), and with EVENT_IDX never interrupt again.
+            self.quiesced = Some(saved.positions);
+            self.restored_pending = true;
         }
         Ok(())
     }
