@@ -116,6 +116,9 @@ impl Progress {
     pub fn advance(&mut self, bytes: u64, pages: u64) {
         self.done = self.done.saturating_add(bytes).min(self.total);
         self.pages = self.pages.saturating_add(pages);
+        if self.mode == ProgressMode::Off {
+            return;
+        }
         let due = self.last_line.is_none_or(|at| at.elapsed() >= INTERVAL);
         if due {
             self.show(false);
