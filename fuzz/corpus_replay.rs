@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 pub const TARGETS: &[(&str, &str)] = &[
     ("blk_request", "sluice-devices"),
     ("net_header", "sluice-devices"),
+    ("net_state", "sluice-devices"),
     ("virtio_pci_registers", "sluice-virtio"),
     ("packed_ring", "sluice-virtio"),
     ("vhost_user_messages", "sluice-vhost"),

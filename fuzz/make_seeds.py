@@ -854,6 +854,29 @@ def migration_seeds():
     ]
 
 
+# --- net_state: virtio-net's saved state (JSON, sluice_devices::net::SavedNet) ----------------
+def net_state(pairs=2, ctrl_pairs=1, frames=(), announce=False, mac=(0x52, 0x54, 0, 0, 0, 1)):
+    import json
+    return json.dumps({"pairs": pairs, "ctrl_pairs": ctrl_pairs, "mac": list(mac),
+                       "promisc": True, "allmulti": False, "announce": announce,
+                       "rx_frames": [[pair, list(frame)] for pair, frame in frames]}).encode()
+
+
+def net_state_seeds():
+    frame = bytes(12) + bytes([0xff] * 6) + bytes([0x52, 0x54, 0, 0, 0, 1]) + b"\x88\xb5" + bytes(46)
+    return [
+        ("idle", net_state()),
+        ("two_pairs_chosen_announce_pending", net_state(ctrl_pairs=2, announce=True)),
+        ("carried_frames", net_state(frames=[(0, frame), (1, frame), (0, frame[:40])])),
+        ("other_shape", net_state(pairs=4)),
+        ("no_pairs_chosen", net_state(ctrl_pairs=0)),
+        ("frame_too_short", net_state(frames=[(0, bytes(4))])),
+        ("frame_for_a_missing_pair", net_state(frames=[(7, frame)])),
+        ("mac_too_long", net_state(mac=range(7))),
+        ("not_json", b"{\"pairs\": 2,"),
+    ]
+
+
 def main():
     for target, seeds in (("blk_request", blk_seeds()), ("net_header", net_seeds()),
                           ("packed_ring", packed_seeds()),
@@ -868,7 +891,8 @@ def main():
                           ("vfio_config", vfio_seeds()),
                           ("api_request", api_seeds()),
                           ("virtio_iommu_request", viommu_seeds()),
-                          ("migration_stream", migration_seeds())):
+                          ("migration_stream", migration_seeds()),
+                          ("net_state", net_state_seeds())):
         directory = ROOT / target
         directory.mkdir(parents=True, exist_ok=True)
         for name, data in seeds:

@@ -17,6 +17,7 @@ fn fuzz_corpora_replay_without_panics() {
         &[
             ("blk_request", &sluice_devices::block::fuzz::blk_request),
             ("net_header", &sluice_devices::net::fuzz::net_header),
+            ("net_state", &sluice_devices::net::fuzz::net_state),
             ("e1000_tx", &sluice_devices::e1000::fuzz::e1000_tx),
             (
                 "e1000_registers",

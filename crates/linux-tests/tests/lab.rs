@@ -9,6 +9,8 @@
 //!   host's copy must make the scan fail.
 //! - virtio-net + virtio-rng: L2 pings L1 over a tap that sluice creates and fetches a file
 //!   from L1's busybox httpd (its sha256 must match), and hw_random reads from virtio-rng.
+//! - live migration with virtio-net: L2 pings L1 while sluice migrates it to another process on
+//!   another tap; Linux acknowledges the destination's announce request and the ping goes on.
 //!
 //! - packed virtqueues: the same drivers with `packed=on` on every device, in one L2 boot: the
 //!   negotiated features in L2's sysfs carry VIRTIO_F_RING_PACKED (bit 34) for virtio_blk,
@@ -637,6 +639,129 @@ fn lab_live_migration_of_linux_under_fio_verify() {
         report["rounds"],
         report["pages_sent"],
         report["throttle_percent"]
+    );
+}
+
+/// Pings L2 sends across the net migration (one a second; the migration's round 0 takes
+/// ~70 s in L1).
+const NET_MIGRATION_PINGS: u32 = 150;
+const NET_MIGRATION_MAC: &str = "52:54:00:12:34:56";
+
+/// Issue 15: Linux's virtio_net in L2 pings L1 once a second over the source's tap while sluice
+/// live-migrates it to a second `sluice run --migrate-from` on another tap (L1's address and
+/// MAC move to that tap once the source is gone, as a host's bridge port would). The destination asks the driver to announce itself
+/// (GUEST_ANNOUNCE, on the control queue sluice offers): Linux sends its gratuitous ARP and acks
+/// (`announce_acks` in the destination's metrics), and the ping goes on from the destination;
+/// the loss is counted and printed.
+#[test]
+fn lab_linux_net_live_migrated_announces_itself_and_keeps_pinging() {
+    let test = "lab-net-migration";
+    let Some(mut setup) = setup(test) else { return };
+    setup.log = MIGRATION_LOG;
+    setup.memory = MIGRATION_L2_MEMORY;
+    let l2 = format!(
+        "ip link set eth0 up && ip addr add {L2_ADDRESS}/24 dev eth0; \
+         ping -c {NET_MIGRATION_PINGS} -W 1 {L1_ADDRESS}"
+    );
+    let source = setup.sluice_line(
+        "source",
+        &format!("--net tap=lab0,mac={NET_MIGRATION_MAC} --api-socket /tmp/api.sock"),
+        &kernel_cmdline(&l2),
+    );
+    let sluice = setup.sluice.display();
+    let timeout = setup.run_timeout.as_secs();
+    let script = format!(
+        "set -u\n\
+         ({source}; echo source-exit=$? > /tmp/source.status) &\n\
+         i=0; while [ ! -e /sys/class/net/lab0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done\n\
+         ip addr add {L1_ADDRESS}/24 dev lab0 && ip link set lab0 up\n\
+         l1_mac=$(cat /sys/class/net/lab0/address)\n\
+         i=0; while [ $i -lt 600 ] && ! grep -q 'seq=5 ' {SCRATCH}/source.console; \
+           do sleep 0.2; i=$((i+1)); done\n\
+         (timeout -s TERM {timeout} {sluice} --log {MIGRATION_LOG} run \
+           --net tap=lab1,mac={NET_MIGRATION_MAC} \
+           --migrate-from unix:/tmp/migrate.sock --metrics {SCRATCH}/destination.json \
+           > {SCRATCH}/destination.console 2>&1; echo destination-exit=$? > /tmp/destination.status) &\n\
+         i=0; while [ $i -lt 100 ] && [ ! -S /tmp/migrate.sock ]; do sleep 0.1; i=$((i+1)); done\n\
+         echo MIGRATE $({sluice} ctl --api-socket /tmp/api.sock migrate unix:/tmp/migrate.sock)\n\
+         i=0; while [ $i -lt 300 ] && [ ! -e /tmp/source.status ]; do sleep 0.1; i=$((i+1)); done\n\
+         i=0; while [ ! -e /sys/class/net/lab1 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done\n\
+         ip link set lab1 down; ip link set lab1 address $l1_mac\n\
+         ip addr add {L1_ADDRESS}/24 dev lab1 && ip link set lab1 up\n\
+         wait\n\
+         cat /tmp/source.status /tmp/destination.status\n"
+    );
+
+    let run = setup.run(&script);
+
+    run.assert_success();
+    let source_console = setup.read("source.console");
+    let destination_console = setup.read("destination.console");
+    let context = || {
+        format!(
+            "{}\n--- source ---\n{source_console}\n--- destination ---\n{destination_console}",
+            run.transcript()
+        )
+    };
+    assert!(run.stdout.contains("source-exit=0"), "{}", context());
+    assert!(run.stdout.contains("destination-exit=0"), "{}", context());
+    let report: serde_json::Value = run
+        .stdout
+        .lines()
+        .find_map(|l| serde_json::from_str(l.strip_prefix("MIGRATE ")?).ok())
+        .unwrap_or_else(|| panic!("no migration report\n{}", context()));
+    let replies = |console: &str| -> Vec<u32> {
+        console
+            .lines()
+            .filter_map(|l| {
+                l.split("seq=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    let before = replies(&source_console).into_iter().max().unwrap_or(0);
+    let first_after = replies(&destination_console).into_iter().min();
+    assert!(
+        first_after.is_some_and(|seq| seq > before),
+        "replies reached L2 at the destination (last seq {before} at the source, first after \
+         {first_after:?})\n{}",
+        context()
+    );
+    let summary = destination_console
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary\n{}", context()));
+    let metrics = setup.metrics("destination.json");
+    let counters = metrics["devices"]
+        .as_array()
+        .and_then(|devices| devices.iter().find(|d| d["device"] == "net"))
+        .map(|device| device["counters"].clone())
+        .unwrap_or_else(|| panic!("no net device in {metrics}"));
+    println!(
+        "{test}: Linux pinging L1 migrated: total {} ms, downtime {} ms, {} rounds, {} pages; \
+         ping: {summary}, last reply at the source seq {before}, first at the destination \
+         seq {}; destination net counters {counters}",
+        report["total_ms"],
+        report["downtime_ms"],
+        report["rounds"],
+        report["pages_sent"],
+        first_after.unwrap_or_default()
+    );
+    assert_eq!(
+        counters["announce_requests"],
+        1,
+        "{counters}\n{}",
+        context()
+    );
+    assert_eq!(
+        counters["announce_acks"],
+        1,
+        "Linux acknowledged the announce request\n{}",
+        context()
     );
 }
 

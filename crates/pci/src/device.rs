@@ -105,6 +105,12 @@ pub trait PciDevice: Send {
     fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
         Err(format!("{} cannot restore a saved state", self.name()))
     }
+
+    /// The VM runs on after [`PciDevice::save_state`] (a snapshot of a VM that is resumed, a
+    /// migration that failed) or after [`PciDevice::restore_state`] (its vCPUs started): a
+    /// device that stopped its work to save takes it up again, a restored one may interrupt.
+    /// Default: nothing to do.
+    fn resume_after_save(&mut self) {}
 }
 
 /// How devices are shared between the root, the bus adapters and the VMM.

@@ -338,6 +338,21 @@ impl PciRoot {
             .collect()
     }
 
+    /// Every function takes up the work it stopped to save its state (the VM runs on here).
+    pub fn resume_after_save(&self) {
+        let functions: Vec<Arc<PciFunction>> = {
+            let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+            slots.iter().flatten().skip(1).cloned().collect()
+        };
+        for function in functions {
+            function
+                .device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .resume_after_save();
+        }
+    }
+
     /// Puts back saved states (from [`PciRoot::save_states`] of a bus built the same way) and
     /// maps the BARs where the saved registers place them.
     pub fn restore_states(&self, states: &[(PciAddress, serde_json::Value)]) -> Result<(), String> {

@@ -101,7 +101,9 @@ struct RunArgs {
     #[arg(long, value_parser = DiskSpec::parse)]
     disk: Vec<DiskSpec>,
     /// A virtio-net device on a tap (repeatable; created if missing, needs CAP_NET_ADMIN):
-    /// `tap=NAME[,mac=52:54:00:..][,queues=N][,notify=..][,packed=on]`.
+    /// `tap=NAME[,mac=52:54:00:..][,queues=N][,notify=..][,packed=on][,standby=on]`
+    /// (`standby=on`: VIRTIO_NET_F_STANDBY, for net_failover with a passthrough NIC of the
+    /// same MAC; needs `mac=`).
     #[arg(long, value_parser = NetSpec::parse)]
     net: Vec<NetSpec>,
     /// A virtio-rng device fed by getrandom(2): `--rng`, or `--rng=packed=on`.
@@ -153,6 +155,11 @@ struct RunArgs {
     /// size come from the stream; give it the same devices as the source.
     #[arg(long, value_name = "URL", conflicts_with_all = ["kernel", "initrd", "cmdline", "restore"])]
     migrate_from: Option<String>,
+    /// Progress of snapshots (`sluice ctl snapshot`), restores and live migrations (both ends)
+    /// on stderr: `bar`, `json` (one object per line, for tools) or `off`. Default: a bar when
+    /// stderr is a terminal, nothing otherwise.
+    #[arg(long, value_parser = sluice_vmm::progress::ProgressMode::parse)]
+    progress: Option<sluice_vmm::progress::ProgressMode>,
 }
 
 fn parse_serial(s: &str) -> Result<SerialTarget, String> {
@@ -243,6 +250,10 @@ fn init_logging(filter: &str) {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<u8> {
+    sluice_vmm::progress::set_mode(
+        args.progress
+            .unwrap_or_else(sluice_vmm::progress::ProgressMode::default_for_stderr),
+    );
     // Opened before the VM boots: a bad path is an error now, not after the guest ran.
     let metrics = match &args.metrics {
         Some(path) => Some(

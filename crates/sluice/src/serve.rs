@@ -213,10 +213,7 @@ fn serve_net(args: NetArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
         .with_context(|| format!("cannot open tap {}", args.tap))?;
     tap.set_up()
         .with_context(|| format!("cannot bring tap {} up", tap.name()))?;
-    let config = NetConfig {
-        mac: args.mac.unwrap_or(DEFAULT_MAC),
-        mtu: None,
-    };
+    let config = NetConfig::new(args.mac.unwrap_or(DEFAULT_MAC));
     serve(
         &args.listen,
         Net::new(tap, config),

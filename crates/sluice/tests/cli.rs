@@ -332,3 +332,15 @@ fn vfio_behind_the_virtual_iommu_gets_as_far_as_the_host_checks() {
 
     assert_one_clear_error(&run, EXIT_VMM_ERROR, &["0000:ff:1f.7", "no IOMMU group"]);
 }
+
+#[test]
+fn a_standby_nic_without_a_mac_is_a_usage_error_naming_why() {
+    let run = run(&["--net", "tap=sby0,standby=on"]);
+    assert_one_clear_error(&run, EXIT_USAGE, &["standby=on needs mac="]);
+}
+
+#[test]
+fn an_unknown_progress_mode_is_a_usage_error() {
+    let run = run(&["--progress", "loud"]);
+    assert_one_clear_error(&run, EXIT_USAGE, &["--progress", "bar, json or off"]);
+}

@@ -65,6 +65,24 @@ pub trait VirtioDevice: Send {
     /// Returns to the pre-activation state, after the framework stopped every worker (device
     /// reset). Default: nothing.
     fn reset(&mut self) {}
+    /// The model's own state for a snapshot or a migration, beyond the negotiated features
+    /// (which activation hands back through [`ack_features`](Self::ack_features)): called with
+    /// every queue quiesced (its handlers dropped). Default: nothing to carry.
+    fn save_state(&mut self) -> Result<Option<serde_json::Value>, String> {
+        Ok(None)
+    }
+    /// Puts back what [`save_state`](Self::save_state) returned, on a model built the same
+    /// way, before the restored device is activated. The state comes from a file or a peer:
+    /// validate it. Default: a model with no state refuses one.
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Err("this device carries no saved state".into())
+    }
+    /// The restored device runs (in a new process, maybe on another host); returns whether its
+    /// config space changed, so the transport raises a configuration interrupt (virtio-net's
+    /// announce request). Default: nothing changed.
+    fn restored(&mut self) -> bool {
+        false
+    }
 }
 
 /// A boxed model is a model (so `sluice-vhost` can serve `Box<dyn VirtioDevice>`).
@@ -105,6 +123,15 @@ impl<T: VirtioDevice + ?Sized> VirtioDevice for Box<T> {
     }
     fn reset(&mut self) {
         (**self).reset()
+    }
+    fn save_state(&mut self) -> Result<Option<serde_json::Value>, String> {
+        (**self).save_state()
+    }
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        (**self).restore_state(state)
+    }
+    fn restored(&mut self) -> bool {
+        (**self).restored()
     }
 }
 

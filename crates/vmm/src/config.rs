@@ -43,6 +43,9 @@ pub struct NetSpec {
     pub notify: NotifyPolicy,
     /// Offer VIRTIO_F_RING_PACKED (`packed=on`).
     pub packed: bool,
+    /// Offer VIRTIO_NET_F_STANDBY (`standby=on`): the standby of a passthrough NIC with the
+    /// same MAC (Linux's net_failover); needs `mac=`.
+    pub standby: bool,
 }
 
 /// An emulated e1000 (82540EM) NIC on a tap.
@@ -367,7 +370,7 @@ impl DiskSpec {
 }
 
 impl NetSpec {
-    /// `tap=NAME[,mac=xx:..][,queues=N][,notify=..][,packed=on]`
+    /// `tap=NAME[,mac=xx:..][,queues=N][,notify=..][,packed=on][,standby=on]`
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut net = NetSpec {
             tap: String::new(),
@@ -375,6 +378,7 @@ impl NetSpec {
             queues: 1,
             notify: NotifyPolicy::Interrupt,
             packed: false,
+            standby: false,
         };
         for (k, v) in pairs(s)? {
             match k {
@@ -384,11 +388,19 @@ impl NetSpec {
                 "queues" => net.queues = queue_count(k, v)?,
                 "notify" => net.notify = parse_notify(v)?,
                 "packed" => net.packed = on_off(k, v)?,
+                "standby" => net.standby = on_off(k, v)?,
                 _ => return Err(format!("--net: unknown key `{k}`")),
             }
         }
         if net.tap.is_empty() {
             return Err("--net needs tap=NAME".into());
+        }
+        if net.standby && net.mac.is_none() {
+            return Err(
+                "--net standby=on needs mac=: the guest pairs the standby with the passthrough \
+                 NIC that has the same MAC, so it cannot be a random one"
+                    .into(),
+            );
         }
         Ok(net)
     }
@@ -488,6 +500,17 @@ mod tests {
                 max_delay: Duration::from_micros(100)
             }
         );
+    }
+
+    #[test]
+    fn standby_needs_an_explicit_mac() {
+        let standby = NetSpec::parse("tap=t0,mac=52:54:00:12:34:56,standby=on").unwrap();
+        let plain = NetSpec::parse("tap=t0").unwrap();
+        let refused = NetSpec::parse("tap=t0,standby=on").unwrap_err();
+
+        assert!(standby.standby && !plain.standby);
+        assert!(refused.contains("needs mac="), "{refused}");
+        assert!(NetSpec::parse("tap=t0,mac=52:54:00:12:34:56,standby=maybe").is_err());
     }
 
     #[test]

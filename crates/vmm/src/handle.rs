@@ -127,7 +127,7 @@ impl VmHandle {
         if let Some(device) = self.device_without_migration() {
             return Err(HandleError::Migration(format!(
                 "{device} cannot be migrated (virtio-blk on an image or a logging vhost-user \
-                 backend, NVMe and virtio-rng can)"
+                 backend, NVMe, virtio-net and virtio-rng can)"
             )));
         }
         let parts = self.machine_parts().ok_or(HandleError::NotRunning(state))?;
@@ -186,7 +186,7 @@ impl VmHandle {
         if let Some(device) = self.device_without_snapshot() {
             return Err(HandleError::Snapshot(format!(
                 "{device} cannot be saved in a snapshot yet (virtio-blk on an image or a \
-                 vhost-user backend, NVMe and virtio-rng can)"
+                 vhost-user backend, NVMe, virtio-net and virtio-rng can)"
             )));
         }
         let Some(parts) = self.machine_parts() else {
@@ -207,7 +207,6 @@ impl VmHandle {
                 "a device hot-plugged or removed since boot (the VM no longer has its boot \
                  configuration)",
             ),
-            (!c.nets.is_empty(), "a virtio-net device"),
             (!c.e1000s.is_empty(), "an e1000"),
             (!c.vfio.is_empty(), "an assigned device"),
             (c.iommu.is_some(), "the virtual IOMMU"),
@@ -260,6 +259,10 @@ impl VmHandle {
     pub fn resume(&self) -> Result<(), HandleError> {
         match self.state() {
             VmState::Paused => {
+                // Devices stopped by a snapshot take up their work first.
+                if let Some(parts) = self.machine_parts() {
+                    parts.pci.resume_after_save();
+                }
                 self.control.resume();
                 Ok(())
             }

@@ -14,6 +14,7 @@ pub mod migration;
 pub mod numa;
 pub mod nvme;
 pub mod platform;
+pub mod progress;
 pub mod rss;
 pub mod snapshot;
 pub mod vcpu;

@@ -288,6 +288,11 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
         &dispatch,
     )?;
     handle.vcpus_started();
+    if restored.is_some() {
+        // Restored devices start now, so their interrupts (queues, virtio-net's announce)
+        // reach restored LAPICs.
+        pci_root.resume_after_save();
+    }
     if let Some(incoming) = incoming {
         let resumed_unix_ns = crate::migration::unix_ns();
         tracing::info!("migration: vCPUs resumed at {resumed_unix_ns} ns (CLOCK_REALTIME)");

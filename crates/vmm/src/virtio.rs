@@ -159,7 +159,13 @@ pub(crate) fn net_device(net: &NetSpec) -> Result<Net, VmError> {
         Some(mac) => mac,
         None => random_local_mac().map_err(|e| device_err("virtio-net", e))?,
     };
-    Ok(Net::new(tap, NetConfig { mac, mtu: None }))
+    let config = NetConfig {
+        standby: net.standby,
+        // sluice's NICs may be restored or migrated: the guest re-announces its MAC then.
+        announce: true,
+        ..NetConfig::new(mac)
+    };
+    Ok(Net::new(tap, config))
 }
 
 /// A locally administered unicast MAC in QEMU's 52:54:00 range.

@@ -1324,3 +1324,141 @@ fn clear_leaf(mem: &GuestMemoryMmap, iova: u64) {
     mem.write_obj(0u64, GuestAddress(table + ((iova >> 12) & 0x1ff) * 8))
         .unwrap();
 }
+
+/// A link with nothing to receive that swallows what is sent.
+struct QuietLink;
+
+impl sluice_devices::net::NetBackend for QuietLink {
+    fn read_packet(&self, _pair: usize, _buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        Ok(None)
+    }
+    fn write_packet(&self, _pair: usize, _packet: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn queue_fd(&self, _pair: usize) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    fn set_active_pairs(&self, _pairs: u16) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn set_offload(&self, _tun_flags: u32) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+const NET_F_CTRL_VQ: u32 = 1 << 17;
+const NET_F_GUEST_ANNOUNCE: u32 = 1 << 21;
+/// VIRTIO_NET_F_STANDBY (62) in the high feature word.
+const NET_F_STANDBY_HIGH: u32 = 1 << (62 - 32);
+const NET_S_LINK_UP: u64 = 1;
+const NET_S_ANNOUNCE: u64 = 2;
+
+/// sluice's virtio-net (`--net`: announce on; `standby` as asked) behind virtio-pci on `root`.
+fn net_function(root: &PciRoot, mem: &GuestMemoryMmap, standby: bool) -> PciAddress {
+    use sluice_devices::net::{Net, NetConfig};
+    let config = NetConfig {
+        standby,
+        announce: true,
+        ..NetConfig::new([0x52, 0x54, 0x00, 0, 0, 0x62])
+    };
+    let net = Net::with_backend(Arc::new(QuietLink), 1, config);
+    let options = VirtioPciOptions::new(Arc::new(NullMsi));
+    let pci =
+        VirtioPciDevice::new(Box::new(net), sluice_dma::identity(mem.clone()), options).unwrap();
+    root.add_device(Arc::new(Mutex::new(pci))).unwrap()
+}
+
+impl Driver {
+    /// The device's feature word `select` (0: bits 0..31, 1: bits 32..63).
+    fn device_features(&self, select: u32) -> u32 {
+        self.write(0x00, u64::from(select), 4);
+        self.read(0x04, 4) as u32
+    }
+
+    /// Accepts `low`/`high` (VERSION_1 added); returns whether FEATURES_OK held.
+    fn negotiate(&self, low: u32, high: u32) -> bool {
+        self.write(0x14, 0, 1);
+        self.write(0x14, u64::from(STATUS_ACK | STATUS_DRIVER), 1);
+        self.write(0x08, 0, 4);
+        self.write(0x0c, u64::from(low), 4);
+        self.write(0x08, 1, 4);
+        self.write(0x0c, u64::from(high | 1), 4);
+        self.write(
+            0x14,
+            u64::from(STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK),
+            1,
+        );
+        self.status() & STATUS_FEATURES_OK != 0
+    }
+
+    /// Enables queues `0..count` with 16 entries, each ring set in its own 64 KiB.
+    fn enable_queues(&self, count: u16) {
+        for queue in 0..count {
+            let base = self.base + u64::from(queue) * 0x1_0000;
+            self.write(0x16, u64::from(queue), 2);
+            self.write(0x18, 16, 2);
+            self.write(0x20, base, 8);
+            self.write(0x28, base + 0x1000, 8);
+            self.write(0x30, base + 0x2000, 8);
+            self.write(0x1c, 1, 2);
+        }
+    }
+}
+
+/// `--net tap=..,standby=on` offers VIRTIO_NET_F_STANDBY (bit 62) and a driver negotiates it
+/// (a NIC without it refuses a driver that accepts it); sluice's NICs offer GUEST_ANNOUNCE with
+/// a control queue, and a restored one, once the VM runs, raises a configuration interrupt
+/// with VIRTIO_NET_S_ANNOUNCE set, so the guest announces its MAC from its new place.
+#[test]
+fn standby_is_offered_and_negotiated_and_a_restored_nic_asks_for_an_announce() {
+    let (mem, mmio, root) = ram_and_root();
+    let standby = net_function(&root, &mem, true);
+    let plain = net_function(&root, &mem, false);
+    let d = Driver::new(mmio.clone(), &root, standby, mem.clone(), 0x40_0000);
+    let p = Driver::new(mmio, &root, plain, mem, 0x60_0000);
+    let offered = (d.device_features(0), d.device_features(1));
+    let plain_high = p.device_features(1);
+
+    let wanted = NET_F_CTRL_VQ | NET_F_GUEST_ANNOUNCE;
+    let negotiated = d.negotiate(wanted, NET_F_STANDBY_HIGH);
+    d.enable_queues(3);
+    d.driver_ok();
+    let plain_refused = !p.negotiate(0, NET_F_STANDBY_HIGH);
+    let generation = d.read(0x15, 1);
+    let states = root.save_states().unwrap();
+    let (mem2, mmio2, root2) = ram_and_root();
+    assert_eq!(net_function(&root2, &mem2, true), standby);
+    assert_eq!(net_function(&root2, &mem2, false), plain);
+    root2.restore_states(&states).unwrap();
+    let restored = Driver::new(mmio2, &root2, standby, mem2, 0x40_0000);
+    let isr_before_running = restored.read(0x1000, 1);
+    root2.resume_after_save();
+    let isr = restored.read(0x1000, 1);
+    let status = restored.read(0x2000 + 6, 2);
+
+    assert_ne!(offered.1 & NET_F_STANDBY_HIGH, 0, "STANDBY offered");
+    assert_eq!(
+        offered.0 & wanted,
+        wanted,
+        "CTRL_VQ and GUEST_ANNOUNCE offered"
+    );
+    assert_eq!(
+        plain_high & NET_F_STANDBY_HIGH,
+        0,
+        "not offered without standby=on"
+    );
+    assert!(negotiated, "FEATURES_OK with STANDBY accepted");
+    assert_eq!(d.status() & STATUS_NEEDS_RESET, 0);
+    assert!(
+        plain_refused,
+        "STANDBY accepted though not offered: refused"
+    );
+    assert_eq!(
+        isr_before_running, 0,
+        "nothing signalled before the vCPUs run"
+    );
+    assert_eq!(isr, 2, "a configuration change");
+    assert_eq!(status, NET_S_LINK_UP | NET_S_ANNOUNCE);
+    assert_eq!(restored.read(0x15, 1), (generation + 1) & 0xff);
+    assert_eq!(restored.status() & STATUS_NEEDS_RESET, 0);
+}

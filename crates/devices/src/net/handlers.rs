@@ -1,19 +1,23 @@
 //! The queue handlers: TX (guest → tap), RX (tap → guest) and the control queue.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use sluice_dma::DmaSpace;
 use sluice_virtio::{
-    Chain, ChainWriter, QueueContext, QueueError, QueueHandler, QueueMetrics, VirtQueue,
+    Chain, ChainWriter, DeviceMetrics, QueueContext, QueueError, QueueHandler, QueueMetrics,
+    VirtQueue,
 };
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET,
-    VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_RX,
-    VIRTIO_NET_CTRL_RX_ALLMULTI, VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_ERR,
-    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_OK,
+    VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, VIRTIO_NET_CTRL_MAC,
+    VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET, VIRTIO_NET_CTRL_MQ,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI,
+    VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_ERR, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_OK,
 };
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -42,6 +46,13 @@ pub trait NetBackend: Send + Sync {
     fn set_active_pairs(&self, pairs: u16) -> io::Result<()>;
     /// Offloads the guest accepts on receive (`TUN_F_*`).
     fn set_offload(&self, tun_flags: u32) -> io::Result<()>;
+    /// An RX handler stops with `frames` read from pair `pair` but not delivered: keep them
+    /// for the next one (a snapshot's quiesce). Default: they are dropped.
+    fn carry_rx(&self, _pair: usize, _frames: VecDeque<Vec<u8>>) {}
+    /// The frames a previous RX handler of `pair` handed back, oldest first.
+    fn take_carried_rx(&self, _pair: usize) -> VecDeque<Vec<u8>> {
+        VecDeque::new()
+    }
 }
 
 impl NetBackend for super::Tap {
@@ -303,6 +314,8 @@ pub struct RxHandler {
     packet: Vec<u8>,
     /// Length of a packet read from the tap but not yet delivered (no buffers were posted).
     pending: Option<usize>,
+    /// Packets a previous handler of this pair read and handed back, delivered before the tap.
+    backlog: VecDeque<Vec<u8>>,
     waker: Option<RxWaker>,
 }
 
@@ -315,6 +328,9 @@ impl RxHandler {
             .map(|fd| RxWaker::new(fd, backend.resume_fd(pair)))
             .transpose()?;
         let has = |bit: u32| features & (1u64 << bit) != 0;
+        let mut backlog = backend.take_carried_rx(pair);
+        // Carried packets come from a snapshot file: only sane lengths are delivered.
+        backlog.retain(|p| (NET_HDR_LEN..=MAX_PACKET_LEN).contains(&p.len()));
         Ok(Self {
             backend,
             pair,
@@ -322,6 +338,7 @@ impl RxHandler {
             guest_csum: has(VIRTIO_NET_F_GUEST_CSUM),
             packet: vec![0; MAX_PACKET_LEN],
             pending: None,
+            backlog,
             waker,
         })
     }
@@ -376,8 +393,19 @@ impl RxHandler {
         Ok((used, RxStop::Budget))
     }
 
-    /// The pending packet, or a fresh one from the tap; `Err` if the tap failed.
+    /// The pending packet, or a carried one, or a fresh one from the tap; `Err` if the tap
+    /// failed.
     fn next_packet(&mut self, metrics: &QueueMetrics) -> Result<Option<usize>, ()> {
+        if self.pending.is_none() {
+            if let Some(carried) = self.backlog.pop_front() {
+                let len = carried.len();
+                if let Some(slot) = self.packet.get_mut(..len) {
+                    slot.copy_from_slice(&carried);
+                    self.pending = Some(len);
+                    return Ok(self.pending);
+                }
+            }
+        }
         if self.pending.is_none() {
             self.pending = self
                 .backend
@@ -388,6 +416,19 @@ impl RxHandler {
                 })?;
         }
         Ok(self.pending)
+    }
+}
+
+impl Drop for RxHandler {
+    /// Hands what was read but not delivered to the next handler of this pair.
+    fn drop(&mut self) {
+        let mut frames = std::mem::take(&mut self.backlog);
+        if let Some(packet) = self.pending.and_then(|len| self.packet.get(..len)) {
+            frames.push_front(packet.to_vec());
+        }
+        if !frames.is_empty() {
+            self.backend.carry_rx(self.pair, frames);
+        }
     }
 }
 
@@ -415,15 +456,53 @@ impl QueueHandler for RxHandler {
     }
 }
 
+/// What the control queue changes besides the queue pairs, shared with the device (its config
+/// space shows the announce request; a snapshot carries the rest).
+#[derive(Default)]
+pub struct CtrlState {
+    /// `VIRTIO_NET_S_ANNOUNCE` is set: the driver is asked to announce itself (after a
+    /// restore or migration) until it acknowledges with `ANNOUNCE_ACK`.
+    pub announce: AtomicBool,
+    /// `VIRTIO_NET_CTRL_RX_PROMISC` / `_ALLMULTI` as the driver set them (the tap hands every
+    /// frame to the guest anyway; kept so a restored device reports what was chosen).
+    pub promisc: AtomicBool,
+    pub allmulti: AtomicBool,
+    /// Where `announce_acks` is counted (the device's metrics).
+    pub metrics: Option<Arc<DeviceMetrics>>,
+}
+
+/// Named device counters of a NIC that announces: requests raised after a restore, and the
+/// driver's acknowledgements.
+pub const ANNOUNCE_COUNTERS: [&str; 2] = ["announce_requests", "announce_acks"];
+
+impl CtrlState {
+    /// Back to the state at reset.
+    pub fn reset(&self) {
+        self.announce.store(false, Ordering::Release);
+        self.promisc.store(false, Ordering::Release);
+        self.allmulti.store(false, Ordering::Release);
+    }
+}
+
 /// The control queue (present with `VIRTIO_NET_F_CTRL_VQ`).
 pub struct CtrlHandler {
     backend: Arc<dyn NetBackend>,
     max_pairs: u16,
+    state: Arc<CtrlState>,
 }
 
 impl CtrlHandler {
     pub fn new(backend: Arc<dyn NetBackend>, max_pairs: u16) -> Self {
-        Self { backend, max_pairs }
+        Self::with_state(backend, max_pairs, Arc::default())
+    }
+
+    /// A handler that records the driver's choices in `state`.
+    pub fn with_state(backend: Arc<dyn NetBackend>, max_pairs: u16, state: Arc<CtrlState>) -> Self {
+        Self {
+            backend,
+            max_pairs,
+            state,
+        }
     }
 
     /// Runs one command chain; returns the ack (`VIRTIO_NET_OK`/`ERR`) and the writer for it.
@@ -453,9 +532,29 @@ impl CtrlHandler {
     fn execute(&self, class: u8, cmd: u8, data: &[u8]) -> u8 {
         let ok = match (u32::from(class), u32::from(cmd)) {
             (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) => self.set_pairs(data),
-            (VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC | VIRTIO_NET_CTRL_RX_ALLMULTI) => {
-                // The tap already hands every frame to the guest: the modes need no action.
-                data.len() == 1
+            (
+                VIRTIO_NET_CTRL_RX,
+                mode @ (VIRTIO_NET_CTRL_RX_PROMISC | VIRTIO_NET_CTRL_RX_ALLMULTI),
+            ) => {
+                // The tap already hands every frame to the guest: the modes need no action
+                // beyond being remembered.
+                let [on] = data else {
+                    return VIRTIO_NET_ERR as u8;
+                };
+                let flag = if mode == VIRTIO_NET_CTRL_RX_PROMISC {
+                    &self.state.promisc
+                } else {
+                    &self.state.allmulti
+                };
+                flag.store(*on != 0, Ordering::Release);
+                true
+            }
+            (VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK) => {
+                self.state.announce.store(false, Ordering::Release);
+                if let Some(metrics) = &self.state.metrics {
+                    metrics.count_named(ANNOUNCE_COUNTERS[1], 1);
+                }
+                data.is_empty()
             }
             (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET) => valid_mac_tables(data),
             (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET) => data.len() == 6,

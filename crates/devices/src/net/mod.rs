@@ -34,7 +34,11 @@ pub mod tap_queues;
 mod tests;
 
 pub use backend::{Tap, TapError};
-pub use device::{sanitize_features, tun_offload_flags, Net, NetConfig, QueueRole, NET_QUEUE_SIZE};
-pub use handlers::{deliver_packet, CtrlHandler, Delivery, NetBackend, RxHandler, TxHandler};
+pub use device::{
+    sanitize_features, tun_offload_flags, Net, NetConfig, QueueRole, SavedNet, NET_QUEUE_SIZE,
+};
+pub use handlers::{
+    deliver_packet, CtrlHandler, CtrlState, Delivery, NetBackend, RxHandler, TxHandler,
+};
 pub use header::{parse_tx_packet, HeaderError, NetHeader, TxOffloads, NET_HDR_LEN};
 pub use mac::parse_mac;

@@ -10,7 +10,13 @@
 //! handler at DRIVER_OK and the control queue picks the pairs; behind vhost-user the frontend
 //! (QEMU) handles the control queue itself and tells the backend which pairs are in use by
 //! starting and stopping their rings.
+//!
+//! It also holds what a snapshot or a migration carries across a stop of the rings: the
+//! frames an RX handler took from the tap but had no buffers for (handed over when it is
+//! dropped, taken by the next RX handler of its pair, in order, before the tap), and the pairs
+//! the control queue chose, which the next control handler starts with instead of one.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,6 +34,8 @@ struct Attachment {
     ctrl_handlers: u32,
     /// Pairs the control queue selected (meaningful while `ctrl_handlers > 0`).
     ctrl_pairs: u16,
+    /// What the next control handler starts with (a resumed or restored device).
+    resume_ctrl_pairs: Option<u16>,
 }
 
 impl Attachment {
@@ -53,7 +61,12 @@ impl Attachment {
 pub struct TapQueues {
     backend: Arc<dyn NetBackend>,
     attachment: Mutex<Attachment>,
+    /// Per pair: frames (vnet header + frame) read from the tap, not delivered yet.
+    carried: Mutex<Vec<VecDeque<Vec<u8>>>>,
 }
+
+/// Frames carried per pair at most (a snapshot also drains the tap into them).
+pub const MAX_CARRIED_FRAMES: usize = 256;
 
 impl TapQueues {
     pub fn new(backend: Arc<dyn NetBackend>, pairs: u16) -> Self {
@@ -63,8 +76,82 @@ impl TapQueues {
                 running_rx: vec![0; usize::from(pairs.max(1))],
                 ctrl_handlers: 0,
                 ctrl_pairs: 1,
+                resume_ctrl_pairs: None,
             }),
+            carried: Mutex::new(vec![VecDeque::new(); usize::from(pairs.max(1))]),
         }
+    }
+
+    fn carried(&self) -> MutexGuard<'_, Vec<VecDeque<Vec<u8>>>> {
+        // Every update is one push or take.
+        self.carried
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The pairs the control queue chose last (1 until it chose), or those the next control
+    /// handler will start with (a restored device not yet running).
+    pub fn ctrl_pairs(&self) -> u16 {
+        let attachment = self.attachment();
+        attachment
+            .resume_ctrl_pairs
+            .unwrap_or(attachment.ctrl_pairs)
+    }
+
+    /// The next control handler starts with `pairs` (`None`: with one, as after a reset).
+    pub fn resume_ctrl_pairs(&self, pairs: Option<u16>) {
+        self.attachment().resume_ctrl_pairs = pairs;
+    }
+
+    /// Every carried frame, by pair (they stay carried).
+    pub fn carried_frames(&self) -> Vec<(u16, Vec<u8>)> {
+        let carried = self.carried();
+        let mut frames = Vec::new();
+        for (pair, queue) in carried.iter().enumerate() {
+            let pair = u16::try_from(pair).unwrap_or(u16::MAX);
+            frames.extend(queue.iter().map(|frame| (pair, frame.clone())));
+        }
+        frames
+    }
+
+    /// Replaces the carried frames (a restore); frames for pairs the device lacks are refused.
+    pub fn set_carried_frames(&self, frames: Vec<(u16, Vec<u8>)>) -> Result<(), String> {
+        let mut carried = self.carried();
+        let mut fresh = vec![VecDeque::new(); carried.len()];
+        for (pair, frame) in frames {
+            let queue = fresh
+                .get_mut(usize::from(pair))
+                .ok_or_else(|| format!("a carried frame for pair {pair}, which does not exist"))?;
+            if queue.len() >= MAX_CARRIED_FRAMES {
+                return Err(format!("more than {MAX_CARRIED_FRAMES} carried frames"));
+            }
+            queue.push_back(frame);
+        }
+        *carried = fresh;
+        Ok(())
+    }
+
+    /// Reads what waits in the tap queue of every pair into the carried frames, up to
+    /// [`MAX_CARRIED_FRAMES`] per pair (no RX handler runs: a snapshot). `buf` is scratch.
+    pub fn drain_tap(&self, buf: &mut [u8]) {
+        let mut carried = self.carried();
+        for (pair, queue) in carried.iter_mut().enumerate() {
+            while queue.len() < MAX_CARRIED_FRAMES {
+                match self.backend.read_packet(pair, buf) {
+                    Ok(Some(len)) => queue.push_back(buf.get(..len).unwrap_or_default().to_vec()),
+                    // Empty, or a detached queue: nothing waits for this pair.
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+    }
+
+    /// Drops every carried frame and the control queue's choice (device reset).
+    pub fn forget(&self) {
+        self.carried().iter_mut().for_each(VecDeque::clear);
+        let mut attachment = self.attachment();
+        attachment.ctrl_pairs = 1;
+        attachment.resume_ctrl_pairs = None;
     }
 
     fn attachment(&self) -> MutexGuard<'_, Attachment> {
@@ -95,8 +182,9 @@ impl TapQueues {
         let mut attachment = self.attachment();
         if started {
             attachment.ctrl_handlers = attachment.ctrl_handlers.saturating_add(1);
-            // A fresh control queue: the driver has not chosen yet.
-            attachment.ctrl_pairs = 1;
+            // A fresh control queue: the driver has not chosen yet — unless it did before a
+            // snapshot this device resumes from.
+            attachment.ctrl_pairs = attachment.resume_ctrl_pairs.take().unwrap_or(1);
         } else {
             attachment.ctrl_handlers = attachment.ctrl_handlers.saturating_sub(1);
         }
@@ -123,6 +211,21 @@ impl NetBackend for TapQueues {
     }
     fn set_offload(&self, tun_flags: u32) -> io::Result<()> {
         self.backend.set_offload(tun_flags)
+    }
+    fn carry_rx(&self, pair: usize, frames: VecDeque<Vec<u8>>) {
+        if let Some(queue) = self.carried().get_mut(pair) {
+            // Frames handed back go before any still carried (they were read first).
+            let mut frames = frames;
+            frames.append(queue);
+            frames.truncate(MAX_CARRIED_FRAMES);
+            *queue = frames;
+        }
+    }
+    fn take_carried_rx(&self, pair: usize) -> VecDeque<Vec<u8>> {
+        self.carried()
+            .get_mut(pair)
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 }
 

@@ -7,6 +7,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use serde::Deserialize;
 use sluice_virtio::VirtQueue;
 use sluice_virtio::{QueueContext, QueueHandler, QueueMetrics, VirtioDevice};
 use virtio_bindings::virtio_net::*;
@@ -276,7 +277,10 @@ fn net(pairs: u16, mtu: Option<u16>) -> Net {
     Net::with_backend(
         Arc::new(FakeBackend::default()),
         pairs,
-        NetConfig { mac: MAC, mtu },
+        NetConfig {
+            mtu,
+            ..NetConfig::new(MAC)
+        },
     )
 }
 
@@ -942,14 +946,7 @@ fn activated_device_transmits_on_kick() {
     mem.write_slice(&frame, GuestAddress(0x10_000c)).unwrap();
     add_chain(&tx_vq, 0, &[(0x10_0000, 76, false)]);
     let backend = Arc::new(FakeBackend::default());
-    let mut device = Net::with_backend(
-        backend.clone(),
-        1,
-        NetConfig {
-            mac: MAC,
-            mtu: None,
-        },
-    );
+    let mut device = Net::with_backend(backend.clone(), 1, NetConfig::new(MAC));
     let tx_kick = EventFd::new(0).unwrap();
     let binding = |index, vq: &MockSplitQueue<'_, GuestMemoryMmap>, kick: EventFd| QueueBinding {
         index,
@@ -1032,10 +1029,7 @@ fn attached_after(backend: &FakeBackend) -> Option<u16> {
 #[test]
 fn tap_queues_follow_the_highest_running_rx_ring() {
     let backend = Arc::new(FakeBackend::default());
-    let config = NetConfig {
-        mac: MAC,
-        mtu: None,
-    };
+    let config = NetConfig::new(MAC);
     let mut device = Net::with_backend(backend.clone(), 3, config);
     let features = device.device_features() & !(1 << VIRTIO_NET_F_CTRL_VQ);
     device.ack_features(features).unwrap();
@@ -1058,10 +1052,7 @@ fn a_control_queue_limits_tap_queues_to_the_pairs_the_driver_chose() {
     let vq = MockSplitQueue::new(&mem, 16);
     let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
     let backend = Arc::new(FakeBackend::default());
-    let config = NetConfig {
-        mac: MAC,
-        mtu: None,
-    };
+    let config = NetConfig::new(MAC);
     let mut device = Net::with_backend(backend.clone(), 3, config);
     device.ack_features(device.device_features()).unwrap();
     let _rings: Vec<_> = (0..6)
@@ -1151,4 +1142,193 @@ mod packed {
         assert_eq!(NetHeader::from_bytes(&got).unwrap().num_buffers, 2);
         assert_eq!(&got[12..], &inbound[12..]);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshot state, announce, standby
+
+fn net_on(backend: &Arc<FakeBackend>, pairs: u16, config: NetConfig) -> Net {
+    Net::with_backend(backend.clone(), pairs, config)
+}
+
+fn announcing() -> NetConfig {
+    NetConfig {
+        announce: true,
+        ..NetConfig::new(MAC)
+    }
+}
+
+fn config_status(device: &Net) -> u16 {
+    let mut status = [0u8; 2];
+    device.read_config(6, &mut status);
+    u16::from_le_bytes(status)
+}
+
+#[test]
+fn a_frame_read_but_not_delivered_is_saved_restored_and_delivered_first() {
+    let mem = guest_memory();
+    let backend = Arc::new(FakeBackend::default());
+    let (first, second) = (
+        packet(NetHeader::default(), 60),
+        packet(NetHeader::default(), 90),
+    );
+    backend.inbound.lock().unwrap().push_back(first.clone());
+    backend.inbound.lock().unwrap().push_back(second.clone());
+    let mut device = net_on(&backend, 1, NetConfig::new(MAC));
+    let features = device.device_features();
+    device.ack_features(features).unwrap();
+    let vq = MockSplitQueue::new(&mem, 16);
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
+    // No buffers posted: the handler holds the first frame; the second waits in the tap.
+    let mut rx = device.queue_handler(0, 16).unwrap();
+    let (delivered, _) = run(rx.as_mut(), &mut queue, &mem, true);
+    drop(rx);
+
+    let saved = device.save_state().unwrap().expect("virtio-net has state");
+    let mut restored = net_on(&Arc::new(FakeBackend::default()), 1, NetConfig::new(MAC));
+    restored.restore_state(&saved).unwrap();
+    restored.ack_features(features).unwrap();
+    let mut rx = restored.queue_handler(0, 16).unwrap();
+    add_chain(&vq, 0, &[(0x10_0000, 2048, true)]);
+    add_chain(&vq, 1, &[(0x11_0000, 2048, true)]);
+    run(rx.as_mut(), &mut queue, &mem, false);
+
+    assert!(!delivered);
+    let frames = SavedNet::deserialize(&saved).unwrap().rx_frames;
+    assert_eq!(frames, vec![(0, first.clone()), (0, second.clone())]);
+    assert!(
+        backend.inbound.lock().unwrap().is_empty(),
+        "the tap was drained"
+    );
+    assert_eq!(used(&vq, 0), (0, first.len() as u32));
+    assert_eq!(used(&vq, 1), (1, second.len() as u32));
+    assert_eq!(read(&mem, 0x10_000c, 60), first[12..].to_vec());
+    assert_eq!(read(&mem, 0x11_000c, 90), second[12..].to_vec());
+}
+
+#[test]
+fn the_pairs_and_rx_mode_the_control_queue_chose_survive_save_and_restore() {
+    let mem = guest_memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
+    let backend = Arc::new(FakeBackend::default());
+    let mut device = net_on(&backend, 3, NetConfig::new(MAC));
+    device.ack_features(device.device_features()).unwrap();
+    let mut ctrl = device.queue_handler(6, 16).unwrap();
+    let mut cmd = vec![VIRTIO_NET_CTRL_MQ as u8, 0];
+    cmd.extend_from_slice(&2u16.to_le_bytes());
+    ctrl_command(&vq, &mem, &cmd);
+    run(ctrl.as_mut(), &mut queue, &mem, false);
+    drop(ctrl);
+
+    let saved = device.save_state().unwrap().unwrap();
+    // Resumed in place: the next control handler keeps the driver's choice.
+    let _rings: Vec<_> = (0..6)
+        .map(|index| device.queue_handler(index, 16).unwrap())
+        .collect();
+    let _resumed = device.queue_handler(6, 16).unwrap();
+    let in_place = attached_after(&backend);
+    let other = Arc::new(FakeBackend::default());
+    let mut restored = net_on(&other, 3, NetConfig::new([2, 0, 0, 0, 0, 9]));
+    restored.restore_state(&saved).unwrap();
+    restored.ack_features(restored.device_features()).unwrap();
+    let _rings: Vec<_> = (0..6)
+        .map(|index| restored.queue_handler(index, 16).unwrap())
+        .collect();
+    let _ctrl = restored.queue_handler(6, 16).unwrap();
+    let mut mac = [0u8; 6];
+    restored.read_config(0, &mut mac);
+
+    assert_eq!(SavedNet::deserialize(&saved).unwrap().ctrl_pairs, 2);
+    assert_eq!(in_place, Some(2));
+    assert_eq!(attached_after(&other), Some(2), "not the first pair only");
+    assert_eq!(mac, MAC, "the guest's MAC, not the new command line's");
+}
+
+#[test]
+fn a_restore_refuses_another_shape_and_bad_frames() {
+    let mut device = net(2, None);
+    let saved = device.save_state().unwrap().unwrap();
+    let with = |change: &dyn Fn(&mut SavedNet)| {
+        let mut state = SavedNet::deserialize(&saved).unwrap();
+        change(&mut state);
+        net(2, None).restore_state(&serde_json::to_value(state).unwrap())
+    };
+
+    assert!(net(1, None).restore_state(&saved).is_err(), "pairs differ");
+    assert!(with(&|s| s.ctrl_pairs = 0).is_err());
+    assert!(with(&|s| s.ctrl_pairs = 3).is_err());
+    assert!(with(&|s| s.rx_frames = vec![(0, vec![0; 4])]).is_err());
+    assert!(with(&|s| s.rx_frames = vec![(0, vec![0; MAX_PACKET_LEN + 1])]).is_err());
+    assert!(with(&|s| s.rx_frames = vec![(2, vec![0; 60])]).is_err());
+    assert!(with(&|s| s.rx_frames = vec![(1, vec![0; 60]); 300]).is_err());
+    assert!(net(2, None)
+        .restore_state(&serde_json::json!({"pairs": "two"}))
+        .is_err());
+    assert!(with(&|s| s.rx_frames = vec![(1, vec![0; 60])]).is_ok());
+}
+
+#[test]
+fn a_restored_device_asks_its_driver_to_announce_until_acked() {
+    let mem = guest_memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
+    let backend = Arc::new(FakeBackend::default());
+    let mut without = net_on(&backend, 1, announcing());
+    without
+        .ack_features(without.device_features() & !(1 << VIRTIO_NET_F_GUEST_ANNOUNCE))
+        .unwrap();
+    let mut device = net_on(&backend, 1, announcing());
+    device.ack_features(device.device_features()).unwrap();
+
+    let changed_without = without.restored();
+    let changed = device.restored();
+    let announcing_status = config_status(&device);
+    let mut ctrl = device.queue_handler(2, 16).unwrap();
+    ctrl_command(
+        &vq,
+        &mem,
+        &[
+            VIRTIO_NET_CTRL_ANNOUNCE as u8,
+            VIRTIO_NET_CTRL_ANNOUNCE_ACK as u8,
+        ],
+    );
+    run(ctrl.as_mut(), &mut queue, &mem, false);
+
+    assert!(!changed_without, "no announce without GUEST_ANNOUNCE");
+    assert!(changed);
+    assert_eq!(
+        announcing_status,
+        (VIRTIO_NET_S_LINK_UP | VIRTIO_NET_S_ANNOUNCE) as u16
+    );
+    assert_eq!(read(&mem, 0x20_0000, 1)[0], OK);
+    assert_eq!(config_status(&device), VIRTIO_NET_S_LINK_UP as u16);
+    let metrics = device.metrics();
+    assert_eq!(metrics.counter("announce_requests"), Some(1));
+    assert_eq!(metrics.counter("announce_acks"), Some(1));
+    assert_eq!(without.metrics().counter("announce_requests"), Some(0));
+}
+
+#[test]
+fn announce_brings_a_control_queue_to_a_single_pair_and_standby_is_offered_when_asked() {
+    let has = |f: u64, bit: u32| f & (1 << bit) != 0;
+    let plain = net(1, None);
+    let announcing = net_on(&Arc::default(), 1, announcing());
+    let standby = net_on(
+        &Arc::default(),
+        1,
+        NetConfig {
+            standby: true,
+            ..NetConfig::new(MAC)
+        },
+    );
+
+    assert!(!has(plain.device_features(), VIRTIO_NET_F_GUEST_ANNOUNCE));
+    assert!(!has(plain.device_features(), VIRTIO_NET_F_STANDBY));
+    assert_eq!(plain.queue_max_sizes().len(), 2);
+    let features = announcing.device_features();
+    assert!(has(features, VIRTIO_NET_F_GUEST_ANNOUNCE) && has(features, VIRTIO_NET_F_CTRL_VQ));
+    assert!(!has(features, VIRTIO_NET_F_MQ));
+    assert_eq!(announcing.queue_max_sizes().len(), 3);
+    assert!(has(standby.device_features(), VIRTIO_NET_F_STANDBY));
 }

@@ -258,9 +258,30 @@ pub fn spawn_echo_peer(
     std::sync::Arc<std::sync::atomic::AtomicBool>,
     JoinHandle<u64>,
 ) {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    let peer = spawn_counting_echo_peer(ifname);
+    (peer.stop, peer.handle)
+}
+
+/// An echo peer's handles: what stops it, what it echoed so far, its thread.
+pub struct EchoPeer {
+    pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Frames echoed so far.
+    pub echoed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The last frame echoed.
+    pub last: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    /// Returns the number of frames echoed.
+    pub handle: JoinHandle<u64>,
+}
+
+/// [`spawn_echo_peer`] that also shows what it echoed so far.
+pub fn spawn_counting_echo_peer(ifname: String) -> EchoPeer {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let stop_peer = stop.clone();
+    let counter = std::sync::Arc::new(AtomicU64::new(0));
+    let live = counter.clone();
+    let last = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let last_echoed = last.clone();
     let handle = thread::spawn(move || {
         let name = std::ffi::CString::new(ifname).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -338,12 +359,59 @@ pub fn spawn_echo_peer(
                 )
             };
             echoed += 1;
+            *last_echoed.lock().unwrap() = frame[..n as usize].to_vec();
+            live.store(echoed, Ordering::Relaxed);
         }
         // SAFETY: `fd` is ours and closed once.
         unsafe { libc::close(fd) };
         echoed
     });
-    (stop, handle)
+    EchoPeer {
+        stop,
+        echoed: counter,
+        last,
+        handle,
+    }
+}
+
+/// Sends `frame` (a whole Ethernet frame) out of interface `ifname`, as a peer on its wire.
+pub fn send_frame(ifname: &str, frame: &[u8]) -> std::io::Result<()> {
+    let name = std::ffi::CString::new(ifname).unwrap();
+    // SAFETY: `name` is a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: plain socket creation; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: an all-zero sockaddr_ll is valid; the fields set below make it a destination.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = ifindex as i32;
+    addr.sll_halen = 6;
+    let len = size_of::<libc::sockaddr_ll>() as u32;
+    // SAFETY: sends `frame.len()` bytes of `frame` to the interface named in `addr`.
+    let sent = unsafe {
+        libc::sendto(
+            fd,
+            frame.as_ptr().cast::<libc::c_void>(),
+            frame.len(),
+            0,
+            (&raw const addr).cast::<libc::sockaddr>(),
+            len,
+        )
+    };
+    let result = if sent < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    };
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    result
 }
 
 /// The child's exit status, or `None` if it had to be killed after `timeout`.

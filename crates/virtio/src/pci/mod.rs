@@ -203,6 +203,13 @@ pub struct VirtioPciDevice {
     registered: Vec<bool>,
     /// The running queues from DRIVER_OK until the next reset.
     active: Option<ActiveQueues>,
+    /// Where the rings of an active device stopped for a snapshot: they stay stopped (nothing
+    /// taken from a tap or a disk after the state was captured) until
+    /// [`PciDevice::resume_after_save`].
+    quiesced: Option<Vec<(u16, QueuePosition)>>,
+    /// A restored device not yet activated: `resume_after_save` tells the model it was
+    /// restored.
+    restored_pending: bool,
 }
 
 impl std::fmt::Debug for VirtioPciDevice {
@@ -277,6 +284,8 @@ impl VirtioPciDevice {
             ioevent_base: None,
             registered: vec![false; queues],
             active: None,
+            quiesced: None,
+            restored_pending: false,
         })
     }
 
@@ -540,6 +549,8 @@ impl VirtioPciDevice {
     }
 
     fn reset(&mut self) {
+        self.quiesced = None;
+        self.restored_pending = false;
         match self.active.take() {
             Some(active) => active.reset(self.device.as_mut()),
             None => self.device.reset(),
@@ -754,6 +765,10 @@ impl PciDevice for VirtioPciDevice {
 
     fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
         self.restore(state)
+    }
+
+    fn resume_after_save(&mut self) {
+        self.resume_saved();
     }
 
     fn bar_moved(&mut self, bar: usize, _old: Option<u64>, new: Option<u64>) {

@@ -22,14 +22,23 @@
 //! Downtime is measured from the source's pause to the destination's resume, both read from
 //! CLOCK_REALTIME on this host (the two processes share the clock).
 //!
-//! What is refused: everything a snapshot refuses (virtio-net, e1000, VFIO, the vIOMMU, the
-//! test device) — the device dirty log covers exactly the devices that remain (virtio-blk on
-//! an image, virtio-rng, NVMe; see sluice_dma::dirty for the write paths) — and vhost-user disks
+//! What is refused: everything a snapshot refuses (e1000, VFIO, the vIOMMU, the test device, a
+//! VM changed by hot-plug) — the device dirty log covers exactly the devices that remain
+//! (virtio-blk on an image, virtio-net, virtio-rng, NVMe; see sluice_dma::dirty for the write
+//! paths: virtio-net writes guest memory only through chains it popped — received frames,
+//! their `num_buffers`, control acks — and the used ring, all marked) — and vhost-user disks
 //! whose backend cannot log its writes (no VHOST_USER_PROTOCOL_F_LOG_SHMFD or VHOST_F_LOG_ALL).
 //! A vhost-user disk's backend logs into a bitmap the source reads each round
 //! (`sluice_devices::vhost_user_blk::migration`); at the stop-and-copy it is quiesced and
 //! handed over with the image locks (its connection closes, so the destination's frontend can
 //! own it when it builds the VM), and a failure takes it back (the frontend reconnects).
+//! virtio-net's RX side takes frames from the tap on its own, so the captured rings stay
+//! stopped until the VM runs on (only a failed migration resumes it here): a frame that
+//! reaches the source's tap after the capture is not in the guest, and lost as on any link;
+//! what was read before is carried.
+//!
+//! Progress (crate::progress): the source shows round 0 (RAM scanned), each dirty round and the
+//! stop-and-copy as rounds, the destination what it received.
 //! Transports: `unix:PATH` and `tcp:HOST:PORT`, unencrypted and unauthenticated (on one host).
 
 pub mod fuzz;
@@ -249,7 +258,10 @@ impl Incoming {
     /// Receives RAM into `ram` and returns the state (the VM was built with the announced
     /// shape).
     pub(crate) fn receive(&mut self, ram: &GuestRam) -> Result<MachineState, MigrationError> {
-        let mut sink = RamSink(ram);
+        let mut sink = RamSink {
+            ram,
+            progress: crate::progress::Progress::start("receive", ram.size),
+        };
         if ram.size != self.hello.memory {
             return Err(MigrationError::Vm(format!(
                 "the VM has {} bytes of RAM, the stream {}",
@@ -257,6 +269,7 @@ impl Incoming {
             )));
         }
         let (state, pages) = protocol::receive(&mut self.input, self.hello.cpus, &mut sink)?;
+        sink.progress.finish();
         tracing::info!(
             "migration: received {pages} pages and the state at {} ns (CLOCK_REALTIME)",
             unix_ns()
@@ -273,16 +286,24 @@ impl Incoming {
     }
 }
 
-/// Guest RAM as the receiver's page sink (offsets in its memfd).
-struct RamSink<'a>(&'a GuestRam);
+/// Guest RAM as the receiver's page sink (offsets in its memfd), showing what arrived (the
+/// step's total is the RAM size: pages sent again in later rounds count again, so the bar may
+/// end early; the last line says 100 % once the state arrived).
+struct RamSink<'a> {
+    ram: &'a GuestRam,
+    progress: crate::progress::Progress,
+}
 
 impl PageSink for RamSink<'_> {
     fn size(&self) -> u64 {
-        self.0.size
+        self.ram.size
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        std::os::unix::fs::FileExt::write_all_at(&*self.0.file, data, offset)
+        std::os::unix::fs::FileExt::write_all_at(&*self.ram.file, data, offset)?;
+        let bytes = data.len() as u64;
+        self.progress.advance(bytes, bytes / protocol::PAGE_SIZE);
+        Ok(())
     }
 }
 

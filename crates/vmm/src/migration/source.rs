@@ -13,6 +13,7 @@ use super::tracking::{union, DirtyTracking};
 use super::{unix_ns, MigrationError, MigrationUrl, Stream};
 use crate::handle::{MachineParts, VmHandle};
 use crate::memory::GuestRam;
+use crate::progress::Progress;
 use crate::snapshot::MachineState;
 use crate::vcpu::{RunControl, VmOutcome};
 
@@ -65,21 +66,34 @@ pub(crate) fn send(
     let mut out = BufWriter::with_capacity(1 << 20, stream.try_clone()?);
     protocol::send_hello(&mut out, handle.config().cpus, handle.config().memory)?;
     let tracking = DirtyTracking::start(parts.vm.clone(), &parts.ram)?;
-    let mut pages_sent = send_nonzero(&mut out, &parts.ram)?;
+    let mut progress = Progress::start("migrate", parts.ram.size);
+    let mut pages_sent = send_nonzero(&mut out, &parts.ram, &mut progress)?;
     tracing::info!("migration: round 0 sent {pages_sent} pages");
-    let (pending, rounds, throttle_percent) = precopy(&mut out, &parts.ram, &tracking, &control)
-        .map(|(pending, rounds, sent, throttle)| {
-            pages_sent += sent;
-            (pending, rounds, throttle)
-        })?;
+    let (pending, rounds, throttle_percent) =
+        precopy(&mut out, &parts.ram, &tracking, &control, &mut progress).map(
+            |(pending, rounds, sent, throttle)| {
+                pages_sent += sent;
+                (pending, rounds, throttle)
+            },
+        )?;
     let paused_unix_ns = unix_ns();
     control
         .pause(PAUSE_TIMEOUT)
         .map_err(|e| MigrationError::Vm(format!("cannot pause: {e}")))?;
-    let result = stop_and_copy(handle, parts, &tracking, pending, out, stream);
+    progress.next_round(rounds + 1, 0);
+    let result = stop_and_copy(
+        handle,
+        parts,
+        &tracking,
+        pending,
+        out,
+        stream,
+        &mut progress,
+    );
     match result {
         Ok((sent, resumed_unix_ns)) => {
             drop(tracking);
+            progress.finish();
             control.finish(VmOutcome::Migrated);
             let report = MigrationReport {
                 total_ms: started.elapsed().as_secs_f64() * 1e3,
@@ -108,6 +122,8 @@ pub(crate) fn send(
                 control.finish(VmOutcome::Crash(format!("migration failed: {why}")));
                 return Err(MigrationError::Abandoned(why));
             }
+            // Devices stopped by the capture take up their work first.
+            parts.pci.resume_after_save();
             control.resume();
             tracing::warn!("migration failed, the VM runs on here: {e}");
             Err(e)
@@ -122,6 +138,7 @@ fn precopy(
     ram: &GuestRam,
     tracking: &DirtyTracking,
     control: &Arc<RunControl>,
+    progress: &mut Progress,
 ) -> Result<(Vec<u64>, u32, u64, u8), MigrationError> {
     let throttle = Throttle::start(control.clone());
     let mut previous = usize::MAX;
@@ -150,7 +167,8 @@ fn precopy(
                 at_max += 1;
             }
         }
-        sent += send_page_list(out, ram, &dirty)?;
+        progress.next_round(rounds + 1, dirty.len() as u64 * PAGE_SIZE);
+        sent += send_page_list(out, ram, &dirty, progress)?;
         rounds += 1;
         tracing::info!("migration: round {rounds} sent {} pages", dirty.len());
         previous = dirty.len();
@@ -167,6 +185,7 @@ fn stop_and_copy(
     pending: Vec<u64>,
     mut out: BufWriter<Stream>,
     mut stream: Stream,
+    progress: &mut Progress,
 ) -> Result<(u64, u64), MigrationError> {
     let paused = Instant::now();
     let state = quiet_state(handle, parts)?;
@@ -178,7 +197,8 @@ fn stop_and_copy(
     sluice_devices::vhost_user_blk::migration::hand_over().map_err(MigrationError::Vm)?;
     let last = union(pending, &tracking.take_round()?);
     let last = union(last, &tracking.take_device_sticky());
-    let sent = send_page_list(&mut out, &parts.ram, &last)?;
+    progress.next_round(progress.round(), last.len() as u64 * PAGE_SIZE);
+    let sent = send_page_list(&mut out, &parts.ram, &last, progress)?;
     protocol::send_state(&mut out, &state)?;
     protocol::send_end(&mut out)?;
     out.flush()?;
@@ -197,8 +217,9 @@ fn stop_and_copy(
 }
 
 /// Captures the paused VM until two captures agree on the devices: capturing quiesces the
-/// virtio queues and takes them up again, and a queue taken up may still find chains the
-/// guest published before the pause; the state sent must be the one after they completed.
+/// virtio queues (requests taken complete) and leaves them stopped until the VM runs on here,
+/// so a second capture normally agrees; virtio-net also carries what reached its tap
+/// meanwhile (at most 256 frames per pair, so even a flood settles).
 fn quiet_state(handle: &VmHandle, parts: &MachineParts) -> Result<MachineState, MigrationError> {
     let mut state = handle.capture_state(parts).map_err(MigrationError::Vm)?;
     for _ in 0..MAX_CAPTURES {
@@ -214,7 +235,11 @@ fn quiet_state(handle: &VmHandle, parts: &MachineParts) -> Result<MachineState, 
 }
 
 /// Round 0: every non-zero page (the destination's RAM starts zeroed). Returns pages sent.
-fn send_nonzero(out: &mut impl Write, ram: &GuestRam) -> Result<u64, MigrationError> {
+fn send_nonzero(
+    out: &mut impl Write,
+    ram: &GuestRam,
+    progress: &mut Progress,
+) -> Result<u64, MigrationError> {
     let mut buffer = vec![0u8; CHUNK];
     let mut sent = 0;
     let mut offset = 0u64;
@@ -222,6 +247,7 @@ fn send_nonzero(out: &mut impl Write, ram: &GuestRam) -> Result<u64, MigrationEr
         let len = (ram.size - offset).min(CHUNK as u64) as usize;
         let chunk = &mut buffer[..len];
         ram.file.read_exact_at(chunk, offset)?;
+        let sent_before = sent;
         // Runs of non-zero pages.
         let page = PAGE_SIZE as usize;
         let mut run_start = None;
@@ -245,6 +271,7 @@ fn send_nonzero(out: &mut impl Write, ram: &GuestRam) -> Result<u64, MigrationEr
             }
         }
         offset += len as u64;
+        progress.advance(len as u64, sent - sent_before);
     }
     Ok(sent)
 }
@@ -254,6 +281,7 @@ fn send_page_list(
     out: &mut impl Write,
     ram: &GuestRam,
     pages: &[u64],
+    progress: &mut Progress,
 ) -> Result<u64, MigrationError> {
     let mut buffer = Vec::new();
     let mut index = 0;
@@ -276,6 +304,7 @@ fn send_page_list(
         }
         ram.file.read_exact_at(&mut buffer, offset)?;
         protocol::send_pages(out, offset, &buffer)?;
+        progress.advance(buffer.len() as u64, count as u64);
         index = end;
     }
     Ok(pages.len() as u64)

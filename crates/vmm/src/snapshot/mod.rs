@@ -10,11 +10,14 @@
 //! their state in sluice, and saving it is per device; until a device can, a VM that has it is
 //! refused with a message naming it, rather than restored with a device that forgot what the
 //! guest told it (today virtio-blk — on an image or on a vhost-user backend, whose rings are
-//! quiesced with GET_VRING_BASE —, the emulated NVMe controller and virtio-rng can). The platform devices carry
+//! quiesced with GET_VRING_BASE —, the emulated NVMe controller, virtio-net on a tap — the
+//! restoring `sluice run` names its own tap — and virtio-rng can). The platform devices carry
 //! what the guest programmed: COM1's registers and unread input, the i8042's controller state,
 //! the RTC's CMOS bytes, control registers and time offset from the host clock (the guest's
 //! clock runs on with the host's), the ACPI PM1 registers (the PM timer restarts, so a guest
 //! sees it jump as after a long pause).
+//!
+//! Writing and loading the memory show their progress (crate::progress).
 //!
 //! The checksums are FNV-1a over 64-bit words, written here: they detect corruption and
 //! truncation, not tampering, and no hashing crate is in the verified dependency set.
@@ -29,6 +32,7 @@ use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
 use crate::memory::GuestRam;
+use crate::progress::Progress;
 use crate::vcpu::state::VcpuState;
 
 /// First word of the state file.
@@ -173,19 +177,24 @@ fn write_memory(ram: &GuestRam, dir: &Path) -> Result<u64, SnapshotError> {
     let mut sum = Checksum::new();
     let mut buffer = vec![0u8; CHUNK];
     let mut offset = 0u64;
+    let mut progress = Progress::start("snapshot", ram.size);
     while offset < ram.size {
         let len = (ram.size - offset).min(CHUNK as u64) as usize;
         let chunk = &mut buffer[..len];
         ram.file.read_exact_at(chunk, offset).map_err(io(&path))?;
         sum.update(chunk);
+        let mut written = 0;
         for (index, page) in chunk.chunks(PAGE).enumerate() {
             if page.iter().any(|&b| b != 0) {
                 out.write_all_at(page, offset + (index * PAGE) as u64)
                     .map_err(io(&path))?;
+                written += 1;
             }
         }
         offset += len as u64;
+        progress.advance(len as u64, written);
     }
+    progress.finish();
     Ok(sum.0)
 }
 
@@ -204,6 +213,7 @@ fn read_memory(ram: &GuestRam, dir: &Path, expected: u64) -> Result<(), Snapshot
     let mut sum = Checksum::new();
     let mut buffer = vec![0u8; CHUNK];
     let mut offset = 0u64;
+    let mut progress = Progress::start("restore", ram.size);
     while offset < ram.size {
         let len = (ram.size - offset).min(CHUNK as u64) as usize;
         let chunk = &mut buffer[..len];
@@ -211,10 +221,12 @@ fn read_memory(ram: &GuestRam, dir: &Path, expected: u64) -> Result<(), Snapshot
         sum.update(chunk);
         ram.file.write_all_at(chunk, offset).map_err(io(&path))?;
         offset += len as u64;
+        progress.advance(len as u64, (len / PAGE) as u64);
     }
     if sum.0 != expected {
         return Err(SnapshotError::Corrupt(path));
     }
+    progress.finish();
     Ok(())
 }
 
