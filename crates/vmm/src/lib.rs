@@ -13,6 +13,7 @@ pub mod migration;
 pub mod numa;
 pub mod nvme;
 pub mod platform;
+pub mod replay;
 pub mod rss;
 pub mod snapshot;
 pub mod vcpu;

@@ -27,10 +27,13 @@ use crate::interrupts::{KvmIoEvents, VmInterrupts};
 use crate::iommu::IommuKind;
 use crate::machine::{device_err, VmConfig, VmError};
 use crate::memory::GuestRam;
+use crate::replay::Recorder;
 
 /// What every virtio-pci device of one VM shares.
 struct Plumbing<'a> {
     interrupts: &'a VmInterrupts,
+    /// Recording (crate::replay): deterministic device mode.
+    recorder: Option<&'a Arc<Recorder>>,
     ioevents: Arc<KvmIoEvents>,
     dma: Arc<DmaSpaces>,
     /// For devices whose rings another process runs: it sees guest physical addresses.
@@ -47,6 +50,11 @@ impl Plumbing<'_> {
         options.packed_ring = packed;
         options.msi_router = Some(self.interrupts.msi_router.clone());
         options.ioevents = Some(self.ioevents.clone());
+        if self.recorder.is_some() {
+            // Every doorbell an exit, queues run inline in it, MSIs sent from it (logged).
+            options.ioevents = None;
+            options.inline_queues = true;
+        }
         options
     }
 }
@@ -60,9 +68,11 @@ pub fn attach_virtio_devices(
     dma: &Arc<DmaSpaces>,
     interrupts: &VmInterrupts,
     vtd: Option<&Vtd>,
+    recorder: Option<&Arc<Recorder>>,
 ) -> Result<Vec<Arc<DeviceMetrics>>, VmError> {
     let plumbing = Plumbing {
         interrupts,
+        recorder,
         ioevents: interrupts.ioevents.clone(),
         dma: dma.clone(),
         identity_dma: DmaSpaces::identity(ram.memory.clone()),
@@ -88,7 +98,7 @@ pub fn attach_virtio_devices(
         let (device_metrics, bdf) = attach(
             root,
             dma,
-            interrupts,
+            &plumbing,
             block,
             plumbing.options(name, disk.notify, disk.packed),
         )?;
@@ -104,7 +114,7 @@ pub fn attach_virtio_devices(
             attach(
                 root,
                 &plumbing.dma,
-                interrupts,
+                &plumbing,
                 Box::new(device),
                 plumbing.options(name, net.notify, net.packed),
             )?
@@ -117,7 +127,7 @@ pub fn attach_virtio_devices(
             attach(
                 root,
                 &plumbing.dma,
-                interrupts,
+                &plumbing,
                 Box::new(Rng::new()),
                 options,
             )?
@@ -197,7 +207,7 @@ enum AttachError {
 fn attach(
     root: &PciRoot,
     dma: &DmaSpaces,
-    interrupts: &VmInterrupts,
+    plumbing: &Plumbing<'_>,
     device: Box<dyn VirtioDevice>,
     mut options: VirtioPciOptions,
 ) -> Result<(Arc<DeviceMetrics>, u16), VmError> {
@@ -206,9 +216,18 @@ fn attach(
     let address = root
         .add_device_with(|address| {
             let space = dma.space(address.bdf());
-            let (sink, router) = interrupts.msi_for(address.bdf());
-            options.msi_sink = sink;
-            options.msi_router = Some(router);
+            let (sink, router) = plumbing.interrupts.msi_for(address.bdf());
+            match plumbing.recorder {
+                // No irqfd route: each MSI is sent (and logged) from the vCPU during the exit.
+                Some(recorder) => {
+                    options.msi_sink = recorder.msi_sink(sink);
+                    options.msi_router = None;
+                }
+                None => {
+                    options.msi_sink = sink;
+                    options.msi_router = Some(router);
+                }
+            }
             let pci = VirtioPciDevice::new(device, space, options)?;
             Ok::<SharedPciDevice, AttachError>(Arc::new(Mutex::new(pci)))
         })
