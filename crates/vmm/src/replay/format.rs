@@ -119,12 +119,21 @@ pub struct EndRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// Initial RAM (before the first instruction), one non-zero page.
-    InitPage { page: u64, bytes: Box<[u8]> },
+    InitPage {
+        page: u64,
+        bytes: Box<[u8]>,
+    },
     Exit(ExitRecord),
     /// A page a device wrote during the preceding exit, its content when the exit ended.
-    DmaPage { page: u64, bytes: Box<[u8]> },
+    DmaPage {
+        page: u64,
+        bytes: Box<[u8]>,
+    },
     /// An MSI a device sent during the preceding exit.
-    Msi { address: u64, data: u32 },
+    Msi {
+        address: u64,
+        data: u32,
+    },
     End(EndRecord),
 }
 
@@ -456,7 +465,9 @@ impl<R: Read> LogReader<R> {
         let len = u32::from_le_bytes([head[5], head[6], head[7], head[8]]);
         let stored = u64::from_le_bytes(head[9..17].try_into().map_err(|_| chunk_err("header"))?);
         if len > MAX_CHUNK {
-            return Err(chunk_err(&format!("payload of {len} bytes (at most {MAX_CHUNK})")));
+            return Err(chunk_err(&format!(
+                "payload of {len} bytes (at most {MAX_CHUNK})"
+            )));
         }
         if kind != KIND_META && kind != KIND_EVENTS {
             return Err(chunk_err(&format!("unknown chunk kind {kind}")));
@@ -498,15 +509,35 @@ impl<R: Read> LogReader<R> {
             data: &self.chunk,
             at: self.at,
         };
-        let event = decode_event(&mut cursor, &mut self.images).map_err(|what| LogError::Event {
-            index: self.events,
-            offset: self.chunk_offset,
-            what,
-        })?;
+        let event =
+            decode_event(&mut cursor, &mut self.images).map_err(|what| LogError::Event {
+                index: self.events,
+                offset: self.chunk_offset,
+                what,
+            })?;
         self.at = cursor.at;
         self.events += 1;
         Ok(Some(event))
     }
+}
+
+/// Re-encodes the log `input` into `output` with `edit` applied to each event (by index), new
+/// checksums included: how the tests tamper with a log the way a careful attacker would.
+pub fn rewrite(
+    input: &[u8],
+    output: &mut Vec<u8>,
+    mut edit: impl FnMut(u64, &mut Event),
+) -> Result<(), LogError> {
+    let mut reader = LogReader::new(input)?;
+    let mut writer = LogWriter::new(&mut *output, &reader.meta)?;
+    let mut index = 0;
+    while let Some(mut event) = reader.next_event()? {
+        edit(index, &mut event);
+        writer.push(&event)?;
+        index += 1;
+    }
+    writer.finish()?;
+    Ok(())
 }
 
 fn decode_event(

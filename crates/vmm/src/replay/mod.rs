@@ -124,7 +124,10 @@ impl Recorder {
     pub fn begin(&self, boot: &BootInfo, ram: &GuestRam) -> Result<(), VmError> {
         let mut state = self.lock();
         let io = |e: std::io::Error| crate::machine::device_err("record", e);
-        let (file, mut meta) = state.file.take().ok_or_else(|| io(std::io::Error::other("begun twice")))?;
+        let (file, mut meta) = state
+            .file
+            .take()
+            .ok_or_else(|| io(std::io::Error::other("begun twice")))?;
         (meta.protocol, meta.protocol_pointer) = match boot.protocol {
             BootProtocol::Pvh { start_info } => ("pvh".into(), start_info.0),
             BootProtocol::LinuxBoot64 { zero_page } => ("linux64".into(), zero_page.0),
@@ -159,7 +162,11 @@ impl Recorder {
     /// log bytes).
     pub fn finish(&self, outcome: &VmOutcome) -> Result<RecordSummary, VmError> {
         sluice_dma::dirty::stop();
-        let ram = self.ram.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let ram = self
+            .ram
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         let mut state = self.lock();
         if let Some(error) = state.error.take() {
             return Err(crate::machine::device_err("record", error));
@@ -617,6 +624,7 @@ pub fn replay(path: &Path, serial: &SerialTarget) -> Result<ReplayReport, Replay
         path: path.display().to_string(),
         source,
     })?;
+    verify(&file)?;
     let mut reader = LogReader::new(BufReader::new(file))?;
     let meta = reader.meta.clone();
     if meta.cpus != 1 {
@@ -655,7 +663,10 @@ pub fn replay(path: &Path, serial: &SerialTarget) -> Result<ReplayReport, Replay
     let thread = start_boot_vcpu(&kvm, &vm, &ram, &boot, &dispatch)?;
     let outcome = dispatch.control.wait();
     thread.stop();
-    let state = replayer.state.lock().unwrap_or_else(PoisonError::into_inner);
+    let state = replayer
+        .state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     let memory_hash = memory_hash(&ram);
     let mut divergence = state.divergence.clone();
     let recorded = state.end;
@@ -686,6 +697,32 @@ pub fn replay(path: &Path, serial: &SerialTarget) -> Result<ReplayReport, Replay
         recorded_memory_hash: recorded.map_or(0, |e| e.memory_hash),
         elapsed: started.elapsed(),
     })
+}
+
+/// Reads the whole log once before anything runs: a corrupt chunk, an undecodable event or a
+/// log without its end record (a recording cut short) is refused up front, not met half-way.
+/// Leaves the file at its start.
+fn verify(file: &File) -> Result<(), ReplayError> {
+    use std::io::{Seek, SeekFrom};
+    let mut input = BufReader::new(file);
+    let mut reader = LogReader::new(&mut input)?;
+    let mut ended = false;
+    while let Some(event) = reader.next_event()? {
+        if ended {
+            return Err(ReplayError::Setup("events after the end record".into()));
+        }
+        ended = matches!(event, Event::End(_));
+    }
+    if !ended {
+        return Err(ReplayError::Setup(
+            "the log has no end record (the recording did not finish)".into(),
+        ));
+    }
+    drop(reader);
+    let mut file = file;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| ReplayError::Setup(format!("cannot rewind the log: {e}")))?;
+    Ok(())
 }
 
 /// The boot vCPU's entry from the log's meta chunk.
@@ -733,12 +770,10 @@ fn start_boot_vcpu(
 ) -> Result<VcpuThread, VmError> {
     use crate::vcpu::setup;
     let base = setup::base_cpuid(kvm, setup::HostKvm::detect())?;
-    let vcpu = vm
-        .create_vcpu(0)
-        .map_err(|source| VmError::KvmSetup {
-            what: "create vCPU",
-            source,
-        })?;
+    let vcpu = vm.create_vcpu(0).map_err(|source| VmError::KvmSetup {
+        what: "create vCPU",
+        source,
+    })?;
     let cpuid = setup::vcpu_cpuid(&base, 0, 1, vcpu.get_tsc_khz().ok());
     setup::configure_vcpu(&vcpu, &cpuid)?;
     crate::boot::setup_boot_vcpu(&vcpu, &ram.memory, boot)?;
