@@ -458,7 +458,7 @@ impl Worker {
         };
         let millis = i32::try_from(limit.as_millis().max(1)).unwrap_or(i32::MAX);
         // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut poll_fd, 1, millis) };
+        unsafe { libc::poll(&raw mut poll_fd, 1, millis) };
     }
 
     /// Reaps completions until nothing is in flight or [`DRAIN_TIMEOUT`] passed.
