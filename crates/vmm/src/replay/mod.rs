@@ -779,3 +779,94 @@ fn start_boot_vcpu(
     crate::boot::setup_boot_vcpu(&vcpu, &ram.memory, boot)?;
     VcpuThread::spawn(0, vcpu, dispatch.clone()).map_err(VmError::Thread)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DiskSpec, E1000Spec, NetSpec, NvmeSpec, RngSpec};
+
+    fn config() -> VmConfig {
+        VmConfig {
+            kernel: "kit".into(),
+            initrd: None,
+            cmdline: String::new(),
+            cpus: 1,
+            memory: 64 << 20,
+            serial: SerialTarget::Off,
+            test_device: false,
+            disks: vec![DiskSpec::parse("path=disk.img").unwrap()],
+            nets: Vec::new(),
+            rng: Some(RngSpec::parse("").unwrap()),
+            numa: crate::numa::NumaPolicy::default(),
+            e1000s: Vec::new(),
+            iommu: None,
+            nvmes: Vec::new(),
+            vfio: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_in_process_disk_and_rng_on_one_vcpu_can_be_recorded() {
+        assert_eq!(refusal(&config()), None);
+    }
+
+    #[test]
+    fn every_nondeterministic_configuration_is_refused_with_its_reason() {
+        let cases: Vec<(VmConfig, &str)> = vec![
+            (VmConfig { cpus: 2, ..config() }, "more than one vCPU"),
+            (
+                VmConfig {
+                    disks: vec![DiskSpec::parse("vhost_user=on,socket=/s").unwrap()],
+                    ..config()
+                },
+                "vhost-user disk",
+            ),
+            (
+                VmConfig {
+                    vfio: vec![crate::config::parse_device("vfio=01:00.0").unwrap()],
+                    ..config()
+                },
+                "VFIO device",
+            ),
+            (
+                VmConfig {
+                    nets: vec![NetSpec::parse("tap=t0").unwrap()],
+                    ..config()
+                },
+                "network device",
+            ),
+            (
+                VmConfig {
+                    e1000s: vec![E1000Spec::parse("tap=t0").unwrap()],
+                    ..config()
+                },
+                "network device",
+            ),
+            (
+                VmConfig {
+                    nvmes: vec![NvmeSpec::parse("path=n.img").unwrap()],
+                    ..config()
+                },
+                "NVMe controller",
+            ),
+            (
+                VmConfig {
+                    iommu: Some(crate::iommu::IommuKind::parse("vtd").unwrap()),
+                    ..config()
+                },
+                "virtual IOMMU",
+            ),
+            (
+                VmConfig {
+                    test_device: true,
+                    ..config()
+                },
+                "test device",
+            ),
+        ];
+        for (config, why) in cases {
+            let refused = refusal(&config).unwrap_or_else(|| panic!("{why}: not refused"));
+            assert!(refused.contains(why), "{refused}");
+        }
+    }
+}
