@@ -813,7 +813,13 @@ mod tests {
     #[test]
     fn every_nondeterministic_configuration_is_refused_with_its_reason() {
         let cases: Vec<(VmConfig, &str)> = vec![
-            (VmConfig { cpus: 2, ..config() }, "more than one vCPU"),
+            (
+                VmConfig {
+                    cpus: 2,
+                    ..config()
+                },
+                "more than one vCPU",
+            ),
             (
                 VmConfig {
                     disks: vec![DiskSpec::parse("vhost_user=on,socket=/s").unwrap()],
