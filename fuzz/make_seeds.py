@@ -903,6 +903,9 @@ def replay_seeds():
         ("unknown_tag", replay_log(b"\x4d")),
         ("truncated", replay_log(init + exits)[:-7]),
         ("huge_chunk", b"SLUICERR" + struct.pack("<I", 1) + b"CHNK\x00\xff\xff\xff\xff" + bytes(8)),
+        # 0xff: the body wraps the rest as one checksummed events chunk.
+        ("framed_events", b"\xff" + init + exits + dma + dma_again + msi + replay_end(exits=2)),
+        ("framed_garbage", b"\xff" + b"\x02\x03" + varint(1 << 40) + b"\x04" + bytes(3)),
     ]
 
 

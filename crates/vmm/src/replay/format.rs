@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 
-use crate::migration::protocol::checksum;
+pub(crate) use crate::migration::protocol::checksum;
 
 pub const MAGIC: &[u8; 8] = b"SLUICERR";
 pub const VERSION: u32 = 1;
