@@ -39,6 +39,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("vfio_config", "sluice-vfio"),
     ("api_request", "sluice-api"),
     ("migration_stream", "sluice-vmm"),
+    ("replay_log", "sluice-vmm"),
 ];
 
 /// A target body: what `fuzz_target!` runs on one input.

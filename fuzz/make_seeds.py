@@ -877,6 +877,82 @@ def net_state_seeds():
     ]
 
 
+# --- replay_log: a `sluice run --record` log (crates/vmm/src/replay/format.rs, docs/replay.md) --
+# b"SLUICERR", version u32 LE, then chunks: b"CHNK", kind (0 meta JSON, 1 events), payload
+# length u32 LE, FNV-1a (the migration frames' checksum) u64 LE, payload. `recorded_prefix` is
+# the start of a real recording (its meta chunk and first events chunk), kept as committed.
+
+def varint(value):
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value == 0:
+            out.append(byte)
+            return bytes(out)
+        out.append(byte | 0x80)
+
+
+def replay_chunk(kind, payload, corrupt=False):
+    length = struct.pack("<I", len(payload))
+    h = 0xcbf29ce484222325
+    padded = payload + bytes(-len(payload) % 8)
+    for word in [kind | len(payload) << 8] + [
+            struct.unpack_from("<Q", padded, i)[0] for i in range(0, len(padded), 8)]:
+        h = ((h ^ word) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    if corrupt:
+        h ^= 1
+    return b"CHNK" + bytes([kind]) + length + struct.pack("<Q", h) + payload
+
+
+def replay_log(*event_chunks, version=1, meta=None):
+    if meta is None:
+        meta = (b'{"memory":16777216,"cpus":1,"cmdline":"","devices":[],"entry":1048576,'
+                b'"protocol":"pvh","protocol_pointer":24576}')
+    return (b"SLUICERR" + struct.pack("<I", version) + replay_chunk(0, meta)
+            + b"".join(replay_chunk(1, c) for c in event_chunks))
+
+
+def replay_page(literal):
+    # One literal run then zeros up to 4096 bytes.
+    rest = 4096 - len(literal)
+    return varint(0) + varint(len(literal)) + literal + (varint(rest) + varint(0) if rest else b"")
+
+
+def replay_exit(kind, addr, data, rip=0x100000, regs=0):
+    return b"\x02" + bytes([kind]) + varint(addr) + bytes([len(data)]) + data + varint(rip) + \
+        struct.pack("<Q", regs)
+
+
+def replay_end(outcome=2, value=0, exits=1, memory_hash=0):
+    return b"\x05" + bytes([outcome]) + varint(value) + varint(exits) + struct.pack("<Q", memory_hash)
+
+
+def replay_seeds():
+    init = b"\x01" + varint(256) + replay_page(b"\x90" * 16)
+    dma = b"\x03" + varint(300) + replay_page(b"\x01\x02\x03")
+    dma_again = b"\x03" + varint(300) + replay_page(b"\x00\x00\x00\x04")
+    msi = b"\x04" + varint(0xFEE00000) + varint(0x41)
+    exits = replay_exit(0, 0x3FD, b"\x60") + replay_exit(3, 0x100003000, bytes(4))
+    return [
+        ("init_exit_end", replay_log(init + exits + replay_end(exits=2))),
+        ("dma_delta_msi", replay_log(exits + dma + dma_again + msi + replay_end(exits=2))),
+        ("two_chunks", replay_log(init + exits, dma + replay_end())),
+        ("bad_checksum", b"SLUICERR" + struct.pack("<I", 1) + replay_chunk(0, b"{}", corrupt=True)),
+        ("newer_version", replay_log(replay_end(), version=2)),
+        ("bad_meta", replay_log(replay_end(), meta=b'{"memory":')),
+        ("page_overrun", replay_log(b"\x03" + varint(1) + varint(4000) + varint(200) + bytes(200))),
+        ("exit_size_9", replay_log(b"\x02\x00" + varint(0x3F8) + b"\x09" + bytes(9))),
+        ("varint_overflow", replay_log(b"\x04" + b"\xff" * 10 + b"\x7f")),
+        ("unknown_tag", replay_log(b"\x4d")),
+        ("truncated", replay_log(init + exits)[:-7]),
+        ("huge_chunk", b"SLUICERR" + struct.pack("<I", 1) + b"CHNK\x00\xff\xff\xff\xff" + bytes(8)),
+        # 0xff: the body wraps the rest as one checksummed events chunk.
+        ("framed_events", b"\xff" + init + exits + dma + dma_again + msi + replay_end(exits=2)),
+        ("framed_garbage", b"\xff" + b"\x02\x03" + varint(1 << 40) + b"\x04" + bytes(3)),
+    ]
+
+
 def main():
     for target, seeds in (("blk_request", blk_seeds()), ("net_header", net_seeds()),
                           ("packed_ring", packed_seeds()),
@@ -892,7 +968,8 @@ def main():
                           ("api_request", api_seeds()),
                           ("virtio_iommu_request", viommu_seeds()),
                           ("migration_stream", migration_seeds()),
-                          ("net_state", net_state_seeds())):
+                          ("net_state", net_state_seeds()),
+                          ("replay_log", replay_seeds())):
         directory = ROOT / target
         directory.mkdir(parents=True, exist_ok=True)
         for name, data in seeds:

@@ -1,5 +1,5 @@
 //! Command-line parsing (contract: `w=<kind>[:key=value]...`, `timeout_ms=N`, `ring=0|3`,
-//! `vq=split|packed`, `quiet`).
+//! `vq=split|packed`, `clock=tsc|virtual`, `quiet`).
 //! Unknown top-level tokens are ignored (loaders add their own); a malformed `w=` is an error
 //! that ends the run with status 5.
 
@@ -185,6 +185,9 @@ pub struct Config {
     pub vq: VqLayout,
     /// Every device behind the DMAR's VT-d, DMA buffers only mapped (`iommu=vtd`).
     pub iommu: bool,
+    /// `clock=virtual`: time from a counter, not the TSC, and no LAPIC wake-up timer, so
+    /// that a run depends only on its device inputs (sluice's record and replay).
+    pub virtual_clock: bool,
 }
 
 /// Default ring: on kvm_pvm CPL3 code runs natively, CPL0 code in KVM's emulator.
@@ -441,6 +444,7 @@ pub fn parse(cmdline: &str) -> Result<Config, String> {
         ring: DEFAULT_RING,
         vq: VqLayout::Split,
         iommu: false,
+        virtual_clock: false,
     };
     // `ring=` applies to every workload wherever it stands, and picks their default mode.
     for token in cmdline.split_ascii_whitespace() {
@@ -472,6 +476,12 @@ pub fn parse(cmdline: &str) -> Result<Config, String> {
                 "vtd" => true,
                 "off" => false,
                 _ => return Err(alloc::format!("iommu={value}: expected vtd or off")),
+            };
+        } else if let Some(value) = token.strip_prefix("clock=") {
+            config.virtual_clock = match value {
+                "virtual" => true,
+                "tsc" => false,
+                _ => return Err(alloc::format!("clock={value}: expected tsc or virtual")),
             };
         } else if token == "quiet" {
             config.quiet = true;

@@ -14,6 +14,11 @@ static TSC_START: AtomicU64 = AtomicU64::new(0);
 /// ns per tick as a 32.32 fixed-point number.
 static NS_PER_TICK_FP: AtomicU64 = AtomicU64::new(1 << 32);
 static TSC_HZ: AtomicU64 = AtomicU64::new(0);
+/// `clock=virtual`: nanoseconds of the virtual clock, advanced by [`VIRTUAL_STEP_NS`] on every
+/// read instead of reading the TSC (u64::MAX = the TSC clock is in use).
+static VIRTUAL_NOW: AtomicU64 = AtomicU64::new(u64::MAX);
+/// How far one read of the virtual clock advances it: a 5 s deadline is 5 million reads.
+const VIRTUAL_STEP_NS: u64 = 1_000;
 
 fn from_cpuid_15() -> Option<u64> {
     if cpuid(0, 0)[0] < 0x15 {
@@ -101,8 +106,26 @@ pub fn init() {
     crate::chatter!("TSC {} kHz ({})", hz / 1000, source);
 }
 
+/// `clock=virtual` (record and replay, docs/replay.md): time no longer comes from the TSC, which
+/// a VMM cannot replay on every host, but from a counter every read advances by a fixed step.
+/// Deadlines still expire (after a fixed number of reads) and every printed time is a function
+/// of the guest's own execution, so two runs given the same device inputs print the same.
+pub fn init_virtual() {
+    VIRTUAL_NOW.store(0, Ordering::Relaxed);
+    TSC_HZ.store(1_000_000_000, Ordering::Relaxed);
+    crate::chatter!("virtual clock: {} ns per read, no TSC", VIRTUAL_STEP_NS);
+}
+
+/// Whether `clock=virtual` is on.
+pub fn is_virtual() -> bool {
+    VIRTUAL_NOW.load(Ordering::Relaxed) != u64::MAX
+}
+
 /// Nanoseconds since `init`.
 pub fn now_ns() -> u64 {
+    if is_virtual() {
+        return VIRTUAL_NOW.fetch_add(VIRTUAL_STEP_NS, Ordering::Relaxed);
+    }
     let ticks = rdtsc().wrapping_sub(TSC_START.load(Ordering::Relaxed));
     ((u128::from(ticks) * u128::from(NS_PER_TICK_FP.load(Ordering::Relaxed))) >> 32) as u64
 }

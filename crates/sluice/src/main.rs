@@ -68,6 +68,19 @@ enum Command {
     Vf(host::VfArgs),
     /// Talk to a running VM's control API (`sluice run --api-socket`).
     Ctl(api::CtlArgs),
+    /// Re-run a VM recorded with `sluice run --record FILE` from the log alone (no kernel,
+    /// disk image or tap): every exit checked against the log, the first difference reported.
+    Replay(ReplayArgs),
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// The log `sluice run --record` wrote.
+    #[arg(value_name = "LOG")]
+    recording: PathBuf,
+    /// Where the replayed COM1 output goes: `stdout`, `file=PATH` or `off`.
+    #[arg(long, default_value = "stdout", value_parser = parse_serial)]
+    serial: SerialTarget,
 }
 
 #[derive(Args)]
@@ -160,6 +173,10 @@ struct RunArgs {
     /// stderr is a terminal, nothing otherwise.
     #[arg(long, value_parser = sluice_vmm::progress::ProgressMode::parse)]
     progress: Option<sluice_vmm::progress::ProgressMode>,
+    /// Record the run's device I/O into this log for `sluice replay` (docs/replay.md): one
+    /// vCPU, in-process virtio-blk and virtio-rng only, devices run inline in the exits.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["restore", "migrate_from", "api_socket"])]
+    record: Option<PathBuf>,
 }
 
 fn parse_serial(s: &str) -> Result<SerialTarget, String> {
@@ -185,6 +202,7 @@ fn main() -> ExitCode {
         Command::HostCheck(args) => host::check(args),
         Command::Vf(args) => host::vf(args),
         Command::Ctl(args) => api::ctl(args),
+        Command::Replay(args) => contain(Role::Vm, cli.seccomp).and_then(|()| replay(&args)),
     };
     match result {
         Ok(status) => ExitCode::from(status),
@@ -338,7 +356,19 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         ),
         None => None,
     };
-    let report = machine::run_handle(&handle)?;
+    let (report, recorded) = machine::run_handle_with(&handle, args.record.as_deref())?;
+    if let (Some(summary), Some(path)) = (recorded, &args.record) {
+        say(format_args!(
+            "sluice: recorded {} exits and {} device page writes into {} ({} bytes) in {} ms; \
+             memory hash {:#018x}",
+            summary.exits,
+            summary.dma_pages,
+            path.display(),
+            summary.log_bytes,
+            summary.elapsed.as_millis(),
+            summary.memory_hash
+        ));
+    }
     tracing::info!(
         setup_us = report.setup_time.as_micros() as u64,
         rss_overhead_kib = report.rss.overhead(),
@@ -372,6 +402,26 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
     Ok(exit_status(&report.outcome))
 }
 
+/// Exit status of a replay that diverged from its log.
+const EXIT_REPLAY_DIVERGED: u8 = 124;
+
+fn replay(args: &ReplayArgs) -> anyhow::Result<u8> {
+    let report = sluice_vmm::replay::replay(&args.recording, &args.serial)
+        .with_context(|| format!("cannot replay {}", args.recording.display()))?;
+    if let Some(divergence) = &report.divergence {
+        say(format_args!("sluice: {divergence}"));
+        return Ok(EXIT_REPLAY_DIVERGED);
+    }
+    let outcome = report.outcome.unwrap_or(VmOutcome::PowerOff);
+    say(format_args!(
+        "sluice: replay matched the log: {} exits in {} ms, memory hash {:#018x}",
+        report.exits,
+        report.elapsed.as_millis(),
+        report.memory_hash
+    ));
+    Ok(exit_status(&outcome))
+}
+
 impl RunArgs {
     /// No kernel, command line, device, serial or NUMA choice: the main job's spectrum run.
     fn asks_for_nothing(&self) -> bool {
@@ -389,6 +439,7 @@ impl RunArgs {
             && self.api_socket.is_none()
             && self.restore.is_none()
             && self.migrate_from.is_none()
+            && self.record.is_none()
             && matches!(self.serial, SerialTarget::Stdout)
     }
 }

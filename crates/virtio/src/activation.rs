@@ -36,6 +36,21 @@ impl ActiveQueues {
         queues: Vec<QueueBinding>,
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<ActiveQueues, ActivateError> {
+        Self::start_with(device, name, features, mem, queues, interrupt, false)
+    }
+
+    /// [`ActiveQueues::start`] with `inline` queues ([`QueueWorker::inline`]): no threads, each
+    /// doorbell runs to the end in [`ActiveQueues::kick_inline`] on the caller's thread. Devices
+    /// whose rings another process runs cannot be inline and are refused.
+    pub fn start_with<D: VirtioDevice + ?Sized>(
+        device: &mut D,
+        name: &str,
+        features: u64,
+        mem: DmaSpace,
+        queues: Vec<QueueBinding>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        inline: bool,
+    ) -> Result<ActiveQueues, ActivateError> {
         let range = device.queue_count_range();
         if !range.contains(&queues.len()) {
             return Err(ActivateError::QueueCount {
@@ -45,6 +60,12 @@ impl ActiveQueues {
             });
         }
         device.ack_features(features)?;
+        if inline && device.external_queues().is_some() {
+            return Err(ActivateError::Worker(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "queues run by another process cannot be inline (deterministic mode)",
+            )));
+        }
         if let Some(external) = device.external_queues() {
             external.start(features, mem, queues, interrupt)?;
             return Ok(ActiveQueues {
@@ -59,7 +80,12 @@ impl ActiveQueues {
             let index = binding.index;
             let handler = device.queue_handler(index, binding.queue.size());
             let worker = handler.and_then(|handler| {
-                QueueWorker::spawn(
+                let build = if inline {
+                    QueueWorker::inline
+                } else {
+                    QueueWorker::spawn
+                };
+                build(
                     format!("{name}-q{index}"),
                     binding,
                     mem.clone(),
@@ -84,6 +110,15 @@ impl ActiveQueues {
     /// Number of queues running on sluice's workers.
     pub fn worker_count(&self) -> usize {
         self.workers.len()
+    }
+
+    /// Runs a doorbell of queue `index` to the end if its queue is inline; false if it is
+    /// served by a thread (the caller then signals its kick eventfd) or does not run.
+    pub fn kick_inline(&mut self, index: u16) -> bool {
+        self.workers
+            .iter_mut()
+            .find(|w| w.index() == index)
+            .is_some_and(QueueWorker::kick_inline)
     }
 
     /// Whether the device's own [`crate::ExternalQueues`] run the rings.

@@ -71,6 +71,8 @@ const MIN_POLL_WINDOW: Duration = Duration::from_micros(5);
 
 /// A running queue; dropping it stops the thread too.
 pub struct QueueWorker {
+    /// Set for an inline queue ([`QueueWorker::inline`]): no thread, the caller runs each kick.
+    inline: Option<Box<Worker>>,
     stop_event: EventFd,
     stop_flag: Arc<AtomicBool>,
     /// Set before a stop that must first let requests in flight complete (a snapshot).
@@ -123,6 +125,7 @@ impl QueueWorker {
         let kind = sluice_sandbox::ThreadKind::QueueWorker;
         let thread = sluice_sandbox::spawn(kind, name.clone(), move || worker.run())?;
         Ok(QueueWorker {
+            inline: None,
             stop_event,
             stop_flag,
             drain_on_stop,
@@ -131,6 +134,67 @@ impl QueueWorker {
             initial,
             name,
         })
+    }
+
+    /// A queue served by no thread: the caller runs every kick with [`QueueWorker::kick_inline`],
+    /// which returns only once everything the kick started is answered in the used ring (and
+    /// its interrupt, if any, sent from the calling thread). This is the deterministic device
+    /// mode of record and replay (docs/replay.md): device writes into guest memory and
+    /// interrupts then happen only while the vCPU that rang the doorbell is out of the guest.
+    /// The notify policy is always `Interrupt` (polling and batching depend on host time).
+    pub fn inline(
+        name: String,
+        mut binding: QueueBinding,
+        mem: DmaSpace,
+        handler: Box<dyn QueueHandler>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        metrics: Arc<DeviceMetrics>,
+        event_idx: bool,
+    ) -> io::Result<QueueWorker> {
+        binding.policy = NotifyPolicy::Interrupt;
+        let stop_event = EventFd::new(EFD_NONBLOCK)?;
+        let stop_flag = Arc::new(AtomicBool::new(false));
+        let initial = InitialQueue::of(&binding.queue);
+        let index = binding.index;
+        let mut worker = Worker::new(
+            name.clone(),
+            binding,
+            mem,
+            handler,
+            interrupt,
+            metrics,
+            event_idx,
+            stop_event.try_clone()?,
+            stop_flag.clone(),
+        )?;
+        if worker.queue.is_valid(&worker.mem) {
+            worker.drain_synchronously();
+        } else {
+            worker.fail("the ring does not fit guest memory");
+        }
+        Ok(QueueWorker {
+            inline: Some(Box::new(worker)),
+            stop_event,
+            stop_flag,
+            drain_on_stop: Arc::new(AtomicBool::new(false)),
+            index,
+            thread: None,
+            initial,
+            name,
+        })
+    }
+
+    /// Runs a doorbell of an inline queue to the end on the calling thread; false (nothing
+    /// done) for a queue served by its own thread.
+    pub fn kick_inline(&mut self) -> bool {
+        let Some(worker) = self.inline.as_mut() else {
+            return false;
+        };
+        QueueMetrics::add(&worker.queue_metrics().kicks, 1);
+        if !worker.broken {
+            worker.drain_synchronously();
+        }
+        true
     }
 
     /// The queue index it serves.
@@ -153,6 +217,13 @@ impl QueueWorker {
     }
 
     fn stop_and_join(&mut self) -> Option<VirtQueue> {
+        if let Some(worker) = self.inline.take() {
+            // Inline queues have nothing in flight between two kicks.
+            if !worker.broken {
+                worker.record_stop_state();
+            }
+            return Some(worker.queue);
+        }
         let thread = self.thread.take()?;
         self.stop_flag.store(true, Ordering::Release);
         if let Err(e) = self.stop_event.write(1) {
@@ -354,6 +425,40 @@ impl Worker {
             self.record_stop_state();
         }
         self.queue
+    }
+
+    /// The inline queue's kick: processes the ring, then waits for the handler's asynchronous
+    /// work (io_uring, bounded by [`DRAIN_TIMEOUT`]) and processes again until the ring holds
+    /// nothing new and nothing is in flight.
+    fn drain_synchronously(&mut self) {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        self.drain_ring();
+        while !self.broken && self.handler.has_in_flight() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return self.fail("requests did not complete in time (inline queue)");
+            }
+            self.wait_for_completion(left.min(DRAIN_POLL * 50));
+            self.reap_completions();
+            self.drain_ring();
+        }
+    }
+
+    /// Sleeps until the handler's completion fd is readable or `limit` passed (a handler
+    /// without one completes synchronously and is never waited for).
+    fn wait_for_completion(&self, limit: Duration) {
+        let Some(fd) = self.completion_fd else {
+            std::thread::sleep(DRAIN_POLL);
+            return;
+        };
+        let mut poll_fd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let millis = i32::try_from(limit.as_millis().max(1)).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&raw mut poll_fd, 1, millis) };
     }
 
     /// Reaps completions until nothing is in flight or [`DRAIN_TIMEOUT`] passed.

@@ -524,6 +524,7 @@ mod tests {
             mmio: Arc::new(Bus::new()),
             control: Arc::new(RunControl::default()),
             stats: Arc::new(ExitStats::default()),
+            hook: None,
         };
         let port = ExitPort(dispatch.control.clone());
         dispatch

@@ -309,6 +309,7 @@ mod tests {
                 mmio: Arc::new(sluice_bus::Bus::new()),
                 control: Arc::default(),
                 stats: Arc::default(),
+                hook: None,
             };
             let kind = IommuKind::Vtd {
                 interrupt_remapping,

@@ -15,6 +15,7 @@ pub mod numa;
 pub mod nvme;
 pub mod platform;
 pub mod progress;
+pub mod replay;
 pub mod rss;
 pub mod snapshot;
 pub mod vcpu;

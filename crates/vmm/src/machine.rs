@@ -170,12 +170,24 @@ pub fn place_threads(config: &VmConfig) -> Result<Option<crate::numa::Placement>
 }
 
 pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
+    run_handle_with(handle, None).map(|(report, _)| report)
+}
+
+/// [`run_handle`], recording the run's device I/O into the log at `record` when given
+/// (crate::replay: refused for what cannot be made deterministic).
+pub fn run_handle_with(
+    handle: &VmHandle,
+    record: Option<&std::path::Path>,
+) -> Result<(VmReport, Option<crate::replay::RecordSummary>), VmError> {
     // Owned: the handle keeps its own copy for the API's `vm.info`.
     let config = handle.config().clone();
     let control = handle.control().clone();
     let started = Instant::now();
     if config.cpus == 0 || config.cpus > 254 {
         return Err(VmError::Cpus(config.cpus));
+    }
+    if let Some(why) = record.and_then(|_| crate::replay::refusal(&config)) {
+        return Err(device_err("record", why));
     }
     check_vfio_dma(&config)?;
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
@@ -187,6 +199,10 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
         placement.bind_memory(&ram)?;
     }
     ram.register(&vm)?;
+    let recorder = match record {
+        Some(path) => Some(crate::replay::Recorder::create(path, &config, &ram)?),
+        None => None,
+    };
     // A restored VM's RAM comes from the snapshot; its vCPUs and irqchip from its state.
     // A migrated-in VM's RAM and state come from the stream (crate::migration).
     let mut incoming = handle.take_incoming();
@@ -201,6 +217,9 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
         mmio: Arc::new(Bus::new()),
         control,
         stats: Arc::new(ExitStats::default()),
+        hook: recorder
+            .clone()
+            .map(|r| r as Arc<dyn crate::vcpu::ExitHook>),
     };
     let platform = crate::platform::attach_platform_devices(&vm, &dispatch, &config, &ram)?;
     let pci_root = crate::platform::attach_pci(&vm, &dispatch, &config)?;
@@ -220,6 +239,7 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
         &iommu.dma,
         &interrupts,
         iommu.vtd(),
+        recorder.as_ref(),
     )?;
     device_metrics.extend(wired.iter().map(|w| w.metrics.clone()));
     device_metrics.extend(crate::e1000::attach_e1000_devices(
@@ -277,6 +297,9 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
                 .map_err(|e| device_err("snapshot", e))?;
         }
     }
+    if let (Some(recorder), Some(boot)) = (&recorder, &boot_info) {
+        recorder.begin(boot, &ram)?;
+    }
     let vcpu_states = restored.as_ref().map(|state| state.vcpus.as_slice());
     let threads = start_vcpus(
         &kvm,
@@ -310,9 +333,13 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
         thread.stop();
     }
     vfio.iter().for_each(crate::vfio::VfioHandle::stop);
+    let summary = match &recorder {
+        Some(recorder) => Some(recorder.finish(&outcome)?),
+        None => None,
+    };
     let mut report = report(outcome, &dispatch, setup_time, device_metrics);
     report.vfio = vfio.iter().map(crate::vfio::VfioHandle::report).collect();
-    Ok(report)
+    Ok((report, summary))
 }
 
 /// ACPI tables and the kernel (and initrd) into the fresh VM's RAM.
@@ -378,7 +405,7 @@ fn check_vfio_dma(config: &VmConfig) -> Result<(), VmError> {
     Ok(())
 }
 
-fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
+pub(crate) fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     let vm = kvm_step("create VM", kvm.create_vm())?;
     // Addresses just below the BIOS area at 4 GiB, as every x86 VMM uses: outside our RAM and
     // outside the 32-bit PCI hole's windows.

@@ -27,6 +27,7 @@ use crate::interrupts::VmInterrupts;
 use crate::iommu::IommuKind;
 use crate::machine::{device_err, VmConfig, VmError};
 use crate::memory::GuestRam;
+use crate::replay::Recorder;
 
 /// What every virtio-pci device of one VM shares.
 struct Plumbing<'a> {
@@ -34,11 +35,19 @@ struct Plumbing<'a> {
     dma: Arc<DmaSpaces>,
     /// For devices whose rings another process runs: it sees guest physical addresses.
     identity_dma: DmaSpaces,
+    /// Recording (crate::replay): deterministic device mode.
+    recorder: Option<&'a Arc<Recorder>>,
 }
 
 impl Plumbing<'_> {
     fn options(&self, name: String, policy: NotifyPolicy, packed: bool) -> VirtioPciOptions {
-        transport_options(self.interrupts, name, policy, packed)
+        let mut options = transport_options(self.interrupts, name, policy, packed);
+        if self.recorder.is_some() {
+            // Every doorbell an exit, queues run inline in it, MSIs sent from it (logged).
+            options.ioevents = None;
+            options.inline_queues = true;
+        }
+        options
     }
 }
 
@@ -77,11 +86,13 @@ pub fn attach_virtio_devices(
     dma: &Arc<DmaSpaces>,
     interrupts: &VmInterrupts,
     vtd: Option<&Vtd>,
+    recorder: Option<&Arc<Recorder>>,
 ) -> Result<Vec<WiredDevice>, VmError> {
     let plumbing = Plumbing {
         interrupts,
         dma: dma.clone(),
         identity_dma: DmaSpaces::identity(ram.memory.clone()),
+        recorder,
     };
     let mut metrics = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
@@ -105,6 +116,7 @@ pub fn attach_virtio_devices(
             root,
             dma,
             interrupts,
+            recorder,
             block,
             plumbing.options(name, disk.notify, disk.packed),
         )?;
@@ -124,6 +136,7 @@ pub fn attach_virtio_devices(
             root,
             &plumbing.dma,
             interrupts,
+            recorder,
             Box::new(device),
             plumbing.options(name, net.notify, net.packed),
         )?;
@@ -139,6 +152,7 @@ pub fn attach_virtio_devices(
             root,
             &plumbing.dma,
             interrupts,
+            recorder,
             Box::new(Rng::new()),
             options,
         )?;
@@ -239,11 +253,14 @@ enum AttachError {
 }
 
 /// Puts `device` behind virtio-pci at the next free slot, with the DMA space of that slot's
-/// requester id and that requester's MSI sink and router; returns its metrics and requester id.
+/// requester id and that requester's MSI sink and router (with `recorder`, no irqfd route:
+/// each MSI is sent and logged from the vCPU during the exit); returns its metrics and
+/// requester id.
 pub(crate) fn attach(
     root: &PciRoot,
     dma: &DmaSpaces,
     interrupts: &VmInterrupts,
+    recorder: Option<&Arc<Recorder>>,
     device: Box<dyn VirtioDevice>,
     mut options: VirtioPciOptions,
 ) -> Result<(Arc<DeviceMetrics>, u16), VmError> {
@@ -253,8 +270,16 @@ pub(crate) fn attach(
         .add_device_with(|address| {
             let space = dma.space(address.bdf());
             let (sink, router) = interrupts.msi_for(address.bdf());
-            options.msi_sink = sink;
-            options.msi_router = Some(router);
+            match recorder {
+                Some(recorder) => {
+                    options.msi_sink = recorder.msi_sink(sink);
+                    options.msi_router = None;
+                }
+                None => {
+                    options.msi_sink = sink;
+                    options.msi_router = Some(router);
+                }
+            }
             let pci = VirtioPciDevice::new(device, space, options)?;
             Ok::<SharedPciDevice, AttachError>(Arc::new(Mutex::new(pci)))
         })

@@ -23,7 +23,8 @@ pub fn run() -> Outcome {
     let cpus = crate::acpi::info()
         .map(|info| info.lapic_ids.len())
         .unwrap_or(0);
-    let pass = tables > 0 && devices > 0 && ticks >= 2;
+    // `clock=virtual` runs no wake-up timer: there are no ticks to count.
+    let pass = tables > 0 && devices > 0 && (ticks >= 2 || crate::time::is_virtual());
     crate::println!(
         "RESULT {{\"workload\":\"info\",\"acpi_tables\":{},\"pci_devices\":{},\"cpus\":{},\"timer_irqs\":{},\"pass\":{}}}",
         tables,

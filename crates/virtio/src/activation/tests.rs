@@ -21,13 +21,16 @@ const FEATURES: u64 = (1 << VIRTIO_RING_F_EVENT_IDX) | 1;
 /// Alive while a worker holds it.
 struct CountedHandler {
     alive: Arc<AtomicI32>,
+    /// The thread of every `process` call.
+    processed_on: Arc<Mutex<Vec<std::thread::ThreadId>>>,
 }
 
 impl CountedHandler {
-    fn new(alive: &Arc<AtomicI32>) -> Self {
+    fn new(alive: &Arc<AtomicI32>, processed_on: &Arc<Mutex<Vec<std::thread::ThreadId>>>) -> Self {
         alive.fetch_add(1, Ordering::SeqCst);
         Self {
             alive: alive.clone(),
+            processed_on: processed_on.clone(),
         }
     }
 }
@@ -40,6 +43,8 @@ impl Drop for CountedHandler {
 
 impl QueueHandler for CountedHandler {
     fn process(&mut self, _ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        let me = std::thread::current().id();
+        self.processed_on.lock().unwrap().push(me);
         Ok(false)
     }
 }
@@ -62,6 +67,7 @@ struct TestDevice {
     external: bool,
     alive: Arc<AtomicI32>,
     seen: Arc<Mutex<Seen>>,
+    processed_on: Arc<Mutex<Vec<std::thread::ThreadId>>>,
 }
 
 impl TestDevice {
@@ -73,6 +79,7 @@ impl TestDevice {
             external: false,
             alive: Arc::new(AtomicI32::new(0)),
             seen: Arc::default(),
+            processed_on: Arc::default(),
         }
     }
 }
@@ -110,7 +117,10 @@ impl VirtioDevice for TestDevice {
             return Err(ActivateError::Backend(format!("queue {index} refused")));
         }
         self.seen.lock().unwrap().handlers_built.push(index);
-        Ok(Box::new(CountedHandler::new(&self.alive)))
+        Ok(Box::new(CountedHandler::new(
+            &self.alive,
+            &self.processed_on,
+        )))
     }
     fn external_queues(&mut self) -> Option<&mut dyn ExternalQueues> {
         if self.external {
@@ -263,4 +273,72 @@ fn external_queues_get_the_bindings_and_are_stopped_on_reset() {
     assert!(seen.handlers_built.is_empty(), "no worker was started");
     assert_eq!(seen.external_stops, 1);
     assert_eq!(seen.alive_at_reset, vec![0]);
+}
+
+fn start_inline(device: &mut TestDevice, indices: &[u16]) -> Result<ActiveQueues, ActivateError> {
+    let bindings = bindings(indices)
+        .into_iter()
+        .map(|mut binding| {
+            binding.queue = {
+                let mut queue = Queue::new(8).unwrap();
+                queue.set_ready(true);
+                queue.into()
+            };
+            binding
+        })
+        .collect();
+    let interrupt = Arc::new(CountingInterrupt::default());
+    ActiveQueues::start_with(
+        device,
+        "test",
+        FEATURES,
+        memory(),
+        bindings,
+        interrupt,
+        true,
+    )
+}
+
+#[test]
+fn inline_queues_run_every_kick_on_the_calling_thread_before_returning() {
+    let mut device = TestDevice::new(2);
+    let me = std::thread::current().id();
+
+    let mut active = start_inline(&mut device, &[0, 1]).unwrap();
+    let at_start = device.processed_on.lock().unwrap().len();
+    let kicked = active.kick_inline(1);
+    let unknown = active.kick_inline(7);
+
+    assert_eq!(at_start, 2, "each ring is looked at once when it starts");
+    assert!(kicked);
+    assert!(!unknown, "no such queue");
+    let processed = device.processed_on.lock().unwrap().clone();
+    assert_eq!(
+        processed.len(),
+        3,
+        "the kick was processed before kick_inline returned"
+    );
+    assert!(processed.iter().all(|&t| t == me), "{processed:?}");
+    active.reset(&mut device);
+    assert_eq!(device.seen.lock().unwrap().alive_at_reset, vec![0]);
+}
+
+#[test]
+fn threaded_queues_are_not_kicked_inline() {
+    let mut device = TestDevice::new(1);
+    let mut active = start(&mut device, &[0]).unwrap();
+
+    assert!(!active.kick_inline(0));
+    active.reset(&mut device);
+}
+
+#[test]
+fn queues_run_by_another_process_cannot_be_inline() {
+    let mut device = TestDevice::new(1);
+    device.external = true;
+
+    let result = start_inline(&mut device, &[0]);
+
+    assert!(matches!(result, Err(ActivateError::Worker(_))));
+    assert!(device.seen.lock().unwrap().external_starts.is_empty());
 }

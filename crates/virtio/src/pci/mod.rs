@@ -142,6 +142,10 @@ pub struct VirtioPciOptions {
     /// Offer VIRTIO_F_RING_PACKED (sluice's packed rings) on top of the device's features;
     /// ignored for devices whose rings another process runs ([`crate::ExternalQueues`]).
     pub packed_ring: bool,
+    /// Deterministic device mode (record and replay, docs/replay.md): queues run inline on the
+    /// vCPU that writes the doorbell, which returns to the guest only once the requests it
+    /// published are answered. Give no `ioevents` with it (a doorbell must be an exit).
+    pub inline_queues: bool,
 }
 
 impl VirtioPciOptions {
@@ -155,6 +159,7 @@ impl VirtioPciOptions {
             msi_router: None,
             ioevents: None,
             packed_ring: false,
+            inline_queues: false,
         }
     }
 
@@ -198,6 +203,8 @@ pub struct VirtioPciDevice {
     kicks: Vec<EventFd>,
     policies: Vec<NotifyPolicy>,
     ioevents: Option<Arc<dyn IoEventRegistrar>>,
+    /// See [`VirtioPciOptions::inline_queues`].
+    inline_queues: bool,
     /// BAR0 base the doorbells are registered at, and which registrations succeeded.
     ioevent_base: Option<u64>,
     registered: Vec<bool>,
@@ -281,6 +288,7 @@ impl VirtioPciDevice {
             kicks,
             policies: (0..queues).map(|i| options.policy_for(i)).collect(),
             ioevents: options.ioevents,
+            inline_queues: options.inline_queues,
             ioevent_base: None,
             registered: vec![false; queues],
             active: None,
@@ -531,13 +539,14 @@ impl VirtioPciDevice {
         }
         self.state.epoch.fetch_add(1, Ordering::AcqRel);
         let interrupt = Arc::new(PciInterrupt::new(self.state.clone()));
-        let started = ActiveQueues::start(
+        let started = ActiveQueues::start_with(
             self.device.as_mut(),
             &self.name,
             features,
             self.mem.clone(),
             bindings,
             interrupt,
+            self.inline_queues,
         );
         match started {
             Ok(active) => self.active = Some(active),
@@ -577,10 +586,13 @@ impl VirtioPciDevice {
         if !at.is_multiple_of(multiplier) || !(1..=4).contains(&data.len()) {
             return;
         }
-        let Some(kick) = usize::try_from(at / multiplier)
-            .ok()
-            .and_then(|q| self.kicks.get(q))
-        else {
+        let queue = at / multiplier;
+        if let (Some(active), Ok(index)) = (self.active.as_mut(), u16::try_from(queue)) {
+            if active.kick_inline(index) {
+                return;
+            }
+        }
+        let Some(kick) = usize::try_from(queue).ok().and_then(|q| self.kicks.get(q)) else {
             return;
         };
         if let Err(e) = kick.write(1) {

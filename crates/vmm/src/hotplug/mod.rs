@@ -264,6 +264,7 @@ impl Hotplug {
             &self.root,
             &self.wiring.dma,
             &self.wiring.interrupts,
+            None,
             device,
             options,
         )

@@ -133,7 +133,7 @@ fn kind_name(kind: u8) -> &'static str {
 /// FNV-1a over 64-bit little-endian words: the kind and length as one word, then the payload
 /// (a short tail zero-padded) — a word at a time, so checksumming a megabyte of pages costs
 /// about as much as copying it.
-fn checksum(kind: u8, len: u32, payload: &[u8]) -> u64 {
+pub(crate) fn checksum(kind: u8, len: u32, payload: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut feed = |word: u64| {
         hash ^= word;

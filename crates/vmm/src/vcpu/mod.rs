@@ -268,6 +268,19 @@ pub struct ExitDispatch {
     pub mmio: Arc<Bus>,
     pub control: Arc<RunControl>,
     pub stats: Arc<ExitStats>,
+    /// Record or replay (crate::replay): sees, or answers instead of the buses, every PIO/MMIO
+    /// exit.
+    pub hook: Option<Arc<dyn ExitHook>>,
+}
+
+/// A PIO/MMIO access as the vCPU made it.
+pub use crate::replay::format::ExitKind;
+
+/// Takes over PIO/MMIO exits (crate::replay): `access` handles the access instead of the
+/// buses (a read fills `data`), then `complete` runs with the vCPU, before it re-enters.
+pub trait ExitHook: Send + Sync {
+    fn access(&self, kind: ExitKind, addr: u64, data: &mut [u8], d: &ExitDispatch);
+    fn complete(&self, vcpu: &VcpuFd, d: &ExitDispatch);
 }
 
 /// Signal used to knock a vCPU out of KVM_RUN when the VM stops.
@@ -343,26 +356,53 @@ fn run_once(index: u8, vcpu: &mut VcpuFd, d: &ExitDispatch) -> Option<VmOutcome>
         }
         Err(e) => return Some(crash(vcpu, index, &format!("KVM_RUN failed: {e}"))),
     };
-    match exit {
+    // Set by the PIO/MMIO arms: the hook completes the exit once the borrow of the run area
+    // has ended (it reads the vCPU's registers).
+    let mut hooked = false;
+    let outcome = match exit {
         VcpuExit::IoIn(port, data) => {
             d.stats.pio.fetch_add(1, Ordering::Relaxed);
-            d.pio.read(u64::from(port), data);
+            match &d.hook {
+                Some(hook) => hook.access(ExitKind::PioIn, u64::from(port), data, d),
+                None => {
+                    d.pio.read(u64::from(port), data);
+                }
+            }
+            hooked = true;
             None
         }
         VcpuExit::IoOut(port, data) => {
             d.stats.pio.fetch_add(1, Ordering::Relaxed);
-            d.pio.write(u64::from(port), data);
+            match &d.hook {
+                Some(hook) => hook.access(ExitKind::PioOut, u64::from(port), &mut copy(data), d),
+                None => {
+                    d.pio.write(u64::from(port), data);
+                }
+            }
+            hooked = true;
             None
         }
         VcpuExit::MmioRead(addr, data) => {
             d.stats.mmio.fetch_add(1, Ordering::Relaxed);
-            d.mmio.read(addr, data);
+            match &d.hook {
+                Some(hook) => hook.access(ExitKind::MmioRead, addr, data, d),
+                None => {
+                    d.mmio.read(addr, data);
+                }
+            }
+            hooked = true;
             None
         }
         VcpuExit::MmioWrite(addr, data) => {
             d.stats.mmio.fetch_add(1, Ordering::Relaxed);
             sluice_sandbox::fault_point("vcpu-mmio-write");
-            d.mmio.write(addr, data);
+            match &d.hook {
+                Some(hook) => hook.access(ExitKind::MmioWrite, addr, &mut copy(data), d),
+                None => {
+                    d.mmio.write(addr, data);
+                }
+            }
+            hooked = true;
             None
         }
         VcpuExit::Intr => {
@@ -398,7 +438,16 @@ fn run_once(index: u8, vcpu: &mut VcpuFd, d: &ExitDispatch) -> Option<VmOutcome>
             let what = format!("unexpected exit {other:?}");
             Some(crash(vcpu, index, &what))
         }
+    };
+    if let (true, Some(hook)) = (hooked, &d.hook) {
+        hook.complete(vcpu, d);
     }
+    outcome
+}
+
+/// A write's bytes, so that a hook sees reads and writes alike as `&mut [u8]`.
+fn copy(data: &[u8]) -> Vec<u8> {
+    data.to_vec()
 }
 
 fn note_first_exit(stats: &ExitStats) {
@@ -537,6 +586,7 @@ mod tests {
             mmio: Arc::new(Bus::new()),
             control: Arc::new(RunControl::default()),
             stats: Arc::new(ExitStats::default()),
+            hook: None,
         }
     }
 
