@@ -20,6 +20,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sluice_sandbox::{Role, SeccompMode};
 use sluice_vmm::config::{DiskSpec, E1000Spec, NetSpec, NvmeSpec, RngSpec};
+use sluice_vmm::cpu_placement::{CpuPlacement, CpuSpec};
 use sluice_vmm::handle::VmHandle;
 use sluice_vmm::iommu::IommuKind;
 use sluice_vmm::machine::{self, SerialTarget, VmConfig, VmReport};
@@ -81,9 +82,17 @@ struct RunArgs {
     /// Kernel command line.
     #[arg(long, default_value = "")]
     cmdline: String,
-    /// Number of vCPUs (1..=254).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
-    cpus: u8,
+    /// Number of vCPUs (1..=254) and where they run: `N[,affinity=V:LIST[,V:LIST]...]
+    /// [,workers=LIST]` pins vCPU V's thread to the host CPUs LIST and every device worker
+    /// thread to `workers` (default: the CPUs sluice started on); a LIST is a kernel cpulist
+    /// with `+` for `,` (`2-3+6`).
+    #[arg(long, default_value = "1", value_parser = CpuSpec::parse)]
+    cpus: CpuSpec,
+    /// The CPUs in `--cpus ...,affinity=` are this VM's alone: refuse to start if another sluice
+    /// VM has pinned any of them (and keep later VMs off them); reports what the host offers
+    /// (isolcpus, nohz_full, cgroup cpuset).
+    #[arg(long)]
+    isolate: bool,
     /// Guest RAM, e.g. `128M`, `2G`; a bare number means MiB; at least 16M.
     #[arg(long, default_value = "128M", value_parser = size::parse_memory_size)]
     memory: u64,
@@ -255,7 +264,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
     if args.asks_for_nothing() {
         // The memfd must outlive every run's kernel load.
         let embedded = guest_kit::embedded_guest_kit()?;
-        return spectrum::run(&embedded.path, args.cpus, args.memory);
+        return spectrum::run(&embedded.path, args.cpus.count, args.memory);
     }
     // Without --kernel, boot the embedded guest kit; the memfd must outlive the kernel load.
     let (kernel, _embedded) = match args.kernel {
@@ -269,7 +278,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         kernel,
         initrd: args.initrd,
         cmdline: args.cmdline,
-        cpus: args.cpus,
+        cpus: args.cpus.count,
         memory: args.memory,
         serial: args.serial,
         test_device: args.test_device,
@@ -277,6 +286,10 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         nets: args.net,
         rng: args.rng,
         numa: args.numa,
+        placement: CpuPlacement {
+            isolate: args.isolate,
+            ..args.cpus.placement.clone()
+        },
         e1000s: args.e1000,
         iommu: args.iommu,
         nvmes: args.nvme,
@@ -375,6 +388,8 @@ impl RunArgs {
             && self.iommu.is_none()
             && !self.test_device
             && self.numa == NumaPolicy::Off
+            && !self.cpus.placement.is_set()
+            && !self.isolate
             && self.api_socket.is_none()
             && self.restore.is_none()
             && self.migrate_from.is_none()

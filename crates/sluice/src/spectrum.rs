@@ -175,6 +175,7 @@ pub fn run(kernel: &Path, cpus: u8, memory: u64) -> anyhow::Result<u8> {
             e1000s: Vec::new(),
             nvmes: Vec::new(),
             numa: Default::default(),
+            placement: Default::default(),
             vfio: Vec::new(),
             iommu: None,
         };

@@ -1,6 +1,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod config;
+pub mod cpu_placement;
 pub mod e1000;
 pub mod handle;
 pub mod interrupts;

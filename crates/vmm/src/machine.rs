@@ -61,6 +61,8 @@ pub struct VmConfig {
     pub rng: Option<crate::config::RngSpec>,
     /// NUMA placement of guest RAM and sluice's threads (`--numa`).
     pub numa: crate::numa::NumaPolicy,
+    /// Host CPUs of each vCPU and of the device workers, and `--isolate` (`--cpus N,...`).
+    pub placement: crate::cpu_placement::CpuPlacement,
     /// Emulated e1000 NICs on taps.
     pub e1000s: Vec<crate::config::E1000Spec>,
     /// A virtual IOMMU in front of every device (`--iommu`).
@@ -123,6 +125,8 @@ pub enum VmError {
     #[error(transparent)]
     Numa(#[from] crate::numa::NumaError),
     #[error(transparent)]
+    Placement(#[from] crate::cpu_placement::PlacementError),
+    #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("incoming migration: {0}")]
     Migration(#[from] crate::migration::MigrationError),
@@ -153,7 +157,8 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
 /// [`run`] for a VM whose [`VmHandle`] the caller keeps, to end it from outside the guest
 /// (SIGTERM), pause and resume it, or read its counters (the control API) meanwhile.
 /// Resolves `--numa` (`auto` follows the first assigned device) and pins the calling thread,
-/// and so every thread it starts later, to the node's CPUs. [`run_handle`] does it before the
+/// and so every thread it starts later, to the node's CPUs; then claims the CPUs of `--cpus
+/// ...,affinity=` (crate::cpu_placement). [`run_handle`] does it before the
 /// VM's threads start; a caller that starts threads of its own first (signals, the API) calls
 /// it before them — pinning twice is harmless.
 pub fn place_threads(config: &VmConfig) -> Result<Option<crate::numa::Placement>, VmError> {
@@ -166,6 +171,11 @@ pub fn place_threads(config: &VmConfig) -> Result<Option<crate::numa::Placement>
     if let Some(placement) = &placement {
         placement.pin_threads()?;
     }
+    config.placement.apply(
+        &sluice_host::HostRoot::real(),
+        config.cpus,
+        std::path::Path::new(crate::cpu_placement::LOCK_DIR),
+    )?;
     Ok(placement)
 }
 
@@ -416,7 +426,10 @@ fn start_vcpus(
     }
     let mut threads = Vec::with_capacity(vcpus.len());
     for (index, vcpu) in (0u8..).zip(vcpus) {
-        threads.push(VcpuThread::spawn(index, vcpu, dispatch.clone()).map_err(VmError::Thread)?);
+        let cpus = config.placement.vcpu_cpus(index);
+        threads.push(
+            VcpuThread::spawn_on(index, vcpu, dispatch.clone(), cpus).map_err(VmError::Thread)?,
+        );
     }
     Ok(threads)
 }
