@@ -38,6 +38,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("vfio_config", "sluice-vfio"),
     ("api_request", "sluice-api"),
     ("migration_stream", "sluice-vmm"),
+    ("tpm_crb", "sluice-devices"),
 ];
 
 /// A target body: what `fuzz_target!` runs on one input.
