@@ -170,6 +170,8 @@ pub enum Workload {
     },
     /// Puts every PCI function behind the virtio-iommu in one identity-mapped domain.
     Viommu,
+    /// TPM 2.0 over CRB: Startup, GetRandom, PCR 16 read, extend, read.
+    Tpm,
 }
 
 pub struct Config {
@@ -420,6 +422,8 @@ fn parse_workload(spec: &str, default_mode: Mode) -> Result<Workload, String> {
         "smp" => parse_smp(rest),
         "viommu" if rest.is_empty() => Ok(Workload::Viommu),
         "viommu" => Err(alloc::format!("w=viommu takes no keys, got '{rest}'")),
+        "tpm" if rest.is_empty() => Ok(Workload::Tpm),
+        "tpm" => Err(alloc::format!("w=tpm takes no keys, got '{rest}'")),
         _ => Err(alloc::format!("unknown workload kind '{kind}'")),
     }
 }

@@ -141,6 +141,11 @@ struct RunArgs {
     /// allow_unsafe_interrupts=on.
     #[arg(long, value_parser = sluice_vmm::config::parse_device)]
     device: Vec<sluice_vmm::config::VfioSpec>,
+    /// A TPM 2.0 (CRB interface, ACPI TPM2 table) backed by swtpm: `socket=PATH` (a running
+    /// `swtpm socket --tpm2 --ctrl type=unixio,path=PATH`) or `state=DIR` (sluice starts swtpm
+    /// with this guest's state in DIR).
+    #[arg(long, value_parser = sluice_vmm::config::TpmSpec::parse)]
+    tpm: Option<sluice_vmm::config::TpmSpec>,
     /// Write exit counts and per-queue device metrics here when the VM stops: JSON, or
     /// Prometheus text if the name ends in `.prom`.
     #[arg(long)]
@@ -294,6 +299,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         iommu: args.iommu,
         nvmes: args.nvme,
         vfio: args.device,
+        tpm: args.tpm,
     };
     // Before the stop signals are blocked: until a stream arrives, SIGTERM ends the waiting
     // destination like any process.
@@ -386,6 +392,7 @@ impl RunArgs {
             && self.nvme.is_empty()
             && self.device.is_empty()
             && self.iommu.is_none()
+            && self.tpm.is_none()
             && !self.test_device
             && self.numa == NumaPolicy::Off
             && !self.cpus.placement.is_set()

@@ -176,6 +176,7 @@ pub fn run(kernel: &Path, cpus: u8, memory: u64) -> anyhow::Result<u8> {
             nvmes: Vec::new(),
             numa: Default::default(),
             placement: Default::default(),
+            tpm: None,
             vfio: Vec::new(),
             iommu: None,
         };

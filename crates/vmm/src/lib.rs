@@ -16,6 +16,7 @@ pub mod nvme;
 pub mod platform;
 pub mod rss;
 pub mod snapshot;
+pub mod tpm;
 pub mod vcpu;
 pub mod vfio;
 pub mod vfio_shadow;

@@ -71,6 +71,8 @@ pub struct VmConfig {
     pub nvmes: Vec<crate::config::NvmeSpec>,
     /// Host PCI functions assigned with VFIO (`--device vfio=`).
     pub vfio: Vec<crate::config::VfioSpec>,
+    /// A TPM 2.0 CRB device backed by swtpm (`--tpm`).
+    pub tpm: Option<crate::config::TpmSpec>,
 }
 
 /// How a run ended, with what it cost.
@@ -213,6 +215,7 @@ pub fn run_handle(handle: &VmHandle) -> Result<VmReport, VmError> {
         stats: Arc::new(ExitStats::default()),
     };
     let platform = crate::platform::attach_platform_devices(&vm, &dispatch, &config, &ram)?;
+    crate::tpm::attach_tpm(&dispatch, config.tpm.as_ref())?;
     let pci_root = crate::platform::attach_pci(&vm, &dispatch, &config)?;
     let mut iommu = crate::iommu::attach_iommu(&vm, &dispatch, config.iommu, &ram, config.memory)?;
     // One per VM: its MSI router owns the VM's whole GSI routing table.
@@ -313,6 +316,7 @@ fn load_guest(
     ram: &GuestRam,
     iommu: &crate::iommu::VmIommu,
 ) -> Result<crate::boot::BootInfo, VmError> {
+    let tpm_tables = crate::tpm::acpi_tables(config.tpm.is_some());
     let rsdp = crate::acpi::create_acpi_tables_with(
         &ram.memory,
         &crate::acpi::AcpiConfig {
@@ -320,7 +324,7 @@ fn load_guest(
             ram_size: config.memory,
             ioapic_address: iommu.ioapic_address(),
         },
-        &iommu.acpi_tables(),
+        &guest_acpi_tables(iommu, &tpm_tables),
     )?;
     let boot_info = crate::boot::load_kernel(
         &ram.memory,
@@ -333,6 +337,16 @@ fn load_guest(
         },
     )?;
     Ok(boot_info)
+}
+
+/// The tables beyond the fixed set: the IOMMU's, the TPM's.
+fn guest_acpi_tables<'a>(
+    iommu: &'a crate::iommu::VmIommu,
+    tpm: &'a [acpi_tables::sdt::Sdt],
+) -> Vec<&'a dyn acpi_tables::Aml> {
+    let mut tables = iommu.acpi_tables();
+    tables.extend(tpm.iter().map(|table| table as &dyn acpi_tables::Aml));
+    tables
 }
 
 /// Behind the vIOMMU an assigned function's DMA mappings must follow the guest's tables

@@ -10,9 +10,11 @@
 //! swtpm is a separate, less trusted process: every answer is read with a timeout and bounded
 //! (a response header larger than [`MAX_RESPONSE`] is an error, nothing is allocated for it).
 
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -57,9 +59,12 @@ pub enum SwtpmError {
 }
 
 /// A connected, initialised swtpm.
+///
+/// The sockets are kept as `File`s: std's socket writes are send(2), which vCPU filters do not
+/// allow; read(2)/write(2) on the same fds keep the socket timeouts (SO_RCVTIMEO/SO_SNDTIMEO).
 pub struct Swtpm {
-    control: UnixStream,
-    data: UnixStream,
+    control: File,
+    data: File,
     locality: u8,
     /// The swtpm sluice started (`--tpm state=DIR`), shut down and reaped on drop.
     child: Option<Child>,
@@ -86,8 +91,8 @@ impl Swtpm {
             .send_with_fds(&[&CMD_SET_DATAFD.to_be_bytes()[..]], &[theirs.as_raw_fd()])
             .map_err(|e| io(CMD_SET_DATAFD)(std::io::Error::from_raw_os_error(e.errno())))?;
         let mut swtpm = Swtpm {
-            control,
-            data,
+            control: File::from(OwnedFd::from(control)),
+            data: File::from(OwnedFd::from(data)),
             locality: 0,
             child: None,
         };
@@ -104,7 +109,8 @@ impl Swtpm {
         std::fs::create_dir_all(state_dir).map_err(SwtpmError::Spawn)?;
         let socket = state_dir.join("swtpm-ctrl.sock");
         let _ = std::fs::remove_file(&socket);
-        let mut child = Command::new("swtpm")
+        let mut command = Command::new("swtpm");
+        command
             .args(["socket", "--tpm2", "--tpmstate"])
             .arg(format!("dir={}", state_dir.display()))
             .arg("--ctrl")
@@ -113,8 +119,20 @@ impl Swtpm {
             .arg(format!("file={}", state_dir.join("swtpm.log").display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .spawn()
-            .map_err(SwtpmError::Spawn)?;
+            .stderr(Stdio::null());
+        // SAFETY: the closure runs in the forked child before exec and only makes one
+        // async-signal-safe system call.
+        unsafe {
+            command.pre_exec(|| {
+                // swtpm ends with the thread that started it, however sluice ends (a VM that
+                // stops by signal or exit does not drop its devices).
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(SwtpmError::Spawn)?;
         let deadline = Instant::now() + CONTROL_TIMEOUT;
         while !socket.exists() {
             let exited = child.try_wait().ok().flatten().is_some();

@@ -19,6 +19,7 @@ mod fadt;
 mod madt;
 #[cfg(test)]
 mod tests;
+pub mod tpm;
 mod viot;
 
 use acpi_tables::mcfg::MCFG;
