@@ -530,8 +530,8 @@ fn iasl_disassembles_the_tpm_tables() {
     let dir = std::env::temp_dir().join(format!("sluice-iasl-tpm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
 
-    let ssdt = iasl_disassemble(&dir, "ssdt", super::tpm::build_tpm_ssdt().as_slice());
-    let tpm2 = iasl_disassemble(&dir, "tpm2", super::tpm::build_tpm2().as_slice());
+    let ssdt = iasl_disassemble(&dir, "ssdt", tpm::build_tpm_ssdt().as_slice());
+    let tpm2 = iasl_disassemble(&dir, "tpm2", tpm::build_tpm2().as_slice());
 
     assert!(ssdt.contains("Device (TPM)"), "{ssdt}");
     assert!(ssdt.contains("\"MSFT0101\""), "{ssdt}");
