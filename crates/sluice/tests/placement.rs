@@ -123,7 +123,8 @@ fn start_waiting_vm(cpus: &str, isolate: bool) -> Child {
 }
 
 /// An isolated VM on host CPU 1: a second `--isolate` VM and a plainly pinned VM on CPU 1 are
-/// refused with a message naming the CPU and what the host offers; CPU 0 stays usable.
+/// refused with a message naming the CPU and what the host offers; a VM that does not pin runs
+/// all its threads on CPU 0; CPU 0 stays usable for another isolated VM.
 #[test]
 fn a_second_vm_is_refused_the_cpus_an_isolated_vm_holds() {
     if skip_without_kvm("a_second_vm_is_refused_the_cpus_an_isolated_vm_holds") || online_cpus() < 2
@@ -152,6 +153,15 @@ fn a_second_vm_is_refused_the_cpus_an_isolated_vm_holds() {
     };
     let (isolated_status, isolated_message) = refused("1,affinity=0:1", true);
     let (pinned_status, pinned_message) = refused("1,affinity=0:0-1", false);
+    let mut unpinned = start_waiting_vm("1", false);
+    let unpinned_pid = unpinned.id();
+    let mut unpinned_threads = Vec::new();
+    wait_for("the unpinned VM's vCPU", Duration::from_secs(30), || {
+        unpinned_threads = thread_cpus(unpinned_pid);
+        unpinned_threads.iter().any(|(n, _)| n == "vcpu0") || unpinned.try_wait().unwrap().is_some()
+    });
+    let _ = unpinned.kill();
+    let _ = unpinned.wait();
     let mut elsewhere = start_waiting_vm("1,affinity=0:0", true);
     let elsewhere_pid = elsewhere.id();
     wait_for("the VM on CPU 0", Duration::from_secs(30), || {
@@ -183,4 +193,13 @@ fn a_second_vm_is_refused_the_cpus_an_isolated_vm_holds() {
         "{pinned_message}"
     );
     assert!(elsewhere_running, "a VM on CPU 0 must start");
+    // A VM that does not pin keeps every thread off the isolated CPU.
+    assert!(
+        unpinned_threads.iter().any(|(n, _)| n == "vcpu0"),
+        "{unpinned_threads:?}"
+    );
+    assert!(
+        unpinned_threads.iter().all(|(_, cpus)| cpus == "0"),
+        "{unpinned_threads:?}"
+    );
 }

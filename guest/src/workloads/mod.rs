@@ -3,6 +3,7 @@
 
 pub mod blk;
 mod info;
+mod jitter;
 pub mod net;
 mod smp;
 pub mod stats;
@@ -35,6 +36,7 @@ fn run_one(workload: &Workload, config: &Config) -> Outcome {
         Workload::Smp { iters } => smp::run(*iters, config.timeout_ms),
         Workload::Viommu => crate::drivers::virtio::iommu::run_workload(config.timeout_ms),
         Workload::Tpm => crate::drivers::tpm::run_workload(config.timeout_ms),
+        Workload::Jitter { ms } => jitter::run(*ms),
     }
 }
 
