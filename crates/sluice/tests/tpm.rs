@@ -80,6 +80,9 @@ fn guest_kit_extends_a_pcr_on_a_running_swtpm() {
 /// A control socket nobody serves: sluice refuses to start, naming it.
 #[test]
 fn a_missing_swtpm_socket_is_refused_at_start() {
+    if skip_without_kvm("a_missing_swtpm_socket_is_refused_at_start") {
+        return;
+    }
     let socket = temp_dir("missing").join("ctrl.sock");
 
     let run = run_sluice(
