@@ -40,6 +40,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("api_request", "sluice-api"),
     ("migration_stream", "sluice-vmm"),
     ("replay_log", "sluice-vmm"),
+    ("tpm_crb", "sluice-devices"),
 ];
 
 /// A target body: what `fuzz_target!` runs on one input.

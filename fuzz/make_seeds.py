@@ -953,6 +953,46 @@ def replay_seeds():
     ]
 
 
+def tpm_op(write, offset, width, value=0):
+    """One CRB access: kind (odd = write), offset, width index (1, 2, 4, 8, 3 bytes), value."""
+    return struct.pack("<BHBI", 1 if write else 0, offset, {1: 0, 2: 1, 4: 2, 8: 3, 3: 4}[width],
+                       value)
+
+
+def tpm_input(script, ops):
+    """The body splits its input at a quarter: the backend's replies, then the accesses."""
+    ops = b"".join(ops)
+    ops += tpm_op(False, 0, 4) * ((-len(ops) // 8) % 3)
+    length = len(ops) // 3
+    return (script + bytes(length))[:length] + ops
+
+
+def tpm_command(locality, words):
+    base = locality * 0x1000
+    ops = [tpm_op(True, base + 0x08, 4, 1), tpm_op(True, base + 0x40, 4, 1)]
+    ops += [tpm_op(True, base + 0x80 + 4 * i, 4, w) for i, w in enumerate(words)]
+    return ops + [tpm_op(True, base + 0x4c, 4, 1), tpm_op(False, base + 0x80, 8)]
+
+
+def tpm_seeds():
+    startup = [0x00000180, 0x00000c00, 0x00004401]  # 80 01 | 00 00 00 0c | 00 00 01 44, LE words
+    good_reply = bytes([0x80, 0x01, 0, 0, 0, 10, 0, 0, 0, 0]) + bytes(6)
+    return [
+        ("startup_good_reply", tpm_input(good_reply, tpm_command(0, startup))),
+        ("reply_beyond_buffer", tpm_input(bytes([0x81, 0x01, 0, 0, 0xff, 0xff]) + bytes(10),
+                                          tpm_command(0, startup))),
+        ("command_size_huge", tpm_input(good_reply, tpm_command(0, [0xffff0180, 0xffff]))),
+        ("other_locality_starts", tpm_input(good_reply, tpm_command(0, startup)[:1]
+                                            + tpm_command(3, startup))),
+        ("registers_every_width", tpm_input(b"", [tpm_op(w % 2 == 0, off, w, 0xffffffff)
+                                                  for off in range(0, 0x80, 4)
+                                                  for w in (1, 2, 3, 4, 8)])),
+        ("buffer_end_and_past", tpm_input(b"", [tpm_op(True, 0xffe, 8, 0x01020304),
+                                                tpm_op(False, 0x4ffe, 4),
+                                                tpm_op(False, 0xfffc, 8)])),
+    ]
+
+
 def main():
     for target, seeds in (("blk_request", blk_seeds()), ("net_header", net_seeds()),
                           ("packed_ring", packed_seeds()),
@@ -969,7 +1009,8 @@ def main():
                           ("virtio_iommu_request", viommu_seeds()),
                           ("migration_stream", migration_seeds()),
                           ("net_state", net_state_seeds()),
-                          ("replay_log", replay_seeds())):
+                          ("replay_log", replay_seeds()),
+                          ("tpm_crb", tpm_seeds())):
         directory = ROOT / target
         directory.mkdir(parents=True, exist_ok=True)
         for name, data in seeds:

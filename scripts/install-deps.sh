@@ -12,6 +12,8 @@ command -v iasl >/dev/null || need+=(acpica-tools)
 command -v fio >/dev/null || need+=(fio) # host-side fio (linux-tests harness, sluice bench)
 command -v rsvg-convert >/dev/null || need+=(librsvg2-bin)
 command -v curl >/dev/null || need+=(curl) # the API test drives sluice with a real HTTP client
+command -v swtpm >/dev/null || need+=(swtpm) # --tpm's backend (TPM unit, kit and QEMU tests)
+command -v tpm2_pcrread >/dev/null || need+=(tpm2-tools) # the TPM seen from Linux guests
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing packages: ${need[*]} (run as root or install them: apt-get install -y --no-install-recommends ${need[*]})" >&2

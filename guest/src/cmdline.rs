@@ -173,6 +173,12 @@ pub enum Workload {
     },
     /// Puts every PCI function behind the virtio-iommu in one identity-mapped domain.
     Viommu,
+    /// TPM 2.0 over CRB: Startup, GetRandom, PCR 16 read, extend, read.
+    Tpm,
+    /// Spins `ms` milliseconds and reports the gaps between TSC reads.
+    Jitter {
+        ms: u64,
+    },
 }
 
 pub struct Config {
@@ -419,6 +425,17 @@ fn parse_smp(rest: &str) -> Result<Workload, String> {
     Ok(Workload::Smp { iters })
 }
 
+fn parse_jitter(rest: &str) -> Result<Workload, String> {
+    let mut ms = 1000;
+    for (key, value) in key_values(rest)? {
+        match key {
+            "ms" => ms = bounded(key, value, 1, 600_000)?,
+            _ => return Err(alloc::format!("jitter: unknown key {key}")),
+        }
+    }
+    Ok(Workload::Jitter { ms })
+}
+
 fn parse_workload(spec: &str, default_mode: Mode) -> Result<Workload, String> {
     let (kind, rest) = spec.split_once(':').unwrap_or((spec, ""));
     match kind {
@@ -431,6 +448,9 @@ fn parse_workload(spec: &str, default_mode: Mode) -> Result<Workload, String> {
         "smp" => parse_smp(rest),
         "viommu" if rest.is_empty() => Ok(Workload::Viommu),
         "viommu" => Err(alloc::format!("w=viommu takes no keys, got '{rest}'")),
+        "tpm" if rest.is_empty() => Ok(Workload::Tpm),
+        "jitter" => parse_jitter(rest),
+        "tpm" => Err(alloc::format!("w=tpm takes no keys, got '{rest}'")),
         _ => Err(alloc::format!("unknown workload kind '{kind}'")),
     }
 }

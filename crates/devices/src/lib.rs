@@ -20,6 +20,7 @@ pub mod net;
 pub mod nvme;
 pub mod platform;
 pub mod rng;
+pub mod tpm;
 pub mod vhost_user_blk;
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ fn fuzz_corpora_replay_without_panics() {
                 "nvme_registers",
                 &sluice_devices::nvme::fuzz::nvme_registers,
             ),
+            ("tpm_crb", &sluice_devices::tpm::fuzz::tpm_crb),
         ],
     );
 }

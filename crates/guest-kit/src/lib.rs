@@ -11,6 +11,7 @@ pub mod host;
 pub mod pattern;
 pub mod report;
 pub mod run;
+pub mod tpm;
 
 use std::io;
 use std::path::PathBuf;

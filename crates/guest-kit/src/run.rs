@@ -125,6 +125,9 @@ pub enum Device {
     /// [`Device::IntelIommu`] with interrupt remapping (`intremap=on`); the machine then gets
     /// `kernel-irqchip=split`, which QEMU requires for it under KVM.
     IntelIommuIntremap,
+    /// QEMU's TPM 2.0 CRB device (`tpm-crb`) on an external swtpm whose control socket is
+    /// `socket` (`-tpmdev emulator`).
+    TpmCrb { socket: PathBuf },
 }
 
 impl Device {
@@ -384,6 +387,17 @@ fn qemu_device_args(index: usize, device: &Device) -> Vec<String> {
         Device::IntelIommuIntremap => vec![
             "-device".into(),
             "intel-iommu,caching-mode=on,intremap=on".into(),
+        ],
+        Device::TpmCrb { socket } => vec![
+            "-chardev".into(),
+            format!(
+                "socket,id=tpmchr{index},path={}",
+                qemu_escape(&socket.display().to_string())
+            ),
+            "-tpmdev".into(),
+            format!("emulator,id=tpm{index},chardev=tpmchr{index}"),
+            "-device".into(),
+            format!("tpm-crb,tpmdev=tpm{index}"),
         ],
         Device::Nvme { image, queues } => vec![
             "-drive".into(),

@@ -64,6 +64,32 @@ fn boots_to_a_verdict(accel: Accel, _test: &str) {
 
 tcg_and_kvm!(guest_kit_boots_to_a_verdict, boots_to_a_verdict);
 
+// ---- tpm --------------------------------------------------------------------------------------
+
+/// The kit's CRB driver on QEMU's tpm-crb + swtpm (TCG): Startup, GetRandom, PCR 16 extend and
+/// read give SHA-256(zeros || digest) — the reference the same workload on sluice is held to.
+#[test]
+fn tpm_crb_pcr_extend_on_qemu() {
+    let dir = std::env::temp_dir().join(format!("sluice-kit-qemu-tpm-{}", std::process::id()));
+    let Some(swtpm) = sluice_guest_kit::tpm::SwtpmProcess::start(&dir) else {
+        println!("SKIP tpm_crb_pcr_extend_on_qemu: swtpm not installed");
+        return;
+    };
+
+    let report = qemu(Accel::Tcg, Machine::Q35, "w=tpm")
+        .with_device(Device::TpmCrb {
+            socket: swtpm.socket.clone(),
+        })
+        .run()
+        .expect("run QEMU");
+
+    assert_passed(&report);
+    let result = &report.results[0].raw;
+    sluice_guest_kit::tpm::check_pcr_chain(result).unwrap();
+    drop(swtpm);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 // ---- info -------------------------------------------------------------------------------------
 
 fn info_on(accel: Accel, machine: Machine, _test: &str) -> GuestKitReport {

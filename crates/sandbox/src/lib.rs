@@ -105,10 +105,40 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
+    spawn_on(kind, name, None, body)
+}
+
+/// [`spawn`] on the host CPUs `cpus` (a vCPU's `--cpus ...,affinity=`); with `None`, a thread
+/// other than a vCPU goes to the CPUs given to [`pin_workers`], if any, and otherwise inherits
+/// its parent's. The affinity is set by the thread itself before its filter is applied, so no
+/// thread kind needs sched_setaffinity in its seccomp list.
+pub fn spawn_on<F, T>(
+    kind: ThreadKind,
+    name: String,
+    cpus: Option<Vec<u32>>,
+    body: F,
+) -> io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
     let scope = panic::current_scope();
+    let cpus = cpus.or_else(|| match kind {
+        ThreadKind::Vcpu => None,
+        _ => worker_cpus(),
+    });
     thread::Builder::new().name(name.clone()).spawn(move || {
         panic::enter_scope(scope);
         seccomp::note_thread_name(&name);
+        if let Some(cpus) = &cpus {
+            if let Err(e) = pin_current_thread(cpus) {
+                // The CPUs were checked when the VM was configured; running elsewhere than the
+                // operator placed it would silently break the placement, so stop.
+                panic::fatal(&format!(
+                    "thread `{name}`: cannot pin to CPUs {cpus:?}: {e}"
+                ));
+            }
+        }
         if let Err(e) = confine_current_thread(kind) {
             // Cannot happen once `install` applied the same filter to a probe thread; if it
             // does, running unconfined would be silently weaker, so stop.
@@ -121,6 +151,54 @@ where
         }
         body()
     })
+}
+
+static WORKER_CPUS: std::sync::Mutex<Option<Vec<u32>>> = std::sync::Mutex::new(None);
+
+/// Every thread other than a vCPU that [`spawn`] starts from now on runs on `cpus`
+/// (`--cpus ...,workers=`, or the CPUs the process had before its vCPUs were pinned).
+pub fn pin_workers(cpus: Vec<u32>) {
+    *WORKER_CPUS.lock().unwrap_or_else(|e| e.into_inner()) = Some(cpus);
+}
+
+fn worker_cpus() -> Option<Vec<u32>> {
+    WORKER_CPUS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
+/// Sets the calling thread's CPU affinity to `cpus` (threads it starts later inherit it).
+pub fn pin_current_thread(cpus: &[u32]) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        // SAFETY: CPU_SET bounds-checks `cpu` against the set's size and ignores larger ones.
+        unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size given; pid 0 is the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The calling thread's CPU affinity.
+pub fn current_thread_cpus() -> io::Result<Vec<u32>> {
+    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a writable cpu_set_t of the size given; pid 0 is the calling thread.
+    let rc = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let count = 8 * size_of::<libc::cpu_set_t>();
+    // SAFETY: CPU_ISSET bounds-checks the index against the set's size.
+    Ok((0..count)
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .map(|cpu| cpu as u32)
+        .collect())
 }
 
 /// A place in sluice's code where tests may inject a fault (`SLUICE_TEST_FAULT=POINT:...`, see

@@ -144,8 +144,18 @@ fn compile(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, Erro
         kind: kind.name(),
         source,
     };
+    let allowed = allowed(kind);
+    let starts_threads = allowed.contains(&libc::SYS_clone);
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        allowed(kind).iter().map(|&nr| (nr, Vec::new())).collect();
+        allowed.iter().map(|&nr| (nr, Vec::new())).collect();
+    // A thread it starts inherits this filter and pins itself before applying its own
+    // (`spawn_on`, `pin_workers`): only itself, pid 0, never another thread or process.
+    if starts_threads {
+        rules.insert(
+            libc::SYS_sched_setaffinity,
+            arg_is_one_of(0, &[0]).map_err(err)?,
+        );
+    }
     let requests = allowed_ioctls(kind);
     if !requests.is_empty() {
         rules.insert(libc::SYS_ioctl, arg_is_one_of(1, &requests).map_err(err)?);

@@ -20,6 +20,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sluice_sandbox::{Role, SeccompMode};
 use sluice_vmm::config::{DiskSpec, E1000Spec, NetSpec, NvmeSpec, RngSpec};
+use sluice_vmm::cpu_placement::{CpuPlacement, CpuSpec};
 use sluice_vmm::handle::VmHandle;
 use sluice_vmm::iommu::IommuKind;
 use sluice_vmm::machine::{self, SerialTarget, VmConfig, VmReport};
@@ -94,9 +95,17 @@ struct RunArgs {
     /// Kernel command line.
     #[arg(long, default_value = "")]
     cmdline: String,
-    /// Number of vCPUs (1..=254).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
-    cpus: u8,
+    /// Number of vCPUs (1..=254) and where they run: `N[,affinity=V:LIST[,V:LIST]...]
+    /// [,workers=LIST]` pins vCPU V's thread to the host CPUs LIST and every device worker
+    /// thread to `workers` (default: the CPUs sluice started on); a LIST is a kernel cpulist
+    /// with `+` for `,` (`2-3+6`).
+    #[arg(long, default_value = "1", value_parser = CpuSpec::parse)]
+    cpus: CpuSpec,
+    /// The CPUs in `--cpus ...,affinity=` are this VM's alone: refuse to start if another sluice
+    /// VM has pinned any of them (and keep later VMs off them); reports what the host offers
+    /// (isolcpus, nohz_full, cgroup cpuset).
+    #[arg(long)]
+    isolate: bool,
     /// Guest RAM, e.g. `128M`, `2G`; a bare number means MiB; at least 16M.
     #[arg(long, default_value = "128M", value_parser = size::parse_memory_size)]
     memory: u64,
@@ -147,6 +156,11 @@ struct RunArgs {
     /// allow_unsafe_interrupts=on.
     #[arg(long, value_parser = sluice_vmm::config::parse_device)]
     device: Vec<sluice_vmm::config::VfioSpec>,
+    /// A TPM 2.0 (CRB interface, ACPI TPM2 table) backed by swtpm: `socket=PATH` (a running
+    /// `swtpm socket --tpm2 --ctrl type=unixio,path=PATH`) or `state=DIR` (sluice starts swtpm
+    /// with this guest's state in DIR).
+    #[arg(long, value_parser = sluice_vmm::config::TpmSpec::parse)]
+    tpm: Option<sluice_vmm::config::TpmSpec>,
     /// Write exit counts and per-queue device metrics here when the VM stops: JSON, or
     /// Prometheus text if the name ends in `.prom`.
     #[arg(long)]
@@ -284,7 +298,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
     if args.asks_for_nothing() {
         // The memfd must outlive every run's kernel load.
         let embedded = guest_kit::embedded_guest_kit()?;
-        return spectrum::run(&embedded.path, args.cpus, args.memory);
+        return spectrum::run(&embedded.path, args.cpus.count, args.memory);
     }
     // Without --kernel, boot the embedded guest kit; the memfd must outlive the kernel load.
     let (kernel, _embedded) = match args.kernel {
@@ -298,7 +312,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         kernel,
         initrd: args.initrd,
         cmdline: args.cmdline,
-        cpus: args.cpus,
+        cpus: args.cpus.count,
         memory: args.memory,
         serial: args.serial,
         test_device: args.test_device,
@@ -306,10 +320,15 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         nets: args.net,
         rng: args.rng,
         numa: args.numa,
+        placement: CpuPlacement {
+            isolate: args.isolate,
+            ..args.cpus.placement.clone()
+        },
         e1000s: args.e1000,
         iommu: args.iommu,
         nvmes: args.nvme,
         vfio: args.device,
+        tpm: args.tpm,
     };
     // Before the stop signals are blocked: until a stream arrives, SIGTERM ends the waiting
     // destination like any process.
@@ -434,8 +453,11 @@ impl RunArgs {
             && self.nvme.is_empty()
             && self.device.is_empty()
             && self.iommu.is_none()
+            && self.tpm.is_none()
             && !self.test_device
             && self.numa == NumaPolicy::Off
+            && !self.cpus.placement.is_set()
+            && !self.isolate
             && self.api_socket.is_none()
             && self.restore.is_none()
             && self.migrate_from.is_none()

@@ -175,6 +175,8 @@ pub fn run(kernel: &Path, cpus: u8, memory: u64) -> anyhow::Result<u8> {
             e1000s: Vec::new(),
             nvmes: Vec::new(),
             numa: Default::default(),
+            placement: Default::default(),
+            tpm: None,
             vfio: Vec::new(),
             iommu: None,
         };

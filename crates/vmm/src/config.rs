@@ -149,6 +149,26 @@ pub fn parse_device(s: &str) -> Result<VfioSpec, String> {
     })
 }
 
+/// `--tpm`: where the TPM 2.0 behind the CRB device comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TpmSpec {
+    /// A running swtpm's control socket (`swtpm socket --tpm2 --ctrl type=unixio,path=PATH`).
+    Socket(PathBuf),
+    /// sluice starts swtpm itself with its state in this directory (one per guest).
+    State(PathBuf),
+}
+
+impl TpmSpec {
+    /// `socket=PATH` or `state=DIR`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match pairs(s)?.as_slice() {
+            [("socket", path)] if !path.is_empty() => Ok(TpmSpec::Socket(path.into())),
+            [("state", dir)] if !dir.is_empty() => Ok(TpmSpec::State(dir.into())),
+            _ => Err(format!("`{s}`: expected socket=PATH or state=DIR")),
+        }
+    }
+}
+
 /// Parses `key=value,key=value` into pairs; values may not contain commas, and a key may be
 /// given once (a second value is a mistake, not an override).
 fn pairs(s: &str) -> Result<Vec<(&str, &str)>, String> {
@@ -658,6 +678,21 @@ mod tests {
             .contains("on-demand"));
         assert!(parse_device("dma=all").is_err());
         assert!(parse_device("vfio=zz").is_err());
+    }
+
+    #[test]
+    fn parses_tpm_specs() {
+        assert_eq!(
+            TpmSpec::parse("socket=/run/swtpm.sock"),
+            Ok(TpmSpec::Socket("/run/swtpm.sock".into()))
+        );
+        assert_eq!(
+            TpmSpec::parse("state=/var/lib/vm1/tpm"),
+            Ok(TpmSpec::State("/var/lib/vm1/tpm".into()))
+        );
+        for bad in ["", "socket=", "path=/x", "socket=/a,state=/b", "/x"] {
+            assert!(TpmSpec::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

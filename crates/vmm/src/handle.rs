@@ -211,6 +211,8 @@ impl VmHandle {
             (!c.vfio.is_empty(), "an assigned device"),
             (c.iommu.is_some(), "the virtual IOMMU"),
             (c.test_device, "the PCI test device"),
+            // swtpm's state would have to travel with the VM (CMD_GET_STATEBLOB): not yet.
+            (c.tpm.is_some(), "the TPM"),
         ]
         .into_iter()
         .find_map(|(present, what)| present.then_some(what))

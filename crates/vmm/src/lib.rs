@@ -1,6 +1,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod config;
+pub mod cpu_placement;
 pub mod e1000;
 pub mod handle;
 pub mod hotplug;
@@ -18,6 +19,7 @@ pub mod progress;
 pub mod replay;
 pub mod rss;
 pub mod snapshot;
+pub mod tpm;
 pub mod vcpu;
 pub mod vfio;
 pub mod vfio_shadow;

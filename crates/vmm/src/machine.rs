@@ -61,6 +61,8 @@ pub struct VmConfig {
     pub rng: Option<crate::config::RngSpec>,
     /// NUMA placement of guest RAM and sluice's threads (`--numa`).
     pub numa: crate::numa::NumaPolicy,
+    /// Host CPUs of each vCPU and of the device workers, and `--isolate` (`--cpus N,...`).
+    pub placement: crate::cpu_placement::CpuPlacement,
     /// Emulated e1000 NICs on taps.
     pub e1000s: Vec<crate::config::E1000Spec>,
     /// A virtual IOMMU in front of every device (`--iommu`).
@@ -69,6 +71,8 @@ pub struct VmConfig {
     pub nvmes: Vec<crate::config::NvmeSpec>,
     /// Host PCI functions assigned with VFIO (`--device vfio=`).
     pub vfio: Vec<crate::config::VfioSpec>,
+    /// A TPM 2.0 CRB device backed by swtpm (`--tpm`).
+    pub tpm: Option<crate::config::TpmSpec>,
 }
 
 /// How a run ended, with what it cost.
@@ -123,6 +127,8 @@ pub enum VmError {
     #[error(transparent)]
     Numa(#[from] crate::numa::NumaError),
     #[error(transparent)]
+    Placement(#[from] crate::cpu_placement::PlacementError),
+    #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("incoming migration: {0}")]
     Migration(#[from] crate::migration::MigrationError),
@@ -153,7 +159,8 @@ pub fn run(config: VmConfig) -> Result<VmReport, VmError> {
 /// [`run`] for a VM whose [`VmHandle`] the caller keeps, to end it from outside the guest
 /// (SIGTERM), pause and resume it, or read its counters (the control API) meanwhile.
 /// Resolves `--numa` (`auto` follows the first assigned device) and pins the calling thread,
-/// and so every thread it starts later, to the node's CPUs. [`run_handle`] does it before the
+/// and so every thread it starts later, to the node's CPUs; then claims the CPUs of `--cpus
+/// ...,affinity=` (crate::cpu_placement). [`run_handle`] does it before the
 /// VM's threads start; a caller that starts threads of its own first (signals, the API) calls
 /// it before them — pinning twice is harmless.
 pub fn place_threads(config: &VmConfig) -> Result<Option<crate::numa::Placement>, VmError> {
@@ -166,6 +173,11 @@ pub fn place_threads(config: &VmConfig) -> Result<Option<crate::numa::Placement>
     if let Some(placement) = &placement {
         placement.pin_threads()?;
     }
+    config.placement.apply(
+        &sluice_host::HostRoot::real(),
+        config.cpus,
+        std::path::Path::new(crate::cpu_placement::LOCK_DIR),
+    )?;
     Ok(placement)
 }
 
@@ -222,6 +234,7 @@ pub fn run_handle_with(
             .map(|r| r as Arc<dyn crate::vcpu::ExitHook>),
     };
     let platform = crate::platform::attach_platform_devices(&vm, &dispatch, &config, &ram)?;
+    crate::tpm::attach_tpm(&dispatch, config.tpm.as_ref())?;
     let pci_root = crate::platform::attach_pci(&vm, &dispatch, &config)?;
     let mut iommu = crate::iommu::attach_iommu(&vm, &dispatch, config.iommu, &ram, config.memory)?;
     // One per VM: its MSI router owns the VM's whole GSI routing table.
@@ -348,6 +361,7 @@ fn load_guest(
     ram: &GuestRam,
     iommu: &crate::iommu::VmIommu,
 ) -> Result<crate::boot::BootInfo, VmError> {
+    let tpm_tables = crate::tpm::acpi_tables(config.tpm.is_some());
     let rsdp = crate::acpi::create_acpi_tables_with(
         &ram.memory,
         &crate::acpi::AcpiConfig {
@@ -355,7 +369,7 @@ fn load_guest(
             ram_size: config.memory,
             ioapic_address: iommu.ioapic_address(),
         },
-        &iommu.acpi_tables(),
+        &guest_acpi_tables(iommu, &tpm_tables),
     )?;
     let boot_info = crate::boot::load_kernel(
         &ram.memory,
@@ -368,6 +382,16 @@ fn load_guest(
         },
     )?;
     Ok(boot_info)
+}
+
+/// The tables beyond the fixed set: the IOMMU's, the TPM's.
+fn guest_acpi_tables<'a>(
+    iommu: &'a crate::iommu::VmIommu,
+    tpm: &'a [acpi_tables::sdt::Sdt],
+) -> Vec<&'a dyn acpi_tables::Aml> {
+    let mut tables = iommu.acpi_tables();
+    tables.extend(tpm.iter().map(|table| table as &dyn acpi_tables::Aml));
+    tables
 }
 
 /// Behind the vIOMMU an assigned function's DMA mappings must follow the guest's tables
@@ -461,7 +485,10 @@ fn start_vcpus(
     }
     let mut threads = Vec::with_capacity(vcpus.len());
     for (index, vcpu) in (0u8..).zip(vcpus) {
-        threads.push(VcpuThread::spawn(index, vcpu, dispatch.clone()).map_err(VmError::Thread)?);
+        let cpus = config.placement.vcpu_cpus(index);
+        threads.push(
+            VcpuThread::spawn_on(index, vcpu, dispatch.clone(), cpus).map_err(VmError::Thread)?,
+        );
     }
     Ok(threads)
 }

@@ -110,20 +110,11 @@ impl Placement {
             );
             return Ok(());
         }
-        // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        for &cpu in &self.cpus {
-            // SAFETY: CPU_SET bounds-checks `cpu` against the set's size and ignores larger ones.
-            unsafe { libc::CPU_SET(cpu as usize, &mut set) };
-        }
-        // SAFETY: `set` is a valid cpu_set_t of the size given; pid 0 is the calling thread.
-        let rc =
-            unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set) };
-        if rc != 0 {
+        if let Err(source) = sluice_sandbox::pin_current_thread(&self.cpus) {
             return Err(NumaError::Affinity {
                 node: self.node,
                 cpus: sluice_host::numa::format_cpulist(&self.cpus),
-                source: std::io::Error::last_os_error(),
+                source,
             });
         }
         tracing::info!(

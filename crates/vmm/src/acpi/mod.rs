@@ -20,6 +20,7 @@ pub mod hotplug;
 mod madt;
 #[cfg(test)]
 mod tests;
+pub mod tpm;
 mod viot;
 
 use acpi_tables::mcfg::MCFG;

@@ -565,3 +565,31 @@ fn iasl_disassembles_the_hotplug_slots_and_methods() {
     );
     assert_eq!(dsl.matches("Method (_EJ0").count(), 31);
 }
+
+/// The TPM's tables (`--tpm`) disassemble with ACPICA's `iasl`: the SSDT's device has HID
+/// MSFT0101 and a Memory32Fixed over the CRB pages; the TPM2 table's start method is CRB.
+#[test]
+fn iasl_disassembles_the_tpm_tables() {
+    if std::process::Command::new("iasl")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        println!("SKIP iasl_disassembles_the_tpm_tables: iasl not installed");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("sluice-iasl-tpm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let ssdt = iasl_disassemble(&dir, "ssdt", tpm::build_tpm_ssdt().as_slice());
+    let tpm2 = iasl_disassemble(&dir, "tpm2", tpm::build_tpm2().as_slice());
+
+    assert!(ssdt.contains("Device (TPM)"), "{ssdt}");
+    assert!(ssdt.contains("\"MSFT0101\""), "{ssdt}");
+    assert!(ssdt.contains("Memory32Fixed (ReadWrite"), "{ssdt}");
+    assert!(ssdt.contains("0xFED40000"), "{ssdt}");
+    assert!(ssdt.contains("0x00005000"), "{ssdt}");
+    assert!(tpm2.contains("Start Method : 07"), "{tpm2}");
+    assert!(tpm2.contains("00000000FED40040"), "{tpm2}");
+    let _ = std::fs::remove_dir_all(dir);
+}

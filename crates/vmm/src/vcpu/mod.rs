@@ -307,9 +307,19 @@ pub struct VcpuThread {
 
 impl VcpuThread {
     pub fn spawn(index: u8, vcpu: VcpuFd, dispatch: ExitDispatch) -> std::io::Result<Self> {
+        Self::spawn_on(index, vcpu, dispatch, None)
+    }
+
+    /// [`VcpuThread::spawn`] pinned to the host CPUs `cpus` (`--cpus ...,affinity=`).
+    pub fn spawn_on(
+        index: u8,
+        vcpu: VcpuFd,
+        dispatch: ExitDispatch,
+        cpus: Option<Vec<u32>>,
+    ) -> std::io::Result<Self> {
         install_kick_handler();
         let kind = sluice_sandbox::ThreadKind::Vcpu;
-        let handle = sluice_sandbox::spawn(kind, format!("vcpu{index}"), move || {
+        let handle = sluice_sandbox::spawn_on(kind, format!("vcpu{index}"), cpus, move || {
             run_vcpu(index, vcpu, &dispatch)
         })?;
         Ok(Self { handle })
