@@ -45,6 +45,9 @@ pub fn refusal(config: &VmConfig) -> Option<String> {
         "more than one vCPU (the interleaving of vCPUs is not logged)"
     } else if config.disks.iter().any(|d| d.vhost_user) {
         "a vhost-user disk (another process writes guest memory, outside any exit)"
+    } else if config.disks.iter().any(|d| d.qos.is_some()) {
+        "a disk behind the I/O scheduler (weight=, iops=, bps=: its grants come from a timer \
+         thread, between exits)"
     } else if !config.vfio.is_empty() {
         "a VFIO device (the hardware writes guest memory and interrupts at any time)"
     } else if !config.nets.is_empty() || !config.e1000s.is_empty() {
@@ -797,6 +800,8 @@ mod tests {
             disks: vec![DiskSpec::parse("path=disk.img").unwrap()],
             nets: Vec::new(),
             rng: Some(RngSpec::parse("").unwrap()),
+            placement: Default::default(),
+            tpm: None,
             numa: crate::numa::NumaPolicy::default(),
             e1000s: Vec::new(),
             iommu: None,
@@ -826,6 +831,13 @@ mod tests {
                     ..config()
                 },
                 "vhost-user disk",
+            ),
+            (
+                VmConfig {
+                    disks: vec![DiskSpec::parse("path=disk.img,weight=2").unwrap()],
+                    ..config()
+                },
+                "I/O scheduler",
             ),
             (
                 VmConfig {
