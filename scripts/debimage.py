@@ -95,7 +95,13 @@ def library_depends(package):
 
 def library_dirs(root):
     dirs = []
-    for sub in ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu/ceph"):
+    # ceph: fio's librbd; swtpm: swtpm's own library (its RUNPATH).
+    for sub in (
+        "lib/x86_64-linux-gnu",
+        "usr/lib/x86_64-linux-gnu",
+        "usr/lib/x86_64-linux-gnu/ceph",
+        "usr/lib/x86_64-linux-gnu/swtpm",
+    ):
         path = os.path.join(root, sub)
         if os.path.isdir(path):
             dirs.append(path)

@@ -21,7 +21,8 @@ Guest protocol (the /init below):
 
 Where the pieces come from:
   - kernel and modules: tests/fetch-linux.sh --modules (cached in .cache/linux/ by version);
-  - busybox-static and fio: `apt-get download` + `dpkg -x` of the candidate Debian packages.
+  - busybox-static, fio and tpm2-tools (with the device TCTI it dlopens): `apt-get download` +
+    `dpkg -x` of the candidate Debian packages.
   - fio's shared libraries (about 60, 84 MB: librbd, libglusterfs, ICU, ... are all DT_NEEDED
     and fio is linked BIND_NOW, so none can be left out) are resolved by running `ldd` on the
     extracted fio with LD_LIBRARY_PATH pointing into the extracted packages. We extract the
@@ -31,8 +32,8 @@ Where the pieces come from:
     Debian release, e.g. libc6) is taken from the host, which is the same package's file.
 
 Cache: .cache/linux/guest-<hash>.cpio.gz (override the directory with SLUICE_LINUX_CACHE); the
-hash covers this script, the kernel version, the module files and the candidate versions of fio
-and busybox-static. Without apt metadata (offline) the newest cached image is reused.
+hash covers this script, the kernel version, the module files and the candidate versions of the
+packages. Without apt metadata (offline) the newest cached image is reused.
 """
 
 import fcntl
@@ -63,7 +64,12 @@ MODULES = [
     "virtio_net",
     "virtio-rng",
 ]
-PACKAGES = ["busybox-static", "fio"]
+PACKAGES = ["busybox-static", "fio", "tpm2-tools", "libtss2-tcti-device0"]
+# tpm2-tools is one binary, `tpm2`, called through tool-named links (lab_tpm uses these).
+TPM2_TOOLS = ["tpm2_pcrread", "tpm2_pcrextend", "tpm2_getrandom", "tpm2_startup"]
+# libtss2-tctildr dlopens the TCTI it is told to use (TPM2TOOLS_TCTI=device:/dev/tpmrm0), so
+# ldd cannot see it.
+TCTI_LIBRARY = "usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0"
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -167,6 +173,9 @@ def build_archive(root, libraries, modules_dir):
     cpio.char_device("dev/console", 5, 1)
     cpio.file("bin/busybox", debimage.read(os.path.join(root, "bin", "busybox")))
     cpio.file("usr/bin/fio", debimage.read(os.path.join(root, "usr", "bin", "fio")))
+    cpio.file("usr/bin/tpm2", debimage.read(os.path.join(root, "usr", "bin", "tpm2")))
+    for tool in TPM2_TOOLS:
+        cpio.symlink(f"usr/bin/{tool}", "tpm2")
     for library in sorted(set(libraries)):
         # Copy the file behind the soname link under the soname, as ld.so looks it up.
         cpio.file(debimage.image_path(library, root), debimage.read(os.path.realpath(library)))
@@ -209,8 +218,12 @@ def main():
             progress(f"downloading {', '.join(f'{p} {v}' for p, v in versions.items())}")
             debimage.download_and_extract(TOOL, PACKAGES, work, root)
             fio = os.path.join(root, "usr", "bin", "fio")
-            libraries = debimage.resolve_libraries(TOOL, "fio", fio, work, root, set(PACKAGES))
-            progress(f"fio needs {len(libraries)} shared libraries; writing the initramfs")
+            fetched = set(PACKAGES)
+            libraries = debimage.resolve_libraries(TOOL, "fio", fio, work, root, fetched)
+            tpm2 = os.path.join(root, "usr", "bin", "tpm2")
+            libraries += debimage.resolve_libraries(TOOL, "tpm2-tools", tpm2, work, root, fetched)
+            libraries.append(os.path.join(root, TCTI_LIBRARY))
+            progress(f"fio and tpm2 need {len(set(libraries))} shared libraries; writing the initramfs")
             archive = build_archive(root, libraries, modules_dir)
             partial = image + ".part"
             with open(partial, "wb") as out:

@@ -167,7 +167,7 @@ impl VmHandle {
             vcpus,
             irqchip,
             devices,
-            platform: Some(parts.platform.save()),
+            platform: Some(parts.platform.save()?),
             memory_checksum: 0,
         })
     }
@@ -186,7 +186,7 @@ impl VmHandle {
         if let Some(device) = self.device_without_snapshot() {
             return Err(HandleError::Snapshot(format!(
                 "{device} cannot be saved in a snapshot yet (virtio-blk on an image or a \
-                 vhost-user backend, NVMe, virtio-net and virtio-rng can)"
+                 vhost-user backend, NVMe, virtio-net, virtio-rng and the TPM can)"
             )));
         }
         let Some(parts) = self.machine_parts() else {
@@ -211,8 +211,6 @@ impl VmHandle {
             (!c.vfio.is_empty(), "an assigned device"),
             (c.iommu.is_some(), "the virtual IOMMU"),
             (c.test_device, "the PCI test device"),
-            // swtpm's state would have to travel with the VM (CMD_GET_STATEBLOB): not yet.
-            (c.tpm.is_some(), "the TPM"),
         ]
         .into_iter()
         .find_map(|(present, what)| present.then_some(what))

@@ -233,8 +233,8 @@ pub fn run_handle_with(
             .clone()
             .map(|r| r as Arc<dyn crate::vcpu::ExitHook>),
     };
-    let platform = crate::platform::attach_platform_devices(&vm, &dispatch, &config, &ram)?;
-    crate::tpm::attach_tpm(&dispatch, config.tpm.as_ref())?;
+    let mut platform = crate::platform::attach_platform_devices(&vm, &dispatch, &config, &ram)?;
+    platform.tpm = crate::tpm::attach_tpm(&dispatch, config.tpm.as_ref())?;
     let pci_root = crate::platform::attach_pci(&vm, &dispatch, &config)?;
     let mut iommu = crate::iommu::attach_iommu(&vm, &dispatch, config.iommu, &ram, config.memory)?;
     // One per VM: its MSI router owns the VM's whole GSI routing table.

@@ -14,6 +14,7 @@ use sluice_devices::platform::serial::SerialRegisters;
 use sluice_devices::platform::{
     AcpiPmBlock, DebugExit, Rtc, Serial, SystemMonotonicClock, SystemWallClock, I8042,
 };
+use sluice_devices::tpm::{SavedTpm, TpmCrb};
 use sluice_devices::ExitSink;
 use sluice_pci::{
     AddressWindow, BarAllocator, IntxRouting, PciConfigIo, PciConfigMmio, PciRoot, PciTestDevice,
@@ -53,6 +54,8 @@ pub struct PlatformDevices {
     i8042: Arc<Mutex<I8042>>,
     rtc: Arc<Mutex<Rtc>>,
     pm: Arc<Mutex<AcpiPmBlock>>,
+    /// The TPM (`--tpm`, crate::tpm), set once it is attached.
+    pub(crate) tpm: Option<Arc<Mutex<TpmCrb>>>,
 }
 
 /// The platform devices' saved state (see crate::snapshot).
@@ -62,6 +65,9 @@ pub struct PlatformState {
     pub i8042: I8042Registers,
     pub rtc: RtcRegisters,
     pub pm: AcpiPmRegisters,
+    /// The TPM's CRB registers and swtpm's state blobs (absent: the VM has no TPM).
+    #[serde(default)]
+    pub tpm: Option<SavedTpm>,
 }
 
 fn locked<T>(device: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -69,18 +75,33 @@ fn locked<T>(device: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl PlatformDevices {
-    /// Their state; the VM is paused.
-    pub fn save(&self) -> PlatformState {
-        PlatformState {
+    /// Their state; the VM is paused. Fails only if the TPM's backend cannot hand its out.
+    pub fn save(&self) -> Result<PlatformState, String> {
+        let tpm = match &self.tpm {
+            Some(tpm) => Some(locked(tpm).save_state()?),
+            None => None,
+        };
+        Ok(PlatformState {
             com1: locked(&self.com1).save_registers(),
             i8042: locked(&self.i8042).save_registers(),
             rtc: locked(&self.rtc).save_registers(),
             pm: locked(&self.pm).save_registers(),
-        }
+            tpm,
+        })
     }
 
-    /// Puts a saved state back into devices fresh from reset.
+    /// Puts a saved state back into devices fresh from reset. A TPM in the state but not in
+    /// the VM, or the other way round, is refused: the guest's ACPI tables (in the restored
+    /// RAM) and its driver would disagree with the machine.
     pub fn restore(&self, state: &PlatformState) -> Result<(), String> {
+        match (&self.tpm, &state.tpm) {
+            (Some(tpm), Some(saved)) => locked(tpm).restore_state(saved)?,
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err("the saved VM had no TPM; restore it without --tpm".into())
+            }
+            (None, Some(_)) => return Err("the saved VM had a TPM; restore it with --tpm".into()),
+        }
         locked(&self.com1).restore_registers(&state.com1)?;
         locked(&self.i8042).restore_registers(&state.i8042)?;
         locked(&self.rtc).restore_registers(&state.rtc)?;
@@ -159,6 +180,7 @@ pub fn attach_platform_devices(
         i8042,
         rtc,
         pm,
+        tpm: None,
     })
 }
 

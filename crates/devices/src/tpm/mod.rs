@@ -10,10 +10,15 @@
 //! malformed or larger than the buffer, becomes a TPM error response in the buffer — never an
 //! out-of-bounds copy. Commands run synchronously in the vCPU thread that writes CTRL_START
 //! (the guest polls CTRL_START for completion anyway); the backend's own timeouts bound it.
+//!
+//! Snapshots and migration carry [`SavedTpm`]: the CRB's registers and buffer plus the TPM's
+//! own state as its backend hands it out ([`TpmBlobs`]: swtpm's permanent, volatile and
+//! savestate blobs). A restore checks the registers before it touches the backend.
 
 pub mod fuzz;
 pub mod swtpm;
 
+use serde::{Deserialize, Serialize};
 use sluice_bus::BusDevice;
 
 /// The CRB register pages (locality 0) in guest-physical memory.
@@ -69,6 +74,38 @@ pub const TPM_RC_FAILURE: u32 = 0x101;
 /// TPM_RC_COMMAND_SIZE: the header's size disagrees with what was sent.
 pub const TPM_RC_COMMAND_SIZE: u32 = 0x142;
 
+/// One of the TPM's state blobs as the backend hands it out, with the backend's flags for it
+/// (swtpm: whether it is still encrypted), handed back unchanged on restore.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateBlob {
+    pub flags: u32,
+    pub data: Vec<u8>,
+}
+
+/// The TPM's whole state: permanent (NV memory, seeds, hierarchies), volatile (PCRs, sessions,
+/// loaded objects) and the state a TPM2_Shutdown(STATE) saved. An empty blob: none.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TpmBlobs {
+    pub permanent: StateBlob,
+    pub volatile: StateBlob,
+    pub savestate: StateBlob,
+}
+
+/// What a snapshot carries of the TPM: the CRB's registers, the command/response buffer (a
+/// response the guest has not read yet) and the TPM's blobs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedTpm {
+    /// The locality holding the TPM (0..=4).
+    pub active: Option<u8>,
+    pub idle: bool,
+    pub fatal: bool,
+    pub cancel: u32,
+    pub int_enable: u32,
+    /// Exactly [`BUFFER_SIZE`] bytes.
+    pub buffer: Vec<u8>,
+    pub tpm: TpmBlobs,
+}
+
 /// Runs TPM commands: swtpm, or a fake in tests. Responses are checked by the device.
 pub trait TpmBackend: Send {
     /// Runs `command` at `locality` and returns the whole response.
@@ -79,6 +116,14 @@ pub trait TpmBackend: Send {
     fn established(&mut self) -> bool;
     /// Resets the establishment flag (localities 3 and 4 only).
     fn reset_established(&mut self, locality: u8);
+    /// The TPM's state (the VM is paused: no command runs).
+    fn save_state(&mut self) -> Result<TpmBlobs, String> {
+        Err("this TPM backend cannot save its state".into())
+    }
+    /// Replaces the TPM's state with `blobs` and starts it again from them.
+    fn restore_state(&mut self, _blobs: &TpmBlobs) -> Result<(), String> {
+        Err("this TPM backend cannot restore a state".into())
+    }
 }
 
 /// The CRB device.
@@ -109,6 +154,42 @@ impl TpmCrb {
             int_enable: 0,
             commands: 0,
         }
+    }
+
+    /// The device's and the TPM's state; the VM is paused.
+    pub fn save_state(&mut self) -> Result<SavedTpm, String> {
+        Ok(SavedTpm {
+            active: self.active,
+            idle: self.idle,
+            fatal: self.fatal,
+            cancel: self.cancel,
+            int_enable: self.int_enable,
+            buffer: self.buffer.to_vec(),
+            tpm: self.backend.save_state()?,
+        })
+    }
+
+    /// Puts a saved state back (a fresh device, before any vCPU runs). The registers are checked
+    /// first: a refused state leaves the TPM as it was.
+    pub fn restore_state(&mut self, saved: &SavedTpm) -> Result<(), String> {
+        if saved.buffer.len() != BUFFER_SIZE {
+            return Err(format!(
+                "tpm: a saved buffer of {} bytes, the device has {BUFFER_SIZE}",
+                saved.buffer.len()
+            ));
+        }
+        if let Some(locality) = saved.active.filter(|l| *l >= LOCALITIES) {
+            return Err(format!("tpm: saved active locality {locality} (0..=4)"));
+        }
+        self.backend.restore_state(&saved.tpm)?;
+        self.buffer.copy_from_slice(&saved.buffer);
+        self.active = saved.active;
+        self.idle = saved.idle;
+        self.fatal = saved.fatal;
+        self.cancel = saved.cancel & 1;
+        self.int_enable = saved.int_enable;
+        self.established = self.backend.established();
+        Ok(())
     }
 
     /// The locality whose page `offset` falls in, and the offset inside it.

@@ -5,7 +5,14 @@
 //! (0 = success). TPM commands and responses go over the data channel as plain TPM 2.0 byte
 //! streams.
 //!
-//! Hand-written: the protocol is five messages of a few bytes; no crate speaks it.
+//! Snapshots: CMD_GET_STATEBLOB hands out the permanent, volatile and savestate blobs of the
+//! running TPM (request: flags, type, offset; answer: result, flags, total length, length, then
+//! the blob; result TPM_RETRY means there is no such blob); a restore stops the TPM
+//! (CMD_STOP: swtpm refuses to set blobs into a running TPM), sets each blob (CMD_SET_STATEBLOB:
+//! flags, type, length and the blob in one message; answer: the result) and starts it again
+//! with CMD_INIT, deleting the volatile state file so a later start cannot pick up a stale one.
+//!
+//! Hand-written: the protocol is a handful of messages of a few bytes; no crate speaks it.
 //!
 //! swtpm is a separate, less trusted process: every answer is read with a timeout and bounded
 //! (a response header larger than [`MAX_RESPONSE`] is an error, nothing is allocated for it).
@@ -21,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use super::{TpmBackend, HEADER_SIZE};
+use super::{StateBlob, TpmBackend, TpmBlobs, HEADER_SIZE};
 
 const CMD_INIT: u32 = 2;
 const CMD_SHUTDOWN: u32 = 3;
@@ -29,7 +36,21 @@ const CMD_GET_TPMESTABLISHED: u32 = 4;
 const CMD_SET_LOCALITY: u32 = 5;
 const CMD_CANCEL_TPM_CMD: u32 = 9;
 const CMD_RESET_TPMESTABLISHED: u32 = 11;
+const CMD_GET_STATEBLOB: u32 = 12;
+const CMD_SET_STATEBLOB: u32 = 13;
+const CMD_STOP: u32 = 14;
 const CMD_SET_DATAFD: u32 = 16;
+/// CMD_INIT: remove the volatile state file once read.
+const INIT_DELETE_VOLATILE: u32 = 1;
+/// CMD_GET_STATEBLOB: hand the blob out decrypted if swtpm encrypts its state files.
+const STATE_FLAG_DECRYPTED: u32 = 1;
+const BLOB_PERMANENT: u32 = 1;
+const BLOB_VOLATILE: u32 = 2;
+const BLOB_SAVESTATE: u32 = 3;
+/// TPM_RETRY: swtpm has no blob of that type (no TPM2_Shutdown(STATE) was saved, say).
+const TPM_RETRY: u32 = 0x800;
+/// Largest state blob taken from swtpm (libtpms' NV memory is 128 KiB; this leaves room).
+pub const MAX_STATE_BLOB: usize = 4 << 20;
 
 /// Largest response read from swtpm (its own buffer is 4 KiB); the device then checks it
 /// against the CRB buffer.
@@ -56,6 +77,8 @@ pub enum SwtpmError {
     Spawn(std::io::Error),
     #[error("swtpm did not create its control socket {0} in time")]
     NoSocket(PathBuf),
+    #[error("swtpm announced a state blob of {total} bytes ({length} in this answer)")]
+    BadBlob { total: u32, length: u32 },
 }
 
 /// A connected, initialised swtpm.
@@ -187,6 +210,72 @@ impl Swtpm {
         }
     }
 
+    /// The state blob of `kind` (empty if swtpm has none).
+    fn get_blob(&mut self, kind: u32) -> Result<StateBlob, SwtpmError> {
+        let command = CMD_GET_STATEBLOB;
+        let io = |source| SwtpmError::Io { command, source };
+        let mut message = command.to_be_bytes().to_vec();
+        for word in [STATE_FLAG_DECRYPTED, kind, 0] {
+            message.extend_from_slice(&word.to_be_bytes());
+        }
+        self.control.write_all(&message).map_err(io)?;
+        // The header comes whole even for a failed request.
+        let mut header = [0u8; 16];
+        self.control.read_exact(&mut header).map_err(io)?;
+        let word = |i: usize| u32::from_be_bytes(header[4 * i..4 * i + 4].try_into().unwrap());
+        let (result, flags, total, length) = (word(0), word(1), word(2), word(3));
+        match result {
+            0 => {}
+            TPM_RETRY => return Ok(StateBlob::default()),
+            result => return Err(SwtpmError::Refused { command, result }),
+        }
+        if total != length || length as usize > MAX_STATE_BLOB {
+            return Err(SwtpmError::BadBlob { total, length });
+        }
+        let mut data = vec![0; length as usize];
+        self.control.read_exact(&mut data).map_err(io)?;
+        Ok(StateBlob { flags, data })
+    }
+
+    /// Hands swtpm the blob of `kind` (the TPM is stopped); an empty blob is left out.
+    fn set_blob(&mut self, kind: u32, blob: &StateBlob) -> Result<(), SwtpmError> {
+        if blob.data.is_empty() {
+            return Ok(());
+        }
+        let length = u32::try_from(blob.data.len())
+            .ok()
+            .filter(|l| *l as usize <= MAX_STATE_BLOB)
+            .ok_or(SwtpmError::BadBlob {
+                total: u32::MAX,
+                length: u32::MAX,
+            })?;
+        let mut payload = Vec::with_capacity(12 + blob.data.len());
+        for word in [blob.flags, kind, length] {
+            payload.extend_from_slice(&word.to_be_bytes());
+        }
+        payload.extend_from_slice(&blob.data);
+        // One message: swtpm reads the header and the first part of the blob in one read.
+        self.control_command(CMD_SET_STATEBLOB, &payload, 0)?;
+        Ok(())
+    }
+
+    fn save_blobs(&mut self) -> Result<TpmBlobs, SwtpmError> {
+        Ok(TpmBlobs {
+            permanent: self.get_blob(BLOB_PERMANENT)?,
+            volatile: self.get_blob(BLOB_VOLATILE)?,
+            savestate: self.get_blob(BLOB_SAVESTATE)?,
+        })
+    }
+
+    fn restore_blobs(&mut self, blobs: &TpmBlobs) -> Result<(), SwtpmError> {
+        self.control_command(CMD_STOP, &[], 0)?;
+        self.set_blob(BLOB_PERMANENT, &blobs.permanent)?;
+        self.set_blob(BLOB_VOLATILE, &blobs.volatile)?;
+        self.set_blob(BLOB_SAVESTATE, &blobs.savestate)?;
+        self.control_command(CMD_INIT, &INIT_DELETE_VOLATILE.to_be_bytes(), 0)?;
+        Ok(())
+    }
+
     fn set_locality(&mut self, locality: u8) -> Result<(), SwtpmError> {
         if locality != self.locality {
             self.control_command(CMD_SET_LOCALITY, &[locality, 0, 0, 0], 0)?;
@@ -239,6 +328,14 @@ impl TpmBackend for Swtpm {
         if let Err(e) = self.control_command(CMD_RESET_TPMESTABLISHED, &[locality, 0, 0, 0], 0) {
             tracing::warn!("tpm: {e}");
         }
+    }
+
+    fn save_state(&mut self) -> Result<TpmBlobs, String> {
+        self.save_blobs().map_err(|e| e.to_string())
+    }
+
+    fn restore_state(&mut self, blobs: &TpmBlobs) -> Result<(), String> {
+        self.restore_blobs(blobs).map_err(|e| e.to_string())
     }
 }
 
