@@ -173,8 +173,11 @@ pub enum Workload {
     },
     /// Puts every PCI function behind the virtio-iommu in one identity-mapped domain.
     Viommu,
-    /// TPM 2.0 over CRB: Startup, GetRandom, PCR 16 read, extend, read.
-    Tpm,
+    /// TPM 2.0 over CRB: Startup, GetRandom, PCR 16 read, extend, read; with `hold_ms`, then
+    /// waits that long (a snapshot or migration happens meanwhile) and reads PCR 16 again.
+    Tpm {
+        hold_ms: u64,
+    },
     /// Spins `ms` milliseconds and reports the gaps between TSC reads.
     Jitter {
         ms: u64,
@@ -436,6 +439,17 @@ fn parse_jitter(rest: &str) -> Result<Workload, String> {
     Ok(Workload::Jitter { ms })
 }
 
+fn parse_tpm(rest: &str) -> Result<Workload, String> {
+    let mut hold_ms = 0;
+    for (key, value) in key_values(rest)? {
+        match key {
+            "hold" => hold_ms = bounded(key, value, 0, 600_000)?,
+            _ => return Err(alloc::format!("tpm: unknown key {key}")),
+        }
+    }
+    Ok(Workload::Tpm { hold_ms })
+}
+
 fn parse_workload(spec: &str, default_mode: Mode) -> Result<Workload, String> {
     let (kind, rest) = spec.split_once(':').unwrap_or((spec, ""));
     match kind {
@@ -448,9 +462,8 @@ fn parse_workload(spec: &str, default_mode: Mode) -> Result<Workload, String> {
         "smp" => parse_smp(rest),
         "viommu" if rest.is_empty() => Ok(Workload::Viommu),
         "viommu" => Err(alloc::format!("w=viommu takes no keys, got '{rest}'")),
-        "tpm" if rest.is_empty() => Ok(Workload::Tpm),
+        "tpm" => parse_tpm(rest),
         "jitter" => parse_jitter(rest),
-        "tpm" => Err(alloc::format!("w=tpm takes no keys, got '{rest}'")),
         _ => Err(alloc::format!("unknown workload kind '{kind}'")),
     }
 }

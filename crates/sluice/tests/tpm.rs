@@ -1,19 +1,22 @@
 //! `--tpm` through the binary: the guest kit's CRB driver (`w=tpm`, checked first on QEMU's
 //! tpm-crb in crates/guest-kit/tests/qemu.rs) on sluice's TPM, backed by a swtpm that sluice
-//! starts (`state=DIR`) or that runs already (`socket=PATH`).
+//! starts (`state=DIR`) or that runs already (`socket=PATH`); and the TPM's state in a
+//! snapshot, restored into a new process on a swtpm of its own.
 
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use common::{run_on_sluice, run_sluice, skip_without_kvm, EXIT_VMM_ERROR, GUEST_TIMEOUT};
+use common::{
+    run_on_sluice, run_sluice, skip_without_kvm, wait_for, wait_or_kill, EXIT_VMM_ERROR,
+    GUEST_TIMEOUT, SLUICE,
+};
 use sluice_guest_kit::tpm::{check_pcr_chain, SwtpmProcess};
 
 fn swtpm_installed() -> bool {
-    std::process::Command::new("swtpm")
-        .arg("--version")
-        .output()
-        .is_ok()
+    Command::new("swtpm").arg("--version").output().is_ok()
 }
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -103,4 +106,118 @@ fn a_missing_swtpm_socket_is_refused_at_start() {
         "{}",
         run.transcript()
     );
+}
+
+/// `sluice ctl --api-socket SOCKET ARGS...`: status and stdout.
+fn ctl(socket: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(SLUICE)
+        .args(["ctl", "--api-socket"])
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run sluice ctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The guest kit's RESULT object on a console.
+fn kit_result(console: &str) -> serde_json::Value {
+    console
+        .lines()
+        .find_map(|l| serde_json::from_str(l.strip_prefix("RESULT ")?).ok())
+        .unwrap_or_else(|| panic!("no RESULT on the console:\n{console}"))
+}
+
+/// PCR 16 extended (`w=tpm:hold=MS`), then the VM paused and snapshotted while the kit holds;
+/// the snapshot is restored into a new process whose swtpm starts from an empty state
+/// directory: the restored kit reads PCR 16 back equal to what it extended — the TPM's state
+/// (swtpm's permanent and volatile blobs, the CRB registers) travelled in the snapshot, not
+/// in a state directory. A restore of that snapshot without `--tpm` is refused by name.
+#[test]
+fn a_pcr_extended_before_a_snapshot_reads_back_equal_after_restore_on_a_fresh_swtpm() {
+    let name = "a_pcr_extended_before_a_snapshot_reads_back_equal_after_restore_on_a_fresh_swtpm";
+    if skip_without_kvm(name) || !swtpm_installed() {
+        return;
+    }
+    let dir = temp_dir("snapshot");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (socket, first, snapshot) = (
+        dir.join("api.sock"),
+        dir.join("first.txt"),
+        dir.join("snap"),
+    );
+    let (state_a, state_b) = (dir.join("tpm-a"), dir.join("tpm-b"));
+    let mut vm = Command::new(SLUICE)
+        .arg("run")
+        .arg(format!("--tpm=state={}", state_a.display()))
+        .arg("--api-socket")
+        .arg(&socket)
+        .arg(format!("--serial=file={}", first.display()))
+        .args(["--cmdline", "w=tpm:hold=8000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start sluice");
+    wait_for("the kit to extend PCR 16", Duration::from_secs(60), || {
+        std::fs::read_to_string(&first).is_ok_and(|c| c.contains("tpm: holding"))
+    });
+
+    let paused = ctl(&socket, &["pause"]);
+    let taken = ctl(&socket, &["snapshot", &snapshot.display().to_string()]);
+    let _ = ctl(&socket, &["shutdown"]);
+    let first_status = wait_or_kill(&mut vm, Duration::from_secs(20));
+    let without_tpm = Command::new(SLUICE)
+        .args(["run", "--restore"])
+        .arg(&snapshot)
+        .output()
+        .unwrap();
+    let restored = Command::new(SLUICE)
+        .args(["run", "--restore"])
+        .arg(&snapshot)
+        .arg(format!("--tpm=state={}", state_b.display()))
+        .output()
+        .unwrap();
+
+    assert_eq!(paused.0, 0, "{paused:?}");
+    assert_eq!(taken.0, 0, "{taken:?}");
+    assert_eq!(first_status, Some(0));
+    let before = std::fs::read_to_string(&first).unwrap();
+    assert!(
+        !before.contains("RESULT"),
+        "paused after the hold:\n{before}"
+    );
+    let saved = sluice_vmm::snapshot::read(&snapshot).expect("the snapshot reads back");
+    let tpm = saved
+        .platform
+        .and_then(|p| p.tpm)
+        .expect("the snapshot carries the TPM");
+    assert!(!tpm.tpm.permanent.data.is_empty(), "swtpm's permanent blob");
+    assert!(!tpm.tpm.volatile.data.is_empty(), "swtpm's volatile blob");
+    assert_eq!(without_tpm.status.code(), Some(EXIT_VMM_ERROR));
+    assert!(
+        String::from_utf8_lossy(&without_tpm.stderr).contains("restore it with --tpm"),
+        "{without_tpm:?}"
+    );
+    let console = String::from_utf8_lossy(&restored.stdout);
+    let log = String::from_utf8_lossy(&restored.stderr);
+    assert_eq!(restored.status.code(), Some(0), "{console}\n{log}");
+    assert!(console.contains("GUEST-KIT PASS"), "{console}");
+    let result = kit_result(&console);
+    check_pcr_chain(&result).unwrap();
+    assert_eq!(
+        result["pcr_held"], result["pcr_after"],
+        "PCR 16 after the restore equals PCR 16 before the snapshot: {result}"
+    );
+    println!(
+        "{name}: PCR 16 {} before the snapshot and after the restore; blobs: permanent {} \
+         bytes, volatile {} bytes, savestate {} bytes",
+        result["pcr_held"],
+        tpm.tpm.permanent.data.len(),
+        tpm.tpm.volatile.data.len(),
+        tpm.tpm.savestate.data.len()
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -2,7 +2,10 @@
 //! area, takes locality 0, and runs TPM2_Startup(CLEAR), TPM2_GetRandom(16), TPM2_PCR_Read,
 //! TPM2_PCR_Extend and TPM2_PCR_Read of PCR 16 in the SHA-256 bank through the command/response
 //! buffer. It prints PCR 16 before and after and the digest it extended with; the host checks
-//! after = SHA-256(before || digest) (the kit has no hash code of its own).
+//! after = SHA-256(before || digest) (the kit has no hash code of its own). With `hold=MS`
+//! (`w=tpm:hold=MS`) it then prints `tpm: holding`, waits MS milliseconds — the host snapshots
+//! or migrates the VM meanwhile — and reads PCR 16 again (`pcr_held`: equal to `pcr_after`
+//! when the TPM's state travelled with the VM).
 //!
 //! Polled, no interrupts; every wait has a deadline.
 
@@ -179,9 +182,11 @@ struct Seen {
     before: Vec<u8>,
     digest: Vec<u8>,
     after: Vec<u8>,
+    /// PCR 16 read again after the hold, if there was one.
+    held: Option<Vec<u8>>,
 }
 
-fn run(timeout_ms: u64) -> Result<Seen, &'static str> {
+fn run(timeout_ms: u64, hold_ms: u64) -> Result<Seen, &'static str> {
     let mut crb = Crb::find()?;
     crb.timeout_ms = timeout_ms;
     crb.take_locality()?;
@@ -198,20 +203,36 @@ fn run(timeout_ms: u64) -> Result<Seen, &'static str> {
     let digest: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(7) ^ 0x5a).collect();
     extend_pcr(&crb, &digest)?;
     let after = read_pcr(&crb)?;
+    let held = if hold_ms > 0 {
+        crate::println!("tpm: holding {hold_ms} ms");
+        let deadline = crate::time::Deadline::after_ms(hold_ms);
+        while !deadline.expired() {
+            core::hint::spin_loop();
+        }
+        Some(read_pcr(&crb)?)
+    } else {
+        None
+    };
     Ok(Seen {
         startup_rc,
         random: random[HEADER + 2..].to_vec(),
         before,
         digest,
         after,
+        held,
     })
 }
 
-pub fn run_workload(timeout_ms: u64) -> Outcome {
-    match run(timeout_ms) {
+pub fn run_workload(timeout_ms: u64, hold_ms: u64) -> Outcome {
+    match run(timeout_ms, hold_ms) {
         Ok(seen) => {
+            let held = seen
+                .held
+                .as_deref()
+                .map(|pcr| alloc::format!(",\"pcr_held\":\"{}\"", hex(pcr)))
+                .unwrap_or_default();
             crate::println!(
-                "RESULT {{\"workload\":\"tpm\",\"startup_rc\":{},\"random\":\"{}\",\"pcr\":{},\"pcr_before\":\"{}\",\"digest\":\"{}\",\"pcr_after\":\"{}\",\"pass\":true}}",
+                "RESULT {{\"workload\":\"tpm\",\"startup_rc\":{},\"random\":\"{}\",\"pcr\":{},\"pcr_before\":\"{}\",\"digest\":\"{}\",\"pcr_after\":\"{}\"{held},\"pass\":true}}",
                 seen.startup_rc,
                 hex(&seen.random),
                 PCR,

@@ -35,7 +35,7 @@ fn run_one(workload: &Workload, config: &Config) -> Outcome {
         Workload::E1000(params) => crate::drivers::e1000::run_workload(params, config.timeout_ms),
         Workload::Smp { iters } => smp::run(*iters, config.timeout_ms),
         Workload::Viommu => crate::drivers::virtio::iommu::run_workload(config.timeout_ms),
-        Workload::Tpm => crate::drivers::tpm::run_workload(config.timeout_ms),
+        Workload::Tpm { hold_ms } => crate::drivers::tpm::run_workload(config.timeout_ms, *hold_ms),
         Workload::Jitter { ms } => jitter::run(*ms),
     }
 }
