@@ -306,3 +306,92 @@ fn sha256(bytes: &[u8]) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
         .collect()
 }
+
+fn pcr16_read(crb: &mut TpmCrb) -> Vec<u8> {
+    run_command(crb, 0, &response(0x17e, &[0, 0, 0, 1, 0, 0x0b, 3, 0, 0, 1]))
+}
+
+/// Snapshot and restore against real swtpms: PCR 16 extended on one, the device saved
+/// (swtpm's blobs through CMD_GET_STATEBLOB) and restored into a device on a second swtpm
+/// with an empty state directory (CMD_STOP, CMD_SET_STATEBLOB, CMD_INIT): the second reads the
+/// same PCR 16 without a Startup of its own, the first keeps running after the save, and the
+/// registers and the unread response in the buffer came along.
+#[test]
+fn a_saved_tpm_restored_on_another_swtpm_reads_the_same_pcr() {
+    if std::process::Command::new("swtpm")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("SKIP a_saved_tpm_restored_on_another_swtpm_reads_the_same_pcr: no swtpm");
+        return;
+    }
+    let dirs = ["a", "b"].map(|n| {
+        let dir =
+            std::env::temp_dir().join(format!("sluice-swtpm-save-{n}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    });
+    let mut source = TpmCrb::new(Box::new(swtpm::Swtpm::spawn(&dirs[0]).unwrap()));
+    let mut target = TpmCrb::new(Box::new(swtpm::Swtpm::spawn(&dirs[1]).unwrap()));
+    let digest: Vec<u8> = (0u8..32).rev().collect();
+    run_command(&mut source, 0, &response(0x144, &[0, 0]));
+    run_command(&mut source, 0, &pcr_extend(16, &digest));
+    let before = pcr16_read(&mut source);
+
+    let saved = source.save_state().unwrap();
+    let still_running = pcr16_read(&mut source);
+    target.restore_state(&saved).unwrap();
+    let mut unread = [0u8; 62];
+    target.read(CRB_BASE, DATA_BUFFER, &mut unread);
+    let after = pcr16_read(&mut target);
+    drop((source, target));
+
+    assert_eq!(before[6..10], [0; 4], "{before:x?}");
+    assert_eq!(still_running, before);
+    assert_eq!(saved.active, Some(0));
+    assert!(!saved.tpm.permanent.data.is_empty() && !saved.tpm.volatile.data.is_empty());
+    assert_eq!(
+        unread[..],
+        before[..],
+        "the response in the buffer travelled"
+    );
+    assert_eq!(after, before, "PCR 16 on the restored TPM");
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// A saved state with a short buffer or a locality beyond 4 is refused before the backend is
+/// asked to restore anything.
+#[test]
+fn a_bad_saved_state_is_refused_before_the_backend_sees_it() {
+    let mut crb = crb_with(&FakeBackend::default());
+    let good = SavedTpm {
+        active: Some(0),
+        idle: true,
+        fatal: false,
+        cancel: 0,
+        int_enable: 0,
+        buffer: vec![0; BUFFER_SIZE],
+        tpm: TpmBlobs::default(),
+    };
+    let short = SavedTpm {
+        buffer: vec![0; 16],
+        ..good.clone()
+    };
+    let locality = SavedTpm {
+        active: Some(5),
+        ..good.clone()
+    };
+
+    let short = crb.restore_state(&short).unwrap_err();
+    let locality = crb.restore_state(&locality).unwrap_err();
+    // The fake cannot restore: the error is the backend's, after the checks passed.
+    let backend = crb.restore_state(&good).unwrap_err();
+
+    assert!(short.contains("16 bytes"), "{short}");
+    assert!(locality.contains("locality 5"), "{locality}");
+    assert!(backend.contains("cannot restore"), "{backend}");
+    assert_eq!(crb.active, None, "nothing changed");
+}
