@@ -221,3 +221,74 @@ fn a_pcr_extended_before_a_snapshot_reads_back_equal_after_restore_on_a_fresh_sw
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The same through a live migration: the kit extends PCR 16 and holds; `sluice ctl migrate`
+/// moves the VM to a `sluice run --migrate-from` on a swtpm of its own (empty state directory);
+/// the kit finishes there and reads PCR 16 back equal.
+#[test]
+fn a_pcr_extended_before_a_live_migration_reads_back_equal_at_the_destination() {
+    let name = "a_pcr_extended_before_a_live_migration_reads_back_equal_at_the_destination";
+    if skip_without_kvm(name) || !swtpm_installed() {
+        return;
+    }
+    let dir = temp_dir("migration");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (socket, first) = (dir.join("api.sock"), dir.join("source.txt"));
+    let stream = dir.join("migrate.sock");
+    let url = format!("unix:{}", stream.display());
+    let destination = Command::new(SLUICE)
+        .arg("run")
+        .arg(format!("--tpm=state={}", dir.join("tpm-b").display()))
+        .args(["--migrate-from", &url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the destination");
+    wait_for("the destination to listen", Duration::from_secs(10), || {
+        stream.exists()
+    });
+    let mut source = Command::new(SLUICE)
+        .arg("run")
+        .arg(format!("--tpm=state={}", dir.join("tpm-a").display()))
+        .arg("--api-socket")
+        .arg(&socket)
+        .arg(format!("--serial=file={}", first.display()))
+        .args(["--cmdline", "w=tpm:hold=8000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the source");
+    wait_for("the kit to extend PCR 16", Duration::from_secs(60), || {
+        std::fs::read_to_string(&first).is_ok_and(|c| c.contains("tpm: holding"))
+    });
+
+    let (status, answer) = ctl(&socket, &["migrate", &url]);
+    let source_status = wait_or_kill(&mut source, Duration::from_secs(20));
+    let finished = destination.wait_with_output().unwrap();
+
+    let console = String::from_utf8_lossy(&finished.stdout);
+    let log = String::from_utf8_lossy(&finished.stderr);
+    assert_eq!(status, 0, "{answer}\n--- destination ---\n{log}");
+    assert_eq!(source_status, Some(0), "the source exits 0 once migrated");
+    let before = std::fs::read_to_string(&first).unwrap();
+    assert!(
+        !before.contains("RESULT"),
+        "migrated after the hold:\n{before}"
+    );
+    assert_eq!(finished.status.code(), Some(0), "{console}\n{log}");
+    assert!(console.contains("GUEST-KIT PASS"), "{console}");
+    let result = kit_result(&console);
+    check_pcr_chain(&result).unwrap();
+    assert_eq!(
+        result["pcr_held"], result["pcr_after"],
+        "PCR 16 at the destination equals PCR 16 at the source: {result}"
+    );
+    let report: serde_json::Value = serde_json::from_str(answer.trim()).expect(&answer);
+    println!(
+        "{name}: PCR 16 {} at both ends; total {} ms, downtime {} ms",
+        result["pcr_held"], report["total_ms"], report["downtime_ms"]
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
