@@ -26,7 +26,8 @@
 //! VM changed by hot-plug) — the device dirty log covers exactly the devices that remain
 //! (virtio-blk on an image, virtio-net, virtio-rng, NVMe; see sluice_dma::dirty for the write
 //! paths: virtio-net writes guest memory only through chains it popped — received frames,
-//! their `num_buffers`, control acks — and the used ring, all marked) — and vhost-user disks
+//! their `num_buffers`, control acks — and the used ring, all marked; the TPM writes no guest
+//! memory: its buffer is in the device, its state travels in the machine state) — and vhost-user disks
 //! whose backend cannot log its writes (no VHOST_USER_PROTOCOL_F_LOG_SHMFD or VHOST_F_LOG_ALL).
 //! A vhost-user disk's backend logs into a bitmap the source reads each round
 //! (`sluice_devices::vhost_user_blk::migration`); at the stop-and-copy it is quiesced and

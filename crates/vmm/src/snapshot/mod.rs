@@ -15,7 +15,8 @@
 //! what the guest programmed: COM1's registers and unread input, the i8042's controller state,
 //! the RTC's CMOS bytes, control registers and time offset from the host clock (the guest's
 //! clock runs on with the host's), the ACPI PM1 registers (the PM timer restarts, so a guest
-//! sees it jump as after a long pause).
+//! sees it jump as after a long pause), and the TPM (`--tpm`): its CRB registers and buffer and
+//! swtpm's state blobs, set into the restoring process's own swtpm.
 //!
 //! Writing and loading the memory show their progress (crate::progress).
 //!
