@@ -41,6 +41,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("migration_stream", "sluice-vmm"),
     ("replay_log", "sluice-vmm"),
     ("tpm_crb", "sluice-devices"),
+    ("tpm_state", "sluice-devices"),
 ];
 
 /// A target body: what `fuzz_target!` runs on one input.

@@ -974,6 +974,42 @@ def tpm_command(locality, words):
     return ops + [tpm_op(True, base + 0x4c, 4, 1), tpm_op(False, base + 0x80, 8)]
 
 
+def blob_answer(data, result=0, flags=0, total=None):
+    """A CMD_GET_STATEBLOB answer: result, flags, total length, length (big-endian), blob."""
+    length = len(data)
+    return struct.pack(">IIII", result, flags, length if total is None else total, length) + data
+
+
+def tpm_state_input(answers, saved):
+    """tpm_state splits its input in halves: swtpm's answers, then the saved state."""
+    size = max(len(answers), len(saved))
+    return answers.ljust(size, b"\0") + saved.ljust(size, b"\0")
+
+
+def tpm_saved(active=0, buffer_mode=2, buffer_arg=0, flags=1):
+    """The saved-state half: active locality (bit 7: none), buffer length mode and argument,
+    idle/fatal bits, cancel and int_enable words, buffer bytes."""
+    return bytes([active, buffer_mode, buffer_arg, flags]) + struct.pack("<II", 1, 0) + bytes(range(64))
+
+
+def tpm_state_seeds():
+    ok = struct.pack(">I", 0)
+    restore = ok * 4 + ok + bytes(4)  # STOP, SET x2, INIT, then GET_TPMESTABLISHED
+    blobs = blob_answer(b"perm") + blob_answer(b"vola") + blob_answer(b"", result=0x800)
+    return [
+        ("blobs_and_restore_good", tpm_state_input(blobs + restore, tpm_saved())),
+        ("blob_over_the_limit", tpm_state_input(blob_answer(b"", total=1 << 24)[:16], tpm_saved())),
+        ("blob_lengths_differ", tpm_state_input(blob_answer(b"abcd", total=8), tpm_saved())),
+        ("blob_truncated", tpm_state_input(blob_answer(b"perm" * 8)[:24], tpm_saved())),
+        ("get_refused", tpm_state_input(blob_answer(b"", result=0x9), tpm_saved())),
+        ("stop_refused", tpm_state_input(blobs + struct.pack(">I", 1), tpm_saved())),
+        ("saved_buffer_short", tpm_state_input(blobs + restore, tpm_saved(buffer_mode=0, buffer_arg=3))),
+        ("saved_buffer_long", tpm_state_input(blobs + restore, tpm_saved(buffer_mode=1, buffer_arg=9))),
+        ("saved_locality_beyond_4", tpm_state_input(blobs + restore, tpm_saved(active=6))),
+        ("saved_no_locality", tpm_state_input(blobs + restore, tpm_saved(active=0x80))),
+    ]
+
+
 def tpm_seeds():
     startup = [0x00000180, 0x00000c00, 0x00004401]  # 80 01 | 00 00 00 0c | 00 00 01 44, LE words
     good_reply = bytes([0x80, 0x01, 0, 0, 0, 10, 0, 0, 0, 0]) + bytes(6)
@@ -1010,7 +1046,8 @@ def main():
                           ("migration_stream", migration_seeds()),
                           ("net_state", net_state_seeds()),
                           ("replay_log", replay_seeds()),
-                          ("tpm_crb", tpm_seeds())):
+                          ("tpm_crb", tpm_seeds()),
+                          ("tpm_state", tpm_state_seeds())):
         directory = ROOT / target
         directory.mkdir(parents=True, exist_ok=True)
         for name, data in seeds:

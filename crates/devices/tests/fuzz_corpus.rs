@@ -33,6 +33,7 @@ fn fuzz_corpora_replay_without_panics() {
                 &sluice_devices::nvme::fuzz::nvme_registers,
             ),
             ("tpm_crb", &sluice_devices::tpm::fuzz::tpm_crb),
+            ("tpm_state", &sluice_devices::tpm::fuzz::tpm_state),
         ],
     );
 }

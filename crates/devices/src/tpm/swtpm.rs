@@ -126,6 +126,17 @@ impl Swtpm {
         Ok(swtpm)
     }
 
+    /// An already connected and initialised swtpm's two channels (the fuzz target plays a
+    /// hostile swtpm on the other ends).
+    pub(super) fn from_channels(control: UnixStream, data: UnixStream) -> Swtpm {
+        Swtpm {
+            control: File::from(OwnedFd::from(control)),
+            data: File::from(OwnedFd::from(data)),
+            locality: 0,
+            child: None,
+        }
+    }
+
     /// Starts `swtpm socket --tpm2` with its state in `state_dir` (created if missing) and its
     /// control socket there, then connects.
     pub fn spawn(state_dir: &Path) -> Result<Swtpm, SwtpmError> {
