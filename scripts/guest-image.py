@@ -2,7 +2,7 @@
 """Builds sluice's Linux test guest: Debian's cloud kernel plus an initramfs with busybox, fio and
 the virtio drivers, whose /init runs one command taken from the kernel command line.
 
-Usage: scripts/guest-image.py [--print-init]
+Usage: scripts/guest-image.py [--tpm] [--print-init]
 Prints two lines on stdout: the kernel (bzImage) path and the initramfs (cpio newc, gzip) path.
 Progress goes to stderr when it is a terminal; errors always do, prefixed "guest-image:".
 
@@ -21,8 +21,9 @@ Guest protocol (the /init below):
 
 Where the pieces come from:
   - kernel and modules: tests/fetch-linux.sh --modules (cached in .cache/linux/ by version);
-  - busybox-static, fio and tpm2-tools (with the device TCTI it dlopens): `apt-get download` +
-    `dpkg -x` of the candidate Debian packages.
+  - busybox-static and fio, and with --tpm also tpm2-tools (with the device TCTI it dlopens;
+    for lab_tpm — a separate image, 4 MB larger unpacked, which a 256 MiB guest failed to
+    unpack; the migration lab tests boot the default one with 256 MiB): `apt-get download` + `dpkg -x` of the candidate Debian packages.
   - fio's shared libraries (about 60, 84 MB: librbd, libglusterfs, ICU, ... are all DT_NEEDED
     and fio is linked BIND_NOW, so none can be left out) are resolved by running `ldd` on the
     extracted fio with LD_LIBRARY_PATH pointing into the extracted packages. We extract the
@@ -31,7 +32,7 @@ Where the pieces come from:
     and the guest gets the same Debian release's binaries. A library the host already has (same
     Debian release, e.g. libc6) is taken from the host, which is the same package's file.
 
-Cache: .cache/linux/guest-<hash>.cpio.gz (override the directory with SLUICE_LINUX_CACHE); the
+Cache: .cache/linux/guest-<hash>.cpio.gz (guest-tpm-<hash>.cpio.gz with --tpm) (override the directory with SLUICE_LINUX_CACHE); the
 hash covers this script, the kernel version, the module files and the candidate versions of the
 packages. Without apt metadata (offline) the newest cached image is reused.
 """
@@ -64,7 +65,8 @@ MODULES = [
     "virtio_net",
     "virtio-rng",
 ]
-PACKAGES = ["busybox-static", "fio", "tpm2-tools", "libtss2-tcti-device0"]
+PACKAGES = ["busybox-static", "fio"]
+TPM_PACKAGES = ["tpm2-tools", "libtss2-tcti-device0"]
 # tpm2-tools is one binary, `tpm2`, called through tool-named links (lab_tpm uses these).
 TPM2_TOOLS = ["tpm2_pcrread", "tpm2_pcrextend", "tpm2_getrandom", "tpm2_startup"]
 # libtss2-tctildr dlopens the TCTI it is told to use (TPM2TOOLS_TCTI=device:/dev/tpmrm0), so
@@ -142,8 +144,9 @@ def fetch_kernel_and_modules():
     return lines[0], lines[1]
 
 
-def cache_key(kernel, modules_dir, versions):
+def cache_key(kernel, modules_dir, versions, with_tpm):
     digest = hashlib.sha256()
+    digest.update(b"tpm\n" if with_tpm else b"plain\n")
     for source in (os.path.abspath(__file__), debimage.__file__):
         digest.update(debimage.read(source))
     digest.update(os.path.basename(kernel).encode())
@@ -163,7 +166,7 @@ def check_module_order(modules_dir):
         loaded.add(module.replace("-", "_"))
 
 
-def build_archive(root, libraries, modules_dir):
+def build_archive(root, libraries, modules_dir, with_tpm):
     cpio = debimage.Cpio()
     for name in ("usr/bin", "usr/lib", "usr/lib64", "proc", "sys", "dev", "tmp"):
         cpio.directory(name)
@@ -173,9 +176,10 @@ def build_archive(root, libraries, modules_dir):
     cpio.char_device("dev/console", 5, 1)
     cpio.file("bin/busybox", debimage.read(os.path.join(root, "bin", "busybox")))
     cpio.file("usr/bin/fio", debimage.read(os.path.join(root, "usr", "bin", "fio")))
-    cpio.file("usr/bin/tpm2", debimage.read(os.path.join(root, "usr", "bin", "tpm2")))
-    for tool in TPM2_TOOLS:
-        cpio.symlink(f"usr/bin/{tool}", "tpm2")
+    if with_tpm:
+        cpio.file("usr/bin/tpm2", debimage.read(os.path.join(root, "usr", "bin", "tpm2")))
+        for tool in TPM2_TOOLS:
+            cpio.symlink(f"usr/bin/{tool}", "tpm2")
     for library in sorted(set(libraries)):
         # Copy the file behind the soname link under the soname, as ld.so looks it up.
         cpio.file(debimage.image_path(library, root), debimage.read(os.path.realpath(library)))
@@ -186,8 +190,13 @@ def build_archive(root, libraries, modules_dir):
     return cpio.finish()
 
 
-def newest_cached_image():
-    images = [n for n in os.listdir(CACHE) if n.startswith("guest-") and n.endswith(".cpio.gz")]
+def is_image(name, prefix):
+    """guest-<16 hex>.cpio.gz or guest-tpm-<16 hex>.cpio.gz, by `prefix`."""
+    return name.startswith(prefix) and name.endswith(".cpio.gz") and len(name) == len(prefix) + 16 + 8
+
+
+def newest_cached_image(prefix):
+    images = [n for n in os.listdir(CACHE) if is_image(n, prefix)]
     images.sort(key=lambda n: os.path.getmtime(os.path.join(CACHE, n)))
     return os.path.join(CACHE, images[-1]) if images else None
 
@@ -203,34 +212,38 @@ def main():
     progress("fetching the kernel and its virtio modules")
     kernel, modules_dir = fetch_kernel_and_modules()
     check_module_order(modules_dir)
-    versions = {p: debimage.candidate_version(p) for p in PACKAGES}
+    with_tpm = "--tpm" in sys.argv[1:]
+    packages = PACKAGES + (TPM_PACKAGES if with_tpm else [])
+    prefix = "guest-tpm-" if with_tpm else "guest-"
+    versions = {p: debimage.candidate_version(p) for p in packages}
     if None in versions.values():
-        image = newest_cached_image()
+        image = newest_cached_image(prefix)
         if not image:
             die("no apt metadata for fio/busybox-static (run apt-get update?) and no cached image")
         print(kernel)
         print(image)
         return
-    image = os.path.join(CACHE, f"guest-{cache_key(kernel, modules_dir, versions)}.cpio.gz")
+    image = os.path.join(CACHE, f"{prefix}{cache_key(kernel, modules_dir, versions, with_tpm)}.cpio.gz")
     if not os.path.exists(image):
         with tempfile.TemporaryDirectory(dir=CACHE, prefix="tmp.guest.") as work:
             root = os.path.join(work, "root")
             progress(f"downloading {', '.join(f'{p} {v}' for p, v in versions.items())}")
-            debimage.download_and_extract(TOOL, PACKAGES, work, root)
+            debimage.download_and_extract(TOOL, packages, work, root)
             fio = os.path.join(root, "usr", "bin", "fio")
-            fetched = set(PACKAGES)
+            fetched = set(packages)
             libraries = debimage.resolve_libraries(TOOL, "fio", fio, work, root, fetched)
-            tpm2 = os.path.join(root, "usr", "bin", "tpm2")
-            libraries += debimage.resolve_libraries(TOOL, "tpm2-tools", tpm2, work, root, fetched)
-            libraries.append(os.path.join(root, TCTI_LIBRARY))
-            progress(f"fio and tpm2 need {len(set(libraries))} shared libraries; writing the initramfs")
-            archive = build_archive(root, libraries, modules_dir)
+            if with_tpm:
+                tpm2 = os.path.join(root, "usr", "bin", "tpm2")
+                libraries += debimage.resolve_libraries(TOOL, "tpm2-tools", tpm2, work, root, fetched)
+                libraries.append(os.path.join(root, TCTI_LIBRARY))
+            progress(f"{len(set(libraries))} shared libraries; writing the initramfs")
+            archive = build_archive(root, libraries, modules_dir, with_tpm)
             partial = image + ".part"
             with open(partial, "wb") as out:
                 out.write(gzip.compress(archive, compresslevel=6, mtime=0))
             os.rename(partial, image)
             for stale in os.listdir(CACHE):  # images built from older inputs
-                if stale.startswith("guest-") and stale.endswith(".cpio.gz") and stale != os.path.basename(image):
+                if is_image(stale, prefix) and stale != os.path.basename(image):
                     os.remove(os.path.join(CACHE, stale))
             progress(f"{image}: {len(archive) >> 20} MiB, {os.path.getsize(image) >> 20} MiB gzipped")
     print(kernel)

@@ -5,7 +5,7 @@
 //!
 //! - tpm_crb binds to sluice's CRB device through the ACPI TPM2 table and the MSFT0101 device:
 //!   `/dev/tpm0` and `/dev/tpmrm0` appear, sysfs says TPM 2.0;
-//! - tpm2-tools (Debian's package, in the guest image) reads PCRs 0 and 16 (`tpm2_pcrread
+//! - tpm2-tools (Debian's package, in the guest image's `--tpm` variant) reads PCRs 0 and 16 (`tpm2_pcrread
 //!   sha256:0,16`, all zero after the kernel's TPM2_Startup) and random bytes
 //!   (`tpm2_getrandom`: two reads, different);
 //! - each guest extends PCR 16 with its own digests (two for the first, one for the second)
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use common::backend::sluice_binary;
 use common::qemu::kernel_cmdline_diskless;
-use common::{prerequisites, Scratch};
+use common::{find_program, guest_image_with_tpm, Scratch};
 use sluice_lab::{Lab, SCRATCH};
 
 const LAB_TIMEOUT: Duration = Duration::from_secs(600);
@@ -144,8 +144,16 @@ fn lab_tpm_crb_linux_tpm2_tools_two_guests_with_independent_pcrs() {
         println!("SKIP {test}: already inside the lab");
         return;
     }
-    let Some(image) = prerequisites(test, &["sha256sum"]) else {
+    if find_program("sha256sum").is_none() {
+        println!("SKIP {test}: sha256sum is not installed");
         return;
+    }
+    let image = match guest_image_with_tpm() {
+        Ok(image) => image,
+        Err(reason) => {
+            println!("SKIP {test}: cannot build the guest image with tpm2-tools ({reason})");
+            return;
+        }
     };
     if sluice_lab::skip_without_lab(test) {
         return;

@@ -17,8 +17,7 @@ use std::os::unix::net::UnixStream;
 
 use super::swtpm::{Swtpm, MAX_STATE_BLOB};
 use super::{
-    SavedTpm, StateBlob, TpmBackend, TpmBlobs, TpmCrb, BUFFER_SIZE, CRB_BASE, CRB_SIZE,
-    HEADER_SIZE,
+    SavedTpm, StateBlob, TpmBackend, TpmBlobs, TpmCrb, BUFFER_SIZE, CRB_BASE, CRB_SIZE, HEADER_SIZE,
 };
 use sluice_bus::BusDevice;
 
@@ -153,7 +152,11 @@ fn restore_saved(input: &[u8]) {
             assert!(crb.active.is_none_or(|l| l < 5));
             assert!(crb.cancel <= 1);
         }
-        Err(_) => assert_eq!(crb.register_qword(0, 0), before, "a refused state changed nothing"),
+        Err(_) => assert_eq!(
+            crb.register_qword(0, 0),
+            before,
+            "a refused state changed nothing"
+        ),
     }
     for offset in (0..0x80).step_by(4) {
         let mut out = [0u8; 4];
