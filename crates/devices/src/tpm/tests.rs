@@ -395,3 +395,47 @@ fn a_bad_saved_state_is_refused_before_the_backend_sees_it() {
     assert!(backend.contains("cannot restore"), "{backend}");
     assert_eq!(crb.active, None, "nothing changed");
 }
+
+/// swtpm's answers on the wire, played from the other end of the control socket: three
+/// CMD_GET_STATEBLOB answers (the last TPM_RETRY: no savestate blob) become the blobs with
+/// their flags; a blob announced beyond the limit is refused without reading it.
+#[test]
+fn state_blob_answers_parse_into_blobs_and_oversized_ones_are_refused() {
+    use std::io::Write;
+    let answer = |result: u32, flags: u32, total: u32, blob: &[u8]| {
+        let mut bytes = Vec::new();
+        for word in [result, flags, total, blob.len() as u32] {
+            bytes.extend_from_slice(&word.to_be_bytes());
+        }
+        bytes.extend_from_slice(blob);
+        bytes
+    };
+    let swtpm_answering = |answers: &[u8]| {
+        let (control, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (data, _) = std::os::unix::net::UnixStream::pair().unwrap();
+        theirs.write_all(answers).unwrap();
+        theirs.shutdown(std::net::Shutdown::Write).unwrap();
+        (swtpm::Swtpm::from_channels(control, data), theirs)
+    };
+    let mut good = answer(0, 2, 4, b"perm");
+    good.extend(answer(0, 0, 3, b"vol"));
+    good.extend(answer(0x800, 0, 0, b""));
+    let mut oversized = answer(0, 0, 8 << 20, b"");
+    oversized[12..16].copy_from_slice(&(8u32 << 20).to_be_bytes());
+
+    let (mut swtpm, _peer) = swtpm_answering(&good);
+    let blobs = swtpm.save_state().unwrap();
+    let (mut swtpm, _peer) = swtpm_answering(&oversized);
+    let refused = swtpm.save_state().unwrap_err();
+
+    assert_eq!(
+        blobs.permanent,
+        StateBlob {
+            flags: 2,
+            data: b"perm".to_vec()
+        }
+    );
+    assert_eq!(blobs.volatile.data, b"vol");
+    assert_eq!(blobs.savestate, StateBlob::default());
+    assert!(refused.contains("state blob of 8388608 bytes"), "{refused}");
+}
