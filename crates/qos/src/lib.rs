@@ -23,10 +23,10 @@ pub mod scheduler;
 pub mod shared;
 
 pub use bucket::{Rate, TokenBucket};
-pub use config::{parse_device, parse_guest};
+pub use config::{apply_guest, parse_device, parse_guest};
 pub use scheduler::{
     Access, Class, DeviceConfig, GuestConfig, GuestId, GuestStats, QueueFull, QueueId, Request,
-    Scheduler,
+    Scheduler, DELAY_BUCKETS,
 };
 pub use shared::{stats_json, Qos, QueuePort};
 

@@ -169,6 +169,38 @@ pub struct GuestStats {
     /// Per class: dispatched requests and their summed queueing delay.
     pub class_dispatched: [u64; 3],
     pub class_queue_delay_ns: [u64; 3],
+    /// Queueing delays by power of two: bucket `i` counts delays below `2^i` ns (and at least
+    /// `2^(i-1)`); the last one everything from about a second up.
+    pub delay_histogram: [u64; DELAY_BUCKETS],
+}
+
+/// Buckets of [`GuestStats::delay_histogram`].
+pub const DELAY_BUCKETS: usize = 32;
+
+impl GuestStats {
+    fn record_delay(&mut self, delay: Nanos) {
+        let bucket = (u64::BITS - delay.leading_zeros()) as usize;
+        self.delay_histogram[bucket.min(DELAY_BUCKETS - 1)] += 1;
+    }
+
+    /// The queueing delay that `percent` of the dispatched requests stayed under, as the
+    /// upper edge of its histogram bucket (at most twice the true value); 0 with none.
+    pub fn delay_percentile_ns(&self, percent: u64) -> Nanos {
+        let total: u64 = self.delay_histogram.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        // The rank of the request at `percent`, rounded up, at least the first.
+        let rank = (total.saturating_mul(percent.min(100))).div_ceil(100).max(1);
+        let mut seen = 0;
+        for (bucket, count) in self.delay_histogram.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return 1u64 << bucket;
+            }
+        }
+        1u64 << (DELAY_BUCKETS - 1)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -524,6 +556,7 @@ impl Scheduler {
         stats.cost += cost;
         stats.queue_delay_ns += delay;
         stats.max_queue_delay_ns = stats.max_queue_delay_ns.max(delay);
+        stats.record_delay(delay);
         stats.class_dispatched[class.index()] += 1;
         stats.class_queue_delay_ns[class.index()] += delay;
         let queue = entry.queue;
