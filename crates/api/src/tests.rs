@@ -222,8 +222,18 @@ fn qos_routes_need_an_id_and_a_flat_body_and_a_vm_without_a_scheduler_answers_40
 
     let no_id = route(&put, "/api/v1/vm.qos", br#"{"iops": 5}"#, &vm);
     let malformed = route(&put, "/api/v1/vm.qos", b"[1]", &vm);
-    let nested = route(&put, "/api/v1/vm.qos", br#"{"id": "disk0", "iops": {}}"#, &vm);
-    let negative = route(&put, "/api/v1/vm.qos", br#"{"id": "disk0", "iops": -1}"#, &vm);
+    let nested = route(
+        &put,
+        "/api/v1/vm.qos",
+        br#"{"id": "disk0", "iops": {}}"#,
+        &vm,
+    );
+    let negative = route(
+        &put,
+        "/api/v1/vm.qos",
+        br#"{"id": "disk0", "iops": -1}"#,
+        &vm,
+    );
     let not_supported = route(&put, "/api/v1/vm.qos", br#"{"id": "disk0"}"#, &vm);
     let get = route(&tiny_http::Method::Get, "/api/v1/vm.qos", b"", &vm);
     let wrong_method = route(&tiny_http::Method::Delete, "/api/v1/vm.qos", b"", &vm);

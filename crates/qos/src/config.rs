@@ -188,7 +188,11 @@ mod tests {
         let faster = apply_guest(&current, "iops=2000").unwrap();
         assert_eq!(faster.weight, 3);
         assert_eq!(faster.bps, current.bps);
-        assert_eq!(faster.iops, Rate::new(2000), "a new rate takes the default burst");
+        assert_eq!(
+            faster.iops,
+            Rate::new(2000),
+            "a new rate takes the default burst"
+        );
         let burst = apply_guest(&current, "iops_burst=7").unwrap();
         assert_eq!(
             burst.iops,

@@ -184,22 +184,25 @@ impl GuestStats {
     }
 
     /// The queueing delay that `percent` of the dispatched requests stayed under, as the
-    /// upper edge of its histogram bucket (at most twice the true value); 0 with none.
+    /// upper edge of its histogram bucket (at most twice the true value, never above the
+    /// largest delay seen); 0 with none.
     pub fn delay_percentile_ns(&self, percent: u64) -> Nanos {
         let total: u64 = self.delay_histogram.iter().sum();
         if total == 0 {
             return 0;
         }
         // The rank of the request at `percent`, rounded up, at least the first.
-        let rank = (total.saturating_mul(percent.min(100))).div_ceil(100).max(1);
+        let rank = (total.saturating_mul(percent.min(100)))
+            .div_ceil(100)
+            .max(1);
         let mut seen = 0;
         for (bucket, count) in self.delay_histogram.iter().enumerate() {
             seen += count;
             if seen >= rank {
-                return 1u64 << bucket;
+                return (1u64 << bucket).min(self.max_queue_delay_ns);
             }
         }
-        1u64 << (DELAY_BUCKETS - 1)
+        self.max_queue_delay_ns
     }
 }
 

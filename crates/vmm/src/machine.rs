@@ -257,9 +257,7 @@ pub fn run_handle_with(
     device_metrics.extend(wired.iter().map(|w| w.metrics.clone()));
     for device in &wired {
         if let Some(scheduled) = &device.qos {
-            handle
-                .qos_disks()
-                .add(device.id.clone(), scheduled.clone());
+            handle.qos_disks().add(device.id.clone(), scheduled.clone());
         }
     }
     device_metrics.extend(crate::e1000::attach_e1000_devices(

@@ -71,7 +71,11 @@ impl QosDisks {
     /// Per scheduled disk: its id, weight, limits and stats (see `sluice_qos::stats_json`),
     /// its share counted over every disk of its scheduler.
     pub fn status(&self) -> Value {
-        let disks: Vec<Value> = self.locked().iter().map(|(id, g)| disk_json(id, g)).collect();
+        let disks: Vec<Value> = self
+            .locked()
+            .iter()
+            .map(|(id, g)| disk_json(id, g))
+            .collect();
         json!({ "disks": disks })
     }
 
@@ -202,7 +206,9 @@ mod tests {
         assert_eq!(answer["iops_limit"], 500);
         assert_eq!(answer["weight"], 2);
         assert_eq!(disks.status()["disks"][0]["qos_queue"], 8);
-        assert!(disks.prometheus().contains("sluice_qos_weight{disk=\"disk0\"} 2"));
+        assert!(disks
+            .prometheus()
+            .contains("sluice_qos_weight{disk=\"disk0\"} 2"));
     }
 
     #[test]
