@@ -19,6 +19,7 @@
 
 pub mod bucket;
 pub mod config;
+pub mod fuzz;
 pub mod scheduler;
 pub mod shared;
 
