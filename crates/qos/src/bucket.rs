@@ -91,6 +91,19 @@ impl TokenBucket {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_rate_near_u64_max_over_centuries_saturates() {
+        let rate = Rate {
+            per_sec: u64::MAX,
+            burst: 1,
+        };
+        let mut bucket = TokenBucket::new(rate, 0);
+        bucket.charge(1 << 20);
+        assert!(bucket.ready(u64::MAX));
+        bucket.charge(u64::MAX);
+        assert!(!bucket.ready(u64::MAX));
+    }
+
     const MS: Nanos = 1_000_000;
 
     #[test]

@@ -321,7 +321,10 @@ impl Guest {
 
     fn stop_throttle(&mut self, now: Nanos) {
         if let Some(since) = self.throttled_since.take() {
-            self.stats.throttled_ns += now.saturating_sub(since);
+            self.stats.throttled_ns = self
+                .stats
+                .throttled_ns
+                .saturating_add(now.saturating_sub(since));
         }
     }
 }
@@ -554,14 +557,16 @@ impl Scheduler {
         g.vtime += u128::from(cost) * VTIME_SCALE / u128::from(g.config.weight);
         let delay = now.saturating_sub(entry.arrived);
         let stats = &mut g.stats;
+        // Sums saturate: they are metrics, and a clock may be anything in the fuzzer.
         stats.dispatched += 1;
-        stats.bytes += data;
-        stats.cost += cost;
-        stats.queue_delay_ns += delay;
+        stats.bytes = stats.bytes.saturating_add(data);
+        stats.cost = stats.cost.saturating_add(cost);
+        stats.queue_delay_ns = stats.queue_delay_ns.saturating_add(delay);
         stats.max_queue_delay_ns = stats.max_queue_delay_ns.max(delay);
         stats.record_delay(delay);
         stats.class_dispatched[class.index()] += 1;
-        stats.class_queue_delay_ns[class.index()] += delay;
+        let class_delay = &mut stats.class_queue_delay_ns[class.index()];
+        *class_delay = class_delay.saturating_add(delay);
         let queue = entry.queue;
         self.queues[queue.0].pending -= 1;
         g.in_flight.push(entry);
@@ -641,7 +646,8 @@ impl Scheduler {
             .map(|g| {
                 let mut stats = g.stats.clone();
                 if let Some(since) = g.throttled_since {
-                    stats.throttled_ns += now.saturating_sub(since);
+                    stats.throttled_ns =
+                        stats.throttled_ns.saturating_add(now.saturating_sub(since));
                 }
                 (g.config.clone(), stats)
             })
