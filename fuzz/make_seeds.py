@@ -689,6 +689,7 @@ def qos_seeds():
         ("burst_alone", b"\x01bps_burst=4K"),
         ("lift", b"\x01iops=0,bps=0,weight=1000"),
         ("huge_rate", b"\x01bps=17179869183G,iops=18446744073709551615"),
+        ("huge_rate_small_burst", b"\x01bps=17179869183G,bps_burst=1"),
         ("device", b"\x02depth=2,idle_depth=1,bps=100M,bps_burst=1M"),
         ("bad", b"\x03weight=0,speed=5,iops_burst=0,=,,x"),
     ]
