@@ -580,7 +580,8 @@ fn served_within_bucket(socket: &Path, iops: u64, burst: u64, window: Duration) 
 /// `vm.qos` shows it held within that bucket's bound and throttled; a PUT through curl raises
 /// the limit and the guest then gets more than the old limit allowed; a change through
 /// `sluice ctl qos` lowers it and it holds again. Unknown disks, unknown keys, bad values,
-/// a missing id and malformed JSON are refused with a JSON 4xx and change nothing; the
+/// a missing id and malformed JSON are refused with a JSON 4xx and change nothing; a disk
+/// hot-plugged with limits joins the scheduler under its id and can be changed too; the
 /// metrics at exit carry the disk's final settings and stats.
 #[test]
 fn a_disks_iops_limit_changed_live_through_the_api_is_what_the_guest_gets() {
@@ -596,10 +597,13 @@ fn a_disks_iops_limit_changed_live_through_the_api_is_what_the_guest_gets() {
     let socket = dir.join("api.sock");
     let image = dir.join("disk.img");
     let metrics = dir.join("metrics.json");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    let hot_image = dir.join("hot.img");
+    for path in [&image, &hot_image] {
+        std::fs::File::create(path)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+    }
     let mut vm = Command::new(SLUICE)
         .arg("run")
         .arg(format!("--disk=path={},iops=20", image.display()))
@@ -686,6 +690,19 @@ fn a_disks_iops_limit_changed_live_through_the_api_is_what_the_guest_gets() {
         Some(r#"{"id": "disk0", "iops": [1]}"#),
     );
     let after_refusals = disk0_qos(&socket);
+    // A hot-plugged disk with limits joins the scheduler under its id.
+    let plug_body = format!(
+        r#"{{"path": "{}", "iops": 50, "weight": 2, "id": "hot0"}}"#,
+        hot_image.display()
+    );
+    let plugged = curl(&socket, "PUT", "vm.add-disk", Some(&plug_body));
+    let hot_changed = curl(
+        &socket,
+        "PUT",
+        "vm.qos",
+        Some(r#"{"id": "hot0", "weight": 4}"#),
+    );
+    let (_, both) = curl(&socket, "GET", "vm.qos", None);
     let (listed_status, listed) = ctl(&socket, "qos");
     let prometheus = ctl(&socket, "metrics");
 
@@ -732,6 +749,22 @@ fn a_disks_iops_limit_changed_live_through_the_api_is_what_the_guest_gets() {
         (&10.into(), &1.into(), &1.into()),
         "refused changes changed nothing: {after_refusals}"
     );
+    assert_eq!(plugged.0, 200, "{plugged:?}");
+    assert_eq!(hot_changed.0, 200, "{hot_changed:?}");
+    let hot: serde_json::Value = serde_json::from_str(&hot_changed.1).unwrap();
+    assert_eq!(
+        (&hot["id"], &hot["weight"], &hot["iops_limit"]),
+        (&"hot0".into(), &4.into(), &50.into()),
+        "{hot}"
+    );
+    let both: serde_json::Value = serde_json::from_str(&both).unwrap();
+    let ids: Vec<&str> = both["disks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["disk0", "hot0"], "{both}");
     assert_eq!(listed_status, 0, "{listed}");
     assert!(listed.contains("\"id\":\"disk0\""), "{listed}");
     assert!(
