@@ -126,10 +126,7 @@ impl VmApi for ApiVm {
         self.0
             .qos_disks()
             .reconfigure(id, &request.options)
-            .map_err(|e| match e {
-                QosError::NotFound(_) => ApiError::NotFound(e.to_string()),
-                QosError::BadRequest(why) => ApiError::BadRequest(why),
-            })
+            .map_err(qos_error)
     }
 }
 
@@ -141,6 +138,14 @@ pub fn qos_json(vm: &VmHandle) -> Value {
         Value::Null
     } else {
         disks.status()["disks"].take()
+    }
+}
+
+/// A refused `vm.qos` change as the API answers it.
+pub fn qos_error(e: QosError) -> ApiError {
+    match e {
+        QosError::NotFound(_) => ApiError::NotFound(e.to_string()),
+        QosError::BadRequest(why) => ApiError::BadRequest(why),
     }
 }
 
@@ -180,7 +185,8 @@ fn config_json(config: &VmConfig) -> Value {
 
 #[derive(Args)]
 pub struct CtlArgs {
-    /// The API socket of a `sluice run --api-socket PATH`.
+    /// The API socket of a `sluice run --api-socket PATH` (or `sluice serve blk
+    /// --api-socket PATH`: `qos`, `counters`, `metrics`).
     #[arg(long)]
     api_socket: PathBuf,
     #[command(subcommand)]
