@@ -705,6 +705,7 @@ fn a_disks_iops_limit_changed_live_through_the_api_is_what_the_guest_gets() {
     let (_, both) = curl(&socket, "GET", "vm.qos", None);
     let (listed_status, listed) = ctl(&socket, "qos");
     let prometheus = ctl(&socket, "metrics");
+    let counters = ctl(&socket, "counters");
 
     let shutdown = curl(&socket, "PUT", "vm.shutdown", None);
     let status = wait_or_kill(&mut vm, Duration::from_secs(30));
@@ -772,6 +773,12 @@ fn a_disks_iops_limit_changed_live_through_the_api_is_what_the_guest_gets() {
             .1
             .contains("sluice_qos_dispatched_total{disk=\"disk0\"}"),
         "{prometheus:?}"
+    );
+    let counters: serde_json::Value = serde_json::from_str(&counters.1).unwrap_or_default();
+    assert_eq!(counters["qos"][0]["id"], "disk0", "{counters}");
+    assert!(
+        counters["qos"][0]["dispatched"].as_u64() > Some(0),
+        "{counters}"
     );
     assert_eq!(shutdown.0, 204, "{shutdown:?}");
     assert_eq!(status, Some(0));
