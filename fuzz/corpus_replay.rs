@@ -38,6 +38,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("pci_config_space", "sluice-host"),
     ("vfio_config", "sluice-vfio"),
     ("api_request", "sluice-api"),
+    ("qos_spec", "sluice-qos"),
     ("migration_stream", "sluice-vmm"),
     ("replay_log", "sluice-vmm"),
     ("tpm_crb", "sluice-devices"),

@@ -673,7 +673,25 @@ def api_seeds():
         ("add_net_comma", bytes([put]) + b"/api/v1/vm.add-net\n{\"tap\":\"t0,mac=1\"}"),
         ("remove_device", bytes([put]) + b"/api/v1/vm.remove-device\n{\"id\":\"disk0\"}"),
         ("remove_unknown", bytes([put]) + b"/api/v1/vm.remove-device\n{\"id\":\"nope\",\"x\":1}"),
+        ("qos_get", bytes([get]) + b"/api/v1/vm.qos\n"),
+        ("qos_put", bytes([put]) + b"/api/v1/vm.qos\n{\"id\":\"disk0\",\"iops\":500,\"bps\":\"8M\"}"),
+        ("qos_no_id", bytes([put]) + b"/api/v1/vm.qos\n{\"weight\":3}"),
         ("answer", b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"),
+    ]
+
+
+# --- qos_spec: [selector][spec] -----------------------------------------------------------------
+def qos_seeds():
+    """Guest and device specs, live changes on a plain and a limited guest, bad values."""
+    return [
+        ("guest", b"\x00weight=3,iops=1000,iops_burst=50,bps=8M,queue=64"),
+        ("change_limited", b"\x01iops=2000"),
+        ("burst_alone", b"\x01bps_burst=4K"),
+        ("lift", b"\x01iops=0,bps=0,weight=1000"),
+        ("huge_rate", b"\x01bps=17179869183G,iops=18446744073709551615"),
+        ("huge_rate_small_burst", b"\x01bps=17179869183G,bps_burst=1"),
+        ("device", b"\x02depth=2,idle_depth=1,bps=100M,bps_burst=1M"),
+        ("bad", b"\x03weight=0,speed=5,iops_burst=0,=,,x"),
     ]
 
 
@@ -1042,6 +1060,7 @@ def main():
                           ("pci_config_space", config_space_seeds()),
                           ("vfio_config", vfio_seeds()),
                           ("api_request", api_seeds()),
+                          ("qos_spec", qos_seeds()),
                           ("virtio_iommu_request", viommu_seeds()),
                           ("migration_stream", migration_seeds()),
                           ("net_state", net_state_seeds()),

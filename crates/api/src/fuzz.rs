@@ -41,6 +41,12 @@ impl VmApi for Accepting {
             None => Err(ApiError::BadRequest("no path".into())),
         }
     }
+    fn set_qos(&self, request: &DeviceRequest) -> Result<Value, ApiError> {
+        match request.id.as_deref() {
+            Some("disk0") => Ok(json!({ "id": "disk0", "options": request.options_string() })),
+            _ => Err(ApiError::NotFound("no scheduled disk".into())),
+        }
+    }
     fn remove_device(&self, id: &str) -> Result<Value, ApiError> {
         match id {
             "disk0" => Ok(json!({ "id": id })),

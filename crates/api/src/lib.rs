@@ -2,7 +2,8 @@
 //! --api-socket PATH`), shaped after Cloud Hypervisor's so that its users feel at home
 //! (`/api/v1/vm.info`, `vm.pause`, `vm.resume`, `vm.snapshot`, `vm.send-migration`,
 //! `vm.shutdown`, `vm.counters`, `vmm.ping`, and the hot-plug routes `vm.add-disk`,
-//! `vm.add-net`, `vm.add-device`, `vm.remove-device`), plus `/metrics` in the Prometheus
+//! `vm.add-net`, `vm.add-device`, `vm.remove-device`), `vm.qos` (the I/O scheduler's
+//! settings and stats per disk, changed live with a PUT), plus `/metrics` in the Prometheus
 //! text format. The OpenAPI document is docs/api.yaml.
 //!
 //! The VM side is the [`VmApi`] trait (sluice-vmm implements it), so this crate knows nothing
@@ -27,7 +28,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-/// The largest request body read; the API's requests carry none today.
+/// The largest request body read.
 pub const MAX_BODY: usize = 64 << 10;
 /// How long the client waits for an answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -69,6 +70,17 @@ pub trait VmApi: Send + Sync {
     /// Asks the guest to eject device `id`.
     fn remove_device(&self, _id: &str) -> Result<Value, ApiError> {
         Err(ApiError::Conflict("this VMM cannot hot-unplug".into()))
+    }
+    /// Every disk behind the I/O scheduler: its weight and limits and what it got
+    /// (`{"disks": [{"id", "weight", "iops_limit", ..., "share", "queue_delay_p99_us"}]}`).
+    fn qos(&self) -> Result<Value, ApiError> {
+        Err(ApiError::Conflict("this VMM has no I/O scheduler".into()))
+    }
+    /// Changes the weight and limits of the scheduled disk `request.id` (always given) to
+    /// `request.options` (the `--disk` keys `weight`, `iops`, `iops_burst`, `bps`,
+    /// `bps_burst`, `qos_queue`); answers the disk's new settings.
+    fn set_qos(&self, _request: &DeviceRequest) -> Result<Value, ApiError> {
+        Err(ApiError::Conflict("this VMM has no I/O scheduler".into()))
     }
 }
 
@@ -352,6 +364,13 @@ pub fn route(method: &tiny_http::Method, url: &str, body: &[u8], vm: &dyn VmApi)
         ("/api/v1/vm.add-disk", Put) => device("vm.add-disk", &|r| vm.add_disk(r)),
         ("/api/v1/vm.add-net", Put) => device("vm.add-net", &|r| vm.add_net(r)),
         ("/api/v1/vm.add-device", Put) => device("vm.add-device", &|r| vm.add_device(r)),
+        ("/api/v1/vm.qos", Put) => match DeviceRequest::parse("vm.qos", body) {
+            Ok(request) if request.id.is_none() => {
+                Answer::error(400, "vm.qos needs the disk's \"id\"")
+            }
+            Ok(request) => answer(vm.set_qos(&request)),
+            Err(why) => Answer::error(400, &why),
+        },
         ("/api/v1/vm.remove-device", Put) => match device_id(body) {
             Ok(id) => answer(vm.remove_device(&id)),
             Err(why) => Answer::error(400, &why),
@@ -363,6 +382,7 @@ pub fn route(method: &tiny_http::Method, url: &str, body: &[u8], vm: &dyn VmApi)
         ),
         ("/api/v1/vm.info", Get) => Answer::json(200, &vm.info()),
         ("/api/v1/vm.counters", Get) => Answer::json(200, &vm.counters()),
+        ("/api/v1/vm.qos", Get) => answer(vm.qos()),
         ("/metrics", Get) => Answer {
             status: 200,
             body: vm.prometheus(),
@@ -385,7 +405,8 @@ pub fn route(method: &tiny_http::Method, url: &str, body: &[u8], vm: &dyn VmApi)
             | "/api/v1/vm.add-disk"
             | "/api/v1/vm.add-net"
             | "/api/v1/vm.add-device"
-            | "/api/v1/vm.remove-device",
+            | "/api/v1/vm.remove-device"
+            | "/api/v1/vm.qos",
             _,
         ) => Answer::error(405, &format!("{method} is not allowed on {path}")),
         _ => Answer::error(404, &format!("no such endpoint: {path}")),

@@ -214,3 +214,37 @@ fn hotplug_routes_answer_400_for_bad_bodies_and_409_from_a_vm_without_hotplug() 
     assert_eq!(wrong_method.status, 405, "{wrong_method:?}");
     assert!(malformed.body.contains("\"error\""));
 }
+
+#[test]
+fn qos_routes_need_an_id_and_a_flat_body_and_a_vm_without_a_scheduler_answers_409() {
+    let vm = FakeVm::default();
+    let put = tiny_http::Method::Put;
+
+    let no_id = route(&put, "/api/v1/vm.qos", br#"{"iops": 5}"#, &vm);
+    let malformed = route(&put, "/api/v1/vm.qos", b"[1]", &vm);
+    let nested = route(
+        &put,
+        "/api/v1/vm.qos",
+        br#"{"id": "disk0", "iops": {}}"#,
+        &vm,
+    );
+    let negative = route(
+        &put,
+        "/api/v1/vm.qos",
+        br#"{"id": "disk0", "iops": -1}"#,
+        &vm,
+    );
+    let not_supported = route(&put, "/api/v1/vm.qos", br#"{"id": "disk0"}"#, &vm);
+    let get = route(&tiny_http::Method::Get, "/api/v1/vm.qos", b"", &vm);
+    let wrong_method = route(&tiny_http::Method::Delete, "/api/v1/vm.qos", b"", &vm);
+
+    for bad in [&no_id, &malformed, &nested, &negative] {
+        assert_eq!(bad.status, 400, "{bad:?}");
+        let body: Value = serde_json::from_str(&bad.body).unwrap();
+        assert!(body["error"].is_string(), "{bad:?}");
+    }
+    assert!(no_id.body.contains("needs the disk"), "{no_id:?}");
+    assert_eq!(not_supported.status, 409, "{not_supported:?}");
+    assert_eq!(get.status, 409, "{get:?}");
+    assert_eq!(wrong_method.status, 405, "{wrong_method:?}");
+}

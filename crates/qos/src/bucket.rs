@@ -53,9 +53,12 @@ impl TokenBucket {
 
     fn refill(&mut self, now: Nanos) {
         if now > self.updated {
-            let gained = i128::from(self.rate.per_sec) * i128::from(now - self.updated);
+            // Saturating: a rate near u64::MAX over centuries would pass i128 (the API lets a
+            // client set any rate).
+            let gained =
+                i128::from(self.rate.per_sec).saturating_mul(i128::from(now - self.updated));
             let full = i128::from(self.rate.burst) * NANOS_PER_SEC;
-            self.level = (self.level + gained).min(full);
+            self.level = self.level.saturating_add(gained).min(full);
             self.updated = now;
         }
     }
@@ -68,7 +71,7 @@ impl TokenBucket {
 
     /// Takes `units` (after [`TokenBucket::ready`] said yes).
     pub fn charge(&mut self, units: u64) {
-        self.level -= i128::from(units) * NANOS_PER_SEC;
+        self.level = self.level.saturating_sub(i128::from(units) * NANOS_PER_SEC);
     }
 
     /// The earliest time at or after `now` when [`TokenBucket::ready`] turns true.
@@ -87,6 +90,19 @@ impl TokenBucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rate_near_u64_max_over_centuries_saturates() {
+        let rate = Rate {
+            per_sec: u64::MAX,
+            burst: 1,
+        };
+        let mut bucket = TokenBucket::new(rate, 0);
+        bucket.charge(1 << 20);
+        assert!(bucket.ready(u64::MAX));
+        bucket.charge(u64::MAX);
+        assert!(!bucket.ready(u64::MAX));
+    }
 
     const MS: Nanos = 1_000_000;
 

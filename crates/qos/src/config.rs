@@ -65,7 +65,14 @@ fn number_in(value: &str, key: &str, range: std::ops::RangeInclusive<u64>) -> Re
 
 /// A guest's configuration named `name` from `spec` (defaults: [`GuestConfig::new`]).
 pub fn parse_guest(name: &str, spec: &str) -> Result<GuestConfig, String> {
-    let mut config = GuestConfig::new(name);
+    apply_guest(&GuestConfig::new(name), spec)
+}
+
+/// `current` with the keys of `spec` changed (live reconfiguration): a key not given keeps
+/// its value; a rate given without its burst gets the default burst; a burst given alone
+/// applies to the current rate; a rate of 0 removes that limit.
+pub fn apply_guest(current: &GuestConfig, spec: &str) -> Result<GuestConfig, String> {
+    let mut config = current.clone();
     let mut rates = Rates::default();
     for pair in pairs(spec) {
         let (key, value) = pair?;
@@ -78,7 +85,24 @@ pub fn parse_guest(name: &str, spec: &str) -> Result<GuestConfig, String> {
             _ => return Err(format!("unknown qos key {key:?}")),
         }
     }
-    (config.iops, config.bps) = rates.finish()?;
+    let touched = (
+        rates.iops.is_some() || rates.iops_burst.is_some(),
+        rates.bps.is_some() || rates.bps_burst.is_some(),
+    );
+    // A burst given alone applies to the current rate.
+    if rates.iops.is_none() {
+        rates.iops = current.iops.map(|r| r.per_sec);
+    }
+    if rates.bps.is_none() {
+        rates.bps = current.bps.map(|r| r.per_sec);
+    }
+    let (iops, bps) = rates.finish()?;
+    if touched.0 {
+        config.iops = iops;
+    }
+    if touched.1 {
+        config.bps = bps;
+    }
     Ok(config)
 }
 
@@ -156,6 +180,37 @@ mod tests {
         }
         assert!(parse_device("depth=0").is_err());
         assert!(parse_device("weight=2").is_err());
+    }
+
+    #[test]
+    fn a_live_change_keeps_what_it_does_not_name() {
+        let current = parse_guest("a", "weight=3,iops=1000,iops_burst=50,bps=8M").unwrap();
+        let faster = apply_guest(&current, "iops=2000").unwrap();
+        assert_eq!(faster.weight, 3);
+        assert_eq!(faster.bps, current.bps);
+        assert_eq!(
+            faster.iops,
+            Rate::new(2000),
+            "a new rate takes the default burst"
+        );
+        let burst = apply_guest(&current, "iops_burst=7").unwrap();
+        assert_eq!(
+            burst.iops,
+            Some(Rate {
+                per_sec: 1000,
+                burst: 7
+            })
+        );
+        let unlimited = apply_guest(&current, "iops=0,weight=9").unwrap();
+        assert_eq!((unlimited.iops, unlimited.weight), (None, 9));
+        assert_eq!(unlimited.bps, current.bps);
+        assert_eq!(apply_guest(&current, "").unwrap(), current);
+        let plain = GuestConfig::new("b");
+        assert!(apply_guest(&plain, "bps_burst=4K")
+            .unwrap_err()
+            .contains("bps_burst needs bps"));
+        assert!(apply_guest(&current, "iops=0,iops_burst=5").is_err());
+        assert!(apply_guest(&current, "weight=1001").is_err());
     }
 
     #[test]

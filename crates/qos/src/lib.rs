@@ -19,14 +19,15 @@
 
 pub mod bucket;
 pub mod config;
+pub mod fuzz;
 pub mod scheduler;
 pub mod shared;
 
 pub use bucket::{Rate, TokenBucket};
-pub use config::{parse_device, parse_guest};
+pub use config::{apply_guest, parse_device, parse_guest};
 pub use scheduler::{
     Access, Class, DeviceConfig, GuestConfig, GuestId, GuestStats, QueueFull, QueueId, Request,
-    Scheduler,
+    Scheduler, DELAY_BUCKETS,
 };
 pub use shared::{stats_json, Qos, QueuePort};
 

@@ -169,6 +169,41 @@ pub struct GuestStats {
     /// Per class: dispatched requests and their summed queueing delay.
     pub class_dispatched: [u64; 3],
     pub class_queue_delay_ns: [u64; 3],
+    /// Queueing delays by power of two: bucket `i` counts delays below `2^i` ns (and at least
+    /// `2^(i-1)`); the last one everything from about a second up.
+    pub delay_histogram: [u64; DELAY_BUCKETS],
+}
+
+/// Buckets of [`GuestStats::delay_histogram`].
+pub const DELAY_BUCKETS: usize = 32;
+
+impl GuestStats {
+    fn record_delay(&mut self, delay: Nanos) {
+        let bucket = (u64::BITS - delay.leading_zeros()) as usize;
+        self.delay_histogram[bucket.min(DELAY_BUCKETS - 1)] += 1;
+    }
+
+    /// The queueing delay that `percent` of the dispatched requests stayed under, as the
+    /// upper edge of its histogram bucket (at most twice the true value, never above the
+    /// largest delay seen); 0 with none.
+    pub fn delay_percentile_ns(&self, percent: u64) -> Nanos {
+        let total: u64 = self.delay_histogram.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        // The rank of the request at `percent`, rounded up, at least the first.
+        let rank = (total.saturating_mul(percent.min(100)))
+            .div_ceil(100)
+            .max(1);
+        let mut seen = 0;
+        for (bucket, count) in self.delay_histogram.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return (1u64 << bucket).min(self.max_queue_delay_ns);
+            }
+        }
+        self.max_queue_delay_ns
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -286,7 +321,10 @@ impl Guest {
 
     fn stop_throttle(&mut self, now: Nanos) {
         if let Some(since) = self.throttled_since.take() {
-            self.stats.throttled_ns += now.saturating_sub(since);
+            self.stats.throttled_ns = self
+                .stats
+                .throttled_ns
+                .saturating_add(now.saturating_sub(since));
         }
     }
 }
@@ -519,13 +557,16 @@ impl Scheduler {
         g.vtime += u128::from(cost) * VTIME_SCALE / u128::from(g.config.weight);
         let delay = now.saturating_sub(entry.arrived);
         let stats = &mut g.stats;
+        // Sums saturate: they are metrics, and a clock may be anything in the fuzzer.
         stats.dispatched += 1;
-        stats.bytes += data;
-        stats.cost += cost;
-        stats.queue_delay_ns += delay;
+        stats.bytes = stats.bytes.saturating_add(data);
+        stats.cost = stats.cost.saturating_add(cost);
+        stats.queue_delay_ns = stats.queue_delay_ns.saturating_add(delay);
         stats.max_queue_delay_ns = stats.max_queue_delay_ns.max(delay);
+        stats.record_delay(delay);
         stats.class_dispatched[class.index()] += 1;
-        stats.class_queue_delay_ns[class.index()] += delay;
+        let class_delay = &mut stats.class_queue_delay_ns[class.index()];
+        *class_delay = class_delay.saturating_add(delay);
         let queue = entry.queue;
         self.queues[queue.0].pending -= 1;
         g.in_flight.push(entry);
@@ -605,7 +646,8 @@ impl Scheduler {
             .map(|g| {
                 let mut stats = g.stats.clone();
                 if let Some(since) = g.throttled_since {
-                    stats.throttled_ns += now.saturating_sub(since);
+                    stats.throttled_ns =
+                        stats.throttled_ns.saturating_add(now.saturating_sub(since));
                 }
                 (g.config.clone(), stats)
             })

@@ -179,6 +179,7 @@ pub fn stats_json(device: &DeviceConfig, stats: &[(GuestConfig, GuestStats)]) ->
                 "share": share,
                 "queue_delay_mean_us": mean_delay_us,
                 "queue_delay_max_us": s.max_queue_delay_ns / 1000,
+                "queue_delay_p99_us": s.delay_percentile_ns(99) / 1000,
                 "throttled_ms": s.throttled_ns / 1_000_000,
                 "refused_enqueues": s.refused,
                 "class_dispatched": {

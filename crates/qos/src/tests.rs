@@ -473,3 +473,41 @@ fn a_guest_reconfigured_live_gets_its_new_limit() {
     assert_eq!(s.guest_config(g).map(|c| c.weight), Some(2));
     assert!(!s.reconfigure(GuestId(7), guest("x", 1), 0));
 }
+
+#[test]
+fn the_delay_p99_is_the_bucket_edge_above_ninety_nine_percent_of_the_delays() {
+    let mut s = Scheduler::new(
+        DeviceConfig {
+            depth: 1,
+            ..DeviceConfig::default()
+        },
+        0,
+    );
+    let g = s.add_guest(guest("g", 1), 0);
+    let q = s.add_queue(g);
+    // 99 requests dispatched at once, then one after 1 ms in the queue.
+    let mut now = 0;
+    for tag in 0..100 {
+        s.enqueue(q, read(tag, 0, 4096), now).unwrap();
+        if tag == 99 {
+            now += MS;
+        }
+        s.dispatch(now);
+        for granted in s.take_grants(q) {
+            assert!(s.complete(q, granted));
+        }
+    }
+    let stats = &s.stats(now)[0].1;
+    assert_eq!(stats.dispatched, 100);
+    assert_eq!(
+        stats.delay_percentile_ns(99),
+        1,
+        "99 waited 0 ns: under 1 ns"
+    );
+    assert_eq!(
+        stats.delay_percentile_ns(100),
+        MS,
+        "the bucket's edge, capped at the max"
+    );
+    assert_eq!(GuestStats::default().delay_percentile_ns(99), 0);
+}

@@ -12,6 +12,7 @@ use sluice_vmm::config::{DiskSpec, NetSpec};
 use sluice_vmm::handle::{HandleError, VmHandle};
 use sluice_vmm::hotplug::HotplugError;
 use sluice_vmm::machine::VmConfig;
+use sluice_vmm::qos::QosError;
 
 /// The control API's view of a VM.
 pub struct ApiVm(pub Arc<VmHandle>);
@@ -103,15 +104,48 @@ impl VmApi for ApiVm {
             .map(|d| d.to_json())
             .collect();
         let hotplug = self.0.hotplug().map(|h| h.counters());
-        json!({ "devices": devices, "hotplug": hotplug })
+        json!({ "devices": devices, "hotplug": hotplug, "qos": qos_json(&self.0) })
     }
 
     fn prometheus(&self) -> String {
-        self.0
+        let devices: String = self
+            .0
             .device_metrics()
             .iter()
             .map(|d| d.to_prometheus())
-            .collect()
+            .collect();
+        devices + &self.0.qos_disks().prometheus()
+    }
+
+    fn qos(&self) -> Result<Value, ApiError> {
+        Ok(self.0.qos_disks().status())
+    }
+
+    fn set_qos(&self, request: &DeviceRequest) -> Result<Value, ApiError> {
+        let id = request.id.as_deref().unwrap_or_default();
+        self.0
+            .qos_disks()
+            .reconfigure(id, &request.options)
+            .map_err(qos_error)
+    }
+}
+
+/// The scheduled disks' settings and stats (`qos` in `vm.counters` and `--metrics`), or
+/// null when no disk is scheduled.
+pub fn qos_json(vm: &VmHandle) -> Value {
+    let disks = vm.qos_disks();
+    if disks.is_empty() {
+        Value::Null
+    } else {
+        disks.status()["disks"].take()
+    }
+}
+
+/// A refused `vm.qos` change as the API answers it.
+pub fn qos_error(e: QosError) -> ApiError {
+    match e {
+        QosError::NotFound(_) => ApiError::NotFound(e.to_string()),
+        QosError::BadRequest(why) => ApiError::BadRequest(why),
     }
 }
 
@@ -151,7 +185,8 @@ fn config_json(config: &VmConfig) -> Value {
 
 #[derive(Args)]
 pub struct CtlArgs {
-    /// The API socket of a `sluice run --api-socket PATH`.
+    /// The API socket of a `sluice run --api-socket PATH` (or `sluice serve blk
+    /// --api-socket PATH`: `qos`, `counters`, `metrics`).
     #[arg(long)]
     api_socket: PathBuf,
     #[command(subcommand)]
@@ -188,6 +223,14 @@ enum CtlCommand {
     AddDevice { spec: String },
     /// Ask the guest to eject device ID (`sluice ctl info` lists the ids).
     RemoveDevice { id: String },
+    /// The disks behind the I/O scheduler: weight, limits, share, queueing delay, throttled
+    /// time; with `ID SPEC` (`weight=N,iops=N,...` as `--disk` spells them) changes disk ID's.
+    Qos {
+        /// A disk id (`disk0`) to change.
+        id: Option<String>,
+        /// `key=value,...`: weight, iops, iops_burst, bps, bps_burst, qos_queue.
+        spec: Option<String>,
+    },
 }
 
 /// `key=value,key=value` as a JSON object of strings (the API's device request body).
@@ -234,6 +277,17 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
         CtlCommand::RemoveDevice { id } => {
             body = json!({ "id": id }).to_string();
             ("PUT", "/api/v1/vm.remove-device")
+        }
+        CtlCommand::Qos { id: None, .. } => ("GET", "/api/v1/vm.qos"),
+        CtlCommand::Qos { id: Some(id), spec } => {
+            let spec = spec
+                .as_deref()
+                .context("sluice ctl qos ID needs SPEC (weight=N,iops=N,...)")?;
+            let mut fields: serde_json::Map<String, Value> =
+                serde_json::from_str(&spec_body(spec)?)?;
+            fields.insert("id".into(), Value::String(id.clone()));
+            body = Value::Object(fields).to_string();
+            ("PUT", "/api/v1/vm.qos")
         }
         CtlCommand::Ping => ("GET", "/api/v1/vmm.ping"),
         CtlCommand::Info => ("GET", "/api/v1/vm.info"),

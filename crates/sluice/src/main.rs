@@ -416,7 +416,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         }
     }
     if let (Some(file), Some(path)) = (metrics, &args.metrics) {
-        write_metrics(file, path, &report)?;
+        write_metrics(file, path, &report, &handle)?;
     }
     Ok(exit_status(&report.outcome))
 }
@@ -466,7 +466,12 @@ impl RunArgs {
     }
 }
 
-fn write_metrics(mut file: File, path: &std::path::Path, report: &VmReport) -> anyhow::Result<()> {
+fn write_metrics(
+    mut file: File,
+    path: &std::path::Path,
+    report: &VmReport,
+    handle: &VmHandle,
+) -> anyhow::Result<()> {
     let text = if path.extension().is_some_and(|e| e == "prom") {
         let mut text = format!(
             "sluice_exits_total{{kind=\"pio\"}} {}\nsluice_exits_total{{kind=\"mmio\"}} {}\n",
@@ -486,6 +491,7 @@ fn write_metrics(mut file: File, path: &std::path::Path, report: &VmReport) -> a
                 u8::from(vfio.quarantined.is_some()),
             ));
         }
+        text.push_str(&handle.qos_disks().prometheus());
         text
     } else {
         let devices: Vec<_> = report.device_metrics.iter().map(|d| d.to_json()).collect();
@@ -512,6 +518,7 @@ fn write_metrics(mut file: File, path: &std::path::Path, report: &VmReport) -> a
                     "quarantined": v.quarantined,
                 }))
                 .collect::<Vec<_>>(),
+            "qos": api::qos_json(handle),
         }))?
     };
     file.write_all(text.as_bytes())

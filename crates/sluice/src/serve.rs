@@ -27,12 +27,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use sluice_api::{ApiError, DeviceRequest, VmApi};
 use sluice_devices::block::{Block, BlockConfig};
 use sluice_devices::net::{parse_mac, Net, NetConfig, Tap};
 use sluice_devices::rng::Rng;
 use sluice_qos::Qos;
 use sluice_vhost::{Limits, Server, SocketRemover};
 use sluice_virtio::DeviceMetrics;
+use sluice_vmm::qos::{QosDisks, ScheduledGuest};
 
 use crate::signals::StopSignals;
 use sluice_virtio::VirtioDevice;
@@ -155,6 +157,10 @@ struct BlkArgs {
     #[arg(long, value_name = "MS", requires = "metrics",
           value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     metrics_every: Option<u64>,
+    /// Serve the control API here (`vm.qos`: each scheduled disk's settings and stats by
+    /// name, changed live with a PUT; `vm.counters`, `/metrics`; `sluice ctl` talks to it).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// Number of request queues offered (the frontend may use fewer).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     queues: u16,
@@ -319,6 +325,7 @@ fn serve_blk(args: BlkArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
     };
     let mut servers = Vec::new();
     let mut metrics = Vec::new();
+    let scheduled_disks = Arc::new(QosDisks::default());
     for disk in &disks {
         let mut config = BlockConfig::new(&disk.image);
         config.queues = args.queues;
@@ -331,7 +338,15 @@ fn serve_blk(args: BlkArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
             let spec = disk.qos.as_deref().unwrap_or("");
             let guest = sluice_qos::parse_guest(&disk.name, spec)
                 .map_err(|e| anyhow::anyhow!("disk {}: {e}", disk.name))?;
-            block.join_scheduler(Arc::clone(qos), qos.add_guest(guest));
+            let guest = qos.add_guest(guest);
+            block.join_scheduler(Arc::clone(qos), guest);
+            scheduled_disks.add(
+                disk.name.clone(),
+                ScheduledGuest {
+                    qos: Arc::clone(qos),
+                    guest,
+                },
+            );
         }
         metrics.push(VirtioDevice::metrics(&block));
         let mut limits = limits.clone();
@@ -348,6 +363,22 @@ fn serve_blk(args: BlkArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
         servers.push(server);
     }
     let removers: Vec<SocketRemover> = servers.iter().map(Server::socket_remover).collect();
+    // Like the signal thread: started before this thread takes the connection filter. Kept
+    // until the process exits (the stop signal ends it with `exit`).
+    let _api = match &args.api_socket {
+        Some(path) => {
+            let api = ServeApi {
+                disks: Arc::clone(&scheduled_disks),
+                metrics: metrics.clone(),
+            };
+            Some(
+                sluice_api::ApiServer::start(path, Arc::new(api))
+                    .context("cannot serve the control API")?,
+            )
+        }
+        None => None,
+    };
+    let api_socket = args.api_socket.clone();
     let report = Arc::new(StopReport {
         path: args.metrics.clone(),
         metrics,
@@ -369,6 +400,9 @@ fn serve_blk(args: BlkArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
         tracing::info!("vhost-user-blk: signal {signal}: removing the sockets and exiting");
         for remover in &removers {
             remover.remove();
+        }
+        if let Some(path) = &api_socket {
+            let _ = std::fs::remove_file(path);
         }
         report.write();
         std::process::exit(0);
@@ -398,6 +432,56 @@ fn run_servers(mut servers: Vec<Server<Block>>) -> anyhow::Result<u8> {
     sluice_sandbox::confine_current_thread(sluice_sandbox::ThreadKind::Connection)?;
     last.run().context("vhost-user server failed")?;
     Ok(0)
+}
+
+/// `serve blk --api-socket`: the control API of a server with no VM — `vm.qos` over its
+/// scheduled disks (by name), their counters; the VM actions are refused with 409.
+struct ServeApi {
+    disks: Arc<QosDisks>,
+    metrics: Vec<Arc<DeviceMetrics>>,
+}
+
+impl ServeApi {
+    fn no_vm(&self, action: &str) -> ApiError {
+        ApiError::Conflict(format!(
+            "sluice serve blk has no VM to {action} (stop the server with SIGTERM)"
+        ))
+    }
+}
+
+impl VmApi for ServeApi {
+    fn info(&self) -> serde_json::Value {
+        serde_json::json!({ "state": "Serving", "qos": self.disks.status()["disks"] })
+    }
+    fn pause(&self) -> Result<(), ApiError> {
+        Err(self.no_vm("pause"))
+    }
+    fn resume(&self) -> Result<(), ApiError> {
+        Err(self.no_vm("resume"))
+    }
+    fn shutdown(&self) -> Result<(), ApiError> {
+        Err(self.no_vm("shut down"))
+    }
+    fn snapshot(&self, _destination: &Path) -> Result<(), ApiError> {
+        Err(self.no_vm("snapshot"))
+    }
+    fn counters(&self) -> serde_json::Value {
+        let devices: Vec<_> = self.metrics.iter().map(|m| m.to_json()).collect();
+        serde_json::json!({ "devices": devices, "qos": self.disks.status()["disks"] })
+    }
+    fn prometheus(&self) -> String {
+        let devices: String = self.metrics.iter().map(|m| m.to_prometheus()).collect();
+        devices + &self.disks.prometheus()
+    }
+    fn qos(&self) -> Result<serde_json::Value, ApiError> {
+        Ok(self.disks.status())
+    }
+    fn set_qos(&self, request: &DeviceRequest) -> Result<serde_json::Value, ApiError> {
+        let id = request.id.as_deref().unwrap_or_default();
+        self.disks
+            .reconfigure(id, &request.options)
+            .map_err(crate::api::qos_error)
+    }
 }
 
 /// What `serve blk --metrics` writes when a stop signal ends the server.

@@ -549,3 +549,245 @@ fn a_guest_kit_verify_on_a_vhost_user_disk_snapshotted_mid_run_finishes_after_re
     assert!(console.contains("\"verify\":\"ok\""), "{console}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `vm.qos` of the VM behind `socket`: disk0's entry, read with curl.
+fn disk0_qos(socket: &Path) -> serde_json::Value {
+    let (status, body) = curl(socket, "GET", "vm.qos", None);
+    assert_eq!(status, 200, "{body}");
+    let mut answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    answer["disks"][0].take()
+}
+
+fn dispatched(socket: &Path) -> u64 {
+    disk0_qos(socket)["dispatched"].as_u64().unwrap_or(0)
+}
+
+/// Requests disk0's scheduler granted during a window, and the most its IOPS bucket can pass
+/// in that window: the window is measured around both reads (so it is never too short), and
+/// the bucket passes at most `rate × window + burst + one request` (its debt model) — a
+/// bound a slow host only makes looser, never tighter.
+fn served_within_bucket(socket: &Path, iops: u64, burst: u64, window: Duration) -> (u64, u64) {
+    let start = std::time::Instant::now();
+    let first = dispatched(socket);
+    std::thread::sleep(window);
+    let last = dispatched(socket);
+    let elapsed = start.elapsed().as_secs_f64();
+    let bound = (iops as f64 * elapsed).ceil() as u64 + burst + 1;
+    (last - first, bound)
+}
+
+/// A guest-kit VM reading its disk as fast as it can, behind the I/O scheduler at 20 IOPS:
+/// `vm.qos` shows it held within that bucket's bound and throttled; a PUT through curl raises
+/// the limit and the guest then gets more than the old limit allowed; a change through
+/// `sluice ctl qos` lowers it and it holds again. Unknown disks, unknown keys, bad values,
+/// a missing id and malformed JSON are refused with a JSON 4xx and change nothing; a disk
+/// hot-plugged with limits joins the scheduler under its id and can be changed too; the
+/// metrics at exit carry the disk's final settings and stats.
+#[test]
+fn a_disks_iops_limit_changed_live_through_the_api_is_what_the_guest_gets() {
+    let name = "a_disks_iops_limit_changed_live_through_the_api_is_what_the_guest_gets";
+    if skip_without_kvm(name) {
+        return;
+    }
+    if Command::new("curl").arg("--version").output().is_err() {
+        println!("SKIP {name}: no curl (scripts/install-deps.sh installs it)");
+        return;
+    }
+    let dir = scratch("qos");
+    let socket = dir.join("api.sock");
+    let image = dir.join("disk.img");
+    let metrics = dir.join("metrics.json");
+    let hot_image = dir.join("hot.img");
+    for path in [&image, &hot_image] {
+        std::fs::File::create(path)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+    }
+    let mut vm = Command::new(SLUICE)
+        .arg("run")
+        .arg(format!("--disk=path={},iops=20", image.display()))
+        .arg("--api-socket")
+        .arg(&socket)
+        .arg(format!("--metrics={}", metrics.display()))
+        .arg(format!(
+            "--serial=file={}",
+            dir.join("console.txt").display()
+        ))
+        .args([
+            "--cmdline",
+            "w=blk:op=randread:bs=4096:qd=4:ops=100000000:span_mb=8:seed=16",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start sluice");
+    wait_for("the guest's first reads", Duration::from_secs(60), || {
+        socket.exists() && dispatched(&socket) > 0
+    });
+
+    // 20 IOPS, burst 2 (a tenth of a second's worth).
+    let limited = served_within_bucket(&socket, 20, 2, Duration::from_secs(3));
+    let before = disk0_qos(&socket);
+
+    let raised = curl(
+        &socket,
+        "PUT",
+        "vm.qos",
+        Some(r#"{"id": "disk0", "iops": 2000}"#),
+    );
+    let raised_at = std::time::Instant::now();
+    let raised_from = dispatched(&socket);
+    // The guest now gets well past what 20 IOPS would have let through since the change.
+    wait_for(
+        "the guest to pass the old limit",
+        Duration::from_secs(60),
+        || {
+            let old_bound = (20.0 * raised_at.elapsed().as_secs_f64()).ceil() as u64 + 2 + 1;
+            dispatched(&socket) - raised_from > 4 * old_bound + 100
+        },
+    );
+
+    let (lowered_status, lowered) = ctl(&socket, "qos disk0 iops=10,iops_burst=1");
+    let held = served_within_bucket(&socket, 10, 1, Duration::from_secs(3));
+
+    let unknown_disk = curl(
+        &socket,
+        "PUT",
+        "vm.qos",
+        Some(r#"{"id": "disk9", "iops": 5}"#),
+    );
+    let unknown_key = curl(
+        &socket,
+        "PUT",
+        "vm.qos",
+        Some(r#"{"id": "disk0", "speed": 5}"#),
+    );
+    let bad_value = curl(
+        &socket,
+        "PUT",
+        "vm.qos",
+        Some(r#"{"id": "disk0", "weight": 0}"#),
+    );
+    let burst_alone = curl(
+        &socket,
+        "PUT",
+        "vm.qos",
+        Some(r#"{"id": "disk0", "iops": 0, "iops_burst": 3}"#),
+    );
+    let no_id = curl(&socket, "PUT", "vm.qos", Some(r#"{"iops": 5}"#));
+    let malformed = curl(
+        &socket,
+        "PUT",
+        "vm.qos",
+        Some(r#"{"id": "disk0", "iops": "#),
+    );
+    let nested = curl(
+        &socket,
+        "PUT",
+        "vm.qos",
+        Some(r#"{"id": "disk0", "iops": [1]}"#),
+    );
+    let after_refusals = disk0_qos(&socket);
+    // A hot-plugged disk with limits joins the scheduler under its id.
+    let plug_body = format!(
+        r#"{{"path": "{}", "iops": 50, "weight": 2, "id": "hot0"}}"#,
+        hot_image.display()
+    );
+    let plugged = curl(&socket, "PUT", "vm.add-disk", Some(&plug_body));
+    let hot_changed = curl(
+        &socket,
+        "PUT",
+        "vm.qos",
+        Some(r#"{"id": "hot0", "weight": 4}"#),
+    );
+    let (_, both) = curl(&socket, "GET", "vm.qos", None);
+    let (listed_status, listed) = ctl(&socket, "qos");
+    let prometheus = ctl(&socket, "metrics");
+    let counters = ctl(&socket, "counters");
+
+    let shutdown = curl(&socket, "PUT", "vm.shutdown", None);
+    let status = wait_or_kill(&mut vm, Duration::from_secs(30));
+    let final_metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&metrics).unwrap_or_default())
+            .unwrap_or_default();
+
+    println!("served/bound at 20 IOPS {limited:?}, at 10 IOPS {held:?}");
+    assert!(limited.0 <= limited.1, "20 IOPS let through {limited:?}");
+    assert!(limited.0 > 0 && held.0 > 0, "{limited:?} {held:?}");
+    assert_eq!(before["iops_limit"], 20, "{before}");
+    assert!(before["throttled_ms"].as_u64() > Some(0), "{before}");
+    assert!(before["queue_delay_p99_us"].as_u64() > Some(0), "{before}");
+    assert_eq!(raised.0, 200, "{raised:?}");
+    let raised: serde_json::Value = serde_json::from_str(&raised.1).unwrap();
+    assert_eq!(
+        (&raised["id"], &raised["iops_limit"], &raised["iops_burst"]),
+        (&"disk0".into(), &2000.into(), &200.into()),
+        "{raised}"
+    );
+    assert_eq!(lowered_status, 0, "{lowered}");
+    assert!(lowered.contains("\"iops_limit\":10"), "{lowered}");
+    assert!(held.0 <= held.1, "10 IOPS let through {held:?}");
+    for (what, (status, body), code) in [
+        ("unknown disk", &unknown_disk, 404),
+        ("unknown key", &unknown_key, 400),
+        ("bad value", &bad_value, 400),
+        ("burst without rate", &burst_alone, 400),
+        ("no id", &no_id, 400),
+        ("malformed", &malformed, 400),
+        ("nested", &nested, 400),
+    ] {
+        assert_eq!(*status, code, "{what}: {body}");
+        assert!(!error_message(body).is_empty(), "{what}: {body}");
+    }
+    assert_eq!(
+        (
+            &after_refusals["iops_limit"],
+            &after_refusals["iops_burst"],
+            &after_refusals["weight"]
+        ),
+        (&10.into(), &1.into(), &1.into()),
+        "refused changes changed nothing: {after_refusals}"
+    );
+    assert_eq!(plugged.0, 200, "{plugged:?}");
+    assert_eq!(hot_changed.0, 200, "{hot_changed:?}");
+    let hot: serde_json::Value = serde_json::from_str(&hot_changed.1).unwrap();
+    assert_eq!(
+        (&hot["id"], &hot["weight"], &hot["iops_limit"]),
+        (&"hot0".into(), &4.into(), &50.into()),
+        "{hot}"
+    );
+    let both: serde_json::Value = serde_json::from_str(&both).unwrap();
+    let ids: Vec<&str> = both["disks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["disk0", "hot0"], "{both}");
+    assert_eq!(listed_status, 0, "{listed}");
+    assert!(listed.contains("\"id\":\"disk0\""), "{listed}");
+    assert!(
+        prometheus
+            .1
+            .contains("sluice_qos_dispatched_total{disk=\"disk0\"}"),
+        "{prometheus:?}"
+    );
+    let counters: serde_json::Value = serde_json::from_str(&counters.1).unwrap_or_default();
+    assert_eq!(counters["qos"][0]["id"], "disk0", "{counters}");
+    assert!(
+        counters["qos"][0]["dispatched"].as_u64() > Some(0),
+        "{counters}"
+    );
+    assert_eq!(shutdown.0, 204, "{shutdown:?}");
+    assert_eq!(status, Some(0));
+    let at_exit = &final_metrics["qos"][0];
+    assert_eq!(at_exit["id"], "disk0", "{final_metrics}");
+    assert_eq!(at_exit["iops_limit"], 10, "{final_metrics}");
+    assert!(
+        at_exit["dispatched"].as_u64() >= after_refusals["dispatched"].as_u64(),
+        "{final_metrics}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -210,3 +210,83 @@ fn an_in_process_disk_behind_the_scheduler_verifies() {
     assert_eq!(blk.verify.as_deref(), Some("ok"), "{}", report.describe());
     assert_image_holds_pattern(&img, (2 << 20) / BLOCK);
 }
+
+/// `sluice ctl --api-socket SOCKET ARGS...`: status and stdout.
+fn ctl(socket: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["ctl", "--api-socket"])
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run sluice ctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// `sluice serve blk --api-socket`: `sluice ctl qos` lists both disks by name with their
+/// settings, a change to one applies to it alone and is in the `--metrics` written at
+/// SIGTERM; an unknown disk is a 404 and a bad value a 400 (status 1, a JSON error), and the
+/// VM actions a server has no VM for are refused. No guest needed: the scheduler's settings
+/// are what is checked.
+#[test]
+fn serve_blk_disks_are_reconfigured_live_through_its_api_socket() {
+    let dir = scratch("serve-api");
+    let socket = dir.join("api.sock");
+    let disks = [
+        format!(
+            "socket={},image={},name=bulk,weight=1,iops=100",
+            dir.join("a.sock").display(),
+            image(&dir, "a.img").display()
+        ),
+        format!(
+            "socket={},image={},name=reader,weight=3",
+            dir.join("b.sock").display(),
+            image(&dir, "b.img").display()
+        ),
+    ];
+    let api = format!("--api-socket={}", socket.display());
+    let server = serve(&dir, &disks, &[&api]);
+    wait_for("the API socket", Duration::from_secs(20), || {
+        socket.exists()
+    });
+
+    let listed = ctl(&socket, &["qos"]);
+    let changed = ctl(&socket, &["qos", "bulk", "iops=250,weight=2"]);
+    let unknown = ctl(&socket, &["qos", "nope", "iops=1"]);
+    let bad = ctl(&socket, &["qos", "reader", "weight=5000"]);
+    let pause = ctl(&socket, &["pause"]);
+    let after = ctl(&socket, &["qos"]);
+    let metrics = stop(server, &dir);
+
+    assert_eq!(listed.0, 0, "{listed:?}");
+    let listed: serde_json::Value = serde_json::from_str(&listed.1).unwrap();
+    let names: Vec<&str> = listed["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|d| d["id"].as_str())
+        .collect();
+    assert_eq!(names, ["bulk", "reader"], "{listed}");
+    assert_eq!(listed["disks"][0]["iops_limit"], 100, "{listed}");
+    assert_eq!(changed.0, 0, "{changed:?}");
+    assert!(changed.1.contains("\"iops_limit\":250"), "{changed:?}");
+    assert_eq!(unknown.0, 1, "{unknown:?}");
+    assert!(unknown.1.contains("no disk with id `nope`"), "{unknown:?}");
+    assert_eq!(bad.0, 1, "{bad:?}");
+    assert!(bad.1.contains("weight must be in"), "{bad:?}");
+    assert_eq!(pause.0, 1, "{pause:?}");
+    assert!(pause.1.contains("no VM"), "{pause:?}");
+    let after: serde_json::Value = serde_json::from_str(&after.1).unwrap();
+    assert_eq!(
+        (&after["disks"][0]["weight"], &after["disks"][1]["weight"]),
+        (&2.into(), &3.into()),
+        "only bulk changed: {after}"
+    );
+    let guests = &metrics["qos"]["guests"];
+    assert_eq!(guests[0]["iops_limit"], 250, "{metrics}");
+    assert_eq!(guests[1]["weight"], 3, "{metrics}");
+    assert!(!socket.exists(), "the API socket is removed at the stop");
+    let _ = std::fs::remove_dir_all(&dir);
+}

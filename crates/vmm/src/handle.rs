@@ -64,6 +64,8 @@ pub struct VmHandle {
     devices: Arc<Mutex<Vec<Arc<DeviceMetrics>>>>,
     /// PCI hot-plug (set once the devices are attached).
     hotplug: Mutex<Option<Arc<crate::hotplug::Hotplug>>>,
+    /// The disks behind the I/O scheduler (boot-time ones, then hot-plugged ones).
+    qos: Arc<crate::qos::QosDisks>,
     started: AtomicBool,
     /// The VM and its RAM, for snapshots (set once the VM exists).
     machine: Mutex<Option<MachineParts>>,
@@ -89,6 +91,7 @@ impl VmHandle {
             config,
             devices: Arc::new(Mutex::new(Vec::new())),
             hotplug: Mutex::new(None),
+            qos: Arc::default(),
             started: AtomicBool::new(false),
             machine: Mutex::new(None),
             restore_from,
@@ -278,6 +281,11 @@ impl VmHandle {
     /// `machine::run` attached the devices and is about to start the vCPUs.
     pub(crate) fn devices_attached(&self, metrics: &[Arc<DeviceMetrics>]) {
         *self.devices.lock().unwrap_or_else(PoisonError::into_inner) = metrics.to_vec();
+    }
+
+    /// The disks behind the I/O scheduler, by API id (`vm.qos`).
+    pub fn qos_disks(&self) -> &Arc<crate::qos::QosDisks> {
+        &self.qos
     }
 
     /// The counters list the hot-plug controller keeps in step with the devices.

@@ -16,6 +16,7 @@ pub mod numa;
 pub mod nvme;
 pub mod platform;
 pub mod progress;
+pub mod qos;
 pub mod replay;
 pub mod rss;
 pub mod snapshot;

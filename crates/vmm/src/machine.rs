@@ -255,6 +255,11 @@ pub fn run_handle_with(
         recorder.as_ref(),
     )?;
     device_metrics.extend(wired.iter().map(|w| w.metrics.clone()));
+    for device in &wired {
+        if let Some(scheduled) = &device.qos {
+            handle.qos_disks().add(device.id.clone(), scheduled.clone());
+        }
+    }
     device_metrics.extend(crate::e1000::attach_e1000_devices(
         &pci_root, &config, &iommu.dma,
     )?);
@@ -293,6 +298,7 @@ pub fn run_handle_with(
         crate::hotplug::Wiring {
             dma: iommu.dma.clone(),
             interrupts: interrupts.clone(),
+            qos: handle.qos_disks().clone(),
         },
         handle.metrics_list(),
         &wired,

@@ -27,6 +27,7 @@ use crate::interrupts::VmInterrupts;
 use crate::iommu::IommuKind;
 use crate::machine::{device_err, VmConfig, VmError};
 use crate::memory::GuestRam;
+use crate::qos::ScheduledGuest;
 use crate::replay::Recorder;
 
 /// What every virtio-pci device of one VM shares.
@@ -75,6 +76,8 @@ pub struct WiredDevice {
     pub id: String,
     pub bdf: u16,
     pub metrics: Arc<DeviceMetrics>,
+    /// A disk behind the I/O scheduler: its place there.
+    pub qos: Option<ScheduledGuest>,
 }
 
 /// Adds every configured virtio device to `root`; returns their ids, addresses and metrics. `vtd` is the
@@ -104,7 +107,7 @@ pub fn attach_virtio_devices(
                  hook to forward its unmaps to the backend's IOTLB (use --iommu vtd)",
             ));
         }
-        let (block, invalidator) = disk_device(disk, ram, vtd.is_some())?;
+        let (block, invalidator, qos) = disk_device(disk, ram, vtd.is_some())?;
         let name = format!("virtio-blk{i}");
         // Without a vIOMMU the backend sees guest physical addresses: an identity space.
         let dma = if vhost_user && vtd.is_none() {
@@ -127,6 +130,7 @@ pub fn attach_virtio_devices(
             id: format!("disk{i}"),
             bdf,
             metrics: device_metrics,
+            qos,
         });
     }
     for (i, net) in config.nets.iter().enumerate() {
@@ -144,6 +148,7 @@ pub fn attach_virtio_devices(
             id: format!("net{i}"),
             bdf,
             metrics: device_metrics,
+            qos: None,
         });
     }
     if let Some(rng) = &config.rng {
@@ -160,6 +165,7 @@ pub fn attach_virtio_devices(
             id: "rng0".into(),
             bdf,
             metrics: device_metrics,
+            qos: None,
         });
     }
     Ok(metrics)
@@ -189,20 +195,20 @@ pub(crate) fn random_local_mac() -> std::io::Result<[u8; 6]> {
     Ok([0x52, 0x54, 0x00, tail[0], tail[1], tail[2]])
 }
 
-/// A disk device and, for a vhost-user disk behind the VT-d, the observer that forwards the
-/// VT-d's invalidations to its backend.
-type DiskDevice = (Box<dyn VirtioDevice>, Option<Arc<IotlbInvalidator>>);
+/// A disk device; for a vhost-user disk behind the VT-d, the observer that forwards the
+/// VT-d's invalidations to its backend; for a disk behind the I/O scheduler, its place there.
+type DiskDevice = (
+    Box<dyn VirtioDevice>,
+    Option<Arc<IotlbInvalidator>>,
+    Option<ScheduledGuest>,
+);
 
 /// The in-process virtio-blk model, or a vhost-user frontend with `vhost_user=on` (with a
 /// device IOTLB when `iommu`).
 fn disk_device(disk: &DiskSpec, ram: &GuestRam, iommu: bool) -> Result<DiskDevice, VmError> {
     let Some(socket) = disk.socket.as_ref().filter(|_| disk.vhost_user) else {
-        let mut block = Block::new(block_config(disk)).map_err(|e| device_err("virtio-blk", e))?;
-        if let Some(guest) = &disk.qos {
-            let qos = process_scheduler().map_err(|e| device_err("virtio-blk qos", e))?;
-            block.join_scheduler(Arc::clone(&qos), qos.add_guest(guest.clone()));
-        }
-        return Ok((Box::new(block), None));
+        let (block, scheduled) = in_process_disk(disk)?;
+        return Ok((Box::new(block), None, scheduled));
     };
     let mut config = VhostUserBlkConfig::new(socket);
     config.queues = disk.queues;
@@ -215,7 +221,20 @@ fn disk_device(disk: &DiskSpec, ram: &GuestRam, iommu: bool) -> Result<DiskDevic
         .map_err(|e| device_err("vhost-user-blk", e))?;
     let device = VhostUserBlk::new(config, regions).map_err(|e| device_err("vhost-user-blk", e))?;
     let invalidator = device.iotlb_observer();
-    Ok((Box::new(device), invalidator))
+    Ok((Box::new(device), invalidator, None))
+}
+
+/// The in-process virtio-blk model on `disk`'s image, behind the process's scheduler if
+/// `disk` has a weight or limits (boot-time and hot-plugged disks alike).
+pub(crate) fn in_process_disk(disk: &DiskSpec) -> Result<(Block, Option<ScheduledGuest>), VmError> {
+    let mut block = Block::new(block_config(disk)).map_err(|e| device_err("virtio-blk", e))?;
+    let Some(guest) = &disk.qos else {
+        return Ok((block, None));
+    };
+    let qos = process_scheduler().map_err(|e| device_err("virtio-blk qos", e))?;
+    let guest = qos.add_guest(guest.clone());
+    block.join_scheduler(Arc::clone(&qos), guest);
+    Ok((block, Some(ScheduledGuest { qos, guest })))
 }
 
 /// The scheduler every in-process disk with a weight or limits shares (one per process, so

@@ -34,7 +34,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use serde::Serialize;
 use sluice_bus::irq::IrqLine;
 use sluice_bus::BusDevice;
-use sluice_devices::block::Block;
 use sluice_dma::DmaSpaces;
 use sluice_pci::{PciAddress, PciRoot};
 use sluice_virtio::{DeviceMetrics, VirtioDevice};
@@ -92,6 +91,8 @@ pub enum HotplugError {
 pub(crate) struct Wiring {
     pub dma: Arc<DmaSpaces>,
     pub interrupts: VmInterrupts,
+    /// The VM's scheduled disks: a plugged disk with a weight or limits joins them.
+    pub qos: Arc<crate::qos::QosDisks>,
 }
 
 struct DeviceEntry {
@@ -202,7 +203,7 @@ impl Hotplug {
             ));
         }
         let id = self.claim_id(id, "disk")?;
-        let block = Block::new(crate::virtio::block_config(spec))
+        let (block, scheduled) = crate::virtio::in_process_disk(spec)
             .map_err(|e| HotplugError::Failed(format!("{}: {e}", spec.path.display())))?;
         let options = crate::virtio::transport_options(
             &self.wiring.interrupts,
@@ -211,7 +212,11 @@ impl Hotplug {
             spec.packed,
         );
         let backing = spec.path.display().to_string();
-        self.plug(id, "virtio-blk", backing, Box::new(block), options)
+        let info = self.plug(id, "virtio-blk", backing, Box::new(block), options)?;
+        if let Some(scheduled) = scheduled {
+            self.wiring.qos.add(info.id.clone(), scheduled);
+        }
+        Ok(info)
     }
 
     /// Plugs a virtio-net device on `spec`'s tap.
@@ -349,6 +354,9 @@ impl Hotplug {
                 locked(&self.metrics).retain(|m| !Arc::ptr_eq(m, metrics));
             }
             self.changed.store(true, Ordering::Release);
+            if let Some(entry) = &entry {
+                self.wiring.qos.forget(&entry.info.id);
+            }
             match (&entry, removed) {
                 (Some(entry), Ok(device)) => {
                     tracing::info!(

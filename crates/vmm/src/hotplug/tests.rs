@@ -47,6 +47,7 @@ fn rig() -> Option<Rig> {
         Wiring {
             dma: Arc::new(DmaSpaces::identity(ram.memory.clone())),
             interrupts: VmInterrupts::new(&vm),
+            qos: Arc::default(),
         },
         metrics.clone(),
         &[],

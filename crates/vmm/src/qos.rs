@@ -1,0 +1,231 @@
+//! The VM's disks behind the process's sluice-qos scheduler, by their control-API id
+//! (`disk0`, or the id given at hot-plug): `vm.qos` reads their settings and stats and
+//! changes their weight and limits while the guest runs; the metrics (`--metrics`,
+//! `vm.counters`, `/metrics`) carry the same stats.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use serde_json::{json, Value};
+use sluice_qos::{GuestId, Qos};
+
+/// A disk's place on a scheduler.
+#[derive(Clone)]
+pub struct ScheduledGuest {
+    pub qos: Arc<Qos>,
+    pub guest: GuestId,
+}
+
+impl std::fmt::Debug for ScheduledGuest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScheduledGuest")
+            .field("guest", &self.guest)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a change was refused; each maps to one HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QosError {
+    /// No scheduled disk with that id (404).
+    #[error("no disk with id `{0}` is behind the I/O scheduler (vm.qos lists them)")]
+    NotFound(String),
+    /// A bad key or value (400).
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+/// The API keys `vm.qos` takes, as `--disk` spells them, and the scheduler's names for them.
+const KEYS: [(&str, &str); 6] = [
+    ("weight", "weight"),
+    ("iops", "iops"),
+    ("iops_burst", "iops_burst"),
+    ("bps", "bps"),
+    ("bps_burst", "bps_burst"),
+    ("qos_queue", "queue"),
+];
+
+/// The scheduled disks of one VM.
+#[derive(Default)]
+pub struct QosDisks {
+    disks: Mutex<Vec<(String, ScheduledGuest)>>,
+}
+
+impl QosDisks {
+    fn locked(&self) -> MutexGuard<'_, Vec<(String, ScheduledGuest)>> {
+        self.disks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn add(&self, id: String, guest: ScheduledGuest) {
+        self.locked().push((id, guest));
+    }
+
+    /// Drops the disk `id` from the list (it was unplugged; its scheduler keeps its stats).
+    pub fn forget(&self, id: &str) {
+        self.locked().retain(|(disk, _)| disk != id);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.locked().is_empty()
+    }
+
+    /// Per scheduled disk: its id, weight, limits and stats (see `sluice_qos::stats_json`),
+    /// its share counted over every disk of its scheduler.
+    pub fn status(&self) -> Value {
+        let disks: Vec<Value> = self
+            .locked()
+            .iter()
+            .map(|(id, g)| disk_json(id, g))
+            .collect();
+        json!({ "disks": disks })
+    }
+
+    /// Changes the disk `id`'s settings named in `changes` (`--disk` keys and values); the
+    /// others keep their values. Answers the disk's new status.
+    pub fn reconfigure(&self, id: &str, changes: &[(String, String)]) -> Result<Value, QosError> {
+        let scheduled = self
+            .locked()
+            .iter()
+            .find(|(disk, _)| disk == id)
+            .map(|(_, g)| g.clone())
+            .ok_or_else(|| QosError::NotFound(id.to_string()))?;
+        let spec = scheduler_spec(changes)?;
+        let current = scheduled
+            .qos
+            .guest_config(scheduled.guest)
+            .ok_or_else(|| QosError::NotFound(id.to_string()))?;
+        let config = sluice_qos::apply_guest(&current, &spec)
+            .map_err(|e| QosError::BadRequest(format!("vm.qos {id}: {e}")))?;
+        scheduled.qos.reconfigure(scheduled.guest, config);
+        tracing::info!("qos: {id} reconfigured ({spec})");
+        Ok(disk_json(id, &scheduled))
+    }
+
+    /// The stats in the Prometheus text format, one series per disk and figure.
+    pub fn prometheus(&self) -> String {
+        let Value::Array(disks) = self.status()["disks"].take() else {
+            return String::new();
+        };
+        let mut text = String::new();
+        for disk in &disks {
+            let id = disk["id"].as_str().unwrap_or_default();
+            for (series, field) in PROMETHEUS_SERIES {
+                if let Some(value) = disk[field].as_f64() {
+                    text.push_str(&format!("sluice_qos_{series}{{disk=\"{id}\"}} {value}\n"));
+                }
+            }
+        }
+        text
+    }
+}
+
+/// Prometheus series and the status field each reports.
+const PROMETHEUS_SERIES: [(&str, &str); 9] = [
+    ("weight", "weight"),
+    ("dispatched_total", "dispatched"),
+    ("bytes_total", "bytes"),
+    ("share", "share"),
+    ("queue_delay_mean_us", "queue_delay_mean_us"),
+    ("queue_delay_p99_us", "queue_delay_p99_us"),
+    ("queue_delay_max_us", "queue_delay_max_us"),
+    ("throttled_ms_total", "throttled_ms"),
+    ("refused_enqueues_total", "refused_enqueues"),
+];
+
+/// One disk's settings and stats, with its id.
+fn disk_json(id: &str, scheduled: &ScheduledGuest) -> Value {
+    let mut all = scheduled.qos.stats_json();
+    let mut disk = all["guests"][scheduled.guest.0].take();
+    if let Value::Object(fields) = &mut disk {
+        fields.insert("id".into(), Value::String(id.to_string()));
+        if let Some(config) = scheduled.qos.guest_config(scheduled.guest) {
+            fields.insert("iops_burst".into(), json!(config.iops.map(|r| r.burst)));
+            fields.insert("bps_burst".into(), json!(config.bps.map(|r| r.burst)));
+            fields.insert("qos_queue".into(), json!(config.queue_limit));
+        }
+    }
+    disk
+}
+
+/// `changes` as the scheduler's option string; unknown keys are refused by name.
+fn scheduler_spec(changes: &[(String, String)]) -> Result<String, QosError> {
+    let mut pairs = Vec::new();
+    for (key, value) in changes {
+        let Some((_, name)) = KEYS.iter().find(|(api, _)| api == key) else {
+            let known: Vec<&str> = KEYS.iter().map(|(api, _)| *api).collect();
+            return Err(QosError::BadRequest(format!(
+                "vm.qos: unknown field `{key}` (id, {})",
+                known.join(", ")
+            )));
+        };
+        if value.is_empty() || value.contains([',', '=']) {
+            return Err(QosError::BadRequest(format!(
+                "vm.qos: `{key}` has a bad value {value:?}"
+            )));
+        }
+        pairs.push(format!("{name}={value}"));
+    }
+    Ok(pairs.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_qos::{DeviceConfig, GuestConfig};
+
+    fn disks() -> (QosDisks, Arc<Qos>) {
+        let qos = Qos::new(DeviceConfig::default());
+        let disks = QosDisks::default();
+        let guest = qos.add_guest(sluice_qos::parse_guest("a.img", "weight=2,iops=100").unwrap());
+        disks.add(
+            "disk0".into(),
+            ScheduledGuest {
+                qos: Arc::clone(&qos),
+                guest,
+            },
+        );
+        (disks, qos)
+    }
+
+    fn change(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_change_applies_to_the_named_disk_and_keeps_the_rest() {
+        let (disks, qos) = disks();
+        let answer = disks
+            .reconfigure("disk0", &change(&[("iops", "500"), ("qos_queue", "8")]))
+            .unwrap();
+        let config: GuestConfig = qos.guest_config(GuestId(0)).unwrap();
+        assert_eq!(config.iops.map(|r| r.per_sec), Some(500));
+        assert_eq!((config.weight, config.queue_limit), (2, 8));
+        assert_eq!(answer["id"], "disk0");
+        assert_eq!(answer["iops_limit"], 500);
+        assert_eq!(answer["weight"], 2);
+        assert_eq!(disks.status()["disks"][0]["qos_queue"], 8);
+        assert!(disks
+            .prometheus()
+            .contains("sluice_qos_weight{disk=\"disk0\"} 2"));
+    }
+
+    #[test]
+    fn unknown_disks_keys_and_bad_values_are_refused_and_change_nothing() {
+        let (disks, qos) = disks();
+        let before = qos.guest_config(GuestId(0));
+        let unknown = disks.reconfigure("disk9", &change(&[("iops", "5")]));
+        let key = disks.reconfigure("disk0", &change(&[("speed", "5")]));
+        let value = disks.reconfigure("disk0", &change(&[("weight", "0")]));
+        let burst = disks.reconfigure("disk0", &change(&[("bps_burst", "1M")]));
+        let sneaky = disks.reconfigure("disk0", &change(&[("iops", "5=weight")]));
+        assert!(matches!(unknown, Err(QosError::NotFound(_))), "{unknown:?}");
+        for bad in [key, value, burst, sneaky] {
+            assert!(matches!(bad, Err(QosError::BadRequest(_))), "{bad:?}");
+        }
+        assert_eq!(qos.guest_config(GuestId(0)), before);
+        disks.forget("disk0");
+        assert!(disks.is_empty());
+    }
+}
