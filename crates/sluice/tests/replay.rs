@@ -1,14 +1,16 @@
 //! Record and replay through the binary (issue 17, docs/replay.md): the guest kit's blk verify
 //! and rng workloads recorded with `sluice run --record` and re-run with `sluice replay` with
-//! the disk image gone, a tampered log stopping at the divergence point, a corrupt log refused,
-//! and the configurations recording cannot make deterministic refused.
+//! the disk image gone, its blk verify and net echo (a tap with a host echo peer) recorded in
+//! one run and replayed with the disk and the tap gone, a tampered log stopping at the
+//! divergence point, a corrupt log refused, and the configurations recording cannot make
+//! deterministic refused.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod common;
 
-use common::{run_sluice, Run};
+use common::{run_sluice, spawn_echo_peer, Run};
 use sluice_guest_kit::skip_without_kvm;
 use sluice_vmm::replay::format::{self, Event, ExitKind};
 
@@ -18,6 +20,10 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 /// up most of the second half of the exits (the tampered-write test relies on it).
 const CMDLINE: &str = "clock=virtual w=blk:op=read:bs=4096:qd=2:ops=64:mode=irq \
                        w=blk:op=verify:bs=4096:qd=4:span_mb=1:seed=7:mode=poll w=rng:bytes=4096";
+
+/// Blk verify, then a net echo with MSI-X interrupts (irq mode) through the tap's echo peer.
+const NET_CMDLINE: &str = "clock=virtual w=blk:op=verify:bs=4096:qd=4:span_mb=1:seed=7:mode=poll \
+                           w=net:dir=echo:size=1000:frames=16:mode=irq";
 
 struct Scratch {
     dir: PathBuf,
@@ -277,6 +283,98 @@ fn a_log_with_a_bad_checksum_is_refused() {
         "{}",
         run.transcript()
     );
+}
+
+/// The blk verify and the net echo in one recording: every frame the peer echoed entered the
+/// guest at an exit (the kit's clock=virtual receive loop rings the RX doorbell, the inline RX
+/// queue reads the tap there), so the replay, with the image deleted and the tap gone with the
+/// recording sluice, prints the same console and ends with the same memory.
+#[test]
+fn replay_reproduces_blk_verify_and_net_echo_without_the_disk_or_the_tap() {
+    let name = "replay_reproduces_blk_verify_and_net_echo_without_the_disk_or_the_tap";
+    if skip_without_kvm(name) {
+        return;
+    }
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+    {
+        println!("SKIP {name}: /dev/net/tun unusable ({e})");
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIP {name}: creating a tap needs CAP_NET_ADMIN (not root)");
+        return;
+    }
+    let scratch = Scratch::new("net-echo");
+    let (log, recorded_console) = (scratch.path("run.log"), scratch.path("recorded.txt"));
+    let tap = format!("slr{}", std::process::id() % 100_000);
+    let (stop, peer) = spawn_echo_peer(tap.clone());
+    let image = scratch.path("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let recorded = run_sluice(
+        &[
+            "run".into(),
+            "--memory".into(),
+            "64M".into(),
+            format!("--disk=path={}", image.display()),
+            format!("--net=tap={tap}"),
+            "--cmdline".into(),
+            NET_CMDLINE.into(),
+            format!("--serial=file={}", recorded_console.display()),
+            format!("--record={}", log.display()),
+        ],
+        TIMEOUT,
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let echoed = peer.join().unwrap();
+    std::fs::remove_file(&image).unwrap();
+    assert_eq!(recorded.status, Some(0), "{}", recorded.transcript());
+    let console = std::fs::read_to_string(&recorded_console).unwrap();
+    assert!(console.contains("GUEST-KIT PASS"), "{console}");
+    let results: Vec<&str> = console
+        .lines()
+        .filter(|l| l.starts_with("RESULT"))
+        .collect();
+    assert!(
+        results
+            .iter()
+            .any(|l| l.contains("\"workload\":\"blk\"") && l.contains("\"verify\":\"ok\"")),
+        "{console}"
+    );
+    assert!(
+        results.iter().any(|l| l.contains("\"workload\":\"net\"")
+            && l.contains("\"frames\":16")
+            && l.contains("\"verify\":\"ok\"")),
+        "{console}"
+    );
+    assert!(echoed >= 16, "the host peer echoed {echoed} frames");
+    assert!(logged_msis(&std::fs::read(&log).unwrap()) > 0);
+    let name = std::ffi::CString::new(tap).unwrap();
+    // SAFETY: `name` is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_eq!(index, 0, "the tap went away with the recording sluice");
+
+    let replayed_console = scratch.path("replayed.txt");
+    let replayed = replay(&log, &replayed_console);
+
+    assert_eq!(replayed.status, Some(0), "{}", replayed.transcript());
+    assert!(
+        replayed.stderr.contains("replay matched the log"),
+        "{}",
+        replayed.transcript()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&replayed_console).unwrap(),
+        console,
+        "the replayed console differs"
+    );
+    assert_eq!(memory_hash(&replayed), memory_hash(&recorded));
 }
 
 #[test]
