@@ -198,6 +198,16 @@ type DiskDevice = (Box<dyn VirtioDevice>, Option<Arc<IotlbInvalidator>>);
 fn disk_device(disk: &DiskSpec, ram: &GuestRam, iommu: bool) -> Result<DiskDevice, VmError> {
     let Some(socket) = disk.socket.as_ref().filter(|_| disk.vhost_user) else {
         let mut block = Block::new(block_config(disk)).map_err(|e| device_err("virtio-blk", e))?;
+        if let Some(path) = &disk.requests {
+            let log = sluice_devices::block::trace::RequestLog::create(path, &block.trace_header())
+                .map_err(|e| {
+                    device_err(
+                        "virtio-blk",
+                        format!("cannot create the request log {}: {e}", path.display()),
+                    )
+                })?;
+            block.log_requests(log);
+        }
         if let Some(guest) = &disk.qos {
             let qos = process_scheduler().map_err(|e| device_err("virtio-blk qos", e))?;
             block.join_scheduler(Arc::clone(&qos), qos.add_guest(guest.clone()));
