@@ -377,6 +377,94 @@ fn replay_reproduces_blk_verify_and_net_echo_without_the_disk_or_the_tap() {
     assert_eq!(memory_hash(&replayed), memory_hash(&recorded));
 }
 
+/// `requests=` logs the disk's requests during a recording; `sluice replay --device` re-runs
+/// them against the virtio-blk model alone (no VM, a fresh image) with the same answers, and
+/// writes them as `blk_request` fuzz seeds; started from another image it reports the first
+/// request whose answer differs.
+#[test]
+fn a_disks_request_log_reruns_on_the_device_model_alone() {
+    if skip_without_kvm("a_disks_request_log_reruns_on_the_device_model_alone") {
+        return;
+    }
+    let scratch = Scratch::new("device-rerun");
+    let (image, requests) = (scratch.path("disk.img"), scratch.path("disk.requests"));
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let recorded = run_sluice(
+        &[
+            "run".into(),
+            "--memory".into(),
+            "64M".into(),
+            format!(
+                "--disk=path={},requests={}",
+                image.display(),
+                requests.display()
+            ),
+            "--cmdline".into(),
+            CMDLINE.replace(" w=rng:bytes=4096", ""),
+            "--serial=off".into(),
+            format!("--record={}", scratch.path("run.log").display()),
+        ],
+        TIMEOUT,
+    );
+    assert_eq!(recorded.status, Some(0), "{}", recorded.transcript());
+    // Another starting image: the first read of the log (sector 0 of a fresh disk) differs.
+    std::fs::write(&image, vec![0x5au8; 16 << 20]).unwrap();
+    let corpus = scratch.path("corpus");
+
+    let rerun = run_sluice(
+        &[
+            "replay".into(),
+            "--device".into(),
+            requests.display().to_string(),
+            format!("--corpus={}", corpus.display()),
+        ],
+        TIMEOUT,
+    );
+    let other_image = run_sluice(
+        &[
+            "replay".into(),
+            "--device".into(),
+            requests.display().to_string(),
+            format!("--image={}", image.display()),
+        ],
+        TIMEOUT,
+    );
+
+    assert_eq!(rerun.status, Some(0), "{}", rerun.transcript());
+    // 64 reads, the verify's 256 writes and 256 reads, its flush.
+    assert!(
+        rerun
+            .stderr
+            .contains("device re-run matched the log: 577 requests"),
+        "{}",
+        rerun.transcript()
+    );
+    let seeds: Vec<_> = std::fs::read_dir(&corpus)
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(seeds.len() > 256, "{} seeds", seeds.len());
+    for seed in &seeds {
+        sluice_devices::block::fuzz::blk_request(seed);
+    }
+    assert_eq!(
+        other_image.status,
+        Some(124),
+        "{}",
+        other_image.transcript()
+    );
+    assert!(
+        other_image.stderr.contains(
+            "device re-run diverged at request #1 (queue 0): the 4096 bytes written differ"
+        ),
+        "{}",
+        other_image.transcript()
+    );
+}
+
 #[test]
 fn record_refuses_what_it_cannot_make_deterministic() {
     let scratch = Scratch::new("refuse");

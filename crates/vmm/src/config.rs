@@ -559,6 +559,17 @@ mod tests {
     }
 
     #[test]
+    fn a_request_log_is_for_in_process_disks_only() {
+        let disk = DiskSpec::parse("path=x,requests=/tmp/x.requests").unwrap();
+
+        assert_eq!(disk.requests, Some(PathBuf::from("/tmp/x.requests")));
+        assert_eq!(DiskSpec::parse("path=x").unwrap().requests, None);
+        assert!(DiskSpec::parse("path=x,requests=").is_err());
+        let error = DiskSpec::parse("vhost_user=on,socket=/s,requests=r").unwrap_err();
+        assert!(error.contains("requests="), "{error}");
+    }
+
+    #[test]
     fn parses_e1000_specs() {
         let nic = E1000Spec::parse("tap=e0,mac=52:54:00:aa:bb:cc").unwrap();
 
