@@ -469,8 +469,9 @@ fn a_disks_request_log_reruns_on_the_device_model_alone() {
 fn record_refuses_what_it_cannot_make_deterministic() {
     let scratch = Scratch::new("refuse");
     let log = scratch.path("never.log");
-    let cases: [(&[&str], &str); 2] = [
+    let cases: [(&[&str], &str); 3] = [
         (&["--cpus", "2"], "more than one vCPU"),
+        (&["--e1000", "tap=slrefused0"], "an e1000"),
         (
             &["--disk", "vhost_user=on,socket=/nonexistent/sock"],
             "a vhost-user disk",
