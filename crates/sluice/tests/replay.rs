@@ -380,7 +380,7 @@ fn replay_reproduces_blk_verify_and_net_echo_without_the_disk_or_the_tap() {
 /// `requests=` logs the disk's requests during a recording; `sluice replay --device` re-runs
 /// them against the virtio-blk model alone (no VM, a fresh image) with the same answers, and
 /// writes them as `blk_request` fuzz seeds; started from another image it reports the first
-/// request whose answer differs.
+/// request whose answer differs; a corrupt log is refused before anything runs.
 #[test]
 fn a_disks_request_log_reruns_on_the_device_model_alone() {
     if skip_without_kvm("a_disks_request_log_reruns_on_the_device_model_alone") {
@@ -450,6 +450,25 @@ fn a_disks_request_log_reruns_on_the_device_model_alone() {
     for seed in &seeds {
         sluice_devices::block::fuzz::blk_request(seed);
     }
+    let mut corrupt = std::fs::read(&requests).unwrap();
+    let middle = corrupt.len() / 2;
+    corrupt[middle] ^= 0x01;
+    let corrupt_path = scratch.path("corrupt.requests");
+    std::fs::write(&corrupt_path, &corrupt).unwrap();
+    let refused = run_sluice(
+        &[
+            "replay".into(),
+            "--device".into(),
+            corrupt_path.display().to_string(),
+        ],
+        TIMEOUT,
+    );
+    assert_eq!(refused.status, Some(125), "{}", refused.transcript());
+    assert!(
+        refused.stderr.contains("checksum mismatch"),
+        "{}",
+        refused.transcript()
+    );
     assert_eq!(
         other_image.status,
         Some(124),

@@ -108,11 +108,19 @@ pub enum RerunError {
 /// Re-runs the request log at `log` (see the module documentation).
 pub fn rerun(log: &Path, options: &RerunOptions) -> Result<RerunReport, RerunError> {
     let started = Instant::now();
-    let file = std::fs::File::open(log).map_err(|source| RerunError::Open {
-        path: log.display().to_string(),
-        source,
-    })?;
-    let mut reader = TraceReader::new(std::io::BufReader::new(file))?;
+    let open = || {
+        std::fs::File::open(log)
+            .map(std::io::BufReader::new)
+            .map_err(|source| RerunError::Open {
+                path: log.display().to_string(),
+                source,
+            })
+    };
+    // The whole log is read once first: a corrupt record is refused before anything runs,
+    // not met half-way.
+    let mut check = TraceReader::new(open()?)?;
+    while check.next_request()?.is_some() {}
+    let mut reader = TraceReader::new(open()?)?;
     let header = reader.header;
     let (image, _scratch) = match &options.image {
         Some(path) => (path.clone(), None),
