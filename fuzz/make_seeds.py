@@ -1045,6 +1045,9 @@ def blk_trace_seeds():
         ("version_2", trace_header(version=2) + good),
         ("truncated_record", trace_header() + good[:-5]),
         ("huge_length", trace_header() + bytes(huge)),
+        # Framed by the body (first byte 0xff): header, then [length u16][payload] records.
+        ("framed_read_and_outside", b"\xff" + trace_header()
+         + struct.pack("<H", len(read)) + read + struct.pack("<H", len(outside)) + outside),
     ]
 
 

@@ -93,8 +93,20 @@ const TRACE_RECORDS: usize = 256;
 /// "never panics": every record decoded stays inside the bounds (buffers, bytes), encodes back
 /// to bytes that decode to the same record, and its `blk_request` seed (if it fits) parses
 /// within that target's invariants.
+///
+/// An input starting with 0xff is *framed* by this body so mutations get past the checksums:
+/// the 47-byte file header, then `[length u16][payload]...`, each payload wrapped in a record
+/// with its tag, length and valid checksum.
 pub fn blk_trace(data: &[u8]) {
     use super::trace::{encode_record, TraceReader, MAX_BUFFERS, MAX_CHAIN_BYTES};
+    let framed;
+    let data = match data.split_first() {
+        Some((0xff, rest)) => {
+            framed = frame_trace(rest);
+            &framed[..]
+        }
+        _ => data,
+    };
     let Ok(mut reader) = TraceReader::new(data) else {
         return;
     };
@@ -117,4 +129,21 @@ pub fn blk_trace(data: &[u8]) {
             blk_request(&seed);
         }
     }
+}
+
+/// Builds a request log from a framed `blk_trace` input (see [`blk_trace`]).
+fn frame_trace(rest: &[u8]) -> Vec<u8> {
+    const HEADER: usize = 47;
+    let (header, mut body) = rest.split_at(rest.len().min(HEADER));
+    let mut out = header.to_vec();
+    while let [lo, hi, tail @ ..] = body {
+        let len = usize::from(u16::from_le_bytes([*lo, *hi])).min(tail.len());
+        let (payload, next) = tail.split_at(len);
+        out.extend_from_slice(b"RQ");
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&super::trace::fnv1a(payload).to_le_bytes());
+        out.extend_from_slice(payload);
+        body = next;
+    }
+    out
 }
