@@ -511,3 +511,42 @@ fn record_refuses_what_it_cannot_make_deterministic() {
         assert!(!log.exists(), "a refused recording left a log");
     }
 }
+
+/// Logging a chain resolves buffers the device itself might not touch: behind a vIOMMU that
+/// would add fault records the guest sees, so `requests=` with `--iommu` is refused.
+#[test]
+fn a_request_log_behind_a_viommu_is_refused() {
+    if skip_without_kvm("a_request_log_behind_a_viommu_is_refused") {
+        return;
+    }
+    let scratch = Scratch::new("rq-iommu");
+    let (image, requests) = (scratch.path("disk.img"), scratch.path("disk.requests"));
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+
+    let run = run_sluice(
+        &[
+            "run".into(),
+            "--iommu=vtd".into(),
+            format!(
+                "--disk=path={},requests={}",
+                image.display(),
+                requests.display()
+            ),
+            "--cmdline".into(),
+            "quiet".into(),
+        ],
+        TIMEOUT,
+    );
+
+    assert_eq!(run.status, Some(125), "{}", run.transcript());
+    assert!(
+        run.stderr
+            .contains("requests= cannot be combined with --iommu"),
+        "{}",
+        run.transcript()
+    );
+    assert!(!requests.exists(), "a refused run left a request log");
+}

@@ -96,6 +96,14 @@ pub fn attach_virtio_devices(
     };
     let mut metrics = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
+        if disk.requests.is_some() && config.iommu.is_some() {
+            return Err(device_err(
+                "virtio-blk",
+                "requests= cannot be combined with --iommu: logging a chain resolves buffers the \
+                 device itself might not touch, and each failed translation would be a fault \
+                 record the guest sees",
+            ));
+        }
         let vhost_user = disk.vhost_user && disk.socket.is_some();
         if vhost_user && config.iommu == Some(IommuKind::Virtio) {
             return Err(device_err(

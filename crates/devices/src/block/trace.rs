@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use sluice_dma::DmaSpace;
 use sluice_virtio::Chain;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 pub const MAGIC: &[u8; 8] = b"SLUICEBQ";
 pub const VERSION: u32 = 1;
@@ -399,15 +399,26 @@ impl QueueTrace {
             }
             let is_writable =
                 descriptor.flags() & virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16 != 0;
-            let mut bytes = vec![0u8; len as usize];
-            let inside = mem.read_slice(&mut bytes, addr).is_ok();
-            buffers.push(match (inside, is_writable) {
-                (true, false) => TracedBuffer::Readable(bytes),
-                (true, true) => {
+            buffers.push(if is_writable {
+                // Only whether it resolves: its content is the device's to write.
+                if mem.check_range(addr, len as usize, Permissions::Write) {
                     writable.push((addr, len));
                     TracedBuffer::Writable(len)
+                } else {
+                    TracedBuffer::Outside {
+                        len,
+                        writable: true,
+                    }
                 }
-                (false, writable) => TracedBuffer::Outside { len, writable },
+            } else {
+                let mut bytes = vec![0u8; len as usize];
+                match mem.read_slice(&mut bytes, addr) {
+                    Ok(()) => TracedBuffer::Readable(bytes),
+                    Err(_) => TracedBuffer::Outside {
+                        len,
+                        writable: false,
+                    },
+                }
             });
         }
         self.pending
