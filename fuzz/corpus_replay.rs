@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 /// Every fuzz target and the package whose tests replay its corpus.
 pub const TARGETS: &[(&str, &str)] = &[
     ("blk_request", "sluice-devices"),
+    ("blk_trace", "sluice-devices"),
     ("net_header", "sluice-devices"),
     ("net_state", "sluice-devices"),
     ("virtio_pci_registers", "sluice-virtio"),

@@ -1047,6 +1047,64 @@ def tpm_seeds():
     ]
 
 
+# --- blk_trace: a virtio-blk request log (`--disk ...,requests=LOG`, crates/devices/src/block/
+# trace.rs): b"SLUICEBQ", version u32, capacity u64, block size u32, flags u8, serial (20 bytes),
+# queue size u16; records b"RQ", length u32, FNV-1a (bytewise) u64, payload. `recorded_prefix`
+# and `recorded_write_and_flush` are records of a real recording of the guest kit's blk
+# workloads, kept as committed.
+
+def fnv1a_bytes(data):
+    h = 0xcbf29ce484222325
+    for byte in data:
+        h = ((h ^ byte) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def trace_header(version=1, read_only=0):
+    return (b"SLUICEBQ" + struct.pack("<IQIB", version, 32768, 512, read_only)
+            + b"sluice-disk".ljust(20, b"\0") + struct.pack("<H", 256))
+
+
+def trace_record(payload):
+    return b"RQ" + struct.pack("<IQ", len(payload), fnv1a_bytes(payload)) + payload
+
+
+def trace_payload(buffers, used_len=1, status=0x100, data_hash=fnv1a_bytes(b"")):
+    """buffers: (kind, length, bytes) with kind 0 readable, 1 writable, 2/3 outside."""
+    out = struct.pack("<HH", 0, len(buffers))
+    for kind, length, data in buffers:
+        out += struct.pack("<IB", length, kind) + (data if kind == 0 else b"")
+    return out + struct.pack("<IHQ", used_len, status, data_hash)
+
+
+def blk_trace_seeds():
+    read_header = struct.pack("<IIQ", 0, 0, 0)
+    read = trace_payload([(0, 16, read_header), (1, 4096, b""), (1, 1, b"")], 4097,
+                         data_hash=fnv1a_bytes(bytes(4096)))
+    outside = trace_payload([(0, 16, read_header), (2, 512, b""), (1, 1, b"")])
+    good = trace_record(read)
+    bad = bytearray(good)
+    bad[-1] ^= 1
+    huge = bytearray(good)
+    huge[2:6] = struct.pack("<I", 0xFFFFFFFF)
+    return [
+        ("header_only", trace_header()),
+        ("read_of_zeroes", trace_header() + good),
+        ("read_only_disk", trace_header(read_only=1) + good),
+        ("outside_buffer", trace_header() + trace_record(outside)),
+        ("unknown_kind", trace_header() + trace_record(struct.pack("<HH", 0, 1)
+                                                      + struct.pack("<IB", 4, 9)
+                                                      + struct.pack("<IHQ", 0, 0, 0))),
+        ("bad_checksum", trace_header() + bytes(bad)),
+        ("version_2", trace_header(version=2) + good),
+        ("truncated_record", trace_header() + good[:-5]),
+        ("huge_length", trace_header() + bytes(huge)),
+        # Framed by the body (first byte 0xff): header, then [length u16][payload] records.
+        ("framed_read_and_outside", b"\xff" + trace_header()
+         + struct.pack("<H", len(read)) + read + struct.pack("<H", len(outside)) + outside),
+    ]
+
+
 def main():
     for target, seeds in (("blk_request", blk_seeds()), ("net_header", net_seeds()),
                           ("packed_ring", packed_seeds()),
@@ -1066,7 +1124,8 @@ def main():
                           ("net_state", net_state_seeds()),
                           ("replay_log", replay_seeds()),
                           ("tpm_crb", tpm_seeds()),
-                          ("tpm_state", tpm_state_seeds())):
+                          ("tpm_state", tpm_state_seeds()),
+                          ("blk_trace", blk_trace_seeds())):
         directory = ROOT / target
         directory.mkdir(parents=True, exist_ok=True)
         for name, data in seeds:

@@ -16,6 +16,7 @@ fn fuzz_corpora_replay_without_panics() {
         env!("CARGO_PKG_NAME"),
         &[
             ("blk_request", &sluice_devices::block::fuzz::blk_request),
+            ("blk_trace", &sluice_devices::block::fuzz::blk_trace),
             ("net_header", &sluice_devices::net::fuzz::net_header),
             ("net_state", &sluice_devices::net::fuzz::net_state),
             ("e1000_tx", &sluice_devices::e1000::fuzz::e1000_tx),
@@ -196,4 +197,17 @@ fn iommu_seeds_answer_misses_with_updates_and_survive_a_bad_channel() {
         &refused,
         "cannot translate IOVAs",
     );
+}
+
+/// The blk_trace seeds cut from a real recording re-run on the device model with the
+/// recorded answers (the read-back of a fresh image, a verify write, the final flush).
+#[test]
+fn recorded_blk_trace_seeds_rerun_with_their_answers() {
+    use sluice_devices::block::rerun::{rerun, RerunOptions};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/blk_trace");
+    for (name, requests) in [("recorded_prefix", 3), ("recorded_write_and_flush", 2)] {
+        let report = rerun(&dir.join(name), &RerunOptions::default()).unwrap();
+        assert_eq!(report.mismatch, None, "{name}");
+        assert_eq!(report.matched, requests, "{name}");
+    }
 }

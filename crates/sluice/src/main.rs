@@ -76,12 +76,22 @@ enum Command {
 
 #[derive(Args)]
 struct ReplayArgs {
-    /// The log `sluice run --record` wrote.
+    /// The log `sluice run --record` wrote (with `--device`: a disk's `requests=` log).
     #[arg(value_name = "LOG")]
     recording: PathBuf,
     /// Where the replayed COM1 output goes: `stdout`, `file=PATH` or `off`.
     #[arg(long, default_value = "stdout", value_parser = parse_serial)]
     serial: SerialTarget,
+    /// LOG is a virtio-blk request log (`--disk ...,requests=LOG`): re-run its requests
+    /// against the device model alone, no VM, checking every answer.
+    #[arg(long)]
+    device: bool,
+    /// With --device: start from a copy of this image instead of a fresh all-zero one.
+    #[arg(long, requires = "device")]
+    image: Option<PathBuf>,
+    /// With --device: also write each request as a `blk_request` fuzz seed into DIR.
+    #[arg(long, value_name = "DIR", requires = "device")]
+    corpus: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -425,6 +435,9 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
 const EXIT_REPLAY_DIVERGED: u8 = 124;
 
 fn replay(args: &ReplayArgs) -> anyhow::Result<u8> {
+    if args.device {
+        return rerun_device(args);
+    }
     let report = sluice_vmm::replay::replay(&args.recording, &args.serial)
         .with_context(|| format!("cannot replay {}", args.recording.display()))?;
     if let Some(divergence) = &report.divergence {
@@ -439,6 +452,31 @@ fn replay(args: &ReplayArgs) -> anyhow::Result<u8> {
         report.memory_hash
     ));
     Ok(exit_status(&outcome))
+}
+
+/// `sluice replay --device LOG`: a virtio-blk request log re-run against the device model.
+fn rerun_device(args: &ReplayArgs) -> anyhow::Result<u8> {
+    use sluice_devices::block::rerun::{rerun, RerunOptions};
+    let options = RerunOptions {
+        image: args.image.clone(),
+        corpus: args.corpus.clone(),
+    };
+    let report = rerun(&args.recording, &options)
+        .with_context(|| format!("cannot re-run {}", args.recording.display()))?;
+    if let Some(mismatch) = &report.mismatch {
+        say(format_args!("sluice: {mismatch}"));
+        return Ok(EXIT_REPLAY_DIVERGED);
+    }
+    let seeds = match &args.corpus {
+        Some(dir) => format!(", {} new fuzz seeds in {}", report.seeds, dir.display()),
+        None => String::new(),
+    };
+    say(format_args!(
+        "sluice: device re-run matched the log: {} requests in {} ms{seeds}",
+        report.matched,
+        report.elapsed.as_millis()
+    ));
+    Ok(0)
 }
 
 impl RunArgs {

@@ -1,14 +1,16 @@
 //! Record and replay through the binary (issue 17, docs/replay.md): the guest kit's blk verify
 //! and rng workloads recorded with `sluice run --record` and re-run with `sluice replay` with
-//! the disk image gone, a tampered log stopping at the divergence point, a corrupt log refused,
-//! and the configurations recording cannot make deterministic refused.
+//! the disk image gone, its blk verify and net echo (a tap with a host echo peer) recorded in
+//! one run and replayed with the disk and the tap gone, a tampered log stopping at the
+//! divergence point, a corrupt log refused, and the configurations recording cannot make
+//! deterministic refused.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod common;
 
-use common::{run_sluice, Run};
+use common::{run_sluice, spawn_echo_peer, Run};
 use sluice_guest_kit::skip_without_kvm;
 use sluice_vmm::replay::format::{self, Event, ExitKind};
 
@@ -18,6 +20,10 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 /// up most of the second half of the exits (the tampered-write test relies on it).
 const CMDLINE: &str = "clock=virtual w=blk:op=read:bs=4096:qd=2:ops=64:mode=irq \
                        w=blk:op=verify:bs=4096:qd=4:span_mb=1:seed=7:mode=poll w=rng:bytes=4096";
+
+/// Blk verify, then a net echo with MSI-X interrupts (irq mode) through the tap's echo peer.
+const NET_CMDLINE: &str = "clock=virtual w=blk:op=verify:bs=4096:qd=4:span_mb=1:seed=7:mode=poll \
+                           w=net:dir=echo:size=1000:frames=16:mode=irq";
 
 struct Scratch {
     dir: PathBuf,
@@ -279,12 +285,212 @@ fn a_log_with_a_bad_checksum_is_refused() {
     );
 }
 
+/// The blk verify and the net echo in one recording: every frame the peer echoed entered the
+/// guest at an exit (the kit's clock=virtual receive loop rings the RX doorbell, the inline RX
+/// queue reads the tap there), so the replay, with the image deleted and the tap gone with the
+/// recording sluice, prints the same console and ends with the same memory.
+#[test]
+fn replay_reproduces_blk_verify_and_net_echo_without_the_disk_or_the_tap() {
+    let name = "replay_reproduces_blk_verify_and_net_echo_without_the_disk_or_the_tap";
+    if skip_without_kvm(name) {
+        return;
+    }
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+    {
+        println!("SKIP {name}: /dev/net/tun unusable ({e})");
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIP {name}: creating a tap needs CAP_NET_ADMIN (not root)");
+        return;
+    }
+    let scratch = Scratch::new("net-echo");
+    let (log, recorded_console) = (scratch.path("run.log"), scratch.path("recorded.txt"));
+    let tap = format!("slr{}", std::process::id() % 100_000);
+    let (stop, peer) = spawn_echo_peer(tap.clone());
+    let image = scratch.path("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let recorded = run_sluice(
+        &[
+            "run".into(),
+            "--memory".into(),
+            "64M".into(),
+            format!("--disk=path={}", image.display()),
+            format!("--net=tap={tap}"),
+            "--cmdline".into(),
+            NET_CMDLINE.into(),
+            format!("--serial=file={}", recorded_console.display()),
+            format!("--record={}", log.display()),
+        ],
+        TIMEOUT,
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let echoed = peer.join().unwrap();
+    std::fs::remove_file(&image).unwrap();
+    assert_eq!(recorded.status, Some(0), "{}", recorded.transcript());
+    let console = std::fs::read_to_string(&recorded_console).unwrap();
+    assert!(console.contains("GUEST-KIT PASS"), "{console}");
+    let results: Vec<&str> = console
+        .lines()
+        .filter(|l| l.starts_with("RESULT"))
+        .collect();
+    assert!(
+        results
+            .iter()
+            .any(|l| l.contains("\"workload\":\"blk\"") && l.contains("\"verify\":\"ok\"")),
+        "{console}"
+    );
+    assert!(
+        results.iter().any(|l| l.contains("\"workload\":\"net\"")
+            && l.contains("\"frames\":16")
+            && l.contains("\"verify\":\"ok\"")),
+        "{console}"
+    );
+    assert!(echoed >= 16, "the host peer echoed {echoed} frames");
+    assert!(logged_msis(&std::fs::read(&log).unwrap()) > 0);
+    let name = std::ffi::CString::new(tap).unwrap();
+    // SAFETY: `name` is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_eq!(index, 0, "the tap went away with the recording sluice");
+
+    let replayed_console = scratch.path("replayed.txt");
+    let replayed = replay(&log, &replayed_console);
+
+    assert_eq!(replayed.status, Some(0), "{}", replayed.transcript());
+    assert!(
+        replayed.stderr.contains("replay matched the log"),
+        "{}",
+        replayed.transcript()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&replayed_console).unwrap(),
+        console,
+        "the replayed console differs"
+    );
+    assert_eq!(memory_hash(&replayed), memory_hash(&recorded));
+}
+
+/// `requests=` logs the disk's requests during a recording; `sluice replay --device` re-runs
+/// them against the virtio-blk model alone (no VM, a fresh image) with the same answers, and
+/// writes them as `blk_request` fuzz seeds; started from another image it reports the first
+/// request whose answer differs; a corrupt log is refused before anything runs.
+#[test]
+fn a_disks_request_log_reruns_on_the_device_model_alone() {
+    if skip_without_kvm("a_disks_request_log_reruns_on_the_device_model_alone") {
+        return;
+    }
+    let scratch = Scratch::new("device-rerun");
+    let (image, requests) = (scratch.path("disk.img"), scratch.path("disk.requests"));
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let recorded = run_sluice(
+        &[
+            "run".into(),
+            "--memory".into(),
+            "64M".into(),
+            format!(
+                "--disk=path={},requests={}",
+                image.display(),
+                requests.display()
+            ),
+            "--cmdline".into(),
+            CMDLINE.replace(" w=rng:bytes=4096", ""),
+            "--serial=off".into(),
+            format!("--record={}", scratch.path("run.log").display()),
+        ],
+        TIMEOUT,
+    );
+    assert_eq!(recorded.status, Some(0), "{}", recorded.transcript());
+    // Another starting image: the first read of the log (sector 0 of a fresh disk) differs.
+    std::fs::write(&image, vec![0x5au8; 16 << 20]).unwrap();
+    let corpus = scratch.path("corpus");
+
+    let rerun = run_sluice(
+        &[
+            "replay".into(),
+            "--device".into(),
+            requests.display().to_string(),
+            format!("--corpus={}", corpus.display()),
+        ],
+        TIMEOUT,
+    );
+    let other_image = run_sluice(
+        &[
+            "replay".into(),
+            "--device".into(),
+            requests.display().to_string(),
+            format!("--image={}", image.display()),
+        ],
+        TIMEOUT,
+    );
+
+    assert_eq!(rerun.status, Some(0), "{}", rerun.transcript());
+    // 64 reads, the verify's 256 writes and 256 reads, its flush.
+    assert!(
+        rerun
+            .stderr
+            .contains("device re-run matched the log: 577 requests"),
+        "{}",
+        rerun.transcript()
+    );
+    let seeds: Vec<_> = std::fs::read_dir(&corpus)
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(seeds.len() > 256, "{} seeds", seeds.len());
+    for seed in &seeds {
+        sluice_devices::block::fuzz::blk_request(seed);
+    }
+    let mut corrupt = std::fs::read(&requests).unwrap();
+    let middle = corrupt.len() / 2;
+    corrupt[middle] ^= 0x01;
+    let corrupt_path = scratch.path("corrupt.requests");
+    std::fs::write(&corrupt_path, &corrupt).unwrap();
+    let refused = run_sluice(
+        &[
+            "replay".into(),
+            "--device".into(),
+            corrupt_path.display().to_string(),
+        ],
+        TIMEOUT,
+    );
+    assert_eq!(refused.status, Some(125), "{}", refused.transcript());
+    assert!(
+        refused.stderr.contains("checksum mismatch"),
+        "{}",
+        refused.transcript()
+    );
+    assert_eq!(
+        other_image.status,
+        Some(124),
+        "{}",
+        other_image.transcript()
+    );
+    assert!(
+        other_image.stderr.contains(
+            "device re-run diverged at request #1 (queue 0): the 4096 bytes written differ"
+        ),
+        "{}",
+        other_image.transcript()
+    );
+}
+
 #[test]
 fn record_refuses_what_it_cannot_make_deterministic() {
     let scratch = Scratch::new("refuse");
     let log = scratch.path("never.log");
-    let cases: [(&[&str], &str); 2] = [
+    let cases: [(&[&str], &str); 3] = [
         (&["--cpus", "2"], "more than one vCPU"),
+        (&["--e1000", "tap=slrefused0"], "an e1000"),
         (
             &["--disk", "vhost_user=on,socket=/nonexistent/sock"],
             "a vhost-user disk",
@@ -304,4 +510,43 @@ fn record_refuses_what_it_cannot_make_deterministic() {
         );
         assert!(!log.exists(), "a refused recording left a log");
     }
+}
+
+/// Logging a chain resolves buffers the device itself might not touch: behind a vIOMMU that
+/// would add fault records the guest sees, so `requests=` with `--iommu` is refused.
+#[test]
+fn a_request_log_behind_a_viommu_is_refused() {
+    if skip_without_kvm("a_request_log_behind_a_viommu_is_refused") {
+        return;
+    }
+    let scratch = Scratch::new("rq-iommu");
+    let (image, requests) = (scratch.path("disk.img"), scratch.path("disk.requests"));
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+
+    let run = run_sluice(
+        &[
+            "run".into(),
+            "--iommu=vtd".into(),
+            format!(
+                "--disk=path={},requests={}",
+                image.display(),
+                requests.display()
+            ),
+            "--cmdline".into(),
+            "quiet".into(),
+        ],
+        TIMEOUT,
+    );
+
+    assert_eq!(run.status, Some(125), "{}", run.transcript());
+    assert!(
+        run.stderr
+            .contains("requests= cannot be combined with --iommu"),
+        "{}",
+        run.transcript()
+    );
+    assert!(!requests.exists(), "a refused run left a request log");
 }

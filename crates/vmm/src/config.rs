@@ -31,6 +31,9 @@ pub struct DiskSpec {
     /// Behind the process's sluice-qos scheduler with these weight and limits (`weight=`,
     /// `iops=`, `iops_burst=`, `bps=`, `bps_burst=`, `qos_queue=`; in-process disks only).
     pub qos: Option<sluice_qos::GuestConfig>,
+    /// Log every request the device answers into this file (`requests=`; in-process disks
+    /// only; sluice-devices `block::trace`, `sluice replay --device`).
+    pub requests: Option<PathBuf>,
 }
 
 /// A virtio-net device on a tap.
@@ -297,7 +300,8 @@ fn parse_timeout(v: &str) -> Result<Duration, String> {
 
 impl DiskSpec {
     /// `path=FILE[,readonly=on][,direct=on][,queues=N][,queue_size=N][,serial=S][,notify=..]
-    /// [,block_size=N][,packed=on]` or `vhost_user=on,socket=PATH[,queues=N][,queue_size=N][,timeout=5s]`.
+    /// [,block_size=N][,packed=on][,requests=LOG]` or `vhost_user=on,socket=PATH[,queues=N]
+    /// [,queue_size=N][,timeout=5s]`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut disk = DiskSpec {
             path: PathBuf::new(),
@@ -313,6 +317,7 @@ impl DiskSpec {
             socket: None,
             timeout: None,
             qos: None,
+            requests: None,
         };
         let mut qos_keys = Vec::new();
         for (k, v) in pairs(s)? {
@@ -322,6 +327,7 @@ impl DiskSpec {
                 }
                 "qos_queue" => qos_keys.push(format!("queue={v}")),
                 "path" => disk.path = PathBuf::from(v),
+                "requests" if !v.is_empty() => disk.requests = Some(PathBuf::from(v)),
                 "vhost_user" => disk.vhost_user = on_off(k, v)?,
                 "socket" => disk.socket = Some(PathBuf::from(v)),
                 "timeout" => disk.timeout = Some(parse_timeout(v)?),
@@ -383,6 +389,11 @@ impl DiskSpec {
                 "--disk vhost_user=on: path, readonly, direct, serial and block_size are the \
                  backend's"
                     .into(),
+            );
+        }
+        if self.requests.is_some() {
+            return Err(
+                "--disk vhost_user=on: requests= logs the in-process device's requests".into(),
             );
         }
         Ok(self)
@@ -545,6 +556,17 @@ mod tests {
         assert!(RngSpec::parse("packed=maybe").is_err());
         assert!(RngSpec::parse("speed=1").is_err());
         assert!(DiskSpec::parse("vhost_user=on,socket=/s,packed=on").is_err());
+    }
+
+    #[test]
+    fn a_request_log_is_for_in_process_disks_only() {
+        let disk = DiskSpec::parse("path=x,requests=/tmp/x.requests").unwrap();
+
+        assert_eq!(disk.requests, Some(PathBuf::from("/tmp/x.requests")));
+        assert_eq!(DiskSpec::parse("path=x").unwrap().requests, None);
+        assert!(DiskSpec::parse("path=x,requests=").is_err());
+        let error = DiskSpec::parse("vhost_user=on,socket=/s,requests=r").unwrap_err();
+        assert!(error.contains("requests="), "{error}");
     }
 
     #[test]

@@ -99,6 +99,14 @@ pub fn attach_virtio_devices(
     };
     let mut metrics = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
+        if disk.requests.is_some() && config.iommu.is_some() {
+            return Err(device_err(
+                "virtio-blk",
+                "requests= cannot be combined with --iommu: logging a chain resolves buffers the \
+                 device itself might not touch, and each failed translation would be a fault \
+                 record the guest sees",
+            ));
+        }
         let vhost_user = disk.vhost_user && disk.socket.is_some();
         if vhost_user && config.iommu == Some(IommuKind::Virtio) {
             return Err(device_err(
@@ -228,6 +236,16 @@ fn disk_device(disk: &DiskSpec, ram: &GuestRam, iommu: bool) -> Result<DiskDevic
 /// `disk` has a weight or limits (boot-time and hot-plugged disks alike).
 pub(crate) fn in_process_disk(disk: &DiskSpec) -> Result<(Block, Option<ScheduledGuest>), VmError> {
     let mut block = Block::new(block_config(disk)).map_err(|e| device_err("virtio-blk", e))?;
+    if let Some(path) = &disk.requests {
+        let log = sluice_devices::block::trace::RequestLog::create(path, &block.trace_header())
+            .map_err(|e| {
+                device_err(
+                    "virtio-blk",
+                    format!("cannot create the request log {}: {e}", path.display()),
+                )
+            })?;
+        block.log_requests(log);
+    }
     let Some(guest) = &disk.qos else {
         return Ok((block, None));
     };

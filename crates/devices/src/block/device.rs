@@ -101,6 +101,8 @@ pub struct Block {
     metrics: Arc<DeviceMetrics>,
     /// The shared scheduler this disk's queues go through, and the disk's guest in it.
     scheduler: Option<(Arc<Qos>, GuestId)>,
+    /// Where every queue started from now on logs the chains it answers (`requests=`).
+    request_log: Option<Arc<super::trace::RequestLog>>,
 }
 
 impl std::fmt::Debug for Block {
@@ -150,6 +152,7 @@ impl Block {
             engine,
             metrics,
             scheduler: None,
+            request_log: None,
         })
     }
 
@@ -157,6 +160,23 @@ impl Block {
     /// backend: weights, limits and priorities against the other disks on the scheduler).
     pub fn join_scheduler(&mut self, qos: Arc<Qos>, guest: GuestId) {
         self.scheduler = Some((qos, guest));
+    }
+
+    /// Logs every chain the queues started from now on answer into `log` (see
+    /// [`super::trace`]).
+    pub fn log_requests(&mut self, log: Arc<super::trace::RequestLog>) {
+        self.request_log = Some(log);
+    }
+
+    /// The device's shape as a request log's header records it.
+    pub fn trace_header(&self) -> super::trace::TraceHeader {
+        super::trace::TraceHeader {
+            capacity_sectors: self.limits.capacity_sectors,
+            block_size: self.block_size(),
+            read_only: self.config.read_only,
+            serial: self.serial,
+            queue_size: self.config.queue_size,
+        }
     }
 
     /// Disk size in 512-byte sectors.
@@ -341,7 +361,10 @@ impl VirtioDevice for Block {
         if index >= self.config.queues {
             return Err(ActivateError::NoSuchQueue(index));
         }
-        let handler = Block::queue_handler(self, size);
+        let mut handler = Block::queue_handler(self, size);
+        if let Some(log) = &self.request_log {
+            handler = handler.with_request_log(Arc::clone(log), index);
+        }
         let Some((qos, guest)) = &self.scheduler else {
             return Ok(Box::new(handler));
         };

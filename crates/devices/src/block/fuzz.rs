@@ -1,6 +1,6 @@
-//! The body of the `blk_request` fuzz target (fuzz/fuzz_targets/blk_request.rs is a thin
-//! wrapper), here so that `cargo test` replays the committed corpus through it
-//! (tests/fuzz_corpus.rs) without libFuzzer.
+//! The bodies of the `blk_request` and `blk_trace` fuzz targets (fuzz/fuzz_targets/*.rs are
+//! thin wrappers), here so that `cargo test` replays the committed corpora through them
+//! (tests/fuzz_corpus.rs) without libFuzzer. `blk_trace` is below [`blk_request`].
 //!
 //! The input is the first 64 KiB of guest memory (descriptor table at 0x0, avail ring at 0x100;
 //! see [`parse_request_for_fuzz`]); a first byte of 1 makes the disk read-only. Besides "never
@@ -84,4 +84,66 @@ fn assert_on_disk(sector: u64, len: u64) {
         len > 0 && len.is_multiple_of(SECTOR_SIZE) && end.is_some_and(|end| end <= DISK_BYTES),
         "range outside the disk: sector {sector} len {len}"
     );
+}
+
+/// Records decoded per `blk_trace` input (the rest of a longer input is not looked at).
+const TRACE_RECORDS: usize = 256;
+
+/// The `blk_trace` target: `data` as a request log (`requests=`, [`super::trace`]). Besides
+/// "never panics": every record decoded stays inside the bounds (buffers, bytes), encodes back
+/// to bytes that decode to the same record, and its `blk_request` seed (if it fits) parses
+/// within that target's invariants.
+///
+/// An input starting with 0xff is *framed* by this body so mutations get past the checksums:
+/// the 47-byte file header, then `[length u16][payload]...`, each payload wrapped in a record
+/// with its tag, length and valid checksum.
+pub fn blk_trace(data: &[u8]) {
+    use super::trace::{encode_record, TraceReader, MAX_BUFFERS, MAX_CHAIN_BYTES};
+    let framed;
+    let data = match data.split_first() {
+        Some((0xff, rest)) => {
+            framed = frame_trace(rest);
+            &framed[..]
+        }
+        _ => data,
+    };
+    let Ok(mut reader) = TraceReader::new(data) else {
+        return;
+    };
+    let read_only = reader.header.read_only;
+    for _ in 0..TRACE_RECORDS {
+        let Ok(Some(request)) = reader.next_request() else {
+            return;
+        };
+        assert!(request.buffers.len() <= MAX_BUFFERS, "{request:?}");
+        let total: u64 = request.buffers.iter().map(|b| u64::from(b.len())).sum();
+        assert!(total <= MAX_CHAIN_BYTES, "{total} bytes of buffers");
+        let mut again = super::trace::encode_header(&reader.header);
+        again.extend_from_slice(&encode_record(&request));
+        let decoded = TraceReader::new(&again[..])
+            .and_then(|mut r| r.next_request())
+            .expect("an encoded record decodes");
+        assert_eq!(decoded.as_ref(), Some(&request));
+        if let Some(seed) = super::rerun::blk_request_seed(&request, read_only) {
+            assert!(seed.len() <= MEMORY_END as usize);
+            blk_request(&seed);
+        }
+    }
+}
+
+/// Builds a request log from a framed `blk_trace` input (see [`blk_trace`]).
+fn frame_trace(rest: &[u8]) -> Vec<u8> {
+    const HEADER: usize = 47;
+    let (header, mut body) = rest.split_at(rest.len().min(HEADER));
+    let mut out = header.to_vec();
+    while let [lo, hi, tail @ ..] = body {
+        let len = usize::from(u16::from_le_bytes([*lo, *hi])).min(tail.len());
+        let (payload, next) = tail.split_at(len);
+        out.extend_from_slice(b"RQ");
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&super::trace::fnv1a(payload).to_le_bytes());
+        out.extend_from_slice(payload);
+        body = next;
+    }
+    out
 }

@@ -23,6 +23,7 @@ use super::request::{
     ID_BYTES, SECTOR_SIZE,
 };
 use super::scheduled::Scheduled;
+use super::trace::{QueueTrace, RequestLog};
 
 /// The block device's [`QueueHandler`] for one queue.
 pub struct BlockQueueHandler {
@@ -31,6 +32,8 @@ pub struct BlockQueueHandler {
     serial: [u8; ID_BYTES],
     /// The shared scheduler's side of this queue, when the disk has one.
     pub(super) scheduled: Option<Scheduled>,
+    /// The disk's request log, when it keeps one (`requests=`, [`super::trace`]).
+    pub(super) trace: Option<QueueTrace>,
 }
 
 /// What the chain's answer needs once its operation is done (the I/O engine's tag).
@@ -75,6 +78,20 @@ impl BlockQueueHandler {
             limits,
             serial,
             scheduled: None,
+            trace: None,
+        }
+    }
+
+    /// Logs every chain this queue (index `queue`) answers into `log`.
+    pub fn with_request_log(mut self, log: Arc<RequestLog>, queue: u16) -> Self {
+        self.trace = Some(QueueTrace::new(log, queue));
+        self
+    }
+
+    /// Notes an answer in the request log, if there is one.
+    pub(super) fn traced(&mut self, mem: &DmaSpace, answered: Answered) {
+        if let Some(trace) = self.trace.as_mut() {
+            trace.answered(mem, answered.head, answered.used_len, answered.status_addr);
         }
     }
 
@@ -102,9 +119,13 @@ impl BlockQueueHandler {
     ) -> Result<bool, QueueError> {
         let started = Instant::now();
         let head = chain.head_index();
+        if let Some(trace) = self.trace.as_mut() {
+            trace.taken(ctx.mem, &chain);
+        }
         match parse_request(ctx.mem, &chain, &self.limits) {
             Err(rejection) => {
-                reject(ctx, head, rejection, started)?;
+                let answered = reject(ctx, head, rejection, started)?;
+                self.traced(ctx.mem, answered);
                 Ok(true)
             }
             Ok(request) => self.start(ctx, head, request, started),
@@ -130,7 +151,8 @@ impl BlockQueueHandler {
         let op = match request.kind {
             RequestKind::GetId { buffers, .. } => {
                 answer.guest_written = write_serial(ctx.mem, &buffers, &self.serial);
-                answer.into_completion(Status::Ok).finish(ctx)?;
+                let answered = answer.into_completion(Status::Ok).finish(ctx)?;
+                self.traced(ctx.mem, answered);
                 return Ok(true);
             }
             RequestKind::Read {
@@ -145,7 +167,8 @@ impl BlockQueueHandler {
         };
         let Some(op) = op else {
             // A data buffer stopped resolving between parsing and mapping (IOMMU change).
-            answer.into_completion(Status::IoErr).finish(ctx)?;
+            let answered = answer.into_completion(Status::IoErr).finish(ctx)?;
+            self.traced(ctx.mem, answered);
             return Ok(true);
         };
         answer.payload_bytes = op.data_len() as u64;
@@ -163,7 +186,8 @@ impl BlockQueueHandler {
         };
         match self.io.submit(answer, op) {
             Some(done) => {
-                finish_io(ctx, done)?;
+                let answered = finish_io(ctx, done)?;
+                self.traced(ctx.mem, answered);
                 Ok(true)
             }
             None => Ok(false),
@@ -176,7 +200,7 @@ fn reject(
     head: u16,
     rejection: Rejection,
     started: Instant,
-) -> Result<(), QueueError> {
+) -> Result<Answered, QueueError> {
     tracing::debug!("virtio-blk: refused request: {}", rejection.error);
     let completion = Completion {
         head,
@@ -193,7 +217,7 @@ fn reject(
 pub(super) fn finish_io(
     ctx: &mut QueueContext<'_>,
     done: IoCompletion<Answer>,
-) -> Result<(), QueueError> {
+) -> Result<Answered, QueueError> {
     done.tag
         .into_completion(status_of(&done.result))
         .finish(ctx)
@@ -258,7 +282,8 @@ impl QueueHandler for BlockQueueHandler {
         let mut finished = Vec::new();
         for done in self.io.reap() {
             finished.extend(done.tag.qos_tag);
-            finish_io(ctx, done)?;
+            let answered = finish_io(ctx, done)?;
+            self.traced(ctx.mem, answered);
             used = true;
         }
         if let Some(scheduled) = &self.scheduled {
@@ -281,9 +306,17 @@ struct Completion {
     started: Instant,
 }
 
+/// What a chain was answered with (for the request log).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Answered {
+    pub(super) head: u16,
+    pub(super) used_len: u32,
+    pub(super) status_addr: Option<GuestAddress>,
+}
+
 impl Completion {
     /// Writes the status byte, adds the used entry, updates the metrics.
-    fn finish(self, ctx: &mut QueueContext<'_>) -> Result<(), QueueError> {
+    fn finish(self, ctx: &mut QueueContext<'_>) -> Result<Answered, QueueError> {
         let status_written = self
             .status_addr
             .is_some_and(|addr| ctx.mem.write_slice(&[self.status.as_byte()], addr).is_ok());
@@ -294,7 +327,11 @@ impl Completion {
         };
         ctx.queue.add_used(ctx.mem, self.head, used_len)?;
         record(ctx.metrics, &self, status_written);
-        Ok(())
+        Ok(Answered {
+            head: self.head,
+            used_len,
+            status_addr: self.status_addr,
+        })
     }
 }
 

@@ -9,6 +9,9 @@
 //! * [`handler`] — [`BlockQueueHandler`], the per-queue `QueueHandler`: requests become
 //!   operations on a `sluice_storage::IoQueue` (io_uring or synchronous) and chains are
 //!   answered (status byte, used entry) as the operations complete.
+//! * [`trace`] — the request log (`requests=`): every answered chain as the device read it,
+//!   with its answer; [`rerun`] re-runs such a log against the device model alone and turns
+//!   it into `blk_request` fuzz seeds.
 //!
 //! The disk image (open, locking, size, block size) and the host I/O are `sluice-storage`'s,
 //! shared with NVMe. Ring handling (chains, indirect tables, used ring, EVENT_IDX) is
@@ -20,7 +23,9 @@ pub mod device;
 pub mod fuzz;
 pub mod handler;
 pub mod request;
+pub mod rerun;
 mod scheduled;
+pub mod trace;
 
 #[cfg(test)]
 mod tests;

@@ -169,7 +169,15 @@ impl BlockQueueHandler {
                 };
                 if let Some(done) = self.io.submit(answer, op) {
                     done_now.push(tag);
-                    finish_io(ctx, done)?;
+                    let answered = finish_io(ctx, done)?;
+                    if let Some(trace) = self.trace.as_mut() {
+                        trace.answered(
+                            ctx.mem,
+                            answered.head,
+                            answered.used_len,
+                            answered.status_addr,
+                        );
+                    }
                     used = true;
                 }
             }

@@ -202,6 +202,13 @@ impl Hotplug {
                 "hot-plugging a vhost-user disk is not supported (in-process disks are)".into(),
             ));
         }
+        if spec.requests.is_some() {
+            // The API would otherwise create files wherever sluice may write.
+            return Err(HotplugError::BadRequest(
+                "requests= (a request log) is for disks given at start, not hot-plugged ones"
+                    .into(),
+            ));
+        }
         let id = self.claim_id(id, "disk")?;
         let (block, scheduled) = crate::virtio::in_process_disk(spec)
             .map_err(|e| HotplugError::Failed(format!("{}: {e}", spec.path.display())))?;

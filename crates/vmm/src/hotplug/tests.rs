@@ -108,8 +108,9 @@ fn a_plugged_disk_is_announced_and_the_guests_eject_removes_it_and_frees_its_ima
     );
 }
 
-/// Ids: taken ones and bad ones are refused, unknown ones are 404s, and a guest eject of an
-/// empty slot is counted and changes nothing.
+/// Ids: taken ones and bad ones are refused, unknown ones are 404s, a request log on a
+/// hot-plugged disk is refused (400), and a guest eject of an empty slot is counted and
+/// changes nothing.
 #[test]
 fn ids_are_checked_and_an_eject_of_an_empty_slot_is_ignored() {
     let Some(mut rig) = rig() else { return };
@@ -126,9 +127,20 @@ fn ids_are_checked_and_an_eject_of_an_empty_slot_is_ignored() {
         .hotplug
         .add_disk(&disk(other.as_path()), Some("a b".into()));
     let unknown = rig.hotplug.remove("disk7");
+    let logged = DiskSpec::parse(&format!(
+        "path={},requests={}.requests",
+        other.as_path().display(),
+        other.as_path().display()
+    ))
+    .unwrap();
+    let with_request_log = rig.hotplug.add_disk(&logged, None);
     rig.port.write(0, PCEJ_OFFSET, &(1u32 << 9).to_le_bytes());
 
     assert_eq!(first.id, "disk0");
+    assert!(
+        matches!(&with_request_log, Err(HotplugError::BadRequest(e)) if e.contains("requests=")),
+        "{with_request_log:?}"
+    );
     assert!(matches!(taken, Err(HotplugError::Conflict(_))), "{taken:?}");
     assert!(matches!(bad, Err(HotplugError::BadRequest(_))), "{bad:?}");
     assert_eq!(unknown, Err(HotplugError::NotFound("disk7".into())));
