@@ -812,7 +812,11 @@ fn shadow_doorbells_let_commands_through_without_doorbell_writes() {
         2,
         "one MMIO doorbell per batch"
     );
-    assert_eq!(queue.notifications_suppressed.load(Ordering::Relaxed), 3);
+    // 5 commands, 2 doorbells: at least 3 came without one. A command the worker takes from
+    // the shadow tail before it reads that command's doorbell also counts (each fetch counts
+    // its own commands beyond the doorbells it read; a doorbell read later takes nothing back).
+    let suppressed = queue.notifications_suppressed.load(Ordering::Relaxed);
+    assert!((3..=4).contains(&suppressed), "{suppressed} suppressed");
     let metrics = driver.nvme.metrics();
     let sq_exits = metrics.counter("exits_sq_doorbells");
     // The 4 admin doorbells (dbbuf twice, create CQ and SQ) only: the I/O ones went to KVM.
