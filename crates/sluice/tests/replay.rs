@@ -3,7 +3,7 @@
 //! the disk image gone, its blk verify and net echo (a tap with a host echo peer) recorded in
 //! one run and replayed with the disk and the tap gone, a tampered log stopping at the
 //! divergence point, a corrupt log refused, and the configurations recording cannot make
-//! deterministic refused.
+//! deterministic refused; and the device-level re-runs of a virtio-blk and an NVMe request log.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -640,6 +640,45 @@ fn a_request_log_behind_a_viommu_is_refused() {
             "--iommu=vtd".into(),
             format!(
                 "--disk=path={},requests={}",
+                image.display(),
+                requests.display()
+            ),
+            "--cmdline".into(),
+            "quiet".into(),
+        ],
+        TIMEOUT,
+    );
+
+    assert_eq!(run.status, Some(125), "{}", run.transcript());
+    assert!(
+        run.stderr
+            .contains("requests= cannot be combined with --iommu"),
+        "{}",
+        run.transcript()
+    );
+    assert!(!requests.exists(), "a refused run left a request log");
+}
+
+/// Logging an NVMe command walks its data pointer again and reads a read's data back: behind a
+/// vIOMMU each failed translation would be a fault record the guest sees, so it is refused.
+#[test]
+fn an_nvme_request_log_behind_a_viommu_is_refused() {
+    if skip_without_kvm("an_nvme_request_log_behind_a_viommu_is_refused") {
+        return;
+    }
+    let scratch = Scratch::new("nq-iommu");
+    let (image, requests) = (scratch.path("nvme.img"), scratch.path("nvme.requests"));
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+
+    let run = run_sluice(
+        &[
+            "run".into(),
+            "--iommu=vtd".into(),
+            format!(
+                "--nvme=path={},requests={}",
                 image.display(),
                 requests.display()
             ),
