@@ -207,9 +207,7 @@ const TRACE_RECORDS: usize = 256;
 /// the 24-byte file header, then `[length u16][payload]...`, each payload wrapped in a record
 /// with its tag, length and valid checksum.
 pub fn nvme_trace(data: &[u8]) {
-    use super::trace::{
-        encode_header, encode_record, NvmeTraceReader, TracedData, MAX_DATA_BYTES,
-    };
+    use super::trace::{encode_header, encode_record, NvmeTraceReader, TracedData, MAX_DATA_BYTES};
     let framed;
     let data = match data.split_first() {
         Some((0xff, rest)) => {

@@ -255,7 +255,7 @@ impl PendingCommand {
 pub fn transfer_len(cmd: &Command, ns: &Namespace) -> Option<usize> {
     let len = match cmd.opcode() {
         OPC_READ | OPC_WRITE => (u64::from(cmd.cdw(12) & 0xffff) + 1) << ns.block_shift,
-        OPC_DATASET_MANAGEMENT => ((cmd.cdw(10) & 0xff) as u64 + 1) * DSM_RANGE_BYTES as u64,
+        OPC_DATASET_MANAGEMENT => (u64::from(cmd.cdw(10) & 0xff) + 1) * DSM_RANGE_BYTES as u64,
         _ => return None,
     };
     usize::try_from(len)
