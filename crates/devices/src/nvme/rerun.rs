@@ -288,3 +288,6 @@ fn write_seed(dir: &Path, command: &TracedCommand) -> Result<bool, RerunError> {
     })?;
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests;
