@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 pub const TARGETS: &[(&str, &str)] = &[
     ("blk_request", "sluice-devices"),
     ("blk_trace", "sluice-devices"),
+    ("nvme_trace", "sluice-devices"),
     ("net_header", "sluice-devices"),
     ("net_state", "sluice-devices"),
     ("virtio_pci_registers", "sluice-virtio"),

@@ -19,6 +19,7 @@ pub mod e1000;
 pub mod net;
 pub mod nvme;
 pub mod platform;
+pub mod request_log;
 pub mod rng;
 pub mod tpm;
 pub mod vhost_user_blk;

@@ -33,6 +33,7 @@ fn fuzz_corpora_replay_without_panics() {
                 "nvme_registers",
                 &sluice_devices::nvme::fuzz::nvme_registers,
             ),
+            ("nvme_trace", &sluice_devices::nvme::fuzz::nvme_trace),
             ("tpm_crb", &sluice_devices::tpm::fuzz::tpm_crb),
             ("tpm_state", &sluice_devices::tpm::fuzz::tpm_state),
         ],
@@ -209,5 +210,20 @@ fn recorded_blk_trace_seeds_rerun_with_their_answers() {
         let report = rerun(&dir.join(name), &RerunOptions::default()).unwrap();
         assert_eq!(report.mismatch, None, "{name}");
         assert_eq!(report.matched, requests, "{name}");
+    }
+}
+
+/// The nvme_trace seeds cut from a real NVMe request log (the guest kit's reads of a fresh
+/// namespace, a verify write and the final flush) re-run on the NVM command path with the
+/// recorded statuses and read data.
+#[test]
+fn recorded_nvme_trace_seeds_rerun_with_their_answers() {
+    use sluice_devices::block::rerun::RerunOptions;
+    use sluice_devices::nvme::rerun::rerun;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/nvme_trace");
+    for (name, commands) in [("recorded_prefix", 3), ("recorded_write_and_flush", 2)] {
+        let report = rerun(&dir.join(name), &RerunOptions::default()).unwrap();
+        assert_eq!(report.mismatch, None, "{name}");
+        assert_eq!(report.matched, commands, "{name}");
     }
 }

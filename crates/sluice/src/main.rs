@@ -76,20 +76,23 @@ enum Command {
 
 #[derive(Args)]
 struct ReplayArgs {
-    /// The log `sluice run --record` wrote (with `--device`: a disk's `requests=` log).
+    /// The log `sluice run --record` wrote (with `--device`: a disk's or an NVMe controller's
+    /// `requests=` log).
     #[arg(value_name = "LOG")]
     recording: PathBuf,
     /// Where the replayed COM1 output goes: `stdout`, `file=PATH` or `off`.
     #[arg(long, default_value = "stdout", value_parser = parse_serial)]
     serial: SerialTarget,
-    /// LOG is a virtio-blk request log (`--disk ...,requests=LOG`): re-run its requests
-    /// against the device model alone, no VM, checking every answer.
+    /// LOG is a request log (`--disk ...,requests=LOG` or `--nvme ...,requests=LOG`, told
+    /// apart by its header): re-run its requests against the device model alone, no VM,
+    /// checking every answer.
     #[arg(long)]
     device: bool,
     /// With --device: start from a copy of this image instead of a fresh all-zero one.
     #[arg(long, requires = "device")]
     image: Option<PathBuf>,
-    /// With --device: also write each request as a `blk_request` fuzz seed into DIR.
+    /// With --device: also write each request as a fuzz seed into DIR (`blk_request` for a
+    /// disk's log, `nvme_command` for an NVMe log).
     #[arg(long, value_name = "DIR", requires = "device")]
     corpus: Option<PathBuf>,
 }
@@ -153,8 +156,9 @@ struct RunArgs {
     #[arg(long, value_parser = IommuKind::parse)]
     iommu: Option<IommuKind>,
     /// An emulated NVMe 1.4 controller (repeatable) with one namespace on IMG:
-    /// `path=IMG[,queues=N][,serial=S][,direct=on][,dbbuf=off]` (queues 1..=64, default 4;
-    /// dbbuf=off hides Doorbell Buffer Config, for comparisons).
+    /// `path=IMG[,queues=N][,serial=S][,direct=on][,dbbuf=off][,requests=FILE]` (queues
+    /// 1..=64, default 4; dbbuf=off hides Doorbell Buffer Config, for comparisons; requests=
+    /// logs every I/O command for `sluice replay --device`).
     #[arg(long, value_parser = NvmeSpec::parse)]
     nvme: Vec<NvmeSpec>,
     /// A host PCI function assigned with VFIO (repeatable):
@@ -454,15 +458,20 @@ fn replay(args: &ReplayArgs) -> anyhow::Result<u8> {
     Ok(exit_status(&outcome))
 }
 
-/// `sluice replay --device LOG`: a virtio-blk request log re-run against the device model.
+/// `sluice replay --device LOG`: a virtio-blk or NVMe request log (told apart by its magic)
+/// re-run against the device model.
 fn rerun_device(args: &ReplayArgs) -> anyhow::Result<u8> {
-    use sluice_devices::block::rerun::{rerun, RerunOptions};
+    use sluice_devices::block::rerun::RerunOptions;
     let options = RerunOptions {
         image: args.image.clone(),
         corpus: args.corpus.clone(),
     };
-    let report = rerun(&args.recording, &options)
-        .with_context(|| format!("cannot re-run {}", args.recording.display()))?;
+    let report = if is_nvme_request_log(&args.recording) {
+        sluice_devices::nvme::rerun::rerun(&args.recording, &options)
+    } else {
+        sluice_devices::block::rerun::rerun(&args.recording, &options)
+    }
+    .with_context(|| format!("cannot re-run {}", args.recording.display()))?;
     if let Some(mismatch) = &report.mismatch {
         say(format_args!("sluice: {mismatch}"));
         return Ok(EXIT_REPLAY_DIVERGED);
@@ -471,12 +480,26 @@ fn rerun_device(args: &ReplayArgs) -> anyhow::Result<u8> {
         Some(dir) => format!(", {} new fuzz seeds in {}", report.seeds, dir.display()),
         None => String::new(),
     };
+    let skipped = match report.skipped {
+        0 => String::new(),
+        n => format!(" ({n} refused by their data-pointer walk not re-run)"),
+    };
     say(format_args!(
-        "sluice: device re-run matched the log: {} requests in {} ms{seeds}",
+        "sluice: device re-run matched the log: {} requests in {} ms{skipped}{seeds}",
         report.matched,
         report.elapsed.as_millis()
     ));
     Ok(0)
+}
+
+/// Whether `path` starts with the NVMe request log's magic (an unreadable file is left to
+/// the blk reader, which reports it).
+fn is_nvme_request_log(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| sluice_devices::nvme::trace::is_nvme_log(&magic))
 }
 
 impl RunArgs {

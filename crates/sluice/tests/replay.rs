@@ -3,7 +3,7 @@
 //! the disk image gone, its blk verify and net echo (a tap with a host echo peer) recorded in
 //! one run and replayed with the disk and the tap gone, a tampered log stopping at the
 //! divergence point, a corrupt log refused, and the configurations recording cannot make
-//! deterministic refused.
+//! deterministic refused; and the device-level re-runs of a virtio-blk and an NVMe request log.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -484,6 +484,114 @@ fn a_disks_request_log_reruns_on_the_device_model_alone() {
     );
 }
 
+/// The guest kit's NVMe reads and verify logged with `--nvme ...,requests=`, re-run against
+/// the NVM command execution path alone (no VM, a fresh image) with the same statuses and read
+/// data, written as `nvme_command` seeds; from another image the first read differs; a
+/// corrupt log is refused before anything runs.
+#[test]
+fn an_nvme_request_log_reruns_on_the_command_path_alone() {
+    if skip_without_kvm("an_nvme_request_log_reruns_on_the_command_path_alone") {
+        return;
+    }
+    let scratch = Scratch::new("nvme-rerun");
+    let (image, requests) = (scratch.path("nvme.img"), scratch.path("nvme.requests"));
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let recorded = run_sluice(
+        &[
+            "run".into(),
+            "--memory".into(),
+            "64M".into(),
+            format!(
+                "--nvme=path={},queues=2,requests={}",
+                image.display(),
+                requests.display()
+            ),
+            "--cmdline".into(),
+            "w=nvme:op=read:bs=4096:qd=2:queues=1:ops=16 \
+             w=nvme:op=verify:bs=4096:qd=4:queues=2:span_mb=1:seed=7"
+                .into(),
+            "--serial=off".into(),
+        ],
+        TIMEOUT,
+    );
+    assert_eq!(recorded.status, Some(0), "{}", recorded.transcript());
+    std::fs::write(&image, vec![0x5au8; 16 << 20]).unwrap();
+    let corpus = scratch.path("corpus");
+
+    let rerun = run_sluice(
+        &[
+            "replay".into(),
+            "--device".into(),
+            requests.display().to_string(),
+            format!("--corpus={}", corpus.display()),
+        ],
+        TIMEOUT,
+    );
+    let other_image = run_sluice(
+        &[
+            "replay".into(),
+            "--device".into(),
+            requests.display().to_string(),
+            format!("--image={}", image.display()),
+        ],
+        TIMEOUT,
+    );
+
+    assert_eq!(rerun.status, Some(0), "{}", rerun.transcript());
+    // 16 reads, the verify's 256 writes and 256 reads (a flush, if the kit sends one).
+    let matched: u64 = rerun
+        .stderr
+        .split("device re-run matched the log: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{}", rerun.transcript()));
+    assert!((528..=530).contains(&matched), "{}", rerun.transcript());
+    let seeds: Vec<_> = std::fs::read_dir(&corpus)
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(seeds.len() > 256, "{} seeds", seeds.len());
+    for seed in &seeds {
+        sluice_devices::nvme::fuzz::nvme_command(seed);
+    }
+    let mut corrupt = std::fs::read(&requests).unwrap();
+    let middle = corrupt.len() / 2;
+    corrupt[middle] ^= 0x01;
+    let corrupt_path = scratch.path("corrupt.requests");
+    std::fs::write(&corrupt_path, &corrupt).unwrap();
+    let refused = run_sluice(
+        &[
+            "replay".into(),
+            "--device".into(),
+            corrupt_path.display().to_string(),
+        ],
+        TIMEOUT,
+    );
+    assert_eq!(refused.status, Some(125), "{}", refused.transcript());
+    assert!(
+        refused.stderr.contains("checksum mismatch"),
+        "{}",
+        refused.transcript()
+    );
+    assert_eq!(
+        other_image.status,
+        Some(124),
+        "{}",
+        other_image.transcript()
+    );
+    assert!(
+        other_image
+            .stderr
+            .contains("device re-run diverged at request #1 (queue 1): the 4096 bytes read differ"),
+        "{}",
+        other_image.transcript()
+    );
+}
+
 #[test]
 fn record_refuses_what_it_cannot_make_deterministic() {
     let scratch = Scratch::new("refuse");
@@ -532,6 +640,45 @@ fn a_request_log_behind_a_viommu_is_refused() {
             "--iommu=vtd".into(),
             format!(
                 "--disk=path={},requests={}",
+                image.display(),
+                requests.display()
+            ),
+            "--cmdline".into(),
+            "quiet".into(),
+        ],
+        TIMEOUT,
+    );
+
+    assert_eq!(run.status, Some(125), "{}", run.transcript());
+    assert!(
+        run.stderr
+            .contains("requests= cannot be combined with --iommu"),
+        "{}",
+        run.transcript()
+    );
+    assert!(!requests.exists(), "a refused run left a request log");
+}
+
+/// Logging an NVMe command walks its data pointer again and reads a read's data back: behind a
+/// vIOMMU each failed translation would be a fault record the guest sees, so it is refused.
+#[test]
+fn an_nvme_request_log_behind_a_viommu_is_refused() {
+    if skip_without_kvm("an_nvme_request_log_behind_a_viommu_is_refused") {
+        return;
+    }
+    let scratch = Scratch::new("nq-iommu");
+    let (image, requests) = (scratch.path("nvme.img"), scratch.path("nvme.requests"));
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+
+    let run = run_sluice(
+        &[
+            "run".into(),
+            "--iommu=vtd".into(),
+            format!(
+                "--nvme=path={},requests={}",
                 image.display(),
                 requests.display()
             ),

@@ -448,10 +448,12 @@ pub struct NvmeSpec {
     pub direct: bool,
     /// Offer Doorbell Buffer Config (shadow doorbells); `dbbuf=off` is for comparisons.
     pub dbbuf: bool,
+    /// Log every I/O command into this request log (docs/replay.md "Device-level replay").
+    pub requests: Option<PathBuf>,
 }
 
 impl NvmeSpec {
-    /// `path=IMG[,queues=N][,serial=S][,direct=on][,dbbuf=on|off]`.
+    /// `path=IMG[,queues=N][,serial=S][,direct=on][,dbbuf=on|off][,requests=FILE]`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut nvme = NvmeSpec {
             path: PathBuf::new(),
@@ -459,6 +461,7 @@ impl NvmeSpec {
             serial: None,
             direct: false,
             dbbuf: true,
+            requests: None,
         };
         for (k, v) in pairs(s)? {
             match k {
@@ -470,6 +473,7 @@ impl NvmeSpec {
                 "serial" => return Err("serial: 1 to 20 ASCII bytes".into()),
                 "direct" => nvme.direct = on_off(k, v)?,
                 "dbbuf" => nvme.dbbuf = on_off(k, v)?,
+                "requests" if !v.is_empty() => nvme.requests = Some(PathBuf::from(v)),
                 _ => return Err(format!("--nvme: unknown key `{k}`")),
             }
         }
@@ -492,6 +496,9 @@ mod tests {
         assert_eq!(nvme.queues, 2);
         assert_eq!(nvme.serial.as_deref(), Some("SN1"));
         assert!(nvme.direct && !nvme.dbbuf);
+        let logged = NvmeSpec::parse("path=/img,requests=/tmp/n.requests").unwrap();
+        assert_eq!(logged.requests, Some(PathBuf::from("/tmp/n.requests")));
+        assert!(NvmeSpec::parse("path=/img,requests=").is_err());
         assert_eq!((plain.queues, plain.direct, plain.dbbuf), (4, false, true));
         for bad in [
             "",

@@ -33,6 +33,14 @@ pub fn attach_nvme_devices(
     };
     let mut metrics = Vec::new();
     for (i, spec) in config.nvmes.iter().enumerate() {
+        if spec.requests.is_some() && config.iommu.is_some() {
+            return Err(device_err(
+                "nvme",
+                "requests= cannot be combined with --iommu: logging a command walks its data \
+                 pointer again and reads a read's data back, and each failed translation would \
+                 be a fault record the guest sees",
+            ));
+        }
         let name = format!("nvme{i}");
         let nvme_config = nvme_config(spec, i);
         let mut device_metrics = None;
@@ -46,6 +54,12 @@ pub fn attach_nvme_devices(
                     ..interrupts.clone()
                 };
                 let nvme = Nvme::new(&nvme_config, space, interrupts, &name)?;
+                if let Some(path) = &spec.requests {
+                    nvme.log_requests(path).map_err(|source| AttachError::Log {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                }
                 device_metrics = Some(nvme.metrics());
                 Ok::<SharedPciDevice, AttachError>(Arc::new(Mutex::new(nvme)))
             })
@@ -75,4 +89,9 @@ enum AttachError {
     Pci(#[from] sluice_pci::PciError),
     #[error(transparent)]
     Nvme(#[from] NvmeError),
+    #[error("request log {path}: {source}")]
+    Log {
+        path: String,
+        source: std::io::Error,
+    },
 }

@@ -67,6 +67,9 @@ pub struct RerunReport {
     /// Seeds written (distinct ones; a chain that does not fit the fuzz target's 64 KiB is
     /// not written).
     pub seeds: u64,
+    /// Records not re-run (NVMe: commands refused by their data-pointer walk, which needs the
+    /// guest's memory).
+    pub skipped: u64,
     pub elapsed: Duration,
 }
 

@@ -11,7 +11,8 @@
 //! parser saw, not the ring layout that carried it. Records are written when the chain is
 //! answered, so their order is the order of completion.
 //!
-//! The format is small and hand-written (like the replay log, crates/vmm/src/replay/format.rs)
+//! The record framing (tag, length, checksum) and the file writer are shared with NVMe's log
+//! (`crate::request_log`). The format is small and hand-written (like the replay log, crates/vmm/src/replay/format.rs)
 //! because it must be bounded against a hostile file and needs no schema machinery:
 //!
 //!     file    = magic "SLUICEBQ" | version u32 (= 1) | capacity_sectors u64 | block_size u32
@@ -28,24 +29,24 @@
 //! over [`MAX_CHAIN_BYTES`] bytes of buffers, and anything after a record that does not decode.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use sluice_dma::DmaSpace;
 use sluice_virtio::Chain;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
+use crate::request_log::{self, Cursor, LogFile};
+
 pub const MAGIC: &[u8; 8] = b"SLUICEBQ";
-pub const VERSION: u32 = 1;
+pub use crate::request_log::{fnv1a, TraceError, VERSION};
 /// Buffers per logged chain; a longer chain is answered but not logged.
 pub const MAX_BUFFERS: usize = 64;
 /// Bytes of buffers (readable and writable) per logged chain.
 pub const MAX_CHAIN_BYTES: u64 = 4 << 20;
 /// Largest record a reader accepts.
 pub const MAX_RECORD_BYTES: u32 = (MAX_CHAIN_BYTES as u32) + 4096;
-const RECORD_TAG: &[u8; 2] = b"RQ";
 const HEADER_BYTES: usize = 8 + 4 + 8 + 4 + 1 + 20 + 2;
 
 /// What the device looked like (the first bytes of the log).
@@ -108,31 +109,10 @@ pub struct TracedAnswer {
     pub data_hash: u64,
 }
 
-/// Why a request log could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum TraceError {
-    #[error("not a sluice request log (bad magic)")]
-    Magic,
-    #[error("request log version {0}; this sluice reads version {VERSION}")]
-    Version(u32),
-    #[error("record at byte {offset}: {what}")]
-    Record { offset: u64, what: String },
-    #[error(transparent)]
-    Io(#[from] io::Error),
-}
-
-/// FNV-1a, 64-bit, bytewise.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 /// Encodes the file header.
 pub fn encode_header(header: &TraceHeader) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_BYTES);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&request_log::encode_preamble(MAGIC));
     out.extend_from_slice(&header.capacity_sectors.to_le_bytes());
     out.extend_from_slice(&header.block_size.to_le_bytes());
     out.push(u8::from(header.read_only));
@@ -143,6 +123,10 @@ pub fn encode_header(header: &TraceHeader) -> Vec<u8> {
 
 /// Encodes one record (tag, length, checksum, payload).
 pub fn encode_record(request: &TracedRequest) -> Vec<u8> {
+    request_log::frame(&encode_payload(request))
+}
+
+fn encode_payload(request: &TracedRequest) -> Vec<u8> {
     let mut payload = Vec::new();
     payload.extend_from_slice(&request.queue.to_le_bytes());
     payload.extend_from_slice(&(request.buffers.len() as u16).to_le_bytes());
@@ -162,12 +146,7 @@ pub fn encode_record(request: &TracedRequest) -> Vec<u8> {
     let status = answer.status.map_or(0, |s| 0x100 | u16::from(s));
     payload.extend_from_slice(&status.to_le_bytes());
     payload.extend_from_slice(&answer.data_hash.to_le_bytes());
-    let mut out = Vec::with_capacity(payload.len() + 14);
-    out.extend_from_slice(RECORD_TAG);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&fnv1a(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
-    out
+    payload
 }
 
 /// Reads a request log record by record.
@@ -182,13 +161,7 @@ impl<R: Read> TraceReader<R> {
     pub fn new(mut input: R) -> Result<Self, TraceError> {
         let mut raw = [0u8; HEADER_BYTES];
         input.read_exact(&mut raw).map_err(|_| TraceError::Magic)?;
-        if &raw[..8] != MAGIC {
-            return Err(TraceError::Magic);
-        }
-        let version = u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default());
-        if version != VERSION {
-            return Err(TraceError::Version(version));
-        }
+        request_log::check_preamble(&raw, MAGIC)?;
         let header = TraceHeader {
             capacity_sectors: u64::from_le_bytes(raw[12..20].try_into().unwrap_or_default()),
             block_size: u32::from_le_bytes(raw[20..24].try_into().unwrap_or_default()),
@@ -205,81 +178,12 @@ impl<R: Read> TraceReader<R> {
 
     /// The next record; `None` at a clean end of file.
     pub fn next_request(&mut self) -> Result<Option<TracedRequest>, TraceError> {
-        let offset = self.offset;
-        let bad = |what: &str| TraceError::Record {
-            offset,
-            what: what.to_string(),
-        };
-        let mut head = [0u8; 14];
-        match read_full(&mut self.input, &mut head)? {
-            0 => return Ok(None),
-            14 => {}
-            _ => return Err(bad("truncated record header")),
-        }
-        if &head[..2] != RECORD_TAG {
-            return Err(bad("bad record tag"));
-        }
-        let length = u32::from_le_bytes([head[2], head[3], head[4], head[5]]);
-        if length > MAX_RECORD_BYTES {
-            return Err(bad(&format!("record of {length} bytes")));
-        }
-        let checksum = u64::from_le_bytes(head[6..14].try_into().unwrap_or_default());
-        let mut payload = vec![0u8; length as usize];
-        if read_full(&mut self.input, &mut payload)? != payload.len() {
-            return Err(bad("truncated record"));
-        }
-        if fnv1a(&payload) != checksum {
-            return Err(bad("checksum mismatch"));
-        }
-        self.offset += 14 + u64::from(length);
-        decode_payload(&payload)
-            .map(Some)
-            .map_err(|what| bad(&what))
-    }
-}
-
-/// `read` until `buf` is full or end of file; returns the bytes read.
-fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match input.read(&mut buf[done..]) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
-}
-
-/// A cursor over a payload that never reads past its end.
-struct Cursor<'a> {
-    bytes: &'a [u8],
-}
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        if self.bytes.len() < n {
-            return Err("record payload ends early".into());
-        }
-        let (head, rest) = self.bytes.split_at(n);
-        self.bytes = rest;
-        Ok(head)
-    }
-
-    fn u16(&mut self) -> Result<u16, String> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
-
-    fn u32(&mut self) -> Result<u32, String> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    fn u64(&mut self) -> Result<u64, String> {
-        let b = self.take(8)?;
-        Ok(u64::from_le_bytes(b.try_into().unwrap_or_default()))
+        request_log::read_record(
+            &mut self.input,
+            &mut self.offset,
+            MAX_RECORD_BYTES,
+            decode_payload,
+        )
     }
 }
 
@@ -316,9 +220,7 @@ fn decode_payload(payload: &[u8]) -> Result<TracedRequest, String> {
         s => return Err(format!("bad status field {s:#x}")),
     };
     let data_hash = cursor.u64()?;
-    if !cursor.bytes.is_empty() {
-        return Err("bytes after the record's fields".into());
-    }
+    cursor.finish()?;
     Ok(TracedRequest {
         queue,
         buffers,
@@ -330,35 +232,17 @@ fn decode_payload(payload: &[u8]) -> Result<TracedRequest, String> {
     })
 }
 
-/// The log file a device's queues write to (one record per write, so a VM that dies leaves
-/// whole records behind).
-pub struct RequestLog {
-    file: Mutex<File>,
-    error_reported: std::sync::atomic::AtomicBool,
-}
+/// The log file a disk's queues write to.
+pub struct RequestLog(Arc<LogFile>);
 
 impl RequestLog {
     /// Creates the log at `path` for a device of `header`'s shape.
     pub fn create(path: &Path, header: &TraceHeader) -> io::Result<Arc<Self>> {
-        let mut file = File::create(path)?;
-        file.write_all(&encode_header(header))?;
-        Ok(Arc::new(Self {
-            file: Mutex::new(file),
-            error_reported: std::sync::atomic::AtomicBool::new(false),
-        }))
+        LogFile::create(path, &encode_header(header), "virtio-blk").map(|f| Arc::new(Self(f)))
     }
 
     fn append(&self, request: &TracedRequest) {
-        let record = encode_record(request);
-        let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Err(e) = file.write_all(&record) {
-            if !self
-                .error_reported
-                .swap(true, std::sync::atomic::Ordering::Relaxed)
-            {
-                tracing::error!("virtio-blk request log: cannot write: {e}");
-            }
-        }
+        self.0.append(&encode_payload(request));
     }
 }
 

@@ -1,4 +1,4 @@
-//! Bodies of the `nvme_command` and `nvme_registers` fuzz targets (fuzz/fuzz_targets/ holds
+//! Bodies of the `nvme_command`, `nvme_registers` and `nvme_trace` fuzz targets (fuzz/fuzz_targets/ holds
 //! thin wrappers), here so that `cargo test` replays the committed corpora
 //! (tests/fuzz_corpus.rs) without libFuzzer.
 //!
@@ -10,6 +10,8 @@
 //! serve it. Checks besides "never panics": a parsed read or write moves exactly its blocks'
 //! bytes inside the namespace, every extent lies inside the namespace, a walk describes exactly
 //! the transfer; an admin command completes at most once, with its CID.
+//!
+//! `nvme_trace`: an NVMe request log (see [`nvme_trace`]).
 //!
 //! `nvme_registers`: an op script against a fresh controller over 64 KiB of zeroed guest
 //! memory. Each op is 12 bytes: `[kind, width, offset lo, offset hi, value (8 bytes LE)]`;
@@ -191,4 +193,62 @@ pub fn nvme_registers(data: &[u8]) {
             }
         }
     }
+}
+
+/// Records decoded per `nvme_trace` input (the rest of a longer input is not looked at).
+const TRACE_RECORDS: usize = 256;
+
+/// The `nvme_trace` target: `data` as an NVMe request log (`requests=`, [`super::trace`]).
+/// Besides "never panics": every record decoded stays inside the data bound, encodes back to
+/// bytes that decode to the same record, and its `nvme_command` seed (if it fits) passes that
+/// target's checks.
+///
+/// An input starting with 0xff is *framed* by this body so mutations get past the checksums:
+/// the 24-byte file header, then `[length u16][payload]...`, each payload wrapped in a record
+/// with its tag, length and valid checksum.
+pub fn nvme_trace(data: &[u8]) {
+    use super::trace::{encode_header, encode_record, NvmeTraceReader, TracedData, MAX_DATA_BYTES};
+    let framed;
+    let data = match data.split_first() {
+        Some((0xff, rest)) => {
+            framed = frame_trace(rest);
+            &framed[..]
+        }
+        _ => data,
+    };
+    let Ok(mut reader) = NvmeTraceReader::new(data) else {
+        return;
+    };
+    for _ in 0..TRACE_RECORDS {
+        let Ok(Some(command)) = reader.next_command() else {
+            return;
+        };
+        if let TracedData::ToDevice(bytes) = &command.data {
+            assert!(bytes.len() <= MAX_DATA_BYTES as usize);
+        }
+        let mut again = encode_header(&reader.namespace);
+        again.extend_from_slice(&encode_record(&command));
+        let decoded = NvmeTraceReader::new(&again[..])
+            .and_then(|mut r| r.next_command())
+            .expect("an encoded record decodes");
+        assert_eq!(decoded.as_ref(), Some(&command));
+        if let Some(seed) = super::rerun::nvme_command_seed(&command) {
+            assert!(seed.len() <= 1 + 64 + MEMORY);
+            nvme_command(&seed);
+        }
+    }
+}
+
+/// Builds a request log from a framed `nvme_trace` input (see [`nvme_trace`]).
+fn frame_trace(rest: &[u8]) -> Vec<u8> {
+    const HEADER: usize = 24;
+    let (header, mut body) = rest.split_at(rest.len().min(HEADER));
+    let mut out = header.to_vec();
+    while let [lo, hi, tail @ ..] = body {
+        let len = usize::from(u16::from_le_bytes([*lo, *hi])).min(tail.len());
+        let (payload, next) = tail.split_at(len);
+        out.extend_from_slice(&crate::request_log::frame(payload));
+        body = next;
+    }
+    out
 }

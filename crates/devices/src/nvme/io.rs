@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::command::{Command, Completion, Status, SQE_SIZE};
 use super::prp::{data_segments, WalkLimits};
 use super::queues::{CompletionQueue, PostError};
+use super::trace::PendingCommand;
 use super::Shared;
 
 pub const OPC_FLUSH: u8 = 0x00;
@@ -260,6 +261,8 @@ pub struct Tag {
     bytes: u64,
     flush_after: bool,
     started: Instant,
+    /// The command as the request log will record it, when there is one.
+    trace: Option<Box<PendingCommand>>,
 }
 
 /// Commands one queue keeps in flight (submitted, not yet posted).
@@ -498,14 +501,26 @@ impl SqWorker {
         self.outstanding += 1;
         let write_cache = self.shared.write_cache.load(Ordering::Relaxed);
         let ns = self.shared.namespace;
+        let logging = self.shared.request_log.get().is_some();
         match parse_io_command(&self.shared.dma, &cmd, &ns, &self.limits, write_cache) {
             Ok(request) => {
+                let trace = logging.then(|| {
+                    let dma = &self.shared.dma;
+                    Box::new(PendingCommand::accepted(
+                        dma,
+                        self.qid,
+                        &cmd,
+                        &ns,
+                        &self.limits,
+                    ))
+                });
                 let tag = Tag {
                     cid: cmd.cid(),
                     kind: request.kind,
                     bytes: request.op.data_len() as u64,
                     flush_after: request.flush_after,
                     started,
+                    trace,
                 };
                 if let Some(done) = self.io.submit(tag, request.op) {
                     self.on_done(done);
@@ -513,6 +528,13 @@ impl SqWorker {
             }
             Err(status) => {
                 self.metrics().record_request(started, Err(()));
+                if let Some(log) = self.shared.request_log.get() {
+                    log.answered(
+                        &self.shared.dma,
+                        PendingCommand::refused(self.qid, &cmd),
+                        status,
+                    );
+                }
                 self.finish(Completion::new(cmd.cid(), status, 0));
             }
         }
@@ -547,6 +569,9 @@ impl SqWorker {
         if status.is_success() {
             self.shared.count_io(tag.kind, tag.bytes);
         }
+        if let (Some(log), Some(pending)) = (self.shared.request_log.get(), tag.trace) {
+            log.answered(&self.shared.dma, *pending, status);
+        }
         self.finish(Completion::new(tag.cid, status, 0));
     }
 
@@ -572,7 +597,7 @@ impl SqWorker {
     }
 }
 
-fn io_error_status(kind: IoKind, e: &io::Error) -> Status {
+pub(super) fn io_error_status(kind: IoKind, e: &io::Error) -> Status {
     match (e.raw_os_error(), kind) {
         (Some(libc::ENOSPC), _) => Status::CAPACITY_EXCEEDED,
         (_, IoKind::Write) => Status::WRITE_FAULT,

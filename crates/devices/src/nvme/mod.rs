@@ -59,7 +59,9 @@ pub mod io;
 pub mod prp;
 pub mod queues;
 pub mod registers;
+pub mod rerun;
 mod snapshot;
+pub mod trace;
 
 #[cfg(test)]
 mod tests;
@@ -199,6 +201,8 @@ pub struct Shared {
     cqs: Mutex<Vec<Option<Arc<CompletionQueue>>>>,
     pub metrics: Arc<DeviceMetrics>,
     pub smart: SmartCounters,
+    /// The request log (`requests=`), set before the guest runs.
+    pub request_log: std::sync::OnceLock<Arc<trace::NvmeRequestLog>>,
 }
 
 impl Shared {
@@ -401,6 +405,7 @@ impl Nvme {
                 &REGISTER_EXIT_COUNTERS,
             )),
             smart: SmartCounters::default(),
+            request_log: std::sync::OnceLock::new(),
         };
         Ok(Nvme {
             config: pci,
@@ -426,6 +431,16 @@ impl Nvme {
 
     pub fn metrics(&self) -> Arc<DeviceMetrics> {
         self.shared.metrics.clone()
+    }
+
+    /// Logs every I/O command answered from now on into a request log at `path`
+    /// (`requests=`; [`trace`]). Call before the guest runs.
+    pub fn log_requests(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let log = trace::NvmeRequestLog::create(path, &self.shared.namespace)?;
+        self.shared
+            .request_log
+            .set(log)
+            .map_err(|_| std::io::Error::other("the request log is already set"))
     }
 
     pub fn namespace(&self) -> Namespace {
