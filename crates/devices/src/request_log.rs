@@ -2,7 +2,9 @@
 //! `nvme::trace`; docs/replay.md "Device-level replay"): a file is a magic naming the device
 //! kind, a version, a device-specific header, then records
 //!
-//!     record = "RQ" | length u32 | checksum u64 (FNV-1a, bytewise, of the payload) | payload
+//! ```text
+//! record = "RQ" | length u32 | checksum u64 (FNV-1a, bytewise, of the payload) | payload
+//! ```
 //!
 //! written one `write` each by [`LogFile`] (so a VM that dies leaves whole records behind) and
 //! read back by [`read_record`], which refuses a record over the caller's bound, a bad tag, a

@@ -15,14 +15,16 @@
 //! (`crate::request_log`). The format is small and hand-written (like the replay log, crates/vmm/src/replay/format.rs)
 //! because it must be bounded against a hostile file and needs no schema machinery:
 //!
-//!     file    = magic "SLUICEBQ" | version u32 (= 1) | capacity_sectors u64 | block_size u32
-//!               | flags u8 (bit 0 read-only) | serial (20 bytes, GET_ID's answer)
-//!               | queue_size u16 (the device's limits derive from it) | record*
-//!     record  = "RQ" | length u32 | checksum u64 | payload (length bytes)
-//!     payload = queue u16 | count u16 | buffer{count} | used_len u32 | status u16
-//!               (0x100 | byte, or 0 when no status byte was written) | data_hash u64
-//!     buffer  = len u32 | kind u8 (0 device-readable with its `len` bytes following,
-//!               1 device-writable, 2 outside guest memory (readable), 3 outside (writable))
+//! ```text
+//! file    = magic "SLUICEBQ" | version u32 (= 1) | capacity_sectors u64 | block_size u32
+//!           | flags u8 (bit 0 read-only) | serial (20 bytes, GET_ID's answer)
+//!           | queue_size u16 (the device's limits derive from it) | record*
+//! record  = "RQ" | length u32 | checksum u64 | payload (length bytes)
+//! payload = queue u16 | count u16 | buffer{count} | used_len u32 | status u16
+//!           (0x100 | byte, or 0 when no status byte was written) | data_hash u64
+//! buffer  = len u32 | kind u8 (0 device-readable with its `len` bytes following,
+//!           1 device-writable, 2 outside guest memory (readable), 3 outside (writable))
+//! ```
 //!
 //! Integers are little-endian. `checksum` is FNV-1a (64-bit, bytewise) of the payload. A
 //! reader refuses a record over [`MAX_RECORD_BYTES`], a chain over [`MAX_BUFFERS`] buffers or

@@ -10,11 +10,13 @@
 //! I/O queues into one file); the framing and the writer are `crate::request_log`'s, shared
 //! with virtio-blk's log:
 //!
-//!     file    = magic "SLUICENQ" | version u32 (= 1) | blocks u64 | block_shift u32 | record*
-//!     record  = "RQ" | length u32 | checksum u64 | payload
-//!     payload = qid u16 | sqe (64 bytes) | data u8 (0 none; 1 to the device: len u32 and its
-//!               bytes; 2 from the device: len u32) | status u16 (SCT << 8 | SC)
-//!               | data_hash u64 (FNV-1a of a successful read's bytes, else 0)
+//! ```text
+//! file    = magic "SLUICENQ" | version u32 (= 1) | blocks u64 | block_shift u32 | record*
+//! record  = "RQ" | length u32 | checksum u64 | payload
+//! payload = qid u16 | sqe (64 bytes) | data u8 (0 none; 1 to the device: len u32 and its
+//!           bytes; 2 from the device: len u32) | status u16 (SCT << 8 | SC)
+//!           | data_hash u64 (FNV-1a of a successful read's bytes, else 0)
+//! ```
 //!
 //! A reader refuses a record over [`MAX_RECORD_BYTES`], data over [`MAX_DATA_BYTES`], an
 //! unknown data kind, a bad checksum, a truncated record and another version.
