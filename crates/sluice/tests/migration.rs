@@ -244,6 +244,11 @@ fn a_failed_migration_gives_the_vhost_user_disk_back_and_the_verify_finishes_at_
         stream.exists()
     });
     let mut source = start_source_on(&dir, &backend.disk(), &socket, &console, &SHORT);
+    // The kit names the disk before its driver starts it; a migration before that finds the
+    // backend's rings not running — nothing to log, nothing to hand over (seen under load).
+    wait_for("the disk's first request", Duration::from_secs(30), || {
+        requests_done(&socket) > 0
+    });
 
     let (status, answer) = ctl(&socket, &["migrate", &url]);
     let refused = destination.wait_with_output().unwrap();
