@@ -75,7 +75,9 @@ impl ScheduledTx {
         let request = QosRequest {
             tag,
             class: self.class,
-            access: Access::None,
+            // A read: counted in cost and bytes, and reads never wait for each other, so
+            // the scheduler's disk ordering rules leave frames alone.
+            access: Access::Read,
             offset: 0,
             len: frame_len as u64,
         };
