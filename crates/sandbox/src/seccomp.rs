@@ -87,6 +87,7 @@ pub(crate) fn install(mode: SeccompMode) -> Result<(), Error> {
         SeccompMode::On => SeccompAction::Trap,
     };
     fix_malloc_arena_limit();
+    warm_heap_shrink_check();
     let mut filters = HashMap::new();
     for kind in KINDS {
         filters.insert(kind, compile(kind, mismatch.clone())?);
@@ -113,6 +114,24 @@ fn fix_malloc_arena_limit() {
         // SAFETY: mallopt only sets an allocator parameter, from the main thread before any
         // filtered thread exists; it takes no pointers.
         unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
+    }
+}
+
+/// glibc also reads /proc/sys/vm/overcommit_memory lazily: the first time a thread's own
+/// (non-main) malloc heap shrinks after large frees (`shrink_heap`). In a filtered thread —
+/// a vhost-user connection dropping a NIC whose transmit queue held frames for the scheduler
+/// — that was a forbidden openat that ended `sluice serve net`. glibc caches the answer for
+/// the process, so shrinking one heap here, on an unfiltered thread before any filter, means
+/// the file is never read later: a new thread gets its own arena, and blocks below the mmap
+/// threshold (128 KiB) freed together leave a top chunk past the trim threshold (128 KiB).
+fn warm_heap_shrink_check() {
+    #[cfg(target_env = "gnu")]
+    {
+        let _ = std::thread::spawn(|| {
+            let blocks: Vec<Vec<u8>> = (0..8).map(|_| vec![1u8; 96 << 10]).collect();
+            drop(std::hint::black_box(blocks));
+        })
+        .join();
     }
 }
 

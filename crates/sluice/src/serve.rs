@@ -19,6 +19,11 @@
 //! * `sluice serve net --socket PATH --tap NAME [--queues N] [--mac MAC]`: the virtio-net model
 //!   over a tap with N queue pairs, created if missing (QEMU's `-netdev vhost-user`). The tap is
 //!   brought up; its addresses are the host's business.
+//! * `sluice serve net --net socket=PATH,tap=NAME[,name=N][,mac=M][,queues=N][,queue_prio=P:C]
+//!   [,weight=N,pps=N,bps=SIZE..]`: several NICs, each on its own socket and tap for its own
+//!   frontend, their transmit queues behind one sluice-qos scheduler (`--qos-device`, or
+//!   `off`): weighted fair order of frames across guests, frames/s and bytes/s buckets, a
+//!   queue pair's class inside its guest. `--metrics` and `--api-socket` as for `serve blk`.
 //! * `sluice serve rng --socket PATH`: the virtio-rng model (QEMU's `vhost-user-rng-pci`).
 
 use std::path::{Path, PathBuf};
@@ -90,10 +95,27 @@ enum ServedDeviceArgs {
 #[derive(Args)]
 struct NetArgs {
     #[command(flatten)]
-    listen: ListenArgs,
+    listen: MultiListenArgs,
     /// Tap interface (created if missing; needs CAP_NET_ADMIN).
-    #[arg(long)]
-    tap: String,
+    #[arg(long, required_unless_present = "specs", conflicts_with = "specs")]
+    tap: Option<String>,
+    /// One of several NICs, each served on its own socket to its own frontend, on its own tap:
+    /// `socket=PATH,tap=NAME[,name=N][,mac=MAC][,queues=N][,queue_prio=PAIR:high|normal|bulk]..`
+    /// plus the scheduler keys `weight=N,pps=N,pps_burst=N,bps=SIZE,bps_burst=SIZE,queue=N`
+    /// (transmitted frames per second, bytes per second). Repeatable.
+    #[arg(long = "net", id = "specs", value_name = "SPEC")]
+    nets: Vec<String>,
+    /// The shared transmit scheduler of several `--net`s: `depth=N`, `pps`/`iops`, `bps`
+    /// (and their `_burst`) for the server as a whole; `off` serves them unscheduled.
+    #[arg(long, value_name = "SPEC|off", requires = "specs")]
+    qos_device: Option<String>,
+    /// Write the NICs' metrics and the scheduler's per-guest stats here (JSON) when a stop
+    /// signal ends the server.
+    #[arg(long, value_name = "FILE")]
+    metrics: Option<PathBuf>,
+    /// Serve the control API here (`vm.qos` over the scheduled NICs by name, `vm.counters`).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// Queue pairs (tap queues) offered; the frontend may use fewer.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     queues: u16,
@@ -108,11 +130,12 @@ struct RngArgs {
     listen: ListenArgs,
 }
 
-/// `--socket` made optional for `serve blk`, which may take `--disk` instead.
+/// `--socket` made optional for `serve blk` / `serve net`, which may take `--disk` / `--net`
+/// (argument id `specs`) instead.
 #[derive(Args)]
-struct BlkListenArgs {
+struct MultiListenArgs {
     /// The vhost-user socket to listen on (must not exist, or be a stale socket).
-    #[arg(long, required_unless_present = "disks", conflicts_with = "disks")]
+    #[arg(long, required_unless_present = "specs", conflicts_with = "specs")]
     socket: Option<PathBuf>,
     /// Frontend connections served at once per socket (one drives its disk).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -126,22 +149,33 @@ struct BlkListenArgs {
     packed: bool,
 }
 
+impl MultiListenArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_connections: self.max_connections as usize,
+            handshake_timeout: Duration::from_secs(self.handshake_timeout),
+            offer_packed: self.packed,
+            ..Limits::default()
+        }
+    }
+}
+
 #[derive(Args)]
 struct BlkArgs {
     #[command(flatten)]
-    listen: BlkListenArgs,
+    listen: MultiListenArgs,
     /// Disk image (regular file or block device; raw format).
-    #[arg(long, required_unless_present = "disks", conflicts_with = "disks")]
+    #[arg(long, required_unless_present = "specs", conflicts_with = "specs")]
     image: Option<PathBuf>,
     /// One of several disks, each served on its own socket to its own frontend:
     /// `socket=PATH,image=FILE[,readonly=on|off][,name=NAME][,notify=irq|poll[:US]|batch..]`
     /// (the rings' policy: a latency-sensitive guest's disk may poll) plus the `--qos` keys
     /// (`weight=N,iops=N,iops_burst=N,bps=SIZE,bps_burst=SIZE,queue=N`). Repeatable.
-    #[arg(long = "disk", id = "disks", value_name = "SPEC")]
+    #[arg(long = "disk", id = "specs", value_name = "SPEC")]
     disks: Vec<String>,
     /// Scheduling of the single `--image` disk: the `--disk` qos keys (puts it behind the
     /// scheduler; its buckets then hold it to its limits).
-    #[arg(long, value_name = "SPEC", conflicts_with = "disks")]
+    #[arg(long, value_name = "SPEC", conflicts_with = "specs")]
     qos: Option<String>,
     /// The shared scheduler: `depth=N` (requests on the backend at once, default 4),
     /// `idle_depth=N`, `iops`, `iops_burst`, `bps`, `bps_burst` for the device as a whole;
@@ -215,17 +249,231 @@ fn serve<D: VirtioDevice + 'static>(
 }
 
 fn serve_net(args: NetArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
-    let tap = Tap::open(Some(&args.tap), args.queues)
-        .with_context(|| format!("cannot open tap {}", args.tap))?;
+    let (Some(socket), Some(tap)) = (&args.listen.socket, &args.tap) else {
+        return serve_nets(args, stop_signals);
+    };
+    let tap =
+        Tap::open(Some(tap), args.queues).with_context(|| format!("cannot open tap {tap}"))?;
     tap.set_up()
         .with_context(|| format!("cannot bring tap {} up", tap.name()))?;
     let config = NetConfig::new(args.mac.unwrap_or(DEFAULT_MAC));
-    serve(
-        &args.listen,
-        Net::new(tap, config),
-        "vhost-user-net",
-        stop_signals,
-    )
+    let net = Net::new(tap, config);
+    let metrics = vec![VirtioDevice::metrics(&net)];
+    let server = Server::bind_with(socket, net, args.listen.limits())
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    tracing::info!("vhost-user-net: listening on {}", socket.display());
+    let served = Served {
+        what: "vhost-user-net",
+        servers: vec![server],
+        metrics,
+        scheduled: Arc::new(QosDisks::default()),
+        qos: None,
+        net_keys: true,
+    };
+    run_served(served, args.reporting(), stop_signals)
+}
+
+impl NetArgs {
+    fn reporting(&self) -> ServedOptions {
+        ServedOptions {
+            api_socket: self.api_socket.clone(),
+            metrics: self.metrics.clone(),
+            metrics_every: None,
+        }
+    }
+}
+
+/// One NIC of `serve net --net`.
+#[derive(Debug)]
+struct NicSpec {
+    socket: PathBuf,
+    tap: String,
+    name: String,
+    mac: Option<[u8; 6]>,
+    queues: Option<u16>,
+    /// `queue_prio=PAIR:CLASS` entries.
+    prios: Vec<(u16, sluice_qos::Class)>,
+    /// The scheduler keys, in the scheduler's spelling (`pps` → `iops`).
+    qos: String,
+}
+
+impl NicSpec {
+    /// Each queue pair's class (`Normal` unless `queue_prio=` said otherwise).
+    fn classes(&self, queues: u16) -> Vec<sluice_qos::Class> {
+        let mut classes = vec![sluice_qos::Class::Normal; usize::from(queues)];
+        for &(pair, class) in &self.prios {
+            if let Some(slot) = classes.get_mut(usize::from(pair)) {
+                *slot = class;
+            }
+        }
+        classes
+    }
+}
+
+/// The scheduler's name for a net rate key: frames are its requests, so `pps` is its
+/// request bucket; the disk spellings are refused so a typo cannot pass for a limit.
+fn net_qos_key(key: &str) -> Result<&str, String> {
+    match key {
+        "pps" => Ok("iops"),
+        "pps_burst" => Ok("iops_burst"),
+        "iops" | "iops_burst" => Err(format!("{key} is a disk key: a NIC takes pps")),
+        other => Ok(other),
+    }
+}
+
+/// [`net_qos_key`] over a request's options.
+fn net_qos_keys(options: &[(String, String)]) -> Result<Vec<(String, String)>, String> {
+    options
+        .iter()
+        .map(|(key, value)| Ok((net_qos_key(key)?.to_owned(), value.clone())))
+        .collect()
+}
+
+fn parse_class(value: &str) -> Option<sluice_qos::Class> {
+    match value {
+        "high" => Some(sluice_qos::Class::High),
+        "normal" => Some(sluice_qos::Class::Normal),
+        "bulk" | "idle" => Some(sluice_qos::Class::Idle),
+        _ => None,
+    }
+}
+
+/// Parses a `--net` value: its own keys, the rest are scheduler keys (checked here, so a bad
+/// one is refused before any tap is touched).
+fn parse_nic(spec: &str, default_queues: u16) -> anyhow::Result<NicSpec> {
+    let bad = |why: String| anyhow::anyhow!("--net {spec:?}: {why}");
+    let (mut socket, mut tap, mut name, mut mac, mut queues) = (None, None, None, None, None);
+    let (mut prios, mut qos) = (Vec::new(), Vec::new());
+    for pair in spec.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| bad(format!("{pair:?} is not key=value")))?;
+        match key {
+            "socket" => socket = Some(PathBuf::from(value)),
+            "tap" => tap = Some(value.to_owned()),
+            "name" => name = Some(value.to_owned()),
+            "mac" => mac = Some(parse_mac(value).map_err(|e| bad(e.to_string()))?),
+            "queues" => {
+                let n = value.parse::<u16>().ok().filter(|n| (1..=256).contains(n));
+                queues = Some(n.ok_or_else(|| bad("queues must be in 1..=256".into()))?);
+            }
+            "queue_prio" => {
+                let parsed = value.split_once(':').and_then(|(pair, class)| {
+                    Some((pair.parse::<u16>().ok()?, parse_class(class)?))
+                });
+                let why = "queue_prio must be PAIR:high|normal|bulk";
+                prios.push(parsed.ok_or_else(|| bad(why.into()))?);
+            }
+            _ => qos.push(format!("{}={value}", net_qos_key(key).map_err(bad)?)),
+        }
+    }
+    let socket = socket.ok_or_else(|| bad("socket= is required".into()))?;
+    let tap = tap.ok_or_else(|| bad("tap= is required".into()))?;
+    let pairs = queues.unwrap_or(default_queues);
+    if let Some((pair, _)) = prios.iter().find(|(pair, _)| *pair >= pairs) {
+        return Err(bad(format!(
+            "queue_prio names pair {pair}, the NIC has {pairs}"
+        )));
+    }
+    let name = name.unwrap_or_else(|| socket_name(&socket));
+    let qos = qos.join(",");
+    // The scheduler names the frame bucket iops; the user wrote pps.
+    sluice_qos::parse_guest(&name, &qos).map_err(|e| bad(e.replace("iops", "pps")))?;
+    Ok(NicSpec {
+        socket,
+        tap,
+        name,
+        mac,
+        queues,
+        prios,
+        qos,
+    })
+}
+
+/// Refuses two NICs on one socket, tap or name (each guest has its own).
+fn check_distinct(nics: &[NicSpec]) -> anyhow::Result<()> {
+    for (index, nic) in nics.iter().enumerate() {
+        for other in &nics[..index] {
+            if other.socket == nic.socket || other.tap == nic.tap || other.name == nic.name {
+                anyhow::bail!(
+                    "--net {} and {}: each NIC needs its own socket, tap and name",
+                    other.name,
+                    nic.name
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `serve net --net ...`: several NICs, their transmit queues behind one scheduler.
+fn serve_nets(args: NetArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
+    let nics = args
+        .nets
+        .iter()
+        .map(|spec| parse_nic(spec, args.queues))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    check_distinct(&nics)?;
+    let qos = match args.qos_device.as_deref() {
+        Some("off") => None,
+        spec => {
+            let spec = spec.unwrap_or("");
+            let keys: Vec<String> = spec
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, value)) => {
+                        Ok(format!("{}={value}", net_qos_key(key).unwrap_or(key)))
+                    }
+                    None => Ok(pair.to_owned()),
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let device = sluice_qos::parse_device(&keys.join(","))
+                .map_err(|e| anyhow::anyhow!("--qos-device {spec:?}: {e}"))?;
+            Some(Qos::new(device))
+        }
+    };
+    let scheduled = Arc::new(QosDisks::default());
+    let (mut servers, mut metrics) = (Vec::new(), Vec::new());
+    for nic in &nics {
+        let queues = nic.queues.unwrap_or(args.queues);
+        let tap = Tap::open(Some(&nic.tap), queues)
+            .with_context(|| format!("cannot open tap {}", nic.tap))?;
+        tap.set_up()
+            .with_context(|| format!("cannot bring tap {} up", tap.name()))?;
+        let config = NetConfig::new(nic.mac.or(args.mac).unwrap_or(DEFAULT_MAC));
+        let mut net = Net::new(tap, config);
+        if let Some(qos) = &qos {
+            let guest = sluice_qos::parse_guest(&nic.name, &nic.qos)
+                .map_err(|e| anyhow::anyhow!("NIC {}: {e}", nic.name))?;
+            let guest = qos.add_guest(guest);
+            net.join_scheduler(Arc::clone(qos), guest, nic.classes(queues));
+            let scheduled_guest = ScheduledGuest {
+                qos: Arc::clone(qos),
+                guest,
+            };
+            scheduled.add(nic.name.clone(), scheduled_guest);
+        }
+        metrics.push(VirtioDevice::metrics(&net));
+        let server = Server::bind_with(&nic.socket, net, args.listen.limits())
+            .with_context(|| format!("cannot listen on {}", nic.socket.display()))?;
+        tracing::info!(
+            "vhost-user-net: {} (tap {}) listening on {}",
+            nic.name,
+            nic.tap,
+            nic.socket.display()
+        );
+        servers.push(server);
+    }
+    let served = Served {
+        what: "vhost-user-net",
+        servers,
+        metrics,
+        scheduled,
+        qos,
+        net_keys: true,
+    };
+    run_served(served, args.reporting(), stop_signals)
 }
 
 /// One disk of `serve blk`.
@@ -317,12 +565,7 @@ fn serve_blk(args: BlkArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
     } else {
         None
     };
-    let limits = Limits {
-        max_connections: args.listen.max_connections as usize,
-        handshake_timeout: Duration::from_secs(args.listen.handshake_timeout),
-        offer_packed: args.listen.packed,
-        ..Limits::default()
-    };
+    let limits = args.listen.limits();
     let mut servers = Vec::new();
     let mut metrics = Vec::new();
     let scheduled_disks = Arc::new(QosDisks::default());
@@ -362,14 +605,65 @@ fn serve_blk(args: BlkArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
         );
         servers.push(server);
     }
+    let served = Served {
+        what: "vhost-user-blk",
+        servers,
+        metrics,
+        scheduled: scheduled_disks,
+        qos,
+        net_keys: false,
+    };
+    let options = ServedOptions {
+        api_socket: args.api_socket.clone(),
+        metrics: args.metrics.clone(),
+        metrics_every: args.metrics_every,
+    };
+    run_served(served, options, stop_signals)
+}
+
+/// The devices of a multi-socket `serve blk` / `serve net`, ready to run.
+struct Served<D: VirtioDevice> {
+    what: &'static str,
+    servers: Vec<Server<D>>,
+    metrics: Vec<Arc<DeviceMetrics>>,
+    scheduled: Arc<QosDisks>,
+    qos: Option<Arc<Qos>>,
+    /// The API takes the net spellings of the rate keys (`pps` for the request bucket).
+    net_keys: bool,
+}
+
+/// The reporting options both take.
+struct ServedOptions {
+    api_socket: Option<PathBuf>,
+    metrics: Option<PathBuf>,
+    metrics_every: Option<u64>,
+}
+
+/// Starts the API, the metrics writer, the stop-signal handling and the scheduler's ticker,
+/// then runs every server until a stop signal.
+fn run_served<D: VirtioDevice + 'static>(
+    served: Served<D>,
+    options: ServedOptions,
+    stop_signals: StopSignals,
+) -> anyhow::Result<u8> {
+    let Served {
+        what,
+        servers,
+        metrics,
+        scheduled,
+        qos,
+        net_keys,
+    } = served;
     let removers: Vec<SocketRemover> = servers.iter().map(Server::socket_remover).collect();
     // Like the signal thread: started before this thread takes the connection filter. Kept
     // until the process exits (the stop signal ends it with `exit`).
-    let _api = match &args.api_socket {
+    let _api = match &options.api_socket {
         Some(path) => {
             let api = ServeApi {
-                disks: Arc::clone(&scheduled_disks),
+                what,
+                disks: scheduled,
                 metrics: metrics.clone(),
+                net_keys,
             };
             Some(
                 sluice_api::ApiServer::start(path, Arc::new(api))
@@ -378,13 +672,13 @@ fn serve_blk(args: BlkArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
         }
         None => None,
     };
-    let api_socket = args.api_socket.clone();
+    let api_socket = options.api_socket.clone();
     let report = Arc::new(StopReport {
-        path: args.metrics.clone(),
+        path: options.metrics.clone(),
         metrics,
         qos: qos.clone(),
     });
-    if let Some(every) = args.metrics_every {
+    if let Some(every) = options.metrics_every {
         // Like the signal thread: started before this thread takes the connection filter,
         // since it creates and renames files.
         let report = Arc::clone(&report);
@@ -397,7 +691,7 @@ fn serve_blk(args: BlkArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
             .context("cannot start the metrics thread")?;
     }
     stop_signals.on_signal(move |signal| {
-        tracing::info!("vhost-user-blk: signal {signal}: removing the sockets and exiting");
+        tracing::info!("{what}: signal {signal}: removing the sockets and exiting");
         for remover in &removers {
             remover.remove();
         }
@@ -414,8 +708,8 @@ fn serve_blk(args: BlkArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
 }
 
 /// Runs every server's accept loop, the last one on this thread.
-fn run_servers(mut servers: Vec<Server<Block>>) -> anyhow::Result<u8> {
-    let last = servers.pop().context("no disk to serve")?;
+fn run_servers<D: VirtioDevice + 'static>(mut servers: Vec<Server<D>>) -> anyhow::Result<u8> {
+    let last = servers.pop().context("nothing to serve")?;
     for (index, server) in servers.into_iter().enumerate() {
         sluice_sandbox::spawn(
             sluice_sandbox::ThreadKind::Connection,
@@ -437,14 +731,17 @@ fn run_servers(mut servers: Vec<Server<Block>>) -> anyhow::Result<u8> {
 /// `serve blk --api-socket`: the control API of a server with no VM — `vm.qos` over its
 /// scheduled disks (by name), their counters; the VM actions are refused with 409.
 struct ServeApi {
+    what: &'static str,
     disks: Arc<QosDisks>,
     metrics: Vec<Arc<DeviceMetrics>>,
+    net_keys: bool,
 }
 
 impl ServeApi {
     fn no_vm(&self, action: &str) -> ApiError {
         ApiError::Conflict(format!(
-            "sluice serve blk has no VM to {action} (stop the server with SIGTERM)"
+            "{} has no VM to {action} (stop the server with SIGTERM)",
+            self.what
         ))
     }
 }
@@ -478,8 +775,13 @@ impl VmApi for ServeApi {
     }
     fn set_qos(&self, request: &DeviceRequest) -> Result<serde_json::Value, ApiError> {
         let id = request.id.as_deref().unwrap_or_default();
+        let options = if self.net_keys {
+            net_qos_keys(&request.options).map_err(ApiError::BadRequest)?
+        } else {
+            request.options.clone()
+        };
         self.disks
-            .reconfigure(id, &request.options)
+            .reconfigure(id, &options)
             .map_err(crate::api::qos_error)
     }
 }

@@ -36,6 +36,8 @@ use super::backend::Tap;
 use super::handlers::{
     CtrlHandler, CtrlState, NetBackend, RxHandler, TxHandler, ANNOUNCE_COUNTERS,
 };
+use sluice_qos::{Class, GuestId, Qos};
+
 use super::header::{TxOffloads, MAX_PACKET_LEN, NET_HDR_LEN};
 use super::tap_queues::{Counted, TapQueues};
 
@@ -144,6 +146,9 @@ pub struct Net {
     /// The acknowledged features, sanitised (what the handlers serve).
     features: u64,
     ctrl: Arc<CtrlState>,
+    /// The shared scheduler the transmit queues join, as which guest, and each queue
+    /// pair's priority class (pairs past the list are `Normal`).
+    scheduler: Option<(Arc<Qos>, GuestId, Vec<Class>)>,
 }
 
 impl Net {
@@ -173,7 +178,15 @@ impl Net {
             }),
             metrics,
             features: 0,
+            scheduler: None,
         }
+    }
+
+    /// Puts every transmit queue started from now on behind `qos`, as its guest `guest`
+    /// (weights and frame / byte rate limits against the other NICs on the scheduler);
+    /// `classes[pair]` is queue pair `pair`'s priority inside the guest.
+    pub fn join_scheduler(&mut self, qos: Arc<Qos>, guest: GuestId, classes: Vec<Class>) {
+        self.scheduler = Some((qos, guest, classes));
     }
 
     fn multiqueue(&self) -> bool {
@@ -211,11 +224,24 @@ impl Net {
                     .map_err(|e| ActivateError::Backend(format!("{role}: {e}")))?;
                 Box::new(Counted::rx(rx, pair, self.queues.clone()).map_err(attach_error)?)
             }
-            QueueRole::Tx(pair) => Box::new(TxHandler::new(
-                backend,
-                usize::from(pair),
-                TxOffloads::from_features(self.features),
-            )),
+            QueueRole::Tx(pair) => {
+                let tx = TxHandler::new(
+                    backend,
+                    usize::from(pair),
+                    TxOffloads::from_features(self.features),
+                );
+                match &self.scheduler {
+                    Some((qos, guest, classes)) => {
+                        let port = qos.port(*guest).map_err(ActivateError::Worker)?;
+                        let class = classes
+                            .get(usize::from(pair))
+                            .copied()
+                            .unwrap_or(Class::Normal);
+                        Box::new(tx.with_scheduler(port, class))
+                    }
+                    None => Box::new(tx),
+                }
+            }
             QueueRole::Ctrl => {
                 // Without MQ the driver may still use the control queue, but only one pair.
                 let max_pairs = if self.has(VIRTIO_NET_F_MQ) {

@@ -22,6 +22,7 @@ use virtio_bindings::virtio_net::{
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::header::{parse_tx_packet, HeaderError, TxOffloads, MAX_PACKET_LEN, NET_HDR_LEN};
+use super::scheduled_tx::ScheduledTx;
 
 /// Frames moved per `process`/`complete` call, so the worker gets to interrupt the guest.
 const RX_BUDGET: usize = 256;
@@ -97,12 +98,14 @@ fn next_chain<'m>(
     queue.pop(mem)
 }
 
-/// Transmit queue of one pair: each chain is header + frame, written to the tap as is.
+/// Transmit queue of one pair: each chain is header + frame, written to the tap as is; behind
+/// a shared scheduler (see [`super::scheduled_tx`]) when the device joined one.
 pub struct TxHandler {
     backend: Arc<dyn NetBackend>,
     pair: usize,
     offloads: TxOffloads,
     packet: Vec<u8>,
+    scheduled: Option<ScheduledTx>,
 }
 
 impl TxHandler {
@@ -112,7 +115,14 @@ impl TxHandler {
             pair,
             offloads,
             packet: vec![0; MAX_PACKET_LEN],
+            scheduled: None,
         }
+    }
+
+    /// Puts this queue behind a shared scheduler through `port`, its frames in `class`.
+    pub fn with_scheduler(mut self, port: sluice_qos::QueuePort, class: sluice_qos::Class) -> Self {
+        self.scheduled = Some(ScheduledTx::new(port, class));
+        self
     }
 
     /// Sends one chain's packet; returns the frame length.
@@ -127,10 +137,85 @@ impl TxHandler {
         self.backend.write_packet(self.pair, packet)?;
         Ok(len - NET_HDR_LEN)
     }
+
+    /// Copies and validates one chain's packet for the scheduler (header rewritten as
+    /// checked, like [`TxHandler::transmit`]).
+    fn copy_packet(&self, mem: &DmaSpace, chain: Chain<'_>) -> Result<Vec<u8>, DropReason> {
+        let mut reader = chain.reader(mem)?;
+        let len = reader.available_bytes();
+        if len > MAX_PACKET_LEN {
+            return Err(DropReason::TooLong(len));
+        }
+        let mut packet = vec![0; len];
+        reader.read_exact(&mut packet)?;
+        let header = parse_tx_packet(&packet, self.offloads)?;
+        packet[..NET_HDR_LEN].copy_from_slice(&header.to_bytes());
+        Ok(packet)
+    }
+
+    /// The scheduled path: hands the ring's frames to the scheduler within the queue's room
+    /// and sends what it grants, until neither moves (see [`super::scheduled_tx`]).
+    fn process_scheduled(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        let Some(mut scheduled) = self.scheduled.take() else {
+            return Ok(false);
+        };
+        let result = self.pump_scheduled(&mut scheduled, ctx);
+        self.scheduled = Some(scheduled);
+        result
+    }
+
+    fn pump_scheduled(
+        &mut self,
+        scheduled: &mut ScheduledTx,
+        ctx: &mut QueueContext<'_>,
+    ) -> Result<bool, QueueError> {
+        let mut used = false;
+        loop {
+            let mut handed = 0;
+            let room = scheduled.room();
+            while handed < room {
+                let Some(chain) = next_chain(ctx.queue, ctx.mem)? else {
+                    break;
+                };
+                let popped = Instant::now();
+                let head = chain.head_index();
+                let refused = match self.copy_packet(ctx.mem, chain) {
+                    Ok(packet) => {
+                        let frame_len = packet.len() - NET_HDR_LEN;
+                        scheduled.hold(head, popped, packet, frame_len).is_some()
+                    }
+                    Err(e) => {
+                        tracing::debug!("virtio-net tx{}: dropped: {e}", self.pair);
+                        true
+                    }
+                };
+                if refused {
+                    ctx.queue.add_used(ctx.mem, head, 0)?;
+                    ctx.metrics.record_request(popped, Err(()));
+                    used = true;
+                }
+                handed += 1;
+            }
+            let (backend, pair) = (&self.backend, self.pair);
+            let sent = scheduled.send_granted(ctx, |packet| {
+                backend
+                    .write_packet(pair, packet)
+                    .map(|()| packet.len() - NET_HDR_LEN)
+                    .map_err(|e| e.to_string())
+            })?;
+            used |= sent;
+            if !sent && handed == 0 {
+                return Ok(used);
+            }
+        }
+    }
 }
 
 impl QueueHandler for TxHandler {
     fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        if self.scheduled.is_some() {
+            return self.process_scheduled(ctx);
+        }
         let mut used = false;
         while let Some(chain) = next_chain(ctx.queue, ctx.mem)? {
             let popped = Instant::now();
@@ -145,6 +230,32 @@ impl QueueHandler for TxHandler {
             used = true;
         }
         Ok(used)
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        self.scheduled.as_ref().map(ScheduledTx::wake_fd)
+    }
+
+    fn complete(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        match &self.scheduled {
+            Some(scheduled) => {
+                scheduled.clear_wake();
+                self.process_scheduled(ctx)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn has_in_flight(&self) -> bool {
+        self.in_flight() > 0
+    }
+
+    fn in_flight(&self) -> usize {
+        self.scheduled.as_ref().map_or(0, ScheduledTx::held)
+    }
+
+    fn completion_ready(&mut self) -> bool {
+        self.scheduled.as_ref().is_some_and(ScheduledTx::has_grants)
     }
 }
 

@@ -28,6 +28,7 @@ pub mod fuzz;
 pub mod handlers;
 pub mod header;
 pub mod mac;
+mod scheduled_tx;
 pub mod tap_queues;
 
 #[cfg(test)]

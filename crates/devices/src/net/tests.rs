@@ -1332,3 +1332,119 @@ fn announce_brings_a_control_queue_to_a_single_pair_and_standby_is_offered_when_
     assert_eq!(announcing.queue_max_sizes().len(), 3);
     assert!(has(standby.device_features(), VIRTIO_NET_F_STANDBY));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Transmit behind a shared scheduler (issue 16)
+
+/// Puts `count` one-descriptor chains (header + a 64-byte frame marked `marker + i`) at
+/// `base` into `vq`.
+fn queue_frames(
+    vq: &MockSplitQueue<'_, GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    base: u64,
+    markers: std::ops::Range<u8>,
+) {
+    for (slot, marker) in markers.enumerate() {
+        let addr = base + slot as u64 * 0x1000;
+        let mut packet = vec![0; NET_HDR_LEN];
+        packet.extend(test_frame(64, marker));
+        mem.write_slice(&packet, GuestAddress(addr)).unwrap();
+        add_chain(vq, slot as u16, &[(addr, packet.len() as u32, false)]);
+    }
+}
+
+/// The markers of the frames the backend got, in order.
+fn written_markers(backend: &FakeBackend) -> Vec<u8> {
+    let written = backend.written.lock().unwrap();
+    written
+        .iter()
+        .map(|p| p[NET_HDR_LEN + ETH_HLEN] ^ ETH_HLEN as u8)
+        .collect()
+}
+
+fn limited_guest(qos: &sluice_qos::Qos, pps: u64, burst: u64, queue: usize) -> sluice_qos::GuestId {
+    let mut guest = sluice_qos::GuestConfig::new("g");
+    guest.iops = Some(sluice_qos::Rate {
+        per_sec: pps,
+        burst,
+    });
+    guest.queue_limit = queue;
+    qos.add_guest(guest)
+}
+
+#[test]
+fn scheduled_tx_leaves_frames_past_its_bucket_in_the_ring_and_drops_none() {
+    let mem = guest_memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    let mut queue = VirtQueue::from(vq.create_queue::<Queue>().unwrap());
+    queue_frames(&vq, &mem, 0x10_0000, 0..8);
+    let qos = sluice_qos::Qos::new(sluice_qos::DeviceConfig::default());
+    // 2 frames at once, then one a second; at most 4 held by the server.
+    let guest = limited_guest(&qos, 1, 2, 4);
+    let backend = Arc::new(FakeBackend::default());
+    let mut tx = TxHandler::new(backend.clone(), 0, TxOffloads::default())
+        .with_scheduler(qos.port(guest).unwrap(), sluice_qos::Class::Normal);
+
+    let (used_any, metrics) = run(&mut tx, &mut queue, &mem, false);
+
+    let sent = written_markers(&backend);
+    assert!(used_any);
+    assert!(sent.len() >= 2 && sent.len() < 8, "{sent:?}");
+    assert!(
+        tx.in_flight() <= 4,
+        "held {} past the queue bound",
+        tx.in_flight()
+    );
+    assert!(tx.has_in_flight());
+    assert_eq!(metrics.errors.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        vq.used().idx().load() as usize,
+        sent.len(),
+        "only sent frames returned"
+    );
+
+    // The limit lifted: everything left (held and still in the ring) goes, in order.
+    let unlimited = sluice_qos::GuestConfig {
+        iops: None,
+        ..qos.guest_config(guest).unwrap()
+    };
+    assert!(qos.reconfigure(guest, unlimited));
+    run(&mut tx, &mut queue, &mem, true);
+    assert_eq!(written_markers(&backend), (0..8).collect::<Vec<u8>>());
+    assert_eq!(vq.used().idx().load(), 8);
+    assert!(!tx.has_in_flight());
+}
+
+#[test]
+fn scheduled_tx_sends_a_high_priority_pair_before_a_bulk_pair_of_the_same_guest() {
+    let mem = guest_memory();
+    let bulk_vq = MockSplitQueue::new(&mem, 16);
+    let high_vq = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
+    let mut bulk_queue = VirtQueue::from(bulk_vq.create_queue::<Queue>().unwrap());
+    let mut high_queue = VirtQueue::from(high_vq.create_queue::<Queue>().unwrap());
+    queue_frames(&bulk_vq, &mem, 0x10_0000, 0..3);
+    queue_frames(&high_vq, &mem, 0x20_0000, 10..13);
+    let qos = sluice_qos::Qos::new(sluice_qos::DeviceConfig::default());
+    // One frame, then (for the test's duration) nothing.
+    let guest = limited_guest(&qos, 1, 1, 8);
+    let backend = Arc::new(FakeBackend::default());
+    let mut bulk = TxHandler::new(backend.clone(), 0, TxOffloads::default())
+        .with_scheduler(qos.port(guest).unwrap(), sluice_qos::Class::Idle);
+    let mut high = TxHandler::new(backend.clone(), 1, TxOffloads::default())
+        .with_scheduler(qos.port(guest).unwrap(), sluice_qos::Class::High);
+
+    // The bulk pair queues first and spends the bucket; then the high pair queues behind it.
+    run(&mut bulk, &mut bulk_queue, &mem, false);
+    run(&mut high, &mut high_queue, &mem, false);
+    assert_eq!(written_markers(&backend), vec![0]);
+    let unlimited = sluice_qos::GuestConfig {
+        iops: None,
+        ..qos.guest_config(guest).unwrap()
+    };
+    qos.reconfigure(guest, unlimited);
+    run(&mut high, &mut high_queue, &mem, true);
+    run(&mut bulk, &mut bulk_queue, &mem, true);
+
+    // Every high frame went before the bulk frames that were waiting longer.
+    assert_eq!(written_markers(&backend), vec![0, 10, 11, 12, 1, 2]);
+}
