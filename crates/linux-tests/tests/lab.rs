@@ -188,10 +188,15 @@ impl Setup {
         )
     }
 
-    /// Runs `script` in L1 with [`WATCHED`] defined; prints any hang report a stopped sluice
-    /// left (captured output: it shows when the test fails).
+    /// Runs `script` in a plain L1 (see [`Setup::run_on`]).
     fn run(&self, script: &str) -> LabRun {
-        let run = Lab::new()
+        self.run_on(Lab::new(), script)
+    }
+
+    /// Runs `script` in `lab`'s L1 with the share and [`WATCHED`] defined; prints any hang
+    /// report a stopped sluice left (captured output: it shows when the test fails).
+    fn run_on(&self, lab: Lab, script: &str) -> LabRun {
+        let run = lab
             .share(&self.scratch.dir)
             .timeout(LAB_TIMEOUT)
             .run(&format!("{WATCHED}\n{script}"));
@@ -1448,12 +1453,7 @@ fn lab_fio_verify_on_an_nvme_vf_assigned_to_sluice() {
         setup.sluice_line("vfio", "--device vfio=$vf", &cmdline)
     );
 
-    let run = Lab::new()
-        .topology(Topology::Iommu)
-        .vfs(2)
-        .share(&setup.scratch.dir)
-        .timeout(LAB_TIMEOUT)
-        .run(&script);
+    let run = setup.run_on(Lab::new().topology(Topology::Iommu).vfs(2), &script);
 
     run.assert_success();
     let console = setup.read("vfio.console");
@@ -1533,12 +1533,7 @@ fn lab_vtd_viommu_fio_verify_on_an_nvme_vf_mapped_on_demand() {
         )
     );
 
-    let run = Lab::new()
-        .topology(Topology::Iommu)
-        .vfs(2)
-        .share(&setup.scratch.dir)
-        .timeout(LAB_TIMEOUT)
-        .run(&script);
+    let run = setup.run_on(Lab::new().topology(Topology::Iommu).vfs(2), &script);
 
     run.assert_success();
     let console = setup.read("on-demand.console");

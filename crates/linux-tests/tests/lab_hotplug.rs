@@ -43,12 +43,13 @@ const L1_ADDRESS: &str = "10.78.0.1";
 const L2_ADDRESS: &str = "10.78.0.2";
 const MAC: &str = "52:54:00:12:34:77";
 
-/// fio on the hot-plugged disk: every 4 KiB block written once, then read back and verified.
-fn fio_command(extra: &str) -> String {
+/// fio on the hot-plugged disk: every 4 KiB block written once, then read back and verified
+/// (L2's `$FIO`; once in a variable: the whole L2 script must fit the kernel command line).
+fn fio_command() -> String {
     format!(
         "fio --name=hotplug --filename=/dev/vda --direct=1 --ioengine=libaio --rw=randwrite \
          --bs={block} --iodepth=16 --size={size} --verify=crc32c --verify_fatal=1 --eta=never \
-         --group_reporting{extra}",
+         --group_reporting",
         block = fio::BLOCK_SIZE,
         size = HOT_DISK_BYTES,
     )
@@ -61,16 +62,17 @@ fn l2_command() -> String {
         "up() {{ cut -d' ' -f1 /proc/uptime; }}\n\
          until_true() {{ i=0; while ! eval \"$1\"; do i=$((i+1)); [ $i -gt 12000 ] && return 1; \
            sleep 0.02; done; }}\n\
+         FIO='{fio}'\n\
          echo HP-READY $(up)\n\
          until_true '[ -b /dev/vda ]' || {{ echo HP-FAIL no vda; exit 1; }}\n\
          echo HP-DISK-SEEN $(up)\n\
-         {write}; echo HP-FIO-WRITE-STATUS=$?\n\
+         $FIO; echo HP-FIO-WRITE-STATUS=$?\n\
          echo HP-DISK-WRITTEN $(up)\n\
          until_true '[ ! -e /dev/vda ]' || {{ echo HP-FAIL vda stays; exit 1; }}\n\
          echo HP-DISK-GONE $(up)\n\
          until_true '[ -b /dev/vda ]' || {{ echo HP-FAIL no second vda; exit 1; }}\n\
          echo HP-DISK2-SEEN $(up)\n\
-         {verify}; echo HP-FIO-VERIFY-STATUS=$?\n\
+         $FIO --verify_only; echo HP-FIO-VERIFY-STATUS=$?\n\
          echo HP-DISK2-VERIFIED $(up)\n\
          until_true '[ ! -e /dev/vda ]' || {{ echo HP-FAIL second vda stays; exit 1; }}\n\
          echo HP-DISK2-GONE $(up)\n\
@@ -82,12 +84,8 @@ fn l2_command() -> String {
          until_true '[ ! -e /sys/class/net/eth0 ]' || {{ echo HP-FAIL eth0 stays; exit 1; }}\n\
          echo HP-NET-GONE $(up)\n\
          dmesg | grep -E '0000:00:01.0: \\[1af4|\\[vda\\]|acpiphp: Slot \\[1\\]|Hot Plug PCI' | sed 's/^/HP-DMESG /'\n\
-         echo HP-DONE $(up)\n\
-         sleep {L2_RUN_TIMEOUT_S}\n\
-         exit 1",
-        write = fio_command(""),
-        verify = fio_command(" --verify_only"),
-        L2_RUN_TIMEOUT_S = L2_RUN_TIMEOUT.as_secs(),
+         echo HP-DONE; sleep 999; exit 1",
+        fio = fio_command(),
     )
 }
 
@@ -179,6 +177,12 @@ fn lab_pci_hotplug_of_virtio_blk_and_net_into_linux_on_sluice() {
         kernel = image.kernel.display(),
         initrd = image.initramfs.display(),
         cmdline = kernel_cmdline_diskless(&l2_command()),
+    );
+    let cmdline = kernel_cmdline_diskless(&l2_command());
+    assert!(
+        cmdline.len() < 2048,
+        "L2's command line is {} bytes: the kernel takes 2047",
+        cmdline.len()
     );
     let started = Instant::now();
 
