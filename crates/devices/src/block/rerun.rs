@@ -108,17 +108,40 @@ pub enum RerunError {
     Setup(String),
 }
 
+/// The request log at `log`, buffered (shared with the NVMe re-run).
+pub(crate) fn open_log(log: &Path) -> Result<std::io::BufReader<std::fs::File>, RerunError> {
+    std::fs::File::open(log)
+        .map(std::io::BufReader::new)
+        .map_err(|source| RerunError::Open {
+            path: log.display().to_string(),
+            source,
+        })
+}
+
+/// A zeroed image of `bytes` for a re-run without `--image`, removed when dropped.
+pub(crate) fn scratch_image(bytes: u64) -> Result<TempFile, RerunError> {
+    let setup = |e: &dyn std::fmt::Display| RerunError::Setup(format!("a scratch image: {e}"));
+    let scratch = TempFile::new_with_prefix(std::env::temp_dir().join("sluice-rerun-"))
+        .map_err(|e| setup(&e))?;
+    scratch.as_file().set_len(bytes).map_err(|e| setup(&e))?;
+    Ok(scratch)
+}
+
+/// The `--corpus` directory, created if asked for.
+pub(crate) fn create_corpus_dir(options: &RerunOptions) -> Result<(), RerunError> {
+    let Some(dir) = &options.corpus else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir).map_err(|source| RerunError::Open {
+        path: dir.display().to_string(),
+        source,
+    })
+}
+
 /// Re-runs the request log at `log` (see the module documentation).
 pub fn rerun(log: &Path, options: &RerunOptions) -> Result<RerunReport, RerunError> {
     let started = Instant::now();
-    let open = || {
-        std::fs::File::open(log)
-            .map(std::io::BufReader::new)
-            .map_err(|source| RerunError::Open {
-                path: log.display().to_string(),
-                source,
-            })
-    };
+    let open = || open_log(log);
     // The whole log is read once first: a corrupt record is refused before anything runs,
     // not met half-way.
     let mut check = TraceReader::new(open()?)?;
@@ -132,12 +155,7 @@ pub fn rerun(log: &Path, options: &RerunOptions) -> Result<RerunReport, RerunErr
                 RerunError::Setup(format!("capacity of {} sectors", header.capacity_sectors))
             })?;
             // Removed when dropped, at the end of the re-run.
-            let scratch = TempFile::new_with_prefix(std::env::temp_dir().join("sluice-rerun-"))
-                .map_err(|e| RerunError::Setup(format!("a scratch image: {e}")))?;
-            scratch
-                .as_file()
-                .set_len(bytes)
-                .map_err(|e| RerunError::Setup(format!("a scratch image: {e}")))?;
+            let scratch = scratch_image(bytes)?;
             (scratch.as_path().to_path_buf(), Some(scratch))
         }
     };
@@ -156,12 +174,7 @@ pub fn rerun(log: &Path, options: &RerunOptions) -> Result<RerunReport, RerunErr
             header.capacity_sectors
         )));
     }
-    if let Some(dir) = &options.corpus {
-        std::fs::create_dir_all(dir).map_err(|source| RerunError::Open {
-            path: dir.display().to_string(),
-            source,
-        })?;
-    }
+    create_corpus_dir(options)?;
     let mut driver = Driver::new()?;
     let mut handler = block.queue_handler(RING_SIZE);
     let mut report = RerunReport::default();

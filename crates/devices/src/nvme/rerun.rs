@@ -20,13 +20,14 @@ use std::time::{Duration, Instant};
 
 use sluice_storage::{DiskImage, IoCompletion, IoEngine, IoOp, IoQueue};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::tempfile::TempFile;
 
 use super::command::{Command, Status};
 use super::io::{io_error_status, parse_io_command, IoKind, Namespace};
 use super::prp::WalkLimits;
 use super::trace::{NvmeTraceReader, TracedCommand, TracedData, MAX_DATA_BYTES};
-use crate::block::rerun::{Mismatch, RerunError, RerunOptions, RerunReport};
+use crate::block::rerun::{
+    create_corpus_dir, open_log, scratch_image, Mismatch, RerunError, RerunOptions, RerunReport,
+};
 use crate::request_log::fnv1a;
 
 /// Where the re-run puts a command's data in its private memory.
@@ -43,14 +44,7 @@ const SEED_DATA: u64 = 0x1000;
 /// Re-runs the NVMe request log at `log` (see the module documentation).
 pub fn rerun(log: &Path, options: &RerunOptions) -> Result<RerunReport, RerunError> {
     let started = Instant::now();
-    let open = || {
-        std::fs::File::open(log)
-            .map(std::io::BufReader::new)
-            .map_err(|source| RerunError::Open {
-                path: log.display().to_string(),
-                source,
-            })
-    };
+    let open = || open_log(log);
     // A corrupt record is refused before anything runs, not met half-way.
     let mut check = NvmeTraceReader::new(open()?)?;
     while check.next_command()?.is_some() {}
@@ -63,12 +57,7 @@ pub fn rerun(log: &Path, options: &RerunOptions) -> Result<RerunReport, RerunErr
         Some(path) => path.clone(),
         None => {
             // Removed when dropped, at the end of the re-run.
-            scratch = TempFile::new_with_prefix(std::env::temp_dir().join("sluice-rerun-"))
-                .map_err(|e| setup(format!("a scratch image: {e}")))?;
-            scratch
-                .as_file()
-                .set_len(bytes)
-                .map_err(|e| setup(format!("a scratch image: {e}")))?;
+            scratch = scratch_image(bytes)?;
             scratch.as_path().to_path_buf()
         }
     };
@@ -81,12 +70,7 @@ pub fn rerun(log: &Path, options: &RerunOptions) -> Result<RerunReport, RerunErr
             image.size()
         )));
     }
-    if let Some(dir) = &options.corpus {
-        std::fs::create_dir_all(dir).map_err(|source| RerunError::Open {
-            path: dir.display().to_string(),
-            source,
-        })?;
-    }
+    create_corpus_dir(options)?;
     let mut executor = Executor::new(Arc::new(image), ns)?;
     let mut report = RerunReport::default();
     let mut position = 0u64;

@@ -152,7 +152,7 @@ impl<R: Read> NvmeTraceReader<R> {
         request_log::check_preamble(&raw, MAGIC)?;
         let blocks = u64::from_le_bytes(raw[12..20].try_into().unwrap_or_default());
         let block_shift = u32::from_le_bytes(raw[20..24].try_into().unwrap_or_default());
-        if !(9..=16).contains(&block_shift) || blocks.checked_shl(block_shift).is_none() {
+        if !(9..=16).contains(&block_shift) || blocks.checked_mul(1 << block_shift).is_none() {
             return Err(TraceError::Record {
                 offset: 12,
                 what: format!("a namespace of {blocks} blocks of 2^{block_shift} bytes"),

@@ -1,5 +1,6 @@
 use super::*;
 use crate::nvme::trace::{encode_header, encode_record};
+use vmm_sys_util::tempfile::TempFile;
 
 const NS: Namespace = Namespace {
     blocks: 64,
