@@ -73,6 +73,21 @@ pub fn frame(payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A fuzz input as a log whose checksums are right: its first `header_len` bytes as they
+/// are, then `[length u16][payload]...`, each payload framed as a record (so mutations reach
+/// the record decoders past the checksums).
+pub fn frame_fuzz_input(input: &[u8], header_len: usize) -> Vec<u8> {
+    let (header, mut body) = input.split_at(input.len().min(header_len));
+    let mut out = header.to_vec();
+    while let [lo, hi, tail @ ..] = body {
+        let len = usize::from(u16::from_le_bytes([*lo, *hi])).min(tail.len());
+        let (payload, next) = tail.split_at(len);
+        out.extend_from_slice(&frame(payload));
+        body = next;
+    }
+    out
+}
+
 /// Reads the record at `*offset` (advanced past it): its checked payload, or `None` at a clean
 /// end of file. A payload is then decoded by `decode`, whose error is reported at the record.
 pub fn read_record<T>(

@@ -102,7 +102,7 @@ pub fn blk_trace(data: &[u8]) {
     let framed;
     let data = match data.split_first() {
         Some((0xff, rest)) => {
-            framed = frame_trace(rest);
+            framed = crate::request_log::frame_fuzz_input(rest, super::trace::HEADER_BYTES);
             &framed[..]
         }
         _ => data,
@@ -129,21 +129,4 @@ pub fn blk_trace(data: &[u8]) {
             blk_request(&seed);
         }
     }
-}
-
-/// Builds a request log from a framed `blk_trace` input (see [`blk_trace`]).
-fn frame_trace(rest: &[u8]) -> Vec<u8> {
-    const HEADER: usize = 47;
-    let (header, mut body) = rest.split_at(rest.len().min(HEADER));
-    let mut out = header.to_vec();
-    while let [lo, hi, tail @ ..] = body {
-        let len = usize::from(u16::from_le_bytes([*lo, *hi])).min(tail.len());
-        let (payload, next) = tail.split_at(len);
-        out.extend_from_slice(b"RQ");
-        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        out.extend_from_slice(&super::trace::fnv1a(payload).to_le_bytes());
-        out.extend_from_slice(payload);
-        body = next;
-    }
-    out
 }

@@ -49,7 +49,7 @@ pub const MAX_BUFFERS: usize = 64;
 pub const MAX_CHAIN_BYTES: u64 = 4 << 20;
 /// Largest record a reader accepts.
 pub const MAX_RECORD_BYTES: u32 = (MAX_CHAIN_BYTES as u32) + 4096;
-const HEADER_BYTES: usize = 8 + 4 + 8 + 4 + 1 + 20 + 2;
+pub(crate) const HEADER_BYTES: usize = 8 + 4 + 8 + 4 + 1 + 20 + 2;
 
 /// What the device looked like (the first bytes of the log).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -211,7 +211,7 @@ pub fn nvme_trace(data: &[u8]) {
     let framed;
     let data = match data.split_first() {
         Some((0xff, rest)) => {
-            framed = frame_trace(rest);
+            framed = crate::request_log::frame_fuzz_input(rest, super::trace::HEADER_BYTES);
             &framed[..]
         }
         _ => data,
@@ -237,18 +237,4 @@ pub fn nvme_trace(data: &[u8]) {
             nvme_command(&seed);
         }
     }
-}
-
-/// Builds a request log from a framed `nvme_trace` input (see [`nvme_trace`]).
-fn frame_trace(rest: &[u8]) -> Vec<u8> {
-    const HEADER: usize = 24;
-    let (header, mut body) = rest.split_at(rest.len().min(HEADER));
-    let mut out = header.to_vec();
-    while let [lo, hi, tail @ ..] = body {
-        let len = usize::from(u16::from_le_bytes([*lo, *hi])).min(tail.len());
-        let (payload, next) = tail.split_at(len);
-        out.extend_from_slice(&crate::request_log::frame(payload));
-        body = next;
-    }
-    out
 }

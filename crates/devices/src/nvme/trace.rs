@@ -38,7 +38,7 @@ pub const MAGIC: &[u8; 8] = b"SLUICENQ";
 /// leaves room for larger pages).
 pub const MAX_DATA_BYTES: u32 = 4 << 20;
 pub const MAX_RECORD_BYTES: u32 = MAX_DATA_BYTES + 128;
-const HEADER_BYTES: usize = 8 + 4 + 8 + 4;
+pub(crate) const HEADER_BYTES: usize = 8 + 4 + 8 + 4;
 /// Bytes per Dataset Management range.
 const DSM_RANGE_BYTES: usize = 16;
 
