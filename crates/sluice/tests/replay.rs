@@ -442,33 +442,12 @@ fn a_disks_request_log_reruns_on_the_device_model_alone() {
         "{}",
         rerun.transcript()
     );
-    let seeds: Vec<_> = std::fs::read_dir(&corpus)
-        .unwrap()
-        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
-        .collect();
+    let seeds = read_seeds(&corpus);
     assert!(seeds.len() > 256, "{} seeds", seeds.len());
     for seed in &seeds {
         sluice_devices::block::fuzz::blk_request(seed);
     }
-    let mut corrupt = std::fs::read(&requests).unwrap();
-    let middle = corrupt.len() / 2;
-    corrupt[middle] ^= 0x01;
-    let corrupt_path = scratch.path("corrupt.requests");
-    std::fs::write(&corrupt_path, &corrupt).unwrap();
-    let refused = run_sluice(
-        &[
-            "replay".into(),
-            "--device".into(),
-            corrupt_path.display().to_string(),
-        ],
-        TIMEOUT,
-    );
-    assert_eq!(refused.status, Some(125), "{}", refused.transcript());
-    assert!(
-        refused.stderr.contains("checksum mismatch"),
-        "{}",
-        refused.transcript()
-    );
+    assert_a_flipped_byte_is_refused(&requests, &scratch.path("corrupt.requests"));
     assert_eq!(
         other_image.status,
         Some(124),
@@ -550,33 +529,12 @@ fn an_nvme_request_log_reruns_on_the_command_path_alone() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{}", rerun.transcript()));
     assert!((528..=530).contains(&matched), "{}", rerun.transcript());
-    let seeds: Vec<_> = std::fs::read_dir(&corpus)
-        .unwrap()
-        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
-        .collect();
+    let seeds = read_seeds(&corpus);
     assert!(seeds.len() > 256, "{} seeds", seeds.len());
     for seed in &seeds {
         sluice_devices::nvme::fuzz::nvme_command(seed);
     }
-    let mut corrupt = std::fs::read(&requests).unwrap();
-    let middle = corrupt.len() / 2;
-    corrupt[middle] ^= 0x01;
-    let corrupt_path = scratch.path("corrupt.requests");
-    std::fs::write(&corrupt_path, &corrupt).unwrap();
-    let refused = run_sluice(
-        &[
-            "replay".into(),
-            "--device".into(),
-            corrupt_path.display().to_string(),
-        ],
-        TIMEOUT,
-    );
-    assert_eq!(refused.status, Some(125), "{}", refused.transcript());
-    assert!(
-        refused.stderr.contains("checksum mismatch"),
-        "{}",
-        refused.transcript()
-    );
+    assert_a_flipped_byte_is_refused(&requests, &scratch.path("corrupt.requests"));
     assert_eq!(
         other_image.status,
         Some(124),
@@ -696,4 +654,35 @@ fn an_nvme_request_log_behind_a_viommu_is_refused() {
         run.transcript()
     );
     assert!(!requests.exists(), "a refused run left a request log");
+}
+
+/// Every seed `sluice replay --device --corpus` wrote.
+fn read_seeds(corpus: &Path) -> Vec<Vec<u8>> {
+    std::fs::read_dir(corpus)
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect()
+}
+
+/// A copy of the request log at `requests` with one byte flipped, written to `corrupt`, is
+/// refused (125, bad checksum) before anything runs.
+fn assert_a_flipped_byte_is_refused(requests: &Path, corrupt: &Path) {
+    let mut bytes = std::fs::read(requests).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(corrupt, &bytes).unwrap();
+    let refused = run_sluice(
+        &[
+            "replay".into(),
+            "--device".into(),
+            corrupt.display().to_string(),
+        ],
+        TIMEOUT,
+    );
+    assert_eq!(refused.status, Some(125), "{}", refused.transcript());
+    assert!(
+        refused.stderr.contains("checksum mismatch"),
+        "{}",
+        refused.transcript()
+    );
 }
