@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{
@@ -149,21 +149,7 @@ fn a_pcr_extended_before_a_snapshot_reads_back_equal_after_restore_on_a_fresh_sw
         dir.join("snap"),
     );
     let (state_a, state_b) = (dir.join("tpm-a"), dir.join("tpm-b"));
-    let mut vm = Command::new(SLUICE)
-        .arg("run")
-        .arg(format!("--tpm=state={}", state_a.display()))
-        .arg("--api-socket")
-        .arg(&socket)
-        .arg(format!("--serial=file={}", first.display()))
-        .args(["--cmdline", "w=tpm:hold=8000"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start sluice");
-    wait_for("the kit to extend PCR 16", Duration::from_secs(60), || {
-        std::fs::read_to_string(&first).is_ok_and(|c| c.contains("tpm: holding"))
-    });
+    let mut vm = start_holding_pcr_16(&state_a, &socket, &first);
 
     let paused = ctl(&socket, &["pause"]);
     let taken = ctl(&socket, &["snapshot", &snapshot.display().to_string()]);
@@ -248,21 +234,7 @@ fn a_pcr_extended_before_a_live_migration_reads_back_equal_at_the_destination() 
     wait_for("the destination to listen", Duration::from_secs(10), || {
         stream.exists()
     });
-    let mut source = Command::new(SLUICE)
-        .arg("run")
-        .arg(format!("--tpm=state={}", dir.join("tpm-a").display()))
-        .arg("--api-socket")
-        .arg(&socket)
-        .arg(format!("--serial=file={}", first.display()))
-        .args(["--cmdline", "w=tpm:hold=8000"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the source");
-    wait_for("the kit to extend PCR 16", Duration::from_secs(60), || {
-        std::fs::read_to_string(&first).is_ok_and(|c| c.contains("tpm: holding"))
-    });
+    let mut source = start_holding_pcr_16(&dir.join("tpm-a"), &socket, &first);
 
     let (status, answer) = ctl(&socket, &["migrate", &url]);
     let source_status = wait_or_kill(&mut source, Duration::from_secs(20));
@@ -291,4 +263,25 @@ fn a_pcr_extended_before_a_live_migration_reads_back_equal_at_the_destination() 
         result["pcr_held"], report["total_ms"], report["downtime_ms"]
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A VM on `--tpm=state=STATE` whose kit extends PCR 16 and holds (`w=tpm:hold=8000`),
+/// returned once its console (`serial`) says so.
+fn start_holding_pcr_16(state: &Path, socket: &Path, serial: &Path) -> Child {
+    let vm = Command::new(SLUICE)
+        .arg("run")
+        .arg(format!("--tpm=state={}", state.display()))
+        .arg("--api-socket")
+        .arg(socket)
+        .arg(format!("--serial=file={}", serial.display()))
+        .args(["--cmdline", "w=tpm:hold=8000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start sluice");
+    wait_for("the kit to extend PCR 16", Duration::from_secs(60), || {
+        std::fs::read_to_string(serial).is_ok_and(|c| c.contains("tpm: holding"))
+    });
+    vm
 }
