@@ -652,43 +652,14 @@ fn a_disks_iops_limit_changed_live_through_the_api_is_what_the_guest_gets() {
     let (lowered_status, lowered) = ctl(&socket, "qos disk0 iops=10,iops_burst=1");
     let held = served_within_bucket(&socket, 10, 1, Duration::from_secs(3));
 
-    let unknown_disk = curl(
-        &socket,
-        "PUT",
-        "vm.qos",
-        Some(r#"{"id": "disk9", "iops": 5}"#),
-    );
-    let unknown_key = curl(
-        &socket,
-        "PUT",
-        "vm.qos",
-        Some(r#"{"id": "disk0", "speed": 5}"#),
-    );
-    let bad_value = curl(
-        &socket,
-        "PUT",
-        "vm.qos",
-        Some(r#"{"id": "disk0", "weight": 0}"#),
-    );
-    let burst_alone = curl(
-        &socket,
-        "PUT",
-        "vm.qos",
-        Some(r#"{"id": "disk0", "iops": 0, "iops_burst": 3}"#),
-    );
-    let no_id = curl(&socket, "PUT", "vm.qos", Some(r#"{"iops": 5}"#));
-    let malformed = curl(
-        &socket,
-        "PUT",
-        "vm.qos",
-        Some(r#"{"id": "disk0", "iops": "#),
-    );
-    let nested = curl(
-        &socket,
-        "PUT",
-        "vm.qos",
-        Some(r#"{"id": "disk0", "iops": [1]}"#),
-    );
+    let put_qos = |body: &str| curl(&socket, "PUT", "vm.qos", Some(body));
+    let unknown_disk = put_qos(r#"{"id": "disk9", "iops": 5}"#);
+    let unknown_key = put_qos(r#"{"id": "disk0", "speed": 5}"#);
+    let bad_value = put_qos(r#"{"id": "disk0", "weight": 0}"#);
+    let burst_alone = put_qos(r#"{"id": "disk0", "iops": 0, "iops_burst": 3}"#);
+    let no_id = put_qos(r#"{"iops": 5}"#);
+    let malformed = put_qos(r#"{"id": "disk0", "iops": "#);
+    let nested = put_qos(r#"{"id": "disk0", "iops": [1]}"#);
     let after_refusals = disk0_qos(&socket);
     // A hot-plugged disk with limits joins the scheduler under its id.
     let plug_body = format!(
