@@ -5,6 +5,14 @@ cd "$(dirname "$0")/.."
 
 ./scripts/install-deps.sh
 
+# A full run builds ~1.5 GB under target/ and ~0.5 GB of lab images and downloads: say so
+# up front rather than failing in the middle with ENOSPC.
+free_kib=$(df -Pk . | awk 'NR == 2 { print $4 }')
+echo "== disk: $((free_kib / 1024)) MiB free here"
+if [ "$free_kib" -lt $((3 * 1024 * 1024)) ]; then
+    echo "warning: less than 3 GiB free; the build and the lab images may not fit" >&2
+fi
+
 # guest/ (no_std, its own target and flags in guest/.cargo/config.toml) and fuzz/ (libFuzzer)
 # are workspaces of their own, so each is formatted and linted from its own directory.
 echo "== cargo fmt --check"

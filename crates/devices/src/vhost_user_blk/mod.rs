@@ -54,7 +54,9 @@
 //! replays the whole setup above, with SET_INFLIGHT_FD carrying the area obtained at first start
 //! (so a backend offering INFLIGHT_SHMFD resubmits the requests it had in flight) and
 //! SET_VRING_BASE set to the used index read from the guest's used ring (what was completed), then
-//! nudges every kick fd so requests queued meanwhile are seen. A backend that comes back without a
+//! nudges every kick fd so requests queued meanwhile are seen. Without INFLIGHT_SHMFD that is
+//! exact only if the backend completed in order: a request left in flight below a later one's
+//! completion is not resubmitted (the frontend cannot see which; QEMU restarts the same way). A backend that comes back without a
 //! feature the driver negotiated makes the device DEVICE_NEEDS_RESET. While the device is not
 //! active, a lost connection is noticed at the next activation, which reconnects once.
 //! Behind sluice's VT-d ([`VhostUserBlkConfig::iommu`]) the backend runs the rings on IOVAs:
