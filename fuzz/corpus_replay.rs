@@ -25,6 +25,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("nvme_trace", "sluice-devices"),
     ("net_header", "sluice-devices"),
     ("net_state", "sluice-devices"),
+    ("e1000_state", "sluice-devices"),
     ("virtio_pci_registers", "sluice-virtio"),
     ("packed_ring", "sluice-virtio"),
     ("vhost_user_messages", "sluice-vhost"),

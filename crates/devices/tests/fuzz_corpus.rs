@@ -20,6 +20,7 @@ fn fuzz_corpora_replay_without_panics() {
             ("net_header", &sluice_devices::net::fuzz::net_header),
             ("net_state", &sluice_devices::net::fuzz::net_state),
             ("e1000_tx", &sluice_devices::e1000::fuzz::e1000_tx),
+            ("e1000_state", &sluice_devices::e1000::fuzz::e1000_state),
             (
                 "e1000_registers",
                 &sluice_devices::e1000::fuzz::e1000_registers,

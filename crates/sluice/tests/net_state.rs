@@ -3,7 +3,8 @@
 //! mid-run and restored into a new process on another tap, and live-migrated mid-run between
 //! two sluice processes, each end on its own tap with its own peer; the workload finishes with
 //! every frame echoed and checked. Both runs use `--progress json`, whose lines are parsed
-//! and checked (monotonic, a last line at 100 %).
+//! and checked (monotonic, a last line at 100 %). The emulated e1000 goes through the same
+//! snapshot and migration runs with the kit's e1000 driver.
 
 mod common;
 
@@ -20,8 +21,33 @@ use sluice_guest_kit::{report::ExitKind, GuestKitReport};
 const FRAMES: u64 = 2000;
 const MAC: &str = "52:54:00:5e:0a:01";
 
-fn workload() -> String {
-    format!("quiet w=net:dir=echo:size=1000:frames={FRAMES}")
+/// The NIC under test and the kit workload that drives it.
+#[derive(Clone, Copy)]
+enum Nic {
+    VirtioNet,
+    E1000,
+}
+
+impl Nic {
+    fn arg(self, tap: &str) -> String {
+        match self {
+            Nic::VirtioNet => format!("--net=tap={tap},mac={MAC}"),
+            Nic::E1000 => format!("--e1000=tap={tap},mac={MAC}"),
+        }
+    }
+
+    /// The kit's workload name, also its RESULT's name.
+    fn workload_name(self) -> &'static str {
+        match self {
+            Nic::VirtioNet => "net",
+            Nic::E1000 => "e1000",
+        }
+    }
+
+    fn workload(self) -> String {
+        let kit = self.workload_name();
+        format!("quiet w={kit}:dir=echo:size=1000:frames={FRAMES}")
+    }
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -112,13 +138,13 @@ fn ctl(socket: &Path, args: &[&str]) -> (i32, String) {
 
 /// The source VM: the echo workload on `tap`, console to `console`, API on `socket`, stderr
 /// (progress lines) to `stderr`.
-fn start_source(tap: &str, socket: &Path, console: &Path, stderr: &Path) -> Child {
+fn start_source(nic: Nic, tap: &str, socket: &Path, console: &Path, stderr: &Path) -> Child {
     Command::new(SLUICE)
-        .args(["run", &format!("--net=tap={tap},mac={MAC}")])
+        .args(["run", &nic.arg(tap)])
         .arg("--api-socket")
         .arg(socket)
         .arg(format!("--serial=file={}", console.display()))
-        .args(["--cmdline", &workload(), "--progress", "json"])
+        .args(["--cmdline", &nic.workload(), "--progress", "json"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(stderr).unwrap())
@@ -183,25 +209,33 @@ fn assert_phase(stderr: &str, phase: &str) {
 }
 
 /// The guest kit's echo ran to the end: every frame sent, echoed and checked.
-fn assert_all_frames_echoed(console: &str) {
+fn assert_all_frames_echoed(nic: Nic, console: &str) {
     let report = GuestKitReport::parse(console, ExitKind::Pass);
     assert!(report.passed(), "{}", report.describe());
-    let net = report.results_for("net").next().expect("a net RESULT");
+    let net = report
+        .results_for(nic.workload_name())
+        .next()
+        .expect("a net RESULT");
     assert_eq!(net.errors, Some(0), "{}", report.describe());
     assert_eq!(net.raw["frames"], FRAMES, "{}", report.describe());
 }
 
-fn restore(dir: &Path, tap: &str) -> Output {
-    let mut child = Command::new(SLUICE)
+fn restore(nic: Nic, dir: &Path, tap: &str) -> Output {
+    let child = Command::new(SLUICE)
         .args(["run", "--restore"])
         .arg(dir)
-        .arg(format!("--net=tap={tap},mac={MAC}"))
+        .arg(nic.arg(tap))
         .args(["--progress", "json"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("restore");
+    output_within(child, Duration::from_secs(180))
+}
+
+/// The child's exit status and output; killed if it has not exited within `timeout`.
+fn output_within(mut child: Child, timeout: Duration) -> Output {
     let out = child.stdout.take().unwrap();
     let err = child.stderr.take().unwrap();
     let read = |mut pipe: Box<dyn std::io::Read + Send>| {
@@ -212,10 +246,10 @@ fn restore(dir: &Path, tap: &str) -> Output {
         })
     };
     let (out, err) = (read(Box::new(out)), read(Box::new(err)));
-    let status = wait_or_kill(&mut child, Duration::from_secs(180));
+    let status = wait_or_kill(&mut child, timeout);
     let status = child
         .wait()
-        .unwrap_or_else(|_| panic!("restore: {status:?}"));
+        .unwrap_or_else(|_| panic!("sluice: {status:?}"));
     Output {
         status,
         stdout: out.join().unwrap(),
@@ -226,19 +260,31 @@ fn restore(dir: &Path, tap: &str) -> Output {
 #[test]
 fn a_net_echo_snapshotted_mid_run_finishes_after_restore_on_another_tap() {
     let name = "a_net_echo_snapshotted_mid_run_finishes_after_restore_on_another_tap";
+    snapshot_mid_run_then_restore(name, Nic::VirtioNet, ("sna", "snb"));
+}
+
+#[test]
+fn an_e1000_echo_snapshotted_mid_run_finishes_after_restore_on_another_tap() {
+    let name = "an_e1000_echo_snapshotted_mid_run_finishes_after_restore_on_another_tap";
+    snapshot_mid_run_then_restore(name, Nic::E1000, ("sea", "seb"));
+}
+
+/// Snapshot of the echo mid-run, the first VM shut down, the snapshot restored on another
+/// tap with its own peer: the echo finishes there.
+fn snapshot_mid_run_then_restore(name: &str, nic: Nic, taps: (&str, &str)) {
     if skip_without_taps(name) {
         return;
     }
-    let dir = scratch("snapshot");
+    let dir = scratch(taps.0);
     let (socket, console, stderr, snapshot) = (
         dir.join("api.sock"),
         dir.join("first.txt"),
         dir.join("first.err"),
         dir.join("snap"),
     );
-    let (tap_a, tap_b) = (tap_name("sna"), tap_name("snb"));
+    let (tap_a, tap_b) = (tap_name(taps.0), tap_name(taps.1));
     let peer_a = spawn_counting_echo_peer(tap_a.clone());
-    let mut vm = start_source(&tap_a, &socket, &console, &stderr);
+    let mut vm = start_source(nic, &tap_a, &socket, &console, &stderr);
     wait_for("the echo to run", Duration::from_secs(60), || {
         peer_a.echoed.load(Ordering::Relaxed) >= FRAMES / 10
     });
@@ -255,7 +301,7 @@ fn a_net_echo_snapshotted_mid_run_finishes_after_restore_on_another_tap() {
     wait_for("the peer on the new tap", Duration::from_secs(10), || {
         peer_bound(&tap_b)
     });
-    let restored = restore(&snapshot, &tap_b);
+    let restored = restore(nic, &snapshot, &tap_b);
     peer_b.stop.store(true, Ordering::Relaxed);
     let after_restore = peer_b.handle.join().unwrap();
     drop(persistent_b);
@@ -271,7 +317,7 @@ fn a_net_echo_snapshotted_mid_run_finishes_after_restore_on_another_tap() {
     let log = String::from_utf8_lossy(&restored.stderr);
     println!("{name}: {before_snapshot} frames echoed before the snapshot, {after_restore} after");
     assert_eq!(restored.status.code(), Some(0), "{console}\n{log}");
-    assert_all_frames_echoed(&console);
+    assert_all_frames_echoed(nic, &console);
     assert!(after_restore > 0, "the restored VM used the new tap");
     assert!(before_snapshot + after_restore >= FRAMES);
     assert_phase(&std::fs::read_to_string(&stderr).unwrap(), "snapshot");
@@ -282,10 +328,21 @@ fn a_net_echo_snapshotted_mid_run_finishes_after_restore_on_another_tap() {
 #[test]
 fn a_net_echo_live_migrated_mid_run_finishes_at_the_destination_on_its_own_tap() {
     let name = "a_net_echo_live_migrated_mid_run_finishes_at_the_destination_on_its_own_tap";
+    migrate_mid_run(name, Nic::VirtioNet, ("mga", "mgb"));
+}
+
+#[test]
+fn an_e1000_echo_live_migrated_mid_run_finishes_at_the_destination_on_its_own_tap() {
+    let name = "an_e1000_echo_live_migrated_mid_run_finishes_at_the_destination_on_its_own_tap";
+    migrate_mid_run(name, Nic::E1000, ("mea", "meb"));
+}
+
+/// Live migration of the echo mid-run to a destination on its own tap with its own peer.
+fn migrate_mid_run(name: &str, nic: Nic, taps: (&str, &str)) {
     if skip_without_taps(name) {
         return;
     }
-    let dir = scratch("migrate");
+    let dir = scratch(taps.0);
     let (socket, console, stderr) = (
         dir.join("api.sock"),
         dir.join("source.txt"),
@@ -293,7 +350,7 @@ fn a_net_echo_live_migrated_mid_run_finishes_at_the_destination_on_its_own_tap()
     );
     let stream = dir.join("migrate.sock");
     let url = format!("unix:{}", stream.display());
-    let (tap_a, tap_b) = (tap_name("mga"), tap_name("mgb"));
+    let (tap_a, tap_b) = (tap_name(taps.0), tap_name(taps.1));
     let peer_a = spawn_counting_echo_peer(tap_a.clone());
     let persistent_b = PersistentTap::new(tap_b.clone());
     let peer_b = spawn_counting_echo_peer(tap_b.clone());
@@ -303,7 +360,7 @@ fn a_net_echo_live_migrated_mid_run_finishes_at_the_destination_on_its_own_tap()
         || peer_bound(&tap_b),
     );
     let destination = Command::new(SLUICE)
-        .args(["run", &format!("--net=tap={tap_b},mac={MAC}")])
+        .args(["run", &nic.arg(&tap_b)])
         .args(["--migrate-from", &url, "--progress", "json"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -313,7 +370,7 @@ fn a_net_echo_live_migrated_mid_run_finishes_at_the_destination_on_its_own_tap()
     wait_for("the destination to listen", Duration::from_secs(10), || {
         stream.exists()
     });
-    let mut source = start_source(&tap_a, &socket, &console, &stderr);
+    let mut source = start_source(nic, &tap_a, &socket, &console, &stderr);
     wait_for("the echo to run", Duration::from_secs(60), || {
         peer_a.echoed.load(Ordering::Relaxed) >= FRAMES / 10
     });
@@ -326,7 +383,7 @@ fn a_net_echo_live_migrated_mid_run_finishes_at_the_destination_on_its_own_tap()
     let resent = send_frame(&tap_b, &last_reply);
     let source_status = wait_or_kill(&mut source, Duration::from_secs(30));
     let before = std::fs::read_to_string(&console).unwrap();
-    let finished = destination.wait_with_output().unwrap();
+    let finished = output_within(destination, Duration::from_secs(180));
     peer_a.stop.store(true, Ordering::Relaxed);
     peer_b.stop.store(true, Ordering::Relaxed);
     let (at_source, at_destination) =
@@ -349,7 +406,7 @@ fn a_net_echo_live_migrated_mid_run_finishes_at_the_destination_on_its_own_tap()
     let console = String::from_utf8_lossy(&finished.stdout);
     let log = String::from_utf8_lossy(&finished.stderr);
     assert_eq!(finished.status.code(), Some(0), "{console}\n{log}");
-    assert_all_frames_echoed(&console);
+    assert_all_frames_echoed(nic, &console);
     assert!(at_destination > 0, "the destination used its own tap");
     assert!(at_source + at_destination >= FRAMES);
     assert_phase(&std::fs::read_to_string(&stderr).unwrap(), "migrate");
@@ -374,7 +431,7 @@ fn a_net_echo_snapshotted_mid_run_and_resumed_in_place_finishes() {
     );
     let tap = tap_name("snr");
     let peer = spawn_counting_echo_peer(tap.clone());
-    let mut vm = start_source(&tap, &socket, &console, &stderr);
+    let mut vm = start_source(Nic::VirtioNet, &tap, &socket, &console, &stderr);
     wait_for("the echo to run", Duration::from_secs(60), || {
         peer.echoed.load(Ordering::Relaxed) >= FRAMES / 10
     });
@@ -391,7 +448,7 @@ fn a_net_echo_snapshotted_mid_run_and_resumed_in_place_finishes() {
     assert_eq!(resumed.0, 0, "{resumed:?}");
     let console = std::fs::read_to_string(&console).unwrap();
     assert_eq!(status, Some(0), "{console}");
-    assert_all_frames_echoed(&console);
+    assert_all_frames_echoed(Nic::VirtioNet, &console);
     assert!(total >= FRAMES, "{total} frames echoed");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -189,7 +189,7 @@ impl VmHandle {
         if let Some(device) = self.device_without_snapshot() {
             return Err(HandleError::Snapshot(format!(
                 "{device} cannot be saved in a snapshot yet (virtio-blk on an image or a \
-                 vhost-user backend, NVMe, virtio-net, virtio-rng and the TPM can)"
+                 vhost-user backend, NVMe, virtio-net, the e1000, virtio-rng and the TPM can)"
             )));
         }
         let Some(parts) = self.machine_parts() else {
@@ -210,7 +210,6 @@ impl VmHandle {
                 "a device hot-plugged or removed since boot (the VM no longer has its boot \
                  configuration)",
             ),
-            (!c.e1000s.is_empty(), "an e1000"),
             (!c.vfio.is_empty(), "an assigned device"),
             (c.iommu.is_some(), "the virtual IOMMU"),
             (c.test_device, "the PCI test device"),

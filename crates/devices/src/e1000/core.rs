@@ -12,16 +12,17 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use sluice_dma::DmaSpace;
 use sluice_pci::PciIntx;
 use sluice_virtio::{DeviceMetrics, QueueMetrics};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::eeprom::Eeprom;
+use super::eeprom::{Eeprom, WireState};
 use super::phy::{Phy, PHY_ADDRESS};
 use super::regs::*;
-use super::tx::{Descriptor, Step, TxAssembler, STATUS_OFFSET, STA_DD};
+use super::tx::{Descriptor, SavedTx, Step, TxAssembler, STATUS_OFFSET, STA_DD};
 use crate::net::NetBackend;
 
 /// Receive descriptor status / error bits.
@@ -84,6 +85,23 @@ pub struct E1000Core {
     metrics: Arc<DeviceMetrics>,
     rx_wake: Option<Arc<EventFd>>,
     line_high: bool,
+    /// Set while the VM is being saved or restored: received frames wait in the tap, so
+    /// guest memory does not change under a snapshot.
+    receive_held: bool,
+}
+
+/// What a snapshot keeps of the core: everything the guest programmed. The statistics
+/// registers are in `regs` and carry on counting; the MAC goes with the NIC (a restoring
+/// device takes the saved one, its EEPROM included).
+#[derive(Serialize, Deserialize)]
+pub struct SavedCore {
+    regs: Vec<u32>,
+    mac: [u8; 6],
+    eecd: u32,
+    eeprom: WireState,
+    phy: Vec<u16>,
+    io_addr: u32,
+    tx: SavedTx,
 }
 
 impl std::fmt::Debug for E1000Core {
@@ -124,6 +142,7 @@ impl E1000Core {
             metrics,
             rx_wake: None,
             line_high: false,
+            receive_held: false,
         };
         core.reset();
         core
@@ -144,6 +163,71 @@ impl E1000Core {
 
     pub fn mac(&self) -> [u8; 6] {
         self.mac
+    }
+
+    /// Holds received frames in the tap (`true`) or lets them in again.
+    pub fn hold_receive(&mut self, held: bool) {
+        self.receive_held = held;
+        if !held {
+            self.wake_rx();
+        }
+    }
+
+    pub fn save(&self) -> SavedCore {
+        SavedCore {
+            regs: self.regs.clone(),
+            mac: self.mac,
+            eecd: self.eecd,
+            eeprom: self.eeprom.wire_state(),
+            phy: self.phy.registers(),
+            io_addr: self.io_addr,
+            tx: self.tx.save(),
+        }
+    }
+
+    /// Puts back a [`SavedCore`]; `eeprom_for` builds the EEPROM image of the saved MAC.
+    /// Registers keep the masks their writes apply, so a saved state holds nothing a driver
+    /// could not have written.
+    pub fn restore(
+        &mut self,
+        saved: &SavedCore,
+        eeprom_for: impl FnOnce([u8; 6]) -> Eeprom,
+        bus_master: bool,
+    ) -> Result<(), String> {
+        if saved.regs.len() != self.regs.len() {
+            return Err(format!(
+                "{} registers saved, not {}",
+                saved.regs.len(),
+                self.regs.len()
+            ));
+        }
+        let phy = Phy::from_registers(&saved.phy)?;
+        let tx = TxAssembler::restored(&saved.tx)?;
+        let mut eeprom = eeprom_for(saved.mac);
+        eeprom.set_wire_state(saved.eeprom)?;
+        self.regs.copy_from_slice(&saved.regs);
+        for (offset, mask) in [
+            (RDBAL, !0xf),
+            (TDBAL, !0xf),
+            (RDLEN, RING_LEN_MASK),
+            (TDLEN, RING_LEN_MASK),
+            (RDH, 0xffff),
+            (RDT, 0xffff),
+            (TDH, 0xffff),
+            (TDT, 0xffff),
+            (ICR, ICR_VALID),
+            (IMS, ICR_VALID),
+        ] {
+            self.set_reg(offset, self.reg(offset) & mask);
+        }
+        (self.mac, self.eeprom, self.phy, self.tx) = (saved.mac, eeprom, phy, tx);
+        self.eecd = saved.eecd & (EECD_REQ | 0x30);
+        self.io_addr = saved.io_addr & (MMIO_SIZE as u32 - 4);
+        self.bus_master = bus_master;
+        self.line_high = false;
+        self.intx.take();
+        self.update_interrupt();
+        Ok(())
     }
 
     fn reg(&self, offset: u32) -> u32 {
@@ -420,6 +504,7 @@ impl E1000Core {
             if descriptor.report_status() {
                 let status_addr = GuestAddress(addr.0 + STATUS_OFFSET);
                 let status = self.dma.read_obj::<u8>(status_addr).unwrap_or(0);
+                sluice_dma::dirty::mark_on(&self.dma, status_addr.0, 1);
                 let _ = self.dma.write_obj(status | STA_DD, status_addr);
             }
             head = (head + 1) % ring.count;
@@ -547,6 +632,9 @@ impl E1000Core {
     /// Whether a frame offered now could be placed (the worker uses it to decide whether to
     /// read the tap at all).
     pub fn can_receive(&self) -> bool {
+        if self.receive_held {
+            return false;
+        }
         if !self.receive_enabled() {
             return true; // frames are read and dropped, as the wire would
         }
@@ -557,6 +645,9 @@ impl E1000Core {
 
     /// Offers one received frame (without FCS) to the guest.
     pub fn receive(&mut self, frame: &[u8]) -> Rx {
+        if self.receive_held {
+            return Rx::NoBuffers;
+        }
         if !self.receive_enabled() || frame.len() < crate::net::header::ETH_HLEN {
             return Rx::Dropped;
         }
@@ -626,8 +717,10 @@ impl E1000Core {
             };
             let eop = i + 1 == chunks.len();
             let address = self.dma.read_obj::<u64>(descriptor).ok();
-            let written =
-                address.is_some_and(|a| self.dma.write_slice(chunk, GuestAddress(a)).is_ok());
+            let written = address.is_some_and(|a| {
+                sluice_dma::dirty::mark_on(&self.dma, a, chunk.len() as u64);
+                self.dma.write_slice(chunk, GuestAddress(a)).is_ok()
+            });
             let mut status = RXD_STA_DD | RXD_STA_IXSM;
             if eop || !written {
                 status |= RXD_STA_EOP;
@@ -637,6 +730,7 @@ impl E1000Core {
             upper[..2].copy_from_slice(&(chunk.len() as u16).to_le_bytes());
             upper[4] = status;
             upper[5] = errors;
+            sluice_dma::dirty::mark_on(&self.dma, descriptor.0 + 8, upper.len() as u64);
             let _ = self.dma.write_slice(&upper, GuestAddress(descriptor.0 + 8));
             head = (head + 1) % ring.count;
             if !written {

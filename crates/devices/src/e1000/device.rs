@@ -24,7 +24,9 @@ use sluice_virtio::DeviceMetrics;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::core::{E1000Core, Rx};
+use serde::{Deserialize, Serialize};
+
+use super::core::{E1000Core, Rx, SavedCore};
 use super::eeprom::Eeprom;
 use super::regs::{exit_counter, COUNTER_IO, COUNTER_NAMES, IO_SIZE, MMIO_SIZE};
 use crate::net::header::MAX_PACKET_LEN;
@@ -107,6 +109,35 @@ impl E1000 {
 
     pub fn metrics(&self) -> Arc<DeviceMetrics> {
         self.metrics.clone()
+    }
+
+    /// The NIC in a snapshot: its config space and the core ([`SavedCore`]). Frames stay in
+    /// the tap from here until the VM runs on ([`PciDevice::resume_after_save`]).
+    fn save(&mut self) -> Result<serde_json::Value, String> {
+        let mut core = lock(&self.core);
+        core.hold_receive(true);
+        let saved = SavedE1000 {
+            config: self.config.bytes().to_vec(),
+            core: core.save(),
+        };
+        serde_json::to_value(saved).map_err(|e| e.to_string())
+    }
+
+    /// Puts back what [`E1000::save`] returned; receiving waits until the vCPUs run.
+    fn restore(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let saved = SavedE1000::deserialize(state).map_err(|e| e.to_string())?;
+        self.config
+            .restore_bytes(&saved.config)
+            .map_err(|e| e.to_string())?;
+        self.intx.config_written(&self.config);
+        let bus_master = self.config.read_u16(COMMAND) & COMMAND_BUS_MASTER != 0;
+        let mut core = lock(&self.core);
+        core.hold_receive(true);
+        core.restore(
+            &saved.core,
+            |mac| Eeprom::new(mac, VENDOR_ID, DEVICE_ID, SUBSYSTEM_ID),
+            bus_master,
+        )
     }
 
     /// The device state, for tests that drive the registers directly.
@@ -197,6 +228,24 @@ impl PciDevice for E1000 {
     fn intx(&self) -> Option<Arc<PciIntx>> {
         Some(self.intx.clone())
     }
+
+    fn save_state(&mut self) -> Option<Result<serde_json::Value, String>> {
+        Some(self.save())
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        self.restore(state)
+    }
+
+    fn resume_after_save(&mut self) {
+        lock(&self.core).hold_receive(false);
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedE1000 {
+    config: Vec<u8>,
+    core: SavedCore,
 }
 
 /// The receive thread and how to stop it.

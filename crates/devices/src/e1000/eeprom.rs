@@ -7,6 +7,8 @@
 //! the drivers check). Writes (Microwire WRITE/ERASE opcodes) are not supported: the EEPROM is
 //! read-only, so those commands are ignored.
 
+use serde::{Deserialize, Serialize};
+
 use super::regs::{EECD_CS, EECD_DI, EECD_DO, EECD_SK};
 
 pub const WORDS: usize = 64;
@@ -21,7 +23,7 @@ const ADDRESS_BITS: u32 = 6;
 const COMMAND_BITS: u32 = 1 + 2 + ADDRESS_BITS;
 
 /// Where a Microwire transaction is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Wire {
     /// Waiting for the start bit (leading zeros are allowed).
     Idle,
@@ -39,6 +41,15 @@ pub struct Eeprom {
     words: [u16; WORDS],
     wire: Wire,
     /// EECD bits as last written (SK, CS, DI) and the DO the EEPROM drives.
+    last_eecd: u32,
+    data_out: bool,
+}
+
+/// The Microwire transaction in progress, for a snapshot (the words follow from the MAC and
+/// the ids, so they are not saved).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct WireState {
+    wire: Wire,
     last_eecd: u32,
     data_out: bool,
 }
@@ -75,6 +86,32 @@ impl Eeprom {
     /// Word `address`, or `None` past the end.
     pub fn word(&self, address: usize) -> Option<u16> {
         self.words.get(address).copied()
+    }
+
+    pub fn wire_state(&self) -> WireState {
+        WireState {
+            wire: self.wire,
+            last_eecd: self.last_eecd,
+            data_out: self.data_out,
+        }
+    }
+
+    /// Puts back a saved transaction; one no EEPROM could be in is refused.
+    pub fn set_wire_state(&mut self, state: WireState) -> Result<(), String> {
+        let possible = match state.wire {
+            Wire::Idle | Wire::Ignoring => true,
+            Wire::Command { bits, value } => {
+                (1..COMMAND_BITS).contains(&bits) && u64::from(value) < 1u64 << bits
+            }
+            Wire::Reading { address, bit } => address < WORDS && bit < 16,
+        };
+        if !possible {
+            return Err(format!("impossible EEPROM state {:?}", state.wire));
+        }
+        self.wire = state.wire;
+        self.last_eecd = state.last_eecd & (EECD_SK | EECD_CS | EECD_DI);
+        self.data_out = state.data_out;
+        Ok(())
     }
 
     /// The sum the drivers compute over every word.

@@ -13,6 +13,11 @@
 //!   bytes (bit 16 of value: broadcast, else to the device's MAC), 5 bus mastering on/off
 //!   (value bit 0). Must hold: no panic or hang; the interrupt line equals ICR & IMS != 0 after
 //!   every operation (read through the registers at the end).
+//! * `e1000_state`: a JSON object merged over a real NIC's saved state (snapshot file or
+//!   migration peer; keys replace recursively, so an input can be a whole state or one field),
+//!   restored into a fresh NIC over 64 KiB of zeroed memory. Must hold: no panic; an accepted
+//!   state's interrupt line equals ICR & IMS; the NIC then transmits what its ring holds
+//!   (within TDH/TDT, headers valid) and takes a received frame without panicking.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -122,14 +127,68 @@ pub fn run_tx(data: &[u8]) -> Vec<Vec<u8>> {
             "a second kick with the same TDT sent more"
         );
     }
-    for packet in packets.iter() {
+    assert_valid_for_the_tap(&packets);
+    packets.clone()
+}
+
+/// Every packet is an Ethernet frame of at most 64 KiB + headers whose vnet header the
+/// virtio-net parser accepts.
+fn assert_valid_for_the_tap(packets: &[Vec<u8>]) {
+    for packet in packets {
         assert!(packet.len() <= MAX_PACKET_LEN && packet.len() >= NET_HDR_LEN + 14);
         let header = NetHeader::from_bytes(packet).expect("header");
         header
             .validate_tx(packet.len() - NET_HDR_LEN, TxOffloads::ALL)
             .expect("the tap gets only valid headers");
     }
-    packets.clone()
+}
+
+pub fn e1000_state(data: &[u8]) {
+    use sluice_pci::PciDevice;
+    let Ok(patch) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    let nic = |memory: GuestMemoryMmap| {
+        let backend = Arc::new(RecordingBackend::default());
+        let device = super::E1000::new("e1000", MAC, backend.clone(), sluice_dma::identity(memory))
+            .expect("a NIC");
+        (device, backend)
+    };
+    let (mut source, _) = nic(memory_with(&[]));
+    let Some(Ok(mut state)) = source.save_state() else {
+        panic!("an e1000 saves its state");
+    };
+    merge(&mut state, patch);
+    let (mut device, backend) = nic(memory_with(&[]));
+    if device.restore_state(&state).is_err() {
+        return;
+    }
+    device.resume_after_save();
+    let core = device.core();
+    let mut core = core.lock().unwrap_or_else(|e| e.into_inner());
+    let intx = device.intx().expect("INTA");
+    assert_eq!(
+        core.interrupt_pending(),
+        intx.causes() != 0,
+        "the pin follows the state"
+    );
+    let tail = core.read(TDT);
+    core.write(TDT, tail);
+    core.receive(&[0xff; 64]);
+    assert_valid_for_the_tap(&backend.packets.lock().unwrap_or_else(|e| e.into_inner()));
+}
+
+/// Replaces `target`'s keys by `patch`'s, recursing into objects; a non-object patch replaces
+/// the whole value.
+fn merge(target: &mut serde_json::Value, patch: serde_json::Value) {
+    match (target, patch) {
+        (serde_json::Value::Object(target), serde_json::Value::Object(patch)) => {
+            for (key, value) in patch {
+                merge(target.entry(key).or_insert(serde_json::Value::Null), value);
+            }
+        }
+        (target, patch) => *target = patch,
+    }
 }
 
 pub fn e1000_registers(data: &[u8]) {

@@ -80,6 +80,19 @@ impl Default for Phy {
 }
 
 impl Phy {
+    /// Every register, for a snapshot.
+    pub fn registers(&self) -> Vec<u16> {
+        self.registers.to_vec()
+    }
+
+    /// A PHY with the registers a snapshot saved (all [`REGISTERS`] of them).
+    pub fn from_registers(saved: &[u16]) -> Result<Self, String> {
+        let registers = saved
+            .try_into()
+            .map_err(|_| format!("{} PHY registers saved, not {REGISTERS}", saved.len()))?;
+        Ok(Self { registers })
+    }
+
     /// Register `index` (0..32; others read 0).
     pub fn read(&self, index: usize) -> u16 {
         self.registers.get(index).copied().unwrap_or(0)

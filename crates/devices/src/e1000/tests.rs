@@ -638,3 +638,159 @@ fn the_receive_worker_fills_the_ring_and_holds_a_frame_until_rdt_moves() {
     assert!(backend.packets.lock().unwrap().is_empty());
     drop(device); // stops and joins the worker
 }
+
+// ---- snapshot state -------------------------------------------------------------------------
+
+const OTHER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+fn nic(mem: &GuestMemoryMmap, mac: [u8; 6]) -> (super::E1000, Arc<super::fuzz::RecordingBackend>) {
+    use sluice_pci::PciDevice;
+    let backend = Arc::new(super::fuzz::RecordingBackend::default());
+    let mut device = super::E1000::new(
+        "e1000",
+        mac,
+        backend.clone(),
+        sluice_dma::identity(mem.clone()),
+    )
+    .unwrap();
+    device.config_write(
+        sluice_pci::COMMAND,
+        &(sluice_pci::COMMAND_MEMORY_SPACE | sluice_pci::COMMAND_BUS_MASTER).to_le_bytes(),
+    );
+    (device, backend)
+}
+
+fn eerd_mac(core: &mut super::E1000Core) -> Vec<u8> {
+    (0..3u32)
+        .flat_map(|address| {
+            core.write(EERD, (address << 8) | EERD_START);
+            ((core.read(EERD) >> 16) as u16).to_le_bytes()
+        })
+        .collect()
+}
+
+#[test]
+fn a_saved_nic_restores_its_mac_rings_interrupt_and_half_sent_frame() {
+    use sluice_pci::PciDevice;
+    let mem = memory();
+    let (mut saved_nic, _) = nic(&mem, MAC);
+    let whole = frame([0xff; 6], 300);
+    mem.write_slice(&whole, GuestAddress(0x8000)).unwrap();
+    mem.write_slice(&legacy_tx(0x8000, 100, 0), GuestAddress(TX_RING))
+        .unwrap();
+    mem.write_slice(
+        &legacy_tx(0x8000 + 100, 200, EOP),
+        GuestAddress(TX_RING + 16),
+    )
+    .unwrap();
+    {
+        let core = saved_nic.core();
+        let mut core = core.lock().unwrap();
+        setup_tx(&mut core, 8);
+        setup_rx(&mut core, &mem, 8, 0);
+        core.write(IMS, ICR_LSC);
+        core.write(ICS, ICR_LSC);
+        core.write(TDT, 1); // the driver handed over the frame's first descriptor only
+    }
+    let state = saved_nic.save_state().unwrap().unwrap();
+    let (mut restored, backend) = nic(&mem, OTHER_MAC);
+
+    restored.restore_state(&state).unwrap();
+
+    let core = restored.core();
+    let mut core = core.lock().unwrap();
+    assert_eq!(core.mac(), MAC, "the NIC keeps its address");
+    assert_eq!(eerd_mac(&mut core), MAC, "and its EEPROM says so");
+    assert_eq!((core.read(RDLEN), core.read(RDT)), (8 * 16, 7));
+    assert!(core.interrupt_pending(), "ICR & IMS still assert the line");
+    assert_eq!(core.read(TDH), 1);
+    core.write(TDT, 2);
+    let packets = backend.packets.lock().unwrap().clone();
+    assert_eq!(
+        packets.len(),
+        1,
+        "the frame begun before the save is finished after it"
+    );
+    assert_eq!(packets[0][NET_HDR_LEN..], whole[..]);
+}
+
+#[test]
+fn a_saved_nic_holds_received_frames_until_the_vm_runs_on() {
+    use sluice_pci::PciDevice;
+    let mem = memory();
+    let backend = Arc::new(QueuedBackend {
+        packets: Mutex::new(Default::default()),
+        ready: vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap(),
+    });
+    let mut device = super::E1000::new(
+        "e1000",
+        MAC,
+        backend.clone(),
+        sluice_dma::identity(mem.clone()),
+    )
+    .unwrap();
+    device.start_receiving(backend.clone()).unwrap();
+    device.config_write(
+        sluice_pci::COMMAND,
+        &(sluice_pci::COMMAND_MEMORY_SPACE | sluice_pci::COMMAND_BUS_MASTER).to_le_bytes(),
+    );
+    let core = device.core();
+    setup_rx(&mut core.lock().unwrap(), &mem, 8, 0);
+    let rdh = || core.lock().unwrap().read(RDH);
+
+    device.save_state().unwrap().unwrap();
+    backend.push(&frame(MAC, 80));
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let while_saved = rdh();
+    device.resume_after_save();
+    wait_for("the held frame", || rdh() == 1);
+
+    assert_eq!(
+        while_saved, 0,
+        "guest memory does not change under a snapshot"
+    );
+    assert_eq!(rx_descriptor(&mem, 0).0, 80 + 4);
+    drop(device);
+}
+
+#[test]
+fn a_saved_nic_state_that_no_nic_could_be_in_is_refused_and_changes_nothing() {
+    use sluice_pci::PciDevice;
+    let mem = memory();
+    let (mut saved_nic, _) = nic(&mem, MAC);
+    let state = saved_nic.save_state().unwrap().unwrap();
+    let options = serde_json::json!({"extended": false, "tse": false, "ixsm": false,
+        "txsm": false, "legacy_checksum": null, "vlan": null});
+    let long_frame = serde_json::json!({"context": state["core"]["tx"]["context"],
+        "frame": {"options": options, "bytes": vec![0u8; 70_000], "failed": null}});
+    let wire = |wire: serde_json::Value| serde_json::json!({"wire": wire, "last_eecd": 0, "data_out": true});
+    let hostile = [
+        ("regs", serde_json::json!([0, 1, 2]), "3 registers saved"),
+        ("phy", serde_json::json!(vec![0u16; 31]), "31 PHY registers"),
+        ("tx", long_frame, "TX frame of 70000 bytes"),
+        (
+            "eeprom",
+            wire(serde_json::json!({"Reading": {"address": 64, "bit": 0}})),
+            "impossible EEPROM state",
+        ),
+        (
+            "eeprom",
+            wire(serde_json::json!({"Command": {"bits": 2, "value": 9}})),
+            "impossible EEPROM state",
+        ),
+    ];
+
+    for (field, value, why) in hostile {
+        let mut bad = state.clone();
+        bad["core"][field] = value;
+        let (mut target, _) = nic(&mem, OTHER_MAC);
+
+        let refused = target.restore_state(&bad);
+
+        assert!(
+            refused.as_ref().is_err_and(|e| e.contains(why)),
+            "{field}: {refused:?}"
+        );
+        assert_eq!(target.core().lock().unwrap().mac(), OTHER_MAC, "{field}");
+    }
+}

@@ -11,6 +11,8 @@
 //! guest builds this way is checked by the virtio-net parser (`NetHeader::validate_tx`) before
 //! the kernel sees it; a frame that fails any check is dropped, not sent half-right.
 
+use serde::{Deserialize, Serialize};
+
 use crate::net::header::{ETH_HLEN, MAX_FRAME_LEN};
 use crate::net::{NetHeader, TxOffloads, NET_HDR_LEN};
 use virtio_bindings::virtio_net::{
@@ -39,7 +41,7 @@ const DTYP_DATA: u8 = 1;
 const VLAN_TPID: u16 = 0x8100;
 
 /// The offload context set by the last context descriptor.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Context {
     pub ipcss: u8,
     pub ipcso: u8,
@@ -132,7 +134,7 @@ impl Descriptor {
 }
 
 /// How the frame being assembled is to be finished (taken from its first descriptor).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct FrameOptions {
     extended: bool,
     tse: bool,
@@ -143,7 +145,7 @@ struct FrameOptions {
 }
 
 /// Why a frame was not sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum TxDrop {
     #[error("a buffer lies outside guest memory")]
     BadBuffer,
@@ -189,7 +191,53 @@ impl Default for TxAssembler {
     }
 }
 
+/// A frame whose descriptors the driver had not all handed over when the VM was saved.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedFrame {
+    options: FrameOptions,
+    bytes: Vec<u8>,
+    failed: Option<TxDrop>,
+}
+
+/// The assembler in a snapshot: the offload context (it outlives frames) and a frame in
+/// progress, if any.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedTx {
+    context: Context,
+    frame: Option<SavedFrame>,
+}
+
 impl TxAssembler {
+    pub fn save(&self) -> SavedTx {
+        SavedTx {
+            context: self.context,
+            frame: self.in_frame.then(|| SavedFrame {
+                options: self.options,
+                bytes: self.packet[NET_HDR_LEN..].to_vec(),
+                failed: self.failed,
+            }),
+        }
+    }
+
+    /// The assembler [`TxAssembler::save`] described; a frame longer than any the assembler
+    /// builds is refused.
+    pub fn restored(saved: &SavedTx) -> Result<Self, String> {
+        let mut tx = Self {
+            context: saved.context,
+            ..Self::default()
+        };
+        if let Some(frame) = &saved.frame {
+            if frame.bytes.len() > MAX_FRAME_LEN {
+                return Err(format!("a saved TX frame of {} bytes", frame.bytes.len()));
+            }
+            tx.packet.extend_from_slice(&frame.bytes);
+            tx.options = frame.options;
+            tx.failed = frame.failed;
+            tx.in_frame = true;
+        }
+        Ok(tx)
+    }
+
     /// Header + frame of the last completed frame (valid after [`Step::Frame`]).
     pub fn packet(&self) -> &[u8] {
         &self.packet

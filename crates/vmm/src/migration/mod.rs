@@ -22,9 +22,10 @@
 //! Downtime is measured from the source's pause to the destination's resume, both read from
 //! CLOCK_REALTIME on this host (the two processes share the clock).
 //!
-//! What is refused: everything a snapshot refuses (e1000, VFIO, the vIOMMU, the test device, a
-//! VM changed by hot-plug) — the device dirty log covers exactly the devices that remain
-//! (virtio-blk on an image, virtio-net, virtio-rng, NVMe; see sluice_dma::dirty for the write
+//! What is refused: everything a snapshot refuses (VFIO, the vIOMMU, the test device, a VM
+//! changed by hot-plug) — the device dirty log covers exactly the devices that remain
+//! (virtio-blk on an image, virtio-net, virtio-rng, NVMe, the e1000: its receive buffers and
+//! descriptor write-backs; see sluice_dma::dirty for the write
 //! paths: virtio-net writes guest memory only through chains it popped — received frames,
 //! their `num_buffers`, control acks — and the used ring, all marked; the TPM writes no guest
 //! memory: its buffer is in the device, its state travels in the machine state) — and vhost-user disks

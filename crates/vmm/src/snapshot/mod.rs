@@ -11,7 +11,7 @@
 //! refused with a message naming it, rather than restored with a device that forgot what the
 //! guest told it (today virtio-blk — on an image or on a vhost-user backend, whose rings are
 //! quiesced with GET_VRING_BASE —, the emulated NVMe controller, virtio-net on a tap — the
-//! restoring `sluice run` names its own tap — and virtio-rng can). The platform devices carry
+//! restoring `sluice run` names its own tap —, the e1000 likewise, and virtio-rng can). The platform devices carry
 //! what the guest programmed: COM1's registers and unread input, the i8042's controller state,
 //! the RTC's CMOS bytes, control registers and time offset from the host clock (the guest's
 //! clock runs on with the host's), the ACPI PM1 registers (the PM timer restarts, so a guest
