@@ -595,10 +595,8 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn the_receive_worker_fills_the_ring_and_holds_a_frame_until_rdt_moves() {
-    use sluice_pci::PciDevice;
-    let mem = memory();
+/// A NIC with its receive worker on a [`QueuedBackend`], bus mastering on.
+fn receiving_nic(mem: &GuestMemoryMmap) -> (super::E1000, Arc<QueuedBackend>) {
     let backend = Arc::new(QueuedBackend {
         packets: Mutex::new(Default::default()),
         ready: vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap(),
@@ -611,10 +609,23 @@ fn the_receive_worker_fills_the_ring_and_holds_a_frame_until_rdt_moves() {
     )
     .unwrap();
     device.start_receiving(backend.clone()).unwrap();
+    bus_master_on(&mut device);
+    (device, backend)
+}
+
+fn bus_master_on(device: &mut super::E1000) {
+    use sluice_pci::PciDevice;
     device.config_write(
         sluice_pci::COMMAND,
         &(sluice_pci::COMMAND_MEMORY_SPACE | sluice_pci::COMMAND_BUS_MASTER).to_le_bytes(),
     );
+}
+
+#[test]
+fn the_receive_worker_fills_the_ring_and_holds_a_frame_until_rdt_moves() {
+    use sluice_pci::PciDevice;
+    let mem = memory();
+    let (mut device, backend) = receiving_nic(&mem);
     let core = device.core();
     setup_rx(&mut core.lock().unwrap(), &mem, 8, 0);
     core.lock().unwrap().write(RDT, 2); // room for two frames
@@ -644,7 +655,6 @@ fn the_receive_worker_fills_the_ring_and_holds_a_frame_until_rdt_moves() {
 const OTHER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
 fn nic(mem: &GuestMemoryMmap, mac: [u8; 6]) -> (super::E1000, Arc<super::fuzz::RecordingBackend>) {
-    use sluice_pci::PciDevice;
     let backend = Arc::new(super::fuzz::RecordingBackend::default());
     let mut device = super::E1000::new(
         "e1000",
@@ -653,10 +663,7 @@ fn nic(mem: &GuestMemoryMmap, mac: [u8; 6]) -> (super::E1000, Arc<super::fuzz::R
         sluice_dma::identity(mem.clone()),
     )
     .unwrap();
-    device.config_write(
-        sluice_pci::COMMAND,
-        &(sluice_pci::COMMAND_MEMORY_SPACE | sluice_pci::COMMAND_BUS_MASTER).to_le_bytes(),
-    );
+    bus_master_on(&mut device);
     (device, backend)
 }
 
@@ -718,22 +725,7 @@ fn a_saved_nic_restores_its_mac_rings_interrupt_and_half_sent_frame() {
 fn a_saved_nic_holds_received_frames_until_the_vm_runs_on() {
     use sluice_pci::PciDevice;
     let mem = memory();
-    let backend = Arc::new(QueuedBackend {
-        packets: Mutex::new(Default::default()),
-        ready: vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap(),
-    });
-    let mut device = super::E1000::new(
-        "e1000",
-        MAC,
-        backend.clone(),
-        sluice_dma::identity(mem.clone()),
-    )
-    .unwrap();
-    device.start_receiving(backend.clone()).unwrap();
-    device.config_write(
-        sluice_pci::COMMAND,
-        &(sluice_pci::COMMAND_MEMORY_SPACE | sluice_pci::COMMAND_BUS_MASTER).to_le_bytes(),
-    );
+    let (mut device, backend) = receiving_nic(&mem);
     let core = device.core();
     setup_rx(&mut core.lock().unwrap(), &mem, 8, 0);
     let rdh = || core.lock().unwrap().read(RDH);
