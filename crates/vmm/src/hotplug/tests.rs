@@ -48,9 +48,11 @@ fn rig() -> Option<Rig> {
             dma: Arc::new(DmaSpaces::identity(ram.memory.clone())),
             interrupts: VmInterrupts::new(&vm),
             qos: Arc::default(),
+            vfio: None,
         },
         metrics.clone(),
         &[],
+        Vec::new(),
     );
     let port = hotplug.port();
     Some(Rig {
