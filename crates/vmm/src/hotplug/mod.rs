@@ -231,6 +231,33 @@ impl Hotplug {
         self.changed.load(Ordering::Acquire)
     }
 
+    /// Why the VM cannot migrate as its devices are now, if it cannot: an eject the guest has
+    /// not completed (the device would be on both sides of the question), or an assigned
+    /// function still plugged (its state is in the host device; remove it first — the
+    /// failover dance: unplug the VF, migrate, plug one at the destination).
+    pub fn migration_blocker(&self) -> Option<String> {
+        let devices = locked(&self.devices);
+        if let Some(d) = devices
+            .iter()
+            .find(|d| d.info.state == DeviceState::EjectRequested)
+        {
+            return Some(format!(
+                "`{}` at {} has an eject pending (the guest has not run its _EJ0 yet); migrate \
+                 once it is gone",
+                d.info.id, d.info.bdf
+            ));
+        }
+        devices.iter().find(|d| d.vfio.is_some()).map(|d| {
+            format!(
+                "assigned device `{}` ({} at {}) cannot be migrated: remove it first \
+                 (vm.remove-device), then plug one at the destination",
+                d.info.id,
+                d.info.backing.as_deref().unwrap_or("vfio"),
+                d.info.bdf
+            )
+        })
+    }
+
     /// Plugs an in-process virtio-blk disk on `spec`'s image.
     pub fn add_disk(
         &self,
