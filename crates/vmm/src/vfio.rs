@@ -651,6 +651,12 @@ impl VfioPciDevice {
 impl Drop for VfioPciDevice {
     fn drop(&mut self) {
         self.stop();
+        // The BAR mmaps hold the device file: unmapped first, so that dropping the last
+        // reference closes it and its group can leave the container (vfio-ioctls unsets the
+        // container when the device goes; with a mapping left the kernel answers EBUSY and
+        // the group stays bound until sluice exits — which matters once functions are
+        // unplugged from a VM that runs on).
+        self.bars = Default::default();
     }
 }
 
