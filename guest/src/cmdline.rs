@@ -182,6 +182,10 @@ pub enum Workload {
     Jitter {
         ms: u64,
     },
+    /// Waits up to `wait_ms` for the host's hot-plug eject request and acknowledges it.
+    Eject {
+        wait_ms: u64,
+    },
 }
 
 pub struct Config {
@@ -439,6 +443,17 @@ fn parse_jitter(rest: &str) -> Result<Workload, String> {
     Ok(Workload::Jitter { ms })
 }
 
+fn parse_eject(rest: &str) -> Result<Workload, String> {
+    let mut wait_ms = 60_000;
+    for (key, value) in key_values(rest)? {
+        match key {
+            "wait" => wait_ms = bounded(key, value, 1, 600_000)?,
+            _ => return Err(alloc::format!("eject: unknown key {key}")),
+        }
+    }
+    Ok(Workload::Eject { wait_ms })
+}
+
 fn parse_tpm(rest: &str) -> Result<Workload, String> {
     let mut hold_ms = 0;
     for (key, value) in key_values(rest)? {
@@ -464,6 +479,7 @@ fn parse_workload(spec: &str, default_mode: Mode) -> Result<Workload, String> {
         "viommu" => Err(alloc::format!("w=viommu takes no keys, got '{rest}'")),
         "tpm" => parse_tpm(rest),
         "jitter" => parse_jitter(rest),
+        "eject" => parse_eject(rest),
         _ => Err(alloc::format!("unknown workload kind '{kind}'")),
     }
 }

@@ -192,6 +192,12 @@ impl Vtd {
         self.shared.watchers.add(requester, observer);
     }
 
+    /// Stops calling `requester`'s observers (its function left the VM: hot-unplug).
+    pub fn unwatch(&self, requester: RequesterId) {
+        let _state = self.shared.lock();
+        self.shared.watchers.remove(requester);
+    }
+
     /// Calls `requester`'s observers as if all its mappings had been invalidated (a watcher
     /// that ignored notifications for a while catches up).
     pub fn refresh(&self, requester: RequesterId) {

@@ -241,6 +241,11 @@ impl Watchers {
         self.lock().push((requester, observer));
     }
 
+    /// Forgets every observer of `requester` (its function was unplugged).
+    pub(crate) fn remove(&self, requester: u16) {
+        self.lock().retain(|(watched, _)| *watched != requester);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u16, Arc<dyn MappingObserver>)>> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -1588,3 +1588,339 @@ fn lab_vtd_viommu_fio_verify_on_an_nvme_vf_mapped_on_demand() {
         vfio["dma_mapped_bytes"],
     );
 }
+
+// ---- the passthrough failover dance --------------------------------------------------------
+
+/// The MAC of the switch topology's e1000e (scripts/lab), which the standby virtio-net copies:
+/// net_failover pairs the two by it.
+const FAILOVER_MAC: &str = "52:54:00:fa:11:01";
+/// L1's own NIC on the e1000e's QEMU hub (scripts/lab), bridged with L2's taps.
+const FAILOVER_PEER_MAC: &str = "52:54:00:fa:11:fe";
+/// L1's bridge, its MAC fixed: a bridge takes its lowest port's by default, so the taps coming
+/// and going would change it under L2's ARP entry (measured: ~6 s of lost pings after the
+/// migration until L2 asked again).
+const FAILOVER_BRIDGE_MAC: &str = "52:54:00:fa:11:fd";
+const FAILOVER_L1_ADDRESS: &str = "10.79.0.1";
+const FAILOVER_L2_ADDRESS: &str = "10.79.0.2";
+/// L1's modules L2 loads (in L1's load order): virtio-pci, the failover pair's drivers.
+const FAILOVER_MODULES: [&str; 9] = [
+    "virtio_ring",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio",
+    "virtio_pci",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "e1000e",
+];
+/// Replies each phase waits for before the next step (pings every 0.2 s).
+const FAILOVER_REPLIES_PER_PHASE: u32 = 40;
+const FAILOVER_LAB_TIMEOUT: Duration = Duration::from_secs(1200);
+const FAILOVER_RUN_TIMEOUT: Duration = Duration::from_secs(1000);
+
+/// L2's script (in its initrd: the kernel command line is too short for it): load the drivers,
+/// find the failover master net_failover made of the STANDBY virtio-net (the slave with the
+/// e1000e's MAC, no upper device), address it and ping L1 every 0.2 s for ever; every 2 s
+/// print which netdev is the primary (the e1000e, while there is one) and both slaves' sent
+/// frames, so the path the pings take shows.
+fn failover_l2_script() -> String {
+    format!(
+        r#"M={FAILOVER_MAC}
+for m in $(cat /sluice/extra/order); do insmod /sluice/extra/$m.ko || echo FO-INSMOD-FAILED $m; done
+drv() {{ basename "$(readlink /sys/class/net/$1/device/driver 2>/dev/null)" 2>/dev/null; }}
+slave() {{ [ -e /sys/class/net/$1/master ]; }}
+primary() {{ for n in $(ls /sys/class/net); do [ "$(drv $n)" = e1000e ] && echo $n; done; }}
+standby() {{ for n in $(ls /sys/class/net); do [ "$(drv $n)" = virtio_net ] && slave $n && echo $n; done; }}
+master=; i=0
+while [ -z "$master" ] && [ $i -lt 600 ]; do
+  for n in $(ls /sys/class/net); do
+    [ "$(cat /sys/class/net/$n/address)" = $M ] && [ "$(drv $n)" = virtio_net ] && ! slave $n && master=$n
+  done
+  sleep 0.1; i=$((i+1))
+done
+[ -n "$master" ] || {{ echo FO-FAIL no failover master; ls -l /sys/class/net; exit 1; }}
+i=0; while [ -z "$(primary)" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+echo FO-MASTER $master standby=$(standby) primary=$(primary)
+ip link set $master up
+ip addr add {FAILOVER_L2_ADDRESS}/24 dev $master
+ping -i 0.2 {FAILOVER_L1_ADDRESS} &
+while true; do
+  vf=$(primary); sb=$(standby)
+  echo FO-STAT up=$(cut -d' ' -f1 /proc/uptime) vf=${{vf:-none}} vf_tx=$(cat /sys/class/net/$vf/statistics/tx_packets 2>/dev/null) sb_tx=$(cat /sys/class/net/$sb/statistics/tx_packets 2>/dev/null)
+  sleep 2
+done
+"#
+    )
+}
+
+/// Puts L1's generic kernel and an initramfs (L1's virtio, failover and e1000e modules, their
+/// load order and L2's script, then the guest image) in the share as `failover.vmlinuz` and
+/// `failover.initrd`; `None` (after a SKIP line) if L1's image lacks a module.
+fn stage_failover_kernel(test: &str, setup: &Setup) -> Option<()> {
+    let (kernel, l1_initramfs) =
+        sluice_lab::l1_image().unwrap_or_else(|e| panic!("the L1 image: {e}"));
+    let archive = std::fs::read(&l1_initramfs).expect("read L1's initramfs");
+    let files = newc_files(&archive);
+    let module = |name: &str| {
+        let path = format!("lab/modules/{name}.ko");
+        files
+            .iter()
+            .find(|(n, _)| *n == path)
+            .map(|(_, data)| *data)
+    };
+    let mut extra: Vec<(String, &[u8])> = Vec::new();
+    for name in FAILOVER_MODULES {
+        let Some(data) = module(name) else {
+            println!("SKIP {test}: L1's image has no {name} module (an older cached image?)");
+            return None;
+        };
+        extra.push((format!("sluice/extra/{name}.ko"), data));
+    }
+    let order = FAILOVER_MODULES.join("\n") + "\n";
+    let script = failover_l2_script();
+    extra.push(("sluice/extra/order".into(), order.as_bytes()));
+    extra.push(("sluice/extra/failover.sh".into(), script.as_bytes()));
+    let named: Vec<(&str, &[u8])> = extra.iter().map(|(n, d)| (n.as_str(), *d)).collect();
+    // An uncompressed archive first, then the guest image's gzip one: the kernel unpacks both.
+    let mut initrd = newc_archive(&named);
+    initrd.extend(std::fs::read(&setup.image.initramfs).expect("read the guest image"));
+    std::fs::write(setup.scratch.path("failover.initrd"), initrd).expect("write the L2 initrd");
+    std::fs::copy(&kernel, setup.scratch.path("failover.vmlinuz")).expect("copy L1's kernel");
+    Some(())
+}
+
+/// L1's side of the dance, each step once the pings went on for a while (the destination's tap
+/// joins the bridge as soon as it exists: the destination opens it once the stream is in, before
+/// its vCPUs run); `PHASE NAME A B T`
+/// lines give the last reply seen in the source's (A) and destination's (B) console when the
+/// step began (T: L1's uptime).
+fn failover_l1_script(setup: &Setup, source: &str) -> String {
+    let sluice = setup.sluice.display();
+    let (a, b) = (
+        format!("{sluice} ctl --api-socket /tmp/a.sock"),
+        format!("{sluice} ctl --api-socket /tmp/b.sock"),
+    );
+    format!(
+        "set -u\n\
+         seq_of() {{ s=$(grep -o 'seq=[0-9]*' {SCRATCH}/$1.console 2>/dev/null | tail -n 1 | cut -d= -f2); echo ${{s:-0}}; }}\n\
+         await_seq() {{ i=0; while [ $(seq_of $1) -lt $2 ]; do i=$((i+1)); \
+           [ $i -gt 3000 ] && {{ echo TIMEOUT $1 seq $2; return 1; }}; sleep 0.2; done; }}\n\
+         phase() {{ echo PHASE $1 $(seq_of source) $(seq_of destination) $(cut -d' ' -f1 /proc/uptime); }}\n\
+         addtap() {{ i=0; while [ ! -e /sys/class/net/$1 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
+           brctl addif br0 $1 && ip link set $1 up; }}\n\
+         bdf=$(for d in /sys/bus/pci/devices/*; do [ \"$(cat $d/device)\" = 0x10d3 ] && echo ${{d##*/}}; done | head -n 1)\n\
+         peer=$(for n in /sys/class/net/*; do [ \"$(cat $n/address)\" = {FAILOVER_PEER_MAC} ] && echo ${{n##*/}}; done)\n\
+         echo VF $bdf PEER $peer\n\
+         lab-bind-vfio $bdf || exit 1\n\
+         brctl addbr br0 && ip link set br0 address {FAILOVER_BRIDGE_MAC} && brctl addif br0 $peer && \
+           ip link set $peer up && ip addr add {FAILOVER_L1_ADDRESS}/24 dev br0 && ip link set br0 up || exit 1\n\
+         ({source}; echo source-exit=$? > /tmp/source.status) &\n\
+         addtap labfo0 || exit 1\n\
+         await_seq source {n} || exit 1\n\
+         phase unplug\n\
+         id=$({a} info | grep -o '\"id\":\"vfio[^\"]*\"' | head -n 1 | cut -d'\"' -f4)\n\
+         echo REMOVE $({a} remove-device $id)\n\
+         i=0; while {a} info | grep -q \"\\\"$id\\\"\" && [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done\n\
+         echo INFO-AFTER-REMOVE $({a} info)\n\
+         phase on-virtio\n\
+         await_seq source $(( $(seq_of source) + {n} )) || exit 1\n\
+         (timeout -s TERM {timeout} {sluice} --log {log} run \
+           --net tap=labfo1,mac={FAILOVER_MAC},standby=on --api-socket /tmp/b.sock \
+           --migrate-from unix:/tmp/migrate.sock --metrics {SCRATCH}/destination.json \
+           > {SCRATCH}/destination.console 2>&1; echo destination-exit=$? > /tmp/destination.status) &\n\
+         i=0; while [ $i -lt 300 ] && [ ! -S /tmp/migrate.sock ]; do sleep 0.1; i=$((i+1)); done\n\
+         phase migrate\n\
+         addtap labfo1 &\n\
+         echo MIGRATE $({a} migrate unix:/tmp/migrate.sock)\n\
+         phase migrated\n\
+         await_seq destination $(( $(seq_of source) + {n} )) || exit 1\n\
+         phase replug\n\
+         echo ADD $({b} add-device path=/sys/bus/pci/devices/$bdf,id=vf1)\n\
+         i=0; while ! grep -q 'FO-STAT.*vf=eth[0-9]* vf_tx=[1-9]' {SCRATCH}/destination.console && [ $i -lt 3000 ]; \
+           do sleep 0.2; i=$((i+1)); done\n\
+         phase on-vf-again\n\
+         await_seq destination $(( $(seq_of destination) + {n} )) || exit 1\n\
+         phase end\n\
+         echo INFO-END $({b} info)\n\
+         {b} shutdown\n\
+         wait\n\
+         cat /tmp/source.status /tmp/destination.status\n",
+        n = FAILOVER_REPLIES_PER_PHASE,
+        timeout = FAILOVER_RUN_TIMEOUT.as_secs(),
+        log = setup.log,
+    )
+}
+
+/// `PHASE` lines: each step's name and the highest reply seq seen when it began.
+fn failover_phases(stdout: &str) -> Vec<(String, u32)> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let mut fields = l.strip_prefix("PHASE ")?.split_whitespace();
+            let name = fields.next()?.to_string();
+            let source: u32 = fields.next()?.parse().ok()?;
+            let destination: u32 = fields.next()?.parse().ok()?;
+            Some((name, source.max(destination)))
+        })
+        .collect()
+}
+
+/// The reply seqs in a console (busybox ping: `64 bytes from ...: seq=N ttl=...`).
+fn ping_replies(console: &str) -> std::collections::BTreeSet<u32> {
+    console
+        .lines()
+        .filter(|l| l.contains("bytes from"))
+        .filter_map(|l| {
+            l.split("seq=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Issue 15's passthrough failover dance: Linux in L2 (L1's generic kernel: the cloud kernel
+/// has no e1000e) has a `standby=on` virtio-net and, with the same MAC, the switch topology's
+/// e1000e passed through with vfio-pci (the VF's stand-in: QEMU 7.2 has no igb); net_failover
+/// makes them one interface, which pings L1 every 0.2 s over L1's bridge (the tap and L1's
+/// NIC on the e1000e's QEMU hub). Then: `remove-device` the e1000e (acpiphp ejects it, the
+/// pings fail over to virtio-net), migrate to a second sluice started without it, and
+/// `add-device` it there (net_failover takes it back as primary once its link is up: the
+/// replug phase lasts until the e1000e sent frames). Each phase's lost pings are
+/// printed; asserted: the ping goes on after every step, no phase loses half its pings, the
+/// e1000e carried pings before the unplug and after the replug.
+#[test]
+fn lab_passthrough_failover_keeps_a_ping_across_unplug_migration_and_replug() {
+    let test = "lab-failover";
+    let Some(mut setup) = setup(test) else { return };
+    if stage_failover_kernel(test, &setup).is_none() {
+        return;
+    }
+    setup.log = "warn,sluice_vmm::hotplug=info,sluice_vmm::migration=info,sluice_vmm::vfio=info";
+    // More than the migration tests' 256 MiB: L1's generic kernel is larger than the cloud one.
+    setup.memory = "384M";
+    setup.run_timeout = FAILOVER_RUN_TIMEOUT;
+    let cmdline = kernel_cmdline_diskless("sh /sluice/extra/failover.sh");
+    let source = setup.sluice_line_booting(
+        "source",
+        &format!("{SCRATCH}/failover.vmlinuz"),
+        &format!("{SCRATCH}/failover.initrd"),
+        &format!(
+            "--net tap=labfo0,mac={FAILOVER_MAC},standby=on --device vfio=$bdf \
+             --api-socket /tmp/a.sock"
+        ),
+        &cmdline,
+    );
+    let started = std::time::Instant::now();
+
+    let run = setup.run_on(
+        Lab::new()
+            .topology(Topology::Iommu)
+            .topology(Topology::Switch)
+            .timeout(FAILOVER_LAB_TIMEOUT),
+        &failover_l1_script(&setup, &source),
+    );
+
+    let elapsed = started.elapsed();
+    let source_console = setup.read("source.console");
+    let destination_console = setup.read("destination.console");
+    let context = || {
+        format!(
+            "{}\n--- source ---\n{source_console}\n--- destination ---\n{destination_console}",
+            run.transcript()
+        )
+    };
+    run.assert_success();
+    assert!(run.stdout.contains("source-exit=0"), "{}", context());
+    assert!(run.stdout.contains("destination-exit=0"), "{}", context());
+    assert!(
+        source_console.contains("FO-MASTER") && source_console.contains("primary=eth"),
+        "net_failover paired the e1000e with the standby virtio-net\n{}",
+        context()
+    );
+    // The eject's teardown ran off the vCPU and released the group (its BAR mappings gone
+    // before the device file, or the container keeps it: EBUSY).
+    assert!(source_console.contains("torn down"), "{}", context());
+    assert!(
+        !source_console.contains("Could not unbind VFIO group"),
+        "{}",
+        context()
+    );
+    let report: serde_json::Value = run
+        .stdout
+        .lines()
+        .find_map(|l| serde_json::from_str(l.strip_prefix("MIGRATE ")?).ok())
+        .unwrap_or_else(|| panic!("no migration report\n{}", context()));
+    let phases = failover_phases(&run.stdout);
+    let names: Vec<&str> = phases.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "unplug",
+            "on-virtio",
+            "migrate",
+            "migrated",
+            "replug",
+            "on-vf-again",
+            "end"
+        ],
+        "{}",
+        context()
+    );
+    let mut replies = ping_replies(&source_console);
+    replies.extend(ping_replies(&destination_console));
+    let first = replies.first().copied().unwrap_or_default();
+    println!(
+        "{test}: lab run {:.0} s; migration total {} ms, downtime {} ms, {} rounds",
+        elapsed.as_secs_f64(),
+        report["total_ms"],
+        report["downtime_ms"],
+        report["rounds"]
+    );
+    let mut start = ("on-vf".to_string(), first);
+    for (name, end) in phases {
+        let sent = end.saturating_sub(start.1);
+        let received = replies.range(start.1 + 1..=end).count() as u32;
+        let lost = sent.saturating_sub(received);
+        println!(
+            "{test}: phase {:<12} pings {:>4}..{:<4} sent {sent:>4} lost {lost:>4}",
+            start.0, start.1, end
+        );
+        assert!(
+            received > 0 && lost * 2 < sent.max(1),
+            "phase {}: {lost} of {sent} pings lost\n{}",
+            start.0,
+            context()
+        );
+        start = (name, end);
+    }
+    // The e1000e carried the pings before the unplug and again after the replug.
+    let vf_sent = |console: &str| -> Vec<u64> {
+        console
+            .lines()
+            .filter(|l| l.starts_with("FO-STAT") && !l.contains("vf=none"))
+            .filter_map(|l| {
+                l.split("vf_tx=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    for (side, console) in [
+        ("source", &source_console),
+        ("destination", &destination_console),
+    ] {
+        let sent = vf_sent(console);
+        assert!(
+            sent.last() > sent.first(),
+            "the e1000e sent frames at the {side}: {sent:?}\n{}",
+            context()
+        );
+    }
+}

@@ -355,7 +355,12 @@ impl PciRoot {
 
     /// Puts back saved states (from [`PciRoot::save_states`] of a bus built the same way) and
     /// maps the BARs where the saved registers place them.
+    /// Refused before anything is restored when the functions here (host bridge aside) are not
+    /// those `states` was saved from, address for address: the destination of a migration or
+    /// a restore must have the source's devices as they are now (a device hot-unplugged at
+    /// the source is not given, one hot-plugged there is).
     pub fn restore_states(&self, states: &[(PciAddress, serde_json::Value)]) -> Result<(), String> {
+        self.check_same_functions(states)?;
         for (address, state) in states {
             let function = self
                 .function(*address)
@@ -371,6 +376,40 @@ impl PciRoot {
             Self::report_moves(&function, &moves);
         }
         Ok(())
+    }
+
+    /// The functions here, address for address, are those `states` holds.
+    fn check_same_functions(
+        &self,
+        states: &[(PciAddress, serde_json::Value)],
+    ) -> Result<(), String> {
+        let here = self.functions();
+        let missing: Vec<String> = states
+            .iter()
+            .filter(|(address, _)| !here.iter().any(|(a, _)| a == address))
+            .map(|(address, _)| address.to_string())
+            .collect();
+        let extra: Vec<String> = here
+            .iter()
+            .filter(|(address, _)| !states.iter().any(|(a, _)| a == address))
+            .map(|(address, name)| format!("{address} ({name})"))
+            .collect();
+        if missing.is_empty() && extra.is_empty() {
+            return Ok(());
+        }
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        Err(format!(
+            "the PCI devices here are not those saved: saved but missing here: {}; here but not \
+             saved (removed at the source?): {} — start with the source's current devices",
+            list(&missing),
+            list(&extra)
+        ))
     }
 
     /// Takes the function at `address` off the bus (hot-unplug): config accesses to it read

@@ -756,3 +756,71 @@ fn a_removed_function_leaves_config_space_and_the_bus_and_frees_its_slot() {
         Some(PciError::NoDevice(addr(9)))
     );
 }
+
+/// A function whose saved state is a number.
+struct Saving(ConfigSpace, u64);
+
+impl Saving {
+    fn shared(value: u64) -> SharedPciDevice {
+        let config = ConfigSpace::new(&PciIds {
+            vendor_id: 0x1af4,
+            device_id: 0x1000,
+            ..PciIds::default()
+        });
+        Arc::new(Mutex::new(Saving(config, value)))
+    }
+}
+
+impl PciDevice for Saving {
+    fn name(&self) -> &str {
+        "saving"
+    }
+    fn config(&self) -> &ConfigSpace {
+        &self.0
+    }
+    fn config_mut(&mut self) -> &mut ConfigSpace {
+        &mut self.0
+    }
+    fn bar_read(&mut self, _bar: usize, _offset: u64, _data: &mut [u8]) {}
+    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+    fn save_state(&mut self) -> Option<Result<serde_json::Value, String>> {
+        Some(Ok(self.1.into()))
+    }
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        self.1 = state.as_u64().ok_or("not a number")?;
+        Ok(())
+    }
+}
+
+/// A restore needs the saved functions, no fewer and no more: a root with an extra function
+/// (a device removed at the source but given to the destination) or one short is refused
+/// naming the addresses; the same shape restores.
+#[test]
+fn a_restore_into_other_functions_is_refused_naming_them() {
+    let source = rig();
+    source.root.add_device(Saving::shared(7)).unwrap();
+    let states = source.root.save_states().unwrap();
+    let extra = rig();
+    extra.root.add_device(Saving::shared(0)).unwrap();
+    extra.root.add_device(Saving::shared(0)).unwrap();
+    let short = rig();
+    let same = rig();
+    let same_device = Saving::shared(0);
+    same.root.add_device(same_device.clone()).unwrap();
+
+    let extra_refusal = extra.root.restore_states(&states).unwrap_err();
+    let short_refusal = short.root.restore_states(&states).unwrap_err();
+    same.root.restore_states(&states).unwrap();
+
+    assert!(extra_refusal.contains("not saved"), "{extra_refusal}");
+    assert!(
+        extra_refusal.contains("00:02.0 (saving)"),
+        "{extra_refusal}"
+    );
+    assert!(
+        short_refusal.contains("missing here: 00:01.0"),
+        "{short_refusal}"
+    );
+    let restored = same_device.lock().unwrap().save_state();
+    assert_eq!(restored, Some(Ok(7u64.into())));
+}

@@ -58,12 +58,14 @@ impl VmApi for ApiVm {
         let path = request
             .option("path")
             .ok_or_else(|| ApiError::BadRequest("vm.add-device needs path=BDF".into()))?;
-        sluice_vmm::config::parse_device(&format!("vfio={path}"))
+        let spec = sluice_vmm::config::parse_device(&format!("vfio={path}"))
             .map_err(|e| ApiError::BadRequest(format!("vm.add-device: {e}")))?;
-        Err(ApiError::Conflict(format!(
-            "vm.add-device {path}: hot-plugging an assigned (VFIO) device is not supported yet \
-             (assign it at boot with --device vfio=)"
-        )))
+        let id = request.id.clone();
+        let info = self
+            .0
+            .with_hotplug(|h| h.add_vfio(&spec, id))
+            .map_err(hotplug_error)?;
+        Ok(json!(info))
     }
 
     fn remove_device(&self, id: &str) -> Result<Value, ApiError> {

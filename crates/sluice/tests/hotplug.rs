@@ -180,9 +180,20 @@ fn bad_hotplug_requests_get_json_errors_and_an_unknown_id_is_404() {
             400,
         ),
         (
-            "vfio hot-plug",
-            put("vm.add-device", "{\"path\": \"0000:01:00.0\"}"),
-            409,
+            "no such host function",
+            put(
+                "vm.add-device",
+                "{\"path\": \"/sys/bus/pci/devices/ffff:ff:1f.7\"}",
+            ),
+            400,
+        ),
+        (
+            "unknown vm.add-device field",
+            put(
+                "vm.add-device",
+                "{\"path\": \"0000:00:00.0\", \"dma\": \"all\"}",
+            ),
+            400,
         ),
         (
             "unknown id",
@@ -202,6 +213,10 @@ fn bad_hotplug_requests_get_json_errors_and_an_unknown_id_is_404() {
             405,
         ),
     ];
+    // A host function that exists but is not bound to vfio-pci (any host has some): its
+    // group is not viable, or it has none; refused as a conflict, the VM unharmed.
+    let not_vfio = host_function_not_bound_to_vfio()
+        .map(|bdf| put("vm.add-device", &format!("{{\"path\": \"{bdf}\"}}")));
     let info = json(&curl(&socket, "GET", "vm.info", None).1);
     let counters = json(&curl(&socket, "GET", "vm.counters", None).1);
     let ctl_unknown = ctl(&socket, &["remove-device", "nope"]);
@@ -216,6 +231,13 @@ fn bad_hotplug_requests_get_json_errors_and_an_unknown_id_is_404() {
             !error_message(answer).is_empty(),
             "{what}: a JSON error: {answer:?}"
         );
+    }
+    if let Some(answer) = &not_vfio {
+        assert_eq!(
+            answer.0, 409,
+            "a function not bound to vfio-pci: {answer:?}"
+        );
+        assert!(!error_message(answer).is_empty(), "{answer:?}");
     }
     let ids: Vec<&str> = info["devices"]
         .as_array()
@@ -236,6 +258,23 @@ fn bad_hotplug_requests_get_json_errors_and_an_unknown_id_is_404() {
     assert_eq!(still, "Running", "the VM carried on");
     assert_eq!(status, Some(0));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The first host PCI function whose driver is not vfio-pci, if the host has one.
+fn host_function_not_bound_to_vfio() -> Option<String> {
+    let mut functions: Vec<_> = std::fs::read_dir("/sys/bus/pci/devices")
+        .ok()?
+        .flatten()
+        .map(|entry| entry.path())
+        .collect();
+    functions.sort();
+    functions
+        .into_iter()
+        .find(|path| {
+            let driver = std::fs::read_link(path.join("driver")).ok();
+            driver.and_then(|d| d.file_name().map(|n| n != "vfio-pci")) != Some(false)
+        })
+        .and_then(|path| path.file_name().map(|n| n.to_string_lossy().into_owned()))
 }
 
 /// The guest kit verifies its boot disk while a disk and a NIC are plugged and their

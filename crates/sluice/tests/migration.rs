@@ -629,3 +629,148 @@ fn a_source_that_cannot_take_its_disk_back_stops_rather_than_run_beside_the_dest
     assert!(!console.contains("RESULT"), "the source ran on:\n{console}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The guest kit's side of the hot-plug dance, then a verify on the boot disk: ack the
+/// source's eject request, ack one more (from the destination), verify.
+const EJECT_TWICE_THEN_VERIFY: &str =
+    "w=eject:wait=60000 w=eject:wait=120000 w=blk:op=verify:bs=4096:qd=16:span_mb=96:seed=11";
+
+/// A destination for `url` with `disks` (`--disk=` values) and an API on `socket`.
+fn start_destination_with(disks: &[&Path], url: &str, socket: &Path) -> Child {
+    let mut command = Command::new(SLUICE);
+    command.args(["--log", "sluice_vmm=info", "run"]);
+    for disk in disks {
+        command.arg(format!("--disk=path={}", disk.display()));
+    }
+    command
+        .args(["--migrate-from", url])
+        .arg("--api-socket")
+        .arg(socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the destination")
+}
+
+fn info_lists(socket: &Path, id: &str) -> bool {
+    ctl(socket, &["info"])
+        .1
+        .contains(&format!("\"id\":\"{id}\""))
+}
+
+/// The failover dance with disks in place of the VF (no VFIO on this host): a disk is
+/// hot-plugged next to the boot disk and removed again (the guest kit acknowledges the eject
+/// as `_EJ0` would), then the VM migrates. A destination with a disk more than the source has
+/// now is refused (its restore names the extra function) and the VM runs on at the source; one
+/// started with the source's current devices takes it, a disk is plugged and removed there
+/// too, and the verify on the boot disk finishes at the destination.
+#[test]
+fn a_vm_whose_plugged_disk_was_removed_migrates_to_a_destination_with_its_current_devices() {
+    if skip_without_kvm(
+        "a_vm_whose_plugged_disk_was_removed_migrates_to_a_destination_with_its_current_devices",
+    ) {
+        return;
+    }
+    let dir = scratch("unplugged");
+    let (boot, socket, console) = (
+        dir.join("boot.img"),
+        dir.join("api.sock"),
+        dir.join("source.txt"),
+    );
+    let (hot, hot_there) = (dir.join("hot.img"), dir.join("hot-there.img"));
+    create_image(&boot, &SHORT);
+    for image in [&hot, &hot_there] {
+        std::fs::File::create(image)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+    }
+    let mut source = Command::new(SLUICE)
+        .args(["run", &format!("--disk=path={}", boot.display())])
+        .arg("--api-socket")
+        .arg(&socket)
+        .arg(format!("--serial=file={}", console.display()))
+        .args(["--cmdline", EJECT_TWICE_THEN_VERIFY])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the source");
+    wait_for("the source's API", Duration::from_secs(30), || {
+        ctl(&socket, &["info"]).1.contains("\"Running\"")
+    });
+    let hot_spec = format!("path={},id=hot0", hot.display());
+    let plugged = ctl(&socket, &["add-disk", &hot_spec]);
+    let removed = ctl(&socket, &["remove-device", "hot0"]);
+    wait_for("the guest to eject hot0", Duration::from_secs(30), || {
+        !info_lists(&socket, "hot0")
+    });
+    let stream = dir.join("migrate.sock");
+    let url = format!("unix:{}", stream.display());
+
+    // Two disks where the source has one: refused after the source paused; the source runs
+    // on. (Not the boot image: a destination that opened it holds its lock until it exits,
+    // and a source that cannot take its image back stops rather than risk two writers.)
+    let wrong_socket = dir.join("wrong.sock");
+    let wrong = start_destination_with(&[&hot, &hot_there], &url, &wrong_socket);
+    wait_for("the destination to listen", Duration::from_secs(10), || {
+        stream.exists()
+    });
+    let refused = ctl(&socket, &["migrate", &url]);
+    let wrong = wrong.wait_with_output().unwrap();
+    let after_refusal = ctl(&socket, &["info"]).1;
+    let _ = std::fs::remove_file(&stream);
+
+    let there = dir.join("there.sock");
+    let destination = start_destination_with(&[&boot], &url, &there);
+    wait_for("the destination to listen", Duration::from_secs(10), || {
+        stream.exists()
+    });
+    let (status, answer) = ctl(&socket, &["migrate", &url]);
+    let source_status = wait_or_kill(&mut source, Duration::from_secs(20));
+    assert_eq!(status, 0, "{answer}");
+    wait_for("the destination's API", Duration::from_secs(30), || {
+        ctl(&there, &["info"]).1.contains("\"Running\"")
+    });
+    let there_spec = format!("path={},id=hot1", hot_there.display());
+    let plugged_there = ctl(&there, &["add-disk", &there_spec]);
+    let removed_there = ctl(&there, &["remove-device", "hot1"]);
+    let finished = destination.wait_with_output().unwrap();
+    let before = std::fs::read_to_string(&console).unwrap();
+    let wrong_log = String::from_utf8_lossy(&wrong.stderr);
+
+    assert_eq!(plugged.0, 0, "{plugged:?}");
+    assert_eq!(removed.0, 0, "{removed:?}");
+    assert_ne!(refused.0, 0, "{refused:?}");
+    assert_ne!(wrong.status.code(), Some(0), "{wrong_log}");
+    assert!(
+        wrong_log.contains("here but not saved") && wrong_log.contains("00:02.0"),
+        "the destination names the disk the source no longer has:\n{wrong_log}"
+    );
+    assert!(after_refusal.contains("\"Running\""), "{after_refusal}");
+    assert_eq!(status, 0, "{answer}");
+    let report: serde_json::Value = serde_json::from_str(answer.trim()).expect(&answer);
+    println!(
+        "migrated after the unplug: total {} ms, downtime {} ms",
+        report["total_ms"], report["downtime_ms"]
+    );
+    assert_eq!(source_status, Some(0));
+    assert!(
+        before.contains("\"workload\":\"eject\",\"slots\":\"0x4\""),
+        "the source's guest ejected slot 2:\n{before}"
+    );
+    assert!(!before.contains("\"verify\""), "{before}");
+    assert_eq!(plugged_there.0, 0, "{plugged_there:?}");
+    assert_eq!(removed_there.0, 0, "{removed_there:?}");
+    let console = String::from_utf8_lossy(&finished.stdout);
+    let log = String::from_utf8_lossy(&finished.stderr);
+    assert_eq!(finished.status.code(), Some(0), "{console}\n{log}");
+    assert!(
+        console.contains("\"workload\":\"eject\",\"slots\":\"0x4\""),
+        "the destination's plugged disk went to slot 2 and was ejected:\n{console}"
+    );
+    assert!(console.contains("\"verify\":\"ok\""), "{console}");
+    assert_eq!(pattern_at(&boot, SHORT.span - 4096), Ok(()));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -127,6 +127,9 @@ impl VmHandle {
         if state != VmState::Running {
             return Err(HandleError::NotRunning(state));
         }
+        if let Some(why) = self.hotplug().and_then(|h| h.migration_blocker()) {
+            return Err(HandleError::Migration(why));
+        }
         if let Some(device) = self.device_without_migration() {
             return Err(HandleError::Migration(format!(
                 "{device} cannot be migrated (virtio-blk on an image or a logging vhost-user \
@@ -138,9 +141,20 @@ impl VmHandle {
     }
 
     /// The first configured device a migration cannot carry: what a snapshot cannot, and
-    /// nothing whose guest-memory writes the dirty log misses (see sluice_dma::dirty).
+    /// nothing whose guest-memory writes the dirty log misses (see sluice_dma::dirty). Unlike
+    /// a snapshot, a VM whose devices changed since boot may go: the destination is started
+    /// with the source's current devices and its restore checks them (`PciRoot::
+    /// restore_states`); assigned functions are judged by what the VM holds now
+    /// (`Hotplug::migration_blocker`), so one removed before the migration does not refuse it.
     fn device_without_migration(&self) -> Option<&'static str> {
-        self.device_without_snapshot()
+        let c = &self.config;
+        [
+            (!c.e1000s.is_empty(), "an e1000"),
+            (c.iommu.is_some(), "the virtual IOMMU"),
+            (c.test_device, "the PCI test device"),
+        ]
+        .into_iter()
+        .find_map(|(present, what)| present.then_some(what))
     }
 
     pub(crate) fn machine_parts(&self) -> Option<MachineParts> {

@@ -269,14 +269,8 @@ pub fn run_handle_with(
         &iommu.dma,
         &interrupts,
     )?);
-    let vfio = crate::vfio::attach_vfio_devices(
-        &vm,
-        &pci_root,
-        &config.vfio,
-        &ram,
-        &interrupts,
-        iommu.vtd(),
-    )?;
+    let vfio_wiring = crate::vfio::VfioWiring::new(&vm, &ram, &interrupts, iommu.vtd());
+    let vfio = crate::vfio::attach_vfio_devices(&vfio_wiring, &pci_root, &config.vfio)?;
     device_metrics.extend(iommu.metrics());
     iommu.finish(&pci_root);
 
@@ -299,12 +293,14 @@ pub fn run_handle_with(
             dma: iommu.dma.clone(),
             interrupts: interrupts.clone(),
             qos: handle.qos_disks().clone(),
+            vfio: Some(vfio_wiring),
         },
         handle.metrics_list(),
         &wired,
+        vfio,
     );
     crate::platform::attach_hotplug_port(&dispatch, &hotplug)?;
-    handle.attach_hotplug(hotplug);
+    handle.attach_hotplug(hotplug.clone());
     if let Some(state) = &restored {
         state.irqchip.restore(&vm)?;
         pci_root
@@ -351,6 +347,8 @@ pub fn run_handle_with(
     for thread in threads {
         thread.stop();
     }
+    // The assigned functions the VM holds now (some may have been plugged or removed).
+    let vfio = hotplug.vfio_handles();
     vfio.iter().for_each(crate::vfio::VfioHandle::stop);
     let summary = match &recorder {
         Some(recorder) => Some(recorder.finish(&outcome)?),

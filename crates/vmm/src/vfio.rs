@@ -1,4 +1,6 @@
-//! `--device vfio=BDF`: a host PCI function assigned to the guest through VFIO (sluice-vfio).
+//! `--device vfio=BDF` and `vm.add-device`: a host PCI function assigned to the guest through
+//! VFIO (sluice-vfio), at boot or hot-plugged ([`VfioWiring`] does both the same way; removal
+//! is crate::hotplug's).
 //!
 //! * Before anything is opened: the function's IOMMU group must be viable for this VM, the host
 //!   must remap interrupts (or the user said `allow_unsafe_interrupts=on`), and with `dma=all`
@@ -35,8 +37,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use sluice_pci::{
-    BarKind, BarSpec, ConfigSpace, MsixCapability, MsixTable, MsixVectors, PciDevice, PciRoot,
-    SharedPciDevice, COMMAND, NUM_BARS,
+    BarKind, BarSpec, ConfigSpace, MsixCapability, MsixTable, MsixVectors, PciAddress, PciDevice,
+    PciRoot, SharedPciDevice, COMMAND, NUM_BARS,
 };
 use sluice_vfio::{AssignedFunction, HostBdf, MsixLayout, VirtualConfig};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -60,10 +62,16 @@ const FIRST_BAR_SLOT: u32 = 32;
 pub struct VfioHandle {
     device: Arc<Mutex<VfioPciDevice>>,
     pub name: String,
+    /// The host function (`0000:01:00.0`).
+    pub host: HostBdf,
+    /// Where the guest sees it.
+    pub address: PciAddress,
     /// `dma=all`: what was mapped at start.
     dma_all_bytes: u64,
     /// `dma=on-demand`: the mappings that follow the guest's tables.
     shadow: Option<Arc<DmaShadow>>,
+    /// `dma=on-demand`: the vIOMMU watch to drop when the function leaves.
+    vtd: Option<Vtd>,
 }
 
 /// What the VM reports of an assigned function (`--metrics`, `report.vfio`).
@@ -116,38 +124,84 @@ impl VfioHandle {
         let mut device = self.device.lock().unwrap_or_else(PoisonError::into_inner);
         device.stop();
     }
+
+    /// The function left the VM (hot-unplug, after the guest's `_EJ0` took it off the bus):
+    /// no more vIOMMU notifications, MSI-X off, reset. Its DMA mappings, BAR mmaps, container
+    /// and group (and the group's entry in KVM's VFIO device) go when the last handle drops.
+    /// Makes VFIO and KVM device calls a vCPU thread's filter refuses: run on the
+    /// hot-plug teardown thread (crate::hotplug).
+    pub fn detach(&self) {
+        if let Some(vtd) = &self.vtd {
+            vtd.unwatch(self.address.bdf());
+        }
+        self.stop();
+    }
 }
 
-/// Assigns every `--device vfio=` function and adds it to `root`; with `vtd` (the vIOMMU) each
-/// function's DMA mappings follow its requester's tables there (`dma=on-demand`).
-pub fn attach_vfio_devices(
-    vm: &Arc<VmFd>,
-    root: &PciRoot,
-    specs: &[VfioSpec],
-    ram: &GuestRam,
-    interrupts: &VmInterrupts,
-    vtd: Option<&Vtd>,
-) -> Result<Vec<VfioHandle>, VmError> {
-    if specs.is_empty() {
-        return Ok(Vec::new());
+/// What assigning a function to a running VM needs, at boot and at hot-plug: the VM, its RAM
+/// (`dma=all` maps it), its interrupt plumbing, the vIOMMU (`dma=on-demand`), the KVM VFIO
+/// pseudo-device (one per VM, made at the first assignment) and the next free KVM memory
+/// slot for BAR windows.
+pub struct VfioWiring {
+    vm: Arc<VmFd>,
+    ram: GuestRam,
+    interrupts: VmInterrupts,
+    vtd: Option<Vtd>,
+    kvm_vfio: Mutex<Option<Arc<sluice_vfio::VfioDeviceFd>>>,
+    /// Slots of unplugged functions are not reused: KVM has hundreds, a VM plugs a few.
+    slots: Arc<AtomicU32>,
+}
+
+impl VfioWiring {
+    pub fn new(
+        vm: &Arc<VmFd>,
+        ram: &GuestRam,
+        interrupts: &VmInterrupts,
+        vtd: Option<&Vtd>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            vm: vm.clone(),
+            ram: ram.clone(),
+            interrupts: interrupts.clone(),
+            vtd: vtd.cloned(),
+            kvm_vfio: Mutex::new(None),
+            slots: Arc::new(AtomicU32::new(FIRST_BAR_SLOT)),
+        })
     }
-    let host_root = Path::new("/");
-    let assigned: Vec<HostBdf> = specs.iter().map(|s| s.host.clone()).collect();
-    let ir = sluice_vfio::interrupt_remapping(host_root);
-    let kvm_vfio = Arc::new(kvm_vfio_device(vm)?);
-    let slots = Arc::new(AtomicU32::new(FIRST_BAR_SLOT));
-    let mut handles = Vec::new();
-    for spec in specs {
+
+    /// The VM's KVM VFIO pseudo-device, created at first use.
+    fn kvm_vfio(&self) -> Result<Arc<sluice_vfio::VfioDeviceFd>, VmError> {
+        let mut device = self.kvm_vfio.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(device) = device.as_ref() {
+            return Ok(device.clone());
+        }
+        let made = Arc::new(kvm_vfio_device(&self.vm)?);
+        *device = Some(made.clone());
+        Ok(made)
+    }
+
+    /// Assigns `spec`'s function and adds it to `root` (`assigned`: every function this VM
+    /// holds or is being given, which the IOMMU group may contain).
+    pub fn assign(
+        &self,
+        root: &PciRoot,
+        spec: &VfioSpec,
+        assigned: &[HostBdf],
+    ) -> Result<VfioHandle, VmError> {
         let what = "vfio";
-        sluice_vfio::check_group(host_root, &spec.host, &assigned)
+        let host_root = Path::new("/");
+        let ram = &self.ram;
+        let vtd = self.vtd.as_ref();
+        sluice_vfio::check_group(host_root, &spec.host, assigned)
             .map_err(|e| device_err(what, e))?;
+        let ir = sluice_vfio::interrupt_remapping(host_root);
         sluice_vfio::check_interrupt_remapping(ir, spec.allow_unsafe_interrupts)
             .map_err(|e| device_err(what, format!("{}: {e}", spec.host)))?;
         let limits = sluice_vfio::current_pin_limits(host_root).map_err(|e| device_err(what, e))?;
         if vtd.is_none() {
             sluice_vfio::check_pin_limits(&limits, ram.size).map_err(|e| device_err(what, e))?;
         }
-        let function = open_function(spec, kvm_vfio.clone())?;
+        let function = open_function(spec, self.kvm_vfio()?)?;
         if vtd.is_none() {
             map_guest_ram(&function, ram)?;
         }
@@ -157,12 +211,12 @@ pub fn attach_vfio_devices(
         let address = root.add_device_with(|address| {
             // With VT-d interrupt remapping the guest programs remappable MSI-X messages:
             // the routes go through the unit for this requester like any device's.
-            let (msi_sink, router) = interrupts.msi_for(address.bdf());
+            let (msi_sink, router) = self.interrupts.msi_for(address.bdf());
             let mut device = VfioPciDevice::new(
                 spec,
                 function.clone(),
-                vm.clone(),
-                slots.clone(),
+                self.vm.clone(),
+                self.slots.clone(),
                 router.as_ref(),
                 msi_sink,
             )?;
@@ -190,7 +244,7 @@ pub fn attach_vfio_devices(
         let name = format!("vfio {} at PCI {address}", spec.host);
         let shadow = match (vtd, on_demand) {
             (Some(vtd), Some((shadow, requester))) => {
-                // Before the guest runs: no invalidation can be missed.
+                // Before the guest can reach the function: no invalidation can be missed.
                 vtd.watch(requester, shadow.clone());
                 tracing::info!(
                     "{name}: dma=on-demand, following requester {requester:#06x} in the vIOMMU"
@@ -204,14 +258,30 @@ pub fn attach_vfio_devices(
                 None
             }
         };
-        handles.push(VfioHandle {
+        Ok(VfioHandle {
             device,
             name,
+            host: spec.host.clone(),
+            address,
             dma_all_bytes,
+            vtd: shadow.as_ref().and(vtd.cloned()),
             shadow,
-        });
+        })
     }
-    Ok(handles)
+}
+
+/// Assigns every `--device vfio=` function and adds it to `root`; behind the vIOMMU each
+/// function's DMA mappings follow its requester's tables there (`dma=on-demand`).
+pub fn attach_vfio_devices(
+    wiring: &VfioWiring,
+    root: &PciRoot,
+    specs: &[VfioSpec],
+) -> Result<Vec<VfioHandle>, VmError> {
+    let assigned: Vec<HostBdf> = specs.iter().map(|s| s.host.clone()).collect();
+    specs
+        .iter()
+        .map(|spec| wiring.assign(root, spec, &assigned))
+        .collect()
 }
 
 /// The VM's KVM VFIO pseudo-device (one per VM): KVM learns which groups the VM uses.
@@ -581,6 +651,12 @@ impl VfioPciDevice {
 impl Drop for VfioPciDevice {
     fn drop(&mut self) {
         self.stop();
+        // The BAR mmaps hold the device file: unmapped first, so that dropping the last
+        // reference closes it and its group can leave the container (vfio-ioctls unsets the
+        // container when the device goes; with a mapping left the kernel answers EBUSY and
+        // the group stays bound until sluice exits — which matters once functions are
+        // unplugged from a VM that runs on).
+        self.bars = Default::default();
     }
 }
 

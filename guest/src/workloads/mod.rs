@@ -2,6 +2,7 @@
 //! Each workload prints one `RESULT {json}` line.
 
 pub mod blk;
+mod eject;
 mod info;
 mod jitter;
 pub mod net;
@@ -37,6 +38,7 @@ fn run_one(workload: &Workload, config: &Config) -> Outcome {
         Workload::Viommu => crate::drivers::virtio::iommu::run_workload(config.timeout_ms),
         Workload::Tpm { hold_ms } => crate::drivers::tpm::run_workload(config.timeout_ms, *hold_ms),
         Workload::Jitter { ms } => jitter::run(*ms),
+        Workload::Eject { wait_ms } => eject::run(*wait_ms),
     }
 }
 

@@ -1,5 +1,5 @@
 //! PCI hot-plug of a running VM: devices added and removed through the control API
-//! (`vm.add-disk`, `vm.add-net`, `vm.remove-device`) while the guest runs.
+//! (`vm.add-disk`, `vm.add-net`, `vm.add-device`, `vm.remove-device`) while the guest runs.
 //!
 //! The mechanism is ACPI PCI hot-plug as Linux's `acpiphp` driver understands it, with no
 //! PCIe hot-plug controller: every slot of bus 0 is a device object `Sxx_` under
@@ -22,24 +22,33 @@
 //!   MSI routes and irqfds go back to KVM, the image (and its lock) or the tap is closed.
 //!   A guest that never ejects keeps the device (`vm.info` shows `eject-requested`).
 //!
-//! Only virtio devices (disk, net, rng) are plugged or removed; NVMe, e1000, VFIO and the
-//! vIOMMU are listed with ids but refused. A VM whose devices changed since boot refuses
-//! snapshot and migration by name (the destination is built from the boot configuration).
+//! - **Assigned functions (VFIO)**: `vm.add-device` wires the host function as boot does
+//!   ([`VfioWiring::assign`]: container and group, DMA, BAR windows, MSI-X irqfds, the VM's
+//!   one KVM VFIO device). On eject the vCPU only takes it off the root (its memory slots go:
+//!   calls the vCPU filter allows); the reset, the VT-d watch, the group's removal from KVM's
+//!   VFIO device and the container's close happen on the `vfio-teardown` thread
+//!   ([`Hotplug::teardown_queue`] says why).
+//!
+//! Virtio devices (disk, net, rng) and assigned functions are plugged and removed; NVMe,
+//! e1000 and the vIOMMU are listed with ids but refused. A VM whose devices changed since
+//! boot refuses snapshots by name (a restore is built from the boot configuration).
 
 pub mod registers;
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use serde::Serialize;
 use sluice_bus::irq::IrqLine;
 use sluice_bus::BusDevice;
 use sluice_dma::DmaSpaces;
-use sluice_pci::{PciAddress, PciRoot};
+use sluice_pci::{PciAddress, PciRoot, SharedPciDevice};
 use sluice_virtio::{DeviceMetrics, VirtioDevice};
 
-use crate::config::{DiskSpec, NetSpec};
+use crate::config::{DiskSpec, NetSpec, VfioSpec};
 use crate::interrupts::VmInterrupts;
+use crate::vfio::{VfioHandle, VfioWiring};
 use crate::virtio::WiredDevice;
 use registers::{HotplugCounters, HotplugRegisters};
 
@@ -93,13 +102,21 @@ pub(crate) struct Wiring {
     pub interrupts: VmInterrupts,
     /// The VM's scheduled disks: a plugged disk with a weight or limits joins them.
     pub qos: Arc<crate::qos::QosDisks>,
+    /// Assigning host functions (`vm.add-device`); `None`: this VM takes none.
+    pub vfio: Option<Arc<VfioWiring>>,
 }
+
+/// An ejected assigned function on its way to the teardown thread: the root's reference and
+/// the VM's handle (dropping both releases it).
+type Teardown = (SharedPciDevice, VfioHandle);
 
 struct DeviceEntry {
     info: DeviceInfo,
     address: PciAddress,
     metrics: Option<Arc<DeviceMetrics>>,
     removable: bool,
+    /// An assigned (VFIO) function.
+    vfio: Option<VfioHandle>,
 }
 
 /// The VM's hot-plug controller: the device list with ids, the register block, the GED line.
@@ -114,6 +131,11 @@ pub struct Hotplug {
     metrics: Arc<Mutex<Vec<Arc<DeviceMetrics>>>>,
     /// A device was plugged, or its removal requested, since boot.
     changed: AtomicBool,
+    /// Where ejected assigned functions go to be torn down (see [`Hotplug::teardown_queue`]).
+    teardown: Mutex<Option<Sender<Teardown>>>,
+    /// Ejected functions the teardown thread could not take: released with the controller,
+    /// on the thread that drops it last (the VM's main thread), never on a vCPU.
+    stranded: Mutex<Vec<Teardown>>,
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -122,21 +144,26 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Hotplug {
     /// The controller of a VM whose boot-time devices are on `root` (`wired`: the virtio ones,
-    /// with ids; every other function is listed under its own name, not removable).
+    /// with ids; `vfio`: the assigned functions; every other function is listed under its own
+    /// name, not removable). Runs on the VM's main thread, which starts the teardown thread
+    /// when functions are assigned.
     pub(crate) fn new(
         root: Arc<PciRoot>,
         irq: Arc<dyn IrqLine>,
         wiring: Wiring,
         metrics: Arc<Mutex<Vec<Arc<DeviceMetrics>>>>,
         wired: &[WiredDevice],
+        vfio: Vec<VfioHandle>,
     ) -> Arc<Self> {
         let mut registers = HotplugRegisters::default();
         let mut devices = Vec::new();
         for (address, name) in root.functions() {
             let virtio = wired.iter().find(|w| w.bdf == address.bdf());
+            let assigned = vfio.iter().find(|h| h.address == address);
             // Only what sluice can take away is ejectable: the guest's `_EJ0` on an NVMe,
-            // e1000, VFIO or vIOMMU slot is ignored and counted.
-            if virtio.is_some() {
+            // e1000 or vIOMMU slot is ignored and counted.
+            let removable = virtio.is_some() || assigned.is_some();
+            if removable {
                 registers.present_at_boot(address.device);
             }
             let id = match virtio {
@@ -146,18 +173,23 @@ impl Hotplug {
             devices.push(DeviceEntry {
                 info: DeviceInfo {
                     id,
-                    kind: kind_of(&name),
+                    kind: if assigned.is_some() {
+                        VFIO_KIND.into()
+                    } else {
+                        kind_of(&name)
+                    },
                     bdf: address.to_string(),
                     hotplugged: false,
                     state: DeviceState::Present,
-                    backing: None,
+                    backing: assigned.map(|h| h.host.to_string()),
                 },
                 address,
                 metrics: virtio.map(|w| w.metrics.clone()),
-                removable: virtio.is_some(),
+                removable,
+                vfio: assigned.cloned(),
             });
         }
-        Arc::new(Self {
+        let hotplug = Arc::new(Self {
             root,
             registers: Mutex::new(registers),
             irq,
@@ -165,7 +197,15 @@ impl Hotplug {
             devices: Mutex::new(devices),
             metrics,
             changed: AtomicBool::new(false),
-        })
+            teardown: Mutex::new(None),
+            stranded: Mutex::new(Vec::new()),
+        });
+        if !vfio.is_empty() {
+            if let Err(e) = hotplug.teardown_queue() {
+                tracing::warn!("hotplug: {e}");
+            }
+        }
+        hotplug
     }
 
     /// The register block for the PIO bus (it holds the controller weakly: the bus outlives
@@ -189,6 +229,33 @@ impl Hotplug {
     /// Whether the VM's devices differ from its boot configuration (snapshots refuse then).
     pub fn changed(&self) -> bool {
         self.changed.load(Ordering::Acquire)
+    }
+
+    /// Why the VM cannot migrate as its devices are now, if it cannot: an eject the guest has
+    /// not completed (the device would be on both sides of the question), or an assigned
+    /// function still plugged (its state is in the host device; remove it first — the
+    /// failover dance: unplug the VF, migrate, plug one at the destination).
+    pub fn migration_blocker(&self) -> Option<String> {
+        let devices = locked(&self.devices);
+        if let Some(d) = devices
+            .iter()
+            .find(|d| d.info.state == DeviceState::EjectRequested)
+        {
+            return Some(format!(
+                "`{}` at {} has an eject pending (the guest has not run its _EJ0 yet); migrate \
+                 once it is gone",
+                d.info.id, d.info.bdf
+            ));
+        }
+        devices.iter().find(|d| d.vfio.is_some()).map(|d| {
+            format!(
+                "assigned device `{}` ({} at {}) cannot be migrated: remove it first \
+                 (vm.remove-device), then plug one at the destination",
+                d.info.id,
+                d.info.backing.as_deref().unwrap_or("vfio"),
+                d.info.bdf
+            )
+        })
     }
 
     /// Plugs an in-process virtio-blk disk on `spec`'s image.
@@ -238,6 +305,104 @@ impl Hotplug {
             spec.packed,
         );
         self.plug(id, "virtio-net", spec.tap.clone(), Box::new(net), options)
+    }
+
+    /// Assigns the host function `spec` names to the running VM (VFIO, wired as at boot: its
+    /// container and group, DMA, BAR windows, MSI-X irqfds, the VM's KVM VFIO device).
+    pub fn add_vfio(
+        &self,
+        spec: &VfioSpec,
+        id: Option<String>,
+    ) -> Result<DeviceInfo, HotplugError> {
+        let wiring =
+            self.wiring.vfio.clone().ok_or_else(|| {
+                HotplugError::Conflict("this VM cannot take assigned devices".into())
+            })?;
+        let path = spec.host.sysfs_path(std::path::Path::new("/"));
+        if !path.exists() {
+            return Err(HotplugError::BadRequest(format!(
+                "no host PCI function {} ({} does not exist)",
+                spec.host,
+                path.display()
+            )));
+        }
+        let mut assigned: Vec<_> = self.vfio_handles().into_iter().map(|h| h.host).collect();
+        if assigned.contains(&spec.host) {
+            return Err(HotplugError::Conflict(format!(
+                "{} is already assigned to this VM",
+                spec.host
+            )));
+        }
+        assigned.push(spec.host.clone());
+        let id = self.claim_id(id, "vfio")?;
+        // Before the guest can eject it: its `_EJ0` hands it to the teardown thread.
+        self.teardown_queue()?;
+        // Refusals (group not viable, not bound to vfio-pci, busy) are the host's state, not
+        // sluice failing: 409 with the reason.
+        let handle = wiring
+            .assign(&self.root, spec, &assigned)
+            .map_err(|e| HotplugError::Conflict(format!("{}: {e}", spec.host)))?;
+        let info = DeviceInfo {
+            id,
+            kind: VFIO_KIND.into(),
+            bdf: handle.address.to_string(),
+            hotplugged: true,
+            state: DeviceState::Present,
+            backing: Some(spec.host.to_string()),
+        };
+        let slot = handle.address.device;
+        locked(&self.devices).push(DeviceEntry {
+            info: info.clone(),
+            address: handle.address,
+            metrics: None,
+            removable: true,
+            vfio: Some(handle),
+        });
+        self.changed.store(true, Ordering::Release);
+        locked(&self.registers).inserted(slot);
+        self.notify_guest();
+        tracing::info!(
+            "hotplug: {} ({}) assigned at {}",
+            info.id,
+            spec.host,
+            info.bdf
+        );
+        Ok(info)
+    }
+
+    /// The assigned functions the VM holds now.
+    pub fn vfio_handles(&self) -> Vec<VfioHandle> {
+        locked(&self.devices)
+            .iter()
+            .filter_map(|d| d.vfio.clone())
+            .collect()
+    }
+
+    /// The queue of the thread that tears ejected assigned functions down, started at first
+    /// need. Not on the vCPU that ran the guest's `_EJ0`: the reset, the group's removal from
+    /// KVM's VFIO device and the container's teardown are calls its seccomp filter refuses
+    /// (it keeps the VFIO calls a guest config write needs, no more). Started by the VM's
+    /// main thread or the API's, which are not filtered, so the thread is not either.
+    fn teardown_queue(&self) -> Result<Sender<Teardown>, HotplugError> {
+        let mut queue = locked(&self.teardown);
+        if let Some(sender) = queue.as_ref() {
+            return Ok(sender.clone());
+        }
+        let (sender, receiver) = std::sync::mpsc::channel::<Teardown>();
+        std::thread::Builder::new()
+            .name("vfio-teardown".into())
+            .spawn(move || {
+                for (device, handle) in receiver {
+                    handle.detach();
+                    tracing::info!("hotplug: {} torn down", handle.name);
+                    drop(device);
+                }
+            })
+            .map_err(|e| {
+                HotplugError::Failed(format!("cannot start the VFIO teardown thread: {e}"))
+            })?;
+        *queue = Some(sender.clone());
+        Ok(sender)
     }
 
     /// A valid id not in use: the caller's, or `PREFIX<n>` with the lowest free n.
@@ -300,6 +465,7 @@ impl Hotplug {
             address,
             metrics: Some(metrics),
             removable: true,
+            vfio: None,
         });
         self.changed.store(true, Ordering::Release);
         locked(&self.registers).inserted(address.device);
@@ -318,7 +484,7 @@ impl Hotplug {
                 .ok_or_else(|| HotplugError::NotFound(id.to_string()))?;
             if !entry.removable {
                 return Err(HotplugError::Conflict(format!(
-                    "`{id}` ({}) cannot be removed: only virtio devices can",
+                    "`{id}` ({}) cannot be removed: only virtio and assigned (VFIO) devices can",
                     entry.info.kind
                 )));
             }
@@ -365,6 +531,17 @@ impl Hotplug {
                 self.wiring.qos.forget(&entry.info.id);
             }
             match (&entry, removed) {
+                (
+                    Some(DeviceEntry {
+                        vfio: Some(handle),
+                        info,
+                        ..
+                    }),
+                    Ok(device),
+                ) => {
+                    tracing::info!("hotplug: {} at {address} ejected by the guest", info.id);
+                    self.tear_down(device, handle.clone());
+                }
                 (Some(entry), Ok(device)) => {
                     tracing::info!(
                         "hotplug: {} at {address} ejected by the guest",
@@ -376,6 +553,25 @@ impl Hotplug {
                 (_, Err(e)) => tracing::warn!("hotplug: eject of {address}: {e}"),
                 (None, Ok(_)) => tracing::warn!("hotplug: {address} ejected had no id"),
             }
+        }
+    }
+}
+
+impl Hotplug {
+    /// Hands an ejected assigned function to the teardown thread. Should the thread be gone,
+    /// the function is kept until the controller goes rather than torn down here on a vCPU.
+    fn tear_down(&self, device: SharedPciDevice, handle: VfioHandle) {
+        let queue = locked(&self.teardown).clone();
+        let refused = match queue {
+            Some(queue) => queue.send((device, handle)).err().map(|e| e.0),
+            None => Some((device, handle)),
+        };
+        if let Some(kept) = refused {
+            tracing::error!(
+                "hotplug: {}: no teardown thread; the function stays open until the VM ends",
+                kept.1.name
+            );
+            locked(&self.stranded).push(kept);
         }
     }
 }
@@ -402,6 +598,9 @@ impl BusDevice for HotplugPort {
         }
     }
 }
+
+/// `vm.info`'s kind of an assigned function.
+const VFIO_KIND: &str = "vfio";
 
 /// The API's kind for a function named `name` by its model.
 fn kind_of(name: &str) -> String {

@@ -48,9 +48,11 @@ fn rig() -> Option<Rig> {
             dma: Arc::new(DmaSpaces::identity(ram.memory.clone())),
             interrupts: VmInterrupts::new(&vm),
             qos: Arc::default(),
+            vfio: None,
         },
         metrics.clone(),
         &[],
+        Vec::new(),
     );
     let port = hotplug.port();
     Some(Rig {
@@ -105,6 +107,40 @@ fn a_plugged_disk_is_announced_and_the_guests_eject_removes_it_and_frees_its_ima
     assert!(
         sluice_storage::DiskImage::open(image.as_path(), false, false).is_ok(),
         "the removed disk's image is closed and unlocked"
+    );
+}
+
+/// A migration waits for a requested eject to complete: while the guest has not run `_EJ0`
+/// the blocker names the device; once it has, nothing blocks (the VM's devices changed, but a
+/// destination with its current devices can take it). A VM without VFIO wiring refuses
+/// `vm.add-device` as a conflict.
+#[test]
+fn a_pending_eject_blocks_a_migration_until_the_guest_completes_it() {
+    let Some(mut rig) = rig() else { return };
+    let image = vmm_sys_util::tempfile::TempFile::new().unwrap();
+    image.as_file().set_len(1 << 20).unwrap();
+    rig.hotplug
+        .add_disk(&disk(image.as_path()), Some("hot0".into()))
+        .unwrap();
+
+    let with_the_disk = rig.hotplug.migration_blocker();
+    rig.hotplug.remove("hot0").unwrap();
+    let pending = rig.hotplug.migration_blocker();
+    rig.port.write(0, PCEJ_OFFSET, &(1u32 << 1).to_le_bytes());
+    let after = rig.hotplug.migration_blocker();
+    let vfio = crate::config::parse_device("vfio=0000:01:00.0").unwrap();
+    let refused = rig.hotplug.add_vfio(&vfio, None);
+
+    assert_eq!(with_the_disk, None, "a plugged virtio disk can migrate");
+    let pending = pending.expect("an eject pending blocks");
+    assert!(
+        pending.contains("hot0") && pending.contains("eject pending"),
+        "{pending}"
+    );
+    assert_eq!(after, None);
+    assert!(
+        matches!(refused, Err(HotplugError::Conflict(_))),
+        "{refused:?}"
     );
 }
 
