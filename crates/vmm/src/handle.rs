@@ -133,7 +133,7 @@ impl VmHandle {
         if let Some(device) = self.device_without_migration() {
             return Err(HandleError::Migration(format!(
                 "{device} cannot be migrated (virtio-blk on an image or a logging vhost-user \
-                 backend, NVMe, virtio-net and virtio-rng can)"
+                 backend, NVMe, virtio-net, the e1000, virtio-rng and the TPM can)"
             )));
         }
         let parts = self.machine_parts().ok_or(HandleError::NotRunning(state))?;
@@ -149,7 +149,6 @@ impl VmHandle {
     fn device_without_migration(&self) -> Option<&'static str> {
         let c = &self.config;
         [
-            (!c.e1000s.is_empty(), "an e1000"),
             (c.iommu.is_some(), "the virtual IOMMU"),
             (c.test_device, "the PCI test device"),
         ]
