@@ -413,6 +413,20 @@ impl Scheduler {
         true
     }
 
+    /// Changes the device's depth and buckets (live reconfiguration); its buckets start full.
+    /// Requests already in flight stay; a smaller depth holds new ones back until enough
+    /// completed.
+    pub fn reconfigure_device(&mut self, device: DeviceConfig, now: Nanos) {
+        let device = DeviceConfig {
+            depth: device.depth.max(1),
+            idle_depth: device.idle_depth.max(1),
+            ..device
+        };
+        self.iops = device.iops.map(|r| TokenBucket::new(r, now));
+        self.bps = device.bps.map(|r| TokenBucket::new(r, now));
+        self.device = device;
+    }
+
     /// A new queue (a virtqueue's worker) of `guest`.
     pub fn add_queue(&mut self, guest: GuestId) -> QueueId {
         self.queues.push(Queue {

@@ -82,6 +82,19 @@ impl Qos {
         changed
     }
 
+    /// The device-wide settings (depth, buckets).
+    pub fn device_config(&self) -> DeviceConfig {
+        self.lock().scheduler.device().clone()
+    }
+
+    /// Changes the device-wide depth and buckets while guests run (the buckets restart
+    /// full); the ticker dispatches what the new settings let go.
+    pub fn reconfigure_device(&self, device: DeviceConfig) {
+        let now = self.now();
+        self.lock().scheduler.reconfigure_device(device, now);
+        self.ticker.notify_one();
+    }
+
     pub fn guest_config(&self, guest: GuestId) -> Option<GuestConfig> {
         self.lock().scheduler.guest_config(guest).cloned()
     }

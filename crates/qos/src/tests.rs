@@ -205,6 +205,76 @@ fn a_device_bucket_limits_every_guest_together() {
     assert!(sim.done[0].abs_diff(sim.done[1]) <= 1, "{:?}", sim.done);
 }
 
+/// `serve net`: a tap write completes at once, so the backend's depth never fills and the
+/// device's frame bucket (`--qos-device pps=`) is the saturation point. Equal frames, weights
+/// 3:1: the granted frames split 3:1 to within one frame, and together they are the bucket's.
+#[test]
+fn a_device_frame_bucket_is_the_saturation_point_and_weights_split_it() {
+    let device = DeviceConfig {
+        iops: Some(Rate {
+            per_sec: 600,
+            burst: 60,
+        }),
+        ..DeviceConfig::default()
+    };
+    let mut sim = Sim::new(device, vec![guest("w3", 3), guest("w1", 1)]);
+    sim.run(10 * SEC, 1, &mut |sim| {
+        sim.fill(0, &|t| read(t, 0, 64));
+        sim.fill(1, &|t| read(t, 0, 64));
+    });
+    let (w3, w1) = (sim.done[0], sim.done[1]);
+    assert!((6058..=6062).contains(&(w3 + w1)), "{w3} + {w1}");
+    assert!(w3.abs_diff(3 * w1) <= 3, "{w3} : {w1}");
+    let stats = sim.scheduler.stats(sim.now);
+    assert_eq!((stats[0].1.throttled_ns, stats[1].1.throttled_ns), (0, 0));
+}
+
+/// `vm.qos` id `device`: a new device bucket applies from the next dispatch (restarting
+/// full), a larger depth lets more requests start, and requests already in flight stay.
+#[test]
+fn a_device_reconfigured_live_gets_its_new_bucket_and_depth() {
+    let device = DeviceConfig {
+        depth: 2,
+        iops: Some(Rate {
+            per_sec: 1,
+            burst: 1,
+        }),
+        ..DeviceConfig::default()
+    };
+    let mut s = Scheduler::new(device.clone(), 0);
+    let g = s.add_guest(guest("g", 1), 0);
+    let q = s.add_queue(g);
+    for tag in 0..8 {
+        s.enqueue(q, read(tag, tag * 4096, 4096), 0).unwrap();
+    }
+    s.dispatch(0);
+    assert_eq!(s.take_grants(q), vec![0], "the bucket's one request");
+    s.reconfigure_device(
+        DeviceConfig {
+            iops: Some(Rate {
+                per_sec: 1,
+                burst: 5,
+            }),
+            ..device.clone()
+        },
+        MS,
+    );
+    s.dispatch(MS);
+    assert_eq!(s.take_grants(q), vec![1], "depth 2: one more in flight");
+    s.reconfigure_device(
+        DeviceConfig {
+            depth: 8,
+            iops: None,
+            ..device
+        },
+        2 * MS,
+    );
+    s.dispatch(2 * MS);
+    assert_eq!(s.take_grants(q), (2..8).collect::<Vec<_>>());
+    assert_eq!(s.in_flight(), 8);
+    assert_eq!(s.device().depth, 8);
+}
+
 #[test]
 fn a_flush_waits_for_the_writes_before_it_but_not_for_later_ones() {
     let mut s = Scheduler::new(DeviceConfig::default(), 0);
