@@ -376,6 +376,7 @@ fn parse_nic(spec: &str, default_queues: u16) -> anyhow::Result<NicSpec> {
         )));
     }
     let name = name.unwrap_or_else(|| socket_name(&socket));
+    refuse_device_id(&name).map_err(bad)?;
     let qos = qos.join(",");
     // The scheduler names the frame bucket iops; the user wrote pps.
     sluice_qos::parse_guest(&name, &qos).map_err(|e| bad(e.replace("iops", "pps")))?;
@@ -519,6 +520,7 @@ fn parse_disk(spec: &str) -> anyhow::Result<DiskSpec> {
     let socket = socket.with_context(|| format!("--disk {spec:?}: socket= is required"))?;
     let image = image.with_context(|| format!("--disk {spec:?}: image= is required"))?;
     let name = name.unwrap_or_else(|| socket_name(&socket));
+    refuse_device_id(&name).map_err(|e| anyhow::anyhow!("--disk {spec:?}: {e}"))?;
     Ok(DiskSpec {
         socket,
         image,
@@ -527,6 +529,16 @@ fn parse_disk(spec: &str) -> anyhow::Result<DiskSpec> {
         notify,
         qos: Some(qos.join(",")),
     })
+}
+
+/// `vm.qos` names the scheduler itself `device`: no disk or NIC may be called that.
+fn refuse_device_id(name: &str) -> Result<(), String> {
+    if name == sluice_vmm::qos::DEVICE_ID {
+        return Err(format!(
+            "the name {name:?} is the scheduler's own in vm.qos (name= another)"
+        ));
+    }
+    Ok(())
 }
 
 fn socket_name(socket: &Path) -> String {
@@ -780,9 +792,14 @@ impl VmApi for ServeApi {
         } else {
             request.options.clone()
         };
-        self.disks
-            .reconfigure(id, &options)
-            .map_err(crate::api::qos_error)
+        let answer = self.disks.reconfigure(id, &options);
+        answer.map_err(|e| match crate::api::qos_error(e) {
+            // The scheduler names the frame bucket iops; a NIC's client wrote pps.
+            ApiError::BadRequest(why) if self.net_keys => {
+                ApiError::BadRequest(why.replace("iops", "pps"))
+            }
+            other => other,
+        })
     }
 }
 
