@@ -2,7 +2,8 @@
 //!
 //! Guest keys: `weight=N` (1..=1000), `iops=N`, `iops_burst=N`, `bps=SIZE`, `bps_burst=SIZE`,
 //! `queue=N` (requests held per virtqueue, 1..=4096). Device keys (`--qos-device`): `depth=N`
-//! (1..=1024), `idle_depth=N`, `iops`, `iops_burst`, `bps`, `bps_burst`. SIZE takes K, M, G
+//! (1..=1024), `idle_depth=N`, `poll_guests=N` (0..=1024: guests polled at once under
+//! `notify=sched`), `iops`, `iops_burst`, `bps`, `bps_burst`. SIZE takes K, M, G
 //! (powers of 1024). A rate of 0 means no limit; a burst without its rate is refused.
 
 use crate::bucket::Rate;
@@ -125,6 +126,7 @@ pub fn apply_device(current: &DeviceConfig, spec: &str) -> Result<DeviceConfig, 
         match key {
             "depth" => config.depth = number_in(value, key, 1..=1024)? as usize,
             "idle_depth" => config.idle_depth = number_in(value, key, 1..=1024)? as usize,
+            "poll_guests" => config.poll_guests = number_in(value, key, 0..=1024)? as usize,
             _ => return Err(format!("unknown qos device key {key:?}")),
         }
     }

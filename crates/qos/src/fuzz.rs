@@ -49,6 +49,7 @@ pub fn spec(data: &[u8]) {
 fn check_device(device: &DeviceConfig) {
     assert!((1..=1024).contains(&device.depth), "{device:?}");
     assert!((1..=1024).contains(&device.idle_depth), "{device:?}");
+    assert!(device.poll_guests <= 1024, "{device:?}");
     check_rate(device.iops);
     check_rate(device.bps);
 }
@@ -95,5 +96,6 @@ fn schedule_on(device: DeviceConfig, config: GuestConfig) {
             assert!(scheduler.complete(queue, tag));
         }
         let _ = scheduler.next_wakeup(now);
+        let _ = scheduler.refresh_modes(now);
     }
 }

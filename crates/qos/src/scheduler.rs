@@ -26,6 +26,12 @@
 //!   until that one completed. Everything else may overtake: a blocked, throttled or
 //!   low-priority request never holds back one that may go (up to [`SCAN_LIMIT`] requests
 //!   per class are looked at past a blocked head).
+//! * **Polling or interrupts per guest.** [`Scheduler::refresh_modes`] picks the guests whose
+//!   queues are polled (`notify=sched`): a guest with requests queued or in flight for
+//!   [`POLL_AFTER`] without a gap longer than [`IDLE_AFTER`] (sustained backlog) and not held
+//!   by its own buckets, at most [`DeviceConfig::poll_guests`] of them (those busy longest).
+//!   A guest that goes idle or is throttled goes back to interrupts: polling it would burn a
+//!   host CPU for requests that cannot come or cannot go.
 //! * **Bounded memory.** Each queue of a guest holds at most `queue_limit` requests here; past
 //!   that [`Scheduler::enqueue`] refuses and the caller leaves the guest's further requests in its
 //!   own ring, where they cost the server nothing.
@@ -40,6 +46,10 @@ use crate::Nanos;
 pub const COST_PER_REQUEST: u64 = 16 << 10;
 /// Requests looked at per class past a blocked head.
 pub const SCAN_LIMIT: usize = 64;
+/// A guest busy (requests queued or in flight) this long is polled (see the module doc).
+pub const POLL_AFTER: Nanos = 2_000_000;
+/// A gap without requests longer than this ends a guest's busy period.
+pub const IDLE_AFTER: Nanos = 1_000_000;
 /// Virtual time units per byte of cost at weight 1 (weights divide it).
 const VTIME_SCALE: u128 = 1 << 20;
 
@@ -134,6 +144,8 @@ pub struct DeviceConfig {
     pub idle_depth: usize,
     pub iops: Option<Rate>,
     pub bps: Option<Rate>,
+    /// Guests polled at once at most (queues with `notify=sched`); 0: none.
+    pub poll_guests: usize,
 }
 
 impl Default for DeviceConfig {
@@ -143,6 +155,7 @@ impl Default for DeviceConfig {
             idle_depth: 1,
             iops: None,
             bps: None,
+            poll_guests: 1,
         }
     }
 }
@@ -172,6 +185,11 @@ pub struct GuestStats {
     /// Queueing delays by power of two: bucket `i` counts delays below `2^i` ns (and at least
     /// `2^(i-1)`); the last one everything from about a second up.
     pub delay_histogram: [u64; DELAY_BUCKETS],
+    /// Whether the guest's queues are polled now ([`Scheduler::refresh_modes`]).
+    pub polled: bool,
+    /// Changes between polled and interrupts, and the time spent polled.
+    pub poll_switches: u64,
+    pub polled_ns: u64,
 }
 
 /// Buckets of [`GuestStats::delay_histogram`].
@@ -254,6 +272,11 @@ struct Guest {
     /// Writes queued or in flight (see [`Guest::ordered_behind`]).
     writes_outstanding: usize,
     throttled_since: Option<Nanos>,
+    /// Start of the current busy period, and when the guest was last seen with requests.
+    busy_since: Option<Nanos>,
+    last_active: Nanos,
+    /// Since when it is polled (None: interrupts).
+    polled_since: Option<Nanos>,
     stats: GuestStats,
 }
 
@@ -317,6 +340,24 @@ impl Guest {
             }
         }
         None
+    }
+
+    fn set_polled(&mut self, polled: bool, now: Nanos) {
+        match (self.polled_since, polled) {
+            (None, true) => {
+                self.polled_since = Some(now);
+                self.stats.poll_switches += 1;
+            }
+            (Some(since), false) => {
+                self.polled_since = None;
+                self.stats.poll_switches += 1;
+                self.stats.polled_ns = self
+                    .stats
+                    .polled_ns
+                    .saturating_add(now.saturating_sub(since));
+            }
+            _ => {}
+        }
     }
 
     fn stop_throttle(&mut self, now: Nanos) {
@@ -389,6 +430,9 @@ impl Scheduler {
             next_seq: 0,
             writes_outstanding: 0,
             throttled_since: None,
+            busy_since: None,
+            last_active: now,
+            polled_since: None,
             stats: GuestStats::default(),
         });
         GuestId(self.guests.len() - 1)
@@ -489,7 +533,12 @@ impl Scheduler {
         q.pending += 1;
         if !guest.active() {
             guest.vtime = guest.vtime.max(vclock);
+            if now.saturating_sub(guest.last_active) > IDLE_AFTER {
+                guest.busy_since = None;
+            }
         }
+        guest.busy_since.get_or_insert(now);
+        guest.last_active = now;
         let seq = guest.next_seq;
         guest.next_seq += 1;
         if request.access == Access::Write {
@@ -620,6 +669,38 @@ impl Scheduler {
         true
     }
 
+    /// Chooses which guests are polled at `now` (see the module doc) and returns, per guest,
+    /// whether it is.
+    pub fn refresh_modes(&mut self, now: Nanos) -> Vec<bool> {
+        let mut candidates: Vec<(Nanos, usize)> = Vec::new();
+        for (index, guest) in self.guests.iter_mut().enumerate() {
+            if guest.active() {
+                guest.last_active = now;
+                guest.busy_since.get_or_insert(now);
+            } else if now.saturating_sub(guest.last_active) > IDLE_AFTER {
+                guest.busy_since = None;
+            }
+            let sustained = guest
+                .busy_since
+                .is_some_and(|since| now.saturating_sub(since) >= POLL_AFTER);
+            if sustained && guest.throttled_since.is_none() {
+                candidates.push((guest.busy_since.unwrap_or(now), index));
+            }
+        }
+        // Busy longest first; ties by index, so the choice is stable.
+        candidates.sort_unstable();
+        candidates.truncate(self.device.poll_guests);
+        self.guests
+            .iter_mut()
+            .enumerate()
+            .map(|(index, guest)| {
+                let polled = candidates.iter().any(|&(_, i)| i == index);
+                guest.set_polled(polled, now);
+                polled
+            })
+            .collect()
+    }
+
     /// When a bucket that holds back a waiting request refills (None: nothing waits on time).
     pub fn next_wakeup(&mut self, now: Nanos) -> Option<Nanos> {
         let waiting = self.guests.iter().any(|g| g.queued() > 0);
@@ -662,6 +743,10 @@ impl Scheduler {
                 if let Some(since) = g.throttled_since {
                     stats.throttled_ns =
                         stats.throttled_ns.saturating_add(now.saturating_sub(since));
+                }
+                stats.polled = g.polled_since.is_some();
+                if let Some(since) = g.polled_since {
+                    stats.polled_ns = stats.polled_ns.saturating_add(now.saturating_sub(since));
                 }
                 (g.config.clone(), stats)
             })

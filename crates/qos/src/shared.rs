@@ -9,7 +9,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,9 @@ struct Inner {
     scheduler: Scheduler,
     /// Per queue: its worker's waker and its count of grants not yet taken.
     ports: Vec<Option<PortShared>>,
+    /// Per guest: whether its queues are to be polled (`Scheduler::refresh_modes`), read by
+    /// its workers without the lock.
+    polled: Vec<Arc<AtomicBool>>,
 }
 
 #[derive(Clone)]
@@ -55,6 +58,7 @@ impl Qos {
             inner: Mutex::new(Inner {
                 scheduler: Scheduler::new(device, 0),
                 ports: Vec::new(),
+                polled: Vec::new(),
             }),
             ticker: Condvar::new(),
             epoch: Instant::now(),
@@ -71,7 +75,10 @@ impl Qos {
 
     pub fn add_guest(&self, config: GuestConfig) -> GuestId {
         let now = self.now();
-        self.lock().scheduler.add_guest(config, now)
+        let mut inner = self.lock();
+        let guest = inner.scheduler.add_guest(config, now);
+        inner.polled.push(Arc::new(AtomicBool::new(false)));
+        guest
     }
 
     /// Changes a guest's weight and limits while it runs.
@@ -126,11 +133,17 @@ impl Qos {
             inner.ports.resize(queue.0 + 1, None);
         }
         inner.ports[queue.0] = Some(shared);
+        let polled = inner
+            .polled
+            .get(guest.0)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(AtomicBool::new(false)));
         Ok(QueuePort {
             qos: Arc::clone(self),
             queue,
             waker,
             granted,
+            polled,
         })
     }
 
@@ -148,6 +161,10 @@ impl Qos {
         }
         if inner.scheduler.next_wakeup(now).is_some() {
             self.ticker.notify_one();
+        }
+        let modes = inner.scheduler.refresh_modes(now);
+        for (flag, polled) in inner.polled.iter().zip(modes) {
+            flag.store(polled, Ordering::Relaxed);
         }
     }
 
@@ -194,6 +211,9 @@ pub fn stats_json(device: &DeviceConfig, stats: &[(GuestConfig, GuestStats)]) ->
                 "queue_delay_max_us": s.max_queue_delay_ns / 1000,
                 "queue_delay_p99_us": s.delay_percentile_ns(99) / 1000,
                 "throttled_ms": s.throttled_ns / 1_000_000,
+                "notify": if s.polled { "poll" } else { "interrupt" },
+                "poll_switches": s.poll_switches,
+                "polled_ms": s.polled_ns / 1_000_000,
                 "refused_enqueues": s.refused,
                 "class_dispatched": {
                     "high": s.class_dispatched[0],
@@ -213,6 +233,7 @@ pub fn stats_json(device: &DeviceConfig, stats: &[(GuestConfig, GuestStats)]) ->
         "idle_depth": device.idle_depth,
         "iops_limit": device.iops.map(|r| r.per_sec),
         "bps_limit": device.bps.map(|r| r.per_sec),
+        "poll_guests": device.poll_guests,
         "guests": guests,
     })
 }
@@ -246,6 +267,8 @@ pub struct QueuePort {
     queue: QueueId,
     waker: Arc<EventFd>,
     granted: Arc<AtomicUsize>,
+    /// Its guest's polling choice (shared by the guest's queues).
+    polled: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for QueuePort {
@@ -298,6 +321,12 @@ impl QueuePort {
     /// Grants are waiting to be taken (no lock, no system call: for a polling worker).
     pub fn has_grants(&self) -> bool {
         self.granted.load(Ordering::Acquire) > 0
+    }
+
+    /// Whether the scheduler has this queue's guest polled now (no lock, no system call:
+    /// `QueueHandler::wants_polling` under `notify=sched`).
+    pub fn polled(&self) -> bool {
+        self.polled.load(Ordering::Relaxed)
     }
 }
 

@@ -581,3 +581,97 @@ fn the_delay_p99_is_the_bucket_edge_above_ninety_nine_percent_of_the_delays() {
     );
     assert_eq!(GuestStats::default().delay_percentile_ns(99), 0);
 }
+
+/// `notify=sched`: a guest busy for [`POLL_AFTER`] is polled, one guest at a time by
+/// default (the one busy longest); a throttled guest and one idle past [`IDLE_AFTER`] go back
+/// to interrupts; the switches and the time polled are counted.
+#[test]
+fn the_scheduler_polls_a_guest_with_sustained_backlog_and_not_an_idle_or_throttled_one() {
+    let mut s = Scheduler::new(DeviceConfig::default(), 0);
+    let busy = s.add_guest(guest("busy", 1), 0);
+    let limited = GuestConfig {
+        iops: Some(Rate {
+            per_sec: 1,
+            burst: 1,
+        }),
+        ..guest("limited", 1)
+    };
+    let limited = s.add_guest(limited, 0);
+    let late = s.add_guest(guest("late", 1), 0);
+    let (qb, ql, qlate) = (s.add_queue(busy), s.add_queue(limited), s.add_queue(late));
+    let step = 100 * US;
+    let mut now = 0;
+    let mut tag = 0;
+    // `busy` always has a request in flight; `limited` has queued ones its bucket holds.
+    for _ in 0..2 {
+        s.enqueue(ql, read(tag, 0, 4096), now).unwrap();
+        tag += 1;
+    }
+    while now <= POLL_AFTER + step {
+        s.enqueue(qb, read(tag, 0, 4096), now).unwrap();
+        tag += 1;
+        s.dispatch(now);
+        for t in s.take_grants(qb) {
+            s.complete(qb, t);
+        }
+        for t in s.take_grants(ql) {
+            s.complete(ql, t);
+        }
+        now += step;
+    }
+    let modes = s.refresh_modes(now);
+    assert_eq!(
+        modes,
+        vec![true, false, false],
+        "busy only: limited is throttled"
+    );
+
+    // `late` gets busy too, but one guest is polled at a time: the one busy longest.
+    let busy_until = now + POLL_AFTER + step;
+    while now <= busy_until {
+        for (queue, _) in [(qb, busy), (qlate, late)] {
+            s.enqueue(queue, read(tag, 0, 4096), now).unwrap();
+            tag += 1;
+        }
+        s.dispatch(now);
+        for queue in [qb, qlate] {
+            for t in s.take_grants(queue) {
+                s.complete(queue, t);
+            }
+        }
+        now += step;
+    }
+    assert_eq!(s.refresh_modes(now), vec![true, false, false]);
+    s.reconfigure_device(
+        DeviceConfig {
+            poll_guests: 2,
+            ..DeviceConfig::default()
+        },
+        now,
+    );
+    assert_eq!(s.refresh_modes(now), vec![true, false, true]);
+
+    // Idle past IDLE_AFTER: back to interrupts.
+    now += IDLE_AFTER + step;
+    // The throttled guest's requests are still queued: it stays active but not polled.
+    assert_eq!(s.refresh_modes(now), vec![false, false, false]);
+    let stats = s.stats(now);
+    assert_eq!(stats[0].1.poll_switches, 2, "on, then off");
+    assert!(!stats[0].1.polled);
+    assert!(stats[0].1.polled_ns >= POLL_AFTER, "{:?}", stats[0].1);
+    assert_eq!(stats[1].1.poll_switches, 0);
+    assert_eq!(stats[2].1.poll_switches, 2);
+    // No guest is polled with poll_guests=0.
+    s.reconfigure_device(
+        DeviceConfig {
+            poll_guests: 0,
+            ..DeviceConfig::default()
+        },
+        now,
+    );
+    s.enqueue(qb, read(tag, 0, 4096), now).unwrap();
+    assert_eq!(
+        s.refresh_modes(now + POLL_AFTER * 4),
+        vec![false, false, false]
+    );
+}

@@ -569,6 +569,19 @@ fn serve_blk(args: BlkArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
         Some(_) => true,
         None => disks.iter().any(|d| d.qos.is_some()),
     };
+    if !scheduled {
+        if let Some(disk) = disks.iter().find(|d| {
+            matches!(
+                d.notify,
+                Some(sluice_virtio::NotifyPolicy::Scheduled { .. })
+            )
+        }) {
+            anyhow::bail!(
+                "disk {}: notify=sched needs the scheduler (not --qos-device off)",
+                disk.name
+            );
+        }
+    }
     let qos = if scheduled {
         let spec = args.qos_device.as_deref().unwrap_or("");
         let device = sluice_qos::parse_device(spec)

@@ -50,9 +50,10 @@ const KEYS: [(&str, &str); 6] = [
 ];
 
 /// The `vm.qos` keys of the device itself, as `--qos-device` spells them.
-const DEVICE_KEYS: [&str; 6] = [
+const DEVICE_KEYS: [&str; 7] = [
     "depth",
     "idle_depth",
+    "poll_guests",
     "iops",
     "iops_burst",
     "bps",
@@ -201,6 +202,7 @@ fn device_json(device: &sluice_qos::DeviceConfig) -> Value {
         "id": DEVICE_ID,
         "depth": device.depth,
         "idle_depth": device.idle_depth,
+        "poll_guests": device.poll_guests,
         "iops_limit": device.iops.map(|r| r.per_sec),
         "iops_burst": device.iops.map(|r| r.burst),
         "bps_limit": device.bps.map(|r| r.per_sec),

@@ -997,3 +997,65 @@ fn a_drained_stop_answers_requests_in_flight_before_handing_the_queue_back() {
     );
     assert_eq!(load(&h.queue_metrics().in_flight_at_stop), 0);
 }
+
+/// [`EchoHandler`] whose `wants_polling` is what the test (standing in for a scheduler) says.
+struct SteeredHandler {
+    polled: Arc<AtomicBool>,
+}
+
+impl QueueHandler for SteeredHandler {
+    fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        EchoHandler.process(ctx)
+    }
+
+    fn wants_polling(&self) -> bool {
+        self.polled.load(Ordering::SeqCst)
+    }
+}
+
+/// `notify=sched`: interrupts while the handler says not to poll (no poll loop entered,
+/// notifications on), polling (unkicked requests served, notifications off) once it says
+/// so, and back to notifications — long before the 30 s budget — when it stops saying so.
+#[test]
+fn scheduled_mode_polls_only_while_the_handler_asks_for_it() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let polled = Arc::new(AtomicBool::new(false));
+    let queue = h.driver.create_queue::<Queue>().unwrap();
+    let handler = Box::new(SteeredHandler {
+        polled: polled.clone(),
+    });
+    let budget = Duration::from_secs(30);
+    let worker = h.spawn_with(queue, NotifyPolicy::Scheduled { budget }, handler, false);
+
+    h.submit(true);
+    wait_until("the first request", || h.used_idx() == 1);
+    let entries_off = load(&h.queue_metrics().poll_entries);
+    let flags_off = h.used_flags();
+
+    polled.store(true, Ordering::SeqCst);
+    h.submit(true);
+    wait_until("the kicked request", || h.used_idx() == 2);
+    h.submit(false);
+    wait_until("the unkicked request", || h.used_idx() == 3);
+    let flags_polling = h.used_flags();
+    let entries_on = load(&h.queue_metrics().poll_entries);
+
+    let stopped_polling = Instant::now();
+    polled.store(false, Ordering::SeqCst);
+    wait_until("notifications back on", || h.used_flags() == 0);
+    let back_after = stopped_polling.elapsed();
+    h.submit(true);
+    wait_until("a kicked request after polling", || h.used_idx() == 4);
+    worker.stop();
+
+    assert_eq!((entries_off, flags_off), (0, 0), "interrupt mode at first");
+    assert_eq!(flags_polling, VRING_USED_F_NO_NOTIFY);
+    assert_eq!(entries_on, 1, "one poll loop served both requests");
+    assert!(
+        back_after < budget,
+        "the hint, not the budget, ended polling"
+    );
+    assert_eq!(load(&h.queue_metrics().kicks), 3);
+    assert_eq!(load(&h.queue_metrics().requests), 4);
+}
