@@ -277,6 +277,9 @@ struct Guest {
     last_active: Nanos,
     /// Since when it is polled (None: interrupts).
     polled_since: Option<Nanos>,
+    /// Taken out of the scheduler ([`Scheduler::remove_guest`]): its slot stays so that
+    /// guest ids keep their meaning, holding nothing.
+    removed: bool,
     stats: GuestStats,
 }
 
@@ -433,18 +436,57 @@ impl Scheduler {
             busy_since: None,
             last_active: now,
             polled_since: None,
+            removed: false,
             stats: GuestStats::default(),
         });
         GuestId(self.guests.len() - 1)
     }
 
     pub fn guest_config(&self, guest: GuestId) -> Option<&GuestConfig> {
-        self.guests.get(guest.0).map(|g| &g.config)
+        self.guests
+            .get(guest.0)
+            .filter(|g| !g.removed)
+            .map(|g| &g.config)
+    }
+
+    /// Takes `guest` out (its disk was unplugged): its queues stop taking requests, what it
+    /// had queued or in flight is forgotten, and its stats leave [`Scheduler::stats`] and
+    /// everyone's shares. False if there was no such guest.
+    pub fn remove_guest(&mut self, guest: GuestId) -> bool {
+        if self.guests.get(guest.0).is_none_or(|g| g.removed) {
+            return false;
+        }
+        let queues: Vec<QueueId> = (0..self.queues.len())
+            .map(QueueId)
+            .filter(|q| self.queues[q.0].guest == guest)
+            .collect();
+        for queue in queues {
+            self.remove_queue(queue);
+        }
+        let g = &mut self.guests[guest.0];
+        self.in_flight -= g.in_flight.len();
+        *g = Guest {
+            removed: true,
+            config: g.config.clone(),
+            vtime: 0,
+            pending: Default::default(),
+            in_flight: Vec::new(),
+            iops: None,
+            bps: None,
+            next_seq: 0,
+            writes_outstanding: 0,
+            throttled_since: None,
+            busy_since: None,
+            last_active: 0,
+            polled_since: None,
+            stats: GuestStats::default(),
+        };
+        true
     }
 
     /// Changes a guest's weight and buckets (live reconfiguration); buckets start full.
     pub fn reconfigure(&mut self, guest: GuestId, config: GuestConfig, now: Nanos) -> bool {
-        let Some(g) = self.guests.get_mut(guest.0) else {
+        let Some(g) = self.guests.get_mut(guest.0).filter(|g| !g.removed) else {
             return false;
         };
         g.iops = config.iops.map(|r| TokenBucket::new(r, now));
@@ -734,22 +776,35 @@ impl Scheduler {
         self.guests.get(guest.0).map_or(0, Guest::queued)
     }
 
-    /// Per-guest configuration and stats; throttled time counts up to `now`.
+    /// Per-guest configuration and stats, in the order the guests were added, removed ones
+    /// left out; throttled and polled time count up to `now`.
     pub fn stats(&self, now: Nanos) -> Vec<(GuestConfig, GuestStats)> {
         self.guests
             .iter()
-            .map(|g| {
-                let mut stats = g.stats.clone();
-                if let Some(since) = g.throttled_since {
-                    stats.throttled_ns =
-                        stats.throttled_ns.saturating_add(now.saturating_sub(since));
-                }
-                stats.polled = g.polled_since.is_some();
-                if let Some(since) = g.polled_since {
-                    stats.polled_ns = stats.polled_ns.saturating_add(now.saturating_sub(since));
-                }
-                (g.config.clone(), stats)
-            })
+            .filter(|g| !g.removed)
+            .map(|g| g.stats_at(now))
             .collect()
+    }
+
+    /// One guest's configuration and stats (None once removed).
+    pub fn guest_stats(&self, guest: GuestId, now: Nanos) -> Option<(GuestConfig, GuestStats)> {
+        self.guests
+            .get(guest.0)
+            .filter(|g| !g.removed)
+            .map(|g| g.stats_at(now))
+    }
+}
+
+impl Guest {
+    fn stats_at(&self, now: Nanos) -> (GuestConfig, GuestStats) {
+        let mut stats = self.stats.clone();
+        if let Some(since) = self.throttled_since {
+            stats.throttled_ns = stats.throttled_ns.saturating_add(now.saturating_sub(since));
+        }
+        stats.polled = self.polled_since.is_some();
+        if let Some(since) = self.polled_since {
+            stats.polled_ns = stats.polled_ns.saturating_add(now.saturating_sub(since));
+        }
+        (self.config.clone(), stats)
     }
 }

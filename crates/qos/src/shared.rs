@@ -89,6 +89,27 @@ impl Qos {
         changed
     }
 
+    /// Takes a guest out of the scheduler (its disk was unplugged): its requests are
+    /// forgotten, its stats leave the metrics and the others' shares. False if unknown.
+    pub fn remove_guest(&self, guest: GuestId) -> bool {
+        let mut inner = self.lock();
+        let removed = inner.scheduler.remove_guest(guest);
+        if removed {
+            // Its in-flight slots are free now: others may go.
+            self.dispatch_locked(&mut inner, None);
+        }
+        removed
+    }
+
+    /// One guest's entry of [`Qos::stats_json`] (None once removed).
+    pub fn guest_json(&self, guest: GuestId) -> Option<serde_json::Value> {
+        let now = self.now();
+        let inner = self.lock();
+        let (config, stats) = inner.scheduler.guest_stats(guest, now)?;
+        let total = inner.scheduler.stats(now).iter().map(|(_, s)| s.cost).sum();
+        Some(guest_entry(&config, &stats, total))
+    }
+
     /// The device-wide settings (depth, buckets).
     pub fn device_config(&self) -> DeviceConfig {
         self.lock().scheduler.device().clone()
@@ -186,47 +207,7 @@ pub fn stats_json(device: &DeviceConfig, stats: &[(GuestConfig, GuestStats)]) ->
     let total: u64 = stats.iter().map(|(_, s)| s.cost).sum();
     let guests: Vec<_> = stats
         .iter()
-        .map(|(config, s)| {
-            let share = if total == 0 {
-                0.0
-            } else {
-                s.cost as f64 / total as f64
-            };
-            let mean_delay_us = if s.dispatched == 0 {
-                0.0
-            } else {
-                s.queue_delay_ns as f64 / s.dispatched as f64 / 1000.0
-            };
-            serde_json::json!({
-                "name": config.name,
-                "weight": config.weight,
-                "iops_limit": config.iops.map(|r| r.per_sec),
-                "bps_limit": config.bps.map(|r| r.per_sec),
-                "dispatched": s.dispatched,
-                "completed": s.completed,
-                "bytes": s.bytes,
-                "cost": s.cost,
-                "share": share,
-                "queue_delay_mean_us": mean_delay_us,
-                "queue_delay_max_us": s.max_queue_delay_ns / 1000,
-                "queue_delay_p99_us": s.delay_percentile_ns(99) / 1000,
-                "throttled_ms": s.throttled_ns / 1_000_000,
-                "notify": if s.polled { "poll" } else { "interrupt" },
-                "poll_switches": s.poll_switches,
-                "polled_ms": s.polled_ns / 1_000_000,
-                "refused_enqueues": s.refused,
-                "class_dispatched": {
-                    "high": s.class_dispatched[0],
-                    "normal": s.class_dispatched[1],
-                    "idle": s.class_dispatched[2],
-                },
-                "class_queue_delay_us": {
-                    "high": s.class_queue_delay_ns[0] / 1000,
-                    "normal": s.class_queue_delay_ns[1] / 1000,
-                    "idle": s.class_queue_delay_ns[2] / 1000,
-                },
-            })
-        })
+        .map(|(config, s)| guest_entry(config, s, total))
         .collect();
     serde_json::json!({
         "depth": device.depth,
@@ -235,6 +216,49 @@ pub fn stats_json(device: &DeviceConfig, stats: &[(GuestConfig, GuestStats)]) ->
         "bps_limit": device.bps.map(|r| r.per_sec),
         "poll_guests": device.poll_guests,
         "guests": guests,
+    })
+}
+
+/// One guest's JSON entry, its share over `total` (the served cost of every guest).
+fn guest_entry(config: &GuestConfig, s: &GuestStats, total: u64) -> serde_json::Value {
+    let share = if total == 0 {
+        0.0
+    } else {
+        s.cost as f64 / total as f64
+    };
+    let mean_delay_us = if s.dispatched == 0 {
+        0.0
+    } else {
+        s.queue_delay_ns as f64 / s.dispatched as f64 / 1000.0
+    };
+    serde_json::json!({
+        "name": config.name,
+        "weight": config.weight,
+        "iops_limit": config.iops.map(|r| r.per_sec),
+        "bps_limit": config.bps.map(|r| r.per_sec),
+        "dispatched": s.dispatched,
+        "completed": s.completed,
+        "bytes": s.bytes,
+        "cost": s.cost,
+        "share": share,
+        "queue_delay_mean_us": mean_delay_us,
+        "queue_delay_max_us": s.max_queue_delay_ns / 1000,
+        "queue_delay_p99_us": s.delay_percentile_ns(99) / 1000,
+        "throttled_ms": s.throttled_ns / 1_000_000,
+        "notify": if s.polled { "poll" } else { "interrupt" },
+        "poll_switches": s.poll_switches,
+        "polled_ms": s.polled_ns / 1_000_000,
+        "refused_enqueues": s.refused,
+        "class_dispatched": {
+            "high": s.class_dispatched[0],
+            "normal": s.class_dispatched[1],
+            "idle": s.class_dispatched[2],
+        },
+        "class_queue_delay_us": {
+            "high": s.class_queue_delay_ns[0] / 1000,
+            "normal": s.class_queue_delay_ns[1] / 1000,
+            "idle": s.class_queue_delay_ns[2] / 1000,
+        },
     })
 }
 

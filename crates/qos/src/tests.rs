@@ -675,3 +675,47 @@ fn the_scheduler_polls_a_guest_with_sustained_backlog_and_not_an_idle_or_throttl
         vec![false, false, false]
     );
 }
+
+/// An unplugged disk's guest leaves: its queued and in-flight requests are forgotten (their
+/// slots on a full device free at once), its stats leave `stats`, its queues take nothing.
+#[test]
+fn a_removed_guest_frees_its_slots_and_leaves_the_stats() {
+    let device = DeviceConfig {
+        depth: 2,
+        ..DeviceConfig::default()
+    };
+    let mut s = Scheduler::new(device, 0);
+    let gone = s.add_guest(guest("gone", 1), 0);
+    let stays = s.add_guest(guest("stays", 1), 0);
+    let (qg, qs) = (s.add_queue(gone), s.add_queue(stays));
+    for tag in 0..3 {
+        s.enqueue(qg, read(tag, 0, 4096), 0).unwrap();
+    }
+    s.dispatch(0);
+    assert_eq!(s.take_grants(qg), vec![0, 1], "the device is full");
+    s.enqueue(qs, read(10, 0, 4096), 0).unwrap();
+    s.enqueue(qs, read(11, 0, 4096), 0).unwrap();
+    s.dispatch(0);
+    assert_eq!(
+        s.take_grants(qs),
+        vec![10],
+        "one floor request on a full device"
+    );
+
+    assert!(s.remove_guest(gone));
+    assert_eq!(s.in_flight(), 1, "only the staying guest's request");
+    s.dispatch(0);
+    assert_eq!(s.take_grants(qs), vec![11]);
+    let stats = s.stats(0);
+    assert_eq!(stats.len(), 1);
+    assert_eq!(stats[0].0.name, "stays");
+    assert_eq!(s.guest_stats(gone, 0), None);
+    assert_eq!(s.guest_config(gone), None);
+    assert_eq!(s.enqueue(qg, read(5, 0, 4096), 0), Err(QueueFull));
+    assert!(!s.complete(qg, 0), "its in-flight requests are forgotten");
+    assert!(!s.reconfigure(gone, guest("gone", 5), 0));
+    assert!(!s.remove_guest(gone));
+    // Its queue's port going away later changes nothing.
+    s.remove_queue(qg);
+    assert_eq!(s.in_flight(), 2);
+}

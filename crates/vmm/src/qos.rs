@@ -81,6 +81,11 @@ impl QosDisks {
         self.locked().push((id, guest));
     }
 
+    /// The scheduler the disks share (None before the first disk joined one).
+    pub fn scheduler(&self) -> Option<Arc<Qos>> {
+        self.device()
+    }
+
     fn device(&self) -> Option<Arc<Qos>> {
         self.device
             .lock()
@@ -88,9 +93,14 @@ impl QosDisks {
             .clone()
     }
 
-    /// Drops the disk `id` from the list (it was unplugged; its scheduler keeps its stats).
+    /// Drops the disk `id` (it was unplugged): from the list and from its scheduler, whose
+    /// stats and shares then leave it out.
     pub fn forget(&self, id: &str) {
-        self.locked().retain(|(disk, _)| disk != id);
+        let mut disks = self.locked();
+        for (_, gone) in disks.iter().filter(|(disk, _)| disk == id) {
+            gone.qos.remove_guest(gone.guest);
+        }
+        disks.retain(|(disk, _)| disk != id);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -183,8 +193,10 @@ const PROMETHEUS_SERIES: [(&str, &str); 9] = [
 
 /// One disk's settings and stats, with its id.
 fn disk_json(id: &str, scheduled: &ScheduledGuest) -> Value {
-    let mut all = scheduled.qos.stats_json();
-    let mut disk = all["guests"][scheduled.guest.0].take();
+    let mut disk = scheduled
+        .qos
+        .guest_json(scheduled.guest)
+        .unwrap_or(Value::Null);
     if let Value::Object(fields) = &mut disk {
         fields.insert("id".into(), Value::String(id.to_string()));
         if let Some(config) = scheduled.qos.guest_config(scheduled.guest) {
@@ -319,6 +331,59 @@ mod tests {
         assert_eq!(qos.guest_config(GuestId(0)), before);
         disks.forget("disk0");
         assert!(disks.is_empty());
+    }
+
+    /// An unplugged disk leaves its scheduler: the stats (`--metrics`, `serve --metrics`)
+    /// list only the disks still there, whose shares add up to 1 again; its id can no longer
+    /// be changed.
+    #[test]
+    fn a_forgotten_disk_leaves_the_schedulers_stats_and_shares() {
+        let (disks, qos) = disks();
+        let hot = qos.add_guest(sluice_qos::parse_guest("hot.img", "weight=1").unwrap());
+        disks.add(
+            "hot0".into(),
+            ScheduledGuest {
+                qos: Arc::clone(&qos),
+                guest: hot,
+            },
+        );
+        // Each disk gets requests granted and completed through a queue of its own.
+        for guest in [GuestId(0), hot] {
+            let port = qos.port(guest).unwrap();
+            port.enqueue(sluice_qos::Request {
+                tag: 1,
+                class: sluice_qos::Class::Normal,
+                access: sluice_qos::Access::Read,
+                offset: 0,
+                len: 4096,
+            })
+            .unwrap();
+            assert_eq!(port.dispatch(), vec![1]);
+            port.complete_and_dispatch(&[1]);
+        }
+        let names = |stats: &Value| -> Vec<String> {
+            stats["guests"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|g| g["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let before = qos.stats_json();
+        assert_eq!(names(&before), ["a.img", "hot.img"]);
+        assert_eq!(before["guests"][0]["share"], 0.5);
+
+        disks.forget("hot0");
+        let after = qos.stats_json();
+        assert_eq!(names(&after), ["a.img"], "{after}");
+        assert_eq!(after["guests"][0]["share"], 1.0);
+        assert_eq!(disks.status()["disks"][0]["share"], 1.0);
+        assert_eq!(qos.guest_config(hot), None);
+        assert!(matches!(
+            disks.reconfigure("hot0", &change(&[("weight", "2")])),
+            Err(QosError::NotFound(_))
+        ));
+        assert!(!qos.remove_guest(hot), "removed once");
     }
 
     #[test]
