@@ -168,8 +168,9 @@ struct BlkArgs {
     #[arg(long, required_unless_present = "specs", conflicts_with = "specs")]
     image: Option<PathBuf>,
     /// One of several disks, each served on its own socket to its own frontend:
-    /// `socket=PATH,image=FILE[,readonly=on|off][,name=NAME][,notify=irq|poll[:US]|batch..]`
-    /// (the rings' policy: a latency-sensitive guest's disk may poll) plus the `--qos` keys
+    /// `socket=PATH,image=FILE[,readonly=on|off][,name=NAME][,notify=irq|poll[:US]|sched[:US]|batch..]`
+    /// (the rings' policy: a latency-sensitive guest's disk may poll; `sched` polls it while
+    /// the scheduler sees a backlog, up to `--qos-device poll_guests=`) plus the `--qos` keys
     /// (`weight=N,iops=N,iops_burst=N,bps=SIZE,bps_burst=SIZE,queue=N`). Repeatable.
     #[arg(long = "disk", id = "specs", value_name = "SPEC")]
     disks: Vec<String>,
@@ -178,7 +179,8 @@ struct BlkArgs {
     #[arg(long, value_name = "SPEC", conflicts_with = "specs")]
     qos: Option<String>,
     /// The shared scheduler: `depth=N` (requests on the backend at once, default 4),
-    /// `idle_depth=N`, `iops`, `iops_burst`, `bps`, `bps_burst` for the device as a whole;
+    /// `idle_depth=N`, `poll_guests=N` (guests polled at once under `notify=sched`, default
+    /// 1), `iops`, `iops_burst`, `bps`, `bps_burst` for the device as a whole;
     /// `off` serves several `--disk`s unscheduled.
     #[arg(long, value_name = "SPEC|off")]
     qos_device: Option<String>,
