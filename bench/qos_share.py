@@ -21,7 +21,7 @@ RESULT line. Cases:
   notify_irq        reader + bulk writer behind the scheduler, both disks notify=irq
   notify_poll       the same, both disks notify=poll (the server polls both rings)
   notify_sched      the same, both disks notify=sched: the scheduler polls the guest with
-                    sustained backlog (poll_guests=1: the one busy longest), the other gets
+                    sustained backlog (poll_guests=1: the first busy, kept while busy), the other gets
                     interrupts; CPU per I/O (server + frontends, from getrusage) compared
   qsd_*             the reference: qemu-storage-daemon (io_uring, O_DIRECT) exporting the same
                     images, QEMU throttle groups for the limits (`x-iops-total`, `x-bps-total`);

@@ -29,7 +29,8 @@
 //! * **Polling or interrupts per guest.** [`Scheduler::refresh_modes`] picks the guests whose
 //!   queues are polled (`notify=sched`): a guest with requests queued or in flight for
 //!   [`POLL_AFTER`] without a gap longer than [`IDLE_AFTER`] (sustained backlog) and not held
-//!   by its own buckets, at most [`DeviceConfig::poll_guests`] of them (those busy longest).
+//!   by its own buckets, at most [`DeviceConfig::poll_guests`] of them (those already polled,
+//!   then those busy longest).
 //!   A guest that goes idle or is throttled goes back to interrupts: polling it would burn a
 //!   host CPU for requests that cannot come or cannot go.
 //! * **Bounded memory.** Each queue of a guest holds at most `queue_limit` requests here; past
@@ -714,7 +715,10 @@ impl Scheduler {
     /// Chooses which guests are polled at `now` (see the module doc) and returns, per guest,
     /// whether it is.
     pub fn refresh_modes(&mut self, now: Nanos) -> Vec<bool> {
-        let mut candidates: Vec<(Nanos, usize)> = Vec::new();
+        // (not polled now, busy since, index): a guest already polled keeps its place while
+        // it stays busy, so two busy guests do not take turns (each switch costs a poll loop
+        // entry or a missed kick's worth of latency).
+        let mut candidates: Vec<(bool, Nanos, usize)> = Vec::new();
         for (index, guest) in self.guests.iter_mut().enumerate() {
             if guest.active() {
                 guest.last_active = now;
@@ -726,17 +730,18 @@ impl Scheduler {
                 .busy_since
                 .is_some_and(|since| now.saturating_sub(since) >= POLL_AFTER);
             if sustained && guest.throttled_since.is_none() {
-                candidates.push((guest.busy_since.unwrap_or(now), index));
+                let since = guest.busy_since.unwrap_or(now);
+                candidates.push((guest.polled_since.is_none(), since, index));
             }
         }
-        // Busy longest first; ties by index, so the choice is stable.
+        // Polled ones first, then busy longest; ties by index, so the choice is stable.
         candidates.sort_unstable();
         candidates.truncate(self.device.poll_guests);
         self.guests
             .iter_mut()
             .enumerate()
             .map(|(index, guest)| {
-                let polled = candidates.iter().any(|&(_, i)| i == index);
+                let polled = candidates.iter().any(|&(_, _, i)| i == index);
                 guest.set_polled(polled, now);
                 polled
             })

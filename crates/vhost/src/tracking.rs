@@ -237,6 +237,10 @@ impl QueueHandler for Tracked {
     fn completion_ready(&mut self) -> bool {
         self.inner.completion_ready()
     }
+
+    fn wants_polling(&self) -> bool {
+        self.inner.wants_polling()
+    }
 }
 
 impl Tracked {
@@ -299,6 +303,10 @@ impl QueueHandler for SharedTracked {
 
     fn completion_ready(&mut self) -> bool {
         self.lock().completion_ready()
+    }
+
+    fn wants_polling(&self) -> bool {
+        self.lock().wants_polling()
     }
 }
 

@@ -576,8 +576,18 @@ impl Worker {
             return Flow::Continue;
         }
         self.reap_completions();
-        if !polling && !self.broken && self.polling() {
+        if polling || self.broken {
+            return Flow::Continue;
+        }
+        if self.polling() {
             return self.poll();
+        }
+        if matches!(self.policy, NotifyPolicy::Scheduled { .. }) {
+            // The last poll loop may have slept with driver notifications off (requests were
+            // in flight) and the guest is no longer to be polled: serve the ring as the
+            // interrupt policy does, which turns them back on (else nothing would ever wake
+            // the worker for what the driver published meanwhile).
+            self.drain_ring();
         }
         Flow::Continue
     }

@@ -1059,3 +1059,74 @@ fn scheduled_mode_polls_only_while_the_handler_asks_for_it() {
     assert_eq!(load(&h.queue_metrics().kicks), 3);
     assert_eq!(load(&h.queue_metrics().requests), 4);
 }
+
+/// [`AsyncHandler`] steered like [`SteeredHandler`].
+struct SteeredAsyncHandler {
+    inner: AsyncHandler,
+    polled: Arc<AtomicBool>,
+}
+
+impl QueueHandler for SteeredAsyncHandler {
+    fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        self.inner.process(ctx)
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        self.inner.completion_fd()
+    }
+
+    fn complete(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        self.inner.complete(ctx)
+    }
+
+    fn has_in_flight(&self) -> bool {
+        self.inner.has_in_flight()
+    }
+
+    fn wants_polling(&self) -> bool {
+        self.polled.load(Ordering::SeqCst)
+    }
+}
+
+/// The hang `notify=sched` once had: a poll loop sleeps with notifications off while a
+/// request is in flight, the scheduler then stops polling the guest, and the completion must
+/// turn notifications back on — else the driver never kicks again and the next request is
+/// never seen.
+#[test]
+fn scheduled_mode_turns_notifications_back_on_when_polling_ends_with_requests_in_flight() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let done = EventFd::new(EFD_NONBLOCK).unwrap();
+    let polled = Arc::new(AtomicBool::new(true));
+    let handler = SteeredAsyncHandler {
+        inner: AsyncHandler {
+            done: done.try_clone().unwrap(),
+            in_flight: Vec::new(),
+        },
+        polled: polled.clone(),
+    };
+    let queue = h.driver.create_queue::<Queue>().unwrap();
+    let policy = NotifyPolicy::Scheduled {
+        budget: Duration::from_millis(1),
+    };
+    let worker = h.spawn_with(queue, policy, Box::new(handler), false);
+
+    h.submit(true);
+    wait_until("the kick", || load(&h.queue_metrics().kicks) == 1);
+    // Past the poll window with the request in flight: asleep, notifications off.
+    thread::sleep(Duration::from_millis(50));
+    let flags_in_flight = h.used_flags();
+    polled.store(false, Ordering::SeqCst);
+    done.write(1).unwrap();
+    wait_until("the completion", || h.used_idx() == 1);
+    wait_until("notifications back on", || h.used_flags() == 0);
+    h.submit(true);
+    wait_until("the next request taken", || {
+        load(&h.queue_metrics().kicks) == 2
+    });
+    done.write(1).unwrap();
+    wait_until("its completion", || h.used_idx() == 2);
+    worker.stop();
+
+    assert_eq!(flags_in_flight, VRING_USED_F_NO_NOTIFY);
+}
