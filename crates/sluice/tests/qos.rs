@@ -1,7 +1,7 @@
 //! One `sluice serve blk` shared by two guests (issue 16): two guest-kit VMs, each with its
-//! own image on its own socket of one server, behind the sluice-qos scheduler. Both verify
-//! their data, the images hold it, and the server's metrics show each guest's share of the
-//! backend, queueing delay and throttled time. No timing is asserted (docs/benchmarks.md has
+//! own image on its own socket of one server, behind the sluice-qos scheduler (one disk with
+//! `notify=sched`). Both verify their data, the images hold it, and the server's metrics show
+//! each guest's share of the backend, queueing delay and throttled time. No timing is asserted (docs/benchmarks.md has
 //! the numbers).
 
 use std::fs::File;
@@ -98,8 +98,10 @@ fn two_guests_share_one_served_backend_and_both_verify() {
             a_sock.display(),
             a_image.display()
         ),
+        // Polled while the scheduler sees its backlog, interrupts otherwise (notify=sched):
+        // the switch must never lose a request (it once did: both guests timed out).
         format!(
-            "socket={},image={},name=light,weight=1,iops=100000",
+            "socket={},image={},name=light,weight=1,iops=100000,notify=sched",
             b_sock.display(),
             b_image.display()
         ),
@@ -152,6 +154,13 @@ fn two_guests_share_one_served_backend_and_both_verify() {
     }
     assert!((share_sum - 1.0).abs() < 1e-9, "{metrics:#}");
     assert_eq!(metrics["devices"].as_array().map(Vec::len), Some(2));
+    // Each guest's mode is reported; whether and how often one was polled is timing.
+    for g in guests {
+        let mode = g["notify"].as_str().unwrap_or_default();
+        assert!(["poll", "interrupt"].contains(&mode), "{g:#}");
+        assert!(g["poll_switches"].as_u64().is_some(), "{g:#}");
+        assert!(g["polled_ms"].as_u64().is_some(), "{g:#}");
+    }
 }
 
 #[test]
