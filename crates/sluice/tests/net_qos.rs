@@ -1,7 +1,7 @@
 //! One `sluice serve net` shared by two guests (issue 16, the network half): two guest-kit
 //! VMs under QEMU (sluice's own frontend has no vhost-user NIC), each on its own socket and
 //! tap of one server, their transmit queues behind one sluice-qos scheduler — one guest with
-//! weight 3, the other held to a frames/s limit. Every frame each guest sent reaches its tap
+//! weight 3 and `notify=sched`, the other held to a frames/s limit. Every frame each guest sent reaches its tap
 //! (the scheduler delays, never drops: what it holds back stays in the guest's ring), and the
 //! server's metrics count each guest's frames, bytes, share and throttled time. No timing is
 //! asserted; a bad `--net` is refused with its reason.
@@ -80,7 +80,12 @@ fn two_guests_share_one_served_nic_backend_and_every_frame_arrives() {
     let taps = [format!("slqa{suffix}"), format!("slqb{suffix}")];
     let sockets = [dir.join("heavy.sock"), dir.join("limited.sock")];
     let nets = [
-        format!("socket={},tap={},weight=3", sockets[0].display(), taps[0]),
+        // Its transmit queue polled while the scheduler sees a backlog (notify=sched).
+        format!(
+            "socket={},tap={},weight=3,notify=sched",
+            sockets[0].display(),
+            taps[0]
+        ),
         format!(
             "socket={},tap={},weight=1,pps={PPS}",
             sockets[1].display(),
@@ -184,6 +189,10 @@ fn a_bad_net_spec_is_refused_with_its_reason() {
             "queue_prio must be PAIR:",
         ),
         ("socket=a.sock,tap=x0,pps=lots", "bad pps value"),
+        (
+            "socket=a.sock,tap=x0,notify=sometimes",
+            "expected irq, poll",
+        ),
         (
             "socket=a.sock,tap=x0,name=device",
             "is the scheduler's own in vm.qos",
