@@ -144,7 +144,7 @@ pub fn qos_json(vm: &VmHandle) -> Value {
 /// A refused `vm.qos` change as the API answers it.
 pub fn qos_error(e: QosError) -> ApiError {
     match e {
-        QosError::NotFound(_) => ApiError::NotFound(e.to_string()),
+        QosError::NotFound(_) | QosError::NoScheduler => ApiError::NotFound(e.to_string()),
         QosError::BadRequest(why) => ApiError::BadRequest(why),
     }
 }

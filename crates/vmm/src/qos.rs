@@ -34,6 +34,9 @@ pub enum QosError {
     /// No scheduled disk with that id (404).
     #[error("no disk with id `{0}` is behind the I/O scheduler (vm.qos lists them)")]
     NotFound(String),
+    /// Id `device`, but no disk is scheduled, so there is no scheduler to change (404).
+    #[error("no I/O scheduler to change: no disk is behind one (or --qos-device off)")]
+    NoScheduler,
     /// A bad key or value (400).
     #[error("{0}")]
     BadRequest(String),
@@ -146,9 +149,7 @@ impl QosDisks {
     /// Changes the scheduler's own depth and buckets (`--qos-device` keys); answers its new
     /// settings. Nothing changes unless every key and value is good.
     fn reconfigure_device(&self, changes: &[(String, String)]) -> Result<Value, QosError> {
-        let qos = self
-            .device()
-            .ok_or_else(|| QosError::NotFound(DEVICE_ID.to_string()))?;
+        let qos = self.device().ok_or(QosError::NoScheduler)?;
         let spec = spec_of(changes, &|key| {
             DEVICE_KEYS.contains(&key).then(|| key.to_string())
         })
@@ -426,7 +427,7 @@ mod tests {
         let empty = QosDisks::default();
         assert!(matches!(
             empty.reconfigure(DEVICE_ID, &change(&[("depth", "2")])),
-            Err(QosError::NotFound(_))
+            Err(QosError::NoScheduler)
         ));
         assert_eq!(empty.status()["device"], Value::Null);
     }
