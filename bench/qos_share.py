@@ -18,6 +18,11 @@ RESULT line. Cases:
   prio_alone        one guest, one queue: its high-priority QD1 slot alone (hi_slots=1, qd=1)
   prio_mixed_off    one guest, one queue: 1 high slot + 15 idle-class slots, unscheduled
   prio_mixed_qos    the same behind the scheduler
+  notify_irq        reader + bulk writer behind the scheduler, both disks notify=irq
+  notify_poll       the same, both disks notify=poll (the server polls both rings)
+  notify_sched      the same, both disks notify=sched: the scheduler polls the guest with
+                    sustained backlog (poll_guests=1: the first busy, kept while busy), the other gets
+                    interrupts; CPU per I/O (server + frontends, from getrusage) compared
   qsd_*             the reference: qemu-storage-daemon (io_uring, O_DIRECT) exporting the same
                     images, QEMU throttle groups for the limits (`x-iops-total`, `x-bps-total`);
                     QEMU has no weights and ignores ioprio, so those cases have no qsd row
@@ -29,6 +34,7 @@ import argparse
 import glob
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -68,6 +74,12 @@ def cases():
         "prio_alone": ("depth=4", [("guest", PRIO_ALONE, "")]),
         "prio_mixed_off": ("off", [("guest", PRIO_MIXED, "")]),
         "prio_mixed_qos": ("depth=4", [("guest", PRIO_MIXED, "")]),
+        "notify_irq": ("depth=4", [("reader", READER, "notify=irq"),
+                                   ("writer", WRITER, "notify=irq")]),
+        "notify_poll": ("depth=4", [("reader", READER, "notify=poll"),
+                                    ("writer", WRITER, "notify=poll")]),
+        "notify_sched": ("depth=4,poll_guests=1", [("reader", READER, "notify=sched"),
+                                                   ("writer", WRITER, "notify=sched")]),
         "qsd_reader_alone": ("qsd", [("reader", READER, "")]),
         "qsd_together": ("qsd", [("reader", READER, ""), ("writer", WRITER, "")]),
         "qsd_bucket_iops": ("qsd", [("limited", LIMITED_READER, f"iops={IOPS_LIMIT}"),
@@ -109,8 +121,15 @@ def qsd_command(vms):
     return cmd
 
 
+def children_cpu_s():
+    """User + system CPU seconds of every child waited for so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_case(sluice, kernel, name, qos_device, vms, dur):
     metrics = f"{WORK}/{name}.metrics.json"
+    cpu_start = children_cpu_s()
     disks = []
     for vm, _, keys in vms:
         sock = f"{WORK}/{vm}.sock"
@@ -150,13 +169,17 @@ def run_case(sluice, kernel, name, qos_device, vms, dur):
         out, _ = proc.communicate(timeout=dur / 1000 + 120)
         line = next((l for l in out.splitlines() if l.startswith("RESULT ")), None)
         results[vm] = json.loads(line[7:]) if line else {"error": out[-2000:]}
+    cpu_vms = children_cpu_s()
     server.send_signal(signal.SIGTERM)
     server.wait(timeout=20)
+    cpu = {"frontends_s": round(cpu_vms - cpu_start, 3),
+           "server_s": round(children_cpu_s() - cpu_vms, 3)}
     if qos_device == "qsd":
-        return {"vms": results, "qos": None}
+        return {"vms": results, "qos": None, "cpu": cpu}
     with open(metrics) as f:
-        qos = json.load(f).get("qos")
-    return {"vms": results, "qos": qos, "window": window(samples)}
+        snap = json.load(f)
+    return {"vms": results, "qos": snap.get("qos"), "window": window(samples), "cpu": cpu,
+            "devices": snap.get("devices")}
 
 
 def window(samples, settle_ms=1000, length_ms=3000):
@@ -200,7 +223,21 @@ def summary(name, run):
             out.setdefault(g["name"], {}).update({
                 "qos_share": round(g["share"], 4),
                 "queue_delay_mean_us": round(g["queue_delay_mean_us"], 1),
-                "throttled_ms": g["throttled_ms"]})
+                "throttled_ms": g["throttled_ms"],
+                "polled_ms": g.get("polled_ms"),
+                "poll_switches": g.get("poll_switches")})
+    cpu = run.get("cpu")
+    ops = sum(r.get("ops", 0) for r in run["vms"].values())
+    if cpu and ops:
+        out["cpu"] = {**cpu, "ops": ops,
+                      "server_us_per_io": round(cpu["server_s"] / ops * 1e6, 2),
+                      "total_us_per_io": round((cpu["server_s"] + cpu["frontends_s"])
+                                               / ops * 1e6, 2)}
+    # The server's queue counters, every disk together.
+    queues = [q for device in run.get("devices") or [] for q in device.get("queues", [])]
+    if queues:
+        out["queues"] = {k: sum(q.get(k, 0) for q in queues)
+                         for k in ("kicks", "interrupts", "poll_entries", "requests")}
     return out
 
 

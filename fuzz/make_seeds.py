@@ -692,6 +692,9 @@ def qos_seeds():
         ("huge_rate_small_burst", b"\x01bps=17179869183G,bps_burst=1"),
         ("device", b"\x02depth=2,idle_depth=1,bps=100M,bps_burst=1M"),
         ("bad", b"\x03weight=0,speed=5,iops_burst=0,=,,x"),
+        # Live device changes (vm.qos id `device`) on a limited device.
+        ("device_live_change", b"\x02iops=900,depth=8,bps_burst=2M"),
+        ("device_live_refused", b"\x03iops=0,iops_burst=4,idle_depth=1025"),
     ]
 
 

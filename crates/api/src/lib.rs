@@ -78,7 +78,8 @@ pub trait VmApi: Send + Sync {
     }
     /// Changes the weight and limits of the scheduled disk `request.id` (always given) to
     /// `request.options` (the `--disk` keys `weight`, `iops`, `iops_burst`, `bps`,
-    /// `bps_burst`, `qos_queue`); answers the disk's new settings.
+    /// `bps_burst`, `qos_queue`); answers the disk's new settings. The id `device` is the
+    /// scheduler itself (the `--qos-device` keys).
     fn set_qos(&self, _request: &DeviceRequest) -> Result<Value, ApiError> {
         Err(ApiError::Conflict("this VMM has no I/O scheduler".into()))
     }

@@ -2,7 +2,8 @@
 //!
 //! Guest keys: `weight=N` (1..=1000), `iops=N`, `iops_burst=N`, `bps=SIZE`, `bps_burst=SIZE`,
 //! `queue=N` (requests held per virtqueue, 1..=4096). Device keys (`--qos-device`): `depth=N`
-//! (1..=1024), `idle_depth=N`, `iops`, `iops_burst`, `bps`, `bps_burst`. SIZE takes K, M, G
+//! (1..=1024), `idle_depth=N`, `poll_guests=N` (0..=1024: guests polled at once under
+//! `notify=sched`), `iops`, `iops_burst`, `bps`, `bps_burst`. SIZE takes K, M, G
 //! (powers of 1024). A rate of 0 means no limit; a burst without its rate is refused.
 
 use crate::bucket::Rate;
@@ -40,10 +41,28 @@ impl Rates {
         }
     }
 
-    fn finish(self) -> Result<(Option<Rate>, Option<Rate>), String> {
+    /// The IOPS and bandwidth rates after these keys are applied to `iops` and `bps`: a
+    /// rate not named keeps its value, a burst named alone applies to the current rate.
+    fn apply_to(
+        mut self,
+        iops: Option<Rate>,
+        bps: Option<Rate>,
+    ) -> Result<(Option<Rate>, Option<Rate>), String> {
+        let touched = (
+            self.iops.is_some() || self.iops_burst.is_some(),
+            self.bps.is_some() || self.bps_burst.is_some(),
+        );
+        if self.iops.is_none() {
+            self.iops = iops.map(|r| r.per_sec);
+        }
+        if self.bps.is_none() {
+            self.bps = bps.map(|r| r.per_sec);
+        }
+        let new_iops = Self::build(self.iops, self.iops_burst, "iops")?;
+        let new_bps = Self::build(self.bps, self.bps_burst, "bps")?;
         Ok((
-            Self::build(self.iops, self.iops_burst, "iops")?,
-            Self::build(self.bps, self.bps_burst, "bps")?,
+            if touched.0 { new_iops } else { iops },
+            if touched.1 { new_bps } else { bps },
         ))
     }
 }
@@ -85,30 +104,19 @@ pub fn apply_guest(current: &GuestConfig, spec: &str) -> Result<GuestConfig, Str
             _ => return Err(format!("unknown qos key {key:?}")),
         }
     }
-    let touched = (
-        rates.iops.is_some() || rates.iops_burst.is_some(),
-        rates.bps.is_some() || rates.bps_burst.is_some(),
-    );
-    // A burst given alone applies to the current rate.
-    if rates.iops.is_none() {
-        rates.iops = current.iops.map(|r| r.per_sec);
-    }
-    if rates.bps.is_none() {
-        rates.bps = current.bps.map(|r| r.per_sec);
-    }
-    let (iops, bps) = rates.finish()?;
-    if touched.0 {
-        config.iops = iops;
-    }
-    if touched.1 {
-        config.bps = bps;
-    }
+    (config.iops, config.bps) = rates.apply_to(current.iops, current.bps)?;
     Ok(config)
 }
 
 /// The device's configuration from `spec` (defaults: [`DeviceConfig::default`]).
 pub fn parse_device(spec: &str) -> Result<DeviceConfig, String> {
-    let mut config = DeviceConfig::default();
+    apply_device(&DeviceConfig::default(), spec)
+}
+
+/// `current` with the keys of `spec` changed (a live `--qos-device` change), by the rules of
+/// [`apply_guest`].
+pub fn apply_device(current: &DeviceConfig, spec: &str) -> Result<DeviceConfig, String> {
+    let mut config = current.clone();
     let mut rates = Rates::default();
     for pair in pairs(spec) {
         let (key, value) = pair?;
@@ -118,10 +126,11 @@ pub fn parse_device(spec: &str) -> Result<DeviceConfig, String> {
         match key {
             "depth" => config.depth = number_in(value, key, 1..=1024)? as usize,
             "idle_depth" => config.idle_depth = number_in(value, key, 1..=1024)? as usize,
+            "poll_guests" => config.poll_guests = number_in(value, key, 0..=1024)? as usize,
             _ => return Err(format!("unknown qos device key {key:?}")),
         }
     }
-    (config.iops, config.bps) = rates.finish()?;
+    (config.iops, config.bps) = rates.apply_to(current.iops, current.bps)?;
     Ok(config)
 }
 
@@ -211,6 +220,30 @@ mod tests {
             .contains("bps_burst needs bps"));
         assert!(apply_guest(&current, "iops=0,iops_burst=5").is_err());
         assert!(apply_guest(&current, "weight=1001").is_err());
+    }
+
+    #[test]
+    fn a_live_device_change_keeps_what_it_does_not_name() {
+        let current = parse_device("depth=2,iops=600,bps=100M").unwrap();
+        let changed = apply_device(&current, "iops=900,depth=8").unwrap();
+        assert_eq!((changed.depth, changed.idle_depth), (8, current.idle_depth));
+        assert_eq!(changed.iops, Rate::new(900));
+        assert_eq!(changed.bps, current.bps);
+        let burst = apply_device(&current, "bps_burst=1M").unwrap();
+        assert_eq!(
+            burst.bps.map(|r| (r.per_sec, r.burst)),
+            Some((100 << 20, 1 << 20))
+        );
+        let unlimited = apply_device(&current, "iops=0").unwrap();
+        assert_eq!((unlimited.iops, unlimited.bps), (None, current.bps));
+        assert_eq!(apply_device(&current, "").unwrap(), current);
+        for bad in ["depth=0", "weight=3", "iops_burst=0", "depth=2000", "bps=x"] {
+            assert!(apply_device(&current, bad).is_err(), "{bad}");
+        }
+        let plain = DeviceConfig::default();
+        assert!(apply_device(&plain, "iops_burst=4")
+            .unwrap_err()
+            .contains("iops_burst needs iops"));
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub mod scheduler;
 pub mod shared;
 
 pub use bucket::{Rate, TokenBucket};
-pub use config::{apply_guest, parse_device, parse_guest};
+pub use config::{apply_device, apply_guest, parse_device, parse_guest};
 pub use scheduler::{
     Access, Class, DeviceConfig, GuestConfig, GuestId, GuestStats, QueueFull, QueueId, Request,
     Scheduler, DELAY_BUCKETS,

@@ -26,6 +26,13 @@
 //!   until that one completed. Everything else may overtake: a blocked, throttled or
 //!   low-priority request never holds back one that may go (up to [`SCAN_LIMIT`] requests
 //!   per class are looked at past a blocked head).
+//! * **Polling or interrupts per guest.** [`Scheduler::refresh_modes`] picks the guests whose
+//!   queues are polled (`notify=sched`): a guest with requests queued or in flight for
+//!   [`POLL_AFTER`] without a gap longer than [`IDLE_AFTER`] (sustained backlog) and not held
+//!   by its own buckets, at most [`DeviceConfig::poll_guests`] of them (those already polled,
+//!   then those busy longest).
+//!   A guest that goes idle or is throttled goes back to interrupts: polling it would burn a
+//!   host CPU for requests that cannot come or cannot go.
 //! * **Bounded memory.** Each queue of a guest holds at most `queue_limit` requests here; past
 //!   that [`Scheduler::enqueue`] refuses and the caller leaves the guest's further requests in its
 //!   own ring, where they cost the server nothing.
@@ -40,6 +47,10 @@ use crate::Nanos;
 pub const COST_PER_REQUEST: u64 = 16 << 10;
 /// Requests looked at per class past a blocked head.
 pub const SCAN_LIMIT: usize = 64;
+/// A guest busy (requests queued or in flight) this long is polled (see the module doc).
+pub const POLL_AFTER: Nanos = 2_000_000;
+/// A gap without requests longer than this ends a guest's busy period.
+pub const IDLE_AFTER: Nanos = 1_000_000;
 /// Virtual time units per byte of cost at weight 1 (weights divide it).
 const VTIME_SCALE: u128 = 1 << 20;
 
@@ -134,6 +145,8 @@ pub struct DeviceConfig {
     pub idle_depth: usize,
     pub iops: Option<Rate>,
     pub bps: Option<Rate>,
+    /// Guests polled at once at most (queues with `notify=sched`); 0: none.
+    pub poll_guests: usize,
 }
 
 impl Default for DeviceConfig {
@@ -143,6 +156,7 @@ impl Default for DeviceConfig {
             idle_depth: 1,
             iops: None,
             bps: None,
+            poll_guests: 1,
         }
     }
 }
@@ -172,6 +186,11 @@ pub struct GuestStats {
     /// Queueing delays by power of two: bucket `i` counts delays below `2^i` ns (and at least
     /// `2^(i-1)`); the last one everything from about a second up.
     pub delay_histogram: [u64; DELAY_BUCKETS],
+    /// Whether the guest's queues are polled now ([`Scheduler::refresh_modes`]).
+    pub polled: bool,
+    /// Changes between polled and interrupts, and the time spent polled.
+    pub poll_switches: u64,
+    pub polled_ns: u64,
 }
 
 /// Buckets of [`GuestStats::delay_histogram`].
@@ -254,6 +273,14 @@ struct Guest {
     /// Writes queued or in flight (see [`Guest::ordered_behind`]).
     writes_outstanding: usize,
     throttled_since: Option<Nanos>,
+    /// Start of the current busy period, and when the guest was last seen with requests.
+    busy_since: Option<Nanos>,
+    last_active: Nanos,
+    /// Since when it is polled (None: interrupts).
+    polled_since: Option<Nanos>,
+    /// Taken out of the scheduler ([`Scheduler::remove_guest`]): its slot stays so that
+    /// guest ids keep their meaning, holding nothing.
+    removed: bool,
     stats: GuestStats,
 }
 
@@ -317,6 +344,24 @@ impl Guest {
             }
         }
         None
+    }
+
+    fn set_polled(&mut self, polled: bool, now: Nanos) {
+        match (self.polled_since, polled) {
+            (None, true) => {
+                self.polled_since = Some(now);
+                self.stats.poll_switches += 1;
+            }
+            (Some(since), false) => {
+                self.polled_since = None;
+                self.stats.poll_switches += 1;
+                self.stats.polled_ns = self
+                    .stats
+                    .polled_ns
+                    .saturating_add(now.saturating_sub(since));
+            }
+            _ => {}
+        }
     }
 
     fn stop_throttle(&mut self, now: Nanos) {
@@ -389,18 +434,60 @@ impl Scheduler {
             next_seq: 0,
             writes_outstanding: 0,
             throttled_since: None,
+            busy_since: None,
+            last_active: now,
+            polled_since: None,
+            removed: false,
             stats: GuestStats::default(),
         });
         GuestId(self.guests.len() - 1)
     }
 
     pub fn guest_config(&self, guest: GuestId) -> Option<&GuestConfig> {
-        self.guests.get(guest.0).map(|g| &g.config)
+        self.guests
+            .get(guest.0)
+            .filter(|g| !g.removed)
+            .map(|g| &g.config)
+    }
+
+    /// Takes `guest` out (its disk was unplugged): its queues stop taking requests, what it
+    /// had queued or in flight is forgotten, and its stats leave [`Scheduler::stats`] and
+    /// everyone's shares. False if there was no such guest.
+    pub fn remove_guest(&mut self, guest: GuestId) -> bool {
+        if self.guests.get(guest.0).is_none_or(|g| g.removed) {
+            return false;
+        }
+        let queues: Vec<QueueId> = (0..self.queues.len())
+            .map(QueueId)
+            .filter(|q| self.queues[q.0].guest == guest)
+            .collect();
+        for queue in queues {
+            self.remove_queue(queue);
+        }
+        let g = &mut self.guests[guest.0];
+        self.in_flight -= g.in_flight.len();
+        *g = Guest {
+            removed: true,
+            config: g.config.clone(),
+            vtime: 0,
+            pending: Default::default(),
+            in_flight: Vec::new(),
+            iops: None,
+            bps: None,
+            next_seq: 0,
+            writes_outstanding: 0,
+            throttled_since: None,
+            busy_since: None,
+            last_active: 0,
+            polled_since: None,
+            stats: GuestStats::default(),
+        };
+        true
     }
 
     /// Changes a guest's weight and buckets (live reconfiguration); buckets start full.
     pub fn reconfigure(&mut self, guest: GuestId, config: GuestConfig, now: Nanos) -> bool {
-        let Some(g) = self.guests.get_mut(guest.0) else {
+        let Some(g) = self.guests.get_mut(guest.0).filter(|g| !g.removed) else {
             return false;
         };
         g.iops = config.iops.map(|r| TokenBucket::new(r, now));
@@ -411,6 +498,20 @@ impl Scheduler {
             ..config
         };
         true
+    }
+
+    /// Changes the device's depth and buckets (live reconfiguration); its buckets start full.
+    /// Requests already in flight stay; a smaller depth holds new ones back until enough
+    /// completed.
+    pub fn reconfigure_device(&mut self, device: DeviceConfig, now: Nanos) {
+        let device = DeviceConfig {
+            depth: device.depth.max(1),
+            idle_depth: device.idle_depth.max(1),
+            ..device
+        };
+        self.iops = device.iops.map(|r| TokenBucket::new(r, now));
+        self.bps = device.bps.map(|r| TokenBucket::new(r, now));
+        self.device = device;
     }
 
     /// A new queue (a virtqueue's worker) of `guest`.
@@ -475,7 +576,12 @@ impl Scheduler {
         q.pending += 1;
         if !guest.active() {
             guest.vtime = guest.vtime.max(vclock);
+            if now.saturating_sub(guest.last_active) > IDLE_AFTER {
+                guest.busy_since = None;
+            }
         }
+        guest.busy_since.get_or_insert(now);
+        guest.last_active = now;
         let seq = guest.next_seq;
         guest.next_seq += 1;
         if request.access == Access::Write {
@@ -606,6 +712,42 @@ impl Scheduler {
         true
     }
 
+    /// Chooses which guests are polled at `now` (see the module doc) and returns, per guest,
+    /// whether it is.
+    pub fn refresh_modes(&mut self, now: Nanos) -> Vec<bool> {
+        // (not polled now, busy since, index): a guest already polled keeps its place while
+        // it stays busy, so two busy guests do not take turns (each switch costs a poll loop
+        // entry or a missed kick's worth of latency).
+        let mut candidates: Vec<(bool, Nanos, usize)> = Vec::new();
+        for (index, guest) in self.guests.iter_mut().enumerate() {
+            if guest.active() {
+                guest.last_active = now;
+                guest.busy_since.get_or_insert(now);
+            } else if now.saturating_sub(guest.last_active) > IDLE_AFTER {
+                guest.busy_since = None;
+            }
+            let sustained = guest
+                .busy_since
+                .is_some_and(|since| now.saturating_sub(since) >= POLL_AFTER);
+            if sustained && guest.throttled_since.is_none() {
+                let since = guest.busy_since.unwrap_or(now);
+                candidates.push((guest.polled_since.is_none(), since, index));
+            }
+        }
+        // Polled ones first, then busy longest; ties by index, so the choice is stable.
+        candidates.sort_unstable();
+        candidates.truncate(self.device.poll_guests);
+        self.guests
+            .iter_mut()
+            .enumerate()
+            .map(|(index, guest)| {
+                let polled = candidates.iter().any(|&(_, _, i)| i == index);
+                guest.set_polled(polled, now);
+                polled
+            })
+            .collect()
+    }
+
     /// When a bucket that holds back a waiting request refills (None: nothing waits on time).
     pub fn next_wakeup(&mut self, now: Nanos) -> Option<Nanos> {
         let waiting = self.guests.iter().any(|g| g.queued() > 0);
@@ -639,18 +781,35 @@ impl Scheduler {
         self.guests.get(guest.0).map_or(0, Guest::queued)
     }
 
-    /// Per-guest configuration and stats; throttled time counts up to `now`.
+    /// Per-guest configuration and stats, in the order the guests were added, removed ones
+    /// left out; throttled and polled time count up to `now`.
     pub fn stats(&self, now: Nanos) -> Vec<(GuestConfig, GuestStats)> {
         self.guests
             .iter()
-            .map(|g| {
-                let mut stats = g.stats.clone();
-                if let Some(since) = g.throttled_since {
-                    stats.throttled_ns =
-                        stats.throttled_ns.saturating_add(now.saturating_sub(since));
-                }
-                (g.config.clone(), stats)
-            })
+            .filter(|g| !g.removed)
+            .map(|g| g.stats_at(now))
             .collect()
+    }
+
+    /// One guest's configuration and stats (None once removed).
+    pub fn guest_stats(&self, guest: GuestId, now: Nanos) -> Option<(GuestConfig, GuestStats)> {
+        self.guests
+            .get(guest.0)
+            .filter(|g| !g.removed)
+            .map(|g| g.stats_at(now))
+    }
+}
+
+impl Guest {
+    fn stats_at(&self, now: Nanos) -> (GuestConfig, GuestStats) {
+        let mut stats = self.stats.clone();
+        if let Some(since) = self.throttled_since {
+            stats.throttled_ns = stats.throttled_ns.saturating_add(now.saturating_sub(since));
+        }
+        stats.polled = self.polled_since.is_some();
+        if let Some(since) = self.polled_since {
+            stats.polled_ns = stats.polled_ns.saturating_add(now.saturating_sub(since));
+        }
+        (self.config.clone(), stats)
     }
 }

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,9 @@ struct Inner {
     scheduler: Scheduler,
     /// Per queue: its worker's waker and its count of grants not yet taken.
     ports: Vec<Option<PortShared>>,
+    /// Per guest: whether its queues are to be polled (`Scheduler::refresh_modes`), read by
+    /// its workers without the lock.
+    polled: Vec<Arc<AtomicBool>>,
 }
 
 #[derive(Clone)]
@@ -55,6 +58,7 @@ impl Qos {
             inner: Mutex::new(Inner {
                 scheduler: Scheduler::new(device, 0),
                 ports: Vec::new(),
+                polled: Vec::new(),
             }),
             ticker: Condvar::new(),
             epoch: Instant::now(),
@@ -71,7 +75,10 @@ impl Qos {
 
     pub fn add_guest(&self, config: GuestConfig) -> GuestId {
         let now = self.now();
-        self.lock().scheduler.add_guest(config, now)
+        let mut inner = self.lock();
+        let guest = inner.scheduler.add_guest(config, now);
+        inner.polled.push(Arc::new(AtomicBool::new(false)));
+        guest
     }
 
     /// Changes a guest's weight and limits while it runs.
@@ -80,6 +87,40 @@ impl Qos {
         let changed = self.lock().scheduler.reconfigure(guest, config, now);
         self.ticker.notify_one();
         changed
+    }
+
+    /// Takes a guest out of the scheduler (its disk was unplugged): its requests are
+    /// forgotten, its stats leave the metrics and the others' shares. False if unknown.
+    pub fn remove_guest(&self, guest: GuestId) -> bool {
+        let mut inner = self.lock();
+        let removed = inner.scheduler.remove_guest(guest);
+        if removed {
+            // Its in-flight slots are free now: others may go.
+            self.dispatch_locked(&mut inner, None);
+        }
+        removed
+    }
+
+    /// One guest's entry of [`Qos::stats_json`] (None once removed).
+    pub fn guest_json(&self, guest: GuestId) -> Option<serde_json::Value> {
+        let now = self.now();
+        let inner = self.lock();
+        let (config, stats) = inner.scheduler.guest_stats(guest, now)?;
+        let total = inner.scheduler.stats(now).iter().map(|(_, s)| s.cost).sum();
+        Some(guest_entry(&config, &stats, total))
+    }
+
+    /// The device-wide settings (depth, buckets).
+    pub fn device_config(&self) -> DeviceConfig {
+        self.lock().scheduler.device().clone()
+    }
+
+    /// Changes the device-wide depth and buckets while guests run (the buckets restart
+    /// full); the ticker dispatches what the new settings let go.
+    pub fn reconfigure_device(&self, device: DeviceConfig) {
+        let now = self.now();
+        self.lock().scheduler.reconfigure_device(device, now);
+        self.ticker.notify_one();
     }
 
     pub fn guest_config(&self, guest: GuestId) -> Option<GuestConfig> {
@@ -113,11 +154,17 @@ impl Qos {
             inner.ports.resize(queue.0 + 1, None);
         }
         inner.ports[queue.0] = Some(shared);
+        let polled = inner
+            .polled
+            .get(guest.0)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(AtomicBool::new(false)));
         Ok(QueuePort {
             qos: Arc::clone(self),
             queue,
             waker,
             granted,
+            polled,
         })
     }
 
@@ -135,6 +182,10 @@ impl Qos {
         }
         if inner.scheduler.next_wakeup(now).is_some() {
             self.ticker.notify_one();
+        }
+        let modes = inner.scheduler.refresh_modes(now);
+        for (flag, polled) in inner.polled.iter().zip(modes) {
+            flag.store(polled, Ordering::Relaxed);
         }
     }
 
@@ -156,51 +207,58 @@ pub fn stats_json(device: &DeviceConfig, stats: &[(GuestConfig, GuestStats)]) ->
     let total: u64 = stats.iter().map(|(_, s)| s.cost).sum();
     let guests: Vec<_> = stats
         .iter()
-        .map(|(config, s)| {
-            let share = if total == 0 {
-                0.0
-            } else {
-                s.cost as f64 / total as f64
-            };
-            let mean_delay_us = if s.dispatched == 0 {
-                0.0
-            } else {
-                s.queue_delay_ns as f64 / s.dispatched as f64 / 1000.0
-            };
-            serde_json::json!({
-                "name": config.name,
-                "weight": config.weight,
-                "iops_limit": config.iops.map(|r| r.per_sec),
-                "bps_limit": config.bps.map(|r| r.per_sec),
-                "dispatched": s.dispatched,
-                "completed": s.completed,
-                "bytes": s.bytes,
-                "cost": s.cost,
-                "share": share,
-                "queue_delay_mean_us": mean_delay_us,
-                "queue_delay_max_us": s.max_queue_delay_ns / 1000,
-                "queue_delay_p99_us": s.delay_percentile_ns(99) / 1000,
-                "throttled_ms": s.throttled_ns / 1_000_000,
-                "refused_enqueues": s.refused,
-                "class_dispatched": {
-                    "high": s.class_dispatched[0],
-                    "normal": s.class_dispatched[1],
-                    "idle": s.class_dispatched[2],
-                },
-                "class_queue_delay_us": {
-                    "high": s.class_queue_delay_ns[0] / 1000,
-                    "normal": s.class_queue_delay_ns[1] / 1000,
-                    "idle": s.class_queue_delay_ns[2] / 1000,
-                },
-            })
-        })
+        .map(|(config, s)| guest_entry(config, s, total))
         .collect();
     serde_json::json!({
         "depth": device.depth,
         "idle_depth": device.idle_depth,
         "iops_limit": device.iops.map(|r| r.per_sec),
         "bps_limit": device.bps.map(|r| r.per_sec),
+        "poll_guests": device.poll_guests,
         "guests": guests,
+    })
+}
+
+/// One guest's JSON entry, its share over `total` (the served cost of every guest).
+fn guest_entry(config: &GuestConfig, s: &GuestStats, total: u64) -> serde_json::Value {
+    let share = if total == 0 {
+        0.0
+    } else {
+        s.cost as f64 / total as f64
+    };
+    let mean_delay_us = if s.dispatched == 0 {
+        0.0
+    } else {
+        s.queue_delay_ns as f64 / s.dispatched as f64 / 1000.0
+    };
+    serde_json::json!({
+        "name": config.name,
+        "weight": config.weight,
+        "iops_limit": config.iops.map(|r| r.per_sec),
+        "bps_limit": config.bps.map(|r| r.per_sec),
+        "dispatched": s.dispatched,
+        "completed": s.completed,
+        "bytes": s.bytes,
+        "cost": s.cost,
+        "share": share,
+        "queue_delay_mean_us": mean_delay_us,
+        "queue_delay_max_us": s.max_queue_delay_ns / 1000,
+        "queue_delay_p99_us": s.delay_percentile_ns(99) / 1000,
+        "throttled_ms": s.throttled_ns / 1_000_000,
+        "notify": if s.polled { "poll" } else { "interrupt" },
+        "poll_switches": s.poll_switches,
+        "polled_ms": s.polled_ns / 1_000_000,
+        "refused_enqueues": s.refused,
+        "class_dispatched": {
+            "high": s.class_dispatched[0],
+            "normal": s.class_dispatched[1],
+            "idle": s.class_dispatched[2],
+        },
+        "class_queue_delay_us": {
+            "high": s.class_queue_delay_ns[0] / 1000,
+            "normal": s.class_queue_delay_ns[1] / 1000,
+            "idle": s.class_queue_delay_ns[2] / 1000,
+        },
     })
 }
 
@@ -233,6 +291,8 @@ pub struct QueuePort {
     queue: QueueId,
     waker: Arc<EventFd>,
     granted: Arc<AtomicUsize>,
+    /// Its guest's polling choice (shared by the guest's queues).
+    polled: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for QueuePort {
@@ -285,6 +345,12 @@ impl QueuePort {
     /// Grants are waiting to be taken (no lock, no system call: for a polling worker).
     pub fn has_grants(&self) -> bool {
         self.granted.load(Ordering::Acquire) > 0
+    }
+
+    /// Whether the scheduler has this queue's guest polled now (no lock, no system call:
+    /// `QueueHandler::wants_polling` under `notify=sched`).
+    pub fn polled(&self) -> bool {
+        self.polled.load(Ordering::Relaxed)
     }
 }
 

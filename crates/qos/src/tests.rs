@@ -205,6 +205,76 @@ fn a_device_bucket_limits_every_guest_together() {
     assert!(sim.done[0].abs_diff(sim.done[1]) <= 1, "{:?}", sim.done);
 }
 
+/// `serve net`: a tap write completes at once, so the backend's depth never fills and the
+/// device's frame bucket (`--qos-device pps=`) is the saturation point. Equal frames, weights
+/// 3:1: the granted frames split 3:1 to within one frame, and together they are the bucket's.
+#[test]
+fn a_device_frame_bucket_is_the_saturation_point_and_weights_split_it() {
+    let device = DeviceConfig {
+        iops: Some(Rate {
+            per_sec: 600,
+            burst: 60,
+        }),
+        ..DeviceConfig::default()
+    };
+    let mut sim = Sim::new(device, vec![guest("w3", 3), guest("w1", 1)]);
+    sim.run(10 * SEC, 1, &mut |sim| {
+        sim.fill(0, &|t| read(t, 0, 64));
+        sim.fill(1, &|t| read(t, 0, 64));
+    });
+    let (w3, w1) = (sim.done[0], sim.done[1]);
+    assert!((6058..=6062).contains(&(w3 + w1)), "{w3} + {w1}");
+    assert!(w3.abs_diff(3 * w1) <= 3, "{w3} : {w1}");
+    let stats = sim.scheduler.stats(sim.now);
+    assert_eq!((stats[0].1.throttled_ns, stats[1].1.throttled_ns), (0, 0));
+}
+
+/// `vm.qos` id `device`: a new device bucket applies from the next dispatch (restarting
+/// full), a larger depth lets more requests start, and requests already in flight stay.
+#[test]
+fn a_device_reconfigured_live_gets_its_new_bucket_and_depth() {
+    let device = DeviceConfig {
+        depth: 2,
+        iops: Some(Rate {
+            per_sec: 1,
+            burst: 1,
+        }),
+        ..DeviceConfig::default()
+    };
+    let mut s = Scheduler::new(device.clone(), 0);
+    let g = s.add_guest(guest("g", 1), 0);
+    let q = s.add_queue(g);
+    for tag in 0..8 {
+        s.enqueue(q, read(tag, tag * 4096, 4096), 0).unwrap();
+    }
+    s.dispatch(0);
+    assert_eq!(s.take_grants(q), vec![0], "the bucket's one request");
+    s.reconfigure_device(
+        DeviceConfig {
+            iops: Some(Rate {
+                per_sec: 1,
+                burst: 5,
+            }),
+            ..device.clone()
+        },
+        MS,
+    );
+    s.dispatch(MS);
+    assert_eq!(s.take_grants(q), vec![1], "depth 2: one more in flight");
+    s.reconfigure_device(
+        DeviceConfig {
+            depth: 8,
+            iops: None,
+            ..device
+        },
+        2 * MS,
+    );
+    s.dispatch(2 * MS);
+    assert_eq!(s.take_grants(q), (2..8).collect::<Vec<_>>());
+    assert_eq!(s.in_flight(), 8);
+    assert_eq!(s.device().depth, 8);
+}
+
 #[test]
 fn a_flush_waits_for_the_writes_before_it_but_not_for_later_ones() {
     let mut s = Scheduler::new(DeviceConfig::default(), 0);
@@ -510,4 +580,142 @@ fn the_delay_p99_is_the_bucket_edge_above_ninety_nine_percent_of_the_delays() {
         "the bucket's edge, capped at the max"
     );
     assert_eq!(GuestStats::default().delay_percentile_ns(99), 0);
+}
+
+/// `notify=sched`: a guest busy for [`POLL_AFTER`] is polled, one guest at a time by
+/// default (the one busy longest); a throttled guest and one idle past [`IDLE_AFTER`] go back
+/// to interrupts; the switches and the time polled are counted.
+#[test]
+fn the_scheduler_polls_a_guest_with_sustained_backlog_and_not_an_idle_or_throttled_one() {
+    let mut s = Scheduler::new(DeviceConfig::default(), 0);
+    let busy = s.add_guest(guest("busy", 1), 0);
+    let limited = GuestConfig {
+        iops: Some(Rate {
+            per_sec: 1,
+            burst: 1,
+        }),
+        ..guest("limited", 1)
+    };
+    let limited = s.add_guest(limited, 0);
+    let late = s.add_guest(guest("late", 1), 0);
+    let (qb, ql, qlate) = (s.add_queue(busy), s.add_queue(limited), s.add_queue(late));
+    let step = 100 * US;
+    let mut now = 0;
+    let mut tag = 0;
+    // `busy` always has a request in flight; `limited` has queued ones its bucket holds.
+    for _ in 0..2 {
+        s.enqueue(ql, read(tag, 0, 4096), now).unwrap();
+        tag += 1;
+    }
+    while now <= POLL_AFTER + step {
+        s.enqueue(qb, read(tag, 0, 4096), now).unwrap();
+        tag += 1;
+        s.dispatch(now);
+        for t in s.take_grants(qb) {
+            s.complete(qb, t);
+        }
+        for t in s.take_grants(ql) {
+            s.complete(ql, t);
+        }
+        now += step;
+    }
+    let modes = s.refresh_modes(now);
+    assert_eq!(
+        modes,
+        vec![true, false, false],
+        "busy only: limited is throttled"
+    );
+
+    // `late` gets busy too, but one guest is polled at a time: the one busy longest.
+    let busy_until = now + POLL_AFTER + step;
+    while now <= busy_until {
+        for (queue, _) in [(qb, busy), (qlate, late)] {
+            s.enqueue(queue, read(tag, 0, 4096), now).unwrap();
+            tag += 1;
+        }
+        s.dispatch(now);
+        for queue in [qb, qlate] {
+            for t in s.take_grants(queue) {
+                s.complete(queue, t);
+            }
+        }
+        now += step;
+    }
+    assert_eq!(s.refresh_modes(now), vec![true, false, false]);
+    s.reconfigure_device(
+        DeviceConfig {
+            poll_guests: 2,
+            ..DeviceConfig::default()
+        },
+        now,
+    );
+    assert_eq!(s.refresh_modes(now), vec![true, false, true]);
+
+    // Idle past IDLE_AFTER: back to interrupts.
+    now += IDLE_AFTER + step;
+    // The throttled guest's requests are still queued: it stays active but not polled.
+    assert_eq!(s.refresh_modes(now), vec![false, false, false]);
+    let stats = s.stats(now);
+    assert_eq!(stats[0].1.poll_switches, 2, "on, then off");
+    assert!(!stats[0].1.polled);
+    assert!(stats[0].1.polled_ns >= POLL_AFTER, "{:?}", stats[0].1);
+    assert_eq!(stats[1].1.poll_switches, 0);
+    assert_eq!(stats[2].1.poll_switches, 2);
+    // No guest is polled with poll_guests=0.
+    s.reconfigure_device(
+        DeviceConfig {
+            poll_guests: 0,
+            ..DeviceConfig::default()
+        },
+        now,
+    );
+    s.enqueue(qb, read(tag, 0, 4096), now).unwrap();
+    assert_eq!(
+        s.refresh_modes(now + POLL_AFTER * 4),
+        vec![false, false, false]
+    );
+}
+
+/// An unplugged disk's guest leaves: its queued and in-flight requests are forgotten (their
+/// slots on a full device free at once), its stats leave `stats`, its queues take nothing.
+#[test]
+fn a_removed_guest_frees_its_slots_and_leaves_the_stats() {
+    let device = DeviceConfig {
+        depth: 2,
+        ..DeviceConfig::default()
+    };
+    let mut s = Scheduler::new(device, 0);
+    let gone = s.add_guest(guest("gone", 1), 0);
+    let stays = s.add_guest(guest("stays", 1), 0);
+    let (qg, qs) = (s.add_queue(gone), s.add_queue(stays));
+    for tag in 0..3 {
+        s.enqueue(qg, read(tag, 0, 4096), 0).unwrap();
+    }
+    s.dispatch(0);
+    assert_eq!(s.take_grants(qg), vec![0, 1], "the device is full");
+    s.enqueue(qs, read(10, 0, 4096), 0).unwrap();
+    s.enqueue(qs, read(11, 0, 4096), 0).unwrap();
+    s.dispatch(0);
+    assert_eq!(
+        s.take_grants(qs),
+        vec![10],
+        "one floor request on a full device"
+    );
+
+    assert!(s.remove_guest(gone));
+    assert_eq!(s.in_flight(), 1, "only the staying guest's request");
+    s.dispatch(0);
+    assert_eq!(s.take_grants(qs), vec![11]);
+    let stats = s.stats(0);
+    assert_eq!(stats.len(), 1);
+    assert_eq!(stats[0].0.name, "stays");
+    assert_eq!(s.guest_stats(gone, 0), None);
+    assert_eq!(s.guest_config(gone), None);
+    assert_eq!(s.enqueue(qg, read(5, 0, 4096), 0), Err(QueueFull));
+    assert!(!s.complete(qg, 0), "its in-flight requests are forgotten");
+    assert!(!s.reconfigure(gone, guest("gone", 5), 0));
+    assert!(!s.remove_guest(gone));
+    // Its queue's port going away later changes nothing.
+    s.remove_queue(qg);
+    assert_eq!(s.in_flight(), 2);
 }

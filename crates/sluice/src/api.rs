@@ -146,7 +146,7 @@ pub fn qos_json(vm: &VmHandle) -> Value {
 /// A refused `vm.qos` change as the API answers it.
 pub fn qos_error(e: QosError) -> ApiError {
     match e {
-        QosError::NotFound(_) => ApiError::NotFound(e.to_string()),
+        QosError::NotFound(_) | QosError::NoScheduler => ApiError::NotFound(e.to_string()),
         QosError::BadRequest(why) => ApiError::BadRequest(why),
     }
 }
@@ -226,11 +226,13 @@ enum CtlCommand {
     /// Ask the guest to eject device ID (`sluice ctl info` lists the ids).
     RemoveDevice { id: String },
     /// The disks behind the I/O scheduler: weight, limits, share, queueing delay, throttled
-    /// time; with `ID SPEC` (`weight=N,iops=N,...` as `--disk` spells them) changes disk ID's.
+    /// time; with `ID SPEC` (`weight=N,iops=N,...` as `--disk` spells them) changes disk ID's;
+    /// ID `device` is the scheduler itself (`depth=N,iops=N,...` as `--qos-device` spells them).
     Qos {
-        /// A disk id (`disk0`) to change.
+        /// A disk id (`disk0`), or `device`, to change.
         id: Option<String>,
-        /// `key=value,...`: weight, iops, iops_burst, bps, bps_burst, qos_queue.
+        /// `key=value,...`: weight, iops, iops_burst, bps, bps_burst, qos_queue; for `device`
+        /// depth, idle_depth, iops, iops_burst, bps, bps_burst (a `serve net`: pps for iops).
         spec: Option<String>,
     },
 }

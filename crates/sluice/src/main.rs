@@ -129,8 +129,9 @@ struct RunArgs {
     #[arg(long, hide = true)]
     test_device: bool,
     /// A virtio-blk disk (repeatable): `path=FILE[,readonly=on][,direct=on][,queues=N]
-    /// [,queue_size=N][,serial=S][,notify=irq|poll[:us]|batch[:n[:us]]][,block_size=N]
-    /// [,packed=on]` (poll and batch delays at most 10000 us; block_size defaults to the host's;
+    /// [,queue_size=N][,serial=S][,notify=irq|poll[:us]|sched[:us]|batch[:n[:us]]][,block_size=N]
+    /// [,packed=on]` (poll and batch delays at most 10000 us; sched: polled while the I/O
+    /// scheduler sees a backlog, for a disk with weight=/iops=/bps=; block_size defaults to the host's;
     /// packed=on offers packed virtqueues, VIRTIO_F_RING_PACKED, default off), or served
     /// by a vhost-user backend: `vhost_user=on,socket=PATH[,queues=N][,queue_size=N]`.
     #[arg(long, value_parser = DiskSpec::parse)]

@@ -19,8 +19,8 @@
 //! * `sluice serve net --socket PATH --tap NAME [--queues N] [--mac MAC]`: the virtio-net model
 //!   over a tap with N queue pairs, created if missing (QEMU's `-netdev vhost-user`). The tap is
 //!   brought up; its addresses are the host's business.
-//! * `sluice serve net --net socket=PATH,tap=NAME[,name=N][,mac=M][,queues=N][,queue_prio=P:C]
-//!   [,weight=N,pps=N,bps=SIZE..]`: several NICs, each on its own socket and tap for its own
+//! * `sluice serve net --net socket=PATH,tap=NAME[,name=N][,mac=M][,queues=N][,notify=P]
+//!   [,queue_prio=P:C][,weight=N,pps=N,bps=SIZE..]`: several NICs, each on its own socket and tap for its own
 //!   frontend, their transmit queues behind one sluice-qos scheduler (`--qos-device`, or
 //!   `off`): weighted fair order of frames across guests, frames/s and bytes/s buckets, a
 //!   queue pair's class inside its guest. `--metrics` and `--api-socket` as for `serve blk`.
@@ -100,7 +100,8 @@ struct NetArgs {
     #[arg(long, required_unless_present = "specs", conflicts_with = "specs")]
     tap: Option<String>,
     /// One of several NICs, each served on its own socket to its own frontend, on its own tap:
-    /// `socket=PATH,tap=NAME[,name=N][,mac=MAC][,queues=N][,queue_prio=PAIR:high|normal|bulk]..`
+    /// `socket=PATH,tap=NAME[,name=N][,mac=MAC][,queues=N][,notify=irq|poll|sched..]
+    /// [,queue_prio=PAIR:high|normal|bulk]..`
     /// plus the scheduler keys `weight=N,pps=N,pps_burst=N,bps=SIZE,bps_burst=SIZE,queue=N`
     /// (transmitted frames per second, bytes per second). Repeatable.
     #[arg(long = "net", id = "specs", value_name = "SPEC")]
@@ -168,8 +169,9 @@ struct BlkArgs {
     #[arg(long, required_unless_present = "specs", conflicts_with = "specs")]
     image: Option<PathBuf>,
     /// One of several disks, each served on its own socket to its own frontend:
-    /// `socket=PATH,image=FILE[,readonly=on|off][,name=NAME][,notify=irq|poll[:US]|batch..]`
-    /// (the rings' policy: a latency-sensitive guest's disk may poll) plus the `--qos` keys
+    /// `socket=PATH,image=FILE[,readonly=on|off][,name=NAME][,notify=irq|poll[:US]|sched[:US]|batch..]`
+    /// (the rings' policy: a latency-sensitive guest's disk may poll; `sched` polls it while
+    /// the scheduler sees a backlog, up to `--qos-device poll_guests=`) plus the `--qos` keys
     /// (`weight=N,iops=N,iops_burst=N,bps=SIZE,bps_burst=SIZE,queue=N`). Repeatable.
     #[arg(long = "disk", id = "specs", value_name = "SPEC")]
     disks: Vec<String>,
@@ -178,7 +180,8 @@ struct BlkArgs {
     #[arg(long, value_name = "SPEC", conflicts_with = "specs")]
     qos: Option<String>,
     /// The shared scheduler: `depth=N` (requests on the backend at once, default 4),
-    /// `idle_depth=N`, `iops`, `iops_burst`, `bps`, `bps_burst` for the device as a whole;
+    /// `idle_depth=N`, `poll_guests=N` (guests polled at once under `notify=sched`, default
+    /// 1), `iops`, `iops_burst`, `bps`, `bps_burst` for the device as a whole;
     /// `off` serves several `--disk`s unscheduled.
     #[arg(long, value_name = "SPEC|off")]
     qos_device: Option<String>,
@@ -293,6 +296,9 @@ struct NicSpec {
     queues: Option<u16>,
     /// `queue_prio=PAIR:CLASS` entries.
     prios: Vec<(u16, sluice_qos::Class)>,
+    /// The rings' notification policy (`notify=`; default interrupt; `sched`: the transmit
+    /// queues polled while the scheduler sees the guest's backlog).
+    notify: Option<sluice_virtio::NotifyPolicy>,
     /// The scheduler keys, in the scheduler's spelling (`pps` → `iops`).
     qos: String,
 }
@@ -343,7 +349,7 @@ fn parse_class(value: &str) -> Option<sluice_qos::Class> {
 fn parse_nic(spec: &str, default_queues: u16) -> anyhow::Result<NicSpec> {
     let bad = |why: String| anyhow::anyhow!("--net {spec:?}: {why}");
     let (mut socket, mut tap, mut name, mut mac, mut queues) = (None, None, None, None, None);
-    let (mut prios, mut qos) = (Vec::new(), Vec::new());
+    let (mut prios, mut qos, mut notify) = (Vec::new(), Vec::new(), None);
     for pair in spec.split(',').filter(|p| !p.is_empty()) {
         let (key, value) = pair
             .split_once('=')
@@ -357,6 +363,7 @@ fn parse_nic(spec: &str, default_queues: u16) -> anyhow::Result<NicSpec> {
                 let n = value.parse::<u16>().ok().filter(|n| (1..=256).contains(n));
                 queues = Some(n.ok_or_else(|| bad("queues must be in 1..=256".into()))?);
             }
+            "notify" => notify = Some(sluice_vmm::config::parse_notify(value).map_err(bad)?),
             "queue_prio" => {
                 let parsed = value.split_once(':').and_then(|(pair, class)| {
                     Some((pair.parse::<u16>().ok()?, parse_class(class)?))
@@ -376,6 +383,7 @@ fn parse_nic(spec: &str, default_queues: u16) -> anyhow::Result<NicSpec> {
         )));
     }
     let name = name.unwrap_or_else(|| socket_name(&socket));
+    refuse_device_id(&name).map_err(bad)?;
     let qos = qos.join(",");
     // The scheduler names the frame bucket iops; the user wrote pps.
     sluice_qos::parse_guest(&name, &qos).map_err(|e| bad(e.replace("iops", "pps")))?;
@@ -386,6 +394,7 @@ fn parse_nic(spec: &str, default_queues: u16) -> anyhow::Result<NicSpec> {
         mac,
         queues,
         prios,
+        notify,
         qos,
     })
 }
@@ -455,7 +464,17 @@ fn serve_nets(args: NetArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
             scheduled.add(nic.name.clone(), scheduled_guest);
         }
         metrics.push(VirtioDevice::metrics(&net));
-        let server = Server::bind_with(&nic.socket, net, args.listen.limits())
+        let mut limits = args.listen.limits();
+        if let Some(notify) = nic.notify {
+            if qos.is_none() && matches!(notify, sluice_virtio::NotifyPolicy::Scheduled { .. }) {
+                anyhow::bail!(
+                    "NIC {}: notify=sched needs the scheduler (not --qos-device off)",
+                    nic.name
+                );
+            }
+            limits.notify = notify;
+        }
+        let server = Server::bind_with(&nic.socket, net, limits)
             .with_context(|| format!("cannot listen on {}", nic.socket.display()))?;
         tracing::info!(
             "vhost-user-net: {} (tap {}) listening on {}",
@@ -519,6 +538,7 @@ fn parse_disk(spec: &str) -> anyhow::Result<DiskSpec> {
     let socket = socket.with_context(|| format!("--disk {spec:?}: socket= is required"))?;
     let image = image.with_context(|| format!("--disk {spec:?}: image= is required"))?;
     let name = name.unwrap_or_else(|| socket_name(&socket));
+    refuse_device_id(&name).map_err(|e| anyhow::anyhow!("--disk {spec:?}: {e}"))?;
     Ok(DiskSpec {
         socket,
         image,
@@ -527,6 +547,16 @@ fn parse_disk(spec: &str) -> anyhow::Result<DiskSpec> {
         notify,
         qos: Some(qos.join(",")),
     })
+}
+
+/// `vm.qos` names the scheduler itself `device`: no disk or NIC may be called that.
+fn refuse_device_id(name: &str) -> Result<(), String> {
+    if name == sluice_vmm::qos::DEVICE_ID {
+        return Err(format!(
+            "the name {name:?} is the scheduler's own in vm.qos (name= another)"
+        ));
+    }
+    Ok(())
 }
 
 fn socket_name(socket: &Path) -> String {
@@ -557,6 +587,19 @@ fn serve_blk(args: BlkArgs, stop_signals: StopSignals) -> anyhow::Result<u8> {
         Some(_) => true,
         None => disks.iter().any(|d| d.qos.is_some()),
     };
+    if !scheduled {
+        if let Some(disk) = disks.iter().find(|d| {
+            matches!(
+                d.notify,
+                Some(sluice_virtio::NotifyPolicy::Scheduled { .. })
+            )
+        }) {
+            anyhow::bail!(
+                "disk {}: notify=sched needs the scheduler (not --qos-device off)",
+                disk.name
+            );
+        }
+    }
     let qos = if scheduled {
         let spec = args.qos_device.as_deref().unwrap_or("");
         let device = sluice_qos::parse_device(spec)
@@ -780,9 +823,14 @@ impl VmApi for ServeApi {
         } else {
             request.options.clone()
         };
-        self.disks
-            .reconfigure(id, &options)
-            .map_err(crate::api::qos_error)
+        let answer = self.disks.reconfigure(id, &options);
+        answer.map_err(|e| match crate::api::qos_error(e) {
+            // The scheduler names the frame bucket iops; a NIC's client wrote pps.
+            ApiError::BadRequest(why) if self.net_keys => {
+                ApiError::BadRequest(why.replace("iops", "pps"))
+            }
+            other => other,
+        })
     }
 }
 

@@ -1,7 +1,7 @@
 //! One `sluice serve net` shared by two guests (issue 16, the network half): two guest-kit
 //! VMs under QEMU (sluice's own frontend has no vhost-user NIC), each on its own socket and
 //! tap of one server, their transmit queues behind one sluice-qos scheduler — one guest with
-//! weight 3, the other held to a frames/s limit. Every frame each guest sent reaches its tap
+//! weight 3 and `notify=sched`, the other held to a frames/s limit. Every frame each guest sent reaches its tap
 //! (the scheduler delays, never drops: what it holds back stays in the guest's ring), and the
 //! server's metrics count each guest's frames, bytes, share and throttled time. No timing is
 //! asserted; a bad `--net` is refused with its reason.
@@ -80,7 +80,12 @@ fn two_guests_share_one_served_nic_backend_and_every_frame_arrives() {
     let taps = [format!("slqa{suffix}"), format!("slqb{suffix}")];
     let sockets = [dir.join("heavy.sock"), dir.join("limited.sock")];
     let nets = [
-        format!("socket={},tap={},weight=3", sockets[0].display(), taps[0]),
+        // Its transmit queue polled while the scheduler sees a backlog (notify=sched).
+        format!(
+            "socket={},tap={},weight=3,notify=sched",
+            sockets[0].display(),
+            taps[0]
+        ),
         format!(
             "socket={},tap={},weight=1,pps={PPS}",
             sockets[1].display(),
@@ -184,6 +189,14 @@ fn a_bad_net_spec_is_refused_with_its_reason() {
             "queue_prio must be PAIR:",
         ),
         ("socket=a.sock,tap=x0,pps=lots", "bad pps value"),
+        (
+            "socket=a.sock,tap=x0,notify=sometimes",
+            "expected irq, poll",
+        ),
+        (
+            "socket=a.sock,tap=x0,name=device",
+            "is the scheduler's own in vm.qos",
+        ),
     ];
     for (spec, reason) in cases {
         let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -207,4 +220,83 @@ fn a_bad_net_spec_is_refused_with_its_reason() {
         stderr.contains("each NIC needs its own socket, tap and name"),
         "{stderr}"
     );
+}
+
+/// `sluice ctl qos device` on `serve net`: the device-wide frame bucket (`--qos-device pps=`)
+/// changed live in the NIC spelling (`pps`), listed by `vm.qos`; the disk spelling and a bad
+/// value are refused and change nothing. No guest needed.
+#[test]
+fn serve_net_device_bucket_is_changed_live_through_its_api_socket() {
+    let name = "serve_net_device_bucket_is_changed_live";
+    if !can_make_taps(name) {
+        return;
+    }
+    let dir = scratch(name);
+    let suffix = std::process::id() % 100_000;
+    let api = dir.join("api.sock");
+    let nets = [
+        format!(
+            "socket={},tap=slqc{suffix},weight=3",
+            dir.join("a.sock").display()
+        ),
+        format!("socket={},tap=slqd{suffix}", dir.join("b.sock").display()),
+    ];
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    command.args(["serve", "net", "--qos-device=pps=600"]);
+    for net in &nets {
+        command.arg(format!("--net={net}"));
+    }
+    let mut server = command
+        .arg(format!("--api-socket={}", api.display()))
+        .stdin(Stdio::null())
+        .stderr(File::create(dir.join("serve.log")).unwrap())
+        .spawn()
+        .expect("start sluice serve net");
+    wait_for("the API socket", Duration::from_secs(20), || api.exists());
+
+    let ctl = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["ctl", "--api-socket"])
+            .arg(&api)
+            .args(args)
+            .output()
+            .expect("run sluice ctl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let listed = ctl(&["qos"]);
+    let changed = ctl(&["qos", "device", "pps=900,pps_burst=30"]);
+    let disk_key = ctl(&["qos", "device", "iops=5"]);
+    let bad = ctl(&["qos", "device", "pps=many"]);
+    let after = ctl(&["qos"]);
+    // SAFETY: signalling our own child by its pid.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    assert_eq!(
+        wait_or_kill(&mut server, Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        log(&dir)
+    );
+
+    let listed: serde_json::Value = serde_json::from_str(&listed.1).unwrap();
+    assert_eq!(listed["device"]["iops_limit"], 600, "{listed}");
+    assert_eq!(changed.0, 0, "{changed:?}");
+    assert!(changed.1.contains("\"iops_limit\":900"), "{changed:?}");
+    assert!(changed.1.contains("\"iops_burst\":30"), "{changed:?}");
+    assert_eq!(disk_key.0, 1, "{disk_key:?}");
+    assert!(disk_key.1.contains("a NIC takes pps"), "{disk_key:?}");
+    assert_eq!(bad.0, 1, "{bad:?}");
+    assert!(bad.1.contains("bad pps value"), "{bad:?}");
+    let after: serde_json::Value = serde_json::from_str(&after.1).unwrap();
+    assert_eq!(
+        (
+            &after["device"]["iops_limit"],
+            &after["device"]["iops_burst"]
+        ),
+        (&900.into(), &30.into()),
+        "the refused changes left it: {after}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

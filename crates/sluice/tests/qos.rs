@@ -1,7 +1,7 @@
 //! One `sluice serve blk` shared by two guests (issue 16): two guest-kit VMs, each with its
-//! own image on its own socket of one server, behind the sluice-qos scheduler. Both verify
-//! their data, the images hold it, and the server's metrics show each guest's share of the
-//! backend, queueing delay and throttled time. No timing is asserted (docs/benchmarks.md has
+//! own image on its own socket of one server, behind the sluice-qos scheduler (one disk with
+//! `notify=sched`). Both verify their data, the images hold it, and the server's metrics show
+//! each guest's share of the backend, queueing delay and throttled time. No timing is asserted (docs/benchmarks.md has
 //! the numbers).
 
 use std::fs::File;
@@ -98,8 +98,10 @@ fn two_guests_share_one_served_backend_and_both_verify() {
             a_sock.display(),
             a_image.display()
         ),
+        // Polled while the scheduler sees its backlog, interrupts otherwise (notify=sched):
+        // the switch must never lose a request (it once did: both guests timed out).
         format!(
-            "socket={},image={},name=light,weight=1,iops=100000",
+            "socket={},image={},name=light,weight=1,iops=100000,notify=sched",
             b_sock.display(),
             b_image.display()
         ),
@@ -152,6 +154,13 @@ fn two_guests_share_one_served_backend_and_both_verify() {
     }
     assert!((share_sum - 1.0).abs() < 1e-9, "{metrics:#}");
     assert_eq!(metrics["devices"].as_array().map(Vec::len), Some(2));
+    // Each guest's mode is reported; whether and how often one was polled is timing.
+    for g in guests {
+        let mode = g["notify"].as_str().unwrap_or_default();
+        assert!(["poll", "interrupt"].contains(&mode), "{g:#}");
+        assert!(g["poll_switches"].as_u64().is_some(), "{g:#}");
+        assert!(g["polled_ms"].as_u64().is_some(), "{g:#}");
+    }
 }
 
 #[test]
@@ -175,6 +184,14 @@ fn a_disk_spec_without_socket_or_with_a_bad_qos_key_is_refused() {
                 img.display()
             ),
             "unknown qos key",
+        ),
+        (
+            format!(
+                "socket={},image={},name=device",
+                dir.join("x.sock").display(),
+                img.display()
+            ),
+            "is the scheduler's own in vm.qos",
         ),
     ] {
         let mut server = serve(&dir, std::slice::from_ref(&disk), &[]);
@@ -228,8 +245,9 @@ fn ctl(socket: &Path, args: &[&str]) -> (i32, String) {
 /// `sluice serve blk --api-socket`: `sluice ctl qos` lists both disks by name with their
 /// settings, a change to one applies to it alone and is in the `--metrics` written at
 /// SIGTERM; an unknown disk is a 404 and a bad value a 400 (status 1, a JSON error), and the
-/// VM actions a server has no VM for are refused. No guest needed: the scheduler's settings
-/// are what is checked.
+/// VM actions a server has no VM for are refused. The id `device` is the `--qos-device`
+/// settings: changed live the same way, a refused change leaves them. No guest needed: the
+/// scheduler's settings are what is checked.
 #[test]
 fn serve_blk_disks_are_reconfigured_live_through_its_api_socket() {
     let dir = scratch("serve-api");
@@ -247,7 +265,7 @@ fn serve_blk_disks_are_reconfigured_live_through_its_api_socket() {
         ),
     ];
     let api = format!("--api-socket={}", socket.display());
-    let server = serve(&dir, &disks, &[&api]);
+    let server = serve(&dir, &disks, &[&api, "--qos-device=depth=2"]);
     wait_for("the API socket", Duration::from_secs(20), || {
         socket.exists()
     });
@@ -257,6 +275,8 @@ fn serve_blk_disks_are_reconfigured_live_through_its_api_socket() {
     let unknown = ctl(&socket, &["qos", "nope", "iops=1"]);
     let bad = ctl(&socket, &["qos", "reader", "weight=5000"]);
     let pause = ctl(&socket, &["pause"]);
+    let device = ctl(&socket, &["qos", "device", "depth=8,bps=100M"]);
+    let device_refused = ctl(&socket, &["qos", "device", "depth=8,weight=2"]);
     let after = ctl(&socket, &["qos"]);
     let metrics = stop(server, &dir);
 
@@ -278,15 +298,32 @@ fn serve_blk_disks_are_reconfigured_live_through_its_api_socket() {
     assert!(bad.1.contains("weight must be in"), "{bad:?}");
     assert_eq!(pause.0, 1, "{pause:?}");
     assert!(pause.1.contains("no VM"), "{pause:?}");
+    assert_eq!(
+        listed["device"]["depth"], 2,
+        "--qos-device depth=2: {listed}"
+    );
+    assert_eq!(device.0, 0, "{device:?}");
+    assert!(device.1.contains("\"depth\":8"), "{device:?}");
+    assert_eq!(device_refused.0, 1, "{device_refused:?}");
+    assert!(
+        device_refused.1.contains("unknown field `weight`"),
+        "{device_refused:?}"
+    );
     let after: serde_json::Value = serde_json::from_str(&after.1).unwrap();
     assert_eq!(
         (&after["disks"][0]["weight"], &after["disks"][1]["weight"]),
         (&2.into(), &3.into()),
         "only bulk changed: {after}"
     );
+    assert_eq!(after["device"]["bps_limit"], 100 << 20, "{after}");
+    assert_eq!(
+        after["device"]["depth"], 8,
+        "the refused change left it: {after}"
+    );
     let guests = &metrics["qos"]["guests"];
     assert_eq!(guests[0]["iops_limit"], 250, "{metrics}");
     assert_eq!(guests[1]["weight"], 3, "{metrics}");
+    assert_eq!(metrics["qos"]["depth"], 8, "{metrics}");
     assert!(!socket.exists(), "the API socket is removed at the stop");
     let _ = std::fs::remove_dir_all(&dir);
 }

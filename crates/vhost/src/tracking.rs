@@ -237,6 +237,10 @@ impl QueueHandler for Tracked {
     fn completion_ready(&mut self) -> bool {
         self.inner.completion_ready()
     }
+
+    fn wants_polling(&self) -> bool {
+        self.inner.wants_polling()
+    }
 }
 
 impl Tracked {
@@ -299,6 +303,10 @@ impl QueueHandler for SharedTracked {
 
     fn completion_ready(&mut self) -> bool {
         self.lock().completion_ready()
+    }
+
+    fn wants_polling(&self) -> bool {
+        self.lock().wants_polling()
     }
 }
 
@@ -368,4 +376,36 @@ fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
     // SAFETY: one valid pollfd for the duration of the call; the result is checked.
     let ready = unsafe { libc::poll(&raw mut pollfd, 1, millis) };
     ready > 0 && pollfd.revents & libc::POLLIN != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A model whose polling wish is what the test says.
+    struct Steered(Arc<AtomicBool>);
+
+    impl QueueHandler for Steered {
+        fn process(&mut self, _ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+            Ok(false)
+        }
+
+        fn wants_polling(&self) -> bool {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    /// `notify=sched` on a served disk: the queue worker holds the model inside these
+    /// wrappers, so they must pass its polling wish through (they once did not, and no
+    /// served queue was ever polled).
+    #[test]
+    fn the_wrappers_pass_the_models_polling_wish_through() {
+        let wish = Arc::new(AtomicBool::new(false));
+        let handler = SharedTracked::new(Tracked::new(Box::new(Steered(wish.clone())), None, 0, 0));
+        assert!(!handler.wants_polling());
+        wish.store(true, Ordering::SeqCst);
+        assert!(handler.wants_polling());
+        assert!(handler.lock().wants_polling());
+    }
 }

@@ -195,6 +195,11 @@ pub enum NotifyPolicy {
         max_requests: u32,
         max_delay: Duration,
     },
+    /// `Poll { budget }` while the handler's [`QueueHandler::wants_polling`] says so (a
+    /// scheduler's choice for the guest: sustained backlog), `Interrupt` otherwise; checked on
+    /// every wakeup and while polling, so a guest that goes idle or is throttled stops being
+    /// polled at once.
+    Scheduled { budget: Duration },
 }
 
 /// Interrupts toward the driver (MSI-X vectors in virtio-pci, the call fd in vhost-user).
@@ -258,6 +263,13 @@ pub trait QueueHandler: Send + 'static {
     /// A cheap check (no system call) that `complete` has something to collect, so a polling
     /// worker reaps completions in its spin loop rather than after an epoll wakeup.
     fn completion_ready(&mut self) -> bool {
+        false
+    }
+    /// Under [`NotifyPolicy::Scheduled`]: whether the queue should be polled now (a cheap
+    /// read, no lock or system call: the worker asks on every wakeup and in its spin loop).
+    /// A handler behind a scheduler answers what the scheduler chose for its guest; false
+    /// (interrupts) by default.
+    fn wants_polling(&self) -> bool {
         false
     }
 }

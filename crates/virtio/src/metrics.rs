@@ -64,6 +64,9 @@ pub struct QueueMetrics {
     /// Interrupts not sent because EVENT_IDX / flags said the driver did not want them, or
     /// because batching coalesced them.
     pub notifications_suppressed: AtomicU64,
+    /// Times the worker went into its poll loop (`notify=poll`, or `notify=sched` while its
+    /// scheduler has the guest polled).
+    pub poll_entries: AtomicU64,
     /// Requests (descriptor chains) completed.
     pub requests: AtomicU64,
     /// Payload bytes moved.
@@ -169,6 +172,7 @@ impl DeviceMetrics {
                     "kicks": load(&q.kicks),
                     "interrupts": load(&q.interrupts),
                     "notifications_suppressed": load(&q.notifications_suppressed),
+                    "poll_entries": load(&q.poll_entries),
                     "requests": load(&q.requests),
                     "bytes": load(&q.bytes),
                     "errors": load(&q.errors),
@@ -202,6 +206,7 @@ impl DeviceMetrics {
                 ("kicks", &q.kicks),
                 ("interrupts", &q.interrupts),
                 ("notifications_suppressed", &q.notifications_suppressed),
+                ("poll_entries", &q.poll_entries),
                 ("requests", &q.requests),
                 ("bytes", &q.bytes),
                 ("errors", &q.errors),

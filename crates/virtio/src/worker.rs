@@ -20,6 +20,10 @@
 //! * `Batch { max_requests, max_delay }`: completions accumulate until `max_requests` of them
 //!   are unsignalled or `max_delay` passed since the first one; then one interrupt goes out.
 //!   Each deferred signal counts as a suppressed notification.
+//! * `Scheduled { budget }`: `Poll { budget }` while the handler's `wants_polling` says so,
+//!   `Interrupt` otherwise — asked on each wakeup and on every spin, so a poll loop ends (its
+//!   window closes at once) as soon as the answer turns false. Entries into the poll loop are
+//!   counted (`QueueMetrics::poll_entries`).
 //!
 //! The worker looks at the ring once when it starts (requests published while nobody served
 //! it), then only after kicks. The kick fd may be any fd a vhost-user frontend sent: it is made
@@ -388,8 +392,8 @@ impl Worker {
             timer,
             batch: Batch::default(),
             window: PollWindow::new(match policy {
-                NotifyPolicy::Poll { budget } => budget,
-                _ => Duration::ZERO,
+                NotifyPolicy::Poll { budget } | NotifyPolicy::Scheduled { budget } => budget,
+                NotifyPolicy::Interrupt | NotifyPolicy::Batch { .. } => Duration::ZERO,
             }),
             broken: false,
         })
@@ -496,12 +500,19 @@ impl Worker {
     /// Requests made available while nobody served the ring (a ring restarted after
     /// GET_VRING_BASE or a memory-table change) have had their kick already: look once.
     fn first_pass(&mut self) -> Flow {
+        if self.polling() {
+            return self.poll();
+        }
+        self.drain_ring();
+        Flow::Continue
+    }
+
+    /// Whether the queue is served by polling now (see [`NotifyPolicy::Scheduled`]).
+    fn polling(&self) -> bool {
         match self.policy {
-            NotifyPolicy::Poll { .. } => self.poll(),
-            _ => {
-                self.drain_ring();
-                Flow::Continue
-            }
+            NotifyPolicy::Poll { .. } => true,
+            NotifyPolicy::Scheduled { .. } => self.handler.wants_polling(),
+            NotifyPolicy::Interrupt | NotifyPolicy::Batch { .. } => false,
         }
     }
 
@@ -547,16 +558,12 @@ impl Worker {
         if self.broken || polling {
             return Flow::Continue;
         }
-        match self.policy {
-            NotifyPolicy::Poll { .. } => {
-                self.window.woken_by_kick();
-                self.poll()
-            }
-            _ => {
-                self.drain_ring();
-                Flow::Continue
-            }
+        if self.polling() {
+            self.window.woken_by_kick();
+            return self.poll();
         }
+        self.drain_ring();
+        Flow::Continue
     }
 
     /// The completion fd is readable. A polling worker that slept (possibly with requests in
@@ -569,8 +576,18 @@ impl Worker {
             return Flow::Continue;
         }
         self.reap_completions();
-        if !polling && !self.broken && matches!(self.policy, NotifyPolicy::Poll { .. }) {
+        if polling || self.broken {
+            return Flow::Continue;
+        }
+        if self.polling() {
             return self.poll();
+        }
+        if matches!(self.policy, NotifyPolicy::Scheduled { .. }) {
+            // The last poll loop may have slept with driver notifications off (requests were
+            // in flight) and the guest is no longer to be polled: serve the ring as the
+            // interrupt policy does, which turns them back on (else nothing would ever wake
+            // the worker for what the driver published meanwhile).
+            self.drain_ring();
         }
         Flow::Continue
     }
@@ -676,6 +693,7 @@ impl Worker {
             self.fail(&format!("cannot suppress notifications: {e}"));
             return Flow::Continue;
         }
+        QueueMetrics::add(&self.queue_metrics().poll_entries, 1);
         let mut idle_since = Instant::now();
         let mut last_epoll = idle_since;
         // The avail marker at which the handler last left every chain in the ring.
@@ -716,7 +734,13 @@ impl Worker {
                 }
             }
             let now = Instant::now();
-            if now.duration_since(idle_since) >= self.window.current() {
+            // A scheduled queue whose guest is no longer to be polled closes its window now.
+            let window = if self.polling() {
+                self.window.current()
+            } else {
+                Duration::ZERO
+            };
+            if now.duration_since(idle_since) >= window {
                 if self.handler.has_in_flight() {
                     // Sleep until the completion, notifications still off (see above).
                     return Flow::Continue;

@@ -243,6 +243,9 @@ pub fn parse_notify(v: &str) -> Result<NotifyPolicy, String> {
         "poll" => NotifyPolicy::Poll {
             budget: Duration::from_micros(arg(50, micros, "poll budget")?),
         },
+        "sched" => NotifyPolicy::Scheduled {
+            budget: Duration::from_micros(arg(50, micros, "poll budget")?),
+        },
         "batch" => NotifyPolicy::Batch {
             // Bounded by MAX_BATCH_REQUESTS, so it fits.
             max_requests: arg(16, 1..=MAX_BATCH_REQUESTS, "batch size")? as u32,
@@ -250,7 +253,7 @@ pub fn parse_notify(v: &str) -> Result<NotifyPolicy, String> {
         },
         _ => {
             return Err(format!(
-                "notify={v}: expected irq, poll[:us] or batch[:n[:us]]"
+                "notify={v}: expected irq, poll[:us], sched[:us] or batch[:n[:us]]"
             ))
         }
     };
@@ -352,6 +355,12 @@ impl DiskSpec {
                 .map_err(|e| format!("--disk: {e}"))?;
             disk.qos = Some(guest);
         }
+        if matches!(disk.notify, NotifyPolicy::Scheduled { .. }) && disk.qos.is_none() {
+            return Err(
+                "--disk notify=sched: the scheduler chooses polling per guest, so the disk                  needs to be behind it (weight=, iops= or bps=)"
+                    .into(),
+            );
+        }
         if disk.vhost_user || disk.socket.is_some() || disk.timeout.is_some() {
             return disk.check_vhost_user();
         }
@@ -425,6 +434,12 @@ impl NetSpec {
         }
         if net.tap.is_empty() {
             return Err("--net needs tap=NAME".into());
+        }
+        if matches!(net.notify, NotifyPolicy::Scheduled { .. }) {
+            return Err(
+                "--net notify=sched: an in-process NIC has no scheduler (sluice serve net                  --net has)"
+                    .into(),
+            );
         }
         if net.standby && net.mac.is_none() {
             return Err(
@@ -753,5 +768,23 @@ mod tests {
                 budget: Duration::from_millis(1)
             })
         );
+        assert!(parse_notify("sched:3600000000")
+            .unwrap_err()
+            .contains("at most"));
+    }
+
+    #[test]
+    fn notify_sched_is_for_disks_behind_the_scheduler_only() {
+        let disk = DiskSpec::parse("path=/x/a.img,weight=2,notify=sched:30").unwrap();
+        assert_eq!(
+            disk.notify,
+            NotifyPolicy::Scheduled {
+                budget: Duration::from_micros(30)
+            }
+        );
+        let plain = DiskSpec::parse("path=/x/a.img,notify=sched").unwrap_err();
+        assert!(plain.contains("needs to be behind it"), "{plain}");
+        let net = NetSpec::parse("tap=t0,notify=sched").unwrap_err();
+        assert!(net.contains("no scheduler"), "{net}");
     }
 }

@@ -1,7 +1,8 @@
 //! The VM's disks behind the process's sluice-qos scheduler, by their control-API id
 //! (`disk0`, or the id given at hot-plug): `vm.qos` reads their settings and stats and
 //! changes their weight and limits while the guest runs; the metrics (`--metrics`,
-//! `vm.counters`, `/metrics`) carry the same stats.
+//! `vm.counters`, `/metrics`) carry the same stats. The id [`DEVICE_ID`] names the scheduler
+//! itself: its depth and device-wide buckets (`--qos-device`), changed the same way.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -23,12 +24,19 @@ impl std::fmt::Debug for ScheduledGuest {
     }
 }
 
+/// The `vm.qos` id of the scheduler itself (its `--qos-device` settings); no disk or NIC of a
+/// server may take it as its name.
+pub const DEVICE_ID: &str = "device";
+
 /// Why a change was refused; each maps to one HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QosError {
     /// No scheduled disk with that id (404).
     #[error("no disk with id `{0}` is behind the I/O scheduler (vm.qos lists them)")]
     NotFound(String),
+    /// Id `device`, but no disk is scheduled, so there is no scheduler to change (404).
+    #[error("no I/O scheduler to change: no disk is behind one (or --qos-device off)")]
+    NoScheduler,
     /// A bad key or value (400).
     #[error("{0}")]
     BadRequest(String),
@@ -44,10 +52,23 @@ const KEYS: [(&str, &str); 6] = [
     ("qos_queue", "queue"),
 ];
 
-/// The scheduled disks of one VM.
+/// The `vm.qos` keys of the device itself, as `--qos-device` spells them.
+const DEVICE_KEYS: [&str; 7] = [
+    "depth",
+    "idle_depth",
+    "poll_guests",
+    "iops",
+    "iops_burst",
+    "bps",
+    "bps_burst",
+];
+
+/// The scheduled disks of one VM (or of one `sluice serve`), all on one scheduler.
 #[derive(Default)]
 pub struct QosDisks {
     disks: Mutex<Vec<(String, ScheduledGuest)>>,
+    /// The scheduler the disks share (the first added disk's; it stays when disks leave).
+    device: Mutex<Option<Arc<Qos>>>,
 }
 
 impl QosDisks {
@@ -56,12 +77,33 @@ impl QosDisks {
     }
 
     pub fn add(&self, id: String, guest: ScheduledGuest) {
+        self.device
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(|| Arc::clone(&guest.qos));
         self.locked().push((id, guest));
     }
 
-    /// Drops the disk `id` from the list (it was unplugged; its scheduler keeps its stats).
+    /// The scheduler the disks share (None before the first disk joined one).
+    pub fn scheduler(&self) -> Option<Arc<Qos>> {
+        self.device()
+    }
+
+    fn device(&self) -> Option<Arc<Qos>> {
+        self.device
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Drops the disk `id` (it was unplugged): from the list and from its scheduler, whose
+    /// stats and shares then leave it out.
     pub fn forget(&self, id: &str) {
-        self.locked().retain(|(disk, _)| disk != id);
+        let mut disks = self.locked();
+        for (_, gone) in disks.iter().filter(|(disk, _)| disk == id) {
+            gone.qos.remove_guest(gone.guest);
+        }
+        disks.retain(|(disk, _)| disk != id);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -76,12 +118,16 @@ impl QosDisks {
             .iter()
             .map(|(id, g)| disk_json(id, g))
             .collect();
-        json!({ "disks": disks })
+        let device = self.device().map(|qos| device_json(&qos.device_config()));
+        json!({ "disks": disks, "device": device })
     }
 
     /// Changes the disk `id`'s settings named in `changes` (`--disk` keys and values); the
     /// others keep their values. Answers the disk's new status.
     pub fn reconfigure(&self, id: &str, changes: &[(String, String)]) -> Result<Value, QosError> {
+        if id == DEVICE_ID {
+            return self.reconfigure_device(changes);
+        }
         let scheduled = self
             .locked()
             .iter()
@@ -98,6 +144,21 @@ impl QosDisks {
         scheduled.qos.reconfigure(scheduled.guest, config);
         tracing::info!("qos: {id} reconfigured ({spec})");
         Ok(disk_json(id, &scheduled))
+    }
+
+    /// Changes the scheduler's own depth and buckets (`--qos-device` keys); answers its new
+    /// settings. Nothing changes unless every key and value is good.
+    fn reconfigure_device(&self, changes: &[(String, String)]) -> Result<Value, QosError> {
+        let qos = self.device().ok_or(QosError::NoScheduler)?;
+        let spec = spec_of(changes, &|key| {
+            DEVICE_KEYS.contains(&key).then(|| key.to_string())
+        })
+        .map_err(|e| e.with_known(&DEVICE_KEYS))?;
+        let config = sluice_qos::apply_device(&qos.device_config(), &spec)
+            .map_err(|e| QosError::BadRequest(format!("vm.qos {DEVICE_ID}: {e}")))?;
+        qos.reconfigure_device(config);
+        tracing::info!("qos: the device reconfigured ({spec})");
+        Ok(device_json(&qos.device_config()))
     }
 
     /// The stats in the Prometheus text format, one series per disk and figure.
@@ -133,8 +194,10 @@ const PROMETHEUS_SERIES: [(&str, &str); 9] = [
 
 /// One disk's settings and stats, with its id.
 fn disk_json(id: &str, scheduled: &ScheduledGuest) -> Value {
-    let mut all = scheduled.qos.stats_json();
-    let mut disk = all["guests"][scheduled.guest.0].take();
+    let mut disk = scheduled
+        .qos
+        .guest_json(scheduled.guest)
+        .unwrap_or(Value::Null);
     if let Value::Object(fields) = &mut disk {
         fields.insert("id".into(), Value::String(id.to_string()));
         if let Some(config) = scheduled.qos.guest_config(scheduled.guest) {
@@ -146,25 +209,67 @@ fn disk_json(id: &str, scheduled: &ScheduledGuest) -> Value {
     disk
 }
 
-/// `changes` as the scheduler's option string; unknown keys are refused by name.
-fn scheduler_spec(changes: &[(String, String)]) -> Result<String, QosError> {
-    let mut pairs = Vec::new();
-    for (key, value) in changes {
-        let Some((_, name)) = KEYS.iter().find(|(api, _)| api == key) else {
-            let known: Vec<&str> = KEYS.iter().map(|(api, _)| *api).collect();
-            return Err(QosError::BadRequest(format!(
+/// The device's settings as `vm.qos` shows them.
+fn device_json(device: &sluice_qos::DeviceConfig) -> Value {
+    json!({
+        "id": DEVICE_ID,
+        "depth": device.depth,
+        "idle_depth": device.idle_depth,
+        "poll_guests": device.poll_guests,
+        "iops_limit": device.iops.map(|r| r.per_sec),
+        "iops_burst": device.iops.map(|r| r.burst),
+        "bps_limit": device.bps.map(|r| r.per_sec),
+        "bps_burst": device.bps.map(|r| r.burst),
+    })
+}
+
+/// Why [`spec_of`] refused a change.
+enum SpecError {
+    UnknownKey(String),
+    Bad(QosError),
+}
+
+impl SpecError {
+    /// The refusal, naming the keys that would have been taken.
+    fn with_known(self, known: &[&str]) -> QosError {
+        match self {
+            SpecError::UnknownKey(key) => QosError::BadRequest(format!(
                 "vm.qos: unknown field `{key}` (id, {})",
                 known.join(", ")
-            )));
-        };
+            )),
+            SpecError::Bad(e) => e,
+        }
+    }
+}
+
+/// `changes` as the scheduler's option string, each key through `name` (None: unknown); a
+/// value that could smuggle in another key is refused.
+fn spec_of(
+    changes: &[(String, String)],
+    name: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, SpecError> {
+    let mut pairs = Vec::new();
+    for (key, value) in changes {
+        let name = name(key).ok_or_else(|| SpecError::UnknownKey(key.clone()))?;
         if value.is_empty() || value.contains([',', '=']) {
-            return Err(QosError::BadRequest(format!(
+            return Err(SpecError::Bad(QosError::BadRequest(format!(
                 "vm.qos: `{key}` has a bad value {value:?}"
-            )));
+            ))));
         }
         pairs.push(format!("{name}={value}"));
     }
     Ok(pairs.join(","))
+}
+
+/// `changes` as a disk's option string; unknown keys are refused by name.
+fn scheduler_spec(changes: &[(String, String)]) -> Result<String, QosError> {
+    let known: Vec<&str> = KEYS.iter().map(|(api, _)| *api).collect();
+    spec_of(changes, &|key| {
+        KEYS.iter()
+            .find(|(api, _)| *api == key)
+            .map(|(_, name)| name.to_string())
+    })
+    .map_err(|e| e.with_known(&known))
 }
 
 #[cfg(test)]
@@ -227,5 +332,103 @@ mod tests {
         assert_eq!(qos.guest_config(GuestId(0)), before);
         disks.forget("disk0");
         assert!(disks.is_empty());
+    }
+
+    /// An unplugged disk leaves its scheduler: the stats (`--metrics`, `serve --metrics`)
+    /// list only the disks still there, whose shares add up to 1 again; its id can no longer
+    /// be changed.
+    #[test]
+    fn a_forgotten_disk_leaves_the_schedulers_stats_and_shares() {
+        let (disks, qos) = disks();
+        let hot = qos.add_guest(sluice_qos::parse_guest("hot.img", "weight=1").unwrap());
+        disks.add(
+            "hot0".into(),
+            ScheduledGuest {
+                qos: Arc::clone(&qos),
+                guest: hot,
+            },
+        );
+        // Each disk gets requests granted and completed through a queue of its own.
+        for guest in [GuestId(0), hot] {
+            let port = qos.port(guest).unwrap();
+            port.enqueue(sluice_qos::Request {
+                tag: 1,
+                class: sluice_qos::Class::Normal,
+                access: sluice_qos::Access::Read,
+                offset: 0,
+                len: 4096,
+            })
+            .unwrap();
+            assert_eq!(port.dispatch(), vec![1]);
+            port.complete_and_dispatch(&[1]);
+        }
+        let names = |stats: &Value| -> Vec<String> {
+            stats["guests"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|g| g["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let before = qos.stats_json();
+        assert_eq!(names(&before), ["a.img", "hot.img"]);
+        assert_eq!(before["guests"][0]["share"], 0.5);
+
+        disks.forget("hot0");
+        let after = qos.stats_json();
+        assert_eq!(names(&after), ["a.img"], "{after}");
+        assert_eq!(after["guests"][0]["share"], 1.0);
+        assert_eq!(disks.status()["disks"][0]["share"], 1.0);
+        assert_eq!(qos.guest_config(hot), None);
+        assert!(matches!(
+            disks.reconfigure("hot0", &change(&[("weight", "2")])),
+            Err(QosError::NotFound(_))
+        ));
+        assert!(!qos.remove_guest(hot), "removed once");
+    }
+
+    #[test]
+    fn the_device_is_changed_by_its_id_and_a_refused_change_changes_nothing() {
+        let (disks, qos) = disks();
+        assert_eq!(disks.status()["device"]["depth"], 4);
+        let answer = disks
+            .reconfigure(DEVICE_ID, &change(&[("iops", "600"), ("depth", "8")]))
+            .unwrap();
+        assert_eq!(answer["iops_limit"], 600);
+        assert_eq!(answer["iops_burst"], 60);
+        assert_eq!(qos.device_config().depth, 8);
+        assert_eq!(disks.status()["device"]["iops_limit"], 600);
+        let before = qos.device_config();
+        let guest_before = qos.guest_config(GuestId(0));
+        for bad in [
+            change(&[("depth", "0")]),
+            change(&[("weight", "2")]),
+            change(&[("iops", "5"), ("qos_queue", "3")]),
+            change(&[("bps_burst", "1M")]),
+            change(&[("iops", "7,depth=1")]),
+        ] {
+            let refused = disks.reconfigure(DEVICE_ID, &bad);
+            assert!(
+                matches!(refused, Err(QosError::BadRequest(_))),
+                "{bad:?}: {refused:?}"
+            );
+        }
+        assert_eq!(
+            qos.device_config(),
+            before,
+            "a refused change changed the device"
+        );
+        assert_eq!(qos.guest_config(GuestId(0)), guest_before);
+        // The scheduler stays after its last disk left; without any there is none to change.
+        disks.forget("disk0");
+        assert!(disks
+            .reconfigure(DEVICE_ID, &change(&[("depth", "2")]))
+            .is_ok());
+        let empty = QosDisks::default();
+        assert!(matches!(
+            empty.reconfigure(DEVICE_ID, &change(&[("depth", "2")])),
+            Err(QosError::NoScheduler)
+        ));
+        assert_eq!(empty.status()["device"], Value::Null);
     }
 }

@@ -277,6 +277,10 @@ impl QueueHandler for BlockQueueHandler {
         self.io.has_completions() || self.scheduled.as_ref().is_some_and(Scheduled::has_grants)
     }
 
+    fn wants_polling(&self) -> bool {
+        self.scheduled.as_ref().is_some_and(Scheduled::polled)
+    }
+
     fn complete(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
         let mut used = false;
         let mut finished = Vec::new();

@@ -62,6 +62,11 @@ impl Scheduled {
         self.port.has_grants()
     }
 
+    /// The scheduler's polling choice for this guest (`notify=sched`).
+    pub(super) fn polled(&self) -> bool {
+        self.port.polled()
+    }
+
     pub(super) fn clear_wake(&self) {
         self.port.clear_wake();
     }

@@ -257,6 +257,10 @@ impl QueueHandler for TxHandler {
     fn completion_ready(&mut self) -> bool {
         self.scheduled.as_ref().is_some_and(ScheduledTx::has_grants)
     }
+
+    fn wants_polling(&self) -> bool {
+        self.scheduled.as_ref().is_some_and(ScheduledTx::polled)
+    }
 }
 
 /// What became of one received packet.

@@ -63,6 +63,11 @@ impl ScheduledTx {
         self.port.has_grants()
     }
 
+    /// The scheduler's polling choice for this guest (`notify=sched`).
+    pub(super) fn polled(&self) -> bool {
+        self.port.polled()
+    }
+
     /// Hands a validated packet (header + frame) to the scheduler; gives it back if refused.
     pub(super) fn hold(
         &mut self,

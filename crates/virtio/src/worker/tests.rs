@@ -997,3 +997,136 @@ fn a_drained_stop_answers_requests_in_flight_before_handing_the_queue_back() {
     );
     assert_eq!(load(&h.queue_metrics().in_flight_at_stop), 0);
 }
+
+/// [`EchoHandler`] whose `wants_polling` is what the test (standing in for a scheduler) says.
+struct SteeredHandler {
+    polled: Arc<AtomicBool>,
+}
+
+impl QueueHandler for SteeredHandler {
+    fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        EchoHandler.process(ctx)
+    }
+
+    fn wants_polling(&self) -> bool {
+        self.polled.load(Ordering::SeqCst)
+    }
+}
+
+/// `notify=sched`: interrupts while the handler says not to poll (no poll loop entered,
+/// notifications on), polling (unkicked requests served, notifications off) once it says
+/// so, and back to notifications — long before the 30 s budget — when it stops saying so.
+#[test]
+fn scheduled_mode_polls_only_while_the_handler_asks_for_it() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let polled = Arc::new(AtomicBool::new(false));
+    let queue = h.driver.create_queue::<Queue>().unwrap();
+    let handler = Box::new(SteeredHandler {
+        polled: polled.clone(),
+    });
+    let budget = Duration::from_secs(30);
+    let worker = h.spawn_with(queue, NotifyPolicy::Scheduled { budget }, handler, false);
+
+    h.submit(true);
+    wait_until("the first request", || h.used_idx() == 1);
+    let entries_off = load(&h.queue_metrics().poll_entries);
+    let flags_off = h.used_flags();
+
+    polled.store(true, Ordering::SeqCst);
+    h.submit(true);
+    wait_until("the kicked request", || h.used_idx() == 2);
+    h.submit(false);
+    wait_until("the unkicked request", || h.used_idx() == 3);
+    let flags_polling = h.used_flags();
+    let entries_on = load(&h.queue_metrics().poll_entries);
+
+    let stopped_polling = Instant::now();
+    polled.store(false, Ordering::SeqCst);
+    wait_until("notifications back on", || h.used_flags() == 0);
+    let back_after = stopped_polling.elapsed();
+    h.submit(true);
+    wait_until("a kicked request after polling", || h.used_idx() == 4);
+    worker.stop();
+
+    assert_eq!((entries_off, flags_off), (0, 0), "interrupt mode at first");
+    assert_eq!(flags_polling, VRING_USED_F_NO_NOTIFY);
+    assert_eq!(entries_on, 1, "one poll loop served both requests");
+    assert!(
+        back_after < budget,
+        "the hint, not the budget, ended polling"
+    );
+    assert_eq!(load(&h.queue_metrics().kicks), 3);
+    assert_eq!(load(&h.queue_metrics().requests), 4);
+}
+
+/// [`AsyncHandler`] steered like [`SteeredHandler`].
+struct SteeredAsyncHandler {
+    inner: AsyncHandler,
+    polled: Arc<AtomicBool>,
+}
+
+impl QueueHandler for SteeredAsyncHandler {
+    fn process(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        self.inner.process(ctx)
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        self.inner.completion_fd()
+    }
+
+    fn complete(&mut self, ctx: &mut QueueContext<'_>) -> Result<bool, QueueError> {
+        self.inner.complete(ctx)
+    }
+
+    fn has_in_flight(&self) -> bool {
+        self.inner.has_in_flight()
+    }
+
+    fn wants_polling(&self) -> bool {
+        self.polled.load(Ordering::SeqCst)
+    }
+}
+
+/// The hang `notify=sched` once had: a poll loop sleeps with notifications off while a
+/// request is in flight, the scheduler then stops polling the guest, and the completion must
+/// turn notifications back on — else the driver never kicks again and the next request is
+/// never seen.
+#[test]
+fn scheduled_mode_turns_notifications_back_on_when_polling_ends_with_requests_in_flight() {
+    let mem = memory();
+    let mut h = Harness::new(&mem);
+    let done = EventFd::new(EFD_NONBLOCK).unwrap();
+    let polled = Arc::new(AtomicBool::new(true));
+    let handler = SteeredAsyncHandler {
+        inner: AsyncHandler {
+            done: done.try_clone().unwrap(),
+            in_flight: Vec::new(),
+        },
+        polled: polled.clone(),
+    };
+    let queue = h.driver.create_queue::<Queue>().unwrap();
+    let policy = NotifyPolicy::Scheduled {
+        budget: Duration::from_millis(1),
+    };
+    let worker = h.spawn_with(queue, policy, Box::new(handler), false);
+
+    h.submit(true);
+    wait_until("the kick", || load(&h.queue_metrics().kicks) == 1);
+    // Past the poll window with the request in flight: asleep, notifications off.
+    thread::sleep(Duration::from_millis(50));
+    let flags_in_flight = h.used_flags();
+    polled.store(false, Ordering::SeqCst);
+    done.write(1).unwrap();
+    wait_until("the completion", || h.used_idx() == 1);
+    wait_until("notifications back on", || h.used_flags() == 0);
+    h.submit(true);
+    wait_until("the next request taken", || {
+        load(&h.queue_metrics().kicks) == 2
+    });
+    done.write(1).unwrap();
+    wait_until("its completion", || h.used_idx() == 2);
+    worker.stop();
+
+    assert_eq!(flags_in_flight, VRING_USED_F_NO_NOTIFY);
+}

@@ -17,6 +17,7 @@ struct Rig {
     port: HotplugPort,
     root: Arc<PciRoot>,
     metrics: Arc<Mutex<Vec<Arc<DeviceMetrics>>>>,
+    qos: Arc<crate::qos::QosDisks>,
     _vm: Arc<kvm_ioctls::VmFd>,
 }
 
@@ -41,13 +42,14 @@ fn rig() -> Option<Rig> {
     ));
     let irq = Arc::new(IrqfdLine::new(&vm, crate::layout::HOTPLUG_GED_IRQ).unwrap());
     let metrics = Arc::new(Mutex::new(Vec::new()));
+    let qos = Arc::new(crate::qos::QosDisks::default());
     let hotplug = Hotplug::new(
         root.clone(),
         irq,
         Wiring {
             dma: Arc::new(DmaSpaces::identity(ram.memory.clone())),
             interrupts: VmInterrupts::new(&vm),
-            qos: Arc::default(),
+            qos: qos.clone(),
             vfio: None,
         },
         metrics.clone(),
@@ -60,6 +62,7 @@ fn rig() -> Option<Rig> {
         port,
         root,
         metrics,
+        qos,
         _vm: vm,
     })
 }
@@ -182,4 +185,40 @@ fn ids_are_checked_and_an_eject_of_an_empty_slot_is_ignored() {
     assert_eq!(unknown, Err(HotplugError::NotFound("disk7".into())));
     assert_eq!(rig.hotplug.counters().ejects_ignored, 1);
     assert_eq!(rig.hotplug.devices().len(), 1);
+}
+
+/// A hot-plugged disk behind the I/O scheduler (`weight=`) is listed by `vm.qos` while
+/// plugged; once the guest ejects it, it leaves the list and the scheduler's own stats.
+#[test]
+fn an_ejected_scheduled_disk_leaves_the_scheduler() {
+    let Some(mut rig) = rig() else { return };
+    let image = vmm_sys_util::tempfile::TempFile::new().unwrap();
+    image.as_file().set_len(1 << 20).unwrap();
+    let spec = DiskSpec::parse(&format!("path={},weight=2", image.as_path().display())).unwrap();
+    let name = image
+        .as_path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+
+    rig.hotplug.add_disk(&spec, Some("hot0".into())).unwrap();
+    let scheduler = rig.qos.scheduler().expect("the disk joined a scheduler");
+    let guest_names = || -> Vec<String> {
+        let stats = scheduler.stats_json();
+        let guests = stats["guests"].as_array().cloned().unwrap_or_default();
+        guests
+            .iter()
+            .filter_map(|g| g["name"].as_str().map(String::from))
+            .collect()
+    };
+    let listed = rig.qos.status()["disks"][0]["id"].clone();
+    let scheduled_before = guest_names().contains(&name);
+    rig.hotplug.remove("hot0").unwrap();
+    rig.port.write(0, PCEJ_OFFSET, &(1u32 << 1).to_le_bytes());
+
+    assert_eq!(listed, "hot0");
+    assert!(scheduled_before, "{name} in {:?}", guest_names());
+    assert!(rig.qos.is_empty());
+    assert!(!guest_names().contains(&name), "{:?}", guest_names());
 }
