@@ -771,21 +771,8 @@ fn lab_linux_net_live_migrated_announces_itself_and_keeps_pinging() {
         .lines()
         .find_map(|l| serde_json::from_str(l.strip_prefix("MIGRATE ")?).ok())
         .unwrap_or_else(|| panic!("no migration report\n{}", context()));
-    let replies = |console: &str| -> Vec<u32> {
-        console
-            .lines()
-            .filter_map(|l| {
-                l.split("seq=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .collect()
-    };
-    let before = replies(&source_console).into_iter().max().unwrap_or(0);
-    let first_after = replies(&destination_console).into_iter().min();
+    let before = ping_replies(&source_console).last().copied().unwrap_or(0);
+    let first_after = ping_replies(&destination_console).first().copied();
     assert!(
         first_after.is_some_and(|seq| seq > before),
         "replies reached L2 at the destination (last seq {before} at the source, first after \
