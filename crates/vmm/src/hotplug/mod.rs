@@ -625,8 +625,14 @@ fn unique_id(devices: &[DeviceEntry], name: &str) -> String {
         .unwrap_or(base)
 }
 
-/// Ids are 1..=32 bytes of letters, digits, `-` and `_`.
+/// Ids are 1..=32 bytes of letters, digits, `-` and `_`; `device` names the I/O scheduler in
+/// `vm.qos` ([`crate::qos::DEVICE_ID`]), so no device may take it.
 pub fn check_id(id: &str) -> Result<(), HotplugError> {
+    if id == crate::qos::DEVICE_ID {
+        return Err(HotplugError::BadRequest(format!(
+            "id `{id}` names the I/O scheduler in vm.qos"
+        )));
+    }
     let good = !id.is_empty()
         && id.len() <= MAX_ID_LEN
         && id

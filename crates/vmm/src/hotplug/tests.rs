@@ -147,7 +147,7 @@ fn a_pending_eject_blocks_a_migration_until_the_guest_completes_it() {
     );
 }
 
-/// Ids: taken ones and bad ones are refused, unknown ones are 404s, a request log on a
+/// Ids: taken ones, bad ones and `device` (the scheduler's in vm.qos) are refused, unknown ones are 404s, a request log on a
 /// hot-plugged disk is refused (400), and a guest eject of an empty slot is counted and
 /// changes nothing.
 #[test]
@@ -165,6 +165,9 @@ fn ids_are_checked_and_an_eject_of_an_empty_slot_is_ignored() {
     let bad = rig
         .hotplug
         .add_disk(&disk(other.as_path()), Some("a b".into()));
+    let scheduler = rig
+        .hotplug
+        .add_disk(&disk(other.as_path()), Some("device".into()));
     let unknown = rig.hotplug.remove("disk7");
     let logged = DiskSpec::parse(&format!(
         "path={},requests={}.requests",
@@ -182,6 +185,10 @@ fn ids_are_checked_and_an_eject_of_an_empty_slot_is_ignored() {
     );
     assert!(matches!(taken, Err(HotplugError::Conflict(_))), "{taken:?}");
     assert!(matches!(bad, Err(HotplugError::BadRequest(_))), "{bad:?}");
+    assert!(
+        matches!(&scheduler, Err(HotplugError::BadRequest(e)) if e.contains("I/O scheduler")),
+        "{scheduler:?}"
+    );
     assert_eq!(unknown, Err(HotplugError::NotFound("disk7".into())));
     assert_eq!(rig.hotplug.counters().ejects_ignored, 1);
     assert_eq!(rig.hotplug.devices().len(), 1);
