@@ -10,28 +10,17 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    build_guest, skip_without_kvm, start_idle_vm_with_api, wait_for, wait_or_kill, SLUICE,
+    build_guest, curl, skip_without_kvm, start_idle_vm_with_api, wait_for, wait_or_kill, SLUICE,
 };
 
+/// This suite's directory `name` (see [`common::scratch_dir`]).
 fn scratch(name: &str) -> PathBuf {
-    let dir =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("api-{name}.{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch_dir("api", name)
 }
 
-/// `sluice ctl --api-socket SOCKET COMMAND`: status and stdout.
+/// `sluice ctl --api-socket SOCKET COMMAND` (words split at spaces): status and stdout.
 fn ctl(socket: &Path, command: &str) -> (i32, String) {
-    let out = Command::new(SLUICE)
-        .args(["ctl", "--api-socket"])
-        .arg(socket)
-        .args(command.split(' '))
-        .output()
-        .expect("run sluice ctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    common::ctl(socket, &command.split(' ').collect::<Vec<_>>())
 }
 
 fn state(socket: &Path) -> String {
@@ -103,26 +92,6 @@ fn sluice_ctl_pauses_resumes_reads_counters_and_shuts_the_vm_down() {
         "the API socket is removed when the VM ends"
     );
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// One request with curl over the Unix socket: HTTP status and body.
-fn curl(socket: &Path, method: &str, endpoint: &str, body: Option<&str>) -> (u16, String) {
-    let mut command = Command::new("curl");
-    command
-        .args(["--silent", "--show-error", "--max-time", "10"])
-        .arg("--unix-socket")
-        .arg(socket)
-        .args(["--request", method, "--write-out", "\n%{http_code}"]);
-    if let Some(body) = body {
-        command.args(["--header", "Content-Type: application/json", "--data", body]);
-    }
-    let out = command
-        .arg(format!("http://localhost/api/v1/{endpoint}"))
-        .output()
-        .expect("run curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
 fn error_message(body: &str) -> String {

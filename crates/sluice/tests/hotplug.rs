@@ -12,14 +12,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{skip_without_kvm, start_idle_vm_with_api, wait_for, wait_or_kill, SLUICE};
+use common::{ctl, curl, skip_without_kvm, start_idle_vm_with_api, wait_for, wait_or_kill, SLUICE};
 use serde_json::Value;
 
+/// This suite's directory `name` (see [`common::scratch_dir`]).
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("hotplug-{name}.{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch_dir("hotplug", name)
 }
 
 fn have_curl() -> bool {
@@ -30,46 +28,12 @@ fn have_curl() -> bool {
     true
 }
 
-/// One request with curl over the Unix socket: HTTP status and body.
-fn curl(socket: &Path, method: &str, endpoint: &str, body: Option<&str>) -> (u16, String) {
-    let mut command = Command::new("curl");
-    command
-        .args(["--silent", "--show-error", "--max-time", "10"])
-        .arg("--unix-socket")
-        .arg(socket)
-        .args(["--request", method, "--write-out", "\n%{http_code}"]);
-    if let Some(body) = body {
-        command.args(["--header", "Content-Type: application/json", "--data", body]);
-    }
-    let out = command
-        .arg(format!("http://localhost/api/v1/{endpoint}"))
-        .output()
-        .expect("run curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
 fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_default()
 }
 
 fn error_message(answer: &(u16, String)) -> String {
     json(&answer.1)["error"].as_str().unwrap_or("").to_string()
-}
-
-/// `sluice ctl --api-socket SOCKET ARGS...`: status and stdout.
-fn ctl(socket: &Path, args: &[&str]) -> (i32, String) {
-    let out = Command::new(SLUICE)
-        .args(["ctl", "--api-socket"])
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("run sluice ctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
 }
 
 fn state(socket: &Path) -> String {

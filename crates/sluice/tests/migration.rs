@@ -11,7 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    skip_without_kvm, start_idle_vm_with_api, wait_for, wait_or_kill, EXIT_GUEST_CRASH, SLUICE,
+    ctl_with_stderr as ctl, skip_without_kvm, start_idle_vm_with_api, wait_for, wait_or_kill,
+    EXIT_GUEST_CRASH, SLUICE,
 };
 
 /// The verify workload the migration test moves: writes a pattern over the span and reads it
@@ -37,26 +38,9 @@ struct Workload {
     span: u64,
 }
 
+/// This suite's directory `name` (see [`common::scratch_dir`]).
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("migration-{name}.{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// `sluice ctl --api-socket SOCKET ARGS...`: status and stdout.
-fn ctl(socket: &Path, args: &[&str]) -> (i32, String) {
-    let out = Command::new(SLUICE)
-        .args(["ctl", "--api-socket"])
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("run sluice ctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
+    common::scratch_dir("migration", name)
 }
 
 /// The source: the guest kit running `workload` on a fresh image, console to `console`, API on

@@ -23,13 +23,9 @@ const FRAME_BYTES: u64 = 64;
 /// needs to fill its ring, so the bucket must hold it back.
 const PPS: u64 = 100;
 
+/// This suite's directory `name` (see [`common::scratch_dir`]).
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("net-qos")
-        .join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch_dir("net-qos", name)
 }
 
 fn serve(dir: &Path, nets: &[String]) -> Child {

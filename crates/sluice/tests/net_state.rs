@@ -14,7 +14,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{
-    send_frame, skip_without_kvm, spawn_counting_echo_peer, wait_for, wait_or_kill, SLUICE,
+    ctl_with_stderr as ctl, send_frame, skip_without_kvm, spawn_counting_echo_peer, wait_for,
+    wait_or_kill, SLUICE,
 };
 use sluice_guest_kit::{report::ExitKind, GuestKitReport};
 
@@ -50,12 +51,9 @@ impl Nic {
     }
 }
 
+/// This suite's directory `name` (see [`common::scratch_dir`]).
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("net-state-{name}.{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch_dir("net-state", name)
 }
 
 /// Why this host cannot run the test (taps need /dev/net/tun and CAP_NET_ADMIN).
@@ -121,19 +119,6 @@ impl Drop for PersistentTap {
             .args(["tuntap", "del", "dev", &self.0, "mode", "tap"])
             .status();
     }
-}
-
-fn ctl(socket: &Path, args: &[&str]) -> (i32, String) {
-    let out = Command::new(SLUICE)
-        .args(["ctl", "--api-socket"])
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("run sluice ctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
 }
 
 /// The source VM: the echo workload on `tap`, console to `console`, API on `socket`, stderr

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{wait_for, wait_or_kill};
+use common::{ctl, wait_for, wait_or_kill};
 use sluice_guest_kit::pattern::check_pattern;
 use sluice_guest_kit::{skip_without_kvm, GuestKitRun, Vmm};
 
@@ -20,13 +20,9 @@ const SEED: u64 = 16;
 const OPS: u64 = 512;
 const BLOCK: u64 = 4096;
 
+/// This suite's directory `name` (see [`common::scratch_dir`]).
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("qos")
-        .join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch_dir("qos", name)
 }
 
 /// `sluice serve blk` with `disks` (`--disk` values), its stderr in `dir/serve.log`.
@@ -226,20 +222,6 @@ fn an_in_process_disk_behind_the_scheduler_verifies() {
     let blk = report.results_for("blk").next().unwrap();
     assert_eq!(blk.verify.as_deref(), Some("ok"), "{}", report.describe());
     assert_image_holds_pattern(&img, (2 << 20) / BLOCK);
-}
-
-/// `sluice ctl --api-socket SOCKET ARGS...`: status and stdout.
-fn ctl(socket: &Path, args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["ctl", "--api-socket"])
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("run sluice ctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
 }
 
 /// `sluice serve blk --api-socket`: `sluice ctl qos` lists both disks by name with their

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    run_on_sluice, run_sluice, skip_without_kvm, wait_for, wait_or_kill, EXIT_VMM_ERROR,
+    ctl, run_on_sluice, run_sluice, skip_without_kvm, wait_for, wait_or_kill, EXIT_VMM_ERROR,
     GUEST_TIMEOUT, SLUICE,
 };
 use sluice_guest_kit::tpm::{check_pcr_chain, SwtpmProcess};
@@ -106,20 +106,6 @@ fn a_missing_swtpm_socket_is_refused_at_start() {
         "{}",
         run.transcript()
     );
-}
-
-/// `sluice ctl --api-socket SOCKET ARGS...`: status and stdout.
-fn ctl(socket: &Path, args: &[&str]) -> (i32, String) {
-    let out = Command::new(SLUICE)
-        .args(["ctl", "--api-socket"])
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("run sluice ctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
 }
 
 /// The guest kit's RESULT object on a console.

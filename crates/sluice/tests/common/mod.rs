@@ -454,3 +454,61 @@ pub fn start_idle_vm_with_api(socket: &Path, extra: &[String]) -> Child {
         .spawn()
         .expect("start sluice")
 }
+
+/// `sluice ctl --api-socket SOCKET ARGS...`: its status and stdout.
+pub fn ctl(socket: &Path, args: &[&str]) -> (i32, String) {
+    let out = ctl_output(socket, args);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// [`ctl`] with stderr after stdout (where a refusal says why).
+pub fn ctl_with_stderr(socket: &Path, args: &[&str]) -> (i32, String) {
+    let out = ctl_output(socket, args);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn ctl_output(socket: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(SLUICE)
+        .args(["ctl", "--api-socket"])
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run sluice ctl")
+}
+
+/// One request with curl over the API's Unix socket: HTTP status and body.
+pub fn curl(socket: &Path, method: &str, endpoint: &str, body: Option<&str>) -> (u16, String) {
+    let mut command = Command::new("curl");
+    command
+        .args(["--silent", "--show-error", "--max-time", "10"])
+        .arg("--unix-socket")
+        .arg(socket)
+        .args(["--request", method, "--write-out", "\n%{http_code}"]);
+    if let Some(body) = body {
+        command.args(["--header", "Content-Type: application/json", "--data", body]);
+    }
+    let out = command
+        .arg(format!("http://localhost/api/v1/{endpoint}"))
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// A fresh, empty directory for one test's files: `CARGO_TARGET_TMPDIR/SUITE/NAME-PID` (keep
+/// NAME short where a Unix socket goes inside: paths of sockets are limited to 107 bytes).
+pub fn scratch_dir(suite: &str, name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(suite)
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
