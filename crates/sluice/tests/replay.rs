@@ -414,24 +414,8 @@ fn a_disks_request_log_reruns_on_the_device_model_alone() {
     std::fs::write(&image, vec![0x5au8; 16 << 20]).unwrap();
     let corpus = scratch.path("corpus");
 
-    let rerun = run_sluice(
-        &[
-            "replay".into(),
-            "--device".into(),
-            requests.display().to_string(),
-            format!("--corpus={}", corpus.display()),
-        ],
-        TIMEOUT,
-    );
-    let other_image = run_sluice(
-        &[
-            "replay".into(),
-            "--device".into(),
-            requests.display().to_string(),
-            format!("--image={}", image.display()),
-        ],
-        TIMEOUT,
-    );
+    let rerun = replay_device(&requests, format!("--corpus={}", corpus.display()));
+    let other_image = replay_device(&requests, format!("--image={}", image.display()));
 
     assert_eq!(rerun.status, Some(0), "{}", rerun.transcript());
     // 64 reads, the verify's 256 writes and 256 reads, its flush.
@@ -500,24 +484,8 @@ fn an_nvme_request_log_reruns_on_the_command_path_alone() {
     std::fs::write(&image, vec![0x5au8; 16 << 20]).unwrap();
     let corpus = scratch.path("corpus");
 
-    let rerun = run_sluice(
-        &[
-            "replay".into(),
-            "--device".into(),
-            requests.display().to_string(),
-            format!("--corpus={}", corpus.display()),
-        ],
-        TIMEOUT,
-    );
-    let other_image = run_sluice(
-        &[
-            "replay".into(),
-            "--device".into(),
-            requests.display().to_string(),
-            format!("--image={}", image.display()),
-        ],
-        TIMEOUT,
-    );
+    let rerun = replay_device(&requests, format!("--corpus={}", corpus.display()));
+    let other_image = replay_device(&requests, format!("--image={}", image.display()));
 
     assert_eq!(rerun.status, Some(0), "{}", rerun.transcript());
     // 16 reads, the verify's 256 writes and 256 reads (a flush, if the kit sends one).
@@ -685,4 +653,17 @@ fn assert_a_flipped_byte_is_refused(requests: &Path, corrupt: &Path) {
         "{}",
         refused.transcript()
     );
+}
+
+/// `sluice replay --device LOG OPTION`: a request log re-run on the device model alone.
+fn replay_device(log: &Path, option: String) -> Run {
+    run_sluice(
+        &[
+            "replay".into(),
+            "--device".into(),
+            log.display().to_string(),
+            option,
+        ],
+        TIMEOUT,
+    )
 }
