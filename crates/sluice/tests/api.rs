@@ -520,11 +520,12 @@ fn a_guest_kit_verify_on_a_vhost_user_disk_snapshotted_mid_run_finishes_after_re
 }
 
 /// `vm.qos` of the VM behind `socket`: disk0's entry, read with curl.
+/// disk0's entry in `vm.qos` (null while the VM is still being built: no disks yet).
 fn disk0_qos(socket: &Path) -> serde_json::Value {
     let (status, body) = curl(socket, "GET", "vm.qos", None);
     assert_eq!(status, 200, "{body}");
-    let mut answer: serde_json::Value = serde_json::from_str(&body).unwrap();
-    answer["disks"][0].take()
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    answer["disks"][0].clone()
 }
 
 fn dispatched(socket: &Path) -> u64 {

@@ -168,24 +168,33 @@ impl Swtpm {
         }
         let mut child = command.spawn().map_err(SwtpmError::Spawn)?;
         let deadline = Instant::now() + CONTROL_TIMEOUT;
-        while !socket.exists() {
+        loop {
+            // The socket file appears at bind(2), before swtpm listens: a connect in between is
+            // refused, so a refusal is retried like a missing file until the deadline.
+            let attempt = if socket.exists() {
+                Swtpm::connect(&socket)
+            } else {
+                Err(SwtpmError::NoSocket(socket.clone()))
+            };
+            let not_yet = match &attempt {
+                Err(SwtpmError::NoSocket(_)) => true,
+                Err(SwtpmError::Connect { source, .. }) => {
+                    source.kind() == std::io::ErrorKind::ConnectionRefused
+                }
+                _ => false,
+            };
             let exited = child.try_wait().ok().flatten().is_some();
-            if exited || Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(SwtpmError::NoSocket(socket));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        match Swtpm::connect(&socket) {
-            Ok(mut swtpm) => {
-                swtpm.child = Some(child);
-                Ok(swtpm)
-            }
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(e)
+            match attempt {
+                Ok(mut swtpm) => {
+                    swtpm.child = Some(child);
+                    return Ok(swtpm);
+                }
+                Err(e) if !not_yet || exited || Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(e);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
     }

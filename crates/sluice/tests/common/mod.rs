@@ -244,8 +244,10 @@ pub fn run_on_sluice(cmdline: &str, args: Vec<String>) -> (GuestKitReport, serde
         extra_args.push(format!("--metrics={}", metrics.display()));
     }
     let report = run.run().expect("run sluice");
+    // Missing or empty when sluice did not end normally: the report then says why.
     let metrics = fs::read_to_string(&metrics)
-        .map(|s| serde_json::from_str(&s).unwrap())
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
         .unwrap_or(serde_json::Value::Null);
     (report, metrics)
 }
