@@ -59,7 +59,21 @@ struct ListenArgs {
     /// The vhost-user socket to listen on (must not exist, or be a stale socket).
     #[arg(long)]
     socket: PathBuf,
-    /// Frontend connections served at once (one drives the device; the others may query it).
+    #[command(flatten)]
+    connections: ConnectionArgs,
+}
+
+impl ListenArgs {
+    fn limits(&self) -> Limits {
+        self.connections.limits()
+    }
+}
+
+/// How many frontends a socket serves, how long they have to claim it, and the rings offered.
+#[derive(Args)]
+struct ConnectionArgs {
+    /// Frontend connections served at once per socket (one drives its device; the others may
+    /// query it).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     max_connections: u32,
     /// Seconds a new connection has to claim the device (SET_OWNER).
@@ -71,7 +85,7 @@ struct ListenArgs {
     packed: bool,
 }
 
-impl ListenArgs {
+impl ConnectionArgs {
     fn limits(&self) -> Limits {
         Limits {
             max_connections: self.max_connections as usize,
@@ -138,26 +152,13 @@ struct MultiListenArgs {
     /// The vhost-user socket to listen on (must not exist, or be a stale socket).
     #[arg(long, required_unless_present = "specs", conflicts_with = "specs")]
     socket: Option<PathBuf>,
-    /// Frontend connections served at once per socket (one drives its disk).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    max_connections: u32,
-    /// Seconds a new connection has to claim the device (SET_OWNER).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    handshake_timeout: u64,
-    /// Offer packed virtqueues (VIRTIO_F_RING_PACKED); `off` serves split rings only.
-    #[arg(long, default_value = "on", value_name = "on|off", action = clap::ArgAction::Set,
-          value_parser = clap::builder::BoolishValueParser::new())]
-    packed: bool,
+    #[command(flatten)]
+    connections: ConnectionArgs,
 }
 
 impl MultiListenArgs {
     fn limits(&self) -> Limits {
-        Limits {
-            max_connections: self.max_connections as usize,
-            handshake_timeout: Duration::from_secs(self.handshake_timeout),
-            offer_packed: self.packed,
-            ..Limits::default()
-        }
+        self.connections.limits()
     }
 }
 
