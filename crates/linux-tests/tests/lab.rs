@@ -1758,15 +1758,18 @@ fn ping_replies(console: &str) -> std::collections::BTreeSet<u32> {
     console
         .lines()
         .filter(|l| l.contains("bytes from"))
-        .filter_map(|l| {
-            l.split("seq=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
+        .filter_map(|l| number_after(l, "seq="))
         .collect()
+}
+
+/// The number right after `key` in `line` (`seq=12 ttl=64` → 12 for `seq=`).
+fn number_after<T: std::str::FromStr>(line: &str, key: &str) -> Option<T> {
+    line.split(key)
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Issue 15's passthrough failover dance: Linux in L2 (L1's generic kernel: the cloud kernel
@@ -1889,14 +1892,7 @@ fn lab_passthrough_failover_keeps_a_ping_across_unplug_migration_and_replug() {
         console
             .lines()
             .filter(|l| l.starts_with("FO-STAT") && !l.contains("vf=none"))
-            .filter_map(|l| {
-                l.split("vf_tx=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
+            .filter_map(|l| number_after(l, "vf_tx="))
             .collect()
     };
     for (side, console) in [
